@@ -1,0 +1,241 @@
+"""The on-disk model bundle: a manifest plus the components serving needs, nothing else.
+
+Layout (the manifest is the one source of truth for architecture sizes and dtype):
+
+    manifest.json                                  format version, architecture, dtype, hashes, provenance
+    unet/diffusion_pytorch_model.safetensors       the RORem UNet with the LCM LoRA already fused
+    vae/diffusion_pytorch_model.safetensors        the SDXL VAE
+    prompt_embeds.safetensors                      constant prompt embeddings (no text encoder at serve time)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
+PROMPT_EMBEDS = "prompt_embeds.safetensors"
+
+DTypeName = Literal["float32", "float16", "bfloat16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, malformed, corrupted or cannot be fetched."""
+
+
+class PromptInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    sequence_length: int
+    embed_dim: int
+    pooled_dim: int
+
+
+class Architecture(BaseModel):
+    """diffusers configs of each component, as diffusers' `from_config` takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+    prompt: PromptInfo
+
+
+class SamplingDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(4, ge=1, le=50)
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str
+    bytes: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    dtype: DTypeName
+    architecture: Architecture
+    sampling: SamplingDefaults = SamplingDefaults()
+    files: dict[str, FileEntry]
+    provenance: dict[str, Any] = {}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A loaded bundle folder; components are built on request (`load_unet`, `load_vae`, ...)."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise BundleError(f"{path} is not a bundle: {MANIFEST} not found")
+        try:
+            manifest = Manifest.model_validate_json(manifest_path.read_text())
+        except ValueError as exc:
+            raise BundleError(f"{manifest_path} is not a valid manifest: {exc}") from exc
+        bundle = cls(path, manifest)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        """Check every listed file exists with the recorded size and sha256."""
+        problems = []
+        for name, entry in self.manifest.files.items():
+            file = self.path / name
+            if not file.is_file():
+                problems.append(f"{name}: missing")
+            elif file.stat().st_size != entry.bytes:
+                problems.append(f"{name}: {file.stat().st_size} bytes, manifest says {entry.bytes}")
+            elif sha256_of(file) != entry.sha256:
+                problems.append(f"{name}: sha256 differs from the manifest")
+        for required in (UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS):
+            if required not in self.manifest.files:
+                problems.append(f"{required}: not listed in the manifest")
+        if problems:
+            raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(problems))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest.dtype]
+
+    def summary(self) -> dict[str, Any]:
+        """What an operator wants to see about the loaded model."""
+        m = self.manifest
+        return {
+            "name": m.name,
+            "path": str(self.path),
+            "dtype": m.dtype,
+            "unet_parameters": m.provenance.get("unet_parameters"),
+            "source": m.provenance.get("source"),
+            "steps": m.sampling.steps,
+            "strength": m.sampling.strength,
+        }
+
+    def load_unet(self) -> UNet2DConditionModel:
+        unet = UNet2DConditionModel.from_config(self.manifest.architecture.unet)
+        unet.load_state_dict(load_file(self.path / UNET_WEIGHTS), strict=True)
+        return _cast(unet, self.dtype).eval().requires_grad_(False)
+
+    def load_vae(self) -> AutoencoderKL:
+        vae = AutoencoderKL.from_config(self.manifest.architecture.vae)
+        vae.load_state_dict(load_file(self.path / VAE_WEIGHTS), strict=True)
+        return _cast(vae, self.dtype).eval().requires_grad_(False)
+
+    def load_prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = load_file(self.path / PROMPT_EMBEDS)
+        return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+
+    def make_scheduler(self) -> LCMScheduler:
+        return LCMScheduler.from_config(self.manifest.architecture.scheduler)
+
+    @classmethod
+    def write(
+        cls,
+        path: str | Path,
+        *,
+        name: str,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: LCMScheduler,
+        prompt: str,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        dtype: DTypeName,
+        sampling: SamplingDefaults | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> "Bundle":
+        """Save components and a manifest with hashes; the folder is written atomically."""
+        path = Path(path)
+        staging = path.with_name(path.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        torch_dtype = DTYPES[dtype]
+        tensors = {
+            UNET_WEIGHTS: {k: v.to(torch_dtype).contiguous() for k, v in unet.state_dict().items()},
+            VAE_WEIGHTS: {k: v.to(torch_dtype).contiguous() for k, v in vae.state_dict().items()},
+            PROMPT_EMBEDS: {
+                "prompt_embeds": prompt_embeds.to(torch_dtype).contiguous(),
+                "pooled_prompt_embeds": pooled_prompt_embeds.to(torch_dtype).contiguous(),
+            },
+        }
+        files = {}
+        for name_, state in tensors.items():
+            target = staging / name_
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(target))
+            files[name_] = FileEntry(sha256=sha256_of(target), bytes=target.stat().st_size)
+        manifest = Manifest(
+            name=name,
+            dtype=dtype,
+            architecture=Architecture(
+                unet=_plain_config(unet.config),
+                vae=_plain_config(vae.config),
+                scheduler=_scheduler_config(scheduler),
+                prompt=PromptInfo(
+                    text=prompt,
+                    sequence_length=prompt_embeds.shape[1],
+                    embed_dim=prompt_embeds.shape[2],
+                    pooled_dim=pooled_prompt_embeds.shape[1],
+                ),
+            ),
+            sampling=sampling or SamplingDefaults(),
+            files=files,
+            provenance={
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "unet_parameters": sum(p.numel() for p in unet.parameters()),
+                **(provenance or {}),
+            },
+        )
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+        return cls(path, manifest)
+
+
+def _plain_config(config) -> dict[str, Any]:
+    """A diffusers FrozenDict as JSON-safe data, without the bookkeeping keys."""
+    data = json.loads(json.dumps(dict(config), default=str))
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+
+def _scheduler_config(scheduler: LCMScheduler) -> dict[str, Any]:
+    """Only the keys LCMScheduler takes: a base pipeline's Euler config carries others."""
+    accepted = set(inspect.signature(LCMScheduler.__init__).parameters)
+    return {k: v for k, v in _plain_config(scheduler.config).items() if k in accepted}
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return model if dtype == torch.float32 else model.to(dtype)

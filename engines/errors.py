@@ -1,0 +1,35 @@
+"""Input errors raised by the engines.
+
+Each carries a stable `problem` slug; the serving layer maps slugs to HTTP / gRPC status codes,
+so the engines stay free of any transport knowledge.
+"""
+
+
+class InputError(ValueError):
+    """The caller's input cannot be processed; never a server fault."""
+
+    problem = "invalid-input"
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidImage(InputError):
+    problem = "invalid-image"
+
+
+class ImageTooLarge(InputError):
+    problem = "image-too-large"
+
+
+class InvalidMask(InputError):
+    problem = "invalid-mask"
+
+
+class MaskSizeMismatch(InputError):
+    problem = "mask-size-mismatch"
+
+
+class UnsupportedOutputFormat(InputError):
+    problem = "unsupported-output-format"

@@ -1,0 +1,1 @@
+"""export: see the README; filled in by later issues."""

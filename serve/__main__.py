@@ -1,0 +1,5 @@
+import sys
+
+from serve.cli import run
+
+sys.exit(run())

@@ -1,0 +1,82 @@
+"""The service's settings: one pydantic model, read from the Serve config's application `args`.
+
+Every default lives here. Deployment-level knobs Ray Serve owns itself (replicas, num_gpus,
+max_ongoing_requests, max_queued_requests, backpressure) live in the same YAML's `deployments`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engines.authors_layout import AuthorsLayout
+
+BUNDLE_ENV = "ROREM_BUNDLE"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AuthorsSource(_Strict):
+    """The published layout; each entry a local path or hf:OWNER/NAME[/SUBPATH]."""
+
+    base: str = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+    unet: str
+    lcm_lora: str | None = None
+
+    def layout(self) -> AuthorsLayout:
+        return AuthorsLayout(base=self.base, unet=self.unet, lcm_lora=self.lcm_lora)
+
+
+class BundleSettings(_Strict):
+    path: str | None = Field(None, description=f"project bundle folder (the CLI also reads {BUNDLE_ENV})")
+    authors: AuthorsSource | None = None
+    prompt: str = Field("", description="prompt whose embeddings are baked in at import (training used '')")
+    import_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    cache_dir: str = "~/.cache/rorem"
+    tiny_seed: int = 0
+    verify: bool = Field(True, description="check sha256 of every bundle file at load")
+
+    def is_tiny(self) -> bool:
+        return not self.path and self.authors is None
+
+
+class EngineSettings(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
+    compile: bool = False
+    steps: int | None = Field(None, ge=1, le=50, description="None: the bundle's default (4)")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's default (1.0)")
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class BatchingSettings(_Strict):
+    max_batch_size: int = Field(8, ge=1, le=64)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class ImagingSettings(_Strict):
+    buckets: list[int] = Field([512, 1024], min_length=1, description="model input sides, multiples of 64")
+    crop_margin: int = Field(128, ge=0, le=1024, description="context pixels around the mask's bounding box")
+    dilate: int = Field(20, ge=0, le=256, description="default mask dilation in pixels (the reference intends 20)")
+    feather: int = Field(6, ge=0, le=64, description="blend ramp inside the dilated mask, in pixels")
+    max_upload_bytes: int = Field(30 * 1024 * 1024, ge=1024)
+    max_megapixels: float = Field(40.0, gt=0)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    @field_validator("buckets")
+    @classmethod
+    def _multiples_of_64(cls, buckets: list[int]) -> list[int]:
+        if any(b <= 0 or b % 64 for b in buckets):
+            raise ValueError(f"bucket sides must be positive multiples of 64, got {buckets}")
+        return sorted(set(buckets))
+
+
+class AppSettings(_Strict):
+    bundle: BundleSettings = BundleSettings()
+    engine: EngineSettings = EngineSettings()
+    batching: BatchingSettings = BatchingSettings()
+    imaging: ImagingSettings = ImagingSettings()
+    request_timeout_s: float = Field(120.0, gt=0)

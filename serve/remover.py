@@ -1,0 +1,97 @@
+"""The Remover deployment: holds the engine on its device and batches crops dynamically."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve
+
+from engines.bundle import DTYPES
+from engines.remover import RemovalEngine, RemovalJob, SamplingSettings
+from engines.sources import open_bundle
+from serve.config import AppSettings
+
+
+@dataclass
+class RemovalOutcome:
+    image: np.ndarray  # (S, S, 3) uint8
+    batch_size: int
+    model_ms: float
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@serve.deployment(name="Remover")
+class Remover:
+    def __init__(self, settings: dict):
+        self.settings = AppSettings.model_validate(settings)
+        engine_cfg, bundle_cfg = self.settings.engine, self.settings.bundle
+        if engine_cfg.torch_threads:
+            torch.set_num_threads(engine_cfg.torch_threads)
+        bundle = open_bundle(
+            path=bundle_cfg.path,
+            authors=bundle_cfg.authors.layout() if bundle_cfg.authors else None,
+            cache_dir=bundle_cfg.cache_dir,
+            prompt=bundle_cfg.prompt,
+            import_dtype=bundle_cfg.import_dtype,
+            tiny_seed=bundle_cfg.tiny_seed,
+            verify=bundle_cfg.verify,
+        )
+        device = pick_device(engine_cfg.device)
+        dtype = None if engine_cfg.dtype == "auto" else DTYPES[engine_cfg.dtype]
+        defaults = bundle.manifest.sampling
+        self.engine = RemovalEngine.from_bundle(
+            bundle,
+            device=device,
+            dtype=dtype,
+            compile=engine_cfg.compile,
+            sampling=SamplingSettings(
+                steps=engine_cfg.steps or defaults.steps, strength=engine_cfg.strength or defaults.strength
+            ),
+        )
+        self.remove.set_max_batch_size(self.settings.batching.max_batch_size)
+        self.remove.set_batch_wait_timeout_s(self.settings.batching.batch_wait_timeout_s)
+        self.description = {
+            "bundle": bundle.summary(),
+            "tiny": bundle_cfg.is_tiny(),
+            "device": str(device),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "steps": self.engine.sampling.steps,
+            "strength": self.engine.sampling.strength,
+            "buckets": self.settings.imaging.buckets,
+            "max_batch_size": self.settings.batching.max_batch_size,
+        }
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One pass per bucket, so the first user request does not pay for allocation or compilation."""
+        for side in self.settings.imaging.buckets:
+            mask = np.zeros((side, side), bool)
+            mask[side // 4 : side // 2, side // 4 : side // 2] = True
+            self.engine.remove([RemovalJob(np.zeros((side, side, 3), np.uint8), mask, seed=0)])
+
+    def describe(self) -> dict:
+        return self.description
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def remove(self, jobs: list[RemovalJob]) -> list[RemovalOutcome]:
+        """Run one engine batch per crop size; results come back in the order jobs came in."""
+        outcomes: list[RemovalOutcome | None] = [None] * len(jobs)
+        by_size: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_size.setdefault(job.image.shape, []).append(index)
+        for indices in by_size.values():
+            started = time.perf_counter()
+            images = await asyncio.to_thread(self.engine.remove, [jobs[i] for i in indices])
+            model_ms = (time.perf_counter() - started) * 1000
+            for i, image in zip(indices, images):
+                outcomes[i] = RemovalOutcome(image=image, batch_size=len(indices), model_ms=model_ms)
+        return outcomes

@@ -1,0 +1,132 @@
+"""Turn an HTTP request into a RemovalRequest: bounded body read, multipart or JSON, strict options."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from serve.problems import Problem
+
+_JSON_OVERHEAD = 64 * 1024
+
+
+class RemoveOptions(BaseModel):
+    """Per-request options: multipart form fields or JSON keys of the same names."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="noise seed; random when absent")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="png, jpeg or webp; else from Accept, else the input's format"
+    )
+    quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality")
+    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation in pixels; default from config")
+
+
+class JSONRemoveBody(RemoveOptions):
+    image: str = Field(description="base64 image bytes")
+    mask: str | None = Field(None, description="base64 mask bytes; absent: the image's alpha is the mask")
+
+
+@dataclass
+class RemovalRequest:
+    image: bytes
+    mask: bytes | None
+    options: RemoveOptions
+
+
+async def read_removal_request(request: Request, max_upload_bytes: int) -> RemovalRequest:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        body = await _read_body(request, max_upload_bytes + _JSON_OVERHEAD)
+        return await _from_multipart(request, body)
+    if content_type == "application/json":
+        body = await _read_body(request, max_upload_bytes * 4 // 3 + _JSON_OVERHEAD)
+        return _from_json(body)
+    raise Problem(
+        "unsupported-media-type",
+        f"send multipart/form-data (fields image, mask) or application/json, not {content_type or 'no content type'}",
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Refuse by Content-Length before reading, and stop reading once past the limit."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Problem("payload-too-large", f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem("payload-too-large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    if size == 0:
+        raise Problem("invalid-request", "the request body is empty")
+    return b"".join(chunks)
+
+
+async def _from_multipart(request: Request, body: bytes) -> RemovalRequest:
+    request._body = body  # starlette's form parser reads a cached body instead of the consumed stream
+    try:
+        form = await request.form(max_files=2, max_fields=16)
+    except MultiPartException as exc:
+        raise Problem("malformed-body", f"cannot parse the multipart body: {exc}") from exc
+    files: dict[str, bytes] = {}
+    fields: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if key in files or key in fields:
+            raise Problem("invalid-request", f"field {key!r} is given more than once")
+        if isinstance(value, UploadFile):
+            files[key] = await value.read()
+        else:
+            fields[key] = value
+    for name in ("image", "mask"):
+        if name in fields:
+            raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
+    unknown = set(files) - {"image", "mask"}
+    if unknown:
+        raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}")
+    if "image" not in files:
+        raise Problem("invalid-request", "the multipart body has no 'image' file")
+    options = _validate(RemoveOptions, fields)
+    return RemovalRequest(image=files["image"], mask=files.get("mask"), options=options)
+
+
+def _from_json(body: bytes) -> RemovalRequest:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise Problem("invalid-request", "the JSON body must be an object")
+    parsed = _validate(JSONRemoveBody, data)
+    options = RemoveOptions.model_validate(parsed.model_dump(exclude={"image", "mask"}))
+    mask = _b64decode(parsed.mask, "mask") if parsed.mask is not None else None
+    return RemovalRequest(image=_b64decode(parsed.image, "image"), mask=mask, options=options)
+
+
+def _b64decode(text: str, field: str) -> bytes:
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise Problem("invalid-request", f"{field!r} is not valid base64: {exc}") from exc
+
+
+def _validate(model: type[BaseModel], data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise Problem("invalid-request", "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)

@@ -1,0 +1,101 @@
+"""Shared fixtures: one tiny model (authors' layout + imported bundle) and one local Serve per session."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests talk to loopback only; set before huggingface_hub is imported
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(tmp_path_factory):
+    from engines.tiny import write_tiny_authors_layout
+
+    return write_tiny_authors_layout(tmp_path_factory.mktemp("authors"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_layout, tmp_path_factory):
+    from engines.authors_layout import import_authors_layout
+
+    return import_authors_layout(tiny_layout, tmp_path_factory.mktemp("bundles") / "tiny", dtype="float32", name="tiny")
+
+
+def photo(height: int = 256, width: int = 320) -> np.ndarray:
+    """A real photograph (scikit-image's bundled astronaut), cropped to the requested size."""
+    import skimage
+
+    path = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    return np.asarray(Image.open(path).convert("RGB"))[:height, 100 : 100 + width].copy()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, url: str, config: dict):
+        self.url = url
+        self.config = config
+        self.client = httpx.Client(base_url=url, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    """The README's serve path (`python -m serve run`) on loopback, with small buckets for speed."""
+    work = tmp_path_factory.mktemp("serve")
+    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args["bundle"]["cache_dir"] = str(work / "cache")
+    args["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.25}
+    args["imaging"].update({"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 2 * 1024 * 1024})
+    config_path = work / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = open(work / "serve.log", "w")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("ROREM_BUNDLE", None)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "serve", "run", "--config", str(config_path), "--port", str(port)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            pytest.fail(f"serve exited early; see {work / 'serve.log'}:\n{(work / 'serve.log').read_text()[-3000:]}")
+        if "[rorem] READY" in (work / "serve.log").read_text():
+            break
+        time.sleep(1)
+    else:
+        child.kill()
+        pytest.fail(f"serve not ready after 300 s; see {work / 'serve.log'}")
+    yield Service(url, args)
+    os.killpg(child.pid, signal.SIGINT)
+    try:
+        child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+    log.close()

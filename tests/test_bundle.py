@@ -1,0 +1,90 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engines.authors_layout import AuthorsLayout, encode_constant_prompt, fetch, import_authors_layout
+from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError
+from engines.lora import read_lora_file
+
+
+def test_manifest_records_architecture_hashes_and_provenance(tiny_bundle):
+    manifest = json.loads((tiny_bundle.path / MANIFEST).read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["architecture"]["unet"]["in_channels"] == 9
+    assert len(manifest["architecture"]["unet"]["block_out_channels"]) == 3
+    assert manifest["architecture"]["unet"]["addition_embed_type"] == "text_time"
+    assert len(manifest["architecture"]["vae"]["block_out_channels"]) == 4
+    assert set(manifest["files"]) == {
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "prompt_embeds.safetensors",
+    }
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    assert manifest["provenance"]["lcm_lora"]["tensors_applied"] == manifest["provenance"]["lcm_lora"]["tensors_in_file"]
+
+
+def test_bundle_round_trips_its_components(tiny_bundle):
+    bundle = Bundle.load(tiny_bundle.path)
+    unet, vae = bundle.load_unet(), bundle.load_vae()
+    assert unet.config.in_channels == 9 and vae.config.latent_channels == 4
+    prompt_embeds, pooled = bundle.load_prompt_embeds()
+    arch = bundle.manifest.architecture
+    assert prompt_embeds.shape == (1, 77, arch.unet["cross_attention_dim"])
+    assert pooled.shape == (1, arch.prompt.pooled_dim)
+    assert list(bundle.make_scheduler().config.keys())  # an LCMScheduler config
+
+
+def test_a_corrupted_file_fails_verification(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    weights = copy / UNET_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.load(copy)
+    (copy / UNET_WEIGHTS).unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Bundle.load(copy)
+
+
+def test_a_folder_without_manifest_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="manifest.json not found"):
+        Bundle.load(tmp_path)
+
+
+def test_import_applies_every_lora_tensor_of_the_mixed_format_file(tiny_layout, tiny_bundle):
+    groups, _ = read_lora_file(tiny_layout.lcm_lora)
+    keys = load_file(tiny_layout.lcm_lora).keys()
+    assert any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys), "the file mixes both styles"
+    lora = tiny_bundle.manifest.provenance["lcm_lora"]
+    assert lora["tensors_applied"] == len(keys) == 2 * len(groups)
+
+
+def test_prompt_embeddings_match_diffusers_encode_prompt(tiny_layout, tiny_bundle):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_layout.base)
+    expected, _, expected_pooled, _ = pipe.encode_prompt("", do_classifier_free_guidance=False)
+    prompt_embeds, pooled = tiny_bundle.load_prompt_embeds()
+    torch.testing.assert_close(prompt_embeds, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-6)
+    other, _ = encode_constant_prompt(Path(tiny_layout.base), "a photo")
+    assert not torch.equal(other, prompt_embeds), "the configured prompt changes the embeddings"
+
+
+def test_hub_reference_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BundleError, match="(?s)cannot fetch LetsThink/RORem .*local folder"):
+        fetch("hf:LetsThink/RORem/unet")
+
+
+def test_import_refuses_a_base_folder_that_is_not_a_pipeline(tiny_layout, tmp_path):
+    layout = AuthorsLayout(base=str(tmp_path), unet=tiny_layout.unet)
+    with pytest.raises(BundleError, match="not an SDXL-inpainting pipeline folder"):
+        import_authors_layout(layout, tmp_path / "out")

@@ -1,0 +1,1 @@
+"""training: see the README; filled in by later issues."""
