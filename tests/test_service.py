@@ -1,0 +1,194 @@
+"""The REST API against one local Ray Serve (started the README's way, tiny bundle, loopback only)."""
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import photo, png_bytes
+
+pytestmark = pytest.mark.slow
+PROBLEM = "application/problem+json"
+
+
+def _mask(height=256, width=320, box=(90, 120, 170, 220)):
+    mask = np.zeros((height, width), np.uint8)
+    top, left, bottom, right = box
+    mask[top:bottom, left:right] = 255
+    return mask
+
+
+def _decode(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
+
+
+def _remove(service, image: bytes, mask: bytes | None, **fields):
+    files = {"image": ("image.png", image, "image/png")}
+    if mask is not None:
+        files["mask"] = ("mask.png", mask, "image/png")
+    return service.client.post("/remove", files=files, data={k: str(v) for k, v in fields.items()})
+
+
+def _assert_problem(response, status: int, problem: str):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status and body["type"].endswith("/" + problem) and body["detail"]
+
+
+def test_ready_reports_the_loaded_tiny_bundle(service):
+    assert service.client.get("/healthz").json() == {"status": "alive"}
+    ready = service.client.get("/readyz")
+    assert ready.status_code == 200
+    model = ready.json()["model"]
+    assert model["tiny"] is True and model["steps"] == 4 and model["buckets"] == [256, 512]
+
+
+def test_photo_and_mask_come_back_with_only_the_masked_region_changed(service):
+    source, mask = photo(), _mask()
+    response = _remove(service, png_bytes(source), png_bytes(mask), dilate=0, seed=1)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-request-id"] and response.headers["x-seed"] == "1"
+    assert "model;dur=" in response.headers["server-timing"]
+    result = _decode(response.content)
+    assert result.shape == source.shape
+    outside = mask == 0
+    assert np.array_equal(result[outside], source[outside]), "pixels outside the mask must be bit-identical"
+    inside = mask > 0
+    assert np.abs(result[inside].astype(int) - source[inside]).mean() > 5, "the masked region must change"
+
+
+def test_default_dilation_keeps_everything_beyond_it_identical(service):
+    source, mask = photo(), _mask()
+    result = _decode(_remove(service, png_bytes(source), png_bytes(mask), seed=2).content)
+    dilate = service.config["imaging"]["dilate"]
+    far = np.ones(mask.shape, bool)
+    far[90 - dilate : 170 + dilate, 120 - dilate : 220 + dilate] = False
+    assert np.array_equal(result[far], source[far])
+    ring = np.zeros(mask.shape, bool)
+    ring[90 - dilate : 90, 120:220] = True
+    assert not np.array_equal(result[ring], source[ring]), "the dilated ring is part of the removal"
+
+
+def test_same_seed_same_result(service):
+    source, mask = png_bytes(photo()), png_bytes(_mask())
+    first = _remove(service, source, mask, seed=5).content
+    second = _remove(service, source, mask, seed=5).content
+    assert first == second
+
+
+def test_json_with_base64_fields(service):
+    source, mask = photo(), _mask()
+    body = {
+        "image": base64.b64encode(png_bytes(source)).decode(),
+        "mask": base64.b64encode(png_bytes(mask)).decode(),
+        "seed": 3,
+        "output_format": "webp",
+    }
+    response = service.client.post("/remove", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/webp"
+    assert _decode(response.content).shape == source.shape
+
+
+def test_jpeg_in_jpeg_out_and_accept_header_picks_the_format(service):
+    buffer = io.BytesIO()
+    Image.fromarray(photo()).save(buffer, format="JPEG", quality=90)
+    response = _remove(service, buffer.getvalue(), png_bytes(_mask()))
+    assert response.headers["content-type"] == "image/jpeg"
+    files = {"image": ("i.png", png_bytes(photo())), "mask": ("m.png", png_bytes(_mask()))}
+    response = service.client.post("/remove", files=files, headers={"Accept": "image/webp"})
+    assert response.headers["content-type"] == "image/webp"
+
+
+def test_alpha_is_kept(service):
+    rgba = np.dstack([photo(), np.full((256, 320), 200, np.uint8)])
+    response = _remove(service, png_bytes(rgba), png_bytes(_mask()))
+    assert response.status_code == 200
+    out = Image.open(io.BytesIO(response.content))
+    assert out.mode == "RGBA" and np.all(np.asarray(out)[..., 3] == 200)
+
+
+def test_empty_mask_returns_the_input_without_running_the_model(service):
+    source = png_bytes(photo())
+    response = _remove(service, source, png_bytes(np.zeros((256, 320), np.uint8)))
+    assert response.status_code == 200
+    assert response.content == source
+    assert response.headers["x-bucket"] == "none"
+    assert "x-batch-size" not in response.headers and "model;dur" not in response.headers["server-timing"]
+
+
+def test_concurrent_requests_are_batched(service):
+    """Eight at once, with a 0.25 s batch window: the Remover must really run batches > 1."""
+    source, mask = png_bytes(photo()), png_bytes(_mask())
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda seed: _remove(service, source, mask, seed=seed), range(8)))
+    assert all(r.status_code == 200 for r in responses)
+    sizes = [int(r.headers["x-batch-size"]) for r in responses]
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= service.config["batching"]["max_batch_size"]
+    results = {r.content for r in responses}
+    assert len(results) == 8, "each request keeps its own seed inside a batch"
+
+
+def test_non_image_bytes(service):
+    _assert_problem(_remove(service, b"this is not an image", png_bytes(_mask())), 422, "invalid-image")
+
+
+def test_mismatched_sizes(service):
+    response = _remove(service, png_bytes(photo()), png_bytes(_mask(200, 200, (10, 10, 50, 50))))
+    _assert_problem(response, 422, "mask-size-mismatch")
+    assert "200x200" in response.json()["detail"]
+
+
+def test_zero_size_upload(service):
+    _assert_problem(_remove(service, b"", png_bytes(_mask())), 422, "invalid-image")
+
+
+def test_oversized_upload_is_413(service):
+    limit = service.config["imaging"]["max_upload_bytes"]
+    noise = np.random.default_rng(0).integers(0, 256, (1100, 1100, 3), dtype=np.uint8)
+    big = png_bytes(noise)
+    assert len(big) > limit
+    _assert_problem(_remove(service, big, None), 413, "payload-too-large")
+
+
+def test_megapixel_bomb_is_refused(service):
+    import struct
+    import zlib
+
+    tiny = bytearray(png_bytes(np.zeros((8, 8), np.uint8)))
+    ihdr = bytearray(tiny[16:29])
+    ihdr[0:8] = struct.pack(">II", 30000, 30000)
+    tiny[16:29] = ihdr
+    tiny[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    _assert_problem(_remove(service, bytes(tiny), None), 413, "image-too-large")
+
+
+@pytest.mark.parametrize(
+    "kwargs, problem, status",
+    [
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, "unsupported-media-type", 415),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, "malformed-body", 400),
+        ({"json": {"image": "%%%not-base64%%%"}}, "invalid-request", 422),
+        ({"json": {"mask": "AAAA"}}, "invalid-request", 422),
+        ({"json": {"image": "AAAA", "strength": 0.5}}, "invalid-request", 422),
+        ({"json": {"image": "AAAA", "seed": -1}}, "invalid-request", 422),
+        ({"json": {"image": "AAAA", "output_format": "bmp"}}, "invalid-request", 422),
+    ],
+)
+def test_bad_requests_get_problem_json(service, kwargs, problem, status):
+    _assert_problem(service.client.post("/remove", **kwargs), status, problem)
+
+
+def test_no_mask_and_no_alpha_is_a_clear_error(service):
+    _assert_problem(_remove(service, png_bytes(photo()), None), 422, "invalid-mask")
+
+
+def test_unknown_route_is_problem_json(service):
+    _assert_problem(service.client.get("/nope"), 404, "not-found")
+    _assert_problem(service.client.get("/remove"), 405, "method-not-allowed")
