@@ -81,3 +81,15 @@ def test_mixed_crop_sizes_in_one_engine_batch_are_refused(tiny_bundle):
     b, n = _inputs(batch=1, side=128)
     with pytest.raises(ValueError, match="one crop size"):
         engine.remove([RemovalJob(a[0], m[0], 0), RemovalJob(b[0], n[0], 0)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_stays_close_to_cpu_fp32(tiny_bundle, dtype):
+    images, masks = _inputs(batch=2)
+    jobs = [RemovalJob(images[i], masks[i], seed=i) for i in range(2)]
+    reference = RemovalEngine.from_bundle(tiny_bundle).remove(jobs)
+    on_gpu = RemovalEngine.from_bundle(tiny_bundle, device="cuda", dtype=dtype).remove(jobs)
+    for ref, got in zip(reference, on_gpu):
+        assert np.abs(ref.astype(int) - got).mean() < 8

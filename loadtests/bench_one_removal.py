@@ -1,0 +1,107 @@
+"""Latency of one 512x512 removal: the in-process engine vs HTTP end to end.
+
+    python loadtests/bench_one_removal.py --bundle-cache ~/.cache/rorem [--url http://127.0.0.1:8000] [--runs 20]
+
+Prints a table and writes JSON (default out/bench_one_removal.json). The HTTP part needs a running
+service (`make serve`); the engine part loads the same bundle in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engines.remover import RemovalEngine, RemovalJob
+from engines.sources import open_bundle
+
+
+def _photo(side: int) -> np.ndarray:
+    import skimage
+
+    path = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    return np.asarray(Image.open(path).convert("RGB").resize((side, side)))
+
+
+def _summary(samples_ms: list[float]) -> dict:
+    ordered = sorted(samples_ms)
+    return {
+        "runs": len(ordered),
+        "p50_ms": round(statistics.median(ordered), 1),
+        "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1),
+        "mean_ms": round(statistics.fmean(ordered), 1),
+    }
+
+
+def bench_engine(cache: str, side: int, runs: int, threads: int | None) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = open_bundle(path=None, authors=None, cache_dir=cache)
+    engine = RemovalEngine.from_bundle(bundle)
+    mask = np.zeros((side, side), bool)
+    mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = True
+    job = RemovalJob(_photo(side), mask, seed=0)
+    engine.remove([job])
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        engine.remove([job])
+        samples.append((time.perf_counter() - started) * 1000)
+    return {"torch_threads": torch.get_num_threads(), **_summary(samples)}
+
+
+def bench_http(url: str, side: int, runs: int) -> dict:
+    import httpx
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    mask = np.zeros((side, side), np.uint8)
+    mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = 255
+    files = {"image": ("i.png", png(_photo(side))), "mask": ("m.png", png(mask))}
+    client = httpx.Client(base_url=url, timeout=120)
+    client.post("/remove", files=files, data={"seed": "0", "dilate": "0"}).raise_for_status()
+    samples, timing = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        response = client.post("/remove", files=files, data={"seed": "0", "dilate": "0"})
+        samples.append((time.perf_counter() - started) * 1000)
+        response.raise_for_status()
+        timing = response.headers["server-timing"]
+    return {**_summary(samples), "last_server_timing": timing, "bucket": response.headers["x-bucket"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bundle-cache", default="~/.cache/rorem")
+    parser.add_argument("--url", default=None)
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the in-process engine")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_one_removal.json"))
+    args = parser.parse_args()
+    result = {"side": args.side, "engine": bench_engine(args.bundle_cache, args.side, args.runs, args.threads)}
+    if args.url:
+        result["http"] = bench_http(args.url, args.side, args.runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{'path':<8} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
+    for name in ("engine", "http"):
+        if name in result:
+            r = result[name]
+            print(f"{name:<8} {r['p50_ms']:>8} {r['p90_ms']:>8} {r['mean_ms']:>8}")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
