@@ -129,4 +129,5 @@ def _validate(model: type[BaseModel], data: dict):
             {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
             for e in exc.errors(include_url=False, include_input=False)
         ]
-        raise Problem("invalid-request", "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise Problem("invalid-request", detail, errors=errors) from exc
