@@ -126,7 +126,7 @@ class Ingress:
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
         mark = timings.add("decode", mark)
-        image, mask, plan = prepared
+        image, mask, plan, crop = prepared
         fmt = self._output_format(payload.options, request, image.format)
         quality = payload.options.quality or self.settings.imaging.jpeg_quality
         headers: dict[str, str] = {}
@@ -142,9 +142,7 @@ class Ingress:
             return Response(body, media_type=imaging.MEDIA_TYPES[fmt], headers=headers)
 
         seed = payload.options.seed if payload.options.seed is not None else random.getrandbits(63)
-        crop, crop_mask = await asyncio.to_thread(imaging.crop_for_model, image.rgb, mask, plan)
-        mark = timings.add("decode", mark)
-        outcome = await self._run_remover(RemovalJob(image=crop, mask=crop_mask, seed=seed))
+        outcome = await self._run_remover(RemovalJob(image=crop[0], mask=crop[1], seed=seed))
         roundtrip_ms = (time.perf_counter() - mark) * 1000
         timings.stages["queue"] = max(roundtrip_ms - outcome.model_ms, 0.0)
         timings.stages["model"] = outcome.model_ms
@@ -166,7 +164,7 @@ class Ingress:
         return Response(body, media_type=imaging.MEDIA_TYPES[fmt], headers=headers)
 
     def _prepare(self, payload: RemovalRequest):
-        """Decode, pick the mask, dilate, plan the crop: CPU work kept off the event loop."""
+        """Decode, pick the mask, dilate, plan and cut the crop: CPU work kept off the event loop."""
         image = imaging.decode_image(payload.image, self.limits)
         if payload.mask is None:
             mask = imaging.mask_from_alpha(image)
@@ -176,7 +174,8 @@ class Ingress:
         dilation = payload.options.dilate if payload.options.dilate is not None else self.settings.imaging.dilate
         mask = imaging.dilate_mask(mask, dilation)
         plan = imaging.plan_crop(mask, self.settings.imaging.buckets, self.settings.imaging.crop_margin)
-        return image, mask, plan
+        crop = imaging.crop_for_model(image.rgb, mask, plan) if plan else None
+        return image, mask, plan, crop
 
     async def _run_remover(self, job: RemovalJob):
         try:

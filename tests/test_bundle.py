@@ -34,7 +34,10 @@ def test_bundle_round_trips_its_components(tiny_bundle):
     arch = bundle.manifest.architecture
     assert prompt_embeds.shape == (1, 77, arch.unet["cross_attention_dim"])
     assert pooled.shape == (1, arch.prompt.pooled_dim)
-    assert list(bundle.make_scheduler().config.keys())  # an LCMScheduler config
+    scheduler = bundle.make_scheduler()
+    scheduler.set_timesteps(4)
+    assert type(scheduler).__name__ == "LCMScheduler"
+    assert scheduler.timesteps.tolist() == [999, 759, 499, 259]
 
 
 def test_a_corrupted_file_fails_verification(tiny_bundle, tmp_path):
