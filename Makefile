@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test test-fast clean
+.PHONY: venv serve test test-fast proto clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Regenerate the gRPC stubs from serve/rorem.proto (grpcio-tools is in the dev extra; the output is committed).
+proto: venv
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. serve/rorem.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,22 +1,27 @@
 """Import the layout the RORem authors publish into a project bundle.
 
 Published pieces: an SDXL-inpainting base pipeline folder (VAE, scheduler, the two CLIP text
-encoders), a RORem UNet folder, and for RORem-4S an LCM LoRA `pytorch_lora_weights.safetensors`.
-Each piece is a local path or `hf:REPO_ID[/SUBPATH]` on the Hugging Face hub. The import fuses the
-LoRA, computes the constant prompt embeddings once, and writes a bundle; serving then never loads
-a text encoder.
+encoders), a RORem UNet folder, for RORem-4S an LCM LoRA `pytorch_lora_weights.safetensors`, and
+optionally the discriminator folder (`pytorch_lora_weights.safetensors` + `cls_pred_branch.pt`,
+applied to the base pipeline's own UNet). Each piece is a local path or `hf:REPO_ID[/SUBPATH]` on
+the Hugging Face hub. The import fuses the LoRAs, computes the constant prompt embeddings once, and
+writes a bundle; serving then never loads a text encoder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 
 from engines.bundle import Bundle, BundleError, DTypeName, SamplingDefaults
 from engines.lora import fuse_lora_file
+
+if TYPE_CHECKING:
+    from engines.scorer import Discriminator
 
 HUB_PREFIX = "hf:"
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
@@ -27,9 +32,15 @@ class AuthorsLayout:
     base: str
     unet: str
     lcm_lora: str | None = None
+    discriminator: str | None = None  # folder with pytorch_lora_weights.safetensors + cls_pred_branch.pt
 
     def describe(self) -> dict[str, str | None]:
-        return {"base": self.base, "unet": self.unet, "lcm_lora": self.lcm_lora}
+        """The layout as recorded in provenance and hashed into import cache keys. `discriminator`
+        appears only when set, so layouts without one keep the cache keys they had before it existed."""
+        described = {"base": self.base, "unet": self.unet, "lcm_lora": self.lcm_lora}
+        if self.discriminator is not None:
+            described["discriminator"] = self.discriminator
+        return described
 
 
 def fetch(ref: str) -> Path:
@@ -104,6 +115,10 @@ def import_authors_layout(
     for needed in ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         if not (base / needed).is_dir():
             raise BundleError(f"{base} is not an SDXL-inpainting pipeline folder: {needed}/ is missing")
+    discriminator, discriminator_info, discriminator_embeds = None, None, None
+    if layout.discriminator:
+        # first, so the fp32 base UNet is freed before the RORem UNet is loaded
+        discriminator, discriminator_info = _import_discriminator(base, fetch(layout.discriminator))
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
     if unet.config.in_channels != 9:
         raise BundleError(f"{unet_dir}: UNet has {unet.config.in_channels} input channels, an inpainting UNet has 9")
@@ -116,6 +131,8 @@ def import_authors_layout(
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32)
     scheduler = LCMScheduler.from_pretrained(base / "scheduler")
     prompt_embeds, pooled = encode_constant_prompt(base, prompt)
+    if discriminator is not None:
+        discriminator_embeds = (prompt_embeds, pooled) if prompt == "" else encode_constant_prompt(base, "")
     return Bundle.write(
         out_dir,
         name=name,
@@ -127,5 +144,28 @@ def import_authors_layout(
         pooled_prompt_embeds=pooled,
         dtype=dtype,
         sampling=sampling,
-        provenance={"source": layout.describe(), "lcm_lora": lora_info, **(provenance or {})},
+        provenance={
+            "source": layout.describe(),
+            "lcm_lora": lora_info,
+            **({"discriminator": discriminator_info} if discriminator is not None else {}),
+            **(provenance or {}),
+        },
+        discriminator=discriminator,
+        discriminator_prompt_embeds=discriminator_embeds,
     )
+
+
+def _import_discriminator(base: Path, folder: Path) -> tuple[Discriminator, dict]:
+    """The published discriminator folder on the base pipeline's UNet (fp32, LoRA fused)."""
+    from engines.scorer import HEAD_FILENAME, load_published_discriminator
+
+    if not (base / "unet").is_dir():
+        raise BundleError(f"{base} has no unet/ folder: the discriminator is built on the base inpainting UNet")
+    lora_path, head_path = folder / LORA_FILENAME, folder / HEAD_FILENAME
+    for needed in (lora_path, head_path):
+        if not needed.is_file():
+            raise BundleError(f"{folder} is not the authors' discriminator folder: {needed.name} is missing")
+    base_unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
+    discriminator, info = load_published_discriminator(base_unet, lora_path, head_path)
+    del base_unet
+    return discriminator, info

@@ -6,6 +6,10 @@ Layout (the manifest is the one source of truth for architecture sizes and dtype
     unet/diffusion_pytorch_model.safetensors       the RORem UNet with the LCM LoRA already fused
     vae/diffusion_pytorch_model.safetensors        the SDXL VAE
     prompt_embeds.safetensors                      constant prompt embeddings (no text encoder at serve time)
+    discriminator/model.safetensors                optional: RORem's discriminator (trunk + head, LoRA fused)
+    discriminator/prompt_embeds.safetensors        optional: its embeddings of the prompt "" (as trained)
+
+The discriminator section of the manifest is optional, so bundles written before it still load.
 """
 
 from __future__ import annotations
@@ -16,18 +20,23 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+if TYPE_CHECKING:
+    from engines.scorer import Discriminator
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
+DISCRIMINATOR_WEIGHTS = "discriminator/model.safetensors"
+DISCRIMINATOR_PROMPT_EMBEDS = "discriminator/prompt_embeds.safetensors"
 
 DTypeName = Literal["float32", "float16", "bfloat16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,6 +70,15 @@ class SamplingDefaults(BaseModel):
     strength: float = Field(1.0, gt=0.0, le=1.0)
 
 
+class DiscriminatorInfo(BaseModel):
+    """RORem's discriminator: its trunk's architecture is the base UNet's config (not RORem's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unet: dict[str, Any]
+    score_size: int = Field(512, gt=0)
+    prompt: PromptInfo
+
+
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sha256: str
@@ -74,6 +92,7 @@ class Manifest(BaseModel):
     dtype: DTypeName
     architecture: Architecture
     sampling: SamplingDefaults = SamplingDefaults()
+    discriminator: DiscriminatorInfo | None = None
     files: dict[str, FileEntry]
     provenance: dict[str, Any] = {}
 
@@ -119,7 +138,10 @@ class Bundle:
                 problems.append(f"{name}: {file.stat().st_size} bytes, manifest says {entry.bytes}")
             elif sha256_of(file) != entry.sha256:
                 problems.append(f"{name}: sha256 differs from the manifest")
-        for required in (UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS):
+        required_files = [UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS]
+        if self.has_discriminator:
+            required_files += [DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS]
+        for required in required_files:
             if required not in self.manifest.files:
                 problems.append(f"{required}: not listed in the manifest")
         if problems:
@@ -128,6 +150,10 @@ class Bundle:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.manifest.dtype]
+
+    @property
+    def has_discriminator(self) -> bool:
+        return self.manifest.discriminator is not None
 
     def summary(self) -> dict[str, Any]:
         """What an operator wants to see about the loaded model."""
@@ -140,6 +166,7 @@ class Bundle:
             "source": m.provenance.get("source"),
             "steps": m.sampling.steps,
             "strength": m.sampling.strength,
+            "discriminator": self.has_discriminator,
         }
 
     def load_unet(self) -> UNet2DConditionModel:
@@ -155,6 +182,25 @@ class Bundle:
     def load_prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = load_file(self.path / PROMPT_EMBEDS)
         return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+
+    def load_discriminator(self) -> Discriminator:
+        """RORem's discriminator (LoRA already fused), strict load, in the bundle dtype, eval, no grad."""
+        from engines.scorer import Discriminator
+
+        info = self._discriminator_info()
+        discriminator = Discriminator(info.unet, init_weights=False)
+        discriminator.load_state_dict(load_file(self.path / DISCRIMINATOR_WEIGHTS), strict=True)
+        return _cast(discriminator, self.dtype).eval().requires_grad_(False)
+
+    def load_discriminator_prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._discriminator_info()
+        tensors = load_file(self.path / DISCRIMINATOR_PROMPT_EMBEDS)
+        return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+
+    def _discriminator_info(self) -> DiscriminatorInfo:
+        if self.manifest.discriminator is None:
+            raise BundleError(f"bundle {self.path} has no discriminator (import the authors' layout with one)")
+        return self.manifest.discriminator
 
     def make_scheduler(self) -> LCMScheduler:
         return LCMScheduler.from_config(self.manifest.architecture.scheduler)
@@ -174,8 +220,16 @@ class Bundle:
         dtype: DTypeName,
         sampling: SamplingDefaults | None = None,
         provenance: dict[str, Any] | None = None,
+        discriminator: Discriminator | None = None,
+        discriminator_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> "Bundle":
-        """Save components and a manifest with hashes; the folder is written atomically."""
+        """Save components and a manifest with hashes; the folder is written atomically.
+
+        `discriminator` (LoRA fused) goes with `discriminator_prompt_embeds` = (prompt_embeds,
+        pooled_prompt_embeds) of the prompt "" it was trained with.
+        """
+        if (discriminator is None) != (discriminator_prompt_embeds is None):
+            raise ValueError("a discriminator and its prompt embeddings are written together")
         path = Path(path)
         staging = path.with_name(path.name + ".partial")
         if staging.exists():
@@ -189,6 +243,25 @@ class Bundle:
                 "pooled_prompt_embeds": pooled_prompt_embeds.to(torch_dtype).contiguous(),
             },
         }
+        discriminator_info = None
+        if discriminator is not None:
+            disc_embeds, disc_pooled = discriminator_prompt_embeds
+            tensors[DISCRIMINATOR_WEIGHTS] = {
+                k: v.to(torch_dtype).contiguous() for k, v in discriminator.state_dict().items()
+            }
+            tensors[DISCRIMINATOR_PROMPT_EMBEDS] = {
+                "prompt_embeds": disc_embeds.to(torch_dtype).contiguous(),
+                "pooled_prompt_embeds": disc_pooled.to(torch_dtype).contiguous(),
+            }
+            discriminator_info = DiscriminatorInfo(
+                unet=_plain_config(discriminator.unet_config),
+                prompt=PromptInfo(
+                    text="",
+                    sequence_length=disc_embeds.shape[1],
+                    embed_dim=disc_embeds.shape[2],
+                    pooled_dim=disc_pooled.shape[1],
+                ),
+            )
         files = {}
         for name_, state in tensors.items():
             target = staging / name_
@@ -210,10 +283,16 @@ class Bundle:
                 ),
             ),
             sampling=sampling or SamplingDefaults(),
+            discriminator=discriminator_info,
             files=files,
             provenance={
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "unet_parameters": sum(p.numel() for p in unet.parameters()),
+                **(
+                    {"discriminator_parameters": sum(p.numel() for p in discriminator.parameters())}
+                    if discriminator is not None
+                    else {}
+                ),
                 **(provenance or {}),
             },
         )

@@ -33,3 +33,7 @@ class MaskSizeMismatch(InputError):
 
 class UnsupportedOutputFormat(InputError):
     problem = "unsupported-output-format"
+
+
+class ImageSizeMismatch(InputError):
+    problem = "image-size-mismatch"

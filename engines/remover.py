@@ -8,6 +8,7 @@ result independent of the batch it ran in, and lets tests check parity with diff
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,21 +81,28 @@ class RemovalEngine:
             sampling=sampling or SamplingSettings(steps=defaults.steps, strength=defaults.strength),
         )
 
-    def remove(self, jobs: list[RemovalJob]) -> list[np.ndarray]:
-        """Fill the masked region of each same-size crop; returns (S, S, 3) uint8 crops."""
+    def remove(self, jobs: list[RemovalJob], timings: dict[str, float] | None = None) -> list[np.ndarray]:
+        """Fill the masked region of each same-size crop; returns (S, S, 3) uint8 crops.
+
+        `timings`, when given, receives the seconds spent in vae_encode, unet and vae_decode.
+        """
         sizes = {job.image.shape for job in jobs}
         if len(sizes) != 1:
             raise ValueError(f"a batch must hold one crop size, got {sorted(sizes)}")
         images = torch.from_numpy(np.stack([job.image for job in jobs])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         masks = torch.from_numpy(np.stack([job.mask for job in jobs])).unsqueeze(1).float()
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
-        decoded = self.generate(images, masks, generators)
+        decoded = self.generate(images, masks, generators, timings)
         pixels = (decoded * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(pixels)
 
     @torch.inference_mode()
     def generate(
-        self, images: torch.Tensor, masks: torch.Tensor, generators: list[torch.Generator]
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        generators: list[torch.Generator],
+        timings: dict[str, float] | None = None,
     ) -> torch.Tensor:
         """images [B,3,H,W] in [-1, 1], masks [B,1,H,W] in {0, 1} -> images [B,3,H,W] in [0, 1]."""
         batch, _, height, width = images.shape
@@ -110,6 +118,7 @@ class RemovalEngine:
         if len(timesteps) == 0:
             raise ValueError(f"strength {self.sampling.strength} leaves no step of {self.sampling.steps}")
 
+        clock = StageClock(self.device, timings)
         images = images.to(self.device)
         masks = masks.to(self.device)
         masked_images = images * (masks < 0.5)
@@ -124,6 +133,7 @@ class RemovalEngine:
             latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
         masked_latents = self._encode(masked_images, generators)
         latent_masks = torch.nn.functional.interpolate(masks, size=latent_shape[1:]).to(self.dtype)
+        clock.lap("vae_encode")
 
         cond = UNetConditioning(
             encoder_hidden_states=self.prompt_embeds.expand(batch, -1, -1),
@@ -136,15 +146,36 @@ class RemovalEngine:
             unet_input = torch.cat([scheduler.scale_model_input(latents, t), latent_masks, masked_latents], dim=1)
             noise_pred = self.runner(unet_input, t, cond)
             latents = scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
+        clock.lap("unet")
 
         decoded = self.vae.decode(latents.to(self.vae_dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (decoded.float() / 2 + 0.5).clamp(0, 1)
+        decoded = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        clock.lap("vae_decode")
+        return decoded
 
     def _encode(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """VAE posterior sample, each job's noise drawn from that job's generator, as diffusers does."""
         posterior = self.vae.encode(images.to(self.vae_dtype)).latent_dist
         noise = _randn(posterior.mean.shape[1:], generators, self.device, posterior.mean.dtype)
         return ((posterior.mean + posterior.std * noise) * self.vae.config.scaling_factor).to(self.dtype)
+
+class StageClock:
+    """Seconds per stage into a dict (synchronizing CUDA so a stage's time is its own); a no-op without one."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device = torch.device(device)
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
+
 
 def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device, dtype) -> torch.Tensor:
     """One draw per job from its own CPU generator: the same numbers on every device and batch."""

@@ -1,9 +1,10 @@
 """The tiny bundle: RORem's architecture family at toy sizes, with seeded random weights.
 
 It is written first in the authors' published layout (an SDXL-inpainting pipeline folder, a
-RORem UNet folder, an LCM LoRA in their mixed key format) and then imported with the real import
-code, so tests and offline runs exercise the same loading path as the real weights. Removal
-quality is meaningless; shapes, dtypes, data flow and timing are real.
+RORem UNet folder, an LCM LoRA in their mixed key format, the discriminator's LoRA and head) and
+then imported with the real import code, so tests and offline runs exercise the same loading path
+as the real weights. Removal and score quality are meaningless; shapes, dtypes, data flow and
+timing are real.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ TINY_VAE = dict(
     latent_channels=4,
     norm_num_groups=8,
     sample_size=256,
-    scaling_factor=0.13025,
+    # ~1 / std of this random VAE's posterior mean on a real photo (what a scaling factor is for), so
+    # the tiny UNets see latents at SDXL's scale; SDXL's 0.13025 left them at std 0.02, and the tiny
+    # discriminator then saw almost only the mask channel.
+    scaling_factor=5.5,
     force_upcast=True,
 )
 SDXL_SCHEDULER = dict(
@@ -64,6 +68,9 @@ LCM_LORA_TARGETS = [
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 ]  # fmt: skip
 TINY_LORA_RANK = 8
+DISCRIMINATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DISCRIMINATOR_LORA_RANK = 4
+TINY_HEAD_BIAS = 0.1  # with the final conv at twice the default scale, tiny scores spread over ~0.2-0.9
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -148,9 +155,51 @@ def write_tiny_authors_layout(root: str | Path, seed: int = 0) -> AuthorsLayout:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(rorem_unet))
     StableDiffusionXLInpaintPipeline.save_lora_weights(root / "lcm_lora", unet_lora_layers=lora_layers)
+    _write_tiny_discriminator(root / "discriminator", base_unet, generator)
     return AuthorsLayout(
-        base=str(root / "base"), unet=str(root / "rorem_unet"), lcm_lora=str(root / "lcm_lora" / LORA_FILENAME)
+        base=str(root / "base"),
+        unet=str(root / "rorem_unet"),
+        lcm_lora=str(root / "lcm_lora" / LORA_FILENAME),
+        discriminator=str(root / "discriminator"),
     )
+
+
+@torch.no_grad()
+def _write_tiny_discriminator(folder: Path, base_unet, generator: torch.Generator) -> None:
+    """The discriminator as the authors save it: a peft LoRA on the base UNet's trunk, converted
+    with convert_state_dict_to_diffusers (attention keys only), and the head via torch.save."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from engines.scorer import HEAD_FILENAME, Discriminator
+
+    trunk = Discriminator.from_unet(base_unet)
+    lora_config = LoraConfig(
+        r=DISCRIMINATOR_LORA_RANK,
+        lora_alpha=DISCRIMINATOR_LORA_RANK,
+        target_modules=DISCRIMINATOR_LORA_TARGETS,
+        init_lora_weights=False,
+    )
+    trunk = inject_adapter_in_model(lora_config, trunk)
+    for name, p in trunk.named_parameters():
+        if "lora_" in name:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trunk))
+    StableDiffusionXLInpaintPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers)
+
+    head = {}
+    for key, value in trunk.cls_pred_branch.state_dict().items():
+        noise = torch.randn(value.shape, generator=generator)
+        if key.endswith("weight") and value.ndim == 1:  # GroupNorm scale
+            value = 1.0 + 0.1 * noise
+        elif value.ndim == 1:  # biases
+            value = 0.1 * noise
+        else:  # conv kernels: default init's scale, doubled for the final 1x1 conv
+            value = noise * value.std() * (2.0 if key.startswith("9.") else 1.0)
+        head[f"cls_pred_branch.{key}"] = value.contiguous()
+    head["cls_pred_branch.9.bias"] = torch.tensor([TINY_HEAD_BIAS])
+    torch.save(head, folder / HEAD_FILENAME)
 
 
 def _patch_model_index(base: Path) -> None:
@@ -166,7 +215,10 @@ def tiny_bundle(path: str | Path, seed: int = 0, prompt: str = "") -> Bundle:
     """Load the tiny bundle at `path`, generating it there first if it is not there yet."""
     path = Path(path)
     if (path / MANIFEST).is_file():
-        return Bundle.load(path)
+        bundle = Bundle.load(path)
+        if bundle.has_discriminator:
+            return bundle
+        # a cache written before the tiny bundle had a discriminator: regenerate it below
     with tempfile.TemporaryDirectory(prefix="rorem-tiny-") as tmp:
         layout = write_tiny_authors_layout(tmp, seed=seed)
         bundle = import_authors_layout(

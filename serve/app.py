@@ -1,11 +1,11 @@
-"""The HTTP ingress: thin adapter from REST to the imaging functions and the Remover deployment.
+"""The Ingress deployment: REST and gRPC entry points over serve.service.RemovalService.
 
-`build_app(args)` is the import path the Serve config names (`serve.app:build_app`).
+`build_app(args)` is the import path the Serve config names (`serve.app:build_app`). Serve ships the
+ingress class to its replicas by value, so every module-level name it uses is defined above it.
 """
 
-import asyncio
+import base64
 import logging
-import random
 import re
 import time
 import uuid
@@ -15,17 +15,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.context import _get_serve_request_context
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engines import imaging
-from engines.errors import InputError
-from engines.remover import RemovalJob
+from serve import grpc_api
+from serve import rorem_pb2 as pb
 from serve.config import AppSettings
+from serve.metrics import ingress_metrics
 from serve.problems import Problem
 from serve.remover import Remover
-from serve.requests import RemovalRequest, RemoveOptions, read_removal_request
+from serve.requests import read_removal_request, read_score_request
+from serve.scorer import Scorer
+from serve.service import RemovalService
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,7 +38,8 @@ api = FastAPI(
     version="0.1.0",
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_RETRY_AFTER_S = "2"
+_INGRESS_STAGES = {"read", "decode", "score", "paste", "encode"}  # the model deployments record the others
+_KNOWN_ROUTES = {"/remove", "/score", "/readyz", "/healthz"}
 
 
 def _request_id(request: Request) -> str:
@@ -69,135 +73,146 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return Problem("internal-error", f"{type(exc).__name__}; see the server log").response(_request_id(request))
 
 
-class Timings:
-    """Stage durations, reported in a standard Server-Timing header."""
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    """Requests by route and status, and end-to-end latency, for every REST answer (errors included)."""
+    started = time.perf_counter()
+    status = "500"
+    try:
+        response = await call_next(request)
+        status = str(response.status_code)
+        return response
+    finally:
+        route = request.url.path if request.url.path in _KNOWN_ROUTES else "other"
+        ingress_metrics().answered(route, "http", status, time.perf_counter() - started)
 
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.stages: dict[str, float] = {}
 
-    def add(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        self.stages[stage] = self.stages.get(stage, 0.0) + (now - since) * 1000
-        return now
+def _wants_json(accept: str) -> bool:
+    return "application/json" in accept and not any(t in accept for t in imaging.MEDIA_TYPES.values())
 
-    def header(self) -> str:
-        total = (time.perf_counter() - self.started) * 1000
-        return ", ".join(f"{k};dur={v:.1f}" for k, v in [*self.stages.items(), ("total", total)])
+
+def _serve_request_id() -> str | None:
+    try:
+        return _get_serve_request_context().request_id or None
+    except Exception:
+        return None
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, remover: DeploymentHandle, settings: dict):
-        self.remover = remover
+    """Entry points only: REST routes (FastAPI) and the gRPC methods `Remove` / `Score` (the names are
+    the RPC names in serve/rorem.proto); the work is in serve.service.RemovalService."""
+
+    def __init__(self, remover: DeploymentHandle, scorer: DeploymentHandle | None, settings: dict):
         self.settings = AppSettings.model_validate(settings)
-        imaging_cfg = self.settings.imaging
-        self.limits = imaging.DecodeLimits(
-            max_bytes=imaging_cfg.max_upload_bytes, max_megapixels=imaging_cfg.max_megapixels
-        )
+        self.metrics = ingress_metrics()
+        self.service = RemovalService(self.settings, remover, scorer, self.metrics)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        """The ingress process is alive (says nothing about the model)."""
+        """The ingress process is alive (says nothing about the models)."""
         return {"status": "alive"}
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Ready when a Remover replica has loaded and warmed its bundle."""
-        try:
-            model = await asyncio.wait_for(self.remover.describe.remote(), timeout=5.0)
-        except Exception as exc:  # not deployed yet, starting, or unreachable: all mean "not ready"
-            raise Problem("not-ready", f"no Remover replica answered: {type(exc).__name__}",
-                          headers={"Retry-After": _RETRY_AFTER_S}) from exc
-        return JSONResponse({"status": "ready", "model": model})
+        """Ready when a Remover replica (and a Scorer replica, where deployed) has loaded and warmed up."""
+        return JSONResponse(await self.service.ready())
 
     @api.post(
         "/remove",
-        responses={200: {"content": {t: {} for t in imaging.MEDIA_TYPES.values()}, "description": "the edited image"}},
+        responses={
+            200: {
+                "content": {**{t: {} for t in imaging.MEDIA_TYPES.values()}, "application/json": {}},
+                "description": "the edited image; with Accept: application/json a JSON object (image in base64)",
+            }
+        },
     )
     async def remove(self, request: Request) -> Response:
         request.state.request_id = _request_id(request)
-        timings = Timings()
-        payload = await read_removal_request(request, self.settings.imaging.max_upload_bytes)
-        mark = timings.add("read", timings.started)
-        try:
-            prepared = await asyncio.to_thread(self._prepare, payload)
-        except InputError as exc:
-            raise Problem.from_input_error(exc) from exc
-        mark = timings.add("decode", mark)
-        image, mask, plan, crop = prepared
-        fmt = self._output_format(payload.options, request, image.format)
-        quality = payload.options.quality or self.settings.imaging.jpeg_quality
-        headers: dict[str, str] = {}
-
-        if plan is None:
-            headers["X-Bucket"] = "none"
-            if image.format == fmt:
-                body = payload.image
-            else:
-                body = await asyncio.to_thread(imaging.encode_image, image.rgb, image.alpha, fmt, quality)
-                timings.add("encode", mark)
-            headers["Server-Timing"] = timings.header()
-            return Response(body, media_type=imaging.MEDIA_TYPES[fmt], headers=headers)
-
-        seed = payload.options.seed if payload.options.seed is not None else random.getrandbits(63)
-        outcome = await self._run_remover(RemovalJob(image=crop[0], mask=crop[1], seed=seed))
-        roundtrip_ms = (time.perf_counter() - mark) * 1000
-        timings.stages["queue"] = max(roundtrip_ms - outcome.model_ms, 0.0)
-        timings.stages["model"] = outcome.model_ms
-        mark = time.perf_counter()
-        edited = await asyncio.to_thread(
-            imaging.paste_back, image.rgb, mask, outcome.image, plan, self.settings.imaging.feather
-        )
-        mark = timings.add("paste", mark)
-        body = await asyncio.to_thread(imaging.encode_image, edited, image.alpha, fmt, quality)
-        timings.add("encode", mark)
-        headers.update(
-            {
-                "X-Seed": str(seed),
-                "X-Bucket": str(plan.bucket),
-                "X-Batch-Size": str(outcome.batch_size),
-                "Server-Timing": timings.header(),
-            }
-        )
-        return Response(body, media_type=imaging.MEDIA_TYPES[fmt], headers=headers)
-
-    def _prepare(self, payload: RemovalRequest):
-        """Decode, pick the mask, dilate, plan and cut the crop: CPU work kept off the event loop."""
-        image = imaging.decode_image(payload.image, self.limits)
-        if payload.mask is None:
-            mask = imaging.mask_from_alpha(image)
-            image.alpha = None
-        else:
-            mask = imaging.decode_mask(payload.mask, image.rgb.shape[:2], self.limits)
-        dilation = payload.options.dilate if payload.options.dilate is not None else self.settings.imaging.dilate
-        mask = imaging.dilate_mask(mask, dilation)
-        plan = imaging.plan_crop(mask, self.settings.imaging.buckets, self.settings.imaging.crop_margin)
-        crop = imaging.crop_for_model(image.rgb, mask, plan) if plan else None
-        return image, mask, plan, crop
-
-    async def _run_remover(self, job: RemovalJob):
-        try:
-            return await asyncio.wait_for(self.remover.remove.remote(job), timeout=self.settings.request_timeout_s)
-        except asyncio.TimeoutError as exc:
-            raise Problem("timeout", f"no result within {self.settings.request_timeout_s:.0f} s") from exc
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise Problem("overloaded", str(exc).splitlines()[0], headers={"Retry-After": _RETRY_AFTER_S}) from exc
-
-    @staticmethod
-    def _output_format(options: RemoveOptions, request: Request, source_format: str | None) -> str:
-        if options.output_format:
-            return options.output_format
+        started = time.perf_counter()
+        upload = await read_removal_request(request, self.settings.imaging.max_upload_bytes)
+        read_s = time.perf_counter() - started
         accept = request.headers.get("accept", "")
-        for fmt, media_type in imaging.MEDIA_TYPES.items():
-            if media_type in accept:
-                return fmt
-        return source_format if source_format in imaging.OUTPUT_FORMATS else "png"
+        reply = await self.service.remove(upload, accept)
+        reply.timings.stages = {"read": read_s, **reply.timings.stages}
+        self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in _INGRESS_STAGES})
+        headers = {
+            "X-Bucket": "none" if reply.bucket is None else str(reply.bucket),
+            "X-Attempts": str(reply.attempts),
+            "X-Gate": reply.gate,
+            "Server-Timing": reply.timings.server_timing(),
+        }
+        if reply.bucket is not None:
+            headers.update({"X-Seed": str(reply.seed), "X-Batch-Size": str(reply.batch_size)})
+        if reply.score is not None:
+            headers["X-Removal-Score"] = f"{reply.score:.4f}"
+        if _wants_json(accept):
+            return JSONResponse(
+                {
+                    "image": base64.b64encode(reply.body).decode(),
+                    "media_type": reply.media_type,
+                    "seed": reply.seed,
+                    "bucket": reply.bucket,
+                    "batch_size": reply.batch_size,
+                    "score": reply.score,
+                    "attempts": reply.attempts,
+                    "gate": reply.gate,
+                },
+                headers=headers,
+            )
+        return Response(reply.body, media_type=reply.media_type, headers=headers)
+
+    @api.post("/score")
+    async def score(self, request: Request) -> JSONResponse:
+        """Score an existing (source, mask, edited) triple with the discriminator."""
+        request.state.request_id = _request_id(request)
+        upload = await read_score_request(request, self.settings.imaging.max_upload_bytes)
+        reply = await self.service.score(upload)
+        return JSONResponse(
+            {"score": reply.score, "threshold": reply.threshold, "passed": reply.passed, "bucket": reply.bucket}
+        )
+
+    async def Remove(self, message: pb.RemoveRequest, grpc_context: RayServegRPCContext) -> pb.RemoveReply:
+        return await self._grpc("/remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
+
+    async def Score(self, message: pb.ScoreRequest, grpc_context: RayServegRPCContext) -> pb.ScoreReply:
+        return await self._grpc("/score", grpc_context, pb.ScoreReply, self._grpc_score, message)
+
+    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str) -> pb.RemoveReply:
+        reply = await self.service.remove(grpc_api.removal_request(message, self.settings.imaging.max_upload_bytes))
+        self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in _INGRESS_STAGES})
+        return grpc_api.remove_reply(reply, request_id)
+
+    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str) -> pb.ScoreReply:
+        reply = await self.service.score(grpc_api.score_request(message, self.settings.imaging.max_upload_bytes))
+        return grpc_api.score_reply(reply, request_id)
+
+    async def _grpc(self, route, context, empty_reply, handler, message):
+        """Run a gRPC call; a Problem becomes a status code + problem+json details, counted like REST."""
+        started = time.perf_counter()
+        request_id = _serve_request_id() or context.request_id() or uuid.uuid4().hex
+        try:
+            reply = await handler(message, request_id)
+            status = "OK"
+        except Problem as problem:
+            status_problem = problem
+        except Exception as exc:  # never let an unexpected error escape without a status and a log line
+            logger.exception("unhandled error in gRPC %s", route)
+            status_problem = Problem("internal-error", f"{type(exc).__name__}; see the server log")
+        else:
+            self.metrics.answered(route, "grpc", status, time.perf_counter() - started)
+            return reply
+        grpc_api.status_for(status_problem, context, request_id)
+        self.metrics.answered(route, "grpc", grpc_api.status_code(status_problem).name, time.perf_counter() - started)
+        return empty_reply()
+
+
 
 
 def build_app(args: dict) -> serve.Application:
     """Application builder named by the Serve config: validates args strictly, then binds."""
     settings = AppSettings.model_validate(args or {})
     plain = settings.model_dump()
-    return Ingress.bind(Remover.bind(plain), plain)
+    scorer = Scorer.bind(plain) if settings.scorer.enabled else None
+    return Ingress.bind(Remover.bind(plain), scorer, plain)

@@ -1,14 +1,16 @@
 """`python -m serve run`: start a local Ray + Serve on loopback with the configured or tiny bundle.
 
 It resolves the bundle (flag, ROREM_BUNDLE, the config file; else the tiny bundle, said loudly),
-fits the config to this machine (no GPU: the Remover asks for none), writes the effective config,
-hands it to Ray's own `serve run`, and prints what it loaded and where it listens once ready.
+fits the config to this machine (no GPU: no deployment asks for one), writes the effective config,
+starts Ray with a known metrics port and hands the config to Ray's own `serve run` (serve.launcher),
+and prints what it loaded and where it listens (HTTP, gRPC, metrics) once ready.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,6 +26,7 @@ import yaml
 from serve.config import BUNDLE_ENV, AppSettings
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
+DEFAULT_METRICS_PORT = 9464
 
 
 def load_serve_config(path: Path) -> dict:
@@ -37,7 +40,9 @@ def load_serve_config(path: Path) -> dict:
     return config
 
 
-def fit_to_machine(config: dict, bundle: str | None, host: str | None, port: int | None) -> list[str]:
+def fit_to_machine(
+    config: dict, bundle: str | None, host: str | None, port: int | None, grpc_port: int | None = None
+) -> list[str]:
     """Apply command-line choices and this machine's facts; returns what was changed, to print."""
     notes = []
     http = config.setdefault("http_options", {})
@@ -45,6 +50,8 @@ def fit_to_machine(config: dict, bundle: str | None, host: str | None, port: int
         http["host"] = host
     if port:
         http["port"] = port
+    if grpc_port:
+        config.setdefault("grpc_options", {})["port"] = grpc_port
     app = config["applications"][0]
     args = app.setdefault("args", {})
     if bundle:
@@ -58,6 +65,19 @@ def fit_to_machine(config: dict, bundle: str | None, host: str | None, port: int
                 options["num_gpus"] = 0
                 notes.append(f"no CUDA GPU here: {deployment['name']} runs on the CPU")
     return notes
+
+
+def logical_cpus_needed(config: dict) -> int | None:
+    """Ray schedules by logical CPUs: if the deployments ask for more than this machine's cores (a
+    2-core laptop or CI runner), start Ray with enough so every replica is placed (they share cores)."""
+    wanted = 0.0
+    for app in config["applications"]:
+        for deployment in app.get("deployments", []):
+            replicas = deployment.get("num_replicas", 1)
+            replicas = replicas if isinstance(replicas, int) else 1
+            wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * replicas
+    cores = os.cpu_count() or 1
+    return math.ceil(wanted) if wanted > cores else None
 
 
 def describe_bundle(args: dict) -> str:
@@ -91,11 +111,15 @@ def run(argv: list[str] | None = None) -> int:
     run_cmd.add_argument("--bundle", default=os.environ.get(BUNDLE_ENV), help=f"bundle folder (default: ${BUNDLE_ENV})")
     run_cmd.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
     run_cmd.add_argument("--port", type=int, default=None)
+    run_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (config default 9000)")
+    run_cmd.add_argument(
+        "--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Ray's Prometheus export port (GET /metrics)"
+    )
     run_cmd.add_argument("--ready-timeout", type=float, default=600.0)
     options = parser.parse_args(argv)
 
     config = load_serve_config(options.config)
-    notes = fit_to_machine(config, options.bundle, options.host, options.port)
+    notes = fit_to_machine(config, options.bundle, options.host, options.port, options.grpc_port)
     app = config["applications"][0]
     http = config["http_options"]
     base_url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{app.get('route_prefix', '/').rstrip('/')}"
@@ -106,8 +130,12 @@ def run(argv: list[str] | None = None) -> int:
     effective = Path(tempfile.mkdtemp(prefix="rorem-serve-")) / "serve-config.yaml"
     effective.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"[rorem] effective Serve config: {effective}", flush=True)
-    serve_bin = Path(sys.executable).parent / "serve"
-    child = subprocess.Popen([str(serve_bin), "run", str(effective)], cwd=Path(__file__).resolve().parent.parent)
+    command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]
+    num_cpus = logical_cpus_needed(config)
+    if num_cpus:
+        print(f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores", flush=True)
+        command += ["--num-cpus", str(num_cpus)]
+    child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
 
     def stop(signum, _frame):
         child.send_signal(signal.SIGINT)
@@ -121,10 +149,12 @@ def run(argv: list[str] | None = None) -> int:
         child.wait()
         return 1
     model = ready["model"]
+    grpc_port = config.get("grpc_options", {}).get("port", 9000)
     print(
-        f"[rorem] READY on {base_url} : POST {base_url}/remove | bundle {model['bundle']['name']}"
+        f"[rorem] READY on {base_url} : POST {base_url}/remove | gRPC {http.get('host', '127.0.0.1')}:{grpc_port}"
+        f" | metrics http://127.0.0.1:{options.metrics_port}/metrics | bundle {model['bundle']['name']}"
         f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
-        f" {model['steps']} steps, buckets {model['buckets']}",
+        f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']}",
         flush=True,
     )
     try:

@@ -6,11 +6,14 @@ max_ongoing_requests, max_queued_requests, backpressure) live in the same YAML's
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engines.authors_layout import AuthorsLayout
+
+if TYPE_CHECKING:
+    from engines.bundle import Bundle
 
 BUNDLE_ENV = "ROREM_BUNDLE"
 
@@ -25,9 +28,12 @@ class AuthorsSource(_Strict):
     base: str = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
     unet: str
     lcm_lora: str | None = None
+    discriminator: str | None = Field(
+        None, description="folder with the discriminator's pytorch_lora_weights.safetensors + cls_pred_branch.pt"
+    )
 
     def layout(self) -> AuthorsLayout:
-        return AuthorsLayout(base=self.base, unet=self.unet, lcm_lora=self.lcm_lora)
+        return AuthorsLayout(base=self.base, unet=self.unet, lcm_lora=self.lcm_lora, discriminator=self.discriminator)
 
 
 class BundleSettings(_Strict):
@@ -41,6 +47,20 @@ class BundleSettings(_Strict):
 
     def is_tiny(self) -> bool:
         return not self.path and self.authors is None
+
+    def open(self) -> "Bundle":
+        """Load (importing or generating first where needed) the bundle these settings name."""
+        from engines.sources import open_bundle
+
+        return open_bundle(
+            path=self.path,
+            authors=self.authors.layout() if self.authors else None,
+            cache_dir=self.cache_dir,
+            prompt=self.prompt,
+            import_dtype=self.import_dtype,
+            tiny_seed=self.tiny_seed,
+            verify=self.verify,
+        )
 
 
 class EngineSettings(_Strict):
@@ -74,9 +94,51 @@ class ImagingSettings(_Strict):
         return sorted(set(buckets))
 
 
+class ScorerSettings(_Strict):
+    """The discriminator deployment: its own device, precision and batching."""
+
+    enabled: bool = Field(
+        True, description="deploy the Scorer (the bundle must hold a discriminator); false needs gate.mode: off"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
+    max_batch_size: int = Field(8, ge=1, le=64)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+GateMode = Literal["off", "annotate", "retry", "reject"]
+
+
+class GateSettings(_Strict):
+    """Quality gating with the discriminator's score (the paper judges success at 0.5)."""
+
+    mode: GateMode = Field(
+        "annotate",
+        description="off: no scoring; annotate: report the score; retry: new seeds while below the threshold, "
+        "keep the best; reject: like retry, then 422 removal-failed if no attempt passes",
+    )
+    threshold: float = Field(0.5, ge=0.0, le=10.0)
+    max_attempts: int = Field(3, ge=1, le=8, description="attempts for retry / reject (the first one included)")
+    allow_request_override: bool = Field(True, description="clients may choose gate, gate_threshold, max_attempts")
+    on_scorer_error: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open",
+        description="scorer unavailable: fail_open answers with the unscored result (X-Gate: unscored); "
+        "fail_closed answers 503 for retry / reject requests",
+    )
+
+
 class AppSettings(_Strict):
     bundle: BundleSettings = BundleSettings()
     engine: EngineSettings = EngineSettings()
     batching: BatchingSettings = BatchingSettings()
     imaging: ImagingSettings = ImagingSettings()
+    scorer: ScorerSettings = ScorerSettings()
+    gate: GateSettings = GateSettings()
     request_timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _gate_needs_scorer(self) -> "AppSettings":
+        if not self.scorer.enabled and self.gate.mode != "off":
+            raise ValueError(f"gate.mode {self.gate.mode!r} needs the Scorer: set scorer.enabled: true or gate.mode: off")
+        return self

@@ -15,6 +15,9 @@ STATUS_BY_PROBLEM = {
     "invalid-mask": 422,
     "mask-size-mismatch": 422,
     "unsupported-output-format": 422,
+    "image-size-mismatch": 422,
+    "removal-failed": 422,
+    "gate-unavailable": 422,
     "invalid-input": 422,
     "invalid-request": 422,
     "malformed-body": 400,
@@ -24,6 +27,7 @@ STATUS_BY_PROBLEM = {
     "method-not-allowed": 405,
     "overloaded": 503,
     "not-ready": 503,
+    "scorer-unavailable": 503,
     "timeout": 504,
     "internal-error": 500,
 }
@@ -34,6 +38,9 @@ TITLES = {
     "invalid-mask": "The mask is not usable",
     "mask-size-mismatch": "The mask and the image differ in size",
     "unsupported-output-format": "Unsupported output format",
+    "image-size-mismatch": "The source and edited images differ in size",
+    "removal-failed": "No removal attempt passed the quality gate",
+    "gate-unavailable": "This deployment has no quality scorer",
     "invalid-input": "Invalid input",
     "invalid-request": "The request is invalid",
     "malformed-body": "The request body cannot be parsed",
@@ -43,6 +50,7 @@ TITLES = {
     "method-not-allowed": "Method not allowed",
     "overloaded": "The service is overloaded; retry later",
     "not-ready": "The model is not loaded yet",
+    "scorer-unavailable": "The quality scorer is unavailable; retry later",
     "timeout": "The request took too long",
     "internal-error": "Internal error",
 }
@@ -60,15 +68,22 @@ class Problem(Exception):
     def from_input_error(cls, error: InputError) -> "Problem":
         return cls(error.problem, error.detail)
 
-    def response(self, request_id: str | None = None) -> JSONResponse:
-        status = STATUS_BY_PROBLEM[self.problem]
+    @property
+    def status(self) -> int:
+        return STATUS_BY_PROBLEM[self.problem]
+
+    def body(self, request_id: str | None = None) -> dict:
+        """The problem+json document; the same fields travel in gRPC error details."""
         body = {
             "type": TYPE_BASE + self.problem,
             "title": TITLES[self.problem],
-            "status": status,
+            "status": self.status,
             "detail": self.detail,
             **self.extra,
         }
         if request_id:
             body["instance"] = f"urn:request:{request_id}"
-        return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=self.headers)
+        return body
+
+    def response(self, request_id: str | None = None) -> JSONResponse:
+        return JSONResponse(self.body(request_id), status_code=self.status, media_type=MEDIA_TYPE, headers=self.headers)

@@ -1,19 +1,19 @@
-"""The Remover deployment: holds the engine on its device and batches crops dynamically."""
+"""The Remover deployment: holds the removal engine on its device and batches crops dynamically."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from ray import serve
 
-from engines.bundle import DTYPES
 from engines.remover import RemovalEngine, RemovalJob, SamplingSettings
-from engines.sources import open_bundle
 from serve.config import AppSettings
+from serve.metrics import BatchMetrics
+from serve.placement import pick_device, pick_dtype
 
 
 @dataclass
@@ -21,12 +21,7 @@ class RemovalOutcome:
     image: np.ndarray  # (S, S, 3) uint8
     batch_size: int
     model_ms: float
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: queue_wait, vae_encode, unet, vae_decode
 
 
 @serve.deployment(name="Remover")
@@ -36,22 +31,13 @@ class Remover:
         engine_cfg, bundle_cfg = self.settings.engine, self.settings.bundle
         if engine_cfg.torch_threads:
             torch.set_num_threads(engine_cfg.torch_threads)
-        bundle = open_bundle(
-            path=bundle_cfg.path,
-            authors=bundle_cfg.authors.layout() if bundle_cfg.authors else None,
-            cache_dir=bundle_cfg.cache_dir,
-            prompt=bundle_cfg.prompt,
-            import_dtype=bundle_cfg.import_dtype,
-            tiny_seed=bundle_cfg.tiny_seed,
-            verify=bundle_cfg.verify,
-        )
+        bundle = bundle_cfg.open()
         device = pick_device(engine_cfg.device)
-        dtype = None if engine_cfg.dtype == "auto" else DTYPES[engine_cfg.dtype]
         defaults = bundle.manifest.sampling
         self.engine = RemovalEngine.from_bundle(
             bundle,
             device=device,
-            dtype=dtype,
+            dtype=pick_dtype(engine_cfg.dtype),
             compile=engine_cfg.compile,
             sampling=SamplingSettings(
                 steps=engine_cfg.steps or defaults.steps, strength=engine_cfg.strength or defaults.strength
@@ -70,6 +56,7 @@ class Remover:
             "max_batch_size": self.settings.batching.max_batch_size,
         }
         self._warm_up()
+        self.metrics = BatchMetrics("remover")
 
     def _warm_up(self) -> None:
         """One pass per bucket, so the first user request does not pay for allocation or compilation."""
@@ -82,16 +69,26 @@ class Remover:
         return self.description
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def remove(self, jobs: list[RemovalJob]) -> list[RemovalOutcome]:
-        """Run one engine batch per crop size; results come back in the order jobs came in."""
+    async def remove(self, jobs: list[RemovalJob], submitted_at: list[float]) -> list[RemovalOutcome]:
+        """Run one engine batch per crop size; results come back in the order jobs came in.
+
+        `submitted_at` is the caller's wall-clock time.time() at dispatch, for the queue-wait stage.
+        """
         outcomes: list[RemovalOutcome | None] = [None] * len(jobs)
         by_size: dict[tuple, list[int]] = {}
         for index, job in enumerate(jobs):
             by_size.setdefault(job.image.shape, []).append(index)
         for indices in by_size.values():
+            queue_waits = [max(time.time() - submitted_at[i], 0.0) for i in indices]
+            stages: dict[str, float] = {}
             started = time.perf_counter()
-            images = await asyncio.to_thread(self.engine.remove, [jobs[i] for i in indices])
+            images = await asyncio.to_thread(self.engine.remove, [jobs[i] for i in indices], stages)
             model_ms = (time.perf_counter() - started) * 1000
-            for i, image in zip(indices, images):
-                outcomes[i] = RemovalOutcome(image=image, batch_size=len(indices), model_ms=model_ms)
+            self.metrics.batch(len(indices))
+            self.metrics.stages.observe(stages)
+            for i, image, wait in zip(indices, images, queue_waits):
+                outcomes[i] = RemovalOutcome(
+                    image=image, batch_size=len(indices), model_ms=model_ms, stages={"queue_wait": wait, **stages}
+                )
+                self.metrics.stages.observe({"queue_wait": wait})
         return outcomes

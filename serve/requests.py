@@ -1,4 +1,7 @@
-"""Turn an HTTP request into a RemovalRequest: bounded body read, multipart or JSON, strict options."""
+"""Turn a request into validated uploads: bounded body read, multipart or JSON, strict options.
+
+The option models are the one schema of per-request options; the gRPC adapter validates its
+fields through the same models (`validate`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from serve.config import GateMode
 from serve.problems import Problem
 
 _JSON_OVERHEAD = 64 * 1024
@@ -28,11 +32,26 @@ class RemoveOptions(BaseModel):
     )
     quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality")
     dilate: int | None = Field(None, ge=0, le=256, description="mask dilation in pixels; default from config")
+    gate: GateMode | None = Field(None, description="off, annotate, retry or reject; default from config")
+    gate_threshold: float | None = Field(None, ge=0.0, le=10.0, description="passing score; default from config")
+    max_attempts: int | None = Field(None, ge=1, le=8, description="attempts for retry / reject")
+
+
+class ScoreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation used for the removal; default from config")
+    gate_threshold: float | None = Field(None, ge=0.0, le=10.0, description="passing score; default from config")
 
 
 class JSONRemoveBody(RemoveOptions):
     image: str = Field(description="base64 image bytes")
     mask: str | None = Field(None, description="base64 mask bytes; absent: the image's alpha is the mask")
+
+
+class JSONScoreBody(ScoreOptions):
+    source: str = Field(description="base64 bytes of the image before removal")
+    mask: str = Field(description="base64 mask bytes (white = removed)")
+    edited: str = Field(description="base64 bytes of the image after removal")
 
 
 @dataclass
@@ -42,18 +61,49 @@ class RemovalRequest:
     options: RemoveOptions
 
 
+@dataclass
+class ScoreRequest:
+    source: bytes
+    mask: bytes
+    edited: bytes
+    options: ScoreOptions
+
+
 async def read_removal_request(request: Request, max_upload_bytes: int) -> RemovalRequest:
+    files, options = await _read_upload(
+        request, max_upload_bytes, ("image", "mask"), ("image",), RemoveOptions, JSONRemoveBody
+    )
+    return RemovalRequest(image=files["image"], mask=files.get("mask"), options=options)
+
+
+async def read_score_request(request: Request, max_upload_bytes: int) -> ScoreRequest:
+    names = ("source", "mask", "edited")
+    files, options = await _read_upload(request, max_upload_bytes, names, names, ScoreOptions, JSONScoreBody)
+    return ScoreRequest(source=files["source"], mask=files["mask"], edited=files["edited"], options=options)
+
+
+def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
+    """The same limit for every protocol: the files of one request together."""
+    if total_bytes > max_upload_bytes:
+        raise Problem("payload-too-large", f"the uploads are {total_bytes} bytes; the limit is {max_upload_bytes}")
+
+
+async def _read_upload(request, max_upload_bytes, names, required, options_model, json_model):
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         body = await _read_body(request, max_upload_bytes + _JSON_OVERHEAD)
-        return await _from_multipart(request, body)
-    if content_type == "application/json":
+        files, options = await _from_multipart(request, body, names, required, options_model)
+    elif content_type == "application/json":
         body = await _read_body(request, max_upload_bytes * 4 // 3 + _JSON_OVERHEAD)
-        return _from_json(body)
-    raise Problem(
-        "unsupported-media-type",
-        f"send multipart/form-data (fields image, mask) or application/json, not {content_type or 'no content type'}",
-    )
+        files, options = _from_json(body, names, options_model, json_model)
+    else:
+        raise Problem(
+            "unsupported-media-type",
+            f"send multipart/form-data (file fields {', '.join(names)}) or application/json, "
+            f"not {content_type or 'no content type'}",
+        )
+    check_upload_size(sum(len(f) for f in files.values()), max_upload_bytes)
+    return files, options
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -72,10 +122,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _from_multipart(request: Request, body: bytes) -> RemovalRequest:
+async def _from_multipart(request: Request, body: bytes, names, required, options_model):
     request._body = body  # starlette's form parser reads a cached body instead of the consumed stream
     try:
-        form = await request.form(max_files=2, max_fields=16)
+        form = await request.form(max_files=len(names), max_fields=16)
     except MultiPartException as exc:
         raise Problem("malformed-body", f"cannot parse the multipart body: {exc}") from exc
     files: dict[str, bytes] = {}
@@ -87,29 +137,29 @@ async def _from_multipart(request: Request, body: bytes) -> RemovalRequest:
             files[key] = await value.read()
         else:
             fields[key] = value
-    for name in ("image", "mask"):
+    for name in names:
         if name in fields:
             raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
-    unknown = set(files) - {"image", "mask"}
+    unknown = set(files) - set(names)
     if unknown:
         raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}")
-    if "image" not in files:
-        raise Problem("invalid-request", "the multipart body has no 'image' file")
-    options = _validate(RemoveOptions, fields)
-    return RemovalRequest(image=files["image"], mask=files.get("mask"), options=options)
+    for name in required:
+        if name not in files:
+            raise Problem("invalid-request", f"the multipart body has no {name!r} file")
+    return files, validate(options_model, fields)
 
 
-def _from_json(body: bytes) -> RemovalRequest:
+def _from_json(body: bytes, names, options_model, json_model):
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise Problem("invalid-request", "the JSON body must be an object")
-    parsed = _validate(JSONRemoveBody, data)
-    options = RemoveOptions.model_validate(parsed.model_dump(exclude={"image", "mask"}))
-    mask = _b64decode(parsed.mask, "mask") if parsed.mask is not None else None
-    return RemovalRequest(image=_b64decode(parsed.image, "image"), mask=mask, options=options)
+    parsed = validate(json_model, data)
+    options = options_model.model_validate(parsed.model_dump(exclude=set(names)))
+    files = {name: _b64decode(getattr(parsed, name), name) for name in names if getattr(parsed, name) is not None}
+    return files, options
 
 
 def _b64decode(text: str, field: str) -> bytes:
@@ -121,7 +171,8 @@ def _b64decode(text: str, field: str) -> bytes:
         raise Problem("invalid-request", f"{field!r} is not valid base64: {exc}") from exc
 
 
-def _validate(model: type[BaseModel], data: dict):
+def validate(model: type[BaseModel], data: dict):
+    """Validate options against their model; a failure is a 422 invalid-request listing every field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:

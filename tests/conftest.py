@@ -56,9 +56,12 @@ def _free_port() -> int:
 
 
 class Service:
-    def __init__(self, url: str, config: dict):
+    def __init__(self, url: str, config: dict, grpc_target: str, metrics_url: str, log_path: Path):
         self.url = url
         self.config = config
+        self.grpc_target = grpc_target
+        self.metrics_url = metrics_url
+        self.log_path = log_path
         self.client = httpx.Client(base_url=url, timeout=120)
 
 
@@ -70,32 +73,47 @@ def service(tmp_path_factory):
     args = config["applications"][0]["args"]
     args["bundle"]["cache_dir"] = str(work / "cache")
     args["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.25}
-    args["imaging"].update({"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 2 * 1024 * 1024})
+    args["imaging"].update({"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 6 * 1024 * 1024})
     config_path = work / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
     log = open(work / "serve.log", "w")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("ROREM_BUNDLE", None)
     child = subprocess.Popen(
-        [sys.executable, "-m", "serve", "run", "--config", str(config_path), "--port", str(port)],
+        [
+            sys.executable, "-m", "serve", "run", "--config", str(config_path), "--port", str(port),
+            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        ],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if child.poll() is not None:
+            _stop(child)
             pytest.fail(f"serve exited early; see {work / 'serve.log'}:\n{(work / 'serve.log').read_text()[-3000:]}")
         if "[rorem] READY" in (work / "serve.log").read_text():
             break
         time.sleep(1)
     else:
-        child.kill()
+        _stop(child)
         pytest.fail(f"serve not ready after 300 s; see {work / 'serve.log'}")
-    yield Service(url, args)
-    os.killpg(child.pid, signal.SIGINT)
-    try:
-        child.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
+    yield Service(url, args, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", work / "serve.log")
+    _stop(child)
     log.close()
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """Stop the CLI and everything it started (Ray included): they share its process group."""
+    try:
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait(timeout=60)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -21,6 +21,8 @@ def test_manifest_records_architecture_hashes_and_provenance(tiny_bundle):
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
         "prompt_embeds.safetensors",
+        "discriminator/model.safetensors",
+        "discriminator/prompt_embeds.safetensors",
     }
     assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
     assert manifest["provenance"]["lcm_lora"]["tensors_applied"] == manifest["provenance"]["lcm_lora"]["tensors_in_file"]

@@ -53,7 +53,7 @@ def test_photo_and_mask_come_back_with_only_the_masked_region_changed(service):
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
     assert response.headers["x-request-id"] and response.headers["x-seed"] == "1"
-    assert "model;dur=" in response.headers["server-timing"]
+    assert "unet;dur=" in response.headers["server-timing"]
     result = _decode(response.content)
     assert result.shape == source.shape
     outside = mask == 0
@@ -119,7 +119,8 @@ def test_empty_mask_returns_the_input_without_running_the_model(service):
     assert response.status_code == 200
     assert response.content == source
     assert response.headers["x-bucket"] == "none"
-    assert "x-batch-size" not in response.headers and "model;dur" not in response.headers["server-timing"]
+    assert "x-batch-size" not in response.headers and "unet;dur" not in response.headers["server-timing"]
+    assert response.headers["x-attempts"] == "0" and response.headers["x-gate"] == "nothing-to-remove"
 
 
 def test_concurrent_requests_are_batched(service):
@@ -151,7 +152,7 @@ def test_zero_size_upload(service):
 
 def test_oversized_upload_is_413(service):
     limit = service.config["imaging"]["max_upload_bytes"]
-    noise = np.random.default_rng(0).integers(0, 256, (1100, 1100, 3), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (1600, 1600, 3), dtype=np.uint8)
     big = png_bytes(noise)
     assert len(big) > limit
     _assert_problem(_remove(service, big, None), 413, "payload-too-large")

@@ -1,0 +1,106 @@
+"""Quality gating: run a removal, score it, and decide by policy whether to keep, retry or refuse.
+
+The policy is plain logic over two awaitables (remove with a seed, score a result), so it is tested
+without Ray and shared by the REST and gRPC entry points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Generic, TypeVar
+
+from serve.config import GateMode, GateSettings
+
+Result = TypeVar("Result")
+_GOLDEN = 0x9E3779B97F4A7C15
+_SEED_SPACE = 2**63
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """Attempt 0 uses the request's seed; later attempts derive new, reproducible seeds from it."""
+    return (seed + attempt * _GOLDEN) % _SEED_SPACE
+
+
+class ScorerUnavailable(RuntimeError):
+    """The scorer could not score a result (down, overloaded, timed out)."""
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    mode: GateMode
+    threshold: float
+    max_attempts: int
+    fail_open: bool
+
+    @classmethod
+    def resolve(
+        cls,
+        settings: GateSettings,
+        mode: GateMode | None = None,
+        threshold: float | None = None,
+        max_attempts: int | None = None,
+    ) -> "GatePolicy":
+        """The configured policy with the request's overrides, when the config allows them."""
+        if not settings.allow_request_override:
+            mode = threshold = max_attempts = None
+        mode = mode or settings.mode
+        return cls(
+            mode=mode,
+            threshold=settings.threshold if threshold is None else threshold,
+            max_attempts=1 if mode in ("off", "annotate") else (max_attempts or settings.max_attempts),
+            fail_open=settings.on_scorer_error == "fail_open",
+        )
+
+
+@dataclass
+class GateOutcome(Generic[Result]):
+    """What the gate kept and why.
+
+    verdict: "off" (not scored), "passed", "failed" (below threshold; kept under annotate / retry),
+    "rejected" (reject: no attempt passed), "unscored" (the scorer failed and the policy fails open).
+    """
+
+    result: Result
+    seed: int
+    score: float | None
+    attempts: int
+    verdict: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict != "rejected"
+
+
+async def run_gated(
+    policy: GatePolicy,
+    seed: int,
+    remove: Callable[[int], Awaitable[Result]],
+    score: Callable[[Result], Awaitable[float]],
+) -> GateOutcome[Result]:
+    """Attempt removals with derived seeds until one scores >= threshold or attempts run out.
+
+    A ScorerUnavailable from `score` ends the loop: fail-open keeps the first result unscored,
+    fail-closed re-raises (the entry point answers 503).
+    """
+    if policy.mode == "off":
+        return GateOutcome(await remove(seed), seed, None, 1, "off")
+    best: GateOutcome[Result] | None = None
+    for attempt in range(policy.max_attempts):
+        attempt_s = attempt_seed(seed, attempt)
+        result = await remove(attempt_s)
+        try:
+            value = await score(result)
+        except ScorerUnavailable:
+            if policy.fail_open or policy.mode == "annotate":
+                return GateOutcome(result, attempt_s, None, attempt + 1, "unscored")
+            raise
+        if best is None or value > best.score:
+            best = GateOutcome(result, attempt_s, value, attempt + 1, "failed")
+        best.attempts = attempt + 1
+        if value >= policy.threshold:
+            best.verdict = "passed"
+            return best
+    assert best is not None
+    if policy.mode == "reject":
+        best.verdict = "rejected"
+    return best

@@ -1,0 +1,37 @@
+"""The child process of `python -m serve run`: Ray on loopback with a known metrics port, then Ray's
+own `serve run` on the effective config.
+
+`serve run` starts Ray itself when none is running, but then the Prometheus export port is random;
+starting Ray here first fixes it (`--metrics-port`), and `serve run` reuses this Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+SERVE_NAMESPACE = "serve"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serve.launcher")
+    parser.add_argument("config")
+    parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--node-ip", default="127.0.0.1")
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray may schedule (default: the cores)")
+    options = parser.parse_args(argv)
+
+    import ray
+    from ray.serve.scripts import run
+
+    ray.init(
+        namespace=SERVE_NAMESPACE,
+        _node_ip_address=options.node_ip,
+        _metrics_export_port=options.metrics_port,
+        include_dashboard=False,
+        num_cpus=options.num_cpus,
+    )
+    run.main([options.config], prog_name="serve run")
+
+
+if __name__ == "__main__":
+    main()

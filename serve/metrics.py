@@ -1,0 +1,99 @@
+"""The service's Prometheus metrics, through `ray.serve.metrics` (Ray aggregates every replica's
+values and exports them with a `ray_` prefix on each node's metrics port).
+
+Metric objects are created inside the replica that records them (`ServiceMetrics()` in a
+deployment's constructor); the names here are the one list the README and the dashboard use.
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+ATTEMPT_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]
+
+REQUESTS = "rorem_requests_total"
+REQUEST_LATENCY = "rorem_request_latency_seconds"
+STAGE_LATENCY = "rorem_stage_latency_seconds"
+BATCH_SIZE = "rorem_batch_size"
+GATE_OUTCOMES = "rorem_gate_outcomes_total"
+GATE_ATTEMPTS = "rorem_gate_attempts"
+SCORES = "rorem_removal_score"
+
+STAGES = ("read", "decode", "queue_wait", "vae_encode", "unet", "vae_decode", "score", "paste", "encode")
+
+
+class IngressMetrics:
+    """Recorded by the entry points (REST and gRPC)."""
+
+    def __init__(self):
+        self.requests = Counter(
+            REQUESTS, description="Requests answered, by route, protocol and status.", tag_keys=("route", "protocol", "status")
+        )
+        self.latency = Histogram(
+            REQUEST_LATENCY,
+            description="End-to-end latency of a request inside the service, in seconds.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("route", "protocol"),
+        )
+        self.stages = StageMetrics()
+        self.gate_outcomes = Counter(
+            GATE_OUTCOMES, description="Removals by gate mode and verdict.", tag_keys=("mode", "verdict")
+        )
+        self.gate_attempts = Histogram(
+            GATE_ATTEMPTS, description="Removal attempts per request.", boundaries=ATTEMPT_BUCKETS, tag_keys=("mode",)
+        )
+        self.scores = Histogram(
+            SCORES,
+            description="Discriminator score of the kept result.",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5],
+            tag_keys=("route",),
+        )
+
+    def answered(self, route: str, protocol: str, status: str, seconds: float) -> None:
+        self.requests.inc(tags={"route": route, "protocol": protocol, "status": status})
+        self.latency.observe(seconds, tags={"route": route, "protocol": protocol})
+
+
+class StageMetrics:
+    def __init__(self):
+        self.histogram = Histogram(
+            STAGE_LATENCY,
+            description=f"Time per pipeline stage, in seconds; stage is one of {', '.join(STAGES)}.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("stage",),
+        )
+
+    def observe(self, timings: dict[str, float]) -> None:
+        for stage, seconds in timings.items():
+            self.histogram.observe(seconds, tags={"stage": stage})
+
+
+class BatchMetrics:
+    """Recorded by a model deployment for each engine call."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.batch_size = Histogram(
+            BATCH_SIZE,
+            description="Jobs per engine call (dynamic batching), by model.",
+            boundaries=BATCH_BUCKETS,
+            tag_keys=("model",),
+        )
+        self.stages = StageMetrics()
+
+    def batch(self, size: int) -> None:
+        self.batch_size.observe(size, tags={"model": self.model})
+
+
+_ingress_metrics: IngressMetrics | None = None
+
+
+def ingress_metrics() -> IngressMetrics:
+    """The process's one IngressMetrics, created on first use inside the replica (REST middleware and
+    the Ingress deployment share it)."""
+    global _ingress_metrics
+    if _ingress_metrics is None:
+        _ingress_metrics = IngressMetrics()
+    return _ingress_metrics

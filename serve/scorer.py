@@ -1,0 +1,70 @@
+"""The Scorer deployment: the RORem discriminator on its own replicas and device, batched."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+
+from engines.scorer import ScoreJob, ScoringEngine
+from serve.config import AppSettings
+from serve.metrics import BatchMetrics
+from serve.placement import pick_device, pick_dtype
+
+
+@dataclass
+class ScoreOutcome:
+    score: float
+    batch_size: int
+    model_ms: float
+
+
+@serve.deployment(name="Scorer")
+class Scorer:
+    def __init__(self, settings: dict):
+        self.settings = AppSettings.model_validate(settings)
+        scorer_cfg = self.settings.scorer
+        if scorer_cfg.torch_threads:
+            torch.set_num_threads(scorer_cfg.torch_threads)
+        bundle = self.settings.bundle.open()
+        if not bundle.has_discriminator:
+            raise RuntimeError(
+                f"bundle {bundle.path} has no discriminator: configure one (bundle.authors.discriminator) "
+                "or set gate.mode: off and remove the Scorer deployment"
+            )
+        device = pick_device(scorer_cfg.device)
+        self.engine = ScoringEngine.from_bundle(bundle, device=device, dtype=pick_dtype(scorer_cfg.dtype))
+        self.score.set_max_batch_size(scorer_cfg.max_batch_size)
+        self.score.set_batch_wait_timeout_s(scorer_cfg.batch_wait_timeout_s)
+        self.description = {
+            "device": str(device),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "score_size": self.engine.score_size,
+            "max_batch_size": scorer_cfg.max_batch_size,
+        }
+        self.engine.score([_blank_job(self.engine.score_size)])
+        self.metrics = BatchMetrics("scorer")
+
+    def describe(self) -> dict:
+        return self.description
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def score(self, jobs: list[ScoreJob]) -> list[ScoreOutcome]:
+        """Score a batch of (source, mask, edited) crops; each is scored on a score_size view."""
+        started = time.perf_counter()
+        scores = await asyncio.to_thread(self.engine.score, jobs)
+        model_ms = (time.perf_counter() - started) * 1000
+        self.metrics.batch(len(jobs))
+        return [ScoreOutcome(score=float(s), batch_size=len(jobs), model_ms=model_ms) for s in scores]
+
+
+def _blank_job(side: int) -> ScoreJob:
+    import numpy as np
+
+    mask = np.zeros((side, side), bool)
+    mask[side // 4 : side // 2, side // 4 : side // 2] = True
+    image = np.zeros((side, side, 3), np.uint8)
+    return ScoreJob(source=image, mask=mask, edited=image)

@@ -1,0 +1,268 @@
+"""What a removal or a score request does, independent of the protocol that carried it.
+
+REST (serve/app.py) and gRPC (serve/grpc_api.py) are thin adapters around `RemovalService`: they
+turn their wire format into a `RemovalRequest` / `ScoreRequest` and a `RemovalReply` / `ScoreReply`
+back, and map a raised `Problem` to their own error form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from engines import imaging
+from engines.errors import ImageSizeMismatch, InputError, InvalidMask
+from engines.remover import RemovalJob
+from engines.scorer import ScoreJob
+from serve.config import AppSettings
+from serve.gate import GatePolicy, ScorerUnavailable, run_gated
+from serve.metrics import IngressMetrics
+from serve.problems import Problem
+from serve.requests import RemovalRequest, RemoveOptions, ScoreRequest
+
+RETRY_AFTER_S = "2"
+
+
+class Timings:
+    """Stage durations of one request (seconds), reported as Server-Timing (ms) and as metrics."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.mark = self.started
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.add(stage, now - self.mark)
+        self.mark = now
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+    def server_timing(self) -> str:
+        items = [*self.stages.items(), ("total", self.total())]
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in items)
+
+
+@dataclass
+class RemovalReply:
+    body: bytes
+    format: str
+    seed: int | None
+    bucket: int | None  # None: the mask was empty, the image comes back unchanged
+    batch_size: int
+    score: float | None
+    attempts: int
+    gate: str  # the gate's verdict, see serve.gate.GateOutcome
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def media_type(self) -> str:
+        return imaging.MEDIA_TYPES[self.format]
+
+
+@dataclass
+class ScoreReply:
+    score: float
+    threshold: float
+    passed: bool
+    bucket: int
+
+
+class RemovalService:
+    def __init__(
+        self,
+        settings: AppSettings,
+        remover: DeploymentHandle,
+        scorer: DeploymentHandle | None,
+        metrics: IngressMetrics,
+    ):
+        self.settings = settings
+        self.remover = remover
+        self.scorer = scorer
+        self.metrics = metrics
+        self.limits = imaging.DecodeLimits(
+            max_bytes=settings.imaging.max_upload_bytes, max_megapixels=settings.imaging.max_megapixels
+        )
+
+    async def ready(self) -> dict:
+        """Both model deployments answer (the Scorer only where one is deployed)."""
+        try:
+            model = await asyncio.wait_for(self.remover.describe.remote(), timeout=5.0)
+            scorer = await asyncio.wait_for(self.scorer.describe.remote(), timeout=5.0) if self.scorer else None
+        except Exception as exc:  # not deployed yet, starting, or unreachable: all mean "not ready"
+            raise Problem(
+                "not-ready", f"a model replica did not answer: {type(exc).__name__}", headers={"Retry-After": RETRY_AFTER_S}
+            ) from exc
+        return {"status": "ready", "model": model, "scorer": scorer, "gate": self.settings.gate.model_dump()}
+
+    async def remove(self, upload: RemovalRequest, accept: str = "") -> RemovalReply:
+        timings = Timings()
+        options = upload.options
+        policy = self._gate_policy(options)
+        image, mask, plan, crop = await self._decode(self._prepare_removal, upload)
+        timings.lap("decode")
+        fmt = _output_format(options, accept, image.format)
+        quality = options.quality or self.settings.imaging.jpeg_quality
+
+        if plan is None:
+            body = upload.image
+            if image.format != fmt:
+                body = await asyncio.to_thread(imaging.encode_image, image.rgb, image.alpha, fmt, quality)
+                timings.lap("encode")
+            return RemovalReply(body, fmt, None, None, 0, None, 0, "nothing-to-remove", timings)
+
+        seed = options.seed if options.seed is not None else random.getrandbits(63)
+        source_crop, mask_crop = crop
+
+        async def attempt(attempt_seed: int):
+            timings.restart()
+            outcome = await self._call(self.remover.remove, RemovalJob(source_crop, mask_crop, attempt_seed), time.time())
+            for stage, seconds in outcome.stages.items():
+                timings.add(stage, seconds)
+            timings.restart()
+            return outcome
+
+        async def score(outcome) -> float:
+            timings.restart()
+            try:
+                scored = await self._call(self.scorer.score, ScoreJob(source_crop, mask_crop, outcome.image))
+            except Problem as exc:
+                raise ScorerUnavailable(exc.detail) from exc
+            except Exception as exc:  # a crashed or failing Scorer must not fail the removal when failing open
+                raise ScorerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            timings.lap("score")
+            return scored.score
+
+        try:
+            gated = await asyncio.wait_for(
+                run_gated(policy, seed, attempt, score), timeout=self.settings.request_timeout_s
+            )
+        except asyncio.TimeoutError as exc:
+            raise Problem("timeout", f"no result within {self.settings.request_timeout_s:.0f} s") from exc
+        except ScorerUnavailable as exc:
+            self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": "scorer-unavailable"})
+            raise Problem(
+                "scorer-unavailable", f"the quality gate ({policy.mode}) could not score the result: {exc}",
+                headers={"Retry-After": RETRY_AFTER_S},
+            ) from exc
+        self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": gated.verdict})
+        self.metrics.gate_attempts.observe(gated.attempts, tags={"mode": policy.mode})
+        if gated.score is not None:
+            self.metrics.scores.observe(gated.score, tags={"route": "/remove"})
+        if not gated.accepted:
+            raise Problem(
+                "removal-failed",
+                f"{gated.attempts} attempt(s) scored below {policy.threshold}; the best scored {gated.score:.3f}",
+                score=gated.score,
+                threshold=policy.threshold,
+                attempts=gated.attempts,
+                seed=gated.seed,
+            )
+
+        timings.restart()
+        edited = await asyncio.to_thread(
+            imaging.paste_back, image.rgb, mask, gated.result.image, plan, self.settings.imaging.feather
+        )
+        timings.lap("paste")
+        body = await asyncio.to_thread(imaging.encode_image, edited, image.alpha, fmt, quality)
+        timings.lap("encode")
+        return RemovalReply(
+            body, fmt, gated.seed, plan.bucket, gated.result.batch_size, gated.score, gated.attempts, gated.verdict, timings
+        )
+
+    async def score(self, upload: ScoreRequest) -> ScoreReply:
+        if self.scorer is None:
+            raise Problem("gate-unavailable", "this deployment runs without a Scorer")
+        threshold = upload.options.gate_threshold
+        if threshold is None or not self.settings.gate.allow_request_override:
+            threshold = self.settings.gate.threshold
+        source_crop, mask_crop, edited_crop, plan = await self._decode(self._prepare_score, upload)
+        try:
+            scored = await self._call(self.scorer.score, ScoreJob(source_crop, mask_crop, edited_crop))
+        except Problem as exc:
+            if exc.problem == "overloaded":
+                raise
+            raise Problem("scorer-unavailable", exc.detail, headers={"Retry-After": RETRY_AFTER_S}) from exc
+        except Exception as exc:  # the Scorer replica died or failed: a server-side outage, not the caller's fault
+            raise Problem(
+                "scorer-unavailable", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                headers={"Retry-After": RETRY_AFTER_S},
+            ) from exc
+        self.metrics.scores.observe(scored.score, tags={"route": "/score"})
+        return ScoreReply(scored.score, threshold, scored.score >= threshold, plan.bucket)
+
+    def _gate_policy(self, options: RemoveOptions) -> GatePolicy:
+        policy = GatePolicy.resolve(self.settings.gate, options.gate, options.gate_threshold, options.max_attempts)
+        if policy.mode != "off" and self.scorer is None:
+            if options.gate not in (None, "off"):
+                raise Problem("gate-unavailable", f"gate {options.gate!r} needs a Scorer; this deployment has none")
+            return GatePolicy("off", policy.threshold, 1, policy.fail_open)
+        return policy
+
+    async def _decode(self, prepare, upload):
+        try:
+            return await asyncio.to_thread(prepare, upload)
+        except InputError as exc:
+            raise Problem.from_input_error(exc) from exc
+
+    def _prepare_removal(self, upload: RemovalRequest):
+        """Decode, pick the mask, dilate, plan and cut the crop: CPU work kept off the event loop."""
+        image = imaging.decode_image(upload.image, self.limits)
+        if upload.mask is None:
+            mask = imaging.mask_from_alpha(image)
+            image.alpha = None
+        else:
+            mask = imaging.decode_mask(upload.mask, image.rgb.shape[:2], self.limits)
+        mask, plan = self._plan(mask, upload.options.dilate)
+        crop = imaging.crop_for_model(image.rgb, mask, plan) if plan else None
+        return image, mask, plan, crop
+
+    def _prepare_score(self, upload: ScoreRequest):
+        """The same crop the removal used: decode all three, dilate the mask as /remove does, cut."""
+        source = imaging.decode_image(upload.source, self.limits)
+        edited = imaging.decode_image(upload.edited, self.limits)
+        if edited.rgb.shape != source.rgb.shape:
+            raise ImageSizeMismatch(
+                f"edited is {edited.rgb.shape[1]}x{edited.rgb.shape[0]}, source is {source.rgb.shape[1]}x{source.rgb.shape[0]}"
+            )
+        mask = imaging.decode_mask(upload.mask, source.rgb.shape[:2], self.limits)
+        mask, plan = self._plan(mask, upload.options.dilate)
+        if plan is None:
+            raise InvalidMask("the mask is empty: there is no removal to score")
+        source_crop, mask_crop = imaging.crop_for_model(source.rgb, mask, plan)
+        edited_crop, _ = imaging.crop_for_model(edited.rgb, mask, plan)
+        return source_crop, mask_crop, edited_crop, plan
+
+    def _plan(self, mask, dilate: int | None):
+        cfg = self.settings.imaging
+        mask = imaging.dilate_mask(mask, cfg.dilate if dilate is None else dilate)
+        return mask, imaging.plan_crop(mask, cfg.buckets, cfg.crop_margin)
+
+    async def _call(self, method, *args):
+        try:
+            return await asyncio.wait_for(method.remote(*args), timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise Problem("timeout", f"no result within {self.settings.request_timeout_s:.0f} s") from exc
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise Problem("overloaded", str(exc).splitlines()[0], headers={"Retry-After": RETRY_AFTER_S}) from exc
+
+
+def _output_format(options: RemoveOptions, accept: str, source_format: str | None) -> str:
+    if options.output_format:
+        return options.output_format
+    for fmt, media_type in imaging.MEDIA_TYPES.items():
+        if media_type in accept:
+            return fmt
+    return source_format if source_format in imaging.OUTPUT_FORMATS else "png"

@@ -1,0 +1,83 @@
+"""The gate policy as plain logic: which attempt is kept, how many run, what fails open or closed."""
+
+import asyncio
+
+import pytest
+
+from serve.config import GateSettings
+from serve.gate import GatePolicy, ScorerUnavailable, attempt_seed, run_gated
+
+
+def _run(policy, scores, seed=7):
+    """Run the gate with a fake remover (result = the seed it got) and scores handed out in order."""
+    calls = {"remove": [], "score": 0}
+    queue = list(scores)
+
+    async def remove(s):
+        calls["remove"].append(s)
+        return s
+
+    async def score(result):
+        calls["score"] += 1
+        value = queue.pop(0)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    outcome = asyncio.run(run_gated(policy, seed, remove, score))
+    return outcome, calls
+
+
+def _policy(mode, threshold=0.5, attempts=3, fail_open=True):
+    return GatePolicy(mode, threshold, attempts, fail_open)
+
+
+def test_off_runs_once_and_never_scores():
+    outcome, calls = _run(_policy("off"), [])
+    assert (outcome.attempts, outcome.score, outcome.verdict, calls["score"]) == (1, None, "off", 0)
+
+
+@pytest.mark.parametrize("value, verdict", [(0.7, "passed"), (0.2, "failed")])
+def test_annotate_scores_once(value, verdict):
+    outcome, calls = _run(GatePolicy.resolve(GateSettings(mode="annotate")), [value])
+    assert (outcome.attempts, outcome.score, outcome.verdict, calls["score"]) == (1, value, verdict, 1)
+    assert outcome.accepted
+
+
+def test_retry_stops_at_the_first_passing_attempt():
+    outcome, calls = _run(_policy("retry"), [0.1, 0.8, 0.9])
+    assert outcome.attempts == 2 and outcome.score == 0.8 and outcome.verdict == "passed"
+    assert outcome.result == attempt_seed(7, 1) == outcome.seed and len(calls["remove"]) == 2
+
+
+def test_retry_keeps_the_best_when_none_passes():
+    outcome, calls = _run(_policy("retry"), [0.1, 0.4, 0.2])
+    assert outcome.attempts == 3 and outcome.score == 0.4 and outcome.verdict == "failed" and outcome.accepted
+    assert outcome.seed == attempt_seed(7, 1)
+    assert calls["remove"] == [7, attempt_seed(7, 1), attempt_seed(7, 2)] and len(set(calls["remove"])) == 3
+
+
+def test_reject_refuses_when_every_attempt_fails():
+    outcome, _ = _run(_policy("reject", attempts=2), [0.3, 0.1])
+    assert outcome.verdict == "rejected" and not outcome.accepted and outcome.attempts == 2 and outcome.score == 0.3
+
+
+def test_scorer_down_fails_open_or_closed():
+    outcome, _ = _run(_policy("retry", fail_open=True), [ScorerUnavailable("down")])
+    assert outcome.verdict == "unscored" and outcome.score is None and outcome.accepted
+    with pytest.raises(ScorerUnavailable):
+        _run(_policy("reject", fail_open=False), [ScorerUnavailable("down")])
+    outcome, _ = _run(_policy("annotate", attempts=1, fail_open=False), [ScorerUnavailable("down")])
+    assert outcome.verdict == "unscored"
+
+
+def test_request_overrides_apply_only_when_allowed():
+    allowed = GatePolicy.resolve(GateSettings(), mode="reject", threshold=0.9, max_attempts=5)
+    assert (allowed.mode, allowed.threshold, allowed.max_attempts) == ("reject", 0.9, 5)
+    locked = GatePolicy.resolve(GateSettings(allow_request_override=False), mode="off", threshold=0.1)
+    assert (locked.mode, locked.threshold, locked.max_attempts) == ("annotate", 0.5, 1)
+
+
+def test_attempt_seeds_are_reproducible_and_in_range():
+    seeds = [attempt_seed(2**63 - 1, k) for k in range(8)]
+    assert seeds[0] == 2**63 - 1 and len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)

@@ -1,0 +1,90 @@
+"""Prometheus metrics: after REST and gRPC traffic, Ray's export on the metrics port holds ours."""
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve import metrics
+from serve import rorem_pb2 as pb
+from serve.grpc_client import open_channel, stub
+from tests.conftest import photo, png_bytes
+from tests.test_service import _mask, _remove
+
+pytestmark = pytest.mark.slow
+
+
+def _scrape(url: str) -> dict:
+    families = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        families[family.name] = family
+    return families
+
+
+def _samples(families, name, suffix="", **labels):
+    family = families.get("ray_" + name)
+    if family is None:
+        return []
+    return [
+        s for s in family.samples
+        if s.name == "ray_" + name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+    ]  # fmt: skip
+
+
+def _total(families, name, suffix="", **labels) -> float:
+    return sum(s.value for s in _samples(families, name, suffix, **labels))
+
+
+def _bucket(families, name, le: float, **labels) -> float:
+    """Observations <= le (a cumulative histogram bucket)."""
+    return sum(s.value for s in _samples(families, name, "_bucket", **labels) if float(s.labels["le"]) == float(le))
+
+
+def test_metrics_after_traffic(service):
+    image, mask = png_bytes(photo()), png_bytes(_mask())
+    for seed in range(3):
+        assert _remove(service, image, mask, seed=seed, gate="annotate").status_code == 200
+    assert _remove(service, image, mask, seed=9, gate="retry", gate_threshold=10, max_attempts=2).status_code == 200
+    assert _remove(service, b"junk", mask).status_code == 422
+    with open_channel(service.grpc_target) as channel:
+        stub(channel).Remove(pb.RemoveRequest(image=image, mask=mask, seed=1), timeout=120)
+
+    deadline, families = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        families = _scrape(service.metrics_url)
+        if (
+            _total(families, metrics.REQUESTS[: -len("_total")], "_total", route="/remove", protocol="grpc") >= 1
+            and _total(families, metrics.GATE_OUTCOMES[: -len("_total")], "_total", mode="retry") >= 1
+        ):
+            break
+        time.sleep(3)
+    requests = metrics.REQUESTS[: -len("_total")]
+    assert _total(families, requests, "_total", route="/remove", protocol="http", status="200") >= 4
+    assert _total(families, requests, "_total", route="/remove", protocol="http", status="422") >= 1
+    assert _total(families, requests, "_total", route="/remove", protocol="grpc", status="OK") >= 1
+
+    # Ray 2.60 exports a histogram's _sum approximated from bucket midpoints: check counts and buckets.
+    count = _total(families, metrics.REQUEST_LATENCY, "_count", route="/remove")
+    assert count >= 6
+    assert _bucket(families, metrics.REQUEST_LATENCY, 120.0, route="/remove") == count, "every request under 120 s"
+    assert _bucket(families, metrics.REQUEST_LATENCY, 0.005, route="/remove") < count, "a removal takes > 5 ms"
+
+    for stage in ("read", "decode", "queue_wait", "vae_encode", "unet", "vae_decode", "score", "paste", "encode"):
+        assert _total(families, metrics.STAGE_LATENCY, "_count", stage=stage) >= 1, stage
+    unet = _total(families, metrics.STAGE_LATENCY, "_count", stage="unet")
+    assert _bucket(families, metrics.STAGE_LATENCY, 0.005, stage="unet") < unet, "4 UNet steps take > 5 ms"
+
+    max_batch = service.config["batching"]["max_batch_size"]
+    for model in ("remover", "scorer"):
+        batches = _total(families, metrics.BATCH_SIZE, "_count", model=model)
+        assert batches >= 1 and _bucket(families, metrics.BATCH_SIZE, 8, model=model) == batches, model
+    assert _bucket(families, metrics.BATCH_SIZE, max_batch, model="remover") == _total(
+        families, metrics.BATCH_SIZE, "_count", model="remover"
+    ), "no Remover batch exceeds max_batch_size"
+
+    retried = _total(families, metrics.GATE_OUTCOMES[: -len("_total")], "_total", mode="retry", verdict="failed")
+    assert retried >= 1
+    retry_count = _total(families, metrics.GATE_ATTEMPTS, "_count", mode="retry")
+    assert retry_count - _bucket(families, metrics.GATE_ATTEMPTS, 1, mode="retry") >= retried, "failed retries ran > 1 attempt"
+    assert _total(families, metrics.SCORES, "_count") >= 4
