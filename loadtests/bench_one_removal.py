@@ -3,7 +3,8 @@
     python loadtests/bench_one_removal.py --bundle-cache ~/.cache/rorem [--url http://127.0.0.1:8000] [--runs 20]
 
 Prints a table and writes JSON (default out/bench_one_removal.json). The HTTP part needs a running
-service (`make serve`); the engine part loads the same bundle in this process.
+service (`make serve`) and sends gate=off (removal only, no scoring); the engine part loads the same
+bundle in this process.
 """
 
 from __future__ import annotations
@@ -11,32 +12,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import center_mask, photo, summarize
 from PIL import Image
 
 from engines.remover import RemovalEngine, RemovalJob
 from engines.sources import open_bundle
-
-
-def _photo(side: int) -> np.ndarray:
-    import skimage
-
-    path = Path(skimage.__file__).parent / "data" / "astronaut.png"
-    return np.asarray(Image.open(path).convert("RGB").resize((side, side)))
-
-
-def _summary(samples_ms: list[float]) -> dict:
-    ordered = sorted(samples_ms)
-    return {
-        "runs": len(ordered),
-        "p50_ms": round(statistics.median(ordered), 1),
-        "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1),
-        "mean_ms": round(statistics.fmean(ordered), 1),
-    }
 
 
 def bench_engine(cache: str, side: int, runs: int, threads: int | None) -> dict:
@@ -46,16 +30,14 @@ def bench_engine(cache: str, side: int, runs: int, threads: int | None) -> dict:
         torch.set_num_threads(threads)
     bundle = open_bundle(path=None, authors=None, cache_dir=cache)
     engine = RemovalEngine.from_bundle(bundle)
-    mask = np.zeros((side, side), bool)
-    mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = True
-    job = RemovalJob(_photo(side), mask, seed=0)
+    job = RemovalJob(photo(side), center_mask(side), seed=0)
     engine.remove([job])
     samples = []
     for _ in range(runs):
         started = time.perf_counter()
         engine.remove([job])
         samples.append((time.perf_counter() - started) * 1000)
-    return {"torch_threads": torch.get_num_threads(), **_summary(samples)}
+    return {"torch_threads": torch.get_num_threads(), **summarize(samples)}
 
 
 def bench_http(url: str, side: int, runs: int) -> dict:
@@ -66,19 +48,17 @@ def bench_http(url: str, side: int, runs: int) -> dict:
         Image.fromarray(array).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    mask = np.zeros((side, side), np.uint8)
-    mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = 255
-    files = {"image": ("i.png", png(_photo(side))), "mask": ("m.png", png(mask))}
+    files = {"image": ("i.png", png(photo(side))), "mask": ("m.png", png(center_mask(side).astype(np.uint8) * 255))}
     client = httpx.Client(base_url=url, timeout=120)
-    client.post("/remove", files=files, data={"seed": "0", "dilate": "0"}).raise_for_status()
+    client.post("/remove", files=files, data={"seed": "0", "dilate": "0", "gate": "off"}).raise_for_status()
     samples, timing = [], None
     for _ in range(runs):
         started = time.perf_counter()
-        response = client.post("/remove", files=files, data={"seed": "0", "dilate": "0"})
+        response = client.post("/remove", files=files, data={"seed": "0", "dilate": "0", "gate": "off"})
         samples.append((time.perf_counter() - started) * 1000)
         response.raise_for_status()
         timing = response.headers["server-timing"]
-    return {**_summary(samples), "last_server_timing": timing, "bucket": response.headers["x-bucket"]}
+    return {**summarize(samples), "last_server_timing": timing, "bucket": response.headers["x-bucket"]}
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -73,6 +74,12 @@ class RemovalReply:
 
 
 @dataclass
+class Attempt:
+    edited: np.ndarray  # the whole image with this attempt's crop pasted back
+    batch_size: int
+
+
+@dataclass
 class ScoreReply:
     score: float
     threshold: float
@@ -125,19 +132,24 @@ class RemovalService:
 
         seed = options.seed if options.seed is not None else random.getrandbits(63)
         source_crop, mask_crop = crop
+        feather = self.settings.imaging.feather
 
-        async def attempt(attempt_seed: int):
+        async def attempt(attempt_seed: int) -> Attempt:
             timings.restart()
             outcome = await self._call(self.remover.remove, RemovalJob(source_crop, mask_crop, attempt_seed), time.time())
             for stage, seconds in outcome.stages.items():
                 timings.add(stage, seconds)
             timings.restart()
-            return outcome
+            edited = await asyncio.to_thread(imaging.paste_back, image.rgb, mask, outcome.image, plan, feather)
+            timings.lap("paste")
+            return Attempt(edited, outcome.batch_size)
 
-        async def score(outcome) -> float:
+        async def score(result: Attempt) -> float:
+            """Score what the caller gets: the pasted result, cut like the source crop (as POST /score does)."""
             timings.restart()
+            edited_crop, _ = await asyncio.to_thread(imaging.crop_for_model, result.edited, mask, plan)
             try:
-                scored = await self._call(self.scorer.score, ScoreJob(source_crop, mask_crop, outcome.image))
+                scored = await self._call(self.scorer.score, ScoreJob(source_crop, mask_crop, edited_crop))
             except Problem as exc:
                 raise ScorerUnavailable(exc.detail) from exc
             except Exception as exc:  # a crashed or failing Scorer must not fail the removal when failing open
@@ -172,11 +184,7 @@ class RemovalService:
             )
 
         timings.restart()
-        edited = await asyncio.to_thread(
-            imaging.paste_back, image.rgb, mask, gated.result.image, plan, self.settings.imaging.feather
-        )
-        timings.lap("paste")
-        body = await asyncio.to_thread(imaging.encode_image, edited, image.alpha, fmt, quality)
+        body = await asyncio.to_thread(imaging.encode_image, gated.result.edited, image.alpha, fmt, quality)
         timings.lap("encode")
         return RemovalReply(
             body, fmt, gated.seed, plan.bucket, gated.result.batch_size, gated.score, gated.attempts, gated.verdict, timings

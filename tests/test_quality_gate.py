@@ -84,6 +84,14 @@ def test_reject_answers_422_with_the_best_score(service, inputs):
     assert body["seed"] in (5, attempt_seed(5, 1))
 
 
+def test_score_of_the_returned_image_equals_the_score_header(service, inputs):
+    """The gate scores what the caller receives, so POST /score on a PNG result reproduces X-Removal-Score."""
+    image, mask = inputs
+    response = _remove(service, image, mask, seed=8, gate="annotate", output_format="png")
+    rescored = _score(service, image, mask, response.content).json()["score"]
+    assert rescored == pytest.approx(float(response.headers["x-removal-score"]), abs=1e-4)
+
+
 def test_score_endpoint_is_deterministic_and_input_dependent(service, inputs):
     image, mask = inputs
     edited = _remove(service, image, mask, seed=2, gate="off", output_format="png").content
