@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, LCMScheduler
 
 from engines.bundle import Bundle
-from engines.runners import TorchUNetRunner, UNetConditioning, UNetRunner
+from engines.runners import (
+    EXPORT_DTYPES,
+    RunnerKind,
+    TorchUNetRunner,
+    UNetConditioning,
+    UNetRunner,
+    check_export_is_current,
+    default_export_path,
+    make_unet_runner,
+)
 
 
 @dataclass
@@ -66,15 +76,35 @@ class RemovalEngine:
         dtype: torch.dtype | None = None,
         compile: bool = False,
         sampling: SamplingSettings | None = None,
+        runner: RunnerKind = "torch",
+        runner_path: str | Path | None = None,
+        cuda_graph: bool = False,
     ) -> "RemovalEngine":
+        """runner "torch" loads the bundle's UNet weights; "onnx" / "tensorrt" run an exported UNet
+        (`runner_path`, else the bundle's recorded export, see engines.runners.default_export_path)
+        and do not load the UNet weights into torch. Exported graphs are float32 or float16:
+        dtype None picks float32 on CPU, float16 on CUDA (or the file's own with a runner_path)."""
         device = torch.device(device)
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-        unet = bundle.load_unet().to(dtype)
+        if runner == "torch":
+            dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+            unet_runner = TorchUNetRunner(bundle.load_unet().to(dtype), device, compile=compile)
+        else:
+            if runner == "tensorrt" and device.type != "cuda":
+                raise ValueError(f"the TensorRT runner needs a CUDA device, got {device}")
+            if dtype is not None and dtype not in EXPORT_DTYPES.values():
+                raise ValueError(f"the {runner} runner runs float32 or float16 exports, not {dtype}")
+            if runner_path is None:
+                dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+                check_export_is_current(bundle, runner, dtype)
+                runner_path = default_export_path(bundle, runner, dtype)
+            unet_runner = make_unet_runner(
+                runner, path=runner_path, device=device, dtype=dtype, compile=compile, cuda_graph=cuda_graph
+            )
         prompt_embeds, pooled = bundle.load_prompt_embeds()
         defaults = bundle.manifest.sampling
         return cls(
             vae=bundle.load_vae(),
-            unet_runner=TorchUNetRunner(unet, device, compile=compile),
+            unet_runner=unet_runner,
             scheduler=bundle.make_scheduler(),
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled,

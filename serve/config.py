@@ -70,6 +70,14 @@ class EngineSettings(_Strict):
     steps: int | None = Field(None, ge=1, le=50, description="None: the bundle's default (4)")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's default (1.0)")
     torch_threads: int | None = Field(None, ge=1)
+    runner: Literal["torch", "onnx", "tensorrt"] = Field(
+        "torch", description="how the UNet runs: PyTorch, an exported ONNX graph (ONNX Runtime), a TensorRT plan"
+    )
+    runner_path: str | None = Field(None, description="the exported file; None: the bundle's recorded export")
+    cuda_graph: bool = Field(False, description="TensorRT runner: replay a captured CUDA graph per input shape")
+    export_missing: bool = Field(
+        False, description="onnx runner: export (and verify) the UNet into the bundle folder at start when missing"
+    )
 
 
 class BatchingSettings(_Strict):

@@ -34,14 +34,23 @@ class Remover:
         bundle = bundle_cfg.open()
         device = pick_device(engine_cfg.device)
         defaults = bundle.manifest.sampling
+        dtype = pick_dtype(engine_cfg.dtype)
+        if engine_cfg.runner == "onnx" and engine_cfg.export_missing and not engine_cfg.runner_path:
+            from export.manifest import ensure_unet_onnx
+
+            ensure_unet_onnx(bundle, _export_dtype(dtype, device))
+            bundle = type(bundle).load(bundle.path, verify=False)
         self.engine = RemovalEngine.from_bundle(
             bundle,
             device=device,
-            dtype=pick_dtype(engine_cfg.dtype),
+            dtype=dtype,
             compile=engine_cfg.compile,
             sampling=SamplingSettings(
                 steps=engine_cfg.steps or defaults.steps, strength=engine_cfg.strength or defaults.strength
             ),
+            runner=engine_cfg.runner,
+            runner_path=engine_cfg.runner_path,
+            cuda_graph=engine_cfg.cuda_graph,
         )
         self.remove.set_max_batch_size(self.settings.batching.max_batch_size)
         self.remove.set_batch_wait_timeout_s(self.settings.batching.batch_wait_timeout_s)
@@ -50,6 +59,7 @@ class Remover:
             "tiny": bundle_cfg.is_tiny(),
             "device": str(device),
             "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "runner": engine_cfg.runner,
             "steps": self.engine.sampling.steps,
             "strength": self.engine.sampling.strength,
             "buckets": self.settings.imaging.buckets,
@@ -92,3 +102,10 @@ class Remover:
                 )
                 self.metrics.stages.observe({"queue_wait": wait})
         return outcomes
+
+
+def _export_dtype(dtype: torch.dtype | None, device: torch.device) -> str:
+    """Exported graphs are float32 (CPU) or float16 (GPU), as RemovalEngine.from_bundle picks them."""
+    if dtype is None:
+        return "float32" if device.type == "cpu" else "float16"
+    return str(dtype).removeprefix("torch.")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -65,19 +66,24 @@ class Service:
         self.client = httpx.Client(base_url=url, timeout=120)
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory):
-    """The README's serve path (`python -m serve run`) on loopback, with small buckets for speed."""
-    work = tmp_path_factory.mktemp("serve")
+def serve_test_config(work: Path) -> dict:
+    """The shipped local.yaml with small buckets, a short batch window and a private bundle cache."""
     config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
     args = config["applications"][0]["args"]
     args["bundle"]["cache_dir"] = str(work / "cache")
     args["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.25}
     args["imaging"].update({"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 6 * 1024 * 1024})
+    return config
+
+
+@contextmanager
+def running_service(work: Path, config: dict):
+    """`python -m serve run` (the README's way) on loopback ports, stopped with everything it started."""
     config_path = work / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
     port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
-    log = open(work / "serve.log", "w")
+    log_path = work / "serve.log"
+    log = open(log_path, "w")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("ROREM_BUNDLE", None)
     child = subprocess.Popen(
@@ -86,22 +92,30 @@ def service(tmp_path_factory):
             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         ],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            _stop(child)
-            pytest.fail(f"serve exited early; see {work / 'serve.log'}:\n{(work / 'serve.log').read_text()[-3000:]}")
-        if "[rorem] READY" in (work / "serve.log").read_text():
-            break
-        time.sleep(1)
-    else:
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "[rorem] READY" not in log_path.read_text():
+            if child.poll() is not None:
+                pytest.fail(f"serve exited early; see {log_path}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve not ready after 300 s; see {log_path}")
+            time.sleep(1)
+        args = config["applications"][0]["args"]
+        yield Service(
+            f"http://127.0.0.1:{port}", args, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path
+        )
+    finally:
         _stop(child)
-        pytest.fail(f"serve not ready after 300 s; see {work / 'serve.log'}")
-    yield Service(url, args, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", work / "serve.log")
-    _stop(child)
-    log.close()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    """One local Serve for the service tests: tiny bundle, Remover + Scorer, gate annotate."""
+    work = tmp_path_factory.mktemp("serve")
+    with running_service(work, serve_test_config(work)) as running:
+        yield running
 
 
 def _stop(child: subprocess.Popen) -> None:

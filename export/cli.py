@@ -1,0 +1,321 @@
+"""python -m export {onnx,verify,tensorrt,all,bench}: export the bundle's UNet, record it in the bundle.
+
+    python -m export onnx --tiny --dtype float32                  # ~/.cache/rorem/tiny-0/exports/unet.fp32.onnx
+    python -m export onnx --bundle PATH --dtype float16 --verify
+    python -m export verify --bundle PATH --dtype float32         # ONNX Runtime (CPU) vs torch
+    python -m export tensorrt --bundle PATH --config serve/configs/local.yaml   # from the fp16 ONNX; GPU + tensorrt
+    python -m export all --config serve/configs/local.yaml       # the bundle Serve would load: fp32 ONNX
+                                                                   # + verify; fp16 ONNX + plan on a GPU
+    python -m export bench --tiny --runners torch,onnx --side 512  # one removal per runner, ms per stage
+The bundle is --bundle PATH, or --tiny (generated in --cache-dir, as Serve does), or the one the
+Serve config names (--config). Files go to <bundle>/exports/ and are recorded in its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from export.progress import Progress
+
+
+def _bundle_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--bundle", help="project bundle folder")
+    group.add_argument("--tiny", action="store_true", help="the tiny bundle (generated in --cache-dir if missing)")
+    parser.add_argument("--cache-dir", default="~/.cache/rorem", help="where --tiny lives (Serve's bundle.cache_dir)")
+    parser.add_argument("--seed", type=int, default=0, help="tiny bundle seed")
+    parser.add_argument("--config", help="Serve config YAML: its bundle (without --bundle/--tiny), buckets and max batch")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _dtype_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--dtype", choices=["float32", "float16"], default=default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    onnx = sub.add_parser("onnx", help="export the UNet to ONNX")
+    _bundle_args(onnx)
+    _dtype_arg(onnx, "float32")
+    onnx.add_argument("--out", help="output .onnx (default <bundle>/exports/unet.fp32.onnx / unet.fp16.onnx)")
+    onnx.add_argument("--opset", type=int, default=None)
+    onnx.add_argument("--static", action="store_true", help="fixed shapes (batch 2, latent 64x64)")
+    onnx.add_argument("--max-batch", type=int, default=None)
+    onnx.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    onnx.add_argument("--verify", action="store_true", help="also run the ONNX Runtime parity check")
+
+    verify = sub.add_parser("verify", help="ONNX Runtime vs torch on the same inputs")
+    _bundle_args(verify)
+    _dtype_arg(verify, "float32")
+    verify.add_argument("--onnx", help="the .onnx to check (default: the bundle's export of --dtype)")
+    verify.add_argument("--cases", default="1x32x32,3x64x64", help="BATCHxLATENT_HxLATENT_W, comma-separated")
+    verify.add_argument("--max-abs", type=float, default=None, help="tolerance override")
+    verify.add_argument("--mean-abs", type=float, default=None, help="tolerance override")
+
+    trt = sub.add_parser("tensorrt", help="build a TensorRT plan from the fp16 ONNX (needs a GPU)")
+    _bundle_args(trt)
+    _dtype_arg(trt, "float16")
+    trt.add_argument("--onnx", help="the .onnx (default: the bundle's export of --dtype)")
+    _trt_args(trt)
+
+    everything = sub.add_parser("all", help="onnx + verify for float32; with TensorRT and a GPU also float16 + plan")
+    _bundle_args(everything)
+    everything.add_argument("--skip-tensorrt", action="store_true")
+    _trt_args(everything)
+    bench = sub.add_parser("bench", help="one removal with each runner (torch, onnx, tensorrt): median ms per stage")
+    _bundle_args(bench)
+    bench.add_argument("--runners", default="torch,onnx", help="comma-separated: torch, onnx, tensorrt")
+    bench.add_argument("--side", type=int, default=512)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--device", default="cpu")
+    return parser
+
+
+def _trt_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--buckets", help="image sides, e.g. 512,1024 (default: the Serve config's)")
+    parser.add_argument("--max-batch-size", type=int, help="default: the Serve config's batching.max_batch_size")
+    parser.add_argument("--spanning", action="store_true", help="one profile over all buckets instead of one each")
+    parser.add_argument("--plan", help="output plan (default <bundle>/exports/unet.fp16.smXY.plan)")
+    parser.add_argument("--timing-cache", help="default <bundle>/exports/timing.smXY.cache")
+    parser.add_argument("--workspace-gb", type=float, default=None)
+    parser.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "torchvision is not installed"
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    progress = Progress(enabled=not args.quiet)
+    try:
+        commands = {"onnx": _cmd_onnx, "verify": _cmd_verify, "tensorrt": _cmd_tensorrt, "all": _cmd_all, "bench": _cmd_bench}
+        return commands[args.command](args, progress)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _open_bundle(args, progress: Progress):
+    from engines.bundle import Bundle
+
+    if args.bundle:
+        bundle = Bundle.load(Path(args.bundle).expanduser())
+    elif args.tiny or not args.config:
+        from engines.sources import open_bundle
+
+        with progress.stage(f"tiny bundle (seed {args.seed}) in {args.cache_dir}"):
+            bundle = open_bundle(path=None, authors=None, cache_dir=args.cache_dir, tiny_seed=args.seed)
+    else:
+        from export.tensorrt_build import load_serve_settings
+
+        with progress.stage(f"bundle named by {args.config}"):
+            bundle = load_serve_settings(args.config).bundle.open()
+    progress.say(f"bundle {bundle.manifest.name} at {bundle.path}")
+    return bundle
+
+
+def _cmd_onnx(args, progress: Progress) -> int:
+    from export.manifest import export_and_record_onnx
+    from export.onnx_export import DEFAULT_OPSET, MAX_BATCH
+
+    bundle = _open_bundle(args, progress)
+    path, record = export_and_record_onnx(
+        bundle,
+        args.dtype,
+        out_path=Path(args.out) if args.out else None,
+        verify=args.verify,
+        progress=progress,
+        opset=args.opset or DEFAULT_OPSET,
+        dynamic=not args.static,
+        max_batch=args.max_batch or MAX_BATCH,
+        exporter=args.exporter,
+    )
+    _summary(progress, path, record)
+    return 0
+
+
+def _cmd_verify(args, progress: Progress) -> int:
+    from engines.runners import default_export_path, export_key
+    from export.manifest import record_export
+    from export.onnx_export import onnx_files
+    from export.verify import verify_onnx
+
+    bundle = _open_bundle(args, progress)
+    path = Path(args.onnx) if args.onnx else default_export_path(bundle, "onnx", args.dtype)
+    cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
+    report = verify_onnx(
+        path, bundle.load_unet(), cases=cases, max_abs=args.max_abs, mean_abs=args.mean_abs, progress=progress,
+        sequence_length=bundle.manifest.architecture.prompt.sequence_length,
+    )  # fmt: skip
+    key = export_key("onnx", args.dtype)
+    record = bundle.manifest.provenance.get("exports", {}).get(key)
+    if record and (bundle.path / record["path"]).resolve() == path.resolve():
+        record_export(bundle, key, onnx_files(path), {**record, "verify": report})
+    _summary(progress, path, {"verify": report})
+    return 0 if report["passed"] else 1
+
+
+def _cmd_tensorrt(args, progress: Progress) -> int:
+    bundle = _open_bundle(args, progress) if (args.bundle or args.tiny or args.config) else None
+    if args.onnx:
+        onnx_path = Path(args.onnx)
+    elif bundle is not None:
+        from engines.runners import default_export_path
+
+        onnx_path = default_export_path(bundle, "onnx", args.dtype)
+    else:
+        raise ValueError("name the ONNX (--onnx) or a bundle (--bundle / --tiny / --config)")
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path} not found: run `python -m export onnx --dtype {args.dtype}` first")
+    _build_and_record(args, bundle, onnx_path, args.dtype, progress)
+    return 0
+
+
+def _cmd_all(args, progress: Progress) -> int:
+    from export.manifest import export_and_record_onnx
+
+    bundle = _open_bundle(args, progress)
+    path, record = export_and_record_onnx(bundle, "float32", verify=True, progress=progress)
+    _summary(progress, path, record)
+    reason = None if not args.skip_tensorrt else "--skip-tensorrt"
+    reason = reason or _tensorrt_unavailable()
+    if reason:
+        progress.say(f"tensorrt: skipped ({reason})")
+        return 0
+    path16, record16 = export_and_record_onnx(bundle, "float16", verify=True, progress=progress)
+    _summary(progress, path16, record16)
+    from engines.bundle import Bundle
+
+    _build_and_record(args, Bundle.load(bundle.path, verify=False), path16, "float16", progress)
+    return 0
+
+
+def _tensorrt_unavailable() -> str | None:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed"
+    return None
+
+
+def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progress) -> None:
+    import torch
+
+    from engines.runners import export_filename
+    from export.manifest import record_plan
+    from export.tensorrt_build import build_plan, load_serve_settings, onnx_static_dims, profiles_from_serve_config
+
+    if dtype != "float16":
+        progress.say("note: a float32 graph builds a float32 plan (strongly typed): float16 is the fast one")
+    buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else None
+    max_batch = args.max_batch_size
+    if buckets is None or max_batch is None:
+        if not args.config:
+            raise ValueError("give --config (a Serve config) or both --buckets and --max-batch-size")
+        settings = load_serve_settings(args.config)
+        buckets = buckets or settings.imaging.buckets
+        max_batch = max_batch or settings.batching.max_batch_size
+    profiles = profiles_from_serve_config(buckets, max_batch, spanning=args.spanning, **onnx_static_dims(onnx_path))
+    for profile in profiles:
+        progress.say(f"profile {profile.name}: sample {profile.shapes['sample']}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("building a TensorRT plan needs a CUDA GPU")
+    cc = "%d.%d" % torch.cuda.get_device_capability()
+    if args.plan:
+        plan_path = Path(args.plan)
+    elif bundle is not None:
+        plan_path = bundle.path / export_filename("tensorrt", dtype, cc)
+    else:
+        plan_path = onnx_path.with_name(onnx_path.stem + f".sm{cc.replace('.', '')}.plan")
+    cache = Path(args.timing_cache) if args.timing_cache else plan_path.with_name(f"timing.sm{cc.replace('.', '')}.cache")
+    info = build_plan(
+        onnx_path, plan_path, profiles, timing_cache_path=cache, workspace_gb=args.workspace_gb,
+        optimization_level=args.opt_level, progress=progress,
+    )  # fmt: skip
+    if bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve()):
+        record_plan(bundle, plan_path, info.to_json(), dtype)
+        progress.say(f"recorded {plan_path.name} in the bundle manifest")
+    _summary(progress, plan_path, {"plan": info.to_json()})
+
+
+def _summary(progress: Progress, path: Path, record: dict) -> None:
+    brief = {"path": str(path)}
+    if "verify" in record:
+        v = record["verify"]
+        brief["verify"] = {k: v[k] for k in ("passed", "dtype", "max_abs", "mean_abs", "tolerance")}
+    if "plan" in record:
+        p = record["plan"]
+        brief["plan"] = {k: p[k] for k in ("tensorrt_version", "gpu", "compute_capability", "build_seconds", "bytes")}
+    if "metadata" in record:
+        brief["onnx"] = {k: record["metadata"].get(k) for k in ("dtype", "opset", "exporter", "external_data")}
+    progress.say("result " + json.dumps(brief))
+
+
+def _cmd_bench(args, progress: Progress) -> int:
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    from engines.remover import RemovalEngine, RemovalJob
+
+    bundle = _open_bundle(args, progress)
+    side = args.side
+    image = _photo(side)
+    mask = np.zeros((side, side), bool)
+    mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = True
+    jobs = [RemovalJob(image, mask, seed=i) for i in range(args.batch)]
+    results, outputs = {}, {}
+    for kind in args.runners.split(","):
+        with progress.stage(f"{kind} runner: warm-up + {args.runs} runs of {args.batch} x {side} px"):
+            engine = RemovalEngine.from_bundle(bundle, device=args.device, runner=kind)
+            engine.remove(jobs)
+            totals, stages = [], []
+            for _ in range(args.runs):
+                timings: dict[str, float] = {}
+                started = time.perf_counter()
+                outputs[kind] = engine.remove(jobs, timings=timings)
+                totals.append((time.perf_counter() - started) * 1000)
+                stages.append(timings)
+        results[kind] = {
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "total_ms": round(statistics.median(totals), 1),
+            **{f"{k}_ms": round(statistics.median(t[k] for t in stages) * 1000, 1) for k in stages[0]},
+        }
+    first = next(iter(outputs))
+    for kind in outputs:
+        diff = np.abs(np.stack(outputs[kind]).astype(int) - np.stack(outputs[first]))
+        results[kind][f"vs_{first}_max_diff"] = int(diff.max())
+    progress.say(f"torch threads {torch.get_num_threads()}, device {args.device}")
+    columns = list(next(iter(results.values())))
+    print("runner    " + "  ".join(f"{c:>18}" for c in columns))
+    for kind, row in results.items():
+        print(f"{kind:<10}" + "  ".join(f"{str(row[c]):>18}" for c in columns))
+    return 0
+
+
+def _photo(side: int):
+    """scikit-image's astronaut (a dev dependency), resized; seeded noise without it."""
+    import numpy as np
+
+    try:
+        import skimage
+        from PIL import Image
+
+        path = Path(skimage.__file__).parent / "data" / "astronaut.png"
+        return np.asarray(Image.open(path).convert("RGB").resize((side, side)))
+    except ImportError:
+        return np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)

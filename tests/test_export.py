@@ -1,0 +1,316 @@
+"""UNet export: ONNX (CPU, ONNX Runtime) and TensorRT (marked gpu: skipped without CUDA + tensorrt).
+
+Tolerances: fp32 ONNX Runtime vs torch, max abs < 1e-4 on noise_pred (values of order 1; measured
+~3e-6); a whole removal through the ONNX runner vs the torch runner: uint8 max diff <= 2, mean < 0.1
+(measured max 1). The dynamo export takes ~30 s here, so the fp32 export runs once, through the CLI,
+in a subprocess that overlaps with the in-process fp16 export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError
+from engines.remover import RemovalEngine, RemovalJob
+from engines.runners import OnnxUNetRunner, TorchUNetRunner, UNetConditioning, default_export_path, make_unet_runner
+from export.onnx_export import example_inputs, export_unet_onnx, read_onnx_metadata
+from export.tensorrt_build import load_serve_settings, profiles_from_serve_config
+
+REPO = Path(__file__).resolve().parent.parent
+FP32_MAX_ABS = 1e-4
+
+
+@pytest.fixture(scope="module")
+def cli_process(tmp_path_factory):
+    """`python -m export all --tiny`, started first so it overlaps with the fp16 export below."""
+    cache = tmp_path_factory.mktemp("export-cache")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "export", "all", "--tiny", "--cache-dir", str(cache)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    yield SimpleNamespace(child=child, cache=cache)
+    if child.poll() is None:
+        child.kill()
+        child.communicate()
+
+
+@pytest.fixture(scope="module")
+def fp16_onnx(tiny_bundle, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp16") / "unet.fp16.onnx"
+    return export_unet_onnx(tiny_bundle, path, dtype="float16")
+
+
+@pytest.fixture(scope="module")
+def exported(cli_process, fp16_onnx):
+    stdout, stderr = cli_process.child.communicate(timeout=900)
+    assert cli_process.child.returncode == 0, stderr[-3000:]
+    bundle = Bundle.load(cli_process.cache / "tiny-0", verify=True)
+    return SimpleNamespace(bundle=bundle, stdout=stdout, onnx=bundle.path / "exports" / "unet.fp32.onnx")
+
+
+def test_cli_exports_verifies_records_and_prints_progress(exported):
+    out = exported.stdout
+    for stage in ("tiny bundle", "torch.export + ONNX translation", "graph cleanup", "parity batch 3, latent 64x64"):
+        assert f"] {stage}" in out, out
+    assert "recorded exports/unet.fp32.onnx" in out
+    if not torch.cuda.is_available():
+        assert "tensorrt: skipped (no CUDA GPU)" in out
+    result = json.loads(out.split("result ", 1)[1].splitlines()[0])
+    assert result["verify"]["passed"] and result["verify"]["max_abs"] < FP32_MAX_ABS
+
+
+def test_manifest_records_the_export_and_the_bundle_still_verifies(exported, tmp_path):
+    manifest = exported.bundle.manifest
+    entry = manifest.files["exports/unet.fp32.onnx"]
+    assert entry.bytes == exported.onnx.stat().st_size
+    record = manifest.provenance["exports"]["onnx.float32"]
+    assert record["path"] == "exports/unet.fp32.onnx" and record["files"] == ["exports/unet.fp32.onnx"]
+    assert record["unet_sha256"] == manifest.files[UNET_WEIGHTS].sha256
+    assert record["verify"]["passed"] and record["verify"]["max_abs"] < FP32_MAX_ABS
+    meta = record["metadata"]
+    assert meta == read_onnx_metadata(exported.onnx)
+    assert (meta["dtype"], meta["opset"], meta["exporter"], meta["bundle"]) == ("float32", 18, "dynamo", "tiny-0")
+    assert meta["inputs"]["timestep"] == {"dtype": "float32", "shape": ["batch"]}
+    assert meta["inputs"]["encoder_hidden_states"]["shape"] == ["batch", 77, 64]
+    assert default_export_path(exported.bundle, "onnx", "float32") == exported.onnx
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(exported.bundle.path, copy)
+    with open(copy / "exports" / "unet.fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="exports/unet.fp32.onnx"):
+        Bundle.load(copy, verify=True)
+
+
+def test_the_graph_keeps_latent_sides_multiples_of_4_and_the_runner_refuses_others(exported):
+    sample_dims = read_onnx_metadata(exported.onnx)["inputs"]["sample"]["shape"]
+    assert sample_dims[0] == "batch" and sample_dims[1] == 9
+    assert all(str(d).startswith("4*") for d in sample_dims[2:]), sample_dims
+    runner = OnnxUNetRunner(exported.onnx)
+    inputs = example_inputs(exported.bundle.manifest.architecture.unet, 1, 30, 30)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        runner(inputs[0], inputs[1], UNetConditioning(*inputs[2:]))
+
+
+@pytest.mark.parametrize("batch, latent", [(1, 32), (3, 32), (1, 64), (3, 64)])
+def test_onnx_runtime_matches_torch(exported, batch, latent):
+    unet = exported.bundle.load_unet()
+    torch_runner = TorchUNetRunner(unet, torch.device("cpu"))
+    onnx_runner = make_unet_runner("onnx", path=exported.onnx, device="cpu")
+    assert onnx_runner.dtype == torch.float32 and onnx_runner.providers == ["CPUExecutionProvider"]
+    sample, timestep, states, pooled, time_ids = example_inputs(unet.config, batch, latent, latent, seed=batch)
+    cond = UNetConditioning(states, pooled, time_ids)
+    # per-sample timesteps (distinct for batch 3), and a scalar broadcast to the batch
+    for t in (timestep, torch.tensor(759)):
+        expected = torch_runner(sample, t, cond)
+        got = onnx_runner(sample, t, cond)
+        assert got.shape == expected.shape == (batch, 4, latent, latent)
+        assert (got - expected).abs().max().item() < FP32_MAX_ABS
+
+
+def test_a_removal_through_the_onnx_runner_equals_the_torch_runner(exported):
+    torch_engine = RemovalEngine.from_bundle(exported.bundle)
+    onnx_engine = RemovalEngine.from_bundle(exported.bundle, runner="onnx")
+    assert isinstance(onnx_engine.runner, OnnxUNetRunner) and onnx_engine.dtype == torch.float32
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    masks = np.zeros((2, 256, 256), bool)
+    masks[:, 64:160, 80:200] = True
+    jobs = [RemovalJob(images[i], masks[i], seed=7 + i) for i in range(2)]
+    expected = np.stack(torch_engine.remove(jobs)).astype(int)
+    got = np.stack(onnx_engine.remove(jobs)).astype(int)
+    diff = np.abs(got - expected)
+    assert diff.max() <= 2 and diff.mean() < 0.1
+    assert np.abs(got - images).max() > 10, "the removal changed the masked pixels"
+
+
+def test_exported_runners_refuse_wrong_dtypes_devices_and_stale_exports(exported, tmp_path):
+    with pytest.raises(ValueError, match="float32 graph, float16 was requested"):
+        OnnxUNetRunner(exported.onnx, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        RemovalEngine.from_bundle(exported.bundle, runner="onnx", dtype=torch.bfloat16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            RemovalEngine.from_bundle(exported.bundle, runner="tensorrt")
+    with pytest.raises(FileNotFoundError, match="python -m export onnx"):
+        RemovalEngine.from_bundle(exported.bundle, runner="onnx", dtype=torch.float16)  # never exported in fp16
+
+    stale = tmp_path / "stale"
+    shutil.copytree(exported.bundle.path, stale)
+    manifest = json.loads((stale / MANIFEST).read_text())
+    manifest["provenance"]["exports"]["onnx.float32"]["unet_sha256"] = "0" * 64
+    (stale / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="other UNet weights"):
+        RemovalEngine.from_bundle(Bundle.load(stale), runner="onnx")
+
+
+def test_ensure_unet_onnx_reuses_a_current_export(exported, monkeypatch):
+    import export.manifest as export_manifest
+
+    monkeypatch.setattr(export_manifest, "export_and_record_onnx", lambda *a, **k: pytest.fail("exported again"))
+    assert export_manifest.ensure_unet_onnx(exported.bundle, "float32") == exported.onnx
+
+
+def test_fp16_graph_is_type_consistent_and_close_to_torch(tiny_bundle, fp16_onnx):
+    """The fp16 graph is what TensorRT builds from; ONNX Runtime's CPU checks its types strictly."""
+    from export.verify import verify_onnx
+
+    report = verify_onnx(fp16_onnx, tiny_bundle.load_unet(), cases=((2, 32, 32),))
+    assert report["dtype"] == "float16" and report["cases"][0]["finite"]
+    assert report["max_abs"] < 5e-3 and report["mean_abs"] < 5e-4, report  # measured ~1e-3 / ~1.4e-4
+    runner = OnnxUNetRunner(fp16_onnx)
+    assert runner.dtype == torch.float16 and runner.input_dtypes["timestep"] == torch.float32
+
+
+def test_the_torchscript_fallback_exporter_also_gives_a_matching_graph(tiny_bundle, tmp_path):
+    from export.verify import verify_onnx
+
+    path = export_unet_onnx(tiny_bundle, tmp_path / "ts.onnx", exporter="torchscript")
+    assert read_onnx_metadata(path)["exporter"] == "torchscript"
+    report = verify_onnx(path, tiny_bundle.load_unet(), cases=((2, 32, 32),))
+    assert report["passed"] and report["max_abs"] < FP32_MAX_ABS
+
+
+def test_profiles_from_serve_config_one_per_bucket():
+    profiles = profiles_from_serve_config([1024, 512], 8)
+    assert [p.name for p in profiles] == ["512px_b1-8", "1024px_b1-8"]
+    small, large = (p.shapes for p in profiles)
+    assert small["sample"] == ((1, 9, 64, 64), (8, 9, 64, 64), (8, 9, 64, 64))
+    assert large["sample"] == ((1, 9, 128, 128), (8, 9, 128, 128), (8, 9, 128, 128))
+    assert large["timestep"] == ((1,), (8,), (8,))
+    assert large["encoder_hidden_states"] == ((1, 77, 2048), (8, 77, 2048), (8, 77, 2048))
+    assert large["text_embeds"] == ((1, 1280), (8, 1280), (8, 1280))
+    assert large["time_ids"] == ((1, 6), (8, 6), (8, 6))
+
+    (spanning,) = profiles_from_serve_config([512, 1024], 4, spanning=True)
+    assert spanning.shapes["sample"] == ((1, 9, 64, 64), (4, 9, 128, 128), (4, 9, 128, 128))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        profiles_from_serve_config([500], 8)
+
+
+def test_profiles_follow_the_shipped_serve_config():
+    settings = load_serve_settings(REPO / "serve" / "configs" / "local.yaml")
+    profiles = profiles_from_serve_config(settings.imaging.buckets, settings.batching.max_batch_size)
+    assert [p.shapes["sample"][2][2] * 8 for p in profiles] == settings.imaging.buckets
+    assert {p.shapes["sample"][2][0] for p in profiles} == {settings.batching.max_batch_size}
+
+
+def test_the_full_size_config_matches_the_reference_parameters_and_flops():
+    """SDXL-inpainting UNet on the meta device: 2.57 B parameters, 1.59 TFLOP at 512 (REFERENCE.md)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from export.sdxl_config import SDXL_INPAINT_UNET, SDXL_UNET_PARAMETERS, UNET_TFLOP
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_INPAINT_UNET)
+    inputs = example_inputs(unet.config, 1, 64, 64, device="meta")
+    assert sum(p.numel() for p in unet.parameters()) == SDXL_UNET_PARAMETERS
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], added_cond_kwargs={"text_embeds": inputs[3], "time_ids": inputs[4]})
+    assert counter.get_total_flops() / 1e12 == pytest.approx(UNET_TFLOP[512], rel=0.01)
+
+
+def test_tensorrt_is_refused_clearly_without_it():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the gpu tests cover TensorRT")
+    from engines.runners import TensorRTUNetRunner
+
+    with pytest.raises(RuntimeError, match="TensorRT is not installed|needs a CUDA device"):
+        TensorRTUNetRunner("missing.plan", "cuda")
+
+
+# -------------------------------------------------------------------------------------------
+# GPU: TensorRT (and ONNX Runtime's CUDA provider). Skipped without CUDA and tensorrt.
+
+
+@pytest.fixture(scope="module")
+def tensorrt_gpu():
+    """Skip (before any export) without CUDA or tensorrt."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return pytest.importorskip("tensorrt")
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tensorrt_gpu, fp16_onnx, tmp_path_factory):
+    from export.tensorrt_build import build_plan, onnx_static_dims
+
+    folder = tmp_path_factory.mktemp("plan")
+    profiles = profiles_from_serve_config([256, 512], 4, **onnx_static_dims(fp16_onnx))
+    info = build_plan(fp16_onnx, folder / "unet.plan", profiles, timing_cache_path=folder / "timing.cache")
+    return SimpleNamespace(path=folder / "unet.plan", info=info, cache=folder / "timing.cache")
+
+
+@pytest.mark.gpu
+def test_tensorrt_plan_records_what_it_is(tensorrt_gpu, tiny_plan):
+    info = tiny_plan.info
+    assert info.tensorrt_version == tensorrt_gpu.__version__ and info.strongly_typed
+    assert info.compute_capability == "%d.%d" % torch.cuda.get_device_capability()
+    assert [p["name"] for p in info.profiles] == ["256px_b1-4", "512px_b1-4"]
+    assert tiny_plan.cache.is_file() and tiny_plan.cache.stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_tensorrt_runner_matches_torch_fp16(tiny_bundle, tiny_plan, cuda_graph):
+    from engines.runners import TensorRTUNetRunner
+
+    device = torch.device("cuda")
+    unet = tiny_bundle.load_unet().to(device, torch.float16)
+    reference = TorchUNetRunner(unet, device)
+    runner = TensorRTUNetRunner(tiny_plan.path, device, cuda_graph=cuda_graph)
+    assert runner.dtype == torch.float16 and len(runner.profiles) == 2
+    for batch, latent in [(1, 32), (3, 64), (1, 32)]:  # two profiles, back to the first shape
+        sample, t, states, pooled, time_ids = example_inputs(unet.config, batch, latent, latent, torch.float16, device, seed=batch)
+        cond = UNetConditioning(states, pooled, time_ids)
+        got, expected = runner(sample, t, cond).float(), reference(sample, t, cond).float()
+        assert got.shape == (batch, 4, latent, latent)
+        assert (got - expected).abs().max().item() < 2e-2 and (got - expected).abs().mean().item() < 2e-3
+    sample, t, states, pooled, time_ids = example_inputs(unet.config, 8, 32, 32, torch.float16, device)
+    with pytest.raises(ValueError, match="no optimization profile"):  # the plan's profiles stop at batch 4
+        runner(sample, t, UNetConditioning(states, pooled, time_ids))
+
+
+@pytest.mark.gpu
+def test_removal_engine_serves_through_the_tensorrt_runner(tiny_bundle, tiny_plan):
+    torch_engine = RemovalEngine.from_bundle(tiny_bundle, device="cuda", dtype=torch.float16)
+    trt_engine = RemovalEngine.from_bundle(tiny_bundle, device="cuda", runner="tensorrt", runner_path=tiny_plan.path)
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    mask = np.zeros((256, 256), bool)
+    mask[64:192, 64:192] = True
+    job = RemovalJob(image, mask, seed=3)
+    diff = np.abs(trt_engine.remove([job])[0].astype(int) - torch_engine.remove([job])[0])
+    assert diff.max() <= 3 and diff.mean() < 0.2
+
+
+@pytest.fixture(scope="module")
+def ort_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider (onnxruntime-gpu)")
+
+
+@pytest.mark.gpu
+def test_onnx_runner_on_cuda_binds_torch_tensors(ort_cuda, fp16_onnx, tiny_bundle):
+    device = torch.device("cuda")
+    runner = OnnxUNetRunner(fp16_onnx, device)
+    assert runner.iobinding and runner.providers[0] == "CUDAExecutionProvider"
+    unet = tiny_bundle.load_unet().to(device, torch.float16)
+    sample, t, states, pooled, time_ids = example_inputs(unet.config, 2, 32, 32, torch.float16, device)
+    cond = UNetConditioning(states, pooled, time_ids)
+    got, expected = runner(sample, t, cond), TorchUNetRunner(unet, device)(sample, t, cond)
+    assert got.device.type == "cuda" and (got.float() - expected.float()).abs().max().item() < 2e-2
