@@ -24,6 +24,7 @@ from engines.runners import (
     UNetConditioning,
     UNetRunner,
     check_export_is_current,
+    default_export_dtype,
     default_export_path,
     make_unet_runner,
 )
@@ -94,7 +95,7 @@ class RemovalEngine:
             if dtype is not None and dtype not in EXPORT_DTYPES.values():
                 raise ValueError(f"the {runner} runner runs float32 or float16 exports, not {dtype}")
             if runner_path is None:
-                dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+                dtype = dtype or default_export_dtype(device)
                 check_export_is_current(bundle, runner, dtype)
                 runner_path = default_export_path(bundle, runner, dtype)
             unet_runner = make_unet_runner(

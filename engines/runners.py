@@ -434,6 +434,11 @@ def _sm(compute_capability: str | None) -> str:
     return compute_capability.replace(".", "")
 
 
+def default_export_dtype(device: str | torch.device) -> torch.dtype:
+    """Exported graphs are float32 for CPU runs and float16 for GPU runs (TensorRT builds fp16 graphs)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
 def default_export_path(
     bundle: Bundle, kind: Literal["onnx", "tensorrt"], dtype: torch.dtype | str, *, compute_capability: str | None = None
 ) -> Path:

@@ -11,6 +11,7 @@ import torch
 from ray import serve
 
 from engines.remover import RemovalEngine, RemovalJob, SamplingSettings
+from engines.runners import default_export_dtype
 from serve.config import AppSettings
 from serve.metrics import BatchMetrics
 from serve.placement import pick_device, pick_dtype
@@ -38,7 +39,8 @@ class Remover:
         if engine_cfg.runner == "onnx" and engine_cfg.export_missing and not engine_cfg.runner_path:
             from export.manifest import ensure_unet_onnx
 
-            ensure_unet_onnx(bundle, _export_dtype(dtype, device))
+            export_dtype = dtype or default_export_dtype(device)
+            ensure_unet_onnx(bundle, str(export_dtype).removeprefix("torch."))
             bundle = type(bundle).load(bundle.path, verify=False)
         self.engine = RemovalEngine.from_bundle(
             bundle,
@@ -103,9 +105,3 @@ class Remover:
                 self.metrics.stages.observe({"queue_wait": wait})
         return outcomes
 
-
-def _export_dtype(dtype: torch.dtype | None, device: torch.device) -> str:
-    """Exported graphs are float32 (CPU) or float16 (GPU), as RemovalEngine.from_bundle picks them."""
-    if dtype is None:
-        return "float32" if device.type == "cpu" else "float16"
-    return str(dtype).removeprefix("torch.")
