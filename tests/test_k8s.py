@@ -1,0 +1,684 @@
+"""The Kubernetes manifests, validated offline (no cluster, no kustomize binary, no Ray started).
+
+- every YAML file parses; every kustomization names files that exist; no manifest is orphaned;
+- the overlays are rendered here (resources, namespace, JSON6902 patches: the only kustomize features
+  the manifests use; any other key fails this test) and every patch must hit its target;
+- the RayService (base, dev, prod) validates against KubeRay v1.7.0's CRD schema, with unknown fields
+  rejected as the API server does for `kubectl apply` (strict field validation);
+- core objects (Service, PodDisruptionBudget, PersistentVolumeClaim, ConfigMap, Job, Namespace, and the
+  RayService's pod templates as Pods) validate strictly against the Kubernetes JSON schemas shipped by
+  kubernetes-validate, for the oldest and newest Kubernetes we claim;
+- the PodMonitor (no offline schema exists) is checked field by field;
+- serveConfigV2 is exactly what k8s/render.py makes of serve/configs/local.yaml, passes Ray's Serve
+  schema with unknown keys rejected at every level, and its args pass serve.config.AppSettings;
+- every container has a pinned image, requests and limits, and probes; readiness is /readyz;
+- names that cross objects agree: ports, selectors, the volume, the bundle path, the Ray version.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+CRD_PATH = REPO.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
+K8S_VERSIONS = ("1.30.0", "1.37.0")  # the oldest Kubernetes docs/kubernetes.md claims, and the newest schema
+OVERLAYS = ("dev", "prod")
+SERVE_CONFIG = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+HTTP_PORT = SERVE_CONFIG["http_options"]["port"]
+GRPC_PORT = SERVE_CONFIG["grpc_options"]["port"]
+KUBERAY_POD_LABELS = {"ray.io/node-type", "ray.io/cluster", "ray.io/group", "ray.io/serve", "ray.io/is-ray-node"}
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "PersistentVolume"}
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "namespace", "patches"}
+
+
+def _load_render():
+    spec = importlib.util.spec_from_file_location("k8s_render", K8S / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_render()
+
+
+# --------------------------------------------------------------------------------------------------
+# a kustomize subset, enough for these manifests (and strict about anything beyond it)
+
+
+def _documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _group_version(api_version: str) -> tuple[str, str]:
+    group, _, version = api_version.rpartition("/")
+    return group, version
+
+
+def _matches(obj: dict, target: dict) -> bool:
+    group, version = _group_version(obj["apiVersion"])
+    return (
+        target.get("kind", obj["kind"]) == obj["kind"]
+        and target.get("name", obj["metadata"]["name"]) == obj["metadata"]["name"]
+        and target.get("group", group) == group
+        and target.get("version", version) == version
+    )
+
+
+def build(folder: Path) -> list[dict]:
+    """`kustomize build folder` for resources + namespace + JSON6902 patches."""
+    import jsonpatch
+
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    unsupported = set(kustomization) - KUSTOMIZATION_KEYS
+    assert not unsupported, f"{folder}: {unsupported} is not rendered by this test; extend build() first"
+    objects: list[dict] = []
+    for entry in kustomization.get("resources", []):
+        path = (folder / entry).resolve()
+        assert path.exists(), f"{folder}/kustomization.yaml: resource {entry} does not exist"
+        objects += build(path) if path.is_dir() else copy.deepcopy(_documents(path))
+    for patch in kustomization.get("patches", []):
+        assert set(patch) <= {"path", "patch", "target"} and "target" in patch, f"{folder}: {patch}"
+        ops = (
+            yaml.safe_load((folder / patch["path"]).read_text()) if "path" in patch else yaml.safe_load(patch["patch"])
+        )
+        assert isinstance(ops, list), f"{folder}: only JSON6902 patches (a list of ops) are used"
+        hits = [i for i, obj in enumerate(objects) if _matches(obj, patch["target"])]
+        assert hits, f"{folder}: patch {patch.get('path')} matches no object ({patch['target']})"
+        for i in hits:
+            objects[i] = jsonpatch.apply_patch(objects[i], ops)  # raises on a path that is not there
+    if "namespace" in kustomization:
+        for obj in objects:
+            if obj["kind"] not in CLUSTER_SCOPED:
+                obj["metadata"]["namespace"] = kustomization["namespace"]
+    keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys)), f"{folder}: duplicate objects {keys}"
+    return objects
+
+
+def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def built(overlay: str) -> list[dict]:
+    return build(K8S / "overlays" / overlay)
+
+
+def base_rayservice() -> dict:
+    return _documents(K8S / "base" / "rayservice.yaml")[0]
+
+
+def pod_templates(rayservice: dict) -> dict[str, dict]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    templates = {"head": cluster["headGroupSpec"]["template"]}
+    for group in cluster["workerGroupSpecs"]:
+        templates[group["groupName"]] = group["template"]
+    return templates
+
+
+def workers(rayservice: dict) -> dict:
+    groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert len(groups) == 1, "one worker group"
+    return groups[0]
+
+
+def serve_config(rayservice: dict) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value = labels.get(expression["key"])
+        operator = expression["operator"]
+        if operator == "In" and value not in expression["values"]:
+            return False
+        if operator == "NotIn" and value in expression["values"]:
+            return False
+        if operator == "Exists" and expression["key"] not in labels:
+            return False
+        if operator == "DoesNotExist" and expression["key"] in labels:
+            return False
+    return True
+
+
+def all_objects() -> dict[str, list[dict]]:
+    return {overlay: built(overlay) for overlay in OVERLAYS}
+
+
+# --------------------------------------------------------------------------------------------------
+# files and kustomizations
+
+
+def test_every_yaml_file_parses_and_every_manifest_is_used():
+    used: set[Path] = {K8S / "serve-overrides.yaml"}
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        used.add(kustomization)
+        data = yaml.safe_load(kustomization.read_text())
+        assert data["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and data["kind"] == "Kustomization"
+        for entry in data.get("resources", []):
+            path = (kustomization.parent / entry).resolve()
+            assert path.exists(), f"{kustomization}: {entry} does not exist"
+            used.add(path)
+        for patch in data.get("patches", []):
+            if "path" in patch:
+                path = (kustomization.parent / patch["path"]).resolve()
+                assert path.is_file(), f"{kustomization}: patch {patch['path']} does not exist"
+                used.add(path)
+    for path in sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml")):
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs, f"{path} is empty"
+        assert path.resolve() in used, f"{path.relative_to(REPO)} is referenced by no kustomization"
+    for overlay in OVERLAYS:
+        for obj in built(overlay):
+            assert {"apiVersion", "kind", "metadata"} <= set(obj), obj
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"]), obj["metadata"]["name"]
+
+
+def test_overlays_hold_the_expected_objects():
+    expected_common = {
+        ("Namespace", None), ("RayService", "rorem"), ("Service", "rorem-grpc"),
+        ("PodDisruptionBudget", "rorem-workers"),
+    }  # fmt: skip
+    weights = {("PersistentVolumeClaim", "rorem-models"), ("ConfigMap", "rorem-weights-sources"),
+               ("Job", "rorem-fetch-weights")}  # fmt: skip
+    monitoring = {("PodMonitor", "rorem")}
+    for overlay, extra in (("dev", set()), ("prod", weights | monitoring)):
+        objects = built(overlay)
+        kinds = {(o["kind"], None if o["kind"] == "Namespace" else o["metadata"]["name"]) for o in objects}
+        assert kinds == expected_common | extra, f"{overlay}: {sorted(kinds, key=str)}"
+        namespace = find(objects, "Namespace")["metadata"]["name"]
+        assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {namespace}
+    assert find(built("dev"), "Namespace")["metadata"]["name"] != find(built("prod"), "Namespace")["metadata"]["name"]
+
+
+def test_a_patch_that_misses_its_target_fails_the_build(tmp_path):
+    """Guard for build(): a stale patch path must not pass silently."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources: [svc.yaml]\n")
+    (tmp_path / "base" / "svc.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {}\n")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [base]\npatches:\n  - path: p.yaml\n    target: {version: v1, kind: Service, name: s}\n"
+    )
+    (tmp_path / "p.yaml").write_text("- {op: remove, path: /spec/ports}\n")
+    with pytest.raises(Exception, match="ports|remove|nonexistent|not"):
+        build(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the RayService against KubeRay's CRD
+
+
+def strict_schema(schema):
+    """The API server rejects unknown fields under strict field validation (kubectl's default); the
+    CRD's schema does not say so itself: close every object schema that lists its properties."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: strict_schema(value) for key, value in schema.items()}
+    if (
+        isinstance(schema.get("properties"), dict)
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        closed["additionalProperties"] = False
+    return closed
+
+
+@pytest.fixture(scope="module")
+def rayservice_validator():
+    if not CRD_PATH.is_file():
+        pytest.skip(f"KubeRay's RayService CRD is not at {CRD_PATH} (a shared/ checkout beside the repo)")
+    import jsonschema
+
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    assert crd["spec"]["names"]["kind"] == "RayService" and crd["spec"]["group"] == "ray.io"
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    assert version["served"] and version["storage"]
+    schema = strict_schema(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _errors(validator, obj) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def test_the_rayservice_validates_against_the_kuberay_crd(rayservice_validator):
+    for name, rayservice in [("base", base_rayservice())] + [(o, find(built(o), "RayService")) for o in OVERLAYS]:
+        assert rayservice["apiVersion"] == "ray.io/v1"
+        errors = _errors(rayservice_validator, rayservice)
+        assert not errors, f"{name}: {errors}"
+
+
+def test_the_crd_check_rejects_unknown_and_mistyped_fields(rayservice_validator):
+    typo = copy.deepcopy(base_rayservice())
+    typo["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplica"] = 1
+    assert any("minReplica" in e for e in _errors(rayservice_validator, typo))
+    mistyped = copy.deepcopy(base_rayservice())
+    mistyped["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    assert _errors(rayservice_validator, mistyped)
+    missing = copy.deepcopy(base_rayservice())
+    del missing["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    assert any("groupName" in e for e in _errors(rayservice_validator, missing))
+
+
+# --------------------------------------------------------------------------------------------------
+# core objects against the Kubernetes schemas
+
+
+def _kubernetes_validate():
+    return pytest.importorskip("kubernetes_validate.utils", reason="kubernetes-validate (dev extra) is not installed")
+
+
+def core_objects(objects: list[dict]) -> list[dict]:
+    """The objects with a Kubernetes schema, plus the RayService's pod templates and serve Service."""
+    core = [o for o in objects if o["apiVersion"] in ("v1", "batch/v1", "policy/v1", "apps/v1")]
+    for rayservice in (o for o in objects if o["kind"] == "RayService"):
+        for name, template in pod_templates(rayservice).items():
+            metadata = {"name": f"rorem-{name}", **template.get("metadata", {})}
+            core.append({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]})
+        serve_service = rayservice["spec"]["serveService"]
+        core.append({"apiVersion": "v1", "kind": "Service", **serve_service})
+    return core
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_core_objects_validate_strictly_against_the_kubernetes_schemas(version):
+    utils = _kubernetes_validate()
+    for overlay in OVERLAYS:
+        for obj in core_objects(built(overlay)):
+            try:
+                utils.validate(obj, version, strict=True)
+            except utils.ValidationError as exc:
+                where = "/".join(map(str, exc.path))
+                pytest.fail(f"{overlay} {obj['kind']}/{obj['metadata']['name']} ({version}): {where}: {exc.message}")
+
+
+def test_the_kubernetes_schema_check_is_strict():
+    utils = _kubernetes_validate()
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+               "spec": {"ports": [{"port": 9000, "target_port": 9000}]}}  # fmt: skip
+    with pytest.raises(utils.ValidationError):
+        utils.validate(service, K8S_VERSIONS[0], strict=True)
+
+
+def test_the_podmonitor_scrapes_rays_metrics_port_on_every_ray_pod():
+    objects = built("prod")
+    monitor = find(objects, "PodMonitor", "rorem")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"}
+    assert set(spec["selector"]) <= {"matchLabels", "matchExpressions"}
+    for expression in spec["selector"].get("matchExpressions", []):
+        assert expression["operator"] in ("In", "NotIn", "Exists", "DoesNotExist")
+    allowed = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings", "honorLabels"}
+    relabel_keys = {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator", "modulus"}
+    endpoints = spec["podMetricsEndpoints"]
+    assert endpoints
+    for endpoint in endpoints:
+        assert set(endpoint) <= allowed, set(endpoint) - allowed
+        assert endpoint["path"] == "/metrics" and re.fullmatch(r"\d+[sm]", endpoint["interval"])
+        for relabel in endpoint.get("relabelings", []):
+            assert set(relabel) <= relabel_keys and re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", relabel["targetLabel"])
+    rayservice = find(objects, "RayService")
+    for name, template in pod_templates(rayservice).items():
+        assert labels_match(spec["selector"], template["metadata"]["labels"]), f"{name} pods are not scraped"
+        container = template["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for endpoint in endpoints:
+            assert endpoint["port"] in ports, f"{name}: no container port named {endpoint['port']}"
+        group = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"] if name == "head" else workers(rayservice)
+        assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"]), "Ray exports on that port"
+
+
+# --------------------------------------------------------------------------------------------------
+# serveConfigV2: one source of truth
+
+
+def test_serve_config_v2_is_the_rendering_of_the_local_serve_config():
+    assert base_rayservice()["spec"]["serveConfigV2"] == render.render_text("gpu")
+    assert find(built("prod"), "RayService")["spec"]["serveConfigV2"] == render.render_text("gpu")
+    assert find(built("dev"), "RayService")["spec"]["serveConfigV2"] == render.render_text("cpu")
+    for path, text in render.expected_files().items():
+        assert path.read_text() == text, f"{path.relative_to(REPO)} is stale: run `python k8s/render.py --write`"
+
+
+def test_serve_config_v2_passes_rays_schema_strictly_and_our_settings():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.config import AppSettings
+
+    for overlay in OVERLAYS:
+        config = serve_config(find(built(overlay), "RayService"))
+        ServeDeploySchema.model_validate(config)
+        assert render.unknown_keys(ServeDeploySchema, config) == [], overlay
+        for app in config["applications"]:
+            AppSettings.model_validate(app["args"])
+            for deployment in app["deployments"]:
+                if "autoscaling_config" in deployment:
+                    AutoscalingConfig.model_validate(deployment["autoscaling_config"])
+                    assert render.unknown_keys(AutoscalingConfig, deployment["autoscaling_config"]) == []
+
+
+def test_the_strict_serve_check_finds_unknown_keys_at_every_level():
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    config = render.render_config("gpu")
+    app = config["applications"][0]
+    app["deployments"][1]["max_ongoing_request"] = 4
+    app["deployments"][1]["ray_actor_options"]["num_gpu"] = 1
+    config["http_options"]["hots"] = "0.0.0.0"
+    config["grpc_option"] = {}
+    ServeDeploySchema.model_validate(config)  # Ray alone lets all of these through
+    assert sorted(render.unknown_keys(ServeDeploySchema, config)) == [
+        "applications[0].deployments[1].max_ongoing_request",
+        "applications[0].deployments[1].ray_actor_options.num_gpu",
+        "grpc_option",
+        "http_options.hots",
+    ]
+    with pytest.raises(render.RenderError, match="max_ongoing_request"):
+        render.validate(config)
+    bad_autoscaling = render.render_config("gpu")
+    bad_autoscaling["applications"][0]["deployments"][1]["autoscaling_config"]["max_replica"] = 3
+    with pytest.raises(render.RenderError, match="max_replica"):
+        render.validate(bad_autoscaling)
+    bad_args = render.render_config("gpu")
+    bad_args["applications"][0]["args"]["engine"]["devise"] = "cuda"
+    with pytest.raises(ValidationError, match="devise"):
+        render.validate(bad_args)
+
+
+def test_the_override_merge_rules():
+    base = {"a": {"b": 1, "c": 2}, "items": [{"name": "x", "n": 1}, {"name": "y", "n": 2}], "keep": [1, 2]}
+    merged = render.merge(base, {"a": {"b": None, "d": 4}, "items": [{"name": "y", "n": 3}], "keep": [3]})
+    assert merged == {"a": {"c": 2, "d": 4}, "items": [{"name": "x", "n": 1}, {"name": "y", "n": 3}], "keep": [3]}
+    assert base["a"] == {"b": 1, "c": 2}, "the source is not modified"
+    with pytest.raises(render.RenderError, match="'z'"):
+        render.merge(base, {"items": [{"name": "z"}]})
+
+
+def test_the_kubernetes_serve_configs_differ_from_local_only_as_documented():
+    gpu, cpu = render.render_config("gpu"), render.render_config("cpu")
+    for config in (gpu, cpu):
+        assert config["http_options"]["host"] == "0.0.0.0"
+        assert config["http_options"]["port"] == HTTP_PORT and config["grpc_options"] == SERVE_CONFIG["grpc_options"]
+        assert config["applications"][0]["import_path"] == SERVE_CONFIG["applications"][0]["import_path"]
+    deployments = {d["name"]: d for d in gpu["applications"][0]["deployments"]}
+    for name in ("Ingress", "Remover", "Scorer"):
+        assert "num_replicas" not in deployments[name] and deployments[name]["autoscaling_config"]["min_replicas"] >= 1
+    assert deployments["Remover"]["ray_actor_options"]["num_gpus"] == 1
+    assert deployments["Scorer"]["ray_actor_options"]["num_gpus"] == 1
+    assert gpu["applications"][0]["args"]["engine"]["device"] == "cuda"
+    cpu_app = cpu["applications"][0]
+    assert all((d.get("ray_actor_options") or {}).get("num_gpus", 0) == 0 for d in cpu_app["deployments"])
+    assert cpu_app["args"]["bundle"].get("path") is None and "authors" not in cpu_app["args"]["bundle"], "tiny bundle"
+    # what is not overridden is local.yaml's
+    local = SERVE_CONFIG["applications"][0]
+    for key in ("batching", "imaging", "gate", "request_timeout_s"):
+        assert gpu["applications"][0]["args"][key] == local["args"][key] == cpu_app["args"][key]
+
+
+# --------------------------------------------------------------------------------------------------
+# containers: images, resources, probes
+
+
+def containers(objects: list[dict]) -> list[tuple[str, dict]]:
+    found = []
+    for obj in objects:
+        if obj["kind"] == "RayService":
+            for name, template in pod_templates(obj).items():
+                found += [(f"RayService/{name}", c) for c in template["spec"]["containers"]]
+                found += [(f"RayService/{name}/init", c) for c in template["spec"].get("initContainers", [])]
+        elif obj["kind"] == "Job":
+            found += [(f"Job/{obj['metadata']['name']}", c) for c in obj["spec"]["template"]["spec"]["containers"]]
+        elif obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Pod"):
+            raise AssertionError(f"unexpected workload {obj['kind']}: add it to this test")
+    return found
+
+
+def test_every_container_has_a_pinned_image_requests_limits_and_probes():
+    for overlay in OVERLAYS:
+        objects = built(overlay)
+        for where, container in containers(objects):
+            image = container["image"]
+            assert "@sha256:" in image or re.search(r":[\w][\w.-]*$", image.split("/")[-1]), (
+                f"{where}: unpinned {image}"
+            )
+            assert not image.endswith(":latest"), f"{where}: {image}"
+            resources = container["resources"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources[kind]), f"{overlay} {where}: {kind} {resources.get(kind)}"
+            assert (
+                resources["requests"]["memory"] == resources["limits"]["memory"] or "Job" in where or "init" in where
+            ), f"{where}: memory request = limit (Ray sizes its object store from the limit)"
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            if where.startswith("Job/") or where.endswith("/init"):
+                continue  # run-to-completion containers (init containers may not even have probes)
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert probe in container, f"{overlay} {where}: no {probe}"
+        autoscaler = find(objects, "RayService")["spec"]["rayClusterConfig"]["autoscalerOptions"]["resources"]
+        assert {"cpu", "memory"} <= set(autoscaler["requests"]) and {"cpu", "memory"} <= set(autoscaler["limits"])
+
+
+def test_readiness_of_serving_pods_is_the_applications_readyz():
+    for overlay in OVERLAYS:
+        rayservice = find(built(overlay), "RayService")
+        container = workers(rayservice)["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        probe = container["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/readyz" and ports.get(probe["port"], probe["port"]) == HTTP_PORT
+        assert container["readinessProbe"]["timeoutSeconds"] > 5, "/readyz waits up to 5 s for the model replicas"
+        for name, template in pod_templates(rayservice).items():
+            live = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
+            assert (live["path"], live["port"]) == ("/api/healthz", 52365), f"{name}: Ray's node health"
+
+
+def test_images_are_consistent_per_overlay():
+    for overlay, flavour in (("dev", "-cpu"), ("prod", "-cuda12")):
+        images = {c["image"] for _, c in containers(built(overlay))}
+        assert len(images) == 1, f"{overlay}: head, workers (and the weights Job) run one image: {images}"
+        assert flavour in images.pop()
+
+
+# --------------------------------------------------------------------------------------------------
+# GPUs, scheduling and scaling
+
+
+def _cpus(quantity) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_gpu_workers_and_a_cpu_head():
+    rayservice = find(built("prod"), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    head_container = head["template"]["spec"]["containers"][0]
+    assert not any("gpu" in key for kind in ("requests", "limits") for key in head_container["resources"][kind])
+    assert not head["template"]["spec"].get("tolerations") and head["rayStartParams"]["num-cpus"] == "0"
+    group = workers(rayservice)
+    spec = group["template"]["spec"]
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] >= 1
+    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
+    assert spec["nodeSelector"]
+    dev = find(built("dev"), "RayService")
+    dev_spec = workers(dev)["template"]["spec"]
+    assert not dev_spec.get("tolerations") and not dev_spec.get("nodeSelector") and not dev_spec.get("volumes")
+    assert not dev_spec.get("initContainers"), "the dev workers wait for no weights"
+    assert not any("gpu" in k for kind in ("requests", "limits") for k in dev_spec["containers"][0]["resources"][kind])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_group_bounds_fit_serve_autoscaling(overlay):
+    """Ray's autoscaler adds workers when Serve wants replicas: the group must hold Serve's minimum
+    replicas at minReplicas and its maximum at maxReplicas (the head takes none: num-cpus 0)."""
+    rayservice = find(built(overlay), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    group = workers(rayservice)
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    gpus, cpus = int(limits.get("nvidia.com/gpu", 0)), _cpus(limits["cpu"])
+    need = {"min": [0.0, 0.0], "max": [0.0, 0.0]}
+    for deployment in serve_config(rayservice)["applications"][0]["deployments"]:
+        options = deployment.get("ray_actor_options") or {}
+        scaling = deployment.get("autoscaling_config") or {}
+        for bound, replicas in (("min", scaling.get("min_replicas")), ("max", scaling.get("max_replicas"))):
+            count = replicas if replicas is not None else deployment.get("num_replicas", 1)
+            need[bound][0] += count * options.get("num_gpus", 0)
+            need[bound][1] += count * options.get("num_cpus", 1)
+    for bound, nodes in (("min", group["minReplicas"]), ("max", group["maxReplicas"])):
+        assert need[bound][0] <= nodes * gpus, f"{overlay}: {bound} replicas need {need[bound][0]} GPUs"
+        assert need[bound][1] <= nodes * (cpus - 0.5), f"{overlay}: {bound} replicas need {need[bound][1]} CPUs"
+
+
+# --------------------------------------------------------------------------------------------------
+# names that cross objects
+
+
+def test_services_and_the_pdb_select_the_serving_workers():
+    for overlay in OVERLAYS:
+        objects = built(overlay)
+        rayservice = find(objects, "RayService")
+        worker_template = workers(rayservice)["template"]
+        worker_labels = {**worker_template["metadata"]["labels"], "ray.io/node-type": "worker"}
+        head_labels = {**rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"],
+                       "ray.io/node-type": "head"}  # fmt: skip
+        ports = {p["name"]: p["containerPort"] for p in worker_template["spec"]["containers"][0]["ports"]}
+        assert ports["serve"] == HTTP_PORT and ports["grpc"] == GRPC_PORT
+
+        grpc = find(objects, "Service", "rorem-grpc")
+        selector = grpc["spec"]["selector"]
+        assert set(selector) - set(worker_template["metadata"]["labels"]) <= KUBERAY_POD_LABELS
+        assert labels_match({"matchLabels": selector}, worker_labels)
+        assert not labels_match({"matchLabels": selector}, head_labels)
+        (port,) = grpc["spec"]["ports"]
+        assert port["port"] == GRPC_PORT and ports[port["targetPort"]] == GRPC_PORT
+
+        http = rayservice["spec"]["serveService"]
+        assert rayservice["spec"]["excludeHeadPodFromServeSvc"] is True
+        assert [(p["name"], p["port"]) for p in http["spec"]["ports"]] == [("serve", HTTP_PORT)]
+
+        pdb = find(objects, "PodDisruptionBudget", "rorem-workers")
+        assert labels_match(pdb["spec"]["selector"], worker_labels)
+        assert not labels_match(pdb["spec"]["selector"], head_labels)
+        assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_the_weights_volume_job_and_bundle_path_agree():
+    objects = built("prod")
+    rayservice = find(objects, "RayService")
+    bundle_path = serve_config(rayservice)["applications"][0]["args"]["bundle"]["path"]
+    spec = workers(rayservice)["template"]["spec"]
+    (volume,) = spec["volumes"]
+    (mount,) = spec["containers"][0]["volumeMounts"]
+    assert mount["name"] == volume["name"] and mount["readOnly"] is True
+    assert bundle_path.startswith(mount["mountPath"].rstrip("/") + "/"), "the bundle lies on the weights volume"
+    (wait,) = spec["initContainers"]
+    assert {e["name"]: e["value"] for e in wait["env"]}["ROREM_BUNDLE"] == bundle_path, (
+        "the worker waits for the bundle"
+    )
+    assert wait["volumeMounts"] == [mount] and "ROREM_BUNDLE" in wait["args"][0]
+    compile(wait["args"][0], "wait-for-bundle", "exec")
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    pvc = find(objects, "PersistentVolumeClaim", claim)
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"] or "ReadOnlyMany" in pvc["spec"]["accessModes"]
+
+    job = find(objects, "Job", "rorem-fetch-weights")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("OnFailure", "Never")
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == [claim]
+    (container,) = pod["containers"]
+    assert (
+        not container["volumeMounts"][0].get("readOnly")
+        and container["volumeMounts"][0]["mountPath"] == mount["mountPath"]
+    )
+    assert "nvidia.com/gpu" not in container["resources"]["limits"], "importing needs no GPU"
+    configmap = find(objects, "ConfigMap", container["envFrom"][0]["configMapRef"]["name"])
+    environment = {**configmap["data"], **{e["name"]: e.get("value") for e in container["env"]}}
+    assert environment["ROREM_BUNDLE"] == bundle_path
+    assert environment["HF_HOME"].startswith(mount["mountPath"]), "the download cache persists on the volume"
+    assert environment["HF_HUB_OFFLINE"] == "0"
+    for key in ("ROREM_BASE", "ROREM_UNET"):
+        assert environment[key].startswith(("hf:", mount["mountPath"])), f"{key}: hf:OWNER/NAME[/PATH] or a volume path"
+
+    # the inline script: valid Python, names that exist in the project, environment it is given
+    assert container["command"] == ["python3", "-c"]
+    script = ast.parse(container["args"][0])
+    defined = {}
+    for module in ("engines/authors_layout.py", "engines/bundle.py"):
+        tree = ast.parse((REPO / module).read_text())
+        defined[module[:-3].replace("/", ".")] = tree
+    for node in ast.walk(script):
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("engines"):
+            tree = defined[node.module]
+            names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            names |= {
+                t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+            }
+            for alias in node.names:
+                assert alias.name in names, f"{node.module} has no {alias.name}"
+        if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+            assert node.slice.value in environment, f"the Job reads ${node.slice.value}, which it is not given"
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "os.environ.get":
+            assert node.args[0].value in environment, f"the Job reads ${node.args[0].value}, which it is not given"
+    layout = next(
+        n for n in defined["engines.authors_layout"].body if isinstance(n, ast.ClassDef) and n.name == "AuthorsLayout"
+    )
+    fields = {n.target.id for n in layout.body if isinstance(n, ast.AnnAssign)}
+    importer = next(
+        n for n in defined["engines.authors_layout"].body
+        if isinstance(n, ast.FunctionDef) and n.name == "import_authors_layout"
+    )  # fmt: skip
+    parameters = {a.arg for a in importer.args.args + importer.args.kwonlyargs}
+    for call in (n for n in ast.walk(script) if isinstance(n, ast.Call)):
+        target = ast.unparse(call.func)
+        if target == "AuthorsLayout":
+            assert {k.arg for k in call.keywords} <= fields
+        if target == "import_authors_layout":
+            assert {k.arg for k in call.keywords} <= parameters
+
+
+def test_ray_version_and_python_packages_match_the_image():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    ray_pin = next(d for d in pyproject["project"]["optional-dependencies"]["serve"] if d.startswith("ray"))
+    version = re.search(r"==([\d.]+)", ray_pin)[1]
+    for overlay in OVERLAYS:
+        assert find(built(overlay), "RayService")["spec"]["rayClusterConfig"]["rayVersion"] == version
+    import_path = SERVE_CONFIG["applications"][0]["import_path"].split(":")[0]
+    assert (REPO / (import_path.replace(".", "/") + ".py")).is_file()
+    for servicer in SERVE_CONFIG["grpc_options"]["grpc_servicer_functions"]:
+        module, _, function = servicer.rpartition(".")
+        assert f"def {function}(" in (REPO / (module.replace(".", "/") + ".py")).read_text()
+
+
+def test_the_deploy_guide_names_what_exists():
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    for command in ("kubectl apply -k k8s/overlays/prod", "kubectl apply -k k8s/overlays/dev", "python k8s/render.py"):
+        assert command in guide, command
+    for path in set(re.findall(r"\b(k8s/[\w./-]*[\w/])", guide)):
+        assert (REPO / path).exists(), f"docs/kubernetes.md names {path}, which does not exist"
+    for overlay in OVERLAYS:
+        for obj in built(overlay):
+            if obj["kind"] != "Namespace":
+                assert obj["metadata"]["name"] in guide, f"{obj['kind']} {obj['metadata']['name']} is not documented"
