@@ -1,0 +1,50 @@
+"""Train every stage a few steps on synthetic data, assemble a bundle, and serve it with the local Serve."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, photo, png_bytes, running_service, serve_test_config
+from tests.test_service import _decode, _mask, _remove
+
+pytestmark = pytest.mark.slow
+
+
+def _training(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"training {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory):
+    work = tmp_path_factory.mktemp("trained")
+    cache, data = str(work / "cache"), work / "data"
+    common = ["--base", "tiny", "--cache-dir", cache]
+    _training("synthetic", "--out", str(data), "--n", "4", "--size", "64", "--kinds", "blur,no-change")
+    _training("finetune", *common, "--data", str(data / "metadata.json"), "--out", str(work / "ft"),
+              "--resolution", "64", "--steps", "2", "--batch-size", "2")  # fmt: skip
+    _training("distill", *common, "--unet", str(work / "ft"), "--data", str(data / "metadata.json"),
+              "--out", str(work / "distill"), "--resolution", "64", "--steps", "2", "--batch-size", "2", "--lora-rank", "4")  # fmt: skip
+    _training("discriminator", *common, "--data", str(data / "discriminator" / "metadata.json"),
+              "--out", str(work / "disc"), "--resolution", "512", "--steps", "2", "--batch-size", "2")  # fmt: skip
+    _training("bundle", *common, "--unet", str(work / "ft"), "--lcm-lora", str(work / "distill"),
+              "--discriminator", str(work / "disc"), "--out", str(work / "bundle"), "--dtype", "float32")  # fmt: skip
+    return work / "bundle"
+
+
+def test_the_assembled_bundle_is_served(tmp_path_factory, trained_bundle):
+    work = tmp_path_factory.mktemp("serve-trained")
+    config = serve_test_config(work)
+    config["applications"][0]["args"]["bundle"]["path"] = str(trained_bundle)
+    with running_service(work, config) as service:
+        ready = service.client.get("/readyz").json()
+        assert ready["model"]["tiny"] is False and ready["model"]["bundle"]["name"] == "rorem-4s-trained"
+        source, mask = photo(), _mask()
+        response = _remove(service, png_bytes(source), png_bytes(mask), dilate=0, seed=1, gate="annotate")
+        assert response.status_code == 200, response.text
+        assert float(response.headers["x-removal-score"]) >= 0
+        result = _decode(response.content)
+        outside = mask == 0
+        assert np.array_equal(result[outside], source[outside])

@@ -1,0 +1,434 @@
+"""The training pipeline on the tiny architecture with synthetic data, on CPU: every stage runs a few
+steps; fine-tuning overfits one batch; a resumed run repeats the uninterrupted run's losses; the
+trained parts load with the serving code (LoRA fuse, published discriminator format, bundle)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import DatasetError, StepBatchSampler, Triplet, TripletDataset, load_metadata, write_metadata
+from training.synthetic import NEGATIVE_KINDS, degrade, make_negatives, make_synthetic_triplets
+
+REPO = Path(__file__).resolve().parent.parent
+SIDE = 64  # fine-tune / distill / annotate resolution: latents 8x8
+# The discriminator's head needs a 16x16 mid block: 512 px for SDXL and for the tiny trunk alike.
+DISC_SIDE = 512
+OVERFIT_STEPS, OVERFIT_FACTOR = 12, 3.0  # measured: 1.01 -> 0.18 in 12 steps (5.5x) at lr 1e-3
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def data(work):
+    triplets = make_synthetic_triplets(work / "data", n=4, size=SIDE, seed=0)
+    labelled = make_negatives(triplets, work / "data" / "discriminator", kinds=("blur", "no-change"), seed=0)
+    return triplets, labelled
+
+
+def _common(base, out, data_path, **overrides):
+    return {"base": str(base), "out": out, "data": data_path, "resolution": SIDE, "checkpoint_every": 0, **overrides}
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tiny_layout, data, work):
+    """4 optimizer steps of 2 micro-batches, EMA on, checkpoints at steps 2 and 4."""
+    from training.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(
+        **_common(tiny_layout.base, work / "finetune", data[0], checkpoint_every=2),
+        steps=4,
+        batch_size=1,
+        grad_accum=2,
+        lr=1e-4,
+        ema=True,
+        ema_decay=0.9,
+    )
+    return settings, finetune(settings)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_synthetic_triplets_are_valid_and_the_object_is_inside_the_mask(data):
+    records = load_metadata(data[0])
+    assert len(records) == 4
+    for record in records:
+        source, gt = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (record.source, record.gt))
+        mask = np.asarray(Image.open(record.mask)) > 127
+        assert source.shape == gt.shape == (*mask.shape, 3)
+        assert 0.02 < mask.mean() < 0.6
+        assert np.array_equal(source[~mask], gt[~mask])  # the object is only where the mask is
+        assert np.abs(source[mask] - gt[mask]).mean() > 1
+
+
+def test_negatives_are_labelled_in_the_papers_format(data):
+    raw = json.loads(Path(data[1]).read_text())
+    assert set(raw[0]) == {"source", "mask", "GT", "score"}  # GT = the edited image being judged
+    records = load_metadata(data[1], require=("source", "mask", "GT", "score"))
+    assert len(records) == 4 * 3
+    assert sum(r.score == 1.0 for r in records) == 4 and sum(r.score == 0.0 for r in records) == 8
+    rng = np.random.default_rng(0)
+    triplet = load_metadata(data[0])[0]
+    source, good = (np.asarray(Image.open(p).convert("RGB")) for p in (triplet.source, triplet.gt))
+    mask = np.asarray(Image.open(triplet.mask)) > 127
+    for kind in NEGATIVE_KINDS:
+        edited = degrade(kind, source, mask, good, rng)
+        assert np.array_equal(edited[~mask], (source if kind == "no-change" else good)[~mask]), kind
+        assert not np.array_equal(edited[mask], good[mask]), kind
+
+
+def test_metadata_errors_name_the_file_entry_and_field(data, tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[{"source": "a.png",')
+    with pytest.raises(DatasetError, match=r"bad\.json: not valid JSON \(line 1"):
+        load_metadata(bad_json)
+
+    not_list = tmp_path / "obj.json"
+    not_list.write_text('{"source": "a.png"}')
+    with pytest.raises(DatasetError, match="expected a JSON array"):
+        load_metadata(not_list)
+
+    good = load_metadata(data[0])
+    missing = tmp_path / "missing.json"
+    write_metadata(missing, [good[0], Triplet(good[1].source, tmp_path / "nope.png", good[1].gt)])
+    with pytest.raises(DatasetError, match=r"missing\.json: entry 1: field 'mask': file nope\.png not found"):
+        load_metadata(missing)
+
+    no_field = tmp_path / "nofield.json"
+    no_field.write_text(json.dumps([{"source": str(good[0].source), "mask": str(good[0].mask)}]))
+    with pytest.raises(DatasetError, match="entry 0: field 'GT' is missing"):
+        load_metadata(no_field)
+    assert load_metadata(no_field, require=("source", "mask"))[0].gt is None
+
+    small = tmp_path / "small.png"
+    Image.open(good[0].gt).resize((32, 32)).save(small)
+    mismatch = tmp_path / "mismatch.json"
+    write_metadata(mismatch, [Triplet(good[0].source, good[0].mask, small)])
+    with pytest.raises(DatasetError, match=r"entry 0: image sizes differ \(source 64x64, mask 64x64, GT 32x32\)"):
+        load_metadata(mismatch)
+
+    bad_score = tmp_path / "score.json"
+    bad_score.write_text(json.dumps([{"source": str(good[0].source), "mask": str(good[0].mask), "score": "yes"}]))
+    with pytest.raises(DatasetError, match="entry 0: field 'score' must be a finite number"):
+        load_metadata(bad_score, require=("source", "mask"))
+
+
+def test_metadata_paths_are_relative_to_the_file(data, tmp_path):
+    records = load_metadata(data[0])
+    path = write_metadata(tmp_path / "sub" / "meta.json", records)
+    raw = json.loads(path.read_text())
+    assert not Path(raw[0]["source"]).is_absolute() and raw[0]["source"].startswith("../")
+    assert load_metadata(path) == records
+
+
+def test_dataset_resizes_crops_and_binarizes(data):
+    dataset = TripletDataset(load_metadata(data[0]), resolution=128)
+    item = dataset[0]
+    assert item["source"].shape == item["gt"].shape == (3, 128, 128)
+    assert item["mask"].shape == (1, 128, 128)
+    assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert -1.0 <= item["source"].min() and item["source"].max() <= 1.0
+    with pytest.raises(ValueError, match="multiple of 64"):
+        TripletDataset(dataset.records, resolution=100)
+
+
+def test_batch_sampler_is_a_pure_function_of_the_batch_number():
+    full = StepBatchSampler(10, 3, seed=5)
+    stream = iter(full)
+    first = [next(stream) for _ in range(8)]
+    resumed = iter(StepBatchSampler(10, 3, seed=5, start_batch=4))
+    assert [next(resumed) for _ in range(4)] == first[4:]
+    flat = [i for batch in first[:10] for i in batch]
+    assert sorted(flat[:10]) == list(range(10))  # one epoch is a permutation
+    ranks = [StepBatchSampler(10, 2, seed=5, world=2, rank=r).batch(0) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+
+
+# ---------------------------------------------------------------- finetune
+
+
+def test_finetune_overfits_one_batch(tiny_layout, data, work):
+    """The same batch, noise and timesteps every step, lr 1e-3: the loss falls by >= 3x in 12 steps."""
+    from training.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(
+        **_common(tiny_layout.base, work / "overfit", data[0]),
+        steps=OVERFIT_STEPS,
+        batch_size=2,
+        lr=1e-3,
+        overfit_one_batch=True,
+    )
+    summary = finetune(settings)
+    losses = [entry["loss"] for entry in summary["losses"]]
+    assert len(losses) == OVERFIT_STEPS
+    assert losses[-1] * OVERFIT_FACTOR <= losses[0], losses
+    on_disk = json.loads((work / "overfit" / "summary.json").read_text())
+    assert on_disk["status"] == "completed" and on_disk["final_loss"] == losses[-1]
+    assert set(on_disk["step_time_s"]) == {"first", "mean", "median"}
+    assert on_disk["versions"]["diffusers"] and on_disk["config"]["lr"] == 1e-3
+
+
+def test_finetune_writes_a_diffusers_unet_and_checkpoints(finetune_run):
+    from diffusers import UNet2DConditionModel
+
+    settings, summary = finetune_run
+    assert [e["step"] for e in summary["losses"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(e["loss"]) for e in summary["losses"])
+    unet = UNet2DConditionModel.from_pretrained(summary["outputs"]["unet"])
+    assert unet.config.in_channels == 9
+    names = sorted(p.name for p in (settings.out / "checkpoints").iterdir())
+    assert names == ["step-0000002", "step-0000004"]
+    assert {p.name for p in (settings.out / "checkpoints" / "step-0000002").iterdir()} >= {
+        "trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "extra.pt", "rng-0.pt", "state.json",
+    }  # fmt: skip
+
+
+def test_resume_repeats_the_uninterrupted_losses(finetune_run, work):
+    """Restart from the step-2 checkpoint: steps 3 and 4 give the same losses and the same weights."""
+    from safetensors.torch import load_file
+
+    from training.finetune import finetune
+
+    settings, summary = finetune_run
+    resumed_out = work / "finetune-resumed"
+    shutil.copytree(settings.out / "checkpoints" / "step-0000002", resumed_out / "checkpoints" / "step-0000002")
+    resumed = finetune(settings.model_copy(update={"out": resumed_out, "resume": "latest"}))
+    assert resumed["resumed_from"].endswith("step-0000002")
+    expected = {e["step"]: e["loss"] for e in summary["losses"]}
+    got = {e["step"]: e["loss"] for e in resumed["losses"]}
+    assert list(got) == [1, 2, 3, 4]  # the history continues from the checkpoint
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
+    a = load_file(str(Path(summary["outputs"]["unet"]) / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(Path(resumed["outputs"]["unet"]) / "diffusion_pytorch_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # EMA weights included
+
+
+# ---------------------------------------------------------------- distill
+
+
+@pytest.fixture(scope="module")
+def distill_run(tiny_layout, data, work, finetune_run):
+    from training.distill import DistillSettings, distill
+
+    settings = DistillSettings(
+        **_common(tiny_layout.base, work / "distill", data[0]),
+        unet=str(finetune_run[0].out),  # a finetune run folder: its unet/ is the teacher
+        steps=2,
+        batch_size=2,
+        lora_rank=4,
+        lora_alpha=8,  # scale 2: folded into the up matrices of the file
+    )
+    return settings, distill(settings)
+
+
+def test_distill_writes_a_lora_that_fuses_fully_and_equals_the_trained_adapter(distill_run, finetune_run):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from engines.lora import fuse_lora_file
+    from engines.tiny import LCM_LORA_TARGETS
+    from training.checkpoint import load_trainable_state
+
+    settings, summary = distill_run
+    assert summary["metrics"]["skip"] == 20 and summary["metrics"]["ddim_timesteps"] == 50
+    assert all(np.isfinite(e["loss"]) for e in summary["losses"])
+    lora_path = summary["outputs"]["lora"]
+    keys = list(load_file(lora_path))
+    assert any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys)  # the authors' mixed style
+
+    teacher_dir = finetune_run[1]["outputs"]["unet"]
+    fused = UNet2DConditionModel.from_pretrained(teacher_dir).eval()
+    info = fuse_lora_file(fused, lora_path)
+    assert info.tensors_applied == info.tensors_in_file == len(keys) and info.rank == 4 and info.scale == 1.0
+
+    student = UNet2DConditionModel.from_pretrained(teacher_dir)
+    student.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LCM_LORA_TARGETS))
+    student.requires_grad_(False)
+    for name, p in student.named_parameters():
+        p.requires_grad_("lora_" in name)
+    checkpoint = settings.out / "checkpoints" / "step-0000002" / "trainable.safetensors"
+    load_trainable_state(student, load_file(str(checkpoint)))
+    assert info.modules == sum(1 for n, _ in student.named_parameters() if n.endswith("lora_A.default.weight"))
+    torch.manual_seed(0)
+    inputs = dict(
+        sample=torch.randn(1, 9, 8, 8),
+        timestep=torch.tensor(759),
+        encoder_hidden_states=torch.randn(1, 77, fused.config.cross_attention_dim),
+        added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])},
+    )
+    with torch.no_grad():
+        expected, got = student.eval()(**inputs).sample, fused(**inputs).sample
+        plain = UNet2DConditionModel.from_pretrained(teacher_dir).eval()(**inputs).sample
+    assert (expected - plain).abs().max() > 1e-6  # the LoRA learned something
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- discriminator
+
+
+@pytest.fixture(scope="module")
+def disc_run(tiny_layout, data, work):
+    from training.discriminator import DiscriminatorSettings, train_discriminator
+
+    settings = DiscriminatorSettings(
+        **_common(tiny_layout.base, work / "disc", data[1], resolution=DISC_SIDE),
+        steps=2,
+        batch_size=2,
+        holdout_fraction=0.25,
+    )
+    return settings, train_discriminator(settings)
+
+
+def test_discriminator_reports_metrics_and_loads_in_the_published_format(disc_run, tiny_layout):
+    from diffusers import AutoencoderKL
+
+    from engines.authors_layout import encode_constant_prompt
+    from engines.scorer import ScoringEngine, load_published_discriminator
+    from training.discriminator import split_by_source
+
+    settings, summary = disc_run
+    metrics = summary["metrics"]
+    assert metrics["train_records"] == 9 and metrics["heldout_records"] == 3  # one source's 3 records
+    held = metrics["heldout"]
+    for threshold in ("0.5", "0.9"):
+        assert set(held["thresholds"][threshold]) >= {"precision", "recall", "f1", "accuracy"}
+    folder = Path(summary["outputs"]["discriminator"])
+    disc, info = load_published_discriminator(
+        Path(tiny_layout.base) / "unet", folder / "pytorch_lora_weights.safetensors", folder / "cls_pred_branch.pt"
+    )
+    assert info["lora_rank"] == 4 and info["lora"]["tensors_applied"] == info["lora"]["tensors_in_file"] == 48
+
+    # the serving engine gives the loaded discriminator the scores training measured on the held-out set
+    embeds, pooled = encode_constant_prompt(Path(tiny_layout.base), "")
+    engine = ScoringEngine(AutoencoderKL.from_pretrained(Path(tiny_layout.base) / "vae"), disc, embeds, pooled)
+    _, held_out = split_by_source(load_metadata(settings.data), settings.holdout_fraction, settings.seed)
+    items = [TripletDataset(held_out, DISC_SIDE)[i] for i in range(len(held_out))]
+    scores = engine.score_tensors(
+        torch.stack([it["gt"] for it in items]),
+        torch.stack([it["mask"] for it in items]),
+        torch.stack([it["source"] for it in items]),
+    )
+    np.testing.assert_allclose(scores.numpy(), held["scores"], atol=1e-4)
+
+
+def test_classification_metrics():
+    from training.discriminator import classification_metrics
+
+    m = classification_metrics([0.95, 0.6, 0.2, 0.7], [1, 1, 0, 0], 0.5)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 0, 1)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0 and m["accuracy"] == 0.75
+    assert classification_metrics([0.1], [1], 0.9)["precision"] == 0.0
+
+
+# ---------------------------------------------------------------- bundle and annotate
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tiny_layout, work, finetune_run, distill_run, disc_run):
+    from training.assemble import BundleStageSettings, assemble
+
+    settings = BundleStageSettings(
+        out=work / "bundle",
+        base=tiny_layout.base,
+        unet=str(finetune_run[0].out),
+        lcm_lora=str(distill_run[0].out),
+        discriminator=str(disc_run[0].out),
+        dtype="float32",
+        name="tiny-trained",
+    )
+    return assemble(settings)
+
+
+def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
+    from engines.bundle import Bundle
+    from engines.remover import RemovalEngine, RemovalJob
+    from engines.scorer import ScoreJob, ScoringEngine
+    from training.data import load_mask, load_rgb
+
+    bundle = Bundle.load(trained_bundle["outputs"]["bundle"], verify=True)
+    provenance = bundle.manifest.provenance
+    assert provenance["lcm_lora"]["tensors_applied"] == provenance["lcm_lora"]["tensors_in_file"]
+    assert provenance["training"]["unet"]["stage"] == "finetune" and provenance["training"]["unet"]["steps_done"] == 4
+    assert provenance["training"]["lcm_lora"]["stage"] == "distill"
+    assert "0.5" in provenance["training"]["discriminator"]["metrics"]["heldout"]["thresholds"]
+    assert "scores" not in provenance["training"]["discriminator"]["metrics"]["heldout"]  # no per-item lists
+    assert len(provenance["inputs_sha256"]["lcm_lora"]) == 64
+    assert bundle.has_discriminator and bundle.manifest.sampling.steps == 4
+
+    record = load_metadata(data[0])[0]
+    image, mask = load_rgb(record.source, SIDE), load_mask(record.mask, SIDE)
+    [result] = RemovalEngine.from_bundle(bundle).remove([RemovalJob(image=image, mask=mask, seed=1)])
+    assert result.shape == image.shape and result.dtype == np.uint8
+    [score] = ScoringEngine.from_bundle(bundle).score([ScoreJob(source=image, mask=mask, edited=result)])
+    assert np.isfinite(score) and score >= 0
+
+
+def test_annotate_keeps_only_results_at_or_above_the_threshold(trained_bundle, data, work):
+    from training.annotate import AnnotateSettings, annotate
+
+    settings = AnnotateSettings(
+        out=work / "round1", bundle=trained_bundle["outputs"]["bundle"], data=data[0], resolution=SIDE, batch_size=4
+    )
+    first = annotate(settings)
+    scores = [item["score"] for item in first["metrics"]["items"]]
+    assert len(scores) == 4 and len(set(scores)) == 4
+    median = statistics.median(scores)
+    # re-threshold at the median: the logged scores are reused, nothing runs again
+    second = annotate(settings.model_copy(update={"threshold": median, "resume": True}))
+    assert second["metrics"]["reused_from_log"] == 4
+    kept = load_metadata(second["outputs"]["metadata"], require=("source", "mask", "GT", "score"))
+    assert sorted(r.score for r in kept) == sorted(s for s in scores if s >= median)
+    assert 0 < len(kept) < 4
+    assert sum(second["metrics"]["histogram"].values()) == 4
+    for record in kept:
+        assert Image.open(record.gt).size == Image.open(record.source).size == (SIDE, SIDE)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_runs_a_stage_and_prints_the_summary(tmp_path):
+    out = tmp_path / "synthetic"
+    config = tmp_path / "synthetic.yaml"
+    config.write_text("n: 3\nsize: 32\nkinds: [noise]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "synthetic", "--config", str(config), "--out", str(out), "--n", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"summary: {out / 'summary.json'}" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["n"] == 2 and summary["config"]["kinds"] == ["noise"]  # the flag beats the config
+    assert len(load_metadata(out / "discriminator" / "metadata.json", require=("source", "mask", "GT", "score"))) == 4
+
+
+def test_cli_reports_bad_settings_bad_data_and_wrong_parts(tmp_path, capsys, tiny_layout):
+    from training.cli import main
+
+    assert main(["finetune", "--base", "tiny", "--data", "x.json", "--out", str(tmp_path), "--resolution", "100"]) == 2
+    assert "resolution: Value error, resolution must be a positive multiple of 64" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    assert main(["finetune", "--base", "tiny", "--data", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert "bad data:" in capsys.readouterr().err
+    not_a_finetune = tmp_path / "run"
+    not_a_finetune.mkdir()
+    (not_a_finetune / "summary.json").write_text(json.dumps({"stage": "distill", "status": "completed"}))
+    args = ["bundle", "--base", tiny_layout.base, "--unet", str(not_a_finetune), "--out", str(tmp_path / "b")]
+    assert main(args) == 1
+    assert "is a distill run, expected a finetune run" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""`bundle`: assemble a servable bundle from trained parts.
+
+The trained parts are in the authors' published layout (a diffusers UNet folder from `finetune`,
+a LoRA file from `distill`, a `pytorch_lora_weights.safetensors` + `cls_pred_branch.pt` folder from
+`discriminator`), so this stage *is* the authors' import (`engines.authors_layout.import_authors_layout`:
+fuse the LCM LoRA with every tensor applied, compute the prompt embeddings once, write the bundle
+with sha256 hashes), with the training runs recorded in the manifest's provenance: stage, steps,
+final loss, finish time, config and metrics of each run, and the sha256 of each input file.
+
+Each part may be given as the file/folder itself or as the training run's output folder (the one
+holding summary.json): `--unet runs/finetune`, `--lcm-lora runs/distill`, `--discriminator runs/disc`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from training.common import DEFAULT_CACHE, RunSummary, StageSettings, resolve_base, resolve_part
+
+LORA_FILENAME = "pytorch_lora_weights.safetensors"
+
+
+class BundleStageSettings(StageSettings):
+    base: str = Field(description="SDXL-inpainting pipeline folder (VAE, scheduler, text encoders, unet/), or 'tiny'")
+    unet: str = Field(description="the fine-tuned UNet folder, or the finetune run folder")
+    lcm_lora: str | None = Field(None, description="LCM LoRA file (or the distill run folder); fused into the UNet")
+    discriminator: str | None = Field(None, description="discriminator folder (or the discriminator run folder)")
+    name: str = "rorem-4s-trained"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype in the bundle")
+    prompt: str = Field("", description="prompt whose embeddings are baked in (training used '')")
+    steps: int = Field(4, ge=1, le=50, description="default sampling steps (4 for an LCM-distilled UNet)")
+    strength: float = Field(1.0, gt=0, le=1)
+    cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where base 'tiny' is generated")
+
+
+def assemble(settings: BundleStageSettings) -> dict:
+    from engines.authors_layout import AuthorsLayout, import_authors_layout
+    from engines.bundle import SamplingDefaults, sha256_of
+    from engines.scorer import HEAD_FILENAME
+
+    summary = RunSummary("bundle", settings)
+    base = resolve_base(settings.base, settings.cache_dir)
+    unet_dir, unet_run = resolve_part(settings.unet, "finetune", "unet")
+    training: dict[str, Any] = {"unet": unet_run}
+    hashes = {"unet": {f.name: sha256_of(f) for f in sorted(unet_dir.glob("*.safetensors"))}}
+    lora = None
+    if settings.lcm_lora:
+        lora, training["lcm_lora"] = resolve_part(settings.lcm_lora, "distill", "lora", inner=LORA_FILENAME)
+        hashes["lcm_lora"] = sha256_of(lora)
+    disc = None
+    if settings.discriminator:
+        disc, training["discriminator"] = resolve_part(settings.discriminator, "discriminator", "discriminator")
+        hashes["discriminator"] = {
+            name: sha256_of(disc / name) for name in (LORA_FILENAME, HEAD_FILENAME) if (disc / name).is_file()
+        }
+
+    layout = AuthorsLayout(
+        base=str(base),
+        unet=str(unet_dir),
+        lcm_lora=str(lora) if lora else None,
+        discriminator=str(disc) if disc else None,
+    )
+    bundle = import_authors_layout(
+        layout,
+        settings.out,
+        prompt=settings.prompt,
+        dtype=settings.dtype,
+        name=settings.name,
+        sampling=SamplingDefaults(steps=settings.steps, strength=settings.strength),
+        provenance={"training": training, "inputs_sha256": hashes, "assembled_by": "python -m training bundle"},
+    )
+    summary.data["outputs"] = {"bundle": str(bundle.path)}
+    summary.data["metrics"] = {
+        "name": bundle.manifest.name,
+        "dtype": bundle.manifest.dtype,
+        "files": {name: entry.bytes for name, entry in bundle.manifest.files.items()},
+        "lcm_lora": bundle.manifest.provenance.get("lcm_lora"),
+        "discriminator": bundle.has_discriminator,
+    }
+    summary.write("completed")  # out/summary.json sits beside the manifest; the bundle does not list it
+    return summary.data

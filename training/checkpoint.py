@@ -1,0 +1,141 @@
+"""Resumable checkpoints: out/checkpoints/step-NNNNNNN/ with everything the next step depends on.
+
+    trainable.safetensors   the trainable tensors only (full UNet for finetune; LoRA (+ head) otherwise:
+                            frozen weights come back from the base, so an SDXL LoRA checkpoint stays small)
+    optimizer.pt            AdamW state
+    lr_scheduler.pt         learning-rate schedule state
+    extra.pt                EMA weights, the fp16 grad scaler, when used
+    rng-<process>.pt        python / numpy / torch (and CUDA) RNG states of each process
+    state.json              step, stage, settings, the losses so far (the summary continues from them)
+
+The data order and each step's noise come from `step_generator(seed, step, ...)`, so together with
+the tensors above a resumed run computes the same next loss as an uninterrupted one. A checkpoint
+is written into a staging folder and renamed, so a folder named step-* is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from training.common import TrainingError
+
+PREFIX = "step-"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise TrainingError(
+            f"checkpoint does not fit the model: {len(missing)} trainable tensors missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    for name, p in params.items():
+        p.copy_(state[name].to(p.device, p.dtype))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    """'latest' -> the newest under out/checkpoints (None if there is none); a path -> that folder."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = checkpoints(Path(out) / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json)")
+    return path
+
+
+def save_checkpoint(
+    accelerator,
+    out: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer,
+    lr_scheduler,
+    state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write step-NNNNNNN (every process writes its RNG state; the main process the rest)."""
+    root = Path(out) / "checkpoints"
+    final = root / f"{PREFIX}{step:07d}"
+    staging = root / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file(trainable_state(accelerator.unwrap_model(model)), str(staging / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
+        extra = dict(extra or {})
+        if accelerator.scaler is not None:
+            extra["grad_scaler"] = accelerator.scaler.state_dict()
+        torch.save(extra, staging / "extra.pt")
+        (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        for old in checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path, *, model: nn.Module, optimizer, lr_scheduler) -> tuple[dict, dict]:
+    """Restore into prepared model / optimizer; returns (state.json contents, extra.pt contents)."""
+    load_trainable_state(accelerator.unwrap_model(model), load_file(str(path / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
+    extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+    if accelerator.scaler is not None and "grad_scaler" in extra:
+        accelerator.scaler.load_state_dict(extra["grad_scaler"])
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    state = json.loads((path / "state.json").read_text())
+    return state, extra

@@ -1,0 +1,140 @@
+"""python -m training {synthetic,finetune,discriminator,distill,annotate,bundle}: train the served bundle.
+
+    python -m training synthetic --out runs/data --n 32 --size 128
+    python -m training finetune --base tiny --data runs/data/metadata.json --out runs/finetune --resolution 64 --steps 200
+    python -m training distill --base tiny --unet runs/finetune --data runs/data/metadata.json --out runs/distill \\
+        --resolution 64 --lora-rank 8 --steps 100
+    python -m training discriminator --base tiny --data runs/data/discriminator/metadata.json --out runs/disc --steps 50
+    python -m training bundle --base tiny --unet runs/finetune --lcm-lora runs/distill --discriminator runs/disc \\
+        --out runs/bundle --dtype float32
+    python -m training annotate --bundle runs/bundle --data pairs.json --out runs/round1 --threshold 0.9
+    accelerate launch -m training finetune --config finetune.yaml        # multi-GPU (one process per GPU)
+
+Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank: 8); flags win.
+Training stages take --resume [PATH] (no PATH: the newest checkpoint in OUT/checkpoints, if any).
+Each stage writes OUT/summary.json (config, versions, losses, step times, metrics, outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+
+def _stages() -> dict[str, tuple[type[BaseModel], Callable[[Any], dict], str]]:
+    from training.annotate import AnnotateSettings, annotate
+    from training.assemble import BundleStageSettings, assemble
+    from training.discriminator import DiscriminatorSettings, train_discriminator
+    from training.distill import DistillSettings, distill
+    from training.finetune import FinetuneSettings, finetune
+    from training.synthetic import SyntheticSettings, run_synthetic
+
+    return {
+        "synthetic": (SyntheticSettings, run_synthetic, "synthetic triplets and discriminator negatives"),
+        "finetune": (FinetuneSettings, finetune, "full UNet fine-tune on triplets (RORem)"),
+        "discriminator": (DiscriminatorSettings, train_discriminator, "train the discriminator's LoRA + head"),
+        "distill": (DistillSettings, distill, "LCM-LoRA distillation (RORem-4S)"),
+        "annotate": (AnnotateSettings, annotate, "one automated data round: remove, score, keep >= threshold"),
+        "bundle": (BundleStageSettings, assemble, "assemble a servable bundle from the trained parts"),
+    }
+
+
+def _is_bool(annotation) -> bool:
+    return annotation is bool
+
+
+def _is_list(annotation) -> bool:
+    return typing.get_origin(annotation) in (list, tuple)
+
+
+def build_parser(stages=None) -> argparse.ArgumentParser:
+    stages = stages or _stages()
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (model, _, help_text) in stages.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text, argument_default=argparse.SUPPRESS)
+        stage.add_argument("--config", help="YAML or JSON file of settings (keys as below, with underscores)")
+        for field_name, field in model.model_fields.items():
+            flag = "--" + field_name.replace("_", "-")
+            default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
+            help_text = (field.description or "") + default
+            if _is_bool(field.annotation):
+                stage.add_argument(flag, nargs="?", const="true", metavar="BOOL", help=help_text)
+            elif field_name == "resume":
+                stage.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help_text)
+            elif _is_list(field.annotation):
+                stage.add_argument(flag, type=lambda v: [x.strip() for x in v.split(",") if x.strip()], help=help_text)
+            else:
+                stage.add_argument(flag, metavar=field_name.upper(), help=help_text)
+    return parser
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def settings_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
+    values = vars(args).copy()
+    values.pop("stage", None)
+    config = values.pop("config", None)
+    merged = {**(load_config(config) if config else {}), **values}
+    return model.model_validate(merged)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def _is_bundle_error(exc: Exception) -> bool:
+    """engines.bundle (and with it diffusers) is imported only by the stages that need it."""
+    module = sys.modules.get("engines.bundle")
+    return module is not None and isinstance(exc, module.BundleError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.common import TrainingError
+    from training.data import DatasetError
+
+    stages = _stages()
+    args = build_parser(stages).parse_args(argv)
+    model, run, _ = stages[args.stage]
+    try:
+        settings = settings_from_args(model, args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"python -m training {args.stage}: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(settings)
+    except DatasetError as exc:
+        print(f"python -m training {args.stage}: bad data: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if not isinstance(exc, (TrainingError, FileNotFoundError)) and not _is_bundle_error(exc):
+            raise
+        print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
+        return 1
+    if _is_main_process():
+        path = Path(settings.out) / "summary.json"
+        final = summary.get("final_loss")
+        loss = f", final loss {final:.6g}" if isinstance(final, float) else ""
+        print(f"[{args.stage}] done{loss}; outputs: {json.dumps(summary.get('outputs', {}))}")
+        print(f"[{args.stage}] summary: {path}")
+    return 0

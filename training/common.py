@@ -1,0 +1,311 @@
+"""What every training stage shares: settings, the Accelerator, the base model folder, step seeds,
+the null prompt, the run summary (summary.json) and the progress bar.
+
+Each stage's loop lives in its own module and reads top to bottom; this module holds only the
+pieces that are the same in all of them. Checkpoints are in `training.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SUMMARY = "summary.json"
+DEFAULT_CACHE = "~/.cache/rorem"
+
+
+class TrainingError(ValueError):
+    """A run cannot go on as configured (wrong part, incompatible checkpoint, too small a resolution...)."""
+
+
+class StageSettings(BaseModel):
+    """Settings every stage has. Unknown keys are refused (a typo in a config is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+    out: Path = Field(description="output folder: results, checkpoints/, summary.json")
+    seed: int = Field(0, description="seed of every random draw of the run")
+
+
+class TrainSettings(StageSettings):
+    """Settings of the three training stages (finetune, discriminator, distill)."""
+
+    base: str = Field(
+        description="SDXL-inpainting pipeline folder (vae/, unet/, scheduler/, text encoders), "
+        "hf:OWNER/NAME, or 'tiny' / 'tiny:SEED' for the tiny architecture (generated in cache_dir)"
+    )
+    data: Path = Field(description="metadata JSON (RORem format)")
+    resolution: int = Field(512, description="training side in pixels, a multiple of 64")
+    steps: int = Field(1000, ge=1, description="optimizer steps in total (a resumed run continues to this)")
+    batch_size: int = Field(4, ge=1, description="samples per process per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    mixed_precision: MixedPrecision = Field("no", description="no | fp16 | bf16 (frozen parts are cast to it)")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    resume: str | None = Field(None, description="'latest' (none yet: start fresh) or a checkpoint folder")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cpu: bool = Field(False, description="run on CPU even if a GPU is there")
+    cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where base 'tiny' is generated")
+    overfit_one_batch: bool = Field(
+        False, description="debug: the same batch, noise and timesteps every step (the loss must fall)"
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_64(cls, value: int) -> int:
+        if value <= 0 or value % 64:
+            raise ValueError(f"resolution must be a positive multiple of 64, got {value}")
+        return value
+
+
+# ---------------------------------------------------------------- environment
+
+
+def make_accelerator(settings: TrainSettings):
+    """The run's Accelerator. Launched as several processes (accelerate launch, torchrun) on a machine
+    without a GPU, accelerate only sets up CPU data parallelism when told cpu=True: done here, else
+    every process would train alone and all of them would write the same files."""
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = settings.cpu or (launched and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=cpu, project_dir=str(settings.out))
+
+
+def resolve_base(ref: str, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """A base pipeline folder: local path, hf: reference, or the tiny one (generated once, under a lock)."""
+    from engines.authors_layout import fetch
+
+    if ref != "tiny" and not ref.startswith("tiny:"):
+        return fetch(ref)
+    seed = int(ref.split(":", 1)[1]) if ":" in ref else 0
+    return tiny_authors_layout(cache_dir, seed) / "base"
+
+
+def tiny_authors_layout(cache_dir: str | Path, seed: int = 0) -> Path:
+    """The tiny authors' layout (base/, rorem_unet/, lcm_lora/, discriminator/) in cache_dir/tiny-authors-SEED."""
+    from filelock import FileLock
+
+    from engines.tiny import write_tiny_authors_layout
+
+    folder = Path(cache_dir).expanduser() / f"tiny-authors-{seed}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "base" / "model_index.json").is_file():
+            staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+            write_tiny_authors_layout(staging, seed=seed)
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+    return folder
+
+
+def null_prompt_embeds(base: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt "" through the base's two text encoders, once: ([1, 77, D], [1, P]). RORem trains with it."""
+    from engines.authors_layout import encode_constant_prompt
+
+    return encode_constant_prompt(base, "")
+
+
+def sdxl_time_ids(resolution: int, batch: int, device, dtype) -> torch.Tensor:
+    """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w) for square crops."""
+    row = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=dtype)
+    return row.expand(batch, -1)
+
+
+def step_generator(seed: int, *counters: int) -> torch.Generator:
+    """A CPU generator for one micro-batch: its draws depend only on (seed, step, micro, process),
+    so a resumed run draws the same noise and timesteps as an uninterrupted one, on any device."""
+    state = np.random.SeedSequence([seed, *counters]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- the run summary
+
+
+class RunSummary:
+    """Collects what a run did and writes it to out/summary.json (at checkpoints and at the end).
+
+    Fields: stage, status (running | completed), config, versions, device, processes, started_at,
+    finished_at, resumed_from, steps_done, losses [{step, loss, lr, seconds}], step_time_s
+    (first, mean, median of the rest), final_loss, outputs, metrics (stage specific).
+    """
+
+    def __init__(self, stage: str, settings: StageSettings, accelerator=None):
+        self.stage = stage
+        self.settings = settings
+        self.accelerator = accelerator
+        self.path = Path(settings.out) / SUMMARY
+        self.data: dict[str, Any] = {
+            "stage": stage,
+            "status": "running",
+            "config": json.loads(settings.model_dump_json()),
+            "versions": versions(),
+            "device": str(accelerator.device) if accelerator is not None else "cpu",
+            "processes": accelerator.num_processes if accelerator is not None else 1,
+            "started_at": _now(),
+            "resumed_from": None,
+            "losses": [],
+            "outputs": {},
+            "metrics": {},
+        }
+
+    @property
+    def losses(self) -> list[dict[str, float]]:
+        return self.data["losses"]
+
+    def log_step(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        self.losses.append({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 4)})
+
+    def write(self, status: str = "running") -> Path:
+        is_main = self.accelerator is None or self.accelerator.is_main_process
+        self.data["status"] = status
+        losses = self.losses
+        self.data["steps_done"] = losses[-1]["step"] if losses else 0
+        self.data["final_loss"] = losses[-1]["loss"] if losses else None
+        seconds = [entry["seconds"] for entry in losses]
+        if seconds:
+            rest = seconds[1:] or seconds
+            self.data["step_time_s"] = {
+                "first": seconds[0],
+                "mean": round(statistics.fmean(rest), 4),
+                "median": round(statistics.median(rest), 4),
+            }
+        if status == "completed":
+            self.data["finished_at"] = _now()
+        if is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(SUMMARY + ".partial")
+            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            os.replace(tmp, self.path)
+        return self.path
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_summary(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resolve_part(ref: str, stage: str, output: str, inner: str | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """A part given directly, or a run folder of `stage` (its summary's outputs[output]); plus the run's record."""
+    path = Path(ref).expanduser()
+    summary = read_summary(path)
+    if summary is not None:
+        if summary.get("stage") != stage:
+            raise TrainingError(f"{path} is a {summary.get('stage')} run, expected a {stage} run")
+        if summary.get("status") != "completed":
+            raise TrainingError(f"the {stage} run in {path} has not completed (status {summary.get('status')})")
+        path = Path(summary["outputs"][output])
+        if not path.exists():  # the run folder was moved or copied: look inside it
+            try:
+                path = Path(ref).expanduser() / path.relative_to(Path(summary["config"]["out"]).resolve())
+            except ValueError:
+                pass
+        record = {
+            "run": str(Path(ref).expanduser().resolve()),
+            "stage": stage,
+            "steps_done": summary.get("steps_done"),
+            "final_loss": summary.get("final_loss"),
+            "finished_at": summary.get("finished_at"),
+            "config": summary.get("config"),
+            "metrics": _compact(summary.get("metrics") or {}),
+            "versions": summary.get("versions"),
+        }
+    else:
+        record = None
+    if inner and path.is_dir() and (path / inner).is_file():
+        path = path / inner
+    if not path.exists():
+        raise FileNotFoundError(f"{ref}: {path} does not exist")
+    return path, record
+
+
+def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics without the per-item lists (held-out scores), which do not belong in a manifest."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out[key] = _compact(value)
+        elif not isinstance(value, list):
+            out[key] = value
+    return out
+
+
+def resolve_unet(ref: str | None, base: Path) -> Path:
+    """A UNet folder: given directly, a finetune run folder (its out/unet), or by default the base's unet/."""
+    return resolve_part(ref, "finetune", "unet")[0] if ref else base / "unet"
+
+
+# ---------------------------------------------------------------- model pieces the stages share
+
+
+def load_frozen_vae(base: Path, device, weight_dtype: torch.dtype):
+    """The base's VAE, frozen, in the mixed dtype, except that SDXL's VAE overflows in fp16
+    (config force_upcast): it then stays fp32, as diffusers does."""
+    from diffusers import AutoencoderKL
+
+    upcast = AutoencoderKL.load_config(base / "vae").get("force_upcast", True)
+    dtype = torch.float32 if (weight_dtype == torch.float16 and upcast) else weight_dtype
+    vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """pixels [B,3,H,W] in [-1,1] -> latents * scaling_factor: a posterior sample drawn from
+    `generator` (training targets), or the posterior mean without one (what the scorer uses)."""
+    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    latents = posterior.mean
+    if generator is not None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+        latents = latents + posterior.std * noise
+    return latents.float() * vae.config.scaling_factor
+
+
+def latent_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """mask [B,1,H,W] in {0,1} at the latent size (nearest), as the remover and scorer do."""
+    return torch.nn.functional.interpolate(mask.float(), size=latents.shape[-2:]).to(latents.dtype)

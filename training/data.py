@@ -1,0 +1,257 @@
+"""Triplet data in the RORem metadata format: reading, validating, writing, and a torch Dataset.
+
+The format (RORem paper, reference code): a JSON array of objects with image paths relative to the
+JSON file,
+
+    [{"source": "source/0001.png", "mask": "mask/0001.png", "GT": "gt/0001.png"}, ...]
+
+`source` is the photo with the object, `mask` is white where the object is (white = remove), `GT`
+is the photo without it. The discriminator's labelled set adds `"score"` (1 = a good removal,
+0 = a bad one) and then `GT` is the *edited image being judged*, which is the paper's format.
+Unlabelled pairs (for `annotate`) need only `source` and `mask`. Extra keys are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+FIELDS = ("source", "mask", "GT")
+
+
+class DatasetError(ValueError):
+    """A metadata file or one of its images is unusable; the message names file, entry and field."""
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """One record, with absolute paths. `gt` is the removed image (or the judged edit when `score` is set)."""
+
+    source: Path
+    mask: Path
+    gt: Path | None = None
+    score: float | None = None
+
+
+def load_metadata(
+    path: str | Path,
+    require: Sequence[str] = FIELDS,
+    check_sizes: bool = True,
+) -> list[Triplet]:
+    """Read and validate a metadata file: JSON array, required fields, files exist, same sizes.
+
+    `require` names the fields every entry must have, among "source", "mask", "GT", "score".
+    `check_sizes` opens each image's header (not its pixels) to check source, mask and GT agree.
+    """
+    path = Path(path)
+    unknown = set(require) - {*FIELDS, "score"}
+    if unknown:
+        raise ValueError(f"unknown required fields {sorted(unknown)}; fields are {[*FIELDS, 'score']}")
+    if not path.is_file():
+        raise DatasetError(f"{path}: metadata file not found")
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not a UTF-8 text file ({exc.reason})") from exc
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: expected a JSON array of objects, got a JSON {type(entries).__name__}")
+    if not entries:
+        raise DatasetError(f"{path}: the array is empty")
+    root = path.parent
+    records = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: entry {index}"
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where}: expected an object with {list(require)}, got {type(entry).__name__}")
+        for field in require:
+            if field not in entry:
+                raise DatasetError(f"{where}: field {field!r} is missing (entry has {sorted(entry)})")
+        files: dict[str, Path | None] = {}
+        for field in FIELDS:
+            value = entry.get(field)
+            if value is None:
+                files[field] = None
+                continue
+            if not isinstance(value, str) or not value:
+                raise DatasetError(f"{where}: field {field!r} must be a non-empty path string, got {value!r}")
+            file = (root / value).resolve() if not os.path.isabs(value) else Path(value)
+            if not file.is_file():
+                raise DatasetError(f"{where}: field {field!r}: file {value} not found (looked for {file})")
+            files[field] = file
+        score = entry.get("score")
+        if score is not None:
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise DatasetError(f"{where}: field 'score' must be a finite number, got {score!r}")
+            score = float(score)
+        if files["source"] is None or files["mask"] is None:
+            raise DatasetError(f"{where}: 'source' and 'mask' are needed in every entry")
+        if check_sizes:
+            _check_sizes(where, files)
+        records.append(Triplet(source=files["source"], mask=files["mask"], gt=files["GT"], score=score))
+    return records
+
+
+def _check_sizes(where: str, files: dict[str, Path | None]) -> None:
+    sizes = {}
+    for field, file in files.items():
+        if file is None:
+            continue
+        try:
+            with Image.open(file) as img:
+                sizes[field] = img.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DatasetError(f"{where}: field {field!r}: {file} is not a readable image ({exc})") from exc
+    if len(set(sizes.values())) > 1:
+        described = ", ".join(f"{field} {w}x{h}" for field, (w, h) in sizes.items())
+        raise DatasetError(f"{where}: image sizes differ ({described}); source, mask and GT must have one size")
+
+
+def write_metadata(path: str | Path, records: Iterable[Triplet]) -> Path:
+    """Write records as a RORem metadata file, paths relative to the file's folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = path.parent.resolve()
+    entries = []
+    for record in records:
+        entry = {"source": _relative(record.source, root), "mask": _relative(record.mask, root)}
+        if record.gt is not None:
+            entry["GT"] = _relative(record.gt, root)
+        if record.score is not None:
+            entry["score"] = record.score
+        entries.append(entry)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(entries, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def _relative(file: Path, root: Path) -> str:
+    return Path(os.path.relpath(Path(file).resolve(), root)).as_posix()
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def load_rgb(path: Path, resolution: int) -> np.ndarray:
+    """(R, R, 3) uint8: the shorter side resized to R (bicubic), then center-cropped."""
+    with Image.open(path) as img:
+        return np.asarray(_resize_crop(img.convert("RGB"), resolution, Image.Resampling.BICUBIC))
+
+
+def load_mask(path: Path, resolution: int) -> np.ndarray:
+    """(R, R) bool: white (> 127 after conversion to L; an RGBA mask uses its alpha) = remove."""
+    with Image.open(path) as img:
+        gray = img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("L")
+        return np.asarray(_resize_crop(gray, resolution, Image.Resampling.NEAREST)) > 127
+
+
+def _resize_crop(img: Image.Image, resolution: int, resample: Image.Resampling) -> Image.Image:
+    width, height = img.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), resample=resample)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> [3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class TripletDataset(torch.utils.data.Dataset):
+    """Records as tensors at `resolution` (multiple of 64): source / GT in [-1, 1] [3,R,R], mask {0,1} [1,R,R].
+
+    Items are dicts with "source", "mask", and "gt" when the record has one, "score" when it has one
+    (the discriminator's label), and "index".
+    """
+
+    def __init__(self, records: Sequence[Triplet], resolution: int):
+        if resolution <= 0 or resolution % 64:
+            raise ValueError(f"resolution must be a positive multiple of 64, got {resolution}")
+        if not records:
+            raise ValueError("a dataset needs at least one record")
+        self.records = list(records)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        item = {
+            "index": torch.tensor(index),
+            "source": to_tensor(load_rgb(record.source, self.resolution)),
+            "mask": torch.from_numpy(load_mask(record.mask, self.resolution)).float()[None],
+        }
+        if record.gt is not None:
+            item["gt"] = to_tensor(load_rgb(record.gt, self.resolution))
+        if record.score is not None:
+            item["score"] = torch.tensor(record.score, dtype=torch.float32)
+        return item
+
+
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Endless batches whose content depends only on (seed, batch number, process): resumable exactly.
+
+    The sample stream is a concatenation of seeded permutations (one per epoch); global batch `b`
+    takes `batch_size` consecutive positions for each process, so process `rank` of `world` gets
+    positions ((b * world + rank) * batch_size ...). Starting at `start_batch` continues a run.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        start_batch: int = 0,
+        world: int = 1,
+        rank: int = 0,
+        repeat_first: bool = False,
+    ):
+        if size <= 0 or batch_size <= 0:
+            raise ValueError("a sampler needs a non-empty dataset and a positive batch size")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start_batch, self.world, self.rank = start_batch, world, rank
+        self.repeat_first = repeat_first  # every batch is batch 0 (overfitting one batch, a debug check)
+        self._epoch, self._perm = -1, np.arange(0)
+
+    def _position(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            self._epoch = epoch
+        return int(self._perm[offset])
+
+    def batch(self, number: int) -> list[int]:
+        first = (number * self.world + self.rank) * self.batch_size
+        return [self._position(p) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        number = self.start_batch
+        while True:
+            yield self.batch(0 if self.repeat_first else number)
+            number += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for len(), which the loops never call
+        return 2**62
+
+
+def save_image(array: np.ndarray, path: Path) -> Path:
+    """Write an RGB image or a mask (bool: white = True) as a file, making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    Image.fromarray(array).save(path)
+    return path

@@ -1,0 +1,143 @@
+"""The one optimizer loop all three training stages run; each stage supplies its model and its loss.
+
+    for step in start+1 .. steps:
+        for micro in range(grad_accum):              # gradients sync across processes on the last one only
+            batch  = the next micro-batch             # (seed, batch number, process) decide which samples
+            loss   = compute_loss(model, batch, step_generator(seed, step, micro, process))
+            backward(loss / grad_accum)
+        clip to max_grad_norm; AdamW step; lr schedule step; EMA step (if any)
+        log the mean loss over micro-batches and processes; checkpoint every `checkpoint_every`
+
+`compute_loss` must draw every random number from the generator it is given; then a run resumed
+from a checkpoint reproduces exactly the losses an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from training.common import RunSummary, TrainingError, TrainSettings, progress_bar, step_generator
+from training.data import StepBatchSampler
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], torch.Tensor]
+
+
+def train(
+    settings: TrainSettings,
+    accelerator,
+    summary: RunSummary,
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    compute_loss: LossFn,
+    ema=None,
+) -> nn.Module:
+    """Train the parameters of `model` that require grad; returns the model unwrapped (EMA not applied)."""
+    from diffusers.optimization import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=settings.lr,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        weight_decay=settings.adam_weight_decay,
+        eps=settings.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        settings.lr_scheduler,
+        optimizer,
+        num_warmup_steps=settings.lr_warmup_steps,
+        num_training_steps=settings.steps,
+    )
+    # the scheduler is stepped here once per optimizer step, so it is not handed to accelerate
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    start = 0
+    checkpoint = find_checkpoint(settings.out, settings.resume)
+    if checkpoint is not None:
+        state, extra = load_checkpoint(
+            accelerator, checkpoint, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler
+        )
+        if state.get("stage") != summary.stage:
+            raise TrainingError(f"{checkpoint} is a {state.get('stage')} checkpoint, not {summary.stage}")
+        start = state["step"]
+        summary.losses[:] = [entry for entry in state["losses"] if entry["step"] <= start]
+        summary.data["resumed_from"] = str(checkpoint)
+        if ema is not None:
+            ema.load_state_dict(extra["ema"])
+        accelerator.print(f"[{summary.stage}] resumed from {checkpoint} at step {start}")
+
+    sampler = StepBatchSampler(
+        len(dataset),
+        settings.batch_size,
+        settings.seed,
+        start_batch=start * settings.grad_accum,
+        repeat_first=settings.overfit_one_batch,
+        world=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=settings.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=settings.num_workers > 0,
+    )
+    batches = iter(loader)
+    bar = progress_bar(settings.steps, start, summary.stage, accelerator.is_local_main_process)
+    model.train()
+    for step in range(start + 1, settings.steps + 1):
+        began = time.perf_counter()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(settings.grad_accum):
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+            draw = 0 if settings.overfit_one_batch else step  # overfit: the same draws every step
+            generator = step_generator(settings.seed, draw, micro, accelerator.process_index)
+            last = micro == settings.grad_accum - 1
+            with nullcontext() if last else accelerator.no_sync(model):
+                loss = compute_loss(model, batch, generator)
+                accelerator.backward(loss / settings.grad_accum)
+            step_loss += loss.detach().float() / settings.grad_accum
+        accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        lr = lr_scheduler.get_last_lr()[0]
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        summary.log_step(step, loss_value, lr, time.perf_counter() - began)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if step == settings.steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+            save_checkpoint(
+                accelerator,
+                settings.out,
+                step,
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                state=_checkpoint_state(summary),
+                extra={"ema": ema.state_dict()} if ema is not None else None,
+                keep=settings.keep_checkpoints,
+            )
+            summary.write()
+    bar.close()
+    model.eval()
+    return accelerator.unwrap_model(model)
+
+
+def _checkpoint_state(summary: RunSummary) -> dict[str, Any]:
+    return {"stage": summary.stage, "settings": summary.data["config"], "losses": list(summary.losses)}
