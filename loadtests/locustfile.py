@@ -1,0 +1,159 @@
+"""Locust load test for the service: REST users (multipart) and gRPC users, photo-like inputs.
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000                        # web UI
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 8 -r 2 -t 2m \\
+        --csv out/locust --html out/locust.html                                           # headless
+
+Knobs (environment variables):
+  ROREM_MIX      sizes and weights of the inputs, e.g. "512:6,1024:3,12mp:1" (default)
+  ROREM_GRPC     host:port of the gRPC API (default: the --host's host, port 9000)
+  ROREM_GATE     gate mode sent with every request (default: the service's)
+  ROREM_USERS    "rest:3,grpc:1" user-class weights (default); "rest:1,grpc:0" for REST only
+
+Every answer is checked: a 200 must carry a decodable image of the input's size, else the request
+is counted as failed (so a smoke run fails on any error or any response without a valid image).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+from functools import lru_cache
+
+import numpy as np
+from locust import HttpUser, User, between, events, task
+from PIL import Image
+
+SIZES = {"512": (512, 512), "1024": (1024, 1024), "12mp": (4000, 3000)}
+MASK_FRACTIONS = (0.05, 0.15, 0.3)
+
+
+def _weights(text: str) -> dict[str, int]:
+    pairs = (item.split(":") for item in text.split(",") if item.strip())
+    return {name.strip(): int(weight) for name, weight in pairs}
+
+
+MIX = _weights(os.environ.get("ROREM_MIX", "512:6,1024:3,12mp:1"))
+USER_WEIGHTS = _weights(os.environ.get("ROREM_USERS", "rest:3,grpc:1"))
+GATE = os.environ.get("ROREM_GATE", "")
+
+
+@lru_cache(maxsize=None)
+def photo_png(size: str) -> bytes:
+    """A photo-like image: smooth gradients plus texture and edges (compresses like a photo, not like noise)."""
+    width, height = SIZES[size]
+    rng = np.random.default_rng(len(size))
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, 1 - x / width], axis=-1) * 180 + 40
+    texture = rng.normal(0, 12, (height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:height, :width]
+    image = np.clip(base + texture, 0, 255).astype(np.uint8)
+    image[height // 3 : height // 2, width // 4 : width // 2] = (200, 60, 40)
+    return _png(image)
+
+
+@lru_cache(maxsize=None)
+def mask_png(size: str, fraction: float) -> bytes:
+    width, height = SIZES[size]
+    mask = np.zeros((height, width), np.uint8)
+    h, w = int(height * fraction), int(width * fraction)
+    top, left = height // 3, width // 4
+    mask[top : top + h, left : left + w] = 255
+    return _png(mask)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def pick_input() -> tuple[str, bytes, bytes]:
+    size = random.choices(list(MIX), weights=list(MIX.values()))[0]
+    return size, photo_png(size), mask_png(size, random.choice(MASK_FRACTIONS))
+
+
+def image_problem(content: bytes, size: str) -> str | None:
+    """None if `content` decodes to an image of the input's size, else what is wrong."""
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            if image.size != SIZES[size]:
+                return f"image is {image.size}, sent {SIZES[size]}"
+            image.load()
+    except Exception as exc:  # any decode failure is a failed request
+        return f"not a valid image: {exc}"
+    return None
+
+
+class RestUser(HttpUser):
+    """POST /remove with multipart uploads, PNG out."""
+
+    weight = USER_WEIGHTS.get("rest", 3)
+    wait_time = between(0.0, 0.5)
+
+    @task
+    def remove(self):
+        size, image, mask = pick_input()
+        data = {"output_format": "png", "seed": str(random.getrandbits(31))}
+        if GATE:
+            data["gate"] = GATE
+        files = {"image": ("image.png", image, "image/png"), "mask": ("mask.png", mask, "image/png")}
+        with self.client.post("/remove", files=files, data=data, name=f"/remove {size}", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"{response.status_code}: {response.text[:200]}")
+            elif problem := image_problem(response.content, size):
+                response.failure(problem)
+
+
+class GrpcUser(User):
+    """ObjectRemoval/Remove over gRPC, reporting to locust like an HTTP request."""
+
+    weight = USER_WEIGHTS.get("grpc", 1)
+    wait_time = between(0.0, 0.5)
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        import grpc.experimental.gevent as grpc_gevent
+
+        grpc_gevent.init_gevent()
+        from serve.grpc_client import open_channel, stub
+
+        target = os.environ.get("ROREM_GRPC") or f"{_host_of(environment.host)}:9000"
+        self.channel = open_channel(target)
+        self.stub = stub(self.channel)
+
+    def on_stop(self):
+        self.channel.close()
+
+    @task
+    def remove(self):
+        import grpc
+
+        from serve import rorem_pb2 as pb
+
+        size, image, mask = pick_input()
+        request = pb.RemoveRequest(image=image, mask=mask, output_format="png", seed=random.getrandbits(31), gate=GATE)
+        started = time.perf_counter()
+        exception, length = None, 0
+        try:
+            reply = self.stub.Remove(request, timeout=120)
+            length = len(reply.image)
+            if problem := image_problem(reply.image, size):
+                exception = RuntimeError(problem)
+        except grpc.RpcError as error:
+            exception = RuntimeError(f"{error.code().name}: {(error.details() or '')[:200]}")
+        events.request.fire(
+            request_type="grpc",
+            name=f"Remove {size}",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=exception,
+            context={},
+        )
+
+
+def _host_of(url: str | None) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(url or "http://127.0.0.1").hostname or "127.0.0.1"
