@@ -8,7 +8,6 @@ result independent of the batch it ran in, and lets tests check parity with diff
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from engines.runners import (
     default_export_path,
     make_unet_runner,
 )
+from engines.timing import StageClock
 
 
 @dataclass
@@ -189,24 +189,6 @@ class RemovalEngine:
         posterior = self.vae.encode(images.to(self.vae_dtype)).latent_dist
         noise = _randn(posterior.mean.shape[1:], generators, self.device, posterior.mean.dtype)
         return ((posterior.mean + posterior.std * noise) * self.vae.config.scaling_factor).to(self.dtype)
-
-class StageClock:
-    """Seconds per stage into a dict (synchronizing CUDA so a stage's time is its own); a no-op without one."""
-
-    def __init__(self, device: torch.device, timings: dict[str, float] | None):
-        self.device = torch.device(device)
-        self.timings = timings
-        self.last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        if self.timings is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
-        self.last = now
-
 
 def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device, dtype) -> torch.Tensor:
     """One draw per job from its own CPU generator: the same numbers on every device and batch."""

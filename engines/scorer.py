@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import pickle
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from engines.lora import LoRAError, fuse_lora_file, read_lora_file
+from engines.timing import StageClock
 
 if TYPE_CHECKING:
     from engines.bundle import Bundle
@@ -396,15 +396,14 @@ class ScoringEngine:
     def score(self, jobs: list[ScoreJob], timings: dict[str, float] | None = None) -> list[float]:
         """One score per job (any sizes; each is resized to the score view), in job order.
 
-        `timings`, when given, is filled with prepare_ms (resize, upload), vae_ms and discriminator_ms.
+        `timings`, when given, receives the seconds spent in prepare (resize, upload), vae_encode and
+        discriminator (engines.timing.StageClock, as the remover reports its stages).
         """
         if not jobs:
             return []
-        start = time.perf_counter()
+        clock = StageClock(self.device, timings)
         edited, masks, sources = self.prepare(jobs)
-        self._sync()
-        if timings is not None:
-            timings["prepare_ms"] = (time.perf_counter() - start) * 1000.0
+        clock.lap("prepare")
         scores = self.score_tensors(edited, masks, sources, timings=timings)
         return [float(s) for s in scores.float().cpu()]
 
@@ -437,15 +436,14 @@ class ScoringEngine:
     ) -> torch.Tensor:
         """edited, sources [B,3,S,S] in [-1,1], masks [B,1,S,S] in {0,1} -> scores [B] (fp32)."""
         batch, _, height, width = edited.shape
-        start = time.perf_counter()
+        clock = StageClock(self.device, timings)
         # one VAE pass for both: posterior mean, no t=0 noise (see the module docstring)
         pixels = torch.cat([edited, sources]).to(self.device, self.vae_dtype).contiguous()  # one layout, one result
         latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
         latents = latents.to(self.dtype)
         edited_latents, source_latents = latents[:batch], latents[batch:]
         latent_masks = F.interpolate(masks.to(self.device).float(), size=latents.shape[-2:]).to(self.dtype)
-        self._sync()
-        vae_done = time.perf_counter()
+        clock.lap("vae_encode")
 
         sample = torch.cat([edited_latents, latent_masks, source_latents], dim=1)
         if self.device.type == "cuda":
@@ -458,12 +456,5 @@ class ScoringEngine:
             text_embeds=self.pooled_prompt_embeds.expand(batch, -1),
             time_ids=time_ids.expand(batch, -1),
         ).float()
-        self._sync()
-        if timings is not None:
-            timings["vae_ms"] = (vae_done - start) * 1000.0
-            timings["discriminator_ms"] = (time.perf_counter() - vae_done) * 1000.0
+        clock.lap("discriminator")
         return scores
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

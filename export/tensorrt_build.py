@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from engines.bundle import sha256_of
 from engines.runners import LATENT_MULTIPLE, UNET_INPUTS, import_tensorrt, plan_sidecar
 from export.progress import QUIET, Progress
 
@@ -196,7 +197,7 @@ def build_plan(
         compute_capability="%d.%d" % torch.cuda.get_device_capability(device),
         profiles=[p.to_json() for p in profiles],
         onnx=onnx_path.name,
-        onnx_sha256=_sha256(onnx_path),
+        onnx_sha256=sha256_of(onnx_path),
         strongly_typed=True,
         builder_optimization_level=optimization_level,
         workspace_gb=workspace_gb,
@@ -233,14 +234,6 @@ def _build_monitor(trt, progress: Progress):
             self.depth.pop(phase_name, None)
 
     return Monitor()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

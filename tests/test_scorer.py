@@ -418,7 +418,7 @@ def test_crops_of_any_size_are_scored_on_the_512_view(engine):
 def test_timings_and_sizes(engine):
     timings: dict = {}
     engine.score(_jobs(sides=(256, 512)), timings=timings)
-    assert set(timings) == {"prepare_ms", "vae_ms", "discriminator_ms"} and all(v > 0 for v in timings.values())
+    assert set(timings) == {"prepare", "vae_encode", "discriminator"} and all(v > 0 for v in timings.values())
     assert engine.score([]) == []
     with pytest.raises(ValueError, match="one size"):
         job = _jobs(sides=(256,))[0]
