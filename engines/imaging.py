@@ -32,7 +32,8 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 # Phone cameras write multi-picture JPEGs (MPO); their first picture is a plain JPEG, so report them as one.
 _FORMAT_ALIASES = {"mpo": "jpeg"}
 
-WEBP_MAX_SIDE = 16383
+# The largest side each output codec can write (PNG: 2**31 - 1, beyond any decodable input).
+MAX_OUTPUT_SIDE = {"webp": 16383, "jpeg": 65500}
 _FEATHER_TILE = 256
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
@@ -78,7 +79,9 @@ def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.
         mask = _luminance_times_1000(decoded.rgb) > 127 * 1000
     if mask.shape != tuple(size):
         (mask_h, mask_w), (image_h, image_w) = mask.shape, size
-        raise MaskSizeMismatch(f"mask is {mask_w}x{mask_h} but image is {image_w}x{image_h}")
+        turned = mask.shape == tuple(size)[::-1]
+        hint = "; the image is read upright (its EXIF orientation applied): draw the mask on the upright image"
+        raise MaskSizeMismatch(f"mask is {mask_w}x{mask_h} but image is {image_w}x{image_h}{hint if turned else ''}")
     return mask
 
 
@@ -108,7 +111,9 @@ def _decode(data: bytes, limits: DecodeLimits, what: str, invalid: type[InputErr
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the {what} has too many pixels ({exc})") from exc
+        # PIL's own guard fires inside Image.open, before our check, for sizes past its limit: name ours too
+        limit = f"the limit is {limits.max_megapixels:g} megapixels"
+        raise ImageTooLarge(f"the {what} has too many pixels; {limit} ({exc})") from exc
     except UnidentifiedImageError as exc:
         accepted = ", ".join(f.lower() for f in ACCEPTED_FORMATS)
         raise invalid(f"the {what} is not a recognised image (accepted formats: {accepted})") from exc
@@ -264,28 +269,42 @@ def _window_inside_image(plan: CropPlan, height: int, width: int) -> tuple[slice
 
 
 def crop_for_model(rgb: np.ndarray, mask: np.ndarray, plan: CropPlan) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the planned window and bring it to the model's bucket size: (bucket, bucket, 3) uint8 and bool mask."""
+    """Cut the planned window and bring it to the model's bucket size: (bucket, bucket, 3) uint8 and bool mask.
+
+    Only the part of the window inside the image is resampled; the overhang is padded at bucket scale. Padding
+    at full resolution first would allocate side x side pixels: gigabytes for a 1 x 20000 strip, whose window
+    is 20000 pixels square.
+    """
     height, width = mask.shape
     image_rows, image_cols, window_rows, window_cols = _window_inside_image(plan, height, width)
-    padding = (
-        (window_rows.start, plan.side - window_rows.stop),
-        (window_cols.start, plan.side - window_cols.stop),
-    )
     rgb_window = rgb[image_rows, image_cols]
     mask_window = mask[image_rows, image_cols]
+    if plan.side != plan.bucket:
+        window_rows, window_cols = _at_bucket_scale(window_rows, plan), _at_bucket_scale(window_cols, plan)
+        size = (window_cols.stop - window_cols.start, window_rows.stop - window_rows.start)
+        resized = Image.fromarray(np.ascontiguousarray(rgb_window)).resize(size, Image.Resampling.LANCZOS)
+        rgb_window = np.asarray(resized)
+        # Bilinear coverage > 0 keeps strokes thinner than the downscale factor instead of dropping them.
+        coverage = Image.fromarray(mask_window.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
+        mask_window = np.asarray(coverage) > 0
+    padding = (
+        (window_rows.start, plan.bucket - window_rows.stop),
+        (window_cols.start, plan.bucket - window_cols.stop),
+    )
     if any(any(pair) for pair in padding):
         visible_h, visible_w = rgb_window.shape[:2]
         # Reflection looks natural to the model but needs the pad to be shorter than the visible part.
         fits = max(padding[0]) < visible_h and max(padding[1]) < visible_w
         rgb_window = np.pad(rgb_window, (*padding, (0, 0)), mode="reflect" if fits else "edge")
         mask_window = np.pad(mask_window, padding, mode="constant", constant_values=False)
-    if plan.side == plan.bucket:
-        return np.ascontiguousarray(rgb_window), mask_window.copy()
-    size = (plan.bucket, plan.bucket)
-    model_rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb_window)).resize(size, Image.Resampling.LANCZOS))
-    # Bilinear coverage > 0 keeps strokes thinner than the downscale factor instead of dropping them.
-    coverage = Image.fromarray(mask_window.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(model_rgb), np.asarray(coverage) > 0
+    return np.ascontiguousarray(rgb_window), mask_window.copy()
+
+
+def _at_bucket_scale(span: slice, plan: CropPlan) -> slice:
+    """Where a window-space span lands in the bucket-sized model crop: at least one pixel, inside the crop."""
+    scale = plan.bucket / plan.side
+    start = min(round(span.start * scale), plan.bucket - 1)
+    return slice(start, max(round(span.stop * scale), start + 1))
 
 
 def paste_back(rgb: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: CropPlan, feather: int) -> np.ndarray:
@@ -299,12 +318,13 @@ def paste_back(rgb: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: Crop
     if feather < 0:
         raise ValueError(f"feather must be >= 0, got {feather}")
     height, width = mask.shape
-    if plan.side != plan.bucket:
-        resized = Image.fromarray(np.ascontiguousarray(result)).resize(
-            (plan.side, plan.side), Image.Resampling.LANCZOS
-        )
-        result = np.asarray(resized)
     image_rows, image_cols, window_rows, window_cols = _window_inside_image(plan, height, width)
+    if plan.side == plan.bucket:
+        result = result[window_rows, window_cols]
+    else:  # the inverse of crop_for_model: only the part of the crop that lies inside the image, back to its size
+        visible = result[_at_bucket_scale(window_rows, plan), _at_bucket_scale(window_cols, plan)]
+        size = (window_cols.stop - window_cols.start, window_rows.stop - window_rows.start)
+        result = np.asarray(Image.fromarray(np.ascontiguousarray(visible)).resize(size, Image.Resampling.LANCZOS))
     out = rgb.copy()
     window_mask = mask[image_rows, image_cols]
     box = _bounding_box(window_mask)
@@ -312,7 +332,7 @@ def paste_back(rgb: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: Crop
         return out
     rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
     original = rgb[image_rows, image_cols][rows, cols]
-    repainted = result[window_rows, window_cols][rows, cols]
+    repainted = result[rows, cols]
     target = out[image_rows, image_cols][rows, cols]
     target[...] = np.where(window_mask[rows, cols][..., None], repainted, original)
     weight = _feather_weight(window_mask, feather, rows, cols)
@@ -351,18 +371,24 @@ def _feather_weight(mask: np.ndarray, feather: int, rows: slice, cols: slice) ->
 # --- encoding -----------------------------------------------------------------------------------
 
 
-def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, quality: int = 95) -> bytes:
-    """Encode the final image; alpha is kept where the format can store it (png, webp) and dropped for jpeg."""
-    fmt = fmt.lower()
+def check_output(fmt: str, height: int, width: int) -> None:
+    """Refuse an output format that cannot hold the image, before any work is spent on it."""
     if fmt not in OUTPUT_FORMATS:
         allowed = ", ".join(OUTPUT_FORMATS)
         raise UnsupportedOutputFormat(f"output format {fmt!r} is not supported; use one of: {allowed}")
-    height, width = rgb.shape[:2]
-    if fmt == "webp" and max(height, width) > WEBP_MAX_SIDE:
+    side = max(height, width)
+    fitting = [f for f in OUTPUT_FORMATS if side <= MAX_OUTPUT_SIDE.get(f, side)]
+    if fmt not in fitting:
         raise ImageTooLarge(
-            f"webp output is limited to {WEBP_MAX_SIDE} pixels per side but the image is {width}x{height}; "
-            "ask for png or jpeg"
+            f"{fmt} output is limited to {MAX_OUTPUT_SIDE[fmt]} pixels per side but the image is {width}x{height}; "
+            f"ask for {' or '.join(fitting)}"
         )
+
+
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, quality: int = 95) -> bytes:
+    """Encode the final image; alpha is kept where the format can store it (png, webp) and dropped for jpeg."""
+    fmt = fmt.lower()
+    check_output(fmt, *rgb.shape[:2])
     if alpha is not None and fmt != "jpeg":
         image = Image.fromarray(np.dstack([rgb, alpha]).astype(np.uint8))
     else:

@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,59 +20,19 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import yaml
-from benchlib import center_mask, photo, summarize
-from PIL import Image
-
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import center_mask, photo, png, remover_only, start_service, stop_service, summarize
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_batching_service(work: Path, max_batch_size: int, wait_s: float):
+    def adjust(config: dict) -> None:
+        remover_only(config)
+        config["applications"][0]["args"]["batching"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
 
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def start_service(work: Path, max_batch_size: int, wait_s: float) -> tuple[subprocess.Popen, str]:
-    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
-    app = config["applications"][0]
-    app["args"]["batching"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
-    app["args"]["scorer"] = {"enabled": False}
-    app["args"]["gate"] = {"mode": "off"}
-    app["deployments"] = [d for d in app["deployments"] if d["name"] != "Scorer"]
-    path = work / f"serve-{max_batch_size}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = _free_port()
-    log = open(work / f"serve-{max_batch_size}.log", "w")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "serve", "run", "--config", str(path), "--port", str(port),
-         "--grpc-port", str(_free_port()), "--metrics-port", str(_free_port())],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while "[rorem] READY" not in (work / f"serve-{max_batch_size}.log").read_text():
-        if child.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"service did not start; see {work / f'serve-{max_batch_size}.log'}")
-        time.sleep(1)
-    return child, f"http://127.0.0.1:{port}"
-
-
-def stop_service(child: subprocess.Popen) -> None:
-    os.killpg(child.pid, signal.SIGINT)
-    try:
-        child.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
+    return start_service(work, f"batch-{max_batch_size}", adjust)
 
 
 def load(url: str, clients: int, requests: int, side: int) -> dict:
-    files = {"image": ("i.png", _png(photo(side))), "mask": ("m.png", _png(center_mask(side).astype(np.uint8) * 255))}
+    files = {"image": ("i.png", png(photo(side))), "mask": ("m.png", png(center_mask(side).astype(np.uint8) * 255))}
     client = httpx.Client(base_url=url, timeout=300)
     client.post("/remove", files=files, data={"seed": "0"}).raise_for_status()
 
@@ -112,7 +66,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rorem-bench-batching-"))
     result = {"clients": args.clients, "requests": args.requests, "side": args.side, "runs": {}}
     for max_batch in args.batches:
-        child, url = start_service(work, max_batch, args.wait_s)
+        child, url = start_batching_service(work, max_batch, args.wait_s)
         try:
             result["runs"][str(max_batch)] = load(url, args.clients, args.requests, args.side)
         finally:

@@ -13,14 +13,12 @@ bundle in this process.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import center_mask, photo, summarize
-from PIL import Image
+from benchlib import center_mask, encode, photo, png, summarize
 
 from engines.remover import RemovalEngine, RemovalJob
 from engines.sources import open_bundle
@@ -43,39 +41,31 @@ def bench_engine(cache: str, side: int, runs: int, threads: int | None) -> dict:
     return {"torch_threads": torch.get_num_threads(), **summarize(samples)}
 
 
-def bench_http(url: str, side: int, runs: int) -> dict:
+def bench_http(url: str, side: int, runs: int, fmt: str) -> dict:
     import httpx
 
-    def png(array):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    files = {"image": ("i.png", png(photo(side))), "mask": ("m.png", png(center_mask(side).astype(np.uint8) * 255))}
+    files = {"image": ("i", encode(photo(side), fmt)), "mask": ("m.png", png(center_mask(side).astype(np.uint8) * 255))}
+    fields = {"seed": "0", "dilate": "0", "gate": "off", "output_format": fmt}
     client = httpx.Client(base_url=url, timeout=120)
-    client.post("/remove", files=files, data={"seed": "0", "dilate": "0", "gate": "off"}).raise_for_status()
+    client.post("/remove", files=files, data=fields).raise_for_status()
     samples, timing = [], None
     for _ in range(runs):
         started = time.perf_counter()
-        response = client.post("/remove", files=files, data={"seed": "0", "dilate": "0", "gate": "off"})
+        response = client.post("/remove", files=files, data=fields)
         samples.append((time.perf_counter() - started) * 1000)
         response.raise_for_status()
         timing = response.headers["server-timing"]
     return {**summarize(samples), "last_server_timing": timing, "bucket": response.headers["x-bucket"]}
 
 
-def bench_grpc(target: str, side: int, runs: int) -> dict:
+def bench_grpc(target: str, side: int, runs: int, fmt: str) -> dict:
     from serve import rorem_pb2 as pb
     from serve.grpc_client import open_channel, stub
 
-    def png(array):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return buffer.getvalue()
-
     request = pb.RemoveRequest(
-        image=png(photo(side)), mask=png(center_mask(side).astype(np.uint8) * 255), seed=0, dilate=0, gate="off"
-    )
+        image=encode(photo(side), fmt), mask=png(center_mask(side).astype(np.uint8) * 255), seed=0, dilate=0,
+        gate="off", output_format=fmt,
+    )  # fmt: skip
     with open_channel(target) as channel:
         client = stub(channel)
         client.Remove(request, timeout=120)
@@ -95,13 +85,14 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the in-process engine")
+    parser.add_argument("--format", choices=["png", "jpeg"], default="png", help="the photo's format in and out")
     parser.add_argument("--out", type=Path, default=Path("out/bench_one_removal.json"))
     args = parser.parse_args()
-    result = {"side": args.side, "engine": bench_engine(args.bundle_cache, args.side, args.runs, args.threads)}
+    result = {"side": args.side, "format": args.format, "engine": bench_engine(args.bundle_cache, args.side, args.runs, args.threads)}
     if args.url:
-        result["http"] = bench_http(args.url, args.side, args.runs)
+        result["http"] = bench_http(args.url, args.side, args.runs, args.format)
     if args.grpc:
-        result["grpc"] = bench_grpc(args.grpc, args.side, args.runs)
+        result["grpc"] = bench_grpc(args.grpc, args.side, args.runs, args.format)
     for name in ("http", "grpc"):
         if name in result:
             result[name]["p50_vs_engine"] = round(result[name]["p50_ms"] / result["engine"]["p50_ms"], 3)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def photo(side: int) -> np.ndarray:
@@ -31,3 +42,59 @@ def summarize(samples_ms: list[float]) -> dict:
         "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1),
         "mean_ms": round(statistics.fmean(ordered), 1),
     }
+
+
+def encode(array: np.ndarray, fmt: str = "png") -> bytes:
+    """PNG, or JPEG at quality 95 (how phones save photos)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+    return buffer.getvalue()
+
+
+def png(array: np.ndarray) -> bytes:
+    return encode(array, "png")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(work: Path, name: str, adjust: Callable[[dict], None]) -> tuple[subprocess.Popen, str]:
+    """`python -m serve run` on free loopback ports with the shipped config changed by `adjust(config)`;
+    returns the process (its own session, for stop_service) and the base URL once READY."""
+    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    adjust(config)
+    path = work / f"serve-{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = work / f"serve-{name}.log"
+    log = open(log_path, "w")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "serve", "run", "--config", str(path), "--port", str(port),
+         "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while "[rorem] READY" not in log_path.read_text(errors="replace"):
+        if child.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"service did not start; see {log_path}")
+        time.sleep(1)
+    return child, f"http://127.0.0.1:{port}"
+
+
+def stop_service(child: subprocess.Popen) -> None:
+    os.killpg(child.pid, signal.SIGINT)
+    try:
+        child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+
+
+def remover_only(config: dict) -> None:
+    """The Remover alone: gate off, no Scorer deployment."""
+    app = config["applications"][0]
+    app["args"]["scorer"] = {"enabled": False}
+    app["args"]["gate"] = {"mode": "off"}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "Scorer"]

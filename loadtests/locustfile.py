@@ -20,7 +20,7 @@ import io
 import os
 import random
 import time
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from locust import HttpUser, User, between, events, task
@@ -40,7 +40,7 @@ USER_WEIGHTS = _weights(os.environ.get("ROREM_USERS", "rest:3,grpc:1"))
 GATE = os.environ.get("ROREM_GATE", "")
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo_png(size: str) -> bytes:
     """A photo-like image: smooth gradients plus texture and edges (compresses like a photo, not like noise)."""
     width, height = SIZES[size]
@@ -53,7 +53,7 @@ def photo_png(size: str) -> bytes:
     return _png(image)
 
 
-@lru_cache(maxsize=None)
+@cache
 def mask_png(size: str, fraction: float) -> bytes:
     width, height = SIZES[size]
     mask = np.zeros((height, width), np.uint8)

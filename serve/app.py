@@ -12,7 +12,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 from ray.serve.grpc_util import RayServegRPCContext
@@ -20,13 +20,24 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engines import imaging
-from serve import grpc_api
+from serve import auth, grpc_api
 from serve import rorem_pb2 as pb
+from serve.admission import Admission
 from serve.config import AppSettings
+from serve.feedback import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
 from serve.metrics import ingress_metrics
 from serve.problems import Problem
 from serve.remover import Remover
-from serve.requests import read_removal_request, read_score_request
+from serve.requests import (
+    JSONRemoveBody,
+    JSONScoreBody,
+    RemoveOptions,
+    ScoreOptions,
+    openapi_request_body,
+    read_json,
+    read_removal_request,
+    read_score_request,
+)
 from serve.scorer import Scorer
 from serve.service import RemovalService
 
@@ -39,7 +50,18 @@ api = FastAPI(
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _INGRESS_STAGES = {"read", "decode", "score", "paste", "encode"}  # the model deployments record the others
-_KNOWN_ROUTES = {"/remove", "/score", "/readyz", "/healthz"}
+_KNOWN_ROUTES = {"/remove", "/score", "/readyz", "/healthz", "/feedback", "/annotate", "/annotation/queue"}
+_TEMPLATED_ROUTES = (
+    (re.compile(r"^/results/[^/]+$"), "/results/{id}"),
+    (re.compile(r"^/results/[^/]+/[^/]+$"), "/results/{id}/{kind}"),
+)
+
+
+def _route_label(path: str) -> str:
+    """The metrics label of a path: a known route, a result route templated (never a raw id), or "other"."""
+    if path in _KNOWN_ROUTES:
+        return path
+    return next((label for pattern, label in _TEMPLATED_ROUTES if pattern.match(path)), "other")
 
 
 def _request_id(request: Request) -> str:
@@ -74,6 +96,16 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 
 @api.middleware("http")
+async def _require_api_key(request: Request, call_next):
+    """API keys (serve.auth), checked before the body is read; the metrics middleware still counts 401/403."""
+    try:
+        auth.policy().check_http(request.method, request.url.path, request.headers)
+    except Problem as problem:
+        return problem.response(_request_id(request))
+    return await call_next(request)
+
+
+@api.middleware("http")
 async def _count_requests(request: Request, call_next):
     """Requests by route and status, and end-to-end latency, for every REST answer (errors included)."""
     started = time.perf_counter()
@@ -83,7 +115,7 @@ async def _count_requests(request: Request, call_next):
         status = str(response.status_code)
         return response
     finally:
-        route = request.url.path if request.url.path in _KNOWN_ROUTES else "other"
+        route = _route_label(request.url.path)
         ingress_metrics().answered(route, "http", status, time.perf_counter() - started)
 
 
@@ -98,6 +130,11 @@ def _serve_request_id() -> str | None:
         return None
 
 
+def _root(request: Request) -> str:
+    """The app's mount point (Serve's route_prefix), for links in answers."""
+    return request.scope.get("root_path", "").rstrip("/")
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -108,6 +145,8 @@ class Ingress:
         self.settings = AppSettings.model_validate(settings)
         self.metrics = ingress_metrics()
         self.service = RemovalService(self.settings, remover, scorer, self.metrics)
+        self.admission = Admission(self.settings.overload.max_in_flight, self.settings.overload.retry_after_s)
+        self.access = auth.install(self.settings.auth)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -121,6 +160,11 @@ class Ingress:
 
     @api.post(
         "/remove",
+        openapi_extra={
+            "requestBody": openapi_request_body(
+                RemoveOptions, JSONRemoveBody, {"image": "the photo", "mask": "white = remove; absent: the image's alpha"}
+            )
+        },
         responses={
             200: {
                 "content": {**{t: {} for t in imaging.MEDIA_TYPES.values()}, "application/json": {}},
@@ -130,11 +174,12 @@ class Ingress:
     )
     async def remove(self, request: Request) -> Response:
         request.state.request_id = _request_id(request)
-        started = time.perf_counter()
-        upload = await read_removal_request(request, self.settings.imaging.max_upload_bytes)
-        read_s = time.perf_counter() - started
-        accept = request.headers.get("accept", "")
-        reply = await self.service.remove(upload, accept)
+        with self.admission.slot():
+            started = time.perf_counter()
+            upload = await read_removal_request(request, self.settings.imaging.max_upload_bytes)
+            read_s = time.perf_counter() - started
+            accept = request.headers.get("accept", "")
+            reply = await self.service.remove(upload, accept)
         reply.timings.stages = {"read": read_s, **reply.timings.stages}
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in _INGRESS_STAGES})
         headers = {
@@ -147,6 +192,8 @@ class Ingress:
             headers.update({"X-Seed": str(reply.seed), "X-Batch-Size": str(reply.batch_size)})
         if reply.score is not None:
             headers["X-Removal-Score"] = f"{reply.score:.4f}"
+        if reply.result_id is not None:
+            headers["X-Result-Id"] = reply.result_id
         if _wants_json(accept):
             return JSONResponse(
                 {
@@ -158,19 +205,82 @@ class Ingress:
                     "score": reply.score,
                     "attempts": reply.attempts,
                     "gate": reply.gate,
+                    "result_id": reply.result_id,
                 },
                 headers=headers,
             )
         return Response(reply.body, media_type=reply.media_type, headers=headers)
 
-    @api.post("/score")
+    @api.post(
+        "/score",
+        openapi_extra={
+            "requestBody": openapi_request_body(
+                ScoreOptions,
+                JSONScoreBody,
+                {"source": "the image before removal", "mask": "white = removed", "edited": "the image after removal"},
+            )
+        },
+    )
     async def score(self, request: Request) -> JSONResponse:
         """Score an existing (source, mask, edited) triple with the discriminator."""
         request.state.request_id = _request_id(request)
-        upload = await read_score_request(request, self.settings.imaging.max_upload_bytes)
-        reply = await self.service.score(upload)
+        with self.admission.slot():
+            upload = await read_score_request(request, self.settings.imaging.max_upload_bytes)
+            reply = await self.service.score(upload)
         return JSONResponse(
             {"score": reply.score, "threshold": reply.threshold, "passed": reply.passed, "bucket": reply.bucket}
+        )
+
+    @api.post(
+        "/feedback",
+        status_code=201,
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackBody.model_json_schema()}}}
+        },
+    )
+    async def feedback(self, request: Request) -> JSONResponse:
+        """A human verdict (yes / no) on a retained result. Verdicts are appended: the newest is the
+        result's label, the earlier ones stay as its history. Answers the result with its feedback."""
+        request.state.request_id = _request_id(request)
+        stored = await self.service.retention.feedback(await read_json(request, FeedbackBody))
+        return JSONResponse(result_document(stored, _root(request)), status_code=201)
+
+    @api.get("/results/{result_id}")
+    async def result(self, result_id: str, request: Request) -> JSONResponse:
+        """A retained result: score, gate, parameters, verdicts, and links to its images."""
+        return JSONResponse(result_document(await self.service.retention.get(result_id), _root(request)))
+
+    @api.get(
+        "/results/{result_id}/{kind}",
+        responses={200: {"content": {"image/*": {}}, "description": "kind: source, mask (white = removed) or result"}},
+    )
+    async def result_image(self, result_id: str, kind: str) -> Response:
+        data, media_type = await self.service.retention.image(result_id, kind)
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
+
+    @api.delete("/results/{result_id}", status_code=204)
+    async def delete_result(self, result_id: str) -> Response:
+        """Forget a result: its metadata, its verdicts, and its images unless another result shares them."""
+        await self.service.retention.delete(result_id)
+        return Response(status_code=204)
+
+    @api.get("/annotate", response_class=HTMLResponse)
+    async def annotate(self) -> HTMLResponse:
+        """The annotation page: label retained results yes / no, least certain first."""
+        self.service.retention.require_enabled()
+        return HTMLResponse(annotation_page(), headers=PAGE_HEADERS)
+
+    @api.get("/annotation/queue")
+    async def annotation_queue(self, request: Request, limit: int = 20, threshold: float | None = None) -> JSONResponse:
+        """Unlabelled results, the discriminator's least certain first (|score - threshold| ascending)."""
+        items, unlabelled = await self.service.retention.queue(limit, threshold)
+        base = _root(request)
+        return JSONResponse(
+            {
+                "unlabelled": unlabelled,
+                "threshold": threshold,
+                "items": [result_document(stored, base, threshold) for stored in items],
+            }
         )
 
     async def Remove(self, message: pb.RemoveRequest, grpc_context: RayServegRPCContext) -> pb.RemoveReply:
@@ -193,7 +303,9 @@ class Ingress:
         started = time.perf_counter()
         request_id = _serve_request_id() or context.request_id() or uuid.uuid4().hex
         try:
-            reply = await handler(message, request_id)
+            self.access.check_grpc(route, context.invocation_metadata())
+            with self.admission.slot():
+                reply = await handler(message, request_id)
             status = "OK"
         except Problem as problem:
             status_problem = problem

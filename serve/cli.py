@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
 from serve.config import BUNDLE_ENV, AppSettings
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
@@ -92,6 +93,22 @@ def describe_bundle(args: dict) -> str:
     )
 
 
+def add_api_key(keys_file: Path, name: str, scopes: list[str]) -> int:
+    """Append a new key's digest to the keys file; the key itself goes to stdout only."""
+    data = yaml.safe_load(keys_file.read_text()) if keys_file.exists() else None
+    data = data or {"keys": []}
+    if any(entry.get("name") == name for entry in data["keys"]):
+        print(f"a key named {name!r} is already in {keys_file}", file=sys.stderr)
+        return 2
+    key, entry = new_key_entry(name, scopes)
+    data["keys"].append(entry)
+    KeysFile.model_validate(data)
+    keys_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    print(key)
+    print(f"[rorem] stored the SHA-256 of key {name!r} ({', '.join(scopes)}) in {keys_file}", file=sys.stderr)
+    return 0
+
+
 def wait_until_ready(url: str, child: subprocess.Popen, timeout_s: float) -> dict | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and child.poll() is None:
@@ -116,7 +133,13 @@ def run(argv: list[str] | None = None) -> int:
         "--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Ray's Prometheus export port (GET /metrics)"
     )
     run_cmd.add_argument("--ready-timeout", type=float, default=600.0)
+    key_cmd = sub.add_parser("new-key", help="make an API key; print it once and store only its SHA-256")
+    key_cmd.add_argument("--name", required=True, help="who holds the key (shown in 403 answers, never the key)")
+    key_cmd.add_argument("--scopes", default=",".join(DEFAULT_SCOPES), help=f"comma-separated, of {', '.join(SCOPES)}")
+    key_cmd.add_argument("--keys-file", type=Path, required=True, help="YAML keys file to add the entry to")
     options = parser.parse_args(argv)
+    if options.command == "new-key":
+        return add_api_key(options.keys_file, options.name, [s for s in options.scopes.split(",") if s])
 
     config = load_serve_config(options.config)
     notes = fit_to_machine(config, options.bundle, options.host, options.port, options.grpc_port)

@@ -6,6 +6,8 @@ max_ongoing_requests, max_queued_requests, backpressure) live in the same YAML's
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from engines.bundle import Bundle
 
 BUNDLE_ENV = "ROREM_BUNDLE"
+DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
 
 
 class _Strict(BaseModel):
@@ -113,6 +116,9 @@ class ScorerSettings(_Strict):
     max_batch_size: int = Field(8, ge=1, le=64)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
     torch_threads: int | None = Field(None, ge=1)
+    timeout_s: float = Field(
+        10.0, gt=0, description="a gate scoring not answered in time counts as scorer unavailable (gate.on_scorer_error)"
+    )
 
 
 GateMode = Literal["off", "annotate", "retry", "reject"]
@@ -136,6 +142,79 @@ class GateSettings(_Strict):
     )
 
 
+class AuthSettings(_Strict):
+    """Optional API keys (serve/auth.py); off by default, for a local service on loopback."""
+
+    enabled: bool = False
+    keys_file: str | None = Field(
+        None, description="YAML of hashed keys (`python -m serve hash-key`); in Kubernetes a mounted Secret"
+    )
+    public_paths: list[str] = Field(
+        ["/healthz", "/readyz", "/docs", "/openapi.json", "/annotate"],
+        description="paths served without a key: probes, the API description, the annotation page's shell",
+    )
+    reload_interval_s: float = Field(10.0, ge=0.0, description="how often a changed keys file is re-read")
+
+    @model_validator(mode="after")
+    def _enabled_needs_keys(self) -> "AuthSettings":
+        if self.enabled and not self.keys_file:
+            raise ValueError("auth.enabled needs auth.keys_file")
+        return self
+
+
+class OverloadSettings(_Strict):
+    """Shedding load: an ingress replica answers 429 beyond `max_in_flight` requests of model work;
+    a full model queue (the deployments' max_queued_requests) answers 503. Both carry Retry-After."""
+
+    max_in_flight: int = Field(48, ge=1, description="removals + scorings in progress per ingress replica")
+    retry_after_s: int = Field(2, ge=1, le=600)
+
+
+class S3Settings(_Strict):
+    """An S3-compatible bucket; credentials come from boto3's usual chain, never from this file."""
+
+    bucket: str
+    prefix: str = Field("rorem/results", description="key prefix inside the bucket")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2); None: AWS")
+    region: str | None = None
+
+
+class ObjectStoreSettings(_Strict):
+    path: str = Field(
+        "~/.cache/rorem/results", description="local folder of the retained images (and of the default SQLite file)"
+    )
+    s3: S3Settings | None = Field(None, description="keep the images in an S3-compatible bucket instead (needs boto3)")
+
+
+class RetentionSettings(_Strict):
+    """Opt-in keeping of removal results for human feedback (serve/retention); off by default."""
+
+    enabled: bool = Field(False, description="keep results, offer /feedback, /results and the /annotate page")
+    default_retain: bool = Field(
+        False,
+        description="false: only requests with retain=true are kept; true: every successful removal unless retain=false",
+    )
+    object_store: ObjectStoreSettings = ObjectStoreSettings()
+    database_url: str | None = Field(
+        None,
+        description=f"SQLAlchemy URL of the metadata (sqlite:///..., postgresql+psycopg://...); None: "
+        f"${DATABASE_URL_ENV} if set, else results.db in object_store.path",
+    )
+    max_results: int | None = Field(10_000, ge=1, description="keep at most this many results; the oldest go first")
+    max_age_days: float | None = Field(30.0, gt=0, description="delete results older than this many days")
+
+    def objects_folder(self) -> Path:
+        return Path(self.object_store.path).expanduser() / "objects"
+
+    def resolved_database_url(self) -> str:
+        """The URL in the config, else the environment's (keeps a password out of the config), else SQLite."""
+        if self.database_url:
+            return self.database_url
+        if os.environ.get(DATABASE_URL_ENV):
+            return os.environ[DATABASE_URL_ENV]
+        return f"sqlite:///{Path(self.object_store.path).expanduser() / 'results.db'}"
+
+
 class AppSettings(_Strict):
     bundle: BundleSettings = BundleSettings()
     engine: EngineSettings = EngineSettings()
@@ -143,7 +222,12 @@ class AppSettings(_Strict):
     imaging: ImagingSettings = ImagingSettings()
     scorer: ScorerSettings = ScorerSettings()
     gate: GateSettings = GateSettings()
-    request_timeout_s: float = Field(120.0, gt=0)
+    auth: AuthSettings = AuthSettings()
+    overload: OverloadSettings = OverloadSettings()
+    retention: RetentionSettings = RetentionSettings()
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="a request still unanswered after this answers 504 (clients may ask for less)"
+    )
 
     @model_validator(mode="after")
     def _gate_needs_scorer(self) -> "AppSettings":

@@ -23,9 +23,14 @@ _CODE_BY_PROBLEM = {
     "image-too-large": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "removal-failed": grpc.StatusCode.FAILED_PRECONDITION,
     "gate-unavailable": grpc.StatusCode.FAILED_PRECONDITION,
+    "retention-disabled": grpc.StatusCode.FAILED_PRECONDITION,
     "not-found": grpc.StatusCode.NOT_FOUND,
     "method-not-allowed": grpc.StatusCode.UNIMPLEMENTED,
+    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
+    "too-many-requests": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "overloaded": grpc.StatusCode.UNAVAILABLE,
+    "replica-failed": grpc.StatusCode.UNAVAILABLE,
     "not-ready": grpc.StatusCode.UNAVAILABLE,
     "scorer-unavailable": grpc.StatusCode.UNAVAILABLE,
     "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -60,6 +65,7 @@ def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> Removal
         "gate": message.gate or None,
         "gate_threshold": message.gate_threshold if message.HasField("gate_threshold") else None,
         "max_attempts": message.max_attempts if message.HasField("max_attempts") else None,
+        "retain": message.retain if message.HasField("retain") else None,
     }
     return RemovalRequest(image=message.image, mask=message.mask or None, options=validate(RemoveOptions, options))
 
@@ -86,6 +92,7 @@ def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:
         attempts=reply.attempts,
         gate=reply.gate,
         request_id=request_id,
+        result_id=reply.result_id or "",
     )
     if reply.score is not None:
         message.score = reply.score

@@ -20,6 +20,8 @@ BATCH_SIZE = "rorem_batch_size"
 GATE_OUTCOMES = "rorem_gate_outcomes_total"
 GATE_ATTEMPTS = "rorem_gate_attempts"
 SCORES = "rorem_removal_score"
+RETAINED = "rorem_retained_total"
+FEEDBACK = "rorem_feedback_total"
 
 STAGES = ("read", "decode", "queue_wait", "vae_encode", "unet", "vae_decode", "score", "paste", "encode")
 
@@ -50,6 +52,12 @@ class IngressMetrics:
             boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5],
             tag_keys=("route",),
         )
+        self.retained = Counter(
+            RETAINED,
+            description="Removal results to retain, by outcome: stored, or failed (answered without X-Result-Id).",
+            tag_keys=("outcome",),
+        )
+        self.feedback = Counter(FEEDBACK, description="Verdicts received on retained results.", tag_keys=("verdict",))
 
     def answered(self, route: str, protocol: str, status: str, seconds: float) -> None:
         self.requests.inc(tags={"route": route, "protocol": protocol, "status": status})

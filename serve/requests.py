@@ -14,6 +14,7 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from serve.config import GateMode
@@ -33,14 +34,24 @@ class RemoveOptions(BaseModel):
     quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality")
     dilate: int | None = Field(None, ge=0, le=256, description="mask dilation in pixels; default from config")
     gate: GateMode | None = Field(None, description="off, annotate, retry or reject; default from config")
-    gate_threshold: float | None = Field(None, ge=0.0, le=10.0, description="passing score; default from config")
+    gate_threshold: float | None = Field(
+        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
+    )
     max_attempts: int | None = Field(None, ge=1, le=8, description="attempts for retry / reject")
+    retain: bool | None = Field(
+        None, description="keep this result for feedback (true) or never (false); default from config (retention)"
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, le=3600, description="answer 504 after this many seconds (at most the configured request_timeout_s)"
+    )
 
 
 class ScoreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dilate: int | None = Field(None, ge=0, le=256, description="mask dilation used for the removal; default from config")
-    gate_threshold: float | None = Field(None, ge=0.0, le=10.0, description="passing score; default from config")
+    gate_threshold: float | None = Field(
+        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
+    )
 
 
 class JSONRemoveBody(RemoveOptions):
@@ -69,6 +80,25 @@ class ScoreRequest:
     options: ScoreOptions
 
 
+def openapi_request_body(options_model: type[BaseModel], json_model: type[BaseModel], files: dict[str, str]) -> dict:
+    """The OpenAPI `requestBody` of an upload route: multipart (files + option fields) or JSON (base64).
+
+    The routes read their bodies themselves (bounded, two formats), so FastAPI cannot infer this."""
+    options = options_model.model_json_schema()
+    multipart = {
+        "type": "object",
+        "properties": {
+            **{name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()},
+            **options["properties"],
+        },
+        "required": [name for name in files if name in json_model.model_json_schema().get("required", [])],
+    }
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_model.model_json_schema()}},
+    }
+
+
 async def read_removal_request(request: Request, max_upload_bytes: int) -> RemovalRequest:
     files, options = await _read_upload(
         request, max_upload_bytes, ("image", "mask"), ("image",), RemoveOptions, JSONRemoveBody
@@ -80,6 +110,14 @@ async def read_score_request(request: Request, max_upload_bytes: int) -> ScoreRe
     names = ("source", "mask", "edited")
     files, options = await _read_upload(request, max_upload_bytes, names, names, ScoreOptions, JSONScoreBody)
     return ScoreRequest(source=files["source"], mask=files["mask"], edited=files["edited"], options=options)
+
+
+async def read_json(request: Request, model: type[BaseModel], limit: int = _JSON_OVERHEAD):
+    """A small JSON document (POST /feedback): bounded read, then the same problems as /remove's JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise Problem("unsupported-media-type", f"send application/json, not {content_type or 'no content type'}")
+    return validate(model, _json_object(await _read_body(request, limit)))
 
 
 def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
@@ -126,8 +164,9 @@ async def _from_multipart(request: Request, body: bytes, names, required, option
     request._body = body  # starlette's form parser reads a cached body instead of the consumed stream
     try:
         form = await request.form(max_files=len(names), max_fields=16)
-    except MultiPartException as exc:
-        raise Problem("malformed-body", f"cannot parse the multipart body: {exc}") from exc
+    except (MultiPartException, HTTPException) as exc:  # starlette turns the parser's exception into a 400
+        reason = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise Problem("malformed-body", f"cannot parse the multipart body: {reason}") from exc
     files: dict[str, bytes] = {}
     fields: dict[str, str] = {}
     for key, value in form.multi_items():
@@ -150,16 +189,20 @@ async def _from_multipart(request: Request, body: bytes, names, required, option
 
 
 def _from_json(body: bytes, names, options_model, json_model):
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise Problem("invalid-request", "the JSON body must be an object")
-    parsed = validate(json_model, data)
+    parsed = validate(json_model, _json_object(body))
     options = options_model.model_validate(parsed.model_dump(exclude=set(names)))
     files = {name: _b64decode(getattr(parsed, name), name) for name in names if getattr(parsed, name) is not None}
     return files, options
+
+
+def _json_object(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise Problem("invalid-request", "the JSON body must be an object")
+    return data
 
 
 def _b64decode(text: str, field: str) -> bytes:

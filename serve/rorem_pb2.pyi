@@ -5,7 +5,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RemoveRequest(_message.Message):
-    __slots__ = ("image", "mask", "seed", "output_format", "quality", "dilate", "gate", "gate_threshold", "max_attempts")
+    __slots__ = ("image", "mask", "seed", "output_format", "quality", "dilate", "gate", "gate_threshold", "max_attempts", "retain")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class RemoveRequest(_message.Message):
     GATE_FIELD_NUMBER: _ClassVar[int]
     GATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     mask: bytes
     seed: int
@@ -24,10 +25,11 @@ class RemoveRequest(_message.Message):
     gate: str
     gate_threshold: float
     max_attempts: int
-    def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., seed: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., dilate: _Optional[int] = ..., gate: _Optional[str] = ..., gate_threshold: _Optional[float] = ..., max_attempts: _Optional[int] = ...) -> None: ...
+    retain: bool
+    def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., seed: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., dilate: _Optional[int] = ..., gate: _Optional[str] = ..., gate_threshold: _Optional[float] = ..., max_attempts: _Optional[int] = ..., retain: _Optional[bool] = ...) -> None: ...
 
 class RemoveReply(_message.Message):
-    __slots__ = ("image", "media_type", "seed", "bucket", "batch_size", "score", "attempts", "gate", "request_id")
+    __slots__ = ("image", "media_type", "seed", "bucket", "batch_size", "score", "attempts", "gate", "request_id", "result_id")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +39,7 @@ class RemoveReply(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_ID_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     media_type: str
     seed: int
@@ -46,7 +49,8 @@ class RemoveReply(_message.Message):
     attempts: int
     gate: str
     request_id: str
-    def __init__(self, image: _Optional[bytes] = ..., media_type: _Optional[str] = ..., seed: _Optional[int] = ..., bucket: _Optional[int] = ..., batch_size: _Optional[int] = ..., score: _Optional[float] = ..., attempts: _Optional[int] = ..., gate: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    result_id: str
+    def __init__(self, image: _Optional[bytes] = ..., media_type: _Optional[str] = ..., seed: _Optional[int] = ..., bucket: _Optional[int] = ..., batch_size: _Optional[int] = ..., score: _Optional[float] = ..., attempts: _Optional[int] = ..., gate: _Optional[str] = ..., request_id: _Optional[str] = ..., result_id: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("source", "mask", "edited", "dilate", "gate_threshold")

@@ -8,11 +8,13 @@ back, and map a raised `Problem` to their own error form.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -21,12 +23,12 @@ from engines.errors import ImageSizeMismatch, InputError, InvalidMask
 from engines.remover import RemovalJob
 from engines.scorer import ScoreJob
 from serve.config import AppSettings
+from serve.feedback import Retention
 from serve.gate import GatePolicy, ScorerUnavailable, run_gated
 from serve.metrics import IngressMetrics
 from serve.problems import Problem
 from serve.requests import RemovalRequest, RemoveOptions, ScoreRequest
-
-RETRY_AFTER_S = "2"
+logger = logging.getLogger("ray.serve")
 
 
 class Timings:
@@ -67,6 +69,7 @@ class RemovalReply:
     attempts: int
     gate: str  # the gate's verdict, see serve.gate.GateOutcome
     timings: Timings = field(default_factory=Timings)
+    result_id: str | None = None  # set when the result was retained for feedback
 
     @property
     def media_type(self) -> str:
@@ -99,6 +102,8 @@ class RemovalService:
         self.remover = remover
         self.scorer = scorer
         self.metrics = metrics
+        self.retention = Retention(settings.retention, metrics)
+        self._retry_after = {"Retry-After": str(settings.overload.retry_after_s)}
         self.limits = imaging.DecodeLimits(
             max_bytes=settings.imaging.max_upload_bytes, max_megapixels=settings.imaging.max_megapixels
         )
@@ -110,17 +115,22 @@ class RemovalService:
             scorer = await asyncio.wait_for(self.scorer.describe.remote(), timeout=5.0) if self.scorer else None
         except Exception as exc:  # not deployed yet, starting, or unreachable: all mean "not ready"
             raise Problem(
-                "not-ready", f"a model replica did not answer: {type(exc).__name__}", headers={"Retry-After": RETRY_AFTER_S}
+                "not-ready", f"a model replica did not answer: {type(exc).__name__}", headers=self._retry_after
             ) from exc
         return {"status": "ready", "model": model, "scorer": scorer, "gate": self.settings.gate.model_dump()}
 
     async def remove(self, upload: RemovalRequest, accept: str = "") -> RemovalReply:
         timings = Timings()
         options = upload.options
+        retain = self.retention.wanted(options.retain)
         policy = self._gate_policy(options)
         image, mask, plan, crop = await self._decode(self._prepare_removal, upload)
         timings.lap("decode")
         fmt = _output_format(options, accept, image.format)
+        try:
+            imaging.check_output(fmt, *image.rgb.shape[:2])  # before the model runs, not as a 500 from the encoder
+        except InputError as exc:
+            raise Problem.from_input_error(exc) from exc
         quality = options.quality or self.settings.imaging.jpeg_quality
 
         if plan is None:
@@ -149,7 +159,9 @@ class RemovalService:
             timings.restart()
             edited_crop, _ = await asyncio.to_thread(imaging.crop_for_model, result.edited, mask, plan)
             try:
-                scored = await self._call(self.scorer.score, ScoreJob(source_crop, mask_crop, edited_crop))
+                scored = await self._call(
+                    self.scorer.score, ScoreJob(source_crop, mask_crop, edited_crop), timeout_s=self.settings.scorer.timeout_s
+                )
             except Problem as exc:
                 raise ScorerUnavailable(exc.detail) from exc
             except Exception as exc:  # a crashed or failing Scorer must not fail the removal when failing open
@@ -157,17 +169,16 @@ class RemovalService:
             timings.lap("score")
             return scored.score
 
+        deadline_s = min(options.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
         try:
-            gated = await asyncio.wait_for(
-                run_gated(policy, seed, attempt, score), timeout=self.settings.request_timeout_s
-            )
+            gated = await asyncio.wait_for(run_gated(policy, seed, attempt, score), timeout=deadline_s)
         except asyncio.TimeoutError as exc:
-            raise Problem("timeout", f"no result within {self.settings.request_timeout_s:.0f} s") from exc
+            raise Problem("timeout", f"no result within {deadline_s:g} s") from exc
         except ScorerUnavailable as exc:
             self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": "scorer-unavailable"})
             raise Problem(
                 "scorer-unavailable", f"the quality gate ({policy.mode}) could not score the result: {exc}",
-                headers={"Retry-After": RETRY_AFTER_S},
+                headers=self._retry_after,
             ) from exc
         self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": gated.verdict})
         self.metrics.gate_attempts.observe(gated.attempts, tags={"mode": policy.mode})
@@ -186,9 +197,13 @@ class RemovalService:
         timings.restart()
         body = await asyncio.to_thread(imaging.encode_image, gated.result.edited, image.alpha, fmt, quality)
         timings.lap("encode")
-        return RemovalReply(
+        reply = RemovalReply(
             body, fmt, gated.seed, plan.bucket, gated.result.batch_size, gated.score, gated.attempts, gated.verdict, timings
         )
+        if retain:
+            dilate = self.settings.imaging.dilate if options.dilate is None else options.dilate
+            reply.result_id = await self.retention.keep(upload.image, image.format, mask, reply, policy, options, dilate)
+        return reply
 
     async def score(self, upload: ScoreRequest) -> ScoreReply:
         if self.scorer is None:
@@ -202,11 +217,11 @@ class RemovalService:
         except Problem as exc:
             if exc.problem == "overloaded":
                 raise
-            raise Problem("scorer-unavailable", exc.detail, headers={"Retry-After": RETRY_AFTER_S}) from exc
+            raise Problem("scorer-unavailable", exc.detail, headers=self._retry_after) from exc
         except Exception as exc:  # the Scorer replica died or failed: a server-side outage, not the caller's fault
             raise Problem(
                 "scorer-unavailable", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                headers={"Retry-After": RETRY_AFTER_S},
+                headers=self._retry_after,
             ) from exc
         self.metrics.scores.observe(scored.score, tags={"route": "/score"})
         return ScoreReply(scored.score, threshold, scored.score >= threshold, plan.bucket)
@@ -258,13 +273,24 @@ class RemovalService:
         mask = imaging.dilate_mask(mask, cfg.dilate if dilate is None else dilate)
         return mask, imaging.plan_crop(mask, cfg.buckets, cfg.crop_margin)
 
-    async def _call(self, method, *args):
-        try:
-            return await asyncio.wait_for(method.remote(*args), timeout=self.settings.request_timeout_s)
-        except asyncio.TimeoutError as exc:
-            raise Problem("timeout", f"no result within {self.settings.request_timeout_s:.0f} s") from exc
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise Problem("overloaded", str(exc).splitlines()[0], headers={"Retry-After": RETRY_AFTER_S}) from exc
+    async def _call(self, method, *args, timeout_s: float | None = None):
+        """One model call. A replica that dies under the call (a crash, a killed pod) is retried once:
+        Serve routes the retry to a live replica or waits for the replacement, within the timeout.
+        Model calls are pure functions of their inputs (the seed included), so a retry is safe."""
+        timeout_s = timeout_s or self.settings.request_timeout_s
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(method.remote(*args), timeout=timeout_s)
+            except asyncio.TimeoutError as exc:
+                raise Problem("timeout", f"no result within {timeout_s:g} s") from exc
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise Problem("overloaded", str(exc).splitlines()[0], headers=self._retry_after) from exc
+            except RayActorError as exc:
+                logger.warning("a model replica failed during a call (attempt %d): %s", attempt, type(exc).__name__)
+                if attempt == 2:
+                    raise Problem(
+                        "replica-failed", f"a model replica failed twice: {type(exc).__name__}", headers=self._retry_after
+                    ) from exc
 
 
 def _output_format(options: RemoveOptions, accept: str, source_format: str | None) -> str:

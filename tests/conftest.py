@@ -73,6 +73,8 @@ def serve_test_config(work: Path) -> dict:
     args["bundle"]["cache_dir"] = str(work / "cache")
     args["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.25}
     args["imaging"].update({"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 6 * 1024 * 1024})
+    # results are kept only for requests that ask (retain=true): tests that don't ask see no difference
+    args["retention"] = {"enabled": True, "default_retain": False, "object_store": {"path": str(work / "results")}}
     return config
 
 

@@ -527,6 +527,28 @@ def test_thin_image_overhang_falls_back_to_edge_padding():
     assert crop.shape == (512, 512, 3) and crop_mask.shape == (512, 512)
 
 
+def test_a_strip_is_cropped_and_pasted_without_a_window_sized_buffer():
+    """A 1 x 12000 strip masked over 11000 pixels: its window is 11064 square, 367 MB if padded at full size."""
+    import tracemalloc
+
+    rgb = noise(1, 12_000)
+    mask = np.zeros((1, 12_000), bool)
+    mask[:, :11_000] = True
+    plan = plan_crop(mask, (256, 512), 32)
+    assert (plan.side, plan.bucket) == (11_064, 512)
+    tracemalloc.start()
+    try:
+        crop, crop_mask = crop_for_model(rgb, mask, plan)
+        out = paste_back(rgb, mask, noise(512, 512, seed=1), plan, feather=6)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB"
+    assert crop.shape == (512, 512, 3) and crop_mask.any() and not crop_mask.all()
+    np.testing.assert_array_equal(out[:, 11_000:], rgb[:, 11_000:])
+    assert not np.array_equal(out[:, :11_000], rgb[:, :11_000])
+
+
 @pytest.mark.parametrize(
     ("shape", "blob", "buckets", "window"),
     [

@@ -585,14 +585,22 @@ def test_services_and_the_pdb_select_the_serving_workers():
         assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
+def _assert_api_keys_come_from_the_secret(rayservice, spec):
+    auth = serve_config(rayservice)["applications"][0]["args"]["auth"]
+    (keys,) = [v for v in spec["volumes"] if "secret" in v]
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == keys["name"]]
+    assert auth["enabled"] is True and mount["readOnly"] is True
+    assert auth["keys_file"].startswith(mount["mountPath"].rstrip("/") + "/"), "the keys file lies on the Secret volume"
+
+
 def test_the_weights_volume_job_and_bundle_path_agree():
     objects = built("prod")
     rayservice = find(objects, "RayService")
     bundle_path = serve_config(rayservice)["applications"][0]["args"]["bundle"]["path"]
     spec = workers(rayservice)["template"]["spec"]
-    (volume,) = spec["volumes"]
-    (mount,) = spec["containers"][0]["volumeMounts"]
-    assert mount["name"] == volume["name"] and mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
     assert bundle_path.startswith(mount["mountPath"].rstrip("/") + "/"), "the bundle lies on the weights volume"
     (wait,) = spec["initContainers"]
     assert {e["name"]: e["value"] for e in wait["env"]}["ROREM_BUNDLE"] == bundle_path, (
@@ -600,6 +608,7 @@ def test_the_weights_volume_job_and_bundle_path_agree():
     )
     assert wait["volumeMounts"] == [mount] and "ROREM_BUNDLE" in wait["args"][0]
     compile(wait["args"][0], "wait-for-bundle", "exec")
+    _assert_api_keys_come_from_the_secret(rayservice, spec)
     claim = volume["persistentVolumeClaim"]["claimName"]
     pvc = find(objects, "PersistentVolumeClaim", claim)
     assert "ReadWriteMany" in pvc["spec"]["accessModes"] or "ReadOnlyMany" in pvc["spec"]["accessModes"]

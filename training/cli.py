@@ -1,4 +1,5 @@
-"""python -m training {synthetic,finetune,discriminator,distill,annotate,bundle}: train the served bundle.
+"""python -m training {synthetic,finetune,discriminator,distill,annotate,bundle,evaluate,compare,export-labels}:
+train the served bundle, and measure it before it ships.
 
     python -m training synthetic --out runs/data --n 32 --size 128
     python -m training finetune --base tiny --data runs/data/metadata.json --out runs/finetune --resolution 64 --steps 200
@@ -8,6 +9,10 @@
     python -m training bundle --base tiny --unet runs/finetune --lcm-lora runs/distill --discriminator runs/disc \\
         --out runs/bundle --dtype float32
     python -m training annotate --bundle runs/bundle --data pairs.json --out runs/round1 --threshold 0.9
+    python -m training export-labels --serve-config serve/configs/local.yaml --out runs/labels --min-count 100
+    python -m training evaluate --bundle runs/bundle --data test/metadata.json --out runs/eval-torch
+    python -m training compare --a runs/eval-torch --b runs/eval-onnx --out runs/cmp \\
+        --thresholds training/configs/eval_thresholds.yaml          # exit 1 when the gate fails
     accelerate launch -m training finetune --config finetune.yaml        # multi-GPU (one process per GPU)
 
 Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank: 8); flags win.
@@ -33,8 +38,11 @@ from pydantic import BaseModel, ValidationError
 def _stages() -> dict[str, tuple[type[BaseModel], Callable[[Any], dict], str]]:
     from training.annotate import AnnotateSettings, annotate
     from training.assemble import BundleStageSettings, assemble
+    from training.compare import CompareSettings, compare
     from training.discriminator import DiscriminatorSettings, train_discriminator
     from training.distill import DistillSettings, distill
+    from training.evaluate import EvaluateSettings, evaluate
+    from training.export_labels import ExportLabelsSettings, export_labels
     from training.finetune import FinetuneSettings, finetune
     from training.synthetic import SyntheticSettings, run_synthetic
 
@@ -45,6 +53,9 @@ def _stages() -> dict[str, tuple[type[BaseModel], Callable[[Any], dict], str]]:
         "distill": (DistillSettings, distill, "LCM-LoRA distillation (RORem-4S)"),
         "annotate": (AnnotateSettings, annotate, "one automated data round: remove, score, keep >= threshold"),
         "bundle": (BundleStageSettings, assemble, "assemble a servable bundle from the trained parts"),
+        "export-labels": (ExportLabelsSettings, export_labels, "the service's human verdicts as a discriminator set"),
+        "evaluate": (EvaluateSettings, evaluate, "run an engine over a test set: outputs, per-image CSV, metrics"),
+        "compare": (CompareSettings, compare, "two evaluate runs paired per image; gate on allowed deltas"),
     }
 
 
@@ -137,4 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         loss = f", final loss {final:.6g}" if isinstance(final, float) else ""
         print(f"[{args.stage}] done{loss}; outputs: {json.dumps(summary.get('outputs', {}))}")
         print(f"[{args.stage}] summary: {path}")
+        if summary.get("report"):
+            print(summary["report"])
+    gate = summary.get("gate")
+    if gate is not None and not gate["passed"]:
+        for failure in gate["failures"]:
+            print(f"python -m training {args.stage}: gate failed: {failure}", file=sys.stderr)
+        return 1
     return 0

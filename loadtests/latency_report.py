@@ -1,0 +1,76 @@
+"""Latency at rising offered load: where the service saturates and what it does beyond.
+
+    python loadtests/latency_report.py [--levels 1 2 4 8 16 32] [--seconds 40] [--max-in-flight 8]
+
+Starts the local service once (tiny bundle, the shipped config with `overload.max_in_flight` set so
+shedding shows on this machine), then for each level runs that many closed-loop clients for
+--seconds (loadtests/soak.py's client: a 512 photo, a centred mask, every answer checked). A client
+told 429/503 waits Retry-After (at most 2 s), as a polite client does. Per level: completed removals
+per second, p50/p95/p99 of the successful ones, the share of 429 and 503 answers, other 5xx, lost.
+The saturation point is the lowest level reaching 95% of the best throughput. Saves
+out/latency_report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchlib import start_service, stop_service
+from soak import run_soak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--seconds", type=float, default=40)
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--max-in-flight", type=int, default=8, help="overload.max_in_flight of the ingress")
+    parser.add_argument("--gate", default="annotate")
+    parser.add_argument("--out", type=Path, default=Path("out/latency_report.json"))
+    args = parser.parse_args()
+
+    def adjust(config: dict) -> None:
+        config["applications"][0]["args"]["overload"] = {"max_in_flight": args.max_in_flight, "retry_after_s": 1}
+
+    work = Path(tempfile.mkdtemp(prefix="rorem-latency-"))
+    child, url = start_service(work, "latency", adjust)
+    levels = []
+    try:
+        run_soak(url, seconds=5, clients=1, side=args.side)  # warm the path
+        for clients in args.levels:
+            report = run_soak(url, seconds=args.seconds, clients=clients, side=args.side, fields={"gate": args.gate})
+            answered = max(report.answered, 1)
+            levels.append({
+                "clients": clients,
+                "ok_per_s": round(report.ok / args.seconds, 3),
+                **{f"{q}_ms": v for q, v in report.latency_ms.items()},
+                "sent": report.sent,
+                "share_429": round(report.errored.get("429", 0) / answered, 3),
+                "share_503": round(report.errored.get("503", 0) / answered, 3),
+                "other_5xx": sum(n for s, n in report.errored.items() if s.startswith("5") and s != "503"),
+                "lost": report.lost,
+            })  # fmt: skip
+            print(levels[-1], flush=True)
+    finally:
+        stop_service(child)
+    best = max(level["ok_per_s"] for level in levels)
+    saturation = next(level["clients"] for level in levels if level["ok_per_s"] >= 0.95 * best)
+    result = {"seconds": args.seconds, "side": args.side, "max_in_flight": args.max_in_flight, "gate": args.gate,
+              "levels": levels, "saturation_clients": saturation, "best_ok_per_s": best}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{'clients':>7} {'ok/s':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'429':>6} {'503':>6} {'5xx':>4} {'lost':>4}")
+    for level in levels:
+        print(
+            f"{level['clients']:>7} {level['ok_per_s']:>6} {level.get('p50_ms', '-'):>7} {level.get('p95_ms', '-'):>7}"
+            f" {level.get('p99_ms', '-'):>7} {level['share_429']:>6.1%} {level['share_503']:>6.1%}"
+            f" {level['other_5xx']:>4} {level['lost']:>4}"
+        )
+    print(f"saturation at {saturation} clients ({best} removals/s); saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Bounded soak / chaos run: steady load for a while, optionally killing model replicas, then a count
+of what happened to every request.
+
+    python loadtests/soak.py --url http://127.0.0.1:8000 --seconds 300 --clients 4
+    python loadtests/soak.py --url http://127.0.0.1:8000 --seconds 300 --clients 4 --chaos-every 60 \\
+        --chaos-deployments Remover,Scorer --out out/soak.json
+
+Counts: sent (requests started), answered (an HTTP answer came back: a valid image, or a problem+json
+error), errored (answered with an error, by status), lost (no answer: connection dropped or the
+client deadline passed). lost must be 0: a request may fail, but it must be told so. A 200 without a
+decodable image of the input's size counts as `bad_result`, an error without problem+json as
+`bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero.
+
+Chaos kills replica processes of a local Serve (`ray::ServeReplica:<app>:<deployment>`) with SIGKILL,
+round-robin over --chaos-deployments; --serve-session limits it to one service's process session.
+On Kubernetes, delete a worker pod instead (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from benchlib import center_mask, photo, png
+from PIL import Image
+
+
+@dataclass
+class SoakReport:
+    seconds: float
+    clients: int
+    sent: int = 0
+    answered: int = 0
+    ok: int = 0
+    errored: dict[str, int] = field(default_factory=dict)
+    lost: int = 0
+    lost_reasons: dict[str, int] = field(default_factory=dict)
+    bad_result: int = 0
+    bad_error: int = 0
+    kills: list[dict] = field(default_factory=list)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.lost == 0 and self.bad_result == 0 and self.bad_error == 0 and "500" not in self.errored
+
+
+def replica_pids(deployment: str, app: str = "rorem", session: int | None = None) -> list[int]:
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for line in table.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and f"ServeReplica:{app}:{deployment}" in parts[2]:
+            if session is None or int(parts[1]) == session:
+                pids.append(int(parts[0]))
+    return pids
+
+
+def _valid_image(body: bytes, size: tuple[int, int]) -> bool:
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            return image.size == size
+    except Exception:
+        return False
+
+
+def run_soak(
+    url: str,
+    seconds: float,
+    clients: int,
+    side: int = 256,
+    headers: dict[str, str] | None = None,
+    fields: dict[str, str] | None = None,
+    client_timeout_s: float = 180.0,
+    chaos_every_s: float | None = None,
+    chaos_deployments: tuple[str, ...] = ("Remover",),
+    serve_session: int | None = None,
+) -> SoakReport:
+    image = photo(side)
+    upload = {"image": png(image), "mask": png(center_mask(side).astype(np.uint8) * 255)}
+    report = SoakReport(seconds=seconds, clients=clients)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=client_timeout_s, headers=headers or {}) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    report.sent += 1
+                started = time.monotonic()
+                try:
+                    response = http.post("/remove", files=upload, data=fields or {})
+                except httpx.HTTPError as exc:
+                    with lock:
+                        report.lost += 1
+                        report.lost_reasons[type(exc).__name__] = report.lost_reasons.get(type(exc).__name__, 0) + 1
+                    continue
+                elapsed_ms = (time.monotonic() - started) * 1000
+                with lock:
+                    report.answered += 1
+                    if response.status_code == 200:
+                        report.ok += 1
+                        latencies.append(elapsed_ms)
+                        report.bad_result += not _valid_image(response.content, (side, side))
+                    else:
+                        key = str(response.status_code)
+                        report.errored[key] = report.errored.get(key, 0) + 1
+                        report.bad_error += response.headers.get("content-type") != "application/problem+json"
+                    if response.status_code in (429, 503):
+                        time.sleep(min(float(response.headers.get("retry-after", "1")), 2.0))
+
+    def chaos() -> None:
+        turn = 0
+        while time.monotonic() + chaos_every_s < deadline:
+            time.sleep(chaos_every_s)
+            deployment = chaos_deployments[turn % len(chaos_deployments)]
+            turn += 1
+            for pid in replica_pids(deployment, session=serve_session)[:1]:
+                os.kill(pid, signal.SIGKILL)
+                report.kills.append({"at_s": round(seconds - (deadline - time.monotonic()), 1), "deployment": deployment, "pid": pid})
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    if chaos_every_s:
+        threads.append(threading.Thread(target=chaos, daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads[:clients]:
+        thread.join()
+    if latencies:
+        ordered = sorted(latencies)
+        report.latency_ms = {q: round(ordered[int(p * (len(ordered) - 1))], 1) for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--side", type=int, default=512, help="square photo side sent with every request")
+    parser.add_argument("--api-key", default=os.environ.get("ROREM_API_KEY"))
+    parser.add_argument("--gate", default=None, help="gate mode sent with every request")
+    parser.add_argument("--chaos-every", type=float, default=None, help="kill a replica every N seconds")
+    parser.add_argument("--chaos-deployments", default="Remover")
+    parser.add_argument("--serve-session", type=int, default=None, help="only kill replicas of this process session")
+    parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    options = parser.parse_args()
+
+    report = run_soak(
+        options.url, options.seconds, options.clients, side=options.side,
+        headers={"x-api-key": options.api_key} if options.api_key else None,
+        fields={"gate": options.gate} if options.gate else None,
+        chaos_every_s=options.chaos_every, chaos_deployments=tuple(options.chaos_deployments.split(",")),
+        serve_session=options.serve_session,
+    )  # fmt: skip
+    summary = {**asdict(report), "passed": report.passed}
+    print(f"{'sent':>8} {'answered':>9} {'ok':>6} {'errored':>18} {'lost':>5} {'kills':>6}  p50/p95/p99 ms")
+    print(
+        f"{report.sent:>8} {report.answered:>9} {report.ok:>6} {json.dumps(report.errored):>18} {report.lost:>5}"
+        f" {len(report.kills):>6}  {report.latency_ms.get('p50')}/{report.latency_ms.get('p95')}/{report.latency_ms.get('p99')}"
+    )
+    print("PASSED" if report.passed else f"FAILED: {json.dumps(summary)}")
+    if options.out:
+        options.out.parent.mkdir(parents=True, exist_ok=True)
+        options.out.write_text(json.dumps(summary, indent=2))
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

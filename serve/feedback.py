@@ -1,0 +1,272 @@
+"""Retention and feedback as the service offers them: whether a removal is kept, keeping it without
+ever failing the removal, and the operations behind /results, /feedback and the annotation queue,
+with their errors as Problems. The RetentionStore's blocking IO runs in threads, off the event loop.
+
+A removal whose result cannot be stored (database or object store down) is still answered, only
+without a result id; the failure is logged and counted (`rorem_retained_total{outcome="failed"}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import logging
+import re
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.config import RetentionSettings
+from serve.problems import Problem
+from serve.retention.objects import ObjectMissing
+from serve.retention.store import KINDS, NewResult, ResultNotFound, RetentionStore, StoredResult
+
+if TYPE_CHECKING:
+    from serve.gate import GatePolicy
+    from serve.metrics import IngressMetrics
+    from serve.requests import RemoveOptions
+    from serve.service import RemovalReply
+
+logger = logging.getLogger("ray.serve")
+
+RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
+ANNOTATION_PAGE = Path(__file__).parent / "static" / "annotate.html"
+REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
+SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
+MAX_QUEUE = 200
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+class FeedbackBody(BaseModel):
+    """POST /feedback: a human verdict on a retained result."""
+
+    model_config = ConfigDict(extra="forbid")
+    result_id: str = Field(description="the X-Result-Id of a retained removal")
+    verdict: Literal["yes", "no"] = Field(description="yes: the object is removed well; no: it is not")
+    reason: str | None = Field(None, max_length=1000, description="why, in a few words (optional)")
+    labeller: str | None = Field(None, max_length=200, description="who labelled (optional)")
+
+
+class Retention:
+    """The ingress's view of the RetentionStore. While retention is disabled there is no store: retain=true
+    is refused and the result routes answer 404; while the store cannot be opened, removals go on unretained."""
+
+    def __init__(self, settings: RetentionSettings, metrics: IngressMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._store: RetentionStore | None = None
+        self._failed_at: float | None = None
+        self._opening = threading.Lock()
+        if settings.enabled:
+            self._open()
+            threading.Thread(target=self._sweep, name="retention-limits", daemon=True).start()
+
+    def wanted(self, retain: bool | None) -> bool:
+        """Whether to keep this removal's result; retain=true on a deployment without retention is refused."""
+        if not self.settings.enabled:
+            if retain:
+                raise Problem(
+                    "retention-disabled", "retain=true, but this deployment keeps no results (retention.enabled: false)"
+                )
+            return False
+        return self.settings.default_retain if retain is None else retain
+
+    async def keep(
+        self,
+        source: bytes,
+        source_format: str | None,
+        mask: np.ndarray,
+        reply: RemovalReply,
+        policy: GatePolicy,
+        options: RemoveOptions,
+        dilate: int,
+    ) -> str | None:
+        """Store the result; its id, or None (logged and counted) when it could not be stored."""
+        params = {
+            **options.model_dump(exclude_none=True, exclude={"retain"}),
+            "gate": policy.mode,
+            "gate_threshold": policy.threshold,
+            "max_attempts": policy.max_attempts,
+            "dilate": dilate,
+            "output_format": reply.format,
+            "attempts": reply.attempts,
+        }
+
+        def save() -> str:
+            new = NewResult(
+                source=source,
+                mask=mask_png(mask),
+                result=reply.body,
+                source_media_type=Image.MIME.get((source_format or "").upper(), "application/octet-stream"),
+                result_media_type=reply.media_type,
+                width=mask.shape[1],
+                height=mask.shape[0],
+                score=reply.score,
+                threshold=policy.threshold,
+                gate=reply.gate,
+                seed=reply.seed,
+                bucket=reply.bucket,
+                params=params,
+                request_id=_serve_request_id(),
+            )
+            return self._opened().save(new)
+
+        try:
+            result_id = await asyncio.to_thread(save)
+        except Exception:
+            logger.exception("retention: the result could not be stored; answering without X-Result-Id")
+            self.metrics.retained.inc(tags={"outcome": "failed"})
+            return None
+        self.metrics.retained.inc(tags={"outcome": "stored"})
+        return result_id
+
+    async def get(self, result_id: str) -> StoredResult:
+        return await self._call(lambda store: store.get(_checked(result_id)))
+
+    async def image(self, result_id: str, kind: str) -> tuple[bytes, str]:
+        if kind not in KINDS:
+            raise Problem("not-found", f"a result has the images {', '.join(KINDS)}, not {kind!r}")
+        return await self._call(lambda store: store.read(_checked(result_id), kind))
+
+    async def delete(self, result_id: str) -> None:
+        if not await self._call(lambda store: store.delete(_checked(result_id))):
+            raise Problem("not-found", f"no retained result {result_id!r}")
+
+    async def feedback(self, body: FeedbackBody) -> StoredResult:
+        reason = (body.reason or "").strip() or None
+        stored = await self._call(
+            lambda store: store.add_feedback(_checked(body.result_id), body.verdict, reason, body.labeller)
+        )
+        self.metrics.feedback.inc(tags={"verdict": body.verdict})
+        return stored
+
+    async def queue(self, limit: int, threshold: float | None) -> tuple[list[StoredResult], int]:
+        """The next `limit` unlabelled results, least certain first, and how many are unlabelled in all."""
+        if not 1 <= limit <= MAX_QUEUE:
+            raise Problem("invalid-request", f"limit must be 1 to {MAX_QUEUE}, got {limit}")
+        if threshold is not None and not 0.0 <= threshold <= 10.0:
+            raise Problem("invalid-request", f"threshold must be 0 to 10, got {threshold}")
+        return await self._call(lambda store: (store.queue(limit, threshold), store.count(labelled=False)))
+
+    def require_enabled(self) -> None:
+        if not self.settings.enabled:
+            raise Problem(
+                "not-found", "result retention is disabled on this deployment (retention.enabled: false): no results"
+            )
+
+    async def _call(self, operation):
+        self.require_enabled()
+        try:
+            return await asyncio.to_thread(lambda: operation(self._opened()))
+        except ResultNotFound as exc:
+            raise Problem("not-found", f"no retained result {exc.args[0]!r} (never kept, deleted, or expired)") from exc
+        except ObjectMissing as exc:
+            raise Problem("not-found", "this result's image is no longer stored") from exc
+        except Problem:
+            raise
+        except Exception as exc:
+            logger.exception("retention store failed")
+            raise Problem(
+                "retention-unavailable",
+                f"the result store failed: {type(exc).__name__}",
+                headers={"Retry-After": str(int(REOPEN_AFTER_S))},
+            ) from exc
+
+    def _opened(self) -> RetentionStore:
+        store = self._store or self._open()
+        if store is None:
+            raise RuntimeError("the result store could not be opened; see the log")
+        return store
+
+    def _open(self) -> RetentionStore | None:
+        """Open (and migrate) the store; a failure leaves the service up and is retried later."""
+        with self._opening:
+            recently_failed = self._failed_at is not None and time.monotonic() - self._failed_at < REOPEN_AFTER_S
+            if self._store is not None or recently_failed:
+                return self._store
+            try:
+                self._store = RetentionStore.from_settings(self.settings)
+                logger.info("retention: %s", self._store.describe())
+            except Exception:
+                self._failed_at = time.monotonic()
+                logger.exception("retention: cannot open the result store; removals go on without retention")
+            return self._store
+
+    def _sweep(self) -> None:
+        while True:
+            time.sleep(SWEEP_EVERY_S)
+            try:
+                self._opened().enforce_limits()
+            except Exception:
+                logger.exception("retention: enforcing the limits failed")
+
+
+def result_document(stored: StoredResult, base: str, threshold: float | None = None) -> dict[str, Any]:
+    """The JSON of a result (GET /results/{id}, queue items); links are relative to the app's root `base`."""
+    own = f"{base}/results/{stored.id}"
+    return {
+        "id": stored.id,
+        "created_at": _iso(stored.created_at),
+        "request_id": stored.request_id,
+        "score": stored.score,
+        "threshold": stored.threshold,
+        "uncertainty": stored.uncertainty(threshold),
+        "gate": stored.gate,
+        "seed": stored.seed,
+        "bucket": stored.bucket,
+        "width": stored.width,
+        "height": stored.height,
+        "media_types": stored.media_types,
+        "bytes": {"source": stored.source_bytes, "result": stored.result_bytes},
+        "params": stored.params,
+        "label": stored.label,
+        "feedback": [
+            {"verdict": f.verdict, "reason": f.reason, "labeller": f.labeller, "created_at": _iso(f.created_at)}
+            for f in stored.feedback
+        ],
+        "links": {"self": own, **{kind: f"{own}/{kind}" for kind in KINDS}, "feedback": f"{base}/feedback"},
+    }
+
+
+@lru_cache(maxsize=1)
+def annotation_page() -> str:
+    return ANNOTATION_PAGE.read_text(encoding="utf-8")
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """The removed region as a PNG: white = removed (the RORem mask convention)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _checked(result_id: str) -> str:
+    if not RESULT_ID.match(result_id):
+        raise ResultNotFound(result_id)
+    return result_id
+
+
+def _iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="milliseconds") + "Z"
+
+
+def _serve_request_id() -> str | None:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:
+        return None

@@ -1,0 +1,119 @@
+"""The retention metadata: tables, the engine, and migrations applied at startup.
+
+SQLite by default (a file next to the objects), PostgreSQL or any SQLAlchemy database by URL. The
+schema is owned by the Alembic revisions in migrations/ (applied with `migrate`, no alembic.ini);
+the models below must describe the same tables (a test compares them).
+Times are naive UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_PG_MIGRATION_LOCK = 0x524F52454D  # pg_advisory_lock key: "RORem"; replicas starting together migrate one at a time
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ResultRow(Base):
+    """One retained removal: the objects' keys, what the gate saw, and the request's parameters."""
+
+    __tablename__ = "results"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    source_key: Mapped[str] = mapped_column(String(65), index=True)
+    mask_key: Mapped[str] = mapped_column(String(65), index=True)
+    result_key: Mapped[str] = mapped_column(String(65), index=True)
+    source_media_type: Mapped[str] = mapped_column(String(64))
+    result_media_type: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    source_bytes: Mapped[int] = mapped_column(Integer)
+    result_bytes: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    gate: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    bucket: Mapped[int | None] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class FeedbackRow(Base):
+    """One verdict on a result. Verdicts are appended; the newest one is the result's label."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(String(32), ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    verdict: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(Text)
+    labeller: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine; for SQLite: its folder made, WAL (readers never block the writer), foreign keys on,
+    and a busy timeout so several ingress replicas can share one file."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(connection, _record):
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+def alembic_config(url: str):
+    """Alembic's Config built in code: no alembic.ini is needed where the service runs."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision, one process at a time (a file lock next to a SQLite
+    file, an advisory lock on PostgreSQL)."""
+    from alembic import command
+
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        from filelock import FileLock
+
+        with FileLock(str(Path(engine.url.database).expanduser()) + ".migrate.lock"):
+            _upgrade(command, config, engine)
+    else:
+        _upgrade(command, config, engine)
+
+
+def _upgrade(command, config, engine: Engine) -> None:
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")

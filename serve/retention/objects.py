@@ -1,0 +1,161 @@
+"""Content-addressed object stores: the key of some bytes is their SHA-256, so the same photo sent
+twice is stored once and a key never points at other bytes than it names.
+
+Key layout: `ab/cdef...` (the 64 hex digits, the first two as a folder, which keeps directories and
+S3 listings small). A local folder is the default; an S3-compatible bucket (AWS, MinIO, Ceph, R2)
+needs boto3, imported only when such a store is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+
+class ObjectMissing(KeyError):
+    """The key names no stored object (deleted, or never written)."""
+
+
+def object_key(data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    return f"{digest[:2]}/{digest[2:]}"
+
+
+def _check_key(key: str) -> str:
+    head, _, tail = key.partition("/")
+    if len(head) != 2 or len(tail) != 62 or not all(c in "0123456789abcdef" for c in head + tail):
+        raise ValueError(f"not an object key: {key!r}")
+    return key
+
+
+class ObjectStore(Protocol):
+    def put(self, data: bytes) -> str:
+        """Store the bytes (once) and return their key."""
+
+    def get(self, key: str) -> bytes:
+        """The bytes of a key; ObjectMissing if there are none."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing one is not an error."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def describe(self) -> str:
+        """Where the objects are, for logs (no credentials)."""
+
+
+class LocalObjectStore:
+    """Objects as files under `root` (created with owner-only permissions)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, data: bytes) -> str:
+        key = object_key(data)
+        path = self.path(key)
+        if path.is_file():
+            return key
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        return key
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise ObjectMissing(key) from exc
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:  # other objects share the folder
+            pass
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def describe(self) -> str:
+        return f"folder {self.root}"
+
+
+class S3ObjectStore:
+    """Objects in an S3-compatible bucket under `prefix/`. Credentials come from boto3's usual chain
+    (environment, shared config, instance or pod role), never from the service's config."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client=None,
+    ):
+        if client is None:
+            try:
+                import boto3
+            except ImportError as exc:
+                raise RuntimeError(
+                    "retention.object_store.s3 needs boto3, which is not installed: pip install boto3"
+                ) from exc
+            client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+
+    def name(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, data: bytes) -> str:
+        key = object_key(data)
+        if not self.exists(key):
+            self.client.put_object(Bucket=self.bucket, Key=self.name(key), Body=data)
+        return key
+
+    def get(self, key: str) -> bytes:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.name(key))
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise ObjectMissing(key) from exc
+            raise
+        return answer["Body"].read()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.name(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.name(key))
+        except Exception as exc:
+            if _is_not_found(exc):
+                return False
+            raise
+        return True
+
+    def describe(self) -> str:
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.prefix}{where}"
+
+
+def _is_not_found(exc: Exception) -> bool:
+    """botocore's ClientError carries the S3 error code in `response`."""
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound")

@@ -1,0 +1,322 @@
+"""RetentionStore: retained results (objects + metadata), the verdicts on them, the annotation queue
+and the retention limits. Blocking IO: callers on an event loop run it in a thread.
+
+Deleting a result removes its metadata, its verdicts and every object no other result refers to
+(a photo sent twice is stored once and stays while one of its results does). Within one process,
+saves and deletes are serialized, so a delete never removes an object a concurrent save relies on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from serve.retention.db import FeedbackRow, ResultRow, make_engine, migrate, utcnow
+from serve.retention.objects import LocalObjectStore, ObjectStore, S3ObjectStore
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["source", "mask", "result"]
+KINDS: tuple[Kind, ...] = ("source", "mask", "result")
+VERDICTS = ("yes", "no")
+MASK_MEDIA_TYPE = "image/png"
+_CHUNK = 500  # ids per IN (...) list
+_SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket")
+
+
+class ResultNotFound(KeyError):
+    """No retained result has this id (never stored, deleted, or past the retention limits)."""
+
+
+@dataclass(frozen=True)
+class Feedback:
+    verdict: str
+    reason: str | None
+    labeller: str | None
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class NewResult:
+    """What a removal leaves to retain: the uploaded photo as sent, the mask that was removed (PNG,
+    white = removed, after dilation), the encoded result, and what the gate and the request said."""
+
+    source: bytes
+    mask: bytes
+    result: bytes
+    source_media_type: str
+    result_media_type: str
+    width: int
+    height: int
+    score: float | None
+    threshold: float
+    gate: str
+    seed: int | None
+    bucket: int | None
+    params: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    id: str
+    created_at: dt.datetime
+    request_id: str | None
+    keys: dict[str, str]
+    media_types: dict[str, str]
+    width: int
+    height: int
+    source_bytes: int
+    result_bytes: int
+    score: float | None
+    threshold: float
+    gate: str
+    seed: int | None
+    bucket: int | None
+    params: dict[str, Any]
+    feedback: tuple[Feedback, ...] = ()
+
+    @property
+    def label(self) -> str | None:
+        """The newest verdict: a relabel wins, the earlier verdicts stay as history."""
+        return self.feedback[-1].verdict if self.feedback else None
+
+    @property
+    def labelled_at(self) -> dt.datetime | None:
+        return self.feedback[-1].created_at if self.feedback else None
+
+    def uncertainty(self, threshold: float | None = None) -> float | None:
+        """How close the discriminator was to its decision: |score - threshold| (small = unsure)."""
+        if self.score is None:
+            return None
+        return abs(self.score - (self.threshold if threshold is None else threshold))
+
+
+class RetentionStore:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        engine: Engine,
+        max_results: int | None = None,
+        max_age_days: float | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ):
+        self.objects = objects
+        self.engine = engine
+        self.max_results = max_results
+        self.max_age_days = max_age_days
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, database_url: str, objects: ObjectStore, **limits_and_clock) -> RetentionStore:
+        """Connect and bring the schema up to date (migrations run here, once per process)."""
+        engine = make_engine(database_url)
+        migrate(engine)
+        return cls(objects, engine, **limits_and_clock)
+
+    @classmethod
+    def from_settings(cls, settings) -> RetentionStore:
+        """From serve.config.RetentionSettings (the service's config, or a config file read by training)."""
+        s3 = settings.object_store.s3
+        objects = (
+            S3ObjectStore(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
+            if s3 is not None
+            else LocalObjectStore(settings.objects_folder())
+        )
+        return cls.open(
+            settings.resolved_database_url(),
+            objects,
+            max_results=settings.max_results,
+            max_age_days=settings.max_age_days,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"objects in {self.objects.describe()}, metadata in {self.engine.url.render_as_string(hide_password=True)}"
+        )
+
+    # ------------------------------------------------------------ results
+
+    def save(self, new: NewResult) -> str:
+        """Store objects (once per content) and metadata; returns the new result's id. The objects are
+        written first, so a reader never sees a result whose images are not there yet."""
+        result_id = uuid.uuid4().hex
+        with self._lock:
+            keys = [self.objects.put(data) for data in (new.source, new.mask, new.result)]
+            row = ResultRow(
+                id=result_id,
+                created_at=self.clock(),
+                source_key=keys[0],
+                mask_key=keys[1],
+                result_key=keys[2],
+                source_media_type=new.source_media_type,
+                result_media_type=new.result_media_type,
+                source_bytes=len(new.source),
+                result_bytes=len(new.result),
+                params=new.params,
+                **{name: getattr(new, name) for name in _SAME_IN_ROW},
+            )
+            try:
+                with Session(self.engine) as session, session.begin():
+                    session.add(row)
+            except Exception:
+                self._drop_unreferenced(keys)
+                raise
+        self.enforce_limits()
+        return result_id
+
+    def get(self, result_id: str) -> StoredResult:
+        with Session(self.engine) as session:
+            row = session.get(ResultRow, result_id)
+            if row is None:
+                raise ResultNotFound(result_id)
+            return self._stored([row], session)[0]
+
+    def read(self, result_id: str, kind: Kind) -> tuple[bytes, str]:
+        """The bytes of one of a result's images and their media type; ObjectMissing if they are gone."""
+        stored = self.get(result_id)
+        return self.objects.get(stored.keys[kind]), stored.media_types[kind]
+
+    def delete(self, result_id: str) -> bool:
+        """Remove a result, its verdicts and its no longer referenced objects; False if there was none."""
+        return self._delete_ids([result_id]) == 1
+
+    # ------------------------------------------------------------ feedback
+
+    def add_feedback(
+        self, result_id: str, verdict: str, reason: str | None = None, labeller: str | None = None
+    ) -> StoredResult:
+        """Append a verdict (the newest verdict is the label); returns the result with its history."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        with Session(self.engine) as session, session.begin():
+            if session.get(ResultRow, result_id) is None:
+                raise ResultNotFound(result_id)
+            session.add(
+                FeedbackRow(
+                    result_id=result_id, verdict=verdict, reason=reason, labeller=labeller, created_at=self.clock()
+                )
+            )
+        return self.get(result_id)
+
+    def queue(self, limit: int = 20, threshold: float | None = None) -> list[StoredResult]:
+        """Unlabelled results, the discriminator's least certain first: |score - threshold| ascending
+        (each result's own threshold unless one is given); unscored results last; then oldest first."""
+        cut = ResultRow.threshold if threshold is None else threshold
+        statement = (
+            select(ResultRow)
+            .where(~_has_feedback())
+            .order_by(ResultRow.score.is_(None), func.abs(ResultRow.score - cut), ResultRow.created_at, ResultRow.id)
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            return self._stored(session.scalars(statement).all(), session)
+
+    def count(self, labelled: bool | None = None) -> int:
+        statement = select(func.count()).select_from(ResultRow)
+        if labelled is not None:
+            statement = statement.where(_has_feedback() if labelled else ~_has_feedback())
+        with Session(self.engine) as session:
+            return session.scalar(statement) or 0
+
+    def labelled(self, since: dt.datetime | None = None, until: dt.datetime | None = None) -> list[StoredResult]:
+        """Results with a verdict, oldest first; since / until bound the time of the newest verdict."""
+        statement = select(ResultRow).where(_has_feedback()).order_by(ResultRow.created_at, ResultRow.id)
+        with Session(self.engine) as session:
+            results = self._stored(session.scalars(statement).all(), session)
+        return [
+            r for r in results
+            if (since is None or r.labelled_at >= since) and (until is None or r.labelled_at < until)
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------ limits
+
+    def enforce_limits(self) -> int:
+        """Delete results past max_age_days and the oldest beyond max_results; returns how many. Results
+        past the age limit are the oldest ones, so both limits cut the same oldest-first order."""
+        with Session(self.engine) as session:
+            total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
+            over = total - self.max_results if self.max_results is not None else 0
+            if self.max_age_days is not None:
+                cutoff = self.clock() - dt.timedelta(days=self.max_age_days)
+                aged = select(func.count()).select_from(ResultRow).where(ResultRow.created_at < cutoff)
+                over = max(over, session.scalar(aged) or 0)
+            if over <= 0:
+                return 0
+            oldest = select(ResultRow.id).order_by(ResultRow.created_at, ResultRow.id).limit(over)
+            doomed = session.scalars(oldest).all()
+        deleted = self._delete_ids(doomed)
+        logger.info("retention limits: deleted %d result(s)", deleted)
+        return deleted
+
+    # ------------------------------------------------------------ internals
+
+    def _delete_ids(self, ids: Sequence[str]) -> int:
+        deleted = 0
+        with self._lock:
+            for start in range(0, len(ids), _CHUNK):
+                chunk = list(ids[start : start + _CHUNK])
+                with Session(self.engine) as session, session.begin():
+                    rows = session.scalars(select(ResultRow).where(ResultRow.id.in_(chunk))).all()
+                    keys = {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
+                    session.execute(delete(FeedbackRow).where(FeedbackRow.result_id.in_(chunk)))
+                    session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk)))
+                deleted += len(rows)
+                self._drop_unreferenced(keys)
+        return deleted
+
+    def _drop_unreferenced(self, keys: Iterable[str]) -> None:
+        with Session(self.engine) as session:
+            for key in set(keys):
+                referenced = session.scalar(
+                    select(ResultRow.id)
+                    .where(or_(ResultRow.source_key == key, ResultRow.mask_key == key, ResultRow.result_key == key))
+                    .limit(1)
+                )
+                if referenced is None:
+                    self.objects.delete(key)
+
+    @staticmethod
+    def _stored(rows: Sequence[ResultRow], session: Session) -> list[StoredResult]:
+        history: dict[str, list[Feedback]] = {row.id: [] for row in rows}
+        ids = list(history)
+        for start in range(0, len(ids), _CHUNK):
+            verdicts = session.scalars(
+                select(FeedbackRow)
+                .where(FeedbackRow.result_id.in_(ids[start : start + _CHUNK]))
+                .order_by(FeedbackRow.created_at, FeedbackRow.id)
+            )
+            for v in verdicts:
+                history[v.result_id].append(Feedback(v.verdict, v.reason, v.labeller, v.created_at))
+        return [
+            StoredResult(
+                id=row.id,
+                created_at=row.created_at,
+                keys={"source": row.source_key, "mask": row.mask_key, "result": row.result_key},
+                media_types={
+                    "source": row.source_media_type,
+                    "mask": MASK_MEDIA_TYPE,
+                    "result": row.result_media_type,
+                },
+                source_bytes=row.source_bytes,
+                result_bytes=row.result_bytes,
+                params=dict(row.params or {}),
+                **{name: getattr(row, name) for name in _SAME_IN_ROW},
+                feedback=tuple(history[row.id]),
+            )
+            for row in rows
+        ]
+
+
+def _has_feedback():
+    return select(FeedbackRow.id).where(FeedbackRow.result_id == ResultRow.id).exists()

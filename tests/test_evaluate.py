@@ -1,0 +1,260 @@
+"""The evaluation harness on the tiny bundle with synthetic triplets, on CPU: `evaluate` writes every
+artifact through the service's imaging path; `compare` of a run with itself shows zero deltas and
+passes the shipped gate; a deliberately degraded engine fails it with exit code 1 and names the measure.
+
+The CLIP and DINOv2 folders here are tiny models with RANDOM weights, saved with save_pretrained: they
+prove the local loading and the plumbing of those measures, not what their numbers mean."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import Triplet, load_metadata, save_image, write_metadata
+from training.synthetic import make_synthetic_triplets
+
+REPO = Path(__file__).resolve().parent.parent
+THRESHOLDS = REPO / "training" / "configs" / "eval_thresholds.yaml"
+SIDE = 128
+IMAGING = {"buckets": [128], "crop_margin": 16, "dilate": 4}  # one small bucket: the tiny UNet is quick at 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny models gain nothing from a second thread, and on a shared 2-core machine a second
+    thread waiting at every barrier made this file 12x slower (170 s against 14 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("evaluate")
+
+
+@pytest.fixture(scope="module")
+def triplets(work):
+    return make_synthetic_triplets(work / "data", n=4, size=SIDE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def embedding_models(work):
+    """Settings naming tiny CLIP and DINOv2 folders with random weights (see the module docstring)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision = dict(small, image_size=32, patch_size=8)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    folders = {"clip_model": work / "clip-random", "dino_model": work / "dinov2-random"}
+    text = dict(small, vocab_size=64, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(
+        folders["clip_model"]
+    )
+    Dinov2Model(Dinov2Config(**vision)).save_pretrained(folders["dino_model"])
+    for folder in folders.values():
+        processor.save_pretrained(folder)
+    return folders
+
+
+def _evaluate(tiny_bundle, data, out, **overrides):
+    from training.evaluate import EvaluateSettings, evaluate
+
+    settings = EvaluateSettings(bundle=str(tiny_bundle.path), data=data, out=out, **IMAGING, **overrides)
+    return evaluate(settings)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_bundle, triplets, work, embedding_models):
+    return _evaluate(tiny_bundle, triplets, work / "baseline", **embedding_models)
+
+
+@pytest.fixture(scope="module")
+def degraded(tiny_bundle, triplets, work, embedding_models):
+    """The same engine and seeds, its results spoiled with noise inside the dilated mask."""
+    return _evaluate(tiny_bundle, triplets, work / "degraded", degrade="noise", **embedding_models)
+
+
+def _rows(run_folder: Path) -> list[dict]:
+    with open(run_folder / "per_image.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def test_evaluate_writes_every_artifact_through_the_service_path(baseline, triplets, work):
+    from engines.imaging import dilate_mask
+
+    folder = work / "baseline"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["stage"] == "evaluate" and summary["status"] == "completed"
+    assert summary["engine"]["runner"] == "torch" and summary["engine"]["steps"] == 4
+    rows = _rows(folder)
+    records = load_metadata(triplets)
+    assert [row["id"] for row in rows] == ["00000", "00001", "00002", "00003"]
+    assert all(row["status"] == "ok" for row in rows)
+    for row, record in zip(rows, records):
+        assert int(row["seed"]) == int(row["index"])  # seed + index, --seed 0
+        source = np.asarray(Image.open(record.source).convert("RGB"))
+        output = np.asarray(Image.open(folder / row["output"]).convert("RGB"))
+        assert output.shape == source.shape
+        outside = ~dilate_mask(np.asarray(Image.open(record.mask).convert("L")) > 127, IMAGING["dilate"])
+        assert np.array_equal(output[outside], source[outside])  # pasted back inside the dilated mask only
+        assert not np.array_equal(output, source)
+
+    metrics = summary["metrics"]
+    assert metrics["evaluated"] == metrics["with_gt"] == 4
+    for name in ("success_rate", "score", "psnr", "ssim", "psnr_masked", "ssim_masked", "psnr_outside", "dino", "clip"):
+        assert metrics[name]["n"] == 4 and math.isfinite(metrics[name]["mean"]), name
+    assert metrics["success_rate"]["mean"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert metrics["psnr_masked"]["mean"] < metrics["psnr"]["mean"]  # the repainted region holds all the error
+    assert -1 <= metrics["clip"]["mean"] <= 1 and -1 <= metrics["dino"]["mean"] <= 1
+    time = metrics["time"]
+    assert time["images_per_second"] > 0 and time["wall_seconds"] > sum(float(r["seconds"]) for r in rows)
+
+
+def test_unavailable_measures_are_reported_as_skipped_never_faked(baseline, tiny_bundle, triplets, work):
+    import importlib.util
+
+    lpips = baseline["metrics"]["lpips"]
+    if importlib.util.find_spec("torchvision") is None:
+        assert lpips == {
+            "skipped": "torchvision is not installed: torchmetrics' LPIPS builds its alex backbone with it"
+        }
+    if "skipped" in lpips:
+        assert all(row["lpips"] == "" for row in _rows(work / "baseline"))
+
+    from training.quality import load_embedder, load_lpips
+
+    assert load_lpips("off", "cpu") == (None, "turned off (lpips_net: off)")
+    assert load_embedder("clip", None, "cpu")[1] == "no --clip-model given (a local transformers CLIP folder)"
+    assert "is not a folder" in load_embedder("dino", work / "nowhere", "cpu")[1]
+    wrong = load_embedder("clip", work / "dinov2-random", "cpu")[1]  # would load with random CLIP weights
+    assert "holds a 'dinov2' model, not CLIP" in wrong
+
+
+def test_a_pair_set_measures_fidelity_outside_the_mask_and_skips_the_rest(tiny_bundle, triplets, work):
+    records = load_metadata(triplets)[:2]
+    empty = save_image(np.zeros((SIDE, SIDE), dtype=bool), work / "pairs" / "empty.png")
+    pairs = [Triplet(r.source, r.mask) for r in records] + [Triplet(records[0].source, empty)]
+    data = write_metadata(work / "pairs" / "metadata.json", pairs)
+    summary = _evaluate(tiny_bundle, data, work / "pair-run", lpips_net="off")
+    metrics = summary["metrics"]
+    assert (metrics["entries"], metrics["evaluated"], metrics["empty_mask"], metrics["with_gt"]) == (3, 2, 1, 0)
+    assert metrics["psnr_outside"]["n"] == metrics["ssim_outside"]["n"] == metrics["score"]["n"] == 2
+    for name in ("psnr", "ssim", "psnr_masked", "ssim_masked"):
+        assert "no entry of the set has a GT" in metrics[name]["skipped"], name
+    assert [row["status"] for row in _rows(work / "pair-run")] == ["ok", "ok", "empty-mask"]
+
+
+def test_imaging_defaults_are_the_services_and_degrade_kinds_the_negatives():
+    from typing import get_args
+
+    from serve.config import ImagingSettings
+    from training.evaluate import DegradeKind, EvaluateSettings
+    from training.synthetic import NEGATIVE_KINDS
+
+    service = ImagingSettings()
+    fields = EvaluateSettings.model_fields
+    for name in ("buckets", "crop_margin", "dilate", "feather"):
+        assert fields[name].default == getattr(service, name), name
+    assert get_args(DegradeKind) == ("none", *NEGATIVE_KINDS)
+
+
+def test_masked_measures_use_only_the_region():
+    from training.quality import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    edited = reference.copy()
+    region = np.zeros((48, 48), dtype=bool)
+    region[10:30, 10:30] = True
+    edited[region] = 255 - edited[region]
+    assert psnr(edited, reference, ~region) == math.inf  # identical pixels
+    assert psnr(edited, reference, region) < psnr(edited, reference)  # the error diluted over the whole image
+    assert ssim(edited, reference, region) < ssim(edited, reference) < 1
+    assert (
+        psnr(edited, reference, np.zeros_like(region)) is None
+        and ssim(edited, reference, ~np.ones_like(region)) is None
+    )
+
+
+# ---------------------------------------------------------------- compare and the gate
+
+
+def test_compare_of_a_run_with_itself_shows_zero_deltas_and_passes(baseline, work, capsys):
+    from training.cli import main
+
+    out = work / "compare-self"
+    args = ["compare", "--a", str(work / "baseline"), "--b", str(work / "baseline"), "--out", str(out)]
+    assert main([*args, "--thresholds", str(THRESHOLDS)]) == 0
+    printed = capsys.readouterr().out
+    assert "gate: PASSED" in printed and "verdict flips (score >= 0.5): 0 of 4 (0.0%)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    deltas = summary["metrics"]["deltas"]
+    measured = {name: d for name, d in deltas.items() if "skipped" not in d}
+    assert {"success_rate", "score", "psnr", "psnr_masked", "ssim_masked", "dino", "clip"} <= set(measured)
+    for name, delta in measured.items():
+        assert delta["delta"] == delta["ci_low"] == delta["ci_high"] == 0.0, name
+        assert delta["n"] == 4
+    assert summary["metrics"]["identical_outputs"] == 4 and summary["metrics"]["output_mean_abs_diff"] == 0.0
+    assert summary["gate"]["passed"] and summary["gate"]["failures"] == []
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width == 4 * 192 + 5 * 4 and sheet.height > 4 * 192
+    with open(out / "paired.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_a_degraded_engine_fails_the_gate_and_names_the_measure(baseline, degraded, work, capsys):
+    from training.cli import main
+
+    out = work / "compare-degraded"
+    args = ["compare", "--a", str(work / "baseline"), "--b", str(work / "degraded"), "--out", str(out)]
+    assert main([*args, "--thresholds", str(THRESHOLDS)]) == 1
+    captured = capsys.readouterr()
+    assert "gate: FAILED" in captured.out
+    assert "gate failed: psnr_masked: mean delta B - A" in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["deltas"]["psnr_masked"]["delta"] < -0.5
+    assert summary["metrics"]["identical_outputs"] == 0
+    # without a thresholds file compare only reports
+    assert main([*args[:-1], str(work / "compare-report-only")]) == 0
+
+
+def test_gate_rules_directions_missing_measures_and_bad_files(tmp_path):
+    from training.common import TrainingError
+    from training.compare import Delta, Thresholds, check_gate, load_thresholds
+    from training.evaluate import EvaluationRun
+
+    def run(skipped: dict[str, str]) -> EvaluationRun:
+        return EvaluationRun(tmp_path, {"metrics": {k: {"skipped": v} for k, v in skipped.items()}}, [])
+
+    thresholds = Thresholds(allowed_deltas={"lpips": 0.01, "psnr": -0.5, "clip": -0.01, "dino": -0.01})
+    deltas = {
+        "lpips": Delta(4, 0.2, 0.25, 0.05, None, None),  # lower is better: +0.05 is past +0.01
+        "psnr": Delta(4, 20.0, 19.8, -0.2, None, None),
+        "clip": {"skipped": "B: no --clip-model given"},
+        "dino": {"skipped": "in both runs: no --dino-model given"},
+    }
+    a, b = run({"dino": "x"}), run({"dino": "x", "clip": "no --clip-model given"})
+    gate = check_gate(thresholds, deltas, None, a, b)
+    assert gate["verdicts"] == {"lpips": "FAIL", "psnr": "ok", "clip": "FAIL", "dino": "not checked"}
+    assert not gate["passed"] and len(gate["failures"]) == 2
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("allowed_deltas:\n  psnr_maskd: -0.5\n")
+    with pytest.raises(TrainingError, match="unknown measures \\['psnr_maskd'\\]"):
+        load_thresholds(bad)
+    assert load_thresholds(THRESHOLDS).max_flip_share == 0.05

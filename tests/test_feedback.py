@@ -1,0 +1,216 @@
+"""The feedback loop end to end against the local Serve (retention on, opt-in): remove with
+retain=true over REST and gRPC -> read the result back -> label it through the API and by
+clicking and typing in the annotation page (headless Chromium) -> delete -> export-labels ->
+the discriminator stage trains on the export."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serve import rorem_pb2 as pb
+from serve.grpc_client import open_channel, stub
+from tests.conftest import photo, png_bytes
+from tests.test_service import _assert_problem, _decode, _mask, _remove
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def _retain(service, seed: int, threshold: float = 0.5, **fields):
+    response = _remove(
+        service, png_bytes(photo()), png_bytes(_mask()), seed=seed, gate_threshold=threshold, retain="true", **fields
+    )
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _queue(service, limit: int = 50) -> list[dict]:
+    response = service.client.get("/annotation/queue", params={"limit": limit})
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
+
+
+def _label(service, result_id: str, verdict: str, reason: str | None = None):
+    return service.client.post("/feedback", json={"result_id": result_id, "verdict": verdict, "reason": reason})
+
+
+def test_a_retained_removal_answers_its_result_id_and_reads_back(service):
+    source, mask = png_bytes(photo()), png_bytes(_mask())
+    plain = _remove(service, source, mask, seed=3)
+    assert plain.status_code == 200 and "x-result-id" not in plain.headers, "retention is opt-in per request"
+
+    response = _retain(service, seed=3, dilate=12)
+    result_id = response.headers["x-result-id"]
+    record = service.client.get(f"/results/{result_id}").json()
+    assert record["id"] == result_id and record["label"] is None and record["feedback"] == []
+    assert record["score"] == pytest.approx(float(response.headers["x-removal-score"]), abs=1e-4)
+    assert record["seed"] == 3 and record["params"]["dilate"] == 12 and record["threshold"] == 0.5
+    assert (record["width"], record["height"]) == (320, 256)
+    assert service.client.get(record["links"]["source"]).content == source
+    assert service.client.get(record["links"]["result"]).content == response.content
+    kept_mask = _decode(service.client.get(record["links"]["mask"]).content)[..., 0]
+    assert kept_mask.shape == (256, 320) and (kept_mask > 0).sum() > (_mask() > 0).sum(), "the dilated mask is kept"
+
+    as_json = service.client.post(
+        "/remove",
+        json={
+            "image": base64.b64encode(source).decode(),
+            "mask": base64.b64encode(mask).decode(),
+            "seed": 3,
+            "retain": True,
+        },
+        headers={"accept": "application/json"},
+    )
+    assert as_json.json()["result_id"] == as_json.headers["x-result-id"] != result_id
+
+
+def test_grpc_remove_with_retain_returns_the_result_id(service):
+    with open_channel(service.grpc_target) as channel:
+        reply = stub(channel).Remove(
+            pb.RemoveRequest(image=png_bytes(photo()), mask=png_bytes(_mask()), seed=4, retain=True), timeout=120
+        )
+        plain = stub(channel).Remove(
+            pb.RemoveRequest(image=png_bytes(photo()), mask=png_bytes(_mask()), seed=4), timeout=120
+        )
+    assert len(reply.result_id) == 32 and plain.result_id == ""
+    record = service.client.get(f"/results/{reply.result_id}").json()
+    assert record["score"] == pytest.approx(reply.score, abs=1e-4) and record["request_id"]
+
+
+def test_feedback_through_the_api_keeps_the_history_and_the_newest_verdict(service):
+    result_id = _retain(service, seed=5).headers["x-result-id"]
+    first = _label(service, result_id, "yes", "clean")
+    assert first.status_code == 201 and first.json()["label"] == "yes"
+    assert result_id not in [item["id"] for item in _queue(service)], "a labelled result leaves the queue"
+    second = _label(service, result_id, "no", "a shadow is left")
+    assert [(f["verdict"], f["reason"]) for f in second.json()["feedback"]] == [
+        ("yes", "clean"),
+        ("no", "a shadow is left"),
+    ]
+    assert service.client.get(f"/results/{result_id}").json()["label"] == "no"
+
+    _assert_problem(_label(service, "f" * 32, "yes"), 404, "not-found")
+    _assert_problem(_label(service, result_id, "maybe"), 422, "invalid-request")
+    _assert_problem(_label(service, result_id, "no", "x" * 1001), 422, "invalid-request")
+    _assert_problem(service.client.get("/results/not-an-id"), 404, "not-found")
+    _assert_problem(service.client.get(f"/results/{result_id}/thumbnail"), 404, "not-found")
+
+
+def test_delete_forgets_the_result_and_its_images(service):
+    response = _retain(service, seed=6)
+    result_id = response.headers["x-result-id"]
+    image_link = service.client.get(f"/results/{result_id}").json()["links"]["result"]
+    deleted = service.client.delete(f"/results/{result_id}")
+    assert deleted.status_code == 204 and deleted.content == b""
+    _assert_problem(service.client.get(f"/results/{result_id}"), 404, "not-found")
+    _assert_problem(service.client.get(image_link), 404, "not-found")
+    _assert_problem(service.client.delete(f"/results/{result_id}"), 404, "not-found")
+    assert result_id not in [item["id"] for item in _queue(service)]
+
+
+def _chromium_missing() -> bool:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return True
+    return shutil.which(CHROMIUM) is None
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_shows_the_least_certain_first_and_labels_by_key_and_click(service):
+    from playwright.sync_api import sync_playwright
+
+    for seed, threshold in [(20, 0.0), (21, 0.3), (22, 0.6)]:
+        _retain(service, seed=seed, threshold=threshold)
+    expected = _queue(service)
+    uncertainties = [item["uncertainty"] for item in expected]
+    assert len(expected) >= 3 and uncertainties == sorted(uncertainties)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(service.url + "/annotate")
+            page.wait_for_selector("body[data-state=item]")
+            shown = page.eval_on_selector_all("#queue li", "items => items.map(li => li.dataset.resultId)")
+            assert shown == [item["id"] for item in expected][: len(shown)] and len(shown) >= 3
+            first, second = shown[0], shown[1]
+            assert page.get_attribute("#item", "data-result-id") == first
+            page.wait_for_function("() => document.querySelector('#source').naturalWidth > 0")
+            assert page.eval_on_selector("#source", "img => img.naturalWidth") == 320
+            assert page.inner_text("#score") == f"{expected[0]['score']:.3f}"
+
+            page.keyboard.press("y")
+            page.wait_for_selector(f"#item[data-result-id='{second}']")
+            page.fill("#reason", "the fill is blurry")
+            page.click("#no")
+            page.wait_for_function(f"() => document.querySelector('#item').dataset.resultId !== '{second}'")
+            assert page.locator("#status").inner_text().startswith("Saved")
+        finally:
+            browser.close()
+
+    assert service.client.get(f"/results/{first}").json()["label"] == "yes"
+    labelled = service.client.get(f"/results/{second}").json()
+    assert labelled["label"] == "no" and labelled["feedback"][0]["reason"] == "the fill is blurry"
+    remaining = [item["id"] for item in _queue(service)]
+    assert first not in remaining and second not in remaining
+
+
+def test_labels_export_and_the_discriminator_trains_on_them(service, tiny_layout, tmp_path):
+    from training.cli import main
+    from training.data import load_metadata
+    from training.discriminator import DiscriminatorSettings, train_discriminator
+
+    for seed, verdict in [(30, "yes"), (31, "no")]:
+        result_id = _retain(service, seed=seed).headers["x-result-id"]
+        assert _label(service, result_id, verdict).status_code == 201
+    retention = service.config["retention"]
+    export = tmp_path / "labels"
+    assert (
+        main(
+            ["export-labels", "--objects", retention["object_store"]["path"], "--out", str(export), "--min-count", "2"]
+        )
+        == 0
+    )
+    records = load_metadata(export / "metadata.json", require=("source", "mask", "GT", "score"))
+    assert {r.score for r in records} == {0.0, 1.0}
+    summary = json.loads((export / "summary.json").read_text())
+    assert summary["metrics"]["exported"] == len(records) >= 2
+
+    settings = DiscriminatorSettings(
+        base=str(tiny_layout.base), data=export / "metadata.json", out=tmp_path / "disc", resolution=512,
+        steps=2, batch_size=2, checkpoint_every=0,
+    )  # fmt: skip
+    trained = train_discriminator(settings)
+    assert trained["status"] == "completed" and trained["steps_done"] == 2
+    assert trained["metrics"]["train_records"] == len(records)
+    folder = Path(trained["outputs"]["discriminator"])
+    assert (folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "cls_pred_branch.pt").is_file()
+    assert json.loads((tmp_path / "disc" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_the_page_is_self_contained_and_bad_requests_get_problem_json(service):
+    page = service.client.get("/annotate")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert "http://" not in page.text and "https://" not in page.text, "no CDN, no external request"
+    feedback = service.client.post("/feedback", content=b"not json", headers={"content-type": "application/json"})
+    _assert_problem(feedback, 400, "malformed-body")
+    _assert_problem(
+        service.client.post("/feedback", content=b"yes", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported-media-type",
+    )
+    _assert_problem(service.client.get("/annotation/queue", params={"threshold": "nan"}), 422, "invalid-request")
+    _assert_problem(service.client.get("/annotation/queue", params={"limit": 0}), 422, "invalid-request")
+    assert len(_queue(service, limit=1)) <= 1

@@ -1,0 +1,367 @@
+"""Result retention without a service: the store (dedup, delete, limits, queue, relabels), the
+schema migrations, the object stores' key layout, the retain decision, and `export-labels` giving
+the discriminator stage a set its loader accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import json
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.retention import LocalObjectStore, ObjectMissing, RetentionStore, S3ObjectStore, object_key
+from serve.retention.store import NewResult, ResultNotFound
+from tests.conftest import photo, png_bytes
+
+T0 = dt.datetime(2025, 3, 1, 12, 0, 0)
+
+
+class Clock:
+    def __init__(self):
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, **delta) -> None:
+        self.now += dt.timedelta(**delta)
+
+
+def _new(result: bytes, score: float | None = 0.5, threshold: float = 0.5, source: bytes = b"the photo") -> NewResult:
+    return NewResult(
+        source=source,
+        mask=b"mask of " + result,
+        result=result,
+        source_media_type="image/png",
+        result_media_type="image/png",
+        width=4,
+        height=3,
+        score=score,
+        threshold=threshold,
+        gate="passed" if score is not None and score >= threshold else "failed",
+        seed=7,
+        bucket=256,
+        params={"gate": "annotate", "dilate": 20},
+    )
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    return RetentionStore.open(
+        f"sqlite:///{tmp_path / 'results.db'}", LocalObjectStore(tmp_path / "objects"), clock=clock
+    )
+
+
+def test_saved_result_reads_back_and_the_same_photo_is_stored_once(store, tmp_path):
+    first = store.save(_new(b"result one", score=0.61))
+    second = store.save(_new(b"result two"))
+    stored = store.get(first)
+    assert stored.score == 0.61 and stored.seed == 7 and stored.params["dilate"] == 20 and stored.label is None
+    assert store.read(first, "source") == (b"the photo", "image/png")
+    assert store.read(first, "result")[0] == b"result one"
+    assert len(_files(tmp_path / "objects")) == 5  # one photo, two masks, two results
+    assert stored.keys["source"] == store.get(second).keys["source"] == object_key(b"the photo")
+
+    assert store.delete(first)
+    with pytest.raises(ResultNotFound):
+        store.get(first)
+    assert store.read(second, "source")[0] == b"the photo", "the photo is still referenced by the other result"
+    assert len(_files(tmp_path / "objects")) == 3
+    assert store.delete(second) and not store.delete(second)
+    assert _files(tmp_path / "objects") == set()
+
+
+def test_max_results_keeps_the_newest(tmp_path, clock):
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=2, clock=clock
+    )
+    ids = []
+    for n in range(4):
+        ids.append(store.save(_new(f"result {n}".encode())))
+        clock.advance(minutes=1)
+    assert store.count() == 2
+    assert {r.id for r in store.queue(10)} == set(ids[2:])
+    with pytest.raises(ResultNotFound):
+        store.read(ids[0], "result")
+
+
+def test_max_age_drops_old_results_labelled_or_not(tmp_path, clock):
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock
+    )
+    old = store.save(_new(b"old"))
+    store.add_feedback(old, "yes")
+    clock.advance(days=5)
+    recent = store.save(_new(b"recent"))
+    clock.advance(days=3)
+    assert store.enforce_limits() == 1
+    assert [r.id for r in store.queue(10)] == [recent] and store.count() == 1
+    assert store.labelled() == []
+    assert len(_files(tmp_path / "objects")) == 3
+
+
+def test_queue_is_unlabelled_results_least_certain_first(store, clock):
+    by_score = {}
+    for score, threshold in [(0.9, 0.5), (0.52, 0.5), (None, 0.5), (0.2, 0.5), (0.45, 0.5), (0.75, 0.8)]:
+        by_score[score] = store.save(_new(f"result {score}".encode(), score, threshold))
+        clock.advance(seconds=1)
+    store.add_feedback(by_score[0.45], "no")
+    queue = store.queue(10)
+    assert [r.score for r in queue] == [0.52, 0.75, 0.2, 0.9, None]  # |score - own threshold|, unscored last
+    assert [round(r.uncertainty(), 2) for r in queue[:4]] == [0.02, 0.05, 0.3, 0.4]
+    assert [r.score for r in store.queue(2)] == [0.52, 0.75]
+    assert [r.score for r in store.queue(10, threshold=0.9)] == [0.9, 0.75, 0.52, 0.2, None]
+    assert store.count(labelled=False) == 5 and store.count(labelled=True) == 1
+
+
+def test_a_relabel_is_appended_and_the_newest_verdict_is_the_label(store, clock):
+    result_id = store.save(_new(b"r"))
+    store.add_feedback(result_id, "yes", "looks clean", "ann")
+    clock.advance(minutes=1)
+    stored = store.add_feedback(result_id, "no", "shadow left")
+    assert stored.label == "no" and stored.labelled_at == T0 + dt.timedelta(minutes=1)
+    assert [(f.verdict, f.reason, f.labeller) for f in stored.feedback] == [
+        ("yes", "looks clean", "ann"),
+        ("no", "shadow left", None),
+    ]
+    assert [r.label for r in store.labelled()] == ["no"]
+    assert store.labelled(since=T0 + dt.timedelta(minutes=2)) == []
+    with pytest.raises(ResultNotFound):
+        store.add_feedback("0" * 32, "yes")
+    with pytest.raises(ValueError, match="verdict"):
+        store.add_feedback(result_id, "maybe")
+
+
+def test_migrations_create_exactly_the_schema_the_models_describe(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect
+
+    from serve.retention.db import MIGRATIONS, Base, alembic_config, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'fresh' / 'results.db'}")
+    migrate(engine)
+    migrate(engine)  # a second start finds the schema current
+    assert {"results", "feedback", "alembic_version"} <= set(inspect(engine).get_table_names())
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection)
+        head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+        assert context.get_current_revision() == head
+        assert compare_metadata(context, Base.metadata) == []
+    assert not (MIGRATIONS.parent / "alembic.ini").exists(), "the runtime builds alembic's config in code"
+
+
+class FakeS3:
+    """The four calls S3ObjectStore makes, over a dict."""
+
+    def __init__(self):
+        self.objects: dict[tuple[str, str], bytes] = {}
+
+    def put_object(self, Bucket, Key, Body):
+        self.objects[Bucket, Key] = Body
+
+    def get_object(self, Bucket, Key):
+        if (Bucket, Key) not in self.objects:
+            raise _NotFound()
+        return {"Body": io.BytesIO(self.objects[Bucket, Key])}
+
+    def head_object(self, Bucket, Key):
+        if (Bucket, Key) not in self.objects:
+            raise _NotFound()
+        return {}
+
+    def delete_object(self, Bucket, Key):
+        self.objects.pop((Bucket, Key), None)
+
+
+class _NotFound(Exception):
+    response: ClassVar[dict] = {"Error": {"Code": "404"}}
+
+
+def test_s3_store_uses_the_content_address_under_its_prefix():
+    client = FakeS3()
+    objects = S3ObjectStore("bucket", prefix="/rorem/results/", client=client)
+    key = objects.put(b"bytes")
+    assert objects.put(b"bytes") == key and len(client.objects) == 1
+    digest = object_key(b"bytes").replace("/", "")
+    assert list(client.objects) == [("bucket", f"rorem/results/{digest[:2]}/{digest[2:]}")]
+    assert objects.get(key) == b"bytes" and objects.exists(key)
+    objects.delete(key)
+    assert not objects.exists(key)
+    with pytest.raises(ObjectMissing):
+        objects.get(key)
+    with pytest.raises(ValueError, match="not an object key"):
+        objects.get("../../etc/passwd")
+
+
+def test_s3_store_without_boto3_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(RuntimeError, match="pip install boto3"):
+        S3ObjectStore("bucket")
+
+
+def test_retain_is_refused_where_retention_is_off_and_defaults_follow_the_config(tmp_path):
+    from serve.config import RetentionSettings
+    from serve.feedback import Retention
+    from serve.problems import Problem
+
+    off = Retention(RetentionSettings(), metrics=None)
+    assert off.wanted(None) is False and off.wanted(False) is False
+    with pytest.raises(Problem) as refused:
+        off.wanted(True)
+    assert refused.value.problem == "retention-disabled" and refused.value.status == 422
+    with pytest.raises(Problem) as missing:
+        off.require_enabled()
+    assert missing.value.status == 404 and "retention.enabled" in missing.value.detail
+
+    path = {"path": str(tmp_path / "kept")}
+    opt_in = Retention(RetentionSettings(enabled=True, object_store=path), metrics=None)
+    assert opt_in.wanted(None) is False and opt_in.wanted(True) is True
+    every = Retention(RetentionSettings(enabled=True, default_retain=True, object_store=path), metrics=None)
+    assert every.wanted(None) is True and every.wanted(False) is False
+
+
+def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):
+    from serve.config import RetentionSettings
+    from serve.feedback import Retention
+    from serve.gate import GatePolicy
+    from serve.requests import RemoveOptions
+    from serve.service import RemovalReply
+
+    class Counted:
+        def __init__(self):
+            self.outcomes = []
+
+        def inc(self, tags):
+            self.outcomes.append(tags["outcome"])
+
+    metrics = type("Metrics", (), {"retained": Counted()})()
+    retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), metrics)
+    reply = RemovalReply(b"png bytes", "png", 3, 256, 1, 0.4, 1, "failed")
+    mask = np.zeros((3, 4), bool)
+    policy = GatePolicy("annotate", 0.5, 1, True)
+    kept = asyncio.run(retention.keep(b"photo", "png", mask, reply, policy, RemoveOptions(), 20))
+    assert kept is not None and retention._store.get(kept).params["gate"] == "annotate"
+
+    def broken(new):
+        raise OSError("disk full")
+
+    retention._store.save = broken
+    assert asyncio.run(retention.keep(b"photo", "png", mask, reply, policy, RemoveOptions(), 20)) is None
+    assert metrics.retained.outcomes == ["stored", "failed"]
+
+
+# ---------------------------------------------------------------- export-labels
+
+
+def _jpeg_turned_on_its_side(rgb: np.ndarray) -> bytes:
+    """A JPEG stored rotated, with EXIF orientation 6 saying how to show it upright (as phones do)."""
+    stored = Image.fromarray(np.rot90(rgb, k=1).copy())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def _labelled_store(tmp_path) -> tuple[RetentionStore, dict[str, str]]:
+    upright = photo(64, 96)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:40, 30:60] = 255
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")
+    )
+    ids = {}
+    for name, source, media_type in [
+        ("good", png_bytes(upright), "image/png"),
+        ("bad", png_bytes(upright), "image/png"),
+        ("phone", _jpeg_turned_on_its_side(upright), "image/jpeg"),
+        ("unlabelled", png_bytes(upright), "image/png"),
+    ]:
+        edited = upright.copy()
+        edited[20:40, 30:60] = {"good": 128, "bad": 0, "phone": 140, "unlabelled": 90}[name]
+        new = NewResult(
+            source, png_bytes(mask), png_bytes(edited), media_type, "image/png", 96, 64, 0.5, 0.5, "passed", 1, 256
+        )
+        ids[name] = store.save(new)
+    store.add_feedback(ids["good"], "no")
+    store.add_feedback(ids["good"], "yes", "relabelled after a second look")
+    store.add_feedback(ids["bad"], "no", "grey box")
+    store.add_feedback(ids["phone"], "yes")
+    return store, ids
+
+
+def test_export_labels_writes_the_set_the_discriminator_loader_reads(tmp_path):
+    from training.cli import main
+    from training.data import TripletDataset, load_metadata
+    from training.discriminator import split_by_source
+
+    store, ids = _labelled_store(tmp_path)
+    out = tmp_path / "labels"
+    assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out), "--min-count", "3"]) == 0
+
+    raw = json.loads((out / "metadata.json").read_text())
+    assert all(set(entry) == {"source", "mask", "GT", "score"} for entry in raw)
+    records = load_metadata(out / "metadata.json", require=("source", "mask", "GT", "score"))
+    summary = json.loads((out / "summary.json").read_text())
+    by_id = {item["result_id"]: record for item, record in zip(summary["metrics"]["items"], records)}
+    assert set(by_id) == {ids["good"], ids["bad"], ids["phone"]}, "unlabelled results are not exported"
+    assert by_id[ids["good"]].score == 1.0 and by_id[ids["bad"]].score == 0.0 and by_id[ids["phone"]].score == 1.0
+    assert summary["metrics"]["positives"] == 2 and summary["metrics"]["negatives"] == 1
+    assert summary["metrics"]["items"][0]["reason"] == "relabelled after a second look"
+
+    phone = np.asarray(Image.open(by_id[ids["phone"]].source))
+    assert phone.shape == (64, 96, 3), "the EXIF orientation is applied, so source, mask and GT have one size"
+    assert by_id[ids["good"]].source == by_id[ids["bad"]].source, "one photo, one source file"
+    train, held_out = split_by_source(records, 0.5, seed=0)
+    assert {r.source for r in train}.isdisjoint({r.source for r in held_out})
+    item = TripletDataset(records, 64)[0]
+    assert item["gt"].shape == (3, 64, 64) and item["score"].item() in (0.0, 1.0)
+
+    store.delete(ids["bad"])
+    assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out)]) == 0
+    assert len(load_metadata(out / "metadata.json")) == 2
+    assert len(list((out / "edited").iterdir())) == 2, "a deleted result's files leave the export too"
+
+
+def test_export_labels_refuses_too_few_labels(tmp_path, capsys):
+    from training.cli import main
+
+    _labelled_store(tmp_path)
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        json.dumps({"applications": [{"args": {"retention": {"object_store": {"path": str(tmp_path / "kept")}}}}]})
+    )
+    args = ["export-labels", "--serve-config", str(config), "--out", str(tmp_path / "o"), "--min-count", "10"]
+    assert main(args) == 1
+    assert "3 labelled result(s) in the store, fewer than min_count 10" in capsys.readouterr().err
+    assert main(["export-labels", "--out", str(tmp_path / "o")]) == 2
+    assert "either serve_config or objects" in capsys.readouterr().err
+
+
+def test_metrics_label_result_routes_by_template_never_by_id():
+    from serve.app import _route_label
+
+    assert _route_label("/results/" + "a" * 32) == "/results/{id}"
+    assert _route_label("/results/" + "a" * 32 + "/mask") == "/results/{id}/{kind}"
+    assert [_route_label(p) for p in ("/feedback", "/annotate", "/annotation/queue", "/remove")] == [
+        "/feedback", "/annotate", "/annotation/queue", "/remove",
+    ]  # fmt: skip
+    assert _route_label("/results/x/y/z") == "other"

@@ -1,0 +1,389 @@
+"""`compare`: two evaluation runs side by side, paired per image, and a release gate on allowed deltas.
+
+Why: an exported engine, another precision or a retrained bundle must not ship if it removes worse
+than the one in production. A (the baseline) and B (the candidate) are `evaluate` runs over the same
+metadata file; images are paired by id (the entry's index; source and mask must match).
+
+Per measure: the means of A and B over the paired images, the mean paired delta B - A with a
+t confidence interval (scipy), and the verdict against the thresholds file. Also: the share of images
+whose discriminator verdict (score >= threshold) flipped, and the mean absolute pixel difference of
+the two outputs. A contact sheet (PNG) shows source | dilated mask | A | B, cut around the mask, for
+the largest disagreements (flipped verdicts first, then the largest score change, then pixels).
+
+Thresholds file (YAML; see training/configs/eval_thresholds.yaml):
+    max_flip_share: 0.05      # at most this share of paired images may change verdict
+    allowed_deltas:           # the worst allowed mean delta B - A, per measure (evaluate.MEASURES)
+      success_rate: -0.02     # higher-is-better measures fail below it
+      lpips: 0.02             # lower-is-better ones (lpips, seconds_per_image) fail above it
+A measure only one run has fails the gate (the runs are not comparable); one neither run has is
+listed as not checked, with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from training.common import RunSummary, StageSettings, TrainingError
+from training.evaluate import MEASURES, MEASURES_BY_NAME, EvaluationRun, load_run
+
+PAIRED_CSV = "paired.csv"
+CONTACT_SHEET = "contact_sheet.png"
+
+
+class CompareSettings(StageSettings):
+    a: Path = Field(description="the baseline: an evaluate run folder")
+    b: Path = Field(description="the candidate: an evaluate run folder over the same metadata file")
+    thresholds: Path | None = Field(None, description="YAML of allowed deltas; without it: report only, exit 0")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the delta intervals")
+    sheet_rows: int = Field(8, ge=0, description="contact sheet rows: the largest disagreements")
+    sheet_side: int = Field(192, ge=32, description="contact sheet cell side in pixels")
+
+
+class Thresholds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_flip_share: float | None = Field(None, ge=0, le=1)
+    allowed_deltas: dict[str, float] = {}
+
+    @field_validator("allowed_deltas")
+    @classmethod
+    def _known_measures(cls, deltas: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(deltas) - set(MEASURES_BY_NAME))
+        if unknown:
+            raise ValueError(f"unknown measures {unknown}; measures are {list(MEASURES_BY_NAME)}")
+        return deltas
+
+
+def load_thresholds(path: Path) -> Thresholds:
+    try:
+        return Thresholds.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise TrainingError(f"thresholds file {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Mean paired delta B - A of one measure over the images both runs have a finite value for."""
+
+    n: int
+    mean_a: float
+    mean_b: float
+    delta: float
+    ci_low: float | None
+    ci_high: float | None
+
+
+def paired_delta(pairs: list[tuple[float, float]], confidence: float) -> Delta:
+    """t interval of the mean difference (None below two pairs)."""
+    from scipy import stats
+
+    a, b = (np.array(side, dtype=float) for side in zip(*pairs))
+    differences = b - a
+    mean = float(differences.mean())
+    low = high = None
+    if len(differences) > 1:
+        half = float(stats.t.ppf((1 + confidence) / 2, len(differences) - 1) * stats.sem(differences))
+        low, high = mean - half, mean + half
+    return Delta(len(differences), float(a.mean()), float(b.mean()), mean, low, high)
+
+
+def compare(settings: CompareSettings) -> dict:
+    summary = RunSummary("compare", settings)
+    thresholds = load_thresholds(settings.thresholds) if settings.thresholds else None
+    a, b = load_run(settings.a), load_run(settings.b)
+    threshold = a.summary["metrics"]["threshold"]
+    if b.summary["metrics"]["threshold"] != threshold:
+        raise TrainingError(
+            f"A judges success at {threshold}, B at {b.summary['metrics']['threshold']}: evaluate both at one threshold"
+        )
+    pairs, unpaired = _pair(a, b)
+    deltas: dict[str, Delta | dict] = {}
+    for measure in MEASURES:
+        values = _finite_pairs(pairs, measure.column)
+        if values:
+            deltas[measure.name] = paired_delta(values, settings.confidence)
+        else:
+            deltas[measure.name] = {"skipped": _why_unpaired(measure.name, a, b)}
+    disagreements = _disagreements(pairs, threshold, a.folder, b.folder)
+    scored = [d for d in disagreements if d.flipped is not None]
+    flips = {"flipped": sum(d.flipped for d in scored), "of": len(scored)} if scored else None
+    if flips:
+        flips["share"] = flips["flipped"] / flips["of"]
+
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_paired(out / PAIRED_CSV, pairs, disagreements)
+    worst = sorted(disagreements, key=lambda d: d.rank_key, reverse=True)[: settings.sheet_rows]
+    sheet = contact_sheet(worst, a, b, settings.sheet_side) if worst else None
+    if sheet is not None:
+        sheet.save(out / CONTACT_SHEET)
+
+    gate = check_gate(thresholds, deltas, flips, a, b) if thresholds else None
+    mads = [d.output_mad for d in disagreements]
+    summary.data["metrics"] = {
+        "paired": len(pairs),
+        "unpaired": unpaired,
+        "threshold": threshold,
+        "deltas": {name: asdict(d) if isinstance(d, Delta) else d for name, d in deltas.items()},
+        "verdict_flips": flips or {"skipped": _why_unpaired("score", a, b)},
+        "output_mean_abs_diff": float(np.mean(mads)),
+        "identical_outputs": sum(m == 0 for m in mads),
+        "confidence": settings.confidence,
+    }
+    summary.data["a"] = _describe_run(a)
+    summary.data["b"] = _describe_run(b)
+    summary.data["gate"] = gate
+    summary.data["report"] = format_report(summary.data, thresholds)
+    summary.data["outputs"] = {
+        "paired": str(out / PAIRED_CSV),
+        "contact_sheet": str(out / CONTACT_SHEET) if sheet is not None else None,
+    }
+    summary.write("completed")
+    return summary.data
+
+
+def _pair(a: EvaluationRun, b: EvaluationRun) -> tuple[list[tuple[dict, dict]], dict[str, int]]:
+    """Rows evaluated in both runs, by id; source and mask must be the same files."""
+    b_rows = {row["id"]: row for row in b.rows}
+    pairs, not_evaluated = [], 0
+    for row in a.rows:
+        other = b_rows.get(row["id"])
+        if other is None:
+            continue
+        if (row["source"], row["mask"]) != (other["source"], other["mask"]):
+            raise TrainingError(
+                f"entry {row['id']}: A evaluated {row['source']} with {row['mask']}, B {other['source']} with "
+                f"{other['mask']}: the runs are over different test sets"
+            )
+        if row["status"] == other["status"] == "ok":
+            pairs.append((row, other))
+        else:
+            not_evaluated += 1
+    if not pairs:
+        raise TrainingError(f"no image was evaluated in both {a.folder} and {b.folder}")
+    a_ids = {row["id"] for row in a.rows}
+    unpaired = {
+        "only_in_a": len(a_ids - set(b_rows)),
+        "only_in_b": len(set(b_rows) - a_ids),
+        "not_evaluated_in_both": not_evaluated,
+    }
+    return pairs, unpaired
+
+
+def _finite_pairs(pairs: list[tuple[dict, dict]], column: str) -> list[tuple[float, float]]:
+    values = ((ra[column], rb[column]) for ra, rb in pairs)
+    return [(x, y) for x, y in values if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+
+
+def _why_unpaired(name: str, a: EvaluationRun, b: EvaluationRun) -> str:
+    reason_a, reason_b = a.skip_reason(name), b.skip_reason(name)
+    if reason_a and reason_a == reason_b:
+        return f"in both runs: {reason_a}"
+    reasons = [f"{label}: {reason}" for label, reason in (("A", reason_a), ("B", reason_b)) if reason]
+    return "; ".join(reasons) or "no image has a finite value in both runs"
+
+
+def _describe_run(run: EvaluationRun) -> dict:
+    engine = run.summary.get("engine", {})
+    return {"folder": str(run.folder), **{k: engine.get(k) for k in ("runner", "dtype", "device", "steps", "strength")}}
+
+
+# ---------------------------------------------------------------- disagreements and the contact sheet
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    id: str
+    row_a: dict
+    row_b: dict
+    flipped: bool | None  # None: a run has no scores
+    score_change: float  # |score B - score A|, 0 without scores
+    output_mad: float  # mean |B - A| over all pixels and channels, 0..255
+
+    @property
+    def rank_key(self) -> tuple[bool, float, float]:
+        return (bool(self.flipped), self.score_change, self.output_mad)
+
+
+def _disagreements(pairs, threshold: float, folder_a: Path, folder_b: Path) -> list[Disagreement]:
+    found = []
+    for ra, rb in pairs:
+        out_a, out_b = (_read_rgb(folder / row["output"]) for folder, row in ((folder_a, ra), (folder_b, rb)))
+        scored = ra["score"] is not None and rb["score"] is not None
+        found.append(
+            Disagreement(
+                id=ra["id"],
+                row_a=ra,
+                row_b=rb,
+                flipped=((ra["score"] >= threshold) != (rb["score"] >= threshold)) if scored else None,
+                score_change=abs(rb["score"] - ra["score"]) if scored else 0.0,
+                output_mad=float(np.abs(out_b.astype(np.int16) - out_a.astype(np.int16)).mean()),
+            )
+        )
+    return found
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """Pixels as evaluate read them: through the service's decoder (EXIF orientation applied)."""
+    from engines.imaging import DecodeLimits, decode_image
+
+    return decode_image(Path(path).read_bytes(), DecodeLimits()).rgb
+
+
+def contact_sheet(rows: list[Disagreement], a: EvaluationRun, b: EvaluationRun, side: int) -> Image.Image:
+    """One row per disagreement: source | dilated mask over the source | A | B, each the crop the model saw
+    (A's imaging settings), with a caption of the scores and the pixel difference."""
+    from engines import imaging
+
+    config = a.summary["config"]
+    pad, header, caption = 4, 30, 14
+    sheet = Image.new("RGB", (4 * side + 5 * pad, header + len(rows) * (side + caption + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    titles = [
+        "source",
+        "mask (dilated; outside dimmed)",
+        f"A: {a.folder.name}\n{_label(_describe_run(a))}",
+        f"B: {b.folder.name}\n{_label(_describe_run(b))}",
+    ]
+    for column, title in enumerate(titles):
+        draw.multiline_text((pad + column * (side + pad), 2), title, fill="black", spacing=2)
+    for number, row in enumerate(rows):
+        source = _read_rgb(row.row_a["source"])
+        mask = imaging.decode_mask(Path(row.row_a["mask"]).read_bytes(), source.shape[:2], imaging.DecodeLimits())
+        dilated = imaging.dilate_mask(mask, config["dilate"])
+        plan = imaging.plan_crop(dilated, config["buckets"], config["crop_margin"])
+        crops = [imaging.crop_for_model(image, dilated, plan)[0] for image in (
+            source,
+            _read_rgb(a.folder / row.row_a["output"]),
+            _read_rgb(b.folder / row.row_b["output"]),
+        )]  # fmt: skip
+        mask_crop = imaging.crop_for_model(source, dilated, plan)[1]
+        overlay = crops[0].copy()
+        overlay[~mask_crop] = overlay[~mask_crop] // 3
+        cells = [crops[0], overlay, crops[1], crops[2]]
+        top = header + number * (side + caption + pad)
+        for column, cell in enumerate(cells):
+            thumbnail = Image.fromarray(cell).resize((side, side), Image.Resampling.LANCZOS)
+            sheet.paste(thumbnail, (pad + column * (side + pad), top))
+        draw.text((pad, top + side + 1), _caption(row), fill="black")
+    return sheet
+
+
+def _label(described: dict) -> str:
+    return f"{described['runner']} {described['dtype']} on {described['device']}, {described['steps']} steps"
+
+
+def _caption(row: Disagreement) -> str:
+    text = f"{row.id}"
+    if row.flipped is not None:
+        text += f"  score A {row.row_a['score']:.3f}  B {row.row_b['score']:.3f}" + ("  FLIPPED" if row.flipped else "")
+    return text + f"  mean |B-A| {row.output_mad:.2f}"
+
+
+def _write_paired(path: Path, pairs, disagreements: list[Disagreement]) -> None:
+    columns = ["id", "flipped", "output_mad", *(f"delta_{m.name}" for m in MEASURES)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for (ra, rb), found in zip(pairs, disagreements):
+            row = {"id": ra["id"], "flipped": found.flipped, "output_mad": found.output_mad}
+            for m in MEASURES:
+                a_value, b_value = ra[m.column], rb[m.column]
+                row[f"delta_{m.name}"] = "" if a_value is None or b_value is None else b_value - a_value
+            writer.writerow(row)
+
+
+# ---------------------------------------------------------------- the gate and the report
+
+
+def check_gate(thresholds: Thresholds, deltas: dict, flips: dict | None, a: EvaluationRun, b: EvaluationRun) -> dict:
+    """{"passed", "verdicts": {measure or "verdict_flips": ok | FAIL | not checked}, "failures": [why, ...],
+    "not_checked": [why, ...]}."""
+    verdicts, failures, not_checked = {}, [], []
+
+    def record(name: str, verdict: str, why: str | None = None) -> None:
+        verdicts[name] = verdict
+        if why:
+            (failures if verdict == "FAIL" else not_checked).append(f"{name}: {why}")
+
+    for name, allowed in thresholds.allowed_deltas.items():
+        delta = deltas[name]
+        if not isinstance(delta, Delta):
+            in_neither = a.skip_reason(name) and b.skip_reason(name)
+            record(name, "not checked" if in_neither else "FAIL", delta["skipped"])
+        elif (delta.delta < allowed) if MEASURES_BY_NAME[name].higher_is_better else (delta.delta > allowed):
+            record(name, "FAIL", f"mean delta B - A {delta.delta:+.4g} is past the allowed {allowed:+g}")
+        else:
+            record(name, "ok")
+    if thresholds.max_flip_share is not None:
+        if flips is None:
+            in_neither = a.skip_reason("score") and b.skip_reason("score")
+            record("verdict_flips", "not checked" if in_neither else "FAIL", _why_unpaired("score", a, b))
+        elif flips["share"] > thresholds.max_flip_share:
+            record(
+                "verdict_flips",
+                "FAIL",
+                f"{flips['flipped']} of {flips['of']} ({flips['share']:.1%}) is past the allowed "
+                f"{thresholds.max_flip_share:.1%}",
+            )
+        else:
+            record("verdict_flips", "ok")
+    return {"passed": not failures, "verdicts": verdicts, "failures": failures, "not_checked": not_checked}
+
+
+def format_report(data: dict, thresholds: Thresholds | None) -> str:
+    """The table a person reads: one line per measure, then flips, skipped measures and the gate's verdict."""
+    metrics = data["metrics"]
+    allowed = thresholds.allowed_deltas if thresholds else {}
+    gate = data.get("gate")
+    verdicts = gate["verdicts"] if gate else {}
+    level = f"{metrics['confidence']:.0%} CI"
+    lines = [
+        f"A: {data['a']['folder']} ({_label(data['a'])})",
+        f"B: {data['b']['folder']} ({_label(data['b'])})",
+        f"{metrics['paired']} paired images; unpaired: {metrics['unpaired']}",
+        f"{'measure':<18} {'A':>10} {'B':>10} {'B - A':>10} {level:>23} {'allowed':>9}  verdict",
+    ]
+    skipped = []
+    for name, delta in metrics["deltas"].items():
+        limit = f"{allowed[name]:+g}" if name in allowed else ""
+        if "skipped" in delta:
+            skipped.append(f"  {name}: {delta['skipped']}")
+            columns = f"{'-':>10} {'-':>10} {'-':>10} {'skipped':>23}"
+        else:
+            interval = "" if delta["ci_low"] is None else f"[{delta['ci_low']:+.4g}, {delta['ci_high']:+.4g}]"
+            columns = f"{delta['mean_a']:>10.4g} {delta['mean_b']:>10.4g} {delta['delta']:>+10.4g} {interval:>23}"
+        lines.append(f"{name:<18} {columns} {limit:>9}  {verdicts.get(name, '')}".rstrip())
+    flips = metrics["verdict_flips"]
+    if "skipped" in flips:
+        skipped.append(f"  verdict flips: {flips['skipped']}")
+    else:
+        limit = ""
+        if thresholds and thresholds.max_flip_share is not None:
+            limit = f", allowed {thresholds.max_flip_share:.1%}  {verdicts.get('verdict_flips', '')}"
+        lines.append(
+            f"verdict flips (score >= {metrics['threshold']}): {flips['flipped']} of {flips['of']} "
+            f"({flips['share']:.1%}){limit}"
+        )
+    lines.append(
+        f"outputs: mean |B - A| {metrics['output_mean_abs_diff']:.3f} (0-255), identical in "
+        f"{metrics['identical_outputs']} of {metrics['paired']}"
+    )
+    if skipped:
+        lines += ["skipped:", *skipped]
+    if gate is None:
+        lines.append("gate: no thresholds file, nothing checked")
+    else:
+        lines.append(f"gate: {'PASSED' if gate['passed'] else 'FAILED'}")
+        lines += [f"  failed: {why}" for why in gate["failures"]]
+        not_checked = [name for name, verdict in verdicts.items() if verdict == "not checked"]
+        if not_checked:
+            lines.append(f"  not checked (measured in neither run, see skipped): {', '.join(not_checked)}")
+    return "\n".join(lines)

@@ -1,0 +1,382 @@
+"""`evaluate`: run one configured engine over a test set the way the service runs it, and measure it.
+
+Why: before a new bundle, a retrained discriminator or an exported engine (ONNX, TensorRT fp16) goes
+to production, an operator must know that removal quality did not drop. `compare` (training.compare)
+then sets two runs side by side and gates on allowed deltas.
+
+Every entry of the metadata file (RORem's format: source and mask, and GT when the set has one) takes
+the service's own path: decode (engines.imaging), dilate the mask, plan the square crop around it, cut
+it to the model's bucket, one RemovalEngine call (batch 1, seed = seed + index), paste the result back
+inside the dilated mask. The discriminator scores the pasted result cut like the model's crop, as the
+service scores what it returns. Only the engine call is timed, after `warmup` untimed calls per bucket.
+
+Outputs (under out/):
+    outputs/NNNNN.png   each result: the full image with the mask region repainted
+    per_image.csv       one row per entry: status, bucket, seed, seconds, score and every measure
+    summary.json        config, bundle and engine, each measure's mean (or why it was skipped), timing
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar
+from training.data import Triplet
+from training.quality import LpipsNet, load_embedder, load_lpips, psnr, ssim
+from training.synthetic import degrade
+
+if TYPE_CHECKING:
+    from engines.remover import RemovalEngine
+    from engines.scorer import ScoringEngine
+
+PER_IMAGE_CSV = "per_image.csv"
+OUTPUTS_DIR = "outputs"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One per-image number: its name (summary.json, thresholds), CSV column, direction and meaning."""
+
+    name: str
+    column: str
+    higher_is_better: bool
+    needs_gt: bool
+    meaning: str
+
+
+MEASURES = (
+    Measure("success_rate", "success", True, False, "1 if the discriminator scores the result >= threshold, else 0"),
+    Measure("score", "score", True, False, "the discriminator's score of the result"),
+    Measure("psnr", "psnr", True, True, "PSNR (dB) of the whole image against GT"),
+    Measure("ssim", "ssim", True, True, "SSIM of the whole image against GT"),
+    Measure("psnr_masked", "psnr_masked", True, True, "PSNR (dB) against GT over the dilated mask's pixels"),
+    Measure("ssim_masked", "ssim_masked", True, True, "SSIM map against GT averaged over the dilated mask"),
+    Measure("psnr_outside", "psnr_outside", True, False, "PSNR (dB) against the source outside the given mask"),
+    Measure("ssim_outside", "ssim_outside", True, False, "SSIM map against the source averaged outside the mask"),
+    Measure("lpips", "lpips", False, True, "LPIPS of the model's crop window against GT's (lower is closer)"),
+    Measure("dino", "dino", True, True, "cosine similarity of DINOv2 embeddings, crop window against GT's"),
+    Measure("clip", "clip", True, True, "cosine similarity of CLIP image embeddings, crop window against GT's"),
+    Measure("seconds_per_image", "seconds", False, False, "seconds in the engine call (encode, UNet steps, decode)"),
+)
+MEASURES_BY_NAME = {m.name: m for m in MEASURES}
+ROW_FIELDS = ("id", "index", "status", "error", "source", "mask", "gt", "output", "bucket", "seed", "score_seconds")
+CSV_COLUMNS = (*ROW_FIELDS, *(m.column for m in MEASURES))
+DegradeKind = Literal["none", "blur", "noise", "downsample", "mixed", "no-change"]  # training.synthetic.NEGATIVE_KINDS
+
+
+class EvaluateSettings(StageSettings):
+    bundle: str = Field(description="project bundle folder, or 'tiny'")
+    data: Path = Field(description="metadata JSON: source + mask, and GT when the set has one (RORem format)")
+    runner: Literal["torch", "onnx", "tensorrt"] = Field("torch", description="how the UNet runs (engine.runner)")
+    runner_path: Path | None = Field(None, description="the exported UNet file; None: the bundle's recorded export")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="engine precision; auto: bf16 on cuda, fp32 on cpu (exports: fp16 on cuda)"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    compile: bool = Field(False, description="torch.compile the UNet (torch runner)")
+    cuda_graph: bool = Field(False, description="TensorRT runner: replay a CUDA graph per shape")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (engine.torch_threads)")
+    steps: int | None = Field(None, ge=1, le=50, description="LCM steps; None: the bundle's (4)")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's (1.0)")
+    # the service's imaging defaults (serve/config.py ImagingSettings; a test keeps them equal)
+    buckets: list[int] = Field([512, 1024], description="model input sides, multiples of 64")
+    crop_margin: int = Field(128, ge=0, description="context pixels around the mask's bounding box")
+    dilate: int = Field(20, ge=0, description="mask dilation in pixels")
+    feather: int = Field(6, ge=0, description="blend ramp inside the dilated mask, in pixels")
+    threshold: float = Field(0.5, ge=0, description="a removal succeeds when the discriminator scores >= this")
+    lpips_net: LpipsNet = Field("alex", description="LPIPS backbone (needs torchvision and its cached weights)")
+    clip_model: Path | None = Field(None, description="local transformers CLIP folder for CLIP similarity")
+    dino_model: Path | None = Field(None, description="local transformers DINOv2 folder for DINO similarity")
+    warmup: int = Field(1, ge=0, description="untimed engine calls per bucket before the first timed one")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N entries")
+    degrade: DegradeKind = Field(
+        "none",
+        description="gate self-check: deliberately spoil every result inside the dilated mask "
+        "(training.synthetic.degrade), after timing",
+    )
+    cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where bundle 'tiny' is generated")
+    tiny_seed: int = 0
+
+
+def evaluate(settings: EvaluateSettings) -> dict:
+    from engines.sources import open_bundle
+    from serve.placement import pick_device
+    from training.data import load_metadata
+
+    if any(b <= 0 or b % 64 for b in settings.buckets):
+        raise TrainingError(f"buckets must be positive multiples of 64, got {settings.buckets}")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    started = time.perf_counter()
+    summary = RunSummary("evaluate", settings)
+    device = pick_device(settings.device)
+    summary.data["device"] = str(device)
+    records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]
+    tiny = settings.bundle == "tiny"
+    bundle = open_bundle(
+        path=None if tiny else settings.bundle, authors=None, cache_dir=settings.cache_dir, tiny_seed=settings.tiny_seed
+    )
+    scorer, skipped = _open_scorer(bundle, device)
+    learned, learned_skipped = _open_learned_measures(settings, device)
+    skipped.update(learned_skipped)
+    engines = _Engines(_open_remover(settings, bundle, device), scorer, learned)
+
+    out = Path(settings.out)
+    (out / OUTPUTS_DIR).mkdir(parents=True, exist_ok=True)
+    rows = []
+    bar = progress_bar(len(records), 0, "evaluate", True)
+    for index, record in enumerate(records):
+        rows.append(_evaluate_entry(index, record, settings, engines, out))
+        bar.update(1)
+    bar.close()
+
+    _write_rows(out / PER_IMAGE_CSV, rows)
+    skipped.update(_unmeasured_reasons(rows, skipped))
+    summary.data["engine"] = {
+        "bundle": bundle.summary(),
+        "runner": settings.runner,
+        "runner_path": str(settings.runner_path) if settings.runner_path else None,
+        "dtype": str(engines.remover.dtype).removeprefix("torch."),
+        "device": str(device),
+        "steps": engines.remover.sampling.steps,
+        "strength": engines.remover.sampling.strength,
+        "degrade": settings.degrade,
+    }
+    summary.data["metrics"] = _aggregate(rows, skipped, settings.threshold, time.perf_counter() - started)
+    summary.data["outputs"] = {"per_image": str(out / PER_IMAGE_CSV), "images": str(out / OUTPUTS_DIR)}
+    summary.write("completed")
+    return summary.data
+
+
+@dataclass
+class _Engines:
+    remover: RemovalEngine
+    scorer: ScoringEngine | None
+    learned: dict[str, Callable[[np.ndarray, np.ndarray], float]]
+    warmed_buckets: set[int] = field(default_factory=set)
+
+
+def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, engines: _Engines, out: Path) -> dict:
+    """One entry through the service's path; its CSV row (status other than ok: nothing was run)."""
+    from engines import imaging
+    from engines.errors import InputError
+    from engines.remover import RemovalJob
+    from engines.scorer import ScoreJob
+
+    row = {"id": f"{index:05d}", "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
+    limits = imaging.DecodeLimits()
+    try:
+        source = imaging.decode_image(record.source.read_bytes(), limits).rgb
+        mask = imaging.decode_mask(record.mask.read_bytes(), source.shape[:2], limits)
+        gt = imaging.decode_image(record.gt.read_bytes(), limits).rgb if record.gt else None
+    except InputError as exc:  # what the service answers with a 4xx
+        return {**row, "status": "invalid-input", "error": str(exc)}
+    dilated = imaging.dilate_mask(mask, settings.dilate)
+    plan = imaging.plan_crop(dilated, settings.buckets, settings.crop_margin)
+    if plan is None:
+        return {**row, "status": "empty-mask"}
+    crop, crop_mask = imaging.crop_for_model(source, dilated, plan)
+    job = RemovalJob(image=crop, mask=crop_mask, seed=settings.seed + index)
+    if plan.bucket not in engines.warmed_buckets:
+        for _ in range(settings.warmup):
+            engines.remover.remove([job])
+        engines.warmed_buckets.add(plan.bucket)
+    began = time.perf_counter()
+    [result] = engines.remover.remove([job])
+    row["seconds"] = time.perf_counter() - began
+
+    edited = imaging.paste_back(source, dilated, result, plan, settings.feather)
+    if settings.degrade != "none":
+        rng = np.random.default_rng([settings.seed, index])
+        edited = degrade(settings.degrade, source, dilated, edited, rng)
+    if engines.scorer is not None:
+        edited_crop, _ = imaging.crop_for_model(edited, dilated, plan)
+        began = time.perf_counter()
+        [score] = engines.scorer.score([ScoreJob(source=crop, mask=crop_mask, edited=edited_crop)])
+        row.update(score=score, success=float(score >= settings.threshold), score_seconds=time.perf_counter() - began)
+    output = Path(OUTPUTS_DIR) / f"{row['id']}.png"
+    (out / output).write_bytes(imaging.encode_image(edited, None, "png"))
+    row.update(status="ok", output=output, bucket=plan.bucket, seed=job.seed)
+    row.update(_measure(edited, source, gt, mask, dilated, plan, engines.learned))
+    return row
+
+
+def _open_remover(settings: EvaluateSettings, bundle, device: torch.device):
+    """The engine as serve/remover.py builds it from the same settings."""
+    from engines.remover import RemovalEngine, SamplingSettings
+    from serve.placement import pick_dtype
+
+    defaults = bundle.manifest.sampling
+    sampling = SamplingSettings(steps=settings.steps or defaults.steps, strength=settings.strength or defaults.strength)
+    try:
+        return RemovalEngine.from_bundle(
+            bundle,
+            device=device,
+            dtype=pick_dtype(settings.dtype),
+            compile=settings.compile,
+            sampling=sampling,
+            runner=settings.runner,
+            runner_path=settings.runner_path,
+            cuda_graph=settings.cuda_graph,
+        )
+    except ValueError as exc:  # a runner, dtype and device that do not go together
+        raise TrainingError(f"cannot build the {settings.runner} engine: {exc}") from exc
+
+
+def _open_scorer(bundle, device: torch.device):
+    """The bundle's discriminator, or (None, why the score-based measures are skipped)."""
+    from engines.scorer import ScoringEngine
+
+    if not bundle.has_discriminator:
+        reason = f"bundle {bundle.path} has no discriminator"
+        return None, {"success_rate": reason, "score": reason}
+    return ScoringEngine.from_bundle(bundle, device=device), {}
+
+
+def _open_learned_measures(settings: EvaluateSettings, device: torch.device):
+    """name -> measure(edited, reference) for the learned measures whose weights are here; the others' reasons."""
+    measures, skipped = {}, {}
+    lpips, reason = load_lpips(settings.lpips_net, device)
+    if lpips is None:
+        skipped["lpips"] = reason
+    else:
+        measures["lpips"] = lpips
+    for kind, path in (("dino", settings.dino_model), ("clip", settings.clip_model)):
+        embedder, reason = load_embedder(kind, path, device)
+        if embedder is None:
+            skipped[kind] = reason
+        else:
+            measures[kind] = embedder.similarity
+    return measures, skipped
+
+
+def _measure(edited, source, gt, mask, dilated, plan, learned) -> dict[str, float | None]:
+    """Fidelity outside the given mask against the source; with a GT, the whole image, the dilated mask
+    (what the service repaints) and, for the learned measures, the model's crop window against it."""
+    from engines.imaging import crop_for_model
+
+    values = {"psnr_outside": psnr(edited, source, ~mask), "ssim_outside": ssim(edited, source, ~mask)}
+    if gt is None:
+        return values
+    values.update(
+        psnr=psnr(edited, gt),
+        ssim=ssim(edited, gt),
+        psnr_masked=psnr(edited, gt, dilated),
+        ssim_masked=ssim(edited, gt, dilated),
+    )
+    if learned:
+        edited_crop, gt_crop = (crop_for_model(image, dilated, plan)[0] for image in (edited, gt))
+        values.update({name: measure(edited_crop, gt_crop) for name, measure in learned.items()})
+    return values
+
+
+def _unmeasured_reasons(rows: list[dict], skipped: dict[str, str]) -> dict[str, str]:
+    """Why a measure has no value in any row, for those not already explained."""
+    reasons = {}
+    ok = [row for row in rows if row.get("status") == "ok"]
+    for measure in MEASURES:
+        if measure.name in skipped or any(row.get(measure.column) is not None for row in ok):
+            continue
+        if not ok:
+            reasons[measure.name] = "no entry was evaluated (see the status column of per_image.csv)"
+        elif measure.needs_gt and not any(row["gt"] for row in ok):
+            reasons[measure.name] = "no entry of the set has a GT (a pair set): only the *_outside measures apply"
+        else:
+            reasons[measure.name] = "its region was empty in every image"
+    return reasons
+
+
+def _aggregate(rows: list[dict], skipped: dict[str, str], threshold: float, wall_seconds: float) -> dict:
+    statuses = [row.get("status") for row in rows]
+    metrics = {
+        "entries": len(rows),
+        "evaluated": statuses.count("ok"),
+        "empty_mask": statuses.count("empty-mask"),
+        "invalid_input": statuses.count("invalid-input"),
+        "with_gt": sum(1 for row in rows if row.get("status") == "ok" and row["gt"]),
+        "threshold": threshold,
+    }
+    for measure in MEASURES:
+        if measure.name in skipped:
+            metrics[measure.name] = {"skipped": skipped[measure.name]}
+        else:
+            metrics[measure.name] = describe([row.get(measure.column) for row in rows])
+    seconds = [row["seconds"] for row in rows if row.get("seconds") is not None]
+    metrics["time"] = {
+        "seconds_per_image_median": statistics.median(seconds) if seconds else None,
+        "seconds_per_image_p95": float(np.percentile(seconds, 95)) if seconds else None,
+        "images_per_second": len(seconds) / sum(seconds) if seconds else None,
+        "wall_seconds": wall_seconds,
+        "timed": "the engine call only (batch 1): no decoding, pasting, scoring, metrics or file writes",
+    }
+    return metrics
+
+
+def describe(values: list[float | None]) -> dict:
+    """Mean, standard deviation and count of the finite values; identical-pixel PSNRs (inf) are counted apart."""
+    present = [v for v in values if v is not None]
+    finite = [v for v in present if math.isfinite(v)]
+    stats = {
+        "mean": statistics.fmean(finite) if finite else None,
+        "std": statistics.stdev(finite) if len(finite) > 1 else None,
+        "n": len(finite),
+    }
+    if len(present) > len(finite):
+        stats["infinite"] = len(present) - len(finite)
+    return stats
+
+
+# ---------------------------------------------------------------- the per-image file
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """Floats as repr (exact round trip: a run compared with itself gives deltas of exactly 0)."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if row.get(key) is None else row[key] for key in CSV_COLUMNS})
+    tmp.replace(path)
+
+
+@dataclass
+class EvaluationRun:
+    """A finished `evaluate` run, read back: its summary and its per-image rows (numbers parsed)."""
+
+    folder: Path
+    summary: dict
+    rows: list[dict]
+
+    def skip_reason(self, name: str) -> str | None:
+        entry = self.summary["metrics"].get(name)
+        return entry.get("skipped") if isinstance(entry, dict) else None
+
+
+def load_run(folder: str | Path) -> EvaluationRun:
+    from training.common import read_summary
+
+    folder = Path(folder)
+    summary = read_summary(folder)
+    if summary is None or summary.get("stage") != "evaluate":
+        raise TrainingError(f"{folder} is not an evaluate run (no summary.json of stage evaluate)")
+    if summary.get("status") != "completed":
+        raise TrainingError(f"the evaluate run in {folder} has not completed (status {summary.get('status')})")
+    numeric = {m.column for m in MEASURES} | {"index", "bucket", "seed", "score_seconds"}
+    with open(folder / PER_IMAGE_CSV, newline="") as f:
+        rows = [
+            {key: (float(value) if key in numeric else value) if value != "" else None for key, value in row.items()}
+            for row in csv.DictReader(f)
+        ]
+    return EvaluationRun(folder, summary, rows)
