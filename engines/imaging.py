@@ -222,7 +222,8 @@ def plan_crop(mask: np.ndarray, buckets: Sequence[int], margin: int) -> CropPlan
     """Choose the square window the model sees: the masked area plus `margin` of context, at a supported size.
 
     A window no larger than its bucket keeps native resolution (more context, no resampling); a larger one
-    is downscaled to the largest bucket. None means there is nothing to remove.
+    is downscaled to the largest bucket. Context wanted beyond the image does not raise the bucket: a
+    small image runs at the smallest bucket that holds it. None means there is nothing to remove.
     """
     if not buckets or any(b <= 0 or b % 64 for b in buckets):
         raise ValueError(f"buckets must be positive multiples of 64, got {list(buckets)}")
@@ -233,7 +234,7 @@ def plan_crop(mask: np.ndarray, buckets: Sequence[int], margin: int) -> CropPlan
         return None
     top, bottom, left, right = box
     height, width = mask.shape
-    need = max(bottom - top, right - left) + 2 * margin
+    need = min(max(bottom - top, right - left) + 2 * margin, max(height, width))  # no context beyond the image
     bucket = min((b for b in buckets if b >= need), default=max(buckets))
     side = min(max(need, bucket), max(height, width))
     return CropPlan(

@@ -23,10 +23,13 @@ import numpy as np
 from benchlib import center_mask, photo, png, remover_only, start_service, stop_service, summarize
 
 
-def start_batching_service(work: Path, max_batch_size: int, wait_s: float):
+def start_batching_service(work: Path, max_batch_size: int, wait_s: float, buckets: list[int], threads: int | None):
     def adjust(config: dict) -> None:
         remover_only(config)
-        config["applications"][0]["args"]["batching"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
+        args = config["applications"][0]["args"]
+        args["batching"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
+        args["imaging"]["buckets"] = buckets
+        args["engine"]["torch_threads"] = threads
 
     return start_service(work, f"batch-{max_batch_size}", adjust)
 
@@ -61,12 +64,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--wait-s", type=float, default=0.05, help="batch_wait_timeout_s")
     parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--torch-threads", type=int, default=None, help="engine.torch_threads (default: Ray's 1 per CPU)")
+    parser.add_argument("--buckets", type=int, nargs="+", default=[512, 1024], help="imaging.buckets (model input sides)")
     parser.add_argument("--out", type=Path, default=Path("out/bench_batching.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rorem-bench-batching-"))
-    result = {"clients": args.clients, "requests": args.requests, "side": args.side, "runs": {}}
+    result = {"clients": args.clients, "requests": args.requests, "side": args.side, "buckets": args.buckets,
+              "torch_threads": args.torch_threads, "runs": {}}  # fmt: skip
     for max_batch in args.batches:
-        child, url = start_batching_service(work, max_batch, args.wait_s)
+        child, url = start_batching_service(work, max_batch, args.wait_s, args.buckets, args.torch_threads)
         try:
             result["runs"][str(max_batch)] = load(url, args.clients, args.requests, args.side)
         finally:

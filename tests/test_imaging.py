@@ -422,6 +422,13 @@ def test_small_mask_gets_smallest_bucket_at_native_resolution():
     assert abs(plan.top + 256 - 750) <= 1 and abs(plan.left + 256 - 1000) <= 1
 
 
+def test_a_small_image_runs_at_the_bucket_that_holds_it_not_upscaled_for_context():
+    mask = np.zeros((256, 256), bool)
+    mask[85:170, 85:170] = True  # the region plus margins (341 px) would want the 512 bucket
+    plan = plan_crop(mask, (256, 512, 1024), 128)
+    assert (plan.side, plan.bucket, plan.top, plan.left) == (256, 256, 0, 0)
+
+
 def test_window_is_shifted_inside_at_corners():
     mask = np.zeros((1500, 2000), bool)
     mask[10:60, 20:90] = True

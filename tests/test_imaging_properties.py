@@ -92,8 +92,8 @@ def test_plan_covers_the_dilated_mask_with_a_bucket_window(mask, pixels, sides, 
         return
     height, width = dilated.shape
     top, bottom, left, right = bounding_box(dilated)
-    need = max(bottom - top, right - left) + 2 * margin
-    # the smallest bucket that holds the region and its margin, else the largest (the window is downscaled)
+    need = min(max(bottom - top, right - left) + 2 * margin, max(height, width))
+    # the smallest bucket that holds the region and its margin (never more than the image), else the largest
     assert plan.bucket == min((b for b in sides if b >= need), default=max(sides))
     # a bucket-sized window, except on images smaller than it and regions larger than every bucket
     assert plan.side == min(max(need, plan.bucket), max(height, width))
