@@ -66,6 +66,7 @@ def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> Removal
         "gate_threshold": message.gate_threshold if message.HasField("gate_threshold") else None,
         "max_attempts": message.max_attempts if message.HasField("max_attempts") else None,
         "retain": message.retain if message.HasField("retain") else None,
+        "timeout_s": message.timeout_s if message.HasField("timeout_s") else None,
     }
     return RemovalRequest(image=message.image, mask=message.mask or None, options=validate(RemoveOptions, options))
 

@@ -5,7 +5,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RemoveRequest(_message.Message):
-    __slots__ = ("image", "mask", "seed", "output_format", "quality", "dilate", "gate", "gate_threshold", "max_attempts", "retain")
+    __slots__ = ("image", "mask", "seed", "output_format", "quality", "dilate", "gate", "gate_threshold", "max_attempts", "retain", "timeout_s")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class RemoveRequest(_message.Message):
     GATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     RETAIN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     mask: bytes
     seed: int
@@ -26,7 +27,8 @@ class RemoveRequest(_message.Message):
     gate_threshold: float
     max_attempts: int
     retain: bool
-    def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., seed: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., dilate: _Optional[int] = ..., gate: _Optional[str] = ..., gate_threshold: _Optional[float] = ..., max_attempts: _Optional[int] = ..., retain: _Optional[bool] = ...) -> None: ...
+    timeout_s: float
+    def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., seed: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., dilate: _Optional[int] = ..., gate: _Optional[str] = ..., gate_threshold: _Optional[float] = ..., max_attempts: _Optional[int] = ..., retain: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class RemoveReply(_message.Message):
     __slots__ = ("image", "media_type", "seed", "bucket", "batch_size", "score", "attempts", "gate", "request_id", "result_id")

@@ -154,6 +154,11 @@ def test_a_client_deadline_answers_504(hardened, upload):
     _assert_problem(late, 504, "timeout")
     assert time.monotonic() - started < 5
     _assert_problem(_remove(hardened, upload, key=hardened.app_key, timeout_s=-1), 422, "invalid-request")
+    stub = ObjectRemovalStub(open_channel(hardened.grpc_target))
+    request = pb.RemoveRequest(image=upload["image"], mask=upload["mask"], gate="off", timeout_s=0.01)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Remove(request, timeout=60, metadata=[("x-api-key", hardened.app_key)])
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "/timeout" in caught.value.details()
 
 
 def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upload):
