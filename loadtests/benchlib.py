@@ -40,6 +40,8 @@ def summarize(samples_ms: list[float]) -> dict:
         "runs": len(ordered),
         "p50_ms": round(statistics.median(ordered), 1),
         "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1),
+        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))], 1),
+        "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 1),
         "mean_ms": round(statistics.fmean(ordered), 1),
     }
 

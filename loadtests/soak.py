@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png
+from benchlib import center_mask, photo, png, summarize
 from PIL import Image
 
 
@@ -138,8 +138,8 @@ def run_soak(
     for thread in threads[:clients]:
         thread.join()
     if latencies:
-        ordered = sorted(latencies)
-        report.latency_ms = {q: round(ordered[int(p * (len(ordered) - 1))], 1) for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+        percentiles = summarize(latencies)
+        report.latency_ms = {q: percentiles[f"{q}_ms"] for q in ("p50", "p95", "p99")}
     return report
 
 

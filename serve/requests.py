@@ -84,18 +84,18 @@ def openapi_request_body(options_model: type[BaseModel], json_model: type[BaseMo
     """The OpenAPI `requestBody` of an upload route: multipart (files + option fields) or JSON (base64).
 
     The routes read their bodies themselves (bounded, two formats), so FastAPI cannot infer this."""
-    options = options_model.model_json_schema()
+    json_schema = json_model.model_json_schema()
     multipart = {
         "type": "object",
         "properties": {
             **{name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()},
-            **options["properties"],
+            **options_model.model_json_schema()["properties"],
         },
-        "required": [name for name in files if name in json_model.model_json_schema().get("required", [])],
+        "required": [name for name in files if name in json_schema.get("required", [])],
     }
     return {
         "required": True,
-        "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_model.model_json_schema()}},
+        "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_schema}},
     }
 
 
