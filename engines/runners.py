@@ -33,6 +33,7 @@ EXPORTS_DIR = "exports"
 RunnerKind = Literal["torch", "onnx", "tensorrt"]
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SHORT = {"float32": "fp32", "float16": "fp16"}
+COMPILED_SHAPES_LIMIT = 64  # torch.compile recompiles per input shape; the warmed set is far smaller
 
 
 @dataclass
@@ -61,7 +62,13 @@ class TorchUNetRunner:
         if device.type == "cuda":
             self.unet = self.unet.to(memory_format=torch.channels_last)
         self.forward = self.unet.forward
+        self.compiled = compile
         if compile:
+            # one compiled graph per warmed shape (buckets x padded batch sizes, engines.remover.warm_up):
+            # past the recompile limit torch would silently fall back to eager
+            dynamo_config = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), COMPILED_SHAPES_LIMIT))
             self.forward = torch.compile(self.unet.forward, mode="max-autotune-no-cudagraphs", dynamic=False)
 
     @torch.inference_mode()

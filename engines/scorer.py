@@ -405,7 +405,9 @@ class ScoringEngine:
         edited, masks, sources = self.prepare(jobs)
         clock.lap("prepare")
         scores = self.score_tensors(edited, masks, sources, timings=timings)
-        return [float(s) for s in scores.float().cpu()]
+        values = [float(s) for s in scores.float().cpu()]
+        clock.finish()
+        return values
 
     @torch.inference_mode()
     def prepare(self, jobs: list[ScoreJob]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -457,4 +459,5 @@ class ScoringEngine:
             time_ids=time_ids.expand(batch, -1),
         ).float()
         clock.lap("discriminator")
+        clock.finish()
         return scores

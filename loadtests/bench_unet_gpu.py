@@ -2,8 +2,10 @@
 
     python loadtests/bench_unet_gpu.py --out docs/bench_unet_gpu.json
 
+Needs TensorRT (NVIDIA's container); it cannot run on this workplace's bare GPU machine, where
+loadtests/bench_engine_gpu.py measures the engine eager vs CUDA graphs instead.
 Random weights (seeded; timing does not depend on them): the UNet in fp16 and the SDXL VAE
-(run in fp32, as serving runs it: its config says force_upcast). Steps, each cached in --work:
+(bf16 next to an fp16 UNet, as serving runs it: engines.remover.vae_dtype_for). Steps, each cached in --work:
   1. fp16 ONNX export of the UNet (export.onnx_export, external data)
   2. per side, a TensorRT plan with one profile: that side, batch 1..max(--batches)
      (export.tensorrt_build, shared timing cache)

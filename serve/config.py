@@ -77,7 +77,11 @@ class EngineSettings(_Strict):
         "torch", description="how the UNet runs: PyTorch, an exported ONNX graph (ONNX Runtime), a TensorRT plan"
     )
     runner_path: str | None = Field(None, description="the exported file; None: the bundle's recorded export")
-    cuda_graph: bool = Field(False, description="TensorRT runner: replay a captured CUDA graph per input shape")
+    cuda_graph: bool = Field(
+        True,
+        description="on CUDA: capture every (bucket, padded batch size) at start and replay it (torch runner: "
+        "encode, denoise and decode stages; tensorrt: each UNet shape); no effect on the CPU or with the onnx runner",
+    )
     export_missing: bool = Field(
         False, description="onnx runner: export (and verify) the UNet into the bundle folder at start when missing"
     )

@@ -23,7 +23,9 @@ SCORES = "rorem_removal_score"
 RETAINED = "rorem_retained_total"
 FEEDBACK = "rorem_feedback_total"
 
-STAGES = ("read", "decode", "queue_wait", "vae_encode", "unet", "vae_decode", "score", "paste", "encode")
+STAGES = (
+    "read", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score", "paste", "encode"
+)
 
 
 class IngressMetrics:

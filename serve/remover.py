@@ -22,7 +22,7 @@ class RemovalOutcome:
     image: np.ndarray  # (S, S, 3) uint8
     batch_size: int
     model_ms: float
-    stages: dict[str, float] = field(default_factory=dict)  # seconds: queue_wait, vae_encode, unet, vae_decode
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (serve.metrics.STAGES)
 
 
 @serve.deployment(name="Remover")
@@ -42,6 +42,7 @@ class Remover:
             export_dtype = dtype or default_export_dtype(device)
             ensure_unet_onnx(bundle, str(export_dtype).removeprefix("torch."))
             bundle = type(bundle).load(bundle.path, verify=False)
+        use_graphs = engine_cfg.cuda_graph and device.type == "cuda" and engine_cfg.runner != "onnx"
         self.engine = RemovalEngine.from_bundle(
             bundle,
             device=device,
@@ -52,7 +53,7 @@ class Remover:
             ),
             runner=engine_cfg.runner,
             runner_path=engine_cfg.runner_path,
-            cuda_graph=engine_cfg.cuda_graph,
+            cuda_graph=use_graphs,
         )
         self.remove.set_max_batch_size(self.settings.batching.max_batch_size)
         self.remove.set_batch_wait_timeout_s(self.settings.batching.batch_wait_timeout_s)
@@ -66,16 +67,13 @@ class Remover:
             "strength": self.engine.sampling.strength,
             "buckets": self.settings.imaging.buckets,
             "max_batch_size": self.settings.batching.max_batch_size,
+            "cuda_graphs": use_graphs,
         }
-        self._warm_up()
+        # every shape a request can take is run (and with CUDA graphs captured) now, never in a request
+        self.description["warm_up"] = self.engine.warm_up(
+            self.settings.imaging.buckets, self.settings.batching.max_batch_size
+        )
         self.metrics = BatchMetrics("remover")
-
-    def _warm_up(self) -> None:
-        """One pass per bucket, so the first user request does not pay for allocation or compilation."""
-        for side in self.settings.imaging.buckets:
-            mask = np.zeros((side, side), bool)
-            mask[side // 4 : side // 2, side // 4 : side // 2] = True
-            self.engine.remove([RemovalJob(np.zeros((side, side, 3), np.uint8), mask, seed=0)])
 
     def describe(self) -> dict:
         return self.description

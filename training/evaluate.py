@@ -85,7 +85,9 @@ class EvaluateSettings(StageSettings):
     )
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     compile: bool = Field(False, description="torch.compile the UNet (torch runner)")
-    cuda_graph: bool = Field(False, description="TensorRT runner: replay a CUDA graph per shape")
+    cuda_graph: bool = Field(
+        False, description="CUDA graphs (torch runner: captured by RemovalEngine.warm_up; TensorRT: per UNet shape)"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (engine.torch_threads)")
     steps: int | None = Field(None, ge=1, le=50, description="LCM steps; None: the bundle's (4)")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's (1.0)")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for the bare benchmark machine (see docs/benchmarks.md):
+# install the carried wheels (loadtests/gpu_wheels.sh) into a temporary path, run the gpu-marked
+# tests, then the engine benchmark; logs and results go to $OUT (or out/gpu_run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/gpu_run}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total,temperature.gpu --format=csv | tee "$OUT/nvidia_smi.csv"
+timeout "${GPU_TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+  tests/test_engine_fast_path.py tests/test_remover.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout "${BENCH_S:-330}" python3 loadtests/bench_engine_gpu.py --out-dir "$OUT" --budget-s "${BUDGET_S:-300}" "$@" 2>&1 | tee "$OUT/bench.log"

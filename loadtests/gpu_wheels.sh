@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Download the wheels the engine needs on the bare benchmark GPU machine (Python 3.12, x86-64), which
+# has torch, transformers, safetensors, numpy, pillow, opencv but no diffusers or pydantic and no
+# network. They land in .whl/ (git-ignored) and travel with the working tree; docs/benchmarks.md has
+# the one command that installs them there and runs loadtests/bench_engine_gpu.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+platforms=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+  platforms+=(--platform "$p")
+done
+# diffusers 0.42.1 needs huggingface_hub >= 1.32 (that machine has 1.33); pydantic's core is compiled per Python.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d .whl \
+  diffusers==0.42.1 importlib-metadata==10.2.0 pydantic==2.14.0 pydantic-core==2.50.0 \
+  annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+du -sh .whl

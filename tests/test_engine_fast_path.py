@@ -1,0 +1,211 @@
+"""The GPU fast path: no host sync in the sampling loop, the LCM table, padded shapes, CUDA graphs.
+
+The CPU tests run everywhere; the `gpu` ones need CUDA (they run on the benchmark machine).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engines.lcm import LCMSchedule
+from engines.remover import RemovalEngine, RemovalJob, SamplingNoise, padded_batch_sizes
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# ops that make the host wait for the device (or draw random numbers on the host): none may run
+# between the upload of a batch and the copy of its result back
+HOST_SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.equal"}
+RANDOM_OPS = {"aten.normal_", "aten.randn", "aten.randn_like", "aten.uniform_", "aten.random_", "aten.bernoulli_"}
+NEW_FROM_HOST_OPS = {"aten.lift_fresh", "aten.scalar_tensor"}  # torch.tensor(python values) inside the loop
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket._qualified_op_name).replace("::", "."))
+        return func(*args, **(kwargs or {}))
+
+
+def _jobs(batch: int, side: int = 64, seed0: int = 0) -> list[RemovalJob]:
+    rng = np.random.default_rng(seed0)
+    jobs = []
+    for i in range(batch):
+        mask = np.zeros((side, side), bool)
+        mask[side // 4 : 3 * side // 4, side // 3 : 2 * side // 3] = True
+        jobs.append(RemovalJob(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), mask, seed=seed0 + i))
+    return jobs
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.99, 0.5])
+def test_the_lcm_table_steps_exactly_as_diffusers_lcm_scheduler(tiny_bundle, strength):
+    """Same timesteps, same prev_sample for the same model output and noise."""
+    steps = 4
+    schedule = LCMSchedule.from_scheduler(tiny_bundle.make_scheduler(), steps, strength)
+    scheduler = tiny_bundle.make_scheduler()
+    scheduler.set_timesteps(steps)
+    skipped = steps - min(int(steps * strength), steps)
+    scheduler.set_begin_index(skipped)
+    assert schedule.timesteps == scheduler.timesteps[skipped:].tolist()
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    for step in schedule.steps:
+        model_output = torch.randn(2, 4, 8, 8, generator=g)
+        noise_seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        expected = scheduler.step(
+            model_output, torch.tensor(step.timestep), sample,
+            generator=torch.Generator().manual_seed(noise_seed), return_dict=False,
+        )[0]  # fmt: skip
+        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(noise_seed)) if step.adds_noise else None
+        got = LCMSchedule.step(step, model_output, sample, noise)
+        assert torch.allclose(got, expected, atol=1e-6), step
+        sample = expected
+    assert schedule.noise_draws == sum(s.adds_noise for s in schedule.steps) == len(schedule.steps) - 1
+
+
+def test_the_sampling_loop_never_waits_for_the_host_or_draws_random_numbers(tiny_bundle):
+    """Every op between upload and download is recorded: none reads a value back to the host, draws
+    random numbers, or builds a tensor from Python values (each is a host sync on a GPU)."""
+    engine = RemovalEngine.from_bundle(tiny_bundle)
+    jobs = _jobs(2)
+    engine.remove(jobs)  # first call: caches the crop size's time_ids, as warm-up does
+    noise = SamplingNoise.draw([torch.Generator().manual_seed(j.seed) for j in jobs], engine.latent_shape(64, 64), engine.schedule)
+    from engines.remover import CropBatch
+
+    batch = CropBatch(
+        pixels=torch.from_numpy(np.stack([j.image for j in jobs])),
+        masks=torch.from_numpy(np.stack([j.mask for j in jobs]).astype(np.uint8)),
+        noise=noise,
+    )
+    from engines.timing import StageClock
+
+    with _OpRecorder() as recorder:
+        pixels = engine._run(batch, StageClock("cpu", None))
+    ops = set(recorder.ops)
+    assert len(recorder.ops) > 100, "the recorder saw the model run"
+    assert {"aten.conv2d", "aten.scaled_dot_product_attention"} <= ops, "the VAE and the UNet ran under the recorder"
+    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
+    assert not ops & RANDOM_OPS, ops & RANDOM_OPS
+    assert not ops & NEW_FROM_HOST_OPS, ops & NEW_FROM_HOST_OPS
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 64, 64, 3)
+
+
+def test_the_old_path_is_what_the_recorder_catches(tiny_bundle):
+    """The recorder is not blind: diffusers' own LCMScheduler.step draws noise and indexes on the host."""
+    scheduler = tiny_bundle.make_scheduler()
+    scheduler.set_timesteps(4)
+    sample = torch.randn(1, 4, 8, 8)
+    with _OpRecorder() as recorder:
+        scheduler.step(torch.randn(1, 4, 8, 8), scheduler.timesteps[0], sample, generator=torch.Generator().manual_seed(0))
+    ops = set(recorder.ops)
+    assert ops & (HOST_SYNC_OPS | RANDOM_OPS | NEW_FROM_HOST_OPS)
+
+
+def test_padded_batch_sizes_are_powers_of_two_up_to_the_largest():
+    assert padded_batch_sizes(1) == [1]
+    assert padded_batch_sizes(8) == [1, 2, 4, 8]
+    assert padded_batch_sizes(6) == [1, 2, 4, 6]
+    assert padded_batch_sizes(16) == [1, 2, 4, 8, 16]
+
+
+def test_timings_cover_every_stage_without_changing_the_result(tiny_bundle):
+    engine = RemovalEngine.from_bundle(tiny_bundle)
+    jobs = _jobs(1)
+    timings: dict[str, float] = {}
+    timed = engine.remove(jobs, timings)[0]
+    assert set(timings) == {"upload", "vae_encode", "unet", "vae_decode", "download"}
+    assert all(v >= 0 for v in timings.values()) and timings["unet"] > 0
+    assert np.array_equal(timed, engine.remove(jobs)[0])
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_for_the_onnx_runner(tiny_bundle):
+    with pytest.raises(ValueError, match="CUDA"):
+        RemovalEngine.from_bundle(tiny_bundle, cuda_graph=True)
+    with pytest.raises(ValueError, match="ONNX"):
+        RemovalEngine.from_bundle(tiny_bundle, runner="onnx", runner_path="unused.onnx", cuda_graph=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# on a GPU
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_loop_runs_with_cuda_sync_debug_set_to_error(tiny_bundle):
+    """torch raises on any synchronising CUDA call inside the stages."""
+    engine = RemovalEngine.from_bundle(tiny_bundle, device="cuda")
+    jobs = _jobs(2)
+    engine.remove(jobs)
+    from engines.remover import CropBatch
+    from engines.timing import StageClock
+
+    noise = SamplingNoise.draw([torch.Generator().manual_seed(j.seed) for j in jobs], engine.latent_shape(64, 64), engine.schedule)
+    batch = CropBatch(
+        pixels=torch.from_numpy(np.stack([j.image for j in jobs])).cuda(),
+        masks=torch.from_numpy(np.stack([j.mask for j in jobs]).astype(np.uint8)).cuda(),
+        noise=noise.to(torch.device("cuda")),
+    )
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pixels = engine._run(batch, StageClock("cuda", {}))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert pixels.shape == (2, 64, 64, 3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphs_give_the_eager_result_and_capture_only_at_start(tiny_bundle):
+    eager = RemovalEngine.from_bundle(tiny_bundle, device="cuda")
+    graphed = RemovalEngine.from_bundle(tiny_bundle, device="cuda", cuda_graph=True)
+    report = graphed.warm_up([64, 128], max_batch_size=4)
+    assert sorted(map(tuple, report["shapes"])) == [(s, b) for s in (64, 128) for b in (1, 2, 4)]
+    captured = dict(graphed.graphs.captured)
+    for size, side in [(1, 64), (3, 64), (4, 128), (2, 128)]:
+        jobs = _jobs(size, side, seed0=10 * size)
+        want = eager.remove(jobs)
+        got = graphed.remove(jobs)
+        assert len(got) == size
+        for w, g in zip(want, got):
+            assert np.abs(w.astype(int) - g).max() <= 2
+    assert graphed.graphs.captured == captured, "no capture inside a request"
+    # a job's result does not depend on the padding rows or the batch it ran in
+    alone = graphed.remove(_jobs(1, 64, seed0=30))[0]
+    batched = graphed.remove(_jobs(3, 64, seed0=30))[0]
+    assert np.abs(alone.astype(int) - batched).max() <= 2
+
+
+def test_the_vae_runs_bf16_next_to_an_fp16_unet_on_cuda():
+    from engines.remover import vae_dtype_for
+
+    assert vae_dtype_for(torch.float16, torch.device("cuda"), force_upcast=True) == torch.bfloat16
+    assert vae_dtype_for(torch.float16, torch.device("cuda"), force_upcast=False) == torch.float16
+    assert vae_dtype_for(torch.bfloat16, torch.device("cuda"), force_upcast=True) == torch.bfloat16
+    assert vae_dtype_for(torch.float32, torch.device("cpu"), force_upcast=True) == torch.float32
+
+
+def test_the_gpu_benchmark_runs_in_its_smoke_mode(tmp_path):
+    """loadtests/bench_engine_gpu.py --smoke: the tiny model on the CPU, so the script cannot rot."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(repo / "loadtests" / "bench_engine_gpu.py"), "--smoke", "--out-dir", str(tmp_path), "--iters", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_engine_gpu.json").read_text())
+    assert [(r["mode"], r["side"], r["batch"]) for r in report["results"]] == [("eager", 64, 1), ("eager", 64, 2)]
+    for row in report["results"]:
+        assert row["p50_ms"] > 0 and set(row["stages_ms"]) == {"upload", "vae_encode", "unet", "vae_decode", "download"}
+    assert report["parity"]["max_abs"] >= 0 and not report["notes"]
+    assert "| eager | 64 | 1 |" in (tmp_path / "bench_engine_gpu.md").read_text()
