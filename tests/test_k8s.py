@@ -1,8 +1,10 @@
-"""The Kubernetes manifests, validated offline (no cluster, no kustomize binary, no Ray started).
+"""The Kubernetes manifests, validated offline (no cluster, no Ray started).
 
 - every YAML file parses; every kustomization names files that exist; no manifest is orphaned;
 - the overlays are rendered here (resources, namespace, JSON6902 patches: the only kustomize features
-  the manifests use; any other key fails this test) and every patch must hit its target;
+  the manifests use; any other key fails this test) and every patch must hit its target; they are
+  also rendered by the real `kubectl kustomize` (skipped, saying why, without kubectl), which must
+  produce exactly the same objects, and those objects pass the same schema checks;
 - the RayService (base, dev, prod) validates against KubeRay v1.7.0's CRD schema, with unknown fields
   rejected as the API server does for `kubectl apply` (strict field validation);
 - core objects (Service, PodDisruptionBudget, PersistentVolumeClaim, ConfigMap, Job, Namespace, and the
@@ -12,7 +14,12 @@
 - serveConfigV2 is exactly what k8s/render.py makes of serve/configs/local.yaml, passes Ray's Serve
   schema with unknown keys rejected at every level, and its args pass serve.config.AppSettings;
 - every container has a pinned image, requests and limits, and probes; readiness is /readyz;
-- names that cross objects agree: ports, selectors, the volume, the bundle path, the Ray version.
+- names that cross objects agree: ports, selectors, the volume, the bundle path, the Ray version;
+- hardening (on the `kubectl kustomize` rendering): the NetworkPolicies allow exactly the documented
+  source -> port matrix (evaluated here with NetworkPolicy semantics), every container runs non-root
+  with a read-only root filesystem, no capabilities, RuntimeDefault seccomp and writable emptyDirs
+  where Ray writes, no pod automounts a ServiceAccount token (the autoscaler alone gets one), no
+  Service carries Ray's dashboard, GCS or client port, prod turns Ray's token auth on.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import ast
 import copy
 import importlib.util
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -194,6 +203,9 @@ def test_overlays_hold_the_expected_objects():
     expected_common = {
         ("Namespace", None), ("RayService", "rorem"), ("Service", "rorem-grpc"),
         ("PodDisruptionBudget", "rorem-workers"),
+        ("NetworkPolicy", "rorem-default-deny-ingress"), ("NetworkPolicy", "rorem-ray-internal"),
+        ("NetworkPolicy", "rorem-from-kuberay-operator"), ("NetworkPolicy", "rorem-serving"),
+        ("NetworkPolicy", "rorem-metrics"),
     }  # fmt: skip
     weights = {("PersistentVolumeClaim", "rorem-models"), ("ConfigMap", "rorem-weights-sources"),
                ("Job", "rorem-fetch-weights")}  # fmt: skip
@@ -289,7 +301,7 @@ def _kubernetes_validate():
 
 def core_objects(objects: list[dict]) -> list[dict]:
     """The objects with a Kubernetes schema, plus the RayService's pod templates and serve Service."""
-    core = [o for o in objects if o["apiVersion"] in ("v1", "batch/v1", "policy/v1", "apps/v1")]
+    core = [o for o in objects if o["apiVersion"] in ("v1", "batch/v1", "policy/v1", "apps/v1", "networking.k8s.io/v1")]
     for rayservice in (o for o in objects if o["kind"] == "RayService"):
         for name, template in pod_templates(rayservice).items():
             metadata = {"name": f"rorem-{name}", **template.get("metadata", {})}
@@ -299,16 +311,20 @@ def core_objects(objects: list[dict]) -> list[dict]:
     return core
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_core_objects_validate_strictly_against_the_kubernetes_schemas(version):
+def _validate_core_objects(objects_by_overlay: dict[str, list[dict]], version: str) -> None:
     utils = _kubernetes_validate()
-    for overlay in OVERLAYS:
-        for obj in core_objects(built(overlay)):
+    for overlay, objects in objects_by_overlay.items():
+        for obj in core_objects(objects):
             try:
                 utils.validate(obj, version, strict=True)
             except utils.ValidationError as exc:
                 where = "/".join(map(str, exc.path))
                 pytest.fail(f"{overlay} {obj['kind']}/{obj['metadata']['name']} ({version}): {where}: {exc.message}")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_core_objects_validate_strictly_against_the_kubernetes_schemas(version):
+    _validate_core_objects(all_objects(), version)
 
 
 def test_the_kubernetes_schema_check_is_strict():
@@ -523,7 +539,10 @@ def test_gpu_workers_and_a_cpu_head():
     assert spec["nodeSelector"]
     dev = find(built("dev"), "RayService")
     dev_spec = workers(dev)["template"]["spec"]
-    assert not dev_spec.get("tolerations") and not dev_spec.get("nodeSelector") and not dev_spec.get("volumes")
+    assert not dev_spec.get("tolerations") and not dev_spec.get("nodeSelector")
+    # no weights volume (nor API keys): only the scratch emptyDirs of the read-only root filesystem
+    assert all(set(v) == {"name", "emptyDir"} for v in dev_spec.get("volumes", [])), dev_spec.get("volumes")
+    assert not any(m["mountPath"].startswith("/models") for m in dev_spec["containers"][0].get("volumeMounts", []))
     assert not dev_spec.get("initContainers"), "the dev workers wait for no weights"
     assert not any("gpu" in k for kind in ("requests", "limits") for k in dev_spec["containers"][0]["resources"][kind])
 
@@ -616,7 +635,8 @@ def test_the_weights_volume_job_and_bundle_path_agree():
     job = find(objects, "Job", "rorem-fetch-weights")
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] in ("OnFailure", "Never")
-    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == [claim]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == [claim]
+    assert all("persistentVolumeClaim" in v or set(v) == {"name", "emptyDir"} for v in pod["volumes"]), pod["volumes"]
     (container,) = pod["containers"]
     assert (
         not container["volumeMounts"][0].get("readOnly")
@@ -691,3 +711,365 @@ def test_the_deploy_guide_names_what_exists():
         for obj in built(overlay):
             if obj["kind"] != "Namespace":
                 assert obj["metadata"]["name"] in guide, f"{obj['kind']} {obj['metadata']['name']} is not documented"
+
+
+# --------------------------------------------------------------------------------------------------
+# the real kustomize: `kubectl kustomize`, as `kubectl apply -k` renders the overlays
+
+KUBECTL = shutil.which("kubectl")
+RAY_CONTROL_PORTS = {6379: "GCS", 8265: "dashboard (job API)", 10001: "Ray Client"}
+OPERATOR_NAMESPACE = "kuberay-system"  # docs/kubernetes.md installs the operator's Helm release there
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator"}
+SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def kubectl_kustomize(folder: Path) -> list[dict]:
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"kubectl kustomize {folder.relative_to(REPO)}: {result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
+@pytest.fixture(scope="module")
+def kustomized() -> dict[str, list[dict]]:
+    """Each overlay as `kubectl kustomize` renders it (kubectl's built-in kustomize)."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not on PATH: the overlays are not rendered by the real kustomize here")
+    return {overlay: kubectl_kustomize(K8S / "overlays" / overlay) for overlay in OVERLAYS}
+
+
+def _key(obj: dict) -> tuple:
+    return obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]
+
+
+def test_kubectl_kustomize_renders_exactly_what_the_test_renders(kustomized):
+    """The checks above run on build(); this pins build() to what kubectl apply -k really sends."""
+    for overlay, objects in kustomized.items():
+        real = {_key(o): o for o in objects}
+        ours = {_key(o): o for o in built(overlay)}
+        assert len(real) == len(objects), f"{overlay}: duplicate objects from kubectl kustomize"
+        assert set(real) == set(ours), f"{overlay}: {set(real) ^ set(ours)}"
+        for key, obj in real.items():
+            assert obj == ours[key], f"{overlay} {key}: kubectl kustomize renders it differently"
+
+
+def test_kustomized_rayservice_validates_against_the_kuberay_crd(kustomized, rayservice_validator):
+    for overlay, objects in kustomized.items():
+        errors = _errors(rayservice_validator, find(objects, "RayService"))
+        assert not errors, f"{overlay}: {errors}"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kustomized_core_objects_validate_strictly_against_the_kubernetes_schemas(kustomized, version):
+    _validate_core_objects(kustomized, version)
+
+
+# --------------------------------------------------------------------------------------------------
+# NetworkPolicies, evaluated: who reaches which port
+
+
+def _pod_labels(rayservice: dict, node: str) -> dict[str, str]:
+    """A Ray pod's labels as KubeRay sets them: the template's plus its own (ray.io/cluster is the
+    generated RayCluster name)."""
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    template = cluster["headGroupSpec"]["template"] if node == "head" else workers(rayservice)["template"]
+    group = "headgroup" if node == "head" else workers(rayservice)["groupName"]
+    kuberay = {"ray.io/cluster": "rorem-raycluster-x7k2p", "ray.io/node-type": node, "ray.io/group": group,
+               "ray.io/is-ray-node": "yes", "app.kubernetes.io/created-by": "kuberay-operator"}  # fmt: skip
+    return {**kuberay, **template["metadata"]["labels"]}
+
+
+def _peer_matches(peer: dict, policy_namespace: str, source: dict) -> bool:
+    if "ipBlock" in peer:
+        return False  # no source here comes from outside the pod network
+    if "namespaceSelector" in peer:
+        namespace_ok = labels_match(peer["namespaceSelector"], source["namespace_labels"])
+    else:
+        namespace_ok = source["namespace"] == policy_namespace
+    return namespace_ok and ("podSelector" not in peer or labels_match(peer["podSelector"], source["labels"]))
+
+
+def _port_matches(rule_port: dict, port: int) -> bool:
+    assert isinstance(rule_port.get("port"), int), f"numeric ports only (a named port depends on the pod): {rule_port}"
+    assert rule_port.get("protocol", "TCP") == "TCP"
+    return rule_port["port"] <= port <= rule_port.get("endPort", rule_port["port"])
+
+
+def ingress_allowed(policies: list[dict], destination: dict[str, str], source: dict, port: int) -> bool:
+    """Kubernetes NetworkPolicy semantics for ingress (additive; a pod no policy selects is open)."""
+    selecting = [
+        p for p in policies
+        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and labels_match(p["spec"]["podSelector"], destination)
+    ]  # fmt: skip
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            peers, ports = rule.get("from"), rule.get("ports")
+            if peers and not any(_peer_matches(p, policy["metadata"]["namespace"], source) for p in peers):
+                continue
+            if ports and not any(_port_matches(p, port) for p in ports):
+                continue
+            return True
+    return False
+
+
+def _source(namespace: str, labels: dict | None = None, namespace_labels: dict | None = None) -> dict:
+    return {"namespace": namespace, "labels": labels or {},
+            "namespace_labels": {"kubernetes.io/metadata.name": namespace, **(namespace_labels or {})}}  # fmt: skip
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_allow_exactly_the_documented_matrix(kustomized, overlay):
+    objects = kustomized[overlay]
+    namespace = find(objects, "Namespace")["metadata"]["name"]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert all(p["metadata"]["namespace"] == namespace for p in policies)
+    default_deny = find(objects, "NetworkPolicy", "rorem-default-deny-ingress")["spec"]
+    assert default_deny["podSelector"] == {} and default_deny["policyTypes"] == ["Ingress"]
+    assert "ingress" not in default_deny, "the default policy allows nothing"
+
+    rayservice = find(objects, "RayService")
+    head, worker = _pod_labels(rayservice, "head"), _pod_labels(rayservice, "worker")
+    head_ports = {p["name"]: p["containerPort"] for p in rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+                  ["template"]["spec"]["containers"][0]["ports"]}  # fmt: skip
+    worker_ports = {p["name"]: p["containerPort"] for p in workers(rayservice)["template"]["spec"]["containers"][0]["ports"]}
+    serving = [worker_ports["serve"], worker_ports["grpc"]]
+    metrics = head_ports["metrics"]
+    assert worker_ports["metrics"] == metrics and serving == [HTTP_PORT, GRPC_PORT]
+    dashboard, gcs = head_ports["dashboard"], head_ports["gcs-server"]
+    internal = [gcs, dashboard, 10001, 52365, 8076, 10002, 19999]  # GCS, dashboard, client, agent, object manager, workers
+    job = {"app.kubernetes.io/name": "rorem", "app.kubernetes.io/component": "weights", "batch.kubernetes.io/job-name": "x"}
+    other_cluster = {**worker, "ray.io/cluster": "rorem-raycluster-new42"}  # the other side of a blue/green upgrade
+
+    ingress_controller = _source("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}, {"rorem/client": "true"})
+    stranger = _source("default", {"app": "anything"})
+    operator = _source(OPERATOR_NAMESPACE, OPERATOR_POD_LABELS)
+    operator_lookalike = _source("default", OPERATOR_POD_LABELS)
+    prometheus = _source("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    same_namespace_pod = _source(namespace, {"app": "debug"})
+    matrix = [
+        # source, destination labels, ports, allowed
+        (ingress_controller, worker, serving, True),
+        (ingress_controller, worker, [metrics, *internal], False),
+        (ingress_controller, head, [*serving, metrics, *internal], False),
+        (stranger, worker, serving, overlay == "dev"),  # dev: the service from every namespace
+        (stranger, worker, [metrics, *internal], False),
+        (stranger, head, [*serving, metrics, *internal], False),
+        (operator, head, [dashboard], True),
+        (operator, head, [gcs, 10001, metrics, 52365, *serving], False),
+        (operator, worker, internal, False),
+        (operator, worker, serving, overlay == "dev"),
+        (operator_lookalike, head, [dashboard], False),
+        (prometheus, head, [metrics], True),
+        (prometheus, worker, [metrics], True),
+        (prometheus, head, [dashboard, gcs, *serving], False),
+        (prometheus, worker, internal, False),
+        (prometheus, worker, serving, overlay == "dev"),
+        (_source(namespace, worker), head, [*internal, metrics], True),  # Ray's own traffic
+        (_source(namespace, head), worker, [*internal, *serving, 45678], True),
+        (_source(namespace, worker), worker, [*internal, 45678], True),
+        (_source(namespace, other_cluster), head, [gcs], True),
+        (_source(namespace, job), head, [gcs, dashboard, metrics], False),
+        (_source(namespace, job), worker, internal, False),
+        (_source(namespace, job), worker, serving, overlay == "dev"),
+        (same_namespace_pod, head, [gcs, dashboard, 10001], False),
+        (same_namespace_pod, worker, serving, overlay == "dev"),
+        (same_namespace_pod, worker, [metrics, *internal], False),
+        (_source(namespace, worker), job, [80, 8000], False),  # the weights Job accepts nothing
+        (_source("elsewhere", worker), head, [gcs, dashboard], False),  # Ray labels in another namespace
+    ]
+    for source, destination, ports, allowed in matrix:
+        for port in ports:
+            assert ingress_allowed(policies, destination, source, port) is allowed, (
+                f"{overlay}: {source['namespace']} {source['labels']} -> {destination.get('app.kubernetes.io/component')}"
+                f":{port} should be {'allowed' if allowed else 'denied'}"
+            )
+
+
+def test_the_serving_policy_selects_the_services_endpoints_and_the_ray_policies_every_ray_pod(kustomized):
+    for overlay, objects in kustomized.items():
+        rayservice = find(objects, "RayService")
+        head, worker = _pod_labels(rayservice, "head"), _pod_labels(rayservice, "worker")
+        serving = find(objects, "NetworkPolicy", "rorem-serving")["spec"]["podSelector"]
+        grpc_selector = {"matchLabels": find(objects, "Service", "rorem-grpc")["spec"]["selector"]}
+        assert labels_match(serving, worker) and labels_match(grpc_selector, worker) and not labels_match(serving, head)
+        for name in ("rorem-ray-internal", "rorem-metrics"):
+            selector = find(objects, "NetworkPolicy", name)["spec"]["podSelector"]
+            assert labels_match(selector, head) and labels_match(selector, worker), f"{overlay} {name}"
+            assert {"key": "ray.io/cluster", "operator": "Exists"} in selector["matchExpressions"], (
+                "select by the ray.io/cluster label KubeRay sets (its value changes at each upgrade)"
+            )
+        operator = find(objects, "NetworkPolicy", "rorem-from-kuberay-operator")["spec"]
+        assert labels_match(operator["podSelector"], head) and not labels_match(operator["podSelector"], worker)
+        assert [p["port"] for rule in operator["ingress"] for p in rule["ports"]] == [8265]
+        if overlay == "prod":  # the PodMonitor's Prometheus is allowed on the port the PodMonitor scrapes
+            (endpoint,) = find(objects, "PodMonitor", "rorem")["spec"]["podMetricsEndpoints"]
+            metrics = find(objects, "NetworkPolicy", "rorem-metrics")["spec"]["ingress"][0]["ports"][0]["port"]
+            head_ports = {p["name"]: p["containerPort"] for p in rayservice["spec"]["rayClusterConfig"]
+                          ["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}  # fmt: skip
+            assert head_ports[endpoint["port"]] == metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# pods: security contexts, writable paths, ServiceAccount tokens
+
+
+def _image_user() -> tuple[int, str]:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    uids = set(re.findall(r"useradd --uid (\d+)[^\n]* (\w+)\s*\\?\n", dockerfile))
+    assert len(uids) == 1, f"one service user in every stage of the Dockerfile: {uids}"
+    ((uid, name),) = uids
+    assert re.findall(r"^USER (\S+)", dockerfile, re.M) and all(
+        u.split(":")[0] in (uid, name) for u in re.findall(r"^USER (\S+)", dockerfile, re.M)
+    )
+    return int(uid), name
+
+
+def pod_specs(objects: list[dict]) -> dict[str, dict]:
+    specs = {}
+    for obj in objects:
+        if obj["kind"] == "RayService":
+            specs |= {f"RayService/{name}": t["spec"] for name, t in pod_templates(obj).items()}
+        elif obj["kind"] == "Job":
+            specs[f"Job/{obj['metadata']['name']}"] = obj["spec"]["template"]["spec"]
+        elif obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Pod", "CronJob", "ReplicaSet"):
+            raise AssertionError(f"unexpected workload {obj['kind']}: add it to this test")
+    return specs
+
+
+def all_containers(objects: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(where, container, pod spec) for every container, init containers and the autoscaler sidecar
+    (built by KubeRay from autoscalerOptions) included."""
+    found = []
+    for where, spec in pod_specs(objects).items():
+        for kind in ("initContainers", "containers"):
+            found += [(f"{where}/{c['name']}", c, spec) for c in spec.get(kind, [])]
+    for obj in objects:
+        cluster = obj["spec"]["rayClusterConfig"] if obj["kind"] == "RayService" else None
+        if cluster and cluster.get("enableInTreeAutoscaling"):
+            autoscaler = {"name": "autoscaler", **cluster["autoscalerOptions"]}
+            found.append(("RayService/head/autoscaler", autoscaler, cluster["headGroupSpec"]["template"]["spec"]))
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_locked_down(kustomized, overlay):
+    uid, user = _image_user()
+    home = f"/home/{user}"
+    objects = kustomized[overlay]
+    for where, spec in pod_specs(objects).items():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == uid and pod["runAsGroup"] == uid, where
+        assert pod["fsGroup"] == uid and pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), where
+    checked = 0
+    for where, container, spec in all_containers(objects):
+        context = container["securityContext"]
+        effective = {**spec["securityContext"], **context}
+        assert context["allowPrivilegeEscalation"] is False, where
+        assert context["readOnlyRootFilesystem"] is True, where
+        assert context["capabilities"] == {"drop": ["ALL"]}, where
+        assert effective["runAsNonRoot"] is True and effective.get("runAsUser", uid) == uid, where
+        assert effective["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert not context.get("privileged"), where
+        checked += 1
+    assert checked == {"dev": 3, "prod": 5}[overlay], "head, autoscaler, workers (prod: and their init container, the Job)"
+
+    # writable paths of the read-only root filesystem: emptyDirs where Ray, Python and the engines write
+    cluster = find(objects, "RayService")["spec"]["rayClusterConfig"]
+    for where, container, spec in all_containers(objects):
+        if where.endswith("/wait-for-bundle"):
+            continue  # reads one file, writes nothing
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        needed = ["/tmp", home] + ([] if where.startswith("Job/") or where.endswith("/autoscaler") else ["/tmp/ray"])
+        for path in needed:
+            assert path in mounts, f"{overlay} {where}: nothing writable at {path}"
+            assert set(volumes[mounts[path]]) == {"name", "emptyDir"}, f"{overlay} {where}: {path} is not an emptyDir"
+        if where.startswith("RayService/"):
+            assert volumes.get("ray-logs", {}).get("emptyDir") == {} and mounts.get("/tmp/ray", "ray-logs") == "ray-logs", (
+                "the head's /tmp/ray is the volume KubeRay also mounts into the autoscaler: it must be named ray-logs"
+            )
+    assert cluster["headGroupSpec"]["rayStartParams"].get("plasma-directory") is None, "KubeRay's /dev/shm emptyDir"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_automounts_a_service_account_token_and_only_the_autoscaler_gets_one(kustomized, overlay):
+    objects = kustomized[overlay]
+    for where, spec in pod_specs(objects).items():
+        assert spec.get("automountServiceAccountToken") is False, f"{overlay} {where}: a token is mounted"
+    cluster = find(objects, "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    token_volumes = {
+        v["name"] for v in head.get("volumes", [])
+        if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
+    }  # fmt: skip
+    for where, container, spec in all_containers(objects):
+        mounted = {m["name"] for m in container.get("volumeMounts", [])}
+        if where == "RayService/head/autoscaler":
+            assert cluster["enableInTreeAutoscaling"] is True
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] in token_volumes]
+            assert mount["mountPath"] == SA_TOKEN_DIR and mount["readOnly"] is True
+            (volume,) = [v for v in head["volumes"] if v["name"] == mount["name"]]
+            sources = volume["projected"]["sources"]
+            assert any(s.get("serviceAccountToken", {}).get("path") == "token" for s in sources)
+            assert any(s.get("configMap", {}).get("name") == "kube-root-ca.crt" for s in sources), "ca.crt"
+            assert any(i["path"] == "namespace" for s in sources for i in s.get("downwardAPI", {}).get("items", []))
+        else:
+            assert not mounted & token_volumes, f"{overlay} {where}: mounts the ServiceAccount token"
+            assert all(not m["mountPath"].startswith("/var/run/secrets/kubernetes.io") for m in container.get("volumeMounts", []))
+    if not cluster.get("enableInTreeAutoscaling"):
+        assert not token_volumes, "without the autoscaler no container needs the Kubernetes API"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_service_carries_rays_dashboard_gcs_or_client_port(kustomized, overlay):
+    objects = kustomized[overlay]
+    rayservice = find(objects, "RayService")
+    services = [o for o in objects if o["kind"] == "Service"]
+    services.append({"kind": "Service", **rayservice["spec"]["serveService"]})
+    for service in services:
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", f"{service['metadata']['name']} is exposed"
+        for port in service["spec"]["ports"]:
+            for number in (port["port"], port.get("targetPort")):
+                assert number not in RAY_CONTROL_PORTS, f"{service['metadata']['name']}: {RAY_CONTROL_PORTS[number]}"
+    # KubeRay copies the head container's ports into its head Service: only GCS (the workers join
+    # through it), the dashboard (the operator) and metrics; not the Ray Client port.
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    head_ports = {p["name"]: p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports == {"gcs-server": 6379, "dashboard": 8265, "metrics": 8080}
+    assert not cluster.get("headServiceAnnotations") and "headService" not in cluster["headGroupSpec"]
+    for where, container, _ in all_containers(objects):
+        if "worker" in where:
+            assert not {p["containerPort"] for p in container.get("ports", [])} & set(RAY_CONTROL_PORTS), where
+    start = cluster["headGroupSpec"]["rayStartParams"]
+    assert start["dashboard-host"] == "0.0.0.0", "bound deliberately: the operator reaches it over the pod network"
+    assert "ray-client-server-port" not in start
+
+
+def test_prod_turns_rays_token_auth_on_from_a_secret(kustomized, rayservice_validator):
+    rayservice = find(kustomized["prod"], "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    auth = cluster["authOptions"]
+    assert auth == {"mode": "token", "secretName": "rorem-ray-auth-token"}
+    assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0), "Ray token auth needs Ray 2.52+"
+    assert not any(o["kind"] == "Secret" for o in kustomized["prod"]), "no secret is committed"
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    assert auth["secretName"] in guide and "auth_token" in guide, "the guide says how to create the Secret"
+    for name, template in pod_templates(rayservice).items():  # KubeRay injects these; none set by hand
+        for container in template["spec"]["containers"]:
+            assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, name
+        # the probes stay on Ray's unauthenticated health endpoints or the Serve proxy
+        probe = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
+        assert probe["path"] == "/api/healthz"
+    mistyped = copy.deepcopy(rayservice)
+    mistyped["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "tokens"
+    assert _errors(rayservice_validator, mistyped), "the CRD check catches a wrong auth mode"
+
+
+def test_namespaces_enforce_the_restricted_pod_security_standard(kustomized):
+    for overlay, objects in kustomized.items():
+        labels = find(objects, "Namespace")["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted", overlay
