@@ -182,7 +182,7 @@ class RemovalEngine:
             from engines.graphs import StageGraphs
 
             self.graphs = StageGraphs(self)
-        self.compiled_batch_sizes: list[int] = []  # set by warm_up when the UNet is compiled
+        self.compiled_batch_sizes: dict[int, list[int]] = {}  # side -> warmed sizes, when the UNet is compiled
         self._lock = threading.Lock()  # the graphs' static buffers serve one batch at a time
 
     @classmethod
@@ -251,8 +251,8 @@ class RemovalEngine:
         side = jobs[0].image.shape[0]
         self.check_side(side, jobs[0].image.shape[1])
         wanted = len(jobs)
-        if self.graphs is None and self.compiled_batch_sizes:  # a compiled UNet runs only warmed shapes
-            fits = [b for b in self.compiled_batch_sizes if b >= wanted]
+        if self.graphs is None and side in self.compiled_batch_sizes:  # a compiled UNet runs only warmed shapes
+            fits = [b for b in self.compiled_batch_sizes[side] if b >= wanted]
             jobs = jobs + [_blank_job(side)] * ((min(fits) if fits else wanted) - wanted)
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
         noise = SamplingNoise.draw(generators, self.latent_shape(side, side), self.schedule)
@@ -382,22 +382,28 @@ class RemovalEngine:
     # ------------------------------------------------------------------------------------------
     # start-up
 
-    def warm_up(self, sides: list[int], max_batch_size: int) -> dict:
-        """Run (and with graphs, capture) every shape requests can take, so none pays for it later:
-        with graphs or torch.compile, each side at every padded batch size; else batch 1 per side."""
+    def warm_up(self, max_batch_sizes: dict[int, int]) -> dict:
+        """Run (and with graphs, capture) every shape requests can take, so none pays for it later.
+        `max_batch_sizes`: crop side -> its largest batch. With graphs or torch.compile each side runs
+        at every padded batch size up to its largest; else batch 1 per side (allocator, cuDNN)."""
         import time
 
         started = time.perf_counter()
-        if self.graphs is not None:
-            report = self.graphs.capture(sides, padded_batch_sizes(max_batch_size))
-        else:
-            batches = padded_batch_sizes(max_batch_size) if getattr(self.runner, "compiled", False) else [1]
-            if len(batches) > 1:
-                self.compiled_batch_sizes = batches
-            for side in sides:
+        shapes = []
+        report = {"capture_s": {}}
+        for side, max_batch_size in sorted(max_batch_sizes.items(), reverse=True):
+            batches = padded_batch_sizes(max_batch_size)
+            if self.graphs is not None:
+                report["capture_s"].update(self.graphs.capture([side], batches)["capture_s"])
+            else:
+                if not getattr(self.runner, "compiled", False):
+                    batches = [1]
+                elif len(batches) > 1:
+                    self.compiled_batch_sizes[side] = batches
                 for batch in batches:
                     self.remove([_blank_job(side)] * batch)
-            report = {"shapes": [[s, b] for s in sides for b in batches]}
+            shapes += [[side, b] for b in batches]
+        report["shapes"] = sorted(shapes)
         report["seconds"] = round(time.perf_counter() - started, 2)
         return report
 

@@ -102,14 +102,14 @@ def validate(config: dict) -> None:
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.config import AppSettings
+    from serve.config import AppSettings, check_deployments
 
     ServeDeploySchema.model_validate(config)
     unknown = unknown_keys(ServeDeploySchema, config)
     if unknown:
         raise RenderError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
     for app in config["applications"]:
-        AppSettings.model_validate(app.get("args") or {})
+        check_deployments(AppSettings.model_validate(app.get("args") or {}), app.get("deployments", []))
         for deployment in app.get("deployments", []):
             autoscaling = deployment.get("autoscaling_config")
             if isinstance(autoscaling, dict):

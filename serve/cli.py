@@ -1,7 +1,8 @@
 """`python -m serve run`: start a local Ray + Serve on loopback with the configured or tiny bundle.
 
 It resolves the bundle (flag, ROREM_BUNDLE, the config file; else the tiny bundle, said loudly),
-fits the config to this machine (no GPU: no deployment asks for one), writes the effective config,
+fits the config to this machine (no GPU: no deployment asks for one; fewer GPUs than GPU replicas:
+they share; a placement that cannot fit is refused, saying what to change), writes the effective config,
 starts Ray with a known metrics port and hands the config to Ray's own `serve run` (serve.launcher),
 and prints what it loaded and where it listens (HTTP, gRPC, metrics) once ready.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
-from serve.config import BUNDLE_ENV, AppSettings
+from serve.config import BUNDLE_ENV, AppSettings, check_deployments
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 DEFAULT_METRICS_PORT = 9464
@@ -37,14 +38,20 @@ def load_serve_config(path: Path) -> dict:
     config = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(config)
     for app in config["applications"]:
-        AppSettings.model_validate(app.get("args") or {})
+        check_deployments(AppSettings.model_validate(app.get("args") or {}), app.get("deployments", []))
     return config
 
 
 def fit_to_machine(
-    config: dict, bundle: str | None, host: str | None, port: int | None, grpc_port: int | None = None
+    config: dict,
+    bundle: str | None,
+    host: str | None,
+    port: int | None,
+    grpc_port: int | None = None,
+    gpus: int | None = None,
 ) -> list[str]:
-    """Apply command-line choices and this machine's facts; returns what was changed, to print."""
+    """Apply command-line choices and this machine's facts (`gpus`: None counts the CUDA devices);
+    returns what was changed, to print. Raises PlacementError when the deployments cannot be placed."""
     notes = []
     http = config.setdefault("http_options", {})
     if host:
@@ -57,15 +64,85 @@ def fit_to_machine(
     args = app.setdefault("args", {})
     if bundle:
         args.setdefault("bundle", {})["path"] = bundle
-    import torch
+    if gpus is None:
+        import torch
 
-    if not torch.cuda.is_available():
-        for deployment in app.get("deployments", []):
-            options = deployment.get("ray_actor_options") or {}
-            if options.get("num_gpus"):
-                options["num_gpus"] = 0
-                notes.append(f"no CUDA GPU here: {deployment['name']} runs on the CPU")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    notes += fit_gpus(app.get("deployments", []), gpus)
     return notes
+
+
+class PlacementError(ValueError):
+    """The deployments cannot all be placed on this machine: the message says what to change."""
+
+
+RAY_RESOURCE_STEP = 1e-4  # Ray rounds fractional resources to this precision
+
+
+def fit_gpus(deployments: list[dict], gpus: int) -> list[str]:
+    """Fit the deployments' GPU requests to this machine's `gpus`, or refuse with what to change.
+
+    No GPU: nothing asks for one. Requests that fit (whole GPUs, or fractions that pack): unchanged.
+    Too many whole-GPU replicas for the GPUs (a one-GPU workstation where the Remover and the
+    Scorer ask for one each): the GPU replicas share the GPUs evenly, 1 / ceil(replicas / gpus) of
+    one each, so Ray can place every replica instead of leaving one pending forever. A replica
+    that asks for more than one GPU is never split: refused when it cannot be placed.
+    """
+    wanting = []
+    for deployment in deployments:
+        options = deployment.get("ray_actor_options") or {}
+        if options.get("num_gpus"):
+            wanting.append((deployment, options, _max_replicas(deployment)))
+    if not wanting:
+        return []
+    if gpus <= 0:
+        for _, options, _ in wanting:
+            options["num_gpus"] = 0
+        return [f"no CUDA GPU here: {d['name']} runs on the CPU" for d, _, _ in wanting]
+    requests = [options["num_gpus"] for _, options, replicas in wanting for _ in range(replicas)]
+    if _packs(requests, gpus):
+        return []
+    whole = [(d["name"], o["num_gpus"]) for d, o, _ in wanting if o["num_gpus"] > 1]
+    if whole:
+        name, asked = whole[0]
+        raise PlacementError(
+            f"{name} asks for {asked:g} GPUs per replica and this machine has {gpus}: lower its "
+            f"ray_actor_options.num_gpus (at most 1 lets replicas share a GPU) or its replica count"
+        )
+    share = math.floor(1 / math.ceil(len(requests) / gpus) / RAY_RESOURCE_STEP) * RAY_RESOURCE_STEP
+    for _, options, _ in wanting:
+        options["num_gpus"] = round(share, 4)
+    names = ", ".join(f"{d['name']} x{r}" for d, _, r in wanting)
+    return [
+        f"{gpus} GPU(s) here, {len(requests)} GPU replicas ({names}) asked for {sum(requests):g}: they share, "
+        f"num_gpus {share:g} each (set ray_actor_options.num_gpus in the config to size them yourself)"
+    ]
+
+
+def _max_replicas(deployment: dict) -> int:
+    """Replicas a deployment may run: num_replicas, or its autoscaling ceiling."""
+    autoscaling = deployment.get("autoscaling_config") or {}
+    replicas = deployment.get("num_replicas", 1)
+    if isinstance(replicas, int):
+        return replicas
+    return int(autoscaling.get("max_replicas", 1))
+
+
+def _packs(requests: list[float], gpus: int) -> bool:
+    """Whether Ray can place these per-replica GPU requests: whole GPUs for requests >= 1, the
+    fractions first-fit (largest first) into what is left."""
+    whole = sum(math.ceil(r) for r in requests if r >= 1)
+    if whole > gpus:
+        return False
+    free = [1.0] * (gpus - whole)
+    for request in sorted((r for r in requests if r < 1), reverse=True):
+        for i, left in enumerate(free):
+            if request <= left + 1e-9:
+                free[i] = left - request
+                break
+        else:
+            return False
+    return True
 
 
 def logical_cpus_needed(config: dict) -> int | None:
@@ -133,6 +210,9 @@ def run(argv: list[str] | None = None) -> int:
         "--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Ray's Prometheus export port (GET /metrics)"
     )
     run_cmd.add_argument("--ready-timeout", type=float, default=600.0)
+    run_cmd.add_argument(
+        "--gpus", type=int, default=None, help="GPUs Ray may schedule (default: the CUDA devices here; a count to simulate)"
+    )
     key_cmd = sub.add_parser("new-key", help="make an API key; print it once and store only its SHA-256")
     key_cmd.add_argument("--name", required=True, help="who holds the key (shown in 403 answers, never the key)")
     key_cmd.add_argument("--scopes", default=",".join(DEFAULT_SCOPES), help=f"comma-separated, of {', '.join(SCOPES)}")
@@ -142,7 +222,11 @@ def run(argv: list[str] | None = None) -> int:
         return add_api_key(options.keys_file, options.name, [s for s in options.scopes.split(",") if s])
 
     config = load_serve_config(options.config)
-    notes = fit_to_machine(config, options.bundle, options.host, options.port, options.grpc_port)
+    try:
+        notes = fit_to_machine(config, options.bundle, options.host, options.port, options.grpc_port, options.gpus)
+    except PlacementError as exc:
+        print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
+        return 2
     app = config["applications"][0]
     http = config["http_options"]
     base_url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{app.get('route_prefix', '/').rstrip('/')}"
@@ -158,6 +242,8 @@ def run(argv: list[str] | None = None) -> int:
     if num_cpus:
         print(f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores", flush=True)
         command += ["--num-cpus", str(num_cpus)]
+    if options.gpus is not None:
+        command += ["--num-gpus", str(options.gpus)]
     child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
 
     def stop(signum, _frame):

@@ -87,9 +87,26 @@ class EngineSettings(_Strict):
     )
 
 
+class BucketBatching(_Strict):
+    max_batch_size: int | None = Field(None, ge=1, le=64, description="None: batching.max_batch_size")
+    batch_wait_timeout_s: float | None = Field(None, ge=0.0, le=1.0, description="None: batching.batch_wait_timeout_s")
+
+
 class BatchingSettings(_Strict):
-    max_batch_size: int = Field(8, ge=1, le=64)
+    """One batching queue per bucket in the Remover: a 1024 crop costs ~4x a 512 one, so each bucket
+    has its own batch size and wait, and a batch answers as soon as it is done."""
+
+    max_batch_size: int = Field(8, ge=1, le=64, description="every bucket's, unless per_bucket says otherwise")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+    per_bucket: dict[int, BucketBatching] = Field(
+        {}, description="by bucket side, e.g. {1024: {max_batch_size: 4}}; sides must be imaging.buckets"
+    )
+
+    def for_bucket(self, side: int) -> tuple[int, float]:
+        """(max_batch_size, batch_wait_timeout_s) of one bucket's queue."""
+        own = self.per_bucket.get(side) or BucketBatching()
+        wait = self.batch_wait_timeout_s if own.batch_wait_timeout_s is None else own.batch_wait_timeout_s
+        return own.max_batch_size or self.max_batch_size, wait
 
 
 class ImagingSettings(_Strict):
@@ -234,7 +251,37 @@ class AppSettings(_Strict):
     )
 
     @model_validator(mode="after")
+    def _batching_buckets_exist(self) -> "AppSettings":
+        unknown = sorted(set(self.batching.per_bucket) - set(self.imaging.buckets))
+        if unknown:
+            raise ValueError(f"batching.per_bucket names sides {unknown} that are not imaging.buckets {self.imaging.buckets}")
+        return self
+
+    def batch_sizes(self) -> dict[int, int]:
+        """Each bucket's largest batch: what the Remover warms (and captures) and queues."""
+        return {side: self.batching.for_bucket(side)[0] for side in self.imaging.buckets}
+
+    @model_validator(mode="after")
     def _gate_needs_scorer(self) -> "AppSettings":
         if not self.scorer.enabled and self.gate.mode != "off":
             raise ValueError(f"gate.mode {self.gate.mode!r} needs the Scorer: set scorer.enabled: true or gate.mode: off")
         return self
+
+
+RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deployment
+
+
+def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
+    """What the app settings need of the Ray-owned deployment knobs: the Remover must accept every
+    bucket's full batch at once, or its batches never fill (Ray only warns)."""
+    remover = next((d for d in deployments if d.get("name") == "Remover"), None)
+    if remover is None:
+        return
+    needed = sum(settings.batch_sizes().values())
+    have = remover.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
+    if have < needed:
+        raise ValueError(
+            f"the Remover's max_ongoing_requests is {have}, below the buckets' batch sizes together ({needed}: "
+            f"{settings.batch_sizes()}): raise max_ongoing_requests or lower batching.max_batch_size / per_bucket"
+        )
+

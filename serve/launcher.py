@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--node-ip", default="127.0.0.1")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray may schedule (default: the cores)")
+    parser.add_argument("--num-gpus", type=int, default=None, help="GPUs Ray may schedule (default: detected)")
     options = parser.parse_args(argv)
 
     import ray
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         _metrics_export_port=options.metrics_port,
         include_dashboard=False,
         num_cpus=options.num_cpus,
+        num_gpus=options.num_gpus,
     )
     run.main([options.config], prog_name="serve run")
 

@@ -55,8 +55,7 @@ class Remover:
             runner_path=engine_cfg.runner_path,
             cuda_graph=use_graphs,
         )
-        self.remove.set_max_batch_size(self.settings.batching.max_batch_size)
-        self.remove.set_batch_wait_timeout_s(self.settings.batching.batch_wait_timeout_s)
+        self.queues = {side: self._bucket_queue(side) for side in self.settings.imaging.buckets}
         self.description = {
             "bundle": bundle.summary(),
             "tiny": bundle_cfg.is_tiny(),
@@ -66,40 +65,47 @@ class Remover:
             "steps": self.engine.sampling.steps,
             "strength": self.engine.sampling.strength,
             "buckets": self.settings.imaging.buckets,
-            "max_batch_size": self.settings.batching.max_batch_size,
+            "max_batch_size": self.settings.batch_sizes(),
             "cuda_graphs": use_graphs,
         }
         # every shape a request can take is run (and with CUDA graphs captured) now, never in a request
-        self.description["warm_up"] = self.engine.warm_up(
-            self.settings.imaging.buckets, self.settings.batching.max_batch_size
-        )
+        self.description["warm_up"] = self.engine.warm_up(self.settings.batch_sizes())
         self.metrics = BatchMetrics("remover")
 
     def describe(self) -> dict:
         return self.description
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def remove(self, jobs: list[RemovalJob], submitted_at: list[float]) -> list[RemovalOutcome]:
-        """Run one engine batch per crop size; results come back in the order jobs came in.
+    def _bucket_queue(self, side: int):
+        """A `@serve.batch` queue for one crop side, with that bucket's batch size and wait."""
+        max_batch_size, wait_s = self.settings.batching.for_bucket(side)
 
-        `submitted_at` is the caller's wall-clock time.time() at dispatch, for the queue-wait stage.
-        """
-        outcomes: list[RemovalOutcome | None] = [None] * len(jobs)
-        by_size: dict[tuple, list[int]] = {}
-        for index, job in enumerate(jobs):
-            by_size.setdefault(job.image.shape, []).append(index)
-        for indices in by_size.values():
-            queue_waits = [max(time.time() - submitted_at[i], 0.0) for i in indices]
-            stages: dict[str, float] = {}
-            started = time.perf_counter()
-            images = await asyncio.to_thread(self.engine.remove, [jobs[i] for i in indices], stages)
-            model_ms = (time.perf_counter() - started) * 1000
-            self.metrics.batch(len(indices))
-            self.metrics.stages.observe(stages)
-            for i, image, wait in zip(indices, images, queue_waits):
-                outcomes[i] = RemovalOutcome(
-                    image=image, batch_size=len(indices), model_ms=model_ms, stages={"queue_wait": wait, **stages}
-                )
-                self.metrics.stages.observe({"queue_wait": wait})
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)
+        async def run_bucket_batch(jobs: list[RemovalJob], submitted_at: list[float]) -> list[RemovalOutcome]:
+            return await self._run_batch(jobs, submitted_at)
+
+        return run_bucket_batch
+
+    async def remove(self, job: RemovalJob, submitted_at: float) -> RemovalOutcome:
+        """Queue one crop in its bucket's batch. `submitted_at` is the caller's time.time() at dispatch."""
+        side = job.image.shape[0]
+        if side not in self.queues:  # a crop size outside the buckets (in-process callers): its own queue
+            self.queues[side] = self._bucket_queue(side)
+        return await self.queues[side](job, submitted_at)
+
+    async def _run_batch(self, jobs: list[RemovalJob], submitted_at: list[float]) -> list[RemovalOutcome]:
+        """One engine call for one bucket's batch; its results are answered as soon as it is done.
+        The engine call runs in a thread, so the next batch's host work (stacking, noise) overlaps it."""
+        queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
+        stages: dict[str, float] = {}
+        started = time.perf_counter()
+        images = await asyncio.to_thread(self.engine.remove, jobs, stages)
+        model_ms = (time.perf_counter() - started) * 1000
+        self.metrics.batch(len(jobs))
+        self.metrics.stages.observe(stages)
+        outcomes = []
+        for image, wait in zip(images, queue_waits):
+            outcomes.append(
+                RemovalOutcome(image=image, batch_size=len(jobs), model_ms=model_ms, stages={"queue_wait": wait, **stages})
+            )
+            self.metrics.stages.observe({"queue_wait": wait})
         return outcomes
-

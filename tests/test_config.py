@@ -70,3 +70,78 @@ def test_a_gate_without_a_scorer_is_a_config_error():
     with pytest.raises(ValidationError, match="needs the Scorer"):
         AppSettings.model_validate({"scorer": {"enabled": False}, "gate": {"mode": "retry"}})
     AppSettings.model_validate({"scorer": {"enabled": False}, "gate": {"mode": "off"}})
+
+
+def _deployments(config: dict) -> dict:
+    return {d["name"]: d for d in config["applications"][0]["deployments"]}
+
+
+def test_on_one_gpu_the_remover_and_the_scorer_share_it():
+    """The shipped config asks a whole GPU for each; on a one-GPU machine both get half, so both are placed."""
+    config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    notes = fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)
+    deployments = _deployments(config)
+    assert deployments["Remover"]["ray_actor_options"]["num_gpus"] == 0.5
+    assert deployments["Scorer"]["ray_actor_options"]["num_gpus"] == 0.5
+    assert "Ingress" not in str(notes) and "share" in notes[0]
+
+
+def test_gpu_requests_that_fit_are_left_as_configured():
+    config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=2) == []
+    assert {d["ray_actor_options"]["num_gpus"] for d in _deployments(config).values() if d["name"] != "Ingress"} == {1}
+    deployments = _deployments(config)
+    deployments["Remover"]["ray_actor_options"]["num_gpus"] = 0.6
+    deployments["Scorer"]["ray_actor_options"]["num_gpus"] = 0.3
+    assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=1) == []
+    assert deployments["Remover"]["ray_actor_options"]["num_gpus"] == 0.6
+
+
+def test_more_gpu_replicas_than_gpus_pack_evenly():
+    from serve.cli import _packs
+
+    config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    _deployments(config)["Remover"]["num_replicas"] = 3
+    fit_to_machine(config, bundle=None, host=None, port=None, gpus=2)
+    shares = [d["ray_actor_options"]["num_gpus"] for d in _deployments(config).values() if d["name"] != "Ingress"]
+    assert shares == [0.5, 0.5]
+    assert _packs([0.5] * 4, 2) and not _packs([0.6] * 4, 2) and not _packs([1, 1, 1], 2)
+
+
+def test_a_placement_that_cannot_fit_is_refused_at_start_saying_what_to_change(tmp_path, capsys):
+    from serve.cli import run
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 2
+    path = tmp_path / "two-gpu-remover.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run(["run", "--config", str(path), "--gpus", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Remover asks for 2 GPUs per replica and this machine has 1" in err and "num_gpus" in err
+
+
+def test_each_bucket_has_its_own_batch_size_and_wait():
+    settings = AppSettings.model_validate(
+        {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01,
+                      "per_bucket": {1024: {"max_batch_size": 4}, "512": {"batch_wait_timeout_s": 0.05}}}}
+    )  # fmt: skip
+    assert settings.batching.for_bucket(512) == (8, 0.05)
+    assert settings.batching.for_bucket(1024) == (4, 0.01)
+    assert settings.batch_sizes() == {512: 8, 1024: 4}
+    with pytest.raises(ValidationError, match=r"names sides \[1000\]"):
+        AppSettings.model_validate({"batching": {"per_bucket": {1000: {"max_batch_size": 4}}}})
+
+
+def test_the_remover_must_accept_every_buckets_full_batch_at_once(tmp_path):
+    """Ray only warns when max_ongoing_requests is below the batch size: batches then never fill."""
+    from serve.config import check_deployments
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    app = config["applications"][0]
+    settings = AppSettings.model_validate(app["args"])
+    check_deployments(settings, app["deployments"])  # the shipped config: 16 >= 8 + 4
+    _deployments(config)["Remover"]["max_ongoing_requests"] = 10
+    path = tmp_path / "narrow.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"max_ongoing_requests is 10, below the buckets' batch sizes together \(12"):
+        load_serve_config(path)

@@ -164,10 +164,10 @@ def test_the_loop_runs_with_cuda_sync_debug_set_to_error(tiny_bundle):
 def test_cuda_graphs_give_the_eager_result_and_capture_only_at_start(tiny_bundle):
     eager = RemovalEngine.from_bundle(tiny_bundle, device="cuda")
     graphed = RemovalEngine.from_bundle(tiny_bundle, device="cuda", cuda_graph=True)
-    report = graphed.warm_up([64, 128], max_batch_size=4)
-    assert sorted(map(tuple, report["shapes"])) == [(s, b) for s in (64, 128) for b in (1, 2, 4)]
+    report = graphed.warm_up({64: 4, 128: 2})
+    assert sorted(map(tuple, report["shapes"])) == [(64, 1), (64, 2), (64, 4), (128, 1), (128, 2)]
     captured = dict(graphed.graphs.captured)
-    for size, side in [(1, 64), (3, 64), (4, 128), (2, 128)]:
+    for size, side in [(1, 64), (3, 64), (4, 64), (2, 128)]:
         jobs = _jobs(size, side, seed0=10 * size)
         want = eager.remove(jobs)
         got = graphed.remove(jobs)
@@ -209,3 +209,25 @@ def test_the_gpu_benchmark_runs_in_its_smoke_mode(tmp_path):
         assert row["p50_ms"] > 0 and set(row["stages_ms"]) == {"upload", "vae_encode", "unet", "vae_decode", "download"}
     assert report["parity"]["max_abs"] >= 0 and not report["notes"]
     assert "| eager | 64 | 1 |" in (tmp_path / "bench_engine_gpu.md").read_text()
+
+
+def test_warm_up_runs_each_bucket_at_its_own_batch_sizes_when_compiled(tiny_bundle):
+    """A compiled UNet must see every shape at start: each side at 1, 2, 4 ... its own largest."""
+    engine = RemovalEngine.from_bundle(tiny_bundle)
+    seen = []
+    real = engine._run
+
+    def counting(batch, clock):
+        seen.append((batch.pixels.shape[1], batch.size))
+        return real(batch, clock)
+
+    engine._run = counting
+    assert engine.warm_up({64: 8, 128: 2})["shapes"] == [[64, 1], [128, 1]], "eager: batch 1 per side"
+    engine.runner.compiled = True  # as TorchUNetRunner(compile=True) says; the shapes are what matters here
+    seen.clear()
+    report = engine.warm_up({64: 6, 128: 2})
+    assert sorted(seen) == [(64, 1), (64, 2), (64, 4), (64, 6), (128, 1), (128, 2)]
+    assert report["shapes"] == [[64, 1], [64, 2], [64, 4], [64, 6], [128, 1], [128, 2]]
+    seen.clear()
+    engine.remove(_jobs(3, 64))
+    assert seen == [(64, 4)], "a batch of 3 runs padded to the warmed 4"
