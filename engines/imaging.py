@@ -2,11 +2,18 @@
 
 Everything a client can send passes through `decode_image` / `decode_mask`, so every failure there
 ends in one of the `engines.errors` input errors, never in a raw PIL or numpy exception.
+
+Pillow opens every upload (format sniffing, the size guard, EXIF). The pixels of plain 8-bit PNG and JPEG files,
+nearly all the traffic, are then decoded by imagecodecs (libpng, libjpeg-turbo: the same pixels as Pillow, 1.3-3x
+faster), and PNG / JPEG output is encoded by it; loadtests/bench_ingress.py has the numbers. Every other file,
+and any file imagecodecs will not decode, goes through Pillow as before: what is accepted or refused stays Pillow's
+call.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -14,6 +21,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
+
+try:
+    import imagecodecs
+except ImportError:  # a declared dependency; without it Pillow does all the work, only slower
+    imagecodecs = None
+# libpng's warnings about a client's file (a bad checksum, an odd chunk) are log noise, as Pillow's are below.
+logging.getLogger("imagecodecs").setLevel(logging.ERROR)
 
 from engines.errors import (
     ImageTooLarge,
@@ -35,7 +49,20 @@ _FORMAT_ALIASES = {"mpo": "jpeg"}
 # The largest side each output codec can write (PNG: 2**31 - 1, beyond any decodable input).
 MAX_OUTPUT_SIDE = {"webp": 16383, "jpeg": 65500}
 _FEATHER_TILE = 256
+# Up to this feather the blend weight comes from shifted minima (exact, cheap for a narrow band); wider ones
+# from scipy's distance transform, tile by tile.
+_SHIFTED_FEATHER_MAX = 16
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_ORIENTATION = 0x0112
+# Channels per pixel of the (format, mode) pairs imagecodecs decodes exactly as Pillow does.
+_FAST_DECODE = {
+    ("PNG", "L"): 1, ("PNG", "LA"): 2, ("PNG", "RGB"): 3, ("PNG", "RGBA"): 4,
+    ("JPEG", "L"): 1, ("JPEG", "RGB"): 3, ("MPO", "L"): 1, ("MPO", "RGB"): 3,
+}  # fmt: skip
+# PNG chunks Pillow reads after the image data that can carry an EXIF orientation.
+_PNG_LATE_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+_PNG_MAX_CHUNKS = 1 << 16
+_PNG_FILTER_UP = 32  # libpng's PNG_FILTER_UP: fast, and as small as adaptive filtering on photos at level 1
 
 
 @dataclass(frozen=True)
@@ -64,7 +91,9 @@ class CropPlan:
 
 def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     """Decode client bytes into upright RGB pixels, keeping any meaningful alpha aside."""
-    return _decode(data, limits, what="image", invalid=InvalidImage)
+    pixels, alpha, source_format = _decode(data, limits, what="image", invalid=InvalidImage)
+    rgb = _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
+    return DecodedImage(rgb=rgb, alpha=alpha, format=source_format)
 
 
 def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.ndarray:
@@ -72,11 +101,13 @@ def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.
 
     Strokes drawn on a transparent layer are read from alpha; otherwise white (luminance > 127) means remove.
     """
-    decoded = _decode(data, limits, what="mask", invalid=InvalidMask)
-    if decoded.alpha is not None:
-        mask = decoded.alpha > 127
+    pixels, alpha, _ = _decode(data, limits, what="mask", invalid=InvalidMask)
+    if alpha is not None:
+        mask = _above_127(alpha)
+    elif pixels.ndim == 2:  # gray: its luminance is the value itself
+        mask = _above_127(pixels)
     else:
-        mask = _luminance_times_1000(decoded.rgb) > 127 * 1000
+        mask = _luminance_above_127(pixels)
     if mask.shape != tuple(size):
         (mask_h, mask_w), (image_h, image_w) = mask.shape, size
         turned = mask.shape == tuple(size)[::-1]
@@ -92,7 +123,10 @@ def mask_from_alpha(image: DecodedImage) -> np.ndarray:
     return image.alpha < 128
 
 
-def _decode(data: bytes, limits: DecodeLimits, what: str, invalid: type[InputError]) -> DecodedImage:
+def _decode(
+    data: bytes, limits: DecodeLimits, what: str, invalid: type[InputError]
+) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """Upright uint8 pixels, (H, W) for gray sources or (H, W, 3) RGB; the alpha plane or None; the format."""
     if len(data) == 0:
         raise invalid(f"the {what} is empty")
     if len(data) > limits.max_bytes:
@@ -104,10 +138,12 @@ def _decode(data: bytes, limits: DecodeLimits, what: str, invalid: type[InputErr
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
                 format_name = img.format.lower() if img.format else None
                 source_format = _FORMAT_ALIASES.get(format_name, format_name)
-                _check_declared_size(img.size, limits, what, invalid)
-                img.load()
-                ImageOps.exif_transpose(img, in_place=True)
-                rgb, alpha = _split_rgb_alpha(img, what, invalid)
+                _check_declared_size(img.size, limits, what, invalid)  # before any pixel is decoded
+                planes = _fast_decode(img, data)
+                if planes is None:
+                    img.load()
+                    ImageOps.exif_transpose(img, in_place=True)
+                    planes = _split_pixels_alpha(img, what, invalid)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -121,7 +157,7 @@ def _decode(data: bytes, limits: DecodeLimits, what: str, invalid: type[InputErr
         # Malformed files surface from PIL's plugins as OSError, SyntaxError, ValueError, struct.error,
         # EOFError, IndexError... depending on the format; all of them mean the bytes are bad.
         raise invalid(f"the {what} is corrupt or truncated: {exc}") from exc
-    return DecodedImage(rgb=rgb, alpha=alpha, format=source_format)
+    return (*planes, source_format)
 
 
 def _check_declared_size(size: tuple[int, int], limits: DecodeLimits, what: str, invalid: type[InputError]) -> None:
@@ -137,16 +173,120 @@ def _check_declared_size(size: tuple[int, int], limits: DecodeLimits, what: str,
         )
 
 
-def _split_rgb_alpha(img: Image.Image, what: str, invalid: type[InputError]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Normalise any PIL mode to uint8 RGB plus an alpha plane that is None when it carries nothing."""
+def _fast_decode(img: Image.Image, data: bytes) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The pixels of an opened plain 8-bit PNG or JPEG, decoded by imagecodecs; None: let Pillow decode it.
+
+    Only files both decoders read alike qualify (no palette, tRNS, 16-bit, interlace or animation) and only
+    complete ones: libjpeg-turbo pads a truncated JPEG with gray where Pillow refuses it, so the stream must
+    reach its end-of-image marker. Any imagecodecs error hands the file to Pillow, which then decides.
+    """
+    channels = _FAST_DECODE.get((img.format, img.mode))
+    if imagecodecs is None or channels is None or "transparency" in img.info:
+        return None
+    if img.format == "PNG":
+        # 16-bit samples open in the same modes (rawmode "RGB;16B"...): only 8-bit ones decode to the mode itself
+        eight_bit = len(img.tile) == 1 and img.tile[0][3] == img.mode
+        if not eight_bit or img.info.get("interlace") or not _png_is_plain(data):
+            return None
+        # PngImageFile.getexif would decode the whole image to look for a late eXIf chunk; there is none
+        exif = Image.Image.getexif(img)
+        decode = imagecodecs.png_decode
+    else:
+        if not _jpeg_reaches_end(data):
+            return None
+        exif = img.getexif()
+        decode = imagecodecs.jpeg8_decode
+    try:
+        pixels = decode(data)
+    except Exception:
+        return None
+    width, height = img.size
+    if pixels.dtype != np.uint8 or pixels.shape != ((height, width) if channels == 1 else (height, width, channels)):
+        return None
+    pixels = _orient(pixels, exif.get(_ORIENTATION, 1))
+    if channels in (1, 3):
+        return np.ascontiguousarray(pixels), None
+    alpha = pixels[..., -1]
+    color = np.ascontiguousarray(pixels[..., 0] if channels == 2 else pixels[..., :3])
+    return color, (np.ascontiguousarray(alpha) if alpha.min() < 255 else None)
+
+
+def _png_is_plain(data: bytes) -> bool:
+    """Well-formed chunks up to IEND, no animation, nothing after the image data that Pillow reads for EXIF."""
+    position, seen_image_data, end = 8, False, len(data)
+    for _ in range(_PNG_MAX_CHUNKS):
+        if position + 8 > end:
+            return False
+        kind = data[position + 4 : position + 8]
+        if kind == b"IEND":
+            return True
+        if kind == b"acTL":
+            return False
+        if kind == b"IDAT":
+            seen_image_data = True
+        elif seen_image_data and kind in _PNG_LATE_METADATA:
+            return False
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return False
+
+
+def _jpeg_reaches_end(data: bytes) -> bool:
+    """The first picture's scan data runs into an end-of-image marker (it is not cut short).
+
+    Walks the marker segments to the first start-of-scan, so an EXIF thumbnail's end marker does not count.
+    Inside scan data 0xFF is always followed by 0x00 or a restart marker, so any later FFD9 is a real end
+    (searched from the file's end, where it nearly always is).
+    """
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            return False
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker == 0xDA:
+            return data.rfind(b"\xff\xd9", position) != -1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            position += 2
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return False
+
+
+def _orient(pixels: np.ndarray, orientation: object) -> np.ndarray:
+    """Apply an EXIF orientation as ImageOps.exif_transpose does (a view; the caller makes it contiguous)."""
+    if orientation == 2:  # mirrored
+        return pixels[:, ::-1]
+    if orientation == 3:  # upside down
+        return pixels[::-1, ::-1]
+    if orientation == 4:
+        return pixels[::-1]
+    if orientation == 5:  # PIL's TRANSPOSE
+        return pixels.swapaxes(0, 1)
+    if orientation == 6:  # stored turned left: PIL's ROTATE_270
+        return np.rot90(pixels, -1)
+    if orientation == 7:  # PIL's TRANSVERSE
+        return pixels.swapaxes(0, 1)[::-1, ::-1]
+    if orientation == 8:  # PIL's ROTATE_90
+        return np.rot90(pixels, 1)
+    return pixels
+
+
+def _split_pixels_alpha(
+    img: Image.Image, what: str, invalid: type[InputError]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Normalise any PIL mode to uint8 gray (H, W) or RGB (H, W, 3) plus an alpha plane, None when it carries
+    nothing. Gray stays gray: an RGB copy of it is only made for decode_image."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
-        return _gray_to_rgb(_scale_16bit(np.asarray(img))), None
+        return _scale_16bit(np.asarray(img)), None
     if mode == "F":
-        return _gray_to_rgb(_scale_float(np.asarray(img))), None
+        return _scale_float(np.asarray(img)), None
     if mode == "La":
         img = img.convert("LA")  # PIL has no direct La -> RGBA path; LA is the straight-alpha form
     has_alpha = mode in _ALPHA_MODES or "transparency" in img.info
+    if mode == "L" and not has_alpha:
+        return np.array(img), None
     try:
         converted = img.convert("RGBA" if has_alpha else "RGB")
     except ValueError as exc:
@@ -184,6 +324,19 @@ def _luminance_times_1000(rgb: np.ndarray) -> np.ndarray:
     return luma
 
 
+def _above_127(plane: np.ndarray) -> np.ndarray:
+    """plane > 127 written over the plane itself (a fresh uint8 array of ours): no second image-sized buffer."""
+    return np.greater(plane, 127, out=plane.view(np.bool_))
+
+
+def _luminance_above_127(rgb: np.ndarray, rows: int = 32) -> np.ndarray:
+    """`_luminance_times_1000(rgb) > 127000`, a band of rows at a time: its uint32 temporaries stay in cache."""
+    out = np.empty(rgb.shape[:2], bool)
+    for top in range(0, rgb.shape[0], rows):
+        np.greater(_luminance_times_1000(rgb[top : top + rows]), 127 * 1000, out=out[top : top + rows])
+    return out
+
+
 # --- mask geometry ------------------------------------------------------------------------------
 
 
@@ -201,10 +354,27 @@ def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     height, width = mask.shape
     rows = slice(max(top - pixels, 0), min(bottom + pixels, height))
     cols = slice(max(left - pixels, 0), min(right + pixels, width))
-    grown = ndimage.maximum_filter(mask[rows, cols].view(np.uint8), size=2 * pixels + 1, mode="constant", cval=0)
     out = np.zeros_like(mask)
-    out[rows, cols] = grown.astype(bool)
+    # A square is separable: a run of 2 * pixels + 1 along the rows, then along the columns.
+    out[rows, cols] = _grow_runs(_grow_runs(mask[rows, cols], pixels, axis=1), pixels, axis=0)
     return out
+
+
+def _grow_runs(mask: np.ndarray, pixels: int, axis: int) -> np.ndarray:
+    """OR over a window of 2 * pixels + 1 along `axis` (zeros beyond the ends), by doubling window lengths:
+    about log2(2 * pixels + 1) shifted ORs instead of one maximum per window position."""
+    if axis == 0:
+        return _grow_runs(mask.T, pixels, axis=1).T
+    height, width = mask.shape
+    grown = np.zeros((height, width + 2 * pixels), bool)
+    grown[:, pixels : pixels + width] = mask
+    window, length = 2 * pixels + 1, 1
+    while 2 * length <= window:  # grown[:, i] = OR of `length` inputs from i on
+        grown = grown[:, :-length] | grown[:, length:]
+        length *= 2
+    if length < window:  # two overlapping windows cover the rest
+        grown = grown[:, : length - window] | grown[:, window - length :]
+    return grown
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -214,8 +384,9 @@ def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(mask[top:bottom].any(axis=0))  # only the rows that hold any
+    return top, bottom, int(cols[0]), int(cols[-1]) + 1
 
 
 def plan_crop(mask: np.ndarray, buckets: Sequence[int], margin: int) -> CropPlan | None:
@@ -312,7 +483,8 @@ def paste_back(rgb: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: Crop
     """Blend the model's output into a copy of the image, strictly inside the mask.
 
     The weight ramps from 0 at the mask edge to 1 at `feather` pixels inside it, so seams are soft while every
-    unmasked pixel stays bit-identical to the input.
+    unmasked pixel stays bit-identical to the input. Only the mask's bounding box is written; only the band
+    within `feather` of its edge is blended.
     """
     if result.shape != (plan.bucket, plan.bucket, 3) or result.dtype != np.uint8:
         raise ValueError(f"result must be uint8 {(plan.bucket, plan.bucket, 3)}, got {result.dtype} {result.shape}")
@@ -320,28 +492,110 @@ def paste_back(rgb: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: Crop
         raise ValueError(f"feather must be >= 0, got {feather}")
     height, width = mask.shape
     image_rows, image_cols, window_rows, window_cols = _window_inside_image(plan, height, width)
+    out = rgb.copy()
+    window_mask = mask[image_rows, image_cols]
+    box = _bounding_box(window_mask)
+    if box is None:
+        return out
     if plan.side == plan.bucket:
         result = result[window_rows, window_cols]
     else:  # the inverse of crop_for_model: only the part of the crop that lies inside the image, back to its size
         visible = result[_at_bucket_scale(window_rows, plan), _at_bucket_scale(window_cols, plan)]
         size = (window_cols.stop - window_cols.start, window_rows.stop - window_rows.start)
         result = np.asarray(Image.fromarray(np.ascontiguousarray(visible)).resize(size, Image.Resampling.LANCZOS))
-    out = rgb.copy()
-    window_mask = mask[image_rows, image_cols]
-    box = _bounding_box(window_mask)
-    if box is None:
-        return out
     rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+    inside = window_mask[rows, cols]
     original = rgb[image_rows, image_cols][rows, cols]
     repainted = result[rows, cols]
     target = out[image_rows, image_cols][rows, cols]
-    target[...] = np.where(window_mask[rows, cols][..., None], repainted, original)
-    weight = _feather_weight(window_mask, feather, rows, cols)
-    band = (weight > 0) & (weight < 1)
-    band_weight = weight[band][:, None]
-    blended = np.rint(original[band] * (1.0 - band_weight) + repainted[band] * band_weight)
-    target[band] = np.clip(blended, 0, 255).astype(np.uint8)
+    _copy_pixels(target, repainted, inside)
+    if feather == 0:
+        return out
+    if feather <= _SHIFTED_FEATHER_MAX:
+        band, band_weight = _feather_band(window_mask, feather, rows, cols)
+    else:
+        weight = _feather_weight(window_mask, feather, rows, cols)
+        band = np.flatnonzero((weight > 0) & (weight < 1))
+        band_weight = weight.ravel()[band]
+    band_rows, band_cols = np.divmod(band, inside.shape[1])
+    band_weight = band_weight[:, None]
+    blended = _take_pixels(original, band_rows, band_cols).astype(np.float32)
+    blended *= 1.0 - band_weight
+    repainted_part = _take_pixels(repainted, band_rows, band_cols).astype(np.float32)
+    repainted_part *= band_weight
+    blended += repainted_part
+    np.rint(blended, out=blended)
+    np.clip(blended, 0, 255, out=blended)
+    _put_pixels(target, band_rows, band_cols, blended.astype(np.uint8))
     return out
+
+
+def _as_pixels(array: np.ndarray) -> np.ndarray | None:
+    """An (H, W) view of an (H, W, C) uint8 array with one C-byte item per pixel; None if its strides forbid."""
+    channels = array.shape[-1]
+    if array.strides[-1] != 1 or array.strides[-2] != channels:
+        return None
+    return array.view(f"V{channels}")[..., 0]
+
+
+def _take_pixels(array: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    pixels = _as_pixels(array)
+    if pixels is None:
+        return array[rows, cols]
+    return pixels[rows, cols].view(np.uint8).reshape(len(rows), array.shape[-1])
+
+
+def _put_pixels(array: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+    pixels = _as_pixels(array)
+    if pixels is None:
+        array[rows, cols] = values
+    else:
+        pixels[rows, cols] = values.view(f"V{values.shape[-1]}")[:, 0]
+
+
+def _copy_pixels(target: np.ndarray, source: np.ndarray, where: np.ndarray) -> None:
+    """target[where] = source[where] for (H, W, C) uint8 arrays, a whole pixel at a time where strides allow."""
+    target_pixels, source_pixels = _as_pixels(target), _as_pixels(source)
+    if target_pixels is None or source_pixels is None:
+        np.copyto(target, source, where=where[..., None])
+    else:
+        np.copyto(target_pixels, source_pixels, where=where)
+
+
+def _feather_band(mask: np.ndarray, feather: int, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of mask[rows, cols] closer than `feather` to an unmasked pixel (flat indices into that box)
+    and their float32 weights distance / feather: where `_feather_weight` is strictly between 0 and 1, and its
+    values there, bit for bit.
+
+    Squared Euclidean distances below feather**2 come exactly from two separable passes over the box plus a
+    `feather` halo: the distance to the nearest unmasked pixel in the same column (capped at `feather`), then
+    the minimum over column offsets dx of dx**2 + that distance**2; each pass is 2 * (feather - 1) shifted
+    minima of small integers. Beyond the mask array nothing is unmasked, as for the distance transform.
+    """
+    height, width = mask.shape
+    y0, y1 = max(rows.start - feather, 0), min(rows.stop + feather, height)
+    x0, x1 = max(cols.start - feather, 0), min(cols.stop + feather, width)
+    small = np.uint8 if 2 * feather * feather <= 255 else np.uint16  # holds dx**2 + column**2 below 2 feather**2
+    # column distance: 0 on unmasked pixels, `feather` (= far enough) on masked ones, then shifted minima
+    base = mask[y0:y1, x0:x1].view(np.uint8) * np.uint8(feather)
+    column = base.copy()
+    for dy in range(1, min(feather, base.shape[0])):
+        np.minimum(column[dy:], base[:-dy] + np.uint8(dy), out=column[dy:])
+        np.minimum(column[:-dy], base[dy:] + np.uint8(dy), out=column[:-dy])
+    source = column[rows.start - y0 : rows.stop - y0].astype(small)
+    source *= source
+    left, box_width = cols.start - x0, cols.stop - cols.start
+    squared = source[:, left : left + box_width].copy()
+    for dx in range(1, feather):
+        offset = small(dx * dx)
+        for start in (left - dx, left + dx):
+            lo, hi = max(start, 0), min(start + box_width, source.shape[1])
+            if lo < hi:
+                part = squared[:, lo - start : hi - start]
+                np.minimum(part, source[:, lo:hi] + offset, out=part)
+    band = np.flatnonzero(mask[rows, cols] & (squared < feather * feather))
+    weight = (np.sqrt(squared.ravel()[band].astype(np.float64)) / feather).astype(np.float32)
+    return band, weight
 
 
 def _feather_weight(mask: np.ndarray, feather: int, rows: slice, cols: slice) -> np.ndarray:
@@ -387,13 +641,21 @@ def check_output(fmt: str, height: int, width: int) -> None:
 
 
 def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, quality: int = 95) -> bytes:
-    """Encode the final image; alpha is kept where the format can store it (png, webp) and dropped for jpeg."""
+    """Encode the final image; alpha is kept where the format can store it (png, webp) and dropped for jpeg.
+
+    PNG is lossless at zlib level 1 with the Up filter; JPEG is baseline 4:2:0 at `quality`, as Pillow writes it.
+    """
     fmt = fmt.lower()
     check_output(fmt, *rgb.shape[:2])
     if alpha is not None and fmt != "jpeg":
-        image = Image.fromarray(np.dstack([rgb, alpha]).astype(np.uint8))
+        pixels = np.dstack([rgb, alpha]).astype(np.uint8)
     else:
-        image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+        pixels = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if imagecodecs is not None and fmt == "png":
+        return bytes(imagecodecs.png_encode(pixels, level=1, filter=_PNG_FILTER_UP))
+    if imagecodecs is not None and fmt == "jpeg":
+        return bytes(imagecodecs.jpeg8_encode(pixels, level=quality, subsampling=(2, 2)))
+    image = Image.fromarray(pixels)
     buffer = io.BytesIO()
     if fmt == "png":
         image.save(buffer, format="PNG", compress_level=1)

@@ -7,9 +7,10 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import ndimage
 
+import engines.imaging as imaging
 from engines.errors import (
     ImageTooLarge,
     InputError,
@@ -651,3 +652,282 @@ def test_unknown_output_format_is_refused_with_alternatives():
 def test_webp_beyond_its_size_limit_is_refused():
     with pytest.raises(ImageTooLarge, match="webp"):
         encode_image(np.zeros((10, 16384, 3), np.uint8), None, "webp")
+
+
+# --- the fast codec path (imagecodecs) against Pillow's ---------------------------------------------
+
+needs_imagecodecs = pytest.mark.skipif(imaging.imagecodecs is None, reason="imagecodecs is not installed")
+
+
+def decoded_both_ways(data: bytes, monkeypatch) -> tuple[DecodedImage, DecodedImage]:
+    """decode_image as it is, and as it was before imagecodecs (Pillow decoding everything)."""
+    fast = decode_image(data, LIMITS)
+    monkeypatch.setattr(imaging, "imagecodecs", None)
+    slow = decode_image(data, LIMITS)
+    monkeypatch.undo()
+    return fast, slow
+
+
+def photo_like(height: int = 48, width: int = 64) -> np.ndarray:
+    """Smooth gradients plus noise: JPEG's subsampling and IDCT rounding get something to do."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    smooth = np.dstack([rows * 255 // height, cols * 255 // width, (rows + cols) % 256]).astype(np.int16)
+    return np.clip(smooth + np.random.default_rng(11).integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+
+
+@needs_imagecodecs
+@pytest.mark.parametrize(
+    ("mode", "fmt", "params"),
+    [
+        ("RGB", "PNG", {}),
+        ("RGBA", "PNG", {}),
+        ("L", "PNG", {}),
+        ("LA", "PNG", {}),
+        ("RGB", "JPEG", {"quality": 95}),
+        ("RGB", "JPEG", {"quality": 75, "subsampling": 0}),
+        ("RGB", "JPEG", {"quality": 90, "progressive": True}),
+        ("RGB", "JPEG", {"quality": 50, "subsampling": 1, "optimize": True}),
+        ("L", "JPEG", {"quality": 90}),
+    ],
+)
+def test_fast_decoding_gives_pillows_pixels_and_alpha(monkeypatch, mode, fmt, params):
+    pixels = np.dstack([photo_like(), np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))])
+    image = Image.fromarray(pixels).convert(mode)
+    fast, slow = decoded_both_ways(encoded(image, fmt, **params), monkeypatch)
+    np.testing.assert_array_equal(fast.rgb, slow.rgb)
+    assert fast.rgb.flags.c_contiguous and fast.rgb.dtype == np.uint8
+    assert (fast.alpha is None) == (slow.alpha is None) and fast.format == slow.format
+    if slow.alpha is not None:
+        np.testing.assert_array_equal(fast.alpha, slow.alpha)
+        assert fast.alpha.flags.c_contiguous
+
+
+@needs_imagecodecs
+def test_fast_decoding_is_used_for_plain_png_and_jpeg(monkeypatch):
+    calls = []
+
+    def recorded(name):
+        real = getattr(imaging.imagecodecs, name)
+        return lambda data: calls.append(name) or real(data)
+
+    for name in ("png_decode", "jpeg8_decode"):
+        monkeypatch.setattr(imaging.imagecodecs, name, recorded(name))
+    decode_image(encoded(Image.fromarray(photo_like())), LIMITS)
+    decode_image(encoded(Image.fromarray(photo_like()), "JPEG"), LIMITS)
+    decode_mask(encoded(Image.new("L", (64, 48))), (48, 64), LIMITS)
+    assert calls == ["png_decode", "jpeg8_decode", "png_decode"]
+
+
+@needs_imagecodecs
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_matches_pillows_exif_transpose(monkeypatch, orientation, fmt):
+    stored = photo_like(20, 36)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(Image.fromarray(stored), fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    with Image.open(io.BytesIO(data)) as image:
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    fast, slow = decoded_both_ways(data, monkeypatch)
+    np.testing.assert_array_equal(fast.rgb, expected)
+    np.testing.assert_array_equal(slow.rgb, expected)
+
+
+@needs_imagecodecs
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_color_png_reads_as_pillow_does(monkeypatch, channels):
+    """Pillow opens 16-bit RGB(A) PNGs in 8-bit modes (keeping the high bytes); they stay on its path."""
+    values = np.random.default_rng(15).integers(0, 65536, (6, 7, channels), dtype=np.uint16)
+    values[..., 3:] = 40000  # a meaningful alpha is kept, a fully opaque one dropped: either way as Pillow does
+    data = imaging.imagecodecs.png_encode(values)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == ("RGB", "RGBA")[channels - 3]
+    monkeypatch.setattr(imaging.imagecodecs, "png_decode", lambda data: pytest.fail("16-bit PNG decoded twice"))
+    fast = decode_image(data, LIMITS)
+    monkeypatch.undo()
+    fast, slow = decoded_both_ways(data, monkeypatch)
+    np.testing.assert_array_equal(fast.rgb, slow.rgb)
+    np.testing.assert_array_equal(fast.rgb, (values[..., :3] >> 8).astype(np.uint8))
+    assert (fast.alpha is None) == (slow.alpha is None)
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, position = [], 8
+    while position < len(data):
+        length = struct.unpack(">I", data[position : position + 4])[0]
+        chunks.append((data[position + 4 : position + 8], data[position + 8 : position + 8 + length]))
+        position += 12 + length
+    return chunks
+
+
+def _png_from_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(
+        struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        for kind, payload in chunks
+    )
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_png_orientation_written_after_the_pixels_is_still_applied():
+    """An eXIf chunk may follow the image data; Pillow reads it only while decoding, so such files go to Pillow."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    chunks = _png_chunks(encoded(Image.fromarray(photo_like(20, 36)), exif=exif.tobytes()))
+    late = [c for c in chunks if c[0] != b"eXIf"]
+    late.insert(-1, next(c for c in chunks if c[0] == b"eXIf"))  # just before IEND
+    decoded = decode_image(_png_from_chunks(late), LIMITS)
+    assert decoded.rgb.shape == (36, 20, 3)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 13, 100])
+def test_png_cut_short_at_its_end_decodes_as_pillow_decides(monkeypatch, cut):
+    data = encoded(Image.fromarray(photo_like()))[:-cut]
+    monkeypatch.setattr(imaging, "imagecodecs", None)
+    try:
+        expected = decode_image(data, LIMITS).rgb
+    except InvalidImage:
+        expected = None
+    monkeypatch.undo()
+    if expected is None:
+        with pytest.raises(InvalidImage):
+            decode_image(data, LIMITS)
+    else:
+        np.testing.assert_array_equal(decode_image(data, LIMITS).rgb, expected)
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.9, 0.99])
+def test_truncated_jpeg_is_refused_even_with_an_end_marker_in_its_header(cut):
+    # libjpeg-turbo pads a cut-off scan with gray where Pillow refuses the file: the fast path must not accept it,
+    # and an end-of-image marker inside a header segment (a comment here, an EXIF thumbnail in photos) is no end
+    data = encoded(Image.fromarray(photo_like(96, 128)), "JPEG", quality=95, comment=b"\xff\xd9 not the end")
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(data[: int(len(data) * cut)], LIMITS)
+
+
+@needs_imagecodecs
+def test_a_file_imagecodecs_refuses_goes_to_pillow(monkeypatch):
+    def refuse(data):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(imaging.imagecodecs, "png_decode", refuse)
+    monkeypatch.setattr(imaging.imagecodecs, "jpeg8_decode", refuse)
+    pixels = photo_like()
+    np.testing.assert_array_equal(decode_image(encoded(Image.fromarray(pixels)), LIMITS).rgb, pixels)
+    assert decode_image(encoded(Image.fromarray(pixels), "JPEG"), LIMITS).rgb.shape == pixels.shape
+
+
+@needs_imagecodecs
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_size_guard_runs_before_any_pixel_is_decoded(monkeypatch, fmt):
+    def must_not_run(data):
+        raise AssertionError("decoded past the size guard")
+
+    monkeypatch.setattr(imaging.imagecodecs, "png_decode", must_not_run)
+    monkeypatch.setattr(imaging.imagecodecs, "jpeg8_decode", must_not_run)
+    data = encoded(Image.new("RGB", (101, 100)), fmt)
+    with pytest.raises(ImageTooLarge):
+        decode_image(data, DecodeLimits(max_megapixels=0.01))
+    with pytest.raises(ImageTooLarge):
+        decode_mask(data, (100, 101), DecodeLimits(max_megapixels=0.01))
+
+
+@pytest.mark.parametrize("use_imagecodecs", [True, False], ids=["imagecodecs", "pillow"])
+def test_mask_luminance_is_the_integer_rec601_threshold(monkeypatch, use_imagecodecs):
+    # every colour whose luma is within one of the threshold, plus random ones
+    rng = np.random.default_rng(12)
+    colours = rng.integers(0, 256, (4000, 3))
+    luma = colours @ np.array([299, 587, 114])
+    colours = np.concatenate([colours[np.abs(luma - 127_000) < 1500], rng.integers(0, 256, (400, 3))])
+    rgb = colours.astype(np.uint8).reshape(1, -1, 3)
+    if not use_imagecodecs:
+        monkeypatch.setattr(imaging, "imagecodecs", None)
+    expected = (rgb.astype(np.int64) @ np.array([299, 587, 114])) > 127_000
+    np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgb)), rgb.shape[:2], LIMITS), expected)
+    opaque = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])  # alpha that carries nothing: luminance
+    np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(opaque)), rgb.shape[:2], LIMITS), expected)
+
+
+def test_mask_luminance_threshold_over_many_rows_matches_the_formula():
+    rgb = np.random.default_rng(13).integers(0, 256, (203, 7, 3), dtype=np.uint8)  # not a multiple of the band
+    expected = (rgb.astype(np.int64) @ np.array([299, 587, 114])) > 127_000
+    np.testing.assert_array_equal(imaging._luminance_above_127(rgb), expected)
+
+
+@pytest.mark.parametrize("use_imagecodecs", [True, False], ids=["imagecodecs", "pillow"])
+def test_gray_alpha_mask_uses_alpha_and_gray_mask_uses_value(monkeypatch, use_imagecodecs):
+    if not use_imagecodecs:
+        monkeypatch.setattr(imaging, "imagecodecs", None)
+    gray = np.tile(np.arange(256, dtype=np.uint8), (3, 1))
+    np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(gray)), (3, 256), LIMITS), gray > 127)
+    alpha = gray[:, ::-1].copy()
+    la = Image.merge("LA", [Image.fromarray(np.zeros_like(gray)), Image.fromarray(alpha)])
+    np.testing.assert_array_equal(decode_mask(encoded(la), (3, 256), LIMITS), alpha > 127)
+
+
+@pytest.mark.parametrize("pixels", [1, 2, 3, 7, 20, 33, 64])
+def test_dilation_equals_scipy_binary_dilation_with_a_square(pixels):
+    rng = np.random.default_rng(pixels)
+    for density in (0.0005, 0.01, 0.2):
+        mask = rng.random((int(rng.integers(1, 150)), int(rng.integers(1, 150)))) < density
+        mask[0, -1] = True  # touching a corner
+        reference = ndimage.binary_dilation(mask, structure=np.ones((2 * pixels + 1,) * 2, bool))
+        np.testing.assert_array_equal(dilate_mask(mask, pixels), reference)
+
+
+@pytest.mark.parametrize("feather", [2, 6, 11, 12, 16])
+def test_feather_band_equals_the_distance_transform_weights(feather):
+    """The shifted-minimum band (feathers up to 16; uint8 sums up to 11, uint16 above) against the EDT tiles."""
+    seeds = np.random.default_rng(feather).random((300, 280)) > 0.999
+    mask = dilate_mask(seeds, 12)
+    mask[:, :30] = True  # touching the window's edge
+    box = imaging._bounding_box(mask)
+    rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+    weight = imaging._feather_weight(mask, feather, rows, cols)
+    band, band_weight = imaging._feather_band(mask, feather, rows, cols)
+    expected = np.flatnonzero((weight > 0) & (weight < 1))
+    np.testing.assert_array_equal(band, expected)
+    np.testing.assert_array_equal(band_weight, weight.ravel()[expected])
+
+
+def test_paste_back_of_a_strided_model_output_equals_a_contiguous_one():
+    rgb, mask = noise(600, 800, seed=3), dilate_mask(blob_mask(600, 800, 250, 350, 60), 4)
+    plan = plan_crop(mask, (512,), 32)
+    planar = np.ascontiguousarray(noise(plan.bucket, plan.bucket, seed=8).transpose(2, 0, 1))
+    strided = planar.transpose(1, 2, 0)  # how a CHW tensor looks once made HWC: not one pixel per 3 bytes
+    assert not strided.flags.c_contiguous
+    np.testing.assert_array_equal(
+        paste_back(rgb, mask, strided, plan, 6), paste_back(rgb, mask, np.ascontiguousarray(strided), plan, 6)
+    )
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_png_output_is_lossless_for_an_independent_decoder(alpha):
+    rgb = photo_like(300, 400)
+    plane = np.random.default_rng(14).integers(0, 256, (300, 400), dtype=np.uint8) if alpha else None
+    with Image.open(io.BytesIO(encode_image(rgb, plane, "png"))) as image:
+        assert image.format == "PNG" and image.mode == ("RGBA" if alpha else "RGB")
+        pixels = np.asarray(image)
+    np.testing.assert_array_equal(pixels[..., :3], rgb)
+    if alpha:
+        np.testing.assert_array_equal(pixels[..., 3], plane)
+
+
+@needs_imagecodecs
+def test_png_output_size_stays_close_to_pillows(monkeypatch):
+    rgb = np.asarray(Image.fromarray(photo_like(300, 400)).resize((800, 600), Image.Resampling.BICUBIC))
+    fast = len(encode_image(rgb, None, "png"))
+    monkeypatch.setattr(imaging, "imagecodecs", None)
+    pillow = len(encode_image(rgb, None, "png"))
+    assert fast < 1.1 * pillow
+
+
+@pytest.mark.parametrize("quality", [30, 95])
+def test_jpeg_output_decodes_to_pillows_own_encoding(monkeypatch, quality):
+    rgb = photo_like(120, 160)
+    body = encode_image(rgb, np.zeros((120, 160), np.uint8), "jpeg", quality)
+    with Image.open(io.BytesIO(body)) as image:
+        assert image.format == "JPEG" and image.mode == "RGB" and image.size == (160, 120)
+        pixels = np.asarray(image)
+    monkeypatch.setattr(imaging, "imagecodecs", None)
+    with Image.open(io.BytesIO(encode_image(rgb, None, "jpeg", quality))) as image:
+        np.testing.assert_array_equal(pixels, np.asarray(image))

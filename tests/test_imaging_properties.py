@@ -4,11 +4,15 @@ The model only ever sees plan_crop's window and only what paste_back writes come
 guarantees the service's "every pixel outside the mask is bit-identical" rests on.
 """
 
+import io
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from scipy import ndimage
 
+import engines.imaging as imaging
 from engines.imaging import (
     DecodeLimits,
     crop_for_model,
@@ -171,3 +175,64 @@ def test_png_round_trip_is_exact(height, width, with_alpha, seed):
 def test_lossy_formats_keep_the_size(height, width, fmt, quality):
     decoded = decode_image(encode_image(noise((height, width, 3), height * width), None, fmt, quality), LIMITS)
     assert decoded.format == fmt and decoded.rgb.shape == (height, width, 3)
+
+
+@FAST
+@given(masks(), dilations, buckets, margins, st.integers(0, 20), st.integers(0, 2**32 - 1))
+def test_paste_back_blends_by_the_exact_distance_to_the_mask_edge(mask, pixels, sides, margin, feather, seed):
+    """The feathered paste equals its definition: weight min(EDT / feather, 1) over the window, blended in float32."""
+    mask = dilate_mask(mask, pixels)
+    rgb = noise((*mask.shape, 3), seed)
+    plan = plan_crop(mask, sides, margin)
+    result = noise((plan.bucket, plan.bucket, 3), seed + 1)
+    hard = paste_back(rgb, mask, result, plan, 0)  # the model's pixels on the whole mask, the input elsewhere
+
+    out = paste_back(rgb, mask, result, plan, feather)
+
+    height, width = mask.shape
+    y0, y1 = max(plan.top, 0), min(plan.top + plan.side, height)
+    x0, x1 = max(plan.left, 0), min(plan.left + plan.side, width)
+    window = mask[y0:y1, x0:x1]
+    weight = mask.astype(np.float32)
+    if feather and not window.all():
+        weight[y0:y1, x0:x1] = np.minimum(ndimage.distance_transform_edt(window) / feather, 1.0)
+    band = (weight > 0) & (weight < 1)
+    expected = hard.copy()
+    band_weight = weight[band][:, None]
+    blended = np.rint(rgb[band] * (1.0 - band_weight) + hard[band] * band_weight)
+    expected[band] = np.clip(blended, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+
+
+@FAST
+@given(masks(allow_empty=True), st.integers(13, 48))
+def test_wide_dilation_is_a_square_too(mask, pixels):
+    reference = ndimage.binary_dilation(mask, np.ones((2 * pixels + 1,) * 2, bool))
+    np.testing.assert_array_equal(dilate_mask(mask, pixels), reference)
+
+
+@FAST
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.sampled_from(["RGB", "RGBA", "L", "LA"]),
+    st.sampled_from([("PNG", {}), ("JPEG", {"quality": 95}), ("JPEG", {"quality": 60, "subsampling": 0})]),
+    st.integers(0, 2**32 - 1),
+)
+def test_fast_decoding_equals_pillows(height, width, mode, fmt_params, seed):
+    fmt, params = fmt_params
+    if fmt == "JPEG" and mode in ("RGBA", "LA"):
+        mode = mode[:-1]
+    image = Image.fromarray(noise((height, width, 4), seed)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    fast = decode_image(buffer.getvalue(), LIMITS)
+    codecs, imaging.imagecodecs = imaging.imagecodecs, None
+    try:
+        slow = decode_image(buffer.getvalue(), LIMITS)
+    finally:
+        imaging.imagecodecs = codecs
+    np.testing.assert_array_equal(fast.rgb, slow.rgb)
+    assert (fast.alpha is None) == (slow.alpha is None)
+    if slow.alpha is not None:
+        np.testing.assert_array_equal(fast.alpha, slow.alpha)

@@ -1,0 +1,68 @@
+"""loadtests/bench_ingress.py writes its cost table (JSON + markdown) with positive numbers (--smoke: seconds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("skimage")  # the benchmark's photo is scikit-image's astronaut
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("decode", "mask", "plan+crop", "paste", "encode")
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "loadtests/bench_ingress.py", "--smoke", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+
+
+def test_smoke_run_writes_the_table_with_positive_costs_and_ratios(tmp_path):
+    out = tmp_path / "bench" / "ingress.json"
+    printed = run_bench("--out", str(out)).stdout
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1 and report["runs"] == 1
+    assert {(c["image"], c["format"]) for c in report["cases"]} == {
+        (size, fmt) for size in ("64x64", "96x128") for fmt in ("png", "jpeg")
+    }
+    for case in report["cases"]:
+        assert all(case["stages_ms"][stage] >= 0 for stage in STAGES)
+        assert case["stages_ms"]["total"] > 0 and case["floor_ms"]["total"] > 0
+        assert case["ratio"] > 0 and case["ratio_median_of_runs"] > 0
+        assert set(case["floor_libraries"]) == {"decode photo", "decode mask", "encode"}
+        assert "pillow" in " ".join(case["candidates_ms"])  # Pillow is always a floor candidate
+        assert case["output_bytes"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "one thread" in table and table.count("\n| ") == 1 + len(report["cases"])
+    assert table.splitlines()[2] in printed
+
+
+def test_the_bench_uses_the_services_imaging_defaults():
+    sys.path.insert(0, str(REPO / "loadtests"))
+    try:
+        import bench_ingress
+    finally:
+        sys.path.remove(str(REPO / "loadtests"))
+    from engines.imaging import DecodeLimits
+    from serve.config import ImagingSettings
+
+    defaults = ImagingSettings()
+    assert bench_ingress.SETTINGS == defaults.model_dump(include=set(bench_ingress.SETTINGS))
+    assert bench_ingress.LIMITS == DecodeLimits(defaults.max_upload_bytes, defaults.max_megapixels)
+
+
+def test_before_report_adds_its_totals_and_ratios(tmp_path):
+    before = tmp_path / "before.json"
+    run_bench("--out", str(before), "--formats", "png")
+    after = tmp_path / "after.json"
+    run_bench("--out", str(after), "--formats", "png", "--before", str(before))
+    table = after.with_suffix(".md").read_text()
+    header = table.splitlines()[2]
+    assert "before: total" in header and "before: ratio" in header
+    old = {c["image"]: c for c in json.loads(before.read_text())["cases"]}
+    for line in table.splitlines()[4:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert float(cells[-1]) == old[cells[0]]["ratio"]
