@@ -184,9 +184,13 @@ class AuthSettings(_Strict):
 
 
 class OverloadSettings(_Strict):
-    """Shedding load: an ingress replica answers 429 beyond `max_in_flight` requests of model work;
-    a full model queue (the deployments' max_queued_requests) answers 503. Both carry Retry-After."""
+    """Shedding load: an ingress replica answers 429 when a request would wait longer than
+    `max_queue_wait_s` (from the rate it measures), or beyond `max_in_flight` requests of model work;
+    a full model queue (the deployments' max_queued_requests) answers 503. All carry Retry-After."""
 
+    max_queue_wait_s: float | None = Field(
+        5.0, gt=0, description="refuse (429) a request expected to wait longer than this; null: by count only"
+    )
     max_in_flight: int = Field(48, ge=1, description="removals + scorings in progress per ingress replica")
     retry_after_s: int = Field(2, ge=1, le=600)
 

@@ -44,7 +44,7 @@ def hardened(tmp_path_factory):
     config = serve_test_config(work)
     args = config["applications"][0]["args"]
     args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml")}
-    args["overload"] = {"max_in_flight": MAX_IN_FLIGHT, "retry_after_s": 3}
+    args["overload"] = {"max_in_flight": MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None}
     args["gate"]["on_scorer_error"] = "fail_closed"
     args["scorer"]["timeout_s"] = 2.0
     args["request_timeout_s"] = REQUEST_TIMEOUT_S

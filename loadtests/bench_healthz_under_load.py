@@ -1,0 +1,252 @@
+"""/healthz latency while the ingress takes large uploads: nothing heavy may run on its event loop.
+
+    python loadtests/bench_healthz_under_load.py [--seconds 30] [--clients 8] [--out out/bench_healthz.json]
+    python loadtests/bench_healthz_under_load.py --smoke        # a few seconds, small images: a working check
+
+Starts the local service (`python -m serve run`, tiny bundle, Remover only: gate off, no Scorer) on free
+loopback ports, unless --url names a running one. --clients threads then send 12 MP uploads in a loop
+for --seconds: scikit-image's astronaut resized to 4000x3000 (plus a little grain) as JPEG and as PNG,
+each as multipart and as JSON (base64, answered as JSON with Accept: application/json). Meanwhile a
+probe in its own process sends GET /healthz every 50 ms (an idle probe first, for reference). Prints and
+saves (JSON, --out) /healthz p50/p95/p99/max under load and idle, and the uploads' throughput and statuses.
+
+The mask is empty by default (--mask empty): each request takes the ingress's whole path (body read and
+parse, decode, reply; the image comes back unchanged, as JSON in base64 where asked) with no model work.
+On a CPU the tiny model takes seconds per 12 MP removal (--mask box: a box in the middle), so the
+Remover would set the pace and most uploads would wait; an empty mask loads the ingress at the rate a GPU
+deployment feeds it, which is what this benchmark is about.
+
+Only 127.0.0.1 is contacted; every loop ends by count or by time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import io
+import json
+import multiprocessing
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+from benchlib import remover_only, start_service, stop_service, summarize
+from PIL import Image
+
+PROBE_PERIOD_S = 0.05
+KINDS = (("jpeg", "multipart"), ("png", "multipart"), ("jpeg", "json"), ("png", "json"))
+
+
+def photo(width: int, height: int, grain: float) -> Image.Image:
+    """scikit-image's astronaut (a real photograph) resized to width x height, with Gaussian grain of std
+    `grain` (seeded): upscaled, the photo is smoother than a camera's, and its PNG would be a third of the size."""
+    import skimage
+
+    path = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    image = Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    if not grain:
+        return image
+    noise = np.random.default_rng(0).normal(0.0, grain, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+    return buffer.getvalue()
+
+
+def mask_png(width: int, height: int, kind: str) -> bytes:
+    mask = np.zeros((height, width), np.uint8)
+    if kind == "box":
+        mask[height * 2 // 5 : height * 3 // 5, width * 2 // 5 : width * 3 // 5] = 255
+    return encoded(Image.fromarray(mask), "png")
+
+
+def request_bodies(
+    width: int, height: int, grain: float, mask_kind: str
+) -> dict[tuple[str, str], tuple[bytes, dict[str, str]]]:
+    """Each kind's request body and headers, built once (the clients only send bytes)."""
+    image = photo(width, height, grain)
+    mask = mask_png(width, height, mask_kind)
+    fields = {"gate": "off", "dilate": "8"}
+    bodies = {}
+    for fmt, body_kind in KINDS:
+        data = encoded(image, fmt)
+        if body_kind == "multipart":
+            boundary = uuid.uuid4().hex
+            parts = [(f'name="image"; filename="photo.{fmt}"', data), ('name="mask"; filename="mask.png"', mask)]
+            parts += [(f'name="{k}"', v.encode()) for k, v in fields.items()]
+            body = b"".join(
+                b"--%s\r\nContent-Disposition: form-data; %s\r\n\r\n%s\r\n" % (boundary.encode(), d.encode(), v)
+                for d, v in parts
+            ) + b"--%s--\r\n" % boundary.encode()
+            headers = {"content-type": f"multipart/form-data; boundary={boundary}", "accept": f"image/{fmt}"}
+        else:
+            document = {"image": base64.b64encode(data).decode(), "mask": base64.b64encode(mask).decode(), **fields}
+            body = json.dumps(document).encode()
+            headers = {"content-type": "application/json", "accept": "application/json"}
+        bodies[(fmt, body_kind)] = (body, headers)
+    return bodies
+
+
+def probe(url: str, seconds: float, queue) -> None:
+    """GET /healthz every PROBE_PERIOD_S for `seconds` (its own process: the clients' GIL cannot delay it)."""
+    samples, errors = [], 0
+    with httpx.Client(base_url=url, timeout=10) as client:
+        client.get("/healthz")  # connect first
+        deadline = time.monotonic() + seconds
+        tick = time.monotonic()
+        while tick < deadline:
+            started = time.perf_counter()
+            try:
+                ok = client.get("/healthz").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            if ok:
+                samples.append(elapsed_ms)
+            else:
+                errors += 1
+            tick += PROBE_PERIOD_S
+            time.sleep(max(0.0, tick - time.monotonic()))
+    queue.put({"samples_ms": samples, "errors": errors})
+
+
+def run_probe(url: str, seconds: float) -> tuple[multiprocessing.Process, object]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=probe, args=(url, seconds, queue), daemon=True)
+    process.start()
+    return process, queue
+
+
+def probe_result(process, queue, timeout_s: float) -> dict:
+    try:
+        result = queue.get(timeout=timeout_s)
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
+    samples = result["samples_ms"]
+    if not samples:
+        return {"runs": 0, "errors": result["errors"]}
+    return {**summarize(samples), "max_ms": round(max(samples), 1), "errors": result["errors"]}
+
+
+def load(url: str, bodies: dict, clients: int, seconds: float) -> dict:
+    """`clients` threads send the kinds in turn until `seconds` have passed; counts what came back."""
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    statuses: collections.Counter = collections.Counter()
+    latencies: dict[str, list[float]] = collections.defaultdict(list)
+    sent_bytes = [0]
+
+    def client(index: int) -> None:
+        with httpx.Client(base_url=url, timeout=300) as http:
+            turn = index
+            while time.monotonic() < stop:
+                kind = KINDS[turn % len(KINDS)]
+                turn += 1
+                body, headers = bodies[kind]
+                started = time.perf_counter()
+                try:
+                    status = str(http.post("/remove", content=body, headers=headers).status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                with lock:
+                    statuses[status] += 1
+                    if status == "200":
+                        latencies["/".join(kind)].append(elapsed_ms)
+                        sent_bytes[0] += len(body)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=seconds + 600)
+    elapsed = time.monotonic() - started
+    completed = sum(len(v) for v in latencies.values())
+    return {
+        "seconds": round(elapsed, 1),
+        "completed": completed,
+        "per_s": round(completed / elapsed, 3),
+        "request_mb_per_s": round(sent_bytes[0] / elapsed / 2**20, 2),
+        "statuses": dict(statuses),
+        "latency_by_kind": {kind: summarize(ms) for kind, ms in sorted(latencies.items())},
+    }
+
+
+def bench(url: str, args) -> dict:
+    bodies = request_bodies(args.width, args.height, args.grain, args.mask)
+    with httpx.Client(base_url=url, timeout=300) as http:  # warm up: every kind once
+        for body, headers in bodies.values():
+            http.post("/remove", content=body, headers=headers).raise_for_status()
+    idle_s = max(2.0, min(5.0, args.seconds / 6))
+    process, queue = run_probe(url, idle_s)
+    idle = probe_result(process, queue, idle_s + 60)
+    process, queue = run_probe(url, args.seconds)
+    uploads = load(url, bodies, args.clients, args.seconds)
+    healthz = probe_result(process, queue, args.seconds + 60)
+    return {
+        "width": args.width,
+        "height": args.height,
+        "grain": args.grain,
+        "mask": args.mask,
+        "clients": args.clients,
+        "body_mb": {"/".join(kind): round(len(body) / 2**20, 2) for kind, (body, _) in bodies.items()},
+        "healthz": healthz,
+        "healthz_idle": idle,
+        "uploads": uploads,
+        "goal_p99_ms": 50,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--width", type=int, default=4000)
+    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument("--grain", type=float, default=3.0, help="noise std added to the photo (3: an 18 MB PNG)")
+    parser.add_argument("--mask", choices=["empty", "box"], default="empty", help="box: removals by the model too")
+    parser.add_argument("--url", default=None, help="a running service on 127.0.0.1 (default: start one)")
+    parser.add_argument("--smoke", action="store_true", help="4 s, 2 clients, 640x480: checks that it all works")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_healthz.json"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.clients, args.width, args.height = 4.0, 2, 640, 480
+    if args.url and not args.url.startswith(("http://127.0.0.1:", "http://localhost:")):
+        raise SystemExit("--url must be a loopback address")
+    child = None
+    if args.url:
+        url = args.url
+    else:
+        child, url = start_service(Path(tempfile.mkdtemp(prefix="rorem-bench-healthz-")), "healthz", remover_only)
+    try:
+        result = {"smoke": args.smoke, **bench(url, args)}
+    finally:
+        if child is not None:
+            stop_service(child)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    h, idle, u = result["healthz"], result["healthz_idle"], result["uploads"]
+    print(f"{'GET /healthz':<14} {'runs':>5} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6}")
+    for name, r in (("under load", h), ("idle", idle)):
+        print(f"{name:<14} {r['runs']:>5} {r.get('p50_ms', '-'):>7} {r.get('p95_ms', '-'):>7} "
+              f"{r.get('p99_ms', '-'):>7} {r.get('max_ms', '-'):>7} {r['errors']:>6}")  # fmt: skip
+    print(f"uploads: {u['completed']} in {u['seconds']} s ({u['per_s']}/s, {u['request_mb_per_s']} MB/s sent), "
+          f"statuses {u['statuses']}")  # fmt: skip
+    verdict = "meets" if h.get("p99_ms", float("inf")) < result["goal_p99_ms"] else "misses"
+    print(f"/healthz p99 {verdict} the {result['goal_p99_ms']} ms goal; saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

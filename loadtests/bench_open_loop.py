@@ -1,0 +1,162 @@
+"""Latency and throughput against offered load with open-loop (Poisson) arrivals.
+
+    python loadtests/bench_open_loop.py --rates 1 2 4 8 --seconds 30 --workload small
+    python loadtests/bench_open_loop.py --rates 1 2 4 8 --seconds 30 --workload mixed
+
+Closed-loop clients wait for their answer before sending again, so they slow down with the service
+and hide queueing (and fall into step with the batcher: the "convoy" in docs/benchmarks.md). Here
+requests arrive at exponential intervals at a fixed mean rate, whatever the service does, as users
+do. Starts the local service once (tiny bundle, the Remover alone, gate off, buckets --side and
+2 x --side); for each offered rate sends --seconds of arrivals, waits for every answer, and reports
+completed removals per second, p50/p95/p99 of the admitted (200) answers, the shares of 429 / 503 /
+504, other errors, and lost (no answer). `small`: every photo is --side; `mixed`: two in three are
+--side, one in three 2 x --side (a larger bucket). Saves JSON (--out) and prints a table; the
+saturation point is the lowest rate reaching 95% of the best throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from benchlib import center_mask, photo, png, remover_only, start_service, stop_service
+
+REQUEST_TIMEOUT_S = 180.0
+DRAIN_S = 240.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8], help="offered requests per second")
+    p.add_argument("--seconds", type=float, default=30, help="arrivals per rate")
+    p.add_argument("--workload", choices=["small", "mixed"], default="small")
+    p.add_argument("--side", type=int, default=128, help="the small photo side and bucket; the large is 2 x")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--large-batch-size", type=int, default=None, help="batching.per_bucket for 2 x side (default: same)")
+    p.add_argument("--overload", default=None, help="JSON for args.overload, e.g. '{\"max_queue_wait_s\": 5}'")
+    p.add_argument("--url", default=None, help="a running service instead of starting one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before / after)")
+    p.add_argument("--out", type=Path, default=Path("out/bench_open_loop.json"))
+    return p.parse_args(argv)
+
+
+def service_config(args):
+    def adjust(config: dict) -> None:
+        remover_only(config)
+        app_args = config["applications"][0]["args"]
+        app_args["imaging"].update({"buckets": [args.side, 2 * args.side], "crop_margin": 16})
+        batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.01}
+        if args.large_batch_size:
+            batching["per_bucket"] = {2 * args.side: {"max_batch_size": args.large_batch_size}}
+        app_args["batching"] = batching
+        if args.overload:
+            app_args["overload"] = {**app_args.get("overload", {}), **json.loads(args.overload)}
+
+    return adjust
+
+
+def bodies(side: int) -> dict:
+    return {"image": ("p.png", png(photo(side))), "mask": ("m.png", png(center_mask(side).astype(np.uint8) * 255))}
+
+
+async def offer(url: str, rate: float, seconds: float, workload: str, side: int, rng: random.Random) -> dict:
+    small, large = bodies(side), bodies(2 * side)
+    results: list[tuple[str, float]] = []
+    batch_sizes: dict[str, int] = {}
+    lost = 0
+
+    async def one(client: httpx.AsyncClient, files: dict) -> None:
+        nonlocal lost
+        started = time.perf_counter()
+        try:
+            reply = await client.post("/remove", files=files, data={"seed": "0", "gate": "off"})
+            results.append((str(reply.status_code), time.perf_counter() - started))
+            size = reply.headers.get("X-Batch-Size")
+            if size:
+                batch_sizes[size] = batch_sizes.get(size, 0) + 1
+        except httpx.HTTPError:
+            lost += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=httpx.Limits(max_connections=None)) as client:
+        tasks, start = [], time.perf_counter()
+        at = rng.expovariate(rate)
+        while at < seconds:
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            files = large if workload == "mixed" and rng.random() < 1 / 3 else small
+            tasks.append(asyncio.create_task(one(client, files)))
+            at += rng.expovariate(rate)
+        sent = len(tasks)
+        done, pending = await asyncio.wait(tasks, timeout=DRAIN_S) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        lost += len(pending)
+        elapsed = time.perf_counter() - start
+    ok = sorted(latency for status, latency in results if status == "200")
+    counts = {status: sum(1 for s, _ in results if s == status) for status in {s for s, _ in results}}
+    return {
+        "offered_per_s": rate,
+        "sent": sent,
+        "completed_per_s": round(len(ok) / elapsed, 3),
+        "p50_ms": _pct(ok, 0.50),
+        "p95_ms": _pct(ok, 0.95),
+        "p99_ms": _pct(ok, 0.99),
+        "share_429": round(counts.get("429", 0) / max(sent, 1), 3),
+        "share_503": round(counts.get("503", 0) / max(sent, 1), 3),
+        "share_504": round(counts.get("504", 0) / max(sent, 1), 3),
+        "other_errors": sum(n for s, n in counts.items() if s not in ("200", "429", "503", "504")),
+        "lost": lost,
+        "batch_sizes": dict(sorted(batch_sizes.items(), key=lambda kv: int(kv[0]))),  # jobs by the batch they ran in
+    }
+
+
+def _pct(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    child = None
+    url = args.url
+    if url is None:
+        work = Path(tempfile.mkdtemp(prefix="rorem-open-loop-"))
+        child, url = start_service(work, "open-loop", service_config(args))
+    levels = []
+    model = httpx.get(f"{url}/readyz", timeout=30).json().get("model")  # which code and knobs answered
+    try:
+        rng = random.Random(args.seed)
+        asyncio.run(offer(url, 1.0, 3.0, args.workload, args.side, rng))  # warm the path
+        for rate in args.rates:
+            levels.append(asyncio.run(offer(url, rate, args.seconds, args.workload, args.side, rng)))
+            print(levels[-1], flush=True)
+    finally:
+        if child is not None:
+            stop_service(child)
+    best = max(level["completed_per_s"] for level in levels)
+    saturation = next(level["offered_per_s"] for level in levels if level["completed_per_s"] >= 0.95 * best)
+    report = {"label": args.label, "args": {k: str(v) for k, v in vars(args).items()}, "model": model, "levels": levels,
+              "saturation_offered_per_s": saturation, "best_completed_per_s": best}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    columns = ("offered_per_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms", "share_429", "share_503", "share_504", "lost")
+    print(f"\n{args.label} workload={args.workload} side={args.side}: saturation at {saturation}/s (best {best}/s)")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for level in levels:
+        print("| " + " | ".join("-" if level[c] is None else str(level[c]) for c in columns) + " |")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Admission by expected wait (serve/admission.py), with a fake clock: no Ray, no sleeping."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.admission import Admission, ServiceRate
+from serve.problems import Problem
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _serve(admission: Admission, clock: Clock, requests: int, service_s: float) -> None:
+    """`requests` one after another, each taking service_s."""
+    for _ in range(requests):
+        with admission.slot():
+            clock.now += service_s
+
+
+def test_the_rate_counts_only_busy_time():
+    clock = Clock()
+    rate = ServiceRate(clock)
+    admission = Admission(100, 2, clock=clock)
+    admission.rate = rate
+    _serve(admission, clock, 4, 0.5)
+    assert rate.per_second() == pytest.approx(2.0)
+    clock.now += 3600  # an idle hour does not make the service look slow
+    _serve(admission, clock, 4, 0.5)
+    assert rate.per_second() == pytest.approx(2.0)
+
+
+def test_unknown_rate_admits_by_count_only():
+    clock = Clock()
+    admission = Admission(2, 3, max_queue_wait_s=0.001, clock=clock)
+    with admission.slot(), admission.slot():
+        with pytest.raises(Problem) as refused:
+            with admission.slot():
+                pass
+    assert refused.value.problem == "too-many-requests" and refused.value.headers["Retry-After"] == "3"
+
+
+def test_a_request_that_would_wait_too_long_is_refused_at_once_with_a_retry_after_from_the_queue():
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=5.0, clock=clock)
+    _serve(admission, clock, 10, 0.5)  # 2 results per second
+    held = []
+    for _ in range(10):  # 10 in progress: 5 s of work ahead
+        slot = admission.slot()
+        slot.__enter__()
+        held.append(slot)
+    assert admission.expected_wait_s() == pytest.approx(5.0)
+    slot = admission.slot()
+    slot.__enter__()  # the 11th: 5.0 s ahead, admitted (not more than the limit)
+    held.append(slot)
+    with pytest.raises(Problem) as refused:
+        with admission.slot():
+            pass
+    assert refused.value.problem == "too-many-requests"
+    assert "expected wait" in refused.value.detail and "max_queue_wait_s" in refused.value.detail
+    assert refused.value.headers["Retry-After"] == "1"  # 5.5 s ahead, 0.5 over the limit: ceil -> 1
+    for slot in held:
+        slot.__exit__(None, None, None)
+    with admission.slot():  # the queue is empty again: admitted
+        pass
+
+
+def test_a_deadline_shorter_than_the_wait_ahead_is_refused():
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=60.0, clock=clock)
+    _serve(admission, clock, 10, 1.0)  # 1 result per second
+    held = [admission.slot() for _ in range(4)]
+    for slot in held:
+        slot.__enter__()  # the 4th is "this" request: 3 ahead of it, 3 s
+    admission.check_deadline(3.5)
+    admission.check_deadline(None)
+    with pytest.raises(Problem) as refused:
+        admission.check_deadline(2.0)
+    assert "timeout_s" in refused.value.detail and refused.value.headers["Retry-After"] == "1"
+    by_count_only = Admission(1000, 2, max_queue_wait_s=None, clock=clock)
+    by_count_only.rate = admission.rate
+    by_count_only.in_flight = 4
+    by_count_only.check_deadline(0.001)  # admission by time is off: never refused for its deadline
+

@@ -1,0 +1,393 @@
+"""Nothing heavy on the ingress's event loop: body parsing and JSON reply encoding run in worker threads,
+in steps short enough to hand the GIL back, and answer exactly as the on-loop code they replace did.
+
+The unit tests need no Serve; the smoke run of loadtests/bench_healthz_under_load.py (slow) uses the
+session's service."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+from starlette.requests import Request
+
+from serve import requests as req
+from serve.problems import Problem
+from tests.conftest import REPO, photo, png_bytes
+
+NAMES = ("image", "mask")
+
+
+def starlette_request(body: bytes, content_type: str) -> Request:
+    """A Starlette request as the ingress sees one: "app" in the scope, the body in one message."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        message = {"type": "http.request", "body": b"" if sent else body, "more_body": False}
+        sent = True
+        return message
+
+    headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/remove", "headers": headers, "app": object()}, receive)
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary") -> bytes:
+    out = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def outcome(call):
+    """A comparable answer: the value, or the problem / exception it raised."""
+    try:
+        value = call()
+    except Problem as problem:
+        return ("problem", problem.problem, problem.detail, problem.extra)
+    except Exception as exc:
+        return ("error", type(exc).__name__, str(exc))
+    if isinstance(value, tuple):  # (files, options)
+        return ("ok", value[0], value[1].model_dump())
+    return ("ok", value)
+
+
+# --- off the loop ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["multipart", "json"])
+def test_body_parsing_runs_in_a_worker_thread(kind, monkeypatch):
+    image, mask = png_bytes(photo(64, 80)), png_bytes(photo(64, 80)[..., 0])
+    if kind == "multipart":
+        body = multipart([("image", "i.png", image), ("mask", "m.png", mask), ("seed", None, b"5")])
+        content_type, parser = "multipart/form-data; boundary=b0undary", "_from_multipart"
+    else:
+        document = {"image": base64.b64encode(image).decode(), "mask": base64.b64encode(mask).decode(), "seed": 5}
+        body, content_type, parser = json.dumps(document).encode(), "application/json", "_from_json"
+    threads = []
+    original = getattr(req, parser)
+
+    def recording(*args):
+        threads.append(threading.get_ident())
+        return original(*args)
+
+    monkeypatch.setattr(req, parser, recording)
+    offload = req.Offload(workers=2, limit=4)
+
+    async def read():
+        loop_thread = threading.get_ident()
+        upload = await req.read_removal_request(starlette_request(body, content_type), 6 * 2**20, offload.run)
+        return loop_thread, upload
+
+    try:
+        loop_thread, upload = asyncio.run(read())
+    finally:
+        offload.close()
+    assert (upload.image, upload.mask, upload.options.seed) == (image, mask, 5)
+    assert len(threads) == 1 and threads[0] != loop_thread
+
+
+def test_no_long_c_call_over_a_large_body(monkeypatch):
+    """Each C call holds the GIL (and so the loop) for its whole length: json.loads, the base64 decoder and
+    the multipart parser's writes must each see at most STEP bytes of a 12 MB upload."""
+    step = 256 * 1024
+    monkeypatch.setattr(req, "STEP", step)
+    raw = random.Random(0).randbytes(12 * 2**20)
+    encoded = base64.b64encode(raw)
+    body = json.dumps({"image": "data:image/png;base64," + encoded.decode(), "seed": 1}).encode()
+    seen: dict[str, int] = {}
+
+    def spy(name, function):
+        def call(data, *args, **kwargs):
+            seen[name] = max(seen.get(name, 0), len(data))
+            return function(data, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(json, "loads", spy("json.loads", json.loads))
+    monkeypatch.setattr(binascii, "a2b_base64", spy("a2b_base64", binascii.a2b_base64))
+    monkeypatch.setattr(binascii, "b2a_base64", spy("b2a_base64", binascii.b2a_base64))
+    writer = req._multipart.MultipartParser.write
+
+    def write(self, data):
+        seen["multipart"] = max(seen.get("multipart", 0), len(data))
+        return writer(self, data)
+
+    monkeypatch.setattr(req._multipart.MultipartParser, "write", write)
+    files, options = req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)
+    assert files == {"image": raw} and options.seed == 1
+    content_type, body = "multipart/form-data; boundary=b0undary", multipart([("image", "i.png", raw)])
+    files, _ = req._from_multipart(content_type, body, NAMES, ("image",), req.RemoveOptions)
+    assert files == {"image": raw}
+    assert b"".join(req.b64encode_pieces(raw)) == encoded
+    assert set(seen) == {"json.loads", "a2b_base64", "b2a_base64", "multipart"}
+    assert max(seen.values()) <= step, seen
+
+
+def test_offload_bounds_threads_and_jobs():
+    """`limit` jobs at most are queued or running; a cancelled caller's job keeps its slot until it ends."""
+    offload = req.Offload(workers=3, limit=2)
+    release = threading.Event()
+    entered: list[int] = []
+
+    def job(n: int) -> int:
+        entered.append(n)
+        assert release.wait(10)
+        return n * 10
+
+    async def scenario():
+        tasks = [asyncio.create_task(offload.run(job, n)) for n in range(5)]
+        for _ in range(25):
+            await asyncio.sleep(0.02)
+        assert len(entered) == 2  # the limit, though 3 threads are free
+        tasks[entered[0]].cancel()  # the caller gives up; its job still runs
+        for _ in range(25):
+            await asyncio.sleep(0.02)
+        assert len(entered) == 2
+        release.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        release.set()
+        offload.close()
+    assert sorted(entered) == [0, 1, 2, 3, 4]
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 1
+    assert sorted(r for r in results if isinstance(r, int)) == sorted(n * 10 for n in range(5) if n != entered[0])
+    assert len(offload._pool._threads) <= 3
+
+
+# --- the same answers as before -------------------------------------------------------------------
+
+
+def multipart_cases() -> list[tuple[str, bytes]]:
+    image = random.Random(1).randbytes(5000)
+    ct = "multipart/form-data; boundary=b0undary"
+    cases = [
+        (ct, multipart([("image", "a.png", image), ("mask", "m.png", image[:300]), ("seed", None, b"3")])),
+        (ct, multipart([("image", "a.png", image), ("mask", None, b"white")])),
+        (ct, multipart([("image", "a.png", image), ("seed", None, b"1"), ("seed", None, b"2")])),
+        (ct, multipart([("image", "a.png", image), ("image", "b.png", image)])),
+        (ct, multipart([("image", "a.png", image), ("mask", "m.png", image), ("extra", "x", b"x")])),
+        (ct, multipart([("image", "a.png", image)] + [(f"f{i}", None, b"1") for i in range(40)])),
+        (ct, multipart([("photo", "a.png", image)])),
+        (ct, multipart([("image", "a.png", image), ("strength", None, b"0.5")])),
+        (ct, multipart([("image", "a.png", image), ("seed", None, b"x" * (2**20 + 5))])),
+        (ct, multipart([("image", "a.png", image), ("quality", None, b"500")])),
+        (ct, multipart([("image", "a.png", b"")])),
+        (ct, multipart([("image", "a.png", image)]).replace(b'name="image"', b'nome="image"')),
+        (ct, multipart([("image", "a.png", image + b"\r\n--b0undar" + image)])),
+        ("multipart/form-data", b"--x--"),
+        ("multipart/form-data; boundary=x", b"garbage"),
+        ("Multipart/Form-Data; boundary=b0undary", multipart([("image", "a.png", image)])),
+        ("multipart/form-data\x0c; boundary=b0undary", multipart([("image", "a.png", image)])),
+        (ct + "; charset=latin-1", multipart([("image", "é.png", image), ("gate", None, b"off")])),
+        (ct + "; charset=nonsense", multipart([("image", "a.png", image)])),
+        ("multipart/form-data; boundary=" + "b" * 300, multipart([("image", "a.png", image)], "b" * 300)),
+    ]
+    rng = random.Random(2)
+    for _ in range(150):  # damaged bodies
+        content_type, body = rng.choice(cases[:8])
+        body = bytearray(body)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(body) + 1)
+            match rng.randrange(3):
+                case 0:
+                    del body[at : at + rng.randint(1, 30)]
+                case 1:
+                    body[at:at] = rng.choice([b"\r\n", b"--b0undary", b"\r\n--b0undary\r\n", b"--", b"\r\n\r\n", b"x"])
+                case _:
+                    body = body[:at]
+        cases.append((content_type, bytes(body)))
+    return cases
+
+
+def starlette_answer(content_type: str, body: bytes):
+    """The multipart reading this replaces: starlette's request.form() on the loop, the same checks after."""
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    async def read():
+        request = starlette_request(body, content_type)
+        request._body = body
+        try:
+            form = await request.form(max_files=2, max_fields=16)
+        except (MultiPartException, HTTPException) as exc:
+            reason = exc.detail if isinstance(exc, HTTPException) else exc.message
+            raise Problem("malformed-body", f"cannot parse the multipart body: {reason}") from exc
+        files, fields = {}, {}
+        for key, value in form.multi_items():
+            if key in files or key in fields:
+                raise Problem("invalid-request", f"field {key!r} is given more than once")
+            if isinstance(value, UploadFile):
+                files[key] = await value.read()
+            else:
+                fields[key] = value
+        for name in NAMES:
+            if name in fields:
+                raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
+        unknown = set(files) - set(NAMES)
+        if unknown:
+            raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}")
+        if "image" not in files:
+            raise Problem("invalid-request", "the multipart body has no 'image' file")
+        return files, req.validate(req.RemoveOptions, fields)
+
+    return outcome(lambda: asyncio.run(read()))
+
+
+@pytest.mark.parametrize("step", [req.STEP, 7, 4096])
+def test_multipart_answers_as_starlettes_form(step, monkeypatch):
+    """Bytes or the chunks as read (cut anywhere): the same answer as starlette's form over the whole body."""
+    monkeypatch.setattr(req, "STEP", step)
+    rng = random.Random(step)
+    for content_type, body in multipart_cases():
+        expected = starlette_answer(content_type, body)
+        cuts = sorted(rng.sample(range(len(body) + 1), min(3, len(body) + 1)))
+        chunks = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)])] + [b""]
+        for sent in (body, chunks):
+            got = outcome(lambda: req._from_multipart(content_type, sent, NAMES, ("image",), req.RemoveOptions))
+            assert got == expected, (content_type, body[:120])
+
+
+def json_bodies() -> list[bytes]:
+    rng = random.Random(3)
+
+    def b64(n: int) -> str:
+        return base64.b64encode(rng.randbytes(n)).decode()
+
+    bodies = [
+        b'{"image": "~0~"}', b'{"image": "\\u007e0\\u007e", "x": "' + b64(90).encode() + b'"}',
+        b'{"image": "' + b64(90).encode() + b'", "image": "' + b64(60).encode() + b'"}',
+        b'{"seed": ' + b"1" * 5000 + b"}", b'{"image": ' + b64(90).encode() + b"}", b"[" + b64(90).encode() + b"]",
+        b'{"image": "\\' + b64(90).encode() + b'"}', b'\xef\xbb\xbf{"image": "' + b64(90).encode() + b'"}',
+        b'{"image": "' + b64(90).encode() + b'"', b"{" * 5000,
+        b'{"a": ' * 900 + b'"' + b64(90).encode() + b'"' + b"}" * 900,
+    ]  # fmt: skip
+    tokens = [b"~", b"\\u007e", b"\\n", b'"', b",", b":", b"{", b"}", b"[", b"]", b"=", b"null", b"1", b" ", b"\x00",
+              b"\xff", b"\\", b"A" * 40, b"data:image/png;base64,", b"7" * 40]  # fmt: skip
+    for _ in range(1500):
+        document = {"image": rng.choice([b64(rng.randint(0, 120)), "data:image/png;base64," + b64(60), b64(50)[:-1],
+                                         b64(50) + "=", "%%" + b64(40)])}  # fmt: skip
+        if rng.random() < 0.5:
+            document["mask"] = b64(rng.randint(10, 90))
+        if rng.random() < 0.3:
+            document["seed"] = rng.choice([1, "7", b64(30), -1, 2**70])
+        if rng.random() < 0.1:
+            document[b64(30)] = [b64(30), {"k": b64(30)}]
+        body = bytearray(json.dumps(document).encode())
+        for _ in range(rng.choice([0, 0, 1, 2, 3])):
+            at = rng.randrange(len(body) + 1)
+            match rng.randrange(3):
+                case 0:
+                    body[at:at] = rng.choice(tokens)
+                case 1:
+                    del body[at : at + rng.randint(1, 8)]
+                case _:
+                    body[min(at, len(body) - 1)] = rng.randrange(256)
+        bodies.append(bytes(body))
+    return bodies
+
+
+def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
+    """The JSON path against the reference (json.loads, base64.b64decode(validate=True) over the whole body),
+    with a small STEP and run threshold so that the stepwise paths are the ones taken."""
+    monkeypatch.setattr(req, "STEP", 64)
+    monkeypatch.setattr(req, "_LIFT_MIN", 16)
+
+    def reference(body: bytes):
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise Problem("invalid-request", "the JSON body must be an object")
+        parsed = req.validate(req.JSONRemoveBody, data)
+        options = req.RemoveOptions.model_validate(parsed.model_dump(exclude=set(NAMES)))
+        files = {}
+        for name in NAMES:
+            text = getattr(parsed, name)
+            if text is None:
+                continue
+            if text.startswith("data:") and "," in text:
+                text = text.split(",", 1)[1]
+            try:
+                files[name] = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise Problem("invalid-request", f"{name!r} is not valid base64: {exc}") from exc
+        return files, options
+
+    from_body = []
+    decode = req._b64decode_payload
+    monkeypatch.setattr(req, "_b64decode_payload", lambda text, name: from_body.append(1) or decode(text, name)
+                        if isinstance(text, memoryview) else decode(text, name))  # fmt: skip
+    lifted = 0
+    for body in json_bodies():
+        lifted += bool(req._long_runs(body)) and body[:1] == b"{"
+        assert outcome(lambda: req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)) == outcome(
+            lambda: reference(body)
+        ), body[:200]
+        assert outcome(lambda: req._loads(body)) == outcome(lambda: json.loads(body)), body[:200]
+    assert lifted > 500 and len(from_body) > 300  # the placeholder paths were taken
+
+
+def test_stepwise_base64_matches_the_stdlib(monkeypatch):
+    monkeypatch.setattr(req, "STEP", 64)
+    rng = random.Random(4)
+    for _ in range(5000):
+        text = base64.b64encode(rng.randbytes(rng.randint(0, 200))).decode()
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            at = rng.randrange(len(text) + 1)
+            text = text[:at] + rng.choice(["=", "==", "A", "\n", " ", "%", "===", "é"]) + text[at:]
+        assert outcome(lambda: req.b64decode_stepwise(text)) == outcome(lambda: base64.b64decode(text, validate=True))
+        raw = rng.randbytes(rng.randint(0, 300))
+        assert b"".join(req.b64encode_pieces(raw)) == base64.b64encode(raw)
+
+
+def test_json_reply_is_the_jsonresponse_body():
+    from fastapi.responses import JSONResponse, Response
+
+    from serve.app import _json_reply_body
+
+    raw = random.Random(5).randbytes(3 * 2**20 + 1)
+    for extra in ({"media_type": "image/png", "seed": 7, "bucket": 512, "score": 0.25, "gate": "annotate"},
+                  {"media_type": "image/jpeg", "seed": None, "score": None, "result_id": "r-ü"}):  # fmt: skip
+        content = {"image": raw, **extra}
+        expected = JSONResponse({**content, "image": base64.b64encode(raw).decode()}, headers={"X-Seed": "7"})
+        got = Response(_json_reply_body(content), media_type="application/json", headers={"X-Seed": "7"})
+        assert got.body == expected.body
+        assert got.raw_headers == expected.raw_headers
+
+
+# --- the benchmark, smoke mode --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_healthz_bench_smoke(service, tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--url", service.url, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True
+    for probe in (result["healthz"], result["healthz_idle"]):
+        assert probe["errors"] == 0
+        assert probe["runs"] >= 20  # one GET every 50 ms for several seconds
+        assert 0 < probe["p50_ms"] <= probe["p95_ms"] <= probe["p99_ms"] <= probe["max_ms"]
+    uploads = result["uploads"]
+    assert uploads["completed"] >= 2 and uploads["per_s"] > 0
+    assert set(uploads["statuses"]) == {"200"}
+    assert "/healthz p99" in run.stdout
