@@ -45,13 +45,6 @@ from serve.service import RemovalService
 
 logger = logging.getLogger("ray.serve")
 
-# Body parsing and JSON reply encoding run in worker threads, in short steps (serve.requests). That work holds
-# the GIL, so a second thread would not make it faster, only give the event loop one more rival for the GIL
-# (measured: the loop's worst stall grows with each thread). A shorter switch interval than CPython's 5 ms
-# hands the GIL back to the loop sooner: this process is there to answer, not to compute.
-OFFLOAD_THREADS = 1
-SWITCH_INTERVAL_S = 0.001
-
 api = FastAPI(
     title="RORem object removal",
     description="POST an image and a mask (white = remove); get the image back with the object removed.",
@@ -171,8 +164,8 @@ class Ingress:
         self.admission = Admission(overload.max_in_flight, overload.retry_after_s, overload.max_queue_wait_s)
         self.access = auth.install(self.settings.auth)
         # parsing and reply encoding off the event loop; as many jobs at once as requests are admitted
-        self.offload = Offload(OFFLOAD_THREADS, self.settings.overload.max_in_flight)
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self.offload = Offload(overload.offload_threads, overload.max_in_flight)
+        sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
