@@ -15,6 +15,7 @@ capture the three stages as CUDA graphs and replay them.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -386,8 +387,6 @@ class RemovalEngine:
         """Run (and with graphs, capture) every shape requests can take, so none pays for it later.
         `max_batch_sizes`: crop side -> its largest batch. With graphs or torch.compile each side runs
         at every padded batch size up to its largest; else batch 1 per side (allocator, cuDNN)."""
-        import time
-
         started = time.perf_counter()
         shapes = []
         report = {"capture_s": {}}

@@ -244,13 +244,12 @@ def _parity_bf16_vs_fp32(unet, vae, scheduler, embeds, device, side: int) -> dic
 
 
 def _flops(side: int, batch: int, p50_ms: float, unet_ms: float | None, smoke: bool) -> dict:
-    from export.sdxl_config import UNET_TFLOP, VAE_DECODE_TFLOP, VAE_ENCODE_TFLOP
+    from export.sdxl_config import UNET_TFLOP, image_tflop
 
     if smoke or side not in UNET_TFLOP:
         return {"image_tflops": None, "unet_tflops": None}
-    image = (4 * UNET_TFLOP[side] + VAE_ENCODE_TFLOP[side] + VAE_DECODE_TFLOP[side]) * batch
     return {
-        "image_tflops": round(image / (p50_ms / 1000), 1),
+        "image_tflops": round(image_tflop(side) * batch / (p50_ms / 1000), 1),
         "unet_tflops": round(4 * UNET_TFLOP[side] * batch / (unet_ms / 1000), 1) if unet_ms else None,
     }
 
