@@ -1,11 +1,18 @@
 """Import the layout the RORem authors publish into a project bundle.
 
-Published pieces: an SDXL-inpainting base pipeline folder (VAE, scheduler, the two CLIP text
-encoders), a RORem UNet folder, for RORem-4S an LCM LoRA `pytorch_lora_weights.safetensors`, and
-optionally the discriminator folder (`pytorch_lora_weights.safetensors` + `cls_pred_branch.pt`,
-applied to the base pipeline's own UNet). Each piece is a local path or `hf:REPO_ID[/SUBPATH]` on
-the Hugging Face hub. The import fuses the LoRAs, computes the constant prompt embeddings once, and
-writes a bundle; serving then never loads a text encoder.
+Where the pieces are (github.com/leeruibin/RORem, README and inference scripts):
+- `hf:LetsThink/RORem`: a full diffusers SDXL-inpainting pipeline (VAE, scheduler, both CLIP text
+  encoders and tokenizers) whose `unet/` is RORem's. As `base` without `unet`, it gives everything
+  but the LoRA and the discriminator. (Or the authors' scripts' own layout: base =
+  the SDXL-inpainting pipeline, `unet` = a RORem UNet folder.) No variant is ever requested.
+- the RORem-4S LCM LoRA (`pytorch_lora_weights.safetensors`, trained on the RORem UNet) and the
+  discriminator folder (`pytorch_lora_weights.safetensors` + `cls_pred_branch.pt`, trained on the
+  *SDXL-inpainting* UNet) are on Google Drive only (DRIVE_FOLDERS): download them, copy them where
+  `lcm_lora` / `discriminator` point. The head may also be `cls_pred_branch.safetensors`.
+Each piece is a local path or `hf:OWNER/NAME[/SUBPATH]` on the Hugging Face hub. Local pieces are
+checked before anything is downloaded, and one error names every missing file and where it was
+looked for. The import fuses the LoRAs, computes the constant prompt embeddings once, and writes a
+bundle; serving then never loads a text encoder.
 """
 
 from __future__ import annotations
@@ -25,22 +32,160 @@ if TYPE_CHECKING:
 
 HUB_PREFIX = "hf:"
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
+PIPELINE_PARTS = ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# Published on the hub: the RORem pipeline, and the UNet the authors trained the discriminator on.
+ROREM_PIPELINE = "hf:LetsThink/RORem"
+SDXL_INPAINTING_UNET = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet"
+# Published on Google Drive only (the authors' README), by AuthorsLayout field.
+DRIVE_FOLDERS = {
+    "lcm_lora": ("RORem-LCM", "https://drive.google.com/drive/folders/1QK8qcqT7SKRzD2AyGtgfwWwlQrUesAc1"),
+    "discriminator": (
+        "RORem-Discriminator",
+        "https://drive.google.com/drive/folders/1ka3tN_hEeP1QR2CU81Uf9QM1JBHdDvc2",
+    ),
+}
 
 
 @dataclass(frozen=True)
 class AuthorsLayout:
-    base: str
-    unet: str
-    lcm_lora: str | None = None
-    discriminator: str | None = None  # folder with pytorch_lora_weights.safetensors + cls_pred_branch.pt
+    base: str  # pipeline folder: VAE, scheduler, text encoders, tokenizers (+ unet/, see below)
+    unet: str | None = None  # RORem UNet folder; None: base's unet/ (base is then the RORem pipeline)
+    lcm_lora: str | None = None  # the LoRA file, or a folder holding pytorch_lora_weights.safetensors
+    discriminator: str | None = None  # folder: pytorch_lora_weights.safetensors + cls_pred_branch.{safetensors,pt}
+    # the SDXL-inpainting UNet (folder, or a pipeline folder with unet/) the discriminator's LoRA
+    # applies to; None: base's unet/, which is that UNet only when `unet` is given separately
+    discriminator_unet: str | None = None
 
     def describe(self) -> dict[str, str | None]:
-        """The layout as recorded in provenance and hashed into import cache keys. `discriminator`
-        appears only when set, so layouts without one keep the cache keys they had before it existed."""
+        """The layout as recorded in provenance and hashed into import cache keys. `discriminator` and
+        `discriminator_unet` appear only when set, so older layouts keep the cache keys they had."""
         described = {"base": self.base, "unet": self.unet, "lcm_lora": self.lcm_lora}
-        if self.discriminator is not None:
-            described["discriminator"] = self.discriminator
+        for optional in ("discriminator", "discriminator_unet"):
+            if getattr(self, optional) is not None:
+                described[optional] = getattr(self, optional)
         return described
+
+
+@dataclass(frozen=True)
+class LocatedLayout:
+    """Every file or folder the import reads, all checked to exist."""
+
+    base: Path
+    unet: Path
+    lcm_lora: Path | None
+    discriminator_lora: Path | None
+    discriminator_head: Path | None
+    discriminator_unet: Path | None
+
+
+def locate(layout: AuthorsLayout) -> LocatedLayout:
+    """Find every piece: the local ones first (nothing is downloaded while one is missing), then
+    the hub ones. Each round raises one BundleError naming every missing file and where it looked."""
+    if layout.discriminator and not layout.discriminator_unet and not layout.unet:
+        raise BundleError(
+            "discriminator_unet is not set, and base's unet/ is RORem's (unet is not given): the "
+            "discriminator was trained on the SDXL-inpainting UNet; set discriminator_unet to "
+            f"{SDXL_INPAINTING_UNET} (or a local copy)"
+        )
+    pieces = {
+        field: ref
+        for field in ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet")
+        if (ref := getattr(layout, field))
+    }
+    local = {field: Path(ref).expanduser() for field, ref in pieces.items() if not ref.startswith(HUB_PREFIX)}
+    _Finder(layout, local).raise_if_missing("nothing was downloaded")
+    found = _Finder(layout, {**local, **{f: fetch(r) for f, r in pieces.items() if f not in local}})
+    found.raise_if_missing("")
+    return found.located()
+
+
+class _Finder:
+    """Looks for each piece's files where the authors put them, collecting what is missing."""
+
+    def __init__(self, layout: AuthorsLayout, paths: dict[str, Path]):
+        self.layout, self.paths, self.problems = layout, paths, []
+        self.found: dict[str, Path | None] = {}
+        for field, path in paths.items():
+            getattr(self, f"_{field}")(path)
+
+    def raise_if_missing(self, note: str) -> None:
+        if self.problems:
+            head = f"the authors' layout is incomplete{f' ({note})' if note else ''}:"
+            raise BundleError("\n  - ".join([head, *self.problems]))
+
+    def located(self) -> LocatedLayout:
+        base = self.paths["base"]
+        unet = self.found.get("unet") or base / "unet"
+        disc_unet = self.found.get("discriminator_unet") or (base / "unet" if self.layout.discriminator else None)
+        return LocatedLayout(
+            base=base,
+            unet=unet,
+            lcm_lora=self.found.get("lcm_lora"),
+            discriminator_lora=self.found.get("discriminator_lora"),
+            discriminator_head=self.found.get("discriminator_head"),
+            discriminator_unet=disc_unet,
+        )
+
+    def _missing(self, field: str, what: str, looked: list[Path]) -> None:
+        ref = getattr(self.layout, field)
+        where = " or ".join(str(p) for p in looked)
+        line = f"{field} ({ref}): {what} not found; looked for {where}"
+        nested = [hit for p in looked for hit in _nested_copies(p)]
+        if nested:
+            line += f"; found {nested[0]}: point {field} at its folder"
+        if field in DRIVE_FOLDERS and not ref.startswith(HUB_PREFIX):
+            name, url = DRIVE_FOLDERS[field]
+            line += f"; it is on Google Drive only: download the folder {name} from {url}, copy its files to {looked[0].parent}"
+        self.problems.append(line)
+
+    def _base(self, path: Path) -> None:
+        layout = self.layout
+        wanted = PIPELINE_PARTS
+        if not layout.unet or (layout.discriminator and not layout.discriminator_unet):
+            wanted += ("unet",)  # RORem's UNet, or the discriminator's (see AuthorsLayout)
+        absent = [path / part for part in wanted if not (path / part).is_dir()]
+        if not path.is_dir():
+            self._missing("base", "the pipeline folder", [path])
+        elif absent:
+            parts = ", ".join(p.name + "/" for p in absent)
+            self._missing("base", f"not an SDXL-inpainting pipeline folder: {parts}", absent)
+
+    def _unet(self, path: Path, field: str = "unet") -> None:
+        """A UNet folder, or a pipeline folder holding one in unet/ (as the authors load it)."""
+        candidates = [path / "config.json", path / "unet" / "config.json"]
+        config = next((c for c in candidates if c.is_file()), None)
+        if config is None:
+            self._missing(field, "a UNet config.json", candidates)
+        self.found[field] = config.parent if config else None
+
+    def _discriminator_unet(self, path: Path) -> None:
+        self._unet(path, "discriminator_unet")
+
+    def _lcm_lora(self, path: Path) -> None:
+        file = path if path.suffix == ".safetensors" else path / LORA_FILENAME
+        if not file.is_file():
+            self._missing("lcm_lora", LORA_FILENAME, [file])
+        self.found["lcm_lora"] = file
+
+    def _discriminator(self, path: Path) -> None:
+        from engines.scorer import HEAD_FILENAMES, find_head_file
+
+        lora, head = path / LORA_FILENAME, find_head_file(path)
+        if not lora.is_file():
+            self._missing("discriminator", LORA_FILENAME, [lora])
+        if head is None:
+            self._missing("discriminator", "the head", [path / name for name in HEAD_FILENAMES])
+        self.found["discriminator_lora"], self.found["discriminator_head"] = lora, head
+
+
+def _nested_copies(path: Path, depth: int = 3) -> list[Path]:
+    """Files named like `path` further down its parent folder (an unpacked Drive download adds a level)."""
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    return sorted(
+        hit for hit in folder.rglob(path.name) if hit != path and len(hit.relative_to(folder).parts) <= depth
+    )[:1]
 
 
 def fetch(ref: str) -> Path:
@@ -56,7 +201,7 @@ def fetch(ref: str) -> Path:
     repo_id, subpath = "/".join(parts[:2]), "/".join(parts[2:])
     patterns = None
     if subpath:
-        patterns = [subpath] if subpath.endswith(".safetensors") else [f"{subpath}/*"]
+        patterns = [subpath] if subpath.endswith((".safetensors", ".pt")) else [f"{subpath}/*"]
     try:
         from huggingface_hub import snapshot_download
 
@@ -110,24 +255,16 @@ def import_authors_layout(
     sampling: SamplingDefaults | None = None,
     provenance: dict | None = None,
 ) -> Bundle:
-    base = fetch(layout.base)
-    unet_dir = fetch(layout.unet)
-    for needed in ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-        if not (base / needed).is_dir():
-            raise BundleError(f"{base} is not an SDXL-inpainting pipeline folder: {needed}/ is missing")
+    found = locate(layout)
     discriminator, discriminator_info, discriminator_embeds = None, None, None
-    if layout.discriminator:
-        # first, so the fp32 base UNet is freed before the RORem UNet is loaded
-        discriminator, discriminator_info = _import_discriminator(base, fetch(layout.discriminator))
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+    if found.discriminator_lora:
+        # first, so the fp32 SDXL-inpainting UNet is freed before the RORem UNet is loaded
+        discriminator, discriminator_info = _import_discriminator(found)
+    unet = UNet2DConditionModel.from_pretrained(found.unet, torch_dtype=torch.float32)
     if unet.config.in_channels != 9:
-        raise BundleError(f"{unet_dir}: UNet has {unet.config.in_channels} input channels, an inpainting UNet has 9")
-    lora_info = None
-    if layout.lcm_lora:
-        lora_path = fetch(layout.lcm_lora)
-        if lora_path.is_dir():
-            lora_path = lora_path / LORA_FILENAME
-        lora_info = fuse_lora_file(unet, lora_path).as_dict()
+        raise BundleError(f"{found.unet}: UNet has {unet.config.in_channels} input channels, an inpainting UNet has 9")
+    lora_info = fuse_lora_file(unet, found.lcm_lora).as_dict() if found.lcm_lora else None
+    base = found.base
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32)
     scheduler = LCMScheduler.from_pretrained(base / "scheduler")
     prompt_embeds, pooled = encode_constant_prompt(base, prompt)
@@ -155,17 +292,11 @@ def import_authors_layout(
     )
 
 
-def _import_discriminator(base: Path, folder: Path) -> tuple[Discriminator, dict]:
-    """The published discriminator folder on the base pipeline's UNet (fp32, LoRA fused)."""
-    from engines.scorer import HEAD_FILENAME, load_published_discriminator
+def _import_discriminator(found: LocatedLayout) -> tuple[Discriminator, dict]:
+    """The published discriminator on the SDXL-inpainting UNet it was trained on (fp32, LoRA fused)."""
+    from engines.scorer import load_published_discriminator
 
-    if not (base / "unet").is_dir():
-        raise BundleError(f"{base} has no unet/ folder: the discriminator is built on the base inpainting UNet")
-    lora_path, head_path = folder / LORA_FILENAME, folder / HEAD_FILENAME
-    for needed in (lora_path, head_path):
-        if not needed.is_file():
-            raise BundleError(f"{folder} is not the authors' discriminator folder: {needed.name} is missing")
-    base_unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
-    discriminator, info = load_published_discriminator(base_unet, lora_path, head_path)
+    base_unet = UNet2DConditionModel.from_pretrained(found.discriminator_unet, torch_dtype=torch.float32)
+    discriminator, info = load_published_discriminator(base_unet, found.discriminator_lora, found.discriminator_head)
     del base_unet
     return discriminator, info

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 from scipy import ndimage
 
 try:
@@ -28,6 +28,9 @@ except ImportError:  # a declared dependency; without it Pillow does all the wor
     imagecodecs = None
 # libpng's warnings about a client's file (a bad checksum, an odd chunk) are log noise, as Pillow's are below.
 logging.getLogger("imagecodecs").setLevel(logging.ERROR)
+# Pillow reads uncompressed TIFF strips one Python-level tile at a time (30 us each: 65535 one-row strips took
+# 2 s); libtiff reads them in C (0.04 s), with the same pixels.
+TiffImagePlugin.READ_LIBTIFF = True
 
 from engines.errors import (
     ImageTooLarge,
@@ -61,14 +64,22 @@ _FAST_DECODE = {
 }  # fmt: skip
 # PNG chunks Pillow reads after the image data that can carry an EXIF orientation.
 _PNG_LATE_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
-_PNG_MAX_CHUNKS = 1 << 16
+_TIFF_OPAQUE_TYPES = frozenset({1, 2, 7})  # BYTE, ASCII, UNDEFINED
 _PNG_FILTER_UP = 32  # libpng's PNG_FILTER_UP: fast, and as small as adaptive filtering on photos at level 1
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
+    """What one upload may cost to decode. Each bound is checked from the file's structure before any pixel
+    is decoded; docs/reliability.md ("Limits") says why each exists and what it costs at its default."""
+
     max_bytes: int = 30 * 1024 * 1024
     max_megapixels: float = 40.0
+    max_side: int = 65535  # crop and paste-back of a 1 x 40M strip allocate gigabytes
+    max_chunks: int = 65536  # PNG chunks, JPEG segments before the first scan, GIF blocks, TIFF array lengths
+    max_jpeg_scans: int = 100  # each progressive scan passes over the whole image
+    max_exif_bytes: int = 64 * 1024  # a JPEG's APP1 segment can hold no more
+    max_rle_bytes: int = 1024 * 1024  # Pillow decodes RLE BMPs in Python, ~0.4 s per MB
 
 
 @dataclass
@@ -131,6 +142,7 @@ def _decode(
         raise invalid(f"the {what} is empty")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the {what} is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    _check_structure(data, limits, what)  # Pillow's own header parsing of these is Python-paced: before it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL's notes on corrupt metadata: client-made log noise
@@ -139,6 +151,7 @@ def _decode(
                 format_name = img.format.lower() if img.format else None
                 source_format = _FORMAT_ALIASES.get(format_name, format_name)
                 _check_declared_size(img.size, limits, what, invalid)  # before any pixel is decoded
+                _check_decoder_cost(img, data, limits, what)
                 planes = _fast_decode(img, data)
                 if planes is None:
                     img.load()
@@ -171,6 +184,47 @@ def _check_declared_size(size: tuple[int, int], limits: DecodeLimits, what: str,
             f"the {what} is {width}x{height} ({megapixels:.1f} megapixels); "
             f"the limit is {limits.max_megapixels:g} megapixels"
         )
+    if max(width, height) > limits.max_side:
+        raise ImageTooLarge(f"the {what} is {width}x{height}; the limit is {limits.max_side} pixels a side")
+
+
+def _too_costly(what: str, found: str, limit: str) -> ImageTooLarge:
+    return ImageTooLarge(f"the {what} {found}; the limit is {limit}")
+
+
+def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
+    """Bound what Pillow walks in Python while opening a file, and the work a JPEG's scans cause."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if _count_at_least(_png_chunks(data), limits.max_chunks + 1):
+            raise _too_costly(what, f"has over {limits.max_chunks} PNG chunks", f"{limits.max_chunks}")
+    elif data.startswith(b"\xff\xd8"):
+        steps = _jpeg_header_steps(data)
+        if _count_at_least(steps, limits.max_chunks + 1):
+            raise _too_costly(what, f"has over {limits.max_chunks} JPEG segments before its first scan", f"{limits.max_chunks}")
+        # in scan data 0xFF is always followed by 0x00 or a restart marker: every FFDA starts a scan
+        scans = data.count(b"\xff\xda")
+        if scans > limits.max_jpeg_scans:
+            raise _too_costly(what, f"has {scans} JPEG scans", f"{limits.max_jpeg_scans} scans")
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        if _count_at_least(_gif_blocks(data), limits.max_chunks + 1):
+            raise _too_costly(what, f"has over {limits.max_chunks} GIF blocks before its first frame", f"{limits.max_chunks}")
+    elif data[:4] in (b"II*\x00", b"MM\x00*"):
+        longest = max(_tiff_first_ifd_counts(data), default=0)
+        if longest > limits.max_chunks:
+            raise _too_costly(what, f"has a TIFF tag of {longest} values", f"{limits.max_chunks} values")
+
+
+def _count_at_least(items, count: int) -> bool:
+    return sum(1 for _ in zip(range(count), items)) >= count
+
+
+def _check_decoder_cost(img: Image.Image, data: bytes, limits: DecodeLimits, what: str) -> None:
+    """Bounds that need the opened file: metadata Pillow unpacks in Python, Python-paced decoders."""
+    exif = img.info.get("exif") or b""
+    if len(exif) > limits.max_exif_bytes:
+        raise _too_costly(what, f"has {len(exif)} bytes of EXIF", f"{limits.max_exif_bytes} bytes")
+    if img.tile and img.tile[0][0] == "bmp_rle" and len(data) > limits.max_rle_bytes:
+        raise _too_costly(what, f"is a {len(data)}-byte RLE BMP", f"{limits.max_rle_bytes} bytes")
 
 
 def _fast_decode(img: Image.Image, data: bytes) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -211,13 +265,23 @@ def _fast_decode(img: Image.Image, data: bytes) -> tuple[np.ndarray, np.ndarray 
     return color, (np.ascontiguousarray(alpha) if alpha.min() < 255 else None)
 
 
-def _png_is_plain(data: bytes) -> bool:
-    """Well-formed chunks up to IEND, no animation, nothing after the image data that Pillow reads for EXIF."""
-    position, seen_image_data, end = 8, False, len(data)
-    for _ in range(_PNG_MAX_CHUNKS):
-        if position + 8 > end:
-            return False
+def _png_chunks(data: bytes):
+    """The kinds of a PNG's chunks, in order, up to IEND or where the chunk structure runs off the end."""
+    position, end = 8, len(data)
+    while position + 8 <= end:
         kind = data[position + 4 : position + 8]
+        yield kind
+        if kind == b"IEND":
+            return
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+
+
+def _png_is_plain(data: bytes) -> bool:
+    """Well-formed chunks up to IEND, no animation, nothing after the image data that Pillow reads for EXIF.
+
+    The chunk count is bounded before this runs (_check_structure)."""
+    seen_image_data = False
+    for kind in _png_chunks(data):
         if kind == b"IEND":
             return True
         if kind == b"acTL":
@@ -226,31 +290,63 @@ def _png_is_plain(data: bytes) -> bool:
             seen_image_data = True
         elif seen_image_data and kind in _PNG_LATE_METADATA:
             return False
-        position += 12 + int.from_bytes(data[position : position + 4], "big")
     return False
+
+
+def _gif_blocks(data: bytes):
+    """One item per extension sub-block before the first image descriptor (Pillow reads those in Python)."""
+    position, end = 13, len(data)
+    if len(data) > 10 and data[10] & 0x80:
+        position += 3 << ((data[10] & 7) + 1)  # the global colour table
+    while position + 1 < end and data[position] == 0x21:  # an extension: label, then sub-blocks up to a 0
+        position += 2
+        while position < end and data[position]:
+            yield position
+            position += 1 + data[position]
+        position += 1
+
+
+def _tiff_first_ifd_counts(data: bytes):
+    """The value count of every numeric tag of a TIFF's first directory: Pillow unpacks those it reads into
+    tuples (strip offsets, orientation...); bytes, text and opaque tags (ICC, XMP) it keeps as they are."""
+    order = "little" if data[:2] == b"II" else "big"
+    at = int.from_bytes(data[4:8], order)
+    entries = int.from_bytes(data[at : at + 2], order)
+    for entry in range(at + 2, min(at + 2 + 12 * entries, len(data) - 11), 12):
+        if int.from_bytes(data[entry + 2 : entry + 4], order) not in _TIFF_OPAQUE_TYPES:
+            yield int.from_bytes(data[entry + 4 : entry + 8], order)
+
+
+def _jpeg_header_steps(data: bytes):
+    """The positions of a JPEG's marker segments (and fill bytes) before its first scan; last, the scan's
+    own position, or -1 where the structure breaks off first."""
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            break
+        marker = data[position + 1]
+        if marker == 0xDA:
+            yield position
+            return
+        yield position
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            position += 2
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    yield -1
 
 
 def _jpeg_reaches_end(data: bytes) -> bool:
     """The first picture's scan data runs into an end-of-image marker (it is not cut short).
 
-    Walks the marker segments to the first start-of-scan, so an EXIF thumbnail's end marker does not count.
-    Inside scan data 0xFF is always followed by 0x00 or a restart marker, so any later FFD9 is a real end
-    (searched from the file's end, where it nearly always is).
+    Walks the marker segments to the first start-of-scan (their count is bounded before this runs), so an
+    EXIF thumbnail's end marker does not count. Inside scan data 0xFF is always followed by 0x00 or a restart
+    marker, so any later FFD9 is a real end (searched from the file's end, where it nearly always is).
     """
-    position, end = 2, len(data)
-    while position + 4 <= end:
-        if data[position] != 0xFF:
-            return False
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-        elif marker == 0xDA:
-            return data.rfind(b"\xff\xd9", position) != -1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
-            position += 2
-        else:
-            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return False
+    *_, scan = _jpeg_header_steps(data)
+    return scan != -1 and data.rfind(b"\xff\xd9", scan) != -1
 
 
 def _orient(pixels: np.ndarray, orientation: object) -> np.ndarray:

@@ -58,7 +58,10 @@ TRUNK_MODULES = (
 )
 HEAD_KEYS = tuple(f"cls_pred_branch.{i}.{p}" for i in (0, 1, 3, 4, 6, 7, 9) for p in ("weight", "bias"))
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
-HEAD_FILENAME = "cls_pred_branch.pt"
+HEAD_FILENAME = "cls_pred_branch.pt"  # what the authors' training (and ours) writes with torch.save
+# Where a discriminator folder's head is looked for, in order: the same tensors converted to
+# safetensors (loads without unpickling), then the authors' own file.
+HEAD_FILENAMES = ("cls_pred_branch.safetensors", HEAD_FILENAME)
 SCORE_SIZE = 512  # the only size the discriminator was trained at
 HEAD_MIN_SIDE = 16  # mid-block side the head needs to reach 1x1 (16 -> 8 -> 4 -> 1)
 
@@ -269,14 +272,27 @@ def check_discriminator_lora(path: str | Path) -> int:
     return ranks[0]
 
 
+def find_head_file(folder: str | Path) -> Path | None:
+    """The head file of a discriminator folder (see HEAD_FILENAMES), or None."""
+    return next((Path(folder) / name for name in HEAD_FILENAMES if (Path(folder) / name).is_file()), None)
+
+
 def read_head_file(path: str | Path, channels: int) -> dict[str, torch.Tensor]:
-    """Load `cls_pred_branch.pt` safely (weights_only) and check its keys and shapes exactly."""
+    """Load the head safely (`.safetensors`, or a `.pt` through torch.load(weights_only=True)) and
+    check its keys and shapes exactly: both formats hold the same `cls_pred_branch.*` tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    safetensors = Path(path).suffix == ".safetensors"
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        state = (
+            load_file(path, device="cpu") if safetensors else torch.load(path, weights_only=True, map_location="cpu")
+        )
+    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reader = "safetensors" if safetensors else "torch.load(weights_only=True)"
         raise DiscriminatorError(
-            f"discriminator head {path}: not a plain tensor dict that torch.load(weights_only=True) accepts ({first})"
+            f"discriminator head {path}: not a plain tensor dict that {reader} accepts ({first})"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DiscriminatorError(f"discriminator head {path}: expected a dict of tensors, got {type(state).__name__}")

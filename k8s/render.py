@@ -8,6 +8,9 @@ CPU-only for the dev overlay, ...) live in k8s/serve-overrides.yaml, one target 
     gpu -> k8s/base/rayservice.yaml, the `serveConfigV2: |` block (used by the prod overlay)
     cpu -> k8s/overlays/dev/serve-config-cpu.yaml, a JSON6902 patch replacing /spec/serveConfigV2
 
+It also writes the Ray containers' environment that sizes the Serve proxies' request limits from the
+rendered `imaging` settings (serve.proxy_limits.proxy_env: the same numbers `python -m serve run` sets).
+
 Every rendering is validated before it is written: Ray's own Serve schema
 (ray.serve.schema.ServeDeploySchema), unknown keys rejected at every level of that schema (Ray's
 schema ignores them), each deployment's autoscaling_config against Ray's AutoscalingConfig, and the
@@ -23,6 +26,8 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import json
+import re
 import sys
 import types
 import typing
@@ -181,6 +186,29 @@ def splice_block(text: str, key: str, body: str) -> str:
     return "".join(lines[: i + 1] + block + lines[end:])
 
 
+def proxy_environment() -> dict[str, str]:
+    """The proxies' limits for the rendered configs; both targets must agree (they share the containers' env)."""
+    from serve.proxy_limits import proxy_env
+
+    envs = {target: proxy_env(render_config(target)["applications"][0].get("args")) for target in TARGETS}
+    if len({json.dumps(env, sort_keys=True) for env in envs.values()}) != 1:
+        raise RenderError(f"the targets' imaging settings give different proxy limits {envs}: keep imaging.* alike")
+    return envs[TARGETS[0]]
+
+
+def splice_env(text: str, env: dict[str, str]) -> str:
+    """Set the value of every `- {name: NAME, value: "..."}` entry of `env` in a manifest's text."""
+    for name, value in env.items():
+        text, count = re.subn(
+            r"(- \{name: " + re.escape(name) + r', value: )"[^"]*"(\})',
+            lambda m, value=value: f'{m[1]}"{value}"{m[2]}',
+            text,
+        )
+        if not count:
+            raise RenderError(f'no `- {{name: {name}, value: "..."}}` entry in the manifest to set')
+    return text
+
+
 def dev_patch_text(body: str) -> str:
     pad = " " * 4
     value = "".join(pad + line + "\n" if line else "\n" for line in body.rstrip("\n").split("\n"))
@@ -194,7 +222,9 @@ def dev_patch_text(body: str) -> str:
 
 def expected_files() -> dict[Path, str]:
     return {
-        RAYSERVICE: splice_block(RAYSERVICE.read_text(), BLOCK_KEY, render_text("gpu")),
+        RAYSERVICE: splice_env(
+            splice_block(RAYSERVICE.read_text(), BLOCK_KEY, render_text("gpu")), proxy_environment()
+        ),
         DEV_PATCH: dev_patch_text(render_text("cpu")),
     }
 

@@ -71,8 +71,9 @@ class Admission:
         rate = self.rate.per_second()
         return None if rate is None else self.in_flight / rate
 
-    @contextmanager
-    def slot(self):
+    def check(self) -> None:
+        """Refuse now what `slot` would refuse, without taking a slot: called before a body is read, so an
+        overloaded replica does not read uploads it will refuse, and a slow upload holds no slot."""
         if self.in_flight >= self.limit:
             raise Problem(
                 "too-many-requests",
@@ -82,6 +83,10 @@ class Admission:
         wait = self.expected_wait_s()
         if self.max_queue_wait_s is not None and wait is not None and wait > self.max_queue_wait_s:
             raise self._too_long(wait, self.max_queue_wait_s, "overload.max_queue_wait_s")
+
+    @contextmanager
+    def slot(self):
+        self.check()
         self.rate.started(self.in_flight)
         self.in_flight += 1
         try:

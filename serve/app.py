@@ -5,12 +5,13 @@ ingress class to its replicas by value, so every module-level name it uses is de
 """
 
 import logging
+import os
 import re
 import sys
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
@@ -20,13 +21,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engines import imaging
-from serve import auth, grpc_api
+from serve import auth, grpc_api, quotas
 from serve import rorem_pb2 as pb
 from serve.admission import Admission
 from serve.config import AppSettings
 from serve.feedback import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
 from serve.metrics import ingress_metrics
-from serve.problems import Problem
+from serve.openapi import install as install_openapi
+from serve.playground import playground_headers, playground_page
+from serve.problems import MAX_LISTED, Problem
+from serve.proxy_middleware import REQUEST_ID_PATTERN
 from serve.remover import Remover
 from serve.requests import (
     JSONRemoveBody,
@@ -50,29 +54,23 @@ api = FastAPI(
     description="POST an image and a mask (white = remove); get the image back with the object removed.",
     version="0.1.0",
 )
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+install_openapi(api)  # serve/openapi.py: problem responses, headers, media types
+api.add_middleware(quotas.QuotaFields)  # a metered request's RateLimit fields on its answer; its lease given back
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _INGRESS_STAGES = {"read", "decode", "score", "paste", "encode"}  # the model deployments record the others
-_KNOWN_ROUTES = {"/remove", "/score", "/readyz", "/healthz", "/feedback", "/annotate", "/annotation/queue"}
-_TEMPLATED_ROUTES = (
-    (re.compile(r"^/results/[^/]+$"), "/results/{id}"),
-    (re.compile(r"^/results/[^/]+/[^/]+$"), "/results/{id}/{kind}"),
-)
 
 
-def _route_label(path: str) -> str:
-    """The metrics label of a path: a known route, a result route templated (never a raw id), or "other"."""
-    if path in _KNOWN_ROUTES:
-        return path
-    return next((label for pattern, label in _TEMPLATED_ROUTES if pattern.match(path)), "other")
+def _route_label(scope: dict) -> str:
+    """The metrics label of a request: the template of the route that answered it (never a raw id, whatever
+    the route_prefix), or "other" where no route matched."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "other"
 
 
 def _request_id(request: Request) -> str:
-    """Ray Serve's id for this request: the client's X-Request-Id if it sent one; Serve echoes it back."""
-    try:
-        return _get_serve_request_context().request_id
-    except Exception:
-        given = request.headers.get("x-request-id", "")
-        return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    """Ray Serve's id for this request: the client's X-Request-Id if it is a valid one (the proxy drops any
+    other, serve.proxy_middleware.RequestIdGuard), else one Serve made; Serve echoes it back."""
+    return _serve_request_id() or _valid_request_id(request.headers.get("x-request-id", ""))
 
 
 @api.exception_handler(Problem)
@@ -82,7 +80,10 @@ async def _problem(request: Request, exc: Problem) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return Problem("invalid-request", str(exc.errors())).response(_request_id(request))
+    errors = exc.errors()
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:MAX_LISTED])
+    more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+    return Problem("invalid-request", detail + more).response(_request_id(request))
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -98,16 +99,6 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 
 @api.middleware("http")
-async def _require_api_key(request: Request, call_next):
-    """API keys (serve.auth), checked before the body is read; the metrics middleware still counts 401/403."""
-    try:
-        auth.policy().check_http(request.method, request.url.path, request.headers)
-    except Problem as problem:
-        return problem.response(_request_id(request))
-    return await call_next(request)
-
-
-@api.middleware("http")
 async def _count_requests(request: Request, call_next):
     """Requests by route and status, and end-to-end latency, for every REST answer (errors included)."""
     started = time.perf_counter()
@@ -117,7 +108,7 @@ async def _count_requests(request: Request, call_next):
         status = str(response.status_code)
         return response
     finally:
-        route = _route_label(request.url.path)
+        route = _route_label(request.scope)
         ingress_metrics().answered(route, "http", status, time.perf_counter() - started)
 
 
@@ -125,11 +116,17 @@ def _wants_json(accept: str) -> bool:
     return "application/json" in accept and not any(t in accept for t in imaging.MEDIA_TYPES.values())
 
 
+def _valid_request_id(given: str | None) -> str:
+    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def _serve_request_id() -> str | None:
+    """Serve's id for the request in progress, when it is one we may echo and log; None outside a request."""
     try:
-        return _get_serve_request_context().request_id or None
+        given = _get_serve_request_context().request_id
     except Exception:
         return None
+    return _valid_request_id(given) if given else None
 
 
 def _root(request: Request) -> str:
@@ -162,23 +159,28 @@ class Ingress:
         self.service = RemovalService(self.settings, remover, scorer, self.metrics)
         overload = self.settings.overload
         self.admission = Admission(overload.max_in_flight, overload.retry_after_s, overload.max_queue_wait_s)
-        self.access = auth.install(self.settings.auth)
+        self.access = auth.install(self.settings.auth, self.metrics.keys_file_errors.inc)
+        app_name = serve.get_replica_context().app_name
+        self.quotas = quotas.install(
+            quotas.Quotas.from_settings(self.settings, app_name, quotas.ledger_errors_counter().inc).start()
+        )
         # parsing and reply encoding off the event loop; as many jobs at once as requests are admitted
         self.offload = Offload(overload.offload_threads, overload.max_in_flight)
         sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
 
-    @api.get("/healthz")
+    @api.get("/healthz", dependencies=[auth.PUBLIC])
     async def healthz(self) -> dict:
         """The ingress process is alive (says nothing about the models)."""
-        return {"status": "alive"}
+        return {"status": "alive", "instance": os.environ.get("ROREM_INSTANCE_ID")}  # serve.cli.INSTANCE_ENV
 
-    @api.get("/readyz")
+    @api.get("/readyz", dependencies=[auth.PUBLIC])
     async def readyz(self) -> JSONResponse:
         """Ready when a Remover replica (and a Scorer replica, where deployed) has loaded and warmed up."""
         return JSONResponse(await self.service.ready())
 
     @api.post(
         "/remove",
+        dependencies=[auth.requires("remove"), quotas.METERED],
         openapi_extra={
             "requestBody": openapi_request_body(
                 RemoveOptions, JSONRemoveBody, {"image": "the photo", "mask": "white = remove; absent: the image's alpha"}
@@ -193,13 +195,16 @@ class Ingress:
     )
     async def remove(self, request: Request) -> Response:
         request.state.request_id = _request_id(request)
-        with self.admission.slot():
-            started = time.perf_counter()
-            upload = await read_removal_request(request, self.settings.imaging.max_upload_bytes, self.offload.run)
-            read_s = time.perf_counter() - started
-            accept = request.headers.get("accept", "")
+        self.admission.check()
+        started = time.perf_counter()
+        upload = await read_removal_request(
+            request, self.settings.imaging.max_upload_bytes, self.offload.run, self.settings.overload.body_timeout_s
+        )
+        read_s = time.perf_counter() - started
+        accept = request.headers.get("accept", "")
+        with self.admission.slot():  # taken once the body is in: a slow upload holds no slot
             self.admission.check_deadline(upload.options.timeout_s)
-            reply = await self.service.remove(upload, accept)
+            reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal))
         reply.timings.stages = {"read": read_s, **reply.timings.stages}
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in _INGRESS_STAGES})
         headers = {
@@ -234,6 +239,7 @@ class Ingress:
 
     @api.post(
         "/score",
+        dependencies=[auth.requires("score"), quotas.METERED],
         openapi_extra={
             "requestBody": openapi_request_body(
                 ScoreOptions,
@@ -245,8 +251,11 @@ class Ingress:
     async def score(self, request: Request) -> JSONResponse:
         """Score an existing (source, mask, edited) triple with the discriminator."""
         request.state.request_id = _request_id(request)
+        self.admission.check()
+        upload = await read_score_request(
+            request, self.settings.imaging.max_upload_bytes, self.offload.run, self.settings.overload.body_timeout_s
+        )
         with self.admission.slot():
-            upload = await read_score_request(request, self.settings.imaging.max_upload_bytes, self.offload.run)
             reply = await self.service.score(upload)
         return JSONResponse(
             {"score": reply.score, "threshold": reply.threshold, "passed": reply.passed, "bucket": reply.bucket}
@@ -255,6 +264,7 @@ class Ingress:
     @api.post(
         "/feedback",
         status_code=201,
+        dependencies=[auth.requires("feedback")],
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackBody.model_json_schema()}}}
         },
@@ -263,38 +273,51 @@ class Ingress:
         """A human verdict (yes / no) on a retained result. Verdicts are appended: the newest is the
         result's label, the earlier ones stay as its history. Answers the result with its feedback."""
         request.state.request_id = _request_id(request)
-        stored = await self.service.retention.feedback(await read_json(request, FeedbackBody))
+        body = await read_json(request, FeedbackBody, body_timeout_s=self.settings.overload.body_timeout_s)
+        stored = await self.service.retention.feedback(body, auth.visible_owner(request.state.principal))
         return JSONResponse(result_document(stored, _root(request)), status_code=201)
 
-    @api.get("/results/{result_id}")
-    async def result(self, result_id: str, request: Request) -> JSONResponse:
+    @api.get("/results/{id}", dependencies=[auth.requires("feedback")])
+    async def result(self, request: Request, result_id: str = Path(alias="id")) -> JSONResponse:
         """A retained result: score, gate, parameters, verdicts, and links to its images."""
-        return JSONResponse(result_document(await self.service.retention.get(result_id), _root(request)))
+        stored = await self.service.retention.get(result_id, auth.visible_owner(request.state.principal))
+        return JSONResponse(result_document(stored, _root(request)))
 
     @api.get(
-        "/results/{result_id}/{kind}",
+        "/results/{id}/{kind}",
+        dependencies=[auth.requires("feedback")],
         responses={200: {"content": {"image/*": {}}, "description": "kind: source, mask (white = removed) or result"}},
     )
-    async def result_image(self, result_id: str, kind: str) -> Response:
-        data, media_type = await self.service.retention.image(result_id, kind)
+    async def result_image(self, request: Request, kind: str, result_id: str = Path(alias="id")) -> Response:
+        data, media_type = await self.service.retention.image(result_id, kind, auth.visible_owner(request.state.principal))
         return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
 
-    @api.delete("/results/{result_id}", status_code=204)
-    async def delete_result(self, result_id: str) -> Response:
+    @api.delete("/results/{id}", status_code=204, dependencies=[auth.requires("admin")])
+    async def delete_result(self, result_id: str = Path(alias="id")) -> Response:
         """Forget a result: its metadata, its verdicts, and its images unless another result shares them."""
         await self.service.retention.delete(result_id)
         return Response(status_code=204)
 
-    @api.get("/annotate", response_class=HTMLResponse)
+    @api.get("/", include_in_schema=False, dependencies=[auth.PUBLIC])
+    async def home(self, request: Request) -> Response:
+        """The service's front page is the playground."""
+        return Response(status_code=307, headers={"Location": f"{_root(request)}/playground"})
+
+    @api.get("/playground", response_class=HTMLResponse, include_in_schema=False, dependencies=[auth.PUBLIC])
+    async def playground(self) -> HTMLResponse:
+        """Try a removal by hand: drop a photo, paint the mask, compare before / after (serve/playground.py)."""
+        return HTMLResponse(playground_page(self.settings.retention), headers=playground_headers())
+
+    @api.get("/annotate", response_class=HTMLResponse, dependencies=[auth.PUBLIC])
     async def annotate(self) -> HTMLResponse:
         """The annotation page: label retained results yes / no, least certain first."""
         self.service.retention.require_enabled()
         return HTMLResponse(annotation_page(), headers=PAGE_HEADERS)
 
-    @api.get("/annotation/queue")
+    @api.get("/annotation/queue", dependencies=[auth.requires("feedback")])
     async def annotation_queue(self, request: Request, limit: int = 20, threshold: float | None = None) -> JSONResponse:
         """Unlabelled results, the discriminator's least certain first (|score - threshold| ascending)."""
-        items, unlabelled = await self.service.retention.queue(limit, threshold)
+        items, unlabelled = await self.service.retention.queue(limit, threshold, auth.visible_owner(request.state.principal))
         base = _root(request)
         return JSONResponse(
             {
@@ -305,30 +328,35 @@ class Ingress:
         )
 
     async def Remove(self, message: pb.RemoveRequest, grpc_context: RayServegRPCContext) -> pb.RemoveReply:
-        return await self._grpc("/remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
+        return await self._grpc("/remove", "remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
 
     async def Score(self, message: pb.ScoreRequest, grpc_context: RayServegRPCContext) -> pb.ScoreReply:
-        return await self._grpc("/score", grpc_context, pb.ScoreReply, self._grpc_score, message)
+        return await self._grpc("/score", "score", grpc_context, pb.ScoreReply, self._grpc_score, message)
 
-    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str) -> pb.RemoveReply:
+    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal) -> pb.RemoveReply:
         upload = grpc_api.removal_request(message, self.settings.imaging.max_upload_bytes)
         self.admission.check_deadline(upload.options.timeout_s)
-        reply = await self.service.remove(upload)
+        reply = await self.service.remove(upload, owner=auth.result_owner(principal))
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in _INGRESS_STAGES})
         return grpc_api.remove_reply(reply, request_id)
 
-    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str) -> pb.ScoreReply:
+    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal) -> pb.ScoreReply:
         reply = await self.service.score(grpc_api.score_request(message, self.settings.imaging.max_upload_bytes))
         return grpc_api.score_reply(reply, request_id)
 
-    async def _grpc(self, route, context, empty_reply, handler, message):
-        """Run a gRPC call; a Problem becomes a status code + problem+json details, counted like REST."""
+    async def _grpc(self, route, scope, context, empty_reply, handler, message):
+        """Run a gRPC call needing `scope` (declared with the method, as a REST route declares its own); a Problem
+        becomes a status code + problem+json details, counted like REST under the REST route's name."""
         started = time.perf_counter()
-        request_id = _serve_request_id() or context.request_id() or uuid.uuid4().hex
+        request_id = _serve_request_id() or _valid_request_id(context.request_id())
+        quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
         try:
-            self.access.check_grpc(route, context.invocation_metadata())
+            principal = self.access.check_grpc(scope, context.invocation_metadata())
+            quota = await self.quotas.acquire(principal)
+            if quota is not None:
+                quota.check()
             with self.admission.slot():
-                reply = await handler(message, request_id)
+                reply = await handler(message, request_id, principal)
             status = "OK"
         except Problem as problem:
             status_problem = problem
@@ -336,9 +364,13 @@ class Ingress:
             logger.exception("unhandled error in gRPC %s", route)
             status_problem = Problem("internal-error", f"{type(exc).__name__}; see the server log")
         else:
+            if quota is not None:
+                context.set_trailing_metadata(quota.metadata())
             self.metrics.answered(route, "grpc", status, time.perf_counter() - started)
             return reply
-        grpc_api.status_for(status_problem, context, request_id)
+        finally:
+            self.quotas.release(quota)
+        grpc_api.status_for(status_problem, context, request_id, quota.metadata() if quota is not None else ())
         self.metrics.answered(route, "grpc", grpc_api.status_code(status_problem).name, time.perf_counter() - started)
         return empty_reply()
 
@@ -348,6 +380,7 @@ class Ingress:
 def build_app(args: dict) -> serve.Application:
     """Application builder named by the Serve config: validates args strictly, then binds."""
     settings = AppSettings.model_validate(args or {})
+    auth.check_routes(api)
     plain = settings.model_dump()
     scorer = Scorer.bind(plain) if settings.scorer.enabled else None
     return Ingress.bind(Remover.bind(plain), scorer, plain)

@@ -1,43 +1,62 @@
 """Optional API keys: who may call what, over REST and gRPC.
 
 Keys are stored only as SHA-256 digests in a YAML file (a mounted Kubernetes Secret in production;
-`python -m serve hash-key` writes an entry). A presented key is hashed and compared with every stored
+`python -m serve new-key` writes an entry). A presented key is hashed and compared with every stored
 digest by `hmac.compare_digest`, without stopping at the first match. The file is re-read when it
-changes, so a rotated Secret takes effect without a restart. Keys are never logged or echoed; a
-problem names the key's `name` at most.
+changes, so a rotated Secret takes effect without a restart; a file that becomes unreadable or
+invalid fails closed (every key refused until a valid file is back), logged and counted. Keys are
+never logged or echoed; a problem names the key's `name` at most.
+
+Each route declares its access with the route (`dependencies=[auth.requires("remove")]`,
+`auth.PUBLIC`): FastAPI runs the check after routing, so a non-root `route_prefix` cannot change
+which rule applies, and before the endpoint reads the body. `check_routes` refuses to start an app
+with a route that declares nothing.
 
 Credentials: `Authorization: Bearer <key>` or `X-API-Key: <key>` (REST), metadata `authorization`
 or `x-api-key` (gRPC). Missing or unknown key: 401 `unauthorized`; a known key without the route's
-scope: 403 `forbidden`.
+scope: 403 `forbidden`. A key's optional quotas (`requests_per_minute`, `max_concurrent`) are enforced
+by serve/quotas.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from fastapi import Depends, FastAPI, Request
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve.problems import Problem
 
-SCOPES = ("remove", "score", "feedback", "admin")
+SCOPES = ("remove", "score", "feedback", "review", "admin")
+SEES_EVERY_RESULT = ("review", "admin")
 DEFAULT_SCOPES = ["remove", "score", "feedback"]
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="rorem"'}
+logger = logging.getLogger("ray.serve")
 
 
 class StoredKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128)
+    team: str | None = Field(
+        None, min_length=1, max_length=128, description="keys of one team share their retained results"
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
     scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_SCOPES))
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="work requests (/remove, /score, gRPC) per auth.quota_window_s; absent: unlimited"
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="work requests in progress at once; absent: unlimited")
 
     @field_validator("scopes")
     @classmethod
@@ -53,42 +72,55 @@ class KeysFile(BaseModel):
     keys: list[StoredKey]
 
 
+def result_owner(key: StoredKey | None) -> str | None:
+    """Whose a retained result is: the creating key's team, else its name; None while auth is off."""
+    return None if key is None else key.team or key.name
+
+
+def visible_owner(key: StoredKey | None) -> str | None:
+    """Whose results a caller may see and label: only its own (team's), unless it holds a reviewing or
+    admin scope; None: every result (also while auth is off)."""
+    if key is None or any(scope in key.scopes for scope in SEES_EVERY_RESULT):
+        return None
+    return result_owner(key)
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def new_key_entry(name: str, scopes: Iterable[str]) -> tuple[str, dict]:
+def new_key_entry(
+    name: str,
+    scopes: Iterable[str],
+    team: str | None = None,
+    requests_per_minute: int | None = None,
+    max_concurrent: int | None = None,
+) -> tuple[str, dict]:
     """A fresh random key and the entry that stores its digest (the key itself is shown once)."""
     key = "rk_" + secrets.token_urlsafe(32)
-    entry = StoredKey(name=name, sha256=digest(key), scopes=list(scopes)).model_dump()
+    entry = StoredKey(
+        name=name, team=team, sha256=digest(key), scopes=list(scopes),
+        requests_per_minute=requests_per_minute, max_concurrent=max_concurrent,
+    ).model_dump(exclude_none=True)  # fmt: skip
     return key, entry
-
-
-def required_scope(method: str, path: str) -> str | None:
-    """The scope a route needs; None: any valid key."""
-    if path == "/remove":
-        return "remove"
-    if path == "/score":
-        return "score"
-    if method == "DELETE" and path.startswith("/results/"):
-        return "admin"
-    if path in ("/feedback", "/annotation/queue") or path.startswith("/results/"):
-        return "feedback"
-    return None
 
 
 @dataclass
 class _Loaded:
     keys: list[StoredKey]
-    mtime: float
+    mtime: float | None  # None: the file could not be read
 
 
 class ApiKeys:
-    """The keys file, re-read at most every `reload_interval_s` when its modification time changes."""
+    """The keys file, re-read at most every `reload_interval_s` when its modification time changes.
 
-    def __init__(self, path: str, reload_interval_s: float = 10.0):
+    A file that cannot be read at start stops the start; one that becomes unreadable or invalid later
+    leaves no valid key (fail closed), with one log line and one `on_error` call per failure seen."""
+
+    def __init__(self, path: str, reload_interval_s: float = 10.0, on_error: Callable[[], None] | None = None):
         self.path = Path(path).expanduser()
         self.reload_interval_s = reload_interval_s
+        self.on_error = on_error or (lambda: None)
         self._lock = threading.Lock()
         self._loaded = self._load()
         self._checked = time.monotonic()
@@ -107,10 +139,17 @@ class ApiKeys:
             with self._lock:
                 self._checked = now
                 try:
-                    if os.stat(self.path).st_mtime != self._loaded.mtime:
+                    mtime = os.stat(self.path).st_mtime
+                except OSError:
+                    mtime = None
+                if mtime is None or mtime != self._loaded.mtime:
+                    try:
                         self._loaded = self._load()
-                except (OSError, ValueError):
-                    pass  # keep the last good keys while a Secret update is half-written
+                    except ValueError as exc:
+                        if self._loaded.keys or self._loaded.mtime != mtime:
+                            logger.error("API keys: %s; every key is refused until the file is valid again", exc)
+                            self.on_error()
+                        self._loaded = _Loaded([], mtime)
         return self._loaded.keys
 
     def identify(self, presented: str) -> StoredKey | None:
@@ -142,39 +181,79 @@ def presented_key(headers) -> str | None:
 
 
 class AccessPolicy:
-    """What the ingress enforces: nothing when auth is off; else keys on every non-public path."""
+    """What the ingress enforces: nothing when auth is off; else a key with the declared scope."""
 
-    def __init__(self, keys: ApiKeys | None, public_paths: Iterable[str]):
+    def __init__(self, keys: ApiKeys | None):
         self.keys = keys
-        self.public_paths = set(public_paths)
 
     @classmethod
-    def from_settings(cls, auth) -> AccessPolicy:
+    def from_settings(cls, auth, on_error: Callable[[], None] | None = None) -> AccessPolicy:
         if not auth.enabled:
-            return cls(None, ())
-        return cls(ApiKeys(auth.keys_file, auth.reload_interval_s), auth.public_paths)
+            return cls(None)
+        return cls(ApiKeys(auth.keys_file, auth.reload_interval_s, on_error))
 
-    def check_http(self, method: str, path: str, headers) -> None:
-        if self.keys is None or path in self.public_paths:
-            return
-        self.keys.check(presented_key(headers), required_scope(method, path))
-
-    def check_grpc(self, method: str, metadata: Iterable[tuple[str, str]]) -> None:
+    def check(self, headers, scope: str | None) -> StoredKey | None:
+        """The caller's key (None while auth is off); `headers`: HTTP headers or a dict of gRPC metadata."""
         if self.keys is None:
-            return
-        headers = {name.lower(): value for name, value in metadata or ()}
-        self.keys.check(presented_key(headers), required_scope("POST", method))
+            return None
+        return self.keys.check(presented_key(headers), scope)
+
+    def check_grpc(self, scope: str | None, metadata: Iterable[tuple[str, str]]) -> StoredKey | None:
+        return self.check({name.lower(): value for name, value in metadata or ()}, scope)
 
 
-_policy = AccessPolicy(None, ())
+_policy = AccessPolicy(None)
 
 
-def install(auth_settings) -> AccessPolicy:
-    """Set the policy of this ingress process (the HTTP middleware reads it)."""
+def install(auth_settings, on_error: Callable[[], None] | None = None) -> AccessPolicy:
+    """Set the policy of this ingress process (the route dependencies read it)."""
     global _policy
-    _policy = AccessPolicy.from_settings(auth_settings)
+    _policy = AccessPolicy.from_settings(auth_settings, on_error)
     return _policy
 
 
 def policy() -> AccessPolicy:
     return _policy
+
+
+class _Rule:
+    """A route's declared access: a scope, any valid key (scope None), or public."""
+
+    def __init__(self, scope: str | None, public: bool = False):
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; known: {list(SCOPES)}")
+        self.scope, self.public = scope, public
+
+    async def __call__(self, request: Request) -> None:
+        request.state.principal = None if self.public else policy().check(request.headers, self.scope)
+
+
+def requires(scope: str | None) -> Depends:
+    """Declare a route's scope with the route: `@api.post("/remove", dependencies=[auth.requires("remove")])`;
+    None: any valid key."""
+    return Depends(_Rule(scope))
+
+
+PUBLIC = Depends(_Rule(None, public=True))
+"""Declare a route public (probes, pages whose API calls carry the key)."""
+
+
+def declared_rule(route: APIRoute) -> _Rule | None:
+    rules = [d.dependency for d in route.dependencies if isinstance(d.dependency, _Rule)]
+    return rules[0] if len(rules) == 1 else None
+
+
+def api_routes(router) -> Iterable[APIRoute]:
+    """The app's API routes, also those FastAPI >= 0.137 keeps under an included router (as Serve's ingress does)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from api_routes(route.original_router)
+
+
+def check_routes(app: FastAPI) -> None:
+    """Every API route declares exactly one access rule; FastAPI's own /docs and /openapi.json stay public."""
+    missing = [f"{sorted(r.methods)} {r.path}" for r in api_routes(app) if declared_rule(r) is None]
+    if missing:
+        raise RuntimeError(f"routes without a declared access rule (auth.requires / auth.PUBLIC): {missing}")

@@ -5,6 +5,13 @@ fits the config to this machine (no GPU: no deployment asks for one; fewer GPUs 
 they share; a placement that cannot fit is refused, saying what to change), writes the effective config,
 starts Ray with a known metrics port and hands the config to Ray's own `serve run` (serve.launcher),
 and prints what it loaded and where it listens (HTTP, gRPC, metrics) once ready.
+
+Start and stop as people expect: a busy HTTP, gRPC or metrics port fails the start at once, naming
+the port and its holder; READY is printed only once *this* instance answers (/healthz returns the
+instance id this start generated); SIGTERM or SIGINT stops the service and every Ray process it
+started within STOP_BUDGET_S (Docker gives 10 s): new HTTP requests get 503, those in flight finish
+or get 503 (serve.proxy_middleware.Drain), then Serve shuts down, and whatever is left of the
+launcher's session is killed. A second signal skips the drain.
 """
 
 from __future__ import annotations
@@ -17,23 +24,31 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import yaml
 
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
-from serve.config import BUNDLE_ENV, AppSettings, check_deployments
+from serve.ports import busy_ports
+from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_GRPC_PORT = 9000
+INSTANCE_ENV = "ROREM_INSTANCE_ID"  # the Ingress's /healthz returns it (serve/app.py)
+STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace before SIGKILL
 
 
 def load_serve_config(path: Path) -> dict:
     """Read a Serve config and validate it with Ray's schema and ours (unknown keys rejected)."""
     from ray.serve.schema import ServeDeploySchema
+
+    from serve.config import AppSettings, check_deployments
 
     config = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(config)
@@ -53,13 +68,7 @@ def fit_to_machine(
     """Apply command-line choices and this machine's facts (`gpus`: None counts the CUDA devices);
     returns what was changed, to print. Raises PlacementError when the deployments cannot be placed."""
     notes = []
-    http = config.setdefault("http_options", {})
-    if host:
-        http["host"] = host
-    if port:
-        http["port"] = port
-    if grpc_port:
-        config.setdefault("grpc_options", {})["port"] = grpc_port
+    choose_ports(config, host, port, grpc_port)
     app = config["applications"][0]
     args = app.setdefault("args", {})
     if bundle:
@@ -70,6 +79,29 @@ def fit_to_machine(
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     notes += fit_gpus(app.get("deployments", []), gpus)
     return notes
+
+
+def choose_ports(config: dict, host: str | None, port: int | None, grpc_port: int | None) -> None:
+    """The command line's listen address and ports over the config's."""
+    http = config.setdefault("http_options", {})
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    if grpc_port:
+        config.setdefault("grpc_options", {})["port"] = grpc_port
+
+
+def listen_addresses(config: dict, metrics_port: int) -> dict[str, tuple[str, int]]:
+    """Where the service will listen: HTTP on the config's host, gRPC on all interfaces ([::], as Ray's
+    gRPC proxy binds), Ray's metrics export on loopback (the launcher's node IP)."""
+    http = config.get("http_options") or {}
+    grpc = config.get("grpc_options") or {}
+    return {
+        "HTTP": (http.get("host", "127.0.0.1"), http.get("port", 8000)),
+        "gRPC": ("::", grpc.get("port", DEFAULT_GRPC_PORT)),
+        "metrics": ("127.0.0.1", metrics_port),
+    }
 
 
 class PlacementError(ValueError):
@@ -159,6 +191,8 @@ def logical_cpus_needed(config: dict) -> int | None:
 
 
 def describe_bundle(args: dict) -> str:
+    from serve.config import BUNDLE_ENV, AppSettings
+
     settings = AppSettings.model_validate(args)
     if settings.bundle.path:
         return f"real bundle from {settings.bundle.path}"
@@ -170,14 +204,14 @@ def describe_bundle(args: dict) -> str:
     )
 
 
-def add_api_key(keys_file: Path, name: str, scopes: list[str]) -> int:
+def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None = None, **quotas) -> int:
     """Append a new key's digest to the keys file; the key itself goes to stdout only."""
     data = yaml.safe_load(keys_file.read_text()) if keys_file.exists() else None
     data = data or {"keys": []}
     if any(entry.get("name") == name for entry in data["keys"]):
         print(f"a key named {name!r} is already in {keys_file}", file=sys.stderr)
         return 2
-    key, entry = new_key_entry(name, scopes)
+    key, entry = new_key_entry(name, scopes, team, **quotas)  # quotas: requests_per_minute, max_concurrent
     data["keys"].append(entry)
     KeysFile.model_validate(data)
     keys_file.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -186,15 +220,124 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str]) -> int:
     return 0
 
 
-def wait_until_ready(url: str, child: subprocess.Popen, timeout_s: float) -> dict | None:
+def wait_until_ready(
+    base_url: str, instance: str, child: subprocess.Popen, timeout_s: float, stop: StopRequest
+) -> dict | None:
+    """/readyz's answer once the model is ready and /healthz says it is this instance; None if the
+    launcher exits, a stop is requested or time runs out. Another instance answering is an error."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and child.poll() is None:
+    while time.monotonic() < deadline and child.poll() is None and not stop.requested.is_set():
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return json.loads(response.read())
+            ready = _get_json(base_url + "/readyz")
+            answering = _get_json(base_url + "/healthz").get("instance")
         except (urllib.error.URLError, OSError, ValueError):
-            time.sleep(1)
+            stop.requested.wait(1)
+            continue
+        if answering != instance:
+            raise ForeignInstance(
+                f"{base_url} is answered by another instance ({answering!r}), not this one ({instance})"
+            )
+        return ready
     return None
+
+
+class ForeignInstance(RuntimeError):
+    """Something else answers on this instance's address."""
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.loads(response.read())
+
+
+class StopRequest:
+    """SIGTERM / SIGINT: the first asks for a stop with drain, the second for a stop now."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.signals = 0
+
+    def __call__(self, signum, _frame) -> None:
+        self.signals += 1
+        self.requested.set()
+
+    @property
+    def hurry(self) -> bool:
+        return self.signals > 1
+
+
+def stop_service(child: subprocess.Popen, base_url: str, drain_flag: Path, stop: StopRequest) -> int:
+    """Drain (new HTTP requests 503, in-flight ones answered), stop Serve and Ray, then kill what is left
+    of the launcher's session, all within STOP_BUDGET_S. Returns the launcher's exit status."""
+    started = time.monotonic()
+    deadline = started + STOP_BUDGET_S
+    print(
+        "[rorem] stopping: new HTTP requests get 503, those in flight are answered first", file=sys.stderr, flush=True
+    )
+    if child.poll() is None and not stop.hurry:
+        drain_flag.touch()
+        _wait_drained(base_url + DRAIN_PATH, min(deadline, started + DRAIN_GRACE_S + 1), stop)
+    if child.poll() is None:
+        child.send_signal(signal.SIGINT)  # the launcher stops Ray
+    while child.poll() is None and time.monotonic() < deadline and not stop.hurry:
+        time.sleep(0.1)
+    left = kill_session(child.pid)
+    code = child.wait()
+    print(
+        f"[rorem] stopped in {time.monotonic() - started:.1f} s"
+        + (f" ({left} leftover process(es) killed)" if left else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    return code
+
+
+def _wait_drained(url: str, until: float, stop: StopRequest) -> None:
+    """Until the proxy reports no request in flight (Drain answers the last ones 503 after its grace)."""
+    while time.monotonic() < until and not stop.hurry:
+        try:
+            if _get_json(url)["in_flight"] == 0:
+                return
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass  # not up (yet, or any more): nothing to wait for that the deadline does not bound
+        time.sleep(0.1)
+
+
+def kill_session(sid: int) -> int:
+    """SIGKILL every process of session `sid` (the launcher's: Ray's GCS, raylet, workers, replicas);
+    the count killed. Linux: from /proc; elsewhere the launcher's process group."""
+    pids = session_members(sid)
+    if pids is None:
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(pids)
+
+
+def session_members(sid: int) -> list[int] | None:
+    """The pids in session `sid` (alive, not zombies), or None without /proc."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -202,7 +345,7 @@ def run(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="start a local Ray Serve and block")
     run_cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    run_cmd.add_argument("--bundle", default=os.environ.get(BUNDLE_ENV), help=f"bundle folder (default: ${BUNDLE_ENV})")
+    run_cmd.add_argument("--bundle", default=None, help="bundle folder (default: $ROREM_BUNDLE)")
     run_cmd.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
     run_cmd.add_argument("--port", type=int, default=None)
     run_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (config default 9000)")
@@ -211,63 +354,101 @@ def run(argv: list[str] | None = None) -> int:
     )
     run_cmd.add_argument("--ready-timeout", type=float, default=600.0)
     run_cmd.add_argument(
-        "--gpus", type=int, default=None, help="GPUs Ray may schedule (default: the CUDA devices here; a count to simulate)"
+        "--gpus",
+        type=int,
+        default=None,
+        help="GPUs Ray may schedule (default: the CUDA devices here; a count to simulate)",
     )
     key_cmd = sub.add_parser("new-key", help="make an API key; print it once and store only its SHA-256")
     key_cmd.add_argument("--name", required=True, help="who holds the key (shown in 403 answers, never the key)")
     key_cmd.add_argument("--scopes", default=",".join(DEFAULT_SCOPES), help=f"comma-separated, of {', '.join(SCOPES)}")
     key_cmd.add_argument("--keys-file", type=Path, required=True, help="YAML keys file to add the entry to")
+    key_cmd.add_argument("--team", default=None, help="keys of one team share their retained results (default: none)")
+    key_cmd.add_argument("--requests-per-minute", type=int, default=None, help="quota of /remove + /score (default: none)")
+    key_cmd.add_argument("--max-concurrent", type=int, default=None, help="of those in progress at once (default: none)")
     options = parser.parse_args(argv)
     if options.command == "new-key":
-        return add_api_key(options.keys_file, options.name, [s for s in options.scopes.split(",") if s])
+        scopes = [s for s in options.scopes.split(",") if s]
+        limits = {"requests_per_minute": options.requests_per_minute, "max_concurrent": options.max_concurrent}
+        return add_api_key(options.keys_file, options.name, scopes, options.team, **limits)
+
+    # the ports first, from the bare YAML: a busy port fails the start in a second, before the model
+    # libraries load (serve.config imports torch and diffusers)
+    plain = yaml.safe_load(options.config.read_text())
+    choose_ports(plain, options.host, options.port, options.grpc_port)
+    busy = busy_ports(listen_addresses(plain, options.metrics_port))
+    for line in busy:
+        print(f"[rorem] cannot start: {line}", file=sys.stderr, flush=True)
+    if busy:
+        print(
+            "[rorem] stop that process or choose other ports (--port, --grpc-port, --metrics-port)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
+
+    from serve.config import BUNDLE_ENV
+    from serve.proxy_limits import proxy_env
 
     config = load_serve_config(options.config)
+    bundle = options.bundle or os.environ.get(BUNDLE_ENV)
     try:
-        notes = fit_to_machine(config, options.bundle, options.host, options.port, options.grpc_port, options.gpus)
+        notes = fit_to_machine(config, bundle, options.host, options.port, options.grpc_port, options.gpus)
     except PlacementError as exc:
         print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
         return 2
     app = config["applications"][0]
-    http = config["http_options"]
-    base_url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{app.get('route_prefix', '/').rstrip('/')}"
+    addresses = listen_addresses(config, options.metrics_port)
+    host, port = addresses["HTTP"]
+    base_url = f"http://{host}:{port}{app.get('route_prefix', '/').rstrip('/')}"
     print(f"[rorem] model: {describe_bundle(app.get('args') or {})}", flush=True)
     for note in notes:
         print(f"[rorem] {note}", flush=True)
 
-    effective = Path(tempfile.mkdtemp(prefix="rorem-serve-")) / "serve-config.yaml"
+    work = Path(tempfile.mkdtemp(prefix="rorem-serve-"))
+    effective = work / "serve-config.yaml"
     effective.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"[rorem] effective Serve config: {effective}", flush=True)
     command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]
     num_cpus = logical_cpus_needed(config)
     if num_cpus:
-        print(f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores", flush=True)
+        print(
+            f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores",
+            flush=True,
+        )
         command += ["--num-cpus", str(num_cpus)]
     if options.gpus is not None:
         command += ["--num-gpus", str(options.gpus)]
-    child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
-
-    def stop(signum, _frame):
-        child.send_signal(signal.SIGINT)
-
+    instance = uuid.uuid4().hex
+    drain_flag = work / "draining"
+    # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
+    env = {**os.environ, **proxy_env(app.get("args")), INSTANCE_ENV: instance, DRAIN_FLAG_ENV: str(drain_flag)}
+    stop = StopRequest()
     signal.signal(signal.SIGTERM, stop)
-    ready = wait_until_ready(base_url + "/readyz", child, options.ready_timeout)
+    signal.signal(signal.SIGINT, stop)
+    # its own session: a terminal's Ctrl-C reaches this process only, which stops everything in order
+    child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
+    try:
+        ready = wait_until_ready(base_url, instance, child, options.ready_timeout, stop)
+    except ForeignInstance as exc:
+        print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
+        stop_service(child, base_url, drain_flag, stop)
+        return 2
     if ready is None:
-        print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
-        if child.poll() is None:
-            child.send_signal(signal.SIGINT)
-        child.wait()
-        return 1
+        if not stop.requested.is_set():
+            print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
+        code = stop_service(child, base_url, drain_flag, stop)
+        return code if stop.requested.is_set() else 1
     model = ready["model"]
-    grpc_port = config.get("grpc_options", {}).get("port", 9000)
     print(
-        f"[rorem] READY on {base_url} : POST {base_url}/remove | gRPC {http.get('host', '127.0.0.1')}:{grpc_port}"
+        f"[rorem] READY on {base_url} : POST {base_url}/remove | gRPC {host}:{addresses['gRPC'][1]}"
         f" | metrics http://127.0.0.1:{options.metrics_port}/metrics | bundle {model['bundle']['name']}"
         f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
-        f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']}",
+        f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']} | instance {instance}",
         flush=True,
     )
-    try:
-        return child.wait()
-    except KeyboardInterrupt:
-        child.send_signal(signal.SIGINT)
-        return child.wait()
+    while child.poll() is None and not stop.requested.wait(0.5):
+        pass
+    if child.poll() is not None and not stop.requested.is_set():
+        print(f"[rorem] the launcher exited ({child.returncode}); stopping what is left", file=sys.stderr, flush=True)
+    return stop_service(child, base_url, drain_flag, stop)

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engines.authors_layout import AuthorsLayout
+from engines.imaging import DecodeLimits
+
+_DECODE = DecodeLimits()
 
 if TYPE_CHECKING:
     from engines.bundle import Bundle
@@ -29,14 +32,22 @@ class AuthorsSource(_Strict):
     """The published layout; each entry a local path or hf:OWNER/NAME[/SUBPATH]."""
 
     base: str = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
-    unet: str
+    unet: str | None = Field(None, description="RORem UNet; omitted: base's unet/ (base then names the RORem pipeline)")
     lcm_lora: str | None = None
     discriminator: str | None = Field(
-        None, description="folder with the discriminator's pytorch_lora_weights.safetensors + cls_pred_branch.pt"
+        None, description="folder: pytorch_lora_weights.safetensors + cls_pred_branch.safetensors or .pt"
     )
+    discriminator_unet: str | None = Field(None, description="the SDXL-inpainting UNet the discriminator applies to")
+
+    @model_validator(mode="after")
+    def _unet_source(self) -> "AuthorsSource":
+        if self.unet is None and "base" not in self.model_fields_set:
+            raise ValueError("set unet, or set base to the RORem pipeline itself (hf:LetsThink/RORem)")
+        return self
 
     def layout(self) -> AuthorsLayout:
-        return AuthorsLayout(base=self.base, unet=self.unet, lcm_lora=self.lcm_lora, discriminator=self.discriminator)
+        fields = ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet")
+        return AuthorsLayout(**{name: getattr(self, name) for name in fields})
 
 
 class BundleSettings(_Strict):
@@ -85,6 +96,12 @@ class EngineSettings(_Strict):
     export_missing: bool = Field(
         False, description="onnx runner: export (and verify) the UNet into the bundle folder at start when missing"
     )
+    hung_after_s: float | None = Field(
+        300.0,
+        gt=0,
+        description="an engine call running longer than this fails the replica's health check, so Serve restarts "
+        "it (None: never); above the slowest batch the device can take",
+    )
 
 
 class BucketBatching(_Strict):
@@ -116,6 +133,13 @@ class ImagingSettings(_Strict):
     feather: int = Field(6, ge=0, le=64, description="blend ramp inside the dilated mask, in pixels")
     max_upload_bytes: int = Field(30 * 1024 * 1024, ge=1024)
     max_megapixels: float = Field(40.0, gt=0)
+    # cost bounds checked from a file's structure before its pixels are decoded (engines.imaging.DecodeLimits)
+    max_side: int = Field(_DECODE.max_side, ge=1, description="pixels on the longer side")
+    max_chunks: int = Field(_DECODE.max_chunks, ge=64, description="PNG chunks, JPEG header segments, GIF blocks, TIFF tag values")
+    max_jpeg_scans: int = Field(_DECODE.max_jpeg_scans, ge=1, description="progressive scans in a JPEG")
+    max_exif_bytes: int = Field(_DECODE.max_exif_bytes, ge=0)
+    max_rle_bytes: int = Field(_DECODE.max_rle_bytes, ge=0, description="size of an RLE-compressed BMP")
+    decode_timeout_s: float = Field(20.0, gt=0, description="decoding an upload past this answers 413")
     jpeg_quality: int = Field(95, ge=1, le=100)
 
     @field_validator("buckets")
@@ -140,6 +164,9 @@ class ScorerSettings(_Strict):
     timeout_s: float = Field(
         10.0, gt=0, description="a gate scoring not answered in time counts as scorer unavailable (gate.on_scorer_error)"
     )
+    hung_after_s: float | None = Field(
+        120.0, gt=0, description="a scoring call running longer than this fails the health check (None: never)"
+    )
 
 
 GateMode = Literal["off", "annotate", "retry", "reject"]
@@ -156,6 +183,13 @@ class GateSettings(_Strict):
     threshold: float = Field(0.5, ge=0.0, le=10.0)
     max_attempts: int = Field(3, ge=1, le=8, description="attempts for retry / reject (the first one included)")
     allow_request_override: bool = Field(True, description="clients may choose gate, gate_threshold, max_attempts")
+    max_model_calls: int = Field(
+        8,
+        ge=2,
+        le=16,
+        description="model calls (removals + scorings) one request may cause: a scored attempt is 2 calls, so a "
+        "request's max_attempts is capped at max_model_calls // 2",
+    )
     on_scorer_error: Literal["fail_open", "fail_closed"] = Field(
         "fail_open",
         description="scorer unavailable: fail_open answers with the unscored result (X-Gate: unscored); "
@@ -163,18 +197,24 @@ class GateSettings(_Strict):
     )
 
 
+    @model_validator(mode="after")
+    def _default_attempts_within_the_cap(self) -> "GateSettings":
+        if 2 * self.max_attempts > self.max_model_calls:
+            raise ValueError(f"gate.max_attempts {self.max_attempts} needs max_model_calls >= {2 * self.max_attempts}")
+        return self
+
+
 class AuthSettings(_Strict):
     """Optional API keys (serve/auth.py); off by default, for a local service on loopback."""
 
     enabled: bool = False
     keys_file: str | None = Field(
-        None, description="YAML of hashed keys (`python -m serve hash-key`); in Kubernetes a mounted Secret"
-    )
-    public_paths: list[str] = Field(
-        ["/healthz", "/readyz", "/docs", "/openapi.json", "/annotate"],
-        description="paths served without a key: probes, the API description, the annotation page's shell",
+        None, description="YAML of hashed keys (`python -m serve new-key`); in Kubernetes a mounted Secret"
     )
     reload_interval_s: float = Field(10.0, ge=0.0, description="how often a changed keys file is re-read")
+    quota_window_s: float = Field(
+        60.0, gt=0, le=3600, description="the window a key's requests_per_minute counts over (serve/quotas.py)"
+    )
 
     @model_validator(mode="after")
     def _enabled_needs_keys(self) -> "AuthSettings":
@@ -200,6 +240,13 @@ class OverloadSettings(_Strict):
         0.001, gt=0, le=0.005, description="the ingress's GIL switch interval (CPython's: 5 ms): the loop answers sooner"
     )
     retry_after_s: int = Field(2, ge=1, le=600)
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="a request body must arrive within this many seconds of the request, else 408 body-timeout; "
+        "it holds no admission slot while it arrives",
+    )
 
 
 class S3Settings(_Strict):

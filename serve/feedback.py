@@ -93,8 +93,9 @@ class Retention:
         policy: GatePolicy,
         options: RemoveOptions,
         dilate: int,
+        owner: str | None = None,
     ) -> str | None:
-        """Store the result; its id, or None (logged and counted) when it could not be stored."""
+        """Store the result as `owner`'s; its id, or None (logged and counted) when it could not be stored."""
         params = {
             **options.model_dump(exclude_none=True, exclude={"retain"}),
             "gate": policy.mode,
@@ -121,6 +122,7 @@ class Retention:
                 bucket=reply.bucket,
                 params=params,
                 request_id=_serve_request_id(),
+                owner=owner,
             )
             return self._opened().save(new)
 
@@ -133,33 +135,45 @@ class Retention:
         self.metrics.retained.inc(tags={"outcome": "stored"})
         return result_id
 
-    async def get(self, result_id: str) -> StoredResult:
-        return await self._call(lambda store: store.get(_checked(result_id)))
+    async def get(self, result_id: str, owner: str | None = None) -> StoredResult:
+        """`owner` (here and below): the caller sees only that owner's results (None: every result); another
+        owner's result is answered as not found, so its existence is not disclosed."""
+        return await self._call(lambda store: _visible(store.get(_checked(result_id)), owner))
 
-    async def image(self, result_id: str, kind: str) -> tuple[bytes, str]:
+    async def image(self, result_id: str, kind: str, owner: str | None = None) -> tuple[bytes, str]:
         if kind not in KINDS:
             raise Problem("not-found", f"a result has the images {', '.join(KINDS)}, not {kind!r}")
-        return await self._call(lambda store: store.read(_checked(result_id), kind))
+
+        def read(store: RetentionStore) -> tuple[bytes, str]:
+            _visible(store.get(_checked(result_id)), owner)
+            return store.read(result_id, kind)
+
+        return await self._call(read)
 
     async def delete(self, result_id: str) -> None:
         if not await self._call(lambda store: store.delete(_checked(result_id))):
             raise Problem("not-found", f"no retained result {result_id!r}")
 
-    async def feedback(self, body: FeedbackBody) -> StoredResult:
+    async def feedback(self, body: FeedbackBody, owner: str | None = None) -> StoredResult:
         reason = (body.reason or "").strip() or None
-        stored = await self._call(
-            lambda store: store.add_feedback(_checked(body.result_id), body.verdict, reason, body.labeller)
-        )
+
+        def add(store: RetentionStore) -> StoredResult:
+            _visible(store.get(_checked(body.result_id)), owner)
+            return store.add_feedback(body.result_id, body.verdict, reason, body.labeller)
+
+        stored = await self._call(add)
         self.metrics.feedback.inc(tags={"verdict": body.verdict})
         return stored
 
-    async def queue(self, limit: int, threshold: float | None) -> tuple[list[StoredResult], int]:
+    async def queue(self, limit: int, threshold: float | None, owner: str | None = None) -> tuple[list[StoredResult], int]:
         """The next `limit` unlabelled results, least certain first, and how many are unlabelled in all."""
         if not 1 <= limit <= MAX_QUEUE:
             raise Problem("invalid-request", f"limit must be 1 to {MAX_QUEUE}, got {limit}")
         if threshold is not None and not 0.0 <= threshold <= 10.0:
             raise Problem("invalid-request", f"threshold must be 0 to 10, got {threshold}")
-        return await self._call(lambda store: (store.queue(limit, threshold), store.count(labelled=False)))
+        return await self._call(
+            lambda store: (store.queue(limit, threshold, owner), store.count(labelled=False, owner=owner))
+        )
 
     def require_enabled(self) -> None:
         if not self.settings.enabled:
@@ -251,6 +265,12 @@ def mask_png(mask: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _visible(stored: StoredResult, owner: str | None) -> StoredResult:
+    if owner is not None and stored.owner != owner:
+        raise ResultNotFound(stored.id)
+    return stored
 
 
 def _checked(result_id: str) -> str:

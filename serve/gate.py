@@ -40,14 +40,17 @@ class GatePolicy:
         threshold: float | None = None,
         max_attempts: int | None = None,
     ) -> "GatePolicy":
-        """The configured policy with the request's overrides, when the config allows them."""
+        """The configured policy with the request's overrides, when the config allows them; attempts capped
+        so that one request never causes more than `max_model_calls` model calls."""
         if not settings.allow_request_override:
             mode = threshold = max_attempts = None
         mode = mode or settings.mode
         return cls(
             mode=mode,
             threshold=settings.threshold if threshold is None else threshold,
-            max_attempts=1 if mode in ("off", "annotate") else (max_attempts or settings.max_attempts),
+            max_attempts=1
+            if mode in ("off", "annotate")
+            else min(max_attempts or settings.max_attempts, settings.max_model_calls // 2),
             fail_open=settings.on_scorer_error == "fail_open",
         )
 

@@ -8,6 +8,7 @@ status details (a JSON string), so a gRPC client gets the same `type`, `detail` 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import grpc
 
@@ -43,14 +44,15 @@ def status_code(problem: Problem) -> grpc.StatusCode:
     return _CODE_BY_PROBLEM.get(problem.problem, grpc.StatusCode.INVALID_ARGUMENT)
 
 
-def status_for(problem: Problem, context, request_id: str | None) -> None:
-    """Set code, details (the problem+json document) and trailing metadata on a Serve gRPC context."""
+def status_for(problem: Problem, context, request_id: str | None, metadata: Iterable[tuple[str, str]] = ()) -> None:
+    """Set code, details (the problem+json document) and trailing metadata on a Serve gRPC context;
+    `metadata`: more trailing metadata (the quota fields, serve/quotas.py)."""
     context.set_code(status_code(problem))
     context.set_details(json.dumps(problem.body(request_id)))
     trailing = [("problem-type", problem.body()["type"])]
     if "Retry-After" in problem.headers:
         trailing.append(("retry-after", problem.headers["Retry-After"]))
-    context.set_trailing_metadata(trailing)
+    context.set_trailing_metadata(trailing + list(metadata))
 
 
 def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> RemovalRequest:

@@ -3,11 +3,17 @@ own `serve run` on the effective config.
 
 `serve run` starts Ray itself when none is running, but then the Prometheus export port is random;
 starting Ray here first fixes it (`--metrics-port`), and `serve run` reuses this Ray.
+
+SIGINT / SIGTERM stop Ray at once (ray.shutdown): `python -m serve run` has drained the proxies by then
+(serve.proxy_middleware.Drain), and Serve's own shutdown (replica by replica, seconds each, then the
+proxies) would not fit in Docker's 10 s grace.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 
 SERVE_NAMESPACE = "serve"
 
@@ -32,6 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         num_cpus=options.num_cpus,
         num_gpus=options.num_gpus,
     )
+
+    def stop(_signum, _frame):
+        ray.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     run.main([options.config], prog_name="serve run")
 
 

@@ -22,6 +22,7 @@ GATE_ATTEMPTS = "rorem_gate_attempts"
 SCORES = "rorem_removal_score"
 RETAINED = "rorem_retained_total"
 FEEDBACK = "rorem_feedback_total"
+KEYS_FILE_ERRORS = "rorem_auth_keys_file_errors_total"
 
 STAGES = (
     "read", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score", "paste", "encode"
@@ -60,6 +61,9 @@ class IngressMetrics:
             tag_keys=("outcome",),
         )
         self.feedback = Counter(FEEDBACK, description="Verdicts received on retained results.", tag_keys=("verdict",))
+        self.keys_file_errors = Counter(
+            KEYS_FILE_ERRORS, description="Times the API keys file became unreadable or invalid (every key refused)."
+        )
 
     def answered(self, route: str, protocol: str, status: str, seconds: float) -> None:
         self.requests.inc(tags={"route": route, "protocol": protocol, "status": status})

@@ -8,6 +8,11 @@ from engines.errors import InputError
 
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://github.com/rorem-serve/problems/"
+# A problem document echoes what the client sent (field names, values): bounded, so a body of a million unknown
+# keys gets a few KB back, not megabytes. The detail keeps its start; lists keep their first items.
+MAX_DETAIL_CHARS = 2000
+MAX_TEXT_CHARS = 200
+MAX_LISTED = 20
 
 STATUS_BY_PROBLEM = {
     "invalid-image": 422,
@@ -23,6 +28,7 @@ STATUS_BY_PROBLEM = {
     "invalid-request": 422,
     "malformed-body": 400,
     "payload-too-large": 413,
+    "body-timeout": 408,
     "unsupported-media-type": 415,
     "not-found": 404,
     "method-not-allowed": 405,
@@ -52,6 +58,7 @@ TITLES = {
     "invalid-request": "The request is invalid",
     "malformed-body": "The request body cannot be parsed",
     "payload-too-large": "The request body is too large",
+    "body-timeout": "The request body did not arrive in time",
     "unsupported-media-type": "Unsupported content type",
     "not-found": "Not found",
     "method-not-allowed": "Method not allowed",
@@ -90,8 +97,8 @@ class Problem(Exception):
             "type": TYPE_BASE + self.problem,
             "title": TITLES[self.problem],
             "status": self.status,
-            "detail": self.detail,
-            **self.extra,
+            "detail": _clip(self.detail, MAX_DETAIL_CHARS),
+            **{key: _bounded(value) for key, value in self.extra.items()},
         }
         if request_id:
             body["instance"] = f"urn:request:{request_id}"
@@ -99,3 +106,22 @@ class Problem(Exception):
 
     def response(self, request_id: str | None = None) -> JSONResponse:
         return JSONResponse(self.body(request_id), status_code=self.status, media_type=MEDIA_TYPE, headers=self.headers)
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _bounded(value):
+    """An extra field of a problem document with every text clipped and every list cut to MAX_LISTED items
+    (a last item counts the rest)."""
+    if isinstance(value, str):
+        return _clip(value, MAX_TEXT_CHARS)
+    if isinstance(value, dict):
+        return {_clip(str(key), MAX_TEXT_CHARS): _bounded(item) for key, item in list(value.items())[:MAX_LISTED]}
+    if isinstance(value, (list, tuple)):
+        kept = [_bounded(item) for item in value[:MAX_LISTED]]
+        return kept + ([f"... and {len(value) - MAX_LISTED} more"] if len(value) > MAX_LISTED else [])
+    return value

@@ -13,6 +13,7 @@ from ray import serve
 from engines.remover import RemovalEngine, RemovalJob, SamplingSettings
 from engines.runners import default_export_dtype
 from serve.config import AppSettings
+from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
 from serve.placement import pick_device, pick_dtype
 
@@ -71,9 +72,14 @@ class Remover:
         # every shape a request can take is run (and with CUDA graphs captured) now, never in a request
         self.description["warm_up"] = self.engine.warm_up(self.settings.batch_sizes())
         self.metrics = BatchMetrics("remover")
+        self.watch = EngineWatch(engine_cfg.hung_after_s)
 
     def describe(self) -> dict:
         return self.description
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: an engine call that never returns makes this replica be replaced."""
+        self.watch.check()
 
     def _bucket_queue(self, side: int):
         """A `@serve.batch` queue for one crop side, with that bucket's batch size and wait."""
@@ -98,7 +104,8 @@ class Remover:
         queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
         stages: dict[str, float] = {}
         started = time.perf_counter()
-        images = await asyncio.to_thread(self.engine.remove, jobs, stages)
+        with self.watch.running():
+            images = await asyncio.to_thread(self.engine.remove, jobs, stages)
         model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))
         self.metrics.stages.observe(stages)

@@ -31,7 +31,7 @@ from starlette.formparsers import FormParserError, MultiPartException, MultiPart
 from starlette.formparsers import multipart as _multipart  # python-multipart, as starlette imports it
 
 from serve.config import GateMode
-from serve.problems import Problem
+from serve.problems import MAX_LISTED, Problem
 
 _JSON_OVERHEAD = 64 * 1024
 STEP = 256 * 1024  # bytes per C call in the parsing and encoding helpers (a multiple of 4: base64 quads)
@@ -160,25 +160,36 @@ def openapi_request_body(options_model: type[BaseModel], json_model: type[BaseMo
     }
 
 
-async def read_removal_request(request: Request, max_upload_bytes: int, run: Run = asyncio.to_thread) -> RemovalRequest:
-    """`run(fn, *args)` runs the parsing off the event loop (the ingress passes its `Offload.run`)."""
+async def read_removal_request(
+    request: Request, max_upload_bytes: int, run: Run = asyncio.to_thread, body_timeout_s: float | None = None
+) -> RemovalRequest:
+    """`run(fn, *args)` runs the parsing off the event loop (the ingress passes its `Offload.run`); the body
+    must have arrived within `body_timeout_s` (None: no deadline)."""
     names = ("image", "mask")
-    files, options = await _read_upload(request, max_upload_bytes, names, ("image",), RemoveOptions, JSONRemoveBody, run)
+    files, options = await _read_upload(
+        request, max_upload_bytes, names, ("image",), RemoveOptions, JSONRemoveBody, run, body_timeout_s
+    )
     return RemovalRequest(image=files["image"], mask=files.get("mask"), options=options)
 
 
-async def read_score_request(request: Request, max_upload_bytes: int, run: Run = asyncio.to_thread) -> ScoreRequest:
+async def read_score_request(
+    request: Request, max_upload_bytes: int, run: Run = asyncio.to_thread, body_timeout_s: float | None = None
+) -> ScoreRequest:
     names = ("source", "mask", "edited")
-    files, options = await _read_upload(request, max_upload_bytes, names, names, ScoreOptions, JSONScoreBody, run)
+    files, options = await _read_upload(
+        request, max_upload_bytes, names, names, ScoreOptions, JSONScoreBody, run, body_timeout_s
+    )
     return ScoreRequest(source=files["source"], mask=files["mask"], edited=files["edited"], options=options)
 
 
-async def read_json(request: Request, model: type[BaseModel], limit: int = _JSON_OVERHEAD):
+async def read_json(
+    request: Request, model: type[BaseModel], limit: int = _JSON_OVERHEAD, body_timeout_s: float | None = None
+):
     """A small JSON document (POST /feedback): bounded read, then the same problems as /remove's JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise Problem("unsupported-media-type", f"send application/json, not {content_type or 'no content type'}")
-    return validate(model, _json_object(await _read_body(request, limit))[0])
+    return validate(model, _json_object(await _read_body(request, limit, body_timeout_s))[0])
 
 
 def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
@@ -187,14 +198,14 @@ def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
         raise Problem("payload-too-large", f"the uploads are {total_bytes} bytes; the limit is {max_upload_bytes}")
 
 
-async def _read_upload(request, max_upload_bytes, names, required, options_model, json_model, run: Run):
+async def _read_upload(request, max_upload_bytes, names, required, options_model, json_model, run: Run, timeout_s):
     header = request.headers.get("content-type", "")
     content_type = header.split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        chunks = await _read_chunks(request, max_upload_bytes + _JSON_OVERHEAD)
+        chunks = await _read_chunks(request, max_upload_bytes + _JSON_OVERHEAD, timeout_s)
         files, options = await run(_from_multipart, header, chunks, names, required, options_model)
     elif content_type == "application/json":
-        chunks = await _read_chunks(request, max_upload_bytes * 4 // 3 + _JSON_OVERHEAD)
+        chunks = await _read_chunks(request, max_upload_bytes * 4 // 3 + _JSON_OVERHEAD, timeout_s)
         files, options = await run(_from_json, chunks, names, options_model, json_model)
     else:
         raise Problem(
@@ -206,18 +217,33 @@ async def _read_upload(request, max_upload_bytes, names, required, options_model
     return files, options
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    return b"".join(await _read_chunks(request, limit))
+async def _read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    return b"".join(await _read_chunks(request, limit, timeout_s))
 
 
-async def _read_chunks(request: Request, limit: int) -> list[bytes]:
-    """Refuse by Content-Length before reading, and stop reading once past the limit. The chunks as they
-    came: joining them (a copy of the whole body) is left to the worker thread."""
+async def _read_chunks(request: Request, limit: int, timeout_s: float | None = None) -> list[bytes]:
+    """Refuse by Content-Length before reading, stop reading once past the limit, and give up (408) on a body
+    still arriving `timeout_s` after the read began. The chunks as they came: joining them (a copy of the
+    whole body) is left to the worker thread."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise Problem("payload-too-large", f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            if deadline is None:
+                chunk = await stream.__anext__()
+            else:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout=max(deadline - loop.time(), 0.0))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError as exc:
+            raise Problem(
+                "body-timeout", f"{size} bytes of the body arrived in {timeout_s:g} s (overload.body_timeout_s)"
+            ) from exc
         size += len(chunk)
         if size > limit:
             raise Problem("payload-too-large", f"request body exceeds the limit of {limit} bytes")
@@ -500,7 +526,15 @@ def b64encode_pieces(data: bytes) -> list[bytes]:
 
 
 def validate(model: type[BaseModel], data: dict):
-    """Validate options against their model; a failure is a 422 invalid-request listing every field."""
+    """Validate options against their model; a failure is a 422 invalid-request listing every field.
+
+    Unknown keys are counted here, not by pydantic: its error list for 200000 of them takes 5 s to build in
+    one call that holds the GIL (the event loop stalls with it)."""
+    unknown = [key for key in data if key not in model.model_fields]
+    if unknown and model.model_config.get("extra") == "forbid":
+        named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
+        more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
+        raise Problem("invalid-request", f"unknown fields: {named}{more}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

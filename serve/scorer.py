@@ -11,6 +11,7 @@ from ray import serve
 
 from engines.scorer import ScoreJob, ScoringEngine
 from serve.config import AppSettings
+from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
 from serve.placement import pick_device, pick_dtype
 
@@ -47,15 +48,21 @@ class Scorer:
         }
         self.engine.score([_blank_job(self.engine.score_size)])
         self.metrics = BatchMetrics("scorer")
+        self.watch = EngineWatch(scorer_cfg.hung_after_s)
 
     def describe(self) -> dict:
         return self.description
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a scoring call that never returns makes this replica be replaced."""
+        self.watch.check()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def score(self, jobs: list[ScoreJob]) -> list[ScoreOutcome]:
         """Score a batch of (source, mask, edited) crops; each is scored on a score_size view."""
         started = time.perf_counter()
-        scores = await asyncio.to_thread(self.engine.score, jobs)
+        with self.watch.running():
+            scores = await asyncio.to_thread(self.engine.score, jobs)
         model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))
         return [ScoreOutcome(score=float(s), batch_size=len(jobs), model_ms=model_ms) for s in scores]

@@ -25,6 +25,7 @@ from engines.scorer import ScoreJob
 from serve.config import AppSettings
 from serve.feedback import Retention
 from serve.gate import GatePolicy, ScorerUnavailable, run_gated
+from serve.health import Readiness
 from serve.metrics import IngressMetrics
 from serve.problems import Problem
 from serve.requests import RemovalRequest, RemoveOptions, ScoreRequest
@@ -103,23 +104,30 @@ class RemovalService:
         self.scorer = scorer
         self.metrics = metrics
         self.retention = Retention(settings.retention, metrics)
+        self.readiness = Readiness({"Remover": remover, "Scorer": scorer})
         self._retry_after = {"Retry-After": str(settings.overload.retry_after_s)}
+        cfg = settings.imaging
         self.limits = imaging.DecodeLimits(
-            max_bytes=settings.imaging.max_upload_bytes, max_megapixels=settings.imaging.max_megapixels
-        )
+            max_bytes=cfg.max_upload_bytes, max_megapixels=cfg.max_megapixels, max_side=cfg.max_side,
+            max_chunks=cfg.max_chunks, max_jpeg_scans=cfg.max_jpeg_scans, max_exif_bytes=cfg.max_exif_bytes,
+            max_rle_bytes=cfg.max_rle_bytes,
+        )  # fmt: skip
 
     async def ready(self) -> dict:
-        """Both model deployments answer (the Scorer only where one is deployed)."""
-        try:
-            model = await asyncio.wait_for(self.remover.describe.remote(), timeout=5.0)
-            scorer = await asyncio.wait_for(self.scorer.describe.remote(), timeout=5.0) if self.scorer else None
-        except Exception as exc:  # not deployed yet, starting, or unreachable: all mean "not ready"
-            raise Problem(
-                "not-ready", f"a model replica did not answer: {type(exc).__name__}", headers=self._retry_after
-            ) from exc
-        return {"status": "ready", "model": model, "scorer": scorer, "gate": self.settings.gate.model_dump()}
+        """Both model deployments have a running replica (the Scorer only where one is deployed), as Serve
+        publishes it: never asked through the model queues, so a saturated Remover stays ready."""
+        missing = await self.readiness.missing()
+        if missing:
+            raise Problem("not-ready", f"no running replica yet: {', '.join(missing)}", headers=self._retry_after)
+        return {
+            "status": "ready",
+            "model": self.readiness.descriptions["Remover"],
+            "scorer": self.readiness.descriptions.get("Scorer"),
+            "gate": self.settings.gate.model_dump(),
+        }
 
-    async def remove(self, upload: RemovalRequest, accept: str = "") -> RemovalReply:
+    async def remove(self, upload: RemovalRequest, accept: str = "", owner: str | None = None) -> RemovalReply:
+        """`owner`: whose the retained result is (serve.auth.result_owner of the caller's key)."""
         timings = Timings()
         options = upload.options
         retain = self.retention.wanted(options.retain)
@@ -202,7 +210,9 @@ class RemovalService:
         )
         if retain:
             dilate = self.settings.imaging.dilate if options.dilate is None else options.dilate
-            reply.result_id = await self.retention.keep(upload.image, image.format, mask, reply, policy, options, dilate)
+            reply.result_id = await self.retention.keep(
+                upload.image, image.format, mask, reply, policy, options, dilate, owner
+            )
         return reply
 
     async def score(self, upload: ScoreRequest) -> ScoreReply:
@@ -235,10 +245,17 @@ class RemovalService:
         return policy
 
     async def _decode(self, prepare, upload):
+        """The decode limits bound its cost; the deadline is the backstop for a cost they miss. The client
+        gets its answer then, though the thread runs on to the end of its (bounded) work."""
+        deadline_s = self.settings.imaging.decode_timeout_s
         try:
-            return await asyncio.to_thread(prepare, upload)
+            return await asyncio.wait_for(asyncio.to_thread(prepare, upload), timeout=deadline_s)
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
+        except asyncio.TimeoutError as exc:
+            raise Problem(
+                "image-too-large", f"decoding the uploads took over {deadline_s:g} s (imaging.decode_timeout_s)"
+            ) from exc
 
     def _prepare_removal(self, upload: RemovalRequest):
         """Decode, pick the mask, dilate, plan and cut the crop: CPU work kept off the event loop."""
@@ -276,13 +293,21 @@ class RemovalService:
     async def _call(self, method, *args, timeout_s: float | None = None):
         """One model call. A replica that dies under the call (a crash, a killed pod) is retried once:
         Serve routes the retry to a live replica or waits for the replacement, within the timeout.
-        Model calls are pure functions of their inputs (the seed included), so a retry is safe."""
+        Model calls are pure functions of their inputs (the seed included), so a retry is safe.
+
+        A call nobody waits for any more (its timeout, the request's deadline, a client that left) is
+        cancelled in Serve, so it leaves the model's queue: cancelling the local await alone would not."""
         timeout_s = timeout_s or self.settings.request_timeout_s
         for attempt in (1, 2):
+            response = method.remote(*args)
             try:
-                return await asyncio.wait_for(method.remote(*args), timeout=timeout_s)
+                return await asyncio.wait_for(response, timeout=timeout_s)
             except asyncio.TimeoutError as exc:
+                response.cancel()
                 raise Problem("timeout", f"no result within {timeout_s:g} s") from exc
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise Problem("overloaded", str(exc).splitlines()[0], headers=self._retry_after) from exc
             except RayActorError as exc:

@@ -1,4 +1,4 @@
-"""API keys: hashed storage, 401 vs 403, scopes per route, rotation without restart."""
+"""API keys: hashed storage, 401 vs 403, scopes declared with the routes, rotation without restart, fail closed."""
 
 import os
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 import yaml
 
-from serve.auth import AccessPolicy, ApiKeys, new_key_entry, presented_key, required_scope
+from serve.auth import AccessPolicy, ApiKeys, api_routes, check_routes, declared_rule, new_key_entry, presented_key
 from serve.config import AppSettings
 from serve.problems import Problem
 
@@ -34,38 +34,36 @@ def test_the_file_holds_digests_never_the_keys(keys):
 
 def test_missing_and_unknown_keys_are_401_with_a_challenge(keys):
     path, app_key, _ = keys
-    policy = AccessPolicy(ApiKeys(str(path)), ["/healthz"])
+    policy = AccessPolicy(ApiKeys(str(path)))
     for headers in ({}, {"x-api-key": "rk_wrong"}, {"authorization": "Bearer rk_wrong"}, {"authorization": f"Basic {app_key}"}):
         with pytest.raises(Problem) as caught:
-            policy.check_http("POST", "/remove", headers)
+            policy.check(headers, "remove")
         assert caught.value.status == 401 and "WWW-Authenticate" in caught.value.headers
         assert app_key not in caught.value.detail
 
 
 def test_a_valid_key_without_the_scope_is_403_and_named(keys):
     path, app_key, admin_key = keys
-    policy = AccessPolicy(ApiKeys(str(path)), [])
-    policy.check_http("POST", "/remove", {"authorization": f"Bearer {app_key}"})
-    policy.check_http("POST", "/score", {"x-api-key": app_key})
+    policy = AccessPolicy(ApiKeys(str(path)))
+    assert policy.check({"authorization": f"Bearer {app_key}"}, "remove").name == "app-team"
+    policy.check({"x-api-key": app_key}, "score")
     with pytest.raises(Problem) as caught:
-        policy.check_http("DELETE", "/results/abc", {"x-api-key": app_key})
+        policy.check({"x-api-key": app_key}, "admin")
     assert caught.value.status == 403 and "app-team" in caught.value.detail and app_key not in caught.value.detail
-    policy.check_http("DELETE", "/results/abc", {"x-api-key": admin_key})
+    assert policy.check({"x-api-key": admin_key}, "admin").name == "ops"
 
 
-def test_public_paths_and_disabled_auth_need_no_key(keys):
-    path, _, _ = keys
-    AccessPolicy(ApiKeys(str(path)), ["/healthz", "/readyz"]).check_http("GET", "/readyz", {})
-    AccessPolicy.from_settings(AppSettings().auth).check_http("POST", "/remove", {})
+def test_disabled_auth_needs_no_key():
+    assert AccessPolicy.from_settings(AppSettings().auth).check({}, "remove") is None
 
 
 def test_grpc_metadata_carries_the_key(keys):
     path, app_key, _ = keys
-    policy = AccessPolicy(ApiKeys(str(path)), [])
-    policy.check_grpc("/remove", [("authorization", f"Bearer {app_key}")])
-    policy.check_grpc("/score", [("x-api-key", app_key)])
+    policy = AccessPolicy(ApiKeys(str(path)))
+    policy.check_grpc("remove", [("authorization", f"Bearer {app_key}")])
+    policy.check_grpc("score", [("x-api-key", app_key)])
     with pytest.raises(Problem) as caught:
-        policy.check_grpc("/remove", [("user-agent", "grpc-python")])
+        policy.check_grpc("remove", [("user-agent", "grpc-python")])
     assert caught.value.problem == "unauthorized"
 
 
@@ -79,9 +77,7 @@ def test_a_rotated_keys_file_takes_effect_without_restart(tmp_path):
     later = time.time() + 5
     os.utime(path, (later, later))
     assert keys.identify(new_key) is not None and keys.identify(old_key) is None
-    path.write_text("keys: [{name: broken")  # a half-written update keeps the last good keys
-    os.utime(path, (later + 5, later + 5))
-    assert keys.identify(new_key) is not None
+
 
 
 def test_settings_refuse_auth_without_keys_and_bad_files(tmp_path):
@@ -91,12 +87,78 @@ def test_settings_refuse_auth_without_keys_and_bad_files(tmp_path):
         ApiKeys(str(_keys_file(tmp_path, {"name": "x", "sha256": "0" * 64, "scopes": ["root"]})))
 
 
-def test_scopes_by_route_and_credential_parsing():
-    assert required_scope("POST", "/remove") == "remove"
-    assert required_scope("POST", "/score") == "score"
-    assert required_scope("POST", "/feedback") == "feedback"
-    assert required_scope("GET", "/results/abc/result") == "feedback"
-    assert required_scope("DELETE", "/results/abc") == "admin"
+def test_credential_parsing():
     assert presented_key({"authorization": "bearer  abc "}) == "abc"
     assert presented_key({"x-api-key": "k"}) == "k"
+    assert presented_key({"authorization": "Basic abc", "x-api-key": "k"}) is None
     assert presented_key({}) is None
+
+
+def _touch(path, moment):
+    os.utime(path, (moment, moment))
+
+
+@pytest.mark.parametrize("breakage", ["invalid yaml", "invalid entry", "deleted", "unreadable"])
+def test_a_keys_file_that_breaks_fails_closed_logged_and_counted(tmp_path, breakage, caplog):
+    key, entry = new_key_entry("app", ["remove"])
+    path = _keys_file(tmp_path, entry)
+    errors = []
+    keys = ApiKeys(str(path), reload_interval_s=0.0, on_error=lambda: errors.append(1))
+    policy = AccessPolicy(keys)
+    assert policy.check({"x-api-key": key}, "remove").name == "app"
+    if breakage == "invalid yaml":
+        path.write_text("keys: [{name: broken")
+    elif breakage == "invalid entry":
+        path.write_text(yaml.safe_dump({"keys": [{**entry, "scopes": ["root"]}]}))
+    elif breakage == "deleted":
+        path.unlink()
+    else:
+        path.chmod(0o000)
+        if os.access(path, os.R_OK):  # root reads anything: make it unreadable another way
+            path.chmod(0o644)
+            path.unlink()
+            path.mkdir()
+    if path.exists():
+        _touch(path, time.time() + 5)
+    for _ in range(3):
+        with pytest.raises(Problem) as caught:
+            policy.check({"x-api-key": key}, "remove")
+        assert caught.value.problem == "unauthorized"
+    assert len(errors) == 1, "counted once per failure, not per request"
+    assert "every key is refused" in caplog.text and key not in caplog.text
+    if path.is_dir():
+        path.rmdir()
+    path.chmod(0o644) if path.exists() else None
+    path.write_text(yaml.safe_dump({"keys": [entry]}))
+    _touch(path, time.time() + 10)
+    assert policy.check({"x-api-key": key}, "remove").name == "app", "a valid file again restores the keys"
+
+
+def test_every_route_declares_its_access_and_the_scopes_are_the_documented_ones():
+    from serve.app import api
+
+    check_routes(api)
+    rules = {
+        (method, route.path): (declared_rule(route).scope, declared_rule(route).public)
+        for route in api_routes(api)
+        for method in route.methods
+    }
+    assert rules[("POST", "/remove")] == ("remove", False)
+    assert rules[("POST", "/score")] == ("score", False)
+    assert rules[("POST", "/feedback")] == ("feedback", False)
+    assert rules[("GET", "/results/{id}/{kind}")] == ("feedback", False)
+    assert rules[("DELETE", "/results/{id}")] == ("admin", False)
+    assert rules[("GET", "/healthz")] == (None, True) and rules[("GET", "/readyz")] == (None, True)
+
+
+def test_an_app_with_an_undeclared_route_does_not_start():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/secret")
+    async def secret() -> dict:
+        return {}
+
+    with pytest.raises(RuntimeError, match="/secret"):
+        check_routes(app)

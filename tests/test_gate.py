@@ -72,8 +72,8 @@ def test_scorer_down_fails_open_or_closed():
 
 
 def test_request_overrides_apply_only_when_allowed():
-    allowed = GatePolicy.resolve(GateSettings(), mode="reject", threshold=0.9, max_attempts=5)
-    assert (allowed.mode, allowed.threshold, allowed.max_attempts) == ("reject", 0.9, 5)
+    allowed = GatePolicy.resolve(GateSettings(), mode="reject", threshold=0.9, max_attempts=3)
+    assert (allowed.mode, allowed.threshold, allowed.max_attempts) == ("reject", 0.9, 3)
     locked = GatePolicy.resolve(GateSettings(allow_request_override=False), mode="off", threshold=0.1)
     assert (locked.mode, locked.threshold, locked.max_attempts) == ("annotate", 0.5, 1)
 
@@ -81,3 +81,12 @@ def test_request_overrides_apply_only_when_allowed():
 def test_attempt_seeds_are_reproducible_and_in_range():
     seeds = [attempt_seed(2**63 - 1, k) for k in range(8)]
     assert seeds[0] == 2**63 - 1 and len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_one_request_never_causes_more_model_calls_than_the_cap():
+    for cap in (2, 5, 8, 16):
+        for mode in ("retry", "reject"):
+            policy = GatePolicy.resolve(GateSettings(max_attempts=1, max_model_calls=cap), mode=mode, max_attempts=8)
+            assert 2 * policy.max_attempts <= cap and policy.max_attempts == min(8, cap // 2)
+    with pytest.raises(ValueError, match="max_model_calls"):
+        GateSettings(max_attempts=5, max_model_calls=8)

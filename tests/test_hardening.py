@@ -1,4 +1,5 @@
-"""Access control, load shedding, deadlines and faults, against a local Serve with API keys on.
+"""Access control, load shedding, deadlines and faults, against a local Serve with API keys on, mounted
+at a non-root route_prefix (so the access rules are shown not to depend on the path's spelling).
 
 The fault tests kill real replica processes (SIGKILL) and check what a client sees: every request
 answered (a result, or a problem+json 503 with Retry-After), nothing past the deadline, /readyz
@@ -8,10 +9,14 @@ dropping and recovering, and the quality gate degrading as configured.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -33,6 +38,9 @@ pytestmark = pytest.mark.slow
 
 REQUEST_TIMEOUT_S = 30.0
 MAX_IN_FLIGHT = 4
+ROUTE_PREFIX = "/api/v1"
+BODY_TIMEOUT_S = 3.0
+OWNERS = {"alice": None, "bob": None, "dave": "studio", "erin": "studio"}  # name -> team
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +48,26 @@ def hardened(tmp_path_factory):
     work = tmp_path_factory.mktemp("hardened")
     app_key, app_entry = new_key_entry("app-team", ["remove", "score"])
     ops_key, ops_entry = new_key_entry("ops", ["remove", "score", "feedback", "admin"])
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": [app_entry, ops_entry]}))
+    people = {name: new_key_entry(name, ["remove", "feedback"], team=team) for name, team in OWNERS.items()}
+    reviewer_key, reviewer_entry = new_key_entry("reviewer", ["feedback", "review"])
+    entries = [app_entry, ops_entry, reviewer_entry, *(entry for _, entry in people.values())]
+    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
     config = serve_test_config(work)
     args = config["applications"][0]["args"]
     args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml")}
-    args["overload"] = {"max_in_flight": MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None}
+    args["overload"] = {
+        "max_in_flight": MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None, "body_timeout_s": BODY_TIMEOUT_S
+    }  # fmt: skip
     args["gate"]["on_scorer_error"] = "fail_closed"
     args["scorer"]["timeout_s"] = 2.0
     args["request_timeout_s"] = REQUEST_TIMEOUT_S
+    config["applications"][0]["route_prefix"] = ROUTE_PREFIX
     with running_service(work, config) as service:
+        service.url += ROUTE_PREFIX
+        service.client.base_url = service.url
         service.app_key, service.ops_key, service.work = app_key, ops_key, work
+        service.people = {name: key for name, (key, _) in people.items()}
+        service.reviewer_key = reviewer_key
         yield service
 
 
@@ -75,11 +93,14 @@ def _assert_problem(response, status, problem):
 
 
 def _serve_session(service) -> int:
-    """The process session of this test's Serve: its CLI was started with setsid, Ray and the replicas inherit it."""
+    """The process session of this test's Ray: the CLI starts its launcher in a session of its own, which Ray
+    and the replicas inherit."""
     config_path = str(service.work / "serve.yaml")
-    table = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    (pid,) = [int(line.split(None, 1)[0]) for line in table.splitlines() if "serve run" in line and config_path in line]
-    return os.getsid(pid)
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(None, 2) for line in table.splitlines()]
+    (cli,) = [pid for pid, _, args in rows if "serve run" in args and config_path in args]
+    (launcher,) = [int(pid) for pid, ppid, args in rows if ppid == cli and "serve.launcher" in args]
+    return os.getsid(launcher)
 
 
 def _replica_pids(service, deployment: str) -> list[int]:
@@ -113,10 +134,16 @@ def test_health_probes_are_public_and_work_needs_a_key(hardened, upload):
     assert bearer.status_code == 200
 
 
-def test_a_key_without_the_scope_is_forbidden(hardened):
+def test_a_key_without_the_scope_is_forbidden_under_a_route_prefix(hardened):
+    assert hardened.url.endswith(ROUTE_PREFIX)
     forbidden = httpx.delete(hardened.url + "/results/0123", headers={"x-api-key": hardened.app_key})
     _assert_problem(forbidden, 403, "forbidden")
     assert "app-team" in forbidden.json()["detail"]
+    for path in ("/results/0123", "/results/0123/source", "/annotation/queue"):
+        _assert_problem(httpx.get(hardened.url + path, headers={"x-api-key": hardened.app_key}), 403, "forbidden")
+        _assert_problem(httpx.get(hardened.url + path), 401, "unauthorized")
+    ops = httpx.delete(hardened.url + "/results/" + "0" * 32, headers={"x-api-key": hardened.ops_key})
+    _assert_problem(ops, 404, "not-found")
 
 
 def test_grpc_needs_a_key_in_metadata(hardened, upload):
@@ -128,6 +155,96 @@ def test_grpc_needs_a_key_in_metadata(hardened, upload):
     assert "unauthorized" in caught.value.details()
     reply = stub.Remove(request, timeout=120, metadata=[("x-api-key", hardened.app_key)])
     assert reply.image and reply.bucket > 0
+
+
+def _trickle(url: str, key: str, answers: list, stop: threading.Event) -> None:
+    """A client that declares a 100 KB multipart body and sends a few bytes a second; records (status, seconds)."""
+    parsed = urllib.parse.urlsplit(url)
+    started = time.monotonic()
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=60) as conn:
+        conn.sendall(
+            f"POST {parsed.path}/remove HTTP/1.1\r\nHost: {parsed.hostname}\r\nX-API-Key: {key}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n".encode()
+        )
+        conn.settimeout(0.5)
+        reply = b""
+        while not stop.is_set() and time.monotonic() - started < 30:
+            try:
+                conn.sendall(b"--x")
+                reply += conn.recv(65536)
+                head, _, body = reply.partition(b"\r\n\r\n")
+                length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+                if length and len(body) >= int(length.group(1)):
+                    break
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:  # the server closed the connection
+                break
+    status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1") else None
+    answers.append((status, time.monotonic() - started, reply))
+
+
+def test_slow_uploads_hold_no_slot_and_are_cut_off(hardened, upload):
+    answers, stop = [], threading.Event()
+    tricklers = [
+        threading.Thread(target=_trickle, args=(hardened.url, hardened.app_key, answers, stop))
+        for _ in range(MAX_IN_FLIGHT + 2)
+    ]
+    for thread in tricklers:
+        thread.start()
+    time.sleep(1.0)
+    try:
+        assert _remove(hardened, upload, key=hardened.app_key, gate="off").status_code == 200, "no slot is held"
+    finally:
+        for thread in tricklers:
+            thread.join(timeout=40)
+        stop.set()
+    assert len(answers) == len(tricklers)
+    for status, seconds, reply in answers:
+        assert status == 408 and b"body-timeout" in reply, reply[:300]
+        assert seconds < BODY_TIMEOUT_S + 5, seconds
+
+
+def test_a_retained_result_is_seen_and_labelled_only_by_its_owner_or_a_reviewer(hardened, upload):
+    def as_(name_or_key):
+        return {"x-api-key": hardened.people.get(name_or_key, name_or_key)}
+
+    kept = httpx.post(
+        hardened.url + "/remove", files=upload, data={"gate": "off", "retain": "true"}, headers=as_("alice"), timeout=120
+    )
+    assert kept.status_code == 200, kept.text
+    result_id = kept.headers["x-result-id"]
+    verdict = {"result_id": result_id, "verdict": "yes"}
+    for stranger in ("bob", "dave"):  # another key's (or team's) result is "not found"
+        for path in (f"/results/{result_id}", *(f"/results/{result_id}/{kind}" for kind in ("source", "mask", "result"))):
+            _assert_problem(httpx.get(hardened.url + path, headers=as_(stranger)), 404, "not-found")
+        _assert_problem(httpx.post(hardened.url + "/feedback", json=verdict, headers=as_(stranger)), 404, "not-found")
+        queue = httpx.get(hardened.url + "/annotation/queue", params={"limit": 200}, headers=as_(stranger)).json()
+        assert result_id not in [item["id"] for item in queue["items"]]
+    assert httpx.get(hardened.url + f"/results/{result_id}/source", headers=as_("alice")).content == upload["image"]
+    reviewer_queue = httpx.get(
+        hardened.url + "/annotation/queue", params={"limit": 200}, headers=as_(hardened.reviewer_key)
+    ).json()
+    assert result_id in [item["id"] for item in reviewer_queue["items"]]
+    labelled = httpx.post(hardened.url + "/feedback", json=verdict, headers=as_(hardened.reviewer_key))
+    assert labelled.status_code == 201 and labelled.json()["label"] == "yes"
+    assert httpx.post(hardened.url + "/feedback", json=verdict, headers=as_("alice")).status_code == 201
+    shared = httpx.post(
+        hardened.url + "/remove", files=upload, data={"gate": "off", "retain": "true"}, headers=as_("dave"), timeout=120
+    ).headers["x-result-id"]
+    assert httpx.get(hardened.url + f"/results/{shared}", headers=as_("erin")).status_code == 200, "a team shares"
+    _assert_problem(httpx.get(hardened.url + f"/results/{shared}", headers=as_("alice")), 404, "not-found")
+
+
+def test_a_request_id_is_echoed_only_when_it_is_a_valid_one(hardened):
+    from serve.proxy_middleware import REQUEST_ID_PATTERN
+
+    assert httpx.get(hardened.url + "/healthz", headers={"x-request-id": "abc-1.2_3"}).headers["x-request-id"] == "abc-1.2_3"
+    for bad in ("x" * 5000, "a b", "<script>"):
+        echoed = httpx.get(hardened.url + "/healthz", headers={"x-request-id": bad}).headers["x-request-id"]
+        assert echoed != bad and re.fullmatch(REQUEST_ID_PATTERN, echoed)
+    problem = httpx.get(hardened.url + "/results/x", headers={"x-request-id": "y" * 300})
+    assert "y" * 300 not in problem.text
 
 
 def test_keys_never_reach_the_logs(hardened, upload):
@@ -169,18 +286,29 @@ def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upl
     assert closed.headers["retry-after"] == "3"
     annotated = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
     assert annotated.status_code == 200 and annotated.headers["x-gate"] == "unscored"
+    _wait_unready(hardened)
     _wait_ready(hardened)
     scored = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
     assert scored.headers["x-gate"] in ("passed", "failed") and "x-removal-score" in scored.headers
 
 
+def _wait_unready(service, timeout_s: float = 10.0) -> list[int]:
+    """/readyz until it answers 503: Serve notices a killed replica at its next health check
+    (health_check_period_s: 2) and /readyz follows Serve's published state within a second."""
+    readiness = []
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        readiness.append(httpx.get(service.url + "/readyz", timeout=10).status_code)
+        if readiness[-1] == 503:
+            break
+        time.sleep(0.25)
+    return readiness
+
+
 def test_a_killed_remover_drops_readiness_until_it_is_replaced(hardened, upload):
     (remover,) = _replica_pids(hardened, "Remover")
     os.kill(remover, signal.SIGKILL)
-    readiness = []
-    for _ in range(6):
-        readiness.append(httpx.get(hardened.url + "/readyz", timeout=10).status_code)
-        time.sleep(0.5)
+    readiness = _wait_unready(hardened)
     assert 503 in readiness, readiness
     _wait_ready(hardened)
     new_pids = _replica_pids(hardened, "Remover")

@@ -648,8 +648,7 @@ def test_the_weights_volume_job_and_bundle_path_agree():
     assert environment["ROREM_BUNDLE"] == bundle_path
     assert environment["HF_HOME"].startswith(mount["mountPath"]), "the download cache persists on the volume"
     assert environment["HF_HUB_OFFLINE"] == "0"
-    for key in ("ROREM_BASE", "ROREM_UNET"):
-        assert environment[key].startswith(("hf:", mount["mountPath"])), f"{key}: hf:OWNER/NAME[/PATH] or a volume path"
+    _assert_weight_sources_exist(environment, mount["mountPath"].rstrip("/") + "/")
 
     # the inline script: valid Python, names that exist in the project, environment it is given
     assert container["command"] == ["python3", "-c"]
@@ -686,6 +685,29 @@ def test_the_weights_volume_job_and_bundle_path_agree():
             assert {k.arg for k in call.keywords} <= fields
         if target == "import_authors_layout":
             assert {k.arg for k in call.keywords} <= parameters
+
+
+def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
+    """Hub references name only what the authors publish there; the Drive-only pieces lie on the volume."""
+    module = ast.parse((REPO / "engines" / "authors_layout.py").read_text())
+    published = {
+        t.id: ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign) for t in n.targets
+        if isinstance(t, ast.Name) and t.id in ("ROREM_PIPELINE", "SDXL_INPAINTING_UNET", "DRIVE_FOLDERS")
+    }  # fmt: skip
+    pipelines = {published["ROREM_PIPELINE"], published["SDXL_INPAINTING_UNET"].removesuffix("/unet")}
+    on_the_hub = pipelines | {f"{pipeline}/unet" for pipeline in pipelines}  # what these two repos hold
+    for field in ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet"):
+        key = f"ROREM_{field.upper()}"
+        value = environment[key]
+        assert not value or value.startswith(("hf:", volume)), f"{key}: hf:OWNER/NAME[/PATH] or a volume path"
+        if value.startswith("hf:"):
+            assert value in on_the_hub, f"{key}={value} is not a hub location known to exist ({on_the_hub})"
+            assert field not in published["DRIVE_FOLDERS"], f"{key}: on Google Drive only, expect it on the volume"
+    # what the prod Serve config needs: the 4-step LoRA and the discriminator for its Scorer
+    assert environment["ROREM_LCM_LORA"] and environment["ROREM_DISCRIMINATOR"]
+    if not environment["ROREM_UNET"]:
+        assert environment["ROREM_BASE"] == published["ROREM_PIPELINE"], "only its unet/ is RORem's"
+        assert environment["ROREM_DISCRIMINATOR_UNET"], "the discriminator needs the SDXL-inpainting UNet"
 
 
 def test_ray_version_and_python_packages_match_the_image():

@@ -9,6 +9,7 @@ import datetime as dt
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -128,6 +129,44 @@ def test_queue_is_unlabelled_results_least_certain_first(store, clock):
     assert [r.score for r in store.queue(2)] == [0.52, 0.75]
     assert [r.score for r in store.queue(10, threshold=0.9)] == [0.9, 0.75, 0.52, 0.2, None]
     assert store.count(labelled=False) == 5 and store.count(labelled=True) == 1
+
+
+def test_results_belong_to_their_owner_in_the_queue_counts_and_every_lookup(tmp_path, store):
+    from serve.auth import StoredKey, result_owner, visible_owner
+    from serve.config import RetentionSettings
+    from serve.feedback import FeedbackBody, Retention
+    from serve.problems import Problem
+
+    alice = StoredKey(name="alice", sha256="0" * 64, scopes=["remove", "feedback"])
+    dave = StoredKey(name="dave", team="studio", sha256="1" * 64, scopes=["feedback"])
+    reviewer = StoredKey(name="rev", sha256="2" * 64, scopes=["feedback", "review"])
+    assert (result_owner(alice), result_owner(dave), result_owner(None)) == ("alice", "studio", None)
+    assert (visible_owner(alice), visible_owner(reviewer), visible_owner(None)) == ("alice", None, None)
+
+    mine = store.save(replace(_new(b"a"), owner="alice"))
+    theirs = store.save(replace(_new(b"b"), owner="studio"))
+    store.save(_new(b"c"))  # kept while auth was off: nobody's
+    assert [r.id for r in store.queue(10, owner="alice")] == [mine]
+    assert store.count(labelled=False, owner="studio") == 1 and store.count(labelled=False) == 3
+    assert store.get(mine).owner == "alice"
+
+    retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), metrics=None)
+    retention._store = store
+
+    async def as_alice():
+        assert (await retention.get(mine, "alice")).id == mine
+        for call in (
+            retention.get(theirs, "alice"),
+            retention.image(theirs, "source", "alice"),
+            retention.feedback(FeedbackBody(result_id=theirs, verdict="no"), "alice"),
+        ):
+            with pytest.raises(Problem) as caught:
+                await call
+            assert caught.value.problem == "not-found" and theirs not in str(await retention.queue(20, None, "alice"))
+        assert (await retention.get(theirs, None)).id == theirs  # a reviewer / admin, or auth off
+
+    asyncio.run(as_alice())
+    assert store.get(theirs).label is None, "a refused verdict is not stored"
 
 
 def test_a_relabel_is_appended_and_the_newest_verdict_is_the_label(store, clock):
@@ -357,11 +396,30 @@ def test_export_labels_refuses_too_few_labels(tmp_path, capsys):
 
 
 def test_metrics_label_result_routes_by_template_never_by_id():
-    from serve.app import _route_label
+    from fastapi.testclient import TestClient
 
-    assert _route_label("/results/" + "a" * 32) == "/results/{id}"
-    assert _route_label("/results/" + "a" * 32 + "/mask") == "/results/{id}/{kind}"
-    assert [_route_label(p) for p in ("/feedback", "/annotate", "/annotation/queue", "/remove")] == [
-        "/feedback", "/annotate", "/annotation/queue", "/remove",
-    ]  # fmt: skip
-    assert _route_label("/results/x/y/z") == "other"
+    from serve.app import _route_label, api
+
+    labels = {}
+
+    @api.middleware("http")
+    async def record(request, call_next):
+        try:  # outside a replica the endpoints fail (no Serve context) after routing; the label is known by then
+            return await call_next(request)
+        finally:
+            labels[request.url.path] = _route_label(request.scope)
+
+    api.middleware_stack = None  # rebuilt with the recording middleware; removed again below
+    try:
+        client = TestClient(api, root_path="/api/v1", raise_server_exceptions=False)
+        for path in ("/results/" + "a" * 32, "/results/" + "a" * 32 + "/mask", "/results/x/y/z", "/annotation/queue"):
+            client.get(path)
+    finally:
+        api.user_middleware.pop(0)
+        api.middleware_stack = None
+    assert {path.removeprefix("/api/v1"): label for path, label in labels.items()} == {
+        "/results/" + "a" * 32: "/results/{id}",
+        "/results/" + "a" * 32 + "/mask": "/results/{id}/{kind}",
+        "/results/x/y/z": "other",
+        "/annotation/queue": "/annotation/queue",
+    }

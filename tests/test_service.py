@@ -40,7 +40,8 @@ def _assert_problem(response, status: int, problem: str):
 
 
 def test_ready_reports_the_loaded_tiny_bundle(service):
-    assert service.client.get("/healthz").json() == {"status": "alive"}
+    health = service.client.get("/healthz").json()
+    assert health["status"] == "alive" and health["instance"], health  # the id `serve run` generated
     ready = service.client.get("/readyz")
     assert ready.status_code == 200
     model = ready.json()["model"]

@@ -51,6 +51,7 @@ class ResultRow(Base):
     seed: Mapped[int | None] = mapped_column(BigInteger)
     bucket: Mapped[int | None] = mapped_column(Integer)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    owner: Mapped[str | None] = mapped_column(String(128), index=True)  # the creating key's team or name
 
 
 class FeedbackRow(Base):

@@ -30,7 +30,7 @@ KINDS: tuple[Kind, ...] = ("source", "mask", "result")
 VERDICTS = ("yes", "no")
 MASK_MEDIA_TYPE = "image/png"
 _CHUNK = 500  # ids per IN (...) list
-_SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket")
+_SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket", "owner")
 
 
 class ResultNotFound(KeyError):
@@ -64,6 +64,7 @@ class NewResult:
     bucket: int | None
     params: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
+    owner: str | None = None  # the creating API key's team or name; None: created without auth
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class StoredResult:
     bucket: int | None
     params: dict[str, Any]
     feedback: tuple[Feedback, ...] = ()
+    owner: str | None = None
 
     @property
     def label(self) -> str | None:
@@ -209,21 +211,22 @@ class RetentionStore:
             )
         return self.get(result_id)
 
-    def queue(self, limit: int = 20, threshold: float | None = None) -> list[StoredResult]:
+    def queue(self, limit: int = 20, threshold: float | None = None, owner: str | None = None) -> list[StoredResult]:
         """Unlabelled results, the discriminator's least certain first: |score - threshold| ascending
-        (each result's own threshold unless one is given); unscored results last; then oldest first."""
+        (each result's own threshold unless one is given); unscored results last; then oldest first.
+        `owner`: only that owner's results (None: everyone's)."""
         cut = ResultRow.threshold if threshold is None else threshold
         statement = (
             select(ResultRow)
-            .where(~_has_feedback())
+            .where(~_has_feedback(), *_owned_by(owner))
             .order_by(ResultRow.score.is_(None), func.abs(ResultRow.score - cut), ResultRow.created_at, ResultRow.id)
             .limit(limit)
         )
         with Session(self.engine) as session:
             return self._stored(session.scalars(statement).all(), session)
 
-    def count(self, labelled: bool | None = None) -> int:
-        statement = select(func.count()).select_from(ResultRow)
+    def count(self, labelled: bool | None = None, owner: str | None = None) -> int:
+        statement = select(func.count()).select_from(ResultRow).where(*_owned_by(owner))
         if labelled is not None:
             statement = statement.where(_has_feedback() if labelled else ~_has_feedback())
         with Session(self.engine) as session:
@@ -316,6 +319,10 @@ class RetentionStore:
             )
             for row in rows
         ]
+
+
+def _owned_by(owner: str | None) -> tuple:
+    return () if owner is None else (ResultRow.owner == owner,)
 
 
 def _has_feedback():

@@ -1,0 +1,119 @@
+"""Readiness and liveness that do not queue behind model work.
+
+`/readyz` answers from what Serve publishes about the model deployments (their replicas' states, read
+from the controller at most once a second) and from the model descriptions, asked for once. A probe
+therefore costs the same whether the Remover is idle or saturated, so overload never turns every pod
+unready at once. `EngineWatch` gives the model deployments a `check_health` that notices an engine
+call that never returns, so Serve restarts that replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from ray import serve
+
+RUNNING = "RUNNING"
+logger = logging.getLogger("ray.serve")
+
+
+class EngineWatch:
+    """When the engine call in progress started; `check` raises once one has run past `hung_after_s`."""
+
+    def __init__(self, hung_after_s: float | None, clock: Callable[[], float] = time.monotonic):
+        self.hung_after_s = hung_after_s
+        self.clock = clock
+        self._started: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+
+    @contextmanager
+    def running(self):
+        with self._lock:
+            call, self._next = self._next, self._next + 1
+            self._started[call] = self.clock()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._started[call]
+
+    def check(self) -> None:
+        if self.hung_after_s is None:
+            return
+        with self._lock:
+            oldest = min(self._started.values(), default=None)
+        if oldest is not None and self.clock() - oldest > self.hung_after_s:
+            raise RuntimeError(f"an engine call has run for {self.clock() - oldest:.0f} s (hung_after_s {self.hung_after_s:g})")
+
+
+def running_replicas(app_name: str) -> dict[str, int]:
+    """Replicas in the RUNNING state (constructed, warmed up, passing health checks) per deployment."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {name: int(d.replica_states.get(RUNNING, 0)) for name, d in app.deployments.items()}
+
+
+class Readiness:
+    """The model deployments' readiness for /readyz, from Serve's published state, cached for `refresh_s`."""
+
+    def __init__(
+        self,
+        handles: dict,
+        app_name: str | None = None,
+        refresh_s: float = 1.0,
+        replica_counts: Callable[[str], dict[str, int]] = running_replicas,
+        describe_timeout_s: float = 5.0,
+    ):
+        self.handles = {key: handle for key, handle in handles.items() if handle is not None}
+        self.app_name = app_name
+        self.refresh_s = refresh_s
+        self.replica_counts = replica_counts
+        self.describe_timeout_s = describe_timeout_s
+        self._counts: dict[str, int] = {}
+        self._read_at = float("-inf")
+        self._reading: asyncio.Task | None = None
+        self.descriptions: dict[str, dict] = {}
+
+    async def _current_counts(self) -> dict[str, int]:
+        """The last read of Serve's replica states; a new read starts in the background once the last is
+        `refresh_s` old (only the very first probe waits for one), so a probe never waits on the controller."""
+        if self._reading is None and time.monotonic() - self._read_at >= self.refresh_s:
+            self._reading = asyncio.ensure_future(self._read())
+        if self._read_at == float("-inf") and self._reading is not None:
+            await asyncio.shield(self._reading)
+        return self._counts
+
+    async def _read(self) -> None:
+        try:
+            self._counts = await asyncio.to_thread(self.replica_counts, self._app())
+        except Exception as exc:  # the controller restarting: keep the last known states
+            logger.warning("readiness: cannot read Serve's status: %s", exc)
+        finally:
+            self._read_at = time.monotonic()
+            self._reading = None
+
+    def _app(self) -> str:
+        if self.app_name is None:
+            self.app_name = serve.get_replica_context().app_name
+        return self.app_name
+
+    async def missing(self) -> list[str]:
+        """Deployments without a running replica, or whose description is not known yet."""
+        counts = await self._current_counts()
+        missing = [key for key, handle in self.handles.items() if counts.get(handle.deployment_name, 0) < 1]
+        for key in self.handles:
+            if key not in missing and key not in self.descriptions:
+                response = self.handles[key].describe.remote()
+                try:  # once per deployment: a running replica answers; a slow answer means "not yet"
+                    self.descriptions[key] = await asyncio.wait_for(response, timeout=self.describe_timeout_s)
+                except Exception:
+                    response.cancel()
+                    missing.append(key)
+        return missing

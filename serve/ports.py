@@ -1,0 +1,90 @@
+"""Is a TCP port free to listen on, and if not, who holds it (Linux: /proc/net/tcp* and /proc/*/fd).
+
+`python -m serve run` checks its HTTP, gRPC and metrics ports before starting Ray: a second instance
+on a busy port must fail at once, naming the port and its holder, instead of starting, failing to bind
+somewhere inside Ray, and letting the first instance answer in its name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+_LISTEN = "0A"  # TCP state LISTEN in /proc/net/tcp
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails because something listens there (or on all interfaces).
+
+    SO_REUSEADDR, as servers set it, so a closed connection lingering in TIME_WAIT does not count."""
+    if ":" in host and not socket.has_ipv6:
+        host = "0.0.0.0"  # "::" (all interfaces) on a machine without IPv6
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def listeners(port: int, proc: Path = Path("/proc")) -> list[str]:
+    """Who listens on `port`: "pid 123 (python -m serve run ...)" per process found, or what is known."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == _LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    if not inodes:
+        return []
+    holders = []
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fds = list((pid_dir / "fd").iterdir())
+        except OSError:
+            continue  # gone, or another user's process
+        if _links(fds) & targets:
+            holders.append(f"pid {pid_dir.name} ({_command(pid_dir)})")
+    return holders or ["a process this user cannot inspect (another user's, or in another container)"]
+
+
+def _links(fds: list[Path]) -> set[str]:
+    links = set()
+    for fd in fds:
+        try:
+            links.add(os.readlink(fd))
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor, for one)
+    return links
+
+
+def _command(pid_dir: Path) -> str:
+    try:
+        argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    command = " ".join(a.decode(errors="replace") for a in argv if a)
+    return command[:200] or "?"
+
+
+def busy_ports(wanted: dict[str, tuple[str, int]]) -> list[str]:
+    """For each `name: (host, port)` in use, a line naming the port and its holder."""
+    problems = []
+    for name, (host, port) in wanted.items():
+        if port_in_use(host, port):
+            held_by = "; ".join(listeners(port)) or "unknown (no listener found in /proc)"
+            problems.append(f"the {name} port {port} ({host}) is already in use, held by {held_by}")
+    return problems

@@ -1,0 +1,59 @@
+"""How large a request Ray's proxies may take in, derived from the app's `imaging` settings.
+
+Ray's proxies read a whole request before any replica sees it: the gRPC proxy up to
+RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (2 GiB by default), the HTTP proxy without a bound. Both are set
+per Ray process, from the environment, so `python -m serve run` (serve.cli) and the Kubernetes
+manifests (k8s/render.py) put `proxy_env(settings)` into the environment of the Ray processes they
+start. The app's own checks (serve.requests: 413 `payload-too-large`) stay the exact ones; these
+bounds only keep a larger request out of the proxies' memory.
+"""
+
+from __future__ import annotations
+
+from serve.config import AppSettings, ImagingSettings
+from serve.proxy_middleware import BODY_LIMIT_ENV, CALLBACK_ENV, CALLBACK_PATH
+
+GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
+GRPC_MESSAGE_CEILING = 2**31 - 1  # Ray's default and gRPC's own maximum (a signed 32-bit length)
+
+# Protobuf framing of the request's fields (a tag and a varint length each) and its options: a few
+# hundred bytes; a generous margin costs nothing.
+GRPC_REQUEST_SLACK = 64 * 1024
+# The largest encoded reply per pixel: 8-bit RGBA PNG (4 bytes) plus its per-row filter byte, zlib
+# and chunk framing; a 1-pixel-wide strip maximises those (measured 4.53 bytes/pixel; JPEG and WebP
+# replies are smaller at the sizes their side limits allow). tests/test_lifecycle.py checks it.
+REPLY_BYTES_PER_PIXEL = 5
+REPLY_SLACK = 1024 * 1024  # encoder headers, JPEG's 16-pixel blocks on small images, the reply's other fields
+
+
+def grpc_max_message_bytes(imaging: ImagingSettings) -> int:
+    """The gRPC proxy's message limit. Ray applies one number to both directions, so it is the larger of:
+
+    - a request: the files of one request together are at most `max_upload_bytes` (the app checks the
+      sum, serve.requests.check_upload_size), so one upload plus framing, not two;
+    - a reply: the encoded result, which can be larger than the upload (a JPEG in, a PNG out), bounded
+      by `max_megapixels`.
+    A request over this limit is refused by the proxy with RESOURCE_EXHAUSTED before it is buffered
+    whole; one between `max_upload_bytes` and this limit reaches the app, which answers
+    RESOURCE_EXHAUSTED `payload-too-large`.
+    """
+    request = imaging.max_upload_bytes + GRPC_REQUEST_SLACK
+    reply = int(imaging.max_megapixels * 1e6) * REPLY_BYTES_PER_PIXEL + REPLY_SLACK
+    return min(max(request, reply), GRPC_MESSAGE_CEILING)
+
+
+def http_max_body_bytes(imaging: ImagingSettings) -> int:
+    """The HTTP proxy's body limit: the largest body the app reads (JSON, base64 is 4/3 of the files)."""
+    from serve.requests import _JSON_OVERHEAD
+
+    return imaging.max_upload_bytes * 4 // 3 + _JSON_OVERHEAD
+
+
+def proxy_env(app_args: dict) -> dict[str, str]:
+    """The environment the Ray processes need for these limits (the proxies read it when they start)."""
+    imaging = AppSettings.model_validate(app_args or {}).imaging
+    return {
+        GRPC_MESSAGE_ENV: str(grpc_max_message_bytes(imaging)),
+        BODY_LIMIT_ENV: str(http_max_body_bytes(imaging)),
+        CALLBACK_ENV: CALLBACK_PATH,
+    }

@@ -1,0 +1,370 @@
+"""Per-key quotas: work requests per window and work requests in progress, shared by every ingress replica.
+
+A key in the keys file may carry `requests_per_minute` and `max_concurrent` (serve/auth.py; absent:
+unlimited). Only the work routes count (`/remove`, `/score`, gRPC `Remove` / `Score`; a REST route opts in
+with `dependencies=[auth.requires(...), quotas.METERED]`): the result, feedback and annotation routes are
+cheap reads a reviewer's page calls many times a minute, and they neither count nor carry the fields.
+
+- Rate: a fixed window of `auth.quota_window_s` seconds (60: "per minute"), opened by a key's first
+  request after the previous window closed. Every metered request that gets past the key check counts,
+  whatever its answer (a refused one does not). `t` is exact: the whole quota is back when it reaches 0.
+  The price of a fixed window: up to 2 x q requests can pass across a window's end.
+- Concurrency: a lease per admitted request, given back as its answer starts (or when it ends in any
+  other way). A lease expires after request_timeout_s + body_timeout_s + LEASE_MARGIN_S, so a replica
+  that dies mid-request cannot keep a key's slot forever.
+
+The state lives in one named Ray actor, `QuotaLedger` (num_cpus=0, detached, restarted when it dies: a
+restart forgets the counts, i.e. grants fresh quotas), found or created by every ingress replica: no
+external service. Being detached, it outlives a redeploy (the counts too) and stays until Ray stops. Per metered request: one actor call awaited when it starts, and, for a key with
+`max_concurrent`, one call not awaited when it ends. A key without limits costs nothing.
+
+Unreachable ledger (dead for good, or slower than CALL_TIMEOUT_S): the request is admitted without
+quota fields (fail open): a quota protects the service's fairness, and refusing every paying caller
+because the bookkeeping is down is worse than a few minutes unmetered. Each failure counts in
+`ray_rorem_quota_ledger_errors_total`, with at most one log line per LOG_EVERY_S.
+
+Answers (IETF draft-ietf-httpapi-ratelimit-headers-09 form), on every answer of a metered request of a key
+with a quota, successes and errors alike; gRPC sends the same fields as trailing metadata (lower case):
+    RateLimit-Policy: "minute";q=5;w=60, "concurrency";q=2;qu="concurrent-requests"
+    RateLimit: "minute";r=3;t=41, "concurrency";r=1
+Refused: 429 `too-many-requests` (gRPC RESOURCE_EXHAUSTED) with Retry-After (the window's reset; 1 s
+for a full concurrency quota).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from starlette.datastructures import MutableHeaders
+
+from serve.problems import Problem
+
+LEDGER_NAME = "rorem-quota-ledger-v1"  # per application: LEDGER_NAME:<app>; bump the version with the actor's API
+CALL_TIMEOUT_S = 2.0
+START_TIMEOUT_S = 60.0
+LEASE_MARGIN_S = 60.0
+LOG_EVERY_S = 60.0
+RESOLVE_EVERY_S = 5.0  # after a failure, how often the ingress looks the ledger up again
+CONCURRENCY_RETRY_AFTER_S = 1
+RATE, CONCURRENCY = "minute", "concurrency"  # the policies' names in the RateLimit fields
+LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests: int | None  # per window
+    concurrent: int | None
+    window_s: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The ledger's answer to one request: admitted or not, and what the key has left."""
+
+    key: str
+    limits: Limits
+    allowed: bool = True
+    remaining: int | None = None  # requests left in the window (None: no rate quota)
+    reset_s: float = 0.0  # seconds until the window's whole quota is back
+    in_flight: int = 0  # the key's requests in progress, this one included when admitted
+    lease: str | None = None  # the concurrency lease to give back (None: none held)
+    refused_by: str | None = None  # RATE or CONCURRENCY
+
+    def headers(self) -> dict[str, str]:
+        """The RateLimit-Policy and RateLimit fields (empty for a key without a quota)."""
+        policies, states = [], []
+        if self.limits.requests is not None:
+            policies.append(f'"{RATE}";q={self.limits.requests};w={_seconds(self.limits.window_s)}')
+            states.append(f'"{RATE}";r={self.remaining};t={_seconds(self.reset_s)}')
+        if self.limits.concurrent is not None:
+            policies.append(f'"{CONCURRENCY}";q={self.limits.concurrent};qu="concurrent-requests"')
+            states.append(f'"{CONCURRENCY}";r={max(0, self.limits.concurrent - self.in_flight)}')
+        return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)} if policies else {}
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """The same fields as gRPC metadata (names in lower case)."""
+        return [(name.lower(), value) for name, value in self.headers().items()]
+
+    def check(self) -> None:
+        """Raise the 429 of a refused request."""
+        if self.allowed:
+            return
+        if self.refused_by == RATE:
+            retry_after = max(1, math.ceil(self.reset_s))
+            detail = (
+                f"the key {self.key!r} has used its {self.limits.requests} requests of this "
+                f"{_seconds(self.limits.window_s)} s window; the quota is back in {retry_after} s"
+            )
+        else:
+            retry_after = CONCURRENCY_RETRY_AFTER_S
+            detail = f"the key {self.key!r} has {self.in_flight} requests in progress (its limit is {self.limits.concurrent})"
+        raise Problem("too-many-requests", detail, headers={"Retry-After": str(retry_after)}, quota=self.refused_by)
+
+
+def _seconds(value: float) -> int:
+    return max(0, math.ceil(value))
+
+
+@dataclass
+class _KeyState:
+    window_start: float | None = None
+    used: int = 0
+    leases: dict[str, float] | None = None  # lease -> expiry
+
+
+class QuotaBook:
+    """Every key's window and leases (plain Python, so its rules are tested with a fake clock)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._keys: dict[str, _KeyState] = {}
+        self._swept = clock()
+
+    def acquire(self, key: str, limits: Limits, lease_s: float) -> Decision:
+        now = self.clock()
+        self._sweep(now, limits.window_s)
+        state = self._keys.setdefault(key, _KeyState(leases={}))
+        if state.window_start is not None and now >= state.window_start + limits.window_s:
+            state.window_start, state.used = None, 0
+        state.leases = {lease: expiry for lease, expiry in state.leases.items() if expiry > now}
+        refused_by = None
+        if limits.requests is not None and state.used >= limits.requests:
+            refused_by = RATE
+        elif limits.concurrent is not None and len(state.leases) >= limits.concurrent:
+            refused_by = CONCURRENCY
+        lease = None
+        if refused_by is None:
+            if state.window_start is None:
+                state.window_start = now
+            state.used += 1
+            if limits.concurrent is not None:
+                lease = uuid.uuid4().hex
+                state.leases[lease] = now + lease_s
+        reset_s = limits.window_s if state.window_start is None else state.window_start + limits.window_s - now
+        return Decision(
+            key=key,
+            limits=limits,
+            allowed=refused_by is None,
+            remaining=None if limits.requests is None else max(0, limits.requests - state.used),
+            reset_s=reset_s,
+            in_flight=len(state.leases),
+            lease=lease,
+            refused_by=refused_by,
+        )
+
+    def release(self, key: str, lease: str) -> None:
+        """Give a lease back; an unknown one (expired, or forgotten by a restart) is ignored."""
+        state = self._keys.get(key)
+        if state is not None:
+            state.leases.pop(lease, None)
+
+    def _sweep(self, now: float, window_s: float) -> None:
+        """Forget keys with a closed window and no lease, at most once a window: memory stays bounded by the
+        keys active lately."""
+        if now - self._swept < window_s:
+            return
+        self._swept = now
+        for key, state in list(self._keys.items()):
+            closed = state.window_start is None or now >= state.window_start + window_s
+            if closed and not any(expiry > now for expiry in state.leases.values()):
+                del self._keys[key]
+
+
+class QuotaLedger:
+    """The Ray actor (serial: one call at a time, so the book needs no lock) every ingress replica shares."""
+
+    def __init__(self):
+        self.book = QuotaBook()
+
+    def acquire(self, key: str, limits: Limits, lease_s: float) -> Decision:
+        return self.book.acquire(key, limits, lease_s)
+
+    def release(self, key: str, lease: str) -> None:
+        self.book.release(key, lease)
+
+    def ready(self) -> bool:
+        return True
+
+
+class RayLedger:
+    """The ingress's handle on the QuotaLedger actor, looked up (or created) by name."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._handle = None
+        self._looked_up = -math.inf
+
+    def _lookup(self):
+        import ray
+
+        actor = ray.remote(QuotaLedger).options(
+            name=self.name, get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1, max_task_retries=1
+        )
+        return actor.remote()
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Find or create the actor and wait until it answers (a new actor's process takes a few seconds to
+        start: waited for here, at the replica's start, not by its first requests). Failing here fails open."""
+        try:
+            handle = self._lookup()
+            handle.ready.remote().future().result(timeout=timeout_s)
+            self._handle = handle
+        except Exception as exc:
+            self._looked_up = time.monotonic()
+            logger.warning("quota ledger %s not available at start (%s): admitting requests unmetered", self.name, exc)
+
+    async def handle(self):
+        """The actor handle; looked up off the event loop (a GCS round trip), at most every RESOLVE_EVERY_S."""
+        if self._handle is None:
+            now = time.monotonic()
+            if now - self._looked_up < RESOLVE_EVERY_S:
+                raise RuntimeError("the quota ledger was not found recently")
+            self._looked_up = now
+            self._handle = await asyncio.to_thread(self._lookup)
+        return self._handle
+
+    async def acquire(self, key: str, limits: Limits, lease_s: float) -> Decision:
+        handle = await self.handle()
+        try:
+            return await asyncio.wait_for(_awaited(handle.acquire.remote(key, limits, lease_s)), CALL_TIMEOUT_S)
+        except Exception:
+            self._handle = None  # look it up again: it may have been replaced
+            raise
+
+    def release(self, key: str, lease: str) -> None:
+        if self._handle is not None:
+            self._handle.release.remote(key, lease)  # not awaited: the answer is already on its way
+
+
+async def _awaited(ref):
+    return await ref
+
+
+class Quotas:
+    """The ingress's side: a key's limits, one ledger call when a metered request starts, one when it ends."""
+
+    def __init__(self, ledger, window_s: float, lease_s: float, on_error: Callable[[], None] | None = None):
+        self.ledger = ledger
+        self.window_s = window_s
+        self.lease_s = lease_s
+        self.on_error = on_error or (lambda: None)
+        self._logged = -math.inf
+
+    @classmethod
+    def from_settings(cls, settings, app_name: str, on_error: Callable[[], None] | None = None) -> Quotas:
+        """`settings`: serve.config.AppSettings. No ledger while auth is off: there are no keys to meter."""
+        ledger = RayLedger(f"{LEDGER_NAME}:{app_name}") if settings.auth.enabled else None
+        lease_s = settings.request_timeout_s + settings.overload.body_timeout_s + LEASE_MARGIN_S
+        return cls(ledger, settings.auth.quota_window_s, lease_s, on_error)
+
+    def start(self) -> Quotas:
+        if self.ledger is not None:
+            self.ledger.start()
+        return self
+
+    def limits(self, key) -> Limits | None:
+        """`key`: the caller's serve.auth.StoredKey (None while auth is off)."""
+        if key is None or (key.requests_per_minute is None and key.max_concurrent is None):
+            return None
+        return Limits(key.requests_per_minute, key.max_concurrent, self.window_s)
+
+    async def acquire(self, key) -> Decision | None:
+        """The ledger's decision for a request of `key`; None: not metered (no quota, or the ledger unreachable)."""
+        limits = self.limits(key)
+        if limits is None or self.ledger is None:
+            return None
+        try:
+            return await self.ledger.acquire(key.name, limits, self.lease_s)
+        except Exception as exc:
+            self.on_error()
+            now = time.monotonic()
+            if now - self._logged >= LOG_EVERY_S:
+                self._logged = now
+                logger.warning(
+                    "quota ledger unreachable (%s: %s): admitting requests unmetered", type(exc).__name__, exc
+                )
+            return None
+
+    def release(self, decision: Decision | None) -> None:
+        if decision is None or decision.lease is None:
+            return
+        try:
+            self.ledger.release(decision.key, decision.lease)
+        except Exception:  # the lease expires by itself
+            self.on_error()
+
+
+_quotas = Quotas(None, 60.0, 0.0)
+
+
+def install(quotas: Quotas) -> Quotas:
+    """Set this ingress process's quotas (METERED and QuotaFields read them)."""
+    global _quotas
+    _quotas = quotas
+    return _quotas
+
+
+def installed() -> Quotas:
+    return _quotas
+
+
+def ledger_errors_counter():
+    """The counter of ledger calls that failed (created in the replica that records it)."""
+    from ray.serve.metrics import Counter
+
+    return Counter(LEDGER_ERRORS, description="Quota ledger calls that failed (the request was admitted unmetered).")
+
+
+class _Meter:
+    async def __call__(self, request: Request) -> None:
+        if not hasattr(request.state, "principal"):
+            raise RuntimeError("quotas.METERED must follow the route's access rule (auth.requires) in its dependencies")
+        decision = await installed().acquire(request.state.principal)
+        if decision is not None:
+            request.state.quota = decision  # QuotaFields adds the fields to the answer and gives the lease back
+            decision.check()
+
+
+METERED = Depends(_Meter())
+"""Declare a REST route metered, after its access rule: `dependencies=[auth.requires("remove"), quotas.METERED]`."""
+
+
+class QuotaFields:
+    """ASGI middleware: the RateLimit fields of the request's decision on its answer, whatever the answer
+    (the Problem handlers run inside it). The concurrency lease is given back as the answer starts (before the
+    client can see it and send its next request), or when the request ends without one (a client gone). An
+    unhandled exception's 500 is sent outside it, without the fields."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        released = False
+
+        async def send_with_fields(message):
+            nonlocal released
+            if message["type"] == "http.response.start":
+                decision = scope.get("state", {}).get("quota")
+                if decision is not None:
+                    MutableHeaders(scope=message).update(decision.headers())
+                    installed().release(decision)
+                    released = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_fields)
+        finally:
+            decision = scope.get("state", {}).get("quota")
+            if not released:
+                installed().release(decision)

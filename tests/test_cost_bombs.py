@@ -1,0 +1,256 @@
+"""Cost bombs: small files that would cost large CPU or memory to decode or to process once decoded.
+
+Each is built here, small, and must be refused (413 image-too-large) from its structure, before its pixels
+are decoded: quickly at the unit level, and over REST and gRPC within 2 s while /healthz keeps answering.
+docs/reliability.md ("Cost bombs") has the table, with each bomb's cost before the limits.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from engines.errors import ImageTooLarge
+from engines.imaging import DecodeLimits, decode_image
+from serve import rorem_pb2 as pb
+from serve.grpc_client import open_channel, problem_of, stub
+from serve.problems import Problem
+from serve.requests import JSONRemoveBody, validate
+from tests.conftest import png_bytes
+
+LIMITS = DecodeLimits(max_bytes=6 * 1024 * 1024)  # the service tests' upload limit, every other bound default
+PROBLEM = "application/problem+json"
+DEADLINE_S = 2.0
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def flat_png(width: int, height: int, before_idat: bytes = b"") -> bytes:
+    """A valid all-black 8-bit gray PNG, its rows squeezed ~1000-fold by zlib."""
+    pixels = zlib.compress((b"\0" * (1 + width)) * height, 9)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + before_idat + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b"")
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment; a scan's entropy-coded data belongs to its SOS segment."""
+    segments, position = [], 2
+    while data[position + 1] != 0xD9:
+        marker = data[position + 1]
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        while marker == 0xDA and (data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7):
+            end += 1
+        segments.append((marker, position, end))
+        position = end
+    return segments
+
+
+def _ac_first(data: bytes, start: int) -> bool:
+    """An SOS segment that starts the AC coefficients of a band (spectral start > 0, no earlier bits)."""
+    components = data[start + 4]
+    spectral_start, approximation = data[start + 5 + 2 * components], data[start + 7 + 2 * components]
+    return spectral_start > 0 and approximation >> 4 == 0
+
+
+def jpeg_many_scans(side: int, copies: int) -> bytes:
+    """A progressive JPEG with one AC scan repeated: libjpeg warns and decodes each copy over the whole image."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    segments = _jpeg_segments(data)
+    last = max(i for i, (marker, start, _) in enumerate(segments) if marker == 0xDA and _ac_first(data, start))
+    first = last
+    while segments[first - 1][0] == 0xC4:  # its Huffman tables
+        first -= 1
+    scan = data[segments[first][1] : segments[last][2]]
+    return data[:-2] + scan * copies + data[-2:]
+
+
+def small_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (64, 48), 128).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def gif_comment_blocks(count: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("P", (64, 48)).save(buffer, "GIF")
+    data = buffer.getvalue()
+    start = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    return data[:start] + b"\x21\xfe" + b"\x01A" * count + b"\x00" + data[start:]
+
+
+def tiff_with_orientation_values(count: int) -> bytes:
+    """A 1x1 gray TIFF whose Orientation tag holds `count` SHORTs (Pillow unpacks them all into a tuple)."""
+    tags = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, 1, 8), (274, 3, count, 0), (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, 1)]  # fmt: skip
+    ifd_at = 9
+    values_at = ifd_at + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, n, values_at if tag == 274 else value)
+        if kind == 4 or tag == 274
+        else struct.pack("<HHIHH", tag, kind, n, value, 0)
+        for tag, kind, n, value in tags
+    )
+    return b"II*\x00" + struct.pack("<I", ifd_at) + b"\x00" + struct.pack("<H", len(tags)) + entries + bytes(4) + b"\x01\x00" * count
+
+
+def rle_bmp(width: int, height: int) -> bytes:
+    """An RLE8 BMP of 1-pixel runs: Pillow's decoder for it is Python, 2 bytes per step."""
+    pixels = (b"\x01\x00" * width + b"\x00\x00") * height + b"\x00\x01"
+    palette = bytes(4 * 256)
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+
+
+def png_with_exif(size: int) -> bytes:
+    exif = b"II*\x00" + struct.pack("<IHHHII", 8, 1, 0x0112, 3, 1, 1) + bytes(4)
+    return flat_png(64, 48, _chunk(b"eXIf", exif + bytes(size - len(exif))))
+
+
+# name -> (build, a phrase of the detail); every one is 413 image-too-large
+BOMBS = {
+    "PNG 40000000x1 (a strip: 40 MP, ~40 KB)": (lambda: flat_png(40_000_000, 1), "pixels a side"),
+    "PNG 1x40000000 (a column)": (lambda: flat_png(1, 40_000_000), "pixels a side"),
+    "PNG 65536x1 (one past the side limit)": (lambda: flat_png(65_536, 1), "65535 pixels a side"),
+    "PNG with 100000 empty IDAT chunks": (lambda: flat_png(64, 48, _chunk(b"IDAT", b"") * 100_000), "PNG chunks"),
+    "PNG with 100000 ancillary chunks": (lambda: flat_png(64, 48, _chunk(b"abCd", b"") * 100_000), "PNG chunks"),
+    "PNG with 100 KB of EXIF": (lambda: png_with_exif(100_000), "EXIF"),
+    "JPEG 6000x6000 progressive, 2000 scans": (lambda: jpeg_many_scans(6000, 2000), "JPEG scans"),
+    "JPEG with 100000 comment segments": (lambda: small_jpeg()[:2] + b"\xff\xfe\x00\x02" * 100_000 + small_jpeg()[2:],
+                                          "JPEG segments"),
+    "JPEG with 400000 fill bytes": (lambda: small_jpeg()[:2] + b"\xff" * 400_000 + small_jpeg()[2:], "JPEG segments"),
+    "GIF with 100000 comment sub-blocks": (lambda: gif_comment_blocks(100_000), "GIF blocks"),
+    "TIFF orientation of 100000 values": (lambda: tiff_with_orientation_values(100_000), "TIFF tag"),
+    "BMP RLE8 of 1-pixel runs (2 MB)": (lambda: rle_bmp(1000, 1000), "RLE BMP"),
+}  # fmt: skip
+
+
+@functools.cache
+def bomb(name: str) -> bytes:
+    return BOMBS[name][0]()
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_each_bomb_is_refused_from_its_structure_quickly(name):
+    data = bomb(name)
+    assert len(data) < LIMITS.max_bytes
+    started = time.perf_counter()
+    with pytest.raises(ImageTooLarge, match=BOMBS[name][1]):
+        decode_image(data, LIMITS)
+    assert time.perf_counter() - started < DEADLINE_S
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        flat_png(65_535, 1),
+        flat_png(64, 48, _chunk(b"abCd", b"") * 1000),
+        jpeg_many_scans(64, 80),  # a progressive JPEG's own ~10 scans plus 80: under the limit
+        gif_comment_blocks(1000),
+        tiff_with_orientation_values(1),
+        rle_bmp(64, 48),
+        png_with_exif(60_000),
+    ],
+    ids=["65535x1", "1000 chunks", "90 scans", "1000 GIF blocks", "TIFF", "small RLE BMP", "60 KB EXIF"],
+)
+def test_just_under_each_limit_decodes(data):
+    assert decode_image(data, LIMITS).rgb.size > 0
+
+
+def test_the_limits_are_settings():
+    tight = DecodeLimits(max_side=1000, max_jpeg_scans=5, max_chunks=100)
+    with pytest.raises(ImageTooLarge, match="1000 pixels a side"):
+        decode_image(flat_png(1001, 1), tight)
+    with pytest.raises(ImageTooLarge, match="5 scans"):
+        decode_image(jpeg_many_scans(64, 0), tight)
+    with pytest.raises(ImageTooLarge, match="PNG chunks"):
+        decode_image(flat_png(8, 8, _chunk(b"abCd", b"") * 100), tight)
+
+
+def test_a_validation_error_of_a_million_unknown_keys_is_a_few_kb():
+    with pytest.raises(Problem) as caught:
+        validate(JSONRemoveBody, {"image": "AAAA", **{f"key{i}": i for i in range(200_000)}})
+    document = json.dumps(caught.value.body("request-id"))
+    assert len(document) < 10_000
+    assert "more" in caught.value.body()["detail"] and "key0" in document
+
+
+def test_every_problem_document_is_bounded():
+    body = Problem("invalid-request", "x" * 10**6, errors=[{"field": "k" * 10**4, "message": "m"}] * 10**4).body()
+    assert len(json.dumps(body)) < 10_000
+    assert body["errors"][-1] == f"... and {10**4 - 20} more"
+
+
+# --- over the wire ------------------------------------------------------------------------------
+
+
+class HealthProbe:
+    """GETs /healthz in a loop on its own connection and keeps every latency."""
+
+    def __init__(self, url: str):
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+
+    def _run(self, url: str) -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                assert client.get("/healthz").status_code == 200
+                self.latencies.append(time.perf_counter() - started)
+                self._stop.wait(0.02)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.slow
+def test_bombs_get_a_4xx_in_2_s_over_rest_and_grpc_while_healthz_answers(service):
+    mask = png_bytes(np.zeros((48, 64), np.uint8))
+    files = {name: bomb(name) for name in BOMBS}  # built before any clock starts
+    slow = []
+    with HealthProbe(service.url) as probe, open_channel(service.grpc_target) as channel:
+        client = stub(channel)
+        for name in BOMBS:
+            started = time.perf_counter()
+            response = service.client.post("/remove", files={"image": ("i", files[name]), "mask": ("m", mask)})
+            rest_s = time.perf_counter() - started
+            assert response.status_code == 413 and response.headers["content-type"] == PROBLEM, name
+            assert response.json()["type"].endswith("/image-too-large"), response.json()
+            started = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as caught:
+                client.Remove(pb.RemoveRequest(image=files[name], mask=mask), timeout=30)
+            grpc_s = time.perf_counter() - started
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, name
+            assert problem_of(caught.value)["status"] == 413
+            slow += [(name, protocol, s) for protocol, s in (("rest", rest_s), ("grpc", grpc_s)) if s > DEADLINE_S]
+        many_keys = json.dumps({"image": "AAAA", **{f"key{i}": 0 for i in range(100_000)}}).encode()
+        started = time.perf_counter()
+        response = service.client.post("/remove", content=many_keys, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and response.headers["content-type"] == PROBLEM
+        assert len(response.content) < 10_000 and time.perf_counter() - started < DEADLINE_S
+    assert not slow, slow
+    latencies = sorted(probe.latencies)
+    assert len(latencies) > 20
+    p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    assert p99 < 0.1, f"/healthz p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"

@@ -1,0 +1,176 @@
+"""Liveness and readiness that do not depend on the model queues (serve/health.py), without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from serve.health import EngineWatch, Readiness
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_engine_call_past_hung_after_s_fails_the_health_check():
+    clock = Clock()
+    watch = EngineWatch(hung_after_s=60, clock=clock)
+    watch.check()
+    with watch.running():
+        clock.now = 59
+        watch.check()
+        clock.now = 61
+        with pytest.raises(RuntimeError, match="61 s"):
+            watch.check()
+    watch.check()  # the call returned: healthy again
+    with watch.running():
+        clock.now = 10_000
+        EngineWatch(None, clock).check()
+
+
+class FakeHandle:
+    def __init__(self, name: str, describe_s: float = 0.0):
+        self.deployment_name = name
+        self.describe_s = describe_s
+        self.asked = 0
+        self.responses = []
+
+    @property
+    def describe(self):
+        return self
+
+    def remote(self):
+        self.asked += 1
+        self.responses.append(FakeResponse(self.describe_s, {"name": self.deployment_name}))
+        return self.responses[-1]
+
+
+class FakeResponse:
+    def __init__(self, delay_s: float, value: dict):
+        self.delay_s, self.value, self.cancelled = delay_s, value, False
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        await asyncio.sleep(self.delay_s)
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_readiness_follows_the_published_replica_states_and_asks_each_description_once():
+    states = {"Remover": 0, "Scorer": 1}
+    reads = []
+
+    def replica_counts(app: str) -> dict[str, int]:
+        reads.append(app)
+        return dict(states)
+
+    remover, scorer = FakeHandle("Remover"), FakeHandle("Scorer")
+    readiness = Readiness({"Remover": remover, "Scorer": scorer, "none": None}, "rorem", 0.0, replica_counts)
+
+    async def scenario():
+        assert await readiness.missing() == ["Remover"]
+        states["Remover"] = 1
+        for _ in range(500):  # the next background read sees the new state
+            if await readiness.missing() == []:
+                break
+            await asyncio.sleep(0.01)
+        assert await readiness.missing() == []
+        for _ in range(20):
+            assert await readiness.missing() == []
+        return readiness.descriptions
+
+    assert asyncio.run(scenario()) == {"Remover": {"name": "Remover"}, "Scorer": {"name": "Scorer"}}
+    assert remover.asked == 1 and scorer.asked == 1
+    assert set(reads) == {"rorem"}
+
+
+def test_a_probe_never_waits_for_a_slow_controller_read_after_the_first():
+    calls = []
+
+    def slow_counts(app: str) -> dict[str, int]:
+        calls.append(app)
+        if len(calls) > 1:
+            time.sleep(1.0)
+        return {"Remover": 1}
+
+    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 0.0, slow_counts)
+
+    async def probe_times():
+        await readiness.missing()
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            assert await readiness.missing() == []
+            times.append(time.perf_counter() - started)
+        return times
+
+    assert max(asyncio.run(probe_times())) < 0.1
+
+
+def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancelled():
+    handle = FakeHandle("Remover", describe_s=10.0)
+    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)
+    assert asyncio.run(readiness.missing()) == ["Remover"]
+    assert handle.responses[-1].cancelled and "Remover" not in readiness.descriptions
+
+
+SATURATING_CLIENTS = 6  # more than the test config's batch size (4): the Remover's queue never drains
+
+
+@pytest.mark.slow
+def test_readyz_stays_fast_and_ready_while_the_remover_is_saturated(service):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import numpy as np
+
+    from tests.conftest import photo, png_bytes
+
+    mask = np.zeros((256, 256), np.uint8)
+    mask[90:150, 100:160] = 255
+    upload = {"image": png_bytes(photo(256, 256)), "mask": png_bytes(mask)}
+    stop = threading.Event()
+    removals = []
+
+    def saturate() -> None:
+        with httpx.Client(base_url=service.url, timeout=120) as client:
+            while not stop.is_set():
+                removals.append(client.post("/remove", files=upload, data={"gate": "off"}).status_code)
+
+    probes = {"/readyz": [], "/healthz": []}
+    with ThreadPoolExecutor(SATURATING_CLIENTS) as pool:
+        for _ in range(SATURATING_CLIENTS):
+            pool.submit(saturate)
+        time.sleep(3)  # the Remover's queue fills
+        with httpx.Client(base_url=service.url, timeout=10) as client:
+            started = time.monotonic()
+            while time.monotonic() - started < 30:
+                for path, answers in probes.items():
+                    sent = time.perf_counter()
+                    status = client.get(path).status_code
+                    answers.append((status, time.perf_counter() - sent))
+                time.sleep(0.05)
+        stop.set()
+    p99 = {path: _p99([seconds for _, seconds in answers]) for path, answers in probes.items()}
+    print({path: f"{seconds * 1000:.0f} ms" for path, seconds in p99.items()})
+    assert {status for status, _ in probes["/readyz"]} == {200}
+    assert removals.count(200) > SATURATING_CLIENTS, "the Remover was busy the whole time"
+    # the goal is 100 ms; on a 2-core runner the probes also wait for CPU, as much as /healthz (no model
+    # work at all) does: readiness must then cost no more than liveness
+    assert p99["/readyz"] < max(0.1, 1.5 * p99["/healthz"]), p99
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(0.99 * (len(ordered) - 1))]

@@ -1,0 +1,210 @@
+"""Start and stop as people expect: busy ports fail the start at once, naming the port and its holder;
+READY only once this instance answers; SIGTERM stops everything within 10 s, in-flight requests answered.
+Also the gRPC proxy's message limit (serve.proxy_limits), on the same running service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from serve import rorem_pb2 as pb
+from serve.cli import listen_addresses, run, session_members
+from serve.config import AppSettings
+from serve.ports import busy_ports, listeners, port_in_use
+from serve.proxy_limits import grpc_max_message_bytes
+from serve.rorem_pb2_grpc import ObjectRemovalStub
+from tests.conftest import REPO, _free_port, _stop, photo, png_bytes, serve_test_config
+
+STOP_LIMIT_S = 10.0  # Docker's default grace before SIGKILL
+
+
+def _listen(host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("name", ["HTTP", "gRPC", "metrics"])
+def test_a_busy_port_is_named_with_its_holder(name):
+    holder = _listen()
+    port = holder.getsockname()[1]
+    config = {"http_options": {"host": "127.0.0.1", "port": _free_port()}, "grpc_options": {"port": _free_port()}}
+    if name == "HTTP":
+        config["http_options"]["port"] = port
+    elif name == "gRPC":
+        config["grpc_options"]["port"] = port
+    addresses = listen_addresses(config, port if name == "metrics" else _free_port())
+    with holder:
+        busy = busy_ports(addresses)
+        assert busy == [
+            f"the {name} port {port} ({addresses[name][0]}) is already in use, held by {listeners(port)[0]}"
+        ]
+        assert listeners(port)[0].startswith(f"pid {os.getpid()} (")
+    assert not port_in_use("127.0.0.1", port)
+
+
+def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
+    config = serve_test_config(tmp_path)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with _listen("0.0.0.0") as holder:
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        code = run(["run", "--config", str(path), "--port", str(_free_port()), "--grpc-port", str(port)])
+    assert code == 2 and time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert f"the gRPC port {port} (::) is already in use, held by pid {os.getpid()}" in err
+
+
+# --- one real service: a second start, the gRPC limit, then SIGTERM ----------------------------------
+
+
+class Running:
+    def __init__(self, child: subprocess.Popen, work: Path, config: dict, ports: dict[str, int]):
+        self.child, self.work, self.config, self.ports = child, work, config, ports
+        self.url = f"http://127.0.0.1:{ports['http']}"
+        self.log = work / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    work = tmp_path_factory.mktemp("lifecycle")
+    config = serve_test_config(work)
+    config["applications"][0]["args"]["imaging"]["max_megapixels"] = 1.0  # the gRPC limit: ~6.4 MB, not 200 MB
+    (work / "serve.yaml").write_text(yaml.safe_dump(config))
+    ports = {"http": _free_port(), "grpc": _free_port(), "metrics": _free_port()}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("ROREM_BUNDLE", None)
+    with open(work / "serve.log", "w") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "serve", "run", "--config", str(work / "serve.yaml"), "--port", str(ports["http"]),
+             "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    service = Running(child, work, config, ports)
+    try:
+        deadline = time.monotonic() + 300
+        while "[rorem] READY" not in service.log.read_text():
+            assert child.poll() is None, service.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "not ready after 300 s"
+            time.sleep(1)
+        yield service
+    finally:
+        if child.poll() is None:
+            _stop(child)
+
+
+@pytest.mark.slow
+def test_ready_names_this_instance(running):
+    health = httpx.get(running.url + "/healthz").json()
+    assert f"| instance {health['instance']}" in running.log.read_text()
+
+
+@pytest.mark.slow
+def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
+    started = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "serve", "run", "--config", str(running.work / "serve.yaml"),
+         "--port", str(running.ports["http"]), "--grpc-port", str(_free_port()), "--metrics-port", str(_free_port())],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert second.returncode == 2, second.stderr
+    assert f"the HTTP port {running.ports['http']} (127.0.0.1) is already in use, held by pid" in second.stderr
+    assert "ray::ProxyActor" in second.stderr  # the holder, found in /proc
+    assert "READY" not in second.stdout
+    assert elapsed < 30, f"took {elapsed:.1f} s"  # before the model libraries load (a minute on a busy 2-core box)
+
+
+@pytest.mark.slow
+def test_a_grpc_message_over_the_limit_is_refused_by_the_proxy(running):
+    limit = grpc_max_message_bytes(AppSettings.model_validate(running.config["applications"][0]["args"]).imaging)
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{running.ports['grpc']}", options=[("grpc.max_send_message_length", 2 * limit)]
+    )
+    stub = ObjectRemovalStub(channel)
+    with pytest.raises(grpc.RpcError) as over:
+        stub.Remove(_message_of(limit + 1), timeout=60)
+    assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in over.value.details()  # gRPC's own refusal, not the app's problem document
+    with pytest.raises(grpc.RpcError) as under:  # at the limit: through the proxy, the app refuses it
+        stub.Remove(_message_of(limit), timeout=60)
+    assert under.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "payload-too-large" in under.value.details()
+    channel.close()
+
+
+def _message_of(size: int) -> pb.RemoveRequest:
+    """A RemoveRequest of exactly `size` bytes: the mask field (3), the image's tag (1) and length (4)."""
+    message = pb.RemoveRequest(image=b"\0" * (size - 8), mask=b"m")
+    assert message.ByteSize() == size
+    return message
+
+
+@pytest.mark.slow
+def test_a_chunked_http_body_over_the_limit_is_refused_by_the_proxy(running):
+    def body():
+        for _ in range(20):
+            yield b"x" * (1024 * 1024)  # 20 MiB, no Content-Length; the limit is 8 MiB
+
+    response = httpx.post(running.url + "/remove", content=body(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "(at the proxy)" in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(running):
+    launcher = int(Path(f"/proc/{running.child.pid}/task/{running.child.pid}/children").read_text().split()[0])
+    members = session_members(launcher)
+    session_dirs = {arg.split("=", 1)[1] for pid in members for arg in _argv(pid) if arg.startswith("--session_dir=")}
+    assert len(members) > 5 and session_dirs, "gcs_server, raylet, workers run in the launcher's session"
+
+    mask = np.zeros((256, 256), np.uint8)
+    mask[100:140, 110:150] = 255
+    upload = {"image": png_bytes(photo(256, 256)), "mask": png_bytes(mask)}
+    answer: dict = {}
+
+    def in_flight():
+        try:
+            answer["status"] = httpx.post(running.url + "/remove", files=upload, timeout=30).status_code
+        except httpx.HTTPError as exc:
+            answer["error"] = repr(exc)
+
+    client = threading.Thread(target=in_flight)
+    client.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    running.child.send_signal(signal.SIGTERM)
+    running.child.wait(timeout=30)
+    stopped_s = time.monotonic() - started
+    client.join(timeout=30)
+    assert stopped_s < STOP_LIMIT_S, f"{stopped_s:.1f} s"
+    assert answer.get("status") in (200, 503), answer
+    assert session_members(launcher) == [], "a process of the service outlived it"
+    leftovers = [pid for pid in _pids() if any(d in " ".join(_argv(pid)) for d in session_dirs)]
+    assert leftovers == [], f"Ray processes of {session_dirs} still run: {leftovers}"
+    assert "[rorem] stopped in" in running.log.read_text()
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []

@@ -1,0 +1,278 @@
+"""The playground page (serve/playground.py, serve/static/playground.html): its policy offline, then a
+person's session in headless Chromium against the local Serve: choose a photo larger than the view, paint
+with the mouse (brush, eraser, undo), Remove, compare, download, try another seed, rate the result, and
+errors told in words."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from serve.config import RetentionSettings
+from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
+from tests.conftest import png_bytes
+from tests.test_feedback import CHROMIUM, CHROMIUM_ARGS, _chromium_missing
+
+needs_chromium = pytest.mark.skipif(
+    _chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}"
+)
+BRUSH_CSS = 40  # the page's default brush size, in CSS pixels
+SLACK = 20 + 3  # imaging.dilate's default (the service grows the mask by it) plus antialiasing
+
+
+def _policy(headers: dict[str, str]) -> dict[str, list[str]]:
+    directives = [part.split() for part in headers["Content-Security-Policy"].split(";") if part.strip()]
+    return {name: sources for name, *sources in directives}
+
+
+def _inline(tag: str, html: str) -> str:
+    return re.search(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL).group(1)
+
+
+def _hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def test_the_page_allows_only_its_own_script_and_style_and_names_no_other_origin():
+    policy = _policy(playground_headers())
+    html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
+    assert policy["default-src"] == ["'none'"] and policy["connect-src"] == ["'self'"]
+    assert policy["script-src"] == [_hash(_inline("script", html))], "only the page's own script, by its hash"
+    assert policy["style-src"] == [_hash(_inline("style", html))]
+    for sources in policy.values():
+        assert not {"'unsafe-inline'", "'unsafe-eval'", "*", "data:", "http:", "https:"} & set(sources)
+    assert policy["frame-ancestors"] == ["'none'"] and policy["base-uri"] == ["'none'"]
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, flags=re.IGNORECASE), (
+        "no CDN, no external request"
+    )
+    assert not re.search(r"<script[^>]*\bsrc=|<link|@import|url\(", html), "nothing loaded from elsewhere"
+    modes = {
+        "off": RetentionSettings(),
+        "ask": RetentionSettings(enabled=True),
+        "always": RetentionSettings(enabled=True, default_retain=True),
+    }
+    for mode, settings in modes.items():
+        page = playground_page(settings)
+        assert f'<body data-state="empty" data-retention="{mode}">' in page
+        assert _inline("script", page) == _inline("script", html), "the served page keeps the hashed script"
+
+
+# ---- in the browser, against the service ---------------------------------------------------------
+
+
+def _big_photo(width: int = 1400, height: int = 1000) -> np.ndarray:
+    """A real photo larger than the page's view (the astronaut, scaled up), so the page must scale."""
+    import skimage.data
+
+    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BICUBIC))
+
+
+def _stroke(page, box, points, *, steps: int = 8) -> None:
+    """Drag the mouse through `points`, given as fractions of the canvas."""
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=steps)
+    page.mouse.up()
+
+
+def _painted(shape, strokes) -> np.ndarray:
+    """Where the strokes leave paint, in image pixels: (erase, points as fractions, width in px), in order."""
+    height, width = shape
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for erase, points, size in strokes:
+        xy = [(fx * width, fy * height) for fx, fy in points]
+        draw.line(xy, fill=0 if erase else 255, width=round(size), joint="curve")
+        for x, y in (xy[0], xy[-1]):
+            draw.ellipse([x - size / 2, y - size / 2, x + size / 2, y + size / 2], fill=0 if erase else 255)
+    return np.asarray(canvas) > 0
+
+
+def _grown(region: np.ndarray, pixels: int) -> np.ndarray:
+    """Grown by a square, as the service dilates the mask (engines.imaging.dilate_mask)."""
+    return ndimage.binary_dilation(region, structure=np.ones((3, 3), bool), iterations=pixels)
+
+
+def _downloaded(page) -> np.ndarray:
+    with page.expect_download() as download:
+        page.click("#download")
+    return np.asarray(Image.open(download.value.path()).convert("RGB"))
+
+
+def _open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on(
+        "console",
+        lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None,
+    )
+    page.goto(url)
+    page.wait_for_selector("body[data-state=empty]")
+    return page, problems
+
+
+def _choose(page, name: str, data: bytes, mime: str) -> None:
+    page.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.mark.slow
+def test_the_front_page_is_the_public_playground_with_its_policy(service):
+    front = service.client.get("/")
+    assert front.status_code == 307 and front.headers["location"] == "/playground"
+    page = service.client.get("/playground")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == playground_headers()["Content-Security-Policy"]
+    assert page.headers["cache-control"] == "no-store" and page.headers["x-content-type-options"] == "nosniff"
+    assert 'data-retention="ask"' in page.text, "the test service keeps results only when asked"
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_paint_remove_compare_download_try_another_and_rate(service, browser):
+    photo = _big_photo()
+    height, width = photo.shape[:2]
+    page, problems = _open_page(browser, service.url + "/")
+    assert page.url == service.url + "/playground"
+    page.fill("#api-key", "rk_typed_into_the_box")
+    sent_keys: list[str | None] = []
+    page.on("request", lambda r: sent_keys.append(r.headers.get("x-api-key")) if r.url.endswith("/remove") else None)
+
+    _choose(page, "astronaut.png", png_bytes(photo), "image/png")
+    page.wait_for_selector("body[data-state=editing]")
+    assert f"{width} × {height} px" in page.inner_text("#photo-info")
+    box = page.locator("#mask").bounding_box()
+    assert box["width"] < width, "the view is scaled down; the mask is still made at the photo's size"
+    brush = BRUSH_CSS * width / box["width"]  # image pixels
+
+    first = [(0.20, 0.20), (0.35, 0.25), (0.40, 0.40)]
+    second = [(0.60, 0.30), (0.75, 0.32)]
+    erased = [(0.72, 0.20), (0.72, 0.45)]
+    undone = [(0.10, 0.85), (0.30, 0.90)]
+    _stroke(page, box, first)
+    _stroke(page, box, second)
+    page.click("#eraser")
+    for _ in range(3):
+        page.keyboard.press("]")  # a wider eraser
+    eraser = int(page.input_value("#size")) * width / box["width"]
+    assert eraser > 1.5 * brush
+    _stroke(page, box, erased)
+    page.click("#brush")
+    _stroke(page, box, undone)
+    page.click("#undo")
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=120_000)
+    assert not page.locator("#status").evaluate("e => e.classList.contains('error')"), page.inner_text("#status")
+
+    seed = page.inner_text("#seed-used")
+    assert seed.isdigit() and page.inner_text("#gate") in {"passed", "failed"}
+    assert re.fullmatch(r"\d\.\d{3}", page.inner_text("#score")) and page.inner_text("#gate-words")
+    result = _downloaded(page)
+    assert result.shape == photo.shape
+
+    painted = _painted((height, width), [(False, first, brush), (False, second, brush), (True, erased, eraser)])
+    outside = ~_grown(painted, SLACK)
+    changed = (result != photo).any(axis=-1)
+    assert not changed[outside].any(), f"{changed[outside].sum()} pixels changed outside the painted region"
+    undone_region = _painted((height, width), [(False, undone, eraser)])
+    assert not changed[undone_region].any(), "the undone stroke removed nothing"
+    unpainted = _painted((height, width), [(False, second, brush)]) & outside
+    assert unpainted.sum() > 500 and not changed[unpainted].any(), "the eraser took back part of a stroke"
+    core = ndimage.binary_erosion(painted, iterations=4)
+    assert changed[core].mean() > 0.5, "the painted region was filled"
+
+    split = page.locator("#comparison")
+    at = _painted((height, width), [(False, [first[1]], 1)])  # a point inside the first stroke
+    y, x = (int(v.mean()) for v in np.nonzero(at))
+    view = split.bounding_box()
+    pixel = f"c => Array.from(c.getContext('2d').getImageData({x * view['width'] / width:.0f}, {y * view['height'] / height:.0f}, 1, 1).data)"
+    slide = "(range, value) => { range.value = value; range.dispatchEvent(new Event('input')); }"
+    page.locator("#split").evaluate(slide, "100")
+    before = split.evaluate(pixel)
+    page.locator("#split").evaluate(slide, "0")
+    after = split.evaluate(pixel)
+    assert before != after, "the slider shows before on one side and after on the other"
+
+    page.check("#retain")
+    page.click("#another")
+    page.wait_for_selector("#outcome[data-count='2']", timeout=120_000)
+    assert page.inner_text("#seed-used").isdigit() and page.inner_text("#seed-used") != seed
+    assert not (_downloaded(page) != photo).any(axis=-1)[outside].any()
+    page.wait_for_selector("#rate:not([hidden])")
+    result_id = page.get_attribute("#rate", "data-result-id")
+    page.click("#no")
+    page.wait_for_function("() => document.querySelector('#rated').textContent.startsWith('Saved')")
+    assert service.client.get(f"/results/{result_id}").json()["label"] == "no"
+
+    assert sent_keys == ["rk_typed_into_the_box"] * 2, "every API call carries the key from the key box"
+    assert problems == [], problems
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_mistakes_and_refusals_are_told_in_words(service, browser):
+    page, problems = _open_page(browser, service.url + "/playground")
+
+    def status(expected: str) -> str:
+        page.wait_for_function(
+            "text => { const s = document.querySelector('#status');"
+            " return s.classList.contains('error') && s.textContent.includes(text); }",
+            arg=expected,
+            timeout=120_000,
+        )
+        return page.inner_text("#status")
+
+    _choose(page, "notes.txt", b"not a photo at all", "text/plain")
+    status('"notes.txt" is not a photo this browser can open')
+    assert page.get_attribute("body", "data-state") == "empty"
+
+    # the browser shows an SVG, the service takes raster photos only: its refusal reaches the person
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="300" height="200" fill="teal"/></svg>'
+    _choose(page, "drawing.svg", svg, "image/svg+xml")
+    page.wait_for_selector("body[data-state=editing]")
+    page.click("#remove")
+    status("Nothing is painted yet")
+    box = page.locator("#mask").bounding_box()
+    _stroke(page, box, [(0.3, 0.3), (0.6, 0.6)])
+    page.fill("#seed", "twelve")
+    page.click("#remove")
+    status("The seed must be a whole number")
+    page.fill("#seed", "")
+    page.click("#remove")
+    refused = status("The removal failed (422): The image cannot be decoded")  # the service's own words
+    assert "accepted formats" in refused, refused
+
+    # a wrong key where the service asks for one: the answer is replayed here, the service runs without keys
+    page.route(
+        "**/remove",
+        lambda route: route.fulfill(
+            status=401,
+            content_type="application/problem+json",
+            body='{"type": "x/unauthorized", "title": "A valid API key is required", "status": 401,'
+            ' "detail": "the API key is not valid"}',
+        ),
+    )
+    page.click("#remove")
+    status("enter a valid key in the API key box")
+    assert page.get_attribute("body", "data-busy") == "no" and page.is_enabled("#remove")
+    assert problems == [], problems

@@ -1,0 +1,212 @@
+"""The proxies' request limits: derived from `imaging`, wide enough for every valid request and reply,
+enforced in Ray's HTTP proxy by serve.proxy_middleware, and the same in the Kubernetes manifests.
+
+The gRPC proxy refusing a message over its limit is checked against a running service in
+tests/test_lifecycle.py (it shares that module's service)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from engines.imaging import MAX_OUTPUT_SIDE, encode_image
+from serve import rorem_pb2 as pb
+from serve.config import ImagingSettings
+from serve.proxy_limits import (
+    GRPC_MESSAGE_ENV,
+    REPLY_BYTES_PER_PIXEL,
+    REPLY_SLACK,
+    grpc_max_message_bytes,
+    http_max_body_bytes,
+    proxy_env,
+)
+from serve.proxy_middleware import BODY_LIMIT_ENV, DRAIN_PATH, BodyLimit, Drain
+from tests.conftest import REPO
+
+IMAGING = ImagingSettings(max_upload_bytes=6 * 1024 * 1024, max_megapixels=0.5)
+
+
+def test_a_largest_valid_grpc_request_fits_and_the_limit_is_far_below_ray_default():
+    upload = IMAGING.max_upload_bytes
+    remove = pb.RemoveRequest(
+        image=b"\xff" * (upload - 1), mask=b"\xff", seed=2**64 - 1, output_format="webp", quality=100, dilate=256,
+        gate="annotate", gate_threshold=0.5, max_attempts=8, retain=True, timeout_s=120.0,
+    )  # fmt: skip
+    score = pb.ScoreRequest(source=b"\xff" * (upload - 2), mask=b"\xff", edited=b"\xff", dilate=256, gate_threshold=0.5)
+    limit = grpc_max_message_bytes(IMAGING)
+    assert remove.ByteSize() <= limit and score.ByteSize() <= limit
+    assert grpc_max_message_bytes(ImagingSettings()) < 2**31 // 8  # defaults: ~200 MB, not Ray's 2 GiB
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+@pytest.mark.parametrize("shape", [(700, 700), (100_000, 1), (65_500, 1), (50_000, 2), (7_000, 7), (16_383, 30)])
+def test_the_largest_reply_fits_the_grpc_limit(fmt, shape):
+    """Noise (incompressible) at quality 100 with alpha, in the shapes that maximise per-row and per-block
+    overhead: the encoded result stays within REPLY_BYTES_PER_PIXEL (the limit covers replies too)."""
+    height, width = shape
+    if height > MAX_OUTPUT_SIDE.get(fmt, height):
+        pytest.skip(f"{fmt} output is limited to {MAX_OUTPUT_SIDE[fmt]} pixels per side")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    reply = pb.RemoveReply(image=encode_image(rgb, alpha, fmt, 100), media_type=f"image/{fmt}", request_id="r" * 128)
+    assert reply.ByteSize() <= height * width * REPLY_BYTES_PER_PIXEL + REPLY_SLACK
+    imaging = ImagingSettings(max_upload_bytes=1024, max_megapixels=height * width / 1e6)
+    assert reply.ByteSize() <= grpc_max_message_bytes(imaging)
+
+
+def test_the_http_limit_admits_the_largest_json_body_the_app_accepts():
+    upload = IMAGING.max_upload_bytes
+    body = json.dumps(
+        {"image": base64.b64encode(b"\xff" * (upload - 1)).decode(), "mask": base64.b64encode(b"\xff").decode(),
+         "seed": 2**63, "output_format": "webp", "quality": 100, "dilate": 256, "gate": "annotate",
+         "gate_threshold": 0.5, "max_attempts": 8, "retain": True, "timeout_s": 120.0}
+    ).encode()  # fmt: skip
+    assert len(body) <= http_max_body_bytes(IMAGING) < 2 * len(body)
+
+
+def test_the_kubernetes_manifest_carries_the_derived_limits():
+    sys.path.insert(0, str(REPO / "k8s"))
+    import render
+
+    expected = proxy_env(render.render_config("gpu")["applications"][0]["args"])
+    manifest = yaml.safe_load((REPO / "k8s" / "base" / "rayservice.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    containers += [group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]]
+    for container in containers:
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {name: env.get(name) for name in expected} == expected, container["name"]
+    assert render.proxy_environment() == expected
+    assert int(expected[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings())  # local.yaml's imaging
+    assert int(expected[BODY_LIMIT_ENV]) == http_max_body_bytes(ImagingSettings())
+
+
+# --- the middlewares, as Ray's proxy (uvicorn) runs them: one task per request ------------------------
+
+
+class Exchange:
+    """One ASGI request: the body in chunks; what the client receives."""
+
+    def __init__(self, chunks: list[bytes], headers: dict[str, str] | None = None, path: str = "/remove"):
+        self.scope = {
+            "type": "http", "method": "POST", "path": path,
+            "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+        }  # fmt: skip
+        self.chunks = list(chunks)
+        self.sent: list[dict] = []
+
+    async def receive(self):
+        if self.chunks:
+            chunk = self.chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(self.chunks)}
+        await asyncio.sleep(3600)
+
+    async def send(self, message):
+        self.sent.append(message)
+
+    @property
+    def status(self):
+        return next((m["status"] for m in self.sent if m["type"] == "http.response.start"), None)
+
+    @property
+    def body(self):
+        return json.loads(b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body"))
+
+
+async def reading_app(scope, receive, send):
+    """The proxy behind the middleware: reads the whole body, answers 200 with its size."""
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": json.dumps({"size": size}).encode()})
+
+
+def test_a_body_over_the_limit_is_refused_at_the_proxy_by_length_or_while_streaming():
+    limit = BodyLimit(reading_app, limit=1000)
+    declared = Exchange([b"x" * 10], {"content-length": "1001"})
+    chunked = Exchange([b"x" * 600, b"x" * 600, b"x" * 600])
+    fits = Exchange([b"x" * 500, b"x" * 500])
+
+    async def main():
+        for exchange in (declared, chunked, fits):
+            await limit(exchange.scope, exchange.receive, exchange.send)
+
+    asyncio.run(main())
+    assert declared.status == 413 and declared.body["type"].endswith("/payload-too-large")
+    assert chunked.status == 413 and "1000" in chunked.body["detail"]
+    assert len(chunked.chunks) == 1, "the proxy stopped reading at the limit"
+    assert [m for m in chunked.sent if m["type"] == "http.response.start"] == chunked.sent[:1], "one answer only"
+    assert fits.status == 200 and fits.body == {"size": 1000}
+
+
+def test_draining_answers_new_requests_503_and_in_flight_ones_finish_or_get_503(tmp_path):
+    flag = tmp_path / "draining"
+    gate = asyncio.Event
+
+    async def main():
+        finish_quick = gate()
+
+        async def app(scope, receive, send):
+            if scope["path"] == "/slow":
+                await asyncio.sleep(3600)
+            await finish_quick.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        drain = Drain(app, flag=str(flag), grace_s=0.3)
+        quick, slow, new, probe = (
+            Exchange([b""]),
+            Exchange([b""], path="/slow"),
+            Exchange([b""]),
+            Exchange([], path=DRAIN_PATH),
+        )
+        tasks = [asyncio.create_task(drain(e.scope, e.receive, e.send)) for e in (quick, slow)]
+        await asyncio.sleep(0.05)
+        flag.touch()
+        await drain(new.scope, new.receive, new.send)
+        await drain(probe.scope, probe.receive, probe.send)
+        assert probe.body == {"in_flight": 2}
+        finish_quick.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+        return quick, slow, new
+
+    quick, slow, new = asyncio.run(main())
+    assert quick.status == 200
+    assert slow.status == 503 and slow.body["type"].endswith("/overloaded")
+    assert new.status == 503 and (b"retry-after", b"2") in new.sent[0]["headers"]
+
+
+def test_the_proxy_drops_a_request_id_it_must_not_echo_or_log():
+    import asyncio
+
+    from serve.proxy_middleware import RequestIdGuard
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(dict(scope["headers"]).get(b"x-request-id"))
+
+    guard = RequestIdGuard(app)
+    for given, kept in [
+        (b"abc-123.X_y", b"abc-123.X_y"),
+        (b"a" * 128, b"a" * 128),
+        (b"a" * 129, None),
+        (b"id\n", None),
+        (b"<script>", None),
+        (b"", None),
+    ]:
+        asyncio.run(guard({"type": "http", "headers": [(b"x-request-id", given), (b"host", b"h")]}, None, None))
+        assert seen[-1] == kept, given

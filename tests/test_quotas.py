@@ -1,0 +1,463 @@
+"""Per-key quotas (serve/quotas.py): the window and concurrency rules with a fake clock, the REST wiring with
+FastAPI's test client, and a live Serve (two ingress replicas, API keys on) over REST and gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+import urllib.parse
+import uuid
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from serve import auth, grpc_api, quotas
+from serve import rorem_pb2 as pb
+from serve.auth import StoredKey, new_key_entry
+from serve.config import AppSettings, AuthSettings
+from serve.grpc_client import open_channel, problem_of
+from serve.problems import Problem
+from serve.quotas import CONCURRENCY, RATE, Limits, QuotaBook, Quotas
+from serve.rorem_pb2_grpc import ObjectRemovalStub
+from tests.conftest import photo, png_bytes, running_service, serve_test_config
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class BookLedger:
+    """The ledger's API over a local book (what the Ray actor does, without Ray)."""
+
+    def __init__(self, book: QuotaBook):
+        self.book = book
+
+    async def acquire(self, key, limits, lease_s):
+        return self.book.acquire(key, limits, lease_s)
+
+    def release(self, key, lease):
+        self.book.release(key, lease)
+
+
+class DeadLedger:
+    async def acquire(self, key, limits, lease_s):
+        raise TimeoutError("no answer")
+
+    def release(self, key, lease):
+        raise AssertionError("nothing was acquired")
+
+
+def _key(name="app", requests_per_minute=None, max_concurrent=None) -> StoredKey:
+    return StoredKey(name=name, sha256="0" * 64, requests_per_minute=requests_per_minute, max_concurrent=max_concurrent)
+
+
+# --- the rules, with a fake clock ---------------------------------------------------------------------------------
+
+
+def test_the_sixth_request_in_a_window_is_refused_and_the_quota_is_back_after_it():
+    clock = FakeClock()
+    book, limits = QuotaBook(clock), Limits(5, None, 60.0)
+    seen = []
+    for _ in range(5):
+        decision = book.acquire("app", limits, 300)
+        assert decision.allowed and decision.lease is None
+        seen.append((decision.remaining, round(decision.reset_s)))
+        clock.now += 10
+    assert seen == [(4, 60), (3, 50), (2, 40), (1, 30), (0, 20)]
+    refused = book.acquire("app", limits, 300)
+    assert not refused.allowed and refused.refused_by == RATE and refused.remaining == 0
+    assert refused.reset_s == pytest.approx(10.0)
+    clock.now += 9.9
+    assert not book.acquire("app", limits, 300).allowed, "refused requests do not move the window"
+    clock.now += 0.1
+    back = book.acquire("app", limits, 300)
+    assert back.allowed and back.remaining == 4 and back.reset_s == pytest.approx(60.0)
+
+
+def test_keys_have_their_own_windows():
+    clock = FakeClock()
+    book, limits = QuotaBook(clock), Limits(1, None, 60.0)
+    assert book.acquire("a", limits, 300).allowed
+    assert not book.acquire("a", limits, 300).allowed
+    assert book.acquire("b", limits, 300).allowed
+
+
+def test_concurrency_is_held_until_released_or_the_lease_expires():
+    clock = FakeClock()
+    book, limits = QuotaBook(clock), Limits(None, 2, 60.0)
+    first, second = book.acquire("app", limits, 30), book.acquire("app", limits, 30)
+    assert first.allowed and second.allowed and first.lease != second.lease and second.in_flight == 2
+    third = book.acquire("app", limits, 30)
+    assert not third.allowed and third.refused_by == CONCURRENCY and third.lease is None
+    book.release("app", first.lease)
+    book.release("app", first.lease)  # twice, or after a restart: ignored
+    again = book.acquire("app", limits, 30)
+    assert again.allowed and again.in_flight == 2
+    clock.now += 30  # neither lease was given back (their replica died): they expire
+    assert book.acquire("app", limits, 30).in_flight == 1
+
+
+def test_a_concurrency_refusal_does_not_spend_the_rate_quota():
+    clock = FakeClock()
+    book, limits = QuotaBook(clock), Limits(2, 1, 60.0)
+    held = book.acquire("app", limits, 30)
+    assert held.remaining == 1
+    refused = book.acquire("app", limits, 30)
+    assert refused.refused_by == CONCURRENCY and refused.remaining == 1
+    book.release("app", held.lease)
+    assert book.acquire("app", limits, 30).remaining == 0
+
+
+def test_idle_keys_are_forgotten():
+    clock = FakeClock()
+    book, limits = QuotaBook(clock), Limits(5, None, 60.0)
+    for index in range(1000):
+        book.acquire(f"key-{index}", limits, 300)
+    clock.now += 61
+    book.acquire("late", limits, 300)
+    assert list(book._keys) == ["late"]
+
+
+# --- the fields and the problem -----------------------------------------------------------------------------------
+
+
+def test_fields_follow_the_ietf_draft_and_a_refusal_is_a_429_with_retry_after():
+    clock = FakeClock()
+    book, limits = QuotaBook(clock), Limits(5, 2, 60.0)
+    decision = book.acquire("app", limits, 300)
+    assert decision.headers() == {
+        "RateLimit-Policy": '"minute";q=5;w=60, "concurrency";q=2;qu="concurrent-requests"',
+        "RateLimit": '"minute";r=4;t=60, "concurrency";r=1',
+    }
+    assert decision.metadata()[1] == ("ratelimit", '"minute";r=4;t=60, "concurrency";r=1')
+    assert book.acquire("x", Limits(3, None, 60.0), 300).headers() == {
+        "RateLimit-Policy": '"minute";q=3;w=60',
+        "RateLimit": '"minute";r=2;t=60',
+    }
+    for _ in range(4):
+        book.acquire("app", Limits(5, None, 60.0), 300)
+    clock.now += 12.5
+    with pytest.raises(Problem) as caught:
+        book.acquire("app", limits, 300).check()
+    problem = caught.value
+    assert problem.status == 429 and problem.problem == "too-many-requests"
+    assert problem.headers == {"Retry-After": "48"} and "'app'" in problem.detail and problem.extra == {"quota": RATE}
+
+
+def test_grpc_status_carries_the_quota_metadata():
+    class Context:
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+        def set_trailing_metadata(self, trailing):
+            self.trailing = trailing
+
+    book = QuotaBook(FakeClock())
+    limits = Limits(1, None, 60.0)
+    book.acquire("app", limits, 300)
+    refused = book.acquire("app", limits, 300)
+    context = Context()
+    with pytest.raises(Problem) as caught:
+        refused.check()
+    grpc_api.status_for(caught.value, context, "rid", refused.metadata())
+    assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(context.trailing) == {
+        "problem-type": "https://github.com/rorem-serve/problems/too-many-requests",
+        "retry-after": "60",
+        "ratelimit-policy": '"minute";q=1;w=60',
+        "ratelimit": '"minute";r=0;t=60',
+    }
+
+
+# --- the ingress's side ---------------------------------------------------------------------------------------------
+
+
+def test_keys_file_limits_are_optional_and_positive(tmp_path):
+    _, entry = new_key_entry("metered", ["remove"], requests_per_minute=60, max_concurrent=2)
+    assert entry["requests_per_minute"] == 60 and entry["max_concurrent"] == 2
+    _, plain = new_key_entry("free", ["remove"])
+    assert "requests_per_minute" not in plain and StoredKey(**plain).max_concurrent is None
+    with pytest.raises(ValueError):
+        StoredKey(name="x", sha256="0" * 64, requests_per_minute=0)
+    with pytest.raises(ValueError):
+        AuthSettings(quota_window_s=0)
+
+
+def test_settings_give_the_window_and_a_lease_past_any_request():
+    settings = AppSettings.model_validate({"request_timeout_s": 30, "overload": {"body_timeout_s": 5}})
+    quotas_ = Quotas.from_settings(settings, "rorem")
+    assert quotas_.ledger is None, "no ledger while auth is off"
+    assert quotas_.window_s == 60.0 and quotas_.lease_s == 30 + 5 + quotas.LEASE_MARGIN_S
+
+
+def test_a_key_without_limits_costs_no_ledger_call():
+    quotas_ = Quotas(DeadLedger(), 60.0, 300.0, on_error=lambda: pytest.fail("the ledger was called"))
+    assert asyncio.run(quotas_.acquire(_key())) is None
+    assert asyncio.run(quotas_.acquire(None)) is None
+
+
+def test_an_unreachable_ledger_fails_open_counted_and_logged_once(caplog):
+    errors = []
+    quotas_ = Quotas(DeadLedger(), 60.0, 300.0, on_error=lambda: errors.append(1))
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        for _ in range(3):
+            assert asyncio.run(quotas_.acquire(_key(requests_per_minute=1))) is None
+    assert len(errors) == 3
+    assert caplog.text.count("quota ledger unreachable") == 1
+
+
+@pytest.fixture
+def metered_app(tmp_path, monkeypatch):
+    """A FastAPI app wired like serve/app.py: access rule, METERED, QuotaFields, the Problem handler."""
+    keys = {
+        "metered": new_key_entry("metered", ["remove"], requests_per_minute=3),
+        "single": new_key_entry("single", ["remove"], max_concurrent=1),
+        "free": new_key_entry("free", ["remove"]),
+    }
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in keys.values()]}))
+    monkeypatch.setattr(auth, "_policy", auth.policy())
+    auth.install(AuthSettings(enabled=True, keys_file=str(tmp_path / "keys.yaml")))
+    clock = FakeClock()
+    book = QuotaBook(clock)
+    monkeypatch.setattr(quotas, "_quotas", quotas.installed())
+    quotas.install(Quotas(BookLedger(book), 60.0, 300.0))
+
+    app = FastAPI()
+    app.add_middleware(quotas.QuotaFields)
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem):
+        return exc.response()
+
+    @app.post("/work", dependencies=[auth.requires("remove"), quotas.METERED])
+    async def work(fail: bool = False) -> dict:
+        if fail:
+            raise Problem("invalid-request", "asked to fail")
+        return {"ok": True}
+
+    @app.post("/free", dependencies=[auth.requires("remove")])
+    async def free() -> dict:
+        return {"ok": True}
+
+    client = TestClient(app)
+    client.keys = {name: key for name, (key, _) in keys.items()}
+    client.book, client.clock = book, clock
+    return client
+
+
+def test_rest_answers_carry_the_fields_successes_and_errors_alike(metered_app):
+    headers = {"x-api-key": metered_app.keys["metered"]}
+    ok = metered_app.post("/work", headers=headers)
+    assert ok.status_code == 200 and ok.headers["ratelimit"] == '"minute";r=2;t=60'
+    assert ok.headers["ratelimit-policy"] == '"minute";q=3;w=60'
+    failed = metered_app.post("/work", params={"fail": "true"}, headers=headers)
+    assert failed.status_code == 422 and failed.headers["ratelimit"] == '"minute";r=1;t=60'
+    metered_app.post("/work", headers=headers)
+    refused = metered_app.post("/work", headers=headers)
+    assert refused.status_code == 429 and refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"].endswith("/too-many-requests") and refused.headers["retry-after"] == "60"
+    assert refused.headers["ratelimit"] == '"minute";r=0;t=60'
+    unmetered = metered_app.post("/free", headers=headers)
+    assert unmetered.status_code == 200 and "ratelimit" not in unmetered.headers, "other routes neither count nor say"
+    free = metered_app.post("/work", headers={"x-api-key": metered_app.keys["free"]})
+    assert free.status_code == 200 and "ratelimit" not in free.headers
+    assert metered_app.post("/work").status_code == 401, "no key: the access rule answers first"
+
+
+def test_rest_gives_the_concurrency_lease_back_when_the_answer_is_sent(metered_app):
+    headers = {"x-api-key": metered_app.keys["single"]}
+    for _ in range(3):  # one at a time: each lease is back before the next request
+        answer = metered_app.post("/work", headers=headers)
+        assert answer.status_code == 200 and answer.headers["ratelimit"] == '"concurrency";r=0'
+    failed = metered_app.post("/work", params={"fail": "true"}, headers=headers)
+    assert failed.status_code == 422
+    (state,) = metered_app.book._keys.values()
+    assert state.leases == {}, "a lease is given back after an error answer too"
+
+
+def test_metered_before_the_access_rule_is_a_programming_error(monkeypatch):
+    app = FastAPI()
+
+    @app.post("/work", dependencies=[quotas.METERED])
+    async def work() -> dict:
+        return {}
+
+    with pytest.raises(RuntimeError, match="must follow"):
+        TestClient(app).post("/work")
+
+
+def test_the_work_routes_and_only_they_are_metered():
+    from serve.app import api
+
+    metered = {
+        (method, route.path)
+        for route in auth.api_routes(api)
+        for method in route.methods
+        if any(d.dependency is quotas.METERED.dependency for d in route.dependencies)
+    }
+    assert metered == {("POST", "/remove"), ("POST", "/score")}
+    assert any(isinstance(m.cls, type) and m.cls is quotas.QuotaFields for m in api.user_middleware)
+
+
+# --- a live Serve: two ingress replicas share the ledger ------------------------------------------------------------
+
+WINDOW_S = 5.0
+BODY_TIMEOUT_S = 2.0
+SPREAD = 12  # requests that reach both replicas unless the router is very unlucky (2 in 2**12)
+
+
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory):
+    work = tmp_path_factory.mktemp("quotas")
+    keys = {
+        "rest": new_key_entry("rest", ["remove", "score"], requests_per_minute=5),
+        "grpc": new_key_entry("grpc", ["remove", "score"], requests_per_minute=5),
+        "single": new_key_entry("single", ["remove"], max_concurrent=1),
+        "free": new_key_entry("free", ["remove"]),
+        "spread": new_key_entry("spread", ["remove"], requests_per_minute=SPREAD),
+    }
+    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in keys.values()]}))
+    config = serve_test_config(work)
+    args = config["applications"][0]["args"]
+    args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml"), "quota_window_s": WINDOW_S}
+    args["overload"] = {**args["overload"], "body_timeout_s": BODY_TIMEOUT_S}
+    ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress["num_replicas"] = 2  # the quota holds across replicas: the ledger is one Ray actor
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_DEDUP_LOGS", "0")  # every replica's access log line reaches the service log
+        with running_service(work, config) as service:
+            service.keys = {name: key for name, (key, _) in keys.items()}
+            yield service
+
+
+@pytest.fixture(scope="module")
+def upload():
+    mask = np.zeros((256, 256), np.uint8)
+    mask[100:140, 110:150] = 255
+    return {"image": png_bytes(photo(256, 256)), "mask": png_bytes(mask)}
+
+
+def _remove(service, key, upload=None, **fields):
+    if upload is None:  # a cheap request that still counts: refused by the body check, after the quota
+        return httpx.post(service.url + "/remove", json={}, headers={"x-api-key": key}, timeout=60)
+    data = {k: str(v) for k, v in fields.items()}
+    return httpx.post(service.url + "/remove", files=upload, data=data, headers={"x-api-key": key}, timeout=120)
+
+
+@pytest.mark.slow
+def test_rest_a_key_at_5_per_window_gets_its_sixth_request_refused_and_its_quota_back(metered, upload):
+    key = metered.keys["rest"]
+    for remaining in (4, 3, 2, 1, 0):
+        answer = _remove(metered, key)
+        assert answer.status_code == 422, answer.text
+        assert answer.headers["ratelimit-policy"] == f'"minute";q=5;w={int(WINDOW_S)}'
+        assert answer.headers["ratelimit"].startswith(f'"minute";r={remaining};t=')
+    refused = _remove(metered, key, upload, gate="off")
+    assert refused.status_code == 429 and refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert (
+        problem["type"].endswith("/too-many-requests")
+        and problem["quota"] == "minute"
+        and "'rest'" in problem["detail"]
+    )
+    retry_after = int(refused.headers["retry-after"])
+    assert 1 <= retry_after <= WINDOW_S and refused.headers["ratelimit"] == f'"minute";r=0;t={retry_after}'
+    time.sleep(retry_after + 0.2)
+    back = _remove(metered, key, upload, gate="off")
+    assert back.status_code == 200 and back.headers["content-type"] == "image/png"
+    assert back.headers["ratelimit"].startswith('"minute";r=4;t=')
+    free = _remove(metered, metered.keys["free"], upload, gate="off")
+    assert free.status_code == 200 and "ratelimit" not in free.headers
+
+
+@pytest.mark.slow
+def test_grpc_a_key_at_5_per_window_gets_its_sixth_call_refused_and_its_quota_back(metered, upload):
+    stub = ObjectRemovalStub(open_channel(metered.grpc_target))
+    auth_metadata = [("x-api-key", metered.keys["grpc"])]
+    for remaining in (4, 3, 2, 1, 0):
+        with pytest.raises(grpc.RpcError) as invalid:  # cheap: no images, refused after the quota
+            stub.Score(pb.ScoreRequest(), timeout=60, metadata=auth_metadata)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trailing = dict(invalid.value.trailing_metadata())
+        assert trailing["ratelimit-policy"] == f'"minute";q=5;w={int(WINDOW_S)}'
+        assert trailing["ratelimit"].startswith(f'"minute";r={remaining};t=')
+    request = pb.RemoveRequest(image=upload["image"], mask=upload["mask"], gate="off")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Remove(request, timeout=60, metadata=auth_metadata)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert problem_of(refused.value)["type"].endswith("/too-many-requests")
+    trailing = dict(refused.value.trailing_metadata())
+    retry_after = int(trailing["retry-after"])
+    assert 1 <= retry_after <= WINDOW_S and trailing["ratelimit"] == f'"minute";r=0;t={retry_after}'
+    time.sleep(retry_after + 0.2)
+    reply, call = stub.Remove.with_call(request, timeout=120, metadata=auth_metadata)
+    assert reply.image and dict(call.trailing_metadata())["ratelimit"].startswith('"minute";r=4;t=')
+
+
+def _hold(url: str, key: str) -> socket.socket:
+    """A /remove whose body never finishes: it holds its concurrency lease until the body timeout answers."""
+    parsed = urllib.parse.urlsplit(url)
+    conn = socket.create_connection((parsed.hostname, parsed.port), timeout=30)
+    conn.sendall(
+        f"POST {parsed.path}/remove HTTP/1.1\r\nHost: {parsed.hostname}\r\nX-API-Key: {key}\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n--x".encode()
+    )
+    return conn
+
+
+@pytest.mark.slow
+def test_rest_a_key_past_its_concurrency_is_refused_until_its_request_ends(metered, upload):
+    key = metered.keys["single"]
+    conn = _hold(metered.url, key)
+    try:
+        time.sleep(1.0)
+        refused = _remove(metered, key, upload, gate="off")
+        assert refused.status_code == 429 and refused.json()["quota"] == "concurrency"
+        assert refused.headers["retry-after"] == "1" and refused.headers["ratelimit"] == '"concurrency";r=0'
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += conn.recv(65536)
+    finally:
+        conn.close()
+    assert reply.startswith(b"HTTP/1.1 408") and b'ratelimit: "concurrency";r=0' in reply.lower(), reply[:400]
+    answer = _remove(metered, key, upload, gate="off")
+    assert answer.status_code == 200 and answer.headers["ratelimit"] == '"concurrency";r=0'
+
+
+@pytest.mark.slow
+def test_the_quota_holds_across_ingress_replicas(metered):
+    key = metered.keys["spread"]
+    ids = [f"quota-{uuid.uuid4().hex}" for _ in range(SPREAD + 1)]
+    statuses = [
+        httpx.post(
+            metered.url + "/remove", json={}, headers={"x-api-key": key, "x-request-id": rid}, timeout=60
+        ).status_code
+        for rid in ids
+    ]
+    assert statuses == [422] * SPREAD + [429], statuses
+    answered_by = {}  # request id -> the pid of the Ingress replica that answered it, from its access log line
+    deadline = time.monotonic() + 30
+    while len(answered_by) < len(ids) and time.monotonic() < deadline:
+        log = metered.log_path.read_text(errors="replace")
+        for rid in ids:
+            found = re.search(rf"Ingress pid=(\d+)\)[^\n]*{rid}", log)
+            if found:
+                answered_by[rid] = found.group(1)
+        time.sleep(0.5)
+    assert len(answered_by) == len(ids), "every request's access log line"
+    assert len(set(answered_by.values())) == 2, "both replicas counted against the one quota"
