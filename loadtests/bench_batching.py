@@ -28,8 +28,8 @@ def start_batching_service(work: Path, max_batch_size: int, wait_s: float, bucke
         remover_only(config)
         args = config["applications"][0]["args"]
         args["batching"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
-        args["imaging"]["buckets"] = buckets
-        args["engine"]["torch_threads"] = threads
+        args.setdefault("imaging", {})["buckets"] = buckets
+        args.setdefault("engine", {})["torch_threads"] = threads
 
     return start_service(work, f"batch-{max_batch_size}", adjust)
 

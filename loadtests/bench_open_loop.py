@@ -52,7 +52,7 @@ def service_config(args):
     def adjust(config: dict) -> None:
         remover_only(config)
         app_args = config["applications"][0]["args"]
-        app_args["imaging"].update({"buckets": [args.side, 2 * args.side], "crop_margin": 16})
+        app_args.setdefault("imaging", {}).update({"buckets": [args.side, 2 * args.side], "crop_margin": 16})
         batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.01}
         if args.large_batch_size:
             batching["per_bucket"] = {2 * args.side: {"max_batch_size": args.large_batch_size}}

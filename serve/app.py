@@ -162,7 +162,7 @@ class Ingress:
         self.access = auth.install(self.settings.auth, self.metrics.keys_file_errors.inc)
         app_name = serve.get_replica_context().app_name
         self.quotas = quotas.install(
-            quotas.Quotas.from_settings(self.settings, app_name, quotas.ledger_errors_counter().inc).start()
+            quotas.Quotas.from_settings(self.settings, app_name, self.metrics.quota_ledger_errors.inc).start()
         )
         # parsing and reply encoding off the event loop; as many jobs at once as requests are admitted
         self.offload = Offload(overload.offload_threads, overload.max_in_flight)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import TypeVar
 
 import grpc
+from pydantic import BaseModel
 
 from serve import rorem_pb2 as pb
 from serve.problems import Problem
@@ -19,29 +21,11 @@ from serve.service import RemovalReply, ScoreReply
 
 SERVICE = "rorem.v1.ObjectRemoval"
 
-_CODE_BY_PROBLEM = {
-    "payload-too-large": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "image-too-large": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "removal-failed": grpc.StatusCode.FAILED_PRECONDITION,
-    "gate-unavailable": grpc.StatusCode.FAILED_PRECONDITION,
-    "retention-disabled": grpc.StatusCode.FAILED_PRECONDITION,
-    "not-found": grpc.StatusCode.NOT_FOUND,
-    "method-not-allowed": grpc.StatusCode.UNIMPLEMENTED,
-    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
-    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
-    "too-many-requests": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "overloaded": grpc.StatusCode.UNAVAILABLE,
-    "replica-failed": grpc.StatusCode.UNAVAILABLE,
-    "not-ready": grpc.StatusCode.UNAVAILABLE,
-    "scorer-unavailable": grpc.StatusCode.UNAVAILABLE,
-    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "internal-error": grpc.StatusCode.INTERNAL,
-}
+Options = TypeVar("Options", bound=BaseModel)
 
 
 def status_code(problem: Problem) -> grpc.StatusCode:
-    """Every other problem is the caller's input: INVALID_ARGUMENT."""
-    return _CODE_BY_PROBLEM.get(problem.problem, grpc.StatusCode.INVALID_ARGUMENT)
+    return getattr(grpc.StatusCode, problem.kind.grpc_code)
 
 
 def status_for(problem: Problem, context, request_id: str | None, metadata: Iterable[tuple[str, str]] = ()) -> None:
@@ -59,18 +43,7 @@ def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> Removal
     check_upload_size(len(message.image) + len(message.mask), max_upload_bytes)
     if not message.image:
         raise Problem("invalid-request", "the request has no image")
-    options = {
-        "seed": message.seed if message.HasField("seed") else None,
-        "output_format": message.output_format or None,
-        "quality": message.quality if message.HasField("quality") else None,
-        "dilate": message.dilate if message.HasField("dilate") else None,
-        "gate": message.gate or None,
-        "gate_threshold": message.gate_threshold if message.HasField("gate_threshold") else None,
-        "max_attempts": message.max_attempts if message.HasField("max_attempts") else None,
-        "retain": message.retain if message.HasField("retain") else None,
-        "timeout_s": message.timeout_s if message.HasField("timeout_s") else None,
-    }
-    return RemovalRequest(image=message.image, mask=message.mask or None, options=validate(RemoveOptions, options))
+    return RemovalRequest(image=message.image, mask=message.mask or None, options=_options(message, RemoveOptions))
 
 
 def score_request(message: pb.ScoreRequest, max_upload_bytes: int) -> ScoreRequest:
@@ -78,11 +51,19 @@ def score_request(message: pb.ScoreRequest, max_upload_bytes: int) -> ScoreReque
     for name in ("source", "mask", "edited"):
         if not getattr(message, name):
             raise Problem("invalid-request", f"the request has no {name}")
-    options = {
-        "dilate": message.dilate if message.HasField("dilate") else None,
-        "gate_threshold": message.gate_threshold if message.HasField("gate_threshold") else None,
-    }
-    return ScoreRequest(message.source, message.mask, message.edited, validate(ScoreOptions, options))
+    return ScoreRequest(message.source, message.mask, message.edited, _options(message, ScoreOptions))
+
+
+def _options(message, model: type[Options]) -> Options:
+    """The model's fields, read from the message's fields of the same names and validated. Unset means the
+    configured default (None): an `optional` field not set, or a proto3 string left empty (it has no unset state)."""
+    options = {}
+    for name in model.model_fields:
+        if message.DESCRIPTOR.fields_by_name[name].has_presence:
+            options[name] = getattr(message, name) if message.HasField(name) else None
+        else:
+            options[name] = getattr(message, name) or None
+    return validate(model, options)
 
 
 def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:

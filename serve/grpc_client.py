@@ -1,4 +1,4 @@
-"""A small gRPC client for the service, and the example the README shows.
+"""A small gRPC client for the service, and the example docs/api.md "gRPC" shows.
 
     python -m serve.grpc_client remove photo.jpg mask.png -o out.png [--target 127.0.0.1:9000] [--gate retry]
     python -m serve.grpc_client score photo.jpg mask.png out.png

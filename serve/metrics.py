@@ -2,7 +2,7 @@
 values and exports them with a `ray_` prefix on each node's metrics port).
 
 Metric objects are created inside the replica that records them (`ServiceMetrics()` in a
-deployment's constructor); the names here are the one list the README and the dashboard use.
+deployment's constructor); the names here are the one list docs/api.md "Metrics" and the dashboard use.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ SCORES = "rorem_removal_score"
 RETAINED = "rorem_retained_total"
 FEEDBACK = "rorem_feedback_total"
 KEYS_FILE_ERRORS = "rorem_auth_keys_file_errors_total"
+QUOTA_LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
 
 STAGES = (
     "read", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score", "paste", "encode"
@@ -63,6 +64,9 @@ class IngressMetrics:
         self.feedback = Counter(FEEDBACK, description="Verdicts received on retained results.", tag_keys=("verdict",))
         self.keys_file_errors = Counter(
             KEYS_FILE_ERRORS, description="Times the API keys file became unreadable or invalid (every key refused)."
+        )
+        self.quota_ledger_errors = Counter(
+            QUOTA_LEDGER_ERRORS, description="Quota ledger calls that failed (the request was admitted unmetered)."
         )
 
     def answered(self, route: str, protocol: str, status: str, seconds: float) -> None:

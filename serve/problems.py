@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import MappingProxyType
+
 from fastapi.responses import JSONResponse
 
 from engines.errors import InputError
@@ -14,65 +17,50 @@ MAX_DETAIL_CHARS = 2000
 MAX_TEXT_CHARS = 200
 MAX_LISTED = 20
 
-STATUS_BY_PROBLEM = {
-    "invalid-image": 422,
-    "image-too-large": 413,
-    "invalid-mask": 422,
-    "mask-size-mismatch": 422,
-    "unsupported-output-format": 422,
-    "image-size-mismatch": 422,
-    "removal-failed": 422,
-    "gate-unavailable": 422,
-    "retention-disabled": 422,
-    "invalid-input": 422,
-    "invalid-request": 422,
-    "malformed-body": 400,
-    "payload-too-large": 413,
-    "body-timeout": 408,
-    "unsupported-media-type": 415,
-    "not-found": 404,
-    "method-not-allowed": 405,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "too-many-requests": 429,
-    "overloaded": 503,
-    "replica-failed": 503,
-    "not-ready": 503,
-    "scorer-unavailable": 503,
-    "retention-unavailable": 503,
-    "timeout": 504,
-    "internal-error": 500,
-}
 
-TITLES = {
-    "invalid-image": "The image cannot be decoded",
-    "image-too-large": "The image is too large",
-    "invalid-mask": "The mask is not usable",
-    "mask-size-mismatch": "The mask and the image differ in size",
-    "unsupported-output-format": "Unsupported output format",
-    "image-size-mismatch": "The source and edited images differ in size",
-    "removal-failed": "No removal attempt passed the quality gate",
-    "gate-unavailable": "This deployment has no quality scorer",
-    "retention-disabled": "This deployment does not retain results",
-    "invalid-input": "Invalid input",
-    "invalid-request": "The request is invalid",
-    "malformed-body": "The request body cannot be parsed",
-    "payload-too-large": "The request body is too large",
-    "body-timeout": "The request body did not arrive in time",
-    "unsupported-media-type": "Unsupported content type",
-    "not-found": "Not found",
-    "method-not-allowed": "Method not allowed",
-    "unauthorized": "A valid API key is required",
-    "forbidden": "The API key does not allow this",
-    "too-many-requests": "Too many requests in progress; retry later",
-    "overloaded": "The service is overloaded; retry later",
-    "replica-failed": "A model replica failed while answering; retry later",
-    "not-ready": "The model is not loaded yet",
-    "scorer-unavailable": "The quality scorer is unavailable; retry later",
-    "retention-unavailable": "The result store is unavailable; retry later",
-    "timeout": "The request took too long",
-    "internal-error": "Internal error",
-}
+@dataclass(frozen=True)
+class Kind:
+    """One kind of problem: its `type` slug, HTTP status, title and gRPC status code (a grpc.StatusCode name,
+    resolved by serve/grpc_api.py, so this module needs no grpc)."""
+
+    slug: str
+    status: int
+    title: str
+    grpc_code: str = "INVALID_ARGUMENT"  # the caller's input
+
+
+KINDS = (
+    Kind("invalid-image", 422, "The image cannot be decoded"),
+    Kind("image-too-large", 413, "The image is too large", "RESOURCE_EXHAUSTED"),
+    Kind("invalid-mask", 422, "The mask is not usable"),
+    Kind("mask-size-mismatch", 422, "The mask and the image differ in size"),
+    Kind("unsupported-output-format", 422, "Unsupported output format"),
+    Kind("image-size-mismatch", 422, "The source and edited images differ in size"),
+    Kind("removal-failed", 422, "No removal attempt passed the quality gate", "FAILED_PRECONDITION"),
+    Kind("gate-unavailable", 422, "This deployment has no quality scorer", "FAILED_PRECONDITION"),
+    Kind("retention-disabled", 422, "This deployment does not retain results", "FAILED_PRECONDITION"),
+    Kind("invalid-input", 422, "Invalid input"),
+    Kind("invalid-request", 422, "The request is invalid"),
+    Kind("malformed-body", 400, "The request body cannot be parsed"),
+    Kind("payload-too-large", 413, "The request body is too large", "RESOURCE_EXHAUSTED"),
+    Kind("body-timeout", 408, "The request body did not arrive in time"),
+    Kind("unsupported-media-type", 415, "Unsupported content type"),
+    Kind("not-found", 404, "Not found", "NOT_FOUND"),
+    Kind("method-not-allowed", 405, "Method not allowed", "UNIMPLEMENTED"),
+    Kind("unauthorized", 401, "A valid API key is required", "UNAUTHENTICATED"),
+    Kind("forbidden", 403, "The API key does not allow this", "PERMISSION_DENIED"),
+    Kind("too-many-requests", 429, "Too many requests in progress; retry later", "RESOURCE_EXHAUSTED"),
+    Kind("overloaded", 503, "The service is overloaded; retry later", "UNAVAILABLE"),
+    Kind("replica-failed", 503, "A model replica failed while answering; retry later", "UNAVAILABLE"),
+    Kind("not-ready", 503, "The model is not loaded yet", "UNAVAILABLE"),
+    Kind("scorer-unavailable", 503, "The quality scorer is unavailable; retry later", "UNAVAILABLE"),
+    Kind("retention-unavailable", 503, "The result store is unavailable; retry later", "UNAVAILABLE"),
+    Kind("timeout", 504, "The request took too long", "DEADLINE_EXCEEDED"),
+    Kind("internal-error", 500, "Internal error", "INTERNAL"),
+)
+KIND_BY_SLUG = MappingProxyType({kind.slug: kind for kind in KINDS})
+STATUS_BY_PROBLEM = MappingProxyType({kind.slug: kind.status for kind in KINDS})
+TITLES = MappingProxyType({kind.slug: kind.title for kind in KINDS})
 
 
 class Problem(Exception):
@@ -84,18 +72,22 @@ class Problem(Exception):
         self.extra = extra
 
     @classmethod
-    def from_input_error(cls, error: InputError) -> "Problem":
+    def from_input_error(cls, error: InputError) -> Problem:
         return cls(error.problem, error.detail)
 
     @property
+    def kind(self) -> Kind:
+        return KIND_BY_SLUG[self.problem]
+
+    @property
     def status(self) -> int:
-        return STATUS_BY_PROBLEM[self.problem]
+        return self.kind.status
 
     def body(self, request_id: str | None = None) -> dict:
         """The problem+json document; the same fields travel in gRPC error details."""
         body = {
             "type": TYPE_BASE + self.problem,
-            "title": TITLES[self.problem],
+            "title": self.kind.title,
             "status": self.status,
             "detail": _clip(self.detail, MAX_DETAIL_CHARS),
             **{key: _bounded(value) for key, value in self.extra.items()},

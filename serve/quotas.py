@@ -54,7 +54,6 @@ LOG_EVERY_S = 60.0
 RESOLVE_EVERY_S = 5.0  # after a failure, how often the ingress looks the ledger up again
 CONCURRENCY_RETRY_AFTER_S = 1
 RATE, CONCURRENCY = "minute", "concurrency"  # the policies' names in the RateLimit fields
-LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
 logger = logging.getLogger("ray.serve")
 
 
@@ -314,13 +313,6 @@ def install(quotas: Quotas) -> Quotas:
 
 def installed() -> Quotas:
     return _quotas
-
-
-def ledger_errors_counter():
-    """The counter of ledger calls that failed (created in the replica that records it)."""
-    from ray.serve.metrics import Counter
-
-    return Counter(LEDGER_ERRORS, description="Quota ledger calls that failed (the request was admitted unmetered).")
 
 
 class _Meter:

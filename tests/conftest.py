@@ -70,14 +70,16 @@ def serve_test_config(work: Path) -> dict:
     """The shipped local.yaml with small buckets, a short batch window and a private bundle cache."""
     config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
     args = config["applications"][0]["args"]
-    args["bundle"]["cache_dir"] = str(work / "cache")
+    args.setdefault("bundle", {})["cache_dir"] = str(work / "cache")
     args["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.25}
-    args["imaging"].update({"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 6 * 1024 * 1024})
+    args.setdefault("imaging", {}).update(
+        {"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 6 * 1024 * 1024}
+    )
     # results are kept only for requests that ask (retain=true): tests that don't ask see no difference
     args["retention"] = {"enabled": True, "default_retain": False, "object_store": {"path": str(work / "results")}}
     # admission by expected wait is tested with a fake clock (tests/test_admission.py); on a busy 2-core
     # runner the tiny model's rate swings, so the service tests admit by count only
-    args["overload"] = {**args["overload"], "max_queue_wait_s": None}
+    args["overload"] = {**args.get("overload", {}), "max_queue_wait_s": None}
     return config
 
 
@@ -106,10 +108,11 @@ def running_service(work: Path, config: dict):
             if time.monotonic() > deadline:
                 pytest.fail(f"serve not ready after 300 s; see {log_path}")
             time.sleep(1)
-        args = config["applications"][0]["args"]
-        yield Service(
-            f"http://127.0.0.1:{port}", args, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path
-        )
+        from serve.config import AppSettings
+
+        settings = AppSettings.model_validate(config["applications"][0]["args"]).model_dump()  # defaults filled in
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Service(f"http://127.0.0.1:{port}", settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path)
     finally:
         _stop(child)
         log.close()

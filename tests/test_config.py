@@ -145,3 +145,29 @@ def test_the_remover_must_accept_every_buckets_full_batch_at_once(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"max_ongoing_requests is 10, below the buckets' batch sizes together \(12"):
         load_serve_config(path)
+
+
+def _restated(args: dict, settings: dict, defaults: dict, where: str = "") -> list[str]:
+    """The keys of `args` whose validated value (in `settings`) is the default: restatements."""
+    found = []
+    for key, value in args.items():
+        path = f"{where}.{key}" if where else str(key)
+        key = next((k for k in settings if str(k) == str(key)), key)  # a YAML key may be validated to an int
+        if key not in defaults:
+            continue  # an entry with no default (per_bucket's sides): a difference
+        if isinstance(value, dict) and value:
+            found += _restated(value, settings[key], defaults[key], path)
+        elif settings[key] == defaults[key]:
+            found.append(path)
+    return found
+
+
+def test_the_shipped_args_hold_only_what_differs_from_the_defaults():
+    """serve/config.py is the one home of each default: local.yaml (and so the Kubernetes renderings)
+    must not restate one, or changing it there silently changes nothing."""
+    defaults = AppSettings().model_dump()
+    args = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["args"]
+    assert _restated(args, AppSettings.model_validate(args).model_dump(), defaults) == []
+    restating = {"imaging": {"dilate": 20, "feather": 3}, "bundle": {}, "batching": {"per_bucket": {"512": {}}}}
+    settings = AppSettings.model_validate(restating).model_dump()
+    assert _restated(restating, settings, defaults) == ["imaging.dilate", "bundle"]

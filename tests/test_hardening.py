@@ -58,8 +58,8 @@ def hardened(tmp_path_factory):
     args["overload"] = {
         "max_in_flight": MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None, "body_timeout_s": BODY_TIMEOUT_S
     }  # fmt: skip
-    args["gate"]["on_scorer_error"] = "fail_closed"
-    args["scorer"]["timeout_s"] = 2.0
+    args.setdefault("gate", {})["on_scorer_error"] = "fail_closed"
+    args.setdefault("scorer", {})["timeout_s"] = 2.0
     args["request_timeout_s"] = REQUEST_TIMEOUT_S
     config["applications"][0]["route_prefix"] = ROUTE_PREFIX
     with running_service(work, config) as service:

@@ -448,9 +448,12 @@ def test_the_kubernetes_serve_configs_differ_from_local_only_as_documented():
     assert all((d.get("ray_actor_options") or {}).get("num_gpus", 0) == 0 for d in cpu_app["deployments"])
     assert cpu_app["args"]["bundle"].get("path") is None and "authors" not in cpu_app["args"]["bundle"], "tiny bundle"
     # what is not overridden is local.yaml's
-    local = SERVE_CONFIG["applications"][0]
+    from serve.config import AppSettings
+
+    apps = (SERVE_CONFIG["applications"][0], gpu["applications"][0], cpu_app)
+    local, on_gpu, on_cpu = (AppSettings.model_validate(app["args"]) for app in apps)
     for key in ("batching", "imaging", "gate", "request_timeout_s"):
-        assert gpu["applications"][0]["args"][key] == local["args"][key] == cpu_app["args"][key]
+        assert getattr(on_gpu, key) == getattr(local, key) == getattr(on_cpu, key)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def onnx_service(tmp_path_factory):
     work = tmp_path_factory.mktemp("serve-onnx")
     config = serve_test_config(work)
     app = config["applications"][0]
-    app["args"]["engine"].update({"runner": "onnx", "export_missing": True})
+    app["args"].setdefault("engine", {}).update({"runner": "onnx", "export_missing": True})
     app["args"]["scorer"] = {"enabled": False}
     app["args"]["gate"] = {"mode": "off"}
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "Scorer"]

@@ -57,17 +57,19 @@ class ExportLabelsSettings(StageSettings):
         return self
 
 
+SERVE_APP = "serve.app:build_app"
+
+
 def retention_settings(settings: ExportLabelsSettings):
-    from serve.config import RetentionSettings
+    from serve.config import AppSettings, RetentionSettings
 
     if settings.objects is not None:
         return RetentionSettings(object_store={"path": str(settings.objects)}, database_url=settings.database_url)
     config = yaml.safe_load(Path(settings.serve_config).read_text()) or {}
     for app in config.get("applications", []):
-        retention = (app.get("args") or {}).get("retention")
-        if retention is not None:
-            return RetentionSettings.model_validate(retention)
-    raise TrainingError(f"{settings.serve_config}: no application has a `retention` section")
+        if app.get("import_path", SERVE_APP) == SERVE_APP:  # its args name only what differs from the defaults
+            return AppSettings.model_validate(app.get("args") or {}).retention
+    raise TrainingError(f"{settings.serve_config}: no application imports {SERVE_APP}")
 
 
 def export_labels(settings: ExportLabelsSettings) -> dict:

@@ -1,0 +1,88 @@
+"""The gRPC request messages carry the option models' fields, read by name: the proto and the models agree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+
+from serve import rorem_pb2 as pb
+from serve.grpc_api import removal_request, score_request
+from serve.problems import Problem
+from serve.requests import (
+    JSONRemoveBody,
+    JSONScoreBody,
+    RemovalRequest,
+    RemoveOptions,
+    ScoreOptions,
+    ScoreRequest,
+)
+
+LIMIT = 1 << 20
+PAIRS = [
+    (pb.RemoveRequest, RemoveOptions, RemovalRequest, JSONRemoveBody),
+    (pb.ScoreRequest, ScoreOptions, ScoreRequest, JSONScoreBody),
+]
+FILES = {"source": b"s", "mask": b"m", "edited": b"e"}
+
+
+def _files(request) -> set[str]:
+    return {field.name for field in dataclasses.fields(request)} - {"options"}
+
+
+@pytest.mark.parametrize(("message", "model", "request_type", "json_body"), PAIRS, ids=lambda x: x.__name__)
+def test_the_proto_fields_are_the_model_fields_plus_the_files(message, model, request_type, json_body):
+    fields = message.DESCRIPTOR.fields_by_name
+    assert set(fields) == set(model.model_fields) | _files(request_type)
+    assert set(fields) == set(json_body.model_fields)  # the REST JSON body: the same names
+    assert all(fields[name].type == FieldDescriptor.TYPE_BYTES for name in _files(request_type))
+
+
+@pytest.mark.parametrize(("message", "model", "request_type", "json_body"), PAIRS, ids=lambda x: x.__name__)
+def test_only_strings_go_without_presence(message, model, request_type, json_body):
+    """An option without `optional` reads its empty value as unset: fine for a string, but a 0 or false would
+    silently mean the configured default."""
+    fields = message.DESCRIPTOR.fields_by_name
+    for name in model.model_fields:
+        assert fields[name].has_presence or fields[name].type == FieldDescriptor.TYPE_STRING, name
+
+
+def test_every_remove_option_arrives():
+    given = {
+        "seed": 7,
+        "output_format": "webp",
+        "quality": 80,
+        "dilate": 3,
+        "gate": "retry",
+        "gate_threshold": 0.5,
+        "max_attempts": 2,
+        "retain": False,
+        "timeout_s": 2.5,
+    }
+    assert set(given) == set(RemoveOptions.model_fields)
+    request = removal_request(pb.RemoveRequest(image=b"i", mask=b"m", **given), LIMIT)
+    assert (request.image, request.mask) == (b"i", b"m")
+    assert request.options.model_dump() == given
+
+
+def test_unset_remove_options_are_none():
+    request = removal_request(pb.RemoveRequest(image=b"i"), LIMIT)
+    assert request.mask is None
+    assert request.options.model_dump() == dict.fromkeys(RemoveOptions.model_fields)
+
+
+def test_every_score_option_arrives():
+    given = {"dilate": 0, "gate_threshold": 1.25}
+    assert set(given) == set(ScoreOptions.model_fields)
+    request = score_request(pb.ScoreRequest(**FILES, **given), LIMIT)
+    assert (request.source, request.mask, request.edited) == tuple(FILES.values())
+    assert request.options.model_dump() == given
+    assert score_request(pb.ScoreRequest(**FILES), LIMIT).options.model_dump() == dict.fromkeys(given)
+
+
+def test_options_are_validated_by_the_model():
+    with pytest.raises(Problem) as caught:
+        removal_request(pb.RemoveRequest(image=b"i", gate="sometimes", quality=0), LIMIT)
+    assert caught.value.problem == "invalid-request"
+    assert {error["field"] for error in caught.value.extra["errors"]} == {"gate", "quality"}

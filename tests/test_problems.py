@@ -1,0 +1,46 @@
+"""The problem table is the one home of each kind's status, title and gRPC code; the views and adapters agree."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from serve.grpc_api import status_code
+from serve.problems import KIND_BY_SLUG, KINDS, STATUS_BY_PROBLEM, TITLES, TYPE_BASE, Problem
+
+
+def test_every_slug_is_listed_once():
+    slugs = [kind.slug for kind in KINDS]
+    assert len(slugs) == len(set(slugs)), sorted(slug for slug in slugs if slugs.count(slug) > 1)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.slug)
+def test_every_slug_has_a_status_a_title_and_a_grpc_code(kind):
+    assert 400 <= kind.status < 600
+    assert kind.title.strip()
+    code = grpc.StatusCode[kind.grpc_code]
+    assert code is not grpc.StatusCode.OK
+    if kind.status >= 500:  # the server's fault: never blamed on the caller's input
+        assert code is not grpc.StatusCode.INVALID_ARGUMENT, kind.slug
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.slug)
+def test_rest_and_grpc_read_the_table(kind):
+    problem = Problem(kind.slug, "detail")
+    body = problem.body()
+    assert (body["type"], body["title"], body["status"]) == (TYPE_BASE + kind.slug, kind.title, kind.status)
+    assert problem.response().status_code == kind.status
+    assert status_code(problem) is grpc.StatusCode[kind.grpc_code]
+
+
+def test_the_views_are_derived_and_read_only():
+    assert list(KIND_BY_SLUG) == list(STATUS_BY_PROBLEM) == list(TITLES) == [kind.slug for kind in KINDS]
+    assert dict(STATUS_BY_PROBLEM) == {kind.slug: kind.status for kind in KINDS}
+    assert dict(TITLES) == {kind.slug: kind.title for kind in KINDS}
+    with pytest.raises(TypeError):
+        STATUS_BY_PROBLEM["new-kind"] = 400  # type: ignore[index]
+
+
+def test_an_unknown_slug_is_refused():
+    with pytest.raises(KeyError):
+        Problem("no-such-kind", "detail").body()

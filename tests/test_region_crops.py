@@ -1,0 +1,248 @@
+"""engines.regions: one crop per far-apart mask region, pasted back without touching anything else."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from engines.imaging import CropPlan, crop_for_model, dilate_mask, paste_back, plan_crop
+from engines.regions import _region_boxes, _separated_blocks, paste_back_regions, plan_region_crops
+
+BUCKETS = (512, 1024)
+MARGIN = 128
+
+
+def squares(shape: tuple[int, int], *corners: tuple[int, int], size: int = 120) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for top, left in corners:
+        mask[top : top + size, left : left + size] = True
+    return mask
+
+
+def noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def constant_results(plans: list[CropPlan]) -> list[np.ndarray]:
+    """A distinct flat colour per crop, so every repainted pixel tells which crop it came from."""
+    return [np.full((plan.bucket, plan.bucket, 3), 10 + 40 * i, np.uint8) for i, plan in enumerate(plans)]
+
+
+def contains(plan: CropPlan, mask: np.ndarray) -> bool:
+    rows, cols = np.nonzero(mask)
+    return (
+        plan.top <= rows.min() and rows.max() < plan.top + plan.side
+        and plan.left <= cols.min() and cols.max() < plan.left + plan.side
+    )  # fmt: skip
+
+
+def overlap(a: CropPlan, b: CropPlan) -> bool:
+    return a.top < b.top + b.side and b.top < a.top + a.side and a.left < b.left + b.side and b.left < a.left + a.side
+
+
+# --- plan_region_crops --------------------------------------------------------------------------
+
+
+def test_far_apart_small_regions_get_their_own_native_crops_at_the_smallest_bucket():
+    mask = dilate_mask(squares((3000, 4000), (200, 200), (2680, 3680)), 20)
+    assert plan_crop(mask, BUCKETS, MARGIN).side > 1024, "one box would be downscaled"
+    plans = plan_region_crops(mask, BUCKETS, MARGIN)
+    assert len(plans) == 2
+    assert all(plan.bucket == 512 and plan.side == plan.bucket for plan in plans)
+    assert [(p.top, p.left) for p in plans] == sorted((p.top, p.left) for p in plans)
+    top_left, bottom_right = np.zeros_like(mask), np.zeros_like(mask)
+    top_left[:1500], bottom_right[1500:] = mask[:1500], mask[1500:]
+    assert contains(plans[0], top_left) and contains(plans[1], bottom_right)
+
+
+def test_close_regions_share_one_crop():
+    mask = squares((3000, 4000), (1000, 1000), (1000, 1200))  # 80 px apart: the windows overlap
+    assert plan_region_crops(mask, BUCKETS, MARGIN) == [plan_crop(mask, BUCKETS, MARGIN)]
+
+
+def test_regions_that_fit_one_native_window_of_the_same_bucket_share_it():
+    # 300 px apart with no margin: the windows do not overlap but their union (420 px) fits one 512 window
+    mask = squares((3000, 4000), (1000, 1000), (1000, 1300))
+    plans = plan_region_crops(mask, BUCKETS, 0)
+    assert plans == [plan_crop(mask, BUCKETS, 0)] and plans[0].bucket == 512
+
+
+def test_two_small_crops_are_not_merged_into_a_larger_bucket():
+    # each fits 512 alone; together they would need a 1024 crop: twice the pixels of two 512 crops
+    mask = squares((3000, 4000), (1000, 1000), (1000, 1600))
+    plans = plan_region_crops(mask, BUCKETS, MARGIN)
+    assert [plan.bucket for plan in plans] == [512, 512]
+    assert plan_crop(mask, BUCKETS, MARGIN).bucket == 1024
+
+
+def test_merging_cascades_until_no_windows_overlap():
+    # a chain of regions, each 260 px from the next: neighbours' windows overlap, the ends' do not
+    mask = squares((3000, 4000), *[(1400, 200 + 380 * i) for i in range(6)])
+    plans = plan_region_crops(mask, BUCKETS, MARGIN, max_crops=64)
+    assert plans == [plan_crop(mask, BUCKETS, MARGIN)]
+
+
+def test_a_grown_window_is_checked_again_against_regions_already_passed():
+    mask = np.zeros((2000, 2000), bool)
+    for top, bottom, left, right in [
+        (170, 261, 1162, 1186), (550, 631, 480, 490), (561, 620, 980, 998),
+        (612, 628, 1709, 1728), (1471, 1491, 1301, 1371), (1884, 1975, 1115, 1164),
+    ]:  # fmt: skip
+        mask[top:bottom, left:right] = True
+    assert plan_region_crops(mask, BUCKETS, 64) == [plan_crop(mask, BUCKETS, 64)]
+
+
+def test_a_single_region_gets_exactly_plan_crops_plan():
+    mask = np.zeros((900, 1300), bool)
+    mask[100:400, 50:70] = True
+    mask[399, 70:600] = True  # an L: one region whose bounding box is much larger than its pixels
+    assert plan_region_crops(mask, BUCKETS, MARGIN) == [plan_crop(mask, BUCKETS, MARGIN)]
+
+
+def test_diagonal_neighbours_are_one_region():
+    mask = squares((3000, 4000), (2800, 3800), size=50)
+    mask[np.arange(300), np.arange(300)] = True  # 300 regions if only edge neighbours counted: past max_regions
+    plans = plan_region_crops(mask, BUCKETS, MARGIN, max_regions=256)
+    assert len(plans) == 2 and all(plan.side == plan.bucket for plan in plans)
+
+
+def test_empty_mask_plans_nothing():
+    assert plan_region_crops(np.zeros((100, 100), bool), BUCKETS, MARGIN) == []
+
+
+def test_too_many_regions_or_crops_fall_back_to_one_box():
+    mask = np.zeros((3000, 4000), bool)
+    mask[::100, ::100] = True  # 1200 dots, 100 px apart
+    whole = plan_crop(mask, BUCKETS, 8)
+    assert plan_region_crops(mask, BUCKETS, 8) == [whole]
+    four = squares((3000, 4000), (100, 100), (100, 3700), (2700, 100), (2700, 3700), size=10)
+    assert len(plan_region_crops(four, BUCKETS, MARGIN)) == 4
+    assert plan_region_crops(four, BUCKETS, MARGIN, max_crops=3) == [plan_crop(four, BUCKETS, MARGIN)]
+    assert plan_region_crops(four, BUCKETS, MARGIN, max_regions=3) == [plan_crop(four, BUCKETS, MARGIN)]
+
+
+@pytest.mark.parametrize("buckets", [(), (500,), (0, 512)])
+def test_bad_buckets_are_refused_as_plan_crop_refuses_them(buckets):
+    with pytest.raises(ValueError):
+        plan_region_crops(squares((600, 600), (0, 0)), buckets, 8)
+
+
+# --- paste_back_regions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("feather", [0, 6, 24])
+def test_paste_changes_nothing_outside_the_mask_and_each_region_gets_its_own_crop(feather):
+    shape = (1500, 2000)
+    mask = dilate_mask(squares(shape, (100, 100), (1250, 1700), (100, 1750), size=60), 20)
+    rgb = noise((*shape, 3))
+    plans = plan_region_crops(mask, BUCKETS, MARGIN)
+    assert len(plans) == 3
+    results = constant_results(plans)
+    out = paste_back_regions(rgb, mask, results, plans, feather)
+    np.testing.assert_array_equal(out[~mask], rgb[~mask])
+    inner = mask & ~dilate_mask(~mask, feather)  # farther than `feather` from the mask's edge: no blending
+    for plan, result in zip(plans, results):
+        window = np.zeros_like(mask)
+        window[plan.top : plan.top + plan.side, plan.left : plan.left + plan.side] = True
+        assert (out[inner & window] == result[0, 0]).all()
+        assert (mask & window).any()
+    assert not np.shares_memory(out, rgb)
+
+
+def test_paste_equals_plan_crop_paste_back_for_each_window():
+    shape = (1200, 1600)
+    mask = dilate_mask(squares(shape, (50, 50), (1000, 1400), size=40), 12)
+    rgb = noise((*shape, 3), seed=1)
+    plans = plan_region_crops(mask, BUCKETS, 64)
+    results = [noise((p.bucket, p.bucket, 3), seed=2 + i) for i, p in enumerate(plans)]
+    out = paste_back_regions(rgb, mask, results, plans, 6)
+    for plan, result in zip(plans, results):
+        alone = paste_back(rgb, mask, result, plan, 6)
+        rows = slice(max(plan.top, 0), plan.top + plan.side)
+        cols = slice(max(plan.left, 0), plan.left + plan.side)
+        np.testing.assert_array_equal(out[rows, cols], alone[rows, cols])
+
+
+def test_round_trip_of_the_crops_restores_the_image():
+    shape = (1000, 1400)
+    mask = dilate_mask(squares(shape, (30, 30), (850, 1250), size=50), 10)
+    rgb = noise((*shape, 3), seed=3)
+    plans = plan_region_crops(mask, BUCKETS, MARGIN)
+    crops = [crop_for_model(rgb, mask, plan)[0] for plan in plans]
+    np.testing.assert_array_equal(paste_back_regions(rgb, mask, crops, plans, 6), rgb)
+
+
+def test_overlapping_or_incomplete_plans_are_refused():
+    shape = (1000, 1400)
+    mask = squares(shape, (30, 30), (850, 1250), size=50)
+    rgb = noise((*shape, 3))
+    plans = plan_region_crops(mask, BUCKETS, MARGIN)
+    results = constant_results(plans)
+    with pytest.raises(ValueError, match="overlap"):
+        paste_back_regions(rgb, mask, results, [plans[0], CropPlan(100, 100, 512, 512)], 0)
+    with pytest.raises(ValueError, match="uncovered"):
+        paste_back_regions(rgb, mask, results[:1], plans[:1], 0)
+    with pytest.raises(ValueError, match="results"):
+        paste_back_regions(rgb, mask, results[:1], plans, 0)
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+
+@st.composite
+def scattered_masks(draw) -> np.ndarray:
+    height, width = draw(st.integers(1, 700)), draw(st.integers(1, 700))
+    mask = np.zeros((height, width), bool)
+    for _ in range(draw(st.integers(1, 6))):
+        top, left = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
+        mask[top : top + draw(st.integers(1, 80)), left : left + draw(st.integers(1, 80))] = True
+    return mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(scattered_masks(), st.sampled_from([(64,), (64, 128), (128, 256, 512)]), st.integers(0, 64), st.integers(0, 8))
+def test_plans_cover_the_mask_never_overlap_and_pasting_touches_only_the_mask(mask, buckets, margin, feather):
+    plans = plan_region_crops(mask, buckets, margin)
+    whole = plan_crop(mask, buckets, margin)
+    assert len(plans) >= 1 and (len(plans) > 1 or plans == [whole])
+    assert all(not overlap(a, b) for i, a in enumerate(plans) for b in plans[i + 1 :])
+    covered = np.zeros_like(mask)
+    for plan in plans:
+        window = np.zeros_like(mask)
+        window[max(plan.top, 0) : plan.top + plan.side, max(plan.left, 0) : plan.left + plan.side] = True
+        alone = plan_crop(mask & window, buckets, margin)
+        assert plan == alone, "each window is plan_crop's window for the regions it holds"
+        covered |= window
+        native_share = min(plan.bucket, plan.side) * whole.side  # resolution, not upsampling, counts
+        assert native_share >= min(whole.bucket, whole.side) * plan.side, "no region runs at a lower scale than one box"
+    assert not (mask & ~covered).any()
+    rgb = noise((*mask.shape, 3))
+    out = paste_back_regions(rgb, mask, constant_results(plans), plans, feather)
+    np.testing.assert_array_equal(out[~mask], rgb[~mask])
+
+
+@settings(max_examples=80, deadline=None)
+@given(scattered_masks(), st.integers(1, 10))
+def test_region_boxes_are_those_of_labelling_the_whole_mask(mask, max_regions):
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    expected = sorted((r.start, r.stop, c.start, c.stop) for r, c in ndimage.find_objects(labels))
+    boxes = _region_boxes(mask, max_regions)
+    if count > max_regions:
+        assert boxes is None
+    else:
+        assert sorted(map(tuple, boxes.tolist())) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(scattered_masks(), st.integers(1, 4))
+def test_separated_blocks_hold_every_region_whole_whatever_the_rounds(mask, rounds):
+    blocks = _separated_blocks(mask, 10_000, rounds)
+    owner = np.zeros(mask.shape, np.int64)
+    for number, (top, bottom, left, right) in enumerate(blocks, start=1):
+        assert not owner[top:bottom, left:right].any(), "blocks overlap"
+        owner[top:bottom, left:right] = number
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    assert (owner[mask] > 0).all()
+    for region in range(1, count + 1):
+        assert len(np.unique(owner[labels == region])) == 1, "a region crosses blocks"
