@@ -208,7 +208,7 @@ class Ingress:
         reply.timings.stages = {"read": read_s, **reply.timings.stages}
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in _INGRESS_STAGES})
         headers = {
-            "X-Bucket": "none" if reply.bucket is None else str(reply.bucket),
+            "X-Bucket": "none" if reply.bucket is None else ", ".join(map(str, reply.buckets)),
             "X-Attempts": str(reply.attempts),
             "X-Gate": reply.gate,
             "Server-Timing": reply.timings.server_timing(),
@@ -227,6 +227,7 @@ class Ingress:
                     "media_type": reply.media_type,
                     "seed": reply.seed,
                     "bucket": reply.bucket,
+                    "buckets": reply.buckets,
                     "batch_size": reply.batch_size,
                     "score": reply.score,
                     "attempts": reply.attempts,

@@ -6,7 +6,7 @@ without Ray and shared by the REST and gRPC entry points.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Generic, TypeVar
 
 from serve.config import GateMode, GateSettings
@@ -53,6 +53,14 @@ class GatePolicy:
             else min(max_attempts or settings.max_attempts, settings.max_model_calls // 2),
             fail_open=settings.on_scorer_error == "fail_open",
         )
+
+
+    def within_calls(self, max_model_calls: int, crops: int) -> "GatePolicy":
+        """Attempts capped for a request of `crops` crops: each attempt is one removal per crop, plus one
+        scoring per crop when the gate scores; at least one attempt always runs."""
+        per_attempt = crops * (1 if self.mode == "off" else 2)
+        attempts = max(1, min(self.max_attempts, max_model_calls // per_attempt))
+        return self if attempts == self.max_attempts else replace(self, max_attempts=attempts)
 
 
 @dataclass

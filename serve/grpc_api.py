@@ -77,6 +77,7 @@ def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:
         gate=reply.gate,
         request_id=request_id,
         result_id=reply.result_id or "",
+        buckets=reply.buckets,
     )
     if reply.score is not None:
         message.score = reply.score

@@ -55,7 +55,11 @@ HEADERS: dict[str, tuple[dict, str]] = {
         _INT,
         "seed of the kept attempt (gate=off&seed=<X-Seed> reproduces the image); absent when nothing was removed",
     ),
-    "X-Bucket": (_STR, "model input side in pixels, or `none` when the mask was empty and the image came back as sent"),
+    "X-Bucket": (
+        _STR,
+        "model input side in pixels of each crop (one per far-apart mask region, e.g. `512, 512`), or `none` when "
+        "the mask was empty and the image came back as sent",
+    ),
     "X-Batch-Size": (_INT, "how many crops ran in the same model batch; absent when nothing was removed"),
     "X-Removal-Score": (
         {"type": "number"},
@@ -138,7 +142,8 @@ class RemoveReply(BaseModel):
     image: str = Field(description="the edited image, base64")
     media_type: str = Field(description="its media type: " + ", ".join(imaging.MEDIA_TYPES.values()))
     seed: int | None = Field(description="as X-Seed")
-    bucket: int | None = Field(description="as X-Bucket (null: nothing was removed)")
+    bucket: int | None = Field(description="the largest crop's bucket (null: nothing was removed)")
+    buckets: list[int] = Field(description="as X-Bucket: every crop's bucket, one crop per far-apart mask region")
     batch_size: int = Field(description="as X-Batch-Size")
     score: float | None = Field(description="as X-Removal-Score")
     attempts: int = Field(description="as X-Attempts")

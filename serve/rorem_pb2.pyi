@@ -1,5 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -31,7 +33,7 @@ class RemoveRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., seed: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., dilate: _Optional[int] = ..., gate: _Optional[str] = ..., gate_threshold: _Optional[float] = ..., max_attempts: _Optional[int] = ..., retain: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class RemoveReply(_message.Message):
-    __slots__ = ("image", "media_type", "seed", "bucket", "batch_size", "score", "attempts", "gate", "request_id", "result_id")
+    __slots__ = ("image", "media_type", "seed", "bucket", "batch_size", "score", "attempts", "gate", "request_id", "result_id", "buckets")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +44,7 @@ class RemoveReply(_message.Message):
     GATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_ID_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     media_type: str
     seed: int
@@ -52,7 +55,8 @@ class RemoveReply(_message.Message):
     gate: str
     request_id: str
     result_id: str
-    def __init__(self, image: _Optional[bytes] = ..., media_type: _Optional[str] = ..., seed: _Optional[int] = ..., bucket: _Optional[int] = ..., batch_size: _Optional[int] = ..., score: _Optional[float] = ..., attempts: _Optional[int] = ..., gate: _Optional[str] = ..., request_id: _Optional[str] = ..., result_id: _Optional[str] = ...) -> None: ...
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, image: _Optional[bytes] = ..., media_type: _Optional[str] = ..., seed: _Optional[int] = ..., bucket: _Optional[int] = ..., batch_size: _Optional[int] = ..., score: _Optional[float] = ..., attempts: _Optional[int] = ..., gate: _Optional[str] = ..., request_id: _Optional[str] = ..., result_id: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("source", "mask", "edited", "dilate", "gate_threshold")

@@ -18,7 +18,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from engines import imaging
+from engines import imaging, regions
 from engines.errors import ImageSizeMismatch, InputError, InvalidMask
 from engines.remover import RemovalJob
 from engines.scorer import ScoreJob
@@ -64,13 +64,14 @@ class RemovalReply:
     body: bytes
     format: str
     seed: int | None
-    bucket: int | None  # None: the mask was empty, the image comes back unchanged
+    bucket: int | None  # the largest crop's bucket; None: the mask was empty, the image comes back unchanged
     batch_size: int
     score: float | None
     attempts: int
     gate: str  # the gate's verdict, see serve.gate.GateOutcome
     timings: Timings = field(default_factory=Timings)
     result_id: str | None = None  # set when the result was retained for feedback
+    buckets: list[int] = field(default_factory=list)  # every crop's bucket, in the order of engines.regions' plans
 
     @property
     def media_type(self) -> str:
@@ -79,8 +80,8 @@ class RemovalReply:
 
 @dataclass
 class Attempt:
-    edited: np.ndarray  # the whole image with this attempt's crop pasted back
-    batch_size: int
+    edited: np.ndarray  # the whole image with this attempt's crops pasted back
+    batch_size: int  # the largest engine batch one of its crops ran in
 
 
 @dataclass
@@ -132,7 +133,7 @@ class RemovalService:
         options = upload.options
         retain = self.retention.wanted(options.retain)
         policy = self._gate_policy(options)
-        image, mask, plan, crop = await self._decode(self._prepare_removal, upload)
+        image, mask, plans, crops = await self._decode(self._prepare_removal, upload)
         timings.lap("decode")
         fmt = _output_format(options, accept, image.format)
         try:
@@ -141,7 +142,7 @@ class RemovalService:
             raise Problem.from_input_error(exc) from exc
         quality = options.quality or self.settings.imaging.jpeg_quality
 
-        if plan is None:
+        if not plans:
             body = upload.image
             if image.format != fmt:
                 body = await asyncio.to_thread(imaging.encode_image, image.rgb, image.alpha, fmt, quality)
@@ -149,33 +150,41 @@ class RemovalService:
             return RemovalReply(body, fmt, None, None, 0, None, 0, "nothing-to-remove", timings)
 
         seed = options.seed if options.seed is not None else random.getrandbits(63)
-        source_crop, mask_crop = crop
         feather = self.settings.imaging.feather
+        policy = policy.within_calls(self.settings.gate.max_model_calls, len(plans))
 
         async def attempt(attempt_seed: int) -> Attempt:
+            """Every crop of the request at once (they share the engine's batches), then all pasted back."""
             timings.restart()
-            outcome = await self._call(self.remover.remove, RemovalJob(source_crop, mask_crop, attempt_seed), time.time())
-            for stage, seconds in outcome.stages.items():
-                timings.add(stage, seconds)
+            submitted = time.time()
+            outcomes = await asyncio.gather(
+                *(self._call(self.remover.remove, RemovalJob(src, m, attempt_seed), submitted) for src, m in crops)
+            )
+            for outcome in outcomes:
+                for stage, seconds in outcome.stages.items():
+                    timings.add(stage, seconds / len(outcomes))
             timings.restart()
-            edited = await asyncio.to_thread(imaging.paste_back, image.rgb, mask, outcome.image, plan, feather)
+            results = [outcome.image for outcome in outcomes]
+            edited = await asyncio.to_thread(regions.paste_back_regions, image.rgb, mask, results, plans, feather)
             timings.lap("paste")
-            return Attempt(edited, outcome.batch_size)
+            return Attempt(edited, max(outcome.batch_size for outcome in outcomes))
 
         async def score(result: Attempt) -> float:
-            """Score what the caller gets: the pasted result, cut like the source crop (as POST /score does)."""
+            """Score what the caller gets: the pasted result, cut like each source crop (as POST /score does);
+            the worst region's score is the result's."""
             timings.restart()
-            edited_crop, _ = await asyncio.to_thread(imaging.crop_for_model, result.edited, mask, plan)
+            edited_crops = await asyncio.to_thread(_cut, result.edited, mask, plans)
+            jobs = [ScoreJob(src, m, edited) for (src, m), edited in zip(crops, edited_crops)]
             try:
-                scored = await self._call(
-                    self.scorer.score, ScoreJob(source_crop, mask_crop, edited_crop), timeout_s=self.settings.scorer.timeout_s
+                scored = await asyncio.gather(
+                    *(self._call(self.scorer.score, job, timeout_s=self.settings.scorer.timeout_s) for job in jobs)
                 )
             except Problem as exc:
                 raise ScorerUnavailable(exc.detail) from exc
             except Exception as exc:  # a crashed or failing Scorer must not fail the removal when failing open
                 raise ScorerUnavailable(f"{type(exc).__name__}: {exc}") from exc
             timings.lap("score")
-            return scored.score
+            return min(s.score for s in scored)
 
         deadline_s = min(options.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
         try:
@@ -205,9 +214,11 @@ class RemovalService:
         timings.restart()
         body = await asyncio.to_thread(imaging.encode_image, gated.result.edited, image.alpha, fmt, quality)
         timings.lap("encode")
+        buckets = [plan.bucket for plan in plans]
         reply = RemovalReply(
-            body, fmt, gated.seed, plan.bucket, gated.result.batch_size, gated.score, gated.attempts, gated.verdict, timings
-        )
+            body, fmt, gated.seed, max(buckets), gated.result.batch_size, gated.score, gated.attempts, gated.verdict,
+            timings, buckets=buckets,
+        )  # fmt: skip
         if retain:
             dilate = self.settings.imaging.dilate if options.dilate is None else options.dilate
             reply.result_id = await self.retention.keep(
@@ -221,9 +232,11 @@ class RemovalService:
         threshold = upload.options.gate_threshold
         if threshold is None or not self.settings.gate.allow_request_override:
             threshold = self.settings.gate.threshold
-        source_crop, mask_crop, edited_crop, plan = await self._decode(self._prepare_score, upload)
+        jobs, plans = await self._decode(self._prepare_score, upload)
         try:
-            scored = await self._call(self.scorer.score, ScoreJob(source_crop, mask_crop, edited_crop))
+            scored = min(
+                await asyncio.gather(*(self._call(self.scorer.score, job) for job in jobs)), key=lambda s: s.score
+            )
         except Problem as exc:
             if exc.problem == "overloaded":
                 raise
@@ -234,7 +247,7 @@ class RemovalService:
                 headers=self._retry_after,
             ) from exc
         self.metrics.scores.observe(scored.score, tags={"route": "/score"})
-        return ScoreReply(scored.score, threshold, scored.score >= threshold, plan.bucket)
+        return ScoreReply(scored.score, threshold, scored.score >= threshold, max(plan.bucket for plan in plans))
 
     def _gate_policy(self, options: RemoveOptions) -> GatePolicy:
         policy = GatePolicy.resolve(self.settings.gate, options.gate, options.gate_threshold, options.max_attempts)
@@ -258,19 +271,18 @@ class RemovalService:
             ) from exc
 
     def _prepare_removal(self, upload: RemovalRequest):
-        """Decode, pick the mask, dilate, plan and cut the crop: CPU work kept off the event loop."""
+        """Decode, pick the mask, dilate, plan and cut the crops: CPU work kept off the event loop."""
         image = imaging.decode_image(upload.image, self.limits)
         if upload.mask is None:
             mask = imaging.mask_from_alpha(image)
             image.alpha = None
         else:
             mask = imaging.decode_mask(upload.mask, image.rgb.shape[:2], self.limits)
-        mask, plan = self._plan(mask, upload.options.dilate)
-        crop = imaging.crop_for_model(image.rgb, mask, plan) if plan else None
-        return image, mask, plan, crop
+        mask, plans = self._plan(mask, upload.options.dilate)
+        return image, mask, plans, [imaging.crop_for_model(image.rgb, mask, plan) for plan in plans]
 
     def _prepare_score(self, upload: ScoreRequest):
-        """The same crop the removal used: decode all three, dilate the mask as /remove does, cut."""
+        """The same crops the removal used: decode all three, dilate the mask as /remove does, cut."""
         source = imaging.decode_image(upload.source, self.limits)
         edited = imaging.decode_image(upload.edited, self.limits)
         if edited.rgb.shape != source.rgb.shape:
@@ -278,17 +290,16 @@ class RemovalService:
                 f"edited is {edited.rgb.shape[1]}x{edited.rgb.shape[0]}, source is {source.rgb.shape[1]}x{source.rgb.shape[0]}"
             )
         mask = imaging.decode_mask(upload.mask, source.rgb.shape[:2], self.limits)
-        mask, plan = self._plan(mask, upload.options.dilate)
-        if plan is None:
+        mask, plans = self._plan(mask, upload.options.dilate)
+        if not plans:
             raise InvalidMask("the mask is empty: there is no removal to score")
-        source_crop, mask_crop = imaging.crop_for_model(source.rgb, mask, plan)
-        edited_crop, _ = imaging.crop_for_model(edited.rgb, mask, plan)
-        return source_crop, mask_crop, edited_crop, plan
+        sources, edits = _cut(source.rgb, mask, plans, with_masks=True), _cut(edited.rgb, mask, plans)
+        return [ScoreJob(src, m, e) for (src, m), e in zip(sources, edits)], plans
 
     def _plan(self, mask, dilate: int | None):
         cfg = self.settings.imaging
         mask = imaging.dilate_mask(mask, cfg.dilate if dilate is None else dilate)
-        return mask, imaging.plan_crop(mask, cfg.buckets, cfg.crop_margin)
+        return mask, regions.plan_region_crops(mask, cfg.buckets, cfg.crop_margin)
 
     async def _call(self, method, *args, timeout_s: float | None = None):
         """One model call. A replica that dies under the call (a crash, a killed pod) is retried once:
@@ -316,6 +327,12 @@ class RemovalService:
                     raise Problem(
                         "replica-failed", f"a model replica failed twice: {type(exc).__name__}", headers=self._retry_after
                     ) from exc
+
+
+def _cut(rgb: np.ndarray, mask: np.ndarray, plans, with_masks: bool = False) -> list:
+    """Each plan's crop of `rgb` (with its mask crop when `with_masks`)."""
+    crops = [imaging.crop_for_model(rgb, mask, plan) for plan in plans]
+    return crops if with_masks else [image for image, _ in crops]
 
 
 def _output_format(options: RemoveOptions, accept: str, source_format: str | None) -> str:

@@ -90,3 +90,10 @@ def test_one_request_never_causes_more_model_calls_than_the_cap():
             assert 2 * policy.max_attempts <= cap and policy.max_attempts == min(8, cap // 2)
     with pytest.raises(ValueError, match="max_model_calls"):
         GateSettings(max_attempts=5, max_model_calls=8)
+
+
+def test_a_request_with_several_crops_runs_fewer_attempts_within_the_same_cap():
+    policy = GatePolicy.resolve(GateSettings(max_model_calls=8), mode="retry", max_attempts=4)
+    assert [policy.within_calls(8, crops).max_attempts for crops in (1, 2, 3, 4, 16)] == [4, 2, 1, 1, 1]
+    off = GatePolicy.resolve(GateSettings(), mode="off")
+    assert off.within_calls(8, 16).max_attempts == 1, "at least one attempt, even past the cap"

@@ -1,5 +1,7 @@
 """engines.regions: one crop per far-apart mask region, pasted back without touching anything else."""
 
+import io
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -246,3 +248,41 @@ def test_separated_blocks_hold_every_region_whole_whatever_the_rounds(mask, roun
     assert (owner[mask] > 0).all()
     for region in range(1, count + 1):
         assert len(np.unique(owner[labels == region])) == 1, "a region crosses blocks"
+
+
+@pytest.mark.slow
+def test_far_apart_objects_are_removed_in_their_own_crops_over_rest_json_and_grpc(service):
+    from PIL import Image as PILImage
+
+    from serve import rorem_pb2 as pb
+    from serve.grpc_client import open_channel
+    from serve.rorem_pb2_grpc import ObjectRemovalStub
+    from tests.conftest import photo, png_bytes
+    from tests.test_service import _remove
+
+    image = photo(512, 412)  # the photo is 412 wide
+    mask = np.zeros((512, 412), np.uint8)
+    mask[20:40, 20:40] = 255
+    mask[470:490, 370:390] = 255
+    image_png, mask_png = png_bytes(image), png_bytes(mask)
+    response = _remove(service, image_png, mask_png, seed=3, gate="annotate")
+    assert response.status_code == 200, response.text
+    smallest = min(service.config["imaging"]["buckets"])
+    assert response.headers["x-bucket"] == f"{smallest}, {smallest}", "one crop per object, at native resolution"
+    result = np.asarray(PILImage.open(io.BytesIO(response.content)).convert("RGB"))
+    dilate = service.config["imaging"]["dilate"]
+    outside = np.ones((512, 412), bool)
+    for top, left in ((20, 20), (470, 370)):
+        outside[max(top - dilate, 0) : top + 20 + dilate, max(left - dilate, 0) : left + 20 + dilate] = False
+    assert np.array_equal(result[outside], image[outside]), "pixels outside the dilated masks are the input's"
+    assert not np.array_equal(result[20:40, 20:40], image[20:40, 20:40])
+    assert not np.array_equal(result[470:490, 370:390], image[470:490, 370:390])
+
+    as_json = service.client.post(
+        "/remove", files={"image": image_png, "mask": mask_png}, data={"seed": "3"}, headers={"accept": "application/json"}
+    ).json()
+    assert as_json["buckets"] == [smallest, smallest] and as_json["bucket"] == smallest
+    reply = ObjectRemovalStub(open_channel(service.grpc_target)).Remove(
+        pb.RemoveRequest(image=image_png, mask=mask_png, seed=3), timeout=120
+    )
+    assert list(reply.buckets) == [smallest, smallest] and reply.bucket == smallest

@@ -171,7 +171,7 @@ class _Engines:
 
 def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, engines: _Engines, out: Path) -> dict:
     """One entry through the service's path; its CSV row (status other than ok: nothing was run)."""
-    from engines import imaging
+    from engines import imaging, regions
     from engines.errors import InputError
     from engines.remover import RemovalJob
     from engines.scorer import ScoreJob
@@ -185,32 +185,36 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
     except InputError as exc:  # what the service answers with a 4xx
         return {**row, "status": "invalid-input", "error": str(exc)}
     dilated = imaging.dilate_mask(mask, settings.dilate)
-    plan = imaging.plan_crop(dilated, settings.buckets, settings.crop_margin)
-    if plan is None:
+    plans = regions.plan_region_crops(dilated, settings.buckets, settings.crop_margin)  # as the service plans
+    if not plans:
         return {**row, "status": "empty-mask"}
-    crop, crop_mask = imaging.crop_for_model(source, dilated, plan)
-    job = RemovalJob(image=crop, mask=crop_mask, seed=settings.seed + index)
-    if plan.bucket not in engines.warmed_buckets:
-        for _ in range(settings.warmup):
-            engines.remover.remove([job])
-        engines.warmed_buckets.add(plan.bucket)
+    crops = [imaging.crop_for_model(source, dilated, plan) for plan in plans]
+    jobs = [RemovalJob(image=crop, mask=crop_mask, seed=settings.seed + index) for crop, crop_mask in crops]
+    for job, plan in zip(jobs, plans):
+        if plan.bucket not in engines.warmed_buckets:
+            for _ in range(settings.warmup):
+                engines.remover.remove([job])
+            engines.warmed_buckets.add(plan.bucket)
     began = time.perf_counter()
-    [result] = engines.remover.remove([job])
+    results = [result for job in jobs for result in engines.remover.remove([job])]
     row["seconds"] = time.perf_counter() - began
 
-    edited = imaging.paste_back(source, dilated, result, plan, settings.feather)
+    edited = regions.paste_back_regions(source, dilated, results, plans, settings.feather)
     if settings.degrade != "none":
         rng = np.random.default_rng([settings.seed, index])
         edited = degrade(settings.degrade, source, dilated, edited, rng)
     if engines.scorer is not None:
-        edited_crop, _ = imaging.crop_for_model(edited, dilated, plan)
+        score_jobs = [
+            ScoreJob(source=crop, mask=crop_mask, edited=imaging.crop_for_model(edited, dilated, plan)[0])
+            for (crop, crop_mask), plan in zip(crops, plans)
+        ]
         began = time.perf_counter()
-        [score] = engines.scorer.score([ScoreJob(source=crop, mask=crop_mask, edited=edited_crop)])
+        score = min(engines.scorer.score(score_jobs))  # the worst region's, as the service reports
         row.update(score=score, success=float(score >= settings.threshold), score_seconds=time.perf_counter() - began)
     output = Path(OUTPUTS_DIR) / f"{row['id']}.png"
     (out / output).write_bytes(imaging.encode_image(edited, None, "png"))
-    row.update(status="ok", output=output, bucket=plan.bucket, seed=job.seed)
-    row.update(_measure(edited, source, gt, mask, dilated, plan, engines.learned))
+    row.update(status="ok", output=output, bucket=max(plan.bucket for plan in plans), seed=jobs[0].seed)
+    row.update(_measure(edited, source, gt, mask, dilated, plans, engines.learned))
     return row
 
 
@@ -263,9 +267,9 @@ def _open_learned_measures(settings: EvaluateSettings, device: torch.device):
     return measures, skipped
 
 
-def _measure(edited, source, gt, mask, dilated, plan, learned) -> dict[str, float | None]:
+def _measure(edited, source, gt, mask, dilated, plans, learned) -> dict[str, float | None]:
     """Fidelity outside the given mask against the source; with a GT, the whole image, the dilated mask
-    (what the service repaints) and, for the learned measures, the model's crop window against it."""
+    (what the service repaints) and, for the learned measures, the model's crop windows against it (their mean)."""
     from engines.imaging import crop_for_model
 
     values = {"psnr_outside": psnr(edited, source, ~mask), "ssim_outside": ssim(edited, source, ~mask)}
@@ -278,8 +282,10 @@ def _measure(edited, source, gt, mask, dilated, plan, learned) -> dict[str, floa
         ssim_masked=ssim(edited, gt, dilated),
     )
     if learned:
-        edited_crop, gt_crop = (crop_for_model(image, dilated, plan)[0] for image in (edited, gt))
-        values.update({name: measure(edited_crop, gt_crop) for name, measure in learned.items()})
+        pairs = [tuple(crop_for_model(image, dilated, plan)[0] for image in (edited, gt)) for plan in plans]
+        values.update(
+            {name: float(np.mean([measure(e, g) for e, g in pairs])) for name, measure in learned.items()}
+        )
     return values
 
 
