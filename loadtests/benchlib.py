@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+
+from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,12 +56,6 @@ def encode(array: np.ndarray, fmt: str = "png") -> bytes:
 
 def png(array: np.ndarray) -> bytes:
     return encode(array, "png")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_service(work: Path, name: str, adjust: Callable[[dict], None]) -> tuple[subprocess.Popen, str]:

@@ -17,6 +17,7 @@ launcher's session is killed. A second signal skips the drain.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import math
 import os
@@ -233,6 +234,11 @@ def wait_until_ready(
         except (urllib.error.URLError, OSError, ValueError):
             stop.requested.wait(1)
             continue
+        except http.client.HTTPException as exc:
+            raise ForeignInstance(
+                f"{base_url} answers, but not in HTTP/1.1 ({type(exc).__name__}): something else, such as "
+                "one of Ray's own gRPC servers, took the port; choose another with --port"
+            ) from exc
         if answering != instance:
             raise ForeignInstance(
                 f"{base_url} is answered by another instance ({answering!r}), not this one ({instance})"

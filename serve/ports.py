@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -31,6 +32,34 @@ def port_in_use(host: str, port: int) -> bool:
                 return True
             raise
     return False
+
+
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default min/max_worker_port
+
+
+def ephemeral_ports(proc: Path = Path("/proc")) -> range:
+    """The kernel's range for port-0 binds (where Ray's own servers land), Linux's default if unknown."""
+    try:
+        low, high = (proc / "sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 200) -> int:
+    """A free port outside the kernel's ephemeral range and Ray's worker ports.
+
+    A port from a port-0 bind is free now but may be handed to one of Ray's own gRPC servers (raylet,
+    agents) between this call and Serve's bind: the HTTP proxy then fails and the port answers in HTTP/2.
+    """
+    taken = ephemeral_ports()
+    candidates = [p for p in range(20000, 65536) if p not in taken and p not in RAY_WORKER_PORTS]
+    if not candidates:
+        candidates = list(range(1024, 10000))
+    for port in random.sample(candidates, min(tries, len(candidates))):
+        if not port_in_use(host, port):
+            return port
+    raise OSError(errno.EADDRINUSE, f"no free port outside {taken} after {tries} tries")
 
 
 def listeners(port: int, proc: Path = Path("/proc")) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
+from serve.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests talk to loopback only; set before huggingface_hub is imported
@@ -48,12 +49,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:
@@ -88,7 +83,7 @@ def running_service(work: Path, config: dict):
     """`python -m serve run` (the README's way) on loopback ports, stopped with everything it started."""
     config_path = work / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     log_path = work / "serve.log"
     log = open(log_path, "w")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from serve import rorem_pb2 as pb
-from serve.cli import listen_addresses, run, session_members
+from serve.cli import ForeignInstance, StopRequest, listen_addresses, run, session_members, wait_until_ready
 from serve.config import AppSettings
-from serve.ports import busy_ports, listeners, port_in_use
+from serve.ports import RAY_WORKER_PORTS, busy_ports, ephemeral_ports, free_port, listeners, port_in_use
 from serve.proxy_limits import grpc_max_message_bytes
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.conftest import REPO, _free_port, _stop, photo, png_bytes, serve_test_config
+from tests.conftest import REPO, _stop, photo, png_bytes, serve_test_config
 
 STOP_LIMIT_S = 10.0  # Docker's default grace before SIGKILL
 
@@ -41,12 +41,12 @@ def _listen(host: str = "127.0.0.1") -> socket.socket:
 def test_a_busy_port_is_named_with_its_holder(name):
     holder = _listen()
     port = holder.getsockname()[1]
-    config = {"http_options": {"host": "127.0.0.1", "port": _free_port()}, "grpc_options": {"port": _free_port()}}
+    config = {"http_options": {"host": "127.0.0.1", "port": free_port()}, "grpc_options": {"port": free_port()}}
     if name == "HTTP":
         config["http_options"]["port"] = port
     elif name == "gRPC":
         config["grpc_options"]["port"] = port
-    addresses = listen_addresses(config, port if name == "metrics" else _free_port())
+    addresses = listen_addresses(config, port if name == "metrics" else free_port())
     with holder:
         busy = busy_ports(addresses)
         assert busy == [
@@ -56,6 +56,35 @@ def test_a_busy_port_is_named_with_its_holder(name):
     assert not port_in_use("127.0.0.1", port)
 
 
+def test_test_and_benchmark_ports_stay_clear_of_the_ranges_ray_binds_on_its_own():
+    ports = {free_port() for _ in range(50)}
+    assert not ports & set(ephemeral_ports()) and not ports & set(RAY_WORKER_PORTS)
+    assert all(not port_in_use("127.0.0.1", port) for port in ports)
+
+
+def test_a_port_answered_in_http2_is_reported_as_someone_else_not_retried_until_the_timeout():
+    """What CI once met: one of Ray's own gRPC servers held the HTTP port and answered /readyz in HTTP/2."""
+    with _listen() as holder:
+        port = holder.getsockname()[1]
+
+        def answer_in_http2():
+            connection, _ = holder.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x7f\xff\xff\xff")
+
+        threading.Thread(target=answer_in_http2, daemon=True).start()
+        launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            started = time.monotonic()
+            with pytest.raises(ForeignInstance, match="not in HTTP/1.1"):
+                wait_until_ready(f"http://127.0.0.1:{port}", "me", launcher, 20, StopRequest())
+            assert time.monotonic() - started < 5
+        finally:
+            launcher.kill()
+            launcher.wait()
+
+
 def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     config = serve_test_config(tmp_path)
     path = tmp_path / "serve.yaml"
@@ -63,7 +92,7 @@ def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     with _listen("0.0.0.0") as holder:
         port = holder.getsockname()[1]
         started = time.monotonic()
-        code = run(["run", "--config", str(path), "--port", str(_free_port()), "--grpc-port", str(port)])
+        code = run(["run", "--config", str(path), "--port", str(free_port()), "--grpc-port", str(port)])
     assert code == 2 and time.monotonic() - started < 5
     err = capsys.readouterr().err
     assert f"the gRPC port {port} (::) is already in use, held by pid {os.getpid()}" in err
@@ -85,7 +114,7 @@ def running(tmp_path_factory):
     config = serve_test_config(work)
     config["applications"][0]["args"]["imaging"]["max_megapixels"] = 1.0  # the gRPC limit: ~6.4 MB, not 200 MB
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
-    ports = {"http": _free_port(), "grpc": _free_port(), "metrics": _free_port()}
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("ROREM_BUNDLE", None)
     with open(work / "serve.log", "w") as log:
@@ -118,7 +147,7 @@ def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
     started = time.monotonic()
     second = subprocess.run(
         [sys.executable, "-m", "serve", "run", "--config", str(running.work / "serve.yaml"),
-         "--port", str(running.ports["http"]), "--grpc-port", str(_free_port()), "--metrics-port", str(_free_port())],
+         "--port", str(running.ports["http"]), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     elapsed = time.monotonic() - started
