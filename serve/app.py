@@ -25,26 +25,16 @@ from serve import auth, grpc_api, quotas
 from serve import rorem_pb2 as pb
 from serve.admission import Admission
 from serve.config import AppSettings
-from serve.feedback import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
+from serve.retention.keeper import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
 from serve.metrics import ingress_metrics
 from serve.openapi import install as install_openapi
 from serve.playground import playground_headers, playground_page
 from serve.problems import MAX_LISTED, Problem
 from serve.proxy_middleware import REQUEST_ID_PATTERN
-from serve.remover import Remover
-from serve.requests import (
-    JSONRemoveBody,
-    JSONScoreBody,
-    Offload,
-    RemoveOptions,
-    ScoreOptions,
-    b64encode_pieces,
-    openapi_request_body,
-    read_json,
-    read_removal_request,
-    read_score_request,
-)
-from serve.scorer import Scorer
+from serve.remover_deployment import Remover
+from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
+from serve.uploads import Offload, b64encode_pieces, read_json, read_removal_request, read_score_request
+from serve.scorer_deployment import Scorer
 from serve.service import RemovalService
 
 logger = logging.getLogger("ray.serve")

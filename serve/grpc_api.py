@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from serve import rorem_pb2 as pb
 from serve.problems import Problem
-from serve.requests import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
+from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
 from serve.service import RemovalReply, ScoreReply
 
 SERVICE = "rorem.v1.ObjectRemoval"

@@ -2,7 +2,7 @@
 and media types, added to what FastAPI derives from the routes (`install(api)`).
 
 Facts come from where they live: status codes and titles from serve.problems, access rules from the routes'
-auth dependencies, request bodies from serve.requests; the one table kept here is which problems each route
+auth dependencies, request bodies from serve.protocol; the one table kept here is which problems each route
 can answer (ROUTE_PROBLEMS), and the response headers (HEADERS), which app.py still spells as literals.
 
 Checked with openapi-python-client 0.29 (tests/test_openapi_client.py generates a client and calls the

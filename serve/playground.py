@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from serve.config import RetentionSettings
-from serve.feedback import PAGE_HEADERS
+from serve.retention.keeper import PAGE_HEADERS
 
 PLAYGROUND_PAGE = Path(__file__).parent / "static" / "playground.html"
 # the page reads whether (and by default) results are kept from its body; the file says "off"

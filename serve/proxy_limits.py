@@ -4,7 +4,7 @@ Ray's proxies read a whole request before any replica sees it: the gRPC proxy up
 RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (2 GiB by default), the HTTP proxy without a bound. Both are set
 per Ray process, from the environment, so `python -m serve run` (serve.cli) and the Kubernetes
 manifests (k8s/render.py) put `proxy_env(settings)` into the environment of the Ray processes they
-start. The app's own checks (serve.requests: 413 `payload-too-large`) stay the exact ones; these
+start. The app's own checks (serve.protocol: 413 `payload-too-large`) stay the exact ones; these
 bounds only keep a larger request out of the proxies' memory.
 """
 
@@ -30,7 +30,7 @@ def grpc_max_message_bytes(imaging: ImagingSettings) -> int:
     """The gRPC proxy's message limit. Ray applies one number to both directions, so it is the larger of:
 
     - a request: the files of one request together are at most `max_upload_bytes` (the app checks the
-      sum, serve.requests.check_upload_size), so one upload plus framing, not two;
+      sum, serve.protocol.check_upload_size), so one upload plus framing, not two;
     - a reply: the encoded result, which can be larger than the upload (a JPEG in, a PNG out), bounded
       by `max_megapixels`.
     A request over this limit is refused by the proxy with RESOURCE_EXHAUSTED before it is buffered
@@ -44,7 +44,7 @@ def grpc_max_message_bytes(imaging: ImagingSettings) -> int:
 
 def http_max_body_bytes(imaging: ImagingSettings) -> int:
     """The HTTP proxy's body limit: the largest body the app reads (JSON, base64 is 4/3 of the files)."""
-    from serve.requests import _JSON_OVERHEAD
+    from serve.uploads import _JSON_OVERHEAD
 
     return imaging.max_upload_bytes * 4 // 3 + _JSON_OVERHEAD
 

@@ -23,12 +23,12 @@ from engines.errors import ImageSizeMismatch, InputError, InvalidMask
 from engines.remover import RemovalJob
 from engines.scorer import ScoreJob
 from serve.config import AppSettings
-from serve.feedback import Retention
+from serve.retention.keeper import Retention
 from serve.gate import GatePolicy, ScorerUnavailable, run_gated
 from serve.health import Readiness
 from serve.metrics import IngressMetrics
 from serve.problems import Problem
-from serve.requests import RemovalRequest, RemoveOptions, ScoreRequest
+from serve.protocol import RemovalRequest, RemoveOptions, ScoreRequest
 logger = logging.getLogger("ray.serve")
 
 

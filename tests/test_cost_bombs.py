@@ -26,7 +26,7 @@ from engines.imaging import DecodeLimits, decode_image
 from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, problem_of, stub
 from serve.problems import Problem
-from serve.requests import JSONRemoveBody, validate
+from serve.protocol import JSONRemoveBody, validate
 from tests.conftest import png_bytes
 
 LIMITS = DecodeLimits(max_bytes=6 * 1024 * 1024)  # the service tests' upload limit, every other bound default

@@ -18,7 +18,7 @@ import threading
 import pytest
 from starlette.requests import Request
 
-from serve import requests as req
+from serve import uploads as req
 from serve.problems import Problem
 from tests.conftest import REPO, photo, png_bytes
 

@@ -10,7 +10,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from serve import rorem_pb2 as pb
 from serve.grpc_api import removal_request, score_request
 from serve.problems import Problem
-from serve.requests import (
+from serve.protocol import (
     JSONRemoveBody,
     JSONScoreBody,
     RemovalRequest,

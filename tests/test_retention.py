@@ -134,7 +134,7 @@ def test_queue_is_unlabelled_results_least_certain_first(store, clock):
 def test_results_belong_to_their_owner_in_the_queue_counts_and_every_lookup(tmp_path, store):
     from serve.auth import StoredKey, result_owner, visible_owner
     from serve.config import RetentionSettings
-    from serve.feedback import FeedbackBody, Retention
+    from serve.retention.keeper import FeedbackBody, Retention
     from serve.problems import Problem
 
     alice = StoredKey(name="alice", sha256="0" * 64, scopes=["remove", "feedback"])
@@ -258,7 +258,7 @@ def test_s3_store_without_boto3_says_what_to_install(monkeypatch):
 
 def test_retain_is_refused_where_retention_is_off_and_defaults_follow_the_config(tmp_path):
     from serve.config import RetentionSettings
-    from serve.feedback import Retention
+    from serve.retention.keeper import Retention
     from serve.problems import Problem
 
     off = Retention(RetentionSettings(), metrics=None)
@@ -279,9 +279,9 @@ def test_retain_is_refused_where_retention_is_off_and_defaults_follow_the_config
 
 def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):
     from serve.config import RetentionSettings
-    from serve.feedback import Retention
+    from serve.retention.keeper import Retention
     from serve.gate import GatePolicy
-    from serve.requests import RemoveOptions
+    from serve.protocol import RemoveOptions
     from serve.service import RemovalReply
 
     class Counted:

@@ -219,7 +219,7 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
 
 
 def _open_remover(settings: EvaluateSettings, bundle, device: torch.device):
-    """The engine as serve/remover.py builds it from the same settings."""
+    """The engine as serve/remover_deployment.py builds it from the same settings."""
     from engines.remover import RemovalEngine, SamplingSettings
     from serve.placement import pick_dtype
 

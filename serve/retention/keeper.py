@@ -31,13 +31,13 @@ from serve.retention.store import KINDS, NewResult, ResultNotFound, RetentionSto
 if TYPE_CHECKING:
     from serve.gate import GatePolicy
     from serve.metrics import IngressMetrics
-    from serve.requests import RemoveOptions
+    from serve.protocol import RemoveOptions
     from serve.service import RemovalReply
 
 logger = logging.getLogger("ray.serve")
 
 RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
-ANNOTATION_PAGE = Path(__file__).parent / "static" / "annotate.html"
+ANNOTATION_PAGE = Path(__file__).parent.parent / "static" / "annotate.html"
 REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
 MAX_QUEUE = 200

@@ -1,7 +1,4 @@
-"""Turn a request into validated uploads: bounded body read, multipart or JSON, strict options.
-
-The option models are the one schema of per-request options; the gRPC adapter validates its
-fields through the same models (`validate`).
+"""Read a REST request into validated uploads (serve.protocol): bounded body read, multipart or JSON.
 
 Only the bounded body read runs on the event loop. Parsing (multipart; JSON + base64) runs in a
 worker thread (`Offload`), and in steps of at most `STEP` bytes per C call: a C call holds the GIL
@@ -21,17 +18,25 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, parse_options_header
 from starlette.formparsers import multipart as _multipart  # python-multipart, as starlette imports it
 
-from serve.config import GateMode
-from serve.problems import MAX_LISTED, Problem
+from serve.problems import Problem
+from serve.protocol import (
+    JSONRemoveBody,
+    JSONScoreBody,
+    RemovalRequest,
+    RemoveOptions,
+    ScoreOptions,
+    ScoreRequest,
+    check_upload_size,
+    validate,
+)
 
 _JSON_OVERHEAD = 64 * 1024
 STEP = 256 * 1024  # bytes per C call in the parsing and encoding helpers (a multiple of 4: base64 quads)
@@ -84,82 +89,6 @@ class Offload:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class RemoveOptions(BaseModel):
-    """Per-request options: multipart form fields or JSON keys of the same names."""
-
-    model_config = ConfigDict(extra="forbid")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="noise seed; random when absent")
-    output_format: Literal["png", "jpeg", "webp"] | None = Field(
-        None, description="png, jpeg or webp; else from Accept, else the input's format"
-    )
-    quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality")
-    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation in pixels; default from config")
-    gate: GateMode | None = Field(None, description="off, annotate, retry or reject; default from config")
-    gate_threshold: float | None = Field(
-        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
-    )
-    max_attempts: int | None = Field(None, ge=1, le=8, description="attempts for retry / reject")
-    retain: bool | None = Field(
-        None, description="keep this result for feedback (true) or never (false); default from config (retention)"
-    )
-    timeout_s: float | None = Field(
-        None, gt=0, le=3600, description="answer 504 after this many seconds (at most the configured request_timeout_s)"
-    )
-
-
-class ScoreOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation used for the removal; default from config")
-    gate_threshold: float | None = Field(
-        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
-    )
-
-
-class JSONRemoveBody(RemoveOptions):
-    image: str = Field(description="base64 image bytes")
-    mask: str | None = Field(None, description="base64 mask bytes; absent: the image's alpha is the mask")
-
-
-class JSONScoreBody(ScoreOptions):
-    source: str = Field(description="base64 bytes of the image before removal")
-    mask: str = Field(description="base64 mask bytes (white = removed)")
-    edited: str = Field(description="base64 bytes of the image after removal")
-
-
-@dataclass
-class RemovalRequest:
-    image: bytes
-    mask: bytes | None
-    options: RemoveOptions
-
-
-@dataclass
-class ScoreRequest:
-    source: bytes
-    mask: bytes
-    edited: bytes
-    options: ScoreOptions
-
-
-def openapi_request_body(options_model: type[BaseModel], json_model: type[BaseModel], files: dict[str, str]) -> dict:
-    """The OpenAPI `requestBody` of an upload route: multipart (files + option fields) or JSON (base64).
-
-    The routes read their bodies themselves (bounded, two formats), so FastAPI cannot infer this."""
-    json_schema = json_model.model_json_schema()
-    multipart = {
-        "type": "object",
-        "properties": {
-            **{name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()},
-            **options_model.model_json_schema()["properties"],
-        },
-        "required": [name for name in files if name in json_schema.get("required", [])],
-    }
-    return {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_schema}},
-    }
-
-
 async def read_removal_request(
     request: Request, max_upload_bytes: int, run: Run = asyncio.to_thread, body_timeout_s: float | None = None
 ) -> RemovalRequest:
@@ -190,12 +119,6 @@ async def read_json(
     if content_type != "application/json":
         raise Problem("unsupported-media-type", f"send application/json, not {content_type or 'no content type'}")
     return validate(model, _json_object(await _read_body(request, limit, body_timeout_s))[0])
-
-
-def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
-    """The same limit for every protocol: the files of one request together."""
-    if total_bytes > max_upload_bytes:
-        raise Problem("payload-too-large", f"the uploads are {total_bytes} bytes; the limit is {max_upload_bytes}")
 
 
 async def _read_upload(request, max_upload_bytes, names, required, options_model, json_model, run: Run, timeout_s):
@@ -523,24 +446,3 @@ def b64encode_pieces(data: bytes) -> list[bytes]:
     """base64.b64encode(data) in pieces (joined, the same bytes), STEP output bytes per C call."""
     step, view = STEP // 4 * 3, memoryview(data)
     return [binascii.b2a_base64(view[at : at + step], newline=False) for at in range(0, len(data), step)]
-
-
-def validate(model: type[BaseModel], data: dict):
-    """Validate options against their model; a failure is a 422 invalid-request listing every field.
-
-    Unknown keys are counted here, not by pydantic: its error list for 200000 of them takes 5 s to build in
-    one call that holds the GIL (the event loop stalls with it)."""
-    unknown = [key for key in data if key not in model.model_fields]
-    if unknown and model.model_config.get("extra") == "forbid":
-        named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
-        more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
-        raise Problem("invalid-request", f"unknown fields: {named}{more}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        raise Problem("invalid-request", detail, errors=errors) from exc

@@ -1,0 +1,118 @@
+"""The request, defined once: per-request options and uploads as every protocol carries them.
+
+REST multipart fields, REST JSON keys and gRPC message fields are validated through these models
+(`validate`); serve/uploads.py reads REST bodies into them, serve/grpc_api.py maps gRPC messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve.config import GateMode
+from serve.problems import MAX_LISTED, Problem
+
+
+class RemoveOptions(BaseModel):
+    """Per-request options: multipart form fields or JSON keys of the same names."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="noise seed; random when absent")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="png, jpeg or webp; else from Accept, else the input's format"
+    )
+    quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality")
+    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation in pixels; default from config")
+    gate: GateMode | None = Field(None, description="off, annotate, retry or reject; default from config")
+    gate_threshold: float | None = Field(
+        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
+    )
+    max_attempts: int | None = Field(None, ge=1, le=8, description="attempts for retry / reject")
+    retain: bool | None = Field(
+        None, description="keep this result for feedback (true) or never (false); default from config (retention)"
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, le=3600, description="answer 504 after this many seconds (at most the configured request_timeout_s)"
+    )
+
+
+class ScoreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation used for the removal; default from config")
+    gate_threshold: float | None = Field(
+        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
+    )
+
+
+class JSONRemoveBody(RemoveOptions):
+    image: str = Field(description="base64 image bytes")
+    mask: str | None = Field(None, description="base64 mask bytes; absent: the image's alpha is the mask")
+
+
+class JSONScoreBody(ScoreOptions):
+    source: str = Field(description="base64 bytes of the image before removal")
+    mask: str = Field(description="base64 mask bytes (white = removed)")
+    edited: str = Field(description="base64 bytes of the image after removal")
+
+
+@dataclass
+class RemovalRequest:
+    image: bytes
+    mask: bytes | None
+    options: RemoveOptions
+
+
+@dataclass
+class ScoreRequest:
+    source: bytes
+    mask: bytes
+    edited: bytes
+    options: ScoreOptions
+
+
+def openapi_request_body(options_model: type[BaseModel], json_model: type[BaseModel], files: dict[str, str]) -> dict:
+    """The OpenAPI `requestBody` of an upload route: multipart (files + option fields) or JSON (base64).
+
+    The routes read their bodies themselves (bounded, two formats), so FastAPI cannot infer this."""
+    json_schema = json_model.model_json_schema()
+    multipart = {
+        "type": "object",
+        "properties": {
+            **{name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()},
+            **options_model.model_json_schema()["properties"],
+        },
+        "required": [name for name in files if name in json_schema.get("required", [])],
+    }
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_schema}},
+    }
+
+
+def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
+    """The same limit for every protocol: the files of one request together."""
+    if total_bytes > max_upload_bytes:
+        raise Problem("payload-too-large", f"the uploads are {total_bytes} bytes; the limit is {max_upload_bytes}")
+
+
+def validate(model: type[BaseModel], data: dict):
+    """Validate options against their model; a failure is a 422 invalid-request listing every field.
+
+    Unknown keys are counted here, not by pydantic: its error list for 200000 of them takes 5 s to build in
+    one call that holds the GIL (the event loop stalls with it)."""
+    unknown = [key for key in data if key not in model.model_fields]
+    if unknown and model.model_config.get("extra") == "forbid":
+        named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
+        more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
+        raise Problem("invalid-request", f"unknown fields: {named}{more}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise Problem("invalid-request", detail, errors=errors) from exc
