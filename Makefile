@@ -21,8 +21,9 @@ serve: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# no Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
 # Regenerate the gRPC stubs from serve/rorem.proto (grpcio-tools is in the dev extra; the output is committed).
 proto: venv

@@ -85,8 +85,17 @@ def render_config(target: str) -> dict:
     if set(overrides) != set(TARGETS):
         raise RenderError(f"{OVERRIDES.name} must hold exactly the targets {TARGETS}, has {sorted(overrides)}")
     config = merge(yaml.safe_load(SOURCE.read_text()), overrides[target])
-    validate(config)
-    return config
+    rendered = live_config(config)
+    validate(rendered)
+    return rendered
+
+
+def live_config(config: dict) -> dict:
+    """The live knobs moved from the args into the deployments' user_config (serve.config.live_serve_app):
+    a changed knob then reaches the running replicas through reconfigure, without restarting them."""
+    from serve.config import live_serve_app
+
+    return {**config, "applications": [live_serve_app(app) for app in config["applications"]]}
 
 
 def render_text(target: str) -> str:

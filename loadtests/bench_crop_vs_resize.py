@@ -2,10 +2,10 @@
 
     python loadtests/bench_crop_vs_resize.py [--runs 5] [--threads 2] [--mask-side 240]
 
-crop:   what the service does: dilate, a square crop around the mask scaled to the smallest bucket,
-        the model on that crop, paste back inside the mask (imaging.plan_crop / crop_for_model / paste_back).
-resize: what a naive server does: the whole photo resized to 1024 on its long side (sides rounded to
-        multiples of 32), the model on all of it, the output resized back to 12 MP.
+crop:   what the service does, by its own class (engines.pipeline.RemovalPipeline, in process): dilate, a
+        square crop per mask region at the smallest bucket, the model on the crops, paste back inside the mask.
+resize: what a naive server does: the whole photo resized to 1024 x 1024 (the engine takes squares), the
+        model on all of it, the output resized back to 12 MP.
 Prints latency (p50) of both, their ratio, and how many pixels outside the mask changed (crop: must be 0).
 Writes JSON (default out/bench_crop_vs_resize.json).
 """
@@ -13,6 +13,7 @@ Writes JSON (default out/bench_crop_vs_resize.json).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from benchlib import photo, summarize
 from PIL import Image
 
 from engines import imaging
+from engines.gate import GatePolicy
+from engines.pipeline import CropSettings, LocalModels, RemovalPipeline
 from engines.remover import RemovalEngine, RemovalJob
 from engines.sources import open_bundle
 
@@ -40,16 +43,14 @@ def small_mask(side: int) -> np.ndarray:
 
 
 def remove_by_crop(engine: RemovalEngine, image: np.ndarray, mask: np.ndarray, dilate: int) -> np.ndarray:
-    mask = imaging.dilate_mask(mask, dilate)
-    plan = imaging.plan_crop(mask, [512, 1024], 128)
-    crop, crop_mask = imaging.crop_for_model(image, mask, plan)
-    result = engine.remove([RemovalJob(crop, crop_mask, seed=0)])[0]
-    return imaging.paste_back(image, mask, result, plan, 6)
+    pipeline = RemovalPipeline(LocalModels(engine), CropSettings((512, 1024), 128, dilate, 6), imaging.DecodeLimits())
+    prepared = pipeline.prepare_pixels(imaging.DecodedImage(image, None, "png"), mask)
+    return asyncio.run(pipeline(prepared, 0, GatePolicy("off", 0.0, 1, True))).result.edited
 
 
 def remove_by_resize(engine: RemovalEngine, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    scale = 1024 / max(HEIGHT, WIDTH)
-    size = (round(WIDTH * scale / 32) * 32, round(HEIGHT * scale / 32) * 32)
+    """The engine takes square inputs: the naive server stretches the photo to 1024 x 1024 and back."""
+    size = (1024, 1024)
     small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
     small_mask_ = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
     out = engine.remove([RemovalJob(small, small_mask_, seed=0)])[0]

@@ -9,6 +9,9 @@ for --seconds: scikit-image's astronaut resized to 4000x3000 (plus a little grai
 each as multipart and as JSON (base64, answered as JSON with Accept: application/json). Meanwhile a
 probe in its own process sends GET /healthz every 50 ms (an idle probe first, for reference). Prints and
 saves (JSON, --out) /healthz p50/p95/p99/max under load and idle, and the uploads' throughput and statuses.
+Beside each latency it keeps the replica's own event-loop lag that /healthz reports (`loop_lag_ms`, the
+worst since the previous probe): a slow probe with a small loop lag waited elsewhere (the proxy, a core),
+not for the ingress's loop.
 
 The mask is empty by default (--mask empty): each request takes the ingress's whole path (body read and
 parse, decode, reply; the image comes back unchanged, as JSON in base64 where asked) with no model work.
@@ -97,25 +100,27 @@ def request_bodies(
 
 def probe(url: str, seconds: float, queue) -> None:
     """GET /healthz every PROBE_PERIOD_S for `seconds` (its own process: the clients' GIL cannot delay it)."""
-    samples, errors = [], 0
+    samples, lags, errors = [], [], 0
     with httpx.Client(base_url=url, timeout=10) as client:
-        client.get("/healthz")  # connect first
+        client.get("/healthz")  # connect first (and start the replica's lag ticker)
         deadline = time.monotonic() + seconds
         tick = time.monotonic()
         while tick < deadline:
             started = time.perf_counter()
             try:
-                ok = client.get("/healthz").status_code == 200
+                response = client.get("/healthz")
+                ok = response.status_code == 200
             except httpx.HTTPError:
                 ok = False
             elapsed_ms = (time.perf_counter() - started) * 1000
             if ok:
                 samples.append(elapsed_ms)
+                lags.append(response.json().get("loop_lag_ms", 0.0))
             else:
                 errors += 1
             tick += PROBE_PERIOD_S
             time.sleep(max(0.0, tick - time.monotonic()))
-    queue.put({"samples_ms": samples, "errors": errors})
+    queue.put({"samples_ms": samples, "loop_lag_ms": lags, "errors": errors})
 
 
 def run_probe(url: str, seconds: float) -> tuple[multiprocessing.Process, object]:
@@ -136,7 +141,9 @@ def probe_result(process, queue, timeout_s: float) -> dict:
     samples = result["samples_ms"]
     if not samples:
         return {"runs": 0, "errors": result["errors"]}
-    return {**summarize(samples), "max_ms": round(max(samples), 1), "errors": result["errors"]}
+    lags = result["loop_lag_ms"]
+    loop_lag = {**summarize(lags), "max_ms": round(max(lags), 1)} if any(lags) else None
+    return {**summarize(samples), "max_ms": round(max(samples), 1), "errors": result["errors"], "loop_lag": loop_lag}
 
 
 def load(url: str, bodies: dict, clients: int, seconds: float) -> dict:
@@ -242,6 +249,10 @@ def main() -> None:
     for name, r in (("under load", h), ("idle", idle)):
         print(f"{name:<14} {r['runs']:>5} {r.get('p50_ms', '-'):>7} {r.get('p95_ms', '-'):>7} "
               f"{r.get('p99_ms', '-'):>7} {r.get('max_ms', '-'):>7} {r['errors']:>6}")  # fmt: skip
+        if r.get("loop_lag"):  # the replica's own event-loop lag over the same probes
+            lag = r["loop_lag"]
+            columns = "".join(f"{lag[key]:>8}" for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms"))
+            print(f"{'  loop lag':<14} {'':>5}{columns}")
     print(f"uploads: {u['completed']} in {u['seconds']} s ({u['per_s']}/s, {u['request_mb_per_s']} MB/s sent), "
           f"statuses {u['statuses']}")  # fmt: skip
     verdict = "meets" if h.get("p99_ms", float("inf")) < result["goal_p99_ms"] else "misses"

@@ -24,18 +24,20 @@ from engines import imaging
 from serve import auth, grpc_api, quotas
 from serve import rorem_pb2 as pb
 from serve.admission import Admission
-from serve.config import AppSettings
-from serve.retention.keeper import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
+from serve.config import AppSettings, RemoverArgs, ScorerArgs, with_live
+from serve.loop_lag import loop_lag
 from serve.metrics import ingress_metrics
 from serve.openapi import install as install_openapi
 from serve.playground import playground_headers, playground_page
 from serve.problems import MAX_LISTED, Problem
+from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.proxy_middleware import REQUEST_ID_PATTERN
 from serve.remover_deployment import Remover
-from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
-from serve.uploads import Offload, b64encode_pieces, read_json, read_removal_request, read_score_request
+from serve.retention.keeper import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
+from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
 from serve.service import RemovalService
+from serve.uploads import Offload, b64encode_pieces, read_json, read_removal_request, read_score_request
 
 logger = logging.getLogger("ray.serve")
 
@@ -143,10 +145,18 @@ class Ingress:
     """Entry points only: REST routes (FastAPI) and the gRPC methods `Remove` / `Score` (the names are
     the RPC names in serve/rorem.proto); the work is in serve.service.RemovalService."""
 
-    def __init__(self, remover: DeploymentHandle, scorer: DeploymentHandle | None, settings: dict):
+    def __init__(
+        self,
+        remover: DeploymentHandle,
+        scorer: DeploymentHandle | None,
+        settings: dict,
+        result_store: DeploymentHandle | None = None,
+    ):
+        """`settings`: the whole AppSettings (RemovalService reads them all); the gate comes live (`reconfigure`).
+        `result_store`: the ResultStore deployment, where retention is enabled."""
         self.settings = AppSettings.model_validate(settings)
         self.metrics = ingress_metrics()
-        self.service = RemovalService(self.settings, remover, scorer, self.metrics)
+        self.service = RemovalService(self.settings, remover, scorer, self.metrics, result_store=result_store)
         overload = self.settings.overload
         self.admission = Admission(overload.max_in_flight, overload.retry_after_s, overload.max_queue_wait_s)
         self.access = auth.install(self.settings.auth, self.metrics.keys_file_errors.inc)
@@ -158,10 +168,17 @@ class Ingress:
         self.offload = Offload(overload.offload_threads, overload.max_in_flight)
         sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's live update (serve.config.IngressLive): the gate, read by RemovalService on every request."""
+        self.settings = with_live(self.settings, "Ingress", user_config)
+        self.service.settings = self.settings
+
     @api.get("/healthz", dependencies=[auth.PUBLIC])
     async def healthz(self) -> dict:
-        """The ingress process is alive (says nothing about the models)."""
-        return {"status": "alive", "instance": os.environ.get("ROREM_INSTANCE_ID")}  # serve.cli.INSTANCE_ENV
+        """The ingress process is alive (says nothing about the models); loop_lag_ms: the longest its event
+        loop ran late since the previous /healthz (serve.loop_lag, ticking from the first one)."""
+        instance = os.environ.get("ROREM_INSTANCE_ID")  # serve.cli.INSTANCE_ENV
+        return {"status": "alive", "instance": instance, "loop_lag_ms": loop_lag().take_worst_ms()}
 
     @api.get("/readyz", dependencies=[auth.PUBLIC])
     async def readyz(self) -> JSONResponse:
@@ -369,9 +386,13 @@ class Ingress:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder named by the Serve config: validates args strictly, then binds."""
+    """Application builder named by the Serve config: validates args strictly, then binds each deployment
+    with its own slice of them (the live knobs come through each deployment's user_config)."""
     settings = AppSettings.model_validate(args or {})
     auth.check_routes(api)
-    plain = settings.model_dump()
-    scorer = Scorer.bind(plain) if settings.scorer.enabled else None
-    return Ingress.bind(Remover.bind(plain), scorer, plain)
+    scorer = Scorer.bind(settings.args_for(ScorerArgs)) if settings.scorer.enabled else None
+    retention = settings.retention
+    result_store = ResultStore.bind(retention.model_dump(mode="json")) if retention.enabled else None
+    # the gate only where the args give it: deployed by the CLI or k8s it is the Ingress's user_config
+    ingress_args = settings.model_dump(mode="json", exclude=None if "gate" in settings.model_fields_set else {"gate"})
+    return Ingress.bind(Remover.bind(settings.args_for(RemoverArgs)), scorer, ingress_args, result_store)

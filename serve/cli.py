@@ -181,12 +181,16 @@ def _packs(requests: list[float], gpus: int) -> bool:
 def logical_cpus_needed(config: dict) -> int | None:
     """Ray schedules by logical CPUs: if the deployments ask for more than this machine's cores (a
     2-core laptop or CI runner), start Ray with enough so every replica is placed (they share cores)."""
+    from serve.retention_deployment import ResultStore  # its options live in code: the config may not name it
+
     wanted = 0.0
     for app in config["applications"]:
         for deployment in app.get("deployments", []):
             replicas = deployment.get("num_replicas", 1)
             replicas = replicas if isinstance(replicas, int) else 1
             wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * replicas
+        if ((app.get("args") or {}).get("retention") or {}).get("enabled"):
+            wanted += ResultStore.ray_actor_options.get("num_cpus", 1) * ResultStore.num_replicas
     cores = os.cpu_count() or 1
     return math.ceil(wanted) if wanted > cores else None
 
@@ -346,7 +350,8 @@ def session_members(sid: int) -> list[int] | None:
     return members
 
 
-def run(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (`python -m serve ...`); the Dockerfile's CMD is checked against it."""
     parser = argparse.ArgumentParser(prog="python -m serve")
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="start a local Ray Serve and block")
@@ -372,7 +377,11 @@ def run(argv: list[str] | None = None) -> int:
     key_cmd.add_argument("--team", default=None, help="keys of one team share their retained results (default: none)")
     key_cmd.add_argument("--requests-per-minute", type=int, default=None, help="quota of /remove + /score (default: none)")
     key_cmd.add_argument("--max-concurrent", type=int, default=None, help="of those in progress at once (default: none)")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
     if options.command == "new-key":
         scopes = [s for s in options.scopes.split(",") if s]
         limits = {"requests_per_minute": options.requests_per_minute, "max_concurrent": options.max_concurrent}
@@ -413,7 +422,11 @@ def run(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="rorem-serve-"))
     effective = work / "serve-config.yaml"
-    effective.write_text(yaml.safe_dump(config, sort_keys=False))
+    from serve.config import live_serve_app
+
+    # the live knobs go into the deployments' user_config: edited there, `serve deploy` reconfigures, not restarts
+    live = {**config, "applications": [live_serve_app(a) for a in config["applications"]]}
+    effective.write_text(yaml.safe_dump(live, sort_keys=False))
     print(f"[rorem] effective Serve config: {effective}", flush=True)
     command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]
     num_cpus = logical_cpus_needed(config)

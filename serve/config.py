@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from engines.authors_layout import AuthorsLayout
+from engines.gate import GateMode
 from engines.imaging import DecodeLimits
 
 _DECODE = DecodeLimits()
@@ -24,6 +26,15 @@ BUNDLE_ENV = "ROREM_BUNDLE"
 DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
 
 
+# Bounds shared by the settings (the defaults) and the per-request options (serve/protocol.py), declared once.
+Dilation = Annotated[int, Field(ge=0, le=256)]
+GateThreshold = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)]
+Attempts = Annotated[int, Field(ge=1, le=8)]
+Quality = Annotated[int, Field(ge=1, le=100)]
+BatchSize = Annotated[int, Field(ge=1, le=64)]
+BatchWait = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,9 +42,12 @@ class _Strict(BaseModel):
 class AuthorsSource(_Strict):
     """The published layout; each entry a local path or hf:OWNER/NAME[/SUBPATH]."""
 
-    base: str = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+    base: str = Field(
+        "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+        description="the SDXL-inpainting pipeline (VAE, text encoders, scheduler); or the RORem pipeline itself",
+    )
     unet: str | None = Field(None, description="RORem UNet; omitted: base's unet/ (base then names the RORem pipeline)")
-    lcm_lora: str | None = None
+    lcm_lora: str | None = Field(None, description="the LCM LoRA fused at import (4-step sampling)")
     discriminator: str | None = Field(
         None, description="folder: pytorch_lora_weights.safetensors + cls_pred_branch.safetensors or .pt"
     )
@@ -52,11 +66,14 @@ class AuthorsSource(_Strict):
 
 class BundleSettings(_Strict):
     path: str | None = Field(None, description=f"project bundle folder (the CLI also reads {BUNDLE_ENV})")
-    authors: AuthorsSource | None = None
+    authors: AuthorsSource | None = Field(
+        None,
+        description="the authors' published layout, imported once into cache_dir; None with path None: tiny bundle",
+    )
     prompt: str = Field("", description="prompt whose embeddings are baked in at import (training used '')")
-    import_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    cache_dir: str = "~/.cache/rorem"
-    tiny_seed: int = 0
+    import_dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights' dtype at import")
+    cache_dir: str = Field("~/.cache/rorem", description="where imported (and tiny) bundles are kept")
+    tiny_seed: int = Field(0, description="seed of the tiny bundle's random weights")
     verify: bool = Field(True, description="check sha256 of every bundle file at load")
 
     def is_tiny(self) -> bool:
@@ -78,12 +95,14 @@ class BundleSettings(_Strict):
 
 
 class EngineSettings(_Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
-    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on cuda, fp32 on cpu"
+    )
+    compile: bool = Field(False, description="torch.compile the UNet")
     steps: int | None = Field(None, ge=1, le=50, description="None: the bundle's default (4)")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's default (1.0)")
-    torch_threads: int | None = Field(None, ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="torch's intra-op threads; None: torch's default")
     runner: Literal["torch", "onnx", "tensorrt"] = Field(
         "torch", description="how the UNet runs: PyTorch, an exported ONNX graph (ONNX Runtime), a TensorRT plan"
     )
@@ -105,16 +124,20 @@ class EngineSettings(_Strict):
 
 
 class BucketBatching(_Strict):
-    max_batch_size: int | None = Field(None, ge=1, le=64, description="None: batching.max_batch_size")
-    batch_wait_timeout_s: float | None = Field(None, ge=0.0, le=1.0, description="None: batching.batch_wait_timeout_s")
+    max_batch_size: BatchSize | None = Field(None, description="None: batching.max_batch_size")
+    batch_wait_timeout_s: BatchWait | None = Field(
+        None, description="None: batching.batch_wait_timeout_s (live: the Remover's user_config)"
+    )
 
 
 class BatchingSettings(_Strict):
     """One batching queue per bucket in the Remover: a 1024 crop costs ~4x a 512 one, so each bucket
     has its own batch size and wait, and a batch answers as soon as it is done."""
 
-    max_batch_size: int = Field(8, ge=1, le=64, description="every bucket's, unless per_bucket says otherwise")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+    max_batch_size: BatchSize = Field(8, description="every bucket's, unless per_bucket says otherwise")
+    batch_wait_timeout_s: BatchWait = Field(
+        0.01, description="how long a bucket's queue waits to fill a batch (live: the Remover's user_config)"
+    )
     per_bucket: dict[int, BucketBatching] = Field(
         {}, description="by bucket side, e.g. {1024: {max_batch_size: 4}}; sides must be imaging.buckets"
     )
@@ -129,18 +152,20 @@ class BatchingSettings(_Strict):
 class ImagingSettings(_Strict):
     buckets: list[int] = Field([512, 1024], min_length=1, description="model input sides, multiples of 64")
     crop_margin: int = Field(128, ge=0, le=1024, description="context pixels around the mask's bounding box")
-    dilate: int = Field(20, ge=0, le=256, description="default mask dilation in pixels (the reference intends 20)")
+    dilate: Dilation = Field(20, description="default mask dilation in pixels (the reference intends 20)")
     feather: int = Field(6, ge=0, le=64, description="blend ramp inside the dilated mask, in pixels")
-    max_upload_bytes: int = Field(30 * 1024 * 1024, ge=1024)
-    max_megapixels: float = Field(40.0, gt=0)
+    max_upload_bytes: int = Field(30 * 1024 * 1024, ge=1024, description="the files of one request together")
+    max_megapixels: float = Field(40.0, gt=0, description="decoded size of one image")
     # cost bounds checked from a file's structure before its pixels are decoded (engines.imaging.DecodeLimits)
     max_side: int = Field(_DECODE.max_side, ge=1, description="pixels on the longer side")
-    max_chunks: int = Field(_DECODE.max_chunks, ge=64, description="PNG chunks, JPEG header segments, GIF blocks, TIFF tag values")
+    max_chunks: int = Field(
+        _DECODE.max_chunks, ge=64, description="PNG chunks, JPEG header segments, GIF blocks, TIFF tag values"
+    )
     max_jpeg_scans: int = Field(_DECODE.max_jpeg_scans, ge=1, description="progressive scans in a JPEG")
-    max_exif_bytes: int = Field(_DECODE.max_exif_bytes, ge=0)
+    max_exif_bytes: int = Field(_DECODE.max_exif_bytes, ge=0, description="size of an image's EXIF block")
     max_rle_bytes: int = Field(_DECODE.max_rle_bytes, ge=0, description="size of an RLE-compressed BMP")
     decode_timeout_s: float = Field(20.0, gt=0, description="decoding an upload past this answers 413")
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    jpeg_quality: Quality = Field(95, description="JPEG / WebP quality of replies, unless a request asks")
 
     @field_validator("buckets")
     @classmethod
@@ -156,20 +181,23 @@ class ScorerSettings(_Strict):
     enabled: bool = Field(
         True, description="deploy the Scorer (the bundle must hold a discriminator); false needs gate.mode: off"
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
-    max_batch_size: int = Field(8, ge=1, le=64)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
-    torch_threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on cuda, fp32 on cpu"
+    )
+    max_batch_size: BatchSize = Field(8, description="largest scoring batch")
+    batch_wait_timeout_s: BatchWait = Field(
+        0.01, description="how long the queue waits to fill a batch (live: the Scorer's user_config)"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch's intra-op threads; None: torch's default")
     timeout_s: float = Field(
-        10.0, gt=0, description="a gate scoring not answered in time counts as scorer unavailable (gate.on_scorer_error)"
+        10.0,
+        gt=0,
+        description="a gate scoring not answered in time counts as scorer unavailable (gate.on_scorer_error)",
     )
     hung_after_s: float | None = Field(
         120.0, gt=0, description="a scoring call running longer than this fails the health check (None: never)"
     )
-
-
-GateMode = Literal["off", "annotate", "retry", "reject"]
 
 
 class GateSettings(_Strict):
@@ -180,8 +208,8 @@ class GateSettings(_Strict):
         description="off: no scoring; annotate: report the score; retry: new seeds while below the threshold, "
         "keep the best; reject: like retry, then 422 removal-failed if no attempt passes",
     )
-    threshold: float = Field(0.5, ge=0.0, le=10.0)
-    max_attempts: int = Field(3, ge=1, le=8, description="attempts for retry / reject (the first one included)")
+    threshold: GateThreshold = Field(0.5, description="the passing score")
+    max_attempts: Attempts = Field(3, description="attempts for retry / reject (the first one included)")
     allow_request_override: bool = Field(True, description="clients may choose gate, gate_threshold, max_attempts")
     max_model_calls: int = Field(
         8,
@@ -196,7 +224,6 @@ class GateSettings(_Strict):
         "fail_closed answers 503 for retry / reject requests",
     )
 
-
     @model_validator(mode="after")
     def _default_attempts_within_the_cap(self) -> "GateSettings":
         if 2 * self.max_attempts > self.max_model_calls:
@@ -207,7 +234,7 @@ class GateSettings(_Strict):
 class AuthSettings(_Strict):
     """Optional API keys (serve/auth.py); off by default, for a local service on loopback."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="require an API key (needs keys_file)")
     keys_file: str | None = Field(
         None, description="YAML of hashed keys (`python -m serve new-key`); in Kubernetes a mounted Secret"
     )
@@ -237,9 +264,12 @@ class OverloadSettings(_Strict):
     # (measured: the loop's worst stall grows with each thread: 5-10 ms with 1, 63-73 with 2, 150-270 with 4).
     offload_threads: int = Field(1, ge=1, le=8, description="ingress worker threads for body parsing / JSON replies")
     switch_interval_s: float = Field(
-        0.001, gt=0, le=0.005, description="the ingress's GIL switch interval (CPython's: 5 ms): the loop answers sooner"
+        0.001,
+        gt=0,
+        le=0.005,
+        description="the ingress's GIL switch interval (CPython's: 5 ms): the loop answers sooner",
     )
-    retry_after_s: int = Field(2, ge=1, le=600)
+    retry_after_s: int = Field(2, ge=1, le=600, description="the Retry-After of every 429 / 503")
     body_timeout_s: float = Field(
         60.0,
         gt=0,
@@ -252,10 +282,10 @@ class OverloadSettings(_Strict):
 class S3Settings(_Strict):
     """An S3-compatible bucket; credentials come from boto3's usual chain, never from this file."""
 
-    bucket: str
+    bucket: str = Field(description="bucket name")
     prefix: str = Field("rorem/results", description="key prefix inside the bucket")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2); None: AWS")
-    region: str | None = None
+    region: str | None = Field(None, description="the bucket's region; None: boto3's default")
 
 
 class ObjectStoreSettings(_Strict):
@@ -273,7 +303,7 @@ class RetentionSettings(_Strict):
         False,
         description="false: only requests with retain=true are kept; true: every successful removal unless retain=false",
     )
-    object_store: ObjectStoreSettings = ObjectStoreSettings()
+    object_store: ObjectStoreSettings = Field(ObjectStoreSettings(), description="where the images go")
     database_url: str | None = Field(
         None,
         description=f"SQLAlchemy URL of the metadata (sqlite:///..., postgresql+psycopg://...); None: "
@@ -294,12 +324,44 @@ class RetentionSettings(_Strict):
         return f"sqlite:///{Path(self.object_store.path).expanduser() / 'results.db'}"
 
 
-class AppSettings(_Strict):
-    bundle: BundleSettings = BundleSettings()
+class _BundleArgs(_Strict):
+    bundle: BundleSettings = Field(BundleSettings(), description="which model weights every model deployment loads")
+
+
+class RemoverArgs(_BundleArgs):
+    """The Remover's constructor arguments: a change restarts its (GPU) replicas."""
+
     engine: EngineSettings = EngineSettings()
     batching: BatchingSettings = BatchingSettings()
     imaging: ImagingSettings = ImagingSettings()
+
+    @model_validator(mode="after")
+    def _batching_buckets_exist(self) -> "RemoverArgs":
+        unknown = sorted(set(self.batching.per_bucket) - set(self.imaging.buckets))
+        if unknown:
+            raise ValueError(
+                f"batching.per_bucket names sides {unknown} that are not imaging.buckets {self.imaging.buckets}"
+            )
+        return self
+
+    def batch_sizes(self) -> dict[int, int]:
+        """Each bucket's largest batch: what the Remover warms (and captures) and queues."""
+        return {side: self.batching.for_bucket(side)[0] for side in self.imaging.buckets}
+
+    def batch_waits(self) -> dict[int, float]:
+        """Each bucket's batch wait: the Remover's live knob (RemoverLive)."""
+        return {side: self.batching.for_bucket(side)[1] for side in self.imaging.buckets}
+
+
+class ScorerArgs(_BundleArgs):
+    """The Scorer's constructor arguments: a change restarts its (GPU) replicas."""
+
     scorer: ScorerSettings = ScorerSettings()
+
+
+class AppSettings(ScorerArgs, RemoverArgs):
+    """The application's `args`: every section; the Ingress (RemovalService) reads them all."""
+
     gate: GateSettings = GateSettings()
     auth: AuthSettings = AuthSettings()
     overload: OverloadSettings = OverloadSettings()
@@ -309,21 +371,118 @@ class AppSettings(_Strict):
     )
 
     @model_validator(mode="after")
-    def _batching_buckets_exist(self) -> "AppSettings":
-        unknown = sorted(set(self.batching.per_bucket) - set(self.imaging.buckets))
-        if unknown:
-            raise ValueError(f"batching.per_bucket names sides {unknown} that are not imaging.buckets {self.imaging.buckets}")
-        return self
-
-    def batch_sizes(self) -> dict[int, int]:
-        """Each bucket's largest batch: what the Remover warms (and captures) and queues."""
-        return {side: self.batching.for_bucket(side)[0] for side in self.imaging.buckets}
-
-    @model_validator(mode="after")
     def _gate_needs_scorer(self) -> "AppSettings":
-        if not self.scorer.enabled and self.gate.mode != "off":
-            raise ValueError(f"gate.mode {self.gate.mode!r} needs the Scorer: set scorer.enabled: true or gate.mode: off")
+        """Checked where the gate is given: the deployed args hold no gate (it is the Ingress's user_config,
+        checked when it is applied: serve.config.with_live)."""
+        if "gate" in self.model_fields_set and not self.scorer.enabled and self.gate.mode != "off":
+            raise ValueError(
+                f"gate.mode {self.gate.mode!r} needs the Scorer: set scorer.enabled: true or gate.mode: off"
+            )
         return self
+
+    def args_for(self, model: type[BaseModel]) -> dict:
+        """A deployment's slice of these settings (RemoverArgs, ScorerArgs), as its constructor argument."""
+        return self.model_dump(mode="json", include=set(model.model_fields))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Live knobs: each model deployment's Serve `user_config`. A change of the application's `args` gives
+# every deployment of the application a new code version (Ray restarts all replicas); a change of a
+# deployment's `user_config` only calls its replicas' `reconfigure`. So the knobs below are moved out of
+# `args` into `deployments[].user_config` wherever a Serve config is rendered (live_serve_app).
+
+
+class IngressLive(_Strict):
+    """The Ingress's user_config: the gate (RemovalService reads it on every request)."""
+
+    gate: GateSettings = GateSettings()
+
+
+class RemoverLive(_Strict):
+    """The Remover's user_config: each bucket's batch wait, by bucket side."""
+
+    batch_wait_timeout_s: dict[int, BatchWait]
+
+
+class ScorerLive(_Strict):
+    """The Scorer's user_config: its batch wait."""
+
+    batch_wait_timeout_s: BatchWait
+
+
+# the args each deployment's user_config carries (* : every key of that mapping)
+LIVE_KNOBS: dict[str, tuple[str, ...]] = {
+    "Ingress": ("gate",),
+    "Remover": ("batching.batch_wait_timeout_s", "batching.per_bucket.*.batch_wait_timeout_s"),
+    "Scorer": ("scorer.batch_wait_timeout_s",),
+}
+
+
+def live_configs(settings: AppSettings) -> dict[str, dict]:
+    """Each deployment's user_config for these settings (the Scorer's only where it is deployed)."""
+    configs = {
+        "Ingress": IngressLive(gate=settings.gate),
+        "Remover": RemoverLive(batch_wait_timeout_s=settings.batch_waits()),
+    }
+    if settings.scorer.enabled:
+        configs["Scorer"] = ScorerLive(batch_wait_timeout_s=settings.scorer.batch_wait_timeout_s)
+    return {name: live.model_dump(mode="json") for name, live in configs.items()}
+
+
+def with_live(settings: AppSettings, deployment: str, user_config: dict) -> AppSettings:
+    """`settings` with one deployment's user_config applied (validated again as a whole)."""
+    data = settings.model_dump()
+    if deployment == "Ingress":
+        data["gate"] = IngressLive.model_validate(user_config).gate.model_dump()
+    elif deployment == "Remover":
+        for side, wait in RemoverLive.model_validate(user_config).batch_wait_timeout_s.items():
+            data["batching"]["per_bucket"].setdefault(side, {})["batch_wait_timeout_s"] = wait
+    elif deployment == "Scorer":
+        data["scorer"]["batch_wait_timeout_s"] = ScorerLive.model_validate(user_config).batch_wait_timeout_s
+    else:
+        raise ValueError(f"{deployment!r} has no live settings (known: {sorted(LIVE_KNOBS)})")
+    return AppSettings.model_validate(data)
+
+
+def _drop(data: dict, path: list[str]) -> None:
+    head, *rest = path
+    keys = list(data) if head == "*" else [head] if head in data else []
+    for key in keys:
+        if not rest:
+            data.pop(key)
+        elif isinstance(data[key], dict):
+            _drop(data[key], rest)
+            if not data[key]:
+                data.pop(key)
+
+
+def static_args(args: dict) -> dict:
+    """`args` without the live knobs (LIVE_KNOBS), which the deployments' user_config carries instead."""
+    import copy
+
+    static = copy.deepcopy(args or {})
+    for paths in LIVE_KNOBS.values():
+        for path in paths:
+            _drop(static, path.split("."))
+    return static
+
+
+def live_serve_app(app: dict) -> dict:
+    """A Serve config's application with its live knobs moved from `args` into its deployments' user_config
+    (a deployment not listed in `deployments` gets none). The args are the source: a user_config already
+    there is an error."""
+    settings = AppSettings.model_validate(app.get("args") or {})
+    live = live_configs(settings)
+    deployments = []
+    for deployment in app.get("deployments", []):
+        if deployment.get("user_config") is not None:
+            raise ValueError(
+                f"{deployment['name']}: set its live settings in the application args, not in user_config "
+                "(the rendered config's user_config is generated from them)"
+            )
+        name = deployment["name"]
+        deployments.append({**deployment, "user_config": live[name]} if name in live else dict(deployment))
+    return {**app, "args": static_args(app.get("args") or {}), "deployments": deployments}
 
 
 RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deployment
@@ -343,3 +502,71 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
             f"{settings.batch_sizes()}): raise max_ongoing_requests or lower batching.max_batch_size / per_bucket"
         )
 
+
+# ---------------------------------------------------------------------------------------------------
+# The reference table in docs/configuration.md, generated from the fields (tests/test_config.py checks it)
+
+TABLE_BEGIN = "<!-- settings table: generated by `python -m serve.config`; do not edit by hand -->"
+TABLE_END = "<!-- end of settings table -->"
+
+
+def _section_model(annotation) -> tuple[type[BaseModel], str] | None:
+    """The settings model a field holds (directly, optional, or as a mapping's values) and the key step to it."""
+    import types
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, ""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found = [m for m in map(_section_model, args) if m]
+        return found[0] if found else None
+    if origin is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+        return args[1], ".<side>"
+    return None
+
+
+def _leaves(model: type[BaseModel], prefix: str = ""):
+    """(key, field) of every row: each leaf; a section only where it is optional or a mapping (then its keys too)."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        section = _section_model(field.annotation)
+        if section is None or field.default is None or section[1]:
+            yield key, field
+        if section is not None:
+            yield from _leaves(section[0], f"{key}{section[1]}.")
+
+
+def _live_in(key: str) -> str:
+    parts = key.replace("<side>", "*").split(".")
+    for deployment, paths in LIVE_KNOBS.items():
+        for path in paths:
+            step = path.split(".")
+            if parts[: len(step)] == step:
+                return deployment
+    return ""
+
+
+def _shown(default) -> str:
+    import json
+
+    if default is PydanticUndefined:
+        return "required"
+    return "none" if default is None else f"`{json.dumps(default)}`"
+
+
+def settings_table() -> str:
+    """Every key of the application args: its default, the deployment whose user_config carries it live, its meaning."""
+    rows = [TABLE_BEGIN, "| args key | default | live in | meaning |", "|---|---|---|---|"]
+    for key, field in _leaves(AppSettings):
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_shown(field.default)} | {_live_in(key)} | {meaning} |")
+    return "\n".join([*rows, TABLE_END]) + "\n"
+
+
+def fields_without_description() -> list[str]:
+    return [key for key, field in _leaves(AppSettings) if not field.description]
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

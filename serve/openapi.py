@@ -40,8 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines import imaging
 from serve import auth
-from serve.proxy_middleware import REQUEST_ID_PATTERN
 from serve.problems import MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
+from serve.proxy_middleware import REQUEST_ID_PATTERN
 
 REQUEST_ID = "X-Request-Id"
 RETRY_AFTER = "Retry-After"

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.config import GateMode
+from engines.gate import GateMode
+from serve.config import Attempts, Dilation, GateThreshold, Quality
 from serve.problems import MAX_LISTED, Problem
 
 
@@ -23,13 +24,11 @@ class RemoveOptions(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="png, jpeg or webp; else from Accept, else the input's format"
     )
-    quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality")
-    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation in pixels; default from config")
+    quality: Quality | None = Field(None, description="JPEG / WebP quality")
+    dilate: Dilation | None = Field(None, description="mask dilation in pixels; default from config")
     gate: GateMode | None = Field(None, description="off, annotate, retry or reject; default from config")
-    gate_threshold: float | None = Field(
-        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
-    )
-    max_attempts: int | None = Field(None, ge=1, le=8, description="attempts for retry / reject")
+    gate_threshold: GateThreshold | None = Field(None, description="passing score; default from config")
+    max_attempts: Attempts | None = Field(None, description="attempts for retry / reject")
     retain: bool | None = Field(
         None, description="keep this result for feedback (true) or never (false); default from config (retention)"
     )
@@ -40,10 +39,8 @@ class RemoveOptions(BaseModel):
 
 class ScoreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dilate: int | None = Field(None, ge=0, le=256, description="mask dilation used for the removal; default from config")
-    gate_threshold: float | None = Field(
-        None, ge=0.0, le=10.0, allow_inf_nan=False, description="passing score; default from config"
-    )
+    dilate: Dilation | None = Field(None, description="mask dilation used for the removal; default from config")
+    gate_threshold: GateThreshold | None = Field(None, description="passing score; default from config")
 
 
 class JSONRemoveBody(RemoveOptions):

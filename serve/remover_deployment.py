@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from engines.remover import RemovalEngine, RemovalJob, SamplingSettings
 from engines.runners import default_export_dtype
-from serve.config import AppSettings
+from serve.config import RemoverArgs, RemoverLive
 from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
 from serve.placement import pick_device, pick_dtype
@@ -29,7 +30,8 @@ class RemovalOutcome:
 @serve.deployment(name="Remover")
 class Remover:
     def __init__(self, settings: dict):
-        self.settings = AppSettings.model_validate(settings)
+        """`settings`: serve.config.RemoverArgs; the batch waits come live through `reconfigure`."""
+        self.settings = RemoverArgs.model_validate(settings)
         engine_cfg, bundle_cfg = self.settings.engine, self.settings.bundle
         if engine_cfg.torch_threads:
             torch.set_num_threads(engine_cfg.torch_threads)
@@ -74,8 +76,22 @@ class Remover:
         self.metrics = BatchMetrics("remover")
         self.watch = EngineWatch(engine_cfg.hung_after_s)
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's live update (serve.config.RemoverLive): each bucket's batch wait, without a restart."""
+        waits = RemoverLive.model_validate(user_config).batch_wait_timeout_s
+        unknown = sorted(set(waits) - set(self.settings.imaging.buckets))
+        if unknown:
+            raise ValueError(f"batch waits for sides {unknown} that are not buckets {self.settings.imaging.buckets}")
+        for side, wait in waits.items():
+            self.queues[side].set_batch_wait_timeout_s(wait)
+
     def describe(self) -> dict:
         return self.description
+
+    def live(self) -> dict:
+        """This replica's Serve id and the batch waits it uses now (describe() is read once, at readiness)."""
+        waits = {side: self.queues[side]._get_batch_wait_timeout_s() for side in self.settings.imaging.buckets}
+        return {"replica": replica_id(), "batch_wait_timeout_s": waits}
 
     def check_health(self) -> None:
         """Serve's periodic health check: an engine call that never returns makes this replica be replaced."""
@@ -112,7 +128,17 @@ class Remover:
         outcomes = []
         for image, wait in zip(images, queue_waits):
             outcomes.append(
-                RemovalOutcome(image=image, batch_size=len(jobs), model_ms=model_ms, stages={"queue_wait": wait, **stages})
+                RemovalOutcome(
+                    image=image, batch_size=len(jobs), model_ms=model_ms, stages={"queue_wait": wait, **stages}
+                )
             )
             self.metrics.stages.observe({"queue_wait": wait})
         return outcomes
+
+
+def replica_id() -> str | None:
+    """This replica's Serve id (stable while the replica lives, new when Serve restarts it)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # outside a Serve replica (in-process tests)
+        return None

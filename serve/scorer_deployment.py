@@ -10,10 +10,11 @@ import torch
 from ray import serve
 
 from engines.scorer import ScoreJob, ScoringEngine
-from serve.config import AppSettings
+from serve.config import ScorerArgs, ScorerLive
 from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
 from serve.placement import pick_device, pick_dtype
+from serve.remover_deployment import replica_id
 
 
 @dataclass
@@ -26,7 +27,8 @@ class ScoreOutcome:
 @serve.deployment(name="Scorer")
 class Scorer:
     def __init__(self, settings: dict):
-        self.settings = AppSettings.model_validate(settings)
+        """`settings`: serve.config.ScorerArgs; the batch wait comes live through `reconfigure`."""
+        self.settings = ScorerArgs.model_validate(settings)
         scorer_cfg = self.settings.scorer
         if scorer_cfg.torch_threads:
             torch.set_num_threads(scorer_cfg.torch_threads)
@@ -50,8 +52,16 @@ class Scorer:
         self.metrics = BatchMetrics("scorer")
         self.watch = EngineWatch(scorer_cfg.hung_after_s)
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's live update (serve.config.ScorerLive): the batch wait, without a restart."""
+        self.score.set_batch_wait_timeout_s(ScorerLive.model_validate(user_config).batch_wait_timeout_s)
+
     def describe(self) -> dict:
         return self.description
+
+    def live(self) -> dict:
+        """This replica's Serve id and the batch wait it uses now (describe() is read once, at readiness)."""
+        return {"replica": replica_id(), "batch_wait_timeout_s": self.score._get_batch_wait_timeout_s()}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a scoring call that never returns makes this replica be replaced."""

@@ -33,8 +33,7 @@ from serve import rorem_pb2 as pb
 from serve.grpc_api import status_code
 from serve.grpc_client import open_channel, problem_of, stub
 from serve.problems import Problem
-from tests.conftest import photo, png_bytes
-from tests.test_imaging import encoded, png_declaring_size
+from tests.helpers import encoded, photo, png_bytes, png_declaring_size
 
 REPO = Path(__file__).resolve().parent.parent
 PROBLEM = "application/problem+json"
@@ -519,19 +518,16 @@ def client(service):
         yield stub(channel)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", REST_CASES, ids=lambda case: case.name)
 def test_rest(service, case):
     assert_answer(case, rest_answer(service, case), "rest")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", GRPC_CASES, ids=lambda case: case.name)
 def test_grpc(client, case):
     assert_answer(case, grpc_answer(client, case), "grpc")
 
 
-@pytest.mark.slow
 def test_after_the_corpus_the_service_is_ready_and_removes(service, client):
     assert service.client.get("/readyz").status_code == 200
     normal = next(case for case in CASES if case.name == "grayscale PNG")

@@ -8,13 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import pytest
 
 from serve.metrics import BATCH_SIZE
-from tests.conftest import photo, png_bytes
-from tests.test_metrics import _scrape, _total
-
-pytestmark = pytest.mark.slow
+from tests.helpers import metric_total as _total
+from tests.helpers import photo, png_bytes
+from tests.helpers import scrape_metrics as _scrape
 
 ABANDONED = 100
 

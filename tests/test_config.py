@@ -5,7 +5,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config
-from serve.config import AppSettings
+from serve.config import AppSettings, live_serve_app
 
 REPO = DEFAULT_CONFIG.parent.parent.parent
 
@@ -15,7 +15,9 @@ def test_the_shipped_serve_config_validates_with_ray_and_with_our_settings():
     app = config["applications"][0]
     assert app["import_path"] == "serve.app:build_app"
     assert {d["name"] for d in app["deployments"]} == {"Ingress", "Remover", "Scorer"}
-    assert config["grpc_options"]["grpc_servicer_functions"] == ["serve.rorem_pb2_grpc.add_ObjectRemovalServicer_to_server"]
+    assert config["grpc_options"]["grpc_servicer_functions"] == [
+        "serve.rorem_pb2_grpc.add_ObjectRemovalServicer_to_server"
+    ]
     assert config["http_options"]["host"] == "127.0.0.1"
 
 
@@ -70,6 +72,11 @@ def test_a_gate_without_a_scorer_is_a_config_error():
     with pytest.raises(ValidationError, match="needs the Scorer"):
         AppSettings.model_validate({"scorer": {"enabled": False}, "gate": {"mode": "retry"}})
     AppSettings.model_validate({"scorer": {"enabled": False}, "gate": {"mode": "off"}})
+    # deployed, the gate is the Ingress's user_config: the args left without it still build the app
+    app = {"args": {"scorer": {"enabled": False}, "gate": {"mode": "off"}}, "deployments": [{"name": "Ingress"}]}
+    deployed = live_serve_app(app)
+    assert "gate" not in deployed["args"] and deployed["deployments"][0]["user_config"]["gate"]["mode"] == "off"
+    AppSettings.model_validate(deployed["args"])
 
 
 def _deployments(config: dict) -> dict:
@@ -171,3 +178,99 @@ def test_the_shipped_args_hold_only_what_differs_from_the_defaults():
     restating = {"imaging": {"dilate": 20, "feather": 3}, "bundle": {}, "batching": {"per_bucket": {"512": {}}}}
     settings = AppSettings.model_validate(restating).model_dump()
     assert _restated(restating, settings, defaults) == ["imaging.dilate", "bundle"]
+
+
+def test_the_committed_settings_table_is_the_generated_one_and_every_key_has_a_meaning():
+    from serve.config import TABLE_BEGIN, TABLE_END, fields_without_description, settings_table
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    committed = text[text.index(TABLE_BEGIN) : text.index(TABLE_END) + len(TABLE_END)] + "\n"
+    assert committed == settings_table(), "docs/configuration.md is stale: paste `python -m serve.config` into it"
+    assert fields_without_description() == []
+    assert "| `gate.threshold` | `0.5` | Ingress |" in settings_table()
+    assert "| `batching.max_batch_size` | `8` |  |" in settings_table(), "batch sizes are not live"
+
+
+def test_each_model_deployment_is_bound_with_its_own_slice():
+    """The slices are the AppSettings' own fields: a gate or ingress knob is in neither model deployment's."""
+    from serve.config import RemoverArgs, ScorerArgs
+
+    settings = AppSettings.model_validate({"gate": {"threshold": 0.9}, "overload": {"max_in_flight": 7}})
+    remover, scorer = settings.args_for(RemoverArgs), settings.args_for(ScorerArgs)
+    assert set(remover) == {"bundle", "engine", "batching", "imaging"} and set(scorer) == {"bundle", "scorer"}
+    assert remover == AppSettings().args_for(RemoverArgs) and scorer == AppSettings().args_for(ScorerArgs)
+    for model, sliced in ((RemoverArgs, remover), (ScorerArgs, scorer)):
+        assert model.model_validate(sliced).model_dump(mode="json") == sliced
+        assert all(
+            AppSettings.model_fields[name].annotation is field.annotation for name, field in model.model_fields.items()
+        )
+
+
+def test_live_knobs_move_from_the_args_into_the_user_config_and_back():
+    """Rendering splits the args (static) from the user_configs (live); applying the user_configs to the
+    static args gives back the settings the args say."""
+    from serve.config import live_configs, live_serve_app, static_args, with_live
+
+    args = {
+        "gate": {"mode": "retry", "threshold": 0.7},
+        "batching": {
+            "batch_wait_timeout_s": 0.05,
+            "per_bucket": {1024: {"max_batch_size": 4, "batch_wait_timeout_s": 0.2}},
+        },
+        "scorer": {"batch_wait_timeout_s": 0.03, "device": "cpu"},
+    }
+    app = {"name": "rorem", "args": args, "deployments": [{"name": "Ingress"}, {"name": "Remover"}, {"name": "Scorer"}]}
+    rendered = live_serve_app(app)
+    assert rendered["args"] == {"batching": {"per_bucket": {1024: {"max_batch_size": 4}}}, "scorer": {"device": "cpu"}}
+    assert static_args(args) == rendered["args"] and args["gate"]["threshold"] == 0.7, "the source is not modified"
+    user = {d["name"]: d["user_config"] for d in rendered["deployments"]}
+    assert user["Ingress"]["gate"]["threshold"] == 0.7
+    assert user["Remover"] == {"batch_wait_timeout_s": {"512": 0.05, "1024": 0.2}}
+    assert user["Scorer"] == {"batch_wait_timeout_s": 0.03}
+    settings = AppSettings.model_validate(rendered["args"])
+    for name, config in user.items():
+        settings = with_live(settings, name, config)
+    wanted = AppSettings.model_validate(args)
+    assert live_configs(settings) == live_configs(wanted) and settings.batch_sizes() == wanted.batch_sizes()
+    assert settings.model_dump(exclude={"batching"}) == wanted.model_dump(exclude={"batching"})
+    with pytest.raises(ValueError, match="not in user_config"):
+        live_serve_app({**app, "deployments": [{"name": "Ingress", "user_config": {"gate": {}}}]})
+    with pytest.raises(ValidationError, match="needs the Scorer"):
+        with_live(AppSettings.model_validate({"scorer": {"enabled": False}, "gate": {"mode": "off"}}), "Ingress",
+                  {"gate": {"mode": "retry"}})  # fmt: skip
+
+
+def test_the_rendered_serve_configs_carry_the_live_knobs_in_user_config():
+    """What `python -m serve run` deploys and what k8s/render.py writes: no live knob left in the args."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "k8s"))
+    import render
+
+    from serve.config import live_serve_app
+
+    for config in (render.render_config("gpu"), render.render_config("cpu")):
+        app = config["applications"][0]
+        assert "gate" not in app["args"] and all(d.get("user_config") for d in app["deployments"])
+    local = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]
+    assert live_serve_app(local)["deployments"][1]["user_config"] == {
+        "batch_wait_timeout_s": {"512": 0.01, "1024": 0.01}
+    }
+
+
+def test_request_options_and_settings_share_their_bounds():
+    """One declaration per bound (serve.config): the settings' defaults and the per-request options agree."""
+    from serve.protocol import RemoveOptions, ScoreOptions
+
+    for options, field, setting in (
+        (RemoveOptions, "dilate", AppSettings.model_fields["imaging"].annotation.model_fields["dilate"]),
+        (ScoreOptions, "gate_threshold", AppSettings.model_fields["gate"].annotation.model_fields["threshold"]),
+        (RemoveOptions, "max_attempts", AppSettings.model_fields["gate"].annotation.model_fields["max_attempts"]),
+        (RemoveOptions, "quality", AppSettings.model_fields["imaging"].annotation.model_fields["jpeg_quality"]),
+    ):
+        schema = options.model_json_schema()["properties"][field]["anyOf"][0]
+        bounds = {k: v for k, v in schema.items() if k in ("minimum", "maximum")}
+        assert bounds == {"minimum": next(m.ge for m in setting.metadata if hasattr(m, "ge")),
+                          "maximum": next(m.le for m in setting.metadata if hasattr(m, "le"))}, field  # fmt: skip
+        with pytest.raises(ValidationError):
+            options.model_validate({field: bounds["maximum"] + 1})

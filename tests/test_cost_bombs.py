@@ -27,7 +27,7 @@ from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, problem_of, stub
 from serve.problems import Problem
 from serve.protocol import JSONRemoveBody, validate
-from tests.conftest import png_bytes
+from tests.helpers import png_bytes
 
 LIMITS = DecodeLimits(max_bytes=6 * 1024 * 1024)  # the service tests' upload limit, every other bound default
 PROBLEM = "application/problem+json"
@@ -200,20 +200,31 @@ def test_every_problem_document_is_bounded():
 
 
 class HealthProbe:
-    """GETs /healthz in a loop on its own connection and keeps every latency."""
+    """GETs /healthz in a loop on its own connection and keeps every answer: when it was sent and answered, and
+    the replica's own event-loop lag since the previous answer (`loop_lag_ms`, serve.loop_lag)."""
 
     def __init__(self, url: str):
-        self.latencies: list[float] = []
+        self.answers: list[tuple[float, float, float]] = []  # (sent, answered, loop lag s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
 
     def _run(self, url: str) -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
+            client.get("/healthz")  # starts the replica's lag ticker; what it reports covers the time before
             while not self._stop.is_set():
-                started = time.perf_counter()
-                assert client.get("/healthz").status_code == 200
-                self.latencies.append(time.perf_counter() - started)
+                sent = time.perf_counter()
+                response = client.get("/healthz")
+                assert response.status_code == 200
+                self.answers.append((sent, time.perf_counter(), response.json()["loop_lag_ms"] / 1000))
                 self._stop.wait(0.02)
+
+    def during(self, started: float, ended: float) -> tuple[float, float]:
+        """The worst /healthz latency and replica loop lag over probes whose span meets [started, ended]: a lag
+        answered at `answered` happened since the previous answer."""
+        previous = [0.0] + [answered for _, answered, _ in self.answers]
+        met = [(answered - sent, lag) for (sent, answered, lag), since in zip(self.answers, previous)
+               if answered >= started and since <= ended]  # fmt: skip
+        return max((latency for latency, _ in met), default=0.0), max((lag for _, lag in met), default=0.0)
 
     def __enter__(self) -> "HealthProbe":
         self._thread.start()
@@ -224,38 +235,54 @@ class HealthProbe:
         self._thread.join()
 
 
-@pytest.mark.slow
+LOOP_LAG_MAX_S = 0.1  # inside the replica: the goal itself
+HEALTHZ_MAX_S = 1.0  # at the client
+
+
 def test_bombs_get_a_4xx_in_2_s_over_rest_and_grpc_while_healthz_answers(service):
+    """The goal (issue 17) is every /healthz under 100 ms while the bombs arrive. What the ingress controls is its
+    own event loop: none of its work may hold the loop (or the GIL, from a worker thread) that long, and that is
+    measured inside the replica (loop_lag_ms), so it is asserted at the goal. Measured on a 2-core machine shared
+    at load 6-15: the 100000-key JSON body lagged the loop 118 ms while json.loads parsed it in one call, 18 ms
+    once the parse went member by member; no other bomb lagged it over 41 ms. A client's latency adds the proxy
+    process and both processes' wait for a core: probes took up to 116 ms while the loop lagged at most 41 ms,
+    and a clean CI run (before the member-by-member parse) had one at 791 ms. So the client side is bound at
+    what a busy runner holds: p50 50 ms, p95 250 ms, none over 1 s (before the limits a bomb stalled it 8 s)."""
     mask = png_bytes(np.zeros((48, 64), np.uint8))
     files = {name: bomb(name) for name in BOMBS}  # built before any clock starts
-    slow = []
+    many_keys = json.dumps({"image": "AAAA", **{f"key{i}": 0 for i in range(100_000)}}).encode()
+    spans = []  # (bomb, protocol, started, ended)
     with HealthProbe(service.url) as probe, open_channel(service.grpc_target) as channel:
         client = stub(channel)
+        time.sleep(0.2)  # a few quiet probes first
         for name in BOMBS:
             started = time.perf_counter()
             response = service.client.post("/remove", files={"image": ("i", files[name]), "mask": ("m", mask)})
-            rest_s = time.perf_counter() - started
+            spans.append((name, "rest", started, time.perf_counter()))
             assert response.status_code == 413 and response.headers["content-type"] == PROBLEM, name
             assert response.json()["type"].endswith("/image-too-large"), response.json()
             started = time.perf_counter()
             with pytest.raises(grpc.RpcError) as caught:
                 client.Remove(pb.RemoveRequest(image=files[name], mask=mask), timeout=30)
-            grpc_s = time.perf_counter() - started
+            spans.append((name, "grpc", started, time.perf_counter()))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, name
             assert problem_of(caught.value)["status"] == 413
-            slow += [(name, protocol, s) for protocol, s in (("rest", rest_s), ("grpc", grpc_s)) if s > DEADLINE_S]
-        many_keys = json.dumps({"image": "AAAA", **{f"key{i}": 0 for i in range(100_000)}}).encode()
         started = time.perf_counter()
         response = service.client.post("/remove", content=many_keys, headers={"content-type": "application/json"})
+        spans.append(("JSON body of 100000 unknown keys", "rest", started, time.perf_counter()))
         assert response.status_code == 422 and response.headers["content-type"] == PROBLEM
-        assert len(response.content) < 10_000 and time.perf_counter() - started < DEADLINE_S
-    assert not slow, slow
-    latencies = sorted(probe.latencies)
-    assert len(latencies) > 20
+        assert len(response.content) < 10_000
+        time.sleep(0.1)  # the probe answers that cover the last request
+    report = [(name, protocol, round(ended - started, 3), *(round(s * 1000) for s in probe.during(started, ended)))
+              for name, protocol, started, ended in spans]  # fmt: skip
+    print("bomb, protocol, request s, worst /healthz ms, worst loop lag ms", *report, sep="\n")
+    assert not [row for row in report if row[2] > DEADLINE_S], report
+    assert len(probe.answers) > 20
+    latencies = sorted(sent_answered[1] - sent_answered[0] for sent_answered in probe.answers)
     p50, p95 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.95))
-    # Before the limits one bomb stalled /healthz for 8 s. The goal is every probe under 100 ms; a clean CI run
-    # measured p95 95 ms with one probe at 791 ms (docs/reliability.md), so this guards against the multi-second
-    # stalls and the typical latency, not yet the goal's tail.
-    assert p50 < 0.05 and p95 < 0.25 and latencies[-1] < 2.0, (
-        f"/healthz p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+    worst_lag = max(lag for _, _, lag in probe.answers)
+    assert worst_lag < LOOP_LAG_MAX_S, [row for row in report if row[4] >= LOOP_LAG_MAX_S * 1000]
+    assert p50 < 0.05 and p95 < 0.25 and latencies[-1] < HEALTHZ_MAX_S, (
+        f"/healthz p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms",
+        report,
     )

@@ -57,6 +57,7 @@ def exported(cli_process, fp16_onnx):
     return SimpleNamespace(bundle=bundle, stdout=stdout, onnx=bundle.path / "exports" / "unet.fp32.onnx")
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_cli_exports_verifies_records_and_prints_progress(exported):
     out = exported.stdout
     for stage in ("tiny bundle", "torch.export + ONNX translation", "graph cleanup", "parity batch 3, latent 64x64"):
@@ -68,6 +69,7 @@ def test_cli_exports_verifies_records_and_prints_progress(exported):
     assert result["verify"]["passed"] and result["verify"]["max_abs"] < FP32_MAX_ABS
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_manifest_records_the_export_and_the_bundle_still_verifies(exported, tmp_path):
     manifest = exported.bundle.manifest
     entry = manifest.files["exports/unet.fp32.onnx"]
@@ -91,6 +93,7 @@ def test_manifest_records_the_export_and_the_bundle_still_verifies(exported, tmp
         Bundle.load(copy, verify=True)
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_the_graph_keeps_latent_sides_multiples_of_4_and_the_runner_refuses_others(exported):
     sample_dims = read_onnx_metadata(exported.onnx)["inputs"]["sample"]["shape"]
     assert sample_dims[0] == "batch" and sample_dims[1] == 9
@@ -101,6 +104,7 @@ def test_the_graph_keeps_latent_sides_multiples_of_4_and_the_runner_refuses_othe
         runner(inputs[0], inputs[1], UNetConditioning(*inputs[2:]))
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 @pytest.mark.parametrize("batch, latent", [(1, 32), (3, 32), (1, 64), (3, 64)])
 def test_onnx_runtime_matches_torch(exported, batch, latent):
     unet = exported.bundle.load_unet()
@@ -117,6 +121,7 @@ def test_onnx_runtime_matches_torch(exported, batch, latent):
         assert (got - expected).abs().max().item() < FP32_MAX_ABS
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_a_removal_through_the_onnx_runner_equals_the_torch_runner(exported):
     torch_engine = RemovalEngine.from_bundle(exported.bundle)
     onnx_engine = RemovalEngine.from_bundle(exported.bundle, runner="onnx")
@@ -133,6 +138,7 @@ def test_a_removal_through_the_onnx_runner_equals_the_torch_runner(exported):
     assert np.abs(got - images).max() > 10, "the removal changed the masked pixels"
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_exported_runners_refuse_wrong_dtypes_devices_and_stale_exports(exported, tmp_path):
     with pytest.raises(ValueError, match="float32 graph, float16 was requested"):
         OnnxUNetRunner(exported.onnx, dtype=torch.float16)
@@ -153,6 +159,7 @@ def test_exported_runners_refuse_wrong_dtypes_devices_and_stale_exports(exported
         RemovalEngine.from_bundle(Bundle.load(stale), runner="onnx")
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_ensure_unet_onnx_reuses_a_current_export(exported, monkeypatch):
     import export.manifest as export_manifest
 

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, stub
-from tests.conftest import photo, png_bytes
-from tests.test_service import _assert_problem, _decode, _mask, _remove
-
-pytestmark = pytest.mark.slow
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, photo, png_bytes
+from tests.helpers import assert_problem as _assert_problem
+from tests.helpers import box_mask as _mask
+from tests.helpers import chromium_missing as _chromium_missing
+from tests.helpers import decode_png as _decode
+from tests.helpers import post_remove as _remove
 
 
 def _retain(service, seed: int, threshold: float = 0.5, **fields):
@@ -115,14 +111,6 @@ def test_delete_forgets_the_result_and_its_images(service):
     _assert_problem(service.client.get(image_link), 404, "not-found")
     _assert_problem(service.client.delete(f"/results/{result_id}"), 404, "not-found")
     assert result_id not in [item["id"] for item in _queue(service)]
-
-
-def _chromium_missing() -> bool:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return True
-    return shutil.which(CHROMIUM) is None
 
 
 @pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")

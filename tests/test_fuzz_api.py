@@ -9,8 +9,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ST = Path(sys.executable).parent / "st"
 
 

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
+from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed, run_gated
 from serve.config import GateSettings
-from serve.gate import GatePolicy, ScorerUnavailable, attempt_seed, run_gated
 
 
 def _run(policy, scores, seed=7):

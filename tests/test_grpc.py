@@ -13,8 +13,10 @@ from PIL import Image
 
 from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, problem_of, stub
-from tests.conftest import photo, png_bytes
-from tests.test_service import _decode, _mask, _remove
+from tests.helpers import box_mask as _mask
+from tests.helpers import decode_png as _decode
+from tests.helpers import photo, png_bytes
+from tests.helpers import post_remove as _remove
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +27,6 @@ def client(service):
         yield stub(channel)
 
 
-@pytest.mark.slow
 def test_grpc_and_rest_give_identical_pixels_and_score(service, client):
     image, mask = png_bytes(photo()), png_bytes(_mask())
     rest = _remove(service, image, mask, seed=42, gate="annotate")
@@ -43,7 +44,6 @@ def test_grpc_and_rest_give_identical_pixels_and_score(service, client):
     assert scored.score == pytest.approx(rest_score["score"], abs=1e-5) and scored.passed == rest_score["passed"]
 
 
-@pytest.mark.slow
 def test_grpc_errors_carry_status_codes_and_problem_details(service, client):
     with pytest.raises(grpc.RpcError) as bad_image:
         client.Remove(pb.RemoveRequest(image=b"not an image", mask=png_bytes(_mask())), timeout=60)
@@ -73,7 +73,6 @@ def test_grpc_errors_carry_status_codes_and_problem_details(service, client):
     assert problem_of(too_big.value)["type"].endswith("/payload-too-large")
 
 
-@pytest.mark.slow
 def test_a_1024_png_over_4_mib_passes_both_ways(service, client):
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (1024, 1024, 4), dtype=np.uint8)  # noise with alpha: about 4.2 MB as PNG

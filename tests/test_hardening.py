@@ -29,12 +29,10 @@ from serve import rorem_pb2 as pb
 from serve.auth import new_key_entry
 from serve.grpc_client import open_channel
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.conftest import REPO, photo, png_bytes, running_service, serve_test_config
+from tests.helpers import REPO, photo, png_bytes, running_service, serve_test_config
 
 sys.path.insert(0, str(REPO / "loadtests"))
 from soak import replica_pids, run_soak
-
-pytestmark = pytest.mark.slow
 
 REQUEST_TIMEOUT_S = 30.0
 MAX_IN_FLIGHT = 4
@@ -44,7 +42,7 @@ OWNERS = {"alice": None, "bob": None, "dave": "studio", "erin": "studio"}  # nam
 
 
 @pytest.fixture(scope="module")
-def hardened(tmp_path_factory):
+def hardened(starts_serve, tmp_path_factory):
     work = tmp_path_factory.mktemp("hardened")
     app_key, app_entry = new_key_entry("app-team", ["remove", "score"])
     ops_key, ops_entry = new_key_entry("ops", ["remove", "score", "feedback", "admin"])
@@ -278,6 +276,7 @@ def test_a_client_deadline_answers_504(hardened, upload):
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "/timeout" in caught.value.details()
 
 
+@pytest.mark.chaos
 def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upload):
     (scorer,) = _replica_pids(hardened, "Scorer")
     os.kill(scorer, signal.SIGKILL)
@@ -305,6 +304,7 @@ def _wait_unready(service, timeout_s: float = 10.0) -> list[int]:
     return readiness
 
 
+@pytest.mark.chaos
 def test_a_killed_remover_drops_readiness_until_it_is_replaced(hardened, upload):
     (remover,) = _replica_pids(hardened, "Remover")
     os.kill(remover, signal.SIGKILL)
@@ -316,6 +316,7 @@ def test_a_killed_remover_drops_readiness_until_it_is_replaced(hardened, upload)
     assert _remove(hardened, upload, key=hardened.app_key, gate="off").status_code == 200
 
 
+@pytest.mark.chaos
 def test_chaos_soak_loses_no_request(hardened):
     """Replicas killed under steady load: every request gets an answer, a result or a clear 503."""
     report = run_soak(

@@ -127,7 +127,6 @@ def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancel
 SATURATING_CLIENTS = 6  # more than the test config's batch size (4): the Remover's queue never drains
 
 
-@pytest.mark.slow
 def test_readyz_stays_fast_and_ready_while_the_remover_is_saturated(service):
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -135,7 +134,7 @@ def test_readyz_stays_fast_and_ready_while_the_remover_is_saturated(service):
     import httpx
     import numpy as np
 
-    from tests.conftest import photo, png_bytes
+    from tests.helpers import photo, png_bytes
 
     mask = np.zeros((256, 256), np.uint8)
     mask[90:150, 100:160] = 255

@@ -34,28 +34,13 @@ from engines.imaging import (
     paste_back,
     plan_crop,
 )
+from tests.helpers import encoded, png_declaring_size
 
 LIMITS = DecodeLimits()
 
 
-def encoded(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
 def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def png_declaring_size(width: int, height: int) -> bytes:
-    """A real 1x1 PNG whose IHDR claims another size (valid CRC): a decompression bomb in a few bytes."""
-    data = bytearray(encoded(Image.new("L", (1, 1))))
-    ihdr_start = 8 + 4  # signature, chunk length
-    data[ihdr_start + 4 : ihdr_start + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr_start : ihdr_start + 4 + 13]))
-    data[ihdr_start + 17 : ihdr_start + 21] = struct.pack(">I", crc)
-    return bytes(data)
 
 
 # --- decode_image: modes ------------------------------------------------------------------------

@@ -448,12 +448,23 @@ def test_the_kubernetes_serve_configs_differ_from_local_only_as_documented():
     assert all((d.get("ray_actor_options") or {}).get("num_gpus", 0) == 0 for d in cpu_app["deployments"])
     assert cpu_app["args"]["bundle"].get("path") is None and "authors" not in cpu_app["args"]["bundle"], "tiny bundle"
     # what is not overridden is local.yaml's
-    from serve.config import AppSettings
+    from serve.config import AppSettings, with_live
+
+    def effective(app: dict) -> AppSettings:
+        """The settings a deployment runs with: the args, then each deployment's user_config (the live knobs)."""
+        settings = AppSettings.model_validate(app["args"])
+        for deployment in app.get("deployments", []):
+            if deployment.get("user_config") is not None:
+                settings = with_live(settings, deployment["name"], deployment["user_config"])
+        return settings
 
     apps = (SERVE_CONFIG["applications"][0], gpu["applications"][0], cpu_app)
-    local, on_gpu, on_cpu = (AppSettings.model_validate(app["args"]) for app in apps)
-    for key in ("batching", "imaging", "gate", "request_timeout_s"):
+    local, on_gpu, on_cpu = (effective(app) for app in apps)
+    assert all(d.get("user_config") for d in gpu["applications"][0]["deployments"]), "the live knobs are user_config"
+    for key in ("imaging", "gate", "request_timeout_s"):
         assert getattr(on_gpu, key) == getattr(local, key) == getattr(on_cpu, key)
+    for batching in ("batch_sizes", "batch_waits"):
+        assert getattr(on_gpu, batching)() == getattr(local, batching)() == getattr(on_cpu, batching)()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from serve.config import AppSettings
 from serve.ports import RAY_WORKER_PORTS, busy_ports, ephemeral_ports, free_port, listeners, port_in_use
 from serve.proxy_limits import grpc_max_message_bytes
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.conftest import REPO, _stop, photo, png_bytes, serve_test_config
+from tests.helpers import REPO, photo, png_bytes, serve_test_config
+from tests.helpers import stop_cli as _stop
 
 STOP_LIMIT_S = 10.0  # Docker's default grace before SIGKILL
 
@@ -109,7 +110,7 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory):
+def running(starts_serve, tmp_path_factory):
     work = tmp_path_factory.mktemp("lifecycle")
     config = serve_test_config(work)
     config["applications"][0]["args"]["imaging"]["max_megapixels"] = 1.0  # the gRPC limit: ~6.4 MB, not 200 MB
@@ -136,13 +137,11 @@ def running(tmp_path_factory):
             _stop(child)
 
 
-@pytest.mark.slow
 def test_ready_names_this_instance(running):
     health = httpx.get(running.url + "/healthz").json()
     assert f"| instance {health['instance']}" in running.log.read_text()
 
 
-@pytest.mark.slow
 def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
     started = time.monotonic()
     second = subprocess.run(
@@ -158,7 +157,6 @@ def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
     assert elapsed < 30, f"took {elapsed:.1f} s"  # before the model libraries load (a minute on a busy 2-core box)
 
 
-@pytest.mark.slow
 def test_a_grpc_message_over_the_limit_is_refused_by_the_proxy(running):
     limit = grpc_max_message_bytes(AppSettings.model_validate(running.config["applications"][0]["args"]).imaging)
     channel = grpc.insecure_channel(
@@ -183,7 +181,6 @@ def _message_of(size: int) -> pb.RemoveRequest:
     return message
 
 
-@pytest.mark.slow
 def test_a_chunked_http_body_over_the_limit_is_refused_by_the_proxy(running):
     def body():
         for _ in range(20):
@@ -194,7 +191,7 @@ def test_a_chunked_http_body_over_the_limit_is_refused_by_the_proxy(running):
     assert "(at the proxy)" in response.json()["detail"]
 
 
-@pytest.mark.slow
+@pytest.mark.chaos
 def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(running):
     launcher = int(Path(f"/proc/{running.child.pid}/task/{running.child.pid}/children").read_text().split()[0])
     members = session_members(launcher)

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-
-pytestmark = pytest.mark.slow
+from tests.helpers import REPO
 
 
 def test_locust_smoke_profile_has_no_errors(service, tmp_path):

@@ -2,38 +2,15 @@
 
 import time
 
-import httpx
-import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from serve import metrics
 from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, stub
-from tests.conftest import photo, png_bytes
-from tests.test_service import _mask, _remove
-
-pytestmark = pytest.mark.slow
-
-
-def _scrape(url: str) -> dict:
-    families = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        families[family.name] = family
-    return families
-
-
-def _samples(families, name, suffix="", **labels):
-    family = families.get("ray_" + name)
-    if family is None:
-        return []
-    return [
-        s for s in family.samples
-        if s.name == "ray_" + name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
-    ]  # fmt: skip
-
-
-def _total(families, name, suffix="", **labels) -> float:
-    return sum(s.value for s in _samples(families, name, suffix, **labels))
+from tests.helpers import box_mask as _mask
+from tests.helpers import metric_samples as _samples
+from tests.helpers import metric_total as _total
+from tests.helpers import photo, png_bytes
+from tests.helpers import post_remove as _remove
+from tests.helpers import scrape_metrics as _scrape
 
 
 def _bucket(families, name, le: float, **labels) -> float:

@@ -3,15 +3,16 @@
 import numpy as np
 import pytest
 
-from tests.conftest import photo, png_bytes, running_service, serve_test_config
-from tests.test_service import _decode, _mask, _remove
+from tests.helpers import box_mask as _mask
+from tests.helpers import decode_png as _decode
+from tests.helpers import photo, png_bytes, running_service, serve_test_config
+from tests.helpers import post_remove as _remove
 
-pytestmark = pytest.mark.slow
 pytest.importorskip("onnxruntime", reason="the export extra installs onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def onnx_service(tmp_path_factory):
+def onnx_service(starts_serve, tmp_path_factory):
     """Remover only (gate off, no Scorer), engine.runner onnx, exported into the bundle at start."""
     work = tmp_path_factory.mktemp("serve-onnx")
     config = serve_test_config(work)

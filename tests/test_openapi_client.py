@@ -18,7 +18,7 @@ from PIL import Image
 from engines import imaging
 from serve import openapi
 from serve.problems import MEDIA_TYPE, STATUS_BY_PROBLEM, TYPE_BASE, Problem
-from tests.conftest import photo, png_bytes
+from tests.helpers import photo, png_bytes
 
 GENERATOR = Path(sys.executable).parent / "openapi-python-client"
 needs_generator = pytest.mark.skipif(not GENERATOR.exists(), reason="openapi-python-client is not installed")
@@ -128,7 +128,6 @@ def test_generated_client_imports_without_edits(schema, tmp_path):
     assert client.Client
 
 
-@pytest.mark.slow
 @needs_generator
 def test_generated_client_calls_the_service(service, tmp_path):
     import httpx

@@ -16,8 +16,8 @@ from scipy import ndimage
 
 from serve.config import RetentionSettings
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
-from tests.conftest import png_bytes
-from tests.test_feedback import CHROMIUM, CHROMIUM_ARGS, _chromium_missing
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, png_bytes
+from tests.helpers import chromium_missing as _chromium_missing
 
 needs_chromium = pytest.mark.skipif(
     _chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}"
@@ -136,7 +136,6 @@ def browser():
             launched.close()
 
 
-@pytest.mark.slow
 def test_the_front_page_is_the_public_playground_with_its_policy(service):
     front = service.client.get("/")
     assert front.status_code == 307 and front.headers["location"] == "/playground"
@@ -147,7 +146,6 @@ def test_the_front_page_is_the_public_playground_with_its_policy(service):
     assert 'data-retention="ask"' in page.text, "the test service keeps results only when asked"
 
 
-@pytest.mark.slow
 @needs_chromium
 def test_paint_remove_compare_download_try_another_and_rate(service, browser):
     photo = _big_photo()
@@ -228,7 +226,6 @@ def test_paint_remove_compare_download_try_another_and_rate(service, browser):
     assert problems == [], problems
 
 
-@pytest.mark.slow
 @needs_chromium
 def test_mistakes_and_refusals_are_told_in_words(service, browser):
     page, problems = _open_page(browser, service.url + "/playground")

@@ -27,7 +27,7 @@ from serve.proxy_limits import (
     proxy_env,
 )
 from serve.proxy_middleware import BODY_LIMIT_ENV, DRAIN_PATH, BodyLimit, Drain
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 IMAGING = ImagingSettings(max_upload_bytes=6 * 1024 * 1024, max_megapixels=0.5)
 

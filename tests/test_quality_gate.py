@@ -8,11 +8,13 @@ import base64
 import numpy as np
 import pytest
 
-from serve.gate import attempt_seed
-from tests.conftest import photo, png_bytes
-from tests.test_service import _assert_problem, _decode, _mask, _remove
+from engines.gate import attempt_seed
+from tests.helpers import assert_problem as _assert_problem
+from tests.helpers import box_mask as _mask
+from tests.helpers import decode_png as _decode
+from tests.helpers import photo, png_bytes
+from tests.helpers import post_remove as _remove
 
-pytestmark = pytest.mark.slow
 IMPOSSIBLE = 10.0
 
 

@@ -27,7 +27,7 @@ from serve.grpc_client import open_channel, problem_of
 from serve.problems import Problem
 from serve.quotas import CONCURRENCY, RATE, Limits, QuotaBook, Quotas
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.conftest import photo, png_bytes, running_service, serve_test_config
+from tests.helpers import photo, png_bytes, running_service, serve_test_config
 
 
 class FakeClock:
@@ -322,7 +322,7 @@ SPREAD = 12  # requests that reach both replicas unless the router is very unluc
 
 
 @pytest.fixture(scope="module")
-def metered(tmp_path_factory):
+def metered(starts_serve, tmp_path_factory):
     work = tmp_path_factory.mktemp("quotas")
     keys = {
         "rest": new_key_entry("rest", ["remove", "score"], requests_per_minute=5),
@@ -359,7 +359,6 @@ def _remove(service, key, upload=None, **fields):
     return httpx.post(service.url + "/remove", files=upload, data=data, headers={"x-api-key": key}, timeout=120)
 
 
-@pytest.mark.slow
 def test_rest_a_key_at_5_per_window_gets_its_sixth_request_refused_and_its_quota_back(metered, upload):
     key = metered.keys["rest"]
     for remaining in (4, 3, 2, 1, 0):
@@ -385,7 +384,6 @@ def test_rest_a_key_at_5_per_window_gets_its_sixth_request_refused_and_its_quota
     assert free.status_code == 200 and "ratelimit" not in free.headers
 
 
-@pytest.mark.slow
 def test_grpc_a_key_at_5_per_window_gets_its_sixth_call_refused_and_its_quota_back(metered, upload):
     stub = ObjectRemovalStub(open_channel(metered.grpc_target))
     auth_metadata = [("x-api-key", metered.keys["grpc"])]
@@ -420,7 +418,6 @@ def _hold(url: str, key: str) -> socket.socket:
     return conn
 
 
-@pytest.mark.slow
 def test_rest_a_key_past_its_concurrency_is_refused_until_its_request_ends(metered, upload):
     key = metered.keys["single"]
     conn = _hold(metered.url, key)
@@ -439,7 +436,6 @@ def test_rest_a_key_past_its_concurrency_is_refused_until_its_request_ends(meter
     assert answer.status_code == 200 and answer.headers["ratelimit"] == '"concurrency";r=0'
 
 
-@pytest.mark.slow
 def test_the_quota_holds_across_ingress_replicas(metered):
     key = metered.keys["spread"]
     ids = [f"quota-{uuid.uuid4().hex}" for _ in range(SPREAD + 1)]

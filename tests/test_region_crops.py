@@ -250,15 +250,14 @@ def test_separated_blocks_hold_every_region_whole_whatever_the_rounds(mask, roun
         assert len(np.unique(owner[labels == region])) == 1, "a region crosses blocks"
 
 
-@pytest.mark.slow
 def test_far_apart_objects_are_removed_in_their_own_crops_over_rest_json_and_grpc(service):
     from PIL import Image as PILImage
 
     from serve import rorem_pb2 as pb
     from serve.grpc_client import open_channel
     from serve.rorem_pb2_grpc import ObjectRemovalStub
-    from tests.conftest import photo, png_bytes
-    from tests.test_service import _remove
+    from tests.helpers import photo, png_bytes
+    from tests.helpers import post_remove as _remove
 
     image = photo(512, 412)  # the photo is 412 wide
     mask = np.zeros((512, 412), np.uint8)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from serve.retention import LocalObjectStore, ObjectMissing, RetentionStore, S3ObjectStore, object_key
 from serve.retention.store import NewResult, ResultNotFound
-from tests.conftest import photo, png_bytes
+from tests.helpers import photo, png_bytes
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0)
 
@@ -134,8 +134,8 @@ def test_queue_is_unlabelled_results_least_certain_first(store, clock):
 def test_results_belong_to_their_owner_in_the_queue_counts_and_every_lookup(tmp_path, store):
     from serve.auth import StoredKey, result_owner, visible_owner
     from serve.config import RetentionSettings
-    from serve.retention.keeper import FeedbackBody, Retention
     from serve.problems import Problem
+    from serve.retention.keeper import FeedbackBody, LocalStoreClient, Retention
 
     alice = StoredKey(name="alice", sha256="0" * 64, scopes=["remove", "feedback"])
     dave = StoredKey(name="dave", team="studio", sha256="1" * 64, scopes=["feedback"])
@@ -150,8 +150,8 @@ def test_results_belong_to_their_owner_in_the_queue_counts_and_every_lookup(tmp_
     assert store.count(labelled=False, owner="studio") == 1 and store.count(labelled=False) == 3
     assert store.get(mine).owner == "alice"
 
-    retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), metrics=None)
-    retention._store = store
+    settings = RetentionSettings(enabled=True, object_store={"path": str(tmp_path)})
+    retention = Retention(settings, metrics=None, store=LocalStoreClient(lambda: store))
 
     async def as_alice():
         assert (await retention.get(mine, "alice")).id == mine
@@ -258,8 +258,8 @@ def test_s3_store_without_boto3_says_what_to_install(monkeypatch):
 
 def test_retain_is_refused_where_retention_is_off_and_defaults_follow_the_config(tmp_path):
     from serve.config import RetentionSettings
-    from serve.retention.keeper import Retention
     from serve.problems import Problem
+    from serve.retention.keeper import Retention
 
     off = Retention(RetentionSettings(), metrics=None)
     assert off.wanted(None) is False and off.wanted(False) is False
@@ -278,10 +278,10 @@ def test_retain_is_refused_where_retention_is_off_and_defaults_follow_the_config
 
 
 def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):
+    from engines.gate import GatePolicy
     from serve.config import RetentionSettings
-    from serve.retention.keeper import Retention
-    from serve.gate import GatePolicy
     from serve.protocol import RemoveOptions
+    from serve.retention.keeper import Retention
     from serve.service import RemovalReply
 
     class Counted:
@@ -293,18 +293,206 @@ def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):
 
     metrics = type("Metrics", (), {"retained": Counted()})()
     retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), metrics)
-    reply = RemovalReply(b"png bytes", "png", 3, 256, 1, 0.4, 1, "failed")
+    reply = RemovalReply(b"png bytes", "png", 3, [256], 1, 0.4, 1, "failed")
     mask = np.zeros((3, 4), bool)
     policy = GatePolicy("annotate", 0.5, 1, True)
     kept = asyncio.run(retention.keep(b"photo", "png", mask, reply, policy, RemoveOptions(), 20))
-    assert kept is not None and retention._store.get(kept).params["gate"] == "annotate"
+    assert kept is not None and retention.store.opened().get(kept).params["gate"] == "annotate"
 
     def broken(new):
         raise OSError("disk full")
 
-    retention._store.save = broken
+    retention.store.opened().save = broken
     assert asyncio.run(retention.keep(b"photo", "png", mask, reply, policy, RemoveOptions(), 20)) is None
     assert metrics.retained.outcomes == ["stored", "failed"]
+
+
+class _Counted:
+    def __init__(self):
+        self.tags = []
+
+    def inc(self, tags):
+        self.tags.append(tags)
+
+
+class _Metrics:
+    def __init__(self):
+        self.retained, self.feedback = _Counted(), _Counted()
+
+
+def _keep(retention, result: bytes = b"png bytes", owner: str | None = None):
+    from engines.gate import GatePolicy
+    from serve.protocol import RemoveOptions
+    from serve.service import RemovalReply
+
+    reply = RemovalReply(result, "png", 3, [256], 1, 0.4, 1, "failed")
+    policy = GatePolicy("annotate", 0.5, 1, True)
+    return retention.keep(b"photo", "png", np.zeros((3, 4), bool), reply, policy, RemoveOptions(), 20, owner)
+
+
+def _sweepers() -> set:
+    import threading
+
+    return {t for t in threading.enumerate() if t.name == "retention-limits" and t.is_alive()}
+
+
+def test_ingress_replicas_sharing_one_store_client_migrate_once_and_run_one_sweeper(tmp_path, monkeypatch):
+    from serve.config import RetentionSettings
+    from serve.retention import store as store_module
+    from serve.retention.keeper import LocalStoreClient, Retention
+
+    migrated = []
+    migrate = store_module.migrate
+    monkeypatch.setattr(store_module, "migrate", lambda engine: migrated.append(engine) or migrate(engine))
+    settings = RetentionSettings(enabled=True, object_store={"path": str(tmp_path)})
+    before = _sweepers()
+    shared = LocalStoreClient.from_settings(settings)
+    first, second = Retention(settings, _Metrics(), shared), Retention(settings, _Metrics(), shared)
+
+    async def each_sees_the_others_results():
+        kept = [await _keep(first, b"one"), await _keep(second, b"two")]
+        assert [(await second.get(kept[0])).id, (await first.get(kept[1])).id] == kept
+        assert (await first.queue(10, None))[1] == 2
+
+    asyncio.run(each_sees_the_others_results())
+    assert len(migrated) == 1 and _sweepers() - before == {shared.sweeper}
+    shared.close()
+    shared.sweeper.join(timeout=5)
+    assert not shared.sweeper.is_alive()
+
+    own = Retention(settings, _Metrics())  # no shared client: this replica opens (and migrates) its own
+    assert len(migrated) == 2 and own.store is not shared
+    own.store.close()
+
+
+class _Response:
+    def __init__(self, method, args, kwargs):
+        self.method, self.args, self.kwargs = method, args, kwargs
+        self.cancelled = False
+
+    def __await__(self):
+        return self._answer().__await__()
+
+    async def _answer(self):
+        import pickle
+
+        from ray.exceptions import RayTaskError
+
+        args, kwargs = pickle.loads(pickle.dumps((self.args, self.kwargs)))
+        try:
+            answer = await self.method(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a replica's every error comes back this way
+            raise RayTaskError(self.method.__name__, "remote traceback", exc).as_instanceof_cause() from None
+        return pickle.loads(pickle.dumps(answer))
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    """What Serve does between HandleStoreClient and a ResultStore replica: arguments and answers are
+    pickled, and an error comes back as Ray's RayTaskError subclassing the error's class (its args differ)."""
+
+    def __init__(self, replica):
+        self.replica = replica
+        self.responses = []
+
+    def __getattr__(self, name):
+        method, responses = getattr(self.replica, name), self.responses
+
+        class Method:
+            def remote(self, *args, **kwargs):
+                responses.append(_Response(method, args, kwargs))
+                return responses[-1]
+
+        return Method()
+
+
+def _result_store(settings: dict):
+    from serve.retention_deployment import ResultStore
+
+    return ResultStore.func_or_class(settings)
+
+
+def test_retention_through_the_result_store_deployment_answers_as_in_process(tmp_path):
+    from serve.config import RetentionSettings
+    from serve.problems import Problem
+    from serve.retention.keeper import FeedbackBody, Retention
+    from serve.retention_deployment import HandleStoreClient
+
+    settings = RetentionSettings(enabled=True, object_store={"path": str(tmp_path)})
+    replica = _result_store(settings.model_dump(mode="json"))
+    metrics, handle = _Metrics(), _Handle(replica)
+    retention = Retention(settings, metrics, HandleStoreClient(handle))
+
+    async def through_the_handle():
+        mine, theirs = await _keep(retention, b"mine", "alice"), await _keep(retention, b"theirs", "bob")
+        assert (await retention.get(mine, "alice")).owner == "alice"
+        assert await retention.image(mine, "result", "alice") == (b"mine", "image/png")
+        stored = await retention.feedback(FeedbackBody(result_id=mine, verdict="yes", reason=" ok "), "alice")
+        assert stored.label == "yes" and stored.feedback[0].reason == "ok"
+        items, unlabelled = await retention.queue(10, None)
+        assert [r.id for r in items] == [theirs] and unlabelled == 1
+        for call in (retention.get(theirs, "alice"), retention.image(theirs, "source", "alice")):
+            with pytest.raises(Problem) as hidden:
+                await call
+            assert hidden.value.problem == "not-found" and hidden.value.detail == (
+                f"no retained result {theirs!r} (never kept, deleted, or expired)"
+            )
+        (tmp_path / "objects" / object_key(b"theirs")).unlink()
+        with pytest.raises(Problem, match="no longer stored"):
+            await retention.image(theirs, "result")
+        await retention.delete(mine)
+        with pytest.raises(Problem) as gone:
+            await retention.delete(mine)
+        assert gone.value.problem == "not-found"
+
+    asyncio.run(through_the_handle())
+    assert {r.method.__name__ for r in handle.responses} == {"save", "get", "read", "add_feedback", "queue", "delete"}
+    assert [t["outcome"] for t in metrics.retained.tags] == ["stored", "stored"]
+    assert metrics.feedback.tags == [{"verdict": "yes"}]
+    replica.close()
+
+
+def test_a_result_store_that_cannot_open_stays_healthy_and_removals_go_on(tmp_path, monkeypatch):
+    from serve.config import RetentionSettings
+    from serve.problems import Problem
+    from serve.retention import keeper
+    from serve.retention.keeper import Retention
+    from serve.retention_deployment import HandleStoreClient
+
+    (tmp_path / "db").write_text("a file where the database's folder should be")
+    settings = RetentionSettings(
+        enabled=True, object_store={"path": str(tmp_path)}, database_url=f"sqlite:///{tmp_path / 'db' / 'r.db'}"
+    )
+    replica = _result_store(settings.model_dump(mode="json"))
+    replica.check_health()  # the database being down is no reason to replace the replica
+    metrics = _Metrics()
+    retention = Retention(settings, metrics, HandleStoreClient(_Handle(replica)))
+    assert asyncio.run(_keep(retention)) is None and metrics.retained.tags == [{"outcome": "failed"}]
+    with pytest.raises(Problem) as down:
+        asyncio.run(retention.get("a" * 32))
+    assert down.value.problem == "retention-unavailable" and down.value.headers == {"Retry-After": "30"}
+
+    (tmp_path / "db").unlink()
+    monkeypatch.setattr(keeper, "REOPEN_AFTER_S", 0.0)
+    assert asyncio.run(_keep(retention)) is not None, "the store is opened again on a later call"
+
+    slow = _Handle(replica)
+    replica_save = replica.save
+
+    async def stuck(new):
+        await asyncio.sleep(10)
+        return await replica_save(new)
+
+    replica.save = stuck
+    assert asyncio.run(_keep(Retention(settings, metrics, HandleStoreClient(slow, timeout_s=0.05)))) is None
+    assert slow.responses[-1].cancelled, "a store call given up on is cancelled in Serve"
+
+    replica.close()
+    replica.sweeper.join(timeout=5)
+    with pytest.raises(RuntimeError, match="sweeper"):
+        replica.check_health()
 
 
 # ---------------------------------------------------------------- export-labels

@@ -24,7 +24,7 @@ from engines.scorer import (
     load_published_discriminator,
 )
 from engines.tiny import DISCRIMINATOR_LORA_RANK, DISCRIMINATOR_LORA_TARGETS
-from tests.conftest import photo
+from tests.helpers import photo
 
 SCORE_ATOL = 1e-5  # float32 CPU
 

@@ -8,35 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import photo, png_bytes
-
-pytestmark = pytest.mark.slow
-PROBLEM = "application/problem+json"
-
-
-def _mask(height=256, width=320, box=(90, 120, 170, 220)):
-    mask = np.zeros((height, width), np.uint8)
-    top, left, bottom, right = box
-    mask[top:bottom, left:right] = 255
-    return mask
-
-
-def _decode(content: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
-
-
-def _remove(service, image: bytes, mask: bytes | None, **fields):
-    files = {"image": ("image.png", image, "image/png")}
-    if mask is not None:
-        files["mask"] = ("mask.png", mask, "image/png")
-    return service.client.post("/remove", files=files, data={k: str(v) for k, v in fields.items()})
-
-
-def _assert_problem(response, status: int, problem: str):
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert body["status"] == status and body["type"].endswith("/" + problem) and body["detail"]
+from tests.helpers import assert_problem as _assert_problem
+from tests.helpers import box_mask as _mask
+from tests.helpers import decode_png as _decode
+from tests.helpers import photo, png_bytes
+from tests.helpers import post_remove as _remove
 
 
 def test_ready_reports_the_loaded_tiny_bundle(service):

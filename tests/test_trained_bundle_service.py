@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, photo, png_bytes, running_service, serve_test_config
-from tests.test_service import _decode, _mask, _remove
-
-pytestmark = pytest.mark.slow
+from tests.helpers import REPO, photo, png_bytes, running_service, serve_test_config
+from tests.helpers import box_mask as _mask
+from tests.helpers import decode_png as _decode
+from tests.helpers import post_remove as _remove
 
 
 def _training(*args: str) -> None:
@@ -34,7 +34,7 @@ def trained_bundle(tmp_path_factory):
     return work / "bundle"
 
 
-def test_the_assembled_bundle_is_served(tmp_path_factory, trained_bundle):
+def test_the_assembled_bundle_is_served(starts_serve, tmp_path_factory, trained_bundle):
     work = tmp_path_factory.mktemp("serve-trained")
     config = serve_test_config(work)
     config["applications"][0]["args"]["bundle"]["path"] = str(trained_bundle)

@@ -160,6 +160,7 @@ def test_batch_sampler_is_a_pure_function_of_the_batch_number():
 # ---------------------------------------------------------------- finetune
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_finetune_overfits_one_batch(tiny_layout, data, work):
     """The same batch, noise and timesteps every step, lr 1e-3: the loss falls by >= 3x in 12 steps."""
     from training.finetune import FinetuneSettings, finetune
@@ -181,6 +182,7 @@ def test_finetune_overfits_one_batch(tiny_layout, data, work):
     assert on_disk["versions"]["diffusers"] and on_disk["config"]["lr"] == 1e-3
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_finetune_writes_a_diffusers_unet_and_checkpoints(finetune_run):
     from diffusers import UNet2DConditionModel
 
@@ -196,6 +198,7 @@ def test_finetune_writes_a_diffusers_unet_and_checkpoints(finetune_run):
     }  # fmt: skip
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_resume_repeats_the_uninterrupted_losses(finetune_run, work):
     """Restart from the step-2 checkpoint: steps 3 and 4 give the same losses and the same weights."""
     from safetensors.torch import load_file
@@ -235,6 +238,7 @@ def distill_run(tiny_layout, data, work, finetune_run):
     return settings, distill(settings)
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_distill_writes_a_lora_that_fuses_fully_and_equals_the_trained_adapter(distill_run, finetune_run):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
@@ -294,6 +298,7 @@ def disc_run(tiny_layout, data, work):
     return settings, train_discriminator(settings)
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_discriminator_reports_metrics_and_loads_in_the_published_format(disc_run, tiny_layout):
     from diffusers import AutoencoderKL
 
@@ -354,6 +359,7 @@ def trained_bundle(tiny_layout, work, finetune_run, distill_run, disc_run):
     return assemble(settings)
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
     from engines.bundle import Bundle
     from engines.remover import RemovalEngine, RemovalJob
@@ -378,6 +384,7 @@ def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
     assert np.isfinite(score) and score >= 0
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_annotate_keeps_only_results_at_or_above_the_threshold(trained_bundle, data, work):
     from training.annotate import AnnotateSettings, annotate
 
@@ -402,6 +409,7 @@ def test_annotate_keeps_only_results_at_or_above_the_threshold(trained_bundle, d
 # ---------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_cli_runs_a_stage_and_prints_the_summary(tmp_path):
     out = tmp_path / "synthetic"
     config = tmp_path / "synthetic.yaml"

@@ -4,11 +4,11 @@ Why: before a new bundle, a retrained discriminator or an exported engine (ONNX,
 to production, an operator must know that removal quality did not drop. `compare` (training.compare)
 then sets two runs side by side and gates on allowed deltas.
 
-Every entry of the metadata file (RORem's format: source and mask, and GT when the set has one) takes
-the service's own path: decode (engines.imaging), dilate the mask, plan the square crop around it, cut
-it to the model's bucket, one RemovalEngine call (batch 1, seed = seed + index), paste the result back
-inside the dilated mask. The discriminator scores the pasted result cut like the model's crop, as the
-service scores what it returns. Only the engine call is timed, after `warmup` untimed calls per bucket.
+Every entry of the metadata file (RORem's format: source and mask, and GT when the set has one) runs
+through engines.pipeline's RemovalPipeline, the class the service runs: decode, dilate the mask, a crop per
+region at its bucket, one RemovalEngine call per crop (batch 1, seed = seed + index), paste back inside the
+dilated mask, and the discriminator's score of the pasted result cut like each crop (the worst region's).
+Only the engine call is timed, after `warmup` untimed calls per bucket.
 
 Outputs (under out/):
     outputs/NNNNN.png   each result: the full image with the mask region repainted
@@ -22,8 +22,7 @@ import csv
 import math
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from serve.config import GateSettings, GateThreshold, ImagingSettings
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar
 from training.data import Triplet
 from training.quality import LpipsNet, load_embedder, load_lpips, psnr, ssim
@@ -75,6 +75,9 @@ CSV_COLUMNS = (*ROW_FIELDS, *(m.column for m in MEASURES))
 DegradeKind = Literal["none", "blur", "noise", "downsample", "mixed", "no-change"]  # training.synthetic.NEGATIVE_KINDS
 
 
+_IMAGING = ImagingSettings.model_fields
+
+
 class EvaluateSettings(StageSettings):
     bundle: str = Field(description="project bundle folder, or 'tiny'")
     data: Path = Field(description="metadata JSON: source + mask, and GT when the set has one (RORem format)")
@@ -91,12 +94,14 @@ class EvaluateSettings(StageSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (engine.torch_threads)")
     steps: int | None = Field(None, ge=1, le=50, description="LCM steps; None: the bundle's (4)")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's (1.0)")
-    # the service's imaging defaults (serve/config.py ImagingSettings; a test keeps them equal)
-    buckets: list[int] = Field([512, 1024], description="model input sides, multiples of 64")
-    crop_margin: int = Field(128, ge=0, description="context pixels around the mask's bounding box")
-    dilate: int = Field(20, ge=0, description="mask dilation in pixels")
-    feather: int = Field(6, ge=0, description="blend ramp inside the dilated mask, in pixels")
-    threshold: float = Field(0.5, ge=0, description="a removal succeeds when the discriminator scores >= this")
+    # the service's crop settings, with their defaults and bounds (serve.config.ImagingSettings)
+    buckets: list[int] = _IMAGING["buckets"]
+    crop_margin: int = _IMAGING["crop_margin"]
+    dilate: int = _IMAGING["dilate"]
+    feather: int = _IMAGING["feather"]
+    threshold: GateThreshold = Field(
+        GateSettings().threshold, description="a removal succeeds when the discriminator scores >= this (gate.threshold)"
+    )
     lpips_net: LpipsNet = Field("alex", description="LPIPS backbone (needs torchvision and its cached weights)")
     clip_model: Path | None = Field(None, description="local transformers CLIP folder for CLIP similarity")
     dino_model: Path | None = Field(None, description="local transformers DINOv2 folder for DINO similarity")
@@ -132,7 +137,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     scorer, skipped = _open_scorer(bundle, device)
     learned, learned_skipped = _open_learned_measures(settings, device)
     skipped.update(learned_skipped)
-    engines = _Engines(_open_remover(settings, bundle, device), scorer, learned)
+    engines = _Engines(_open_remover(settings, bundle, device), scorer, learned, settings)
 
     out = Path(settings.out)
     (out / OUTPUTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -161,60 +166,62 @@ def evaluate(settings: EvaluateSettings) -> dict:
     return summary.data
 
 
-@dataclass
 class _Engines:
-    remover: RemovalEngine
-    scorer: ScoringEngine | None
-    learned: dict[str, Callable[[np.ndarray, np.ndarray], float]]
-    warmed_buckets: set[int] = field(default_factory=set)
+    """The engines, and the service's pipeline over them (in this process, one crop at a time)."""
+
+    def __init__(self, remover: RemovalEngine, scorer: ScoringEngine | None, learned: dict, settings: EvaluateSettings):
+        from engines import imaging
+        from engines.pipeline import CropSettings, LocalModels, RemovalPipeline
+
+        self.remover, self.scorer, self.learned = remover, scorer, learned
+        self.models = LocalModels(remover, scorer, warmup=settings.warmup)
+        crops = CropSettings(tuple(settings.buckets), settings.crop_margin, settings.dilate, settings.feather)
+        self.pipeline = RemovalPipeline(self.models, crops, imaging.DecodeLimits())
 
 
 def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, engines: _Engines, out: Path) -> dict:
-    """One entry through the service's path; its CSV row (status other than ok: nothing was run)."""
-    from engines import imaging, regions
+    """One entry through engines.pipeline, the service's own path; its CSV row (status other than ok: nothing
+    was run)."""
+    import asyncio
+
+    from engines import imaging
     from engines.errors import InputError
-    from engines.remover import RemovalJob
-    from engines.scorer import ScoreJob
+    from engines.gate import GatePolicy
 
     row = {"id": f"{index:05d}", "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
-    limits = imaging.DecodeLimits()
+    pipeline, models = engines.pipeline, engines.models
     try:
-        source = imaging.decode_image(record.source.read_bytes(), limits).rgb
-        mask = imaging.decode_mask(record.mask.read_bytes(), source.shape[:2], limits)
-        gt = imaging.decode_image(record.gt.read_bytes(), limits).rgb if record.gt else None
+        prepared = pipeline.prepare(record.source.read_bytes(), record.mask.read_bytes())
+        gt = imaging.decode_image(record.gt.read_bytes(), pipeline.limits).rgb if record.gt else None
     except InputError as exc:  # what the service answers with a 4xx
         return {**row, "status": "invalid-input", "error": str(exc)}
-    dilated = imaging.dilate_mask(mask, settings.dilate)
-    plans = regions.plan_region_crops(dilated, settings.buckets, settings.crop_margin)  # as the service plans
-    if not plans:
+    if not prepared.plans:
         return {**row, "status": "empty-mask"}
-    crops = [imaging.crop_for_model(source, dilated, plan) for plan in plans]
-    jobs = [RemovalJob(image=crop, mask=crop_mask, seed=settings.seed + index) for crop, crop_mask in crops]
-    for job, plan in zip(jobs, plans):
-        if plan.bucket not in engines.warmed_buckets:
-            for _ in range(settings.warmup):
-                engines.remover.remove([job])
-            engines.warmed_buckets.add(plan.bucket)
-    began = time.perf_counter()
-    results = [result for job in jobs for result in engines.remover.remove([job])]
-    row["seconds"] = time.perf_counter() - began
-
-    edited = regions.paste_back_regions(source, dilated, results, plans, settings.feather)
+    seed = settings.seed + index
+    spoil = None
     if settings.degrade != "none":
         rng = np.random.default_rng([settings.seed, index])
-        edited = degrade(settings.degrade, source, dilated, edited, rng)
-    if engines.scorer is not None:
-        score_jobs = [
-            ScoreJob(source=crop, mask=crop_mask, edited=imaging.crop_for_model(edited, dilated, plan)[0])
-            for (crop, crop_mask), plan in zip(crops, plans)
-        ]
-        began = time.perf_counter()
-        score = min(engines.scorer.score(score_jobs))  # the worst region's, as the service reports
-        row.update(score=score, success=float(score >= settings.threshold), score_seconds=time.perf_counter() - began)
+        source, dilated = prepared.image.rgb, prepared.mask
+
+        def spoil(edited: np.ndarray) -> np.ndarray:
+            return degrade(settings.degrade, source, dilated, edited, rng)
+
+    # annotate: one attempt, scored as the service scores what it returns; off without a discriminator
+    policy = GatePolicy("annotate" if engines.scorer else "off", settings.threshold, 1, fail_open=False)
+    models.engine_seconds = models.score_seconds = 0.0
+    gated = asyncio.run(pipeline(prepared, seed, policy, spoil=spoil))
+    edited = gated.result.edited
+    row["seconds"] = models.engine_seconds
+    if gated.score is not None:
+        row.update(
+            score=gated.score, success=float(gated.score >= settings.threshold), score_seconds=models.score_seconds
+        )
     output = Path(OUTPUTS_DIR) / f"{row['id']}.png"
     (out / output).write_bytes(imaging.encode_image(edited, None, "png"))
-    row.update(status="ok", output=output, bucket=max(plan.bucket for plan in plans), seed=jobs[0].seed)
-    row.update(_measure(edited, source, gt, mask, dilated, plans, engines.learned))
+    row.update(status="ok", output=output, bucket=max(prepared.buckets), seed=seed)
+    row.update(
+        _measure(edited, prepared.image.rgb, gt, prepared.given_mask, prepared.mask, prepared.plans, engines.learned)
+    )
     return row
 
 

@@ -1,6 +1,8 @@
 """Retention and feedback as the service offers them: whether a removal is kept, keeping it without
 ever failing the removal, and the operations behind /results, /feedback and the annotation queue,
-with their errors as Problems. The RetentionStore's blocking IO runs in threads, off the event loop.
+with their errors as Problems (Retention); and the store client they go through (LocalStoreClient:
+the RetentionStore in this process, its blocking IO in threads, off the event loop), which the
+ResultStore deployment (serve/retention_deployment.py) serves to every ingress replica.
 
 A removal whose result cannot be stored (database or object store down) is still answered, only
 without a result id; the failure is logged and counted (`rorem_retained_total{outcome="failed"}`).
@@ -15,6 +17,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,7 +32,7 @@ from serve.retention.objects import ObjectMissing
 from serve.retention.store import KINDS, NewResult, ResultNotFound, RetentionStore, StoredResult
 
 if TYPE_CHECKING:
-    from serve.gate import GatePolicy
+    from engines.gate import GatePolicy
     from serve.metrics import IngressMetrics
     from serve.protocol import RemoveOptions
     from serve.service import RemovalReply
@@ -60,19 +63,116 @@ class FeedbackBody(BaseModel):
     labeller: str | None = Field(None, max_length=200, description="who labelled (optional)")
 
 
-class Retention:
-    """The ingress's view of the RetentionStore. While retention is disabled there is no store: retain=true
-    is refused and the result routes answer 404; while the store cannot be opened, removals go on unretained."""
+class StoreUnavailable(RuntimeError):
+    """The result store is not open: opening it failed, and it is tried again after REOPEN_AFTER_S."""
 
-    def __init__(self, settings: RetentionSettings, metrics: IngressMetrics):
-        self.settings = settings
-        self.metrics = metrics
+
+class LocalStoreClient:
+    """The store operations the ingress needs, as async methods over a RetentionStore in this process, its
+    blocking IO in threads. The ResultStore deployment (serve/retention_deployment.py) is this class, shared
+    by every ingress replica; an ingress without one (tests, a single process) makes its own.
+
+    The store is opened (its migrations run) here, once; one sweeper thread enforces the age limit even
+    when nothing is saved. Ids and owners are checked here, next to the data: another owner's result is
+    answered as ResultNotFound, and its images never leave the store."""
+
+    def __init__(self, open_store: Callable[[], RetentionStore]):
+        self._open_store = open_store
         self._store: RetentionStore | None = None
         self._failed_at: float | None = None
         self._opening = threading.Lock()
+        self._stopped = threading.Event()
+        self._open()
+        self.sweeper = threading.Thread(target=self._sweep, name="retention-limits", daemon=True)
+        self.sweeper.start()
+
+    @classmethod
+    def from_settings(cls, settings: RetentionSettings) -> LocalStoreClient:
+        return cls(lambda: RetentionStore.from_settings(settings))
+
+    async def save(self, new: NewResult) -> str:
+        return await self._run(lambda store: store.save(new))
+
+    async def get(self, result_id: str, owner: str | None = None) -> StoredResult:
+        """`owner` (here and below): only that owner's results are seen (None: every result)."""
+        return await self._run(lambda store: _visible(store.get(_checked(result_id)), owner))
+
+    async def read(self, result_id: str, kind: str, owner: str | None = None) -> tuple[bytes, str]:
+        def read(store: RetentionStore) -> tuple[bytes, str]:
+            _visible(store.get(_checked(result_id)), owner)
+            return store.read(result_id, kind)
+
+        return await self._run(read)
+
+    async def delete(self, result_id: str) -> bool:
+        return await self._run(lambda store: store.delete(_checked(result_id)))
+
+    async def add_feedback(
+        self, result_id: str, verdict: str, reason: str | None, labeller: str | None, owner: str | None = None
+    ) -> StoredResult:
+        def add(store: RetentionStore) -> StoredResult:
+            _visible(store.get(_checked(result_id)), owner)
+            return store.add_feedback(result_id, verdict, reason, labeller)
+
+        return await self._run(add)
+
+    async def queue(
+        self, limit: int, threshold: float | None, owner: str | None = None
+    ) -> tuple[list[StoredResult], int]:
+        return await self._run(
+            lambda store: (store.queue(limit, threshold, owner), store.count(labelled=False, owner=owner))
+        )
+
+    def opened(self) -> RetentionStore:
+        store = self._store or self._open()
+        if store is None:
+            raise StoreUnavailable("the result store could not be opened; see the log")
+        return store
+
+    def close(self) -> None:
+        """Stop the sweeper (the store itself needs no closing)."""
+        self._stopped.set()
+
+    async def _run(self, operation):
+        return await asyncio.to_thread(lambda: operation(self.opened()))
+
+    def _open(self) -> RetentionStore | None:
+        """Open (and migrate) the store; a failure leaves the service up and is retried later."""
+        with self._opening:
+            recently_failed = self._failed_at is not None and time.monotonic() - self._failed_at < REOPEN_AFTER_S
+            if self._store is not None or recently_failed:
+                return self._store
+            try:
+                self._store = self._open_store()
+                logger.info("retention: %s", self._store.describe())
+            except Exception:
+                self._failed_at = time.monotonic()
+                logger.exception("retention: cannot open the result store; removals go on without retention")
+            return self._store
+
+    def _sweep(self) -> None:
+        while not self._stopped.wait(SWEEP_EVERY_S):
+            try:
+                self.opened().enforce_limits()
+            except Exception:
+                logger.exception("retention: enforcing the limits failed")
+
+
+class Retention:
+    """The ingress's view of the result store. While retention is disabled there is no store: retain=true
+    is refused and the result routes answer 404; while the store cannot be opened, removals go on unretained.
+
+    `store`: LocalStoreClient's methods, shared by every ingress replica (the ResultStore deployment behind
+    serve.retention_deployment.HandleStoreClient); None: a LocalStoreClient of this replica's own. Errors
+    raised in a ResultStore replica arrive as Ray's RayTaskError subclassing the original class, with
+    other `args`, so they are told apart by class and described from the caller's own arguments."""
+
+    def __init__(self, settings: RetentionSettings, metrics: IngressMetrics, store: LocalStoreClient | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.store: LocalStoreClient | None = None
         if settings.enabled:
-            self._open()
-            threading.Thread(target=self._sweep, name="retention-limits", daemon=True).start()
+            self.store = store or LocalStoreClient.from_settings(settings)
 
     def wanted(self, retain: bool | None) -> bool:
         """Whether to keep this removal's result; retain=true on a deployment without retention is refused."""
@@ -105,11 +205,10 @@ class Retention:
             "output_format": reply.format,
             "attempts": reply.attempts,
         }
-
-        def save() -> str:
+        try:
             new = NewResult(
                 source=source,
-                mask=mask_png(mask),
+                mask=await asyncio.to_thread(mask_png, mask),
                 result=reply.body,
                 source_media_type=Image.MIME.get((source_format or "").upper(), "application/octet-stream"),
                 result_media_type=reply.media_type,
@@ -124,10 +223,7 @@ class Retention:
                 request_id=_serve_request_id(),
                 owner=owner,
             )
-            return self._opened().save(new)
-
-        try:
-            result_id = await asyncio.to_thread(save)
+            result_id = await self._client().save(new)
         except Exception:
             logger.exception("retention: the result could not be stored; answering without X-Result-Id")
             self.metrics.retained.inc(tags={"outcome": "failed"})
@@ -138,42 +234,34 @@ class Retention:
     async def get(self, result_id: str, owner: str | None = None) -> StoredResult:
         """`owner` (here and below): the caller sees only that owner's results (None: every result); another
         owner's result is answered as not found, so its existence is not disclosed."""
-        return await self._call(lambda store: _visible(store.get(_checked(result_id)), owner))
+        return await self._call(result_id, lambda store: store.get(result_id, owner))
 
     async def image(self, result_id: str, kind: str, owner: str | None = None) -> tuple[bytes, str]:
         if kind not in KINDS:
             raise Problem("not-found", f"a result has the images {', '.join(KINDS)}, not {kind!r}")
-
-        def read(store: RetentionStore) -> tuple[bytes, str]:
-            _visible(store.get(_checked(result_id)), owner)
-            return store.read(result_id, kind)
-
-        return await self._call(read)
+        return await self._call(result_id, lambda store: store.read(result_id, kind, owner))
 
     async def delete(self, result_id: str) -> None:
-        if not await self._call(lambda store: store.delete(_checked(result_id))):
+        if not await self._call(result_id, lambda store: store.delete(result_id)):
             raise Problem("not-found", f"no retained result {result_id!r}")
 
     async def feedback(self, body: FeedbackBody, owner: str | None = None) -> StoredResult:
         reason = (body.reason or "").strip() or None
-
-        def add(store: RetentionStore) -> StoredResult:
-            _visible(store.get(_checked(body.result_id)), owner)
-            return store.add_feedback(body.result_id, body.verdict, reason, body.labeller)
-
-        stored = await self._call(add)
+        stored = await self._call(
+            body.result_id, lambda store: store.add_feedback(body.result_id, body.verdict, reason, body.labeller, owner)
+        )
         self.metrics.feedback.inc(tags={"verdict": body.verdict})
         return stored
 
-    async def queue(self, limit: int, threshold: float | None, owner: str | None = None) -> tuple[list[StoredResult], int]:
+    async def queue(
+        self, limit: int, threshold: float | None, owner: str | None = None
+    ) -> tuple[list[StoredResult], int]:
         """The next `limit` unlabelled results, least certain first, and how many are unlabelled in all."""
         if not 1 <= limit <= MAX_QUEUE:
             raise Problem("invalid-request", f"limit must be 1 to {MAX_QUEUE}, got {limit}")
         if threshold is not None and not 0.0 <= threshold <= 10.0:
             raise Problem("invalid-request", f"threshold must be 0 to 10, got {threshold}")
-        return await self._call(
-            lambda store: (store.queue(limit, threshold, owner), store.count(labelled=False, owner=owner))
-        )
+        return await self._call(None, lambda store: store.queue(limit, threshold, owner))
 
     def require_enabled(self) -> None:
         if not self.settings.enabled:
@@ -181,12 +269,16 @@ class Retention:
                 "not-found", "result retention is disabled on this deployment (retention.enabled: false): no results"
             )
 
-    async def _call(self, operation):
+    def _client(self) -> LocalStoreClient:
         self.require_enabled()
+        return self.store
+
+    async def _call(self, result_id: str | None, operation: Callable[[LocalStoreClient], Awaitable[Any]]) -> Any:
+        client = self._client()
         try:
-            return await asyncio.to_thread(lambda: operation(self._opened()))
+            return await operation(client)
         except ResultNotFound as exc:
-            raise Problem("not-found", f"no retained result {exc.args[0]!r} (never kept, deleted, or expired)") from exc
+            raise Problem("not-found", f"no retained result {result_id!r} (never kept, deleted, or expired)") from exc
         except ObjectMissing as exc:
             raise Problem("not-found", "this result's image is no longer stored") from exc
         except Problem:
@@ -198,34 +290,6 @@ class Retention:
                 f"the result store failed: {type(exc).__name__}",
                 headers={"Retry-After": str(int(REOPEN_AFTER_S))},
             ) from exc
-
-    def _opened(self) -> RetentionStore:
-        store = self._store or self._open()
-        if store is None:
-            raise RuntimeError("the result store could not be opened; see the log")
-        return store
-
-    def _open(self) -> RetentionStore | None:
-        """Open (and migrate) the store; a failure leaves the service up and is retried later."""
-        with self._opening:
-            recently_failed = self._failed_at is not None and time.monotonic() - self._failed_at < REOPEN_AFTER_S
-            if self._store is not None or recently_failed:
-                return self._store
-            try:
-                self._store = RetentionStore.from_settings(self.settings)
-                logger.info("retention: %s", self._store.describe())
-            except Exception:
-                self._failed_at = time.monotonic()
-                logger.exception("retention: cannot open the result store; removals go on without retention")
-            return self._store
-
-    def _sweep(self) -> None:
-        while True:
-            time.sleep(SWEEP_EVERY_S)
-            try:
-                self._opened().enforce_limits()
-            except Exception:
-                logger.exception("retention: enforcing the limits failed")
 
 
 def result_document(stored: StoredResult, base: str, threshold: float | None = None) -> dict[str, Any]:

@@ -1,15 +1,18 @@
 """Quality gating: run a removal, score it, and decide by policy whether to keep, retry or refuse.
 
 The policy is plain logic over two awaitables (remove with a seed, score a result), so it is tested
-without Ray and shared by the REST and gRPC entry points.
+without Ray; engines.pipeline runs it for the service, the release gate and the benchmarks alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Generic, Literal, TypeVar
 
-from serve.config import GateMode, GateSettings
+if TYPE_CHECKING:
+    from serve.config import GateSettings
+
+GateMode = Literal["off", "annotate", "retry", "reject"]
 
 Result = TypeVar("Result")
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -35,7 +38,7 @@ class GatePolicy:
     @classmethod
     def resolve(
         cls,
-        settings: GateSettings,
+        settings: "GateSettings",
         mode: GateMode | None = None,
         threshold: float | None = None,
         max_attempts: int | None = None,

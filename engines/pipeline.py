@@ -1,0 +1,259 @@
+"""The removal path in one readable place: decode -> plan crops -> run the engine on the crops -> paste back
+-> score -> gate.
+
+Every caller runs this class: the service drives it with model calls over Serve handles
+(serve.service.ServeModels), the release gate (training.evaluate) and the benchmarks run it in-process on the
+engines themselves (`LocalModels`). No step exists twice: change how crops are planned, cut, pasted or scored
+here and the service, the release gate and the benchmarks all see it.
+
+What is not here is protocol: reading bodies, choosing and encoding the output format, deadlines, retention,
+metrics (serve/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from engines import imaging, regions
+from engines.errors import ImageSizeMismatch, InvalidMask
+from engines.gate import GateOutcome, GatePolicy, ScorerUnavailable, run_gated
+from engines.remover import RemovalEngine, RemovalJob
+from engines.scorer import ScoreJob, ScoringEngine
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """How a mask becomes model crops and how results go back (serve.config.ImagingSettings holds the defaults)."""
+
+    buckets: tuple[int, ...]
+    crop_margin: int
+    dilate: int
+    feather: int
+
+    @classmethod
+    def from_imaging(cls, imaging_settings) -> CropSettings:
+        s = imaging_settings
+        return cls(tuple(s.buckets), s.crop_margin, s.dilate, s.feather)
+
+
+class Timings:
+    """Stage durations of one request (seconds), reported as Server-Timing (ms) and as metrics."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.mark = self.started
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.add(stage, now - self.mark)
+        self.mark = now
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+    def server_timing(self) -> str:
+        items = [*self.stages.items(), ("total", self.total())]
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in items)
+
+
+@dataclass
+class Prepared:
+    """A decoded request, planned: the crops the model will see."""
+
+    image: imaging.DecodedImage  # alpha is None when the alpha channel was the mask
+    mask: np.ndarray  # the dilated mask: what the model repaints
+    given_mask: np.ndarray  # the mask as uploaded (or the alpha channel's), before dilation
+    plans: list[imaging.CropPlan]  # [] when the mask is empty: nothing to remove
+    crops: list[tuple[np.ndarray, np.ndarray]]  # each plan's (image crop, mask crop) at its bucket
+
+    @property
+    def buckets(self) -> list[int]:
+        return [plan.bucket for plan in self.plans]
+
+
+@dataclass
+class Attempt:
+    edited: np.ndarray  # the whole image with this attempt's crops pasted back
+    batch_size: int  # the largest engine batch one of its crops ran in
+
+
+class CropOutcome(Protocol):
+    image: np.ndarray  # the crop's result, (S, S, 3) uint8
+    batch_size: int
+    stages: dict[str, float]  # seconds per stage, reported in Server-Timing
+
+
+class Models(Protocol):
+    """The two model calls the pipeline needs; crops of one request are called concurrently, so a batching
+    implementation (the Serve deployments) runs them in one batch."""
+
+    async def remove(self, job: RemovalJob) -> CropOutcome: ...
+
+    async def score(self, job: ScoreJob) -> float: ...
+
+
+class RemovalPipeline:
+    def __init__(self, models: Models, crops: CropSettings, limits: imaging.DecodeLimits):
+        self.models = models
+        self.crops = crops
+        self.limits = limits
+
+    async def __call__(
+        self,
+        prepared: Prepared,
+        seed: int,
+        policy: GatePolicy,
+        timings: Timings | None = None,
+        spoil: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> GateOutcome[Attempt]:
+        """Remove, score and gate a prepared request with a non-empty mask.
+
+        `spoil` (the release gate's self-check, training.evaluate --degrade) alters each pasted result before
+        it is scored."""
+        timings = timings or Timings()
+
+        async def attempt(attempt_seed: int) -> Attempt:
+            result = await self.attempt(prepared, attempt_seed, timings)
+            return Attempt(spoil(result.edited), result.batch_size) if spoil else result
+
+        async def score(result: Attempt) -> float:
+            try:
+                return await self.score(prepared, result.edited, timings)
+            except ScorerUnavailable:
+                raise
+            except Exception as exc:  # a failing Scorer is the gate's concern: fail open or closed by policy
+                raise ScorerUnavailable(getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}") from exc
+
+        return await run_gated(policy, seed, attempt, score)
+
+    # ------------------------------------------------------------------ the steps, in order
+
+    def prepare(self, image: bytes, mask: bytes | None, dilate: int | None = None) -> Prepared:
+        """Decode, pick the mask (the upload's, or the image's alpha), dilate, plan and cut the crops.
+        CPU work: the service runs it in a thread."""
+        decoded = imaging.decode_image(image, self.limits)
+        if mask is None:
+            mask_pixels = imaging.mask_from_alpha(decoded)
+            decoded.alpha = None
+        else:
+            mask_pixels = imaging.decode_mask(mask, decoded.rgb.shape[:2], self.limits)
+        return self.prepare_pixels(decoded, mask_pixels, dilate)
+
+    def prepare_pixels(self, image: imaging.DecodedImage, mask: np.ndarray, dilate: int | None = None) -> Prepared:
+        """Dilate, plan and cut, for pixels already decoded (benchmarks start here)."""
+        dilated, plans = self.plan(mask, dilate)
+        return Prepared(image, dilated, mask, plans, self.cut(image.rgb, dilated, plans))
+
+    def plan(self, mask: np.ndarray, dilate: int | None = None) -> tuple[np.ndarray, list[imaging.CropPlan]]:
+        """The dilated mask and a crop per region (engines.regions)."""
+        dilated = imaging.dilate_mask(mask, self.crops.dilate if dilate is None else dilate)
+        return dilated, regions.plan_region_crops(dilated, self.crops.buckets, self.crops.crop_margin)
+
+    @staticmethod
+    def cut(rgb: np.ndarray, mask: np.ndarray, plans: Sequence[imaging.CropPlan]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [imaging.crop_for_model(rgb, mask, plan) for plan in plans]
+
+    async def attempt(self, prepared: Prepared, seed: int, timings: Timings | None = None) -> Attempt:
+        """Every crop at once (they share the engine's batches), then each pasted back in its own window:
+        pixels outside the mask stay bit-identical."""
+        timings = timings or Timings()
+        timings.restart()
+        outcomes = await asyncio.gather(
+            *(self.models.remove(RemovalJob(crop, crop_mask, seed)) for crop, crop_mask in prepared.crops)
+        )
+        for outcome in outcomes:
+            for stage, seconds in outcome.stages.items():
+                timings.add(stage, seconds / len(outcomes))
+        timings.restart()
+        edited = await asyncio.to_thread(
+            regions.paste_back_regions, prepared.image.rgb, prepared.mask, [o.image for o in outcomes],
+            prepared.plans, self.crops.feather,
+        )  # fmt: skip
+        timings.lap("paste")
+        return Attempt(edited, max(outcome.batch_size for outcome in outcomes))
+
+    async def score(self, prepared: Prepared, edited: np.ndarray, timings: Timings | None = None) -> float:
+        """Score what the caller gets: the pasted result cut like each source crop (as POST /score cuts it);
+        the worst region's score is the result's."""
+        timings = timings or Timings()
+        timings.restart()
+        edited_crops = await asyncio.to_thread(self.cut, edited, prepared.mask, prepared.plans)
+        jobs = [ScoreJob(src, m, e) for (src, m), (e, _) in zip(prepared.crops, edited_crops)]
+        worst = await self.worst_score(jobs)
+        timings.lap("score")
+        return worst
+
+    # ------------------------------------------------------------------ scoring a finished removal (POST /score)
+
+    def prepare_score(self, source: bytes, mask: bytes, edited: bytes, dilate: int | None = None) -> list[ScoreJob]:
+        """The crops the removal used: decode all three, dilate the mask as a removal does, cut both images."""
+        source_image = imaging.decode_image(source, self.limits)
+        edited_image = imaging.decode_image(edited, self.limits)
+        if edited_image.rgb.shape != source_image.rgb.shape:
+            (eh, ew), (sh, sw) = edited_image.rgb.shape[:2], source_image.rgb.shape[:2]
+            raise ImageSizeMismatch(f"edited is {ew}x{eh}, source is {sw}x{sh}")
+        dilated, plans = self.plan(imaging.decode_mask(mask, source_image.rgb.shape[:2], self.limits), dilate)
+        if not plans:
+            raise InvalidMask("the mask is empty: there is no removal to score")
+        sources, edits = self.cut(source_image.rgb, dilated, plans), self.cut(edited_image.rgb, dilated, plans)
+        return [ScoreJob(src, m, e) for (src, m), (e, _) in zip(sources, edits)]
+
+    async def worst_score(self, jobs: Sequence[ScoreJob]) -> float:
+        """All crops scored at once (one Scorer batch); the lowest score."""
+        return min(await asyncio.gather(*(self.models.score(job) for job in jobs)))
+
+
+@dataclass
+class LocalOutcome:
+    image: np.ndarray
+    batch_size: int = 1
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class LocalModels:
+    """The engines themselves, in this process (evaluation, benchmarks): one call per crop, in the caller's
+    thread, so a sequential caller times the engine alone (`engine_seconds`).
+
+    `warmup` untimed calls run the first time a bucket side is seen (the first call of a shape compiles
+    kernels and allocates)."""
+
+    def __init__(self, remover: RemovalEngine, scorer: ScoringEngine | None = None, warmup: int = 0):
+        self.remover = remover
+        self.scorer = scorer
+        self.warmup = warmup
+        self.warmed: set[int] = set()
+        self.engine_seconds = 0.0
+        self.score_seconds = 0.0
+
+    async def remove(self, job: RemovalJob) -> LocalOutcome:
+        side = job.image.shape[0]
+        if side not in self.warmed:
+            for _ in range(self.warmup):
+                self.remover.remove([job])
+            self.warmed.add(side)
+        stages: dict[str, float] = {}
+        began = time.perf_counter()
+        image = self.remover.remove([job], timings=stages)[0]
+        self.engine_seconds += time.perf_counter() - began
+        return LocalOutcome(image, 1, stages)
+
+    async def score(self, job: ScoreJob) -> float:
+        if self.scorer is None:
+            raise ScorerUnavailable("no discriminator in this bundle")
+        began = time.perf_counter()
+        value = self.scorer.score([job])[0]
+        self.score_seconds += time.perf_counter() - began
+        return value

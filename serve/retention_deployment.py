@@ -1,0 +1,63 @@
+"""The ResultStore deployment: the one place that opens the result store (its migrations run there, once)
+and sweeps it (the retention limits), serving the store operations to every ingress replica.
+
+Bound only where retention is enabled, with one replica. Images (up to ~30 MB) go over the handle as
+encoded bytes. Its health check ignores the database: a store that is briefly down is reopened on a
+later call (REOPEN_AFTER_S) while removals go on unretained, and a new replica would not bring it back;
+the replica is unhealthy only when its sweeper has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.config import RetentionSettings
+from serve.retention.keeper import LocalStoreClient
+from serve.retention.store import RetentionStore
+
+CALL_TIMEOUT_S = 60.0  # a store call unanswered this long is cancelled; the removal goes on without a result id
+
+
+# one replica: the migrations run once and one sweeper enforces the limits (not listed in the Serve config,
+# which may only name deployments every app has; these are its settings)
+@serve.deployment(name="ResultStore", num_replicas=1, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+class ResultStore(LocalStoreClient):
+    def __init__(self, settings: dict):
+        """`settings`: serve.config.RetentionSettings, as JSON."""
+        retention = RetentionSettings.model_validate(settings)
+        super().__init__(lambda: RetentionStore.from_settings(retention))
+
+    def check_health(self) -> None:
+        if not self.sweeper.is_alive():
+            raise RuntimeError("the retention sweeper stopped")
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class HandleStoreClient:
+    """The ResultStore deployment behind a handle, with LocalStoreClient's async methods (what
+    serve.retention.keeper.Retention calls). A call nobody waits for any more is cancelled in Serve."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float = CALL_TIMEOUT_S):
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or not inspect.iscoroutinefunction(getattr(LocalStoreClient, name, None)):
+            raise AttributeError(name)
+        method = getattr(self.handle, name)
+
+        async def call(*args, **kwargs):
+            response = method.remote(*args, **kwargs)
+            try:
+                return await asyncio.wait_for(response, self.timeout_s)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                response.cancel()
+                raise
+
+        return call

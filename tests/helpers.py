@@ -1,0 +1,226 @@
+"""What several test modules share: test images, request helpers, the local Serve the README's way.
+
+Test modules import from here, never from each other; tests/conftest.py holds only fixtures and hooks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from serve.ports import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+PROBLEM = "application/problem+json"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+# the test being set up or run (tests/conftest.py keeps it current): running_service refuses to start a
+# Serve for a test that is not marked e2e, so `make test-fast` (-m "not e2e") never starts Ray
+current_test: pytest.Item | None = None
+
+
+# --- images and requests ------------------------------------------------------------------------
+
+
+def photo(height: int = 256, width: int = 320) -> np.ndarray:
+    """A real photograph (scikit-image's bundled astronaut), cropped to the requested size."""
+    import skimage
+
+    path = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    return np.asarray(Image.open(path).convert("RGB"))[:height, 100 : 100 + width].copy()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def png_declaring_size(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose IHDR claims another size (valid CRC): a decompression bomb in a few bytes."""
+    data = bytearray(encoded(Image.new("L", (1, 1))))
+    ihdr_start = 8 + 4  # signature, chunk length
+    data[ihdr_start + 4 : ihdr_start + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr_start : ihdr_start + 4 + 13]))
+    data[ihdr_start + 17 : ihdr_start + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def box_mask(height=256, width=320, box=(90, 120, 170, 220)):
+    mask = np.zeros((height, width), np.uint8)
+    top, left, bottom, right = box
+    mask[top:bottom, left:right] = 255
+    return mask
+
+
+def decode_png(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
+
+
+def post_remove(service, image: bytes, mask: bytes | None, **fields):
+    files = {"image": ("image.png", image, "image/png")}
+    if mask is not None:
+        files["mask"] = ("mask.png", mask, "image/png")
+    return service.client.post("/remove", files=files, data={k: str(v) for k, v in fields.items()})
+
+
+def assert_problem(response, status: int, problem: str):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status and body["type"].endswith("/" + problem) and body["detail"]
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+
+def scrape_metrics(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        families[family.name] = family
+    return families
+
+
+def metric_samples(families, name, suffix="", **labels):
+    family = families.get("ray_" + name)
+    if family is None:
+        return []
+    return [
+        s for s in family.samples
+        if s.name == "ray_" + name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+    ]  # fmt: skip
+
+
+def metric_total(families, name, suffix="", **labels) -> float:
+    return sum(s.value for s in metric_samples(families, name, suffix, **labels))
+
+
+# --- a headless browser -------------------------------------------------------------------------
+
+
+def chromium_missing() -> bool:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return True
+    return shutil.which(CHROMIUM) is None
+
+
+# --- the local Serve ----------------------------------------------------------------------------
+
+
+class Service:
+    def __init__(self, url: str, config: dict, grpc_target: str, metrics_url: str, log_path: Path):
+        self.url = url
+        self.config = config
+        self.grpc_target = grpc_target
+        self.metrics_url = metrics_url
+        self.log_path = log_path
+        self.client = httpx.Client(base_url=url, timeout=120)
+
+
+def serve_test_config(work: Path) -> dict:
+    """The shipped local.yaml with small buckets, a short batch window and a private bundle cache."""
+    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args.setdefault("bundle", {})["cache_dir"] = str(work / "cache")
+    args["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.25}
+    args.setdefault("imaging", {}).update(
+        {"buckets": [256, 512], "crop_margin": 32, "max_upload_bytes": 6 * 1024 * 1024}
+    )
+    # results are kept only for requests that ask (retain=true): tests that don't ask see no difference
+    args["retention"] = {"enabled": True, "default_retain": False, "object_store": {"path": str(work / "results")}}
+    # admission by expected wait is tested with a fake clock (tests/test_admission.py); on a busy 2-core
+    # runner the tiny model's rate swings, so the service tests admit by count only
+    args["overload"] = {**args.get("overload", {}), "max_queue_wait_s": None}
+    return config
+
+
+def check_e2e(what: str) -> None:
+    """Starting Ray is for e2e tests only: a fixture that starts it must request `starts_serve`."""
+    if current_test is not None and current_test.get_closest_marker("e2e") is None:
+        pytest.fail(
+            f"{current_test.nodeid} {what} but is not marked e2e: make the fixture that does it request "
+            "the `starts_serve` fixture (tests/conftest.py), which marks its tests e2e"
+        )
+
+
+@contextmanager
+def running_service(work: Path, config: dict):
+    """`python -m serve run` (the README's way) on loopback ports, stopped with everything it started."""
+    check_e2e("starts a local Ray Serve")
+    config_path = work / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    log_path = work / "serve.log"
+    log = open(log_path, "w")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("ROREM_BUNDLE", None)
+    started = time.monotonic()
+    child = subprocess.Popen(
+        [
+            sys.executable, "-m", "serve", "run", "--config", str(config_path), "--port", str(port),
+            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        ],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "[rorem] READY" not in log_path.read_text():
+            if child.poll() is not None:
+                pytest.fail(f"serve exited early; see {log_path}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve not ready after 300 s; see {log_path}")
+            time.sleep(1)
+        # how long a start takes, for the suite's budget (`pytest -s` shows it)
+        print(f"\n[tests] {work.name}: Serve ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        from serve.config import AppSettings
+
+        settings = AppSettings.model_validate(config["applications"][0]["args"]).model_dump()  # defaults filled in
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Service(f"http://127.0.0.1:{port}", settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path)
+    finally:
+        stop_cli(child)
+        log.close()
+
+
+def stop_cli(child: subprocess.Popen) -> None:
+    """Stop the CLI and everything it started (Ray included): they share its process group."""
+    try:
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait(timeout=60)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,191 @@
+"""engines.pipeline and the service's logic with fake model calls: no Ray, no model weights.
+
+The fakes paint every masked crop pixel one colour and return scores from a script, so each test can say
+exactly what the caller must get: which crops ran, together or not, what was pasted where, which attempt the
+gate kept and which problem a caller sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed
+from engines.imaging import DecodeLimits
+from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline
+from engines.remover import RemovalJob
+from engines.scorer import ScoreJob
+from serve.config import AppSettings
+from serve.problems import Problem
+from serve.protocol import RemovalRequest, RemoveOptions
+from serve.service import RemovalService
+
+CROPS = CropSettings(buckets=(128, 256), crop_margin=16, dilate=4, feather=2)
+PAINT = 7
+
+
+class FakeModels:
+    """Paints masked crop pixels PAINT; scores from `scores` (one per call, in call order), or raises."""
+
+    def __init__(self, scores=(), score_error: Exception | None = None):
+        self.scores = list(scores)
+        self.score_error = score_error
+        self.removals: list[RemovalJob] = []
+        self.in_flight = self.most_in_flight = 0
+
+    async def remove(self, job: RemovalJob) -> LocalOutcome:
+        self.removals.append(job)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.01)
+        self.in_flight -= 1
+        image = job.image.copy()
+        image[job.mask] = PAINT
+        return LocalOutcome(image, batch_size=self.most_in_flight)
+
+    async def score(self, job: ScoreJob) -> float:
+        if self.score_error is not None:
+            raise self.score_error
+        return self.scores.pop(0)
+
+
+def _png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "PNG")
+    return out.getvalue()
+
+
+def _photo_and_two_objects(height: int = 600, width: int = 900):
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), bool)
+    mask[20:60, 30:70] = True  # top left
+    mask[height - 70 : height - 30, width - 80 : width - 40] = True  # bottom right
+    return photo, mask
+
+
+def test_far_apart_objects_run_as_separate_small_crops_together_and_nothing_outside_the_mask_changes():
+    photo, mask = _photo_and_two_objects()
+    models = FakeModels()
+    pipeline = RemovalPipeline(models, CROPS, DecodeLimits())
+    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+    assert prepared.buckets == [128, 128]
+
+    gated = asyncio.run(pipeline(prepared, seed=5, policy=GatePolicy("off", 0.5, 1, True)))
+
+    assert [job.image.shape[:2] for job in models.removals] == [(128, 128), (128, 128)]
+    assert models.most_in_flight == 2, "a request's crops are sent together, to share the engine's batch"
+    assert {job.seed for job in models.removals} == {5}
+    edited = gated.result.edited
+    np.testing.assert_array_equal(edited[~prepared.mask], photo[~prepared.mask])
+    assert (edited[mask] == PAINT).all()
+    assert gated.verdict == "off" and gated.result.batch_size == 2
+
+
+def test_the_gate_keeps_the_first_attempt_whose_worst_region_passes():
+    photo, mask = _photo_and_two_objects()
+    models = FakeModels(scores=[0.9, 0.2, 0.6, 0.7])  # attempt 1: one region fails; attempt 2: both pass
+    pipeline = RemovalPipeline(models, CROPS, DecodeLimits())
+    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+
+    gated = asyncio.run(pipeline(prepared, seed=11, policy=GatePolicy("retry", 0.5, 3, True)))
+
+    assert (gated.verdict, gated.attempts, gated.score) == ("passed", 2, 0.6)
+    assert gated.seed == attempt_seed(11, 1)
+    assert [job.seed for job in models.removals] == [11, 11, attempt_seed(11, 1), attempt_seed(11, 1)]
+
+
+def test_a_failing_scorer_is_the_gates_concern_fail_open_keeps_the_result_unscored():
+    photo, mask = _photo_and_two_objects()
+    pipeline = RemovalPipeline(FakeModels(score_error=RuntimeError("scorer down")), CROPS, DecodeLimits())
+    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+
+    gated = asyncio.run(pipeline(prepared, seed=1, policy=GatePolicy("retry", 0.5, 3, True)))
+    assert (gated.verdict, gated.score, gated.attempts) == ("unscored", None, 1)
+    with pytest.raises(ScorerUnavailable, match="RuntimeError: scorer down"):
+        asyncio.run(pipeline(prepared, seed=1, policy=GatePolicy("reject", 0.5, 3, False)))
+
+
+def test_score_request_crops_are_the_removals_crops():
+    photo, mask = _photo_and_two_objects()
+    pipeline = RemovalPipeline(FakeModels(), CROPS, DecodeLimits())
+    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+    edited = photo.copy()
+    edited[prepared.mask] = PAINT
+
+    jobs = pipeline.prepare_score(_png(photo), _png(mask.astype(np.uint8) * 255), _png(edited))
+
+    assert len(jobs) == len(prepared.crops) == 2
+    for job, (crop, crop_mask) in zip(jobs, prepared.crops):
+        np.testing.assert_array_equal(job.source, crop)
+        np.testing.assert_array_equal(job.mask, crop_mask)
+        assert (job.edited[job.mask] == PAINT).all()
+
+
+# ---------------------------------------------------------------- the service's logic, without Ray
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+    observe = inc
+
+
+def _service(models: FakeModels, **gate) -> RemovalService:
+    settings = AppSettings.model_validate(
+        {"imaging": {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate},
+         "gate": {"mode": "retry", "threshold": 0.5, **gate}}
+    )  # fmt: skip
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    return RemovalService(settings, remover=None, scorer=object(), metrics=metrics, models=models)
+
+
+def _upload(**options) -> RemovalRequest:
+    photo, mask = _photo_and_two_objects()
+    return RemovalRequest(_png(photo), _png(mask.astype(np.uint8) * 255), RemoveOptions(**options))
+
+
+def test_service_reply_lists_every_crop_and_the_kept_attempts_seed():
+    service = _service(FakeModels(scores=[0.3, 0.3, 0.8, 0.9]))
+    reply = asyncio.run(service.remove(_upload(seed=3, output_format="png")))
+    assert (reply.buckets, reply.bucket, reply.attempts, reply.gate) == ([128, 128], 128, 2, "passed")
+    assert reply.seed == attempt_seed(3, 1) and reply.score == 0.8
+    out = np.asarray(Image.open(io.BytesIO(reply.body)))
+    photo, _ = _photo_and_two_objects()
+    assert out.shape == photo.shape
+    assert set(reply.timings.stages) >= {"decode", "paste", "score", "encode"}
+
+
+def test_service_reject_gate_answers_removal_failed_with_the_best_attempt():
+    service = _service(FakeModels(scores=[0.1, 0.4, 0.2, 0.3]))
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.remove(_upload(seed=3, gate="reject", max_attempts=2)))
+    problem = caught.value
+    assert problem.problem == "removal-failed"
+    assert problem.extra["attempts"] == 2 and problem.extra["score"] == 0.2
+
+
+def test_service_fail_closed_scorer_outage_is_a_503_problem_not_a_500():
+    service = _service(FakeModels(score_error=RuntimeError("gone")), on_scorer_error="fail_closed")
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.remove(_upload(gate="reject")))
+    assert caught.value.problem == "scorer-unavailable" and "RuntimeError: gone" in caught.value.detail
+
+
+def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
+    models = FakeModels()
+    service = _service(models)
+    photo, _ = _photo_and_two_objects()
+    upload = RemovalRequest(_png(photo), _png(np.zeros(photo.shape[:2], np.uint8)), RemoveOptions())
+    reply = asyncio.run(service.remove(upload))
+    assert (reply.body, reply.buckets, reply.bucket, reply.gate) == (upload.image, [], None, "nothing-to-remove")
+    assert models.removals == []

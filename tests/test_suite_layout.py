@@ -1,0 +1,78 @@
+"""The suite's own rules, checked statically: whatever starts a local Serve or the CLI requests the
+`starts_serve` fixture (so its tests are marked e2e and `make test-fast` never starts Ray), and test
+modules share helpers through tests/helpers.py only, never by importing each other or conftest."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+MODULES = sorted(TESTS.glob("test_*.py"))
+# runs the CLI only to see it refused before Ray starts (and is e2e through the `running` fixture)
+REFUSED_STARTS = {"test_a_second_start_on_the_busy_http_port_fails_fast_naming_it"}
+
+
+def _starts_serve(function: ast.FunctionDef) -> bool:
+    """Calls running_service, or runs `python -m serve run` itself."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name == "running_service":
+                return True
+        if isinstance(node, ast.List):
+            words = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            if any(words[i : i + 3] == ["-m", "serve", "run"] for i in range(len(words))):
+                return True
+    return False
+
+
+def _requests_starts_serve(function: ast.FunctionDef) -> bool:
+    return "starts_serve" in [arg.arg for arg in function.args.args]
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.name != Path(__file__).name], ids=lambda path: path.name)
+def test_what_starts_a_serve_requests_starts_serve(module):
+    tree = ast.parse(module.read_text())
+    offenders = [
+        f"{module.name}:{node.lineno} {node.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and _starts_serve(node) and not _requests_starts_serve(node)
+    ]
+    offenders = [o for o in offenders if o.split()[-1] not in REFUSED_STARTS]
+    assert not offenders, "request the `starts_serve` fixture (marks the tests e2e): " + ", ".join(offenders)
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda path: path.name)
+def test_test_modules_import_helpers_not_each_other(module):
+    imported = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    wrong = sorted(name for name in imported if name == "tests.conftest" or name.startswith("tests.test_"))
+    assert not wrong, f"{module.name} imports {wrong}: move what it needs to tests/helpers.py"
+
+
+def test_the_checks_see_a_serve_start_and_a_cross_import():
+    """Guard against checks that cannot fail."""
+    source = (
+        "def fixture(tmp_path):\n    with running_service(tmp_path, {}):\n        pass\n"
+        "def other(starts_serve):\n    subprocess.run([sys.executable, '-m', 'serve', 'run'])\n"
+    )
+    first, second = ast.parse(source).body
+    assert _starts_serve(first) and not _requests_starts_serve(first)
+    assert _starts_serve(second) and _requests_starts_serve(second)
+
+
+def test_a_serve_started_for_a_test_not_marked_e2e_fails_it(request):
+    from tests import helpers
+
+    assert helpers.current_test is request.node, "tests/conftest.py keeps helpers.current_test current"
+    with pytest.raises(pytest.fail.Exception, match="is not marked e2e"):
+        helpers.check_e2e("starts a local Ray Serve")  # this test is not e2e
+    request.node.add_marker(pytest.mark.e2e)
+    helpers.check_e2e("starts a local Ray Serve")
