@@ -41,7 +41,7 @@ from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_GRPC_PORT = 9000
-INSTANCE_ENV = "ROREM_INSTANCE_ID"  # the Ingress's /healthz returns it (serve/app.py)
+INSTANCE_ENV = "ROREM_INSTANCE_ID"  # the Ingress's /healthz returns it (serve/rest_api.py)
 STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace before SIGKILL
 
 

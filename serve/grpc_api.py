@@ -8,18 +8,25 @@ status details (a JSON string), so a gRPC client gets the same `type`, `detail` 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterable
 from typing import TypeVar
 
 import grpc
 from pydantic import BaseModel
+from ray.serve.grpc_util import RayServegRPCContext
 
+from serve import auth
 from serve import rorem_pb2 as pb
+from serve.metrics import INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
+from serve.request_ids import serve_request_id, valid_request_id
 from serve.service import RemovalReply, ScoreReply
 
 SERVICE = "rorem.v1.ObjectRemoval"
+logger = logging.getLogger("ray.serve")
 
 Options = TypeVar("Options", bound=BaseModel)
 
@@ -88,3 +95,54 @@ def score_reply(reply: ScoreReply, request_id: str) -> pb.ScoreReply:
     return pb.ScoreReply(
         score=reply.score, threshold=reply.threshold, passed=reply.passed, bucket=reply.bucket, request_id=request_id
     )
+
+
+class GrpcMethods:
+    """The gRPC methods of the Ingress (serve.app): `Remove` / `Score` are the RPC names in serve/rorem.proto."""
+
+    async def Remove(self, message: pb.RemoveRequest, grpc_context: RayServegRPCContext) -> pb.RemoveReply:
+        return await self._grpc("/remove", "remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
+
+    async def Score(self, message: pb.ScoreRequest, grpc_context: RayServegRPCContext) -> pb.ScoreReply:
+        return await self._grpc("/score", "score", grpc_context, pb.ScoreReply, self._grpc_score, message)
+
+    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal) -> pb.RemoveReply:
+        upload = removal_request(message, self.settings.imaging.max_upload_bytes)
+        self.admission.check_deadline(upload.options.timeout_s)
+        reply = await self.service.remove(upload, owner=auth.result_owner(principal))
+        self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
+        return remove_reply(reply, request_id)
+
+    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal) -> pb.ScoreReply:
+        reply = await self.service.score(score_request(message, self.settings.imaging.max_upload_bytes))
+        return score_reply(reply, request_id)
+
+    async def _grpc(self, route, scope, context, empty_reply, handler, message):
+        """Run a gRPC call needing `scope` (declared with the method, as a REST route declares its own); a Problem
+        becomes a status code + problem+json details, counted like REST under the REST route's name."""
+        started = time.perf_counter()
+        request_id = serve_request_id() or valid_request_id(context.request_id())
+        quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
+        try:
+            principal = self.access.check_grpc(scope, context.invocation_metadata())
+            quota = await self.quotas.acquire(principal)
+            if quota is not None:
+                quota.check()
+            with self.admission.slot():
+                reply = await handler(message, request_id, principal)
+            status = "OK"
+        except Problem as problem:
+            status_problem = problem
+        except Exception as exc:  # never let an unexpected error escape without a status and a log line
+            logger.exception("unhandled error in gRPC %s", route)
+            status_problem = Problem("internal-error", f"{type(exc).__name__}; see the server log")
+        else:
+            if quota is not None:
+                context.set_trailing_metadata(quota.metadata())
+            self.metrics.answered(route, "grpc", status, time.perf_counter() - started)
+            return reply
+        finally:
+            self.quotas.release(quota)
+        status_for(status_problem, context, request_id, quota.metadata() if quota is not None else ())
+        self.metrics.answered(route, "grpc", status_code(status_problem).name, time.perf_counter() - started)
+        return empty_reply()

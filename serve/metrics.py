@@ -28,6 +28,7 @@ QUOTA_LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
 STAGES = (
     "read", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score", "paste", "encode"
 )
+INGRESS_STAGES = frozenset({"read", "decode", "score", "paste", "encode"})  # the model deployments record the others
 
 
 class IngressMetrics:

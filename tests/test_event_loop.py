@@ -394,7 +394,7 @@ def test_stepwise_base64_matches_the_stdlib(monkeypatch):
 def test_json_reply_is_the_jsonresponse_body():
     from fastapi.responses import JSONResponse, Response
 
-    from serve.app import _json_reply_body
+    from serve.rest_api import json_reply_body as _json_reply_body
 
     raw = random.Random(5).randbytes(3 * 2**20 + 1)
     for extra in ({"media_type": "image/png", "seed": 7, "bucket": 512, "score": 0.25, "gate": "annotate"},

@@ -223,7 +223,7 @@ def test_an_unreachable_ledger_fails_open_counted_and_logged_once(caplog):
 
 @pytest.fixture
 def metered_app(tmp_path, monkeypatch):
-    """A FastAPI app wired like serve/app.py: access rule, METERED, QuotaFields, the Problem handler."""
+    """A FastAPI app wired like serve/rest_api.py: access rule, METERED, QuotaFields, the Problem handler."""
     keys = {
         "metered": new_key_entry("metered", ["remove"], requests_per_minute=3),
         "single": new_key_entry("single", ["remove"], max_concurrent=1),

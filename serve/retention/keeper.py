@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config import RetentionSettings
 from serve.problems import Problem
+from serve.request_ids import serve_request_id
 from serve.retention.objects import ObjectMissing
 from serve.retention.store import KINDS, NewResult, ResultNotFound, RetentionStore, StoredResult
 
@@ -220,7 +221,7 @@ class Retention:
                 seed=reply.seed,
                 bucket=reply.bucket,
                 params=params,
-                request_id=_serve_request_id(),
+                request_id=serve_request_id(),
                 owner=owner,
             )
             result_id = await self._client().save(new)
@@ -345,12 +346,3 @@ def _checked(result_id: str) -> str:
 
 def _iso(moment: dt.datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="milliseconds") + "Z"
-
-
-def _serve_request_id() -> str | None:
-    try:
-        from ray.serve.context import _get_serve_request_context
-
-        return _get_serve_request_context().request_id or None
-    except Exception:
-        return None

@@ -1,0 +1,23 @@
+"""Request ids: the client's X-Request-Id when it is a valid one, else Serve's (or a fresh one)."""
+
+import re
+import uuid
+
+from serve.proxy_middleware import REQUEST_ID_PATTERN
+
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def valid_request_id(given: str | None) -> str:
+    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def serve_request_id() -> str | None:
+    """Serve's id for the request in progress, when it is one we may echo and log; None outside a request."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        given = _get_serve_request_context().request_id
+    except Exception:
+        return None
+    return valid_request_id(given) if given else None

@@ -1,0 +1,104 @@
+"""The REST adapter: the FastAPI app, its problem+json error handlers and request metrics, and the helpers
+its routes use. The routes themselves are methods of serve.app.Ingress: Serve binds a FastAPI app's routes to
+the class they are defined in (a class defined elsewhere and inherited is not shipped with its bound routes).
+"""
+
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engines import imaging
+from serve import quotas
+from serve.metrics import ingress_metrics
+from serve.openapi import install as install_openapi
+from serve.problems import MAX_LISTED, Problem
+from serve.request_ids import serve_request_id, valid_request_id
+from serve.uploads import b64encode_pieces
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="RORem object removal",
+    description="POST an image and a mask (white = remove); get the image back with the object removed.",
+    version="0.1.0",
+)
+install_openapi(api)  # serve/openapi.py: problem responses, headers, media types
+api.add_middleware(quotas.QuotaFields)  # a metered request's RateLimit fields on its answer; its lease given back
+
+
+def _route_label(scope: dict) -> str:
+    """The metrics label of a request: the template of the route that answered it (never a raw id, whatever
+    the route_prefix), or "other" where no route matched."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "other"
+
+
+def request_id_of(request: Request) -> str:
+    """Ray Serve's id for this request: the client's X-Request-Id if it is a valid one (the proxy drops any
+    other, serve.proxy_middleware.RequestIdGuard), else one Serve made; Serve echoes it back."""
+    return serve_request_id() or valid_request_id(request.headers.get("x-request-id", ""))
+
+
+@api.exception_handler(Problem)
+async def _problem(request: Request, exc: Problem) -> JSONResponse:
+    return exc.response(getattr(request.state, "request_id", None) or request_id_of(request))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:MAX_LISTED])
+    more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+    return Problem("invalid-request", detail + more).response(request_id_of(request))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    problem = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "invalid-request")
+    return Problem(problem, str(exc.detail)).response(request_id_of(request))
+
+
+@api.exception_handler(Exception)
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    return Problem("internal-error", f"{type(exc).__name__}; see the server log").response(request_id_of(request))
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    """Requests by route and status, and end-to-end latency, for every REST answer (errors included)."""
+    started = time.perf_counter()
+    status = "500"
+    try:
+        response = await call_next(request)
+        status = str(response.status_code)
+        return response
+    finally:
+        route = _route_label(request.scope)
+        ingress_metrics().answered(route, "http", status, time.perf_counter() - started)
+
+
+def wants_json(accept: str) -> bool:
+    return "application/json" in accept and not any(t in accept for t in imaging.MEDIA_TYPES.values())
+
+
+def root_path(request: Request) -> str:
+    """The app's mount point (Serve's route_prefix), for links in answers."""
+    return request.scope.get("root_path", "").rstrip("/")
+
+
+_JSON_IMAGE_HEAD = b'{"image":"'
+
+
+def json_reply_body(content: dict) -> bytes:
+    """The body JSONResponse(content) would send, where content["image"] (its first key) holds bytes to send
+    as base64. Built in steps (no C call over the whole image): the other keys go through JSONResponse's own
+    rendering with an empty image, and the base64 text, which needs no JSON escaping, goes between its quotes."""
+    rendered = JSONResponse({**content, "image": ""}).body
+    if not rendered.startswith(_JSON_IMAGE_HEAD + b'"'):
+        raise ValueError("the JSON reply must start with its image")
+    return b"".join([_JSON_IMAGE_HEAD, *b64encode_pieces(content["image"]), rendered[len(_JSON_IMAGE_HEAD) :]])
