@@ -471,7 +471,8 @@ def live_serve_app(app: dict) -> dict:
     """A Serve config's application with its live knobs moved from `args` into its deployments' user_config
     (a deployment not listed in `deployments` gets none). The args are the source: a user_config already
     there is an error."""
-    settings = AppSettings.model_validate(app.get("args") or {})
+    args = app.get("args") or {}
+    settings = AppSettings.model_validate({**args, "gate": args.get("gate", {})})  # the gate's checks, defaults too
     live = live_configs(settings)
     deployments = []
     for deployment in app.get("deployments", []):

@@ -77,6 +77,8 @@ def test_a_gate_without_a_scorer_is_a_config_error():
     deployed = live_serve_app(app)
     assert "gate" not in deployed["args"] and deployed["deployments"][0]["user_config"]["gate"]["mode"] == "off"
     AppSettings.model_validate(deployed["args"])
+    with pytest.raises(ValidationError, match="needs the Scorer"):  # the default gate (annotate) checked at deploy
+        live_serve_app({"args": {"scorer": {"enabled": False}}, "deployments": [{"name": "Ingress"}]})
 
 
 def _deployments(config: dict) -> dict:
