@@ -586,7 +586,8 @@ def test_export_labels_refuses_too_few_labels(tmp_path, capsys):
 def test_metrics_label_result_routes_by_template_never_by_id():
     from fastapi.testclient import TestClient
 
-    from serve.app import _route_label, api
+    import serve.app  # noqa: F401 (its Ingress class registers the routes on the api)
+    from serve.rest_api import _route_label, api
 
     labels = {}
 
