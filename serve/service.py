@@ -139,18 +139,7 @@ class RemovalService:
             max_rle_bytes=cfg.max_rle_bytes,
         )  # fmt: skip
         self.pipeline = RemovalPipeline(self.models, CropSettings.from_imaging(cfg), limits)
-        self.settings = settings
-
-    @property
-    def settings(self) -> AppSettings:
-        return self._settings
-
-    @settings.setter
-    def settings(self, settings: AppSettings) -> None:
-        """Live changes (Ingress.reconfigure) reach every part that reads the settings."""
-        self._settings = settings
-        if isinstance(self.models, ServeModels):
-            self.models.settings = settings
+        self.settings = settings  # swapped whole by Ingress.reconfigure (the gate); ServeModels reads only static knobs
 
     async def ready(self) -> dict:
         """Both model deployments have a running replica (the Scorer only where one is deployed), as Serve
