@@ -16,15 +16,18 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from engines import imaging, regions
 from engines.errors import ImageSizeMismatch, InvalidMask
 from engines.gate import GateOutcome, GatePolicy, ScorerUnavailable, run_gated
-from engines.remover import RemovalEngine, RemovalJob
-from engines.scorer import ScoreJob, ScoringEngine
+from engines.jobs import RemovalJob, ScoreJob
+
+if TYPE_CHECKING:  # the service drives the pipeline without loading the model libraries
+    from engines.remover import RemovalEngine
+    from engines.scorer import ScoringEngine
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler
 
 from engines.bundle import Bundle
+from engines.jobs import RemovalJob
 from engines.lcm import LCMSchedule
 from engines.runners import (
     EXPORT_DTYPES,
@@ -38,15 +39,6 @@ from engines.runners import (
     make_unet_runner,
 )
 from engines.timing import StageClock
-
-
-@dataclass
-class RemovalJob:
-    """One square crop to fill: white (True) mask pixels are removed."""
-
-    image: np.ndarray  # (S, S, 3) uint8
-    mask: np.ndarray  # (S, S) bool
-    seed: int
 
 
 @dataclass(frozen=True)

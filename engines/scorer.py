@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
+from engines.jobs import ScoreJob
 from engines.lora import LoRAError, fuse_lora_file, read_lora_file
 from engines.timing import StageClock
 
@@ -339,23 +339,6 @@ def load_published_discriminator(
 
 
 # ---------------------------------------------------------------- batched scoring
-
-
-@dataclass
-class ScoreJob:
-    """One removal to judge: the source crop, its mask (True = removed) and the edited crop, same size."""
-
-    source: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) bool
-    edited: np.ndarray  # (H, W, 3) uint8
-
-    def check(self) -> None:
-        h, w = self.mask.shape[:2]
-        if self.source.shape != (h, w, 3) or self.edited.shape != (h, w, 3) or self.mask.ndim != 2:
-            raise ValueError(
-                f"a score job needs source (H,W,3), mask (H,W), edited (H,W,3) of one size; got "
-                f"{self.source.shape}, {self.mask.shape}, {self.edited.shape}"
-            )
 
 
 class ScoringEngine:

@@ -270,7 +270,8 @@ def _cmd_bench(args, progress: Progress) -> int:
     import numpy as np
     import torch
 
-    from engines.remover import RemovalEngine, RemovalJob
+    from engines.jobs import RemovalJob
+    from engines.remover import RemovalEngine
 
     bundle = _open_bundle(args, progress)
     side = args.side

@@ -24,8 +24,9 @@ from PIL import Image
 
 from engines import imaging
 from engines.gate import GatePolicy
+from engines.jobs import RemovalJob
 from engines.pipeline import CropSettings, LocalModels, RemovalPipeline
-from engines.remover import RemovalEngine, RemovalJob
+from engines.remover import RemovalEngine
 from engines.sources import open_bundle
 
 WIDTH, HEIGHT = 4000, 3000

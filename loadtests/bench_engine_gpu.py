@@ -171,10 +171,10 @@ def _engine(unet, vae, scheduler, embeds, device, graphs: bool):
 
 
 def _jobs(side: int, batch: int):
-    import numpy as np
 
     from benchlib import center_mask, photo
-    from engines.remover import RemovalJob
+
+    from engines.jobs import RemovalJob
 
     return [RemovalJob(photo(side), center_mask(side), seed=i) for i in range(batch)]
 
@@ -187,7 +187,6 @@ def _bench_case(engine, mode: str, side: int, batch: int, iters: int, device, sm
     import statistics
 
     import torch
-
     from benchlib import summarize
 
     jobs = _jobs(side, batch)

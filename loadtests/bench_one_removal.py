@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from benchlib import center_mask, encode, photo, png, summarize
 
-from engines.remover import RemovalEngine, RemovalJob
+from engines.jobs import RemovalJob
+from engines.remover import RemovalEngine
 from engines.sources import open_bundle
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from benchlib import center_mask, photo, summarize
 
-from engines.scorer import ScoreJob, ScoringEngine
+from engines.jobs import ScoreJob
+from engines.scorer import ScoringEngine
 from engines.sources import open_bundle
 
 

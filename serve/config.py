@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
-from engines.authors_layout import AuthorsLayout
 from engines.gate import GateMode
 from engines.imaging import DecodeLimits
 
 _DECODE = DecodeLimits()
 
 if TYPE_CHECKING:
+    from engines.authors_layout import AuthorsLayout
     from engines.bundle import Bundle
 
 BUNDLE_ENV = "ROREM_BUNDLE"
@@ -60,6 +60,8 @@ class AuthorsSource(_Strict):
         return self
 
     def layout(self) -> AuthorsLayout:
+        from engines.authors_layout import AuthorsLayout
+
         fields = ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet")
         return AuthorsLayout(**{name: getattr(self, name) for name in fields})
 

@@ -7,16 +7,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from engines.remover import RemovalEngine, RemovalJob, SamplingSettings
-from engines.runners import default_export_dtype
+from engines.jobs import RemovalJob
 from serve.config import RemoverArgs, RemoverLive
 from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
-from serve.placement import pick_device, pick_dtype
 
 
 @dataclass
@@ -30,7 +27,14 @@ class RemovalOutcome:
 @serve.deployment(name="Remover")
 class Remover:
     def __init__(self, settings: dict):
-        """`settings`: serve.config.RemoverArgs; the batch waits come live through `reconfigure`."""
+        """`settings`: serve.config.RemoverArgs; the batch waits come live through `reconfigure`.
+        The model libraries are imported here, in the replica: the Ingress imports this module only to bind it."""
+        import torch
+
+        from engines.remover import RemovalEngine, SamplingSettings
+        from engines.runners import default_export_dtype
+        from serve.placement import pick_device, pick_dtype
+
         self.settings = RemoverArgs.model_validate(settings)
         engine_cfg, bundle_cfg = self.settings.engine, self.settings.bundle
         if engine_cfg.torch_threads:

@@ -6,14 +6,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import torch
 from ray import serve
 
-from engines.scorer import ScoreJob, ScoringEngine
+from engines.jobs import ScoreJob
 from serve.config import ScorerArgs, ScorerLive
 from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
-from serve.placement import pick_device, pick_dtype
 from serve.remover_deployment import replica_id
 
 
@@ -27,7 +25,13 @@ class ScoreOutcome:
 @serve.deployment(name="Scorer")
 class Scorer:
     def __init__(self, settings: dict):
-        """`settings`: serve.config.ScorerArgs; the batch wait comes live through `reconfigure`."""
+        """`settings`: serve.config.ScorerArgs; the batch wait comes live through `reconfigure`.
+        The model libraries are imported here, in the replica: the Ingress imports this module only to bind it."""
+        import torch
+
+        from engines.scorer import ScoringEngine
+        from serve.placement import pick_device, pick_dtype
+
         self.settings = ScorerArgs.model_validate(settings)
         scorer_cfg = self.settings.scorer
         if scorer_cfg.torch_threads:

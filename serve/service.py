@@ -22,9 +22,8 @@ from ray.serve.handle import DeploymentHandle
 from engines import imaging
 from engines.errors import InputError
 from engines.gate import GatePolicy, ScorerUnavailable
+from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, RemovalPipeline, Timings
-from engines.remover import RemovalJob
-from engines.scorer import ScoreJob
 from serve.config import AppSettings
 from serve.health import Readiness
 from serve.metrics import IngressMetrics

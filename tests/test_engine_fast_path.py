@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engines.jobs import RemovalJob
 from engines.lcm import LCMSchedule
-from engines.remover import RemovalEngine, RemovalJob, SamplingNoise, padded_batch_sizes
+from engines.remover import RemovalEngine, SamplingNoise, padded_batch_sizes
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError
-from engines.remover import RemovalEngine, RemovalJob
+from engines.jobs import RemovalJob
+from engines.remover import RemovalEngine
 from engines.runners import OnnxUNetRunner, TorchUNetRunner, UNetConditioning, default_export_path, make_unet_runner
 from export.onnx_export import example_inputs, export_unet_onnx, read_onnx_metadata
 from export.tensorrt_build import load_serve_settings, profiles_from_serve_config

@@ -17,9 +17,8 @@ from PIL import Image
 
 from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed
 from engines.imaging import DecodeLimits
+from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline
-from engines.remover import RemovalJob
-from engines.scorer import ScoreJob
 from serve.config import AppSettings
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.remover import RemovalEngine, RemovalJob, SamplingSettings
+from engines.jobs import RemovalJob
+from engines.remover import RemovalEngine, SamplingSettings
 
 PARITY_ATOL = 1e-4  # float32 CPU; measured ~1.5e-6 max abs difference on [0, 1] pixels
 

@@ -362,8 +362,9 @@ def trained_bundle(tiny_layout, work, finetune_run, distill_run, disc_run):
 @pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
     from engines.bundle import Bundle
-    from engines.remover import RemovalEngine, RemovalJob
-    from engines.scorer import ScoreJob, ScoringEngine
+    from engines.jobs import RemovalJob, ScoreJob
+    from engines.remover import RemovalEngine
+    from engines.scorer import ScoringEngine
     from training.data import load_mask, load_rgb
 
     bundle = Bundle.load(trained_bundle["outputs"]["bundle"], verify=True)

@@ -52,8 +52,9 @@ class AnnotateSettings(StageSettings):
 def annotate(settings: AnnotateSettings) -> dict:
     from engines.bundle import MANIFEST, sha256_of
     from engines.imaging import dilate_mask
-    from engines.remover import RemovalEngine, RemovalJob
-    from engines.scorer import ScoreJob, ScoringEngine
+    from engines.jobs import RemovalJob, ScoreJob
+    from engines.remover import RemovalEngine
+    from engines.scorer import ScoringEngine
     from engines.sources import open_bundle
 
     if settings.resolution <= 0 or settings.resolution % 64:
