@@ -2,6 +2,7 @@
 
     python loadtests/bench_healthz_under_load.py [--seconds 30] [--clients 8] [--out out/bench_healthz.json]
     python loadtests/bench_healthz_under_load.py --smoke        # a few seconds, small images: a working check
+    python loadtests/bench_healthz_under_load.py --worker-nice 0  # the ingress's worker threads at the loop's priority
 
 Starts the local service (`python -m serve run`, tiny bundle, Remover only: gate off, no Scorer) on free
 loopback ports, unless --url names a running one. --clients threads then send 12 MP uploads in a loop
@@ -208,6 +209,7 @@ def bench(url: str, args) -> dict:
         "grain": args.grain,
         "mask": args.mask,
         "clients": args.clients,
+        "worker_nice": args.worker_nice,
         "body_mb": {"/".join(kind): round(len(body) / 2**20, 2) for kind, (body, _) in bodies.items()},
         "healthz": healthz,
         "healthz_idle": idle,
@@ -225,6 +227,9 @@ def main() -> None:
     parser.add_argument("--grain", type=float, default=3.0, help="noise std added to the photo (3: an 18 MB PNG)")
     parser.add_argument("--mask", choices=["empty", "box"], default="empty", help="box: removals by the model too")
     parser.add_argument("--url", default=None, help="a running service on 127.0.0.1 (default: start one)")
+    parser.add_argument(
+        "--worker-nice", type=int, default=None, help="the started service's overload.worker_nice (default: the config's)"
+    )
     parser.add_argument("--smoke", action="store_true", help="4 s, 2 clients, 640x480: checks that it all works")
     parser.add_argument("--out", type=Path, default=Path("out/bench_healthz.json"))
     args = parser.parse_args()
@@ -236,7 +241,13 @@ def main() -> None:
     if args.url:
         url = args.url
     else:
-        child, url = start_service(Path(tempfile.mkdtemp(prefix="rorem-bench-healthz-")), "healthz", remover_only)
+
+        def adjust(config: dict) -> None:
+            remover_only(config)
+            if args.worker_nice is not None:
+                config["applications"][0]["args"].setdefault("overload", {})["worker_nice"] = args.worker_nice
+
+        child, url = start_service(Path(tempfile.mkdtemp(prefix="rorem-bench-healthz-")), "healthz", adjust)
     try:
         result = {"smoke": args.smoke, **bench(url, args)}
     finally:

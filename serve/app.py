@@ -4,6 +4,7 @@ The Ingress is entry points only, over one serve.service.RemovalService: its RES
 FastAPI app, error handlers and helpers in serve.rest_api), its gRPC methods in serve.grpc_api.GrpcMethods.
 """
 
+import asyncio
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
 from serve.service import RemovalService
 from serve.uploads import Offload, read_json, read_removal_request, read_score_request
+from serve.worker_threads import default_workers, worker_pool
 
 
 @serve.deployment(name="Ingress")
@@ -57,7 +59,12 @@ class Ingress(GrpcMethods):
             quotas.Quotas.from_settings(self.settings, app_name, self.metrics.quota_ledger_errors.inc).start()
         )
         # parsing and reply encoding off the event loop; as many jobs at once as requests are admitted
-        self.offload = Offload(overload.offload_threads, overload.max_in_flight)
+        self.offload = Offload(overload.offload_threads, overload.max_in_flight, overload.worker_nice)
+        # decode, paste and encode (asyncio.to_thread in the service and the pipeline) below the loop's priority too;
+        # Serve runs this constructor on the replica's event loop
+        asyncio.get_running_loop().set_default_executor(
+            worker_pool(default_workers(), "rorem-cpu", overload.worker_nice)
+        )
         sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
 
     def reconfigure(self, user_config: dict) -> None:

@@ -265,6 +265,13 @@ class OverloadSettings(_Strict):
     # holds the GIL, so a second thread is not faster, only one more rival of the event loop for the GIL
     # (measured: the loop's worst stall grows with each thread: 5-10 ms with 1, 63-73 with 2, 150-270 with 4).
     offload_threads: int = Field(1, ge=1, le=8, description="ingress worker threads for body parsing / JSON replies")
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="how many nice steps the ingress's worker threads (parse, decode, encode) run below its event "
+        "loop: on busy cores the loop and the proxy get a core first (serve.worker_threads); 0: same priority",
+    )
     switch_interval_s: float = Field(
         0.001,
         gt=0,

@@ -39,6 +39,7 @@ from serve.protocol import (
     check_upload_size,
     validate,
 )
+from serve.worker_threads import worker_pool
 
 _JSON_OVERHEAD = 64 * 1024
 STEP = 256 * 1024  # bytes per C call in the parsing and encoding helpers (a multiple of 4: base64 quads)
@@ -59,15 +60,16 @@ class Offload:
     the loop, holding no thread). A job's slot is freed when the job ends, not when its caller gives up,
     so a flood of cancelled requests cannot pile up work behind the limit."""
 
-    def __init__(self, workers: int, limit: int):
+    def __init__(self, workers: int, limit: int, nice: int = 0):
         self.workers = workers
         self.limit = limit
+        self.nice = nice  # serve.worker_threads: the threads run this many steps below the event loop
         self._pool: ThreadPoolExecutor | None = None  # created on first use, in the replica
         self._slots: asyncio.Semaphore | None = None
 
     async def run(self, fn: Callable[..., Any], /, *args: Any) -> Any:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rorem-offload")
+            self._pool = worker_pool(self.workers, "rorem-offload", self.nice)
             self._slots = asyncio.Semaphore(self.limit)
         await self._slots.acquire()
         loop = asyncio.get_running_loop()

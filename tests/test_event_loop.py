@@ -10,11 +10,13 @@ import asyncio
 import base64
 import binascii
 import json
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from starlette.requests import Request
@@ -22,7 +24,8 @@ from starlette.requests import Request
 from serve import uploads as req
 from serve.loop_lag import LoopLag
 from serve.problems import Problem
-from tests.helpers import REPO, photo, png_bytes
+from serve.worker_threads import worker_pool
+from tests.helpers import REPO, box_mask, photo, png_bytes, post_remove
 
 NAMES = ("image", "mask")
 
@@ -404,6 +407,54 @@ def test_json_reply_is_the_jsonresponse_body():
         got = Response(_json_reply_body(content), media_type="application/json", headers={"X-Seed": "7"})
         assert got.body == expected.body
         assert got.raw_headers == expected.raw_headers
+
+
+# --- worker threads below the loop's priority ------------------------------------------------------
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_worker_threads_run_below_the_thread_that_made_them():
+    own = _nice(threading.get_native_id())
+    with worker_pool(2, "test-workers", 10) as pool:
+        theirs = set(pool.map(lambda _: _nice(threading.get_native_id()), range(8)))
+    assert theirs == {min(19, own + 10)}
+    assert _nice(threading.get_native_id()) == own, "the caller (the event loop) keeps its priority"
+    with worker_pool(1, "test-same", 0) as pool:
+        assert pool.submit(lambda: _nice(threading.get_native_id())).result() == own
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_the_ingress_decodes_and_encodes_below_its_loops_priority(service):
+    """After a removal, the Ingress replica has threads overload.worker_nice steps below its Python threads'
+    priority (Ray starts a worker's Python threads at nice 15; 19 is the floor): the decode / encode threads
+    (the loop's default executor) and the parsing thread (Offload)."""
+    response = post_remove(service, png_bytes(photo()), png_bytes(box_mask()), seed=1)
+    assert response.status_code == 200, response.text
+    pid = _replica_pid("ServeReplica:rorem:Ingress")
+    threads = {int(task.name): _nice_of(task) for task in Path(f"/proc/{pid}/task").iterdir()}
+    python = threads[pid]  # the main thread: Ray set its nice before any Python thread (the loop's) started
+    workers = min(19, python + service.config["overload"]["worker_nice"])
+    assert workers > python
+    assert sum(nice == workers for nice in threads.values()) >= 2, threads
+
+
+def _nice_of(task: Path) -> int:
+    return int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def _replica_pid(title: str) -> int:
+    """A Ray worker's process title names the replica (`ray::ServeReplica:app:Deployment`)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if title in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no process named {title}")
 
 
 # --- the benchmark, smoke mode --------------------------------------------------------------------

@@ -69,10 +69,18 @@ def _driver(cluster: tuple[str, dict], config: Path | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def live_service(starts_serve, tmp_path_factory):
-    work = tmp_path_factory.mktemp("reconfigure")
-    with helpers.running_service(work, helpers.serve_test_config(work)) as running:
-        yield running
+def live_service(service):
+    """The session's Serve: the test changes only live settings, and puts them back (a live change restarts
+    nothing, so the other tests find the replicas they had)."""
+    effective = Path(re.search(r"effective Serve config: (\S+)", service.log_path.read_text())[1])
+    yield service
+    restored = _driver(_cluster(service.client.get("/healthz").json()["instance"]), effective)
+    assert restored["status"] == "RUNNING"
+    assert restored["live"]["Remover"]["batch_wait_timeout_s"] == {"256": 0.25, "512": 0.25}
+    deadline = time.monotonic() + 30
+    while service.client.get("/readyz").json()["gate"]["threshold"] != 0.5:
+        assert time.monotonic() < deadline, "the Ingress never took the gate threshold back"
+        time.sleep(0.5)
 
 
 def test_changing_live_settings_reconfigures_without_restarting_a_replica(live_service, tmp_path):
