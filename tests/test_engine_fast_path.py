@@ -191,6 +191,7 @@ def test_the_vae_runs_bf16_next_to_an_fp16_unet_on_cuda():
     assert vae_dtype_for(torch.float32, torch.device("cpu"), force_upcast=True) == torch.float32
 
 
+@pytest.mark.slow  # a subprocess that loads the model libraries and runs every bucket
 def test_the_gpu_benchmark_runs_in_its_smoke_mode(tmp_path):
     """loadtests/bench_engine_gpu.py --smoke: the tiny model on the CPU, so the script cannot rot."""
     import json

@@ -168,6 +168,7 @@ def test_ensure_unet_onnx_reuses_a_current_export(exported, monkeypatch):
     assert export_manifest.ensure_unet_onnx(exported.bundle, "float32") == exported.onnx
 
 
+@pytest.mark.slow  # the fp16 export: most of a minute of CPU
 def test_fp16_graph_is_type_consistent_and_close_to_torch(tiny_bundle, fp16_onnx):
     """The fp16 graph is what TensorRT builds from; ONNX Runtime's CPU checks its types strictly."""
     from export.verify import verify_onnx

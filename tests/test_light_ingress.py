@@ -7,17 +7,44 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.helpers import REPO
 
 MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")
+LIGHT_MODULES = ("serve.cli", "serve.app", "serve.retention_deployment", "engines.pipeline")
+
+# In a fresh interpreter: an import of a model library fails, naming the first-party chain that asked for it.
+_PROBE = """
+import builtins, sys, traceback
+HEAVY = {heavy!r}
+real_import = builtins.__import__
+
+def guarded(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and name.split(".")[0] in HEAVY:
+        chain = [f"{{f.filename.removeprefix(sys.argv[1] + '/')}}:{{f.lineno}}" for f in traceback.extract_stack()[:-1]
+                 if f.filename.startswith(sys.argv[1]) and "<" not in f.filename]
+        raise ImportError(f"{{name}} via " + " <- ".join(reversed(chain)))
+    return real_import(name, globals, locals, fromlist, level)
+
+builtins.__import__ = guarded
+for module in {modules!r}:
+    try:
+        __import__(module)
+    except ImportError as exc:
+        print(f"{{module}}: {{exc}}")
+"""
 
 
-@pytest.mark.parametrize("module", ["serve.cli", "serve.app", "serve.retention_deployment", "engines.pipeline"])
-def test_modules_outside_the_model_replicas_do_not_load_the_model_libraries(module):
-    probe = f"import sys, {module}; print(' '.join(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))"
-    loaded = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
-    ).stdout.split()
-    assert loaded == [], f"importing {module} loads {loaded}: import them where a model is built"
+def test_modules_outside_the_model_replicas_do_not_load_the_model_libraries():
+    probe = _PROBE.format(heavy=MODEL_LIBRARIES, modules=LIGHT_MODULES)
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(REPO)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert run.stdout == "", f"import the model libraries where a model is built:\n{run.stdout}"
+
+
+def test_the_probe_sees_a_model_library_import():
+    probe = _PROBE.format(heavy=MODEL_LIBRARIES, modules=("engines.remover",))
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(REPO)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert run.stdout.startswith("engines.remover: ") and " via engines/remover.py:" in run.stdout, run.stdout
