@@ -81,6 +81,7 @@ class Prepared:
     given_mask: np.ndarray  # the mask as uploaded (or the alpha channel's), before dilation
     plans: list[imaging.CropPlan]  # [] when the mask is empty: nothing to remove
     crops: list[tuple[np.ndarray, np.ndarray]]  # each plan's (image crop, mask crop) at its bucket
+    dilate: int  # the dilation applied (the request's, else the settings')
 
     @property
     def buckets(self) -> list[int]:
@@ -157,8 +158,9 @@ class RemovalPipeline:
 
     def prepare_pixels(self, image: imaging.DecodedImage, mask: np.ndarray, dilate: int | None = None) -> Prepared:
         """Dilate, plan and cut, for pixels already decoded (benchmarks start here)."""
+        dilate = self.crops.dilate if dilate is None else dilate
         dilated, plans = self.plan(mask, dilate)
-        return Prepared(image, dilated, mask, plans, self.cut(image.rgb, dilated, plans))
+        return Prepared(image, dilated, mask, plans, self.cut(image.rgb, dilated, plans), dilate)
 
     def plan(self, mask: np.ndarray, dilate: int | None = None) -> tuple[np.ndarray, list[imaging.CropPlan]]:
         """The dilated mask and a crop per region (engines.regions)."""

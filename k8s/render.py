@@ -93,9 +93,9 @@ def render_config(target: str) -> dict:
 def live_config(config: dict) -> dict:
     """The live knobs moved from the args into the deployments' user_config (serve.config.live_serve_app):
     a changed knob then reaches the running replicas through reconfigure, without restarting them."""
-    from serve.config import live_serve_app
+    from serve.config import live_serve_config
 
-    return {**config, "applications": [live_serve_app(app) for app in config["applications"]]}
+    return live_serve_config(config)
 
 
 def render_text(target: str) -> str:

@@ -28,6 +28,7 @@ from engines.jobs import RemovalJob
 from engines.pipeline import CropSettings, LocalModels, RemovalPipeline
 from engines.remover import RemovalEngine
 from engines.sources import open_bundle
+from serve.config import ImagingSettings
 
 WIDTH, HEIGHT = 4000, 3000
 
@@ -44,7 +45,7 @@ def small_mask(side: int) -> np.ndarray:
 
 
 def remove_by_crop(engine: RemovalEngine, image: np.ndarray, mask: np.ndarray, dilate: int) -> np.ndarray:
-    pipeline = RemovalPipeline(LocalModels(engine), CropSettings((512, 1024), 128, dilate, 6), imaging.DecodeLimits())
+    pipeline = RemovalPipeline(LocalModels(engine), CropSettings.from_imaging(ImagingSettings(dilate=dilate)), imaging.DecodeLimits())
     prepared = pipeline.prepare_pixels(imaging.DecodedImage(image, None, "png"), mask)
     return asyncio.run(pipeline(prepared, 0, GatePolicy("off", 0.0, 1, True))).result.edited
 

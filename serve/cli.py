@@ -422,10 +422,10 @@ def run(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="rorem-serve-"))
     effective = work / "serve-config.yaml"
-    from serve.config import live_serve_app
+    from serve.config import live_serve_config
 
     # the live knobs go into the deployments' user_config: edited there, `serve deploy` reconfigures, not restarts
-    live = {**config, "applications": [live_serve_app(a) for a in config["applications"]]}
+    live = live_serve_config(config)
     effective.write_text(yaml.safe_dump(live, sort_keys=False))
     print(f"[rorem] effective Serve config: {effective}", flush=True)
     command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]

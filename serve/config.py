@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticUndefined
 
 from engines.gate import GateMode
@@ -33,6 +33,16 @@ Attempts = Annotated[int, Field(ge=1, le=8)]
 Quality = Annotated[int, Field(ge=1, le=100)]
 BatchSize = Annotated[int, Field(ge=1, le=64)]
 BatchWait = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _bucket_sides(buckets: list[int]) -> list[int]:
+    if any(b <= 0 or b % 64 for b in buckets):
+        raise ValueError(f"bucket sides must be positive multiples of 64, got {buckets}")
+    return sorted(set(buckets))
+
+
+# the model input sides (the service's imaging.buckets, the release gate's --buckets): sorted, no repeats
+Buckets = Annotated[list[int], Field(min_length=1), AfterValidator(_bucket_sides)]
 
 
 class _Strict(BaseModel):
@@ -152,7 +162,7 @@ class BatchingSettings(_Strict):
 
 
 class ImagingSettings(_Strict):
-    buckets: list[int] = Field([512, 1024], min_length=1, description="model input sides, multiples of 64")
+    buckets: Buckets = Field([512, 1024], description="model input sides, multiples of 64")
     crop_margin: int = Field(128, ge=0, le=1024, description="context pixels around the mask's bounding box")
     dilate: Dilation = Field(20, description="default mask dilation in pixels (the reference intends 20)")
     feather: int = Field(6, ge=0, le=64, description="blend ramp inside the dilated mask, in pixels")
@@ -168,13 +178,6 @@ class ImagingSettings(_Strict):
     max_rle_bytes: int = Field(_DECODE.max_rle_bytes, ge=0, description="size of an RLE-compressed BMP")
     decode_timeout_s: float = Field(20.0, gt=0, description="decoding an upload past this answers 413")
     jpeg_quality: Quality = Field(95, description="JPEG / WebP quality of replies, unless a request asks")
-
-    @field_validator("buckets")
-    @classmethod
-    def _multiples_of_64(cls, buckets: list[int]) -> list[int]:
-        if any(b <= 0 or b % 64 for b in buckets):
-            raise ValueError(f"bucket sides must be positive multiples of 64, got {buckets}")
-        return sorted(set(buckets))
 
 
 class ScorerSettings(_Strict):
@@ -478,8 +481,8 @@ def static_args(args: dict) -> dict:
 
 def live_serve_app(app: dict) -> dict:
     """A Serve config's application with its live knobs moved from `args` into its deployments' user_config
-    (a deployment not listed in `deployments` gets none). The args are the source: a user_config already
-    there is an error."""
+    (a deployment the config does not list gets an entry of its own, so no knob set in `args` is lost). The
+    args are the source: a user_config already there is an error."""
     args = app.get("args") or {}
     settings = AppSettings.model_validate({**args, "gate": args.get("gate", {})})  # the gate's checks, defaults too
     live = live_configs(settings)
@@ -492,7 +495,15 @@ def live_serve_app(app: dict) -> dict:
             )
         name = deployment["name"]
         deployments.append({**deployment, "user_config": live[name]} if name in live else dict(deployment))
+    listed = {d["name"] for d in deployments}
+    deployments += [{"name": name, "user_config": config} for name, config in live.items() if name not in listed]
     return {**app, "args": static_args(app.get("args") or {}), "deployments": deployments}
+
+
+def live_serve_config(config: dict) -> dict:
+    """A whole Serve config with every application's live knobs in user_config (live_serve_app): what the
+    CLI deploys and what k8s/render.py writes."""
+    return {**config, "applications": [live_serve_app(app) for app in config["applications"]]}
 
 
 RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deployment

@@ -9,13 +9,13 @@ the replica is unhealthy only when its sweeper has stopped.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.config import RetentionSettings
+from serve.handles import answer_or_cancel
 from serve.retention.keeper import LocalStoreClient
 from serve.retention.store import RetentionStore
 
@@ -48,16 +48,13 @@ class HandleStoreClient:
         self.timeout_s = timeout_s
 
     def __getattr__(self, name: str):
+        """Each store method's caller, made on first use and kept (a handle method is a new handle)."""
         if name.startswith("_") or not inspect.iscoroutinefunction(getattr(LocalStoreClient, name, None)):
             raise AttributeError(name)
         method = getattr(self.handle, name)
 
         async def call(*args, **kwargs):
-            response = method.remote(*args, **kwargs)
-            try:
-                return await asyncio.wait_for(response, self.timeout_s)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                response.cancel()
-                raise
+            return await answer_or_cancel(method.remote(*args, **kwargs), self.timeout_s)
 
+        setattr(self, name, call)
         return call

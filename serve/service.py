@@ -24,7 +24,8 @@ from engines.errors import InputError
 from engines.gate import GatePolicy, ScorerUnavailable
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, RemovalPipeline, Timings
-from serve.config import AppSettings
+from serve.config import AppSettings, GateSettings
+from serve.handles import answer_or_cancel
 from serve.health import Readiness
 from serve.metrics import IngressMetrics
 from serve.problems import Problem
@@ -76,32 +77,34 @@ class ServeModels:
     cancelling the local await alone would not."""
 
     def __init__(
-        self, remover: DeploymentHandle, scorer: DeploymentHandle | None, settings: AppSettings, retry_after: dict
+        self,
+        remover: DeploymentHandle,
+        scorer: DeploymentHandle | None,
+        settings: AppSettings,
+        retry_after: dict,
+        score_timeout_s: float | None = None,
     ):
+        """`score_timeout_s`: how long a scoring may take (default scorer.timeout_s, the gate's wait)."""
         self.remover = remover
         self.scorer = scorer
         self.settings = settings
         self.retry_after = retry_after
+        self.score_timeout_s = score_timeout_s or settings.scorer.timeout_s
 
     async def remove(self, job: RemovalJob):
         return await self.call(self.remover.remove, job, time.time())
 
     async def score(self, job: ScoreJob) -> float:
-        outcome = await self.call(self.scorer.score, job, timeout_s=self.settings.scorer.timeout_s)
+        outcome = await self.call(self.scorer.score, job, timeout_s=self.score_timeout_s)
         return outcome.score
 
     async def call(self, method, *args, timeout_s: float | None = None):
         timeout_s = timeout_s or self.settings.request_timeout_s
         for attempt in (1, 2):
-            response = method.remote(*args)
             try:
-                return await asyncio.wait_for(response, timeout=timeout_s)
+                return await answer_or_cancel(method.remote(*args), timeout_s)
             except asyncio.TimeoutError as exc:
-                response.cancel()
                 raise Problem("timeout", f"no result within {timeout_s:g} s") from exc
-            except asyncio.CancelledError:
-                response.cancel()
-                raise
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise Problem("overloaded", str(exc).splitlines()[0], headers=self.retry_after) from exc
             except RayActorError as exc:
@@ -138,6 +141,11 @@ class RemovalService:
             max_rle_bytes=cfg.max_rle_bytes,
         )  # fmt: skip
         self.pipeline = RemovalPipeline(self.models, CropSettings.from_imaging(cfg), limits)
+        # POST /score is a request of its own: its scoring may take request_timeout_s, not the gate's scorer.timeout_s
+        scoring = models or ServeModels(
+            remover, scorer, settings, self._retry_after, score_timeout_s=settings.request_timeout_s
+        )
+        self.score_pipeline = RemovalPipeline(scoring, CropSettings.from_imaging(cfg), limits)
         self.settings = settings  # swapped whole by Ingress.reconfigure (the gate); ServeModels reads only static knobs
 
     async def ready(self) -> dict:
@@ -158,7 +166,8 @@ class RemovalService:
         timings = Timings()
         options = upload.options
         retain = self.retention.wanted(options.retain)
-        policy = self._gate_policy(options)
+        gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
+        policy = self._gate_policy(gate, options)
         prepared = await self._decode(self.pipeline.prepare, upload.image, upload.mask, options.dilate)
         timings.lap("decode")
         image = prepared.image
@@ -177,7 +186,7 @@ class RemovalService:
             return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
 
         seed = options.seed if options.seed is not None else random.getrandbits(63)
-        policy = policy.within_calls(self.settings.gate.max_model_calls, len(prepared.plans))
+        policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))
         deadline_s = min(options.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
         try:
             gated = await asyncio.wait_for(self.pipeline(prepared, seed, policy, timings), timeout=deadline_s)
@@ -211,9 +220,8 @@ class RemovalService:
             gated.verdict, timings,
         )  # fmt: skip
         if retain:
-            dilate = self.settings.imaging.dilate if options.dilate is None else options.dilate
             reply.result_id = await self.retention.keep(
-                upload.image, image.format, prepared.mask, reply, policy, options, dilate, owner
+                upload.image, image.format, prepared.mask, reply, policy, options, prepared.dilate, owner
             )
         return reply
 
@@ -224,10 +232,10 @@ class RemovalService:
         if threshold is None or not self.settings.gate.allow_request_override:
             threshold = self.settings.gate.threshold
         jobs = await self._decode(
-            self.pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate
+            self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate
         )
         try:
-            score = await self.pipeline.worst_score(jobs)
+            score = await self.score_pipeline.worst_score(jobs)
         except Problem as exc:
             if exc.problem == "overloaded":
                 raise
@@ -241,8 +249,8 @@ class RemovalService:
         bucket = max(job.source.shape[0] for job in jobs)
         return ScoreReply(score, threshold, score >= threshold, bucket)
 
-    def _gate_policy(self, options: RemoveOptions) -> GatePolicy:
-        policy = GatePolicy.resolve(self.settings.gate, options.gate, options.gate_threshold, options.max_attempts)
+    def _gate_policy(self, gate: GateSettings, options: RemoveOptions) -> GatePolicy:
+        policy = GatePolicy.resolve(gate, options.gate, options.gate_threshold, options.max_attempts)
         if policy.mode != "off" and not self.has_scorer:
             if options.gate not in (None, "off"):
                 raise Problem("gate-unavailable", f"gate {options.gate!r} needs a Scorer; this deployment has none")

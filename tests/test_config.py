@@ -237,6 +237,13 @@ def test_live_knobs_move_from_the_args_into_the_user_config_and_back():
     assert settings.model_dump(exclude={"batching"}) == wanted.model_dump(exclude={"batching"})
     with pytest.raises(ValueError, match="not in user_config"):
         live_serve_app({**app, "deployments": [{"name": "Ingress", "user_config": {"gate": {}}}]})
+    # a deployment the config does not list still gets its live settings: a gate in the args is never lost
+    unlisted = {d["name"]: d for d in live_serve_app({**app, "deployments": [{"name": "Remover"}]})["deployments"]}
+    assert unlisted["Ingress"]["user_config"]["gate"] == user["Ingress"]["gate"]
+    assert unlisted["Scorer"]["user_config"] == user["Scorer"] and set(unlisted) == {"Ingress", "Remover", "Scorer"}
+    assert live_serve_app({"args": {"gate": {"mode": "reject"}}})["deployments"][0]["user_config"]["gate"]["mode"] == (
+        "reject"
+    )
     with pytest.raises(ValidationError, match="needs the Scorer"):
         with_live(AppSettings.model_validate({"scorer": {"enabled": False}, "gate": {"mode": "off"}}), "Ingress",
                   {"gate": {"mode": "retry"}})  # fmt: skip

@@ -207,8 +207,15 @@ class HealthProbe:
         self.answers: list[tuple[float, float, float]] = []  # (sent, answered, loop lag s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._failure: BaseException | None = None  # raised in the test when the probe stops
 
     def _run(self, url: str) -> None:
+        try:
+            self._probe(url)
+        except BaseException as exc:  # a thread's exception would only be a warning: the test re-raises it
+            self._failure = exc
+
+    def _probe(self, url: str) -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
             client.get("/healthz")  # starts the replica's lag ticker; what it reports covers the time before
             while not self._stop.is_set():
@@ -233,6 +240,8 @@ class HealthProbe:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self._failure is not None:
+            raise AssertionError(f"the /healthz probe failed: {self._failure!r}") from self._failure
 
 
 LOOP_LAG_MAX_S = 0.1  # inside the replica: the goal itself

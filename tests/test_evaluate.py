@@ -159,6 +159,20 @@ def test_a_pair_set_measures_fidelity_outside_the_mask_and_skips_the_rest(tiny_b
     assert [row["status"] for row in _rows(work / "pair-run")] == ["ok", "ok", "empty-mask"]
 
 
+def test_a_discriminator_that_fails_stops_the_run_instead_of_leaving_rows_unscored(
+    tiny_bundle, triplets, work, monkeypatch
+):
+    from engines.pipeline import LocalModels
+    from training.common import TrainingError
+
+    async def broken(self, job):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(LocalModels, "score", broken)
+    with pytest.raises(TrainingError, match="the discriminator failed to score"):
+        _evaluate(tiny_bundle, triplets, work / "broken-scorer", lpips_net="off", limit=1)
+
+
 def test_imaging_defaults_are_the_services_and_degrade_kinds_the_negatives():
     from typing import get_args
 
@@ -170,6 +184,8 @@ def test_imaging_defaults_are_the_services_and_degrade_kinds_the_negatives():
     fields = EvaluateSettings.model_fields
     for name in ("buckets", "crop_margin", "dilate", "feather"):
         assert fields[name].default == getattr(service, name), name
+    with pytest.raises(ValueError, match="multiples of 64"):  # the service's bucket validator too
+        EvaluateSettings(bundle="tiny", data=Path("d"), out=Path("o"), buckets=[100])
     assert get_args(DegradeKind) == ("none", *NEGATIVE_KINDS)
 
 

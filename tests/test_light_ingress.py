@@ -34,17 +34,20 @@ for module in {modules!r}:
 """
 
 
-def test_modules_outside_the_model_replicas_do_not_load_the_model_libraries():
-    probe = _PROBE.format(heavy=MODEL_LIBRARIES, modules=LIGHT_MODULES)
+def _imports_of_model_libraries(modules: tuple[str, ...]) -> str:
+    """One line per module whose import reached a model library, with the chain that asked for it."""
+    probe = _PROBE.format(heavy=MODEL_LIBRARIES, modules=modules)
     run = subprocess.run(
         [sys.executable, "-c", probe, str(REPO)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
-    assert run.stdout == "", f"import the model libraries where a model is built:\n{run.stdout}"
+    return run.stdout
+
+
+def test_modules_outside_the_model_replicas_do_not_load_the_model_libraries():
+    found = _imports_of_model_libraries(LIGHT_MODULES)
+    assert found == "", f"import the model libraries where a model is built:\n{found}"
 
 
 def test_the_probe_sees_a_model_library_import():
-    probe = _PROBE.format(heavy=MODEL_LIBRARIES, modules=("engines.remover",))
-    run = subprocess.run(
-        [sys.executable, "-c", probe, str(REPO)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert run.stdout.startswith("engines.remover: ") and " via engines/remover.py:" in run.stdout, run.stdout
+    found = _imports_of_model_libraries(("engines.remover",))
+    assert found.startswith("engines.remover: ") and " via engines/remover.py:" in found, found

@@ -23,6 +23,7 @@ from serve.config import AppSettings
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions
 from serve.service import RemovalService
+from tests.helpers import png_bytes
 
 CROPS = CropSettings(buckets=(128, 256), crop_margin=16, dilate=4, feather=2)
 PAINT = 7
@@ -38,25 +39,21 @@ class FakeModels:
         self.in_flight = self.most_in_flight = 0
 
     async def remove(self, job: RemovalJob) -> LocalOutcome:
+        """batch_size: the calls in flight when this one started (the first of two together sees 1, the second 2)."""
         self.removals.append(job)
         self.in_flight += 1
+        seen = self.in_flight
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         await asyncio.sleep(0.01)
         self.in_flight -= 1
         image = job.image.copy()
         image[job.mask] = PAINT
-        return LocalOutcome(image, batch_size=self.most_in_flight)
+        return LocalOutcome(image, batch_size=seen)
 
     async def score(self, job: ScoreJob) -> float:
         if self.score_error is not None:
             raise self.score_error
         return self.scores.pop(0)
-
-
-def _png(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, "PNG")
-    return out.getvalue()
 
 
 def _photo_and_two_objects(height: int = 600, width: int = 900):
@@ -72,7 +69,7 @@ def test_far_apart_objects_run_as_separate_small_crops_together_and_nothing_outs
     photo, mask = _photo_and_two_objects()
     models = FakeModels()
     pipeline = RemovalPipeline(models, CROPS, DecodeLimits())
-    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+    prepared = pipeline.prepare(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255))
     assert prepared.buckets == [128, 128]
 
     gated = asyncio.run(pipeline(prepared, seed=5, policy=GatePolicy("off", 0.5, 1, True)))
@@ -90,7 +87,7 @@ def test_the_gate_keeps_the_first_attempt_whose_worst_region_passes():
     photo, mask = _photo_and_two_objects()
     models = FakeModels(scores=[0.9, 0.2, 0.6, 0.7])  # attempt 1: one region fails; attempt 2: both pass
     pipeline = RemovalPipeline(models, CROPS, DecodeLimits())
-    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+    prepared = pipeline.prepare(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255))
 
     gated = asyncio.run(pipeline(prepared, seed=11, policy=GatePolicy("retry", 0.5, 3, True)))
 
@@ -102,7 +99,7 @@ def test_the_gate_keeps_the_first_attempt_whose_worst_region_passes():
 def test_a_failing_scorer_is_the_gates_concern_fail_open_keeps_the_result_unscored():
     photo, mask = _photo_and_two_objects()
     pipeline = RemovalPipeline(FakeModels(score_error=RuntimeError("scorer down")), CROPS, DecodeLimits())
-    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+    prepared = pipeline.prepare(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255))
 
     gated = asyncio.run(pipeline(prepared, seed=1, policy=GatePolicy("retry", 0.5, 3, True)))
     assert (gated.verdict, gated.score, gated.attempts) == ("unscored", None, 1)
@@ -113,11 +110,11 @@ def test_a_failing_scorer_is_the_gates_concern_fail_open_keeps_the_result_unscor
 def test_score_request_crops_are_the_removals_crops():
     photo, mask = _photo_and_two_objects()
     pipeline = RemovalPipeline(FakeModels(), CROPS, DecodeLimits())
-    prepared = pipeline.prepare(_png(photo), _png(mask.astype(np.uint8) * 255))
+    prepared = pipeline.prepare(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255))
     edited = photo.copy()
     edited[prepared.mask] = PAINT
 
-    jobs = pipeline.prepare_score(_png(photo), _png(mask.astype(np.uint8) * 255), _png(edited))
+    jobs = pipeline.prepare_score(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255), png_bytes(edited))
 
     assert len(jobs) == len(prepared.crops) == 2
     for job, (crop, crop_mask) in zip(jobs, prepared.crops):
@@ -150,7 +147,7 @@ def _service(models: FakeModels, **gate) -> RemovalService:
 
 def _upload(**options) -> RemovalRequest:
     photo, mask = _photo_and_two_objects()
-    return RemovalRequest(_png(photo), _png(mask.astype(np.uint8) * 255), RemoveOptions(**options))
+    return RemovalRequest(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255), RemoveOptions(**options))
 
 
 def test_service_reply_lists_every_crop_and_the_kept_attempts_seed():
@@ -184,7 +181,37 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     models = FakeModels()
     service = _service(models)
     photo, _ = _photo_and_two_objects()
-    upload = RemovalRequest(_png(photo), _png(np.zeros(photo.shape[:2], np.uint8)), RemoveOptions())
+    upload = RemovalRequest(png_bytes(photo), png_bytes(np.zeros(photo.shape[:2], np.uint8)), RemoveOptions())
     reply = asyncio.run(service.remove(upload))
     assert (reply.body, reply.buckets, reply.bucket, reply.gate) == (upload.image, [], None, "nothing-to-remove")
     assert models.removals == []
+
+
+class _SlowScorerHandle:
+    """A Scorer deployment handle whose score calls answer after 0.2 s."""
+
+    def __init__(self):
+        self.score = self
+
+    def remote(self, job: ScoreJob):
+        return asyncio.ensure_future(self._answer())
+
+    async def _answer(self):
+        await asyncio.sleep(0.2)
+        return SimpleNamespace(score=0.9)
+
+
+def test_post_score_waits_the_request_timeout_while_gate_scoring_waits_the_scorer_timeout():
+    settings = AppSettings.model_validate({"scorer": {"timeout_s": 0.05}, "request_timeout_s": 5})
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    service = RemovalService(settings, remover=None, scorer=_SlowScorerHandle(), metrics=metrics)
+    crop = np.zeros((64, 64, 3), np.uint8)
+    job = ScoreJob(crop, np.ones((64, 64), bool), crop)
+
+    async def gate_then_request():
+        with pytest.raises(Problem) as caught:
+            await service.pipeline.models.score(job)
+        assert caught.value.problem == "timeout" and "0.05 s" in caught.value.detail
+        return await service.score_pipeline.models.score(job)
+
+    assert asyncio.run(gate_then_request()) == 0.9

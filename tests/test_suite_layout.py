@@ -33,7 +33,9 @@ def _requests_starts_serve(function: ast.FunctionDef) -> bool:
     return "starts_serve" in [arg.arg for arg in function.args.args]
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m.name != Path(__file__).name], ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "module", [m for m in MODULES if m.name != Path(__file__).name] + [TESTS / "conftest.py"], ids=lambda path: path.name
+)
 def test_what_starts_a_serve_requests_starts_serve(module):
     tree = ast.parse(module.read_text())
     offenders = [
@@ -45,15 +47,29 @@ def test_what_starts_a_serve_requests_starts_serve(module):
     assert not offenders, "request the `starts_serve` fixture (marks the tests e2e): " + ", ".join(offenders)
 
 
-@pytest.mark.parametrize("module", MODULES, ids=lambda path: path.name)
-def test_test_modules_import_helpers_not_each_other(module):
+def _cross_imports(tree: ast.Module) -> list[str]:
+    """Test modules or conftest imported by a test module, in any spelling (relative imports count too)."""
     imported = set()
-    for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                imported.update(f".{node.module or ''}.{alias.name}" for alias in node.names)
+            elif node.module == "tests":
+                imported.update(f"tests.{alias.name}" for alias in node.names)
+            elif node.module:
+                imported.add(node.module)
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-    wrong = sorted(name for name in imported if name == "tests.conftest" or name.startswith("tests.test_"))
+    return sorted(
+        name
+        for name in imported
+        if name.startswith(".") or name == "tests.conftest" or name.startswith("tests.test_")
+    )
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda path: path.name)
+def test_test_modules_import_helpers_not_each_other(module):
+    wrong = _cross_imports(ast.parse(module.read_text()))
     assert not wrong, f"{module.name} imports {wrong}: move what it needs to tests/helpers.py"
 
 
@@ -66,6 +82,13 @@ def test_the_checks_see_a_serve_start_and_a_cross_import():
     first, second = ast.parse(source).body
     assert _starts_serve(first) and not _requests_starts_serve(first)
     assert _starts_serve(second) and _requests_starts_serve(second)
+    imports = (
+        "from tests import helpers, conftest, test_imaging\nimport tests.test_grpc\nfrom tests.test_k8s import x\n"
+        "from .test_scorer import y\nfrom tests.helpers import photo\n"
+    )
+    assert _cross_imports(ast.parse(imports)) == [
+        ".test_scorer.y", "tests.conftest", "tests.test_grpc", "tests.test_imaging", "tests.test_k8s"
+    ]  # fmt: skip
 
 
 def test_a_serve_started_for_a_test_not_marked_e2e_fails_it(request):
@@ -74,5 +97,8 @@ def test_a_serve_started_for_a_test_not_marked_e2e_fails_it(request):
     assert helpers.current_test is request.node, "tests/conftest.py keeps helpers.current_test current"
     with pytest.raises(pytest.fail.Exception, match="is not marked e2e"):
         helpers.check_e2e("starts a local Ray Serve")  # this test is not e2e
+    with pytest.raises(pytest.fail.Exception, match="is not marked e2e"):  # the check guards the real start
+        with helpers.running_service(request.config.rootpath / "unused", {}):
+            pass
     request.node.add_marker(pytest.mark.e2e)
     helpers.check_e2e("starts a local Ray Serve")

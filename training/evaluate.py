@@ -95,7 +95,7 @@ class EvaluateSettings(StageSettings):
     steps: int | None = Field(None, ge=1, le=50, description="LCM steps; None: the bundle's (4)")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's (1.0)")
     # the service's crop settings, with their defaults and bounds (serve.config.ImagingSettings)
-    buckets: list[int] = _IMAGING["buckets"]
+    buckets: list[int] = _IMAGING["buckets"]  # with its validator (serve.config.Buckets)
     crop_margin: int = _IMAGING["crop_margin"]
     dilate: int = _IMAGING["dilate"]
     feather: int = _IMAGING["feather"]
@@ -121,8 +121,6 @@ def evaluate(settings: EvaluateSettings) -> dict:
     from serve.placement import pick_device
     from training.data import load_metadata
 
-    if any(b <= 0 or b % 64 for b in settings.buckets):
-        raise TrainingError(f"buckets must be positive multiples of 64, got {settings.buckets}")
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
@@ -175,7 +173,7 @@ class _Engines:
 
         self.remover, self.scorer, self.learned = remover, scorer, learned
         self.models = LocalModels(remover, scorer, warmup=settings.warmup)
-        crops = CropSettings(tuple(settings.buckets), settings.crop_margin, settings.dilate, settings.feather)
+        crops = CropSettings.from_imaging(settings)  # the same crop fields as serve.config.ImagingSettings
         self.pipeline = RemovalPipeline(self.models, crops, imaging.DecodeLimits())
 
 
@@ -210,6 +208,8 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
     policy = GatePolicy("annotate" if engines.scorer else "off", settings.threshold, 1, fail_open=False)
     models.engine_seconds = models.score_seconds = 0.0
     gated = asyncio.run(pipeline(prepared, seed, policy, spoil=spoil))
+    if engines.scorer is not None and gated.verdict == "unscored":  # annotate keeps a result it could not score
+        raise TrainingError(f"entry {index} ({record.source}): the discriminator failed to score the result")
     edited = gated.result.edited
     row["seconds"] = models.engine_seconds
     if gated.score is not None:
