@@ -7,12 +7,21 @@ without Ray; engines.pipeline runs it for the service, the release gate and the 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Awaitable, Callable, Generic, Literal, TypeVar
-
-if TYPE_CHECKING:
-    from serve.config import GateSettings
+from typing import Awaitable, Callable, Generic, Literal, Protocol, TypeVar
 
 GateMode = Literal["off", "annotate", "retry", "reject"]
+
+
+class GateConfig(Protocol):
+    """What the policy reads from its settings: serve.config.GateSettings validates them (the engines never
+    import the service)."""
+
+    mode: GateMode
+    threshold: float
+    max_attempts: int
+    max_model_calls: int
+    allow_request_override: bool
+    on_scorer_error: Literal["fail_open", "fail_closed"]
 
 Result = TypeVar("Result")
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -38,7 +47,7 @@ class GatePolicy:
     @classmethod
     def resolve(
         cls,
-        settings: "GateSettings",
+        settings: GateConfig,
         mode: GateMode | None = None,
         threshold: float | None = None,
         max_attempts: int | None = None,

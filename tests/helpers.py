@@ -5,6 +5,7 @@ Test modules import from here, never from each other; tests/conftest.py holds on
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import shutil
@@ -39,6 +40,20 @@ current_test: pytest.Item | None = None
 
 
 # --- images and requests ------------------------------------------------------------------------
+
+
+def load_script(relative: str):
+    """A script of the repository (k8s/render.py, loadtests/soak.py) imported as a module; its folder is on
+    sys.path only while it loads (for its own imports, such as loadtests/benchlib.py)."""
+    path = REPO / relative
+    folder = str(path.parent)
+    sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module(path.stem)
+    finally:
+        sys.path.remove(folder)
+    assert Path(module.__file__).resolve() == path, f"{path.stem} imported from {module.__file__}, not {path}"
+    return module
 
 
 def photo(height: int = 256, width: int = 320) -> np.ndarray:

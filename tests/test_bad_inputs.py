@@ -33,10 +33,9 @@ from serve import rorem_pb2 as pb
 from serve.grpc_api import status_code
 from serve.grpc_client import open_channel, problem_of, stub
 from serve.problems import Problem
-from tests.helpers import encoded, photo, png_bytes, png_declaring_size
+from tests.helpers import PROBLEM, encoded, photo, png_bytes, png_declaring_size
 
 REPO = Path(__file__).resolve().parent.parent
-PROBLEM = "application/problem+json"
 REFERENCE = DecodeLimits(max_bytes=2**31, max_megapixels=1000)  # for decoding in the checks, not the service's
 MiB = 1024 * 1024
 H, W = 48, 64  # small images: most cases never reach the model, and the ones that do stay quick

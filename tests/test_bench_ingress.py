@@ -3,13 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO, load_script
+
 pytest.importorskip("skimage")  # the benchmark's photo is scikit-image's astronaut
 
-REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "mask", "plan+crop", "paste", "encode")
 
 
@@ -41,11 +41,7 @@ def test_smoke_run_writes_the_table_with_positive_costs_and_ratios(tmp_path):
 
 
 def test_the_bench_uses_the_services_imaging_defaults():
-    sys.path.insert(0, str(REPO / "loadtests"))
-    try:
-        import bench_ingress
-    finally:
-        sys.path.remove(str(REPO / "loadtests"))
+    bench_ingress = load_script("loadtests/bench_ingress.py")
     from engines.imaging import DecodeLimits
     from serve.config import ImagingSettings
 

@@ -6,8 +6,7 @@ from pydantic import ValidationError
 
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config
 from serve.config import AppSettings, live_serve_app
-
-REPO = DEFAULT_CONFIG.parent.parent.parent
+from tests.helpers import REPO, load_script
 
 
 def test_the_shipped_serve_config_validates_with_ray_and_with_our_settings():
@@ -251,11 +250,7 @@ def test_live_knobs_move_from_the_args_into_the_user_config_and_back():
 
 def test_the_rendered_serve_configs_carry_the_live_knobs_in_user_config():
     """What `python -m serve run` deploys and what k8s/render.py writes: no live knob left in the args."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "k8s"))
-    import render
-
+    render = load_script("k8s/render.py")
     from serve.config import live_serve_app
 
     for config in (render.render_config("gpu"), render.render_config("cpu")):

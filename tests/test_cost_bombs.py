@@ -27,10 +27,9 @@ from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, problem_of, stub
 from serve.problems import Problem
 from serve.protocol import JSONRemoveBody, validate
-from tests.helpers import png_bytes
+from tests.helpers import PROBLEM, png_bytes
 
 LIMITS = DecodeLimits(max_bytes=6 * 1024 * 1024)  # the service tests' upload limit, every other bound default
-PROBLEM = "application/problem+json"
 DEADLINE_S = 2.0
 
 

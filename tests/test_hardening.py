@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -29,10 +28,9 @@ from serve import rorem_pb2 as pb
 from serve.auth import new_key_entry
 from serve.grpc_client import open_channel
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.helpers import REPO, photo, png_bytes, running_service, serve_test_config
+from tests.helpers import load_script, photo, png_bytes, running_service, serve_test_config
 
-sys.path.insert(0, str(REPO / "loadtests"))
-from soak import replica_pids, run_soak
+soak = load_script("loadtests/soak.py")
 
 REQUEST_TIMEOUT_S = 30.0
 MAX_IN_FLIGHT = 4
@@ -102,7 +100,7 @@ def _serve_session(service) -> int:
 
 
 def _replica_pids(service, deployment: str) -> list[int]:
-    return replica_pids(deployment, session=_serve_session(service))
+    return soak.replica_pids(deployment, session=_serve_session(service))
 
 
 def _wait_ready(service, timeout_s: float = 180.0) -> float:
@@ -319,7 +317,7 @@ def test_a_killed_remover_drops_readiness_until_it_is_replaced(hardened, upload)
 @pytest.mark.chaos
 def test_chaos_soak_loses_no_request(hardened):
     """Replicas killed under steady load: every request gets an answer, a result or a clear 503."""
-    report = run_soak(
+    report = soak.run_soak(
         hardened.url, seconds=30, clients=3, side=256, headers={"x-api-key": hardened.app_key},
         fields={"gate": "annotate"}, client_timeout_s=REQUEST_TIMEOUT_S + 10, chaos_every_s=7,
         chaos_deployments=("Remover", "Scorer"), serve_session=_serve_session(hardened),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -35,12 +34,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import REPO, load_script
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
-REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 CRD_PATH = REPO.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # the oldest Kubernetes docs/kubernetes.md claims, and the newest schema
@@ -53,14 +53,7 @@ CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "Clust
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "namespace", "patches"}
 
 
-def _load_render():
-    spec = importlib.util.spec_from_file_location("k8s_render", K8S / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_render()
+render = load_script("k8s/render.py")
 
 
 # --------------------------------------------------------------------------------------------------

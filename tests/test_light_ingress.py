@@ -1,9 +1,11 @@
 """The processes that never run a model (the CLI, Serve's app build, the Ingress and ResultStore replicas)
 import without torch, diffusers or transformers: on a 2-core machine that took a Serve start from ~80 s to
-~46 s, and an Ingress replica's import footprint from ~530 MB to ~160 MB (docs/benchmarks.md)."""
+~46 s, and an Ingress replica's import footprint from ~530 MB to ~160 MB (docs/benchmarks.md). And the engines
+never import the service."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -51,3 +53,19 @@ def test_modules_outside_the_model_replicas_do_not_load_the_model_libraries():
 def test_the_probe_sees_a_model_library_import():
     found = _imports_of_model_libraries(("engines.remover",))
     assert found.startswith("engines.remover: ") and " via engines/remover.py:" in found, found
+
+
+def test_the_engines_never_import_the_service():
+    """serve/ depends on engines/, never the other way (not even for type hints): the engine core and the
+    pipeline run in-process for evaluation and benchmarks without the service's settings or Ray."""
+    offenders = []
+    for path in sorted((REPO / "engines").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            offenders += [f"engines/{path.name}:{node.lineno} imports {name}" for name in names if name.split(".")[0] == "serve"]
+    assert not offenders, offenders

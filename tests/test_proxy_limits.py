@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from serve.proxy_limits import (
     proxy_env,
 )
 from serve.proxy_middleware import BODY_LIMIT_ENV, DRAIN_PATH, BodyLimit, Drain
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 IMAGING = ImagingSettings(max_upload_bytes=6 * 1024 * 1024, max_megapixels=0.5)
 
@@ -72,9 +71,7 @@ def test_the_http_limit_admits_the_largest_json_body_the_app_accepts():
 
 
 def test_the_kubernetes_manifest_carries_the_derived_limits():
-    sys.path.insert(0, str(REPO / "k8s"))
-    import render
-
+    render = load_script("k8s/render.py")
     expected = proxy_env(render.render_config("gpu")["applications"][0]["args"])
     manifest = yaml.safe_load((REPO / "k8s" / "base" / "rayservice.yaml").read_text())
     cluster = manifest["spec"]["rayClusterConfig"]
