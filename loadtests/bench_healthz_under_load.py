@@ -3,6 +3,7 @@
     python loadtests/bench_healthz_under_load.py [--seconds 30] [--clients 8] [--out out/bench_healthz.json]
     python loadtests/bench_healthz_under_load.py --smoke        # a few seconds, small images: a working check
     python loadtests/bench_healthz_under_load.py --worker-nice 0  # the ingress's worker threads at the loop's priority
+    python loadtests/bench_healthz_under_load.py --client-nice 15  # the upload clients at Ray's workers' priority
 
 Starts the local service (`python -m serve run`, tiny bundle, Remover only: gate off, no Scorer) on free
 loopback ports, unless --url names a running one. --clients threads then send 12 MP uploads in a loop
@@ -19,6 +20,11 @@ parse, decode, reply; the image comes back unchanged, as JSON in base64 where as
 On a CPU the tiny model takes seconds per 12 MP removal (--mask box: a box in the middle), so the
 Remover would set the pace and most uploads would wait; an empty mask loads the ingress at the rate a GPU
 deployment feeds it, which is what this benchmark is about.
+
+The upload clients run on the same cores as the service. In production they are other machines; here their
+8 threads (sending 12 MP bodies, reading the replies) run at this process's priority, nice 0, while Ray runs
+every worker process (proxy, Ingress) at nice 15: the kernel then gives the load generator a core before the
+service. --client-nice 15 puts them on an equal footing (the probe keeps nice 0 either way).
 
 Only 127.0.0.1 is contacted; every loop ends by count or by time.
 """
@@ -41,6 +47,8 @@ import httpx
 import numpy as np
 from benchlib import remover_only, start_service, stop_service, summarize
 from PIL import Image
+
+from serve.worker_threads import lower_this_thread
 
 PROBE_PERIOD_S = 0.05
 KINDS = (("jpeg", "multipart"), ("png", "multipart"), ("jpeg", "json"), ("png", "json"))
@@ -147,8 +155,9 @@ def probe_result(process, queue, timeout_s: float) -> dict:
     return {**summarize(samples), "max_ms": round(max(samples), 1), "errors": result["errors"], "loop_lag": loop_lag}
 
 
-def load(url: str, bodies: dict, clients: int, seconds: float) -> dict:
-    """`clients` threads send the kinds in turn until `seconds` have passed; counts what came back."""
+def load(url: str, bodies: dict, clients: int, seconds: float, nice: int = 0) -> dict:
+    """`clients` threads, `nice` steps below this process, send the kinds in turn until `seconds` have passed;
+    counts what came back."""
     stop = time.monotonic() + seconds
     lock = threading.Lock()
     statuses: collections.Counter = collections.Counter()
@@ -156,6 +165,7 @@ def load(url: str, bodies: dict, clients: int, seconds: float) -> dict:
     sent_bytes = [0]
 
     def client(index: int) -> None:
+        lower_this_thread(nice)
         with httpx.Client(base_url=url, timeout=300) as http:
             turn = index
             while time.monotonic() < stop:
@@ -201,7 +211,7 @@ def bench(url: str, args) -> dict:
     process, queue = run_probe(url, idle_s)
     idle = probe_result(process, queue, idle_s + 60)
     process, queue = run_probe(url, args.seconds)
-    uploads = load(url, bodies, args.clients, args.seconds)
+    uploads = load(url, bodies, args.clients, args.seconds, args.client_nice)
     healthz = probe_result(process, queue, args.seconds + 60)
     return {
         "width": args.width,
@@ -210,6 +220,7 @@ def bench(url: str, args) -> dict:
         "mask": args.mask,
         "clients": args.clients,
         "worker_nice": args.worker_nice,
+        "client_nice": args.client_nice,
         "body_mb": {"/".join(kind): round(len(body) / 2**20, 2) for kind, (body, _) in bodies.items()},
         "healthz": healthz,
         "healthz_idle": idle,
@@ -229,6 +240,9 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="a running service on 127.0.0.1 (default: start one)")
     parser.add_argument(
         "--worker-nice", type=int, default=None, help="the started service's overload.worker_nice (default: the config's)"
+    )
+    parser.add_argument(
+        "--client-nice", type=int, default=0, help="the upload threads' nice value (15: Ray's workers'; default 0)"
     )
     parser.add_argument("--smoke", action="store_true", help="4 s, 2 clients, 640x480: checks that it all works")
     parser.add_argument("--out", type=Path, default=Path("out/bench_healthz.json"))
