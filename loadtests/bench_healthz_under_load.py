@@ -242,7 +242,7 @@ def main() -> None:
         "--worker-nice", type=int, default=None, help="the started service's overload.worker_nice (default: the config's)"
     )
     parser.add_argument(
-        "--client-nice", type=int, default=0, help="the upload threads' nice value (15: Ray's workers'; default 0)"
+        "--client-nice", type=int, default=0, help="upload threads this many nice steps lower (15: Ray's workers')"
     )
     parser.add_argument("--smoke", action="store_true", help="4 s, 2 clients, 640x480: checks that it all works")
     parser.add_argument("--out", type=Path, default=Path("out/bench_healthz.json"))
