@@ -66,7 +66,7 @@ def fit_to_machine(
     grpc_port: int | None = None,
     gpus: int | None = None,
 ) -> list[str]:
-    """Apply command-line choices and this machine's facts (`gpus`: None counts the CUDA devices);
+    """Apply command-line choices and this machine's facts (`gpus`: None counts them as Ray will);
     returns what was changed, to print. Raises PlacementError when the deployments cannot be placed."""
     notes = []
     choose_ports(config, host, port, grpc_port)
@@ -75,11 +75,21 @@ def fit_to_machine(
     if bundle:
         args.setdefault("bundle", {})["path"] = bundle
     if gpus is None:
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = visible_gpus()
     notes += fit_gpus(app.get("deployments", []), gpus)
     return notes
+
+
+def visible_gpus() -> int:
+    """The GPUs Ray will give this node, by its own detection (the driver's count, capped by
+    CUDA_VISIBLE_DEVICES; ray/_private/resource_and_label_spec.py): importing torch to count them cost
+    the CLI 2-3 s of every start."""
+    from ray._private import accelerators
+
+    manager = accelerators.get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return count if visible is None else min(count, len(visible))
 
 
 def choose_ports(config: dict, host: str | None, port: int | None, grpc_port: int | None) -> None:
@@ -375,8 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     key_cmd.add_argument("--scopes", default=",".join(DEFAULT_SCOPES), help=f"comma-separated, of {', '.join(SCOPES)}")
     key_cmd.add_argument("--keys-file", type=Path, required=True, help="YAML keys file to add the entry to")
     key_cmd.add_argument("--team", default=None, help="keys of one team share their retained results (default: none)")
-    key_cmd.add_argument("--requests-per-minute", type=int, default=None, help="quota of /remove + /score (default: none)")
-    key_cmd.add_argument("--max-concurrent", type=int, default=None, help="of those in progress at once (default: none)")
+    key_cmd.add_argument(
+        "--requests-per-minute", type=int, default=None, help="quota of /remove + /score (default: none)"
+    )
+    key_cmd.add_argument(
+        "--max-concurrent", type=int, default=None, help="of those in progress at once (default: none)"
+    )
     return parser
 
 
@@ -388,7 +402,7 @@ def run(argv: list[str] | None = None) -> int:
         return add_api_key(options.keys_file, options.name, scopes, options.team, **limits)
 
     # the ports first, from the bare YAML: a busy port fails the start in a second, before the model
-    # libraries load (serve.config imports torch and diffusers)
+    # libraries load
     plain = yaml.safe_load(options.config.read_text())
     choose_ports(plain, options.host, options.port, options.grpc_port)
     busy = busy_ports(listen_addresses(plain, options.metrics_port))
@@ -420,54 +434,58 @@ def run(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"[rorem] {note}", flush=True)
 
-    work = Path(tempfile.mkdtemp(prefix="rorem-serve-"))
-    effective = work / "serve-config.yaml"
-    from serve.config import live_serve_config
+    # the effective config and the drain flag: kept while the service runs, removed when it stops
+    with tempfile.TemporaryDirectory(prefix="rorem-serve-", ignore_cleanup_errors=True) as work_dir:
+        work = Path(work_dir)
+        effective = work / "serve-config.yaml"
+        from serve.config import live_serve_config
 
-    # the live knobs go into the deployments' user_config: edited there, `serve deploy` reconfigures, not restarts
-    live = live_serve_config(config)
-    effective.write_text(yaml.safe_dump(live, sort_keys=False))
-    print(f"[rorem] effective Serve config: {effective}", flush=True)
-    command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]
-    num_cpus = logical_cpus_needed(config)
-    if num_cpus:
+        # the live knobs go into the deployments' user_config: edited there, `serve deploy` reconfigures, not restarts
+        live = live_serve_config(config)
+        effective.write_text(yaml.safe_dump(live, sort_keys=False))
+        print(f"[rorem] effective Serve config: {effective}", flush=True)
+        command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]
+        num_cpus = logical_cpus_needed(config)
+        if num_cpus:
+            print(
+                f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores",
+                flush=True,
+            )
+            command += ["--num-cpus", str(num_cpus)]
+        if options.gpus is not None:
+            command += ["--num-gpus", str(options.gpus)]
+        instance = uuid.uuid4().hex
+        drain_flag = work / "draining"
+        # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
+        env = {**os.environ, **proxy_env(app.get("args")), INSTANCE_ENV: instance, DRAIN_FLAG_ENV: str(drain_flag)}
+        stop = StopRequest()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        # its own session: a terminal's Ctrl-C reaches this process only, which stops everything in order
+        child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
+        try:
+            ready = wait_until_ready(base_url, instance, child, options.ready_timeout, stop)
+        except ForeignInstance as exc:
+            print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
+            stop_service(child, base_url, drain_flag, stop)
+            return 2
+        if ready is None:
+            if not stop.requested.is_set():
+                print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
+            code = stop_service(child, base_url, drain_flag, stop)
+            return code if stop.requested.is_set() else 1
+        model = ready["model"]
         print(
-            f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores",
+            f"[rorem] READY on {base_url} : POST {base_url}/remove | gRPC {host}:{addresses['gRPC'][1]}"
+            f" | metrics http://127.0.0.1:{options.metrics_port}/metrics | bundle {model['bundle']['name']}"
+            f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
+            f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']} | instance {instance}",
             flush=True,
         )
-        command += ["--num-cpus", str(num_cpus)]
-    if options.gpus is not None:
-        command += ["--num-gpus", str(options.gpus)]
-    instance = uuid.uuid4().hex
-    drain_flag = work / "draining"
-    # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
-    env = {**os.environ, **proxy_env(app.get("args")), INSTANCE_ENV: instance, DRAIN_FLAG_ENV: str(drain_flag)}
-    stop = StopRequest()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    # its own session: a terminal's Ctrl-C reaches this process only, which stops everything in order
-    child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
-    try:
-        ready = wait_until_ready(base_url, instance, child, options.ready_timeout, stop)
-    except ForeignInstance as exc:
-        print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
-        stop_service(child, base_url, drain_flag, stop)
-        return 2
-    if ready is None:
-        if not stop.requested.is_set():
-            print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
-        code = stop_service(child, base_url, drain_flag, stop)
-        return code if stop.requested.is_set() else 1
-    model = ready["model"]
-    print(
-        f"[rorem] READY on {base_url} : POST {base_url}/remove | gRPC {host}:{addresses['gRPC'][1]}"
-        f" | metrics http://127.0.0.1:{options.metrics_port}/metrics | bundle {model['bundle']['name']}"
-        f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
-        f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']} | instance {instance}",
-        flush=True,
-    )
-    while child.poll() is None and not stop.requested.wait(0.5):
-        pass
-    if child.poll() is not None and not stop.requested.is_set():
-        print(f"[rorem] the launcher exited ({child.returncode}); stopping what is left", file=sys.stderr, flush=True)
-    return stop_service(child, base_url, drain_flag, stop)
+        while child.poll() is None and not stop.requested.wait(0.5):
+            pass
+        if child.poll() is not None and not stop.requested.is_set():
+            print(
+                f"[rorem] the launcher exited ({child.returncode}); stopping what is left", file=sys.stderr, flush=True
+            )
+        return stop_service(child, base_url, drain_flag, stop)

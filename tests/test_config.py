@@ -4,7 +4,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config
+from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
 from serve.config import AppSettings, live_serve_app
 from tests.helpers import REPO, load_script
 
@@ -34,16 +34,35 @@ def test_buckets_must_be_multiples_of_64():
         AppSettings.model_validate({"imaging": {"buckets": [500]}})
 
 
-def test_without_cuda_the_remover_asks_for_no_gpu(monkeypatch):
-    import torch
+def _nvidia_driver_reports(monkeypatch, gpus: int) -> None:
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(NvidiaGPUAcceleratorManager, "get_current_node_num_accelerators", staticmethod(lambda: gpus))
+
+
+def test_without_cuda_the_remover_asks_for_no_gpu(monkeypatch):
+    _nvidia_driver_reports(monkeypatch, 0)
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     notes = fit_to_machine(config, bundle="/models/b", host=None, port=8123)
     remover = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Remover")
     assert remover["ray_actor_options"]["num_gpus"] == 0 and notes
     assert config["http_options"]["port"] == 8123
     assert config["applications"][0]["args"]["bundle"]["path"] == "/models/b"
+
+
+@pytest.mark.parametrize(("driver", "cuda_visible", "expected"), [(4, None, 4), (4, "0,2", 2), (2, "", 0), (0, "0", 0)])
+def test_the_cli_counts_the_gpus_ray_will_schedule(monkeypatch, driver, cuda_visible, expected):
+    """The placement is sized from the count Ray's own detection resolves (driver count capped by
+    CUDA_VISIBLE_DEVICES), so what the CLI plans is what Ray can place."""
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+    _nvidia_driver_reports(monkeypatch, driver)
+    if cuda_visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cuda_visible)
+    assert visible_gpus() == expected
+    assert ResourceAndLabelSpec._get_current_node_accelerator(None, {})[1] == expected
 
 
 def test_the_cli_says_loudly_when_it_falls_back_to_the_tiny_bundle():

@@ -170,7 +170,11 @@ def test_cuda_graphs_give_the_eager_result_and_capture_only_at_start(tiny_bundle
     captured = dict(graphed.graphs.captured)
     for size, side in [(1, 64), (3, 64), (4, 64), (2, 128)]:
         jobs = _jobs(size, side, seed0=10 * size)
-        want = eager.remove(jobs)
+        # the graph runs the batch padded to a captured size; eager runs the same shape (rows are independent,
+        # but in bf16 the kernels chosen for 3 rows and for 4 differ: on the H200 a batch of 3 run eagerly
+        # and in the batch-4 graph differed by up to 9 levels, each shape alone was identical; docs/benchmarks.md)
+        padded = min(b for (s, b) in captured if s == side and b >= size)
+        want = eager.remove(jobs + _jobs(padded - size, side, seed0=999))[:size]
         got = graphed.remove(jobs)
         assert len(got) == size
         for w, g in zip(want, got):

@@ -5,6 +5,7 @@ Also the gRPC proxy's message limit (serve.proxy_limits), on the same running se
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -197,6 +198,8 @@ def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(ru
     members = session_members(launcher)
     session_dirs = {arg.split("=", 1)[1] for pid in members for arg in _argv(pid) if arg.startswith("--session_dir=")}
     assert len(members) > 5 and session_dirs, "gcs_server, raylet, workers run in the launcher's session"
+    effective = Path(re.search(r"effective Serve config: (\S+)", running.log.read_text())[1])
+    assert effective.is_file(), "the effective config is there to edit while the service runs"
 
     mask = np.zeros((256, 256), np.uint8)
     mask[100:140, 110:150] = 255
@@ -223,6 +226,7 @@ def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(ru
     leftovers = [pid for pid in _pids() if any(d in " ".join(_argv(pid)) for d in session_dirs)]
     assert leftovers == [], f"Ray processes of {session_dirs} still run: {leftovers}"
     assert "[rorem] stopped in" in running.log.read_text()
+    assert not effective.parent.exists(), "the CLI's work folder (effective config, drain flag) outlived it"
 
 
 def _pids() -> list[int]:

@@ -33,12 +33,17 @@ for module in {modules!r}:
         __import__(module)
     except ImportError as exc:
         print(f"{{module}}: {{exc}}")
+try:
+    {then}
+except ImportError as exc:
+    print(f"{then}: {{exc}}")
 """
 
 
-def _imports_of_model_libraries(modules: tuple[str, ...]) -> str:
-    """One line per module whose import reached a model library, with the chain that asked for it."""
-    probe = _PROBE.format(heavy=MODEL_LIBRARIES, modules=modules)
+def _imports_of_model_libraries(modules: tuple[str, ...], then: str = "pass") -> str:
+    """One line per module whose import (or the statement `then`, run after them) reached a model library,
+    with the chain that asked for it."""
+    probe = _PROBE.format(heavy=MODEL_LIBRARIES, modules=modules, then=then)
     run = subprocess.run(
         [sys.executable, "-c", probe, str(REPO)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
@@ -48,6 +53,11 @@ def _imports_of_model_libraries(modules: tuple[str, ...]) -> str:
 def test_modules_outside_the_model_replicas_do_not_load_the_model_libraries():
     found = _imports_of_model_libraries(LIGHT_MODULES)
     assert found == "", f"import the model libraries where a model is built:\n{found}"
+
+
+def test_counting_the_gpus_for_a_start_does_not_load_the_model_libraries():
+    found = _imports_of_model_libraries(("serve.cli",), then="from serve.cli import visible_gpus; visible_gpus()")
+    assert found == "", f"the CLI counts GPUs as Ray does, without torch:\n{found}"
 
 
 def test_the_probe_sees_a_model_library_import():
