@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve.problems import Problem
 
@@ -68,8 +68,26 @@ class StoredKey(BaseModel):
 
 
 class KeysFile(BaseModel):
+    """Names are unique (quotas are kept per name), and a key without a team is not named like a team:
+    its results would be that team's (result_owner), and the team's its."""
+
     model_config = ConfigDict(extra="forbid")
     keys: list[StoredKey]
+
+    @model_validator(mode="after")
+    def _owners_are_distinct(self) -> KeysFile:
+        names = [key.name for key in self.keys]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"key names must be unique: {repeated} appear more than once")
+        teams = {key.team for key in self.keys if key.team}
+        clashing = sorted(key.name for key in self.keys if not key.team and key.name in teams)
+        if clashing:
+            raise ValueError(
+                f"keys {clashing} have no team but are named like a team: they would share that team's results;"
+                " rename them or give them that team"
+            )
+        return self
 
 
 def result_owner(key: StoredKey | None) -> str | None:

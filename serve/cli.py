@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
 from serve.ports import busy_ports
@@ -223,12 +224,14 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
     """Append a new key's digest to the keys file; the key itself goes to stdout only."""
     data = yaml.safe_load(keys_file.read_text()) if keys_file.exists() else None
     data = data or {"keys": []}
-    if any(entry.get("name") == name for entry in data["keys"]):
-        print(f"a key named {name!r} is already in {keys_file}", file=sys.stderr)
-        return 2
     key, entry = new_key_entry(name, scopes, team, **quotas)  # quotas: requests_per_minute, max_concurrent
     data["keys"].append(entry)
-    KeysFile.model_validate(data)
+    try:
+        KeysFile.model_validate(data)
+    except ValidationError as exc:
+        reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+        print(f"cannot add key {name!r} to {keys_file}: {reasons}", file=sys.stderr)
+        return 2
     keys_file.write_text(yaml.safe_dump(data, sort_keys=False))
     print(key)
     print(f"[rorem] stored the SHA-256 of key {name!r} ({', '.join(scopes)}) in {keys_file}", file=sys.stderr)

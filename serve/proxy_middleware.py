@@ -7,8 +7,11 @@ middlewares read their settings from that environment too; without them they do 
 - BodyLimit: a body over the limit is refused with 413 by the proxy itself, by Content-Length before
   it is read, or once a chunked body passes the limit; the proxy then holds at most the limit, not
   a whole upload queued for a busy replica.
-- RequestIdGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
-  request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own.
+- HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
+  request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
+  per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
+  request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the client has gone,
+  X-Session-Id steers session-aware routing) are dropped: no client of this API may set them.
 - Drain: `python -m serve run` stops by creating the drain flag file: from then on new HTTP requests
   are answered 503 at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
   a response then are answered 503 too, so the service can stop without cutting a connection.
@@ -32,13 +35,15 @@ DRAIN_GRACE_S = 4.0
 RETRY_AFTER_S = 2
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
+# ray/serve/_private/constants.py: SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER, ..._DISCONNECT_DISABLED_HEADER, SERVE_SESSION_ID
+RAY_CONTROL_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled", b"x-session-id"})
 
 
 def middlewares() -> list:
     """The callback Ray's proxy calls: Starlette Middleware objects, outermost last."""
     from starlette.middleware import Middleware
 
-    stack = [Middleware(RequestIdGuard)]
+    stack = [Middleware(HeaderGuard)]
     limit = os.environ.get(BODY_LIMIT_ENV)
     if limit:
         stack.append(Middleware(BodyLimit, limit=int(limit)))
@@ -61,15 +66,21 @@ async def _problem(send, problem: Problem) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestIdGuard:
+class HeaderGuard:
     def __init__(self, app):
         self.app = app
         self.valid = re.compile(REQUEST_ID_PATTERN.encode())
 
+    def _keep(self, name: bytes, value: bytes) -> bool:
+        name = name.lower()
+        if name == _REQUEST_ID_HEADER:
+            return self.valid.fullmatch(value) is not None
+        return name.replace(b"_", b"-") not in RAY_CONTROL_HEADERS
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = scope["headers"]
-            kept = [(k, v) for k, v in headers if k.lower() != _REQUEST_ID_HEADER or self.valid.fullmatch(v)]
+            kept = [(k, v) for k, v in headers if self._keep(k, v)]
             if len(kept) != len(headers):
                 scope = {**scope, "headers": kept}
         await self.app(scope, receive, send)

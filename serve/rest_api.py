@@ -39,7 +39,7 @@ def _route_label(scope: dict) -> str:
 
 def request_id_of(request: Request) -> str:
     """Ray Serve's id for this request: the client's X-Request-Id if it is a valid one (the proxy drops any
-    other, serve.proxy_middleware.RequestIdGuard), else one Serve made; Serve echoes it back."""
+    other, serve.proxy_middleware.HeaderGuard), else one Serve made; Serve echoes it back."""
     return serve_request_id() or valid_request_id(request.headers.get("x-request-id", ""))
 
 

@@ -87,6 +87,36 @@ def test_settings_refuse_auth_without_keys_and_bad_files(tmp_path):
         ApiKeys(str(_keys_file(tmp_path, {"name": "x", "sha256": "0" * 64, "scopes": ["root"]})))
 
 
+def test_two_keys_never_share_an_owner_or_a_quota_by_accident(tmp_path):
+    """A teamless key named like a team would own that team's retained results (result_owner is the team, else
+    the name); two keys of one name would share one quota. Such files are refused, at start and on reload."""
+    from serve.auth import result_owner
+
+    intern_key, intern = new_key_entry("intern", ["remove"], team="acme")
+    _, acme = new_key_entry("acme", ["remove"])
+    _, again = new_key_entry("intern", ["remove"])
+    with pytest.raises(ValueError, match=r"\['acme'\] have no team but are named like a team"):
+        ApiKeys(str(_keys_file(tmp_path, intern, acme)))
+    with pytest.raises(ValueError, match=r"unique: \['intern'\]"):
+        ApiKeys(str(_keys_file(tmp_path, intern, again)))
+    lead_key, lead = new_key_entry("acme", ["remove"], team="acme")  # named like its own team: one owner, as meant
+    keys = ApiKeys(str(_keys_file(tmp_path, intern, lead)))
+    assert result_owner(keys.identify(intern_key)) == result_owner(keys.identify(lead_key)) == "acme"
+
+
+def test_new_key_refuses_a_clashing_name_and_leaves_the_file_as_it_was(tmp_path, capsys):
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    assert run(["new-key", "--name", "intern", "--team", "acme", "--keys-file", str(path)]) == 0
+    before = path.read_text()
+    assert run(["new-key", "--name", "acme", "--keys-file", str(path)]) == 2
+    assert "cannot add key 'acme'" in capsys.readouterr().err and path.read_text() == before
+    assert run(["new-key", "--name", "intern", "--keys-file", str(path)]) == 2
+    assert "must be unique" in capsys.readouterr().err and path.read_text() == before
+    assert run(["new-key", "--name", "acme", "--team", "acme", "--keys-file", str(path)]) == 0
+
+
 def test_credential_parsing():
     assert presented_key({"authorization": "bearer  abc "}) == "abc"
     assert presented_key({"x-api-key": "k"}) == "k"

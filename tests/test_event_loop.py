@@ -346,6 +346,7 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
     monkeypatch.setattr(req, "_LIFT_MIN", 16)
 
     def reference(body: bytes):
+        req.check_scalar_fields(body, req.JSONRemoveBody)
         try:
             data = json.loads(body)
         except (ValueError, RecursionError) as exc:
@@ -379,6 +380,38 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
         ), body[:200]
         assert outcome(lambda: req._loads(body)) == outcome(lambda: json.loads(body)), body[:200]
     assert lifted > 500 and len(from_body) > 300  # the placeholder paths were taken
+
+
+@pytest.mark.parametrize(
+    "members",
+    [{"x": [""] * 300_000}, {"x": [0] * 300_000}, {f"k{i}": i for i in range(50_000)}],
+    ids=["many empty strings", "a long list", "many keys"],
+)
+def test_a_json_body_that_cannot_be_a_request_is_refused_before_it_is_parsed(monkeypatch, members):
+    """Lists or thousands of members cannot validate as a /remove body, and they are what makes the parse
+    expensive: refused by counting quotes and commas, before the base64 scan or the JSON parser run."""
+    body = json.dumps({"image": "AAAA", **members}).encode()
+    monkeypatch.setattr(req, "_long_runs", lambda body: pytest.fail("scanned"))
+    monkeypatch.setattr(req, "_loads_stepwise", lambda body: pytest.fail("parsed"))
+    with pytest.raises(Problem) as refused:
+        req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)
+    assert refused.value.problem == "invalid-request" and refused.value.status == 422
+    assert "one object of at most 11 fields" in refused.value.detail
+
+
+def test_the_fullest_valid_json_bodies_pass_the_structure_bound():
+    """Every field set, strings where a string is allowed, files as data URLs: well inside the bound."""
+    b64 = base64.b64encode(png_bytes(photo(64, 64))).decode()
+    remove = {"image": f"data:image/png;base64,{b64}", "mask": f"data:image/png;base64,{b64}", "seed": 3,
+              "output_format": "webp", "quality": 90, "dilate": 4, "gate": "retry", "gate_threshold": 0.5,
+              "max_attempts": 2, "retain": False, "timeout_s": 30}  # fmt: skip
+    assert set(remove) == set(req.JSONRemoveBody.model_fields)
+    files, options = req._from_json(json.dumps(remove).encode(), NAMES, req.RemoveOptions, req.JSONRemoveBody)
+    assert set(files) == {"image", "mask"} and options.gate == "retry"
+    score = {name: f"data:image/png;base64,{b64}" for name in ("source", "mask", "edited")}
+    score.update(dilate=4, gate_threshold=0.5)
+    assert set(score) == set(req.JSONScoreBody.model_fields)
+    req.check_scalar_fields(json.dumps(score, indent=1).encode(), req.JSONScoreBody)
 
 
 def test_stepwise_base64_matches_the_stdlib(monkeypatch):

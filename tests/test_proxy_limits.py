@@ -189,14 +189,14 @@ def test_draining_answers_new_requests_503_and_in_flight_ones_finish_or_get_503(
 def test_the_proxy_drops_a_request_id_it_must_not_echo_or_log():
     import asyncio
 
-    from serve.proxy_middleware import RequestIdGuard
+    from serve.proxy_middleware import HeaderGuard
 
     seen = []
 
     async def app(scope, receive, send):
         seen.append(dict(scope["headers"]).get(b"x-request-id"))
 
-    guard = RequestIdGuard(app)
+    guard = HeaderGuard(app)
     for given, kept in [
         (b"abc-123.X_y", b"abc-123.X_y"),
         (b"a" * 128, b"a" * 128),
@@ -207,3 +207,34 @@ def test_the_proxy_drops_a_request_id_it_must_not_echo_or_log():
     ]:
         asyncio.run(guard({"type": "http", "headers": [(b"x-request-id", given), (b"host", b"h")]}, None, None))
         assert seen[-1] == kept, given
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [(b"x-request-timeout-seconds", b"0"), (b"X-Request-Disconnect-Disabled", b"?1"), (b"x-session-id", b"s"),
+     (b"x_session_id", b"s")],
+)  # fmt: skip
+def test_a_client_cannot_lift_the_proxys_timeout_or_keep_work_running_after_it_hangs_up(header, value):
+    """Ray's proxy reads these per-request hints (meant for a trusted front proxy): unguarded,
+    `x-request-timeout-seconds: 0` lifts http_options.request_timeout_s and `x-request-disconnect-disabled: ?1`
+    keeps a request's model work going after its client has gone (Ray's own parsers say so below). The guard
+    drops them, and the session-routing key, before Ray reads the headers."""
+    from ray.serve._private.http_util import parse_disconnect_disabled_header, parse_request_timeout_header
+
+    from serve.proxy_middleware import HeaderGuard
+
+    sent = {header.lower(): value}
+    if b"timeout" in header:
+        assert parse_request_timeout_header(sent, 180.0) is None, "Ray would run this request without a timeout"
+    if b"disconnect" in header.lower():
+        assert parse_disconnect_disabled_header(sent), "Ray would not cancel this request when its client goes"
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(dict(scope["headers"]))
+
+    headers = [(header, value), (b"host", b"h"), (b"x-request-id", b"abc")]
+    asyncio.run(HeaderGuard(app)({"type": "http", "headers": headers}, None, None))
+    assert seen == [{b"host": b"h", b"x-request-id": b"abc"}]
+    assert parse_request_timeout_header(seen[0], 180.0) == 180.0 and not parse_disconnect_disabled_header(seen[0])
