@@ -67,12 +67,27 @@ class GatePolicy:
         )
 
 
+    def max_crops(self, max_model_calls: int) -> int:
+        return max_crops(max_model_calls, scored=self.mode != "off")
+
     def within_calls(self, max_model_calls: int, crops: int) -> "GatePolicy":
         """Attempts capped for a request of `crops` crops: each attempt is one removal per crop, plus one
         scoring per crop when the gate scores; at least one attempt always runs."""
-        per_attempt = crops * (1 if self.mode == "off" else 2)
+        per_attempt = crops * _calls_per_crop(self.mode != "off")
         attempts = max(1, min(self.max_attempts, max_model_calls // per_attempt))
         return self if attempts == self.max_attempts else replace(self, max_attempts=attempts)
+
+
+def _calls_per_crop(scored: bool) -> int:
+    """Model calls one crop costs in one attempt: its removal, and its scoring when the gate scores."""
+    return 2 if scored else 1
+
+
+def max_crops(max_model_calls: int, scored: bool) -> int:
+    """The most crops one attempt may cut within `max_model_calls`: a mask with more regions is planned as one
+    box (engines.regions), so that even the first attempt stays within the cap. POST /score cuts a removal's
+    crops as a scored removal cut them."""
+    return max(1, max_model_calls // _calls_per_crop(scored))
 
 
 @dataclass

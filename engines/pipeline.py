@@ -145,27 +145,41 @@ class RemovalPipeline:
 
     # ------------------------------------------------------------------ the steps, in order
 
-    def prepare(self, image: bytes, mask: bytes | None, dilate: int | None = None) -> Prepared:
+    def prepare(
+        self, image: bytes, mask: bytes | None, dilate: int | None = None, max_crops: int = regions.MAX_CROPS
+    ) -> Prepared:
         """Decode, pick the mask (the upload's, or the image's alpha), dilate, plan and cut the crops.
-        CPU work: the service runs it in a thread."""
+        `max_crops`: what the gate's model-call cap allows (GatePolicy.max_crops). CPU work: the service runs
+        it in a thread."""
         decoded = imaging.decode_image(image, self.limits)
         if mask is None:
             mask_pixels = imaging.mask_from_alpha(decoded)
             decoded.alpha = None
         else:
             mask_pixels = imaging.decode_mask(mask, decoded.rgb.shape[:2], self.limits)
-        return self.prepare_pixels(decoded, mask_pixels, dilate)
+        return self.prepare_pixels(decoded, mask_pixels, dilate, max_crops)
 
-    def prepare_pixels(self, image: imaging.DecodedImage, mask: np.ndarray, dilate: int | None = None) -> Prepared:
+    def prepare_pixels(
+        self,
+        image: imaging.DecodedImage,
+        mask: np.ndarray,
+        dilate: int | None = None,
+        max_crops: int = regions.MAX_CROPS,
+    ) -> Prepared:
         """Dilate, plan and cut, for pixels already decoded (benchmarks start here)."""
         dilate = self.crops.dilate if dilate is None else dilate
-        dilated, plans = self.plan(mask, dilate)
+        dilated, plans = self.plan(mask, dilate, max_crops)
         return Prepared(image, dilated, mask, plans, self.cut(image.rgb, dilated, plans), dilate)
 
-    def plan(self, mask: np.ndarray, dilate: int | None = None) -> tuple[np.ndarray, list[imaging.CropPlan]]:
-        """The dilated mask and a crop per region (engines.regions)."""
+    def plan(
+        self, mask: np.ndarray, dilate: int | None = None, max_crops: int = regions.MAX_CROPS
+    ) -> tuple[np.ndarray, list[imaging.CropPlan]]:
+        """The dilated mask and a crop per region (engines.regions), at most `max_crops` (else one box)."""
         dilated = imaging.dilate_mask(mask, self.crops.dilate if dilate is None else dilate)
-        return dilated, regions.plan_region_crops(dilated, self.crops.buckets, self.crops.crop_margin)
+        plans = regions.plan_region_crops(
+            dilated, self.crops.buckets, self.crops.crop_margin, max_crops=min(max_crops, regions.MAX_CROPS)
+        )
+        return dilated, plans
 
     @staticmethod
     def cut(rgb: np.ndarray, mask: np.ndarray, plans: Sequence[imaging.CropPlan]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -203,14 +217,22 @@ class RemovalPipeline:
 
     # ------------------------------------------------------------------ scoring a finished removal (POST /score)
 
-    def prepare_score(self, source: bytes, mask: bytes, edited: bytes, dilate: int | None = None) -> list[ScoreJob]:
+    def prepare_score(
+        self,
+        source: bytes,
+        mask: bytes,
+        edited: bytes,
+        dilate: int | None = None,
+        max_crops: int = regions.MAX_CROPS,
+    ) -> list[ScoreJob]:
         """The crops the removal used: decode all three, dilate the mask as a removal does, cut both images."""
         source_image = imaging.decode_image(source, self.limits)
         edited_image = imaging.decode_image(edited, self.limits)
         if edited_image.rgb.shape != source_image.rgb.shape:
             (eh, ew), (sh, sw) = edited_image.rgb.shape[:2], source_image.rgb.shape[:2]
             raise ImageSizeMismatch(f"edited is {ew}x{eh}, source is {sw}x{sh}")
-        dilated, plans = self.plan(imaging.decode_mask(mask, source_image.rgb.shape[:2], self.limits), dilate)
+        given = imaging.decode_mask(mask, source_image.rgb.shape[:2], self.limits)
+        dilated, plans = self.plan(given, dilate, max_crops)
         if not plans:
             raise InvalidMask("the mask is empty: there is no removal to score")
         sources, edits = self.cut(source_image.rgb, dilated, plans), self.cut(edited_image.rgb, dilated, plans)

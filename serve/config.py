@@ -220,8 +220,9 @@ class GateSettings(_Strict):
         8,
         ge=2,
         le=16,
-        description="model calls (removals + scorings) one request may cause: a scored attempt is 2 calls, so a "
-        "request's max_attempts is capped at max_model_calls // 2",
+        description="model calls (removals + scorings) one request may cause: an attempt is a removal per crop, plus"
+        " a scoring per crop when the gate scores; a mask with more regions than fit is planned as one box, and"
+        " attempts are capped to fit",
     )
     on_scorer_error: Literal["fail_open", "fail_closed"] = Field(
         "fail_open",

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from engines import imaging
 from engines.errors import InputError
-from engines.gate import GatePolicy, ScorerUnavailable
+from engines.gate import GatePolicy, ScorerUnavailable, max_crops
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, RemovalPipeline, Timings
 from serve.config import AppSettings, GateSettings
@@ -168,7 +168,9 @@ class RemovalService:
         retain = self.retention.wanted(options.retain)
         gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
         policy = self._gate_policy(gate, options)
-        prepared = await self._decode(self.pipeline.prepare, upload.image, upload.mask, options.dilate)
+        prepared = await self._decode(
+            self.pipeline.prepare, upload.image, upload.mask, options.dilate, policy.max_crops(gate.max_model_calls)
+        )
         timings.lap("decode")
         image = prepared.image
         fmt = _output_format(options, accept, image.format)
@@ -232,8 +234,9 @@ class RemovalService:
         if threshold is None or not self.settings.gate.allow_request_override:
             threshold = self.settings.gate.threshold
         jobs = await self._decode(
-            self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate
-        )
+            self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate,
+            max_crops(self.settings.gate.max_model_calls, scored=True),
+        )  # fmt: skip
         try:
             score = await self.score_pipeline.worst_score(jobs)
         except Problem as exc:

@@ -92,6 +92,15 @@ def test_one_request_never_causes_more_model_calls_than_the_cap():
         GateSettings(max_attempts=5, max_model_calls=8)
 
 
+def test_the_crops_an_attempt_may_cut_keep_even_the_first_attempt_within_the_cap():
+    for cap in (2, 3, 8, 16):
+        for mode in ("off", "annotate", "retry", "reject"):
+            policy = GatePolicy.resolve(GateSettings(max_attempts=1, max_model_calls=cap), mode=mode, max_attempts=8)
+            crops = policy.max_crops(cap)
+            calls = policy.within_calls(cap, crops).max_attempts * crops * (1 if mode == "off" else 2)
+            assert calls <= cap and crops == (cap if mode == "off" else cap // 2), (cap, mode)
+
+
 def test_a_request_with_several_crops_runs_fewer_attempts_within_the_same_cap():
     policy = GatePolicy.resolve(GateSettings(max_model_calls=8), mode="retry", max_attempts=4)
     assert [policy.within_calls(8, crops).max_attempts for crops in (1, 2, 3, 4, 16)] == [4, 2, 1, 1, 1]

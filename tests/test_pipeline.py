@@ -21,7 +21,7 @@ from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline
 from serve.config import AppSettings
 from serve.problems import Problem
-from serve.protocol import RemovalRequest, RemoveOptions
+from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
 from serve.service import RemovalService
 from tests.helpers import png_bytes
 
@@ -185,6 +185,43 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     reply = asyncio.run(service.remove(upload))
     assert (reply.body, reply.buckets, reply.bucket, reply.gate) == (upload.image, [], None, "nothing-to-remove")
     assert models.removals == []
+
+
+def _photo_and_objects(count: int):
+    """`count` 30 px objects, 450 px apart on a grid of three columns: each its own 128 crop if allowed."""
+    photo, _ = _photo_and_two_objects(1400, 1500)
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    for index in range(count):
+        top, left = 100 + 450 * (index // 3), 100 + 450 * (index % 3)
+        mask[top : top + 30, left : left + 30] = 255
+    return photo, mask
+
+
+@pytest.mark.parametrize(("objects", "gate", "crops", "calls"), [
+    (4, "retry", 4, 8),  # 4 crops x (removal + scoring): one attempt fills the cap
+    (6, "retry", 1, 8),  # 6 crops would be 12 calls: one box, 4 attempts
+    (6, "annotate", 1, 2),
+    (6, "off", 6, 6),  # unscored: a crop is one call
+    (9, "off", 1, 1),
+])  # fmt: skip
+def test_no_mask_makes_a_request_cause_more_model_calls_than_the_cap(objects, gate, crops, calls):
+    """gate.max_model_calls (8 here) bounds every model call one request causes, whatever its regions: a mask
+    with more regions than the cap allows crops for is planned as one box."""
+    photo, mask = _photo_and_objects(objects)
+    models = FakeModels(scores=[0.1] * 64)  # below the threshold: retry uses every attempt it may
+    upload = RemovalRequest(png_bytes(photo), png_bytes(mask), RemoveOptions(seed=1, gate=gate, max_attempts=4))
+    reply = asyncio.run(_service(models, max_model_calls=8).remove(upload))
+    scorings = 64 - len(models.scores)
+    assert (len(reply.buckets), len(models.removals) + scorings) == (crops, calls)
+
+
+def test_post_score_cuts_the_crops_a_scored_removal_cut():
+    for count, jobs in [(4, 4), (6, 1)]:
+        photo, mask = _photo_and_objects(count)
+        models = FakeModels(scores=[0.9] * 8)
+        upload = ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions())
+        asyncio.run(_service(models, max_model_calls=8).score(upload))
+        assert 8 - len(models.scores) == jobs
 
 
 class _SlowScorerHandle:

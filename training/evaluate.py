@@ -188,8 +188,11 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
 
     row = {"id": f"{index:05d}", "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
     pipeline, models = engines.pipeline, engines.models
+    # annotate: one attempt, scored as the service scores what it returns; off without a discriminator
+    policy = GatePolicy("annotate" if engines.scorer else "off", settings.threshold, 1, fail_open=False)
+    max_crops = policy.max_crops(GateSettings().max_model_calls)  # the service's default cap
     try:
-        prepared = pipeline.prepare(record.source.read_bytes(), record.mask.read_bytes())
+        prepared = pipeline.prepare(record.source.read_bytes(), record.mask.read_bytes(), max_crops=max_crops)
         gt = imaging.decode_image(record.gt.read_bytes(), pipeline.limits).rgb if record.gt else None
     except InputError as exc:  # what the service answers with a 4xx
         return {**row, "status": "invalid-input", "error": str(exc)}
@@ -204,8 +207,6 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
         def spoil(edited: np.ndarray) -> np.ndarray:
             return degrade(settings.degrade, source, dilated, edited, rng)
 
-    # annotate: one attempt, scored as the service scores what it returns; off without a discriminator
-    policy = GatePolicy("annotate" if engines.scorer else "off", settings.threshold, 1, fail_open=False)
     models.engine_seconds = models.score_seconds = 0.0
     gated = asyncio.run(pipeline(prepared, seed, policy, spoil=spoil))
     if engines.scorer is not None and gated.verdict == "unscored":  # annotate keeps a result it could not score
