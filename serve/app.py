@@ -28,7 +28,7 @@ from serve.rest_api import api, json_reply_body, request_id_of, root_path, wants
 from serve.retention.keeper import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
-from serve.service import RemovalService
+from serve.service import RemovalReply, RemovalService
 from serve.uploads import Offload, read_json, read_removal_request, read_score_request
 from serve.worker_threads import default_workers, worker_pool
 
@@ -108,9 +108,14 @@ class Ingress(GrpcMethods):
         )
         read_s = time.perf_counter() - started
         accept = request.headers.get("accept", "")
-        with self.admission.slot():  # taken once the body is in: a slow upload holds no slot
+        # taken once the body is in (a slow upload holds no slot), held until the reply is encoded: a large
+        # JSON reply is counted in flight while it is built
+        with self.admission.slot():
             self.admission.check_deadline(upload.options.timeout_s)
             reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal))
+            return await self._removal_response(reply, read_s, accept)
+
+    async def _removal_response(self, reply: RemovalReply, read_s: float, accept: str) -> Response:
         reply.timings.stages = {"read": read_s, **reply.timings.stages}
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
         headers = {

@@ -322,7 +322,7 @@ class RetentionSettings(_Strict):
         description=f"SQLAlchemy URL of the metadata (sqlite:///..., postgresql+psycopg://...); None: "
         f"${DATABASE_URL_ENV} if set, else results.db in object_store.path",
     )
-    max_results: int | None = Field(10_000, ge=1, description="keep at most this many results; the oldest go first")
+    max_results: int | None = Field(10_000, ge=1, description="keep at most this many results; the oldest unlabelled go first")
     max_age_days: float | None = Field(30.0, gt=0, description="delete results older than this many days")
 
     def objects_folder(self) -> Path:

@@ -102,6 +102,31 @@ def test_max_results_keeps_the_newest(tmp_path, clock):
         store.read(ids[0], "result")
 
 
+def test_beyond_max_results_unlabelled_results_go_before_labelled_ones(tmp_path, clock):
+    """Anyone who may remove may retain: a flood of new results pushes out unlabelled ones, never the human
+    verdicts while an unlabelled result is left; when only labelled ones remain, the oldest goes."""
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=3, clock=clock
+    )
+    labelled = []
+    for n in range(2):
+        labelled.append(store.save(_new(f"labelled {n}".encode())))
+        store.add_feedback(labelled[-1], "yes")
+        clock.advance(minutes=1)
+    flood = []
+    for n in range(5):
+        flood.append(store.save(_new(f"flood {n}".encode())))
+        clock.advance(minutes=1)
+    assert [r.id for r in store.labelled()] == labelled
+    assert {r.id for r in store.queue(10)} == {flood[-1]} and store.count() == 3
+    for result_id in flood[:-1]:
+        with pytest.raises(ResultNotFound):
+            store.get(result_id)
+    store.add_feedback(flood[-1], "no")
+    store.save(_new(b"one more"))
+    assert [r.id for r in store.labelled()] == [labelled[1], flood[-1]], "all labelled: the oldest goes"
+
+
 def test_max_age_drops_old_results_labelled_or_not(tmp_path, clock):
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock

@@ -245,19 +245,25 @@ class RetentionStore:
     # ------------------------------------------------------------ limits
 
     def enforce_limits(self) -> int:
-        """Delete results past max_age_days and the oldest beyond max_results; returns how many. Results
-        past the age limit are the oldest ones, so both limits cut the same oldest-first order."""
+        """Delete results past max_age_days (labelled or not), then, beyond max_results, the oldest unlabelled
+        ones first: a flood of new results (anyone with the remove scope may retain) never pushes out the
+        human verdicts while an older unlabelled result is left to go. The newest result always stays: the
+        id a caller was just given must not 404. Returns how many were deleted."""
         with Session(self.engine) as session:
-            total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
-            over = total - self.max_results if self.max_results is not None else 0
+            doomed = []
             if self.max_age_days is not None:
                 cutoff = self.clock() - dt.timedelta(days=self.max_age_days)
-                aged = select(func.count()).select_from(ResultRow).where(ResultRow.created_at < cutoff)
-                over = max(over, session.scalar(aged) or 0)
-            if over <= 0:
-                return 0
-            oldest = select(ResultRow.id).order_by(ResultRow.created_at, ResultRow.id).limit(over)
-            doomed = session.scalars(oldest).all()
+                doomed = list(session.scalars(select(ResultRow.id).where(ResultRow.created_at < cutoff)).all())
+            total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
+            over = total - len(doomed) - self.max_results if self.max_results is not None else 0
+            if over > 0:
+                newest = select(ResultRow.id).order_by(ResultRow.created_at.desc(), ResultRow.id.desc()).limit(1)
+                excluded = [*doomed, session.scalar(newest)]
+                candidates = select(ResultRow.id).where(ResultRow.id.not_in(excluded))
+                unlabelled_first = candidates.order_by(_has_feedback(), ResultRow.created_at, ResultRow.id)
+                doomed += session.scalars(unlabelled_first.limit(over)).all()
+        if not doomed:
+            return 0
         deleted = self._delete_ids(doomed)
         logger.info("retention limits: deleted %d result(s)", deleted)
         return deleted
