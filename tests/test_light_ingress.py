@@ -51,13 +51,9 @@ def _imports_of_model_libraries(modules: tuple[str, ...], then: str = "pass") ->
 
 
 def test_modules_outside_the_model_replicas_do_not_load_the_model_libraries():
-    found = _imports_of_model_libraries(LIGHT_MODULES)
+    """Nor does the CLI's GPU count for a start: it asks Ray's detection, not torch."""
+    found = _imports_of_model_libraries(LIGHT_MODULES, then="from serve.cli import visible_gpus; visible_gpus()")
     assert found == "", f"import the model libraries where a model is built:\n{found}"
-
-
-def test_counting_the_gpus_for_a_start_does_not_load_the_model_libraries():
-    found = _imports_of_model_libraries(("serve.cli",), then="from serve.cli import visible_gpus; visible_gpus()")
-    assert found == "", f"the CLI counts GPUs as Ray does, without torch:\n{found}"
 
 
 def test_the_probe_sees_a_model_library_import():

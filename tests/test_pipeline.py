@@ -188,11 +188,13 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
 
 
 def _photo_and_objects(count: int):
-    """`count` 30 px objects, 450 px apart on a grid of three columns: each its own 128 crop if allowed."""
-    photo, _ = _photo_and_two_objects(1400, 1500)
+    """`count` 30 px objects, 200 px apart on a grid of three columns: each its own 128 crop if allowed (two
+    together would need a 270 px window, past the 256 bucket)."""
+    ramp = np.linspace(0, 255, 640).astype(np.uint8)
+    photo = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 128), axis=-1).astype(np.uint8)
     mask = np.zeros(photo.shape[:2], np.uint8)
     for index in range(count):
-        top, left = 100 + 450 * (index // 3), 100 + 450 * (index % 3)
+        top, left = 100 + 200 * (index // 3), 100 + 200 * (index % 3)
         mask[top : top + 30, left : left + 30] = 255
     return photo, mask
 
