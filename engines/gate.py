@@ -67,9 +67,6 @@ class GatePolicy:
         )
 
 
-    def max_crops(self, max_model_calls: int) -> int:
-        return max_crops(max_model_calls, scored=self.mode != "off")
-
     def within_calls(self, max_model_calls: int, crops: int) -> "GatePolicy":
         """Attempts capped for a request of `crops` crops: each attempt is one removal per crop, plus one
         scoring per crop when the gate scores; at least one attempt always runs."""
@@ -84,9 +81,10 @@ def _calls_per_crop(scored: bool) -> int:
 
 
 def max_crops(max_model_calls: int, scored: bool) -> int:
-    """The most crops one attempt may cut within `max_model_calls`: a mask with more regions is planned as one
-    box (engines.regions), so that even the first attempt stays within the cap. POST /score cuts a removal's
-    crops as a scored removal cut them."""
+    """The most crops (after merging) one attempt may cut within `max_model_calls`: a mask that needs more is
+    planned as one box (engines.regions), so that even the first attempt stays within the cap. `scored`: the
+    deployment has a Scorer. Not the request's gate mode: a mask's crops are the same whatever the gate, so
+    gate=off with a scored removal's seed gives its image, and POST /score cuts what a removal cut."""
     return max(1, max_model_calls // _calls_per_crop(scored))
 
 

@@ -149,7 +149,7 @@ class RemovalPipeline:
         self, image: bytes, mask: bytes | None, dilate: int | None = None, max_crops: int = regions.MAX_CROPS
     ) -> Prepared:
         """Decode, pick the mask (the upload's, or the image's alpha), dilate, plan and cut the crops.
-        `max_crops`: what the gate's model-call cap allows (GatePolicy.max_crops). CPU work: the service runs
+        `max_crops`: what the gate's model-call cap allows (engines.gate.max_crops). CPU work: the service runs
         it in a thread."""
         decoded = imaging.decode_image(image, self.limits)
         if mask is None:

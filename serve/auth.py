@@ -27,6 +27,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,7 @@ class KeysFile(BaseModel):
 
     @model_validator(mode="after")
     def _owners_are_distinct(self) -> KeysFile:
-        names = [key.name for key in self.keys]
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        repeated = sorted(name for name, count in Counter(key.name for key in self.keys).items() if count > 1)
         if repeated:
             raise ValueError(f"key names must be unique: {repeated} appear more than once")
         teams = {key.team for key in self.keys if key.team}

@@ -221,8 +221,8 @@ class GateSettings(_Strict):
         ge=2,
         le=16,
         description="model calls (removals + scorings) one request may cause: an attempt is a removal per crop, plus"
-        " a scoring per crop when the gate scores; a mask with more regions than fit is planned as one box, and"
-        " attempts are capped to fit",
+        " a scoring per crop when the gate scores; a mask that needs more crops (after merging) than"
+        " max_model_calls // 2 (without a Scorer: max_model_calls) is planned as one box; attempts are capped to fit",
     )
     on_scorer_error: Literal["fail_open", "fail_closed"] = Field(
         "fail_open",
@@ -322,7 +322,9 @@ class RetentionSettings(_Strict):
         description=f"SQLAlchemy URL of the metadata (sqlite:///..., postgresql+psycopg://...); None: "
         f"${DATABASE_URL_ENV} if set, else results.db in object_store.path",
     )
-    max_results: int | None = Field(10_000, ge=1, description="keep at most this many results; the oldest unlabelled go first")
+    max_results: int | None = Field(
+        10_000, ge=1, description="keep at most this many results; the oldest unlabelled go first"
+    )
     max_age_days: float | None = Field(30.0, gt=0, description="delete results older than this many days")
 
     def objects_folder(self) -> Path:

@@ -11,7 +11,7 @@ middlewares read their settings from that environment too; without them they do 
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
   request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the client has gone,
-  X-Session-Id steers session-aware routing) are dropped: no client of this API may set them.
+  X-Session-Id and serve_multiplexed_model_id steer routing) are dropped: no client of this API may set them.
 - Drain: `python -m serve run` stops by creating the drain flag file: from then on new HTTP requests
   are answered 503 at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
   a response then are answered 503 too, so the service can stop without cutting a connection.
@@ -35,8 +35,6 @@ DRAIN_GRACE_S = 4.0
 RETRY_AFTER_S = 2
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
-# ray/serve/_private/constants.py: SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER, ..._DISCONNECT_DISABLED_HEADER, SERVE_SESSION_ID
-RAY_CONTROL_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled", b"x-session-id"})
 
 
 def middlewares() -> list:
@@ -66,16 +64,31 @@ async def _problem(send, problem: Problem) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def ray_control_headers() -> frozenset[bytes]:
+    """The request headers Ray's HTTP proxy turns into routing and lifetime options, by Ray's own names (the
+    session one is configurable), lower case with '-' for '_' as Ray compares them."""
+    from ray.serve._private import constants
+
+    names = (
+        constants.SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER,  # 0: no request_timeout_s
+        constants.SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER,  # ?1: not cancelled when the client goes
+        constants.SERVE_SESSION_ID,  # session-affinity routing
+        constants.SERVE_MULTIPLEXED_MODEL_ID,  # model-id routing; each new id is remembered by the router
+    )
+    return frozenset(name.lower().replace("_", "-").encode() for name in names)
+
+
 class HeaderGuard:
     def __init__(self, app):
         self.app = app
         self.valid = re.compile(REQUEST_ID_PATTERN.encode())
+        self.dropped = ray_control_headers()
 
     def _keep(self, name: bytes, value: bytes) -> bool:
         name = name.lower()
         if name == _REQUEST_ID_HEADER:
             return self.valid.fullmatch(value) is not None
-        return name.replace(b"_", b"-") not in RAY_CONTROL_HEADERS
+        return name.replace(b"_", b"-") not in self.dropped
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":

@@ -169,8 +169,9 @@ class RemovalService:
         gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
         policy = self._gate_policy(gate, options)
         prepared = await self._decode(
-            self.pipeline.prepare, upload.image, upload.mask, options.dilate, policy.max_crops(gate.max_model_calls)
-        )
+            self.pipeline.prepare, upload.image, upload.mask, options.dilate,
+            max_crops(gate.max_model_calls, scored=self.has_scorer),
+        )  # fmt: skip
         timings.lap("decode")
         image = prepared.image
         fmt = _output_format(options, accept, image.format)

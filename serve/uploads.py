@@ -307,14 +307,15 @@ def _from_json(body: bytes | list[bytes], names, options_model, json_model):
 
 
 def check_scalar_fields(body: bytes, json_model: type[BaseModel]) -> None:
-    """A /remove or /score body is one object of at most F scalar fields: at most 4 F quotes (a key and a string
-    value each) and 2 F commas (one between members, one in a data URL's prefix). A body with more holds lists
-    or unknown members and fails validation anyway; it is refused before the parse, which such a body makes
-    expensive (39 MB of empty strings: ~9 s of CPU and a 0.8 s GIL hold in one replica's parsing thread).
+    """A /remove or /score body is one object of at most F scalar fields: 4 F quotes (a key and a string value
+    each) and 2 F commas (one between members, one in a data URL's prefix), plus room for a repeated key or a
+    quoted data URL parameter. A body with more holds lists or unknown members and fails validation anyway; it
+    is refused before the parse, which such a body makes expensive (40 MB of empty strings: 5.8 s of CPU in one
+    replica's parsing thread, and a 0.8 s GIL hold).
     Found by memchr-speed `find` over at most STEP bytes a call, stopping at the first bound passed: a few ms
     for a 25 MB body (counting every byte took ~45 ms)."""
     fields = len(json_model.model_fields)
-    for char, most, what in ((b'"', 4 * fields, "quotes"), (b",", 2 * fields, "commas")):
+    for char, most, what in ((b'"', 4 * fields + 16, "quotes"), (b",", 2 * fields + 8, "commas")):
         if _more_than(body, char, most):
             raise Problem(
                 "invalid-request",

@@ -180,10 +180,11 @@ def test_cuda_graphs_give_the_eager_result_and_capture_only_at_start(tiny_bundle
         for w, g in zip(want, got):
             assert np.abs(w.astype(int) - g).max() <= 2
     assert graphed.graphs.captured == captured, "no capture inside a request"
-    # a job's result does not depend on the padding rows or the batch it ran in
-    alone = graphed.remove(_jobs(1, 64, seed0=30))[0]
-    batched = graphed.remove(_jobs(3, 64, seed0=30))[0]
-    assert np.abs(alone.astype(int) - batched).max() <= 2
+    # at one shape, a job's result does not depend on the other rows of its batch (companions, padding); across
+    # shapes bf16 kernels may differ by a few levels (above), which this does not compare
+    with_some = graphed.remove(_jobs(3, 64, seed0=30))[0]
+    with_others = graphed.remove(_jobs(1, 64, seed0=30) + _jobs(2, 64, seed0=77))[0]
+    assert np.abs(with_some.astype(int) - with_others).max() <= 2
 
 
 def test_the_vae_runs_bf16_next_to_an_fp16_unet_on_cuda():

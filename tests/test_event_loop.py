@@ -400,16 +400,19 @@ def test_a_json_body_that_cannot_be_a_request_is_refused_before_it_is_parsed(mon
 
 
 def test_the_fullest_valid_json_bodies_pass_the_structure_bound():
-    """Every field set, strings where a string is allowed, files as data URLs: well inside the bound."""
+    """Every field set and sent as a string (pydantic's lax mode takes "3" for 3), files as data URLs with a
+    quoted parameter (RFC 2397), a repeated key: inside the bound, and answered as before."""
     b64 = base64.b64encode(png_bytes(photo(64, 64))).decode()
-    remove = {"image": f"data:image/png;base64,{b64}", "mask": f"data:image/png;base64,{b64}", "seed": 3,
-              "output_format": "webp", "quality": 90, "dilate": 4, "gate": "retry", "gate_threshold": 0.5,
-              "max_attempts": 2, "retain": False, "timeout_s": 30}  # fmt: skip
+    url = f'data:image/png;name="a.png";base64,{b64}'
+    remove = {"image": url, "mask": url, "seed": "3", "output_format": "webp", "quality": "90", "dilate": "4",
+              "gate": "retry", "gate_threshold": "0.5", "max_attempts": "2", "retain": "false",
+              "timeout_s": "30"}  # fmt: skip
     assert set(remove) == set(req.JSONRemoveBody.model_fields)
-    files, options = req._from_json(json.dumps(remove).encode(), NAMES, req.RemoveOptions, req.JSONRemoveBody)
-    assert set(files) == {"image", "mask"} and options.gate == "retry"
-    score = {name: f"data:image/png;base64,{b64}" for name in ("source", "mask", "edited")}
-    score.update(dilate=4, gate_threshold=0.5)
+    body = json.dumps(remove).encode()
+    body = body[:-1] + b', "seed": "4"}'  # a repeated key: the last one counts, as in json.loads
+    files, options = req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)
+    assert set(files) == {"image", "mask"} and options.gate == "retry" and options.seed == 4
+    score = {name: url for name in ("source", "mask", "edited")} | {"dilate": "4", "gate_threshold": "0.5"}
     assert set(score) == set(req.JSONScoreBody.model_fields)
     req.check_scalar_fields(json.dumps(score, indent=1).encode(), req.JSONScoreBody)
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed, run_gated
+from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed, max_crops, run_gated
 from serve.config import GateSettings
 
 
@@ -93,12 +93,16 @@ def test_one_request_never_causes_more_model_calls_than_the_cap():
 
 
 def test_the_crops_an_attempt_may_cut_keep_even_the_first_attempt_within_the_cap():
+    """With a Scorer every mode plans the scored bound (the crops do not depend on the gate); without one the
+    gate is off and a crop is one call."""
     for cap in (2, 3, 8, 16):
-        for mode in ("off", "annotate", "retry", "reject"):
-            policy = GatePolicy.resolve(GateSettings(max_attempts=1, max_model_calls=cap), mode=mode, max_attempts=8)
-            crops = policy.max_crops(cap)
-            calls = policy.within_calls(cap, crops).max_attempts * crops * (1 if mode == "off" else 2)
-            assert calls <= cap and crops == (cap if mode == "off" else cap // 2), (cap, mode)
+        for scored, modes in ((True, ("off", "annotate", "retry", "reject")), (False, ("off",))):
+            crops = max_crops(cap, scored)
+            assert crops == (cap // 2 if scored else cap)
+            for mode in modes:
+                settings = GateSettings(max_attempts=1, max_model_calls=cap)
+                policy = GatePolicy.resolve(settings, mode=mode, max_attempts=8).within_calls(cap, crops)
+                assert policy.max_attempts * crops * (1 if mode == "off" else 2) <= cap, (cap, mode)
 
 
 def test_a_request_with_several_crops_runs_fewer_attempts_within_the_same_cap():

@@ -203,18 +203,30 @@ def _photo_and_objects(count: int):
     (4, "retry", 4, 8),  # 4 crops x (removal + scoring): one attempt fills the cap
     (6, "retry", 1, 8),  # 6 crops would be 12 calls: one box, 4 attempts
     (6, "annotate", 1, 2),
-    (6, "off", 6, 6),  # unscored: a crop is one call
-    (9, "off", 1, 1),
+    (4, "off", 4, 4),  # the same crops whatever the gate: gate=off with a scored removal's seed gives its image
+    (6, "off", 1, 1),
 ])  # fmt: skip
 def test_no_mask_makes_a_request_cause_more_model_calls_than_the_cap(objects, gate, crops, calls):
     """gate.max_model_calls (8 here) bounds every model call one request causes, whatever its regions: a mask
-    with more regions than the cap allows crops for is planned as one box."""
+    that needs more crops than the cap allows is planned as one box."""
     photo, mask = _photo_and_objects(objects)
     models = FakeModels(scores=[0.1] * 64)  # below the threshold: retry uses every attempt it may
     upload = RemovalRequest(png_bytes(photo), png_bytes(mask), RemoveOptions(seed=1, gate=gate, max_attempts=4))
     reply = asyncio.run(_service(models, max_model_calls=8).remove(upload))
     scorings = 64 - len(models.scores)
     assert (len(reply.buckets), len(models.removals) + scorings) == (crops, calls)
+
+
+@pytest.mark.parametrize(("objects", "crops"), [(6, 6), (9, 1)])
+def test_without_a_scorer_a_crop_is_one_call_so_twice_the_crops_fit(objects, crops):
+    imaging = {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate}
+    settings = AppSettings.model_validate({"imaging": imaging, "gate": {"max_model_calls": 8}})
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    models = FakeModels()
+    service = RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=models)
+    photo, mask = _photo_and_objects(objects)
+    reply = asyncio.run(service.remove(RemovalRequest(png_bytes(photo), png_bytes(mask), RemoveOptions(seed=1))))
+    assert (len(reply.buckets), len(models.removals), reply.gate) == (crops, crops, "off")
 
 
 def test_post_score_cuts_the_crops_a_scored_removal_cut():

@@ -212,13 +212,14 @@ def test_the_proxy_drops_a_request_id_it_must_not_echo_or_log():
 @pytest.mark.parametrize(
     ("header", "value"),
     [(b"x-request-timeout-seconds", b"0"), (b"X-Request-Disconnect-Disabled", b"?1"), (b"x-session-id", b"s"),
-     (b"x_session_id", b"s")],
+     (b"x_session_id", b"s"), (b"serve_multiplexed_model_id", b"m1"), (b"Serve-Multiplexed-Model-Id", b"m2")],
 )  # fmt: skip
 def test_a_client_cannot_lift_the_proxys_timeout_or_keep_work_running_after_it_hangs_up(header, value):
     """Ray's proxy reads these per-request hints (meant for a trusted front proxy): unguarded,
     `x-request-timeout-seconds: 0` lifts http_options.request_timeout_s and `x-request-disconnect-disabled: ?1`
     keeps a request's model work going after its client has gone (Ray's own parsers say so below). The guard
-    drops them, and the session-routing key, before Ray reads the headers."""
+    drops them, and the routing keys (session, multiplexed model id: the router remembers every new id), before
+    Ray reads the headers."""
     from ray.serve._private.http_util import parse_disconnect_disabled_header, parse_request_timeout_header
 
     from serve.proxy_middleware import HeaderGuard

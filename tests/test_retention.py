@@ -127,6 +127,17 @@ def test_beyond_max_results_unlabelled_results_go_before_labelled_ones(tmp_path,
     assert [r.id for r in store.labelled()] == [labelled[1], flood[-1]], "all labelled: the oldest goes"
 
 
+def test_the_id_save_returns_is_never_the_one_the_limit_deletes(tmp_path, clock):
+    """Saves in the same instant (the clock does not move): the newest by (time, id) is not always the one just
+    stored, so save() names it to enforce_limits."""
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=1, clock=clock
+    )
+    for n in range(12):
+        result_id = store.save(_new(f"result {n}".encode()))
+        assert store.get(result_id).id == result_id and store.count() == 1
+
+
 def test_max_age_drops_old_results_labelled_or_not(tmp_path, clock):
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock

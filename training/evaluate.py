@@ -102,6 +102,7 @@ class EvaluateSettings(StageSettings):
     threshold: GateThreshold = Field(
         GateSettings().threshold, description="a removal succeeds when the discriminator scores >= this (gate.threshold)"
     )
+    max_model_calls: int = GateSettings.model_fields["max_model_calls"]  # bounds the crops, as in the service
     lpips_net: LpipsNet = Field("alex", description="LPIPS backbone (needs torchvision and its cached weights)")
     clip_model: Path | None = Field(None, description="local transformers CLIP folder for CLIP similarity")
     dino_model: Path | None = Field(None, description="local transformers DINOv2 folder for DINO similarity")
@@ -184,15 +185,15 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
 
     from engines import imaging
     from engines.errors import InputError
-    from engines.gate import GatePolicy
+    from engines.gate import GatePolicy, max_crops
 
     row = {"id": f"{index:05d}", "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
     pipeline, models = engines.pipeline, engines.models
     # annotate: one attempt, scored as the service scores what it returns; off without a discriminator
     policy = GatePolicy("annotate" if engines.scorer else "off", settings.threshold, 1, fail_open=False)
-    max_crops = policy.max_crops(GateSettings().max_model_calls)  # the service's default cap
+    crops = max_crops(settings.max_model_calls, scored=engines.scorer is not None)  # as the service plans them
     try:
-        prepared = pipeline.prepare(record.source.read_bytes(), record.mask.read_bytes(), max_crops=max_crops)
+        prepared = pipeline.prepare(record.source.read_bytes(), record.mask.read_bytes(), max_crops=crops)
         gt = imaging.decode_image(record.gt.read_bytes(), pipeline.limits).rgb if record.gt else None
     except InputError as exc:  # what the service answers with a 4xx
         return {**row, "status": "invalid-input", "error": str(exc)}

@@ -174,7 +174,7 @@ class RetentionStore:
             except Exception:
                 self._drop_unreferenced(keys)
                 raise
-        self.enforce_limits()
+        self.enforce_limits(keep=result_id)
         return result_id
 
     def get(self, result_id: str) -> StoredResult:
@@ -244,24 +244,31 @@ class RetentionStore:
 
     # ------------------------------------------------------------ limits
 
-    def enforce_limits(self) -> int:
+    def enforce_limits(self, keep: str | None = None) -> int:
         """Delete results past max_age_days (labelled or not), then, beyond max_results, the oldest unlabelled
         ones first: a flood of new results (anyone with the remove scope may retain) never pushes out the
-        human verdicts while an older unlabelled result is left to go. The newest result always stays: the
-        id a caller was just given must not 404. Returns how many were deleted."""
+        human verdicts while an older unlabelled result is left to go. `keep` (the result save() just stored,
+        whose id the caller is about to get) is never the one that goes. Returns how many were deleted."""
         with Session(self.engine) as session:
+            eligible = []
             doomed = []
             if self.max_age_days is not None:
                 cutoff = self.clock() - dt.timedelta(days=self.max_age_days)
                 doomed = list(session.scalars(select(ResultRow.id).where(ResultRow.created_at < cutoff)).all())
+                eligible = [ResultRow.created_at >= cutoff]
             total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
             over = total - len(doomed) - self.max_results if self.max_results is not None else 0
-            if over > 0:
-                newest = select(ResultRow.id).order_by(ResultRow.created_at.desc(), ResultRow.id.desc()).limit(1)
-                excluded = [*doomed, session.scalar(newest)]
-                candidates = select(ResultRow.id).where(ResultRow.id.not_in(excluded))
-                unlabelled_first = candidates.order_by(_has_feedback(), ResultRow.created_at, ResultRow.id)
-                doomed += session.scalars(unlabelled_first.limit(over)).all()
+            if keep is not None:
+                eligible.append(ResultRow.id != keep)
+            oldest = (ResultRow.created_at, ResultRow.id)
+            for labelled in (False, True):  # each an indexed walk from the oldest, stopped at `over`
+                if over <= 0:
+                    break
+                feedback = _has_feedback() if labelled else ~_has_feedback()
+                ids = session.scalars(select(ResultRow.id).where(*eligible, feedback).order_by(*oldest).limit(over))
+                found = list(ids.all())
+                doomed += found
+                over -= len(found)
         if not doomed:
             return 0
         deleted = self._delete_ids(doomed)
