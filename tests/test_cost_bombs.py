@@ -255,14 +255,17 @@ def test_bombs_get_a_4xx_in_2_s_over_rest_and_grpc_while_healthz_answers(service
     once the parse went member by member; no other bomb lagged it over 41 ms. A client's latency adds the proxy
     process and both processes' wait for a core: probes took up to 116 ms while the loop lagged at most 41 ms,
     and a clean CI run (before the member-by-member parse) had one at 791 ms. So the client side is bound at
-    what a busy runner holds: p50 50 ms, p95 250 ms, none over 1 s (before the limits a bomb stalled it 8 s)."""
+    what a busy runner holds: p95 250 ms, none over 1 s (before the limits a bomb stalled it 8 s), and a median
+    under 50 ms or, on a machine slower than that even without bombs, under twice this run's quiet median (a
+    clean CI run measured 52 ms with p95 74 ms and a loop lag of 10 ms: the machine, not a bomb)."""
     mask = png_bytes(np.zeros((48, 64), np.uint8))
     files = {name: bomb(name) for name in BOMBS}  # built before any clock starts
     many_keys = json.dumps({"image": "AAAA", **{f"key{i}": 0 for i in range(100_000)}}).encode()
     spans = []  # (bomb, protocol, started, ended)
     with HealthProbe(service.url) as probe, open_channel(service.grpc_target) as channel:
         client = stub(channel)
-        time.sleep(0.2)  # a few quiet probes first
+        time.sleep(1.0)  # quiet probes first: this machine's /healthz latency without bombs, the yardstick below
+        quiet_until = time.perf_counter()
         for name in BOMBS:
             started = time.perf_counter()
             response = service.client.post("/remove", files={"image": ("i", files[name]), "mask": ("m", mask)})
@@ -286,11 +289,14 @@ def test_bombs_get_a_4xx_in_2_s_over_rest_and_grpc_while_healthz_answers(service
     print("bomb, protocol, request s, worst /healthz ms, worst loop lag ms", *report, sep="\n")
     assert not [row for row in report if row[2] > DEADLINE_S], report
     assert len(probe.answers) > 20
-    latencies = sorted(sent_answered[1] - sent_answered[0] for sent_answered in probe.answers)
+    quiet = sorted(answered - sent for sent, answered, _ in probe.answers if answered <= quiet_until)
+    latencies = sorted(answered - sent for sent, answered, _ in probe.answers if answered > quiet_until)
     p50, p95 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.95))
+    quiet_p50 = quiet[len(quiet) // 2]
     worst_lag = max(lag for _, _, lag in probe.answers)
     assert worst_lag < LOOP_LAG_MAX_S, [row for row in report if row[4] >= LOOP_LAG_MAX_S * 1000]
-    assert p50 < 0.05 and p95 < 0.25 and latencies[-1] < HEALTHZ_MAX_S, (
-        f"/healthz p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms",
+    assert p50 < max(0.05, 2 * quiet_p50) and p95 < 0.25 and latencies[-1] < HEALTHZ_MAX_S, (
+        f"/healthz p50 {p50 * 1000:.0f} ms (quiet {quiet_p50 * 1000:.0f} ms), p95 {p95 * 1000:.0f} ms,"
+        f" max {latencies[-1] * 1000:.0f} ms",
         report,
     )
