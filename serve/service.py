@@ -236,7 +236,7 @@ class RemovalService:
             threshold = self.settings.gate.threshold
         jobs = await self._decode(
             self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate,
-            max_crops(self.settings.gate.max_model_calls, scored=True),
+            max_crops(self.settings.gate.max_model_calls, scored=self.has_scorer),  # as /remove cut them
         )  # fmt: skip
         try:
             score = await self.score_pipeline.worst_score(jobs)
