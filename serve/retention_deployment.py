@@ -1,5 +1,5 @@
 """The ResultStore deployment: the one place that opens the result store (its migrations run there, once)
-and sweeps it (the retention limits), serving the store operations to every ingress replica.
+and sweeps it (the age limit), serving the store operations to every ingress replica.
 
 Bound only where retention is enabled, with one replica. Images (up to ~30 MB) go over the handle as
 encoded bytes. Its health check ignores the database: a store that is briefly down is reopened on a
@@ -22,7 +22,7 @@ from serve.retention.store import RetentionStore
 CALL_TIMEOUT_S = 60.0  # a store call unanswered this long is cancelled; the removal goes on without a result id
 
 
-# one replica: the migrations run once and one sweeper enforces the limits (not listed in the Serve config,
+# one replica: the migrations run once and one sweeper enforces the age limit (not listed in the Serve config,
 # which may only name deployments every app has; these are its settings)
 @serve.deployment(name="ResultStore", num_replicas=1, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class ResultStore(LocalStoreClient):

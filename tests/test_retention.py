@@ -138,6 +138,33 @@ def test_the_id_save_returns_is_never_the_one_the_limit_deletes(tmp_path, clock)
         assert store.get(result_id).id == result_id and store.count() == 1
 
 
+def test_the_sweeper_never_takes_a_result_whose_save_has_not_returned(tmp_path, clock):
+    """The sweeper runs in its own thread: landing between a save's insert and that save's own limits, it
+    must not delete the new result (the only unlabelled one here), whose id the caller is about to get."""
+    from serve.retention.keeper import LocalStoreClient
+
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=1, clock=clock
+    )
+    labelled = store.save(_new(b"labelled"))
+    store.add_feedback(labelled, "yes")
+    client = LocalStoreClient(lambda: store)
+    try:
+        enforce = store.enforce_limits
+
+        def sweeper_lands_first(keep=None, **kwargs):
+            if keep is not None:
+                client.sweep()
+            return enforce(keep=keep, **kwargs)
+
+        store.enforce_limits = sweeper_lands_first
+        new = store.save(_new(b"new"))
+        assert store.get(new).id == new
+        assert store.count() == 1, "save() still enforced max_results: the labelled one went"
+    finally:
+        client.close()
+
+
 def test_max_age_drops_old_results_labelled_or_not(tmp_path, clock):
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock

@@ -151,10 +151,14 @@ class LocalStoreClient:
                 logger.exception("retention: cannot open the result store; removals go on without retention")
             return self._store
 
+    def sweep(self) -> int:
+        """What the sweeper does every SWEEP_EVERY_S: the age limit (each save enforces max_results)."""
+        return self.opened().enforce_limits(ages_only=True)
+
     def _sweep(self) -> None:
         while not self._stopped.wait(SWEEP_EVERY_S):
             try:
-                self.opened().enforce_limits()
+                self.sweep()
             except Exception:
                 logger.exception("retention: enforcing the limits failed")
 

@@ -244,11 +244,13 @@ class RetentionStore:
 
     # ------------------------------------------------------------ limits
 
-    def enforce_limits(self, keep: str | None = None) -> int:
+    def enforce_limits(self, keep: str | None = None, ages_only: bool = False) -> int:
         """Delete results past max_age_days (labelled or not), then, beyond max_results, the oldest unlabelled
         ones first: a flood of new results (anyone with the remove scope may retain) never pushes out the
         human verdicts while an older unlabelled result is left to go. `keep` (the result save() just stored,
-        whose id the caller is about to get) is never the one that goes. Returns how many were deleted."""
+        whose id the caller is about to get) is never the one that goes. `ages_only` (the sweeper): only saves
+        add results, so counting is theirs; a sweeper that counted could take a result stored an instant
+        earlier, before its save() had protected it. Returns how many were deleted."""
         with Session(self.engine) as session:
             eligible = []
             doomed = []
@@ -257,7 +259,7 @@ class RetentionStore:
                 doomed = list(session.scalars(select(ResultRow.id).where(ResultRow.created_at < cutoff)).all())
                 eligible = [ResultRow.created_at >= cutoff]
             total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
-            over = total - len(doomed) - self.max_results if self.max_results is not None else 0
+            over = total - len(doomed) - self.max_results if self.max_results is not None and not ages_only else 0
             if keep is not None:
                 eligible.append(ResultRow.id != keep)
             oldest = (ResultRow.created_at, ResultRow.id)
