@@ -288,7 +288,14 @@ class OverloadSettings(_Strict):
         gt=0,
         le=3600,
         description="a request body must arrive within this many seconds of the request, else 408 body-timeout; "
-        "it holds no admission slot while it arrives",
+        "the Serve proxy reads it whole first, so no replica holds a request while its body arrives",
+    )
+    proxy_buffer_bytes: int = Field(
+        1024**3,
+        ge=1,
+        description="bytes of request bodies one Serve proxy holds at once while they arrive; a request whose "
+        "body would take it past this is answered 503 (at least the largest body: imaging.max_upload_bytes x 4/3 "
+        "+ 64 KiB)",
     )
 
 

@@ -1,17 +1,20 @@
-"""How large a request Ray's proxies may take in, derived from the app's `imaging` settings.
+"""How large a request Ray's proxies may take in, and how long its body may take to arrive, derived from the
+app's `imaging` and `overload` settings.
 
-Ray's proxies read a whole request before any replica sees it: the gRPC proxy up to
-RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (2 GiB by default), the HTTP proxy without a bound. Both are set
-per Ray process, from the environment, so `python -m serve run` (serve.cli) and the Kubernetes
-manifests (k8s/render.py) put `proxy_env(settings)` into the environment of the Ray processes they
-start. The app's own checks (serve.protocol: 413 `payload-too-large`) stay the exact ones; these
-bounds only keep a larger request out of the proxies' memory.
+Ray's gRPC proxy reads a whole request before any replica sees it, up to RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+(2 GiB by default). Its HTTP proxy reads the body without a bound, and hands the request to a replica
+before the body is in; the proxy middleware (serve.proxy_middleware.BodyBuffer) bounds the body and
+holds the request until its body is in. All of this is set per Ray process, from the environment, so
+`python -m serve run` (serve.cli) and the Kubernetes manifests (k8s/render.py) put `proxy_env(settings)`
+into the environment of the Ray processes they start. The app's own checks (serve.protocol: 413
+`payload-too-large`, 408 `body-timeout`) stay the exact ones; these bounds keep a larger or slower
+request out of the proxies' memory and off the replicas.
 """
 
 from __future__ import annotations
 
 from serve.config import AppSettings, ImagingSettings
-from serve.proxy_middleware import BODY_LIMIT_ENV, CALLBACK_ENV, CALLBACK_PATH
+from serve.proxy_middleware import BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, BUFFER_ENV, CALLBACK_ENV, CALLBACK_PATH
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
 GRPC_MESSAGE_CEILING = 2**31 - 1  # Ray's default and gRPC's own maximum (a signed 32-bit length)
@@ -51,9 +54,17 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
 
 def proxy_env(app_args: dict) -> dict[str, str]:
     """The environment the Ray processes need for these limits (the proxies read it when they start)."""
-    imaging = AppSettings.model_validate(app_args or {}).imaging
+    settings = AppSettings.model_validate(app_args or {})
+    body_limit = http_max_body_bytes(settings.imaging)
+    if settings.overload.proxy_buffer_bytes < body_limit:
+        raise ValueError(
+            f"overload.proxy_buffer_bytes ({settings.overload.proxy_buffer_bytes}) is below the largest body the "
+            f"app accepts ({body_limit} bytes, from imaging.max_upload_bytes): such a body could never arrive"
+        )
     return {
-        GRPC_MESSAGE_ENV: str(grpc_max_message_bytes(imaging)),
-        BODY_LIMIT_ENV: str(http_max_body_bytes(imaging)),
+        GRPC_MESSAGE_ENV: str(grpc_max_message_bytes(settings.imaging)),
+        BODY_LIMIT_ENV: str(body_limit),
+        BODY_TIMEOUT_ENV: str(settings.overload.body_timeout_s),
+        BUFFER_ENV: str(settings.overload.proxy_buffer_bytes),
         CALLBACK_ENV: CALLBACK_PATH,
     }

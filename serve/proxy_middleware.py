@@ -1,12 +1,19 @@
 """ASGI middlewares that run inside Ray Serve's HTTP proxy, in front of every route.
 
 Ray calls `middlewares()` in each proxy when the proxy starts, because the Ray processes' environment
-names it (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set from serve.proxy_limits.proxy_env). Both
-middlewares read their settings from that environment too; without them they do nothing.
+names it (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set from serve.proxy_limits.proxy_env). BodyBuffer
+and Drain read their settings from that environment too; without them they are not installed.
 
-- BodyLimit: a body over the limit is refused with 413 by the proxy itself, by Content-Length before
-  it is read, or once a chunked body passes the limit; the proxy then holds at most the limit, not
-  a whole upload queued for a busy replica.
+- BodyBuffer: the proxy reads the whole body before the request goes on. Ray's proxy picks a replica
+  as soon as the headers are in and lets it pull the body as it arrives, so a client trickling its
+  upload would hold one of the Ingress replica's `max_ongoing_requests` for up to `body_timeout_s`,
+  and a few dozen such clients would starve every other request, the health probes included. A body
+  over the limit is refused with 413, by Content-Length before it is read or once it passes the
+  limit; one not in within the app's `overload.body_timeout_s` gets 408; a client that hangs up
+  first reaches no replica at all. The proxy holds at most the limit per request, and at most the app's
+  `overload.proxy_buffer_bytes` of arriving bodies in all: a request whose chunk would take it past that
+  is answered 503 (Retry-After) and dropped, while the bodies within it keep arriving. Bytes count as
+  they arrive, never as declared, so a client that declares a large body and sends nothing holds none.
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
@@ -27,6 +34,8 @@ import re
 from serve.problems import MEDIA_TYPE, Problem
 
 BODY_LIMIT_ENV = "ROREM_PROXY_MAX_BODY_BYTES"
+BODY_TIMEOUT_ENV = "ROREM_PROXY_BODY_TIMEOUT_S"
+BUFFER_ENV = "ROREM_PROXY_BUFFER_BYTES"
 DRAIN_FLAG_ENV = "ROREM_DRAIN_FLAG"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # ray/serve/_private/constants.py
 CALLBACK_PATH = "serve.proxy_middleware:middlewares"
@@ -44,7 +53,15 @@ def middlewares() -> list:
     stack = [Middleware(HeaderGuard)]
     limit = os.environ.get(BODY_LIMIT_ENV)
     if limit:
-        stack.append(Middleware(BodyLimit, limit=int(limit)))
+        timeout, held = os.environ.get(BODY_TIMEOUT_ENV), os.environ.get(BUFFER_ENV)
+        stack.append(
+            Middleware(
+                BodyBuffer,
+                limit=int(limit),
+                timeout_s=float(timeout) if timeout else None,
+                max_held=int(held) if held else None,
+            )
+        )
     flag = os.environ.get(DRAIN_FLAG_ENV)
     if flag:
         stack.append(Middleware(Drain, flag=flag))
@@ -99,39 +116,56 @@ class HeaderGuard:
         await self.app(scope, receive, send)
 
 
-class BodyLimit:
-    def __init__(self, app, limit: int):
+class BodyBuffer:
+    def __init__(self, app, limit: int, timeout_s: float | None = None, max_held: int | None = None):
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
+        self.max_held = max_held
+        self.held = 0  # bytes of bodies still arriving, all requests of this proxy together
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send, f"request body is {int(declared)} bytes; the limit is {self.limit}")
+            return await self._too_large(send, f"request body is {int(declared)} bytes; the limit is {self.limit}")
+        messages = []
         received = 0
-        answered = False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # gone before its body was in: no replica hears of it
+                    size = len(message.get("body", b""))
+                    received += size
+                    self.held += size
+                    if received > self.limit:
+                        return await self._too_large(send, f"request body exceeds the limit of {self.limit} bytes")
+                    if self.max_held is not None and self.held > self.max_held:
+                        return await _problem(send, Problem("overloaded", _BUSY, {"Retry-After": str(RETRY_AFTER_S)}))
+                    messages.append(message)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            detail = f"{received} bytes of the body arrived in {self.timeout_s:g} s (overload.body_timeout_s)"
+            return await _problem(send, Problem("body-timeout", f"{detail} (at the proxy)"))
+        finally:
+            self.held -= received
+        messages.reverse()
 
-        async def bounded_receive():
-            nonlocal received, answered
-            message = await receive()
-            if message["type"] == "http.request" and not answered:
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    answered = True  # the proxy stops reading; whatever the app answers is dropped
-                    await self._refuse(send, f"request body exceeds the limit of {self.limit} bytes")
-                    return {"type": "http.disconnect"}
-            return message
+        async def replay():
+            """The body as it came (chunks are not joined: no copy on the proxy's loop), then the client."""
+            return messages.pop() if messages else await receive()
 
-        async def guarded_send(message):
-            if not answered:
-                await send(message)
+        await self.app(scope, replay, send)
 
-        await self.app(scope, bounded_receive, guarded_send)
-
-    async def _refuse(self, send, detail: str) -> None:
+    async def _too_large(self, send, detail: str) -> None:
         await _problem(send, Problem("payload-too-large", f"{detail} (at the proxy)"))
+
+
+_BUSY = "this proxy holds as many arriving request bodies as it may (overload.proxy_buffer_bytes); retry"
 
 
 class Drain:

@@ -1,4 +1,5 @@
-"""Liveness and readiness that do not depend on the model queues (serve/health.py), without Ray."""
+"""Liveness and readiness that do not depend on the model queues (serve/health.py), without Ray; with the
+shared Serve, probes that stay fast while the Remover is saturated or clients trickle uploads."""
 
 from __future__ import annotations
 
@@ -173,3 +174,41 @@ def test_readyz_stays_fast_and_ready_while_the_remover_is_saturated(service):
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[int(0.99 * (len(ordered) - 1))]
+
+
+def test_probes_and_removals_are_answered_while_clients_trickle_uploads(service):
+    """More clients than the Ingress's max_ongoing_requests, each sending a few bytes of a /remove body and
+    then nothing: Ray's proxy would hand each to the replica at once, and the replica's slots would stay
+    full for overload.body_timeout_s, starving /readyz (the pod leaves the Service) and every removal."""
+    import socket
+    import urllib.parse
+
+    import httpx
+    import numpy as np
+    import yaml
+
+    from tests.helpers import REPO, photo, png_bytes
+
+    local = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    ingress = next(d for d in local["applications"][0]["deployments"] if d["name"] == "Ingress")
+    url = urllib.parse.urlsplit(service.url)
+    tricklers = []
+    try:
+        for _ in range(ingress["max_ongoing_requests"] + 8):
+            conn = socket.create_connection((url.hostname, url.port), timeout=10)
+            conn.sendall(
+                f"POST /remove HTTP/1.1\r\nHost: {url.hostname}\r\n"
+                "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n--x".encode()
+            )
+            tricklers.append(conn)
+        time.sleep(1.5)
+        mask = np.zeros((256, 256), np.uint8)
+        mask[90:150, 100:160] = 255
+        with httpx.Client(base_url=service.url, timeout=10) as client:
+            for path in ("/readyz", "/healthz"):
+                assert client.get(path).status_code == 200, path
+            upload = {"image": png_bytes(photo(256, 256)), "mask": png_bytes(mask)}
+            assert client.post("/remove", files=upload, data={"gate": "off"}, timeout=60).status_code == 200
+    finally:
+        for conn in tricklers:
+            conn.close()

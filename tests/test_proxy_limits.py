@@ -16,7 +16,7 @@ import yaml
 
 from engines.imaging import MAX_OUTPUT_SIDE, encode_image
 from serve import rorem_pb2 as pb
-from serve.config import ImagingSettings
+from serve.config import ImagingSettings, OverloadSettings
 from serve.proxy_limits import (
     GRPC_MESSAGE_ENV,
     REPLY_BYTES_PER_PIXEL,
@@ -25,7 +25,7 @@ from serve.proxy_limits import (
     http_max_body_bytes,
     proxy_env,
 )
-from serve.proxy_middleware import BODY_LIMIT_ENV, DRAIN_PATH, BodyLimit, Drain
+from serve.proxy_middleware import BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, DRAIN_PATH, BodyBuffer, Drain
 from tests.helpers import REPO, load_script
 
 IMAGING = ImagingSettings(max_upload_bytes=6 * 1024 * 1024, max_megapixels=0.5)
@@ -83,6 +83,7 @@ def test_the_kubernetes_manifest_carries_the_derived_limits():
     assert render.proxy_environment() == expected
     assert int(expected[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings())  # local.yaml's imaging
     assert int(expected[BODY_LIMIT_ENV]) == http_max_body_bytes(ImagingSettings())
+    assert float(expected[BODY_TIMEOUT_ENV]) == OverloadSettings().body_timeout_s
 
 
 # --- the middlewares, as Ray's proxy (uvicorn) runs them: one task per request ------------------------
@@ -132,7 +133,7 @@ async def reading_app(scope, receive, send):
 
 
 def test_a_body_over_the_limit_is_refused_at_the_proxy_by_length_or_while_streaming():
-    limit = BodyLimit(reading_app, limit=1000)
+    limit = BodyBuffer(reading_app, limit=1000)
     declared = Exchange([b"x" * 10], {"content-length": "1001"})
     chunked = Exchange([b"x" * 600, b"x" * 600, b"x" * 600])
     fits = Exchange([b"x" * 500, b"x" * 500])
@@ -147,6 +148,108 @@ def test_a_body_over_the_limit_is_refused_at_the_proxy_by_length_or_while_stream
     assert len(chunked.chunks) == 1, "the proxy stopped reading at the limit"
     assert [m for m in chunked.sent if m["type"] == "http.response.start"] == chunked.sent[:1], "one answer only"
     assert fits.status == 200 and fits.body == {"size": 1000}
+
+
+class Trickle(Exchange):
+    """A client that sends its body a chunk every `every_s`, or hangs up after its chunks."""
+
+    def __init__(self, chunks: list[bytes], every_s: float, hang_up: bool = False):
+        super().__init__(chunks + ([] if hang_up else [b""]))
+        self.every_s = every_s
+        self.hang_up = hang_up
+
+    async def receive(self):
+        if self.chunks:
+            await asyncio.sleep(self.every_s)
+            chunk = self.chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(self.chunks) or self.hang_up}
+        if self.hang_up:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)
+
+
+def test_no_request_reaches_the_app_before_its_whole_body_is_in_at_the_proxy():
+    """Ray's proxy gives a request to a replica as soon as its headers are in: a client trickling its body
+    would hold one of the replica's max_ongoing_requests all the while. Behind BodyBuffer the app (Ray's
+    proxy) sees a request only once its body is in; a slow one gets 408, one that hangs up nothing."""
+    reached: list[float] = []
+    loop_time = None
+
+    async def app(scope, receive, send):
+        reached.append(loop_time())
+        await reading_app(scope, receive, send)
+
+    async def main():
+        nonlocal loop_time
+        loop_time = asyncio.get_running_loop().time
+        buffer = BodyBuffer(app, limit=1000, timeout_s=0.5)
+        slow_but_in_time = Trickle([b"a" * 100, b"b" * 100, b"c" * 100], every_s=0.05)
+        too_slow = Trickle([b"x" * 10] * 20, every_s=0.1)
+        gone = Trickle([b"x" * 10, b"y" * 10], every_s=0.05, hang_up=True)
+        started = loop_time()
+        await asyncio.gather(*(buffer(e.scope, e.receive, e.send) for e in (slow_but_in_time, too_slow, gone)))
+        return started, slow_but_in_time, too_slow, gone
+
+    started, in_time, too_slow, gone = asyncio.run(main())
+    assert len(reached) == 1 and reached[0] - started >= 0.15, "only the complete body reached the app, once in"
+    assert in_time.status == 200 and in_time.body == {"size": 300}, "the app read the body as sent"
+    assert too_slow.status == 408 and too_slow.body["type"].endswith("/body-timeout")
+    assert "0.5 s" in too_slow.body["detail"] and "at the proxy" in too_slow.body["detail"]
+    assert gone.sent == [], "a client that hung up mid-body: no answer, and no replica heard of it"
+
+
+def test_the_body_that_would_overfill_the_proxy_buffer_gets_503_and_the_others_keep_arriving():
+    """Bytes count as they arrive: a client that declares a body and sends nothing holds none."""
+
+    async def main():
+        buffer = BodyBuffer(reading_app, limit=1000, timeout_s=5, max_held=1500)
+        declared_only = Exchange([], {"content-length": "1000"})
+        first = Trickle([b"x" * 800, b"x" * 100], every_s=0.2)
+        second = Trickle([b"y" * 100, b"y" * 700, b"y" * 100], every_s=0.15)
+        tasks = [asyncio.create_task(buffer(e.scope, e.receive, e.send)) for e in (declared_only, first, second)]
+        await asyncio.sleep(0.25)
+        held = buffer.held  # 800 + 100 arrived; the declared 1000 count nothing
+        await asyncio.wait(tasks[1:])
+        tasks[0].cancel()
+        after = Exchange([b"z" * 10])
+        await buffer(after.scope, after.receive, after.send)
+        return held, first, second, after, buffer.held
+
+    held, first, second, after, held_at_end = asyncio.run(main())
+    assert held == 900
+    assert second.status == 503 and second.body["type"].endswith("/overloaded"), "its 700 would make 1600 > 1500"
+    assert "proxy_buffer_bytes" in second.body["detail"] and (b"retry-after", b"2") in second.sent[0]["headers"]
+    assert first.status == 200 and first.body == {"size": 900}, "the body within the buffer kept arriving"
+    assert after.status == 200 and held_at_end == 0, "every byte is given back once its request is handed on or ends"
+
+
+def test_a_proxy_buffer_smaller_than_the_largest_body_is_refused_at_start():
+    with pytest.raises(ValueError, match="proxy_buffer_bytes"):
+        proxy_env({"overload": {"proxy_buffer_bytes": http_max_body_bytes(ImagingSettings()) - 1}})
+
+
+def test_the_app_gets_the_body_as_sent_and_then_the_client_s_own_receive():
+    """Chunks are replayed as they came (not joined on the proxy's loop); after them the app's receive is the
+    client's, so Ray's proxy still sees a disconnect and cancels the request."""
+    got: list[dict] = []
+
+    async def app(scope, receive, send):
+        for _ in range(3):
+            got.append(await receive())
+
+    class HangsUpAfter(Exchange):
+        async def receive(self):
+            if self.chunks:
+                return await super().receive()
+            return {"type": "http.disconnect"}
+
+    exchange = HangsUpAfter([b"ab", b"cd"])
+    asyncio.run(BodyBuffer(app, limit=10)(exchange.scope, exchange.receive, exchange.send))
+    assert got == [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
 
 
 def test_draining_answers_new_requests_503_and_in_flight_ones_finish_or_get_503(tmp_path):

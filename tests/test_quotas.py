@@ -408,7 +408,7 @@ def test_grpc_a_key_at_5_per_window_gets_its_sixth_call_refused_and_its_quota_ba
 
 
 def _hold(url: str, key: str) -> socket.socket:
-    """A /remove whose body never finishes: it holds its concurrency lease until the body timeout answers."""
+    """A /remove whose body never finishes (the Serve proxy holds it until the body timeout answers)."""
     parsed = urllib.parse.urlsplit(url)
     conn = socket.create_connection((parsed.hostname, parsed.port), timeout=30)
     conn.sendall(
@@ -418,22 +418,46 @@ def _hold(url: str, key: str) -> socket.socket:
     return conn
 
 
-def test_rest_a_key_past_its_concurrency_is_refused_until_its_request_ends(metered, upload):
+def test_rest_a_key_past_its_concurrency_is_refused_while_its_request_is_in_progress(metered, upload):
+    """max_concurrent 1: of requests sent at once, the first holds the lease while it waits for its batch
+    (batch_wait_timeout_s) and the model; the others are refused with 429 until it ends."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = metered.keys["single"]
+    at_once = threading.Barrier(4)
+
+    def send(_):
+        at_once.wait()
+        return _remove(metered, key, upload, gate="off")
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, range(4)))
+    served = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code != 200]
+    assert served and refused, [a.status_code for a in answers]
+    for answer in refused:
+        assert answer.status_code == 429 and answer.json()["quota"] == "concurrency", answer.text
+        assert answer.headers["retry-after"] == "1" and answer.headers["ratelimit"] == '"concurrency";r=0'
+    answer = _remove(metered, key, upload, gate="off")
+    assert answer.status_code == 200 and answer.headers["ratelimit"] == '"concurrency";r=0', "the lease is back"
+
+
+def test_rest_a_key_s_trickling_upload_holds_no_lease(metered, upload):
+    """Its body never finishes: the proxy holds it (no replica sees it, no lease is taken) and answers 408
+    after body_timeout_s; meanwhile the key's other requests are served."""
     key = metered.keys["single"]
     conn = _hold(metered.url, key)
     try:
         time.sleep(1.0)
-        refused = _remove(metered, key, upload, gate="off")
-        assert refused.status_code == 429 and refused.json()["quota"] == "concurrency"
-        assert refused.headers["retry-after"] == "1" and refused.headers["ratelimit"] == '"concurrency";r=0'
+        answer = _remove(metered, key, upload, gate="off")
+        assert answer.status_code == 200 and answer.headers["ratelimit"] == '"concurrency";r=0'
         reply = b""
         while b"\r\n\r\n" not in reply:
             reply += conn.recv(65536)
     finally:
         conn.close()
-    assert reply.startswith(b"HTTP/1.1 408") and b'ratelimit: "concurrency";r=0' in reply.lower(), reply[:400]
-    answer = _remove(metered, key, upload, gate="off")
-    assert answer.status_code == 200 and answer.headers["ratelimit"] == '"concurrency";r=0'
+    assert reply.startswith(b"HTTP/1.1 408") and b"at the proxy" in reply, reply[:400]
 
 
 def test_the_quota_holds_across_ingress_replicas(metered):
