@@ -201,7 +201,9 @@ def proxy_environment() -> dict[str, str]:
 
     envs = {target: proxy_env(render_config(target)["applications"][0].get("args")) for target in TARGETS}
     if len({json.dumps(env, sort_keys=True) for env in envs.values()}) != 1:
-        raise RenderError(f"the targets' imaging settings give different proxy limits {envs}: keep imaging.* alike")
+        raise RenderError(
+            f"the targets' settings give different proxy limits {envs}: keep imaging.* and overload.* alike"
+        )
     return envs[TARGETS[0]]
 
 

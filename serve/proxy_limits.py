@@ -17,6 +17,10 @@ from serve.config import AppSettings, ImagingSettings
 from serve.proxy_middleware import BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, BUFFER_ENV, CALLBACK_ENV, CALLBACK_PATH
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
+# How long a proxy being drained (its node scaled down) keeps taking requests at least. Ray counts a request as
+# ongoing only once BodyBuffer hands it on, so the proxy must not go while a body may still be arriving.
+PROXY_DRAINING_ENV = "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S"  # same file
+RAY_PROXY_DRAINING_S = 30.0  # Ray's default
 GRPC_MESSAGE_CEILING = 2**31 - 1  # Ray's default and gRPC's own maximum (a signed 32-bit length)
 
 # Protobuf framing of the request's fields (a tag and a varint length each) and its options: a few
@@ -66,5 +70,6 @@ def proxy_env(app_args: dict) -> dict[str, str]:
         BODY_LIMIT_ENV: str(body_limit),
         BODY_TIMEOUT_ENV: str(settings.overload.body_timeout_s),
         BUFFER_ENV: str(settings.overload.proxy_buffer_bytes),
+        PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, settings.overload.body_timeout_s)),
         CALLBACK_ENV: CALLBACK_PATH,
     }

@@ -10,10 +10,14 @@ and Drain read their settings from that environment too; without them they are n
   and a few dozen such clients would starve every other request, the health probes included. A body
   over the limit is refused with 413, by Content-Length before it is read or once it passes the
   limit; one not in within the app's `overload.body_timeout_s` gets 408; a client that hangs up
-  first reaches no replica at all. The proxy holds at most the limit per request, and at most the app's
-  `overload.proxy_buffer_bytes` of arriving bodies in all: a request whose chunk would take it past that
-  is answered 503 (Retry-After) and dropped, while the bodies within it keep arriving. Bytes count as
-  they arrive, never as declared, so a client that declares a large body and sends nothing holds none.
+  first reaches no replica at all. Arriving bodies are held to the app's `overload.proxy_buffer_bytes`
+  in all: a request whose body (its Content-Length, else the limit) would not fit beside the bytes
+  already arriving is answered 503 (Retry-After) before it is read, and one whose chunk would still take
+  the total past it is cut with the same 503. Bytes count as they arrive, never as declared, so a client
+  that declares a large body and sends nothing holds none of the buffer. Small packets are joined into chunks
+  of 64 KiB, so a body costs about its size however it is sent. Once a body is in, it leaves this count:
+  Ray's proxy holds it until a replica reads it (bounded by the Ingress's max_ongoing + max_queued
+  requests), as before.
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
@@ -128,35 +132,49 @@ class BodyBuffer:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(send, f"request body is {int(declared)} bytes; the limit is {self.limit}")
-        messages = []
-        received = 0
+        needs = int(declared) if declared.isdigit() else self.limit
+        if needs > self.limit:
+            return await self._too_large(send, f"request body is {needs} bytes; the limit is {self.limit}")
+        if self.max_held is not None and self.held + needs > self.max_held:
+            return await self._busy(send)  # before reading: the bodies already arriving are not cut
+        chunks, received, refusal = [], 0, None
+        pending = bytearray()
         try:
             async with asyncio.timeout(self.timeout_s):
                 while True:
                     message = await receive()
                     if message["type"] != "http.request":
                         return  # gone before its body was in: no replica hears of it
-                    size = len(message.get("body", b""))
-                    received += size
-                    self.held += size
+                    body = message.get("body", b"")
+                    received += len(body)
+                    self.held += len(body)
                     if received > self.limit:
-                        return await self._too_large(send, f"request body exceeds the limit of {self.limit} bytes")
+                        refusal = self._too_large, f"request body exceeds the limit of {self.limit} bytes"
+                        break
                     if self.max_held is not None and self.held > self.max_held:
-                        return await _problem(send, Problem("overloaded", _BUSY, {"Retry-After": str(RETRY_AFTER_S)}))
-                    messages.append(message)
+                        refusal = self._busy, None
+                        break
+                    pending += body
+                    if len(pending) >= _CHUNK or not message.get("more_body", False):
+                        # small network packets kept as one message each would cost far more than their bytes
+                        chunks.append(bytes(pending))
+                        pending.clear()
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             detail = f"{received} bytes of the body arrived in {self.timeout_s:g} s (overload.body_timeout_s)"
-            return await _problem(send, Problem("body-timeout", f"{detail} (at the proxy)"))
+            refusal = _problem, Problem("body-timeout", f"{detail} (at the proxy)")
         finally:
             self.held -= received
+        if refusal is not None:  # answered outside the timeout: a timer firing mid-send cannot answer twice
+            answer, detail = refusal
+            return await (answer(send, detail) if detail is not None else answer(send))
+        messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+        messages[-1]["more_body"] = False
         messages.reverse()
 
         async def replay():
-            """The body as it came (chunks are not joined: no copy on the proxy's loop), then the client."""
+            """The body in chunks of at least _CHUNK bytes (not joined whole on the proxy's loop), then the client."""
             return messages.pop() if messages else await receive()
 
         await self.app(scope, replay, send)
@@ -164,7 +182,11 @@ class BodyBuffer:
     async def _too_large(self, send, detail: str) -> None:
         await _problem(send, Problem("payload-too-large", f"{detail} (at the proxy)"))
 
+    async def _busy(self, send) -> None:
+        await _problem(send, Problem("overloaded", _BUSY, {"Retry-After": str(RETRY_AFTER_S)}))
 
+
+_CHUNK = 64 * 1024
 _BUSY = "this proxy holds as many arriving request bodies as it may (overload.proxy_buffer_bytes); retry"
 
 

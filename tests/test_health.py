@@ -194,7 +194,7 @@ def test_probes_and_removals_are_answered_while_clients_trickle_uploads(service)
     url = urllib.parse.urlsplit(service.url)
     tricklers = []
     try:
-        for _ in range(ingress["max_ongoing_requests"] + 8):
+        for _ in range(ingress["max_ongoing_requests"] * ingress.get("num_replicas", 1) + 8):
             conn = socket.create_connection((url.hostname, url.port), timeout=10)
             conn.sendall(
                 f"POST /remove HTTP/1.1\r\nHost: {url.hostname}\r\n"
@@ -209,6 +209,10 @@ def test_probes_and_removals_are_answered_while_clients_trickle_uploads(service)
                 assert client.get(path).status_code == 200, path
             upload = {"image": png_bytes(photo(256, 256)), "mask": png_bytes(mask)}
             assert client.post("/remove", files=upload, data={"gate": "off"}, timeout=60).status_code == 200
+        for conn in tricklers:  # still unanswered: they were held all along, not refused
+            conn.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                conn.recv(1)
     finally:
         for conn in tricklers:
             conn.close()

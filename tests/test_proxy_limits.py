@@ -19,6 +19,7 @@ from serve import rorem_pb2 as pb
 from serve.config import ImagingSettings, OverloadSettings
 from serve.proxy_limits import (
     GRPC_MESSAGE_ENV,
+    PROXY_DRAINING_ENV,
     REPLY_BYTES_PER_PIXEL,
     REPLY_SLACK,
     grpc_max_message_bytes,
@@ -84,6 +85,7 @@ def test_the_kubernetes_manifest_carries_the_derived_limits():
     assert int(expected[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings())  # local.yaml's imaging
     assert int(expected[BODY_LIMIT_ENV]) == http_max_body_bytes(ImagingSettings())
     assert float(expected[BODY_TIMEOUT_ENV]) == OverloadSettings().body_timeout_s
+    assert float(expected[PROXY_DRAINING_ENV]) >= float(expected[BODY_TIMEOUT_ENV]), "a draining proxy outlives a body"
 
 
 # --- the middlewares, as Ray's proxy (uvicorn) runs them: one task per request ------------------------
@@ -188,6 +190,7 @@ def test_no_request_reaches_the_app_before_its_whole_body_is_in_at_the_proxy():
         gone = Trickle([b"x" * 10, b"y" * 10], every_s=0.05, hang_up=True)
         started = loop_time()
         await asyncio.gather(*(buffer(e.scope, e.receive, e.send) for e in (slow_but_in_time, too_slow, gone)))
+        assert buffer.held == 0, "every byte is given back: handed on, timed out or hung up"
         return started, slow_but_in_time, too_slow, gone
 
     started, in_time, too_slow, gone = asyncio.run(main())
@@ -209,14 +212,17 @@ def test_the_body_that_would_overfill_the_proxy_buffer_gets_503_and_the_others_k
         tasks = [asyncio.create_task(buffer(e.scope, e.receive, e.send)) for e in (declared_only, first, second)]
         await asyncio.sleep(0.25)
         held = buffer.held  # 800 + 100 arrived; the declared 1000 count nothing
+        no_room = Exchange([b"n" * 700], {"content-length": "700"})
+        await buffer(no_room.scope, no_room.receive, no_room.send)
         await asyncio.wait(tasks[1:])
         tasks[0].cancel()
         after = Exchange([b"z" * 10])
         await buffer(after.scope, after.receive, after.send)
-        return held, first, second, after, buffer.held
+        return held, first, second, after, buffer.held, no_room
 
-    held, first, second, after, held_at_end = asyncio.run(main())
+    held, first, second, after, held_at_end, no_room = asyncio.run(main())
     assert held == 900
+    assert no_room.status == 503 and no_room.chunks == [b"n" * 700], "900 + 700 > 1500: refused before it is read"
     assert second.status == 503 and second.body["type"].endswith("/overloaded"), "its 700 would make 1600 > 1500"
     assert "proxy_buffer_bytes" in second.body["detail"] and (b"retry-after", b"2") in second.sent[0]["headers"]
     assert first.status == 200 and first.body == {"size": 900}, "the body within the buffer kept arriving"
@@ -228,13 +234,14 @@ def test_a_proxy_buffer_smaller_than_the_largest_body_is_refused_at_start():
         proxy_env({"overload": {"proxy_buffer_bytes": http_max_body_bytes(ImagingSettings()) - 1}})
 
 
-def test_the_app_gets_the_body_as_sent_and_then_the_client_s_own_receive():
-    """Chunks are replayed as they came (not joined on the proxy's loop); after them the app's receive is the
-    client's, so Ray's proxy still sees a disconnect and cancels the request."""
+def test_the_app_gets_the_body_in_few_chunks_and_then_the_client_s_own_receive():
+    """A body sent in tiny packets is kept and replayed in 64 KiB chunks (a message per packet would cost far
+    more than its bytes), never joined whole on the proxy's loop; after it the app's receive is the client's,
+    so Ray's proxy still sees a disconnect and cancels the request."""
     got: list[dict] = []
 
     async def app(scope, receive, send):
-        for _ in range(3):
+        while not got or got[-1]["type"] != "http.disconnect":
             got.append(await receive())
 
     class HangsUpAfter(Exchange):
@@ -243,13 +250,28 @@ def test_the_app_gets_the_body_as_sent_and_then_the_client_s_own_receive():
                 return await super().receive()
             return {"type": "http.disconnect"}
 
-    exchange = HangsUpAfter([b"ab", b"cd"])
-    asyncio.run(BodyBuffer(app, limit=10)(exchange.scope, exchange.receive, exchange.send))
-    assert got == [
-        {"type": "http.request", "body": b"ab", "more_body": True},
-        {"type": "http.request", "body": b"cd", "more_body": False},
-        {"type": "http.disconnect"},
-    ]
+    sent = [bytes([n % 251]) * 100 for n in range(3000)]  # 300,000 bytes in 100-byte packets
+    exchange = HangsUpAfter(sent)
+    asyncio.run(BodyBuffer(app, limit=400_000)(exchange.scope, exchange.receive, exchange.send))
+    body, disconnect = got[:-1], got[-1]
+    assert disconnect == {"type": "http.disconnect"}
+    assert len(body) == 5 and [m["more_body"] for m in body] == [True] * 4 + [False]
+    assert b"".join(m["body"] for m in body) == b"".join(sent)
+
+
+def test_a_refused_body_leaves_nothing_held_and_gets_one_answer():
+    async def main():
+        buffer = BodyBuffer(reading_app, limit=1000, timeout_s=0.2, max_held=1500)
+        too_large = Exchange([b"x" * 600, b"x" * 600])
+        too_slow = Trickle([b"x" * 10] * 10, every_s=0.1)
+        for exchange in (too_large, too_slow):
+            await buffer(exchange.scope, exchange.receive, exchange.send)
+        return buffer.held, too_large, too_slow
+
+    held, too_large, too_slow = asyncio.run(main())
+    assert held == 0 and (too_large.status, too_slow.status) == (413, 408)
+    for exchange in (too_large, too_slow):
+        assert [m["type"] for m in exchange.sent] == ["http.response.start", "http.response.body"]
 
 
 def test_draining_answers_new_requests_503_and_in_flight_ones_finish_or_get_503(tmp_path):
