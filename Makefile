@@ -18,12 +18,17 @@ $(VENV)/.installed: pyproject.toml
 serve: venv
 	$(PY) -m serve run $(ARGS)
 
+# Bytecode is written even where the environment says not to (PYTHONDONTWRITEBYTECODE): otherwise every pytest
+# run re-rewrites ~250 plugin modules (schemathesis, hypothesis, anyio) and every Ray worker recompiles serve/
+# and engines/ (docs/benchmarks.md "Test suite").
+TEST_ENV := PYTHONDONTWRITEBYTECODE=
+
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # no Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training
 test-fast: venv
-	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
 # Regenerate the gRPC stubs from serve/rorem.proto (grpcio-tools is in the dev extra; the output is committed).
 proto: venv
