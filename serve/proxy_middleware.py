@@ -11,13 +11,15 @@ and Drain read their settings from that environment too; without them they are n
   over the limit is refused with 413, by Content-Length before it is read or once it passes the
   limit; one not in within the app's `overload.body_timeout_s` gets 408; a client that hangs up
   first reaches no replica at all. Arriving bodies are held to the app's `overload.proxy_buffer_bytes`
-  in all: a request whose body (its Content-Length, else the limit) would not fit beside the bytes
-  already arriving is answered 503 (Retry-After) before it is read, and one whose chunk would still take
-  the total past it is cut with the same 503. Bytes count as they arrive, never as declared, so a client
-  that declares a large body and sends nothing holds none of the buffer. Small packets are joined into chunks
+  in all: a request whose body (its Content-Length; the limit for a chunked one; nothing for a request
+  without a body, such as a probe's GET) would not fit beside the bytes already arrived is answered 503
+  (Retry-After) before it is read. Nothing is reserved: bytes count as they arrive, never as declared, so
+  a client that declares a large body and sends nothing holds none of the buffer, and requests admitted
+  together can overcommit it; the one whose chunk would take the total past it is then cut with the same
+  503, even if it is not the slowest. Small packets are joined into chunks
   of 64 KiB, so a body costs about its size however it is sent. Once a body is in, it leaves this count:
-  Ray's proxy holds it until a replica reads it (bounded by the Ingress's max_ongoing + max_queued
-  requests), as before.
+  Ray's proxy holds it until a replica reads it (bounded by the Ingress's max_ongoing_requests per
+  replica plus its max_queued_requests per proxy), as before.
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
@@ -131,12 +133,16 @@ class BodyBuffer:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        needs = int(declared) if declared.isdigit() else self.limit
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit():
+            needs = int(declared)
+        else:  # HTTP/1.1: a request with neither Content-Length nor Transfer-Encoding has no body (a probe's GET)
+            needs = self.limit if b"transfer-encoding" in headers else 0
         if needs > self.limit:
             return await self._too_large(send, f"request body is {needs} bytes; the limit is {self.limit}")
         if self.max_held is not None and self.held + needs > self.max_held:
-            return await self._busy(send)  # before reading: the bodies already arriving are not cut
+            return await self._busy(send)  # before reading; nothing is reserved, so the check below stays
         chunks, received, refusal = [], 0, None
         pending = bytearray()
         try:
@@ -174,7 +180,8 @@ class BodyBuffer:
         messages.reverse()
 
         async def replay():
-            """The body in chunks of at least _CHUNK bytes (not joined whole on the proxy's loop), then the client."""
+            """The body in chunks of _CHUNK bytes, the last smaller (never joined whole on the proxy's loop), then
+            the client."""
             return messages.pop() if messages else await receive()
 
         await self.app(scope, replay, send)

@@ -229,6 +229,29 @@ def test_the_body_that_would_overfill_the_proxy_buffer_gets_503_and_the_others_k
     assert after.status == 200 and held_at_end == 0, "every byte is given back once its request is handed on or ends"
 
 
+def test_a_full_buffer_still_passes_requests_without_a_body_such_as_the_probes():
+    """A GET has neither Content-Length nor Transfer-Encoding: it needs none of the buffer. A chunked upload
+    may need up to the limit, so it waits for room like any upload."""
+
+    async def main():
+        buffer = BodyBuffer(reading_app, limit=1000, timeout_s=5, max_held=1500)
+        stalled = Trickle([b"x" * 900, b"x" * 50], every_s=0.1)
+        task = asyncio.create_task(buffer(stalled.scope, stalled.receive, stalled.send))
+        await asyncio.sleep(0.15)  # 900 held: no room for a body of up to 1000
+        probe = Exchange([b""], path="/readyz")
+        probe.scope["method"] = "GET"
+        chunked = Exchange([b"c" * 10], {"transfer-encoding": "chunked"})
+        for exchange in (probe, chunked):
+            await buffer(exchange.scope, exchange.receive, exchange.send)
+        await task
+        return probe, chunked, stalled
+
+    probe, chunked, stalled = asyncio.run(main())
+    assert probe.status == 200 and probe.body == {"size": 0}
+    assert chunked.status == 503 and chunked.chunks == [b"c" * 10], "refused unread"
+    assert stalled.status == 200
+
+
 def test_a_proxy_buffer_smaller_than_the_largest_body_is_refused_at_start():
     with pytest.raises(ValueError, match="proxy_buffer_bytes"):
         proxy_env({"overload": {"proxy_buffer_bytes": http_max_body_bytes(ImagingSettings()) - 1}})
