@@ -140,9 +140,9 @@ class BodyBuffer:
         else:  # HTTP/1.1: a request with neither Content-Length nor Transfer-Encoding has no body (a probe's GET)
             needs = self.limit if b"transfer-encoding" in headers else 0
         if needs > self.limit:
-            return await self._too_large(send, f"request body is {needs} bytes; the limit is {self.limit}")
+            return await _problem(send, _too_large(f"request body is {needs} bytes; the limit is {self.limit}"))
         if self.max_held is not None and self.held + needs > self.max_held:
-            return await self._busy(send)  # before reading; nothing is reserved, so the check below stays
+            return await _problem(send, _overloaded(_BUSY))  # before reading; nothing is reserved, so the check below stays
         chunks, received, refusal = [], 0, None
         pending = bytearray()
         try:
@@ -155,10 +155,10 @@ class BodyBuffer:
                     received += len(body)
                     self.held += len(body)
                     if received > self.limit:
-                        refusal = self._too_large, f"request body exceeds the limit of {self.limit} bytes"
+                        refusal = _too_large(f"request body exceeds the limit of {self.limit} bytes")
                         break
                     if self.max_held is not None and self.held > self.max_held:
-                        refusal = self._busy, None
+                        refusal = _overloaded(_BUSY)
                         break
                     pending += body
                     if len(pending) >= _CHUNK or not message.get("more_body", False):
@@ -169,12 +169,11 @@ class BodyBuffer:
                         break
         except TimeoutError:
             detail = f"{received} bytes of the body arrived in {self.timeout_s:g} s (overload.body_timeout_s)"
-            refusal = _problem, Problem("body-timeout", f"{detail} (at the proxy)")
+            refusal = Problem("body-timeout", f"{detail} (at the proxy)")
         finally:
             self.held -= received
         if refusal is not None:  # answered outside the timeout: a timer firing mid-send cannot answer twice
-            answer, detail = refusal
-            return await (answer(send, detail) if detail is not None else answer(send))
+            return await _problem(send, refusal)
         messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
         messages[-1]["more_body"] = False
         messages.reverse()
@@ -186,14 +185,18 @@ class BodyBuffer:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send, detail: str) -> None:
-        await _problem(send, Problem("payload-too-large", f"{detail} (at the proxy)"))
-
-    async def _busy(self, send) -> None:
-        await _problem(send, Problem("overloaded", _BUSY, {"Retry-After": str(RETRY_AFTER_S)}))
-
 
 _CHUNK = 64 * 1024
+
+
+def _too_large(detail: str) -> Problem:
+    return Problem("payload-too-large", f"{detail} (at the proxy)")
+
+
+def _overloaded(detail: str) -> Problem:
+    return Problem("overloaded", detail, {"Retry-After": str(RETRY_AFTER_S)})
+
+
 _BUSY = "this proxy holds as many arriving request bodies as it may (overload.proxy_buffer_bytes); retry"
 
 
@@ -253,4 +256,4 @@ class Drain:
 
     async def _unavailable(self, send) -> None:
         detail = "this instance is stopping; retry (another instance)"
-        await _problem(send, Problem("overloaded", detail, {"Retry-After": str(RETRY_AFTER_S)}))
+        await _problem(send, _overloaded(detail))

@@ -165,6 +165,26 @@ def test_the_sweeper_never_takes_a_result_whose_save_has_not_returned(tmp_path, 
         client.close()
 
 
+def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp_path, clock):
+    from serve.retention.keeper import LocalStoreClient
+
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock
+    )
+    old = store.save(_new(b"old"))
+    clock.advance(days=5)
+    recent = store.save(_new(b"recent"))
+    clock.advance(days=3)
+    client = LocalStoreClient(lambda: store)
+    try:
+        assert client.sweep() == 1
+    finally:
+        client.close()
+    assert [r.id for r in store.queue(10)] == [recent]
+    with pytest.raises(ResultNotFound):
+        store.get(old)
+
+
 def test_max_age_drops_old_results_labelled_or_not(tmp_path, clock):
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock
