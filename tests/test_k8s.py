@@ -16,7 +16,8 @@
 - every container has a pinned image, requests and limits, and probes; readiness is /readyz;
 - names that cross objects agree: ports, selectors, the volume, the bundle path, the Ray version;
 - hardening (on the `kubectl kustomize` rendering): the NetworkPolicies allow exactly the documented
-  source -> port matrix (evaluated here with NetworkPolicy semantics), every container runs non-root
+  source -> port matrix and the serving workers egress only to Ray pods and DNS (evaluated here with
+  NetworkPolicy semantics), every container runs non-root
   with a read-only root filesystem, no capabilities, RuntimeDefault seccomp and writable emptyDirs
   where Ray writes, no pod automounts a ServiceAccount token (the autoscaler alone gets one), no
   Service carries Ray's dashboard, GCS or client port, prod turns Ray's token auth on.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -198,7 +200,7 @@ def test_overlays_hold_the_expected_objects():
         ("PodDisruptionBudget", "rorem-workers"),
         ("NetworkPolicy", "rorem-default-deny-ingress"), ("NetworkPolicy", "rorem-ray-internal"),
         ("NetworkPolicy", "rorem-from-kuberay-operator"), ("NetworkPolicy", "rorem-serving"),
-        ("NetworkPolicy", "rorem-metrics"),
+        ("NetworkPolicy", "rorem-metrics"), ("NetworkPolicy", "rorem-worker-egress"),
     }  # fmt: skip
     weights = {("PersistentVolumeClaim", "rorem-models"), ("ConfigMap", "rorem-weights-sources"),
                ("Job", "rorem-fetch-weights")}  # fmt: skip
@@ -809,20 +811,41 @@ def _pod_labels(rayservice: dict, node: str) -> dict[str, str]:
     return {**kuberay, **template["metadata"]["labels"]}
 
 
-def _peer_matches(peer: dict, policy_namespace: str, source: dict) -> bool:
+def _peer_matches(peer: dict, policy_namespace: str, endpoint: dict) -> bool:
+    """Does a policy's from/to peer name this endpoint: a pod (namespace, labels) or an address outside the
+    pod network ({"ip": ...}), which only an ipBlock names."""
+    if "ip" in endpoint:
+        block = peer.get("ipBlock")
+        address = ipaddress.ip_address(endpoint["ip"])
+        return bool(block) and address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(cidr) for cidr in block.get("except", [])
+        )
     if "ipBlock" in peer:
-        return False  # no source here comes from outside the pod network
+        return False  # pods are named by selectors here
     if "namespaceSelector" in peer:
-        namespace_ok = labels_match(peer["namespaceSelector"], source["namespace_labels"])
+        namespace_ok = labels_match(peer["namespaceSelector"], endpoint["namespace_labels"])
     else:
-        namespace_ok = source["namespace"] == policy_namespace
-    return namespace_ok and ("podSelector" not in peer or labels_match(peer["podSelector"], source["labels"]))
+        namespace_ok = endpoint["namespace"] == policy_namespace
+    return namespace_ok and ("podSelector" not in peer or labels_match(peer["podSelector"], endpoint["labels"]))
 
 
-def _port_matches(rule_port: dict, port: int) -> bool:
+def _port_matches(rule_port: dict, port: int, protocol: str = "TCP") -> bool:
     assert isinstance(rule_port.get("port"), int), f"numeric ports only (a named port depends on the pod): {rule_port}"
-    assert rule_port.get("protocol", "TCP") == "TCP"
+    assert rule_port.get("protocol", "TCP") in ("TCP", "UDP")
+    if rule_port.get("protocol", "TCP") != protocol:
+        return False
     return rule_port["port"] <= port <= rule_port.get("endPort", rule_port["port"])
+
+
+def _rules_allow(policy: dict, direction: str, peer_key: str, endpoint: dict, port: int, protocol: str) -> bool:
+    for rule in policy["spec"].get(direction, []):
+        peers, ports = rule.get(peer_key), rule.get("ports")
+        if peers and not any(_peer_matches(p, policy["metadata"]["namespace"], endpoint) for p in peers):
+            continue
+        if ports and not any(_port_matches(p, port, protocol) for p in ports):
+            continue
+        return True
+    return False
 
 
 def ingress_allowed(policies: list[dict], destination: dict[str, str], source: dict, port: int) -> bool:
@@ -831,17 +854,16 @@ def ingress_allowed(policies: list[dict], destination: dict[str, str], source: d
         p for p in policies
         if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and labels_match(p["spec"]["podSelector"], destination)
     ]  # fmt: skip
-    if not selecting:
-        return True
-    for policy in selecting:
-        for rule in policy["spec"].get("ingress", []):
-            peers, ports = rule.get("from"), rule.get("ports")
-            if peers and not any(_peer_matches(p, policy["metadata"]["namespace"], source) for p in peers):
-                continue
-            if ports and not any(_port_matches(p, port) for p in ports):
-                continue
-            return True
-    return False
+    return not selecting or any(_rules_allow(p, "ingress", "from", source, port, "TCP") for p in selecting)
+
+
+def egress_allowed(policies: list[dict], source: dict[str, str], destination: dict, port: int, protocol: str) -> bool:
+    """The same for egress: may a pod of the policies' namespace with labels `source` connect out."""
+    selecting = [
+        p for p in policies
+        if "Egress" in p["spec"].get("policyTypes", []) and labels_match(p["spec"]["podSelector"], source)
+    ]  # fmt: skip
+    return not selecting or any(_rules_allow(p, "egress", "to", destination, port, protocol) for p in selecting)
 
 
 def _source(namespace: str, labels: dict | None = None, namespace_labels: dict | None = None) -> dict:
@@ -915,6 +937,52 @@ def test_network_policies_allow_exactly_the_documented_matrix(kustomized, overla
                 f"{overlay}: {source['namespace']} {source['labels']} -> {destination.get('app.kubernetes.io/component')}"
                 f":{port} should be {'allowed' if allowed else 'denied'}"
             )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serving_workers_reach_only_ray_pods_and_the_cluster_dns(kustomized, overlay):
+    """A decoder exploit on a serving worker finds no way out: no internet, no Kubernetes API, no other pod."""
+    objects = kustomized[overlay]
+    namespace = find(objects, "Namespace")["metadata"]["name"]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    rayservice = find(objects, "RayService")
+    head, worker = _pod_labels(rayservice, "head"), _pod_labels(rayservice, "worker")
+    other_cluster = {**worker, "ray.io/cluster": "rorem-raycluster-new42"}
+    job = {"app.kubernetes.io/name": "rorem", "app.kubernetes.io/component": "weights", "batch.kubernetes.io/job-name": "x"}
+    dns = _source("kube-system", {"k8s-app": "kube-dns"})
+    outside = {name: {"ip": ip} for name, ip in (("hub", "18.239.50.1"), ("api", "10.96.0.1"), ("resolver", "8.8.8.8"),
+                                                  ("metadata", "169.254.169.254"))}  # fmt: skip
+    any_port = [443, 80, 53, 6379, 8265, 45678]
+    matrix = [
+        # source labels, destination, ports, protocol, allowed
+        (worker, _source(namespace, head), [6379, 8265, 10001, 52365, 45678], "TCP", True),
+        (worker, _source(namespace, worker), [8076, 10002, 19999, HTTP_PORT, 45678], "TCP", True),
+        (worker, _source(namespace, other_cluster), [6379], "TCP", True),
+        (worker, dns, [53], "UDP", True),
+        (worker, dns, [53], "TCP", True),
+        (worker, dns, [80, 443, 9153], "TCP", False),
+        (worker, _source("kube-system", {"k8s-app": "metrics-server"}), [53, 443], "TCP", False),
+        (worker, _source("kube-system", {"k8s-app": "metrics-server"}), [53], "UDP", False),
+        (worker, _source("elsewhere", {"k8s-app": "kube-dns"}), [53], "UDP", False),  # kube-dns lookalike
+        (worker, _source(namespace, job), any_port, "TCP", False),
+        (worker, _source(namespace, {"app": "debug"}), any_port, "TCP", False),
+        (worker, _source("elsewhere", worker), [6379, 8265], "TCP", False),  # Ray labels in another namespace
+        *[(worker, address, any_port, "TCP", False) for address in outside.values()],
+        *[(worker, address, [53, 123], "UDP", False) for address in outside.values()],
+        # egress stays open where something outside is needed: the autoscaler (API), the Job (the hub)
+        (head, outside["api"], [443], "TCP", True),
+        (job, outside["hub"], [443], "TCP", True),
+    ]
+    for source, destination, ports, protocol, allowed in matrix:
+        for port in ports:
+            assert egress_allowed(policies, source, destination, port, protocol) is allowed, (
+                f"{overlay}: {source.get('app.kubernetes.io/component')} -> {destination.get('ip') or destination['labels']}"
+                f":{port}/{protocol} should be {'allowed' if allowed else 'denied'}"
+            )
+    egress = find(objects, "NetworkPolicy", "rorem-worker-egress")["spec"]
+    assert egress["podSelector"] == find(objects, "NetworkPolicy", "rorem-serving")["spec"]["podSelector"], (
+        "the pods that take uploads are the pods whose egress is closed"
+    )
 
 
 def test_the_serving_policy_selects_the_services_endpoints_and_the_ray_policies_every_ray_pod(kustomized):
