@@ -132,15 +132,28 @@ class _Loaded:
 class ApiKeys:
     """The keys file, re-read at most every `reload_interval_s` when its modification time changes.
 
-    A file that cannot be read at start stops the start; one that becomes unreadable or invalid later
-    leaves no valid key (fail closed), with one log line and one `on_error` call per failure seen."""
+    A file that cannot be read at start stops the start (with `must_exist`; else it leaves no valid key
+    until the file can be read); one that becomes unreadable or invalid later leaves no valid key (fail
+    closed), with one log line and one `on_error` call per failure seen."""
 
-    def __init__(self, path: str, reload_interval_s: float = 10.0, on_error: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        path: str,
+        reload_interval_s: float = 10.0,
+        on_error: Callable[[], None] | None = None,
+        must_exist: bool = True,
+    ):
         self.path = Path(path).expanduser()
         self.reload_interval_s = reload_interval_s
         self.on_error = on_error or (lambda: None)
         self._lock = threading.Lock()
-        self._loaded = self._load()
+        try:
+            self._loaded = self._load()
+        except ValueError as exc:
+            if must_exist:
+                raise
+            logger.error("API keys: %s; every key is refused until the file can be read", exc)
+            self._loaded = _Loaded([], None)
         self._checked = time.monotonic()
 
     def _load(self) -> _Loaded:
@@ -270,8 +283,21 @@ def api_routes(router) -> Iterable[APIRoute]:
             yield from api_routes(route.original_router)
 
 
+BODILESS_METHODS = frozenset({"GET", "HEAD"})
+
+
 def check_routes(app: FastAPI) -> None:
-    """Every API route declares exactly one access rule; FastAPI's own /docs and /openapi.json stay public."""
+    """Every API route declares exactly one access rule; FastAPI's own /docs and /openapi.json stay public.
+
+    A public route takes no body: with keys on, the proxy refuses a body without a valid key before reading
+    it (serve.proxy_middleware.BodyBuffer), whatever the route."""
     missing = [f"{sorted(r.methods)} {r.path}" for r in api_routes(app) if declared_rule(r) is None]
     if missing:
         raise RuntimeError(f"routes without a declared access rule (auth.requires / auth.PUBLIC): {missing}")
+    public_with_body = [
+        f"{sorted(r.methods)} {r.path}"
+        for r in api_routes(app)
+        if declared_rule(r).public and r.methods - BODILESS_METHODS
+    ]
+    if public_with_body:
+        raise RuntimeError(f"public routes may only be {sorted(BODILESS_METHODS)}: {public_with_body}")

@@ -14,7 +14,15 @@ request out of the proxies' memory and off the replicas.
 from __future__ import annotations
 
 from serve.config import AppSettings, ImagingSettings
-from serve.proxy_middleware import BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, BUFFER_ENV, CALLBACK_ENV, CALLBACK_PATH
+from serve.proxy_middleware import (
+    BODY_LIMIT_ENV,
+    BODY_TIMEOUT_ENV,
+    BUFFER_ENV,
+    CALLBACK_ENV,
+    CALLBACK_PATH,
+    KEYS_FILE_ENV,
+    KEYS_RELOAD_ENV,
+)
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
 # How long a proxy being drained (its node scaled down) keeps taking requests at least. Ray counts a request as
@@ -65,7 +73,7 @@ def proxy_env(app_args: dict) -> dict[str, str]:
             f"overload.proxy_buffer_bytes ({settings.overload.proxy_buffer_bytes}) is below the largest body the "
             f"app accepts ({body_limit} bytes, from imaging.max_upload_bytes): such a body could never arrive"
         )
-    return {
+    env = {
         GRPC_MESSAGE_ENV: str(grpc_max_message_bytes(settings.imaging)),
         BODY_LIMIT_ENV: str(body_limit),
         BODY_TIMEOUT_ENV: str(settings.overload.body_timeout_s),
@@ -73,3 +81,6 @@ def proxy_env(app_args: dict) -> dict[str, str]:
         PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, settings.overload.body_timeout_s)),
         CALLBACK_ENV: CALLBACK_PATH,
     }
+    if settings.auth.enabled:  # a body without a valid key is refused before it is read
+        env |= {KEYS_FILE_ENV: settings.auth.keys_file, KEYS_RELOAD_ENV: str(settings.auth.reload_interval_s)}
+    return env

@@ -19,7 +19,10 @@ and Drain read their settings from that environment too; without them they are n
   503, even if it is not the slowest. Small packets are joined into chunks
   of 64 KiB, so a body costs about its size however it is sent. Once a body is in, it leaves this count:
   Ray's proxy holds it until a replica reads it (bounded by the Ingress's max_ongoing_requests per
-  replica plus its max_queued_requests per proxy), as before.
+  replica plus its max_queued_requests per proxy), as before. With API keys on, a request with a body
+  must present a valid key (serve.auth.ApiKeys on the app's keys file, any scope: the app checks the
+  route's) or is answered the app's 401 before any of its body is read: the buffer is for key holders.
+  Only routes that take no body may be public (serve.auth.check_routes refuses any other).
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
@@ -42,6 +45,8 @@ from serve.problems import MEDIA_TYPE, Problem
 BODY_LIMIT_ENV = "ROREM_PROXY_MAX_BODY_BYTES"
 BODY_TIMEOUT_ENV = "ROREM_PROXY_BODY_TIMEOUT_S"
 BUFFER_ENV = "ROREM_PROXY_BUFFER_BYTES"
+KEYS_FILE_ENV = "ROREM_PROXY_KEYS_FILE"  # auth.keys_file, set only while auth.enabled
+KEYS_RELOAD_ENV = "ROREM_PROXY_KEYS_RELOAD_S"
 DRAIN_FLAG_ENV = "ROREM_DRAIN_FLAG"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # ray/serve/_private/constants.py
 CALLBACK_PATH = "serve.proxy_middleware:middlewares"
@@ -66,12 +71,25 @@ def middlewares() -> list:
                 limit=int(limit),
                 timeout_s=float(timeout) if timeout else None,
                 max_held=int(held) if held else None,
+                keys=_proxy_keys(),
             )
         )
     flag = os.environ.get(DRAIN_FLAG_ENV)
     if flag:
         stack.append(Middleware(Drain, flag=flag))
     return stack
+
+
+def _proxy_keys():
+    """The app's keys file, as its Ingress reads it; a proxy on a node without the file (the Kubernetes head,
+    which takes no client traffic) refuses every body until it can read it, rather than not starting."""
+    path = os.environ.get(KEYS_FILE_ENV)
+    if not path:
+        return None
+    from serve.auth import ApiKeys
+
+    reload_s = os.environ.get(KEYS_RELOAD_ENV)
+    return ApiKeys(path, float(reload_s) if reload_s else 10.0, must_exist=False)
 
 
 async def _problem(send, problem: Problem) -> None:
@@ -123,11 +141,12 @@ class HeaderGuard:
 
 
 class BodyBuffer:
-    def __init__(self, app, limit: int, timeout_s: float | None = None, max_held: int | None = None):
+    def __init__(self, app, limit: int, timeout_s: float | None = None, max_held: int | None = None, keys=None):
         self.app = app
         self.limit = limit
         self.timeout_s = timeout_s
         self.max_held = max_held
+        self.keys = keys  # serve.auth.ApiKeys while auth is on
         self.held = 0  # bytes of bodies still arriving, all requests of this proxy together
 
     async def __call__(self, scope, receive, send):
@@ -141,6 +160,14 @@ class BodyBuffer:
             needs = self.limit if b"transfer-encoding" in headers else 0
         if needs > self.limit:
             return await _problem(send, _too_large(f"request body is {needs} bytes; the limit is {self.limit}"))
+        if needs and self.keys is not None:
+            from serve.auth import presented_key
+
+            credentials = {name.decode("latin-1"): headers.get(name, b"").decode("latin-1") for name in _KEY_HEADERS}
+            try:
+                self.keys.check(presented_key(credentials), None)
+            except Problem as refusal:
+                return await _problem(send, refusal)
         if self.max_held is not None and self.held + needs > self.max_held:
             return await _problem(send, _overloaded(_BUSY))  # before reading; nothing is reserved, so the check below stays
         chunks, received, refusal = [], 0, None
@@ -187,6 +214,7 @@ class BodyBuffer:
 
 
 _CHUNK = 64 * 1024
+_KEY_HEADERS = (b"authorization", b"x-api-key")  # where serve.auth.presented_key looks
 
 
 def _too_large(detail: str) -> Problem:

@@ -192,3 +192,19 @@ def test_an_app_with_an_undeclared_route_does_not_start():
 
     with pytest.raises(RuntimeError, match="/secret"):
         check_routes(app)
+
+
+def test_a_public_route_that_takes_a_body_does_not_start():
+    """With keys on, the proxy refuses a body without a valid key before reading it, whatever the route."""
+    from fastapi import FastAPI
+
+    from serve import auth
+
+    app = FastAPI()
+
+    @app.post("/open-upload", dependencies=[auth.PUBLIC])
+    async def open_upload() -> dict:
+        return {}
+
+    with pytest.raises(RuntimeError, match="/open-upload"):
+        check_routes(app)

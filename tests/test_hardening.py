@@ -201,6 +201,17 @@ def test_slow_uploads_hold_no_slot_and_are_cut_off(hardened, upload):
         assert seconds < BODY_TIMEOUT_S + 5, seconds
 
 
+def test_without_a_valid_key_an_upload_is_refused_before_its_body_is_read(hardened):
+    """The proxy holds arriving bodies for key holders only: a keyless or unknown-key upload is answered 401 at
+    once, not after the body timeout, so an anonymous client cannot fill the proxy's buffer."""
+    answers, stop = [], threading.Event()
+    for key in ("", "rk_not-a-key"):
+        _trickle(hardened.url, key, answers, stop)
+    for status, seconds, reply in answers:
+        assert status == 401 and b"unauthorized" in reply and b"www-authenticate" in reply.lower(), reply[:300]
+        assert seconds < BODY_TIMEOUT_S / 2, seconds
+
+
 def test_a_retained_result_is_seen_and_labelled_only_by_its_owner_or_a_reviewer(hardened, upload):
     def as_(name_or_key):
         return {"x-api-key": hardened.people.get(name_or_key, name_or_key)}

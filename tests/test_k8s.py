@@ -427,6 +427,36 @@ def test_the_override_merge_rules():
         render.merge(base, {"items": [{"name": "z"}]})
 
 
+def test_the_ray_containers_carry_the_environment_derived_from_their_serve_config():
+    """Exactly serve.proxy_limits.proxy_env of the rendered config (the proxies' limits; the keys file while
+    auth is on): prod (gpu, keys on) and dev (cpu, keys off, so its proxies name no keys file)."""
+    from serve.config import ImagingSettings, OverloadSettings
+    from serve.proxy_limits import (
+        GRPC_MESSAGE_ENV,
+        PROXY_DRAINING_ENV,
+        grpc_max_message_bytes,
+        http_max_body_bytes,
+        proxy_env,
+    )  # fmt: skip
+    from serve.proxy_middleware import BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, KEYS_FILE_ENV
+
+    for target, overlay in (("gpu", "prod"), ("cpu", "dev")):
+        expected = proxy_env(render.render_config(target)["applications"][0]["args"])
+        assert render.proxy_environment(target) == expected
+        cluster = find(built(overlay), "RayService")["spec"]["rayClusterConfig"]
+        containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
+        containers += [group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]]
+        for container in containers:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env == expected, (overlay, container["name"])
+        assert (KEYS_FILE_ENV in expected) is (target == "gpu"), "auth is on in the gpu target only"
+    expected = render.proxy_environment("gpu")
+    assert int(expected[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings())  # local.yaml's imaging
+    assert int(expected[BODY_LIMIT_ENV]) == http_max_body_bytes(ImagingSettings())
+    assert float(expected[BODY_TIMEOUT_ENV]) == OverloadSettings().body_timeout_s
+    assert float(expected[PROXY_DRAINING_ENV]) >= float(expected[BODY_TIMEOUT_ENV]), "a draining proxy outlives a body"
+
+
 def test_the_kubernetes_serve_configs_differ_from_local_only_as_documented():
     gpu, cpu = render.render_config("gpu"), render.render_config("cpu")
     for config in (gpu, cpu):
@@ -817,8 +847,10 @@ def _peer_matches(peer: dict, policy_namespace: str, endpoint: dict) -> bool:
     if "ip" in endpoint:
         block = peer.get("ipBlock")
         address = ipaddress.ip_address(endpoint["ip"])
-        return bool(block) and address in ipaddress.ip_network(block["cidr"]) and not any(
-            address in ipaddress.ip_network(cidr) for cidr in block.get("except", [])
+        return (
+            bool(block)
+            and address in ipaddress.ip_network(block["cidr"])
+            and not any(address in ipaddress.ip_network(cidr) for cidr in block.get("except", []))
         )
     if "ipBlock" in peer:
         return False  # pods are named by selectors here

@@ -16,18 +16,23 @@ import yaml
 
 from engines.imaging import MAX_OUTPUT_SIDE, encode_image
 from serve import rorem_pb2 as pb
-from serve.config import ImagingSettings, OverloadSettings
+from serve.auth import ApiKeys, new_key_entry
+from serve.config import ImagingSettings
 from serve.proxy_limits import (
-    GRPC_MESSAGE_ENV,
-    PROXY_DRAINING_ENV,
     REPLY_BYTES_PER_PIXEL,
     REPLY_SLACK,
     grpc_max_message_bytes,
     http_max_body_bytes,
     proxy_env,
 )
-from serve.proxy_middleware import BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, DRAIN_PATH, BodyBuffer, Drain
-from tests.helpers import REPO, load_script
+from serve.proxy_middleware import (
+    DRAIN_PATH,
+    KEYS_FILE_ENV,
+    KEYS_RELOAD_ENV,
+    BodyBuffer,
+    Drain,
+    middlewares,
+)
 
 IMAGING = ImagingSettings(max_upload_bytes=6 * 1024 * 1024, max_megapixels=0.5)
 
@@ -69,23 +74,6 @@ def test_the_http_limit_admits_the_largest_json_body_the_app_accepts():
          "gate_threshold": 0.5, "max_attempts": 8, "retain": True, "timeout_s": 120.0}
     ).encode()  # fmt: skip
     assert len(body) <= http_max_body_bytes(IMAGING) < 2 * len(body)
-
-
-def test_the_kubernetes_manifest_carries_the_derived_limits():
-    render = load_script("k8s/render.py")
-    expected = proxy_env(render.render_config("gpu")["applications"][0]["args"])
-    manifest = yaml.safe_load((REPO / "k8s" / "base" / "rayservice.yaml").read_text())
-    cluster = manifest["spec"]["rayClusterConfig"]
-    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
-    containers += [group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]]
-    for container in containers:
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
-        assert {name: env.get(name) for name in expected} == expected, container["name"]
-    assert render.proxy_environment() == expected
-    assert int(expected[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings())  # local.yaml's imaging
-    assert int(expected[BODY_LIMIT_ENV]) == http_max_body_bytes(ImagingSettings())
-    assert float(expected[BODY_TIMEOUT_ENV]) == OverloadSettings().body_timeout_s
-    assert float(expected[PROXY_DRAINING_ENV]) >= float(expected[BODY_TIMEOUT_ENV]), "a draining proxy outlives a body"
 
 
 # --- the middlewares, as Ray's proxy (uvicorn) runs them: one task per request ------------------------
@@ -295,6 +283,73 @@ def test_a_refused_body_leaves_nothing_held_and_gets_one_answer():
     assert held == 0 and (too_large.status, too_slow.status) == (413, 408)
     for exchange in (too_large, too_slow):
         assert [m["type"] for m in exchange.sent] == ["http.response.start", "http.response.body"]
+
+
+def test_with_keys_on_only_key_holders_get_their_body_read(tmp_path):
+    """An anonymous client could otherwise fill the proxy's buffer: a body needs a valid key (any scope: the
+    route's is the app's to check) before any of it is read. A request without a body passes (probes)."""
+    key, entry = new_key_entry("app", ["remove"])
+    reader_key, reader_entry = new_key_entry("reader", ["feedback"])
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump({"keys": [entry, reader_entry]}))
+    reached: list[str] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await reading_app(scope, receive, send)
+
+    body = [b"x" * 100]
+    refused = {
+        "no key": Exchange(body, {"content-length": "100"}),
+        "chunked, no key": Exchange(body, {"transfer-encoding": "chunked"}),
+        "unknown key": Exchange(body, {"content-length": "100", "x-api-key": "rk_not-a-key"}),
+        "not bearer": Exchange(body, {"content-length": "100", "authorization": f"Basic {key}"}),
+    }
+    passed = {
+        "bearer": Exchange(body, {"content-length": "100", "authorization": f"Bearer {key}"}, path="/bearer"),
+        "header": Exchange(body, {"content-length": "100", "x-api-key": key}, path="/header"),
+        "other scope": Exchange(body, {"content-length": "100", "x-api-key": reader_key}, path="/other-scope"),
+        "probe": Exchange([b""], path="/readyz"),
+    }
+
+    async def main():
+        buffer = BodyBuffer(app, limit=1000, timeout_s=5, max_held=1500, keys=ApiKeys(str(path)))
+        for exchange in (*refused.values(), *passed.values()):
+            await buffer(exchange.scope, exchange.receive, exchange.send)
+        return buffer.held
+
+    assert asyncio.run(main()) == 0
+    for name, exchange in refused.items():
+        assert exchange.status == 401 and exchange.body["type"].endswith("/unauthorized"), name
+        assert (b"www-authenticate", b'Bearer realm="rorem"') in exchange.sent[0]["headers"], name
+        assert exchange.chunks == body, f"{name}: refused before any of its body was read"
+        assert key not in json.dumps(exchange.body), "a key is never echoed"
+    assert all(exchange.status == 200 for exchange in passed.values())
+    assert reached == ["/bearer", "/header", "/other-scope", "/readyz"]
+
+
+def test_a_proxy_without_the_keys_file_refuses_bodies_until_the_file_is_there(tmp_path, monkeypatch):
+    """A proxy on a node without the keys file (the Kubernetes head) fails closed rather than not starting;
+    the proxies get the file and its reload interval from proxy_env, only while auth is on."""
+    path = tmp_path / "keys.yaml"
+    env = proxy_env({"auth": {"enabled": True, "keys_file": str(path), "reload_interval_s": 0}})
+    assert env[KEYS_FILE_ENV] == str(path) and float(env[KEYS_RELOAD_ENV]) == 0
+    assert KEYS_FILE_ENV not in proxy_env({}) and KEYS_FILE_ENV not in proxy_env({"auth": {"keys_file": str(path)}})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (buffer_middleware,) = [m for m in middlewares() if m.cls is BodyBuffer]
+    keys = buffer_middleware.kwargs["keys"]
+    assert isinstance(keys, ApiKeys) and keys.path == path
+    key, entry = new_key_entry("app", ["remove"])
+
+    def remove():
+        exchange = Exchange([b"x" * 10], {"content-length": "10", "x-api-key": key})
+        asyncio.run(BodyBuffer(reading_app, limit=1000, keys=keys)(exchange.scope, exchange.receive, exchange.send))
+        return exchange.status
+
+    assert remove() == 401
+    path.write_text(yaml.safe_dump({"keys": [entry]}))
+    assert remove() == 200
 
 
 def test_draining_answers_new_requests_503_and_in_flight_ones_finish_or_get_503(tmp_path):
