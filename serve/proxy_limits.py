@@ -64,6 +64,13 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
     return imaging.max_upload_bytes * 4 // 3 + _JSON_OVERHEAD
 
 
+PROXY_ENV_NAMES = (
+    GRPC_MESSAGE_ENV, BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, BUFFER_ENV, PROXY_DRAINING_ENV, CALLBACK_ENV, KEYS_FILE_ENV,
+    KEYS_RELOAD_ENV,
+)  # fmt: skip
+"""Every name proxy_env may set (k8s/render.py replaces these in a manifest and keeps any other)."""
+
+
 def proxy_env(app_args: dict) -> dict[str, str]:
     """The environment the Ray processes need for these limits (the proxies read it when they start)."""
     settings = AppSettings.model_validate(app_args or {})

@@ -86,10 +86,10 @@ def _proxy_keys():
     path = os.environ.get(KEYS_FILE_ENV)
     if not path:
         return None
-    from serve.auth import ApiKeys
+    from serve.auth import AccessPolicy, ApiKeys
 
     reload_s = os.environ.get(KEYS_RELOAD_ENV)
-    return ApiKeys(path, float(reload_s) if reload_s else 10.0, must_exist=False)
+    return AccessPolicy(ApiKeys(path, float(reload_s) if reload_s else 10.0, must_exist=False))
 
 
 async def _problem(send, problem: Problem) -> None:
@@ -146,26 +146,28 @@ class BodyBuffer:
         self.limit = limit
         self.timeout_s = timeout_s
         self.max_held = max_held
-        self.keys = keys  # serve.auth.ApiKeys while auth is on
+        self.keys = keys  # serve.auth.AccessPolicy while auth is on
         self.held = 0  # bytes of bodies still arriving, all requests of this proxy together
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
+        headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of repeated headers, as the app (Starlette) reads them
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit():
+        if b"transfer-encoding" in headers:  # it overrides any Content-Length (RFC 9112 6.3)
+            needs = self.limit
+        elif declared.isdigit():
             needs = int(declared)
         else:  # HTTP/1.1: a request with neither Content-Length nor Transfer-Encoding has no body (a probe's GET)
-            needs = self.limit if b"transfer-encoding" in headers else 0
+            needs = 0
         if needs > self.limit:
             return await _problem(send, _too_large(f"request body is {needs} bytes; the limit is {self.limit}"))
         if needs and self.keys is not None:
-            from serve.auth import presented_key
-
             credentials = {name.decode("latin-1"): headers.get(name, b"").decode("latin-1") for name in _KEY_HEADERS}
             try:
-                self.keys.check(presented_key(credentials), None)
+                await self.keys.check_async(credentials, None)
             except Problem as refusal:
                 return await _problem(send, refusal)
         if self.max_held is not None and self.held + needs > self.max_held:

@@ -1,6 +1,8 @@
 """API keys: hashed storage, 401 vs 403, scopes declared with the routes, rotation without restart, fail closed."""
 
+import asyncio
 import os
+import threading
 import time
 
 import pytest
@@ -60,11 +62,37 @@ def test_disabled_auth_needs_no_key():
 def test_grpc_metadata_carries_the_key(keys):
     path, app_key, _ = keys
     policy = AccessPolicy(ApiKeys(str(path)))
-    policy.check_grpc("remove", [("authorization", f"Bearer {app_key}")])
-    policy.check_grpc("score", [("x-api-key", app_key)])
+    asyncio.run(policy.check_grpc("remove", [("authorization", f"Bearer {app_key}")]))
+    asyncio.run(policy.check_grpc("score", [("x-api-key", app_key)]))
     with pytest.raises(Problem) as caught:
-        policy.check_grpc("remove", [("user-agent", "grpc-python")])
+        asyncio.run(policy.check_grpc("remove", [("user-agent", "grpc-python")]))
     assert caught.value.problem == "unauthorized"
+
+
+def test_a_due_look_at_the_keys_file_runs_off_the_event_loop(keys):
+    """Re-reading a changed keys file parses YAML (milliseconds for many keys): never on the loop that serves
+    every other request; between looks the check stays inline."""
+    path, app_key, _ = keys
+    policy = AccessPolicy(ApiKeys(str(path), reload_interval_s=3600))
+    threads: list[int] = []
+    check = policy.check
+
+    def recording_check(headers, scope):
+        threads.append(threading.get_ident())
+        return check(headers, scope)
+
+    policy.check = recording_check
+
+    async def main():
+        await policy.check_async({"x-api-key": app_key}, "remove")
+        policy.keys._checked -= 3600
+        assert policy.keys.reload_due()
+        await policy.check_async({"x-api-key": app_key}, "remove")
+        assert not policy.keys.reload_due()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert threads[0] == loop_thread and threads[1] != loop_thread
 
 
 def test_a_rotated_keys_file_takes_effect_without_restart(tmp_path):

@@ -434,6 +434,7 @@ def test_the_ray_containers_carry_the_environment_derived_from_their_serve_confi
     from serve.proxy_limits import (
         GRPC_MESSAGE_ENV,
         PROXY_DRAINING_ENV,
+        PROXY_ENV_NAMES,
         grpc_max_message_bytes,
         http_max_body_bytes,
         proxy_env,
@@ -447,14 +448,43 @@ def test_the_ray_containers_carry_the_environment_derived_from_their_serve_confi
         containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
         containers += [group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]]
         for container in containers:
-            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            env = {e["name"]: e.get("value") for e in container.get("env", []) if e["name"] in PROXY_ENV_NAMES}
             assert env == expected, (overlay, container["name"])
+            if KEYS_FILE_ENV in env:
+                mounts = [m["mountPath"] for m in container["volumeMounts"]]
+                assert any(env[KEYS_FILE_ENV].startswith(path + "/") for path in mounts), "its proxy reads the keys file"
         assert (KEYS_FILE_ENV in expected) is (target == "gpu"), "auth is on in the gpu target only"
     expected = render.proxy_environment("gpu")
     assert int(expected[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings())  # local.yaml's imaging
     assert int(expected[BODY_LIMIT_ENV]) == http_max_body_bytes(ImagingSettings())
     assert float(expected[BODY_TIMEOUT_ENV]) == OverloadSettings().body_timeout_s
     assert float(expected[PROXY_DRAINING_ENV]) >= float(expected[BODY_TIMEOUT_ENV]), "a draining proxy outlives a body"
+
+
+def test_rendering_the_env_replaces_only_what_proxy_env_sets():
+    """A setting proxy_env no longer derives (auth turned off: the keys file) leaves the manifest; other entries
+    of the list, and lists without the proxy middleware (the init container's), stay as they are."""
+    snippet = (
+        "      env:\n"
+        '        - {name: OTHER, value: "1"}\n'
+        '        - {name: ROREM_PROXY_KEYS_FILE, value: "/etc/keys.yaml"}\n'
+        '        - {name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, value: "x"}\n'
+        "      ports: []\n"
+        "      env:\n"
+        '        - {name: ROREM_PROXY_KEYS_FILE, value: "kept: no middleware here"}\n'
+    )
+    rendered = render.splice_env(snippet, {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "y", "ROREM_PROXY_BUFFER_BYTES": "5"})
+    assert rendered == (
+        "      env:\n"
+        '        - {name: OTHER, value: "1"}\n'
+        '        - {name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, value: "y"}\n'
+        '        - {name: ROREM_PROXY_BUFFER_BYTES, value: "5"}\n'
+        "      ports: []\n"
+        "      env:\n"
+        '        - {name: ROREM_PROXY_KEYS_FILE, value: "kept: no middleware here"}\n'
+    )
+    with pytest.raises(render.RenderError):
+        render.splice_env("      env:\n        - {name: OTHER, value: \"1\"}\n", {})
 
 
 def test_the_kubernetes_serve_configs_differ_from_local_only_as_documented():
@@ -883,18 +913,20 @@ def _rules_allow(policy: dict, direction: str, peer_key: str, endpoint: dict, po
 def ingress_allowed(policies: list[dict], destination: dict[str, str], source: dict, port: int) -> bool:
     """Kubernetes NetworkPolicy semantics for ingress (additive; a pod no policy selects is open)."""
     selecting = [
-        p for p in policies
-        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and labels_match(p["spec"]["podSelector"], destination)
+        p for p in policies if "Ingress" in _policy_types(p) and labels_match(p["spec"]["podSelector"], destination)
     ]  # fmt: skip
     return not selecting or any(_rules_allow(p, "ingress", "from", source, port, "TCP") for p in selecting)
 
 
+def _policy_types(policy: dict) -> list[str]:
+    """As the API server defaults them: Ingress always, Egress when the policy has egress rules."""
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+
+
 def egress_allowed(policies: list[dict], source: dict[str, str], destination: dict, port: int, protocol: str) -> bool:
     """The same for egress: may a pod of the policies' namespace with labels `source` connect out."""
-    selecting = [
-        p for p in policies
-        if "Egress" in p["spec"].get("policyTypes", []) and labels_match(p["spec"]["podSelector"], source)
-    ]  # fmt: skip
+    selecting = [p for p in policies if "Egress" in _policy_types(p) and labels_match(p["spec"]["podSelector"], source)]
     return not selecting or any(_rules_allow(p, "egress", "to", destination, port, protocol) for p in selecting)
 
 
@@ -982,8 +1014,8 @@ def test_serving_workers_reach_only_ray_pods_and_the_cluster_dns(kustomized, ove
     other_cluster = {**worker, "ray.io/cluster": "rorem-raycluster-new42"}
     job = {"app.kubernetes.io/name": "rorem", "app.kubernetes.io/component": "weights", "batch.kubernetes.io/job-name": "x"}
     dns = _source("kube-system", {"k8s-app": "kube-dns"})
-    outside = {name: {"ip": ip} for name, ip in (("hub", "18.239.50.1"), ("api", "10.96.0.1"), ("resolver", "8.8.8.8"),
-                                                  ("metadata", "169.254.169.254"))}  # fmt: skip
+    outside = {name: {"ip": ip} for name, ip in (("hub", "18.239.50.1"), ("api", "10.96.0.1"), ("resolver", "8.8.8.8"))}
+    metadata, node_local_dns = {"ip": "169.254.169.254"}, {"ip": "169.254.20.10"}
     any_port = [443, 80, 53, 6379, 8265, 45678]
     matrix = [
         # source labels, destination, ports, protocol, allowed
@@ -1001,6 +1033,9 @@ def test_serving_workers_reach_only_ray_pods_and_the_cluster_dns(kustomized, ove
         (worker, _source("elsewhere", worker), [6379, 8265], "TCP", False),  # Ray labels in another namespace
         *[(worker, address, any_port, "TCP", False) for address in outside.values()],
         *[(worker, address, [53, 123], "UDP", False) for address in outside.values()],
+        (worker, metadata, [80, 443, 8080, 8775], "TCP", False),  # the metadata service: credentials
+        *[(worker, address, [53], protocol, True) for address in (metadata, node_local_dns) for protocol in ("UDP", "TCP")],
+        (worker, node_local_dns, [80, 8080, 9253], "TCP", False),
         # egress stays open where something outside is needed: the autoscaler (API), the Job (the hub)
         (head, outside["api"], [443], "TCP", True),
         (job, outside["hub"], [443], "TCP", True),

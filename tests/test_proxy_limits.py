@@ -16,7 +16,7 @@ import yaml
 
 from engines.imaging import MAX_OUTPUT_SIDE, encode_image
 from serve import rorem_pb2 as pb
-from serve.auth import ApiKeys, new_key_entry
+from serve.auth import AccessPolicy, ApiKeys, new_key_entry
 from serve.config import ImagingSettings
 from serve.proxy_limits import (
     REPLY_BYTES_PER_PIXEL,
@@ -304,6 +304,7 @@ def test_with_keys_on_only_key_holders_get_their_body_read(tmp_path):
         "chunked, no key": Exchange(body, {"transfer-encoding": "chunked"}),
         "unknown key": Exchange(body, {"content-length": "100", "x-api-key": "rk_not-a-key"}),
         "not bearer": Exchange(body, {"content-length": "100", "authorization": f"Basic {key}"}),
+        "chunked under a zero length": Exchange(body, {"content-length": "0", "transfer-encoding": "chunked"}),
     }
     passed = {
         "bearer": Exchange(body, {"content-length": "100", "authorization": f"Bearer {key}"}, path="/bearer"),
@@ -313,7 +314,7 @@ def test_with_keys_on_only_key_holders_get_their_body_read(tmp_path):
     }
 
     async def main():
-        buffer = BodyBuffer(app, limit=1000, timeout_s=5, max_held=1500, keys=ApiKeys(str(path)))
+        buffer = BodyBuffer(app, limit=1000, timeout_s=5, max_held=1500, keys=AccessPolicy(ApiKeys(str(path))))
         for exchange in (*refused.values(), *passed.values()):
             await buffer(exchange.scope, exchange.receive, exchange.send)
         return buffer.held
@@ -328,6 +329,29 @@ def test_with_keys_on_only_key_holders_get_their_body_read(tmp_path):
     assert reached == ["/bearer", "/header", "/other-scope", "/readyz"]
 
 
+def test_the_proxy_reads_repeated_key_headers_as_the_app_does(tmp_path):
+    """The first of repeated headers counts, as Starlette's request.headers reads it: a valid key after a
+    bogus one is refused at the proxy (the app would refuse it too), a bogus one after a valid key passes."""
+    key, entry = new_key_entry("app", ["remove"])
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump({"keys": [entry]}))
+
+    def exchange(first: str, second: str) -> Exchange:
+        sent = Exchange([b"x" * 10], {"content-length": "10"})
+        sent.scope["headers"] += [(b"x-api-key", first.encode()), (b"x-api-key", second.encode())]
+        return sent
+
+    bogus_first, valid_first = exchange("rk_bogus", key), exchange(key, "rk_bogus")
+
+    async def main():
+        buffer = BodyBuffer(reading_app, limit=1000, keys=AccessPolicy(ApiKeys(str(path))))
+        for sent in (bogus_first, valid_first):
+            await buffer(sent.scope, sent.receive, sent.send)
+
+    asyncio.run(main())
+    assert (bogus_first.status, valid_first.status) == (401, 200)
+
+
 def test_a_proxy_without_the_keys_file_refuses_bodies_until_the_file_is_there(tmp_path, monkeypatch):
     """A proxy on a node without the keys file (the Kubernetes head) fails closed rather than not starting;
     the proxies get the file and its reload interval from proxy_env, only while auth is on."""
@@ -339,7 +363,7 @@ def test_a_proxy_without_the_keys_file_refuses_bodies_until_the_file_is_there(tm
         monkeypatch.setenv(name, value)
     (buffer_middleware,) = [m for m in middlewares() if m.cls is BodyBuffer]
     keys = buffer_middleware.kwargs["keys"]
-    assert isinstance(keys, ApiKeys) and keys.path == path
+    assert isinstance(keys, AccessPolicy) and keys.keys.path == path
     key, entry = new_key_entry("app", ["remove"])
 
     def remove():
