@@ -230,6 +230,8 @@ class _BytesMultiPartParser(MultiPartParser):
             self._charset = codecs.lookup(charset).name
         except LookupError:
             self._charset = "latin-1"
+        if self._charset in _CODECS_RAISING_PLAIN_UNICODE_ERROR:  # treated as unknown, as starlette treats those
+            self._charset = "latin-1"
         try:
             boundary = params[b"boundary"]
         except KeyError:
@@ -254,6 +256,12 @@ class _BytesMultiPartParser(MultiPartParser):
         except FormParserError as exc:
             raise MultiPartException("Invalid multipart data.") from exc
         return self.items
+
+
+# The standard codecs whose decoding fails with a plain UnicodeError rather than a UnicodeDecodeError (found by
+# decoding random bytes with every codec in `encodings`): starlette's field decoding catches only the latter and
+# LookupError, so a body declaring one of them was a 500.
+_CODECS_RAISING_PLAIN_UNICODE_ERROR = frozenset({"punycode", "idna", "undefined"})
 
 
 def _multipart_items(content_type: str, body: bytes | list[bytes], max_files: int, max_fields: int) -> list:

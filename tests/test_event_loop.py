@@ -339,6 +339,15 @@ def json_bodies() -> list[bytes]:
     return bodies
 
 
+@pytest.mark.parametrize("charset", ["punycode", "undefined", "idna", "base64", "nonsense"])
+def test_a_multipart_charset_that_cannot_decode_text_falls_back_to_latin_1(charset):
+    """starlette decodes fields with the body's charset and catches only UnicodeDecodeError and LookupError:
+    punycode, idna and undefined raise a plain UnicodeError, which was a 500."""
+    body = multipart([("seed", None, b"1"), ("gate", None, "é".encode("latin-1")), ("label", None, b"a" * 70)])
+    content_type = f"multipart/form-data; boundary=b0undary; charset={charset}"
+    assert req._multipart_items(content_type, body, max_files=4, max_fields=8) == [("seed", "1"), ("gate", "é"), ("label", "a" * 70)]
+
+
 def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
     """The JSON path against the reference (json.loads, base64.b64decode(validate=True) over the whole body),
     with a small STEP and run threshold so that the stepwise paths are the ones taken."""
