@@ -110,22 +110,27 @@ def _separated_blocks(mask: np.ndarray, max_blocks: int, rounds: int = 3) -> lis
         split = []
         for top, bottom, left, right in todo:
             block = mask[top:bottom, left:right]
-            pieces = [
-                (top + r0, top + r1, left + c0, left + c1)
-                for r0, r1 in _runs(block.any(axis=1))
-                for c0, c1 in _runs(block[r0:r1].any(axis=0))
-            ]
+            pieces = []
+            # counted before any tuple is built: a dot every other pixel would make millions (seconds, gigabytes)
+            rows = _runs(block.any(axis=1), max_blocks - len(done) - len(split))
+            if rows is None:
+                return None
+            for r0, r1 in rows:
+                columns = _runs(block[r0:r1].any(axis=0), max_blocks - len(done) - len(split) - len(pieces))
+                if columns is None:
+                    return None
+                pieces += [(top + r0, top + r1, left + c0, left + c1) for c0, c1 in columns]
             # one piece is the block's tight box and has no empty row or column left: nothing more to cut
             (done if len(pieces) == 1 else split).extend(pieces)
-            if len(done) + len(split) > max_blocks:
-                return None
         todo = split
     return done + todo
 
 
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of True."""
+def _runs(flags: np.ndarray, at_most: int) -> list[tuple[int, int]] | None:
+    """(start, stop) of each run of True; None when there are more than `at_most`."""
     edges = np.flatnonzero(np.diff(flags, prepend=False, append=False))
+    if len(edges) // 2 > at_most:
+        return None
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 

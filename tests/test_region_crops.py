@@ -124,6 +124,24 @@ def test_too_many_regions_or_crops_fall_back_to_one_box():
     assert plan_region_crops(four, BUCKETS, MARGIN, max_regions=3) == [plan_crop(four, BUCKETS, MARGIN)]
 
 
+def test_a_mask_of_scattered_dots_is_given_up_on_before_it_costs_memory():
+    """A dot every other pixel (a 60 KB PNG with dilate=0) made millions of Python tuples before the block count
+    was checked: 2.1 GB and 20 s on 6000 x 6600. The count now comes first."""
+    import tracemalloc
+
+    mask = np.zeros((2000, 2000), bool)
+    mask[::2, ::2] = True  # a million regions
+    tracemalloc.start()
+    try:
+        assert _separated_blocks(mask, 256) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB"
+    whole = plan_crop(mask, BUCKETS, MARGIN)
+    assert plan_region_crops(mask, BUCKETS, MARGIN) == [whole], "too many regions: one box, as before"
+
+
 @pytest.mark.parametrize("buckets", [(), (500,), (0, 512)])
 def test_bad_buckets_are_refused_as_plan_crop_refuses_them(buckets):
     with pytest.raises(ValueError):
