@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -110,10 +110,19 @@ class Models(Protocol):
 
 
 class RemovalPipeline:
-    def __init__(self, models: Models, crops: CropSettings, limits: imaging.DecodeLimits):
+    def __init__(
+        self,
+        models: Models,
+        crops: CropSettings,
+        limits: imaging.DecodeLimits,
+        run: Callable[..., Awaitable] = asyncio.to_thread,
+    ):
+        """`run(fn, *args)`: where the CPU steps (paste, cut) run off the event loop; the service passes its
+        bounded pool (serve.uploads.Offload.run)."""
         self.models = models
         self.crops = crops
         self.limits = limits
+        self.run = run
 
     async def __call__(
         self,
@@ -197,7 +206,7 @@ class RemovalPipeline:
             for stage, seconds in outcome.stages.items():
                 timings.add(stage, seconds / len(outcomes))
         timings.restart()
-        edited = await asyncio.to_thread(
+        edited = await self.run(
             regions.paste_back_regions, prepared.image.rgb, prepared.mask, [o.image for o in outcomes],
             prepared.plans, self.crops.feather,
         )  # fmt: skip
@@ -209,7 +218,7 @@ class RemovalPipeline:
         the worst region's score is the result's."""
         timings = timings or Timings()
         timings.restart()
-        edited_crops = await asyncio.to_thread(self.cut, edited, prepared.mask, prepared.plans)
+        edited_crops = await self.run(self.cut, edited, prepared.mask, prepared.plans)
         jobs = [ScoreJob(src, m, e) for (src, m), (e, _) in zip(prepared.crops, edited_crops)]
         worst = await self.worst_score(jobs)
         timings.lap("score")

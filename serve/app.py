@@ -60,10 +60,10 @@ class Ingress(GrpcMethods):
         )
         # parsing and reply encoding off the event loop; as many jobs at once as requests are admitted
         self.offload = Offload(overload.offload_threads, overload.max_in_flight, overload.worker_nice)
-        # decode, paste and encode (asyncio.to_thread in the service and the pipeline) below the loop's priority too;
-        # Serve runs this constructor on the replica's event loop
+        # the rest of asyncio.to_thread (keys-file re-reads, readiness counts) below the loop's priority too, as the
+        # image work (self.service.cpu) is; Serve runs this constructor on the replica's event loop
         asyncio.get_running_loop().set_default_executor(
-            worker_pool(default_workers(), "rorem-cpu", overload.worker_nice)
+            worker_pool(default_workers(), "rorem-default", overload.worker_nice)
         )
         sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
 

@@ -32,6 +32,8 @@ from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreRequest
 from serve.retention.keeper import Retention
 from serve.retention_deployment import HandleStoreClient
+from serve.uploads import Offload
+from serve.worker_threads import default_workers
 
 logger = logging.getLogger("ray.serve")
 
@@ -140,12 +142,17 @@ class RemovalService:
             max_chunks=cfg.max_chunks, max_jpeg_scans=cfg.max_jpeg_scans, max_exif_bytes=cfg.max_exif_bytes,
             max_rle_bytes=cfg.max_rle_bytes,
         )  # fmt: skip
-        self.pipeline = RemovalPipeline(self.models, CropSettings.from_imaging(cfg), limits)
+        # Decode, paste and encode: as many jobs at once as requests are admitted, each slot held until its job
+        # ends. A request whose client left is cancelled and frees its admission slot and key lease, but its
+        # thread runs on: counted here, the next requests wait for it rather than add to it.
+        overload = settings.overload
+        self.cpu = Offload(default_workers(), overload.max_in_flight, overload.worker_nice, "rorem-cpu")
+        self.pipeline = RemovalPipeline(self.models, CropSettings.from_imaging(cfg), limits, self.cpu.run)
         # POST /score is a request of its own: its scoring may take request_timeout_s, not the gate's scorer.timeout_s
         scoring = models or ServeModels(
             remover, scorer, settings, self._retry_after, score_timeout_s=settings.request_timeout_s
         )
-        self.score_pipeline = RemovalPipeline(scoring, CropSettings.from_imaging(cfg), limits)
+        self.score_pipeline = RemovalPipeline(scoring, CropSettings.from_imaging(cfg), limits, self.cpu.run)
         self.settings = settings  # swapped whole by Ingress.reconfigure (the gate); ServeModels reads only static knobs
 
     async def ready(self) -> dict:
@@ -184,7 +191,7 @@ class RemovalService:
         if not prepared.plans:
             body = upload.image
             if image.format != fmt:
-                body = await asyncio.to_thread(imaging.encode_image, image.rgb, image.alpha, fmt, quality)
+                body = await self.cpu.run(imaging.encode_image, image.rgb, image.alpha, fmt, quality)
                 timings.lap("encode")
             return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
 
@@ -216,7 +223,7 @@ class RemovalService:
             )
 
         timings.restart()
-        body = await asyncio.to_thread(imaging.encode_image, gated.result.edited, image.alpha, fmt, quality)
+        body = await self.cpu.run(imaging.encode_image, gated.result.edited, image.alpha, fmt, quality)
         timings.lap("encode")
         reply = RemovalReply(
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,
@@ -263,10 +270,12 @@ class RemovalService:
 
     async def _decode(self, prepare, *uploads):
         """The decode limits bound its cost; the deadline is the backstop for a cost they miss. The client
-        gets its answer then, though the thread runs on to the end of its (bounded) work."""
+        gets its answer then, though the thread runs on to the end of its (bounded) work, holding its slot.
+        The deadline counts from the start of the decode, not from the wait for a slot."""
         deadline_s = self.settings.imaging.decode_timeout_s
+        job = await self.cpu.start(prepare, *uploads)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(prepare, *uploads), timeout=deadline_s)
+            return await asyncio.wait_for(job, timeout=deadline_s)
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
         except asyncio.TimeoutError as exc:

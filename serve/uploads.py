@@ -54,22 +54,29 @@ Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) off the event l
 
 class Offload:
     """A few worker threads of one ingress replica for CPU work that must not run on its event loop:
-    parsing request bodies, encoding large JSON replies.
+    parsing request bodies, encoding large JSON replies; decoding, pasting and encoding images (a second
+    instance, serve.service.RemovalService.cpu).
 
     `workers` bounds the threads; `limit` bounds the jobs queued or running (a caller past it waits on
     the loop, holding no thread). A job's slot is freed when the job ends, not when its caller gives up,
     so a flood of cancelled requests cannot pile up work behind the limit."""
 
-    def __init__(self, workers: int, limit: int, nice: int = 0):
+    def __init__(self, workers: int, limit: int, nice: int = 0, name: str = "rorem-offload"):
         self.workers = workers
         self.limit = limit
+        self.name = name
         self.nice = nice  # serve.worker_threads: the threads run this many steps below the event loop
         self._pool: ThreadPoolExecutor | None = None  # created on first use, in the replica
         self._slots: asyncio.Semaphore | None = None
 
     async def run(self, fn: Callable[..., Any], /, *args: Any) -> Any:
+        return await (await self.start(fn, *args))
+
+    async def start(self, fn: Callable[..., Any], /, *args: Any) -> asyncio.Future:
+        """Wait for a slot and start the job; await the returned future for its result. Waiting for the slot
+        is apart, so a deadline on the job itself does not count the time spent behind other jobs."""
         if self._pool is None:
-            self._pool = worker_pool(self.workers, "rorem-offload", self.nice)
+            self._pool = worker_pool(self.workers, self.name, self.nice)
             self._slots = asyncio.Semaphore(self.limit)
         await self._slots.acquire()
         loop = asyncio.get_running_loop()
@@ -87,7 +94,7 @@ class Offload:
                 pass
 
         job.add_done_callback(free)
-        return await asyncio.wrap_future(job)
+        return asyncio.wrap_future(job)
 
     def close(self) -> None:
         if self._pool is not None:

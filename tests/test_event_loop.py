@@ -476,7 +476,7 @@ def test_worker_threads_run_below_the_thread_that_made_them():
 def test_the_ingress_decodes_and_encodes_below_its_loops_priority(service):
     """After a removal, the Ingress replica has threads overload.worker_nice steps below its Python threads'
     priority (Ray starts a worker's Python threads at nice 15; 19 is the floor): the decode / encode threads
-    (the loop's default executor) and the parsing thread (Offload)."""
+    (RemovalService.cpu) and the parsing thread (Ingress.offload)."""
     response = post_remove(service, png_bytes(photo()), png_bytes(box_mask()), seed=1)
     assert response.status_code == 200, response.text
     pid = _replica_pid("ServeReplica:rorem:Ingress")

@@ -8,7 +8,9 @@ gate kept and which problem a caller sees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -185,6 +187,41 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     reply = asyncio.run(service.remove(upload))
     assert (reply.body, reply.buckets, reply.bucket, reply.gate) == (upload.image, [], None, "nothing-to-remove")
     assert models.removals == []
+
+
+def test_a_cancelled_request_holds_its_image_work_slot_until_its_thread_ends():
+    """A client that leaves mid-decode is cancelled: its admission slot and key lease are free again, but its
+    decode thread runs on. The next requests wait for it rather than add to it (before, a hang-up loop ran four
+    12 MP decodes at once for a key limited to one request: 6.3 GB)."""
+    settings = AppSettings.model_validate(
+        {"imaging": {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate},
+         "overload": {"max_in_flight": 2}}
+    )  # fmt: skip
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    service = RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=FakeModels())
+    release, started = threading.Event(), []
+    prepare = service.pipeline.prepare
+
+    def slow_prepare(*args):
+        started.append(args)
+        release.wait(10)
+        return prepare(*args)
+
+    service.pipeline.prepare = slow_prepare
+
+    async def main():
+        for _ in range(2):  # two clients that hang up while their uploads decode
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(service.remove(_upload(output_format="png")), 0.2)
+        third = asyncio.create_task(service.remove(_upload(output_format="png")))
+        await asyncio.sleep(0.3)
+        decoding = len(started)
+        release.set()
+        return decoding, await third
+
+    decoding, reply = asyncio.run(main())
+    assert decoding == 2, "the third decode waited for a slot of the two abandoned ones"
+    assert len(started) == 3 and reply.gate == "off" and reply.buckets == [128, 128]
 
 
 def _photo_and_objects(count: int):
