@@ -13,6 +13,7 @@ metrics (serve/).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # the service drives the pipeline without loading the model l
     from engines.remover import RemovalEngine
     from engines.scorer import ScoringEngine
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CropSettings:
@@ -109,6 +111,16 @@ class Models(Protocol):
     async def score(self, job: ScoreJob) -> float: ...
 
 
+def outage_detail(exc: Exception) -> str:
+    """What a client is told of a model call that failed on the server's side: the detail of a problem of ours,
+    else the exception's type alone. Its text (a replica's traceback, paths, pid and address) goes to the log."""
+    detail = getattr(exc, "detail", None)
+    if isinstance(detail, str):
+        return detail
+    logger.warning("a model call failed: %s", exc)
+    return type(exc).__name__
+
+
 class RemovalPipeline:
     def __init__(
         self,
@@ -148,7 +160,7 @@ class RemovalPipeline:
             except ScorerUnavailable:
                 raise
             except Exception as exc:  # a failing Scorer is the gate's concern: fail open or closed by policy
-                raise ScorerUnavailable(getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}") from exc
+                raise ScorerUnavailable(outage_detail(exc)) from exc
 
         return await run_gated(policy, seed, attempt, score)
 

@@ -23,7 +23,7 @@ from engines import imaging
 from engines.errors import InputError
 from engines.gate import GatePolicy, ScorerUnavailable, max_crops
 from engines.jobs import RemovalJob, ScoreJob
-from engines.pipeline import CropSettings, Models, RemovalPipeline, Timings
+from engines.pipeline import CropSettings, Models, RemovalPipeline, Timings, outage_detail
 from serve.config import AppSettings, GateSettings
 from serve.handles import answer_or_cancel
 from serve.health import Readiness
@@ -252,10 +252,7 @@ class RemovalService:
                 raise
             raise Problem("scorer-unavailable", exc.detail, headers=self._retry_after) from exc
         except Exception as exc:  # the Scorer replica died or failed: a server-side outage, not the caller's fault
-            raise Problem(
-                "scorer-unavailable", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                headers=self._retry_after,
-            ) from exc
+            raise Problem("scorer-unavailable", outage_detail(exc), headers=self._retry_after) from exc
         self.metrics.scores.observe(score, tags={"route": "/score"})
         bucket = max(job.source.shape[0] for job in jobs)
         return ScoreReply(score, threshold, score >= threshold, bucket)
