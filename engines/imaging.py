@@ -45,7 +45,9 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 # Only these PIL plugins may open client bytes: exotic ones (EPS runs Ghostscript, for one) are attack surface.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# Not AVIF: libavif decodes the whole AV1 frame, which need not be the size the container declares (a 3 KB file
+# declared 64 x 64 decoded 268 megapixels), and Pillow re-serialises its EXIF while opening it, before any check.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # Phone cameras write multi-picture JPEGs (MPO); their first picture is a plain JPEG, so report them as one.
 _FORMAT_ALIASES = {"mpo": "jpeg"}
 
@@ -65,6 +67,15 @@ _FAST_DECODE = {
 # PNG chunks Pillow reads after the image data that can carry an EXIF orientation.
 _PNG_LATE_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
 _TIFF_OPAQUE_TYPES = frozenset({1, 2, 7})  # BYTE, ASCII, UNDEFINED
+_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
+# Arithmetic coding (SOF9-11, SOF13-15, and its conditioning table DAC): a progressive refinement scan then
+# costs a few bytes to send and a full pass to decode (100 scans of 6320^2: 35 s). Rare in the wild.
+_JPEG_ARITHMETIC_MARKERS = frozenset({0xC9, 0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF})
+_PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+# PNG text in all, bytes as stored: Pillow unpacks it in Python, and reads EXIF from a "Raw profile type exif"
+# text (hex) too, ~0.4 s per MB. Pillow's own cap is per decompressed chunk (1 MB) and 64 MB in all.
+_PNG_TEXT_BYTES = 1024 * 1024
+_RLE_PIXELS_PER_BYTE = 8  # an RLE BMP may have 8 pixels per byte of max_rle_bytes: 8 MP at the default, ~1 s
 _PNG_FILTER_UP = 32  # libpng's PNG_FILTER_UP: fast, and as small as adaptive filtering on photos at level 1
 
 
@@ -197,10 +208,19 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         if _count_at_least(_png_chunks(data), limits.max_chunks + 1):
             raise _too_costly(what, f"has over {limits.max_chunks} PNG chunks", f"{limits.max_chunks}")
+        text = exif = 0
+        for kind, length in _png_chunks(data, lengths=True):
+            text += length if kind in _PNG_TEXT_CHUNKS else 0
+            exif += length if kind == b"eXIf" else 0  # wherever it is: Pillow reads one after the pixels too
+        if exif > limits.max_exif_bytes:
+            raise _too_costly(what, f"has {exif} bytes of EXIF", f"{limits.max_exif_bytes} bytes")
+        if text > _PNG_TEXT_BYTES:
+            raise _too_costly(what, f"has {text} bytes of PNG text", f"{_PNG_TEXT_BYTES} bytes")
     elif data.startswith(b"\xff\xd8"):
-        steps = _jpeg_header_steps(data)
-        if _count_at_least(steps, limits.max_chunks + 1):
+        if _count_at_least(_jpeg_header_steps(data), limits.max_chunks + 1):
             raise _too_costly(what, f"has over {limits.max_chunks} JPEG segments before its first scan", f"{limits.max_chunks}")
+        if any(at >= 0 and data[at + 1] in _JPEG_ARITHMETIC_MARKERS for at in _jpeg_header_steps(data)):
+            raise _too_costly(what, "is an arithmetic-coded JPEG", "Huffman-coded JPEGs")
         # in scan data 0xFF is always followed by 0x00 or a restart marker: every FFDA starts a scan
         scans = data.count(b"\xff\xda")
         if scans > limits.max_jpeg_scans:
@@ -212,6 +232,8 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
         longest = max(_tiff_first_ifd_counts(data), default=0)
         if longest > limits.max_chunks:
             raise _too_costly(what, f"has a TIFF tag of {longest} values", f"{limits.max_chunks} values")
+    elif data[:4] in (b"II+\x00", b"MM\x00+"):  # BigTIFF: for files past 4 GB, far past any upload limit
+        raise _too_costly(what, "is a BigTIFF", "classic TIFF (BigTIFF is for files over 4 GB)")
 
 
 def _count_at_least(items, count: int) -> bool:
@@ -223,8 +245,30 @@ def _check_decoder_cost(img: Image.Image, data: bytes, limits: DecodeLimits, wha
     exif = img.info.get("exif") or b""
     if len(exif) > limits.max_exif_bytes:
         raise _too_costly(what, f"has {len(exif)} bytes of EXIF", f"{limits.max_exif_bytes} bytes")
-    if img.tile and img.tile[0][0] == "bmp_rle" and len(data) > limits.max_rle_bytes:
-        raise _too_costly(what, f"is a {len(data)}-byte RLE BMP", f"{limits.max_rle_bytes} bytes")
+    if img.tile and img.tile[0][0] == "bmp_rle":
+        if len(data) > limits.max_rle_bytes:
+            raise _too_costly(what, f"is a {len(data)}-byte RLE BMP", f"{limits.max_rle_bytes} bytes")
+        pixels, most = img.size[0] * img.size[1], _RLE_PIXELS_PER_BYTE * limits.max_rle_bytes
+        if pixels > most:  # RLE4 runs are expanded a pixel at a time in Python: ~0.13 s a megapixel
+            raise _too_costly(what, f"is an RLE BMP of {pixels} pixels", f"{most} pixels")
+    if img.format == "TIFF" and _TIFF_TILE_WIDTH in img.tag_v2:
+        _check_tiff_tiles(img, limits, what)
+
+
+def _check_tiff_tiles(img: Image.Image, limits: DecodeLimits, what: str) -> None:
+    """libtiff inflates every tile whole, whatever part of it the image uses: a 2 MB file declaring a 65535 x 1
+    image in 4096 tiles of 2 GiB would take hours. The tiles may cover at most twice the image, or the image plus
+    one megapixel (a small image in one standard 256 x 256 tile)."""
+    width, height = img.size
+    tile_width, tile_length = img.tag_v2.get(_TIFF_TILE_WIDTH, 0), img.tag_v2.get(_TIFF_TILE_LENGTH, 0)
+    if not (isinstance(tile_width, int) and isinstance(tile_length, int)) or tile_width <= 0 or tile_length <= 0:
+        raise _too_costly(what, "has TIFF tiles of no size", "tiles of a positive size")
+    covered = -(-width // tile_width) * tile_width * -(-height // tile_length) * tile_length
+    if covered > max(2 * width * height, width * height + 2**20):
+        raise _too_costly(
+            what, f"is {width}x{height} in TIFF tiles of {tile_width}x{tile_length} ({covered / 1e6:.1f} megapixels)",
+            "tiles covering twice the image, or the image and one megapixel",
+        )
 
 
 def _fast_decode(img: Image.Image, data: bytes) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -265,15 +309,17 @@ def _fast_decode(img: Image.Image, data: bytes) -> tuple[np.ndarray, np.ndarray 
     return color, (np.ascontiguousarray(alpha) if alpha.min() < 255 else None)
 
 
-def _png_chunks(data: bytes):
-    """The kinds of a PNG's chunks, in order, up to IEND or where the chunk structure runs off the end."""
+def _png_chunks(data: bytes, lengths: bool = False):
+    """The kinds of a PNG's chunks (with `lengths`: (kind, length)), in order, up to IEND or where the chunk
+    structure runs off the end."""
     position, end = 8, len(data)
     while position + 8 <= end:
         kind = data[position + 4 : position + 8]
-        yield kind
+        length = int.from_bytes(data[position : position + 4], "big")
+        yield (kind, length) if lengths else kind
         if kind == b"IEND":
             return
-        position += 12 + int.from_bytes(data[position : position + 4], "big")
+        position += 12 + length
 
 
 def _png_is_plain(data: bytes) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.errors import ImageTooLarge
+from engines.errors import ImageTooLarge, InvalidImage
 from engines.imaging import DecodeLimits, decode_image
 from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, problem_of, stub
@@ -116,6 +116,29 @@ def rle_bmp(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
 
 
+def tiled_tiff(width: int, height: int, tile_width: int, tile_length: int, data: bool = True) -> bytes:
+    """An 8-bit gray, deflate-compressed, tiled TIFF (libtiff decodes it); without `data` every tile points at one
+    tiny stream (the check that refuses such a file comes before any decoding)."""
+    tiles = -(-width // tile_width) * -(-height // tile_length)
+    stream = zlib.compress(bytes(tile_width * tile_length) if data else b"", 9)
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+            (277, 3, 1, 1), (322, 4, 1, tile_width), (323, 4, 1, tile_length)]  # fmt: skip
+    arrays_at = 8 + 2 + 12 * (len(tags) + 2) + 4
+    pixels_at = arrays_at + 8 * tiles
+    offsets = struct.pack(f"<{tiles}I", *(pixels_at + (i * len(stream) if data else 0) for i in range(tiles)))
+    counts = struct.pack(f"<{tiles}I", *([len(stream)] * tiles))
+    if tiles == 1:  # one value fits in its entry: stored there, not at an offset
+        tags += [(324, 4, 1, pixels_at), (325, 4, 1, len(stream))]
+    else:
+        tags += [(324, 4, tiles, arrays_at), (325, 4, tiles, arrays_at + 4 * tiles)]
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, n, value) if kind == 4 else struct.pack("<HHIHH", tag, kind, n, value, 0)
+        for tag, kind, n, value in tags
+    )
+    header = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + bytes(4) + offsets + counts
+    return header + stream * (tiles if data else 1)
+
+
 def png_with_exif(size: int) -> bytes:
     exif = b"II*\x00" + struct.pack("<IHHHII", 8, 1, 0x0112, 3, 1, 1) + bytes(4)
     return flat_png(64, 48, _chunk(b"eXIf", exif + bytes(size - len(exif))))
@@ -136,6 +159,19 @@ BOMBS = {
     "GIF with 100000 comment sub-blocks": (lambda: gif_comment_blocks(100_000), "GIF blocks"),
     "TIFF orientation of 100000 values": (lambda: tiff_with_orientation_values(100_000), "TIFF tag"),
     "BMP RLE8 of 1-pixel runs (2 MB)": (lambda: rle_bmp(1000, 1000), "RLE BMP"),
+    "BMP RLE8 declaring 9 MP in a few bytes": (lambda: rle_bmp(3000, 3000)[:1100], "RLE BMP of 9000000 pixels"),
+    "TIFF 16x16 in one 16384x16384 tile": (lambda: tiled_tiff(16, 16, 16384, 16384, data=False), "TIFF tiles"),
+    "TIFF 65535x1 in 4096 tiles of 16x134217712": (
+        lambda: tiled_tiff(65535, 1, 16, 134_217_712, data=False), "TIFF tiles"
+    ),
+    "BigTIFF": (lambda: b"II+\x00" + struct.pack("<HHQ", 8, 0, 16) + bytes(64), "BigTIFF"),
+    "JPEG arithmetic-coded": (lambda: small_jpeg().replace(b"\xff\xc0", b"\xff\xc9", 1), "arithmetic-coded"),
+    "PNG with 100 KB of EXIF after its pixels": (
+        lambda: flat_png(64, 48)[:-12] + _chunk(b"eXIf", bytes(100_000)) + _chunk(b"IEND", b""), "EXIF"
+    ),
+    "PNG with 2 MB of text (a hex EXIF profile)": (
+        lambda: flat_png(64, 48, _chunk(b"tEXt", b"Raw profile type exif\x00" + b"0" * 2_000_000)), "PNG text"
+    ),
 }  # fmt: skip
 
 
@@ -164,11 +200,28 @@ def test_each_bomb_is_refused_from_its_structure_quickly(name):
         tiff_with_orientation_values(1),
         rle_bmp(64, 48),
         png_with_exif(60_000),
+        tiled_tiff(100, 100, 256, 256),
+        tiled_tiff(1000, 700, 256, 256),
+        flat_png(64, 48, _chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + b" " * 900_000)),
     ],
-    ids=["65535x1", "1000 chunks", "90 scans", "1000 GIF blocks", "TIFF", "small RLE BMP", "60 KB EXIF"],
+    ids=["65535x1", "1000 chunks", "90 scans", "1000 GIF blocks", "TIFF", "small RLE BMP", "60 KB EXIF",
+         "100x100 in a 256 tile", "1000x700 in 256 tiles", "900 KB of XMP"],  # fmt: skip
 )
 def test_just_under_each_limit_decodes(data):
     assert decode_image(data, LIMITS).rgb.size > 0
+
+
+def test_avif_is_not_accepted():
+    """libavif decodes the whole AV1 frame, whatever size the container declares, and Pillow re-serialises an
+    AVIF's EXIF while opening it: no structure check could bound either, so AVIF is refused."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow cannot write AVIF")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, "AVIF")
+    with pytest.raises(InvalidImage, match="not a recognised image.*png, jpeg, webp, gif, bmp, tiff\\)$"):
+        decode_image(buffer.getvalue(), LIMITS)
 
 
 def test_the_limits_are_settings():
