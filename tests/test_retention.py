@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from serve.retention import LocalObjectStore, ObjectMissing, RetentionStore, S3ObjectStore, object_key
-from serve.retention.store import NewResult, ResultNotFound
+from serve.retention.store import MAX_VERDICTS, NewResult, ResultNotFound
 from tests.helpers import photo, png_bytes
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0)
@@ -268,6 +268,19 @@ def test_a_relabel_is_appended_and_the_newest_verdict_is_the_label(store, clock)
         store.add_feedback("0" * 32, "yes")
     with pytest.raises(ValueError, match="verdict"):
         store.add_feedback(result_id, "maybe")
+
+
+def test_a_result_keeps_its_newest_verdicts_only(store, clock):
+    """Each answer carries the history: an unbounded one grew every answer (1,500 verdicts: 1.9 MB each)."""
+    result_id = store.save(_new(b"r"))
+    other = store.save(_new(b"other"))
+    store.add_feedback(other, "yes", "kept")
+    for n in range(MAX_VERDICTS + 5):
+        clock.advance(seconds=1)
+        stored = store.add_feedback(result_id, "no" if n % 2 else "yes", f"verdict {n}")
+    assert [f.reason for f in stored.feedback] == [f"verdict {n}" for n in range(5, MAX_VERDICTS + 5)]
+    assert stored.label == ("no" if (MAX_VERDICTS + 4) % 2 else "yes")
+    assert [f.reason for f in store.get(other).feedback] == ["kept"], "another result's verdicts stay"
 
 
 def test_migrations_create_exactly_the_schema_the_models_describe(tmp_path):

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 
-RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
+RESULT_ID = re.compile(r"[0-9a-f]{32}")
 ANNOTATION_PAGE = Path(__file__).parent.parent / "static" / "annotate.html"
 REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
@@ -343,7 +343,7 @@ def _visible(stored: StoredResult, owner: str | None) -> StoredResult:
 
 
 def _checked(result_id: str) -> str:
-    if not RESULT_ID.match(result_id):
+    if not RESULT_ID.fullmatch(result_id):
         raise ResultNotFound(result_id)
     return result_id
 
