@@ -59,7 +59,7 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 @api.exception_handler(StarletteHTTPException)
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     problem = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "invalid-request")
-    return Problem(problem, str(exc.detail)).response(request_id_of(request))
+    return Problem(problem, str(exc.detail), headers=dict(exc.headers or {})).response(request_id_of(request))
 
 
 @api.exception_handler(Exception)

@@ -169,4 +169,6 @@ def test_no_mask_and_no_alpha_is_a_clear_error(service):
 
 def test_unknown_route_is_problem_json(service):
     _assert_problem(service.client.get("/nope"), 404, "not-found")
-    _assert_problem(service.client.get("/remove"), 405, "method-not-allowed")
+    not_allowed = service.client.get("/remove")
+    _assert_problem(not_allowed, 405, "method-not-allowed")
+    assert not_allowed.headers["allow"] == "POST", "RFC 9110: a 405 says what is allowed"
