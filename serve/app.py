@@ -24,7 +24,7 @@ from serve.metrics import INGRESS_STAGES, ingress_metrics
 from serve.playground import playground_headers, playground_page
 from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.remover_deployment import Remover
-from serve.rest_api import api, json_reply_body, request_id_of, root_path, wants_json
+from serve.rest_api import api, docs_page, json_reply_body, request_id_of, root_path, wants_json
 from serve.retention.keeper import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
@@ -214,6 +214,11 @@ class Ingress(GrpcMethods):
     async def home(self, request: Request) -> Response:
         """The service's front page is the playground."""
         return Response(status_code=307, headers={"Location": f"{root_path(request)}/playground"})
+
+    @api.get("/docs", response_class=HTMLResponse, include_in_schema=False, dependencies=[auth.PUBLIC])
+    async def docs(self, request: Request) -> HTMLResponse:
+        """Swagger UI over the OpenAPI, its scripts pinned with Subresource Integrity (serve.rest_api.docs_page)."""
+        return docs_page(request)
 
     @api.get("/playground", response_class=HTMLResponse, include_in_schema=False, dependencies=[auth.PUBLIC])
     async def playground(self) -> HTMLResponse:

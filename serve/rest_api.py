@@ -3,12 +3,14 @@ its routes use. The routes themselves are methods of serve.app.Ingress: Serve bi
 the class they are defined in (a class defined elsewhere and inherited is not shipped with its bound routes).
 """
 
+import html
+import json
 import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engines import imaging
@@ -25,6 +27,8 @@ api = FastAPI(
     title="RORem object removal",
     description="POST an image and a mask (white = remove); get the image back with the object removed.",
     version="0.1.0",
+    docs_url=None,  # our own /docs below: FastAPI's loads Swagger UI from a CDN by a floating major version
+    redoc_url=None,  # the same, and not documented
 )
 install_openapi(api)  # serve/openapi.py: problem responses, headers, media types
 api.add_middleware(quotas.QuotaFields)  # a metered request's RateLimit fields on its answer; its lease given back
@@ -80,6 +84,34 @@ async def _count_requests(request: Request, call_next):
     finally:
         route = _route_label(request.scope)
         ingress_metrics().answered(route, "http", status, time.perf_counter() - started)
+
+
+# Swagger UI for /docs, pinned, with Subresource Integrity: the pages of this origin keep a user's API key in
+# the browser's storage, which any script on the origin can read, so the CDN may serve these bytes or none.
+# sha384 of the files of the npm package swagger-ui-dist 5.35.0 (its tarball checked against the registry's
+# sha512 integrity; jsDelivr serves the package's files as they are).
+SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0"
+SWAGGER_UI_FILES = {
+    "swagger-ui-bundle.js": "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9",
+    "swagger-ui.css": "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I",
+}
+
+
+def docs_page(request: Request) -> HTMLResponse:
+    """Swagger UI over this app's OpenAPI (under its route_prefix)."""
+    openapi_url = json.dumps(root_path(request) + api.openapi_url)
+    js, css = (f"{SWAGGER_UI}/{name}" for name in SWAGGER_UI_FILES)
+    js_hash, css_hash = SWAGGER_UI_FILES.values()
+    return HTMLResponse(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
+        f"{html.escape(api.title)} - API</title>\n"
+        f'<link rel="stylesheet" href="{css}" integrity="{css_hash}" crossorigin="anonymous">\n'
+        '</head><body><div id="swagger-ui"></div>\n'
+        f'<script src="{js}" integrity="{js_hash}" crossorigin="anonymous"></script>\n'
+        f"<script>SwaggerUIBundle({{url: {openapi_url}, dom_id: '#swagger-ui', deepLinking: true}});</script>\n"
+        "</body></html>\n",
+        headers={"Referrer-Policy": "no-referrer"},
+    )
 
 
 def wants_json(accept: str) -> bool:

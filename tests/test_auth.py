@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import threading
 import time
 
@@ -207,6 +208,29 @@ def test_every_route_declares_its_access_and_the_scopes_are_the_documented_ones(
     assert rules[("GET", "/results/{id}/{kind}")] == ("feedback", False)
     assert rules[("DELETE", "/results/{id}")] == ("admin", False)
     assert rules[("GET", "/healthz")] == (None, True) and rules[("GET", "/readyz")] == (None, True)
+    assert rules[("GET", "/docs")] == (None, True)
+
+
+def test_the_docs_page_loads_a_pinned_swagger_ui_under_subresource_integrity():
+    """The pages keep an API key in the browser's storage, readable by any script of the origin: /docs loads
+    its scripts only as the pinned bytes; FastAPI's own /docs and /redoc (floating versions, no integrity) are
+    off."""
+    from starlette.requests import Request
+
+    from serve.app import api
+    from serve.rest_api import SWAGGER_UI, SWAGGER_UI_FILES, docs_page
+
+    assert api.docs_url is None and api.redoc_url is None
+    assert "@5.35.0" in SWAGGER_UI and not any(c in SWAGGER_UI.rsplit("@", 1)[1] for c in "^~*")
+    page = docs_page(Request({"type": "http", "root_path": "/api/v1", "headers": []})).body.decode()
+    tags = re.findall(r"<(?:script|link)[^>]*>", page)
+    external = [tag for tag in tags if "https://" in tag]
+    assert len(external) == len(SWAGGER_UI_FILES) == 2
+    for name, digest in SWAGGER_UI_FILES.items():
+        (tag,) = [t for t in external if f"{SWAGGER_UI}/{name}" in t]
+        assert f'integrity="{digest}"' in tag and 'crossorigin="anonymous"' in tag
+        assert re.fullmatch(r"sha384-[A-Za-z0-9+/]{64}", digest)
+    assert 'url: "/api/v1/openapi.json"' in page, "the OpenAPI under the app's route_prefix"
 
 
 def test_an_app_with_an_undeclared_route_does_not_start():

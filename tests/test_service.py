@@ -167,6 +167,12 @@ def test_no_mask_and_no_alpha_is_a_clear_error(service):
     _assert_problem(_remove(service, png_bytes(photo()), None), 422, "invalid-mask")
 
 
+def test_the_docs_page_is_served_with_pinned_scripts(service):
+    docs = service.client.get("/docs")
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert docs.text.count('integrity="sha384-') == 2 and service.client.get("/redoc").status_code == 404
+
+
 def test_unknown_route_is_problem_json(service):
     _assert_problem(service.client.get("/nope"), 404, "not-found")
     not_allowed = service.client.get("/remove")
