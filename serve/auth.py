@@ -211,11 +211,12 @@ class ApiKeys:
 
 
 def presented_key(headers) -> str | None:
-    """The key from HTTP headers or gRPC metadata (any mapping with lower-case names)."""
-    authorization = (headers.get("authorization") or "").strip()
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
+    """The key from HTTP headers or gRPC metadata (any mapping with lower-case names): a Bearer credential, else
+    X-API-Key. An Authorization of another scheme is not ours (a front proxy's Basic auth, say): it hides
+    nothing."""
+    scheme, _, value = (headers.get("authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
     return (headers.get("x-api-key") or "").strip() or None
 
 

@@ -149,7 +149,9 @@ def test_new_key_refuses_a_clashing_name_and_leaves_the_file_as_it_was(tmp_path,
 def test_credential_parsing():
     assert presented_key({"authorization": "bearer  abc "}) == "abc"
     assert presented_key({"x-api-key": "k"}) == "k"
-    assert presented_key({"authorization": "Basic abc", "x-api-key": "k"}) is None
+    assert presented_key({"authorization": "Basic abc", "x-api-key": "k"}) == "k", "a front proxy's Basic auth"
+    assert presented_key({"authorization": "Basic abc"}) is None
+    assert presented_key({"authorization": "Bearer b", "x-api-key": "k"}) == "b"
     assert presented_key({}) is None
 
 

@@ -304,12 +304,18 @@ def test_with_keys_on_only_key_holders_get_their_body_read(tmp_path):
         "chunked, no key": Exchange(body, {"transfer-encoding": "chunked"}),
         "unknown key": Exchange(body, {"content-length": "100", "x-api-key": "rk_not-a-key"}),
         "not bearer": Exchange(body, {"content-length": "100", "authorization": f"Basic {key}"}),
+        "not bearer, bogus header": Exchange(
+            body, {"content-length": "100", "authorization": "Basic dXNlcg==", "x-api-key": "rk_bogus"}
+        ),
         "chunked under a zero length": Exchange(body, {"content-length": "0", "transfer-encoding": "chunked"}),
     }
     passed = {
         "bearer": Exchange(body, {"content-length": "100", "authorization": f"Bearer {key}"}, path="/bearer"),
         "header": Exchange(body, {"content-length": "100", "x-api-key": key}, path="/header"),
         "other scope": Exchange(body, {"content-length": "100", "x-api-key": reader_key}, path="/other-scope"),
+        "behind basic auth": Exchange(
+            body, {"content-length": "100", "authorization": "Basic dXNlcg==", "x-api-key": key}, path="/basic"
+        ),
         "probe": Exchange([b""], path="/readyz"),
     }
 
@@ -326,7 +332,7 @@ def test_with_keys_on_only_key_holders_get_their_body_read(tmp_path):
         assert exchange.chunks == body, f"{name}: refused before any of its body was read"
         assert key not in json.dumps(exchange.body), "a key is never echoed"
     assert all(exchange.status == 200 for exchange in passed.values())
-    assert reached == ["/bearer", "/header", "/other-scope", "/readyz"]
+    assert reached == ["/bearer", "/header", "/other-scope", "/basic", "/readyz"]
 
 
 def test_the_proxy_reads_repeated_key_headers_as_the_app_does(tmp_path):
