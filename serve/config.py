@@ -333,6 +333,12 @@ class RetentionSettings(_Strict):
         10_000, ge=1, description="keep at most this many results; the oldest unlabelled go first"
     )
     max_age_days: float | None = Field(30.0, gt=0, description="delete results older than this many days")
+    max_results_per_owner: int | None = Field(
+        None,
+        ge=1,
+        description="with API keys, keep at most this many results per owner (a key's team, else its name), its "
+        "own oldest going first, so one owner cannot push out another's; null: only max_results",
+    )
 
     def objects_folder(self) -> Path:
         return Path(self.object_store.path).expanduser() / "objects"

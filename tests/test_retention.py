@@ -127,6 +127,32 @@ def test_beyond_max_results_unlabelled_results_go_before_labelled_ones(tmp_path,
     assert [r.id for r in store.labelled()] == [labelled[1], flood[-1]], "all labelled: the oldest goes"
 
 
+@pytest.mark.parametrize("per_owner", [None, 3])
+def test_with_a_per_owner_bound_one_owner_s_labelled_flood_pushes_out_only_its_own(tmp_path, clock, per_owner):
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=10, clock=clock,
+        max_results_per_owner=per_owner,
+    )  # fmt: skip
+
+    def saved(owner: str | None, label: bool) -> str:
+        clock.advance(minutes=1)
+        result_id = store.save(replace(_new(f"{owner} {clock.now}".encode()), owner=owner))
+        if label:
+            store.add_feedback(result_id, "yes")
+        return result_id
+
+    bob = [saved("bob", label=True) for _ in range(2)]
+    unowned = [saved(None, label=False) for _ in range(4)]  # auth off: no owner, no per-owner bound
+    alice = [saved("alice", label=True) for _ in range(12)]
+    kept = {r.id for r in store.labelled()} | {r.id for r in store.queue(100)}
+    if per_owner is None:
+        assert not set(bob) & kept, "without it, her labelled flood took bob's labelled results"
+    else:
+        assert set(bob) | set(unowned) <= kept, "bob's results and the unowned ones stay"
+        assert kept & set(alice) == set(alice[-per_owner:]), "alice keeps her newest 3"
+    assert store.count() <= 10
+
+
 def test_the_id_save_returns_is_never_the_one_the_limit_deletes(tmp_path, clock):
     """Saves in the same instant (the clock does not move): the newest by (time, id) is not always the one just
     stored, so save() names it to enforce_limits."""

@@ -114,10 +114,12 @@ class RetentionStore:
         max_results: int | None = None,
         max_age_days: float | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        max_results_per_owner: int | None = None,
     ):
         self.objects = objects
         self.engine = engine
         self.max_results = max_results
+        self.max_results_per_owner = max_results_per_owner
         self.max_age_days = max_age_days
         self.clock = clock
         self._lock = threading.Lock()
@@ -143,6 +145,7 @@ class RetentionStore:
             objects,
             max_results=settings.max_results,
             max_age_days=settings.max_age_days,
+            max_results_per_owner=settings.max_results_per_owner,
         )
 
     def describe(self) -> str:
@@ -177,7 +180,7 @@ class RetentionStore:
             except Exception:
                 self._drop_unreferenced(keys)
                 raise
-        self.enforce_limits(keep=result_id)
+        self.enforce_limits(keep=result_id, owner=new.owner)
         return result_id
 
     def get(self, result_id: str) -> StoredResult:
@@ -257,13 +260,15 @@ class RetentionStore:
 
     # ------------------------------------------------------------ limits
 
-    def enforce_limits(self, keep: str | None = None, ages_only: bool = False) -> int:
-        """Delete results past max_age_days (labelled or not), then, beyond max_results, the oldest unlabelled
-        ones first: a flood of new results (anyone with the remove scope may retain) never pushes out the
-        human verdicts while an older unlabelled result is left to go. `keep` (the result save() just stored,
-        whose id the caller is about to get) is never the one that goes. `ages_only` (the sweeper): only saves
-        add results, so counting is theirs; a sweeper that counted could take a result stored an instant
-        earlier, before its save() had protected it. Returns how many were deleted."""
+    def enforce_limits(self, keep: str | None = None, ages_only: bool = False, owner: str | None = None) -> int:
+        """Delete results past max_age_days (labelled or not); then, beyond max_results_per_owner, `owner`'s
+        oldest (unlabelled first); then, beyond max_results, everyone's oldest unlabelled ones first: a flood of
+        new results (anyone with the remove scope may retain) never pushes out the human verdicts while an older
+        unlabelled result is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes
+        out only its own. `keep` (the result save() just stored, whose id the caller is about to get) is never
+        the one that goes. `ages_only` (the sweeper): only saves add results, so counting is theirs; a sweeper
+        that counted could take a result stored an instant earlier, before its save() had protected it.
+        Returns how many were deleted."""
         with Session(self.engine) as session:
             eligible = []
             doomed = []
@@ -271,19 +276,20 @@ class RetentionStore:
                 cutoff = self.clock() - dt.timedelta(days=self.max_age_days)
                 doomed = list(session.scalars(select(ResultRow.id).where(ResultRow.created_at < cutoff)).all())
                 eligible = [ResultRow.created_at >= cutoff]
-            total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
-            over = total - len(doomed) - self.max_results if self.max_results is not None and not ages_only else 0
             if keep is not None:
                 eligible.append(ResultRow.id != keep)
-            oldest = (ResultRow.created_at, ResultRow.id)
-            for labelled in (False, True):  # each an indexed walk from the oldest, stopped at `over`
-                if over <= 0:
-                    break
-                feedback = _has_feedback() if labelled else ~_has_feedback()
-                ids = session.scalars(select(ResultRow.id).where(*eligible, feedback).order_by(*oldest).limit(over))
-                found = list(ids.all())
-                doomed += found
-                over -= len(found)
+            counted = not ages_only
+            if counted and owner is not None and self.max_results_per_owner is not None:
+                owned = session.scalar(
+                    select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))
+                ) or 0
+                mine = self._oldest(session, owned + (keep is not None) - self.max_results_per_owner, eligible, owner)
+                doomed += mine
+                if mine:
+                    eligible.append(ResultRow.id.not_in(mine))
+            total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
+            over = total - len(doomed) - self.max_results if self.max_results is not None and counted else 0
+            doomed += self._oldest(session, over, eligible)
         if not doomed:
             return 0
         deleted = self._delete_ids(doomed)
@@ -291,6 +297,19 @@ class RetentionStore:
         return deleted
 
     # ------------------------------------------------------------ internals
+
+    @staticmethod
+    def _oldest(session: Session, count: int, eligible: list, owner: str | None = None) -> list[str]:
+        """Up to `count` eligible results (of `owner`, or anyone's), the oldest unlabelled first, then the oldest
+        labelled: each an indexed walk from the oldest, stopped at `count`."""
+        found: list[str] = []
+        for labelled in (False, True):
+            if count - len(found) <= 0:
+                break
+            feedback = _has_feedback() if labelled else ~_has_feedback()
+            statement = select(ResultRow.id).where(*eligible, *_owned_by(owner), feedback)
+            found += session.scalars(statement.order_by(ResultRow.created_at, ResultRow.id).limit(count - len(found))).all()
+        return found
 
     def _delete_ids(self, ids: Sequence[str]) -> int:
         deleted = 0
