@@ -72,9 +72,10 @@ _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
 # costs a few bytes to send and a full pass to decode (100 scans of 6320^2: 35 s). Rare in the wild.
 _JPEG_ARITHMETIC_MARKERS = frozenset({0xC9, 0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF})
 _PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
-# PNG text in all, bytes as stored: Pillow unpacks it in Python, and reads EXIF from a "Raw profile type exif"
-# text (hex) too, ~0.4 s per MB. Pillow's own cap is per decompressed chunk (1 MB) and 64 MB in all.
-_PNG_TEXT_BYTES = 1024 * 1024
+# Pillow reads EXIF from a PNG text keyed "Raw profile type exif" (or APP1) too, as hex: ~0.4 s per MB. Such
+# texts are bounded like EXIF (hex: two characters a byte, plus line breaks); other text only by Pillow's own
+# caps (1 MB a decompressed chunk, 64 MB in all: a bloated Photoshop XMP packet is a real file).
+_PNG_EXIF_TEXT_KEYS = frozenset({b"Raw profile type exif", b"Raw profile type APP1"})
 _RLE_PIXELS_PER_BYTE = 8  # an RLE BMP may have 8 pixels per byte of max_rle_bytes: 8 MP at the default, ~1 s
 _PNG_FILTER_UP = 32  # libpng's PNG_FILTER_UP: fast, and as small as adaptive filtering on photos at level 1
 
@@ -208,14 +209,15 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         if _count_at_least(_png_chunks(data), limits.max_chunks + 1):
             raise _too_costly(what, f"has over {limits.max_chunks} PNG chunks", f"{limits.max_chunks}")
-        text = exif = 0
-        for kind, length in _png_chunks(data, lengths=True):
-            text += length if kind in _PNG_TEXT_CHUNKS else 0
+        exif = exif_text = 0
+        for kind, start, length in _png_chunks(data, positions=True):
             exif += length if kind == b"eXIf" else 0  # wherever it is: Pillow reads one after the pixels too
+            if kind in _PNG_TEXT_CHUNKS and data[start : start + 80].split(b"\0", 1)[0] in _PNG_EXIF_TEXT_KEYS:
+                exif_text += length
         if exif > limits.max_exif_bytes:
             raise _too_costly(what, f"has {exif} bytes of EXIF", f"{limits.max_exif_bytes} bytes")
-        if text > _PNG_TEXT_BYTES:
-            raise _too_costly(what, f"has {text} bytes of PNG text", f"{_PNG_TEXT_BYTES} bytes")
+        if exif_text > 3 * limits.max_exif_bytes:
+            raise _too_costly(what, f"has {exif_text} bytes of EXIF as PNG text", f"{3 * limits.max_exif_bytes} bytes")
     elif data.startswith(b"\xff\xd8"):
         if _count_at_least(_jpeg_header_steps(data), limits.max_chunks + 1):
             raise _too_costly(what, f"has over {limits.max_chunks} JPEG segments before its first scan", f"{limits.max_chunks}")
@@ -257,17 +259,17 @@ def _check_decoder_cost(img: Image.Image, data: bytes, limits: DecodeLimits, wha
 
 def _check_tiff_tiles(img: Image.Image, limits: DecodeLimits, what: str) -> None:
     """libtiff inflates every tile whole, whatever part of it the image uses: a 2 MB file declaring a 65535 x 1
-    image in 4096 tiles of 2 GiB would take hours. The tiles may cover at most twice the image, or the image plus
-    one megapixel (a small image in one standard 256 x 256 tile)."""
+    image in 4096 tiles of 16 x 134217712 would take hours. The tiles may cover `max_megapixels` (what an
+    image may cost anyway: any standard tiling of a thin image fits), or twice the image."""
     width, height = img.size
     tile_width, tile_length = img.tag_v2.get(_TIFF_TILE_WIDTH, 0), img.tag_v2.get(_TIFF_TILE_LENGTH, 0)
     if not (isinstance(tile_width, int) and isinstance(tile_length, int)) or tile_width <= 0 or tile_length <= 0:
         raise _too_costly(what, "has TIFF tiles of no size", "tiles of a positive size")
     covered = -(-width // tile_width) * tile_width * -(-height // tile_length) * tile_length
-    if covered > max(2 * width * height, width * height + 2**20):
+    if covered > max(2 * width * height, limits.max_megapixels * 1e6):
         raise _too_costly(
             what, f"is {width}x{height} in TIFF tiles of {tile_width}x{tile_length} ({covered / 1e6:.1f} megapixels)",
-            "tiles covering twice the image, or the image and one megapixel",
+            f"tiles covering {limits.max_megapixels:g} megapixels, or twice the image",
         )
 
 
@@ -309,14 +311,14 @@ def _fast_decode(img: Image.Image, data: bytes) -> tuple[np.ndarray, np.ndarray 
     return color, (np.ascontiguousarray(alpha) if alpha.min() < 255 else None)
 
 
-def _png_chunks(data: bytes, lengths: bool = False):
-    """The kinds of a PNG's chunks (with `lengths`: (kind, length)), in order, up to IEND or where the chunk
-    structure runs off the end."""
+def _png_chunks(data: bytes, positions: bool = False):
+    """The kinds of a PNG's chunks (with `positions`: (kind, where its data starts, its length)), in order, up to
+    IEND or where the chunk structure runs off the end."""
     position, end = 8, len(data)
     while position + 8 <= end:
         kind = data[position + 4 : position + 8]
         length = int.from_bytes(data[position : position + 4], "big")
-        yield (kind, length) if lengths else kind
+        yield (kind, position + 8, length) if positions else kind
         if kind == b"IEND":
             return
         position += 12 + length

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the service drives the pipeline without loading the model l
     from engines.remover import RemovalEngine
     from engines.scorer import ScoringEngine
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # where a replica's log lines go (formatted, with the request id)
 
 @dataclass(frozen=True)
 class CropSettings:

@@ -246,7 +246,10 @@ class AccessPolicy:
         return self.check(headers, scope)
 
     async def check_grpc(self, scope: str | None, metadata: Iterable[tuple[str, str]]) -> StoredKey | None:
-        return await self.check_async({name.lower(): value for name, value in metadata or ()}, scope)
+        headers: dict[str, str] = {}
+        for name, value in metadata or ():
+            headers.setdefault(name.lower(), value)  # the first of repeated entries, as HTTP headers are read
+        return await self.check_async(headers, scope)
 
 
 _policy = AccessPolicy(None)

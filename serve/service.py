@@ -268,11 +268,16 @@ class RemovalService:
     async def _decode(self, prepare, *uploads):
         """The decode limits bound its cost; the deadline is the backstop for a cost they miss. The client
         gets its answer then, though the thread runs on to the end of its (bounded) work, holding its slot.
-        The deadline counts from the start of the decode, not from the wait for a slot."""
+        The deadline counts from when a thread starts the decode, not from the wait for a slot or a thread."""
         deadline_s = self.settings.imaging.decode_timeout_s
         job = await self.cpu.start(prepare, *uploads)
         try:
-            return await asyncio.wait_for(job, timeout=deadline_s)
+            await job.started.wait()
+        except asyncio.CancelledError:
+            job.result.cancel()  # not started yet: off the queue, its slot free
+            raise
+        try:
+            return await asyncio.wait_for(job.result, timeout=deadline_s)
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
         except asyncio.TimeoutError as exc:

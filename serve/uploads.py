@@ -20,6 +20,7 @@ import json.decoder
 import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -52,6 +53,15 @@ _DECODER = json.JSONDecoder()
 Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) off the event loop
 
 
+@dataclass(frozen=True)
+class Job:
+    """A job submitted to an Offload: `started` once a thread runs it; `result` its outcome (cancelling it
+    before it starts takes it off the queue)."""
+
+    started: asyncio.Event
+    result: asyncio.Future
+
+
 class Offload:
     """A few worker threads of one ingress replica for CPU work that must not run on its event loop:
     parsing request bodies, encoding large JSON replies; decoding, pasting and encoding images (a second
@@ -70,18 +80,24 @@ class Offload:
         self._slots: asyncio.Semaphore | None = None
 
     async def run(self, fn: Callable[..., Any], /, *args: Any) -> Any:
-        return await (await self.start(fn, *args))
+        return await (await self.start(fn, *args)).result
 
-    async def start(self, fn: Callable[..., Any], /, *args: Any) -> asyncio.Future:
-        """Wait for a slot and start the job; await the returned future for its result. Waiting for the slot
-        is apart, so a deadline on the job itself does not count the time spent behind other jobs."""
+    async def start(self, fn: Callable[..., Any], /, *args: Any) -> Job:
+        """Wait for a slot and submit the job. Its `started` is set once a thread runs it (a job may wait for a
+        thread when the slots outnumber the threads), so a deadline can count the job's own time alone."""
         if self._pool is None:
             self._pool = worker_pool(self.workers, self.name, self.nice)
             self._slots = asyncio.Semaphore(self.limit)
         await self._slots.acquire()
         loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def call():
+            loop.call_soon_threadsafe(started.set)
+            return fn(*args)
+
         try:
-            job = self._pool.submit(fn, *args)
+            job = self._pool.submit(call)
         except BaseException:
             self._slots.release()
             raise
@@ -94,7 +110,7 @@ class Offload:
                 pass
 
         job.add_done_callback(free)
-        return asyncio.wrap_future(job)
+        return Job(started, asyncio.wrap_future(job))
 
     def close(self) -> None:
         if self._pool is not None:

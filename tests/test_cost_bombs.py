@@ -161,6 +161,7 @@ BOMBS = {
     "BMP RLE8 of 1-pixel runs (2 MB)": (lambda: rle_bmp(1000, 1000), "RLE BMP"),
     "BMP RLE8 declaring 9 MP in a few bytes": (lambda: rle_bmp(3000, 3000)[:1100], "RLE BMP of 9000000 pixels"),
     "TIFF 16x16 in one 16384x16384 tile": (lambda: tiled_tiff(16, 16, 16384, 16384, data=False), "TIFF tiles"),
+    "TIFF 65535x1 in 32 tiles of 2048x2048 (134 MP)": (lambda: tiled_tiff(65535, 1, 2048, 2048, data=False), "TIFF tiles"),
     "TIFF 65535x1 in 4096 tiles of 16x134217712": (
         lambda: tiled_tiff(65535, 1, 16, 134_217_712, data=False), "TIFF tiles"
     ),
@@ -170,7 +171,7 @@ BOMBS = {
         lambda: flat_png(64, 48)[:-12] + _chunk(b"eXIf", bytes(100_000)) + _chunk(b"IEND", b""), "EXIF"
     ),
     "PNG with 2 MB of text (a hex EXIF profile)": (
-        lambda: flat_png(64, 48, _chunk(b"tEXt", b"Raw profile type exif\x00" + b"0" * 2_000_000)), "PNG text"
+        lambda: flat_png(64, 48, _chunk(b"tEXt", b"Raw profile type exif\x00" + b"0" * 2_000_000)), "EXIF as PNG text"
     ),
 }  # fmt: skip
 
@@ -202,10 +203,14 @@ def test_each_bomb_is_refused_from_its_structure_quickly(name):
         png_with_exif(60_000),
         tiled_tiff(100, 100, 256, 256),
         tiled_tiff(1000, 700, 256, 256),
-        flat_png(64, 48, _chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + b" " * 900_000)),
+        flat_png(64, 48, _chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + b" " * 4_000_000)),
+        tiled_tiff(6000, 200, 512, 512),
+        tiled_tiff(16, 16, 2048, 2048),
+        tiled_tiff(20000, 100, 512, 512),
     ],
     ids=["65535x1", "1000 chunks", "90 scans", "1000 GIF blocks", "TIFF", "small RLE BMP", "60 KB EXIF",
-         "100x100 in a 256 tile", "1000x700 in 256 tiles", "900 KB of XMP"],  # fmt: skip
+         "100x100 in a 256 tile", "1000x700 in 256 tiles", "4 MB of XMP (a bloated Photoshop file)",
+         "6000x200 in GDAL's 512 tiles", "16x16 in one 2048 tile", "20000x100 in 512 tiles"],  # fmt: skip
 )
 def test_just_under_each_limit_decodes(data):
     assert decode_image(data, LIMITS).rgb.size > 0

@@ -233,6 +233,34 @@ def test_a_cancelled_request_holds_its_image_work_slot_until_its_thread_ends():
     assert len(started) == 3 and reply.gate == "off" and reply.buckets == [128, 128]
 
 
+def test_the_decode_deadline_counts_the_decode_not_the_wait_for_a_thread():
+    """Slots (max_in_flight) outnumber the threads: a decode queued behind another must not spend its deadline
+    waiting, or a busy replica answers a valid upload 413 image-too-large."""
+    settings = AppSettings.model_validate(
+        {"imaging": {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate,
+                     "decode_timeout_s": 0.3}}
+    )  # fmt: skip
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    service = RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=FakeModels())
+    service.cpu.workers = 1
+    prepare = service.pipeline.prepare
+    slow = threading.Event()
+
+    def first_slow_then_fast(*args):
+        if not slow.is_set():
+            slow.set()
+            threading.Event().wait(0.25)  # within its own deadline
+        return prepare(*args)
+
+    service.pipeline.prepare = first_slow_then_fast
+
+    async def main():
+        return await asyncio.gather(*(service.remove(_upload(output_format="png")) for _ in range(3)))
+
+    replies = asyncio.run(main())
+    assert [reply.buckets for reply in replies] == [[128, 128]] * 3, "each waited for the thread, then decoded"
+
+
 def _photo_and_objects(count: int):
     """`count` 30 px objects, 200 px apart on a grid of three columns: each its own 128 crop if allowed (two
     together would need a 270 px window, past the 256 bucket)."""
