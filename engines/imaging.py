@@ -13,6 +13,7 @@ call.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -207,10 +208,11 @@ def _too_costly(what: str, found: str, limit: str) -> ImageTooLarge:
 def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
     """Bound what Pillow walks in Python while opening a file, and the work a JPEG's scans cause."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        if _count_at_least(_png_chunks(data), limits.max_chunks + 1):
+        chunks = list(itertools.islice(_png_chunks(data, positions=True), limits.max_chunks + 1))
+        if len(chunks) > limits.max_chunks:
             raise _too_costly(what, f"has over {limits.max_chunks} PNG chunks", f"{limits.max_chunks}")
         exif = exif_text = 0
-        for kind, start, length in _png_chunks(data, positions=True):
+        for kind, start, length in chunks:
             exif += length if kind == b"eXIf" else 0  # wherever it is: Pillow reads one after the pixels too
             if kind in _PNG_TEXT_CHUNKS and data[start : start + 80].split(b"\0", 1)[0] in _PNG_EXIF_TEXT_KEYS:
                 exif_text += length
@@ -219,9 +221,10 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
         if exif_text > 3 * limits.max_exif_bytes:
             raise _too_costly(what, f"has {exif_text} bytes of EXIF as PNG text", f"{3 * limits.max_exif_bytes} bytes")
     elif data.startswith(b"\xff\xd8"):
-        if _count_at_least(_jpeg_header_steps(data), limits.max_chunks + 1):
+        steps = list(itertools.islice(_jpeg_header_steps(data), limits.max_chunks + 1))
+        if len(steps) > limits.max_chunks:
             raise _too_costly(what, f"has over {limits.max_chunks} JPEG segments before its first scan", f"{limits.max_chunks}")
-        if any(at >= 0 and data[at + 1] in _JPEG_ARITHMETIC_MARKERS for at in _jpeg_header_steps(data)):
+        if any(at >= 0 and data[at + 1] in _JPEG_ARITHMETIC_MARKERS for at in steps):
             raise _too_costly(what, "is an arithmetic-coded JPEG", "Huffman-coded JPEGs")
         # in scan data 0xFF is always followed by 0x00 or a restart marker: every FFDA starts a scan
         scans = data.count(b"\xff\xda")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the service drives the pipeline without loading the model l
 
 logger = logging.getLogger("ray.serve")  # where a replica's log lines go (formatted, with the request id)
 
+
 @dataclass(frozen=True)
 class CropSettings:
     """How a mask becomes model crops and how results go back (serve.config.ImagingSettings holds the defaults)."""

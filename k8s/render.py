@@ -227,7 +227,7 @@ def splice_env(text: str, env: dict[str, str]) -> str:
         if not any(name and name[1] == CALLBACK_ENV for name in names):
             continue
         kept = [line for line, name in zip(entries, names) if not (name and name[1] in PROXY_ENV_NAMES)]
-        out += kept + [f'{header[1]}  - {{name: {name}, value: "{value}"}}\n' for name, value in env.items()]
+        out += kept + [f"{header[1]}  - {_env_entry({'name': name, 'value': value})}\n" for name, value in env.items()]
         spliced += 1
         i = end
     if not spliced:

@@ -173,10 +173,9 @@ class ApiKeys:
         return time.monotonic() - self._checked >= self.reload_interval_s
 
     def _current(self) -> list[StoredKey]:
-        now = time.monotonic()
-        if now - self._checked >= self.reload_interval_s:
+        if self.reload_due():
             with self._lock:
-                self._checked = now
+                self._checked = time.monotonic()
                 try:
                     mtime = os.stat(self.path).st_mtime
                 except OSError:

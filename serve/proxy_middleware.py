@@ -20,7 +20,7 @@ and Drain read their settings from that environment too; without them they are n
   of 64 KiB, so a body costs about its size however it is sent. Once a body is in, it leaves this count:
   Ray's proxy holds it until a replica reads it (bounded by the Ingress's max_ongoing_requests per
   replica plus its max_queued_requests per proxy), as before. With API keys on, a request with a body
-  must present a valid key (serve.auth.ApiKeys on the app's keys file, any scope: the app checks the
+  must present a valid key (serve.auth.AccessPolicy on the app's keys file, any scope: the app checks the
   route's) or is answered the app's 401 before any of its body is read: the buffer is for key holders.
   Only routes that take no body may be public (serve.auth.check_routes refuses any other).
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
@@ -81,15 +81,16 @@ def middlewares() -> list:
 
 
 def _proxy_keys():
-    """The app's keys file, as its Ingress reads it; a proxy on a node without the file (the Kubernetes head,
-    which takes no client traffic) refuses every body until it can read it, rather than not starting."""
+    """The app's keys file, as its Ingress reads it; a proxy that cannot read it (a node without the mounted
+    Secret) refuses every body until it can, rather than not starting."""
     path = os.environ.get(KEYS_FILE_ENV)
     if not path:
         return None
     from serve.auth import AccessPolicy, ApiKeys
 
     reload_s = os.environ.get(KEYS_RELOAD_ENV)
-    return AccessPolicy(ApiKeys(path, float(reload_s) if reload_s else 10.0, must_exist=False))
+    reload = {"reload_interval_s": float(reload_s)} if reload_s else {}
+    return AccessPolicy(ApiKeys(path, must_exist=False, **reload))
 
 
 async def _problem(send, problem: Problem) -> None:
