@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -72,6 +73,9 @@ _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
 # Arithmetic coding (SOF9-11, SOF13-15, and its conditioning table DAC): a progressive refinement scan then
 # costs a few bytes to send and a full pass to decode (100 scans of 6320^2: 35 s). Rare in the wild.
 _JPEG_ARITHMETIC_MARKERS = frozenset({0xC9, 0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF})
+# Outside segments, 0xFF 0x00 is a data byte, 0xFF 0xD0-D7 a restart marker and 0xFF 0xFF fill: any other
+# pair is a marker.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
 # Pillow reads EXIF from a PNG text keyed "Raw profile type exif" (or APP1) too, as hex: ~0.4 s per MB. Such
 # texts are bounded like EXIF (hex: two characters a byte, plus line breaks); other text only by Pillow's own
@@ -155,7 +159,7 @@ def _decode(
         raise invalid(f"the {what} is empty")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the {what} is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
-    _check_structure(data, limits, what)  # Pillow's own header parsing of these is Python-paced: before it
+    complete = _check_structure(data, limits, what)  # Pillow's own header parsing of these is Python-paced
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL's notes on corrupt metadata: client-made log noise
@@ -165,7 +169,7 @@ def _decode(
                 source_format = _FORMAT_ALIASES.get(format_name, format_name)
                 _check_declared_size(img.size, limits, what, invalid)  # before any pixel is decoded
                 _check_decoder_cost(img, data, limits, what)
-                planes = _fast_decode(img, data)
+                planes = _fast_decode(img, data, complete)
                 if planes is None:
                     img.load()
                     ImageOps.exif_transpose(img, in_place=True)
@@ -205,8 +209,11 @@ def _too_costly(what: str, found: str, limit: str) -> ImageTooLarge:
     return ImageTooLarge(f"the {what} {found}; the limit is {limit}")
 
 
-def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
-    """Bound what Pillow walks in Python while opening a file, and the work a JPEG's scans cause."""
+def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> bool:
+    """Bound what Pillow walks in Python while opening a file, and the work a JPEG's scans cause.
+
+    Returns whether a PNG or JPEG is complete and plain enough for the fast decoder (_fast_decode): its
+    structure reaches its end marker, and nothing Pillow reads for EXIF follows a PNG's pixels."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         chunks = list(itertools.islice(_png_chunks(data, positions=True), limits.max_chunks + 1))
         if len(chunks) > limits.max_chunks:
@@ -220,17 +227,18 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
             raise _too_costly(what, f"has {exif} bytes of EXIF", f"{limits.max_exif_bytes} bytes")
         if exif_text > 3 * limits.max_exif_bytes:
             raise _too_costly(what, f"has {exif_text} bytes of EXIF as PNG text", f"{3 * limits.max_exif_bytes} bytes")
-    elif data.startswith(b"\xff\xd8"):
+        return _png_is_plain(kind for kind, _, _ in chunks)
+    if data.startswith(b"\xff\xd8"):
         steps = list(itertools.islice(_jpeg_header_steps(data), limits.max_chunks + 1))
         if len(steps) > limits.max_chunks:
             raise _too_costly(what, f"has over {limits.max_chunks} JPEG segments before its first scan", f"{limits.max_chunks}")
         if any(at >= 0 and data[at + 1] in _JPEG_ARITHMETIC_MARKERS for at in steps):
             raise _too_costly(what, "is an arithmetic-coded JPEG", "Huffman-coded JPEGs")
-        # in scan data 0xFF is always followed by 0x00 or a restart marker: every FFDA starts a scan
-        scans = data.count(b"\xff\xda")
+        scans, complete = _jpeg_scans(data, steps[-1], limits.max_chunks) if steps[-1] >= 0 else (0, False)
         if scans > limits.max_jpeg_scans:
             raise _too_costly(what, f"has {scans} JPEG scans", f"{limits.max_jpeg_scans} scans")
-    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        return complete
+    if data[:6] in (b"GIF87a", b"GIF89a"):
         if _count_at_least(_gif_blocks(data), limits.max_chunks + 1):
             raise _too_costly(what, f"has over {limits.max_chunks} GIF blocks before its first frame", f"{limits.max_chunks}")
     elif data[:4] in (b"II*\x00", b"MM\x00*"):
@@ -239,6 +247,7 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> None:
             raise _too_costly(what, f"has a TIFF tag of {longest} values", f"{limits.max_chunks} values")
     elif data[:4] in (b"II+\x00", b"MM\x00+"):  # BigTIFF: for files past 4 GB, far past any upload limit
         raise _too_costly(what, "is a BigTIFF", "classic TIFF (BigTIFF is for files over 4 GB)")
+    return False
 
 
 def _count_at_least(items, count: int) -> bool:
@@ -276,27 +285,25 @@ def _check_tiff_tiles(img: Image.Image, limits: DecodeLimits, what: str) -> None
         )
 
 
-def _fast_decode(img: Image.Image, data: bytes) -> tuple[np.ndarray, np.ndarray | None] | None:
+def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The pixels of an opened plain 8-bit PNG or JPEG, decoded by imagecodecs; None: let Pillow decode it.
 
     Only files both decoders read alike qualify (no palette, tRNS, 16-bit, interlace or animation) and only
-    complete ones: libjpeg-turbo pads a truncated JPEG with gray where Pillow refuses it, so the stream must
-    reach its end-of-image marker. Any imagecodecs error hands the file to Pillow, which then decides.
+    `complete` ones (_check_structure): libjpeg-turbo pads a truncated JPEG with gray where Pillow refuses it.
+    Any imagecodecs error hands the file to Pillow, which then decides.
     """
     channels = _FAST_DECODE.get((img.format, img.mode))
-    if imagecodecs is None or channels is None or "transparency" in img.info:
+    if imagecodecs is None or channels is None or "transparency" in img.info or not complete:
         return None
     if img.format == "PNG":
         # 16-bit samples open in the same modes (rawmode "RGB;16B"...): only 8-bit ones decode to the mode itself
         eight_bit = len(img.tile) == 1 and img.tile[0][3] == img.mode
-        if not eight_bit or img.info.get("interlace") or not _png_is_plain(data):
+        if not eight_bit or img.info.get("interlace"):
             return None
         # PngImageFile.getexif would decode the whole image to look for a late eXIf chunk; there is none
         exif = Image.Image.getexif(img)
         decode = imagecodecs.png_decode
     else:
-        if not _jpeg_reaches_end(data):
-            return None
         exif = img.getexif()
         decode = imagecodecs.jpeg8_decode
     try:
@@ -327,12 +334,11 @@ def _png_chunks(data: bytes, positions: bool = False):
         position += 12 + length
 
 
-def _png_is_plain(data: bytes) -> bool:
-    """Well-formed chunks up to IEND, no animation, nothing after the image data that Pillow reads for EXIF.
-
-    The chunk count is bounded before this runs (_check_structure)."""
+def _png_is_plain(kinds) -> bool:
+    """Chunks (their kinds, in order) well-formed up to IEND, no animation, nothing after the image data that
+    Pillow reads for EXIF."""
     seen_image_data = False
-    for kind in _png_chunks(data):
+    for kind in kinds:
         if kind == b"IEND":
             return True
         if kind == b"acTL":
@@ -389,15 +395,27 @@ def _jpeg_header_steps(data: bytes):
     yield -1
 
 
-def _jpeg_reaches_end(data: bytes) -> bool:
-    """The first picture's scan data runs into an end-of-image marker (it is not cut short).
+def _jpeg_scans(data: bytes, scan: int, most: int) -> tuple[int, bool]:
+    """From the first start-of-scan: the first picture's scans, and whether it reaches its end-of-image marker.
 
-    Walks the marker segments to the first start-of-scan (their count is bounded before this runs), so an
-    EXIF thumbnail's end marker does not count. Inside scan data 0xFF is always followed by 0x00 or a restart
-    marker, so any later FFD9 is a real end (searched from the file's end, where it nearly always is).
-    """
-    *_, scan = _jpeg_header_steps(data)
-    return scan != -1 and data.rfind(b"\xff\xd9", scan) != -1
+    Marker segments between scans (tables, comments) are skipped by their length, as libjpeg reads them, so
+    an FF D9 or FF DA inside one counts for nothing. Scan data is searched in C: in it, 0xFF is followed only
+    by 0x00, fill or a restart marker. After `most` markers, the count of every FF DA stands in (an upper bound)."""
+    scans, position = 0, scan
+    for _ in range(most):
+        marker = data[position + 1]
+        if marker == 0xD9:
+            return scans, True
+        scans += marker == 0xDA
+        if marker in (0x01, 0xD8):  # no length field
+            position += 2
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        found = _JPEG_MARKER.search(data, position)
+        if found is None:
+            return scans, False
+        position = found.start()
+    return data.count(b"\xff\xda"), False
 
 
 def _orient(pixels: np.ndarray, orientation: object) -> np.ndarray:

@@ -699,8 +699,9 @@ def test_fast_decoding_is_used_for_plain_png_and_jpeg(monkeypatch):
         monkeypatch.setattr(imaging.imagecodecs, name, recorded(name))
     decode_image(encoded(Image.fromarray(photo_like())), LIMITS)
     decode_image(encoded(Image.fromarray(photo_like()), "JPEG"), LIMITS)
+    decode_image(encoded(Image.fromarray(photo_like()), "JPEG", progressive=True), LIMITS)
     decode_mask(encoded(Image.new("L", (64, 48))), (48, 64), LIMITS)
-    assert calls == ["png_decode", "jpeg8_decode", "png_decode"]
+    assert calls == ["png_decode", "jpeg8_decode", "jpeg8_decode", "png_decode"]
 
 
 @needs_imagecodecs
@@ -787,6 +788,38 @@ def test_truncated_jpeg_is_refused_even_with_an_end_marker_in_its_header(cut):
     data = encoded(Image.fromarray(photo_like(96, 128)), "JPEG", quality=95, comment=b"\xff\xd9 not the end")
     with pytest.raises(InvalidImage, match="truncated"):
         decode_image(data[: int(len(data) * cut)], LIMITS)
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (2 + len(payload)).to_bytes(2, "big") + payload
+
+
+def _with_comment_before_second_scan(data: bytes, comment: bytes) -> tuple[bytes, int]:
+    """A progressive JPEG with a comment segment inserted between its first two scans; where that scan starts."""
+    first = data.index(b"\xff\xda")
+    second = data.index(b"\xff\xda", first + 2)
+    return data[:second] + _jpeg_segment(0xFE, comment) + data[second:], second + 4 + len(comment)
+
+
+@pytest.mark.parametrize("cut", [0.2, 0.5, 0.9])
+def test_truncated_progressive_jpeg_is_refused_with_an_end_marker_between_its_scans(cut):
+    # a comment between scans may hold FF D9: libjpeg skips it by its length, so must the check for an end
+    data = encoded(Image.fromarray(photo_like(96, 128)), "JPEG", quality=95, progressive=True)
+    data, scan = _with_comment_before_second_scan(data, b"x\xff\xd9 not the end")
+    assert decode_image(data, LIMITS).rgb.shape == (96, 128, 3)
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(data[: scan + int((len(data) - scan) * cut)], LIMITS)
+
+
+def test_start_of_scan_bytes_inside_segments_are_not_counted_as_scans():
+    # a photo's metadata may hold any bytes; only real scans cost a pass over the image
+    pixels = photo_like(96, 128)
+    data = encoded(Image.fromarray(pixels), "JPEG", quality=95, progressive=True)
+    data, _ = _with_comment_before_second_scan(data, b"\xff\xda" * 200)
+    data = data[:2] + _jpeg_segment(0xE1, b"XMP\0" + b"\xff\xda" * 300) + data[2:]
+    assert decode_image(data, LIMITS).rgb.shape == (96, 128, 3)
+    with pytest.raises(ImageTooLarge, match="scans"):
+        decode_image(data, DecodeLimits(max_jpeg_scans=3))
 
 
 @needs_imagecodecs
