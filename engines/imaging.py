@@ -17,6 +17,7 @@ import itertools
 import logging
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -82,6 +83,7 @@ _PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
 # caps (1 MB a decompressed chunk, 64 MB in all: a bloated Photoshop XMP packet is a real file).
 _PNG_EXIF_TEXT_KEYS = frozenset({b"Raw profile type exif", b"Raw profile type APP1"})
 _RLE_PIXELS_PER_BYTE = 8  # an RLE BMP may have 8 pixels per byte of max_rle_bytes: 8 MP at the default, ~1 s
+_ICC_PART_BYTES = 65519  # a JPEG segment's 65535, less its length field and the 14-byte ICC_PROFILE header
 _PNG_FILTER_UP = 32  # libpng's PNG_FILTER_UP: fast, and as small as adaptive filtering on photos at level 1
 
 
@@ -104,6 +106,7 @@ class DecodedImage:
     rgb: np.ndarray
     alpha: np.ndarray | None
     format: str | None
+    icc_profile: bytes | None = None  # an RGB colour profile, given back with the result (rgb_icc_profile)
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,15 @@ class CropPlan:
 
 def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     """Decode client bytes into upright RGB pixels, keeping any meaningful alpha aside."""
-    pixels, alpha, source_format = _decode(data, limits, what="image", invalid=InvalidImage)
+    pixels, alpha, source_format, profile = _decode(data, limits, what="image", invalid=InvalidImage)
     rgb = _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
-    return DecodedImage(rgb=rgb, alpha=alpha, format=source_format)
+    return DecodedImage(rgb=rgb, alpha=alpha, format=source_format, icc_profile=rgb_icc_profile(profile))
+
+
+def rgb_icc_profile(profile: bytes | None) -> bytes | None:
+    """The profile if it describes RGB data: the result is RGB whatever the source was, so a gray or CMYK
+    profile would misdescribe it (the pixels were converted to RGB as if they were sRGB)."""
+    return profile if profile and len(profile) >= 128 and profile[16:20] == b"RGB " else None
 
 
 def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.ndarray:
@@ -129,7 +138,7 @@ def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.
 
     Strokes drawn on a transparent layer are read from alpha; otherwise white (luminance > 127) means remove.
     """
-    pixels, alpha, _ = _decode(data, limits, what="mask", invalid=InvalidMask)
+    pixels, alpha, _, _ = _decode(data, limits, what="mask", invalid=InvalidMask)
     if alpha is not None:
         mask = _above_127(alpha)
     elif pixels.ndim == 2:  # gray: its luminance is the value itself
@@ -153,8 +162,9 @@ def mask_from_alpha(image: DecodedImage) -> np.ndarray:
 
 def _decode(
     data: bytes, limits: DecodeLimits, what: str, invalid: type[InputError]
-) -> tuple[np.ndarray, np.ndarray | None, str | None]:
-    """Upright uint8 pixels, (H, W) for gray sources or (H, W, 3) RGB; the alpha plane or None; the format."""
+) -> tuple[np.ndarray, np.ndarray | None, str | None, bytes | None]:
+    """Upright uint8 pixels, (H, W) for gray sources or (H, W, 3) RGB; the alpha plane or None; the format;
+    the embedded colour profile or None."""
     if len(data) == 0:
         raise invalid(f"the {what} is empty")
     if len(data) > limits.max_bytes:
@@ -167,6 +177,7 @@ def _decode(
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
                 format_name = img.format.lower() if img.format else None
                 source_format = _FORMAT_ALIASES.get(format_name, format_name)
+                profile = img.info.get("icc_profile")
                 _check_declared_size(img.size, limits, what, invalid)  # before any pixel is decoded
                 _check_decoder_cost(img, data, limits, what)
                 planes = _fast_decode(img, data, complete)
@@ -187,7 +198,7 @@ def _decode(
         # Malformed files surface from PIL's plugins as OSError, SyntaxError, ValueError, struct.error,
         # EOFError, IndexError... depending on the format; all of them mean the bytes are bad.
         raise invalid(f"the {what} is corrupt or truncated: {exc}") from exc
-    return (*planes, source_format)
+    return (*planes, source_format, profile)
 
 
 def _check_declared_size(size: tuple[int, int], limits: DecodeLimits, what: str, invalid: type[InputError]) -> None:
@@ -805,10 +816,13 @@ def check_output(fmt: str, height: int, width: int) -> None:
         )
 
 
-def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, quality: int = 95) -> bytes:
+def encode_image(
+    rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, quality: int = 95, icc_profile: bytes | None = None
+) -> bytes:
     """Encode the final image; alpha is kept where the format can store it (png, webp) and dropped for jpeg.
 
     PNG is lossless at zlib level 1 with the Up filter; JPEG is baseline 4:2:0 at `quality`, as Pillow writes it.
+    `icc_profile` (the source's RGB profile) is embedded, so a Display P3 or Adobe RGB photo looks as it did.
     """
     fmt = fmt.lower()
     check_output(fmt, *rgb.shape[:2])
@@ -817,15 +831,40 @@ def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, quality: i
     else:
         pixels = np.ascontiguousarray(rgb, dtype=np.uint8)
     if imagecodecs is not None and fmt == "png":
-        return bytes(imagecodecs.png_encode(pixels, level=1, filter=_PNG_FILTER_UP))
+        return _with_png_profile(bytes(imagecodecs.png_encode(pixels, level=1, filter=_PNG_FILTER_UP)), icc_profile)
     if imagecodecs is not None and fmt == "jpeg":
-        return bytes(imagecodecs.jpeg8_encode(pixels, level=quality, subsampling=(2, 2)))
+        return _with_jpeg_profile(bytes(imagecodecs.jpeg8_encode(pixels, level=quality, subsampling=(2, 2))), icc_profile)
     image = Image.fromarray(pixels)
     buffer = io.BytesIO()
+    profile = {"icc_profile": icc_profile} if icc_profile else {}
     if fmt == "png":
-        image.save(buffer, format="PNG", compress_level=1)
+        image.save(buffer, format="PNG", compress_level=1, **profile)
     elif fmt == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality)
+        image.save(buffer, format="JPEG", quality=quality, **profile)
     else:
-        image.save(buffer, format="WEBP", quality=quality, lossless=False)
+        image.save(buffer, format="WEBP", quality=quality, lossless=False, **profile)
     return buffer.getvalue()
+
+
+def _with_png_profile(png: bytes, profile: bytes | None) -> bytes:
+    """An iCCP chunk right after IHDR, as Pillow writes it (imagecodecs' encoder takes no profile)."""
+    if not profile:
+        return png
+    payload = b"ICC Profile\0\0" + zlib.compress(profile)
+    chunk = len(payload).to_bytes(4, "big") + b"iCCP" + payload + zlib.crc32(b"iCCP" + payload).to_bytes(4, "big")
+    after_header = 8 + 12 + int.from_bytes(png[8:12], "big")
+    return png[:after_header] + chunk + png[after_header:]
+
+
+def _with_jpeg_profile(jpeg: bytes, profile: bytes | None) -> bytes:
+    """APP2 ICC_PROFILE segments (numbered parts of at most 65519 bytes) after the JFIF header, as Pillow
+    writes them; a profile over 255 parts cannot be stored and is left out."""
+    parts = [profile[at : at + _ICC_PART_BYTES] for at in range(0, len(profile), _ICC_PART_BYTES)] if profile else []
+    if not parts or len(parts) > 255:
+        return jpeg
+    segments = b"".join(
+        b"\xff\xe2" + (16 + len(part)).to_bytes(2, "big") + b"ICC_PROFILE\0" + bytes([number, len(parts)]) + part
+        for number, part in enumerate(parts, start=1)
+    )
+    after_header = 2 + (2 + int.from_bytes(jpeg[4:6], "big") if jpeg[2:4] == b"\xff\xe0" else 0)
+    return jpeg[:after_header] + segments + jpeg[after_header:]

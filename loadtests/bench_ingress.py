@@ -198,7 +198,7 @@ def bench_case(width: int, height: int, fmt: str, runs: int, settings: dict) -> 
         laps["plan+crop"], (plan, (crop, _)) = _timed(plan_stage)
         result = 255 - crop  # the model's stand-in: a changed crop of the bucket's size
         laps["paste"], edited = _timed(imaging.paste_back, image.rgb, mask, result, plan, settings["feather"])
-        laps["encode"], body = _timed(imaging.encode_image, edited, image.alpha, fmt, quality)
+        laps["encode"], body = _timed(imaging.encode_image, edited, image.alpha, fmt, quality, image.icc_profile)
         output_bytes = len(body)
 
         floor_laps = {}

@@ -191,7 +191,7 @@ class RemovalService:
         if not prepared.plans:
             body = upload.image
             if image.format != fmt:
-                body = await self.cpu.run(imaging.encode_image, image.rgb, image.alpha, fmt, quality)
+                body = await self.cpu.run(imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile)
                 timings.lap("encode")
             return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
 
@@ -223,7 +223,9 @@ class RemovalService:
             )
 
         timings.restart()
-        body = await self.cpu.run(imaging.encode_image, gated.result.edited, image.alpha, fmt, quality)
+        body = await self.cpu.run(
+            imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile
+        )
         timings.lap("encode")
         reply = RemovalReply(
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,

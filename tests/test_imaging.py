@@ -950,3 +950,44 @@ def test_jpeg_output_decodes_to_pillows_own_encoding(monkeypatch, quality):
     monkeypatch.setattr(imaging, "imagecodecs", None)
     with Image.open(io.BytesIO(encode_image(rgb, None, "jpeg", quality))) as image:
         np.testing.assert_array_equal(pixels, np.asarray(image))
+
+
+def _rgb_profile(size: int = 0) -> bytes:
+    """A real sRGB profile, padded to `size` bytes (the bytes are given back as they came, so padding is fine)."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return profile + b"\0" * max(0, size - len(profile))
+
+
+@pytest.mark.parametrize("use_imagecodecs", [True, False], ids=["imagecodecs", "pillow"])
+@pytest.mark.parametrize("size", [0, 200_000], ids=["small", "over-one-jpeg-segment"])
+@pytest.mark.parametrize("source", ["PNG", "JPEG"])
+@pytest.mark.parametrize("output", ["png", "jpeg", "webp"])
+def test_an_rgb_colour_profile_comes_back_with_the_result(monkeypatch, use_imagecodecs, size, source, output):
+    # a Display P3 or Adobe RGB photo given back untagged would look washed out or shifted in any colour-managed view
+    if not use_imagecodecs:
+        monkeypatch.setattr(imaging, "imagecodecs", None)
+    profile = _rgb_profile(size)
+    pixels = photo_like(40, 56)
+    decoded = decode_image(encoded(Image.fromarray(pixels), source, icc_profile=profile), LIMITS)
+    assert decoded.icc_profile == profile
+    result = encode_image(decoded.rgb, decoded.alpha, output, icc_profile=decoded.icc_profile)
+    with Image.open(io.BytesIO(result)) as reopened:
+        assert reopened.info.get("icc_profile") == profile
+        if output == "png":
+            np.testing.assert_array_equal(np.asarray(reopened), decoded.rgb)
+    assert decode_image(result, LIMITS).icc_profile == profile
+
+
+def test_a_profile_of_another_colour_space_is_not_given_to_the_rgb_result():
+    gray_profile = _rgb_profile()[:16] + b"GRAY" + _rgb_profile()[20:]
+    cmyk_profile = _rgb_profile()[:16] + b"CMYK" + _rgb_profile()[20:]
+    gray = decode_image(encoded(Image.fromarray(photo_like()[..., 0]), "PNG", icc_profile=gray_profile), LIMITS)
+    cmyk = decode_image(encoded(Image.new("CMYK", (64, 48), (0, 80, 160, 0)), "JPEG", icc_profile=cmyk_profile), LIMITS)
+    assert (gray.rgb.ndim, cmyk.rgb.ndim) == (3, 3)
+    assert gray.icc_profile is None and cmyk.icc_profile is None
+    assert decode_image(encoded(Image.fromarray(photo_like())), LIMITS).icc_profile is None
+    for output in ("png", "jpeg"):
+        with Image.open(io.BytesIO(encode_image(photo_like(), None, output))) as untagged:
+            assert "icc_profile" not in untagged.info

@@ -198,6 +198,21 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     assert models.removals == []
 
 
+
+def test_service_gives_the_photos_colour_profile_back_with_the_result():
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo, mask = _photo_and_two_objects()
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "JPEG", quality=95, icc_profile=profile)
+    empty = png_bytes(np.zeros(photo.shape[:2], np.uint8))
+    for mask_bytes, output in ((png_bytes(mask.astype(np.uint8) * 255), "jpeg"), (empty, "png")):
+        upload = RemovalRequest(buffer.getvalue(), mask_bytes, RemoveOptions(output_format=output))
+        reply = asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(upload))
+        with Image.open(io.BytesIO(reply.body)) as result:
+            assert (result.format.lower(), result.info.get("icc_profile")) == (output, profile)
+
 def test_a_cancelled_request_holds_its_image_work_slot_until_its_thread_ends():
     """A client that leaves mid-decode is cancelled: its admission slot and key lease are free again, but its
     decode thread runs on. The next requests wait for it rather than add to it (before, a hang-up loop ran four
