@@ -16,6 +16,7 @@ import math
 import time
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from serve.problems import Problem
 
@@ -42,12 +43,14 @@ class ServiceRate:
         if in_flight_before == 0:
             self._busy_since = self.clock()
 
-    def finished(self, in_flight_after: int) -> None:
-        self.completed += 1
+    def finished(self, in_flight_after: int, counted: bool = True) -> None:
+        """`counted`: the request got a result from the model path; its time in progress counts either way."""
         busy = self._busy_now()
         if in_flight_after == 0:
             self.busy_s, self._busy_since = busy, None
-        self._samples.append((busy, self.completed))
+        if counted:
+            self.completed += 1
+            self._samples.append((busy, self.completed))
 
     def per_second(self) -> float | None:
         if len(self._samples) < 2:
@@ -56,6 +59,11 @@ class ServiceRate:
         if busy1 - busy0 < MIN_BUSY_S:
             return None
         return (done1 - done0) / (busy1 - busy0)
+
+
+@dataclass
+class Place:
+    counted: bool = True
 
 
 class Admission:
@@ -86,14 +94,22 @@ class Admission:
 
     @contextmanager
     def slot(self):
+        """Hold one of the replica's places in progress. The request counts as a result of the service rate only
+        if its body ends normally and does not set `counted` to False: refusals, errors, hang-ups and answers
+        without model work (an empty mask) take no model time, and counting them would make a loaded replica
+        look fast, so admit more than it can serve."""
         self.check()
         self.rate.started(self.in_flight)
         self.in_flight += 1
+        place = Place()
         try:
-            yield
+            yield place
+        except BaseException:
+            place.counted = False
+            raise
         finally:
             self.in_flight -= 1
-            self.rate.finished(self.in_flight)
+            self.rate.finished(self.in_flight, place.counted)
 
     def check_deadline(self, timeout_s: float | None) -> None:
         """Refuse a request (already holding a slot) whose own deadline is shorter than the wait ahead of it."""

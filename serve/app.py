@@ -110,9 +110,10 @@ class Ingress(GrpcMethods):
         accept = request.headers.get("accept", "")
         # taken once the body is in (a slow upload holds no slot), held until the reply is encoded: a large
         # JSON reply is counted in flight while it is built
-        with self.admission.slot():
+        with self.admission.slot() as place:
             self.admission.check_deadline(upload.options.timeout_s)
             reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal))
+            place.counted = reply.bucket is not None
             return await self._removal_response(reply, read_s, accept)
 
     async def _removal_response(self, reply: RemovalReply, read_s: float, accept: str) -> Response:

@@ -282,7 +282,13 @@ class OverloadSettings(_Strict):
         le=0.005,
         description="the ingress's GIL switch interval (CPython's: 5 ms): the loop answers sooner",
     )
-    retry_after_s: int = Field(2, ge=1, le=600, description="the Retry-After of every 429 / 503")
+    retry_after_s: int = Field(
+        2,
+        ge=1,
+        le=600,
+        description="the Retry-After of a 429 past max_in_flight and of a 503 from a full model queue (a 429 past "
+        "max_queue_wait_s says when the wait is back under it; a quota's, when its window resets)",
+    )
     body_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -106,14 +106,15 @@ class GrpcMethods:
     async def Score(self, message: pb.ScoreRequest, grpc_context: RayServegRPCContext) -> pb.ScoreReply:
         return await self._grpc("/score", "score", grpc_context, pb.ScoreReply, self._grpc_score, message)
 
-    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal) -> pb.RemoveReply:
+    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> pb.RemoveReply:
         upload = removal_request(message, self.settings.imaging.max_upload_bytes)
         self.admission.check_deadline(upload.options.timeout_s)
         reply = await self.service.remove(upload, owner=auth.result_owner(principal))
+        place.counted = reply.bucket is not None
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
         return remove_reply(reply, request_id)
 
-    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal) -> pb.ScoreReply:
+    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal, place) -> pb.ScoreReply:
         reply = await self.service.score(score_request(message, self.settings.imaging.max_upload_bytes))
         return score_reply(reply, request_id)
 
@@ -128,8 +129,8 @@ class GrpcMethods:
             quota = await self.quotas.acquire(principal)
             if quota is not None:
                 quota.check()
-            with self.admission.slot():
-                reply = await handler(message, request_id, principal)
+            with self.admission.slot() as place:
+                reply = await handler(message, request_id, principal, place)
             status = "OK"
         except Problem as problem:
             status_problem = problem

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from serve.admission import Admission, ServiceRate
@@ -87,3 +89,26 @@ def test_a_deadline_shorter_than_the_wait_ahead_is_refused():
     by_count_only.in_flight = 4
     by_count_only.check_deadline(0.001)  # admission by time is off: never refused for its deadline
 
+
+
+def test_refusals_errors_and_answers_without_model_work_do_not_make_a_loaded_replica_look_fast():
+    # 1 result per second from the model; between results, instant failures (refused deadlines, bad uploads,
+    # hang-ups) and empty-mask answers: none of them is model throughput, so the expected wait must not fall
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=10.0, clock=clock)
+    busy = [admission.slot() for _ in range(6)]
+    for slot in busy:
+        slot.__enter__()
+    for _ in range(20):
+        clock.now += 1.0
+        busy.pop().__exit__(None, None, None)
+        fresh = admission.slot()
+        fresh.__enter__()
+        busy.append(fresh)
+        for error in (Problem("too-many-requests", "deadline"), ValueError("bad upload"), asyncio.CancelledError()):
+            with pytest.raises(type(error)), admission.slot():
+                raise error
+        with admission.slot() as place:
+            place.counted = False
+    assert admission.rate.per_second() == pytest.approx(1.0)
+    assert admission.expected_wait_s() == pytest.approx(6.0)
