@@ -169,10 +169,25 @@ class RemovalService:
         }
 
     async def remove(self, upload: RemovalRequest, accept: str = "", owner: str | None = None) -> RemovalReply:
-        """`owner`: whose the retained result is (serve.auth.result_owner of the caller's key)."""
-        timings = Timings()
+        """`owner`: whose the retained result is (serve.auth.result_owner of the caller's key).
+
+        The request's deadline (its timeout_s, at most request_timeout_s) covers the wait for an image-work
+        slot, decode, model work and encode; a retained result's save is bounded by its own call timeout."""
         options = upload.options
         retain = self.retention.wanted(options.retain)
+        deadline_s = min(options.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
+        try:
+            reply, retained = await asyncio.wait_for(self._remove(upload, accept), timeout=deadline_s)
+        except asyncio.TimeoutError as exc:
+            raise Problem("timeout", f"no result within {deadline_s:g} s") from exc
+        if retain and retained is not None:
+            reply.result_id = await self.retention.keep(upload.image, *retained, owner)
+        return reply
+
+    async def _remove(self, upload: RemovalRequest, accept: str) -> tuple[RemovalReply, tuple | None]:
+        """The reply, and what a retained result is kept with (None: nothing was removed)."""
+        timings = Timings()
+        options = upload.options
         gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
         policy = self._gate_policy(gate, options)
         prepared = await self._decode(
@@ -193,15 +208,12 @@ class RemovalService:
             if image.format != fmt:
                 body = await self.cpu.run(imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile)
                 timings.lap("encode")
-            return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
+            return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings), None
 
         seed = options.seed if options.seed is not None else random.getrandbits(63)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))
-        deadline_s = min(options.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
         try:
-            gated = await asyncio.wait_for(self.pipeline(prepared, seed, policy, timings), timeout=deadline_s)
-        except asyncio.TimeoutError as exc:
-            raise Problem("timeout", f"no result within {deadline_s:g} s") from exc
+            gated = await self.pipeline(prepared, seed, policy, timings)
         except ScorerUnavailable as exc:
             self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": "scorer-unavailable"})
             raise Problem(
@@ -231,11 +243,7 @@ class RemovalService:
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,
             gated.verdict, timings,
         )  # fmt: skip
-        if retain:
-            reply.result_id = await self.retention.keep(
-                upload.image, image.format, prepared.mask, reply, policy, options, prepared.dilate, owner
-            )
-        return reply
+        return reply, (image.format, prepared.mask, reply, policy, options, prepared.dilate)
 
     async def score(self, upload: ScoreRequest) -> ScoreReply:
         if not self.has_scorer:

@@ -248,6 +248,40 @@ def test_a_cancelled_request_holds_its_image_work_slot_until_its_thread_ends():
     assert len(started) == 3 and reply.gate == "off" and reply.buckets == [128, 128]
 
 
+
+@pytest.mark.parametrize("slow_step", ["decode", "encode"])
+@pytest.mark.parametrize("deadline", ["timeout_s", "request_timeout_s"])
+def test_the_request_deadline_covers_decode_and_encode_not_only_the_model(monkeypatch, slow_step, deadline):
+    """A client that asked for an answer within timeout_s (or the service's request_timeout_s) gets its 504 then,
+    whichever step is slow, not after the slow step ends."""
+    import engines.imaging as imaging
+
+    overrides = {"request_timeout_s": 0.3} if deadline == "request_timeout_s" else {}
+    settings = AppSettings.model_validate({"imaging": {"buckets": list(CROPS.buckets)}, **overrides})
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    service = RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=FakeModels())
+    slow = threading.Event()
+    if slow_step == "decode":
+        prepare = service.pipeline.prepare
+        service.pipeline.prepare = lambda *args: slow.wait(1.5) or prepare(*args)
+    else:
+        encode = imaging.encode_image
+        monkeypatch.setattr(imaging, "encode_image", lambda *args: slow.wait(1.5) or encode(*args))
+    upload = _upload(output_format="png", **({"timeout_s": 0.3} if deadline == "timeout_s" else {}))
+
+    async def main():
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Problem) as caught:
+            await service.remove(upload)
+        return caught.value, asyncio.get_running_loop().time() - started
+
+    try:
+        problem, took = asyncio.run(main())
+    finally:
+        slow.set()
+    assert problem.problem == "timeout" and "0.3 s" in problem.detail
+    assert took < 1.0
+
 def test_the_decode_deadline_counts_the_decode_not_the_wait_for_a_thread():
     """Slots (max_in_flight) outnumber the threads: a decode queued behind another must not spend its deadline
     waiting, or a busy replica answers a valid upload 413 image-too-large."""
