@@ -10,7 +10,9 @@ cheap reads a reviewer's page calls many times a minute, and they neither count 
   whatever its answer (a refused one does not). `t` is exact: the whole quota is back when it reaches 0.
   The price of a fixed window: up to 2 x q requests can pass across a window's end.
 - Concurrency: a lease per admitted request, given back as its answer starts (or when it ends in any
-  other way). A lease expires after request_timeout_s + body_timeout_s + LEASE_MARGIN_S, so a replica
+  other way). The ingress names the lease before it asks, so a grant it stopped waiting for (a client that
+  hung up, a ledger slower than CALL_TIMEOUT_S) is given back too: the actor runs one caller's calls in
+  order, so that release comes after the grant. A lease expires after request_timeout_s + body_timeout_s + LEASE_MARGIN_S, so a replica
   that dies mid-request cannot keep a key's slot forever.
 
 The state lives in one named Ray actor, `QuotaLedger` (num_cpus=0, detached, restarted when it dies: a
@@ -46,7 +48,7 @@ from starlette.datastructures import MutableHeaders
 
 from serve.problems import Problem
 
-LEDGER_NAME = "rorem-quota-ledger-v1"  # per application: LEDGER_NAME:<app>; bump the version with the actor's API
+LEDGER_NAME = "rorem-quota-ledger-v2"  # per application: LEDGER_NAME:<app>; bump the version with the actor's API
 CALL_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 60.0
 LEASE_MARGIN_S = 60.0
@@ -127,7 +129,9 @@ class QuotaBook:
         self._keys: dict[str, _KeyState] = {}
         self._swept = clock()
 
-    def acquire(self, key: str, limits: Limits, lease_s: float) -> Decision:
+    def acquire(self, key: str, limits: Limits, lease_s: float, lease: str | None = None) -> Decision:
+        """`lease`: the name of the concurrency lease to grant (the ingress's, so it can give back a grant it
+        never saw); a new one if None."""
         now = self.clock()
         self._sweep(now, limits.window_s)
         state = self._keys.setdefault(key, _KeyState(leases={}))
@@ -139,14 +143,14 @@ class QuotaBook:
             refused_by = RATE
         elif limits.concurrent is not None and len(state.leases) >= limits.concurrent:
             refused_by = CONCURRENCY
-        lease = None
+        granted = None
         if refused_by is None:
             if state.window_start is None:
                 state.window_start = now
             state.used += 1
             if limits.concurrent is not None:
-                lease = uuid.uuid4().hex
-                state.leases[lease] = now + lease_s
+                granted = lease or uuid.uuid4().hex
+                state.leases[granted] = now + lease_s
         reset_s = limits.window_s if state.window_start is None else state.window_start + limits.window_s - now
         return Decision(
             key=key,
@@ -155,7 +159,7 @@ class QuotaBook:
             remaining=None if limits.requests is None else max(0, limits.requests - state.used),
             reset_s=reset_s,
             in_flight=len(state.leases),
-            lease=lease,
+            lease=granted,
             refused_by=refused_by,
         )
 
@@ -183,8 +187,8 @@ class QuotaLedger:
     def __init__(self):
         self.book = QuotaBook()
 
-    def acquire(self, key: str, limits: Limits, lease_s: float) -> Decision:
-        return self.book.acquire(key, limits, lease_s)
+    def acquire(self, key: str, limits: Limits, lease_s: float, lease: str | None = None) -> Decision:
+        return self.book.acquire(key, limits, lease_s, lease)
 
     def release(self, key: str, lease: str) -> None:
         self.book.release(key, lease)
@@ -199,6 +203,7 @@ class RayLedger:
     def __init__(self, name: str):
         self.name = name
         self._handle = None
+        self._last_handle = None  # releases go to the actor the acquires went to, even after a failed call
         self._looked_up = -math.inf
 
     def _lookup(self):
@@ -215,7 +220,7 @@ class RayLedger:
         try:
             handle = self._lookup()
             handle.ready.remote().future().result(timeout=timeout_s)
-            self._handle = handle
+            self._handle = self._last_handle = handle
         except Exception as exc:
             self._looked_up = time.monotonic()
             logger.warning("quota ledger %s not available at start (%s): admitting requests unmetered", self.name, exc)
@@ -227,20 +232,20 @@ class RayLedger:
             if now - self._looked_up < RESOLVE_EVERY_S:
                 raise RuntimeError("the quota ledger was not found recently")
             self._looked_up = now
-            self._handle = await asyncio.to_thread(self._lookup)
+            self._handle = self._last_handle = await asyncio.to_thread(self._lookup)
         return self._handle
 
-    async def acquire(self, key: str, limits: Limits, lease_s: float) -> Decision:
+    async def acquire(self, key: str, limits: Limits, lease_s: float, lease: str | None) -> Decision:
         handle = await self.handle()
         try:
-            return await asyncio.wait_for(_awaited(handle.acquire.remote(key, limits, lease_s)), CALL_TIMEOUT_S)
+            return await asyncio.wait_for(_awaited(handle.acquire.remote(key, limits, lease_s, lease)), CALL_TIMEOUT_S)
         except Exception:
             self._handle = None  # look it up again: it may have been replaced
             raise
 
     def release(self, key: str, lease: str) -> None:
-        if self._handle is not None:
-            self._handle.release.remote(key, lease)  # not awaited: the answer is already on its way
+        if self._last_handle is not None:
+            self._last_handle.release.remote(key, lease)  # not awaited: the answer is already on its way
 
 
 async def _awaited(ref):
@@ -276,13 +281,20 @@ class Quotas:
         return Limits(key.requests_per_minute, key.max_concurrent, self.window_s)
 
     async def acquire(self, key) -> Decision | None:
-        """The ledger's decision for a request of `key`; None: not metered (no quota, or the ledger unreachable)."""
+        """The ledger's decision for a request of `key`; None: not metered (no quota, or the ledger unreachable).
+
+        A grant this request stops waiting for (cancelled, timed out) is given back: nobody else would."""
         limits = self.limits(key)
         if limits is None or self.ledger is None:
             return None
+        lease = uuid.uuid4().hex if limits.concurrent is not None else None
         try:
-            return await self.ledger.acquire(key.name, limits, self.lease_s)
-        except Exception as exc:
+            return await self.ledger.acquire(key.name, limits, self.lease_s, lease)
+        except BaseException as exc:
+            if lease is not None:
+                self.release(Decision(key.name, limits, lease=lease))
+            if not isinstance(exc, Exception):
+                raise
             self.on_error()
             now = time.monotonic()
             if now - self._logged >= LOG_EVERY_S:

@@ -4,12 +4,14 @@ FastAPI's test client, and a live Serve (two ingress replicas, API keys on) over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
 import time
 import urllib.parse
 import uuid
+from types import SimpleNamespace
 
 import grpc
 import httpx
@@ -44,15 +46,15 @@ class BookLedger:
     def __init__(self, book: QuotaBook):
         self.book = book
 
-    async def acquire(self, key, limits, lease_s):
-        return self.book.acquire(key, limits, lease_s)
+    async def acquire(self, key, limits, lease_s, lease):
+        return self.book.acquire(key, limits, lease_s, lease)
 
     def release(self, key, lease):
         self.book.release(key, lease)
 
 
 class DeadLedger:
-    async def acquire(self, key, limits, lease_s):
+    async def acquire(self, key, limits, lease_s, lease):
         raise TimeoutError("no answer")
 
     def release(self, key, lease):
@@ -220,6 +222,60 @@ def test_an_unreachable_ledger_fails_open_counted_and_logged_once(caplog):
     assert len(errors) == 3
     assert caplog.text.count("quota ledger unreachable") == 1
 
+
+
+class _OrderedActor:
+    """A Ray actor handle's behaviour: one caller's calls run in the order sent, whether or not the caller still
+    waits for the answer; an acquire takes `delay[0]` seconds."""
+
+    def __init__(self, book: QuotaBook, delay: list[float]):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker = asyncio.get_running_loop().create_task(self._run())
+        self.acquire = SimpleNamespace(remote=lambda *args: self._call(book.acquire, delay, args))
+        self.release = SimpleNamespace(remote=lambda *args: self._call(book.release, [0.0], args))
+
+    def _call(self, method, delay, args):
+        answer = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((method, delay, args, answer))
+        return answer
+
+    async def _run(self):
+        while True:
+            method, delay, args, answer = await self.queue.get()
+            await asyncio.sleep(delay[0])
+            result = method(*args)
+            if not answer.done():
+                answer.set_result(result)
+
+
+def test_a_grant_the_request_stopped_waiting_for_is_given_back(monkeypatch):
+    """A client that hangs up during the ledger call, or a ledger slower than CALL_TIMEOUT_S (admitted unmetered),
+    must not leave a lease held until it expires (240 s by default): the key would be refused meanwhile."""
+    monkeypatch.setattr(quotas, "CALL_TIMEOUT_S", 0.1)
+    key = _key(max_concurrent=2)
+
+    async def main():
+        book, delay = QuotaBook(), [0.2]
+        ledger = quotas.RayLedger("test")
+        ledger._handle = ledger._last_handle = _OrderedActor(book, delay)
+        quotas_ = Quotas(ledger, 60.0, 240.0)
+        for _ in range(2):  # two clients hang up while their grant is on its way
+            waiting = asyncio.create_task(quotas_.acquire(key))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        delay[0] = 0.0
+        held = await quotas_.acquire(key)
+        assert held.allowed and held.in_flight == 1, "the hung-up requests' grants are still held"
+        delay[0] = 0.3
+        assert await quotas_.acquire(key) is None  # timed out: admitted unmetered, its late grant given back
+        quotas_.release(held)  # the ledger was unreachable a moment ago: this release must still reach it
+        await asyncio.sleep(0.5)
+        leases = book._keys["app"].leases
+        return leases
+
+    assert asyncio.run(main()) == {}
 
 @pytest.fixture
 def metered_app(tmp_path, monkeypatch):
