@@ -9,6 +9,7 @@ import datetime as dt
 import io
 import json
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
@@ -190,6 +191,34 @@ def test_the_sweeper_never_takes_a_result_whose_save_has_not_returned(tmp_path, 
     finally:
         client.close()
 
+
+
+def test_saves_in_parallel_never_evict_each_others_new_results(tmp_path, clock):
+    """The ResultStore replica takes many saves at once: a save's limits landing after another save's insert
+    must not delete that result, whose id its caller is about to get (they both return, and both are there)."""
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=3, clock=clock
+    )
+    for n in range(2):
+        store.add_feedback(store.save(_new(f"labelled {n}".encode())), "yes")
+    both_inserted = threading.Barrier(2, timeout=10)
+    enforce = store.enforce_limits
+
+    def after_both_inserts(**kwargs):
+        both_inserted.wait()
+        return enforce(**kwargs)
+
+    store.enforce_limits = after_both_inserts
+    saved: list[str] = []
+    savers = [threading.Thread(target=lambda n=n: saved.append(store.save(_new(f"new {n}".encode())))) for n in range(2)]
+    for saver in savers:
+        saver.start()
+    for saver in savers:
+        saver.join(10)
+    assert len(saved) == 2
+    for result_id in saved:
+        assert store.get(result_id).id == result_id
+    assert store.count() == 3, "one labelled result made room for the two new ones"
 
 def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp_path, clock):
     from serve.retention.keeper import LocalStoreClient

@@ -123,6 +123,10 @@ class RetentionStore:
         self.max_age_days = max_age_days
         self.clock = clock
         self._lock = threading.Lock()
+        # Saves run in parallel (a replica takes many calls at once): results whose save has not returned yet are
+        # never evicted, and one enforcement selects and deletes at a time, so two cannot doom each other's picks.
+        self._saving: set[str] = set()
+        self._limits_lock = threading.Lock()
 
     @classmethod
     def open(cls, database_url: str, objects: ObjectStore, **limits_and_clock) -> RetentionStore:
@@ -160,6 +164,7 @@ class RetentionStore:
         written first, so a reader never sees a result whose images are not there yet."""
         result_id = uuid.uuid4().hex
         with self._lock:
+            self._saving.add(result_id)
             keys = [self.objects.put(data) for data in (new.source, new.mask, new.result)]
             row = ResultRow(
                 id=result_id,
@@ -178,9 +183,14 @@ class RetentionStore:
                 with Session(self.engine) as session, session.begin():
                     session.add(row)
             except Exception:
+                self._saving.discard(result_id)
                 self._drop_unreferenced(keys)
                 raise
-        self.enforce_limits(keep=result_id, owner=new.owner)
+        try:
+            self.enforce_limits(keep=result_id, owner=new.owner)
+        finally:
+            with self._lock:
+                self._saving.discard(result_id)
         return result_id
 
     def get(self, result_id: str) -> StoredResult:
@@ -265,10 +275,15 @@ class RetentionStore:
         oldest (unlabelled first); then, beyond max_results, everyone's oldest unlabelled ones first: a flood of
         new results (anyone with the remove scope may retain) never pushes out the human verdicts while an older
         unlabelled result is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes
-        out only its own. `keep` (the result save() just stored, whose id the caller is about to get) is never
-        the one that goes. `ages_only` (the sweeper): only saves add results, so counting is theirs; a sweeper
-        that counted could take a result stored an instant earlier, before its save() had protected it.
-        Returns how many were deleted."""
+        out only its own. `keep` (the result save() just stored, whose id the caller is about to get) and any
+        other result whose save has not returned are never the ones that go. `ages_only` (the sweeper): only
+        saves add results, so counting is theirs. Returns how many were deleted."""
+        with self._limits_lock:
+            return self._enforce_limits(keep, ages_only, owner)
+
+    def _enforce_limits(self, keep: str | None, ages_only: bool, owner: str | None) -> int:
+        with self._lock:
+            saving = list(self._saving | ({keep} if keep is not None else set()))
         with Session(self.engine) as session:
             eligible = []
             doomed = []
@@ -276,8 +291,8 @@ class RetentionStore:
                 cutoff = self.clock() - dt.timedelta(days=self.max_age_days)
                 doomed = list(session.scalars(select(ResultRow.id).where(ResultRow.created_at < cutoff)).all())
                 eligible = [ResultRow.created_at >= cutoff]
-            if keep is not None:
-                eligible.append(ResultRow.id != keep)
+            if saving:
+                eligible.append(ResultRow.id.not_in(saving))
             counted = not ages_only
             if counted and owner is not None and self.max_results_per_owner is not None:
                 owned = session.scalar(
