@@ -220,6 +220,116 @@ def test_resume_repeats_the_uninterrupted_losses(finetune_run, work):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # EMA weights included
 
 
+class _OneProcess:
+    """The part of accelerate's Accelerator that checkpoint.py uses, for one process without a grad scaler."""
+
+    is_main_process, process_index, scaler = True, 0, None
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _write_checkpoint(out):
+    """A checkpoint as the training loop writes it: a stepped AdamW, diffusers' lr schedule and EMA."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from training.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=4)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    lr_scheduler.step()
+    ema = EMAModel(model.parameters())
+    ema.step(model.parameters())
+    state = {"stage": "finetune", "losses": [{"step": 1, "loss": 0.5}]}
+    return save_checkpoint(
+        _OneProcess(), out, 1, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, state=state,
+        extra={"ema": ema.state_dict()},
+    )  # fmt: skip
+
+
+def _fresh_run():
+    from diffusers.optimization import get_scheduler
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, optimizer, get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=4)
+
+
+def _draws():
+    import random
+
+    return random.random(), np.random.standard_normal(3).tolist(), np.random.rand(), torch.rand(3).tolist()
+
+
+def test_resume_restores_the_rng_streams_exactly(tmp_path):
+    """Python, numpy (with its cached gaussian) and torch continue from a checkpoint as they did after it was written."""
+    from training.checkpoint import find_checkpoint, load_checkpoint
+
+    np.random.standard_normal()  # leaves half of a gaussian pair cached in numpy's state
+    path = _write_checkpoint(tmp_path)
+    expected = _draws()
+    _draws()
+    model, optimizer, lr_scheduler = _fresh_run()
+    state, extra = load_checkpoint(
+        _OneProcess(), find_checkpoint(tmp_path, str(path)), model=model, optimizer=optimizer, lr_scheduler=lr_scheduler
+    )
+    assert _draws() == expected
+    assert state["step"] == 1 and extra["ema"]["optimization_step"] == 1
+    assert lr_scheduler.last_epoch == 1 and optimizer.state_dict()["state"][0]["step"].item() == 1
+
+
+class _RunsCode:
+    """Unpickling this opens (creates) the marker file: a stand-in for any code a crafted pickle runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "lr_scheduler.pt", "extra.pt", "rng-0.pt"])
+def test_resume_refuses_a_checkpoint_file_that_would_run_code(tmp_path, name):
+    """`--resume PATH` takes any folder: its .pt files are not unpickled beyond tensors and plain values."""
+    from training.checkpoint import find_checkpoint, load_checkpoint
+    from training.common import TrainingError
+
+    path = _write_checkpoint(tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    torch.save(_RunsCode(marker), path / name)
+    model, optimizer, lr_scheduler = _fresh_run()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingError, match=rf"{name} holds more than tensors and plain values and is not loaded"):
+        load_checkpoint(
+            _OneProcess(), find_checkpoint(tmp_path, str(path)), model=model, optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+        )  # fmt: skip
+    assert not marker.exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was restored
+
+
+def test_resume_refuses_an_rng_file_of_the_older_format(tmp_path):
+    """Older checkpoints kept numpy's RNG state as a numpy array, which only full unpickling reads."""
+    import random
+
+    from training.checkpoint import load_checkpoint
+    from training.common import TrainingError
+
+    path = _write_checkpoint(tmp_path)
+    older = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(older, path / "rng-0.pt")
+    model, optimizer, lr_scheduler = _fresh_run()
+    with pytest.raises(TrainingError, match="rng-0.pt holds more .* start the run again without --resume"):
+        load_checkpoint(_OneProcess(), path, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+
 # ---------------------------------------------------------------- distill
 
 

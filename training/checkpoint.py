@@ -5,17 +5,22 @@
     optimizer.pt            AdamW state
     lr_scheduler.pt         learning-rate schedule state
     extra.pt                EMA weights, the fp16 grad scaler, when used
-    rng-<process>.pt        python / numpy / torch (and CUDA) RNG states of each process
+    rng-<process>.pt        python / numpy / torch (and CUDA) RNG states of each process, as tensors and plain values
     state.json              step, stage, settings, the losses so far (the summary continues from them)
 
 The data order and each step's noise come from `step_generator(seed, step, ...)`, so together with
 the tensors above a resumed run computes the same next loss as an uninterrupted one. A checkpoint
 is written into a staging folder and renamed, so a folder named step-* is always complete.
+
+`--resume PATH` takes any folder, so every .pt file is read with torch.load(weights_only=True): only
+tensors and plain values are built, and a file holding anything else (a pickle that would run code, or
+an rng-*.pt of the older format with numpy's state as a numpy array) is refused with a TrainingError.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -49,7 +54,16 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """numpy's state goes in as plain values: torch.load(weights_only=True) refuses numpy arrays."""
+    bit_generator, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = {
+        "bit_generator": str(bit_generator),
+        "keys": keys.tolist(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -57,7 +71,16 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["bit_generator"],
+            np.asarray(numpy_state["keys"], dtype=np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -126,16 +149,33 @@ def save_checkpoint(
     return final
 
 
+def load_tensors_and_values(path: Path) -> Any:
+    """torch.load for files that may come from anyone: unpickling more than tensors and plain values can run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainingError(
+            f"{path} holds more than tensors and plain values and is not loaded: unpickling it could run any code. "
+            "(An rng-*.pt written before RNG states were saved as plain values holds numpy's state as a numpy array: "
+            "that checkpoint cannot be resumed; start the run again without --resume.)"
+        ) from None
+
+
 def load_checkpoint(accelerator, path: Path, *, model: nn.Module, optimizer, lr_scheduler) -> tuple[dict, dict]:
-    """Restore into prepared model / optimizer; returns (state.json contents, extra.pt contents)."""
-    load_trainable_state(accelerator.unwrap_model(model), load_file(str(path / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
-    extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+    """Restore into prepared model / optimizer; returns (state.json contents, extra.pt contents).
+    Every file is read before anything is restored, so a refused checkpoint leaves the run untouched."""
+    trainable = load_file(str(path / "trainable.safetensors"))
+    optimizer_state = load_tensors_and_values(path / "optimizer.pt")
+    lr_scheduler_state = load_tensors_and_values(path / "lr_scheduler.pt")
+    extra = load_tensors_and_values(path / "extra.pt")
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    rng = load_tensors_and_values(rng_file) if rng_file.is_file() else None
+    state = json.loads((path / "state.json").read_text())
+    load_trainable_state(accelerator.unwrap_model(model), trainable)
+    optimizer.load_state_dict(optimizer_state)
+    lr_scheduler.load_state_dict(lr_scheduler_state)
     if accelerator.scaler is not None and "grad_scaler" in extra:
         accelerator.scaler.load_state_dict(extra["grad_scaler"])
-    rng_file = path / f"rng-{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    state = json.loads((path / "state.json").read_text())
+    if rng is not None:
+        set_rng_state(rng)
     return state, extra
