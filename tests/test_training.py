@@ -495,6 +495,29 @@ def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
     assert np.isfinite(score) and score >= 0
 
 
+def test_bundle_provenance_hashes_the_discriminator_head_that_is_loaded(tiny_layout, tmp_path):
+    """The import prefers cls_pred_branch.safetensors to the authors' .pt: provenance hashes the file it loaded."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from engines.bundle import Bundle
+    from training.assemble import LORA_FILENAME, BundleStageSettings, assemble
+
+    disc = tmp_path / "discriminator"
+    shutil.copytree(tiny_layout.discriminator, disc)  # the LoRA and the authors' cls_pred_branch.pt
+    save_file(torch.load(disc / "cls_pred_branch.pt", weights_only=True), disc / "cls_pred_branch.safetensors")
+    settings = BundleStageSettings(
+        out=tmp_path / "bundle", base=tiny_layout.base, unet=tiny_layout.unet, discriminator=str(disc), dtype="float32"
+    )
+    bundle = Bundle.load(assemble(settings)["outputs"]["bundle"], verify=True)
+    assert bundle.manifest.provenance["discriminator"]["head"] == "cls_pred_branch.safetensors"
+    assert bundle.manifest.provenance["inputs_sha256"]["discriminator"] == {
+        name: hashlib.sha256((disc / name).read_bytes()).hexdigest()
+        for name in (LORA_FILENAME, "cls_pred_branch.safetensors")
+    }
+
+
 @pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_annotate_keeps_only_results_at_or_above_the_threshold(trained_bundle, data, work):
     from training.annotate import AnnotateSettings, annotate

@@ -39,7 +39,7 @@ class BundleStageSettings(StageSettings):
 def assemble(settings: BundleStageSettings) -> dict:
     from engines.authors_layout import AuthorsLayout, import_authors_layout
     from engines.bundle import SamplingDefaults, sha256_of
-    from engines.scorer import HEAD_FILENAME
+    from engines.scorer import find_head_file
 
     summary = RunSummary("bundle", settings)
     base = resolve_base(settings.base, settings.cache_dir)
@@ -53,9 +53,9 @@ def assemble(settings: BundleStageSettings) -> dict:
     disc = None
     if settings.discriminator:
         disc, training["discriminator"] = resolve_part(settings.discriminator, "discriminator", "discriminator")
-        hashes["discriminator"] = {
-            name: sha256_of(disc / name) for name in (LORA_FILENAME, HEAD_FILENAME) if (disc / name).is_file()
-        }
+        # the head the import loads: find_head_file prefers cls_pred_branch.safetensors to the authors' .pt
+        loaded = [disc / LORA_FILENAME, find_head_file(disc)]
+        hashes["discriminator"] = {file.name: sha256_of(file) for file in loaded if file is not None and file.is_file()}
 
     layout = AuthorsLayout(
         base=str(base),
