@@ -16,6 +16,12 @@ Credentials: `Authorization: Bearer <key>` or `X-API-Key: <key>` (REST), metadat
 or `x-api-key` (gRPC). Missing or unknown key: 401 `unauthorized`; a known key without the route's
 scope: 403 `forbidden`. A key's optional quotas (`requests_per_minute`, `max_concurrent`) are enforced
 by serve/quotas.py.
+
+Without keys, a browser is the risk: any website the user visits can send requests to a service on the
+user's loopback, and, by DNS rebinding (its own name resolving to 127.0.0.1), read the answers. So while
+auth is off, the routes that declare a scope answer only Host names in `auth.allowed_hosts` (loopback names
+by default: 403 `host-not-allowed`), and a request with a body only from the service's own origin (403
+`cross-site-request`). Keyed requests need neither: a key is not sent by the browser on its own.
 """
 
 from __future__ import annotations
@@ -219,17 +225,38 @@ def presented_key(headers) -> str | None:
     return (headers.get("x-api-key") or "").strip() or None
 
 
-class AccessPolicy:
-    """What the ingress enforces: nothing when auth is off; else a key with the declared scope."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
-    def __init__(self, keys: ApiKeys | None):
+
+class AccessPolicy:
+    """What the ingress enforces: a key with the declared scope while auth is on; a Host and an origin that are
+    not another website's while it is off."""
+
+    def __init__(self, keys: ApiKeys | None, allowed_hosts: Iterable[str] | None = None):
         self.keys = keys
+        hosts = allowed_hosts if allowed_hosts is not None or keys is not None else LOOPBACK_HOSTS
+        self.allowed_hosts = None if hosts is None or "*" in hosts else frozenset(h.lower() for h in hosts)
 
     @classmethod
     def from_settings(cls, auth, on_error: Callable[[], None] | None = None) -> AccessPolicy:
         if not auth.enabled:
-            return cls(None)
-        return cls(ApiKeys(auth.keys_file, auth.reload_interval_s, on_error))
+            return cls(None, auth.allowed_hosts)
+        return cls(ApiKeys(auth.keys_file, auth.reload_interval_s, on_error), auth.allowed_hosts)
+
+    def check_browser(self, headers, method: str) -> None:
+        """Refuse what only a browser on another website would send (the module's docstring says why)."""
+        host = headers.get("host") or ""
+        if self.allowed_hosts is not None and _host_name(host) not in self.allowed_hosts:
+            raise Problem(
+                "host-not-allowed",
+                f"the Host {host[:100]!r} is not one this service answers (auth.allowed_hosts: "
+                f"{', '.join(sorted(self.allowed_hosts))})",
+            )
+        if self.keys is None and method not in BODILESS_METHODS:
+            origin = headers.get("origin")
+            cross_site = headers.get("sec-fetch-site") == "cross-site"
+            if cross_site or (origin is not None and _origin_host(origin) != host.strip().lower()):
+                raise Problem("cross-site-request", "a request with a body is taken from this service's own pages only")
 
     def check(self, headers, scope: str | None) -> StoredKey | None:
         """The caller's key (None while auth is off); `headers`: HTTP headers or a dict of gRPC metadata."""
@@ -274,7 +301,22 @@ class _Rule:
         self.scope, self.public = scope, public
 
     async def __call__(self, request: Request) -> None:
-        request.state.principal = None if self.public else await policy().check_async(request.headers, self.scope)
+        if self.public:
+            request.state.principal = None
+            return
+        policy().check_browser(request.headers, request.method)
+        request.state.principal = await policy().check_async(request.headers, self.scope)
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header's value, without its port: "[::1]:8000" -> "[::1]"."""
+    host = host.strip().lower()
+    return host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
+
+
+def _origin_host(origin: str) -> str:
+    """An Origin's host[:port], as a Host header names it: "http://localhost:8000" -> "localhost:8000"."""
+    return origin.strip().lower().partition("://")[2]
 
 
 def requires(scope: str | None) -> Depends:

@@ -248,6 +248,11 @@ class AuthSettings(_Strict):
     quota_window_s: float = Field(
         60.0, gt=0, le=3600, description="the window a key's requests_per_minute counts over (serve/quotas.py)"
     )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="the Host names the keyed routes answer (DNS rebinding); null: loopback names while auth is "
+        "off, any with auth on; \"*\": any",
+    )
 
     @model_validator(mode="after")
     def _enabled_needs_keys(self) -> "AuthSettings":

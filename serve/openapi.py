@@ -162,6 +162,11 @@ class ScoreReply(BaseModel):
 
 COMPONENTS = (Problem, RemoveReply, ScoreReply)
 _REF = "#/components/schemas/{model}"
+# The two ways a key is presented (serve.auth.presented_key): needed by every route but the public ones.
+SECURITY_SCHEMES = {
+    "BearerKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+    "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
 
 
 def _header(name: str) -> dict:
@@ -190,9 +195,11 @@ def problems_of(route: APIRoute, method: str, path: str) -> list[str]:
     slugs = {"internal-error", *ROUTE_PROBLEMS.get(f"{method} {path}", ())}  # a missing row: tests/test_openapi_client.py
     rule = auth.declared_rule(route)
     if rule is None or not rule.public:
-        slugs.add("unauthorized")
+        slugs.update({"unauthorized", "host-not-allowed"})
         if rule is None or rule.scope is not None:
             slugs.add("forbidden")
+        if method not in auth.BODILESS_METHODS:
+            slugs.add("cross-site-request")
     return [slug for slug in STATUS_BY_PROBLEM if slug in slugs]
 
 
@@ -249,11 +256,14 @@ def describe(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
         "description": "your id for this request, echoed in the answer's X-Request-Id and in problems' instance",
         "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
     }
+    components["securitySchemes"] = SECURITY_SCHEMES  # /docs then has an Authorize box for the key
     replies = {("POST", "/score"): ScoreReply}
     for path, route in _api_routes(app):
         for method in route.methods:
             operation = schema["paths"][path][method.lower()]
             operation["operationId"] = route.name  # the handler's name: generated functions remove(), score(), ...
+            rule = auth.declared_rule(route)
+            operation["security"] = [] if rule is not None and rule.public else [{name: []} for name in SECURITY_SCHEMES]
             operation.setdefault("parameters", []).append({"$ref": "#/components/parameters/RequestId"})
             responses = operation["responses"]
             responses.pop("422", None)  # FastAPI's HTTPValidationError: this app answers a Problem instead

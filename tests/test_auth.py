@@ -236,6 +236,28 @@ def test_the_docs_page_loads_a_pinned_swagger_ui_under_subresource_integrity():
         assert f'integrity="{digest}"' in tag and 'crossorigin="anonymous"' in tag
         assert re.fullmatch(r"sha384-[A-Za-z0-9+/]{64}", digest)
     assert 'url: "/api/v1/openapi.json"' in page, "the OpenAPI under the app's route_prefix"
+    headers = docs_page(Request({"type": "http", "root_path": "", "headers": []})).headers
+    assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_docs_page_can_send_a_key_to_every_route_that_needs_one():
+    """Swagger UI shows an Authorize box only for declared security schemes: without them, "Try it out" with
+    keys on is a 401 every time."""
+    from serve.app import api
+    from serve.openapi import SECURITY_SCHEMES
+
+    schema = api.openapi()
+    assert schema["components"]["securitySchemes"] == SECURITY_SCHEMES
+    assert {(s["type"], s.get("scheme"), s.get("name")) for s in SECURITY_SCHEMES.values()} == {
+        ("http", "bearer", None), ("apiKey", None, "X-API-Key")
+    }, "the two ways serve.auth.presented_key reads a key"
+    for route in api_routes(api.router):
+        if not route.include_in_schema:
+            continue
+        for method in route.methods:
+            operation = schema["paths"][route.path][method.lower()]
+            expected = [] if declared_rule(route).public else [{name: []} for name in SECURITY_SCHEMES]
+            assert operation["security"] == expected, (method, route.path)
 
 
 def test_an_app_with_an_undeclared_route_does_not_start():
@@ -265,3 +287,71 @@ def test_a_public_route_that_takes_a_body_does_not_start():
 
     with pytest.raises(RuntimeError, match="/open-upload"):
         check_routes(app)
+
+
+def _browser_app(monkeypatch, auth_settings: dict):
+    from fastapi import FastAPI, Request
+    from fastapi.testclient import TestClient
+
+    from serve import auth
+
+    monkeypatch.setattr(auth, "_policy", AccessPolicy.from_settings(AppSettings.model_validate({"auth": auth_settings}).auth))
+    app = FastAPI()
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem):
+        return exc.response("test")
+
+    @app.get("/results", dependencies=[auth.requires("feedback")])
+    async def results() -> dict:
+        return {"private": True}
+
+    @app.post("/remove", dependencies=[auth.requires("remove")])
+    async def remove() -> dict:
+        return {"removed": True}
+
+    @app.get("/healthz", dependencies=[auth.PUBLIC])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
+def test_without_keys_a_rebound_host_name_gets_nothing_and_probes_still_answer(monkeypatch):
+    # DNS rebinding: attacker.example resolves to 127.0.0.1, so the user's browser reads this loopback service
+    # as attacker.example's own origin; only the Host header tells
+    client = _browser_app(monkeypatch, {})
+    for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000"):
+        assert client.get("/results", headers={"host": host}).json() == {"private": True}
+    for host in ("attacker.example:8000", "127.0.0.1.attacker.example", "localhost.attacker.example:8000"):
+        refused = client.get("/results", headers={"host": host})
+        assert refused.status_code == 403 and refused.json()["type"].endswith("host-not-allowed")
+        assert client.get("/healthz", headers={"host": host}).status_code == 200, "a probe names the pod's IP"
+    opened = _browser_app(monkeypatch, {"allowed_hosts": ["rorem.internal"]})
+    assert opened.get("/results", headers={"host": "rorem.internal:8000"}).status_code == 200
+    assert opened.get("/results", headers={"host": "localhost:8000"}).status_code == 403
+    assert _browser_app(monkeypatch, {"allowed_hosts": ["*"]}).get("/results", headers={"host": "a.b"}).status_code == 200
+
+
+def test_without_keys_another_website_cannot_post_through_the_users_browser(monkeypatch):
+    client = _browser_app(monkeypatch, {})
+    own = {"origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}
+    assert client.post("/remove", headers=own).status_code == 200
+    assert client.post("/remove").status_code == 200, "curl, SDKs and gRPC send no Origin"
+    for other in (
+        {"origin": "http://localhost:3000", "sec-fetch-site": "cross-site"},
+        {"origin": "http://127.0.0.1:3000", "sec-fetch-site": "same-site"},  # another port of the same machine
+        {"origin": "null"},  # a sandboxed frame
+        {"sec-fetch-site": "cross-site"},
+    ):
+        refused = client.post("/remove", headers=other)
+        assert refused.status_code == 403 and refused.json()["type"].endswith("cross-site-request"), other
+    assert client.get("/results", headers={"origin": "http://localhost:3000"}).status_code == 200, "a read"
+
+
+def test_with_keys_any_host_and_origin_may_call_with_a_key(monkeypatch, keys):
+    path, app_key, _ = keys
+    client = _browser_app(monkeypatch, {"enabled": True, "keys_file": str(path)})
+    headers = {"host": "rorem.example.com", "origin": "https://app.example.com", "x-api-key": app_key}
+    assert client.post("/remove", headers=headers).status_code == 200
+    assert client.post("/remove", headers={**headers, "x-api-key": "wrong"}).status_code == 401
