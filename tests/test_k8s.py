@@ -673,6 +673,23 @@ def test_services_and_the_pdb_select_the_serving_workers():
         assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
+
+def test_without_keys_the_dev_service_answers_its_own_names_and_a_port_forward():
+    """Keys off (the dev overlay): the keyed routes answer only the Host names in auth.allowed_hosts (DNS
+    rebinding), which must be the HTTP Service's in-cluster names in the overlay's namespace, and localhost."""
+    from serve.auth import LOOPBACK_HOSTS
+    from serve.config import AppSettings
+
+    objects = built("dev")
+    rayservice = find(objects, "RayService")
+    service, namespace = rayservice["spec"]["serveService"]["metadata"]["name"], rayservice["metadata"]["namespace"]
+    auth = AppSettings.model_validate(render.render_config("cpu")["applications"][0]["args"]).auth
+    assert not auth.enabled
+    names = [f"{service}.{namespace}.svc.cluster.local", f"{service}.{namespace}.svc", f"{service}.{namespace}", service]
+    assert set(auth.allowed_hosts) == {*LOOPBACK_HOSTS, *names}
+    gpu = AppSettings.model_validate(render.render_config("gpu")["applications"][0]["args"]).auth
+    assert gpu.enabled and gpu.allowed_hosts is None, "with keys, any Host (an Ingress, a load balancer)"
+
 def _assert_api_keys_come_from_the_secret(rayservice, spec):
     auth = serve_config(rayservice)["applications"][0]["args"]["auth"]
     (keys,) = [v for v in spec["volumes"] if "secret" in v]
