@@ -21,11 +21,12 @@ from serve.config import AppSettings, RemoverArgs, ScorerArgs, with_live
 from serve.grpc_api import GrpcMethods
 from serve.loop_lag import loop_lag
 from serve.metrics import INGRESS_STAGES, ingress_metrics
+from serve.page_headers import PRIVATE_HEADERS
 from serve.playground import playground_headers, playground_page
 from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.remover_deployment import Remover
 from serve.rest_api import api, docs_page, json_reply_body, request_id_of, root_path, wants_json
-from serve.retention.keeper import PAGE_HEADERS, FeedbackBody, annotation_page, result_document
+from serve.retention.keeper import FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
 from serve.service import RemovalReply, RemovalService
@@ -188,13 +189,13 @@ class Ingress(GrpcMethods):
         request.state.request_id = request_id_of(request)
         body = await read_json(request, FeedbackBody, body_timeout_s=self.settings.overload.body_timeout_s)
         stored = await self.service.retention.feedback(body, auth.visible_owner(request.state.principal))
-        return JSONResponse(result_document(stored, root_path(request)), status_code=201)
+        return JSONResponse(result_document(stored, root_path(request)), status_code=201, headers=PRIVATE_HEADERS)
 
     @api.get("/results/{id}", dependencies=[auth.requires("feedback")])
     async def result(self, request: Request, result_id: str = Path(alias="id")) -> JSONResponse:
         """A retained result: score, gate, parameters, verdicts, and links to its images."""
         stored = await self.service.retention.get(result_id, auth.visible_owner(request.state.principal))
-        return JSONResponse(result_document(stored, root_path(request)))
+        return JSONResponse(result_document(stored, root_path(request)), headers=PRIVATE_HEADERS)
 
     @api.get(
         "/results/{id}/{kind}",
@@ -203,7 +204,7 @@ class Ingress(GrpcMethods):
     )
     async def result_image(self, request: Request, kind: str, result_id: str = Path(alias="id")) -> Response:
         data, media_type = await self.service.retention.image(result_id, kind, auth.visible_owner(request.state.principal))
-        return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
+        return Response(data, media_type=media_type, headers=PRIVATE_HEADERS)
 
     @api.delete("/results/{id}", status_code=204, dependencies=[auth.requires("admin")])
     async def delete_result(self, result_id: str = Path(alias="id")) -> Response:
@@ -230,7 +231,8 @@ class Ingress(GrpcMethods):
     async def annotate(self) -> HTMLResponse:
         """The annotation page: label retained results yes / no, least certain first."""
         self.service.retention.require_enabled()
-        return HTMLResponse(annotation_page(), headers=PAGE_HEADERS)
+        html, headers = annotation_page()
+        return HTMLResponse(html, headers=dict(headers))
 
     @api.get("/annotation/queue", dependencies=[auth.requires("feedback")])
     async def annotation_queue(self, request: Request, limit: int = 20, threshold: float | None = None) -> JSONResponse:
@@ -242,7 +244,8 @@ class Ingress(GrpcMethods):
                 "unlabelled": unlabelled,
                 "threshold": threshold,
                 "items": [result_document(stored, base, threshold) for stored in items],
-            }
+            },
+            headers=PRIVATE_HEADERS,
         )
 
 

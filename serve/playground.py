@@ -1,22 +1,17 @@
 """The playground page (GET /playground; GET / points to it): try a removal by hand in a browser.
 
-The page is self-contained under a strict Content-Security-Policy: its one inline script and one inline
-style are allowed by their SHA-256 hashes, computed here from the file, so an edit to the page can
-neither break nor loosen the policy (no 'unsafe-inline'). Its API calls carry the key typed into its
-key box, so the page itself is public.
+The page is self-contained under a strict, hash-based Content-Security-Policy (serve/page_headers.py). Its
+API calls carry the key typed into its key box, so the page itself is public.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from serve.config import RetentionSettings
-from serve.retention.keeper import PAGE_HEADERS
+from serve.page_headers import strict_page_headers
 
 PLAYGROUND_PAGE = Path(__file__).parent / "static" / "playground.html"
 # the page reads whether (and by default) results are kept from its body; the file says "off"
@@ -24,35 +19,12 @@ _RETENTION_MARK = 'data-retention="off"'
 RetentionMode = Literal["off", "ask", "always"]
 
 
-def _sha256_source(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
-
-
-def _only(tag: str, html: str) -> str:
-    found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
-    if len(found) != 1 or html.count(f"<{tag}") != 1:
-        raise ValueError(f"{PLAYGROUND_PAGE.name} must hold exactly one plain <{tag}> element")
-    return found[0]
-
-
 @lru_cache(maxsize=1)
 def _template() -> tuple[str, dict[str, str]]:
     html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
     if html.count(_RETENTION_MARK) != 1:
         raise ValueError(f"{PLAYGROUND_PAGE.name} must carry {_RETENTION_MARK} once")
-    policy = "; ".join(
-        [
-            "default-src 'none'",
-            f"script-src {_sha256_source(_only('script', html))}",
-            f"style-src {_sha256_source(_only('style', html))}",
-            "img-src blob:",  # the chosen photo, shown before it is sent
-            "connect-src 'self'",  # /remove and /feedback, relative to the page
-            "base-uri 'none'",
-            "form-action 'none'",
-            "frame-ancestors 'none'",
-        ]
-    )
-    return html, {**PAGE_HEADERS, "Content-Security-Policy": policy}
+    return html, strict_page_headers(html, PLAYGROUND_PAGE.name, img_src="blob:")  # the photo, shown before it is sent
 
 
 def retention_mode(settings: RetentionSettings) -> RetentionMode:

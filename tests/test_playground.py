@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from serve.config import RetentionSettings
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
+from serve.retention.keeper import ANNOTATION_PAGE
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, png_bytes
 from tests.helpers import chromium_missing as _chromium_missing
 
@@ -39,9 +40,22 @@ def _hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-def test_the_page_allows_only_its_own_script_and_style_and_names_no_other_origin():
-    policy = _policy(playground_headers())
-    html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
+def _annotation_page_headers() -> dict[str, str]:
+    from serve.retention.keeper import annotation_page
+
+    return annotation_page()[1]
+
+
+@pytest.mark.parametrize(
+    "page, headers",
+    [(PLAYGROUND_PAGE, playground_headers), (ANNOTATION_PAGE, _annotation_page_headers)],
+    ids=["playground", "annotate"],
+)
+def test_the_page_allows_only_its_own_script_and_style_and_names_no_other_origin(page, headers):
+    # both pages read the API key from the browser's storage: no inline script but their own may ever run
+    policy = _policy(headers())
+    html = page.read_text(encoding="utf-8")
+    assert headers()["X-Content-Type-Options"] == "nosniff" and headers()["Cache-Control"] == "no-store"
     assert policy["default-src"] == ["'none'"] and policy["connect-src"] == ["'self'"]
     assert policy["script-src"] == [_hash(_inline("script", html))], "only the page's own script, by its hash"
     assert policy["style-src"] == [_hash(_inline("style", html))]
@@ -52,6 +66,10 @@ def test_the_page_allows_only_its_own_script_and_style_and_names_no_other_origin
         "no CDN, no external request"
     )
     assert not re.search(r"<script[^>]*\bsrc=|<link|@import|url\(", html), "nothing loaded from elsewhere"
+
+
+def test_the_playground_keeps_its_hashed_script_in_every_retention_mode():
+    html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
     modes = {
         "off": RetentionSettings(),
         "ask": RetentionSettings(enabled=True),
@@ -273,3 +291,20 @@ def test_mistakes_and_refusals_are_told_in_words(service, browser):
     status("enter a valid key in the API key box")
     assert page.get_attribute("body", "data-busy") == "no" and page.is_enabled("#remove")
     assert problems == [], problems
+
+
+@needs_chromium
+def test_a_photo_can_be_chosen_with_the_keyboard_alone(service, browser):
+    page, problems = _open_page(browser, service.url + "/playground")
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "file":
+            break
+    assert page.evaluate("document.activeElement.id") == "file", "the photo chooser is in the tab order"
+    assert page.evaluate("getComputedStyle(document.querySelector('#drop')).outlineStyle") == "solid", "and shows it"
+    with page.expect_file_chooser(timeout=5000) as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(files=[{"name": "photo.png", "mimeType": "image/png", "buffer": png_bytes(_big_photo(320, 240))}])
+    page.wait_for_selector("body[data-state=editing]")
+    assert problems == []
+    page.close()

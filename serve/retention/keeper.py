@@ -27,6 +27,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config import RetentionSettings
+from serve.page_headers import strict_page_headers
 from serve.problems import Problem
 from serve.request_ids import serve_request_id
 from serve.retention.objects import ObjectMissing
@@ -45,13 +46,6 @@ ANNOTATION_PAGE = Path(__file__).parent.parent / "static" / "annotate.html"
 REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
 MAX_QUEUE = 200
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
 
 
 class FeedbackBody(BaseModel):
@@ -325,8 +319,10 @@ def result_document(stored: StoredResult, base: str, threshold: float | None = N
 
 
 @lru_cache(maxsize=1)
-def annotation_page() -> str:
-    return ANNOTATION_PAGE.read_text(encoding="utf-8")
+def annotation_page() -> tuple[str, dict[str, str]]:
+    """The page and its response headers (a hash-based CSP: serve/page_headers.py)."""
+    html = ANNOTATION_PAGE.read_text(encoding="utf-8")
+    return html, strict_page_headers(html, ANNOTATION_PAGE.name, img_src="'self' blob:")
 
 
 def mask_png(mask: np.ndarray) -> bytes:

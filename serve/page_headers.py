@@ -1,0 +1,46 @@
+"""The response headers of the service's HTML pages (the playground, the annotation page) and of the answers
+that hold a user's data (retained results, their images, the annotation queue).
+
+Each page is self-contained under a strict Content-Security-Policy: its one inline script and one inline
+style are allowed by their SHA-256 hashes, computed from the file, so an edit to a page can neither break nor
+loosen the policy (no 'unsafe-inline'): one HTML-injection bug could not become script that reads the API
+key the pages keep in the browser's storage.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+
+# A key travels in X-API-Key as often as in Authorization, and a shared cache need not keep apart answers that
+# differ by X-API-Key: answers holding a user's data are never stored; a stored image is never sniffed as HTML.
+PRIVATE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+
+
+def strict_page_headers(html: str, page: str, img_src: str) -> dict[str, str]:
+    """`page`: the file's name, for the error; `img_src`: where the page's images come from."""
+    policy = "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {_sha256_source(_only('script', html, page))}",
+            f"style-src {_sha256_source(_only('style', html, page))}",
+            f"img-src {img_src}",
+            "connect-src 'self'",  # the API, relative to the page
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+    return {**PRIVATE_HEADERS, "Content-Security-Policy": policy}
+
+
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+def _only(tag: str, html: str, page: str) -> str:
+    found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    if len(found) != 1 or html.count(f"<{tag}") != 1:
+        raise ValueError(f"{page} must hold exactly one plain <{tag}> element")
+    return found[0]
