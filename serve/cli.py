@@ -78,7 +78,24 @@ def fit_to_machine(
     if gpus is None:
         gpus = visible_gpus()
     notes += fit_gpus(app.get("deployments", []), gpus)
+    notes += host_names_note(config)
     return notes
+
+
+def host_names_note(config: dict) -> list[str]:
+    """Listening beyond loopback without keys: the keyed routes still answer only loopback Host names (serve.auth,
+    DNS rebinding), which a client on another machine does not send; say so at the start, not as a 403 later."""
+    from serve.auth import LOOPBACK_HOSTS
+
+    host = config.get("http_options", {}).get("host", "127.0.0.1")
+    auth = config["applications"][0].get("args", {}).get("auth") or {}
+    if host in ("127.0.0.1", "localhost", "::1") or auth.get("enabled") or auth.get("allowed_hosts") is not None:
+        return []
+    return [
+        f"listening on {host} without API keys: /remove and the other API routes answer only the Host names "
+        f"{', '.join(LOOPBACK_HOSTS)}; set auth.allowed_hosts in the config to the names clients use "
+        "(or turn keys on: docs/api.md, Access control)"
+    ]
 
 
 def visible_gpus() -> int:

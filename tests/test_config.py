@@ -113,6 +113,15 @@ def test_on_one_gpu_the_remover_and_the_scorer_share_it():
     assert "Ingress" not in str(notes) and "share" in notes[0]
 
 
+
+def test_listening_beyond_loopback_without_keys_says_which_host_names_are_answered():
+    config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=2) == []
+    (note,) = fit_to_machine(config, bundle=None, host="0.0.0.0", port=None, gpus=2)
+    assert "0.0.0.0 without API keys" in note and "auth.allowed_hosts" in note
+    config["applications"][0]["args"]["auth"] = {"allowed_hosts": ["gpu-box.lan"]}
+    assert fit_to_machine(config, bundle=None, host="0.0.0.0", port=None, gpus=2) == []
+
 def test_gpu_requests_that_fit_are_left_as_configured():
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=2) == []
