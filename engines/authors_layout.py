@@ -50,7 +50,7 @@ DRIVE_FOLDERS = {
 class AuthorsLayout:
     base: str  # pipeline folder: VAE, scheduler, text encoders, tokenizers (+ unet/, see below)
     unet: str | None = None  # RORem UNet folder; None: base's unet/ (base is then the RORem pipeline)
-    lcm_lora: str | None = None  # the LoRA file, or a folder holding pytorch_lora_weights.safetensors
+    lcm_lora: str | None = None  # the LoRA file, or a folder holding pytorch_lora_weights.safetensors; the import needs it
     discriminator: str | None = None  # folder: pytorch_lora_weights.safetensors + cls_pred_branch.{safetensors,pt}
     # the SDXL-inpainting UNet (folder, or a pipeline folder with unet/) the discriminator's LoRA
     # applies to; None: base's unet/, which is that UNet only when `unet` is given separately
@@ -255,6 +255,15 @@ def import_authors_layout(
     sampling: SamplingDefaults | None = None,
     provenance: dict | None = None,
 ) -> Bundle:
+    """The bundle samples RORem-4S: 4 LCM steps, which only the LCM LoRA fused into the UNet makes right. The
+    engine has no other sampler, so a layout without the LoRA is refused before anything is read or downloaded."""
+    if not layout.lcm_lora:
+        name, url = DRIVE_FOLDERS["lcm_lora"]
+        raise BundleError(
+            "lcm_lora is not set: the service samples RORem-4S (4 LCM steps), which needs the LCM LoRA fused into "
+            f"the UNet; without it the UNet would be sampled wrongly. Download the folder {name} from {url} and "
+            "point lcm_lora at it"
+        )
     found = locate(layout)
     discriminator, discriminator_info, discriminator_embeds = None, None, None
     if found.discriminator_lora:
@@ -263,7 +272,7 @@ def import_authors_layout(
     unet = UNet2DConditionModel.from_pretrained(found.unet, torch_dtype=torch.float32)
     if unet.config.in_channels != 9:
         raise BundleError(f"{found.unet}: UNet has {unet.config.in_channels} input channels, an inpainting UNet has 9")
-    lora_info = fuse_lora_file(unet, found.lcm_lora).as_dict() if found.lcm_lora else None
+    lora_info = fuse_lora_file(unet, found.lcm_lora).as_dict()
     base = found.base
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32)
     scheduler = LCMScheduler.from_pretrained(base / "scheduler")

@@ -57,7 +57,7 @@ class AuthorsSource(_Strict):
         description="the SDXL-inpainting pipeline (VAE, text encoders, scheduler); or the RORem pipeline itself",
     )
     unet: str | None = Field(None, description="RORem UNet; omitted: base's unet/ (base then names the RORem pipeline)")
-    lcm_lora: str | None = Field(None, description="the LCM LoRA fused at import (4-step sampling)")
+    lcm_lora: str = Field(description="the LCM LoRA fused at import: the service samples 4 LCM steps, right only with it")
     discriminator: str | None = Field(
         None, description="folder: pytorch_lora_weights.safetensors + cls_pred_branch.safetensors or .pt"
     )

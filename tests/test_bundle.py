@@ -90,6 +90,17 @@ def test_hub_reference_offline_gives_a_clear_error(monkeypatch):
 
 
 def test_import_refuses_a_base_folder_that_is_not_a_pipeline(tiny_layout, tmp_path):
-    layout = AuthorsLayout(base=str(tmp_path), unet=tiny_layout.unet)
+    layout = AuthorsLayout(base=str(tmp_path), unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora)
     with pytest.raises(BundleError, match="not an SDXL-inpainting pipeline folder"):
         import_authors_layout(layout, tmp_path / "out")
+
+
+def test_an_import_without_the_lcm_lora_is_refused_before_any_download(tiny_layout, tmp_path, monkeypatch):
+    """The engine samples 4 LCM steps only: without the LoRA that would be the wrong sampler for the UNet."""
+    from engines import authors_layout
+
+    monkeypatch.setattr(authors_layout, "fetch", lambda ref: pytest.fail(f"fetched {ref}"))
+    for base in (tiny_layout.base, "hf:LetsThink/RORem"):
+        with pytest.raises(BundleError, match=r"lcm_lora is not set: .*4 LCM steps.*RORem-LCM from https://drive"):
+            import_authors_layout(AuthorsLayout(base=base, unet=tiny_layout.unet), tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists()

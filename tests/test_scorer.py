@@ -358,7 +358,9 @@ def test_import_refuses_an_incomplete_discriminator_folder(tiny_layout, tmp_path
     folder = tmp_path / "discriminator"
     folder.mkdir()
     shutil.copy(Path(tiny_layout.discriminator) / LORA_FILENAME, folder)
-    layout = AuthorsLayout(base=tiny_layout.base, unet=tiny_layout.unet, discriminator=str(folder))
+    layout = AuthorsLayout(
+        base=tiny_layout.base, unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora, discriminator=str(folder)
+    )
     assert layout.describe()["discriminator"] == str(folder)
     assert "discriminator" not in AuthorsLayout(base="b", unet="u").describe(), "old import cache keys stay valid"
     with pytest.raises(BundleError, match=r"the head not found; looked for \S+cls_pred_branch.safetensors or \S+\.pt"):

@@ -571,6 +571,7 @@ def test_cli_reports_bad_settings_bad_data_and_wrong_parts(tmp_path, capsys, tin
     not_a_finetune = tmp_path / "run"
     not_a_finetune.mkdir()
     (not_a_finetune / "summary.json").write_text(json.dumps({"stage": "distill", "status": "completed"}))
-    args = ["bundle", "--base", tiny_layout.base, "--unet", str(not_a_finetune), "--out", str(tmp_path / "b")]
+    args = ["bundle", "--base", tiny_layout.base, "--unet", str(not_a_finetune), "--lcm-lora", str(not_a_finetune)]
+    args += ["--out", str(tmp_path / "b")]
     assert main(args) == 1
     assert "is a distill run, expected a finetune run" in capsys.readouterr().err

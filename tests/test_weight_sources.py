@@ -134,11 +134,17 @@ def test_a_base_that_lacks_unet_is_refused_when_its_unet_is_needed(tiny_layout, 
 
 
 def test_the_serve_config_takes_unet_from_base_only_when_base_is_named():
+    lora = "/models/authors/RORem-LCM"
     with pytest.raises(ValidationError, match="set unet, or set base to the RORem pipeline"):
-        AuthorsSource()
-    layout = AuthorsSource(base="hf:LetsThink/RORem", discriminator_unet=SDXL_INPAINTING_UNET).layout()
+        AuthorsSource(lcm_lora=lora)
+    layout = AuthorsSource(base="hf:LetsThink/RORem", lcm_lora=lora, discriminator_unet=SDXL_INPAINTING_UNET).layout()
     assert layout.unet is None and layout.discriminator_unet == SDXL_INPAINTING_UNET
-    assert AuthorsSource(unet="/models/RORem/unet").layout().base.startswith("hf:diffusers/")
+    assert AuthorsSource(unet="/models/RORem/unet", lcm_lora=lora).layout().base.startswith("hf:diffusers/")
+
+
+def test_the_serve_config_requires_the_lcm_lora():
+    with pytest.raises(ValidationError, match=r"lcm_lora\n  Field required"):
+        AuthorsSource(base="hf:LetsThink/RORem")
 
 
 def test_describe_keeps_the_cache_keys_of_older_layouts():

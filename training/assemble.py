@@ -26,7 +26,7 @@ LORA_FILENAME = "pytorch_lora_weights.safetensors"
 class BundleStageSettings(StageSettings):
     base: str = Field(description="SDXL-inpainting pipeline folder (VAE, scheduler, text encoders, unet/), or 'tiny'")
     unet: str = Field(description="the fine-tuned UNet folder, or the finetune run folder")
-    lcm_lora: str | None = Field(None, description="LCM LoRA file (or the distill run folder); fused into the UNet")
+    lcm_lora: str = Field(description="LCM LoRA file (or the distill run folder); fused into the UNet (4 LCM steps)")
     discriminator: str | None = Field(None, description="discriminator folder (or the discriminator run folder)")
     name: str = "rorem-4s-trained"
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype in the bundle")
@@ -46,10 +46,8 @@ def assemble(settings: BundleStageSettings) -> dict:
     unet_dir, unet_run = resolve_part(settings.unet, "finetune", "unet")
     training: dict[str, Any] = {"unet": unet_run}
     hashes = {"unet": {f.name: sha256_of(f) for f in sorted(unet_dir.glob("*.safetensors"))}}
-    lora = None
-    if settings.lcm_lora:
-        lora, training["lcm_lora"] = resolve_part(settings.lcm_lora, "distill", "lora", inner=LORA_FILENAME)
-        hashes["lcm_lora"] = sha256_of(lora)
+    lora, training["lcm_lora"] = resolve_part(settings.lcm_lora, "distill", "lora", inner=LORA_FILENAME)
+    hashes["lcm_lora"] = sha256_of(lora)
     disc = None
     if settings.discriminator:
         disc, training["discriminator"] = resolve_part(settings.discriminator, "discriminator", "discriminator")
@@ -60,7 +58,7 @@ def assemble(settings: BundleStageSettings) -> dict:
     layout = AuthorsLayout(
         base=str(base),
         unet=str(unet_dir),
-        lcm_lora=str(lora) if lora else None,
+        lcm_lora=str(lora),
         discriminator=str(disc) if disc else None,
     )
     bundle = import_authors_layout(
