@@ -9,15 +9,19 @@ Where the pieces are (github.com/leeruibin/RORem, README and inference scripts):
   discriminator folder (`pytorch_lora_weights.safetensors` + `cls_pred_branch.pt`, trained on the
   *SDXL-inpainting* UNet) are on Google Drive only (DRIVE_FOLDERS): download them, copy them where
   `lcm_lora` / `discriminator` point. The head may also be `cls_pred_branch.safetensors`.
-Each piece is a local path or `hf:OWNER/NAME[/SUBPATH]` on the Hugging Face hub. Local pieces are
-checked before anything is downloaded, and one error names every missing file and where it was
-looked for. The import fuses the LoRAs, computes the constant prompt embeddings once, and writes a
-bundle; serving then never loads a text encoder.
+Each piece is a local path or `hf:OWNER/NAME[@REVISION][/SUBPATH]` on the Hugging Face hub (the
+revision where huggingface_hub's HfFileSystem puts it). A hub piece without a commit follows a branch
+that can move: it is resolved to the commit the branch is at, with a warning, and the bundle names
+that commit. Local pieces are checked before anything is downloaded, and one error names every
+missing file and where it was looked for. The import fuses the LoRAs, computes the constant prompt
+embeddings once, and writes a bundle; serving then never loads a text encoder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +34,10 @@ from engines.lora import fuse_lora_file
 if TYPE_CHECKING:
     from engines.scorer import Discriminator
 
+logger = logging.getLogger(__name__)
+
 HUB_PREFIX = "hf:"
+COMMIT = re.compile(r"[0-9a-f]{40}")  # how the hub names a commit, and its cache a snapshot folder
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
 PIPELINE_PARTS = ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 # Published on the hub: the RORem pipeline, and the UNet the authors trained the discriminator on.
@@ -50,7 +57,7 @@ DRIVE_FOLDERS = {
 class AuthorsLayout:
     base: str  # pipeline folder: VAE, scheduler, text encoders, tokenizers (+ unet/, see below)
     unet: str | None = None  # RORem UNet folder; None: base's unet/ (base is then the RORem pipeline)
-    lcm_lora: str | None = None  # the LoRA file, or a folder holding pytorch_lora_weights.safetensors; the import needs it
+    lcm_lora: str | None = None  # the import needs it: the LoRA file, or its folder (pytorch_lora_weights.safetensors)
     discriminator: str | None = None  # folder: pytorch_lora_weights.safetensors + cls_pred_branch.{safetensors,pt}
     # the SDXL-inpainting UNet (folder, or a pipeline folder with unet/) the discriminator's LoRA
     # applies to; None: base's unet/, which is that UNet only when `unet` is given separately
@@ -78,25 +85,90 @@ class LocatedLayout:
     discriminator_unet: Path | None
 
 
-def locate(layout: AuthorsLayout) -> LocatedLayout:
-    """Find every piece: the local ones first (nothing is downloaded while one is missing), then
-    the hub ones. Each round raises one BundleError naming every missing file and where it looked."""
+@dataclass(frozen=True)
+class HubRef:
+    """`hf:OWNER/NAME[@REVISION][/SUBPATH]`: a piece on the Hugging Face hub."""
+
+    repo_id: str
+    revision: str | None  # a commit, branch or tag; None: the repository's default branch
+    subpath: str
+
+    @classmethod
+    def parse(cls, ref: str) -> HubRef:
+        owner, _, rest = ref[len(HUB_PREFIX) :].strip("/").partition("/")
+        name_at, _, subpath = rest.partition("/")
+        name, at, revision = name_at.partition("@")
+        if not owner or not name or (at and not revision) or "@" in subpath:
+            raise BundleError(f"{ref}: expected hf:OWNER/NAME[@REVISION][/SUBPATH]")
+        return cls(f"{owner}/{name}", revision or None, subpath)
+
+    @property
+    def pinned(self) -> bool:
+        """Only a commit names fixed weights: a branch or tag can be moved to other ones."""
+        return self.revision is not None and COMMIT.fullmatch(self.revision) is not None
+
+    def at(self, commit: str) -> str:
+        return f"{HUB_PREFIX}{self.repo_id}@{commit}" + (f"/{self.subpath}" if self.subpath else "")
+
+    @property
+    def commits_page(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/commits/main"
+
+
+def _pieces(layout: AuthorsLayout) -> dict[str, str]:
+    return {field.name: ref for field in fields(layout) if (ref := getattr(layout, field.name))}
+
+
+def _check_local_pieces(layout: AuthorsLayout) -> _Finder:
+    """The local pieces, found; raises (one BundleError naming every missing file) before anything is downloaded."""
     if layout.discriminator and not layout.discriminator_unet and not layout.unet:
         raise BundleError(
             "discriminator_unet is not set, and base's unet/ is RORem's (unet is not given): the "
             "discriminator was trained on the SDXL-inpainting UNet; set discriminator_unet to "
             f"{SDXL_INPAINTING_UNET} (or a local copy)"
         )
-    pieces = {
-        field: ref
-        for field in ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet")
-        if (ref := getattr(layout, field))
-    }
-    local = {field: Path(ref).expanduser() for field, ref in pieces.items() if not ref.startswith(HUB_PREFIX)}
-    _Finder(layout, local).raise_if_missing("nothing was downloaded")
-    found = _Finder(layout, {**local, **{f: fetch(r) for f, r in pieces.items() if f not in local}})
+    local = {field: Path(ref).expanduser() for field, ref in _pieces(layout).items() if not ref.startswith(HUB_PREFIX)}
+    finder = _Finder(layout, local)
+    finder.raise_if_missing("nothing was downloaded")
+    return finder
+
+
+def locate(layout: AuthorsLayout) -> LocatedLayout:
+    """Find every piece: the local ones first (nothing is downloaded while one is missing), then
+    the hub ones. Each round raises one BundleError naming every missing file and where it looked."""
+    local = _check_local_pieces(layout).paths
+    found = _Finder(layout, {**local, **{f: fetch(r) for f, r in _pieces(layout).items() if f not in local}})
     found.raise_if_missing("")
     return found.located()
+
+
+def pin(layout: AuthorsLayout) -> AuthorsLayout:
+    """The layout with each hub piece at the commit it is at now, so that the import, its cache key and the
+    bundle's provenance name the weights read. Downloads what is not pinned (after the local pieces are found)."""
+    local = _check_local_pieces(layout).paths
+    return replace(layout, **{field: _pin(ref) for field, ref in _pieces(layout).items() if field not in local})
+
+
+def _pin(ref: str) -> str:
+    hub = HubRef.parse(ref)
+    if hub.pinned:
+        return ref
+    commit = _snapshot(hub).name
+    logger.warning(
+        "%s is not pinned to a commit: it follows %s, now at %s; write %s to keep importing these weights",
+        ref, hub.revision or "the default branch", commit, hub.at(commit),
+    )  # fmt: skip
+    return hub.at(commit)
+
+
+def refuse_unpinned(layout: AuthorsLayout) -> None:
+    """For imports that must be reproducible (the Kubernetes Job): every hub piece names a commit."""
+    hubs = {field: HubRef.parse(ref) for field, ref in _pieces(layout).items() if ref.startswith(HUB_PREFIX)}
+    unpinned = [f"{field} ({getattr(layout, field)}): pick it on {hub.commits_page}" for field, hub in hubs.items()
+                if not hub.pinned]  # fmt: skip
+    if unpinned:
+        head = "each hub piece must name the commit to import: hf:OWNER/NAME@COMMIT[/SUBPATH], the 40-character hash"
+        raise BundleError("\n  - ".join([head, *unpinned]))
 
 
 class _Finder:
@@ -189,33 +261,40 @@ def _nested_copies(path: Path, depth: int = 3) -> list[Path]:
 
 
 def fetch(ref: str) -> Path:
-    """A local path as is; `hf:repo/subpath` from the hub (or its local cache), with a clear error offline."""
+    """A local path as is; `hf:OWNER/NAME[@REVISION][/SUBPATH]` from the hub (or its local cache), with a clear
+    error offline."""
     if not ref.startswith(HUB_PREFIX):
         path = Path(ref).expanduser()
         if not path.exists():
             raise BundleError(f"{ref} does not exist")
         return path
-    parts = ref[len(HUB_PREFIX) :].strip("/").split("/")
-    if len(parts) < 2:
-        raise BundleError(f"{ref}: expected hf:OWNER/NAME[/SUBPATH]")
-    repo_id, subpath = "/".join(parts[:2]), "/".join(parts[2:])
+    hub = HubRef.parse(ref)
+    path = _snapshot(hub) / hub.subpath
+    if not path.exists():
+        raise BundleError(f"{ref}: {hub.subpath} not found in {hub.repo_id}")
+    return path
+
+
+def _snapshot(hub: HubRef) -> Path:
+    """The snapshot folder of hub's revision (its name is the commit), downloading only hub.subpath."""
     patterns = None
-    if subpath:
-        patterns = [subpath] if subpath.endswith((".safetensors", ".pt")) else [f"{subpath}/*"]
+    if hub.subpath:
+        patterns = [hub.subpath] if hub.subpath.endswith((".safetensors", ".pt")) else [f"{hub.subpath}/*"]
+    at = f" at {hub.revision}" if hub.revision else ""
     try:
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        root = Path(snapshot_download(hub.repo_id, revision=hub.revision, allow_patterns=patterns))
     except Exception as exc:  # huggingface_hub raises many types for "offline" and "not found"
+        option = f" --revision {hub.revision}" if hub.revision else ""
         raise BundleError(
-            f"cannot fetch {repo_id} from the Hugging Face hub and it is not in the local cache "
+            f"cannot fetch {hub.repo_id}{at} from the Hugging Face hub and it is not in the local cache "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Download it on a connected machine "
-            f"(`huggingface-cli download {repo_id}`) or point the bundle at a local folder."
+            f"(`huggingface-cli download {hub.repo_id}{option}`) or point the bundle at a local folder."
         ) from exc
-    path = root / subpath if subpath else root
-    if not path.exists():
-        raise BundleError(f"{ref}: {subpath} not found in {repo_id}")
-    return path
+    if not COMMIT.fullmatch(root.name) or (hub.pinned and root.name != hub.revision):
+        raise BundleError(f"{hub.repo_id}{at}: the hub's cache gave {root}, not the snapshot folder of a commit")
+    return root
 
 
 @torch.no_grad()
@@ -254,9 +333,13 @@ def import_authors_layout(
     name: str = "rorem-4s",
     sampling: SamplingDefaults | None = None,
     provenance: dict | None = None,
+    require_pinned: bool = False,
 ) -> Bundle:
     """The bundle samples RORem-4S: 4 LCM steps, which only the LCM LoRA fused into the UNet makes right. The
-    engine has no other sampler, so a layout without the LoRA is refused before anything is read or downloaded."""
+    engine has no other sampler, so a layout without the LoRA is refused before anything is read or downloaded.
+    The bundle's provenance names each hub piece at the commit read (require_pinned: every one must name it)."""
+    if require_pinned:
+        refuse_unpinned(layout)
     if not layout.lcm_lora:
         name, url = DRIVE_FOLDERS["lcm_lora"]
         raise BundleError(
@@ -264,6 +347,7 @@ def import_authors_layout(
             f"the UNet; without it the UNet would be sampled wrongly. Download the folder {name} from {url} and "
             "point lcm_lora at it"
         )
+    layout = pin(layout)
     found = locate(layout)
     discriminator, discriminator_info, discriminator_embeds = None, None, None
     if found.discriminator_lora:

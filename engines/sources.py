@@ -9,7 +9,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from engines.authors_layout import AuthorsLayout, import_authors_layout
+from engines.authors_layout import AuthorsLayout, import_authors_layout, pin
 from engines.bundle import MANIFEST, Bundle, DTypeName
 
 
@@ -31,6 +31,7 @@ def open_bundle(
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     if authors:
+        authors = pin(authors)  # the key names the commit of each hub piece: a moved branch is imported again
         key = hashlib.sha256(json.dumps([authors.describe(), prompt, import_dtype]).encode()).hexdigest()[:16]
         target = cache / f"imported-{key}"
         with FileLock(str(target) + ".lock"):

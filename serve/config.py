@@ -50,14 +50,17 @@ class _Strict(BaseModel):
 
 
 class AuthorsSource(_Strict):
-    """The published layout; each entry a local path or hf:OWNER/NAME[/SUBPATH]."""
+    """The published layout; each entry a local path or hf:OWNER/NAME[@COMMIT][/SUBPATH] (without a commit: the
+    commit the default branch is at, with a warning)."""
 
     base: str = Field(
         "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
         description="the SDXL-inpainting pipeline (VAE, text encoders, scheduler); or the RORem pipeline itself",
     )
     unet: str | None = Field(None, description="RORem UNet; omitted: base's unet/ (base then names the RORem pipeline)")
-    lcm_lora: str = Field(description="the LCM LoRA fused at import: the service samples 4 LCM steps, right only with it")
+    lcm_lora: str = Field(
+        description="the LCM LoRA fused at import: the service samples 4 LCM steps, right only with it"
+    )
     discriminator: str | None = Field(
         None, description="folder: pytorch_lora_weights.safetensors + cls_pred_branch.safetensors or .pt"
     )

@@ -771,6 +771,9 @@ def test_the_weights_volume_job_and_bundle_path_agree():
             assert {k.arg for k in call.keywords} <= fields
         if target == "import_authors_layout":
             assert {k.arg for k in call.keywords} <= parameters
+            assert any(k.arg == "require_pinned" and k.value.value is True for k in call.keywords), (
+                "the Job imports hub pieces only at a named commit"
+            )
 
 
 def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
@@ -787,12 +790,14 @@ def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
         value = environment[key]
         assert not value or value.startswith(("hf:", volume)), f"{key}: hf:OWNER/NAME[/PATH] or a volume path"
         if value.startswith("hf:"):
-            assert value in on_the_hub, f"{key}={value} is not a hub location known to exist ({on_the_hub})"
+            assert value.count("@") == 1, f"{key}={value}: hf:OWNER/NAME@COMMIT[/PATH], the commit to import"
+            where = re.sub(r"@[^/]*", "", value)
+            assert where in on_the_hub, f"{key}={value} is not a hub location known to exist ({on_the_hub})"
             assert field not in published["DRIVE_FOLDERS"], f"{key}: on Google Drive only, expect it on the volume"
     # what the prod Serve config needs: the 4-step LoRA and the discriminator for its Scorer
     assert environment["ROREM_LCM_LORA"] and environment["ROREM_DISCRIMINATOR"]
     if not environment["ROREM_UNET"]:
-        assert environment["ROREM_BASE"] == published["ROREM_PIPELINE"], "only its unet/ is RORem's"
+        assert environment["ROREM_BASE"].partition("@")[0] == published["ROREM_PIPELINE"], "only its unet/ is RORem's"
         assert environment["ROREM_DISCRIMINATOR_UNET"], "the discriminator needs the SDXL-inpainting UNet"
 
 

@@ -1,12 +1,15 @@
 """Where the published pieces are looked for (engines.authors_layout.locate), on the tiny layout:
 the RORem pipeline as base, Drive pieces as local folders, the head as .pt or .safetensors, and one
-clear error naming every missing file and where it was looked for, before anything is downloaded."""
+clear error naming every missing file and where it was looked for, before anything is downloaded.
+Hub pieces are imported at a commit, on a stand-in for huggingface_hub.snapshot_download."""
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
@@ -16,12 +19,18 @@ from engines.authors_layout import (
     LORA_FILENAME,
     SDXL_INPAINTING_UNET,
     AuthorsLayout,
+    fetch,
     import_authors_layout,
     locate,
+    refuse_unpinned,
 )
 from engines.bundle import DISCRIMINATOR_WEIGHTS, UNET_WEIGHTS, BundleError
 from engines.scorer import HEAD_FILENAME, DiscriminatorError, find_head_file, read_head_file
+from engines.sources import open_bundle
 from serve.config import AuthorsSource
+
+REPO = Path(__file__).resolve().parent.parent
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +160,74 @@ def test_describe_keeps_the_cache_keys_of_older_layouts():
     old = AuthorsLayout(base="b", unet="u", lcm_lora="l", discriminator="d")
     assert old.describe() == {"base": "b", "unet": "u", "lcm_lora": "l", "discriminator": "d"}
     assert AuthorsLayout(base="b", discriminator="d", discriminator_unet="s").describe()["discriminator_unet"] == "s"
+
+
+@pytest.fixture
+def fake_hub(rorem_pipeline, tmp_path, monkeypatch):
+    """snapshot_download over a hub cache holding LetsThink/RORem at two commits, its main branch at the first;
+    as the real cache, it gives the snapshot folder named by the commit."""
+    import huggingface_hub
+
+    snapshots = tmp_path / "hub" / "snapshots"
+    snapshots.mkdir(parents=True)
+    for commit in (COMMIT_A, COMMIT_B):
+        (snapshots / commit).symlink_to(rorem_pipeline / "RORem", target_is_directory=True)
+    hub = SimpleNamespace(branches={"main": COMMIT_A}, calls=[])
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):
+        hub.calls.append((repo_id, revision, allow_patterns))
+        folder = snapshots / hub.branches.get(revision or "main", revision)
+        if repo_id != "LetsThink/RORem" or not folder.exists():
+            raise FileNotFoundError(f"{repo_id} at {revision} is not on this hub")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return hub
+
+
+def test_a_hub_piece_is_fetched_at_the_commit_it_names_and_the_bundle_records_it(fake_hub, rorem_pipeline, tmp_path):
+    assert fetch(f"hf:LetsThink/RORem@{COMMIT_B}/unet") == tmp_path / "hub" / "snapshots" / COMMIT_B / "unet"
+    assert fake_hub.calls == [("LetsThink/RORem", COMMIT_B, ["unet/*"])]
+    layout = AuthorsLayout(base=f"hf:LetsThink/RORem@{COMMIT_B}", lcm_lora=str(rorem_pipeline / "RORem-LCM"))
+    bundle = import_authors_layout(layout, tmp_path / "bundle", dtype="float32", require_pinned=True)
+    assert {revision for _, revision, _ in fake_hub.calls} == {COMMIT_B}, "main was never asked for"
+    assert bundle.manifest.provenance["source"]["base"] == f"hf:LetsThink/RORem@{COMMIT_B}"
+
+
+def test_an_unpinned_hub_piece_is_named_at_its_commit_with_a_warning_and_imported_again_when_main_moves(
+    fake_hub, rorem_pipeline, tmp_path, caplog
+):
+    layout = AuthorsLayout(base="hf:LetsThink/RORem", lcm_lora=str(rorem_pipeline / "RORem-LCM"))
+    first = open_bundle(path=None, authors=layout, cache_dir=tmp_path / "cache", import_dtype="float32")
+    assert first.manifest.provenance["source"]["base"] == f"hf:LetsThink/RORem@{COMMIT_A}"
+    assert "hf:LetsThink/RORem is not pinned to a commit" in caplog.text
+    assert f"write hf:LetsThink/RORem@{COMMIT_A}" in caplog.text
+    again = open_bundle(path=None, authors=layout, cache_dir=tmp_path / "cache", import_dtype="float32")
+    assert again.path == first.path, "the same commit is imported once"
+    fake_hub.branches["main"] = COMMIT_B
+    moved = open_bundle(path=None, authors=layout, cache_dir=tmp_path / "cache", import_dtype="float32")
+    assert moved.path != first.path, "main moved: the cached import of the old commit is not served"
+    assert moved.manifest.provenance["source"]["base"] == f"hf:LetsThink/RORem@{COMMIT_B}"
+
+
+def test_the_job_refuses_the_shipped_placeholders_until_each_names_a_commit(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
+    shipped = yaml.safe_load((REPO / "k8s" / "weights" / "sources.yaml").read_text())["data"]
+
+    def layout(sources: dict) -> AuthorsLayout:  # as the Job builds it (k8s/weights/job-fetch-weights.yaml)
+        fields = ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet")
+        return AuthorsLayout(**{field: sources[f"ROREM_{field.upper()}"] or None for field in fields})
+
+    with pytest.raises(BundleError) as raised:
+        import_authors_layout(layout(shipped), tmp_path / "bundle", require_pinned=True)
+    for repo in ("LetsThink/RORem", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"):
+        assert f"https://huggingface.co/{repo}/commits/main" in str(raised.value), "where to pick the commit"
+    refuse_unpinned(layout({key: value.replace("@COMMIT", f"@{COMMIT_A}") for key, value in shipped.items()}))
+
+
+@pytest.mark.parametrize("ref", ["hf:LetsThink", "hf:LetsThink/RORem@", "hf:LetsThink/RORem/unet@" + COMMIT_A])
+def test_a_malformed_hub_reference_is_refused_with_the_expected_form(ref):
+    with pytest.raises(BundleError, match=r"expected hf:OWNER/NAME\[@REVISION\]\[/SUBPATH\]"):
+        fetch(ref)

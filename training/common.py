@@ -45,7 +45,7 @@ class TrainSettings(StageSettings):
 
     base: str = Field(
         description="SDXL-inpainting pipeline folder (vae/, unet/, scheduler/, text encoders), "
-        "hf:OWNER/NAME, or 'tiny' / 'tiny:SEED' for the tiny architecture (generated in cache_dir)"
+        "hf:OWNER/NAME[@REVISION], or 'tiny' / 'tiny:SEED' for the tiny architecture (generated in cache_dir)"
     )
     data: Path = Field(description="metadata JSON (RORem format)")
     resolution: int = Field(512, description="training side in pixels, a multiple of 64")
