@@ -23,12 +23,12 @@ import logging
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 
-from engines.bundle import Bundle, BundleError, DTypeName, SamplingDefaults
+from engines.bundle import Bundle, BundleError, DTypeName, SamplingDefaults, sha256_of
 from engines.lora import fuse_lora_file
 
 if TYPE_CHECKING:
@@ -161,6 +161,23 @@ def _pin(ref: str) -> str:
     return hub.at(commit)
 
 
+def local_inputs_sha256(layout: AuthorsLayout, sha256: Callable[[Path], str] = sha256_of) -> dict[str, str]:
+    """sha256 of every local file the import reads, by path: with the commits of the hub pieces (in their refs),
+    what the imported bundle depends on besides prompt and dtype."""
+    files = {file for path in _check_local_pieces(layout).reads for file in _files(path)}
+    return {str(file): sha256(file) for file in sorted(files)}
+
+
+def _files(path: Path) -> list[Path]:
+    """The file, or the files in the folder but hidden ones (a download's .cache/ bookkeeping is not read)."""
+    if path.is_file():
+        return [path]
+    return [
+        file for file in path.rglob("*")
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
+    ]  # fmt: skip
+
+
 def refuse_unpinned(layout: AuthorsLayout) -> None:
     """For imports that must be reproducible (the Kubernetes Job): every hub piece names a commit."""
     hubs = {field: HubRef.parse(ref) for field, ref in _pieces(layout).items() if ref.startswith(HUB_PREFIX)}
@@ -177,6 +194,7 @@ class _Finder:
     def __init__(self, layout: AuthorsLayout, paths: dict[str, Path]):
         self.layout, self.paths, self.problems = layout, paths, []
         self.found: dict[str, Path | None] = {}
+        self.reads: list[Path] = []  # the files and folders the import reads
         for field, path in paths.items():
             getattr(self, f"_{field}")(path)
 
@@ -216,6 +234,7 @@ class _Finder:
         if not layout.unet or (layout.discriminator and not layout.discriminator_unet):
             wanted += ("unet",)  # RORem's UNet, or the discriminator's (see AuthorsLayout)
         absent = [path / part for part in wanted if not (path / part).is_dir()]
+        self.reads += [path / part for part in wanted]
         if not path.is_dir():
             self._missing("base", "the pipeline folder", [path])
         elif absent:
@@ -229,6 +248,7 @@ class _Finder:
         if config is None:
             self._missing(field, "a UNet config.json", candidates)
         self.found[field] = config.parent if config else None
+        self.reads += [config.parent] if config else []
 
     def _discriminator_unet(self, path: Path) -> None:
         self._unet(path, "discriminator_unet")
@@ -238,6 +258,7 @@ class _Finder:
         if not file.is_file():
             self._missing("lcm_lora", LORA_FILENAME, [file])
         self.found["lcm_lora"] = file
+        self.reads.append(file)
 
     def _discriminator(self, path: Path) -> None:
         from engines.scorer import HEAD_FILENAMES, find_head_file
@@ -248,6 +269,7 @@ class _Finder:
         if head is None:
             self._missing("discriminator", "the head", [path / name for name in HEAD_FILENAMES])
         self.found["discriminator_lora"], self.found["discriminator_head"] = lora, head
+        self.reads += [lora, head] if head else [lora]
 
 
 def _nested_copies(path: Path, depth: int = 3) -> list[Path]:
@@ -334,10 +356,12 @@ def import_authors_layout(
     sampling: SamplingDefaults | None = None,
     provenance: dict | None = None,
     require_pinned: bool = False,
+    file_sha256: Callable[[Path], str] = sha256_of,
 ) -> Bundle:
     """The bundle samples RORem-4S: 4 LCM steps, which only the LCM LoRA fused into the UNet makes right. The
     engine has no other sampler, so a layout without the LoRA is refused before anything is read or downloaded.
-    The bundle's provenance names each hub piece at the commit read (require_pinned: every one must name it)."""
+    The bundle's provenance names each hub piece at the commit read (require_pinned: every one must name it) and
+    the sha256 of each local file read (file_sha256: how to get it, e.g. remembered by open_bundle)."""
     if require_pinned:
         refuse_unpinned(layout)
     if not layout.lcm_lora:
@@ -349,6 +373,7 @@ def import_authors_layout(
         )
     layout = pin(layout)
     found = locate(layout)
+    inputs_sha256 = local_inputs_sha256(layout, file_sha256)
     discriminator, discriminator_info, discriminator_embeds = None, None, None
     if found.discriminator_lora:
         # first, so the fp32 SDXL-inpainting UNet is freed before the RORem UNet is loaded
@@ -376,6 +401,7 @@ def import_authors_layout(
         sampling=sampling,
         provenance={
             "source": layout.describe(),
+            "inputs_sha256": inputs_sha256,
             "lcm_lora": lora_info,
             **({"discriminator": discriminator_info} if discriminator is not None else {}),
             **(provenance or {}),

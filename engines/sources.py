@@ -9,8 +9,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from engines.authors_layout import AuthorsLayout, import_authors_layout, pin
-from engines.bundle import MANIFEST, Bundle, DTypeName
+from engines.authors_layout import AuthorsLayout, import_authors_layout, local_inputs_sha256, pin
+from engines.bundle import MANIFEST, Bundle, DTypeName, sha256_of
+
+INPUT_HASHES = "input-sha256.json"
 
 
 def open_bundle(
@@ -31,15 +33,50 @@ def open_bundle(
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     if authors:
-        authors = pin(authors)  # the key names the commit of each hub piece: a moved branch is imported again
-        key = hashlib.sha256(json.dumps([authors.describe(), prompt, import_dtype]).encode()).hexdigest()[:16]
-        target = cache / f"imported-{key}"
+        # the key names every input: each hub piece's commit (a moved branch is imported again) and each local
+        # file's sha256 (a file replaced at the same path too)
+        authors = pin(authors)
+        hashes = RememberedSha256(cache / INPUT_HASHES)
+        inputs = local_inputs_sha256(authors, hashes.of)
+        hashes.save()
+        described = json.dumps([authors.describe(), inputs, prompt, import_dtype])
+        target = cache / f"imported-{hashlib.sha256(described.encode()).hexdigest()[:16]}"
         with FileLock(str(target) + ".lock"):
             if (target / MANIFEST).is_file():
                 return Bundle.load(target, verify=verify)
-            return import_authors_layout(authors, target, prompt=prompt, dtype=import_dtype)
+            return import_authors_layout(authors, target, prompt=prompt, dtype=import_dtype, file_sha256=hashes.of)
     from engines.tiny import tiny_bundle
 
     target = cache / f"tiny-{tiny_seed}"
     with FileLock(str(target) + ".lock"):
         return tiny_bundle(target, seed=tiny_seed, prompt=prompt)
+
+
+class RememberedSha256:
+    """sha256 of files, remembered by each file's size, mtime, ctime and inode: the import cache key needs the
+    sha256 of every local input at every start (GBs: seconds to minutes), and a file is read again only once
+    it changed. Any write or replacement changes ctime or the inode, and neither can be set back (mtime can)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.known = self._read()
+
+    def of(self, file: Path) -> str:
+        status = file.stat()
+        signature = [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino]
+        entry = self.known.get(str(file))
+        if entry is None or entry["signature"] != signature:
+            entry = self.known[str(file)] = {"signature": signature, "sha256": sha256_of(file)}
+        return entry["sha256"]
+
+    def save(self) -> None:
+        with FileLock(str(self.path) + ".lock"):
+            staging = self.path.with_name(self.path.name + ".partial")
+            staging.write_text(json.dumps({**self._read(), **self.known}))
+            staging.replace(self.path)
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}

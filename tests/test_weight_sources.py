@@ -3,6 +3,7 @@ the RORem pipeline as base, Drive pieces as local folders, the head as .pt or .s
 clear error naming every missing file and where it was looked for, before anything is downloaded.
 Hub pieces are imported at a commit, on a stand-in for huggingface_hub.snapshot_download."""
 
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 from pydantic import ValidationError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engines import authors_layout
@@ -24,7 +26,7 @@ from engines.authors_layout import (
     locate,
     refuse_unpinned,
 )
-from engines.bundle import DISCRIMINATOR_WEIGHTS, UNET_WEIGHTS, BundleError
+from engines.bundle import DISCRIMINATOR_WEIGHTS, UNET_WEIGHTS, BundleError, sha256_of
 from engines.scorer import HEAD_FILENAME, DiscriminatorError, find_head_file, read_head_file
 from engines.sources import open_bundle
 from serve.config import AuthorsSource
@@ -231,3 +233,34 @@ def test_the_job_refuses_the_shipped_placeholders_until_each_names_a_commit(tmp_
 def test_a_malformed_hub_reference_is_refused_with_the_expected_form(ref):
     with pytest.raises(BundleError, match=r"expected hf:OWNER/NAME\[@REVISION\]\[/SUBPATH\]"):
         fetch(ref)
+
+
+def test_a_local_piece_replaced_at_the_same_path_is_imported_again_and_unchanged_files_are_not_reread(
+    tiny_layout, tmp_path, monkeypatch
+):
+    from engines import sources
+
+    lora = tmp_path / "RORem-LCM" / LORA_FILENAME
+    lora.parent.mkdir()
+    shutil.copy(tiny_layout.lcm_lora, lora)
+    layout = AuthorsLayout(base=tiny_layout.base, unet=tiny_layout.unet, lcm_lora=str(lora.parent))
+    first = open_bundle(path=None, authors=layout, cache_dir=tmp_path / "cache", import_dtype="float32")
+    assert first.manifest.provenance["inputs_sha256"][str(lora)] == sha256_of(lora)
+    assert str(Path(tiny_layout.unet) / "config.json") in first.manifest.provenance["inputs_sha256"]
+
+    before = lora.stat()
+    with safe_open(lora, "pt") as published:
+        metadata = published.metadata()
+    save_file({k: v * 3 for k, v in load_file(lora).items()}, lora, metadata=metadata)  # same size, and mtime:
+    os.utime(lora, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert lora.stat().st_size == before.st_size
+    replaced = open_bundle(path=None, authors=layout, cache_dir=tmp_path / "cache", import_dtype="float32")
+    assert replaced.path != first.path, "the import of the old LoRA is not served"
+    assert replaced.manifest.provenance["inputs_sha256"][str(lora)] == sha256_of(lora)
+    old, new = load_file(first.path / UNET_WEIGHTS), load_file(replaced.path / UNET_WEIGHTS)
+    assert any(not torch.equal(old[k], new[k]) for k in old), "the new LoRA is fused"
+
+    hashed = []
+    monkeypatch.setattr(sources, "sha256_of", lambda file: hashed.append(file) or sha256_of(file))
+    again = open_bundle(path=None, authors=layout, cache_dir=tmp_path / "cache", import_dtype="float32")
+    assert again.path == replaced.path and hashed == [], "a start re-reads no unchanged input"

@@ -5,7 +5,7 @@ a LoRA file from `distill`, a `pytorch_lora_weights.safetensors` + `cls_pred_bra
 `discriminator`), so this stage *is* the authors' import (`engines.authors_layout.import_authors_layout`:
 fuse the LCM LoRA with every tensor applied, compute the prompt embeddings once, write the bundle
 with sha256 hashes), with the training runs recorded in the manifest's provenance: stage, steps,
-final loss, finish time, config and metrics of each run, and the sha256 of each input file.
+final loss, finish time, config and metrics of each run (the import adds the sha256 of each input file).
 
 Each part may be given as the file/folder itself or as the training run's output folder (the one
 holding summary.json): `--unet runs/finetune`, `--lcm-lora runs/distill`, `--discriminator runs/disc`.
@@ -38,22 +38,16 @@ class BundleStageSettings(StageSettings):
 
 def assemble(settings: BundleStageSettings) -> dict:
     from engines.authors_layout import AuthorsLayout, import_authors_layout
-    from engines.bundle import SamplingDefaults, sha256_of
-    from engines.scorer import find_head_file
+    from engines.bundle import SamplingDefaults
 
     summary = RunSummary("bundle", settings)
     base = resolve_base(settings.base, settings.cache_dir)
     unet_dir, unet_run = resolve_part(settings.unet, "finetune", "unet")
     training: dict[str, Any] = {"unet": unet_run}
-    hashes = {"unet": {f.name: sha256_of(f) for f in sorted(unet_dir.glob("*.safetensors"))}}
     lora, training["lcm_lora"] = resolve_part(settings.lcm_lora, "distill", "lora", inner=LORA_FILENAME)
-    hashes["lcm_lora"] = sha256_of(lora)
     disc = None
     if settings.discriminator:
         disc, training["discriminator"] = resolve_part(settings.discriminator, "discriminator", "discriminator")
-        # the head the import loads: find_head_file prefers cls_pred_branch.safetensors to the authors' .pt
-        loaded = [disc / LORA_FILENAME, find_head_file(disc)]
-        hashes["discriminator"] = {file.name: sha256_of(file) for file in loaded if file is not None and file.is_file()}
 
     layout = AuthorsLayout(
         base=str(base),
@@ -68,7 +62,7 @@ def assemble(settings: BundleStageSettings) -> dict:
         dtype=settings.dtype,
         name=settings.name,
         sampling=SamplingDefaults(steps=settings.steps, strength=settings.strength),
-        provenance={"training": training, "inputs_sha256": hashes, "assembled_by": "python -m training bundle"},
+        provenance={"training": training, "assembled_by": "python -m training bundle"},
     )
     summary.data["outputs"] = {"bundle": str(bundle.path)}
     summary.data["metrics"] = {
