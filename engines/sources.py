@@ -10,7 +10,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from engines.authors_layout import AuthorsLayout, import_authors_layout, local_inputs_sha256, pin
-from engines.bundle import MANIFEST, Bundle, DTypeName, sha256_of
+from engines.bundle import MANIFEST, Bundle, BundleError, DTypeName, sha256_of
 
 INPUT_HASHES = "input-sha256.json"
 
@@ -20,16 +20,21 @@ def open_bundle(
     path: str | None,
     authors: AuthorsLayout | None,
     cache_dir: str | Path,
-    prompt: str = "",
-    import_dtype: DTypeName = "float16",
+    prompt: str | None = None,
+    import_dtype: DTypeName | None = None,
     tiny_seed: int = 0,
     verify: bool = True,
 ) -> Bundle:
-    """Exactly one of `path` / `authors` names a real bundle; neither means the tiny bundle."""
+    """Exactly one of `path` / `authors` names a real bundle; neither means the tiny bundle (always float32).
+    `prompt` and `import_dtype` (None: "" and float16) are baked in when a bundle is written; a bundle folder
+    has them already, and one asked for must be its own."""
     if path and authors:
         raise ValueError("configure either a bundle path or the authors' layout, not both")
     if path:
-        return Bundle.load(Path(path).expanduser(), verify=verify)
+        bundle = Bundle.load(Path(path).expanduser(), verify=verify)
+        _refuse_other_baked_settings(bundle, prompt=prompt, import_dtype=import_dtype)
+        return bundle
+    prompt = prompt or ""
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     if authors:
@@ -39,17 +44,36 @@ def open_bundle(
         hashes = RememberedSha256(cache / INPUT_HASHES)
         inputs = local_inputs_sha256(authors, hashes.of)
         hashes.save()
-        described = json.dumps([authors.describe(), inputs, prompt, import_dtype])
+        dtype = import_dtype or "float16"
+        described = json.dumps([authors.describe(), inputs, prompt, dtype])
         target = cache / f"imported-{hashlib.sha256(described.encode()).hexdigest()[:16]}"
         with FileLock(str(target) + ".lock"):
             if (target / MANIFEST).is_file():
                 return Bundle.load(target, verify=verify)
-            return import_authors_layout(authors, target, prompt=prompt, dtype=import_dtype, file_sha256=hashes.of)
+            return import_authors_layout(authors, target, prompt=prompt, dtype=dtype, file_sha256=hashes.of)
     from engines.tiny import tiny_bundle
 
-    target = cache / f"tiny-{tiny_seed}"
+    # tiny-SEED for the prompt "" (the folder export's and the docs' examples name)
+    prompted = f"-prompt-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}" if prompt else ""
+    target = cache / f"tiny-{tiny_seed}{prompted}"
     with FileLock(str(target) + ".lock"):
         return tiny_bundle(target, seed=tiny_seed, prompt=prompt)
+
+
+def _refuse_other_baked_settings(bundle: Bundle, *, prompt: str | None, import_dtype: DTypeName | None) -> None:
+    """A bundle folder's prompt embeddings and dtype were fixed when it was written: asking for others is a
+    configuration error, not something to ignore."""
+    baked = {
+        "prompt": (prompt, bundle.manifest.architecture.prompt.text),
+        "import_dtype": (import_dtype, bundle.manifest.dtype),
+    }
+    wrong = [f"bundle.{name} is {asked!r}, but {bundle.path} holds {held!r}" for name, (asked, held) in baked.items()
+             if asked is not None and asked != held]  # fmt: skip
+    if wrong:
+        raise BundleError(
+            "; ".join(wrong) + ": a bundle folder's prompt and dtype are fixed when it is written; leave these "
+            "settings out, or import the bundle again with them"
+        )
 
 
 class RememberedSha256:

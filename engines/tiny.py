@@ -216,9 +216,9 @@ def tiny_bundle(path: str | Path, seed: int = 0, prompt: str = "") -> Bundle:
     path = Path(path)
     if (path / MANIFEST).is_file():
         bundle = Bundle.load(path)
-        if bundle.has_discriminator:
+        if bundle.has_discriminator and bundle.manifest.architecture.prompt.text == prompt:
             return bundle
-        # a cache written before the tiny bundle had a discriminator: regenerate it below
+        # a cache written before the tiny bundle had a discriminator, or with another prompt: regenerate it below
     with tempfile.TemporaryDirectory(prefix="rorem-tiny-") as tmp:
         layout = write_tiny_authors_layout(tmp, seed=seed)
         bundle = import_authors_layout(

@@ -85,8 +85,14 @@ class BundleSettings(_Strict):
         None,
         description="the authors' published layout, imported once into cache_dir; None with path None: tiny bundle",
     )
-    prompt: str = Field("", description="prompt whose embeddings are baked in at import (training used '')")
-    import_dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights' dtype at import")
+    prompt: str | None = Field(
+        None,
+        description="prompt whose embeddings are baked in at import (none: '', as training used); with path: "
+        "the bundle's own, or an error",
+    )
+    import_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="weights' dtype at import (none: float16); with path: the bundle's own, or an error"
+    )
     cache_dir: str = Field("~/.cache/rorem", description="where imported (and tiny) bundles are kept")
     tiny_seed: int = Field(0, description="seed of the tiny bundle's random weights")
     verify: bool = Field(True, description="check sha256 of every bundle file at load")

@@ -104,3 +104,28 @@ def test_an_import_without_the_lcm_lora_is_refused_before_any_download(tiny_layo
         with pytest.raises(BundleError, match=r"lcm_lora is not set: .*4 LCM steps.*RORem-LCM from https://drive"):
             import_authors_layout(AuthorsLayout(base=base, unet=tiny_layout.unet), tmp_path / "out", dtype="float32")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tiny_bundle_bakes_the_configured_prompt_even_when_one_is_cached(tmp_path):
+    from engines.sources import open_bundle
+    from engines.tiny import tiny_bundle
+
+    tiny_bundle(tmp_path / "tiny-0", prompt="left by an older cache")  # where the prompt "" is kept now
+    plain = open_bundle(path=None, authors=None, cache_dir=tmp_path)
+    assert plain.path.name == "tiny-0" and plain.manifest.architecture.prompt.text == ""
+    prompted = open_bundle(path=None, authors=None, cache_dir=tmp_path, prompt="remove the object")
+    assert prompted.manifest.architecture.prompt.text == "remove the object"
+    assert open_bundle(path=None, authors=None, cache_dir=tmp_path).path == plain.path
+
+
+def test_a_bundle_folder_refuses_a_prompt_or_dtype_it_was_not_written_with(tiny_bundle, tmp_path):
+    from serve.config import BundleSettings
+
+    def opened(**settings):
+        return BundleSettings(path=str(tiny_bundle.path), cache_dir=str(tmp_path), **settings).open()
+
+    with pytest.raises(BundleError, match=r"bundle.prompt is 'a photo', but \S+ holds ''"):
+        opened(prompt="a photo")
+    with pytest.raises(BundleError, match=r"bundle.import_dtype is 'float16', but \S+ holds 'float32'"):
+        opened(import_dtype="float16")
+    assert opened().path == opened(prompt="", import_dtype="float32").path == tiny_bundle.path
