@@ -64,8 +64,8 @@ class AuthorsLayout:
     discriminator_unet: str | None = None
 
     def describe(self) -> dict[str, str | None]:
-        """The layout as recorded in provenance and hashed into import cache keys. `discriminator` and
-        `discriminator_unet` appear only when set, so older layouts keep the cache keys they had."""
+        """The layout as recorded in provenance (`source`) and in import cache keys (with the local files'
+        sha256). `discriminator` and `discriminator_unet` appear only when set."""
         described = {"base": self.base, "unet": self.unet, "lcm_lora": self.lcm_lora}
         for optional in ("discriminator", "discriminator_unet"):
             if getattr(self, optional) is not None:

@@ -53,7 +53,7 @@ def open_bundle(
             return import_authors_layout(authors, target, prompt=prompt, dtype=dtype, file_sha256=hashes.of)
     from engines.tiny import tiny_bundle
 
-    # tiny-SEED for the prompt "" (the folder export's and the docs' examples name)
+    # the prompt "" keeps the name tiny-SEED, which export's help and the benchmark records show
     prompted = f"-prompt-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}" if prompt else ""
     target = cache / f"tiny-{tiny_seed}{prompted}"
     with FileLock(str(target) + ".lock"):

@@ -362,7 +362,7 @@ def test_import_refuses_an_incomplete_discriminator_folder(tiny_layout, tmp_path
         base=tiny_layout.base, unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora, discriminator=str(folder)
     )
     assert layout.describe()["discriminator"] == str(folder)
-    assert "discriminator" not in AuthorsLayout(base="b", unet="u").describe(), "old import cache keys stay valid"
+    assert "discriminator" not in AuthorsLayout(base="b", unet="u").describe(), "an unset discriminator is left out"
     with pytest.raises(BundleError, match=r"the head not found; looked for \S+cls_pred_branch.safetensors or \S+\.pt"):
         import_authors_layout(layout, tmp_path / "out")
 

@@ -158,7 +158,7 @@ def test_the_serve_config_requires_the_lcm_lora():
         AuthorsSource(base="hf:LetsThink/RORem")
 
 
-def test_describe_keeps_the_cache_keys_of_older_layouts():
+def test_describe_names_the_discriminator_pieces_only_when_set():
     old = AuthorsLayout(base="b", unet="u", lcm_lora="l", discriminator="d")
     assert old.describe() == {"base": "b", "unet": "u", "lcm_lora": "l", "discriminator": "d"}
     assert AuthorsLayout(base="b", discriminator="d", discriminator_unet="s").describe()["discriminator_unet"] == "s"
