@@ -508,14 +508,14 @@ def test_bundle_provenance_hashes_the_discriminator_head_that_is_loaded(tiny_lay
     shutil.copytree(tiny_layout.discriminator, disc)  # the LoRA and the authors' cls_pred_branch.pt
     save_file(torch.load(disc / "cls_pred_branch.pt", weights_only=True), disc / "cls_pred_branch.safetensors")
     settings = BundleStageSettings(
-        out=tmp_path / "bundle", base=tiny_layout.base, unet=tiny_layout.unet, discriminator=str(disc), dtype="float32"
-    )
+        out=tmp_path / "bundle", base=tiny_layout.base, unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora,
+        discriminator=str(disc), dtype="float32",
+    )  # fmt: skip
     bundle = Bundle.load(assemble(settings)["outputs"]["bundle"], verify=True)
     assert bundle.manifest.provenance["discriminator"]["head"] == "cls_pred_branch.safetensors"
-    assert bundle.manifest.provenance["inputs_sha256"]["discriminator"] == {
-        name: hashlib.sha256((disc / name).read_bytes()).hexdigest()
-        for name in (LORA_FILENAME, "cls_pred_branch.safetensors")
-    }
+    hashed = {Path(path).resolve(): sha for path, sha in bundle.manifest.provenance["inputs_sha256"].items()}
+    for name in (LORA_FILENAME, "cls_pred_branch.safetensors"):
+        assert hashed[(disc / name).resolve()] == hashlib.sha256((disc / name).read_bytes()).hexdigest()
 
 
 @pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
