@@ -3,8 +3,9 @@
 The RORem authors save LoRAs with diffusers' `convert_state_dict_to_diffusers`, which renames only
 the attention projections to `.lora.down/.lora.up` and leaves every other target as
 `.lora_A/.lora_B`. diffusers' own loader picks one format from the first key and silently drops
-the rest, so RORem-4S is loaded here by normalising every key and fusing explicitly, and the count
-of applied tensors is checked against the file.
+the rest, so RORem-4S is loaded here by normalising every key and fusing explicitly. Two keys that
+normalise to the same tensor are refused (keeping either would be a guess), and the count of applied
+tensors is checked against the file's own keys.
 """
 
 from __future__ import annotations
@@ -51,10 +52,17 @@ class FusedLoRA:
 def read_lora_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """Group a LoRA file's tensors by target module: {module: {"down", "up", "alpha"?}}."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    source_keys: dict[tuple[str, str], str] = {}
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         for key in f.keys():
             module, role = _split_key(key)
+            if (module, role) in source_keys:
+                first, second = sorted((source_keys[module, role], key))
+                raise LoRAError(
+                    f"LoRA file {path}: keys {first!r} and {second!r} both name the {role} tensor of {module}"
+                )
+            source_keys[module, role] = key
             groups.setdefault(module, {})[role] = f.get_tensor(key)
     for module, parts in groups.items():
         if "down" not in parts or "up" not in parts:
@@ -91,6 +99,8 @@ def fuse_lora_file(model: nn.Module, path: str | Path, alpha: float | None = Non
     metadata, else equals the rank (scale 1), which is how the RORem authors trained (alpha = rank).
     """
     groups, metadata = read_lora_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors_in_file = len(f.keys())
     if not groups:
         raise LoRAError(f"LoRA file {path} holds no tensors")
     modules = dict(model.named_modules())
@@ -113,7 +123,6 @@ def fuse_lora_file(model: nn.Module, path: str | Path, alpha: float | None = Non
         applied += len(parts)
         ranks.add(rank)
         scales.add(scale)
-    tensors_in_file = sum(len(p) for p in groups.values())
     if applied != tensors_in_file:
         raise LoRAError(f"applied {applied} of {tensors_in_file} LoRA tensors from {path}")
     return FusedLoRA(

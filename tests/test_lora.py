@@ -62,3 +62,23 @@ def test_a_half_pair_is_refused(tiny_layout, tmp_path):
     save_file(state, str(bad))
     with pytest.raises(LoRAError, match="lacks its up matrix"):
         fuse_lora_file(unet, bad)
+
+
+def test_two_keys_for_the_same_tensor_are_refused_not_one_dropped(tmp_path):
+    """Both spellings name lin's down matrix once the prefix is stripped: fusing either one alone is a guess."""
+    model = torch.nn.Module()
+    model.lin = torch.nn.Linear(4, 4, bias=False)
+    torch.nn.init.zeros_(model.lin.weight)
+    path = tmp_path / "colliding.safetensors"
+    save_file(
+        {
+            "unet.lin.lora.down.weight": torch.ones(2, 4),
+            "lin.lora_A.weight": torch.full((2, 4), 100.0),
+            "lin.lora_B.weight": torch.ones(4, 2),
+        },
+        str(path),
+    )
+    collision = "'lin.lora_A.weight' and 'unet.lin.lora.down.weight' both name the down tensor of lin"
+    with pytest.raises(LoRAError, match=collision):
+        fuse_lora_file(model, path)
+    assert torch.count_nonzero(model.lin.weight) == 0, "nothing is fused from a refused file"
