@@ -10,6 +10,11 @@ Layout (the manifest is the one source of truth for architecture sizes and dtype
     discriminator/prompt_embeds.safetensors        optional: its embeddings of the prompt "" (as trained)
 
 The discriminator section of the manifest is optional, so bundles written before it still load.
+
+Every file the manifest lists lies inside the folder: its name is relative, without "..", and neither
+it nor a folder on its way resolves outside (a symlink out of the folder is refused). The components
+are loaded from the very bytes checked against their sha256 (`Bundle.read`): a file replaced after
+`verify` is refused, not loaded.
 """
 
 from __future__ import annotations
@@ -17,15 +22,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
+import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import save_file
 
 if TYPE_CHECKING:
     from engines.scorer import Discriminator
@@ -96,6 +103,14 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
     provenance: dict[str, Any] = {}
 
+    @field_validator("files")
+    @classmethod
+    def _names_stay_inside_the_folder(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in files:
+            if not name or name.startswith("/") or "\\" in name or ".." in PurePosixPath(name).parts:
+                raise ValueError(f"file name {name!r} must be a relative path inside the bundle folder, without '..'")
+        return files
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -128,10 +143,14 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
-        """Check every listed file exists with the recorded size and sha256."""
+        """Check every listed file: inside the folder, not a symlink, with the recorded size and sha256."""
         problems = []
         for name, entry in self.manifest.files.items():
-            file = self.path / name
+            try:
+                file = self.file(name)
+            except BundleError as exc:
+                problems.append(str(exc))
+                continue
             if not file.is_file():
                 problems.append(f"{name}: missing")
             elif file.stat().st_size != entry.bytes:
@@ -146,6 +165,34 @@ class Bundle:
                 problems.append(f"{required}: not listed in the manifest")
         if problems:
             raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(problems))
+
+    def file(self, name: str) -> Path:
+        """The path of listed file `name`, refused when it is a symlink or resolves outside the bundle folder."""
+        if name not in self.manifest.files:
+            raise BundleError(f"{name}: not listed in the manifest of {self.path}")
+        path = self.path / name
+        if path.is_symlink():
+            raise BundleError(f"{name}: a symlink; bundle files are plain files inside the bundle folder")
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise BundleError(f"{name}: resolves to {path.resolve()}, not inside the bundle folder {self.path}")
+        return path
+
+    def read(self, name: str) -> bytes:
+        """The bytes of listed file `name`, checked against its size and sha256 as they are read: what
+        the caller loads is what was hashed, whatever happened to the file since `verify`."""
+        path = self.file(name)
+        entry = self.manifest.files[name]
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry.bytes:
+                raise BundleError(f"{name}: {size} bytes, manifest says {entry.bytes}")
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise BundleError(f"{name}: sha256 differs from the manifest (the file changed after it was verified)")
+        return data
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return safetensors.torch.load(self.read(name))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,17 +217,23 @@ class Bundle:
         }
 
     def load_unet(self) -> UNet2DConditionModel:
+        """The weights are read before the model is built: the file's bytes and their parsed copy (twice
+        the file) are held together only while no float32 model exists; the peak is the model plus one copy."""
+        weights = self._tensors(UNET_WEIGHTS)
         unet = UNet2DConditionModel.from_config(self.manifest.architecture.unet)
-        unet.load_state_dict(load_file(self.path / UNET_WEIGHTS), strict=True)
+        unet.load_state_dict(weights, strict=True)
+        del weights
         return _cast(unet, self.dtype).eval().requires_grad_(False)
 
     def load_vae(self) -> AutoencoderKL:
+        weights = self._tensors(VAE_WEIGHTS)
         vae = AutoencoderKL.from_config(self.manifest.architecture.vae)
-        vae.load_state_dict(load_file(self.path / VAE_WEIGHTS), strict=True)
+        vae.load_state_dict(weights, strict=True)
+        del weights
         return _cast(vae, self.dtype).eval().requires_grad_(False)
 
     def load_prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = load_file(self.path / PROMPT_EMBEDS)
+        tensors = self._tensors(PROMPT_EMBEDS)
         return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
 
     def load_discriminator(self) -> Discriminator:
@@ -188,13 +241,15 @@ class Bundle:
         from engines.scorer import Discriminator
 
         info = self._discriminator_info()
+        weights = self._tensors(DISCRIMINATOR_WEIGHTS)
         discriminator = Discriminator(info.unet, init_weights=False)
-        discriminator.load_state_dict(load_file(self.path / DISCRIMINATOR_WEIGHTS), strict=True)
+        discriminator.load_state_dict(weights, strict=True)
+        del weights
         return _cast(discriminator, self.dtype).eval().requires_grad_(False)
 
     def load_discriminator_prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._discriminator_info()
-        tensors = load_file(self.path / DISCRIMINATOR_PROMPT_EMBEDS)
+        tensors = self._tensors(DISCRIMINATOR_PROMPT_EMBEDS)
         return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
 
     def _discriminator_info(self) -> DiscriminatorInfo:

@@ -95,7 +95,10 @@ class BundleSettings(_Strict):
     )
     cache_dir: str = Field("~/.cache/rorem", description="where imported (and tiny) bundles are kept")
     tiny_seed: int = Field(0, description="seed of the tiny bundle's random weights")
-    verify: bool = Field(True, description="check sha256 of every bundle file at load")
+    verify: bool = Field(
+        True,
+        description="check sha256 of every bundle file at start (the weights loaded are checked as read either way)",
+    )
 
     def is_tiny(self) -> bool:
         return not self.path and self.authors is None

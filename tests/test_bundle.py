@@ -3,10 +3,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from engines.authors_layout import AuthorsLayout, encode_constant_prompt, fetch, import_authors_layout
-from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError
+from engines.bundle import (
+    DISCRIMINATOR_PROMPT_EMBEDS,
+    DISCRIMINATOR_WEIGHTS,
+    MANIFEST,
+    PROMPT_EMBEDS,
+    UNET_WEIGHTS,
+    VAE_WEIGHTS,
+    Bundle,
+    BundleError,
+)
 from engines.lora import read_lora_file
 
 
@@ -129,3 +138,66 @@ def test_a_bundle_folder_refuses_a_prompt_or_dtype_it_was_not_written_with(tiny_
     with pytest.raises(BundleError, match=r"bundle.import_dtype is 'float16', but \S+ holds 'float32'"):
         opened(import_dtype="float16")
     assert opened().path == opened(prompt="", import_dtype="float32").path == tiny_bundle.path
+
+
+def _copy_bundle(tiny_bundle, tmp_path) -> Path:
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    return copy
+
+
+def _edit_manifest(bundle_path: Path, edit) -> None:
+    manifest = json.loads((bundle_path / MANIFEST).read_text())
+    edit(manifest)
+    (bundle_path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "name, load",
+    [
+        (UNET_WEIGHTS, Bundle.load_unet),
+        (VAE_WEIGHTS, Bundle.load_vae),
+        (PROMPT_EMBEDS, Bundle.load_prompt_embeds),
+        (DISCRIMINATOR_WEIGHTS, Bundle.load_discriminator),
+        (DISCRIMINATOR_PROMPT_EMBEDS, Bundle.load_discriminator_prompt_embeds),
+    ],
+)
+def test_a_file_replaced_after_verification_is_refused_not_loaded(tiny_bundle, tmp_path, name, load):
+    """What is loaded is what was hashed: a valid file of the same layout landing after verify is caught."""
+    import os
+
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    bundle = Bundle.load(copy, verify=True)
+    replacement = {key: tensor + 1 for key, tensor in load_file(copy / name).items()}
+    save_file(replacement, str(tmp_path / "replacement.safetensors"))
+    os.replace(tmp_path / "replacement.safetensors", copy / name)
+    with pytest.raises(BundleError, match=f"{name}: sha256 differs"):
+        load(bundle)
+
+
+def test_a_symlink_out_of_the_bundle_folder_is_refused(tiny_bundle, tmp_path):
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    (copy / PROMPT_EMBEDS).rename(outside)
+    (copy / PROMPT_EMBEDS).symlink_to(outside)  # same bytes, so the sha256 still matches
+    with pytest.raises(BundleError, match=f"{PROMPT_EMBEDS}: a symlink"):
+        Bundle.load(copy, verify=True)
+    with pytest.raises(BundleError, match=f"{PROMPT_EMBEDS}: a symlink"):
+        Bundle.load(copy, verify=False).load_prompt_embeds()
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "unet/../../secret.txt", "{absolute}"])
+def test_a_manifest_naming_a_file_outside_the_bundle_folder_is_refused(tiny_bundle, tmp_path, name):
+    from engines.bundle import sha256_of
+
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    name = name.format(absolute=secret)
+    entry = {"sha256": sha256_of(secret), "bytes": secret.stat().st_size}
+    _edit_manifest(copy, lambda m: m["files"].update({name: entry}))
+    for verify in (True, False):
+        with pytest.raises(BundleError, match="inside the bundle folder"):
+            Bundle.load(copy, verify=verify)
