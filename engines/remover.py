@@ -33,9 +33,8 @@ from engines.runners import (
     TorchUNetRunner,
     UNetConditioning,
     UNetRunner,
-    check_export_is_current,
+    current_export,
     default_export_dtype,
-    default_export_path,
     make_unet_runner,
 )
 from engines.timing import StageClock
@@ -191,7 +190,7 @@ class RemovalEngine:
         cuda_graph: bool = False,
     ) -> "RemovalEngine":
         """runner "torch" loads the bundle's UNet weights; "onnx" / "tensorrt" run an exported UNet
-        (`runner_path`, else the bundle's recorded export, see engines.runners.default_export_path)
+        (`runner_path`, unchecked; else the bundle's current export, see engines.runners.current_export)
         and do not load the UNet weights into torch. Exported graphs are float32 or float16:
         dtype None picks float32 on CPU, float16 on CUDA (or the file's own with a runner_path).
 
@@ -210,12 +209,19 @@ class RemovalEngine:
                 raise ValueError("the ONNX runner cannot replay CUDA graphs: ONNX Runtime synchronises on every run")
             if dtype is not None and dtype not in EXPORT_DTYPES.values():
                 raise ValueError(f"the {runner} runner runs float32 or float16 exports, not {dtype}")
+            sha256 = None
             if runner_path is None:
                 dtype = dtype or default_export_dtype(device)
-                check_export_is_current(bundle, runner, dtype)
-                runner_path = default_export_path(bundle, runner, dtype)
+                export = current_export(bundle, runner, dtype)
+                runner_path, sha256 = export.path, export.sha256
             unet_runner = make_unet_runner(
-                runner, path=runner_path, device=device, dtype=dtype, compile=compile, cuda_graph=cuda_graph
+                runner,
+                path=runner_path,
+                device=device,
+                dtype=dtype,
+                compile=compile,
+                cuda_graph=cuda_graph,
+                sha256=sha256,
             )
         prompt_embeds, pooled = bundle.load_prompt_embeds()
         defaults = bundle.manifest.sampling

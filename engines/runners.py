@@ -10,11 +10,14 @@ h and w (latent sides) must be multiples of 4 (image sides multiples of 32): oth
 another upsampling path in the SDXL UNet, which the exported graph does not hold.
 
 Exports live in the bundle folder under exports/ and are recorded in the manifest's
-provenance["exports"] (see export/manifest.py); `default_export_path` finds them.
+provenance["exports"] (see export/manifest.py); `current_export` is the one way serving finds them:
+only a recorded, hash-listed file inside the bundle, made from the bundle's UNet weights (a plan: from
+the bundle's current ONNX export), is served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ UNET_OUTPUT = "noise_pred"
 LATENT_MULTIPLE = 4
 EXPORTS_DIR = "exports"
 RunnerKind = Literal["torch", "onnx", "tensorrt"]
+ExportKind = Literal["onnx", "tensorrt"]
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SHORT = {"float32": "fp32", "float16": "fp16"}
 COMPILED_SHAPES_LIMIT = 64  # torch.compile recompiles per input shape; the warmed set is far smaller
@@ -256,7 +260,14 @@ class TensorRTUNetRunner:
     replayed after copying the inputs into the bindings.
     """
 
-    def __init__(self, plan_path: str | Path, device: str | torch.device = "cuda", cuda_graph: bool = False):
+    def __init__(
+        self,
+        plan_path: str | Path,
+        device: str | torch.device = "cuda",
+        cuda_graph: bool = False,
+        sha256: str | None = None,
+    ):
+        """`sha256`: what the plan's bytes must hash to (the bundle manifest's), checked on the bytes deserialized."""
         trt = import_tensorrt()
         self.trt = trt
         self.path = Path(plan_path)
@@ -268,11 +279,14 @@ class TensorRTUNetRunner:
         if not self.path.is_file():
             raise FileNotFoundError(f"no TensorRT plan at {self.path} (build one: python -m export tensorrt --help)")
         self.info = self._check_sidecar()
+        plan = self.path.read_bytes()
+        if sha256 is not None and hashlib.sha256(plan).hexdigest() != sha256:
+            raise RuntimeError(f"{self.path}: sha256 differs from the bundle manifest's (changed since verified)")
         self.cuda_graph = cuda_graph
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         with torch.cuda.device(self.device):
-            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+            self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise RuntimeError(
                 f"TensorRT {trt.__version__} could not load {self.path}: plans only load on the TensorRT version "
@@ -446,27 +460,81 @@ def default_export_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.float16
 
 
-def default_export_path(
-    bundle: Bundle, kind: Literal["onnx", "tensorrt"], dtype: torch.dtype | str, *, compute_capability: str | None = None
-) -> Path:
-    """The bundle's recorded export of this kind and dtype, else where the export CLI writes it."""
-    record = bundle.manifest.provenance.get("exports", {}).get(export_key(kind, dtype, compute_capability))
-    if record:
-        return bundle.path / record["path"]
-    return bundle.path / export_filename(kind, dtype, compute_capability)
+@dataclass(frozen=True)
+class ExportFile:
+    """A bundle's export file and the sha256 its manifest lists for it."""
+
+    path: Path
+    sha256: str
 
 
-def check_export_is_current(bundle: Bundle, kind: Literal["onnx", "tensorrt"], dtype: torch.dtype | str) -> None:
-    """Refuse an export recorded from other UNet weights than the bundle's (a stale export)."""
+def export_command(bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str) -> str:
+    """What to run to (re)make the bundle's export of this kind and dtype."""
+    args = f"--bundle {bundle.path} --dtype {_dtype_name(dtype)}"
+    if kind == "onnx":
+        return f"python -m export onnx {args} --verify"
+    return f"python -m export tensorrt {args} --config SERVE_CONFIG"
+
+
+def recorded_export(
+    bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str, *, compute_capability: str | None = None
+) -> tuple[dict, ExportFile]:
+    """The bundle's record of this export and its file, whether current or not; refused when there is none,
+    or when the file it names is not one of its files, all of them listed (with sha256) in manifest.files,
+    present, plain files inside the bundle folder."""
+    from engines.bundle import BundleError
+
+    key = export_key(kind, dtype, compute_capability)
+    record = bundle.manifest.provenance.get("exports", {}).get(key)
+    fix = f"run `{export_command(bundle, kind, dtype)}`"
+    if not record:
+        raise BundleError(f"{bundle.path}: no {key} export recorded in its manifest: {fix}")
+    files = record.get("files") if isinstance(record.get("files"), list) else []
+    if record.get("path") not in files:
+        raise BundleError(
+            f"{bundle.path}: the {key} record names {record.get('path')!r}, which is not among its files {files}: {fix}"
+        )
+    unlisted = [name for name in files if name not in bundle.manifest.files]
+    if unlisted:
+        raise BundleError(f"{bundle.path}: the {key} record's files {unlisted} are not listed in manifest.files: {fix}")
+    try:
+        missing = [name for name in files if not bundle.file(name).is_file()]
+    except BundleError as exc:
+        raise BundleError(f"{bundle.path}: the {key} export: {exc}: {fix}") from exc
+    if missing:
+        raise BundleError(f"{bundle.path}: the {key} export's files {missing} are missing: {fix}")
+    return record, ExportFile(bundle.file(record["path"]), bundle.manifest.files[record["path"]].sha256)
+
+
+def current_export(
+    bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str, *, compute_capability: str | None = None
+) -> ExportFile:
+    """The bundle's export to serve (`recorded_export`), refused when it was made from other UNet weights
+    than the bundle's, or, for a TensorRT plan, from another ONNX than the bundle's current export."""
     from engines.bundle import UNET_WEIGHTS, BundleError
 
-    record = bundle.manifest.provenance.get("exports", {}).get(export_key(kind, dtype))
+    record, export = recorded_export(bundle, kind, dtype, compute_capability=compute_capability)
+    key = export_key(kind, dtype, compute_capability)
+    fix = f"run `{export_command(bundle, kind, dtype)}`"
     unet_sha = bundle.manifest.files[UNET_WEIGHTS].sha256
-    if record and record.get("unet_sha256") not in (None, unet_sha):
+    if record.get("unet_sha256") != unet_sha:
+        made_from = (record.get("unet_sha256") or "unrecorded")[:12]
         raise BundleError(
-            f"{bundle.path}: the {export_key(kind, dtype)} export was made from other UNet weights "
-            f"({record['unet_sha256'][:12]}, bundle {unet_sha[:12]}): export again"
+            f"{bundle.path}: the {key} export was made from other UNet weights ({made_from}, "
+            f"bundle {unet_sha[:12]}): {fix}"
         )
+    if kind == "tensorrt":
+        try:
+            onnx = current_export(bundle, "onnx", dtype)
+        except BundleError as exc:
+            raise BundleError(f"{exc}; then build the {key} plan again: {fix}") from exc
+        built_from = record.get("plan", {}).get("onnx_sha256")
+        if built_from != onnx.sha256:
+            raise BundleError(
+                f"{bundle.path}: the {key} plan was built from another ONNX ({(built_from or 'unrecorded')[:12]}) than "
+                f"the current {export_key('onnx', dtype)} export ({onnx.sha256[:12]}): {fix}"
+            )
+    return export
 
 
 def make_unet_runner(
@@ -479,8 +547,10 @@ def make_unet_runner(
     compile: bool = False,
     cuda_graph: bool = False,
     providers: list | None = None,
+    sha256: str | None = None,
 ) -> UNetRunner:
-    """torch: `unet` (already in its dtype); onnx / tensorrt: the exported file at `path`."""
+    """torch: `unet` (already in its dtype); onnx / tensorrt: the exported file at `path` (a plan's bytes
+    checked against `sha256` when given)."""
     device = torch.device(device)
     if kind == "torch":
         if unet is None:
@@ -493,7 +563,7 @@ def make_unet_runner(
     if kind == "onnx":
         return OnnxUNetRunner(path, device, dtype=dtype, providers=providers)
     if kind == "tensorrt":
-        runner = TensorRTUNetRunner(path, device, cuda_graph=cuda_graph)
+        runner = TensorRTUNetRunner(path, device, cuda_graph=cuda_graph, sha256=sha256)
         if dtype is not None and dtype != runner.dtype:
             raise ValueError(f"{path} is a {_dtype_name(runner.dtype)} plan, {_dtype_name(dtype)} was requested")
         return runner

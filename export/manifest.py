@@ -2,7 +2,10 @@
 
 Files go under <bundle>/exports/ and are listed in manifest.files with sha256 and size, like the
 weights, so `Bundle.load(verify=True)` covers them. Each export has a record in
-manifest.provenance["exports"] (Manifest forbids unknown top-level keys; provenance is free-form):
+manifest.provenance["exports"] (Manifest forbids unknown top-level keys; provenance is free-form);
+serving takes only what `engines.runners.current_export` accepts: a record whose path is one of its
+files, listed in manifest.files, made from the bundle's UNet weights, and for a plan, built from the
+bundle's current ONNX export of its dtype (the plan's onnx_sha256 is that record's graph sha256):
 
     "exports": {
       "onnx.float32": {"kind": "onnx", "dtype": "float32", "path": "exports/unet.fp32.onnx",
@@ -10,8 +13,12 @@ manifest.provenance["exports"] (Manifest forbids unknown top-level keys; provena
                        "metadata": {... export_unet_onnx metadata ...}, "verify": {... report ...}},
       "onnx.float16": {...},
       "tensorrt.float16.sm90": {"kind": "tensorrt", "dtype": "float16", "path": "exports/unet.fp16.sm90.plan",
-                       "files": [...], "unet_sha256": "...", "plan": {... PlanInfo ...}}
+                       "files": [...], "unet_sha256": "...", "plan": {... PlanInfo, with onnx_sha256 ...}}
     }
+
+A record is written by an export that passed its parity check (or was asked not to run one), by
+`python -m export verify` only when the check passed at the default tolerances, and for a plan only
+when it was built from the bundle's current ONNX export.
 
 The manifest is rewritten atomically (temp file + rename) under a lock next to the bundle folder.
 """
@@ -25,8 +32,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, FileEntry, Manifest, sha256_of
-from engines.runners import check_export_is_current, default_export_path, export_key
+from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError, FileEntry, Manifest, sha256_of
+from engines.runners import current_export, export_command, export_key
 from export.progress import QUIET, Progress
 
 
@@ -72,22 +79,16 @@ def ensure_unet_onnx(
     verify: bool = True,
     progress: Progress = QUIET,
 ) -> Path:
-    """The bundle's recorded ONNX export of this dtype, exported (and verified, recorded) first if
-    it is missing or was made from other weights. Safe to call from several processes at once."""
-    from engines.bundle import BundleError
-
-    target = default_export_path(bundle, "onnx", dtype)
+    """The bundle's current ONNX export of this dtype, exported (and verified, recorded) first if
+    serving would refuse it (missing, unrecorded, made from other weights). Safe to call from several
+    processes at once."""
     with FileLock(str(bundle.path.with_name(bundle.path.name + f".export-onnx-{dtype}.lock"))):
-        current = Bundle.load(bundle.path, verify=False)
-        record = current.manifest.provenance.get("exports", {}).get(export_key("onnx", dtype))
         try:
-            check_export_is_current(current, "onnx", dtype)
-            fresh = record is not None and target.is_file()
-        except BundleError:
-            fresh = False
-        if not fresh:
-            export_and_record_onnx(current, dtype, verify=verify, progress=progress)
-    return default_export_path(Bundle.load(bundle.path, verify=False), "onnx", dtype)
+            return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype).path
+        except BundleError as exc:
+            progress.say(f"exporting again: {exc}")
+        export_and_record_onnx(Bundle.load(bundle.path, verify=False), dtype, verify=verify, progress=progress)
+        return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype).path
 
 
 def export_and_record_onnx(
@@ -121,10 +122,24 @@ def export_and_record_onnx(
 
 
 
+def check_plan_source(bundle: Bundle, onnx_sha256: str, dtype: str) -> None:
+    """Refuse a plan built from another ONNX than the bundle's current export of its dtype: serving
+    would refuse it (engines.runners.current_export)."""
+    onnx = current_export(bundle, "onnx", dtype)
+    if onnx_sha256 != onnx.sha256:
+        raise BundleError(
+            f"{bundle.path}: the plan is built from an ONNX ({onnx_sha256[:12]}) other than the bundle's current "
+            f"{export_key('onnx', dtype)} export ({onnx.sha256[:12]}): run "
+            f"`{export_command(bundle, 'tensorrt', dtype)}` (without --onnx)"
+        )
+
+
 def record_plan(bundle: Bundle, plan_path: Path, info: dict[str, Any], dtype: str = "float16") -> Bundle:
-    """Record a TensorRT plan (and its .json build record) built inside the bundle folder."""
+    """Record a TensorRT plan (and its .json build record) built inside the bundle folder from the
+    bundle's current ONNX export of `dtype`."""
     from engines.runners import plan_sidecar
 
+    check_plan_source(Bundle.load(bundle.path, verify=False), info["onnx_sha256"], dtype)
     key = export_key("tensorrt", dtype, info["compute_capability"])
     record = {
         "kind": "tensorrt",

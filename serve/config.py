@@ -130,14 +130,18 @@ class EngineSettings(_Strict):
     runner: Literal["torch", "onnx", "tensorrt"] = Field(
         "torch", description="how the UNet runs: PyTorch, an exported ONNX graph (ONNX Runtime), a TensorRT plan"
     )
-    runner_path: str | None = Field(None, description="the exported file; None: the bundle's recorded export")
+    runner_path: str | None = Field(
+        None, description="an exported file, used unchecked; None: the bundle's current recorded export (checked)"
+    )
     cuda_graph: bool = Field(
         True,
         description="on CUDA: capture every (bucket, padded batch size) at start and replay it (torch runner: "
         "encode, denoise and decode stages; tensorrt: each UNet shape); no effect on the CPU or with the onnx runner",
     )
     export_missing: bool = Field(
-        False, description="onnx runner: export (and verify) the UNet into the bundle folder at start when missing"
+        False,
+        description="onnx runner: export (and verify) the UNet into the bundle folder at start when the bundle has no "
+        "current export (none recorded, or made from other weights)",
     )
     hung_after_s: float | None = Field(
         300.0,

@@ -22,7 +22,7 @@ import torch
 from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError
 from engines.jobs import RemovalJob
 from engines.remover import RemovalEngine
-from engines.runners import OnnxUNetRunner, TorchUNetRunner, UNetConditioning, default_export_path, make_unet_runner
+from engines.runners import OnnxUNetRunner, TorchUNetRunner, UNetConditioning, current_export, make_unet_runner
 from export.onnx_export import example_inputs, export_unet_onnx, read_onnx_metadata
 from export.tensorrt_build import load_serve_settings, profiles_from_serve_config
 
@@ -84,7 +84,7 @@ def test_manifest_records_the_export_and_the_bundle_still_verifies(exported, tmp
     assert (meta["dtype"], meta["opset"], meta["exporter"], meta["bundle"]) == ("float32", 18, "dynamo", "tiny-0")
     assert meta["inputs"]["timestep"] == {"dtype": "float32", "shape": ["batch"]}
     assert meta["inputs"]["encoder_hidden_states"]["shape"] == ["batch", 77, 64]
-    assert default_export_path(exported.bundle, "onnx", "float32") == exported.onnx
+    assert current_export(exported.bundle, "onnx", "float32").path == exported.onnx
 
     copy = tmp_path / "tampered"
     shutil.copytree(exported.bundle.path, copy)
@@ -148,7 +148,7 @@ def test_exported_runners_refuse_wrong_dtypes_devices_and_stale_exports(exported
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             RemovalEngine.from_bundle(exported.bundle, runner="tensorrt")
-    with pytest.raises(FileNotFoundError, match="python -m export onnx"):
+    with pytest.raises(BundleError, match="no onnx.float16 export recorded.*python -m export onnx"):
         RemovalEngine.from_bundle(exported.bundle, runner="onnx", dtype=torch.float16)  # never exported in fp16
 
     stale = tmp_path / "stale"
@@ -239,6 +239,20 @@ def test_tensorrt_is_refused_clearly_without_it():
         TensorRTUNetRunner("missing.plan", "cuda")
 
 
+def test_the_tensorrt_runner_refuses_a_plan_whose_bytes_are_not_the_recorded_ones(tmp_path, monkeypatch):
+    """The plan is hashed as it is read: one replaced after the bundle was verified never reaches TensorRT."""
+    import hashlib
+
+    from engines import runners
+
+    monkeypatch.setattr(runners, "import_tensorrt", lambda: SimpleNamespace(__version__="not used"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = tmp_path / "unet.plan"
+    plan.write_bytes(b"a plan copied in after verification")
+    with pytest.raises(RuntimeError, match="sha256 differs from the bundle manifest"):
+        runners.TensorRTUNetRunner(plan, "cuda:0", sha256=hashlib.sha256(b"the recorded plan").hexdigest())
+
+
 # -------------------------------------------------------------------------------------------
 # GPU: TensorRT (and ONNX Runtime's CUDA provider). Skipped without CUDA and tensorrt.
 
@@ -323,3 +337,136 @@ def test_onnx_runner_on_cuda_binds_torch_tensors(ort_cuda, fp16_onnx, tiny_bundl
     cond = UNetConditioning(states, pooled, time_ids)
     got, expected = runner(sample, t, cond), TorchUNetRunner(unet, device)(sample, t, cond)
     assert got.device.type == "cuda" and (got.float() - expected.float()).abs().max().item() < 2e-2
+
+
+# -------------------------------------------------------------------------------------------
+# Export records: what serving may open. The exported files are dummy bytes: the ONNX runner is
+# replaced by one that only notes the file it was asked to open.
+
+
+@pytest.fixture
+def onnx_opened(monkeypatch) -> list[Path]:
+    import engines.runners
+
+    opened = []
+
+    def runner(path, device="cpu", **_):
+        opened.append(Path(path).resolve())
+        return SimpleNamespace(device=torch.device(device), dtype=torch.float32)
+
+    monkeypatch.setattr(engines.runners, "OnnxUNetRunner", runner)
+    return opened
+
+
+def _record_dummy_onnx(bundle_path: Path, dtype: str = "float32") -> Path:
+    """Record an ONNX export of `dtype` in the bundle as the exporter does (new bytes each call)."""
+    import time
+
+    from engines.runners import export_filename
+    from export.manifest import record_export
+
+    path = bundle_path / export_filename("onnx", dtype)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(f"{dtype} graph exported at {time.perf_counter_ns()}".encode())
+    relative = path.relative_to(bundle_path).as_posix()
+    record_export(bundle_path, f"onnx.{dtype}", [path], {"kind": "onnx", "dtype": dtype, "path": relative})
+    return path
+
+
+def _bundle_with_onnx(tiny_bundle, tmp_path: Path, dtype: str = "float32") -> tuple[Path, Path]:
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    return copy, _record_dummy_onnx(copy, dtype)
+
+
+def _edit_manifest(bundle_path: Path, edit) -> None:
+    manifest = json.loads((bundle_path / MANIFEST).read_text())
+    edit(manifest)
+    (bundle_path / MANIFEST).write_text(json.dumps(manifest))
+
+
+TAMPERED_RECORDS = {  # changes to the onnx.float32 record, given the path of a file outside the bundle
+    "path outside the bundle": lambda outside: {"path": "../evil.onnx"},
+    "path and files outside": lambda outside: {"path": "../evil.onnx", "files": ["../evil.onnx"]},
+    "absolute path": lambda outside: {"path": str(outside), "files": [str(outside)]},
+    "file not in manifest.files": lambda outside: {"path": "exports/other.onnx", "files": ["exports/other.onnx"]},
+    "no unet_sha256": lambda outside: {"unet_sha256": None},
+    "made from other weights": lambda outside: {"unet_sha256": "0" * 64},
+}
+
+
+def test_serving_opens_the_recorded_onnx_export(tiny_bundle, tmp_path, onnx_opened):
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
+    assert onnx_opened == [onnx.resolve()]
+
+
+@pytest.mark.parametrize("tamper", TAMPERED_RECORDS.values(), ids=TAMPERED_RECORDS.keys())
+def test_serving_refuses_an_export_record_it_cannot_trust(tiny_bundle, tmp_path, onnx_opened, tamper):
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path)
+    outside = tmp_path / "evil.onnx"  # ../evil.onnx from the bundle folder
+    outside.write_bytes(b"a file nobody hashed")
+    (copy / "exports" / "other.onnx").write_bytes(b"a file nobody hashed")
+    _edit_manifest(copy, lambda m: m["provenance"]["exports"]["onnx.float32"].update(tamper(outside)))
+    with pytest.raises(BundleError, match="python -m export onnx"):
+        RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
+    assert onnx_opened == []
+
+
+def test_serving_refuses_an_onnx_file_without_a_record(tiny_bundle, tmp_path, onnx_opened):
+    """A graph left in exports/ (copied by hand, or from an export whose record was dropped) is not served."""
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    _edit_manifest(copy, lambda m: (m["provenance"].pop("exports"), m["files"].pop("exports/unet.fp32.onnx")))
+    assert onnx.is_file()
+    with pytest.raises(BundleError, match="no onnx.float32 export recorded.*python -m export onnx"):
+        RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
+    assert onnx_opened == []
+
+
+@pytest.mark.parametrize(
+    "extra_args, passed, served",
+    [([], False, False), ([], True, True), (["--max-abs", "1"], True, False)],
+    ids=["parity fails", "parity passes", "parity passes a loosened tolerance"],
+)
+def test_verify_records_a_stale_export_as_current_only_when_parity_passes(
+    tiny_bundle, tmp_path, monkeypatch, onnx_opened, extra_args, passed, served
+):
+    import export.cli
+    import export.verify
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    _edit_manifest(copy, lambda m: m["provenance"]["exports"]["onnx.float32"].update(unet_sha256="0" * 64))
+    report = {"passed": passed, "dtype": "float32", "max_abs": 3e-5 if passed else 3.2, "mean_abs": 1e-6,
+              "tolerance": {"max_abs": 1e-4, "mean_abs": 1e-5}}  # fmt: skip
+    monkeypatch.setattr(export.verify, "verify_onnx", lambda *args, **kwargs: report)
+    assert export.cli.main(["verify", "--bundle", str(copy), "--quiet", *extra_args]) == (0 if passed else 1)
+    bundle = Bundle.load(copy, verify=True)
+    if served:
+        RemovalEngine.from_bundle(bundle, runner="onnx")
+        assert onnx_opened == [onnx.resolve()]
+    else:
+        with pytest.raises(BundleError, match="other UNet weights"):
+            RemovalEngine.from_bundle(bundle, runner="onnx")
+        assert onnx_opened == []
+
+
+def test_a_plan_is_recorded_and_served_only_with_the_onnx_it_was_built_from(tiny_bundle, tmp_path):
+    from engines import runners
+    from engines.bundle import sha256_of
+    from export.manifest import record_plan
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path, "float16")
+    plan = copy / runners.export_filename("tensorrt", "float16", "9.0")
+    plan.write_bytes(b"plan")
+    runners.plan_sidecar(plan).write_text("{}")
+    info = {"compute_capability": "9.0", "onnx": "an-older-export.onnx", "onnx_sha256": "f" * 64}
+    with pytest.raises(BundleError, match="python -m export tensorrt"):
+        record_plan(Bundle.load(copy), plan, info)
+
+    info.update(onnx=onnx.name, onnx_sha256=sha256_of(onnx))
+    bundle = record_plan(Bundle.load(copy), plan, info)
+    assert runners.current_export(bundle, "tensorrt", "float16", compute_capability="9.0").path == plan
+
+    _record_dummy_onnx(copy, "float16")  # exported again after the plan was built
+    with pytest.raises(BundleError, match="built from another ONNX.*python -m export tensorrt"):
+        runners.current_export(Bundle.load(copy, verify=True), "tensorrt", "float16", compute_capability="9.0")
