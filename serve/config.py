@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticUndefined
 
 from engines.gate import GateMode
@@ -26,11 +26,19 @@ BUNDLE_ENV = "ROREM_BUNDLE"
 DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
 
 
+def _not_a_bool(value):
+    """pydantic reads true as 1 (lax mode, which multipart fields, all text, need): `"quality": true` is a mistake."""
+    if isinstance(value, bool):
+        raise ValueError("a number, not true / false")
+    return value
+
+
+NotABool = BeforeValidator(_not_a_bool)
 # Bounds shared by the settings (the defaults) and the per-request options (serve/protocol.py), declared once.
-Dilation = Annotated[int, Field(ge=0, le=256)]
-GateThreshold = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)]
-Attempts = Annotated[int, Field(ge=1, le=8)]
-Quality = Annotated[int, Field(ge=1, le=100)]
+Dilation = Annotated[int, Field(ge=0, le=256), NotABool]
+GateThreshold = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False), NotABool]
+Attempts = Annotated[int, Field(ge=1, le=8), NotABool]
+Quality = Annotated[int, Field(ge=1, le=100), NotABool]
 BatchSize = Annotated[int, Field(ge=1, le=64)]
 BatchWait = Annotated[float, Field(ge=0.0, le=1.0)]
 

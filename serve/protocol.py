@@ -7,12 +7,12 @@ REST multipart fields, REST JSON keys and gRPC message fields are validated thro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.gate import GateMode
-from serve.config import Attempts, Dilation, GateThreshold, Quality
+from serve.config import Attempts, Dilation, GateThreshold, NotABool, Quality
 from serve.problems import MAX_LISTED, Problem
 
 
@@ -20,7 +20,7 @@ class RemoveOptions(BaseModel):
     """Per-request options: multipart form fields or JSON keys of the same names."""
 
     model_config = ConfigDict(extra="forbid")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="noise seed; random when absent")
+    seed: Annotated[int, NotABool] | None = Field(None, ge=0, le=2**63 - 1, description="noise seed; random when absent")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="png, jpeg or webp; else from Accept, else the input's format"
     )
@@ -32,7 +32,7 @@ class RemoveOptions(BaseModel):
     retain: bool | None = Field(
         None, description="keep this result for feedback (true) or never (false); default from config (retention)"
     )
-    timeout_s: float | None = Field(
+    timeout_s: Annotated[float, NotABool] | None = Field(
         None, gt=0, le=3600, description="answer 504 after this many seconds (at most the configured request_timeout_s)"
     )
 

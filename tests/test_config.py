@@ -290,6 +290,18 @@ def test_the_rendered_serve_configs_carry_the_live_knobs_in_user_config():
     }
 
 
+def test_a_json_true_or_false_is_not_taken_for_a_number():
+    """pydantic's lax mode (multipart fields are all text) reads true as 1: `"quality": true` asks for quality 1."""
+    from serve.problems import Problem
+    from serve.protocol import JSONRemoveBody, validate
+
+    for field in ("seed", "quality", "dilate", "gate_threshold", "max_attempts", "timeout_s"):
+        with pytest.raises(Problem, match=f"{field}: .*a number, not true / false"):
+            validate(JSONRemoveBody, {"image": "x", field: True})
+    fields = {"seed": "7", "quality": "90", "dilate": "4", "gate_threshold": "0.5", "max_attempts": "2", "timeout_s": "5"}
+    assert validate(JSONRemoveBody, {"image": "x", **fields}).quality == 90, "numbers as text, as multipart sends them"
+
+
 def test_request_options_and_settings_share_their_bounds():
     """One declaration per bound (serve.config): the settings' defaults and the per-request options agree."""
     from serve.protocol import RemoveOptions, ScoreOptions
