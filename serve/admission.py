@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from serve.problems import Problem
 
 RATE_WINDOW = 64  # completions the service rate is measured over
+# Problems answered after the model did all its work for the request: they count as results of the rate.
+AFTER_MODEL_WORK = frozenset({"removal-failed"})  # every gate attempt ran and scored below the threshold
 MIN_BUSY_S = 1.0  # below this much measured busy time the rate is unknown (admit by count only)
 
 
@@ -63,7 +65,7 @@ class ServiceRate:
 
 @dataclass
 class Place:
-    counted: bool = True
+    counted: bool | None = None  # None: by how the request ends (see Admission.slot)
 
 
 class Admission:
@@ -94,22 +96,24 @@ class Admission:
 
     @contextmanager
     def slot(self):
-        """Hold one of the replica's places in progress. The request counts as a result of the service rate only
-        if its body ends normally and does not set `counted` to False: refusals, errors, hang-ups and answers
-        without model work (an empty mask) take no model time, and counting them would make a loaded replica
-        look fast, so admit more than it can serve."""
+        """Hold one of the replica's places in progress. The request counts as a result of the service rate if
+        its body ends normally or with a problem answered after all its model work (AFTER_MODEL_WORK), unless it
+        set `counted`: refusals, errors, hang-ups and answers without model work (an empty mask) take no model
+        time, and counting them would make a loaded replica look fast (admitting more than it can serve); not
+        counting a gate's refusal would make it look slow."""
         self.check()
         self.rate.started(self.in_flight)
         self.in_flight += 1
-        place = Place()
+        place, result = Place(), False
         try:
             yield place
-        except BaseException:
-            place.counted = False
+            result = True
+        except Problem as problem:
+            result = problem.problem in AFTER_MODEL_WORK
             raise
         finally:
             self.in_flight -= 1
-            self.rate.finished(self.in_flight, place.counted)
+            self.rate.finished(self.in_flight, result if place.counted is None else place.counted)
 
     def check_deadline(self, timeout_s: float | None) -> None:
         """Refuse a request (already holding a slot) whose own deadline is shorter than the wait ahead of it."""

@@ -252,11 +252,8 @@ class AccessPolicy:
                 f"the Host {host[:100]!r} is not one this service answers (auth.allowed_hosts: "
                 f"{', '.join(sorted(self.allowed_hosts))})",
             )
-        if self.keys is None and method not in BODILESS_METHODS:
-            origin = headers.get("origin")
-            cross_site = headers.get("sec-fetch-site") == "cross-site"
-            if cross_site or (origin is not None and _origin_host(origin) != host.strip().lower()):
-                raise Problem("cross-site-request", "a request with a body is taken from this service's own pages only")
+        if self.keys is None and method not in BODILESS_METHODS and not _same_origin(headers, host):
+            raise Problem("cross-site-request", "a request with a body is taken from this service's own pages only")
 
     def check(self, headers, scope: str | None) -> StoredKey | None:
         """The caller's key (None while auth is off); `headers`: HTTP headers or a dict of gRPC metadata."""
@@ -309,14 +306,26 @@ class _Rule:
 
 
 def _host_name(host: str) -> str:
-    """The name of a Host header's value, without its port: "[::1]:8000" -> "[::1]"."""
+    """The name of a Host header's value, without its port or a trailing dot: "[::1]:8000" -> "[::1]"."""
     host = host.strip().lower()
-    return host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
+    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
+    return name.rstrip(".")
 
 
 def _origin_host(origin: str) -> str:
     """An Origin's host[:port], as a Host header names it: "http://localhost:8000" -> "localhost:8000"."""
     return origin.strip().lower().partition("://")[2]
+
+
+def _same_origin(headers, host: str) -> bool:
+    """Not sent by another site's page, as far as the browser tells: its Sec-Fetch-Site (which no page can set)
+    where it sends one, since a reverse proxy may rewrite Host (the page's Origin then differs from it); else
+    an Origin naming this Host, or none (not a browser)."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = headers.get("origin")
+    return origin is None or _origin_host(origin) == host.strip().lower()
 
 
 def requires(scope: str | None) -> Depends:

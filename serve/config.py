@@ -7,10 +7,11 @@ max_ongoing_requests, max_queued_requests, backpressure) live in the same YAML's
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
 from engines.gate import GateMode
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from engines.bundle import Bundle
 
 BUNDLE_ENV = "ROREM_BUNDLE"
+_HOST_NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")  # a DNS name or IPv4, or [IPv6]
 DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
 
 
@@ -277,6 +279,23 @@ class AuthSettings(_Strict):
         description="the Host names the keyed routes answer (DNS rebinding); null: loopback names while auth is "
         "off, any with auth on; \"*\": any",
     )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str] | None) -> list[str] | None:
+        """Names as a Host header carries them without its port: a port, an unbracketed IPv6 address or an empty
+        list would refuse every request."""
+        if hosts is None:
+            return None
+        if not hosts:
+            raise ValueError('auth.allowed_hosts is empty: every request would be refused (null: the default; "*": any)')
+        names = [host.strip().lower().rstrip(".") for host in hosts]
+        wrong = [h for h, name in zip(hosts, names) if name != "*" and not _HOST_NAME.fullmatch(name)]
+        if wrong:
+            raise ValueError(
+                f"auth.allowed_hosts {wrong}: host names without a port (rorem.internal, 10.0.0.5, [::1])"
+            )
+        return names
 
     @model_validator(mode="after")
     def _enabled_needs_keys(self) -> "AuthSettings":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -112,3 +113,15 @@ def test_refusals_errors_and_answers_without_model_work_do_not_make_a_loaded_rep
             place.counted = False
     assert admission.rate.per_second() == pytest.approx(1.0)
     assert admission.expected_wait_s() == pytest.approx(6.0)
+
+
+def test_a_gate_refusal_after_all_its_model_work_counts_as_a_result():
+    # half the requests end 422 removal-failed after every attempt ran: the model served them all at 1/s
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=10.0, clock=clock)
+    for n in range(20):
+        with pytest.raises(Problem) if n % 2 else contextlib.nullcontext(), admission.slot():
+            clock.now += 1.0
+            if n % 2:
+                raise Problem("removal-failed", "every attempt scored below the threshold")
+    assert admission.rate.per_second() == pytest.approx(1.0)

@@ -331,6 +331,15 @@ def test_without_keys_a_rebound_host_name_gets_nothing_and_probes_still_answer(m
     assert opened.get("/results", headers={"host": "rorem.internal:8000"}).status_code == 200
     assert opened.get("/results", headers={"host": "localhost:8000"}).status_code == 403
     assert _browser_app(monkeypatch, {"allowed_hosts": ["*"]}).get("/results", headers={"host": "a.b"}).status_code == 200
+    assert _browser_app(monkeypatch, {"allowed_hosts": ["Rorem.Internal."]}).get(
+        "/results", headers={"host": "rorem.internal.:8000"}
+    ).status_code == 200, "case and a trailing dot do not matter"
+
+
+@pytest.mark.parametrize("hosts", [[], ["rorem.internal:8000"], ["::1"], ["http://rorem.internal"], ["a b"]])
+def test_allowed_host_names_that_could_never_match_are_refused_at_start(hosts):
+    with pytest.raises(ValueError, match="allowed_hosts"):
+        AppSettings.model_validate({"auth": {"allowed_hosts": hosts}})
 
 
 def test_without_keys_another_website_cannot_post_through_the_users_browser(monkeypatch):
@@ -338,6 +347,9 @@ def test_without_keys_another_website_cannot_post_through_the_users_browser(monk
     own = {"origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}
     assert client.post("/remove", headers=own).status_code == 200
     assert client.post("/remove").status_code == 200, "curl, SDKs and gRPC send no Origin"
+    behind_a_proxy = {"host": "127.0.0.1:8000", "origin": "https://rorem.example.com", "sec-fetch-site": "same-origin"}
+    assert client.post("/remove", headers=behind_a_proxy).status_code == 200, "a proxy that rewrites Host (nginx)"
+    assert client.post("/remove", headers={"origin": "http://127.0.0.1:8000"}).status_code == 200, "no Sec-Fetch-*"
     for other in (
         {"origin": "http://localhost:3000", "sec-fetch-site": "cross-site"},
         {"origin": "http://127.0.0.1:3000", "sec-fetch-site": "same-site"},  # another port of the same machine

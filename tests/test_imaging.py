@@ -822,6 +822,30 @@ def test_start_of_scan_bytes_inside_segments_are_not_counted_as_scans():
         decode_image(data, DecodeLimits(max_jpeg_scans=3))
 
 
+
+def test_the_jpeg_marker_search_holds_the_gil_a_window_at_a_time(monkeypatch):
+    # the regex runs in C without letting go of the GIL: a crafted run of 0xFF fill after a scan header (29 MB:
+    # 670 ms in one call) stalled the event loop as long; each search must see at most one window
+    window = 4096
+    monkeypatch.setattr(imaging, "_JPEG_SEARCH_WINDOW", window)
+    spans = []
+
+    class Recorded:
+        def search(self, data, start, end):
+            spans.append(min(end, len(data)) - start)
+            return marker.search(data, start, end)
+
+    marker = imaging._JPEG_MARKER
+    monkeypatch.setattr(imaging, "_JPEG_MARKER", Recorded())
+    photo = encoded(Image.fromarray(photo_like(96, 128)), "JPEG", quality=95, progressive=True)
+    sos = photo.index(b"\xff\xda")
+    header_end = sos + 2 + int.from_bytes(photo[sos + 2 : sos + 4], "big")
+    assert not imaging._check_structure(photo[:header_end] + b"\xff" * (1 << 20), LIMITS, "image")
+    assert max(spans) <= window + 1 and len(spans) >= (1 << 20) // window
+    spans.clear()
+    assert imaging._check_structure(photo, LIMITS, "image"), "markers across a window's edge are still found"
+    np.testing.assert_array_equal(decode_image(photo, LIMITS).rgb, np.asarray(Image.open(io.BytesIO(photo))))
+
 @needs_imagecodecs
 def test_a_file_imagecodecs_refuses_goes_to_pillow(monkeypatch):
     def refuse(data):

@@ -10,6 +10,7 @@ import io
 import json
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
@@ -219,6 +220,38 @@ def test_saves_in_parallel_never_evict_each_others_new_results(tmp_path, clock):
     for result_id in saved:
         assert store.get(result_id).id == result_id
     assert store.count() == 3, "one labelled result made room for the two new ones"
+
+
+def test_a_save_landing_during_another_saves_limits_is_never_the_one_they_delete(tmp_path):
+    """The second interleaving (review of the fix above): save A inserts while save B's limits are selecting,
+    after B took its snapshot of the saves in progress. A must not be picked: it is the newest, its id on its way."""
+    moments = iter(T0 + dt.timedelta(seconds=n) for n in range(1000))
+    hook = {"armed": False}
+    saved_a: list[str] = []
+
+    def clock() -> dt.datetime:
+        if hook["armed"] and threading.current_thread() is threading.main_thread():
+            hook["armed"] = False  # B's limits are selecting (max_age_days reads the clock): A saves now
+            threading.Thread(target=lambda: saved_a.append(store.save(_new(b"A")))).start()
+            deadline = time.monotonic() + 1.0
+            while store.count() < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return next(moments)
+
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=2, max_age_days=365,
+        clock=clock,
+    )  # fmt: skip
+    for n in range(2):
+        store.add_feedback(store.save(_new(f"labelled {n}".encode())), "yes")
+    hook["armed"] = True
+    b = store.save(_new(b"B"))
+    deadline = time.monotonic() + 10
+    while not saved_a and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for result_id in (b, *saved_a):
+        assert store.get(result_id).id == result_id
+    assert len(saved_a) == 1 and store.count() == 2
 
 def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp_path, clock):
     from serve.retention.keeper import LocalStoreClient

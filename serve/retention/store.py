@@ -282,8 +282,18 @@ class RetentionStore:
             return self._enforce_limits(keep, ages_only, owner)
 
     def _enforce_limits(self, keep: str | None, ages_only: bool, owner: str | None) -> int:
+        # held through the selection: no save inserts between the snapshot of saves in progress and the picks
         with self._lock:
-            saving = list(self._saving | ({keep} if keep is not None else set()))
+            doomed = self._select(keep, ages_only, owner)
+        if not doomed:
+            return 0
+        deleted = self._delete_ids(doomed)
+        logger.info("retention limits: deleted %d result(s)", deleted)
+        return deleted
+
+    def _select(self, keep: str | None, ages_only: bool, owner: str | None) -> list[str]:
+        """The results `enforce_limits` deletes; with `_lock` held."""
+        saving = list(self._saving | ({keep} if keep is not None else set()))
         with Session(self.engine) as session:
             eligible = []
             doomed = []
@@ -305,11 +315,7 @@ class RetentionStore:
             total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
             over = total - len(doomed) - self.max_results if self.max_results is not None and counted else 0
             doomed += self._oldest(session, over, eligible)
-        if not doomed:
-            return 0
-        deleted = self._delete_ids(doomed)
-        logger.info("retention limits: deleted %d result(s)", deleted)
-        return deleted
+        return doomed
 
     # ------------------------------------------------------------ internals
 
