@@ -23,9 +23,9 @@ from engines import imaging
 from engines.errors import InputError
 from engines.gate import GatePolicy, ScorerUnavailable, max_crops
 from engines.jobs import RemovalJob, ScoreJob
-from engines.pipeline import CropSettings, Models, RemovalPipeline, Timings, outage_detail
+from engines.pipeline import CropSettings, Models, Prepared, RemovalPipeline, Timings, outage_detail
 from serve.config import AppSettings, GateSettings
-from serve.handles import answer_or_cancel
+from serve.handles import answer_or_cancel, within
 from serve.health import Readiness
 from serve.metrics import IngressMetrics
 from serve.problems import Problem
@@ -171,23 +171,16 @@ class RemovalService:
     async def remove(self, upload: RemovalRequest, accept: str = "", owner: str | None = None) -> RemovalReply:
         """`owner`: whose the retained result is (serve.auth.result_owner of the caller's key).
 
-        The request's deadline (its timeout_s, at most request_timeout_s) covers the wait for an image-work
-        slot, decode, model work and encode; a retained result's save is bounded by its own call timeout."""
+        The request's deadline (its timeout_s, at most request_timeout_s) counts from here: the wait for an
+        image-work slot and the decode count against it, and model work and encode are cut at it. The decode
+        itself is not cut (its own limits and decode_timeout_s bound it), so a bad upload is always answered
+        as such; a retained result's save comes after, bounded by its own call timeout."""
+        loop = asyncio.get_running_loop()
         options = upload.options
         retain = self.retention.wanted(options.retain)
         deadline_s = min(options.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
-        try:
-            reply, retained = await asyncio.wait_for(self._remove(upload, accept), timeout=deadline_s)
-        except asyncio.TimeoutError as exc:
-            raise Problem("timeout", f"no result within {deadline_s:g} s") from exc
-        if retain and retained is not None:
-            reply.result_id = await self.retention.keep(upload.image, *retained, owner)
-        return reply
-
-    async def _remove(self, upload: RemovalRequest, accept: str) -> tuple[RemovalReply, tuple | None]:
-        """The reply, and what a retained result is kept with (None: nothing was removed)."""
+        deadline = loop.time() + deadline_s
         timings = Timings()
-        options = upload.options
         gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
         policy = self._gate_policy(gate, options)
         prepared = await self._decode(
@@ -195,20 +188,35 @@ class RemovalService:
             max_crops(gate.max_model_calls, scored=self.has_scorer),
         )  # fmt: skip
         timings.lap("decode")
-        image = prepared.image
-        fmt = _output_format(options, accept, image.format)
+        fmt = _output_format(options, accept, prepared.image.format)
         try:
-            imaging.check_output(fmt, *image.rgb.shape[:2])  # before the model runs, not as a 500 from the encoder
+            imaging.check_output(fmt, *prepared.image.rgb.shape[:2])  # before the model runs, not from the encoder
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
-        quality = options.quality or self.settings.imaging.jpeg_quality
+        try:
+            reply = await within(self._remove(upload, prepared, fmt, gate, policy, timings), deadline - loop.time())
+        except asyncio.TimeoutError as exc:
+            raise Problem("timeout", f"no result within {deadline_s:g} s") from exc
+        if retain and reply.bucket is not None:
+            reply.result_id = await self.retention.keep(
+                upload.image, prepared.image.format, prepared.mask, reply, policy, upload.options, prepared.dilate,
+                owner,
+            )  # fmt: skip
+        return reply
 
+    async def _remove(
+        self, upload: RemovalRequest, prepared: Prepared, fmt: str, gate: GateSettings, policy: GatePolicy,
+        timings: Timings,
+    ) -> RemovalReply:  # fmt: skip
+        """Model work, paste and encode of a decoded request."""
+        options, image = upload.options, prepared.image
+        quality = options.quality or self.settings.imaging.jpeg_quality
         if not prepared.plans:
             body = upload.image
             if image.format != fmt:
                 body = await self.cpu.run(imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile)
                 timings.lap("encode")
-            return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings), None
+            return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
 
         seed = options.seed if options.seed is not None else random.getrandbits(63)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))
@@ -239,11 +247,10 @@ class RemovalService:
             imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile
         )
         timings.lap("encode")
-        reply = RemovalReply(
+        return RemovalReply(
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,
             gated.verdict, timings,
         )  # fmt: skip
-        return reply, (image.format, prepared.mask, reply, policy, options, prepared.dilate)
 
     async def score(self, upload: ScoreRequest) -> ScoreReply:
         if not self.has_scorer:
@@ -287,7 +294,7 @@ class RemovalService:
             job.result.cancel()  # not started yet: off the queue, its slot free
             raise
         try:
-            return await asyncio.wait_for(job.result, timeout=deadline_s)
+            return await within(job.result, deadline_s)
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
         except asyncio.TimeoutError as exc:
