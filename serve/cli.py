@@ -89,7 +89,8 @@ def host_names_note(config: dict) -> list[str]:
 
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     auth = config["applications"][0].get("args", {}).get("auth") or {}
-    if host in ("127.0.0.1", "localhost", "::1") or auth.get("enabled") or auth.get("allowed_hosts") is not None:
+    loopback = host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # Ray's config names IPv6 bare
+    if loopback or auth.get("enabled") or auth.get("allowed_hosts") is not None:
         return []
     return [
         f"listening on {host} without API keys: /remove and the other API routes answer only the Host names "

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 from starlette.datastructures import MutableHeaders
 
+from serve.handles import within
 from serve.problems import Problem
 
 LEDGER_NAME = "rorem-quota-ledger-v2"  # per application: LEDGER_NAME:<app>; bump the version with the actor's API
@@ -238,7 +239,7 @@ class RayLedger:
     async def acquire(self, key: str, limits: Limits, lease_s: float, lease: str | None) -> Decision:
         handle = await self.handle()
         try:
-            return await asyncio.wait_for(_awaited(handle.acquire.remote(key, limits, lease_s, lease)), CALL_TIMEOUT_S)
+            return await within(_awaited(handle.acquire.remote(key, limits, lease_s, lease)), CALL_TIMEOUT_S)
         except Exception:
             self._handle = None  # look it up again: it may have been replaced
             raise

@@ -279,15 +279,12 @@ class RetentionStore:
         other result whose save has not returned are never the ones that go. `ages_only` (the sweeper): only
         saves add results, so counting is theirs. Returns how many were deleted."""
         with self._limits_lock:
-            return self._enforce_limits(keep, ages_only, owner)
-
-    def _enforce_limits(self, keep: str | None, ages_only: bool, owner: str | None) -> int:
-        # held through the selection: no save inserts between the snapshot of saves in progress and the picks
-        with self._lock:
-            doomed = self._select(keep, ages_only, owner)
-        if not doomed:
-            return 0
-        deleted = self._delete_ids(doomed)
+            # held through the selection: no save inserts between the snapshot of saves in progress and the picks
+            with self._lock:
+                doomed = self._select(keep, ages_only, owner)
+            if not doomed:
+                return 0
+            deleted = self._delete_ids(doomed)
         logger.info("retention limits: deleted %d result(s)", deleted)
         return deleted
 
