@@ -125,8 +125,12 @@ def _downloaded(page) -> np.ndarray:
     return np.asarray(Image.open(download.value.path()).convert("RGB"))
 
 
-def _open_page(browser, url: str):
+def _open_page(browser, url: str, *, intercept_file_choosers: bool = False):
+    """`intercept_file_choosers` subscribes before the page loads: playwright turns interception on without
+    waiting, so a chooser opened soon after `expect_file_chooser` starts can slip past it (3 in 12 here)."""
     page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    if intercept_file_choosers:
+        page.on("filechooser", lambda chooser: None)
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on(
@@ -295,7 +299,7 @@ def test_mistakes_and_refusals_are_told_in_words(service, browser):
 
 @needs_chromium
 def test_a_photo_can_be_chosen_with_the_keyboard_alone(service, browser):
-    page, problems = _open_page(browser, service.url + "/playground")
+    page, problems = _open_page(browser, service.url + "/playground", intercept_file_choosers=True)
     for _ in range(6):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "file":
