@@ -266,6 +266,7 @@ def test_a_grant_the_request_stopped_waiting_for_is_given_back(monkeypatch):
             with contextlib.suppress(asyncio.CancelledError):
                 await waiting
         delay[0] = 0.0
+        await asyncio.sleep(0.3)  # the first grant (0.2 s) lands; the next acquire must not queue behind it
         held = await quotas_.acquire(key)
         assert held.allowed and held.in_flight == 1, "the hung-up requests' grants are still held"
         delay[0] = 0.3
