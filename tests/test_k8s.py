@@ -1175,10 +1175,25 @@ def test_every_container_runs_locked_down(kustomized, overlay):
             assert path in mounts, f"{overlay} {where}: nothing writable at {path}"
             assert set(volumes[mounts[path]]) == {"name", "emptyDir"}, f"{overlay} {where}: {path} is not an emptyDir"
         if where.startswith("RayService/"):
-            assert volumes.get("ray-logs", {}).get("emptyDir") == {} and mounts.get("/tmp/ray", "ray-logs") == "ray-logs", (
+            assert "emptyDir" in volumes.get("ray-logs", {}) and mounts.get("/tmp/ray", "ray-logs") == "ray-logs", (
                 "the head's /tmp/ray is the volume KubeRay also mounts into the autoscaler: it must be named ray-logs"
             )
     assert cluster["headGroupSpec"]["rayStartParams"].get("plasma-directory") is None, "KubeRay's /dev/shm emptyDir"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_scratch_volume_is_bounded(kustomized, overlay):
+    """Logs and spilled objects grow with traffic: an emptyDir without a sizeLimit can fill the node's disk and
+    get other tenants' pods evicted; with one, the kubelet evicts only the pod that outgrew it."""
+    scratch = {
+        f"{where}/{volume['name']}": volume["emptyDir"]
+        for where, spec in pod_specs(kustomized[overlay]).items()
+        for volume in spec.get("volumes", [])
+        if "emptyDir" in volume
+    }
+    assert len(scratch) == {"dev": 6, "prod": 8}[overlay], sorted(scratch)
+    unbounded = [name for name, volume in scratch.items() if "sizeLimit" not in volume]
+    assert unbounded == [], f"{overlay}: emptyDirs without a sizeLimit"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
