@@ -27,11 +27,12 @@ def open_bundle(
 ) -> Bundle:
     """Exactly one of `path` / `authors` names a real bundle; neither means the tiny bundle (always float32).
     `prompt` and `import_dtype` (None: "" and float16) are baked in when a bundle is written; a bundle folder
-    has them already, and one asked for must be its own."""
+    has them already, and one asked for must be its own. `verify` hashes every file but the weights, which
+    the caller loads through `Bundle.read` and so hashes as they are read."""
     if path and authors:
         raise ValueError("configure either a bundle path or the authors' layout, not both")
     if path:
-        bundle = Bundle.load(Path(path).expanduser(), verify=verify)
+        bundle = Bundle.load(Path(path).expanduser(), verify=verify, hash_weights=False)
         _refuse_other_baked_settings(bundle, prompt=prompt, import_dtype=import_dtype)
         return bundle
     prompt = prompt or ""
@@ -49,7 +50,7 @@ def open_bundle(
         target = cache / f"imported-{hashlib.sha256(described.encode()).hexdigest()[:16]}"
         with FileLock(str(target) + ".lock"):
             if (target / MANIFEST).is_file():
-                return Bundle.load(target, verify=verify)
+                return Bundle.load(target, verify=verify, hash_weights=False)
             return import_authors_layout(authors, target, prompt=prompt, dtype=dtype, file_sha256=hashes.of)
     from engines.tiny import tiny_bundle
 

@@ -107,7 +107,8 @@ class BundleSettings(_Strict):
     tiny_seed: int = Field(0, description="seed of the tiny bundle's random weights")
     verify: bool = Field(
         True,
-        description="check sha256 of every bundle file at start (the weights loaded are checked as read either way)",
+        description="check every bundle file at start: inside the folder, its size and (exports) its sha256; the "
+        "weights' sha256 is checked as they are read either way",
     )
 
     def is_tiny(self) -> bool:

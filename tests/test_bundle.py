@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from engines.authors_layout import AuthorsLayout, encode_constant_prompt, fetch, import_authors_layout
 from engines.bundle import (
+    HASHED_AS_READ,
     DISCRIMINATOR_PROMPT_EMBEDS,
     DISCRIMINATOR_WEIGHTS,
     MANIFEST,
@@ -201,3 +202,36 @@ def test_a_manifest_naming_a_file_outside_the_bundle_folder_is_refused(tiny_bund
     for verify in (True, False):
         with pytest.raises(BundleError, match="inside the bundle folder"):
             Bundle.load(copy, verify=verify)
+
+
+def test_a_serving_start_hashes_the_weights_once_as_read_and_every_other_file_at_open(tiny_bundle, tmp_path, monkeypatch):
+    """Hashing the weights in `verify` and again in `read` cost an SDXL replica a second pass over ~10 GB."""
+    import engines.bundle
+    from engines.sources import open_bundle
+
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    weights = copy / UNET_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, other bytes
+    hashed_at_open = []
+    real_sha256_of = engines.bundle.sha256_of
+    monkeypatch.setattr(engines.bundle, "sha256_of", lambda path: hashed_at_open.append(path) or real_sha256_of(path))
+
+    bundle = open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache")
+    assert not any(str(path).endswith(tuple(HASHED_AS_READ)) for path in hashed_at_open), hashed_at_open
+    with pytest.raises(BundleError, match=f"{UNET_WEIGHTS}: sha256 differs"):
+        bundle.load_unet()  # what is loaded is still hashed
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.load(copy)  # a full verify (the weights Job, `bundle verify`) hashes every file
+
+    weights.write_bytes((tiny_bundle.path / UNET_WEIGHTS).read_bytes())
+    export = copy / "exports" / "unet.onnx"  # a file loaded by path: hashed at open
+    export.parent.mkdir()
+    export.write_bytes(b"graph")
+    entry = {"sha256": real_sha256_of(export), "bytes": 5}
+    _edit_manifest(copy, lambda m: m["files"].update({"exports/unet.onnx": entry}))
+    assert open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache").load_unet() is not None
+    export.write_bytes(b"GRAPH")
+    with pytest.raises(BundleError, match="exports/unet.onnx: sha256 differs"):
+        open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache")
