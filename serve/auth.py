@@ -22,6 +22,11 @@ user's loopback, and, by DNS rebinding (its own name resolving to 127.0.0.1), re
 auth is off, the routes that declare a scope answer only Host names in `auth.allowed_hosts` (loopback names
 by default: 403 `host-not-allowed`), and a request with a body only from the service's own origin (403
 `cross-site-request`). Keyed requests need neither: a key is not sent by the browser on its own.
+
+gRPC has no browser risk but another: Ray's gRPC proxy listens on every interface whatever the HTTP host is.
+So while auth is off and the service was started to listen on loopback only (`python -m serve run` without
+`--host`: the CLI sets GRPC_LOOPBACK_ONLY_ENV), gRPC answers loopback peers only (403 `host-not-allowed`,
+PERMISSION_DENIED): a keyless service on a laptop is not the whole network's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -226,21 +232,43 @@ def presented_key(headers) -> str | None:
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+GRPC_LOOPBACK_ONLY_ENV = "ROREM_GRPC_LOOPBACK_ONLY"  # "1": set by the CLI for the Ray processes it starts
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """A gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path") names this machine."""
+    kind, _, address = (peer or "").partition(":")
+    if kind == "unix":
+        return True
+    if kind == "ipv6" and address.startswith("["):
+        address = address[1 : address.find("]")]
+    elif kind == "ipv4":
+        address = address.rpartition(":")[0]
+    else:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 class AccessPolicy:
     """What the ingress enforces: a key with the declared scope while auth is on; a Host and an origin that are
     not another website's while it is off."""
 
-    def __init__(self, keys: ApiKeys | None, allowed_hosts: Iterable[str] | None = None):
+    def __init__(
+        self, keys: ApiKeys | None, allowed_hosts: Iterable[str] | None = None, grpc_loopback_only: bool = False
+    ):
         self.keys = keys
         hosts = allowed_hosts if allowed_hosts is not None or keys is not None else LOOPBACK_HOSTS
         self.allowed_hosts = None if hosts is None or "*" in hosts else frozenset(h.lower() for h in hosts)
+        self.grpc_loopback_only = grpc_loopback_only and keys is None
 
     @classmethod
     def from_settings(cls, auth, on_error: Callable[[], None] | None = None) -> AccessPolicy:
         if not auth.enabled:
-            return cls(None, auth.allowed_hosts)
+            return cls(None, auth.allowed_hosts, os.environ.get(GRPC_LOOPBACK_ONLY_ENV) == "1")
         return cls(ApiKeys(auth.keys_file, auth.reload_interval_s, on_error), auth.allowed_hosts)
 
     def check_browser(self, headers, method: str) -> None:
@@ -268,7 +296,15 @@ class AccessPolicy:
             return await asyncio.to_thread(self.check, headers, scope)
         return self.check(headers, scope)
 
-    async def check_grpc(self, scope: str | None, metadata: Iterable[tuple[str, str]]) -> StoredKey | None:
+    async def check_grpc(
+        self, scope: str | None, metadata: Iterable[tuple[str, str]], peer: str = ""
+    ) -> StoredKey | None:
+        if self.grpc_loopback_only and not is_loopback_peer(peer):
+            raise Problem(
+                "host-not-allowed",
+                "without API keys this service answers gRPC from this machine only (it was started to listen on "
+                "loopback): start it with --host 0.0.0.0 to serve other machines, or turn keys on",
+            )
         headers: dict[str, str] = {}
         for name, value in metadata or ():
             headers.setdefault(name.lower(), value)  # the first of repeated entries, as HTTP headers are read

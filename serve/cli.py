@@ -82,6 +82,24 @@ def fit_to_machine(
     return notes
 
 
+def _keyless_on_loopback(config: dict) -> tuple[bool, bool]:
+    """(auth is on, the HTTP listener is loopback only) for this config."""
+    from serve.auth import LOOPBACK_HOSTS
+
+    host = config.get("http_options", {}).get("host", "127.0.0.1")
+    auth = config["applications"][0].get("args", {}).get("auth") or {}
+    return bool(auth.get("enabled")), host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # IPv6 bare
+
+
+def grpc_access_env(config: dict) -> dict[str, str]:
+    """Ray's gRPC proxy listens on every interface: while keys are off and HTTP listens on loopback only, the
+    Ingress answers gRPC from loopback peers only (serve.auth), so the two APIs are reachable alike."""
+    from serve.auth import GRPC_LOOPBACK_ONLY_ENV
+
+    keys_on, loopback = _keyless_on_loopback(config)
+    return {GRPC_LOOPBACK_ONLY_ENV: "1" if loopback and not keys_on else "0"}
+
+
 def host_names_note(config: dict) -> list[str]:
     """Listening beyond loopback without keys: the keyed routes still answer only loopback Host names (serve.auth,
     DNS rebinding), which a client on another machine does not send; say so at the start, not as a 403 later."""
@@ -89,13 +107,16 @@ def host_names_note(config: dict) -> list[str]:
 
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     auth = config["applications"][0].get("args", {}).get("auth") or {}
-    loopback = host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # Ray's config names IPv6 bare
-    if loopback or auth.get("enabled") or auth.get("allowed_hosts") is not None:
+    keys_on, loopback = _keyless_on_loopback(config)
+    if loopback or keys_on:
         return []
+    grpc = "gRPC answers every machine that reaches its port (turn keys on to choose who may call)"
+    if auth.get("allowed_hosts") is not None:
+        return [f"listening on {host} without API keys: {grpc}"]
     return [
         f"listening on {host} without API keys: /remove and the other API routes answer only the Host names "
         f"{', '.join(LOOPBACK_HOSTS)}; set auth.allowed_hosts in the config to the names clients use "
-        "(or turn keys on: docs/api.md, Access control)"
+        f"(or turn keys on: docs/api.md, Access control); {grpc}"
     ]
 
 
@@ -259,8 +280,9 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
 def wait_until_ready(
     base_url: str, instance: str, child: subprocess.Popen, timeout_s: float, stop: StopRequest
 ) -> dict | None:
-    """/readyz's answer once the model is ready and /healthz says it is this instance; None if the
-    launcher exits, a stop is requested or time runs out. Another instance answering is an error."""
+    """/readyz's answer once every model deployment is up (not merely "degraded": READY means the whole
+    service) and /healthz says it is this instance; None if the launcher exits, a stop is requested or time
+    runs out. Another instance answering is an error."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and child.poll() is None and not stop.requested.is_set():
         try:
@@ -278,7 +300,9 @@ def wait_until_ready(
             raise ForeignInstance(
                 f"{base_url} is answered by another instance ({answering!r}), not this one ({instance})"
             )
-        return ready
+        if ready.get("status") == "ready":
+            return ready
+        stop.requested.wait(1)
     return None
 
 
@@ -478,7 +502,10 @@ def run(argv: list[str] | None = None) -> int:
         instance = uuid.uuid4().hex
         drain_flag = work / "draining"
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
-        env = {**os.environ, **proxy_env(app.get("args")), INSTANCE_ENV: instance, DRAIN_FLAG_ENV: str(drain_flag)}
+        env = {
+            **os.environ, **proxy_env(app.get("args")), **grpc_access_env(config), INSTANCE_ENV: instance,
+            DRAIN_FLAG_ENV: str(drain_flag),
+        }  # fmt: skip
         stop = StopRequest()
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)

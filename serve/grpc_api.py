@@ -125,7 +125,7 @@ class GrpcMethods:
         request_id = serve_request_id() or valid_request_id(context.request_id())
         quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
         try:
-            principal = await self.access.check_grpc(scope, context.invocation_metadata())
+            principal = await self.access.check_grpc(scope, context.invocation_metadata(), context.peer())
             quota = await self.quotas.acquire(principal)
             if quota is not None:
                 quota.check()

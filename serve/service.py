@@ -156,16 +156,23 @@ class RemovalService:
         self.settings = settings  # swapped whole by Ingress.reconfigure (the gate); ServeModels reads only static knobs
 
     async def ready(self) -> dict:
-        """Both model deployments have a running replica (the Scorer only where one is deployed), as Serve
-        publishes it: never asked through the model queues, so a saturated Remover stays ready."""
+        """The deployments the service cannot answer without have a running replica, as Serve publishes it:
+        never asked through the model queues, so a saturated Remover stays ready. The Scorer is one of them
+        only when the gate fails closed for its mode; otherwise its absence is "degraded" (results go out
+        unscored, as gate.on_scorer_error promises): in Kubernetes readiness is every worker pod's, and a lost
+        Scorer replica must not take every pod out of the Services."""
         missing = await self.readiness.missing()
-        if missing:
-            raise Problem("not-ready", f"no running replica yet: {', '.join(missing)}", headers=self._retry_after)
+        gate = self.settings.gate
+        scorer_needed = gate.on_scorer_error == "fail_closed" and gate.mode in ("retry", "reject")
+        blocking = [name for name in missing if name != "Scorer" or scorer_needed]
+        if blocking:
+            raise Problem("not-ready", f"no running replica yet: {', '.join(blocking)}", headers=self._retry_after)
         return {
-            "status": "ready",
+            "status": "degraded" if missing else "ready",
+            "missing": missing,
             "model": self.readiness.descriptions["Remover"],
             "scorer": self.readiness.descriptions.get("Scorer"),
-            "gate": self.settings.gate.model_dump(),
+            "gate": gate.model_dump(),
         }
 
     async def remove(self, upload: RemovalRequest, accept: str = "", owner: str | None = None) -> RemovalReply:

@@ -118,9 +118,48 @@ def test_listening_beyond_loopback_without_keys_says_which_host_names_are_answer
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=2) == []
     (note,) = fit_to_machine(config, bundle=None, host="0.0.0.0", port=None, gpus=2)
-    assert "0.0.0.0 without API keys" in note and "auth.allowed_hosts" in note
+    assert "0.0.0.0 without API keys" in note and "auth.allowed_hosts" in note and "gRPC answers every" in note
     config["applications"][0]["args"]["auth"] = {"allowed_hosts": ["gpu-box.lan"]}
+    (note,) = fit_to_machine(config, bundle=None, host="0.0.0.0", port=None, gpus=2)
+    assert "allowed_hosts" not in note and "gRPC answers every machine" in note
+    config["applications"][0]["args"]["auth"] = {"enabled": True, "keys_file": "keys.yaml"}
     assert fit_to_machine(config, bundle=None, host="0.0.0.0", port=None, gpus=2) == []
+
+
+def test_grpc_answers_loopback_peers_only_where_http_listens_on_loopback_without_keys(monkeypatch):
+    """Ray's gRPC proxy binds every interface: `make serve` (HTTP on 127.0.0.1, no keys) must not hand the
+    network a keyless gRPC port (two reviews reached Remove from another address)."""
+    import asyncio
+
+    from serve.auth import GRPC_LOOPBACK_ONLY_ENV, AccessPolicy, is_loopback_peer
+    from serve.cli import grpc_access_env
+    from serve.config import AuthSettings
+    from serve.problems import Problem
+
+    config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "1"}
+    config["http_options"]["host"] = "0.0.0.0"
+    assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "0"}, "as reachable as HTTP, which the note says"
+    config["http_options"]["host"] = "::1"
+    config["applications"][0]["args"]["auth"] = {"enabled": True, "keys_file": "keys.yaml"}
+    assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "0"}, "keys decide who may call"
+
+    for peer in ("ipv4:127.0.0.1:5000", "ipv4:127.3.4.5:1", "ipv6:[::1]:5000", "ipv6:[::ffff:127.0.0.1]:80", "unix:/s"):
+        assert is_loopback_peer(peer), peer
+    for peer in ("ipv4:192.0.2.2:5000", "ipv6:[2001:db8::1]:5000", "ipv6:[::ffff:192.0.2.2]:80", "", "ipv4:junk"):
+        assert not is_loopback_peer(peer), peer
+
+    monkeypatch.setenv(GRPC_LOOPBACK_ONLY_ENV, "1")
+    policy = AccessPolicy.from_settings(AuthSettings())
+    monkeypatch.delenv(GRPC_LOOPBACK_ONLY_ENV)
+    assert asyncio.run(policy.check_grpc("remove", [], "ipv4:127.0.0.1:5000")) is None
+    try:
+        asyncio.run(policy.check_grpc("remove", [], "ipv4:192.0.2.2:5000"))
+    except Problem as problem:
+        assert problem.problem == "host-not-allowed" and problem.kind.grpc_code == "PERMISSION_DENIED"
+    else:
+        raise AssertionError("a keyless gRPC call from another machine was answered")
+    assert asyncio.run(AccessPolicy.from_settings(AuthSettings()).check_grpc("remove", [], "ipv4:192.0.2.2:1")) is None
 
 def test_gpu_requests_that_fit_are_left_as_configured():
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))

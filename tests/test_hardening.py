@@ -294,10 +294,23 @@ def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upl
     assert closed.headers["retry-after"] == "3"
     annotated = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
     assert annotated.status_code == 200 and annotated.headers["x-gate"] == "unscored"
-    _wait_unready(hardened)
-    _wait_ready(hardened)
+    # the default mode (annotate) answers without the Scorer: the pods stay ready, marked degraded
+    degraded = _wait_status(hardened, "degraded")
+    assert degraded["missing"] == ["Scorer"], degraded
+    _wait_status(hardened, "ready", timeout_s=180.0)
     scored = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
     assert scored.headers["x-gate"] in ("passed", "failed") and "x-removal-score" in scored.headers
+
+
+def _wait_status(service, status: str, timeout_s: float = 10.0) -> dict:
+    """/readyz's body once its status is `status` (200 answers: "ready", or "degraded" without the Scorer)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        answer = httpx.get(service.url + "/readyz", timeout=10)
+        if answer.status_code == 200 and answer.json()["status"] == status:
+            return answer.json()
+        time.sleep(0.25)
+    pytest.fail(f"/readyz did not say {status!r} within {timeout_s} s: {answer.status_code} {answer.text}")
 
 
 def _wait_unready(service, timeout_s: float = 10.0) -> list[int]:

@@ -87,6 +87,42 @@ def test_a_port_answered_in_http2_is_reported_as_someone_else_not_retried_until_
             launcher.wait()
 
 
+def test_ready_is_printed_once_the_scorer_is_up_too_not_while_degraded():
+    """/readyz is 200 "degraded" while only the Scorer is missing (the pods stay in the Services); the CLI's READY
+    means the whole service, so it waits on."""
+    import http.server
+    import json
+    import threading
+
+    answers = iter([{"status": "degraded", "missing": ["Scorer"]}] * 2 + [{"status": "ready", "missing": []}] * 9)
+    asked = []
+
+    class Probe(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = next(answers) if self.path == "/readyz" else {"status": "alive", "instance": "me"}
+            asked.append((self.path, body.get("status")))
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Probe)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ready = wait_until_ready(f"http://127.0.0.1:{server.server_port}", "me", launcher, 20, StopRequest())
+    finally:
+        launcher.kill()
+        launcher.wait()
+        server.shutdown()
+    assert ready["status"] == "ready"
+    assert [status for path, status in asked if path == "/readyz"] == ["degraded", "degraded", "ready"]
+
+
 def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     config = serve_test_config(tmp_path)
     path = tmp_path / "serve.yaml"

@@ -425,3 +425,42 @@ def test_post_score_waits_the_request_timeout_while_gate_scoring_waits_the_score
         return await service.score_pipeline.models.score(job)
 
     assert asyncio.run(gate_then_request()) == 0.9
+
+
+class _PublishedStates:
+    """serve.health.Readiness as the service asks it: which deployments have no running replica."""
+
+    def __init__(self, missing: list[str]):
+        self.missing_now = missing
+        self.descriptions = {"Remover": {"name": "Remover"}, "Scorer": {"name": "Scorer"}}
+
+    async def missing(self) -> list[str]:
+        return list(self.missing_now)
+
+
+@pytest.mark.parametrize(
+    "gate, missing, expected",
+    [
+        ({}, [], "ready"),
+        ({}, ["Scorer"], "degraded"),  # fail_open: results go out unscored
+        ({"on_scorer_error": "fail_closed", "mode": "annotate"}, ["Scorer"], "degraded"),  # unscored either way
+        ({"on_scorer_error": "fail_closed", "mode": "off"}, ["Scorer"], "degraded"),
+        ({"on_scorer_error": "fail_closed", "mode": "retry"}, ["Scorer"], "not-ready"),
+        ({"on_scorer_error": "fail_closed", "mode": "reject"}, ["Scorer"], "not-ready"),
+        ({}, ["Remover"], "not-ready"),
+        ({}, ["Remover", "Scorer"], "not-ready"),
+    ],
+)
+def test_readiness_needs_the_scorer_only_where_the_gate_cannot_answer_without_it(gate, missing, expected):
+    """In Kubernetes every worker pod's readiness is /readyz: were a lost Scorer replica to fail it where the
+    gate answers unscored (fail_open, the default), every pod would leave the Services at once, a full outage
+    where the docs promise `X-Gate: unscored`."""
+    service = _service(FakeModels(), **gate)
+    service.readiness = _PublishedStates(missing)
+    try:
+        answer = asyncio.run(service.ready())
+    except Problem as problem:
+        assert problem.kind.slug == expected, problem.detail
+        assert problem.headers["Retry-After"]
+        return
+    assert (answer["status"], answer["missing"]) == (expected, missing)
