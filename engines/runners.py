@@ -141,6 +141,9 @@ def _import_onnxruntime():
     return onnxruntime
 
 
+_ORT_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 def default_ort_providers(device: torch.device, available: list[str]) -> list[str]:
     """CUDA (then CPU) on a CUDA device, CPU otherwise.
 
@@ -148,9 +151,21 @@ def default_ort_providers(device: torch.device, available: list[str]) -> list[st
     and again for every new shape unless given profiles; the TensorRT runner does that properly.
     Pass providers=["TensorrtExecutionProvider", ...] to use it anyway.
     """
-    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+    if device.type == "cuda":
+        require_ort_gpu_provider(device, available, available)
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def require_ort_gpu_provider(device: torch.device, active: list[str], available: list[str]) -> None:
+    """An ONNX session meant for a GPU that would run on the CPU is refused: the CPU-only onnxruntime wheel
+    falls back without a word, and an SDXL UNet on CPU cores misses every deadline (and trips hung_after_s)."""
+    if device.type == "cuda" and not set(active) & set(_ORT_GPU_PROVIDERS):
+        raise RuntimeError(
+            f"the ONNX runner was asked for {device}, but ONNX Runtime would run on the CPU (providers here: "
+            f"{', '.join(available)}): install onnxruntime-gpu in place of onnxruntime, or serve with "
+            "engine.runner: torch"
+        )
 
 
 class OnnxUNetRunner:
@@ -186,6 +201,7 @@ class OnnxUNetRunner:
                 for p in providers
             ]
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        require_ort_gpu_provider(self.device, self.session.get_providers(), ort.get_available_providers())
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         if set(inputs) != set(UNET_INPUTS) or outputs != [UNET_OUTPUT]:

@@ -317,6 +317,21 @@ def test_removal_engine_serves_through_the_tensorrt_runner(tiny_bundle, tiny_pla
     assert diff.max() <= 3 and diff.mean() < 0.2
 
 
+def test_an_onnx_runner_meant_for_a_gpu_never_runs_on_the_cpu():
+    """The image's onnxruntime is the CPU wheel unless onnxruntime-gpu replaces it: an ONNX UNet asked for cuda
+    used to fall back to the CPU without a word (an SDXL batch in minutes, the replica restarted as hung)."""
+    from engines.runners import default_ort_providers, require_ort_gpu_provider
+
+    cuda, cpu_only = torch.device("cuda", 0), ["AzureExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="install onnxruntime-gpu in place of onnxruntime"):
+        default_ort_providers(cuda, cpu_only)
+    with pytest.raises(RuntimeError, match="would run on the CPU"):  # listed, but its libraries failed to load
+        require_ort_gpu_provider(cuda, ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_ort_providers(cuda, ["CUDAExecutionProvider", *cpu_only])[0] == "CUDAExecutionProvider"
+    assert default_ort_providers(torch.device("cpu"), cpu_only) == ["CPUExecutionProvider"]
+    require_ort_gpu_provider(torch.device("cpu"), ["CPUExecutionProvider"], cpu_only)
+
+
 @pytest.fixture(scope="module")
 def ort_cuda():
     if not torch.cuda.is_available():
