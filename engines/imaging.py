@@ -19,7 +19,7 @@ import re
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
@@ -476,8 +476,9 @@ def _split_pixels_alpha(
     has_alpha = mode in _ALPHA_MODES or "transparency" in img.info
     if mode == "L" and not has_alpha:
         return np.array(img), None
+    target = "RGBA" if has_alpha else "RGB"
     try:
-        converted = img.convert("RGBA" if has_alpha else "RGB")
+        converted = img if mode == target else img.convert(target)  # convert copies even to its own mode
     except ValueError as exc:
         raise invalid(f"the {what} uses an unsupported pixel mode {mode!r}") from exc
     pixels = np.asarray(converted)
@@ -487,18 +488,39 @@ def _split_pixels_alpha(
     return np.ascontiguousarray(pixels[..., :3]), (alpha.copy() if alpha.min() < 255 else None)
 
 
+_SCALE_BLOCK_PIXELS = 1 << 20  # 16-bit and float samples are scaled this many at a time
+
+
+def _blocks(values: np.ndarray) -> Iterator[slice]:
+    """Row blocks of about _SCALE_BLOCK_PIXELS: whole-array temporaries in uint32 / float32 made a 0.1 MB
+    40 MP 16-bit PNG cost ~600 MB at its peak, five times an 8-bit one."""
+    rows = max(1, _SCALE_BLOCK_PIXELS // max(1, values[:1].size))
+    return (slice(start, start + rows) for start in range(0, values.shape[0], rows))
+
+
 def _scale_16bit(values: np.ndarray) -> np.ndarray:
     """Map 0..65535 onto 0..255 with rounding (65535 -> 255, 32896 -> 128); out-of-range values clip."""
-    clipped = np.clip(values, 0, 65535).astype(np.uint32)
-    return ((clipped * 255 + 32767) // 65535).astype(np.uint8)
+    out = np.empty(values.shape, np.uint8)
+    for rows in _blocks(values):
+        clipped = np.clip(values[rows], 0, 65535).astype(np.uint32)
+        out[rows] = (clipped * 255 + 32767) // 65535
+    return out
 
 
 def _scale_float(values: np.ndarray) -> np.ndarray:
     """Float images are 0..1 when they fit in it, otherwise taken as 0..255."""
-    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-    if values.size and values.max() <= 1.0:
-        values = values * 255.0
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+    def finite(block: np.ndarray) -> np.ndarray:
+        return np.nan_to_num(block.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+
+    fits_unit = values.size > 0 and max(float(finite(values[rows]).max()) for rows in _blocks(values)) <= 1.0
+    out = np.empty(values.shape, np.uint8)
+    for rows in _blocks(values):
+        block = finite(values[rows])
+        if fits_unit:
+            block *= 255.0
+        out[rows] = np.clip(np.rint(block), 0, 255)
+    return out
 
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:

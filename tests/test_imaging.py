@@ -141,6 +141,34 @@ def test_float_tiff_is_read_as_unit_range_or_clipped(values, expected):
     np.testing.assert_array_equal(decoded.rgb[0, :, 2], expected)
 
 
+@pytest.mark.parametrize(("mode", "most_bytes_per_pixel"), [("I;16", 8), ("F", 12)])
+def test_deep_samples_are_scaled_a_block_at_a_time(monkeypatch, mode, most_bytes_per_pixel):
+    """A 12 KB 4 MP 16-bit PNG peaked at 14 bytes per pixel in whole-array uint32 temporaries (a 40 MP one:
+    ~600 MB of the ingress, five times an 8-bit one); scaled in blocks, the values stay the same."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 65536, (37, 53)).astype(np.uint16 if mode == "I;16" else np.float32)
+    if mode == "F":
+        small /= 65535.0
+        small[0, :4] = [np.nan, np.inf, -np.inf, 0.25]
+    whole = decode_image(encoded(Image.fromarray(small), "PNG" if mode == "I;16" else "TIFF"), LIMITS).rgb
+    monkeypatch.setattr(imaging, "_SCALE_BLOCK_PIXELS", 100, raising=False)  # a block is ~2 rows: many blocks, a ragged last one
+    blocked = decode_image(encoded(Image.fromarray(small), "PNG" if mode == "I;16" else "TIFF"), LIMITS).rgb
+    np.testing.assert_array_equal(blocked, whole)
+    monkeypatch.undo()
+
+    big = Image.new(mode, (2000, 2000), 40000 if mode == "I;16" else 0.5)
+    data = encoded(big, "PNG" if mode == "I;16" else "TIFF")
+    tracemalloc.start()
+    try:
+        decode_image(data, LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / (2000 * 2000) < most_bytes_per_pixel, f"{peak / 4e6:.1f} bytes per pixel at the peak"
+
+
 def test_one_bit_image_is_black_and_white():
     checker = (np.indices((8, 8)).sum(axis=0) % 2).astype(bool)
     decoded = decode_image(encoded(Image.fromarray(checker)), LIMITS)
