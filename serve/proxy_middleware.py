@@ -28,6 +28,10 @@ and Drain read their settings from that environment too; without them they are n
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
   request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the client has gone,
   X-Session-Id and serve_multiplexed_model_id steer routing) are dropped: no client of this API may set them.
+- RayAnswers: what Ray's proxy answers on its own, in plain text (a full Ingress queue: 503 "Request
+  dropped due to backpressure"; no running Ingress replica: 503; a path outside every route prefix: 404;
+  Ray's 429), becomes the app's problem+json of the same status, so a client reads one error format. The
+  app itself never answers in text/plain.
 - Drain: `python -m serve run` stops by creating the drain flag file: from then on new HTTP requests
   are answered 503 at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
   a response then are answered 503 too, so the service can stop without cutting a connection.
@@ -61,7 +65,7 @@ def middlewares() -> list:
     """The callback Ray's proxy calls: Starlette Middleware objects, outermost last."""
     from starlette.middleware import Middleware
 
-    stack = [Middleware(HeaderGuard)]
+    stack = [Middleware(RayAnswers), Middleware(HeaderGuard)]
     limit = os.environ.get(BODY_LIMIT_ENV)
     if limit:
         timeout, held = os.environ.get(BODY_TIMEOUT_ENV), os.environ.get(BUFFER_ENV)
@@ -139,6 +143,46 @@ class HeaderGuard:
             if len(kept) != len(headers):
                 scope = {**scope, "headers": kept}
         await self.app(scope, receive, send)
+
+
+class RayAnswers:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: list[dict] = []
+
+        async def rewriting_send(message):
+            if message["type"] == "http.response.start" and _from_ray(message):
+                held.append(message)
+                return
+            if not held:
+                return await send(message)
+            held.append(message)
+            if not message.get("more_body", False):
+                await _problem(send, _ray_problem(held))
+
+        await self.app(scope, receive, rewriting_send)
+
+
+def _from_ray(start: dict) -> bool:
+    headers = dict((name.lower(), value) for name, value in start.get("headers", []))
+    return start["status"] in _RAY_KINDS and headers.get(b"content-type", b"").startswith(b"text/plain")
+
+
+def _ray_problem(messages: list[dict]) -> Problem:
+    start = messages[0]
+    text = b"".join(m.get("body", b"") for m in messages[1:]).decode("utf-8", "replace").strip()
+    kind = "overloaded" if start["status"] == 503 and "backpressure" in text else _RAY_KINDS[start["status"]]
+    retry_after = dict((n.lower(), v) for n, v in start.get("headers", [])).get(b"retry-after")
+    headers = {"Retry-After": retry_after.decode() if retry_after else str(RETRY_AFTER_S)} if start["status"] != 404 else {}
+    return Problem(kind, f"{text[:300]} (at the proxy)", headers)
+
+
+# Ray's own plain-text answers (ray/serve/_private/http_util.py) and the app's kind of the same status
+_RAY_KINDS = {404: "not-found", 429: "too-many-requests", 503: "not-ready"}
 
 
 class BodyBuffer:

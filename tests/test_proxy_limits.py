@@ -472,3 +472,43 @@ def test_a_client_cannot_lift_the_proxys_timeout_or_keep_work_running_after_it_h
     asyncio.run(HeaderGuard(app)({"type": "http", "headers": headers}, None, None))
     assert seen == [{b"host": b"h", b"x-request-id": b"abc"}]
     assert parse_request_timeout_header(seen[0], 180.0) == 180.0 and not parse_disconnect_disabled_header(seen[0])
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "headers", "kind", "retry_after"),
+    [
+        (503, "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).", [(b"retry-after", b"2")], "overloaded", "2"),
+        (503, "Deployment 'Ingress' in application 'rorem' is unavailable.", [], "not-ready", "2"),
+        (404, "Path '/nowhere' not found. Ping http://.../-/routes for available routes.", [], "not-found", None),
+    ],
+)
+def test_what_ray_s_proxy_answers_in_plain_text_reaches_the_client_as_problem_json(status, text, headers, kind, retry_after):
+    """A full Ingress queue was answered in text/plain by Ray itself, the one error a client could not parse as
+    problem+json (found by the gRPC review); the app's own answers pass untouched."""
+    from serve.proxy_middleware import RayAnswers
+
+    def ray_answering(status, content_type, body, extra=()):
+        async def app(scope, receive, send):
+            start = {"type": "http.response.start", "status": status,
+                     "headers": [(b"content-type", content_type), *extra]}  # fmt: skip
+            await send(start)
+            await send({"type": "http.response.body", "body": body[:10], "more_body": True})
+            await send({"type": "http.response.body", "body": body[10:]})
+
+        return app
+
+    exchange = Exchange([b""], path="/remove")
+    asyncio.run(RayAnswers(ray_answering(status, b"text/plain; charset=utf-8", text.encode(), headers))(
+        exchange.scope, exchange.receive, exchange.send))  # fmt: skip
+    start = next(m for m in exchange.sent if m["type"] == "http.response.start")
+    sent_headers = dict(start["headers"])
+    assert exchange.status == status and sent_headers[b"content-type"] == b"application/problem+json"
+    assert exchange.body["type"].endswith("/" + kind) and exchange.body["status"] == status and text[:20] in exchange.body["detail"]
+    assert sent_headers.get(b"retry-after") == (retry_after.encode() if retry_after else None)
+
+    problem = json.dumps({"type": "x/overloaded", "status": 503}).encode()
+    for content_type, body in ((b"application/problem+json", problem), (b"image/png", b"\x89PNG" + b"0" * 20)):
+        untouched = Exchange([b""])
+        asyncio.run(RayAnswers(ray_answering(503 if b"problem" in content_type else 200, content_type, body))(
+            untouched.scope, untouched.receive, untouched.send))  # fmt: skip
+        assert b"".join(m.get("body", b"") for m in untouched.sent if m["type"] == "http.response.body") == body
