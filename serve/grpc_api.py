@@ -19,6 +19,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serve import auth
 from serve import rorem_pb2 as pb
+from serve.grpc_servicer import MalformedMessage
 from serve.metrics import INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
@@ -100,10 +101,14 @@ def score_reply(reply: ScoreReply, request_id: str) -> pb.ScoreReply:
 class GrpcMethods:
     """The gRPC methods of the Ingress (serve.app): `Remove` / `Score` are the RPC names in serve/rorem.proto."""
 
-    async def Remove(self, message: pb.RemoveRequest, grpc_context: RayServegRPCContext) -> pb.RemoveReply:
+    async def Remove(
+        self, message: pb.RemoveRequest | MalformedMessage, grpc_context: RayServegRPCContext
+    ) -> pb.RemoveReply:
         return await self._grpc("/remove", "remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
 
-    async def Score(self, message: pb.ScoreRequest, grpc_context: RayServegRPCContext) -> pb.ScoreReply:
+    async def Score(
+        self, message: pb.ScoreRequest | MalformedMessage, grpc_context: RayServegRPCContext
+    ) -> pb.ScoreReply:
         return await self._grpc("/score", "score", grpc_context, pb.ScoreReply, self._grpc_score, message)
 
     async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> pb.RemoveReply:
@@ -120,7 +125,8 @@ class GrpcMethods:
 
     async def _grpc(self, route, scope, context, empty_reply, handler, message):
         """Run a gRPC call needing `scope` (declared with the method, as a REST route declares its own); a Problem
-        becomes a status code + problem+json details, counted like REST under the REST route's name."""
+        becomes a status code + problem+json details, counted like REST under the REST route's name. A message
+        that did not parse (serve/grpc_servicer.py) is the problem malformed-body, after the key and quota checks."""
         started = time.perf_counter()
         request_id = serve_request_id() or valid_request_id(context.request_id())
         quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
@@ -129,6 +135,8 @@ class GrpcMethods:
             quota = await self.quotas.acquire(principal)
             if quota is not None:
                 quota.check()
+            if isinstance(message, MalformedMessage):
+                raise Problem("malformed-body", f"cannot parse the request message: {message.error}")
             with self.admission.slot() as place:
                 reply = await handler(message, request_id, principal, place)
             status = "OK"

@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
 from serve.config import AppSettings, live_serve_app
+from serve.grpc_servicer import SERVICER_FUNCTION
 from tests.helpers import REPO, load_script
 
 
@@ -14,9 +15,7 @@ def test_the_shipped_serve_config_validates_with_ray_and_with_our_settings():
     app = config["applications"][0]
     assert app["import_path"] == "serve.app:build_app"
     assert {d["name"] for d in app["deployments"]} == {"Ingress", "Remover", "Scorer"}
-    assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "serve.rorem_pb2_grpc.add_ObjectRemovalServicer_to_server"
-    ]
+    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]  # bytes that do not parse: 400
     assert config["http_options"]["host"] == "127.0.0.1"
 
 

@@ -371,6 +371,16 @@ def test_serve_config_v2_is_the_rendering_of_the_local_serve_config():
         assert path.read_text() == text, f"{path.relative_to(REPO)} is stale: run `python k8s/render.py --write`"
 
 
+def test_every_serve_config_registers_the_project_servicer():
+    """serve.grpc_servicer's deserializer answers bytes that do not parse with a problem; the generated stubs'
+    raise inside grpcio (UNKNOWN)."""
+    from serve.grpc_servicer import SERVICER_FUNCTION
+
+    configs = [SERVE_CONFIG] + [serve_config(find(built(overlay), "RayService")) for overlay in OVERLAYS]
+    for config in configs:
+        assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
+
+
 def test_serve_config_v2_passes_rays_schema_strictly_and_our_settings():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema

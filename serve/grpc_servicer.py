@@ -1,0 +1,60 @@
+"""Registers rorem.v1.ObjectRemoval on Ray Serve's gRPC proxy: the one entry of `grpc_servicer_functions`.
+
+Ray's proxy keeps each method's request deserializer and pickles the parsed message to the Ingress replica.
+The generated add_ObjectRemovalServicer_to_server parses with FromString, which raises on bytes that are not a
+valid message (corrupt wire format, a string field that is not UTF-8) inside grpcio: status UNKNOWN, no problem
+document, no request id, not counted. Here such bytes become a MalformedMessage, which the Ingress answers as
+the problem `malformed-body` (serve/grpc_api.py). Only grpc and the stubs are imported: the proxy loads this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from serve import rorem_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ObjectRemoval"]
+SERVICER_FUNCTION = "serve.grpc_servicer.add_servicer"  # what every Serve config's grpc_servicer_functions names
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """Stands for a request message that did not parse; plain fields, so it pickles to the replica."""
+
+    message_type: str
+    error: str
+
+
+def lenient_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedMessage]:
+    def parse(data: bytes) -> Message | MalformedMessage:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return MalformedMessage(message_class.DESCRIPTOR.full_name, str(error))
+
+    return parse
+
+
+def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated stubs' handlers for every RPC of the service, parsing with lenient_parser."""
+    handlers = {}
+    for method in SERVICE.methods:
+        if method.client_streaming or method.server_streaming:
+            raise ValueError(f"{method.full_name}: only unary RPCs are registered here")
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    return handlers
+
+
+def add_servicer(servicer, server) -> None:
+    """What add_ObjectRemovalServicer_to_server does, with method_handlers."""
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -1,0 +1,206 @@
+"""Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) are the
+problem malformed-body over gRPC, as a body that does not parse is over REST: INVALID_ARGUMENT with the problem
+document, `problem-type` and `request_id` trailing metadata, counted. Ray's proxy parses with the registered
+deserializer (serve/grpc_servicer.py); the generated one raised inside grpcio (UNKNOWN, nothing else)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import pickle
+from unittest.mock import Mock
+
+import grpc
+import pytest
+import yaml
+from google.protobuf.message import DecodeError
+
+from serve import rorem_pb2 as pb
+from serve import rorem_pb2_grpc as pb_grpc
+from serve.grpc_api import GrpcMethods
+from serve.grpc_client import open_channel, problem_of
+from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
+from tests.helpers import REPO
+
+GARBAGE = b"\xff\xff\xff\xff"
+BAD_UTF8_GATE = bytes([0x3A, 2, 0xC3, 0x28])  # field 7 (gate), 2 bytes that are not UTF-8
+BAD_UTF8_OUTPUT_FORMAT = bytes([0x22, 1, 0xFF])  # field 4 (output_format)
+TRUNCATED_BYTES_FIELD = bytes([0x0A, 10, 1])  # field 1 announces 10 bytes, 1 follows
+MALFORMED = {
+    "Remove": [GARBAGE, BAD_UTF8_GATE, BAD_UTF8_OUTPUT_FORMAT, TRUNCATED_BYTES_FIELD],
+    "Score": [GARBAGE, TRUNCATED_BYTES_FIELD],  # ScoreRequest has no string field
+}
+MALFORMED_BODY = "https://github.com/rorem-serve/problems/malformed-body"
+
+
+class Server:
+    """Records what a servicer function registers, as Ray's gRPCGenericServer receives it."""
+
+    def __init__(self):
+        self.generic, self.registered = [], {}
+
+    def add_generic_rpc_handlers(self, handlers):
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service, handlers):
+        self.registered[service] = handlers
+
+
+def _parser(method: str):
+    return method_handlers(Mock())[method].request_deserializer
+
+
+@pytest.mark.parametrize("method, raw", [(m, raw) for m, cases in MALFORMED.items() for raw in cases])
+def test_bytes_that_do_not_parse_become_a_picklable_marker(method, raw):
+    message_class = getattr(pb, f"{method}Request")
+    with pytest.raises(DecodeError, match="Error parsing message"):
+        message_class.FromString(raw)  # what the generated deserializer does
+    marker = _parser(method)(raw)
+    assert isinstance(marker, MalformedMessage) and marker.message_type == f"rorem.v1.{method}Request"
+    assert "Error parsing message" in marker.error
+    assert pickle.loads(pickle.dumps(marker)) == marker  # Ray's proxy pickles it to the replica
+
+
+def test_valid_messages_parse_as_before():
+    remove = pb.RemoveRequest(image=b"i", mask=b"m", seed=3, output_format="png", gate="retry", gate_threshold=0.5)
+    assert _parser("Remove")(remove.SerializeToString()) == remove
+    score = pb.ScoreRequest(source=b"s", mask=b"m", edited=b"e", dilate=2)
+    assert _parser("Score")(score.SerializeToString()) == score
+    assert _parser("Remove")(b"") == pb.RemoveRequest()
+
+
+def test_the_servicer_registers_what_the_generated_one_does():
+    ours, generated = Server(), Server()
+    servicer = Mock()
+    add_servicer(servicer, ours)
+    pb_grpc.add_ObjectRemovalServicer_to_server(servicer, generated)
+    assert (
+        [h.service_name() for h in ours.generic] == [h.service_name() for h in generated.generic] == [SERVICE.full_name]
+    )
+    assert ours.generic[0]._method_handlers.keys() == generated.generic[0]._method_handlers.keys()
+    assert ours.registered.keys() == generated.registered.keys()
+    for name, handler in ours.registered[SERVICE.full_name].items():
+        original = generated.registered[SERVICE.full_name][name]
+        assert (
+            handler.unary_unary is original.unary_unary and handler.response_serializer == original.response_serializer
+        )
+        assert not handler.request_streaming and not handler.response_streaming
+    assert list(ours.registered[SERVICE.full_name]) == [m.name for m in SERVICE.methods] == ["Remove", "Score"]
+
+
+def test_rays_proxy_keeps_our_deserializer():
+    """Ray's gRPC server replaces each handler's call and response serializer, not the request deserializer."""
+    from ray.serve._private.grpc_util import gRPCGenericServer
+
+    async def build():
+        server = gRPCGenericServer(lambda **kwargs: Mock())
+        add_servicer(Mock(), server)
+        return server.generic_rpc_handlers[0][0]._method_handlers
+
+    handlers = asyncio.run(build())
+    assert set(handlers) == {f"/{SERVICE.full_name}/{m.name}" for m in SERVICE.methods}
+    for handler in handlers.values():
+        assert isinstance(handler.request_deserializer(GARBAGE), MalformedMessage)
+
+
+def test_every_serve_config_names_this_servicer_function():
+    from ray.serve.config import gRPCOptions
+
+    module, _, name = SERVICER_FUNCTION.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is add_servicer
+    assert gRPCOptions(grpc_servicer_functions=[SERVICER_FUNCTION]).grpc_servicer_func_callable == [add_servicer]
+    local = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    assert local["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
+
+
+# --- the Ingress's side ---------------------------------------------------------------------------------------------
+
+
+class Context:
+    """The parts of Ray's RayServegRPCContext that GrpcMethods uses."""
+
+    def __init__(self):
+        self.trailing = []
+
+    def request_id(self):
+        return "rid-1"
+
+    def invocation_metadata(self):
+        return []
+
+    def peer(self):
+        return "ipv4:127.0.0.1:5000"
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+    def set_trailing_metadata(self, trailing):
+        self.trailing += list(trailing)
+
+
+class Access:
+    async def check_grpc(self, scope, metadata, peer):
+        return None
+
+
+class Quotas:
+    async def acquire(self, principal):
+        return None
+
+    def release(self, decision):
+        pass
+
+
+class Admission:
+    def slot(self):
+        raise AssertionError("a message that did not parse takes no admission slot")
+
+
+class Metrics:
+    def __init__(self):
+        self.answers = []
+
+    def answered(self, route, protocol, status, seconds):
+        self.answers.append((route, protocol, status))
+
+
+def _ingress() -> GrpcMethods:
+    ingress = GrpcMethods()
+    ingress.access, ingress.quotas, ingress.admission, ingress.metrics = Access(), Quotas(), Admission(), Metrics()
+    return ingress
+
+
+@pytest.mark.parametrize("method, raw, route", [("Remove", BAD_UTF8_GATE, "/remove"), ("Score", GARBAGE, "/score")])
+def test_the_ingress_answers_the_marker_as_malformed_body(method, raw, route):
+    ingress, context = _ingress(), Context()
+    marker = pickle.loads(pickle.dumps(_parser(method)(raw)))
+    reply = asyncio.run(getattr(ingress, method)(marker, context))
+    assert reply == getattr(pb, f"{method}Reply")()
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+    problem = json.loads(context.details)
+    assert problem["type"] == MALFORMED_BODY and problem["status"] == 400 and problem["instance"] == "urn:request:rid-1"
+    assert "cannot parse the request message" in problem["detail"] and f"rorem.v1.{method}Request" in problem["detail"]
+    assert ("problem-type", MALFORMED_BODY) in context.trailing
+    assert ingress.metrics.answers == [(route, "grpc", "INVALID_ARGUMENT")]
+
+
+# --- through Ray Serve's gRPC proxy ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, raw", [(m, raw) for m, cases in MALFORMED.items() for raw in cases])
+def test_malformed_messages_are_invalid_argument_through_the_proxy(service, method, raw):
+    with open_channel(service.grpc_target) as channel:
+        rpc = channel.unary_unary(f"/{SERVICE.full_name}/{method}", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(raw, timeout=60)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    trailing = dict(error.trailing_metadata() or ())
+    assert trailing.get("problem-type") == MALFORMED_BODY and trailing.get("request_id")
+    problem = problem_of(error)
+    assert problem["type"] == MALFORMED_BODY and problem["status"] == 400
+    assert problem["instance"] == f"urn:request:{trailing['request_id']}"
