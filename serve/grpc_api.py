@@ -7,6 +7,7 @@ status details (a JSON string), so a gRPC client gets the same `type`, `detail` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -142,6 +143,9 @@ class GrpcMethods:
             status = "OK"
         except Problem as problem:
             status_problem = problem
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
+            self.metrics.answered(route, "grpc", "CANCELLED", time.perf_counter() - started)
+            raise
         except Exception as exc:  # never let an unexpected error escape without a status and a log line
             logger.exception("unhandled error in gRPC %s", route)
             status_problem = Problem("internal-error", f"{type(exc).__name__}; see the server log")

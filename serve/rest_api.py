@@ -3,6 +3,7 @@ its routes use. The routes themselves are methods of serve.app.Ingress: Serve bi
 the class they are defined in (a class defined elsewhere and inherited is not shipped with its bound routes).
 """
 
+import asyncio
 import html
 import json
 import logging
@@ -72,6 +73,9 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return Problem("internal-error", f"{type(exc).__name__}; see the server log").response(request_id_of(request))
 
 
+CLIENT_CLOSED = "499"  # the status label of a request whose client hung up before its answer (nginx's code)
+
+
 @api.middleware("http")
 async def _count_requests(request: Request, call_next):
     """Requests by route and status, and end-to-end latency, for every REST answer (errors included)."""
@@ -81,6 +85,9 @@ async def _count_requests(request: Request, call_next):
         response = await call_next(request)
         status = str(response.status_code)
         return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED  # the client hung up: not a server error
+        raise
     finally:
         route = _route_label(request.scope)
         ingress_metrics().answered(route, "http", status, time.perf_counter() - started)

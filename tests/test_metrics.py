@@ -65,3 +65,29 @@ def test_metrics_after_traffic(service):
     retry_count = _total(families, metrics.GATE_ATTEMPTS, "_count", mode="retry")
     assert retry_count - _bucket(families, metrics.GATE_ATTEMPTS, 1, mode="retry") >= retried, "failed retries ran > 1 attempt"
     assert _total(families, metrics.SCORES, "_count") >= 4
+
+
+def test_a_rest_request_the_client_hung_up_on_is_counted_499_not_as_a_server_error(monkeypatch):
+    """A hang-up cancels the request's task: the counter said 500, so clients leaving looked like server faults."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from serve import rest_api
+
+    answered = []
+    recorder = SimpleNamespace(answered=lambda route, protocol, status, seconds: answered.append((route, protocol, status)))
+    monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
+
+    async def hung_up(request):
+        raise asyncio.CancelledError
+
+    async def failed(request):
+        raise RuntimeError("a bug")
+
+    request = type("Request", (), {"scope": {}})()
+    for call_next, error in ((hung_up, asyncio.CancelledError), (failed, RuntimeError)):
+        with pytest.raises(error):
+            asyncio.run(rest_api._count_requests(request, call_next))
+    assert answered == [("other", "http", "499"), ("other", "http", "500")]

@@ -1,4 +1,6 @@
-"""Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) are the
+"""The gRPC Ingress's own answers, without Ray and through the proxy.
+
+Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) are the
 problem malformed-body over gRPC, as a body that does not parse is over REST: INVALID_ARGUMENT with the problem
 document, `problem-type` and `request_id` trailing metadata, counted. Ray's proxy parses with the registered
 deserializer (serve/grpc_servicer.py); the generated one raised inside grpcio (UNKNOWN, nothing else)."""
@@ -204,3 +206,29 @@ def test_malformed_messages_are_invalid_argument_through_the_proxy(service, meth
     problem = problem_of(error)
     assert problem["type"] == MALFORMED_BODY and problem["status"] == 400
     assert problem["instance"] == f"urn:request:{trailing['request_id']}"
+
+
+def test_a_call_the_client_cancels_is_counted_and_gives_back_its_slot_and_lease():
+    """A cancelled call (the client hung up, or its deadline passed) left the request counter without a trace,
+    where REST counted the same hang-up as a 500 (now 499)."""
+    from serve.admission import Admission as RealAdmission
+
+    ingress = _ingress()
+    ingress.admission = RealAdmission(48, 1)
+    released = []
+    ingress.quotas.release = released.append
+
+    async def model_work(message, request_id, principal, place):
+        await asyncio.sleep(60)
+
+    async def main():
+        call = asyncio.ensure_future(ingress._grpc("/remove", "remove", Context(), pb.RemoveReply, model_work, None))
+        await asyncio.sleep(0.1)
+        assert ingress.admission.in_flight == 1
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        return ingress.admission.in_flight
+
+    assert asyncio.run(main()) == 0
+    assert ingress.metrics.answers == [("/remove", "grpc", "CANCELLED")] and released == [None]
