@@ -12,7 +12,8 @@ decodable image of the input's size counts as `bad_result`, an error without pro
 `bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero.
 
 Chaos kills replica processes of a local Serve (`ray::ServeReplica:<app>:<deployment>`) with SIGKILL,
-round-robin over --chaos-deployments; --serve-session limits it to one service's process session.
+round-robin over --chaos-deployments, only in one service's process session: --serve-session, or the one
+session that runs such replicas (with several local Serves and no --serve-session it refuses to start).
 On Kubernetes, delete a worker pod instead (docs/reliability.md).
 """
 
@@ -64,6 +65,24 @@ def replica_pids(deployment: str, app: str = "rorem", session: int | None = None
             if session is None or int(parts[1]) == session:
                 pids.append(int(parts[0]))
     return pids
+
+
+def only_serve_session(deployments: tuple[str, ...], app: str = "rorem") -> int:
+    """The process session of the one local Serve running these deployments: with two, a kill could hit a
+    service this soak does not load (and count it as done)."""
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    sessions = {
+        int(parts[1])
+        for parts in (line.split(None, 2) for line in table.splitlines())
+        if len(parts) == 3 and any(f"ServeReplica:{app}:{deployment}" in parts[2] for deployment in deployments)
+    }
+    if len(sessions) != 1:
+        found = f"sessions {sorted(sessions)}" if sessions else "none"
+        raise SystemExit(
+            f"chaos needs the one local Serve to kill replicas of, found {found}: pass --serve-session SID "
+            "(that of the `python -m serve run` this soak loads: ps -o sid= -p PID)"
+        )
+    return sessions.pop()
 
 
 def _valid_image(body: bytes, size: tuple[int, int]) -> bool:
@@ -130,6 +149,8 @@ def run_soak(
                 os.kill(pid, signal.SIGKILL)
                 report.kills.append({"at_s": round(seconds - (deadline - time.monotonic()), 1), "deployment": deployment, "pid": pid})
 
+    if chaos_every_s and serve_session is None:
+        serve_session = only_serve_session(chaos_deployments)
     threads = [threading.Thread(target=client) for _ in range(clients)]
     if chaos_every_s:
         threads.append(threading.Thread(target=chaos, daemon=True))

@@ -1,6 +1,7 @@
 """A small gRPC client for the service, and the example docs/api.md "gRPC" shows.
 
     python -m serve.grpc_client remove photo.jpg mask.png -o out.png [--target 127.0.0.1:9000] [--gate retry]
+        (the output format follows -o's suffix: .png, .jpg / .jpeg, .webp; else --output-format, else the photo's)
     python -m serve.grpc_client score photo.jpg mask.png out.png
 
 gRPC clients refuse messages over 4 MiB by default; `open_channel` raises both limits so a
@@ -20,6 +21,9 @@ import grpc
 from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
 
+# RemoveOptions.output_format's values (serve.protocol, not imported: this client stays light; a test keeps them equal)
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     remove.add_argument("-o", "--output", type=Path, required=True)
     remove.add_argument("--seed", type=int)
     remove.add_argument("--gate", choices=["off", "annotate", "retry", "reject"])
+    remove.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: from -o's suffix, else the photo's")
     score = sub.add_parser("score", help="score a (source, mask, edited) triple")
     score.add_argument("source", type=Path)
     score.add_argument("mask", type=Path)
@@ -70,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                     request.seed = options.seed
                 if options.gate:
                     request.gate = options.gate
+                output_format = options.output_format or SUFFIX_FORMATS.get(options.output.suffix.lower())
+                if output_format:
+                    request.output_format = output_format
                 reply = client.Remove(request, timeout=options.timeout)
                 options.output.write_bytes(reply.image)
                 score = f"{reply.score:.3f}" if reply.HasField("score") else "-"

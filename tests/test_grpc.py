@@ -111,3 +111,31 @@ def test_rpc_names_match_the_ingress_methods():
     for method in service.methods:
         assert hasattr(Ingress.func_or_class, method.name), method.name
     assert [m.name for m in service.methods] == ["Remove", "Score"]
+
+
+def test_the_cli_client_asks_for_the_format_its_output_file_names(monkeypatch, tmp_path):
+    """`python -m serve.grpc_client remove photo.jpg mask.png -o out.png` (the README's gRPC example) wrote a JPEG
+    into out.png: the client never asked for a format, so the service answered in the photo's."""
+    import typing
+
+    from serve import grpc_client
+    from serve.protocol import RemoveOptions
+
+    assert grpc_client.OUTPUT_FORMATS == typing.get_args(typing.get_args(RemoveOptions.model_fields["output_format"].annotation)[0])
+    asked = []
+
+    class Stub:
+        def __init__(self, channel):
+            pass
+
+        def Remove(self, request, timeout):
+            asked.append(request.output_format)
+            return pb.RemoveReply(image=b"x", gate="off", bucket=256)
+
+    monkeypatch.setattr(grpc_client, "stub", Stub)
+    (tmp_path / "photo.jpg").write_bytes(b"j")
+    (tmp_path / "mask.png").write_bytes(b"m")
+    for output, extra in (("out.png", []), ("out.JPG", []), ("out.bin", []), ("out.bin", ["--output-format", "webp"])):
+        args = ["--target", "127.0.0.1:1", "remove", str(tmp_path / "photo.jpg"), str(tmp_path / "mask.png")]
+        assert grpc_client.main([*args, "-o", str(tmp_path / output), *extra]) == 0
+    assert asked == ["png", "jpeg", "", "webp"]

@@ -353,3 +353,28 @@ def test_chaos_soak_loses_no_request(hardened):
     assert set(report.errored) <= {"503", "504"}, report.errored  # a replacement slower than the deadline: 504
     assert report.ok > 0
     _wait_ready(hardened)
+
+
+def test_chaos_refuses_to_guess_which_of_several_local_serves_to_kill(monkeypatch):
+    """operations.md's soak command killed the first matching replica on the machine: with another local Serve
+    running (another session's tests, say), it SIGKILLed that one and counted the kill."""
+    import subprocess as real_subprocess
+
+    table = [
+        "101 100 ray::ServeReplica:rorem:Remover",
+        "102 100 ray::ServeReplica:rorem:Scorer",
+        "201 200 ray::ServeReplica:rorem:Remover",
+        "301 300 python -m serve run",
+    ]
+
+    def ps(*args, **kwargs):
+        return real_subprocess.CompletedProcess(args, 0, stdout="\n".join(table) + "\n", stderr="")
+
+    monkeypatch.setattr(soak.subprocess, "run", ps)
+    with pytest.raises(SystemExit, match=r"sessions \[100, 200\]: pass --serve-session"):
+        soak.only_serve_session(("Remover", "Scorer"))
+    del table[2]
+    assert soak.only_serve_session(("Remover", "Scorer")) == 100
+    table.clear()
+    with pytest.raises(SystemExit, match="found none"):
+        soak.only_serve_session(("Remover",))
