@@ -274,3 +274,67 @@ def test_gate_rules_directions_missing_measures_and_bad_files(tmp_path):
     with pytest.raises(TrainingError, match="unknown measures \\['psnr_maskd'\\]"):
         load_thresholds(bad)
     assert load_thresholds(THRESHOLDS).max_flip_share == 0.05
+
+
+def _altered_copy(run: Path, to: Path, keep_rows: int | None = None, **config) -> Path:
+    """A copy of an evaluate run with some rows left out and some settings changed, as another run would have."""
+    import shutil
+
+    shutil.copytree(run, to)
+    summary = json.loads((to / "summary.json").read_text())
+    summary.update({k: v for k, v in config.items() if k == "data_sha256"})
+    summary["config"].update({k: v for k, v in config.items() if k != "data_sha256"})
+    (to / "summary.json").write_text(json.dumps(summary))
+    if keep_rows is not None:
+        lines = (to / "per_image.csv").read_text().splitlines(keepends=True)
+        (to / "per_image.csv").write_text("".join(lines[: 1 + keep_rows]))
+    return to
+
+
+def test_the_gate_fails_on_a_subset_or_other_settings_unless_partial_is_allowed(baseline, work, capsys):
+    from training.cli import main
+
+    base = work / "baseline"
+    one = _altered_copy(base, work / "limit-1", keep_rows=1, limit=1)
+    args = ["compare", "--a", str(base), "--thresholds", str(THRESHOLDS)]
+    assert main([*args, "--b", str(one), "--out", str(work / "cmp-limit")]) == 1
+    err = capsys.readouterr().err
+    assert "3 image(s) not evaluated in both runs (3 only in a)" in err and "limit differs: A None, B 1" in err
+    summary = json.loads((work / "cmp-limit" / "summary.json").read_text())
+    assert not summary["gate"]["passed"] and summary["metrics"]["paired"] == 1
+
+    assert main([*args, "--b", str(one), "--out", str(work / "cmp-partial"), "--allow-partial"]) == 0
+    printed = capsys.readouterr().out
+    assert "runs differ:" in printed and "3 image(s) not evaluated in both runs" in printed
+
+    for name, change, said in [
+        ("dilate-8", {"dilate": 8}, "not comparable: dilate differs: A 4, B 8"),
+        ("buckets", {"buckets": [128, 256]}, "not comparable: buckets differs"),
+        ("seed-1", {"seed": 1}, "not comparable: seed differs"),
+        ("calls", {"max_model_calls": 2}, "not comparable: max_model_calls differs"),
+        ("feather", {"feather": 0}, "not comparable: feather differs"),
+        ("other-data", {"data_sha256": "0" * 64}, "not comparable: the data files differ"),
+        ("no-hash", {"data_sha256": None}, "B does not record its data file's sha256"),
+    ]:
+        other = _altered_copy(base, work / f"changed-{name}", **change)
+        for extra in ([], ["--allow-partial"]):
+            assert main([*args, "--b", str(other), "--out", str(work / f"cmp-{name}"), *extra]) == 1, name
+            assert said in capsys.readouterr().err, name
+
+
+def test_a_thresholds_file_that_checks_nothing_is_refused_and_an_unchecked_gate_fails(tmp_path):
+    from training.common import TrainingError
+    from training.compare import Thresholds, check_gate, load_thresholds
+    from training.evaluate import EvaluationRun
+
+    empty = tmp_path / "empty.yaml"
+    for text in ("", "allowed_deltas: {}\n"):
+        empty.write_text(text)
+        with pytest.raises(TrainingError, match="checks nothing"):
+            load_thresholds(empty)
+    neither = EvaluationRun(tmp_path, {"metrics": {"dino": {"skipped": "no --dino-model given"}}}, [])
+    gate = check_gate(
+        Thresholds(allowed_deltas={"dino": -0.01}), {"dino": {"skipped": "in both runs"}}, None, neither, neither
+    )
+    assert gate["verdicts"] == {"dino": "not checked"}
+    assert not gate["passed"] and gate["failures"][0].startswith("nothing checked")

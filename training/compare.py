@@ -16,7 +16,14 @@ Thresholds file (YAML; see training/configs/eval_thresholds.yaml):
       success_rate: -0.02     # higher-is-better measures fail below it
       lpips: 0.02             # lower-is-better ones (lpips, seconds_per_image) fail above it
 A measure only one run has fails the gate (the runs are not comparable); one neither run has is
-listed as not checked, with the reason.
+listed as not checked, with the reason. A file that names nothing to check is refused, and a gate
+that checked no measure fails.
+
+The gate also fails when the runs are not a like-for-like comparison: a different test set (the
+metadata file's sha256), other imaging settings, seed or crop cap (SAME_SETTINGS: these change the
+pixels each image gets), or images that are not evaluated in both (a run with --limit, an entry
+that failed in one run). `allow_partial` accepts the last kind (COVERAGE_SETTINGS and unpaired
+images): the gate then runs on the paired images and the report says how many were left out.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from training.evaluate import MEASURES, MEASURES_BY_NAME, EvaluationRun, load_ru
 
 PAIRED_CSV = "paired.csv"
 CONTACT_SHEET = "contact_sheet.png"
+SAME_SETTINGS = ("buckets", "crop_margin", "dilate", "feather", "seed", "max_model_calls")
+COVERAGE_SETTINGS = ("limit",)
 
 
 class CompareSettings(StageSettings):
@@ -45,6 +54,11 @@ class CompareSettings(StageSettings):
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the delta intervals")
     sheet_rows: int = Field(8, ge=0, description="contact sheet rows: the largest disagreements")
     sheet_side: int = Field(192, ge=32, description="contact sheet cell side in pixels")
+    allow_partial: bool = Field(
+        False,
+        description="gate on the images both runs evaluated although some are not (a different --limit, an entry "
+        "one run could not evaluate): reported, not failed",
+    )
 
 
 class Thresholds(BaseModel):
@@ -63,9 +77,12 @@ class Thresholds(BaseModel):
 
 def load_thresholds(path: Path) -> Thresholds:
     try:
-        return Thresholds.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        thresholds = Thresholds.model_validate(yaml.safe_load(Path(path).read_text()) or {})
     except (ValidationError, yaml.YAMLError) as exc:
         raise TrainingError(f"thresholds file {path}: {exc}") from exc
+    if not thresholds.allowed_deltas and thresholds.max_flip_share is None:
+        raise TrainingError(f"thresholds file {path} sets no allowed_deltas and no max_flip_share: it checks nothing")
+    return thresholds
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,7 @@ def compare(settings: CompareSettings) -> dict:
             f"A judges success at {threshold}, B at {b.summary['metrics']['threshold']}: evaluate both at one threshold"
         )
     pairs, unpaired = _pair(a, b)
+    differences = comparability(a, b, unpaired)
     deltas: dict[str, Delta | dict] = {}
     for measure in MEASURES:
         values = _finite_pairs(pairs, measure.column)
@@ -125,7 +143,7 @@ def compare(settings: CompareSettings) -> dict:
     if sheet is not None:
         sheet.save(out / CONTACT_SHEET)
 
-    gate = check_gate(thresholds, deltas, flips, a, b) if thresholds else None
+    gate = check_gate(thresholds, deltas, flips, a, b, differences, settings.allow_partial) if thresholds else None
     mads = [d.output_mad for d in disagreements]
     summary.data["metrics"] = {
         "paired": len(pairs),
@@ -136,6 +154,8 @@ def compare(settings: CompareSettings) -> dict:
         "output_mean_abs_diff": float(np.mean(mads)),
         "identical_outputs": sum(m == 0 for m in mads),
         "confidence": settings.confidence,
+        "differences": differences,
+        "allow_partial": settings.allow_partial,
     }
     summary.data["a"] = _describe_run(a)
     summary.data["b"] = _describe_run(b)
@@ -175,6 +195,30 @@ def _pair(a: EvaluationRun, b: EvaluationRun) -> tuple[list[tuple[dict, dict]], 
         "not_evaluated_in_both": not_evaluated,
     }
     return pairs, unpaired
+
+
+def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) -> dict[str, list[str]]:
+    """{"settings": [...], "coverage": [...]}: why the runs are not a like-for-like comparison. Settings
+    differences always fail the gate; coverage ones (images not evaluated in both) unless allow_partial."""
+    found: dict[str, list[str]] = {"settings": [], "coverage": []}
+    hashes = {label: run.summary.get("data_sha256") for label, run in (("A", a), ("B", b))}
+    for label, digest in hashes.items():
+        if digest is None:
+            found["settings"].append(f"{label} does not record its data file's sha256 (evaluate it again)")
+    if None not in hashes.values() and hashes["A"] != hashes["B"]:
+        found["settings"].append(
+            f"the data files differ: sha256 A {hashes['A'][:12]}, B {hashes['B'][:12]} (another test set)"
+        )
+    config_a, config_b = a.summary.get("config", {}), b.summary.get("config", {})
+    for kind, names in (("settings", SAME_SETTINGS), ("coverage", COVERAGE_SETTINGS)):
+        for name in names:
+            if config_a.get(name) != config_b.get(name):
+                found[kind].append(f"{name} differs: A {config_a.get(name)}, B {config_b.get(name)}")
+    left_out = {where: count for where, count in unpaired.items() if count}
+    if left_out:
+        described = ", ".join(f"{count} {where.replace('_', ' ')}" for where, count in left_out.items())
+        found["coverage"].append(f"{sum(left_out.values())} image(s) not evaluated in both runs ({described})")
+    return found
 
 
 def _finite_pairs(pairs: list[tuple[dict, dict]], column: str) -> list[tuple[float, float]]:
@@ -303,10 +347,26 @@ def _write_paired(path: Path, pairs, disagreements: list[Disagreement]) -> None:
 # ---------------------------------------------------------------- the gate and the report
 
 
-def check_gate(thresholds: Thresholds, deltas: dict, flips: dict | None, a: EvaluationRun, b: EvaluationRun) -> dict:
+def check_gate(
+    thresholds: Thresholds,
+    deltas: dict,
+    flips: dict | None,
+    a: EvaluationRun,
+    b: EvaluationRun,
+    differences: dict[str, list[str]] | None = None,
+    allow_partial: bool = False,
+) -> dict:
     """{"passed", "verdicts": {measure or "verdict_flips": ok | FAIL | not checked}, "failures": [why, ...],
-    "not_checked": [why, ...]}."""
+    "not_checked": [why, ...]}. `differences`: `comparability`'s; each fails the gate (coverage ones are
+    only reported with `allow_partial`). A gate that checked no measure fails: it would pass anything."""
     verdicts, failures, not_checked = {}, [], []
+    differences = differences or {}
+    failures += [f"not comparable: {why}" for why in differences.get("settings", [])]
+    partial = [f"partial: {why}" for why in differences.get("coverage", [])]
+    if allow_partial:
+        not_checked += partial
+    else:
+        failures += [f"{why} (--allow-partial gates on the paired images)" for why in partial]
 
     def record(name: str, verdict: str, why: str | None = None) -> None:
         verdicts[name] = verdict
@@ -335,6 +395,8 @@ def check_gate(thresholds: Thresholds, deltas: dict, flips: dict | None, a: Eval
             )
         else:
             record("verdict_flips", "ok")
+    if not any(verdict != "not checked" for verdict in verdicts.values()):
+        failures.append("nothing checked: no measure the thresholds file names was measured in both runs")
     return {"passed": not failures, "verdicts": verdicts, "failures": failures, "not_checked": not_checked}
 
 
@@ -378,6 +440,9 @@ def format_report(data: dict, thresholds: Thresholds | None) -> str:
     )
     if skipped:
         lines += ["skipped:", *skipped]
+    differences = [*metrics["differences"]["settings"], *metrics["differences"]["coverage"]]
+    if differences:
+        lines += ["runs differ:", *(f"  {why}" for why in differences)]
     if gate is None:
         lines.append("gate: no thresholds file, nothing checked")
     else:

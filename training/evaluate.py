@@ -128,6 +128,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     summary = RunSummary("evaluate", settings)
     device = pick_device(settings.device)
     summary.data["device"] = str(device)
+    summary.data["data_sha256"] = sha256_file(settings.data)
     records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]
     tiny = settings.bundle == "tiny"
     bundle = open_bundle(
@@ -379,6 +380,13 @@ class EvaluationRun:
     def skip_reason(self, name: str) -> str | None:
         entry = self.summary["metrics"].get(name)
         return entry.get("skipped") if isinstance(entry, dict) else None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The test set's identity, which `compare` checks: a path can be reused for other content."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_run(folder: str | Path) -> EvaluationRun:
