@@ -797,3 +797,46 @@ def test_metrics_label_result_routes_by_template_never_by_id():
         "/results/x/y/z": "other",
         "/annotation/queue": "/annotation/queue",
     }
+
+
+def test_export_labels_exports_same_content_once_and_drops_conflicting_verdicts(tmp_path):
+    """The service is deterministic and the store keeps one object per content: two results of the same
+    photo, mask and seed are one example. Judged 'yes' and 'no', its label is unknown; judged 'yes' twice,
+    it is one positive, not two."""
+    from training.export_labels import ExportLabelsSettings, export_labels
+
+    upright = photo(64, 96)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:40, 30:60] = 255
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")
+    )
+
+    def save(fill: int) -> str:
+        edited = upright.copy()
+        edited[20:40, 30:60] = fill
+        new = NewResult(
+            png_bytes(upright), png_bytes(mask), png_bytes(edited), "image/png", "image/png", 96, 64, 0.5, 0.5,
+            "passed", 1, 256,
+        )  # fmt: skip
+        return store.save(new)
+
+    judged_both, judged_no = save(128), save(128)
+    twice_yes = [save(60), save(60)]
+    store.add_feedback(judged_both, "yes", labeller="alice")
+    store.add_feedback(judged_no, "no", labeller="bob")
+    for result_id in twice_yes:
+        store.add_feedback(result_id, "yes")
+    single = save(200)
+    store.add_feedback(single, "no")
+
+    result = export_labels(ExportLabelsSettings(objects=tmp_path / "kept", out=tmp_path / "labels"))
+    metrics = result["metrics"]
+    assert metrics["exported"] == 2 and metrics["positives"] == 1 and metrics["negatives"] == 1
+    assert metrics["conflicting"] == [{"result_ids": [judged_both, judged_no], "verdicts": ["yes", "no"]}]
+    assert metrics["duplicates"] == 1
+    entries = json.loads((tmp_path / "labels" / "metadata.json").read_text())
+    assert len(entries) == 2 and len({entry["GT"] for entry in entries}) == 2
+    exported = {item["result_id"]: item for item in metrics["items"]}
+    kept = next(result_id for result_id in twice_yes if result_id in exported)
+    assert exported[kept]["same_content"] == [other for other in twice_yes if other != kept] and single in exported

@@ -15,6 +15,11 @@ Files are named by content, so one photo behind several results is one source fi
 discriminator's held-out split (by source) keeps all of its results on one side. Only a result's
 newest verdict counts. Files of earlier exports that are no longer labelled (deleted, expired,
 filtered out) are removed from these three folders, so the export mirrors the store.
+
+Results with the same content (source, mask and result: the service is deterministic and the store
+keeps one object per content) are one example, exported once: a verdict given several times counts
+once, and a group whose results were judged differently (one "yes", one "no") is left out and
+listed under `conflicting` in summary.json, since its label is unknown.
 """
 
 from __future__ import annotations
@@ -87,8 +92,10 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
             f"{len(labelled)} labelled result(s) in the store, fewer than min_count {settings.min_count}"
         )
     out = Path(settings.out)
+    groups, conflicting = same_content_groups(labelled)
     records, items, skipped = [], [], []
-    for result in labelled:
+    for group in groups:
+        result = group[-1]
         try:
             files = _write_files(store, result, out)
         except (ObjectMissing, ValueError) as exc:
@@ -99,6 +106,7 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
         items.append(
             {
                 "result_id": result.id,
+                "same_content": [other.id for other in group[:-1]],
                 "verdict": last.verdict,
                 "reason": last.reason,
                 "labeller": last.labeller,
@@ -110,8 +118,8 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
         )
     if len(records) < settings.min_count:
         raise TrainingError(
-            f"{len(records)} labelled result(s) to export ({len(skipped)} of {len(labelled)} unreadable), "
-            f"fewer than min_count {settings.min_count}"
+            f"{len(records)} labelled result(s) to export ({len(skipped)} unreadable, {len(conflicting)} "
+            f"conflicting of {len(labelled)}), fewer than min_count {settings.min_count}"
         )
     metadata = write_metadata(out / "metadata.json", records)
     pruned = _prune(out, {path for record in records for path in (record.source, record.mask, record.gt)})
@@ -121,6 +129,8 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
         "positives": positives,
         "negatives": len(records) - positives,
         "skipped": skipped,
+        "conflicting": conflicting,
+        "duplicates": sum(len(group) - 1 for group in groups),
         "pruned_files": pruned,
         "store": store.describe(),
         "items": items,
@@ -128,6 +138,23 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
     summary.data["outputs"] = {"metadata": str(metadata), "folder": str(out)}
     summary.write("completed")
     return summary.data
+
+
+def same_content_groups(labelled) -> tuple[list[list], list[dict]]:
+    """Results grouped by (source, mask, result) content, each group newest verdict last; the groups whose
+    results disagree are returned apart, as {"result_ids", "verdicts"}, and not labelled."""
+    groups: dict[tuple[str, str, str], list] = {}
+    for result in labelled:
+        groups.setdefault((result.keys["source"], result.keys["mask"], result.keys["result"]), []).append(result)
+    agreed, conflicting = [], []
+    for group in groups.values():
+        group.sort(key=lambda result: (result.labelled_at, result.id))
+        if len({result.label for result in group}) == 1:
+            agreed.append(group)
+        else:
+            ids = [result.id for result in group]
+            conflicting.append({"result_ids": ids, "verdicts": [result.label for result in group]})
+    return agreed, conflicting
 
 
 def _write_files(store, result, out: Path) -> tuple[Path, Path, Path]:
