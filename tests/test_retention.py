@@ -730,20 +730,23 @@ def test_export_labels_writes_the_set_the_discriminator_loader_reads(tmp_path):
     assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out), "--min-count", "3"]) == 0
 
     raw = json.loads((out / "metadata.json").read_text())
-    assert all(set(entry) == {"source", "mask", "GT", "score"} for entry in raw)
+    assert all(set(entry) == {"source", "mask", "GT", "score", "group"} for entry in raw)
     records = load_metadata(out / "metadata.json", require=("source", "mask", "GT", "score"))
     summary = json.loads((out / "summary.json").read_text())
-    by_id = {item["result_id"]: record for item, record in zip(summary["metrics"]["items"], records)}
+    by_gt = {record.gt.name: record for record in records}
+    by_id = {item["result_id"]: by_gt[Path(item["GT"][0]).name] for item in summary["metrics"]["items"]}
     assert set(by_id) == {ids["good"], ids["bad"], ids["phone"]}, "unlabelled results are not exported"
     assert by_id[ids["good"]].score == 1.0 and by_id[ids["bad"]].score == 0.0 and by_id[ids["phone"]].score == 1.0
     assert summary["metrics"]["positives"] == 2 and summary["metrics"]["negatives"] == 1
     assert summary["metrics"]["items"][0]["reason"] == "relabelled after a second look"
 
     phone = np.asarray(Image.open(by_id[ids["phone"]].source))
-    assert phone.shape == (64, 96, 3), "the EXIF orientation is applied, so source, mask and GT have one size"
+    assert phone.shape == (512, 512, 3), "the window the Scorer sees, at its bucket (the service's default 512)"
+    assert by_id[ids["phone"]].mask == by_id[ids["good"]].mask, "the EXIF orientation is applied: the same window"
     assert by_id[ids["good"]].source == by_id[ids["bad"]].source, "one photo, one source file"
+    assert by_id[ids["good"]].group == by_id[ids["bad"]].group != by_id[ids["phone"]].group
     train, held_out = split_by_source(records, 0.5, seed=0)
-    assert {r.source for r in train}.isdisjoint({r.source for r in held_out})
+    assert {r.group for r in train}.isdisjoint({r.group for r in held_out})
     item = TripletDataset(records, 64)[0]
     assert item["gt"].shape == (3, 64, 64) and item["score"].item() in (0.0, 1.0)
 
@@ -840,3 +843,78 @@ def test_export_labels_exports_same_content_once_and_drops_conflicting_verdicts(
     exported = {item["result_id"]: item for item in metrics["items"]}
     kept = next(result_id for result_id in twice_yes if result_id in exported)
     assert exported[kept]["same_content"] == [other for other in twice_yes if other != kept] and single in exported
+
+
+def _one_labelled_result(tmp_path, source: np.ndarray, mask: np.ndarray, edited: np.ndarray, verdict: str):
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")
+    )
+    height, width = mask.shape
+    new = NewResult(
+        png_bytes(source), png_bytes(mask.astype(np.uint8) * 255), png_bytes(edited), "image/png", "image/png",
+        width, height, 0.5, 0.5, "passed", 1, 512,
+    )  # fmt: skip
+    store.add_feedback(store.save(new), verdict)
+    return store
+
+
+def test_export_labels_trains_the_discriminator_on_the_windows_the_scorer_sees(tmp_path):
+    """A wide photo with the object at its left edge: resized and center-cropped, the training view held no mask
+    pixel and identical source and edited; the export now cuts the window POST /score cuts."""
+    from engines import imaging
+    from engines.pipeline import CropSettings, RemovalPipeline
+    from training.data import TripletDataset, load_metadata
+    from training.export_labels import ExportLabelsSettings, export_labels
+
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 255, (256, 1024, 3), dtype=np.uint8)
+    mask = np.zeros((256, 1024), bool)
+    mask[80:180, 20:140] = True
+    edited = source.copy()
+    edited[mask] = 0
+    _one_labelled_result(tmp_path, source, mask, edited, "no")
+    config = tmp_path / "serve.yaml"
+    args = {"retention": {"object_store": {"path": str(tmp_path / "kept")}}, "imaging": {"buckets": [256, 512]}}
+    config.write_text(json.dumps({"applications": [{"args": args}]}))
+
+    result = export_labels(ExportLabelsSettings(serve_config=config, out=tmp_path / "labels"))
+    records = load_metadata(tmp_path / "labels" / "metadata.json", require=("source", "mask", "GT", "score"))
+    assert len(records) == 1 and result["metrics"]["records"] == 1 and result["metrics"]["empty_mask_views"] == 0
+    item = TripletDataset(records, 512)[0]
+    assert item["mask"].sum() > 0 and (item["gt"] - item["source"]).abs().max() > 0 and item["score"] == 0.0
+
+    pipeline = RemovalPipeline(None, CropSettings((256, 512), 128, 0, 6), imaging.DecodeLimits())
+    (job,) = pipeline.prepare_score(png_bytes(source), png_bytes(mask.astype(np.uint8) * 255), png_bytes(edited))
+    assert np.array_equal(np.asarray(Image.open(records[0].source)), job.source), "POST /score's window"
+    assert np.array_equal(np.asarray(Image.open(records[0].gt)), job.edited)
+
+
+def test_export_labels_leaves_out_empty_views_and_ambiguous_negatives(tmp_path, monkeypatch):
+    import training.data
+    from training.export_labels import ExportLabelsSettings, export_labels
+
+    two = np.zeros((64, 2048), bool)
+    two[20:40, 10:40] = two[20:40, 2000:2030] = True  # far apart: one window each
+    one = np.zeros((64, 2048), bool)
+    one[20:40, 10:40] = True
+    image = np.random.default_rng(1).integers(0, 255, (64, 2048, 3), dtype=np.uint8)
+    store = _one_labelled_result(tmp_path, image, two, image, "no")
+    _one_labelled_result(tmp_path, image, one, image, "yes")
+    metrics = export_labels(ExportLabelsSettings(objects=tmp_path / "kept", out=tmp_path / "labels"))["metrics"]
+    assert metrics["exported"] == 1 and metrics["ambiguous_negatives"] == [store.labelled()[0].id], (
+        "which of the two windows failed is unknown"
+    )
+
+    real, calls = training.data.load_mask, []
+
+    def empty_first_two(path, resolution):
+        calls.append(path)
+        return np.zeros((resolution,) * 2, bool) if len(calls) <= 2 else real(path, resolution)
+
+    monkeypatch.setattr(training.data, "load_mask", empty_first_two)
+    _one_labelled_result(tmp_path / "b", image, two, image, "yes")
+    _one_labelled_result(tmp_path / "b", image, one, image, "yes")
+    settings = ExportLabelsSettings(objects=tmp_path / "b" / "kept", out=tmp_path / "b" / "labels")
+    metrics = export_labels(settings)["metrics"]
+    assert metrics["empty_mask_views"] == 2 and metrics["exported"] == metrics["records"] == 1
+    assert "empty" in metrics["skipped"][0]["why"]

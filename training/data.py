@@ -8,7 +8,9 @@ JSON file,
 `source` is the photo with the object, `mask` is white where the object is (white = remove), `GT`
 is the photo without it. The discriminator's labelled set adds `"score"` (1 = a good removal,
 0 = a bad one) and then `GT` is the *edited image being judged*, which is the paper's format.
-Unlabelled pairs (for `annotate`) need only `source` and `mask`. Extra keys are ignored.
+Unlabelled pairs (for `annotate`) need only `source` and `mask`. An optional `"group"` (a string)
+names the photo an entry was cut from (export-labels' windows): the discriminator's held-out split
+keeps a group on one side. Other keys are ignored.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Triplet:
     mask: Path
     gt: Path | None = None
     score: float | None = None
+    group: str | None = None  # the photo it was cut from; None: the source file is its own
 
 
 def load_metadata(
@@ -93,11 +96,14 @@ def load_metadata(
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
                 raise DatasetError(f"{where}: field 'score' must be a finite number, got {score!r}")
             score = float(score)
+        group = entry.get("group")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise DatasetError(f"{where}: field 'group' must be a non-empty string, got {group!r}")
         if files["source"] is None or files["mask"] is None:
             raise DatasetError(f"{where}: 'source' and 'mask' are needed in every entry")
         if check_sizes:
             _check_sizes(where, files)
-        records.append(Triplet(source=files["source"], mask=files["mask"], gt=files["GT"], score=score))
+        records.append(Triplet(files["source"], files["mask"], files["GT"], score, group))
     return records
 
 
@@ -128,6 +134,8 @@ def write_metadata(path: str | Path, records: Iterable[Triplet]) -> Path:
             entry["GT"] = _relative(record.gt, root)
         if record.score is not None:
             entry["score"] = record.score
+        if record.group is not None:
+            entry["group"] = record.group
         entries.append(entry)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(entries, indent=1))

@@ -59,13 +59,18 @@ class DiscriminatorSettings(TrainSettings):
 
 
 def split_by_source(records: Sequence[Triplet], fraction: float, seed: int) -> tuple[list[Triplet], list[Triplet]]:
-    """(train, held_out): whole source images go to one side; at least one source is held out if fraction > 0."""
-    sources = sorted({str(r.source) for r in records})
+    """(train, held_out): whole source images (a record's `group`, else its source file) go to one side; at
+    least one is held out if fraction > 0."""
+    sources = sorted({_photo(r) for r in records})
     count = min(len(sources) - 1, max(1, round(fraction * len(sources)))) if fraction > 0 else 0
     held = set(np.random.default_rng(seed).permutation(sources)[:count].tolist()) if count > 0 else set()
-    train_set = [r for r in records if str(r.source) not in held]
-    held_out = [r for r in records if str(r.source) in held]
+    train_set = [r for r in records if _photo(r) not in held]
+    held_out = [r for r in records if _photo(r) in held]
     return train_set, held_out
+
+
+def _photo(record: Triplet) -> str:
+    return record.group or str(record.source)
 
 
 def classification_metrics(

@@ -5,14 +5,23 @@ Reads the retention store (serve/retention) named by a Serve config's `retention
 the objects folder (+ database URL), and writes into out/ the labelled metadata format that
 `discriminator` reads (training/data.py): `GT` is the judged result, `score` is 1 for yes, 0 for no.
 
-    source/<sha256>.png     the photo as the service decoded it (EXIF orientation applied)
-    mask/<sha256>.png       the removed region (white), as the service dilated it
-    edited/<sha256>.<ext>   the result that was judged
-    metadata.json           [{"source", "mask", "GT", "score"}], paths relative to it
+What is written is what the service's Scorer sees, not the whole photo: the windows POST /score
+cuts (engines.pipeline.RemovalPipeline.prepare_score: a square crop per mask region at its bucket,
+with the config's imaging.buckets / crop_margin and the crop cap of gate.max_model_calls; without
+--serve-config, the service defaults), one record per window. The discriminator stage then trains
+and measures on the pixels it will score; a resized whole photo could hold none of the mask.
+
+    source/<sha256>.png     a window of the photo as the service decoded it (EXIF orientation applied)
+    mask/<sha256>.png       the same window of the removed region (white), as the service dilated it
+    edited/<sha256>.png     the same window of the result that was judged
+    metadata.json           [{"source", "mask", "GT", "score", "group"}], paths relative to it
     summary.json            counts, filters, and each exported result with its verdict and reason
 
-Files are named by content, so one photo behind several results is one source file, and the
-discriminator's held-out split (by source) keeps all of its results on one side. Only a result's
+Files are named by the sha256 of their bytes; `group` is the photo's, so the discriminator's
+held-out split keeps every result of one photo on one side. A "no" on a result of several windows
+is left out (`ambiguous_negatives`): the service scores the worst window, and which window failed
+is unknown; a "yes" labels each window. A window whose mask is empty at the Scorer's 512 view (a
+stroke thinner than the downscale) is left out and counted (`empty_mask_views`). Only a result's
 newest verdict counts. Files of earlier exports that are no longer labelled (deleted, expired,
 filtered out) are removed from these three folders, so the export mirrors the store.
 
@@ -36,7 +45,6 @@ from training.data import Triplet, write_metadata
 
 FOLDERS = ("source", "mask", "edited")
 _EXPORTED_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z]+$")
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 _MAX_MEGAPIXELS = 1000.0  # the service already refused larger images; this only guards the decoder
 
 
@@ -65,23 +73,39 @@ class ExportLabelsSettings(StageSettings):
 SERVE_APP = "serve.app:build_app"
 
 
-def retention_settings(settings: ExportLabelsSettings):
-    from serve.config import AppSettings, RetentionSettings
+def service_settings(settings: ExportLabelsSettings):
+    """The service's AppSettings: the config's (with the Ingress's live gate), or the defaults with --objects."""
+    from serve.config import AppSettings, RetentionSettings, with_live
 
     if settings.objects is not None:
-        return RetentionSettings(object_store={"path": str(settings.objects)}, database_url=settings.database_url)
+        retention = RetentionSettings(object_store={"path": str(settings.objects)}, database_url=settings.database_url)
+        return AppSettings(retention=retention)
     config = yaml.safe_load(Path(settings.serve_config).read_text()) or {}
     for app in config.get("applications", []):
         if app.get("import_path", SERVE_APP) == SERVE_APP:  # its args name only what differs from the defaults
-            return AppSettings.model_validate(app.get("args") or {}).retention
+            service = AppSettings.model_validate(app.get("args") or {})
+            for deployment in app.get("deployments") or []:
+                if deployment.get("name") == "Ingress" and deployment.get("user_config"):
+                    service = with_live(service, "Ingress", deployment["user_config"])
+            return service
     raise TrainingError(f"{settings.serve_config}: no application imports {SERVE_APP}")
+
+
+def retention_settings(settings: ExportLabelsSettings):
+    return service_settings(settings).retention
 
 
 def export_labels(settings: ExportLabelsSettings) -> dict:
     from serve.retention import ObjectMissing, RetentionStore
 
+    from engines.gate import max_crops
+    from engines.pipeline import CropSettings
+
     summary = RunSummary("export-labels", settings)
-    retention = retention_settings(settings)
+    service = service_settings(settings)
+    retention = service.retention
+    crops = CropSettings.from_imaging(service.imaging)
+    most_crops = max_crops(service.gate.max_model_calls, scored=True)  # what the Scorer is given
     try:
         store = RetentionStore.from_settings(retention)
         labelled = store.labelled(settings.since, settings.until)
@@ -93,15 +117,23 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
         )
     out = Path(settings.out)
     groups, conflicting = same_content_groups(labelled)
-    records, items, skipped = [], [], []
+    records, items, skipped, ambiguous, empty_views = [], [], [], [], 0
     for group in groups:
         result = group[-1]
         try:
-            files = _write_files(store, result, out)
+            views, empty = _write_views(store, result, out, crops, most_crops)
         except (ObjectMissing, ValueError) as exc:
             skipped.append({"result_id": result.id, "why": f"{type(exc).__name__}: {exc}"})
             continue
-        records.append(Triplet(*files, score=1.0 if result.label == "yes" else 0.0))
+        empty_views += empty
+        if result.label == "no" and len(views) + empty > 1:
+            ambiguous.append(result.id)
+            continue
+        if not views:
+            skipped.append({"result_id": result.id, "why": "every window's mask is empty at the Scorer's view"})
+            continue
+        score = 1.0 if result.label == "yes" else 0.0
+        records += [Triplet(*files, score=score, group=result.keys["source"]) for files in views]
         last = result.feedback[-1]
         items.append(
             {
@@ -113,22 +145,26 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
                 "labelled_at": last.created_at.isoformat() + "Z",
                 "discriminator_score": result.score,
                 "threshold": result.threshold,
-                "GT": files[2].relative_to(out).as_posix(),
+                "GT": [files[2].relative_to(out).as_posix() for files in views],
             }
         )
-    if len(records) < settings.min_count:
+    if len(items) < settings.min_count:
         raise TrainingError(
-            f"{len(records)} labelled result(s) to export ({len(skipped)} unreadable, {len(conflicting)} "
-            f"conflicting of {len(labelled)}), fewer than min_count {settings.min_count}"
+            f"{len(items)} labelled result(s) to export ({len(skipped)} unreadable, {len(conflicting)} "
+            f"conflicting, {len(ambiguous)} ambiguous of {len(labelled)}), fewer than min_count {settings.min_count}"
         )
     metadata = write_metadata(out / "metadata.json", records)
     pruned = _prune(out, {path for record in records for path in (record.source, record.mask, record.gt)})
-    positives = sum(record.score == 1.0 for record in records)
+    positives = sum(item["verdict"] == "yes" for item in items)
     summary.data["metrics"] = {
-        "exported": len(records),
+        "exported": len(items),
         "positives": positives,
-        "negatives": len(records) - positives,
+        "negatives": len(items) - positives,
+        "records": len(records),
+        "imaging": {"buckets": list(crops.buckets), "crop_margin": crops.crop_margin, "max_crops": most_crops},
         "skipped": skipped,
+        "ambiguous_negatives": ambiguous,
+        "empty_mask_views": empty_views,
         "conflicting": conflicting,
         "duplicates": sum(len(group) - 1 for group in groups),
         "pruned_files": pruned,
@@ -157,39 +193,46 @@ def same_content_groups(labelled) -> tuple[list[list], list[dict]]:
     return agreed, conflicting
 
 
-def _write_files(store, result, out: Path) -> tuple[Path, Path, Path]:
-    """Source as decoded by the service (EXIF applied, so it matches the mask), mask and result as kept."""
-    from PIL import Image
-
+def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list[tuple[Path, Path, Path]], int]:
+    """(source, mask, edited) files of each window the Scorer sees, cut as POST /score cuts them (the stored mask
+    is already dilated: no second dilation), and how many windows were left out for an empty mask at its view."""
     from engines import imaging
     from engines.errors import InputError
+    from engines.pipeline import RemovalPipeline
+    from engines.scorer import SCORE_SIZE
+    from training.data import load_mask
 
-    source_name = result.keys["source"].replace("/", "")
-    source = out / "source" / f"{source_name}.png"
-    if not source.is_file():
-        data = store.objects.get(result.keys["source"])
-        try:
-            decoded = imaging.decode_image(
-                data, imaging.DecodeLimits(max_bytes=len(data), max_megapixels=_MAX_MEGAPIXELS)
-            )
-        except InputError as exc:
-            raise ValueError(f"the source cannot be decoded: {exc}") from exc
-        source.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(decoded.rgb).save(source)
-    mask = _copy(store, result.keys["mask"], "png", out / "mask")
-    edited = _copy(store, result.keys["result"], _EXTENSIONS.get(result.media_types["result"], "png"), out / "edited")
-    with Image.open(source) as img:
-        if img.size != (result.width, result.height):
-            raise ValueError(f"the source is {img.size[0]}x{img.size[1]}, the result {result.width}x{result.height}")
-    return source, mask, edited
+    data = [store.objects.get(result.keys[kind]) for kind in ("source", "mask", "result")]
+    limits = imaging.DecodeLimits(max_bytes=max(map(len, data)), max_megapixels=_MAX_MEGAPIXELS)
+    try:
+        jobs = RemovalPipeline(None, crops, limits).prepare_score(*data, dilate=0, max_crops=most_crops)
+    except InputError as exc:
+        raise ValueError(f"the images cannot be cut as the service cuts them: {exc}") from exc
+    views, empty = [], 0
+    for job in jobs:
+        files = tuple(_save(pixels, out / folder) for pixels, folder in zip((job.source, job.mask, job.edited), FOLDERS))
+        if load_mask(files[1], SCORE_SIZE).any():
+            views.append(files)
+        else:
+            empty += 1
+    return views, empty
 
 
-def _copy(store, key: str, extension: str, folder: Path) -> Path:
-    path = folder / f"{key.replace('/', '')}.{extension}"
+def _save(pixels, folder: Path) -> Path:
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8) * 255 if pixels.dtype == bool else pixels).save(buffer, "PNG")
+    data = buffer.getvalue()
+    path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(store.objects.get(key))
+        partial.write_bytes(data)
         partial.replace(path)
     return path
 
