@@ -96,10 +96,9 @@ def retention_settings(settings: ExportLabelsSettings):
 
 
 def export_labels(settings: ExportLabelsSettings) -> dict:
-    from serve.retention import ObjectMissing, RetentionStore
-
     from engines.gate import max_crops
     from engines.pipeline import CropSettings
+    from serve.retention import ObjectMissing, RetentionStore
 
     summary = RunSummary("export-labels", settings)
     service = service_settings(settings)
@@ -210,7 +209,9 @@ def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list
         raise ValueError(f"the images cannot be cut as the service cuts them: {exc}") from exc
     views, empty = [], 0
     for job in jobs:
-        files = tuple(_save(pixels, out / folder) for pixels, folder in zip((job.source, job.mask, job.edited), FOLDERS))
+        files = tuple(
+            _save(pixels, out / folder) for pixels, folder in zip((job.source, job.mask, job.edited), FOLDERS)
+        )
         if load_mask(files[1], SCORE_SIZE).any():
             views.append(files)
         else:
