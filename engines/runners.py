@@ -11,8 +11,8 @@ another upsampling path in the SDXL UNet, which the exported graph does not hold
 
 Exports live in the bundle folder under exports/ and are recorded in the manifest's
 provenance["exports"] (see export/manifest.py); `current_export` is the one way serving finds them:
-only a recorded, hash-listed file inside the bundle, made from the bundle's UNet weights (a plan: from
-the bundle's current ONNX export), is served.
+only a recorded, hash-listed file inside the bundle, made from the bundle's UNet weights (an ONNX graph:
+with a passed parity check; a plan: from the bundle's current ONNX export), is served.
 """
 
 from __future__ import annotations
@@ -488,7 +488,7 @@ def export_command(bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str) -
     """What to run to (re)make the bundle's export of this kind and dtype."""
     args = f"--bundle {bundle.path} --dtype {_dtype_name(dtype)}"
     if kind == "onnx":
-        return f"python -m export onnx {args} --verify"
+        return f"python -m export onnx {args}"
     return f"python -m export tensorrt {args} --config SERVE_CONFIG"
 
 
@@ -526,7 +526,9 @@ def current_export(
     bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str, *, compute_capability: str | None = None
 ) -> ExportFile:
     """The bundle's export to serve (`recorded_export`), refused when it was made from other UNet weights
-    than the bundle's, or, for a TensorRT plan, from another ONNX than the bundle's current export."""
+    than the bundle's, for an ONNX graph when its record has no passed parity check (exported with
+    --no-verify, or by an older exporter that did not check by default), or, for a TensorRT plan, when
+    built from another ONNX than the bundle's current export. `engine.runner_path` serves a file unchecked."""
     from engines.bundle import UNET_WEIGHTS, BundleError
 
     record, export = recorded_export(bundle, kind, dtype, compute_capability=compute_capability)
@@ -538,6 +540,14 @@ def current_export(
         raise BundleError(
             f"{bundle.path}: the {key} export was made from other UNet weights ({made_from}, "
             f"bundle {unet_sha[:12]}): {fix}"
+        )
+    verified = record.get("verify") if isinstance(record.get("verify"), dict) else {}
+    if kind == "onnx" and verified.get("passed") is not True:
+        why = "was exported without its parity check" if verified.get("skipped") or not verified else "failed its parity check"
+        raise BundleError(
+            f"{bundle.path}: the {key} export {why} against the bundle's UNet: run "
+            f"`python -m export verify --bundle {bundle.path} --dtype {_dtype_name(dtype)}` (records it once it "
+            f"passes), or {fix}"
         )
     if kind == "tensorrt":
         try:

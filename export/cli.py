@@ -1,12 +1,15 @@
 """python -m export {onnx,verify,tensorrt,all,bench}: export the bundle's UNet, record it in the bundle.
 
     python -m export onnx --tiny --dtype float32                  # ~/.cache/rorem/tiny-0/exports/unet.fp32.onnx
-    python -m export onnx --bundle PATH --dtype float16 --verify
+    python -m export onnx --bundle PATH --dtype float16 --config serve/configs/local.yaml   # + its buckets checked
     python -m export verify --bundle PATH --dtype float32         # ONNX Runtime (CPU) vs torch
     python -m export tensorrt --bundle PATH --config serve/configs/local.yaml   # from the fp16 ONNX; GPU + tensorrt
     python -m export all --config serve/configs/local.yaml       # the bundle Serve would load: fp32 ONNX
                                                                    # + verify; fp16 ONNX + plan on a GPU
     python -m export bench --tiny --runners torch,onnx --side 512  # one removal per runner, ms per stage
+Every ONNX export is checked against the torch UNet on ONNX Runtime before it replaces the bundle's
+current one (--no-verify records it unchecked, and serving refuses it); with a Serve config or
+--buckets the check includes one image at each bucket side.
 The bundle is --bundle PATH, or --tiny (generated in --cache-dir, as Serve does), or the one the
 Serve config names (--config). Files go to <bundle>/exports/ and are recorded in its manifest.
 """
@@ -48,13 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--static", action="store_true", help="fixed shapes (batch 2, latent 64x64)")
     onnx.add_argument("--max-batch", type=int, default=None)
     onnx.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
-    onnx.add_argument("--verify", action="store_true", help="also run the ONNX Runtime parity check")
+    onnx.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=True,
+        help="the ONNX Runtime parity check before the export replaces the current one (--no-verify: recorded "
+        "unchecked, which serving refuses until `python -m export verify` passes)",
+    )  # fmt: skip
+    onnx.add_argument("--buckets", help="image sides also checked, e.g. 512,1024 (default: the Serve config's)")
 
     verify = sub.add_parser("verify", help="ONNX Runtime vs torch on the same inputs")
     _bundle_args(verify)
     _dtype_arg(verify, "float32")
     verify.add_argument("--onnx", help="another .onnx to check, not recorded (default: the bundle's export of --dtype)")
-    verify.add_argument("--cases", default="1x32x32,3x64x64", help="BATCHxLATENT_HxLATENT_W, comma-separated")
+    verify.add_argument(
+        "--cases", help="BATCHxLATENT_HxLATENT_W, comma-separated (default 1x32x32,3x64x64 and 1 image at each "
+        "of --buckets or the Serve config's buckets)",
+    )  # fmt: skip
+    verify.add_argument("--buckets", help="image sides, e.g. 512,1024 (default: the Serve config's)")
     verify.add_argument("--max-abs", type=float, default=None, help="tolerance override")
     verify.add_argument("--mean-abs", type=float, default=None, help="tolerance override")
 
@@ -132,6 +144,7 @@ def _cmd_onnx(args, progress: Progress) -> int:
         args.dtype,
         out_path=Path(args.out) if args.out else None,
         verify=args.verify,
+        buckets=_serve_buckets(args),
         progress=progress,
         opset=args.opset or DEFAULT_OPSET,
         dynamic=not args.static,
@@ -149,7 +162,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     from engines.runners import export_key, recorded_export
     from export.manifest import record_export
     from export.onnx_export import onnx_files
-    from export.verify import verify_onnx
+    from export.verify import cases_for_buckets, verify_onnx
 
     bundle = _open_bundle(args, progress)
     if args.onnx:
@@ -157,7 +170,10 @@ def _cmd_verify(args, progress: Progress) -> int:
     else:
         record, export = recorded_export(bundle, "onnx", args.dtype)
         path = export.path
-    cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
+    if args.cases:
+        cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
+    else:
+        cases = cases_for_buckets(_serve_buckets(args))
     report = verify_onnx(
         path, bundle.load_unet(), cases=cases, max_abs=args.max_abs, mean_abs=args.mean_abs, progress=progress,
         sequence_length=bundle.manifest.architecture.prompt.sequence_length,
@@ -173,6 +189,7 @@ def _cmd_verify(args, progress: Progress) -> int:
 
 
 def _cmd_tensorrt(args, progress: Progress) -> int:
+    _plan_shape(args)
     bundle = _open_bundle(args, progress) if (args.bundle or args.tiny or args.config) else None
     if args.onnx:
         onnx_path = Path(args.onnx)
@@ -191,20 +208,50 @@ def _cmd_tensorrt(args, progress: Progress) -> int:
 def _cmd_all(args, progress: Progress) -> int:
     from export.manifest import export_and_record_onnx
 
+    skipped = "--skip-tensorrt" if args.skip_tensorrt else _tensorrt_unavailable()
+    if not skipped:
+        _plan_shape(args)  # before minutes of exporting, not after
     bundle = _open_bundle(args, progress)
-    path, record = export_and_record_onnx(bundle, "float32", verify=True, progress=progress)
+    buckets = _serve_buckets(args)
+    path, record = export_and_record_onnx(bundle, "float32", verify=True, buckets=buckets, progress=progress)
     _summary(progress, path, record)
-    reason = None if not args.skip_tensorrt else "--skip-tensorrt"
-    reason = reason or _tensorrt_unavailable()
-    if reason:
-        progress.say(f"tensorrt: skipped ({reason})")
+    if skipped:
+        progress.say(f"tensorrt: skipped ({skipped})")
         return 0
-    path16, record16 = export_and_record_onnx(bundle, "float16", verify=True, progress=progress)
+    path16, record16 = export_and_record_onnx(bundle, "float16", verify=True, buckets=buckets, progress=progress)
     _summary(progress, path16, record16)
     from engines.bundle import Bundle
 
     _build_and_record(args, Bundle.load(bundle.path, verify=False), path16, "float16", progress)
     return 0
+
+
+def _serve_buckets(args) -> list[int]:
+    """The image sides the service runs: --buckets, else the Serve config's, else none known."""
+    if getattr(args, "buckets", None):
+        return [int(side) for side in args.buckets.split(",")]
+    if args.config:
+        from export.tensorrt_build import load_serve_settings
+
+        return list(load_serve_settings(args.config).imaging.buckets)
+    return []
+
+
+def _plan_shape(args) -> tuple[list[int], int]:
+    """The plan's profiles need the service's buckets and max batch size: from --buckets and
+    --max-batch-size, or the Serve config (--config)."""
+    if not args.config and not (args.buckets and args.max_batch_size):
+        skip = ", or --skip-tensorrt" if args.command == "all" else ""
+        raise ValueError(
+            f"the TensorRT plan is built for the service's buckets and batch size: give --config SERVE_CONFIG "
+            f"(e.g. serve/configs/local.yaml) or both --buckets and --max-batch-size{skip}"
+        )
+    settings = None
+    if not (args.buckets and args.max_batch_size):
+        from export.tensorrt_build import load_serve_settings
+
+        settings = load_serve_settings(args.config)
+    return _serve_buckets(args), args.max_batch_size or settings.batching.max_batch_size
 
 
 def _tensorrt_unavailable() -> str | None:
@@ -224,19 +271,12 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
 
     from engines.bundle import sha256_of
     from engines.runners import export_filename
-    from export.manifest import check_plan_source, record_plan
-    from export.tensorrt_build import build_plan, load_serve_settings, onnx_static_dims, profiles_from_serve_config
+    from export.manifest import check_plan_source, record_plan, staging_folder
+    from export.tensorrt_build import build_plan, onnx_static_dims, profiles_from_serve_config
 
     if dtype != "float16":
         progress.say("note: a float32 graph builds a float32 plan (strongly typed): float16 is the fast one")
-    buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else None
-    max_batch = args.max_batch_size
-    if buckets is None or max_batch is None:
-        if not args.config:
-            raise ValueError("give --config (a Serve config) or both --buckets and --max-batch-size")
-        settings = load_serve_settings(args.config)
-        buckets = buckets or settings.imaging.buckets
-        max_batch = max_batch or settings.batching.max_batch_size
+    buckets, max_batch = _plan_shape(args)
     profiles = profiles_from_serve_config(buckets, max_batch, spanning=args.spanning, **onnx_static_dims(onnx_path))
     for profile in profiles:
         progress.say(f"profile {profile.name}: sample {profile.shapes['sample']}")
@@ -250,16 +290,15 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
     else:
         plan_path = onnx_path.with_name(onnx_path.stem + f".sm{cc.replace('.', '')}.plan")
     cache = Path(args.timing_cache) if args.timing_cache else plan_path.with_name(f"timing.sm{cc.replace('.', '')}.cache")
-    recorded = bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve())
-    if recorded:
+    options = {"timing_cache_path": cache, "workspace_gb": args.workspace_gb, "optimization_level": args.opt_level}
+    if bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve()):
         check_plan_source(bundle, sha256_of(onnx_path), dtype)  # before minutes of building, not after
-    info = build_plan(
-        onnx_path, plan_path, profiles, timing_cache_path=cache, workspace_gb=args.workspace_gb,
-        optimization_level=args.opt_level, progress=progress,
-    )  # fmt: skip
-    if recorded:
-        record_plan(bundle, plan_path, info.to_json(), dtype)
+        with staging_folder(plan_path.parent) as staging:
+            info = build_plan(onnx_path, staging / plan_path.name, profiles, progress=progress, **options)
+            record_plan(bundle, plan_path, info.to_json(), dtype, staged=staging)
         progress.say(f"recorded {plan_path.name} in the bundle manifest")
+    else:
+        info = build_plan(onnx_path, plan_path, profiles, progress=progress, **options)
     _summary(progress, plan_path, {"plan": info.to_json()})
 
 
@@ -267,7 +306,7 @@ def _summary(progress: Progress, path: Path, record: dict) -> None:
     brief = {"path": str(path)}
     if "verify" in record:
         v = record["verify"]
-        brief["verify"] = {k: v[k] for k in ("passed", "dtype", "max_abs", "mean_abs", "tolerance")}
+        brief["verify"] = {k: v[k] for k in ("passed", "skipped", "dtype", "max_abs", "mean_abs", "tolerance") if k in v}
     if "plan" in record:
         p = record["plan"]
         brief["plan"] = {k: p[k] for k in ("tensorrt_version", "gpu", "compute_capability", "build_seconds", "bytes")}

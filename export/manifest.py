@@ -16,9 +16,14 @@ bundle's current ONNX export of its dtype (the plan's onnx_sha256 is that record
                        "files": [...], "unet_sha256": "...", "plan": {... PlanInfo, with onnx_sha256 ...}}
     }
 
-A record is written by an export that passed its parity check (or was asked not to run one), by
-`python -m export verify` only when the check passed at the default tolerances, and for a plan only
-when it was built from the bundle's current ONNX export.
+A record is written by an export that passed its parity check (or, with `verify: {"passed": false,
+"skipped": true}`, by one asked not to run it: serving refuses that one), by `python -m export verify`
+only when the check passed at the default tolerances, and for a plan only when it was built from the
+bundle's current ONNX export.
+
+An export is made in a staging folder inside exports/ and verified there; only then are its files
+renamed over the current ones and the record written, so a failed or interrupted export leaves the
+previous export and its record as they were.
 
 The manifest is rewritten atomically (temp file + rename) under a lock next to the bundle folder.
 """
@@ -27,6 +32,10 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +50,28 @@ def manifest_lock(bundle_path: Path) -> FileLock:
     return FileLock(str(bundle_path.with_name(bundle_path.name + ".manifest.lock")))
 
 
-def record_export(bundle: Bundle | str | Path, key: str, files: list[Path], record: dict[str, Any]) -> Bundle:
+@contextmanager
+def staging_folder(final_folder: Path) -> Iterator[Path]:
+    """A hidden folder beside the final files (same filesystem: the renames are atomic), removed on the
+    way out, whatever happened."""
+    final_folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".staging-", dir=final_folder))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def record_export(
+    bundle: Bundle | str | Path, key: str, files: list[Path], record: dict[str, Any], *, staged: Path | None = None
+) -> Bundle:
     """List `files` (inside the bundle folder) with their sha256 and store `record` (plus "files"
     and the bundle's UNet sha256) as provenance["exports"][key]; returns the reloaded bundle.
-    Files listed by an earlier record under the same key and not reused are unlisted."""
+    Files listed by an earlier record under the same key and not reused are unlisted.
+
+    `staged`: a folder holding the new content of each file under its name; they are hashed there, then
+    renamed over the files just before the manifest is written (under its lock), and the earlier record's
+    files the new one does not list are deleted."""
     path = Path(bundle.path if isinstance(bundle, Bundle) else bundle).resolve()
     relative = []
     for file in files:
@@ -57,18 +84,24 @@ def record_export(bundle: Bundle | str | Path, key: str, files: list[Path], reco
         provenance = copy.deepcopy(manifest.provenance)
         exports = provenance.setdefault("exports", {})
         previous = exports.get(key, {}).get("files", [])
+        dropped = [name for name in previous if name not in relative and name.startswith("exports/")]
         files_table = dict(manifest.files)
-        for name in previous:
-            if name not in relative and name.startswith("exports/"):
-                files_table.pop(name, None)
+        for name in dropped:
+            files_table.pop(name, None)
         for name in relative:
-            file = path / name
-            files_table[name] = FileEntry(sha256=sha256_of(file), bytes=file.stat().st_size)
+            content = staged / Path(name).name if staged else path / name
+            files_table[name] = FileEntry(sha256=sha256_of(content), bytes=content.stat().st_size)
         exports[key] = {**record, "files": relative, "unet_sha256": manifest.files[UNET_WEIGHTS].sha256}
         updated = manifest.model_copy(update={"files": files_table, "provenance": provenance})
         tmp = path / (MANIFEST + ".partial")
         tmp.write_text(Manifest.model_validate(updated.model_dump()).model_dump_json(indent=2))
+        if staged:
+            for name in relative:
+                os.replace(staged / Path(name).name, path / name)
         os.replace(tmp, path / MANIFEST)
+        if staged:
+            for name in dropped:
+                (path / name).unlink(missing_ok=True)
     return Bundle.load(path, verify=False)
 
 
@@ -76,18 +109,18 @@ def ensure_unet_onnx(
     bundle: Bundle,
     dtype: str = "float32",
     *,
-    verify: bool = True,
+    buckets: Sequence[int] = (),
     progress: Progress = QUIET,
 ) -> Path:
-    """The bundle's current ONNX export of this dtype, exported (and verified, recorded) first if
-    serving would refuse it (missing, unrecorded, made from other weights). Safe to call from several
-    processes at once."""
+    """The bundle's current ONNX export of this dtype, exported, verified (on the default cases and
+    each of `buckets`, image sides) and recorded first if serving would refuse it (missing, unrecorded,
+    unverified, made from other weights). Safe to call from several processes at once."""
     with FileLock(str(bundle.path.with_name(bundle.path.name + f".export-onnx-{dtype}.lock"))):
         try:
             return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype).path
         except BundleError as exc:
             progress.say(f"exporting again: {exc}")
-        export_and_record_onnx(Bundle.load(bundle.path, verify=False), dtype, verify=verify, progress=progress)
+        export_and_record_onnx(Bundle.load(bundle.path, verify=False), dtype, buckets=buckets, progress=progress)
         return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype).path
 
 
@@ -97,29 +130,45 @@ def export_and_record_onnx(
     *,
     out_path: Path | None = None,
     verify: bool = True,
+    buckets: Sequence[int] = (),
     progress: Progress = QUIET,
     **export_options,
 ) -> tuple[Path, dict[str, Any]]:
-    """Export the bundle's UNet, verify it on ONNX Runtime (CPU), and record it in the manifest
-    when the file is inside the bundle folder. Returns (path, record)."""
+    """Export the bundle's UNet into a staging folder beside `out_path`, verify it there on ONNX Runtime
+    (CPU; the default cases plus each of `buckets`, image sides), then move it to `out_path` and record
+    it in the manifest when that is inside the bundle folder. A failed check raises and leaves the
+    previous export (and its record) in place. Without `verify` the record says the check was skipped,
+    and serving refuses it. Returns (path, record)."""
     from engines.runners import export_filename
     from export.onnx_export import export_unet_onnx, onnx_files, read_onnx_metadata
-    from export.verify import verify_onnx
+    from export.verify import cases_for_buckets, verify_onnx
 
     out_path = Path(out_path) if out_path else bundle.path / export_filename("onnx", dtype)
-    export_unet_onnx(bundle, out_path, dtype=dtype, progress=progress, **export_options)
-    record: dict[str, Any] = {"kind": "onnx", "dtype": dtype, "metadata": read_onnx_metadata(out_path)}
-    if verify:
-        report = verify_onnx(out_path, bundle.load_unet(), progress=progress)
-        record["verify"] = report
-        if not report["passed"]:
-            raise RuntimeError(f"{out_path} failed verification: {report}")
-    if out_path.resolve().is_relative_to(bundle.path.resolve()):
-        record["path"] = out_path.resolve().relative_to(bundle.path.resolve()).as_posix()
-        record_export(bundle, export_key("onnx", dtype), onnx_files(out_path), record)
-        progress.say(f"recorded {record['path']} in {bundle.path / MANIFEST}")
+    with staging_folder(out_path.parent) as staging:
+        staged = export_unet_onnx(bundle, staging / out_path.name, dtype=dtype, progress=progress, **export_options)
+        record: dict[str, Any] = {"kind": "onnx", "dtype": dtype, "metadata": read_onnx_metadata(staged)}
+        if verify:
+            report = verify_onnx(
+                staged, bundle.load_unet(), cases=cases_for_buckets(buckets), progress=progress,
+                sequence_length=bundle.manifest.architecture.prompt.sequence_length,
+            )  # fmt: skip
+            record["verify"] = report
+            if not report["passed"]:
+                raise RuntimeError(f"{out_path} failed verification (the previous export, if any, is kept): {report}")
+        else:
+            record["verify"] = {"passed": False, "skipped": True}
+        final_files = [out_path.parent / file.name for file in onnx_files(staged)]
+        if out_path.resolve().is_relative_to(bundle.path.resolve()):
+            record["path"] = out_path.resolve().relative_to(bundle.path.resolve()).as_posix()
+            record_export(bundle, export_key("onnx", dtype), final_files, record, staged=staging)
+            progress.say(f"recorded {record['path']} in {bundle.path / MANIFEST}")
+        else:
+            for file in final_files:
+                os.replace(staging / file.name, file)
+        stale_data = out_path.with_name(out_path.name + ".data")
+        if stale_data not in final_files:
+            stale_data.unlink(missing_ok=True)
     return out_path, record
-
 
 
 def check_plan_source(bundle: Bundle, onnx_sha256: str, dtype: str) -> None:
@@ -134,9 +183,12 @@ def check_plan_source(bundle: Bundle, onnx_sha256: str, dtype: str) -> None:
         )
 
 
-def record_plan(bundle: Bundle, plan_path: Path, info: dict[str, Any], dtype: str = "float16") -> Bundle:
+def record_plan(
+    bundle: Bundle, plan_path: Path, info: dict[str, Any], dtype: str = "float16", *, staged: Path | None = None
+) -> Bundle:
     """Record a TensorRT plan (and its .json build record) built inside the bundle folder from the
-    bundle's current ONNX export of `dtype`."""
+    bundle's current ONNX export of `dtype`; `staged`: the folder it was built in, moved to `plan_path`
+    only once it is recorded (see record_export)."""
     from engines.runners import plan_sidecar
 
     check_plan_source(Bundle.load(bundle.path, verify=False), info["onnx_sha256"], dtype)
@@ -147,4 +199,4 @@ def record_plan(bundle: Bundle, plan_path: Path, info: dict[str, Any], dtype: st
         "path": Path(plan_path).resolve().relative_to(bundle.path.resolve()).as_posix(),
         "plan": info,
     }
-    return record_export(bundle, key, [Path(plan_path), plan_sidecar(plan_path)], record)
+    return record_export(bundle, key, [Path(plan_path), plan_sidecar(plan_path)], record, staged=staged)

@@ -11,6 +11,7 @@ Tolerances, on noise_pred (values of order 1):
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,15 @@ TOLERANCES = {
     "float16": {"max_abs": 5e-2, "mean_abs": 5e-3},
 }
 DEFAULT_CASES = ((1, 32, 32), (3, 64, 64))  # (batch, latent h, latent w): 256 px and 512 px images
+VAE_FACTOR = 8
+
+
+def cases_for_buckets(buckets: Sequence[int] = ()) -> tuple[tuple[int, int, int], ...]:
+    """The default cases plus one image at each bucket side (the sizes the service runs) not already
+    among them: the graph takes another path at each resolution, and 1024 px is the one served."""
+    covered = {(h, w) for _, h, w in DEFAULT_CASES}
+    extra = sorted({side // VAE_FACTOR for side in buckets} - {h for h, w in covered if h == w})
+    return DEFAULT_CASES + tuple((1, latent, latent) for latent in extra)
 
 
 def verify_onnx(

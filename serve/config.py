@@ -152,7 +152,8 @@ class EngineSettings(_Strict):
     export_missing: bool = Field(
         False,
         description="onnx runner: export (and verify) the UNet into the bundle folder at start when the bundle has no "
-        "current export (none recorded, or made from other weights)",
+        "current export (none recorded, unverified, or made from other weights); checked at 256 and 512 px and "
+        "each of imaging.buckets",
     )
     hung_after_s: float | None = Field(
         300.0,

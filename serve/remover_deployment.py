@@ -47,7 +47,7 @@ class Remover:
             from export.manifest import ensure_unet_onnx
 
             export_dtype = dtype or default_export_dtype(device)
-            ensure_unet_onnx(bundle, str(export_dtype).removeprefix("torch."))
+            ensure_unet_onnx(bundle, str(export_dtype).removeprefix("torch."), buckets=self.settings.imaging.buckets)
             bundle = type(bundle).load(bundle.path, verify=False)
         use_graphs = engine_cfg.cuda_graph and device.type == "cuda" and engine_cfg.runner != "onnx"
         self.engine = RemovalEngine.from_bundle(

@@ -32,10 +32,11 @@ FP32_MAX_ABS = 1e-4
 
 @pytest.fixture(scope="module")
 def cli_process(tmp_path_factory):
-    """`python -m export all --tiny`, started first so it overlaps with the fp16 export below."""
+    """`python -m export all --tiny` (no GPU: the buckets only add a 1024 px parity case), started first so
+    it overlaps with the fp16 export below."""
     cache = tmp_path_factory.mktemp("export-cache")
     child = subprocess.Popen(
-        [sys.executable, "-m", "export", "all", "--tiny", "--cache-dir", str(cache)],
+        [sys.executable, "-m", "export", "all", "--tiny", "--cache-dir", str(cache), "--buckets", "512,1024"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     yield SimpleNamespace(child=child, cache=cache)
@@ -61,7 +62,9 @@ def exported(cli_process, fp16_onnx):
 @pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
 def test_cli_exports_verifies_records_and_prints_progress(exported):
     out = exported.stdout
-    for stage in ("tiny bundle", "torch.export + ONNX translation", "graph cleanup", "parity batch 3, latent 64x64"):
+    stages = ("tiny bundle", "torch.export + ONNX translation", "graph cleanup", "parity batch 3, latent 64x64",
+              "parity batch 1, latent 128x128")  # fmt: skip
+    for stage in stages:
         assert f"] {stage}" in out, out
     assert "recorded exports/unet.fp32.onnx" in out
     if not torch.cuda.is_available():
@@ -373,8 +376,13 @@ def onnx_opened(monkeypatch) -> list[Path]:
     return opened
 
 
-def _record_dummy_onnx(bundle_path: Path, dtype: str = "float32") -> Path:
-    """Record an ONNX export of `dtype` in the bundle as the exporter does (new bytes each call)."""
+PASSED_REPORT = {"passed": True, "dtype": "float32", "max_abs": 3e-6, "mean_abs": 1e-7,
+                 "tolerance": {"max_abs": 1e-4, "mean_abs": 1e-5}}  # fmt: skip
+
+
+def _record_dummy_onnx(bundle_path: Path, dtype: str = "float32", verify: dict | None = PASSED_REPORT) -> Path:
+    """Record an ONNX export of `dtype` in the bundle as the exporter does (new bytes each call; `verify`:
+    its parity report, None for a record without one)."""
     import time
 
     from engines.runners import export_filename
@@ -383,8 +391,10 @@ def _record_dummy_onnx(bundle_path: Path, dtype: str = "float32") -> Path:
     path = bundle_path / export_filename("onnx", dtype)
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(f"{dtype} graph exported at {time.perf_counter_ns()}".encode())
-    relative = path.relative_to(bundle_path).as_posix()
-    record_export(bundle_path, f"onnx.{dtype}", [path], {"kind": "onnx", "dtype": dtype, "path": relative})
+    record = {"kind": "onnx", "dtype": dtype, "path": path.relative_to(bundle_path).as_posix()}
+    if verify is not None:
+        record["verify"] = verify
+    record_export(bundle_path, f"onnx.{dtype}", [path], record)
     return path
 
 
@@ -485,3 +495,195 @@ def test_a_plan_is_recorded_and_served_only_with_the_onnx_it_was_built_from(tiny
     _record_dummy_onnx(copy, "float16")  # exported again after the plan was built
     with pytest.raises(BundleError, match="built from another ONNX.*python -m export tensorrt"):
         runners.current_export(Bundle.load(copy, verify=True), "tensorrt", "float16", compute_capability="9.0")
+
+
+# -------------------------------------------------------------------------------------------
+# Replacing an export: staged, verified, then renamed and recorded (the export and the build stubbed)
+
+
+@pytest.fixture
+def stub_export(monkeypatch) -> SimpleNamespace:
+    """export_unet_onnx writes new bytes where it is told; verify_onnx returns `report` (or raises it),
+    noting the path and cases it was given."""
+    import export.onnx_export
+    import export.verify
+
+    seen = SimpleNamespace(report=PASSED_REPORT, verified=[], cases=[])
+
+    def export_unet_onnx(bundle, out_path, **_):
+        Path(out_path).write_bytes(b"a new graph")
+        return Path(out_path)
+
+    def verify_onnx(path, unet, *, cases=export.verify.DEFAULT_CASES, **_):
+        seen.verified.append(Path(path))
+        seen.cases.append(cases)
+        if isinstance(seen.report, BaseException):
+            raise seen.report
+        return seen.report
+
+    monkeypatch.setattr(export.onnx_export, "export_unet_onnx", export_unet_onnx)
+    monkeypatch.setattr(export.onnx_export, "read_onnx_metadata", lambda path: {"dtype": "float32"})
+    monkeypatch.setattr(export.verify, "verify_onnx", verify_onnx)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "outcome", [{**PASSED_REPORT, "passed": False, "max_abs": 3.2}, KeyboardInterrupt()], ids=["fails", "interrupted"]
+)
+def test_an_export_that_fails_its_check_keeps_the_verified_one_and_its_record(
+    tiny_bundle, tmp_path, onnx_opened, stub_export, outcome
+):
+    from export.manifest import export_and_record_onnx
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    graph, manifest = onnx.read_bytes(), (copy / MANIFEST).read_text()
+    stub_export.report = outcome
+    with pytest.raises(RuntimeError if isinstance(outcome, dict) else KeyboardInterrupt):
+        export_and_record_onnx(Bundle.load(copy), "float32")
+    assert onnx.read_bytes() == graph and (copy / MANIFEST).read_text() == manifest
+    assert stub_export.verified and stub_export.verified[0].parent != onnx.parent, "verified in place"
+    assert sorted(p.name for p in onnx.parent.iterdir()) == [onnx.name], "staging left behind"
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
+    assert onnx_opened == [onnx.resolve()]
+
+
+def test_an_export_that_passes_replaces_the_current_one_and_its_record(tiny_bundle, tmp_path, onnx_opened, stub_export):
+    from export.manifest import export_and_record_onnx
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    export_and_record_onnx(Bundle.load(copy), "float32", buckets=[512, 1024])
+    assert onnx.read_bytes() == b"a new graph"
+    assert sorted(p.name for p in onnx.parent.iterdir()) == [onnx.name]
+    assert (1, 128, 128) in stub_export.cases[0], "the 1024 px bucket was not checked"
+    bundle = Bundle.load(copy, verify=True)
+    assert bundle.manifest.provenance["exports"]["onnx.float32"]["verify"] == PASSED_REPORT
+    RemovalEngine.from_bundle(bundle, runner="onnx")
+    assert onnx_opened == [onnx.resolve()]
+
+
+def test_cases_for_buckets_add_each_bucket_side_once():
+    from export.verify import DEFAULT_CASES, cases_for_buckets
+
+    assert cases_for_buckets() == cases_for_buckets([256]) == DEFAULT_CASES
+    assert cases_for_buckets([1024, 512, 1024]) == (*DEFAULT_CASES, (1, 128, 128))
+
+
+def test_the_onnx_command_verifies_by_default_and_no_verify_is_served_only_once_verified(
+    tiny_bundle, tmp_path, onnx_opened, stub_export
+):
+    import export.cli
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    config = str(REPO / "serve" / "configs" / "local.yaml")
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--config", config, "--quiet"]) == 0
+    assert stub_export.verified and (1, 128, 128) in stub_export.cases[-1]
+
+    stub_export.verified.clear()
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--no-verify", "--quiet"]) == 0
+    assert not stub_export.verified
+    bundle = Bundle.load(copy, verify=True)
+    assert bundle.manifest.provenance["exports"]["onnx.float32"]["verify"] == {"passed": False, "skipped": True}
+    with pytest.raises(BundleError, match="without its parity check.*python -m export verify"):
+        RemovalEngine.from_bundle(bundle, runner="onnx")
+    assert onnx_opened == []
+
+    assert export.cli.main(["verify", "--bundle", str(copy), "--quiet"]) == 0
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
+    assert onnx_opened == [onnx.resolve()]
+
+
+@pytest.mark.parametrize(
+    "report, refusal",
+    [(None, "without its parity check"), ({**PASSED_REPORT, "passed": False}, "failed its parity check")],
+    ids=["no report", "failed"],
+)
+def test_serving_refuses_an_onnx_export_not_verified(tiny_bundle, tmp_path, onnx_opened, report, refusal):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    _record_dummy_onnx(copy, verify=report)
+    with pytest.raises(BundleError, match=f"{refusal}.*python -m export verify --bundle .* --dtype float32"):
+        RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
+    assert onnx_opened == []
+
+
+def test_export_all_with_tensorrt_asks_for_the_serve_buckets_before_any_work(tiny_bundle, monkeypatch, capsys):
+    import export.cli
+    import export.manifest
+
+    monkeypatch.setattr(export.cli, "_tensorrt_unavailable", lambda: None)
+    monkeypatch.setattr(export.manifest, "export_and_record_onnx", lambda *a, **k: pytest.fail("exported first"))
+    assert export.cli.main(["all", "--bundle", str(tiny_bundle.path), "--quiet"]) == 1
+    assert "--config SERVE_CONFIG" in capsys.readouterr().err
+
+    built = []
+    monkeypatch.setattr(export.manifest, "export_and_record_onnx", lambda bundle, dtype, **k: (bundle.path, {}))
+    monkeypatch.setattr(export.cli, "_build_and_record", lambda args, *rest: built.append(export.cli._plan_shape(args)))
+    config = str(REPO / "serve" / "configs" / "local.yaml")
+    assert export.cli.main(["all", "--bundle", str(tiny_bundle.path), "--config", config, "--quiet"]) == 0
+    assert built == [([512, 1024], load_serve_settings(config).batching.max_batch_size)]
+
+
+@pytest.fixture
+def plan_build(monkeypatch, tiny_bundle, tmp_path) -> SimpleNamespace:
+    """A bundle with an fp16 ONNX export and a plan built from it (sm90); TensorRT and the GPU stubbed.
+    `during` runs inside the stubbed build."""
+    import export.tensorrt_build
+    from engines import runners
+    from engines.bundle import sha256_of
+    from export.manifest import record_plan
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path, "float16")
+    plan = copy / runners.export_filename("tensorrt", "float16", "9.0")
+    plan.write_bytes(b"the first plan")
+    runners.plan_sidecar(plan).write_text("{}")
+    record_plan(Bundle.load(copy), plan, {"compute_capability": "9.0", "onnx_sha256": sha256_of(onnx)})
+    build = SimpleNamespace(bundle=copy, onnx=onnx, plan=plan, during=lambda: None)
+
+    def build_plan(onnx_path, plan_path, profiles, **_):
+        built_from = sha256_of(onnx_path)
+        Path(plan_path).write_bytes(b"a new plan")
+        runners.plan_sidecar(plan_path).write_text("{}")
+        build.during()
+        info = {"compute_capability": "9.0", "onnx_sha256": built_from, "plan": Path(plan_path).name,
+                "tensorrt_version": "stub", "gpu": "stub", "build_seconds": 0.0, "bytes": 10}  # fmt: skip
+        return SimpleNamespace(to_json=lambda: info)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(export.tensorrt_build, "build_plan", build_plan)
+    monkeypatch.setattr(export.tensorrt_build, "onnx_static_dims", lambda path: {})
+    return build
+
+
+def _build_args(**overrides) -> SimpleNamespace:
+    return SimpleNamespace(**{"command": "tensorrt", "config": None, "buckets": "512", "max_batch_size": 2,
+                              "spanning": False, "plan": None, "timing_cache": None, "workspace_gb": None,
+                              "opt_level": 3, **overrides})  # fmt: skip
+
+
+def test_a_plan_refused_after_its_build_leaves_the_recorded_plan_in_place(plan_build):
+    """The ONNX is exported again while the plan builds: the new plan is refused, the old one stays."""
+    from engines import runners
+    from export.cli import _build_and_record
+    from export.progress import QUIET
+
+    plan_build.during = lambda: _record_dummy_onnx(plan_build.bundle, "float16")
+    with pytest.raises(BundleError, match="built from an ONNX"):
+        _build_and_record(_build_args(), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET)
+    assert plan_build.plan.read_bytes() == b"the first plan"
+    Bundle.load(plan_build.bundle, verify=True)
+    assert sorted(p.name for p in plan_build.plan.parent.iterdir()) == sorted(
+        [plan_build.onnx.name, plan_build.plan.name, runners.plan_sidecar(plan_build.plan).name]
+    )
+
+
+def test_a_built_plan_replaces_the_recorded_one(plan_build):
+    from engines import runners
+    from export.cli import _build_and_record
+    from export.progress import QUIET
+
+    _build_and_record(_build_args(), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET)
+    bundle = Bundle.load(plan_build.bundle, verify=True)
+    assert runners.current_export(bundle, "tensorrt", "float16", compute_capability="9.0").path == plan_build.plan
+    assert plan_build.plan.read_bytes() == b"a new plan"
+    assert not [p for p in plan_build.plan.parent.iterdir() if p.name.startswith(".staging")]
