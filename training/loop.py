@@ -59,8 +59,6 @@ def train(
     )
     # the scheduler is stepped here once per optimizer step, so it is not handed to accelerate
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
 
     start = 0
     checkpoint = find_checkpoint(settings.out, settings.resume)
@@ -76,6 +74,8 @@ def train(
         if ema is not None:
             ema.load_state_dict(extra["ema"])
         accelerator.print(f"[{summary.stage}] resumed from {checkpoint} at step {start}")
+    if ema is not None:
+        ema.to(accelerator.device)  # after loading: extra.pt is read onto the CPU
 
     sampler = StepBatchSampler(
         len(dataset),

@@ -1,0 +1,136 @@
+"""Resuming, through the training loop on a toy model (seconds, no diffusion model): the resumed
+losses and EMA equal the uninterrupted run's, and the EMA follows the model onto its device after a
+resume (the meta device stands in for CUDA)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch import nn
+
+from training.common import RunSummary
+
+STEPS = 4
+
+
+class _Accelerator:
+    """What training.loop uses of accelerate's Accelerator, for one process on `device`; prepare()
+    leaves the model where the test built it."""
+
+    is_main_process, is_local_main_process, process_index, num_processes, scaler = True, False, 0, 1, None
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+
+    def prepare(self, *objects):
+        return objects
+
+    def no_sync(self, model):
+        return nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def reduce(self, tensor, reduction="mean"):
+        return torch.zeros(()) if tensor.is_meta else tensor
+
+    def unwrap_model(self, model):
+        return model
+
+    def wait_for_everyone(self):
+        pass
+
+    def print(self, *args):
+        print(*args)
+
+
+def _dataset(n=8):
+    g = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(3, generator=g), "y": torch.randn(1, generator=g)} for _ in range(n)]
+
+
+def _loss(model, batch, generator):
+    noise = torch.randn(batch["y"].shape, generator=generator).to(batch["y"].device)
+    return ((model(batch["x"]) - batch["y"] - 0.1 * noise) ** 2).mean()
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data" / "metadata.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps([{"source": "a.png", "mask": "a.png", "GT": "a.png"}]))
+    return path
+
+
+def _settings(data_file, out, **overrides):
+    from training.finetune import FinetuneSettings
+
+    values = {
+        "base": "tiny", "data": data_file, "out": out, "steps": STEPS, "batch_size": 2, "lr": 1e-2,
+        "checkpoint_every": 2, "ema": True, "ema_decay": 0.9, "resume": "latest", **overrides,
+    }  # fmt: skip
+    return FinetuneSettings(**values)
+
+
+def _run(settings, device="cpu"):
+    """The loop as finetune runs it, with a toy model and an EMA of it; returns (summary, model, ema)."""
+    from diffusers.training_utils import EMAModel
+
+    from training.loop import train
+
+    torch.manual_seed(settings.seed)
+    model = nn.Linear(3, 1).to(device)
+    ema = EMAModel(model.parameters(), decay=settings.ema_decay)
+    summary = RunSummary("finetune", settings, _Accelerator(device))
+    trained = train(settings, _Accelerator(device), summary, model, _dataset(), _loss, ema=ema)
+    summary.write("completed")
+    return summary.data, trained, ema
+
+
+def _losses(summary):
+    return {e["step"]: e["loss"] for e in summary["losses"]}
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_losses_and_ema(data_file, tmp_path):
+    """Steps 1-2 in one folder; the checkpoint copied elsewhere and resumed to step 4 with every
+    setting that may change changed: the same losses, weights and EMA as 4 steps in one go."""
+    whole, whole_model, whole_ema = _run(_settings(data_file, tmp_path / "whole"))
+    _run(_settings(data_file, tmp_path / "first", steps=2))
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "first" / "checkpoints", moved / "checkpoints")
+    may_change = {
+        "out": moved, "steps": STEPS, "checkpoint_every": 1, "keep_checkpoints": 3, "num_workers": 1, "cpu": True,
+        "gradient_checkpointing": True, "cache_dir": tmp_path / "cache", "resume": "latest",
+    }  # fmt: skip
+    resumed, model, ema = _run(_settings(data_file, **may_change))
+    assert resumed["resumed_from"].endswith("step-0000002") and "resume_changes" not in resumed
+    assert list(_losses(resumed)) == [1, 2, 3, 4]
+    assert _losses(resumed) == pytest.approx(_losses(whole), abs=1e-7, rel=0)
+    for a, b in zip(model.parameters(), whole_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    for a, b in zip(ema.shadow_params, whole_ema.shadow_params, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    assert ema.optimization_step == whole_ema.optimization_step == STEPS
+
+
+def test_ema_follows_the_model_onto_its_device_after_a_resume(data_file, tmp_path, monkeypatch):
+    """extra.pt is read onto the CPU: an EMA moved to the device before loading it kept CPU shadow
+    weights, and its first step next to CUDA weights failed. No GPU here: the meta device stands in."""
+    import training.loop
+
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2))
+    saved = []
+    monkeypatch.setattr(training.loop, "save_checkpoint", lambda *args, extra, **kw: saved.append(extra))
+    resumed, model, ema = _run(_settings(data_file, out, steps=3), device="meta")
+    assert resumed["resumed_from"].endswith("step-0000002")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.device.type for p in ema.shadow_params} == {"meta"}
+    assert ema.optimization_step == 3 and len(saved) == 1
