@@ -1,6 +1,7 @@
-"""Resuming, through the training loop on a toy model (seconds, no diffusion model): the resumed
-losses and EMA equal the uninterrupted run's, and the EMA follows the model onto its device after a
-resume (the meta device stands in for CUDA)."""
+"""Resuming, through the training loop on a toy model (seconds, no diffusion model): a checkpoint
+continues only the run that wrote it (same settings and data, or an explicit override), the
+settings that may change do not stop it, the resumed losses and EMA equal the uninterrupted run's,
+and the EMA follows the model onto its device after a resume (the meta device stands in for CUDA)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.common import RunSummary
+from training.common import RunSummary, TrainingError
 
 STEPS = 4
 
@@ -98,7 +99,7 @@ def _losses(summary):
     return {e["step"]: e["loss"] for e in summary["losses"]}
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_losses_and_ema(data_file, tmp_path):
+def test_an_interrupted_run_resumes_to_the_uninterrupted_losses_and_ema_with_what_may_change(data_file, tmp_path):
     """Steps 1-2 in one folder; the checkpoint copied elsewhere and resumed to step 4 with every
     setting that may change changed: the same losses, weights and EMA as 4 steps in one go."""
     whole, whole_model, whole_ema = _run(_settings(data_file, tmp_path / "whole"))
@@ -118,6 +119,84 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_losses_and_ema(data_fil
     for a, b in zip(ema.shadow_params, whole_ema.shadow_params, strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
     assert ema.optimization_step == whole_ema.optimization_step == STEPS
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_naming_each_change_and_the_way_out(data_file, tmp_path):
+    """The review's case: a second round into the same folder with `resume: latest` and another seed and lr."""
+    out = tmp_path / "run"
+    _run(_settings(data_file, out))
+    before = (out / "summary.json").read_text()
+    with pytest.raises(TrainingError) as refused:
+        _run(_settings(data_file, out, seed=1, lr=1e-3, steps=STEPS + 2))
+    message = str(refused.value)
+    assert "step-0000004 was written by a run with other settings or data" in message
+    assert "lr: 0.01 -> 0.001" in message and "seed: 0 -> 1" in message
+    assert "steps" not in message  # the step total may change
+    assert "new output folder" in message and "--resume-despite-changes" in message
+    assert (out / "summary.json").read_text() == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+def test_resume_refuses_other_data_at_the_same_path(data_file, tmp_path):
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2))
+    data_file.write_text(json.dumps([{"source": "b.png", "mask": "b.png", "GT": "b.png"}]))
+    with pytest.raises(TrainingError, match=r"sha256 of the data file .*metadata.json: [0-9a-f]{16} -> [0-9a-f]{16}"):
+        _run(_settings(data_file, out))
+
+
+def test_resume_refuses_a_checkpoint_that_did_not_record_its_data(data_file, tmp_path):
+    """A checkpoint written before data hashing cannot show its data is the same: refused, saying so."""
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2))
+    state_file = out / "checkpoints" / "step-0000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["data_sha256"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match=r"not recorded: the checkpoint predates data hashing"):
+        _run(_settings(data_file, out))
+    resumed, _, _ = _run(_settings(data_file, out, resume_despite_changes=True))
+    assert resumed["resumed_from"].endswith("step-0000002")
+
+
+def test_resume_despite_changes_continues_and_records_them(data_file, tmp_path):
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2))
+    resumed, _, _ = _run(_settings(data_file, out, lr=1e-3, resume_despite_changes=True))
+    assert resumed["resumed_from"].endswith("step-0000002")
+    assert [e["step"] for e in resumed["losses"]] == [1, 2, 3, 4]
+    assert resumed["resume_changes"] == ["lr: 0.01 -> 0.001"]
+    assert json.loads((out / "summary.json").read_text())["resume_changes"] == ["lr: 0.01 -> 0.001"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_stage_even_despite_changes(data_file, tmp_path):
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2))
+    state_file = out / "checkpoints" / "step-0000002" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "stage": "distill"}))
+    with pytest.raises(TrainingError, match="is a distill checkpoint, not finetune"):
+        _run(_settings(data_file, out, resume_despite_changes=True))
+
+
+def test_resume_changes_of_each_stage(data_file, tmp_path):
+    """What each stage's settings model lets change (the discriminator: its evaluation batch too);
+    a setting the checkpoint does not record compares as its default."""
+    from training.checkpoint import resume_changes
+    from training.discriminator import DiscriminatorSettings
+    from training.distill import DistillSettings
+
+    common = {"base": "tiny", "data": data_file, "out": tmp_path / "run"}
+    for model, changed, allowed in (
+        (DiscriminatorSettings, {"lora_rank": 8, "holdout_fraction": 0.5}, {"eval_batch_size": 2}),
+        (DistillSettings, {"lora_rank": 8, "loss_type": "huber"}, {"num_workers": 4}),
+    ):
+        recorded = {"settings": json.loads(model(**common).model_dump_json()), "data_sha256": "0" * 64}
+        assert resume_changes(recorded, model(**common, **allowed), "0" * 64) == []
+        found = resume_changes(recorded, model(**common, **changed, **allowed), "0" * 64)
+        assert [line.split(":")[0] for line in found] == sorted(changed)
+        del recorded["settings"]["lora_rank"]
+        assert resume_changes(recorded, model(**common), "0" * 64) == []
+        assert resume_changes(recorded, model(**common, lora_rank=8), "0" * 64)[0].endswith("-> 8")
 
 
 def test_ema_follows_the_model_onto_its_device_after_a_resume(data_file, tmp_path, monkeypatch):

@@ -6,11 +6,14 @@
     lr_scheduler.pt         learning-rate schedule state
     extra.pt                EMA weights, the fp16 grad scaler, when used
     rng-<process>.pt        python / numpy / torch (and CUDA) RNG states of each process, as tensors and plain values
-    state.json              step, stage, settings, the losses so far (the summary continues from them)
+    state.json              step, stage, settings, sha256 of the data file, the losses so far (the summary continues from them)
 
 The data order and each step's noise come from `step_generator(seed, step, ...)`, so together with
 the tensors above a resumed run computes the same next loss as an uninterrupted one. A checkpoint
 is written into a staging folder and renamed, so a folder named step-* is always complete.
+
+A checkpoint continues the run that wrote it: `resume_changes` lists what differs between its
+recorded settings and data and the current ones, and the loop refuses to resume over any of them.
 
 `--resume PATH` takes any folder, so every .pt file is read with torch.load(weights_only=True): only
 tensors and plain values are built, and a file holding anything else (a pickle that would run code, or
@@ -19,6 +22,7 @@ an rng-*.pt of the older format with numpy's state as a numpy array) is refused 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
@@ -28,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic_core import to_jsonable_python
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.common import TrainingError
+from training.common import TrainingError, TrainSettings
 
 PREFIX = "step-"
 
@@ -105,6 +110,50 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json)")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_changes(state: dict[str, Any], settings: TrainSettings, data_sha256: str) -> list[str]:
+    """What differs between a checkpoint's state.json and the current run, one "name: old -> new" line each.
+
+    Resuming continues the recorded run as if nothing changed, so any setting that decides what is
+    trained or how (data, base, lr, schedule, batch, seed, precision, EMA, LoRA...) counts, and so
+    does the content of the data's metadata file (the same path may now list other images).
+    `settings.RESUME_MAY_CHANGE` is left out: the step total (a resumed run continues to it),
+    how to resume, when checkpoints are written and how many are kept, where the run, its
+    checkpoint and the tiny base live (a checkpoint may be copied to another folder), and how the
+    same computation is carried out (DataLoader workers, CPU or GPU, gradient checkpointing),
+    which a preempted job coming back on other hardware may need to change. A setting the
+    checkpoint does not record (added since) compares as its default.
+    """
+    recorded = state.get("settings") or {}
+    current = json.loads(settings.model_dump_json())
+    fields = type(settings).model_fields
+    changes = []
+    for name in sorted(set(recorded) | set(current)):
+        if name in settings.RESUME_MAY_CHANGE:
+            continue
+        new = current.get(name, "(no such setting)")
+        if name in recorded:
+            old = recorded[name]
+        elif name in fields and not fields[name].is_required():
+            old = to_jsonable_python(fields[name].get_default(call_default_factory=True))
+        else:
+            old = "(not recorded)"
+        if old != new:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    old_sha = state.get("data_sha256")
+    if old_sha != data_sha256:
+        old_text = old_sha[:16] if old_sha else "(not recorded: the checkpoint predates data hashing)"
+        changes.append(f"sha256 of the data file {settings.data}: {old_text} -> {data_sha256[:16]}")
+    return changes
 
 
 def save_checkpoint(

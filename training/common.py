@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -65,12 +65,33 @@ class TrainSettings(StageSettings):
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     resume: str | None = Field(None, description="'latest' (none yet: start fresh) or a checkpoint folder")
+    resume_despite_changes: bool = Field(
+        False,
+        description="resume even from a checkpoint written with other settings or data "
+        "(refused otherwise; the differences are recorded in the summary as resume_changes)",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     cpu: bool = Field(False, description="run on CPU even if a GPU is there")
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where base 'tiny' is generated")
     overfit_one_batch: bool = Field(
         False, description="debug: the same batch, noise and timesteps every step (the loss must fall)"
     )
+
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "steps",
+            "resume",
+            "resume_despite_changes",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "out",
+            "cache_dir",
+            "num_workers",
+            "cpu",
+            "gradient_checkpointing",
+        }
+    )
+    """Settings a resumed run may have changed: see training.checkpoint.resume_changes."""
 
     @field_validator("resolution")
     @classmethod

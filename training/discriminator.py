@@ -57,6 +57,8 @@ class DiscriminatorSettings(TrainSettings):
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of source images held out for metrics")
     eval_batch_size: int = Field(8, ge=1)
 
+    RESUME_MAY_CHANGE = TrainSettings.RESUME_MAY_CHANGE | {"eval_batch_size"}
+
 
 def split_by_source(records: Sequence[Triplet], fraction: float, seed: int) -> tuple[list[Triplet], list[Triplet]]:
     """(train, held_out): whole source images (a record's `group`, else its source file) go to one side; at

@@ -14,15 +14,17 @@ from a checkpoint reproduces exactly the losses an uninterrupted run would have 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import file_sha256, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
 from training.common import RunSummary, TrainingError, TrainSettings, progress_bar, step_generator
 from training.data import StepBatchSampler
 
@@ -61,13 +63,13 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start = 0
+    data_sha256 = file_sha256(settings.data)
     checkpoint = find_checkpoint(settings.out, settings.resume)
     if checkpoint is not None:
+        check_resumable(checkpoint, settings, summary, accelerator, data_sha256)
         state, extra = load_checkpoint(
             accelerator, checkpoint, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler
         )
-        if state.get("stage") != summary.stage:
-            raise TrainingError(f"{checkpoint} is a {state.get('stage')} checkpoint, not {summary.stage}")
         start = state["step"]
         summary.losses[:] = [entry for entry in state["losses"] if entry["step"] <= start]
         summary.data["resumed_from"] = str(checkpoint)
@@ -129,7 +131,7 @@ def train(
                 model=model,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
-                state=_checkpoint_state(summary),
+                state=_checkpoint_state(summary, data_sha256),
                 extra={"ema": ema.state_dict()} if ema is not None else None,
                 keep=settings.keep_checkpoints,
             )
@@ -139,5 +141,31 @@ def train(
     return accelerator.unwrap_model(model)
 
 
-def _checkpoint_state(summary: RunSummary) -> dict[str, Any]:
-    return {"stage": summary.stage, "settings": summary.data["config"], "losses": list(summary.losses)}
+def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, accelerator, data_sha256: str) -> None:
+    """Refuse, before anything is restored, a checkpoint of another stage, or of a run with other
+    settings or data (unless resume_despite_changes: then the differences go in the summary)."""
+    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    if state.get("stage") != summary.stage:
+        raise TrainingError(f"{checkpoint} is a {state.get('stage')} checkpoint, not {summary.stage}")
+    changes = resume_changes(state, settings, data_sha256)
+    if not changes:
+        return
+    listed = "\n".join(f"  {change}" for change in changes)
+    if not settings.resume_despite_changes:
+        raise TrainingError(
+            f"{checkpoint} was written by a run with other settings or data:\n{listed}\n"
+            "Resuming would continue that run as if they were the same. Train into a new output folder "
+            "(--out, and no --resume PATH), or pass --resume-despite-changes (resume_despite_changes: true) "
+            "to continue from this checkpoint with these changes."
+        )
+    summary.data["resume_changes"] = changes
+    accelerator.print(f"[{summary.stage}] resuming {checkpoint} despite these changes:\n{listed}")
+
+
+def _checkpoint_state(summary: RunSummary, data_sha256: str) -> dict[str, Any]:
+    return {
+        "stage": summary.stage,
+        "settings": summary.data["config"],
+        "data_sha256": data_sha256,
+        "losses": list(summary.losses),
+    }
