@@ -22,7 +22,6 @@ an rng-*.pt of the older format with numpy's state as a numpy array) is refused 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import random
@@ -110,14 +109,6 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json)")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resume_changes(state: dict[str, Any], settings: TrainSettings, data_sha256: str) -> list[str]:

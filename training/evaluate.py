@@ -128,7 +128,9 @@ def evaluate(settings: EvaluateSettings) -> dict:
     summary = RunSummary("evaluate", settings)
     device = pick_device(settings.device)
     summary.data["device"] = str(device)
-    summary.data["data_sha256"] = sha256_file(settings.data)
+    from engines.bundle import sha256_of
+
+    summary.data["data_sha256"] = sha256_of(Path(settings.data))  # the test set's identity, which `compare` checks
     records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]
     tiny = settings.bundle == "tiny"
     bundle = open_bundle(
@@ -381,12 +383,6 @@ class EvaluationRun:
         entry = self.summary["metrics"].get(name)
         return entry.get("skipped") if isinstance(entry, dict) else None
 
-
-def sha256_file(path: str | Path) -> str:
-    """The test set's identity, which `compare` checks: a path can be reused for other content."""
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_run(folder: str | Path) -> EvaluationRun:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.checkpoint import file_sha256, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
+from engines.bundle import sha256_of
+from training.checkpoint import find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
 from training.common import RunSummary, TrainingError, TrainSettings, progress_bar, step_generator
 from training.data import StepBatchSampler
 
@@ -63,7 +64,7 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start = 0
-    data_sha256 = file_sha256(settings.data)
+    data_sha256 = sha256_of(Path(settings.data))
     checkpoint = find_checkpoint(settings.out, settings.resume)
     if checkpoint is not None:
         check_resumable(checkpoint, settings, summary, accelerator, data_sha256)
