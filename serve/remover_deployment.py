@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from engines.jobs import RemovalJob
+from serve.batcher import Batcher
 from serve.config import RemoverArgs, RemoverLive
 from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
@@ -62,6 +63,7 @@ class Remover:
             runner_path=engine_cfg.runner_path,
             cuda_graph=use_graphs,
         )
+        self.engine_turn = asyncio.Lock()  # the engine runs one batch at a time, whatever its bucket
         self.queues = {side: self._bucket_queue(side) for side in self.settings.imaging.buckets}
         self.description = {
             "bundle": bundle.summary(),
@@ -94,22 +96,18 @@ class Remover:
 
     def live(self) -> dict:
         """This replica's Serve id and the batch waits it uses now (describe() is read once, at readiness)."""
-        waits = {side: self.queues[side]._get_batch_wait_timeout_s() for side in self.settings.imaging.buckets}
+        waits = {side: self.queues[side].wait_s for side in self.settings.imaging.buckets}
         return {"replica": replica_id(), "batch_wait_timeout_s": waits}
 
     def check_health(self) -> None:
         """Serve's periodic health check: an engine call that never returns makes this replica be replaced."""
         self.watch.check()
 
-    def _bucket_queue(self, side: int):
-        """A `@serve.batch` queue for one crop side, with that bucket's batch size and wait."""
+    def _bucket_queue(self, side: int) -> Batcher:
+        """The batch queue of one crop side, with that bucket's batch size and wait (serve/batcher.py says why
+        not `@serve.batch`)."""
         max_batch_size, wait_s = self.settings.batching.for_bucket(side)
-
-        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)
-        async def run_bucket_batch(jobs: list[RemovalJob], submitted_at: list[float]) -> list[RemovalOutcome]:
-            return await self._run_batch(jobs, submitted_at)
-
-        return run_bucket_batch
+        return Batcher(self._run_batch, max_batch_size, wait_s)
 
     async def remove(self, job: RemovalJob, submitted_at: float) -> RemovalOutcome:
         """Queue one crop in its bucket's batch. `submitted_at` is the caller's time.time() at dispatch."""
@@ -119,14 +117,16 @@ class Remover:
         return await self.queues[side](job, submitted_at)
 
     async def _run_batch(self, jobs: list[RemovalJob], submitted_at: list[float]) -> list[RemovalOutcome]:
-        """One engine call for one bucket's batch; its results are answered as soon as it is done.
-        The engine call runs in a thread, so the next batch's host work (stacking, noise) overlaps it."""
-        queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
+        """One engine call for one bucket's batch, once the engine is free; its results are answered as soon
+        as it is done. Only the call itself counts as running (hung_after_s, model_ms): a batch of one bucket
+        waiting for another's is queued, not hung."""
         stages: dict[str, float] = {}
-        started = time.perf_counter()
-        with self.watch.running():
-            images = await asyncio.to_thread(self.engine.remove, jobs, stages)
-        model_ms = (time.perf_counter() - started) * 1000
+        async with self.engine_turn:
+            queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
+            started = time.perf_counter()
+            with self.watch.running():
+                images = await asyncio.to_thread(self.engine.remove, jobs, stages)
+            model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))
         self.metrics.stages.observe(stages)
         outcomes = []

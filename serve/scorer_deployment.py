@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from engines.jobs import ScoreJob
+from serve.batcher import Batcher
 from serve.config import ScorerArgs, ScorerLive
 from serve.health import EngineWatch
 from serve.metrics import BatchMetrics
@@ -44,8 +45,7 @@ class Scorer:
             )
         device = pick_device(scorer_cfg.device)
         self.engine = ScoringEngine.from_bundle(bundle, device=device, dtype=pick_dtype(scorer_cfg.dtype))
-        self.score.set_max_batch_size(scorer_cfg.max_batch_size)
-        self.score.set_batch_wait_timeout_s(scorer_cfg.batch_wait_timeout_s)
+        self.queue = Batcher(self._score_batch, scorer_cfg.max_batch_size, scorer_cfg.batch_wait_timeout_s)
         self.description = {
             "device": str(device),
             "dtype": str(self.engine.dtype).removeprefix("torch."),
@@ -58,22 +58,25 @@ class Scorer:
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's live update (serve.config.ScorerLive): the batch wait, without a restart."""
-        self.score.set_batch_wait_timeout_s(ScorerLive.model_validate(user_config).batch_wait_timeout_s)
+        self.queue.set_batch_wait_timeout_s(ScorerLive.model_validate(user_config).batch_wait_timeout_s)
 
     def describe(self) -> dict:
         return self.description
 
     def live(self) -> dict:
         """This replica's Serve id and the batch wait it uses now (describe() is read once, at readiness)."""
-        return {"replica": replica_id(), "batch_wait_timeout_s": self.score._get_batch_wait_timeout_s()}
+        return {"replica": replica_id(), "batch_wait_timeout_s": self.queue.wait_s}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a scoring call that never returns makes this replica be replaced."""
         self.watch.check()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def score(self, jobs: list[ScoreJob]) -> list[ScoreOutcome]:
-        """Score a batch of (source, mask, edited) crops; each is scored on a score_size view."""
+    async def score(self, job: ScoreJob) -> ScoreOutcome:
+        """Queue one (source, mask, edited) crop in the scoring batch (serve/batcher.py)."""
+        return await self.queue(job)
+
+    async def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoreOutcome]:
+        """Score a batch of crops; each is scored on a score_size view."""
         started = time.perf_counter()
         with self.watch.running():
             scores = await asyncio.to_thread(self.engine.score, jobs)

@@ -1,0 +1,177 @@
+"""Dynamic batching (serve/batcher.py) without Ray: batches formed when the engine is free, per-bucket limits,
+cancellation, errors; and the Remover deployment's queues under a load above batch-of-1 capacity."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engines.jobs import RemovalJob
+from serve.batcher import Batcher
+from serve.config import RemoverArgs
+from serve.health import EngineWatch
+
+
+class SlowEngine:
+    """A GPU at small batches: one call takes `call_s` whatever the batch size; one call at a time, under a
+    lock, as RemovalEngine.remove runs."""
+
+    def __init__(self, call_s: float):
+        self.call_s = call_s
+        self.batches: list[int] = []
+        self._lock = threading.Lock()
+
+    def remove(self, jobs, stages):
+        with self._lock:
+            self.batches.append(len(jobs))
+            time.sleep(self.call_s)
+            return [job.image for job in jobs]
+
+
+class _NoMetrics:
+    def batch(self, size):
+        pass
+
+    class stages:
+        @staticmethod
+        def observe(values):
+            pass
+
+
+def _remover(engine, wait_s: float, hung_after_s: float | None = None):
+    """The Remover deployment's own object, with an engine stand-in (no model, no Ray)."""
+    from serve.remover_deployment import Remover
+
+    remover = object.__new__(Remover.func_or_class)
+    remover.settings = RemoverArgs.model_validate(
+        {"imaging": {"buckets": [256, 512]}, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": wait_s}}
+    )
+    remover.engine, remover.metrics, remover.watch = engine, _NoMetrics(), EngineWatch(hung_after_s)
+    remover.engine_turn = asyncio.Lock()
+    remover.queues = {side: remover._bucket_queue(side) for side in remover.settings.imaging.buckets}
+    return remover
+
+
+def _job(side: int = 256) -> RemovalJob:
+    return RemovalJob(np.zeros((side, side, 3), np.uint8), np.zeros((side, side), bool), 0)
+
+
+def test_a_backlog_goes_out_in_full_batches_while_the_engine_is_busy():
+    """What a review measured with Ray's @serve.batch: 20 arrivals/s, an engine call of 0.2 s, max batch 8 and
+    the default wait of 0.01 s: every batch held 1 job, 60 jobs took 12.1 s and the queue grew without bound
+    (each sealed batch waited behind the running one). Full batches serve 40/s."""
+    engine = SlowEngine(0.2)
+    remover = _remover(engine, wait_s=0.01)
+
+    async def offered_load(rate: float, seconds: float) -> tuple[float, list[float]]:
+        latencies = []
+
+        async def one():
+            sent = time.perf_counter()
+            await remover.remove(_job(), time.time())
+            latencies.append(time.perf_counter() - sent)
+
+        started, calls = time.perf_counter(), []
+        while time.perf_counter() - started < seconds:
+            calls.append(asyncio.create_task(one()))
+            await asyncio.sleep(1 / rate)
+        await asyncio.gather(*calls)
+        return time.perf_counter() - started, sorted(latencies)
+
+    took, latencies = asyncio.run(offered_load(rate=20, seconds=3.0))
+    sizes = collections.Counter(engine.batches)
+    assert sum(engine.batches) == len(latencies) >= 50
+    assert len(engine.batches) <= len(latencies) / 3, f"batch sizes {dict(sizes)}"
+    assert took < 5.0 and latencies[len(latencies) // 2] < 1.0, (took, latencies[len(latencies) // 2], dict(sizes))
+
+
+def test_a_batch_waits_for_companions_only_up_to_the_wait_after_its_oldest_call():
+    calls = []
+
+    async def run(values):
+        calls.append(list(values))
+        return values
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=4, wait_s=0.2)
+        first = asyncio.create_task(batcher(1))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(batcher(2))
+        started = time.perf_counter()
+        assert await asyncio.gather(first, second) == [1, 2]
+        waited = time.perf_counter() - started
+        full = await asyncio.gather(*(batcher(n) for n in range(10, 15)))  # more than one batch holds
+        return waited, full
+
+    waited, full = asyncio.run(main())
+    assert calls[0] == [1, 2] and waited < 0.2, "the wait counts from the oldest call, not the newest"
+    assert full == [10, 11, 12, 13, 14] and [len(c) for c in calls[1:]] == [4, 1]
+
+
+def test_cancelled_callers_are_left_out_and_an_error_reaches_every_caller_of_its_batch():
+    seen = []
+
+    async def run(values):
+        seen.append(list(values))
+        if "bad" in values:
+            raise ValueError("one bad batch")
+        await asyncio.sleep(0.05)
+        return [v.upper() for v in values]
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=8, wait_s=0.05)
+        gone = asyncio.create_task(batcher("gone"))
+        kept = asyncio.create_task(batcher("kept"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await kept == "KEPT"
+        failing = [asyncio.create_task(batcher(v)) for v in ("bad", "other")]
+        outcomes = await asyncio.gather(*failing, return_exceptions=True)
+        assert all(isinstance(o, ValueError) for o in outcomes)
+        assert await batcher("after") == "AFTER", "the queue serves on after a failed batch"
+
+    asyncio.run(main())
+    assert seen == [["kept"], ["bad", "other"], ["after"]]
+
+
+def test_a_live_wait_change_applies_to_the_next_batch():
+    async def run(values):
+        return values
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=8, wait_s=5.0)
+        batcher.set_batch_wait_timeout_s(0.0)
+        started = time.perf_counter()
+        await batcher("x")
+        return time.perf_counter() - started
+
+    assert asyncio.run(main()) < 1.0
+    with pytest.raises(ValueError):
+        Batcher(run, max_batch_size=0, wait_s=0.0)
+
+
+def test_a_batch_waiting_for_another_bucket_is_not_counted_as_a_hung_engine_call():
+    """Each bucket has its own queue and the engine runs one batch at a time: a 512 batch behind a 1024 one
+    counted its wait as engine time, so hung_after_s (meant for one slow batch) restarted healthy replicas."""
+    engine = SlowEngine(0.6)
+    remover = _remover(engine, wait_s=0.0, hung_after_s=1.0)
+
+    async def main():
+        first = asyncio.create_task(remover.remove(_job(256), time.time()))
+        second = asyncio.create_task(remover.remove(_job(512), time.time()))
+        failures = []
+        while not (first.done() and second.done()):
+            try:
+                remover.check_health()
+            except RuntimeError as exc:
+                failures.append(str(exc))
+            await asyncio.sleep(0.05)
+        return failures, [first.result().model_ms, second.result().model_ms]
+
+    failures, model_ms = asyncio.run(main())
+    assert failures == [] and max(model_ms) < 1000, (failures, model_ms)
