@@ -108,6 +108,7 @@ class DecodedImage:
     alpha: np.ndarray | None
     format: str | None
     icc_profile: bytes | None = None  # an RGB colour profile, given back with the result (rgb_icc_profile)
+    webp_lossless: bool = False  # a lossless WebP source: its WebP result is written lossless too
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,24 @@ def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     """Decode client bytes into upright RGB pixels, keeping any meaningful alpha aside."""
     pixels, alpha, source_format, profile = _decode(data, limits, what="image", invalid=InvalidImage)
     rgb = _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
-    return DecodedImage(rgb=rgb, alpha=alpha, format=source_format, icc_profile=rgb_icc_profile(profile))
+    return DecodedImage(
+        rgb=rgb, alpha=alpha, format=source_format, icc_profile=rgb_icc_profile(profile),
+        webp_lossless=source_format == "webp" and _webp_is_lossless(data),
+    )  # fmt: skip
+
+
+def _webp_is_lossless(data: bytes, most_chunks: int = 64) -> bool:
+    """A still WebP whose image chunk is VP8L (lossless), by a walk of its RIFF chunks: re-encoding it lossy
+    would change every pixel outside the mask."""
+    position = 12
+    for _ in range(most_chunks):
+        if position + 8 > len(data):
+            return False
+        fourcc, size = data[position : position + 4], int.from_bytes(data[position + 4 : position + 8], "little")
+        if fourcc in (b"VP8L", b"VP8 ", b"ANMF"):
+            return fourcc == b"VP8L"
+        position += 8 + size + (size & 1)
+    return False
 
 
 def rgb_icc_profile(profile: bytes | None) -> bytes | None:
@@ -852,7 +870,12 @@ def check_output(fmt: str, height: int, width: int) -> None:
 
 
 def encode_image(
-    rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, quality: int = 95, icc_profile: bytes | None = None
+    rgb: np.ndarray,
+    alpha: np.ndarray | None,
+    fmt: str,
+    quality: int = 95,
+    icc_profile: bytes | None = None,
+    webp_lossless: bool = False,
 ) -> bytes:
     """Encode the final image; alpha is kept where the format can store it (png, webp) and dropped for jpeg.
 
@@ -877,7 +900,7 @@ def encode_image(
     elif fmt == "jpeg":
         image.save(buffer, format="JPEG", quality=quality, **profile)
     else:
-        image.save(buffer, format="WEBP", quality=quality, lossless=False, **profile)
+        image.save(buffer, format="WEBP", quality=quality, lossless=webp_lossless, exact=webp_lossless, **profile)
     return buffer.getvalue()
 
 

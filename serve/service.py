@@ -221,7 +221,9 @@ class RemovalService:
         if not prepared.plans:
             body = upload.image
             if image.format != fmt:
-                body = await self.cpu.run(imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile)
+                body = await self.cpu.run(
+                    imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
+                )
                 timings.lap("encode")
             return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
 
@@ -251,7 +253,7 @@ class RemovalService:
 
         timings.restart()
         body = await self.cpu.run(
-            imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile
+            imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
         )
         timings.lap("encode")
         return RemovalReply(
