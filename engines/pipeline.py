@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the service drives the pipeline without loading the model l
     from engines.scorer import ScoringEngine
 
 logger = logging.getLogger("ray.serve")  # where a replica's log lines go (formatted, with the request id)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,23 @@ def outage_detail(exc: Exception) -> str:
         return detail
     logger.warning("a model call failed: %s", exc)
     return type(exc).__name__
+
+
+async def all_or_none(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Every result, in order; when one fails, the others are cancelled and awaited before its error
+    propagates, so a request already answered leaves no model call running (ServeModels cancels a call
+    nobody waits for in Serve too).
+
+    Not bare asyncio.gather: on an error it leaves the others running. Not asyncio.TaskGroup: its
+    ExceptionGroup would hide the Problem / ScorerUnavailable the callers handle."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class RemovalPipeline:
@@ -212,8 +231,8 @@ class RemovalPipeline:
         pixels outside the mask stay bit-identical."""
         timings = timings or Timings()
         timings.restart()
-        outcomes = await asyncio.gather(
-            *(self.models.remove(RemovalJob(crop, crop_mask, seed)) for crop, crop_mask in prepared.crops)
+        outcomes = await all_or_none(
+            self.models.remove(RemovalJob(crop, crop_mask, seed)) for crop, crop_mask in prepared.crops
         )
         for outcome in outcomes:
             for stage, seconds in outcome.stages.items():
@@ -262,7 +281,7 @@ class RemovalPipeline:
 
     async def worst_score(self, jobs: Sequence[ScoreJob]) -> float:
         """All crops scored at once (one Scorer batch); the lowest score."""
-        return min(await asyncio.gather(*(self.models.score(job) for job in jobs)))
+        return min(await all_or_none(self.models.score(job) for job in jobs))
 
 
 @dataclass

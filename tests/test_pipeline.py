@@ -21,7 +21,7 @@ from PIL import Image
 from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed
 from engines.imaging import DecodeLimits
 from engines.jobs import RemovalJob, ScoreJob
-from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline
+from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline, all_or_none
 from serve.config import AppSettings
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
@@ -108,6 +108,74 @@ def test_a_failing_scorer_is_the_gates_concern_fail_open_keeps_the_result_unscor
     assert (gated.verdict, gated.score, gated.attempts) == ("unscored", None, 1)
     with pytest.raises(ScorerUnavailable, match="^RuntimeError$"):
         asyncio.run(pipeline(prepared, seed=1, policy=GatePolicy("reject", 0.5, 3, False)))
+
+
+class _FirstCropFails:
+    """Crop i carries i in its pixels: crop 0's call fails after 10 ms, the others would take 10 s."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+        self.started: list[int] = []
+        self.cancelled: list[int] = []
+        self.finished: list[int] = []
+
+    async def _call(self, crop: np.ndarray):
+        index = int(crop[0, 0, 0])
+        self.started.append(index)
+        if index == 0:
+            await asyncio.sleep(0.01)
+            raise self.error
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            self.cancelled.append(index)
+            raise
+        self.finished.append(index)
+
+    async def remove(self, job: RemovalJob) -> LocalOutcome:
+        await self._call(job.image)
+        return LocalOutcome(job.image)
+
+    async def score(self, job: ScoreJob) -> float:
+        await self._call(job.source)
+        return 1.0
+
+
+@pytest.mark.parametrize(
+    "step, error",
+    [("remove", Problem("overloaded", "Remover queue full")), ("score", ScorerUnavailable("Scorer down"))],
+)
+def test_one_crops_failure_cancels_its_sibling_crops_calls_before_the_error_comes_back(step, error):
+    models = _FirstCropFails(error)
+    pipeline = RemovalPipeline(models, CROPS, DecodeLimits())
+    crops = [(np.full((64, 64, 3), i, np.uint8), np.ones((64, 64), bool)) for i in range(4)]
+
+    async def run_step():
+        if step == "remove":
+            prepared = SimpleNamespace(crops=crops)
+            await pipeline.attempt(prepared, seed=1)
+        else:
+            await pipeline.worst_score([ScoreJob(image, mask, image) for image, mask in crops])
+
+    async def request_then_watch():
+        with pytest.raises(type(error)) as caught:
+            await run_step()
+        answered = sorted(models.cancelled)
+        await asyncio.sleep(0.05)
+        return caught.value, answered
+
+    raised, cancelled_when_answered = asyncio.run(request_then_watch())
+    assert raised is error
+    assert sorted(models.started) == [0, 1, 2, 3]
+    assert cancelled_when_answered == [1, 2, 3] and models.finished == []
+
+
+def test_crop_results_come_back_in_crop_order_whichever_finishes_first():
+    async def after(delay: float, value: int) -> int:
+        await asyncio.sleep(delay)
+        return value
+
+    assert asyncio.run(all_or_none(after(0.04 - 0.01 * i, i) for i in range(4))) == [0, 1, 2, 3]
 
 
 def test_score_request_crops_are_the_removals_crops():
