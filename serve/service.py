@@ -101,10 +101,15 @@ class ServeModels:
         return outcome.score
 
     async def call(self, method, *args, timeout_s: float | None = None):
+        """`timeout_s` bounds the call, its retry included: the retry gets what is left, not a fresh timeout."""
         timeout_s = timeout_s or self.settings.request_timeout_s
+        deadline = time.monotonic() + timeout_s
         for attempt in (1, 2):
+            left = deadline - time.monotonic()
             try:
-                return await answer_or_cancel(method.remote(*args), timeout_s)
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                return await answer_or_cancel(method.remote(*args), left)
             except asyncio.TimeoutError as exc:
                 raise Problem("timeout", f"no result within {timeout_s:g} s") from exc
             except (BackPressureError, DeploymentUnavailableError) as exc:

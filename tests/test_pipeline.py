@@ -12,11 +12,13 @@ import contextlib
 import io
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
+from ray.exceptions import ActorDiedError
 
 from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed
 from engines.imaging import DecodeLimits
@@ -25,7 +27,7 @@ from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline, all_or
 from serve.config import AppSettings
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
-from serve.service import RemovalService
+from serve.service import RemovalService, ServeModels
 from tests.helpers import png_bytes
 
 CROPS = CropSettings(buckets=(128, 256), crop_margin=16, dilate=4, feather=2)
@@ -493,6 +495,74 @@ def test_post_score_waits_the_request_timeout_while_gate_scoring_waits_the_score
         return await service.score_pipeline.models.score(job)
 
     assert asyncio.run(gate_then_request()) == 0.9
+
+
+class _Response:
+    """A Serve handle call's response: awaitable, cancellable in Serve."""
+
+    def __init__(self, coroutine):
+        self.task = asyncio.ensure_future(coroutine)
+        self.cancelled = False
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+        self.task.cancel()
+
+
+class _ReplicaDiesThenHangs:
+    """A deployment method: the first call's replica dies after `dies_after_s` (`blocking`: holding the event
+    loop, as a slow step would), every later call never answers."""
+
+    def __init__(self, dies_after_s: float, blocking: bool = False):
+        self.dies_after_s = dies_after_s
+        self.blocking = blocking
+        self.responses: list[_Response] = []
+
+    def remote(self, *args):
+        self.responses.append(_Response(self._dies() if not self.responses else asyncio.sleep(10)))
+        return self.responses[-1]
+
+    async def _dies(self):
+        if self.blocking:
+            time.sleep(self.dies_after_s)  # noqa: ASYNC251
+        else:
+            await asyncio.sleep(self.dies_after_s)
+        raise ActorDiedError()
+
+
+def _serve_models() -> ServeModels:
+    return ServeModels(None, None, AppSettings(), {"Retry-After": "1"})
+
+
+def test_a_retry_after_a_replica_failure_gets_what_is_left_of_the_timeout_not_a_fresh_one():
+    method = _ReplicaDiesThenHangs(dies_after_s=0.25)
+
+    async def timed_call():
+        started = time.perf_counter()
+        with pytest.raises(Problem) as caught:
+            await _serve_models().call(method, None, timeout_s=0.3)
+        return caught.value, time.perf_counter() - started
+
+    problem, took = asyncio.run(timed_call())
+    assert (problem.problem, problem.detail) == ("timeout", "no result within 0.3 s")
+    assert took < 0.45
+    assert len(method.responses) == 2 and method.responses[1].cancelled
+
+
+def test_a_replica_failure_with_no_time_left_answers_the_timeout_without_sending_a_retry():
+    method = _ReplicaDiesThenHangs(dies_after_s=0.08, blocking=True)
+
+    async def call():
+        with pytest.raises(Problem) as caught:
+            await _serve_models().call(method, None, timeout_s=0.05)
+        return caught.value
+
+    problem = asyncio.run(call())
+    assert (problem.problem, problem.detail) == ("timeout", "no result within 0.05 s")
+    assert len(method.responses) == 1
 
 
 class _PublishedStates:
