@@ -81,7 +81,7 @@ class Timings:
 class Prepared:
     """A decoded request, planned: the crops the model will see."""
 
-    image: imaging.DecodedImage  # alpha is None when the alpha channel was the mask
+    image: imaging.DecodedImage  # where the alpha channel was the mask: opaque inside it, kept outside
     mask: np.ndarray  # the dilated mask: what the model repaints
     given_mask: np.ndarray  # the mask as uploaded (or the alpha channel's), before dilation
     plans: list[imaging.CropPlan]  # [] when the mask is empty: nothing to remove
@@ -195,7 +195,9 @@ class RemovalPipeline:
         decoded = imaging.decode_image(image, self.limits)
         if mask is None:
             mask_pixels = imaging.mask_from_alpha(decoded)
-            decoded.alpha = None
+            # the removed pixels are filled in, so opaque; the alpha outside the mask (soft edges) is the photo's
+            opaque_inside = np.where(mask_pixels, np.uint8(255), decoded.alpha)
+            decoded.alpha = opaque_inside if opaque_inside.min() < 255 else None
         else:
             mask_pixels = imaging.decode_mask(mask, decoded.rgb.shape[:2], self.limits)
         return self.prepare_pixels(decoded, mask_pixels, dilate, max_crops)

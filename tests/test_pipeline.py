@@ -626,3 +626,29 @@ def test_a_lossless_webp_photo_gets_a_lossless_webp_result(lossless):
         assert not changed.any(), f"{changed.sum()} pixels outside the mask changed"
     else:
         assert changed.mean() > 0.1, "a lossy source's result is re-encoded lossy"
+
+
+def test_where_the_alpha_channel_is_the_mask_the_alpha_outside_it_comes_back():
+    """Without a mask the image's transparent pixels are removed; the result used to drop the alpha channel
+    altogether, so a soft (alpha 128-254) edge outside the mask came back opaque (a review)."""
+    photo, mask = _photo_and_two_objects()
+    alpha = np.full(mask.shape, 200, np.uint8)
+    alpha[mask] = 0
+    upload = RemovalRequest(png_bytes(np.dstack([photo, alpha])), None, RemoveOptions(output_format="png"))
+    reply = asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(upload))
+    with Image.open(io.BytesIO(reply.body)) as result:
+        assert result.mode == "RGBA"
+        returned = np.asarray(result)
+    assert (returned[..., 3][~mask] == 200).all() and (returned[..., 3][mask] == 255).all()
+    np.testing.assert_array_equal(returned[..., :3][~mask_grown(mask)], photo[~mask_grown(mask)])
+
+    opaque_outside = np.where(mask, 0, 255).astype(np.uint8)
+    upload = RemovalRequest(png_bytes(np.dstack([photo, opaque_outside])), None, RemoveOptions(output_format="png"))
+    with Image.open(io.BytesIO(asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(upload)).body)) as result:
+        assert result.mode == "RGB", "nothing transparent is left: no alpha channel"
+
+
+def mask_grown(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=CROPS.dilate + CROPS.feather + 2)
