@@ -191,7 +191,13 @@ class BatchingSettings(_Strict):
 
 class ImagingSettings(_Strict):
     buckets: Buckets = Field([512, 1024], description="model input sides, multiples of 64")
-    crop_margin: int = Field(128, ge=0, le=1024, description="context pixels around the mask's bounding box")
+    crop_margin: int = Field(
+        128,
+        ge=1,
+        le=1024,
+        description="context pixels around the mask's bounding box (at least 1: the feathered edge needs an "
+        "unmasked pixel inside the crop)",
+    )
     dilate: Dilation = Field(20, description="default mask dilation in pixels (the reference intends 20)")
     feather: int = Field(6, ge=0, le=64, description="blend ramp inside the dilated mask, in pixels")
     max_upload_bytes: int = Field(30 * 1024 * 1024, ge=1024, description="the files of one request together")

@@ -356,3 +356,16 @@ def test_request_options_and_settings_share_their_bounds():
                           "maximum": next(m.le for m in setting.metadata if hasattr(m, "le"))}, field  # fmt: skip
         with pytest.raises(ValidationError):
             options.model_validate({field: bounds["maximum"] + 1})
+
+
+def test_a_crop_margin_of_0_is_refused_since_it_would_lose_the_feathered_edge():
+    """With no margin, a region larger than the largest bucket gets a window that is exactly its mask's box: no
+    unmasked pixel inside it, so every mask pixel weighs 1 and the seam is hard (a review: edge pixel 255 where
+    the ramp gives ~32 with a margin of 4)."""
+    from pydantic import ValidationError
+
+    from serve.config import AppSettings
+
+    with pytest.raises(ValidationError, match="crop_margin"):
+        AppSettings.model_validate({"imaging": {"crop_margin": 0}})
+    assert AppSettings.model_validate({"imaging": {"crop_margin": 1}}).imaging.crop_margin == 1
