@@ -282,8 +282,10 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def contact_sheet(rows: list[Disagreement], a: EvaluationRun, b: EvaluationRun, side: int) -> Image.Image:
-    """One row per disagreement: source | dilated mask over the source | A | B, each the crop the model saw
-    (A's imaging settings), with a caption of the scores and the pixel difference."""
+    """One row per disagreement: source | dilated mask over the source | A | B, each cut as one square box around
+    the whole mask (A's imaging settings; where the pipeline ran one crop per region, the box holds them all,
+    so a reader sees every region of a row side by side), with a caption of the scores and the pixel
+    difference."""
     from engines import imaging
 
     config = a.summary["config"]
