@@ -144,7 +144,7 @@ class GrpcMethods:
         except Problem as problem:
             status_problem = problem
         except asyncio.CancelledError:  # the client cancelled or its deadline passed
-            self.metrics.answered(route, "grpc", "CANCELLED", time.perf_counter() - started)
+            self.metrics.answered(route, "grpc", "CANCELLED", time.perf_counter() - started, 499)
             raise
         except Exception as exc:  # never let an unexpected error escape without a status and a log line
             logger.exception("unhandled error in gRPC %s", route)
@@ -152,10 +152,12 @@ class GrpcMethods:
         else:
             if quota is not None:
                 context.set_trailing_metadata(quota.metadata())
-            self.metrics.answered(route, "grpc", status, time.perf_counter() - started)
+            self.metrics.answered(route, "grpc", status, time.perf_counter() - started, 200)
             return reply
         finally:
             self.quotas.release(quota)
         status_for(status_problem, context, request_id, quota.metadata() if quota is not None else ())
-        self.metrics.answered(route, "grpc", status_code(status_problem).name, time.perf_counter() - started)
+        self.metrics.answered(
+            route, "grpc", status_code(status_problem).name, time.perf_counter() - started, status_problem.status
+        )
         return empty_reply()

@@ -11,8 +11,9 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engines import imaging
 from serve import quotas
@@ -67,13 +68,19 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return Problem(problem, str(exc.detail), headers=dict(exc.headers or {})).response(request_id_of(request))
 
 
+CLIENT_CLOSED = "499"  # the status label of a request whose client hung up before its answer (nginx's code)
+
+
+@api.exception_handler(ClientDisconnect)
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client hung up while its body was being read: nobody hears this answer, and it is no server error."""
+    return Response(status_code=int(CLIENT_CLOSED))
+
+
 @api.exception_handler(Exception)
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    logger.exception("unhandled error in %s %r", request.method, request.url.path)  # %r: no control characters
     return Problem("internal-error", f"{type(exc).__name__}; see the server log").response(request_id_of(request))
-
-
-CLIENT_CLOSED = "499"  # the status label of a request whose client hung up before its answer (nginx's code)
 
 
 @api.middleware("http")
@@ -90,7 +97,7 @@ async def _count_requests(request: Request, call_next):
         raise
     finally:
         route = _route_label(request.scope)
-        ingress_metrics().answered(route, "http", status, time.perf_counter() - started)
+        ingress_metrics().answered(route, "http", status, time.perf_counter() - started, int(status))
 
 
 # Swagger UI for /docs, pinned, with Subresource Integrity: the pages of this origin keep a user's API key in

@@ -166,7 +166,7 @@ class Metrics:
     def __init__(self):
         self.answers = []
 
-    def answered(self, route, protocol, status, seconds):
+    def answered(self, route, protocol, status, seconds, http_status):
         self.answers.append((route, protocol, status))
 
 

@@ -46,6 +46,9 @@ def test_metrics_after_traffic(service):
     assert count >= 6
     assert _bucket(families, metrics.REQUEST_LATENCY, 120.0, route="/remove") == count, "every request under 120 s"
     assert _bucket(families, metrics.REQUEST_LATENCY, 0.005, route="/remove") < count, "a removal takes > 5 ms"
+    # refusals and bad uploads apart from removals: under overload instant 429s hid the removals' latency
+    assert _total(families, metrics.REQUEST_LATENCY, "_count", route="/remove", outcome="ok") >= 5
+    assert _total(families, metrics.REQUEST_LATENCY, "_count", route="/remove", outcome="client_error") >= 1
 
     for stage in ("read", "decode", "queue_wait", "vae_encode", "unet", "vae_decode", "score", "paste", "encode"):
         assert _total(families, metrics.STAGE_LATENCY, "_count", stage=stage) >= 1, stage
@@ -77,7 +80,9 @@ def test_a_rest_request_the_client_hung_up_on_is_counted_499_not_as_a_server_err
     from serve import rest_api
 
     answered = []
-    recorder = SimpleNamespace(answered=lambda route, protocol, status, seconds: answered.append((route, protocol, status)))
+    recorder = SimpleNamespace(
+        answered=lambda route, protocol, status, seconds, http_status: answered.append((route, protocol, status))
+    )
     monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
 
     async def hung_up(request):
@@ -91,3 +96,59 @@ def test_a_rest_request_the_client_hung_up_on_is_counted_499_not_as_a_server_err
         with pytest.raises(error):
             asyncio.run(rest_api._count_requests(request, call_next))
     assert answered == [("other", "http", "499"), ("other", "http", "500")]
+
+
+def test_latency_outcomes_follow_the_answers_status():
+    """Each outcome is what an operator filters on: ok removals apart from refusals (429 / 503), client errors,
+    timeouts, server faults and hang-ups; and every outcome the service can give is one of them."""
+    from serve.problems import KINDS
+
+    assert [metrics.outcome_of(s) for s in (200, 201, 204, 400, 404, 413, 422, 429, 503, 504, 500, 499)] == [
+        "ok", "ok", "ok", "client_error", "client_error", "client_error", "client_error", "refused", "refused",
+        "timeout", "server_error", "client_gone",
+    ]  # fmt: skip
+    assert {metrics.outcome_of(kind.status) for kind in KINDS} <= set(metrics.OUTCOMES)
+    assert metrics.LATENCY_BUCKETS_S[-1] >= 180, "up to Serve's request_timeout_s"
+
+
+def test_a_client_that_hangs_up_during_its_upload_is_counted_499_and_logged_as_no_error(monkeypatch, caplog):
+    """Without the proxy's body buffer (a plain `serve run` of local.yaml), a hang-up while the body was read
+    raised ClientDisconnect into the catch-all handler: an ERROR with a traceback, counted as a 500."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve import rest_api
+
+    answered = []
+    recorder = SimpleNamespace(
+        answered=lambda route, protocol, status, seconds, http_status: answered.append((status, http_status))
+    )
+    monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    from fastapi import FastAPI, Request
+
+    app = FastAPI()  # the service's handlers and counting middleware, on a route that reads its body
+    for error, handler in rest_api.api.exception_handlers.items():
+        app.add_exception_handler(error, handler)
+    app.middleware("http")(rest_api._count_requests)
+
+    @app.post("/upload")
+    async def upload(request: Request):
+        return {"bytes": len(await request.body())}
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/upload", "raw_path": b"/upload", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"10")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert answered == [("499", 499)], answered
+    assert "unhandled error" not in caplog.text
