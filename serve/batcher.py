@@ -16,6 +16,7 @@ caller of that batch.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,7 +43,8 @@ class Batcher:
         if self._queue is None:
             self._queue = asyncio.Queue()
         if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._serve())
+            # a context of its own: it serves every caller, so it must not carry the first one's (Serve's request id)
+            self._worker = loop.create_task(self._serve(), context=contextvars.Context())
         answer = loop.create_future()
         self._queue.put_nowait((loop.time(), args, answer))
         return await answer

@@ -175,3 +175,24 @@ def test_a_batch_waiting_for_another_bucket_is_not_counted_as_a_hung_engine_call
 
     failures, model_ms = asyncio.run(main())
     assert failures == [] and max(model_ms) < 1000, (failures, model_ms)
+
+
+def test_the_batch_worker_does_not_carry_the_first_callers_context():
+    """Serve keeps a request's id in a context variable; the worker that runs every later batch must not log
+    or tag them with the first caller's."""
+    import contextvars
+
+    request_id = contextvars.ContextVar("request_id", default=None)
+    seen = []
+
+    async def run(values):
+        seen.append(request_id.get())
+        return values
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=8, wait_s=0.0)
+        request_id.set("first-caller")
+        await batcher(1)
+
+    asyncio.run(main())
+    assert seen == [None]
