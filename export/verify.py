@@ -22,13 +22,13 @@ from diffusers import UNet2DConditionModel
 from engines.runners import UNET_INPUTS, UNET_OUTPUT
 from export.onnx_export import FlatUNet, example_inputs, read_onnx_metadata
 from export.progress import QUIET, Progress
+from export.tensorrt_build import VAE_FACTOR
 
 TOLERANCES = {
     "float32": {"max_abs": 1e-4, "mean_abs": 1e-5},
     "float16": {"max_abs": 5e-2, "mean_abs": 5e-3},
 }
 DEFAULT_CASES = ((1, 32, 32), (3, 64, 64))  # (batch, latent h, latent w): 256 px and 512 px images
-VAE_FACTOR = 8
 
 
 def cases_for_buckets(buckets: Sequence[int] = ()) -> tuple[tuple[int, int, int], ...]:

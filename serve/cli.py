@@ -82,13 +82,13 @@ def fit_to_machine(
     return notes
 
 
-def _keyless_on_loopback(config: dict) -> tuple[bool, bool]:
-    """(auth is on, the HTTP listener is loopback only) for this config."""
+def _listener(config: dict) -> tuple[str, dict, bool]:
+    """(the HTTP host, the app's auth settings, whether that host is loopback) of this config."""
     from serve.auth import LOOPBACK_HOSTS
 
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     auth = config["applications"][0].get("args", {}).get("auth") or {}
-    return bool(auth.get("enabled")), host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # IPv6 bare
+    return host, auth, host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # Ray's config names IPv6 bare
 
 
 def grpc_access_env(config: dict) -> dict[str, str]:
@@ -96,8 +96,8 @@ def grpc_access_env(config: dict) -> dict[str, str]:
     Ingress answers gRPC from loopback peers only (serve.auth), so the two APIs are reachable alike."""
     from serve.auth import GRPC_LOOPBACK_ONLY_ENV
 
-    keys_on, loopback = _keyless_on_loopback(config)
-    return {GRPC_LOOPBACK_ONLY_ENV: "1" if loopback and not keys_on else "0"}
+    _, auth, loopback = _listener(config)
+    return {GRPC_LOOPBACK_ONLY_ENV: "1" if loopback and not auth.get("enabled") else "0"}
 
 
 def host_names_note(config: dict) -> list[str]:
@@ -105,10 +105,8 @@ def host_names_note(config: dict) -> list[str]:
     DNS rebinding), which a client on another machine does not send; say so at the start, not as a 403 later."""
     from serve.auth import LOOPBACK_HOSTS
 
-    host = config.get("http_options", {}).get("host", "127.0.0.1")
-    auth = config["applications"][0].get("args", {}).get("auth") or {}
-    keys_on, loopback = _keyless_on_loopback(config)
-    if loopback or keys_on:
+    host, auth, loopback = _listener(config)
+    if loopback or auth.get("enabled"):
         return []
     grpc = "gRPC answers every machine that reaches its port (turn keys on to choose who may call)"
     if auth.get("allowed_hosts") is not None:

@@ -21,7 +21,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from serve import auth
 from serve import rorem_pb2 as pb
 from serve.grpc_servicer import MalformedMessage
-from serve.metrics import INGRESS_STAGES
+from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
 from serve.request_ids import serve_request_id, valid_request_id
@@ -144,7 +144,7 @@ class GrpcMethods:
         except Problem as problem:
             status_problem = problem
         except asyncio.CancelledError:  # the client cancelled or its deadline passed
-            self.metrics.answered(route, "grpc", "CANCELLED", time.perf_counter() - started, 499)
+            self.metrics.answered(route, "grpc", "CANCELLED", time.perf_counter() - started, CLIENT_CLOSED)
             raise
         except Exception as exc:  # never let an unexpected error escape without a status and a log line
             logger.exception("unhandled error in gRPC %s", route)

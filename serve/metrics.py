@@ -17,6 +17,7 @@ LATENCY_BUCKETS_S = [
 ]  # fmt: skip
 # what an answer was, for the latency histogram: instant refusals must not hide how long removals take
 OUTCOMES = ("ok", "client_error", "refused", "timeout", "server_error", "client_gone")
+CLIENT_CLOSED = 499  # the status of a request whose client hung up before its answer (nginx's code)
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 ATTEMPT_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]
 
@@ -87,10 +88,10 @@ class IngressMetrics:
 
 
 def outcome_of(http_status: int) -> str:
-    """One of OUTCOMES for an answer's HTTP status (499: the client hung up first)."""
+    """One of OUTCOMES for an answer's HTTP status (CLIENT_CLOSED: the client hung up first)."""
     if http_status < 400:
         return "ok"
-    if http_status == 499:
+    if http_status == CLIENT_CLOSED:
         return "client_gone"
     if http_status in (429, 503):
         return "refused"

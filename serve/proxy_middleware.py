@@ -167,17 +167,20 @@ class RayAnswers:
         await self.app(scope, receive, rewriting_send)
 
 
+def _header(start: dict, name: bytes) -> bytes | None:
+    return next((value for key, value in start.get("headers", []) if key.lower() == name), None)
+
+
 def _from_ray(start: dict) -> bool:
-    headers = dict((name.lower(), value) for name, value in start.get("headers", []))
-    return start["status"] in _RAY_KINDS and headers.get(b"content-type", b"").startswith(b"text/plain")
+    return start["status"] in _RAY_KINDS and (_header(start, b"content-type") or b"").startswith(b"text/plain")
 
 
 def _ray_problem(messages: list[dict]) -> Problem:
     start = messages[0]
     text = b"".join(m.get("body", b"") for m in messages[1:]).decode("utf-8", "replace").strip()
     kind = "overloaded" if start["status"] == 503 and "backpressure" in text else _RAY_KINDS[start["status"]]
-    retry_after = dict((n.lower(), v) for n, v in start.get("headers", [])).get(b"retry-after")
-    headers = {"Retry-After": retry_after.decode() if retry_after else str(RETRY_AFTER_S)} if start["status"] != 404 else {}
+    retry_after = (_header(start, b"retry-after") or str(RETRY_AFTER_S).encode()).decode()
+    headers = {} if start["status"] == 404 else {"Retry-After": retry_after}
     return Problem(kind, f"{text[:300]} (at the proxy)", headers)
 
 

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from engines import imaging
 from serve import quotas
-from serve.metrics import ingress_metrics
+from serve.metrics import CLIENT_CLOSED, ingress_metrics
 from serve.openapi import install as install_openapi
 from serve.problems import MAX_LISTED, Problem
 from serve.request_ids import serve_request_id, valid_request_id
@@ -68,13 +68,10 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return Problem(problem, str(exc.detail), headers=dict(exc.headers or {})).response(request_id_of(request))
 
 
-CLIENT_CLOSED = "499"  # the status label of a request whose client hung up before its answer (nginx's code)
-
-
 @api.exception_handler(ClientDisconnect)
 async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
     """The client hung up while its body was being read: nobody hears this answer, and it is no server error."""
-    return Response(status_code=int(CLIENT_CLOSED))
+    return Response(status_code=CLIENT_CLOSED)
 
 
 @api.exception_handler(Exception)
@@ -93,7 +90,7 @@ async def _count_requests(request: Request, call_next):
         status = str(response.status_code)
         return response
     except asyncio.CancelledError:
-        status = CLIENT_CLOSED  # the client hung up: not a server error
+        status = str(CLIENT_CLOSED)  # the client hung up: not a server error
         raise
     finally:
         route = _route_label(request.scope)
