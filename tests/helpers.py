@@ -113,6 +113,10 @@ def assert_problem(response, status: int, problem: str):
 
 # --- Prometheus ---------------------------------------------------------------------------------
 
+# How often the test Serve's processes export their metrics (Ray's default is 10 s): a test that waits for a
+# count to settle waits a few of these, not a few of Ray's default.
+METRICS_EXPORT_S = 1.0
+
 
 def scrape_metrics(url: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
@@ -196,7 +200,11 @@ def running_service(work: Path, config: dict):
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     log_path = work / "serve.log"
     log = open(log_path, "w")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_metrics_report_interval_ms": str(int(METRICS_EXPORT_S * 1000)),
+    }
     env.pop("ROREM_BUNDLE", None)
     started = time.monotonic()
     child = subprocess.Popen(

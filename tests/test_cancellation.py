@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 
 from serve.metrics import BATCH_SIZE
+from tests.helpers import METRICS_EXPORT_S
 from tests.helpers import metric_total as _total
 from tests.helpers import photo, png_bytes
 from tests.helpers import scrape_metrics as _scrape
@@ -36,11 +37,11 @@ def _jobs_run(service) -> float:
 
 
 def _settled_jobs_run(service, timeout_s: float = 30.0) -> float:
-    """The Remover's count once two scrapes 6 s apart agree (Ray exports metrics every few seconds)."""
+    """The Remover's count once two scrapes three export intervals apart agree."""
     deadline = time.monotonic() + timeout_s
     last = _jobs_run(service)
     while time.monotonic() < deadline:
-        time.sleep(6)
+        time.sleep(3 * METRICS_EXPORT_S)
         now = _jobs_run(service)
         if now == last:
             return now

@@ -5,6 +5,7 @@ import time
 from serve import metrics
 from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, stub
+from tests.helpers import METRICS_EXPORT_S
 from tests.helpers import box_mask as _mask
 from tests.helpers import metric_samples as _samples
 from tests.helpers import metric_total as _total
@@ -35,7 +36,7 @@ def test_metrics_after_traffic(service):
             and _total(families, metrics.GATE_OUTCOMES[: -len("_total")], "_total", mode="retry") >= 1
         ):
             break
-        time.sleep(3)
+        time.sleep(METRICS_EXPORT_S)
     requests = metrics.REQUESTS[: -len("_total")]
     assert _total(families, requests, "_total", route="/remove", protocol="http", status="200") >= 4
     assert _total(families, requests, "_total", route="/remove", protocol="http", status="422") >= 1
