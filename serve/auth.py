@@ -40,6 +40,7 @@ import os
 import secrets
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -236,8 +237,11 @@ GRPC_LOOPBACK_ONLY_ENV = "ROREM_GRPC_LOOPBACK_ONLY"  # "1": set by the CLI for t
 
 
 def is_loopback_peer(peer: str) -> bool:
-    """A gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path") names this machine."""
-    kind, _, address = (peer or "").partition(":")
+    """A gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000", "unix:/path") names this machine.
+
+    gRPC writes a peer as a URI: an IPv6 address's brackets come percent-encoded.
+    """
+    kind, _, address = urllib.parse.unquote(peer or "").partition(":")
     if kind == "unix":
         return True
     if kind == "ipv6" and address.startswith("["):

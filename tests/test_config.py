@@ -160,6 +160,44 @@ def test_grpc_answers_loopback_peers_only_where_http_listens_on_loopback_without
         raise AssertionError("a keyless gRPC call from another machine was answered")
     assert asyncio.run(AccessPolicy.from_settings(AuthSettings()).check_grpc("remove", [], "ipv4:192.0.2.2:1")) is None
 
+
+def test_a_keyless_grpc_port_answers_loopback_callers_whatever_address_family_they_use():
+    """The peer strings come from a real gRPC server, listening on every interface as Ray's proxy does:
+    `localhost` resolves to ::1 on many machines, and gRPC percent-encodes an IPv6 peer's brackets."""
+    import socket
+    from concurrent import futures
+
+    import grpc
+
+    from serve.auth import is_loopback_peer
+
+    peers = []
+
+    def answer(request, context):
+        peers.append(context.peer())
+        return b""
+
+    handler = grpc.method_handlers_generic_handler("t", {"m": grpc.unary_unary_rpc_method_handler(answer)})
+    server = grpc.server(futures.ThreadPoolExecutor(1), handlers=[handler])
+    port = server.add_insecure_port("[::]:0")
+    server.start()
+    targets = [f"127.0.0.1:{port}"]
+    if socket.has_ipv6:
+        try:
+            socket.create_connection(("::1", port), timeout=2).close()
+            targets.append(f"[::1]:{port}")
+        except OSError:
+            pass
+    try:
+        for target in targets:
+            with grpc.insecure_channel(target) as channel:
+                channel.unary_unary("/t/m")(b"", timeout=10)
+    finally:
+        server.stop(None)
+    assert len(peers) == len(targets)
+    for peer in peers:
+        assert is_loopback_peer(peer), peer
+
 def test_gpu_requests_that_fit_are_left_as_configured():
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=2) == []
