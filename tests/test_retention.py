@@ -462,6 +462,21 @@ def test_retain_is_refused_where_retention_is_off_and_defaults_follow_the_config
     assert every.wanted(None) is True and every.wanted(False) is False
 
 
+def test_a_verdict_with_a_nul_character_is_bad_input_not_a_store_failure():
+    """PostgreSQL text cannot hold NUL: without the check the driver failed it as a 503 the client would retry."""
+    from serve.problems import Problem
+    from serve.protocol import validate
+    from serve.retention.keeper import FeedbackBody
+
+    fine = {"result_id": "a" * 32, "verdict": "no", "reason": "shadow left", "labeller": "ana"}
+    assert validate(FeedbackBody, fine).reason == "shadow left"
+    for field in ("reason", "labeller"):
+        with pytest.raises(Problem) as refused:
+            validate(FeedbackBody, {**fine, field: "shadow\x00left"})
+        assert refused.value.status == 422 and refused.value.problem == "invalid-request"
+        assert field in refused.value.detail and "NUL" in refused.value.detail
+
+
 def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):
     from engines.gate import GatePolicy
     from serve.config import RetentionSettings

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.config import RetentionSettings
 from serve.page_headers import strict_page_headers
@@ -56,6 +56,14 @@ class FeedbackBody(BaseModel):
     verdict: Literal["yes", "no"] = Field(description="yes: the object is removed well; no: it is not")
     reason: str | None = Field(None, max_length=1000, description="why, in a few words (optional)")
     labeller: str | None = Field(None, max_length=200, description="who labelled (optional)")
+
+    @field_validator("reason", "labeller")
+    @classmethod
+    def _no_nul(cls, text: str | None) -> str | None:
+        """PostgreSQL text cannot hold NUL: refused here as bad input (422), not failed in the driver (503)."""
+        if text is not None and "\x00" in text:
+            raise ValueError("must not contain a NUL character")
+        return text
 
 
 class StoreUnavailable(RuntimeError):
