@@ -359,6 +359,22 @@ def test_a_relabel_is_appended_and_the_newest_verdict_is_the_label(store, clock)
         store.add_feedback(result_id, "maybe")
 
 
+def test_a_verdict_racing_the_results_deletion_is_not_found(store):
+    from sqlalchemy import event
+
+    result_id = store.save(_new(b"result"))
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def delete_in_between(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO feedback"):
+            deleting = threading.Thread(target=store.delete, args=(result_id,))
+            deleting.start()
+            deleting.join()
+
+    with pytest.raises(ResultNotFound):
+        store.add_feedback(result_id, "yes")
+
+
 def test_a_result_keeps_its_newest_verdicts_only(store, clock):
     """Each answer carries the history: an unbounded one grew every answer (1,500 verdicts: 1.9 MB each)."""
     result_id = store.save(_new(b"r"))

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from serve.retention.db import FeedbackRow, ResultRow, make_engine, migrate, utcnow
@@ -217,24 +218,28 @@ class RetentionStore:
         """Append a verdict (the newest verdict is the label); returns the result with its history."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
-        with Session(self.engine) as session, session.begin():
-            if session.get(ResultRow, result_id) is None:
-                raise ResultNotFound(result_id)
-            session.add(
-                FeedbackRow(
-                    result_id=result_id, verdict=verdict, reason=reason, labeller=labeller, created_at=self.clock()
+        try:
+            with Session(self.engine) as session, session.begin():
+                if session.get(ResultRow, result_id) is None:
+                    raise ResultNotFound(result_id)
+                session.add(
+                    FeedbackRow(
+                        result_id=result_id, verdict=verdict, reason=reason, labeller=labeller, created_at=self.clock()
+                    )
                 )
-            )
-            session.flush()
-            kept = (
-                select(FeedbackRow.id)
-                .where(FeedbackRow.result_id == result_id)
-                .order_by(FeedbackRow.created_at.desc(), FeedbackRow.id.desc())
-                .limit(MAX_VERDICTS)
-            )
-            session.execute(
-                delete(FeedbackRow).where(FeedbackRow.result_id == result_id, FeedbackRow.id.not_in(kept))
-            )
+                session.flush()
+                kept = (
+                    select(FeedbackRow.id)
+                    .where(FeedbackRow.result_id == result_id)
+                    .order_by(FeedbackRow.created_at.desc(), FeedbackRow.id.desc())
+                    .limit(MAX_VERDICTS)
+                )
+                session.execute(
+                    delete(FeedbackRow).where(FeedbackRow.result_id == result_id, FeedbackRow.id.not_in(kept))
+                )
+        except IntegrityError:
+            self.get(result_id)  # deleted since the check above (a DELETE, an eviction, the sweeper): ResultNotFound
+            raise
         return self.get(result_id)
 
     def queue(self, limit: int = 20, threshold: float | None = None, owner: str | None = None) -> list[StoredResult]:
