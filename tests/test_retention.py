@@ -260,18 +260,47 @@ def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock
     )
-    old = store.save(_new(b"old"))
+    store.save(_new(b"old"))
     clock.advance(days=5)
     recent = store.save(_new(b"recent"))
     clock.advance(days=3)
-    client = LocalStoreClient(lambda: store)
+    client = LocalStoreClient(lambda: store)  # sweeps at once, not SWEEP_EVERY_S after its start
     try:
-        assert client.sweep() == 1
+        deadline = time.monotonic() + 5
+        while _rows(store) != [recent] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _rows(store) == [recent]
+        assert _files(tmp_path / "objects") == {object_key(b) for b in (b"the photo", b"mask of recent", b"recent")}
+        assert client.sweep() == 0
     finally:
         client.close()
-    assert [r.id for r in store.queue(10)] == [recent]
-    with pytest.raises(ResultNotFound):
-        store.get(old)
+
+
+def _rows(store: RetentionStore) -> list[str]:
+    """Every row's id, expired or not (what the readers see hides the expired ones)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from serve.retention.db import ResultRow
+
+    with Session(store.engine) as session:
+        return list(session.scalars(select(ResultRow.id).order_by(ResultRow.created_at)))
+
+
+def test_a_result_past_max_age_is_gone_for_readers_before_it_is_swept(tmp_path, clock):
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_age_days=7, clock=clock
+    )
+    old = store.save(_new(b"old"))
+    store.add_feedback(old, "no")
+    unlabelled = store.save(_new(b"unlabelled"))
+    clock.advance(days=7, seconds=1)
+    assert _rows(store) == [old, unlabelled], "not swept yet"
+    for result_id in (old, unlabelled):
+        for read in (store.get, lambda rid: store.read(rid, "source"), lambda rid: store.add_feedback(rid, "yes")):
+            with pytest.raises(ResultNotFound):
+                read(result_id)
+    assert store.queue(10) == [] and store.count() == 0 and store.labelled() == []
 
 
 def test_max_age_drops_old_results_labelled_or_not(tmp_path, clock):

@@ -158,11 +158,14 @@ class LocalStoreClient:
         return self.opened().enforce_limits(ages_only=True)
 
     def _sweep(self) -> None:
-        while not self._stopped.wait(SWEEP_EVERY_S):
+        """Once at start (a store that was down for days holds results past their age), then every SWEEP_EVERY_S."""
+        while True:
             try:
                 self.sweep()
             except Exception:
                 logger.exception("retention: enforcing the limits failed")
+            if self._stopped.wait(SWEEP_EVERY_S):
+                return
 
 
 class Retention:

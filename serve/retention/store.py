@@ -196,7 +196,7 @@ class RetentionStore:
 
     def get(self, result_id: str) -> StoredResult:
         with Session(self.engine) as session:
-            row = session.get(ResultRow, result_id)
+            row = session.scalar(select(ResultRow).where(ResultRow.id == result_id, *self._unexpired()))
             if row is None:
                 raise ResultNotFound(result_id)
             return self._stored([row], session)[0]
@@ -220,7 +220,7 @@ class RetentionStore:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
         try:
             with Session(self.engine) as session, session.begin():
-                if session.get(ResultRow, result_id) is None:
+                if session.scalar(select(ResultRow.id).where(ResultRow.id == result_id, *self._unexpired())) is None:
                     raise ResultNotFound(result_id)
                 session.add(
                     FeedbackRow(
@@ -249,7 +249,7 @@ class RetentionStore:
         cut = ResultRow.threshold if threshold is None else threshold
         statement = (
             select(ResultRow)
-            .where(~_has_feedback(), *_owned_by(owner))
+            .where(~_has_feedback(), *_owned_by(owner), *self._unexpired())
             .order_by(ResultRow.score.is_(None), func.abs(ResultRow.score - cut), ResultRow.created_at, ResultRow.id)
             .limit(limit)
         )
@@ -257,7 +257,7 @@ class RetentionStore:
             return self._stored(session.scalars(statement).all(), session)
 
     def count(self, labelled: bool | None = None, owner: str | None = None) -> int:
-        statement = select(func.count()).select_from(ResultRow).where(*_owned_by(owner))
+        statement = select(func.count()).select_from(ResultRow).where(*_owned_by(owner), *self._unexpired())
         if labelled is not None:
             statement = statement.where(_has_feedback() if labelled else ~_has_feedback())
         with Session(self.engine) as session:
@@ -265,7 +265,9 @@ class RetentionStore:
 
     def labelled(self, since: dt.datetime | None = None, until: dt.datetime | None = None) -> list[StoredResult]:
         """Results with a verdict, oldest first; since / until bound the time of the newest verdict."""
-        statement = select(ResultRow).where(_has_feedback()).order_by(ResultRow.created_at, ResultRow.id)
+        statement = (
+            select(ResultRow).where(_has_feedback(), *self._unexpired()).order_by(ResultRow.created_at, ResultRow.id)
+        )
         with Session(self.engine) as session:
             results = self._stored(session.scalars(statement).all(), session)
         return [
@@ -300,9 +302,8 @@ class RetentionStore:
             eligible = []
             doomed = []
             if self.max_age_days is not None:
-                cutoff = self.clock() - dt.timedelta(days=self.max_age_days)
-                doomed = list(session.scalars(select(ResultRow.id).where(ResultRow.created_at < cutoff)).all())
-                eligible = [ResultRow.created_at >= cutoff]
+                eligible = list(self._unexpired())
+                doomed = list(session.scalars(select(ResultRow.id).where(~eligible[0])).all())
             if saving:
                 eligible.append(ResultRow.id.not_in(saving))
             counted = not ages_only
@@ -320,6 +321,12 @@ class RetentionStore:
         return doomed
 
     # ------------------------------------------------------------ internals
+
+    def _unexpired(self) -> tuple:
+        """Rows within max_age_days: past it a result is gone for every reader, whether or not swept yet."""
+        if self.max_age_days is None:
+            return ()
+        return (ResultRow.created_at >= self.clock() - dt.timedelta(days=self.max_age_days),)
 
     @staticmethod
     def _oldest(session: Session, count: int, eligible: list, owner: str | None = None) -> list[str]:
