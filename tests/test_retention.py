@@ -265,12 +265,12 @@ def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp
     recent = store.save(_new(b"recent"))
     clock.advance(days=3)
     client = LocalStoreClient(lambda: store)  # sweeps at once, not SWEEP_EVERY_S after its start
+    left = {object_key(b) for b in (b"the photo", b"mask of recent", b"recent")}
     try:
         deadline = time.monotonic() + 5
-        while _rows(store) != [recent] and time.monotonic() < deadline:
+        while (_rows(store), _files(tmp_path / "objects")) != ([recent], left) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _rows(store) == [recent]
-        assert _files(tmp_path / "objects") == {object_key(b) for b in (b"the photo", b"mask of recent", b"recent")}
+        assert _rows(store) == [recent] and _files(tmp_path / "objects") == left
         assert client.sweep() == 0
     finally:
         client.close()
@@ -438,13 +438,27 @@ def test_migrations_create_exactly_the_schema_the_models_describe(tmp_path):
 
 
 class FakeS3:
-    """The four calls S3ObjectStore makes, over a dict."""
+    """The calls S3ObjectStore makes, over a dict."""
 
     def __init__(self):
         self.objects: dict[tuple[str, str], bytes] = {}
+        self.modified: dict[str, float] = {}
 
     def put_object(self, Bucket, Key, Body):
         self.objects[Bucket, Key] = Body
+        self.modified[Key] = time.time()
+
+    def get_paginator(self, name):
+        assert name == "list_objects_v2"
+        fake = self
+
+        class Pages:
+            def paginate(self, Bucket, Prefix):
+                listed = [key for key in fake.modified if key.startswith(Prefix)]
+                at = {key: dt.datetime.fromtimestamp(fake.modified[key], dt.timezone.utc) for key in listed}
+                yield {"Contents": [{"Key": key, "LastModified": at[key]} for key in listed]}
+
+        return Pages()
 
     def get_object(self, Bucket, Key):
         if (Bucket, Key) not in self.objects:
@@ -978,3 +992,139 @@ def test_export_labels_leaves_out_empty_views_and_ambiguous_negatives(tmp_path, 
     metrics = export_labels(settings)["metrics"]
     assert metrics["empty_mask_views"] == 2 and metrics["exported"] == metrics["records"] == 1
     assert "empty" in metrics["skipped"][0]["why"]
+
+
+# ---------------------------------------------------------------- a slow or failing store
+
+
+class _GatedPuts(LocalObjectStore):
+    """Object writes that wait for `go` (a stalled S3 PUT, a hung NFS mount), or fail on the `fail_at`th write."""
+
+    def __init__(self, root: Path, fail_at: int | None = None):
+        super().__init__(root)
+        self.go = threading.Event()
+        self.go.set()
+        self.fail_at = fail_at
+        self.writes = 0
+
+    def put(self, data: bytes) -> str:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.go.wait(10)
+        return super().put(data)
+
+
+def test_a_failed_save_deletes_the_objects_it_wrote_without_the_database(tmp_path):
+    objects = _GatedPuts(tmp_path / "objects", fail_at=2)
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    with pytest.raises(OSError, match="No space"):
+        store.save(_new(b"result"))
+    assert _files(tmp_path / "objects") == set() and _rows(store) == []
+
+    from sqlalchemy import create_engine
+
+    store.engine = create_engine(f"sqlite:///{tmp_path / 'missing' / 'r.db'}")  # the database went away
+    with pytest.raises(Exception, match="unable to open database"):
+        store.save(_new(b"result"))
+    assert _files(tmp_path / "objects") == set()
+
+
+def test_a_failed_save_keeps_the_objects_a_save_of_the_same_content_stored_meanwhile(tmp_path):
+    from sqlalchemy import event
+
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"))
+    inserting, hold = threading.Event(), threading.Event()
+
+    def insert_fails(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO results") and threading.current_thread().name == "failing":
+            inserting.set()
+            hold.wait(10)
+            raise OSError("the database went away")
+
+    event.listen(store.engine, "before_cursor_execute", insert_fails)
+    failing = threading.Thread(target=lambda: pytest.raises(OSError, store.save, _new(b"same")), name="failing")
+    failing.start()
+    assert inserting.wait(10)  # it wrote the objects, its insert is under way
+    stored = store.save(_new(b"same"))
+    hold.set()
+    failing.join(10)
+    assert _rows(store) == [stored] and store.read(stored, "result") == (b"same", "image/png")
+    assert len(_files(tmp_path / "objects")) == 3
+
+
+def test_the_sweeper_deletes_old_objects_no_result_refers_to(tmp_path):
+    import os
+
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"))
+    kept = store.save(_new(b"kept"))
+    orphan, young = store.objects.put(b"left by a crash"), store.objects.put(b"a save in another process")
+    long_ago = time.time() - 2 * 3600
+    for key in (*store.get(kept).keys.values(), orphan):
+        os.utime(store.objects.path(key), (long_ago, long_ago))
+    assert store.drop_orphans() == 1
+    assert not store.objects.exists(orphan) and store.objects.exists(young)
+    assert store.read(kept, "source") == (b"the photo", "image/png")
+
+    bucket = FakeS3()
+    s3 = S3ObjectStore("bucket", prefix="rorem", client=bucket)
+    old = s3.put(b"old")
+    s3.put(b"new")
+    bucket.modified[s3.name(old)] = long_ago
+    assert list(s3.written_before(time.time() - 3600)) == [old]
+
+
+def test_saves_stalled_on_the_object_store_leave_reads_their_threads(tmp_path):
+    from serve.retention.keeper import LocalStoreClient
+
+    objects = _GatedPuts(tmp_path / "objects")
+    client = LocalStoreClient(lambda: RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects))
+
+    async def read_while_saves_stall():
+        old = await client.save(_new(b"old"))
+        objects.go.clear()
+        saves = [asyncio.ensure_future(client.save(_new(b"stalled %d" % i))) for i in range(40)]
+        await asyncio.sleep(0.2)
+        try:
+            assert (await asyncio.wait_for(client.get(old), 3)).id == old
+        finally:
+            objects.go.set()
+        assert len(set(await asyncio.gather(*saves))) == 40
+
+    try:
+        asyncio.run(read_while_saves_stall())
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("stalled", ["object writes", "limits after the insert"])
+def test_a_save_given_up_on_stores_nothing(tmp_path, monkeypatch, stalled):
+    from serve.retention.keeper import LocalStoreClient
+
+    objects = _GatedPuts(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    client = LocalStoreClient(lambda: store)
+    go = objects.go
+    if stalled == "limits after the insert":
+        go = threading.Event()
+        enforce = store.enforce_limits
+        monkeypatch.setattr(store, "enforce_limits", lambda **limits: go.wait(10) and enforce(**limits))
+
+    async def give_up():
+        go.clear()
+        saving = asyncio.ensure_future(client.save(_new(b"result")))
+        await asyncio.sleep(0.2)
+        assert len(_rows(store)) == (stalled == "limits after the insert")
+        saving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await saving
+        go.set()
+
+    try:
+        asyncio.run(give_up())
+        deadline = time.monotonic() + 5
+        while (_rows(store) or _files(tmp_path / "objects")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _rows(store) == [] and _files(tmp_path / "objects") == set()
+    finally:
+        client.close()

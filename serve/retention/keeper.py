@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,6 +47,9 @@ ANNOTATION_PAGE = Path(__file__).parent.parent / "static" / "annotate.html"
 REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
 MAX_QUEUE = 200
+# Saves in progress at once per store client, in threads of their own: saves stalled on a slow store never
+# take the threads that reads (GET /results, images, the queue) run in.
+SAVE_THREADS = 4
 
 
 class FeedbackBody(BaseModel):
@@ -85,6 +89,7 @@ class LocalStoreClient:
         self._failed_at: float | None = None
         self._opening = threading.Lock()
         self._stopped = threading.Event()
+        self._saves = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="retention-save")
         self._open()
         self.sweeper = threading.Thread(target=self._sweep, name="retention-limits", daemon=True)
         self.sweeper.start()
@@ -94,7 +99,20 @@ class LocalStoreClient:
         return cls(lambda: RetentionStore.from_settings(settings))
 
     async def save(self, new: NewResult) -> str:
-        return await self._run(lambda store: store.save(new))
+        """A save given up on (cancelled) stores nothing: one still queued never starts, one under way stops
+        before its insert or, past it, deletes the result whose id nobody got."""
+        given_up = threading.Event()
+        work = self._saves.submit(lambda: self.opened().save(new, given_up))
+        try:
+            return await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            given_up.set()
+            work.add_done_callback(self._forget)
+            raise
+
+    def _forget(self, work: Future) -> None:
+        if not work.cancelled() and work.exception() is None:
+            self._saves.submit(lambda: self.opened().delete(work.result()))
 
     async def get(self, result_id: str, owner: str | None = None) -> StoredResult:
         """`owner` (here and below): only that owner's results are seen (None: every result)."""
@@ -133,8 +151,9 @@ class LocalStoreClient:
         return store
 
     def close(self) -> None:
-        """Stop the sweeper (the store itself needs no closing)."""
+        """Stop the sweeper and the save threads (the store itself needs no closing)."""
         self._stopped.set()
+        self._saves.shutdown(wait=False)
 
     async def _run(self, operation):
         return await asyncio.to_thread(lambda: operation(self.opened()))
@@ -154,8 +173,12 @@ class LocalStoreClient:
             return self._store
 
     def sweep(self) -> int:
-        """What the sweeper does every SWEEP_EVERY_S: the age limit (each save enforces max_results)."""
-        return self.opened().enforce_limits(ages_only=True)
+        """What the sweeper does every SWEEP_EVERY_S: the age limit (each save enforces max_results), then the
+        objects failed saves left; returns how many results it deleted."""
+        store = self.opened()
+        deleted = store.enforce_limits(ages_only=True)
+        store.drop_orphans()
+        return deleted
 
     def _sweep(self) -> None:
         """Once at start (a store that was down for days holds results past their age), then every SWEEP_EVERY_S."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -24,9 +25,13 @@ def object_key(data: bytes) -> str:
     return f"{digest[:2]}/{digest[2:]}"
 
 
-def _check_key(key: str) -> str:
+def _is_key(key: str) -> bool:
     head, _, tail = key.partition("/")
-    if len(head) != 2 or len(tail) != 62 or not all(c in "0123456789abcdef" for c in head + tail):
+    return len(head) == 2 and len(tail) == 62 and all(c in "0123456789abcdef" for c in head + tail)
+
+
+def _check_key(key: str) -> str:
+    if not _is_key(key):
         raise ValueError(f"not an object key: {key!r}")
     return key
 
@@ -42,6 +47,9 @@ class ObjectStore(Protocol):
         """Remove the object; a missing one is not an error."""
 
     def exists(self, key: str) -> bool: ...
+
+    def written_before(self, moment: float) -> Iterator[str]:
+        """The keys of the objects last written before `moment` (Unix time)."""
 
     def describe(self) -> str:
         """Where the objects are, for logs (no credentials)."""
@@ -89,6 +97,12 @@ class LocalObjectStore:
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def written_before(self, moment: float) -> Iterator[str]:
+        for path in self.root.glob("??/*"):
+            key = f"{path.parent.name}/{path.name}"
+            if _is_key(key) and path.stat().st_mtime < moment:
+                yield key
 
     def describe(self) -> str:
         return f"folder {self.root}"
@@ -149,6 +163,14 @@ class S3ObjectStore:
                 return False
             raise
         return True
+
+    def written_before(self, moment: float) -> Iterator[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            for listed in page.get("Contents", ()):
+                key = listed["Key"][len(start) :]
+                if _is_key(key) and listed["LastModified"].timestamp() < moment:
+                    yield key
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""

@@ -2,8 +2,10 @@
 and the retention limits. Blocking IO: callers on an event loop run it in a thread.
 
 Deleting a result removes its metadata, its verdicts and every object no other result refers to
-(a photo sent twice is stored once and stays while one of its results does). Within one process,
-saves and deletes are serialized, so a delete never removes an object a concurrent save relies on.
+(a photo sent twice is stored once and stays while one of its results does). A save claims its objects'
+keys before it writes them, and a delete never removes a claimed object, so a save and a delete need not
+wait for each other's IO. A failed save deletes the objects it created; what it cannot (the object store
+failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from serve.retention.db import FeedbackRow, ResultRow, make_engine, migrate, utcnow
-from serve.retention.objects import LocalObjectStore, ObjectStore, S3ObjectStore
+from serve.retention.objects import LocalObjectStore, ObjectStore, S3ObjectStore, object_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +38,18 @@ _CHUNK = 500  # ids per IN (...) list
 # Verdicts kept per result, the newest: each answer carries the history, so an unbounded one made every
 # POST /feedback on a result slower and larger than the last (1,500 verdicts: 1.9 MB an answer).
 MAX_VERDICTS = 20
+# An object no result refers to is deleted by the sweeper once it is this old: far longer than any save takes
+# between writing an object and inserting the row that refers to it.
+ORPHAN_GRACE_S = 3600.0
 _SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket", "owner")
 
 
 class ResultNotFound(KeyError):
     """No retained result has this id (never stored, deleted, or past the retention limits)."""
+
+
+class SaveGivenUp(RuntimeError):
+    """The caller stopped waiting for this save before its row was inserted: nothing is stored."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,9 @@ class RetentionStore:
         # never evicted, and one enforcement selects and deletes at a time, so two cannot doom each other's picks.
         self._saving: set[str] = set()
         self._limits_lock = threading.Lock()
+        # With _lock held: how many saves in progress claim each object key, and the keys two of them claimed at once.
+        self._claims: Counter[str] = Counter()
+        self._shared: set[str] = set()
 
     @classmethod
     def open(cls, database_url: str, objects: ObjectStore, **limits_and_clock) -> RetentionStore:
@@ -160,13 +174,24 @@ class RetentionStore:
 
     # ------------------------------------------------------------ results
 
-    def save(self, new: NewResult) -> str:
+    def save(self, new: NewResult, given_up: threading.Event | None = None) -> str:
         """Store objects (once per content) and metadata; returns the new result's id. The objects are
-        written first, so a reader never sees a result whose images are not there yet."""
+        written first, so a reader never sees a result whose images are not there yet, and without the lock,
+        so a slow object store holds up no other save or delete. `given_up`: set when the caller stops waiting;
+        a save given up before its insert stores nothing (SaveGivenUp). A failed save deletes the objects it
+        created, without the database (which may be what failed)."""
         result_id = uuid.uuid4().hex
+        blobs = (new.source, new.mask, new.result)
+        keys = [object_key(data) for data in blobs]
         with self._lock:
             self._saving.add(result_id)
-            keys = [self.objects.put(data) for data in (new.source, new.mask, new.result)]
+            self._claim(keys)
+        created: set[str] = set()
+        try:
+            for key, data in zip(keys, blobs):
+                if not self.objects.exists(key):
+                    self.objects.put(data)
+                    created.add(key)
             row = ResultRow(
                 id=result_id,
                 created_at=self.clock(),
@@ -180,13 +205,17 @@ class RetentionStore:
                 params=new.params,
                 **{name: getattr(new, name) for name in _SAME_IN_ROW},
             )
-            try:
-                with Session(self.engine) as session, session.begin():
-                    session.add(row)
-            except Exception:
+            if given_up is not None and given_up.is_set():
+                raise SaveGivenUp(result_id)
+            with Session(self.engine) as session, session.begin():
+                session.add(row)
+        except BaseException:
+            with self._lock:
                 self._saving.discard(result_id)
-                self._drop_unreferenced(keys)
-                raise
+                self._unclaim(keys, created)
+            raise
+        with self._lock:
+            self._unclaim(keys)
         try:
             self.enforce_limits(keep=result_id, owner=new.owner)
         finally:
@@ -322,6 +351,42 @@ class RetentionStore:
 
     # ------------------------------------------------------------ internals
 
+    def drop_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
+        """Delete the objects written more than `grace_s` ago that no result refers to: what failed saves
+        could not delete themselves. Returns how many were deleted."""
+        stale = set(self.objects.written_before(time.time() - grace_s))
+        if not stale:
+            return 0
+        columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
+        with Session(self.engine) as session:
+            referenced = {key for row in session.execute(select(*columns)) for key in row}
+        with self._lock:
+            dropped = self._drop_unreferenced(stale - referenced)
+        if dropped:
+            logger.info("retention: deleted %d object(s) no result refers to", dropped)
+        return dropped
+
+    def _claim(self, keys: Iterable[str]) -> None:
+        """With _lock held: no delete removes these objects until they are unclaimed."""
+        for key in set(keys):
+            if self._claims[key]:
+                self._shared.add(key)
+            self._claims[key] += 1
+
+    def _unclaim(self, keys: Iterable[str], created: Iterable[str] = ()) -> None:
+        """With _lock held. `created`: the objects a failed save wrote, deleted unless another save claimed
+        them meanwhile (its row may refer to them: left to drop_orphans)."""
+        for key in set(created) - self._shared:
+            try:
+                self.objects.delete(key)
+            except Exception:
+                logger.exception("retention: cannot delete the object of a failed save; the sweeper will")
+        for key in set(keys):
+            self._claims[key] -= 1
+            if not self._claims[key]:
+                del self._claims[key]
+                self._shared.discard(key)
+
     def _unexpired(self) -> tuple:
         """Rows within max_age_days: past it a result is gone for every reader, whether or not swept yet."""
         if self.max_age_days is None:
@@ -355,9 +420,11 @@ class RetentionStore:
                 self._drop_unreferenced(keys)
         return deleted
 
-    def _drop_unreferenced(self, keys: Iterable[str]) -> None:
+    def _drop_unreferenced(self, keys: Iterable[str]) -> int:
+        """With _lock held: delete the objects no result refers to and no save claims; returns how many."""
+        dropped = 0
         with Session(self.engine) as session:
-            for key in set(keys):
+            for key in set(keys) - set(self._claims):
                 referenced = session.scalar(
                     select(ResultRow.id)
                     .where(or_(ResultRow.source_key == key, ResultRow.mask_key == key, ResultRow.result_key == key))
@@ -365,6 +432,8 @@ class RetentionStore:
                 )
                 if referenced is None:
                     self.objects.delete(key)
+                    dropped += 1
+        return dropped
 
     @staticmethod
     def _stored(rows: Sequence[ResultRow], session: Session) -> list[StoredResult]:
