@@ -401,6 +401,12 @@ class RetentionSettings(_Strict):
         description="with API keys, keep at most this many results per owner (a key's team, else its name), its "
         "own oldest going first, so one owner cannot push out another's; null: only max_results",
     )
+    save_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="a retained removal waits at most this long for its result to be stored, and never past its "
+        "own deadline; then it is answered without X-Result-Id (counted failed) and the save is given up",
+    )
 
     def objects_folder(self) -> Path:
         return Path(self.object_store.path).expanduser() / "objects"

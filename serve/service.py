@@ -186,7 +186,8 @@ class RemovalService:
         The request's deadline (its timeout_s, at most request_timeout_s) counts from here: the wait for an
         image-work slot and the decode count against it, and model work and encode are cut at it. The decode
         itself is not cut (its own limits and decode_timeout_s bound it), so a bad upload is always answered
-        as such; a retained result's save comes after, bounded by its own call timeout."""
+        as such; a retained result's save comes after, within what is left of the deadline (at most
+        retention.save_timeout_s), or the removal is answered without a result id."""
         loop = asyncio.get_running_loop()
         options = upload.options
         retain = self.retention.wanted(options.retain)
@@ -212,7 +213,7 @@ class RemovalService:
         if retain and reply.bucket is not None:
             reply.result_id = await self.retention.keep(
                 upload.image, prepared.image.format, prepared.mask, reply, policy, upload.options, prepared.dilate,
-                owner,
+                owner, deadline - loop.time(),
             )  # fmt: skip
         return reply
 

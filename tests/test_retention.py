@@ -579,14 +579,14 @@ class _Metrics:
         self.retained, self.feedback = _Counted(), _Counted()
 
 
-def _keep(retention, result: bytes = b"png bytes", owner: str | None = None):
+def _keep(retention, result: bytes = b"png bytes", owner: str | None = None, deadline_s: float | None = None):
     from engines.gate import GatePolicy
     from serve.protocol import RemoveOptions
     from serve.service import RemovalReply
 
     reply = RemovalReply(result, "png", 3, [256], 1, 0.4, 1, "failed")
     policy = GatePolicy("annotate", 0.5, 1, True)
-    return retention.keep(b"photo", "png", np.zeros((3, 4), bool), reply, policy, RemoveOptions(), 20, owner)
+    return retention.keep(b"photo", "png", np.zeros((3, 4), bool), reply, policy, RemoveOptions(), 20, owner, deadline_s)
 
 
 def _sweepers() -> set:
@@ -1128,3 +1128,28 @@ def test_a_save_given_up_on_stores_nothing(tmp_path, monkeypatch, stalled):
         assert _rows(store) == [] and _files(tmp_path / "objects") == set()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("deadline_s", "waited_s"), [(None, 0.3), (0.1, 0.1)])
+def test_a_removal_waits_for_a_stalled_store_at_most_save_timeout_s_or_its_deadline(tmp_path, deadline_s, waited_s):
+    from serve.config import RetentionSettings
+    from serve.retention.keeper import Retention
+
+    settings = RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}, save_timeout_s=0.3)
+    metrics = _Metrics()
+    retention = Retention(settings, metrics)
+    store = retention.store.opened()
+    store.objects = _GatedPuts(tmp_path / "objects")
+    store.objects.go.clear()
+    try:
+        keeping = _keep(retention, deadline_s=deadline_s)
+        started = time.monotonic()
+        assert asyncio.run(keeping) is None
+        assert waited_s <= time.monotonic() - started < waited_s + 0.5
+        assert metrics.retained.tags == [{"outcome": "failed"}]
+        store.objects.go.set()
+        assert asyncio.run(_keep(retention, b"later")) is not None
+        assert len(_rows(store)) == 1, "the save given up stored nothing"
+    finally:
+        store.objects.go.set()
+        retention.store.close()

@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import io
 import logging
+import math
 import re
 import threading
 import time
@@ -28,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.config import RetentionSettings
+from serve.handles import within
 from serve.page_headers import strict_page_headers
 from serve.problems import Problem
 from serve.request_ids import serve_request_id
@@ -227,8 +229,12 @@ class Retention:
         options: RemoveOptions,
         dilate: int,
         owner: str | None = None,
+        deadline_s: float | None = None,
     ) -> str | None:
-        """Store the result as `owner`'s; its id, or None (logged and counted) when it could not be stored."""
+        """Store the result as `owner`'s; its id, or None (logged and counted) when it could not be stored
+        within retention.save_timeout_s and `deadline_s` (what is left of the request's deadline): a slow or
+        locked store delays the answer by that much at most, and the save given up stores nothing."""
+        timeout_s = min(self.settings.save_timeout_s, math.inf if deadline_s is None else deadline_s)
         params = {
             **options.model_dump(exclude_none=True, exclude={"retain"}),
             "gate": policy.mode,
@@ -256,7 +262,11 @@ class Retention:
                 request_id=serve_request_id(),
                 owner=owner,
             )
-            result_id = await self._client().save(new)
+            result_id = await within(self._client().save(new), timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("retention: not stored within %.3g s; answering without X-Result-Id", timeout_s)
+            self.metrics.retained.inc(tags={"outcome": "failed"})
+            return None
         except Exception:
             logger.exception("retention: the result could not be stored; answering without X-Result-Id")
             self.metrics.retained.inc(tags={"outcome": "failed"})
