@@ -19,7 +19,9 @@ from serve.handles import answer_or_cancel
 from serve.retention.keeper import LocalStoreClient
 from serve.retention.store import RetentionStore
 
-CALL_TIMEOUT_S = 60.0  # a store call unanswered this long is cancelled; the removal goes on without a result id
+# A store call unanswered this long is cancelled (503 retention-unavailable); a save is given up sooner, at
+# retention.save_timeout_s (serve.retention.keeper.Retention.keep).
+CALL_TIMEOUT_S = 60.0
 
 
 # one replica: the migrations run once and one sweeper enforces the age limit (not listed in the Serve config,

@@ -4,8 +4,9 @@ with their errors as Problems (Retention); and the store client they go through 
 the RetentionStore in this process, its blocking IO in threads, off the event loop), which the
 ResultStore deployment (serve/retention_deployment.py) serves to every ingress replica.
 
-A removal whose result cannot be stored (database or object store down) is still answered, only
-without a result id; the failure is logged and counted (`rorem_retained_total{outcome="failed"}`).
+A removal whose result cannot be stored (database or object store down), or not within
+retention.save_timeout_s, is still answered, only without a result id; the failure is logged and
+counted (`rorem_retained_total{outcome="failed"}`).
 """
 
 from __future__ import annotations
