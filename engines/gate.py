@@ -25,12 +25,17 @@ class GateConfig(Protocol):
 
 Result = TypeVar("Result")
 _GOLDEN = 0x9E3779B97F4A7C15
-_SEED_SPACE = 2**63
+MAX_SAFE_SEED = 2**53 - 1
+"""The largest seed the service chooses, random or derived: JSON's largest safe integer (JavaScript's
+Number.MAX_SAFE_INTEGER), so a client that parses the reply's `seed` as a double reads it exactly."""
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
-    """Attempt 0 uses the request's seed; later attempts derive new, reproducible seeds from it."""
-    return (seed + attempt * _GOLDEN) % _SEED_SPACE
+    """Attempt 0 uses the request's seed as sent (a client's may exceed MAX_SAFE_SEED); later attempts derive
+    new, reproducible seeds from it: (seed + attempt * _GOLDEN) mod 2**53, at most MAX_SAFE_SEED."""
+    if attempt == 0:
+        return seed
+    return (seed + attempt * _GOLDEN) % (MAX_SAFE_SEED + 1)
 
 
 class ScorerUnavailable(RuntimeError):

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from engines import imaging
 from engines.errors import InputError
-from engines.gate import GatePolicy, ScorerUnavailable, max_crops
+from engines.gate import MAX_SAFE_SEED, GatePolicy, ScorerUnavailable, max_crops
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, Prepared, RemovalPipeline, Timings, outage_detail
 from serve.config import AppSettings, GateSettings
@@ -233,7 +233,7 @@ class RemovalService:
                 timings.lap("encode")
             return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
 
-        seed = options.seed if options.seed is not None else random.getrandbits(63)
+        seed = options.seed if options.seed is not None else random.randint(0, MAX_SAFE_SEED)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))
         try:
             gated = await self.pipeline(prepared, seed, policy, timings)

@@ -78,9 +78,13 @@ def test_request_overrides_apply_only_when_allowed():
     assert (locked.mode, locked.threshold, locked.max_attempts) == ("annotate", 0.5, 1)
 
 
-def test_attempt_seeds_are_reproducible_and_in_range():
-    seeds = [attempt_seed(2**63 - 1, k) for k in range(8)]
-    assert seeds[0] == 2**63 - 1 and len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)
+def test_attempt_seeds_are_reproducible_and_json_safe():
+    """A derived seed is exact as a JSON number in every client (JavaScript: at most 2**53 - 1), whatever the
+    request's seed; the request's own seed is used as sent."""
+    for first in (0, 7, 2**53 - 1, 2**53, 2**63 - 1):
+        seeds = [attempt_seed(first, k) for k in range(8)]
+        assert seeds == [attempt_seed(first, k) for k in range(8)]
+        assert seeds[0] == first and len(set(seeds)) == 8 and all(0 <= s < 2**53 for s in seeds[1:]), first
 
 
 def test_one_request_never_causes_more_model_calls_than_the_cap():

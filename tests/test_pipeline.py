@@ -234,6 +234,14 @@ def test_service_reply_lists_every_crop_and_the_kept_attempts_seed():
     assert set(reply.timings.stages) >= {"decode", "paste", "score", "encode"}
 
 
+def test_the_seeds_the_service_chooses_are_json_safe_integers():
+    """A random seed and a retry's derived seed reach JSON clients exactly (JavaScript: at most 2**53 - 1)."""
+    unseeded = [asyncio.run(_service(FakeModels()).remove(_upload(gate="off"))).seed for _ in range(3)]
+    retried = asyncio.run(_service(FakeModels(scores=[0.1, 0.1, 0.9, 0.9])).remove(_upload(seed=2**63 - 1)))
+    assert retried.attempts == 2 and retried.seed == attempt_seed(2**63 - 1, 1)
+    assert all(0 <= seed < 2**53 for seed in [*unseeded, retried.seed]), [*unseeded, retried.seed]
+
+
 def test_service_reject_gate_answers_removal_failed_with_the_best_attempt():
     service = _service(FakeModels(scores=[0.1, 0.4, 0.2, 0.3]))
     with pytest.raises(Problem) as caught:
