@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 import grpc
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from pydantic import BaseModel
 from ray.serve.grpc_util import RayServegRPCContext
 
@@ -68,11 +70,20 @@ def _options(message, model: type[Options]) -> Options:
     configured default (None): an `optional` field not set, or a proto3 string left empty (it has no unset state)."""
     options = {}
     for name in model.model_fields:
-        if message.DESCRIPTOR.fields_by_name[name].has_presence:
+        field = message.DESCRIPTOR.fields_by_name[name]
+        if field.has_presence:
             options[name] = getattr(message, name) if message.HasField(name) else None
         else:
             options[name] = getattr(message, name) or None
+        if field.type == FieldDescriptor.TYPE_FLOAT and options[name] is not None:
+            options[name] = _float32_decimal(options[name])
     return validate(model, options)
+
+
+def _float32_decimal(value: float) -> float:
+    """A proto `float` (float32) as the shortest decimal with the same float32: 9.3 arrives as 9.300000190734863,
+    and REST's 9.3 and gRPC's are then applied, reported and stored as the same number."""
+    return float(str(np.float32(value)))
 
 
 def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:

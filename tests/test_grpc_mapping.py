@@ -66,6 +66,13 @@ def test_every_remove_option_arrives():
     assert request.options.model_dump() == given
 
 
+def test_float_options_arrive_as_the_decimal_sent_not_its_float32():
+    """gate_threshold and timeout_s are proto `float` (float32): 9.3 is applied and reported as REST's 9.3."""
+    remove = removal_request(pb.RemoveRequest(image=b"i", gate_threshold=9.3, timeout_s=0.3), LIMIT).options
+    score = score_request(pb.ScoreRequest(**FILES, gate_threshold=0.3), LIMIT).options
+    assert (remove.gate_threshold, remove.timeout_s, score.gate_threshold) == (9.3, 0.3, 0.3)
+
+
 def test_unset_remove_options_are_none():
     request = removal_request(pb.RemoveRequest(image=b"i"), LIMIT)
     assert request.mask is None
