@@ -51,9 +51,9 @@ def status_for(problem: Problem, context, request_id: str | None, metadata: Iter
 
 
 def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> RemovalRequest:
+    """proto3 has no absent bytes field, only an empty one: no image is REST's empty image (invalid-image, from
+    the decoder), and no mask means the image's alpha, where REST's empty mask part is invalid-mask."""
     check_upload_size(len(message.image) + len(message.mask), max_upload_bytes)
-    if not message.image:
-        raise Problem("invalid-request", "the request has no image")
     return RemovalRequest(image=message.image, mask=message.mask or None, options=_options(message, RemoveOptions))
 
 

@@ -333,7 +333,9 @@ CASES: list[Case] = [
          rest=as_json(lambda sent: {**{k: f"data:image/png;base64,{v}" for k, v in b64_files(sent).items()}, **REMOVE}),
          grpc=False),
     # what the image is
-    Case("no image", 422, "invalid-request", lambda: Sent({"mask": gray(box())}), detail="image"),
+    Case("no image", 422, "invalid-request", lambda: Sent({"mask": gray(box())}), detail="image",
+         grpc=False),  # proto3: no image is an empty one
+    Case("empty image", 422, "invalid-image", lambda: with_box(b""), detail="the image is empty"),
     Case("upload over the 6 MiB limit", 413, "payload-too-large",
          lambda: Sent({"image": np.random.default_rng(0).bytes(6 * MiB + 1)})),
     Case("plain text", 422, "invalid-image", lambda: with_box(b"this is not an image")),

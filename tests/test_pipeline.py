@@ -24,7 +24,9 @@ from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed
 from engines.imaging import DecodeLimits
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline, all_or_none
+from serve import rorem_pb2 as pb
 from serve.config import AppSettings
+from serve.grpc_api import removal_request
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
 from serve.service import RemovalService, ServeModels
@@ -240,6 +242,16 @@ def test_the_seeds_the_service_chooses_are_json_safe_integers():
     retried = asyncio.run(_service(FakeModels(scores=[0.1, 0.1, 0.9, 0.9])).remove(_upload(seed=2**63 - 1)))
     assert retried.attempts == 2 and retried.seed == attempt_seed(2**63 - 1, 1)
     assert all(0 <= seed < 2**53 for seed in [*unseeded, retried.seed]), [*unseeded, retried.seed]
+
+
+def test_a_grpc_message_without_an_image_is_refused_as_rest_refuses_an_empty_image():
+    """proto3 cannot tell an empty bytes field from an absent one: gRPC answers what REST answers for an empty
+    image part, invalid-image."""
+    mask = png_bytes(_photo_and_two_objects()[1].astype(np.uint8) * 255)
+    for upload in (RemovalRequest(b"", mask, RemoveOptions()), removal_request(pb.RemoveRequest(mask=mask), 1 << 30)):
+        with pytest.raises(Problem) as caught:
+            asyncio.run(_service(FakeModels()).remove(upload))
+        assert (caught.value.problem, caught.value.detail) == ("invalid-image", "the image is empty")
 
 
 def test_service_reject_gate_answers_removal_failed_with_the_best_attempt():
