@@ -265,6 +265,9 @@ def describe(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
             rule = auth.declared_rule(route)
             operation["security"] = [] if rule is not None and rule.public else [{name: []} for name in SECURITY_SCHEMES]
             operation.setdefault("parameters", []).append({"$ref": "#/components/parameters/RequestId"})
+            if "requestBody" in (route.openapi_extra or {}):
+                # as the route wrote it: FastAPI's OpenAPI model reads every bound as a float (2**63 - 1: 2**63)
+                operation["requestBody"] = copy.deepcopy(route.openapi_extra["requestBody"])
             responses = operation["responses"]
             responses.pop("422", None)  # FastAPI's HTTPValidationError: this app answers a Problem instead
             for response in responses.values():

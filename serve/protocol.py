@@ -15,12 +15,17 @@ from engines.gate import GateMode
 from serve.config import Attempts, Dilation, GateThreshold, NotABool, Quality
 from serve.problems import MAX_LISTED, Problem
 
+# Bounds on the inner type, not on the `X | None` union: there pydantic publishes its own "ge" / "le" keys, which
+# JSON Schema (and so OpenAPI) does not know, instead of minimum / maximum.
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1), NotABool]
+TimeoutS = Annotated[float, Field(gt=0, le=3600), NotABool]
+
 
 class RemoveOptions(BaseModel):
     """Per-request options: multipart form fields or JSON keys of the same names."""
 
     model_config = ConfigDict(extra="forbid")
-    seed: Annotated[int, NotABool] | None = Field(None, ge=0, le=2**63 - 1, description="noise seed; random when absent")
+    seed: Seed | None = Field(None, description="noise seed; random when absent")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="png, jpeg or webp; else from Accept, else the input's format"
     )
@@ -32,8 +37,8 @@ class RemoveOptions(BaseModel):
     retain: bool | None = Field(
         None, description="keep this result for feedback (true) or never (false); default from config (retention)"
     )
-    timeout_s: Annotated[float, NotABool] | None = Field(
-        None, gt=0, le=3600, description="answer 504 after this many seconds (at most the configured request_timeout_s)"
+    timeout_s: TimeoutS | None = Field(
+        None, description="answer 504 after this many seconds (at most the configured request_timeout_s)"
     )
 
 

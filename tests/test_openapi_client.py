@@ -95,6 +95,25 @@ def test_remove_documents_its_headers_and_media_types(schema):
     assert score_ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ScoreReply"}
 
 
+def _keys(node) -> set[str]:
+    if isinstance(node, dict):
+        return set(node).union(*map(_keys, node.values()))
+    if isinstance(node, list):
+        return set().union(*map(_keys, node))
+    return set()
+
+
+def test_bounds_are_json_schema_keywords_not_pydantics(schema):
+    """pydantic's own ge / gt / le / lt keys mean nothing to a JSON Schema reader: a client sees no bound."""
+    assert _keys(schema) & {"ge", "gt", "le", "lt"} == set()
+    content = schema["paths"]["/remove"]["post"]["requestBody"]["content"]
+    for media_type in ("multipart/form-data", "application/json"):
+        properties = content[media_type]["schema"]["properties"]
+        seed, timeout = (properties[name]["anyOf"][0] for name in ("seed", "timeout_s"))
+        assert (seed["minimum"], seed["maximum"]) == (0, 2**63 - 1), media_type
+        assert (timeout["exclusiveMinimum"], timeout["maximum"]) == (0, 3600), media_type
+
+
 def _generate(schema: dict, work: Path, name: str = "rorem_client"):
     """openapi-python-client over `schema`, into `work`; the package, imported (every module) without edits."""
     (work / "openapi.json").write_text(json.dumps(schema))
