@@ -39,7 +39,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines import imaging
-from serve import auth
+from serve import auth, quotas
 from serve.problems import MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
 from serve.proxy_middleware import REQUEST_ID_PATTERN
 
@@ -71,6 +71,16 @@ HEADERS: dict[str, tuple[dict, str]] = {
     "Server-Timing": (_STR, "stage durations in ms: read, decode, queue_wait, ..., encode, total"),
     RETRY_AFTER: (_INT, "seconds to wait before retrying"),
     WWW_AUTHENTICATE: (_STR, "the authentication scheme (Bearer)"),
+    quotas.RATELIMIT_POLICY: (
+        _STR,
+        'the key\'s quotas, e.g. `"minute";q=60;w=60, "concurrency";q=2;qu="concurrent-requests"`; only for a key '
+        "with a quota",
+    ),
+    quotas.RATELIMIT: (
+        _STR,
+        'what the key has left of each quota, e.g. `"minute";r=59;t=60, "concurrency";r=1` (t: seconds until the '
+        "window's quota is back); only for a key with a quota",
+    ),
 }
 REMOVE_HEADERS = (
     "X-Seed",
@@ -84,6 +94,9 @@ REMOVE_HEADERS = (
 )
 """The headers of a successful removal, besides X-Request-Id (which every answer carries)."""
 _HEADERS_BY_STATUS = {401: (WWW_AUTHENTICATE,), 429: (RETRY_AFTER,), 503: (RETRY_AFTER,)}
+QUOTA_HEADERS = (quotas.RATELIMIT_POLICY, quotas.RATELIMIT)
+"""On every answer of a metered route (serve/quotas.py) but those its access rule gives before the quota counts."""
+_BEFORE_THE_QUOTA = ("401", "403")
 
 _UPLOAD = ("invalid-request", "malformed-body", "unsupported-media-type", "payload-too-large", "body-timeout")
 _DECODE = ("invalid-image", "image-too-large", "invalid-mask", "mask-size-mismatch")
@@ -280,6 +293,9 @@ def describe(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
                 model = replies[(method, path)].__name__
                 responses["200"]["content"] = {"application/json": {"schema": {"$ref": _REF.format(model=model)}}}
             responses.update(_problem_responses(problems_of(route, method, path)))
+            if quotas.is_metered(route):
+                for status in set(responses) - set(_BEFORE_THE_QUOTA):
+                    responses[status]["headers"].update({name: _header(name) for name in QUOTA_HEADERS})
     referenced = repr(schema["paths"])
     for unused in ("HTTPValidationError", "ValidationError"):
         if f"/{unused}'" not in referenced:

@@ -57,6 +57,7 @@ LOG_EVERY_S = 60.0
 RESOLVE_EVERY_S = 5.0  # after a failure, how often the ingress looks the ledger up again
 CONCURRENCY_RETRY_AFTER_S = 1
 RATE, CONCURRENCY = "minute", "concurrency"  # the policies' names in the RateLimit fields
+RATELIMIT_POLICY, RATELIMIT = "RateLimit-Policy", "RateLimit"
 logger = logging.getLogger("ray.serve")
 
 
@@ -89,7 +90,7 @@ class Decision:
         if self.limits.concurrent is not None:
             policies.append(f'"{CONCURRENCY}";q={self.limits.concurrent};qu="concurrent-requests"')
             states.append(f'"{CONCURRENCY}";r={max(0, self.limits.concurrent - self.in_flight)}')
-        return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)} if policies else {}
+        return {RATELIMIT_POLICY: ", ".join(policies), RATELIMIT: ", ".join(states)} if policies else {}
 
     def metadata(self) -> list[tuple[str, str]]:
         """The same fields as gRPC metadata (names in lower case)."""
@@ -340,6 +341,10 @@ class _Meter:
 
 METERED = Depends(_Meter())
 """Declare a REST route metered, after its access rule: `dependencies=[auth.requires("remove"), quotas.METERED]`."""
+
+
+def is_metered(route) -> bool:
+    return any(dependency.dependency is METERED.dependency for dependency in route.dependencies)
 
 
 class QuotaFields:

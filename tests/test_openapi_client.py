@@ -18,6 +18,7 @@ from PIL import Image
 from engines import imaging
 from serve import openapi
 from serve.problems import MEDIA_TYPE, STATUS_BY_PROBLEM, TYPE_BASE, Problem
+from serve.quotas import Decision, Limits
 from tests.helpers import photo, png_bytes
 
 GENERATOR = Path(sys.executable).parent / "openapi-python-client"
@@ -79,7 +80,7 @@ def test_problem_component_lists_every_type_and_matches_what_the_service_writes(
 def test_remove_documents_its_headers_and_media_types(schema):
     responses = schema["paths"]["/remove"]["post"]["responses"]
     ok = responses["200"]
-    assert set(ok["headers"]) == {"X-Request-Id", *openapi.REMOVE_HEADERS}
+    assert set(ok["headers"]) == {"X-Request-Id", *openapi.REMOVE_HEADERS, *openapi.QUOTA_HEADERS}
     assert {"X-Seed", "X-Removal-Score", "X-Result-Id", "X-Bucket", "X-Attempts", "X-Gate", "X-Batch-Size",
             "Server-Timing"} <= set(ok["headers"])  # fmt: skip
     assert set(ok["content"]) == {*imaging.MEDIA_TYPES.values(), "application/json"}
@@ -93,6 +94,21 @@ def test_remove_documents_its_headers_and_media_types(schema):
     }
     score_ok = schema["paths"]["/score"]["post"]["responses"]["200"]
     assert score_ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ScoreReply"}
+
+
+def test_metered_routes_document_the_ratelimit_fields_where_the_quota_counted(schema):
+    """A key with a quota gets them on every answer past its key check (serve/quotas.py), so not on 401 / 403."""
+    fields = set(Decision("k", Limits(5, 2, 60.0)).headers())
+    assert fields == {"RateLimit", "RateLimit-Policy"}
+    for path in ("/remove", "/score"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert {"200", "422", "429", "503"} <= set(responses), path
+        for status, response in responses.items():
+            assert (fields <= set(response["headers"])) == (status not in ("401", "403")), (path, status)
+    for name, operation in _operations(schema):
+        if name not in ("POST /remove", "POST /score"):
+            assert not any(fields & set(r.get("headers", {})) for r in operation["responses"].values()), name
+    assert set(openapi.QUOTA_HEADERS) == fields
 
 
 def _keys(node) -> set[str]:
