@@ -7,6 +7,7 @@ import pytest
 
 from serve.grpc_api import status_code
 from serve.problems import KIND_BY_SLUG, KINDS, STATUS_BY_PROBLEM, TITLES, TYPE_BASE, Problem
+from tests.helpers import REPO
 
 
 def test_every_slug_is_listed_once():
@@ -44,3 +45,22 @@ def test_the_views_are_derived_and_read_only():
 def test_an_unknown_slug_is_refused():
     with pytest.raises(KeyError):
         Problem("no-such-kind", "detail").body()
+
+
+def grpc_code_table() -> str:
+    """The gRPC section's table in docs/api.md: each status code and the problems answered with it, from KINDS."""
+    slugs_by_code: dict[str, list[str]] = {}
+    for kind in KINDS:
+        slugs_by_code.setdefault(kind.grpc_code, []).append(f"`{kind.slug}`")
+    rows = ["| gRPC status code | problems |", "|---|---|"]
+    rows += [f"| `{code}` | {', '.join(slugs)} |" for code, slugs in slugs_by_code.items()]
+    return "\n".join(rows) + "\n"
+
+
+def test_the_api_doc_shows_each_problems_grpc_code():
+    grpc_section = (REPO / "docs" / "api.md").read_text().split("\n## gRPC\n", 1)[1].split("\n## ", 1)[0]
+    assert grpc_code_table() in grpc_section, "regenerate it: python -m tests.test_problems"
+
+
+if __name__ == "__main__":
+    print(grpc_code_table(), end="")
