@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -150,6 +152,44 @@ def chromium_missing() -> bool:
     except ImportError:
         return True
     return shutil.which(CHROMIUM) is None
+
+
+# A made-up origin for a page tested without a Serve: the test answers every request to it (page.route), so a
+# page test needs no Ray and no model
+PAGE_ORIGIN = "http://rorem.test"
+
+
+@contextmanager
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def answer_offline(page, pages: dict[str, tuple[str, dict[str, str]]], api) -> None:
+    """Serve `pages` (path -> html, headers: the page's own policy applies) at PAGE_ORIGIN; every other request
+    to it goes to `api(route, path)`."""
+
+    def answer(route):
+        path = urlsplit(route.request.url).path
+        if path in pages:
+            html, headers = pages[path]
+            route.fulfill(status=200, headers={**headers, "Content-Type": "text/html; charset=utf-8"}, body=html)
+        else:
+            api(route, path)
+
+    page.route(PAGE_ORIGIN + "/**", answer)
+
+
+def fulfill_problem(route, problem) -> None:
+    """Answer with a serve.problems.Problem as the service writes it."""
+    headers = {**problem.headers, "Content-Type": PROBLEM}
+    route.fulfill(status=problem.status, headers=headers, body=json.dumps(problem.body()))
 
 
 # --- the local Serve ----------------------------------------------------------------------------

@@ -13,7 +13,17 @@ import pytest
 
 from serve import rorem_pb2 as pb
 from serve.grpc_client import open_channel, stub
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, photo, png_bytes
+from serve.problems import Problem
+from tests.helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PAGE_ORIGIN,
+    answer_offline,
+    chromium,
+    fulfill_problem,
+    photo,
+    png_bytes,
+)
 from tests.helpers import assert_problem as _assert_problem
 from tests.helpers import box_mask as _mask
 from tests.helpers import chromium_missing as _chromium_missing
@@ -203,6 +213,52 @@ def test_annotation_page_passes_over_results_whose_images_are_gone_and_stops(ser
             assert asked["queue"] <= 3, f"asked for the queue {asked['queue']} times"
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
+    """Offline (the test answers the page's requests): a wrong key, then the right one typed into the box."""
+    from serve.retention.keeper import annotation_page
+
+    good = "rk_the_right_key"
+    item = {
+        "id": "a" * 32, "score": 0.4, "uncertainty": 0.1, "threshold": 0.5,
+        "links": {kind: f"/results/{'a' * 32}/{kind}" for kind in ("source", "mask", "result")},
+    }  # fmt: skip
+    queue = {"items": [item], "unlabelled": 1}
+
+    def api(route, path):
+        if route.request.headers.get("x-api-key") != good:
+            fulfill_problem(route, Problem("unauthorized", "the API key is not valid"))
+        elif path == "/annotation/queue":
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(queue))
+        elif path == "/feedback":
+            queue["items"], queue["unlabelled"] = [], 0
+            route.fulfill(status=201, content_type="application/json", body="{}")
+        else:  # the item's images
+            route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
+
+    with chromium() as browser:
+        page = browser.new_page()
+        answer_offline(page, {"/annotate": annotation_page()}, api)
+        page.goto(PAGE_ORIGIN + "/annotate")
+        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+        assert "API key" in page.inner_text("#status")
+
+        page.fill("#api-key", good)
+        page.locator("#api-key").blur()  # a typed key is taken on change
+        page.wait_for_selector("body[data-state=item]")
+        assert page.inner_text("#status") == "", "the wrong key's error is gone once an item shows"
+
+        page.fill("#api-key", "rk_wrong")
+        page.locator("#api-key").blur()  # a typed key is taken on change
+        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+        page.fill("#api-key", good)
+        page.locator("#api-key").blur()  # a typed key is taken on change
+        page.wait_for_function("() => !document.querySelector('#status').classList.contains('error')")
+        page.click("#yes")
+        page.wait_for_selector("body[data-state=done]")
+        assert page.inner_text("#status") == "Saved: yes.", "words that are not an error stay"
 
 
 def test_labels_export_and_the_discriminator_trains_on_them(service, tiny_layout, tmp_path):
