@@ -225,7 +225,8 @@ class Ingress(GrpcMethods):
     @api.get("/playground", response_class=HTMLResponse, include_in_schema=False, dependencies=[auth.PUBLIC])
     async def playground(self) -> HTMLResponse:
         """Try a removal by hand: drop a photo, paint the mask, compare before / after (serve/playground.py)."""
-        return HTMLResponse(playground_page(self.settings.retention), headers=playground_headers())
+        html = playground_page(self.settings.retention, self.settings.imaging)
+        return HTMLResponse(html, headers=playground_headers())
 
     @api.get("/annotate", response_class=HTMLResponse, dependencies=[auth.PUBLIC])
     async def annotate(self) -> HTMLResponse:

@@ -10,20 +10,26 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from serve.config import RetentionSettings
+from engines.imaging import ACCEPTED_FORMATS
+from serve.config import ImagingSettings, RetentionSettings
 from serve.page_headers import strict_page_headers
 
 PLAYGROUND_PAGE = Path(__file__).parent / "static" / "playground.html"
-# the page reads whether (and by default) results are kept from its body; the file says "off"
+# The page reads the service's settings from its body: whether (and by default) results are kept, and which
+# photos the service takes, so it refuses others when they are opened rather than on Remove. The file says
+# "off" and leaves the others empty (unchecked).
 _RETENTION_MARK = 'data-retention="off"'
+_FORMATS_MARK = 'data-accepted-formats=""'
+_MEGAPIXELS_MARK = 'data-max-megapixels=""'
 RetentionMode = Literal["off", "ask", "always"]
 
 
 @lru_cache(maxsize=1)
 def _template() -> tuple[str, dict[str, str]]:
     html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
-    if html.count(_RETENTION_MARK) != 1:
-        raise ValueError(f"{PLAYGROUND_PAGE.name} must carry {_RETENTION_MARK} once")
+    for mark in (_RETENTION_MARK, _FORMATS_MARK, _MEGAPIXELS_MARK):
+        if html.count(mark) != 1:
+            raise ValueError(f"{PLAYGROUND_PAGE.name} must carry {mark} once")
     return html, strict_page_headers(html, PLAYGROUND_PAGE.name, img_src="blob:")  # the photo, shown before it is sent
 
 
@@ -34,13 +40,16 @@ def retention_mode(settings: RetentionSettings) -> RetentionMode:
     return "always" if settings.default_retain else "ask"
 
 
-@lru_cache(maxsize=3)
-def _page(mode: RetentionMode) -> str:
-    return _template()[0].replace(_RETENTION_MARK, f'data-retention="{mode}"')
+@lru_cache(maxsize=6)
+def _page(mode: RetentionMode, max_megapixels: float) -> str:
+    formats = " ".join(name.lower() for name in ACCEPTED_FORMATS)
+    html = _template()[0].replace(_RETENTION_MARK, f'data-retention="{mode}"')
+    html = html.replace(_FORMATS_MARK, f'data-accepted-formats="{formats}"')
+    return html.replace(_MEGAPIXELS_MARK, f'data-max-megapixels="{max_megapixels:g}"')
 
 
-def playground_page(retention: RetentionSettings) -> str:
-    return _page(retention_mode(retention))
+def playground_page(retention: RetentionSettings, imaging: ImagingSettings) -> str:
+    return _page(retention_mode(retention), imaging.max_megapixels)
 
 
 def playground_headers() -> dict[str, str]:

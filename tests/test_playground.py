@@ -1,23 +1,29 @@
-"""The playground page (serve/playground.py, serve/static/playground.html): its policy offline, then a
-person's session in headless Chromium against the local Serve: choose a photo larger than the view, paint
-with the mouse (brush, eraser, undo), Remove, compare, download, try another seed, rate the result, and
-errors told in words."""
+"""The playground page (serve/playground.py, serve/static/playground.html): its policy offline, the page in
+headless Chromium against a stand-in for the service (the test answers its requests; /remove decodes with the
+service's own engines.imaging), then a person's session against the local Serve: choose a photo larger than the
+view, paint with the mouse (brush, eraser, undo), Remove, compare, download, try another seed, rate the result,
+and errors told in words."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import re
+from email.parser import BytesParser
+from email.policy import HTTP
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from serve.config import RetentionSettings
+from engines import imaging
+from engines.errors import InputError
+from serve.config import ImagingSettings, RetentionSettings
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
+from serve.problems import Problem
 from serve.retention.keeper import ANNOTATION_PAGE
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, png_bytes
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, PAGE_ORIGIN, answer_offline, encoded, fulfill_problem, png_bytes
 from tests.helpers import chromium_missing as _chromium_missing
 
 needs_chromium = pytest.mark.skipif(
@@ -76,9 +82,109 @@ def test_the_playground_keeps_its_hashed_script_in_every_retention_mode():
         "always": RetentionSettings(enabled=True, default_retain=True),
     }
     for mode, settings in modes.items():
-        page = playground_page(settings)
-        assert f'<body data-state="empty" data-retention="{mode}">' in page
+        page = playground_page(settings, ImagingSettings(max_megapixels=12.5))
+        assert f'<body data-state="empty" data-retention="{mode}" ' in page
+        assert 'data-accepted-formats="png jpeg webp gif bmp tiff" data-max-megapixels="12.5">' in page
         assert _inline("script", page) == _inline("script", html), "the served page keeps the hashed script"
+
+
+# ---- in the browser, against a stand-in for the service ----------------------------------------------
+
+
+class StandIn:
+    """The service's answers to the page, from the test's process. /remove reads the photo and the mask with
+    the service's own decoding (the photo upright by its EXIF orientation, the mask's size checked against it)
+    and answers the photo with the masked pixels black; a test sets what else it needs."""
+
+    def __init__(self):
+        self.masks: list[np.ndarray] = []  # each removal's mask, as the service reads it
+        self.remove_problem: Problem | None = None
+        self.feedback_problem: Problem | None = None
+        self.held: list = []  # removals left unanswered while `hold` is set
+        self.hold = False
+
+    def __call__(self, route, path: str) -> None:
+        if path == "/remove":
+            if self.hold:
+                self.held.append(route)
+            else:
+                self.remove(route)
+        elif path == "/feedback":
+            if self.feedback_problem is not None:
+                fulfill_problem(route, self.feedback_problem)
+            else:
+                route.fulfill(status=201, content_type="application/json", body="{}")
+        else:
+            fulfill_problem(route, Problem("not-found", f"no route {path}"))
+
+    def remove(self, route) -> None:
+        if self.remove_problem is not None:
+            fulfill_problem(route, self.remove_problem)
+            return
+        fields = _form_fields(route.request)
+        try:
+            photo = imaging.decode_image(fields["image"], imaging.DecodeLimits())
+            mask = imaging.decode_mask(fields["mask"], photo.rgb.shape[:2], imaging.DecodeLimits())
+        except InputError as error:
+            fulfill_problem(route, Problem.from_input_error(error))
+            return
+        self.masks.append(mask)
+        result = photo.rgb.copy()
+        result[mask] = 0
+        headers = {"X-Seed": "7", "X-Removal-Score": "0.900", "X-Gate": "passed"}
+        if fields.get("retain") == b"true":
+            headers["X-Result-Id"] = "b" * 32
+        route.fulfill(status=200, headers={**headers, "Content-Type": "image/png"}, body=png_bytes(result))
+
+
+def _form_fields(request) -> dict[str, bytes]:
+    """A multipart/form-data body by field name."""
+    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + request.post_data_buffer)
+    parts = message.iter_parts()
+    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in parts}
+
+
+def _open_offline(browser, stand_in: StandIn, imaging_settings: ImagingSettings | None = None):
+    """The playground as the service serves it (results kept when asked), its API answered by `stand_in`."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    html = playground_page(RetentionSettings(enabled=True), imaging_settings or ImagingSettings())
+    answer_offline(page, {"/playground": (html, playground_headers())}, stand_in)
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.goto(PAGE_ORIGIN + "/playground")
+    page.wait_for_selector("body[data-state=empty]")
+    return page, problems
+
+
+def _error_says(page, expected: str) -> str:
+    page.wait_for_function(
+        "text => { const s = document.querySelector('#status');"
+        " return s.classList.contains('error') && s.textContent.includes(text); }",
+        arg=expected,
+        timeout=10_000,
+    )
+    return page.inner_text("#status")
+
+
+@needs_chromium
+def test_a_photo_the_service_would_refuse_is_refused_when_opened(browser):
+    # the page's limits are the service's settings, written into the page by the server
+    page, problems = _open_offline(browser, StandIn(), ImagingSettings(max_megapixels=0.05))
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="300" height="200" fill="teal"/></svg>'
+    icon = encoded(Image.new("RGB", (32, 32), "teal"), "ICO")
+    for name, data, mime in [("drawing.svg", svg, "image/svg+xml"), ("icon.ico", icon, "image/x-icon")]:
+        _choose(page, name, data, mime)
+        said = _error_says(page, f'"{name}" ({mime}) is not a format the service accepts')
+        assert "(PNG, JPEG, WEBP, GIF, BMP, TIFF)" in said
+        assert page.get_attribute("body", "data-state") == "empty", "nothing to paint"
+
+    _choose(page, "wide.png", png_bytes(_big_photo(300, 200)), "image/png")  # 0.06 megapixels
+    _error_says(page, '"wide.png" is 300 × 200 px (0.1 megapixels); the service takes photos of up to 0.05 megapixels')
+    assert page.get_attribute("body", "data-state") == "empty"
+    _choose(page, "named.gif", png_bytes(_big_photo(250, 200)), "image/gif")  # a PNG, whatever its name says
+    page.wait_for_selector("body[data-state=editing]")
+    assert problems == [], problems
 
 
 # ---- in the browser, against the service ---------------------------------------------------------
@@ -265,9 +371,15 @@ def test_mistakes_and_refusals_are_told_in_words(service, browser):
     status('"notes.txt" is not a photo this browser can open')
     assert page.get_attribute("body", "data-state") == "empty"
 
-    # the browser shows an SVG, the service takes raster photos only: its refusal reaches the person
+    # the browser shows an SVG, the service takes raster photos only: the page says so before any painting
     svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="300" height="200" fill="teal"/></svg>'
     _choose(page, "drawing.svg", svg, "image/svg+xml")
+    status('"drawing.svg" (image/svg+xml) is not a format the service accepts')
+    assert page.get_attribute("body", "data-state") == "empty"
+
+    # a photo past the test service's upload limit (6 MB): the service's refusal reaches the person
+    noise = np.random.default_rng(0).integers(0, 256, (1400, 1500, 3), dtype=np.uint8)
+    _choose(page, "noise.png", png_bytes(noise), "image/png")
     page.wait_for_selector("body[data-state=editing]")
     page.click("#remove")
     status("Nothing is painted yet")
@@ -278,8 +390,8 @@ def test_mistakes_and_refusals_are_told_in_words(service, browser):
     status("The seed must be a whole number")
     page.fill("#seed", "")
     page.click("#remove")
-    refused = status("The removal failed (422): The image cannot be decoded")  # the service's own words
-    assert "accepted formats" in refused, refused
+    refused = status("The removal failed (413): ")
+    assert "the limit is" in refused and "larger than this service accepts" in refused, refused  # its own words
 
     # a wrong key where the service asks for one: the answer is replayed here, the service runs without keys
     page.route(
