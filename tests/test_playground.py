@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import re
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -184,6 +185,49 @@ def test_a_photo_the_service_would_refuse_is_refused_when_opened(browser):
     assert page.get_attribute("body", "data-state") == "empty"
     _choose(page, "named.gif", png_bytes(_big_photo(250, 200)), "image/gif")  # a PNG, whatever its name says
     page.wait_for_selector("body[data-state=editing]")
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_service_reads_it(browser):
+    """The service turns every photo upright by its EXIF orientation; Chromium shows a WebP as stored. The page
+    turns it: the mask it sends must be the upright size, painted where the person painted on the upright view."""
+    from PIL import ImageOps
+
+    stored = Image.new("RGB", (240, 120))
+    for (x, y), colour in zip([(0, 0), (120, 0), (0, 60), (120, 60)], ["red", "lime", "blue", "yellow"]):
+        stored.paste(colour, (x, y, x + 120, y + 60))  # one colour a quadrant: each orientation shows them apart
+    quarters = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = encoded(stored, "WEBP", lossless=True, exif=exif.tobytes())
+        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        _choose(page, f"turned{orientation}.webp", data, "image/webp")
+        page.wait_for_function(
+            "name => document.querySelector('#photo-info').textContent.startsWith(name)", arg=f"turned{orientation}.webp"
+        )
+        assert f"{upright.width} × {upright.height} px" in page.inner_text("#photo-info")
+        shown = page.locator("#photo").evaluate(
+            "(c, quarters) => quarters.map(([fx, fy]) => Array.from("
+            "c.getContext('2d').getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data).slice(0, 3))",
+            quarters,
+        )
+        expected = [list(upright.getpixel((int(fx * upright.width), int(fy * upright.height)))) for fx, fy in quarters]
+        assert shown == expected, f"orientation {orientation}: the photo is shown upright"
+
+        _stroke(page, page.locator("#mask").bounding_box(), [(0.1, 0.15), (0.3, 0.15)])
+        count = int(page.get_attribute("#outcome", "data-count"))
+        page.click("#remove")
+        page.wait_for_selector(f"#outcome[data-count='{count + 1}']", timeout=10_000)
+        mask = stand_in.masks[-1]
+        assert mask.shape == (upright.height, upright.width), "the service read the mask (upright size)"
+        rows, cols = np.nonzero(mask)
+        assert rows.max() < 0.5 * upright.height and cols.max() < 0.5 * upright.width, (
+            f"orientation {orientation}: the mask is where the stroke was, on the upright photo"
+        )
     assert problems == [], problems
 
 
