@@ -99,6 +99,7 @@ class StandIn:
 
     def __init__(self):
         self.masks: list[np.ndarray] = []  # each removal's mask, as the service reads it
+        self.mask_files: list[bytes] = []  # and as the page sent it
         self.remove_problem: Problem | None = None
         self.feedback_problem: Problem | None = None
         self.held: list = []  # removals left unanswered while `hold` is set
@@ -130,6 +131,7 @@ class StandIn:
             fulfill_problem(route, Problem.from_input_error(error))
             return
         self.masks.append(mask)
+        self.mask_files.append(fields["mask"])
         result = photo.rgb.copy()
         result[mask] = 0
         headers = {"X-Seed": "7", "X-Removal-Score": "0.900", "X-Gate": "passed"}
@@ -228,6 +230,27 @@ def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_ser
         assert rows.max() < 0.5 * upright.height and cols.max() < 0.5 * upright.width, (
             f"orientation {orientation}: the mask is where the stroke was, on the upright photo"
         )
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_visible_stroke_on_a_tiny_photo_is_painted_in_the_mask_the_service_reads(browser):
+    """An 8 x 8 photo is shown about 75 times enlarged: the default brush (40 CSS px) is half an image pixel, its
+    stroke anti-aliased to alpha the service reads as unpainted (> 127 is painted)."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _choose(page, "tiny.png", png_bytes(_big_photo(8, 8)), "image/png")
+    page.wait_for_selector("body[data-state=editing]")
+    box = page.locator("#mask").bounding_box()
+    assert box["width"] > 400, "greatly enlarged"
+    _stroke(page, box, [(0.3, 0.45), (0.7, 0.45)])
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    sent = np.asarray(Image.open(io.BytesIO(stand_in.mask_files[-1])).convert("RGBA"))
+    assert set(np.unique(sent[..., 3])) <= {0, 255}, "each pixel painted or clear: no partial alpha"
+    painted = stand_in.masks[-1]
+    assert painted[3:5, 3:5].all() and painted.sum() <= 8 * 3, "the stroke, at least 2 image pixels wide"
+    assert not painted[:2].any() and not painted[6:].any()
     assert problems == [], problems
 
 
