@@ -51,7 +51,8 @@ KINDS = (
     Kind("forbidden", 403, "The API key does not allow this", "PERMISSION_DENIED"),
     Kind("host-not-allowed", 403, "This host name is not served here", "PERMISSION_DENIED"),
     Kind("cross-site-request", 403, "Requests from other sites are refused", "PERMISSION_DENIED"),
-    Kind("too-many-requests", 429, "Too many requests in progress; retry later", "RESOURCE_EXHAUSTED"),
+    # a busy replica's refusal, or a key's quota (its problem names the quota)
+    Kind("too-many-requests", 429, "Too many requests; retry later", "RESOURCE_EXHAUSTED"),
     Kind("overloaded", 503, "The service is overloaded; retry later", "UNAVAILABLE"),
     Kind("replica-failed", 503, "A model replica failed while answering; retry later", "UNAVAILABLE"),
     Kind("not-ready", 503, "The model is not loaded yet", "UNAVAILABLE"),

@@ -23,6 +23,7 @@ from engines.errors import InputError
 from serve.config import ImagingSettings, RetentionSettings
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
 from serve.problems import Problem
+from serve.quotas import CONCURRENCY, RATE
 from serve.retention.keeper import ANNOTATION_PAGE
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, PAGE_ORIGIN, answer_offline, encoded, fulfill_problem, png_bytes
 from tests.helpers import chromium_missing as _chromium_missing
@@ -174,7 +175,7 @@ def _error_says(page, expected: str) -> str:
 def test_a_photo_the_service_would_refuse_is_refused_when_opened(browser):
     # the page's limits are the service's settings, written into the page by the server
     page, problems = _open_offline(browser, StandIn(), ImagingSettings(max_megapixels=0.05))
-    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="300" height="200" fill="teal"/></svg>'
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="300" height="200"/></svg>'
     icon = encoded(Image.new("RGB", (32, 32), "teal"), "ICO")
     for name, data, mime in [("drawing.svg", svg, "image/svg+xml"), ("icon.ico", icon, "image/x-icon")]:
         _choose(page, name, data, mime)
@@ -209,12 +210,13 @@ def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_ser
         upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
         _choose(page, f"turned{orientation}.webp", data, "image/webp")
         page.wait_for_function(
-            "name => document.querySelector('#photo-info').textContent.startsWith(name)", arg=f"turned{orientation}.webp"
+            "name => document.querySelector('#photo-info').textContent.startsWith(name)",
+            arg=f"turned{orientation}.webp",
         )
         assert f"{upright.width} × {upright.height} px" in page.inner_text("#photo-info")
         shown = page.locator("#photo").evaluate(
-            "(c, quarters) => quarters.map(([fx, fy]) => Array.from("
-            "c.getContext('2d').getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data).slice(0, 3))",
+            "(c, quarters) => quarters.map(([fx, fy]) => Array.from(c.getContext('2d')"
+            ".getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data).slice(0, 3))",
             quarters,
         )
         expected = [list(upright.getpixel((int(fx * upright.width), int(fy * upright.height)))) for fx, fy in quarters]
@@ -251,6 +253,28 @@ def test_a_visible_stroke_on_a_tiny_photo_is_painted_in_the_mask_the_service_rea
     painted = stand_in.masks[-1]
     assert painted[3:5, 3:5].all() and painted.sum() <= 8 * 3, "the stroke, at least 2 image pixels wide"
     assert not painted[:2].any() and not painted[6:].any()
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _choose(page, "photo.png", png_bytes(_big_photo(320, 240)), "image/png")
+    page.wait_for_selector("body[data-state=editing]")
+    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+    refusals = [
+        (RATE, "42", "this key's quota is used up; back in 42 s."),
+        (CONCURRENCY, "1", "this key has as many requests in progress as it may; try again in 1 s."),
+        (None, "3", "the service is busy; try again in 3 s."),  # the replica's admission names no quota
+    ]
+    for quota, retry_after, hint in refusals:
+        fields = {"quota": quota} if quota else {}
+        headers = {"Retry-After": retry_after}
+        stand_in.remove_problem = Problem("too-many-requests", "refused", headers=headers, **fields)
+        page.click("#remove")
+        said = _error_says(page, f"The removal failed (429): Too many requests; retry later: refused. {hint}")
+        assert said.endswith(hint), said
     assert problems == [], problems
 
 
