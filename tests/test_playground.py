@@ -278,6 +278,28 @@ def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
     assert problems == [], problems
 
 
+@needs_chromium
+def test_a_photo_opened_during_a_removal_is_told_to_wait(browser):
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _choose(page, "first.png", png_bytes(_big_photo(320, 240)), "image/png")
+    page.wait_for_selector("body[data-state=editing]")
+    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+    stand_in.hold = True
+    page.click("#remove")
+    page.wait_for_selector("body[data-busy=yes]")
+    _choose(page, "second.png", png_bytes(_big_photo(160, 120)), "image/png")
+    _error_says(page, 'Wait for the removal to finish, then open "second.png" again.')
+    assert page.inner_text("#photo-info").startswith("first.png")
+    assert page.get_attribute("#other", "aria-disabled") == "true", "'Other photo' looks unavailable"
+
+    stand_in.hold = False
+    stand_in.remove(stand_in.held.pop())
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    assert page.get_attribute("#other", "aria-disabled") == "false"
+    assert problems == [], problems
+
+
 # ---- in the browser, against the service ---------------------------------------------------------
 
 
