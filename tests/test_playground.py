@@ -300,6 +300,31 @@ def test_a_photo_opened_during_a_removal_is_told_to_wait(browser):
     assert problems == [], problems
 
 
+@needs_chromium
+def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
+    stand_in = StandIn()
+    stand_in.feedback_problem = Problem("forbidden", "the API key lacks the 'feedback' scope")
+    page, problems = _open_offline(browser, stand_in)
+    page.fill("#api-key", "rk_remove_only")
+    _choose(page, "photo.png", png_bytes(_big_photo(320, 240)), "image/png")
+    page.wait_for_selector("body[data-state=editing]")
+    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+    page.check("#retain")
+    page.click("#remove")
+    page.wait_for_selector("#rate:not([hidden])", timeout=10_000)
+    page.click("#yes")
+    _error_says(page, "This API key cannot rate results")
+    assert page.is_hidden("#rate"), "no Yes / No that cannot work"
+    page.click("#another")
+    page.wait_for_selector("#outcome[data-count='2']", timeout=10_000)
+    assert page.is_hidden("#rate"), "nor for the key's next result"
+    page.fill("#api-key", "rk_another")
+    page.click("#another")
+    page.wait_for_selector("#outcome[data-count='3']", timeout=10_000)
+    assert page.is_visible("#rate"), "another key may rate"
+    assert problems == [], problems
+
+
 # ---- in the browser, against the service ---------------------------------------------------------
 
 
