@@ -109,15 +109,20 @@ SWAGGER_UI_FILES = {
 
 
 def docs_page(request: Request) -> HTMLResponse:
-    """Swagger UI over this app's OpenAPI (under its route_prefix)."""
-    openapi_url = json.dumps(root_path(request) + api.openapi_url)
+    """Swagger UI over this app's OpenAPI (under its route_prefix). Until it loads (or without the CDN), its
+    box says where else the API is described."""
+    openapi_path = root_path(request) + api.openapi_url
+    openapi_url = json.dumps(openapi_path)
     js, css = (f"{SWAGGER_UI}/{name}" for name in SWAGGER_UI_FILES)
     js_hash, css_hash = SWAGGER_UI_FILES.values()
     return HTMLResponse(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
         f"{html.escape(api.title)} - API</title>\n"
         f'<link rel="stylesheet" href="{css}" integrity="{css_hash}" crossorigin="anonymous">\n'
-        '</head><body><div id="swagger-ui"></div>\n'
+        '</head><body><div id="swagger-ui">\n'
+        f"<p>The interactive API reference (Swagger UI) loads from {SWAGGER_UI.split('/')[2]}; if it does not show, "
+        f'the API is described in <a href="{html.escape(openapi_path)}">the OpenAPI document</a> and in '
+        "docs/api.md in the service's repository.</p></div>\n"
         f'<script src="{js}" integrity="{js_hash}" crossorigin="anonymous"></script>\n'
         f"<script>SwaggerUIBundle({{url: {openapi_url}, dom_id: '#swagger-ui', deepLinking: true}});</script>\n"
         "</body></html>\n",

@@ -12,6 +12,7 @@ import yaml
 from serve.auth import AccessPolicy, ApiKeys, api_routes, check_routes, declared_rule, new_key_entry, presented_key
 from serve.config import AppSettings
 from serve.problems import Problem
+from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, chromium_missing
 
 
 def _keys_file(tmp_path, *entries):
@@ -238,6 +239,24 @@ def test_the_docs_page_loads_a_pinned_swagger_ui_under_subresource_integrity():
     assert 'url: "/api/v1/openapi.json"' in page, "the OpenAPI under the app's route_prefix"
     headers = docs_page(Request({"type": "http", "root_path": "", "headers": []})).headers
     assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.skipif(chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_the_docs_page_without_the_cdn_says_where_the_api_is_described():
+    from starlette.requests import Request
+
+    from serve.rest_api import DOCS_PAGE_HEADERS, SWAGGER_UI, docs_page
+
+    answer = docs_page(Request({"type": "http", "root_path": "/api/v1", "headers": []}))
+    with chromium() as browser:
+        page = browser.new_page()
+        page.route(SWAGGER_UI + "/**", lambda route: route.abort("internetdisconnected"))
+        html = (answer.body.decode(), DOCS_PAGE_HEADERS)
+        answer_offline(page, {"/api/v1/docs": html}, lambda route, path: route.abort())
+        page.goto(PAGE_ORIGIN + "/api/v1/docs")
+        said = page.inner_text("#swagger-ui")
+        assert "loads from cdn.jsdelivr.net" in said and "docs/api.md" in said, said
+        assert page.get_attribute("#swagger-ui a", "href") == "/api/v1/openapi.json"
 
 
 def test_the_docs_page_can_send_a_key_to_every_route_that_needs_one():
