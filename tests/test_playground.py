@@ -25,7 +25,7 @@ from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_pag
 from serve.problems import Problem
 from serve.quotas import CONCURRENCY, RATE
 from serve.retention.keeper import ANNOTATION_PAGE
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, PAGE_ORIGIN, answer_offline, encoded, fulfill_problem, png_bytes
+from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, encoded, fulfill_problem, png_bytes
 from tests.helpers import chromium_missing as _chromium_missing
 
 needs_chromium = pytest.mark.skipif(
@@ -161,6 +161,13 @@ def _open_offline(browser, stand_in: StandIn, imaging_settings: ImagingSettings 
     return page, problems
 
 
+def _open_and_paint(page, name: str) -> None:
+    """A 320 x 240 photo opened and a stroke painted across it: ready for Remove."""
+    _choose(page, name, png_bytes(_big_photo(320, 240)), "image/png")
+    page.wait_for_selector("body[data-state=editing]")
+    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+
+
 def _error_says(page, expected: str) -> str:
     page.wait_for_function(
         "text => { const s = document.querySelector('#status');"
@@ -260,9 +267,7 @@ def test_a_visible_stroke_on_a_tiny_photo_is_painted_in_the_mask_the_service_rea
 def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
-    _choose(page, "photo.png", png_bytes(_big_photo(320, 240)), "image/png")
-    page.wait_for_selector("body[data-state=editing]")
-    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+    _open_and_paint(page, "photo.png")
     refusals = [
         (RATE, "42", "this key's quota is used up; back in 42 s."),
         (CONCURRENCY, "1", "this key has as many requests in progress as it may; try again in 1 s."),
@@ -282,9 +287,7 @@ def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
 def test_a_photo_opened_during_a_removal_is_told_to_wait(browser):
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
-    _choose(page, "first.png", png_bytes(_big_photo(320, 240)), "image/png")
-    page.wait_for_selector("body[data-state=editing]")
-    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+    _open_and_paint(page, "first.png")
     stand_in.hold = True
     page.click("#remove")
     page.wait_for_selector("body[data-busy=yes]")
@@ -306,9 +309,7 @@ def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     stand_in.feedback_problem = Problem("forbidden", "the API key lacks the 'feedback' scope")
     page, problems = _open_offline(browser, stand_in)
     page.fill("#api-key", "rk_remove_only")
-    _choose(page, "photo.png", png_bytes(_big_photo(320, 240)), "image/png")
-    page.wait_for_selector("body[data-state=editing]")
-    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+    _open_and_paint(page, "photo.png")
     page.check("#retain")
     page.click("#remove")
     page.wait_for_selector("#rate:not([hidden])", timeout=10_000)
@@ -392,14 +393,8 @@ def _choose(page, name: str, data: bytes, mime: str) -> None:
 
 @pytest.fixture
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with chromium() as launched:
+        yield launched
 
 
 def test_the_front_page_is_the_public_playground_with_its_policy(service):
