@@ -163,18 +163,25 @@ def _trickle(url: str, key: str, answers: list, stop: threading.Event) -> None:
             "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n".encode()
         )
         conn.settimeout(0.5)
-        reply = b""
+        reply, sending = b"", True
         while not stop.is_set() and time.monotonic() - started < 30:
+            if sending and not reply:  # once the answer starts, more bytes would only make the server reset
+                try:
+                    conn.sendall(b"--x")
+                except OSError:  # the server answered and closed its side: what it sent is still to be read
+                    sending = False
             try:
-                conn.sendall(b"--x")
-                reply += conn.recv(65536)
-                head, _, body = reply.partition(b"\r\n\r\n")
-                length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
-                if length and len(body) >= int(length.group(1)):
-                    break
+                chunk = conn.recv(65536)
             except (socket.timeout, TimeoutError):
                 continue
-            except OSError:  # the server closed the connection
+            except OSError:  # reset: nothing more will come
+                break
+            if not chunk:
+                break
+            reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+            if length and len(body) >= int(length.group(1)):
                 break
     status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1") else None
     answers.append((status, time.monotonic() - started, reply))
