@@ -132,8 +132,8 @@ def vae_dtype_for(unet_dtype: torch.dtype, device: torch.device, force_upcast: b
 
 def configure_cuda_backends() -> None:
     """Made deliberately: cuDNN benchmarks convolution algorithms once per shape (the shapes are the
-    fixed buckets, warmed at start); fp32 stays true fp32 (TF32 off): an fp32 run is the accuracy
-    reference, bf16 is the fast path."""
+    buckets x padded batch sizes, all run at start: RemovalEngine.warm_up); fp32 stays true fp32 (TF32
+    off): an fp32 run is the accuracy reference, bf16 is the fast path."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -176,7 +176,7 @@ class RemovalEngine:
             from engines.graphs import StageGraphs
 
             self.graphs = StageGraphs(self)
-        self.compiled_batch_sizes: dict[int, list[int]] = {}  # side -> warmed sizes, when the UNet is compiled
+        self.warmed_batch_sizes: dict[int, list[int]] = {}  # side -> the sizes warmed, when batches are padded
         self._lock = threading.Lock()  # the graphs' static buffers serve one batch at a time
 
     @classmethod
@@ -252,8 +252,8 @@ class RemovalEngine:
         side = jobs[0].image.shape[0]
         self.check_side(side, jobs[0].image.shape[1])
         wanted = len(jobs)
-        if self.graphs is None and side in self.compiled_batch_sizes:  # a compiled UNet runs only warmed shapes
-            fits = [b for b in self.compiled_batch_sizes[side] if b >= wanted]
+        if self.graphs is None and side in self.warmed_batch_sizes:  # runs only warmed shapes (pads_batches)
+            fits = [b for b in self.warmed_batch_sizes[side] if b >= wanted]
             jobs = jobs + [_blank_job(side)] * ((min(fits) if fits else wanted) - wanted)
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
         noise = SamplingNoise.draw(generators, self.latent_shape(side, side), self.schedule)
@@ -385,26 +385,35 @@ class RemovalEngine:
 
     def warm_up(self, max_batch_sizes: dict[int, int]) -> dict:
         """Run (and with graphs, capture) every shape requests can take, so none pays for it later.
-        `max_batch_sizes`: crop side -> its largest batch. With graphs or torch.compile each side runs
-        at every padded batch size up to its largest; else batch 1 per side (allocator, cuDNN)."""
+        `max_batch_sizes`: crop side -> its largest batch. Where batches are padded (`pads_batches`) each
+        side runs at every padded batch size up to its largest, and requests are padded to those; else
+        batch 1 per side (the allocator's first blocks)."""
         started = time.perf_counter()
+        pads = pads_batches(self.device, self.runner)
+        sizes = {side: padded_batch_sizes(largest) if pads else [1] for side, largest in max_batch_sizes.items()}
         shapes = []
         report = {"capture_s": {}}
-        for side, max_batch_size in sorted(max_batch_sizes.items(), reverse=True):
-            batches = padded_batch_sizes(max_batch_size)
+        for side, batches in sorted(sizes.items(), reverse=True):
             if self.graphs is not None:
                 report["capture_s"].update(self.graphs.capture([side], batches)["capture_s"])
             else:
-                if not getattr(self.runner, "compiled", False):
-                    batches = [1]
-                elif len(batches) > 1:
-                    self.compiled_batch_sizes[side] = batches
+                if pads:
+                    self.warmed_batch_sizes[side] = batches
                 for batch in batches:
                     self.remove([_blank_job(side)] * batch)
             shapes += [[side, b] for b in batches]
         report["shapes"] = sorted(shapes)
         report["seconds"] = round(time.perf_counter() - started, 2)
         return report
+
+
+def pads_batches(device: torch.device, runner: UNetRunner) -> bool:
+    """Whether a side runs only at its padded batch sizes, all warmed at start. On CUDA, whatever the runner:
+    each new shape costs a set-up there (cuDNN's algorithm search, as configure_cuda_backends asks; a
+    TensorRT context and its CUDA graph; ONNX Runtime's allocations), which must not land in a request.
+    On the CPU only for a compiled UNet (a compilation per shape): eager torch and ONNX Runtime have no
+    per-shape set-up there, and padding would cost compute (a batch of 5 running as 8)."""
+    return device.type == "cuda" or getattr(runner, "compiled", False)
 
 
 def padded_batch_sizes(max_batch_size: int) -> list[int]:

@@ -147,7 +147,8 @@ class EngineSettings(_Strict):
     cuda_graph: bool = Field(
         True,
         description="on CUDA: capture every (bucket, padded batch size) at start and replay it (torch runner: "
-        "encode, denoise and decode stages; tensorrt: each UNet shape); no effect on the CPU or with the onnx runner",
+        "encode, denoise and decode stages; tensorrt: each UNet shape); no effect on the CPU or with the onnx runner. "
+        "Either way, on CUDA every runner runs each of those shapes at start and pads a batch to one of them",
     )
     export_missing: bool = Field(
         False,

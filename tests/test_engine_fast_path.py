@@ -5,6 +5,9 @@ The CPU tests run everywhere; the `gpu` ones need CUDA (they run on the benchmar
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engines.jobs import RemovalJob
 from engines.lcm import LCMSchedule
 from engines.remover import RemovalEngine, SamplingNoise, padded_batch_sizes
+from engines.runners import UNET_INPUTS, UNET_OUTPUT, TensorRTUNetRunner, _Slot
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,6 +45,48 @@ def _jobs(batch: int, side: int = 64, seed0: int = 0) -> list[RemovalJob]:
         mask[side // 4 : 3 * side // 4, side // 3 : 2 * side // 3] = True
         jobs.append(RemovalJob(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), mask, seed=seed0 + i))
     return jobs
+
+
+def _stubbed_tensorrt_engine(plan_batch_sizes: dict[int, int], monkeypatch) -> RemovalEngine:
+    """An engine on the tiny VAE over the TensorRT runner's own code (__call__, profile choice, start-up check),
+    its profiles built by export.tensorrt_build for `plan_batch_sizes`; TensorRT and CUDA stubbed, on the CPU.
+    `engine.runner.made` lists the batch of each execution context (and CUDA graph) it sets up."""
+    from diffusers import AutoencoderKL, LCMScheduler
+
+    from engines.tiny import SDXL_SCHEDULER, TINY_UNET, TINY_VAE
+    from export.onnx_export import unet_input_dims
+    from export.tensorrt_build import profiles_from_serve_config
+
+    dims = unet_input_dims(TINY_UNET)
+    profiles = profiles_from_serve_config(
+        list(plan_batch_sizes), max(plan_batch_sizes.values()), in_channels=dims["in_channels"], embed_dim=dims["embed_dim"], pooled_dim=dims["pooled_dim"]
+    )
+    runner = object.__new__(TensorRTUNetRunner)
+    runner.device, runner.dtype, runner.cuda_graph = torch.device("cpu"), torch.float32, True
+    runner.dtypes = dict.fromkeys((*UNET_INPUTS, UNET_OUTPUT), torch.float32)
+    runner.path = Path("unet.fp16.sm90.plan")
+    runner.profiles = [profile.shapes for profile in profiles]
+    runner._slots, runner.made = {}, []
+
+    def make_slot(feeds):  # stands for a new execution context, its bindings and its CUDA graph capture
+        shapes = {name: tuple(t.shape) for name, t in feeds.items()}
+        profile = runner.profile_for(shapes)
+        runner.made.append(shapes["sample"][0])
+        batch, _, h, w = shapes["sample"]
+        context = SimpleNamespace(execute_async_v3=lambda stream: True)
+        bindings = {name: torch.empty(shape) for name, shape in shapes.items()}
+        runner._slots[tuple(shapes.values())] = _Slot(context, bindings, torch.zeros(batch, 4, h, w), profile)
+        return runner._slots[tuple(shapes.values())]
+
+    runner._make_slot = make_slot
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    return RemovalEngine(
+        vae=AutoencoderKL(**TINY_VAE).eval(),
+        unet_runner=runner,
+        scheduler=LCMScheduler(**SDXL_SCHEDULER),
+        prompt_embeds=torch.zeros(1, 77, dims["embed_dim"]),
+        pooled_prompt_embeds=torch.zeros(1, dims["pooled_dim"]),
+    )
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.99, 0.5])
@@ -238,3 +284,27 @@ def test_warm_up_runs_each_bucket_at_its_own_batch_sizes_when_compiled(tiny_bund
     seen.clear()
     engine.remove(_jobs(3, 64))
     assert seen == [(64, 4)], "a batch of 3 runs padded to the warmed 4"
+
+
+def test_on_cuda_every_runner_warms_every_padded_batch_size_and_requests_run_only_those(monkeypatch):
+    """A TensorRT runner sets up an execution context and a CUDA graph per new batch size (the torch VAE and UNet
+    a cuDNN algorithm search): on CUDA that all happens at start, whatever the runner, and never in a request.
+    The stubbed engine runs on the CPU; `pads_batches` is asked as for a CUDA device."""
+    import engines.remover
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    eager, compiled = SimpleNamespace(compiled=False), SimpleNamespace(compiled=True)
+    assert engines.remover.pads_batches(cuda, eager) and engines.remover.pads_batches(cuda, object())
+    assert not engines.remover.pads_batches(cpu, eager) and not engines.remover.pads_batches(cpu, object())
+    assert engines.remover.pads_batches(cpu, compiled), "on the CPU only a compiled UNet pads (a compile per shape)"
+
+    engine = _stubbed_tensorrt_engine({64: 8}, monkeypatch)
+    real = engines.remover.pads_batches
+    monkeypatch.setattr(engines.remover, "pads_batches", lambda device, runner: real(cuda, runner))
+    assert engine.warm_up({64: 8})["shapes"] == [[64, 1], [64, 2], [64, 4], [64, 8]]
+    assert engine.runner.made == [1, 2, 4, 8]
+    engine.runner.made.clear()
+    for size in (3, 5, 8, 2):
+        assert len(engine.remove(_jobs(size))) == size
+    assert engine.runner.made == [], "no context or graph set up inside a request"
+
