@@ -31,12 +31,15 @@ from engines.jobs import RemovalJob
 from engines.lcm import LCMSchedule
 from engines.runners import (
     EXPORT_DTYPES,
+    UNET_INPUTS,
     RunnerKind,
     TorchUNetRunner,
     UNetConditioning,
     UNetRunner,
     current_export,
     default_export_dtype,
+    export_command,
+    flat_inputs,
     make_unet_runner,
 )
 from engines.timing import StageClock
@@ -211,11 +214,12 @@ class RemovalEngine:
                 raise ValueError("the ONNX runner cannot replay CUDA graphs: ONNX Runtime synchronises on every run")
             if dtype is not None and dtype not in EXPORT_DTYPES.values():
                 raise ValueError(f"the {runner} runner runs float32 or float16 exports, not {dtype}")
-            sha256 = None
+            sha256 = rebuild = None
             if runner_path is None:
                 dtype = dtype or default_export_dtype(device)
                 export = current_export(bundle, runner, dtype)
                 runner_path, sha256 = export.path, export.sha256
+                rebuild = export_command(bundle, runner, dtype)
             unet_runner = make_unet_runner(
                 runner,
                 path=runner_path,
@@ -224,6 +228,7 @@ class RemovalEngine:
                 compile=compile,
                 cuda_graph=cuda_graph,
                 sha256=sha256,
+                rebuild=rebuild,
             )
         prompt_embeds, pooled = bundle.load_prompt_embeds()
         defaults = bundle.manifest.sampling
@@ -372,6 +377,14 @@ class RemovalEngine:
             time_ids=self._time_ids[key].expand(batch, -1),
         )
 
+    def unet_input_shapes(self, side: int, batch: int) -> dict[str, tuple[int, ...]]:
+        """What an exported UNet is fed for one batch of one crop side (flat_inputs on meta tensors: shapes only)."""
+        channels, h, w = self.latent_shape(side, side)
+        sample = torch.empty((batch, 2 * channels + 1, h, w), device="meta")  # latents, mask, masked latents
+        dtypes = dict.fromkeys(UNET_INPUTS, self.dtype)
+        feeds = flat_inputs(sample, self.timesteps[0], self.conditioning(batch, h, w), dtypes)
+        return {name: tuple(tensor.shape) for name, tensor in feeds.items()}
+
     def _vae_sample(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """VAE posterior sample with the job's pre-drawn noise, scaled, in the UNet's dtype."""
         if self.channels_last:
@@ -391,6 +404,9 @@ class RemovalEngine:
         started = time.perf_counter()
         pads = pads_batches(self.device, self.runner)
         sizes = {side: padded_batch_sizes(largest) if pads else [1] for side, largest in max_batch_sizes.items()}
+        check_holds = getattr(self.runner, "check_holds", None)  # a TensorRT plan runs only its profiles' shapes
+        if check_holds is not None:
+            check_holds([self.unet_input_shapes(side, batch) for side, batches in sizes.items() for batch in batches])
         shapes = []
         report = {"capture_s": {}}
         for side, batches in sorted(sizes.items(), reverse=True):

@@ -282,11 +282,14 @@ class TensorRTUNetRunner:
         device: str | torch.device = "cuda",
         cuda_graph: bool = False,
         sha256: str | None = None,
+        rebuild: str | None = None,
     ):
-        """`sha256`: what the plan's bytes must hash to (the bundle manifest's), checked on the bytes deserialized."""
+        """`sha256`: what the plan's bytes must hash to (the bundle manifest's), checked on the bytes deserialized;
+        `rebuild`: the command that builds it again, named when its profiles do not hold the service's shapes."""
         trt = import_tensorrt()
         self.trt = trt
         self.path = Path(plan_path)
+        self.rebuild = rebuild or f"python -m export tensorrt --onnx ONNX --plan {self.path} --config SERVE_CONFIG"
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError(f"the TensorRT runner needs a CUDA device, got {self.device}")
@@ -339,13 +342,24 @@ class TensorRTUNetRunner:
     def profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
         """Index of the first optimization profile whose [min, max] holds every input shape."""
         for index, profile in enumerate(self.profiles):
-            if all(
-                len(shapes[n]) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shapes[n], hi))
-                for n, (lo, _, hi) in profile.items()
-            ):
+            if _holds(profile, shapes):
                 return index
-        ranges = [{"sample": (p["sample"][0], p["sample"][2])} for p in self.profiles]
-        raise ValueError(f"no optimization profile of {self.path.name} holds sample {shapes['sample']}; profiles: {ranges}")
+        raise ValueError(
+            f"no optimization profile of {self.path.name} holds sample {shapes['sample']}; {self._ranges()}"
+        )
+
+    def check_holds(self, every_shapes: list[dict[str, tuple[int, ...]]]) -> None:
+        """Refuse at start the inputs no profile holds: a plan built for other buckets or smaller batches than the
+        Serve config's would fail those requests (profile_for), so the service does not start on it."""
+        missing = [shapes["sample"] for shapes in every_shapes if not any(_holds(p, shapes) for p in self.profiles)]
+        if missing:
+            raise ValueError(
+                f"no optimization profile of {self.path.name} holds sample {missing}, which the Serve config's buckets "
+                f"and batch sizes need; {self._ranges()}: rebuild the plan for this config: `{self.rebuild}`"
+            )
+
+    def _ranges(self) -> str:
+        return f"profiles: {[{'sample': (p['sample'][0], p['sample'][2])} for p in self.profiles]}"
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: UNetConditioning) -> torch.Tensor:
         feeds = flat_inputs(sample.to(self.device), timestep, cond, self.dtypes)
@@ -397,6 +411,14 @@ class TensorRTUNetRunner:
             context.execute_async_v3(side.cuda_stream)
         torch.cuda.current_stream(self.device).wait_stream(side)
         return graph
+
+
+def _holds(profile: dict[str, tuple], shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether an optimization profile's [min, max] holds every input shape."""
+    return all(
+        len(shapes[n]) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shapes[n], hi))
+        for n, (lo, _, hi) in profile.items()
+    )
 
 
 @dataclass
@@ -574,9 +596,10 @@ def make_unet_runner(
     cuda_graph: bool = False,
     providers: list | None = None,
     sha256: str | None = None,
+    rebuild: str | None = None,
 ) -> UNetRunner:
     """torch: `unet` (already in its dtype); onnx / tensorrt: the exported file at `path` (a plan's bytes
-    checked against `sha256` when given)."""
+    checked against `sha256` when given, and `rebuild` named when its profiles do not fit the service)."""
     device = torch.device(device)
     if kind == "torch":
         if unet is None:
@@ -589,7 +612,7 @@ def make_unet_runner(
     if kind == "onnx":
         return OnnxUNetRunner(path, device, dtype=dtype, providers=providers)
     if kind == "tensorrt":
-        runner = TensorRTUNetRunner(path, device, cuda_graph=cuda_graph, sha256=sha256)
+        runner = TensorRTUNetRunner(path, device, cuda_graph=cuda_graph, sha256=sha256, rebuild=rebuild)
         if dtype is not None and dtype != runner.dtype:
             raise ValueError(f"{path} is a {_dtype_name(runner.dtype)} plan, {_dtype_name(dtype)} was requested")
         return runner

@@ -31,7 +31,9 @@ def _bundle_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tiny", action="store_true", help="the tiny bundle (generated in --cache-dir if missing)")
     parser.add_argument("--cache-dir", default="~/.cache/rorem", help="where --tiny lives (Serve's bundle.cache_dir)")
     parser.add_argument("--seed", type=int, default=0, help="tiny bundle seed")
-    parser.add_argument("--config", help="Serve config YAML: its bundle (without --bundle/--tiny), buckets and max batch")
+    parser.add_argument(
+        "--config", help="Serve config YAML: its bundle (without --bundle/--tiny), buckets and batch sizes"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -92,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _trt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buckets", help="image sides, e.g. 512,1024 (default: the Serve config's)")
-    parser.add_argument("--max-batch-size", type=int, help="default: the Serve config's batching.max_batch_size")
+    parser.add_argument(
+        "--max-batch-size", type=int, help="every bucket's (default: the Serve config's, batching.per_bucket included)"
+    )
     parser.add_argument("--spanning", action="store_true", help="one profile over all buckets instead of one each")
     parser.add_argument("--plan", help="output plan (default <bundle>/exports/unet.fp16.smXY.plan)")
     parser.add_argument("--timing-cache", help="default <bundle>/exports/timing.smXY.cache")
@@ -237,21 +241,23 @@ def _serve_buckets(args) -> list[int]:
     return []
 
 
-def _plan_shape(args) -> tuple[list[int], int]:
-    """The plan's profiles need the service's buckets and max batch size: from --buckets and
-    --max-batch-size, or the Serve config (--config)."""
+def _plan_shape(args) -> dict[int, int]:
+    """The plan's profiles need each of the service's buckets and its largest batch: from --buckets and
+    --max-batch-size (one size for every bucket), or the Serve config (--config: batching.per_bucket, else
+    batching.max_batch_size)."""
     if not args.config and not (args.buckets and args.max_batch_size):
         skip = ", or --skip-tensorrt" if args.command == "all" else ""
         raise ValueError(
             f"the TensorRT plan is built for the service's buckets and batch size: give --config SERVE_CONFIG "
             f"(e.g. serve/configs/local.yaml) or both --buckets and --max-batch-size{skip}"
         )
-    settings = None
-    if not (args.buckets and args.max_batch_size):
-        from export.tensorrt_build import load_serve_settings
+    buckets = _serve_buckets(args)
+    if args.max_batch_size:
+        return dict.fromkeys(buckets, args.max_batch_size)
+    from export.tensorrt_build import load_serve_settings
 
-        settings = load_serve_settings(args.config)
-    return _serve_buckets(args), args.max_batch_size or settings.batching.max_batch_size
+    batching = load_serve_settings(args.config).batching
+    return {side: batching.for_bucket(side)[0] for side in buckets}
 
 
 def _tensorrt_unavailable() -> str | None:
@@ -276,8 +282,7 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
 
     if dtype != "float16":
         progress.say("note: a float32 graph builds a float32 plan (strongly typed): float16 is the fast one")
-    buckets, max_batch = _plan_shape(args)
-    profiles = profiles_from_serve_config(buckets, max_batch, spanning=args.spanning, **onnx_static_dims(onnx_path))
+    profiles = profiles_from_serve_config(_plan_shape(args), spanning=args.spanning, **onnx_static_dims(onnx_path))
     for profile in profiles:
         progress.say(f"profile {profile.name}: sample {profile.shapes['sample']}")
     if not torch.cuda.is_available():

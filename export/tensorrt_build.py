@@ -1,11 +1,12 @@
 """TensorRT plans from the fp16 ONNX UNet: strongly typed, profiles from the Serve config.
 
 Profiles: one per bucket (the default). Serve only ever runs a bucket's side (crops are resized
-to it), so each profile fixes the latent side to bucket / 8 and spans the batch 1..max_batch_size,
+to it), so each profile fixes the latent side to bucket / 8 and spans the batch 1..that bucket's
+largest batch (serve.config.RemoverArgs.batch_sizes: batching.per_bucket, else batching.max_batch_size),
 optimized for the full batch (opt = max), where throughput matters. Fixed spatial dims let
 TensorRT pick tactics per resolution; one spanning profile (spanning=True: min = smallest bucket,
-batch 1; opt = max = largest bucket, full batch) builds faster but runs the small bucket with
-kernels chosen for the large one. Weights are shared between profiles; build time grows with them.
+batch 1; opt = max = largest bucket, the largest batch of any bucket) builds faster but runs the small
+bucket with kernels chosen for the large one. Weights are shared between profiles; build time grows with them.
 
 `tensorrt` is imported lazily (it is optional, needs a GPU, and its wheel pulls NVIDIA's libraries).
 """
@@ -52,8 +53,7 @@ def _input_shapes(batch: int, latent: int, in_channels: int, sequence_length: in
 
 
 def profiles_from_serve_config(
-    buckets: list[int],
-    max_batch_size: int,
+    batch_sizes: dict[int, int],
     *,
     in_channels: int = 9,
     sequence_length: int = 77,
@@ -61,24 +61,25 @@ def profiles_from_serve_config(
     pooled_dim: int = 1280,
     spanning: bool = False,
 ) -> list[Profile]:
-    """Profiles for Serve's buckets (image sides) and max batch size; see the module docstring."""
-    if not buckets or max_batch_size < 1:
-        raise ValueError("need at least one bucket and max_batch_size >= 1")
-    sides = sorted(set(buckets))
+    """Profiles for Serve's buckets: image side -> that bucket's largest batch; see the module docstring."""
+    if not batch_sizes or min(batch_sizes.values()) < 1:
+        raise ValueError("need at least one bucket, and batch sizes >= 1")
+    sides = sorted(batch_sizes)
     bad = [s for s in sides if s % (VAE_FACTOR * LATENT_MULTIPLE)]
     if bad:
         raise ValueError(f"bucket sides must be multiples of {VAE_FACTOR * LATENT_MULTIPLE} px, got {bad}")
     dims = dict(in_channels=in_channels, sequence_length=sequence_length, embed_dim=embed_dim, pooled_dim=pooled_dim)
     if spanning:
+        largest = max(batch_sizes.values())
         lo = _input_shapes(1, sides[0] // VAE_FACTOR, **dims)
-        hi = _input_shapes(max_batch_size, sides[-1] // VAE_FACTOR, **dims)
-        name = f"{sides[0]}-{sides[-1]}px_b1-{max_batch_size}"
+        hi = _input_shapes(largest, sides[-1] // VAE_FACTOR, **dims)
+        name = f"{sides[0]}-{sides[-1]}px_b1-{largest}"
         return [Profile(name, {n: (lo[n], hi[n], hi[n]) for n in UNET_INPUTS})]
     profiles = []
     for side in sides:
         lo = _input_shapes(1, side // VAE_FACTOR, **dims)
-        hi = _input_shapes(max_batch_size, side // VAE_FACTOR, **dims)
-        profiles.append(Profile(f"{side}px_b1-{max_batch_size}", {n: (lo[n], hi[n], hi[n]) for n in UNET_INPUTS}))
+        hi = _input_shapes(batch_sizes[side], side // VAE_FACTOR, **dims)
+        profiles.append(Profile(f"{side}px_b1-{batch_sizes[side]}", {n: (lo[n], hi[n], hi[n]) for n in UNET_INPUTS}))
     return profiles
 
 

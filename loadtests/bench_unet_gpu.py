@@ -221,7 +221,7 @@ def _ensure_plan(onnx_path: Path, side: int, max_batch: int, work: Path, args, r
         print(f"plan: cached {plan}")
         report["plans"][str(side)] = json.loads(sidecar.read_text())
         return plan
-    profiles = profiles_from_serve_config([side], max_batch, **onnx_static_dims(onnx_path))
+    profiles = profiles_from_serve_config({side: max_batch}, **onnx_static_dims(onnx_path))
     info = build_plan(
         onnx_path, plan, profiles, timing_cache_path=work / f"timing.sm{sm}.cache",
         workspace_gb=args.workspace_gb, optimization_level=args.opt_level, progress=Progress(),

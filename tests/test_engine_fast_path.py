@@ -59,12 +59,12 @@ def _stubbed_tensorrt_engine(plan_batch_sizes: dict[int, int], monkeypatch) -> R
 
     dims = unet_input_dims(TINY_UNET)
     profiles = profiles_from_serve_config(
-        list(plan_batch_sizes), max(plan_batch_sizes.values()), in_channels=dims["in_channels"], embed_dim=dims["embed_dim"], pooled_dim=dims["pooled_dim"]
+        plan_batch_sizes, in_channels=dims["in_channels"], embed_dim=dims["embed_dim"], pooled_dim=dims["pooled_dim"]
     )
     runner = object.__new__(TensorRTUNetRunner)
     runner.device, runner.dtype, runner.cuda_graph = torch.device("cpu"), torch.float32, True
     runner.dtypes = dict.fromkeys((*UNET_INPUTS, UNET_OUTPUT), torch.float32)
-    runner.path = Path("unet.fp16.sm90.plan")
+    runner.path, runner.rebuild = Path("unet.fp16.sm90.plan"), "python -m export tensorrt --config SERVE_CONFIG"
     runner.profiles = [profile.shapes for profile in profiles]
     runner._slots, runner.made = {}, []
 
@@ -308,3 +308,17 @@ def test_on_cuda_every_runner_warms_every_padded_batch_size_and_requests_run_onl
         assert len(engine.remove(_jobs(size))) == size
     assert engine.runner.made == [], "no context or graph set up inside a request"
 
+
+def test_a_tensorrt_plan_whose_profiles_miss_a_bucket_batch_size_refuses_to_start(monkeypatch):
+    """A plan built for batch 1..4 while the Serve config lets the 64 px bucket batch 8: the engine refuses at
+    start, naming the command that rebuilds the plan, instead of failing full batches with 'no optimization
+    profile'; a plan built for the config's own batch sizes starts."""
+    import engines.remover
+
+    monkeypatch.setattr(engines.remover, "pads_batches", lambda device, runner: True)  # as on CUDA
+    too_small = _stubbed_tensorrt_engine({64: 4, 128: 2}, monkeypatch)
+    with pytest.raises(ValueError, match=r"holds sample \[\(8, 9, 8, 8\)\].*python -m export tensorrt"):
+        too_small.warm_up({64: 8, 128: 2})
+    assert too_small.runner.made == [], "refused before any warm-up"
+    fits = _stubbed_tensorrt_engine({64: 8, 128: 2}, monkeypatch)
+    assert fits.warm_up({64: 8, 128: 2})["shapes"] == [[64, 1], [64, 2], [64, 4], [64, 8], [128, 1], [128, 2]]

@@ -193,7 +193,7 @@ def test_the_torchscript_fallback_exporter_also_gives_a_matching_graph(tiny_bund
 
 
 def test_profiles_from_serve_config_one_per_bucket():
-    profiles = profiles_from_serve_config([1024, 512], 8)
+    profiles = profiles_from_serve_config({1024: 8, 512: 8})
     assert [p.name for p in profiles] == ["512px_b1-8", "1024px_b1-8"]
     small, large = (p.shapes for p in profiles)
     assert small["sample"] == ((1, 9, 64, 64), (8, 9, 64, 64), (8, 9, 64, 64))
@@ -203,17 +203,33 @@ def test_profiles_from_serve_config_one_per_bucket():
     assert large["text_embeds"] == ((1, 1280), (8, 1280), (8, 1280))
     assert large["time_ids"] == ((1, 6), (8, 6), (8, 6))
 
-    (spanning,) = profiles_from_serve_config([512, 1024], 4, spanning=True)
+    (spanning,) = profiles_from_serve_config({512: 4, 1024: 2}, spanning=True)
     assert spanning.shapes["sample"] == ((1, 9, 64, 64), (4, 9, 128, 128), (4, 9, 128, 128))
     with pytest.raises(ValueError, match="multiples of 32"):
-        profiles_from_serve_config([500], 8)
+        profiles_from_serve_config({500: 8})
 
 
 def test_profiles_follow_the_shipped_serve_config():
     settings = load_serve_settings(REPO / "serve" / "configs" / "local.yaml")
-    profiles = profiles_from_serve_config(settings.imaging.buckets, settings.batching.max_batch_size)
-    assert [p.shapes["sample"][2][2] * 8 for p in profiles] == settings.imaging.buckets
-    assert {p.shapes["sample"][2][0] for p in profiles} == {settings.batching.max_batch_size}
+    profiles = profiles_from_serve_config(settings.batch_sizes())
+    assert {p.shapes["sample"][2][2] * 8: p.shapes["sample"][2][0] for p in profiles} == settings.batch_sizes()
+
+
+def test_each_bucket_profile_spans_its_own_batch_size_from_the_serve_config(tmp_path):
+    """A bucket allowed a larger batch than batching.max_batch_size gets a profile up to it (it used to span
+    1..max_batch_size, and a full batch of that bucket found no profile at run time)."""
+    import yaml
+
+    from export.cli import _plan_shape
+
+    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    config["applications"][0]["args"]["batching"] = {"max_batch_size": 4, "per_bucket": {512: {"max_batch_size": 16}}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = SimpleNamespace(command="tensorrt", config=str(path), buckets=None, max_batch_size=None)
+    assert _plan_shape(args) == {512: 16, 1024: 4} == load_serve_settings(path).batch_sizes()
+    assert [p.name for p in profiles_from_serve_config(_plan_shape(args))] == ["512px_b1-16", "1024px_b1-4"]
+    assert _plan_shape(SimpleNamespace(**{**vars(args), "max_batch_size": 2})) == {512: 2, 1024: 2}, "one for all"
 
 
 def test_the_full_size_config_matches_the_reference_parameters_and_flops():
@@ -273,7 +289,7 @@ def tiny_plan(tensorrt_gpu, fp16_onnx, tmp_path_factory):
     from export.tensorrt_build import build_plan, onnx_static_dims
 
     folder = tmp_path_factory.mktemp("plan")
-    profiles = profiles_from_serve_config([256, 512], 4, **onnx_static_dims(fp16_onnx))
+    profiles = profiles_from_serve_config({256: 4, 512: 4}, **onnx_static_dims(fp16_onnx))
     info = build_plan(fp16_onnx, folder / "unet.plan", profiles, timing_cache_path=folder / "timing.cache")
     return SimpleNamespace(path=folder / "unet.plan", info=info, cache=folder / "timing.cache")
 
@@ -620,7 +636,7 @@ def test_export_all_with_tensorrt_asks_for_the_serve_buckets_before_any_work(tin
     monkeypatch.setattr(export.cli, "_build_and_record", lambda args, *rest: built.append(export.cli._plan_shape(args)))
     config = str(REPO / "serve" / "configs" / "local.yaml")
     assert export.cli.main(["all", "--bundle", str(tiny_bundle.path), "--config", config, "--quiet"]) == 0
-    assert built == [([512, 1024], load_serve_settings(config).batching.max_batch_size)]
+    assert built == [load_serve_settings(config).batch_sizes()]
 
 
 @pytest.fixture
