@@ -38,6 +38,7 @@ ExportKind = Literal["onnx", "tensorrt"]
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SHORT = {"float32": "fp32", "float16": "fp16"}
 COMPILED_SHAPES_LIMIT = 64  # torch.compile recompiles per input shape; the warmed set is far smaller
+COMPILE_MODE = "max-autotune-no-cudagraphs"  # CUDA graphs are engines.graphs' (whole stages), not inductor's
 
 
 @dataclass
@@ -59,7 +60,9 @@ class UNetRunner(Protocol):
 class TorchUNetRunner:
     """Eager or compiled PyTorch; channels_last on CUDA, where it speeds up the convolutions."""
 
-    def __init__(self, unet: UNet2DConditionModel, device: torch.device, compile: bool = False):
+    def __init__(
+        self, unet: UNet2DConditionModel, device: torch.device, compile: bool = False, compile_mode: str = COMPILE_MODE
+    ):
         self.device = device
         self.dtype = unet.dtype
         self.unet = unet.to(device)
@@ -73,7 +76,7 @@ class TorchUNetRunner:
             dynamo_config = torch._dynamo.config
             limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), COMPILED_SHAPES_LIMIT))
-            self.forward = torch.compile(self.unet.forward, mode="max-autotune-no-cudagraphs", dynamic=False)
+            self.forward = torch.compile(self.unet.forward, mode=compile_mode, dynamic=False)
 
     @torch.inference_mode()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: UNetConditioning) -> torch.Tensor:

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20, help="timed UNet steps per case")
     p.add_argument("--image-iters", type=int, default=5, help="timed whole-image batches per case")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="the service's mode; 'default' compiles faster")
+    p.add_argument("--compile-mode", help="default: engines.runners.COMPILE_MODE, the service's; 'default' is faster")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
     p.add_argument("--workspace-gb", type=float, default=None)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense fp16 peak; default from the GPU name")
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     eager = TorchUNetRunner(unet, device)  # channels_last on CUDA; after the export, which traces the plain layout
     left = []
     for side in sides:
-        reference = _step_inputs(unet, side, 1, device)
+        reference = _step_inputs(_engine(eager, vae, unet), side, 1)
         expected = eager(*reference).float()
         for name in runners:
             cases = [b for b in batches if not (args.resume and _has(report, name, side, b))]
@@ -231,16 +231,14 @@ def _ensure_plan(onnx_path: Path, side: int, max_batch: int, work: Path, args, r
 
 
 def _runner(name: str, unet, eager, plan, device, args):
-    import torch
-
-    from engines.runners import TensorRTUNetRunner, TorchUNetRunner
+    """The service's runners; "compile" as TorchUNetRunner(compile=True) builds it, its recompile limit raised
+    for every (side, batch) case (past dynamo's default limit a case would run eager, unreported)."""
+    from engines.runners import COMPILE_MODE, TensorRTUNetRunner, TorchUNetRunner
 
     if name == "eager":
         return eager
     if name == "compile":
-        runner = TorchUNetRunner(unet, device)
-        runner.forward = torch.compile(unet.forward, mode=args.compile_mode, dynamic=False)
-        return runner
+        return TorchUNetRunner(unet, device, compile=True, compile_mode=args.compile_mode or COMPILE_MODE)
     return TensorRTUNetRunner(plan, device, cuda_graph=(name == "tensorrt_graph"))
 
 
@@ -248,15 +246,39 @@ def _runner(name: str, unet, eager, plan, device, args):
 # measurements
 
 
-def _step_inputs(unet, side: int, batch: int, device):
-    """(sample, timestep, cond) for one UNet step, fp16, as RemovalEngine passes them."""
+def _engine(runner, vae, unet):
+    """A RemovalEngine over `runner` (seeded random prompt embeddings): the serving loop _time_images times,
+    and the timestep and conditioning _step_inputs takes."""
+    import torch
+    from diffusers import LCMScheduler
+
+    from engines.remover import RemovalEngine, SamplingSettings
+    from engines.tiny import SDXL_SCHEDULER
+    from export.onnx_export import unet_input_dims
+
+    dims = unet_input_dims(unet.config)
+    g = torch.Generator("cpu").manual_seed(0)
+    return RemovalEngine(
+        vae=vae,
+        unet_runner=runner,
+        scheduler=LCMScheduler(**SDXL_SCHEDULER),
+        prompt_embeds=torch.randn(1, 77, dims["embed_dim"], generator=g),
+        pooled_prompt_embeds=torch.randn(1, dims["pooled_dim"], generator=g),
+        sampling=SamplingSettings(steps=4, strength=1.0),
+    )
+
+
+def _step_inputs(engine, side: int, batch: int):
+    """(sample, timestep, cond) for one UNet step exactly as RemovalEngine.denoise passes them: its timestep and
+    conditioning, taken under inference_mode, and an inference-tensor sample like its latents. A compiled UNet
+    guards on each input's kind (inference tensor or not): other tensors would compile every case twice."""
     import torch
 
-    from engines.runners import UNetConditioning
-    from export.onnx_export import example_inputs
-
-    sample, timestep, states, pooled, time_ids = example_inputs(unet.config, batch, side // 8, side // 8, torch.float16, device)
-    return sample, timestep[0], UNetConditioning(states, pooled, time_ids)
+    _, h, w = engine.latent_shape(side, side)
+    g = torch.Generator("cpu").manual_seed(batch)
+    with torch.inference_mode():
+        sample = torch.randn(engine.unet_input_shapes(side, batch)["sample"], generator=g)
+        return sample.to(engine.device, engine.dtype), engine.timesteps[0], engine.conditioning(batch, h, w)
 
 
 def _parity(got, expected) -> dict:
@@ -280,13 +302,14 @@ def _bench_case(name, runner, unet, vae, side, batch, device, args, peak) -> dic
 
     from export.sdxl_config import UNET_TFLOP, image_tflop
 
-    inputs = _step_inputs(unet, side, batch, device)
+    engine = _engine(runner, vae, unet)
+    inputs = _step_inputs(engine, side, batch)
     t0 = time.perf_counter()
     runner(*inputs)  # first call at this batch: recompile (dynamic=False) / new context / graph capture
     _sync(device)
     first_s = time.perf_counter() - t0
     step = _time_steps(lambda: runner(*inputs), args.warmup, args.iters, device)
-    image = _time_images(runner, vae, unet, side, batch, device, args)
+    image = _time_images(engine, side, batch, device, args)
     flops_known = not args.tiny and side in UNET_TFLOP and peak
     row = {
         "runner": name,
@@ -330,24 +353,10 @@ def _time_steps(fn, warmup: int, iters: int, device) -> dict:
     return _summary(samples)
 
 
-def _time_images(runner, vae, unet, side, batch, device, args) -> dict:
+def _time_images(engine, side, batch, device, args) -> dict:
     """RemovalEngine.generate on random images with a centered square mask: the serving loop."""
     import torch
-    from diffusers import LCMScheduler
 
-    from engines.remover import RemovalEngine, SamplingSettings
-    from engines.tiny import SDXL_SCHEDULER
-    from export.onnx_export import unet_input_dims
-
-    dims = unet_input_dims(unet.config)
-    engine = RemovalEngine(
-        vae=vae,
-        unet_runner=runner,
-        scheduler=LCMScheduler(**SDXL_SCHEDULER),
-        prompt_embeds=torch.zeros(1, 77, dims["embed_dim"]),
-        pooled_prompt_embeds=torch.zeros(1, dims["pooled_dim"]),
-        sampling=SamplingSettings(steps=4, strength=1.0),
-    )
     g = torch.Generator("cpu").manual_seed(0)
     images = torch.rand(batch, 3, side, side, generator=g) * 2 - 1
     masks = torch.zeros(batch, 1, side, side)

@@ -322,3 +322,43 @@ def test_a_tensorrt_plan_whose_profiles_miss_a_bucket_batch_size_refuses_to_star
     assert too_small.runner.made == [], "refused before any warm-up"
     fits = _stubbed_tensorrt_engine({64: 8, 128: 2}, monkeypatch)
     assert fits.warm_up({64: 8, 128: 2})["shapes"] == [[64, 1], [64, 2], [64, 4], [64, 8], [128, 1], [128, 2]]
+
+
+@pytest.mark.slow  # two torch.compile'd cases of the tiny UNet
+def test_the_unet_benchmark_compiles_each_case_once_within_the_services_recompile_limit(monkeypatch):
+    """loadtests/bench_unet_gpu.py's "compile" runner is the service's (TorchUNetRunner(compile=True), its recompile
+    limit raised) and its step inputs are the tensors the engine passes, so each (side, batch) case compiles one
+    graph, shared by the step and the image timings. Before, the step's other kind of tensors compiled a second
+    graph per case, and under dynamo's default limit of 8 the default cases' last ones ran eager, unreported.
+    Backend "eager" stands in for inductor (the same guards, no code generation)."""
+    import argparse
+
+    import torch._dynamo
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch._dynamo.utils import counters
+
+    from engines.runners import COMPILED_SHAPES_LIMIT
+    from engines.tiny import TINY_UNET, TINY_VAE
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "loadtests"))
+    import bench_unet_gpu
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, limit, 8)  # dynamo's default, whatever an earlier test raised it to
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET).eval().requires_grad_(False).half()
+    vae = AutoencoderKL(**TINY_VAE).eval().requires_grad_(False)
+    args = argparse.Namespace(compile_mode=None, warmup=1, iters=1, image_iters=1, tiny=True)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        runner = bench_unet_gpu._runner("compile", unet, None, None, torch.device("cpu"), args)
+        assert getattr(config, limit) >= COMPILED_SHAPES_LIMIT
+        for batch in (1, 2):
+            bench_unet_gpu._bench_case("compile", runner, unet, vae, 64, batch, torch.device("cpu"), args, None)
+            assert counters["stats"]["unique_graphs"] == batch, "one compiled graph per (side, batch) case"
+    finally:
+        torch._dynamo.reset()
