@@ -118,7 +118,7 @@ class Ingress(GrpcMethods):
             return await self._removal_response(reply, read_s, accept)
 
     async def _removal_response(self, reply: RemovalReply, read_s: float, accept: str) -> Response:
-        reply.timings.stages = {"read": read_s, **reply.timings.stages}
+        reply.timings.took_before("read", read_s)
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
         headers = {
             "X-Bucket": "none" if reply.bucket is None else ", ".join(map(str, reply.buckets)),

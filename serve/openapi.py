@@ -68,7 +68,7 @@ HEADERS: dict[str, tuple[dict, str]] = {
     "X-Attempts": (_INT, "removal attempts made (retry / reject run several)"),
     "X-Gate": (_STR, "the gate's verdict: passed, failed, off, unscored or nothing-to-remove"),
     "X-Result-Id": (_STR, "id of the retained result (GET /results/{id}, POST /feedback); only when it was kept"),
-    "Server-Timing": (_STR, "stage durations in ms: read, decode, queue_wait, ..., encode, total"),
+    "Server-Timing": (_STR, "stage durations in ms: read, cpu_wait, decode, queue_wait, ..., encode, total"),
     RETRY_AFTER: (_INT, "seconds to wait before retrying"),
     WWW_AUTHENTICATE: (_STR, "the authentication scheme (Bearer)"),
     quotas.RATELIMIT_POLICY: (

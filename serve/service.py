@@ -197,7 +197,7 @@ class RemovalService:
         gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
         policy = self._gate_policy(gate, options)
         prepared = await self._decode(
-            self.pipeline.prepare, upload.image, upload.mask, options.dilate,
+            timings, self.pipeline.prepare, upload.image, upload.mask, options.dilate,
             max_crops(gate.max_model_calls, scored=self.has_scorer),
         )  # fmt: skip
         timings.lap("decode")
@@ -274,7 +274,7 @@ class RemovalService:
         if threshold is None or not self.settings.gate.allow_request_override:
             threshold = self.settings.gate.threshold
         jobs = await self._decode(
-            self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate,
+            None, self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate,
             max_crops(self.settings.gate.max_model_calls, scored=self.has_scorer),  # as /remove cut them
         )  # fmt: skip
         try:
@@ -297,10 +297,11 @@ class RemovalService:
             return GatePolicy("off", policy.threshold, 1, policy.fail_open)
         return policy
 
-    async def _decode(self, prepare, *uploads):
+    async def _decode(self, timings: Timings | None, prepare, *uploads):
         """The decode limits bound its cost; the deadline is the backstop for a cost they miss. The client
         gets its answer then, though the thread runs on to the end of its (bounded) work, holding its slot.
-        The deadline counts from when a thread starts the decode, not from the wait for a slot or a thread."""
+        The deadline counts from when a thread starts the decode, not from the wait for a slot or a thread,
+        which `timings` gets as its own stage (cpu_wait): busy image threads are not a slow decode."""
         deadline_s = self.settings.imaging.decode_timeout_s
         job = await self.cpu.start(prepare, *uploads)
         try:
@@ -308,6 +309,8 @@ class RemovalService:
         except asyncio.CancelledError:
             job.result.cancel()  # not started yet: off the queue, its slot free
             raise
+        if timings is not None:
+            timings.lap("cpu_wait")
         try:
             return await within(job.result, deadline_s)
         except InputError as exc:

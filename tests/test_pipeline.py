@@ -236,6 +236,32 @@ def test_service_reply_lists_every_crop_and_the_kept_attempts_seed():
     assert set(reply.timings.stages) >= {"decode", "paste", "score", "encode"}
 
 
+def test_server_timing_tells_the_wait_for_an_image_thread_from_the_decode_and_its_total_counts_the_read():
+    """`decode` held the wait for a busy image-work thread too, and the total left out the upload's read."""
+    import time
+
+    from serve.uploads import Offload
+
+    service = _service(FakeModels(), mode="off")
+    service.cpu = Offload(1, 8, 0, "test-cpu")  # one image-work thread, busy for 0.5 s when the request comes
+
+    upload = _upload(seed=1, output_format="png")
+
+    async def removal_behind_busy_thread():
+        busy = asyncio.ensure_future(service.cpu.run(time.sleep, 0.5))
+        await asyncio.sleep(0.05)
+        reply = await service.remove(upload)
+        await busy
+        return reply
+
+    reply = asyncio.run(removal_behind_busy_thread())
+    assert reply.timings.stages["cpu_wait"] >= 0.3 and reply.timings.stages["decode"] < 0.3, reply.timings.stages
+    reply.timings.took_before("read", 2.0)
+    items = [item.split(";dur=") for item in reply.timings.server_timing().split(", ")]
+    assert [name for name, _ in items][:2] == ["read", "cpu_wait"] and items[-1][0] == "total"
+    assert float(items[-1][1]) >= 2000 + 300, "the total counts the read and the wait"
+
+
 def test_the_seeds_the_service_chooses_are_json_safe_integers():
     """A random seed and a retry's derived seed reach JSON clients exactly (JavaScript: at most 2**53 - 1)."""
     unseeded = [asyncio.run(_service(FakeModels()).remove(_upload(gate="off"))).seed for _ in range(3)]
