@@ -155,7 +155,8 @@ def default_ort_providers(device: torch.device, available: list[str]) -> list[st
     Pass providers=["TensorrtExecutionProvider", ...] to use it anyway.
     """
     if device.type == "cuda":
-        require_ort_gpu_provider(device, available, available)
+        # the CUDA provider itself: with TensorRT's alone, the default list would run on the CPU
+        require_ort_gpu_provider(device, [p for p in available if p == "CUDAExecutionProvider"], available)
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

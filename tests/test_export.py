@@ -346,6 +346,8 @@ def test_an_onnx_runner_meant_for_a_gpu_never_runs_on_the_cpu():
         default_ort_providers(cuda, cpu_only)
     with pytest.raises(RuntimeError, match="would run on the CPU"):  # listed, but its libraries failed to load
         require_ort_gpu_provider(cuda, ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):  # TensorRT's provider is not in the default list
+        default_ort_providers(cuda, ["TensorrtExecutionProvider", *cpu_only])
     assert default_ort_providers(cuda, ["CUDAExecutionProvider", *cpu_only])[0] == "CUDAExecutionProvider"
     assert default_ort_providers(torch.device("cpu"), cpu_only) == ["CPUExecutionProvider"]
     require_ort_gpu_provider(torch.device("cpu"), ["CPUExecutionProvider"], cpu_only)
