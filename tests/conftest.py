@@ -54,3 +54,39 @@ def service(starts_serve, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
     with helpers.running_service(work, helpers.serve_test_config(work)) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def keyed_service(starts_serve, tmp_path_factory):
+    """One local Serve with API keys on (helpers.Keyed), for the hardening tests and then the lifecycle tests,
+    whose last one stops it with SIGTERM."""
+    import yaml
+
+    from serve.auth import new_key_entry
+
+    work = tmp_path_factory.mktemp("keyed")
+    app_key, app_entry = new_key_entry("app-team", ["remove", "score"])
+    ops_key, ops_entry = new_key_entry("ops", ["remove", "score", "feedback", "admin"])
+    people = {name: new_key_entry(name, ["remove", "feedback"], team=team) for name, team in helpers.Keyed.OWNERS.items()}
+    reviewer_key, reviewer_entry = new_key_entry("reviewer", ["feedback", "review"])
+    entries = [app_entry, ops_entry, reviewer_entry, *(entry for _, entry in people.values())]
+    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
+    config = helpers.serve_test_config(work)
+    args = config["applications"][0]["args"]
+    args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml")}
+    args["overload"] = {
+        "max_in_flight": helpers.Keyed.MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None,
+        "body_timeout_s": helpers.Keyed.BODY_TIMEOUT_S,
+    }  # fmt: skip
+    args.setdefault("gate", {})["on_scorer_error"] = "fail_closed"
+    args.setdefault("scorer", {})["timeout_s"] = 2.0
+    args["request_timeout_s"] = helpers.Keyed.REQUEST_TIMEOUT_S
+    args["imaging"]["max_megapixels"] = helpers.Keyed.MAX_MEGAPIXELS
+    config["applications"][0]["route_prefix"] = helpers.Keyed.ROUTE_PREFIX
+    with helpers.running_service(work, config) as service:
+        service.url += helpers.Keyed.ROUTE_PREFIX
+        service.client.base_url = service.url
+        service.app_key, service.ops_key = app_key, ops_key
+        service.people = {name: key for name, (key, _) in people.items()}
+        service.reviewer_key = reviewer_key
+        yield service

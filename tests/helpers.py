@@ -196,12 +196,18 @@ def fulfill_problem(route, problem) -> None:
 
 
 class Service:
-    def __init__(self, url: str, config: dict, grpc_target: str, metrics_url: str, log_path: Path):
+    def __init__(
+        self, url: str, config: dict, grpc_target: str, metrics_url: str, log_path: Path,
+        child: subprocess.Popen, ports: dict[str, int],
+    ):  # fmt: skip
         self.url = url
         self.config = config
         self.grpc_target = grpc_target
         self.metrics_url = metrics_url
         self.log_path = log_path
+        self.child = child  # the CLI, `python -m serve run`
+        self.ports = ports  # http, grpc, metrics
+        self.work = log_path.parent
         self.client = httpx.Client(base_url=url, timeout=120)
 
 
@@ -220,6 +226,19 @@ def serve_test_config(work: Path) -> dict:
     # runner the tiny model's rate swings, so the service tests admit by count only
     args["overload"] = {**args.get("overload", {}), "max_queue_wait_s": None}
     return config
+
+
+class Keyed:
+    """The keyed Serve (tests/conftest.py `keyed_service`), shared by the hardening and the lifecycle tests: API
+    keys on, under a route prefix (the access rules do not depend on the path's spelling), a small in-flight
+    limit and body timeout, the Scorer failing closed, and 1 MP images (so the gRPC message limit is ~6 MB)."""
+
+    REQUEST_TIMEOUT_S = 30.0
+    MAX_IN_FLIGHT = 4
+    ROUTE_PREFIX = "/api/v1"
+    BODY_TIMEOUT_S = 3.0
+    MAX_MEGAPIXELS = 1.0
+    OWNERS = {"alice": None, "bob": None, "dave": "studio", "erin": "studio"}  # name -> team
 
 
 def check_e2e(what: str) -> None:
@@ -268,7 +287,10 @@ def running_service(work: Path, config: dict):
 
         settings = AppSettings.model_validate(config["applications"][0]["args"]).model_dump()  # defaults filled in
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        yield Service(f"http://127.0.0.1:{port}", settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path)
+        ports = {"http": port, "grpc": grpc_port, "metrics": metrics_port}
+        yield Service(
+            f"http://127.0.0.1:{port}", settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path, child, ports
+        )
     finally:
         stop_cli(child)
         log.close()

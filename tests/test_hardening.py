@@ -22,49 +22,20 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from serve import rorem_pb2 as pb
-from serve.auth import new_key_entry
 from serve.grpc_client import open_channel
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.helpers import load_script, photo, png_bytes, running_service, serve_test_config
+from tests.helpers import Keyed, load_script, photo, png_bytes
 
 soak = load_script("loadtests/soak.py")
 
-REQUEST_TIMEOUT_S = 30.0
-MAX_IN_FLIGHT = 4
-ROUTE_PREFIX = "/api/v1"
-BODY_TIMEOUT_S = 3.0
-OWNERS = {"alice": None, "bob": None, "dave": "studio", "erin": "studio"}  # name -> team
+REQUEST_TIMEOUT_S, MAX_IN_FLIGHT, BODY_TIMEOUT_S = Keyed.REQUEST_TIMEOUT_S, Keyed.MAX_IN_FLIGHT, Keyed.BODY_TIMEOUT_S
 
 
-@pytest.fixture(scope="module")
-def hardened(starts_serve, tmp_path_factory):
-    work = tmp_path_factory.mktemp("hardened")
-    app_key, app_entry = new_key_entry("app-team", ["remove", "score"])
-    ops_key, ops_entry = new_key_entry("ops", ["remove", "score", "feedback", "admin"])
-    people = {name: new_key_entry(name, ["remove", "feedback"], team=team) for name, team in OWNERS.items()}
-    reviewer_key, reviewer_entry = new_key_entry("reviewer", ["feedback", "review"])
-    entries = [app_entry, ops_entry, reviewer_entry, *(entry for _, entry in people.values())]
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
-    config = serve_test_config(work)
-    args = config["applications"][0]["args"]
-    args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml")}
-    args["overload"] = {
-        "max_in_flight": MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None, "body_timeout_s": BODY_TIMEOUT_S
-    }  # fmt: skip
-    args.setdefault("gate", {})["on_scorer_error"] = "fail_closed"
-    args.setdefault("scorer", {})["timeout_s"] = 2.0
-    args["request_timeout_s"] = REQUEST_TIMEOUT_S
-    config["applications"][0]["route_prefix"] = ROUTE_PREFIX
-    with running_service(work, config) as service:
-        service.url += ROUTE_PREFIX
-        service.client.base_url = service.url
-        service.app_key, service.ops_key, service.work = app_key, ops_key, work
-        service.people = {name: key for name, (key, _) in people.items()}
-        service.reviewer_key = reviewer_key
-        yield service
+@pytest.fixture
+def hardened(keyed_service):
+    return keyed_service
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +62,9 @@ def _assert_problem(response, status, problem):
 def _serve_session(service) -> int:
     """The process session of this test's Ray: the CLI starts its launcher in a session of its own, which Ray
     and the replicas inherit."""
-    config_path = str(service.work / "serve.yaml")
     table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
     rows = [line.split(None, 2) for line in table.splitlines()]
-    (cli,) = [pid for pid, _, args in rows if "serve run" in args and config_path in args]
-    (launcher,) = [int(pid) for pid, ppid, args in rows if ppid == cli and "serve.launcher" in args]
+    (launcher,) = [int(pid) for pid, ppid, args in rows if ppid == str(service.child.pid) and "serve.launcher" in args]
     return os.getsid(launcher)
 
 
@@ -131,7 +100,7 @@ def test_health_probes_are_public_and_work_needs_a_key(hardened, upload):
 
 
 def test_a_key_without_the_scope_is_forbidden_under_a_route_prefix(hardened):
-    assert hardened.url.endswith(ROUTE_PREFIX)
+    assert hardened.url.endswith(Keyed.ROUTE_PREFIX)
     forbidden = httpx.delete(hardened.url + "/results/0123", headers={"x-api-key": hardened.app_key})
     _assert_problem(forbidden, 403, "forbidden")
     assert "app-team" in forbidden.json()["detail"]

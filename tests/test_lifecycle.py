@@ -27,7 +27,6 @@ from serve.ports import RAY_WORKER_PORTS, busy_ports, ephemeral_ports, free_port
 from serve.proxy_limits import grpc_max_message_bytes
 from serve.rorem_pb2_grpc import ObjectRemovalStub
 from tests.helpers import REPO, photo, png_bytes, serve_test_config
-from tests.helpers import stop_cli as _stop
 
 STOP_LIMIT_S = 10.0  # Docker's default grace before SIGKILL
 
@@ -139,44 +138,16 @@ def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
 # --- one real service: a second start, the gRPC limit, then SIGTERM ----------------------------------
 
 
-class Running:
-    def __init__(self, child: subprocess.Popen, work: Path, config: dict, ports: dict[str, int]):
-        self.child, self.work, self.config, self.ports = child, work, config, ports
-        self.url = f"http://127.0.0.1:{ports['http']}"
-        self.log = work / "serve.log"
-
-
-@pytest.fixture(scope="module")
-def running(starts_serve, tmp_path_factory):
-    work = tmp_path_factory.mktemp("lifecycle")
-    config = serve_test_config(work)
-    config["applications"][0]["args"]["imaging"]["max_megapixels"] = 1.0  # the gRPC limit: ~6.4 MB, not 200 MB
-    (work / "serve.yaml").write_text(yaml.safe_dump(config))
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("ROREM_BUNDLE", None)
-    with open(work / "serve.log", "w") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "serve", "run", "--config", str(work / "serve.yaml"), "--port", str(ports["http"]),
-             "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    service = Running(child, work, config, ports)
-    try:
-        deadline = time.monotonic() + 300
-        while "[rorem] READY" not in service.log.read_text():
-            assert child.poll() is None, service.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "not ready after 300 s"
-            time.sleep(1)
-        yield service
-    finally:
-        if child.poll() is None:
-            _stop(child)
+@pytest.fixture
+def running(keyed_service):
+    """The keyed Serve (API keys on, 1 MP images: a ~6 MB gRPC limit), after the hardening tests; the last test
+    here stops it."""
+    return keyed_service
 
 
 def test_ready_names_this_instance(running):
     health = httpx.get(running.url + "/healthz").json()
-    assert f"| instance {health['instance']}" in running.log.read_text()
+    assert f"| instance {health['instance']}" in running.log_path.read_text()
 
 
 def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
@@ -195,17 +166,17 @@ def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
 
 
 def test_a_grpc_message_over_the_limit_is_refused_by_the_proxy(running):
-    limit = grpc_max_message_bytes(AppSettings.model_validate(running.config["applications"][0]["args"]).imaging)
+    limit = grpc_max_message_bytes(AppSettings.model_validate(running.config).imaging)
     channel = grpc.insecure_channel(
         f"127.0.0.1:{running.ports['grpc']}", options=[("grpc.max_send_message_length", 2 * limit)]
     )
     stub = ObjectRemovalStub(channel)
     with pytest.raises(grpc.RpcError) as over:
-        stub.Remove(_message_of(limit + 1), timeout=60)
+        stub.Remove(_message_of(limit + 1), timeout=60, metadata=[("x-api-key", running.app_key)])
     assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in over.value.details()  # gRPC's own refusal, not the app's problem document
     with pytest.raises(grpc.RpcError) as under:  # at the limit: through the proxy, the app refuses it
-        stub.Remove(_message_of(limit), timeout=60)
+        stub.Remove(_message_of(limit), timeout=60, metadata=[("x-api-key", running.app_key)])
     assert under.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "payload-too-large" in under.value.details()
     channel.close()
@@ -223,7 +194,8 @@ def test_a_chunked_http_body_over_the_limit_is_refused_by_the_proxy(running):
         for _ in range(20):
             yield b"x" * (1024 * 1024)  # 20 MiB, no Content-Length; the limit is 8 MiB
 
-    response = httpx.post(running.url + "/remove", content=body(), headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json", "x-api-key": running.app_key}
+    response = httpx.post(running.url + "/remove", content=body(), headers=headers)
     assert response.status_code == 413
     assert "(at the proxy)" in response.json()["detail"]
 
@@ -234,7 +206,7 @@ def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(ru
     members = session_members(launcher)
     session_dirs = {arg.split("=", 1)[1] for pid in members for arg in _argv(pid) if arg.startswith("--session_dir=")}
     assert len(members) > 5 and session_dirs, "gcs_server, raylet, workers run in the launcher's session"
-    effective = Path(re.search(r"effective Serve config: (\S+)", running.log.read_text())[1])
+    effective = Path(re.search(r"effective Serve config: (\S+)", running.log_path.read_text())[1])
     assert effective.is_file(), "the effective config is there to edit while the service runs"
 
     mask = np.zeros((256, 256), np.uint8)
@@ -244,7 +216,8 @@ def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(ru
 
     def in_flight():
         try:
-            answer["status"] = httpx.post(running.url + "/remove", files=upload, timeout=30).status_code
+            headers = {"x-api-key": running.app_key}
+            answer["status"] = httpx.post(running.url + "/remove", files=upload, headers=headers, timeout=30).status_code
         except httpx.HTTPError as exc:
             answer["error"] = repr(exc)
 
@@ -261,7 +234,7 @@ def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(ru
     assert session_members(launcher) == [], "a process of the service outlived it"
     leftovers = [pid for pid in _pids() if any(d in " ".join(_argv(pid)) for d in session_dirs)]
     assert leftovers == [], f"Ray processes of {session_dirs} still run: {leftovers}"
-    assert "[rorem] stopped in" in running.log.read_text()
+    assert "[rorem] stopped in" in running.log_path.read_text()
     assert not effective.parent.exists(), "the CLI's work folder (effective config, drain flag) outlived it"
 
 
