@@ -19,6 +19,7 @@ from serve import auth, quotas
 from serve.admission import Admission
 from serve.config import AppSettings, RemoverArgs, ScorerArgs, with_live
 from serve.grpc_api import GrpcMethods
+from serve.live import LiveSettings
 from serve.loop_lag import loop_lag
 from serve.metrics import INGRESS_STAGES, ingress_metrics
 from serve.page_headers import PRIVATE_HEADERS
@@ -36,9 +37,11 @@ from serve.worker_threads import default_workers, worker_pool
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress(GrpcMethods):
+class Ingress(GrpcMethods, LiveSettings):
     """Entry points only: REST routes (FastAPI) and the gRPC methods `Remove` / `Score` (the names are
     the RPC names in serve/rorem.proto); the work is in serve.service.RemovalService."""
+
+    live_name = "Ingress"
 
     def __init__(
         self,
@@ -68,10 +71,14 @@ class Ingress(GrpcMethods):
         )
         sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Serve's live update (serve.config.IngressLive): the gate, read by RemovalService on every request."""
-        self.settings = with_live(self.settings, "Ingress", user_config)
-        self.service.settings = self.settings
+    def parse_live(self, user_config: dict) -> AppSettings:
+        """serve.config.IngressLive: the gate."""
+        return with_live(self.settings, "Ingress", user_config)
+
+    def apply_live(self, settings: AppSettings) -> None:
+        """RemovalService reads the gate on every request."""
+        self.settings = settings
+        self.service.settings = settings
 
     @api.get("/healthz", dependencies=[auth.PUBLIC])
     async def healthz(self) -> dict:
@@ -82,8 +89,10 @@ class Ingress(GrpcMethods):
 
     @api.get("/readyz", dependencies=[auth.PUBLIC])
     async def readyz(self) -> JSONResponse:
-        """Ready when a Remover replica (and a Scorer replica, where deployed) has loaded and warmed up."""
-        return JSONResponse(await self.service.ready())
+        """Ready when a Remover replica (and a Scorer replica, where deployed) has loaded and warmed up.
+        refused_live: live settings this replica refused as invalid, serving with its previous ones (serve.live)."""
+        refused = [self.refused_live] if self.refused_live else []
+        return JSONResponse({**await self.service.ready(), "refused_live": refused})
 
     @api.post(
         "/remove",

@@ -32,6 +32,7 @@ RETAINED = "rorem_retained_total"
 FEEDBACK = "rorem_feedback_total"
 KEYS_FILE_ERRORS = "rorem_auth_keys_file_errors_total"
 QUOTA_LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
+LIVE_REFUSALS = "rorem_live_settings_refused_total"
 
 STAGES = (
     "read", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score", "paste", "encode"
@@ -141,3 +142,17 @@ def ingress_metrics() -> IngressMetrics:
     if _ingress_metrics is None:
         _ingress_metrics = IngressMetrics()
     return _ingress_metrics
+
+
+_live_refusals: Counter | None = None
+
+
+def live_refusals() -> Counter:
+    """The process's one counter of refused live settings (serve.live), created on first use inside the replica."""
+    global _live_refusals
+    if _live_refusals is None:
+        _live_refusals = Counter(
+            LIVE_REFUSALS,
+            description="Live settings (a user_config) a replica refused as invalid, keeping its previous ones.",
+        )
+    return _live_refusals

@@ -14,6 +14,7 @@ from engines.jobs import RemovalJob
 from serve.batcher import Batcher
 from serve.config import RemoverArgs, RemoverLive
 from serve.health import EngineWatch
+from serve.live import LiveSettings
 from serve.metrics import BatchMetrics
 
 
@@ -26,7 +27,9 @@ class RemovalOutcome:
 
 
 @serve.deployment(name="Remover")
-class Remover:
+class Remover(LiveSettings):
+    live_name = "Remover"
+
     def __init__(self, settings: dict):
         """`settings`: serve.config.RemoverArgs; the batch waits come live through `reconfigure`.
         The model libraries are imported here, in the replica: the Ingress imports this module only to bind it."""
@@ -82,12 +85,15 @@ class Remover:
         self.metrics = BatchMetrics("remover")
         self.watch = EngineWatch(engine_cfg.hung_after_s)
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Serve's live update (serve.config.RemoverLive): each bucket's batch wait, without a restart."""
+    def parse_live(self, user_config: dict) -> dict[int, float]:
+        """serve.config.RemoverLive: each bucket's batch wait, without a restart."""
         waits = RemoverLive.model_validate(user_config).batch_wait_timeout_s
         unknown = sorted(set(waits) - set(self.settings.imaging.buckets))
         if unknown:
             raise ValueError(f"batch waits for sides {unknown} that are not buckets {self.settings.imaging.buckets}")
+        return waits
+
+    def apply_live(self, waits: dict[int, float]) -> None:
         for side, wait in waits.items():
             self.queues[side].set_batch_wait_timeout_s(wait)
 
@@ -95,9 +101,10 @@ class Remover:
         return self.description
 
     def live(self) -> dict:
-        """This replica's Serve id and the batch waits it uses now (describe() is read once, at readiness)."""
+        """This replica's Serve id, the batch waits it uses now (describe() is read once, at readiness) and the
+        live settings it refused (serve.live)."""
         waits = {side: self.queues[side].wait_s for side in self.settings.imaging.buckets}
-        return {"replica": replica_id(), "batch_wait_timeout_s": waits}
+        return {"replica": replica_id(), "batch_wait_timeout_s": waits, "refused_live": self.refused_live}
 
     def check_health(self) -> None:
         """Serve's periodic health check: an engine call that never returns makes this replica be replaced."""

@@ -12,6 +12,7 @@ from engines.jobs import ScoreJob
 from serve.batcher import Batcher
 from serve.config import ScorerArgs, ScorerLive
 from serve.health import EngineWatch
+from serve.live import LiveSettings
 from serve.metrics import BatchMetrics
 from serve.remover_deployment import replica_id
 
@@ -24,7 +25,9 @@ class ScoreOutcome:
 
 
 @serve.deployment(name="Scorer")
-class Scorer:
+class Scorer(LiveSettings):
+    live_name = "Scorer"
+
     def __init__(self, settings: dict):
         """`settings`: serve.config.ScorerArgs; the batch wait comes live through `reconfigure`.
         The model libraries are imported here, in the replica: the Ingress imports this module only to bind it."""
@@ -56,16 +59,20 @@ class Scorer:
         self.metrics = BatchMetrics("scorer")
         self.watch = EngineWatch(scorer_cfg.hung_after_s)
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Serve's live update (serve.config.ScorerLive): the batch wait, without a restart."""
-        self.queue.set_batch_wait_timeout_s(ScorerLive.model_validate(user_config).batch_wait_timeout_s)
+    def parse_live(self, user_config: dict) -> float:
+        """serve.config.ScorerLive: the batch wait, without a restart."""
+        return ScorerLive.model_validate(user_config).batch_wait_timeout_s
+
+    def apply_live(self, wait: float) -> None:
+        self.queue.set_batch_wait_timeout_s(wait)
 
     def describe(self) -> dict:
         return self.description
 
     def live(self) -> dict:
-        """This replica's Serve id and the batch wait it uses now (describe() is read once, at readiness)."""
-        return {"replica": replica_id(), "batch_wait_timeout_s": self.queue.wait_s}
+        """This replica's Serve id, the batch wait it uses now (describe() is read once, at readiness) and the
+        live settings it refused (serve.live)."""
+        return {"replica": replica_id(), "batch_wait_timeout_s": self.queue.wait_s, "refused_live": self.refused_live}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a scoring call that never returns makes this replica be replaced."""

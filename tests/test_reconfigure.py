@@ -1,9 +1,11 @@
 """Live settings on a running local Serve: a changed gate and batch waits reach the replicas through
-Serve's user_config (`reconfigure`), and no replica is restarted for it."""
+Serve's user_config (`reconfigure`), and no replica is restarted for it. Without Ray: an invalid live value
+after the first is refused, and the deployment keeps its previous settings (serve.live)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -13,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from serve import metrics
+from serve.app import Ingress
+from serve.batcher import Batcher
+from serve.config import AppSettings, RemoverArgs
+from serve.remover_deployment import Remover
+from serve.scorer_deployment import Scorer
 from tests import helpers
 
 # e2e (starts a local Ray Serve): marked through the `starts_serve` fixture, tests/conftest.py
@@ -117,3 +126,104 @@ def test_changing_live_settings_reconfigures_without_restarting_a_replica(live_s
         live_service, helpers.png_bytes(helpers.photo()), helpers.png_bytes(helpers.box_mask()), seed=1
     )
     assert response.status_code == 200, response.text
+
+
+def test_an_invalid_live_value_is_refused_by_the_running_replicas_which_keep_serving(live_service, tmp_path):
+    """A review's gate.threshold 20 ended the app DEPLOY_FAILED with no replica (the whole API 503), and a batch
+    wait of 2 s restarted the Remover (its model reloaded) before failing it too."""
+    address = _cluster(live_service.client.get("/healthz").json()["instance"])
+    effective = Path(re.search(r"effective Serve config: (\S+)", live_service.log_path.read_text())[1])
+    before = _driver(address)
+    threshold = live_service.client.get("/readyz").json()["gate"]["threshold"]
+    config = yaml.safe_load(effective.read_text())
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    deployments["Ingress"]["user_config"]["gate"]["threshold"] = 20
+    deployments["Remover"]["user_config"]["batch_wait_timeout_s"]["512"] = 2.0
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    after = _driver(address, invalid)
+    assert after["status"] == "RUNNING" and after["replicas"] == before["replicas"]
+    assert after["live"]["Remover"]["batch_wait_timeout_s"] == before["live"]["Remover"]["batch_wait_timeout_s"]
+    assert "less than or equal to 1" in after["live"]["Remover"]["refused_live"]["error"]
+    deadline = time.monotonic() + 30
+    while not (ready := live_service.client.get("/readyz")).json().get("refused_live"):
+        assert ready.status_code == 200 and time.monotonic() < deadline, ready.text
+        time.sleep(0.5)
+    assert ready.status_code == 200 and ready.json()["gate"]["threshold"] == threshold
+    assert ready.json()["refused_live"][0]["error"].startswith("gate.threshold: Input should be less than or equal to 10")
+    response = helpers.post_remove(
+        live_service, helpers.png_bytes(helpers.photo()), helpers.png_bytes(helpers.box_mask()), seed=1
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture
+def refusals(monkeypatch, caplog) -> list:
+    """The refusal counter's increments (the real counter: Ray refuses some names and tags), and the ERROR log
+    on Ray's `ray.serve` logger (which does not propagate)."""
+    counted = []
+    monkeypatch.setattr(metrics.live_refusals(), "inc", lambda *args, **kwargs: counted.append(args or kwargs))
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(caplog.handler)
+    yield counted
+    logger.removeHandler(caplog.handler)
+
+
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+
+def test_an_invalid_live_value_keeps_the_removers_waits_and_is_reported(refusals, caplog):
+    remover = object.__new__(Remover.func_or_class)  # no model, no Ray: the live settings only
+    remover.settings = RemoverArgs.model_validate({"imaging": {"buckets": [256, 512]}})
+    remover.queues = {side: remover._bucket_queue(side) for side in remover.settings.imaging.buckets}
+    with pytest.raises(ValidationError):  # the first reconfigure: a bad config must not start
+        remover.reconfigure({"batch_wait_timeout_s": {"512": 2.0}})
+    remover.reconfigure({"batch_wait_timeout_s": {"256": 0.1, "512": 0.2}})
+
+    remover.reconfigure({"batch_wait_timeout_s": {"512": 2.0}})
+    remover.reconfigure({"batch_wait_timeout_s": {"1024": 0.1}})  # not a bucket
+    assert remover.live()["batch_wait_timeout_s"] == {256: 0.1, 512: 0.2}
+    refused = remover.live()["refused_live"]
+    assert refused["user_config"] == {"batch_wait_timeout_s": {"1024": 0.1}} and "[1024]" in refused["error"]
+    assert len(refusals) == 2
+    assert "batch_wait_timeout_s.512: Input should be less than or equal to 1" in _errors(caplog)[0]
+
+    remover.reconfigure({"batch_wait_timeout_s": {"512": 0.3}})
+    assert remover.live()["batch_wait_timeout_s"] == {256: 0.1, 512: 0.3} and remover.live()["refused_live"] is None
+
+
+def test_an_invalid_live_value_keeps_the_scorers_wait(refusals, caplog):
+    scorer = object.__new__(Scorer.func_or_class)
+    scorer.queue = Batcher(scorer._score_batch, 8, 0.01)
+    scorer.reconfigure({"batch_wait_timeout_s": 0.02})
+    scorer.reconfigure({"batch_wait_timeout_s": -1})
+    assert scorer.queue.wait_s == 0.02 and "greater than or equal to 0" in scorer.refused_live["error"]
+    assert len(refusals) == 1 and len(_errors(caplog)) == 1
+
+
+def test_an_invalid_gate_keeps_the_ingress_serving_with_the_previous_one_and_readyz_says_so(refusals, caplog):
+    """A review's gate.threshold 20 took every Ingress replica down (DEPLOY_FAILED, the whole API 503)."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    async def ready():
+        return {"status": "ready"}
+
+    ingress = object.__new__(Ingress.func_or_class.__bases__[0])  # not @serve.ingress's wrapper: its __del__ is async
+    ingress.settings = AppSettings()
+    ingress.service = SimpleNamespace(settings=ingress.settings, ready=ready)
+    with pytest.raises(ValidationError):
+        ingress.reconfigure({"gate": {"threshold": 20}})
+    ingress.reconfigure({"gate": {"threshold": 0.7}})
+
+    ingress.reconfigure({"gate": {"threshold": 20}})
+    assert ingress.service.settings.gate.threshold == 0.7 == ingress.settings.gate.threshold
+    body = json.loads(asyncio.run(ingress.readyz()).body)
+    assert body["status"] == "ready"
+    [refused] = body["refused_live"]
+    assert refused["deployment"] == "Ingress" and refused["user_config"] == {"gate": {"threshold": 20}}
+    assert refused["error"].startswith("gate.threshold: Input should be less than or equal to 10")
+    assert len(refusals) == 1 and "Ingress: refused" in _errors(caplog)[0]
