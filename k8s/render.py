@@ -13,10 +13,9 @@ rendered `imaging` and `overload` settings and names the keys file while `auth` 
 (serve.proxy_limits.proxy_env: what `python -m serve run` sets): the values in the base manifest for the
 gpu target, the whole env of the head and worker containers in the dev patch for the cpu target.
 
-Every rendering is validated before it is written: Ray's own Serve schema
-(ray.serve.schema.ServeDeploySchema), unknown keys rejected at every level of that schema (Ray's
-schema ignores them), each deployment's autoscaling_config against Ray's AutoscalingConfig, and the
-application args against serve.config.AppSettings (extra keys forbidden).
+Every rendering is validated before it is written, as `python -m serve run` validates its config
+(serve.config.validate_serve_config): Ray's own Serve schema, unknown keys rejected at every level of it
+(Ray's schema ignores them), and the application args against serve.config.AppSettings.
 
     python k8s/render.py            # print the renderings
     python k8s/render.py --write    # update the manifests
@@ -31,8 +30,6 @@ import difflib
 import json
 import re
 import sys
-import types
-import typing
 from pathlib import Path
 
 import yaml
@@ -87,8 +84,10 @@ def render_config(target: str) -> dict:
     if set(overrides) != set(TARGETS):
         raise RenderError(f"{OVERRIDES.name} must hold exactly the targets {TARGETS}, has {sorted(overrides)}")
     config = merge(yaml.safe_load(SOURCE.read_text()), overrides[target])
+    from serve.config import validate_serve_config
+
     rendered = live_config(config)
-    validate(rendered)
+    validate_serve_config(rendered)
     return rendered
 
 
@@ -107,70 +106,6 @@ def render_text(target: str) -> str:
         "# Do not edit here: edit those and run `python k8s/render.py --write`.\n"
     )
     return header + yaml.safe_dump(render_config(target), sort_keys=False, default_flow_style=False, width=1000)
-
-
-# ---------------------------------------------------------------------------------------------------
-# validation
-
-
-def validate(config: dict) -> None:
-    """Ray's Serve schema, unknown keys anywhere in it, autoscaling configs, and our AppSettings."""
-    from ray.serve.config import AutoscalingConfig
-    from ray.serve.schema import ServeDeploySchema
-
-    from serve.config import AppSettings, check_deployments
-
-    ServeDeploySchema.model_validate(config)
-    unknown = unknown_keys(ServeDeploySchema, config)
-    if unknown:
-        raise RenderError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
-    for app in config["applications"]:
-        check_deployments(AppSettings.model_validate(app.get("args") or {}), app.get("deployments", []))
-        for deployment in app.get("deployments", []):
-            autoscaling = deployment.get("autoscaling_config")
-            if isinstance(autoscaling, dict):
-                AutoscalingConfig.model_validate(autoscaling)
-                unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
-                if unknown:
-                    raise RenderError(f"unknown autoscaling_config keys: {unknown}")
-
-
-def unknown_keys(model, data, path: str = "") -> list[str]:
-    """Dotted paths of keys in `data` that the pydantic `model` (recursively) has no field for."""
-    if not isinstance(data, dict):
-        return []
-    fields = {}
-    for name, field in model.model_fields.items():
-        fields[name] = field
-        if field.alias:
-            fields[field.alias] = field
-    problems = []
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            problems.append(where)
-            continue
-        for sub in _models_in(fields[key].annotation):
-            if isinstance(value, dict):
-                problems += unknown_keys(sub, value, where)
-            elif isinstance(value, list):
-                for i, item in enumerate(value):
-                    problems += unknown_keys(sub, item, f"{where}[{i}]")
-            break
-    return problems
-
-
-def _models_in(annotation) -> list:
-    """Pydantic models a field holds directly, through Optional / Union / list (not dict values: a
-    Dict field's keys are data, not fields)."""
-    from pydantic import BaseModel
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, list, tuple, set, frozenset, typing.Annotated):
-        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-    return []
 
 
 # ---------------------------------------------------------------------------------------------------

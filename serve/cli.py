@@ -47,15 +47,12 @@ STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace b
 
 
 def load_serve_config(path: Path) -> dict:
-    """Read a Serve config and validate it with Ray's schema and ours (unknown keys rejected)."""
-    from ray.serve.schema import ServeDeploySchema
-
-    from serve.config import AppSettings, check_deployments
+    """Read a Serve config and validate it with Ray's schema and ours, unknown keys rejected
+    (serve.config.validate_serve_config)."""
+    from serve.config import validate_serve_config
 
     config = yaml.safe_load(path.read_text())
-    ServeDeploySchema.model_validate(config)
-    for app in config["applications"]:
-        check_deployments(AppSettings.model_validate(app.get("args") or {}), app.get("deployments", []))
+    validate_serve_config(config)
     return config
 
 

@@ -609,6 +609,69 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
         )
 
 
+def validate_serve_config(config: dict) -> None:
+    """A whole Serve config, as strictly as it can be checked before Ray starts (`python -m serve run` and
+    k8s/render.py): Ray's Serve schema, unknown keys anywhere in it (Ray's schema silently drops them: a
+    typo'd max_queued_requests leaves the queue unbounded), each autoscaling_config, and our AppSettings."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    if not isinstance(config, dict):
+        raise ValueError(f"a Serve config is a mapping (applications, http_options, ...), not {type(config).__name__}")
+    ServeDeploySchema.model_validate(config)
+    unknown = unknown_keys(ServeDeploySchema, config)
+    if unknown:
+        raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
+    for app in config["applications"]:
+        check_deployments(AppSettings.model_validate(app.get("args") or {}), app.get("deployments", []))
+        for deployment in app.get("deployments", []):
+            autoscaling = deployment.get("autoscaling_config")
+            if isinstance(autoscaling, dict):
+                AutoscalingConfig.model_validate(autoscaling)
+                unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
+                if unknown:
+                    raise ValueError(f"unknown autoscaling_config keys: {unknown}")
+
+
+def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:
+    """Dotted paths of keys in `data` that the pydantic `model` (recursively) has no field for."""
+    if not isinstance(data, dict):
+        return []
+    fields = {}
+    for name, field in model.model_fields.items():
+        fields[name] = field
+        if field.alias:
+            fields[field.alias] = field
+    problems = []
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            problems.append(where)
+            continue
+        for sub in _models_in(fields[key].annotation):
+            if isinstance(value, dict):
+                problems += unknown_keys(sub, value, where)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    problems += unknown_keys(sub, item, f"{where}[{i}]")
+            break
+    return problems
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """Pydantic models a field holds directly, through Optional / Union / list (not dict values: a
+    Dict field's keys are data, not fields)."""
+    import types
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple, set, frozenset, typing.Annotated):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------------
 # The reference table in docs/configuration.md, generated from the fields (tests/test_config.py checks it)
 

@@ -28,6 +28,17 @@ def test_unknown_or_misspelt_settings_are_rejected(tmp_path):
         load_serve_config(path)
 
 
+def test_a_misspelt_ray_deployment_key_is_rejected_naming_it(tmp_path):
+    """Ray's schema drops it silently: a review's max_queued_request left the Remover's queue unbounded."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    remover = _deployments(config)["Remover"]
+    remover["max_queued_request"] = remover.pop("max_queued_requests")
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"\['applications\[0\]\.deployments\[1\]\.max_queued_request'\]"):
+        load_serve_config(path)
+
+
 def test_buckets_must_be_multiples_of_64():
     with pytest.raises(ValidationError, match="multiples of 64"):
         AppSettings.model_validate({"imaging": {"buckets": [500]}})

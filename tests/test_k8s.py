@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve.config import unknown_keys, validate_serve_config
 from tests.helpers import REPO, load_script
 
 try:
@@ -390,13 +391,13 @@ def test_serve_config_v2_passes_rays_schema_strictly_and_our_settings():
     for overlay in OVERLAYS:
         config = serve_config(find(built(overlay), "RayService"))
         ServeDeploySchema.model_validate(config)
-        assert render.unknown_keys(ServeDeploySchema, config) == [], overlay
+        assert unknown_keys(ServeDeploySchema, config) == [], overlay
         for app in config["applications"]:
             AppSettings.model_validate(app["args"])
             for deployment in app["deployments"]:
                 if "autoscaling_config" in deployment:
                     AutoscalingConfig.model_validate(deployment["autoscaling_config"])
-                    assert render.unknown_keys(AutoscalingConfig, deployment["autoscaling_config"]) == []
+                    assert unknown_keys(AutoscalingConfig, deployment["autoscaling_config"]) == []
 
 
 def test_the_strict_serve_check_finds_unknown_keys_at_every_level():
@@ -410,22 +411,22 @@ def test_the_strict_serve_check_finds_unknown_keys_at_every_level():
     config["http_options"]["hots"] = "0.0.0.0"
     config["grpc_option"] = {}
     ServeDeploySchema.model_validate(config)  # Ray alone lets all of these through
-    assert sorted(render.unknown_keys(ServeDeploySchema, config)) == [
+    assert sorted(unknown_keys(ServeDeploySchema, config)) == [
         "applications[0].deployments[1].max_ongoing_request",
         "applications[0].deployments[1].ray_actor_options.num_gpu",
         "grpc_option",
         "http_options.hots",
     ]
-    with pytest.raises(render.RenderError, match="max_ongoing_request"):
-        render.validate(config)
+    with pytest.raises(ValueError, match="max_ongoing_request"):
+        validate_serve_config(config)
     bad_autoscaling = render.render_config("gpu")
     bad_autoscaling["applications"][0]["deployments"][1]["autoscaling_config"]["max_replica"] = 3
-    with pytest.raises(render.RenderError, match="max_replica"):
-        render.validate(bad_autoscaling)
+    with pytest.raises(ValueError, match="max_replica"):
+        validate_serve_config(bad_autoscaling)
     bad_args = render.render_config("gpu")
     bad_args["applications"][0]["args"]["engine"]["devise"] = "cuda"
     with pytest.raises(ValidationError, match="devise"):
-        render.validate(bad_args)
+        validate_serve_config(bad_args)
 
 
 def test_the_override_merge_rules():
