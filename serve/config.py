@@ -111,6 +111,15 @@ class BundleSettings(_Strict):
         "weights' sha256 is checked as they are read either way",
     )
 
+    @model_validator(mode="after")
+    def _one_source(self) -> "BundleSettings":
+        """Refused before Ray starts, not by the replica's open_bundle (the deployment then fails to start)."""
+        if self.path and self.authors is not None:
+            raise ValueError(
+                "set either bundle.path or bundle.authors, not both (--bundle and ROREM_BUNDLE set bundle.path)"
+            )
+        return self
+
     def is_tiny(self) -> bool:
         return not self.path and self.authors is None
 
@@ -595,8 +604,11 @@ RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deploymen
 
 
 def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
-    """What the app settings need of the Ray-owned deployment knobs: the Remover must accept every
-    bucket's full batch at once, or its batches never fill (Ray only warns)."""
+    """What the app settings need of the Ray-owned deployment knobs: no Scorer entry without a Scorer (Ray
+    fails the deploy: "Deployment 'Scorer' does not exist"), and the Remover must accept every bucket's full
+    batch at once, or its batches never fill (Ray only warns)."""
+    if not settings.scorer.enabled and any(d.get("name") == "Scorer" for d in deployments):
+        raise ValueError("deployments lists the Scorer, but scorer.enabled is false: remove its entry")
     remover = next((d for d in deployments if d.get("name") == "Remover"), None)
     if remover is None:
         return

@@ -39,6 +39,20 @@ def test_a_misspelt_ray_deployment_key_is_rejected_naming_it(tmp_path):
         load_serve_config(path)
 
 
+def test_conflicts_the_replica_would_find_are_refused_before_ray_starts(tmp_path):
+    """A review found both only after Ray started: the deployment failed ("Deployment 'Scorer' does not exist",
+    or the replica's "not both")."""
+    authors = {"unet": "hf:LetsThink/RORem", "lcm_lora": "hf:latent-consistency/lcm-lora-sdxl"}
+    with pytest.raises(ValidationError, match="either bundle.path or bundle.authors, not both"):
+        AppSettings.model_validate({"bundle": {"path": "/models/x", "authors": authors}})
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["applications"][0]["args"].update({"scorer": {"enabled": False}, "gate": {"mode": "off"}})
+    path = tmp_path / "scorer_off.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="deployments lists the Scorer, but scorer.enabled is false"):
+        load_serve_config(path)
+
+
 def test_buckets_must_be_multiples_of_64():
     with pytest.raises(ValidationError, match="multiples of 64"):
         AppSettings.model_validate({"imaging": {"buckets": [500]}})

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import httpx
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+from serve import launcher
 from serve import rorem_pb2 as pb
 from serve.cli import ForeignInstance, StopRequest, listen_addresses, run, session_members, wait_until_ready
 from serve.config import AppSettings
@@ -133,6 +135,33 @@ def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     assert code == 2 and time.monotonic() - started < 5
     err = capsys.readouterr().err
     assert f"the gRPC port {port} (::) is already in use, held by pid {os.getpid()}" in err
+
+
+def _status(app: str, deployments: dict[str, tuple[str, str]], message: str = "") -> SimpleNamespace:
+    """A ray.serve.status() answer: one application and its deployments' (status, message)."""
+    states = {name: SimpleNamespace(status=status, message=text) for name, (status, text) in deployments.items()}
+    return SimpleNamespace(
+        applications={"rorem": SimpleNamespace(status=app, message=message, deployments=states)}
+    )
+
+
+def test_a_deploy_that_failed_for_good_ends_the_start_at_once_with_rays_message():
+    """A review's missing bundle and Scorer without a Scorer waited out --ready-timeout (600 s) in silence."""
+    traceback = "Traceback (most recent call last):\n  File ...\nFileNotFoundError: no bundle at /models/x"
+    answers = iter([
+        SimpleNamespace(applications={}),
+        _status("DEPLOYING", {"Remover": ("UPDATING", "")}),
+        _status("DEPLOY_FAILED", {"Ingress": ("HEALTHY", ""), "Remover": ("DEPLOY_FAILED", f"failed 3 times. Error:\n{traceback}")},
+                "Deploying app 'rorem' failed"),
+    ])  # fmt: skip
+    failure = launcher.wait_for_start(lambda: next(answers), poll_s=0)
+    assert failure == (
+        "application 'rorem': Deploying app 'rorem' failed; deployment 'Remover': FileNotFoundError: no bundle at /models/x"
+    )
+    long = _status("DEPLOY_FAILED", {}, "x" * 5000).applications["rorem"]
+    assert len(launcher.deploy_failure("rorem", long)) == len("application 'rorem': ") + launcher.MESSAGE_CHARS
+    running = iter([_status("DEPLOYING", {}), _status("RUNNING", {"Remover": ("HEALTHY", "")})])
+    assert launcher.wait_for_start(lambda: next(running), poll_s=0) is None
 
 
 # --- one real service: a second start, the gRPC limit, then SIGTERM ----------------------------------
