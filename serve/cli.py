@@ -52,6 +52,8 @@ def load_serve_config(path: Path) -> dict:
     from serve.config import validate_serve_config
 
     config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"not a Serve config (a mapping: applications, http_options, ...) but {type(config).__name__}")
     validate_serve_config(config)
     return config
 
@@ -400,6 +402,29 @@ def session_members(sid: int) -> list[int] | None:
     return members
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port (a larger number failed deep in the port check with an OverflowError)."""
+    port = _whole_number(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
+
+
+def gpu_count(text: str) -> int:
+    """argparse type: GPUs Ray may schedule (a negative count reached Ray)."""
+    count = _whole_number(text)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{count}: a GPU count is 0 or more")
+    return count
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (`python -m serve ...`); the Dockerfile's CMD is checked against it."""
     parser = argparse.ArgumentParser(prog="python -m serve")
@@ -408,15 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     run_cmd.add_argument("--bundle", default=None, help="bundle folder (default: $ROREM_BUNDLE)")
     run_cmd.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
-    run_cmd.add_argument("--port", type=int, default=None)
-    run_cmd.add_argument("--grpc-port", type=int, default=None, help="gRPC port (config default 9000)")
+    run_cmd.add_argument("--port", type=port_number, default=None)
+    run_cmd.add_argument("--grpc-port", type=port_number, default=None, help="gRPC port (config default 9000)")
     run_cmd.add_argument(
-        "--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Ray's Prometheus export port (GET /metrics)"
+        "--metrics-port",
+        type=port_number,
+        default=DEFAULT_METRICS_PORT,
+        help="Ray's Prometheus export port (GET /metrics)",
     )
     run_cmd.add_argument("--ready-timeout", type=float, default=600.0)
     run_cmd.add_argument(
         "--gpus",
-        type=int,
+        type=gpu_count,
         default=None,
         help="GPUs Ray may schedule (default: the CUDA devices here; a count to simulate)",
     )
@@ -434,6 +462,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_problem(exc: Exception) -> str:
+    """One line: a YAML error by its place in the file, a settings error by its field."""
+    from serve.config import invalid_because
+
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return invalid_because(exc)
+
+
+def _cannot_start(reason: str) -> int:
+    print(f"[rorem] cannot start: {reason}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     if options.command == "new-key":
@@ -441,11 +484,15 @@ def run(argv: list[str] | None = None) -> int:
         limits = {"requests_per_minute": options.requests_per_minute, "max_concurrent": options.max_concurrent}
         return add_api_key(options.keys_file, options.name, scopes, options.team, **limits)
 
-    # the ports first, from the bare YAML: a busy port fails the start in a second, before the model
-    # libraries load
-    plain = yaml.safe_load(options.config.read_text())
-    choose_ports(plain, options.host, options.port, options.grpc_port)
-    busy = busy_ports(listen_addresses(plain, options.metrics_port))
+    from serve.config import BUNDLE_ENV, invalid_because, validate_serve_config
+
+    try:
+        config = load_serve_config(options.config)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        return _cannot_start(f"{options.config}: {_config_problem(exc)}")
+    # the ports before anything else: a busy port fails the start in a second, before the model libraries load
+    choose_ports(config, options.host, options.port, options.grpc_port)
+    busy = busy_ports(listen_addresses(config, options.metrics_port))
     for line in busy:
         print(f"[rorem] cannot start: {line}", file=sys.stderr, flush=True)
     if busy:
@@ -456,16 +503,16 @@ def run(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from serve.config import BUNDLE_ENV
     from serve.proxy_limits import proxy_env
 
-    config = load_serve_config(options.config)
     bundle = options.bundle or os.environ.get(BUNDLE_ENV)
     try:
         notes = fit_to_machine(config, bundle, options.host, options.port, options.grpc_port, options.gpus)
+        validate_serve_config(config)  # with the command line's choices: --bundle over bundle.authors
     except PlacementError as exc:
-        print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return _cannot_start(str(exc))
+    except ValueError as exc:
+        return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     app = config["applications"][0]
     addresses = listen_addresses(config, options.metrics_port)
     host, port = addresses["HTTP"]

@@ -11,7 +11,16 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticUndefined
 
 from engines.gate import GateMode
@@ -53,6 +62,16 @@ def _bucket_sides(buckets: list[int]) -> list[int]:
 
 # the model input sides (the service's imaging.buckets, the release gate's --buckets): sorted, no repeats
 Buckets = Annotated[list[int], Field(min_length=1), AfterValidator(_bucket_sides)]
+
+
+def invalid_because(exc: ValueError) -> str:
+    """One line for an invalid value: each pydantic error as `field: message`."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+    return str(exc)
 
 
 class _Strict(BaseModel):
@@ -628,8 +647,6 @@ def validate_serve_config(config: dict) -> None:
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
-    if not isinstance(config, dict):
-        raise ValueError(f"a Serve config is a mapping (applications, http_options, ...), not {type(config).__name__}")
     ServeDeploySchema.model_validate(config)
     unknown = unknown_keys(ServeDeploySchema, config)
     if unknown:

@@ -12,21 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import ValidationError
-
+from serve.config import invalid_because
 from serve.metrics import live_refusals
 
 logger = logging.getLogger("ray.serve")
-
-
-def reason(exc: ValueError) -> str:
-    """One line for an invalid value: each pydantic error as `field: message`."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'user_config'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-    return str(exc)
 
 
 class LiveSettings:
@@ -50,7 +39,7 @@ class LiveSettings:
         except ValueError as exc:
             if not self._live_applied:
                 raise
-            self._refuse(user_config, reason(exc))
+            self._refuse(user_config, invalid_because(exc))
             return
         self.apply_live(parsed)
         self._live_applied = True

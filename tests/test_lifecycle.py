@@ -137,6 +137,64 @@ def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     assert f"the gRPC port {port} (::) is already in use, held by pid {os.getpid()}" in err
 
 
+def _local_yaml(edit=None) -> str:
+    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    if edit:
+        edit(config)
+    return yaml.safe_dump(config)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """These starts must fail before Ray: a launch is a failure of the test, not a service."""
+
+    def launch(*args, **kwargs):
+        raise AssertionError("the CLI launched Ray")
+
+    monkeypatch.setattr("serve.cli.subprocess", SimpleNamespace(Popen=launch))
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (None, "No such file or directory"),
+        ("", "not a Serve config (a mapping: applications, http_options, ...) but NoneType"),
+        ("applications: [\n", "line 2, column 1: expected the node content"),
+        (_local_yaml(lambda c: c["applications"][0]["args"].update(batching={"max_batch_sz": 8})),
+         "batching.max_batch_sz: Extra inputs are not permitted"),
+        (_local_yaml(lambda c: c["http_options"].update(port="eighty")), "http_options.port: Input should be a valid integer"),
+    ],
+    ids=["missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number"],
+)  # fmt: skip
+def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(tmp_path, capsys, no_launch, text, said):
+    """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError)."""
+    path = tmp_path / "serve.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert run(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"[rorem] cannot start: {path}: ") and said in err and "Traceback" not in err
+
+
+def test_a_bundle_flag_over_the_authors_layout_fails_the_start(tmp_path, capsys, no_launch):
+    authors = {"unet": "hf:LetsThink/RORem", "lcm_lora": "/l"}
+    path = tmp_path / "serve.yaml"
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(bundle={"authors": authors})))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert run(["run", "--config", str(path), "--bundle", "/models/b", *ports]) == 2
+    assert "with the command line: bundle: set either bundle.path or bundle.authors, not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [(["--port", "99999"], "99999 is not a port (1-65535)"), (["--gpus", "-1"], "-1: a GPU count is 0 or more")],
+)
+def test_a_bad_flag_is_refused_by_the_command_line(capsys, flags, said):
+    with pytest.raises(SystemExit) as exit:
+        run(["run", *flags])
+    assert exit.value.code == 2 and said in capsys.readouterr().err
+
+
 def _status(app: str, deployments: dict[str, tuple[str, str]], message: str = "") -> SimpleNamespace:
     """A ray.serve.status() answer: one application and its deployments' (status, message)."""
     states = {name: SimpleNamespace(status=status, message=text) for name, (status, text) in deployments.items()}
