@@ -70,6 +70,7 @@ class Ingress(GrpcMethods, LiveSettings):
             worker_pool(default_workers(), "rorem-default", overload.worker_nice)
         )
         sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
+        loop_lag().report = self.metrics.loop_lag.observe  # ticking from the start, not from the first /healthz
 
     def parse_live(self, user_config: dict) -> AppSettings:
         """serve.config.IngressLive: the gate."""
@@ -83,7 +84,7 @@ class Ingress(GrpcMethods, LiveSettings):
     @api.get("/healthz", dependencies=[auth.PUBLIC])
     async def healthz(self) -> dict:
         """The ingress process is alive (says nothing about the models); loop_lag_ms: the longest its event
-        loop ran late since the previous /healthz (serve.loop_lag, ticking from the first one)."""
+        loop ran late since the previous /healthz (serve.loop_lag)."""
         instance = os.environ.get("ROREM_INSTANCE_ID")  # serve.cli.INSTANCE_ENV
         return {"status": "alive", "instance": instance, "loop_lag_ms": loop_lag().take_worst_ms()}
 

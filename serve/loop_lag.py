@@ -4,21 +4,27 @@ A ticker sleeps PERIOD_S at a time and records how much later than asked it woke
 any request waits for the loop: a callback or a C call holding it (or the GIL, from a worker thread), or
 the process waiting for a core. Set beside a client's /healthz latency, it tells a stall of this loop
 from delays elsewhere (the proxy, the client's machine). /healthz reports the worst since the previous
-/healthz, so a prober that keeps every answer sees every stall once, and can tell when it happened.
+/healthz, so a prober that keeps every answer sees every stall once, and can tell when it happened; the worst
+of each second also goes to a histogram (`rorem_loop_lag_seconds`), which no caller resets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 PERIOD_S = 0.01
+REPORT_EVERY_S = 1.0
 
 
 class LoopLag:
-    def __init__(self, period_s: float = PERIOD_S):
+    def __init__(self, period_s: float = PERIOD_S, report_every_s: float = REPORT_EVERY_S):
         self.period_s = period_s
+        self.report_every_s = report_every_s
+        self.report: Callable[[float], object] | None = None  # given each window's worst lateness, in seconds
         self._worst = 0.0
+        self._window_worst = 0.0
         self._task: asyncio.Task | None = None
 
     def start(self) -> LoopLag:
@@ -28,10 +34,19 @@ class LoopLag:
         return self
 
     async def _tick(self) -> None:
+        window_ends = time.perf_counter() + self.report_every_s
         while True:
             asked = time.perf_counter() + self.period_s
             await asyncio.sleep(self.period_s)
-            self._worst = max(self._worst, time.perf_counter() - asked)
+            now = time.perf_counter()
+            late = now - asked
+            self._worst = max(self._worst, late)
+            self._window_worst = max(self._window_worst, late)
+            if now >= window_ends:
+                if self.report is not None:
+                    self.report(self._window_worst)
+                self._window_worst = 0.0
+                window_ends = now + self.report_every_s
 
     def take_worst_ms(self) -> float:
         """The worst lateness since the previous call (or since the start), in ms; the next call starts afresh."""

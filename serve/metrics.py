@@ -18,6 +18,8 @@ LATENCY_BUCKETS_S = [
 # what an answer was, for the latency histogram: instant refusals must not hide how long removals take
 OUTCOMES = ("ok", "client_error", "refused", "timeout", "server_error", "client_gone")
 CLIENT_CLOSED = 499  # the status of a request whose client hung up before its answer (nginx's code)
+# the ingress event loop's worst lateness in a second: a few ms is idle, 50 ms is /healthz's goal
+LOOP_LAG_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 ATTEMPT_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]
 
@@ -33,11 +35,14 @@ FEEDBACK = "rorem_feedback_total"
 KEYS_FILE_ERRORS = "rorem_auth_keys_file_errors_total"
 QUOTA_LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
 LIVE_REFUSALS = "rorem_live_settings_refused_total"
+LOOP_LAG = "rorem_loop_lag_seconds"
 
 STAGES = (
-    "read", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score", "paste", "encode"
-)
-INGRESS_STAGES = frozenset({"read", "decode", "score", "paste", "encode"})  # the model deployments record the others
+    "read", "cpu_wait", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score",
+    "paste", "encode",
+)  # fmt: skip
+# the model deployments record the others
+INGRESS_STAGES = frozenset({"read", "cpu_wait", "decode", "score", "paste", "encode"})
 
 
 class IngressMetrics:
@@ -73,6 +78,12 @@ class IngressMetrics:
             tag_keys=("outcome",),
         )
         self.feedback = Counter(FEEDBACK, description="Verdicts received on retained results.", tag_keys=("verdict",))
+        self.loop_lag = Histogram(
+            LOOP_LAG,
+            description="The worst lateness of the Ingress replica's event loop in each second, in seconds "
+            "(serve.loop_lag): the longest any request on that replica waited for the loop in that second.",
+            boundaries=LOOP_LAG_BUCKETS_S,
+        )
         self.keys_file_errors = Counter(
             KEYS_FILE_ERRORS, description="Times the API keys file became unreadable or invalid (every key refused)."
         )

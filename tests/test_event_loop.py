@@ -188,6 +188,26 @@ def test_loop_lag_reports_a_stall_once():
     assert stalled >= 140 and after < stalled, (stalled, after)
 
 
+def test_loop_lag_reports_each_windows_worst_whoever_reads_healthz():
+    """The metric's side: each window's worst goes to the histogram, and a /healthz caller taking the worst in
+    between (any caller resets its own window) takes nothing from it."""
+    reported = []
+
+    async def scenario():
+        lag = LoopLag(period_s=0.005, report_every_s=0.1)
+        lag.report = reported.append
+        lag.start()
+        await asyncio.sleep(0.15)
+        time.sleep(0.12)  # noqa: ASYNC251 -- the stall under test: the loop is held
+        await asyncio.sleep(0.01)
+        lag.take_worst_ms()  # a prober reads /healthz
+        await asyncio.sleep(0.25)
+
+    asyncio.run(scenario())
+    assert len(reported) >= 3, reported
+    assert max(reported) >= 0.11 and sorted(reported)[0] < 0.05, reported
+
+
 def test_json_of_many_keys_is_parsed_member_by_member(monkeypatch):
     """A top-level object's members are each one C call (a key, a value), never the whole body: 100000 keys
     (1.4 MB) in one json.loads held the GIL 50-260 ms."""

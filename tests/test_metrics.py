@@ -79,8 +79,9 @@ def test_metrics_after_traffic(service):
     assert _total(families, metrics.REQUEST_LATENCY, "_count", route="/remove", outcome="ok") >= 5
     assert _total(families, metrics.REQUEST_LATENCY, "_count", route="/remove", outcome="client_error") >= 1
 
-    for stage in ("read", "decode", "queue_wait", "vae_encode", "unet", "vae_decode", "score", "paste", "encode"):
+    for stage in ("read", "cpu_wait", "decode", "queue_wait", "vae_encode", "unet", "vae_decode", "score", "paste", "encode"):
         assert _total(families, metrics.STAGE_LATENCY, "_count", stage=stage) >= 1, stage
+    assert _total(families, metrics.LOOP_LAG, "_count") >= 1, "the Ingress's loop lag, every second from its start"
     unet = _total(families, metrics.STAGE_LATENCY, "_count", stage="unet")
     assert _bucket(families, metrics.STAGE_LATENCY, 0.005, stage="unet") < unet, "4 UNet steps take > 5 ms"
 
