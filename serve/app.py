@@ -56,7 +56,12 @@ class Ingress(GrpcMethods, LiveSettings):
         self.metrics = ingress_metrics()
         self.service = RemovalService(self.settings, remover, scorer, self.metrics, result_store=result_store)
         overload = self.settings.overload
-        self.admission = Admission(overload.max_in_flight, overload.retry_after_s, overload.max_queue_wait_s)
+        # by route: a score and a removal run on different deployments at different rates, and fast scores
+        # counted into the removals' rate would admit removals the Remover cannot serve in time
+        self.admissions = {
+            route: Admission(overload.max_in_flight, overload.retry_after_s, overload.max_queue_wait_s)
+            for route in ("/remove", "/score")
+        }
         self.access = auth.install(self.settings.auth, self.metrics.keys_file_errors.inc)
         app_name = serve.get_replica_context().app_name
         self.quotas = quotas.install(
@@ -112,7 +117,8 @@ class Ingress(GrpcMethods, LiveSettings):
     )
     async def remove(self, request: Request) -> Response:
         request.state.request_id = request_id_of(request)
-        self.admission.check()
+        admission = self.admissions["/remove"]
+        admission.check()
         started = time.perf_counter()
         upload = await read_removal_request(
             request, self.settings.imaging.max_upload_bytes, self.offload.run, self.settings.overload.body_timeout_s
@@ -121,8 +127,8 @@ class Ingress(GrpcMethods, LiveSettings):
         accept = request.headers.get("accept", "")
         # taken once the body is in (a slow upload holds no slot), held until the reply is encoded: a large
         # JSON reply is counted in flight while it is built
-        with self.admission.slot() as place:
-            self.admission.check_deadline(upload.options.timeout_s)
+        with admission.slot() as place:
+            admission.check_deadline(upload.options.timeout_s)
             reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal))
             place.counted = reply.bucket is not None
             return await self._removal_response(reply, read_s, accept)
@@ -175,11 +181,12 @@ class Ingress(GrpcMethods, LiveSettings):
     async def score(self, request: Request) -> JSONResponse:
         """Score an existing (source, mask, edited) triple with the discriminator."""
         request.state.request_id = request_id_of(request)
-        self.admission.check()
+        admission = self.admissions["/score"]
+        admission.check()
         upload = await read_score_request(
             request, self.settings.imaging.max_upload_bytes, self.offload.run, self.settings.overload.body_timeout_s
         )
-        with self.admission.slot():
+        with admission.slot():
             reply = await self.service.score(upload)
         return JSONResponse(
             {"score": reply.score, "threshold": reply.threshold, "passed": reply.passed, "bucket": reply.bucket}

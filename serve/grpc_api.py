@@ -125,7 +125,7 @@ class GrpcMethods:
 
     async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> pb.RemoveReply:
         upload = removal_request(message, self.settings.imaging.max_upload_bytes)
-        self.admission.check_deadline(upload.options.timeout_s)
+        self.admissions["/remove"].check_deadline(upload.options.timeout_s)
         reply = await self.service.remove(upload, owner=auth.result_owner(principal))
         place.counted = reply.bucket is not None
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
@@ -149,7 +149,7 @@ class GrpcMethods:
                 quota.check()
             if isinstance(message, MalformedMessage):
                 raise Problem("malformed-body", f"cannot parse the request message: {message.error}")
-            with self.admission.slot() as place:
+            with self.admissions[route].slot() as place:
                 reply = await handler(message, request_id, principal, place)
             status = "OK"
         except Problem as problem:

@@ -172,7 +172,8 @@ class Metrics:
 
 def _ingress() -> GrpcMethods:
     ingress = GrpcMethods()
-    ingress.access, ingress.quotas, ingress.admission, ingress.metrics = Access(), Quotas(), Admission(), Metrics()
+    ingress.access, ingress.quotas, ingress.metrics = Access(), Quotas(), Metrics()
+    ingress.admissions = {"/remove": Admission(), "/score": Admission()}
     return ingress
 
 
@@ -214,7 +215,7 @@ def test_a_call_the_client_cancels_is_counted_and_gives_back_its_slot_and_lease(
     from serve.admission import Admission as RealAdmission
 
     ingress = _ingress()
-    ingress.admission = RealAdmission(48, 1)
+    ingress.admissions["/remove"] = RealAdmission(48, 1)
     released = []
     ingress.quotas.release = released.append
 
@@ -224,11 +225,34 @@ def test_a_call_the_client_cancels_is_counted_and_gives_back_its_slot_and_lease(
     async def main():
         call = asyncio.ensure_future(ingress._grpc("/remove", "remove", Context(), pb.RemoveReply, model_work, None))
         await asyncio.sleep(0.1)
-        assert ingress.admission.in_flight == 1
+        assert ingress.admissions["/remove"].in_flight == 1
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        return ingress.admission.in_flight
+        return ingress.admissions["/remove"].in_flight
 
     assert asyncio.run(main()) == 0
     assert ingress.metrics.answers == [("/remove", "grpc", "CANCELLED")] and released == [None]
+
+
+def test_scores_and_removals_are_admitted_each_by_their_own_rate_and_count():
+    """The Scorer and the Remover are different deployments: scores counted into the removals' rate and count made
+    the Remover look as fast as the Scorer (removals admitted far past max_queue_wait_s)."""
+    from serve.admission import Admission as RealAdmission
+
+    ingress = _ingress()
+    ingress.admissions = {"/remove": RealAdmission(48, 1), "/score": RealAdmission(48, 1)}
+
+    async def model_work(message, request_id, principal, place):
+        await asyncio.sleep(60)
+
+    async def main():
+        call = asyncio.ensure_future(ingress._grpc("/score", "score", Context(), pb.ScoreReply, model_work, None))
+        await asyncio.sleep(0.1)
+        in_flight = {route: admission.in_flight for route, admission in ingress.admissions.items()}
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        return in_flight
+
+    assert asyncio.run(main()) == {"/remove": 0, "/score": 1}
