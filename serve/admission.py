@@ -1,11 +1,13 @@
 """Admission control for one ingress replica: refuse early (429) instead of queueing without end.
 
 Two limits, both answered at once with a problem+json 429 and a Retry-After, before the body is read:
-- by time: the replica measures the rate at which it gets results while it has work in progress
-  (`ServiceRate`); a request that would wait longer than `max_queue_wait_s` behind the requests
-  already admitted is refused, with Retry-After = how long until the queue is back under that wait.
-  A request whose own `timeout_s` is shorter than the expected wait is refused too (`check_deadline`):
-  admitting it would only spend model time on an answer nobody waits for.
+- by time: the replica measures the rate at which it gets model work done while it has work in progress
+  (`ServiceRate`), in work units (`work_units`: a request counts one unit until it is decoded and planned,
+  then its crops, each by its bucket's area); a request that would wait longer than `max_queue_wait_s`
+  behind the work already admitted is refused, with Retry-After = how long until the queue is back under
+  that wait. A request whose own deadline is shorter than the expected wait is refused too
+  (`check_deadline`): admitting it would only spend model time on an answer nobody waits for. Once a
+  request is planned (`Place.planned`) both are checked again with its real work.
 - by count: at most `limit` requests in progress (a backstop while the rate is still unknown).
 Past these, the model deployments' own bounded queues answer 503 (serve.service).
 """
@@ -26,17 +28,24 @@ AFTER_MODEL_WORK = frozenset({"removal-failed"})  # every gate attempt ran and s
 MIN_BUSY_S = 1.0  # below this much measured busy time the rate is unknown (admit by count only)
 
 
+def work_units(buckets: list[int], smallest_bucket: int) -> float:
+    """A removal's model work in units of one crop at the smallest bucket: each crop is a model call, and a
+    crop costs about its area (a 1024 crop ~4x a 512 one). Requests differ by up to gate.max_model_calls
+    crops of any bucket, so a rate counted in requests says nothing about the work queued."""
+    return sum((side / smallest_bucket) ** 2 for side in buckets)
+
+
 class ServiceRate:
-    """Results per second while busy: completions over the time with at least one request in
-    progress, over the last RATE_WINDOW completions. Idle time does not count, so a quiet period
-    does not make the service look slow."""
+    """Work units done per second while busy: the units of completed results over the time with at least
+    one request in progress, over the last RATE_WINDOW completions. Idle time does not count, so a quiet
+    period does not make the service look slow."""
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.busy_s = 0.0  # total time with work in progress
-        self.completed = 0
+        self.completed = 0.0  # work units of the results so far
         self._busy_since: float | None = None
-        self._samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)  # (busy_s, completed)
+        self._samples: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW + 1)  # (busy_s, completed)
 
     def _busy_now(self) -> float:
         return self.busy_s + (self.clock() - self._busy_since if self._busy_since is not None else 0.0)
@@ -45,13 +54,14 @@ class ServiceRate:
         if in_flight_before == 0:
             self._busy_since = self.clock()
 
-    def finished(self, in_flight_after: int, counted: bool = True) -> None:
-        """`counted`: the request got a result from the model path; its time in progress counts either way."""
+    def finished(self, in_flight_after: int, units: float) -> None:
+        """`units`: the request's work units if it got a result from the model path, else 0; its time in
+        progress counts either way."""
         busy = self._busy_now()
         if in_flight_after == 0:
             self.busy_s, self._busy_since = busy, None
-        if counted:
-            self.completed += 1
+        if units:
+            self.completed += units
             self._samples.append((busy, self.completed))
 
     def per_second(self) -> float | None:
@@ -63,9 +73,25 @@ class ServiceRate:
         return (done1 - done0) / (busy1 - busy0)
 
 
-@dataclass
+@dataclass(eq=False)
 class Place:
+    """A request in progress (Admission.slot)."""
+
+    admission: Admission
+    units: float = 1.0  # its work units: one until it is planned (`planned`)
     counted: bool | None = None  # None: by how the request ends (see Admission.slot)
+
+    def check_deadline(self, deadline_s: float | None) -> None:
+        """Refuse the request if its own deadline is shorter than the wait ahead of it."""
+        if deadline_s is not None:
+            self.admission._check_wait_ahead(self, deadline_s, None)
+
+    def planned(self, units: float, deadline_s: float) -> None:
+        """The request is decoded and planned: from now on it counts its real work (`work_units`), and it is
+        refused (the 429 of `Admission.slot`) if the work ahead of it no longer fits in max_queue_wait_s or in
+        `deadline_s`, what is left of its deadline."""
+        self.units = units
+        self.admission._check_wait_ahead(self, deadline_s, self.admission.max_queue_wait_s)
 
 
 class Admission:
@@ -73,13 +99,21 @@ class Admission:
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.max_queue_wait_s = max_queue_wait_s
-        self.in_flight = 0
+        self.places: list[Place] = []  # the requests in progress
         self.rate = ServiceRate(clock)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.places)
+
+    def work(self) -> float:
+        """Work units in progress."""
+        return sum(place.units for place in self.places)
+
     def expected_wait_s(self) -> float | None:
-        """Seconds a request admitted now would wait behind those in progress; None while unknown."""
+        """Seconds a request admitted now would wait behind the work in progress; None while unknown."""
         rate = self.rate.per_second()
-        return None if rate is None else self.in_flight / rate
+        return None if rate is None else self.work() / rate
 
     def check(self) -> None:
         """Refuse now what `slot` would refuse, without taking a slot: called before a body is read, so an
@@ -96,15 +130,15 @@ class Admission:
 
     @contextmanager
     def slot(self):
-        """Hold one of the replica's places in progress. The request counts as a result of the service rate if
+        """Hold one of the replica's places in progress. The request's work units count as results of the rate if
         its body ends normally or with a problem answered after all its model work (AFTER_MODEL_WORK), unless it
         set `counted`: refusals, errors, hang-ups and answers without model work (an empty mask) take no model
         time, and counting them would make a loaded replica look fast (admitting more than it can serve); not
         counting a gate's refusal would make it look slow."""
         self.check()
         self.rate.started(self.in_flight)
-        self.in_flight += 1
-        place, result = Place(), False
+        place, result = Place(self), False
+        self.places.append(place)
         try:
             yield place
             result = True
@@ -112,17 +146,21 @@ class Admission:
             result = problem.problem in AFTER_MODEL_WORK
             raise
         finally:
-            self.in_flight -= 1
-            self.rate.finished(self.in_flight, result if place.counted is None else place.counted)
+            self.places.remove(place)
+            counted = result if place.counted is None else place.counted
+            self.rate.finished(self.in_flight, place.units if counted else 0.0)
 
-    def check_deadline(self, timeout_s: float | None) -> None:
-        """Refuse a request (already holding a slot) whose own deadline is shorter than the wait ahead of it."""
+    def _check_wait_ahead(self, place: Place, deadline_s: float, max_wait_s: float | None) -> None:
+        """Refuse `place` if the work in progress other than its own would take longer than its deadline or
+        `max_wait_s`."""
         rate = self.rate.per_second()
-        if timeout_s is None or rate is None or self.max_queue_wait_s is None:  # None: admission by count only
+        if rate is None or self.max_queue_wait_s is None:  # None: admission by count only
             return
-        ahead = (self.in_flight - 1) / rate
-        if ahead > timeout_s:
-            raise self._too_long(ahead, timeout_s, "its timeout_s")
+        ahead = (self.work() - place.units) / rate
+        if max_wait_s is not None and ahead > max_wait_s:
+            raise self._too_long(ahead, max_wait_s, "overload.max_queue_wait_s")
+        if ahead > deadline_s:
+            raise self._too_long(ahead, deadline_s, "its timeout_s")
 
     def _too_long(self, wait: float, allowed: float, which: str) -> Problem:
         retry_after = max(1, math.ceil(wait - allowed))

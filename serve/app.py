@@ -128,8 +128,8 @@ class Ingress(GrpcMethods, LiveSettings):
         # taken once the body is in (a slow upload holds no slot), held until the reply is encoded: a large
         # JSON reply is counted in flight while it is built
         with admission.slot() as place:
-            admission.check_deadline(upload.options.timeout_s)
-            reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal))
+            place.check_deadline(upload.options.timeout_s)
+            reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal), place)
             place.counted = reply.bucket is not None
             return await self._removal_response(reply, read_s, accept)
 

@@ -125,8 +125,8 @@ class GrpcMethods:
 
     async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> pb.RemoveReply:
         upload = removal_request(message, self.settings.imaging.max_upload_bytes)
-        self.admissions["/remove"].check_deadline(upload.options.timeout_s)
-        reply = await self.service.remove(upload, owner=auth.result_owner(principal))
+        place.check_deadline(upload.options.timeout_s)
+        reply = await self.service.remove(upload, owner=auth.result_owner(principal), admitted=place)
         place.counted = reply.bucket is not None
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
         return remove_reply(reply, request_id)

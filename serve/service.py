@@ -24,6 +24,7 @@ from engines.errors import InputError
 from engines.gate import MAX_SAFE_SEED, GatePolicy, ScorerUnavailable, max_crops
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, Prepared, RemovalPipeline, Timings, outage_detail
+from serve.admission import Place, work_units
 from serve.config import AppSettings, GateSettings
 from serve.handles import answer_or_cancel, within
 from serve.health import Readiness
@@ -180,8 +181,11 @@ class RemovalService:
             "gate": gate.model_dump(),
         }
 
-    async def remove(self, upload: RemovalRequest, accept: str = "", owner: str | None = None) -> RemovalReply:
-        """`owner`: whose the retained result is (serve.auth.result_owner of the caller's key).
+    async def remove(
+        self, upload: RemovalRequest, accept: str = "", owner: str | None = None, admitted: Place | None = None
+    ) -> RemovalReply:
+        """`owner`: whose the retained result is (serve.auth.result_owner of the caller's key). `admitted`: the
+        request's admission place, told its work once the request is planned (it may refuse it then).
 
         The request's deadline (its timeout_s, at most request_timeout_s) counts from here: the wait for an
         image-work slot and the decode count against it, and model work and encode are cut at it. The decode
@@ -206,6 +210,8 @@ class RemovalService:
             imaging.check_output(fmt, *prepared.image.rgb.shape[:2])  # before the model runs, not from the encoder
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
+        if admitted is not None and prepared.plans:
+            admitted.planned(work_units(prepared.buckets, min(self.pipeline.crops.buckets)), deadline - loop.time())
         try:
             reply = await within(self._remove(upload, prepared, fmt, gate, policy, timings), deadline - loop.time())
         except asyncio.TimeoutError as exc:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 
 import pytest
 
-from serve.admission import Admission, ServiceRate
+from serve.admission import Admission, ServiceRate, work_units
 from serve.problems import Problem
 
 
@@ -19,10 +20,11 @@ class Clock:
         return self.now
 
 
-def _serve(admission: Admission, clock: Clock, requests: int, service_s: float) -> None:
-    """`requests` one after another, each taking service_s."""
+def _serve(admission: Admission, clock: Clock, requests: int, service_s: float, units: float = 1.0) -> None:
+    """`requests` one after another, each of `units` work units taking service_s."""
     for _ in range(requests):
-        with admission.slot():
+        with admission.slot() as place:
+            place.planned(units, math.inf)
             clock.now += service_s
 
 
@@ -78,17 +80,16 @@ def test_a_deadline_shorter_than_the_wait_ahead_is_refused():
     admission = Admission(1000, 2, max_queue_wait_s=60.0, clock=clock)
     _serve(admission, clock, 10, 1.0)  # 1 result per second
     held = [admission.slot() for _ in range(4)]
-    for slot in held:
-        slot.__enter__()  # the 4th is "this" request: 3 ahead of it, 3 s
-    admission.check_deadline(3.5)
-    admission.check_deadline(None)
+    places = [slot.__enter__() for slot in held]  # the 4th is "this" request: 3 ahead of it, 3 s
+    places[-1].check_deadline(3.5)
+    places[-1].check_deadline(None)
     with pytest.raises(Problem) as refused:
-        admission.check_deadline(2.0)
+        places[-1].check_deadline(2.0)
     assert "timeout_s" in refused.value.detail and refused.value.headers["Retry-After"] == "1"
     by_count_only = Admission(1000, 2, max_queue_wait_s=None, clock=clock)
     by_count_only.rate = admission.rate
-    by_count_only.in_flight = 4
-    by_count_only.check_deadline(0.001)  # admission by time is off: never refused for its deadline
+    by_count_only_places = [by_count_only.slot().__enter__() for _ in range(4)]
+    by_count_only_places[-1].check_deadline(0.001)  # admission by time is off: never refused for its deadline
 
 
 
@@ -125,3 +126,32 @@ def test_a_gate_refusal_after_all_its_model_work_counts_as_a_result():
             if n % 2:
                 raise Problem("removal-failed", "every attempt scored below the threshold")
     assert admission.rate.per_second() == pytest.approx(1.0)
+
+
+def test_the_wait_counts_each_request_s_model_work_not_requests():
+    # single-crop 512 removals at 4/s, then removals of 8 crops at 1024: 32 units, 8 s of model work each. Counted
+    # as requests, each was a 0.25 s one: 20 of them fit in max_queue_wait_s 5, 160 s of model work
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=5.0, clock=clock)
+    _serve(admission, clock, 10, 0.25)
+    assert admission.rate.per_second() == pytest.approx(4.0)
+    big = work_units([1024] * 8, 512)
+    assert big == 32 and work_units([512, 1024], 512) == 5
+    slots = [admission.slot() for _ in range(3)]
+    first, second, third = (slot.__enter__() for slot in slots)  # all admitted before their bodies: one unit each
+    with pytest.raises(Problem) as refused:
+        third.planned(1, 0.2)  # planned first, two units (0.5 s) ahead: longer than what is left of its deadline
+    assert "timeout_s" in refused.value.detail and refused.value.headers["Retry-After"] == "1"
+    slots.pop().__exit__(Problem, refused.value, None)
+    first.planned(big, 60.0)  # one unit ahead of it
+    assert admission.expected_wait_s() == pytest.approx(8.25)
+    with pytest.raises(Problem) as refused:
+        second.planned(big, 60.0)  # the first one's 8 s ahead
+    assert refused.value.problem == "too-many-requests" and "max_queue_wait_s" in refused.value.detail
+    assert refused.value.headers["Retry-After"] == "3"  # 8 s of work ahead, 3 over the limit
+    slots.pop().__exit__(Problem, refused.value, None)
+    assert admission.work() == big
+    clock.now += 8.0
+    slots.pop().__exit__(None, None, None)
+    _serve(admission, clock, 4, 8.0, units=big)
+    assert admission.rate.per_second() == pytest.approx(4.0)  # units per second, whatever the request mix

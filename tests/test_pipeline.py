@@ -25,6 +25,7 @@ from engines.imaging import DecodeLimits
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline, all_or_none
 from serve import rorem_pb2 as pb
+from serve.admission import work_units
 from serve.config import AppSettings
 from serve.grpc_api import removal_request
 from serve.problems import Problem
@@ -314,6 +315,20 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     assert (reply.body, reply.buckets, reply.bucket, reply.gate) == (upload.image, [], None, "nothing-to-remove")
     assert models.removals == []
 
+
+
+def test_a_removal_tells_its_admission_place_its_work_once_planned_and_a_refusal_then_costs_no_model_call():
+    class Place:
+        def planned(self, units, deadline_s):
+            self.planned_with = (units, deadline_s)
+            raise Problem("too-many-requests", "the work ahead no longer fits")
+
+    models, place = FakeModels(), Place()
+    with pytest.raises(Problem) as refused:
+        asyncio.run(_service(models).remove(_upload(timeout_s=7), admitted=place))
+    assert refused.value.problem == "too-many-requests" and models.removals == []
+    units, deadline_s = place.planned_with
+    assert units == work_units([128, 128], 128) == 2 and 0 < deadline_s <= 7
 
 
 def test_service_gives_the_photos_colour_profile_back_with_the_result():
