@@ -37,12 +37,14 @@ def work_units(buckets: list[int], smallest_bucket: int) -> float:
 
 class ServiceRate:
     """Work units done per second while busy: the units of completed results over the time with at least
-    one request in progress, over the last RATE_WINDOW completions. Idle time does not count, so a quiet
-    period does not make the service look slow."""
+    one request's model work in progress, over the last RATE_WINDOW completions. Idle time does not count, so
+    a quiet period does not make the service look slow; nor does time in progress before model work (the
+    upload's decode, a refusal after it, an empty mask), so requests that never reach the model do not."""
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
-        self.busy_s = 0.0  # total time with work in progress
+        self.busy_s = 0.0  # total time with model work in progress
+        self.working = 0  # requests whose model work has begun and not ended
         self.completed = 0.0  # work units of the results so far
         self._busy_since: float | None = None
         self._samples: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW + 1)  # (busy_s, completed)
@@ -50,16 +52,20 @@ class ServiceRate:
     def _busy_now(self) -> float:
         return self.busy_s + (self.clock() - self._busy_since if self._busy_since is not None else 0.0)
 
-    def started(self, in_flight_before: int) -> None:
-        if in_flight_before == 0:
+    def started(self) -> None:
+        """A request's model work begins."""
+        if self.working == 0:
             self._busy_since = self.clock()
+        self.working += 1
 
-    def finished(self, in_flight_after: int, units: float) -> None:
-        """`units`: the request's work units if it got a result from the model path, else 0; its time in
-        progress counts either way."""
+    def finished(self, worked: bool, units: float) -> None:
+        """`worked`: the request's model work had begun (`started`); `units`: its work units if it got a result
+        from the model path, else 0. Its time in model work counts either way."""
         busy = self._busy_now()
-        if in_flight_after == 0:
-            self.busy_s, self._busy_since = busy, None
+        if worked:
+            self.working -= 1
+            if self.working == 0:
+                self.busy_s, self._busy_since = busy, None
         if units:
             self.completed += units
             self._samples.append((busy, self.completed))
@@ -79,6 +85,7 @@ class Place:
 
     admission: Admission
     units: float = 1.0  # its work units: one until it is planned (`planned`)
+    working: bool = False  # its model work has begun (`planned`)
     counted: bool | None = None  # None: by how the request ends (see Admission.slot)
 
     def check_deadline(self, deadline_s: float | None) -> None:
@@ -87,11 +94,14 @@ class Place:
             self.admission._check_wait_ahead(self, deadline_s, None)
 
     def planned(self, units: float, deadline_s: float) -> None:
-        """The request is decoded and planned: from now on it counts its real work (`work_units`), and it is
-        refused (the 429 of `Admission.slot`) if the work ahead of it no longer fits in max_queue_wait_s or in
-        `deadline_s`, what is left of its deadline."""
+        """The request is decoded and planned, its model work begins: from now on it counts its real work
+        (`work_units`) and the service rate's busy time runs. It is refused first (the 429 of `Admission.slot`)
+        if the work ahead of it no longer fits in max_queue_wait_s or in `deadline_s`, what is left of its
+        deadline."""
         self.units = units
         self.admission._check_wait_ahead(self, deadline_s, self.admission.max_queue_wait_s)
+        self.working = True
+        self.admission.rate.started()
 
 
 class Admission:
@@ -136,7 +146,6 @@ class Admission:
         time, and counting them would make a loaded replica look fast (admitting more than it can serve); not
         counting a gate's refusal would make it look slow."""
         self.check()
-        self.rate.started(self.in_flight)
         place, result = Place(self), False
         self.places.append(place)
         try:
@@ -148,7 +157,7 @@ class Admission:
         finally:
             self.places.remove(place)
             counted = result if place.counted is None else place.counted
-            self.rate.finished(self.in_flight, place.units if counted else 0.0)
+            self.rate.finished(place.working, place.units if counted else 0.0)
 
     def _check_wait_ahead(self, place: Place, deadline_s: float, max_wait_s: float | None) -> None:
         """Refuse `place` if the work in progress other than its own would take longer than its deadline or

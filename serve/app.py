@@ -186,8 +186,8 @@ class Ingress(GrpcMethods, LiveSettings):
         upload = await read_score_request(
             request, self.settings.imaging.max_upload_bytes, self.offload.run, self.settings.overload.body_timeout_s
         )
-        with admission.slot():
-            reply = await self.service.score(upload)
+        with admission.slot() as place:
+            reply = await self.service.score(upload, place)
         return JSONResponse(
             {"score": reply.score, "threshold": reply.threshold, "passed": reply.passed, "bucket": reply.bucket}
         )

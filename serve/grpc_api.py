@@ -132,7 +132,7 @@ class GrpcMethods:
         return remove_reply(reply, request_id)
 
     async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal, place) -> pb.ScoreReply:
-        reply = await self.service.score(score_request(message, self.settings.imaging.max_upload_bytes))
+        reply = await self.service.score(score_request(message, self.settings.imaging.max_upload_bytes), place)
         return score_reply(reply, request_id)
 
     async def _grpc(self, route, scope, context, empty_reply, handler, message):

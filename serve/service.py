@@ -273,7 +273,9 @@ class RemovalService:
             gated.verdict, timings,
         )  # fmt: skip
 
-    async def score(self, upload: ScoreRequest) -> ScoreReply:
+    async def score(self, upload: ScoreRequest, admitted: Place | None = None) -> ScoreReply:
+        """`admitted`: the request's admission place (of /score's own Admission, where a request is one unit),
+        told when its model work begins."""
         if not self.has_scorer:
             raise Problem("gate-unavailable", "this deployment runs without a Scorer")
         threshold = upload.options.gate_threshold
@@ -283,6 +285,8 @@ class RemovalService:
             None, self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate,
             max_crops(self.settings.gate.max_model_calls, scored=self.has_scorer),  # as /remove cut them
         )  # fmt: skip
+        if admitted is not None:
+            admitted.planned(1.0, self.settings.request_timeout_s)
         try:
             score = await self.score_pipeline.worst_score(jobs)
         except Problem as exc:

@@ -100,12 +100,12 @@ def test_refusals_errors_and_answers_without_model_work_do_not_make_a_loaded_rep
     admission = Admission(1000, 2, max_queue_wait_s=10.0, clock=clock)
     busy = [admission.slot() for _ in range(6)]
     for slot in busy:
-        slot.__enter__()
+        slot.__enter__().planned(1, math.inf)
     for _ in range(20):
         clock.now += 1.0
         busy.pop().__exit__(None, None, None)
         fresh = admission.slot()
-        fresh.__enter__()
+        fresh.__enter__().planned(1, math.inf)
         busy.append(fresh)
         for error in (Problem("too-many-requests", "deadline"), ValueError("bad upload"), asyncio.CancelledError()):
             with pytest.raises(type(error)), admission.slot():
@@ -121,7 +121,8 @@ def test_a_gate_refusal_after_all_its_model_work_counts_as_a_result():
     clock = Clock()
     admission = Admission(1000, 2, max_queue_wait_s=10.0, clock=clock)
     for n in range(20):
-        with pytest.raises(Problem) if n % 2 else contextlib.nullcontext(), admission.slot():
+        with pytest.raises(Problem) if n % 2 else contextlib.nullcontext(), admission.slot() as place:
+            place.planned(1, math.inf)
             clock.now += 1.0
             if n % 2:
                 raise Problem("removal-failed", "every attempt scored below the threshold")
@@ -155,3 +156,20 @@ def test_the_wait_counts_each_request_s_model_work_not_requests():
     slots.pop().__exit__(None, None, None)
     _serve(admission, clock, 4, 8.0, units=big)
     assert admission.rate.per_second() == pytest.approx(4.0)  # units per second, whatever the request mix
+
+
+def test_time_in_progress_before_model_work_is_not_busy_time():
+    # 2 removals per second, then three uploads alone, each 20 s in progress without reaching the model (a decode
+    # refused at imaging.decode_timeout_s): counted as busy, that time brought the measured rate to a fifth
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=5.0, clock=clock)
+    _serve(admission, clock, 64, 0.5)
+    for _ in range(3):
+        with pytest.raises(Problem), admission.slot():
+            clock.now += 20.0
+            raise Problem("image-too-large", "decoding the uploads took over 20 s")
+        with admission.slot() as place:  # an empty mask: answered without model work
+            clock.now += 1.0
+            place.counted = False
+        _serve(admission, clock, 1, 0.5)
+    assert admission.rate.per_second() == pytest.approx(2.0)

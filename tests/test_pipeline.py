@@ -528,6 +528,20 @@ def test_post_score_cuts_the_crops_a_scored_removal_cut():
         assert 8 - len(models.scores) == jobs
 
 
+def test_post_score_tells_its_admission_place_when_its_model_work_begins():
+    photo, mask = _photo_and_objects(2)
+    models = FakeModels(scores=[0.9] * 8)
+
+    class Place:
+        def planned(self, units, deadline_s):
+            self.planned_with = (units, deadline_s, len(models.scores))
+
+    place = Place()
+    service = _service(models)
+    asyncio.run(service.score(ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions()), place))
+    assert place.planned_with == (1.0, service.settings.request_timeout_s, 8)  # after the decode, before any scoring
+
+
 class _SlowScorerHandle:
     """A Scorer deployment handle whose score calls answer after 0.2 s."""
 
