@@ -88,10 +88,10 @@ class Place:
     working: bool = False  # its model work has begun (`planned`)
     counted: bool | None = None  # None: by how the request ends (see Admission.slot)
 
-    def check_deadline(self, deadline_s: float | None) -> None:
-        """Refuse the request if its own deadline is shorter than the wait ahead of it."""
-        if deadline_s is not None:
-            self.admission._check_wait_ahead(self, deadline_s, None)
+    def check_deadline(self, deadline_s: float) -> None:
+        """Refuse the request if its deadline (serve.service.removal_deadline_s) is shorter than the wait ahead
+        of it."""
+        self.admission._check_wait_ahead(self, deadline_s, None)
 
     def planned(self, units: float, deadline_s: float) -> None:
         """The request is decoded and planned, its model work begins: from now on it counts its real work
@@ -169,7 +169,7 @@ class Admission:
         if max_wait_s is not None and ahead > max_wait_s:
             raise self._too_long(ahead, max_wait_s, "overload.max_queue_wait_s")
         if ahead > deadline_s:
-            raise self._too_long(ahead, deadline_s, "its timeout_s")
+            raise self._too_long(ahead, deadline_s, "its deadline (timeout_s, at most request_timeout_s)")
 
     def _too_long(self, wait: float, allowed: float, which: str) -> Problem:
         retry_after = max(1, math.ceil(wait - allowed))

@@ -195,7 +195,7 @@ class RemovalService:
         loop = asyncio.get_running_loop()
         options = upload.options
         retain = self.retention.wanted(options.retain)
-        deadline_s = min(options.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
+        deadline_s = removal_deadline_s(options, self.settings)
         deadline = loop.time() + deadline_s
         timings = Timings()
         gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
@@ -329,6 +329,11 @@ class RemovalService:
             raise Problem(
                 "image-too-large", f"decoding the uploads took over {deadline_s:g} s (imaging.decode_timeout_s)"
             ) from exc
+
+
+def removal_deadline_s(options: RemoveOptions, settings: AppSettings) -> float:
+    """The deadline a removal runs under: its timeout_s, at most request_timeout_s (the default)."""
+    return min(options.timeout_s or settings.request_timeout_s, settings.request_timeout_s)
 
 
 def _output_format(options: RemoveOptions, accept: str, source_format: str | None) -> str:

@@ -256,3 +256,30 @@ def test_scores_and_removals_are_admitted_each_by_their_own_rate_and_count():
         return in_flight
 
     assert asyncio.run(main()) == {"/remove": 0, "/score": 1}
+
+
+def test_a_removal_without_timeout_s_is_refused_when_request_timeout_s_is_shorter_than_the_wait_ahead():
+    """The request runs under request_timeout_s when it gives no timeout_s (or a longer one): the check before its
+    decode skipped a missing timeout_s and admitted it with more work ahead than it could wait for."""
+    from serve.admission import Admission as RealAdmission
+    from serve.config import AppSettings
+
+    now = [0.0]
+    ingress = _ingress()
+    ingress.settings = AppSettings.model_validate({"request_timeout_s": 3})
+    ingress.service = Mock()
+    admission = ingress.admissions["/remove"] = RealAdmission(48, 1, max_queue_wait_s=5.0, clock=lambda: now[0])
+    for _ in range(20):  # 1 result per second
+        with admission.slot() as place:
+            place.planned(1, 60.0)
+            now[0] += 1.0
+    ahead = [admission.slot() for _ in range(4)]
+    for slot in ahead:
+        slot.__enter__()
+    for timeout_s in (None, 60):
+        context = Context()
+        message = pb.RemoveRequest(image=b"photo", timeout_s=timeout_s)
+        asyncio.run(ingress._grpc("/remove", "remove", context, pb.RemoveReply, ingress._grpc_remove, message))
+        problem = json.loads(context.details)
+        assert problem["type"].endswith("/too-many-requests") and "request_timeout_s" in problem["detail"]
+    ingress.service.remove.assert_not_called()
