@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from serve.problems import Problem
 
-RATE_WINDOW = 64  # completions the service rate is measured over
+RATE_WINDOW = 64  # instants with results (a batch's are one) the service rate is measured over
 # Problems answered after the model did all its work for the request: they count as results of the rate.
 AFTER_MODEL_WORK = frozenset({"removal-failed"})  # every gate attempt ran and scored below the threshold
 MIN_BUSY_S = 1.0  # below this much measured busy time the rate is unknown (admit by count only)
@@ -37,7 +37,7 @@ def work_units(buckets: list[int], smallest_bucket: int) -> float:
 
 class ServiceRate:
     """Work units done per second while busy: the units of completed results over the time with at least
-    one request's model work in progress, over the last RATE_WINDOW completions. Idle time does not count, so
+    one request's model work in progress, over the last RATE_WINDOW instants with results. Idle time does not count, so
     a quiet period does not make the service look slow; nor does time in progress before model work (the
     upload's decode, a refusal after it, an empty mask), so requests that never reach the model do not."""
 
@@ -60,7 +60,9 @@ class ServiceRate:
 
     def finished(self, worked: bool, units: float) -> None:
         """`worked`: the request's model work had begun (`started`); `units`: its work units if it got a result
-        from the model path, else 0. Its time in model work counts either way."""
+        from the model path, else 0. Its time in model work counts either way. Results at one busy instant (a
+        batch's) are one sample: as many, the window's first sample would sit inside a batch, its results
+        counted without the busy time they took."""
         busy = self._busy_now()
         if worked:
             self.working -= 1
@@ -68,7 +70,10 @@ class ServiceRate:
                 self.busy_s, self._busy_since = busy, None
         if units:
             self.completed += units
-            self._samples.append((busy, self.completed))
+            if self._samples and self._samples[-1][0] == busy:
+                self._samples[-1] = (busy, self.completed)
+            else:
+                self._samples.append((busy, self.completed))
 
     def per_second(self) -> float | None:
         if len(self._samples) < 2:

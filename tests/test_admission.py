@@ -172,3 +172,26 @@ def test_time_in_progress_before_model_work_is_not_busy_time():
             place.counted = False
         _serve(admission, clock, 1, 0.5)
     assert admission.rate.per_second() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+def test_a_batch_s_results_at_one_instant_do_not_make_the_rate_look_faster(batch):
+    # a Remover running batches: all of a batch's results come back at one instant, 4 results per second
+    clock = Clock()
+    admission = Admission(1000, 2, clock=clock)  # by count: only the rate is looked at
+    slots = []
+
+    def admit():
+        slot = admission.slot()
+        slot.__enter__().planned(1, math.inf)
+        slots.append(slot)
+
+    for _ in range(2 * batch):
+        admit()
+    for n in range(12):
+        clock.now += batch / 4
+        for _ in range(batch):
+            slots.pop(0).__exit__(None, None, None)
+        assert admission.rate.per_second() == (None if n == 0 else pytest.approx(4.0))
+        for _ in range(batch):
+            admit()
