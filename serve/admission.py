@@ -37,9 +37,9 @@ def work_units(buckets: list[int], smallest_bucket: int) -> float:
 
 class ServiceRate:
     """Work units done per second while busy: the units of completed results over the time with at least
-    one request's model work in progress, over the last RATE_WINDOW instants with results. Idle time does not count, so
-    a quiet period does not make the service look slow; nor does time in progress before model work (the
-    upload's decode, a refusal after it, an empty mask), so requests that never reach the model do not."""
+    one request's model work in progress, over the last RATE_WINDOW instants with results. Idle time does not
+    count, so a quiet period does not make the service look slow; nor does time in progress before model work
+    (the upload's decode, a refusal after it, an empty mask), so requests that never reach the model do not."""
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
