@@ -109,12 +109,28 @@ class Place:
         self.admission.rate.started()
 
 
+@dataclass(eq=False)
+class InFlight:
+    """Requests in progress on a replica, whatever their route: what Admission's `limit` bounds, since each holds
+    its uploads in memory. Shared by the routes' Admissions, which measure their rates apart."""
+
+    count: int = 0
+
+
 class Admission:
-    def __init__(self, limit: int, retry_after_s: int, max_queue_wait_s: float | None = None, clock=time.monotonic):
+    def __init__(
+        self,
+        limit: int,
+        retry_after_s: int,
+        max_queue_wait_s: float | None = None,
+        clock=time.monotonic,
+        in_flight: InFlight | None = None,
+    ):
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.max_queue_wait_s = max_queue_wait_s
-        self.places: list[Place] = []  # the requests in progress
+        self.places: list[Place] = []  # this route's requests in progress
+        self.everywhere = in_flight or InFlight()
         self.rate = ServiceRate(clock)
 
     @property
@@ -133,10 +149,10 @@ class Admission:
     def check(self) -> None:
         """Refuse now what `slot` would refuse, without taking a slot: called before a body is read, so an
         overloaded replica does not read uploads it will refuse, and a slow upload holds no slot."""
-        if self.in_flight >= self.limit:
+        if self.everywhere.count >= self.limit:
             raise Problem(
                 "too-many-requests",
-                f"{self.in_flight} requests are in progress on this replica (the limit is {self.limit})",
+                f"{self.everywhere.count} requests are in progress on this replica (the limit is {self.limit})",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
         wait = self.expected_wait_s()
@@ -153,6 +169,7 @@ class Admission:
         self.check()
         place, result = Place(self), False
         self.places.append(place)
+        self.everywhere.count += 1
         try:
             yield place
             result = True
@@ -161,6 +178,7 @@ class Admission:
             raise
         finally:
             self.places.remove(place)
+            self.everywhere.count -= 1
             counted = result if place.counted is None else place.counted
             self.rate.finished(place.working, place.units if counted else 0.0)
 

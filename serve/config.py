@@ -349,7 +349,7 @@ class OverloadSettings(_Strict):
     max_queue_wait_s: float | None = Field(
         5.0, gt=0, description="refuse (429) a request expected to wait longer than this; null: by count only"
     )
-    max_in_flight: int = Field(48, ge=1, description="removals in progress per ingress replica, and as many scorings")
+    max_in_flight: int = Field(48, ge=1, description="removals + scorings in progress per ingress replica")
     # Body parsing and JSON reply encoding run in worker threads, in short steps (serve.uploads). That work
     # holds the GIL, so a second thread is not faster, only one more rival of the event loop for the GIL
     # (measured: the loop's worst stall grows with each thread: 5-10 ms with 1, 63-73 with 2, 150-270 with 4).

@@ -195,3 +195,20 @@ def test_a_batch_s_results_at_one_instant_do_not_make_the_rate_look_faster(batch
         assert admission.rate.per_second() == (None if n == 0 else pytest.approx(4.0))
         for _ in range(batch):
             admit()
+
+
+def test_removals_and_scorings_share_the_replicas_count_while_measuring_their_rates_apart():
+    """max_in_flight bounds the uploads a replica holds, whatever their route: separate rates (a score is not a
+    removal's work) must not double it."""
+    from serve.admission import InFlight
+
+    shared = InFlight()
+    removals = Admission(1, 2, 5.0, in_flight=shared)
+    scorings = Admission(1, 2, 5.0, in_flight=shared)
+    with removals.slot():
+        with pytest.raises(Problem) as refused:
+            scorings.check()
+        assert refused.value.problem == "too-many-requests" and "1 requests are in progress" in refused.value.detail
+    with scorings.slot():
+        pass
+    assert removals.rate is not scorings.rate and shared.count == 0
