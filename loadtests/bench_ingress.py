@@ -296,6 +296,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny images, one run")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=FORMATS)
     args = parser.parse_args()
+    before = json.loads(args.before.read_text()) if args.before else None  # before minutes of measuring
     sizes, runs = (SMOKE_SIZES, 1) if args.smoke else (SIZES, args.runs)
     settings = SETTINGS
     cases = []
@@ -313,7 +314,6 @@ def main() -> None:
         "versions": library_versions(),
         "cases": cases,
     }
-    before = json.loads(args.before.read_text()) if args.before else None
     if before:
         report["before"] = str(args.before)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ scale, the pixels the model would process, and the wall time on the CPU of plan 
 is excluded: each crop is pasted back as its own "result". The mask is dilated first, as the service does;
 dilation is common to both and not timed. Also times labelling the whole 12 MP mask with scipy.ndimage.label
 and, when cv2 can be imported, cv2.connectedComponentsWithStats (plan_region_crops labels only the blocks
-around the objects). Prints a table, writes docs/bench_region_crops.json.
+around the objects). Prints a table, writes out/bench_region_crops.json (docs/ holds the committed figures).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--object", type=int, default=120, help="side of each square object, in 12 MP pixels")
     parser.add_argument("--dilate", type=int, default=20, help="mask dilation (the service default)")
-    parser.add_argument("--out", type=Path, default=Path("docs/bench_region_crops.json"))
+    parser.add_argument("--out", type=Path, default=Path("out/bench_region_crops.json"))
     args = parser.parse_args()
     image = photo_12mp()
     mask = imaging.dilate_mask(two_corner_objects(args.object), args.dilate)

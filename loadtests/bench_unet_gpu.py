@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         return _fail(f"unknown runners {sorted(unknown)}: choose from {', '.join(RUNNERS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("this benchmark needs a CUDA GPU (torch.cuda.is_available() is False); "
-                     "`--tiny --device cpu --runners eager` only smoke-tests the script")
+                     "`--tiny --device cpu --runners eager --sides 64 --batches 1,2` only smoke-tests the script")
     if args.device == "cpu" and not (args.tiny and set(runners) <= {"eager"}):
         return _fail("--device cpu is a smoke test: it needs --tiny and --runners eager")
     wants_trt = any(r.startswith("tensorrt") for r in runners)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import signal
 import statistics
@@ -35,14 +36,19 @@ def center_mask(side: int) -> np.ndarray:
     return mask
 
 
+def percentile(ordered: list[float], q: float) -> float:
+    """Linear between the closest ranks (numpy's default), so p50 is the median and never exceeds p90."""
+    position = q * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
 def summarize(samples_ms: list[float]) -> dict:
     ordered = sorted(samples_ms)
     return {
         "runs": len(ordered),
-        "p50_ms": round(statistics.median(ordered), 1),
-        "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1),
-        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))], 1),
-        "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 1),
+        **{f"p{round(q * 100)}_ms": round(percentile(ordered, q), 1) for q in (0.5, 0.9, 0.95, 0.99)},
         "mean_ms": round(statistics.fmean(ordered), 1),
     }
 
