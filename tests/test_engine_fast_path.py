@@ -324,7 +324,7 @@ def test_a_tensorrt_plan_whose_profiles_miss_a_bucket_batch_size_refuses_to_star
     assert fits.warm_up({64: 8, 128: 2})["shapes"] == [[64, 1], [64, 2], [64, 4], [64, 8], [128, 1], [128, 2]]
 
 
-@pytest.mark.slow  # two torch.compile'd cases of the tiny UNet
+@pytest.mark.slow  # a torch.compile'd case of the tiny UNet
 def test_the_unet_benchmark_compiles_each_case_once_within_the_services_recompile_limit(monkeypatch):
     """loadtests/bench_unet_gpu.py's "compile" runner is the service's (TorchUNetRunner(compile=True), its recompile
     limit raised) and its step inputs are the tensors the engine passes, so each (side, batch) case compiles one
@@ -357,8 +357,7 @@ def test_the_unet_benchmark_compiles_each_case_once_within_the_services_recompil
     try:
         runner = bench_unet_gpu._runner("compile", unet, None, None, torch.device("cpu"), args)
         assert getattr(config, limit) >= COMPILED_SHAPES_LIMIT
-        for batch in (1, 2):
-            bench_unet_gpu._bench_case("compile", runner, unet, vae, 64, batch, torch.device("cpu"), args, None)
-            assert counters["stats"]["unique_graphs"] == batch, "one compiled graph per (side, batch) case"
+        bench_unet_gpu._bench_case("compile", runner, unet, vae, 64, 1, torch.device("cpu"), args, None)
+        assert counters["stats"]["unique_graphs"] == 1, "one compiled graph for the case's step and image timings"
     finally:
         torch._dynamo.reset()
