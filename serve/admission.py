@@ -26,6 +26,9 @@ RATE_WINDOW = 64  # instants with results (a batch's are one) the service rate i
 # Problems answered after the model did all its work for the request: they count as results of the rate.
 AFTER_MODEL_WORK = frozenset({"removal-failed"})  # every gate attempt ran and scored below the threshold
 MIN_BUSY_S = 1.0  # below this much measured busy time the rate is unknown (admit by count only)
+# Results within this much busy time of the previous sample join it: a batch's results come back together, but
+# each request ends after its own paste and encode, milliseconds apart.
+SAME_BATCH_S = 0.1
 
 
 def work_units(buckets: list[int], smallest_bucket: int) -> float:
@@ -60,8 +63,8 @@ class ServiceRate:
 
     def finished(self, worked: bool, units: float) -> None:
         """`worked`: the request's model work had begun (`started`); `units`: its work units if it got a result
-        from the model path, else 0. Its time in model work counts either way. Results at one busy instant (a
-        batch's) are one sample: as many, the window's first sample would sit inside a batch, its results
+        from the model path, else 0. Its time in model work counts either way. A batch's results (within
+        SAME_BATCH_S) are one sample: as many, the window's first sample would sit inside a batch, its results
         counted without the busy time they took."""
         busy = self._busy_now()
         if worked:
@@ -70,7 +73,7 @@ class ServiceRate:
                 self.busy_s, self._busy_since = busy, None
         if units:
             self.completed += units
-            if self._samples and self._samples[-1][0] == busy:
+            if self._samples and busy - self._samples[-1][0] < SAME_BATCH_S:
                 self._samples[-1] = (busy, self.completed)
             else:
                 self._samples.append((busy, self.completed))

@@ -4,7 +4,9 @@ Ray Serve 2.60 takes a `reconfigure` that raises for a replica that failed to st
 replica (its loaded model with it), retries, and ends DEPLOY_FAILED with no replica left. So only the first
 reconfigure (right after the constructor: a bad config must not start) raises on an invalid value. A later
 one is refused: the replica keeps serving with its previous settings, logs an ERROR, counts it
-(serve.metrics.LIVE_REFUSALS) and reports it (`refused_live`) until a valid value comes.
+(serve.metrics.LIVE_REFUSALS) and reports it (`refused_live`) until a valid value comes. The invalid value
+stays Serve's target, though: a replica started meanwhile (a crash's replacement, a new node, autoscaling)
+gets it first and fails its start, so the fix is to deploy a valid value, soon.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class LiveSettings:
     def _refuse(self, user_config: dict, why: str) -> None:
         self.refused_live = {"deployment": self.live_name, "user_config": user_config, "error": why}
         logger.error(
-            "%s: refused the new live settings (user_config %s): %s; still serving with the previous ones",
+            "%s: refused the new live settings (user_config %s): %s; still serving with the previous ones, but "
+            "any replica started before a valid user_config is deployed will fail its start",
             self.live_name, user_config, why,
         )  # fmt: skip
         live_refusals().inc()  # Ray labels it with the deployment (and replica, application) itself

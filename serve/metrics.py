@@ -18,7 +18,7 @@ LATENCY_BUCKETS_S = [
 # what an answer was, for the latency histogram: instant refusals must not hide how long removals take
 OUTCOMES = ("ok", "client_error", "refused", "timeout", "server_error", "client_gone")
 CLIENT_CLOSED = 499  # the status of a request whose client hung up before its answer (nginx's code)
-# the ingress event loop's worst lateness in a second: a few ms is idle, 50 ms is /healthz's goal
+# the ingress event loop's worst lateness in a second: a few ms is idle, 100 ms is docs/reliability.md's goal
 LOOP_LAG_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 ATTEMPT_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]

@@ -14,10 +14,19 @@ from tests import helpers  # noqa: E402
 
 def pytest_collection_modifyitems(items):
     """Every test that (through any fixture) starts a local Ray Serve or the CLI is marked e2e, so
-    `-m "not e2e"` runs without Ray and a new test cannot forget the marker."""
+    `-m "not e2e"` runs without Ray and a new test cannot forget the marker. A test that stops the shared keyed
+    Serve runs right after the last other test that uses it, whatever the order the files were given in (and
+    the Serve stops there, not at the session's end)."""
     for item in items:
         if "starts_serve" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
+    stoppers = [item for item in items if item.get_closest_marker("stops_keyed_service")]
+    users = [item for item in items if "keyed_service" in item.fixturenames and item not in stoppers]
+    if stoppers and users:
+        for item in stoppers:
+            items.remove(item)
+        at = items.index(users[-1]) + 1
+        items[at:at] = stoppers
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -90,3 +99,11 @@ def keyed_service(starts_serve, tmp_path_factory):
         service.people = {name: key for name, (key, _) in people.items()}
         service.reviewer_key = reviewer_key
         yield service
+
+
+@pytest.fixture
+def keyed(keyed_service):
+    """The keyed Serve, still running (a test marked stops_keyed_service stops it, and runs last)."""
+    if keyed_service.child.poll() is not None:
+        pytest.fail("the keyed Serve was stopped before this test (by a test marked stops_keyed_service?)")
+    return keyed_service

@@ -34,8 +34,8 @@ REQUEST_TIMEOUT_S, MAX_IN_FLIGHT, BODY_TIMEOUT_S = Keyed.REQUEST_TIMEOUT_S, Keye
 
 
 @pytest.fixture
-def hardened(keyed_service):
-    return keyed_service
+def hardened(keyed):
+    return keyed
 
 
 @pytest.fixture(scope="module")

@@ -226,10 +226,10 @@ def test_a_deploy_that_failed_for_good_ends_the_start_at_once_with_rays_message(
 
 
 @pytest.fixture
-def running(keyed_service):
+def running(keyed):
     """The keyed Serve (API keys on, 1 MP images: a ~6 MB gRPC limit), after the hardening tests; the last test
     here stops it."""
-    return keyed_service
+    return keyed
 
 
 def test_ready_names_this_instance(running):
@@ -288,6 +288,7 @@ def test_a_chunked_http_body_over_the_limit_is_refused_by_the_proxy(running):
 
 
 @pytest.mark.chaos
+@pytest.mark.stops_keyed_service
 def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(running):
     launcher = int(Path(f"/proc/{running.child.pid}/task/{running.child.pid}/children").read_text().split()[0])
     members = session_members(launcher)

@@ -1074,6 +1074,32 @@ def test_the_sweeper_deletes_old_objects_no_result_refers_to(tmp_path):
     assert list(s3.written_before(time.time() - 3600)) == [old]
 
 
+def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path):
+    """drop_orphans deleted every orphan under the store's lock, which each save takes to claim its objects: on
+    a slow object store one sweep held up every save for all its deletes."""
+    import os
+    import threading
+
+    class SlowDeletes(LocalObjectStore):
+        def delete(self, key):
+            time.sleep(0.05)
+            super().delete(key)
+
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", SlowDeletes(tmp_path / "objects"))
+    long_ago = time.time() - 2 * 3600
+    for i in range(40):  # 2 s of deletes
+        os.utime(store.objects.path(store.objects.put(b"orphan %d" % i)), (long_ago, long_ago))
+    sweep = threading.Thread(target=store.drop_orphans)
+    sweep.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    store.save(_new(b"during the sweep"))
+    waited = time.monotonic() - started
+    sweep.join()
+    assert waited < 1.0, f"the save waited {waited:.2f} s for the sweep (2 s of deletes)"
+    assert len(list(store.objects.written_before(time.time() - 3600))) == 0
+
+
 def test_saves_stalled_on_the_object_store_leave_reads_their_threads(tmp_path):
     from serve.retention.keeper import LocalStoreClient
 

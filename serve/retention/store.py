@@ -360,8 +360,11 @@ class RetentionStore:
         columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
         with Session(self.engine) as session:
             referenced = {key for row in session.execute(select(*columns)) for key in row}
-        with self._lock:
-            dropped = self._drop_unreferenced(stale - referenced)
+        dropped = 0
+        for key in sorted(stale - referenced):  # the lock a key at a time: saves claim theirs in between
+            with self._lock:
+                dropped += self._drop_unreferenced([key])
+            time.sleep(0.001)  # Python's locks are not fair: without a pause this thread would take it straight back
         if dropped:
             logger.info("retention: deleted %d object(s) no result refers to", dropped)
         return dropped
