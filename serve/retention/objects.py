@@ -99,10 +99,20 @@ class LocalObjectStore:
         return self.path(key).is_file()
 
     def written_before(self, moment: float) -> Iterator[str]:
-        for path in self.root.glob("??/*"):
-            key = f"{path.parent.name}/{path.name}"
-            if _is_key(key) and path.stat().st_mtime < moment:
-                yield key
+        """Folders and files deleted while this walks them (a delete elsewhere removes both) are passed over."""
+        for folder in self.root.glob("??"):
+            try:
+                with os.scandir(folder) as entries:
+                    names = [entry.name for entry in entries]
+            except FileNotFoundError:
+                continue
+            for name in names:
+                key = f"{folder.name}/{name}"
+                try:
+                    if _is_key(key) and (folder / name).stat().st_mtime < moment:
+                        yield key
+                except FileNotFoundError:
+                    continue
 
     def describe(self) -> str:
         return f"folder {self.root}"
