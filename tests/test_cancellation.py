@@ -15,7 +15,7 @@ from tests.helpers import metric_total as _total
 from tests.helpers import photo, png_bytes
 from tests.helpers import scrape_metrics as _scrape
 
-ABANDONED = 100
+ABANDONED = 64
 
 
 def _upload(size: int = 256) -> dict:
@@ -37,11 +37,11 @@ def _jobs_run(service) -> float:
 
 
 def _settled_jobs_run(service, timeout_s: float = 30.0) -> float:
-    """The Remover's count once two scrapes three export intervals apart agree."""
+    """The Remover's count once two scrapes two export intervals apart agree."""
     deadline = time.monotonic() + timeout_s
     last = _jobs_run(service)
     while time.monotonic() < deadline:
-        time.sleep(3 * METRICS_EXPORT_S)
+        time.sleep(2 * METRICS_EXPORT_S)
         now = _jobs_run(service)
         if now == last:
             return now

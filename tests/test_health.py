@@ -126,7 +126,7 @@ def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancel
 
 
 SATURATING_CLIENTS = 6  # more than the test config's batch size (4): the Remover's queue never drains
-PROBING_S = 12  # dozens of the Remover's batches, and about 200 probes of each kind
+PROBING_S = 8  # dozens of the Remover's batches, and over 100 probes of each kind
 
 
 def test_readyz_stays_fast_and_ready_while_the_remover_is_saturated(service):
