@@ -18,7 +18,7 @@ def test_locust_smoke_profile_has_no_errors(service, tmp_path):
     env = {**os.environ, "ROREM_MIX": "512:3,1024:1", "ROREM_USERS": "rest:2,grpc:1", "ROREM_GRPC": service.grpc_target}
     result = subprocess.run(
         [str(locust), "-f", "loadtests/locustfile.py", "--headless", "--host", service.url, "-u", "3", "-r", "3",
-         "-t", "10s", "--stop-timeout", "60", "--csv", str(tmp_path / "smoke"), "--html", str(tmp_path / "smoke.html"),
+         "-t", "6s", "--stop-timeout", "60", "--csv", str(tmp_path / "smoke"), "--html", str(tmp_path / "smoke.html"),
          "--only-summary"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
