@@ -318,8 +318,8 @@ def test_a_killed_remover_drops_readiness_until_it_is_replaced(hardened, upload)
 def test_chaos_soak_loses_no_request(hardened):
     """Replicas killed under steady load: every request gets an answer, a result or a clear 503."""
     report = soak.run_soak(
-        hardened.url, seconds=30, clients=3, side=256, headers={"x-api-key": hardened.app_key},
-        fields={"gate": "annotate"}, client_timeout_s=REQUEST_TIMEOUT_S + 10, chaos_every_s=7,
+        hardened.url, seconds=24, clients=3, side=256, headers={"x-api-key": hardened.app_key},
+        fields={"gate": "annotate"}, client_timeout_s=REQUEST_TIMEOUT_S + 10, chaos_every_s=6,
         chaos_deployments=("Remover", "Scorer"), serve_session=_serve_session(hardened),
     )  # fmt: skip
     print(report)
