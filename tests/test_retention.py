@@ -445,6 +445,7 @@ class FakeS3:
     def __init__(self):
         self.objects: dict[tuple[str, str], bytes] = {}
         self.modified: dict[str, float] = {}
+        self.heads = 0
 
     def put_object(self, Bucket, Key, Body):
         self.objects[Bucket, Key] = Body
@@ -468,6 +469,7 @@ class FakeS3:
         return {"Body": io.BytesIO(self.objects[Bucket, Key])}
 
     def head_object(self, Bucket, Key):
+        self.heads += 1
         if (Bucket, Key) not in self.objects:
             raise _NotFound()
         return {}
@@ -494,6 +496,15 @@ def test_s3_store_uses_the_content_address_under_its_prefix():
         objects.get(key)
     with pytest.raises(ValueError, match="not an object key"):
         objects.get("../../etc/passwd")
+
+
+def test_a_save_on_s3_asks_once_whether_each_object_is_there(tmp_path):
+    """save checks `exists` before writing, and S3ObjectStore.put checked again: two HEAD requests an object."""
+    client = FakeS3()
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", S3ObjectStore("bucket", prefix="r", client=client))
+    kept = store.save(_new(b"first"))
+    assert client.heads == 3 and len(client.objects) == 3
+    assert store.read(kept, "result") == (b"first", "image/png")
 
 
 def test_s3_store_without_boto3_says_what_to_install(monkeypatch):

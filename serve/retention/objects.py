@@ -38,7 +38,8 @@ def _check_key(key: str) -> str:
 
 class ObjectStore(Protocol):
     def put(self, data: bytes) -> str:
-        """Store the bytes (once) and return their key."""
+        """Store the bytes under their content key and return it. An object's key names its bytes, so writing it
+        again changes nothing; a caller that minds the cost asks `exists` first (RetentionStore.save does)."""
 
     def get(self, key: str) -> bytes:
         """The bytes of a key; ObjectMissing if there are none."""
@@ -149,8 +150,7 @@ class S3ObjectStore:
 
     def put(self, data: bytes) -> str:
         key = object_key(data)
-        if not self.exists(key):
-            self.client.put_object(Bucket=self.bucket, Key=self.name(key), Body=data)
+        self.client.put_object(Bucket=self.bucket, Key=self.name(key), Body=data)
         return key
 
     def get(self, key: str) -> bytes:
