@@ -5,7 +5,8 @@ The loop follows diffusers' `StableDiffusionXLInpaintPipeline` with `LCMSchedule
 and draws its random numbers in the same order from one generator per job. That makes a job's
 noise independent of the batch it ran in, and lets tests check parity with diffusers. The arithmetic is
 not: batched convolutions sum in another order, so a job rerun at another batch size may differ by 1 in a
-few pixels (on CPU fp32, 1,615 of 262,144 pixels at 512 px; bit-identical at the same batch size).
+few pixels (on CPU fp32, 1,615 of 262,144 pixels at 512 px; bit-identical at the same batch size there; on
+CUDA, cuDNN's benchmark mode may pick other algorithms in another process).
 
 On a GPU nothing inside encode -> 4 UNet steps -> decode waits for the host: the crops go up once
 as uint8 (pinned memory, non-blocking) and are normalised on the device; every random number of

@@ -1,6 +1,6 @@
 """Per-request cost of the ingress (everything that is not model work) against the codec floor.
 
-    python loadtests/bench_ingress.py [--runs 5] [--out out/bench_ingress.json] [--before out/bench_ingress_before.json]
+    python loadtests/bench_ingress.py [--runs 5] [--out out/bench_ingress.json] [--before docs/bench_ingress_before.json]
     python loadtests/bench_ingress.py --smoke        # tiny sizes, one run: checks that the script works
 
 For each photo size (512x512, 1024x1024, 4000x3000 = 12 MP) and format (png, jpeg) a request is replayed the

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 import signal
 import statistics
@@ -36,19 +35,14 @@ def center_mask(side: int) -> np.ndarray:
     return mask
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    """Linear between the closest ranks (numpy's default), so p50 is the median and never exceeds p90."""
-    position = q * (len(ordered) - 1)
-    below = math.floor(position)
-    above = min(below + 1, len(ordered) - 1)
-    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
-
-
 def summarize(samples_ms: list[float]) -> dict:
+    """Percentiles interpolated between the closest ranks (numpy's default), so p50 is the median and never
+    exceeds p90."""
     ordered = sorted(samples_ms)
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive") if len(ordered) > 1 else ordered * 99
     return {
         "runs": len(ordered),
-        **{f"p{round(q * 100)}_ms": round(percentile(ordered, q), 1) for q in (0.5, 0.9, 0.95, 0.99)},
+        **{f"p{q}_ms": round(cuts[q - 1], 1) for q in (50, 90, 95, 99)},
         "mean_ms": round(statistics.fmean(ordered), 1),
     }
 

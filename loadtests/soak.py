@@ -56,25 +56,25 @@ class SoakReport:
         return self.lost == 0 and self.bad_result == 0 and self.bad_error == 0 and "500" not in self.errored
 
 
-def replica_pids(deployment: str, app: str = "rorem", session: int | None = None) -> list[int]:
+def _replicas(app: str) -> list[tuple[int, int, str]]:
+    """(pid, session id, command line) of every Serve replica process of `app` on this machine."""
     table = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
-    pids = []
-    for line in table.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) == 3 and f"ServeReplica:{app}:{deployment}" in parts[2]:
-            if session is None or int(parts[1]) == session:
-                pids.append(int(parts[0]))
-    return pids
+    rows = (line.split(None, 2) for line in table.splitlines())
+    return [(int(pid), int(sid), args) for pid, sid, args in (r for r in rows if len(r) == 3) if f"ServeReplica:{app}:" in args]
+
+
+def replica_pids(deployment: str, app: str = "rorem", session: int | None = None) -> list[int]:
+    return [
+        pid for pid, sid, args in _replicas(app)
+        if f"ServeReplica:{app}:{deployment}" in args and session in (None, sid)
+    ]  # fmt: skip
 
 
 def only_serve_session(deployments: tuple[str, ...], app: str = "rorem") -> int:
     """The process session of the one local Serve running these deployments: with two, a kill could hit a
     service this soak does not load (and count it as done)."""
-    table = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
     sessions = {
-        int(parts[1])
-        for parts in (line.split(None, 2) for line in table.splitlines())
-        if len(parts) == 3 and any(f"ServeReplica:{app}:{deployment}" in parts[2] for deployment in deployments)
+        sid for _, sid, args in _replicas(app) if any(f"ServeReplica:{app}:{d}" in args for d in deployments)
     }
     if len(sessions) != 1:
         found = f"sessions {sorted(sessions)}" if sessions else "none"

@@ -494,7 +494,7 @@ def run(argv: list[str] | None = None) -> int:
     choose_ports(config, options.host, options.port, options.grpc_port)
     busy = busy_ports(listen_addresses(config, options.metrics_port))
     for line in busy:
-        print(f"[rorem] cannot start: {line}", file=sys.stderr, flush=True)
+        _cannot_start(line)
     if busy:
         print(
             "[rorem] stop that process or choose other ports (--port, --grpc-port, --metrics-port)",

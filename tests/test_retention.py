@@ -1056,12 +1056,21 @@ def test_a_failed_save_keeps_the_objects_a_save_of_the_same_content_stored_meanw
             raise OSError("the database went away")
 
     event.listen(store.engine, "before_cursor_execute", insert_fails)
-    failing = threading.Thread(target=lambda: pytest.raises(OSError, store.save, _new(b"same")), name="failing")
+    raised = []
+
+    def save_that_fails():
+        try:
+            store.save(_new(b"same"))
+        except OSError as exc:
+            raised.append(exc)
+
+    failing = threading.Thread(target=save_that_fails, name="failing")
     failing.start()
     assert inserting.wait(10)  # it wrote the objects, its insert is under way
     stored = store.save(_new(b"same"))
     hold.set()
     failing.join(10)
+    assert not failing.is_alive() and len(raised) == 1, "the first save failed at its insert"
     assert _rows(store) == [stored] and store.read(stored, "result") == (b"same", "image/png")
     assert len(_files(tmp_path / "objects")) == 3
 
@@ -1168,6 +1177,9 @@ def test_a_save_given_up_on_stores_nothing(tmp_path, monkeypatch, stalled):
     async def give_up():
         go.clear()
         saving = asyncio.ensure_future(client.save(_new(b"result")))
+        deadline = time.monotonic() + 5
+        while stalled == "limits after the insert" and not _rows(store) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
         assert len(_rows(store)) == (stalled == "limits after the insert")
         saving.cancel()

@@ -3,8 +3,8 @@ and the retention limits. Blocking IO: callers on an event loop run it in a thre
 
 Deleting a result removes its metadata, its verdicts and every object no other result refers to
 (a photo sent twice is stored once and stays while one of its results does). A save claims its objects'
-keys before it writes them, and a delete never removes a claimed object, so a save and a delete need not
-wait for each other's IO. A failed save deletes the objects it created; what it cannot (the object store
+keys before it writes them, and a delete never removes a claimed object, so a save's object writes hold no
+lock (a save still waits for the lock a delete holds through its own deletes). A failed save deletes the objects it created; what it cannot (the object store
 failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S.
 """
 
