@@ -228,6 +228,22 @@ def serve_test_config(work: Path) -> dict:
     return config
 
 
+def without_scorer(config: dict) -> dict:
+    """A Serve config for tests that need no Scorer: one model replica fewer to start (gate off, as a
+    deployment without a Scorer must be configured)."""
+    app = config["applications"][0]
+    app["args"]["scorer"] = {"enabled": False}
+    app["args"]["gate"] = {"mode": "off"}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "Scorer"]
+    return config
+
+
+def without_retention(config: dict) -> dict:
+    """A Serve config for tests that keep no results: no ResultStore replica to start."""
+    config["applications"][0]["args"]["retention"] = {"enabled": False}
+    return config
+
+
 class Keyed:
     """The keyed Serve (tests/conftest.py `keyed_service`), shared by the hardening and the lifecycle tests: API
     keys on, under a route prefix (the access rules do not depend on the path's spelling), a small in-flight

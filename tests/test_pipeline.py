@@ -306,6 +306,30 @@ def test_service_fail_closed_scorer_outage_is_a_503_problem_not_a_500(caplog):
     assert caught.value.detail == "RuntimeError", "POST /score: the type alone too"
 
 
+def test_without_a_scorer_a_gate_asked_for_is_refused_per_request_and_the_default_runs_ungated():
+    """A deployment without a Scorer (scorer.enabled false): a request that asks for a gate gets 422
+    gate-unavailable before any model work; one that asks for none is removed, unscored."""
+    settings = AppSettings.model_validate(
+        {"imaging": {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate},
+         "gate": {"mode": "annotate"}}
+    )  # fmt: skip
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    models = FakeModels()
+    service = RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=models)
+    for gate in ("retry", "reject", "annotate"):
+        with pytest.raises(Problem) as caught:
+            asyncio.run(service.remove(_upload(gate=gate)))
+        assert (caught.value.problem, caught.value.status) == ("gate-unavailable", 422)
+    photo, mask = _photo_and_two_objects()
+    score_request = ScoreRequest(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255), png_bytes(photo), ScoreOptions())
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.score(score_request))
+    assert (caught.value.problem, caught.value.status) == ("gate-unavailable", 422)
+    assert models.removals == [], "refused before any model call"
+    reply = asyncio.run(service.remove(_upload()))
+    assert (reply.gate, reply.score) == ("off", None) and models.removals
+
+
 def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     models = FakeModels()
     service = _service(models)

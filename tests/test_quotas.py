@@ -29,7 +29,7 @@ from serve.grpc_client import open_channel, problem_of
 from serve.problems import Problem
 from serve.quotas import CONCURRENCY, RATE, Limits, QuotaBook, Quotas
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.helpers import photo, png_bytes, running_service, serve_test_config
+from tests.helpers import photo, png_bytes, running_service, serve_test_config, without_retention, without_scorer
 
 
 class FakeClock:
@@ -389,7 +389,7 @@ def metered(starts_serve, tmp_path_factory):
         "spread": new_key_entry("spread", ["remove"], requests_per_minute=SPREAD),
     }
     (work / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in keys.values()]}))
-    config = serve_test_config(work)
+    config = without_retention(without_scorer(serve_test_config(work)))  # metering needs neither
     args = config["applications"][0]["args"]
     args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml"), "quota_window_s": WINDOW_S}
     args["overload"] = {**args["overload"], "body_timeout_s": BODY_TIMEOUT_S}

@@ -1,13 +1,16 @@
-"""Train every stage a few steps on synthetic data, assemble a bundle, and serve it with the local Serve."""
+"""Train every stage a few steps on synthetic data, assemble a bundle, and serve it with the local Serve, the UNet
+run as an ONNX graph the Remover exports at start (ONNX Runtime): the chain a release goes through, in one Serve."""
 
 import json
 import subprocess
 import sys
 
+import asyncio
+
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, photo, png_bytes, running_service, serve_test_config
+from tests.helpers import REPO, photo, png_bytes, running_service, serve_test_config, without_retention
 from tests.helpers import box_mask as _mask
 from tests.helpers import decode_png as _decode
 from tests.helpers import post_remove as _remove
@@ -51,17 +54,52 @@ def trained_bundle(tmp_path_factory):
     return work / "bundle"
 
 
-def test_the_assembled_bundle_is_served(starts_serve, tmp_path_factory, trained_bundle):
+@pytest.fixture(scope="module")
+def trained_onnx_service(starts_serve, tmp_path_factory, trained_bundle):
+    """The trained bundle with its Scorer (no result retention); engine.runner onnx, its UNet exported into the bundle at
+    start."""
     work = tmp_path_factory.mktemp("serve-trained")
-    config = serve_test_config(work)
-    config["applications"][0]["args"]["bundle"]["path"] = str(trained_bundle)
+    config = without_retention(serve_test_config(work))
+    args = config["applications"][0]["args"]
+    args["bundle"]["path"] = str(trained_bundle)
+    args.setdefault("engine", {}).update({"runner": "onnx", "export_missing": True})
     with running_service(work, config) as service:
-        ready = service.client.get("/readyz").json()
-        assert ready["model"]["tiny"] is False and ready["model"]["bundle"]["name"] == "rorem-4s-trained"
-        source, mask = photo(), _mask()
-        response = _remove(service, png_bytes(source), png_bytes(mask), dilate=0, seed=1, gate="annotate")
-        assert response.status_code == 200, response.text
-        assert float(response.headers["x-removal-score"]) >= 0
-        result = _decode(response.content)
-        outside = mask == 0
-        assert np.array_equal(result[outside], source[outside])
+        yield service
+
+
+def test_the_assembled_bundle_is_served_by_the_onnx_graph_exported_at_start(trained_onnx_service, trained_bundle):
+    ready = trained_onnx_service.client.get("/readyz").json()
+    assert ready["model"]["tiny"] is False and ready["model"]["bundle"]["name"] == "rorem-4s-trained"
+    assert ready["model"]["runner"] == "onnx" and (trained_bundle / "exports" / "unet.fp32.onnx").is_file()
+    source, mask = photo(), _mask()
+    response = _remove(trained_onnx_service, png_bytes(source), png_bytes(mask), dilate=0, seed=1, gate="annotate")
+    assert response.status_code == 200, response.text
+    assert float(response.headers["x-removal-score"]) >= 0
+    result = _decode(response.content)
+    outside = mask == 0
+    assert np.array_equal(result[outside], source[outside])
+    assert np.abs(result[~outside].astype(int) - source[~outside]).mean() > 5, "the masked region was regenerated"
+
+
+def test_onnx_runtime_serves_what_pytorch_computes_from_the_same_bundle(trained_onnx_service, trained_bundle):
+    """The served ONNX graph against the bundle's PyTorch UNet, through the service's own pipeline in this process."""
+    from engines.bundle import Bundle
+    from engines.gate import GatePolicy
+    from engines.imaging import DecodeLimits
+    from engines.pipeline import CropSettings, LocalModels, RemovalPipeline
+    from engines.remover import RemovalEngine
+    from serve.config import ImagingSettings
+
+    source, mask = photo(), _mask()
+    response = _remove(trained_onnx_service, png_bytes(source), png_bytes(mask), dilate=0, seed=4, gate="off")
+    assert response.status_code == 200, response.text
+    served = _decode(response.content)
+
+    engine = RemovalEngine.from_bundle(Bundle.load(trained_bundle, verify=False), runner="torch")
+    imaging = ImagingSettings.model_validate(trained_onnx_service.config["imaging"])
+    pipeline = RemovalPipeline(LocalModels(engine), CropSettings.from_imaging(imaging), DecodeLimits())
+    prepared = pipeline.prepare(png_bytes(source), png_bytes(mask), dilate=0)
+    gated = asyncio.run(pipeline(prepared, 4, GatePolicy("off", 0.5, 1, fail_open=False)))
+    in_process = gated.result.edited
+    diff = np.abs(served.astype(int) - in_process.astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.1, "ONNX Runtime and PyTorch give the same removal"
