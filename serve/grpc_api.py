@@ -58,10 +58,9 @@ def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> Removal
 
 
 def score_request(message: pb.ScoreRequest, max_upload_bytes: int) -> ScoreRequest:
+    """As for Remove, a field not sent is an empty one: the decoders answer what REST answers to an empty part
+    (invalid-image "the image is empty" for `source` / `edited`, invalid-mask "the mask is empty")."""
     check_upload_size(len(message.source) + len(message.mask) + len(message.edited), max_upload_bytes)
-    for name in ("source", "mask", "edited"):
-        if not getattr(message, name):
-            raise Problem("invalid-request", f"the request has no {name}")
     return ScoreRequest(message.source, message.mask, message.edited, _options(message, ScoreOptions))
 
 

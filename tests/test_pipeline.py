@@ -27,7 +27,7 @@ from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline, all_or
 from serve import rorem_pb2 as pb
 from serve.admission import work_units
 from serve.config import AppSettings
-from serve.grpc_api import removal_request
+from serve.grpc_api import removal_request, score_request
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
 from serve.service import RemovalService, ServeModels
@@ -279,6 +279,22 @@ def test_a_grpc_message_without_an_image_is_refused_as_rest_refuses_an_empty_ima
         with pytest.raises(Problem) as caught:
             asyncio.run(_service(FakeModels()).remove(upload))
         assert (caught.value.problem, caught.value.detail) == ("invalid-image", "the image is empty")
+
+
+@pytest.mark.parametrize(
+    "missing, expected",
+    [("source", ("invalid-image", "the image is empty")), ("mask", ("invalid-mask", "the mask is empty")),
+     ("edited", ("invalid-image", "the image is empty"))],
+)  # fmt: skip
+def test_a_grpc_score_without_a_part_is_refused_as_rest_refuses_that_empty_part(missing, expected):
+    photo, mask = _photo_and_two_objects()
+    parts = {"source": png_bytes(photo), "mask": png_bytes(mask.astype(np.uint8) * 255), "edited": png_bytes(photo)}
+    rest = ScoreRequest(**{**parts, missing: b""}, options=ScoreOptions())
+    grpc_message = pb.ScoreRequest(**{name: value for name, value in parts.items() if name != missing})
+    for upload in (rest, score_request(grpc_message, 1 << 30)):
+        with pytest.raises(Problem) as caught:
+            asyncio.run(_service(FakeModels()).score(upload))
+        assert (caught.value.problem, caught.value.detail) == expected
 
 
 def test_service_reject_gate_answers_removal_failed_with_the_best_attempt():
