@@ -154,8 +154,7 @@ def _open_offline(browser, stand_in: StandIn, imaging_settings: ImagingSettings 
     page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     html = playground_page(RetentionSettings(enabled=True), imaging_settings or ImagingSettings())
     answer_offline(page, {"/playground": (html, playground_headers())}, stand_in)
-    problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    problems = _problems_of(page)
     page.goto(PAGE_ORIGIN + "/playground")
     page.wait_for_selector("body[data-state=empty]")
     return page, problems
@@ -376,15 +375,21 @@ def _open_page(browser, url: str, *, intercept_file_choosers: bool = False):
     page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     if intercept_file_choosers:
         page.on("filechooser", lambda chooser: None)
+    problems = _problems_of(page)
+    page.goto(url)
+    page.wait_for_selector("body[data-state=empty]")
+    return page, problems
+
+
+def _problems_of(page) -> list[str]:
+    """What the page will get wrong, as it happens: script errors, and anything its Content Security Policy blocks."""
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on(
         "console",
         lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None,
     )
-    page.goto(url)
-    page.wait_for_selector("body[data-state=empty]")
-    return page, problems
+    return problems
 
 
 def _choose(page, name: str, data: bytes, mime: str) -> None:
