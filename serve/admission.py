@@ -204,3 +204,18 @@ class Admission:
             f"the expected wait on this replica is {wait:.1f} s, longer than {which} ({allowed:g} s)",
             headers={"Retry-After": str(retry_after)},
         )
+
+
+ADMITTED_ROUTES = ("/remove", "/score")
+
+
+def route_admissions(overload) -> dict[str, Admission]:
+    """An Admission per work route, sharing the replica's one in-flight count (`max_in_flight` bounds the uploads a
+    replica holds, whatever their route). Their rates are measured apart: a score and a removal run on different
+    deployments at different rates, and fast scores counted into the removals' rate would admit removals the
+    Remover cannot serve in time. `overload`: serve.config.OverloadSettings."""
+    in_flight = InFlight()
+    return {
+        route: Admission(overload.max_in_flight, overload.retry_after_s, overload.max_queue_wait_s, in_flight=in_flight)
+        for route in ADMITTED_ROUTES
+    }

@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from engines import imaging
 from serve import auth, quotas
-from serve.admission import Admission, InFlight
+from serve.admission import route_admissions
 from serve.config import AppSettings, RemoverArgs, ScorerArgs, with_live
 from serve.grpc_api import GrpcMethods
 from serve.live import LiveSettings
@@ -56,15 +56,7 @@ class Ingress(GrpcMethods, LiveSettings):
         self.metrics = ingress_metrics()
         self.service = RemovalService(self.settings, remover, scorer, self.metrics, result_store=result_store)
         overload = self.settings.overload
-        # by route: a score and a removal run on different deployments at different rates, and fast scores
-        # counted into the removals' rate would admit removals the Remover cannot serve in time
-        in_flight = InFlight()  # one count for both: max_in_flight bounds the uploads a replica holds
-        self.admissions = {
-            route: Admission(
-                overload.max_in_flight, overload.retry_after_s, overload.max_queue_wait_s, in_flight=in_flight
-            )
-            for route in ("/remove", "/score")
-        }
+        self.admissions = route_admissions(overload)
         self.access = auth.install(self.settings.auth, self.metrics.keys_file_errors.inc)
         app_name = serve.get_replica_context().app_name
         self.quotas = quotas.install(

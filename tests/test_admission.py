@@ -200,17 +200,19 @@ def test_a_batch_s_results_at_one_instant_do_not_make_the_rate_look_faster(batch
 
 
 def test_removals_and_scorings_share_the_replicas_count_while_measuring_their_rates_apart():
-    """max_in_flight bounds the uploads a replica holds, whatever their route: separate rates (a score is not a
-    removal's work) must not double it."""
-    from serve.admission import InFlight
+    """max_in_flight bounds the uploads a replica holds, whatever their route (the Ingress's own admissions): separate
+    rates (a score is not a removal's work) must not double it."""
+    from serve.admission import route_admissions
+    from serve.config import OverloadSettings
 
-    shared = InFlight()
-    removals = Admission(1, 2, 5.0, in_flight=shared)
-    scorings = Admission(1, 2, 5.0, in_flight=shared)
+    admissions = route_admissions(OverloadSettings(max_in_flight=1, retry_after_s=2, max_queue_wait_s=5.0))
+    assert set(admissions) == {"/remove", "/score"}
+    removals, scorings = admissions["/remove"], admissions["/score"]
     with removals.slot():
         with pytest.raises(Problem) as refused:
             scorings.check()
         assert refused.value.problem == "too-many-requests" and "1 requests are in progress" in refused.value.detail
     with scorings.slot():
         pass
-    assert removals.rate is not scorings.rate and shared.count == 0
+    assert removals.everywhere is scorings.everywhere and removals.everywhere.count == 0
+    assert removals.rate is not scorings.rate, "scores would be measured into the removals' rate"
