@@ -198,7 +198,7 @@ def test_every_yaml_file_parses_and_every_manifest_is_used():
 def test_overlays_hold_the_expected_objects():
     expected_common = {
         ("Namespace", None), ("RayService", "rorem"), ("Service", "rorem-grpc"),
-        ("PodDisruptionBudget", "rorem-workers"),
+        ("PodDisruptionBudget", "rorem-workers"), ("PodDisruptionBudget", "rorem-head"),
         ("NetworkPolicy", "rorem-default-deny-ingress"), ("NetworkPolicy", "rorem-ray-internal"),
         ("NetworkPolicy", "rorem-from-kuberay-operator"), ("NetworkPolicy", "rorem-serving"),
         ("NetworkPolicy", "rorem-metrics"), ("NetworkPolicy", "rorem-worker-egress"),
@@ -1205,6 +1205,25 @@ def test_every_scratch_volume_is_bounded(kustomized, overlay):
     assert len(scratch) == {"dev": 6, "prod": 8}[overlay], sorted(scratch)
     unbounded = [name for name, volume in scratch.items() if "sizeLimit" not in volume]
     assert unbounded == [], f"{overlay}: emptyDirs without a sizeLimit"
+
+
+def test_a_pdb_holds_the_head_in_place():
+    """Without GCS fault tolerance a new head kills the workers (Serve redeploys, GPU models reload): a voluntary
+    eviction of the head must wait for a planned move (docs/kubernetes.md, "Node maintenance")."""
+    for overlay in OVERLAYS:
+        objects = built(overlay)
+        rayservice = find(objects, "RayService")
+        head, worker = _pod_labels(rayservice, "head"), _pod_labels(rayservice, "worker")
+        # the template's own labels alone select it (KubeRay's ray.io/cluster changes at each blue/green upgrade)
+        template = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+        pdbs = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+        on_head = [p for p in pdbs if labels_match(p["spec"]["selector"], head)]
+        assert [p["metadata"]["name"] for p in on_head] == ["rorem-head"], f"{overlay}: {on_head}"
+        (pdb,) = on_head
+        assert labels_match(pdb["spec"]["selector"], template), f"{overlay}: selects on labels KubeRay sets"
+        assert not labels_match(pdb["spec"]["selector"], worker), f"{overlay}: the head PDB selects workers"
+        assert pdb["spec"]["maxUnavailable"] == 0 and "minAvailable" not in pdb["spec"], pdb["spec"]
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "a head that is not ready never blocks a drain"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
