@@ -1207,6 +1207,60 @@ def test_every_scratch_volume_is_bounded(kustomized, overlay):
     assert unbounded == [], f"{overlay}: emptyDirs without a sizeLimit"
 
 
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _bytes(quantity) -> int:
+    """A Kubernetes storage quantity (`2Gi`, `500M`, `1024`) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i|[kMGT])?", str(quantity))
+    assert match, f"unexpected storage quantity {quantity!r}"
+    number, unit = match.groups()
+    return int(float(number) * (_BINARY.get(unit) or _DECIMAL.get(unit) or 1))
+
+
+def test_storage_quantities_parse():
+    assert _bytes("2Gi") == 2 * 2**30 and _bytes("512Mi") == 2**29 and _bytes("1G") == 10**9 and _bytes(1024) == 1024
+    with pytest.raises(AssertionError):
+        _bytes("2 GB")
+
+
+EPHEMERAL_MARGIN = 2**30  # at least this much beyond a pod's emptyDirs: container logs and writable layers
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_declares_ephemeral_storage_covering_its_pods_scratch_volumes(overlay):
+    """The kubelet evicts a pod whose disk use (emptyDirs, container logs, writable layers) passes the sum of its
+    containers' ephemeral-storage limits, and the scheduler places a pod only where its requests fit. Without them
+    a node's disk is overcommitted blindly: every container declares both, and each pod's limits cover its disk
+    emptyDirs' sizeLimits (the largest they may hold before the kubelet evicts the pod for them) plus a margin."""
+    by_pod: dict[str, list[tuple[str, dict]]] = {}
+    for where, container, spec in all_containers(built(overlay)):
+        resources = container.get("resources", {})
+        request = resources.get("requests", {}).get("ephemeral-storage")
+        limit = resources.get("limits", {}).get("ephemeral-storage")
+        assert request is not None and limit is not None, f"{overlay} {where}: no ephemeral-storage request and limit"
+        assert 0 < _bytes(request) <= _bytes(limit), f"{overlay} {where}: request {request} > limit {limit}"
+        pod = where.rsplit("/", 1)[0]
+        by_pod.setdefault(pod, []).append((container["name"], container))
+    specs = pod_specs(built(overlay))
+    assert set(by_pod) == set(specs), (sorted(by_pod), sorted(specs))
+    for pod, spec in specs.items():
+        scratch = sum(
+            _bytes(v["emptyDir"]["sizeLimit"])
+            for v in spec.get("volumes", [])
+            if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"  # a tmpfs counts against memory
+        )
+        init = {c["name"] for c in spec.get("initContainers", [])}
+        limits = {name: _bytes(c["resources"]["limits"]["ephemeral-storage"]) for name, c in by_pod[pod]}
+        # the pod's effective limit: its containers' sum (the autoscaler sidecar included), or an init container's
+        effective = max([sum(v for name, v in limits.items() if name not in init)] + [limits[n] for n in init])
+        assert effective >= scratch + EPHEMERAL_MARGIN, (
+            f"{overlay} {pod}: ephemeral-storage limits {effective / 2**30:g}Gi do not cover its emptyDirs "
+            f"({scratch / 2**30:g}Gi) plus {EPHEMERAL_MARGIN / 2**30:g}Gi for logs and writable layers"
+        )
+
+
 def test_a_pdb_holds_the_head_in_place():
     """Without GCS fault tolerance a new head kills the workers (Serve redeploys, GPU models reload): a voluntary
     eviction of the head must wait for a planned move (docs/kubernetes.md, "Node maintenance")."""
