@@ -28,6 +28,8 @@ and Drain read their settings from that environment too; without them they are n
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
   request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the client has gone,
   X-Session-Id and serve_multiplexed_model_id steer routing) are dropped: no client of this API may set them.
+  A WebSocket handshake is refused (close 1008 before accepting: uvicorn answers it 403): Ray's proxy
+  reads the same hints from it, and the app has no WebSocket route.
 - RayAnswers: what Ray's proxy answers on its own, in plain text (a full Ingress queue: 503 "Request
   dropped due to backpressure"; no running Ingress replica: 503; a path outside every route prefix: 404;
   Ray's 429), becomes the app's problem+json of the same status, so a client reads one error format. The
@@ -137,6 +139,8 @@ class HeaderGuard:
         return name.replace(b"_", b"-") not in self.dropped
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] == "http":
             headers = scope["headers"]
             kept = [(k, v) for k, v in headers if self._keep(k, v)]

@@ -474,6 +474,37 @@ def test_a_client_cannot_lift_the_proxys_timeout_or_keep_work_running_after_it_h
     assert parse_request_timeout_header(seen[0], 180.0) == 180.0 and not parse_disconnect_disabled_header(seen[0])
 
 
+def test_a_websocket_handshake_reaches_neither_the_app_nor_ray_s_routing(tmp_path, monkeypatch):
+    """Ray's proxy reads its control headers (no timeout, no cancel on hang-up, session and model-id routing) from
+    a WebSocket handshake as from an HTTP request, and the app has no WebSocket route: every proxy middleware
+    stack refuses the handshake (close 1008 before accepting, which uvicorn answers 403)."""
+    from ray.serve._private.http_util import _apply_middlewares
+
+    from serve.proxy_middleware import BODY_LIMIT_ENV, DRAIN_FLAG_ENV
+
+    reached = []
+
+    async def ray_proxy(scope, receive, send):
+        reached.append(scope)
+
+    headers = [(b"x-request-timeout-seconds", b"0"), (b"x-request-disconnect-disabled", b"?1"),
+               (b"x-session-id", b"pin"), (b"serve-multiplexed-model-id", b"m1")]  # fmt: skip
+    for env in ({}, {BODY_LIMIT_ENV: "1000", DRAIN_FLAG_ENV: str(tmp_path / "draining")}):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        sent = []
+
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "websocket", "path": "/v1/remove", "headers": headers}
+        asyncio.run(_apply_middlewares(ray_proxy, middlewares())(scope, receive, send))
+        assert reached == [] and sent == [{"type": "websocket.close", "code": 1008}], env
+
+
 @pytest.mark.parametrize(
     ("status", "text", "headers", "kind", "retry_after"),
     [
