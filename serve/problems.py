@@ -59,6 +59,8 @@ KINDS = (
     Kind("scorer-unavailable", 503, "The quality scorer is unavailable; retry later", "UNAVAILABLE"),
     Kind("retention-unavailable", 503, "The result store is unavailable; retry later", "UNAVAILABLE"),
     Kind("timeout", 504, "The request took too long", "DEADLINE_EXCEEDED"),
+    # Ray Serve's own http_options.request_timeout_s, past the app's deadline; Ray chose the status
+    Kind("proxy-timeout", 408, "No answer within the proxy's request timeout", "DEADLINE_EXCEEDED"),
     Kind("internal-error", 500, "Internal error", "INTERNAL"),
 )
 KIND_BY_SLUG = MappingProxyType({kind.slug: kind for kind in KINDS})

@@ -32,8 +32,11 @@ and Drain read their settings from that environment too; without them they are n
   reads the same hints from it, and the app has no WebSocket route.
 - RayAnswers: what Ray's proxy answers on its own, in plain text (a full Ingress queue: 503 "Request
   dropped due to backpressure"; no running Ingress replica: 503; a path outside every route prefix: 404;
-  Ray's 429), becomes the app's problem+json of the same status, so a client reads one error format. The
-  app itself never answers in text/plain.
+  Ray's 429; its http_options.request_timeout_s: 408 proxy-timeout, a kind of its own since the app's
+  `timeout` is 504), becomes the app's problem+json of the same status, so a client reads one error format.
+  The app itself never answers in text/plain. A request Ray gives up without answering (its Ingress replica
+  failed: Ray sends nothing, and uvicorn would answer a plain 500) gets 503 replica-failed with Retry-After,
+  the answer that tells the client to retry; one cancelled meanwhile is left to whoever cancelled it (Drain).
 - Drain: `python -m serve run` stops by creating the drain flag file: from then on new HTTP requests
   are answered 503 at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
   a response then are answered 503 too, so the service can stop without cutting a connection.
@@ -157,11 +160,15 @@ class RayAnswers:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held: list[dict] = []
+        started = False
 
         async def rewriting_send(message):
-            if message["type"] == "http.response.start" and _from_ray(message):
-                held.append(message)
-                return
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if _from_ray(message):
+                    held.append(message)
+                    return
             if not held:
                 return await send(message)
             held.append(message)
@@ -169,6 +176,8 @@ class RayAnswers:
                 await _problem(send, _ray_problem(held))
 
         await self.app(scope, receive, rewriting_send)
+        if not started and not asyncio.current_task().cancelling():
+            await _problem(send, Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)}))
 
 
 def _header(start: dict, name: bytes) -> bytes | None:
@@ -184,12 +193,13 @@ def _ray_problem(messages: list[dict]) -> Problem:
     text = b"".join(m.get("body", b"") for m in messages[1:]).decode("utf-8", "replace").strip()
     kind = "overloaded" if start["status"] == 503 and "backpressure" in text else _RAY_KINDS[start["status"]]
     retry_after = (_header(start, b"retry-after") or str(RETRY_AFTER_S).encode()).decode()
-    headers = {} if start["status"] == 404 else {"Retry-After": retry_after}
+    headers = {"Retry-After": retry_after} if start["status"] in (429, 503) else {}
     return Problem(kind, f"{text[:300]} (at the proxy)", headers)
 
 
 # Ray's own plain-text answers (ray/serve/_private/http_util.py) and the app's kind of the same status
-_RAY_KINDS = {404: "not-found", 429: "too-many-requests", 503: "not-ready"}
+_RAY_KINDS = {404: "not-found", 408: "proxy-timeout", 429: "too-many-requests", 503: "not-ready"}
+_NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the proxy)"
 
 
 class BodyBuffer:

@@ -511,6 +511,7 @@ def test_a_websocket_handshake_reaches_neither_the_app_nor_ray_s_routing(tmp_pat
         (503, "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).", [(b"retry-after", b"2")], "overloaded", "2"),
         (503, "Deployment 'Ingress' in application 'rorem' is unavailable.", [], "not-ready", "2"),
         (404, "Path '/nowhere' not found. Ping http://.../-/routes for available routes.", [], "not-found", None),
+        (408, "Request req-1 timed out after 180.0s.", [], "proxy-timeout", None),
     ],
 )
 def test_what_ray_s_proxy_answers_in_plain_text_reaches_the_client_as_problem_json(status, text, headers, kind, retry_after):
@@ -543,3 +544,45 @@ def test_what_ray_s_proxy_answers_in_plain_text_reaches_the_client_as_problem_js
         asyncio.run(RayAnswers(ray_answering(503 if b"problem" in content_type else 200, content_type, body))(
             untouched.scope, untouched.receive, untouched.send))  # fmt: skip
         assert b"".join(m.get("body", b"") for m in untouched.sent if m["type"] == "http.response.body") == body
+
+
+def ray_s_proxy(raised: BaseException | None = None):
+    """Ray's HTTPProxy around a request (ray/serve/_private/proxy.py send_request_to_replica, by Ray's own
+    functions): any error or cancellation is caught, answered only for 408, 429 and 503, and the call returns."""
+    from ray.serve._private.http_util import get_http_response_status, send_http_response_on_exception
+
+    async def app(scope, receive, send):
+        try:
+            if raised is not None:
+                raise raised
+            await asyncio.sleep(3600)
+        except BaseException as caught:
+            for message in send_http_response_on_exception(get_http_response_status(caught, 180.0, "req-1"), False):
+                await send(message)
+
+    return app
+
+
+def test_a_request_ray_gives_up_without_an_answer_gets_a_problem_json_503_to_retry_not_a_plain_500():
+    """Ray's proxy sends nothing when the Ingress replica fails (its 500), and uvicorn then answers a text/plain
+    500. RayAnswers answers 503 replica-failed with Retry-After instead, and its request timeout 408 as problem+json;
+    a request cancelled meanwhile (Drain gives it up) is left to whoever cancelled it."""
+    from serve.proxy_middleware import RayAnswers
+
+    failed, timed_out = Exchange([b""]), Exchange([b""])
+    asyncio.run(RayAnswers(ray_s_proxy(RuntimeError("actor died")))(failed.scope, failed.receive, failed.send))
+    asyncio.run(RayAnswers(ray_s_proxy(TimeoutError()))(timed_out.scope, timed_out.receive, timed_out.send))
+    assert failed.status == 503 and failed.body["type"].endswith("/replica-failed") and failed.body["status"] == 503
+    assert (b"retry-after", b"2") in failed.sent[0]["headers"]
+    assert timed_out.status == 408 and timed_out.body["type"].endswith("/proxy-timeout")
+    assert dict(timed_out.sent[0]["headers"])[b"content-type"] == b"application/problem+json"
+
+    async def cancelled_meanwhile():
+        exchange = Exchange([b""])
+        task = asyncio.create_task(RayAnswers(ray_s_proxy())(exchange.scope, exchange.receive, exchange.send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await task
+        return exchange
+
+    assert asyncio.run(cancelled_meanwhile()).sent == []
