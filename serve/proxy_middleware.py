@@ -39,7 +39,9 @@ and Drain read their settings from that environment too; without them they are n
   the answer that tells the client to retry; one cancelled meanwhile is left to whoever cancelled it (Drain).
 - Drain: `python -m serve run` stops by creating the drain flag file: from then on new HTTP requests
   are answered 503 at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
-  a response then are answered 503 too, so the service can stop without cutting a connection.
+  a response then are answered 503 too, so the service can stop without cutting a connection. Such a
+  request's task is cancelled; Ray's proxy catches that and returns without answering, so the 503 comes
+  once the inner app has returned or raised the cancellation.
 """
 
 from __future__ import annotations
@@ -323,13 +325,15 @@ class Drain:
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
-        except asyncio.CancelledError:
-            if task not in self.given_up:
-                raise
-            task.uncancel()
-            if not started[0]:
-                await self._unavailable(send)
+            try:
+                await self.app(scope, receive, tracking_send)
+            except asyncio.CancelledError:
+                if task not in self.given_up:
+                    raise
+            if task in self.given_up:
+                task.uncancel()
+                if not started[0]:
+                    await self._unavailable(send)
         finally:
             self.in_flight.pop(task, None)
             self.given_up.discard(task)
