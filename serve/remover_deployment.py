@@ -114,7 +114,7 @@ class Remover(LiveSettings):
         """The batch queue of one crop side, with that bucket's batch size and wait (serve/batcher.py says why
         not `@serve.batch`)."""
         max_batch_size, wait_s = self.settings.batching.for_bucket(side)
-        return Batcher(self._run_batch, max_batch_size, wait_s)
+        return Batcher(self._run_batch, max_batch_size, wait_s, turn=self.engine_turn)
 
     async def remove(self, job: RemovalJob, submitted_at: float) -> RemovalOutcome:
         """Queue one crop in its bucket's batch. `submitted_at` is the caller's time.time() at dispatch."""
@@ -124,16 +124,15 @@ class Remover(LiveSettings):
         return await self.queues[side](job, submitted_at)
 
     async def _run_batch(self, jobs: list[RemovalJob], submitted_at: list[float]) -> list[RemovalOutcome]:
-        """One engine call for one bucket's batch, once the engine is free; its results are answered as soon
-        as it is done. Only the call itself counts as running (hung_after_s, model_ms): a batch of one bucket
-        waiting for another's is queued, not hung."""
+        """One engine call for one bucket's batch, run by its queue once it holds `engine_turn`; its results are
+        answered as soon as it is done. Only the call itself counts as running (hung_after_s, model_ms): a batch
+        of one bucket waiting for another's is queued (queue_wait), not hung."""
         stages: dict[str, float] = {}
-        async with self.engine_turn:
-            queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
-            started = time.perf_counter()
-            with self.watch.running():
-                images = await asyncio.to_thread(self.engine.remove, jobs, stages)
-            model_ms = (time.perf_counter() - started) * 1000
+        queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
+        started = time.perf_counter()
+        with self.watch.running():
+            images = await asyncio.to_thread(self.engine.remove, jobs, stages)
+        model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))
         self.metrics.stages.observe(stages)
         outcomes = []

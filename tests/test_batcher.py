@@ -24,11 +24,13 @@ class SlowEngine:
     def __init__(self, call_s: float):
         self.call_s = call_s
         self.batches: list[int] = []
+        self.seeds: list[list[int]] = []  # each batch's jobs
         self._lock = threading.Lock()
 
     def remove(self, jobs, stages):
         with self._lock:
             self.batches.append(len(jobs))
+            self.seeds.append([job.seed for job in jobs])
             time.sleep(self.call_s)
             return [job.image for job in jobs]
 
@@ -57,8 +59,8 @@ def _remover(engine, wait_s: float, hung_after_s: float | None = None):
     return remover
 
 
-def _job(side: int = 256) -> RemovalJob:
-    return RemovalJob(np.zeros((side, side, 3), np.uint8), np.zeros((side, side), bool), 0)
+def _job(side: int = 256, seed: int = 0) -> RemovalJob:
+    return RemovalJob(np.zeros((side, side, 3), np.uint8), np.zeros((side, side), bool), seed)
 
 
 def test_a_backlog_goes_out_in_full_batches_while_the_engine_is_busy():
@@ -175,6 +177,56 @@ def test_a_batch_waiting_for_another_bucket_is_not_counted_as_a_hung_engine_call
 
     failures, model_ms = asyncio.run(main())
     assert failures == [] and max(model_ms) < 1000, (failures, model_ms)
+
+
+def test_a_batch_closed_while_another_bucket_runs_takes_the_crops_queued_meanwhile_and_leaves_out_callers_gone():
+    """Each bucket's queue closed its batch, then waited for the engine: a caller cancelled during that wait
+    still had its crop run, and the crops queued meanwhile waited for one more engine call."""
+    engine = SlowEngine(0.6)
+    remover = _remover(engine, wait_s=0.01)
+
+    async def main():
+        running = asyncio.create_task(remover.remove(_job(512, seed=512), time.time()))
+        await asyncio.sleep(0.1)
+        first = asyncio.create_task(remover.remove(_job(256, seed=100), time.time()))
+        gone = asyncio.create_task(remover.remove(_job(256, seed=99), time.time()))
+        await asyncio.sleep(0.1)  # their batch is closed: it waits for the 512 batch
+        gone.cancel()
+        later = [asyncio.create_task(remover.remove(_job(256, seed=n), time.time())) for n in range(7)]
+        outcomes = await asyncio.gather(first, *later)
+        await running
+        return [outcome.stages["queue_wait"] for outcome in outcomes]
+
+    queue_waits = asyncio.run(main())
+    assert engine.seeds == [[512], [100, *range(7)]]
+    assert min(queue_waits) > 0.1, "the wait for the other bucket's batch is queue_wait"
+
+
+class _Echo:
+    """A batch function that answers each call its own value; `calls`: the batches it ran."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+
+    async def __call__(self, values):
+        self.calls.append(list(values))
+        return values
+
+
+def test_callers_already_gone_take_no_place_in_a_batch():
+    """A cancelled caller counted toward max_batch_size: the batch ran without it, one place short."""
+    run = _Echo()
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=2, wait_s=0.5)
+        calls = [asyncio.create_task(batcher(v)) for v in ("gone", "first", "gone too", "second")]
+        await asyncio.sleep(0)
+        calls[0].cancel()
+        calls[2].cancel()
+        return await asyncio.gather(calls[1], calls[3])
+
+    assert asyncio.run(main()) == ["first", "second"]
+    assert run.calls == [["first", "second"]]
 
 
 def test_the_batch_worker_does_not_carry_the_first_callers_context():

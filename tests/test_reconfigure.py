@@ -4,6 +4,7 @@ after the first is refused, and the deployment keeps its previous settings (serv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -177,6 +178,7 @@ def _errors(caplog) -> list[str]:
 def test_an_invalid_live_value_keeps_the_removers_waits_and_is_reported(refusals, caplog):
     remover = object.__new__(Remover.func_or_class)  # no model, no Ray: the live settings only
     remover.settings = RemoverArgs.model_validate({"imaging": {"buckets": [256, 512]}})
+    remover.engine_turn = asyncio.Lock()
     remover.queues = {side: remover._bucket_queue(side) for side in remover.settings.imaging.buckets}
     with pytest.raises(ValidationError):  # the first reconfigure: a bad config must not start
         remover.reconfigure({"batch_wait_timeout_s": {"512": 2.0}})
