@@ -202,7 +202,7 @@ class RemovalService:
         policy = self._gate_policy(gate, options)
         prepared = await self._decode(
             timings, self.pipeline.prepare, upload.image, upload.mask, options.dilate,
-            max_crops(gate.max_model_calls, scored=self.has_scorer),
+            max_crops(gate.max_model_calls, scored=self.has_scorer), deadline=deadline,
         )  # fmt: skip
         timings.lap("decode")
         fmt = _output_format(options, accept, prepared.image.format)
@@ -210,6 +210,8 @@ class RemovalService:
             imaging.check_output(fmt, *prepared.image.rgb.shape[:2])  # before the model runs, not from the encoder
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
+        if loop.time() >= deadline:  # spent in the decode: admission would refuse it as too much work (429)
+            raise Problem("timeout", f"no result within {deadline_s:g} s")
         if admitted is not None and prepared.plans:
             admitted.planned(work_units(prepared.buckets, min(self.pipeline.crops.buckets)), deadline - loop.time())
         try:
@@ -307,18 +309,23 @@ class RemovalService:
             return GatePolicy("off", policy.threshold, 1, policy.fail_open)
         return policy
 
-    async def _decode(self, timings: Timings | None, prepare, *uploads):
+    async def _decode(self, timings: Timings | None, prepare, *uploads, deadline: float | None = None):
         """The decode limits bound its cost; the deadline is the backstop for a cost they miss. The client
         gets its answer then, though the thread runs on to the end of its (bounded) work, holding its slot.
         The deadline counts from when a thread starts the decode, not from the wait for a slot or a thread,
-        which `timings` gets as its own stage (cpu_wait): busy image threads are not a slow decode."""
+        which `timings` gets as its own stage (cpu_wait): busy image threads are not a slow decode. That wait
+        is cut at the request's `deadline` (the loop's time; None: none): a decode nobody waits for never runs."""
         deadline_s = self.settings.imaging.decode_timeout_s
         job = await self.cpu.start(prepare, *uploads)
         try:
-            await job.started.wait()
+            async with asyncio.timeout_at(deadline):
+                await job.started.wait()
         except asyncio.CancelledError:
             job.result.cancel()  # not started yet: off the queue, its slot free
             raise
+        except TimeoutError as exc:
+            job.result.cancel()
+            raise Problem("timeout", "no image-work thread was free within the request's deadline") from exc
         if timings is not None:
             timings.lap("cpu_wait")
         try:

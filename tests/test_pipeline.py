@@ -489,6 +489,46 @@ def test_a_deadline_that_cuts_work_as_it_ends_is_never_lost():
     if sys.version_info < (3, 12):
         assert asyncio.run(main(asyncio.wait_for)) != "cancelled", "the stdlib's behaviour this guards against"
 
+def test_a_request_whose_deadline_passes_while_it_waits_for_an_image_thread_gets_its_504_then_and_no_decode():
+    """The wait for a busy thread was not cut: the 504 came once the thread was free and the decode had run."""
+    from serve.uploads import Offload
+
+    service = _service(FakeModels(), mode="off")
+    service.cpu = Offload(1, 8, 0, "test-cpu")  # one image-work thread, busy for 1.5 s when the request comes
+    decodes, prepare = [], service.pipeline.prepare
+    service.pipeline.prepare = lambda *args: decodes.append(args) or prepare(*args)
+
+    async def main():
+        busy = asyncio.ensure_future(service.cpu.run(time.sleep, 1.5))
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(Problem) as caught:
+            await service.remove(_upload(output_format="png", timeout_s=0.3))
+        took = time.perf_counter() - started
+        await busy
+        await asyncio.sleep(0.1)
+        return caught.value, took
+
+    problem, took = asyncio.run(main())
+    assert problem.problem == "timeout" and took < 1.2, (problem.problem, took)
+    assert decodes == [], "the decode nobody waits for any more never ran"
+
+
+def test_a_deadline_spent_in_the_decode_is_a_timeout_not_a_refusal_for_the_replicas_load():
+    """Admission was told the work with a negative time left and answered 429 too-many-requests, Retry-After."""
+
+    class Place:
+        def planned(self, units, deadline_s):
+            raise Problem("too-many-requests", f"the work ahead does not fit in {deadline_s:.1f} s")
+
+    service = _service(FakeModels(), mode="off")
+    prepare = service.pipeline.prepare
+    service.pipeline.prepare = lambda *args: threading.Event().wait(0.6) or prepare(*args)
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.remove(_upload(output_format="png", timeout_s=0.3), admitted=Place()))
+    assert (caught.value.problem, caught.value.detail) == ("timeout", "no result within 0.3 s")
+
+
 def test_the_decode_deadline_counts_the_decode_not_the_wait_for_a_thread():
     """Slots (max_in_flight) outnumber the threads: a decode queued behind another must not spend its deadline
     waiting, or a busy replica answers a valid upload 413 image-too-large."""
