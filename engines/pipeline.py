@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -287,8 +288,12 @@ class RemovalPipeline:
         return [ScoreJob(src, m, e) for (src, m), (e, _) in zip(sources, edits)]
 
     async def worst_score(self, jobs: Sequence[ScoreJob]) -> float:
-        """All crops scored at once (one Scorer batch); the lowest score."""
-        return min(await all_or_none(self.models.score(job) for job in jobs))
+        """All crops scored at once (one Scorer batch); the lowest score. A non-finite score (a discriminator
+        overflow) is the Scorer's failure: NaN compares false, so it would pass the gate or hide a lower score."""
+        scores = await all_or_none(self.models.score(job) for job in jobs)
+        if not all(math.isfinite(score) for score in scores):
+            raise ScorerUnavailable("the discriminator returned a non-finite score")
+        return min(scores)
 
 
 @dataclass

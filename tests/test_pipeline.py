@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import sys
 import threading
 import time
@@ -113,6 +114,24 @@ def test_a_failing_scorer_is_the_gates_concern_fail_open_keeps_the_result_unscor
     assert (gated.verdict, gated.score, gated.attempts) == ("unscored", None, 1)
     with pytest.raises(ScorerUnavailable, match="^RuntimeError$"):
         asyncio.run(pipeline(prepared, seed=1, policy=GatePolicy("reject", 0.5, 3, False)))
+
+
+def test_a_non_finite_score_is_a_scorer_failure_not_a_score_that_passes():
+    """A discriminator overflow (NaN) passed the gate, and POST /score: min(0.9, nan) is 0.9."""
+    photo, mask = _photo_and_two_objects()
+    mask_png = png_bytes(mask.astype(np.uint8) * 255)
+    pipeline = RemovalPipeline(FakeModels(scores=[0.9, math.nan]), CROPS, DecodeLimits())
+    prepared = pipeline.prepare(png_bytes(photo), mask_png)
+
+    gated = asyncio.run(pipeline(prepared, seed=1, policy=GatePolicy("retry", 0.5, 3, True)))
+    assert (gated.verdict, gated.score, gated.attempts) == ("unscored", None, 1)
+    pipeline.models.scores = [math.nan, 0.9]
+    with pytest.raises(ScorerUnavailable, match="non-finite"):
+        asyncio.run(pipeline(prepared, seed=1, policy=GatePolicy("reject", 0.5, 3, False)))
+    score_request = ScoreRequest(png_bytes(photo), mask_png, png_bytes(photo), ScoreOptions())
+    with pytest.raises(Problem) as caught:
+        asyncio.run(_service(FakeModels(scores=[0.9, math.inf])).score(score_request))
+    assert caught.value.problem == "scorer-unavailable"
 
 
 class _FirstCropFails:
