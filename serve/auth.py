@@ -179,7 +179,7 @@ class ApiKeys:
             data = yaml.load(self.path.read_text(), Loader=_YAML_LOADER) or {}
             return _Loaded(KeysFile.model_validate(data).keys, mtime)
         except (OSError, yaml.YAMLError, ValidationError, ValueError) as exc:
-            raise ValueError(f"cannot read API keys from {self.path}: {exc}") from exc
+            raise ValueError(f"cannot read API keys from {self.path}: {_reason(exc)}") from exc
 
     def reload_due(self) -> bool:
         """Whether the next check looks at the file again (and, if it changed, parses it: milliseconds)."""
@@ -220,6 +220,23 @@ class ApiKeys:
         if scope is not None and scope not in key.scopes:
             raise Problem("forbidden", f"the key {key.name!r} does not grant the {scope!r} scope")
         return key
+
+
+def _reason(exc: Exception) -> str:
+    """Why a keys file was refused, without the file's text: pydantic's and YAML's own messages quote the values
+    they saw, which may be a key an operator pasted into the file."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'file'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)
+        )
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"invalid YAML: {exc.problem or exc.context}{where}"
+    if isinstance(exc, yaml.YAMLError):
+        return f"invalid YAML ({type(exc).__name__})"
+    return str(exc)
 
 
 def presented_key(headers) -> str | None:

@@ -386,3 +386,24 @@ def test_with_keys_any_host_and_origin_may_call_with_a_key(monkeypatch, keys):
     headers = {"host": "rorem.example.com", "origin": "https://app.example.com", "x-api-key": app_key}
     assert client.post("/remove", headers=headers).status_code == 200
     assert client.post("/remove", headers={**headers, "x-api-key": "wrong"}).status_code == 401
+
+
+@pytest.mark.parametrize("pasted", ["as a field", "as the digest", "in broken YAML"])
+def test_a_key_pasted_into_the_keys_file_never_reaches_the_log(tmp_path, pasted, caplog):
+    """pydantic's and YAML's own messages quote the input they refused: here, the key itself."""
+    key, entry = new_key_entry("app", ["remove"])
+    path = _keys_file(tmp_path, entry)
+    keys = ApiKeys(str(path), reload_interval_s=0.0)
+    pasted_key, pasted_entry = new_key_entry("new", ["remove"])
+    if pasted == "as a field":
+        path.write_text(yaml.safe_dump({"keys": [entry, {**pasted_entry, "key": pasted_key}]}))
+    elif pasted == "as the digest":
+        path.write_text(yaml.safe_dump({"keys": [entry, {**pasted_entry, "sha256": pasted_key}]}))
+    else:
+        path.write_text(yaml.safe_dump({"keys": [entry]}) + f"- name: new\n  sha256: {pasted_key}: [\n")
+    _touch(path, time.time() + 5)
+    assert keys.identify(key) is None
+    with pytest.raises(ValueError) as at_start:
+        ApiKeys(str(path))
+    assert "every key is refused" in caplog.text and "keys" in str(at_start.value)
+    assert pasted_key not in caplog.text and pasted_key not in str(at_start.value)
