@@ -140,18 +140,35 @@ def new_key_entry(
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # LibYAML: ~10x faster on a file of many keys
 
 
+Fingerprint = tuple[int, int, int]  # st_mtime_ns, st_size, st_ino
+
+
+def _fingerprint(path: Path) -> Fingerprint | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 @dataclass
 class _Loaded:
     keys: list[StoredKey]
-    mtime: float | None  # None: the file could not be read
+    fingerprint: Fingerprint | None  # None: read it again at the next check
 
 
 class ApiKeys:
-    """The keys file, re-read at most every `reload_interval_s` when its modification time changes.
+    """The keys file, looked at at most every `reload_interval_s` and re-read when its fingerprint (modification
+    time, size, inode) changed since the last good read, or that read failed.
+
+    The fingerprint, not the modification time alone: a writer that truncates and rewrites the file within one
+    tick of a coarse file clock leaves the time as it was, and a read in between (an empty file, or a prefix that
+    parses: an entry cut before its `scopes`) would stay. A failed read is retried at every check for the same
+    reason; a read during which the file changed is kept until the next check only.
 
     A file that cannot be read at start stops the start (with `must_exist`; else it leaves no valid key
     until the file can be read); one that becomes unreadable or invalid later leaves no valid key (fail
-    closed), with one log line and one `on_error` call per failure seen."""
+    closed), with one log line and one `on_error` call per failure seen (per fingerprint)."""
 
     def __init__(
         self,
@@ -164,22 +181,24 @@ class ApiKeys:
         self.reload_interval_s = reload_interval_s
         self.on_error = on_error or (lambda: None)
         self._lock = threading.Lock()
+        self._failed: Fingerprint | None | bool = False  # the failure last logged (False: none since a good read)
         try:
             self._loaded = self._load()
         except ValueError as exc:
             if must_exist:
                 raise
             logger.error("API keys: %s; every key is refused until the file can be read", exc)
-            self._loaded = _Loaded([], None)
+            self._loaded, self._failed = _Loaded([], None), _fingerprint(self.path)
         self._checked = time.monotonic()
 
     def _load(self) -> _Loaded:
+        before = _fingerprint(self.path)
         try:
-            mtime = os.stat(self.path).st_mtime
             data = yaml.load(self.path.read_text(), Loader=_YAML_LOADER) or {}
-            return _Loaded(KeysFile.model_validate(data).keys, mtime)
+            keys = KeysFile.model_validate(data).keys
         except (OSError, yaml.YAMLError, ValidationError, ValueError) as exc:
             raise ValueError(f"cannot read API keys from {self.path}: {_reason(exc)}") from exc
+        return _Loaded(keys, before if _fingerprint(self.path) == before else None)
 
     def reload_due(self) -> bool:
         """Whether the next check looks at the file again (and, if it changed, parses it: milliseconds)."""
@@ -189,18 +208,15 @@ class ApiKeys:
         if self.reload_due():
             with self._lock:
                 self._checked = time.monotonic()
-                try:
-                    mtime = os.stat(self.path).st_mtime
-                except OSError:
-                    mtime = None
-                if mtime is None or mtime != self._loaded.mtime:
+                seen = _fingerprint(self.path)
+                if seen is None or seen != self._loaded.fingerprint:
                     try:
-                        self._loaded = self._load()
+                        self._loaded, self._failed = self._load(), False
                     except ValueError as exc:
-                        if self._loaded.keys or self._loaded.mtime != mtime:
+                        if self._loaded.keys or self._failed != seen:
                             logger.error("API keys: %s; every key is refused until the file is valid again", exc)
                             self.on_error()
-                        self._loaded = _Loaded([], mtime)
+                        self._loaded, self._failed = _Loaded([], None), seen
         return self._loaded.keys
 
     def identify(self, presented: str) -> StoredKey | None:

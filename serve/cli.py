@@ -268,10 +268,35 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
         reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
         print(f"cannot add key {name!r} to {keys_file}: {reasons}", file=sys.stderr)
         return 2
-    keys_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    replace_file(keys_file, yaml.safe_dump(data, sort_keys=False))
     print(key)
     print(f"[rorem] stored the SHA-256 of key {name!r} ({', '.join(scopes)}) in {keys_file}", file=sys.stderr)
     return 0
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` whole: a temporary file in its folder, renamed over it, with its permissions (a new file gets
+    the umask's). A running service re-reads its keys file at any moment: it sees the old file or the new one."""
+    path = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def wait_until_ready(

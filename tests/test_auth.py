@@ -407,3 +407,46 @@ def test_a_key_pasted_into_the_keys_file_never_reaches_the_log(tmp_path, pasted,
         ApiKeys(str(path))
     assert "every key is refused" in caplog.text and "keys" in str(at_start.value)
     assert pasted_key not in caplog.text and pasted_key not in str(at_start.value)
+
+
+def _rewrite_in_one_tick(path, text, moment_ns):
+    """What a truncating writer leaves on a coarse file clock: a new content with the modification time as it was."""
+    path.write_text(text)
+    os.utime(path, ns=(moment_ns, moment_ns))
+
+
+def test_a_read_that_caught_the_file_half_written_does_not_stick(tmp_path):
+    """Truncated then rewritten within one tick of the file clock: the read that saw the empty file, or a prefix
+    that parses (an entry cut before its scopes and quota: defaults), is not kept once the writer is done."""
+    key, entry = new_key_entry("app", ["remove"])
+    path = _keys_file(tmp_path, entry)
+    keys = ApiKeys(str(path), reload_interval_s=0.0)
+    tick = time.time_ns() + 5_000_000_000
+    _rewrite_in_one_tick(path, "", tick)
+    assert keys.identify(key) is None, "the empty file fails closed"
+    new_key, new_entry = new_key_entry("new", ["remove"])
+    _rewrite_in_one_tick(path, yaml.safe_dump({"keys": [entry, new_entry]}), tick)
+    assert keys.identify(key) is not None and keys.identify(new_key) is not None
+
+    scorer_key, scorer = new_key_entry("scorer", ["score"], requests_per_minute=10, max_concurrent=1)
+    full = yaml.safe_dump({"keys": [scorer]}, sort_keys=False)
+    _rewrite_in_one_tick(path, full.split("  scopes:")[0], tick + 1)
+    assert keys.identify(scorer_key).requests_per_minute is None, "the prefix parses: the defaults, for now"
+    _rewrite_in_one_tick(path, full, tick + 1)
+    stored = keys.identify(scorer_key)
+    assert stored.scopes == ["score"] and (stored.requests_per_minute, stored.max_concurrent) == (10, 1)
+
+
+def test_new_key_replaces_the_keys_file_whole_and_keeps_its_permissions(tmp_path):
+    """A reader sees the old file or the new one, never a part (a temporary file renamed over it)."""
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    assert run(["new-key", "--name", "first", "--keys-file", str(path)]) == 0
+    path.chmod(0o640)
+    before = os.stat(path)
+    assert run(["new-key", "--name", "second", "--keys-file", str(path)]) == 0
+    after = os.stat(path)
+    assert after.st_ino != before.st_ino, "written in place: a reader could see it truncated"
+    assert after.st_mode == before.st_mode and os.listdir(tmp_path) == ["keys.yaml"]
+    assert [entry["name"] for entry in yaml.safe_load(path.read_text())["keys"]] == ["first", "second"]
