@@ -18,7 +18,11 @@ cheap reads a reviewer's page calls many times a minute, and they neither count 
 The state lives in one named Ray actor, `QuotaLedger` (num_cpus=0, detached, restarted when it dies: a
 restart forgets the counts, i.e. grants fresh quotas), found or created by every ingress replica: no
 external service. Being detached, it outlives a redeploy (the counts too) and stays until Ray stops. Per metered request: one actor call awaited when it starts, and, for a key with
-`max_concurrent`, one call not awaited when it ends. A key without limits costs nothing.
+`max_concurrent`, one call not awaited when it ends. A key without limits costs nothing, and neither does a
+key past its rate: each ingress replica remembers a rate refusal until the window's reset and answers the 429
+itself (its fields counting down; the concurrency's `r` as the ledger last said), so a tenant flooding the
+service cannot queue the shared, serial ledger into failing open for everyone. A concurrency refusal is not
+remembered: a lease may come back any moment.
 
 Unreachable ledger (dead for good, or slower than CALL_TIMEOUT_S): the request is admitted without
 quota fields (fail open): a quota protects the service's fairness, and refusing every paying caller
@@ -36,6 +40,7 @@ for a full concurrency quota).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -257,12 +262,21 @@ async def _awaited(ref):
 class Quotas:
     """The ingress's side: a key's limits, one ledger call when a metered request starts, one when it ends."""
 
-    def __init__(self, ledger, window_s: float, lease_s: float, on_error: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        ledger,
+        window_s: float,
+        lease_s: float,
+        on_error: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.ledger = ledger
         self.window_s = window_s
         self.lease_s = lease_s
         self.on_error = on_error or (lambda: None)
+        self.clock = clock
         self._logged = -math.inf
+        self._refused: dict[str, tuple[Decision, float]] = {}  # key -> its rate refusal, until the window's reset
 
     @classmethod
     def from_settings(cls, settings, app_name: str, on_error: Callable[[], None] | None = None) -> Quotas:
@@ -289,9 +303,13 @@ class Quotas:
         limits = self.limits(key)
         if limits is None or self.ledger is None:
             return None
+        refused = self._still_refused(key.name, limits)
+        if refused is not None:
+            return refused
         lease = uuid.uuid4().hex if limits.concurrent is not None else None
+        asked = self.clock()
         try:
-            return await self.ledger.acquire(key.name, limits, self.lease_s, lease)
+            decision = await self.ledger.acquire(key.name, limits, self.lease_s, lease)
         except BaseException as exc:
             if lease is not None:
                 self.release(Decision(key.name, limits, lease=lease))
@@ -305,6 +323,22 @@ class Quotas:
                     "quota ledger unreachable (%s: %s): admitting requests unmetered", type(exc).__name__, exc
                 )
             return None
+        if decision.refused_by == RATE:  # from when it was asked: never refused here past the ledger's reset
+            self._refused[key.name] = (decision, asked + decision.reset_s)
+        return decision
+
+    def _still_refused(self, name: str, limits: Limits) -> Decision | None:
+        """The key's remembered rate refusal, its reset counted down; None once the window reset (or the key's
+        limits changed: the keys file was rotated)."""
+        refused = self._refused.get(name)
+        if refused is None:
+            return None
+        decision, until = refused
+        left = until - self.clock()
+        if left <= 0 or decision.limits != limits:
+            del self._refused[name]
+            return None
+        return dataclasses.replace(decision, reset_s=left)
 
     def release(self, decision: Decision | None) -> None:
         if decision is None or decision.lease is None:

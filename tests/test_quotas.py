@@ -224,6 +224,54 @@ def test_an_unreachable_ledger_fails_open_counted_and_logged_once(caplog):
 
 
 
+class CountingLedger(BookLedger):
+    def __init__(self, book: QuotaBook):
+        super().__init__(book)
+        self.calls: list[str] = []
+
+    async def acquire(self, key, limits, lease_s, lease):
+        self.calls.append(key)
+        return await super().acquire(key, limits, lease_s, lease)
+
+
+def test_a_key_past_its_rate_is_refused_without_a_ledger_call_until_the_window_resets():
+    """The ledger is one serial actor every replica shares: a flooding key must not queue it into failing open
+    (CALL_TIMEOUT_S) for every key. A concurrency refusal is asked again: a lease may come back any moment."""
+    clock = FakeClock()
+    ledger = CountingLedger(QuotaBook(clock))
+    quotas_ = Quotas(ledger, 60.0, 300.0, clock=clock)
+    flood, tenant = _key("flood", requests_per_minute=1), _key("tenant", requests_per_minute=1)
+
+    async def main():
+        assert (await quotas_.acquire(flood)).allowed
+        first = await quotas_.acquire(flood)
+        assert first.refused_by == RATE and ledger.calls == ["flood", "flood"]
+        clock.now += 20
+        for _ in range(50):
+            again = await quotas_.acquire(flood)
+            with pytest.raises(Problem) as refused:
+                again.check()
+            assert refused.value.headers["Retry-After"] == "40" and again.headers()["RateLimit"] == '"minute";r=0;t=40'
+        assert ledger.calls == ["flood", "flood"], "refused from memory"
+        assert (await quotas_.acquire(tenant)).allowed and ledger.calls[-1] == "tenant"
+        raised = _key("flood", requests_per_minute=5)  # the keys file was rotated: its new quota applies at once
+        assert (await quotas_.acquire(raised)).allowed and ledger.calls[-1] == "flood"
+        for _ in range(4):
+            await quotas_.acquire(raised)
+        assert not (await quotas_.acquire(raised)).allowed
+        calls = len(ledger.calls)
+        clock.now += 40
+        assert (await quotas_.acquire(raised)).allowed and len(ledger.calls) == calls + 1, "asked again at the reset"
+
+        single = _key("single", max_concurrent=1)
+        held = await quotas_.acquire(single)
+        assert (await quotas_.acquire(single)).refused_by == CONCURRENCY
+        quotas_.release(held)
+        assert (await quotas_.acquire(single)).allowed and ledger.calls[-3:] == ["single"] * 3
+
+    asyncio.run(main())
+
+
 class _OrderedActor:
     """A Ray actor handle's behaviour: one caller's calls run in the order sent, whether or not the caller still
     waits for the answer; an acquire takes `delay[0]` seconds."""
