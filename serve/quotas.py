@@ -45,10 +45,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from starlette.datastructures import MutableHeaders
 
 from serve.handles import within
@@ -384,21 +384,27 @@ def is_metered(route) -> bool:
 class QuotaFields:
     """ASGI middleware: the RateLimit fields of the request's decision on its answer, whatever the answer
     (the Problem handlers run inside it). The concurrency lease is given back as the answer starts (before the
-    client can see it and send its next request), or when the request ends without one (a client gone). An
-    unhandled exception's 500 is sent outside it, without the fields."""
+    client can see it and send its next request), or when the request ends without one (a client gone).
 
-    def __init__(self, app):
+    An unhandled exception's 500 is answered outside every middleware (Starlette's ServerErrorMiddleware): for a
+    metered request it is answered here instead, by `internal_error` (the app's Exception handler), with the
+    fields, as gRPC's INTERNAL carries them. The exception is raised on, as that middleware does, for Ray's log
+    and error count (the middleware then calls the handler again; its answer goes nowhere)."""
+
+    def __init__(self, app, internal_error: Callable[[Request, Exception], Awaitable[Response]] | None = None):
         self.app = app
+        self.internal_error = internal_error
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        released = False
+        released = started = False
 
         async def send_with_fields(message):
-            nonlocal released
+            nonlocal released, started
             if message["type"] == "http.response.start":
+                started = True
                 decision = scope.get("state", {}).get("quota")
                 if decision is not None:
                     MutableHeaders(scope=message).update(decision.headers())
@@ -408,6 +414,12 @@ class QuotaFields:
 
         try:
             await self.app(scope, receive, send_with_fields)
+        except Exception as exc:
+            if started or self.internal_error is None or scope.get("state", {}).get("quota") is None:
+                raise
+            response = await self.internal_error(Request(scope, receive), exc)
+            await response(scope, receive, send_with_fields)
+            raise
         finally:
             decision = scope.get("state", {}).get("quota")
             if not released:

@@ -33,7 +33,6 @@ api = FastAPI(
     redoc_url=None,  # the same, and not documented
 )
 install_openapi(api)  # serve/openapi.py: problem responses, headers, media types
-api.add_middleware(quotas.QuotaFields)  # a metered request's RateLimit fields on its answer; its lease given back
 
 
 def _route_label(scope: dict) -> str:
@@ -76,8 +75,17 @@ async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
 
 @api.exception_handler(Exception)
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in %s %r", request.method, request.url.path)  # %r: no control characters
+    """Logged once per exception: a metered request's is answered by QuotaFields with this handler, and then
+    Starlette's ServerErrorMiddleware calls it again on its way out (that answer unused)."""
+    if getattr(request.state, "internal_error", None) is not exc:
+        request.state.internal_error = exc
+        logger.exception("unhandled error in %s %r", request.method, request.url.path)  # %r: no control characters
     return Problem("internal-error", f"{type(exc).__name__}; see the server log").response(request_id_of(request))
+
+
+# after _internal, which answers a metered request's 500 in it (with the RateLimit fields); before _count_requests:
+# inside it, so that count sees the 500
+api.add_middleware(quotas.QuotaFields, internal_error=_internal)
 
 
 @api.middleware("http")

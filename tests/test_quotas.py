@@ -395,6 +395,33 @@ def test_rest_gives_the_concurrency_lease_back_when_the_answer_is_sent(metered_a
     assert state.leases == {}, "a lease is given back after an error answer too"
 
 
+def test_rest_an_unexpected_error_answers_500_with_the_fields_as_grpc_does(tmp_path, monkeypatch, caplog):
+    """The service's own app: outside a replica its endpoints fail after routing (no Serve context), so every
+    metered request that passes its key check ends in the catch-all handler's 500 (gRPC: INTERNAL, with the
+    fields), logged once."""
+    import serve.app  # noqa: F401 (its Ingress class registers the routes on the api)
+    from serve.rest_api import api
+
+    key, entry = new_key_entry("single", ["remove", "score"], requests_per_minute=100, max_concurrent=1)
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry]}))
+    monkeypatch.setattr(auth, "_policy", auth.policy())
+    auth.install(AuthSettings(enabled=True, keys_file=str(tmp_path / "keys.yaml")))
+    book = QuotaBook()
+    monkeypatch.setattr(quotas, "_quotas", quotas.installed())
+    quotas.install(Quotas(BookLedger(book), 60.0, 300.0))
+    monkeypatch.setattr(api, "middleware_stack", api.middleware_stack)  # as it was: other tests add middleware
+    client = TestClient(api, raise_server_exceptions=False)
+    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        for remaining, path in ((99, "/remove"), (98, "/score")):
+            failed = client.post(path, headers={"x-api-key": key}, json={})
+            assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
+            assert failed.json()["type"].endswith("/internal-error")
+            assert failed.headers["ratelimit"] == f'"minute";r={remaining};t=60, "concurrency";r=0'
+            assert failed.headers["ratelimit-policy"].startswith('"minute";q=100;w=60')
+    assert book._keys["single"].leases == {}, "the lease is given back with the 500"
+    assert caplog.text.count("unhandled error in POST") == 2, "logged once per request"
+
+
 def test_metered_before_the_access_rule_is_a_programming_error(monkeypatch):
     app = FastAPI()
 
