@@ -17,6 +17,7 @@ launcher's session is killed. A second signal skips the drain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import math
@@ -275,24 +276,28 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
 
 
 def replace_file(path: Path, text: str) -> None:
-    """Write `path` whole: a temporary file in its folder, renamed over it, with its permissions (a new file gets
-    the umask's). A running service re-reads its keys file at any moment: it sees the old file or the new one."""
+    """Write `path` whole: a temporary file in its folder, renamed over it, with its permissions and, where this
+    user may set it, its owner (a new file gets the umask's). A running service re-reads its keys file at any
+    moment: it sees the old file or the new one, and can still read it after a `sudo new-key`."""
     path = Path(os.path.realpath(path))
     try:
-        mode = os.stat(path).st_mode & 0o7777
+        old = os.stat(path)
     except FileNotFoundError:
-        mode = None
+        old = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as file:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        if mode is None:
+        if old is None:
             umask = os.umask(0)
             os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
+            os.chmod(tmp, 0o666 & ~umask)
+        else:
+            with contextlib.suppress(OSError):
+                os.chown(tmp, old.st_uid, old.st_gid)
+            os.chmod(tmp, old.st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

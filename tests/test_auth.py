@@ -448,5 +448,6 @@ def test_new_key_replaces_the_keys_file_whole_and_keeps_its_permissions(tmp_path
     assert run(["new-key", "--name", "second", "--keys-file", str(path)]) == 0
     after = os.stat(path)
     assert after.st_ino != before.st_ino, "written in place: a reader could see it truncated"
-    assert after.st_mode == before.st_mode and os.listdir(tmp_path) == ["keys.yaml"]
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+    assert os.listdir(tmp_path) == ["keys.yaml"], "no temporary file left"
     assert [entry["name"] for entry in yaml.safe_load(path.read_text())["keys"]] == ["first", "second"]
