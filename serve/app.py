@@ -200,7 +200,10 @@ class Ingress(GrpcMethods, LiveSettings):
         result's label, the earlier ones stay as its history. Answers the result with its feedback."""
         request.state.request_id = request_id_of(request)
         body = await read_json(request, FeedbackBody, body_timeout_s=self.settings.overload.body_timeout_s)
-        stored = await self.service.retention.feedback(body, auth.visible_owner(request.state.principal))
+        principal = request.state.principal
+        stored = await self.service.retention.feedback(
+            body, auth.visible_owner(principal), auth.verdict_principal(principal)
+        )
         return JSONResponse(result_document(stored, root_path(request)), status_code=201, headers=PRIVATE_HEADERS)
 
     @api.get("/results/{id}", dependencies=[auth.requires("feedback")])

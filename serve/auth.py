@@ -117,6 +117,12 @@ def visible_owner(key: StoredKey | None) -> str | None:
     return result_owner(key)
 
 
+def verdict_principal(key: StoredKey | None) -> str | None:
+    """Who a verdict (POST /feedback) is recorded as given by: the key's name (not its team: a team's keys are
+    told apart); None while auth is off, where no caller is known."""
+    return None if key is None else key.name
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

@@ -1220,3 +1220,105 @@ def test_a_removal_waits_for_a_stalled_store_at_most_save_timeout_s_or_its_deadl
     finally:
         store.objects.go.set()
         retention.store.close()
+
+
+def test_the_principal_migration_keeps_older_verdicts_with_no_principal(tmp_path):
+    """0003 on a database the earlier revisions made, holding a verdict: the verdict stays, its principal NULL."""
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from serve.retention.db import alembic_config, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old' / 'results.db'}")
+    config = alembic_config(str(engine.url))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+    assert "principal" not in {column["name"] for column in inspect(engine).get_columns("feedback")}
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO results (id, created_at, source_key, mask_key, result_key, source_media_type,"
+                " result_media_type, width, height, source_bytes, result_bytes, threshold, gate, params, owner)"
+                " VALUES ('r1', '2026-11-30 12:00:00', 's', 'm', 'r', 'image/png', 'image/png', 4, 3, 1, 1, 0.5,"
+                " 'passed', '{}', 'acme')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO feedback (result_id, verdict, labeller, created_at)"
+                " VALUES ('r1', 'yes', 'qa-staff', '2026-11-30 12:01:00')"
+            )
+        )
+    migrate(engine)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT result_id, verdict, labeller, principal FROM feedback")).all()
+    assert [tuple(row) for row in rows] == [("r1", "yes", "qa-staff", None)]
+
+
+def _keyed_ingress(tmp_path, monkeypatch):
+    """The service's own REST routes (serve/app.py's Ingress over serve/rest_api.py's api) with keys on and
+    retention in this process, without Ray: the routes find their Ingress as Serve's replica context would
+    give it. Returns the client and the keys by name."""
+    from types import SimpleNamespace
+
+    import yaml
+    from fastapi.testclient import TestClient
+    from ray import serve as ray_serve
+
+    from serve import auth
+    from serve.app import Ingress
+    from serve.config import AppSettings
+    from serve.rest_api import api
+    from serve.retention.keeper import Retention
+
+    entries = {
+        "tenant": auth.new_key_entry("tenant", auth.DEFAULT_SCOPES, team="acme"),
+        "reviewer": auth.new_key_entry("reviewer", ["feedback", "review"]),
+    }
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in entries.values()]}))
+    settings = AppSettings.model_validate(
+        {
+            "auth": {"enabled": True, "keys_file": str(tmp_path / "keys.yaml")},
+            "retention": {"enabled": True, "object_store": {"path": str(tmp_path / "kept")}},
+        }
+    )
+    monkeypatch.setattr(auth, "_policy", auth.policy())
+    auth.install(settings.auth)
+    retention = Retention(settings.retention, _Metrics())
+    ingress = object.__new__(Ingress.func_or_class.__bases__[0])  # not @serve.ingress's wrapper: its __del__ is async
+    ingress.settings = settings
+    ingress.service = SimpleNamespace(settings=settings, retention=retention)
+    monkeypatch.setattr(ray_serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))
+    client = TestClient(api, raise_server_exceptions=False)
+    client.retention = retention
+    return client, {name: key for name, (key, _) in entries.items()}
+
+
+def test_a_verdict_records_the_key_that_sent_it_whatever_the_labeller_says(tmp_path, monkeypatch):
+    client, keys = _keyed_ingress(tmp_path, monkeypatch)
+    result_id = asyncio.run(_keep(client.retention, owner="acme"))
+    try:
+        posted = client.post(
+            "/feedback",
+            json={"result_id": result_id, "verdict": "yes", "labeller": "qa-staff"},
+            headers={"x-api-key": keys["tenant"]},
+        )
+        assert posted.status_code == 201, posted.text
+        assert [(f["labeller"], f["principal"]) for f in posted.json()["feedback"]] == [("qa-staff", "tenant")]
+        spoofed = client.post(
+            "/feedback",
+            json={"result_id": result_id, "verdict": "no", "labeller": "reviewer", "principal": "reviewer"},
+            headers={"x-api-key": keys["tenant"]},
+        )
+        assert spoofed.status_code == 422, "the principal is not the client's to say"
+        client.post("/feedback", json={"result_id": result_id, "verdict": "no"}, headers={"x-api-key": keys["reviewer"]})
+        read = client.get(f"/results/{result_id}", headers={"x-api-key": keys["reviewer"]})
+        assert [(f["verdict"], f["labeller"], f["principal"]) for f in read.json()["feedback"]] == [
+            ("yes", "qa-staff", "tenant"),
+            ("no", None, "reviewer"),
+        ]
+        stored = client.retention.store.opened().get(result_id)
+        assert [f.principal for f in stored.feedback] == ["tenant", "reviewer"]
+    finally:
+        client.retention.store.close()

@@ -63,7 +63,9 @@ class FeedbackRow(Base):
     result_id: Mapped[str] = mapped_column(String(32), ForeignKey("results.id", ondelete="CASCADE"), index=True)
     verdict: Mapped[str] = mapped_column(String(8))
     reason: Mapped[str | None] = mapped_column(Text)
-    labeller: Mapped[str | None] = mapped_column(String(200))
+    labeller: Mapped[str | None] = mapped_column(String(200))  # free text from the client: who says they labelled
+    # the name of the API key that submitted the verdict, set by the service; None: auth off, or before 0003
+    principal: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
 
 

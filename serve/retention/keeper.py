@@ -62,7 +62,12 @@ class FeedbackBody(BaseModel):
     result_id: str = Field(description="the X-Result-Id of a retained removal")
     verdict: Literal["yes", "no"] = Field(description="yes: the object is removed well; no: it is not")
     reason: str | None = Field(None, max_length=1000, description="why, in a few words (optional)")
-    labeller: str | None = Field(None, max_length=200, description="who labelled (optional)")
+    labeller: str | None = Field(
+        None,
+        max_length=200,
+        description="who labelled (optional, free text, not checked); the service also records the API key that"
+        " sent the verdict, as the verdict's `principal`",
+    )
 
     @field_validator("reason", "labeller")
     @classmethod
@@ -132,11 +137,17 @@ class LocalStoreClient:
         return await self._run(lambda store: store.delete(_checked(result_id)))
 
     async def add_feedback(
-        self, result_id: str, verdict: str, reason: str | None, labeller: str | None, owner: str | None = None
+        self,
+        result_id: str,
+        verdict: str,
+        reason: str | None,
+        labeller: str | None,
+        owner: str | None = None,
+        principal: str | None = None,
     ) -> StoredResult:
         def add(store: RetentionStore) -> StoredResult:
             _visible(store.get(_checked(result_id)), owner)
-            return store.add_feedback(result_id, verdict, reason, labeller)
+            return store.add_feedback(result_id, verdict, reason, labeller, principal)
 
         return await self._run(add)
 
@@ -289,10 +300,15 @@ class Retention:
         if not await self._call(result_id, lambda store: store.delete(result_id)):
             raise Problem("not-found", f"no retained result {result_id!r}")
 
-    async def feedback(self, body: FeedbackBody, owner: str | None = None) -> StoredResult:
+    async def feedback(
+        self, body: FeedbackBody, owner: str | None = None, principal: str | None = None
+    ) -> StoredResult:
+        """`principal`: the name of the API key that sent the verdict (None while auth is off), stored with it;
+        the body's `labeller` is the client's own word and stays as it was sent."""
         reason = (body.reason or "").strip() or None
         stored = await self._call(
-            body.result_id, lambda store: store.add_feedback(body.result_id, body.verdict, reason, body.labeller, owner)
+            body.result_id,
+            lambda store: store.add_feedback(body.result_id, body.verdict, reason, body.labeller, owner, principal),
         )
         self.metrics.feedback.inc(tags={"verdict": body.verdict})
         return stored
@@ -356,7 +372,13 @@ def result_document(stored: StoredResult, base: str, threshold: float | None = N
         "params": stored.params,
         "label": stored.label,
         "feedback": [
-            {"verdict": f.verdict, "reason": f.reason, "labeller": f.labeller, "created_at": _iso(f.created_at)}
+            {
+                "verdict": f.verdict,
+                "reason": f.reason,
+                "labeller": f.labeller,
+                "principal": f.principal,
+                "created_at": _iso(f.created_at),
+            }
             for f in stored.feedback
         ],
         "links": {"self": own, **{kind: f"{own}/{kind}" for kind in KINDS}, "feedback": f"{base}/feedback"},

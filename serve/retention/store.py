@@ -56,8 +56,9 @@ class SaveGivenUp(RuntimeError):
 class Feedback:
     verdict: str
     reason: str | None
-    labeller: str | None
+    labeller: str | None  # what the client said, unchecked
     created_at: dt.datetime
+    principal: str | None = None  # the API key that submitted it (serve.auth.verdict_principal); None: no key
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,15 @@ class RetentionStore:
     # ------------------------------------------------------------ feedback
 
     def add_feedback(
-        self, result_id: str, verdict: str, reason: str | None = None, labeller: str | None = None
+        self,
+        result_id: str,
+        verdict: str,
+        reason: str | None = None,
+        labeller: str | None = None,
+        principal: str | None = None,
     ) -> StoredResult:
-        """Append a verdict (the newest verdict is the label); returns the result with its history."""
+        """Append a verdict (the newest verdict is the label); returns the result with its history.
+        `principal`: the API key that submitted it, as the service authenticated it (never the client's word)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
         try:
@@ -253,7 +260,12 @@ class RetentionStore:
                     raise ResultNotFound(result_id)
                 session.add(
                     FeedbackRow(
-                        result_id=result_id, verdict=verdict, reason=reason, labeller=labeller, created_at=self.clock()
+                        result_id=result_id,
+                        verdict=verdict,
+                        reason=reason,
+                        labeller=labeller,
+                        principal=principal,
+                        created_at=self.clock(),
                     )
                 )
                 session.flush()
@@ -449,7 +461,7 @@ class RetentionStore:
                 .order_by(FeedbackRow.created_at, FeedbackRow.id)
             )
             for v in verdicts:
-                history[v.result_id].append(Feedback(v.verdict, v.reason, v.labeller, v.created_at))
+                history[v.result_id].append(Feedback(v.verdict, v.reason, v.labeller, v.created_at, v.principal))
         return [
             StoredResult(
                 id=row.id,
