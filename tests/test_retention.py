@@ -843,6 +843,40 @@ def test_export_labels_writes_the_set_the_discriminator_loader_reads(tmp_path):
     assert len(list((out / "edited").iterdir())) == 2, "a deleted result's files leave the export too"
 
 
+def test_export_labels_labelled_by_keeps_only_the_named_keys_verdicts_and_says_whose_it_exported(tmp_path, capsys):
+    """A tenant's key may label its own results "yes" and call itself anyone (labeller): --labelled-by keeps the
+    verdicts of the named keys only, whatever came after them, and never a verdict without a key."""
+    from training.cli import main
+
+    store, ids = _labelled_store(tmp_path)  # good, bad, phone: verdicts without a principal (auth off)
+    store.add_feedback(ids["good"], "no", labeller="qa-staff", principal="tenant")
+    store.add_feedback(ids["bad"], "no", "grey box", principal="reviewer")
+    store.add_feedback(ids["phone"], "yes", principal="ops")
+    store.add_feedback(ids["phone"], "no", labeller="ops", principal="tenant")
+    store.add_feedback(ids["unlabelled"], "yes", labeller="qa-staff", principal="tenant")
+    kept, out = tmp_path / "kept", tmp_path / "labels"
+
+    assert main(["export-labels", "--objects", str(kept), "--out", str(out), "--labelled-by", "ops, reviewer"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    items = {item["result_id"]: item for item in summary["metrics"]["items"]}
+    assert {rid: (i["verdict"], i["principal"]) for rid, i in items.items()} == {
+        ids["bad"]: ("no", "reviewer"),
+        ids["phone"]: ("yes", "ops"),
+    }, "the tenant's later verdict neither overrides nor hides ops'; unattributed and tenant-only results are out"
+    assert summary["config"]["labelled_by"] == summary["metrics"]["labelled_by"] == ["ops", "reviewer"]
+    assert summary["metrics"]["principals"] == {"ops": 1, "reviewer": 1}
+    assert len(json.loads((out / "metadata.json").read_text())) == 2
+
+    assert main(["export-labels", "--objects", str(kept), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["metrics"]["items"]) == 4, "without the filter every newest verdict is exported, as before"
+    assert summary["metrics"]["labelled_by"] is None
+    assert summary["metrics"]["principals"] == {"reviewer": 1, "tenant": 3}
+
+    assert main(["export-labels", "--objects", str(kept), "--out", str(out), "--labelled-by", " , "]) == 2
+    assert "labelled_by: List should have at least 1 item" in capsys.readouterr().err, "not read as no filter"
+
+
 def test_export_labels_refuses_too_few_labels(tmp_path, capsys):
     from training.cli import main
 

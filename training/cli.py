@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,9 @@ def _is_bool(annotation) -> bool:
 
 
 def _is_list(annotation) -> bool:
+    """list[...] or tuple[...], also optional (list[str] | None)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(arg) for arg in typing.get_args(annotation) if arg is not type(None))
     return typing.get_origin(annotation) in (list, tuple)
 
 

@@ -15,7 +15,8 @@ and measures on the pixels it will score; a resized whole photo could hold none 
     mask/<sha256>.png       the same window of the removed region (white), as the service dilated it
     edited/<sha256>.png     the same window of the result that was judged
     metadata.json           [{"source", "mask", "GT", "score", "group"}], paths relative to it
-    summary.json            counts, filters, and each exported result with its verdict and reason
+    summary.json            counts, filters, the principals whose verdicts were exported, and each exported
+                            result with its verdict, reason, labeller and principal
 
 Files are named by the sha256 of their bytes; `group` is the photo's, so the discriminator's
 held-out split keeps every result of one photo on one side. A "no" on a result of several windows
@@ -24,6 +25,13 @@ is unknown; a "yes" labels each window. A window whose mask is empty at the Scor
 stroke thinner than the downscale) is left out and counted (`empty_mask_views`). Only a result's
 newest verdict counts. Files of earlier exports that are no longer labelled (deleted, expired,
 filtered out) are removed from these three folders, so the export mirrors the store.
+
+Each verdict records its principal: the name of the API key that sent it (POST /feedback), set by the
+service; `labeller` is the client's own free text. --labelled-by ops,reviewer exports only those keys'
+verdicts (the others are dropped before the newest verdict is taken, so a later verdict of another key
+neither overrides nor hides theirs); a verdict without a principal (given while auth was off, or before
+migration 0003) is never kept by the filter, which names whom to trust. Without it every verdict is
+exported, as before; summary.json's `principals` counts the exported labels by key ("" for none).
 
 Results with the same content (source, mask and result: the service is deterministic and the store
 keeps one object per content) are one example, exported once: a verdict given several times counts
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -55,6 +64,12 @@ class ExportLabelsSettings(StageSettings):
     since: dt.datetime | None = Field(None, description="only results labelled at or after this time (ISO 8601, UTC)")
     until: dt.datetime | None = Field(None, description="only results labelled before this time (ISO 8601, UTC)")
     min_count: int = Field(1, ge=1, description="fail unless at least this many labelled results are exported")
+    labelled_by: list[str] | None = Field(
+        None,
+        min_length=1,  # an empty list (an unset variable in a script) is refused, not read as "no filter"
+        description="only verdicts sent by these API keys (key names, comma-separated): a result's label is the newest"
+        " of theirs; a verdict without a principal (auth off, or older than principals) is left out; absent: all",
+    )
 
     @field_validator("since", "until")
     @classmethod
@@ -107,12 +122,13 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
     most_crops = max_crops(service.gate.max_model_calls, scored=True)  # what the Scorer is given
     try:
         store = RetentionStore.from_settings(retention)
-        labelled = store.labelled(settings.since, settings.until)
+        labelled = store.labelled(settings.since, settings.until, settings.labelled_by)
     except Exception as exc:
         raise TrainingError(f"cannot read the retention store ({type(exc).__name__}: {exc})") from exc
     if len(labelled) < settings.min_count:
         raise TrainingError(
-            f"{len(labelled)} labelled result(s) in the store, fewer than min_count {settings.min_count}"
+            f"{len(labelled)} labelled result(s) in the store{_by(settings.labelled_by)}, fewer than min_count "
+            f"{settings.min_count}"
         )
     out = Path(settings.out)
     groups, conflicting = same_content_groups(labelled)
@@ -141,6 +157,7 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
                 "verdict": last.verdict,
                 "reason": last.reason,
                 "labeller": last.labeller,
+                "principal": last.principal,
                 "labelled_at": last.created_at.isoformat() + "Z",
                 "discriminator_score": result.score,
                 "threshold": result.threshold,
@@ -168,11 +185,23 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
         "duplicates": sum(len(group) - 1 for group in groups),
         "pruned_files": pruned,
         "store": store.describe(),
+        "labelled_by": settings.labelled_by,
+        "principals": _principals(items),
         "items": items,
     }
     summary.data["outputs"] = {"metadata": str(metadata), "folder": str(out)}
     summary.write("completed")
     return summary.data
+
+
+def _by(principals: list[str] | None) -> str:
+    return "" if principals is None else f" by {', '.join(principals)}"
+
+
+def _principals(items: list[dict]) -> dict[str, int]:
+    """How many exported results each API key's verdict labels; "" counts the verdicts without one (auth off,
+    or given before verdicts recorded their key)."""
+    return dict(sorted(Counter(item["principal"] or "" for item in items).items()))
 
 
 def same_content_groups(labelled) -> tuple[list[list], list[dict]]:

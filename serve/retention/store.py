@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, or_, select
@@ -304,13 +304,24 @@ class RetentionStore:
         with Session(self.engine) as session:
             return session.scalar(statement) or 0
 
-    def labelled(self, since: dt.datetime | None = None, until: dt.datetime | None = None) -> list[StoredResult]:
-        """Results with a verdict, oldest first; since / until bound the time of the newest verdict."""
+    def labelled(
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        principals: Iterable[str] | None = None,
+    ) -> list[StoredResult]:
+        """Results with a verdict, oldest first; since / until bound the time of the newest verdict.
+        `principals`: only the verdicts these API keys sent count (a verdict without a principal never does):
+        each result keeps those alone, its label is the newest of them, and a result with none is left out."""
         statement = (
             select(ResultRow).where(_has_feedback(), *self._unexpired()).order_by(ResultRow.created_at, ResultRow.id)
         )
         with Session(self.engine) as session:
             results = self._stored(session.scalars(statement).all(), session)
+        if principals is not None:
+            trusted = set(principals)
+            results = [replace(r, feedback=tuple(f for f in r.feedback if f.principal in trusted)) for r in results]
+            results = [r for r in results if r.feedback]
         return [
             r for r in results
             if (since is None or r.labelled_at >= since) and (until is None or r.labelled_at < until)
