@@ -419,7 +419,10 @@ CASES: list[Case] = [
     Case("score: empty mask", 422, "invalid-mask",
          score_triple(mask=lambda: gray(np.zeros((H, W), bool))), route="/score"),
     Case("score: no edited image", 422, "invalid-request",
-         lambda: Sent({"source": photo_png(), "mask": gray(box())}), route="/score"),
+         lambda: Sent({"source": photo_png(), "mask": gray(box())}), route="/score",
+         grpc=False),  # proto3: no edited is an empty one
+    Case("score: empty edited image", 422, "invalid-image", score_triple(edited=lambda: b""), route="/score",
+         detail="the image is empty"),
     Case("score: edited is not an image", 422, "invalid-image",
          score_triple(edited=lambda: b"%PDF-1.4\n"), route="/score"),
 ]
