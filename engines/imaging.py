@@ -4,10 +4,14 @@ Everything a client can send passes through `decode_image` / `decode_mask`, so e
 ends in one of the `engines.errors` input errors, never in a raw PIL or numpy exception.
 
 Pillow opens every upload (format sniffing, the size guard, EXIF). The pixels of plain 8-bit PNG and JPEG files,
-nearly all the traffic, are then decoded by imagecodecs (libpng, libjpeg-turbo: the same pixels as Pillow, 1.3-3x
-faster), and PNG / JPEG output is encoded by it; loadtests/bench_ingress.py has the numbers. Every other file,
-and any file imagecodecs will not decode, goes through Pillow as before: what is accepted or refused stays Pillow's
-call.
+nearly all the traffic, are then decoded by imagecodecs (libspng, libjpeg-turbo: the same pixels as Pillow, 1.3-3x
+faster), and PNG / JPEG output is encoded by it (libpng, libjpeg-turbo); loadtests/bench_ingress.py has the
+numbers. Every other file, and any file imagecodecs will not decode, goes through Pillow as before: what is
+accepted or refused stays Pillow's call.
+
+PNG is decoded by libspng, not libpng (imagecodecs.png_decode): libpng inflates the image data to its very end,
+past the last row (a 1 MB file of deflated zeros: 2 s of CPU, 29 MB: 60 s), and each png_decode error drops a
+reference to None (CPython 3.11 aborts after ~40,000). libspng stops at the last row, as Pillow does.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ try:
     import imagecodecs
 except ImportError:  # a declared dependency; without it Pillow does all the work, only slower
     imagecodecs = None
-# libpng's warnings about a client's file (a bad checksum, an odd chunk) are log noise, as Pillow's are below.
+# imagecodecs' warnings about a client's file (a bad checksum, an odd chunk) are log noise, as Pillow's are below.
 logging.getLogger("imagecodecs").setLevel(logging.ERROR)
 # Pillow reads uncompressed TIFF strips one Python-level tile at a time (30 us each: 65535 one-row strips took
 # 2 s); libtiff reads them in C (0.04 s), with the same pixels.
@@ -64,7 +68,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _ORIENTATION = 0x0112
 # Channels per pixel of the (format, mode) pairs imagecodecs decodes exactly as Pillow does.
 _FAST_DECODE = {
-    ("PNG", "L"): 1, ("PNG", "LA"): 2, ("PNG", "RGB"): 3, ("PNG", "RGBA"): 4,
+    ("PNG", "L"): 1, ("PNG", "RGB"): 3, ("PNG", "RGBA"): 4,  # libspng decodes no gray + alpha
     ("JPEG", "L"): 1, ("JPEG", "RGB"): 3, ("MPO", "L"): 1, ("MPO", "RGB"): 3,
 }  # fmt: skip
 # PNG chunks Pillow reads after the image data that can carry an EXIF orientation.
@@ -318,9 +322,10 @@ def _check_tiff_tiles(img: Image.Image, limits: DecodeLimits, what: str) -> None
 def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The pixels of an opened plain 8-bit PNG or JPEG, decoded by imagecodecs; None: let Pillow decode it.
 
-    Only files both decoders read alike qualify (no palette, tRNS, 16-bit, interlace or animation) and only
-    `complete` ones (_check_structure): libjpeg-turbo pads a truncated JPEG with gray where Pillow refuses it.
-    Any imagecodecs error hands the file to Pillow, which then decides.
+    Only files both decoders read alike qualify (no palette, tRNS, 16-bit, gray + alpha, interlace or animation)
+    and only `complete` ones (_check_structure): libjpeg-turbo pads a truncated JPEG with gray where Pillow
+    refuses it. Any imagecodecs error (libspng missing from the build, too) hands the file to Pillow, which
+    then decides.
     """
     channels = _FAST_DECODE.get((img.format, img.mode))
     if imagecodecs is None or channels is None or "transparency" in img.info or not complete:
@@ -332,7 +337,7 @@ def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndar
             return None
         # PngImageFile.getexif would decode the whole image to look for a late eXIf chunk; there is none
         exif = Image.Image.getexif(img)
-        decode = imagecodecs.png_decode
+        decode = imagecodecs.spng_decode
     else:
         exif = img.getexif()
         decode = imagecodecs.jpeg8_decode
@@ -347,7 +352,7 @@ def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndar
     if channels in (1, 3):
         return np.ascontiguousarray(pixels), None
     alpha = pixels[..., -1]
-    color = np.ascontiguousarray(pixels[..., 0] if channels == 2 else pixels[..., :3])
+    color = np.ascontiguousarray(pixels[..., :3])
     return color, (np.ascontiguousarray(alpha) if alpha.min() < 255 else None)
 
 

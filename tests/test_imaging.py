@@ -1,7 +1,9 @@
 """Behaviour of engines.imaging: what clients can send, what the model sees, what comes back."""
 
+import gc
 import io
 import struct
+import sys
 import time
 import zlib
 
@@ -723,13 +725,13 @@ def test_fast_decoding_is_used_for_plain_png_and_jpeg(monkeypatch):
         real = getattr(imaging.imagecodecs, name)
         return lambda data: calls.append(name) or real(data)
 
-    for name in ("png_decode", "jpeg8_decode"):
+    for name in ("spng_decode", "jpeg8_decode"):
         monkeypatch.setattr(imaging.imagecodecs, name, recorded(name))
     decode_image(encoded(Image.fromarray(photo_like())), LIMITS)
     decode_image(encoded(Image.fromarray(photo_like()), "JPEG"), LIMITS)
     decode_image(encoded(Image.fromarray(photo_like()), "JPEG", progressive=True), LIMITS)
     decode_mask(encoded(Image.new("L", (64, 48))), (48, 64), LIMITS)
-    assert calls == ["png_decode", "jpeg8_decode", "jpeg8_decode", "png_decode"]
+    assert calls == ["spng_decode", "jpeg8_decode", "jpeg8_decode", "spng_decode"]
 
 
 @needs_imagecodecs
@@ -756,7 +758,7 @@ def test_16bit_color_png_reads_as_pillow_does(monkeypatch, channels):
     data = imaging.imagecodecs.png_encode(values)
     with Image.open(io.BytesIO(data)) as image:
         assert image.mode == ("RGB", "RGBA")[channels - 3]
-    monkeypatch.setattr(imaging.imagecodecs, "png_decode", lambda data: pytest.fail("16-bit PNG decoded twice"))
+    monkeypatch.setattr(imaging.imagecodecs, "spng_decode", lambda data: pytest.fail("16-bit PNG decoded twice"))
     fast = decode_image(data, LIMITS)
     monkeypatch.undo()
     fast, slow = decoded_both_ways(data, monkeypatch)
@@ -879,11 +881,50 @@ def test_a_file_imagecodecs_refuses_goes_to_pillow(monkeypatch):
     def refuse(data):
         raise RuntimeError("refused")
 
-    monkeypatch.setattr(imaging.imagecodecs, "png_decode", refuse)
+    monkeypatch.setattr(imaging.imagecodecs, "spng_decode", refuse)
     monkeypatch.setattr(imaging.imagecodecs, "jpeg8_decode", refuse)
     pixels = photo_like()
     np.testing.assert_array_equal(decode_image(encoded(Image.fromarray(pixels)), LIMITS).rgb, pixels)
     assert decode_image(encoded(Image.fromarray(pixels), "JPEG"), LIMITS).rgb.shape == pixels.shape
+
+
+def _broken_pngs() -> dict[str, bytes]:
+    rows = zlib.compress(b"".join(b"\0" + row.tobytes() for row in photo_like(16, 16)))
+    header = (b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))
+    good = _png_from_chunks([header, (b"IDAT", rows), (b"IEND", b"")])
+    at = good.index(b"IDAT") + 4 + len(rows)
+    return {
+        "bad adler32": _png_from_chunks([header, (b"IDAT", rows[:-4] + bytes(4)), (b"IEND", b"")]),
+        "bad IDAT CRC": good[:at] + bytes(4) + good[at + 4 :],
+        "rows missing": _png_from_chunks([header, (b"IDAT", zlib.compress(bytes(100))), (b"IEND", b"")]),
+    }
+
+
+@needs_imagecodecs
+@pytest.mark.parametrize("name", ["bad adler32", "bad IDAT CRC", "rows missing"])
+def test_a_png_the_fast_decoder_refuses_leaks_nothing_and_pillow_decides(monkeypatch, name):
+    """libpng's png_decode dropped a reference to None on each error: CPython 3.11 aborts at ~40,000 of them."""
+    data = _broken_pngs()[name]
+
+    def outcome():
+        try:
+            return decode_image(data, LIMITS).rgb
+        except InvalidImage:
+            return None
+
+    monkeypatch.setattr(imaging, "imagecodecs", None)
+    expected = outcome()
+    monkeypatch.undo()
+    got = outcome()
+    assert (got is None) == (expected is None)
+    if expected is not None:
+        np.testing.assert_array_equal(got, expected)
+    gc.collect()
+    before = sys.getrefcount(None)
+    for _ in range(500):
+        outcome()
+    gc.collect()
+    assert abs(sys.getrefcount(None) - before) < 100
 
 
 @needs_imagecodecs
@@ -892,7 +933,7 @@ def test_size_guard_runs_before_any_pixel_is_decoded(monkeypatch, fmt):
     def must_not_run(data):
         raise AssertionError("decoded past the size guard")
 
-    monkeypatch.setattr(imaging.imagecodecs, "png_decode", must_not_run)
+    monkeypatch.setattr(imaging.imagecodecs, "spng_decode", must_not_run)
     monkeypatch.setattr(imaging.imagecodecs, "jpeg8_decode", must_not_run)
     data = encoded(Image.new("RGB", (101, 100)), fmt)
     with pytest.raises(ImageTooLarge):
