@@ -150,10 +150,15 @@ def _webp_is_lossless(data: bytes, most_chunks: int = 64) -> bool:
     return False
 
 
-def rgb_icc_profile(profile: bytes | None) -> bytes | None:
+def rgb_icc_profile(profile: object) -> bytes | None:
     """The profile if it describes RGB data: the result is RGB whatever the source was, so a gray or CMYK
-    profile would misdescribe it (the pixels were converted to RGB as if they were sRGB)."""
-    return profile if profile and len(profile) >= 128 and profile[16:20] == b"RGB " else None
+    profile would misdescribe it (the pixels were converted to RGB as if they were sRGB).
+
+    Anything but bytes is ignored, as no profile: a TIFF's ICC tag (34675) may be of a numeric type, and Pillow
+    then gives a number for it."""
+    if not isinstance(profile, bytes):
+        return None
+    return profile if len(profile) >= 128 and profile[16:20] == b"RGB " else None
 
 
 def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.ndarray:

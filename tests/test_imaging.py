@@ -1073,6 +1073,30 @@ def test_an_rgb_colour_profile_comes_back_with_the_result(monkeypatch, use_image
     assert decode_image(result, LIMITS).icc_profile == profile
 
 
+def _tiff_with_icc_tag(kind: int, count: int, value: int) -> bytes:
+    """A 1x1 8-bit gray TIFF whose ICC profile tag (34675) has the given type, count and inline value."""
+    tags = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 0),
+            (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, 1), (34675, kind, count, value)]  # fmt: skip
+    pixel_at = 8 + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHIHH", tag, k, n, v, 0) if k == 3 and n == 1 else struct.pack("<HHII", tag, k, n, v)
+        for tag, k, n, v in ((tag, k, n, pixel_at if tag == 273 else v) for tag, k, n, v in tags)
+    )
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + bytes(4) + b"\x80" + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("kind", "count", "value"),
+    [(3, 1, 5), (4, 1, 7), (3, 2, 0x00050006), (5, 1, 8), (11, 1, 0x3F800000), (2, 3, 0x00414141)],
+    ids=["SHORT", "LONG", "2 SHORTs", "RATIONAL", "FLOAT", "ASCII"],
+)
+def test_a_tiff_icc_tag_that_is_no_profile_is_ignored(kind, count, value):
+    # Pillow gives such a tag as an int, float or IFDRational: its len() was a TypeError outside the decode's try (500)
+    decoded = decode_image(_tiff_with_icc_tag(kind, count, value), LIMITS)
+    assert decoded.icc_profile is None
+    np.testing.assert_array_equal(decoded.rgb, [[[128, 128, 128]]])
+
+
 def test_a_profile_of_another_colour_space_is_not_given_to_the_rgb_result():
     gray_profile = _rgb_profile()[:16] + b"GRAY" + _rgb_profile()[20:]
     cmyk_profile = _rgb_profile()[:16] + b"CMYK" + _rgb_profile()[20:]
