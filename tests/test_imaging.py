@@ -342,6 +342,36 @@ def test_mask_of_other_size_is_refused_with_both_sizes():
     assert info.value.detail == "mask is 100x80 but image is 200x160"
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG", "TIFF"])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_mask_of_another_size_is_refused_before_its_pixels_are_decoded(monkeypatch, fmt, orientation):
+    # a 1.7 KB lossless WebP mask of 6320x6320 for a 1x1 image cost 1 s and 770 MB before its 422
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    data = encoded(Image.new("L", (300, 200), 255), fmt, exif=exif.tobytes(), **params)
+    with Image.open(io.BytesIO(data)) as opened:
+        opened_class = type(opened)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a mask of another size was decoded")
+
+    monkeypatch.setattr(opened_class, "load", must_not_run)
+    monkeypatch.setattr(imaging, "_fast_decode", must_not_run)
+    upright = "200x300" if orientation == 6 else "300x200"
+    with pytest.raises(MaskSizeMismatch) as info:
+        decode_mask(data, (1, 1), LIMITS)
+    assert info.value.detail == f"mask is {upright} but image is 1x1"
+    with pytest.raises(MaskSizeMismatch) as info:
+        decode_mask(data, (300, 201), LIMITS)
+    assert info.value.detail == f"mask is {upright} but image is 201x300"
+    monkeypatch.undo()
+    turned = (200, 300) if orientation == 6 else (300, 200)  # the image's (H, W): the stored mask's, transposed
+    with pytest.raises(MaskSizeMismatch, match="^mask is .* draw the mask on the upright image$"):
+        decode_mask(data, turned, LIMITS)
+    assert decode_mask(data, turned[::-1], LIMITS).all()
+
+
 def test_undecodable_mask_is_an_invalid_mask():
     with pytest.raises(InvalidMask):
         decode_mask(b"not an image", (10, 10), LIMITS)
