@@ -164,15 +164,20 @@ def rgb_icc_profile(profile: object) -> bytes | None:
 def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.ndarray:
     """Decode a mask image into a bool (H, W) array, True where the model should remove content.
 
-    Strokes drawn on a transparent layer are read from alpha; otherwise white (luminance > 127) means remove.
+    White (luminance > 127) means remove. A mask with transparency is strokes drawn on a transparent layer, read
+    from alpha (> 127), unless its opaque pixels are both dark and light: then it is a black-and-white mask with
+    some transparent pixels (one transparent corner flipped such a mask to 59999 of 60000 pixels removed), and
+    only its opaque white pixels mean remove.
     """
     pixels, alpha, _, _ = _decode(data, limits, what="mask", invalid=InvalidMask, size=size)
-    if alpha is not None:
-        mask = _above_127(alpha)
-    elif pixels.ndim == 2:  # gray: its luminance is the value itself
-        mask = _above_127(pixels)
+    light = _above_127(pixels) if pixels.ndim == 2 else _luminance_above_127(pixels)  # gray: its own luminance
+    if alpha is None:
+        mask = light
     else:
-        mask = _luminance_above_127(pixels)
+        mask = _above_127(alpha)
+        opaque_light = np.logical_and(mask, light)
+        if 0 < np.count_nonzero(opaque_light) < np.count_nonzero(mask):
+            mask = opaque_light
     if mask.shape != tuple(size):
         raise _mask_size_mismatch(mask.shape, size)
     return mask

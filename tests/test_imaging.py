@@ -323,6 +323,27 @@ def test_strokes_on_transparent_layer_use_alpha():
     np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS), mask)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_black_and_white_mask_with_a_transparent_pixel_keeps_its_white(mode):
+    # one transparent corner used to switch the whole mask to its alpha: 59999 of 60000 pixels removed
+    mask = rectangle_mask()
+    pixels = np.dstack([mask.astype(np.uint8) * 255] * 3 + [np.full(mask.shape, 255, np.uint8)])
+    pixels[0, 0, 3] = 0
+    pixels[39, 49, 3] = 100
+    image = Image.fromarray(pixels).convert(mode)
+    np.testing.assert_array_equal(decode_mask(encoded(image), (40, 50), LIMITS), mask)
+
+
+@pytest.mark.parametrize("colour", [(0, 0, 0), (255, 255, 255), (255, 0, 0), (255, 255, 0)])
+def test_strokes_of_one_colour_on_a_transparent_layer_use_alpha(colour):
+    mask = rectangle_mask()
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[mask] = [*colour, 255]
+    rgba[0, :3] = [[*colour, 127], [*colour, 128], [*colour, 200]]  # anti-aliased edge
+    mask[0, 1:3] = True
+    np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS), mask)
+
+
 def test_mask_threshold_is_above_127():
     gray = np.array([[0, 127, 128, 255]], np.uint8)
     decoded = decode_mask(encoded(Image.fromarray(gray)), (1, 4), LIMITS)
