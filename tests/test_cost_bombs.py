@@ -144,6 +144,17 @@ def png_with_exif(size: int) -> bytes:
     return flat_png(64, 48, _chunk(b"eXIf", exif + bytes(size - len(exif))))
 
 
+def png_with_exif_text(entries: int, kind: bytes = b"zTXt") -> bytes:
+    """EXIF of an orientation and `entries` - 1 more tags, as Pillow reads it from a compressed PNG text keyed
+    "Raw profile type exif": hex, 72 characters a line."""
+    tags = [(0x0112, 6)] + [(0x1000 + i, 0) for i in range(entries - 1)]
+    body = b"".join(struct.pack("<HHIHH", tag, 3, 1, value, 0) for tag, value in tags)
+    hexed = (b"II*\x00" + struct.pack("<IH", 8, entries) + body + bytes(4)).hex()
+    text = f"\nexif\n{len(hexed) // 2:8d}\n" + "\n".join(hexed[at : at + 72] for at in range(0, len(hexed), 72))
+    flags = b"\0" if kind == b"zTXt" else b"\1\0\0\0"  # iTXt: compressed, deflate, no language or translation
+    return flat_png(64, 48, _chunk(kind, b"Raw profile type exif\0" + flags + zlib.compress(text.encode(), 9)))
+
+
 # name -> (build, a phrase of the detail); every one is 413 image-too-large
 BOMBS = {
     "PNG 40000000x1 (a strip: 40 MP, ~40 KB)": (lambda: flat_png(40_000_000, 1), "pixels a side"),
@@ -172,6 +183,10 @@ BOMBS = {
     ),
     "PNG with 2 MB of text (a hex EXIF profile)": (
         lambda: flat_png(64, 48, _chunk(b"tEXt", b"Raw profile type exif\x00" + b"0" * 2_000_000)), "EXIF as PNG text"
+    ),
+    "PNG with 480 KB of EXIF as hex in 100 KB of zTXt": (lambda: png_with_exif_text(40_000), "EXIF as PNG text"),
+    "PNG with 480 KB of EXIF as hex in 100 KB of iTXt": (
+        lambda: png_with_exif_text(40_000, b"iTXt"), "EXIF as PNG text"
     ),
 }  # fmt: skip
 
@@ -207,10 +222,13 @@ def test_each_bomb_is_refused_from_its_structure_quickly(name):
         tiled_tiff(6000, 200, 512, 512),
         tiled_tiff(16, 16, 2048, 2048),
         tiled_tiff(20000, 100, 512, 512),
+        png_with_exif_text(5000),
+        png_with_exif_text(5000, b"iTXt"),
     ],
     ids=["65535x1", "1000 chunks", "90 scans", "1000 GIF blocks", "TIFF", "small RLE BMP", "60 KB EXIF",
          "100x100 in a 256 tile", "1000x700 in 256 tiles", "4 MB of XMP (a bloated Photoshop file)",
-         "6000x200 in GDAL's 512 tiles", "16x16 in one 2048 tile", "20000x100 in 512 tiles"],  # fmt: skip
+         "6000x200 in GDAL's 512 tiles", "16x16 in one 2048 tile", "20000x100 in 512 tiles",
+         "60 KB EXIF as zTXt hex", "60 KB EXIF as iTXt hex"],  # fmt: skip
 )
 def test_just_under_each_limit_decodes(data):
     assert decode_image(data, LIMITS).rgb.size > 0
