@@ -541,7 +541,8 @@ def _split_pixels_alpha(
     nothing. Gray stays gray: an RGB copy of it is only made for decode_image."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
-        return _scale_16bit(np.asarray(img)), None
+        values = np.asarray(img)
+        return _scale_16bit(values), _key_alpha(values, img.info.get("transparency"))
     if mode == "F":
         return _scale_float(np.asarray(img)), None
     if mode == "La":
@@ -559,6 +560,19 @@ def _split_pixels_alpha(
         return np.ascontiguousarray(pixels), None
     alpha = pixels[..., 3]
     return np.ascontiguousarray(pixels[..., :3]), (alpha.copy() if alpha.min() < 255 else None)
+
+
+def _key_alpha(values: np.ndarray, key: object) -> np.ndarray | None:
+    """The alpha of a 16-bit gray PNG's tRNS key: 0 where a sample equals it, compared at 16 bits; None when
+    nothing is transparent. Pillow keeps the key for these modes but gives no alpha (8-bit gray gets one)."""
+    if not isinstance(key, int):
+        return None
+    opaque = values != key
+    if opaque.all():
+        return None
+    alpha = opaque.view(np.uint8)
+    alpha *= 255
+    return alpha
 
 
 _SCALE_BLOCK_PIXELS = 1 << 20  # 16-bit and float samples are scaled this many at a time

@@ -125,6 +125,23 @@ def test_16bit_grayscale_is_scaled_with_rounding():
     np.testing.assert_array_equal(decoded.rgb[0, :, 0], [0, 255, 128, 1, 127, 1])
 
 
+def test_a_16bit_gray_pngs_transparent_key_gives_alpha_as_at_8_bits():
+    # Pillow keeps a 16-bit gray tRNS key but gives no alpha for I;16: the transparency was dropped
+    samples = np.array([[0, 0, 200, 200], [51400, 51401, 65535, 1]], np.uint16)
+    for key, transparent in ((0, samples == 0), (51400, samples == 51400)):
+        decoded = decode_image(encoded(Image.fromarray(samples), transparency=key), LIMITS)
+        np.testing.assert_array_equal(decoded.alpha, np.where(transparent, 0, 255))
+        np.testing.assert_array_equal(mask_from_alpha(decoded), transparent)
+    row = np.array([[0, 0, 200, 200]])
+    eight, sixteen = (
+        decode_image(encoded(Image.fromarray(row.astype(dtype) * scale), transparency=0), LIMITS)
+        for scale, dtype in ((1, np.uint8), (257, np.uint16))
+    )
+    np.testing.assert_array_equal(sixteen.alpha, eight.alpha)
+    np.testing.assert_array_equal(sixteen.rgb, eight.rgb)
+    assert decode_image(encoded(Image.fromarray(samples), transparency=7), LIMITS).alpha is None
+
+
 def test_32bit_integer_tiff_is_scaled_like_16bit():
     image = Image.fromarray(np.array([[0, 65535, 32896, 100000]], dtype=np.int32))
     assert image.mode == "I"
