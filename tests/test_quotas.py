@@ -520,8 +520,8 @@ def test_grpc_a_key_at_5_per_window_gets_its_sixth_call_refused_and_its_quota_ba
     stub = ObjectRemovalStub(open_channel(metered.grpc_target))
     auth_metadata = [("x-api-key", metered.keys["grpc"])]
     for remaining in (4, 3, 2, 1, 0):
-        with pytest.raises(grpc.RpcError) as invalid:  # cheap: no images, refused after the quota
-            stub.Score(pb.ScoreRequest(), timeout=60, metadata=auth_metadata)
+        with pytest.raises(grpc.RpcError) as invalid:  # cheap: no image (invalid-image), refused after the quota
+            stub.Remove(pb.RemoveRequest(), timeout=60, metadata=auth_metadata)
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         trailing = dict(invalid.value.trailing_metadata())
         assert trailing["ratelimit-policy"] == f'"minute";q=5;w={int(WINDOW_S)}'
