@@ -384,8 +384,8 @@ class OverloadSettings(_Strict):
     proxy_buffer_bytes: int = Field(
         1024**3,
         ge=1,
-        description="bytes of request bodies one Serve proxy holds at once, arriving or waiting for an Ingress "
-        "replica to read them; a request whose body would take it past this is answered 503 (at least the largest body: imaging.max_upload_bytes x 4/3 "
+        description="bytes of request bodies one Serve proxy holds at once while they arrive; a request whose "
+        "body would take it past this is answered 503 (at least the largest body: imaging.max_upload_bytes x 4/3 "
         "+ 64 KiB)",
     )
 

@@ -17,9 +17,9 @@ and Drain read their settings from that environment too; without them they are n
   a client that declares a large body and sends nothing holds none of the buffer, and requests admitted
   together can overcommit it; the one whose chunk would take the total past it is then cut with the same
   503, even if it is not the slowest. Small packets are joined into chunks
-  of 64 KiB, so a body costs about its size however it is sent. A body stays in this count until the
-  Ingress replica has read it (Ray's proxy hands it over when the replica asks), or its request ends: bodies
-  of requests queued in Ray's router for a replica are held here too, so the buffer bounds them as well. With API keys on, a request with a body
+  of 64 KiB, so a body costs about its size however it is sent. Once a body is in, it leaves this count:
+  Ray's proxy holds it until a replica reads it (bounded by the Ingress's max_ongoing_requests per
+  replica plus its max_queued_requests per proxy), as before. With API keys on, a request with a body
   must present a valid key (serve.auth.AccessPolicy on the app's keys file, any scope: the app checks the
   route's) or is answered the app's 401 before any of its body is read: the buffer is for key holders.
   Only routes that take no body may be public (serve.auth.check_routes refuses any other).
@@ -236,7 +236,7 @@ class BodyBuffer:
                 return await _problem(send, refusal)
         if self.max_held is not None and self.held + needs > self.max_held:
             return await _problem(send, _overloaded(_BUSY))  # before reading; nothing is reserved, so the check below stays
-        chunks, received, refusal, handed_on = [], 0, None, False
+        chunks, received, refusal = [], 0, None
         pending = bytearray()
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -260,38 +260,23 @@ class BodyBuffer:
                         pending.clear()
                     if not message.get("more_body", False):
                         break
-            handed_on = refusal is None
         except TimeoutError:
             detail = f"{received} bytes of the body arrived in {self.timeout_s:g} s (overload.body_timeout_s)"
             refusal = Problem("body-timeout", f"{detail} (at the proxy)")
         finally:
-            if not handed_on:
-                self.held -= received
+            self.held -= received
         if refusal is not None:  # answered outside the timeout: a timer firing mid-send cannot answer twice
             return await _problem(send, refusal)
         messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
         messages[-1]["more_body"] = False
         messages.reverse()
 
-        def release():
-            nonlocal received
-            self.held -= received
-            received = 0
-
         async def replay():
             """The body in chunks of _CHUNK bytes, the last smaller (never joined whole on the proxy's loop), then
-            the client. The body leaves the count once its last chunk is read."""
-            if not messages:
-                return await receive()
-            message = messages.pop()
-            if not messages:
-                release()
-            return message
+            the client."""
+            return messages.pop() if messages else await receive()
 
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            release()
+        await self.app(scope, replay, send)
 
 
 _CHUNK = 64 * 1024

@@ -7,7 +7,6 @@ tests/test_lifecycle.py (it shares that module's service)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
 import json
 
@@ -216,46 +215,6 @@ def test_the_body_that_would_overfill_the_proxy_buffer_gets_503_and_the_others_k
     assert "proxy_buffer_bytes" in second.body["detail"] and (b"retry-after", b"2") in second.sent[0]["headers"]
     assert first.status == 200 and first.body == {"size": 900}, "the body within the buffer kept arriving"
     assert after.status == 200 and held_at_end == 0, "every byte is given back once its request is handed on or ends"
-
-
-def test_a_body_waiting_for_a_replica_stays_in_the_buffer_until_the_replica_reads_it():
-    """Ray's proxy keeps a body until the Ingress replica asks for it: bodies of requests queued for a busy
-    replica count against proxy_buffer_bytes too, or a queue of full-size uploads would hold ~12 GiB a proxy.
-    A replica that answers without reading (admission's 429) frees the bytes with its answer."""
-    replica_free = asyncio.Event()
-
-    async def queued_then_read(scope, receive, send):
-        await replica_free.wait()
-        await reading_app(scope, receive, send)
-
-    async def refused_unread(scope, receive, send):
-        await send({"type": "http.response.start", "status": 429, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    async def main():
-        queued = BodyBuffer(queued_then_read, limit=1000, timeout_s=5, max_held=1500)
-        waiting = Exchange([b"q" * 900])
-        task = asyncio.create_task(queued(waiting.scope, waiting.receive, waiting.send))
-        await asyncio.sleep(0.05)
-        held_while_queued = queued.held
-        no_room = Exchange([b"n" * 700], {"content-length": "700"})
-        with contextlib.suppress(TimeoutError):  # handed on, it would wait in the queue with the first
-            await asyncio.wait_for(queued(no_room.scope, no_room.receive, no_room.send), 1.0)
-        replica_free.set()
-        await task
-        room_again = Exchange([b"r" * 700], {"content-length": "700"})
-        await queued(room_again.scope, room_again.receive, room_again.send)
-        refusing = BodyBuffer(refused_unread, limit=1000, timeout_s=5, max_held=1500)
-        refused = Exchange([b"x" * 900])
-        await refusing(refused.scope, refused.receive, refused.send)
-        return held_while_queued, no_room, waiting, room_again, queued.held, refused, refusing.held
-
-    held_while_queued, no_room, waiting, room_again, held_after, refused, refusing_held = asyncio.run(main())
-    assert held_while_queued == 900, "the body is in, but no replica has read it"
-    assert no_room.status == 503 and no_room.body["type"].endswith("/overloaded"), "900 + 700 > 1500"
-    assert waiting.status == 200 and waiting.body == {"size": 900}
-    assert room_again.status == 200 and held_after == 0, "read by the replica: the bytes are given back"
-    assert refused.status == 429 and refusing_held == 0, "answered unread: given back with the answer"
 
 
 def test_a_full_buffer_still_passes_requests_without_a_body_such_as_the_probes():
