@@ -316,16 +316,17 @@ class RemovalService:
         which `timings` gets as its own stage (cpu_wait): busy image threads are not a slow decode. That wait
         is cut at the request's `deadline` (the loop's time; None: none): a decode nobody waits for never runs."""
         deadline_s = self.settings.imaging.decode_timeout_s
-        job = await self.cpu.start(prepare, *uploads)
+        job = None
         try:
             async with asyncio.timeout_at(deadline):
+                job = await self.cpu.start(prepare, *uploads)
                 await job.started.wait()
-        except asyncio.CancelledError:
-            job.result.cancel()  # not started yet: off the queue, its slot free
-            raise
-        except TimeoutError as exc:
-            job.result.cancel()
-            raise Problem("timeout", "no image-work thread was free within the request's deadline") from exc
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            if job is not None:
+                job.result.cancel()  # not started yet: off the queue, its slot free
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise Problem("timeout", "no image-work slot or thread was free within the request's deadline") from exc
         if timings is not None:
             timings.lap("cpu_wait")
         try:

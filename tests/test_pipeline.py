@@ -508,12 +508,16 @@ def test_a_deadline_that_cuts_work_as_it_ends_is_never_lost():
     if sys.version_info < (3, 12):
         assert asyncio.run(main(asyncio.wait_for)) != "cancelled", "the stdlib's behaviour this guards against"
 
-def test_a_request_whose_deadline_passes_while_it_waits_for_an_image_thread_gets_its_504_then_and_no_decode():
-    """The wait for a busy thread was not cut: the 504 came once the thread was free and the decode had run."""
+@pytest.mark.parametrize("waits_for, threads, slots", [("a thread", 1, 8), ("a slot", 4, 1)])
+def test_a_request_whose_deadline_passes_while_it_waits_for_image_work_gets_its_504_then_and_no_decode(
+    waits_for, threads, slots
+):
+    """The wait for a busy thread, or for a slot (max_in_flight image jobs), was not cut: the 504 came once it was
+    free and the decode had run."""
     from serve.uploads import Offload
 
     service = _service(FakeModels(), mode="off")
-    service.cpu = Offload(1, 8, 0, "test-cpu")  # one image-work thread, busy for 1.5 s when the request comes
+    service.cpu = Offload(threads, slots, 0, "test-cpu")  # the one thread or slot is busy for 1.5 s when it comes
     decodes, prepare = [], service.pipeline.prepare
     service.pipeline.prepare = lambda *args: decodes.append(args) or prepare(*args)
 
