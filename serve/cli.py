@@ -276,15 +276,23 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
 
 
 def replace_file(path: Path, text: str) -> None:
-    """Write `path` whole: a temporary file in its folder, renamed over it, with its permissions and, where this
-    user may set it, its owner (a new file gets the umask's). A running service re-reads its keys file at any
-    moment: it sees the old file or the new one, and can still read it after a `sudo new-key`."""
+    """Write `path` whole: a temporary file in its folder, renamed over it, with its permissions and owner (a new
+    file gets the umask's). A running service re-reads its keys file at any moment: it sees the old file or the
+    new one. Where this user cannot give the new file the old one's owner and group (not root), or cannot
+    create files in its folder, the file is rewritten in place instead, as the service can still read it; its
+    reader retries a read that caught the file half-written (serve.auth)."""
     path = Path(os.path.realpath(path))
     try:
         old = os.stat(path)
     except FileNotFoundError:
         old = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except PermissionError:
+        if old is None:
+            raise
+        path.write_text(text)
+        return
     try:
         with os.fdopen(fd, "w") as file:
             file.write(text)
@@ -297,6 +305,13 @@ def replace_file(path: Path, text: str) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.chown(tmp, old.st_uid, old.st_gid)
+            with contextlib.suppress(OSError):
+                os.chown(tmp, -1, old.st_gid)
+            made = os.stat(tmp)
+            if (made.st_uid, made.st_gid) != (old.st_uid, old.st_gid):
+                Path(tmp).unlink()
+                path.write_text(text)
+                return
             os.chmod(tmp, old.st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:

@@ -437,6 +437,27 @@ def test_a_read_that_caught_the_file_half_written_does_not_stick(tmp_path):
     assert stored.scopes == ["score"] and (stored.requests_per_minute, stored.max_concurrent) == (10, 1)
 
 
+def test_new_key_that_cannot_keep_the_files_owner_and_group_rewrites_it_in_place(tmp_path, monkeypatch):
+    """An operator who is not root cannot give a new file the old one's group (say the service's): renaming it
+    over the keys file would leave a file the service cannot read, and every key refused."""
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    assert run(["new-key", "--name", "first", "--keys-file", str(path)]) == 0
+    other_group = os.getgid() + 4242
+    try:
+        os.chown(path, -1, other_group)
+    except PermissionError:
+        pytest.skip("needs a user that may hand a file to another group (root)")
+    before = os.stat(path)
+    monkeypatch.setattr(os, "chown", lambda *args: (_ for _ in ()).throw(PermissionError("not root")))
+    assert run(["new-key", "--name", "second", "--keys-file", str(path)]) == 0
+    after = os.stat(path)
+    assert (after.st_ino, after.st_uid, after.st_gid) == (before.st_ino, before.st_uid, before.st_gid)
+    assert os.listdir(tmp_path) == ["keys.yaml"], "no temporary file left"
+    assert [entry["name"] for entry in yaml.safe_load(path.read_text())["keys"]] == ["first", "second"]
+
+
 def test_new_key_replaces_the_keys_file_whole_and_keeps_its_permissions(tmp_path):
     """A reader sees the old file or the new one, never a part (a temporary file renamed over it)."""
     from serve.cli import run
