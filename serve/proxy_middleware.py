@@ -37,6 +37,7 @@ and Drain read their settings from that environment too; without them they are n
   The app itself never answers in text/plain. A request Ray gives up without answering (its Ingress replica
   failed: Ray sends nothing, and uvicorn would answer a plain 500) gets 503 replica-failed with Retry-After,
   the answer that tells the client to retry; one cancelled meanwhile is left to whoever cancelled it (Drain).
+  A client that hung up gets the same answer too, which uvicorn drops (nobody is there to read it).
 - Drain: `python -m serve run` stops by creating the drain flag file: from then on new HTTP requests
   are answered 503 at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
   a response then are answered 503 too, so the service can stop without cutting a connection. Such a
