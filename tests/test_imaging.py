@@ -361,6 +361,15 @@ def test_strokes_of_one_colour_on_a_transparent_layer_use_alpha(colour):
     np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS), mask)
 
 
+def test_strokes_of_dark_and_light_colours_on_a_transparent_layer_use_alpha():
+    """Red (luminance 76) and yellow (226) strokes are both dark and light, but not a black-and-white mask."""
+    mask = rectangle_mask()
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[mask] = [255, 0, 0, 255]
+    rgba[mask & (np.arange(50) >= 25)] = [255, 255, 0, 255]
+    np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS), mask)
+
+
 def test_mask_threshold_is_above_127():
     gray = np.array([[0, 127, 128, 255]], np.uint8)
     decoded = decode_mask(encoded(Image.fromarray(gray)), (1, 4), LIMITS)
