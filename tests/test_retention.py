@@ -1324,6 +1324,9 @@ def _keyed_ingress(tmp_path, monkeypatch):
     ingress.settings = settings
     ingress.service = SimpleNamespace(settings=settings, retention=retention)
     monkeypatch.setattr(ray_serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))
+    # as it was after the test: the client builds the shared app's middleware stack, and a later test adding
+    # middleware to that app (test_metrics_label_result_routes_by_template_never_by_id) would be refused
+    monkeypatch.setattr(api, "middleware_stack", api.middleware_stack)
     client = TestClient(api, raise_server_exceptions=False)
     client.retention = retention
     return client, {name: key for name, (key, _) in entries.items()}
