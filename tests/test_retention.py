@@ -419,6 +419,33 @@ def test_a_result_keeps_its_newest_verdicts_only(store, clock):
     assert [f.reason for f in store.get(other).feedback] == ["kept"], "another result's verdicts stay"
 
 
+def test_a_keys_verdicts_never_push_out_another_keys(tmp_path):
+    """The newest MAX_VERDICTS are kept per key (and those without one): a tenant judging its own result again
+    and again deletes only its own older verdicts, never the reviewer's that export --labelled-by needs."""
+    from training.cli import main
+
+    store, ids = _labelled_store(tmp_path)
+    result_id = ids["unlabelled"]
+    store.add_feedback(result_id, "yes", "the reviewer's", principal="reviewer")
+    for n in range(MAX_VERDICTS + 5):
+        store.add_feedback(result_id, "no", f"tenant {n}", principal="tenant")
+    for n in range(MAX_VERDICTS + 2):
+        stored = store.add_feedback(result_id, "no", f"anonymous {n}")
+    assert [f.reason for f in stored.feedback] == [
+        "the reviewer's",
+        *(f"tenant {n}" for n in range(5, MAX_VERDICTS + 5)),
+        *(f"anonymous {n}" for n in range(2, MAX_VERDICTS + 2)),
+    ], "each key's newest MAX_VERDICTS, oldest first; the reviewer's one stays"
+    assert stored.label == "no" and stored.feedback[-1].principal is None, "the newest verdict is still the label"
+    assert [f.reason for f in store.get(ids["bad"]).feedback] == ["grey box"], "another result's verdicts stay"
+
+    out = tmp_path / "labels"
+    args = ["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out), "--labelled-by", "reviewer"]
+    assert main(args) == 0
+    items = json.loads((out / "summary.json").read_text())["metrics"]["items"]
+    assert [(i["result_id"], i["verdict"], i["principal"]) for i in items] == [(result_id, "yes", "reviewer")]
+
+
 def test_migrations_create_exactly_the_schema_the_models_describe(tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -1357,5 +1384,26 @@ def test_a_verdict_records_the_key_that_sent_it_whatever_the_labeller_says(tmp_p
         ]
         stored = client.retention.store.opened().get(result_id)
         assert [f.principal for f in stored.feedback] == ["tenant", "reviewer"]
+    finally:
+        client.retention.store.close()
+
+
+def test_a_tenants_verdicts_on_its_own_result_never_delete_a_reviewers(tmp_path, monkeypatch):
+    """feedback is a default scope: a tenant key posting verdict after verdict on its own result deletes only its
+    own older ones, so the reviewer's verdict stays, is shown, and is the label export --labelled-by takes."""
+    client, keys = _keyed_ingress(tmp_path, monkeypatch)
+    result_id = asyncio.run(_keep(client.retention, owner="acme"))
+    try:
+        as_reviewer, as_tenant = ({"x-api-key": keys[name]} for name in ("reviewer", "tenant"))
+        posted = client.post("/feedback", json={"result_id": result_id, "verdict": "yes"}, headers=as_reviewer)
+        assert posted.status_code == 201, posted.text
+        for _ in range(MAX_VERDICTS + 1):
+            posted = client.post("/feedback", json={"result_id": result_id, "verdict": "no"}, headers=as_tenant)
+            assert posted.status_code == 201, posted.text
+        read = client.get(f"/results/{result_id}", headers=as_reviewer).json()
+        assert [f["principal"] for f in read["feedback"]] == ["reviewer"] + ["tenant"] * MAX_VERDICTS
+        assert read["label"] == "no", "the newest verdict is the label, as before"
+        trusted = client.retention.store.opened().labelled(principals=["reviewer"])
+        assert [(r.id, r.label) for r in trusted] == [(result_id, "yes")]
     finally:
         client.retention.store.close()

@@ -35,8 +35,11 @@ KINDS: tuple[Kind, ...] = ("source", "mask", "result")
 VERDICTS = ("yes", "no")
 MASK_MEDIA_TYPE = "image/png"
 _CHUNK = 500  # ids per IN (...) list
-# Verdicts kept per result, the newest: each answer carries the history, so an unbounded one made every
-# POST /feedback on a result slower and larger than the last (1,500 verdicts: 1.9 MB an answer).
+# Verdicts kept per result and principal (the API key that sent them; those without one are a group of their
+# own), the newest: each answer carries the history, so an unbounded one made every POST /feedback on a result
+# slower and larger than the last (1,500 verdicts: 1.9 MB an answer). Per principal, so that no key's verdicts
+# push out another's (a tenant's on its own result would delete a reviewer's, which export --labelled-by needs):
+# a result keeps at most MAX_VERDICTS x (the keys that may judge it, + 1).
 MAX_VERDICTS = 20
 # An object no result refers to is deleted by the sweeper once it is this old: far longer than any save takes
 # between writing an object and inserting the row that refers to it.
@@ -251,7 +254,8 @@ class RetentionStore:
         principal: str | None = None,
     ) -> StoredResult:
         """Append a verdict (the newest verdict is the label); returns the result with its history.
-        `principal`: the API key that submitted it, as the service authenticated it (never the client's word)."""
+        `principal`: the API key that submitted it, as the service authenticated it (never the client's word).
+        The result keeps that principal's newest MAX_VERDICTS verdicts; other principals' are never deleted."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
         try:
@@ -269,15 +273,14 @@ class RetentionStore:
                     )
                 )
                 session.flush()
+                same = (FeedbackRow.result_id == result_id, _sent_by(principal))
                 kept = (
                     select(FeedbackRow.id)
-                    .where(FeedbackRow.result_id == result_id)
+                    .where(*same)
                     .order_by(FeedbackRow.created_at.desc(), FeedbackRow.id.desc())
                     .limit(MAX_VERDICTS)
                 )
-                session.execute(
-                    delete(FeedbackRow).where(FeedbackRow.result_id == result_id, FeedbackRow.id.not_in(kept))
-                )
+                session.execute(delete(FeedbackRow).where(*same, FeedbackRow.id.not_in(kept)))
         except IntegrityError:
             self.get(result_id)  # deleted since the check above (a DELETE, an eviction, the sweeper): ResultNotFound
             raise
@@ -495,6 +498,11 @@ class RetentionStore:
 
 def _owned_by(owner: str | None) -> tuple:
     return () if owner is None else (ResultRow.owner == owner,)
+
+
+def _sent_by(principal: str | None):
+    """The verdicts `principal` sent (None: those without a principal)."""
+    return FeedbackRow.principal.is_(None) if principal is None else FeedbackRow.principal == principal
 
 
 def _has_feedback():
