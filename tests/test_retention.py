@@ -1407,3 +1407,31 @@ def test_a_tenants_verdicts_on_its_own_result_never_delete_a_reviewers(tmp_path,
         assert [(r.id, r.label) for r in trusted] == [(result_id, "yes")]
     finally:
         client.retention.store.close()
+
+
+def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_queue(tmp_path, monkeypatch):
+    """A tenant's verdict on its own result (or one without a key) leaves the result in a reviewer's queue,
+    whose verdict export --labelled-by needs; the reviewer's own verdict takes it out of the reviewer's queue."""
+    client, keys = _keyed_ingress(tmp_path, monkeypatch)
+    result_id = asyncio.run(_keep(client.retention, owner="acme"))
+    store = client.retention.store.opened()
+    try:
+        as_reviewer, as_tenant = ({"x-api-key": keys[name]} for name in ("reviewer", "tenant"))
+
+        def queue(headers) -> tuple[list[str], int]:
+            answer = client.get("/annotation/queue", headers=headers)
+            assert answer.status_code == 200, answer.text
+            return [item["id"] for item in answer.json()["items"]], answer.json()["unlabelled"]
+
+        assert queue(as_reviewer) == queue(as_tenant) == ([result_id], 1)
+        posted = client.post("/feedback", json={"result_id": result_id, "verdict": "yes"}, headers=as_tenant)
+        assert posted.status_code == 201, posted.text
+        store.add_feedback(result_id, "yes")  # one without a key (auth off, or older than principals)
+        assert queue(as_reviewer) == ([result_id], 1), "another key's verdict never hides a result from a reviewer"
+        assert queue(as_tenant) == ([], 0), "the tenant judged it"
+        posted = client.post("/feedback", json={"result_id": result_id, "verdict": "no"}, headers=as_reviewer)
+        assert posted.status_code == 201, posted.text
+        assert queue(as_reviewer) == ([], 0), "the reviewer judged it"
+        assert store.queue() == [] and store.count(labelled=False) == 0, "no key known: any verdict counts"
+    finally:
+        client.retention.store.close()

@@ -152,10 +152,13 @@ class LocalStoreClient:
         return await self._run(add)
 
     async def queue(
-        self, limit: int, threshold: float | None, owner: str | None = None
+        self, limit: int, threshold: float | None, owner: str | None = None, principal: str | None = None
     ) -> tuple[list[StoredResult], int]:
         return await self._run(
-            lambda store: (store.queue(limit, threshold, owner), store.count(labelled=False, owner=owner))
+            lambda store: (
+                store.queue(limit, threshold, owner, principal),
+                store.count(labelled=False, owner=owner, principal=principal),
+            )
         )
 
     def opened(self) -> RetentionStore:
@@ -314,14 +317,15 @@ class Retention:
         return stored
 
     async def queue(
-        self, limit: int, threshold: float | None, owner: str | None = None
+        self, limit: int, threshold: float | None, owner: str | None = None, principal: str | None = None
     ) -> tuple[list[StoredResult], int]:
-        """The next `limit` unlabelled results, least certain first, and how many are unlabelled in all."""
+        """The next `limit` unlabelled results, least certain first, and how many are unlabelled in all.
+        `principal`: the asking key's name; unlabelled by it (None, auth off: without any verdict)."""
         if not 1 <= limit <= MAX_QUEUE:
             raise Problem("invalid-request", f"limit must be 1 to {MAX_QUEUE}, got {limit}")
         if threshold is not None and not 0.0 <= threshold <= 10.0:
             raise Problem("invalid-request", f"threshold must be 0 to 10, got {threshold}")
-        return await self._call(None, lambda store: store.queue(limit, threshold, owner))
+        return await self._call(None, lambda store: store.queue(limit, threshold, owner, principal))
 
     def require_enabled(self) -> None:
         if not self.settings.enabled:

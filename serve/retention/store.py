@@ -286,24 +286,29 @@ class RetentionStore:
             raise
         return self.get(result_id)
 
-    def queue(self, limit: int = 20, threshold: float | None = None, owner: str | None = None) -> list[StoredResult]:
+    def queue(
+        self, limit: int = 20, threshold: float | None = None, owner: str | None = None, principal: str | None = None
+    ) -> list[StoredResult]:
         """Unlabelled results, the discriminator's least certain first: |score - threshold| ascending
         (each result's own threshold unless one is given); unscored results last; then oldest first.
-        `owner`: only that owner's results (None: everyone's)."""
+        `owner`: only that owner's results (None: everyone's). `principal`: the API key asking; only its own
+        verdicts take a result out of its queue, so another key's (a tenant's) never hide a result from a
+        reviewer (None: no key is known, and any verdict does)."""
         cut = ResultRow.threshold if threshold is None else threshold
         statement = (
             select(ResultRow)
-            .where(~_has_feedback(), *_owned_by(owner), *self._unexpired())
+            .where(~_has_feedback(principal), *_owned_by(owner), *self._unexpired())
             .order_by(ResultRow.score.is_(None), func.abs(ResultRow.score - cut), ResultRow.created_at, ResultRow.id)
             .limit(limit)
         )
         with Session(self.engine) as session:
             return self._stored(session.scalars(statement).all(), session)
 
-    def count(self, labelled: bool | None = None, owner: str | None = None) -> int:
+    def count(self, labelled: bool | None = None, owner: str | None = None, principal: str | None = None) -> int:
+        """`labelled`: only the results with (True) or without (False) a verdict; of `principal`'s, if given."""
         statement = select(func.count()).select_from(ResultRow).where(*_owned_by(owner), *self._unexpired())
         if labelled is not None:
-            statement = statement.where(_has_feedback() if labelled else ~_has_feedback())
+            statement = statement.where(_has_feedback(principal) if labelled else ~_has_feedback(principal))
         with Session(self.engine) as session:
             return session.scalar(statement) or 0
 
@@ -505,5 +510,7 @@ def _sent_by(principal: str | None):
     return FeedbackRow.principal.is_(None) if principal is None else FeedbackRow.principal == principal
 
 
-def _has_feedback():
-    return select(FeedbackRow.id).where(FeedbackRow.result_id == ResultRow.id).exists()
+def _has_feedback(principal: str | None = None):
+    """The result has a verdict: one `principal` sent, if given (None: anyone's, with a principal or not)."""
+    sent = () if principal is None else (FeedbackRow.principal == principal,)
+    return select(FeedbackRow.id).where(FeedbackRow.result_id == ResultRow.id, *sent).exists()
