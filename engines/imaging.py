@@ -165,10 +165,10 @@ def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.
     """Decode a mask image into a bool (H, W) array, True where the model should remove content.
 
     White (luminance > 127) means remove. A mask with transparency is strokes drawn on a transparent layer, read
-    from alpha (> 127), unless its opaque pixels are black and white (gray, both dark and light): then it is a
+    from alpha (> 127), unless most of it is opaque and its opaque pixels are both dark and light: then it is a
     black-and-white mask with some transparent pixels (one transparent corner flipped such a mask to 59999 of
-    60000 pixels removed), and only its opaque white pixels mean remove. Strokes of several colours, dark and
-    light, stay strokes.
+    60000 pixels removed), and only its opaque light pixels mean remove. Strokes, of one colour or several,
+    cover less than half a transparent layer.
     """
     pixels, alpha, _, _ = _decode(data, limits, what="mask", invalid=InvalidMask, size=size)
     light = _above_127(pixels) if pixels.ndim == 2 else _luminance_above_127(pixels)  # gray: its own luminance
@@ -177,22 +177,12 @@ def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.
     else:
         mask = _above_127(alpha)
         opaque_light = np.logical_and(mask, light)
-        if 0 < np.count_nonzero(opaque_light) < np.count_nonzero(mask) and _gray_where(pixels, mask):
+        opaque = np.count_nonzero(mask)
+        if 0 < np.count_nonzero(opaque_light) < opaque and opaque > mask.size / 2:
             mask = opaque_light
     if mask.shape != tuple(size):
         raise _mask_size_mismatch(mask.shape, size)
     return mask
-
-
-GRAY_SPREAD = 16
-
-
-def _gray_where(pixels: np.ndarray, where: np.ndarray) -> bool:
-    """Whether pixels[where] are all gray: their channels within GRAY_SPREAD of each other (lossy WebP's noise)."""
-    if pixels.ndim == 2:
-        return True
-    chosen = pixels[where]
-    return bool((chosen.max(axis=1).astype(np.int16) - chosen.min(axis=1) <= GRAY_SPREAD).all())
 
 
 def _mask_size_mismatch(shape: tuple[int, int], size: tuple[int, int]) -> MaskSizeMismatch:

@@ -370,6 +370,18 @@ def test_strokes_of_dark_and_light_colours_on_a_transparent_layer_use_alpha():
     np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS), mask)
 
 
+@pytest.mark.parametrize("white, black", [((255, 250, 235), (0, 0, 0)), ((255, 255, 255), (10, 20, 60))])
+def test_a_tinted_black_and_white_mask_with_a_transparent_pixel_keeps_its_white(white, black):
+    """A warm white or a navy black is not strokes of colour: one transparent pixel must not flip it to alpha."""
+    mask = rectangle_mask()
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[...] = [*black, 255]
+    rgba[mask] = [*white, 255]
+    rgba[0, 0, 3] = 0
+    rgba[39, 49, :3] = [255, 0, 0]  # and one stray red pixel
+    np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS), mask)
+
+
 def test_mask_threshold_is_above_127():
     gray = np.array([[0, 127, 128, 255]], np.uint8)
     decoded = decode_mask(encoded(Image.fromarray(gray)), (1, 4), LIMITS)
