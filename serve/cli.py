@@ -269,7 +269,11 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
         reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
         print(f"cannot add key {name!r} to {keys_file}: {reasons}", file=sys.stderr)
         return 2
-    replace_file(keys_file, yaml.safe_dump(data, sort_keys=False))
+    try:
+        replace_file(keys_file, yaml.safe_dump(data, sort_keys=False))
+    except OSError as exc:
+        print(f"cannot add key {name!r} to {keys_file}: {exc} (the file is as it was)", file=sys.stderr)
+        return 2
     print(key)
     print(f"[rorem] stored the SHA-256 of key {name!r} ({', '.join(scopes)}) in {keys_file}", file=sys.stderr)
     return 0
@@ -291,7 +295,7 @@ def replace_file(path: Path, text: str) -> None:
     except PermissionError:
         if old is None:
             raise
-        path.write_text(text)
+        _rewrite_in_place(path, text)
         return
     try:
         with os.fdopen(fd, "w") as file:
@@ -310,13 +314,29 @@ def replace_file(path: Path, text: str) -> None:
             made = os.stat(tmp)
             if (made.st_uid, made.st_gid) != (old.st_uid, old.st_gid):
                 Path(tmp).unlink()
-                path.write_text(text)
+                _rewrite_in_place(path, text)
                 return
             os.chmod(tmp, old.st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _rewrite_in_place(path: Path, text: str) -> None:
+    """Overwrite the file's bytes, keeping its inode, owner and mode: the space is reserved first, so a full disk
+    fails before the old contents are touched (a truncating write would leave a cut-off keys file)."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, max(len(data), 1))
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def wait_until_ready(

@@ -458,6 +458,27 @@ def test_new_key_that_cannot_keep_the_files_owner_and_group_rewrites_it_in_place
     assert [entry["name"] for entry in yaml.safe_load(path.read_text())["keys"]] == ["first", "second"]
 
 
+def test_new_key_rewriting_in_place_on_a_full_disk_leaves_the_keys_file_as_it_was(tmp_path, monkeypatch, capsys):
+    """A truncating write that then fails (disk full) would leave a cut-off keys file: every key refused."""
+    import errno
+    import tempfile
+
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    assert run(["new-key", "--name", "first", "--keys-file", str(path)]) == 0
+    before = path.read_bytes()
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError("folder")))
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    assert run(["new-key", "--name", "second", "--keys-file", str(path)]) == 2
+    assert path.read_bytes() == before
+    assert "No space left" in capsys.readouterr().err
+
+
 def test_new_key_replaces_the_keys_file_whole_and_keeps_its_permissions(tmp_path):
     """A reader sees the old file or the new one, never a part (a temporary file renamed over it)."""
     from serve.cli import run
