@@ -1410,8 +1410,10 @@ def test_a_tenants_verdicts_on_its_own_result_never_delete_a_reviewers(tmp_path,
 
 
 def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_queue(tmp_path, monkeypatch):
-    """A tenant's verdict on its own result (or one without a key) leaves the result in a reviewer's queue,
-    whose verdict export --labelled-by needs; the reviewer's own verdict takes it out of the reviewer's queue."""
+    """A tenant's verdict on its own result leaves the result in a reviewer's queue, whose verdict export
+    --labelled-by needs; the reviewer's own verdict takes it out of the reviewer's queue. A verdict without a key
+    (older than principals, or given with auth off) takes a result out of every queue, as every verdict did
+    before: turning keys on does not send every labelled result back to each reviewer."""
     client, keys = _keyed_ingress(tmp_path, monkeypatch)
     result_id = asyncio.run(_keep(client.retention, owner="acme"))
     store = client.retention.store.opened()
@@ -1426,12 +1428,14 @@ def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_q
         assert queue(as_reviewer) == queue(as_tenant) == ([result_id], 1)
         posted = client.post("/feedback", json={"result_id": result_id, "verdict": "yes"}, headers=as_tenant)
         assert posted.status_code == 201, posted.text
-        store.add_feedback(result_id, "yes")  # one without a key (auth off, or older than principals)
         assert queue(as_reviewer) == ([result_id], 1), "another key's verdict never hides a result from a reviewer"
         assert queue(as_tenant) == ([], 0), "the tenant judged it"
         posted = client.post("/feedback", json={"result_id": result_id, "verdict": "no"}, headers=as_reviewer)
         assert posted.status_code == 201, posted.text
         assert queue(as_reviewer) == ([], 0), "the reviewer judged it"
         assert store.queue() == [] and store.count(labelled=False) == 0, "no key known: any verdict counts"
+        older = asyncio.run(_keep(client.retention, owner="acme"))
+        store.add_feedback(older, "yes")  # one without a key (auth off, or older than principals)
+        assert queue(as_reviewer) == queue(as_tenant) == ([], 0), "judged before keys: out of every queue"
     finally:
         client.retention.store.close()

@@ -511,6 +511,7 @@ def _sent_by(principal: str | None):
 
 
 def _has_feedback(principal: str | None = None):
-    """The result has a verdict: one `principal` sent, if given (None: anyone's, with a principal or not)."""
-    sent = () if principal is None else (FeedbackRow.principal == principal,)
+    """The result has a verdict: one `principal` sent, or one without a principal (sent before verdicts recorded
+    one, or with auth off: judged by whoever ran the service), if given (None: anyone's)."""
+    sent = () if principal is None else (or_(FeedbackRow.principal == principal, FeedbackRow.principal.is_(None)),)
     return select(FeedbackRow.id).where(FeedbackRow.result_id == ResultRow.id, *sent).exists()
