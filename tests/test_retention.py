@@ -1251,6 +1251,10 @@ def test_a_save_given_up_on_stores_nothing(tmp_path, monkeypatch, stalled):
     try:
         asyncio.run(give_up())
         deadline = time.monotonic() + 5
+        # the stalled write resumes in its thread: until the last of the three has begun, nothing may be written
+        # yet, and an empty listing would end the wait below before the save wrote (then deleted) its objects
+        while stalled == "object writes" and objects.writes < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         while (_rows(store) or _files(tmp_path / "objects")) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert _rows(store) == [] and _files(tmp_path / "objects") == set()
