@@ -249,6 +249,7 @@ def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
         page.locator("#api-key").blur()  # a typed key is taken on change
         page.wait_for_selector("body[data-state=item]")
         assert page.inner_text("#status") == "", "the wrong key's error is gone once an item shows"
+        assert page.inner_text("#progress") == "1 not yet judged by this key", "a key's queue is its own view"
 
         page.fill("#api-key", "rk_wrong")
         page.locator("#api-key").blur()  # a typed key is taken on change
