@@ -575,3 +575,29 @@ def test_cli_reports_bad_settings_bad_data_and_wrong_parts(tmp_path, capsys, tin
     args += ["--out", str(tmp_path / "b")]
     assert main(args) == 1
     assert "is a distill run, expected a finetune run" in capsys.readouterr().err
+
+
+def test_training_reads_masks_and_photos_as_the_service_does(tmp_path):
+    """An opaque black-and-white RGBA mask (as editors save one) was read from its alpha: the whole image to
+    remove; an EXIF-rotated photo and mask were read as stored, so the mask fell on another part of the photo."""
+    from engines import imaging
+    from training.data import load_mask, load_metadata, load_rgb
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:15, 10:30] = 255
+    opaque = np.dstack([mask, mask, mask, np.full_like(mask, 255)])
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    expected = imaging.decode_mask((tmp_path / "opaque.png").read_bytes(), (40, 60), imaging.DecodeLimits())
+    assert expected.mean() < 0.1
+    np.testing.assert_array_equal(load_mask(tmp_path / "opaque.png", 40)[:, :40], expected[:, 10:50])
+
+    photo = np.zeros((40, 60, 3), np.uint8)
+    photo[5:15, 10:30] = 255  # the object, where the mask (drawn on the upright photo) is
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone's photo: stored turned, shown upright
+    Image.fromarray(np.rot90(photo, 1).copy()).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    (tmp_path / "metadata.json").write_text(json.dumps([{"source": "photo.jpg", "mask": "mask.png"}]))
+    load_metadata(tmp_path / "metadata.json", require=("source", "mask"))  # upright sizes agree
+    rgb, removed = load_rgb(tmp_path / "photo.jpg", 40), load_mask(tmp_path / "mask.png", 40)
+    assert rgb[removed].mean() > 200 and rgb[~removed].mean() < 30, "the mask lies on the object"

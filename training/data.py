@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 FIELDS = ("source", "mask", "GT")
 
@@ -114,7 +114,7 @@ def _check_sizes(where: str, files: dict[str, Path | None]) -> None:
             continue
         try:
             with Image.open(file) as img:
-                sizes[field] = img.size
+                sizes[field] = _upright_size(img)
         except (UnidentifiedImageError, OSError) as exc:
             raise DatasetError(f"{where}: field {field!r}: {file} is not a readable image ({exc})") from exc
     if len(set(sizes.values())) > 1:
@@ -151,16 +151,38 @@ def _relative(file: Path, root: Path) -> str:
 
 
 def load_rgb(path: Path, resolution: int) -> np.ndarray:
-    """(R, R, 3) uint8: the shorter side resized to R (bicubic), then center-cropped."""
+    """(R, R, 3) uint8, upright (EXIF orientation applied, as the service reads a photo): the shorter side
+    resized to R (bicubic), then center-cropped."""
     with Image.open(path) as img:
-        return np.asarray(_resize_crop(img.convert("RGB"), resolution, Image.Resampling.BICUBIC))
+        upright = ImageOps.exif_transpose(img)
+        return np.asarray(_resize_crop(upright.convert("RGB"), resolution, Image.Resampling.BICUBIC))
 
 
 def load_mask(path: Path, resolution: int) -> np.ndarray:
-    """(R, R) bool: white (> 127 after conversion to L; an RGBA mask uses its alpha) = remove."""
+    """(R, R) bool, True = remove: the service's own reading of a mask (engines.imaging.decode_mask: upright;
+    white, or the strokes of a mask with transparency), resized (nearest) and center-cropped."""
+    from engines import imaging
+    from engines.errors import InputError
+
+    data = Path(path).read_bytes()
     with Image.open(path) as img:
-        gray = img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("L")
-        return np.asarray(_resize_crop(gray, resolution, Image.Resampling.NEAREST)) > 127
+        width, height = _upright_size(img)
+    limits = imaging.DecodeLimits(max_bytes=max(len(data), 1), max_megapixels=max(width * height / 1e6, 1.0))
+    try:
+        pixels = imaging.decode_mask(data, (height, width), limits)
+    except InputError as exc:
+        raise DatasetError(f"{path}: {exc}") from exc
+    mask = Image.fromarray(pixels.astype(np.uint8) * 255)
+    return np.asarray(_resize_crop(mask, resolution, Image.Resampling.NEAREST)) > 127
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied (5-8 turn the image a quarter). A PNG's EXIF may
+    follow its pixels: Pillow sees it once they are read."""
+    if img.format == "PNG":
+        img.load()
+    width, height = img.size
+    return (height, width) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
 def _resize_crop(img: Image.Image, resolution: int, resample: Image.Resampling) -> Image.Image:
