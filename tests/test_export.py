@@ -468,8 +468,9 @@ def test_serving_refuses_an_onnx_file_without_a_record(tiny_bundle, tmp_path, on
 
 @pytest.mark.parametrize(
     "extra_args, passed, served",
-    [([], False, False), ([], True, True), (["--max-abs", "1"], True, False)],
-    ids=["parity fails", "parity passes", "parity passes a loosened tolerance"],
+    [([], False, False), ([], True, True), (["--max-abs", "1"], True, False),
+     (["--cases", "1x8x8", "--buckets", "1024"], True, False)],
+    ids=["parity fails", "parity passes", "parity passes a loosened tolerance", "parity passes fewer cases"],
 )
 def test_verify_records_a_stale_export_as_current_only_when_parity_passes(
     tiny_bundle, tmp_path, monkeypatch, onnx_opened, extra_args, passed, served
