@@ -197,15 +197,20 @@ def _check_mask_size(img: Image.Image, size: tuple[int, int]) -> None:
     cost 1 s and 770 MB to be refused after). Either orientation of the header's size passes here: a PNG's EXIF
     after its pixels is read only with them, so decode_mask compares the upright size once decoded (and such a
     PNG refused here is named in its stored orientation)."""
-    width, height = img.size
-    if sorted((width, height)) == sorted(size):
+    if sorted(img.size) == sorted(size):
         return
+    width, height = upright_size(img)
+    raise _mask_size_mismatch((height, width), size)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) with the EXIF orientation applied, from the header: no pixel is decoded, so a PNG's eXIf
+    chunk after its pixels is not seen (its stored size is given)."""
+    width, height = img.size
     if img.format == "TIFF":  # Pillow gives a TIFF's size upright already, and turns its pixels as it loads them
-        turned = False
-    else:
-        exif = Image.Image.getexif(img) if img.format == "PNG" else img.getexif()  # see _fast_decode
-        turned = exif.get(_ORIENTATION, 1) in (5, 6, 7, 8)
-    raise _mask_size_mismatch((width, height) if turned else (height, width), size)
+        return width, height
+    exif = Image.Image.getexif(img) if img.format == "PNG" else img.getexif()  # see _fast_decode
+    return (height, width) if exif.get(_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def mask_from_alpha(image: DecodedImage) -> np.ndarray:

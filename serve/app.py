@@ -252,8 +252,9 @@ class Ingress(GrpcMethods, LiveSettings):
 
     @api.get("/annotation/queue", dependencies=[auth.requires("feedback")])
     async def annotation_queue(self, request: Request, limit: int = 20, threshold: float | None = None) -> JSONResponse:
-        """Results the caller's key has not judged (auth off: no verdict at all), the discriminator's least
-        certain first (|score - threshold| ascending): another key's verdict never hides one from a reviewer."""
+        """Results neither the caller's key nor a verdict without a key has judged (auth off: no verdict at all),
+        the discriminator's least certain first (|score - threshold| ascending): another key's verdict never
+        hides one from a reviewer."""
         principal = request.state.principal
         items, unlabelled = await self.service.retention.queue(
             limit, threshold, auth.visible_owner(principal), auth.verdict_principal(principal)

@@ -16,9 +16,15 @@ def not_a_server_error_but_the_asked_deadline(ctx, response, case):
     return not_a_server_error(ctx, response, case)
 
 
+SHORT_DEADLINE_S = 5.0  # shorter than a removal takes on this machine; a 504 past it is the service's
+
+
 def _asked_a_deadline(case) -> bool:
     body = case.body if isinstance(case.body, dict) else {}
-    return body.get("timeout_s") is not None
+    try:
+        return float(body.get("timeout_s")) < SHORT_DEADLINE_S  # multipart sends it as text
+    except (TypeError, ValueError):
+        return False
 
 
 def _problem_type(response) -> str:

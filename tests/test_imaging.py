@@ -992,7 +992,9 @@ def _broken_pngs() -> dict[str, bytes]:
 @needs_imagecodecs
 @pytest.mark.parametrize("name", ["bad adler32", "bad IDAT CRC", "rows missing"])
 def test_a_png_the_fast_decoder_refuses_leaks_nothing_and_pillow_decides(monkeypatch, name):
-    """libpng's png_decode dropped a reference to None on each error: CPython 3.11 aborts at ~40,000 of them."""
+    """libpng's png_decode dropped a reference to None on each error: CPython 3.11 aborts at ~40,000 of them.
+    (libspng refuses the first and last of these; the bad IDAT CRC it skips, decoding as Pillow does. From
+    Python 3.12 None is immortal: its count cannot show a leak, so that part runs on 3.10-3.11 only.)"""
     data = _broken_pngs()[name]
 
     def outcome():
@@ -1008,6 +1010,8 @@ def test_a_png_the_fast_decoder_refuses_leaks_nothing_and_pillow_decides(monkeyp
     assert (got is None) == (expected is None)
     if expected is not None:
         np.testing.assert_array_equal(got, expected)
+    if sys.version_info >= (3, 12):
+        return
     gc.collect()
     before = sys.getrefcount(None)
     for _ in range(500):

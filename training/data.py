@@ -15,6 +15,7 @@ keeps a group on one side. Other keys are ignored.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from engines import imaging
 
 FIELDS = ("source", "mask", "GT")
 
@@ -114,7 +117,7 @@ def _check_sizes(where: str, files: dict[str, Path | None]) -> None:
             continue
         try:
             with Image.open(file) as img:
-                sizes[field] = _upright_size(img)
+                sizes[field] = imaging.upright_size(img)
         except (UnidentifiedImageError, OSError) as exc:
             raise DatasetError(f"{where}: field {field!r}: {file} is not a readable image ({exc})") from exc
     if len(set(sizes.values())) > 1:
@@ -161,12 +164,11 @@ def load_rgb(path: Path, resolution: int) -> np.ndarray:
 def load_mask(path: Path, resolution: int) -> np.ndarray:
     """(R, R) bool, True = remove: the service's own reading of a mask (engines.imaging.decode_mask: upright;
     white, or the strokes of a mask with transparency), resized (nearest) and center-cropped."""
-    from engines import imaging
     from engines.errors import InputError
 
     data = Path(path).read_bytes()
-    with Image.open(path) as img:
-        width, height = _upright_size(img)
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = imaging.upright_size(img)
     limits = imaging.DecodeLimits(max_bytes=max(len(data), 1), max_megapixels=max(width * height / 1e6, 1.0))
     try:
         pixels = imaging.decode_mask(data, (height, width), limits)
@@ -174,15 +176,6 @@ def load_mask(path: Path, resolution: int) -> np.ndarray:
         raise DatasetError(f"{path}: {exc}") from exc
     mask = Image.fromarray(pixels.astype(np.uint8) * 255)
     return np.asarray(_resize_crop(mask, resolution, Image.Resampling.NEAREST)) > 127
-
-
-def _upright_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) once the EXIF orientation is applied (5-8 turn the image a quarter). A PNG's EXIF may
-    follow its pixels: Pillow sees it once they are read."""
-    if img.format == "PNG":
-        img.load()
-    width, height = img.size
-    return (height, width) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
 def _resize_crop(img: Image.Image, resolution: int, resample: Image.Resampling) -> Image.Image:

@@ -320,7 +320,8 @@ class Retention:
         self, limit: int, threshold: float | None, owner: str | None = None, principal: str | None = None
     ) -> tuple[list[StoredResult], int]:
         """The next `limit` unlabelled results, least certain first, and how many are unlabelled in all.
-        `principal`: the asking key's name; unlabelled by it (None, auth off: without any verdict)."""
+        `principal`: the asking key's name; judged neither by it nor without a key (None, auth off: without any
+        verdict)."""
         if not 1 <= limit <= MAX_QUEUE:
             raise Problem("invalid-request", f"limit must be 1 to {MAX_QUEUE}, got {limit}")
         if threshold is not None and not 0.0 <= threshold <= 10.0:

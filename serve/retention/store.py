@@ -292,8 +292,9 @@ class RetentionStore:
         """Unlabelled results, the discriminator's least certain first: |score - threshold| ascending
         (each result's own threshold unless one is given); unscored results last; then oldest first.
         `owner`: only that owner's results (None: everyone's). `principal`: the API key asking; only its own
-        verdicts take a result out of its queue, so another key's (a tenant's) never hide a result from a
-        reviewer (None: no key is known, and any verdict does)."""
+        verdicts, and verdicts without a key (auth off, or older than 0003), take a result out of its queue, so
+        another key's (a tenant's) never hide a result from a reviewer (None: no key is known, and any verdict
+        does)."""
         cut = ResultRow.threshold if threshold is None else threshold
         statement = (
             select(ResultRow)
@@ -305,7 +306,8 @@ class RetentionStore:
             return self._stored(session.scalars(statement).all(), session)
 
     def count(self, labelled: bool | None = None, owner: str | None = None, principal: str | None = None) -> int:
-        """`labelled`: only the results with (True) or without (False) a verdict; of `principal`'s, if given."""
+        """`labelled`: only the results with (True) or without (False) a verdict; of `principal`'s or without a key,
+        if given (as `queue`)."""
         statement = select(func.count()).select_from(ResultRow).where(*_owned_by(owner), *self._unexpired())
         if labelled is not None:
             statement = statement.where(_has_feedback(principal) if labelled else ~_has_feedback(principal))
