@@ -209,8 +209,13 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
     width, height = img.size
     if img.format == "TIFF":  # Pillow gives a TIFF's size upright already, and turns its pixels as it loads them
         return width, height
-    exif = Image.Image.getexif(img) if img.format == "PNG" else img.getexif()  # see _fast_decode
-    return (height, width) if exif.get(_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if _header_exif(img).get(_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
+def _header_exif(img: Image.Image) -> Image.Exif:
+    """The EXIF found before the pixels. PngImageFile.getexif would decode the whole image to look for an eXIf
+    chunk after them: the fast path has no such chunk (_png_is_plain), and a size check must not decode."""
+    return Image.Image.getexif(img) if img.format == "PNG" else img.getexif()
 
 
 def mask_from_alpha(image: DecodedImage) -> np.ndarray:
@@ -375,11 +380,8 @@ def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndar
         eight_bit = len(img.tile) == 1 and img.tile[0][3] == img.mode
         if not eight_bit or img.info.get("interlace"):
             return None
-        # PngImageFile.getexif would decode the whole image to look for a late eXIf chunk; there is none
-        exif = Image.Image.getexif(img)
         decode = imagecodecs.spng_decode
     else:
-        exif = img.getexif()
         decode = imagecodecs.jpeg8_decode
     try:
         pixels = decode(data)
@@ -388,7 +390,7 @@ def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndar
     width, height = img.size
     if pixels.dtype != np.uint8 or pixels.shape != ((height, width) if channels == 1 else (height, width, channels)):
         return None
-    pixels = _orient(pixels, exif.get(_ORIENTATION, 1))
+    pixels = _orient(pixels, _header_exif(img).get(_ORIENTATION, 1))
     if channels in (1, 3):
         return np.ascontiguousarray(pixels), None
     alpha = pixels[..., -1]

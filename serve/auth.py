@@ -51,6 +51,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve.config import invalid_because
 from serve.problems import Problem
 
 SCOPES = ("remove", "score", "feedback", "review", "admin")
@@ -203,7 +204,7 @@ class ApiKeys:
             data = yaml.load(self.path.read_text(), Loader=_YAML_LOADER) or {}
             keys = KeysFile.model_validate(data).keys
         except (OSError, yaml.YAMLError, ValidationError, ValueError) as exc:
-            raise ValueError(f"cannot read API keys from {self.path}: {_reason(exc)}") from exc
+            raise ValueError(f"cannot read API keys from {self.path}: {invalid_because(exc, root='file')}") from exc
         return _Loaded(keys, before if _fingerprint(self.path) == before else None)
 
     def reload_due(self) -> bool:
@@ -242,23 +243,6 @@ class ApiKeys:
         if scope is not None and scope not in key.scopes:
             raise Problem("forbidden", f"the key {key.name!r} does not grant the {scope!r} scope")
         return key
-
-
-def _reason(exc: Exception) -> str:
-    """Why a keys file was refused, without the file's text: pydantic's and YAML's own messages quote the values
-    they saw, which may be a key an operator pasted into the file."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, error['loc'])) or 'file'}: {error['msg']}"
-            for error in exc.errors(include_input=False, include_url=False)
-        )
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        return f"invalid YAML: {exc.problem or exc.context}{where}"
-    if isinstance(exc, yaml.YAMLError):
-        return f"invalid YAML ({type(exc).__name__})"
-    return str(exc)
 
 
 def presented_key(headers) -> str | None:

@@ -527,16 +527,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_problem(exc: Exception) -> str:
-    """One line: a YAML error by its place in the file, a settings error by its field."""
-    from serve.config import invalid_because
-
-    mark = getattr(exc, "problem_mark", None)
-    if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
-    return invalid_because(exc)
-
-
 def _cannot_start(reason: str) -> int:
     print(f"[rorem] cannot start: {reason}", file=sys.stderr, flush=True)
     return 2
@@ -554,7 +544,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         config = load_serve_config(options.config)
     except (OSError, yaml.YAMLError, ValueError) as exc:
-        return _cannot_start(f"{options.config}: {_config_problem(exc)}")
+        return _cannot_start(f"{options.config}: {invalid_because(exc)}")
     # the ports before anything else: a busy port fails the start in a second, before the model libraries load
     choose_ports(config, options.host, options.port, options.grpc_port)
     busy = busy_ports(listen_addresses(config, options.metrics_port))

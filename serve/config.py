@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
+import yaml
+
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -64,13 +66,20 @@ def _bucket_sides(buckets: list[int]) -> list[int]:
 Buckets = Annotated[list[int], Field(min_length=1), AfterValidator(_bucket_sides)]
 
 
-def invalid_because(exc: ValueError) -> str:
-    """One line for an invalid value: each pydantic error as `field: message`."""
+def invalid_because(exc: Exception, root: str = "value") -> str:
+    """One line for an invalid file or value, never quoting its text (a keys file holds secrets, and YAML's and
+    pydantic's own messages quote what they saw): each pydantic error as `field: message` (`root` names the
+    whole), a YAML error by its place in the file."""
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+            f"{'.'.join(map(str, e['loc'])) or root}: {e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors(include_url=False, include_input=False)
         )
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc.context}"
+    if isinstance(exc, yaml.YAMLError):
+        return f"invalid YAML ({type(exc).__name__})"
     return str(exc)
 
 

@@ -407,6 +407,8 @@ def test_a_key_pasted_into_the_keys_file_never_reaches_the_log(tmp_path, pasted,
         ApiKeys(str(path))
     assert "every key is refused" in caplog.text and "keys" in str(at_start.value)
     assert pasted_key not in caplog.text and pasted_key not in str(at_start.value)
+    if pasted == "in broken YAML":
+        assert re.search(r"keys\.yaml: line \d+, column \d+: mapping values", str(at_start.value))  # where to look
 
 
 def _rewrite_in_one_tick(path, text, moment_ns):
