@@ -318,7 +318,8 @@ class AuthSettings(_Strict):
     )
     reload_interval_s: float = Field(10.0, ge=0.0, description="how often a changed keys file is re-read")
     quota_window_s: float = Field(
-        60.0, gt=0, le=3600, description="the window a key's requests_per_minute counts over (serve/quotas.py)"
+        60.0, gt=0, le=3600, description="the window a key's requests_per_minute counts over (serve/quotas.py; other than 60: "
+        "the RateLimit fields name the rate after it, e.g. \"3600s\")"
     )
     allowed_hosts: list[str] | None = Field(
         None,

@@ -61,7 +61,7 @@ LEASE_MARGIN_S = 60.0
 LOG_EVERY_S = 60.0
 RESOLVE_EVERY_S = 5.0  # after a failure, how often the ingress looks the ledger up again
 CONCURRENCY_RETRY_AFTER_S = 1
-RATE, CONCURRENCY = "minute", "concurrency"  # the policies' names in the RateLimit fields
+RATE, CONCURRENCY = "minute", "concurrency"  # the policies' names in the RateLimit fields (RATE: a 60 s window)
 RATELIMIT_POLICY, RATELIMIT = "RateLimit-Policy", "RateLimit"
 logger = logging.getLogger("ray.serve")
 
@@ -71,6 +71,12 @@ class Limits:
     requests: int | None  # per window
     concurrent: int | None
     window_s: float
+
+    @property
+    def rate_policy(self) -> str:
+        """The rate's name in the RateLimit fields and a 429's `quota`: "minute" for the default 60 s window, else
+        the window's length ("5s"), so the name never contradicts its `w`."""
+        return RATE if self.window_s == 60 else f"{_seconds(self.window_s)}s"
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,9 @@ class Decision:
         """The RateLimit-Policy and RateLimit fields (empty for a key without a quota)."""
         policies, states = [], []
         if self.limits.requests is not None:
-            policies.append(f'"{RATE}";q={self.limits.requests};w={_seconds(self.limits.window_s)}')
-            states.append(f'"{RATE}";r={self.remaining};t={_seconds(self.reset_s)}')
+            rate = self.limits.rate_policy
+            policies.append(f'"{rate}";q={self.limits.requests};w={_seconds(self.limits.window_s)}')
+            states.append(f'"{rate}";r={self.remaining};t={_seconds(self.reset_s)}')
         if self.limits.concurrent is not None:
             policies.append(f'"{CONCURRENCY}";q={self.limits.concurrent};qu="concurrent-requests"')
             states.append(f'"{CONCURRENCY}";r={max(0, self.limits.concurrent - self.in_flight)}')
@@ -114,7 +121,8 @@ class Decision:
         else:
             retry_after = CONCURRENCY_RETRY_AFTER_S
             detail = f"the key {self.key!r} has {self.in_flight} requests in progress (its limit is {self.limits.concurrent})"
-        raise Problem("too-many-requests", detail, headers={"Retry-After": str(retry_after)}, quota=self.refused_by)
+        quota = self.limits.rate_policy if self.refused_by == RATE else self.refused_by
+        raise Problem("too-many-requests", detail, headers={"Retry-After": str(retry_after)}, quota=quota)
 
 
 def _seconds(value: float) -> int:

@@ -325,7 +325,7 @@ def test_a_tensorrt_plan_whose_profiles_miss_a_bucket_batch_size_refuses_to_star
 
 
 @pytest.mark.slow  # a torch.compile'd case of the tiny UNet
-def test_the_unet_benchmark_compiles_each_case_once_within_the_services_recompile_limit(monkeypatch):
+def test_a_unet_benchmark_case_compiles_one_graph_for_its_step_and_image_timings_under_the_services_limit(monkeypatch):
     """loadtests/bench_unet_gpu.py's "compile" runner is the service's (TorchUNetRunner(compile=True), its recompile
     limit raised) and its step inputs are the tensors the engine passes, so each (side, batch) case compiles one
     graph, shared by the step and the image timings. Before, the step's other kind of tensors compiled a second

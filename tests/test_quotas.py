@@ -4,6 +4,7 @@ FastAPI's test client, and a live Serve (two ingress replicas, API keys on) over
 from __future__ import annotations
 
 import asyncio
+import math
 import contextlib
 import logging
 import re
@@ -156,6 +157,19 @@ def test_fields_follow_the_ietf_draft_and_a_refusal_is_a_429_with_retry_after():
     problem = caught.value
     assert problem.status == 429 and problem.problem == "too-many-requests"
     assert problem.headers == {"Retry-After": "48"} and "'app'" in problem.detail and problem.extra == {"quota": RATE}
+
+
+def test_the_rate_is_named_after_its_window_so_the_name_never_contradicts_w():
+    """A key's requests_per_minute counts over auth.quota_window_s: at another window than 60 s the fields said
+    `"minute";q=60;w=3600` (60 an hour, named a minute)."""
+    for window, name in ((60.0, "minute"), (3600.0, "3600s"), (5.0, "5s"), (2.5, "3s")):
+        book = QuotaBook(FakeClock())
+        book.acquire("app", Limits(1, None, window), 300)
+        refused = book.acquire("app", Limits(1, None, window), 300)
+        assert refused.headers()["RateLimit-Policy"] == f'"{name}";q=1;w={math.ceil(window)}'
+        with pytest.raises(Problem) as caught:
+            refused.check()
+        assert caught.value.extra == {"quota": name}
 
 
 def test_grpc_status_carries_the_quota_metadata():
@@ -496,22 +510,22 @@ def test_rest_a_key_at_5_per_window_gets_its_sixth_request_refused_and_its_quota
     for remaining in (4, 3, 2, 1, 0):
         answer = _remove(metered, key)
         assert answer.status_code == 422, answer.text
-        assert answer.headers["ratelimit-policy"] == f'"minute";q=5;w={int(WINDOW_S)}'
-        assert answer.headers["ratelimit"].startswith(f'"minute";r={remaining};t=')
+        assert answer.headers["ratelimit-policy"] == f'"{int(WINDOW_S)}s";q=5;w={int(WINDOW_S)}'
+        assert answer.headers["ratelimit"].startswith(f'"{int(WINDOW_S)}s";r={remaining};t=')
     refused = _remove(metered, key, upload, gate="off")
     assert refused.status_code == 429 and refused.headers["content-type"] == "application/problem+json"
     problem = refused.json()
     assert (
         problem["type"].endswith("/too-many-requests")
-        and problem["quota"] == "minute"
+        and problem["quota"] == f"{int(WINDOW_S)}s"
         and "'rest'" in problem["detail"]
     )
     retry_after = int(refused.headers["retry-after"])
-    assert 1 <= retry_after <= WINDOW_S and refused.headers["ratelimit"] == f'"minute";r=0;t={retry_after}'
+    assert 1 <= retry_after <= WINDOW_S and refused.headers["ratelimit"] == f'"{int(WINDOW_S)}s";r=0;t={retry_after}'
     time.sleep(retry_after + 0.2)
     back = _remove(metered, key, upload, gate="off")
     assert back.status_code == 200 and back.headers["content-type"] == "image/png"
-    assert back.headers["ratelimit"].startswith('"minute";r=4;t=')
+    assert back.headers["ratelimit"].startswith(f'"{int(WINDOW_S)}s";r=4;t=')
     free = _remove(metered, metered.keys["free"], upload, gate="off")
     assert free.status_code == 200 and "ratelimit" not in free.headers
 
@@ -524,8 +538,8 @@ def test_grpc_a_key_at_5_per_window_gets_its_sixth_call_refused_and_its_quota_ba
             stub.Remove(pb.RemoveRequest(), timeout=60, metadata=auth_metadata)
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         trailing = dict(invalid.value.trailing_metadata())
-        assert trailing["ratelimit-policy"] == f'"minute";q=5;w={int(WINDOW_S)}'
-        assert trailing["ratelimit"].startswith(f'"minute";r={remaining};t=')
+        assert trailing["ratelimit-policy"] == f'"{int(WINDOW_S)}s";q=5;w={int(WINDOW_S)}'
+        assert trailing["ratelimit"].startswith(f'"{int(WINDOW_S)}s";r={remaining};t=')
     request = pb.RemoveRequest(image=upload["image"], mask=upload["mask"], gate="off")
     with pytest.raises(grpc.RpcError) as refused:
         stub.Remove(request, timeout=60, metadata=auth_metadata)
@@ -533,10 +547,10 @@ def test_grpc_a_key_at_5_per_window_gets_its_sixth_call_refused_and_its_quota_ba
     assert problem_of(refused.value)["type"].endswith("/too-many-requests")
     trailing = dict(refused.value.trailing_metadata())
     retry_after = int(trailing["retry-after"])
-    assert 1 <= retry_after <= WINDOW_S and trailing["ratelimit"] == f'"minute";r=0;t={retry_after}'
+    assert 1 <= retry_after <= WINDOW_S and trailing["ratelimit"] == f'"{int(WINDOW_S)}s";r=0;t={retry_after}'
     time.sleep(retry_after + 0.2)
     reply, call = stub.Remove.with_call(request, timeout=120, metadata=auth_metadata)
-    assert reply.image and dict(call.trailing_metadata())["ratelimit"].startswith('"minute";r=4;t=')
+    assert reply.image and dict(call.trailing_metadata())["ratelimit"].startswith(f'"{int(WINDOW_S)}s";r=4;t=')
 
 
 def _hold(url: str, key: str) -> socket.socket:
