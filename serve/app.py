@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from engines import imaging
 from serve import auth, quotas
 from serve.admission import route_admissions
-from serve.config import AppSettings, RemoverArgs, ScorerArgs, with_live
+from serve.config import INSTANCE_ENV, AppSettings, RemoverArgs, ScorerArgs, with_live
 from serve.grpc_api import GrpcMethods
 from serve.live import LiveSettings
 from serve.loop_lag import loop_lag
@@ -85,7 +85,7 @@ class Ingress(GrpcMethods, LiveSettings):
     async def healthz(self) -> dict:
         """The ingress process is alive (says nothing about the models); loop_lag_ms: the longest its event
         loop ran late since the previous /healthz (serve.loop_lag)."""
-        instance = os.environ.get("ROREM_INSTANCE_ID")  # serve.cli.INSTANCE_ENV
+        instance = os.environ.get(INSTANCE_ENV)
         return {"status": "alive", "instance": instance, "loop_lag_ms": loop_lag().take_worst_ms()}
 
     @api.get("/readyz", dependencies=[auth.PUBLIC])

@@ -43,7 +43,6 @@ from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_GRPC_PORT = 9000
-INSTANCE_ENV = "ROREM_INSTANCE_ID"  # the Ingress's /healthz returns it (serve/rest_api.py)
 STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace before SIGKILL
 
 
@@ -539,7 +538,7 @@ def run(argv: list[str] | None = None) -> int:
         limits = {"requests_per_minute": options.requests_per_minute, "max_concurrent": options.max_concurrent}
         return add_api_key(options.keys_file, options.name, scopes, options.team, **limits)
 
-    from serve.config import BUNDLE_ENV, invalid_because, validate_serve_config
+    from serve.config import BUNDLE_ENV, INSTANCE_ENV, invalid_because, validate_serve_config
 
     try:
         config = load_serve_config(options.config)

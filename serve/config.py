@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from engines.bundle import Bundle
 
 BUNDLE_ENV = "ROREM_BUNDLE"
+INSTANCE_ENV = "ROREM_INSTANCE_ID"  # set by `python -m serve run` on its Ray processes; /healthz returns it
 _HOST_NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")  # a DNS name or IPv4, or [IPv6]
 DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
 
@@ -381,8 +382,9 @@ class OverloadSettings(_Strict):
         2,
         ge=1,
         le=600,
-        description="the Retry-After of a 429 past max_in_flight and of a 503 from a full model queue (a 429 past "
-        "max_queue_wait_s says when the wait is back under it; a quota's, when its window resets)",
+        description="the Retry-After of a 429 past max_in_flight and of a 503 from a full queue, the Ingress's (Ray's "
+        "backpressure_config, set from it) or a model's (a 429 past max_queue_wait_s says when the wait is back "
+        "under it; a quota's, when its window resets)",
     )
     body_timeout_s: float = Field(
         60.0,
@@ -604,22 +606,24 @@ def static_args(args: dict) -> dict:
 
 def live_serve_app(app: dict) -> dict:
     """A Serve config's application with its live knobs moved from `args` into its deployments' user_config
-    (a deployment the config does not list gets an entry of its own, so no knob set in `args` is lost). The
-    args are the source: a user_config already there is an error."""
+    (a deployment the config does not list gets an entry of its own, so no knob set in `args` is lost), and the
+    Ingress's backpressure answer (Ray's 503 when its queue is full) given overload.retry_after_s. The args are
+    the source: a user_config or backpressure_config already there is an error."""
     args = app.get("args") or {}
     settings = AppSettings.model_validate({**args, "gate": args.get("gate", {})})  # the gate's checks, defaults too
-    live = live_configs(settings)
+    derived = {name: {"user_config": config} for name, config in live_configs(settings).items()}
+    derived["Ingress"]["backpressure_config"] = {"status_code": 503, "retry_after_s": settings.overload.retry_after_s}
     deployments = []
     for deployment in app.get("deployments", []):
-        if deployment.get("user_config") is not None:
-            raise ValueError(
-                f"{deployment['name']}: set its live settings in the application args, not in user_config "
-                "(the rendered config's user_config is generated from them)"
-            )
-        name = deployment["name"]
-        deployments.append({**deployment, "user_config": live[name]} if name in live else dict(deployment))
+        for key, source in (("user_config", "its live settings"), ("backpressure_config", "overload.retry_after_s")):
+            if deployment.get(key) is not None:
+                raise ValueError(
+                    f"{deployment['name']}: set {source} in the application args, not in {key} (the rendered "
+                    f"config's {key} is generated from them)"
+                )
+        deployments.append({**deployment, **derived.get(deployment["name"], {})})
     listed = {d["name"] for d in deployments}
-    deployments += [{"name": name, "user_config": config} for name, config in live.items() if name not in listed]
+    deployments += [{"name": name, **fields} for name, fields in derived.items() if name not in listed]
     return {**app, "args": static_args(app.get("args") or {}), "deployments": deployments}
 
 

@@ -59,9 +59,9 @@ def grpc_max_message_bytes(imaging: ImagingSettings) -> int:
 
 def http_max_body_bytes(imaging: ImagingSettings) -> int:
     """The HTTP proxy's body limit: the largest body the app reads (JSON, base64 is 4/3 of the files)."""
-    from serve.uploads import _JSON_OVERHEAD
+    from serve.uploads import largest_json_body
 
-    return imaging.max_upload_bytes * 4 // 3 + _JSON_OVERHEAD
+    return largest_json_body(imaging.max_upload_bytes)
 
 
 PROXY_ENV_NAMES = (

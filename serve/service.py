@@ -1,6 +1,7 @@
 """What a removal or a score request does, independent of the protocol that carried it.
 
-REST (serve/rest_api.py) and gRPC (serve/grpc_api.py) are thin adapters around `RemovalService`: they
+REST (serve/app.py's routes over serve/rest_api.py) and gRPC (serve/grpc_api.py) are thin adapters around
+`RemovalService`: they
 turn their wire format into a `RemovalRequest` / `ScoreRequest` and a `RemovalReply` / `ScoreReply`
 back, and map a raised `Problem` to their own error form. The removal itself is engines.pipeline's
 `RemovalPipeline`, its model calls sent to the Remover and Scorer deployments (`ServeModels`); what is

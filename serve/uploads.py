@@ -149,6 +149,12 @@ async def read_json(
     return validate(model, _json_object(await _read_body(request, limit, body_timeout_s))[0])
 
 
+def largest_json_body(max_upload_bytes: int) -> int:
+    """The largest body read at all: a JSON one, whose base64 files are 4/3 of their bytes (the proxy's limit
+    too, serve.proxy_limits)."""
+    return max_upload_bytes * 4 // 3 + _JSON_OVERHEAD
+
+
 async def _read_upload(request, max_upload_bytes, names, required, options_model, json_model, run: Run, timeout_s):
     header = request.headers.get("content-type", "")
     content_type = header.split(";")[0].strip().lower()
@@ -156,7 +162,7 @@ async def _read_upload(request, max_upload_bytes, names, required, options_model
         chunks = await _read_chunks(request, max_upload_bytes + _JSON_OVERHEAD, timeout_s)
         files, options = await run(_from_multipart, header, chunks, names, required, options_model)
     elif content_type == "application/json":
-        chunks = await _read_chunks(request, max_upload_bytes * 4 // 3 + _JSON_OVERHEAD, timeout_s)
+        chunks = await _read_chunks(request, largest_json_body(max_upload_bytes), timeout_s)
         files, options = await run(_from_json, chunks, names, options_model, json_model)
     else:
         raise Problem(

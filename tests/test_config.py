@@ -373,6 +373,20 @@ def test_live_knobs_move_from_the_args_into_the_user_config_and_back():
                   {"gate": {"mode": "retry"}})  # fmt: skip
 
 
+def test_the_ingress_full_queue_503_says_the_configured_retry_after():
+    """Ray answers a request past the Ingress's max_queued_requests itself (backpressure_config); the config
+    restated Retry-After 2 there, so overload.retry_after_s: 10 left that 503 saying 2. It is derived now; the
+    Remover's and Scorer's entries were inert (their refusals reach the Ingress, which answers them)."""
+    app = {"args": {"overload": {"retry_after_s": 10}}, "deployments": [{"name": "Ingress"}, {"name": "Remover"}]}
+    deployed = {d["name"]: d for d in live_serve_app(app)["deployments"]}
+    assert deployed["Ingress"]["backpressure_config"] == {"status_code": 503, "retry_after_s": 10}
+    assert "backpressure_config" not in deployed["Remover"]
+    assert live_serve_app({"args": {}})["deployments"][0]["backpressure_config"]["retry_after_s"] == 2
+    restated = {"args": {}, "deployments": [{"name": "Remover", "backpressure_config": {"retry_after_s": 2}}]}
+    with pytest.raises(ValueError, match="set overload.retry_after_s in the application args"):
+        live_serve_app(restated)
+
+
 def test_the_rendered_serve_configs_carry_the_live_knobs_in_user_config():
     """What `python -m serve run` deploys and what k8s/render.py writes: no live knob left in the args."""
     render = load_script("k8s/render.py")

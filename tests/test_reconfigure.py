@@ -50,7 +50,7 @@ print("RESULT " + json.dumps({"status": app["status"], "replicas": replicas, "li
 
 
 def _cluster(instance: str) -> tuple[str, dict]:
-    """The GCS address of the Ray cluster whose processes carry this CLI instance's id (serve.cli.INSTANCE_ENV),
+    """The GCS address of the Ray cluster whose processes carry this CLI instance's id (serve.config.INSTANCE_ENV),
     and its token-auth mode (a new local Ray turns token auth on by default), for a driver to join it."""
     for proc in Path("/proc").iterdir():
         try:
