@@ -1,0 +1,100 @@
+"""The docs agree with the code they describe: the README's Layout names the modules there are, and the defaults
+the README and docs/reliability.md restate by hand are the settings' own."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _layout_entry(folder: str) -> tuple[set[str], set[str]]:
+    """The README Layout block's entry for `folder` (its line and the indented ones after it): every word, and
+    the names it lists as modules (after the first colon, outside parentheses, which hold prose)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Layout") :]
+    block = block[block.index("```") + 3 :]
+    lines = block[: block.index("```")].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{folder}/"))
+    entry = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith(" "):
+            break
+        entry.append(line)
+    text = " ".join(entry)
+    listed = re.sub(r"\([^()]*\)", "", text.split(":", 1)[1])
+    return set(re.findall(r"[a-z_]+", text)), set(re.findall(r"[a-z_]+", listed)) - {"proto"}
+
+
+def _modules(folder: Path) -> set[str]:
+    generated = {"rorem_pb2", "rorem_pb2_grpc"}  # named as "rorem.proto (+ stubs)"
+    return {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem not in generated} | {
+        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_")
+    }
+
+
+def test_the_layout_names_every_module_of_engines_and_serve_and_none_that_is_gone():
+    """A renamed or split module left it naming files that were gone (serve/remover, requests, feedback, gate)
+    and leaving out a dozen that exist."""
+    for folder in ("engines", "serve"):
+        (words, listed), present = _layout_entry(folder), _modules(REPO / folder)
+        present |= {"rorem"} if folder == "serve" else set()  # rorem.proto
+        assert present - words == set(), f"README Layout: {folder}/ leaves out {sorted(present - words)}"
+        assert listed - present == set(), f"README Layout: {folder}/ names what is not there: {sorted(listed - present)}"
+
+
+_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "s": 1, "": 1}
+
+
+def _default(path: str):
+    from serve.config import AppSettings
+
+    value = AppSettings()
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _says(cell: str) -> object:
+    """A table's default as written: `30 MiB` -> bytes, `20 s` -> 20, `none` -> None, else the word."""
+    cell = cell.strip().strip("`")
+    number = re.fullmatch(r"(\d+(?:\.\d+)?) ?(KiB|MiB|GiB|s|)", cell)
+    if number:
+        return float(number[1]) * _UNITS[number[2]]
+    return {"none": None, "false": False, "true": True}.get(cell, cell)
+
+
+def _agrees(written: object, default: object) -> bool:
+    if isinstance(written, float) and not isinstance(default, bool) and isinstance(default, int | float):
+        return written == default
+    return written == (default.value if hasattr(default, "value") else default)
+
+
+def _default_rows(path: Path) -> list[tuple[str, str, str]]:
+    """(settings key, default as written, the row) for each table row whose first cell names settings keys:
+    `a.b`, or `a.b` / `c` (c beside b) / `c.d`, with the defaults "x / y" in the second cell."""
+    rows = []
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not re.match(r"`[a-z_][a-z_.]*`", cells[0]):
+            continue
+        keys = re.findall(r"`([a-z_][a-z_.]*)`", cells[0].split("(")[0])
+        values = cells[1].split(" / ")
+        if len(keys) != len(values):
+            continue
+        parent = keys[0].rsplit(".", 1)[0] + "." if "." in keys[0] else ""
+        for key, value in zip(keys, values, strict=True):
+            rows.append((key if "." in key else parent + key, value, line))
+    return rows
+
+
+def test_the_defaults_the_readme_and_the_limits_table_restate_are_the_settings_defaults():
+    """docs/configuration.md is generated; the README's knob table and docs/reliability.md's limits restate
+    defaults by hand, and changing one in serve/config.py left them stale with the suite green."""
+    checked = 0
+    for doc in (REPO / "README.md", REPO / "docs" / "reliability.md"):
+        for key, written, row in _default_rows(doc):
+            assert _agrees(_says(written), _default(key)), f"{doc.name}: {key} is {_default(key)!r}, not {written!r}: {row}"
+            checked += 1
+    assert checked >= 29, f"only {checked} restated defaults found: has a table's format changed?"
