@@ -11,15 +11,20 @@ A batch takes up to `max_batch_size` queued calls, waiting at most `wait_s` afte
 (not after the engine became free: a backlog goes at once). Queues of one engine share its `turn`: a batch
 closed while another queue's batch runs takes the calls queued meanwhile, up to `max_batch_size`, once it
 gets the turn. A caller that is cancelled before its batch runs is left out, and takes no place in it; one
-cancelled during it is not answered. An exception of the batch function reaches every caller of that batch.
+cancelled during it is not answered. A batch of several calls whose function raises is run again one call at a
+time, still holding the turn: one call the engine cannot take (or a batch too large for the device's memory)
+fails only its own caller, not its companions. A call that fails alone gets the exception.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+logger = logging.getLogger("ray.serve")
 
 
 class Batcher:
@@ -94,16 +99,25 @@ class Batcher:
         return items
 
     async def _run(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
-        columns = [list(column) for column in zip(*(args for args, _ in batch))]
         try:
-            results = await self.run(*columns)
-            if len(results) != len(batch):
-                raise RuntimeError(f"the batch function answered {len(results)} results for {len(batch)} calls")
+            results = await self._call(batch)
         except Exception as exc:
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
+            batch = [(args, answer) for args, answer in batch if not answer.done()]
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+            elif batch:
+                logger.warning("a batch of %d failed (%s: %s); running it one call at a time", len(batch),
+                               type(exc).__name__, exc)  # fmt: skip
+                for item in batch:
+                    await self._run([item])
             return
         for (_, answer), result in zip(batch, results):
             if not answer.done():
                 answer.set_result(result)
+
+    async def _call(self, batch: list[tuple[tuple, asyncio.Future]]) -> list[Any]:
+        columns = [list(column) for column in zip(*(args for args, _ in batch))]
+        results = await self.run(*columns)
+        if len(results) != len(batch):
+            raise RuntimeError(f"the batch function answered {len(results)} results for {len(batch)} calls")
+        return results

@@ -115,13 +115,15 @@ def test_a_batch_waits_for_companions_only_up_to_the_wait_after_its_oldest_call(
     assert full == [10, 11, 12, 13, 14] and [len(c) for c in calls[1:]] == [4, 1]
 
 
-def test_cancelled_callers_are_left_out_and_an_error_reaches_every_caller_of_its_batch():
+def test_cancelled_callers_are_left_out_and_an_error_reaches_only_the_caller_that_causes_it():
+    """A batch that fails is run again one call at a time: before, one call the engine could not take failed
+    every companion of its batch with it (a 500 each)."""
     seen = []
 
     async def run(values):
         seen.append(list(values))
         if "bad" in values:
-            raise ValueError("one bad batch")
+            raise ValueError("one bad call")
         await asyncio.sleep(0.05)
         return [v.upper() for v in values]
 
@@ -134,11 +136,38 @@ def test_cancelled_callers_are_left_out_and_an_error_reaches_every_caller_of_its
         assert await kept == "KEPT"
         failing = [asyncio.create_task(batcher(v)) for v in ("bad", "other")]
         outcomes = await asyncio.gather(*failing, return_exceptions=True)
-        assert all(isinstance(o, ValueError) for o in outcomes)
+        assert isinstance(outcomes[0], ValueError) and outcomes[1] == "OTHER"
         assert await batcher("after") == "AFTER", "the queue serves on after a failed batch"
 
-    asyncio.run(main())
-    assert seen == [["kept"], ["bad", "other"], ["after"]]
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert seen == [["kept"], ["bad", "other"], ["bad"], ["other"], ["after"]]
+
+
+def test_a_batch_too_large_for_the_device_completes_one_call_at_a_time_and_a_broken_engine_fails_each_once():
+    """A batch that runs out of device memory (any batch over one here) still answers every caller; an engine
+    that fails every call fails each caller with its own error, one retry each, and the queue serves on."""
+    calls = []
+
+    async def out_of_memory_above_one(values):
+        calls.append(len(values))
+        if len(values) > 1:
+            raise RuntimeError("CUDA out of memory")
+        return [v * 2 for v in values]
+
+    async def broken(values):
+        calls.append(len(values))
+        raise RuntimeError("engine broken")
+
+    async def main():
+        batcher = Batcher(out_of_memory_above_one, max_batch_size=4, wait_s=0.05)
+        assert await asyncio.gather(*(batcher(v) for v in range(4))) == [0, 2, 4, 6]
+        assert calls == [4, 1, 1, 1, 1]
+        calls.clear()
+        batcher = Batcher(broken, max_batch_size=4, wait_s=0.05)
+        outcomes = await asyncio.gather(*(batcher(v) for v in range(3)), return_exceptions=True)
+        assert [str(o) for o in outcomes] == ["engine broken"] * 3 and calls == [3, 1, 1, 1]
+
+    asyncio.run(asyncio.wait_for(main(), 10))
 
 
 def test_a_live_wait_change_applies_to_the_next_batch():
