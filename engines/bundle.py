@@ -285,15 +285,25 @@ class Bundle:
     ) -> "Bundle":
         """Save components and a manifest with hashes; the folder is written atomically.
 
+        The new folder is written as NAME.partial; an old bundle at `path` is renamed to NAME.old, the
+        new one renamed in, then the old one deleted: a crash leaves a complete bundle at `path` or, in
+        the instant between the two renames, the old one at NAME.old, which the next write puts back
+        before writing (a crash while deleting NAME.old leaves it to be deleted then).
+
         `discriminator` (LoRA fused) goes with `discriminator_prompt_embeds` = (prompt_embeds,
         pooled_prompt_embeds) of the prompt "" it was trained with.
         """
         if (discriminator is None) != (discriminator_prompt_embeds is None):
             raise ValueError("a discriminator and its prompt embeddings are written together")
         path = Path(path)
-        staging = path.with_name(path.name + ".partial")
+        staging, aside = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
         if staging.exists():
             shutil.rmtree(staging)
+        if aside.exists():
+            if path.exists():
+                shutil.rmtree(aside)
+            else:
+                aside.rename(path)
         torch_dtype = DTYPES[dtype]
         tensors = {
             UNET_WEIGHTS: {k: v.to(torch_dtype).contiguous() for k, v in unet.state_dict().items()},
@@ -358,8 +368,10 @@ class Bundle:
         )
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         if path.exists():
-            shutil.rmtree(path)
+            path.rename(aside)
         staging.rename(path)
+        if aside.exists():
+            shutil.rmtree(aside)
         return cls(path, manifest)
 
 

@@ -235,3 +235,35 @@ def test_a_serving_start_hashes_the_weights_once_as_read_and_every_other_file_at
     export.write_bytes(b"GRAPH")
     with pytest.raises(BundleError, match="exports/unet.onnx: sha256 differs"):
         open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache")
+
+
+def _rewrite(bundle: Bundle, path: Path, name: str) -> Bundle:
+    prompt_embeds, pooled = bundle.load_prompt_embeds()
+    return Bundle.write(
+        path, name=name, unet=bundle.load_unet(), vae=bundle.load_vae(), scheduler=bundle.make_scheduler(),
+        prompt="", prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, dtype="float32",
+    )  # fmt: skip
+
+
+def test_a_write_that_dies_deleting_the_old_bundle_leaves_the_new_one_whole(tiny_bundle, tmp_path, monkeypatch):
+    """The old folder was deleted in place before the new one was renamed in: a crash mid-delete left
+    a partial bundle, manifest and all, at the path. A leftover old folder goes at the next write."""
+    import engines.bundle
+
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    aside = copy.with_name("bundle.old")
+
+    def dies_midway(folder, *args, **kwargs):
+        (Path(folder) / UNET_WEIGHTS).unlink()
+        raise OSError("killed while deleting")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engines.bundle.shutil, "rmtree", dies_midway)
+        with pytest.raises(OSError, match="killed while deleting"):
+            _rewrite(tiny_bundle, copy, "new")
+    assert Bundle.load(copy, verify=True).manifest.name == "new"
+    assert _rewrite(tiny_bundle, copy, "newer").manifest.name == "newer" and not aside.exists()
+
+    copy.rename(aside)  # a crash between moving the old bundle aside and renaming the new one in
+    assert _rewrite(tiny_bundle, copy, "again").manifest.name == "again" and not aside.exists()
+    assert Bundle.load(copy, verify=True).manifest.name == "again"
