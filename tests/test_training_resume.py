@@ -169,6 +169,20 @@ def test_resume_despite_changes_continues_and_records_them(data_file, tmp_path):
     assert json.loads((out / "summary.json").read_text())["resume_changes"] == ["lr: 0.01 -> 0.001"]
 
 
+def test_resume_despite_changes_trains_with_the_changed_optimizer_settings(data_file, tmp_path):
+    """The restored optimizer and EMA kept the recorded lr, betas, weight decay, eps and EMA decay:
+    a change listed in resume_changes was not the one that ran."""
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2))
+    changed = {"lr": 1e-3, "adam_beta1": 0.5, "adam_beta2": 0.9, "adam_weight_decay": 0.5, "adam_epsilon": 1e-6}
+    resumed, _, ema = _run(_settings(data_file, out, ema_decay=0.5, resume_despite_changes=True, **changed))
+    assert len(resumed["resume_changes"]) == 6
+    assert [e["lr"] for e in resumed["losses"]] == [1e-2, 1e-2, 1e-3, 1e-3]
+    group = torch.load(out / "checkpoints" / "step-0000004" / "optimizer.pt")["param_groups"][0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (1e-3, (0.5, 0.9), 0.5, 1e-6)
+    assert ema.decay == 0.5
+
+
 def test_resume_refuses_a_checkpoint_of_another_stage_even_despite_changes(data_file, tmp_path):
     out = tmp_path / "run"
     _run(_settings(data_file, out, steps=2))

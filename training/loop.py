@@ -47,13 +47,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=settings.lr,
-        betas=(settings.adam_beta1, settings.adam_beta2),
-        weight_decay=settings.adam_weight_decay,
-        eps=settings.adam_epsilon,
-    )
+    optimizer = torch.optim.AdamW(params, **adamw_settings(settings))
     lr_scheduler = get_scheduler(
         settings.lr_scheduler,
         optimizer,
@@ -71,11 +65,14 @@ def train(
         state, extra = load_checkpoint(
             accelerator, checkpoint, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler
         )
+        follow_settings(optimizer, lr_scheduler, adamw_settings(settings))
         start = state["step"]
         summary.losses[:] = [entry for entry in state["losses"] if entry["step"] <= start]
         summary.data["resumed_from"] = str(checkpoint)
         if ema is not None:
+            decay = ema.decay
             ema.load_state_dict(extra["ema"])
+            ema.decay = decay  # the current setting, as for the optimizer
         accelerator.print(f"[{summary.stage}] resumed from {checkpoint} at step {start}")
     if ema is not None:
         ema.to(accelerator.device)  # after loading: extra.pt is read onto the CPU
@@ -140,6 +137,26 @@ def train(
     bar.close()
     model.eval()
     return accelerator.unwrap_model(model)
+
+
+def adamw_settings(settings: TrainSettings) -> dict[str, Any]:
+    return {
+        "lr": settings.lr,
+        "betas": (settings.adam_beta1, settings.adam_beta2),
+        "weight_decay": settings.adam_weight_decay,
+        "eps": settings.adam_epsilon,
+    }
+
+
+def follow_settings(optimizer, lr_scheduler, hyperparameters: dict[str, Any]) -> None:
+    """A restored optimizer and schedule hold the recorded run's lr, betas...: a run resumed despite
+    changes goes on with its own. The lr of the resumed step is recomputed from the current base lr
+    and schedule (for an unchanged run, the very lr restored)."""
+    for group in optimizer.param_groups:
+        group.update(hyperparameters, initial_lr=hyperparameters["lr"])
+    lr_scheduler.base_lrs = [hyperparameters["lr"] for _ in optimizer.param_groups]
+    lr_scheduler.last_epoch -= 1
+    lr_scheduler.step()
 
 
 def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, accelerator, data_sha256: str) -> None:
