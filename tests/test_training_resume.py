@@ -183,6 +183,24 @@ def test_resume_despite_changes_trains_with_the_changed_optimizer_settings(data_
     assert ema.decay == 0.5
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_schedule_over_the_steps_follows_a_changed_step_total_from_the_resumed_step(data_file, tmp_path, schedule):
+    """The restored schedule was the recorded run's: resumed from its last step to a larger total, the
+    next step ran at its lr (0 for linear), then jumped to the new schedule. The step total shapes these
+    schedules, so its change is listed (and refused without --resume-despite-changes)."""
+    from diffusers.optimization import get_scheduler
+
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2, lr_scheduler=schedule))
+    with pytest.raises(TrainingError, match=r"steps: 2 -> 4"):
+        _run(_settings(data_file, out, lr_scheduler=schedule))
+    resumed, _, _ = _run(_settings(data_file, out, lr_scheduler=schedule, resume_despite_changes=True))
+    assert resumed["resume_changes"] == ["steps: 2 -> 4"]
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2)
+    (fraction,) = get_scheduler(schedule, optimizer, num_warmup_steps=0, num_training_steps=STEPS).lr_lambdas
+    assert [e["lr"] for e in resumed["losses"][2:]] == pytest.approx([1e-2 * fraction(2), 1e-2 * fraction(3)])
+
+
 def test_resume_refuses_a_checkpoint_of_another_stage_even_despite_changes(data_file, tmp_path):
     out = tmp_path / "run"
     _run(_settings(data_file, out, steps=2))

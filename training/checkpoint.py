@@ -38,6 +38,7 @@ from torch import nn
 from training.common import TrainingError, TrainSettings
 
 PREFIX = "step-"
+SCHEDULES_OVER_STEPS = frozenset({"linear", "cosine"})
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,7 +118,8 @@ def resume_changes(state: dict[str, Any], settings: TrainSettings, data_sha256: 
     Resuming continues the recorded run as if nothing changed, so any setting that decides what is
     trained or how (data, base, lr, schedule, batch, seed, precision, EMA, LoRA...) counts, and so
     does the content of the data's metadata file (the same path may now list other images).
-    `settings.RESUME_MAY_CHANGE` is left out: the step total (a resumed run continues to it),
+    `settings.RESUME_MAY_CHANGE` is left out: the step total (a resumed run continues to it;
+    but a linear or cosine schedule spreads over it, so there it counts),
     how to resume, when checkpoints are written and how many are kept, where the run, its
     checkpoint and the tiny base live (a checkpoint may be copied to another folder), and how the
     same computation is carried out (DataLoader workers, CPU or GPU, gradient checkpointing),
@@ -127,9 +129,12 @@ def resume_changes(state: dict[str, Any], settings: TrainSettings, data_sha256: 
     recorded = state.get("settings") or {}
     current = json.loads(settings.model_dump_json())
     fields = type(settings).model_fields
+    may_change = settings.RESUME_MAY_CHANGE
+    if settings.lr_scheduler in SCHEDULES_OVER_STEPS:
+        may_change = may_change - {"steps"}
     changes = []
     for name in sorted(set(recorded) | set(current)):
-        if name in settings.RESUME_MAY_CHANGE:
+        if name in may_change:
             continue
         new = current.get(name, "(no such setting)")
         if name in recorded:
