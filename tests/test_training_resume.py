@@ -22,10 +22,10 @@ class _Accelerator:
     """What training.loop uses of accelerate's Accelerator, for one process on `device`; prepare()
     leaves the model where the test built it."""
 
-    is_main_process, is_local_main_process, process_index, num_processes, scaler = True, False, 0, 1, None
+    is_main_process, is_local_main_process, process_index, scaler = True, False, 0, None
 
-    def __init__(self, device="cpu"):
-        self.device = torch.device(device)
+    def __init__(self, device="cpu", processes=1):
+        self.device, self.num_processes = torch.device(device), processes
 
     def prepare(self, *objects):
         return objects
@@ -75,12 +75,13 @@ def _settings(data_file, out, **overrides):
 
     values = {
         "base": "tiny", "data": data_file, "out": out, "steps": STEPS, "batch_size": 2, "lr": 1e-2,
-        "checkpoint_every": 2, "ema": True, "ema_decay": 0.9, "resume": "latest", **overrides,
+        "checkpoint_every": 2, "ema": True, "ema_decay": 0.9, "resume": "latest",
+        "cache_dir": data_file.parent.parent / "cache", **overrides,
     }  # fmt: skip
     return FinetuneSettings(**values)
 
 
-def _run(settings, device="cpu"):
+def _run(settings, device="cpu", processes=1):
     """The loop as finetune runs it, with a toy model and an EMA of it; returns (summary, model, ema)."""
     from diffusers.training_utils import EMAModel
 
@@ -89,8 +90,9 @@ def _run(settings, device="cpu"):
     torch.manual_seed(settings.seed)
     model = nn.Linear(3, 1).to(device)
     ema = EMAModel(model.parameters(), decay=settings.ema_decay)
-    summary = RunSummary("finetune", settings, _Accelerator(device))
-    trained = train(settings, _Accelerator(device), summary, model, _dataset(), _loss, ema=ema)
+    accelerator = _Accelerator(device, processes)
+    summary = RunSummary("finetune", settings, accelerator)
+    trained = train(settings, accelerator, summary, model, _dataset(), _loss, ema=ema)
     summary.write("completed")
     return summary.data, trained, ema
 
@@ -201,6 +203,23 @@ def test_a_schedule_over_the_steps_follows_a_changed_step_total_from_the_resumed
     assert [e["lr"] for e in resumed["losses"][2:]] == pytest.approx([1e-2 * fraction(2), 1e-2 * fraction(3)])
 
 
+def test_resume_refuses_another_process_count(data_file, tmp_path):
+    """Each step's samples depend on the process count: resuming with another was accepted silently. A
+    checkpoint written before the count was recorded has one rng-*.pt per process that wrote it."""
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2))
+    with pytest.raises(TrainingError, match=r"processes: 1 -> 2"):
+        _run(_settings(data_file, out), processes=2)
+    state_file = out / "checkpoints" / "step-0000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("processes") == 1
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match=r"processes: 1 -> 2"):
+        _run(_settings(data_file, out), processes=2)
+    resumed, _, _ = _run(_settings(data_file, out, resume_despite_changes=True), processes=2)
+    assert resumed["resume_changes"] == ["processes: 1 -> 2"]
+
+
 def test_resume_refuses_a_checkpoint_of_another_stage_even_despite_changes(data_file, tmp_path):
     out = tmp_path / "run"
     _run(_settings(data_file, out, steps=2))
@@ -222,13 +241,14 @@ def test_resume_changes_of_each_stage(data_file, tmp_path):
         (DiscriminatorSettings, {"lora_rank": 8, "holdout_fraction": 0.5}, {"eval_batch_size": 2}),
         (DistillSettings, {"lora_rank": 8, "loss_type": "huber"}, {"num_workers": 4}),
     ):
-        recorded = {"settings": json.loads(model(**common).model_dump_json()), "data_sha256": "0" * 64}
-        assert resume_changes(recorded, model(**common, **allowed), "0" * 64) == []
-        found = resume_changes(recorded, model(**common, **changed, **allowed), "0" * 64)
+        facts = {"data_sha256": "0" * 64, "processes": 1}
+        recorded = {"settings": json.loads(model(**common).model_dump_json()), **facts}
+        assert resume_changes(recorded, model(**common, **allowed), facts) == []
+        found = resume_changes(recorded, model(**common, **changed, **allowed), facts)
         assert [line.split(":")[0] for line in found] == sorted(changed)
         del recorded["settings"]["lora_rank"]
-        assert resume_changes(recorded, model(**common), "0" * 64) == []
-        assert resume_changes(recorded, model(**common, lora_rank=8), "0" * 64)[0].endswith("-> 8")
+        assert resume_changes(recorded, model(**common), facts) == []
+        assert resume_changes(recorded, model(**common, lora_rank=8), facts)[0].endswith("-> 8")
 
 
 def test_ema_follows_the_model_onto_its_device_after_a_resume(data_file, tmp_path, monkeypatch):

@@ -6,14 +6,16 @@
     lr_scheduler.pt         learning-rate schedule state
     extra.pt                EMA weights, the fp16 grad scaler, when used
     rng-<process>.pt        python / numpy / torch (and CUDA) RNG states of each process, as tensors and plain values
-    state.json              step, stage, settings, sha256 of the data file, the losses so far (the summary continues from them)
+    state.json              step, stage, settings, sha256 of the data file, the process count, the losses so
+                            far (the summary continues from them)
 
 The data order and each step's noise come from `step_generator(seed, step, ...)`, so together with
 the tensors above a resumed run computes the same next loss as an uninterrupted one. A checkpoint
 is written into a staging folder and renamed, so a folder named step-* is always complete.
 
 A checkpoint continues the run that wrote it: `resume_changes` lists what differs between its
-recorded settings and data and the current ones, and the loop refuses to resume over any of them.
+recorded settings, data and process count and the current ones, and the loop refuses to
+resume over any of them.
 
 `--resume PATH` takes any folder, so every .pt file is read with torch.load(weights_only=True): only
 tensors and plain values are built, and a file holding anything else (a pickle that would run code, or
@@ -112,12 +114,13 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def resume_changes(state: dict[str, Any], settings: TrainSettings, data_sha256: str) -> list[str]:
+def resume_changes(state: dict[str, Any], settings: TrainSettings, facts: dict[str, Any]) -> list[str]:
     """What differs between a checkpoint's state.json and the current run, one "name: old -> new" line each.
 
     Resuming continues the recorded run as if nothing changed, so any setting that decides what is
     trained or how (data, base, lr, schedule, batch, seed, precision, EMA, LoRA...) counts, and so
-    does the content of the data's metadata file (the same path may now list other images).
+    do the `facts` of the run (see training.loop.run_facts): the content of the data's metadata file
+    (the same path may now list other images) and the process count (each step's samples).
     `settings.RESUME_MAY_CHANGE` is left out: the step total (a resumed run continues to it;
     but a linear or cosine schedule spreads over it, so there it counts),
     how to resume, when checkpoints are written and how many are kept, where the run, its
@@ -145,10 +148,13 @@ def resume_changes(state: dict[str, Any], settings: TrainSettings, data_sha256: 
             old = "(not recorded)"
         if old != new:
             changes.append(f"{name}: {old!r} -> {new!r}")
-    old_sha = state.get("data_sha256")
+    old_sha, data_sha256 = state.get("data_sha256"), facts["data_sha256"]
     if old_sha != data_sha256:
         old_text = old_sha[:16] if old_sha else "(not recorded: the checkpoint predates data hashing)"
         changes.append(f"sha256 of the data file {settings.data}: {old_text} -> {data_sha256[:16]}")
+    processes = state.get("processes", "(not recorded)")
+    if processes != facts["processes"]:
+        changes.append(f"processes: {processes} -> {facts['processes']}")
     return changes
 
 

@@ -58,10 +58,10 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start = 0
-    data_sha256 = sha256_of(Path(settings.data))
+    facts = run_facts(settings, accelerator)
     checkpoint = find_checkpoint(settings.out, settings.resume)
     if checkpoint is not None:
-        check_resumable(checkpoint, settings, summary, accelerator, data_sha256)
+        check_resumable(checkpoint, settings, summary, accelerator, facts)
         state, extra = load_checkpoint(
             accelerator, checkpoint, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler
         )
@@ -129,7 +129,7 @@ def train(
                 model=model,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
-                state=_checkpoint_state(summary, data_sha256),
+                state=_checkpoint_state(summary, facts),
                 extra={"ema": ema.state_dict()} if ema is not None else None,
                 keep=settings.keep_checkpoints,
             )
@@ -159,13 +159,20 @@ def follow_settings(optimizer, lr_scheduler, hyperparameters: dict[str, Any]) ->
     lr_scheduler.step()
 
 
-def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, accelerator, data_sha256: str) -> None:
+def run_facts(settings: TrainSettings, accelerator) -> dict[str, Any]:
+    """What a run trains with besides its settings, which its checkpoints record and a resume must match."""
+    return {"data_sha256": sha256_of(Path(settings.data)), "processes": accelerator.num_processes}
+
+
+def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, accelerator, facts: dict) -> None:
     """Refuse, before anything is restored, a checkpoint of another stage, or of a run with other
-    settings or data (unless resume_despite_changes: then the differences go in the summary)."""
+    settings, data or process count (unless resume_despite_changes: then the differences go
+    in the summary)."""
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     if state.get("stage") != summary.stage:
         raise TrainingError(f"{checkpoint} is a {state.get('stage')} checkpoint, not {summary.stage}")
-    changes = resume_changes(state, settings, data_sha256)
+    state.setdefault("processes", len(list(Path(checkpoint).glob("rng-*.pt"))))  # before it was recorded
+    changes = resume_changes(state, settings, facts)
     if not changes:
         return
     listed = "\n".join(f"  {change}" for change in changes)
@@ -180,10 +187,5 @@ def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, ac
     accelerator.print(f"[{summary.stage}] resuming {checkpoint} despite these changes:\n{listed}")
 
 
-def _checkpoint_state(summary: RunSummary, data_sha256: str) -> dict[str, Any]:
-    return {
-        "stage": summary.stage,
-        "settings": summary.data["config"],
-        "data_sha256": data_sha256,
-        "losses": list(summary.losses),
-    }
+def _checkpoint_state(summary: RunSummary, facts: dict[str, Any]) -> dict[str, Any]:
+    return {"stage": summary.stage, "settings": summary.data["config"], **facts, "losses": list(summary.losses)}
