@@ -164,11 +164,11 @@ def _pin(ref: str) -> str:
 def local_inputs_sha256(layout: AuthorsLayout, sha256: Callable[[Path], str] = sha256_of) -> dict[str, str]:
     """sha256 of every local file the import reads, by path: with the commits of the hub pieces (in their refs),
     what the imported bundle depends on besides prompt and dtype."""
-    files = {file for path in _check_local_pieces(layout).reads for file in _files(path)}
+    files = {file for path in _check_local_pieces(layout).reads for file in folder_files(path)}
     return {str(file): sha256(file) for file in sorted(files)}
 
 
-def _files(path: Path) -> list[Path]:
+def folder_files(path: Path) -> list[Path]:
     """The file, or the files in the folder but hidden ones (a download's .cache/ bookkeeping is not read)."""
     if path.is_file():
         return [path]

@@ -39,7 +39,10 @@ def data(work):
 
 
 def _common(base, out, data_path, **overrides):
-    return {"base": str(base), "out": out, "data": data_path, "resolution": SIDE, "checkpoint_every": 0, **overrides}
+    return {
+        "base": str(base), "out": out, "data": data_path, "resolution": SIDE, "checkpoint_every": 0,
+        "cache_dir": Path(out).parent / "cache", **overrides,
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +393,31 @@ def test_distill_writes_a_lora_that_fuses_fully_and_equals_the_trained_adapter(d
         plain = UNet2DConditionModel.from_pretrained(teacher_dir).eval()(**inputs).sample
     assert (expected - plain).abs().max() > 1e-6  # the LoRA learned something
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stage, weights", [("distill", "teacher UNet"), ("discriminator", "base UNet")])
+def test_resume_refuses_a_unet_trained_against_that_was_retrained_in_place(tiny_layout, data, tmp_path, stage, weights):
+    """Only settings and data were compared: a teacher (or base) UNet retrained into the same folder
+    went unnoticed, and the resumed run trained against other weights."""
+    from safetensors.torch import load_file, save_file
+
+    from training.common import TrainingError
+    from training.discriminator import DiscriminatorSettings, train_discriminator
+    from training.distill import DistillSettings, distill
+
+    unet = tmp_path / "unet"
+    shutil.copytree(Path(tiny_layout.base) / "unet", unet)
+    common = _common(tiny_layout.base, tmp_path / stage, data[0], unet=str(unet), steps=1, batch_size=1, resume="latest")
+    if stage == "distill":
+        run, settings = distill, DistillSettings(**common, lora_rank=4)
+    else:
+        common.update(data=data[1], resolution=DISC_SIDE)
+        run, settings = train_discriminator, DiscriminatorSettings(**common)
+    run(settings)
+    file = unet / "diffusion_pytorch_model.safetensors"
+    save_file({name: tensor + 1 for name, tensor in load_file(file).items()}, str(file))
+    with pytest.raises(TrainingError, match=rf"sha256 of the {weights}: [0-9a-f]{{16}} -> [0-9a-f]{{16}}"):
+        run(settings.model_copy(update={"steps": 2}))
 
 
 # ---------------------------------------------------------------- discriminator

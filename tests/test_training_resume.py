@@ -27,6 +27,9 @@ class _Accelerator:
     def __init__(self, device="cpu", processes=1):
         self.device, self.num_processes = torch.device(device), processes
 
+    def main_process_first(self):
+        return nullcontext()
+
     def prepare(self, *objects):
         return objects
 
@@ -81,7 +84,7 @@ def _settings(data_file, out, **overrides):
     return FinetuneSettings(**values)
 
 
-def _run(settings, device="cpu", processes=1):
+def _run(settings, device="cpu", processes=1, inputs=None):
     """The loop as finetune runs it, with a toy model and an EMA of it; returns (summary, model, ema)."""
     from diffusers.training_utils import EMAModel
 
@@ -92,7 +95,7 @@ def _run(settings, device="cpu", processes=1):
     ema = EMAModel(model.parameters(), decay=settings.ema_decay)
     accelerator = _Accelerator(device, processes)
     summary = RunSummary("finetune", settings, accelerator)
-    trained = train(settings, accelerator, summary, model, _dataset(), _loss, ema=ema)
+    trained = train(settings, accelerator, summary, model, _dataset(), _loss, ema=ema, inputs=inputs)
     summary.write("completed")
     return summary.data, trained, ema
 
@@ -220,6 +223,27 @@ def test_resume_refuses_another_process_count(data_file, tmp_path):
     assert resumed["resume_changes"] == ["processes: 1 -> 2"]
 
 
+def test_resume_refuses_weights_trained_against_that_changed_in_place(data_file, tmp_path):
+    """A teacher retrained into the same folder: only settings and data were compared, so the resumed
+    run went on against other weights. A checkpoint that did not record them cannot show they are the same."""
+    teacher = tmp_path / "teacher"
+    (teacher / "unet").mkdir(parents=True)
+    (teacher / "unet" / "weights.safetensors").write_bytes(b"first round")
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2), inputs={"teacher UNet": teacher})
+    (teacher / "unet" / "weights.safetensors").write_bytes(b"second round")
+    with pytest.raises(TrainingError, match=r"sha256 of the teacher UNet: [0-9a-f]{16} -> [0-9a-f]{16}"):
+        _run(_settings(data_file, out), inputs={"teacher UNet": teacher})
+    resumed, _, _ = _run(_settings(data_file, out, resume_despite_changes=True), inputs={"teacher UNet": teacher})
+    assert [line.split(":")[0] for line in resumed["resume_changes"]] == ["sha256 of the teacher UNet"]
+    assert _run(_settings(data_file, out, steps=6), inputs={"teacher UNet": teacher})[0]["resumed_from"]
+
+    state_file = out / "checkpoints" / "step-0000006" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "inputs_sha256": {}}))
+    with pytest.raises(TrainingError, match=r"teacher UNet: \(not recorded: the checkpoint predates weights hashing"):
+        _run(_settings(data_file, out, steps=8), inputs={"teacher UNet": teacher})
+
+
 def test_resume_refuses_a_checkpoint_of_another_stage_even_despite_changes(data_file, tmp_path):
     out = tmp_path / "run"
     _run(_settings(data_file, out, steps=2))
@@ -241,7 +265,7 @@ def test_resume_changes_of_each_stage(data_file, tmp_path):
         (DiscriminatorSettings, {"lora_rank": 8, "holdout_fraction": 0.5}, {"eval_batch_size": 2}),
         (DistillSettings, {"lora_rank": 8, "loss_type": "huber"}, {"num_workers": 4}),
     ):
-        facts = {"data_sha256": "0" * 64, "processes": 1}
+        facts = {"data_sha256": "0" * 64, "inputs_sha256": {"base UNet": "1" * 64}, "processes": 1}
         recorded = {"settings": json.loads(model(**common).model_dump_json()), **facts}
         assert resume_changes(recorded, model(**common, **allowed), facts) == []
         found = resume_changes(recorded, model(**common, **changed, **allowed), facts)

@@ -6,15 +6,15 @@
     lr_scheduler.pt         learning-rate schedule state
     extra.pt                EMA weights, the fp16 grad scaler, when used
     rng-<process>.pt        python / numpy / torch (and CUDA) RNG states of each process, as tensors and plain values
-    state.json              step, stage, settings, sha256 of the data file, the process count, the losses so
-                            far (the summary continues from them)
+    state.json              step, stage, settings, sha256 of the data file and of the weights trained against,
+                            the process count, the losses so far (the summary continues from them)
 
 The data order and each step's noise come from `step_generator(seed, step, ...)`, so together with
 the tensors above a resumed run computes the same next loss as an uninterrupted one. A checkpoint
 is written into a staging folder and renamed, so a folder named step-* is always complete.
 
 A checkpoint continues the run that wrote it: `resume_changes` lists what differs between its
-recorded settings, data and process count and the current ones, and the loop refuses to
+recorded settings, data, weights and process count and the current ones, and the loop refuses to
 resume over any of them.
 
 `--resume PATH` takes any folder, so every .pt file is read with torch.load(weights_only=True): only
@@ -24,6 +24,7 @@ an rng-*.pt of the older format with numpy's state as a numpy array) is refused 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
@@ -114,13 +115,28 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
+def weights_sha256(path: Path, cache_dir: Path) -> str:
+    """One sha256 for a weights folder (or file), of its files' sha256 by name. A file's sha256 is
+    remembered by its size, mtime, ctime and inode, as for imports: gigabytes are read once, not at each start."""
+    from engines.authors_layout import folder_files
+    from engines.sources import INPUT_HASHES, RememberedSha256
+
+    path, cache = Path(path).resolve(), Path(cache_dir).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    hashes = RememberedSha256(cache / INPUT_HASHES)
+    named = {str(file.relative_to(path)): hashes.of(file) for file in sorted(folder_files(path))}
+    hashes.save()
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()
+
+
 def resume_changes(state: dict[str, Any], settings: TrainSettings, facts: dict[str, Any]) -> list[str]:
     """What differs between a checkpoint's state.json and the current run, one "name: old -> new" line each.
 
     Resuming continues the recorded run as if nothing changed, so any setting that decides what is
     trained or how (data, base, lr, schedule, batch, seed, precision, EMA, LoRA...) counts, and so
     do the `facts` of the run (see training.loop.run_facts): the content of the data's metadata file
-    (the same path may now list other images) and the process count (each step's samples).
+    (the same path may now list other images) and of the weights trained against (a teacher retrained
+    in place), and the process count (each step's samples).
     `settings.RESUME_MAY_CHANGE` is left out: the step total (a resumed run continues to it;
     but a linear or cosine schedule spreads over it, so there it counts),
     how to resume, when checkpoints are written and how many are kept, where the run, its
@@ -152,6 +168,12 @@ def resume_changes(state: dict[str, Any], settings: TrainSettings, facts: dict[s
     if old_sha != data_sha256:
         old_text = old_sha[:16] if old_sha else "(not recorded: the checkpoint predates data hashing)"
         changes.append(f"sha256 of the data file {settings.data}: {old_text} -> {data_sha256[:16]}")
+    recorded_inputs = state.get("inputs_sha256") or {}
+    for name, sha in facts["inputs_sha256"].items():
+        old_sha = recorded_inputs.get(name)
+        if old_sha != sha:
+            old_text = old_sha[:16] if old_sha else "(not recorded: the checkpoint predates weights hashing)"
+            changes.append(f"sha256 of the {name}: {old_text} -> {sha[:16]}")
     processes = state.get("processes", "(not recorded)")
     if processes != facts["processes"]:
         changes.append(f"processes: {processes} -> {facts['processes']}")

@@ -162,9 +162,8 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
     def compute_loss(model, batch, generator):
         return F.mse_loss(scores_of(model, batch).float(), batch["score"].float())
 
-    trained = train(
-        settings, accelerator, summary, disc, TripletDataset(train_records, settings.resolution), compute_loss
-    )
+    train_set = TripletDataset(train_records, settings.resolution)
+    trained = train(settings, accelerator, summary, disc, train_set, compute_loss, inputs={"base UNet": unet_dir})
 
     metrics = {"train_records": len(train_records), "heldout_records": len(held_out), "base_unet": str(unet_dir)}
     if held_out and accelerator.is_main_process:

@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from engines.bundle import sha256_of
-from training.checkpoint import find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
+from training.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    resume_changes,
+    save_checkpoint,
+    weights_sha256,
+)
 from training.common import RunSummary, TrainingError, TrainSettings, progress_bar, step_generator
 from training.data import StepBatchSampler
 
@@ -40,8 +46,10 @@ def train(
     dataset: torch.utils.data.Dataset,
     compute_loss: LossFn,
     ema=None,
+    inputs: dict[str, Path] | None = None,
 ) -> nn.Module:
-    """Train the parameters of `model` that require grad; returns the model unwrapped (EMA not applied)."""
+    """Train the parameters of `model` that require grad; returns the model unwrapped (EMA not applied).
+    `inputs`: the frozen weights the run trains against, by what they are ("teacher UNet": its folder)."""
     from diffusers.optimization import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,7 +66,7 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start = 0
-    facts = run_facts(settings, accelerator)
+    facts = run_facts(settings, accelerator, inputs or {})
     checkpoint = find_checkpoint(settings.out, settings.resume)
     if checkpoint is not None:
         check_resumable(checkpoint, settings, summary, accelerator, facts)
@@ -159,14 +167,20 @@ def follow_settings(optimizer, lr_scheduler, hyperparameters: dict[str, Any]) ->
     lr_scheduler.step()
 
 
-def run_facts(settings: TrainSettings, accelerator) -> dict[str, Any]:
+def run_facts(settings: TrainSettings, accelerator, inputs: dict[str, Path]) -> dict[str, Any]:
     """What a run trains with besides its settings, which its checkpoints record and a resume must match."""
-    return {"data_sha256": sha256_of(Path(settings.data)), "processes": accelerator.num_processes}
+    with accelerator.main_process_first():  # the other processes then find the weights' sha256 remembered
+        inputs_sha256 = {name: weights_sha256(path, settings.cache_dir) for name, path in inputs.items()}
+    return {
+        "data_sha256": sha256_of(Path(settings.data)),
+        "inputs_sha256": inputs_sha256,
+        "processes": accelerator.num_processes,
+    }
 
 
 def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, accelerator, facts: dict) -> None:
     """Refuse, before anything is restored, a checkpoint of another stage, or of a run with other
-    settings, data or process count (unless resume_despite_changes: then the differences go
+    settings, data, weights or process count (unless resume_despite_changes: then the differences go
     in the summary)."""
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     if state.get("stage") != summary.stage:
