@@ -92,7 +92,7 @@ def _run(settings, device="cpu", processes=1, inputs=None):
 
     torch.manual_seed(settings.seed)
     model = nn.Linear(3, 1).to(device)
-    ema = EMAModel(model.parameters(), decay=settings.ema_decay)
+    ema = EMAModel(model.parameters(), decay=settings.ema_decay) if settings.ema else None
     accelerator = _Accelerator(device, processes)
     summary = RunSummary("finetune", settings, accelerator)
     trained = train(settings, accelerator, summary, model, _dataset(), _loss, ema=ema, inputs=inputs)
@@ -242,6 +242,20 @@ def test_resume_refuses_weights_trained_against_that_changed_in_place(data_file,
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "inputs_sha256": {}}))
     with pytest.raises(TrainingError, match=r"teacher UNet: \(not recorded: the checkpoint predates weights hashing"):
         _run(_settings(data_file, out, steps=8), inputs={"teacher UNet": teacher})
+
+
+def test_ema_turned_on_at_a_resume_starts_from_the_restored_weights(data_file, tmp_path):
+    """A checkpoint without an EMA, resumed with EMA on (despite the change): a KeyError 'ema' stopped the run."""
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=2, ema=False))
+    with pytest.raises(TrainingError, match=r"ema: False -> True"):
+        _run(_settings(data_file, out))
+    resumed, model, ema = _run(_settings(data_file, out, steps=2, resume_despite_changes=True))
+    assert resumed["resume_changes"] == ["ema: False -> True"] and resumed["resumed_from"].endswith("step-0000002")
+    for a, b in zip(ema.shadow_params, model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    resumed, _, ema = _run(_settings(data_file, out, resume_despite_changes=True))
+    assert [e["step"] for e in resumed["losses"]] == [1, 2, 3, 4] and ema.optimization_step == 2
 
 
 def test_resume_refuses_a_checkpoint_of_another_stage_even_despite_changes(data_file, tmp_path):

@@ -77,10 +77,12 @@ def train(
         start = state["step"]
         summary.losses[:] = [entry for entry in state["losses"] if entry["step"] <= start]
         summary.data["resumed_from"] = str(checkpoint)
-        if ema is not None:
+        if ema is not None and "ema" in extra:
             decay = ema.decay
             ema.load_state_dict(extra["ema"])
             ema.decay = decay  # the current setting, as for the optimizer
+        elif ema is not None:  # EMA turned on at this resume (listed in resume_changes): it starts here
+            ema.shadow_params = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
         accelerator.print(f"[{summary.stage}] resumed from {checkpoint} at step {start}")
     if ema is not None:
         ema.to(accelerator.device)  # after loading: extra.pt is read onto the CPU
