@@ -114,6 +114,35 @@ class Manifest(BaseModel):
         return files
 
 
+def replace_folder(staging: Path, final: Path) -> None:
+    """Put the complete folder `staging` at `final`, replacing a folder there: the old one is renamed aside
+    (hidden, .NAME.old), the new one renamed in, then the old one deleted. Deleting the old one in place first
+    left, after a crash mid-delete, a partial folder (manifest or state.json and all) at `final`; now a crash
+    leaves a complete one there, or, between the two renames, the old one aside, which `recover_folder` puts
+    back."""
+    recover_folder(final)
+    aside = _aside(final)
+    if final.exists():
+        final.rename(aside)
+    staging.rename(final)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def recover_folder(final: Path) -> None:
+    """After a crash in `replace_folder`: the old folder back at `final` where nothing replaced it, else gone."""
+    aside = _aside(final)
+    if aside.exists():
+        if final.exists():
+            shutil.rmtree(aside)
+        else:
+            aside.rename(final)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -285,10 +314,7 @@ class Bundle:
     ) -> "Bundle":
         """Save components and a manifest with hashes; the folder is written atomically.
 
-        The new folder is written as NAME.partial; an old bundle at `path` is renamed to NAME.old, the
-        new one renamed in, then the old one deleted: a crash leaves a complete bundle at `path` or, in
-        the instant between the two renames, the old one at NAME.old, which the next write puts back
-        before writing (a crash while deleting NAME.old leaves it to be deleted then).
+        The new folder is written as NAME.partial and put in place by `replace_folder`.
 
         `discriminator` (LoRA fused) goes with `discriminator_prompt_embeds` = (prompt_embeds,
         pooled_prompt_embeds) of the prompt "" it was trained with.
@@ -296,14 +322,10 @@ class Bundle:
         if (discriminator is None) != (discriminator_prompt_embeds is None):
             raise ValueError("a discriminator and its prompt embeddings are written together")
         path = Path(path)
-        staging, aside = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+        staging = path.with_name(path.name + ".partial")
         if staging.exists():
             shutil.rmtree(staging)
-        if aside.exists():
-            if path.exists():
-                shutil.rmtree(aside)
-            else:
-                aside.rename(path)
+        recover_folder(path)
         torch_dtype = DTYPES[dtype]
         tensors = {
             UNET_WEIGHTS: {k: v.to(torch_dtype).contiguous() for k, v in unet.state_dict().items()},
@@ -367,11 +389,7 @@ class Bundle:
             },
         )
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        if path.exists():
-            path.rename(aside)
-        staging.rename(path)
-        if aside.exists():
-            shutil.rmtree(aside)
+        replace_folder(staging, path)
         return cls(path, manifest)
 
 

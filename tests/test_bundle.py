@@ -251,7 +251,7 @@ def test_a_write_that_dies_deleting_the_old_bundle_leaves_the_new_one_whole(tiny
     import engines.bundle
 
     copy = _copy_bundle(tiny_bundle, tmp_path)
-    aside = copy.with_name("bundle.old")
+    aside = copy.with_name(".bundle.old")
 
     def dies_midway(folder, *args, **kwargs):
         (Path(folder) / UNET_WEIGHTS).unlink()

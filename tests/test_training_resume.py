@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +304,34 @@ def test_ema_follows_the_model_onto_its_device_after_a_resume(data_file, tmp_pat
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {p.device.type for p in ema.shadow_params} == {"meta"}
     assert ema.optimization_step == 3 and len(saved) == 1
+
+
+def test_a_checkpoint_written_again_is_never_found_half_deleted(tmp_path, monkeypatch):
+    """A step folder written again (a run resumed from an earlier step) deleted the old one in place first: a
+    crash mid-delete left a partial step-* with its state.json, which `latest` would resume from."""
+    import engines.bundle
+    from training.checkpoint import checkpoints, save_checkpoint
+
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def save(run: str):
+        return save_checkpoint(_Accelerator(), tmp_path, 2, model=model, optimizer=optimizer,
+                               lr_scheduler=lr_scheduler, state={"run": run})  # fmt: skip
+
+    final = save("old")
+
+    def dies_midway(folder, *args, **kwargs):
+        (Path(folder) / "trainable.safetensors").unlink()
+        raise OSError("killed while deleting")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engines.bundle.shutil, "rmtree", dies_midway)
+        with pytest.raises(OSError, match="killed while deleting"):
+            save("new")
+    assert checkpoints(tmp_path / "checkpoints") == [final], "the half-deleted old one is hidden, not a checkpoint"
+    assert json.loads((final / "state.json").read_text())["run"] == "new"
+    assert (final / "trainable.safetensors").is_file()
+    save("newer")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"], "the leftover goes next time"

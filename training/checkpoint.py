@@ -38,6 +38,7 @@ from pydantic_core import to_jsonable_python
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engines.bundle import replace_folder
 from training.common import TrainingError, TrainSettings
 
 PREFIX = "step-"
@@ -213,9 +214,7 @@ def save_checkpoint(
         (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+        replace_folder(staging, final)
         for old in checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

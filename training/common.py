@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -129,6 +128,7 @@ def tiny_authors_layout(cache_dir: str | Path, seed: int = 0) -> Path:
     """The tiny authors' layout (base/, rorem_unet/, lcm_lora/, discriminator/) in cache_dir/tiny-authors-SEED."""
     from filelock import FileLock
 
+    from engines.bundle import replace_folder
     from engines.tiny import write_tiny_authors_layout
 
     folder = Path(cache_dir).expanduser() / f"tiny-authors-{seed}"
@@ -137,9 +137,7 @@ def tiny_authors_layout(cache_dir: str | Path, seed: int = 0) -> Path:
         if not (folder / "base" / "model_index.json").is_file():
             staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
             write_tiny_authors_layout(staging, seed=seed)
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
+            replace_folder(staging, folder)
     return folder
 
 
