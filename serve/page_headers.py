@@ -23,8 +23,8 @@ def strict_page_headers(html: str, page: str, img_src: str) -> dict[str, str]:
     policy = "; ".join(
         [
             "default-src 'none'",
-            f"script-src {_sha256_source(_only('script', html, page))}",
-            f"style-src {_sha256_source(_only('style', html, page))}",
+            f"script-src {sha256_source(_only('script', html, page))}",
+            f"style-src {sha256_source(_only('style', html, page))}",
             f"img-src {img_src}",
             "connect-src 'self'",  # the API, relative to the page
             "base-uri 'none'",
@@ -35,7 +35,7 @@ def strict_page_headers(html: str, page: str, img_src: str) -> dict[str, str]:
     return {**PRIVATE_HEADERS, "Content-Security-Policy": policy}
 
 
-def _sha256_source(text: str) -> str:
+def sha256_source(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
 
 

@@ -102,7 +102,9 @@ class Problem(Exception):
         return body
 
     def response(self, request_id: str | None = None) -> JSONResponse:
-        return JSONResponse(self.body(request_id), status_code=self.status, media_type=MEDIA_TYPE, headers=self.headers)
+        """A problem quotes the input it refuses: never to be sniffed as a page."""
+        headers = {"X-Content-Type-Options": "nosniff", **self.headers}
+        return JSONResponse(self.body(request_id), status_code=self.status, media_type=MEDIA_TYPE, headers=headers)
 
 
 def _clip(text: str, limit: int) -> str:

@@ -236,9 +236,45 @@ def test_the_docs_page_loads_a_pinned_swagger_ui_under_subresource_integrity():
         (tag,) = [t for t in external if f"{SWAGGER_UI}/{name}" in t]
         assert f'integrity="{digest}"' in tag and 'crossorigin="anonymous"' in tag
         assert re.fullmatch(r"sha384-[A-Za-z0-9+/]{64}", digest)
-    assert 'url: "/api/v1/openapi.json"' in page, "the OpenAPI under the app's route_prefix"
+    assert 'data-openapi="/api/v1/openapi.json"' in page, "the OpenAPI under the app's route_prefix"
     headers = docs_page(Request({"type": "http", "root_path": "", "headers": []})).headers
     assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_trailing_slash_is_not_redirected_to_the_host_the_client_named():
+    """Starlette redirected GET /playground/ to http://<the request's Host>/playground before any route ran:
+    a 307 to evil.example for a keyless, loopback-only service too."""
+    from fastapi.testclient import TestClient
+
+    import serve.app  # noqa: F401  (binds the routes to the app)
+    from serve.rest_api import api
+
+    client = TestClient(api, base_url="http://127.0.0.1:8000")
+    for path in ("/playground/", "/annotation/queue/", "/results/abc/source/"):
+        answer = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+        assert answer.status_code == 404 and "location" not in answer.headers, (path, answer.headers)
+        assert answer.headers["content-type"] == "application/problem+json"
+
+
+def test_the_docs_page_runs_only_the_pinned_swagger_ui_and_its_own_line_whatever_the_route_prefix():
+    """Its policy named no script-src: any script injected into /docs could read the key the other pages keep
+    in the browser's storage. Now exactly the pinned bundle and the page's inline line (one hash under every
+    route_prefix), the pinned stylesheet, and requests to this origin only."""
+    from starlette.requests import Request
+
+    from serve.page_headers import sha256_source
+    from serve.rest_api import SWAGGER_UI, docs_page
+
+    policies = set()
+    for prefix in ("", "/api/v1"):
+        answer = docs_page(Request({"type": "http", "root_path": prefix, "headers": []}))
+        (inline,) = re.findall(r"<script>(.*?)</script>", answer.body.decode(), re.S)
+        policy = dict(rule.split(" ", 1) for rule in answer.headers["content-security-policy"].split("; "))
+        assert policy["script-src"] == f"{sha256_source(inline)} {SWAGGER_UI}/swagger-ui-bundle.js"
+        assert policy["style-src"] == f"{SWAGGER_UI}/swagger-ui.css" and policy["connect-src"] == "'self'"
+        assert policy["default-src"] == "'none'" and "unsafe" not in answer.headers["content-security-policy"]
+        policies.add(answer.headers["content-security-policy"])
+    assert len(policies) == 1
 
 
 @pytest.mark.skipif(chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
@@ -253,10 +289,13 @@ def test_the_docs_page_without_the_cdn_says_where_the_api_is_described():
         page.route(SWAGGER_UI + "/**", lambda route: route.abort("internetdisconnected"))
         html = (answer.body.decode(), DOCS_PAGE_HEADERS)
         answer_offline(page, {"/api/v1/docs": html}, lambda route, path: route.abort())
+        refused = []
+        page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
         page.goto(PAGE_ORIGIN + "/api/v1/docs")
         said = page.inner_text("#swagger-ui")
         assert "loads from cdn.jsdelivr.net" in said and "docs/api.md" in said, said
         assert page.get_attribute("#swagger-ui a", "href") == "/api/v1/openapi.json"
+        assert refused == [], "the page's own inline script runs under its policy"
 
 
 def test_the_docs_page_can_send_a_key_to_every_route_that_needs_one():

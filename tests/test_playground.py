@@ -323,6 +323,9 @@ def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     page.wait_for_selector("#outcome[data-count='3']", timeout=10_000)
     assert page.is_visible("#rate"), "another key may rate"
     assert problems == [], problems
+    page.locator("#api-key").blur()  # a typed key is taken on change
+    stored = page.evaluate("() => [localStorage.getItem('rorem.apiKey'), sessionStorage.getItem('rorem.apiKey')]")
+    assert stored == [None, "rk_another"], "the key lives in this tab only, not in the origin's lasting storage"
 
 
 # ---- in the browser, against the service ---------------------------------------------------------

@@ -64,3 +64,10 @@ def test_the_api_doc_shows_each_problems_grpc_code():
 
 if __name__ == "__main__":
     print(grpc_code_table(), end="")
+
+
+def test_a_problem_answer_is_never_sniffed_as_a_page():
+    """A problem quotes what it refused (a result id, a field's value): a browser must read it as JSON."""
+    answer = Problem("not-found", "<script>alert(1)</script>", headers={"Retry-After": "2"}).response()
+    assert answer.headers["x-content-type-options"] == "nosniff" and answer.headers["retry-after"] == "2"
+    assert answer.headers["content-type"] == "application/problem+json"

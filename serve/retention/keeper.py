@@ -394,7 +394,7 @@ def result_document(stored: StoredResult, base: str, threshold: float | None = N
 def annotation_page() -> tuple[str, dict[str, str]]:
     """The page and its response headers (a hash-based CSP: serve/page_headers.py)."""
     html = ANNOTATION_PAGE.read_text(encoding="utf-8")
-    return html, strict_page_headers(html, ANNOTATION_PAGE.name, img_src="'self' blob:")
+    return html, strict_page_headers(html, ANNOTATION_PAGE.name, img_src="blob:")  # images fetched with the key
 
 
 def mask_png(mask: np.ndarray) -> bytes:
