@@ -335,3 +335,15 @@ def test_a_checkpoint_written_again_is_never_found_half_deleted(tmp_path, monkey
     assert (final / "trainable.safetensors").is_file()
     save("newer")
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"], "the leftover goes next time"
+
+
+def test_a_checkpoint_of_other_tensor_shapes_is_refused_with_a_reason_not_a_torch_traceback():
+    """Names were checked, shapes not: a resume despite a changed lora_rank stopped in torch's copy_ with a
+    size-mismatch RuntimeError."""
+    from training.checkpoint import load_trainable_state
+
+    model = nn.Linear(3, 1)
+    wider, before = {"weight": torch.zeros(2, 3), "bias": torch.zeros(1)}, model.bias.detach().clone()
+    with pytest.raises(TrainingError, match=r"another shape.*weight \(2, 3\) -> \(1, 3\).*lora_rank"):
+        load_trainable_state(model, wider)
+    assert torch.equal(model.bias, before), "nothing is copied from a checkpoint that does not fit"

@@ -58,6 +58,13 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             f"checkpoint does not fit the model: {len(missing)} trainable tensors missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
+    reshaped = [f"{name} {tuple(state[name].shape)} -> {tuple(p.shape)}" for name, p in params.items()
+                if state[name].shape != p.shape]  # fmt: skip
+    if reshaped:
+        raise TrainingError(
+            f"checkpoint does not fit the model: {len(reshaped)} trainable tensors of another shape (e.g. "
+            f"{reshaped[:2]}; a changed lora_rank?): start a new run"
+        )
     for name, p in params.items():
         p.copy_(state[name].to(p.device, p.dtype))
 
