@@ -11,7 +11,9 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
   platforms+=(--platform "$p")
 done
 # diffusers 0.42.1 needs huggingface_hub >= 1.32 (that machine has 1.33); pydantic's core is compiled per Python.
+# No importlib-metadata: diffusers reads the standard library's on Python >= 3.8, and the wheel's own
+# dependency (lazy-importer) is not on that machine.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d .whl \
-  diffusers==0.42.1 importlib-metadata==10.2.0 pydantic==2.14.0 pydantic-core==2.50.0 \
+  diffusers==0.42.1 pydantic==2.14.0 pydantic-core==2.50.0 \
   annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
 du -sh .whl
