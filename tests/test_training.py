@@ -420,6 +420,34 @@ def test_resume_refuses_a_unet_trained_against_that_was_retrained_in_place(tiny_
         run(settings.model_copy(update={"steps": 2}))
 
 
+@pytest.mark.parametrize(
+    "stage, part, folder",
+    [("finetune", "base VAE", "vae"), ("discriminator", "base text encoder 2", "text_encoder_2")],
+)
+def test_resume_refuses_a_base_whose_frozen_parts_changed(tiny_layout, data, tmp_path, stage, part, folder):
+    """The VAE (latents) and text encoders (the empty prompt) every stage trains against were compared by the
+    base's path only: a base re-downloaded or replaced in place went unnoticed at a resume."""
+    from safetensors.torch import load_file, save_file
+
+    from training.common import TrainingError
+    from training.discriminator import DiscriminatorSettings, train_discriminator
+    from training.finetune import FinetuneSettings, finetune
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_layout.base, base)
+    common = _common(base, tmp_path / stage, data[0], steps=1, batch_size=1, resume="latest")
+    if stage == "finetune":
+        run, settings = finetune, FinetuneSettings(**common)
+    else:
+        common.update(data=data[1], resolution=DISC_SIDE)
+        run, settings = train_discriminator, DiscriminatorSettings(**common)
+    run(settings)
+    (file,) = (base / folder).glob("*.safetensors")
+    save_file({name: tensor + 1 for name, tensor in load_file(file).items()}, str(file))
+    with pytest.raises(TrainingError, match=rf"sha256 of the {part}: [0-9a-f]{{16}} -> [0-9a-f]{{16}}"):
+        run(settings.model_copy(update={"steps": 2}))
+
+
 # ---------------------------------------------------------------- discriminator
 
 

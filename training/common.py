@@ -302,6 +302,13 @@ def resolve_unet(ref: str | None, base: Path) -> Path:
 # ---------------------------------------------------------------- model pieces the stages share
 
 
+def frozen_base_parts(base: Path) -> dict[str, Path]:
+    """The base's frozen pieces every stage trains against (the latents and the empty prompt come from them),
+    by what they are: a resume compares their weights' sha256 (training.loop.run_facts)."""
+    return {"base VAE": base / "vae", "base text encoder": base / "text_encoder",
+            "base text encoder 2": base / "text_encoder_2"}  # fmt: skip
+
+
 def load_frozen_vae(base: Path, device, weight_dtype: torch.dtype):
     """The base's VAE, frozen, in the mixed dtype, except that SDXL's VAE overflows in fp16
     (config force_upcast): it then stays fp32, as diffusers does."""

@@ -34,6 +34,7 @@ from training.common import (
     TrainingError,
     TrainSettings,
     encode_latents,
+    frozen_base_parts,
     latent_mask,
     load_frozen_vae,
     make_accelerator,
@@ -163,7 +164,7 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
         return F.mse_loss(scores_of(model, batch).float(), batch["score"].float())
 
     train_set = TripletDataset(train_records, settings.resolution)
-    trained = train(settings, accelerator, summary, disc, train_set, compute_loss, inputs={"base UNet": unet_dir})
+    trained = train(settings, accelerator, summary, disc, train_set, compute_loss, inputs={"base UNet": unet_dir, **frozen_base_parts(base)})
 
     metrics = {"train_records": len(train_records), "heldout_records": len(held_out), "base_unet": str(unet_dir)}
     if held_out and accelerator.is_main_process:

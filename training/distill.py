@@ -39,6 +39,7 @@ from training.common import (
     TrainingError,
     TrainSettings,
     encode_latents,
+    frozen_base_parts,
     latent_mask,
     load_frozen_vae,
     make_accelerator,
@@ -199,7 +200,7 @@ def distill(settings: DistillSettings) -> dict:
             return F.mse_loss(student.float(), target.float())
         return torch.mean(torch.sqrt((student.float() - target.float()) ** 2 + settings.huber_c**2) - settings.huber_c)
 
-    trained = train(settings, accelerator, summary, unet, dataset, compute_loss, inputs={"teacher UNet": unet_dir})
+    trained = train(settings, accelerator, summary, unet, dataset, compute_loss, inputs={"teacher UNet": unet_dir, **frozen_base_parts(base)})
 
     out_dir = Path(settings.out).resolve() / "lora"
     tensors = 0
