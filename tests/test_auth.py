@@ -250,10 +250,13 @@ def test_a_trailing_slash_is_not_redirected_to_the_host_the_client_named():
     from serve.rest_api import api
 
     client = TestClient(api, base_url="http://127.0.0.1:8000")
-    for path in ("/playground/", "/annotation/queue/", "/results/abc/source/"):
-        answer = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
-        assert answer.status_code == 404 and "location" not in answer.headers, (path, answer.headers)
-        assert answer.headers["content-type"] == "application/problem+json"
+    try:
+        for path in ("/playground/", "/annotation/queue/", "/results/abc/source/"):
+            answer = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+            assert answer.status_code == 404 and "location" not in answer.headers, (path, answer.headers)
+            assert answer.headers["content-type"] == "application/problem+json"
+    finally:
+        api.middleware_stack = None  # built by the first request: other tests add their own middleware to `api`
 
 
 def test_the_docs_page_runs_only_the_pinned_swagger_ui_and_its_own_line_whatever_the_route_prefix():
