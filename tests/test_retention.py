@@ -1038,7 +1038,9 @@ def test_export_labels_trains_the_discriminator_on_the_windows_the_scorer_sees(t
 
 
 def test_export_labels_leaves_out_empty_views_and_ambiguous_negatives(tmp_path, monkeypatch):
-    import training.data
+    import torch
+
+    import engines.scorer
     from training.export_labels import ExportLabelsSettings, export_labels
 
     two = np.zeros((64, 2048), bool)
@@ -1053,13 +1055,13 @@ def test_export_labels_leaves_out_empty_views_and_ambiguous_negatives(tmp_path, 
         "which of the two windows failed is unknown"
     )
 
-    real, calls = training.data.load_mask, []
+    real, calls = engines.scorer.score_view_mask, []
 
-    def empty_first_two(path, resolution):
-        calls.append(path)
-        return np.zeros((resolution,) * 2, bool) if len(calls) <= 2 else real(path, resolution)
+    def empty_first_two(masks, size):
+        calls.append(size)
+        return torch.zeros((1, 1, size, size)) if len(calls) <= 2 else real(masks, size)
 
-    monkeypatch.setattr(training.data, "load_mask", empty_first_two)
+    monkeypatch.setattr(engines.scorer, "score_view_mask", empty_first_two)
     _one_labelled_result(tmp_path / "b", image, two, image, "yes")
     _one_labelled_result(tmp_path / "b", image, one, image, "yes")
     settings = ExportLabelsSettings(objects=tmp_path / "b" / "kept", out=tmp_path / "b" / "labels")

@@ -153,15 +153,15 @@ def _relative(file: Path, root: Path) -> str:
 # ---------------------------------------------------------------- pixels
 
 
-def load_rgb(path: Path, resolution: int) -> np.ndarray:
+def load_rgb(path: Path, resolution: int | None) -> np.ndarray:
     """(R, R, 3) uint8, upright (EXIF orientation applied, as the service reads a photo): the shorter side
-    resized to R (bicubic), then center-cropped."""
+    resized to R (bicubic), then center-cropped (R None: the center square, not resized)."""
     with Image.open(path) as img:
         upright = ImageOps.exif_transpose(img)
         return np.asarray(_resize_crop(upright.convert("RGB"), resolution, Image.Resampling.BICUBIC))
 
 
-def load_mask(path: Path, resolution: int) -> np.ndarray:
+def load_mask(path: Path, resolution: int | None) -> np.ndarray:
     """(R, R) bool, True = remove: the service's own reading of a mask (engines.imaging.decode_mask: upright;
     white, or the strokes of a mask with transparency), resized (nearest) and center-cropped."""
     from engines.errors import InputError
@@ -178,8 +178,9 @@ def load_mask(path: Path, resolution: int) -> np.ndarray:
     return np.asarray(_resize_crop(mask, resolution, Image.Resampling.NEAREST)) > 127
 
 
-def _resize_crop(img: Image.Image, resolution: int, resample: Image.Resampling) -> Image.Image:
+def _resize_crop(img: Image.Image, resolution: int | None, resample: Image.Resampling) -> Image.Image:
     width, height = img.size
+    resolution = resolution or min(width, height)
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
     if (new_w, new_h) != (width, height):
@@ -197,29 +198,41 @@ class TripletDataset(torch.utils.data.Dataset):
     """Records as tensors at `resolution` (multiple of 64): source / GT in [-1, 1] [3,R,R], mask {0,1} [1,R,R].
 
     Items are dicts with "source", "mask", and "gt" when the record has one, "score" when it has one
-    (the discriminator's label), and "index".
+    (the discriminator's label), and "index". `scorer_view`: each picture's center square is brought to R as
+    the service's Scorer brings a crop to its view (engines.scorer.score_view), not by PIL's bicubic: the
+    discriminator then learns on the pixels it will score.
     """
 
-    def __init__(self, records: Sequence[Triplet], resolution: int):
+    def __init__(self, records: Sequence[Triplet], resolution: int, scorer_view: bool = False):
         if resolution <= 0 or resolution % 64:
             raise ValueError(f"resolution must be a positive multiple of 64, got {resolution}")
         if not records:
             raise ValueError("a dataset needs at least one record")
         self.records = list(records)
         self.resolution = resolution
+        self.scorer_view = scorer_view
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
+        side = None if self.scorer_view else self.resolution  # None: the center square as it is
         item = {
             "index": torch.tensor(index),
-            "source": to_tensor(load_rgb(record.source, self.resolution)),
-            "mask": torch.from_numpy(load_mask(record.mask, self.resolution)).float()[None],
+            "source": to_tensor(load_rgb(record.source, side)),
+            "mask": torch.from_numpy(load_mask(record.mask, side)).float()[None],
         }
         if record.gt is not None:
-            item["gt"] = to_tensor(load_rgb(record.gt, self.resolution))
+            item["gt"] = to_tensor(load_rgb(record.gt, side))
+        if self.scorer_view:
+            from engines.scorer import score_view
+
+            pictures = [item["source"]] + ([item["gt"]] if "gt" in item else [])
+            viewed, mask = score_view(torch.stack(pictures), item["mask"][None], self.resolution)
+            item["source"], item["mask"] = viewed[0], mask[0]
+            if "gt" in item:
+                item["gt"] = viewed[1]
         if record.score is not None:
             item["score"] = torch.tensor(record.score, dtype=torch.float32)
         return item

@@ -163,13 +163,25 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
     def compute_loss(model, batch, generator):
         return F.mse_loss(scores_of(model, batch).float(), batch["score"].float())
 
-    train_set = TripletDataset(train_records, settings.resolution)
-    trained = train(settings, accelerator, summary, disc, train_set, compute_loss, inputs={"base UNet": unet_dir, **frozen_base_parts(base)})
+    train_set = TripletDataset(train_records, settings.resolution, scorer_view=True)
+    trained = train(
+        settings,
+        accelerator,
+        summary,
+        disc,
+        train_set,
+        compute_loss,
+        inputs={"base UNet": unet_dir, **frozen_base_parts(base)},
+    )
 
     metrics = {"train_records": len(train_records), "heldout_records": len(held_out), "base_unet": str(unet_dir)}
     if held_out and accelerator.is_main_process:
         metrics["heldout"] = evaluate(
-            scores_of, trained, TripletDataset(held_out, settings.resolution), settings.eval_batch_size, device
+            scores_of,
+            trained,
+            TripletDataset(held_out, settings.resolution, scorer_view=True),
+            settings.eval_batch_size,
+            device,
         )
     out_dir = Path(settings.out).resolve() / "discriminator"
     if accelerator.is_main_process:

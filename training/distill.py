@@ -200,7 +200,15 @@ def distill(settings: DistillSettings) -> dict:
             return F.mse_loss(student.float(), target.float())
         return torch.mean(torch.sqrt((student.float() - target.float()) ** 2 + settings.huber_c**2) - settings.huber_c)
 
-    trained = train(settings, accelerator, summary, unet, dataset, compute_loss, inputs={"teacher UNet": unet_dir, **frozen_base_parts(base)})
+    trained = train(
+        settings,
+        accelerator,
+        summary,
+        unet,
+        dataset,
+        compute_loss,
+        inputs={"teacher UNet": unet_dir, **frozen_base_parts(base)},
+    )
 
     out_dir = Path(settings.out).resolve() / "lora"
     tensors = 0

@@ -224,11 +224,12 @@ def same_content_groups(labelled) -> tuple[list[list], list[dict]]:
 def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list[tuple[Path, Path, Path]], int]:
     """(source, mask, edited) files of each window the Scorer sees, cut as POST /score cuts them (the stored mask
     is already dilated: no second dilation), and how many windows were left out for an empty mask at its view."""
+    import torch
+
     from engines import imaging
     from engines.errors import InputError
     from engines.pipeline import RemovalPipeline
-    from engines.scorer import SCORE_SIZE
-    from training.data import load_mask
+    from engines.scorer import SCORE_SIZE, score_view_mask
 
     data = [store.objects.get(result.keys[kind]) for kind in ("source", "mask", "result")]
     limits = imaging.DecodeLimits(max_bytes=max(map(len, data)), max_megapixels=_MAX_MEGAPIXELS)
@@ -241,7 +242,7 @@ def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list
         files = tuple(
             _save(pixels, out / folder) for pixels, folder in zip((job.source, job.mask, job.edited), FOLDERS)
         )
-        if load_mask(files[1], SCORE_SIZE).any():
+        if score_view_mask(torch.from_numpy(job.mask)[None, None], SCORE_SIZE).any():  # as the discriminator sees it
             views.append(files)
         else:
             empty += 1

@@ -100,7 +100,9 @@ def finetune(settings: FinetuneSettings) -> dict:
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         return F.mse_loss(prediction.float(), target.float())
 
-    trained = train(settings, accelerator, summary, unet, dataset, compute_loss, ema=ema, inputs=frozen_base_parts(base))
+    trained = train(
+        settings, accelerator, summary, unet, dataset, compute_loss, ema=ema, inputs=frozen_base_parts(base)
+    )
 
     out_unet = Path(settings.out).resolve() / "unet"
     if accelerator.is_main_process:
