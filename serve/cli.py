@@ -58,6 +58,9 @@ def load_serve_config(path: Path) -> dict:
     return config
 
 
+LOCAL_PATHS = (("bundle", "path"), ("auth", "keys_file"))  # taken from the folder `python -m serve run` starts in
+
+
 def fit_to_machine(
     config: dict,
     bundle: str | None,
@@ -74,6 +77,10 @@ def fit_to_machine(
     args = app.setdefault("args", {})
     if bundle:
         args.setdefault("bundle", {})["path"] = bundle
+    for section, key in LOCAL_PATHS:  # Ray's processes run in the repository: a relative path means this folder's
+        value = (args.get(section) or {}).get(key)
+        if value and not Path(value).expanduser().is_absolute():
+            args[section][key] = str(Path(value).expanduser().resolve())
     if gpus is None:
         gpus = visible_gpus()
     notes += fit_gpus(app.get("deployments", []), gpus)
@@ -256,23 +263,48 @@ def describe_bundle(args: dict) -> str:
     )
 
 
+BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torch and diffusers (a test keeps them equal)
+
+
+def missing_bundle(args: dict) -> str | None:
+    """Why bundle.path cannot be a bundle on this machine, before Ray starts (a replica would fail on it ~20 s
+    later, after Ray's start); None where it may be one."""
+    path = ((args.get("bundle") or {}).get("path")) or None
+    if path and not (Path(path).expanduser() / BUNDLE_MANIFEST).is_file():
+        where = "no such folder" if not Path(path).expanduser().exists() else f"no {BUNDLE_MANIFEST} in it"
+        return f"bundle.path {path} is not a bundle ({where}); docs/operations.md, Model bundles, says how to make one"
+    return None
+
+
+def keys_state(args: dict) -> str:
+    """For the READY line: whether API keys are on, and from which file."""
+    auth = args.get("auth") or {}
+    return f"API keys on ({auth.get('keys_file')})" if auth.get("enabled") else "API keys off"
+
+
 def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None = None, **quotas) -> int:
     """Append a new key's digest to the keys file; the key itself goes to stdout only."""
-    data = yaml.safe_load(keys_file.read_text()) if keys_file.exists() else None
-    data = data or {"keys": []}
-    key, entry = new_key_entry(name, scopes, team, **quotas)  # quotas: requests_per_minute, max_concurrent
-    data["keys"].append(entry)
-    try:
-        KeysFile.model_validate(data)
-    except ValidationError as exc:
-        reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
-        print(f"cannot add key {name!r} to {keys_file}: {reasons}", file=sys.stderr)
+    from serve.config import invalid_because
+
+    def refuse(reason: str) -> int:
+        print(f"cannot add key {name!r} to {keys_file}: {reason}", file=sys.stderr)
         return 2
+
+    if not scopes:
+        return refuse(f"give it at least one scope (--scopes, of {', '.join(SCOPES)}): a key without one can call nothing")
+    if not keys_file.parent.is_dir():
+        return refuse(f"the folder {keys_file.parent} does not exist")
+    try:
+        data = (yaml.safe_load(keys_file.read_text()) if keys_file.exists() else None) or {"keys": []}
+        key, entry = new_key_entry(name, scopes, team, **quotas)  # quotas: requests_per_minute, max_concurrent
+        data["keys"].append(entry)
+        KeysFile.model_validate(data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        return refuse(invalid_because(exc, root="file") if not isinstance(exc, OSError) else str(exc))
     try:
         replace_file(keys_file, yaml.safe_dump(data, sort_keys=False))
     except OSError as exc:
-        print(f"cannot add key {name!r} to {keys_file}: {exc} (the file is as it was)", file=sys.stderr)
-        return 2
+        return refuse(f"{exc} (the file is as it was)")
     print(key)
     print(f"[rorem] stored the SHA-256 of key {name!r} ({', '.join(scopes)}) in {keys_file}", file=sys.stderr)
     return 0
@@ -514,7 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     key_cmd = sub.add_parser("new-key", help="make an API key; print it once and store only its SHA-256")
     key_cmd.add_argument("--name", required=True, help="who holds the key (shown in 403 answers, never the key)")
-    key_cmd.add_argument("--scopes", default=",".join(DEFAULT_SCOPES), help=f"comma-separated, of {', '.join(SCOPES)}")
+    key_cmd.add_argument(
+        "--scopes",
+        default=",".join(DEFAULT_SCOPES),
+        help=f"comma-separated, of {', '.join(SCOPES)} (default: {','.join(DEFAULT_SCOPES)})",
+    )
     key_cmd.add_argument("--keys-file", type=Path, required=True, help="YAML keys file to add the entry to")
     key_cmd.add_argument("--team", default=None, help="keys of one team share their retained results (default: none)")
     key_cmd.add_argument(
@@ -568,6 +604,9 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     app = config["applications"][0]
+    missing = missing_bundle(app.get("args") or {})
+    if missing:
+        return _cannot_start(missing)
     addresses = listen_addresses(config, options.metrics_port)
     host, port = addresses["HTTP"]
     base_url = f"http://{host}:{port}{app.get('route_prefix', '/').rstrip('/')}"
@@ -623,7 +662,8 @@ def run(argv: list[str] | None = None) -> int:
             f"[rorem] READY on {base_url} : POST {base_url}/remove | gRPC {host}:{addresses['gRPC'][1]}"
             f" | metrics http://127.0.0.1:{options.metrics_port}/metrics | bundle {model['bundle']['name']}"
             f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
-            f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']} | instance {instance}",
+            f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']}"
+            f" | {keys_state(app.get('args') or {})} | instance {instance}",
             flush=True,
         )
         while child.poll() is None and not stop.requested.wait(0.5):

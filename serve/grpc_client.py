@@ -3,6 +3,7 @@
     python -m serve.grpc_client remove photo.jpg mask.png -o out.png [--target 127.0.0.1:9000] [--gate retry]
         (the output format follows -o's suffix: .png, .jpg / .jpeg, .webp; else --output-format, else the photo's)
     python -m serve.grpc_client score photo.jpg mask.png out.png
+    ROREM_API_KEY=rk_... python -m serve.grpc_client remove ...   # or --api-key: a service with API keys on
 
 gRPC clients refuse messages over 4 MiB by default; `open_channel` raises both limits so a
 1024x1024 PNG (or a 12 MP photo) passes both ways. Errors carry the problem+json document in the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from serve import rorem_pb2_grpc as pb_grpc
 # RemoveOptions.output_format's values (serve.protocol, not imported: this client stays light; a test keeps them equal)
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+API_KEY_ENV = "ROREM_API_KEY"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve.grpc_client")
     parser.add_argument("--target", default="127.0.0.1:9000")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"sent as authorization: Bearer (default: ${API_KEY_ENV})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     remove = sub.add_parser("remove", help="remove the masked object")
     remove.add_argument("image", type=Path)
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("mask", type=Path)
     score.add_argument("edited", type=Path)
     options = parser.parse_args(argv)
+    metadata = [("authorization", f"Bearer {options.api_key}")] if options.api_key else None
 
     with open_channel(options.target) as channel:
         client = stub(channel)
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_format = options.output_format or SUFFIX_FORMATS.get(options.output.suffix.lower())
                 if output_format:
                     request.output_format = output_format
-                reply = client.Remove(request, timeout=options.timeout)
+                reply = client.Remove(request, timeout=options.timeout, metadata=metadata)
                 options.output.write_bytes(reply.image)
                 score = f"{reply.score:.3f}" if reply.HasField("score") else "-"
                 print(f"{options.output}: seed {reply.seed}, score {score}, gate {reply.gate}, attempts {reply.attempts}")
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                         edited=options.edited.read_bytes(),
                     ),
                     timeout=options.timeout,
+                    metadata=metadata,
                 )
                 print(f"score {reply.score:.3f} (threshold {reply.threshold}, passed {reply.passed})")
         except grpc.RpcError as error:

@@ -150,6 +150,29 @@ def test_new_key_refuses_a_clashing_name_and_leaves_the_file_as_it_was(tmp_path,
     assert run(["new-key", "--name", "acme", "--team", "acme", "--keys-file", str(path)]) == 0
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--scopes", "remov"], "unknown scopes ['remov']"),
+        (["--scopes", ""], "at least one scope"),
+        (["--requests-per-minute", "-1"], "requests_per_minute: Input should be greater than or equal to 1"),
+        (["--max-concurrent", "0"], "max_concurrent: Input should be greater than or equal to 1"),
+        (["--keys-file", "/nonexistent-folder/keys.yaml"], "the folder /nonexistent-folder does not exist"),
+    ],
+    ids=["unknown-scope", "no-scope", "negative-rate", "zero-concurrency", "missing-folder"],
+)
+def test_new_key_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, args, said):
+    """A new user got a pydantic traceback for a misspelt scope or a quota below 1, a stored key without any scope
+    for --scopes '', and a missing folder named as a temporary file's."""
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    assert run(["new-key", "--name", "x", "--keys-file", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not path.exists()
+
+
 def test_credential_parsing():
     assert presented_key({"authorization": "bearer  abc "}) == "abc"
     assert presented_key({"x-api-key": "k"}) == "k"

@@ -74,6 +74,19 @@ def test_without_cuda_the_remover_asks_for_no_gpu(monkeypatch):
     assert config["applications"][0]["args"]["bundle"]["path"] == "/models/b"
 
 
+def test_relative_paths_are_taken_from_the_folder_the_cli_starts_in(monkeypatch, tmp_path):
+    """Ray's processes run in the repository: a keys file given as keys.yaml from another folder was looked for
+    there, and every key was refused (the docs' way to try keys locally)."""
+    _nvidia_driver_reports(monkeypatch, 0)
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    config["applications"][0]["args"]["auth"] = {"enabled": True, "keys_file": "keys.yaml"}
+    fit_to_machine(config, bundle="bundles/mine", host=None, port=None)
+    args = config["applications"][0]["args"]
+    assert args["auth"]["keys_file"] == str(tmp_path / "keys.yaml")
+    assert args["bundle"]["path"] == str(tmp_path / "bundles" / "mine")
+
+
 @pytest.mark.parametrize(("driver", "cuda_visible", "expected"), [(4, None, 4), (4, "0,2", 2), (2, "", 0), (0, "0", 0)])
 def test_the_cli_counts_the_gpus_ray_will_schedule(monkeypatch, driver, cuda_visible, expected):
     """The placement is sized from the count Ray's own detection resolves (driver count capped by

@@ -98,3 +98,13 @@ def test_the_defaults_the_readme_and_the_limits_table_restate_are_the_settings_d
             assert _agrees(_says(written), _default(key)), f"{doc.name}: {key} is {_default(key)!r}, not {written!r}: {row}"
             checked += 1
     assert checked >= 29, f"only {checked} restated defaults found: has a table's format changed?"
+
+
+def test_the_bad_input_case_count_the_readme_and_api_doc_give_is_the_corpus_table_s():
+    """The README said 93 cases, docs/api.md 92; the table in docs/reliability.md is the corpus (a test keeps it so)."""
+    text = (REPO / "docs" / "reliability.md").read_text()
+    table = text[text.index("| case | REST answer | gRPC answer |") :].split("\n\n", 1)[0]
+    cases = len(table.splitlines()) - 2
+    for doc in (REPO / "README.md", REPO / "docs" / "api.md"):
+        said = re.findall(r"(\d+) (?:bad-input )?cases", (doc).read_text())
+        assert said and all(int(n) == cases for n in said), f"{doc.name} says {said}; the corpus has {cases}"

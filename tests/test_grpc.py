@@ -128,7 +128,7 @@ def test_the_cli_client_asks_for_the_format_its_output_file_names(monkeypatch, t
         def __init__(self, channel):
             pass
 
-        def Remove(self, request, timeout):
+        def Remove(self, request, timeout, metadata=None):
             asked.append(request.output_format)
             return pb.RemoveReply(image=b"x", gate="off", bucket=256)
 

@@ -122,6 +122,22 @@ def test_grpc_needs_a_key_in_metadata(hardened, upload):
     assert reply.image and reply.bucket > 0
 
 
+def test_the_bundled_grpc_client_sends_a_key_from_its_option_or_the_environment(hardened, upload, tmp_path, monkeypatch):
+    """The README's gRPC client had no way to send a key: with keys on it could only get UNAUTHENTICATED."""
+    from serve import grpc_client
+
+    (tmp_path / "photo.png").write_bytes(upload["image"])
+    (tmp_path / "mask.png").write_bytes(upload["mask"])
+    args = ["remove", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), "-o", str(tmp_path / "out.png")]
+    args += ["--gate", "off"]
+    monkeypatch.delenv(grpc_client.API_KEY_ENV, raising=False)
+    assert grpc_client.main(["--target", hardened.grpc_target, *args]) == 1
+    assert grpc_client.main(["--target", hardened.grpc_target, "--api-key", hardened.app_key, *args]) == 0
+    monkeypatch.setenv(grpc_client.API_KEY_ENV, hardened.app_key)
+    (tmp_path / "out.png").unlink()
+    assert grpc_client.main(["--target", hardened.grpc_target, *args]) == 0 and (tmp_path / "out.png").stat().st_size
+
+
 def _trickle(url: str, key: str, answers: list, stop: threading.Event) -> None:
     """A client that declares a 100 KB multipart body and sends a few bytes a second; records (status, seconds)."""
     parsed = urllib.parse.urlsplit(url)

@@ -185,6 +185,27 @@ def test_a_bundle_flag_over_the_authors_layout_fails_the_start(tmp_path, capsys,
     assert "with the command line: bundle: set either bundle.path or bundle.authors, not both" in capsys.readouterr().err
 
 
+def test_a_bundle_path_that_holds_no_bundle_fails_the_start_before_ray(tmp_path, capsys, no_launch):
+    """A new user's --bundle /nonexistent started Ray and waited ~20 s for the replicas to fail on it."""
+    from engines.bundle import MANIFEST
+    from serve.cli import BUNDLE_MANIFEST
+
+    assert BUNDLE_MANIFEST == MANIFEST
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    (tmp_path / "empty").mkdir()
+    for bundle, said in ((tmp_path / "none", "(no such folder)"), (tmp_path / "empty", "(no manifest.json in it)")):
+        assert run(["run", "--bundle", str(bundle), *ports]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot start: bundle.path {bundle} is not a bundle {said}" in err and "Model bundles" in err
+
+
+def test_the_ready_line_says_whether_api_keys_are_on():
+    from serve.cli import keys_state
+
+    assert keys_state({}) == "API keys off"
+    assert keys_state({"auth": {"enabled": True, "keys_file": "/etc/rorem/keys.yaml"}}) == "API keys on (/etc/rorem/keys.yaml)"
+
+
 @pytest.mark.parametrize(
     ("flags", "said"),
     [(["--port", "99999"], "99999 is not a port (1-65535)"), (["--gpus", "-1"], "-1: a GPU count is 0 or more")],
