@@ -86,8 +86,27 @@ def listeners(port: int, proc: Path = Path("/proc")) -> list[str]:
         except OSError:
             continue  # gone, or another user's process
         if _links(fds) & targets:
-            holders.append(f"pid {pid_dir.name} ({_command(pid_dir)})")
+            holder = f"pid {pid_dir.name} ({_command(pid_dir)})"
+            service = _serving_ancestor(pid_dir, proc)
+            holders.append(f"{holder}, a process of the service pid {service} (python -m serve run)" if service else holder)
     return holders or ["a process this user cannot inspect (another user's, or in another container)"]
+
+
+def _serving_ancestor(pid_dir: Path, proc: Path, most: int = 8) -> str | None:
+    """The `python -m serve run` above a port's holder (Ray's proxy and agents are its launcher's grandchildren):
+    the process to stop, where the holder's own pid names a Ray actor."""
+    for _ in range(most):
+        try:
+            status = (pid_dir / "status").read_text()
+        except OSError:
+            return None
+        parent = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "0")
+        if parent in ("0", "1"):
+            return None
+        pid_dir = proc / parent
+        if " -m serve run" in f" {_command(pid_dir)}":
+            return parent
+    return None
 
 
 def _links(fds: list[Path]) -> set[str]:

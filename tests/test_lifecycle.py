@@ -269,6 +269,7 @@ def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
     assert second.returncode == 2, second.stderr
     assert f"the HTTP port {running.ports['http']} (127.0.0.1) is already in use, held by pid" in second.stderr
     assert "ray::ProxyActor" in second.stderr  # the holder, found in /proc
+    assert f"a process of the service pid {running.child.pid} (python -m serve run)" in second.stderr, "the one to stop"
     assert "READY" not in second.stdout
     assert elapsed < 30, f"took {elapsed:.1f} s"  # before the model libraries load (a minute on a busy 2-core box)
 
