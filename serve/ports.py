@@ -88,7 +88,9 @@ def listeners(port: int, proc: Path = Path("/proc")) -> list[str]:
         if _links(fds) & targets:
             holder = f"pid {pid_dir.name} ({_command(pid_dir)})"
             service = _serving_ancestor(pid_dir, proc)
-            holders.append(f"{holder}, a process of the service pid {service} (python -m serve run)" if service else holder)
+            if service:
+                holder += f", a process of the service pid {service} (python -m serve run)"
+            holders.append(holder)
     return holders or ["a process this user cannot inspect (another user's, or in another container)"]
 
 
