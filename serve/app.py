@@ -240,7 +240,7 @@ class Ingress(GrpcMethods, LiveSettings):
     @api.get("/playground", response_class=HTMLResponse, include_in_schema=False, dependencies=[auth.PUBLIC])
     async def playground(self) -> HTMLResponse:
         """Try a removal by hand: drop a photo, paint the mask, compare before / after (serve/playground.py)."""
-        html = playground_page(self.settings.retention, self.settings.imaging)
+        html = playground_page(self.settings.retention, self.settings.imaging, tiny=self.settings.bundle.is_tiny())
         return HTMLResponse(html, headers=playground_headers())
 
     @api.get("/annotate", response_class=HTMLResponse, dependencies=[auth.PUBLIC])

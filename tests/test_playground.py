@@ -86,7 +86,7 @@ def test_the_playground_keeps_its_hashed_script_in_every_retention_mode():
     for mode, settings in modes.items():
         page = playground_page(settings, ImagingSettings(max_megapixels=12.5))
         assert f'<body data-state="empty" data-retention="{mode}" ' in page
-        assert 'data-accepted-formats="png jpeg webp gif bmp tiff" data-max-megapixels="12.5">' in page
+        assert 'data-accepted-formats="png jpeg webp gif bmp tiff" data-max-megapixels="12.5" data-tiny="false">' in page
         assert _inline("script", page) == _inline("script", html), "the served page keeps the hashed script"
 
 
@@ -181,6 +181,7 @@ def _error_says(page, expected: str) -> str:
 def test_a_photo_the_service_would_refuse_is_refused_when_opened(browser):
     # the page's limits are the service's settings, written into the page by the server
     page, problems = _open_offline(browser, StandIn(), ImagingSettings(max_megapixels=0.05))
+    assert page.is_hidden("#tiny-note"), "a real bundle: no note"
     svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="300" height="200"/></svg>'
     icon = encoded(Image.new("RGB", (32, 32), "teal"), "ICO")
     for name, data, mime in [("drawing.svg", svg, "image/svg+xml"), ("icon.ico", icon, "image/x-icon")]:
@@ -219,7 +220,7 @@ def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_ser
             "name => document.querySelector('#photo-info').textContent.startsWith(name)",
             arg=f"turned{orientation}.webp",
         )
-        assert f"{upright.width} × {upright.height} px" in page.inner_text("#photo-info")
+        assert page.inner_text("#photo-info").endswith(f"{upright.width} × {upright.height} px, 1 KB"), "not 0.0 MB"
         shown = page.locator("#photo").evaluate(
             "(c, quarters) => quarters.map(([fx, fy]) => Array.from(c.getContext('2d')"
             ".getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data).slice(0, 3))",
@@ -268,9 +269,9 @@ def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
     page, problems = _open_offline(browser, stand_in)
     _open_and_paint(page, "photo.png")
     refusals = [
-        (RATE, "42", "this key's quota is used up; back in 42 s."),
-        (CONCURRENCY, "1", "this key has as many requests in progress as it may; try again in 1 s."),
-        (None, "3", "the service is busy; try again in 3 s."),  # the replica's admission names no quota
+        (RATE, "42", "This key's quota is used up; back in 42 s."),
+        (CONCURRENCY, "1", "This key has as many requests in progress as it may; try again in 1 s."),
+        (None, "3", "The service is busy; try again in 3 s."),  # the replica's admission names no quota
     ]
     for quota, retry_after, hint in refusals:
         fields = {"quota": quota} if quota else {}
@@ -421,6 +422,7 @@ def test_paint_remove_compare_download_try_another_and_rate(service, browser):
     height, width = photo.shape[:2]
     page, problems = _open_page(browser, service.url + "/")
     assert page.url == service.url + "/playground"
+    assert page.is_visible("#tiny-note"), "the test service runs the tiny bundle: the page says its results are noise"
     page.fill("#api-key", "rk_typed_into_the_box")
     sent_keys: list[str | None] = []
     page.on("request", lambda r: sent_keys.append(r.headers.get("x-api-key")) if r.url.endswith("/remove") else None)
@@ -545,7 +547,7 @@ def test_mistakes_and_refusals_are_told_in_words(service, browser):
         ),
     )
     page.click("#remove")
-    status("enter a valid key in the API key box")
+    status("A valid API key is required: the API key is not valid. Enter a valid key in the API key box")
     assert page.get_attribute("body", "data-busy") == "no" and page.is_enabled("#remove")
     assert problems == [], problems
 
