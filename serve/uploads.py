@@ -321,7 +321,7 @@ def _from_multipart(content_type: str, body: bytes | list[bytes], names, require
             raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
     unknown = set(files) - set(names)
     if unknown:
-        raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}")
+        raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}; the files are {', '.join(names)}")
     for name in required:
         if name not in files:
             raise Problem("invalid-request", f"the multipart body has no {name!r} file")
