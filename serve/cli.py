@@ -58,7 +58,7 @@ def load_serve_config(path: Path) -> dict:
     return config
 
 
-LOCAL_PATHS = (("bundle", "path"), ("auth", "keys_file"))  # taken from the folder `python -m serve run` starts in
+LOCAL_PATHS = (("bundle", "path"), ("auth", "keys_file"), ("engine", "runner_path"))  # taken from the folder `python -m serve run` starts in
 
 
 def fit_to_machine(
@@ -267,12 +267,15 @@ BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torc
 
 
 def missing_bundle(args: dict) -> str | None:
-    """Why bundle.path cannot be a bundle on this machine, before Ray starts (a replica would fail on it ~20 s
-    later, after Ray's start); None where it may be one."""
+    """Why bundle.path cannot be a bundle, or engine.runner_path a file, on this machine, before Ray starts (a
+    replica would fail on it ~20 s later, after Ray's start); None where they may be."""
     path = ((args.get("bundle") or {}).get("path")) or None
     if path and not (Path(path).expanduser() / BUNDLE_MANIFEST).is_file():
         where = "no such folder" if not Path(path).expanduser().exists() else f"no {BUNDLE_MANIFEST} in it"
         return f"bundle.path {path} is not a bundle ({where}); docs/operations.md, Model bundles, says how to make one"
+    runner_path = ((args.get("engine") or {}).get("runner_path")) or None
+    if runner_path and not Path(runner_path).expanduser().is_file():
+        return f"engine.runner_path {runner_path}: no such file"
     return None
 
 

@@ -185,7 +185,7 @@ def test_a_bundle_flag_over_the_authors_layout_fails_the_start(tmp_path, capsys,
     assert "with the command line: bundle: set either bundle.path or bundle.authors, not both" in capsys.readouterr().err
 
 
-def test_a_bundle_path_that_holds_no_bundle_fails_the_start_before_ray(tmp_path, capsys, no_launch):
+def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tmp_path, capsys, no_launch):
     """A new user's --bundle /nonexistent started Ray and waited ~20 s for the replicas to fail on it."""
     from engines.bundle import MANIFEST
     from serve.cli import BUNDLE_MANIFEST
@@ -197,6 +197,10 @@ def test_a_bundle_path_that_holds_no_bundle_fails_the_start_before_ray(tmp_path,
         assert run(["run", "--bundle", str(bundle), *ports]) == 2
         err = capsys.readouterr().err
         assert f"cannot start: bundle.path {bundle} is not a bundle {said}" in err and "Model bundles" in err
+    path = tmp_path / "serve.yaml"
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"runner_path": "unet.plan"})))
+    assert run(["run", "--config", str(path), *ports]) == 2
+    assert f"engine.runner_path {Path.cwd() / 'unet.plan'}: no such file" in capsys.readouterr().err
 
 
 def test_the_ready_line_says_whether_api_keys_are_on():
