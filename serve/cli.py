@@ -58,7 +58,8 @@ def load_serve_config(path: Path) -> dict:
     return config
 
 
-LOCAL_PATHS = (("bundle", "path"), ("auth", "keys_file"), ("engine", "runner_path"))  # taken from the folder `python -m serve run` starts in
+# taken from the folder `python -m serve run` starts in
+LOCAL_PATHS = (("bundle", "path"), ("auth", "keys_file"), ("engine", "runner_path"))
 
 
 def fit_to_machine(
@@ -263,7 +264,7 @@ def describe_bundle(args: dict) -> str:
     )
 
 
-BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torch and diffusers (a test keeps them equal)
+BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torch and diffusers (a test: equal)
 
 
 def missing_bundle(args: dict) -> str | None:
@@ -294,7 +295,7 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
         return 2
 
     if not scopes:
-        return refuse(f"give it at least one scope (--scopes, of {', '.join(SCOPES)}): a key without one can call nothing")
+        return refuse(f"give it at least one scope (--scopes, of {', '.join(SCOPES)}): without one it can call nothing")
     if not keys_file.parent.is_dir():
         return refuse(f"the folder {keys_file.parent} does not exist")
     try:

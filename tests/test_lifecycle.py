@@ -207,7 +207,8 @@ def test_the_ready_line_says_whether_api_keys_are_on():
     from serve.cli import keys_state
 
     assert keys_state({}) == "API keys off"
-    assert keys_state({"auth": {"enabled": True, "keys_file": "/etc/rorem/keys.yaml"}}) == "API keys on (/etc/rorem/keys.yaml)"
+    keyed = {"auth": {"enabled": True, "keys_file": "/etc/rorem/keys.yaml"}}
+    assert keys_state(keyed) == "API keys on (/etc/rorem/keys.yaml)"
 
 
 @pytest.mark.parametrize(
