@@ -298,7 +298,7 @@ def starlette_answer(content_type: str, body: bytes):
                 raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
         unknown = set(files) - set(NAMES)
         if unknown:
-            raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}")
+            raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}; the files are {', '.join(NAMES)}")
         if "image" not in files:
             raise Problem("invalid-request", "the multipart body has no 'image' file")
         return files, req.validate(req.RemoveOptions, fields)
