@@ -20,6 +20,7 @@ from serve.admission import route_admissions
 from serve.config import INSTANCE_ENV, AppSettings, RemoverArgs, ScorerArgs, with_live
 from serve.grpc_api import GrpcMethods
 from serve.live import LiveSettings
+from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.loop_lag import loop_lag
 from serve.metrics import INGRESS_STAGES, ingress_metrics
 from serve.page_headers import PRIVATE_HEADERS
@@ -52,6 +53,7 @@ class Ingress(GrpcMethods, LiveSettings):
     ):
         """`settings`: the whole AppSettings (RemovalService reads them all); the gate comes live (`reconfigure`).
         `result_store`: the ResultStore deployment, where retention is enabled."""
+        keep_replica_grpc_on_loopback()
         self.settings = AppSettings.model_validate(settings)
         self.metrics = ingress_metrics()
         self.service = RemovalService(self.settings, remover, scorer, self.metrics, result_store=result_store)

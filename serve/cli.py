@@ -107,6 +107,15 @@ def grpc_access_env(config: dict) -> dict[str, str]:
     return {GRPC_LOOPBACK_ONLY_ENV: "1" if loopback and not auth.get("enabled") else "0"}
 
 
+def ray_network_env(config: dict) -> dict[str, str]:
+    """On a loopback host, Ray itself on loopback too (serve.local_ray: its ports take work from whoever reaches
+    them); beyond it (a container's --host 0.0.0.0: Prometheus scrapes the metrics port from outside), Ray's own
+    choice, the machine's network address."""
+    from serve.local_ray import RAY_LOOPBACK_ENV
+
+    return dict(RAY_LOOPBACK_ENV) if _listener(config)[2] else {}
+
+
 def host_names_note(config: dict) -> list[str]:
     """Listening beyond loopback without keys: the keyed routes still answer only loopback Host names (serve.auth,
     DNS rebinding), which a client on another machine does not send; say so at the start, not as a 403 later."""
@@ -642,7 +651,8 @@ def run(argv: list[str] | None = None) -> int:
         drain_flag = work / "draining"
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
         env = {
-            **os.environ, **proxy_env(app.get("args")), **grpc_access_env(config), INSTANCE_ENV: instance,
+            **os.environ, **proxy_env(app.get("args")), **grpc_access_env(config), **ray_network_env(config),
+            INSTANCE_ENV: instance,
             DRAIN_FLAG_ENV: str(drain_flag),
         }  # fmt: skip
         stop = StopRequest()

@@ -15,6 +15,7 @@ from serve.batcher import Batcher
 from serve.config import RemoverArgs, RemoverLive
 from serve.health import EngineWatch
 from serve.live import LiveSettings
+from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.metrics import BatchMetrics
 
 
@@ -33,6 +34,7 @@ class Remover(LiveSettings):
     def __init__(self, settings: dict):
         """`settings`: serve.config.RemoverArgs; the batch waits come live through `reconfigure`.
         The model libraries are imported here, in the replica: the Ingress imports this module only to bind it."""
+        keep_replica_grpc_on_loopback()
         import torch
 
         from engines.remover import RemovalEngine, SamplingSettings

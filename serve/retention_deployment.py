@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.config import RetentionSettings
 from serve.handles import answer_or_cancel
+from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.retention.keeper import LocalStoreClient
 from serve.retention.store import RetentionStore
 
@@ -30,6 +31,7 @@ CALL_TIMEOUT_S = 60.0
 class ResultStore(LocalStoreClient):
     def __init__(self, settings: dict):
         """`settings`: serve.config.RetentionSettings, as JSON."""
+        keep_replica_grpc_on_loopback()
         retention = RetentionSettings.model_validate(settings)
         super().__init__(lambda: RetentionStore.from_settings(retention))
 

@@ -13,6 +13,7 @@ from serve.batcher import Batcher
 from serve.config import ScorerArgs, ScorerLive
 from serve.health import EngineWatch
 from serve.live import LiveSettings
+from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.metrics import BatchMetrics
 from serve.remover_deployment import replica_id
 
@@ -31,6 +32,7 @@ class Scorer(LiveSettings):
     def __init__(self, settings: dict):
         """`settings`: serve.config.ScorerArgs; the batch wait comes live through `reconfigure`.
         The model libraries are imported here, in the replica: the Ingress imports this module only to bind it."""
+        keep_replica_grpc_on_loopback()
         import torch
 
         from engines.scorer import ScoringEngine

@@ -258,6 +258,74 @@ def running(keyed):
     return keyed
 
 
+def test_ray_goes_on_loopback_with_a_loopback_host_and_its_replica_grpc_servers_with_it(monkeypatch):
+    import ray
+    from ray.serve._private import replica
+
+    from serve.cli import ray_network_env
+    from serve.local_ray import RAY_LOOPBACK_ENV, keep_replica_grpc_on_loopback
+
+    assert ray_network_env({"http_options": {"host": "127.0.0.1"}, "applications": [{}]}) == RAY_LOOPBACK_ENV
+    assert ray_network_env({"http_options": {"host": "0.0.0.0"}, "applications": [{}]}) == {}
+    bound = []
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 1)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "192.0.2.2")
+    assert not keep_replica_grpc_on_loopback()
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    assert keep_replica_grpc_on_loopback() and keep_replica_grpc_on_loopback(), "twice: wrapped once"
+    replica.add_port_to_grpc_server(None, "[::]:0")
+    replica.add_port_to_grpc_server(None, "10.0.0.1:5000")
+    assert bound == ["127.0.0.1:0", "10.0.0.1:5000"]
+
+
+def _listening(pids: set[str]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on (/proc, as serve.ports reads it)."""
+    inodes = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                address, port = fields[1].rsplit(":", 1)
+                inodes[f"socket:[{fields[9]}]"] = (address, int(port, 16))
+    found = set()
+    for pid in pids:
+        try:
+            links = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+        except OSError:
+            continue
+        found |= {inodes[link] for link in links if link in inodes}
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    """/proc/net's hex: 127.x.x.x (little-endian: the last byte is 7F), ::1, or ::ffff:127.x.x.x."""
+    if len(address) == 8:
+        return address.endswith("7F")
+    return address == "00000000000000000000000001000000" or (
+        address.startswith("0000000000000000FFFF0000") and address.endswith("7F")
+    )
+
+
+def test_a_local_instance_listens_on_loopback_only_but_for_the_grpc_api(running):
+    """Ray turned the node address 127.0.0.1 into the machine's network address: GCS, the raylet, the metrics
+    export and every replica's inter-deployment gRPC server (which unpickles what it is sent) listened on the
+    network while the docs said loopback. Now only Ray's gRPC proxy does (the API's gRPC port, answered from
+    loopback peers only while keys are off)."""
+    instance = httpx.get(running.url + "/healthz").json()["instance"]
+    marker = f"ROREM_INSTANCE_ID={instance}".encode()
+    pids = set()
+    for pid_dir in Path("/proc").iterdir():
+        try:
+            if pid_dir.name.isdigit() and marker in (pid_dir / "environ").read_bytes().split(b"\0"):
+                pids.add(pid_dir.name)
+        except OSError:
+            continue
+    listening = _listening(pids)
+    assert len(pids) >= 5 and len(listening) >= 8, (pids, listening)
+    open_to_the_network = {(address, port) for address, port in listening if not _is_loopback(address)}
+    assert {port for _, port in open_to_the_network} == {running.ports["grpc"]}, open_to_the_network
+
+
 def test_ready_names_this_instance(running):
     health = httpx.get(running.url + "/healthz").json()
     assert f"| instance {health['instance']}" in running.log_path.read_text()

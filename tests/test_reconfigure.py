@@ -22,6 +22,7 @@ from serve import metrics
 from serve.app import Ingress
 from serve.batcher import Batcher
 from serve.config import AppSettings, RemoverArgs
+from serve.local_ray import RAY_LOOPBACK_ENV
 from serve.remover_deployment import Remover
 from serve.scorer_deployment import Scorer
 from tests import helpers
@@ -51,7 +52,9 @@ print("RESULT " + json.dumps({"status": app["status"], "replicas": replicas, "li
 
 def _cluster(instance: str) -> tuple[str, dict]:
     """The GCS address of the Ray cluster whose processes carry this CLI instance's id (serve.config.INSTANCE_ENV),
-    and its token-auth mode (a new local Ray turns token auth on by default), for a driver to join it."""
+    and the environment a driver needs to join it: its token-auth mode (a new local Ray turns token auth on by
+    default) and its node address on loopback (serve.local_ray: without it, a driver's 127.0.0.1 becomes the
+    machine's network address and it waits for a raylet there)."""
     for proc in Path("/proc").iterdir():
         try:
             env = (proc / "environ").read_bytes().split(b"\0")
@@ -64,7 +67,12 @@ def _cluster(instance: str) -> tuple[str, dict]:
             found = re.fullmatch(r"--gcs[-_]address=(\S+)", arg)
             if found:
                 mode = next((e for e in env if e.startswith(b"RAY_AUTH_MODE=")), b"RAY_AUTH_MODE=token")
-                return found[1], {"RAY_AUTH_MODE": mode.decode().split("=", 1)[1]}
+                joined = {"RAY_AUTH_MODE": mode.decode().split("=", 1)[1]}
+                for name in RAY_LOOPBACK_ENV:
+                    given = next((e for e in env if e.startswith(f"{name}=".encode())), None)
+                    if given is not None:
+                        joined[name] = given.decode().split("=", 1)[1]
+                return found[1], joined
     raise AssertionError(f"no Ray process of instance {instance} names its GCS address")
 
 
