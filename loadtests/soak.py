@@ -12,8 +12,8 @@ decodable image of the input's size counts as `bad_result`, an error without pro
 `bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero.
 
 Chaos kills replica processes of a local Serve (`ray::ServeReplica:<app>:<deployment>`) with SIGKILL,
-round-robin over --chaos-deployments, only in one service's process session: --serve-session, or the one
-session that runs such replicas (with several local Serves and no --serve-session it refuses to start).
+round-robin over --chaos-deployments, only those of the service --url answers for (the instance id its
+/healthz gives, which `python -m serve run` puts in the environment of every Ray process it starts).
 On Kubernetes, delete a worker pod instead (docs/reliability.md).
 """
 
@@ -24,7 +24,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,8 @@ import httpx
 import numpy as np
 from benchlib import center_mask, photo, png, summarize
 from PIL import Image
+
+from serve.config import INSTANCE_ENV
 
 
 @dataclass
@@ -56,33 +57,29 @@ class SoakReport:
         return self.lost == 0 and self.bad_result == 0 and self.bad_error == 0 and "500" not in self.errored
 
 
-def _replicas(app: str) -> list[tuple[int, int, str]]:
-    """(pid, session id, command line) of every Serve replica process of `app` on this machine."""
-    table = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
-    rows = (line.split(None, 2) for line in table.splitlines())
-    return [(int(pid), int(sid), args) for pid, sid, args in (r for r in rows if len(r) == 3) if f"ServeReplica:{app}:" in args]
+def replica_pids(deployment: str, instance: str, app: str = "rorem", proc: Path = Path("/proc")) -> list[int]:
+    """The replica processes (`ray::ServeReplica:<app>:<deployment>`) of one local service: those whose
+    environment carries its instance id (serve.config.INSTANCE_ENV, which `python -m serve run` gives every Ray
+    process it starts, and its /healthz answers)."""
+    marker, title = f"{INSTANCE_ENV}={instance}".encode(), f"ServeReplica:{app}:{deployment}".encode()
+    pids = []
+    for pid_dir in proc.iterdir():
+        try:
+            if pid_dir.name.isdigit() and title in (pid_dir / "cmdline").read_bytes():
+                if marker in (pid_dir / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(pid_dir.name))
+        except OSError:
+            continue  # gone, or another user's
+    return sorted(pids)
 
 
-def replica_pids(deployment: str, app: str = "rorem", session: int | None = None) -> list[int]:
-    return [
-        pid for pid, sid, args in _replicas(app)
-        if f"ServeReplica:{app}:{deployment}" in args and session in (None, sid)
-    ]  # fmt: skip
-
-
-def only_serve_session(deployments: tuple[str, ...], app: str = "rorem") -> int:
-    """The process session of the one local Serve running these deployments: with two, a kill could hit a
-    service this soak does not load (and count it as done)."""
-    sessions = {
-        sid for _, sid, args in _replicas(app) if any(f"ServeReplica:{app}:{d}" in args for d in deployments)
-    }
-    if len(sessions) != 1:
-        found = f"sessions {sorted(sessions)}" if sessions else "none"
-        raise SystemExit(
-            f"chaos needs the one local Serve to kill replicas of, found {found}: pass --serve-session SID "
-            "(that of the `python -m serve run` this soak loads: ps -o sid= -p PID)"
-        )
-    return sessions.pop()
+def service_instance(url: str, headers: dict | None = None) -> str:
+    """The instance id the service at `url` answers on /healthz: chaos kills that service's replicas only (with
+    several local Serves, the first matching replica on the machine was another one's)."""
+    instance = httpx.get(url.rstrip("/") + "/healthz", headers=headers, timeout=10).json().get("instance")
+    if not instance:
+        raise SystemExit(f"{url}/healthz names no instance: chaos kills replicas of a `python -m serve run` only")
+    return instance
 
 
 def _valid_image(body: bytes, size: tuple[int, int]) -> bool:
@@ -103,7 +100,7 @@ def run_soak(
     client_timeout_s: float = 180.0,
     chaos_every_s: float | None = None,
     chaos_deployments: tuple[str, ...] = ("Remover",),
-    serve_session: int | None = None,
+    instance: str | None = None,
 ) -> SoakReport:
     image = photo(side)
     upload = {"image": png(image), "mask": png(center_mask(side).astype(np.uint8) * 255)}
@@ -145,12 +142,12 @@ def run_soak(
             time.sleep(chaos_every_s)
             deployment = chaos_deployments[turn % len(chaos_deployments)]
             turn += 1
-            for pid in replica_pids(deployment, session=serve_session)[:1]:
+            for pid in replica_pids(deployment, instance)[:1]:
                 os.kill(pid, signal.SIGKILL)
                 report.kills.append({"at_s": round(seconds - (deadline - time.monotonic()), 1), "deployment": deployment, "pid": pid})
 
-    if chaos_every_s and serve_session is None:
-        serve_session = only_serve_session(chaos_deployments)
+    if chaos_every_s and instance is None:
+        instance = service_instance(url, headers)
     threads = [threading.Thread(target=client) for _ in range(clients)]
     if chaos_every_s:
         threads.append(threading.Thread(target=chaos, daemon=True))
@@ -174,7 +171,6 @@ def main() -> int:
     parser.add_argument("--gate", default=None, help="gate mode sent with every request")
     parser.add_argument("--chaos-every", type=float, default=None, help="kill a replica every N seconds")
     parser.add_argument("--chaos-deployments", default="Remover")
-    parser.add_argument("--serve-session", type=int, default=None, help="only kill replicas of this process session")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     options = parser.parse_args()
 
@@ -183,7 +179,6 @@ def main() -> int:
         headers={"x-api-key": options.api_key} if options.api_key else None,
         fields={"gate": options.gate} if options.gate else None,
         chaos_every_s=options.chaos_every, chaos_deployments=tuple(options.chaos_deployments.split(",")),
-        serve_session=options.serve_session,
     )  # fmt: skip
     summary = {**asdict(report), "passed": report.passed}
     print(f"{'sent':>8} {'answered':>9} {'ok':>6} {'errored':>18} {'lost':>5} {'kills':>6}  p50/p95/p99 ms")

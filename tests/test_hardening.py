@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -59,17 +58,8 @@ def _assert_problem(response, status, problem):
     assert response.json()["type"].endswith("/" + problem)
 
 
-def _serve_session(service) -> int:
-    """The process session of this test's Ray: the CLI starts its launcher in a session of its own, which Ray
-    and the replicas inherit."""
-    table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
-    rows = [line.split(None, 2) for line in table.splitlines()]
-    (launcher,) = [int(pid) for pid, ppid, args in rows if ppid == str(service.child.pid) and "serve.launcher" in args]
-    return os.getsid(launcher)
-
-
 def _replica_pids(service, deployment: str) -> list[int]:
-    return soak.replica_pids(deployment, session=_serve_session(service))
+    return soak.replica_pids(deployment, soak.service_instance(service.url))
 
 
 def _wait_ready(service, timeout_s: float = 180.0) -> float:
@@ -336,7 +326,7 @@ def test_chaos_soak_loses_no_request(hardened):
     report = soak.run_soak(
         hardened.url, seconds=24, clients=3, side=256, headers={"x-api-key": hardened.app_key},
         fields={"gate": "annotate"}, client_timeout_s=REQUEST_TIMEOUT_S + 10, chaos_every_s=6,
-        chaos_deployments=("Remover", "Scorer"), serve_session=_serve_session(hardened),
+        chaos_deployments=("Remover", "Scorer"),
     )  # fmt: skip
     print(report)
     assert len(report.kills) >= 3
@@ -347,26 +337,23 @@ def test_chaos_soak_loses_no_request(hardened):
     _wait_ready(hardened)
 
 
-def test_chaos_refuses_to_guess_which_of_several_local_serves_to_kill(monkeypatch):
+def test_chaos_kills_only_the_replicas_of_the_service_it_loads(tmp_path):
     """operations.md's soak command killed the first matching replica on the machine: with another local Serve
-    running (another session's tests, say), it SIGKILLed that one and counted the kill."""
-    import subprocess as real_subprocess
-
-    table = [
-        "101 100 ray::ServeReplica:rorem:Remover",
-        "102 100 ray::ServeReplica:rorem:Scorer",
-        "201 200 ray::ServeReplica:rorem:Remover",
-        "301 300 python -m serve run",
-    ]
-
-    def ps(*args, **kwargs):
-        return real_subprocess.CompletedProcess(args, 0, stdout="\n".join(table) + "\n", stderr="")
-
-    monkeypatch.setattr(soak.subprocess, "run", ps)
-    with pytest.raises(SystemExit, match=r"sessions \[100, 200\]: pass --serve-session"):
-        soak.only_serve_session(("Remover", "Scorer"))
-    del table[2]
-    assert soak.only_serve_session(("Remover", "Scorer")) == 100
-    table.clear()
-    with pytest.raises(SystemExit, match="found none"):
-        soak.only_serve_session(("Remover",))
+    running (another session's tests, say), it SIGKILLed that one and counted the kill. Then it needed the
+    service's process session, which nothing printed. Now the instance id the loaded URL's /healthz gives."""
+    processes = {
+        101: ("ray::ServeReplica:rorem:Remover", "mine"),
+        102: ("ray::ServeReplica:rorem:Scorer", "mine"),
+        201: ("ray::ServeReplica:rorem:Remover", "another"),
+        301: ("python -m serve run", "mine"),
+        401: ("ray::ServeReplica:rorem:Remover", None),  # not started by the CLI
+    }
+    for pid, (title, instance) in processes.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(title.encode() + b"\0")
+        environ = [b"PATH=/usr/bin"] + ([f"ROREM_INSTANCE_ID={instance}".encode()] if instance else [])
+        (tmp_path / str(pid) / "environ").write_bytes(b"\0".join(environ) + b"\0")
+    assert soak.replica_pids("Remover", "mine", proc=tmp_path) == [101]
+    assert soak.replica_pids("Scorer", "mine", proc=tmp_path) == [102]
+    assert soak.replica_pids("Remover", "another", proc=tmp_path) == [201]
+    assert soak.replica_pids("Remover", "mi", proc=tmp_path) == [], "the whole id, not a prefix"
