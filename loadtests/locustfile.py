@@ -6,12 +6,17 @@
 
 Knobs (environment variables):
   ROREM_MIX      sizes and weights of the inputs, e.g. "512:6,1024:3,12mp:1" (default)
-  ROREM_GRPC     host:port of the gRPC API (default: the --host's host, port 9000)
+  ROREM_GRPC     host:port of the gRPC API (default: the --host's host, port 9000; needed with gRPC users when
+                 --host names another port than 8000: the gRPC port does not follow it)
   ROREM_GATE     gate mode sent with every request (default: the service's)
   ROREM_USERS    "rest:3,grpc:1" user-class weights (default); "rest:1,grpc:0" for REST only
 
 Every answer is checked: a 200 must carry a decodable image of the input's size, else the request
 is counted as failed (so a smoke run fails on any error or any response without a valid image).
+A refusal that says when to come back (429 / 503 with Retry-After; gRPC RESOURCE_EXHAUSTED / UNAVAILABLE
+with retry-after) is what the service does under overload, not an error: it is reported under its own
+name ("/remove 512 refused 429") so the removals' latencies are the removals', and the user waits the
+Retry-After before its next request, as a well-behaved client does.
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ import random
 import time
 from functools import cache
 
+import gevent
 import numpy as np
 from locust import HttpUser, User, between, events, task
 from PIL import Image
 
 SIZES = {"512": (512, 512), "1024": (1024, 1024), "12mp": (4000, 3000)}
+REFUSALS = (429, 503)
+GRPC_REFUSALS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8000, 9000
 MASK_FRACTIONS = (0.05, 0.15, 0.3)
 
 
@@ -99,11 +108,18 @@ class RestUser(HttpUser):
         if GATE:
             data["gate"] = GATE
         files = {"image": ("image.png", image, "image/png"), "mask": ("mask.png", mask, "image/png")}
-        with self.client.post("/remove", files=files, data=data, name=f"/remove {size}", catch_response=True) as response:
-            if response.status_code != 200:
+        name = f"/remove {size}"
+        with self.client.post("/remove", files=files, data=data, name=name, catch_response=True) as response:
+            retry_after = response.headers.get("retry-after")
+            if response.status_code in REFUSALS and retry_after:
+                response.request_meta["name"] = f"{name} refused {response.status_code}"
+                response.success()
+            elif response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
             elif problem := image_problem(response.content, size):
                 response.failure(problem)
+        if response.status_code in REFUSALS and retry_after:
+            gevent.sleep(float(retry_after))
 
 
 class GrpcUser(User):
@@ -119,7 +135,7 @@ class GrpcUser(User):
         grpc_gevent.init_gevent()
         from serve.grpc_client import open_channel, stub
 
-        target = os.environ.get("ROREM_GRPC") or f"{_host_of(environment.host)}:9000"
+        target = grpc_target(environment.host, os.environ.get("ROREM_GRPC"))
         self.channel = open_channel(target)
         self.stub = stub(self.channel)
 
@@ -135,25 +151,38 @@ class GrpcUser(User):
         size, image, mask = pick_input()
         request = pb.RemoveRequest(image=image, mask=mask, output_format="png", seed=random.getrandbits(31), gate=GATE)
         started = time.perf_counter()
-        exception, length = None, 0
+        exception, length, name, retry_after = None, 0, f"Remove {size}", None
         try:
             reply = self.stub.Remove(request, timeout=120)
             length = len(reply.image)
             if problem := image_problem(reply.image, size):
                 exception = RuntimeError(problem)
         except grpc.RpcError as error:
-            exception = RuntimeError(f"{error.code().name}: {(error.details() or '')[:200]}")
+            retry_after = dict(error.trailing_metadata() or ()).get("retry-after")
+            if error.code().name in GRPC_REFUSALS and retry_after:
+                name = f"Remove {size} refused {error.code().name}"
+            else:
+                exception = RuntimeError(f"{error.code().name}: {(error.details() or '')[:200]}")
         events.request.fire(
             request_type="grpc",
-            name=f"Remove {size}",
+            name=name,
             response_time=(time.perf_counter() - started) * 1000,
             response_length=length,
             exception=exception,
             context={},
         )
+        if retry_after and exception is None:
+            gevent.sleep(float(retry_after))
 
 
-def _host_of(url: str | None) -> str:
+def grpc_target(host: str | None, given: str | None) -> str:
+    """ROREM_GRPC, else the --host's host at the default gRPC port, which only a --host at the default HTTP port
+    implies: with --host :8700 the gRPC users loaded whatever listened on :9000 (another test run's Serve)."""
     from urllib.parse import urlparse
 
-    return urlparse(url or "http://127.0.0.1").hostname or "127.0.0.1"
+    if given:
+        return given
+    url = urlparse(host or "http://127.0.0.1")
+    if (url.port or DEFAULT_HTTP_PORT) != DEFAULT_HTTP_PORT:
+        raise ValueError(f"--host {host} is not on port {DEFAULT_HTTP_PORT}: set ROREM_GRPC=host:port for gRPC users")
+    return f"{url.hostname or '127.0.0.1'}:{DEFAULT_GRPC_PORT}"
