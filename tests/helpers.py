@@ -5,6 +5,7 @@ Test modules import from here, never from each other; tests/conftest.py holds on
 
 from __future__ import annotations
 
+import http.server
 import importlib
 import io
 import json
@@ -14,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from contextlib import contextmanager
@@ -141,6 +143,34 @@ def metric_samples(families, name, suffix="", **labels):
 
 def metric_total(families, name, suffix="", **labels) -> float:
     return sum(s.value for s in metric_samples(families, name, suffix, **labels))
+
+
+# --- a stand-in HTTP server -------------------------------------------------------------------------
+
+
+class CannedAnswers(http.server.BaseHTTPRequestHandler):
+    """A handler for `loopback_server`: a subclass answers with `reply`; nothing is logged."""
+
+    def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in {**(headers or {}), "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def loopback_server(handler: type[CannedAnswers]):
+    """An HTTP server on a free loopback port, in a thread, for as long as the block runs: yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 # --- a headless browser -------------------------------------------------------------------------

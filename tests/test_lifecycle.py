@@ -28,7 +28,7 @@ from serve.config import AppSettings
 from serve.ports import RAY_WORKER_PORTS, busy_ports, ephemeral_ports, free_port, listeners, port_in_use
 from serve.proxy_limits import grpc_max_message_bytes
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.helpers import REPO, photo, png_bytes, serve_test_config
+from tests.helpers import REPO, CannedAnswers, loopback_server, photo, png_bytes, serve_test_config
 
 STOP_LIMIT_S = 10.0  # Docker's default grace before SIGKILL
 
@@ -91,35 +91,24 @@ def test_a_port_answered_in_http2_is_reported_as_someone_else_not_retried_until_
 def test_ready_is_printed_once_the_scorer_is_up_too_not_while_degraded():
     """/readyz is 200 "degraded" while only the Scorer is missing (the pods stay in the Services); the CLI's READY
     means the whole service, so it waits on."""
-    import http.server
     import json
-    import threading
 
     answers = iter([{"status": "degraded", "missing": ["Scorer"]}] * 2 + [{"status": "ready", "missing": []}] * 9)
     asked = []
 
-    class Probe(http.server.BaseHTTPRequestHandler):
+    class Probe(CannedAnswers):
         def do_GET(self):
             body = next(answers) if self.path == "/readyz" else {"status": "alive", "instance": "me"}
             asked.append((self.path, body.get("status")))
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(200, json.dumps(body).encode())
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Probe)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        ready = wait_until_ready(f"http://127.0.0.1:{server.server_port}", "me", launcher, 20, StopRequest())
+        with loopback_server(Probe) as url:
+            ready = wait_until_ready(url, "me", launcher, 20, StopRequest())
     finally:
         launcher.kill()
         launcher.wait()
-        server.shutdown()
     assert ready["status"] == "ready"
     assert [status for path, status in asked if path == "/readyz"] == ["degraded", "degraded", "ready"]
 

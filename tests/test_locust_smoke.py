@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, CannedAnswers, loopback_server
 
 
 def test_locust_smoke_profile_has_no_errors(service, tmp_path):
@@ -48,30 +48,14 @@ def _locust(tmp_path, host: str, env: dict, seconds: str = "4s") -> tuple[subpro
 def test_a_refusal_with_retry_after_is_reported_apart_and_waited_out_not_counted_as_a_failure(tmp_path):
     """The documented profile on a CPU box reported 94% failures, every one a 429 the users ignored (retrying at
     once): the median it printed was the time of a refusal."""
-    import http.server
-    import threading
-
-    class Refuses(http.server.BaseHTTPRequestHandler):
+    class Refuses(CannedAnswers):
         def do_POST(self):
             self.rfile.read(int(self.headers["content-length"]))
             body = b'{"type": "x/too-many-requests", "status": 429}'
-            self.send_response(429)
-            for name, value in (("Retry-After", "1"), ("Content-Type", "application/problem+json")):
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.reply(429, body, {"Retry-After": "1", "Content-Type": "application/problem+json"})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        host = f"http://127.0.0.1:{server.server_address[1]}"
+    with loopback_server(Refuses) as host:
         result, rows = _locust(tmp_path, host, {"ROREM_MIX": "512:1", "ROREM_USERS": "rest:1,grpc:0"})
-    finally:
-        server.shutdown()
     assert result.returncode == 0, result.stderr[-2000:]
     refused = rows["/remove 512 refused 429"]
     assert int(rows["Aggregated"]["Failure Count"]) == 0 and "/remove 512" not in rows
