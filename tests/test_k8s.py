@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 import ipaddress
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -701,6 +703,23 @@ def test_without_keys_the_dev_service_answers_its_own_names_and_a_port_forward()
     gpu = AppSettings.model_validate(render.render_config("gpu")["applications"][0]["args"]).auth
     assert gpu.enabled and gpu.allowed_hosts is None, "with keys, any Host (an Ingress, a load balancer)"
 
+def _assert_the_wait_for_the_bundle_ends(wait):
+    """It waited without end, saying nothing, when the weights Job could not run (its sources still naming
+    @COMMIT, say): now it fails after ROREM_BUNDLE_WAIT_S, naming the Job, and passes once the manifest is there."""
+    import tempfile
+
+    env = {e["name"]: e["value"] for e in wait["env"]}
+    assert float(env["ROREM_BUNDLE_WAIT_S"]) >= 3600, "the first import of the weights takes a while"
+    with tempfile.TemporaryDirectory() as bundle:
+        run = {**os.environ, "ROREM_BUNDLE": bundle, "ROREM_BUNDLE_WAIT_S": "0.3"}
+        script = [sys.executable, "-c", wait["args"][0]]
+        failed = subprocess.run(script, env=run, capture_output=True, text=True, timeout=30)
+        assert failed.returncode == 1 and "job/rorem-fetch-weights" in failed.stderr, failed.stderr
+        (Path(bundle) / "manifest.json").write_text("{}")
+        passed = subprocess.run(script, env=run, capture_output=True, text=True, timeout=30)
+        assert passed.returncode == 0, passed.stderr
+
+
 def _assert_api_keys_come_from_the_secret(rayservice, spec):
     auth = serve_config(rayservice)["applications"][0]["args"]["auth"]
     (keys,) = [v for v in spec["volumes"] if "secret" in v]
@@ -724,6 +743,7 @@ def test_the_weights_volume_job_and_bundle_path_agree():
     )
     assert wait["volumeMounts"] == [mount] and "ROREM_BUNDLE" in wait["args"][0]
     compile(wait["args"][0], "wait-for-bundle", "exec")
+    _assert_the_wait_for_the_bundle_ends(wait)
     _assert_api_keys_come_from_the_secret(rayservice, spec)
     claim = volume["persistentVolumeClaim"]["claimName"]
     pvc = find(objects, "PersistentVolumeClaim", claim)
