@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             f"stale: {[str(p.relative_to(REPO)) for p in stale]}; run `python k8s/render.py --write`", file=sys.stderr
         )
         return 1
+    if options.check:
+        print(f"up to date: {', '.join(str(p.relative_to(REPO)) for p in expected_files())}")
     return 0
 
 

@@ -366,12 +366,14 @@ def test_the_podmonitor_scrapes_rays_metrics_port_on_every_ray_pod():
 # serveConfigV2: one source of truth
 
 
-def test_serve_config_v2_is_the_rendering_of_the_local_serve_config():
+def test_serve_config_v2_is_the_rendering_of_the_local_serve_config(capsys):
     assert base_rayservice()["spec"]["serveConfigV2"] == render.render_text("gpu")
     assert find(built("prod"), "RayService")["spec"]["serveConfigV2"] == render.render_text("gpu")
     assert find(built("dev"), "RayService")["spec"]["serveConfigV2"] == render.render_text("cpu")
     for path, text in render.expected_files().items():
         assert path.read_text() == text, f"{path.relative_to(REPO)} is stale: run `python k8s/render.py --write`"
+    assert render.main(["--check"]) == 0
+    assert capsys.readouterr().out.startswith("up to date: k8s/base/rayservice.yaml"), "--check says it passed"
 
 
 def test_every_serve_config_registers_the_project_servicer():
