@@ -130,7 +130,10 @@ def replace_folder(staging: Path, final: Path) -> None:
 
 
 def recover_folder(final: Path) -> None:
-    """After a crash in `replace_folder`: the old folder back at `final` where nothing replaced it, else gone."""
+    """After a crash in `replace_folder`: the old folder back at `final` where nothing replaced it, else gone.
+    A `final` that is a symbolic link is refused: the new folder would replace the link, not where it points."""
+    if final.is_symlink():
+        raise ValueError(f"{final} is a symbolic link: write to the folder it points to ({os.path.realpath(final)})")
     aside = _aside(final)
     if aside.exists():
         if final.exists():

@@ -109,7 +109,8 @@ class Batcher:
                 logger.warning("a batch of %d failed (%s: %s); running it one call at a time", len(batch),
                                type(exc).__name__, exc)  # fmt: skip
                 for item in batch:
-                    await self._run([item])
+                    if not item[1].done():  # its caller may have gone while another one ran
+                        await self._run([item])
             return
         for (_, answer), result in zip(batch, results):
             if not answer.done():

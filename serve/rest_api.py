@@ -87,6 +87,21 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return Problem("internal-error", f"{type(exc).__name__}; see the server log").response(request_id_of(request))
 
 
+class BarePrefix:
+    """Ray's proxy hands the app its route_prefix's own address (/api/v1) as path and root_path alike: with
+    redirect_slashes off nothing matched it, and the READY line's address answered 404. It is the app's root."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        root = scope.get("root_path", "")
+        if scope["type"] == "http" and root and scope["path"] == root:
+            scope = {**scope, "path": root + "/", "raw_path": (root + "/").encode()}
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(BarePrefix)
 # after _internal, which answers a metered request's 500 in it (with the RateLimit fields); before _count_requests:
 # inside it, so that count sees the 500
 api.add_middleware(quotas.QuotaFields, internal_error=_internal)

@@ -170,6 +170,30 @@ def test_a_batch_too_large_for_the_device_completes_one_call_at_a_time_and_a_bro
     asyncio.run(asyncio.wait_for(main(), 10))
 
 
+def test_a_caller_gone_while_its_failed_batch_is_rerun_one_by_one_is_not_run():
+    """The one-by-one re-run checked its callers only before it began: one that hung up meanwhile still ran."""
+    calls = []
+
+    async def out_of_memory_above_one(values):
+        calls.append(list(values))
+        await asyncio.sleep(0.1)
+        if len(values) > 1:
+            raise RuntimeError("CUDA out of memory")
+        return [v * 2 for v in values]
+
+    async def main():
+        batcher = Batcher(out_of_memory_above_one, max_batch_size=4, wait_s=0.05)
+        callers = [asyncio.create_task(batcher(v)) for v in range(3)]
+        while calls != [[0, 1, 2], [0]]:  # the batch failed; its first call runs again alone
+            await asyncio.sleep(0.005)
+        callers[2].cancel()
+        return await asyncio.gather(*callers, return_exceptions=True)
+
+    outcomes = asyncio.run(asyncio.wait_for(main(), 10))
+    assert outcomes[:2] == [0, 2] and isinstance(outcomes[2], asyncio.CancelledError)
+    assert calls == [[0, 1, 2], [0], [1]]
+
+
 def test_a_live_wait_change_applies_to_the_next_batch():
     async def run(values):
         return values

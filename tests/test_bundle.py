@@ -267,3 +267,15 @@ def test_a_write_that_dies_deleting_the_old_bundle_leaves_the_new_one_whole(tiny
     copy.rename(aside)  # a crash between moving the old bundle aside and renaming the new one in
     assert _rewrite(tiny_bundle, copy, "again").manifest.name == "again" and not aside.exists()
     assert Bundle.load(copy, verify=True).manifest.name == "again"
+
+
+def test_a_bundle_path_that_is_a_symbolic_link_is_refused_before_anything_is_written(tiny_bundle, tmp_path):
+    """The new folder replaced the link (not where it pointed), then deleting the link aside failed, and every
+    later write failed on the leftover."""
+    real = _copy_bundle(tiny_bundle, tmp_path)
+    link = tmp_path / "current"
+    link.symlink_to(real)
+    with pytest.raises(ValueError, match="is a symbolic link: write to the folder it points to"):
+        _rewrite(tiny_bundle, link, "new")
+    assert link.is_symlink() and Bundle.load(link, verify=True).manifest.name != "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([real.name, "current"]), "nothing left behind"

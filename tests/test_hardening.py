@@ -101,6 +101,15 @@ def test_a_key_without_the_scope_is_forbidden_under_a_route_prefix(hardened):
     _assert_problem(ops, 404, "not-found")
 
 
+def test_the_route_prefix_answers_at_its_own_address_without_a_trailing_slash(hardened):
+    """Without Starlette's slash redirect (which sent /playground/ to the client's own Host), GET /keyed matched no
+    route: the address the READY line prints for an app under a route_prefix answered 404."""
+    assert not hardened.url.endswith("/")
+    bare = httpx.get(hardened.url, follow_redirects=False)
+    assert bare.status_code == 307 and bare.headers["location"] == f"{Keyed.ROUTE_PREFIX}/playground", bare.headers
+    assert httpx.get(hardened.url + "/playground").status_code == 200
+
+
 def test_grpc_needs_a_key_in_metadata(hardened, upload):
     stub = ObjectRemovalStub(open_channel(hardened.grpc_target))
     request = pb.RemoveRequest(image=upload["image"], mask=upload["mask"], gate="off")
