@@ -58,8 +58,13 @@ def load_serve_config(path: Path) -> dict:
     return config
 
 
-# taken from the folder `python -m serve run` starts in
-LOCAL_PATHS = (("bundle", "path"), ("auth", "keys_file"), ("engine", "runner_path"))
+# taken from the folder `python -m serve run` starts in (Ray's processes run in the repository)
+LOCAL_PATHS = (
+    ("bundle", "path"), ("bundle", "cache_dir"), ("auth", "keys_file"), ("engine", "runner_path"),
+    ("retention", "object_store", "path"),
+    *(("bundle", "authors", piece) for piece in ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet")),
+)  # fmt: skip
+HUB_PREFIX = "hf:"  # engines.authors_layout.HUB_PREFIX, not imported: torch and diffusers (a test: equal)
 
 
 def fit_to_machine(
@@ -78,10 +83,14 @@ def fit_to_machine(
     args = app.setdefault("args", {})
     if bundle:
         args.setdefault("bundle", {})["path"] = bundle
-    for section, key in LOCAL_PATHS:  # Ray's processes run in the repository: a relative path means this folder's
-        value = (args.get(section) or {}).get(key)
-        if value and not Path(value).expanduser().is_absolute():
-            args[section][key] = str(Path(value).expanduser().resolve())
+    for keys in LOCAL_PATHS:
+        holder = args
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        value = holder.get(keys[-1]) if isinstance(holder, dict) else None
+        local = isinstance(value, str) and value and not value.startswith(HUB_PREFIX)
+        if local and not Path(value).expanduser().is_absolute():
+            holder[keys[-1]] = str(Path(value).expanduser().resolve())
     if gpus is None:
         gpus = visible_gpus()
     notes += fit_gpus(app.get("deployments", []), gpus)

@@ -5,6 +5,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
+from serve.cli import HUB_PREFIX as cli_hub_prefix
 from serve.config import AppSettings, live_serve_app
 from serve.grpc_servicer import SERVICER_FUNCTION
 from tests.helpers import REPO, load_script
@@ -81,10 +82,22 @@ def test_relative_paths_are_taken_from_the_folder_the_cli_starts_in(monkeypatch,
     monkeypatch.chdir(tmp_path)
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     config["applications"][0]["args"]["auth"] = {"enabled": True, "keys_file": "keys.yaml"}
+    config["applications"][0]["args"]["retention"] = {"enabled": True, "object_store": {"path": "results"}}
     fit_to_machine(config, bundle="bundles/mine", host=None, port=None)
     args = config["applications"][0]["args"]
     assert args["auth"]["keys_file"] == str(tmp_path / "keys.yaml")
     assert args["bundle"]["path"] == str(tmp_path / "bundles" / "mine")
+    assert args["retention"]["object_store"]["path"] == str(tmp_path / "results")
+    authors = {"base": "hf:LetsThink/RORem", "lcm_lora": "weights/lcm", "discriminator": "~/d"}
+    config["applications"][0]["args"]["bundle"] = {"authors": authors, "cache_dir": "cache"}
+    fit_to_machine(config, bundle=None, host=None, port=None)
+    bundle = config["applications"][0]["args"]["bundle"]
+    assert bundle["cache_dir"] == str(tmp_path / "cache")
+    assert bundle["authors"]["lcm_lora"] == str(tmp_path / "weights" / "lcm")
+    assert bundle["authors"]["base"] == "hf:LetsThink/RORem" and bundle["authors"]["discriminator"] == "~/d", "as given"
+    from engines.authors_layout import HUB_PREFIX
+
+    assert cli_hub_prefix == HUB_PREFIX
 
 
 @pytest.mark.parametrize(("driver", "cuda_visible", "expected"), [(4, None, 4), (4, "0,2", 2), (2, "", 0), (0, "0", 0)])
