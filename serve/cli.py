@@ -285,7 +285,7 @@ def describe_bundle(args: dict) -> str:
 BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torch and diffusers (a test: equal)
 
 
-def missing_bundle(args: dict) -> str | None:
+def missing_model_files(args: dict) -> str | None:
     """Why bundle.path cannot be a bundle, or engine.runner_path a file, on this machine, before Ray starts (a
     replica would fail on it ~20 s later, after Ray's start); None where they may be."""
     path = ((args.get("bundle") or {}).get("path")) or None
@@ -626,7 +626,7 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     app = config["applications"][0]
-    missing = missing_bundle(app.get("args") or {})
+    missing = missing_model_files(app.get("args") or {})
     if missing:
         return _cannot_start(missing)
     addresses = listen_addresses(config, options.metrics_port)

@@ -5,7 +5,6 @@ the class they are defined in (a class defined elsewhere and inherited is not sh
 
 import asyncio
 import html
-import json
 import logging
 import time
 
@@ -133,6 +132,7 @@ SWAGGER_UI_FILES = {
     "swagger-ui-bundle.js": "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9",
     "swagger-ui.css": "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I",
 }
+SWAGGER_JS, SWAGGER_CSS = (f"{SWAGGER_UI}/{name}" for name in SWAGGER_UI_FILES)
 
 
 # Fixed text, so its hash in the policy below is the same under every route_prefix: the page's own URL for the
@@ -147,17 +147,16 @@ def docs_page(request: Request) -> HTMLResponse:
     """Swagger UI over this app's OpenAPI (under its route_prefix). Until it loads (or without the CDN), its
     box says where else the API is described."""
     openapi_path = html.escape(root_path(request) + api.openapi_url)
-    js, css = (f"{SWAGGER_UI}/{name}" for name in SWAGGER_UI_FILES)
     js_hash, css_hash = SWAGGER_UI_FILES.values()
     return HTMLResponse(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
         f"{html.escape(api.title)} - API</title>\n"
-        f'<link rel="stylesheet" href="{css}" integrity="{css_hash}" crossorigin="anonymous">\n'
+        f'<link rel="stylesheet" href="{SWAGGER_CSS}" integrity="{css_hash}" crossorigin="anonymous">\n'
         f'</head><body><div id="swagger-ui" data-openapi="{openapi_path}">\n'
         f"<p>The interactive API reference (Swagger UI) loads from {SWAGGER_UI.split('/')[2]}; if it does not show, "
         f'the API is described in <a href="{openapi_path}">the OpenAPI document</a> and in '
         "docs/api.md in the service's repository.</p></div>\n"
-        f'<script src="{js}" integrity="{js_hash}" crossorigin="anonymous"></script>\n'
+        f'<script src="{SWAGGER_JS}" integrity="{js_hash}" crossorigin="anonymous"></script>\n'
         f"<script>{_DOCS_SCRIPT}</script>\n"
         "</body></html>\n",
         headers=DOCS_PAGE_HEADERS,
@@ -173,8 +172,8 @@ DOCS_PAGE_HEADERS = {
     "Content-Security-Policy": "; ".join(
         [
             "default-src 'none'",
-            f"script-src {sha256_source(_DOCS_SCRIPT)} {SWAGGER_UI}/swagger-ui-bundle.js",
-            f"style-src {SWAGGER_UI}/swagger-ui.css",
+            f"script-src {sha256_source(_DOCS_SCRIPT)} {SWAGGER_JS}",
+            f"style-src {SWAGGER_CSS}",
             "img-src data: blob:",
             "connect-src 'self'",
             "base-uri 'none'",

@@ -249,7 +249,7 @@ def test_a_save_landing_during_another_saves_limits_is_never_the_one_they_delete
     for n in range(2):
         store.add_feedback(store.save(_new(f"labelled {n}".encode())), "yes")
     hook["armed"] = True
-    b = store.save(_new(b"B"))
+    store.save(_new(b"B"))
     deadline = time.monotonic() + 10
     while not saved_a and time.monotonic() < deadline:
         time.sleep(0.01)
