@@ -315,9 +315,11 @@ def test_a_local_instance_listens_on_loopback_only_but_for_the_grpc_api(running)
     assert {port for _, port in open_to_the_network} == {running.ports["grpc"]}, open_to_the_network
 
 
-def test_ready_names_this_instance(running):
+def test_ready_names_this_instance_and_whether_api_keys_are_on(running):
     health = httpx.get(running.url + "/healthz").json()
-    assert f"| instance {health['instance']}" in running.log_path.read_text()
+    ready = next(line for line in running.log_path.read_text().splitlines() if "[rorem] READY" in line)
+    assert f"| instance {health['instance']}" in ready
+    assert "| API keys on (" in ready and "keys.yaml) |" in ready, ready
 
 
 def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
