@@ -136,7 +136,7 @@ def proxy_environment(target: str) -> dict[str, str]:
     """The Ray processes' environment for a target's rendered config."""
     from serve.proxy_limits import proxy_env
 
-    return proxy_env(render_config(target)["applications"][0].get("args"))
+    return proxy_env(render_config(target))
 
 
 def splice_env(text: str, env: dict[str, str]) -> str:

@@ -8,6 +8,8 @@ Knobs (environment variables):
   ROREM_MIX      sizes and weights of the inputs, e.g. "512:6,1024:3,12mp:1" (default)
   ROREM_GRPC     host:port of the gRPC API (default: the --host's host, port 9000; needed with gRPC users when
                  --host names another port than 8000: the gRPC port does not follow it)
+  ROREM_GRPC_APPLICATION  the Serve application gRPC calls name, where one cluster serves several (default: none,
+                 which a cluster of one application takes)
   ROREM_GATE     gate mode sent with every request (default: the service's)
   ROREM_USERS    "rest:3,grpc:1" user-class weights (default); "rest:1,grpc:0" for REST only
 
@@ -136,7 +138,7 @@ class GrpcUser(User):
         from serve.grpc_client import open_channel, stub
 
         target = grpc_target(environment.host, os.environ.get("ROREM_GRPC"))
-        self.channel = open_channel(target)
+        self.channel = open_channel(target, os.environ.get("ROREM_GRPC_APPLICATION"))
         self.stub = stub(self.channel)
 
     def on_stop(self):

@@ -13,7 +13,8 @@ decodable image of the input's size counts as `bad_result`, an error without pro
 
 Chaos kills replica processes of a local Serve (`ray::ServeReplica:<app>:<deployment>`) with SIGKILL,
 round-robin over --chaos-deployments, only those of the service --url answers for (the instance id its
-/healthz gives, which `python -m serve run` puts in the environment of every Ray process it starts).
+/healthz gives, which `python -m serve run` puts in the environment of every Ray process it starts, and the
+Serve application it names there: one start may serve several).
 On Kubernetes, delete a worker pod instead (docs/reliability.md).
 """
 
@@ -57,7 +58,7 @@ class SoakReport:
         return self.lost == 0 and self.bad_result == 0 and self.bad_error == 0 and "500" not in self.errored
 
 
-def replica_pids(deployment: str, instance: str, app: str = "rorem", proc: Path = Path("/proc")) -> list[int]:
+def replica_pids(deployment: str, instance: str, app: str, proc: Path = Path("/proc")) -> list[int]:
     """The replica processes (`ray::ServeReplica:<app>:<deployment>`) of one local service: those whose
     environment carries its instance id (serve.config.INSTANCE_ENV, which `python -m serve run` gives every Ray
     process it starts, and its /healthz answers)."""
@@ -73,13 +74,14 @@ def replica_pids(deployment: str, instance: str, app: str = "rorem", proc: Path 
     return sorted(pids)
 
 
-def service_instance(url: str, headers: dict | None = None) -> str:
-    """The instance id the service at `url` answers on /healthz: chaos kills that service's replicas only (with
-    several local Serves, the first matching replica on the machine was another one's)."""
-    instance = httpx.get(url.rstrip("/") + "/healthz", headers=headers, timeout=10).json().get("instance")
-    if not instance:
+def service_identity(url: str, headers: dict | None = None) -> tuple[str, str]:
+    """The instance id and the Serve application the service at `url` answers on /healthz: chaos kills that
+    service's replicas only (with several local Serves, or several applications on one, the first matching
+    replica on the machine was another one's)."""
+    answer = httpx.get(url.rstrip("/") + "/healthz", headers=headers, timeout=10).json()
+    if not answer.get("instance"):
         raise SystemExit(f"{url}/healthz names no instance: chaos kills replicas of a `python -m serve run` only")
-    return instance
+    return answer["instance"], answer["application"]
 
 
 def _valid_image(body: bytes, size: tuple[int, int]) -> bool:
@@ -100,7 +102,6 @@ def run_soak(
     client_timeout_s: float = 180.0,
     chaos_every_s: float | None = None,
     chaos_deployments: tuple[str, ...] = ("Remover",),
-    instance: str | None = None,
 ) -> SoakReport:
     image = photo(side)
     upload = {"image": png(image), "mask": png(center_mask(side).astype(np.uint8) * 255)}
@@ -142,12 +143,12 @@ def run_soak(
             time.sleep(chaos_every_s)
             deployment = chaos_deployments[turn % len(chaos_deployments)]
             turn += 1
-            for pid in replica_pids(deployment, instance)[:1]:
+            for pid in replica_pids(deployment, instance, application)[:1]:
                 os.kill(pid, signal.SIGKILL)
                 report.kills.append({"at_s": round(seconds - (deadline - time.monotonic()), 1), "deployment": deployment, "pid": pid})
 
-    if chaos_every_s and instance is None:
-        instance = service_instance(url, headers)
+    if chaos_every_s:
+        instance, application = service_identity(url, headers)
     threads = [threading.Thread(target=client) for _ in range(clients)]
     if chaos_every_s:
         threads.append(threading.Thread(target=chaos, daemon=True))

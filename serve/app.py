@@ -85,10 +85,15 @@ class Ingress(GrpcMethods, LiveSettings):
 
     @api.get("/healthz", dependencies=[auth.PUBLIC])
     async def healthz(self) -> dict:
-        """The ingress process is alive (says nothing about the models); loop_lag_ms: the longest its event
+        """The ingress process is alive (says nothing about the models); instance and application: which start of
+        `python -m serve run` and which of its Serve applications answer; loop_lag_ms: the longest its event
         loop ran late since the previous /healthz (serve.loop_lag)."""
-        instance = os.environ.get(INSTANCE_ENV)
-        return {"status": "alive", "instance": instance, "loop_lag_ms": loop_lag().take_worst_ms()}
+        return {
+            "status": "alive",
+            "instance": os.environ.get(INSTANCE_ENV),
+            "application": serve.get_replica_context().app_name,
+            "loop_lag_ms": loop_lag().take_worst_ms(),
+        }
 
     @api.get("/readyz", dependencies=[auth.PUBLIC])
     async def readyz(self) -> JSONResponse:

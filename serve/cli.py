@@ -4,7 +4,9 @@ It resolves the bundle (flag, ROREM_BUNDLE, the config file; else the tiny bundl
 fits the config to this machine (no GPU: no deployment asks for one; fewer GPUs than GPU replicas:
 they share; a placement that cannot fit is refused, saying what to change), writes the effective config,
 starts Ray with a known metrics port and hands the config to Ray's own `serve run` (serve.launcher),
-and prints what it loaded and where it listens (HTTP, gRPC, metrics) once ready.
+and prints what it loaded and where it listens (HTTP, gRPC, metrics) once ready. A config may hold several
+applications (each its own name, route prefix and args: one Ray, one proxy for them all, the proxy's body
+settings per route prefix, serve.proxy_limits); READY comes once every one is, a line each.
 
 Start and stop as people expect: a busy HTTP, gRPC or metrics port fails the start at once, naming
 the port and its holder; READY is printed only once *this* instance answers (/healthz returns the
@@ -79,41 +81,52 @@ def fit_to_machine(
     returns what was changed, to print. Raises PlacementError when the deployments cannot be placed."""
     notes = []
     choose_ports(config, host, port, grpc_port)
-    app = config["applications"][0]
-    args = app.setdefault("args", {})
-    if bundle:
-        args.setdefault("bundle", {})["path"] = bundle
-    for keys in LOCAL_PATHS:
-        holder = args
-        for key in keys[:-1]:
-            holder = holder.get(key) if isinstance(holder, dict) else None
-        value = holder.get(keys[-1]) if isinstance(holder, dict) else None
-        local = isinstance(value, str) and value and not value.startswith(HUB_PREFIX)
-        if local and not Path(value).expanduser().is_absolute():
-            holder[keys[-1]] = str(Path(value).expanduser().resolve())
+    applications = config["applications"]
+    if bundle and len(applications) > 1:
+        from serve.config import BUNDLE_ENV
+
+        raise PlacementError(
+            f"--bundle / ${BUNDLE_ENV} names one bundle, and this config has {len(applications)} applications: name "
+            f"each one's bundle.path in the config (and unset {BUNDLE_ENV})"
+        )
+    for app in applications:
+        args = app.setdefault("args", {})
+        if bundle:
+            args.setdefault("bundle", {})["path"] = bundle
+        for keys in LOCAL_PATHS:
+            holder = args
+            for key in keys[:-1]:
+                holder = holder.get(key) if isinstance(holder, dict) else None
+            value = holder.get(keys[-1]) if isinstance(holder, dict) else None
+            local = isinstance(value, str) and value and not value.startswith(HUB_PREFIX)
+            if local and not Path(value).expanduser().is_absolute():
+                holder[keys[-1]] = str(Path(value).expanduser().resolve())
     if gpus is None:
         gpus = visible_gpus()
-    notes += fit_gpus(app.get("deployments", []), gpus)
+    notes += fit_gpus([d for app in applications for d in app.get("deployments", [])], gpus)
     notes += host_names_note(config)
     return notes
 
 
-def _listener(config: dict) -> tuple[str, dict, bool]:
-    """(the HTTP host, the app's auth settings, whether that host is loopback) of this config."""
+def _listener(config: dict) -> tuple[str, bool]:
+    """(the HTTP host, whether that host is loopback) of this config."""
     from serve.auth import LOOPBACK_HOSTS
 
     host = config.get("http_options", {}).get("host", "127.0.0.1")
-    auth = config["applications"][0].get("args", {}).get("auth") or {}
-    return host, auth, host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # Ray's config names IPv6 bare
+    return host, host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # Ray's config names IPv6 bare
+
+
+def _auth(app: dict) -> dict:
+    return (app.get("args") or {}).get("auth") or {}
 
 
 def grpc_access_env(config: dict) -> dict[str, str]:
-    """Ray's gRPC proxy listens on every interface: while keys are off and HTTP listens on loopback only, the
-    Ingress answers gRPC from loopback peers only (serve.auth), so the two APIs are reachable alike."""
+    """Ray's gRPC proxy listens on every interface: while HTTP listens on loopback only, an application without
+    keys answers gRPC from loopback peers only (serve.auth; one with keys lets its keys decide), so the two APIs
+    are reachable alike."""
     from serve.auth import GRPC_LOOPBACK_ONLY_ENV
 
-    _, auth, loopback = _listener(config)
-    return {GRPC_LOOPBACK_ONLY_ENV: "1" if loopback and not auth.get("enabled") else "0"}
+    return {GRPC_LOOPBACK_ONLY_ENV: "1" if _listener(config)[1] else "0"}
 
 
 def ray_network_env(config: dict) -> dict[str, str]:
@@ -122,7 +135,7 @@ def ray_network_env(config: dict) -> dict[str, str]:
     choice, the machine's network address."""
     from serve.local_ray import RAY_LOOPBACK_ENV
 
-    return dict(RAY_LOOPBACK_ENV) if _listener(config)[2] else {}
+    return dict(RAY_LOOPBACK_ENV) if _listener(config)[1] else {}
 
 
 def host_names_note(config: dict) -> list[str]:
@@ -130,17 +143,23 @@ def host_names_note(config: dict) -> list[str]:
     DNS rebinding), which a client on another machine does not send; say so at the start, not as a 403 later."""
     from serve.auth import LOOPBACK_HOSTS
 
-    host, auth, loopback = _listener(config)
-    if loopback or auth.get("enabled"):
-        return []
-    grpc = "gRPC answers every machine that reaches its port (turn keys on to choose who may call)"
-    if auth.get("allowed_hosts") is not None:
-        return [f"listening on {host} without API keys: {grpc}"]
-    return [
-        f"listening on {host} without API keys: /remove and the other API routes answer only the Host names "
-        f"{', '.join(LOOPBACK_HOSTS)}; set auth.allowed_hosts in the config to the names clients use "
-        f"(or turn keys on: docs/api.md, Access control); {grpc}"
-    ]
+    host, loopback = _listener(config)
+    notes = []
+    for app in [] if loopback else config["applications"]:
+        auth = _auth(app)
+        if auth.get("enabled"):
+            continue
+        which = f" (application {app.get('name')})" if len(config["applications"]) > 1 else ""
+        grpc = "gRPC answers every machine that reaches its port (turn keys on to choose who may call)"
+        if auth.get("allowed_hosts") is not None:
+            notes.append(f"listening on {host} without API keys{which}: {grpc}")
+            continue
+        notes.append(
+            f"listening on {host} without API keys{which}: /remove and the other API routes answer only the Host "
+            f"names {', '.join(LOOPBACK_HOSTS)}; set auth.allowed_hosts in the config to the names clients use "
+            f"(or turn keys on: docs/api.md, Access control); {grpc}"
+        )
+    return notes
 
 
 def visible_gpus() -> int:
@@ -446,7 +465,7 @@ class StopRequest:
         return self.signals > 1
 
 
-def stop_service(child: subprocess.Popen, base_url: str, drain_flag: Path, stop: StopRequest) -> int:
+def stop_service(child: subprocess.Popen, root_url: str, drain_flag: Path, stop: StopRequest) -> int:
     """Drain (new HTTP requests 503, in-flight ones answered), stop Serve and Ray, then kill what is left
     of the launcher's session, all within STOP_BUDGET_S. Returns the launcher's exit status."""
     started = time.monotonic()
@@ -456,7 +475,7 @@ def stop_service(child: subprocess.Popen, base_url: str, drain_flag: Path, stop:
     )
     if child.poll() is None and not stop.hurry:
         drain_flag.touch()
-        _wait_drained(base_url + DRAIN_PATH, min(deadline, started + DRAIN_GRACE_S + 1), stop)
+        _wait_drained(root_url + DRAIN_PATH, min(deadline, started + DRAIN_GRACE_S + 1), stop)
     if child.poll() is None:
         child.send_signal(signal.SIGINT)  # the launcher stops Ray
     while child.poll() is None and time.monotonic() < deadline and not stop.hurry:
@@ -584,6 +603,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def app_url(root_url: str, app: dict) -> str:
+    """An application's base URL: the HTTP address and its route prefix."""
+    return root_url + app.get("route_prefix", "/").rstrip("/")
+
+
+def ready_line(
+    app: dict, root_url: str, ready: dict, grpc: str, metrics_port: int, instance: str, applications: int
+) -> str:
+    """What an application serves, from its /readyz answer; with several applications, each gRPC call names its
+    own in the `application` metadata (Ray's gRPC proxy routes by it)."""
+    url = app_url(root_url, app)
+    model = ready["model"]
+    name = app.get("name")
+    grpc_note = f" (metadata application={name})" if applications > 1 else ""
+    return (
+        f"[rorem] READY on {url} : POST {url}/remove | gRPC {grpc}{grpc_note}"
+        f" | metrics http://127.0.0.1:{metrics_port}/metrics | bundle {model['bundle']['name']}"
+        f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
+        f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']}"
+        f" | {keys_state(app.get('args') or {})} | instance {instance}"
+    )
+
+
 def _cannot_start(reason: str) -> int:
     print(f"[rorem] cannot start: {reason}", file=sys.stderr, flush=True)
     return 2
@@ -625,14 +667,17 @@ def run(argv: list[str] | None = None) -> int:
         return _cannot_start(str(exc))
     except ValueError as exc:
         return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
-    app = config["applications"][0]
-    missing = missing_model_files(app.get("args") or {})
-    if missing:
-        return _cannot_start(missing)
+    applications = config["applications"]
+    for app in applications:
+        missing = missing_model_files(app.get("args") or {})
+        if missing:
+            return _cannot_start(missing if len(applications) == 1 else f"application {app.get('name')}: {missing}")
     addresses = listen_addresses(config, options.metrics_port)
     host, port = addresses["HTTP"]
-    base_url = f"http://{host}:{port}{app.get('route_prefix', '/').rstrip('/')}"
-    print(f"[rorem] model: {describe_bundle(app.get('args') or {})}", flush=True)
+    root_url = f"http://{host}:{port}"
+    for app in applications:
+        named = f" (application {app.get('name')})" if len(applications) > 1 else ""
+        print(f"[rorem] model{named}: {describe_bundle(app.get('args') or {})}", flush=True)
     for note in notes:
         print(f"[rorem] {note}", flush=True)
 
@@ -660,7 +705,7 @@ def run(argv: list[str] | None = None) -> int:
         drain_flag = work / "draining"
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
         env = {
-            **os.environ, **proxy_env(app.get("args")), **grpc_access_env(config), **ray_network_env(config),
+            **os.environ, **proxy_env(config), **grpc_access_env(config), **ray_network_env(config),
             INSTANCE_ENV: instance,
             DRAIN_FLAG_ENV: str(drain_flag),
         }  # fmt: skip
@@ -669,30 +714,30 @@ def run(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, stop)
         # its own session: a terminal's Ctrl-C reaches this process only, which stops everything in order
         child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
+        deadline = time.monotonic() + options.ready_timeout
+        answers = []  # each application's /readyz, once every one is ready
         try:
-            ready = wait_until_ready(base_url, instance, child, options.ready_timeout, stop)
+            for app in applications:
+                answer = wait_until_ready(app_url(root_url, app), instance, child, deadline - time.monotonic(), stop)
+                if answer is None:
+                    break
+                answers.append(answer)
         except ForeignInstance as exc:
             print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
-            stop_service(child, base_url, drain_flag, stop)
+            stop_service(child, root_url, drain_flag, stop)
             return 2
-        if ready is None:
+        if len(answers) < len(applications):
             if not stop.requested.is_set():
                 print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
-            code = stop_service(child, base_url, drain_flag, stop)
+            code = stop_service(child, root_url, drain_flag, stop)
             return code if stop.requested.is_set() else 1
-        model = ready["model"]
-        print(
-            f"[rorem] READY on {base_url} : POST {base_url}/remove | gRPC {host}:{addresses['gRPC'][1]}"
-            f" | metrics http://127.0.0.1:{options.metrics_port}/metrics | bundle {model['bundle']['name']}"
-            f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
-            f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']}"
-            f" | {keys_state(app.get('args') or {})} | instance {instance}",
-            flush=True,
-        )
+        grpc = f"{host}:{addresses['gRPC'][1]}"
+        for app, answer in zip(applications, answers):
+            print(ready_line(app, root_url, answer, grpc, options.metrics_port, instance, len(applications)), flush=True)
         while child.poll() is None and not stop.requested.wait(0.5):
             pass
         if child.poll() is not None and not stop.requested.is_set():
             print(
                 f"[rorem] the launcher exited ({child.returncode}); stopping what is left", file=sys.stderr, flush=True
             )
-        return stop_service(child, base_url, drain_flag, stop)
+        return stop_service(child, root_url, drain_flag, stop)

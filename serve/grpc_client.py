@@ -4,6 +4,7 @@
         (the output format follows -o's suffix: .png, .jpg / .jpeg, .webp; else --output-format, else the photo's)
     python -m serve.grpc_client score photo.jpg mask.png out.png
     ROREM_API_KEY=rk_... python -m serve.grpc_client remove ...   # or --api-key: a service with API keys on
+    python -m serve.grpc_client --application NAME remove ...  # one of several applications on one cluster
 
 gRPC clients refuse messages over 4 MiB by default; `open_channel` raises both limits so a
 1024x1024 PNG (or a 12 MP photo) passes both ways. Errors carry the problem+json document in the
@@ -13,6 +14,7 @@ status details (`problem_of`).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -27,6 +29,7 @@ from serve import rorem_pb2_grpc as pb_grpc
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 API_KEY_ENV = "ROREM_API_KEY"
+APPLICATION_METADATA = "application"  # Ray's gRPC proxy routes a call to the Serve application it names
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -34,8 +37,33 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(target: str = "127.0.0.1:9000") -> grpc.Channel:
-    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+def open_channel(target: str = "127.0.0.1:9000", application: str | None = None) -> grpc.Channel:
+    """A channel to the service; `application`: the Serve application each call names in its metadata, which
+    Ray's gRPC proxy needs where one cluster serves several (a cluster of one takes any call)."""
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    if application is None:
+        return channel
+    return grpc.intercept_channel(channel, _NamesApplication(application))
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _NamesApplication(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, application: str):
+        self.entry = (APPLICATION_METADATA, application)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        metadata = [entry for entry in details.metadata or () if entry[0] != APPLICATION_METADATA]
+        named = _CallDetails(
+            details.method, details.timeout, [*metadata, self.entry], details.credentials,
+            details.wait_for_ready, details.compression,
+        )  # fmt: skip
+        return continuation(named, request)
 
 
 def stub(channel: grpc.Channel) -> pb_grpc.ObjectRemovalStub:
@@ -56,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="127.0.0.1:9000")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument(
+        "--application", default=None, help="the Serve application to call, where one cluster serves several"
+    )
+    parser.add_argument(
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"sent as authorization: Bearer (default: ${API_KEY_ENV})"
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     metadata = [("authorization", f"Bearer {options.api_key}")] if options.api_key else None
 
-    with open_channel(options.target) as channel:
+    with open_channel(options.target, options.application) as channel:
         client = stub(channel)
         try:
             if options.command == "remove":

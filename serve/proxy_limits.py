@@ -1,28 +1,24 @@
-"""How large a request Ray's proxies may take in, and how long its body may take to arrive, derived from the
-app's `imaging` and `overload` settings.
+"""How large a request Ray's proxies may take in, and how long its body may take to arrive, derived from each
+application's `imaging` and `overload` settings.
 
 Ray's gRPC proxy reads a whole request before any replica sees it, up to RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
 (2 GiB by default). Its HTTP proxy reads the body without a bound, and hands the request to a replica
 before the body is in; the proxy middleware (serve.proxy_middleware.BodyBuffer) bounds the body and
 holds the request until its body is in. All of this is set per Ray process, from the environment, so
-`python -m serve run` (serve.cli) and the Kubernetes manifests (k8s/render.py) put `proxy_env(settings)`
-into the environment of the Ray processes they start. The app's own checks (serve.protocol: 413
-`payload-too-large`, 408 `body-timeout`) stay the exact ones; these bounds keep a larger or slower
-request out of the proxies' memory and off the replicas.
+`python -m serve run` (serve.cli) and the Kubernetes manifests (k8s/render.py) put `proxy_env(config)`
+into the environment of the Ray processes they start. The HTTP settings are per application (by route
+prefix: one proxy serves them all); gRPC's message limit is one number for the process, the largest any
+application needs. The app's own checks (serve.protocol: 413 `payload-too-large`, 408 `body-timeout`)
+stay the exact ones; these bounds keep a larger or slower request out of the proxies' memory and off the
+replicas.
 """
 
 from __future__ import annotations
 
+import json
+
 from serve.config import AppSettings, ImagingSettings
-from serve.proxy_middleware import (
-    BODY_LIMIT_ENV,
-    BODY_TIMEOUT_ENV,
-    BUFFER_ENV,
-    CALLBACK_ENV,
-    CALLBACK_PATH,
-    KEYS_FILE_ENV,
-    KEYS_RELOAD_ENV,
-)
+from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, ROUTES_ENV
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
 # How long a proxy being drained (its node scaled down) keeps taking requests at least. Ray counts a request as
@@ -64,30 +60,42 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
     return largest_json_body(imaging.max_upload_bytes)
 
 
-PROXY_ENV_NAMES = (
-    GRPC_MESSAGE_ENV, BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, BUFFER_ENV, PROXY_DRAINING_ENV, CALLBACK_ENV, KEYS_FILE_ENV,
-    KEYS_RELOAD_ENV,
-)  # fmt: skip
+PROXY_ENV_NAMES = (GRPC_MESSAGE_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, CALLBACK_ENV)
 """Every name proxy_env may set (k8s/render.py replaces these in a manifest and keeps any other)."""
 
 
-def proxy_env(app_args: dict) -> dict[str, str]:
-    """The environment the Ray processes need for these limits (the proxies read it when they start)."""
-    settings = AppSettings.model_validate(app_args or {})
-    body_limit = http_max_body_bytes(settings.imaging)
-    if settings.overload.proxy_buffer_bytes < body_limit:
-        raise ValueError(
-            f"overload.proxy_buffer_bytes ({settings.overload.proxy_buffer_bytes}) is below the largest body the "
-            f"app accepts ({body_limit} bytes, from imaging.max_upload_bytes): such a body could never arrive"
-        )
-    env = {
-        GRPC_MESSAGE_ENV: str(grpc_max_message_bytes(settings.imaging)),
-        BODY_LIMIT_ENV: str(body_limit),
-        BODY_TIMEOUT_ENV: str(settings.overload.body_timeout_s),
-        BUFFER_ENV: str(settings.overload.proxy_buffer_bytes),
-        PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, settings.overload.body_timeout_s)),
+def proxy_routes(config: dict) -> dict[str, dict]:
+    """BodyBuffer's settings for each application's route prefix (serve.proxy_middleware.ByRoutePrefix)."""
+    routes = {}
+    for app in config["applications"]:
+        settings = AppSettings.model_validate(app.get("args") or {})
+        body_limit = http_max_body_bytes(settings.imaging)
+        if settings.overload.proxy_buffer_bytes < body_limit:
+            raise ValueError(
+                f"application {app.get('name')!r}: overload.proxy_buffer_bytes ({settings.overload.proxy_buffer_bytes}) "
+                f"is below the largest body the app accepts ({body_limit} bytes, from imaging.max_upload_bytes): "
+                "such a body could never arrive"
+            )
+        route = {
+            "limit": body_limit,
+            "timeout_s": settings.overload.body_timeout_s,
+            "max_held": settings.overload.proxy_buffer_bytes,
+        }
+        if settings.auth.enabled:  # a body without a valid key is refused before it is read
+            route |= {"keys_file": settings.auth.keys_file, "keys_reload_s": settings.auth.reload_interval_s}
+        routes[app.get("route_prefix", "/")] = route
+    return routes
+
+
+def proxy_env(config: dict) -> dict[str, str]:
+    """The environment the Ray processes need for these limits (the proxies read it when they start), for a
+    whole Serve config (every application)."""
+    routes = proxy_routes(config)
+    apps = [AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]]
+    body_timeout_s = max(settings.overload.body_timeout_s for settings in apps)
+    return {
+        GRPC_MESSAGE_ENV: str(max(grpc_max_message_bytes(settings.imaging) for settings in apps)),
+        ROUTES_ENV: json.dumps(routes, sort_keys=True),
+        PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, body_timeout_s)),
         CALLBACK_ENV: CALLBACK_PATH,
     }
-    if settings.auth.enabled:  # a body without a valid key is refused before it is read
-        env |= {KEYS_FILE_ENV: settings.auth.keys_file, KEYS_RELOAD_ENV: str(settings.auth.reload_interval_s)}
-    return env

@@ -2,7 +2,9 @@
 
 Ray calls `middlewares()` in each proxy when the proxy starts, because the Ray processes' environment
 names it (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set from serve.proxy_limits.proxy_env). BodyBuffer
-and Drain read their settings from that environment too; without them they are not installed.
+and Drain read their settings from that environment too; without them they are not installed. One proxy
+serves every application of the cluster, so the body settings come per route prefix (ROREM_PROXY_ROUTES):
+ByRoutePrefix hands each request to the BodyBuffer of the application Ray will route it to.
 
 - BodyBuffer: the proxy reads the whole body before the request goes on. Ray's proxy picks a replica
   as soon as the headers are in and lets it pull the body as it arrives, so a client trickling its
@@ -23,6 +25,10 @@ and Drain read their settings from that environment too; without them they are n
   must present a valid key (serve.auth.AccessPolicy on the app's keys file, any scope: the app checks the
   route's) or is answered the app's 401 before any of its body is read: the buffer is for key holders.
   Only routes that take no body may be public (serve.auth.check_routes refuses any other).
+- ByRoutePrefix: the application a request's path belongs to, by Ray's rule (the longest route prefix that
+  the path equals or continues with '/'); each application has its own BodyBuffer (limit, body timeout,
+  buffer and keys). A request with a body whose path no application serves is answered 404 before any of
+  it is read (Ray would answer it 404 too, after the proxy had read the body).
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
@@ -54,11 +60,9 @@ import re
 
 from serve.problems import MEDIA_TYPE, Problem
 
-BODY_LIMIT_ENV = "ROREM_PROXY_MAX_BODY_BYTES"
-BODY_TIMEOUT_ENV = "ROREM_PROXY_BODY_TIMEOUT_S"
-BUFFER_ENV = "ROREM_PROXY_BUFFER_BYTES"
-KEYS_FILE_ENV = "ROREM_PROXY_KEYS_FILE"  # auth.keys_file, set only while auth.enabled
-KEYS_RELOAD_ENV = "ROREM_PROXY_KEYS_RELOAD_S"
+# JSON: {route prefix: {limit, timeout_s, max_held, keys_file, keys_reload_s}} (BodyBuffer's settings; the keys
+# only while the application's auth is on), one entry per application
+ROUTES_ENV = "ROREM_PROXY_ROUTES"
 DRAIN_FLAG_ENV = "ROREM_DRAIN_FLAG"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # ray/serve/_private/constants.py
 CALLBACK_PATH = "serve.proxy_middleware:middlewares"
@@ -74,35 +78,69 @@ def middlewares() -> list:
     from starlette.middleware import Middleware
 
     stack = [Middleware(RayAnswers), Middleware(HeaderGuard)]
-    limit = os.environ.get(BODY_LIMIT_ENV)
-    if limit:
-        timeout, held = os.environ.get(BODY_TIMEOUT_ENV), os.environ.get(BUFFER_ENV)
-        stack.append(
-            Middleware(
-                BodyBuffer,
-                limit=int(limit),
-                timeout_s=float(timeout) if timeout else None,
-                max_held=int(held) if held else None,
-                keys=_proxy_keys(),
-            )
-        )
+    routes = os.environ.get(ROUTES_ENV)
+    if routes:
+        stack.append(Middleware(ByRoutePrefix, routes=json.loads(routes)))
     flag = os.environ.get(DRAIN_FLAG_ENV)
     if flag:
         stack.append(Middleware(Drain, flag=flag))
     return stack
 
 
-def _proxy_keys():
-    """The app's keys file, as its Ingress reads it; a proxy that cannot read it (a node without the mounted
-    Secret) refuses every body until it can, rather than not starting."""
-    path = os.environ.get(KEYS_FILE_ENV)
-    if not path:
-        return None
+def _proxy_keys(path: str, reload_s: float | None):
+    """An application's keys file, as its Ingress reads it; a proxy that cannot read it (a node without the
+    mounted Secret) refuses every body until it can, rather than not starting."""
     from serve.auth import AccessPolicy, ApiKeys
 
-    reload_s = os.environ.get(KEYS_RELOAD_ENV)
-    reload = {"reload_interval_s": float(reload_s)} if reload_s else {}
+    reload = {"reload_interval_s": reload_s} if reload_s is not None else {}
     return AccessPolicy(ApiKeys(path, must_exist=False, **reload))
+
+
+def route_matches(prefix: str, path: str) -> bool:
+    """Ray's rule (ray/serve/_private/proxy_router.py, match_route): the path is the prefix, or continues it
+    with '/'; a prefix ending in '/' ("/") takes every path that starts with it."""
+    if not path.startswith(prefix):
+        return False
+    return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
+
+
+class ByRoutePrefix:
+    def __init__(self, app, routes: dict[str, dict]):
+        self.app = app
+        self.buffers = []  # (prefix, BodyBuffer), longest prefix first, as Ray matches them
+        for prefix in sorted(routes, key=len, reverse=True):
+            limits = dict(routes[prefix])
+            keys_file, reload_s = limits.pop("keys_file", None), limits.pop("keys_reload_s", None)
+            keys = _proxy_keys(keys_file, reload_s) if keys_file else None
+            self.buffers.append((prefix, BodyBuffer(app, keys=keys, **limits)))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        buffer = next((buffer for prefix, buffer in self.buffers if route_matches(prefix, path)), None)
+        if buffer is not None:
+            return await buffer(scope, receive, send)
+        if _declared_size(_first_headers(scope)) != 0:
+            return await _problem(send, Problem("not-found", f"no application serves {path[:200]!r} (at the proxy)"))
+        await self.app(scope, receive, send)  # Ray's own 404 (RayAnswers words it)
+
+
+def _first_headers(scope) -> dict[bytes, bytes]:
+    """The first of repeated headers, as the app (Starlette) reads them."""
+    headers = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, value)
+    return headers
+
+
+def _declared_size(headers: dict[bytes, bytes]) -> int | None:
+    """The body's size by its headers; None for a chunked one (Transfer-Encoding overrides any Content-Length, RFC
+    9112 6.3). HTTP/1.1: a request with neither has no body (a probe's GET)."""
+    if b"transfer-encoding" in headers:
+        return None
+    declared = headers.get(b"content-length", b"")
+    return int(declared) if declared.isdigit() else 0
 
 
 async def _problem(send, problem: Problem) -> None:
@@ -217,16 +255,9 @@ class BodyBuffer:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {}
-        for name, value in scope["headers"]:
-            headers.setdefault(name, value)  # the first of repeated headers, as the app (Starlette) reads them
-        declared = headers.get(b"content-length", b"")
-        if b"transfer-encoding" in headers:  # it overrides any Content-Length (RFC 9112 6.3)
-            needs = self.limit
-        elif declared.isdigit():
-            needs = int(declared)
-        else:  # HTTP/1.1: a request with neither Content-Length nor Transfer-Encoding has no body (a probe's GET)
-            needs = 0
+        headers = _first_headers(scope)
+        declared = _declared_size(headers)
+        needs = self.limit if declared is None else declared
         if needs > self.limit:
             return await _problem(send, _too_large(f"request body is {needs} bytes; the limit is {self.limit}"))
         if needs and self.keys is not None:

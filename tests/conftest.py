@@ -1,5 +1,5 @@
 """Fixtures and hooks only (shared helpers live in tests/helpers.py): one tiny model (authors' layout +
-imported bundle), one local Serve per session, and the markers that say what a test needs."""
+imported bundle), one local Serve per session serving every application the tests need, and the markers that say what a test needs."""
 
 from __future__ import annotations
 
@@ -12,16 +12,30 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests talk to loopback only; set before hu
 from tests import helpers  # noqa: E402
 
 
-def pytest_collection_modifyitems(items):
+# the fixture that gives a test one application of the session's cluster -> that application's name
+APPLICATION_FIXTURES = {
+    "service": "rorem",
+    "keyed_service": helpers.Keyed.NAME,
+    "metered": helpers.Metered.NAME,
+    "trained_onnx_service": helpers.Trained.NAME,
+}
+_NEEDED = pytest.StashKey[list]()
+
+
+def pytest_collection_modifyitems(config, items):
     """Every test that (through any fixture) starts a local Ray Serve or the CLI is marked e2e, so
-    `-m "not e2e"` runs without Ray and a new test cannot forget the marker. A test that stops the shared keyed
-    Serve runs right after the last other test that uses it, whatever the order the files were given in (and
-    the Serve stops there, not at the session's end)."""
+    `-m "not e2e"` runs without Ray and a new test cannot forget the marker. The session's one cluster serves the
+    applications the selected tests use (no more). A test that stops the cluster runs right after the last other
+    test that uses it, whatever the order the files were given in (and the cluster stops there, not at the
+    session's end)."""
     for item in items:
         if "starts_serve" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
-    stoppers = [item for item in items if item.get_closest_marker("stops_keyed_service")]
-    users = [item for item in items if "keyed_service" in item.fixturenames and item not in stoppers]
+    config.stash[_NEEDED] = [
+        name for fixture, name in APPLICATION_FIXTURES.items() if any(fixture in item.fixturenames for item in items)
+    ]
+    stoppers = [item for item in items if item.get_closest_marker("stops_cluster")]
+    users = [item for item in items if "cluster" in item.fixturenames and item not in stoppers]
     if stoppers and users:
         for item in stoppers:
             items.remove(item)
@@ -58,52 +72,63 @@ def tiny_bundle(tiny_layout, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service(starts_serve, tmp_path_factory):
-    """One local Serve for the service tests: tiny bundle, Remover + Scorer, gate annotate."""
-    work = tmp_path_factory.mktemp("serve")
-    with helpers.running_service(work, helpers.serve_test_config(work)) as running:
-        yield running
+def trained_bundle(tmp_path_factory):
+    return helpers.train_tiny_bundle(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="session")
-def keyed_service(starts_serve, tmp_path_factory):
-    """One local Serve with API keys on (helpers.Keyed), for the hardening tests and then the lifecycle tests,
-    whose last one stops it with SIGTERM."""
-    import yaml
-
-    from serve.auth import new_key_entry
-
-    work = tmp_path_factory.mktemp("keyed")
-    app_key, app_entry = new_key_entry("app-team", ["remove", "score"])
-    ops_key, ops_entry = new_key_entry("ops", ["remove", "score", "feedback", "admin"])
-    people = {name: new_key_entry(name, ["remove", "feedback"], team=team) for name, team in helpers.Keyed.OWNERS.items()}
-    reviewer_key, reviewer_entry = new_key_entry("reviewer", ["feedback", "review"])
-    entries = [app_entry, ops_entry, reviewer_entry, *(entry for _, entry in people.values())]
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
-    config = helpers.serve_test_config(work)
-    args = config["applications"][0]["args"]
-    args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml")}
-    args["overload"] = {
-        "max_in_flight": helpers.Keyed.MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None,
-        "body_timeout_s": helpers.Keyed.BODY_TIMEOUT_S,
-    }  # fmt: skip
-    args.setdefault("gate", {})["on_scorer_error"] = "fail_closed"
-    args.setdefault("scorer", {})["timeout_s"] = 2.0
-    args["request_timeout_s"] = helpers.Keyed.REQUEST_TIMEOUT_S
-    args["imaging"]["max_megapixels"] = helpers.Keyed.MAX_MEGAPIXELS
-    config["applications"][0]["route_prefix"] = helpers.Keyed.ROUTE_PREFIX
-    with helpers.running_service(work, config) as service:
-        service.url += helpers.Keyed.ROUTE_PREFIX
-        service.client.base_url = service.url
-        service.app_key, service.ops_key = app_key, ops_key
-        service.people = {name: key for name, (key, _) in people.items()}
-        service.reviewer_key = reviewer_key
-        yield service
+def cluster(starts_serve, request, tmp_path_factory):
+    """One local Serve for the session (`python -m serve run`, one Ray), serving each application the selected
+    tests use: `rorem` (tiny bundle, Remover + Scorer, gate annotate), `keyed` (helpers.Keyed), `metered`
+    (helpers.Metered) and `trained` (helpers.Trained). Its Services by application name."""
+    work = tmp_path_factory.mktemp("serve")
+    needed = request.config.stash[_NEEDED]
+    applications, extras = [], {}
+    for name in needed:
+        folder = work / name
+        folder.mkdir()
+        if name == "rorem":
+            app, extra = helpers.named_app(folder, "rorem", "/"), {}
+        elif name == helpers.Trained.NAME:
+            app, extra = helpers.Trained.app(folder, request.getfixturevalue("trained_bundle"))
+        else:
+            app, extra = {helpers.Keyed.NAME: helpers.Keyed, helpers.Metered.NAME: helpers.Metered}[name].app(folder)
+        applications.append(app)
+        extras[name] = extra
+    with helpers.running_cluster(work, applications) as services:
+        for name, service in services.items():
+            for attribute, value in extras[name].items():
+                setattr(service, attribute, value)
+        yield services
 
 
-@pytest.fixture
-def keyed(keyed_service):
-    """The keyed Serve, still running (a test marked stops_keyed_service stops it, and runs last)."""
-    if keyed_service.child.poll() is not None:
-        pytest.fail("the keyed Serve was stopped before this test (by a test marked stops_keyed_service?)")
-    return keyed_service
+@pytest.fixture(autouse=True)
+def _cluster_still_running(request):
+    """A test of the cluster finds it running (a test marked stops_cluster stops it, and runs last)."""
+    if "cluster" in request.fixturenames:
+        if next(iter(request.getfixturevalue("cluster").values())).child.poll() is not None:
+            pytest.fail("the session's Serve was stopped before this test (by a test marked stops_cluster?)")
+
+
+@pytest.fixture(scope="session")
+def service(cluster):
+    """The tiny bundle with its Scorer, gate annotate, at the route prefix /."""
+    return cluster["rorem"]
+
+
+@pytest.fixture(scope="session")
+def keyed_service(cluster):
+    """API keys on (helpers.Keyed), for the hardening and the lifecycle tests."""
+    return cluster[helpers.Keyed.NAME]
+
+
+@pytest.fixture(scope="session")
+def metered(cluster):
+    """Quotas over two Ingress replicas (helpers.Metered)."""
+    return cluster[helpers.Metered.NAME]
+
+
+@pytest.fixture(scope="session")
+def trained_onnx_service(cluster):
+    """The trained bundle served through ONNX Runtime (helpers.Trained)."""
+    return cluster[helpers.Trained.NAME]

@@ -38,7 +38,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 
-# the test being set up or run (tests/conftest.py keeps it current): running_service refuses to start a
+# the test being set up or run (tests/conftest.py keeps it current): running_cluster refuses to start a
 # Serve for a test that is not marked e2e, so `make test-fast` (-m "not e2e") never starts Ray
 current_test: pytest.Item | None = None
 
@@ -226,10 +226,15 @@ def fulfill_problem(route, problem) -> None:
 
 
 class Service:
+    """One application of the session's local Serve (tests/conftest.py `cluster`): its address (the HTTP port and
+    its route prefix), its settings (defaults filled in), gRPC (calls name the application: the cluster serves
+    several), the metrics port and log the applications share, and the CLI that runs them all."""
+
     def __init__(
-        self, url: str, config: dict, grpc_target: str, metrics_url: str, log_path: Path,
+        self, app_name: str, url: str, config: dict, grpc_target: str, metrics_url: str, log_path: Path,
         child: subprocess.Popen, ports: dict[str, int],
     ):  # fmt: skip
+        self.app_name = app_name
         self.url = url
         self.config = config
         self.grpc_target = grpc_target
@@ -239,6 +244,12 @@ class Service:
         self.ports = ports  # http, grpc, metrics
         self.work = log_path.parent
         self.client = httpx.Client(base_url=url, timeout=120)
+
+    def channel(self):
+        """A gRPC channel whose calls reach this application."""
+        from serve.grpc_client import open_channel
+
+        return open_channel(self.grpc_target, self.app_name)
 
 
 def serve_test_config(work: Path) -> dict:
@@ -258,33 +269,149 @@ def serve_test_config(work: Path) -> dict:
     return config
 
 
-def without_scorer(config: dict) -> dict:
-    """A Serve config for tests that need no Scorer: one model replica fewer to start (gate off, as a
-    deployment without a Scorer must be configured)."""
-    app = config["applications"][0]
+def named_app(work: Path, name: str, route_prefix: str) -> dict:
+    """serve_test_config's application, named and mounted for a cluster of several."""
+    app = serve_test_config(work)["applications"][0]
+    return {**app, "name": name, "route_prefix": route_prefix}
+
+
+def without_scorer(app: dict) -> dict:
+    """An application that needs no Scorer: one model replica fewer to start (gate off, as a deployment without
+    a Scorer must be configured)."""
     app["args"]["scorer"] = {"enabled": False}
     app["args"]["gate"] = {"mode": "off"}
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "Scorer"]
-    return config
+    return app
 
 
-def without_retention(config: dict) -> dict:
-    """A Serve config for tests that keep no results: no ResultStore replica to start."""
-    config["applications"][0]["args"]["retention"] = {"enabled": False}
-    return config
+def without_retention(app: dict) -> dict:
+    """An application that keeps no results: no ResultStore replica to start."""
+    app["args"]["retention"] = {"enabled": False}
+    return app
 
 
 class Keyed:
-    """The keyed Serve (tests/conftest.py `keyed_service`), shared by the hardening and the lifecycle tests: API
-    keys on, under a route prefix (the access rules do not depend on the path's spelling), a small in-flight
-    limit and body timeout, the Scorer failing closed, and 1 MP images (so the gRPC message limit is ~6 MB)."""
+    """The keyed application (tests/conftest.py `keyed_service`), shared by the hardening and the lifecycle tests:
+    API keys on, under a route prefix (the access rules do not depend on the path's spelling), a small in-flight
+    limit and body timeout, the Scorer failing closed, and 1 MP images."""
 
+    NAME = "keyed"
     REQUEST_TIMEOUT_S = 30.0
     MAX_IN_FLIGHT = 4
     ROUTE_PREFIX = "/api/v1"
     BODY_TIMEOUT_S = 3.0
     MAX_MEGAPIXELS = 1.0
     OWNERS = {"alice": None, "bob": None, "dave": "studio", "erin": "studio"}  # name -> team
+
+    @classmethod
+    def app(cls, work: Path) -> tuple[dict, dict]:
+        """The application, and the keys its tests present (app, ops, reviewer, people: name -> key)."""
+        from serve.auth import new_key_entry
+
+        app_key, app_entry = new_key_entry("app-team", ["remove", "score"])
+        ops_key, ops_entry = new_key_entry("ops", ["remove", "score", "feedback", "admin"])
+        people = {name: new_key_entry(name, ["remove", "feedback"], team=team) for name, team in cls.OWNERS.items()}
+        reviewer_key, reviewer_entry = new_key_entry("reviewer", ["feedback", "review"])
+        entries = [app_entry, ops_entry, reviewer_entry, *(entry for _, entry in people.values())]
+        (work / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
+        app = named_app(work, cls.NAME, cls.ROUTE_PREFIX)
+        args = app["args"]
+        args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml")}
+        args["overload"] = {
+            "max_in_flight": cls.MAX_IN_FLIGHT, "retry_after_s": 3, "max_queue_wait_s": None,
+            "body_timeout_s": cls.BODY_TIMEOUT_S,
+        }  # fmt: skip
+        args.setdefault("gate", {})["on_scorer_error"] = "fail_closed"
+        args.setdefault("scorer", {})["timeout_s"] = 2.0
+        args["request_timeout_s"] = cls.REQUEST_TIMEOUT_S
+        args["imaging"]["max_megapixels"] = cls.MAX_MEGAPIXELS
+        keys = {
+            "app_key": app_key, "ops_key": ops_key, "reviewer_key": reviewer_key,
+            "people": {name: key for name, (key, _) in people.items()},
+        }  # fmt: skip
+        return app, keys
+
+
+class Metered:
+    """The metered application (tests/test_quotas.py): keys with quotas over a short window, two Ingress replicas
+    sharing one ledger, no Scorer and no retention (metering needs neither)."""
+
+    NAME = "metered"
+    ROUTE_PREFIX = "/metered"
+    WINDOW_S = 5.0
+    BODY_TIMEOUT_S = 6.0  # well past the served request of test_rest_a_key_s_trickling_upload_holds_no_lease
+    SPREAD = 12  # requests that reach both replicas unless the router is very unlucky (2 in 2**12)
+
+    @classmethod
+    def app(cls, work: Path) -> tuple[dict, dict]:
+        """The application, and its keys by name."""
+        from serve.auth import new_key_entry
+
+        keys = {
+            "rest": new_key_entry("rest", ["remove", "score"], requests_per_minute=5),
+            "grpc": new_key_entry("grpc", ["remove", "score"], requests_per_minute=5),
+            "single": new_key_entry("single", ["remove"], max_concurrent=1),
+            "free": new_key_entry("free", ["remove"]),
+            "spread": new_key_entry("spread", ["remove"], requests_per_minute=cls.SPREAD),
+        }
+        (work / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in keys.values()]}))
+        app = without_retention(without_scorer(named_app(work, cls.NAME, cls.ROUTE_PREFIX)))
+        args = app["args"]
+        args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml"), "quota_window_s": cls.WINDOW_S}
+        args["overload"] = {**args["overload"], "body_timeout_s": cls.BODY_TIMEOUT_S}
+        ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+        ingress["num_replicas"] = 2  # the quota holds across replicas: the ledger is one Ray actor
+        return app, {"keys": {name: key for name, (key, _) in keys.items()}}
+
+
+class Trained:
+    """The trained application (tests/test_trained_bundle_service.py): a bundle trained a few steps on synthetic
+    data, its Scorer, no retention; engine.runner onnx, its UNet exported into the bundle at start."""
+
+    NAME = "trained"
+    ROUTE_PREFIX = "/trained"
+
+    @classmethod
+    def app(cls, work: Path, bundle: Path) -> tuple[dict, dict]:
+        app = without_retention(named_app(work, cls.NAME, cls.ROUTE_PREFIX))
+        app["args"]["bundle"]["path"] = str(bundle)
+        app["args"].setdefault("engine", {}).update({"runner": "onnx", "export_missing": True})
+        return app, {}
+
+
+# The stages run one after another in one Python process, as a script calling `python -m training`'s main
+# would: the model libraries are imported once (about 4 s a process here), not five times.
+_STAGES_IN_ONE_PROCESS = """
+import json, sys
+from training.cli import main
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    if code:
+        sys.exit(f"training {argv[0]} exited with {code}")
+"""
+
+
+def train_tiny_bundle(work: Path) -> Path:
+    """Every training stage a few steps on synthetic data, then a bundle of their outputs: the chain a release
+    goes through."""
+    cache, data = str(work / "cache"), work / "data"
+    common = ["--base", "tiny", "--cache-dir", cache]
+    stages = [
+        ["synthetic", "--out", str(data), "--n", "4", "--size", "64", "--kinds", "blur,no-change"],
+        ["finetune", *common, "--data", str(data / "metadata.json"), "--out", str(work / "ft"),
+         "--resolution", "64", "--steps", "2", "--batch-size", "2"],
+        ["distill", *common, "--unet", str(work / "ft"), "--data", str(data / "metadata.json"),
+         "--out", str(work / "distill"), "--resolution", "64", "--steps", "2", "--batch-size", "2", "--lora-rank", "4"],
+        ["discriminator", *common, "--data", str(data / "discriminator" / "metadata.json"),
+         "--out", str(work / "disc"), "--resolution", "512", "--steps", "2", "--batch-size", "2"],
+        ["bundle", *common, "--unet", str(work / "ft"), "--lcm-lora", str(work / "distill"),
+         "--discriminator", str(work / "disc"), "--out", str(work / "bundle"), "--dtype", "float32"],
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _STAGES_IN_ONE_PROCESS, json.dumps(stages)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return work / "bundle"
 
 
 def check_e2e(what: str) -> None:
@@ -297,9 +424,12 @@ def check_e2e(what: str) -> None:
 
 
 @contextmanager
-def running_service(work: Path, config: dict):
-    """`python -m serve run` (the README's way) on loopback ports, stopped with everything it started."""
+def running_cluster(work: Path, applications: list[dict]):
+    """`python -m serve run` (the README's way) on loopback ports serving `applications` (each named, with its own
+    route prefix), stopped with everything it started: their Services by application name."""
     check_e2e("starts a local Ray Serve")
+    config = serve_test_config(work)
+    config["applications"] = applications
     config_path = work / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
@@ -309,6 +439,7 @@ def running_service(work: Path, config: dict):
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_metrics_report_interval_ms": str(int(METRICS_EXPORT_S * 1000)),
+        "RAY_DEDUP_LOGS": "0",  # every replica's access log line reaches the service log (tests/test_quotas.py)
     }
     env.pop("ROREM_BUNDLE", None)
     started = time.monotonic()
@@ -321,22 +452,27 @@ def running_service(work: Path, config: dict):
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while "[rorem] READY" not in log_path.read_text():
+        while log_path.read_text().count("[rorem] READY") < len(applications):
             if child.poll() is not None:
                 pytest.fail(f"serve exited early; see {log_path}:\n{log_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"serve not ready after 300 s; see {log_path}")
             time.sleep(0.2)
         # how long a start takes, for the suite's budget (`pytest -s` shows it)
-        print(f"\n[tests] {work.name}: Serve ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        names = ", ".join(app["name"] for app in applications)
+        print(f"\n[tests] Serve of {names} ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
         from serve.config import AppSettings
 
-        settings = AppSettings.model_validate(config["applications"][0]["args"]).model_dump()  # defaults filled in
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         ports = {"http": port, "grpc": grpc_port, "metrics": metrics_port}
-        yield Service(
-            f"http://127.0.0.1:{port}", settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path, child, ports
-        )
+        services = {}
+        for app in applications:
+            settings = AppSettings.model_validate(app["args"]).model_dump()  # defaults filled in
+            url = f"http://127.0.0.1:{port}{app['route_prefix'].rstrip('/')}"
+            services[app["name"]] = Service(
+                app["name"], url, settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path, child, ports
+            )
+        yield services
     finally:
         stop_cli(child)
         log.close()

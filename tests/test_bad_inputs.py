@@ -31,7 +31,7 @@ from scipy import ndimage
 from engines.imaging import DecodeLimits, decode_image
 from serve import rorem_pb2 as pb
 from serve.grpc_api import status_code
-from serve.grpc_client import open_channel, problem_of, stub
+from serve.grpc_client import problem_of, stub
 from serve.problems import Problem
 from tests.helpers import PROBLEM, encoded, photo, png_bytes, png_declaring_size
 
@@ -519,7 +519,7 @@ def check_unchanged(sent: Sent, answer: Answer) -> None:
 
 @pytest.fixture(scope="module")
 def client(service):
-    with open_channel(service.grpc_target) as channel:
+    with service.channel() as channel:
         yield stub(channel)
 
 

@@ -176,7 +176,7 @@ def test_listening_beyond_loopback_without_keys_says_which_host_names_are_answer
     assert fit_to_machine(config, bundle=None, host="0.0.0.0", port=None, gpus=2) == []
 
 
-def test_grpc_answers_loopback_peers_only_where_http_listens_on_loopback_without_keys(monkeypatch):
+def test_grpc_answers_loopback_peers_only_where_http_listens_on_loopback_without_keys(monkeypatch, tmp_path):
     """Ray's gRPC proxy binds every interface: `make serve` (HTTP on 127.0.0.1, no keys) must not hand the
     network a keyless gRPC port (two reviews reached Remove from another address)."""
     import asyncio
@@ -192,7 +192,11 @@ def test_grpc_answers_loopback_peers_only_where_http_listens_on_loopback_without
     assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "0"}, "as reachable as HTTP, which the note says"
     config["http_options"]["host"] = "::1"
     config["applications"][0]["args"]["auth"] = {"enabled": True, "keys_file": "keys.yaml"}
-    assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "0"}, "keys decide who may call"
+    assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "1"}, "for any application of the cluster without keys"
+    monkeypatch.setenv(GRPC_LOOPBACK_ONLY_ENV, "1")
+    (tmp_path / "keys.yaml").write_text("keys: []\n")
+    keyed = AccessPolicy.from_settings(AuthSettings(enabled=True, keys_file=str(tmp_path / "keys.yaml")))
+    assert not keyed.grpc_loopback_only, "where keys are on, they decide who may call"
 
     for peer in ("ipv4:127.0.0.1:5000", "ipv4:127.3.4.5:1", "ipv6:[::1]:5000", "ipv6:[::ffff:127.0.0.1]:80", "unix:/s"):
         assert is_loopback_peer(peer), peer

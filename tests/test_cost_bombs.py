@@ -24,7 +24,7 @@ from PIL import Image
 from engines.errors import ImageTooLarge, InvalidImage
 from engines.imaging import DecodeLimits, decode_image
 from serve import rorem_pb2 as pb
-from serve.grpc_client import open_channel, problem_of, stub
+from serve.grpc_client import problem_of, stub
 from serve.problems import Problem
 from serve.protocol import JSONRemoveBody, validate
 from tests.helpers import PROBLEM, png_bytes
@@ -366,7 +366,7 @@ def test_bombs_get_a_4xx_in_2_s_over_rest_and_grpc_while_healthz_answers(service
     files = {name: bomb(name) for name in BOMBS}  # built before any clock starts
     many_keys = json.dumps({"image": "AAAA", **{f"key{i}": 0 for i in range(100_000)}}).encode()
     spans = []  # (bomb, protocol, started, ended)
-    with HealthProbe(service.url) as probe, open_channel(service.grpc_target) as channel:
+    with HealthProbe(service.url) as probe, service.channel() as channel:
         client = stub(channel)
         time.sleep(1.0)  # quiet probes first: this machine's /healthz latency without bombs, the yardstick below
         quiet_until = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from serve import rorem_pb2 as pb
-from serve.grpc_client import open_channel, stub
+from serve.grpc_client import stub
 from serve.problems import Problem
 from tests.helpers import (
     CHROMIUM,
@@ -80,7 +80,7 @@ def test_a_retained_removal_answers_its_result_id_and_reads_back(service):
 
 
 def test_grpc_remove_with_retain_returns_the_result_id(service):
-    with open_channel(service.grpc_target) as channel:
+    with service.channel() as channel:
         reply = stub(channel).Remove(
             pb.RemoveRequest(image=png_bytes(photo()), mask=png_bytes(_mask()), seed=4, retain=True), timeout=120
         )

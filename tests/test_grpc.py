@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from serve import rorem_pb2 as pb
-from serve.grpc_client import open_channel, problem_of, stub
+from serve.grpc_client import problem_of, stub
 from tests.helpers import box_mask as _mask
 from tests.helpers import decode_png as _decode
 from tests.helpers import photo, png_bytes
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def client(service):
-    with open_channel(service.grpc_target) as channel:
+    with service.channel() as channel:
         yield stub(channel)
 
 

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
 from serve.grpc_api import GrpcMethods
-from serve.grpc_client import open_channel, problem_of
+from serve.grpc_client import problem_of
 from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
 from tests.helpers import REPO
 
@@ -196,7 +196,7 @@ def test_the_ingress_answers_the_marker_as_malformed_body(method, raw, route):
 
 @pytest.mark.parametrize("method, raw", [(m, raw) for m, cases in MALFORMED.items() for raw in cases])
 def test_malformed_messages_are_invalid_argument_through_the_proxy(service, method, raw):
-    with open_channel(service.grpc_target) as channel:
+    with service.channel() as channel:
         rpc = channel.unary_unary(f"/{SERVICE.full_name}/{method}", request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as caught:
             rpc(raw, timeout=60)

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 
 from serve import rorem_pb2 as pb
-from serve.grpc_client import open_channel
 from serve.rorem_pb2_grpc import ObjectRemovalStub
 from tests.helpers import Keyed, load_script, photo, png_bytes
 
@@ -33,8 +32,8 @@ REQUEST_TIMEOUT_S, MAX_IN_FLIGHT, BODY_TIMEOUT_S = Keyed.REQUEST_TIMEOUT_S, Keye
 
 
 @pytest.fixture
-def hardened(keyed):
-    return keyed
+def hardened(keyed_service):
+    return keyed_service
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,9 @@ def _assert_problem(response, status, problem):
 
 
 def _replica_pids(service, deployment: str) -> list[int]:
-    return soak.replica_pids(deployment, soak.service_instance(service.url))
+    instance, application = soak.service_identity(service.url)
+    assert application == service.app_name
+    return soak.replica_pids(deployment, instance, application)
 
 
 def _wait_ready(service, timeout_s: float = 180.0) -> float:
@@ -111,7 +112,7 @@ def test_the_route_prefix_answers_at_its_own_address_without_a_trailing_slash(ha
 
 
 def test_grpc_needs_a_key_in_metadata(hardened, upload):
-    stub = ObjectRemovalStub(open_channel(hardened.grpc_target))
+    stub = ObjectRemovalStub(hardened.channel())
     request = pb.RemoveRequest(image=upload["image"], mask=upload["mask"], gate="off")
     with pytest.raises(grpc.RpcError) as caught:
         stub.Remove(request, timeout=60)
@@ -130,11 +131,11 @@ def test_the_bundled_grpc_client_sends_a_key_from_its_option_or_the_environment(
     args = ["remove", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), "-o", str(tmp_path / "out.png")]
     args += ["--gate", "off"]
     monkeypatch.delenv(grpc_client.API_KEY_ENV, raising=False)
-    assert grpc_client.main(["--target", hardened.grpc_target, *args]) == 1
-    assert grpc_client.main(["--target", hardened.grpc_target, "--api-key", hardened.app_key, *args]) == 0
+    assert grpc_client.main(["--target", hardened.grpc_target, "--application", hardened.app_name, *args]) == 1
+    assert grpc_client.main(["--target", hardened.grpc_target, "--application", hardened.app_name, "--api-key", hardened.app_key, *args]) == 0
     monkeypatch.setenv(grpc_client.API_KEY_ENV, hardened.app_key)
     (tmp_path / "out.png").unlink()
-    assert grpc_client.main(["--target", hardened.grpc_target, *args]) == 0 and (tmp_path / "out.png").stat().st_size
+    assert grpc_client.main(["--target", hardened.grpc_target, "--application", hardened.app_name, *args]) == 0 and (tmp_path / "out.png").stat().st_size
 
 
 def _trickle(url: str, key: str, answers: list, stop: threading.Event) -> None:
@@ -269,7 +270,7 @@ def test_a_client_deadline_answers_504(hardened, upload):
     _assert_problem(late, 504, "timeout")
     assert time.monotonic() - started < 5
     _assert_problem(_remove(hardened, upload, key=hardened.app_key, timeout_s=-1), 422, "invalid-request")
-    stub = ObjectRemovalStub(open_channel(hardened.grpc_target))
+    stub = ObjectRemovalStub(hardened.channel())
     request = pb.RemoveRequest(image=upload["image"], mask=upload["mask"], gate="off", timeout_s=0.01)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Remove(request, timeout=60, metadata=[("x-api-key", hardened.app_key)])
@@ -349,10 +350,12 @@ def test_chaos_soak_loses_no_request(hardened):
 def test_chaos_kills_only_the_replicas_of_the_service_it_loads(tmp_path):
     """operations.md's soak command killed the first matching replica on the machine: with another local Serve
     running (another session's tests, say), it SIGKILLed that one and counted the kill. Then it needed the
-    service's process session, which nothing printed. Now the instance id the loaded URL's /healthz gives."""
+    service's process session, which nothing printed. Now the instance id and application the loaded URL's
+    /healthz gives (one instance may serve several applications, each with its own Remover)."""
     processes = {
         101: ("ray::ServeReplica:rorem:Remover", "mine"),
         102: ("ray::ServeReplica:rorem:Scorer", "mine"),
+        103: ("ray::ServeReplica:keyed:Remover", "mine"),
         201: ("ray::ServeReplica:rorem:Remover", "another"),
         301: ("python -m serve run", "mine"),
         401: ("ray::ServeReplica:rorem:Remover", None),  # not started by the CLI
@@ -362,7 +365,8 @@ def test_chaos_kills_only_the_replicas_of_the_service_it_loads(tmp_path):
         (tmp_path / str(pid) / "cmdline").write_bytes(title.encode() + b"\0")
         environ = [b"PATH=/usr/bin"] + ([f"ROREM_INSTANCE_ID={instance}".encode()] if instance else [])
         (tmp_path / str(pid) / "environ").write_bytes(b"\0".join(environ) + b"\0")
-    assert soak.replica_pids("Remover", "mine", proc=tmp_path) == [101]
-    assert soak.replica_pids("Scorer", "mine", proc=tmp_path) == [102]
-    assert soak.replica_pids("Remover", "another", proc=tmp_path) == [201]
-    assert soak.replica_pids("Remover", "mi", proc=tmp_path) == [], "the whole id, not a prefix"
+    assert soak.replica_pids("Remover", "mine", "rorem", proc=tmp_path) == [101]
+    assert soak.replica_pids("Scorer", "mine", "rorem", proc=tmp_path) == [102]
+    assert soak.replica_pids("Remover", "mine", "keyed", proc=tmp_path) == [103]
+    assert soak.replica_pids("Remover", "another", "rorem", proc=tmp_path) == [201]
+    assert soak.replica_pids("Remover", "mi", "rorem", proc=tmp_path) == [], "the whole id, not a prefix"

@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import json
 import ast
 import copy
 import os
@@ -454,10 +455,10 @@ def test_the_ray_containers_carry_the_environment_derived_from_their_serve_confi
         http_max_body_bytes,
         proxy_env,
     )  # fmt: skip
-    from serve.proxy_middleware import BODY_LIMIT_ENV, BODY_TIMEOUT_ENV, KEYS_FILE_ENV
+    from serve.proxy_middleware import ROUTES_ENV
 
     for target, overlay in (("gpu", "prod"), ("cpu", "dev")):
-        expected = proxy_env(render.render_config(target)["applications"][0]["args"])
+        expected = proxy_env(render.render_config(target))
         assert render.proxy_environment(target) == expected
         cluster = find(built(overlay), "RayService")["spec"]["rayClusterConfig"]
         containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
@@ -465,38 +466,42 @@ def test_the_ray_containers_carry_the_environment_derived_from_their_serve_confi
         for container in containers:
             env = {e["name"]: e.get("value") for e in container.get("env", []) if e["name"] in PROXY_ENV_NAMES}
             assert env == expected, (overlay, container["name"])
-            if KEYS_FILE_ENV in env:
-                mounts = [m["mountPath"] for m in container["volumeMounts"]]
-                assert any(env[KEYS_FILE_ENV].startswith(path + "/") for path in mounts), "its proxy reads the keys file"
-        assert (KEYS_FILE_ENV in expected) is (target == "gpu"), "auth is on in the gpu target only"
+            for route in json.loads(env[ROUTES_ENV]).values():
+                if "keys_file" in route:
+                    mounts = [m["mountPath"] for m in container["volumeMounts"]]
+                    assert any(route["keys_file"].startswith(path + "/") for path in mounts), "its proxy reads the file"
+        keyed = ["keys_file" in route for route in json.loads(expected[ROUTES_ENV]).values()]
+        assert keyed == [target == "gpu"], "one application; auth is on in the gpu target only"
     expected = render.proxy_environment("gpu")
+    (route,) = json.loads(expected[ROUTES_ENV]).values()
     assert int(expected[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings())  # local.yaml's imaging
-    assert int(expected[BODY_LIMIT_ENV]) == http_max_body_bytes(ImagingSettings())
-    assert float(expected[BODY_TIMEOUT_ENV]) == OverloadSettings().body_timeout_s
-    assert float(expected[PROXY_DRAINING_ENV]) >= float(expected[BODY_TIMEOUT_ENV]), "a draining proxy outlives a body"
+    assert route["limit"] == http_max_body_bytes(ImagingSettings())
+    assert route["timeout_s"] == OverloadSettings().body_timeout_s
+    assert float(expected[PROXY_DRAINING_ENV]) >= route["timeout_s"], "a draining proxy outlives a body"
 
 
 def test_rendering_the_env_replaces_only_what_proxy_env_sets():
-    """A setting proxy_env no longer derives (auth turned off: the keys file) leaves the manifest; other entries
-    of the list, and lists without the proxy middleware (the init container's), stay as they are."""
+    """A name proxy_env does not set (here the gRPC limit) leaves the manifest; other entries of the list, and lists
+    without the proxy middleware (the init container's), stay as they are."""
     snippet = (
         "      env:\n"
         '        - {name: OTHER, value: "1"}\n'
-        '        - {name: ROREM_PROXY_KEYS_FILE, value: "/etc/keys.yaml"}\n'
+        '        - {name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, value: "7"}\n'
+        '        - {name: ROREM_PROXY_ROUTES, value: "{}"}\n'
         '        - {name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, value: "x"}\n'
         "      ports: []\n"
         "      env:\n"
-        '        - {name: ROREM_PROXY_KEYS_FILE, value: "kept: no middleware here"}\n'
+        '        - {name: ROREM_PROXY_ROUTES, value: "kept: no middleware here"}\n'
     )
-    rendered = render.splice_env(snippet, {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "y", "ROREM_PROXY_BUFFER_BYTES": "5"})
+    rendered = render.splice_env(snippet, {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "y", "ROREM_PROXY_ROUTES": "5"})
     assert rendered == (
         "      env:\n"
         '        - {name: OTHER, value: "1"}\n'
         '        - {name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, value: "y"}\n'
-        '        - {name: ROREM_PROXY_BUFFER_BYTES, value: "5"}\n'
+        '        - {name: ROREM_PROXY_ROUTES, value: "5"}\n'
         "      ports: []\n"
         "      env:\n"
-        '        - {name: ROREM_PROXY_KEYS_FILE, value: "kept: no middleware here"}\n'
+        '        - {name: ROREM_PROXY_ROUTES, value: "kept: no middleware here"}\n'
     )
     with pytest.raises(render.RenderError):
         render.splice_env("      env:\n        - {name: OTHER, value: \"1\"}\n", {})

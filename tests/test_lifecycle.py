@@ -4,6 +4,8 @@ Also the gRPC proxy's message limit (serve.proxy_limits), on the same running se
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import signal
@@ -192,6 +194,77 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
     assert f"engine.runner_path {Path.cwd() / 'unet.plan'}: no such file" in capsys.readouterr().err
 
 
+def _two_applications(config: dict) -> None:
+    """local.yaml's application twice: `rorem` at / and `keyed` at /api/v1 with keys on and a bundle folder given
+    relative to where the CLI starts."""
+    second = copy.deepcopy(config["applications"][0])
+    second.update(name="keyed", route_prefix="/api/v1")
+    second["args"]["auth"] = {"enabled": True, "keys_file": "keys.yaml"}
+    config["applications"].append(second)
+
+
+def test_a_config_of_several_applications_is_started_as_one_and_ready_once_each_is(tmp_path, monkeypatch, capsys):
+    """One Ray and one proxy for every application of the config: each waited for at its own address and printed
+    READY with the metadata its gRPC calls name, the proxy's body settings for each route prefix, and the stop's
+    drain asked at the HTTP root (under a route prefix it asked the app's address, which the proxy's drain
+    endpoint is not, and every stop waited out the whole grace)."""
+    from serve import cli
+    from serve.proxy_middleware import ROUTES_ENV
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(_local_yaml(_two_applications))
+    (tmp_path / "keys.yaml").write_text("keys: []\n")
+    monkeypatch.chdir(tmp_path)
+    launched, waited, stopped = [], [], []
+    ready = {
+        "status": "ready", "gate": {"mode": "annotate"},
+        "model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4,
+                  "buckets": [512]},
+    }  # fmt: skip
+
+    def popen(command, env, **kwargs):
+        launched.append(env)
+        return SimpleNamespace(poll=lambda: 0, returncode=0)  # the launcher exits once READY is printed
+
+    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    monkeypatch.setattr(cli, "wait_until_ready", lambda url, *args: waited.append(url) or ready)
+    monkeypatch.setattr(cli, "stop_service", lambda child, url, *args: stopped.append(url) or 0)
+    port = free_port()
+    ports = ["--port", str(port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert run(["run", "--config", str(path), *ports]) == 0
+    root = f"http://127.0.0.1:{port}"
+    assert waited == [root, root + "/api/v1"] and stopped == [root]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[rorem] READY")]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"[rorem] READY on {root} : POST {root}/remove | gRPC")
+    assert "(metadata application=rorem)" in lines[0] and "| API keys off |" in lines[0]
+    assert lines[1].startswith(f"[rorem] READY on {root}/api/v1 : POST {root}/api/v1/remove")
+    assert "(metadata application=keyed)" in lines[1] and f"| API keys on ({tmp_path / 'keys.yaml'}) |" in lines[1]
+    routes = json.loads(launched[0][ROUTES_ENV])
+    assert set(routes) == {"/", "/api/v1"} and routes["/api/v1"]["keys_file"] == str(tmp_path / "keys.yaml")
+
+
+def test_several_applications_share_the_gpus_and_a_single_bundle_flag_is_refused(tmp_path, capsys, no_launch):
+    from serve.cli import PlacementError, fit_to_machine, host_names_note
+
+    config = yaml.safe_load(_local_yaml(_two_applications))
+    for app in config["applications"]:
+        app["args"]["bundle"] = {"path": f"bundles/{app['name']}"}
+    notes = fit_to_machine(config, None, None, None, gpus=1)
+    assert notes == [
+        "1 GPU(s) here, 4 GPU replicas (Remover x1, Scorer x1, Remover x1, Scorer x1) asked for 4: they share, "
+        "num_gpus 0.25 each (set ray_actor_options.num_gpus in the config to size them yourself)"
+    ]
+    assert [app["args"]["bundle"]["path"] for app in config["applications"]] == [
+        str(Path.cwd() / "bundles" / "rorem"), str(Path.cwd() / "bundles" / "keyed")
+    ]
+    with pytest.raises(PlacementError, match="ROREM_BUNDLE names one bundle, and this config has 2 applications"):
+        fit_to_machine(copy.deepcopy(config), "/models/b", None, None, gpus=0)
+    config["http_options"]["host"] = "0.0.0.0"
+    (note,) = host_names_note(config)
+    assert note.startswith("listening on 0.0.0.0 without API keys (application rorem): ")
+
+
 def test_the_ready_line_says_whether_api_keys_are_on():
     from serve.cli import keys_state
 
@@ -241,10 +314,10 @@ def test_a_deploy_that_failed_for_good_ends_the_start_at_once_with_rays_message(
 
 
 @pytest.fixture
-def running(keyed):
-    """The keyed Serve (API keys on, 1 MP images: a ~6 MB gRPC limit), after the hardening tests; the last test
-    here stops it."""
-    return keyed
+def running(keyed_service):
+    """The keyed application (API keys on, 1 MP images) of the session's Serve, after the hardening tests; the last
+    test here stops the Serve."""
+    return keyed_service
 
 
 def test_ray_goes_on_loopback_with_a_loopback_host_and_its_replica_grpc_servers_with_it(monkeypatch):
@@ -315,11 +388,18 @@ def test_a_local_instance_listens_on_loopback_only_but_for_the_grpc_api(running)
     assert {port for _, port in open_to_the_network} == {running.ports["grpc"]}, open_to_the_network
 
 
-def test_ready_names_this_instance_and_whether_api_keys_are_on(running):
+def test_ready_names_this_instance_and_whether_api_keys_are_on(running, cluster):
+    """One READY line per application (the session's Serve has several), each naming the metadata its gRPC calls
+    carry."""
     health = httpx.get(running.url + "/healthz").json()
-    ready = next(line for line in running.log_path.read_text().splitlines() if "[rorem] READY" in line)
+    assert health["application"] == running.app_name
+    lines = [line for line in running.log_path.read_text().splitlines() if "[rorem] READY" in line]
+    assert len(lines) == len(cluster)
+    (ready,) = [line for line in lines if f"READY on {running.url} :" in line]
     assert f"| instance {health['instance']}" in ready
+    assert f"(metadata application={running.app_name})" in ready
     assert "| API keys on (" in ready and "keys.yaml) |" in ready, ready
+    assert all(f"| instance {health['instance']}" in line for line in lines), "one start serves them all"
 
 
 def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
@@ -338,18 +418,21 @@ def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
     assert elapsed < 30, f"took {elapsed:.1f} s"  # before the model libraries load (a minute on a busy 2-core box)
 
 
-def test_a_grpc_message_over_the_limit_is_refused_by_the_proxy(running):
-    limit = grpc_max_message_bytes(AppSettings.model_validate(running.config).imaging)
+def test_a_grpc_message_over_the_limit_is_refused_by_the_proxy(running, cluster):
+    """The proxy's limit is one for the process: the largest any application of the cluster needs."""
+    limit = max(grpc_max_message_bytes(AppSettings.model_validate(app.config).imaging) for app in cluster.values())
+    assert limit > grpc_max_message_bytes(AppSettings.model_validate(running.config).imaging), "another app's"
     channel = grpc.insecure_channel(
         f"127.0.0.1:{running.ports['grpc']}", options=[("grpc.max_send_message_length", 2 * limit)]
     )
     stub = ObjectRemovalStub(channel)
+    metadata = [("x-api-key", running.app_key), ("application", running.app_name)]
     with pytest.raises(grpc.RpcError) as over:
-        stub.Remove(_message_of(limit + 1), timeout=60, metadata=[("x-api-key", running.app_key)])
+        stub.Remove(_message_of(limit + 1), timeout=60, metadata=metadata)
     assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in over.value.details()  # gRPC's own refusal, not the app's problem document
     with pytest.raises(grpc.RpcError) as under:  # at the limit: through the proxy, the app refuses it
-        stub.Remove(_message_of(limit), timeout=60, metadata=[("x-api-key", running.app_key)])
+        stub.Remove(_message_of(limit), timeout=60, metadata=metadata)
     assert under.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "payload-too-large" in under.value.details()
     channel.close()
@@ -374,7 +457,7 @@ def test_a_chunked_http_body_over_the_limit_is_refused_by_the_proxy(running):
 
 
 @pytest.mark.chaos
-@pytest.mark.stops_keyed_service
+@pytest.mark.stops_cluster
 def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(running):
     launcher = int(Path(f"/proc/{running.child.pid}/task/{running.child.pid}/children").read_text().split()[0])
     members = session_members(launcher)

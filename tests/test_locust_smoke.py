@@ -15,7 +15,8 @@ def test_locust_smoke_profile_has_no_errors(service, tmp_path):
     locust = Path(sys.executable).parent / "locust"
     if not locust.exists():
         pytest.skip("locust is not installed (dev extra)")
-    env = {**os.environ, "ROREM_MIX": "512:3,1024:1", "ROREM_USERS": "rest:2,grpc:1", "ROREM_GRPC": service.grpc_target}
+    env = {**os.environ, "ROREM_MIX": "512:3,1024:1", "ROREM_USERS": "rest:2,grpc:1", "ROREM_GRPC": service.grpc_target,
+           "ROREM_GRPC_APPLICATION": service.app_name}
     result = subprocess.run(
         [str(locust), "-f", "loadtests/locustfile.py", "--headless", "--host", service.url, "-u", "3", "-r", "3",
          "-t", "6s", "--stop-timeout", "60", "--csv", str(tmp_path / "smoke"), "--html", str(tmp_path / "smoke.html"),

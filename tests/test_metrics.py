@@ -9,7 +9,7 @@ import pytest
 
 from serve import metrics
 from serve import rorem_pb2 as pb
-from serve.grpc_client import open_channel, stub
+from serve.grpc_client import stub
 from tests.helpers import METRICS_EXPORT_S, REPO
 from tests.helpers import box_mask as _mask
 from tests.helpers import metric_samples as _samples
@@ -43,7 +43,7 @@ def test_metrics_after_traffic(service):
         assert _remove(service, image, mask, seed=seed, gate="annotate").status_code == 200
     assert _remove(service, image, mask, seed=9, gate="retry", gate_threshold=10, max_attempts=2).status_code == 200
     assert _remove(service, b"junk", mask).status_code == 422
-    with open_channel(service.grpc_target) as channel:
+    with service.channel() as channel:
         stub(channel).Remove(pb.RemoveRequest(image=image, mask=mask, seed=1), timeout=120)
         with pytest.raises(grpc.RpcError):
             stub(channel).Remove(pb.RemoveRequest(image=b"junk", mask=mask), timeout=120)

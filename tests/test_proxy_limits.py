@@ -19,6 +19,9 @@ from serve import rorem_pb2 as pb
 from serve.auth import AccessPolicy, ApiKeys, new_key_entry
 from serve.config import ImagingSettings
 from serve.proxy_limits import (
+    GRPC_MESSAGE_ENV,
+    PROXY_DRAINING_ENV,
+    RAY_PROXY_DRAINING_S,
     REPLY_BYTES_PER_PIXEL,
     REPLY_SLACK,
     grpc_max_message_bytes,
@@ -27,14 +30,25 @@ from serve.proxy_limits import (
 )
 from serve.proxy_middleware import (
     DRAIN_PATH,
-    KEYS_FILE_ENV,
-    KEYS_RELOAD_ENV,
+    ROUTES_ENV,
     BodyBuffer,
+    ByRoutePrefix,
     Drain,
     middlewares,
+    route_matches,
 )
 
 IMAGING = ImagingSettings(max_upload_bytes=6 * 1024 * 1024, max_megapixels=0.5)
+
+
+def _config(*apps: dict) -> dict:
+    """A Serve config of these applications' args: "rorem" at /, then "app1" at /app1, ..."""
+    return {
+        "applications": [
+            {"name": "rorem" if i == 0 else f"app{i}", "route_prefix": "/" if i == 0 else f"/app{i}", "args": args}
+            for i, args in enumerate(apps)
+        ]
+    }
 
 
 def test_a_largest_valid_grpc_request_fits_and_the_limit_is_far_below_ray_default():
@@ -242,7 +256,53 @@ def test_a_full_buffer_still_passes_requests_without_a_body_such_as_the_probes()
 
 def test_a_proxy_buffer_smaller_than_the_largest_body_is_refused_at_start():
     with pytest.raises(ValueError, match="proxy_buffer_bytes"):
-        proxy_env({"overload": {"proxy_buffer_bytes": http_max_body_bytes(ImagingSettings()) - 1}})
+        proxy_env(_config({"overload": {"proxy_buffer_bytes": http_max_body_bytes(ImagingSettings()) - 1}}))
+
+
+def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(tmp_path):
+    """One proxy serves every application of a cluster: its HTTP settings are each application's, by route prefix;
+    gRPC's message limit and the draining period, one number for the process, are the largest any needs."""
+    small = {"imaging": {"max_upload_bytes": 1024, "max_megapixels": 0.1}, "overload": {"body_timeout_s": 5}}
+    keyed = {"auth": {"enabled": True, "keys_file": str(tmp_path / "keys.yaml")}, "overload": {"body_timeout_s": 90}}
+    env = proxy_env(_config({}, small, keyed))
+    routes = json.loads(env[ROUTES_ENV])
+    assert set(routes) == {"/", "/app1", "/app2"}
+    assert routes["/app1"]["limit"] == http_max_body_bytes(ImagingSettings(max_upload_bytes=1024)) < routes["/"]["limit"]
+    assert (routes["/"]["timeout_s"], routes["/app1"]["timeout_s"], routes["/app2"]["timeout_s"]) == (60, 5, 90)
+    assert [("keys_file" in routes[p]) for p in ("/", "/app1", "/app2")] == [False, False, True]
+    assert int(env[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings()), "the default app's, the largest"
+    assert float(env[PROXY_DRAINING_ENV]) == 90 > RAY_PROXY_DRAINING_S
+    assert proxy_env(_config({})) == {**env, ROUTES_ENV: json.dumps({"/": routes["/"]}), PROXY_DRAINING_ENV: "60.0"}
+
+
+def test_a_request_meets_the_body_limit_of_the_application_its_path_belongs_to():
+    routes = {"/": {"limit": 1000}, "/api/v1": {"limit": 100}, "/api/v1/big": {"limit": 5000}}
+    proxy = ByRoutePrefix(reading_app, routes)
+
+    def send(path: str, size: int, headers: dict | None = None) -> int:
+        exchange = Exchange([b"x" * size], {"content-length": str(size), **(headers or {})}, path=path)
+        asyncio.run(proxy(exchange.scope, exchange.receive, exchange.send))
+        return exchange.status
+
+    assert (send("/remove", 500), send("/api/v1/remove", 500), send("/api/v1", 500)) == (200, 413, 413)
+    assert send("/api/v1x/remove", 500) == 200, "a prefix takes whole path segments (Ray's rule): this is /'s"
+    assert (send("/api/v1/big/remove", 4000), send("/api/v1/bigger", 4000)) == (200, 413)
+
+    only_prefixed = ByRoutePrefix(reading_app, {"/api/v1": {"limit": 100}})
+    unread = Exchange([b"x" * 10], {"content-length": "10"}, path="/elsewhere")
+    asyncio.run(only_prefixed(unread.scope, unread.receive, unread.send))
+    assert unread.status == 404 and unread.body["type"].endswith("/not-found") and unread.chunks, "refused unread"
+    probe = Exchange([], {}, path="/elsewhere")  # no body: Ray answers its own 404 (RayAnswers words it)
+    probe.scope["method"] = "GET"
+    reached = []
+
+    async def ray_proxy(scope, receive, send):
+        reached.append(scope["path"])
+
+    asyncio.run(ByRoutePrefix(ray_proxy, {"/api/v1": {"limit": 100}})(probe.scope, probe.receive, probe.send))
+    assert reached == ["/elsewhere"]
+    assert [route_matches("/", p) for p in ("/", "/x", "")] == [True, True, False]
+    assert [route_matches("/a", p) for p in ("/a", "/a/", "/a/b", "/ab", "/")] == [True, True, True, False, False]
 
 
 def test_the_app_gets_the_body_in_few_chunks_and_then_the_client_s_own_receive():
@@ -362,14 +422,17 @@ def test_a_proxy_without_the_keys_file_refuses_bodies_until_the_file_is_there(tm
     """A proxy on a node without the keys file (the Kubernetes head) fails closed rather than not starting;
     the proxies get the file and its reload interval from proxy_env, only while auth is on."""
     path = tmp_path / "keys.yaml"
-    env = proxy_env({"auth": {"enabled": True, "keys_file": str(path), "reload_interval_s": 0}})
-    assert env[KEYS_FILE_ENV] == str(path) and float(env[KEYS_RELOAD_ENV]) == 0
-    assert KEYS_FILE_ENV not in proxy_env({}) and KEYS_FILE_ENV not in proxy_env({"auth": {"keys_file": str(path)}})
+    env = proxy_env(_config({"auth": {"enabled": True, "keys_file": str(path), "reload_interval_s": 0}}))
+    route = json.loads(env[ROUTES_ENV])["/"]
+    assert route["keys_file"] == str(path) and route["keys_reload_s"] == 0
+    for off in ({}, {"auth": {"keys_file": str(path)}}):
+        assert "keys_file" not in json.loads(proxy_env(_config(off))[ROUTES_ENV])["/"]
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    (buffer_middleware,) = [m for m in middlewares() if m.cls is BodyBuffer]
-    keys = buffer_middleware.kwargs["keys"]
-    assert isinstance(keys, AccessPolicy) and keys.keys.path == path
+    (by_route,) = [m for m in middlewares() if m.cls is ByRoutePrefix]
+    ((prefix, buffer),) = ByRoutePrefix(reading_app, **by_route.kwargs).buffers
+    keys = buffer.keys
+    assert prefix == "/" and isinstance(keys, AccessPolicy) and keys.keys.path == path
     key, entry = new_key_entry("app", ["remove"])
 
     def remove():
@@ -489,7 +552,7 @@ def test_a_websocket_handshake_reaches_neither_the_app_nor_ray_s_routing(tmp_pat
     stack refuses the handshake (close 1008 before accepting, which uvicorn answers 403)."""
     from ray.serve._private.http_util import _apply_middlewares
 
-    from serve.proxy_middleware import BODY_LIMIT_ENV, DRAIN_FLAG_ENV
+    from serve.proxy_middleware import DRAIN_FLAG_ENV
 
     reached = []
 
@@ -498,7 +561,7 @@ def test_a_websocket_handshake_reaches_neither_the_app_nor_ray_s_routing(tmp_pat
 
     headers = [(b"x-request-timeout-seconds", b"0"), (b"x-request-disconnect-disabled", b"?1"),
                (b"x-session-id", b"pin"), (b"serve-multiplexed-model-id", b"m1")]  # fmt: skip
-    for env in ({}, {BODY_LIMIT_ENV: "1000", DRAIN_FLAG_ENV: str(tmp_path / "draining")}):
+    for env in ({}, {ROUTES_ENV: json.dumps({"/": {"limit": 1000}}), DRAIN_FLAG_ENV: str(tmp_path / "draining")}):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         sent = []

@@ -26,11 +26,11 @@ from serve import auth, grpc_api, quotas
 from serve import rorem_pb2 as pb
 from serve.auth import StoredKey, new_key_entry
 from serve.config import AppSettings, AuthSettings
-from serve.grpc_client import open_channel, problem_of
+from serve.grpc_client import problem_of
 from serve.problems import Problem
 from serve.quotas import CONCURRENCY, RATE, Limits, QuotaBook, Quotas
 from serve.rorem_pb2_grpc import ObjectRemovalStub
-from tests.helpers import photo, png_bytes, running_service, serve_test_config, without_retention, without_scorer
+from tests.helpers import Metered, photo, png_bytes
 
 
 class FakeClock:
@@ -462,33 +462,8 @@ def test_the_work_routes_and_only_they_are_metered():
 
 # --- a live Serve: two ingress replicas share the ledger ------------------------------------------------------------
 
-WINDOW_S = 5.0
-BODY_TIMEOUT_S = 6.0  # well past the served request of test_rest_a_key_s_trickling_upload_holds_no_lease
-SPREAD = 12  # requests that reach both replicas unless the router is very unlucky (2 in 2**12)
-
-
-@pytest.fixture(scope="module")
-def metered(starts_serve, tmp_path_factory):
-    work = tmp_path_factory.mktemp("quotas")
-    keys = {
-        "rest": new_key_entry("rest", ["remove", "score"], requests_per_minute=5),
-        "grpc": new_key_entry("grpc", ["remove", "score"], requests_per_minute=5),
-        "single": new_key_entry("single", ["remove"], max_concurrent=1),
-        "free": new_key_entry("free", ["remove"]),
-        "spread": new_key_entry("spread", ["remove"], requests_per_minute=SPREAD),
-    }
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in keys.values()]}))
-    config = without_retention(without_scorer(serve_test_config(work)))  # metering needs neither
-    args = config["applications"][0]["args"]
-    args["auth"] = {"enabled": True, "keys_file": str(work / "keys.yaml"), "quota_window_s": WINDOW_S}
-    args["overload"] = {**args["overload"], "body_timeout_s": BODY_TIMEOUT_S}
-    ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
-    ingress["num_replicas"] = 2  # the quota holds across replicas: the ledger is one Ray actor
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_DEDUP_LOGS", "0")  # every replica's access log line reaches the service log
-        with running_service(work, config) as service:
-            service.keys = {name: key for name, (key, _) in keys.items()}
-            yield service
+WINDOW_S, BODY_TIMEOUT_S, SPREAD = Metered.WINDOW_S, Metered.BODY_TIMEOUT_S, Metered.SPREAD
+# `metered`: the session's metered application (tests/conftest.py, helpers.Metered)
 
 
 @pytest.fixture(scope="module")
@@ -531,7 +506,7 @@ def test_rest_a_key_at_5_per_window_gets_its_sixth_request_refused_and_its_quota
 
 
 def test_grpc_a_key_at_5_per_window_gets_its_sixth_call_refused_and_its_quota_back(metered, upload):
-    stub = ObjectRemovalStub(open_channel(metered.grpc_target))
+    stub = ObjectRemovalStub(metered.channel())
     auth_metadata = [("x-api-key", metered.keys["grpc"])]
     for remaining in (4, 3, 2, 1, 0):
         with pytest.raises(grpc.RpcError) as invalid:  # cheap: no image (invalid-image), refused after the quota

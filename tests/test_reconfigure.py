@@ -29,8 +29,8 @@ from tests import helpers
 
 # e2e (starts a local Ray Serve): marked through the `starts_serve` fixture, tests/conftest.py
 
-# A driver in its own process, connected to the cluster `python -m serve run` started: the replica ids
-# from the controller, each model deployment's live(), and (given a config file) a redeploy first.
+# A driver in its own process, connected to the cluster `python -m serve run` started: one application's replica
+# ids from the controller, each model deployment's live(), and (given a config file) a redeploy first.
 _DRIVER = """
 import json, sys, time, yaml, ray
 from ray.serve.context import _connect
@@ -39,13 +39,13 @@ from ray import serve
 
 ray.init(address=sys.argv[1], namespace="serve", _node_ip_address="127.0.0.1", log_to_driver=False)
 client = _connect()
-if len(sys.argv) > 2:
-    config = yaml.safe_load(open(sys.argv[2]))
+if len(sys.argv) > 3:
+    config = yaml.safe_load(open(sys.argv[3]))
     client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
 details = ray.get(client._controller.get_serve_instance_details.remote())
-app = details["applications"]["rorem"]
+app = details["applications"][sys.argv[2]]
 replicas = {name: sorted(r["replica_id"] for r in d["replicas"]) for name, d in app["deployments"].items()}
-live = {name: serve.get_deployment_handle(name, "rorem").live.remote().result() for name in ("Remover", "Scorer")}
+live = {name: serve.get_deployment_handle(name, sys.argv[2]).live.remote().result() for name in ("Remover", "Scorer")}
 print("RESULT " + json.dumps({"status": app["status"], "replicas": replicas, "live": live}))
 """
 
@@ -76,9 +76,10 @@ def _cluster(instance: str) -> tuple[str, dict]:
     raise AssertionError(f"no Ray process of instance {instance} names its GCS address")
 
 
-def _driver(cluster: tuple[str, dict], config: Path | None = None) -> dict:
+def _driver(cluster: tuple[str, dict], config: Path | None = None, app: str = "rorem") -> dict:
+    """`app`: the application to report on (the session's Serve has several; `service` is "rorem")."""
     address, env = cluster
-    command = [sys.executable, "-c", _DRIVER, address] + ([str(config)] if config else [])
+    command = [sys.executable, "-c", _DRIVER, address, app] + ([str(config)] if config else [])
     env = {**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0"}
     run = subprocess.run(command, cwd=helpers.REPO, capture_output=True, text=True, timeout=180, env=env, check=False)
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -90,6 +91,7 @@ def _driver(cluster: tuple[str, dict], config: Path | None = None) -> dict:
 def live_service(service):
     """The session's Serve: the test changes only live settings, and puts them back (a live change restarts
     nothing, so the other tests find the replicas they had)."""
+    assert service.app_name == "rorem", "_driver reports on rorem"
     effective = Path(re.search(r"effective Serve config: (\S+)", service.log_path.read_text())[1])
     yield service
     restored = _driver(_cluster(service.client.get("/healthz").json()["instance"]), effective)
@@ -111,12 +113,13 @@ def test_changing_live_settings_reconfigures_without_restarting_a_replica(live_s
     assert live_service.client.get("/readyz").json()["gate"]["threshold"] == 0.5
 
     config = yaml.safe_load(effective.read_text())
-    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    args_before = json.dumps(config["applications"][0]["args"], sort_keys=True)
+    (app,) = [app for app in config["applications"] if app["name"] == live_service.app_name]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    args_before = json.dumps(app["args"], sort_keys=True)
     deployments["Ingress"]["user_config"]["gate"]["threshold"] = 0.8
     deployments["Remover"]["user_config"]["batch_wait_timeout_s"]["512"] = 0.05
     deployments["Scorer"]["user_config"]["batch_wait_timeout_s"] = 0.02
-    assert json.dumps(config["applications"][0]["args"], sort_keys=True) == args_before, "only user_config changed"
+    assert json.dumps(app["args"], sort_keys=True) == args_before, "only user_config changed"
     edited = tmp_path / "edited.yaml"
     edited.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -145,7 +148,8 @@ def test_an_invalid_live_value_is_refused_by_the_running_replicas_which_keep_ser
     before = _driver(address)
     threshold = live_service.client.get("/readyz").json()["gate"]["threshold"]
     config = yaml.safe_load(effective.read_text())
-    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    (app,) = [app for app in config["applications"] if app["name"] == live_service.app_name]
+    deployments = {d["name"]: d for d in app["deployments"]}
     deployments["Ingress"]["user_config"]["gate"]["threshold"] = 20
     deployments["Remover"]["user_config"]["batch_wait_timeout_s"]["512"] = 2.0
     invalid = tmp_path / "invalid.yaml"

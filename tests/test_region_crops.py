@@ -272,7 +272,6 @@ def test_far_apart_objects_are_removed_in_their_own_crops_over_rest_json_and_grp
     from PIL import Image as PILImage
 
     from serve import rorem_pb2 as pb
-    from serve.grpc_client import open_channel
     from serve.rorem_pb2_grpc import ObjectRemovalStub
     from tests.helpers import photo, png_bytes
     from tests.helpers import post_remove as _remove
@@ -299,7 +298,7 @@ def test_far_apart_objects_are_removed_in_their_own_crops_over_rest_json_and_grp
         "/remove", files={"image": image_png, "mask": mask_png}, data={"seed": "3"}, headers={"accept": "application/json"}
     ).json()
     assert as_json["buckets"] == [smallest, smallest] and as_json["bucket"] == smallest
-    reply = ObjectRemovalStub(open_channel(service.grpc_target)).Remove(
+    reply = ObjectRemovalStub(service.channel()).Remove(
         pb.RemoveRequest(image=image_png, mask=mask_png, seed=3), timeout=120
     )
     assert list(reply.buckets) == [smallest, smallest] and reply.bucket == smallest

@@ -16,17 +16,31 @@ REFUSED_STARTS = {"test_a_second_start_on_the_busy_http_port_fails_fast_naming_i
 
 
 def _starts_serve(function: ast.FunctionDef) -> bool:
-    """Calls running_service, or runs `python -m serve run` itself."""
+    """Calls running_cluster, or runs `python -m serve run` itself."""
     for node in ast.walk(function):
         if isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            if name == "running_service":
+            if name == "running_cluster":
                 return True
         if isinstance(node, ast.List):
             words = [e.value for e in node.elts if isinstance(e, ast.Constant)]
             if any(words[i : i + 3] == ["-m", "serve", "run"] for i in range(len(words))):
                 return True
     return False
+
+
+def test_one_serve_per_session_serves_every_application():
+    """Only the session-scoped `cluster` fixture starts the tests' Serve (each Ray start costs ~10 s of a 2-core
+    machine); a test that needs other settings adds an application to it (helpers.Keyed, Metered, Trained)."""
+    starters = []
+    for module in [*MODULES, TESTS / "conftest.py"]:
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.FunctionDef) and _starts_serve(node) and node.name not in REFUSED_STARTS:
+                starters.append((module.name, node))
+    assert [(name, node.name) for name, node in starters if name != Path(__file__).name] == [("conftest.py", "cluster")]
+    (fixture,) = [node for name, node in starters if name == "conftest.py"]
+    (decorator,) = fixture.decorator_list
+    assert ast.unparse(decorator) == "pytest.fixture(scope='session')"
 
 
 def _requests_starts_serve(function: ast.FunctionDef) -> bool:
@@ -76,7 +90,7 @@ def test_test_modules_import_helpers_not_each_other(module):
 def test_the_checks_see_a_serve_start_and_a_cross_import():
     """Guard against checks that cannot fail."""
     source = (
-        "def fixture(tmp_path):\n    with running_service(tmp_path, {}):\n        pass\n"
+        "def fixture(tmp_path):\n    with running_cluster(tmp_path, []):\n        pass\n"
         "def other(starts_serve):\n    subprocess.run([sys.executable, '-m', 'serve', 'run'])\n"
     )
     first, second = ast.parse(source).body
@@ -98,7 +112,7 @@ def test_a_serve_started_for_a_test_not_marked_e2e_fails_it(request):
     with pytest.raises(pytest.fail.Exception, match="is not marked e2e"):
         helpers.check_e2e("starts a local Ray Serve")  # this test is not e2e
     with pytest.raises(pytest.fail.Exception, match="is not marked e2e"):  # the check guards the real start
-        with helpers.running_service(request.config.rootpath / "unused", {}):
+        with helpers.running_cluster(request.config.rootpath / "unused", []):
             pass
     request.node.add_marker(pytest.mark.e2e)
     helpers.check_e2e("starts a local Ray Serve")
