@@ -43,6 +43,7 @@ from serve.ports import busy_ports
 from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
+RAY_DEFAULT_APP_NAME = "default"  # ray.serve._private.constants.SERVE_DEFAULT_APP_NAME (not imported: Ray's import)
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_GRPC_PORT = 9000
 STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace before SIGKILL
@@ -103,7 +104,13 @@ def fit_to_machine(
                 holder[keys[-1]] = str(Path(value).expanduser().resolve())
     if gpus is None:
         gpus = visible_gpus()
-    notes += fit_gpus([d for app in applications for d in app.get("deployments", [])], gpus)
+    several = len(applications) > 1
+    deployments = [
+        (f"{app.get('name')}/{d['name']}" if several else d["name"], d)
+        for app in applications
+        for d in app.get("deployments", [])
+    ]
+    notes += fit_gpus(deployments, gpus)
     notes += host_names_note(config)
     return notes
 
@@ -204,8 +211,9 @@ class PlacementError(ValueError):
 RAY_RESOURCE_STEP = 1e-4  # Ray rounds fractional resources to this precision
 
 
-def fit_gpus(deployments: list[dict], gpus: int) -> list[str]:
-    """Fit the deployments' GPU requests to this machine's `gpus`, or refuse with what to change.
+def fit_gpus(deployments: list[tuple[str, dict]], gpus: int) -> list[str]:
+    """Fit the deployments' GPU requests to this machine's `gpus`, or refuse with what to change. `deployments`:
+    (the name to print, the config's deployment entry, fitted in place).
 
     No GPU: nothing asks for one. Requests that fit (whole GPUs, or fractions that pack): unchanged.
     Too many whole-GPU replicas for the GPUs (a one-GPU workstation where the Remover and the
@@ -214,20 +222,20 @@ def fit_gpus(deployments: list[dict], gpus: int) -> list[str]:
     that asks for more than one GPU is never split: refused when it cannot be placed.
     """
     wanting = []
-    for deployment in deployments:
+    for name, deployment in deployments:
         options = deployment.get("ray_actor_options") or {}
         if options.get("num_gpus"):
-            wanting.append((deployment, options, _max_replicas(deployment)))
+            wanting.append((name, options, _max_replicas(deployment)))
     if not wanting:
         return []
     if gpus <= 0:
         for _, options, _ in wanting:
             options["num_gpus"] = 0
-        return [f"no CUDA GPU here: {d['name']} runs on the CPU" for d, _, _ in wanting]
+        return [f"no CUDA GPU here: {name} runs on the CPU" for name, _, _ in wanting]
     requests = [options["num_gpus"] for _, options, replicas in wanting for _ in range(replicas)]
     if _packs(requests, gpus):
         return []
-    whole = [(d["name"], o["num_gpus"]) for d, o, _ in wanting if o["num_gpus"] > 1]
+    whole = [(name, o["num_gpus"]) for name, o, _ in wanting if o["num_gpus"] > 1]
     if whole:
         name, asked = whole[0]
         raise PlacementError(
@@ -237,7 +245,7 @@ def fit_gpus(deployments: list[dict], gpus: int) -> list[str]:
     share = math.floor(1 / math.ceil(len(requests) / gpus) / RAY_RESOURCE_STEP) * RAY_RESOURCE_STEP
     for _, options, _ in wanting:
         options["num_gpus"] = round(share, 4)
-    names = ", ".join(f"{d['name']} x{r}" for d, _, r in wanting)
+    names = ", ".join(f"{name} x{r}" for name, _, r in wanting)
     return [
         f"{gpus} GPU(s) here, {len(requests)} GPU replicas ({names}) asked for {sum(requests):g}: they share, "
         f"num_gpus {share:g} each (set ray_actor_options.num_gpus in the config to size them yourself)"
@@ -412,16 +420,19 @@ def _rewrite_in_place(path: Path, text: str) -> None:
 
 
 def wait_until_ready(
-    base_url: str, instance: str, child: subprocess.Popen, timeout_s: float, stop: StopRequest
+    base_url: str, instance: str, child: subprocess.Popen, timeout_s: float, stop: StopRequest,
+    application: str | None = None,
 ) -> dict | None:
     """/readyz's answer once every model deployment is up (not merely "degraded": READY means the whole
-    service) and /healthz says it is this instance; None if the launcher exits, a stop is requested or time
-    runs out. Another instance answering is an error."""
+    service) and /healthz says it is this instance (and `application`: until an application's route is up, Ray
+    routes its address to an application at a shorter prefix, "/"); None if the launcher exits, a stop is
+    requested or time runs out. Another instance answering is an error."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and child.poll() is None and not stop.requested.is_set():
         try:
             ready = _get_json(base_url + "/readyz")
-            answering = _get_json(base_url + "/healthz").get("instance")
+            health = _get_json(base_url + "/healthz")
+            answering = health.get("instance")
         except (urllib.error.URLError, OSError, ValueError):
             stop.requested.wait(1)
             continue
@@ -434,7 +445,7 @@ def wait_until_ready(
             raise ForeignInstance(
                 f"{base_url} is answered by another instance ({answering!r}), not this one ({instance})"
             )
-        if ready.get("status") == "ready":
+        if ready.get("status") == "ready" and application in (None, health.get("application")):
             return ready
         stop.requested.wait(1)
     return None
@@ -669,6 +680,12 @@ def run(argv: list[str] | None = None) -> int:
         return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     applications = config["applications"]
     for app in applications:
+        if app.get("route_prefix", "/") is None:
+            return _cannot_start(
+                f"application {app.get('name')} has no route_prefix: python -m serve run checks readiness and "
+                "drains over HTTP; give it one"
+            )
+    for app in applications:
         missing = missing_model_files(app.get("args") or {})
         if missing:
             return _cannot_start(missing if len(applications) == 1 else f"application {app.get('name')}: {missing}")
@@ -718,7 +735,8 @@ def run(argv: list[str] | None = None) -> int:
         answers = []  # each application's /readyz, once every one is ready
         try:
             for app in applications:
-                answer = wait_until_ready(app_url(root_url, app), instance, child, deadline - time.monotonic(), stop)
+                url, name = app_url(root_url, app), app.get("name", RAY_DEFAULT_APP_NAME)
+                answer = wait_until_ready(url, instance, child, deadline - time.monotonic(), stop, name)
                 if answer is None:
                     break
                 answers.append(answer)

@@ -26,9 +26,12 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
   route's) or is answered the app's 401 before any of its body is read: the buffer is for key holders.
   Only routes that take no body may be public (serve.auth.check_routes refuses any other).
 - ByRoutePrefix: the application a request's path belongs to, by Ray's rule (the longest route prefix that
-  the path equals or continues with '/'); each application has its own BodyBuffer (limit, body timeout,
-  buffer and keys). A request with a body whose path no application serves is answered 404 before any of
-  it is read (Ray would answer it 404 too, after the proxy had read the body).
+  the path, less http_options.root_path, equals or continues with '/'); each application has its own
+  BodyBuffer (limit, body timeout, buffer limit and keys; the bytes arriving are counted for the proxy as a
+  whole). A request with a body whose path no application serves is answered 404 before any of it is read
+  (Ray would answer it 404 too, after the proxy had read the body). The table is the one the proxy started
+  with: an application added or moved to another route prefix by a later `serve deploy` needs the service
+  restarted (its requests would meet another application's settings, or a 404).
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
@@ -96,6 +99,12 @@ def _proxy_keys(path: str, reload_s: float | None):
     return AccessPolicy(ApiKeys(path, must_exist=False, **reload))
 
 
+def route_path(scope) -> str:
+    """The path Ray routes by (ray/serve/_private/proxy_request_response.py, ASGIProxyRequest.route_path): uvicorn
+    puts http_options.root_path in front of every path, and Ray takes it off again."""
+    return scope["path"][len(scope.get("root_path", "")) :]
+
+
 def route_matches(prefix: str, path: str) -> bool:
     """Ray's rule (ray/serve/_private/proxy_router.py, match_route): the path is the prefix, or continues it
     with '/'; a prefix ending in '/' ("/") takes every path that starts with it."""
@@ -108,16 +117,17 @@ class ByRoutePrefix:
     def __init__(self, app, routes: dict[str, dict]):
         self.app = app
         self.buffers = []  # (prefix, BodyBuffer), longest prefix first, as Ray matches them
+        arriving = ArrivingBytes()  # one count for the proxy: each application's max_held bounds it
         for prefix in sorted(routes, key=len, reverse=True):
             limits = dict(routes[prefix])
             keys_file, reload_s = limits.pop("keys_file", None), limits.pop("keys_reload_s", None)
             keys = _proxy_keys(keys_file, reload_s) if keys_file else None
-            self.buffers.append((prefix, BodyBuffer(app, keys=keys, **limits)))
+            self.buffers.append((prefix, BodyBuffer(app, keys=keys, arriving=arriving, **limits)))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
+        path = route_path(scope)
         buffer = next((buffer for prefix, buffer in self.buffers if route_matches(prefix, path)), None)
         if buffer is not None:
             return await buffer(scope, receive, send)
@@ -243,14 +253,28 @@ _RAY_KINDS = {404: "not-found", 408: "proxy-timeout", 429: "too-many-requests", 
 _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the proxy)"
 
 
+class ArrivingBytes:
+    """Bytes of request bodies still arriving in one proxy, for every application together."""
+
+    def __init__(self):
+        self.count = 0
+
+
 class BodyBuffer:
-    def __init__(self, app, limit: int, timeout_s: float | None = None, max_held: int | None = None, keys=None):
+    def __init__(
+        self, app, limit: int, timeout_s: float | None = None, max_held: int | None = None, keys=None,
+        arriving: ArrivingBytes | None = None,
+    ):  # fmt: skip
         self.app = app
         self.limit = limit
         self.timeout_s = timeout_s
         self.max_held = max_held
         self.keys = keys  # serve.auth.AccessPolicy while auth is on
-        self.held = 0  # bytes of bodies still arriving, all requests of this proxy together
+        self.arriving = arriving if arriving is not None else ArrivingBytes()
+
+    @property
+    def held(self) -> int:
+        return self.arriving.count
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -278,7 +302,7 @@ class BodyBuffer:
                         return  # gone before its body was in: no replica hears of it
                     body = message.get("body", b"")
                     received += len(body)
-                    self.held += len(body)
+                    self.arriving.count += len(body)
                     if received > self.limit:
                         refusal = _too_large(f"request body exceeds the limit of {self.limit} bytes")
                         break
@@ -296,7 +320,7 @@ class BodyBuffer:
             detail = f"{received} bytes of the body arrived in {self.timeout_s:g} s (overload.body_timeout_s)"
             refusal = Problem("body-timeout", f"{detail} (at the proxy)")
         finally:
-            self.held -= received
+            self.arriving.count -= received
         if refusal is not None:  # answered outside the timeout: a timer firing mid-send cannot answer twice
             return await _problem(send, refusal)
         messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
@@ -340,7 +364,7 @@ class Drain:
             return await self.app(scope, receive, send)
         if self.draining or os.path.exists(self.flag):
             self._begin()
-            if scope["path"] == DRAIN_PATH:
+            if route_path(scope) == DRAIN_PATH:
                 body = json.dumps({"in_flight": len(self.in_flight)}).encode()
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}

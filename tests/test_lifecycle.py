@@ -115,6 +115,30 @@ def test_ready_is_printed_once_the_scorer_is_up_too_not_while_degraded():
     assert [status for path, status in asked if path == "/readyz"] == ["degraded", "degraded", "ready"]
 
 
+def test_an_application_is_ready_once_its_own_ingress_answers_at_its_address():
+    """Until an application's route is up, Ray sends its address to the application at "/": that one's ready
+    answer printed READY for an application not running yet."""
+    answering = iter(["rorem", "rorem", "keyed"])
+    asked = []
+
+    class Probe(CannedAnswers):
+        def do_GET(self):
+            body = {"status": "ready"}
+            if self.path == "/api/v1/healthz":
+                body = {"status": "alive", "instance": "me", "application": next(answering)}
+                asked.append(body["application"])
+            self.reply(200, json.dumps(body).encode())
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with loopback_server(Probe) as url:
+            ready = wait_until_ready(url + "/api/v1", "me", launcher, 20, StopRequest(), "keyed")
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert ready == {"status": "ready"} and asked == ["rorem", "rorem", "keyed"]
+
+
 def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     config = serve_test_config(tmp_path)
     path = tmp_path / "serve.yaml"
@@ -252,9 +276,13 @@ def test_several_applications_share_the_gpus_and_a_single_bundle_flag_is_refused
         app["args"]["bundle"] = {"path": f"bundles/{app['name']}"}
     notes = fit_to_machine(config, None, None, None, gpus=1)
     assert notes == [
-        "1 GPU(s) here, 4 GPU replicas (Remover x1, Scorer x1, Remover x1, Scorer x1) asked for 4: they share, "
-        "num_gpus 0.25 each (set ray_actor_options.num_gpus in the config to size them yourself)"
+        "1 GPU(s) here, 4 GPU replicas (rorem/Remover x1, rorem/Scorer x1, keyed/Remover x1, keyed/Scorer x1) "
+        "asked for 4: they share, num_gpus 0.25 each (set ray_actor_options.num_gpus in the config to size them "
+        "yourself)"
     ]
+    assert {d["ray_actor_options"].get("num_gpus", 0) for app in config["applications"] for d in app["deployments"]} == {
+        0.25, 0
+    }  # the Ingresses ask for none
     assert [app["args"]["bundle"]["path"] for app in config["applications"]] == [
         str(Path.cwd() / "bundles" / "rorem"), str(Path.cwd() / "bundles" / "keyed")
     ]
@@ -263,6 +291,15 @@ def test_several_applications_share_the_gpus_and_a_single_bundle_flag_is_refused
     config["http_options"]["host"] = "0.0.0.0"
     (note,) = host_names_note(config)
     assert note.startswith("listening on 0.0.0.0 without API keys (application rorem): ")
+
+    config["applications"][1]["route_prefix"] = None  # Ray's gRPC-only application
+    for app in config["applications"]:
+        del app["args"]["bundle"]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert run(["run", "--config", str(path), *ports]) == 2
+    assert "cannot start: application keyed has no route_prefix" in capsys.readouterr().err
 
 
 def test_the_ready_line_says_whether_api_keys_are_on():

@@ -231,6 +231,25 @@ def test_the_body_that_would_overfill_the_proxy_buffer_gets_503_and_the_others_k
     assert after.status == 200 and held_at_end == 0, "every byte is given back once its request is handed on or ends"
 
 
+def test_the_applications_of_a_proxy_share_its_buffer():
+    """Each application's max_held bounds the bytes arriving in the proxy for all of them: counted apart, four
+    applications could hold four buffers' worth."""
+
+    async def main():
+        proxy = ByRoutePrefix(reading_app, {"/": {"limit": 1000, "max_held": 1500}, "/b": {"limit": 1000, "max_held": 1500}})
+        stalled = Trickle([b"x" * 900, b"x" * 50], every_s=0.2)
+        task = asyncio.create_task(proxy(stalled.scope, stalled.receive, stalled.send))
+        await asyncio.sleep(0.3)  # 900 arrived for "/", its last 50 still to come
+        other = Exchange([b"y" * 700], {"content-length": "700"}, path="/b/remove")
+        await proxy(other.scope, other.receive, other.send)
+        await task
+        return stalled, other
+
+    stalled, other = asyncio.run(main())
+    assert other.status == 503 and other.chunks == [b"y" * 700], "900 + 700 > 1500: refused before it is read"
+    assert stalled.status == 200
+
+
 def test_a_full_buffer_still_passes_requests_without_a_body_such_as_the_probes():
     """A GET has neither Content-Length nor Transfer-Encoding: it needs none of the buffer. A chunked upload
     may need up to the limit, so it waits for room like any upload."""
@@ -287,6 +306,15 @@ def test_a_request_meets_the_body_limit_of_the_application_its_path_belongs_to()
     assert (send("/remove", 500), send("/api/v1/remove", 500), send("/api/v1", 500)) == (200, 413, 413)
     assert send("/api/v1x/remove", 500) == 200, "a prefix takes whole path segments (Ray's rule): this is /'s"
     assert (send("/api/v1/big/remove", 4000), send("/api/v1/bigger", 4000)) == (200, 413)
+
+    def behind_root_path(path: str, size: int) -> int:
+        """uvicorn puts http_options.root_path in front of every path; Ray routes by what follows it."""
+        exchange = Exchange([b"x" * size], {"content-length": str(size)}, path="/rorem" + path)
+        exchange.scope["root_path"] = "/rorem"
+        asyncio.run(proxy(exchange.scope, exchange.receive, exchange.send))
+        return exchange.status
+
+    assert (behind_root_path("/remove", 500), behind_root_path("/api/v1/remove", 500)) == (200, 413)
 
     only_prefixed = ByRoutePrefix(reading_app, {"/api/v1": {"limit": 100}})
     unread = Exchange([b"x" * 10], {"content-length": "10"}, path="/elsewhere")
