@@ -434,7 +434,7 @@ def test_ready_names_this_instance_and_whether_api_keys_are_on(running, cluster)
     assert len(lines) == len(cluster)
     (ready,) = [line for line in lines if f"READY on {running.url} :" in line]
     assert f"| instance {health['instance']}" in ready
-    assert f"(metadata application={running.app_name})" in ready
+    assert (f"(metadata application={running.app_name})" in ready) is (len(cluster) > 1), "a cluster of one takes any"
     assert "| API keys on (" in ready and "keys.yaml) |" in ready, ready
     assert all(f"| instance {health['instance']}" in line for line in lines), "one start serves them all"
 
@@ -458,7 +458,6 @@ def test_a_second_start_on_the_busy_http_port_fails_fast_naming_it(running):
 def test_a_grpc_message_over_the_limit_is_refused_by_the_proxy(running, cluster):
     """The proxy's limit is one for the process: the largest any application of the cluster needs."""
     limit = max(grpc_max_message_bytes(AppSettings.model_validate(app.config).imaging) for app in cluster.values())
-    assert limit > grpc_max_message_bytes(AppSettings.model_validate(running.config).imaging), "another app's"
     channel = grpc.insecure_channel(
         f"127.0.0.1:{running.ports['grpc']}", options=[("grpc.max_send_message_length", 2 * limit)]
     )
