@@ -121,7 +121,7 @@ class RestUser(HttpUser):
             elif problem := image_problem(response.content, size):
                 response.failure(problem)
         if response.status_code in REFUSALS and retry_after:
-            gevent.sleep(float(retry_after))
+            gevent.sleep(retry_after_s(retry_after))
 
 
 class GrpcUser(User):
@@ -174,7 +174,22 @@ class GrpcUser(User):
             context={},
         )
         if retry_after and exception is None:
-            gevent.sleep(float(retry_after))
+            gevent.sleep(retry_after_s(retry_after))
+
+
+def retry_after_s(value: str, now: float | None = None) -> float:
+    """A Retry-After in seconds: delay-seconds or an HTTP date (RFC 9110 10.2.3; the service sends seconds, a proxy
+    in front may send a date); one that is neither waits 1 s rather than ending the user with a ValueError."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 def grpc_target(host: str | None, given: str | None) -> str:
@@ -184,7 +199,8 @@ def grpc_target(host: str | None, given: str | None) -> str:
 
     if given:
         return given
-    url = urlparse(host or "http://127.0.0.1")
-    if (url.port or DEFAULT_HTTP_PORT) != DEFAULT_HTTP_PORT:
+    url = urlparse(host or f"http://127.0.0.1:{DEFAULT_HTTP_PORT}")
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme)  # the scheme's port where the URL names none
+    if port != DEFAULT_HTTP_PORT:
         raise ValueError(f"--host {host} is not on port {DEFAULT_HTTP_PORT}: set ROREM_GRPC=host:port for gRPC users")
     return f"{url.hostname or '127.0.0.1'}:{DEFAULT_GRPC_PORT}"

@@ -102,6 +102,9 @@ def fit_to_machine(
             local = isinstance(value, str) and value and not value.startswith(HUB_PREFIX)
             if local and not Path(value).expanduser().is_absolute():
                 holder[keys[-1]] = str(Path(value).expanduser().resolve())
+        retention = args.get("retention")
+        if isinstance(retention, dict) and isinstance(retention.get("database_url"), str):
+            retention["database_url"] = local_sqlite_url(retention["database_url"])
     if gpus is None:
         gpus = visible_gpus()
     several = len(applications) > 1
@@ -113,6 +116,20 @@ def fit_to_machine(
     notes += fit_gpus(deployments, gpus)
     notes += host_names_note(config)
     return notes
+
+
+SQLITE_PREFIX = "sqlite:///"  # SQLAlchemy: three slashes and a relative path, four and an absolute one
+
+
+def local_sqlite_url(url: str) -> str:
+    """A SQLite URL's relative file taken from the folder the CLI starts in, as the other local paths are (Ray's
+    processes run in the repository); any other URL as given."""
+    if not url.startswith(SQLITE_PREFIX):
+        return url
+    path, mark, query = url[len(SQLITE_PREFIX) :].partition("?")
+    if not path or path == ":memory:" or Path(path).expanduser().is_absolute():
+        return url
+    return SQLITE_PREFIX + str(Path(path).expanduser().resolve()) + mark + query
 
 
 def _listener(config: dict) -> tuple[str, bool]:

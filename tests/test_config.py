@@ -77,7 +77,8 @@ def test_without_cuda_the_remover_asks_for_no_gpu(monkeypatch):
 
 def test_relative_paths_are_taken_from_the_folder_the_cli_starts_in(monkeypatch, tmp_path):
     """Ray's processes run in the repository: a keys file given as keys.yaml from another folder was looked for
-    there, and every key was refused (the docs' way to try keys locally)."""
+    there, and every key was refused (the docs' way to try keys locally); a SQLite database_url's relative file
+    was made there."""
     _nvidia_driver_reports(monkeypatch, 0)
     monkeypatch.chdir(tmp_path)
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
@@ -88,6 +89,15 @@ def test_relative_paths_are_taken_from_the_folder_the_cli_starts_in(monkeypatch,
     assert args["auth"]["keys_file"] == str(tmp_path / "keys.yaml")
     assert args["bundle"]["path"] == str(tmp_path / "bundles" / "mine")
     assert args["retention"]["object_store"]["path"] == str(tmp_path / "results")
+    for given, taken in (
+        ("sqlite:///meta/results.db?timeout=5", f"sqlite:///{tmp_path}/meta/results.db?timeout=5"),
+        ("sqlite:////var/lib/results.db", "sqlite:////var/lib/results.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("postgresql+psycopg://db/results", "postgresql+psycopg://db/results"),
+    ):
+        args["retention"]["database_url"] = given
+        fit_to_machine(config, bundle=None, host=None, port=None)
+        assert args["retention"]["database_url"] == taken
     authors = {"base": "hf:LetsThink/RORem", "lcm_lora": "weights/lcm", "discriminator": "~/d"}
     config["applications"][0]["args"]["bundle"] = {"authors": authors, "cache_dir": "cache"}
     fit_to_machine(config, bundle=None, host=None, port=None)

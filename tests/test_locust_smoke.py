@@ -64,15 +64,23 @@ def test_a_refusal_with_retry_after_is_reported_apart_and_waited_out_not_counted
 
 
 def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
-    """With --host :8700 the gRPC users loaded whatever listened on :9000 (another test run's Serve, say)."""
+    """With --host :8700 the gRPC users loaded whatever listened on :9000 (another test run's Serve, say); an https
+    --host without a port was taken for port 8000; a Retry-After given as a date ended the user with a ValueError."""
     code = (
         "import sys; sys.path.insert(0, 'loadtests'); import locustfile as l\n"
         "print(l.grpc_target('http://127.0.0.1:8000', None), l.grpc_target('http://h:8700', 'h:9700'))\n"
-        "try: l.grpc_target('http://127.0.0.1:8700', None)\n"
-        "except ValueError as e: print(e)\n"
+        "for host in ('http://127.0.0.1:8700', 'https://api.example', 'http://api.example'):\n"
+        "    try: l.grpc_target(host, None)\n"
+        "    except ValueError as e: print(e)\n"
+        "print(l.retry_after_s('3'), l.retry_after_s('Wed, 21 Oct 2015 07:28:05 GMT', now=1445412480.0),"
+        " l.retry_after_s('soon'), l.retry_after_s('-4'))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    first, second = result.stdout.strip().splitlines()
+    first, *refused, waits = result.stdout.strip().splitlines()
     assert first == "127.0.0.1:9000 h:9700"
-    assert second == "--host http://127.0.0.1:8700 is not on port 8000: set ROREM_GRPC=host:port for gRPC users"
+    assert refused == [
+        f"--host {host} is not on port 8000: set ROREM_GRPC=host:port for gRPC users"
+        for host in ("http://127.0.0.1:8700", "https://api.example", "http://api.example")
+    ], "a URL without a port is on its scheme's: 443 or 80, not 8000"
+    assert waits == "3.0 5.0 1.0 0.0", "seconds; an HTTP date, from now; neither: 1 s"
