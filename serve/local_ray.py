@@ -20,19 +20,34 @@ _RAY_ANY_INTERFACE = "[::]:0"  # ray/serve/_private/replica.py, the inter-deploy
 
 
 def keep_replica_grpc_on_loopback() -> bool:
-    """In a replica of a node on loopback: its inter-deployment gRPC server binds 127.0.0.1. True where it will."""
+    """In a replica of a node on loopback (127.x or ::1): its inter-deployment gRPC server binds the node's address.
+    True where it will; where Ray no longer has the hook this wraps, an ERROR says the server listens on every
+    interface (a Ray upgrade must not reopen it silently)."""
+    import ipaddress
+    import logging
+
     import ray
     from ray.serve._private import replica
 
-    if ray.util.get_node_ip_address() != LOOPBACK_NODE:
+    node = ray.util.get_node_ip_address()
+    try:
+        address = ipaddress.ip_address(node)
+    except ValueError:
+        return False
+    if not address.is_loopback:
         return False
     bind = getattr(replica, "add_port_to_grpc_server", None)
     if bind is None:
+        logging.getLogger("ray.serve").error(
+            "this Ray has no ray.serve._private.replica.add_port_to_grpc_server: the replica's inter-deployment "
+            "gRPC server listens on every interface (serve.local_ray)"
+        )
         return False
     if not getattr(bind, "loopback_only", False):
+        own = f"[{node}]:0" if address.version == 6 else f"{node}:0"
 
         def on_loopback(server, address: str):
-            return bind(server, f"{LOOPBACK_NODE}:0" if address == _RAY_ANY_INTERFACE else address)
+            return bind(server, own if address == _RAY_ANY_INTERFACE else address)
 
         on_loopback.loopback_only = True
         replica.add_port_to_grpc_server = on_loopback

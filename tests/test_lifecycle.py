@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import signal
@@ -375,6 +376,18 @@ def test_ray_goes_on_loopback_with_a_loopback_host_and_its_replica_grpc_servers_
     replica.add_port_to_grpc_server(None, "[::]:0")
     replica.add_port_to_grpc_server(None, "10.0.0.1:5000")
     assert bound == ["127.0.0.1:0", "10.0.0.1:5000"]
+
+    bound.clear()  # a machine whose loopback is IPv6 only: the node's address is ::1
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 1)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "::1")
+    assert keep_replica_grpc_on_loopback()
+    replica.add_port_to_grpc_server(None, "[::]:0")
+    assert bound == ["[::1]:0"]
+    monkeypatch.delattr(replica, "add_port_to_grpc_server")  # a Ray without the hook: said, not silent
+    logger, said = logging.getLogger("ray.serve"), []
+    monkeypatch.setattr(logger, "error", lambda message, *args: said.append(message))
+    assert not keep_replica_grpc_on_loopback()
+    assert said and "listens on every interface" in said[0]
 
 
 def _listening(pids: set[str]) -> set[tuple[str, int]]:
