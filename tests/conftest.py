@@ -22,18 +22,23 @@ APPLICATION_FIXTURES = {
 _NEEDED = pytest.StashKey[list]()
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """Every test that (through any fixture) starts a local Ray Serve or the CLI is marked e2e, so
-    `-m "not e2e"` runs without Ray and a new test cannot forget the marker. The session's one cluster serves the
-    applications the selected tests use (no more). A test that stops the cluster runs right after the last other
-    test that uses it, whatever the order the files were given in (and the cluster stops there, not at the
-    session's end)."""
+    `-m "not e2e"` runs without Ray and a new test cannot forget the marker."""
     for item in items:
         if "starts_serve" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
-    config.stash[_NEEDED] = [
+
+
+def pytest_collection_finish(session):
+    """Once every plugin has selected and ordered the tests (-k, -m, --deselect, --ff): the session's one cluster
+    serves the applications the tests that run use (no more), and a test that stops the cluster runs right after
+    the last other test that uses it, whatever the order the files were given in (the cluster stops there, not at
+    the session's end)."""
+    items = session.items
+    session.config.stash[_NEEDED] = [
         name for fixture, name in APPLICATION_FIXTURES.items() if any(fixture in item.fixturenames for item in items)
-    ]
+    ] or ["rorem"]  # a test that asks for the cluster itself
     stoppers = [item for item in items if item.get_closest_marker("stops_cluster")]
     users = [item for item in items if "cluster" in item.fixturenames and item not in stoppers]
     if stoppers and users:
@@ -72,8 +77,9 @@ def tiny_bundle(tiny_layout, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_bundle(tmp_path_factory):
-    return helpers.train_tiny_bundle(tmp_path_factory.mktemp("trained"))
+def trained_bundle(trained_onnx_service):
+    """The bundle the `trained` application serves (trained when the cluster starts)."""
+    return trained_onnx_service.bundle
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +96,7 @@ def cluster(starts_serve, request, tmp_path_factory):
         if name == "rorem":
             app, extra = helpers.named_app(folder, "rorem", "/"), {}
         elif name == helpers.Trained.NAME:
-            app, extra = helpers.Trained.app(folder, request.getfixturevalue("trained_bundle"))
+            app, extra = helpers.Trained.app(folder, helpers.train_tiny_bundle(tmp_path_factory.mktemp("trained")))
         else:
             app, extra = {helpers.Keyed.NAME: helpers.Keyed, helpers.Metered.NAME: helpers.Metered}[name].app(folder)
         applications.append(app)

@@ -122,11 +122,15 @@ def assert_problem(response, status: int, problem: str):
 METRICS_EXPORT_S = 1.0
 
 
-def scrape_metrics(url: str) -> dict:
+def scrape_metrics(url: str, application: str | None = None) -> dict:
+    """The metrics port's families by name; `application`: only that Serve application's samples (the session's
+    Serve has several; samples without the label, Ray's own, are kept)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {}
     for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        if application is not None:
+            family.samples = [s for s in family.samples if s.labels.get("application", application) == application]
         families[family.name] = family
     return families
 
@@ -376,7 +380,7 @@ class Trained:
         app = without_retention(named_app(work, cls.NAME, cls.ROUTE_PREFIX))
         app["args"]["bundle"]["path"] = str(bundle)
         app["args"].setdefault("engine", {}).update({"runner": "onnx", "export_missing": True})
-        return app, {}
+        return app, {"bundle": bundle}
 
 
 # The stages run one after another in one Python process, as a script calling `python -m training`'s main
@@ -451,12 +455,13 @@ def running_cluster(work: Path, applications: list[dict]):
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
+        ready_within_s = 150 + 75 * len(applications)  # ~120 s for four on a quiet 2-core machine
+        deadline = time.monotonic() + ready_within_s
         while log_path.read_text().count("[rorem] READY") < len(applications):
             if child.poll() is not None:
                 pytest.fail(f"serve exited early; see {log_path}:\n{log_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"serve not ready after 300 s; see {log_path}")
+                pytest.fail(f"serve not ready after {ready_within_s} s; see {log_path}")
             time.sleep(0.2)
         # how long a start takes, for the suite's budget (`pytest -s` shows it)
         names = ", ".join(app["name"] for app in applications)

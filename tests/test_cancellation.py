@@ -33,7 +33,7 @@ def _timed_removal(service, upload) -> float:
 
 def _jobs_run(service) -> float:
     """Crops the Remover has run (the sum of its batch sizes), as its metrics export says."""
-    return _total(_scrape(service.metrics_url), BATCH_SIZE, "_sum", model="remover", application=service.app_name)
+    return _total(_scrape(service.metrics_url, service.app_name), BATCH_SIZE, "_sum", model="remover")
 
 
 def _settled_jobs_run(service, timeout_s: float = 30.0) -> float:

@@ -19,7 +19,6 @@ from tests.helpers import post_remove as _remove
 from tests.helpers import scrape_metrics as _scrape
 
 
-APP = "rorem"  # the application's name in serve/configs/local.yaml
 NO_APP_ERRORS = {"serve_num_grpc_error_requests"}
 
 
@@ -51,19 +50,22 @@ def test_metrics_after_traffic(service):
     proxy_counters = _dashboard_ray_counters()
     deadline, families = time.monotonic() + 90, {}
     while time.monotonic() < deadline:
-        families = _scrape(service.metrics_url)
+        families = _scrape(service.metrics_url, service.app_name)  # the other applications' traffic left out
         if (
             _total(families, metrics.REQUESTS[: -len("_total")], "_total", route="/remove", protocol="grpc") >= 1
             and _total(families, metrics.GATE_OUTCOMES[: -len("_total")], "_total", mode="retry") >= 1
-            and all(_total(families, name, "_total", application=APP) >= 1 for name in proxy_counters - NO_APP_ERRORS)
+            and all(
+                _total(families, name, "_total", application=service.app_name) >= 1
+                for name in proxy_counters - NO_APP_ERRORS
+            )
         ):
             break
         time.sleep(METRICS_EXPORT_S)
     for name in proxy_counters - NO_APP_ERRORS:  # the error share at Ray's proxy: names and labels as Ray exports them
-        assert _total(families, name, "_total", application=APP) >= 1, name
+        assert _total(families, name, "_total", application=service.app_name) >= 1, name
     # Ray's gRPC proxy counts the app's own error codes as OK (the junk call above): its error counter holds only
     # Ray's own refusals, which this traffic has none of. Ray names both protocols' counters with one pattern.
-    assert _total(families, "serve_num_grpc_requests", "_total", application=APP, status_code="OK") >= 2
+    assert _total(families, "serve_num_grpc_requests", "_total", application=service.app_name, status_code="OK") >= 2
     assert {name.replace("grpc", "http") for name in NO_APP_ERRORS} <= proxy_counters
     requests = metrics.REQUESTS[: -len("_total")]
     assert _total(families, requests, "_total", route="/remove", protocol="http", status="200") >= 4

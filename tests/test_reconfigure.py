@@ -30,7 +30,8 @@ from tests import helpers
 # e2e (starts a local Ray Serve): marked through the `starts_serve` fixture, tests/conftest.py
 
 # A driver in its own process, connected to the cluster `python -m serve run` started: one application's replica
-# ids from the controller, each model deployment's live(), and (given a config file) a redeploy first.
+# ids from the controller, each model deployment's live(), every application's status and replica ids, and (given
+# a config file, which holds every application of the session's Serve) a redeploy first.
 _DRIVER = """
 import json, sys, time, yaml, ray
 from ray.serve.context import _connect
@@ -43,10 +44,13 @@ if len(sys.argv) > 3:
     config = yaml.safe_load(open(sys.argv[3]))
     client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
 details = ray.get(client._controller.get_serve_instance_details.remote())
+def replica_ids(app):
+    return {name: sorted(r["replica_id"] for r in d["replicas"]) for name, d in app["deployments"].items()}
+everyone = {name: [app["status"], replica_ids(app)] for name, app in details["applications"].items()}
 app = details["applications"][sys.argv[2]]
-replicas = {name: sorted(r["replica_id"] for r in d["replicas"]) for name, d in app["deployments"].items()}
+replicas = replica_ids(app)
 live = {name: serve.get_deployment_handle(name, sys.argv[2]).live.remote().result() for name in ("Remover", "Scorer")}
-print("RESULT " + json.dumps({"status": app["status"], "replicas": replicas, "live": live}))
+print("RESULT " + json.dumps({"status": app["status"], "replicas": replicas, "live": live, "applications": everyone}))
 """
 
 
@@ -126,6 +130,7 @@ def test_changing_live_settings_reconfigures_without_restarting_a_replica(live_s
     after = _driver(address, edited)
     assert after["status"] == "RUNNING"
     assert after["replicas"] == before["replicas"], "a live setting must not restart a replica"
+    assert after["applications"] == before["applications"], "the session's other applications: untouched"
     for name in ("Remover", "Scorer"):
         assert after["live"][name]["replica"] == before["live"][name]["replica"]
     assert after["live"]["Remover"]["batch_wait_timeout_s"] == {"256": 0.25, "512": 0.05}
@@ -157,6 +162,7 @@ def test_an_invalid_live_value_is_refused_by_the_running_replicas_which_keep_ser
 
     after = _driver(address, invalid)
     assert after["status"] == "RUNNING" and after["replicas"] == before["replicas"]
+    assert after["applications"] == before["applications"], "the session's other applications: untouched"
     assert after["live"]["Remover"]["batch_wait_timeout_s"] == before["live"]["Remover"]["batch_wait_timeout_s"]
     assert "less than or equal to 1" in after["live"]["Remover"]["refused_live"]["error"]
     deadline = time.monotonic() + 30
