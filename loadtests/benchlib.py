@@ -1,8 +1,10 @@
-"""Shared by the benchmark scripts (run as `python loadtests/<script>.py`, so this imports as `benchlib`)."""
+"""Shared by the benchmark and load scripts (run as `python loadtests/<script>.py`, or by locust, which puts
+loadtests/ on sys.path: this imports as `benchlib`)."""
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import signal
 import statistics
@@ -19,6 +21,25 @@ from PIL import Image
 from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
+MAX_RETRY_AFTER_S = 60.0  # a client that is told to come back later still comes back within a load test
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float:
+    """A Retry-After in seconds, at most MAX_RETRY_AFTER_S: delay-seconds or an HTTP date (RFC 9110 10.2.3; the
+    service sends seconds, a proxy in front may send a date); one that is neither (or absent, or NaN) waits 1 s
+    rather than ending the client with a ValueError."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError):
+            seconds = 1.0
+    if math.isnan(seconds):
+        seconds = 1.0
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
 def photo(side: int) -> np.ndarray:

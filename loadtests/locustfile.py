@@ -34,6 +34,8 @@ import numpy as np
 from locust import HttpUser, User, between, events, task
 from PIL import Image
 
+from benchlib import retry_after_s  # locust puts loadtests/ on sys.path
+
 SIZES = {"512": (512, 512), "1024": (1024, 1024), "12mp": (4000, 3000)}
 REFUSALS = (429, 503)
 GRPC_REFUSALS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
@@ -177,21 +179,6 @@ class GrpcUser(User):
             gevent.sleep(retry_after_s(retry_after))
 
 
-def retry_after_s(value: str, now: float | None = None) -> float:
-    """A Retry-After in seconds: delay-seconds or an HTTP date (RFC 9110 10.2.3; the service sends seconds, a proxy
-    in front may send a date); one that is neither waits 1 s rather than ending the user with a ValueError."""
-    from email.utils import parsedate_to_datetime
-
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now))
-    except (TypeError, ValueError):
-        return 1.0
-
-
 def grpc_target(host: str | None, given: str | None) -> str:
     """ROREM_GRPC, else the --host's host at the default gRPC port, which only a --host at the default HTTP port
     implies: with --host :8700 the gRPC users loaded whatever listened on :9000 (another test run's Serve)."""
@@ -203,4 +190,5 @@ def grpc_target(host: str | None, given: str | None) -> str:
     port = url.port or {"http": 80, "https": 443}.get(url.scheme)  # the scheme's port where the URL names none
     if port != DEFAULT_HTTP_PORT:
         raise ValueError(f"--host {host} is not on port {DEFAULT_HTTP_PORT}: set ROREM_GRPC=host:port for gRPC users")
-    return f"{url.hostname or '127.0.0.1'}:{DEFAULT_GRPC_PORT}"
+    name = url.hostname or "127.0.0.1"
+    return f"[{name}]:{DEFAULT_GRPC_PORT}" if ":" in name else f"{name}:{DEFAULT_GRPC_PORT}"

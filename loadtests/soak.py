@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, summarize
+from benchlib import center_mask, photo, png, retry_after_s, summarize
 from PIL import Image
 
 from serve.config import INSTANCE_ENV
@@ -135,7 +135,7 @@ def run_soak(
                         report.errored[key] = report.errored.get(key, 0) + 1
                         report.bad_error += response.headers.get("content-type") != "application/problem+json"
                     if response.status_code in (429, 503):
-                        time.sleep(min(float(response.headers.get("retry-after", "1")), 2.0))
+                        time.sleep(min(retry_after_s(response.headers.get("retry-after")), 2.0))
 
     def chaos() -> None:
         turn = 0

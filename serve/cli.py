@@ -24,6 +24,7 @@ import http.client
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,11 +40,11 @@ import yaml
 from pydantic import ValidationError
 
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
+from serve.config import app_name
 from serve.ports import busy_ports
 from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
-RAY_DEFAULT_APP_NAME = "default"  # ray.serve._private.constants.SERVE_DEFAULT_APP_NAME (not imported: Ray's import)
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_GRPC_PORT = 9000
 STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace before SIGKILL
@@ -109,7 +110,7 @@ def fit_to_machine(
         gpus = visible_gpus()
     several = len(applications) > 1
     deployments = [
-        (f"{app.get('name')}/{d['name']}" if several else d["name"], d)
+        (f"{app_name(app)}/{d['name']}" if several else d["name"], d)
         for app in applications
         for d in app.get("deployments", [])
     ]
@@ -118,18 +119,20 @@ def fit_to_machine(
     return notes
 
 
-SQLITE_PREFIX = "sqlite:///"  # SQLAlchemy: three slashes and a relative path, four and an absolute one
+SQLITE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)")  # SQLAlchemy: three slashes, then the file's path
 
 
 def local_sqlite_url(url: str) -> str:
-    """A SQLite URL's relative file taken from the folder the CLI starts in, as the other local paths are (Ray's
-    processes run in the repository); any other URL as given."""
-    if not url.startswith(SQLITE_PREFIX):
+    """A SQLite URL's file as an absolute path: a relative one taken from the folder the CLI starts in, as the other
+    local paths are (Ray's processes run in the repository), `~` expanded (SQLite does not). An in-memory database,
+    a `file:` URI and any other URL as given."""
+    found = SQLITE_URL.fullmatch(url)
+    if not found:
         return url
-    path, mark, query = url[len(SQLITE_PREFIX) :].partition("?")
-    if not path or path == ":memory:" or Path(path).expanduser().is_absolute():
+    path, mark, query = found[2].partition("?")
+    if not path or path == ":memory:" or path.startswith("file:"):
         return url
-    return SQLITE_PREFIX + str(Path(path).expanduser().resolve()) + mark + query
+    return found[1] + str(Path(path).expanduser().resolve()) + mark + query
 
 
 def _listener(config: dict) -> tuple[str, bool]:
@@ -173,7 +176,7 @@ def host_names_note(config: dict) -> list[str]:
         auth = _auth(app)
         if auth.get("enabled"):
             continue
-        which = f" (application {app.get('name')})" if len(config["applications"]) > 1 else ""
+        which = f" (application {app_name(app)})" if len(config["applications"]) > 1 else ""
         grpc = "gRPC answers every machine that reaches its port (turn keys on to choose who may call)"
         if auth.get("allowed_hosts") is not None:
             notes.append(f"listening on {host} without API keys{which}: {grpc}")
@@ -631,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def url_host(host: str) -> str:
+    """A host as a URL or a gRPC target names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def app_url(root_url: str, app: dict) -> str:
     """An application's base URL: the HTTP address and its route prefix."""
     return root_url + app.get("route_prefix", "/").rstrip("/")
@@ -643,7 +651,7 @@ def ready_line(
     own in the `application` metadata (Ray's gRPC proxy routes by it)."""
     url = app_url(root_url, app)
     model = ready["model"]
-    name = app.get("name")
+    name = app_name(app)
     grpc_note = f" (metadata application={name})" if applications > 1 else ""
     return (
         f"[rorem] READY on {url} : POST {url}/remove | gRPC {grpc}{grpc_note}"
@@ -699,18 +707,18 @@ def run(argv: list[str] | None = None) -> int:
     for app in applications:
         if app.get("route_prefix", "/") is None:
             return _cannot_start(
-                f"application {app.get('name')} has no route_prefix: python -m serve run checks readiness and "
+                f"application {app_name(app)} has no route_prefix: python -m serve run checks readiness and "
                 "drains over HTTP; give it one"
             )
     for app in applications:
         missing = missing_model_files(app.get("args") or {})
         if missing:
-            return _cannot_start(missing if len(applications) == 1 else f"application {app.get('name')}: {missing}")
+            return _cannot_start(missing if len(applications) == 1 else f"application {app_name(app)}: {missing}")
     addresses = listen_addresses(config, options.metrics_port)
     host, port = addresses["HTTP"]
-    root_url = f"http://{host}:{port}"
+    root_url = f"http://{url_host(host)}:{port}"
     for app in applications:
-        named = f" (application {app.get('name')})" if len(applications) > 1 else ""
+        named = f" (application {app_name(app)})" if len(applications) > 1 else ""
         print(f"[rorem] model{named}: {describe_bundle(app.get('args') or {})}", flush=True)
     for note in notes:
         print(f"[rorem] {note}", flush=True)
@@ -752,8 +760,9 @@ def run(argv: list[str] | None = None) -> int:
         answers = []  # each application's /readyz, once every one is ready
         try:
             for app in applications:
-                url, name = app_url(root_url, app), app.get("name", RAY_DEFAULT_APP_NAME)
-                answer = wait_until_ready(url, instance, child, deadline - time.monotonic(), stop, name)
+                answer = wait_until_ready(
+                    app_url(root_url, app), instance, child, deadline - time.monotonic(), stop, app_name(app)
+                )
                 if answer is None:
                     break
                 answers.append(answer)
@@ -766,7 +775,7 @@ def run(argv: list[str] | None = None) -> int:
                 print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
             code = stop_service(child, root_url, drain_flag, stop)
             return code if stop.requested.is_set() else 1
-        grpc = f"{host}:{addresses['gRPC'][1]}"
+        grpc = f"{url_host(host)}:{addresses['gRPC'][1]}"
         for app, answer in zip(applications, answers):
             print(ready_line(app, root_url, answer, grpc, options.metrics_port, instance, len(applications)), flush=True)
         while child.poll() is None and not stop.requested.wait(0.5):

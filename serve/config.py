@@ -654,6 +654,14 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
         )
 
 
+RAY_DEFAULT_APP_NAME = "default"  # ray.serve._private.constants.SERVE_DEFAULT_APP_NAME (a test: equal)
+
+
+def app_name(app: dict) -> str:
+    """A Serve config application's name, as Ray names it (an unnamed one is "default")."""
+    return app.get("name") or RAY_DEFAULT_APP_NAME
+
+
 def validate_serve_config(config: dict) -> None:
     """A whole Serve config, as strictly as it can be checked before Ray starts (`python -m serve run` and
     k8s/render.py): Ray's Serve schema, unknown keys anywhere in it (Ray's schema silently drops them: a
@@ -662,6 +670,8 @@ def validate_serve_config(config: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(config)
+    if not config.get("applications"):
+        raise ValueError("the config has no applications: list at least one under `applications`")
     unknown = unknown_keys(ServeDeploySchema, config)
     if unknown:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")

@@ -38,8 +38,9 @@ CHANNEL_OPTIONS = [
 
 
 def open_channel(target: str = "127.0.0.1:9000", application: str | None = None) -> grpc.Channel:
-    """A channel to the service; `application`: the Serve application each call names in its metadata, which
-    Ray's gRPC proxy needs where one cluster serves several (a cluster of one takes any call)."""
+    """A channel to the service; `application`: the Serve application each unary call names in its metadata (in
+    place of any `application` the call gives), which Ray's gRPC proxy needs where one cluster serves several (a
+    cluster of one takes any call). The service's RPCs are unary."""
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     if application is None:
         return channel

@@ -6,14 +6,13 @@ replica's inter-deployment gRPC server, which unpickles what it is sent. Ray tur
 the network with all of them (on a laptop on a shared network: anyone on it). Ray's own switch for laptops,
 RAY_LOOPBACK_ENV, keeps the node's address on loopback, which moves every Ray port there but one: each
 replica's gRPC server, which Ray binds to [::]:0 whatever the node's address. `keep_replica_grpc_on_loopback`,
-called first in every deployment's constructor (the server starts after it), binds that one to 127.0.0.1
-where the node's address is loopback. The gRPC proxy (the API's gRPC port) still listens on every interface:
+called first in every deployment's constructor (the server starts after it), binds that one to the node's
+address where that is loopback (127.0.0.1, as `python -m serve run` starts Ray; ::1 where loopback is IPv6 only). The gRPC proxy (the API's gRPC port) still listens on every interface:
 serve.auth answers it from loopback peers only while keys are off.
 """
 
 from __future__ import annotations
 
-LOOPBACK_NODE = "127.0.0.1"
 # ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0" makes a node's address loopback, as on a laptop
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 _RAY_ANY_INTERFACE = "[::]:0"  # ray/serve/_private/replica.py, the inter-deployment gRPC server's address
@@ -32,7 +31,11 @@ def keep_replica_grpc_on_loopback() -> bool:
     node = ray.util.get_node_ip_address()
     try:
         address = ipaddress.ip_address(node)
-    except ValueError:
+    except ValueError:  # Ray gives the node's IP address; a name is not one, and may resolve anywhere
+        logging.getLogger("ray.serve").warning(
+            f"the node's address {node!r} is not an IP address: the replica's inter-deployment gRPC server listens "
+            "on every interface (serve.local_ray)"
+        )
         return False
     if not address.is_loopback:
         return False

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from serve.config import AppSettings, ImagingSettings
+from serve.config import AppSettings, ImagingSettings, app_name
 from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, ROUTES_ENV
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
@@ -68,11 +68,13 @@ def proxy_routes(config: dict) -> dict[str, dict]:
     """BodyBuffer's settings for each application's route prefix (serve.proxy_middleware.ByRoutePrefix)."""
     routes = {}
     for app in config["applications"]:
+        if app.get("route_prefix", "/") is None:
+            continue  # gRPC only: no HTTP request reaches it
         settings = AppSettings.model_validate(app.get("args") or {})
         body_limit = http_max_body_bytes(settings.imaging)
         if settings.overload.proxy_buffer_bytes < body_limit:
             raise ValueError(
-                f"application {app.get('name')!r}: overload.proxy_buffer_bytes ({settings.overload.proxy_buffer_bytes}) "
+                f"application {app_name(app)!r}: overload.proxy_buffer_bytes ({settings.overload.proxy_buffer_bytes}) "
                 f"is below the largest body the app accepts ({body_limit} bytes, from imaging.max_upload_bytes): "
                 "such a body could never arrive"
             )

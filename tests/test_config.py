@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,7 +93,10 @@ def test_relative_paths_are_taken_from_the_folder_the_cli_starts_in(monkeypatch,
     for given, taken in (
         ("sqlite:///meta/results.db?timeout=5", f"sqlite:///{tmp_path}/meta/results.db?timeout=5"),
         ("sqlite:////var/lib/results.db", "sqlite:////var/lib/results.db"),
+        ("sqlite+pysqlite:///r.db", f"sqlite+pysqlite:///{tmp_path}/r.db"),
+        ("sqlite:///~/r.db", f"sqlite:///{Path.home() / 'r.db'}"),  # SQLite itself does not expand ~
         ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("sqlite:///file:r.db?uri=true", "sqlite:///file:r.db?uri=true"),
         ("postgresql+psycopg://db/results", "postgresql+psycopg://db/results"),
     ):
         args["retention"]["database_url"] = given

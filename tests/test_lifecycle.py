@@ -269,6 +269,40 @@ def test_a_config_of_several_applications_is_started_as_one_and_ready_once_each_
     assert set(routes) == {"/", "/api/v1"} and routes["/api/v1"]["keys_file"] == str(tmp_path / "keys.yaml")
 
 
+def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(tmp_path, monkeypatch, capsys):
+    from ray.serve._private.constants import SERVE_DEFAULT_APP_NAME
+
+    from serve import cli
+    from serve.config import RAY_DEFAULT_APP_NAME, app_name
+
+    assert RAY_DEFAULT_APP_NAME == SERVE_DEFAULT_APP_NAME and app_name({}) == "default"
+    config = yaml.safe_load(_local_yaml(_two_applications))
+    del config["applications"][0]["name"]
+    (tmp_path / "keys.yaml").write_text("keys: []\n")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    waited = []
+    ready = {
+        "status": "ready", "gate": {"mode": "annotate"},
+        "model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4,
+                  "buckets": [512]},
+    }  # fmt: skip
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *args, **kwargs: SimpleNamespace(poll=lambda: 0, returncode=0))
+    monkeypatch.setattr(cli, "wait_until_ready", lambda url, *args: waited.append((url, args[-1])) or ready)
+    monkeypatch.setattr(cli, "stop_service", lambda *args: 0)
+    monkeypatch.setattr(cli, "busy_ports", lambda addresses: [])  # ::1 may not exist here: nothing listens
+    port, grpc_port = free_port(), free_port()
+    assert run(["run", "--config", str(path), "--host", "::1", "--port", str(port), "--grpc-port", str(grpc_port)]) == 0
+    assert waited == [(f"http://[::1]:{port}", "default"), (f"http://[::1]:{port}/api/v1", "keyed")]
+    out = capsys.readouterr().out
+    assert f"READY on http://[::1]:{port} : POST http://[::1]:{port}/remove | gRPC [::1]:{grpc_port} (metadata application=default)" in out
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("applications: []\n")
+    assert run(["run", "--config", str(empty)]) == 2
+    assert "the config has no applications" in capsys.readouterr().err
+
+
 def test_several_applications_share_the_gpus_and_a_single_bundle_flag_is_refused(tmp_path, capsys, no_launch):
     from serve.cli import PlacementError, fit_to_machine, host_names_note
 

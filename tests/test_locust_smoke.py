@@ -68,19 +68,21 @@ def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
     --host without a port was taken for port 8000; a Retry-After given as a date ended the user with a ValueError."""
     code = (
         "import sys; sys.path.insert(0, 'loadtests'); import locustfile as l\n"
-        "print(l.grpc_target('http://127.0.0.1:8000', None), l.grpc_target('http://h:8700', 'h:9700'))\n"
+        "print(l.grpc_target('http://127.0.0.1:8000', None), l.grpc_target('http://h:8700', 'h:9700'),"
+        " l.grpc_target('http://[::1]:8000', None))\n"
         "for host in ('http://127.0.0.1:8700', 'https://api.example', 'http://api.example'):\n"
         "    try: l.grpc_target(host, None)\n"
         "    except ValueError as e: print(e)\n"
         "print(l.retry_after_s('3'), l.retry_after_s('Wed, 21 Oct 2015 07:28:05 GMT', now=1445412480.0),"
-        " l.retry_after_s('soon'), l.retry_after_s('-4'))\n"
+        " l.retry_after_s('soon'), l.retry_after_s('-4'), l.retry_after_s('nan'), l.retry_after_s('1e12'),"
+        " l.retry_after_s(None))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     first, *refused, waits = result.stdout.strip().splitlines()
-    assert first == "127.0.0.1:9000 h:9700"
+    assert first == "127.0.0.1:9000 h:9700 [::1]:9000"
     assert refused == [
         f"--host {host} is not on port 8000: set ROREM_GRPC=host:port for gRPC users"
         for host in ("http://127.0.0.1:8700", "https://api.example", "http://api.example")
     ], "a URL without a port is on its scheme's: 443 or 80, not 8000"
-    assert waits == "3.0 5.0 1.0 0.0", "seconds; an HTTP date, from now; neither: 1 s"
+    assert waits == "3.0 5.0 1.0 0.0 1.0 60.0 1.0", "seconds; an HTTP date, from now; neither: 1 s; at most 60 s"

@@ -292,6 +292,9 @@ def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(
     assert int(env[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings()), "the default app's, the largest"
     assert float(env[PROXY_DRAINING_ENV]) == 90 > RAY_PROXY_DRAINING_S
     assert proxy_env(_config({})) == {**env, ROUTES_ENV: json.dumps({"/": routes["/"]}), PROXY_DRAINING_ENV: "60.0"}
+    grpc_only = _config({}, small)
+    grpc_only["applications"][1]["route_prefix"] = None  # no HTTP route reaches it
+    assert set(json.loads(proxy_env(grpc_only)[ROUTES_ENV])) == {"/"}
 
 
 def test_a_request_meets_the_body_limit_of_the_application_its_path_belongs_to():
