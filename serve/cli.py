@@ -300,8 +300,12 @@ def _packs(requests: list[float], gpus: int) -> bool:
 
 def logical_cpus_needed(config: dict) -> int | None:
     """Ray schedules by logical CPUs: if the deployments ask for more than this machine's cores (a
-    2-core laptop or CI runner), start Ray with enough so every replica is placed (they share cores)."""
-    from serve.retention_deployment import ResultStore  # its options live in code: the config may not name it
+    2-core laptop or CI runner), start Ray with enough so every replica is placed (they share cores).
+    `config`: the effective one (serve.config.live_serve_config), which lists every deployment an application
+    builds but the ResultStore, whose options live in code; Ray gives a replica 1 CPU unless told otherwise (a
+    config that listed no deployments was counted 0 and its replicas waited for CPUs forever)."""
+    from serve.config import AppSettings
+    from serve.retention_deployment import ResultStore
 
     wanted = 0.0
     for app in config["applications"]:
@@ -309,7 +313,7 @@ def logical_cpus_needed(config: dict) -> int | None:
             replicas = deployment.get("num_replicas", 1)
             replicas = replicas if isinstance(replicas, int) else 1
             wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * replicas
-        if ((app.get("args") or {}).get("retention") or {}).get("enabled"):
+        if AppSettings.model_validate(app.get("args") or {}).retention.enabled:
             wanted += ResultStore.ray_actor_options.get("num_cpus", 1) * ResultStore.num_replicas
     cores = os.cpu_count() or 1
     return math.ceil(wanted) if wanted > cores else None
@@ -734,7 +738,7 @@ def run(argv: list[str] | None = None) -> int:
         effective.write_text(yaml.safe_dump(live, sort_keys=False))
         print(f"[rorem] effective Serve config: {effective}", flush=True)
         command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]
-        num_cpus = logical_cpus_needed(config)
+        num_cpus = logical_cpus_needed(live)
         if num_cpus:
             print(
                 f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores",

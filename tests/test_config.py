@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
 from serve.cli import HUB_PREFIX as cli_hub_prefix
-from serve.config import AppSettings, live_serve_app
+from serve.config import AppSettings, ImagingSettings, live_serve_app
 from serve.grpc_servicer import SERVICER_FUNCTION
 from tests.helpers import REPO, load_script
 
@@ -486,3 +486,25 @@ def test_a_crop_margin_of_0_is_refused_since_it_would_lose_the_feathered_edge():
     with pytest.raises(ValidationError, match="crop_margin"):
         AppSettings.model_validate({"imaging": {"crop_margin": 0}})
     assert AppSettings.model_validate({"imaging": {"crop_margin": 1}}).imaging.crop_margin == 1
+
+
+def test_the_documented_config_of_two_applications_is_valid_and_gives_each_its_proxy_limits(tmp_path, monkeypatch):
+    """docs/configuration.md's example of several applications: a config `python -m serve run` takes, whose
+    proxies hold each application's limits and keys."""
+    import json
+    import re
+
+    from serve.config import validate_serve_config
+    from serve.proxy_limits import http_max_body_bytes, proxy_env
+    from serve.proxy_middleware import ROUTES_ENV
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "applications:" in b]
+    config = yaml.safe_load(block)
+    monkeypatch.chdir(tmp_path)
+    fit_to_machine(config, bundle=None, host=None, port=None, gpus=0)
+    validate_serve_config(config)
+    routes = json.loads(proxy_env(config)[ROUTES_ENV])
+    assert routes["/v2"]["keys_file"] == str(tmp_path / "keys.yaml") and "keys_file" not in routes["/"]
+    assert routes["/v2"]["limit"] == http_max_body_bytes(ImagingSettings(max_upload_bytes=8388608)) < routes["/"]["limit"]
+    assert "--application keyed" in text and "/v2/remove" in text

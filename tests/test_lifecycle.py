@@ -251,7 +251,7 @@ def test_a_config_of_several_applications_is_started_as_one_and_ready_once_each_
         launched.append(env)
         return SimpleNamespace(poll=lambda: 0, returncode=0)  # the launcher exits once READY is printed
 
-    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=popen))  # cli's name only: Ray subclasses Popen
     monkeypatch.setattr(cli, "wait_until_ready", lambda url, *args: waited.append(url) or ready)
     monkeypatch.setattr(cli, "stop_service", lambda child, url, *args: stopped.append(url) or 0)
     port = free_port()
@@ -288,7 +288,8 @@ def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(t
         "model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4,
                   "buckets": [512]},
     }  # fmt: skip
-    monkeypatch.setattr(cli.subprocess, "Popen", lambda *args, **kwargs: SimpleNamespace(poll=lambda: 0, returncode=0))
+    launcher = SimpleNamespace(poll=lambda: 0, returncode=0)
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda *args, **kwargs: launcher))
     monkeypatch.setattr(cli, "wait_until_ready", lambda url, *args: waited.append((url, args[-1])) or ready)
     monkeypatch.setattr(cli, "stop_service", lambda *args: 0)
     monkeypatch.setattr(cli, "busy_ports", lambda addresses: [])  # ::1 may not exist here: nothing listens
@@ -301,6 +302,27 @@ def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(t
     empty.write_text("applications: []\n")
     assert run(["run", "--config", str(empty)]) == 2
     assert "the config has no applications" in capsys.readouterr().err
+
+
+def test_deployments_the_config_does_not_list_are_given_cpus_too(tmp_path, monkeypatch):
+    """Ray gives a replica 1 CPU unless told otherwise: a config without `deployments` (the docs' example of two
+    applications) was counted 0 CPUs, Ray started with the machine's 2, and the replicas waited forever."""
+    from serve import cli
+
+    config = yaml.safe_load(_local_yaml())
+    del config["applications"][0]["deployments"]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launched = []
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    launcher = SimpleNamespace(poll=lambda: 1, returncode=1)
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda command, **kwargs: launched.append(command) or launcher))
+    monkeypatch.setattr(cli, "wait_until_ready", lambda *args: None)
+    monkeypatch.setattr(cli, "stop_service", lambda *args: 1)
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    run(["run", "--config", str(path), *ports])
+    (command,) = launched
+    assert command[command.index("--num-cpus") + 1] == "3", command  # Ingress, Remover, Scorer at 1 each
 
 
 def test_several_applications_share_the_gpus_and_a_single_bundle_flag_is_refused(tmp_path, capsys, no_launch):
