@@ -40,7 +40,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
-from serve.config import app_name
+from serve.config import app_name, route_prefix
 from serve.ports import busy_ports
 from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
@@ -645,7 +645,7 @@ def url_host(host: str) -> str:
 
 def app_url(root_url: str, app: dict) -> str:
     """An application's base URL: the HTTP address and its route prefix."""
-    return root_url + app.get("route_prefix", "/").rstrip("/")
+    return root_url + route_prefix(app).rstrip("/")
 
 
 def ready_line(
@@ -709,7 +709,7 @@ def run(argv: list[str] | None = None) -> int:
         return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     applications = config["applications"]
     for app in applications:
-        if app.get("route_prefix", "/") is None:
+        if route_prefix(app) is None:
             return _cannot_start(
                 f"application {app_name(app)} has no route_prefix: python -m serve run checks readiness and "
                 "drains over HTTP; give it one"

@@ -662,6 +662,11 @@ def app_name(app: dict) -> str:
     return app.get("name") or RAY_DEFAULT_APP_NAME
 
 
+def route_prefix(app: dict) -> str | None:
+    """A Serve config application's HTTP route prefix, as Ray takes it ("/" unless given; None: gRPC only)."""
+    return app.get("route_prefix", "/")
+
+
 def validate_serve_config(config: dict) -> None:
     """A whole Serve config, as strictly as it can be checked before Ray starts (`python -m serve run` and
     k8s/render.py): Ray's Serve schema, unknown keys anywhere in it (Ray's schema silently drops them: a

@@ -7,8 +7,9 @@ the network with all of them (on a laptop on a shared network: anyone on it). Ra
 RAY_LOOPBACK_ENV, keeps the node's address on loopback, which moves every Ray port there but one: each
 replica's gRPC server, which Ray binds to [::]:0 whatever the node's address. `keep_replica_grpc_on_loopback`,
 called first in every deployment's constructor (the server starts after it), binds that one to the node's
-address where that is loopback (127.0.0.1, as `python -m serve run` starts Ray; ::1 where loopback is IPv6 only). The gRPC proxy (the API's gRPC port) still listens on every interface:
-serve.auth answers it from loopback peers only while keys are off.
+address where that is loopback (127.0.0.1, as `python -m serve run` starts Ray; ::1 where loopback is IPv6
+only). The gRPC proxy (the API's gRPC port) still listens on every interface: serve.auth answers it from
+loopback peers only while keys are off.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from serve.config import AppSettings, ImagingSettings, app_name
+from serve.config import AppSettings, ImagingSettings, app_name, route_prefix
 from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, ROUTES_ENV
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
@@ -68,7 +68,7 @@ def proxy_routes(config: dict) -> dict[str, dict]:
     """BodyBuffer's settings for each application's route prefix (serve.proxy_middleware.ByRoutePrefix)."""
     routes = {}
     for app in config["applications"]:
-        if app.get("route_prefix", "/") is None:
+        if route_prefix(app) is None:
             continue  # gRPC only: no HTTP request reaches it
         settings = AppSettings.model_validate(app.get("args") or {})
         body_limit = http_max_body_bytes(settings.imaging)
@@ -85,7 +85,7 @@ def proxy_routes(config: dict) -> dict[str, dict]:
         }
         if settings.auth.enabled:  # a body without a valid key is refused before it is read
             route |= {"keys_file": settings.auth.keys_file, "keys_reload_s": settings.auth.reload_interval_s}
-        routes[app.get("route_prefix", "/")] = route
+        routes[route_prefix(app)] = route
     return routes
 
 

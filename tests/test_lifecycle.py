@@ -219,6 +219,13 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
     assert f"engine.runner_path {Path.cwd() / 'unet.plan'}: no such file" in capsys.readouterr().err
 
 
+# a /readyz answer for the tests that start the CLI with a faked launcher
+_READY = {
+    "status": "ready", "gate": {"mode": "annotate"},
+    "model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4, "buckets": [512]},
+}  # fmt: skip
+
+
 def _two_applications(config: dict) -> None:
     """local.yaml's application twice: `rorem` at / and `keyed` at /api/v1 with keys on and a bundle folder given
     relative to where the CLI starts."""
@@ -241,11 +248,7 @@ def test_a_config_of_several_applications_is_started_as_one_and_ready_once_each_
     (tmp_path / "keys.yaml").write_text("keys: []\n")
     monkeypatch.chdir(tmp_path)
     launched, waited, stopped = [], [], []
-    ready = {
-        "status": "ready", "gate": {"mode": "annotate"},
-        "model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4,
-                  "buckets": [512]},
-    }  # fmt: skip
+    ready = _READY
 
     def popen(command, env, **kwargs):
         launched.append(env)
@@ -283,11 +286,7 @@ def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(t
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     waited = []
-    ready = {
-        "status": "ready", "gate": {"mode": "annotate"},
-        "model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4,
-                  "buckets": [512]},
-    }  # fmt: skip
+    ready = _READY
     launcher = SimpleNamespace(poll=lambda: 0, returncode=0)
     monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda *args, **kwargs: launcher))
     monkeypatch.setattr(cli, "wait_until_ready", lambda url, *args: waited.append((url, args[-1])) or ready)
