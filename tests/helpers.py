@@ -170,7 +170,7 @@ class CannedAnswers(http.server.BaseHTTPRequestHandler):
 def loopback_server(handler: type[CannedAnswers]):
     """An HTTP server on a free loopback port, in a thread, for as long as the block runs: yields its URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
