@@ -16,11 +16,13 @@ from serve.page_headers import strict_page_headers
 
 PLAYGROUND_PAGE = Path(__file__).parent / "static" / "playground.html"
 # The page reads the service's settings from its body: whether (and by default) results are kept, and which
-# photos the service takes, so it refuses others when they are opened rather than on Remove. The file says
-# "off" and leaves the others empty (unchecked); and whether the model is the tiny bundle's.
+# photos the service takes (formats, megapixels, bytes), so it refuses others when they are opened rather than
+# after an upload. The file says "off" and leaves the others empty (unchecked); and whether the model is the tiny
+# bundle's.
 _RETENTION_MARK = 'data-retention="off"'
 _FORMATS_MARK = 'data-accepted-formats=""'
 _MEGAPIXELS_MARK = 'data-max-megapixels=""'
+_BYTES_MARK = 'data-max-upload-bytes=""'
 _TINY_MARK = 'data-tiny="false"'
 RetentionMode = Literal["off", "ask", "always"]
 
@@ -28,7 +30,7 @@ RetentionMode = Literal["off", "ask", "always"]
 @lru_cache(maxsize=1)
 def _template() -> tuple[str, dict[str, str]]:
     html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
-    for mark in (_RETENTION_MARK, _FORMATS_MARK, _MEGAPIXELS_MARK, _TINY_MARK):
+    for mark in (_RETENTION_MARK, _FORMATS_MARK, _MEGAPIXELS_MARK, _BYTES_MARK, _TINY_MARK):
         if html.count(mark) != 1:
             raise ValueError(f"{PLAYGROUND_PAGE.name} must carry {mark} once")
     return html, strict_page_headers(html, PLAYGROUND_PAGE.name, img_src="blob:")  # the photo, shown before it is sent
@@ -42,17 +44,18 @@ def retention_mode(settings: RetentionSettings) -> RetentionMode:
 
 
 @lru_cache(maxsize=6)
-def _page(mode: RetentionMode, max_megapixels: float, tiny: bool) -> str:
+def _page(mode: RetentionMode, max_megapixels: float, max_upload_bytes: int, tiny: bool) -> str:
     formats = " ".join(name.lower() for name in ACCEPTED_FORMATS)
     html = _template()[0].replace(_RETENTION_MARK, f'data-retention="{mode}"')
     html = html.replace(_FORMATS_MARK, f'data-accepted-formats="{formats}"')
     html = html.replace(_TINY_MARK, f'data-tiny="{str(tiny).lower()}"')
+    html = html.replace(_BYTES_MARK, f'data-max-upload-bytes="{max_upload_bytes}"')
     return html.replace(_MEGAPIXELS_MARK, f'data-max-megapixels="{max_megapixels:g}"')
 
 
 def playground_page(retention: RetentionSettings, imaging: ImagingSettings, tiny: bool = False) -> str:
     """`tiny`: the service runs the tiny bundle, and the page says its results are noise."""
-    return _page(retention_mode(retention), imaging.max_megapixels, tiny)
+    return _page(retention_mode(retention), imaging.max_megapixels, imaging.max_upload_bytes, tiny)
 
 
 def playground_headers() -> dict[str, str]:
