@@ -239,18 +239,19 @@ class Bundle:
     def has_discriminator(self) -> bool:
         return self.manifest.discriminator is not None
 
-    def summary(self) -> dict[str, Any]:
-        """What an operator wants to see about the loaded model."""
+    def summary(self, locations: bool = True) -> dict[str, Any]:
+        """What an operator wants to see about the loaded model. `locations=False` leaves out where it was read
+        from (its folder, the weights it was imported from): for answers anyone may read, such as /readyz."""
         m = self.manifest
+        where = {"path": str(self.path), "source": m.provenance.get("source")} if locations else {}
         return {
             "name": m.name,
-            "path": str(self.path),
             "dtype": m.dtype,
             "unet_parameters": m.provenance.get("unet_parameters"),
-            "source": m.provenance.get("source"),
             "steps": m.sampling.steps,
             "strength": m.sampling.strength,
             "discriminator": self.has_discriminator,
+            **where,
         }
 
     def load_unet(self) -> UNet2DConditionModel:

@@ -71,7 +71,7 @@ class Remover(LiveSettings):
         self.engine_turn = asyncio.Lock()  # the engine runs one batch at a time, whatever its bucket
         self.queues = {side: self._bucket_queue(side) for side in self.settings.imaging.buckets}
         self.description = {
-            "bundle": bundle.summary(),
+            "bundle": bundle.summary(locations=False),  # /readyz is public: no folder names
             "tiny": bundle_cfg.is_tiny(),
             "device": str(device),
             "dtype": str(self.engine.dtype).removeprefix("torch."),

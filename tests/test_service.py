@@ -22,6 +22,8 @@ def test_ready_reports_the_loaded_tiny_bundle(service):
     assert ready.status_code == 200
     model = ready.json()["model"]
     assert model["tiny"] is True and model["steps"] == 4 and model["buckets"] == [256, 512]
+    assert model["bundle"]["name"] == "tiny-0" and "path" not in model["bundle"] and "source" not in model["bundle"]
+    assert str(service.work) not in ready.text, "/readyz is public: it names no folder of the host"
 
 
 def test_photo_and_mask_come_back_with_only_the_masked_region_changed(service):
