@@ -23,11 +23,12 @@ from serve.live import LiveSettings
 from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.loop_lag import loop_lag
 from serve.metrics import INGRESS_STAGES, ingress_metrics
+from serve.negotiation import wants_json
 from serve.page_headers import PRIVATE_HEADERS
 from serve.playground import playground_headers, playground_page
 from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.remover_deployment import Remover
-from serve.rest_api import api, docs_page, json_reply_body, request_id_of, root_path, wants_json
+from serve.rest_api import api, docs_page, json_reply_body, request_id_of, root_path
 from serve.retention.keeper import FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer

@@ -18,7 +18,7 @@ from serve.problems import MAX_LISTED, Problem
 # Bounds on the inner type, not on the `X | None` union: there pydantic publishes its own "ge" / "le" keys, which
 # JSON Schema (and so OpenAPI) does not know, instead of minimum / maximum.
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1), NotABool]
-TimeoutS = Annotated[float, Field(gt=0, le=3600), NotABool]
+TimeoutS = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False), NotABool]
 
 
 class RemoveOptions(BaseModel):

@@ -14,7 +14,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from engines import imaging
 from serve import quotas
 from serve.metrics import CLIENT_CLOSED, ingress_metrics
 from serve.openapi import install as install_openapi
@@ -185,10 +184,6 @@ DOCS_PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
-
-
-def wants_json(accept: str) -> bool:
-    return "application/json" in accept and not any(t in accept for t in imaging.MEDIA_TYPES.values())
 
 
 def root_path(request: Request) -> str:

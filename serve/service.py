@@ -30,6 +30,7 @@ from serve.config import AppSettings, GateSettings
 from serve.handles import answer_or_cancel, within
 from serve.health import Readiness
 from serve.metrics import IngressMetrics
+from serve.negotiation import output_format
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreRequest
 from serve.retention.keeper import Retention
@@ -206,7 +207,7 @@ class RemovalService:
             max_crops(gate.max_model_calls, scored=self.has_scorer), deadline=deadline,
         )  # fmt: skip
         timings.lap("decode")
-        fmt = _output_format(options, accept, prepared.image.format)
+        fmt = output_format(options.output_format, accept, prepared.image.format, *prepared.image.rgb.shape[:2])
         try:
             imaging.check_output(fmt, *prepared.image.rgb.shape[:2])  # before the model runs, not from the encoder
         except InputError as exc:
@@ -327,7 +328,7 @@ class RemovalService:
                 job.result.cancel()  # not started yet: off the queue, its slot free
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise Problem("timeout", "no image-work slot or thread was free within the request's deadline") from exc
+            raise Problem("timeout", "the request's deadline passed before an image-work thread could start on it") from exc
         if timings is not None:
             timings.lap("cpu_wait")
         try:
@@ -343,12 +344,3 @@ class RemovalService:
 def removal_deadline_s(options: RemoveOptions, settings: AppSettings) -> float:
     """The deadline a removal runs under: its timeout_s, at most request_timeout_s (the default)."""
     return min(options.timeout_s or settings.request_timeout_s, settings.request_timeout_s)
-
-
-def _output_format(options: RemoveOptions, accept: str, source_format: str | None) -> str:
-    if options.output_format:
-        return options.output_format
-    for fmt, media_type in imaging.MEDIA_TYPES.items():
-        if media_type in accept:
-            return fmt
-    return source_format if source_format in imaging.OUTPUT_FORMATS else "png"

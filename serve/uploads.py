@@ -18,6 +18,7 @@ import codecs
 import json
 import json.decoder
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, parse_options_header
 from starlette.formparsers import multipart as _multipart  # python-multipart, as starlette imports it
+
+_PARSER_STATES = sys.modules[_multipart.MultipartParser.__module__].MultipartState
 
 from serve.problems import Problem
 from serve.protocol import (
@@ -183,7 +186,7 @@ async def _read_chunks(request: Request, limit: int, timeout_s: float | None = N
     still arriving `timeout_s` after the read began. The chunks as they came: joining them (a copy of the
     whole body) is left to the worker thread."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:  # not '²'
         raise Problem("payload-too-large", f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     loop = asyncio.get_running_loop()
@@ -284,6 +287,10 @@ class _BytesMultiPartParser(MultiPartParser):
             parser.finalize()
         except FormParserError as exc:
             raise MultiPartException("Invalid multipart data.") from exc
+        if parser.state not in (_PARSER_STATES.START, _PARSER_STATES.END):
+            # starlette takes a body cut before its closing boundary, less its unfinished last part: a cut mask
+            # was then the image's alpha, a cut seed a random one
+            raise MultiPartException("the body ends before its closing boundary (cut short?)")
         return self.items
 
 

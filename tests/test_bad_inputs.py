@@ -216,6 +216,15 @@ def multipart(files: Callable[[Sent], list], fields: dict[str, str | list[str]])
     return send
 
 
+def multipart_cut_inside_the_mask(service, case, sent):
+    """The image part whole, the mask part cut in half, no closing boundary: a connection dropped mid-upload."""
+    head = 'Content-Disposition: form-data; name="{}"; filename="{}.png"\r\nContent-Type: image/png\r\n\r\n'
+    body = b"--b0undary\r\n" + head.format("image", "image").encode() + sent.files["image"]
+    body += b"\r\n--b0undary\r\n" + head.format("mask", "mask").encode() + sent.files["mask"][: len(sent.files["mask"]) // 2]
+    headers = {"content-type": "multipart/form-data; boundary=b0undary"}
+    return service.client.post(case.route, content=body, headers=headers)
+
+
 def declared_length(declared: int, content: bytes):
     """A body whose Content-Length header lies (httpx would correct it, so http.client writes the request)."""
 
@@ -294,6 +303,8 @@ CASES: list[Case] = [
          grpc=False),
     Case("multipart that is not multipart", 400, "malformed-body",
          rest=raw(b"garbage", "multipart/form-data; boundary=x"), grpc=False),
+    Case("multipart cut short inside its mask part", 400, "malformed-body", valid_pair,
+         rest=multipart_cut_inside_the_mask, grpc=False, detail="closing boundary"),
     Case("multipart: mask as a text field", 422, "invalid-request", valid_pair,
          rest=multipart(image_and(), {"mask": "white"}), grpc=False, detail="file part"),
     Case("multipart: an option given twice", 422, "invalid-request", valid_pair,

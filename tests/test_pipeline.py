@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 from ray.exceptions import ActorDiedError
 
 from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed
@@ -535,6 +536,18 @@ def test_a_request_whose_deadline_passes_while_it_waits_for_image_work_gets_its_
     problem, took = asyncio.run(main())
     assert problem.problem == "timeout" and took < 1.2, (problem.problem, took)
     assert decodes == [], "the decode nobody waits for any more never ran"
+
+
+def test_a_deadline_too_short_to_start_is_told_as_such_not_as_busy_threads():
+    """timeout_s=1e-9 with every image thread free was answered "no image-work slot or thread was free"."""
+    service = _service(FakeModels(), mode="off")
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.remove(_upload(output_format="png", timeout_s=1e-9)))
+    assert caught.value.problem == "timeout"
+    assert caught.value.detail == "the request's deadline passed before an image-work thread could start on it"
+    for value in ("nan", "inf"):
+        with pytest.raises(ValidationError, match="finite number"):
+            RemoveOptions(timeout_s=value)
 
 
 def test_a_deadline_spent_in_the_decode_is_a_timeout_not_a_refusal_for_the_replicas_load():
