@@ -224,9 +224,10 @@ class _BytesMultiPartParser(MultiPartParser):
     """Starlette's multipart parser (its callbacks: limits, field names, error messages) fed from the body
     already in memory, synchronously, in STEP-sized writes, keeping file parts in memory (no spooling)."""
 
-    def __init__(self, max_files: int, max_fields: int):
+    def __init__(self, max_files: int, max_fields: int, file_names: tuple[str, ...] = ()):
         super().__init__(Headers(), None, max_files=max_files, max_fields=max_fields)  # type: ignore[arg-type]
         self._pieces: list[bytes] = []  # the current file part's data
+        self._file_names = file_names
 
     def on_part_begin(self) -> None:
         super().on_part_begin()
@@ -237,6 +238,10 @@ class _BytesMultiPartParser(MultiPartParser):
         if self._current_part.file is not None:  # a file part: its bytes go to _pieces, not to a spool file
             self._current_part.file.file.close()
             self._files_to_close_on_error.clear()
+        elif self._current_part.field_name in self._file_names:  # `curl -F image=<photo.jpg`: no filename
+            # said before its data is read: past 1 MB a text field is "Part exceeded maximum size"
+            name = self._current_part.field_name
+            raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._current_part.file is None:
@@ -300,18 +305,22 @@ class _BytesMultiPartParser(MultiPartParser):
 _CODECS_RAISING_PLAIN_UNICODE_ERROR = frozenset({"punycode", "idna", "undefined"})
 
 
-def _multipart_items(content_type: str, body: bytes | list[bytes], max_files: int, max_fields: int) -> list:
+def _multipart_items(
+    content_type: str, body: bytes | list[bytes], max_files: int, max_fields: int, file_names: tuple[str, ...] = ()
+) -> list:
     """What starlette's `request.form(max_files=, max_fields=)` yields for this body, in order: (name, str) for
-    a text field, (name, _File) for a file; the same MultiPartException where it raises one."""
+    a text field, (name, _File) for a file; the same MultiPartException where it raises one. A text field named
+    as one of `file_names` is refused (422) at its headers; a body cut before its closing boundary (400)."""
     media_type, _ = parse_options_header(content_type)
     if media_type != b"multipart/form-data":  # starlette: an empty form
         return []
-    return _BytesMultiPartParser(max_files, max_fields).parse_body(content_type, body)
+    return _BytesMultiPartParser(max_files, max_fields, file_names).parse_body(content_type, body)
 
 
 def _from_multipart(content_type: str, body: bytes | list[bytes], names, required, options_model):
     try:
-        items = _multipart_items(content_type, body, max_files=len(names), max_fields=16)
+        # one file more than the route takes: a stray file gets its own 422 below, not "Too many files"
+        items = _multipart_items(content_type, body, max_files=len(names) + 1, max_fields=16, file_names=tuple(names))
     except MultiPartException as exc:
         raise Problem("malformed-body", f"cannot parse the multipart body: {exc.message}") from exc
     files: dict[str, bytes] = {}
@@ -323,9 +332,6 @@ def _from_multipart(content_type: str, body: bytes | list[bytes], names, require
             files[key] = value.data
         else:
             fields[key] = value
-    for name in names:
-        if name in fields:
-            raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
     unknown = set(files) - set(names)
     if unknown:
         raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}; the files are {', '.join(names)}")

@@ -282,7 +282,7 @@ def starlette_answer(content_type: str, body: bytes):
         request = starlette_request(body, content_type)
         request._body = body
         try:
-            form = await request.form(max_files=2, max_fields=16)
+            form = await request.form(max_files=3, max_fields=16)
         except (MultiPartException, HTTPException) as exc:
             reason = exc.detail if isinstance(exc, HTTPException) else exc.message
             raise Problem("malformed-body", f"cannot parse the multipart body: {reason}") from exc
@@ -335,6 +335,19 @@ def test_multipart_answers_as_starlettes_form(step, monkeypatch):
             else:
                 assert got == expected, (content_type, body[:120])
     assert stricter > 0, "some cut bodies starlette took are refused"
+
+
+def test_multipart_mistakes_are_told_as_the_mistake_whatever_their_size_or_count():
+    """`curl -F image=<photo.jpg` sends the photo as a text field: past 1 MB that was 400 "Part exceeded maximum size
+    of 1024KB"; a stray third file was 400 "Too many files" where a stray second one was 422 "unknown file fields"."""
+    photo = random.Random(1).randbytes(1_400_000)
+    content_type = "multipart/form-data; boundary=b0undary"
+    as_text = multipart([("image", None, photo)])
+    refused = outcome(lambda: req._from_multipart(content_type, as_text, NAMES, ("image",), req.RemoveOptions))
+    assert refused[:3] == ("problem", "invalid-request", "'image' must be sent as a file part, not a text field")
+    stray = multipart([("image", "a.png", photo[:5000]), ("mask", "m.png", photo[:300]), ("extra", "x.png", b"x")])
+    refused = outcome(lambda: req._from_multipart(content_type, stray, NAMES, ("image",), req.RemoveOptions))
+    assert refused[:3] == ("problem", "invalid-request", "unknown file fields: ['extra']; the files are image, mask")
 
 
 @pytest.mark.parametrize("cut", ["inside the mask", "inside the seed", "before the closing boundary's dashes"])
