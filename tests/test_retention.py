@@ -1224,6 +1224,49 @@ def test_saves_stalled_on_the_object_store_leave_reads_their_threads(tmp_path):
         client.close()
 
 
+def test_saves_given_up_during_a_stall_hold_none_of_their_images(tmp_path):
+    """While the object store stalls, SAVE_THREADS saves hold the save threads and every later retained removal
+    gives its save up: each of those stayed queued for a thread, photo and result with it (50 removals of 4 MB
+    photos held 216 MB), so memory grew with every removal for as long as the stall lasted."""
+    import gc
+    import weakref
+
+    from serve.retention.keeper import SAVE_THREADS, LocalStoreClient
+
+    objects = _GatedPuts(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    client = LocalStoreClient(lambda: store)
+    given_up = []
+
+    async def give_up(i: int) -> None:
+        new = _new(b"given up %d" % i)
+        given_up.append(weakref.ref(new))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.save(new), 0.01)
+
+    async def stall():
+        objects.go.clear()
+        stalled = [asyncio.ensure_future(client.save(_new(b"stalled %d" % i))) for i in range(SAVE_THREADS)]
+        deadline = time.monotonic() + 5
+        while objects.writes < SAVE_THREADS and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for i in range(20):
+            await give_up(i)
+        gc.collect()
+        held = sum(ref() is not None for ref in given_up)
+        objects.go.set()
+        assert held == 0, f"{held} of 20 saves given up still hold their images"
+        await asyncio.gather(*stalled)
+        return await client.save(_new(b"after the stall"))
+
+    try:
+        after = asyncio.run(stall())
+        assert len(_rows(store)) == SAVE_THREADS + 1 and after in _rows(store), "the given-up saves stored nothing"
+    finally:
+        objects.go.set()
+        client.close()
+
+
 @pytest.mark.parametrize("stalled", ["object writes", "limits after the insert"])
 def test_a_save_given_up_on_stores_nothing(tmp_path, monkeypatch, stalled):
     from serve.retention.keeper import LocalStoreClient
