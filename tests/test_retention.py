@@ -406,6 +406,32 @@ def test_a_verdict_racing_the_results_deletion_is_not_found(store):
         store.add_feedback(result_id, "yes")
 
 
+def test_deleting_a_result_locks_it_before_its_verdicts_and_takes_them_with_it(store):
+    """PostgreSQL: a verdict locks its result (its insert's foreign-key check) and then the key's older verdicts
+    (the trim past MAX_VERDICTS); a delete that deleted the verdicts first and then the result locked the other
+    way round, so a verdict racing a delete (DELETE /results, an eviction, the sweeper) deadlocked and one of
+    them failed. The result row is now the first a delete touches, its verdicts going with it (the cascade)."""
+    from sqlalchemy import event, text
+
+    result_id = store.save(_new(b"judged"))
+    other = store.save(_new(b"other"))
+    for verdict in ("yes", "no"):
+        store.add_feedback(result_id, verdict, principal="tenant")
+    store.add_feedback(other, "yes")
+    deleted_from = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def record(conn, cursor, statement, *args):
+        if statement.startswith("DELETE FROM"):
+            deleted_from.append(statement.split()[2])
+
+    assert store.delete(result_id)
+    assert deleted_from[:1] == ["results"], f"a delete locked {deleted_from[0]} first"
+    with store.engine.connect() as connection:
+        verdicts = connection.execute(text("SELECT result_id FROM feedback")).scalars().all()
+    assert verdicts == [other], "the deleted result's verdicts are gone, another's stay"
+
+
 def test_a_result_keeps_its_newest_verdicts_only(store, clock):
     """Each answer carries the history: an unbounded one grew every answer (1,500 verdicts: 1.9 MB each)."""
     result_id = store.save(_new(b"r"))

@@ -443,6 +443,9 @@ class RetentionStore:
         return found
 
     def _delete_ids(self, ids: Sequence[str]) -> int:
+        """The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
+        db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
+        then the verdicts), so a verdict and a delete of its result never deadlock."""
         deleted = 0
         with self._lock:
             for start in range(0, len(ids), _CHUNK):
@@ -450,7 +453,6 @@ class RetentionStore:
                 with Session(self.engine) as session, session.begin():
                     rows = session.scalars(select(ResultRow).where(ResultRow.id.in_(chunk))).all()
                     keys = {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
-                    session.execute(delete(FeedbackRow).where(FeedbackRow.result_id.in_(chunk)))
                     session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk)))
                 deleted += len(rows)
                 self._drop_unreferenced(keys)
