@@ -57,7 +57,7 @@ def _new(result: bytes, score: float | None = 0.5, threshold: float = 0.5, sourc
 
 
 def _files(root: Path) -> set[str]:
-    """The objects' keys; os.walk passes over a folder the store's sweeper removes meanwhile (rglob raised)."""
+    """The objects' keys (the files under the key folders, which stay when emptied)."""
     return {Path(folder, name).relative_to(root).as_posix() for folder, _, names in os.walk(root) for name in names}
 
 
@@ -1211,10 +1211,34 @@ def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path
     assert len(list(store.objects.written_before(time.time() - 3600))) == 0
 
 
-def test_listing_old_objects_passes_over_folders_deleted_meanwhile(tmp_path):
-    """The sweeper lists objects while deletes elsewhere remove files and their folders (the sweep at start runs
-    beside saves and deletes): the listing raised FileNotFoundError for a folder gone between glob and scandir
-    (a clean-clone CI run met it)."""
+def test_a_save_racing_the_delete_of_the_last_object_in_its_folder_is_stored(tmp_path, monkeypatch):
+    """An object is written into its key's folder (`ab/`); deleting the last object of a folder removed the
+    folder, so a save whose new object fell in that folder while another result was deleted (DELETE /results,
+    an eviction, the sweeper) could find it gone between making it and writing into it, and failed: that
+    removal was answered without X-Result-Id."""
+    from serve.retention import objects as objects_module
+
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"))
+    old = store.save(_new(b"old", source=b"old photo"))
+    folder = object_key(b"old")[:2]
+    result = next(b"new %d" % i for i in range(10_000) if object_key(b"new %d" % i)[:2] == folder)
+    mkstemp = objects_module.tempfile.mkstemp
+
+    def delete_old_first(*args, dir, **kwargs):
+        if Path(dir).name == folder:
+            assert store.delete(old)
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(objects_module.tempfile, "mkstemp", delete_old_first)
+    new = store.save(_new(result, source=b"new photo"))
+    assert store.read(new, "result") == (result, "image/png") and _rows(store) == [new]
+
+
+def test_listing_old_objects_passes_over_objects_deleted_meanwhile(tmp_path):
+    """The sweeper lists objects while deletes elsewhere remove them (the sweep at start runs beside saves and
+    deletes): the listing raised FileNotFoundError for a folder gone between glob and scandir (a clean-clone CI
+    run met it, when a delete also removed an emptied folder); a file gone between scandir and stat is passed
+    over too."""
     import threading
 
     objects = LocalObjectStore(tmp_path / "objects")

@@ -89,18 +89,14 @@ class LocalObjectStore:
             raise ObjectMissing(key) from exc
 
     def delete(self, key: str) -> None:
-        path = self.path(key)
-        path.unlink(missing_ok=True)
-        try:
-            path.parent.rmdir()
-        except OSError:  # other objects share the folder
-            pass
+        """The key's folder stays, even emptied (256 at most): a put writing into it needs it there."""
+        self.path(key).unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
     def written_before(self, moment: float) -> Iterator[str]:
-        """Folders and files deleted while this walks them (a delete elsewhere removes both) are passed over."""
+        """Files deleted while this walks them (a delete elsewhere) are passed over, and so are folders."""
         for folder in self.root.glob("??"):
             try:
                 with os.scandir(folder) as entries:
