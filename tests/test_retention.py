@@ -472,6 +472,26 @@ def test_a_keys_verdicts_never_push_out_another_keys(tmp_path):
     assert [(i["result_id"], i["verdict"], i["principal"]) for i in items] == [(result_id, "yes", "reviewer")]
 
 
+def test_the_retention_folder_and_its_database_are_created_owner_only(tmp_path):
+    """Under the usual umask (022) only objects/ was 0700: the retention folder and results.db (verdicts,
+    reasons, owners, request parameters) were readable by every local user."""
+    import stat
+
+    from serve.config import RetentionSettings
+
+    folder = tmp_path / "cache" / "rorem" / "results"
+    umask = os.umask(0o022)
+    try:
+        store = RetentionStore.from_settings(RetentionSettings(enabled=True, object_store={"path": str(folder)}))
+        store.add_feedback(store.save(_new(b"result")), "yes", "reason")
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (folder, *folder.iterdir())}
+    assert {"results", "objects", "results.db"} <= modes.keys()
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o700 if "." not in name else 0o600)}
+    assert wrong == {}, "folders 0700, the database and its -wal, -shm and lock files 0600"
+
+
 def test_migrations_create_exactly_the_schema_the_models_describe(tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext

@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, or_, select
@@ -158,6 +159,8 @@ class RetentionStore:
     def from_settings(cls, settings) -> RetentionStore:
         """From serve.config.RetentionSettings (the service's config, or a config file read by training)."""
         s3 = settings.object_store.s3
+        if s3 is None:  # owner-only: LocalObjectStore's mkdir gives the folders it makes above objects/ the umask's
+            Path(settings.object_store.path).expanduser().mkdir(parents=True, exist_ok=True, mode=0o700)
         objects = (
             S3ObjectStore(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
             if s3 is not None
