@@ -1436,10 +1436,10 @@ def test_the_principal_migration_keeps_older_verdicts_with_no_principal(tmp_path
     assert [tuple(row) for row in rows] == [("r1", "yes", "qa-staff", None)]
 
 
-def _keyed_ingress(tmp_path, monkeypatch):
+def _keyed_ingress(tmp_path, monkeypatch, **retention_settings):
     """The service's own REST routes (serve/app.py's Ingress over serve/rest_api.py's api) with keys on and
-    retention in this process, without Ray: the routes find their Ingress as Serve's replica context would
-    give it. Returns the client and the keys by name."""
+    retention in this process (`retention_settings` besides its folder), without Ray: the routes find their
+    Ingress as Serve's replica context would give it. Returns the client and the keys by name."""
     from types import SimpleNamespace
 
     import yaml
@@ -1455,12 +1455,13 @@ def _keyed_ingress(tmp_path, monkeypatch):
     entries = {
         "tenant": auth.new_key_entry("tenant", auth.DEFAULT_SCOPES, team="acme"),
         "reviewer": auth.new_key_entry("reviewer", ["feedback", "review"]),
+        "admin": auth.new_key_entry("admin", ["feedback", "admin"]),
     }
     (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in entries.values()]}))
     settings = AppSettings.model_validate(
         {
             "auth": {"enabled": True, "keys_file": str(tmp_path / "keys.yaml")},
-            "retention": {"enabled": True, "object_store": {"path": str(tmp_path / "kept")}},
+            "retention": {"enabled": True, "object_store": {"path": str(tmp_path / "kept")}, **retention_settings},
         }
     )
     monkeypatch.setattr(auth, "_policy", auth.policy())
@@ -1556,5 +1557,25 @@ def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_q
         older = asyncio.run(_keep(client.retention, owner="acme"))
         store.add_feedback(older, "yes")  # one without a key (auth off, or older than principals)
         assert queue(as_reviewer) == queue(as_tenant) == ([], 0), "judged before keys: out of every queue"
+    finally:
+        client.retention.store.close()
+
+
+def test_a_result_past_max_age_is_not_found_by_delete_either_and_the_sweeper_removes_it(tmp_path, monkeypatch):
+    """Past max_age_days and not swept yet, a result answered 404 to GET and POST /feedback but 204 to DELETE."""
+    from tests.helpers import assert_problem
+
+    client, keys = _keyed_ingress(tmp_path, monkeypatch, max_age_days=1)
+    result_id = asyncio.run(_keep(client.retention, owner="acme"))
+    store = client.retention.store.opened()
+    as_admin = {"x-api-key": keys["admin"]}
+    try:
+        now = store.clock
+        monkeypatch.setattr(store, "clock", lambda: now() + dt.timedelta(days=1, seconds=1))
+        assert_problem(client.get(f"/results/{result_id}", headers=as_admin), 404, "not-found")
+        assert_problem(client.delete(f"/results/{result_id}", headers=as_admin), 404, "not-found")
+        assert _rows(store) == [result_id], "not swept yet"
+        assert client.retention.store.sweep() == 1 and _rows(store) == []
+        assert _files(tmp_path / "kept" / "objects") == set()
     finally:
         client.retention.store.close()

@@ -243,7 +243,11 @@ class RetentionStore:
         return self.objects.get(stored.keys[kind]), stored.media_types[kind]
 
     def delete(self, result_id: str) -> bool:
-        """Remove a result, its verdicts and its no longer referenced objects; False if there was none."""
+        """Remove a result, its verdicts and its no longer referenced objects; False if there was none, as for a
+        result past max_age_days, which no reader finds any more (the sweeper removes it)."""
+        with Session(self.engine) as session:
+            if session.scalar(self._found(result_id)) is None:
+                return False
         return self._delete_ids([result_id]) == 1
 
     # ------------------------------------------------------------ feedback
@@ -263,7 +267,7 @@ class RetentionStore:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
         try:
             with Session(self.engine) as session, session.begin():
-                if session.scalar(select(ResultRow.id).where(ResultRow.id == result_id, *self._unexpired())) is None:
+                if session.scalar(self._found(result_id)) is None:
                     raise ResultNotFound(result_id)
                 session.add(
                     FeedbackRow(
@@ -425,6 +429,10 @@ class RetentionStore:
             if not self._claims[key]:
                 del self._claims[key]
                 self._shared.discard(key)
+
+    def _found(self, result_id: str):
+        """The id of the result, if a reader finds it (it is not past max_age_days)."""
+        return select(ResultRow.id).where(ResultRow.id == result_id, *self._unexpired())
 
     def _unexpired(self) -> tuple:
         """Rows within max_age_days: past it a result is gone for every reader, whether or not swept yet."""
