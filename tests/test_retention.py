@@ -1205,6 +1205,23 @@ def test_the_sweeper_deletes_old_objects_no_result_refers_to(tmp_path):
     assert list(s3.written_before(time.time() - 3600)) == [old]
 
 
+def test_the_sweeper_deletes_old_partial_writes_a_killed_process_left_never_a_fresh_one(tmp_path):
+    """An object is written to `.partial-...` in its folder and then renamed: a ResultStore killed mid-write (OOM,
+    SIGKILL, a node lost) left that file, which the sweeper never deleted, however old and large. A fresh one may
+    be a save's write under way."""
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"))
+    kept = store.save(_new(b"kept"))
+    (tmp_path / "objects" / "ab").mkdir()
+    old, fresh = tmp_path / "objects" / "ab" / ".partial-k3j2h1", tmp_path / "objects" / "ab" / ".partial-x9y8z7"
+    old.write_bytes(b"\0" * 1000)
+    fresh.write_bytes(b"\0" * 1000)
+    long_ago = time.time() - 2 * 3600
+    os.utime(old, (long_ago, long_ago))
+    assert store.drop_orphans() == 1
+    assert not old.exists() and fresh.exists()
+    assert store.read(kept, "result") == (b"kept", "image/png")
+
+
 def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path):
     """drop_orphans deleted every orphan under the store's lock, which each save takes to claim its objects: on
     a slow object store one sweep held up every save for all its deletes."""

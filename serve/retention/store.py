@@ -5,7 +5,8 @@ Deleting a result removes its metadata, its verdicts and every object no other r
 (a photo sent twice is stored once and stays while one of its results does). A save claims its objects'
 keys before it writes them, and a delete never removes a claimed object, so a save's object writes hold no
 lock (a save still waits for the lock a delete holds through its own deletes). A failed save deletes the objects it created; what it cannot (the object store
-failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S.
+failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a crash
+cut short once it is as old.
 """
 
 from __future__ import annotations
@@ -393,10 +394,15 @@ class RetentionStore:
 
     def drop_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
         """Delete the objects written more than `grace_s` ago that no result refers to: what failed saves
-        could not delete themselves. Returns how many were deleted."""
-        stale = set(self.objects.written_before(time.time() - grace_s))
+        could not delete themselves; and the partial writes as old, what a process killed mid-write left.
+        Returns how many were deleted."""
+        before = time.time() - grace_s
+        cut_short = self.objects.drop_partial_writes(before)
+        if cut_short:
+            logger.info("retention: deleted %d partial write(s) a stopped process left", cut_short)
+        stale = set(self.objects.written_before(before))
         if not stale:
-            return 0
+            return cut_short
         columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
         with Session(self.engine) as session:
             referenced = {key for row in session.execute(select(*columns)) for key in row}
@@ -407,7 +413,7 @@ class RetentionStore:
             time.sleep(0.001)  # Python's locks are not fair: without a pause this thread would take it straight back
         if dropped:
             logger.info("retention: deleted %d object(s) no result refers to", dropped)
-        return dropped
+        return cut_short + dropped
 
     def _claim(self, keys: Iterable[str]) -> None:
         """With _lock held: no delete removes these objects until they are unclaimed."""
