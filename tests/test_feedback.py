@@ -262,6 +262,44 @@ def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
         assert page.inner_text("#status") == "Saved: yes.", "words that are not an error stay"
 
 
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_unlabelled():
+    """Offline. Skipping every result the queue offers (the 200 least certain at most) ended on "All done: nothing
+    left to label" while the service counted them unlabelled; "Look for new results" offers the skipped again."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from serve.retention.keeper import annotation_page
+
+    items = [
+        {
+            "id": c * 32, "score": 0.4, "uncertainty": 0.1, "threshold": 0.5,
+            "links": {kind: f"/results/{c * 32}/{kind}" for kind in ("source", "mask", "result")},
+        }
+        for c in "abc"
+    ]  # fmt: skip
+
+    def api(route, path):
+        if path == "/annotation/queue":
+            limit = int(parse_qs(urlsplit(route.request.url).query)["limit"][0])
+            body = {"items": items[:limit], "unlabelled": len(items)}
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+        else:  # the items' images
+            route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
+
+    with chromium() as browser:
+        page = browser.new_page()
+        answer_offline(page, {"/annotate": annotation_page()}, api)
+        page.goto(PAGE_ORIGIN + "/annotate")
+        for item in items:
+            page.wait_for_selector(f"#item[data-result-id='{item['id']}']:not([hidden])")
+            page.click("#skip")
+        page.wait_for_selector("body[data-state=done]")
+        done = page.inner_text("#done")
+        assert "All done" not in done and "3 unlabelled, all skipped" in done, done
+        page.click("#again")
+        page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
+
+
 def test_labels_export_and_the_discriminator_trains_on_them(service, tiny_layout, tmp_path):
     from training.cli import main
     from training.data import load_metadata

@@ -57,7 +57,7 @@ def _new(result: bytes, score: float | None = 0.5, threshold: float = 0.5, sourc
 
 
 def _files(root: Path) -> set[str]:
-    """The objects' keys; os.walk passes over a folder the store's sweeper removes meanwhile (rglob raised)."""
+    """The objects' keys (the files under the key folders, which stay when emptied)."""
     return {Path(folder, name).relative_to(root).as_posix() for folder, _, names in os.walk(root) for name in names}
 
 
@@ -406,6 +406,32 @@ def test_a_verdict_racing_the_results_deletion_is_not_found(store):
         store.add_feedback(result_id, "yes")
 
 
+def test_deleting_a_result_locks_it_before_its_verdicts_and_takes_them_with_it(store):
+    """PostgreSQL: a verdict locks its result (its insert's foreign-key check) and then the key's older verdicts
+    (the trim past MAX_VERDICTS); a delete that deleted the verdicts first and then the result locked the other
+    way round, so a verdict racing a delete (DELETE /results, an eviction, the sweeper) deadlocked and one of
+    them failed. The result row is now the first a delete touches, its verdicts going with it (the cascade)."""
+    from sqlalchemy import event, text
+
+    result_id = store.save(_new(b"judged"))
+    other = store.save(_new(b"other"))
+    for verdict in ("yes", "no"):
+        store.add_feedback(result_id, verdict, principal="tenant")
+    store.add_feedback(other, "yes")
+    deleted_from = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def record(conn, cursor, statement, *args):
+        if statement.startswith("DELETE FROM"):
+            deleted_from.append(statement.split()[2])
+
+    assert store.delete(result_id)
+    assert deleted_from[:1] == ["results"], f"a delete locked {deleted_from[0]} first"
+    with store.engine.connect() as connection:
+        verdicts = connection.execute(text("SELECT result_id FROM feedback")).scalars().all()
+    assert verdicts == [other], "the deleted result's verdicts are gone, another's stay"
+
+
 def test_a_result_keeps_its_newest_verdicts_only(store, clock):
     """Each answer carries the history: an unbounded one grew every answer (1,500 verdicts: 1.9 MB each)."""
     result_id = store.save(_new(b"r"))
@@ -444,6 +470,26 @@ def test_a_keys_verdicts_never_push_out_another_keys(tmp_path):
     assert main(args) == 0
     items = json.loads((out / "summary.json").read_text())["metrics"]["items"]
     assert [(i["result_id"], i["verdict"], i["principal"]) for i in items] == [(result_id, "yes", "reviewer")]
+
+
+def test_the_retention_folder_and_its_database_are_created_owner_only(tmp_path):
+    """Under the usual umask (022) only objects/ was 0700: the retention folder and results.db (verdicts,
+    reasons, owners, request parameters) were readable by every local user."""
+    import stat
+
+    from serve.config import RetentionSettings
+
+    folder = tmp_path / "cache" / "rorem" / "results"
+    umask = os.umask(0o022)
+    try:
+        store = RetentionStore.from_settings(RetentionSettings(enabled=True, object_store={"path": str(folder)}))
+        store.add_feedback(store.save(_new(b"result")), "yes", "reason")
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (folder, *folder.iterdir())}
+    assert {"results", "objects", "results.db"} <= modes.keys()
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o700 if "." not in name else 0o600)}
+    assert wrong == {}, "folders 0700, the database and its -wal, -shm and lock files 0600"
 
 
 def test_migrations_create_exactly_the_schema_the_models_describe(tmp_path):
@@ -1159,6 +1205,23 @@ def test_the_sweeper_deletes_old_objects_no_result_refers_to(tmp_path):
     assert list(s3.written_before(time.time() - 3600)) == [old]
 
 
+def test_the_sweeper_deletes_old_partial_writes_a_killed_process_left_never_a_fresh_one(tmp_path):
+    """An object is written to `.partial-...` in its folder and then renamed: a ResultStore killed mid-write (OOM,
+    SIGKILL, a node lost) left that file, which the sweeper never deleted, however old and large. A fresh one may
+    be a save's write under way."""
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"))
+    kept = store.save(_new(b"kept"))
+    (tmp_path / "objects" / "ab").mkdir()
+    old, fresh = tmp_path / "objects" / "ab" / ".partial-k3j2h1", tmp_path / "objects" / "ab" / ".partial-x9y8z7"
+    old.write_bytes(b"\0" * 1000)
+    fresh.write_bytes(b"\0" * 1000)
+    long_ago = time.time() - 2 * 3600
+    os.utime(old, (long_ago, long_ago))
+    assert store.drop_orphans() == 1
+    assert not old.exists() and fresh.exists()
+    assert store.read(kept, "result") == (b"kept", "image/png")
+
+
 def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path):
     """drop_orphans deleted every orphan under the store's lock, which each save takes to claim its objects: on
     a slow object store one sweep held up every save for all its deletes."""
@@ -1185,10 +1248,34 @@ def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path
     assert len(list(store.objects.written_before(time.time() - 3600))) == 0
 
 
-def test_listing_old_objects_passes_over_folders_deleted_meanwhile(tmp_path):
-    """The sweeper lists objects while deletes elsewhere remove files and their folders (the sweep at start runs
-    beside saves and deletes): the listing raised FileNotFoundError for a folder gone between glob and scandir
-    (a clean-clone CI run met it)."""
+def test_a_save_racing_the_delete_of_the_last_object_in_its_folder_is_stored(tmp_path, monkeypatch):
+    """An object is written into its key's folder (`ab/`); deleting the last object of a folder removed the
+    folder, so a save whose new object fell in that folder while another result was deleted (DELETE /results,
+    an eviction, the sweeper) could find it gone between making it and writing into it, and failed: that
+    removal was answered without X-Result-Id."""
+    from serve.retention import objects as objects_module
+
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"))
+    old = store.save(_new(b"old", source=b"old photo"))
+    folder = object_key(b"old")[:2]
+    result = next(b"new %d" % i for i in range(10_000) if object_key(b"new %d" % i)[:2] == folder)
+    mkstemp = objects_module.tempfile.mkstemp
+
+    def delete_old_first(*args, dir, **kwargs):
+        if Path(dir).name == folder:
+            assert store.delete(old)
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(objects_module.tempfile, "mkstemp", delete_old_first)
+    new = store.save(_new(result, source=b"new photo"))
+    assert store.read(new, "result") == (result, "image/png") and _rows(store) == [new]
+
+
+def test_listing_old_objects_passes_over_objects_deleted_meanwhile(tmp_path):
+    """The sweeper lists objects while deletes elsewhere remove them (the sweep at start runs beside saves and
+    deletes): the listing raised FileNotFoundError for a folder gone between glob and scandir (a clean-clone CI
+    run met it, when a delete also removed an emptied folder); a file gone between scandir and stat is passed
+    over too."""
     import threading
 
     objects = LocalObjectStore(tmp_path / "objects")
@@ -1221,6 +1308,49 @@ def test_saves_stalled_on_the_object_store_leave_reads_their_threads(tmp_path):
     try:
         asyncio.run(read_while_saves_stall())
     finally:
+        client.close()
+
+
+def test_saves_given_up_during_a_stall_hold_none_of_their_images(tmp_path):
+    """While the object store stalls, SAVE_THREADS saves hold the save threads and every later retained removal
+    gives its save up: each of those stayed queued for a thread, photo and result with it (50 removals of 4 MB
+    photos held 216 MB), so memory grew with every removal for as long as the stall lasted."""
+    import gc
+    import weakref
+
+    from serve.retention.keeper import SAVE_THREADS, LocalStoreClient
+
+    objects = _GatedPuts(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    client = LocalStoreClient(lambda: store)
+    given_up = []
+
+    async def give_up(i: int) -> None:
+        new = _new(b"given up %d" % i)
+        given_up.append(weakref.ref(new))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.save(new), 0.01)
+
+    async def stall():
+        objects.go.clear()
+        stalled = [asyncio.ensure_future(client.save(_new(b"stalled %d" % i))) for i in range(SAVE_THREADS)]
+        deadline = time.monotonic() + 5
+        while objects.writes < SAVE_THREADS and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for i in range(20):
+            await give_up(i)
+        gc.collect()
+        held = sum(ref() is not None for ref in given_up)
+        objects.go.set()
+        assert held == 0, f"{held} of 20 saves given up still hold their images"
+        await asyncio.gather(*stalled)
+        return await client.save(_new(b"after the stall"))
+
+    try:
+        after = asyncio.run(stall())
+        assert len(_rows(store)) == SAVE_THREADS + 1 and after in _rows(store), "the given-up saves stored nothing"
+    finally:
+        objects.go.set()
         client.close()
 
 
@@ -1323,10 +1453,10 @@ def test_the_principal_migration_keeps_older_verdicts_with_no_principal(tmp_path
     assert [tuple(row) for row in rows] == [("r1", "yes", "qa-staff", None)]
 
 
-def _keyed_ingress(tmp_path, monkeypatch):
+def _keyed_ingress(tmp_path, monkeypatch, **retention_settings):
     """The service's own REST routes (serve/app.py's Ingress over serve/rest_api.py's api) with keys on and
-    retention in this process, without Ray: the routes find their Ingress as Serve's replica context would
-    give it. Returns the client and the keys by name."""
+    retention in this process (`retention_settings` besides its folder), without Ray: the routes find their
+    Ingress as Serve's replica context would give it. Returns the client and the keys by name."""
     from types import SimpleNamespace
 
     import yaml
@@ -1342,12 +1472,13 @@ def _keyed_ingress(tmp_path, monkeypatch):
     entries = {
         "tenant": auth.new_key_entry("tenant", auth.DEFAULT_SCOPES, team="acme"),
         "reviewer": auth.new_key_entry("reviewer", ["feedback", "review"]),
+        "admin": auth.new_key_entry("admin", ["feedback", "admin"]),
     }
     (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry for _, entry in entries.values()]}))
     settings = AppSettings.model_validate(
         {
             "auth": {"enabled": True, "keys_file": str(tmp_path / "keys.yaml")},
-            "retention": {"enabled": True, "object_store": {"path": str(tmp_path / "kept")}},
+            "retention": {"enabled": True, "object_store": {"path": str(tmp_path / "kept")}, **retention_settings},
         }
     )
     monkeypatch.setattr(auth, "_policy", auth.policy())
@@ -1443,5 +1574,25 @@ def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_q
         older = asyncio.run(_keep(client.retention, owner="acme"))
         store.add_feedback(older, "yes")  # one without a key (auth off, or older than principals)
         assert queue(as_reviewer) == queue(as_tenant) == ([], 0), "judged before keys: out of every queue"
+    finally:
+        client.retention.store.close()
+
+
+def test_a_result_past_max_age_is_not_found_by_delete_either_and_the_sweeper_removes_it(tmp_path, monkeypatch):
+    """Past max_age_days and not swept yet, a result answered 404 to GET and POST /feedback but 204 to DELETE."""
+    from tests.helpers import assert_problem
+
+    client, keys = _keyed_ingress(tmp_path, monkeypatch, max_age_days=1)
+    result_id = asyncio.run(_keep(client.retention, owner="acme"))
+    store = client.retention.store.opened()
+    as_admin = {"x-api-key": keys["admin"]}
+    try:
+        now = store.clock
+        monkeypatch.setattr(store, "clock", lambda: now() + dt.timedelta(days=1, seconds=1))
+        assert_problem(client.get(f"/results/{result_id}", headers=as_admin), 404, "not-found")
+        assert_problem(client.delete(f"/results/{result_id}", headers=as_admin), 404, "not-found")
+        assert _rows(store) == [result_id], "not swept yet"
+        assert client.retention.store.sweep() == 1 and _rows(store) == []
+        assert _files(tmp_path / "kept" / "objects") == set()
     finally:
         client.retention.store.close()

@@ -70,13 +70,19 @@ class FeedbackRow(Base):
 
 
 def make_engine(url: str) -> Engine:
-    """An engine; for SQLite: its folder made, WAL (readers never block the writer), foreign keys on,
-    and a busy timeout so several ingress replicas can share one file."""
+    """An engine; for SQLite: its folder and file made owner-only where missing (SQLite gives the -wal and -shm
+    files the file's mode), WAL (readers never block the writer), foreign keys on, and a busy timeout so several
+    ingress replicas can share one file."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        database = Path(parsed.database).expanduser()
+        database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            database.touch(mode=0o600, exist_ok=False)
+        except FileExistsError:
+            pass
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -108,7 +114,7 @@ def migrate(engine: Engine) -> None:
     if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         from filelock import FileLock
 
-        with FileLock(str(Path(engine.url.database).expanduser()) + ".migrate.lock"):
+        with FileLock(str(Path(engine.url.database).expanduser()) + ".migrate.lock", mode=0o600):
             _upgrade(command, config, engine)
     else:
         _upgrade(command, config, engine)

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+PARTIAL = ".partial-"  # a local object's name while it is written, beside its key, before the rename
+
 
 class ObjectMissing(KeyError):
     """The key names no stored object (deleted, or never written)."""
@@ -52,6 +54,9 @@ class ObjectStore(Protocol):
     def written_before(self, moment: float) -> Iterator[str]:
         """The keys of the objects last written before `moment` (Unix time)."""
 
+    def drop_partial_writes(self, moment: float) -> int:
+        """Delete what writes cut short (a process killed mid-put) left, last written before `moment`; how many."""
+
     def describe(self) -> str:
         """Where the objects are, for logs (no credentials)."""
 
@@ -72,7 +77,7 @@ class LocalObjectStore:
         if path.is_file():
             return key
         path.parent.mkdir(exist_ok=True, mode=0o700)
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL)
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
@@ -89,18 +94,30 @@ class LocalObjectStore:
             raise ObjectMissing(key) from exc
 
     def delete(self, key: str) -> None:
-        path = self.path(key)
-        path.unlink(missing_ok=True)
-        try:
-            path.parent.rmdir()
-        except OSError:  # other objects share the folder
-            pass
+        """The key's folder stays, even emptied (256 at most): a put writing into it needs it there."""
+        self.path(key).unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
     def written_before(self, moment: float) -> Iterator[str]:
-        """Folders and files deleted while this walks them (a delete elsewhere removes both) are passed over."""
+        for path in self._written_before(moment):
+            key = f"{path.parent.name}/{path.name}"
+            if _is_key(key):
+                yield key
+
+    def drop_partial_writes(self, moment: float) -> int:
+        """Never one written since `moment`: it may be a put's, under way."""
+        dropped = 0
+        for path in self._written_before(moment):
+            if path.name.startswith(PARTIAL):
+                path.unlink(missing_ok=True)
+                dropped += 1
+        return dropped
+
+    def _written_before(self, moment: float) -> Iterator[Path]:
+        """The files in the key folders last written before `moment`; files deleted while this walks them (a delete
+        elsewhere, a put's rename) are passed over, and so are folders."""
         for folder in self.root.glob("??"):
             try:
                 with os.scandir(folder) as entries:
@@ -108,10 +125,9 @@ class LocalObjectStore:
             except FileNotFoundError:
                 continue
             for name in names:
-                key = f"{folder.name}/{name}"
                 try:
-                    if _is_key(key) and (folder / name).stat().st_mtime < moment:
-                        yield key
+                    if (folder / name).stat().st_mtime < moment:
+                        yield folder / name
                 except FileNotFoundError:
                     continue
 
@@ -181,6 +197,10 @@ class S3ObjectStore:
                 key = listed["Key"][len(start) :]
                 if _is_key(key) and listed["LastModified"].timestamp() < moment:
                     yield key
+
+    def drop_partial_writes(self, moment: float) -> int:
+        """A PUT stores the whole object or nothing: no partial writes to delete."""
+        return 0
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""

@@ -5,7 +5,8 @@ Deleting a result removes its metadata, its verdicts and every object no other r
 (a photo sent twice is stored once and stays while one of its results does). A save claims its objects'
 keys before it writes them, and a delete never removes a claimed object, so a save's object writes hold no
 lock (a save still waits for the lock a delete holds through its own deletes). A failed save deletes the objects it created; what it cannot (the object store
-failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S.
+failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a crash
+cut short once it is as old.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, or_, select
@@ -158,6 +160,8 @@ class RetentionStore:
     def from_settings(cls, settings) -> RetentionStore:
         """From serve.config.RetentionSettings (the service's config, or a config file read by training)."""
         s3 = settings.object_store.s3
+        if s3 is None:  # owner-only: LocalObjectStore's mkdir gives the folders it makes above objects/ the umask's
+            Path(settings.object_store.path).expanduser().mkdir(parents=True, exist_ok=True, mode=0o700)
         objects = (
             S3ObjectStore(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
             if s3 is not None
@@ -240,7 +244,11 @@ class RetentionStore:
         return self.objects.get(stored.keys[kind]), stored.media_types[kind]
 
     def delete(self, result_id: str) -> bool:
-        """Remove a result, its verdicts and its no longer referenced objects; False if there was none."""
+        """Remove a result, its verdicts and its no longer referenced objects; False if there was none, as for a
+        result past max_age_days, which no reader finds any more (the sweeper removes it)."""
+        with Session(self.engine) as session:
+            if session.scalar(self._found(result_id)) is None:
+                return False
         return self._delete_ids([result_id]) == 1
 
     # ------------------------------------------------------------ feedback
@@ -260,7 +268,7 @@ class RetentionStore:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
         try:
             with Session(self.engine) as session, session.begin():
-                if session.scalar(select(ResultRow.id).where(ResultRow.id == result_id, *self._unexpired())) is None:
+                if session.scalar(self._found(result_id)) is None:
                     raise ResultNotFound(result_id)
                 session.add(
                     FeedbackRow(
@@ -386,10 +394,15 @@ class RetentionStore:
 
     def drop_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
         """Delete the objects written more than `grace_s` ago that no result refers to: what failed saves
-        could not delete themselves. Returns how many were deleted."""
-        stale = set(self.objects.written_before(time.time() - grace_s))
+        could not delete themselves; and the partial writes as old, what a process killed mid-write left.
+        Returns how many were deleted."""
+        before = time.time() - grace_s
+        cut_short = self.objects.drop_partial_writes(before)
+        if cut_short:
+            logger.info("retention: deleted %d partial write(s) a stopped process left", cut_short)
+        stale = set(self.objects.written_before(before))
         if not stale:
-            return 0
+            return cut_short
         columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
         with Session(self.engine) as session:
             referenced = {key for row in session.execute(select(*columns)) for key in row}
@@ -400,7 +413,7 @@ class RetentionStore:
             time.sleep(0.001)  # Python's locks are not fair: without a pause this thread would take it straight back
         if dropped:
             logger.info("retention: deleted %d object(s) no result refers to", dropped)
-        return dropped
+        return cut_short + dropped
 
     def _claim(self, keys: Iterable[str]) -> None:
         """With _lock held: no delete removes these objects until they are unclaimed."""
@@ -423,6 +436,10 @@ class RetentionStore:
                 del self._claims[key]
                 self._shared.discard(key)
 
+    def _found(self, result_id: str):
+        """The id of the result, if a reader finds it (it is not past max_age_days)."""
+        return select(ResultRow.id).where(ResultRow.id == result_id, *self._unexpired())
+
     def _unexpired(self) -> tuple:
         """Rows within max_age_days: past it a result is gone for every reader, whether or not swept yet."""
         if self.max_age_days is None:
@@ -443,6 +460,9 @@ class RetentionStore:
         return found
 
     def _delete_ids(self, ids: Sequence[str]) -> int:
+        """The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
+        db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
+        then the verdicts), so a verdict and a delete of its result never deadlock."""
         deleted = 0
         with self._lock:
             for start in range(0, len(ids), _CHUNK):
@@ -450,7 +470,6 @@ class RetentionStore:
                 with Session(self.engine) as session, session.begin():
                     rows = session.scalars(select(ResultRow).where(ResultRow.id.in_(chunk))).all()
                     keys = {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
-                    session.execute(delete(FeedbackRow).where(FeedbackRow.result_id.in_(chunk)))
                     session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk)))
                 deleted += len(rows)
                 self._drop_unreferenced(keys)
