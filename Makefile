@@ -26,9 +26,10 @@ TEST_ENV := PYTHONDONTWRITEBYTECODE=
 test: venv
 	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# no Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training
+# no Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training;
+# on every core (pytest-xdist): these tests share no service, where `make test`'s e2e tests share one Serve
 test-fast: venv
-	$(TEST_ENV) $(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n auto -m "not e2e and not slow" $(PYTEST_ARGS)
 
 # Regenerate the gRPC stubs from serve/rorem.proto (grpcio-tools is in the dev extra; the output is committed).
 proto: venv
