@@ -322,6 +322,8 @@ def _from_multipart(content_type: str, body: bytes | list[bytes], names, require
         # one file more than the route takes: a stray file gets its own 422 below, not "Too many files"
         items = _multipart_items(content_type, body, max_files=len(names) + 1, max_fields=16, file_names=tuple(names))
     except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):  # starlette's count is ours plus one: name the route's
+            raise Problem("invalid-request", f"more file parts than the route's: the files are {', '.join(names)}")
         raise Problem("malformed-body", f"cannot parse the multipart body: {exc.message}") from exc
     files: dict[str, bytes] = {}
     fields: dict[str, str] = {}

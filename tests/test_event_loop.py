@@ -348,6 +348,9 @@ def test_multipart_mistakes_are_told_as_the_mistake_whatever_their_size_or_count
     stray = multipart([("image", "a.png", photo[:5000]), ("mask", "m.png", photo[:300]), ("extra", "x.png", b"x")])
     refused = outcome(lambda: req._from_multipart(content_type, stray, NAMES, ("image",), req.RemoveOptions))
     assert refused[:3] == ("problem", "invalid-request", "unknown file fields: ['extra']; the files are image, mask")
+    strays = multipart([("image", "a.png", photo[:5000]), ("x", "x.png", b"x"), ("y", "y.png", b"y"), ("z", "z", b"z")])
+    refused = outcome(lambda: req._from_multipart(content_type, strays, NAMES, ("image",), req.RemoveOptions))
+    assert refused[:3] == ("problem", "invalid-request", "more file parts than the route's: the files are image, mask")
 
 
 @pytest.mark.parametrize("cut", ["inside the mask", "inside the seed", "before the closing boundary's dashes"])

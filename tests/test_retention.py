@@ -1354,6 +1354,32 @@ def test_saves_given_up_during_a_stall_hold_none_of_their_images(tmp_path):
         client.close()
 
 
+def test_a_store_client_saves_from_one_event_loop_after_another(tmp_path):
+    """A save limiter bound to the first event loop a save waited on refused every waiting save on the next one
+    (RuntimeError: the removal answered without a result id): the client serves a single process's loops."""
+    from serve.retention.keeper import SAVE_THREADS, LocalStoreClient
+
+    objects = _GatedPuts(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    client = LocalStoreClient(lambda: store)
+
+    async def more_saves_than_threads(tag: bytes) -> list:
+        objects.go.clear()
+        saves = [asyncio.ensure_future(client.save(_new(b"%s %d" % (tag, i)))) for i in range(SAVE_THREADS + 1)]
+        await asyncio.sleep(0.1)
+        objects.go.set()
+        return await asyncio.gather(*saves, return_exceptions=True)
+
+    try:
+        for tag in (b"first", b"second"):
+            saved = asyncio.run(more_saves_than_threads(tag))
+            assert all(isinstance(result_id, str) for result_id in saved), saved
+        assert len(_rows(store)) == 2 * (SAVE_THREADS + 1)
+    finally:
+        objects.go.set()
+        client.close()
+
+
 @pytest.mark.parametrize("stalled", ["object writes", "limits after the insert"])
 def test_a_save_given_up_on_stores_nothing(tmp_path, monkeypatch, stalled):
     from serve.retention.keeper import LocalStoreClient

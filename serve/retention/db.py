@@ -76,7 +76,7 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
+    if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):  # URIs as given
         database = Path(parsed.database).expanduser()
         database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:

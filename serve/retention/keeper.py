@@ -51,8 +51,7 @@ REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
 MAX_QUEUE = 200
 # Saves in progress at once per store client, in threads of their own: saves stalled on a slow store never
-# take the threads that reads (GET /results, images, the queue) run in. Later saves wait for one to end,
-# not in the threads' queue, so that one given up while it waits lets go of its images at once.
+# take the threads that reads (GET /results, images, the queue) run in.
 SAVE_THREADS = 4
 
 
@@ -99,7 +98,6 @@ class LocalStoreClient:
         self._opening = threading.Lock()
         self._stopped = threading.Event()
         self._saves = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="retention-save")
-        self._save_slots = asyncio.Semaphore(SAVE_THREADS)
         self._open()
         self.sweeper = threading.Thread(target=self._sweep, name="retention-limits", daemon=True)
         self.sweeper.start()
@@ -109,35 +107,31 @@ class LocalStoreClient:
         return cls(lambda: RetentionStore.from_settings(settings))
 
     async def save(self, new: NewResult) -> str:
-        """A save given up on (cancelled) stores nothing: one still waiting for a slot never starts, one under
-        way stops before its insert or, past it, deletes the result whose id nobody got. A slot is freed when
-        its save's thread is done, not when its caller gives up: the executor's queue never holds a save."""
+        """A save given up on (cancelled) stores nothing: one still queued never starts, and lets go of its images
+        at once (the queue reaches them only through `pending`); one under way stops before its insert or, past
+        it, deletes the result whose id nobody got."""
         given_up = threading.Event()
-        await self._save_slots.acquire()
-        loop = asyncio.get_running_loop()
-        try:
-            work = self._saves.submit(lambda: self.opened().save(new, given_up))
-        except BaseException:
-            self._save_slots.release()
-            raise
-        work.add_done_callback(lambda _: self._free_slot(loop))
+        pending = [new]
+        del new
+
+        def run() -> str | None:
+            try:
+                taken = pending.pop()
+            except IndexError:  # given up while it was queued
+                return None
+            return self.opened().save(taken, given_up)
+
+        work = self._saves.submit(run)
         try:
             return await asyncio.wrap_future(work)
         except asyncio.CancelledError:
             given_up.set()
+            pending.clear()
             work.add_done_callback(self._forget)
             raise
 
-    def _free_slot(self, loop: asyncio.AbstractEventLoop) -> None:
-        """In the save's thread: asyncio's semaphore is released on its loop, or here once that loop is closed
-        (asyncio.run returned: nothing waits on it any more)."""
-        try:
-            loop.call_soon_threadsafe(self._save_slots.release)
-        except RuntimeError:
-            self._save_slots.release()
-
     def _forget(self, work: Future) -> None:
-        if not work.cancelled() and work.exception() is None:
+        if not work.cancelled() and work.exception() is None and work.result() is not None:
             self._saves.submit(lambda: self.opened().delete(work.result()))
 
     async def get(self, result_id: str, owner: str | None = None) -> StoredResult:
