@@ -65,13 +65,15 @@ def output_format(requested: str | None, accept: str, source_format: str | None,
 
 
 def wants_json(accept: str) -> bool:
-    """The JSON reply (the image in base64) when the header names application/json over every image type it
-    names outright; a tie, or a wildcard alone, keeps the image bytes."""
+    """The JSON reply (the image in base64) when the header names application/json outright with a higher q than
+    any image type gets, or the same q where the image types get it only from a wildcard (`application/json,
+    */*`); a tie with an image type named outright keeps the image bytes."""
     ranges = media_ranges(accept)
     json_q, specificity = quality(ranges, JSON)
-    named = [quality(ranges, media_type) for media_type in imaging.MEDIA_TYPES.values()]
-    image_q = max((q for q, image_specificity in named if image_specificity == 2), default=0.0)
-    return specificity == 2 and json_q > image_q
+    image_q, image_specificity = max(quality(ranges, media_type) for media_type in imaging.MEDIA_TYPES.values())
+    if specificity != 2 or json_q == 0:
+        return False
+    return json_q > image_q or (json_q == image_q and image_specificity < 2)
 
 
 def _holds(fmt: str, height: int, width: int) -> bool:

@@ -48,6 +48,9 @@ def test_a_format_that_cannot_hold_the_image_is_passed_over_unless_asked_for():
         ("application/json;q=0, image/*", False),  # was JSON
         ("application/json, image/png", False),  # both named outright: the image, as before
         ("application/json;q=0.5, image/png;q=0.4", True),
+        ("application/json;q=0.5, image/*", False),  # images preferred, if only by a wildcard: was JSON
+        ("application/json;q=0.5, */*", False),
+        ("image/*;q=0.5, application/json", True),
         ("*/*", False),
         ("application/*", False),
         ("", False),
