@@ -31,10 +31,11 @@ from functools import cache
 
 import gevent
 import numpy as np
+from benchlib import retry_after_s  # locust puts loadtests/ on sys.path
 from locust import HttpUser, User, between, events, task
 from PIL import Image
 
-from benchlib import retry_after_s  # locust puts loadtests/ on sys.path
+from serve.ports import url_host
 
 SIZES = {"512": (512, 512), "1024": (1024, 1024), "12mp": (4000, 3000)}
 REFUSALS = (429, 503)
@@ -190,5 +191,4 @@ def grpc_target(host: str | None, given: str | None) -> str:
     port = url.port or {"http": 80, "https": 443}.get(url.scheme)  # the scheme's port where the URL names none
     if port != DEFAULT_HTTP_PORT:
         raise ValueError(f"--host {host} is not on port {DEFAULT_HTTP_PORT}: set ROREM_GRPC=host:port for gRPC users")
-    name = url.hostname or "127.0.0.1"
-    return f"[{name}]:{DEFAULT_GRPC_PORT}" if ":" in name else f"{name}:{DEFAULT_GRPC_PORT}"
+    return f"{url_host(url.hostname or '127.0.0.1')}:{DEFAULT_GRPC_PORT}"

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
 from serve.config import app_name, route_prefix
-from serve.ports import busy_ports
+from serve.ports import busy_ports, url_host
 from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
@@ -639,11 +639,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent", type=int, default=None, help="of those in progress at once (default: none)"
     )
     return parser
-
-
-def url_host(host: str) -> str:
-    """A host as a URL or a gRPC target names it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def app_url(root_url: str, app: dict) -> str:

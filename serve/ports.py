@@ -16,6 +16,11 @@ from pathlib import Path
 _LISTEN = "0A"  # TCP state LISTEN in /proc/net/tcp
 
 
+def url_host(host: str) -> str:
+    """A host as a URL or a gRPC target names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether binding `host:port` fails because something listens there (or on all interfaces).
 

@@ -30,8 +30,6 @@ from starlette.datastructures import Headers
 from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, parse_options_header
 from starlette.formparsers import multipart as _multipart  # python-multipart, as starlette imports it
 
-_PARSER_STATES = sys.modules[_multipart.MultipartParser.__module__].MultipartState
-
 from serve.problems import Problem
 from serve.protocol import (
     JSONRemoveBody,
@@ -52,6 +50,7 @@ _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 _PLACEHOLDER = re.compile(r"~(\d+)~")
 _LIFTED_VALUE = re.compile(r"(?:data:[^,~]*,)?~(?P<index>\d+)~(?P<padding>={0,2})")
 _DECODER = json.JSONDecoder()
+_PARSER_STATES = sys.modules[_multipart.MultipartParser.__module__].MultipartState  # python-multipart's
 
 Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) off the event loop
 
