@@ -84,8 +84,9 @@ class StoredKey(BaseModel):
 
 
 class KeysFile(BaseModel):
-    """Names are unique (quotas are kept per name), and a key without a team is not named like a team:
-    its results would be that team's (result_owner), and the team's its."""
+    """Names and keys are unique (quotas are kept per name; one key under two names would get whichever entry's
+    scopes and quotas comes last), and a key without a team is not named like a team: its results would be that
+    team's (result_owner), and the team's its."""
 
     model_config = ConfigDict(extra="forbid")
     keys: list[StoredKey]
@@ -95,6 +96,12 @@ class KeysFile(BaseModel):
         repeated = sorted(name for name, count in Counter(key.name for key in self.keys).items() if count > 1)
         if repeated:
             raise ValueError(f"key names must be unique: {repeated} appear more than once")
+        by_digest: dict[str, list[str]] = {}
+        for key in self.keys:
+            by_digest.setdefault(key.sha256, []).append(key.name)
+        shared = sorted(names for names in by_digest.values() if len(names) > 1)
+        if shared:
+            raise ValueError(f"one key may have one entry: the keys named {shared} have the same sha256")
         teams = {key.team for key in self.keys if key.team}
         clashing = sorted(key.name for key in self.keys if not key.team and key.name in teams)
         if clashing:

@@ -639,19 +639,59 @@ RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deploymen
 def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
     """What the app settings need of the Ray-owned deployment knobs: no Scorer entry without a Scorer (Ray
     fails the deploy: "Deployment 'Scorer' does not exist"), and the Remover must accept every bucket's full
-    batch at once, or its batches never fill (Ray only warns)."""
+    batch at once, the Scorer one full batch, or their batches never fill (Ray only warns)."""
     if not settings.scorer.enabled and any(d.get("name") == "Scorer" for d in deployments):
         raise ValueError("deployments lists the Scorer, but scorer.enabled is false: remove its entry")
-    remover = next((d for d in deployments if d.get("name") == "Remover"), None)
-    if remover is None:
-        return
-    needed = sum(settings.batch_sizes().values())
-    have = remover.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
-    if have < needed:
-        raise ValueError(
-            f"the Remover's max_ongoing_requests is {have}, below the buckets' batch sizes together ({needed}: "
-            f"{settings.batch_sizes()}): raise max_ongoing_requests or lower batching.max_batch_size / per_bucket"
-        )
+    batch_sizes = settings.batch_sizes()
+    needs = {  # deployment: (the calls a full batch takes, what says so, the knob that sets it)
+        "Remover": (
+            sum(batch_sizes.values()),
+            f"the buckets' batch sizes together ({sum(batch_sizes.values())}: {batch_sizes})",
+            "batching.max_batch_size / per_bucket",
+        ),
+        "Scorer": (
+            settings.scorer.max_batch_size,
+            f"scorer.max_batch_size ({settings.scorer.max_batch_size})",
+            "scorer.max_batch_size",
+        ),
+    }
+    for deployment in deployments:
+        if deployment.get("name") not in needs:
+            continue
+        needed, what, knob = needs[deployment["name"]]
+        have = deployment.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
+        if have < needed:
+            raise ValueError(
+                f"the {deployment['name']}'s max_ongoing_requests is {have}, below {what}: its batches never "
+                f"fill; raise max_ongoing_requests or lower {knob}"
+            )
+
+
+def check_retention_stores_apart(applications: list[dict]) -> None:
+    """Applications that keep results keep them in stores of their own. A result's owner is a key's name, which
+    means something only within one application's keys file (or none: without keys every caller sees every
+    result), and each application's sweeper applies its own max_results and max_age_days: in a shared store a
+    keyless application would serve a keyed one's results to anyone, and one's limits delete the other's."""
+    seen: dict[tuple[str, str], str] = {}
+    for app in applications:
+        retention = AppSettings.model_validate(app.get("args") or {}).retention
+        if not retention.enabled:
+            continue
+        s3 = retention.object_store.s3
+        places = {
+            "database": retention.resolved_database_url(),
+            "object store": f"s3://{s3.bucket}/{s3.prefix} at {s3.endpoint_url or 'AWS'}"
+            if s3
+            else str(retention.objects_folder().resolve()),
+        }
+        for kind, place in places.items():
+            other = seen.setdefault((kind, place), app_name(app))
+            if other != app_name(app):
+                raise ValueError(
+                    f"applications {other} and {app_name(app)} keep results in one {kind} ({place}): give each "
+                    f"its own retention.object_store (path or s3.prefix) and retention.database_url "
+                    f"(${DATABASE_URL_ENV} applies to every application)"
+                )
 
 
 RAY_DEFAULT_APP_NAME = "default"  # ray.serve._private.constants.SERVE_DEFAULT_APP_NAME (a test: equal)
@@ -680,6 +720,7 @@ def validate_serve_config(config: dict) -> None:
     unknown = unknown_keys(ServeDeploySchema, config)
     if unknown:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
+    check_retention_stores_apart(config["applications"])
     for app in config["applications"]:
         check_deployments(AppSettings.model_validate(app.get("args") or {}), app.get("deployments", []))
         for deployment in app.get("deployments", []):

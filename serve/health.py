@@ -4,7 +4,7 @@
 from the controller at most once a second) and from the model descriptions, asked for once. A probe
 therefore costs the same whether the Remover is idle or saturated, so overload never turns every pod
 unready at once. `EngineWatch` gives the model deployments a `check_health` that notices an engine
-call that never returns, so Serve restarts that replica.
+call that never returns, or an engine whose every call fails, so Serve restarts that replica.
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ RUNNING = "RUNNING"
 logger = logging.getLogger("ray.serve")
 
 
+FAILED_CALLS_UNHEALTHY = 5  # engine calls failing in a row with none succeeding between: a broken device
+
+
 class EngineWatch:
-    """When the engine call in progress started; `check` raises once one has run past `hung_after_s`."""
+    """When the engine call in progress started, and how many calls in a row have failed; `check` raises once
+    one has run past `hung_after_s`, or once FAILED_CALLS_UNHEALTHY have failed in a row. A device left broken
+    (a sticky CUDA error: an illegal address, a device-side assert) fails every later call while the replica
+    looks alive; one bad batch does not count so (the batcher reruns its calls one by one, and those that
+    succeed reset the count)."""
 
     def __init__(self, hung_after_s: float | None, clock: Callable[[], float] = time.monotonic):
         self.hung_after_s = hung_after_s
@@ -31,6 +38,8 @@ class EngineWatch:
         self._started: dict[int, float] = {}
         self._lock = threading.Lock()
         self._next = 0
+        self.failed_in_a_row = 0
+        self._last_failure = ""
 
     @contextmanager
     def running(self):
@@ -39,15 +48,26 @@ class EngineWatch:
             self._started[call] = self.clock()
         try:
             yield
+        except Exception as exc:
+            with self._lock:
+                self.failed_in_a_row += 1
+                self._last_failure = f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise
+        else:
+            with self._lock:
+                self.failed_in_a_row = 0
         finally:
             with self._lock:
                 del self._started[call]
 
     def check(self) -> None:
-        if self.hung_after_s is None:
-            return
         with self._lock:
             oldest = min(self._started.values(), default=None)
+            failed, last = self.failed_in_a_row, self._last_failure
+        if failed >= FAILED_CALLS_UNHEALTHY:
+            raise RuntimeError(f"the last {failed} engine calls failed, the last with {last}")
+        if self.hung_after_s is None:
+            return
         if oldest is not None and self.clock() - oldest > self.hung_after_s:
             raise RuntimeError(f"an engine call has run for {self.clock() - oldest:.0f} s (hung_after_s {self.hung_after_s:g})")
 

@@ -109,7 +109,8 @@ class Remover(LiveSettings):
         return {"replica": replica_id(), "batch_wait_timeout_s": waits, "refused_live": self.refused_live}
 
     def check_health(self) -> None:
-        """Serve's periodic health check: an engine call that never returns makes this replica be replaced."""
+        """Serve's periodic health check: an engine call that never returns, or engine calls that keep failing
+        (serve.health.EngineWatch), make this replica be replaced."""
         self.watch.check()
 
     def _bucket_queue(self, side: int) -> Batcher:

@@ -77,7 +77,8 @@ class Scorer(LiveSettings):
         return {"replica": replica_id(), "batch_wait_timeout_s": self.queue.wait_s, "refused_live": self.refused_live}
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a scoring call that never returns makes this replica be replaced."""
+        """Serve's periodic health check: a scoring call that never returns, or scoring calls that keep failing
+        (serve.health.EngineWatch), make this replica be replaced."""
         self.watch.check()
 
     async def score(self, job: ScoreJob) -> ScoreOutcome:

@@ -122,7 +122,8 @@ def test_settings_refuse_auth_without_keys_and_bad_files(tmp_path):
 
 def test_two_keys_never_share_an_owner_or_a_quota_by_accident(tmp_path):
     """A teamless key named like a team would own that team's retained results (result_owner is the team, else
-    the name); two keys of one name would share one quota. Such files are refused, at start and on reload."""
+    the name); two keys of one name would share one quota; one key under two names would get whichever entry comes
+    last. Such files are refused, at start and on reload."""
     from serve.auth import result_owner
 
     intern_key, intern = new_key_entry("intern", ["remove"], team="acme")
@@ -132,6 +133,9 @@ def test_two_keys_never_share_an_owner_or_a_quota_by_accident(tmp_path):
         ApiKeys(str(_keys_file(tmp_path, intern, acme)))
     with pytest.raises(ValueError, match=r"unique: \['intern'\]"):
         ApiKeys(str(_keys_file(tmp_path, intern, again)))
+    tenant = {**intern, "name": "tenant", "team": None}  # the intern's key pasted under a second name, more scopes
+    with pytest.raises(ValueError, match=r"the keys named \[\['intern', 'tenant'\]\] have the same sha256"):
+        ApiKeys(str(_keys_file(tmp_path, intern, tenant | {"scopes": ["remove", "admin"]})))
     lead_key, lead = new_key_entry("acme", ["remove"], team="acme")  # named like its own team: one owner, as meant
     keys = ApiKeys(str(_keys_file(tmp_path, intern, lead)))
     assert result_owner(keys.identify(intern_key)) == result_owner(keys.identify(lead_key)) == "acme"

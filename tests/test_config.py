@@ -324,6 +324,57 @@ def test_the_remover_must_accept_every_buckets_full_batch_at_once(tmp_path):
         load_serve_config(path)
 
 
+def test_the_scorer_must_accept_a_full_batch_at_once(tmp_path):
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    _deployments(config)["Scorer"]["max_ongoing_requests"] = 5
+    path = tmp_path / "narrow.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"Scorer's max_ongoing_requests is 5, below scorer.max_batch_size \(8\)"):
+        load_serve_config(path)
+    config["applications"][0]["args"]["scorer"] = {"max_batch_size": 4}
+    path.write_text(yaml.safe_dump(config))
+    load_serve_config(path)
+
+
+def _two_applications_keeping_results(tmp_path, first: dict, second: dict) -> Path:
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    keyless = config["applications"][0]
+    keyed = copy.deepcopy(keyless) | {"name": "keyed", "route_prefix": "/v2"}
+    keyed["args"]["auth"] = {"enabled": True, "keys_file": str(tmp_path / "keys.yaml")}
+    config["applications"].append(keyed)
+    for app, retention in ((keyless, first), (keyed, second)):
+        app["args"]["retention"] = {"enabled": True, **retention}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_two_applications_cannot_keep_results_in_one_store(tmp_path, monkeypatch):
+    """A keyless application shares its results with every caller: in a store it shared with a keyed one, anyone
+    would read and delete the keyed tenants' results, and each application's sweeper would apply its limits to
+    the other's."""
+    from serve.config import DATABASE_URL_ENV
+
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    same = _two_applications_keeping_results(tmp_path, {}, {})  # both at the default ~/.cache/rorem/results
+    with pytest.raises(ValueError, match=r"applications rorem and keyed keep results in one database"):
+        load_serve_config(same)
+    objects = {"object_store": {"path": str(tmp_path / "shared")}}
+    one_folder = _two_applications_keeping_results(
+        tmp_path, {**objects, "database_url": "sqlite:///" + str(tmp_path / "a.db")},
+        {**objects, "database_url": "sqlite:///" + str(tmp_path / "b.db")},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"keep results in one object store \(.*shared/objects\)"):
+        load_serve_config(one_folder)
+    apart = _two_applications_keeping_results(
+        tmp_path, {"object_store": {"path": str(tmp_path / "a")}}, {"object_store": {"path": str(tmp_path / "b")}}
+    )
+    load_serve_config(apart)
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql+psycopg://rorem@db/results")
+    with pytest.raises(ValueError, match=r"one database \(postgresql.*applies to every application"):
+        load_serve_config(apart)
+
+
 def _restated(args: dict, settings: dict, defaults: dict, where: str = "") -> list[str]:
     """The keys of `args` whose validated value (in `settings`) is the default: restatements."""
     found = []

@@ -4,11 +4,13 @@ shared Serve, probes that stay fast while the Remover is saturated or clients tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 
 from serve.health import EngineWatch, Readiness
+from tests.helpers import REPO
 
 
 class Clock:
@@ -33,6 +35,32 @@ def test_an_engine_call_past_hung_after_s_fails_the_health_check():
     with watch.running():
         clock.now = 10_000
         EngineWatch(None, clock).check()
+
+
+def test_engine_calls_that_keep_failing_fail_the_health_check_and_one_success_clears_them():
+    """A device left broken (a sticky CUDA error) fails every call while the replica looks alive: each request
+    would be a 500 until someone restarts it. A bad batch rerun call by call, some succeeding, is not that."""
+    from serve.health import FAILED_CALLS_UNHEALTHY
+
+    def call(watch: EngineWatch, fails: bool) -> None:
+        with contextlib.suppress(RuntimeError), watch.running():
+            if fails:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    watch = EngineWatch(hung_after_s=None)
+    for _ in range(3):
+        for _ in range(FAILED_CALLS_UNHEALTHY - 1):
+            call(watch, fails=True)
+        watch.check()
+        call(watch, fails=False)
+    for _ in range(FAILED_CALLS_UNHEALTHY):
+        call(watch, fails=True)
+    with pytest.raises(RuntimeError, match=r"last 5 engine calls failed, the last with RuntimeError: CUDA error"):
+        watch.check()
+    call(watch, fails=False)
+    watch.check()
+    docs = (REPO / "docs" / "reliability.md").read_text() + (REPO / "docs" / "api.md").read_text()
+    assert docs.count(f"`FAILED_CALLS_UNHEALTHY` ({FAILED_CALLS_UNHEALTHY}") == 3
 
 
 class FakeHandle:
