@@ -26,8 +26,9 @@ RATE_WINDOW = 64  # instants with results (a batch's are one) the service rate i
 # Problems answered after the model did all its work for the request: they count as results of the rate.
 AFTER_MODEL_WORK = frozenset({"removal-failed"})  # every gate attempt ran and scored below the threshold
 MIN_BUSY_S = 1.0  # below this much measured busy time the rate is unknown (admit by count only)
-# Results within this much busy time of the previous sample join it: a batch's results come back together, but
-# each request ends after its own paste and encode, milliseconds apart.
+# Results within this much busy time of a sample's first result join it: a batch's results come back together, but
+# each request ends after its own paste and encode, milliseconds apart. Measured from the first, not the latest, so
+# results that keep coming less than this apart (steady load) still make a new sample each SAME_BATCH_S.
 SAME_BATCH_S = 0.1
 
 
@@ -51,6 +52,7 @@ class ServiceRate:
         self.completed = 0.0  # work units of the results so far
         self._busy_since: float | None = None
         self._samples: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW + 1)  # (busy_s, completed)
+        self._sample_start = 0.0  # busy_s at the last sample's first result
 
     def _busy_now(self) -> float:
         return self.busy_s + (self.clock() - self._busy_since if self._busy_since is not None else 0.0)
@@ -64,8 +66,8 @@ class ServiceRate:
     def finished(self, worked: bool, units: float) -> None:
         """`worked`: the request's model work had begun (`started`); `units`: its work units if it got a result
         from the model path, else 0. Its time in model work counts either way. A batch's results (within
-        SAME_BATCH_S) are one sample: as many, the window's first sample would sit inside a batch, its results
-        counted without the busy time they took."""
+        SAME_BATCH_S of its first) are one sample: as many, the window's first sample would sit inside a batch, its
+        results counted without the busy time they took."""
         busy = self._busy_now()
         if worked:
             self.working -= 1
@@ -73,9 +75,10 @@ class ServiceRate:
                 self.busy_s, self._busy_since = busy, None
         if units:
             self.completed += units
-            if self._samples and busy - self._samples[-1][0] < SAME_BATCH_S:
+            if self._samples and busy - self._sample_start < SAME_BATCH_S:
                 self._samples[-1] = (busy, self.completed)
             else:
+                self._sample_start = busy
                 self._samples.append((busy, self.completed))
 
     def per_second(self) -> float | None:

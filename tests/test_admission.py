@@ -199,6 +199,35 @@ def test_a_batch_s_results_at_one_instant_do_not_make_the_rate_look_faster(batch
             admit()
 
 
+def test_results_that_keep_coming_less_than_a_batch_apart_are_measured():
+    # steady load at batch 1 (an H200 finishes a call every ~92 ms): 40 in progress, one result each 0.09 s, 3.6 s
+    # of wait. Folded one into the next, the results made one sample: the rate stayed unknown and admission by
+    # time was off, admitting requests that could only time out
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=10.0, clock=clock)
+    slots = []
+
+    def admit():
+        slot = admission.slot()
+        slot.__enter__().planned(1, math.inf)
+        slots.append(slot)
+
+    for _ in range(40):
+        admit()
+    for _ in range(200):
+        clock.now += 0.09
+        slots.pop(0).__exit__(None, None, None)
+        admit()
+    assert admission.expected_wait_s() == pytest.approx(3.6, rel=0.05)
+    with admission.slot() as place, pytest.raises(Problem) as refused:
+        place.check_deadline(0.5)
+    assert "timeout_s" in refused.value.detail
+    admission.max_queue_wait_s = 1.0
+    with pytest.raises(Problem) as refused:
+        admission.check()
+    assert "max_queue_wait_s" in refused.value.detail and refused.value.headers["Retry-After"] == "3"
+
+
 def test_removals_and_scorings_share_the_replicas_count_while_measuring_their_rates_apart():
     """max_in_flight bounds the uploads a replica holds, whatever their route (the Ingress's own admissions): separate
     rates (a score is not a removal's work) must not double it."""
