@@ -26,9 +26,16 @@ RATE_WINDOW = 64  # instants with results (a batch's are one) the service rate i
 # Problems answered after the model did all its work for the request: they count as results of the rate.
 AFTER_MODEL_WORK = frozenset({"removal-failed"})  # every gate attempt ran and scored below the threshold
 MIN_BUSY_S = 1.0  # below this much measured busy time the rate is unknown (admit by count only)
-# Results within this much busy time of the previous sample join it: a batch's results come back together, but
-# each request ends after its own paste and encode, milliseconds apart.
+# Results within this much busy time of a sample's first result join it: a batch's results come back together, but
+# each request ends after its own paste and encode, milliseconds apart. Measured from the first, not the latest, so
+# results that keep coming less than this apart (steady load) still make a new sample each SAME_BATCH_S.
 SAME_BATCH_S = 0.1
+# The busy time between two instants with results counts at most this many times what their work units take at the
+# rate measured before: past that it is a stall (a hung model call, an outage whose requests time out), which would
+# make the service look slow (needless 429s, long Retry-Afters) for RATE_WINDOW more instants. Well above the spread
+# of real gaps (a batch of 1 costs more per unit than a full one); a service that really slows down more than this is
+# measured so a few instants later: each capped one lowers the rate, and so raises the cap.
+STALL_FACTOR = 8
 
 
 def work_units(buckets: list[int], smallest_bucket: int) -> float:
@@ -50,7 +57,11 @@ class ServiceRate:
         self.working = 0  # requests whose model work has begun and not ended
         self.completed = 0.0  # work units of the results so far
         self._busy_since: float | None = None
-        self._samples: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW + 1)  # (busy_s, completed)
+        self._samples: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW + 1)  # (busy_s less stalls, completed)
+        self._sample_start = 0.0  # busy_s at the last sample's first result
+        self._last_result = 0.0  # busy_s at the latest result
+        # the sample before the last: busy_s at its latest result, its own (busy_s, completed), the rate then
+        self._before: tuple[float, float, float, float | None] | None = None
 
     def _busy_now(self) -> float:
         return self.busy_s + (self.clock() - self._busy_since if self._busy_since is not None else 0.0)
@@ -64,8 +75,9 @@ class ServiceRate:
     def finished(self, worked: bool, units: float) -> None:
         """`worked`: the request's model work had begun (`started`); `units`: its work units if it got a result
         from the model path, else 0. Its time in model work counts either way. A batch's results (within
-        SAME_BATCH_S) are one sample: as many, the window's first sample would sit inside a batch, its results
-        counted without the busy time they took."""
+        SAME_BATCH_S of its first) are one sample: as many, the window's first sample would sit inside a batch, its
+        results counted without the busy time they took. A sample's busy time since the one before is capped at
+        STALL_FACTOR times what its units take at the rate measured then, so a stall does not stay in the window."""
         busy = self._busy_now()
         if worked:
             self.working -= 1
@@ -73,10 +85,22 @@ class ServiceRate:
                 self.busy_s, self._busy_since = busy, None
         if units:
             self.completed += units
-            if self._samples and busy - self._samples[-1][0] < SAME_BATCH_S:
-                self._samples[-1] = (busy, self.completed)
+            if self._samples and busy - self._sample_start < SAME_BATCH_S:
+                self._samples.pop()
             else:
-                self._samples.append((busy, self.completed))
+                self._sample_start = busy
+                self._before = (self._last_result, *self._samples[-1], self.per_second()) if self._samples else None
+            self._last_result = busy
+            self._samples.append(self._sample(busy))
+
+    def _sample(self, busy: float) -> tuple[float, float]:
+        if self._before is None:
+            return busy, self.completed
+        result_at, counted, done, rate = self._before
+        took = busy - result_at
+        if rate is not None:
+            took = min(took, STALL_FACTOR * (self.completed - done) / rate)
+        return counted + took, self.completed
 
     def per_second(self) -> float | None:
         if len(self._samples) < 2:

@@ -28,6 +28,23 @@ def _serve(admission: Admission, clock: Clock, requests: int, service_s: float, 
             clock.now += service_s
 
 
+def _steady(admission: Admission, clock: Clock, slots: list, results: int, every_s: float) -> None:
+    """Keep len(slots) requests of one unit in progress, one result each every_s."""
+    for _ in range(results):
+        clock.now += every_s
+        slots.pop(0).__exit__(None, None, None)
+        slot = admission.slot()
+        slot.__enter__().planned(1, math.inf)
+        slots.append(slot)
+
+
+def _in_progress(admission: Admission, requests: int) -> list:
+    slots = [admission.slot() for _ in range(requests)]
+    for slot in slots:
+        slot.__enter__().planned(1, math.inf)
+    return slots
+
+
 def test_the_rate_counts_only_busy_time():
     clock = Clock()
     rate = ServiceRate(clock)
@@ -197,6 +214,70 @@ def test_a_batch_s_results_at_one_instant_do_not_make_the_rate_look_faster(batch
         assert admission.rate.per_second() == (None if n == 0 else pytest.approx(4.0, rel=0.01))
         for _ in range(batch):
             admit()
+
+
+def test_results_that_keep_coming_less_than_a_batch_apart_are_measured():
+    # steady load at batch 1 (an H200 finishes a call every ~92 ms): 40 in progress, one result each 0.09 s, 3.6 s
+    # of wait. Folded one into the next, the results made one sample: the rate stayed unknown and admission by
+    # time was off, admitting requests that could only time out
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=10.0, clock=clock)
+    slots = _in_progress(admission, 40)
+    _steady(admission, clock, slots, 200, 0.09)
+    assert admission.expected_wait_s() == pytest.approx(3.6, rel=0.05)
+    with admission.slot() as place, pytest.raises(Problem) as refused:
+        place.check_deadline(0.5)
+    assert "timeout_s" in refused.value.detail
+    admission.max_queue_wait_s = 1.0
+    with pytest.raises(Problem) as refused:
+        admission.check()
+    assert "max_queue_wait_s" in refused.value.detail and refused.value.headers["Retry-After"] == "3"
+
+
+def test_after_a_stall_the_rate_is_back_within_a_few_results():
+    # 4 results per second, then a model call hangs for 300 s (hung_after_s) and the requests waiting on it time
+    # out. Counted whole, those 300 s without results stayed in the window for 64 more instants: the rate fell to
+    # a twentieth of the true one and requests were refused with Retry-Afters of tens of seconds
+    clock = Clock()
+    admission = Admission(1000, 2, clock=clock)
+    _serve(admission, clock, 3, 0.25)
+    assert admission.rate.per_second() is None  # under MIN_BUSY_S of busy time: unknown, as before
+    slots = _in_progress(admission, 6)
+    _steady(admission, clock, slots, 100, 0.25)
+    assert admission.rate.per_second() == pytest.approx(4.0)
+    clock.now += 300.0
+    for slot in slots:
+        slot.__exit__(Problem, Problem("timeout", "no answer within request_timeout_s"), None)
+    slots = _in_progress(admission, 6)
+    _steady(admission, clock, slots, 8, 0.25)
+    assert admission.rate.per_second() == pytest.approx(4.0, rel=0.15)
+    admission.max_queue_wait_s = 1.0
+    with pytest.raises(Problem) as refused:
+        admission.check()  # 6 ahead: 1.5 s at 4/s
+    assert refused.value.headers["Retry-After"] == "1"
+    for slot in slots[:3]:
+        clock.now += 0.25
+        slot.__exit__(None, None, None)
+    with admission.slot():  # 3 ahead: 0.75 s
+        pass
+    for slot in slots[3:]:
+        slot.__exit__(None, None, None)
+    measured = admission.rate.per_second()
+    clock.now += 3600  # idle: not counted, as before
+    assert admission.rate.per_second() == measured
+
+
+def test_a_service_that_really_slows_down_is_measured_slower():
+    # past STALL_FACTOR a slower pace is first taken for a stall, but only until the rate catches up with it
+    clock = Clock()
+    admission = Admission(1000, 2, clock=clock)
+    slots = _in_progress(admission, 6)
+    _steady(admission, clock, slots, 100, 0.25)
+    assert admission.rate.per_second() == pytest.approx(4.0)
+    _steady(admission, clock, slots, 8, 2.5)  # a tenth of the pace
+    assert admission.rate.per_second() < 2.0
+    _steady(admission, clock, slots, 70, 2.5)
+    assert admission.rate.per_second() == pytest.approx(0.4)
 
 
 def test_removals_and_scorings_share_the_replicas_count_while_measuring_their_rates_apart():
