@@ -40,7 +40,7 @@ def pytest_collection_finish(session):
         name for fixture, name in APPLICATION_FIXTURES.items() if any(fixture in item.fixturenames for item in items)
     ] or ["rorem"]  # a test that asks for the cluster itself
     stoppers = [item for item in items if item.get_closest_marker("stops_cluster")]
-    users = [item for item in items if "cluster" in item.fixturenames and item not in stoppers]
+    users = [item for item in items if "serve_started" in item.fixturenames and item not in stoppers]
     if stoppers and users:
         for item in stoppers:
             items.remove(item)
@@ -83,10 +83,13 @@ def trained_bundle(trained_onnx_service):
 
 
 @pytest.fixture(scope="session")
-def cluster(starts_serve, request, tmp_path_factory):
+def serve_started(starts_serve, request, tmp_path_factory):
     """One local Serve for the session (`python -m serve run`, one Ray), serving each application the selected
     tests use: `rorem` (tiny bundle, Remover + Scorer, gate annotate), `keyed` (helpers.Keyed), `metered`
-    (helpers.Metered) and `trained` (helpers.Trained). Its Services by application name."""
+    (helpers.Metered) and `trained` (helpers.Trained). Its Services by application name, as soon as it is
+    started: a test waits for the application it uses (`service`, ...) or for all (`cluster`). The `trained`
+    application starts last (its UNet is exported to ONNX at start, ~30 s on one core after the others are
+    ready), and the other applications' tests run meanwhile."""
     work = tmp_path_factory.mktemp("serve")
     needed = request.config.stash[_NEEDED]
     applications, extras = [], {}
@@ -108,33 +111,39 @@ def cluster(starts_serve, request, tmp_path_factory):
         yield services
 
 
+@pytest.fixture(scope="session")
+def cluster(serve_started):
+    """The session's Serve with every application ready (the CLI's READY lines printed)."""
+    return helpers.every_application_ready(serve_started)
+
+
 @pytest.fixture(autouse=True)
 def _cluster_still_running(request):
     """A test of the cluster finds it running (a test marked stops_cluster stops it, and runs last)."""
-    if "cluster" in request.fixturenames:
-        if next(iter(request.getfixturevalue("cluster").values())).child.poll() is not None:
+    if "serve_started" in request.fixturenames:
+        if next(iter(request.getfixturevalue("serve_started").values())).child.poll() is not None:
             pytest.fail("the session's Serve was stopped before this test (by a test marked stops_cluster?)")
 
 
 @pytest.fixture(scope="session")
-def service(cluster):
+def service(serve_started):
     """The tiny bundle with its Scorer, gate annotate, at the route prefix /."""
-    return cluster["rorem"]
+    return serve_started["rorem"].wait_ready()
 
 
 @pytest.fixture(scope="session")
-def keyed_service(cluster):
+def keyed_service(serve_started):
     """API keys on (helpers.Keyed), for the hardening and the lifecycle tests."""
-    return cluster[helpers.Keyed.NAME]
+    return serve_started[helpers.Keyed.NAME].wait_ready()
 
 
 @pytest.fixture(scope="session")
-def metered(cluster):
+def metered(serve_started):
     """Quotas over two Ingress replicas (helpers.Metered)."""
-    return cluster[helpers.Metered.NAME]
+    return serve_started[helpers.Metered.NAME].wait_ready()
 
 
 @pytest.fixture(scope="session")
-def trained_onnx_service(cluster):
+def trained_onnx_service(serve_started):
     """The trained bundle served through ONNX Runtime (helpers.Trained)."""
-    return cluster[helpers.Trained.NAME]
+    return serve_started[helpers.Trained.NAME].wait_ready()

@@ -230,13 +230,13 @@ def fulfill_problem(route, problem) -> None:
 
 
 class Service:
-    """One application of the session's local Serve (tests/conftest.py `cluster`): its address (the HTTP port and
+    """One application of the session's local Serve (tests/conftest.py `serve_started`): its address (the HTTP port and
     its route prefix), its settings (defaults filled in), gRPC (calls name the application: the cluster serves
     several), the metrics port and log the applications share, and the CLI that runs them all."""
 
     def __init__(
         self, app_name: str, url: str, config: dict, grpc_target: str, metrics_url: str, log_path: Path,
-        child: subprocess.Popen, ports: dict[str, int],
+        child: subprocess.Popen, ports: dict[str, int], started_at: float, ready_within_s: float,
     ):  # fmt: skip
         self.app_name = app_name
         self.url = url
@@ -248,6 +248,38 @@ class Service:
         self.ports = ports  # http, grpc, metrics
         self.work = log_path.parent
         self.client = httpx.Client(base_url=url, timeout=120)
+        self.started_at = started_at  # time.monotonic() when the CLI started
+        self.ready_within_s = ready_within_s  # past this a start that is not ready fails
+        self.ready = False
+
+    def wait_ready(self) -> Service:
+        """This application ready (its /readyz; its /healthz names it: until its route is up, Ray routes its
+        address to the application at "/"), whether the others are or not: the CLI prints its READY lines once
+        all are, and tests of the first application to be ready need not wait for the slowest start."""
+        while not self.ready:
+            try:
+                self.ready = (
+                    httpx.get(self.url + "/healthz", timeout=2).json().get("application") == self.app_name
+                    and httpx.get(self.url + "/readyz", timeout=2).json().get("status") == "ready"
+                )
+            except (httpx.HTTPError, ValueError):
+                pass
+            if not self.ready:
+                self.still_starting()
+            else:  # for the suite's budget (`pytest -s` shows it)
+                print(f"\n[tests] {self.app_name} ready {self.started_s():.0f} s after the start", file=sys.stderr)
+        return self
+
+    def started_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def still_starting(self) -> None:
+        """Fails the test if the CLI exited or the start took too long; else waits a little."""
+        if self.child.poll() is not None:
+            pytest.fail(f"serve exited early; see {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
+        if self.started_s() > self.ready_within_s:
+            pytest.fail(f"serve not ready after {self.ready_within_s} s; see {self.log_path}")
+        time.sleep(0.2)
 
     def channel(self):
         """A gRPC channel whose calls reach this application."""
@@ -430,7 +462,8 @@ def check_e2e(what: str) -> None:
 @contextmanager
 def running_cluster(work: Path, applications: list[dict]):
     """`python -m serve run` (the README's way) on loopback ports serving `applications` (each named, with its own
-    route prefix), stopped with everything it started: their Services by application name."""
+    route prefix), stopped with everything it started: their Services by application name, as soon as the CLI
+    is started (Service.wait_ready waits for one application; every_application_ready for all)."""
     check_e2e("starts a local Ray Serve")
     config = serve_test_config(work)
     config["applications"] = applications
@@ -455,19 +488,9 @@ def running_cluster(work: Path, applications: list[dict]):
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
-        ready_within_s = 150 + 75 * len(applications)  # ~120 s for four on a quiet 2-core machine
-        deadline = time.monotonic() + ready_within_s
-        while log_path.read_text().count("[rorem] READY") < len(applications):
-            if child.poll() is not None:
-                pytest.fail(f"serve exited early; see {log_path}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"serve not ready after {ready_within_s} s; see {log_path}")
-            time.sleep(0.2)
-        # how long a start takes, for the suite's budget (`pytest -s` shows it)
-        names = ", ".join(app["name"] for app in applications)
-        print(f"\n[tests] Serve of {names} ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
         from serve.config import AppSettings
 
+        ready_within_s = 150 + 75 * len(applications)  # ~120 s for four on a quiet 2-core machine
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         ports = {"http": port, "grpc": grpc_port, "metrics": metrics_port}
         services = {}
@@ -475,12 +498,24 @@ def running_cluster(work: Path, applications: list[dict]):
             settings = AppSettings.model_validate(app["args"]).model_dump()  # defaults filled in
             url = f"http://127.0.0.1:{port}{app['route_prefix'].rstrip('/')}"
             services[app["name"]] = Service(
-                app["name"], url, settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path, child, ports
-            )
+                app["name"], url, settings, f"127.0.0.1:{grpc_port}", metrics_url, log_path, child, ports, started,
+                ready_within_s,
+            )  # fmt: skip
         yield services
     finally:
         stop_cli(child)
         log.close()
+
+
+def every_application_ready(services: dict[str, Service]) -> dict[str, Service]:
+    """Every application ready, as the CLI says: one READY line each, printed once all are."""
+    some = next(iter(services.values()))
+    while some.log_path.read_text().count("[rorem] READY") < len(services):
+        some.still_starting()
+    for service in services.values():
+        service.ready = True
+    print(f"\n[tests] every application ready {some.started_s():.0f} s after the start", file=sys.stderr)
+    return services
 
 
 def stop_cli(child: subprocess.Popen) -> None:

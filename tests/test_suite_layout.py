@@ -30,14 +30,14 @@ def _starts_serve(function: ast.FunctionDef) -> bool:
 
 
 def test_one_serve_per_session_serves_every_application():
-    """Only the session-scoped `cluster` fixture starts the tests' Serve (each Ray start costs ~10 s of a 2-core
+    """Only the session-scoped `serve_started` fixture starts the tests' Serve (each Ray start costs ~10 s of a 2-core
     machine); a test that needs other settings adds an application to it (helpers.Keyed, Metered, Trained)."""
     starters = []
     for module in [*MODULES, TESTS / "conftest.py"]:
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.FunctionDef) and _starts_serve(node) and node.name not in REFUSED_STARTS:
                 starters.append((module.name, node))
-    assert [(name, node.name) for name, node in starters if name != Path(__file__).name] == [("conftest.py", "cluster")]
+    assert [(name, node.name) for name, node in starters if name != Path(__file__).name] == [("conftest.py", "serve_started")]
     (fixture,) = [node for name, node in starters if name == "conftest.py"]
     (decorator,) = fixture.decorator_list
     assert ast.unparse(decorator) == "pytest.fixture(scope='session')"
