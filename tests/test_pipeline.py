@@ -33,7 +33,7 @@ from serve.grpc_api import removal_request, score_request
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
 from serve.service import RemovalService, ServeModels
-from tests.helpers import png_bytes
+from tests.helpers import decode_png, png_bytes
 
 CROPS = CropSettings(buckets=(128, 256), crop_margin=16, dilate=4, feather=2)
 PAINT = 7
@@ -324,6 +324,92 @@ def test_service_reject_gate_answers_removal_failed_with_the_best_attempt():
     problem = caught.value
     assert problem.problem == "removal-failed"
     assert problem.extra["attempts"] == 2 and problem.extra["score"] == 0.2
+
+
+class _TimedRemovals(FakeModels):
+    """FakeModels whose removal calls go by a script, one step a call: seconds it takes, or the problem it raises."""
+
+    def __init__(self, steps, scores=()):
+        super().__init__(scores)
+        self.steps = list(steps)
+        self.started = 0
+
+    async def remove(self, job: RemovalJob) -> LocalOutcome:
+        self.started += 1
+        step = self.steps.pop(0)
+        if isinstance(step, Problem):
+            raise step
+        await asyncio.sleep(step)
+        return await super().remove(job)
+
+
+def _one_object(**options) -> RemovalRequest:
+    """One crop an attempt, so three attempts fit gate.max_model_calls (8)."""
+    photo, mask = _photo_and_objects(1)
+    return RemovalRequest(png_bytes(photo), png_bytes(mask), RemoveOptions(seed=5, output_format="png", **options))
+
+
+def _timed_removal(models: FakeModels, upload: RemovalRequest):
+    """The reply or the problem, and the seconds the service took to answer."""
+    service = _service(models)
+
+    async def main():
+        started = time.perf_counter()
+        try:
+            answer = await service.remove(upload)
+        except Problem as problem:
+            answer = problem
+        return answer, time.perf_counter() - started
+
+    return asyncio.run(main())
+
+
+_FULL_QUEUE = Problem("overloaded", "Remover queue full", headers={"Retry-After": "2"})
+
+
+@pytest.mark.parametrize("gate", ["retry", "reject"])
+@pytest.mark.parametrize(
+    "steps, kept",
+    [
+        ([0.1, 0.1, 10.0], 2),  # the deadline cuts the third attempt
+        ([0.1, _FULL_QUEUE], 1),  # the second attempt finds the Remover's queue full
+    ],
+    ids=["deadline", "overloaded"],
+)
+def test_a_later_attempt_lost_to_the_deadline_or_a_full_queue_leaves_the_answer_to_the_attempts_before_it(
+    gate, steps, kept
+):
+    """A retry client spent two or three removals' GPU time on a 504 or 503: the scored attempts were thrown away.
+    The answer is now theirs, as if attempts had run out: retry keeps the best (X-Gate failed), reject refuses
+    it (removal-failed), within the deadline."""
+    models = _TimedRemovals(steps, scores=[0.3, 0.4, 0.2])
+    answer, took = _timed_removal(models, _one_object(gate=gate, max_attempts=3, timeout_s=1.5))
+    assert (models.started, took < 1.5) == (kept + 1, True), (took, answer)
+    best = {"attempts": kept, "score": [0.3, 0.4][kept - 1], "seed": attempt_seed(5, kept - 1)}
+    if gate == "retry":
+        assert not isinstance(answer, Problem), answer.detail
+        assert (answer.gate, answer.attempts, answer.score, answer.seed) == ("failed", *best.values())
+        assert decode_png(answer.body).shape == (640, 640, 3)
+    else:
+        assert isinstance(answer, Problem) and answer.problem == "removal-failed", answer
+        assert {key: answer.extra[key] for key in best} == best
+
+
+def test_retry_starts_no_attempt_that_cannot_end_before_the_deadline():
+    """Two attempts of 0.4 s leave 0.35 s of a 1.2 s deadline: a third would be cut (its GPU time spent for
+    nothing), so it never starts and the best of two comes back at once."""
+    models = _TimedRemovals([0.4, 0.4, 0.4], scores=[0.3, 0.4, 0.2])
+    answer, took = _timed_removal(models, _one_object(gate="retry", max_attempts=3, timeout_s=1.2))
+    assert not isinstance(answer, Problem), answer.detail
+    assert (answer.gate, answer.attempts, answer.score) == ("failed", 2, 0.4)
+    assert models.started == 2 and took < 1.1, took
+
+
+@pytest.mark.parametrize("step, problem", [(10.0, "timeout"), (_FULL_QUEUE, "overloaded")])
+def test_a_first_attempt_lost_to_the_deadline_or_a_full_queue_is_still_a_504_or_503(step, problem):
+    models = _TimedRemovals([step], scores=[0.9])
+    answer, took = _timed_removal(models, _one_object(gate="retry", max_attempts=3, timeout_s=0.5))
+    assert isinstance(answer, Problem) and answer.problem == problem and took < 1.0, (answer, took)
 
 
 def test_service_fail_closed_scorer_outage_is_a_503_problem_not_a_500(caplog):
