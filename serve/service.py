@@ -296,20 +296,31 @@ class RemovalService:
 
     async def score(self, upload: ScoreRequest, admitted: Place | None = None) -> ScoreReply:
         """`admitted`: the request's admission place (of /score's own Admission, where a request is one unit),
-        told when its model work begins."""
+        told when its model work begins.
+
+        The request's deadline (request_timeout_s: a score request has no timeout_s) counts from here, as a
+        removal's does: the wait for an image-work thread, the decode and the scoring all count against it."""
         if not self.has_scorer:
             raise Problem("gate-unavailable", "this deployment runs without a Scorer")
+        loop = asyncio.get_running_loop()
+        deadline_s = self.settings.request_timeout_s
+        deadline = loop.time() + deadline_s
         threshold = upload.options.gate_threshold
         if threshold is None or not self.settings.gate.allow_request_override:
             threshold = self.settings.gate.threshold
         jobs = await self._decode(
             None, self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate,
             max_crops(self.settings.gate.max_model_calls, scored=self.has_scorer),  # as /remove cut them
+            deadline=deadline,
         )  # fmt: skip
+        if loop.time() >= deadline:
+            raise late(deadline_s)
         if admitted is not None:
-            admitted.planned(1.0, self.settings.request_timeout_s)
+            admitted.planned(1.0, deadline - loop.time())
         try:
-            score = await self.score_pipeline.worst_score(jobs)
+            score = await within(self.score_pipeline.worst_score(jobs), deadline - loop.time())
+        except asyncio.TimeoutError as exc:
+            raise late(deadline_s) from exc
         except Problem as exc:
             if exc.problem == "overloaded":
                 raise

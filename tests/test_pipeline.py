@@ -741,7 +741,58 @@ def test_post_score_tells_its_admission_place_when_its_model_work_begins():
     place = Place()
     service = _service(models)
     asyncio.run(service.score(ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions()), place))
-    assert place.planned_with == (1.0, service.settings.request_timeout_s, 8)  # after the decode, before any scoring
+    units, deadline_s, scores_left = place.planned_with
+    assert (units, scores_left) == (1.0, 8)  # after the decode, before any scoring
+    assert 0 < deadline_s < service.settings.request_timeout_s, "what is left of the deadline, the decode spent"
+
+
+def _score_service(models: FakeModels) -> RemovalService:
+    service = _service(models)
+    service.settings = service.settings.model_copy(update={"request_timeout_s": 1})
+    return service
+
+
+def _score_upload() -> ScoreRequest:
+    photo, mask = _photo_and_objects(1)
+    return ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions())
+
+
+class _SlowScorer(FakeModels):
+    async def score(self, job: ScoreJob) -> float:
+        await asyncio.sleep(0.7)
+        return await super().score(job)
+
+
+@pytest.mark.parametrize("slow_step", ["decode", "wait for a thread"])
+def test_post_score_answers_its_504_at_the_request_deadline_counting_the_time_before_the_scoring(slow_step):
+    """/score had no deadline: a 0.6 s decode (or wait for a busy image thread) then a 0.7 s scoring answered 200
+    after 1.3 s where request_timeout_s was 1 s (the scoring got a fresh request_timeout_s of its own)."""
+    from serve.uploads import Offload
+
+    service = _score_service(_SlowScorer(scores=[0.9]))
+    service.cpu = Offload(1, 8, 0, "test-cpu")  # one image-work thread
+    if slow_step == "decode":
+        prepare = service.score_pipeline.prepare_score
+        service.score_pipeline.prepare_score = lambda *args: threading.Event().wait(0.6) or prepare(*args)
+
+    async def main():
+        busy = asyncio.ensure_future(service.cpu.run(time.sleep, 0.6 if slow_step == "wait for a thread" else 0))
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(Problem) as caught:
+            await service.score(_score_upload())
+        took = time.perf_counter() - started
+        await busy
+        return caught.value, took
+
+    problem, took = asyncio.run(main())
+    assert (problem.problem, problem.detail) == ("timeout", "no result within 1 s")
+    assert 0.9 <= took < 1.2, took
+
+
+def test_post_score_within_its_deadline_answers_200():
+    reply = asyncio.run(_score_service(FakeModels(scores=[0.9])).score(_score_upload()))
+    assert (reply.score, reply.passed, reply.bucket) == (0.9, True, 128)
 
 
 class _SlowScorerHandle:
