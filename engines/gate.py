@@ -6,6 +6,7 @@ without Ray; engines.pipeline runs it for the service, the release gate and the 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Generic, Literal, Protocol, TypeVar
 
@@ -117,24 +118,54 @@ async def run_gated(
     seed: int,
     remove: Callable[[int], Awaitable[Result]],
     score: Callable[[Result], Awaitable[float]],
+    deadline: float | None = None,
+    transient: Callable[[Exception], bool] | None = None,
 ) -> GateOutcome[Result]:
     """Attempt removals with derived seeds until one scores >= threshold or attempts run out.
 
     A ScorerUnavailable from `score` ends the loop: fail-open keeps the first result unscored,
     fail-closed re-raises (the entry point answers 503).
+
+    Attempts after the first never cost the ones before them: the gate answers with what those earned, as if
+    attempts had run out, rather than start one with less time left before `deadline` (the event loop's time;
+    None: none) than the attempts so far took on average, or once one is cut at `deadline` or fails with an
+    error that `transient` says is of the moment (a full queue). The first attempt's errors propagate.
     """
     if policy.mode == "off":
         return GateOutcome(await remove(seed), seed, None, 1, "off")
-    best: GateOutcome[Result] | None = None
-    for attempt in range(policy.max_attempts):
-        attempt_s = attempt_seed(seed, attempt)
+
+    async def scored(attempt_s: int) -> tuple[Result, float | None]:
         result = await remove(attempt_s)
         try:
-            value = await score(result)
+            return result, await score(result)
         except ScorerUnavailable:
             if policy.fail_open or policy.mode == "annotate":
-                return GateOutcome(result, attempt_s, None, attempt + 1, "unscored")
+                return result, None
             raise
+
+    loop = asyncio.get_running_loop()
+    best: GateOutcome[Result] | None = None
+    took: list[float] = []
+    for attempt in range(policy.max_attempts):
+        attempt_s = attempt_seed(seed, attempt)
+        later = best is not None
+        if later and deadline is not None and deadline - loop.time() < sum(took) / len(took):
+            break
+        began = loop.time()
+        try:
+            async with asyncio.timeout_at(deadline if later else None) as cut:
+                result, value = await scored(attempt_s)
+        except TimeoutError:
+            if later and cut.expired():
+                break
+            raise
+        except Exception as exc:
+            if later and transient is not None and transient(exc):
+                break
+            raise
+        if value is None:
+            return GateOutcome(result, attempt_s, None, attempt + 1, "unscored")
+        took.append(loop.time() - began)
         if best is None or value > best.score:
             best = GateOutcome(result, attempt_s, value, attempt + 1, "failed")
         best.attempts = attempt + 1

@@ -169,11 +169,14 @@ class RemovalPipeline:
         policy: GatePolicy,
         timings: Timings | None = None,
         spoil: Callable[[np.ndarray], np.ndarray] | None = None,
+        deadline: float | None = None,
+        transient: Callable[[Exception], bool] | None = None,
     ) -> GateOutcome[Attempt]:
         """Remove, score and gate a prepared request with a non-empty mask.
 
         `spoil` (the release gate's self-check, training.evaluate --degrade) alters each pasted result before
-        it is scored."""
+        it is scored. `deadline` and `transient`: when an attempt after the first gives way to the ones before
+        it (engines.gate.run_gated)."""
         timings = timings or Timings()
 
         async def attempt(attempt_seed: int) -> Attempt:
@@ -188,7 +191,7 @@ class RemovalPipeline:
             except Exception as exc:  # a failing Scorer is the gate's concern: fail open or closed by policy
                 raise ScorerUnavailable(outage_detail(exc)) from exc
 
-        return await run_gated(policy, seed, attempt, score)
+        return await run_gated(policy, seed, attempt, score, deadline, transient)
 
     # ------------------------------------------------------------------ the steps, in order
 

@@ -39,6 +39,7 @@ from serve.uploads import Offload
 from serve.worker_threads import default_workers
 
 logger = logging.getLogger("ray.serve")
+MIN_ENCODE_RESERVE_S = 0.1  # the least a gate attempt after the first leaves of the deadline (encode_reserve_s)
 
 
 @dataclass
@@ -70,6 +71,11 @@ class ScoreReply:
     threshold: float
     passed: bool
     bucket: int
+
+
+def late(deadline_s: float) -> Problem:
+    """The answer to work its deadline cut."""
+    return Problem("timeout", f"no result within {deadline_s:g} s")
 
 
 class ServeModels:
@@ -114,7 +120,7 @@ class ServeModels:
                     raise asyncio.TimeoutError
                 return await answer_or_cancel(method.remote(*args), left)
             except asyncio.TimeoutError as exc:
-                raise Problem("timeout", f"no result within {timeout_s:g} s") from exc
+                raise late(timeout_s) from exc
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise Problem("overloaded", str(exc).splitlines()[0], headers=self.retry_after) from exc
             except RayActorError as exc:
@@ -123,6 +129,12 @@ class ServeModels:
                     raise Problem(
                         "replica-failed", f"a model replica failed twice: {type(exc).__name__}", headers=self.retry_after
                     ) from exc
+
+
+def of_the_moment(error: Exception) -> bool:
+    """A model call lost to the deadline, a full queue or failed replicas (ServeModels.call's problems): a gate
+    attempt after the first that fails so leaves the answer to the attempts before it."""
+    return isinstance(error, Problem) and error.problem in ("timeout", "overloaded", "replica-failed")
 
 
 class RemovalService:
@@ -213,13 +225,14 @@ class RemovalService:
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
         if loop.time() >= deadline:  # spent in the decode: admission would refuse it as too much work (429)
-            raise Problem("timeout", f"no result within {deadline_s:g} s")
+            raise late(deadline_s)
         if admitted is not None and prepared.plans:
             admitted.planned(work_units(prepared.buckets, min(self.pipeline.crops.buckets)), deadline - loop.time())
         try:
-            reply = await within(self._remove(upload, prepared, fmt, gate, policy, timings), deadline - loop.time())
+            removal = self._remove(upload, prepared, fmt, gate, policy, timings, deadline)
+            reply = await within(removal, deadline - loop.time())
         except asyncio.TimeoutError as exc:
-            raise Problem("timeout", f"no result within {deadline_s:g} s") from exc
+            raise late(deadline_s) from exc
         if retain and reply.bucket is not None:
             reply.result_id = await self.retention.keep(
                 upload.image, prepared.image.format, prepared.mask, reply, policy, upload.options, prepared.dilate,
@@ -229,9 +242,10 @@ class RemovalService:
 
     async def _remove(
         self, upload: RemovalRequest, prepared: Prepared, fmt: str, gate: GateSettings, policy: GatePolicy,
-        timings: Timings,
+        timings: Timings, deadline: float,
     ) -> RemovalReply:  # fmt: skip
-        """Model work, paste and encode of a decoded request."""
+        """Model work, paste and encode of a decoded request. A gate attempt after the first gives way to the
+        ones before it at the deadline less `encode_reserve_s`, so that the answer it leaves is encoded in time."""
         options, image = upload.options, prepared.image
         quality = options.quality or self.settings.imaging.jpeg_quality
         if not prepared.plans:
@@ -245,8 +259,11 @@ class RemovalService:
 
         seed = options.seed if options.seed is not None else random.randint(0, MAX_SAFE_SEED)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))
+        gate_deadline = deadline - encode_reserve_s(timings)
         try:
-            gated = await self.pipeline(prepared, seed, policy, timings)
+            gated = await self.pipeline(
+                prepared, seed, policy, timings, deadline=gate_deadline, transient=of_the_moment
+            )
         except ScorerUnavailable as exc:
             self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": "scorer-unavailable"})
             raise Problem(
@@ -279,20 +296,31 @@ class RemovalService:
 
     async def score(self, upload: ScoreRequest, admitted: Place | None = None) -> ScoreReply:
         """`admitted`: the request's admission place (of /score's own Admission, where a request is one unit),
-        told when its model work begins."""
+        told when its model work begins.
+
+        The request's deadline (request_timeout_s: a score request has no timeout_s) counts from here, as a
+        removal's does: the wait for an image-work thread, the decode and the scoring all count against it."""
         if not self.has_scorer:
             raise Problem("gate-unavailable", "this deployment runs without a Scorer")
+        loop = asyncio.get_running_loop()
+        deadline_s = self.settings.request_timeout_s
+        deadline = loop.time() + deadline_s
         threshold = upload.options.gate_threshold
         if threshold is None or not self.settings.gate.allow_request_override:
             threshold = self.settings.gate.threshold
         jobs = await self._decode(
             None, self.score_pipeline.prepare_score, upload.source, upload.mask, upload.edited, upload.options.dilate,
             max_crops(self.settings.gate.max_model_calls, scored=self.has_scorer),  # as /remove cut them
+            deadline=deadline,
         )  # fmt: skip
+        if loop.time() >= deadline:
+            raise late(deadline_s)
         if admitted is not None:
-            admitted.planned(1.0, self.settings.request_timeout_s)
+            admitted.planned(1.0, deadline - loop.time())
         try:
-            score = await self.score_pipeline.worst_score(jobs)
+            score = await within(self.score_pipeline.worst_score(jobs), deadline - loop.time())
+        except asyncio.TimeoutError as exc:
+            raise late(deadline_s) from exc
         except Problem as exc:
             if exc.problem == "overloaded":
                 raise
@@ -339,6 +367,13 @@ class RemovalService:
             raise Problem(
                 "image-too-large", f"decoding the uploads took over {deadline_s:g} s (imaging.decode_timeout_s)"
             ) from exc
+
+
+def encode_reserve_s(timings: Timings) -> float:
+    """The time kept for the encode: twice the request's image work before the model (its wait for a thread and its
+    decode: an encode of PNG or JPEG costs less than the decode, one of WebP can cost more), at least
+    MIN_ENCODE_RESERVE_S (the event loop's own delays under load)."""
+    return max(2 * (timings.stages["cpu_wait"] + timings.stages["decode"]), MIN_ENCODE_RESERVE_S)
 
 
 def removal_deadline_s(options: RemoveOptions, settings: AppSettings) -> float:

@@ -114,3 +114,34 @@ def test_a_request_with_several_crops_runs_fewer_attempts_within_the_same_cap():
     assert [policy.within_calls(8, crops).max_attempts for crops in (1, 2, 3, 4, 16)] == [4, 2, 1, 1, 1]
     off = GatePolicy.resolve(GateSettings(), mode="off")
     assert off.within_calls(8, 16).max_attempts == 1, "at least one attempt, even past the cap"
+
+
+class _QueueFull(Exception):
+    pass
+
+
+def test_an_error_of_the_moment_in_a_later_attempt_leaves_the_best_and_any_other_error_propagates():
+    """The caller says which errors are of the moment (the service: a full model queue, failed replicas); a later
+    attempt lost to one leaves the answer to the attempts before it, while the first attempt's, and an error of
+    another kind (a bug) in any attempt, still reach the caller."""
+
+    def run(mode, fails_at, error):
+        async def remove(seed):
+            if seed == attempt_seed(7, fails_at):
+                raise error
+            return seed
+
+        async def score(result):
+            return 0.3 if result == 7 else 0.2
+
+        return asyncio.run(
+            run_gated(_policy(mode), 7, remove, score, transient=lambda exc: isinstance(exc, _QueueFull))
+        )
+
+    kept = run("retry", 1, _QueueFull())
+    assert (kept.verdict, kept.attempts, kept.score, kept.seed) == ("failed", 1, 0.3, 7)
+    assert run("reject", 2, _QueueFull()).verdict == "rejected"
+    with pytest.raises(_QueueFull):
+        run("retry", 0, _QueueFull())
+    with pytest.raises(KeyError):
+        run("retry", 1, KeyError("a bug"))

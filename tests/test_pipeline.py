@@ -33,7 +33,7 @@ from serve.grpc_api import removal_request, score_request
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
 from serve.service import RemovalService, ServeModels
-from tests.helpers import png_bytes
+from tests.helpers import decode_png, png_bytes
 
 CROPS = CropSettings(buckets=(128, 256), crop_margin=16, dilate=4, feather=2)
 PAINT = 7
@@ -324,6 +324,93 @@ def test_service_reject_gate_answers_removal_failed_with_the_best_attempt():
     problem = caught.value
     assert problem.problem == "removal-failed"
     assert problem.extra["attempts"] == 2 and problem.extra["score"] == 0.2
+
+
+class _TimedRemovals(FakeModels):
+    """FakeModels whose removal calls go by a script, one step a call: seconds it takes, or the problem it raises."""
+
+    def __init__(self, steps, scores=()):
+        super().__init__(scores)
+        self.steps = list(steps)
+        self.started = 0
+
+    async def remove(self, job: RemovalJob) -> LocalOutcome:
+        self.started += 1
+        step = self.steps.pop(0)
+        if isinstance(step, Problem):
+            raise step
+        await asyncio.sleep(step)
+        return await super().remove(job)
+
+
+def _one_object(**options) -> RemovalRequest:
+    """One crop an attempt, so three attempts fit gate.max_model_calls (8); a small photo, so that the time the
+    service keeps for its encode (twice its decode, at least 0.1 s) stays near 0.1 s on a busy machine."""
+    photo, mask = (array[:256, :256] for array in _photo_and_objects(1))
+    return RemovalRequest(png_bytes(photo), png_bytes(mask), RemoveOptions(seed=5, output_format="png", **options))
+
+
+def _timed_removal(models: FakeModels, upload: RemovalRequest):
+    """The reply or the problem, and the seconds the service took to answer."""
+    service = _service(models)
+
+    async def main():
+        started = time.perf_counter()
+        try:
+            answer = await service.remove(upload)
+        except Problem as problem:
+            answer = problem
+        return answer, time.perf_counter() - started
+
+    return asyncio.run(main())
+
+
+_FULL_QUEUE = Problem("overloaded", "Remover queue full", headers={"Retry-After": "2"})
+
+
+@pytest.mark.parametrize("gate", ["retry", "reject"])
+@pytest.mark.parametrize(
+    "steps, kept",
+    [
+        ([0.1, 0.1, 10.0], 2),  # the deadline cuts the third attempt
+        ([0.1, _FULL_QUEUE], 1),  # the second attempt finds the Remover's queue full
+    ],
+    ids=["deadline", "overloaded"],
+)
+def test_a_later_attempt_lost_to_the_deadline_or_a_full_queue_leaves_the_answer_to_the_attempts_before_it(
+    gate, steps, kept
+):
+    """A retry client spent two or three removals' GPU time on a 504 or 503: the scored attempts were thrown away.
+    The answer is now theirs, as if attempts had run out: retry keeps the best (X-Gate failed), reject refuses
+    it (removal-failed), within the deadline."""
+    models = _TimedRemovals(steps, scores=[0.3, 0.4, 0.2])
+    answer, took = _timed_removal(models, _one_object(gate=gate, max_attempts=3, timeout_s=2))
+    assert (models.started, took < 2) == (kept + 1, True), (took, answer)
+    best = {"attempts": kept, "score": [0.3, 0.4][kept - 1], "seed": attempt_seed(5, kept - 1)}
+    if gate == "retry":
+        assert not isinstance(answer, Problem), answer.detail
+        assert (answer.gate, answer.attempts, answer.score, answer.seed) == ("failed", *best.values())
+        assert decode_png(answer.body).shape == (256, 256, 3)
+    else:
+        assert isinstance(answer, Problem) and answer.problem == "removal-failed", answer
+        assert {key: answer.extra[key] for key in best} == best
+
+
+def test_retry_starts_no_attempt_that_cannot_end_before_the_deadline():
+    """Two attempts of 1 s leave under 0.6 s of a 2.6 s deadline: a third would be cut (its GPU time spent for
+    nothing), so it never starts and the best of two comes back at once."""
+    models = _TimedRemovals([1.0, 1.0, 1.0], scores=[0.3, 0.4, 0.2])
+    answer, took = _timed_removal(models, _one_object(gate="retry", max_attempts=3, timeout_s=2.6))
+    assert not isinstance(answer, Problem), answer.detail
+    assert (answer.gate, answer.attempts, answer.score) == ("failed", 2, 0.4)
+    assert models.started == 2 and took < 2.5, took
+
+
+@pytest.mark.parametrize("step, problem", [(10.0, "timeout"), (_FULL_QUEUE, "overloaded")])
+def test_a_first_attempt_lost_to_the_deadline_or_a_full_queue_is_still_a_504_or_503(step, problem):
+    models = _TimedRemovals([step], scores=[0.9])
+    answer, took = _timed_removal(models, _one_object(gate="retry", max_attempts=3, timeout_s=0.5))
+    assert isinstance(answer, Problem) and answer.problem == problem and took < 1.0, (answer, took)
 
 
 def test_service_fail_closed_scorer_outage_is_a_503_problem_not_a_500(caplog):
@@ -655,7 +742,58 @@ def test_post_score_tells_its_admission_place_when_its_model_work_begins():
     place = Place()
     service = _service(models)
     asyncio.run(service.score(ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions()), place))
-    assert place.planned_with == (1.0, service.settings.request_timeout_s, 8)  # after the decode, before any scoring
+    units, deadline_s, scores_left = place.planned_with
+    assert (units, scores_left) == (1.0, 8)  # after the decode, before any scoring
+    assert 0 < deadline_s < service.settings.request_timeout_s, "what is left of the deadline, the decode spent"
+
+
+def _score_service(models: FakeModels) -> RemovalService:
+    service = _service(models)
+    service.settings = service.settings.model_copy(update={"request_timeout_s": 1})
+    return service
+
+
+def _score_upload() -> ScoreRequest:
+    photo, mask = _photo_and_objects(1)
+    return ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions())
+
+
+class _SlowScorer(FakeModels):
+    async def score(self, job: ScoreJob) -> float:
+        await asyncio.sleep(0.9)
+        return await super().score(job)
+
+
+@pytest.mark.parametrize("slow_step", ["decode", "wait for a thread"])
+def test_post_score_answers_its_504_at_the_request_deadline_counting_the_time_before_the_scoring(slow_step):
+    """/score had no deadline: a 0.6 s decode then a 0.7 s scoring answered 200 after 1.3 s where request_timeout_s
+    was 1 s (the scoring got a fresh request_timeout_s of its own), as did a wait for a busy image thread."""
+    from serve.uploads import Offload
+
+    service = _score_service(_SlowScorer(scores=[0.9]))
+    service.cpu = Offload(1, 8, 0, "test-cpu")  # one image-work thread
+    if slow_step == "decode":
+        prepare = service.score_pipeline.prepare_score
+        service.score_pipeline.prepare_score = lambda *args: threading.Event().wait(0.8) or prepare(*args)
+
+    async def main():
+        busy = asyncio.ensure_future(service.cpu.run(time.sleep, 0.8 if slow_step == "wait for a thread" else 0))
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(Problem) as caught:
+            await service.score(_score_upload())
+        took = time.perf_counter() - started
+        await busy
+        return caught.value, took
+
+    problem, took = asyncio.run(main())
+    assert (problem.problem, problem.detail) == ("timeout", "no result within 1 s")
+    assert 0.9 <= took < 1.4, took
+
+
+def test_post_score_within_its_deadline_answers_200():
+    reply = asyncio.run(_score_service(FakeModels(scores=[0.9])).score(_score_upload()))
+    assert (reply.score, reply.passed, reply.bucket) == (0.9, True, 128)
 
 
 class _SlowScorerHandle:
