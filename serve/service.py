@@ -373,7 +373,8 @@ def encode_reserve_s(timings: Timings) -> float:
     """The time kept for the encode: twice the request's image work before the model (its wait for a thread and its
     decode: an encode of PNG or JPEG costs less than the decode, one of WebP can cost more), at least
     MIN_ENCODE_RESERVE_S (the event loop's own delays under load)."""
-    return max(2 * (timings.stages["cpu_wait"] + timings.stages["decode"]), MIN_ENCODE_RESERVE_S)
+    before_model = timings.stages.get("cpu_wait", 0.0) + timings.stages.get("decode", 0.0)
+    return max(2 * before_model, MIN_ENCODE_RESERVE_S)
 
 
 def removal_deadline_s(options: RemoveOptions, settings: AppSettings) -> float:
