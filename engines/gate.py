@@ -123,23 +123,24 @@ async def run_gated(
 ) -> GateOutcome[Result]:
     """Attempt removals with derived seeds until one scores >= threshold or attempts run out.
 
-    A ScorerUnavailable from `score` ends the loop: fail-open keeps the first result unscored,
-    fail-closed re-raises (the entry point answers 503).
+    A ScorerUnavailable from the first attempt's `score`: fail-open keeps its result unscored, fail-closed
+    re-raises (the entry point answers 503). From a later attempt's, the attempts before it answer, scored.
 
     Attempts after the first never cost the ones before them: the gate answers with what those earned, as if
     attempts had run out, rather than start one with less time left before `deadline` (the event loop's time;
-    None: none) than the attempts so far took on average, or once one is cut at `deadline` or fails with an
-    error that `transient` says is of the moment (a full queue). The first attempt's errors propagate.
+    None: none) than the attempts so far took on average, or once one is cut at `deadline`, cannot be scored, or
+    fails with an error that `transient` says is of the moment (a full queue). The first attempt's errors
+    propagate.
     """
     if policy.mode == "off":
         return GateOutcome(await remove(seed), seed, None, 1, "off")
 
-    async def scored(attempt_s: int) -> tuple[Result, float | None]:
+    async def scored(attempt_s: int, first: bool) -> tuple[Result, float | None]:
         result = await remove(attempt_s)
         try:
             return result, await score(result)
         except ScorerUnavailable:
-            if policy.fail_open or policy.mode == "annotate":
+            if first and (policy.fail_open or policy.mode == "annotate"):
                 return result, None
             raise
 
@@ -154,13 +155,13 @@ async def run_gated(
         began = loop.time()
         try:
             async with asyncio.timeout_at(deadline if later else None) as cut:
-                result, value = await scored(attempt_s)
+                result, value = await scored(attempt_s, first=not later)
         except TimeoutError:
             if later and cut.expired():
                 break
             raise
         except Exception as exc:
-            if later and transient is not None and transient(exc):
+            if later and (isinstance(exc, ScorerUnavailable) or (transient is not None and transient(exc))):
                 break
             raise
         if value is None:

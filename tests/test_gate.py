@@ -71,6 +71,17 @@ def test_scorer_down_fails_open_or_closed():
     assert outcome.verdict == "unscored"
 
 
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_a_later_attempt_the_scorer_cannot_score_leaves_the_answer_to_the_scored_ones(fail_open):
+    """Fail-open or closed is about a result nobody scored; when earlier attempts were scored, the best of them
+    answers (retry keeps it, reject refuses it), not the unscored one nor a 503."""
+    outcome, calls = _run(_policy("retry", fail_open=fail_open), [0.3, 0.4, ScorerUnavailable("down")])
+    assert (outcome.verdict, outcome.score, outcome.attempts, outcome.seed) == ("failed", 0.4, 2, attempt_seed(7, 1))
+    assert len(calls["remove"]) == 3
+    outcome, _ = _run(_policy("reject", fail_open=fail_open), [0.3, ScorerUnavailable("down")])
+    assert (outcome.verdict, outcome.score, outcome.attempts) == ("rejected", 0.3, 1)
+
+
 def test_request_overrides_apply_only_when_allowed():
     allowed = GatePolicy.resolve(GateSettings(), mode="reject", threshold=0.9, max_attempts=3)
     assert (allowed.mode, allowed.threshold, allowed.max_attempts) == ("reject", 0.9, 3)
