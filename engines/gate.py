@@ -126,11 +126,11 @@ async def run_gated(
     A ScorerUnavailable from the first attempt's `score`: fail-open keeps its result unscored, fail-closed
     re-raises (the entry point answers 503). From a later attempt's, the attempts before it answer, scored.
 
-    Attempts after the first never cost the ones before them: the gate answers with what those earned, as if
-    attempts had run out, rather than start one with less time left before `deadline` (the event loop's time;
-    None: none) than the attempts so far took on average, or once one is cut at `deadline`, cannot be scored, or
-    fails with an error that `transient` says is of the moment (a full queue). The first attempt's errors
-    propagate.
+    An attempt after the first that is lost to the moment does not cost the ones before it: the gate answers with
+    what those earned, as if attempts had run out, rather than start one with less time left before `deadline`
+    (the event loop's time; None: none) than the attempts so far took on average, or once one is cut at
+    `deadline`, cannot be scored, or fails with an error that `transient` says is of the moment (a full queue).
+    The first attempt's errors, and any other error (a bug), propagate.
     """
     if policy.mode == "off":
         return GateOutcome(await remove(seed), seed, None, 1, "off")

@@ -32,9 +32,11 @@ MIN_BUSY_S = 1.0  # below this much measured busy time the rate is unknown (admi
 SAME_BATCH_S = 0.1
 # The busy time between two instants with results counts at most this many times what their work units take at the
 # rate measured before: past that it is a stall (a hung model call, an outage whose requests time out), which would
-# make the service look slow (needless 429s, long Retry-Afters) for RATE_WINDOW more instants. Well above the spread
-# of real gaps (a batch of 1 costs more per unit than a full one); a service that really slows down more than this is
-# measured so a few instants later: each capped one lowers the rate, and so raises the cap.
+# make the service look slow (needless 429s, long Retry-Afters) for RATE_WINDOW more instants. Above the spread of
+# gaps under steady work (a batch of 1 costs more per unit than a full one). What it misjudges errs towards
+# admitting: a service that really slows down more than this (lone requests after full batches, gate retries, which
+# multiply a request's work) is measured slower at each instant (each capped gap lowers the rate, which raises the
+# cap), reaching the new rate within about a window; and a stall before the rate is first known is not capped.
 STALL_FACTOR = 8
 
 

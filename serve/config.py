@@ -670,28 +670,59 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
 def check_retention_stores_apart(applications: list[dict]) -> None:
     """Applications that keep results keep them in stores of their own. A result's owner is a key's name, which
     means something only within one application's keys file (or none: without keys every caller sees every
-    result), and each application's sweeper applies its own max_results and max_age_days: in a shared store a
-    keyless application would serve a keyed one's results to anyone, and one's limits delete the other's."""
-    seen: dict[tuple[str, str], str] = {}
+    result), and each application's sweeper applies its own max_results and max_age_days and deletes objects it
+    has no row for: in a shared store a keyless application would serve a keyed one's results to anyone, and
+    one's sweeps would delete the other's results. Object stores overlap when one's keys lie under the other's
+    (an S3 prefix within another's, a folder within another's)."""
+    kept: list[tuple[str, tuple[str, str], tuple]] = []  # (application, database, objects)
     for app in applications:
         retention = AppSettings.model_validate(app.get("args") or {}).retention
         if not retention.enabled:
             continue
+        name, database, objects = app_name(app), _database_place(retention.resolved_database_url()), None
         s3 = retention.object_store.s3
-        places = {
-            "database": retention.resolved_database_url(),
-            "object store": f"s3://{s3.bucket}/{s3.prefix} at {s3.endpoint_url or 'AWS'}"
-            if s3
-            else str(retention.objects_folder().resolve()),
-        }
-        for kind, place in places.items():
-            other = seen.setdefault((kind, place), app_name(app))
-            if other != app_name(app):
-                raise ValueError(
-                    f"applications {other} and {app_name(app)} keep results in one {kind} ({place}): give each "
-                    f"its own retention.object_store (path or s3.prefix) and retention.database_url "
-                    f"(${DATABASE_URL_ENV} applies to every application)"
-                )
+        if s3:
+            objects = ("s3", s3.endpoint_url or "AWS", s3.bucket, s3.prefix.strip("/"))
+        else:
+            objects = ("folder", retention.objects_folder().resolve())
+        for other, other_database, other_objects in kept:
+            if database[0] == other_database[0]:
+                raise _shared_store(other, name, "database", database[1])
+            if _within(objects, other_objects) or _within(other_objects, objects):
+                shown = f"s3://{objects[2]}/{objects[3]} at {objects[1]}" if s3 else str(objects[1])
+                raise _shared_store(other, name, "object store", shown)
+        kept.append((name, database, objects))
+
+
+def _database_place(url: str) -> tuple[str, str]:
+    """(the URL to compare, the URL to show: without its password, which $ROREM_RETENTION_DATABASE_URL keeps out
+    of the config and so out of an error message)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url, "an invalid URL"
+    return parsed.render_as_string(hide_password=False), parsed.render_as_string(hide_password=True)
+
+
+def _within(inner: tuple, outer: tuple) -> bool:
+    """Whether the object store `inner` lies in `outer` (both ("s3", endpoint, bucket, prefix) or ("folder", path))."""
+    if inner[0] != outer[0]:
+        return False
+    if inner[0] == "folder":
+        return inner[1].is_relative_to(outer[1])
+    prefix = outer[3]
+    return inner[1:3] == outer[1:3] and (not prefix or inner[3] == prefix or inner[3].startswith(prefix + "/"))
+
+
+def _shared_store(first: str, second: str, kind: str, place: str) -> ValueError:
+    return ValueError(
+        f"applications {first} and {second} keep results in one {kind} ({place}): give each its own "
+        f"retention.object_store (path or s3.prefix) and retention.database_url (${DATABASE_URL_ENV} applies to "
+        "every application)"
+    )
 
 
 RAY_DEFAULT_APP_NAME = "default"  # ray.serve._private.constants.SERVE_DEFAULT_APP_NAME (a test: equal)

@@ -65,7 +65,7 @@ HEADERS: dict[str, tuple[dict, str]] = {
         {"type": "number"},
         "the discriminator's score of the result (>= gate_threshold passes); absent when not scored",
     ),
-    "X-Attempts": (_INT, "removal attempts made (retry / reject run several)"),
+    "X-Attempts": (_INT, "removal attempts that finished (retry / reject run several)"),
     "X-Gate": (_STR, "the gate's verdict: passed, failed, off, unscored or nothing-to-remove"),
     "X-Result-Id": (_STR, "id of the retained result (GET /results/{id}, POST /feedback); only when it was kept"),
     "Server-Timing": (_STR, "stage durations in ms: read, cpu_wait, decode, queue_wait, ..., encode, total"),

@@ -131,7 +131,7 @@ class ServeModels:
                     ) from exc
 
 
-def of_the_moment(error: Exception) -> bool:
+def is_transient(error: Exception) -> bool:
     """A model call lost to the deadline, a full queue or failed replicas (ServeModels.call's problems): a gate
     attempt after the first that fails so leaves the answer to the attempts before it."""
     return isinstance(error, Problem) and error.problem in ("timeout", "overloaded", "replica-failed")
@@ -167,6 +167,7 @@ class RemovalService:
         # thread runs on: counted here, the next requests wait for it rather than add to it.
         overload = settings.overload
         self.cpu = Offload(default_workers(), overload.max_in_flight, overload.worker_nice, "rorem-cpu")
+        self.encodes = EncodeCosts()
         self.pipeline = RemovalPipeline(self.models, CropSettings.from_imaging(cfg), limits, self.cpu.run)
         # POST /score is a request of its own: its scoring may take request_timeout_s, not the gate's scorer.timeout_s
         scoring = models or ServeModels(
@@ -259,10 +260,13 @@ class RemovalService:
 
         seed = options.seed if options.seed is not None else random.randint(0, MAX_SAFE_SEED)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))
-        gate_deadline = deadline - encode_reserve_s(timings)
+        encode = _encode_kind(fmt, image.webp_lossless)
+        megapixels = image.rgb.shape[0] * image.rgb.shape[1] / 1e6
+        expected_encode_s = self.encodes.expected_s(encode, megapixels)
+        gate_deadline = deadline - encode_reserve_s(timings, expected_encode_s)
         try:
             gated = await self.pipeline(
-                prepared, seed, policy, timings, deadline=gate_deadline, transient=of_the_moment
+                prepared, seed, policy, timings, deadline=gate_deadline, transient=is_transient
             )
         except ScorerUnavailable as exc:
             self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": "scorer-unavailable"})
@@ -289,6 +293,7 @@ class RemovalService:
             imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
         )
         timings.lap("encode")
+        self.encodes.observe(encode, megapixels, timings.stages["encode"])
         return RemovalReply(
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,
             gated.verdict, timings,
@@ -369,12 +374,38 @@ class RemovalService:
             ) from exc
 
 
-def encode_reserve_s(timings: Timings) -> float:
+def encode_reserve_s(timings: Timings, expected_encode_s: float = 0.0) -> float:
     """The time kept for the encode: twice the request's image work before the model (its wait for a thread and its
-    decode: an encode of PNG or JPEG costs less than the decode, one of WebP can cost more), at least
-    MIN_ENCODE_RESERVE_S (the event loop's own delays under load)."""
+    decode: an encode of PNG or JPEG costs less than the decode), or 1.5x what this replica's recent encodes of its
+    format and size took (one of WebP can cost 10-40x its decode), at least MIN_ENCODE_RESERVE_S (the event loop's
+    own delays under load)."""
     before_model = timings.stages.get("cpu_wait", 0.0) + timings.stages.get("decode", 0.0)
-    return max(2 * before_model, MIN_ENCODE_RESERVE_S)
+    return max(2 * before_model, 1.5 * expected_encode_s, MIN_ENCODE_RESERVE_S)
+
+
+ENCODE_COST_DECAY = 0.9  # each encode lowers the remembered cost per megapixel by at most this factor
+
+
+class EncodeCosts:
+    """Seconds per megapixel of this replica's recent encodes, per output kind (format, and WebP lossless or
+    not): the slowest recent one, forgotten by ENCODE_COST_DECAY an encode, so one slow outlier passes."""
+
+    def __init__(self):
+        self._per_megapixel: dict[str, float] = {}
+
+    def observe(self, kind: str, megapixels: float, seconds: float) -> None:
+        if megapixels > 0:
+            remembered = ENCODE_COST_DECAY * self._per_megapixel.get(kind, 0.0)
+            self._per_megapixel[kind] = max(seconds / megapixels, remembered)
+
+    def expected_s(self, kind: str, megapixels: float) -> float:
+        return self._per_megapixel.get(kind, 0.0) * megapixels
+
+
+def _encode_kind(fmt: str, webp_lossless: bool) -> str:
+    """What engines.imaging.encode_image encodes alike: the format, and for WebP lossless or not."""
+    fmt = fmt.lower()
+    return f"{fmt}-lossless" if fmt == "webp" and webp_lossless else fmt
 
 
 def removal_deadline_s(options: RemoveOptions, settings: AppSettings) -> float:

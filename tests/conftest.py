@@ -88,8 +88,8 @@ def serve_started(starts_serve, request, tmp_path_factory):
     tests use: `rorem` (tiny bundle, Remover + Scorer, gate annotate), `keyed` (helpers.Keyed), `metered`
     (helpers.Metered) and `trained` (helpers.Trained). Its Services by application name, as soon as it is
     started: a test waits for the application it uses (`service`, ...) or for all (`cluster`). The `trained`
-    application starts last (its UNet is exported to ONNX at start, ~30 s on one core after the others are
-    ready), and the other applications' tests run meanwhile."""
+    application is ready last (its UNet is exported to ONNX at start, ~30 s on one core after the others are
+    ready), and the other applications' tests run meanwhile; tests with timing bounds ask for `cluster` too."""
     work = tmp_path_factory.mktemp("serve")
     needed = request.config.stash[_NEEDED]
     applications, extras = [], {}
@@ -121,8 +121,12 @@ def cluster(serve_started):
 def _cluster_still_running(request):
     """A test of the cluster finds it running (a test marked stops_cluster stops it, and runs last)."""
     if "serve_started" in request.fixturenames:
-        if next(iter(request.getfixturevalue("serve_started").values())).child.poll() is not None:
-            pytest.fail("the session's Serve was stopped before this test (by a test marked stops_cluster?)")
+        some = next(iter(request.getfixturevalue("serve_started").values()))
+        if some.child.poll() is not None:
+            pytest.fail(
+                "the session's Serve was stopped before this test (by a test marked stops_cluster?); the end of "
+                f"{some.log_path}:\n{some.log_path.read_text()[-3000:]}"
+            )
 
 
 @pytest.fixture(scope="session")

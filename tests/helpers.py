@@ -265,7 +265,7 @@ class Service:
             except (httpx.HTTPError, ValueError):
                 pass
             if not self.ready:
-                self.still_starting()
+                self.still_starting(f"application {self.app_name}")
             else:  # for the suite's budget (`pytest -s` shows it)
                 print(f"\n[tests] {self.app_name} ready {self.started_s():.0f} s after the start", file=sys.stderr)
         return self
@@ -273,12 +273,12 @@ class Service:
     def started_s(self) -> float:
         return time.monotonic() - self.started_at
 
-    def still_starting(self) -> None:
-        """Fails the test if the CLI exited or the start took too long; else waits a little."""
+    def still_starting(self, what: str) -> None:
+        """Fails the test if the CLI exited or `what` took too long to be ready; else waits a little."""
         if self.child.poll() is not None:
             pytest.fail(f"serve exited early; see {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
         if self.started_s() > self.ready_within_s:
-            pytest.fail(f"serve not ready after {self.ready_within_s} s; see {self.log_path}")
+            pytest.fail(f"{what} not ready after {self.ready_within_s} s; see {self.log_path}")
         time.sleep(0.2)
 
     def channel(self):
@@ -459,6 +459,11 @@ def check_e2e(what: str) -> None:
         )
 
 
+# The CLI stops everything when an application is not ready by its --ready-timeout; the tests' own wait (Service
+# .ready_within_s) fails first and names the application, while the others' tests go on.
+CLI_READY_TIMEOUT_S = 3600
+
+
 @contextmanager
 def running_cluster(work: Path, applications: list[dict]):
     """`python -m serve run` (the README's way) on loopback ports serving `applications` (each named, with its own
@@ -478,12 +483,16 @@ def running_cluster(work: Path, applications: list[dict]):
         "RAY_metrics_report_interval_ms": str(int(METRICS_EXPORT_S * 1000)),
         "RAY_DEDUP_LOGS": "0",  # every replica's access log line reaches the service log (tests/test_quotas.py)
     }
-    env.pop("ROREM_BUNDLE", None)
+    from serve.config import BUNDLE_ENV, DATABASE_URL_ENV
+
+    for variable in (BUNDLE_ENV, DATABASE_URL_ENV):  # each application names its own
+        env.pop(variable, None)
     started = time.monotonic()
     child = subprocess.Popen(
         [
             sys.executable, "-m", "serve", "run", "--config", str(config_path), "--port", str(port),
             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+            "--ready-timeout", str(CLI_READY_TIMEOUT_S),
         ],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
@@ -511,7 +520,7 @@ def every_application_ready(services: dict[str, Service]) -> dict[str, Service]:
     """Every application ready, as the CLI says: one READY line each, printed once all are."""
     some = next(iter(services.values()))
     while some.log_path.read_text().count("[rorem] READY") < len(services):
-        some.still_starting()
+        some.still_starting("every application")
     for service in services.values():
         service.ready = True
     print(f"\n[tests] every application ready {some.started_s():.0f} s after the start", file=sys.stderr)

@@ -370,9 +370,24 @@ def test_two_applications_cannot_keep_results_in_one_store(tmp_path, monkeypatch
         tmp_path, {"object_store": {"path": str(tmp_path / "a")}}, {"object_store": {"path": str(tmp_path / "b")}}
     )
     load_serve_config(apart)
-    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql+psycopg://rorem@db/results")
-    with pytest.raises(ValueError, match=r"one database \(postgresql.*applies to every application"):
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql+psycopg://rorem:s3cret@db/results")
+    with pytest.raises(ValueError, match=r"one database \(postgresql.*applies to every application") as refused:
         load_serve_config(apart)
+    assert "s3cret" not in str(refused.value), "the variable keeps the password out of the config and the logs"
+    monkeypatch.delenv(DATABASE_URL_ENV)
+    bucket = {"bucket": "b", "endpoint_url": "http://minio:9000"}
+    for first, second in (("rorem/results", "/rorem/results/"), ("rorem", "rorem/results"), ("", "keyed")):
+        nested = _two_applications_keeping_results(
+            tmp_path, {"object_store": {"s3": {**bucket, "prefix": first}}, "database_url": "sqlite:///" + str(tmp_path / "a.db")},
+            {"object_store": {"s3": {**bucket, "prefix": second}}, "database_url": "sqlite:///" + str(tmp_path / "b.db")},
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=r"keep results in one object store \(s3://b/"):
+            load_serve_config(nested)
+    side_by_side = _two_applications_keeping_results(
+        tmp_path, {"object_store": {"s3": {**bucket, "prefix": "rorem/a"}}, "database_url": "sqlite:///" + str(tmp_path / "a.db")},
+        {"object_store": {"s3": {**bucket, "prefix": "rorem/ab"}}, "database_url": "sqlite:///" + str(tmp_path / "b.db")},
+    )  # fmt: skip
+    load_serve_config(side_by_side)
 
 
 def _restated(args: dict, settings: dict, defaults: dict, where: str = "") -> list[str]:

@@ -578,7 +578,8 @@ def _replica_pid(title: str) -> int:
 # --- the benchmark, smoke mode --------------------------------------------------------------------
 
 
-def test_healthz_bench_smoke(service, tmp_path):
+def test_healthz_bench_smoke(cluster, service, tmp_path):
+    """`cluster`: timed after every application's start, not beside another's replicas importing or exporting."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--url", service.url, "--out", str(out)],

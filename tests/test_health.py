@@ -157,7 +157,8 @@ SATURATING_CLIENTS = 6  # more than the test config's batch size (4): the Remove
 PROBING_S = 8  # dozens of the Remover's batches, and over 100 probes of each kind
 
 
-def test_readyz_stays_fast_and_ready_while_the_remover_is_saturated(service):
+def test_readyz_stays_fast_and_ready_while_the_remover_is_saturated(cluster, service):
+    """`cluster`: timed after every application's start, not beside another's replicas importing or exporting."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 

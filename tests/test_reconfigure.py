@@ -92,9 +92,10 @@ def _driver(cluster: tuple[str, dict], config: Path | None = None, app: str = "r
 
 
 @pytest.fixture(scope="module")
-def live_service(service):
-    """The session's Serve: the test changes only live settings, and puts them back (a live change restarts
-    nothing, so the other tests find the replicas they had)."""
+def live_service(cluster, service):
+    """The session's Serve, every application ready (a redeploy waits for all, and the test compares every
+    application's replicas before and after): the test changes only live settings, and puts them back (a live
+    change restarts nothing, so the other tests find the replicas they had)."""
     assert service.app_name == "rorem", "_driver reports on rorem"
     effective = Path(re.search(r"effective Serve config: (\S+)", service.log_path.read_text())[1])
     yield service
