@@ -9,7 +9,9 @@ import time
 import pytest
 import yaml
 
-from serve.auth import AccessPolicy, ApiKeys, api_routes, check_routes, declared_rule, new_key_entry, presented_key
+from serve.auth import (
+    SCOPES, AccessPolicy, ApiKeys, api_routes, check_routes, declared_rule, new_key_entry, presented_key,
+)
 from serve.config import AppSettings
 from serve.problems import Problem
 from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, chromium_missing
@@ -152,6 +154,24 @@ def test_new_key_refuses_a_clashing_name_and_leaves_the_file_as_it_was(tmp_path,
     assert run(["new-key", "--name", "intern", "--keys-file", str(path)]) == 2
     assert "must be unique" in capsys.readouterr().err and path.read_text() == before
     assert run(["new-key", "--name", "acme", "--team", "acme", "--keys-file", str(path)]) == 0
+
+
+def test_a_key_taken_out_of_service_keeps_its_name_from_a_new_key(tmp_path, capsys):
+    """Results, quotas and trusted verdicts are kept by a key's name: a key is retired by emptying its scopes
+    (docs/api.md), which refuses it everywhere while its name stays taken."""
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    key, entry = new_key_entry("reviewer-ana", ["feedback", "review"])
+    path.write_text(yaml.safe_dump({"keys": [entry | {"scopes": []}]}))
+    keys = ApiKeys(str(path))
+    for scope in SCOPES:
+        with pytest.raises(Problem) as refused:
+            keys.check(key, scope)
+        assert refused.value.problem == "forbidden"
+    before = path.read_text()
+    assert run(["new-key", "--name", "reviewer-ana", "--scopes", "remove", "--keys-file", str(path)]) == 2
+    assert "must be unique" in capsys.readouterr().err and path.read_text() == before
 
 
 @pytest.mark.parametrize(
