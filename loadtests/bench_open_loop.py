@@ -12,6 +12,10 @@ completed removals per second, p50/p95/p99 of the admitted (200) answers, the sh
 504, other errors, and lost (no answer). `small`: every photo is --side; `mixed`: two in three are
 --side, one in three 2 x --side (a larger bucket). Saves JSON (--out) and prints a table; the
 saturation point is the lowest rate reaching 95% of the best throughput.
+
+The load generator shares the machine's cores with the service; Ray runs the service's processes at nice 15,
+so at nice 0 the generator takes a core first (at 96 arrivals/s on 2 cores it used ~90% of one and starved the
+proxy and the Ingress). --client-nice 15 sends at the service's priority.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import center_mask, photo, png, remover_only, start_service, stop_service
+
+from serve.worker_threads import lower_this_thread
 
 REQUEST_TIMEOUT_S = 180.0
 DRAIN_S = 240.0
@@ -45,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before / after)")
     p.add_argument("--out", type=Path, default=Path("out/bench_open_loop.json"))
+    p.add_argument("--client-nice", type=int, default=0, help="send this many nice steps lower (15: Ray's workers')")
     return p.parse_args(argv)
 
 
@@ -132,6 +139,7 @@ def main(argv=None) -> int:
     if url is None:
         work = Path(tempfile.mkdtemp(prefix="rorem-open-loop-"))
         child, url = start_service(work, "open-loop", service_config(args))
+    lower_this_thread(args.client_nice)  # after the start: the service's processes keep their own priority
     levels = []
     model = httpx.get(f"{url}/readyz", timeout=30).json().get("model")  # which code and knobs answered
     try:
