@@ -1622,3 +1622,36 @@ def test_a_result_past_max_age_is_not_found_by_delete_either_and_the_sweeper_rem
         assert _files(tmp_path / "kept" / "objects") == set()
     finally:
         client.retention.store.close()
+
+
+def test_the_masks_png_encode_counts_within_the_saves_time_and_reads_back_as_the_mask(tmp_path, monkeypatch):
+    """A 40 MP mask of noise took 4.1 s to encode as an 8-bit PNG, before the save's timeout began: a removal's
+    answer waited for it whatever its deadline. The encode now counts against that timeout, and a 1-bit PNG
+    (0.43 s for the same mask) reads back as the mask the removal used."""
+    from engines import imaging
+    from serve.config import RetentionSettings
+    from serve.retention import keeper
+    from serve.retention.keeper import Retention
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((60, 80)) > 0.5
+    stored = imaging.decode_mask(keeper.mask_png(mask), mask.shape, imaging.DecodeLimits(max_bytes=1 << 20))
+    assert (stored == mask).all()
+
+    settings = RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}, save_timeout_s=5)
+    retention = Retention(settings, _Metrics())
+    store = retention.store.opened()
+    encode = keeper.mask_png
+    monkeypatch.setattr(keeper, "mask_png", lambda mask: time.sleep(1.0) or encode(mask))
+
+    async def answered_after(keeping) -> tuple[str | None, float]:  # asyncio.run's end waits for the encode's thread
+        started = time.monotonic()
+        return await keeping, time.monotonic() - started
+
+    try:
+        result_id, waited_s = asyncio.run(answered_after(_keep(retention, deadline_s=0.2)))
+        assert result_id is None and waited_s < 0.7
+        time.sleep(0.2)
+        assert _rows(store) == [], "the save given up stored nothing"
+    finally:
+        retention.store.close()

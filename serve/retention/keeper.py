@@ -259,8 +259,9 @@ class Retention:
         deadline_s: float | None = None,
     ) -> str | None:
         """Store the result as `owner`'s; its id, or None (logged and counted) when it could not be stored
-        within retention.save_timeout_s and `deadline_s` (what is left of the request's deadline): a slow or
-        locked store delays the answer by that much at most, and the save given up stores nothing."""
+        within retention.save_timeout_s and `deadline_s` (what is left of the request's deadline), the mask's
+        PNG encode included (a 40 MP mask's takes a while): a slow or locked store delays the answer by that
+        much at most, and the save given up stores nothing."""
         timeout_s = min(self.settings.save_timeout_s, math.inf if deadline_s is None else deadline_s)
         params = {
             **options.model_dump(exclude_none=True, exclude={"retain"}),
@@ -271,7 +272,8 @@ class Retention:
             "output_format": reply.format,
             "attempts": reply.attempts,
         }
-        try:
+
+        async def encode_and_save() -> str:
             new = NewResult(
                 source=source,
                 mask=await asyncio.to_thread(mask_png, mask),
@@ -289,7 +291,10 @@ class Retention:
                 request_id=serve_request_id(),
                 owner=owner,
             )
-            result_id = await within(self._client().save(new), timeout_s)
+            return await self._client().save(new)
+
+        try:
+            result_id = await within(encode_and_save(), timeout_s)
         except asyncio.TimeoutError:
             logger.warning("retention: not stored within %.3g s; answering without X-Result-Id", timeout_s)
             self.metrics.retained.inc(tags={"outcome": "failed"})
@@ -410,9 +415,10 @@ def annotation_page() -> tuple[str, dict[str, str]]:
 
 
 def mask_png(mask: np.ndarray) -> bytes:
-    """The removed region as a PNG: white = removed (the RORem mask convention)."""
+    """The removed region as a 1-bit PNG: white = removed (the RORem mask convention). One bit a pixel: a 40 MP
+    mask of noise took 4.1 s as an 8-bit PNG, 0.43 s so (a box 0.40 -> 0.09 s)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(mask > 0).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
