@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if url is None:
         work = Path(tempfile.mkdtemp(prefix="rorem-open-loop-"))
         child, url = start_service(work, "open-loop", service_config(args))
-    lower_this_thread(args.client_nice)  # after the start: the service's processes keep their own priority
+    client_niced = lower_this_thread(args.client_nice)  # after the start: the service's processes keep their own
     levels = []
     model = httpx.get(f"{url}/readyz", timeout=30).json().get("model")  # which code and knobs answered
     try:
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     best = max(level["completed_per_s"] for level in levels)
     saturation = next(level["offered_per_s"] for level in levels if level["completed_per_s"] >= 0.95 * best)
     report = {"label": args.label, "args": {k: str(v) for k, v in vars(args).items()}, "model": model, "levels": levels,
-              "saturation_offered_per_s": saturation, "best_completed_per_s": best}  # fmt: skip
+              "saturation_offered_per_s": saturation, "best_completed_per_s": best,
+              "client_nice_applied": client_niced}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     columns = ("offered_per_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms", "share_429", "share_503", "share_504", "lost")

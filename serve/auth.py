@@ -247,6 +247,8 @@ class ApiKeys:
         key = self.identify(presented)
         if key is None:
             raise Problem("unauthorized", "the API key is not valid", headers=_CHALLENGE)
+        if not key.scopes:  # taken out of service (docs/api.md): refused before any body is buffered for it
+            raise Problem("forbidden", f"the key {key.name!r} grants no scope")
         if scope is not None and scope not in key.scopes:
             raise Problem("forbidden", f"the key {key.name!r} does not grant the {scope!r} scope")
         return key

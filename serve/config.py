@@ -682,7 +682,7 @@ def check_retention_stores_apart(applications: list[dict]) -> None:
         name, database, objects = app_name(app), _database_place(retention.resolved_database_url()), None
         s3 = retention.object_store.s3
         if s3:
-            objects = ("s3", s3.endpoint_url or "AWS", s3.bucket, s3.prefix.strip("/"))
+            objects = ("s3", (s3.endpoint_url or "AWS").rstrip("/"), s3.bucket, s3.prefix.strip("/"))
         else:
             objects = ("folder", retention.objects_folder().resolve())
         for other, other_database, other_objects in kept:
@@ -702,9 +702,9 @@ def _database_place(url: str) -> tuple[str, str]:
 
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        return url, "an invalid URL"
-    return parsed.render_as_string(hide_password=False), parsed.render_as_string(hide_password=True)
+        return parsed.render_as_string(hide_password=False), parsed.set(query={}).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # a URL SQLAlchemy cannot read (a port that is not a number, say)
+        return url, "a URL SQLAlchemy cannot read"
 
 
 def _within(inner: tuple, outer: tuple) -> bool:

@@ -145,7 +145,7 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = Field(None, description="invalid-request: every invalid field")
     score: float | None = Field(None, description="removal-failed: the best attempt's score")
     threshold: float | None = Field(None, description="removal-failed: the passing score")
-    attempts: int | None = Field(None, description="removal-failed: attempts made")
+    attempts: int | None = Field(None, description="removal-failed: attempts that finished")
     seed: int | None = Field(None, description="removal-failed: the best attempt's seed")
 
 

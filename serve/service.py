@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ray.exceptions import RayActorError
@@ -290,10 +292,10 @@ class RemovalService:
 
         timings.restart()
         body = await self.cpu.run(
-            imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
-        )
+            self.encodes.timed, encode, megapixels,
+            imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless,
+        )  # fmt: skip
         timings.lap("encode")
-        self.encodes.observe(encode, megapixels, timings.stages["encode"])
         return RemovalReply(
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,
             gated.verdict, timings,
@@ -384,22 +386,33 @@ def encode_reserve_s(timings: Timings, expected_encode_s: float = 0.0) -> float:
 
 
 ENCODE_COST_DECAY = 0.9  # each encode lowers the remembered cost per megapixel by at most this factor
+MIN_COSTED_MEGAPIXELS = 1.0  # a smaller encode counts as this big: its time is mostly a fixed cost, not per pixel
 
 
 class EncodeCosts:
     """Seconds per megapixel of this replica's recent encodes, per output kind (format, and WebP lossless or
-    not): the slowest recent one, forgotten by ENCODE_COST_DECAY an encode, so one slow outlier passes."""
+    not): the slowest recent one, forgotten by ENCODE_COST_DECAY an encode, so one slow outlier passes. An encode
+    is timed in its own thread, from its start to its end (not the wait for a thread), and counted even when
+    the request it was for has gone (cut at its deadline: the encodes most worth knowing about)."""
 
     def __init__(self):
         self._per_megapixel: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def timed(self, kind: str, megapixels: float, encode: Callable[..., bytes], *args) -> bytes:
+        started = time.perf_counter()
+        try:
+            return encode(*args)
+        finally:
+            self.observe(kind, megapixels, time.perf_counter() - started)
 
     def observe(self, kind: str, megapixels: float, seconds: float) -> None:
-        if megapixels > 0:
+        with self._lock:
             remembered = ENCODE_COST_DECAY * self._per_megapixel.get(kind, 0.0)
-            self._per_megapixel[kind] = max(seconds / megapixels, remembered)
+            self._per_megapixel[kind] = max(seconds / max(megapixels, MIN_COSTED_MEGAPIXELS), remembered)
 
     def expected_s(self, kind: str, megapixels: float) -> float:
-        return self._per_megapixel.get(kind, 0.0) * megapixels
+        return self._per_megapixel.get(kind, 0.0) * max(megapixels, MIN_COSTED_MEGAPIXELS)
 
 
 def _encode_kind(fmt: str, webp_lossless: bool) -> str:

@@ -89,7 +89,8 @@ def serve_started(starts_serve, request, tmp_path_factory):
     (helpers.Metered) and `trained` (helpers.Trained). Its Services by application name, as soon as it is
     started: a test waits for the application it uses (`service`, ...) or for all (`cluster`). The `trained`
     application is ready last (its UNet is exported to ONNX at start, ~30 s on one core after the others are
-    ready), and the other applications' tests run meanwhile; tests with timing bounds ask for `cluster` too."""
+    ready), and the other applications' tests run meanwhile; tests with tight timing bounds among the first to run
+    (test_cost_bombs, test_event_loop, test_health) ask for `cluster` too."""
     work = tmp_path_factory.mktemp("serve")
     needed = request.config.stash[_NEEDED]
     applications, extras = [], {}

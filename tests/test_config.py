@@ -374,6 +374,10 @@ def test_two_applications_cannot_keep_results_in_one_store(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"one database \(postgresql.*applies to every application") as refused:
         load_serve_config(apart)
     assert "s3cret" not in str(refused.value), "the variable keeps the password out of the config and the logs"
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql+psycopg://db/results?user=rorem&password=s3cret")
+    with pytest.raises(ValueError, match=r"one database") as refused:
+        load_serve_config(apart)
+    assert "s3cret" not in str(refused.value), "nor one given in the query"
     monkeypatch.delenv(DATABASE_URL_ENV)
     bucket = {"bucket": "b", "endpoint_url": "http://minio:9000"}
     for first, second in (("rorem/results", "/rorem/results/"), ("rorem", "rorem/results"), ("", "keyed")):
@@ -388,6 +392,12 @@ def test_two_applications_cannot_keep_results_in_one_store(tmp_path, monkeypatch
         {"object_store": {"s3": {**bucket, "prefix": "rorem/ab"}}, "database_url": "sqlite:///" + str(tmp_path / "b.db")},
     )  # fmt: skip
     load_serve_config(side_by_side)
+    inside = _two_applications_keeping_results(
+        tmp_path, {"object_store": {"path": str(tmp_path / "a")}},
+        {"object_store": {"path": str(tmp_path / "a" / "objects" / "b")}},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"keep results in one object store \(.*a/objects/b/objects\)"):
+        load_serve_config(inside)
 
 
 def _restated(args: dict, settings: dict, defaults: dict, where: str = "") -> list[str]:

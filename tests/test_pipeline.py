@@ -654,21 +654,21 @@ def test_a_deadline_spent_in_the_decode_is_a_timeout_not_a_refusal_for_the_repli
 
 def test_the_decode_deadline_counts_the_decode_not_the_wait_for_a_thread():
     """Slots (max_in_flight) outnumber the threads: a decode queued behind another must not spend its deadline
-    waiting, or a busy replica answers a valid upload 413 image-too-large."""
+    waiting, or a busy replica answers a valid upload 413 image-too-large. The first two decodes take 0.5 s each,
+    0.3 s within their own deadline (0.8 s) on a busy machine; the third waits 1 s for the thread."""
     settings = AppSettings.model_validate(
         {"imaging": {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate,
-                     "decode_timeout_s": 0.3}}
+                     "decode_timeout_s": 0.8}}
     )  # fmt: skip
     metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
     service = RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=FakeModels())
     service.cpu.workers = 1
     prepare = service.pipeline.prepare
-    slow = threading.Event()
+    slow = [0.5, 0.5]
 
     def first_slow_then_fast(*args):
-        if not slow.is_set():
-            slow.set()
-            threading.Event().wait(0.25)  # within its own deadline
+        if slow:
+            threading.Event().wait(slow.pop())
         return prepare(*args)
 
     service.pipeline.prepare = first_slow_then_fast
@@ -1001,8 +1001,24 @@ def test_a_later_attempt_keeps_time_for_an_encode_as_slow_as_this_replicas_recen
     for _ in range(30):  # faster encodes since: the slow one is forgotten, a step at a time
         encodes.observe("webp-lossless", 6.0, 0.6)
     assert encodes.expected_s("webp-lossless", 6.0) == pytest.approx(0.6)
+    encodes.observe("png", 64 * 64 / 1e6, 0.01)  # a thumbnail's time is its fixed cost, not 2,400 s per megapixel
+    assert encodes.expected_s("png", 12.0) == pytest.approx(12 * 0.9 * 0.3 / 6), "the 6 MP one's, one decay down"
 
     service = _service(FakeModels(scores=[0.8, 0.8]))
     reply = asyncio.run(service.remove(_upload(seed=3, output_format="webp")))
     megapixels = math.prod(decode_png(_upload().image).shape[:2]) / 1e6
-    assert service.encodes.expected_s("webp", megapixels) == pytest.approx(reply.timings.stages["encode"])
+    assert 0 < service.encodes.expected_s("webp", megapixels) <= reply.timings.stages["encode"], "timed in its thread"
+
+
+def test_a_later_attempt_is_not_started_when_the_encode_it_would_need_does_not_fit():
+    """With this replica's PNG encodes at 1.5 s, a 3 s deadline keeps 2.25 s for the encode: after a 0.5 s attempt
+    no second one starts (0.25 s left), and the first is encoded in time. Without the reserve three would run."""
+    models = _TimedRemovals([0.5, 0.5, 0.5], scores=[0.3, 0.4, 0.2])
+    service = _service(models)
+    service.encodes.observe("png", 1.0, 1.5)
+
+    async def main():
+        return await service.remove(_one_object(gate="retry", max_attempts=3, timeout_s=3.0))
+
+    reply = asyncio.run(main())
+    assert (reply.gate, reply.attempts, reply.score, models.started) == ("failed", 1, 0.3, 1)

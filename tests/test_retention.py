@@ -1625,9 +1625,9 @@ def test_a_result_past_max_age_is_not_found_by_delete_either_and_the_sweeper_rem
 
 
 def test_the_masks_png_encode_counts_within_the_saves_time_and_reads_back_as_the_mask(tmp_path, monkeypatch):
-    """A 40 MP mask of noise took 4.1 s to encode as an 8-bit PNG, before the save's timeout began: a removal's
-    answer waited for it whatever its deadline. The encode now counts against that timeout, and a 1-bit PNG
-    (0.43 s for the same mask) reads back as the mask the removal used."""
+    """A 40 MP mask of noise takes ~4 s to encode as a PNG, and it ran before the save's timeout began: a
+    removal's answer waited for it whatever its deadline. The encode now counts against that timeout; the PNG
+    reads back as the mask the removal used."""
     from engines import imaging
     from serve.config import RetentionSettings
     from serve.retention import keeper

@@ -415,10 +415,11 @@ def annotation_page() -> tuple[str, dict[str, str]]:
 
 
 def mask_png(mask: np.ndarray) -> bytes:
-    """The removed region as a 1-bit PNG: white = removed (the RORem mask convention). One bit a pixel: a 40 MP
-    mask of noise took 4.1 s as an 8-bit PNG, 0.43 s so (a box 0.40 -> 0.09 s)."""
+    """The removed region as a PNG: white = removed (the RORem mask convention). 8-bit gray, the same bytes for
+    the same mask in every version: export-labels groups results by their images' bytes, and clients read 0/255.
+    (A 40 MP mask of noise takes ~4 s so; keep() counts it within the save's time.)"""
     buffer = io.BytesIO()
-    Image.fromarray(mask > 0).save(buffer, format="PNG")
+    Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
