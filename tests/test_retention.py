@@ -1655,3 +1655,47 @@ def test_the_masks_png_encode_counts_within_the_saves_time_and_reads_back_as_the
         assert _rows(store) == [], "the save given up stored nothing"
     finally:
         retention.store.close()
+
+
+def test_mask_encodes_given_up_at_their_deadline_hold_none_of_their_masks(tmp_path, monkeypatch):
+    """A removal's answer no longer waits for its mask's encode past its deadline, so its admission slot is free
+    while the encode runs on: the encodes are bounded (MASK_ENCODE_THREADS), and those given up while queued let
+    go of their masks at once (40 MB each at 40 MP), or a stream of retained removals would pile them up."""
+    import gc
+    import weakref
+
+    from engines.gate import GatePolicy
+    from serve.config import RetentionSettings
+    from serve.protocol import RemoveOptions
+    from serve.retention import keeper
+    from serve.retention.keeper import MASK_ENCODE_THREADS, Retention
+    from serve.service import RemovalReply
+
+    go = threading.Event()
+    encode = keeper.mask_png
+    monkeypatch.setattr(keeper, "mask_png", lambda mask: go.wait(10) and encode(mask))
+    retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), _Metrics())
+    reply = RemovalReply(b"png bytes", "png", 3, [256], 1, 0.4, 1, "failed")
+    policy = GatePolicy("annotate", 0.5, 1, True)
+    given_up = []
+
+    async def keep(i: int):
+        mask = np.zeros((30, 40), bool)
+        given_up.append(weakref.ref(mask))
+        return await retention.keep(b"photo", "png", mask, reply, policy, RemoveOptions(), 20, None, 0.05)
+
+    async def main():
+        results = [await keep(i) for i in range(MASK_ENCODE_THREADS + 10)]
+        await asyncio.sleep(0.05)  # the last one's cancelled encode task ends on the loop's next turns
+        gc.collect()
+        held = sum(ref() is not None for ref in given_up)
+        go.set()
+        return results, held
+
+    try:
+        results, held = asyncio.run(main())
+        assert results == [None] * (MASK_ENCODE_THREADS + 10)
+        assert held <= MASK_ENCODE_THREADS, f"{held} masks held; at most the {MASK_ENCODE_THREADS} encodes under way"
+    finally:
+        go.set()
+        retention.store.close()

@@ -53,6 +53,35 @@ MAX_QUEUE = 200
 # Saves in progress at once per store client, in threads of their own: saves stalled on a slow store never
 # take the threads that reads (GET /results, images, the queue) run in.
 SAVE_THREADS = 4
+# Mask PNG encodes in progress at once per ingress replica (a 40 MP mask of noise takes ~4 s): one given up at
+# its request's deadline runs on while the request's admission slot is free again, so they are bounded here.
+MASK_ENCODE_THREADS = 2
+
+
+async def run_unless_given_up(
+    executor: ThreadPoolExecutor, work: Callable[[Any], Any], item: Any, on_given_up: Callable[[Future], None] | None = None
+) -> Any:
+    """`work(item)` in `executor`. Given up (cancelled) while it is queued, it never runs and lets go of `item` at
+    once: the queued call reaches it only through a list the giving-up caller empties, so a backlog of given-up
+    calls holds no images. `on_given_up(future)`: what else a give-up does (the call may be under way)."""
+    pending = [item]
+    del item
+
+    def run() -> Any:
+        try:
+            taken = pending.pop()
+        except IndexError:  # given up while it was queued
+            return None
+        return work(taken)
+
+    future = executor.submit(run)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        pending.clear()
+        if on_given_up is not None:
+            on_given_up(future)
+        raise
 
 
 class FeedbackBody(BaseModel):
@@ -108,27 +137,15 @@ class LocalStoreClient:
 
     async def save(self, new: NewResult) -> str:
         """A save given up on (cancelled) stores nothing: one still queued never starts, and lets go of its images
-        at once (the queue reaches them only through `pending`); one under way stops before its insert or, past
-        it, deletes the result whose id nobody got."""
+        at once (run_unless_given_up); one under way stops before its insert or, past it, deletes the result whose
+        id nobody got."""
         given_up = threading.Event()
-        pending = [new]
-        del new
 
-        def run() -> str | None:
-            try:
-                taken = pending.pop()
-            except IndexError:  # given up while it was queued
-                return None
-            return self.opened().save(taken, given_up)
-
-        work = self._saves.submit(run)
-        try:
-            return await asyncio.wrap_future(work)
-        except asyncio.CancelledError:
+        def give_up(work: Future) -> None:
             given_up.set()
-            pending.clear()
             work.add_done_callback(self._forget)
-            raise
+
+        return await run_unless_given_up(self._saves, lambda taken: self.opened().save(taken, given_up), new, give_up)
 
     def _forget(self, work: Future) -> None:
         if not work.cancelled() and work.exception() is None and work.result() is not None:
@@ -233,6 +250,7 @@ class Retention:
         self.settings = settings
         self.metrics = metrics
         self.store: LocalStoreClient | None = None
+        self._mask_encodes = ThreadPoolExecutor(MASK_ENCODE_THREADS, thread_name_prefix="retention-mask")
         if settings.enabled:
             self.store = store or LocalStoreClient.from_settings(settings)
 
@@ -276,7 +294,7 @@ class Retention:
         async def encode_and_save() -> str:
             new = NewResult(
                 source=source,
-                mask=await asyncio.to_thread(mask_png, mask),
+                mask=await run_unless_given_up(self._mask_encodes, mask_png, mask),
                 result=reply.body,
                 source_media_type=Image.MIME.get((source_format or "").upper(), "application/octet-stream"),
                 result_media_type=reply.media_type,
