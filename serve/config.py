@@ -667,19 +667,19 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
             )
 
 
-def check_retention_stores_apart(applications: list[dict]) -> None:
+def check_retention_stores_apart(applications: dict[str, AppSettings]) -> None:
     """Applications that keep results keep them in stores of their own. A result's owner is a key's name, which
     means something only within one application's keys file (or none: without keys every caller sees every
     result), and each application's sweeper applies its own max_results and max_age_days and deletes objects it
     has no row for: in a shared store a keyless application would serve a keyed one's results to anyone, and
     one's sweeps would delete the other's results. Object stores overlap when one's keys lie under the other's
-    (an S3 prefix within another's, a folder within another's)."""
+    (an S3 prefix within another's, a folder within another's). `applications`: their settings by name."""
     kept: list[tuple[str, tuple[str, str], tuple]] = []  # (application, database, objects)
-    for app in applications:
-        retention = AppSettings.model_validate(app.get("args") or {}).retention
+    for name, settings in applications.items():
+        retention = settings.retention
         if not retention.enabled:
             continue
-        name, database, objects = app_name(app), _database_place(retention.resolved_database_url()), None
+        database = _database_place(retention.resolved_database_url())
         s3 = retention.object_store.s3
         if s3:
             objects = ("s3", (s3.endpoint_url or "AWS").rstrip("/"), s3.bucket, s3.prefix.strip("/"))
@@ -751,9 +751,10 @@ def validate_serve_config(config: dict) -> None:
     unknown = unknown_keys(ServeDeploySchema, config)
     if unknown:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
-    check_retention_stores_apart(config["applications"])
+    settings = {app_name(app): AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]}
+    check_retention_stores_apart(settings)
     for app in config["applications"]:
-        check_deployments(AppSettings.model_validate(app.get("args") or {}), app.get("deployments", []))
+        check_deployments(settings[app_name(app)], app.get("deployments", []))
         for deployment in app.get("deployments", []):
             autoscaling = deployment.get("autoscaling_config")
             if isinstance(autoscaling, dict):
