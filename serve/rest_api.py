@@ -87,7 +87,9 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 class BarePrefix:
     """Ray's proxy hands the app its route_prefix's own address (/api/v1) as path and root_path alike: with
-    redirect_slashes off nothing matched it, and the READY line's address answered 404. It is the app's root."""
+    redirect_slashes off nothing matched it, and the READY line's address answered 404. It is the app's root.
+    The scope is rewritten in place: the router records the matched route in it, and _count_requests, outside
+    this middleware, labels the request from that same scope."""
 
     def __init__(self, app):
         self.app = app
@@ -95,7 +97,7 @@ class BarePrefix:
     async def __call__(self, scope, receive, send):
         root = scope.get("root_path", "")
         if scope["type"] == "http" and root and scope["path"] == root:
-            scope = {**scope, "path": root + "/", "raw_path": (root + "/").encode()}
+            scope["path"], scope["raw_path"] = root + "/", (root + "/").encode()
         await self.app(scope, receive, send)
 
 

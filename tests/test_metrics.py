@@ -181,3 +181,27 @@ def test_a_client_that_hangs_up_during_its_upload_is_counted_499_and_logged_as_n
     asyncio.run(app(scope, receive, send))
     assert answered == [("499", 499)], answered
     assert "unhandled error" not in caplog.text
+
+
+def test_a_request_to_the_bare_route_prefix_is_counted_under_the_route_that_answered_it(monkeypatch):
+    """GET /api/v1 (the address the READY line prints) is answered by the "/" route, and was counted as
+    route="other": the dashboards lost it among unmatched paths."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+    from ray import serve as ray_serve
+
+    import serve.app  # noqa: F401 (its Ingress class registers the routes on the api)
+    from serve import rest_api
+
+    answered = []
+    recorder = SimpleNamespace(
+        answered=lambda route, protocol, status, seconds, http_status: answered.append((route, status))
+    )
+    monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
+    monkeypatch.setattr(ray_serve, "get_replica_context", lambda: SimpleNamespace(servable_object=object()))
+    monkeypatch.setattr(rest_api.api, "middleware_stack", rest_api.api.middleware_stack)  # built by the client
+    client = TestClient(rest_api.api, base_url="http://127.0.0.1:8000", root_path="/api/v1")
+    for path in ("/api/v1/", "/api/v1"):
+        assert client.get(path, follow_redirects=False).headers["location"] == "/api/v1/playground"
+    assert answered == [("/", "307"), ("/", "307")]
