@@ -1,10 +1,11 @@
 """Readiness and liveness that do not queue behind model work.
 
 `/readyz` answers from what Serve publishes about the model deployments (their replicas' states, read
-from the controller at most once a second) and from the model descriptions, asked for once. A probe
-therefore costs the same whether the Remover is idle or saturated, so overload never turns every pod
-unready at once. `EngineWatch` gives the model deployments a `check_health` that notices an engine
-call that never returns, or an engine whose every call fails, so Serve restarts that replica.
+from the controller at most once a second) and from the model descriptions, asked for until one answer
+comes, by one call at a time per deployment whatever the number of probes. Once they are known a probe
+costs the same whether the Remover is idle or saturated, so overload never turns every pod unready at
+once. `EngineWatch` gives the model deployments a `check_health` that notices an engine call that never
+returns, or an engine whose every call fails, so Serve restarts that replica.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ logger = logging.getLogger("ray.serve")
 
 
 FAILED_CALLS_UNHEALTHY = 5  # engine calls failing in a row with none succeeding between: a broken device
+DESCRIBE_TIMEOUT_S = 5.0  # a model's describe() not answered by then: not ready yet, the next probe asks again
 
 
 class EngineWatch:
@@ -89,7 +91,7 @@ class Readiness:
         app_name: str | None = None,
         refresh_s: float = 1.0,
         replica_counts: Callable[[str], dict[str, int]] = running_replicas,
-        describe_timeout_s: float = 5.0,
+        describe_timeout_s: float = DESCRIBE_TIMEOUT_S,
     ):
         self.handles = {key: handle for key, handle in handles.items() if handle is not None}
         self.app_name = app_name
@@ -100,6 +102,7 @@ class Readiness:
         self._read_at = float("-inf")
         self._reading: asyncio.Task | None = None
         self.descriptions: dict[str, dict] = {}
+        self._describing: dict[str, asyncio.Task] = {}
 
     async def _current_counts(self) -> dict[str, int]:
         """The last read of Serve's replica states; a new read starts in the background once the last is
@@ -130,10 +133,21 @@ class Readiness:
         missing = [key for key, handle in self.handles.items() if counts.get(handle.deployment_name, 0) < 1]
         for key in self.handles:
             if key not in missing and key not in self.descriptions:
-                response = self.handles[key].describe.remote()
-                try:  # once per deployment: a running replica answers; a slow answer means "not yet"
-                    self.descriptions[key] = await asyncio.wait_for(response, timeout=self.describe_timeout_s)
-                except Exception:
-                    response.cancel()
+                if key not in self._describing:
+                    self._describing[key] = asyncio.ensure_future(self._describe(key))
+                await asyncio.shield(self._describing[key])  # a probe that gives up leaves the call to the others
+                if key not in self.descriptions:
                     missing.append(key)
         return missing
+
+    async def _describe(self, key: str) -> None:
+        """One describe call, shared by every probe that comes while it runs: the call goes through the
+        deployment's queue like a request, so a probe per call would add to a saturated model's queue. A slow
+        answer means "not yet"; the next probe after it asks again."""
+        response = self.handles[key].describe.remote()
+        try:
+            self.descriptions[key] = await asyncio.wait_for(response, timeout=self.describe_timeout_s)
+        except Exception:
+            response.cancel()
+        finally:
+            del self._describing[key]

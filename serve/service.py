@@ -180,10 +180,11 @@ class RemovalService:
 
     async def ready(self) -> dict:
         """The deployments the service cannot answer without have a running replica, as Serve publishes it:
-        never asked through the model queues, so a saturated Remover stays ready. The Scorer is one of them
-        only when the gate fails closed for its mode; otherwise its absence is "degraded" (results go out
-        unscored, as gate.on_scorer_error promises): in Kubernetes readiness is every worker pod's, and a lost
-        Scorer replica must not take every pod out of the Services."""
+        once the models' descriptions are known (serve.health.Readiness), never asked through the model queues,
+        so a saturated Remover stays ready. The Scorer is one of them only when the gate fails closed for its
+        mode; otherwise its absence is "degraded" (results go out unscored, as gate.on_scorer_error promises): in
+        Kubernetes readiness is every worker pod's, and a lost Scorer replica must not take every pod out of the
+        Services."""
         missing = await self.readiness.missing()
         gate = self.settings.gate
         scorer_needed = gate.on_scorer_error == "fail_closed" and gate.mode in ("retry", "reject")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from serve.health import EngineWatch, Readiness
+from serve.health import DESCRIBE_TIMEOUT_S, EngineWatch, Readiness
 from tests.helpers import REPO
 
 
@@ -151,6 +151,24 @@ def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancel
     readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)
     assert asyncio.run(readiness.missing()) == ["Remover"]
     assert handle.responses[-1].cancelled and "Remover" not in readiness.descriptions
+
+
+def test_concurrent_probes_share_one_describe_call_and_one_that_timed_out_is_asked_again():
+    """A new Ingress replica (autoscaled while the Remover is saturated) sent a describe call into the Remover's
+    queue per concurrent probe, each adding to the queue that kept them all from being answered."""
+    handle = FakeHandle("Remover", describe_s=10.0)
+    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)
+
+    async def probes(n: int) -> list[list[str]]:
+        return await asyncio.gather(*(readiness.missing() for _ in range(n)))
+
+    assert asyncio.run(probes(20)) == [["Remover"]] * 20
+    assert handle.asked == 1 and handle.responses[0].cancelled
+    handle.describe_s = 0.01
+    assert asyncio.run(probes(20)) == [[]] * 20
+    assert handle.asked == 2 and readiness.descriptions == {"Remover": {"name": "Remover"}}
+    docs = (REPO / "docs" / "reliability.md").read_text() + (REPO / "docs" / "api.md").read_text()
+    assert docs.count(f"`DESCRIBE_TIMEOUT_S` ({DESCRIBE_TIMEOUT_S:g} s") == 2
 
 
 SATURATING_CLIENTS = 6  # more than the test config's batch size (4): the Remover's queue never drains
