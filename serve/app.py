@@ -88,7 +88,7 @@ class Ingress(GrpcMethods, LiveSettings):
     async def healthz(self) -> dict:
         """The ingress process is alive (says nothing about the models); instance and application: which start of
         `python -m serve run` and which of its Serve applications answer; loop_lag_ms: the longest its event
-        loop ran late since the previous /healthz (serve.loop_lag)."""
+        loop ran late since the previous /healthz it answered, whoever asked (serve.loop_lag)."""
         return {
             "status": "alive",
             "instance": os.environ.get(INSTANCE_ENV),

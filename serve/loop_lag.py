@@ -4,8 +4,9 @@ A ticker sleeps PERIOD_S at a time and records how much later than asked it woke
 any request waits for the loop: a callback or a C call holding it (or the GIL, from a worker thread), or
 the process waiting for a core. Set beside a client's /healthz latency, it tells a stall of this loop
 from delays elsewhere (the proxy, the client's machine). /healthz reports the worst since the previous
-/healthz, so a prober that keeps every answer sees every stall once, and can tell when it happened; the worst
-of each second also goes to a histogram (`rorem_loop_lag_seconds`), which no caller resets.
+/healthz that replica answered, whoever asked: the route is public and the window is one per replica, shared
+by all its callers, so a stall another caller's /healthz took is missing from the next prober's answer. The
+complete record is the histogram (`rorem_loop_lag_seconds`): the worst of each second, which no caller resets.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class LoopLag:
                 window_ends = now + self.report_every_s
 
     def take_worst_ms(self) -> float:
-        """The worst lateness since the previous call (or since the start), in ms; the next call starts afresh."""
+        """The worst lateness since the previous call, by any caller (or since the start), in ms; the next call
+        starts afresh."""
         worst, self._worst = self._worst, 0.0
         return round(worst * 1000, 1)
 

@@ -191,7 +191,7 @@ def test_loop_lag_reports_a_stall_once():
 
 def test_loop_lag_reports_each_windows_worst_whoever_reads_healthz():
     """The metric's side: each window's worst goes to the histogram, and a /healthz caller taking the worst in
-    between (any caller resets its own window) takes nothing from it."""
+    between (one window for all its callers) takes nothing from it."""
     reported = []
 
     async def scenario():
