@@ -48,7 +48,7 @@ WORKDIR /home/rorem
 # HTTP, gRPC, Ray's Prometheus export of `python -m serve run`
 EXPOSE 8000 9000 9464
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=8)"]
+    CMD ["python3", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8000/readyz', timeout=8)"]
 CMD ["python3", "-m", "serve", "run", "--host", "0.0.0.0"]
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,5 +88,5 @@ WORKDIR /home/rorem
 
 EXPOSE 8000 9000 9464
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=8)"]
+    CMD ["python3", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8000/readyz', timeout=8)"]
 CMD ["python3", "-m", "serve", "run", "--host", "0.0.0.0"]

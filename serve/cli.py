@@ -224,6 +224,12 @@ def listen_addresses(config: dict, metrics_port: int) -> dict[str, tuple[str, in
     }
 
 
+# Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica given no GPU (ray-project/ray#54868), so a deployment
+# at num_gpus 0 with device "auto" would still find the GPU and load there, outside Ray's accounting (and
+# `--gpus 0` would say "runs on the CPU" and not mean it); this restores Ray's hiding of the GPUs from it
+HIDE_GPUS_FROM_CPU_REPLICAS_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+
+
 class PlacementError(ValueError):
     """The deployments cannot all be placed on this machine: the message says what to change."""
 
@@ -255,12 +261,20 @@ def fit_gpus(deployments: list[tuple[str, dict]], gpus: int) -> list[str]:
     requests = [options["num_gpus"] for _, options, replicas in wanting for _ in range(replicas)]
     if _packs(requests, gpus):
         return []
-    whole = [(name, o["num_gpus"]) for name, o, _ in wanting if o["num_gpus"] > 1]
+    whole = [(name, o["num_gpus"], r) for name, o, r in wanting if o["num_gpus"] > 1]
     if whole:
-        name, asked = whole[0]
+        too_big = [(name, asked) for name, asked, _ in whole if asked > gpus]
+        if too_big:
+            name, asked = too_big[0]
+            raise PlacementError(
+                f"{name} asks for {asked:g} GPUs per replica and this machine has {gpus}: lower its "
+                f"ray_actor_options.num_gpus (at most 1 lets replicas share a GPU) or its replica count"
+            )
+        asks = ", ".join(f"{name} {o['num_gpus']:g} x{r}" for name, o, r in wanting)
         raise PlacementError(
-            f"{name} asks for {asked:g} GPUs per replica and this machine has {gpus}: lower its "
-            f"ray_actor_options.num_gpus (at most 1 lets replicas share a GPU) or its replica count"
+            f"the GPU replicas ask for {sum(requests):g} GPUs in all ({asks} replicas) and this machine has {gpus}: "
+            f"lower ray_actor_options.num_gpus of {', '.join(name for name, _, _ in whole)} (at most 1 lets "
+            f"replicas share a GPU) or the replica counts"
         )
     share = math.floor(1 / math.ceil(len(requests) / gpus) / RAY_RESOURCE_STEP) * RAY_RESOURCE_STEP
     for _, options, _ in wanting:
@@ -273,11 +287,17 @@ def fit_gpus(deployments: list[tuple[str, dict]], gpus: int) -> list[str]:
 
 
 def _max_replicas(deployment: dict) -> int:
-    """Replicas a deployment may run: num_replicas, or its autoscaling ceiling."""
-    autoscaling = deployment.get("autoscaling_config") or {}
-    replicas = deployment.get("num_replicas", 1)
+    """Replicas a deployment may run: num_replicas, or its autoscaling ceiling as Ray fills it in (num_replicas
+    left out or null beside an autoscaling_config: its max_replicas, default 1; "auto": Ray's defaults for it,
+    max_replicas 100, under what the config gives)."""
+    replicas = deployment.get("num_replicas")
     if isinstance(replicas, int):
         return replicas
+    autoscaling = deployment.get("autoscaling_config") or {}
+    if replicas == "auto":
+        from ray.serve.config import AutoscalingConfig
+
+        return int(autoscaling.get("max_replicas", AutoscalingConfig.default().max_replicas))
     return int(autoscaling.get("max_replicas", 1))
 
 
@@ -310,9 +330,7 @@ def logical_cpus_needed(config: dict) -> int | None:
     wanted = 0.0
     for app in config["applications"]:
         for deployment in app.get("deployments", []):
-            replicas = deployment.get("num_replicas", 1)
-            replicas = replicas if isinstance(replicas, int) else 1
-            wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * replicas
+            wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * _max_replicas(deployment)
         if AppSettings.model_validate(app.get("args") or {}).retention.enabled:
             wanted += ResultStore.ray_actor_options.get("num_cpus", 1) * ResultStore.num_replicas
     cores = os.cpu_count() or 1
@@ -482,13 +500,23 @@ class ForeignInstance(RuntimeError):
     """Something else answers on this instance's address."""
 
 
+# the service's own address, never through $http_proxy: urlopen would send loopback polls to a proxy unless
+# no_proxy names that exact host, and READY would never come
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=2) as response:
+    with _DIRECT.open(url, timeout=2) as response:
         return json.loads(response.read())
 
 
+# SIGHUP too: a closed terminal or a dropped SSH session would otherwise end this process at once, and the
+# launcher's session (Ray, its ports, the GPU) would live on
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class StopRequest:
-    """SIGTERM / SIGINT: the first asks for a stop with drain, the second for a stop now."""
+    """A stop signal (STOP_SIGNALS): the first asks for a stop with drain, the second for a stop now."""
 
     def __init__(self):
         self.requested = threading.Event()
@@ -689,7 +717,7 @@ def run(argv: list[str] | None = None) -> int:
         _cannot_start(line)
     if busy:
         print(
-            "[rorem] stop that process or choose other ports (--port, --grpc-port, --metrics-port)",
+            "[rorem] stop the process that holds a port, or choose others (--host, --port, --grpc-port, --metrics-port)",
             file=sys.stderr,
             flush=True,
         )
@@ -735,7 +763,10 @@ def run(argv: list[str] | None = None) -> int:
         live = live_serve_config(config)
         effective.write_text(yaml.safe_dump(live, sort_keys=False))
         print(f"[rorem] effective Serve config: {effective}", flush=True)
-        command = [sys.executable, "-m", "serve.launcher", str(effective), "--metrics-port", str(options.metrics_port)]
+        command = [
+            sys.executable, "-m", "serve.launcher", str(effective),
+            "--metrics-port", str(options.metrics_port), "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
         num_cpus = logical_cpus_needed(live)
         if num_cpus:
             print(
@@ -750,40 +781,46 @@ def run(argv: list[str] | None = None) -> int:
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
         env = {
             **os.environ, **proxy_env(config), **grpc_access_env(config), **ray_network_env(config),
+            **HIDE_GPUS_FROM_CPU_REPLICAS_ENV,
             INSTANCE_ENV: instance,
             DRAIN_FLAG_ENV: str(drain_flag),
         }  # fmt: skip
         stop = StopRequest()
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, stop)
         # its own session: a terminal's Ctrl-C reaches this process only, which stops everything in order
         child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
-        deadline = time.monotonic() + options.ready_timeout
-        answers = []  # each application's /readyz, once every one is ready
         try:
-            for app in applications:
-                answer = wait_until_ready(
-                    app_url(root_url, app), instance, child, deadline - time.monotonic(), stop, app_name(app)
+            deadline = time.monotonic() + options.ready_timeout
+            answers = []  # each application's /readyz, once every one is ready
+            try:
+                for app in applications:
+                    answer = wait_until_ready(
+                        app_url(root_url, app), instance, child, deadline - time.monotonic(), stop, app_name(app)
+                    )
+                    if answer is None:
+                        break
+                    answers.append(answer)
+            except ForeignInstance as exc:
+                print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
+                stop_service(child, root_url, drain_flag, stop)
+                return 2
+            if len(answers) < len(applications):
+                if not stop.requested.is_set():
+                    print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
+                code = stop_service(child, root_url, drain_flag, stop)
+                return code if stop.requested.is_set() else 1
+            grpc = f"{url_host(host)}:{addresses['gRPC'][1]}"
+            for app, answer in zip(applications, answers):
+                line = ready_line(app, root_url, answer, grpc, options.metrics_port, instance, len(applications))
+                print(line, flush=True)
+            while child.poll() is None and not stop.requested.wait(0.5):
+                pass
+            if child.poll() is not None and not stop.requested.is_set():
+                print(
+                    f"[rorem] the launcher exited ({child.returncode}); stopping what is left", file=sys.stderr, flush=True
                 )
-                if answer is None:
-                    break
-                answers.append(answer)
-        except ForeignInstance as exc:
-            print(f"[rorem] cannot start: {exc}", file=sys.stderr, flush=True)
+            return stop_service(child, root_url, drain_flag, stop)
+        except BaseException:  # a bug here must not leave Ray and its ports behind
             stop_service(child, root_url, drain_flag, stop)
-            return 2
-        if len(answers) < len(applications):
-            if not stop.requested.is_set():
-                print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
-            code = stop_service(child, root_url, drain_flag, stop)
-            return code if stop.requested.is_set() else 1
-        grpc = f"{url_host(host)}:{addresses['gRPC'][1]}"
-        for app, answer in zip(applications, answers):
-            print(ready_line(app, root_url, answer, grpc, options.metrics_port, instance, len(applications)), flush=True)
-        while child.poll() is None and not stop.requested.wait(0.5):
-            pass
-        if child.poll() is not None and not stop.requested.is_set():
-            print(
-                f"[rorem] the launcher exited ({child.returncode}); stopping what is left", file=sys.stderr, flush=True
-            )
-        return stop_service(child, root_url, drain_flag, stop)
+            raise

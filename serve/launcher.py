@@ -11,7 +11,7 @@ itself only prints the controller's logs and waits.
 
 SIGINT / SIGTERM stop Ray at once (ray.shutdown): `python -m serve run` has drained the proxies by then
 (serve.proxy_middleware.Drain), and Serve's own shutdown (replica by replica, seconds each, then the
-proxies) would not fit in Docker's 10 s grace.
+proxies) would not fit in Docker's 10 s grace. The CLI's death sends SIGTERM too (stop_with_parent).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node-ip", default="127.0.0.1")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray may schedule (default: the cores)")
     parser.add_argument("--num-gpus", type=int, default=None, help="GPUs Ray may schedule (default: detected)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the CLI) is gone")
     options = parser.parse_args(argv)
+    if options.parent_pid:
+        stop_with_parent(options.parent_pid)
 
     import ray
     from ray.serve.scripts import run
@@ -64,6 +67,22 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(DEPLOY_FAILED_EXIT)
     while True:  # as Ray's blocking `serve run`: the replicas' logs reach this terminal
         time.sleep(10)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM when `python -m serve run` (`parent_pid`) dies without stopping this process
+    (SIGKILL, the OOM killer): in a session of its own, Ray's processes would outlive it and keep the ports and
+    the GPU. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve_status():

@@ -136,10 +136,23 @@ def _command(pid_dir: Path) -> str:
 
 
 def busy_ports(wanted: dict[str, tuple[str, int]]) -> list[str]:
-    """For each `name: (host, port)` in use, a line naming the port and its holder."""
+    """For each `name: (host, port)` that cannot be listened on, a line saying why: the port given twice, in
+    use (naming its holder), or refused by the system (an address not on this machine, a host name that does
+    not resolve, a privileged port)."""
     problems = []
+    names_by_port: dict[int, list[str]] = {}
+    for name, (_, port) in wanted.items():
+        names_by_port.setdefault(port, []).append(name)
+    for port, names in names_by_port.items():
+        if len(names) > 1:
+            problems.append(f"the {' and '.join(names)} ports are both {port}: give each its own")
     for name, (host, port) in wanted.items():
-        if port_in_use(host, port):
+        try:
+            in_use = port_in_use(host, port)
+        except OSError as exc:
+            problems.append(f"cannot listen on the {name} port {port} ({host}): {exc.strerror or exc}")
+            continue
+        if in_use:
             held_by = "; ".join(listeners(port)) or "unknown (no listener found in /proc)"
             problems.append(f"the {name} port {port} ({host}) is already in use, held by {held_by}")
     return problems

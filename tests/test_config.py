@@ -297,6 +297,36 @@ def test_a_placement_that_cannot_fit_is_refused_at_start_saying_what_to_change(t
     assert "Remover asks for 2 GPUs per replica and this machine has 1" in err and "num_gpus" in err
 
 
+def test_a_placement_over_the_gpus_in_all_names_the_total_not_a_replica_that_fits():
+    from serve.cli import PlacementError
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 2
+    with pytest.raises(PlacementError) as refused:
+        fit_to_machine(config, bundle=None, host=None, port=None, gpus=2)
+    assert "ask for 3 GPUs in all" in str(refused.value) and "this machine has 2" in str(refused.value)
+    assert "per replica" not in str(refused.value)
+
+
+@pytest.mark.parametrize("replicas", [{}, {"num_replicas": None}, {"num_replicas": "auto"}])
+def test_an_autoscaling_deployment_is_fitted_for_its_ceiling_however_its_replicas_are_left_open(replicas):
+    """Ray's schema takes autoscaling_config with num_replicas left out: counted as one replica, two GPUs' worth
+    of Removers was given whole GPUs and the third waited for one forever."""
+    from serve.cli import logical_cpus_needed
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    remover = _deployments(config)["Remover"]
+    remover.pop("num_replicas", None)
+    remover.update(replicas, autoscaling_config={"min_replicas": 1, "max_replicas": 3})
+    notes = fit_to_machine(config, bundle=None, host=None, port=None, gpus=2)
+    shares = [d["ray_actor_options"]["num_gpus"] for d in _deployments(config).values() if d["name"] != "Ingress"]
+    assert shares == [0.5, 0.5] and "4 GPU replicas" in notes[0]
+    ingress = _deployments(config)["Ingress"]
+    ingress.pop("num_replicas", None)
+    ingress.update(replicas, autoscaling_config={"min_replicas": 1, "max_replicas": 40})
+    assert logical_cpus_needed(config) >= 40
+
+
 def test_each_bucket_has_its_own_batch_size_and_wait():
     settings = AppSettings.model_validate(
         {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01,

@@ -201,6 +201,25 @@ def test_healthcheck_asks_readyz_on_the_served_port():
         compile(argv[2], "HEALTHCHECK", "exec")
 
 
+def test_healthcheck_passes_on_a_ready_answer_whatever_the_environment_s_http_proxy_says():
+    """A container run with HTTP_PROXY (to reach the hub) sent its own health check to the proxy: unhealthy for ever."""
+    from tests.helpers import CannedAnswers, loopback_server
+
+    class Ready(CannedAnswers):
+        def do_GET(self):
+            self.reply(200 if self.path == "/readyz" else 404, b'{"status": "ready"}')
+
+    port = SERVE_CONFIG["http_options"]["port"]
+    env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    for stage in stages():
+        code = exec_form(stage.values("HEALTHCHECK")[0].partition("CMD")[2])[2]
+        with loopback_server(Ready) as url:
+            served = code.replace(f"http://127.0.0.1:{port}", url)
+            assert served != code
+            done = subprocess.run([sys.executable, "-c", served], env=env, capture_output=True, timeout=30, check=False)
+        assert done.returncode == 0, f"{stage.name}: {done.stderr.decode()[-300:]}"
+
+
 def cli_options(argv: list[str]) -> argparse.Namespace:
     """What `python -m serve` makes of the arguments after `-m serve` (its own argparse parser)."""
     from serve.cli import build_parser

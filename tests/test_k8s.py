@@ -480,6 +480,20 @@ def test_the_ray_containers_carry_the_environment_derived_from_their_serve_confi
     assert float(expected[PROXY_DRAINING_ENV]) >= route["timeout_s"], "a draining proxy outlives a body"
 
 
+def test_the_ray_containers_hide_the_gpus_from_replicas_given_none():
+    """As `python -m serve run` does: Ray 2.60 leaves CUDA visible to a replica at num_gpus 0, so a model deployment
+    moved to the CPU that way would load on the pod's GPU anyway."""
+    from serve.cli import HIDE_GPUS_FROM_CPU_REPLICAS_ENV
+
+    for overlay in ("prod", "dev"):
+        cluster = find(built(overlay), "RayService")["spec"]["rayClusterConfig"]
+        containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
+        containers += [group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]]
+        for container in containers:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert HIDE_GPUS_FROM_CPU_REPLICAS_ENV.items() <= env.items(), (overlay, container["name"])
+
+
 def test_rendering_the_env_replaces_only_what_proxy_env_sets():
     """A name proxy_env does not set (here the gRPC limit) leaves the manifest; other entries of the list, and lists
     without the proxy middleware (the init container's), stay as they are."""

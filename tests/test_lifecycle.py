@@ -140,6 +140,122 @@ def test_an_application_is_ready_once_its_own_ingress_answers_at_its_address():
     assert ready == {"status": "ready"} and asked == ["rorem", "rorem", "keyed"]
 
 
+def test_readiness_is_polled_directly_whatever_the_environment_s_http_proxy_says(monkeypatch):
+    """urlopen sends even loopback URLs to $http_proxy unless no_proxy names that exact host: READY never came,
+    and the start was stopped after its whole --ready-timeout with no reason given."""
+
+    class Probe(CannedAnswers):
+        def do_GET(self):
+            body = {"status": "ready"} if self.path == "/readyz" else {"status": "alive", "instance": "me"}
+            self.reply(200, json.dumps(body).encode())
+
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers there
+    monkeypatch.setenv("no_proxy", "localhost")
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with loopback_server(Probe) as url:
+            assert wait_until_ready(url, "me", launcher, 3, StopRequest()) == {"status": "ready"}
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def _start_with_ports(tmp_path, *flags) -> int:
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(serve_test_config(tmp_path)))
+    return run(["run", "--config", str(path), *flags])
+
+
+def test_a_port_given_twice_or_an_address_not_here_fails_the_start_saying_so(tmp_path, capsys, no_launch):
+    """Each port was checked alone: the same number for HTTP and metrics launched Ray, whose exporter then
+    answered the READY poll; an address not on this machine ended in a traceback."""
+    port = free_port()
+    assert _start_with_ports(tmp_path, "--port", str(port), "--metrics-port", str(port)) == 2
+    assert f"the HTTP and metrics ports are both {port}: give each its own" in capsys.readouterr().err
+    started = time.monotonic()
+    assert _start_with_ports(tmp_path, "--host", "192.0.2.1", "--port", str(free_port())) == 2  # TEST-NET-1
+    err = capsys.readouterr().err
+    assert "cannot listen on the HTTP port" in err and "(192.0.2.1)" in err and "Traceback" not in err
+    assert time.monotonic() - started < 5
+
+
+_HANGUP_DRIVER = """
+import subprocess, sys
+from types import SimpleNamespace
+import serve.cli as cli
+real = subprocess.Popen
+def launch(command, **kwargs):
+    child = real([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+    print(child.pid, flush=True)
+    return child
+cli.subprocess = SimpleNamespace(Popen=launch)
+sys.exit(cli.run(["run", "--config", *sys.argv[1:], "--ready-timeout", "60"]))
+"""
+
+
+def test_a_hangup_stops_what_the_start_launched(tmp_path):
+    """A closed terminal or a dropped SSH session (SIGHUP) ended the CLI at once; the launcher, in a session of its
+    own, and Ray with it kept the ports and the GPU."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(serve_test_config(tmp_path)))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    cli = subprocess.Popen(
+        [sys.executable, "-c", _HANGUP_DRIVER, str(path), *ports],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        launcher = next(int(line) for line in cli.stdout if line.strip().isdigit())
+        cli.send_signal(signal.SIGHUP)
+        cli.wait(timeout=20)
+        time.sleep(0.2)
+        assert not _alive(launcher), "the launcher outlived the CLI"
+    finally:
+        cli.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_launcher_stops_when_the_cli_is_killed():
+    """SIGKILL or the OOM killer give the CLI no chance to stop anything: the launcher asks the kernel for a
+    SIGTERM when its parent dies (and a SIGTERM stops Ray)."""
+    middle = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, subprocess, sys; child = subprocess.Popen([sys.executable, '-c', "
+         "'import os, sys, time; from serve.launcher import stop_with_parent; stop_with_parent(int(sys.argv[1])); "
+         "print(os.getpid(), flush=True); time.sleep(60)', str(os.getpid())]); child.wait()"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    launcher = int(middle.stdout.readline())
+    middle.kill()
+    middle.wait()
+    deadline = time.monotonic() + 10
+    while _alive(launcher) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(launcher)
+
+
+def test_the_launcher_hides_the_gpus_from_replicas_given_none(tmp_path, monkeypatch):
+    """Ray 2.60 no longer sets CUDA_VISIBLE_DEVICES for a replica at num_gpus 0: with device "auto" it loaded on the
+    GPU anyway, outside Ray's accounting, and `--gpus 0` said the model ran on the CPU."""
+    from serve import cli
+
+    launched = []
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda command, env, **kw: launched.append(env) or
+                                                           SimpleNamespace(poll=lambda: 1, returncode=1)))
+    monkeypatch.setattr(cli, "wait_until_ready", lambda *args: None)
+    monkeypatch.setattr(cli, "stop_service", lambda *args: 1)
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    _start_with_ports(tmp_path, *ports, "--gpus", "0")
+    (env,) = launched
+    assert env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "1"
+
+
 def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     config = serve_test_config(tmp_path)
     path = tmp_path / "serve.yaml"
