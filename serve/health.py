@@ -127,17 +127,24 @@ class Readiness:
             self.app_name = serve.get_replica_context().app_name
         return self.app_name
 
-    async def missing(self) -> list[str]:
-        """Deployments without a running replica, or whose description is not known yet."""
+    async def missing(self) -> dict[str, str]:
+        """Deployments the service lacks, each with why: no running replica yet, or its description not known yet
+        (the describe calls of several deployments run side by side, so a probe waits one describe timeout)."""
         counts = await self._current_counts()
-        missing = [key for key, handle in self.handles.items() if counts.get(handle.deployment_name, 0) < 1]
-        for key in self.handles:
-            if key not in missing and key not in self.descriptions:
-                if key not in self._describing:
-                    self._describing[key] = asyncio.ensure_future(self._describe(key))
-                await asyncio.shield(self._describing[key])  # a probe that gives up leaves the call to the others
-                if key not in self.descriptions:
-                    missing.append(key)
+        missing = {
+            key: "no running replica yet"
+            for key, handle in self.handles.items()
+            if counts.get(handle.deployment_name, 0) < 1
+        }
+        undescribed = [key for key in self.handles if key not in missing and key not in self.descriptions]
+        for key in undescribed:
+            if key not in self._describing:
+                self._describing[key] = asyncio.ensure_future(self._describe(key))
+        # a probe that gives up leaves the calls to the others
+        await asyncio.gather(*(asyncio.shield(self._describing[key]) for key in undescribed))
+        for key in undescribed:
+            if key not in self.descriptions:
+                missing[key] = f"running, but its description was not answered within {self.describe_timeout_s:g} s"
         return missing
 
     async def _describe(self, key: str) -> None:

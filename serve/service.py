@@ -190,10 +190,11 @@ class RemovalService:
         scorer_needed = gate.on_scorer_error == "fail_closed" and gate.mode in ("retry", "reject")
         blocking = [name for name in missing if name != "Scorer" or scorer_needed]
         if blocking:
-            raise Problem("not-ready", f"no running replica yet: {', '.join(blocking)}", headers=self._retry_after)
+            why = "; ".join(f"{name}: {missing[name]}" for name in blocking)
+            raise Problem("not-ready", f"not ready yet: {why}", headers=self._retry_after)
         return {
             "status": "degraded" if missing else "ready",
-            "missing": missing,
+            "missing": list(missing),
             "model": self.readiness.descriptions["Remover"],
             "scorer": self.readiness.descriptions.get("Scorer"),
             "gate": gate.model_dump(),

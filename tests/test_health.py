@@ -107,15 +107,15 @@ def test_readiness_follows_the_published_replica_states_and_asks_each_descriptio
     readiness = Readiness({"Remover": remover, "Scorer": scorer, "none": None}, "rorem", 0.0, replica_counts)
 
     async def scenario():
-        assert await readiness.missing() == ["Remover"]
+        assert list(await readiness.missing()) == ["Remover"]
         states["Remover"] = 1
         for _ in range(500):  # the next background read sees the new state
-            if await readiness.missing() == []:
+            if not await readiness.missing():
                 break
             await asyncio.sleep(0.01)
-        assert await readiness.missing() == []
+        assert list(await readiness.missing()) == []
         for _ in range(20):
-            assert await readiness.missing() == []
+            assert list(await readiness.missing()) == []
         return readiness.descriptions
 
     assert asyncio.run(scenario()) == {"Remover": {"name": "Remover"}, "Scorer": {"name": "Scorer"}}
@@ -139,7 +139,7 @@ def test_a_probe_never_waits_for_a_slow_controller_read_after_the_first():
         times = []
         for _ in range(5):
             started = time.perf_counter()
-            assert await readiness.missing() == []
+            assert list(await readiness.missing()) == []
             times.append(time.perf_counter() - started)
         return times
 
@@ -149,7 +149,7 @@ def test_a_probe_never_waits_for_a_slow_controller_read_after_the_first():
 def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancelled():
     handle = FakeHandle("Remover", describe_s=10.0)
     readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)
-    assert asyncio.run(readiness.missing()) == ["Remover"]
+    assert list(asyncio.run(readiness.missing())) == ["Remover"]
     assert handle.responses[-1].cancelled and "Remover" not in readiness.descriptions
 
 
@@ -160,7 +160,7 @@ def test_concurrent_probes_share_one_describe_call_and_one_that_timed_out_is_ask
     readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)
 
     async def probes(n: int) -> list[list[str]]:
-        return await asyncio.gather(*(readiness.missing() for _ in range(n)))
+        return [list(missing) for missing in await asyncio.gather(*(readiness.missing() for _ in range(n)))]
 
     assert asyncio.run(probes(20)) == [["Remover"]] * 20
     assert handle.asked == 1 and handle.responses[0].cancelled
@@ -169,6 +169,22 @@ def test_concurrent_probes_share_one_describe_call_and_one_that_timed_out_is_ask
     assert handle.asked == 2 and readiness.descriptions == {"Remover": {"name": "Remover"}}
     docs = (REPO / "docs" / "reliability.md").read_text() + (REPO / "docs" / "api.md").read_text()
     assert docs.count(f"`DESCRIBE_TIMEOUT_S` ({DESCRIBE_TIMEOUT_S:g} s") == 2
+
+
+def test_a_probe_waits_one_describe_timeout_for_all_deployments_and_says_which_did_not_answer():
+    """The describes were awaited one after another (a probe could wait 2 x 5 s), and a replica that Serve runs
+    but whose describe timed out was reported as having no running replica."""
+    remover, scorer = FakeHandle("Remover", describe_s=10.0), FakeHandle("Scorer", describe_s=10.0)
+    counts = {"Remover": 1, "Scorer": 0}
+    readiness = Readiness({"Remover": remover, "Scorer": scorer}, "rorem", 60.0, lambda app: counts, 0.3)
+    missing = asyncio.run(readiness.missing())
+    assert missing == {"Remover": "running, but its description was not answered within 0.3 s",
+                       "Scorer": "no running replica yet"}  # fmt: skip
+    counts["Scorer"] = 1
+    readiness = Readiness({"Remover": remover, "Scorer": scorer}, "rorem", 60.0, lambda app: counts, 0.3)
+    started = time.perf_counter()
+    assert set(asyncio.run(readiness.missing())) == {"Remover", "Scorer"}
+    assert time.perf_counter() - started < 0.55, "the two describes ran one after the other"
 
 
 SATURATING_CLIENTS = 6  # more than the test config's batch size (4): the Remover's queue never drains

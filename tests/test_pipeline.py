@@ -901,8 +901,8 @@ class _PublishedStates:
         self.missing_now = missing
         self.descriptions = {"Remover": {"name": "Remover"}, "Scorer": {"name": "Scorer"}}
 
-    async def missing(self) -> list[str]:
-        return list(self.missing_now)
+    async def missing(self) -> dict[str, str]:
+        return {name: "no running replica yet" for name in self.missing_now}
 
 
 @pytest.mark.parametrize(
@@ -928,7 +928,7 @@ def test_readiness_needs_the_scorer_only_where_the_gate_cannot_answer_without_it
         answer = asyncio.run(service.ready())
     except Problem as problem:
         assert problem.kind.slug == expected, problem.detail
-        assert problem.headers["Retry-After"]
+        assert problem.headers["Retry-After"] and f"{missing[0]}: no running replica yet" in problem.detail
         return
     assert (answer["status"], answer["missing"]) == (expected, missing)
 
