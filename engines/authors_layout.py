@@ -9,6 +9,8 @@ Where the pieces are (github.com/leeruibin/RORem, README and inference scripts):
   discriminator folder (`pytorch_lora_weights.safetensors` + `cls_pred_branch.pt`, trained on the
   *SDXL-inpainting* UNet) are on Google Drive only (DRIVE_FOLDERS): download them, copy them where
   `lcm_lora` / `discriminator` point. The head may also be `cls_pred_branch.safetensors`.
+- the discriminator's trunk, `discriminator_unet`: the SDXL-inpainting UNet (SDXL_INPAINTING_UNET). It may
+  be left out only when base is that pipeline on the hub; a trunk with the RORem UNet's weights is refused.
 Each piece is a local path or `hf:OWNER/NAME[@REVISION][/SUBPATH]` on the Hugging Face hub (the
 revision where huggingface_hub's HfFileSystem puts it). A hub piece without a commit follows a branch
 that can move: it is resolved to the commit the branch is at, with a warning, and the bundle names
@@ -43,6 +45,7 @@ PIPELINE_PARTS = ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokeniz
 # Published on the hub: the RORem pipeline, and the UNet the authors trained the discriminator on.
 ROREM_PIPELINE = "hf:LetsThink/RORem"
 SDXL_INPAINTING_UNET = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Published on Google Drive only (the authors' README), by AuthorsLayout field.
 DRIVE_FOLDERS = {
     "lcm_lora": ("RORem-LCM", "https://drive.google.com/drive/folders/1QK8qcqT7SKRzD2AyGtgfwWwlQrUesAc1"),
@@ -60,7 +63,7 @@ class AuthorsLayout:
     lcm_lora: str | None = None  # the import needs it: the LoRA file, or its folder (pytorch_lora_weights.safetensors)
     discriminator: str | None = None  # folder: pytorch_lora_weights.safetensors + cls_pred_branch.{safetensors,pt}
     # the SDXL-inpainting UNet (folder, or a pipeline folder with unet/) the discriminator's LoRA
-    # applies to; None: base's unet/, which is that UNet only when `unet` is given separately
+    # applies to; None only when base is the SDXL-inpainting pipeline on the hub (its unet/ is that UNet)
     discriminator_unet: str | None = None
 
     def describe(self) -> dict[str, str | None]:
@@ -119,13 +122,23 @@ def _pieces(layout: AuthorsLayout) -> dict[str, str]:
     return {field.name: ref for field in fields(layout) if (ref := getattr(layout, field.name))}
 
 
+def _base_is_sdxl_inpainting(layout: AuthorsLayout) -> bool:
+    """Only a base named as the SDXL-inpainting pipeline on the hub is known to hold the discriminator's UNet
+    in unet/: a local pipeline folder, or LetsThink/RORem, may hold RORem's."""
+    if not layout.base.startswith(HUB_PREFIX):
+        return False
+    base, sdxl = HubRef.parse(layout.base), HubRef.parse(SDXL_INPAINTING_UNET)
+    return base.repo_id == sdxl.repo_id and not base.subpath
+
+
 def _check_local_pieces(layout: AuthorsLayout) -> _Finder:
     """The local pieces, found; raises (one BundleError naming every missing file) before anything is downloaded."""
-    if layout.discriminator and not layout.discriminator_unet and not layout.unet:
+    if layout.discriminator and not layout.discriminator_unet and not _base_is_sdxl_inpainting(layout):
         raise BundleError(
-            "discriminator_unet is not set, and base's unet/ is RORem's (unet is not given): the "
-            "discriminator was trained on the SDXL-inpainting UNet; set discriminator_unet to "
-            f"{SDXL_INPAINTING_UNET} (or a local copy)"
+            f"discriminator_unet is not set, and base ({layout.base}) is not the SDXL-inpainting pipeline on the hub: "
+            "its unet/ may be RORem's (LetsThink/RORem's is), and the discriminator was trained on the "
+            f"SDXL-inpainting UNet. Set discriminator_unet to {SDXL_INPAINTING_UNET} at a commit (or a local copy; "
+            "base itself if base is a copy of the SDXL-inpainting pipeline)"
         )
     local = {field: Path(ref).expanduser() for field, ref in _pieces(layout).items() if not ref.startswith(HUB_PREFIX)}
     finder = _Finder(layout, local)
@@ -229,10 +242,7 @@ class _Finder:
         self.problems.append(line)
 
     def _base(self, path: Path) -> None:
-        layout = self.layout
-        wanted = PIPELINE_PARTS
-        if not layout.unet or (layout.discriminator and not layout.discriminator_unet):
-            wanted += ("unet",)  # RORem's UNet, or the discriminator's (see AuthorsLayout)
+        wanted = _base_parts(self.layout)
         absent = [path / part for part in wanted if not (path / part).is_dir()]
         self.reads += [path / part for part in wanted]
         if not path.is_dir():
@@ -270,6 +280,33 @@ class _Finder:
             self._missing("discriminator", "the head", [path / name for name in HEAD_FILENAMES])
         self.found["discriminator_lora"], self.found["discriminator_head"] = lora, head
         self.reads += [lora, head] if head else [lora]
+
+
+def _base_parts(layout: AuthorsLayout) -> tuple[str, ...]:
+    """The folders the import reads of base."""
+    if not layout.unet or (layout.discriminator and not layout.discriminator_unet):
+        return (*PIPELINE_PARTS, "unet")  # RORem's UNet, or the discriminator's (see AuthorsLayout)
+    return PIPELINE_PARTS
+
+
+def _refuse_rorem_unet_as_trunk(found: LocatedLayout, inputs_sha256: dict[str, str]) -> None:
+    """The discriminator built on the RORem UNet scores wrongly without a word: refuse a trunk that shares a
+    weight file with it. A local file is known by its sha256, a hub one by its cache blob, which the hub's cache
+    names by the sha256 of a weight (LFS) file."""
+
+    def content(file: Path) -> str:
+        blob = file.resolve()
+        return inputs_sha256.get(str(file)) or (blob.name if blob.parent.name == "blobs" else str(blob))
+
+    def weights(folder: Path) -> set[str]:
+        return {content(file) for file in folder_files(folder) if file.suffix in WEIGHT_SUFFIXES}
+
+    if found.discriminator_unet and weights(found.discriminator_unet) & weights(found.unet):
+        raise BundleError(
+            f"discriminator_unet ({found.discriminator_unet}) holds the weights of the RORem UNet ({found.unet}); the "
+            f"discriminator was trained on the SDXL-inpainting UNet: set discriminator_unet to {SDXL_INPAINTING_UNET} "
+            "at a commit (or a local copy)"
+        )
 
 
 def _nested_copies(path: Path, depth: int = 3) -> list[Path]:
@@ -374,6 +411,7 @@ def import_authors_layout(
     layout = pin(layout)
     found = locate(layout)
     inputs_sha256 = local_inputs_sha256(layout, file_sha256)
+    _refuse_rorem_unet_as_trunk(found, inputs_sha256)
     discriminator, discriminator_info, discriminator_embeds = None, None, None
     if found.discriminator_lora:
         # first, so the fp32 SDXL-inpainting UNet is freed before the RORem UNet is loaded

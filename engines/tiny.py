@@ -99,7 +99,8 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
 
 
 def write_tiny_authors_layout(root: str | Path, seed: int = 0) -> AuthorsLayout:
-    """Write a tiny base pipeline, a 'fine-tuned' RORem UNet and an LCM LoRA, as the authors publish them."""
+    """Write a tiny base pipeline, a 'fine-tuned' RORem UNet, an LCM LoRA and a discriminator trained on the base's
+    UNet, as the authors publish them."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
@@ -161,6 +162,7 @@ def write_tiny_authors_layout(root: str | Path, seed: int = 0) -> AuthorsLayout:
         unet=str(root / "rorem_unet"),
         lcm_lora=str(root / "lcm_lora" / LORA_FILENAME),
         discriminator=str(root / "discriminator"),
+        discriminator_unet=str(root / "base"),  # its unet/: the UNet the discriminator was trained on
     )
 
 

@@ -103,7 +103,11 @@ class AuthorsSource(_Strict):
     discriminator: str | None = Field(
         None, description="folder: pytorch_lora_weights.safetensors + cls_pred_branch.safetensors or .pt"
     )
-    discriminator_unet: str | None = Field(None, description="the SDXL-inpainting UNet the discriminator applies to")
+    discriminator_unet: str | None = Field(
+        None,
+        description="the SDXL-inpainting UNet the discriminator applies to; required with discriminator unless base "
+        "is that pipeline on the hub (hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1)",
+    )
 
     @model_validator(mode="after")
     def _unet_source(self) -> "AuthorsSource":

@@ -850,6 +850,7 @@ def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
     assert environment["ROREM_LCM_LORA"] and environment["ROREM_DISCRIMINATOR"]
     if not environment["ROREM_UNET"]:
         assert environment["ROREM_BASE"].partition("@")[0] == published["ROREM_PIPELINE"], "only its unet/ is RORem's"
+    if environment["ROREM_BASE"].partition("@")[0] != published["SDXL_INPAINTING_UNET"].removesuffix("/unet"):
         assert environment["ROREM_DISCRIMINATOR_UNET"], "the discriminator needs the SDXL-inpainting UNet"
 
 

@@ -359,7 +359,11 @@ def test_import_refuses_an_incomplete_discriminator_folder(tiny_layout, tmp_path
     folder.mkdir()
     shutil.copy(Path(tiny_layout.discriminator) / LORA_FILENAME, folder)
     layout = AuthorsLayout(
-        base=tiny_layout.base, unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora, discriminator=str(folder)
+        base=tiny_layout.base,
+        unet=tiny_layout.unet,
+        lcm_lora=tiny_layout.lcm_lora,
+        discriminator=str(folder),
+        discriminator_unet=tiny_layout.discriminator_unet,
     )
     assert layout.describe()["discriminator"] == str(folder)
     assert "discriminator" not in AuthorsLayout(base="b", unet="u").describe(), "an unset discriminator is left out"

@@ -21,6 +21,7 @@ from engines.authors_layout import (
     LORA_FILENAME,
     SDXL_INPAINTING_UNET,
     AuthorsLayout,
+    HubRef,
     fetch,
     import_authors_layout,
     locate,
@@ -86,13 +87,68 @@ def test_the_rorem_pipeline_as_base_imports_the_same_bundle(tiny_layout, tiny_bu
     assert bundle.manifest.provenance["source"]["unet"] is None
 
 
-def test_the_discriminator_is_not_built_on_rorem_s_unet(tiny_layout, rorem_pipeline, monkeypatch):
+@pytest.mark.parametrize("unet", [None, "RORem-mixed"], ids=["base-unet", "separate-unet"])
+def test_the_discriminator_is_not_built_on_rorem_s_unet(tiny_layout, rorem_pipeline, tmp_path, monkeypatch, unet):
+    """LetsThink/RORem as base with a RORem(-mixed) UNet beside it: base's unet/ is RORem's too, and the
+    discriminator was built on it without a word (144 of 158 of its tensors wrong)."""
     monkeypatch.setattr(authors_layout, "fetch", _no_download)
+    if unet:
+        shutil.copytree(tiny_layout.unet, tmp_path / unet)
     layout = AuthorsLayout(
-        base=str(rorem_pipeline / "RORem"), discriminator=str(rorem_pipeline / "RORem-Discriminator")
+        base=str(rorem_pipeline / "RORem"),
+        unet=str(tmp_path / unet) if unet else None,
+        lcm_lora=str(rorem_pipeline / "RORem-LCM"),
+        discriminator=str(rorem_pipeline / "RORem-Discriminator"),
     )
     with pytest.raises(BundleError, match=f"discriminator_unet is not set.*{SDXL_INPAINTING_UNET}"):
-        locate(layout)
+        import_authors_layout(layout, tmp_path / "bundle", dtype="float32")
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize("trunk", ["the RORem pipeline", "a copy of the RORem UNet", "a copy of the hub's RORem UNet"])
+def test_a_discriminator_unet_with_the_rorem_unet_s_weights_is_refused(rorem_pipeline, tmp_path, monkeypatch, trunk):
+    base = str(rorem_pipeline / "RORem")
+    if trunk == "the RORem pipeline":
+        discriminator_unet = rorem_pipeline / "RORem"  # its unet/ is base's, RORem's
+    else:
+        discriminator_unet = shutil.copytree(rorem_pipeline / "RORem" / "unet", tmp_path / "sdxl-unet")
+    if trunk == "a copy of the hub's RORem UNet":
+        base = f"hf:LetsThink/RORem@{COMMIT_A}"
+        snapshot = _hub_cache_snapshot(rorem_pipeline / "RORem", tmp_path / "hub")
+        monkeypatch.setattr(authors_layout, "fetch", lambda ref, *_: snapshot if ref == base else _no_download(ref))
+    layout = AuthorsLayout(
+        base=base,
+        lcm_lora=str(rorem_pipeline / "RORem-LCM"),
+        discriminator=str(rorem_pipeline / "RORem-Discriminator"),
+        discriminator_unet=str(discriminator_unet),
+    )
+    with pytest.raises(BundleError, match=r"discriminator_unet \(\S+\) holds the weights of the RORem UNet"):
+        import_authors_layout(layout, tmp_path / "bundle", dtype="float32")
+    assert not (tmp_path / "bundle").exists()
+
+
+def _hub_cache_snapshot(pipeline: Path, cache: Path) -> Path:
+    """The pipeline as huggingface_hub's cache holds it: snapshots/COMMIT/PATH links to blobs/, each blob named by
+    its file's sha256 (as an LFS file's is)."""
+    snapshot = cache / "snapshots" / COMMIT_A
+    for file in (f for f in pipeline.rglob("*") if f.is_file()):
+        blob = cache / "blobs" / sha256_of(file)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, blob)
+        link = snapshot / file.relative_to(pipeline)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    return snapshot
+
+
+def test_the_sdxl_inpainting_pipeline_on_the_hub_as_base_gives_the_discriminator_its_unet(tiny_layout, monkeypatch):
+    """The authors' scripts' layout: base = the SDXL-inpainting pipeline, whose unet/ the discriminator needs."""
+    sdxl = f"hf:{HubRef.parse(SDXL_INPAINTING_UNET).repo_id}@{COMMIT_A}"
+    monkeypatch.setattr(authors_layout, "fetch", lambda ref, *_: Path(tiny_layout.base) if ref == sdxl else _no_download(ref))
+    layout = AuthorsLayout(
+        base=sdxl, unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora, discriminator=tiny_layout.discriminator
+    )
+    assert locate(layout).discriminator_unet == Path(tiny_layout.base) / "unet"
 
 
 def _no_download(ref):
@@ -128,7 +184,10 @@ def test_a_download_one_folder_too_deep_is_pointed_at(tiny_layout, tmp_path, mon
     monkeypatch.setattr(authors_layout, "fetch", _no_download)
     shutil.copytree(tiny_layout.discriminator, tmp_path / "RORem-Discriminator" / "final_unet")
     layout = AuthorsLayout(
-        base=tiny_layout.base, unet=tiny_layout.unet, discriminator=str(tmp_path / "RORem-Discriminator")
+        base=tiny_layout.base,
+        unet=tiny_layout.unet,
+        discriminator=str(tmp_path / "RORem-Discriminator"),
+        discriminator_unet=tiny_layout.base,
     )
     deeper = tmp_path / "RORem-Discriminator" / "final_unet" / LORA_FILENAME
     with pytest.raises(BundleError, match=f"found {deeper}: point discriminator at its folder"):

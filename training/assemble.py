@@ -54,6 +54,7 @@ def assemble(settings: BundleStageSettings) -> dict:
         unet=str(unet_dir),
         lcm_lora=str(lora),
         discriminator=str(disc) if disc else None,
+        discriminator_unet=_discriminator_unet(training.get("discriminator"), base) if disc else None,
     )
     bundle = import_authors_layout(
         layout,
@@ -74,3 +75,9 @@ def assemble(settings: BundleStageSettings) -> dict:
     }
     summary.write("completed")  # out/summary.json sits beside the manifest; the bundle does not list it
     return summary.data
+
+
+def _discriminator_unet(run: dict[str, Any] | None, base: Path) -> str:
+    """The UNet the discriminator run trained on (its metrics say), else base's unet/ (the discriminator stage's
+    default)."""
+    return ((run or {}).get("metrics") or {}).get("base_unet") or str(base)
