@@ -359,14 +359,19 @@ def _snapshot(hub: HubRef) -> Path:
 @torch.no_grad()
 def encode_constant_prompt(base: Path, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL prompt encoding as diffusers does it: penultimate hidden states of both CLIP
-    encoders concatenated, pooled output of the second."""
+    encoders concatenated, pooled output of the second. In fp32 whatever the stored dtype: transformers 5 loads
+    a model in its stored dtype (LetsThink/RORem's encoders are fp16), 4 in fp32; `torch_dtype` is the name both
+    accept."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     encoders = [
-        (CLIPTokenizer.from_pretrained(base / "tokenizer"), CLIPTextModel.from_pretrained(base / "text_encoder")),
+        (
+            CLIPTokenizer.from_pretrained(base / "tokenizer"),
+            CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32),
+        ),
         (
             CLIPTokenizer.from_pretrained(base / "tokenizer_2"),
-            CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"),
+            CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2", torch_dtype=torch.float32),
         ),
     ]
     hidden, pooled = [], None

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,25 @@ def test_prompt_embeddings_match_diffusers_encode_prompt(tiny_layout, tiny_bundl
     torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-6)
     other, _ = encode_constant_prompt(Path(tiny_layout.base), "a photo")
     assert not torch.equal(other, prompt_embeds), "the configured prompt changes the embeddings"
+
+
+def test_prompt_embeddings_are_float32_whatever_dtype_the_text_encoders_are_stored_in(tiny_layout, tmp_path):
+    """LetsThink/RORem stores its text encoders in fp16, and transformers 5 loads a model in its stored dtype: the
+    baked embeddings were fp16 there and fp32 under transformers 4, so they depended on the library's version."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    base = Path(tiny_layout.base)
+    for dtype in (torch.float16, torch.float32):
+        for part in ("tokenizer", "tokenizer_2"):
+            shutil.copytree(base / part, tmp_path / str(dtype) / part)
+        for part, model in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            rounded = model.from_pretrained(base / part).half()  # the same weights in both folders
+            rounded.to(dtype).save_pretrained(tmp_path / str(dtype) / part)
+    stored_fp16 = encode_constant_prompt(tmp_path / str(torch.float16), "")
+    stored_fp32 = encode_constant_prompt(tmp_path / str(torch.float32), "")
+    for fp16, fp32 in zip(stored_fp16, stored_fp32):
+        torch.testing.assert_close(fp16, fp32)  # dtype included
+        assert fp32.dtype == torch.float32
 
 
 def test_hub_reference_offline_gives_a_clear_error(monkeypatch):
