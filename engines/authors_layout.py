@@ -22,6 +22,7 @@ embeddings once, and writes a bundle; serving then never loads a text encoder.
 from __future__ import annotations
 
 import logging
+import posixpath
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -46,6 +47,10 @@ PIPELINE_PARTS = ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokeniz
 ROREM_PIPELINE = "hf:LetsThink/RORem"
 SDXL_INPAINTING_UNET = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+FILE_SUFFIXES = (".safetensors", ".pt")  # a hub piece whose subpath ends so is one file
+UNET_READS = ("config.json", "diffusion_pytorch_model*", "unet/*")  # a UNet folder, or a pipeline's unet/
+# never read here: weight variants (none is ever requested), single-file checkpoints, other frameworks' formats
+NOT_READ = ("*.fp16.*", "*.ckpt", "*.onnx*", "*.msgpack", "*.h5", "*.pb")
 # Published on Google Drive only (the authors' README), by AuthorsLayout field.
 DRIVE_FOLDERS = {
     "lcm_lora": ("RORem-LCM", "https://drive.google.com/drive/folders/1QK8qcqT7SKRzD2AyGtgfwWwlQrUesAc1"),
@@ -150,7 +155,8 @@ def locate(layout: AuthorsLayout) -> LocatedLayout:
     """Find every piece: the local ones first (nothing is downloaded while one is missing), then
     the hub ones. Each round raises one BundleError naming every missing file and where it looked."""
     local = _check_local_pieces(layout).paths
-    found = _Finder(layout, {**local, **{f: fetch(r) for f, r in _pieces(layout).items() if f not in local}})
+    fetched = {field: fetch(ref, piece_reads(layout, field)) for field, ref in _pieces(layout).items() if field not in local}
+    found = _Finder(layout, {**local, **fetched})
     found.raise_if_missing("")
     return found.located()
 
@@ -159,14 +165,15 @@ def pin(layout: AuthorsLayout) -> AuthorsLayout:
     """The layout with each hub piece at the commit it is at now, so that the import, its cache key and the
     bundle's provenance name the weights read. Downloads what is not pinned (after the local pieces are found)."""
     local = _check_local_pieces(layout).paths
-    return replace(layout, **{field: _pin(ref) for field, ref in _pieces(layout).items() if field not in local})
+    pinned = {field: _pin(ref, piece_reads(layout, field)) for field, ref in _pieces(layout).items() if field not in local}
+    return replace(layout, **pinned)
 
 
-def _pin(ref: str) -> str:
+def _pin(ref: str, reads: tuple[str, ...]) -> str:
     hub = HubRef.parse(ref)
     if hub.pinned:
         return ref
-    commit = _snapshot(hub).name
+    commit = _snapshot(hub, reads).name
     logger.warning(
         "%s is not pinned to a commit: it follows %s, now at %s; write %s to keep importing these weights",
         ref, hub.revision or "the default branch", commit, hub.at(commit),
@@ -289,6 +296,24 @@ def _base_parts(layout: AuthorsLayout) -> tuple[str, ...]:
     return PIPELINE_PARTS
 
 
+def pipeline_reads(parts: tuple[str, ...] = (*PIPELINE_PARTS, "unet")) -> tuple[str, ...]:
+    """Globs of a pipeline folder's `parts`, each read whole."""
+    return tuple(f"{part}/*" for part in parts)
+
+
+def piece_reads(layout: AuthorsLayout, field: str) -> tuple[str, ...]:
+    """Globs, relative to a piece's folder, of the files the import reads of it: all a hub piece downloads."""
+    from engines.scorer import HEAD_FILENAMES
+
+    return {
+        "base": pipeline_reads(_base_parts(layout)),
+        "unet": UNET_READS,
+        "discriminator_unet": UNET_READS,
+        "lcm_lora": (LORA_FILENAME,),
+        "discriminator": (LORA_FILENAME, *HEAD_FILENAMES),
+    }[field]
+
+
 def _refuse_rorem_unet_as_trunk(found: LocatedLayout, inputs_sha256: dict[str, str]) -> None:
     """The discriminator built on the RORem UNet scores wrongly without a word: refuse a trunk that shares a
     weight file with it. A local file is known by its sha256, a hub one by its cache blob, which the hub's cache
@@ -319,31 +344,63 @@ def _nested_copies(path: Path, depth: int = 3) -> list[Path]:
     )[:1]
 
 
-def fetch(ref: str) -> Path:
+def fetch(ref: str, reads: tuple[str, ...] = ("*",)) -> Path:
     """A local path as is; `hf:OWNER/NAME[@REVISION][/SUBPATH]` from the hub (or its local cache), with a clear
-    error offline."""
+    error offline. `reads`: globs, relative to SUBPATH, of the files needed (see download_patterns)."""
     if not ref.startswith(HUB_PREFIX):
         path = Path(ref).expanduser()
         if not path.exists():
             raise BundleError(f"{ref} does not exist")
         return path
     hub = HubRef.parse(ref)
-    path = _snapshot(hub) / hub.subpath
+    path = _snapshot(hub, reads) / hub.subpath
     if not path.exists():
         raise BundleError(f"{ref}: {hub.subpath} not found in {hub.repo_id}")
     return path
 
 
-def _snapshot(hub: HubRef) -> Path:
-    """The snapshot folder of hub's revision (its name is the commit), downloading only hub.subpath."""
-    patterns = None
-    if hub.subpath:
-        patterns = [hub.subpath] if hub.subpath.endswith((".safetensors", ".pt")) else [f"{hub.subpath}/*"]
+def download_patterns(
+    subpath: str, reads: tuple[str, ...], files: list[str] | None
+) -> tuple[list[str], list[str] | None]:
+    """snapshot_download's allow and ignore patterns for the files `reads` names under `subpath`, without what no
+    loader here reads (NOT_READ) and, where the repository's listing `files` is known, without the .bin weights
+    of a folder that has .safetensors ones (diffusers and transformers load those first; a folder with .bin
+    only keeps them)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    if subpath.endswith(FILE_SUFFIXES):
+        return [subpath], None
+    def under(globs: tuple[str, ...]) -> list[str]:
+        return [f"{subpath}/{glob}" if subpath else glob for glob in globs]
+
+    allow, ignore = under(reads), under(NOT_READ)
+    if files is not None:
+        kept = list(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+        safetensors_folders = {posixpath.dirname(file) for file in kept if file.endswith(".safetensors")}
+        ignore += [file for file in kept if file.endswith(".bin") and posixpath.dirname(file) in safetensors_folders]
+    return allow, ignore
+
+
+def _repo_files(hub: HubRef) -> list[str] | None:
+    """The repository's files at hub.revision; None where the hub does not answer (offline, the cache does)."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        return list_repo_files(hub.repo_id, revision=hub.revision)
+    except Exception:  # huggingface_hub raises many types for "offline"; snapshot_download says what is wrong
+        return None
+
+
+def _snapshot(hub: HubRef, reads: tuple[str, ...]) -> Path:
+    """The snapshot folder of hub's revision (its name is the commit), downloading only what `reads` names."""
     at = f" at {hub.revision}" if hub.revision else ""
     try:
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(hub.repo_id, revision=hub.revision, allow_patterns=patterns))
+        allow, ignore = download_patterns(hub.subpath, reads, _repo_files(hub))
+        root = Path(
+            snapshot_download(hub.repo_id, revision=hub.revision, allow_patterns=allow, ignore_patterns=ignore)
+        )
     except Exception as exc:  # huggingface_hub raises many types for "offline" and "not found"
         option = f" --revision {hub.revision}" if hub.revision else ""
         raise BundleError(

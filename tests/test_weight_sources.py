@@ -288,6 +288,87 @@ def test_the_job_refuses_the_shipped_placeholders_until_each_names_a_commit(tmp_
     refuse_unpinned(layout({key: value.replace("@COMMIT", f"@{COMMIT_A}") for key, value in shipped.items()}))
 
 
+SDXL = HubRef.parse(SDXL_INPAINTING_UNET).repo_id
+# what the hub lists, with each weight's GB: diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (its files), and
+# two UNet repositories, with .bin weights beside .safetensors ones and with .bin ones only (fp16 aside)
+LISTINGS = {
+    SDXL: {
+        "model_index.json": 0, "README.md": 0, "scheduler/scheduler_config.json": 0,
+        "text_encoder/config.json": 0, "text_encoder/model.safetensors": 0.492, "text_encoder/model.fp16.safetensors": 0.246,
+        "text_encoder_2/config.json": 0, "text_encoder_2/model.safetensors": 2.78,
+        "text_encoder_2/model.fp16.safetensors": 1.39,
+        **{f"{tokenizer}/{name}": 0 for tokenizer in ("tokenizer", "tokenizer_2")
+           for name in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")},
+        "unet/config.json": 0, "unet/diffusion_pytorch_model.safetensors": 10.3,
+        "unet/diffusion_pytorch_model.fp16.safetensors": 5.14,
+        "vae/config.json": 0, "vae/diffusion_pytorch_model.safetensors": 0.335,
+        "vae/diffusion_pytorch_model.fp16.safetensors": 0.167,
+    },
+    "someone/both": {
+        "unet/config.json": 0, "unet/diffusion_pytorch_model.safetensors": 10.3, "unet/diffusion_pytorch_model.bin": 10.3,
+    },
+    "someone/bin-only": {
+        "unet/config.json": 0, "unet/diffusion_pytorch_model.bin": 10.3,
+        "unet/diffusion_pytorch_model.fp16.safetensors": 5.14,
+    },
+}  # fmt: skip
+
+
+@pytest.fixture
+def listed_hub(tmp_path, monkeypatch):
+    """list_repo_files and snapshot_download over LISTINGS: a download writes the files huggingface_hub's own
+    filter selects (empty) into the commit's snapshot folder; returns the files downloaded, by repository."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    downloaded = {}
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, **_):
+        snapshot = tmp_path / "hub" / repo_id / "snapshots" / revision
+        for file in filter_repo_objects(LISTINGS[repo_id], allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            downloaded.setdefault(repo_id, set()).add(file)
+            (snapshot / file).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / file).touch()
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None, **_: list(LISTINGS[repo_id]))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return downloaded
+
+
+def test_a_hub_piece_downloads_only_the_files_the_import_reads(tiny_layout, listed_hub):
+    """The base pipeline downloaded the whole repository (20.85 GB: its UNet and every fp16 variant too), the
+    discriminator's UNet its fp16 variant beside the weights read."""
+    layout = AuthorsLayout(
+        base=f"hf:{SDXL}@{COMMIT_A}",
+        unet=tiny_layout.unet,
+        lcm_lora=tiny_layout.lcm_lora,
+        discriminator=tiny_layout.discriminator,
+        discriminator_unet=f"hf:{SDXL}@{COMMIT_A}/unet",
+    )
+    locate(layout)
+    weights = {"text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+               "vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"}  # fmt: skip
+    assert {file for file in listed_hub[SDXL] if LISTINGS[SDXL][file]} == weights
+    assert {file for file in LISTINGS[SDXL] if not LISTINGS[SDXL][file]} - listed_hub[SDXL] == {
+        "model_index.json", "README.md"
+    }, "every config and tokenizer file the import reads"
+    assert round(sum(LISTINGS[SDXL][file] for file in listed_hub[SDXL]), 2) == 13.91
+
+
+def test_bin_weights_are_downloaded_only_where_no_safetensors_ones_are_beside_them(tiny_layout, listed_hub):
+    layout = AuthorsLayout(
+        base=tiny_layout.base,
+        unet=f"hf:someone/both@{COMMIT_A}/unet",
+        lcm_lora=tiny_layout.lcm_lora,
+        discriminator=tiny_layout.discriminator,
+        discriminator_unet=f"hf:someone/bin-only@{COMMIT_A}/unet",
+    )
+    locate(layout)
+    assert listed_hub["someone/both"] == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    assert listed_hub["someone/bin-only"] == {"unet/config.json", "unet/diffusion_pytorch_model.bin"}
+
+
 @pytest.mark.parametrize("ref", ["hf:LetsThink", "hf:LetsThink/RORem@", "hf:LetsThink/RORem/unet@" + COMMIT_A])
 def test_a_malformed_hub_reference_is_refused_with_the_expected_form(ref):
     with pytest.raises(BundleError, match=r"expected hf:OWNER/NAME\[@REVISION\]\[/SUBPATH\]"):

@@ -116,10 +116,10 @@ def make_accelerator(settings: TrainSettings):
 
 def resolve_base(ref: str, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
     """A base pipeline folder: local path, hf: reference, or the tiny one (generated once, under a lock)."""
-    from engines.authors_layout import fetch
+    from engines.authors_layout import fetch, pipeline_reads
 
     if ref != "tiny" and not ref.startswith("tiny:"):
-        return fetch(ref)
+        return fetch(ref, pipeline_reads())
     seed = int(ref.split(":", 1)[1]) if ":" in ref else 0
     return tiny_authors_layout(cache_dir, seed) / "base"
 
