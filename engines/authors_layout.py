@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# raised whenever the import makes other bundle files from the same inputs: it is in the import cache key, so a
+# bundle imported before is imported again. 2: the discriminator's trunk checked, fp32 prompt embeddings.
+IMPORTER_VERSION = 2
 HUB_PREFIX = "hf:"
 COMMIT = re.compile(r"[0-9a-f]{40}")  # how the hub names a commit, and its cache a snapshot folder
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
@@ -501,6 +504,7 @@ def import_authors_layout(
         sampling=sampling,
         provenance={
             "source": layout.describe(),
+            "importer_version": IMPORTER_VERSION,
             "inputs_sha256": inputs_sha256,
             "lcm_lora": lora_info,
             **({"discriminator": discriminator_info} if discriminator is not None else {}),

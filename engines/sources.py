@@ -9,6 +9,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from engines import authors_layout
 from engines.authors_layout import AuthorsLayout, import_authors_layout, local_inputs_sha256, pin
 from engines.bundle import MANIFEST, Bundle, BundleError, DTypeName, sha256_of
 
@@ -39,14 +40,14 @@ def open_bundle(
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     if authors:
-        # the key names every input: each hub piece's commit (a moved branch is imported again) and each local
-        # file's sha256 (a file replaced at the same path too)
+        # the key names every input: each hub piece's commit (a moved branch is imported again), each local
+        # file's sha256 (a file replaced at the same path too), and the importer's version (a fixed import too)
         authors = pin(authors)
         hashes = RememberedSha256(cache / INPUT_HASHES)
         inputs = local_inputs_sha256(authors, hashes.of)
         hashes.save()
         dtype = import_dtype or "float16"
-        described = json.dumps([authors.describe(), inputs, prompt, dtype])
+        described = json.dumps([authors_layout.IMPORTER_VERSION, authors.describe(), inputs, prompt, dtype])
         target = cache / f"imported-{hashlib.sha256(described.encode()).hexdigest()[:16]}"
         with FileLock(str(target) + ".lock"):
             if (target / MANIFEST).is_file():

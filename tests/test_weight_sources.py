@@ -404,3 +404,14 @@ def test_a_local_piece_replaced_at_the_same_path_is_imported_again_and_unchanged
     monkeypatch.setattr(sources, "sha256_of", lambda file: hashed.append(file) or sha256_of(file))
     again = open_bundle(path=None, authors=layout, cache_dir=tmp_path / "cache", import_dtype="float32")
     assert again.path == replaced.path and hashed == [], "a start re-reads no unchanged input"
+
+
+def test_a_bundle_imported_by_another_importer_version_is_imported_again(tiny_layout, tmp_path, monkeypatch):
+    """A fixed import (the discriminator's trunk, fp32 prompt embeddings) was hidden by the bundle an older importer
+    had cached from the same inputs: the cache key named the inputs, prompt and dtype only."""
+    layout = AuthorsLayout(base=tiny_layout.base, unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora)
+    older = open_bundle(path=None, authors=layout, cache_dir=tmp_path, import_dtype="float32")
+    monkeypatch.setattr(authors_layout, "IMPORTER_VERSION", older.manifest.provenance["importer_version"] + 1)
+    newer = open_bundle(path=None, authors=layout, cache_dir=tmp_path, import_dtype="float32")
+    assert newer.path != older.path
+    assert newer.manifest.provenance["importer_version"] == authors_layout.IMPORTER_VERSION
