@@ -355,12 +355,23 @@ BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torc
 
 
 def missing_model_files(args: dict) -> str | None:
-    """Why bundle.path cannot be a bundle, or engine.runner_path a file, on this machine, before Ray starts (a
-    replica would fail on it ~20 s later, after Ray's start); None where they may be."""
+    """Why bundle.path cannot be a bundle, a local piece of bundle.authors is not there, or engine.runner_path is
+    not a file, on this machine, before Ray starts (a replica would fail on it ~20 s later, after Ray's start);
+    None where they may be. The authors' pieces are checked for existence only: the import names each missing file."""
     path = ((args.get("bundle") or {}).get("path")) or None
     if path and not (Path(path).expanduser() / BUNDLE_MANIFEST).is_file():
         where = "no such folder" if not Path(path).expanduser().exists() else f"no {BUNDLE_MANIFEST} in it"
         return f"bundle.path {path} is not a bundle ({where}); docs/operations.md, Model bundles, says how to make one"
+    authors = (args.get("bundle") or {}).get("authors") or {}
+    absent = [
+        f"bundle.authors.{piece} {ref}" for piece, ref in authors.items()
+        if isinstance(ref, str) and ref and not ref.startswith(HUB_PREFIX) and not Path(ref).expanduser().exists()
+    ]  # fmt: skip
+    if absent:
+        return (
+            f"{', '.join(absent)}: no such file or folder; docs/operations.md, Model bundles, says where the authors "
+            "publish each piece"
+        )
     runner_path = ((args.get("engine") or {}).get("runner_path")) or None
     if runner_path and not Path(runner_path).expanduser().is_file():
         return f"engine.runner_path {runner_path}: no such file"

@@ -335,6 +335,25 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
     assert f"engine.runner_path {Path.cwd() / 'unet.plan'}: no such file" in capsys.readouterr().err
 
 
+def test_a_local_piece_of_the_authors_layout_that_is_not_there_fails_the_start_before_ray(tmp_path, capsys, no_launch):
+    """A Drive folder not copied yet (lcm_lora, discriminator) was found missing only by the replicas, after Ray's start."""
+    (tmp_path / "RORem-LCM").mkdir()
+    authors = {
+        "base": "hf:LetsThink/RORem@" + "a" * 40,
+        "lcm_lora": str(tmp_path / "RORem-LCM"),
+        "discriminator": str(tmp_path / "RORem-Discriminator"),
+        "discriminator_unet": str(tmp_path / "sdxl-inpainting" / "unet"),
+    }
+    path = tmp_path / "serve.yaml"
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(bundle={"authors": authors})))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert run(["run", "--config", str(path), *ports]) == 2
+    err = capsys.readouterr().err
+    named = f"bundle.authors.discriminator {authors['discriminator']}, bundle.authors.discriminator_unet "
+    assert f"cannot start: {named}{authors['discriminator_unet']}: no such file or folder" in err
+    assert "lcm_lora" not in err and "base" not in err and "Model bundles" in err
+
+
 # a /readyz answer for the tests that start the CLI with a faked launcher
 _READY = {
     "status": "ready", "gate": {"mode": "annotate"},
