@@ -4,7 +4,10 @@ A FastAPI app that loads diffusers' SDXL inpainting pipeline from the authors' p
 (base pipeline + RORem UNet + LCM LoRA, the same weights the service imports) and, per request,
 resizes the whole image to the model's side, runs the 4-step LCM pipeline (guidance 1, strength
 0.99 as in the authors' reference), resizes the result back and answers PNG. One request at a time
-(the pipeline is not thread-safe), no batching, no crop, no paste-back.
+(the pipeline is not thread-safe), no batching, no crop, no paste-back. The LoRA is fused with
+engines.lora, as the service's import does: diffusers' load_lora_weights + fuse_lora leaves the
+attention half of the authors' file out without a word. On a GPU the pipeline runs there in bf16,
+VAE included (the service's engine.dtype auto); on the CPU in fp32.
 
     ROREM_NAIVE_BASE=/layout/base ROREM_NAIVE_UNET=/layout/rorem_unet \\
     ROREM_NAIVE_LCM_LORA=/layout/lcm_lora/pytorch_lora_weights.safetensors ROREM_NAIVE_SIDE=512 \\
@@ -23,17 +26,22 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import Response
 from PIL import Image
 
+from engines.lora import fuse_lora_file
+
 SIDE = int(os.environ.get("ROREM_NAIVE_SIDE", "1024"))
+
+
+def placement() -> tuple[str, torch.dtype]:
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
 
 app = FastAPI()
 pipe_lock = threading.Lock()
+unet = UNet2DConditionModel.from_pretrained(os.environ["ROREM_NAIVE_UNET"], torch_dtype=torch.float32)
+fuse_lora_file(unet, os.environ["ROREM_NAIVE_LCM_LORA"])
 pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
-    os.environ["ROREM_NAIVE_BASE"],
-    unet=UNet2DConditionModel.from_pretrained(os.environ["ROREM_NAIVE_UNET"]),
-    torch_dtype=torch.float32,
-)
-pipe.load_lora_weights(os.environ["ROREM_NAIVE_LCM_LORA"])
-pipe.fuse_lora()
+    os.environ["ROREM_NAIVE_BASE"], unet=unet, torch_dtype=torch.float32
+).to(*placement())
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 
