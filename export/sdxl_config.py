@@ -38,11 +38,11 @@ SDXL_VAE = dict(
     norm_num_groups=32,
     sample_size=1024,
     scaling_factor=0.13025,
-    force_upcast=True,  # the SDXL VAE overflows in fp16: serving runs it in fp32 next to an fp16 UNet
+    force_upcast=True,  # the SDXL VAE overflows in fp16: next to an fp16 UNet it runs in bf16 on CUDA, fp32 elsewhere
 )
 
 PROMPT_SEQUENCE = 77
-PROMPT_EMBED_DIM = 2048  # both CLIP text encoders' last hidden states, concatenated
+PROMPT_EMBED_DIM = 2048  # both CLIP text encoders' penultimate hidden states, concatenated
 POOLED_EMBED_DIM = 1280
 
 # REFERENCE.md (torch FlopCounterMode on the real shapes), per image (batch 1), in TFLOP.
