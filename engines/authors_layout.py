@@ -158,7 +158,9 @@ def locate(layout: AuthorsLayout) -> LocatedLayout:
     """Find every piece: the local ones first (nothing is downloaded while one is missing), then
     the hub ones. Each round raises one BundleError naming every missing file and where it looked."""
     local = _check_local_pieces(layout).paths
-    fetched = {field: fetch(ref, piece_reads(layout, field)) for field, ref in _pieces(layout).items() if field not in local}
+    fetched = {
+        field: fetch(ref, piece_reads(layout, field)) for field, ref in _pieces(layout).items() if field not in local
+    }
     found = _Finder(layout, {**local, **fetched})
     found.raise_if_missing("")
     return found.located()
@@ -168,7 +170,9 @@ def pin(layout: AuthorsLayout) -> AuthorsLayout:
     """The layout with each hub piece at the commit it is at now, so that the import, its cache key and the
     bundle's provenance name the weights read. Downloads what is not pinned (after the local pieces are found)."""
     local = _check_local_pieces(layout).paths
-    pinned = {field: _pin(ref, piece_reads(layout, field)) for field, ref in _pieces(layout).items() if field not in local}
+    pinned = {
+        field: _pin(ref, piece_reads(layout, field)) for field, ref in _pieces(layout).items() if field not in local
+    }
     return replace(layout, **pinned)
 
 
@@ -373,6 +377,7 @@ def download_patterns(
 
     if subpath.endswith(FILE_SUFFIXES):
         return [subpath], None
+
     def under(globs: tuple[str, ...]) -> list[str]:
         return [f"{subpath}/{glob}" if subpath else glob for glob in globs]
 
@@ -401,9 +406,7 @@ def _snapshot(hub: HubRef, reads: tuple[str, ...]) -> Path:
         from huggingface_hub import snapshot_download
 
         allow, ignore = download_patterns(hub.subpath, reads, _repo_files(hub))
-        root = Path(
-            snapshot_download(hub.repo_id, revision=hub.revision, allow_patterns=allow, ignore_patterns=ignore)
-        )
+        root = Path(snapshot_download(hub.repo_id, revision=hub.revision, allow_patterns=allow, ignore_patterns=ignore))
     except Exception as exc:  # huggingface_hub raises many types for "offline" and "not found"
         option = f" --revision {hub.revision}" if hub.revision else ""
         raise BundleError(

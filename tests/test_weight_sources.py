@@ -144,7 +144,9 @@ def _hub_cache_snapshot(pipeline: Path, cache: Path) -> Path:
 def test_the_sdxl_inpainting_pipeline_on_the_hub_as_base_gives_the_discriminator_its_unet(tiny_layout, monkeypatch):
     """The authors' scripts' layout: base = the SDXL-inpainting pipeline, whose unet/ the discriminator needs."""
     sdxl = f"hf:{HubRef.parse(SDXL_INPAINTING_UNET).repo_id}@{COMMIT_A}"
-    monkeypatch.setattr(authors_layout, "fetch", lambda ref, *_: Path(tiny_layout.base) if ref == sdxl else _no_download(ref))
+    monkeypatch.setattr(
+        authors_layout, "fetch", lambda ref, *_: Path(tiny_layout.base) if ref == sdxl else _no_download(ref)
+    )
     layout = AuthorsLayout(
         base=sdxl, unet=tiny_layout.unet, lcm_lora=tiny_layout.lcm_lora, discriminator=tiny_layout.discriminator
     )
@@ -325,7 +327,9 @@ def listed_hub(tmp_path, monkeypatch):
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, **_):
         snapshot = tmp_path / "hub" / repo_id / "snapshots" / revision
-        for file in filter_repo_objects(LISTINGS[repo_id], allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+        for file in filter_repo_objects(
+            LISTINGS[repo_id], allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
             downloaded.setdefault(repo_id, set()).add(file)
             (snapshot / file).parent.mkdir(parents=True, exist_ok=True)
             (snapshot / file).touch()
@@ -351,7 +355,8 @@ def test_a_hub_piece_downloads_only_the_files_the_import_reads(tiny_layout, list
                "vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"}  # fmt: skip
     assert {file for file in listed_hub[SDXL] if LISTINGS[SDXL][file]} == weights
     assert {file for file in LISTINGS[SDXL] if not LISTINGS[SDXL][file]} - listed_hub[SDXL] == {
-        "model_index.json", "README.md"
+        "model_index.json",
+        "README.md",
     }, "every config and tokenizer file the import reads"
     assert round(sum(LISTINGS[SDXL][file] for file in listed_hub[SDXL]), 2) == 13.91
 
