@@ -564,6 +564,8 @@ def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
     assert "0.5" in provenance["training"]["discriminator"]["metrics"]["heldout"]["thresholds"]
     assert "scores" not in provenance["training"]["discriminator"]["metrics"]["heldout"]  # no per-item lists
     assert len(provenance["inputs_sha256"][provenance["source"]["lcm_lora"]]) == 64
+    trunk = provenance["training"]["discriminator"]["metrics"]["base_unet"]
+    assert provenance["source"]["discriminator_unet"] == trunk, "the discriminator on the UNet it was trained on"
     assert bundle.has_discriminator and bundle.manifest.sampling.steps == 4
 
     record = load_metadata(data[0])[0]
