@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -31,7 +30,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 
-from engines.bundle import Bundle, BundleError, DTypeName, SamplingDefaults, sha256_of
+from engines.bundle import Bundle, DTypeName, SamplingDefaults, sha256_of
+from engines.errors import BundleError
+from engines.hub_refs import COMMIT, HUB_PREFIX, SDXL_INPAINTING_UNET, HubRef, discriminator_trunk_problem
 from engines.lora import fuse_lora_file
 
 if TYPE_CHECKING:
@@ -42,13 +43,8 @@ logger = logging.getLogger(__name__)
 # raised whenever the import makes other bundle files from the same inputs: it is in the import cache key, so a
 # bundle imported before is imported again. 2: the discriminator's trunk checked, fp32 prompt embeddings.
 IMPORTER_VERSION = 2
-HUB_PREFIX = "hf:"
-COMMIT = re.compile(r"[0-9a-f]{40}")  # how the hub names a commit, and its cache a snapshot folder
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
 PIPELINE_PARTS = ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-# Published on the hub: the RORem pipeline, and the UNet the authors trained the discriminator on.
-ROREM_PIPELINE = "hf:LetsThink/RORem"
-SDXL_INPAINTING_UNET = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 FILE_SUFFIXES = (".safetensors", ".pt")  # a hub piece whose subpath ends so is one file
 UNET_READS = ("config.json", "diffusion_pytorch_model*", "unet/*")  # a UNet folder, or a pipeline's unet/
@@ -96,58 +92,15 @@ class LocatedLayout:
     discriminator_unet: Path | None
 
 
-@dataclass(frozen=True)
-class HubRef:
-    """`hf:OWNER/NAME[@REVISION][/SUBPATH]`: a piece on the Hugging Face hub."""
-
-    repo_id: str
-    revision: str | None  # a commit, branch or tag; None: the repository's default branch
-    subpath: str
-
-    @classmethod
-    def parse(cls, ref: str) -> HubRef:
-        owner, _, rest = ref[len(HUB_PREFIX) :].strip("/").partition("/")
-        name_at, _, subpath = rest.partition("/")
-        name, at, revision = name_at.partition("@")
-        if not owner or not name or (at and not revision) or "@" in subpath:
-            raise BundleError(f"{ref}: expected hf:OWNER/NAME[@REVISION][/SUBPATH]")
-        return cls(f"{owner}/{name}", revision or None, subpath)
-
-    @property
-    def pinned(self) -> bool:
-        """Only a commit names fixed weights: a branch or tag can be moved to other ones."""
-        return self.revision is not None and COMMIT.fullmatch(self.revision) is not None
-
-    def at(self, commit: str) -> str:
-        return f"{HUB_PREFIX}{self.repo_id}@{commit}" + (f"/{self.subpath}" if self.subpath else "")
-
-    @property
-    def commits_page(self) -> str:
-        return f"https://huggingface.co/{self.repo_id}/commits/main"
-
-
 def _pieces(layout: AuthorsLayout) -> dict[str, str]:
     return {field.name: ref for field in fields(layout) if (ref := getattr(layout, field.name))}
 
 
-def _base_is_sdxl_inpainting(layout: AuthorsLayout) -> bool:
-    """Only a base named as the SDXL-inpainting pipeline on the hub is known to hold the discriminator's UNet
-    in unet/: a local pipeline folder, or LetsThink/RORem, may hold RORem's."""
-    if not layout.base.startswith(HUB_PREFIX):
-        return False
-    base, sdxl = HubRef.parse(layout.base), HubRef.parse(SDXL_INPAINTING_UNET)
-    return base.repo_id == sdxl.repo_id and not base.subpath
-
-
 def _check_local_pieces(layout: AuthorsLayout) -> _Finder:
     """The local pieces, found; raises (one BundleError naming every missing file) before anything is downloaded."""
-    if layout.discriminator and not layout.discriminator_unet and not _base_is_sdxl_inpainting(layout):
-        raise BundleError(
-            f"discriminator_unet is not set, and base ({layout.base}) is not the SDXL-inpainting pipeline on the hub: "
-            "its unet/ may be RORem's (LetsThink/RORem's is), and the discriminator was trained on the "
-            f"SDXL-inpainting UNet. Set discriminator_unet to {SDXL_INPAINTING_UNET} at a commit (or a local copy; "
-            "base itself if base is a copy of the SDXL-inpainting pipeline)"
-        )
+    problem = discriminator_trunk_problem(layout.base, layout.discriminator, layout.discriminator_unet)
+    if problem:
+        raise BundleError(problem)
     local = {field: Path(ref).expanduser() for field, ref in _pieces(layout).items() if not ref.startswith(HUB_PREFIX)}
     finder = _Finder(layout, local)
     finder.raise_if_missing("nothing was downloaded")

@@ -34,6 +34,8 @@ from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
+from engines.errors import BundleError
+
 if TYPE_CHECKING:
     from engines.scorer import Discriminator
 
@@ -51,8 +53,6 @@ DTypeName = Literal["float32", "float16", "bfloat16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class BundleError(RuntimeError):
-    """A bundle is missing, malformed, corrupted or cannot be fetched."""
 
 
 class PromptInfo(BaseModel):

@@ -1,8 +1,12 @@
-"""Input errors raised by the engines.
+"""Errors raised by the engines.
 
-Each carries a stable `problem` slug; the serving layer maps slugs to HTTP / gRPC status codes,
-so the engines stay free of any transport knowledge.
+Input errors carry a stable `problem` slug; the serving layer maps slugs to HTTP / gRPC status codes,
+so the engines stay free of any transport knowledge. A BundleError is the operator's: the model's files.
 """
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, malformed, corrupted or cannot be fetched."""
 
 
 class InputError(ValueError):

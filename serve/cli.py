@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from engines.hub_refs import HUB_PREFIX
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
 from serve.config import app_name, route_prefix
 from serve.ports import busy_ports, url_host
@@ -68,7 +69,6 @@ LOCAL_PATHS = (
     ("retention", "object_store", "path"),
     *(("bundle", "authors", piece) for piece in ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet")),
 )  # fmt: skip
-HUB_PREFIX = "hf:"  # engines.authors_layout.HUB_PREFIX, not imported: torch and diffusers (a test: equal)
 
 
 def fit_to_machine(

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
-
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,7 +24,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticUndefined
 
+from engines.errors import BundleError
 from engines.gate import GateMode
+from engines.hub_refs import (
+    HUB_PREFIX,
+    ROREM_PIPELINE,
+    SDXL_INPAINTING_PIPELINE,
+    HubRef,
+    discriminator_trunk_problem,
+    is_sdxl_inpainting_pipeline,
+)
 from engines.imaging import DecodeLimits
 
 _DECODE = DecodeLimits()
@@ -93,7 +101,7 @@ class AuthorsSource(_Strict):
     commit the default branch is at, with a warning)."""
 
     base: str = Field(
-        "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+        SDXL_INPAINTING_PIPELINE,
         description="the SDXL-inpainting pipeline (VAE, text encoders, scheduler); or the RORem pipeline itself",
     )
     unet: str | None = Field(None, description="RORem UNet; omitted: base's unet/ (base then names the RORem pipeline)")
@@ -110,9 +118,24 @@ class AuthorsSource(_Strict):
     )
 
     @model_validator(mode="after")
-    def _unet_source(self) -> "AuthorsSource":
-        if self.unet is None and "base" not in self.model_fields_set:
-            raise ValueError("set unet, or set base to the RORem pipeline itself (hf:LetsThink/RORem)")
+    def _rorem_and_its_discriminator(self) -> "AuthorsSource":
+        """Refused before Ray starts: the SDXL-inpainting UNet served as RORem, or a discriminator built on RORem's
+        UNet, would load and answer without a word."""
+        for name in ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet"):
+            ref = getattr(self, name)
+            if ref and ref.startswith(HUB_PREFIX):
+                try:
+                    HubRef.parse(ref)
+                except BundleError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        if self.unet is None and is_sdxl_inpainting_pipeline(self.base):
+            raise ValueError(
+                f"set unet, or set base to the RORem pipeline itself ({ROREM_PIPELINE}): the SDXL-inpainting "
+                "pipeline's unet/ is not RORem's"
+            )
+        problem = discriminator_trunk_problem(self.base, self.discriminator, self.discriminator_unet)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def layout(self) -> AuthorsLayout:

@@ -6,7 +6,6 @@ import yaml
 from pydantic import ValidationError
 
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
-from serve.cli import HUB_PREFIX as cli_hub_prefix
 from serve.config import AppSettings, ImagingSettings, live_serve_app
 from serve.grpc_servicer import SERVICER_FUNCTION
 from tests.helpers import REPO, load_script
@@ -109,9 +108,6 @@ def test_relative_paths_are_taken_from_the_folder_the_cli_starts_in(monkeypatch,
     assert bundle["cache_dir"] == str(tmp_path / "cache")
     assert bundle["authors"]["lcm_lora"] == str(tmp_path / "weights" / "lcm")
     assert bundle["authors"]["base"] == "hf:LetsThink/RORem" and bundle["authors"]["discriminator"] == "~/d", "as given"
-    from engines.authors_layout import HUB_PREFIX
-
-    assert cli_hub_prefix == HUB_PREFIX
 
 
 @pytest.mark.parametrize(("driver", "cuda_visible", "expected"), [(4, None, 4), (4, "0,2", 2), (2, "", 0), (0, "0", 0)])

@@ -792,7 +792,7 @@ def test_the_weights_volume_job_and_bundle_path_agree():
     assert container["command"] == ["python3", "-c"]
     script = ast.parse(container["args"][0])
     defined = {}
-    for module in ("engines/authors_layout.py", "engines/bundle.py"):
+    for module in ("engines/authors_layout.py", "engines/bundle.py", "engines/errors.py"):
         tree = ast.parse((REPO / module).read_text())
         defined[module[:-3].replace("/", ".")] = tree
     for node in ast.walk(script):
@@ -830,12 +830,14 @@ def test_the_weights_volume_job_and_bundle_path_agree():
 
 def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
     """Hub references name only what the authors publish there; the Drive-only pieces lie on the volume."""
-    module = ast.parse((REPO / "engines" / "authors_layout.py").read_text())
+    from engines.hub_refs import ROREM_PIPELINE, SDXL_INPAINTING_PIPELINE, discriminator_trunk_problem
+
+    module = ast.parse((REPO / "engines" / "authors_layout.py").read_text())  # without torch and diffusers
     published = {
         t.id: ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign) for t in n.targets
-        if isinstance(t, ast.Name) and t.id in ("ROREM_PIPELINE", "SDXL_INPAINTING_UNET", "DRIVE_FOLDERS")
+        if isinstance(t, ast.Name) and t.id == "DRIVE_FOLDERS"
     }  # fmt: skip
-    pipelines = {published["ROREM_PIPELINE"], published["SDXL_INPAINTING_UNET"].removesuffix("/unet")}
+    pipelines = {ROREM_PIPELINE, SDXL_INPAINTING_PIPELINE}
     on_the_hub = pipelines | {f"{pipeline}/unet" for pipeline in pipelines}  # what these two repos hold
     for field in ("base", "unet", "lcm_lora", "discriminator", "discriminator_unet"):
         key = f"ROREM_{field.upper()}"
@@ -849,9 +851,9 @@ def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
     # what the prod Serve config needs: the 4-step LoRA and the discriminator for its Scorer
     assert environment["ROREM_LCM_LORA"] and environment["ROREM_DISCRIMINATOR"]
     if not environment["ROREM_UNET"]:
-        assert environment["ROREM_BASE"].partition("@")[0] == published["ROREM_PIPELINE"], "only its unet/ is RORem's"
-    if environment["ROREM_BASE"].partition("@")[0] != published["SDXL_INPAINTING_UNET"].removesuffix("/unet"):
-        assert environment["ROREM_DISCRIMINATOR_UNET"], "the discriminator needs the SDXL-inpainting UNet"
+        assert environment["ROREM_BASE"].partition("@")[0] == ROREM_PIPELINE, "only its unet/ is RORem's"
+    trunk = (environment["ROREM_BASE"], environment["ROREM_DISCRIMINATOR"], environment["ROREM_DISCRIMINATOR_UNET"])
+    assert discriminator_trunk_problem(*trunk) is None, "the discriminator needs the SDXL-inpainting UNet"
 
 
 def test_ray_version_and_python_packages_match_the_image():

@@ -19,15 +19,14 @@ from engines import authors_layout
 from engines.authors_layout import (
     DRIVE_FOLDERS,
     LORA_FILENAME,
-    SDXL_INPAINTING_UNET,
     AuthorsLayout,
-    HubRef,
     fetch,
     import_authors_layout,
     locate,
     refuse_unpinned,
 )
 from engines.bundle import DISCRIMINATOR_WEIGHTS, UNET_WEIGHTS, BundleError, sha256_of
+from engines.hub_refs import SDXL_INPAINTING_UNET, HubRef
 from engines.scorer import HEAD_FILENAME, DiscriminatorError, find_head_file, read_head_file
 from engines.sources import open_bundle
 from serve.config import AuthorsSource
@@ -212,6 +211,21 @@ def test_the_serve_config_takes_unet_from_base_only_when_base_is_named():
     layout = AuthorsSource(base="hf:LetsThink/RORem", lcm_lora=lora, discriminator_unet=SDXL_INPAINTING_UNET).layout()
     assert layout.unet is None and layout.discriminator_unet == SDXL_INPAINTING_UNET
     assert AuthorsSource(unet="/models/RORem/unet", lcm_lora=lora).layout().base.startswith("hf:diffusers/")
+
+
+@pytest.mark.parametrize(
+    ("pieces", "said"),
+    [
+        ({"base": "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1@main"}, "set unet, or set base to the RORem"),
+        ({"base": "hf:LetsThink/RORem", "discriminator": "/models/d"}, "discriminator_unet is not set"),
+        ({"base": "hf:LetsThink", "unet": "/models/u"}, r"base: hf:LetsThink: expected hf:OWNER/NAME"),
+    ],
+)
+def test_the_serve_config_refuses_before_ray_starts_what_the_import_would_get_wrong_or_refuse(pieces, said):
+    """Named explicitly, the SDXL-inpainting pipeline with no unet served its own UNet as RORem without a word; a
+    discriminator without its trunk and a malformed hub name were found only in the replicas, after Ray started."""
+    with pytest.raises(ValidationError, match=said):
+        AuthorsSource(lcm_lora="/models/authors/RORem-LCM", **pieces)
 
 
 def test_the_serve_config_requires_the_lcm_lora():
