@@ -50,6 +50,15 @@ class CropSettings:
         s = imaging_settings
         return cls(tuple(s.buckets), s.crop_margin, s.dilate, s.feather)
 
+    def feather_for(self, dilate: int) -> int:
+        """The blend ramp a removal dilated by `dilate` gets: `feather`, but at most dilate + 1.
+
+        The ramp runs inward from the dilated mask's edge and is whole at `feather` px (Euclidean) in; a pixel
+        of the mask as given lies at least dilate + 1 px from any pixel the square dilation leaves out, so
+        every pixel the client marked is the model's, whatever the dilation (a 1 px stroke at dilate 0 kept 84%
+        of the object under the whole ramp)."""
+        return min(self.feather, dilate + 1)
+
 
 class Timings:
     """Stage durations of one request (seconds), reported as Server-Timing (ms) and as metrics."""
@@ -251,7 +260,7 @@ class RemovalPipeline:
         timings.restart()
         edited = await self.run(
             regions.paste_back_regions, prepared.image.rgb, prepared.mask, [o.image for o in outcomes],
-            prepared.plans, self.crops.feather,
+            prepared.plans, self.crops.feather_for(prepared.dilate),
         )  # fmt: skip
         timings.lap("paste")
         return Attempt(edited, max(outcome.batch_size for outcome in outcomes))
