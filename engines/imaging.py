@@ -60,6 +60,7 @@ _FORMAT_ALIASES = {"mpo": "jpeg"}
 
 # The largest side each output codec can write (PNG: 2**31 - 1, beyond any decodable input).
 MAX_OUTPUT_SIDE = {"webp": 16383, "jpeg": 65500}
+EIGHT_CONNECTED = np.ones((3, 3), bool)  # a mask's regions: pixels touching by a side or a corner
 _FEATHER_TILE = 256
 # Up to this feather the blend weight comes from shifted minima (exact, cheap for a narrow band); wider ones
 # from scipy's distance transform, tile by tile.
@@ -694,6 +695,29 @@ def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     top, bottom = int(rows[0]), int(rows[-1]) + 1
     cols = np.flatnonzero(mask[top:bottom].any(axis=0))  # only the rows that hold any
     return top, bottom, int(cols[0]), int(cols[-1]) + 1
+
+
+def whole_cells(mask: np.ndarray, cell: int) -> np.ndarray:
+    """The mask grown to whole `cell` x `cell` blocks of its grid: a block holding any mask pixel is all mask."""
+    height, width = mask.shape
+    if height % cell or width % cell:
+        raise ValueError(f"a {width}x{height} mask is not whole {cell} px cells")
+    shape = (height // cell, cell, width // cell, cell)
+    out = np.empty_like(mask)
+    out.reshape(shape)[:] = mask.reshape(shape).any(axis=(1, 3))[:, None, :, None]
+    return out
+
+
+def seen_on_grid(mask: np.ndarray, cell: int) -> np.ndarray:
+    """The mask, with each 8-connected region that has no pixel on the grid (rows and columns at multiples of
+    `cell`) grown to whole cells: a view sampling only those pixels (nearest) sees every region, the others as
+    they were."""
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    seen = np.zeros(count + 1, bool)
+    seen[labels[::cell, ::cell]] = True
+    seen[0] = True  # the background
+    hidden = ~seen[labels]
+    return mask | whole_cells(hidden, cell) if hidden.any() else mask
 
 
 def plan_crop(mask: np.ndarray, buckets: Sequence[int], margin: int) -> CropPlan | None:

@@ -20,13 +20,12 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from engines.imaging import CropPlan, paste_back, plan_crop
+from engines.imaging import EIGHT_CONNECTED, CropPlan, paste_back, plan_crop
 
 # Beyond this many connected regions, or this many crops after merging, a request is planned as one box, as
 # before: planning stays cheap and a speckled mask cannot turn one request into hundreds of model calls.
 MAX_REGIONS = 256
 MAX_CROPS = 16
-_EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
 def plan_region_crops(
@@ -94,7 +93,7 @@ def _region_boxes(mask: np.ndarray, max_regions: int) -> np.ndarray | None:
         return None
     boxes = []
     for top, bottom, left, right in blocks:
-        labels, count = ndimage.label(mask[top:bottom, left:right], structure=_EIGHT_CONNECTED)
+        labels, count = ndimage.label(mask[top:bottom, left:right], structure=EIGHT_CONNECTED)
         if len(boxes) + count > max_regions:
             return None
         boxes += [(top + r.start, top + r.stop, left + c.start, left + c.stop) for r, c in ndimage.find_objects(labels)]

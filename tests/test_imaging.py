@@ -35,6 +35,8 @@ from engines.imaging import (
     mask_from_alpha,
     paste_back,
     plan_crop,
+    seen_on_grid,
+    whole_cells,
 )
 from tests.helpers import encoded, png_declaring_size
 
@@ -499,6 +501,32 @@ def test_dilation_of_large_image_is_fast():
     dilated = dilate_mask(mask, 40)
     assert time.perf_counter() - started < 0.5
     assert dilated[960:1440, 1960:2640].all() and dilated.sum() == 480 * 680
+
+
+# --- masks on a model's grid --------------------------------------------------------------------
+
+
+def test_whole_cells_grows_the_mask_to_every_cell_it_touches_and_no_other():
+    mask = np.zeros((32, 48), bool)
+    mask[9, 9] = mask[20:30, 40:42] = True
+    grown = whole_cells(mask, 8)
+    expected = np.zeros_like(mask)
+    expected[8:16, 8:16] = expected[16:32, 40:48] = True
+    np.testing.assert_array_equal(grown, expected)
+
+
+def test_only_a_region_with_no_pixel_on_the_grid_is_grown():
+    """What a view sampling every 8th pixel sees: every region; a region it sees already, and the background
+    between, as they were (a mask whose off-grid pixels are the only unmasked ones grew over them)."""
+    mask = np.zeros((32, 32), bool)
+    mask[9:12, 9:12] = True  # no pixel on the grid: grown to its cell
+    mask[14:25, 14:25] = True  # on the grid at (16, 16) and (24, 24): kept as it is
+    expected = mask.copy()
+    expected[8:16, 8:16] = True
+    np.testing.assert_array_equal(seen_on_grid(mask, 8), expected)
+    holes = np.ones((32, 32), bool)
+    holes[1::8, 1::8] = False
+    np.testing.assert_array_equal(seen_on_grid(holes, 8), holes)
 
 
 # --- plan_crop ----------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_one_crops_failure_cancels_its_sibling_crops_calls_before_the_error_come
 
     async def run_step():
         if step == "remove":
-            prepared = SimpleNamespace(crops=crops)
+            prepared = SimpleNamespace(crops=crops, fills=[mask for _, mask in crops])
             await pipeline.attempt(prepared, seed=1)
         else:
             await pipeline.worst_score([ScoreJob(image, mask, image) for image, mask in crops])
