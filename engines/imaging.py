@@ -60,6 +60,7 @@ _FORMAT_ALIASES = {"mpo": "jpeg"}
 
 # The largest side each output codec can write (PNG: 2**31 - 1, beyond any decodable input).
 MAX_OUTPUT_SIDE = {"webp": 16383, "jpeg": 65500}
+KEEPS_ALPHA = frozenset({"png", "webp"})  # the output formats that store an alpha channel (JPEG drops it)
 EIGHT_CONNECTED = np.ones((3, 3), bool)  # a mask's regions: pixels touching by a side or a corner
 _FEATHER_TILE = 256
 # Up to this feather the blend weight comes from shifted minima (exact, cheap for a narrow band); wider ones
@@ -979,14 +980,15 @@ def encode_image(
     icc_profile: bytes | None = None,
     webp_lossless: bool = False,
 ) -> bytes:
-    """Encode the final image; alpha is kept where the format can store it (png, webp) and dropped for jpeg.
+    """Encode the final image; alpha is kept where the format can store it (KEEPS_ALPHA) and dropped for jpeg,
+    which then shows the colours stored under transparent pixels (Accept never picks it for an image with alpha).
 
     PNG is lossless at zlib level 1 with the Up filter; JPEG is baseline 4:2:0 at `quality`, as Pillow writes it.
     `icc_profile` (the source's RGB profile) is embedded, so a Display P3 or Adobe RGB photo looks as it did.
     """
     fmt = fmt.lower()
     check_output(fmt, *rgb.shape[:2])
-    if alpha is not None and fmt != "jpeg":
+    if alpha is not None and fmt in KEEPS_ALPHA:
         pixels = np.dstack([rgb, alpha]).astype(np.uint8)
     else:
         pixels = np.ascontiguousarray(rgb, dtype=np.uint8)

@@ -997,6 +997,21 @@ def test_every_pixel_of_the_mask_given_is_the_models_whatever_the_dilation(dilat
         np.testing.assert_array_equal(out[outside], photo[outside])
 
 
+def test_an_accept_preferring_jpeg_gets_an_image_with_alpha_in_a_format_that_keeps_it():
+    """JPEG was picked from Accept for an RGBA photo: its transparency came back opaque, showing the colours
+    stored under it (a review)."""
+    photo, mask = _photo_and_two_objects()
+    alpha = np.full(mask.shape, 255, np.uint8)
+    alpha[:, :100] = 0
+    mask_png = png_bytes(mask.astype(np.uint8) * 255)
+    upload = RemovalRequest(png_bytes(np.dstack([photo, alpha])), mask_png, RemoveOptions())
+    reply = asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(upload, accept="image/jpeg, image/webp;q=0.8"))
+    assert reply.format == "webp"
+    with Image.open(io.BytesIO(reply.body)) as result:
+        assert result.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(result)[..., 3], alpha)
+
+
 def mask_grown(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
