@@ -22,6 +22,7 @@ from engines.errors import (
     UnsupportedOutputFormat,
 )
 from engines.imaging import (
+    MAX_BUCKET_DOWNSCALE,
     MEDIA_TYPES,
     OUTPUT_FORMATS,
     CropPlan,
@@ -560,6 +561,27 @@ def test_a_small_image_runs_at_the_bucket_that_holds_it_not_upscaled_for_context
     mask[85:170, 85:170] = True  # the region plus margins (341 px) would want the 512 bucket
     plan = plan_crop(mask, (256, 512, 1024), 128)
     assert (plan.side, plan.bucket, plan.top, plan.left) == (256, 256, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "box", "expected"),
+    [
+        ((520, 520), (110, 410, 110, 410), (520, 512)),  # was 1024: 520 px upscaled 1.97x, 4x the model pixels
+        ((600, 800), (100, 390, 100, 390), (546, 512)),  # was (800, 1024)
+        ((1000, 1000), (150, 850, 150, 850), (1000, 1024)),  # 512 would shrink the window 1.95x: upscaled to 1024
+        ((2000, 2000), (700, 1050, 700, 1050), (1024, 1024)),  # 1024 fits in the image: native, more context
+    ],
+)
+def test_a_window_the_image_cannot_fill_to_its_bucket_goes_a_bucket_down_when_it_nearly_fits(shape, box, expected):
+    """Within MAX_BUCKET_DOWNSCALE of the smaller bucket, a window is downscaled into it rather than upscaled into
+    a bucket larger than the image (a review: a 520x520 photo ran in the 1024 bucket)."""
+    top, bottom, left, right = box
+    mask = np.zeros(shape, bool)
+    mask[top:bottom, left:right] = True
+    plan = plan_crop(mask, (512, 1024), 128)
+    assert (plan.side, plan.bucket) == expected
+    assert_window_contains_bbox_and_fits(plan, mask)
+    assert plan.side / plan.bucket <= MAX_BUCKET_DOWNSCALE
 
 
 def test_window_is_shifted_inside_at_corners():
