@@ -100,7 +100,7 @@ class Prepared:
     mask: np.ndarray  # the dilated mask: what the model repaints
     given_mask: np.ndarray  # the mask as uploaded (or the alpha channel's), before dilation
     plans: list[imaging.CropPlan]  # [] when the mask is empty: nothing to remove
-    crops: list[tuple[np.ndarray, np.ndarray]]  # each plan's (image crop, mask crop) at its bucket
+    crops: list[tuple[np.ndarray, np.ndarray]]  # each plan's (image crop, mask crop) at its bucket, as cut
     dilate: int  # the dilation applied (the request's, else the settings')
     fills: list[np.ndarray]  # each mask crop as the remover is given it (removal_mask)
 
