@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+LATENT_CELL = 8  # pixels a side of one latent cell: SDXL's VAE downscales by 8
+SCORE_SIZE = 512  # the side of the view the discriminator scores, the only size it was trained at
+
 
 @dataclass
 class RemovalJob:

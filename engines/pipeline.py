@@ -25,7 +25,7 @@ import numpy as np
 from engines import imaging, regions
 from engines.errors import ImageSizeMismatch, InvalidMask
 from engines.gate import GateOutcome, GatePolicy, ScorerUnavailable, run_gated
-from engines.jobs import RemovalJob, ScoreJob
+from engines.jobs import LATENT_CELL, SCORE_SIZE, RemovalJob, ScoreJob
 
 if TYPE_CHECKING:  # the service drives the pipeline without loading the model libraries
     from engines.remover import RemovalEngine
@@ -49,6 +49,15 @@ class CropSettings:
     def from_imaging(cls, imaging_settings) -> CropSettings:
         s = imaging_settings
         return cls(tuple(s.buckets), s.crop_margin, s.dilate, s.feather)
+
+    def feather_for(self, dilate: int) -> int:
+        """The blend ramp a removal dilated by `dilate` gets: `feather`, but at most dilate + 1.
+
+        The ramp runs inward from the dilated mask's edge and is whole at `feather` px (Euclidean) in; a pixel
+        of the mask as given lies at least dilate + 1 px from any pixel the square dilation leaves out, so
+        every pixel the client marked is the model's, whatever the dilation (a 1 px stroke at dilate 0 kept 84%
+        of the object under the whole ramp)."""
+        return min(self.feather, dilate + 1)
 
 
 class Timings:
@@ -91,12 +100,28 @@ class Prepared:
     mask: np.ndarray  # the dilated mask: what the model repaints
     given_mask: np.ndarray  # the mask as uploaded (or the alpha channel's), before dilation
     plans: list[imaging.CropPlan]  # [] when the mask is empty: nothing to remove
-    crops: list[tuple[np.ndarray, np.ndarray]]  # each plan's (image crop, mask crop) at its bucket
+    crops: list[tuple[np.ndarray, np.ndarray]]  # each plan's (image crop, mask crop) at its bucket, as cut
     dilate: int  # the dilation applied (the request's, else the settings')
+    fills: list[np.ndarray]  # each mask crop as the remover is given it (removal_mask)
 
     @property
     def buckets(self) -> list[int]:
         return [plan.bucket for plan in self.plans]
+
+
+def removal_mask(crop_mask: np.ndarray) -> np.ndarray:
+    """The mask crop grown to whole latent cells. The engine blacks out every mask pixel of its input but tells
+    the UNet only the cells whose first pixel is masked (nearest, as diffusers does), so a thin stroke between
+    those pixels was blacked out with nothing to fill it. Grown here, not in the engine, the engine stays
+    diffusers' for a given (image, mask); the paste keeps the full-resolution mask."""
+    return imaging.whole_cells(crop_mask, LATENT_CELL)
+
+
+def score_mask(crop_mask: np.ndarray) -> np.ndarray:
+    """The mask crop with no region hidden from the discriminator, which sees one pixel per cell of its view's
+    latent grid (nearest to SCORE_SIZE, then to latent size: every side / 64th pixel of the crop). Only a region
+    with none of those pixels is grown to whole cells; the rest stays as the discriminator was trained on it."""
+    return imaging.seen_on_grid(crop_mask, crop_mask.shape[0] * LATENT_CELL // SCORE_SIZE)
 
 
 @dataclass
@@ -221,7 +246,8 @@ class RemovalPipeline:
         """Dilate, plan and cut, for pixels already decoded (benchmarks start here)."""
         dilate = self.crops.dilate if dilate is None else dilate
         dilated, plans = self.plan(mask, dilate, max_crops)
-        return Prepared(image, dilated, mask, plans, self.cut(image.rgb, dilated, plans), dilate)
+        crops = self.cut(image.rgb, dilated, plans)
+        return Prepared(image, dilated, mask, plans, crops, dilate, [removal_mask(m) for _, m in crops])
 
     def plan(
         self, mask: np.ndarray, dilate: int | None = None, max_crops: int = regions.MAX_CROPS
@@ -243,7 +269,7 @@ class RemovalPipeline:
         timings = timings or Timings()
         timings.restart()
         outcomes = await all_or_none(
-            self.models.remove(RemovalJob(crop, crop_mask, seed)) for crop, crop_mask in prepared.crops
+            self.models.remove(RemovalJob(crop, fill, seed)) for (crop, _), fill in zip(prepared.crops, prepared.fills)
         )
         for outcome in outcomes:
             for stage, seconds in outcome.stages.items():
@@ -251,7 +277,7 @@ class RemovalPipeline:
         timings.restart()
         edited = await self.run(
             regions.paste_back_regions, prepared.image.rgb, prepared.mask, [o.image for o in outcomes],
-            prepared.plans, self.crops.feather,
+            prepared.plans, self.crops.feather_for(prepared.dilate),
         )  # fmt: skip
         timings.lap("paste")
         return Attempt(edited, max(outcome.batch_size for outcome in outcomes))
@@ -261,8 +287,7 @@ class RemovalPipeline:
         the worst region's score is the result's."""
         timings = timings or Timings()
         timings.restart()
-        edited_crops = await self.run(self.cut, edited, prepared.mask, prepared.plans)
-        jobs = [ScoreJob(src, m, e) for (src, m), (e, _) in zip(prepared.crops, edited_crops)]
+        jobs = await self.run(self.score_jobs, prepared.crops, edited, prepared.mask, prepared.plans)
         worst = await self.worst_score(jobs)
         timings.lap("score")
         return worst
@@ -287,8 +312,15 @@ class RemovalPipeline:
         dilated, plans = self.plan(given, dilate, max_crops)
         if not plans:
             raise InvalidMask("the mask is empty: there is no removal to score")
-        sources, edits = self.cut(source_image.rgb, dilated, plans), self.cut(edited_image.rgb, dilated, plans)
-        return [ScoreJob(src, m, e) for (src, m), (e, _) in zip(sources, edits)]
+        return self.score_jobs(self.cut(source_image.rgb, dilated, plans), edited_image.rgb, dilated, plans)
+
+    def score_jobs(
+        self, sources: Sequence[tuple[np.ndarray, np.ndarray]], edited: np.ndarray, mask: np.ndarray,
+        plans: Sequence[imaging.CropPlan],
+    ) -> list[ScoreJob]:  # fmt: skip
+        """Each source crop with its mask as the Scorer is given it (score_mask) and the edited image cut alike."""
+        edits = self.cut(edited, mask, plans)
+        return [ScoreJob(src, score_mask(m), e) for (src, m), (e, _) in zip(sources, edits)]
 
     async def worst_score(self, jobs: Sequence[ScoreJob]) -> float:
         """All crops scored at once (one Scorer batch); the lowest score. A non-finite score (a discriminator

@@ -20,13 +20,12 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from engines.imaging import CropPlan, paste_back, plan_crop
+from engines.imaging import EIGHT_CONNECTED, CropPlan, paste_back, plan_crop, window_sizes
 
 # Beyond this many connected regions, or this many crops after merging, a request is planned as one box, as
 # before: planning stays cheap and a speckled mask cannot turn one request into hundreds of model calls.
 MAX_REGIONS = 256
 MAX_CROPS = 16
-_EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
 def plan_region_crops(
@@ -94,7 +93,7 @@ def _region_boxes(mask: np.ndarray, max_regions: int) -> np.ndarray | None:
         return None
     boxes = []
     for top, bottom, left, right in blocks:
-        labels, count = ndimage.label(mask[top:bottom, left:right], structure=_EIGHT_CONNECTED)
+        labels, count = ndimage.label(mask[top:bottom, left:right], structure=EIGHT_CONNECTED)
         if len(boxes) + count > max_regions:
             return None
         boxes += [(top + r.start, top + r.stop, left + c.start, left + c.stop) for r, c in ndimage.find_objects(labels)]
@@ -178,13 +177,8 @@ def _windows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(top, left, side, bucket) arrays: `plan_crop`'s window for each box, as if it were the whole mask."""
     height, width = shape
-    extent = max(height, width)
     top, bottom, left, right = boxes.T
-    need = np.minimum(np.maximum(bottom - top, right - left) + 2 * margin, extent)
-    ordered = np.sort(np.asarray(buckets, np.int64))
-    at = np.searchsorted(ordered, need)  # the first bucket >= need
-    bucket = np.where(at < len(ordered), ordered[np.minimum(at, len(ordered) - 1)], ordered[-1])
-    side = np.minimum(np.maximum(need, bucket), extent)
+    side, bucket = window_sizes(np.maximum(bottom - top, right - left), margin, max(height, width), buckets)
     return _place(top, bottom, side, height), _place(left, right, side, width), side, bucket
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from engines.jobs import ScoreJob
+from engines.jobs import SCORE_SIZE, ScoreJob
 from engines.lora import LoRAError, fuse_lora_file, read_lora_file
 from engines.timing import StageClock
 
@@ -62,7 +62,6 @@ HEAD_FILENAME = "cls_pred_branch.pt"  # what the authors' training (and ours) wr
 # Where a discriminator folder's head is looked for, in order: the same tensors converted to
 # safetensors (loads without unpickling), then the authors' own file.
 HEAD_FILENAMES = ("cls_pred_branch.safetensors", HEAD_FILENAME)
-SCORE_SIZE = 512  # the only size the discriminator was trained at
 HEAD_MIN_SIDE = 16  # mid-block side the head needs to reach 1x1 (16 -> 8 -> 4 -> 1)
 
 _ATTENTION_TARGET = re.compile(r"^(down_blocks\.\d+|mid_block)\.attentions\.\d+\..*\.(to_q|to_k|to_v|to_out\.0)$")

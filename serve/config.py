@@ -265,7 +265,13 @@ class ImagingSettings(_Strict):
         "unmasked pixel inside the crop)",
     )
     dilate: Dilation = Field(20, description="default mask dilation in pixels (the reference intends 20)")
-    feather: int = Field(6, ge=0, le=64, description="blend ramp inside the dilated mask, in pixels")
+    feather: int = Field(
+        6,
+        ge=0,
+        le=64,
+        description="blend ramp inside the dilated mask, in pixels (at most dilate + 1: every pixel of the mask as "
+        "given is the model's)",
+    )
     max_upload_bytes: int = Field(30 * 1024 * 1024, ge=1024, description="the files of one request together")
     max_megapixels: float = Field(40.0, gt=0, description="decoded size of one image")
     # cost bounds checked from a file's structure before its pixels are decoded (engines.imaging.DecodeLimits)

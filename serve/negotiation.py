@@ -2,9 +2,10 @@
 
 Media types are case-insensitive; a q of 0 refuses a type; the most specific range naming a type gives its q
 (`image/png` over `image/*` over `*/*`). The output format is the image type the client prefers among those that
-can hold the image (WebP stops at 16383 px a side), ties going to a type named outright, then to the upload's own
-format; an Accept that names no image type, or refuses every one, leaves the upload's format (RFC 9110 lets a
-server answer what it can rather than 406). `output_format` in the request overrides all of this.
+can hold the image (WebP stops at 16383 px a side; JPEG has no alpha channel), ties going to a type named outright,
+then to the upload's own format; an Accept that names no image type, or refuses every one, leaves the upload's
+format (RFC 9110 lets a server answer what it can rather than 406). `output_format` in the request overrides all
+of this.
 """
 
 from __future__ import annotations
@@ -49,17 +50,21 @@ def quality(ranges: list[tuple[str, float]], media_type: str) -> tuple[float, in
     return best
 
 
-def output_format(requested: str | None, accept: str, source_format: str | None, height: int, width: int) -> str:
-    """`requested` (the request's output_format) if given, else the format the Accept header prefers (above)."""
+def output_format(
+    requested: str | None, accept: str, source_format: str | None, height: int, width: int, alpha: bool = False
+) -> str:
+    """`requested` (the request's output_format) if given, else the format the Accept header prefers (above).
+    `alpha`: the result has an alpha channel."""
     if requested:
         return requested
-    default = source_format if source_format in imaging.OUTPUT_FORMATS else "png"
+    holds = source_format in imaging.OUTPUT_FORMATS and _holds(source_format, height, width, alpha)
+    default = source_format if holds else "png"
     ranges = media_ranges(accept)
     preference = [default, *(fmt for fmt in imaging.OUTPUT_FORMATS if fmt != default)]
     ranked = []
     for order, fmt in enumerate(preference):
         q, specificity = quality(ranges, imaging.MEDIA_TYPES[fmt])
-        if q > 0 and _holds(fmt, height, width):
+        if q > 0 and _holds(fmt, height, width, alpha):
             ranked.append((q, specificity == 2, -order, fmt))
     return max(ranked)[-1] if ranked else default
 
@@ -76,7 +81,9 @@ def wants_json(accept: str) -> bool:
     return json_q > image_q or (json_q == image_q and image_specificity < 2)
 
 
-def _holds(fmt: str, height: int, width: int) -> bool:
+def _holds(fmt: str, height: int, width: int, alpha: bool) -> bool:
+    if alpha and fmt not in imaging.KEEPS_ALPHA:
+        return False
     try:
         imaging.check_output(fmt, height, width)
     except imaging.InputError:

@@ -27,7 +27,7 @@ class RemoveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: Seed | None = Field(None, description="noise seed; random when absent")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
-        None, description="png, jpeg or webp; else from Accept, else the input's format"
+        None, description="png, jpeg (drops alpha) or webp; else from Accept, else the input's format"
     )
     quality: Quality | None = Field(None, description="JPEG / WebP quality")
     dilate: Dilation | None = Field(None, description="mask dilation in pixels; default from config")

@@ -224,7 +224,8 @@ class RemovalService:
             max_crops(gate.max_model_calls, scored=self.has_scorer), deadline=deadline,
         )  # fmt: skip
         timings.lap("decode")
-        fmt = output_format(options.output_format, accept, prepared.image.format, *prepared.image.rgb.shape[:2])
+        image = prepared.image
+        fmt = output_format(options.output_format, accept, image.format, *image.rgb.shape[:2], image.alpha is not None)
         try:
             imaging.check_output(fmt, *prepared.image.rgb.shape[:2])  # before the model runs, not from the encoder
         except InputError as exc:

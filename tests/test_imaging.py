@@ -22,6 +22,7 @@ from engines.errors import (
     UnsupportedOutputFormat,
 )
 from engines.imaging import (
+    MAX_BUCKET_DOWNSCALE,
     MEDIA_TYPES,
     OUTPUT_FORMATS,
     CropPlan,
@@ -35,6 +36,8 @@ from engines.imaging import (
     mask_from_alpha,
     paste_back,
     plan_crop,
+    seen_on_grid,
+    whole_cells,
 )
 from tests.helpers import encoded, png_declaring_size
 
@@ -501,6 +504,32 @@ def test_dilation_of_large_image_is_fast():
     assert dilated[960:1440, 1960:2640].all() and dilated.sum() == 480 * 680
 
 
+# --- masks on a model's grid --------------------------------------------------------------------
+
+
+def test_whole_cells_grows_the_mask_to_every_cell_it_touches_and_no_other():
+    mask = np.zeros((32, 48), bool)
+    mask[9, 9] = mask[20:30, 40:42] = True
+    grown = whole_cells(mask, 8)
+    expected = np.zeros_like(mask)
+    expected[8:16, 8:16] = expected[16:32, 40:48] = True
+    np.testing.assert_array_equal(grown, expected)
+
+
+def test_only_a_region_with_no_pixel_on_the_grid_is_grown():
+    """What a view sampling every 8th pixel sees: every region; a region it sees already, and the background
+    between, as they were (a mask whose off-grid pixels are the only unmasked ones grew over them)."""
+    mask = np.zeros((32, 32), bool)
+    mask[9:12, 9:12] = True  # no pixel on the grid: grown to its cell
+    mask[14:25, 14:25] = True  # on the grid at (16, 16) and (24, 24): kept as it is
+    expected = mask.copy()
+    expected[8:16, 8:16] = True
+    np.testing.assert_array_equal(seen_on_grid(mask, 8), expected)
+    holes = np.ones((32, 32), bool)
+    holes[1::8, 1::8] = False
+    np.testing.assert_array_equal(seen_on_grid(holes, 8), holes)
+
+
 # --- plan_crop ----------------------------------------------------------------------------------
 
 
@@ -532,6 +561,27 @@ def test_a_small_image_runs_at_the_bucket_that_holds_it_not_upscaled_for_context
     mask[85:170, 85:170] = True  # the region plus margins (341 px) would want the 512 bucket
     plan = plan_crop(mask, (256, 512, 1024), 128)
     assert (plan.side, plan.bucket, plan.top, plan.left) == (256, 256, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "box", "expected"),
+    [
+        ((520, 520), (110, 410, 110, 410), (520, 512)),  # was 1024: 520 px upscaled 1.97x, 4x the model pixels
+        ((600, 800), (100, 390, 100, 390), (546, 512)),  # was (800, 1024)
+        ((1000, 1000), (150, 850, 150, 850), (1000, 1024)),  # 512 would shrink the window 1.95x: upscaled to 1024
+        ((2000, 2000), (700, 1050, 700, 1050), (1024, 1024)),  # 1024 fits in the image: native, more context
+    ],
+)
+def test_a_window_the_image_cannot_fill_to_its_bucket_goes_a_bucket_down_when_it_nearly_fits(shape, box, expected):
+    """Within MAX_BUCKET_DOWNSCALE of the smaller bucket, a window is downscaled into it rather than upscaled into
+    a bucket larger than the image (a review: a 520x520 photo ran in the 1024 bucket)."""
+    top, bottom, left, right = box
+    mask = np.zeros(shape, bool)
+    mask[top:bottom, left:right] = True
+    plan = plan_crop(mask, (512, 1024), 128)
+    assert (plan.side, plan.bucket) == expected
+    assert_window_contains_bbox_and_fits(plan, mask)
+    assert plan.side / plan.bucket <= MAX_BUCKET_DOWNSCALE
 
 
 def test_window_is_shifted_inside_at_corners():

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 import engines.imaging as imaging
 from engines.imaging import (
+    MAX_BUCKET_DOWNSCALE,
     DecodeLimits,
     crop_for_model,
     decode_image,
@@ -97,8 +98,12 @@ def test_plan_covers_the_dilated_mask_with_a_bucket_window(mask, pixels, sides, 
     height, width = dilated.shape
     top, bottom, left, right = bounding_box(dilated)
     need = min(max(bottom - top, right - left) + 2 * margin, max(height, width))
-    # the smallest bucket that holds the region and its margin (never more than the image), else the largest
-    assert plan.bucket == min((b for b in sides if b >= need), default=max(sides))
+    # the smallest bucket that holds the region and its margin (never more than the image), else the largest;
+    # where that bucket is larger than the image, the next smaller one if the window nearly fits it
+    holding = min((b for b in sides if b >= need), default=max(sides))
+    smaller = max((b for b in sides if b < holding), default=None)
+    nearly = smaller is not None and holding > max(height, width) and need <= smaller * MAX_BUCKET_DOWNSCALE
+    assert plan.bucket == (smaller if nearly else holding)
     # a bucket-sized window, except on images smaller than it and regions larger than every bucket
     assert plan.side == min(max(need, plan.bucket), max(height, width))
     assert plan.top <= top and bottom <= plan.top + plan.side

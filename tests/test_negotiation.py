@@ -40,6 +40,21 @@ def test_a_format_that_cannot_hold_the_image_is_passed_over_unless_asked_for():
 
 
 @pytest.mark.parametrize(
+    ("accept", "source", "expected"),
+    [
+        ("image/jpeg, image/png;q=0.9", "png", "png"),  # was JPEG: the alpha dropped, what it hid shown
+        ("image/jpeg, image/webp;q=0.5", "png", "webp"),
+        ("image/jpeg", "webp", "webp"),  # nothing acceptable holds it: the upload's format, as for a size
+        ("image/jpeg", "gif", "png"),
+    ],
+)
+def test_jpeg_is_passed_over_for_an_image_with_alpha_unless_asked_for(accept, source, expected):
+    assert output_format(None, accept, source, 480, 640, alpha=True) == expected
+    assert output_format(None, accept, source, 480, 640) == "jpeg", "an opaque image"
+    assert output_format("jpeg", accept, source, 480, 640, alpha=True) == "jpeg", "output_format is the client's word"
+
+
+@pytest.mark.parametrize(
     ("accept", "json"),
     [
         ("application/json", True),

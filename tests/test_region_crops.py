@@ -78,6 +78,13 @@ def test_two_small_crops_are_not_merged_into_a_larger_bucket():
     assert plan_crop(mask, BUCKETS, MARGIN).bucket == 1024
 
 
+def test_regions_on_a_small_photo_share_a_slightly_downscaled_512_crop_not_an_upscaled_1024_one():
+    """An 800x600 photo with two close objects: their shared window (546 px) went to the 1024 bucket, the photo's
+    800 px side upscaled 1.28x, 4x the model pixels of a 512 crop (a review)."""
+    mask = dilate_mask(squares((600, 800), (100, 100), (100, 300), size=50), 20)
+    assert [(plan.side, plan.bucket) for plan in plan_region_crops(mask, BUCKETS, MARGIN)] == [(546, 512)]
+
+
 def test_merging_cascades_until_no_windows_overlap():
     # a chain of regions, each 260 px from the next: neighbours' windows overlap, the ends' do not
     mask = squares((3000, 4000), *[(1400, 200 + 380 * i) for i in range(6)])

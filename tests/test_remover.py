@@ -1,3 +1,5 @@
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,38 @@ def test_cuda_half_precision_stays_close_to_cpu_fp32(tiny_bundle, dtype):
     on_gpu = RemovalEngine.from_bundle(tiny_bundle, device="cuda", dtype=dtype).remove(jobs)
     for ref, got in zip(reference, on_gpu):
         assert np.abs(ref.astype(int) - got).mean() < 8
+
+
+def test_a_thin_stroke_off_the_latent_grid_is_filled_not_only_blacked_out(tiny_bundle):
+    """The engine blacks out every mask pixel but tells the UNet only the cells whose first pixel is masked
+    (nearest, as diffusers): a 3 px stroke at column 9 at dilate 0 was blacked out with no latent cell set: the
+    UNet was told to keep the black (a review). The pipeline now gives it the mask in whole latent cells."""
+    from engines.imaging import DecodeLimits
+    from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline
+    from engines.remover import CropBatch, SamplingNoise
+    from tests.helpers import png_bytes
+
+    class Recorder:
+        async def remove(self, job):
+            jobs.append(job)
+            return LocalOutcome(job.image)
+
+    engine, jobs = RemovalEngine.from_bundle(tiny_bundle), []
+    photo = np.full((200, 300, 3), 200, np.uint8)
+    mask = np.zeros((200, 300), bool)
+    mask[50:80, 9:12] = True
+    pipeline = RemovalPipeline(Recorder(), CropSettings((128, 256), 16, 20, 6), DecodeLimits())
+    prepared = pipeline.prepare(png_bytes(photo), png_bytes(mask.astype(np.uint8) * 255), dilate=0)
+    asyncio.run(pipeline.attempt(prepared, seed=0))
+    [job], [plan] = jobs, prepared.plans
+    assert plan.side == plan.bucket and plan.left == 0, "the stroke is at column 9 of the crop"
+
+    pixels, masks = torch.from_numpy(job.image[None]), torch.from_numpy(job.mask[None])
+    images, masks = engine.normalize(CropBatch(pixels, masks, None))
+    shape = engine.latent_shape(*job.mask.shape)
+    noise = SamplingNoise.draw([torch.Generator().manual_seed(0)], shape, engine.schedule)
+    latent = engine.encode(images, masks, noise).latent_masks[0, 0].numpy() > 0
+    told = latent.repeat(engine.vae_scale_factor, 0).repeat(engine.vae_scale_factor, 1)
+    stroke = mask[plan.top : plan.top + plan.side, : plan.side]
+    assert told[stroke].all(), "every pixel of the stroke lies in a cell the UNet fills"
+    assert told[job.mask].all(), "every pixel the engine blacks out lies in a cell the UNet fills"

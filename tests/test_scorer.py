@@ -432,3 +432,33 @@ def test_timings_and_sizes(engine):
     disc = engine.discriminator
     with pytest.raises(ValueError, match="score_size 256 does not fit"):
         ScoringEngine(engine.vae, disc, engine.prompt_embeds, engine.pooled_prompt_embeds, score_size=256)
+
+
+@pytest.mark.parametrize("side", [512, 1024])
+def test_a_region_off_the_discriminators_grid_is_still_seen(engine, side):
+    """The discriminator sees one crop pixel per cell of its view's latent grid (every side / 64th): a 3 px stroke
+    at column 9, or a 3 px dot, had none of them and was invisible to it (a review). Such a region is grown to
+    whole cells; a region it sees keeps its mask as the discriminator was trained on it."""
+    from engines.imaging import DecodeLimits
+    from engines.pipeline import CropSettings, RemovalPipeline
+    from tests.helpers import png_bytes
+
+    image = np.asarray(Image.fromarray(photo(512, 412)).resize((side, side), Image.BICUBIC))
+    mask = np.zeros((side, side), bool)
+    mask[side // 2 : side // 2 + 30, 9:12] = True
+    mask[side - 24 : side - 21, side - 24 : side - 21] = True
+    mask[100:200, 200:300] = True
+    pipeline = RemovalPipeline(None, CropSettings((side,), 16, 0, 6), DecodeLimits())
+    [job] = pipeline.prepare_score(png_bytes(image), png_bytes(mask.astype(np.uint8) * 255), png_bytes(image), 0, 1)
+    assert job.mask.shape == (side, side) and (job.mask[100:200, 200:300] == mask[100:200, 200:300]).all()
+
+    seen = []
+    hook = engine.discriminator.register_forward_pre_hook(lambda module, args: seen.append(args[0][0, 4].numpy()))
+    try:
+        engine.score([job])
+    finally:
+        hook.remove()
+    latent = seen[0] > 0
+    cell = side // 64
+    for rows, cols in ((slice(side // 2, side // 2 + 30), slice(9, 12)), (slice(side - 24, side - 21),) * 2):
+        assert latent[rows.start // cell : rows.stop // cell + 1, cols.start // cell : cols.stop // cell + 1].any()
