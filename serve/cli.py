@@ -26,6 +26,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -245,60 +246,74 @@ def fit_gpus(deployments: list[tuple[str, dict]], gpus: int) -> list[str]:
     Too many whole-GPU replicas for the GPUs (a one-GPU workstation where the Remover and the
     Scorer ask for one each): the GPU replicas share the GPUs evenly, 1 / ceil(replicas / gpus) of
     one each, so Ray can place every replica instead of leaving one pending forever. A replica
-    that asks for more than one GPU is never split: refused when it cannot be placed.
+    that asks for more than one GPU is never split: refused when it cannot be placed. An autoscaling
+    deployment is fitted at the replicas it starts with: splitting a GPU for every replica it may reach would
+    give each a sliver (100 for "auto") and run out of GPU memory as it scales; replicas beyond what the GPUs
+    hold wait for one, and the notes say so.
     """
     wanting = []
     for name, deployment in deployments:
         options = deployment.get("ray_actor_options") or {}
         if options.get("num_gpus"):
-            wanting.append((name, options, _max_replicas(deployment)))
+            wanting.append((name, options, *_replica_range(deployment)))
     if not wanting:
         return []
     if gpus <= 0:
-        for _, options, _ in wanting:
+        for _, options, _, _ in wanting:
             options["num_gpus"] = 0
-        return [f"no CUDA GPU here: {name} runs on the CPU" for name, _, _ in wanting]
-    requests = [options["num_gpus"] for _, options, replicas in wanting for _ in range(replicas)]
-    if _packs(requests, gpus):
-        return []
-    whole = [(name, o["num_gpus"], r) for name, o, r in wanting if o["num_gpus"] > 1]
+        return [f"no CUDA GPU here: {name} runs on the CPU" for name, _, _, _ in wanting]
+    requests = [options["num_gpus"] for _, options, replicas, _ in wanting for _ in range(replicas)]
+    notes = []
+    if not _packs(requests, gpus):
+        notes.append(_shared(wanting, requests, gpus))
+    most = [options["num_gpus"] for _, options, _, replicas in wanting for _ in range(replicas)]
+    if not _packs(most, gpus):
+        scaling = ", ".join(f"{name} up to {top}" for name, _, start, top in wanting if top > start)
+        notes.append(f"autoscaling ({scaling}): replicas beyond what the {gpus} GPU(s) hold wait for one")
+    return notes
+
+
+def _shared(wanting: list[tuple[str, dict, int, int]], requests: list[float], gpus: int) -> str:
+    """Share the GPUs evenly between the replicas `requests` stands for, or refuse; the note saying so."""
+    whole = [(name, o["num_gpus"]) for name, o, _, _ in wanting if o["num_gpus"] > 1]
     if whole:
-        too_big = [(name, asked) for name, asked, _ in whole if asked > gpus]
+        too_big = [(name, asked) for name, asked in whole if asked > gpus]
         if too_big:
             name, asked = too_big[0]
             raise PlacementError(
                 f"{name} asks for {asked:g} GPUs per replica and this machine has {gpus}: lower its "
                 f"ray_actor_options.num_gpus (at most 1 lets replicas share a GPU) or its replica count"
             )
-        asks = ", ".join(f"{name} {o['num_gpus']:g} x{r}" for name, o, r in wanting)
+        asks = ", ".join(f"{name} {o['num_gpus']:g} x{r}" for name, o, r, _ in wanting)
         raise PlacementError(
             f"the GPU replicas ask for {sum(requests):g} GPUs in all ({asks} replicas) and this machine has {gpus}: "
-            f"lower ray_actor_options.num_gpus of {', '.join(name for name, _, _ in whole)} (at most 1 lets "
+            f"lower ray_actor_options.num_gpus of {', '.join(name for name, _ in whole)} (at most 1 lets "
             f"replicas share a GPU) or the replica counts"
         )
     share = math.floor(1 / math.ceil(len(requests) / gpus) / RAY_RESOURCE_STEP) * RAY_RESOURCE_STEP
-    for _, options, _ in wanting:
+    for _, options, _, _ in wanting:
         options["num_gpus"] = round(share, 4)
-    names = ", ".join(f"{name} x{r}" for name, _, r in wanting)
-    return [
+    names = ", ".join(f"{name} x{r}" for name, _, r, _ in wanting)
+    return (
         f"{gpus} GPU(s) here, {len(requests)} GPU replicas ({names}) asked for {sum(requests):g}: they share, "
         f"num_gpus {share:g} each (set ray_actor_options.num_gpus in the config to size them yourself)"
-    ]
+    )
 
 
-def _max_replicas(deployment: dict) -> int:
-    """Replicas a deployment may run: num_replicas, or its autoscaling ceiling as Ray fills it in (num_replicas
-    left out or null beside an autoscaling_config: its max_replicas, default 1; "auto": Ray's defaults for it,
-    max_replicas 100, under what the config gives)."""
+def _replica_range(deployment: dict) -> tuple[int, int]:
+    """(the replicas a deployment starts with, the most it may run): num_replicas twice, or its autoscaling_config
+    as Ray fills it in: initial_replicas (else min_replicas) and max_replicas; with num_replicas left out or null
+    Ray's defaults are 1 and 1, with "auto" 1 and 100, under what the config gives."""
     replicas = deployment.get("num_replicas")
     if isinstance(replicas, int):
-        return replicas
-    autoscaling = deployment.get("autoscaling_config") or {}
-    if replicas == "auto":
-        from ray.serve.config import AutoscalingConfig
+        return replicas, replicas
+    from ray.serve.config import AutoscalingConfig
 
-        return int(autoscaling.get("max_replicas", AutoscalingConfig.default().max_replicas))
-    return int(autoscaling.get("max_replicas", 1))
+    defaults = AutoscalingConfig.default() if replicas == "auto" else AutoscalingConfig()
+    autoscaling = deployment.get("autoscaling_config") or {}
+    low = autoscaling.get("min_replicas", defaults.min_replicas)
+    start = autoscaling.get("initial_replicas") or max(low, 1)
+    return int(start), int(autoscaling.get("max_replicas", defaults.max_replicas))
 
 
 def _packs(requests: list[float], gpus: int) -> bool:
@@ -330,7 +345,7 @@ def logical_cpus_needed(config: dict) -> int | None:
     wanted = 0.0
     for app in config["applications"]:
         for deployment in app.get("deployments", []):
-            wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * _max_replicas(deployment)
+            wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * _replica_range(deployment)[1]
         if AppSettings.model_validate(app.get("args") or {}).retention.enabled:
             wanted += ResultStore.ray_actor_options.get("num_cpus", 1) * ResultStore.num_replicas
     cores = os.cpu_count() or 1
@@ -534,12 +549,37 @@ class StopRequest:
         self.signals = 0
 
     def __call__(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            _off_the_hung_up_terminal()
         self.signals += 1
+        self.requested.set()
+
+    def install(self) -> None:
+        """On every STOP_SIGNALS but a SIGHUP the CLI was started to ignore (nohup)."""
+        for signum in STOP_SIGNALS:
+            if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self)
+
+    def hurry_now(self) -> None:
+        self.signals = max(self.signals, 2)
         self.requested.set()
 
     @property
     def hurry(self) -> bool:
         return self.signals > 1
+
+
+def _off_the_hung_up_terminal() -> None:
+    """After a hangup the terminal answers every write with EIO: the stop's first message would end the CLI before
+    it stopped anything. Its output on that terminal goes to /dev/null instead (a pipe or a file stays)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):  # closed: nothing to move
+                if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal (isatty's ioctl fails on one hung up)
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def stop_service(child: subprocess.Popen, root_url: str, drain_flag: Path, stop: StopRequest) -> int:
@@ -797,8 +837,7 @@ def run(argv: list[str] | None = None) -> int:
             DRAIN_FLAG_ENV: str(drain_flag),
         }  # fmt: skip
         stop = StopRequest()
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, stop)
+        stop.install()
         # its own session: a terminal's Ctrl-C reaches this process only, which stops everything in order
         child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
         try:
@@ -832,6 +871,7 @@ def run(argv: list[str] | None = None) -> int:
                     f"[rorem] the launcher exited ({child.returncode}); stopping what is left", file=sys.stderr, flush=True
                 )
             return stop_service(child, root_url, drain_flag, stop)
-        except BaseException:  # a bug here must not leave Ray and its ports behind
+        except BaseException:  # a bug here must not leave Ray and its ports behind: no drain, stop now
+            stop.hurry_now()
             stop_service(child, root_url, drain_flag, stop)
             raise

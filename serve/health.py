@@ -151,10 +151,13 @@ class Readiness:
         """One describe call, shared by every probe that comes while it runs: the call goes through the
         deployment's queue like a request, so a probe per call would add to a saturated model's queue. A slow
         answer means "not yet"; the next probe after it asks again."""
-        response = self.handles[key].describe.remote()
+        response = None
         try:
+            response = self.handles[key].describe.remote()  # may raise at once (a router not ready yet)
             self.descriptions[key] = await asyncio.wait_for(response, timeout=self.describe_timeout_s)
-        except Exception:
-            response.cancel()
+        except Exception as exc:
+            logger.info("readiness: no description of %s yet: %r", key, exc)
+            if response is not None:
+                response.cancel()
         finally:
             del self._describing[key]

@@ -305,22 +305,32 @@ def test_a_placement_over_the_gpus_in_all_names_the_total_not_a_replica_that_fit
 
 
 @pytest.mark.parametrize("replicas", [{}, {"num_replicas": None}, {"num_replicas": "auto"}])
-def test_an_autoscaling_deployment_is_fitted_for_its_ceiling_however_its_replicas_are_left_open(replicas):
-    """Ray's schema takes autoscaling_config with num_replicas left out: counted as one replica, two GPUs' worth
-    of Removers was given whole GPUs and the third waited for one forever."""
+def test_an_autoscaling_deployment_is_fitted_for_the_replicas_it_starts_with_however_they_are_left_open(replicas):
+    """Ray's schema takes autoscaling_config with num_replicas left out: counted as one replica, a Remover starting
+    at two took whole GPUs and the Scorer waited for one forever (READY never came). Fitted for its ceiling
+    instead, "auto" (up to 100) split one GPU into slivers of 0.0099."""
     from serve.cli import logical_cpus_needed
 
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     remover = _deployments(config)["Remover"]
     remover.pop("num_replicas", None)
-    remover.update(replicas, autoscaling_config={"min_replicas": 1, "max_replicas": 3})
-    notes = fit_to_machine(config, bundle=None, host=None, port=None, gpus=2)
+    remover.update(replicas, autoscaling_config={"min_replicas": 2, "max_replicas": 4})
+    notes = fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)
     shares = [d["ray_actor_options"]["num_gpus"] for d in _deployments(config).values() if d["name"] != "Ingress"]
-    assert shares == [0.5, 0.5] and "4 GPU replicas" in notes[0]
+    assert shares == [0.3333, 0.3333] and "3 GPU replicas" in notes[0]
+    assert notes[1] == "autoscaling (Remover up to 4): replicas beyond what the 1 GPU(s) hold wait for one"
     ingress = _deployments(config)["Ingress"]
     ingress.pop("num_replicas", None)
     ingress.update(replicas, autoscaling_config={"min_replicas": 1, "max_replicas": 40})
-    assert logical_cpus_needed(config) >= 40
+    assert logical_cpus_needed(config) >= 40, "CPUs are logical: every replica it may reach is placed"
+
+
+def test_num_replicas_auto_is_fitted_at_its_start_not_at_ray_s_ceiling_of_100():
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    _deployments(config)["Remover"]["num_replicas"] = "auto"
+    notes = fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)
+    shares = [d["ray_actor_options"]["num_gpus"] for d in _deployments(config).values() if d["name"] != "Ingress"]
+    assert shares == [0.5, 0.5] and "Remover up to 100" in notes[1]
 
 
 def test_each_bucket_has_its_own_batch_size_and_wait():

@@ -171,6 +171,23 @@ def test_concurrent_probes_share_one_describe_call_and_one_that_timed_out_is_ask
     assert docs.count(f"`DESCRIBE_TIMEOUT_S` ({DESCRIBE_TIMEOUT_S:g} s") == 2
 
 
+def test_a_describe_call_that_cannot_be_sent_is_sent_again_by_the_next_probe():
+    """A handle's .remote() may raise at once (Ray's router not initialized yet): the failed call stayed shared,
+    and every later probe raised with it for the replica's life."""
+
+    class NotYet(FakeHandle):
+        def remote(self):
+            if not self.asked:
+                self.asked += 1
+                raise RuntimeError("Router is not initialized")
+            return super().remote()
+
+    handle = NotYet("Remover")
+    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1})
+    assert list(asyncio.run(readiness.missing())) == ["Remover"]
+    assert asyncio.run(readiness.missing()) == {} and handle.asked == 2
+
+
 def test_a_probe_waits_one_describe_timeout_for_all_deployments_and_says_which_did_not_answer():
     """The describes were awaited one after another (a probe could wait 2 x 5 s), and a replica that Serve runs
     but whose describe timed out was reported as having no running replica."""

@@ -180,38 +180,95 @@ def test_a_port_given_twice_or_an_address_not_here_fails_the_start_saying_so(tmp
     assert time.monotonic() - started < 5
 
 
-_HANGUP_DRIVER = """
-import subprocess, sys
+# `python -m serve run` with its launcher a sleeper (in the launcher's own session, as the CLI starts it; no Ray),
+# which writes the sleeper's pid to argv[1]; the drain, which would poll an address nothing answers, is skipped
+_CLI_DRIVER = """
+import fcntl, os, signal, subprocess, sys, termios
+from pathlib import Path
+if os.isatty(0):
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the session's controlling terminal: its hangup comes here
+if os.environ.get("IGNORING_HANGUPS"):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts it
 from types import SimpleNamespace
 import serve.cli as cli
 real = subprocess.Popen
 def launch(command, **kwargs):
     child = real([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
-    print(child.pid, flush=True)
+    Path(sys.argv[1]).write_text(str(child.pid))
     return child
 cli.subprocess = SimpleNamespace(Popen=launch)
-sys.exit(cli.run(["run", "--config", *sys.argv[1:], "--ready-timeout", "60"]))
+cli._wait_drained = lambda *args: None
+sys.exit(cli.run(["run", "--config", *sys.argv[2:], "--ready-timeout", "60"]))
 """
 
 
-def test_a_hangup_stops_what_the_start_launched(tmp_path):
-    """A closed terminal or a dropped SSH session (SIGHUP) ended the CLI at once; the launcher, in a session of its
-    own, and Ray with it kept the ports and the GPU."""
+def _cli_on_a_terminal(tmp_path, output=None, ignoring_hangups=False):
+    """The CLI in a session of its own whose controlling terminal is a pty (its output there too, unless `output`);
+    the pty's master end, the CLI and its launcher's pid."""
+    import pty
+
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(serve_test_config(tmp_path)))
     ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    master, terminal = pty.openpty()
+
+    pid_file = tmp_path / "launcher.pid"
     cli = subprocess.Popen(
-        [sys.executable, "-c", _HANGUP_DRIVER, str(path), *ports],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, "-c", _CLI_DRIVER, str(pid_file), str(path), *ports], cwd=REPO, stdin=terminal,
+        stdout=output or terminal, stderr=output or terminal, start_new_session=True,
+        env={**os.environ, **({"IGNORING_HANGUPS": "1"} if ignoring_hangups else {})},
     )  # fmt: skip
+    os.close(terminal)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and cli.poll() is None and time.monotonic() < deadline:
+        _read_some(master)
+    assert pid_file.exists(), f"the CLI did not launch (exit {cli.poll()})"
+    time.sleep(0.2)  # its pid is written before Popen returns to the CLI
+    return master, cli, int(pid_file.read_text())
+
+
+def _read_some(master: int) -> None:
+    import select
+
+    if select.select([master], [], [], 0.05)[0]:
+        try:
+            os.read(master, 65536)
+        except OSError:
+            pass
+
+
+def test_a_hung_up_terminal_stops_what_the_start_launched(tmp_path):
+    """A closed terminal or a dropped SSH session (SIGHUP) ended the CLI at once, and, once handled, the stop's
+    first message to the gone terminal failed (EIO) before anything was stopped; the launcher, in a session of its
+    own, and Ray with it kept the ports and the GPU."""
+    master, cli, launcher = _cli_on_a_terminal(tmp_path)
     try:
-        launcher = next(int(line) for line in cli.stdout if line.strip().isdigit())
-        cli.send_signal(signal.SIGHUP)
-        cli.wait(timeout=20)
+        os.close(master)  # the hangup: SIGHUP to the terminal's session
+        cli.wait(timeout=30)
         time.sleep(0.2)
-        assert not _alive(launcher), "the launcher outlived the CLI"
+        assert not _alive(launcher), f"the launcher outlived the CLI (exit {cli.returncode})"
     finally:
         cli.kill()
+        if _alive(launcher):
+            os.kill(launcher, signal.SIGKILL)
+
+
+def test_a_start_under_nohup_keeps_running_through_a_hangup(tmp_path):
+    log = (tmp_path / "nohup.out").open("w")
+    master, cli, launcher = _cli_on_a_terminal(tmp_path, output=log, ignoring_hangups=True)
+    try:
+        os.close(master)
+        time.sleep(1.0)
+        assert cli.poll() is None and _alive(launcher), "a hangup nohup ignores stopped the service"
+        cli.terminate()
+        cli.wait(timeout=30)
+        time.sleep(0.2)
+        assert not _alive(launcher)
+    finally:
+        cli.kill()
+        log.close()
+        if _alive(launcher):
+            os.kill(launcher, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

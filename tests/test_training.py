@@ -621,6 +621,37 @@ def test_annotate_keeps_only_results_at_or_above_the_threshold(trained_bundle, d
         assert Image.open(record.gt).size == Image.open(record.source).size == (SIDE, SIDE)
 
 
+def test_annotate_gives_the_models_each_mask_as_the_service_does(tiny_bundle, tmp_path, monkeypatch):
+    """A thin stroke off the latent grid was blacked out in the remover's input with no latent cell to fill: the
+    data round now grows it to whole cells as the service's pipeline does (engines.pipeline.removal_mask)."""
+    from engines.remover import RemovalEngine
+    from engines.scorer import ScoringEngine
+    from training.annotate import AnnotateSettings, annotate
+
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[20:40, 9] = 255  # 1 px wide, at no multiple of 8
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(np.full((SIDE, SIDE, 3), 128, np.uint8)).save(tmp_path / "source.png")
+    (tmp_path / "pairs.json").write_text(json.dumps([{"source": "source.png", "mask": "mask.png"}]))
+    given = []
+
+    class Remover:
+        def remove(self, jobs):
+            given.extend(job.mask for job in jobs)
+            return [job.image for job in jobs]
+
+    class Scorer:
+        def score(self, jobs):
+            return [0.5 for _ in jobs]
+
+    monkeypatch.setattr(RemovalEngine, "from_bundle", classmethod(lambda cls, *a, **k: Remover()))
+    monkeypatch.setattr(ScoringEngine, "from_bundle", classmethod(lambda cls, *a, **k: Scorer()))
+    annotate(AnnotateSettings(out=tmp_path / "round", bundle=str(tiny_bundle.path), data=tmp_path / "pairs.json",
+                              resolution=SIDE))  # fmt: skip
+    (removed,) = given
+    assert removed[16:40, 8:16].all() and removed.sum() == 24 * 8, "the stroke's latent cells, whole"
+
+
 # ---------------------------------------------------------------- CLI
 
 

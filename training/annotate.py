@@ -29,6 +29,9 @@ from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingEr
 from training.data import Triplet, load_mask, load_metadata, load_rgb, save_image, write_metadata
 
 SCORE_LOG = "scores.jsonl"
+# the models get each mask as the service gives it (engines.pipeline.removal_mask, score_mask): a thin stroke off
+# the latent grid was blacked out with no latent cell to fill; in the resume key, so older scores are not reused
+MASKS_AS_THE_SERVICE = "masks: whole latent cells"
 HISTOGRAM_EDGES = [round(0.1 * i, 1) for i in range(11)] + [float("inf")]
 
 
@@ -53,6 +56,7 @@ def annotate(settings: AnnotateSettings) -> dict:
     from engines.bundle import MANIFEST, sha256_of
     from engines.imaging import dilate_mask
     from engines.jobs import RemovalJob, ScoreJob
+    from engines.pipeline import removal_mask, score_mask
     from engines.remover import RemovalEngine
     from engines.scorer import ScoringEngine
     from engines.sources import open_bundle
@@ -75,7 +79,9 @@ def annotate(settings: AnnotateSettings) -> dict:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     # what a result depends on besides its pair: a logged score is reused only if all of it matches
-    key = json.dumps([sha256_of(bundle.path / MANIFEST), settings.resolution, settings.dilate, settings.seed])
+    key = json.dumps(
+        [sha256_of(bundle.path / MANIFEST), settings.resolution, settings.dilate, settings.seed, MASKS_AS_THE_SERVICE]
+    )
     log_path = out / SCORE_LOG
     done = _read_log(log_path, key, out) if settings.resume else {}
     if not settings.resume:
@@ -103,9 +109,11 @@ def annotate(settings: AnnotateSettings) -> dict:
                     ScoringEngine.from_bundle(bundle, device=device),
                 )
             remover, scorer = engines
-            jobs = [RemovalJob(image=image, mask=mask, seed=settings.seed + index) for index, image, mask in prepared]
+            jobs = [RemovalJob(image, removal_mask(mask), settings.seed + index) for index, image, mask in prepared]
             results = remover.remove(jobs)
-            scores = scorer.score([ScoreJob(source=j.image, mask=j.mask, edited=r) for j, r in zip(jobs, results)])
+            scores = scorer.score(
+                [ScoreJob(image, score_mask(mask), result) for (_, image, mask), result in zip(prepared, results)]
+            )
             for (index, image, mask), result, score in zip(prepared, results, scores):
                 name = f"{index:05d}.png"
                 save_image(image, out / "source" / name)
