@@ -36,6 +36,12 @@ logger = logging.getLogger("ray.serve")  # where a replica's log lines go (forma
 T = TypeVar("T")
 
 
+# Raised whenever the pipeline gives the models or the paste other pixels for the same request and settings: an
+# evaluation run records it, and `compare` gates only runs of one version. 2: masks in whole latent cells, the
+# feather at most dilate + 1, the smaller bucket within MAX_BUCKET_DOWNSCALE.
+PIPELINE_VERSION = 2
+
+
 @dataclass(frozen=True)
 class CropSettings:
     """How a mask becomes model crops and how results go back (serve.config.ImagingSettings holds the defaults)."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engines.pipeline import PIPELINE_VERSION
 from training.data import Triplet, load_metadata, save_image, write_metadata
 from training.synthetic import make_synthetic_triplets
 
@@ -282,8 +283,9 @@ def _altered_copy(run: Path, to: Path, keep_rows: int | None = None, **config) -
 
     shutil.copytree(run, to)
     summary = json.loads((to / "summary.json").read_text())
-    summary.update({k: v for k, v in config.items() if k == "data_sha256"})
-    summary["config"].update({k: v for k, v in config.items() if k != "data_sha256"})
+    recorded = ("data_sha256", "pipeline_version")
+    summary.update({k: v for k, v in config.items() if k in recorded})
+    summary["config"].update({k: v for k, v in config.items() if k not in recorded})
     (to / "summary.json").write_text(json.dumps(summary))
     if keep_rows is not None:
         lines = (to / "per_image.csv").read_text().splitlines(keepends=True)
@@ -315,6 +317,7 @@ def test_the_gate_fails_on_a_subset_or_other_settings_unless_partial_is_allowed(
         ("feather", {"feather": 0}, "not comparable: feather differs"),
         ("other-data", {"data_sha256": "0" * 64}, "not comparable: the data files differ"),
         ("no-hash", {"data_sha256": None}, "B does not record its data file's sha256"),
+        ("old-pipeline", {"pipeline_version": 1}, f"not comparable: the pipelines differ: A {PIPELINE_VERSION}, B 1"),
     ]:
         other = _altered_copy(base, work / f"changed-{name}", **change)
         for extra in ([], ["--allow-partial"]):

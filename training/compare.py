@@ -20,8 +20,8 @@ listed as not checked, with the reason. A file that names nothing to check is re
 that checked no measure fails.
 
 The gate also fails when the runs are not a like-for-like comparison: a different test set (the
-metadata file's sha256), other imaging settings, seed or crop cap (SAME_SETTINGS: these change the
-pixels each image gets), or images that are not evaluated in both (a run with --limit, an entry
+metadata file's sha256), another version of the removal pipeline (engines.pipeline.PIPELINE_VERSION),
+other imaging settings, seed or crop cap (SAME_SETTINGS: these change the pixels each image gets), or images that are not evaluated in both (a run with --limit, an entry
 that failed in one run). `allow_partial` accepts the last kind (COVERAGE_SETTINGS and unpaired
 images): the gate then runs on the paired images and the report says how many were left out.
 """
@@ -208,6 +208,12 @@ def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) 
     if None not in hashes.values() and hashes["A"] != hashes["B"]:
         found["settings"].append(
             f"the data files differ: sha256 A {hashes['A'][:12]}, B {hashes['B'][:12]} (another test set)"
+        )
+    versions = [run.summary.get("pipeline_version") for run in (a, b)]
+    if versions[0] != versions[1]:
+        found["settings"].append(
+            f"the pipelines differ: A {versions[0]}, B {versions[1]} (engines.pipeline.PIPELINE_VERSION: the same "
+            "settings give other pixels; evaluate the baseline again)"
         )
     config_a, config_b = a.summary.get("config", {}), b.summary.get("config", {})
     for kind, names in (("settings", SAME_SETTINGS), ("coverage", COVERAGE_SETTINGS)):

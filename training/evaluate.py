@@ -118,6 +118,7 @@ class EvaluateSettings(StageSettings):
 
 
 def evaluate(settings: EvaluateSettings) -> dict:
+    from engines.pipeline import PIPELINE_VERSION
     from engines.sources import open_bundle
     from serve.placement import pick_device
     from training.data import load_metadata
@@ -131,6 +132,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     from engines.bundle import sha256_of
 
     summary.data["data_sha256"] = sha256_of(Path(settings.data))  # the test set's identity, which `compare` checks
+    summary.data["pipeline_version"] = PIPELINE_VERSION  # so is the removal path's
     records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]
     tiny = settings.bundle == "tiny"
     bundle = open_bundle(
