@@ -95,7 +95,7 @@ def _rows(run_folder: Path) -> list[dict]:
 # ---------------------------------------------------------------- evaluate
 
 
-def test_evaluate_writes_every_artifact_through_the_service_path(baseline, triplets, work):
+def test_evaluate_writes_every_artifact_through_the_service_path(baseline, tiny_bundle, triplets, work):
     from engines.imaging import dilate_mask
 
     folder = work / "baseline"
@@ -115,6 +115,10 @@ def test_evaluate_writes_every_artifact_through_the_service_path(baseline, tripl
         assert np.array_equal(output[outside], source[outside])  # pasted back inside the dilated mask only
         assert not np.array_equal(output, source)
 
+    from engines.bundle import DISCRIMINATOR_WEIGHTS
+
+    judge = summary["discriminator"]["files"][DISCRIMINATOR_WEIGHTS]
+    assert judge == tiny_bundle.manifest.files[DISCRIMINATOR_WEIGHTS].sha256  # what `compare` tells judges apart by
     metrics = summary["metrics"]
     assert metrics["evaluated"] == metrics["with_gt"] == 4
     for name in ("success_rate", "score", "psnr", "ssim", "psnr_masked", "ssim_masked", "psnr_outside", "dino", "clip"):
@@ -277,15 +281,19 @@ def test_gate_rules_directions_missing_measures_and_bad_files(tmp_path):
     assert load_thresholds(THRESHOLDS).max_flip_share == 0.05
 
 
-def _altered_copy(run: Path, to: Path, keep_rows: int | None = None, **config) -> Path:
-    """A copy of an evaluate run with some rows left out and some settings changed, as another run would have."""
+def _altered_copy(run: Path, to: Path, keep_rows: int | None = None, drop: tuple[str, ...] = (), **config) -> Path:
+    """A copy of an evaluate run with some rows left out and some settings changed, as another run would have;
+    `drop`: what a run from before it was recorded lacks."""
     import shutil
+
+    from training.compare import RECORDED
 
     shutil.copytree(run, to)
     summary = json.loads((to / "summary.json").read_text())
-    recorded = ("data_sha256", "pipeline_version")
-    summary.update({k: v for k, v in config.items() if k in recorded})
-    summary["config"].update({k: v for k, v in config.items() if k not in recorded})
+    summary.update({k: v for k, v in config.items() if k in RECORDED})
+    for key in drop:
+        del summary[key]
+    summary["config"].update({k: v for k, v in config.items() if k not in RECORDED})
     (to / "summary.json").write_text(json.dumps(summary))
     if keep_rows is not None:
         lines = (to / "per_image.csv").read_text().splitlines(keepends=True)
@@ -297,6 +305,8 @@ def test_the_gate_fails_on_a_subset_or_other_settings_unless_partial_is_allowed(
     from training.cli import main
 
     base = work / "baseline"
+    judge = json.loads((base / "summary.json").read_text())["discriminator"]
+    lenient = {**judge, "files": {name: "f" * 64 for name in judge["files"]}}
     one = _altered_copy(base, work / "limit-1", keep_rows=1, limit=1)
     args = ["compare", "--a", str(base), "--thresholds", str(THRESHOLDS)]
     assert main([*args, "--b", str(one), "--out", str(work / "cmp-limit")]) == 1
@@ -316,7 +326,10 @@ def test_the_gate_fails_on_a_subset_or_other_settings_unless_partial_is_allowed(
         ("calls", {"max_model_calls": 2}, "not comparable: max_model_calls differs"),
         ("feather", {"feather": 0}, "not comparable: feather differs"),
         ("other-data", {"data_sha256": "0" * 64}, "not comparable: the data files differ"),
-        ("no-hash", {"data_sha256": None}, "B does not record its data file's sha256"),
+        ("no-hash", {"drop": ("data_sha256",)}, "B does not record its data file's sha256"),
+        ("other-judge", {"discriminator": lenient}, "not comparable: the discriminators differ: A "),
+        ("no-judge", {"discriminator": None}, "not comparable: the discriminators differ: A "),
+        ("judge-unrecorded", {"drop": ("discriminator",)}, "B does not record which discriminator scored it"),
         ("old-pipeline", {"pipeline_version": 1}, f"not comparable: the pipelines differ: A {PIPELINE_VERSION}, B 1"),
     ]:
         other = _altered_copy(base, work / f"changed-{name}", **change)

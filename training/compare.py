@@ -21,7 +21,7 @@ that checked no measure fails.
 
 The gate also fails when the runs are not a like-for-like comparison: a different test set (the
 metadata file's sha256), another version of the removal pipeline (engines.pipeline.PIPELINE_VERSION),
-other imaging settings, seed or crop cap (SAME_SETTINGS: these change the pixels each image gets), or images that are not evaluated in both (a run with --limit, an entry
+another discriminator (its files' sha256: the scores would be another judge's; RECORDED), other imaging settings, seed or crop cap (SAME_SETTINGS: these change the pixels each image gets), or images that are not evaluated in both (a run with --limit, an entry
 that failed in one run). `allow_partial` accepts the last kind (COVERAGE_SETTINGS and unpaired
 images): the gate then runs on the paired images and the report says how many were left out.
 """
@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -45,6 +47,43 @@ PAIRED_CSV = "paired.csv"
 CONTACT_SHEET = "contact_sheet.png"
 SAME_SETTINGS = ("buckets", "crop_margin", "dilate", "feather", "seed", "max_model_calls")
 COVERAGE_SETTINGS = ("limit",)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A fact `evaluate` writes into summary.json that must be the same in both runs; a run without it is from
+    before it was recorded and cannot be gated."""
+
+    what: str
+    noun: str
+    why: str
+    show: Callable[[Any], str] = str
+
+
+def _short_digest(value: Any) -> str:
+    return value[:12] if isinstance(value, str) else str(value)
+
+
+def _discriminator_digest(value: dict | None) -> str:
+    from engines.bundle import DISCRIMINATOR_WEIGHTS
+
+    return "none" if value is None else _short_digest(value["files"].get(DISCRIMINATOR_WEIGHTS))
+
+
+RECORDED = {
+    "data_sha256": Recorded("its data file's sha256", "data files", "another test set", _short_digest),
+    "pipeline_version": Recorded(
+        "its pipeline version",
+        "pipelines",
+        "engines.pipeline.PIPELINE_VERSION: the same settings give other pixels; evaluate the baseline again",
+    ),
+    "discriminator": Recorded(
+        "which discriminator scored it",
+        "discriminators",
+        "scores and verdicts are another judge's: evaluate both runs with the same discriminator",
+        _discriminator_digest,
+    ),
+}
 
 
 class CompareSettings(StageSettings):
@@ -201,20 +240,12 @@ def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) 
     """{"settings": [...], "coverage": [...]}: why the runs are not a like-for-like comparison. Settings
     differences always fail the gate; coverage ones (images not evaluated in both) unless allow_partial."""
     found: dict[str, list[str]] = {"settings": [], "coverage": []}
-    hashes = {label: run.summary.get("data_sha256") for label, run in (("A", a), ("B", b))}
-    for label, digest in hashes.items():
-        if digest is None:
-            found["settings"].append(f"{label} does not record its data file's sha256 (evaluate it again)")
-    if None not in hashes.values() and hashes["A"] != hashes["B"]:
-        found["settings"].append(
-            f"the data files differ: sha256 A {hashes['A'][:12]}, B {hashes['B'][:12]} (another test set)"
-        )
-    versions = [run.summary.get("pipeline_version") for run in (a, b)]
-    if versions[0] != versions[1]:
-        found["settings"].append(
-            f"the pipelines differ: A {versions[0]}, B {versions[1]} (engines.pipeline.PIPELINE_VERSION: the same "
-            "settings give other pixels; evaluate the baseline again)"
-        )
+    for key, recorded in RECORDED.items():
+        missing = [label for label, run in (("A", a), ("B", b)) if key not in run.summary]
+        found["settings"] += [f"{label} does not record {recorded.what} (evaluate it again)" for label in missing]
+        if not missing and a.summary[key] != b.summary[key]:
+            shown = (recorded.show(run.summary[key]) for run in (a, b))
+            found["settings"].append(f"the {recorded.noun} differ: A {next(shown)}, B {next(shown)} ({recorded.why})")
     config_a, config_b = a.summary.get("config", {}), b.summary.get("config", {})
     for kind, names in (("settings", SAME_SETTINGS), ("coverage", COVERAGE_SETTINGS)):
         for name in names:

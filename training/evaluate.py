@@ -138,6 +138,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     bundle = open_bundle(
         path=None if tiny else settings.bundle, authors=None, cache_dir=settings.cache_dir, tiny_seed=settings.tiny_seed
     )
+    summary.data["discriminator"] = discriminator_identity(bundle)
     scorer, skipped = _open_scorer(bundle, device)
     learned, learned_skipped = _open_learned_measures(settings, device)
     skipped.update(learned_skipped)
@@ -262,6 +263,22 @@ def _open_scorer(bundle, device: torch.device):
         reason = f"bundle {bundle.path} has no discriminator"
         return None, {"success_rate": reason, "score": reason}
     return ScoringEngine.from_bundle(bundle, device=device), {}
+
+
+def discriminator_identity(bundle) -> dict | None:
+    """What the scores depend on besides the result: the discriminator's files (their sha256 from the bundle's
+    manifest, which `Bundle.read` checks) and its score size; None without one. `compare` gates only runs
+    scored by the same discriminator."""
+    from engines.bundle import DISCRIMINATOR_PROMPT_EMBEDS, DISCRIMINATOR_WEIGHTS
+
+    manifest = bundle.manifest
+    if manifest.discriminator is None:
+        return None
+    names = (DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS)
+    return {
+        "files": {name: manifest.files[name].sha256 for name in names},
+        "score_size": manifest.discriminator.score_size,
+    }
 
 
 def _open_learned_measures(settings: EvaluateSettings, device: torch.device):
