@@ -8,6 +8,7 @@ prove the local loading and the plumbing of those measures, not what their numbe
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -108,6 +109,8 @@ def test_evaluate_writes_every_artifact_through_the_service_path(baseline, tiny_
     assert all(row["status"] == "ok" for row in rows)
     for row, record in zip(rows, records):
         assert int(row["seed"]) == int(row["index"])  # seed + index, --seed 0
+        for kind in ("source", "mask", "gt"):
+            assert row[f"{kind}_sha256"] == hashlib.sha256(getattr(record, kind).read_bytes()).hexdigest()
         source = np.asarray(Image.open(record.source).convert("RGB"))
         output = np.asarray(Image.open(folder / row["output"]).convert("RGB"))
         assert output.shape == source.shape
@@ -336,6 +339,32 @@ def test_the_gate_fails_on_a_subset_or_other_settings_unless_partial_is_allowed(
         for extra in ([], ["--allow-partial"]):
             assert main([*args, "--b", str(other), "--out", str(work / f"cmp-{name}"), *extra]) == 1, name
             assert said in capsys.readouterr().err, name
+
+
+def test_a_test_set_regenerated_in_place_is_another_test_set(tiny_bundle, work, capsys):
+    """Same paths and the same metadata file, other images: compare stops; a run without the images' sha256
+    cannot be gated."""
+    from training.cli import main
+
+    runs = []
+    for seed in (0, 1):
+        data = make_synthetic_triplets(work / "regenerated", n=2, size=SIDE, seed=seed)
+        _evaluate(tiny_bundle, data, work / f"regenerated-{seed}", lpips_net="off")
+        runs.append(work / f"regenerated-{seed}")
+    args = ["compare", "--a", str(runs[0]), "--thresholds", str(THRESHOLDS)]
+    assert main([*args, "--b", str(runs[1]), "--out", str(work / "cmp-regenerated")]) == 1
+    err = capsys.readouterr().err
+    assert "its source file" in err and "the runs are over different test sets" in err
+
+    old = _altered_copy(runs[0], work / "regenerated-unhashed")
+    rows = _rows(old)
+    kept = [column for column in rows[0] if not column.endswith("_sha256")]
+    with open(old / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=kept, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main([*args, "--b", str(old), "--out", str(work / "cmp-unhashed")]) == 1
+    assert "not comparable: B does not record its images' sha256 (evaluate it again)" in capsys.readouterr().err
 
 
 def test_a_thresholds_file_that_checks_nothing_is_refused_and_an_unchecked_gate_fails(tmp_path):

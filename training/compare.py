@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from training.common import RunSummary, StageSettings, TrainingError
-from training.evaluate import MEASURES, MEASURES_BY_NAME, EvaluationRun, load_run
+from training.evaluate import IMAGE_KINDS, MEASURES, MEASURES_BY_NAME, EvaluationRun, load_run
 
 PAIRED_CSV = "paired.csv"
 CONTACT_SHEET = "contact_sheet.png"
@@ -209,7 +209,8 @@ def compare(settings: CompareSettings) -> dict:
 
 
 def _pair(a: EvaluationRun, b: EvaluationRun) -> tuple[list[tuple[dict, dict]], dict[str, int]]:
-    """Rows evaluated in both runs, by id; source and mask must be the same files."""
+    """Rows evaluated in both runs, by id; source and mask must be the same files, with the same bytes (and GT's,
+    where both recorded one: a set regenerated in place keeps its paths and metadata file)."""
     b_rows = {row["id"]: row for row in b.rows}
     pairs, not_evaluated = [], 0
     for row in a.rows:
@@ -221,6 +222,13 @@ def _pair(a: EvaluationRun, b: EvaluationRun) -> tuple[list[tuple[dict, dict]], 
                 f"entry {row['id']}: A evaluated {row['source']} with {row['mask']}, B {other['source']} with "
                 f"{other['mask']}: the runs are over different test sets"
             )
+        for kind in IMAGE_KINDS:
+            digests = row.get(f"{kind}_sha256"), other.get(f"{kind}_sha256")
+            if None not in digests and digests[0] != digests[1]:
+                raise TrainingError(
+                    f"entry {row['id']}: its {kind} file {row[kind]} is not the one the other run evaluated "
+                    f"(sha256 A {digests[0][:12]}, B {digests[1][:12]}): the runs are over different test sets"
+                )
         if row["status"] == other["status"] == "ok":
             pairs.append((row, other))
         else:
@@ -240,6 +248,9 @@ def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) 
     """{"settings": [...], "coverage": [...]}: why the runs are not a like-for-like comparison. Settings
     differences always fail the gate; coverage ones (images not evaluated in both) unless allow_partial."""
     found: dict[str, list[str]] = {"settings": [], "coverage": []}
+    for label, run in (("A", a), ("B", b)):
+        if run.rows and "source_sha256" not in run.rows[0]:
+            found["settings"].append(f"{label} does not record its images' sha256 (evaluate it again)")
     for key, recorded in RECORDED.items():
         missing = [label for label, run in (("A", a), ("B", b)) if key not in run.summary]
         found["settings"] += [f"{label} does not record {recorded.what} (evaluate it again)" for label in missing]

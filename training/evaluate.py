@@ -12,13 +12,15 @@ Only the engine call is timed, after `warmup` untimed calls per bucket.
 
 Outputs (under out/):
     outputs/NNNNN.png   each result: the full image with the mask region repainted
-    per_image.csv       one row per entry: status, bucket, seed, seconds, score and every measure
+    per_image.csv       one row per entry: its files and their sha256, status, bucket, seed, seconds, score and
+                        every measure
     summary.json        config, bundle and engine, each measure's mean (or why it was skipped), timing
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import statistics
 import time
@@ -70,7 +72,12 @@ MEASURES = (
     Measure("seconds_per_image", "seconds", False, False, "seconds in the engine call (encode, UNet steps, decode)"),
 )
 MEASURES_BY_NAME = {m.name: m for m in MEASURES}
-ROW_FIELDS = ("id", "index", "status", "error", "source", "mask", "gt", "output", "bucket", "seed", "score_seconds")
+IMAGE_KINDS = ("source", "mask", "gt")
+# each entry's files and the sha256 of the bytes evaluated: the test set's identity, which `compare` checks per pair
+ROW_FIELDS = (
+    "id", "index", "status", "error", *IMAGE_KINDS, *(f"{kind}_sha256" for kind in IMAGE_KINDS),
+    "output", "bucket", "seed", "score_seconds",
+)  # fmt: skip
 CSV_COLUMNS = (*ROW_FIELDS, *(m.column for m in MEASURES))
 DegradeKind = Literal["none", "blur", "noise", "downsample", "mixed", "no-change"]  # training.synthetic.NEGATIVE_KINDS
 
@@ -194,13 +201,15 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
     from engines.gate import GatePolicy, max_crops
 
     row = {"id": f"{index:05d}", "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
+    read = {kind: path.read_bytes() for kind in IMAGE_KINDS if (path := getattr(record, kind)) is not None}
+    row.update({f"{kind}_sha256": hashlib.sha256(data).hexdigest() for kind, data in read.items()})
     pipeline, models = engines.pipeline, engines.models
     # annotate: one attempt, scored as the service scores what it returns; off without a discriminator
     policy = GatePolicy("annotate" if engines.scorer else "off", settings.threshold, 1, fail_open=False)
     crops = max_crops(settings.max_model_calls, scored=engines.scorer is not None)  # as the service plans them
     try:
-        prepared = pipeline.prepare(record.source.read_bytes(), record.mask.read_bytes(), max_crops=crops)
-        gt = imaging.decode_image(record.gt.read_bytes(), pipeline.limits).rgb if record.gt else None
+        prepared = pipeline.prepare(read["source"], read["mask"], max_crops=crops)
+        gt = imaging.decode_image(read["gt"], pipeline.limits).rgb if "gt" in read else None
     except InputError as exc:  # what the service answers with a 4xx
         return {**row, "status": "invalid-input", "error": str(exc)}
     if not prepared.plans:
