@@ -367,6 +367,45 @@ def test_a_test_set_regenerated_in_place_is_another_test_set(tiny_bundle, work, 
     assert "not comparable: B does not record its images' sha256 (evaluate it again)" in capsys.readouterr().err
 
 
+def test_a_measure_taken_by_another_model_is_not_compared(baseline, work, embedding_models, capsys, tmp_path):
+    """Another CLIP folder gives other similarities: the measure is skipped as not comparable, and fails a
+    gate that names it; a run that does not record its models cannot have them compared."""
+    import shutil
+
+    from training.cli import main
+    from training.evaluate import folder_sha256
+
+    base = work / "baseline"
+    models = json.loads((base / "summary.json").read_text())["measuring_models"]
+    clip = embedding_models["clip_model"]
+    assert models["clip"] == {"path": str(clip), "sha256": folder_sha256(clip)}
+    assert models["lpips"] in (None, {"net": "alex"})  # None: skipped (no torchvision here)
+    copy = tmp_path / "clip-copy"
+    shutil.copytree(clip, copy)
+    (copy / ".cache").mkdir()
+    (copy / ".cache" / "download.metadata").write_text("when")
+    assert folder_sha256(copy) == folder_sha256(clip) != folder_sha256(embedding_models["dino_model"])
+
+    clip_gate = tmp_path / "clip.yaml"
+    clip_gate.write_text("allowed_deltas:\n  clip: -0.01\n  psnr_masked: -0.5\n")
+    for name, change, said, dino_compared in [
+        ("other-clip", {**models, "clip": {"path": "/x", "sha256": "f" * 64}}, "another model measured it (A ", True),
+        ("unrecorded-models", None, "B does not record which model measured it (evaluate it again)", False),
+    ]:
+        other = _altered_copy(base, work / f"models-{name}")
+        summary = json.loads((other / "summary.json").read_text())
+        summary["measuring_models"] = change
+        if change is None:
+            del summary["measuring_models"]
+        (other / "summary.json").write_text(json.dumps(summary))
+        args = ["compare", "--a", str(base), "--b", str(other), "--out", str(work / f"cmp-{name}")]
+        assert main([*args, "--thresholds", str(clip_gate)]) == 1, name
+        assert f"gate failed: clip: not comparable: {said}" in capsys.readouterr().err, name
+        deltas = json.loads((work / f"cmp-{name}" / "summary.json").read_text())["metrics"]["deltas"]
+        assert "skipped" in deltas["clip"] and ("skipped" not in deltas["dino"]) == dino_compared, name
+        assert deltas["psnr_masked"]["delta"] == 0.0
+
+
 def test_a_thresholds_file_that_checks_nothing_is_refused_and_an_unchecked_gate_fails(tmp_path):
     from training.common import TrainingError
     from training.compare import Thresholds, check_gate, load_thresholds

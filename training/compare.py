@@ -7,7 +7,8 @@ metadata file; images are paired by id (the entry's index; source and mask must 
 Per measure: the means of A and B over the paired images, the mean paired delta B - A with a
 t confidence interval (scipy), and the verdict against the thresholds file. Also: the share of images
 whose discriminator verdict (score >= threshold) flipped, and the mean absolute pixel difference of
-the two outputs. A contact sheet (PNG) shows source | dilated mask | A | B, cut around the mask, for
+the two outputs. A learned measure measured by another model in each run (summary.json's measuring_models)
+is skipped as not comparable, which fails a gate that names it. A contact sheet (PNG) shows source | dilated mask | A | B, cut around the mask, for
 the largest disagreements (flipped verdicts first, then the largest score change, then pixels).
 
 Thresholds file (YAML; see training/configs/eval_thresholds.yaml):
@@ -41,7 +42,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from training.common import RunSummary, StageSettings, TrainingError
-from training.evaluate import IMAGE_KINDS, MEASURES, MEASURES_BY_NAME, EvaluationRun, load_run
+from training.evaluate import IMAGE_KINDS, LEARNED_MEASURES, MEASURES, MEASURES_BY_NAME, EvaluationRun, load_run
 
 PAIRED_CSV = "paired.csv"
 CONTACT_SHEET = "contact_sheet.png"
@@ -164,7 +165,10 @@ def compare(settings: CompareSettings) -> dict:
     deltas: dict[str, Delta | dict] = {}
     for measure in MEASURES:
         values = _finite_pairs(pairs, measure.column)
-        if values:
+        other_models = _other_models(measure.name, a, b)
+        if values and other_models:
+            deltas[measure.name] = {"skipped": other_models}
+        elif values:
             deltas[measure.name] = paired_delta(values, settings.confidence)
         else:
             deltas[measure.name] = {"skipped": _why_unpaired(measure.name, a, b)}
@@ -272,6 +276,22 @@ def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) 
 def _finite_pairs(pairs: list[tuple[dict, dict]], column: str) -> list[tuple[float, float]]:
     values = ((ra[column], rb[column]) for ra, rb in pairs)
     return [(x, y) for x, y in values if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+
+
+def _other_models(name: str, a: EvaluationRun, b: EvaluationRun) -> str | None:
+    """Why a learned measure's values are not comparable (another model measured them), or None. Only
+    compared where both runs measured it; a run without `measuring_models` is from before it was recorded."""
+    if name not in LEARNED_MEASURES:
+        return None
+    recorded = [run.summary.get("measuring_models") for run in (a, b)]
+    models = [None if found is None else found.get(name) for found in recorded]
+    if None in recorded:
+        missing = " and ".join(label for label, found in zip("AB", recorded) if found is None)
+        return f"not comparable: {missing} does not record which model measured it (evaluate it again)"
+    if models[0] != models[1]:
+        shown = [m.get("sha256", "")[:12] or m for m in models]
+        return f"not comparable: another model measured it (A {shown[0]}, B {shown[1]})"
+    return None
 
 
 def _why_unpaired(name: str, a: EvaluationRun, b: EvaluationRun) -> str:

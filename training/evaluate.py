@@ -72,6 +72,7 @@ MEASURES = (
     Measure("seconds_per_image", "seconds", False, False, "seconds in the engine call (encode, UNet steps, decode)"),
 )
 MEASURES_BY_NAME = {m.name: m for m in MEASURES}
+LEARNED_MEASURES = ("lpips", "dino", "clip")  # measured by a model: summary.json's measuring_models names it
 IMAGE_KINDS = ("source", "mask", "gt")
 # each entry's files and the sha256 of the bytes evaluated: the test set's identity, which `compare` checks per pair
 ROW_FIELDS = (
@@ -147,7 +148,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     )
     summary.data["discriminator"] = discriminator_identity(bundle)
     scorer, skipped = _open_scorer(bundle, device)
-    learned, learned_skipped = _open_learned_measures(settings, device)
+    learned, learned_skipped, summary.data["measuring_models"] = _open_learned_measures(settings, device)
     skipped.update(learned_skipped)
     engines = _Engines(_open_remover(settings, bundle, device), scorer, learned, settings)
 
@@ -291,20 +292,38 @@ def discriminator_identity(bundle) -> dict | None:
 
 
 def _open_learned_measures(settings: EvaluateSettings, device: torch.device):
-    """name -> measure(edited, reference) for the learned measures whose weights are here; the others' reasons."""
-    measures, skipped = {}, {}
+    """name -> measure(edited, reference) for the learned measures whose weights are here; the others' reasons;
+    and which model measures each (None: skipped), which `compare` checks: another model gives other numbers."""
+    measures, skipped, models = {}, {}, {}
     lpips, reason = load_lpips(settings.lpips_net, device)
     if lpips is None:
         skipped["lpips"] = reason
     else:
         measures["lpips"] = lpips
+    models["lpips"] = {"net": settings.lpips_net} if lpips is not None else None
     for kind, path in (("dino", settings.dino_model), ("clip", settings.clip_model)):
         embedder, reason = load_embedder(kind, path, device)
         if embedder is None:
             skipped[kind] = reason
         else:
             measures[kind] = embedder.similarity
-    return measures, skipped
+        models[kind] = {"path": str(path), "sha256": folder_sha256(path)} if embedder is not None else None
+    return measures, skipped, models
+
+
+def folder_sha256(folder: Path) -> str:
+    """One sha256 over a model folder's files, names and contents (hidden ones, such as the download cache
+    `huggingface-cli download --local-dir` leaves, left out): the model's identity, whatever its path.
+    Hashing a 1.7 GB CLIP ViT-L takes seconds, against minutes of evaluation; a path, size or mtime would
+    miss a folder overwritten with another model, or call a copy another."""
+    from engines.bundle import sha256_of
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            digest.update(f"{relative.as_posix()}\0{sha256_of(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _measure(edited, source, gt, mask, dilated, plans, learned) -> dict[str, float | None]:
