@@ -73,7 +73,7 @@ def embedding_models(work):
 def _evaluate(tiny_bundle, data, out, **overrides):
     from training.evaluate import EvaluateSettings, evaluate
 
-    settings = EvaluateSettings(bundle=str(tiny_bundle.path), data=data, out=out, **IMAGING, **overrides)
+    settings = EvaluateSettings(bundle=str(tiny_bundle.path), data=data, out=out, **{**IMAGING, **overrides})
     return evaluate(settings)
 
 
@@ -404,6 +404,37 @@ def test_a_measure_taken_by_another_model_is_not_compared(baseline, work, embedd
         deltas = json.loads((work / f"cmp-{name}" / "summary.json").read_text())["metrics"]["deltas"]
         assert "skipped" in deltas["clip"] and ("skipped" not in deltas["dino"]) == dino_compared, name
         assert deltas["psnr_masked"]["delta"] == 0.0
+
+
+def test_identical_pixels_compare_equal_and_losing_them_is_a_regression(tiny_bundle, triplets, work, capsys, tmp_path):
+    """At --dilate 0 nothing outside the mask changes: psnr_outside is infinite in every image, and a run
+    compared with itself passes the shipped gate (an infinite pair was dropped, then the measure failed)."""
+    from training.cli import main
+    from training.compare import Thresholds, check_gate, paired_delta
+    from training.evaluate import EvaluationRun
+
+    run = work / "dilate-0"
+    _evaluate(tiny_bundle, triplets, run, dilate=0, lpips_net="off")
+    out = work / "cmp-dilate-0"
+    assert main(["compare", "--a", str(run), "--b", str(run), "--out", str(out), "--thresholds", str(THRESHOLDS)]) == 0
+    outside = json.loads((out / "summary.json").read_text())["metrics"]["deltas"]["psnr_outside"]
+    assert outside["delta"] == 0.0 and outside["n"] == outside["infinite_equal"] == 4 and outside["mean_a"] is None
+    assert "psnr_outside: infinite (identical pixels) in both: 4 (delta 0)" in capsys.readouterr().out
+
+    inf = math.inf
+    lost = paired_delta([(inf, inf), (inf, 30.0), (20.0, 21.0)], 0.95)
+    assert (lost.n, lost.mean_a, lost.mean_b, lost.delta) == (2, 20.0, 21.0, 0.5)
+    assert (lost.infinite_equal, lost.infinite_worse, lost.infinite_better) == (1, 1, 0)
+    gained = paired_delta([(30.0, inf)], 0.95)
+    assert (gained.n, gained.delta, gained.infinite_worse, gained.infinite_better) == (0, None, 0, 1)
+    nothing = EvaluationRun(tmp_path, {"metrics": {}}, [])
+    outside_gate = Thresholds(allowed_deltas={"psnr_outside": -0.5})
+    for delta, verdict, failures in (
+        (lost, "FAIL", ["psnr_outside: 1 image(s) infinite (identical pixels) in A and not in B"]),
+        (gained, "ok", []),
+    ):
+        checked = check_gate(outside_gate, {"psnr_outside": delta}, None, nothing, nothing)
+        assert checked["verdicts"] == {"psnr_outside": verdict} and checked["failures"] == failures
 
 
 def test_a_thresholds_file_that_checks_nothing_is_refused_and_an_unchecked_gate_fails(tmp_path):

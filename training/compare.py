@@ -5,7 +5,7 @@ than the one in production. A (the baseline) and B (the candidate) are `evaluate
 metadata file; images are paired by id (the entry's index; source and mask must match).
 
 Per measure: the means of A and B over the paired images, the mean paired delta B - A with a
-t confidence interval (scipy), and the verdict against the thresholds file. Also: the share of images
+t confidence interval (scipy), and the verdict against the thresholds file (infinite PSNRs: see Delta). Also: the share of images
 whose discriminator verdict (score >= threshold) flipped, and the mean absolute pixel difference of
 the two outputs. A learned measure measured by another model in each run (summary.json's measuring_models)
 is skipped as not comparable, which fails a gate that names it. A contact sheet (PNG) shows source | dilated mask | A | B, cut around the mask, for
@@ -127,28 +127,38 @@ def load_thresholds(path: Path) -> Thresholds:
 
 @dataclass(frozen=True)
 class Delta:
-    """Mean paired delta B - A of one measure over the images both runs have a finite value for."""
+    """Mean paired delta B - A of one measure. A PSNR of identical pixels is infinite: a pair infinite in both
+    is equal (difference 0, counted in n and `infinite_equal`); a pair infinite in one run only is left out of
+    the mean and counted as worse or better in B (`infinite_worse` fails the gate: B lost identical pixels).
+    mean_a and mean_b are over the pairs finite in both (None: none is); delta None: no pair in the mean."""
 
     n: int
-    mean_a: float
-    mean_b: float
-    delta: float
+    mean_a: float | None
+    mean_b: float | None
+    delta: float | None
     ci_low: float | None
     ci_high: float | None
+    infinite_equal: int = 0
+    infinite_worse: int = 0
+    infinite_better: int = 0
 
 
-def paired_delta(pairs: list[tuple[float, float]], confidence: float) -> Delta:
+def paired_delta(pairs: list[tuple[float, float]], confidence: float, higher_is_better: bool = True) -> Delta:
     """t interval of the mean difference (None below two pairs)."""
     from scipy import stats
 
-    a, b = (np.array(side, dtype=float) for side in zip(*pairs))
-    differences = b - a
-    mean = float(differences.mean())
+    finite = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
+    equal = sum(1 for x, y in pairs if math.isinf(x) and x == y)
+    unequal = [(x, y) for x, y in pairs if (math.isinf(x) or math.isinf(y)) and x != y]
+    worse = sum(1 for x, y in unequal if (y < x) == higher_is_better)
+    differences = np.array([y - x for x, y in finite] + [0.0] * equal, dtype=float)
+    mean = float(differences.mean()) if len(differences) else None
     low = high = None
     if len(differences) > 1:
         half = float(stats.t.ppf((1 + confidence) / 2, len(differences) - 1) * stats.sem(differences))
         low, high = mean - half, mean + half
-    return Delta(len(differences), float(a.mean()), float(b.mean()), mean, low, high)
+    means = [float(np.mean(side)) for side in zip(*finite)] if finite else [None, None]
+    return Delta(len(differences), *means, mean, low, high, equal, worse, len(unequal) - worse)
 
 
 def compare(settings: CompareSettings) -> dict:
@@ -164,12 +174,12 @@ def compare(settings: CompareSettings) -> dict:
     differences = comparability(a, b, unpaired)
     deltas: dict[str, Delta | dict] = {}
     for measure in MEASURES:
-        values = _finite_pairs(pairs, measure.column)
+        values = _present_pairs(pairs, measure.column)
         other_models = _other_models(measure.name, a, b)
         if values and other_models:
             deltas[measure.name] = {"skipped": other_models}
         elif values:
-            deltas[measure.name] = paired_delta(values, settings.confidence)
+            deltas[measure.name] = paired_delta(values, settings.confidence, measure.higher_is_better)
         else:
             deltas[measure.name] = {"skipped": _why_unpaired(measure.name, a, b)}
     disagreements = _disagreements(pairs, threshold, a.folder, b.folder)
@@ -273,9 +283,9 @@ def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) 
     return found
 
 
-def _finite_pairs(pairs: list[tuple[dict, dict]], column: str) -> list[tuple[float, float]]:
+def _present_pairs(pairs: list[tuple[dict, dict]], column: str) -> list[tuple[float, float]]:
     values = ((ra[column], rb[column]) for ra, rb in pairs)
-    return [(x, y) for x, y in values if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    return [(x, y) for x, y in values if x is not None and y is not None and not (math.isnan(x) or math.isnan(y))]
 
 
 def _other_models(name: str, a: EvaluationRun, b: EvaluationRun) -> str | None:
@@ -299,7 +309,7 @@ def _why_unpaired(name: str, a: EvaluationRun, b: EvaluationRun) -> str:
     if reason_a and reason_a == reason_b:
         return f"in both runs: {reason_a}"
     reasons = [f"{label}: {reason}" for label, reason in (("A", reason_a), ("B", reason_b)) if reason]
-    return "; ".join(reasons) or "no image has a finite value in both runs"
+    return "; ".join(reasons) or "no image has a value in both runs"
 
 
 def _describe_run(run: EvaluationRun) -> dict:
@@ -390,6 +400,10 @@ def contact_sheet(rows: list[Disagreement], a: EvaluationRun, b: EvaluationRun, 
     return sheet
 
 
+def _number(value: float | None, sign: str) -> str:
+    return f"{'-':>10}" if value is None else f"{value:>{sign}10.4g}"
+
+
 def _label(described: dict) -> str:
     return f"{described['runner']} {described['dtype']} on {described['device']}, {described['steps']} steps"
 
@@ -410,7 +424,9 @@ def _write_paired(path: Path, pairs, disagreements: list[Disagreement]) -> None:
             row = {"id": ra["id"], "flipped": found.flipped, "output_mad": found.output_mad}
             for m in MEASURES:
                 a_value, b_value = ra[m.column], rb[m.column]
-                row[f"delta_{m.name}"] = "" if a_value is None or b_value is None else b_value - a_value
+                row[f"delta_{m.name}"] = (
+                    "" if a_value is None or b_value is None else 0.0 if a_value == b_value else b_value - a_value
+                )
             writer.writerow(row)
 
 
@@ -448,6 +464,10 @@ def check_gate(
         if not isinstance(delta, Delta):
             in_neither = a.skip_reason(name) and b.skip_reason(name)
             record(name, "not checked" if in_neither else "FAIL", delta["skipped"])
+        elif delta.infinite_worse:
+            record(name, "FAIL", f"{delta.infinite_worse} image(s) infinite (identical pixels) in A and not in B")
+        elif delta.delta is None:
+            record(name, "ok")
         elif (delta.delta < allowed) if MEASURES_BY_NAME[name].higher_is_better else (delta.delta > allowed):
             record(name, "FAIL", f"mean delta B - A {delta.delta:+.4g} is past the allowed {allowed:+g}")
         else:
@@ -483,7 +503,7 @@ def format_report(data: dict, thresholds: Thresholds | None) -> str:
         f"{metrics['paired']} paired images; unpaired: {metrics['unpaired']}",
         f"{'measure':<18} {'A':>10} {'B':>10} {'B - A':>10} {level:>23} {'allowed':>9}  verdict",
     ]
-    skipped = []
+    skipped, notes = [], []
     for name, delta in metrics["deltas"].items():
         limit = f"{allowed[name]:+g}" if name in allowed else ""
         if "skipped" in delta:
@@ -491,8 +511,16 @@ def format_report(data: dict, thresholds: Thresholds | None) -> str:
             columns = f"{'-':>10} {'-':>10} {'-':>10} {'skipped':>23}"
         else:
             interval = "" if delta["ci_low"] is None else f"[{delta['ci_low']:+.4g}, {delta['ci_high']:+.4g}]"
-            columns = f"{delta['mean_a']:>10.4g} {delta['mean_b']:>10.4g} {delta['delta']:>+10.4g} {interval:>23}"
+            means = (_number(delta[key], sign) for key, sign in (("mean_a", ""), ("mean_b", ""), ("delta", "+")))
+            columns = f"{next(means)} {next(means)} {next(means)} {interval:>23}"
+            infinite = {kind: delta[f"infinite_{kind}"] for kind in ("equal", "worse", "better")}
+            if any(infinite.values()):
+                notes.append(
+                    f"  {name}: infinite (identical pixels) in both: {infinite['equal']} (delta 0); "
+                    f"in one run only, worse in B: {infinite['worse']}, better: {infinite['better']}"
+                )
         lines.append(f"{name:<18} {columns} {limit:>9}  {verdicts.get(name, '')}".rstrip())
+    lines += notes
     flips = metrics["verdict_flips"]
     if "skipped" in flips:
         skipped.append(f"  verdict flips: {flips['skipped']}")
