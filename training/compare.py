@@ -2,14 +2,16 @@
 
 Why: an exported engine, another precision or a retrained bundle must not ship if it removes worse
 than the one in production. A (the baseline) and B (the candidate) are `evaluate` runs over the same
-metadata file; images are paired by id (the entry's index; source and mask must match).
+metadata file; images are paired by id (the entry's index; source and mask must be the same files, with the
+same bytes).
 
 Per measure: the means of A and B over the paired images, the mean paired delta B - A with a
-t confidence interval (scipy), and the verdict against the thresholds file (infinite PSNRs: see Delta). Also: the share of images
-whose discriminator verdict (score >= threshold) flipped, and the mean absolute pixel difference of
-the two outputs. A learned measure measured by another model in each run (summary.json's measuring_models)
-is skipped as not comparable, which fails a gate that names it. A contact sheet (PNG) shows source | dilated mask | A | B, cut around the mask, for
-the largest disagreements (flipped verdicts first, then the largest score change, then pixels).
+t confidence interval (scipy), and the verdict against the thresholds file (infinite PSNRs: see Delta).
+Also: the share of images whose discriminator verdict (score >= threshold) flipped, and the mean absolute
+pixel difference of the two outputs. A learned measure measured by another model in each run (summary.json's
+measuring_models) is skipped as not comparable, which fails a gate that names it. A contact sheet (PNG)
+shows source | dilated mask | A | B, cut around the mask, for the largest disagreements (flipped verdicts
+first, then the largest score change, then pixels).
 
 Thresholds file (YAML; see training/configs/eval_thresholds.yaml):
     max_flip_share: 0.05      # at most this share of paired images may change verdict
@@ -21,10 +23,12 @@ listed as not checked, with the reason. A file that names nothing to check is re
 that checked no measure fails.
 
 The gate also fails when the runs are not a like-for-like comparison: a different test set (the
-metadata file's sha256), another version of the removal pipeline (engines.pipeline.PIPELINE_VERSION),
-another discriminator (its files' sha256: the scores would be another judge's; RECORDED), other imaging settings, seed or crop cap (SAME_SETTINGS: these change the pixels each image gets), or images that are not evaluated in both (a run with --limit, an entry
-that failed in one run). `allow_partial` accepts the last kind (COVERAGE_SETTINGS and unpaired
-images): the gate then runs on the paired images and the report says how many were left out.
+metadata file's sha256, and each paired entry's source, mask and GT sha256: they stop the comparison),
+another version of the removal pipeline (engines.pipeline.PIPELINE_VERSION), another discriminator (its
+files' sha256: the scores would be another judge's; RECORDED), other imaging settings, seed or crop cap
+(SAME_SETTINGS: these change the pixels each image gets), or images that are not evaluated in both (a run
+with --limit, an entry that failed in one run). `allow_partial` accepts the last kind (COVERAGE_SETTINGS
+and unpaired images): the gate then runs on the paired images and the report says how many were left out.
 """
 
 from __future__ import annotations
