@@ -713,3 +713,37 @@ def test_training_reads_masks_and_photos_as_the_service_does(tmp_path):
     load_metadata(tmp_path / "metadata.json", require=("source", "mask"))  # upright sizes agree
     rgb, removed = load_rgb(tmp_path / "photo.jpg", 40), load_mask(tmp_path / "mask.png", 40)
     assert rgb[removed].mean() > 200 and rgb[~removed].mean() < 30, "the mask lies on the object"
+
+
+def test_training_reads_16_bit_photos_as_the_service_does_and_8_bit_ones_as_before(tmp_path):
+    """PIL's convert("RGB") clipped a 16-bit gray PNG's samples to 255 (mid-gray read as white) where the service
+    scales them; finetune, distill, discriminator, annotate and make_negatives all read photos this way."""
+    from PIL import ImageOps
+
+    from engines import imaging
+    from training.data import _resize_crop, load_rgb, read_mask
+
+    Image.fromarray(np.full((40, 60), 32768, np.uint16)).save(tmp_path / "gray16.png")
+    served = imaging.decode_image((tmp_path / "gray16.png").read_bytes(), imaging.DecodeLimits()).rgb
+    assert load_rgb(tmp_path / "gray16.png", 32).mean() == served.mean() == 128  # 32768 / 65535 of 255
+
+    photo = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90, exif=exif)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(photo).convert("P").save(tmp_path / "palette.png")
+    for name in ("photo.jpg", "photo.png", "palette.png"):
+        for side in (None, 32, 96):
+            with Image.open(tmp_path / name) as img:
+                before = _resize_crop(ImageOps.exif_transpose(img).convert("RGB"), side, Image.Resampling.BICUBIC)
+            np.testing.assert_array_equal(load_rgb(tmp_path / name, side), np.asarray(before), err_msg=f"{name} {side}")
+
+    mask = np.zeros((40, 60), bool)
+    mask[5:15, 10:30] = True
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    triplet = Triplet(tmp_path / "gray16.png", tmp_path / "mask.png", tmp_path / "gray16.png")
+    labelled = load_metadata(make_negatives([triplet], tmp_path / "disc", kinds=("no-change",)))
+    edited = np.asarray(Image.open(labelled[1].gt))
+    assert edited.shape == (40, 60, 3) and edited.mean() == pytest.approx(128.0), "negatives read photos alike"
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), mask)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from engines import imaging
 
@@ -154,28 +154,51 @@ def _relative(file: Path, root: Path) -> str:
 
 
 def load_rgb(path: Path, resolution: int | None) -> np.ndarray:
-    """(R, R, 3) uint8, upright (EXIF orientation applied, as the service reads a photo): the shorter side
-    resized to R (bicubic), then center-cropped (R None: the center square, not resized)."""
-    with Image.open(path) as img:
-        upright = ImageOps.exif_transpose(img)
-        return np.asarray(_resize_crop(upright.convert("RGB"), resolution, Image.Resampling.BICUBIC))
+    """(R, R, 3) uint8: read_rgb's photo, the shorter side resized to R (bicubic), then center-cropped (R None:
+    the center square, not resized)."""
+    return np.asarray(_resize_crop(Image.fromarray(read_rgb(path)), resolution, Image.Resampling.BICUBIC))
 
 
 def load_mask(path: Path, resolution: int | None) -> np.ndarray:
-    """(R, R) bool, True = remove: the service's own reading of a mask (engines.imaging.decode_mask: upright;
-    white, or the strokes of a mask with transparency), resized (nearest) and center-cropped."""
+    """(R, R) bool, True = remove: read_mask's mask, resized (nearest) and center-cropped."""
+    mask = Image.fromarray(read_mask(path).astype(np.uint8) * 255)
+    return np.asarray(_resize_crop(mask, resolution, Image.Resampling.NEAREST)) > 127
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8, the service's own reading of a photo (engines.imaging.decode_image: upright, 16-bit and
+    float samples scaled to 8 bits, not clipped as PIL's convert("RGB") clips them)."""
+    data, limits, _ = _read_file(path)
+    return _decoded(path, lambda: imaging.decode_image(data, limits).rgb)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """(H, W) bool, True = remove, the service's own reading of a mask (engines.imaging.decode_mask: upright;
+    white, or the strokes of a mask with transparency)."""
+    data, limits, size = _read_file(path)
+    return _decoded(path, lambda: imaging.decode_mask(data, size, limits))
+
+
+def _read_file(path: Path) -> tuple[bytes, imaging.DecodeLimits, tuple[int, int]]:
+    """The file's bytes, DecodeLimits sized to the file (training data is trusted, not an upload) and its upright
+    (height, width)."""
+    data = Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = imaging.upright_size(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{path}: not a readable image ({exc})") from exc
+    limits = imaging.DecodeLimits(max_bytes=max(len(data), 1), max_megapixels=max(width * height / 1e6, 1.0))
+    return data, limits, (height, width)
+
+
+def _decoded(path: Path, decode) -> np.ndarray:
     from engines.errors import InputError
 
-    data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-        width, height = imaging.upright_size(img)
-    limits = imaging.DecodeLimits(max_bytes=max(len(data), 1), max_megapixels=max(width * height / 1e6, 1.0))
     try:
-        pixels = imaging.decode_mask(data, (height, width), limits)
+        return decode()
     except InputError as exc:
         raise DatasetError(f"{path}: {exc}") from exc
-    mask = Image.fromarray(pixels.astype(np.uint8) * 255)
-    return np.asarray(_resize_crop(mask, resolution, Image.Resampling.NEAREST)) > 127
 
 
 def _resize_crop(img: Image.Image, resolution: int | None, resample: Image.Resampling) -> Image.Image:
