@@ -747,3 +747,16 @@ def test_training_reads_16_bit_photos_as_the_service_does_and_8_bit_ones_as_befo
     edited = np.asarray(Image.open(labelled[1].gt))
     assert edited.shape == (40, 60, 3) and edited.mean() == pytest.approx(128.0), "negatives read photos alike"
     np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), mask)
+
+
+def test_the_discriminator_trains_only_at_the_side_the_service_scores(tiny_layout, data, tmp_path):
+    """--resolution 1024 was accepted, and the bundle then served the discriminator on a 512 view it never saw."""
+    from engines.jobs import SCORE_SIZE
+    from training.common import TrainingError
+    from training.discriminator import DiscriminatorSettings, train_discriminator
+
+    common = _common(tiny_layout.base, tmp_path / "disc", data[1], resolution=2 * SCORE_SIZE)
+    settings = DiscriminatorSettings(**common, steps=1, batch_size=1, holdout_fraction=0)
+    with pytest.raises(TrainingError, match=rf"resolution {2 * SCORE_SIZE}: the discriminator trains at {SCORE_SIZE}"):
+        train_discriminator(settings)
+    assert not (tmp_path / "disc").exists(), "refused before anything is written"

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from engines.jobs import SCORE_SIZE
 from training.common import (
     WEIGHT_DTYPES,
     RunSummary,
@@ -114,6 +115,12 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
 
     from engines.scorer import HEAD_FILENAME, Discriminator
 
+    if settings.resolution != SCORE_SIZE:
+        raise TrainingError(
+            f"resolution {settings.resolution}: the discriminator trains at {SCORE_SIZE} only, the side of the view "
+            f"the service scores every crop on (engines.jobs.SCORE_SIZE); trained at another side it would be "
+            f"served on a view it never saw"
+        )
     accelerator = make_accelerator(settings)
     summary = RunSummary("discriminator", settings, accelerator)
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[settings.mixed_precision]
