@@ -448,11 +448,22 @@ def test_resume_refuses_a_base_whose_frozen_parts_changed(tiny_layout, data, tmp
         run(settings.model_copy(update={"steps": 2}))
 
 
+def _scored_by_the_service(paths, crops, size):
+    """(edited, mask, source) views the service's Scorer is given of a POST /score with these files."""
+    from engines import imaging
+    from engines.pipeline import RemovalPipeline
+    from engines.scorer import ScoringEngine
+
+    jobs = RemovalPipeline(None, crops, imaging.DecodeLimits()).prepare_score(*(p.read_bytes() for p in paths))
+    scorer = object.__new__(ScoringEngine)
+    scorer.device, scorer.score_size = torch.device("cpu"), size
+    return scorer.prepare(jobs)
+
+
 def test_the_discriminator_learns_on_the_very_view_the_scorer_scores(tmp_path):
     """Its data was brought to the training resolution by PIL's bicubic, while the service's Scorer views a crop
     bilinear and antialiased: ~1 level apart on average, 8 at the 99th percentile (a 1024 window to 512)."""
-    from engines.jobs import ScoreJob
-    from engines.scorer import ScoringEngine
+    from engines.pipeline import CropSettings
 
     rng = np.random.default_rng(0)
     source, edited = (rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(2))
@@ -462,13 +473,55 @@ def test_the_discriminator_learns_on_the_very_view_the_scorer_scores(tmp_path):
     for path, pixels in zip(paths, (source, mask.astype(np.uint8) * 255, edited)):
         Image.fromarray(pixels).save(path)
     record = Triplet(source=paths[0], mask=paths[1], gt=paths[2], score=1.0)
-    item = TripletDataset([record], 64, scorer_view=True)[0]
-    scorer = object.__new__(ScoringEngine)
-    scorer.device, scorer.score_size = torch.device("cpu"), 64
-    scored_edited, scored_mask, scored_source = scorer.prepare([ScoreJob(source, mask, edited)])
+    crops = CropSettings(buckets=(128,), crop_margin=8, dilate=3, feather=0)  # a 128 window, viewed at 64
+    item = TripletDataset([record], 64, crops)[0]
+    scored_edited, scored_mask, scored_source = _scored_by_the_service(paths, crops, 64)
     assert torch.equal(item["source"], scored_source[0]) and torch.equal(item["gt"], scored_edited[0])
     assert torch.equal(item["mask"], scored_mask[0])
     assert not torch.equal(TripletDataset([record], 64)[0]["source"], item["source"]), "the other stages: bicubic"
+
+
+def test_the_discriminator_learns_on_the_window_the_service_cuts_around_the_mask(tmp_path):
+    """It trained on the center square: an object at the side of a wide photo was not in it, so a removal and the
+    untouched source were the same input, labelled 1 and 0."""
+    from engines.jobs import SCORE_SIZE
+    from engines.pipeline import CropSettings
+    from serve.config import ImagingSettings
+
+    gt = np.random.default_rng(0).integers(0, 256, (512, 1024, 3), dtype=np.uint8)
+    mask = np.zeros((512, 1024), bool)
+    mask[200:300, 40:200] = True
+    source = gt.copy()
+    source[mask] = [255, 0, 0]
+    paths = [tmp_path / f"{name}.png" for name in ("source", "mask", "gt")]
+    for path, pixels in zip(paths, (source, mask.astype(np.uint8) * 255, gt)):
+        Image.fromarray(pixels).save(path)
+    good, unchanged = Triplet(*paths, score=1.0), Triplet(paths[0], paths[1], paths[0], score=0.0)
+    crops = CropSettings.from_imaging(ImagingSettings())
+    removed, kept = TripletDataset([good, unchanged], SCORE_SIZE, crops)
+    assert removed["mask"].sum() > 0 and not torch.equal(removed["gt"], kept["gt"])
+    scored_edited, scored_mask, scored_source = _scored_by_the_service(paths, crops, SCORE_SIZE)
+    assert torch.equal(removed["source"], scored_source[0]) and torch.equal(removed["gt"], scored_edited[0])
+    assert torch.equal(removed["mask"], scored_mask[0])
+
+
+def test_the_discriminator_refuses_data_with_no_mask(tiny_layout, tmp_path):
+    """A record with an empty mask has no removal to judge and no window to cut: left out, and counted."""
+    from training.common import TrainingError
+    from training.discriminator import DiscriminatorSettings, train_discriminator, without_empty_masks
+
+    photo = np.zeros((64, 64, 3), np.uint8)
+    paths = [tmp_path / f"{name}.png" for name in ("source", "mask")]
+    Image.fromarray(photo).save(paths[0])
+    Image.fromarray(photo[..., 0]).save(paths[1])
+    empty = Triplet(paths[0], paths[1], paths[0], score=0.0)
+    data = write_metadata(tmp_path / "metadata.json", [empty])
+    settings = DiscriminatorSettings(**_common(tiny_layout.base, tmp_path / "disc", data, resolution=512), steps=1)
+    with pytest.raises(TrainingError, match="every record's mask is empty"):
+        train_discriminator(settings)
+    masked = Triplet(paths[0], tmp_path / "masked.png", paths[0], score=0.0)
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(masked.mask)
+    assert without_empty_masks([empty, masked, empty]) == ([masked], [empty, empty])
 
 
 # ---------------------------------------------------------------- discriminator
@@ -492,12 +545,14 @@ def test_discriminator_reports_metrics_and_loads_in_the_published_format(disc_ru
     from diffusers import AutoencoderKL
 
     from engines.authors_layout import encode_constant_prompt
+    from engines.pipeline import CropSettings
     from engines.scorer import ScoringEngine, load_published_discriminator
     from training.discriminator import split_by_source
 
     settings, summary = disc_run
     metrics = summary["metrics"]
     assert metrics["train_records"] == 9 and metrics["heldout_records"] == 3  # one source's 3 records
+    assert metrics["empty_mask_records"] == 0
     held = metrics["heldout"]
     for threshold in ("0.5", "0.9"):
         assert set(held["thresholds"][threshold]) >= {"precision", "recall", "f1", "accuracy"}
@@ -511,7 +566,8 @@ def test_discriminator_reports_metrics_and_loads_in_the_published_format(disc_ru
     embeds, pooled = encode_constant_prompt(Path(tiny_layout.base), "")
     engine = ScoringEngine(AutoencoderKL.from_pretrained(Path(tiny_layout.base) / "vae"), disc, embeds, pooled)
     _, held_out = split_by_source(load_metadata(settings.data), settings.holdout_fraction, settings.seed)
-    items = [TripletDataset(held_out, DISC_SIDE, scorer_view=True)[i] for i in range(len(held_out))]
+    crops = CropSettings(tuple(settings.buckets), settings.crop_margin, settings.dilate, feather=0)
+    items = [TripletDataset(held_out, DISC_SIDE, crops)[i] for i in range(len(held_out))]
     scores = engine.score_tensors(
         torch.stack([it["gt"] for it in items]),
         torch.stack([it["mask"] for it in items]),
