@@ -322,9 +322,10 @@ def test_labels_export_and_the_discriminator_trains_on_them(service, tiny_layout
     # the session's store also holds what other tests labelled
     assert summary["metrics"]["records"] == len(records) >= summary["metrics"]["exported"] >= 2
 
+    # dilate 0: an exported window's mask is the service's, dilated already (docs/training.md)
     settings = DiscriminatorSettings(
         base=str(tiny_layout.base), data=export / "metadata.json", out=tmp_path / "disc", resolution=512,
-        steps=2, batch_size=2, checkpoint_every=0,
+        steps=2, batch_size=2, checkpoint_every=0, dilate=0,
     )  # fmt: skip
     trained = train_discriminator(settings)
     assert trained["status"] == "completed" and trained["steps_done"] == 2

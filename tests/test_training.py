@@ -448,11 +448,22 @@ def test_resume_refuses_a_base_whose_frozen_parts_changed(tiny_layout, data, tmp
         run(settings.model_copy(update={"steps": 2}))
 
 
+def _scored_by_the_service(paths, crops, size):
+    """(edited, mask, source) views the service's Scorer is given of a POST /score with these files."""
+    from engines import imaging
+    from engines.pipeline import RemovalPipeline
+    from engines.scorer import ScoringEngine
+
+    jobs = RemovalPipeline(None, crops, imaging.DecodeLimits()).prepare_score(*(p.read_bytes() for p in paths))
+    scorer = object.__new__(ScoringEngine)
+    scorer.device, scorer.score_size = torch.device("cpu"), size
+    return scorer.prepare(jobs)
+
+
 def test_the_discriminator_learns_on_the_very_view_the_scorer_scores(tmp_path):
     """Its data was brought to the training resolution by PIL's bicubic, while the service's Scorer views a crop
     bilinear and antialiased: ~1 level apart on average, 8 at the 99th percentile (a 1024 window to 512)."""
-    from engines.jobs import ScoreJob
-    from engines.scorer import ScoringEngine
+    from engines.pipeline import CropSettings
 
     rng = np.random.default_rng(0)
     source, edited = (rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(2))
@@ -462,13 +473,55 @@ def test_the_discriminator_learns_on_the_very_view_the_scorer_scores(tmp_path):
     for path, pixels in zip(paths, (source, mask.astype(np.uint8) * 255, edited)):
         Image.fromarray(pixels).save(path)
     record = Triplet(source=paths[0], mask=paths[1], gt=paths[2], score=1.0)
-    item = TripletDataset([record], 64, scorer_view=True)[0]
-    scorer = object.__new__(ScoringEngine)
-    scorer.device, scorer.score_size = torch.device("cpu"), 64
-    scored_edited, scored_mask, scored_source = scorer.prepare([ScoreJob(source, mask, edited)])
+    crops = CropSettings(buckets=(128,), crop_margin=8, dilate=3, feather=0)  # a 128 window, viewed at 64
+    item = TripletDataset([record], 64, crops)[0]
+    scored_edited, scored_mask, scored_source = _scored_by_the_service(paths, crops, 64)
     assert torch.equal(item["source"], scored_source[0]) and torch.equal(item["gt"], scored_edited[0])
     assert torch.equal(item["mask"], scored_mask[0])
     assert not torch.equal(TripletDataset([record], 64)[0]["source"], item["source"]), "the other stages: bicubic"
+
+
+def test_the_discriminator_learns_on_the_window_the_service_cuts_around_the_mask(tmp_path):
+    """It trained on the center square: an object at the side of a wide photo was not in it, so a removal and the
+    untouched source were the same input, labelled 1 and 0."""
+    from engines.jobs import SCORE_SIZE
+    from engines.pipeline import CropSettings
+    from serve.config import ImagingSettings
+
+    gt = np.random.default_rng(0).integers(0, 256, (512, 1024, 3), dtype=np.uint8)
+    mask = np.zeros((512, 1024), bool)
+    mask[200:300, 40:200] = True
+    source = gt.copy()
+    source[mask] = [255, 0, 0]
+    paths = [tmp_path / f"{name}.png" for name in ("source", "mask", "gt")]
+    for path, pixels in zip(paths, (source, mask.astype(np.uint8) * 255, gt)):
+        Image.fromarray(pixels).save(path)
+    good, unchanged = Triplet(*paths, score=1.0), Triplet(paths[0], paths[1], paths[0], score=0.0)
+    crops = CropSettings.from_imaging(ImagingSettings())
+    removed, kept = TripletDataset([good, unchanged], SCORE_SIZE, crops)
+    assert removed["mask"].sum() > 0 and not torch.equal(removed["gt"], kept["gt"])
+    scored_edited, scored_mask, scored_source = _scored_by_the_service(paths, crops, SCORE_SIZE)
+    assert torch.equal(removed["source"], scored_source[0]) and torch.equal(removed["gt"], scored_edited[0])
+    assert torch.equal(removed["mask"], scored_mask[0])
+
+
+def test_the_discriminator_refuses_data_with_no_mask(tiny_layout, tmp_path):
+    """A record with an empty mask has no removal to judge and no window to cut: left out, and counted."""
+    from training.common import TrainingError
+    from training.discriminator import DiscriminatorSettings, train_discriminator, without_empty_masks
+
+    photo = np.zeros((64, 64, 3), np.uint8)
+    paths = [tmp_path / f"{name}.png" for name in ("source", "mask")]
+    Image.fromarray(photo).save(paths[0])
+    Image.fromarray(photo[..., 0]).save(paths[1])
+    empty = Triplet(paths[0], paths[1], paths[0], score=0.0)
+    data = write_metadata(tmp_path / "metadata.json", [empty])
+    settings = DiscriminatorSettings(**_common(tiny_layout.base, tmp_path / "disc", data, resolution=512), steps=1)
+    with pytest.raises(TrainingError, match="every record's mask is empty"):
+        train_discriminator(settings)
+    masked = Triplet(paths[0], tmp_path / "masked.png", paths[0], score=0.0)
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(masked.mask)
+    assert without_empty_masks([empty, masked, empty]) == ([masked], [empty, empty])
 
 
 # ---------------------------------------------------------------- discriminator
@@ -492,12 +545,14 @@ def test_discriminator_reports_metrics_and_loads_in_the_published_format(disc_ru
     from diffusers import AutoencoderKL
 
     from engines.authors_layout import encode_constant_prompt
+    from engines.pipeline import CropSettings
     from engines.scorer import ScoringEngine, load_published_discriminator
     from training.discriminator import split_by_source
 
     settings, summary = disc_run
     metrics = summary["metrics"]
     assert metrics["train_records"] == 9 and metrics["heldout_records"] == 3  # one source's 3 records
+    assert metrics["empty_mask_records"] == 0
     held = metrics["heldout"]
     for threshold in ("0.5", "0.9"):
         assert set(held["thresholds"][threshold]) >= {"precision", "recall", "f1", "accuracy"}
@@ -511,7 +566,8 @@ def test_discriminator_reports_metrics_and_loads_in_the_published_format(disc_ru
     embeds, pooled = encode_constant_prompt(Path(tiny_layout.base), "")
     engine = ScoringEngine(AutoencoderKL.from_pretrained(Path(tiny_layout.base) / "vae"), disc, embeds, pooled)
     _, held_out = split_by_source(load_metadata(settings.data), settings.holdout_fraction, settings.seed)
-    items = [TripletDataset(held_out, DISC_SIDE, scorer_view=True)[i] for i in range(len(held_out))]
+    crops = CropSettings(tuple(settings.buckets), settings.crop_margin, settings.dilate, feather=0)
+    items = [TripletDataset(held_out, DISC_SIDE, crops)[i] for i in range(len(held_out))]
     scores = engine.score_tensors(
         torch.stack([it["gt"] for it in items]),
         torch.stack([it["mask"] for it in items]),
@@ -713,3 +769,50 @@ def test_training_reads_masks_and_photos_as_the_service_does(tmp_path):
     load_metadata(tmp_path / "metadata.json", require=("source", "mask"))  # upright sizes agree
     rgb, removed = load_rgb(tmp_path / "photo.jpg", 40), load_mask(tmp_path / "mask.png", 40)
     assert rgb[removed].mean() > 200 and rgb[~removed].mean() < 30, "the mask lies on the object"
+
+
+def test_training_reads_16_bit_photos_as_the_service_does_and_8_bit_ones_as_before(tmp_path):
+    """PIL's convert("RGB") clipped a 16-bit gray PNG's samples to 255 (mid-gray read as white) where the service
+    scales them; finetune, distill, discriminator, annotate and make_negatives all read photos this way."""
+    from PIL import ImageOps
+
+    from engines import imaging
+    from training.data import _resize_crop, load_rgb, read_mask
+
+    Image.fromarray(np.full((40, 60), 32768, np.uint16)).save(tmp_path / "gray16.png")
+    served = imaging.decode_image((tmp_path / "gray16.png").read_bytes(), imaging.DecodeLimits()).rgb
+    assert load_rgb(tmp_path / "gray16.png", 32).mean() == served.mean() == 128  # 32768 / 65535 of 255
+
+    photo = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90, exif=exif)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(photo).convert("P").save(tmp_path / "palette.png")
+    for name in ("photo.jpg", "photo.png", "palette.png"):
+        for side in (None, 32, 96):
+            with Image.open(tmp_path / name) as img:
+                before = _resize_crop(ImageOps.exif_transpose(img).convert("RGB"), side, Image.Resampling.BICUBIC)
+            np.testing.assert_array_equal(load_rgb(tmp_path / name, side), np.asarray(before), err_msg=f"{name} {side}")
+
+    mask = np.zeros((40, 60), bool)
+    mask[5:15, 10:30] = True
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    triplet = Triplet(tmp_path / "gray16.png", tmp_path / "mask.png", tmp_path / "gray16.png")
+    labelled = load_metadata(make_negatives([triplet], tmp_path / "disc", kinds=("no-change",)))
+    edited = np.asarray(Image.open(labelled[1].gt))
+    assert edited.shape == (40, 60, 3) and edited.mean() == pytest.approx(128.0), "negatives read photos alike"
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), mask)
+
+
+def test_the_discriminator_trains_only_at_the_side_the_service_scores(tiny_layout, data, tmp_path):
+    """--resolution 1024 was accepted, and the bundle then served the discriminator on a 512 view it never saw."""
+    from engines.jobs import SCORE_SIZE
+    from training.common import TrainingError
+    from training.discriminator import DiscriminatorSettings, train_discriminator
+
+    common = _common(tiny_layout.base, tmp_path / "disc", data[1], resolution=2 * SCORE_SIZE)
+    settings = DiscriminatorSettings(**common, steps=1, batch_size=1, holdout_fraction=0)
+    with pytest.raises(TrainingError, match=rf"resolution {2 * SCORE_SIZE}: the discriminator trains at {SCORE_SIZE}"):
+        train_discriminator(settings)
+    assert not (tmp_path / "disc").exists(), "refused before anything is written"

@@ -22,12 +22,17 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from engines import imaging
+
+if TYPE_CHECKING:
+    from engines.jobs import ScoreJob
+    from engines.pipeline import CropSettings
 
 FIELDS = ("source", "mask", "GT")
 
@@ -154,28 +159,51 @@ def _relative(file: Path, root: Path) -> str:
 
 
 def load_rgb(path: Path, resolution: int | None) -> np.ndarray:
-    """(R, R, 3) uint8, upright (EXIF orientation applied, as the service reads a photo): the shorter side
-    resized to R (bicubic), then center-cropped (R None: the center square, not resized)."""
-    with Image.open(path) as img:
-        upright = ImageOps.exif_transpose(img)
-        return np.asarray(_resize_crop(upright.convert("RGB"), resolution, Image.Resampling.BICUBIC))
+    """(R, R, 3) uint8: read_rgb's photo, the shorter side resized to R (bicubic), then center-cropped (R None:
+    the center square, not resized)."""
+    return np.asarray(_resize_crop(Image.fromarray(read_rgb(path)), resolution, Image.Resampling.BICUBIC))
 
 
 def load_mask(path: Path, resolution: int | None) -> np.ndarray:
-    """(R, R) bool, True = remove: the service's own reading of a mask (engines.imaging.decode_mask: upright;
-    white, or the strokes of a mask with transparency), resized (nearest) and center-cropped."""
+    """(R, R) bool, True = remove: read_mask's mask, resized (nearest) and center-cropped."""
+    mask = Image.fromarray(read_mask(path).astype(np.uint8) * 255)
+    return np.asarray(_resize_crop(mask, resolution, Image.Resampling.NEAREST)) > 127
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8, the service's own reading of a photo (engines.imaging.decode_image: upright, 16-bit and
+    float samples scaled to 8 bits, not clipped as PIL's convert("RGB") clips them)."""
+    data, limits, _ = _read_file(path)
+    return _decoded(path, lambda: imaging.decode_image(data, limits).rgb)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """(H, W) bool, True = remove, the service's own reading of a mask (engines.imaging.decode_mask: upright;
+    white, or the strokes of a mask with transparency)."""
+    data, limits, size = _read_file(path)
+    return _decoded(path, lambda: imaging.decode_mask(data, size, limits))
+
+
+def _read_file(path: Path) -> tuple[bytes, imaging.DecodeLimits, tuple[int, int]]:
+    """The file's bytes, DecodeLimits sized to the file (training data is trusted, not an upload) and its upright
+    (height, width)."""
+    data = Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = imaging.upright_size(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{path}: not a readable image ({exc})") from exc
+    limits = imaging.DecodeLimits(max_bytes=max(len(data), 1), max_megapixels=max(width * height / 1e6, 1.0))
+    return data, limits, (height, width)
+
+
+def _decoded(path: Path, decode) -> np.ndarray:
     from engines.errors import InputError
 
-    data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-        width, height = imaging.upright_size(img)
-    limits = imaging.DecodeLimits(max_bytes=max(len(data), 1), max_megapixels=max(width * height / 1e6, 1.0))
     try:
-        pixels = imaging.decode_mask(data, (height, width), limits)
+        return decode()
     except InputError as exc:
         raise DatasetError(f"{path}: {exc}") from exc
-    mask = Image.fromarray(pixels.astype(np.uint8) * 255)
-    return np.asarray(_resize_crop(mask, resolution, Image.Resampling.NEAREST)) > 127
 
 
 def _resize_crop(img: Image.Image, resolution: int | None, resample: Image.Resampling) -> Image.Image:
@@ -198,44 +226,60 @@ class TripletDataset(torch.utils.data.Dataset):
     """Records as tensors at `resolution` (multiple of 64): source / GT in [-1, 1] [3,R,R], mask {0,1} [1,R,R].
 
     Items are dicts with "source", "mask", and "gt" when the record has one, "score" when it has one
-    (the discriminator's label), and "index". `scorer_view`: each picture's center square is brought to R as
-    the service's Scorer brings a crop to its view (engines.scorer.score_view), not by PIL's bicubic: the
-    discriminator then learns on the pixels it will score.
+    (the discriminator's label), and "index". `score_crops`: each record is the view the service's Scorer is
+    given of it (score_view_job), not the center square: the discriminator then learns on the pixels it will score.
     """
 
-    def __init__(self, records: Sequence[Triplet], resolution: int, scorer_view: bool = False):
+    def __init__(self, records: Sequence[Triplet], resolution: int, score_crops: CropSettings | None = None):
         if resolution <= 0 or resolution % 64:
             raise ValueError(f"resolution must be a positive multiple of 64, got {resolution}")
         if not records:
             raise ValueError("a dataset needs at least one record")
         self.records = list(records)
         self.resolution = resolution
-        self.scorer_view = scorer_view
+        self.score_crops = score_crops
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        side = None if self.scorer_view else self.resolution  # None: the center square as it is
-        item = {
-            "index": torch.tensor(index),
-            "source": to_tensor(load_rgb(record.source, side)),
-            "mask": torch.from_numpy(load_mask(record.mask, side)).float()[None],
-        }
-        if record.gt is not None:
-            item["gt"] = to_tensor(load_rgb(record.gt, side))
-        if self.scorer_view:
+        item = {"index": torch.tensor(index)}
+        if self.score_crops is not None:
             from engines.scorer import score_view
 
-            pictures = [item["source"]] + ([item["gt"]] if "gt" in item else [])
-            viewed, mask = score_view(torch.stack(pictures), item["mask"][None], self.resolution)
-            item["source"], item["mask"] = viewed[0], mask[0]
-            if "gt" in item:
-                item["gt"] = viewed[1]
+            job = score_view_job(record, self.score_crops)
+            pictures = torch.stack([to_tensor(job.source), to_tensor(job.edited)])
+            mask = torch.from_numpy(job.mask.astype(np.float32))[None, None]
+            viewed, mask = score_view(pictures, mask, self.resolution)
+            item.update(source=viewed[0], gt=viewed[1], mask=mask[0])
+        else:
+            item["source"] = to_tensor(load_rgb(record.source, self.resolution))
+            item["mask"] = torch.from_numpy(load_mask(record.mask, self.resolution)).float()[None]
+            if record.gt is not None:
+                item["gt"] = to_tensor(load_rgb(record.gt, self.resolution))
         if record.score is not None:
             item["score"] = torch.tensor(record.score, dtype=torch.float32)
         return item
+
+
+def score_view_job(record: Triplet, crops: CropSettings) -> ScoreJob:
+    """The record's (source, mask, GT = the edited image) as POST /score cuts them (RemovalPipeline.prepare_score):
+    decoded, the mask dilated by `crops.dilate`, one window planned around it at `crops`' buckets and margin, the
+    mask as the Scorer is given it. The center square could hold none of the edit."""
+    from engines.errors import InputError
+    from engines.pipeline import RemovalPipeline
+
+    files = [_read_file(path) for path in (record.source, record.mask, record.gt)]
+    limits = imaging.DecodeLimits(
+        max_bytes=max(limits.max_bytes for _, limits, _ in files),
+        max_megapixels=max(limits.max_megapixels for _, limits, _ in files),
+    )
+    try:
+        [job] = RemovalPipeline(None, crops, limits).prepare_score(*(data for data, _, _ in files), max_crops=1)
+    except InputError as exc:
+        raise DatasetError(f"{record.source}, {record.mask}, {record.gt}: {exc}") from exc
+    return job
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -7,9 +7,11 @@ what `engines.scorer.ScoringEngine` feeds it: cat(VAE mean latent of the edited 
 latent size, VAE mean latent of the unmasked source), timestep 0, prompt "", time_ids (R,R,0,0,R,R).
 
 Data: the labelled metadata format (source, mask, GT = the edited image, score), e.g. from
-`synthetic` with negatives. A held-out split is taken *by source image* (all edits of one source on
-the same side, so the held-out set never shares a photo with the training set), deterministically
-from the seed. After training, precision / recall / F1 / accuracy at thresholds 0.5 (success) and
+`synthetic` with negatives. Each record is cut as POST /score cuts a removal (training.data.score_view_job:
+the mask dilated by `dilate`, one window around it at `buckets` and `crop_margin`, the service's defaults)
+and viewed at SCORE_SIZE as the Scorer views it; records with an empty mask are left out and counted. A
+held-out split is taken *by source image* (all edits of one source on the same side, so the held-out set
+never shares a photo with the training set), deterministically from the seed. After training, precision / recall / F1 / accuracy at thresholds 0.5 (success) and
 0.9 (auto-admission) on the held-out split go into the summary.
 
 Output: out/discriminator/ in the authors' published format, `pytorch_lora_weights.safetensors`
@@ -28,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from engines.jobs import SCORE_SIZE
+from engines.pipeline import CropSettings
+from serve.config import ImagingSettings
 from training.common import (
     WEIGHT_DTYPES,
     RunSummary,
@@ -43,12 +48,13 @@ from training.common import (
     resolve_unet,
     sdxl_time_ids,
 )
-from training.data import Triplet, TripletDataset, load_metadata
+from training.data import Triplet, TripletDataset, load_metadata, read_mask
 from training.loop import train
 
+_IMAGING = ImagingSettings.model_fields
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 THRESHOLDS = (0.5, 0.9)
-MAX_LISTED = 1000  # held-out scores listed in the summary
+MAX_LISTED = 1000  # items listed in the summary: held-out scores, records left out
 
 
 class DiscriminatorSettings(TrainSettings):
@@ -57,6 +63,10 @@ class DiscriminatorSettings(TrainSettings):
     lora_rank: int = Field(4, ge=1, description="LoRA rank (alpha = rank), 4 in RORem")
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of source images held out for metrics")
     eval_batch_size: int = Field(8, ge=1)
+    # how the service cuts a removal for its Scorer (serve.config.ImagingSettings): each record is trained on that view
+    buckets: list[int] = _IMAGING["buckets"]
+    crop_margin: int = _IMAGING["crop_margin"]
+    dilate: int = _IMAGING["dilate"]
 
     RESUME_MAY_CHANGE = TrainSettings.RESUME_MAY_CHANGE | {"eval_batch_size"}
 
@@ -70,6 +80,13 @@ def split_by_source(records: Sequence[Triplet], fraction: float, seed: int) -> t
     train_set = [r for r in records if _photo(r) not in held]
     held_out = [r for r in records if _photo(r) in held]
     return train_set, held_out
+
+
+def without_empty_masks(records: Sequence[Triplet]) -> tuple[list[Triplet], list[Triplet]]:
+    """(kept, left out): a record with an empty mask has no removal to judge and no window to cut. The view of any
+    other one holds mask pixels (engines.pipeline.score_mask keeps every region in it)."""
+    masked = [read_mask(record.mask).any() for record in records]
+    return [r for r, m in zip(records, masked) if m], [r for r, m in zip(records, masked) if not m]
 
 
 def _photo(record: Triplet) -> str:
@@ -114,12 +131,21 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
 
     from engines.scorer import HEAD_FILENAME, Discriminator
 
+    if settings.resolution != SCORE_SIZE:
+        raise TrainingError(
+            f"resolution {settings.resolution}: the discriminator trains at {SCORE_SIZE} only, the side of the view "
+            f"the service scores every crop on (engines.jobs.SCORE_SIZE); trained at another side it would be "
+            f"served on a view it never saw"
+        )
     accelerator = make_accelerator(settings)
     summary = RunSummary("discriminator", settings, accelerator)
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[settings.mixed_precision]
     torch.manual_seed(settings.seed)
 
     records = load_metadata(settings.data, require=("source", "mask", "GT", "score"))
+    records, unmasked = without_empty_masks(records)
+    if not records:
+        raise TrainingError(f"{settings.data}: every record's mask is empty: there is no removal to judge")
     train_records, held_out = split_by_source(records, settings.holdout_fraction, settings.seed)
     if not train_records:
         raise TrainingError(f"{settings.data}: no training records left after the held-out split")
@@ -163,7 +189,8 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
     def compute_loss(model, batch, generator):
         return F.mse_loss(scores_of(model, batch).float(), batch["score"].float())
 
-    train_set = TripletDataset(train_records, settings.resolution, scorer_view=True)
+    crops = CropSettings(tuple(settings.buckets), settings.crop_margin, settings.dilate, feather=0)
+    train_set = TripletDataset(train_records, settings.resolution, crops)
     trained = train(
         settings,
         accelerator,
@@ -174,12 +201,18 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
         inputs={"base UNet": unet_dir, **frozen_base_parts(base)},
     )
 
-    metrics = {"train_records": len(train_records), "heldout_records": len(held_out), "base_unet": str(unet_dir)}
+    metrics = {
+        "train_records": len(train_records),
+        "heldout_records": len(held_out),
+        "empty_mask_records": len(unmasked),
+        "empty_mask_sources": [str(r.source) for r in unmasked[:MAX_LISTED]],
+        "base_unet": str(unet_dir),
+    }
     if held_out and accelerator.is_main_process:
         metrics["heldout"] = evaluate(
             scores_of,
             trained,
-            TripletDataset(held_out, settings.resolution, scorer_view=True),
+            TripletDataset(held_out, settings.resolution, crops),
             settings.eval_batch_size,
             device,
         )

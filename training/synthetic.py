@@ -25,7 +25,7 @@ from pydantic import Field
 from scipy import ndimage
 
 from training.common import RunSummary, StageSettings, TrainingError
-from training.data import Triplet, load_metadata, save_image, write_metadata
+from training.data import Triplet, load_metadata, read_mask, read_rgb, save_image, write_metadata
 
 NEGATIVE_KINDS = ("blur", "noise", "downsample", "mixed", "no-change")
 
@@ -157,7 +157,8 @@ def make_negatives(
     """Labelled discriminator data from good triplets: each GT with score 1, one edit per kind with score 0.
 
     Writes out_dir/edited/*.png and out_dir/metadata.json (source, mask, GT = the edited image,
-    score) and returns the metadata path. `records` may be a triplet metadata path.
+    score) and returns the metadata path. `records` may be a triplet metadata path. Pictures and masks are
+    read as the service reads them (training.data.read_rgb, read_mask), so each edit is upright and 8-bit.
     """
     unknown = [k for k in kinds if k not in NEGATIVE_KINDS]
     if unknown or not kinds:
@@ -170,9 +171,7 @@ def make_negatives(
     for i, record in enumerate(records):
         if record.gt is None:
             raise TrainingError(f"record {i} ({record.source}) has no GT to make negatives from")
-        source = np.asarray(Image.open(record.source).convert("RGB"))
-        good = np.asarray(Image.open(record.gt).convert("RGB"))
-        mask = np.asarray(Image.open(record.mask).convert("L")) > 127
+        source, good, mask = read_rgb(record.source), read_rgb(record.gt), read_mask(record.mask)
         labelled.append(Triplet(record.source, record.mask, record.gt, score=1.0))
         for kind in kinds:
             edited = degrade(kind, source, mask, good, rng)
