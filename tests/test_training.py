@@ -576,6 +576,33 @@ def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
     assert np.isfinite(score) and score >= 0
 
 
+def test_bundle_refuses_an_lcm_lora_distilled_against_another_unet_unless_allowed(tiny_layout, data, tmp_path):
+    """A LoRA distilled against one UNet was fused into any other --unet without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from engines.bundle import Bundle
+    from training.assemble import BundleStageSettings, assemble
+    from training.common import TrainingError
+    from training.distill import DistillSettings, distill
+
+    distill(DistillSettings(**_common(tiny_layout.base, tmp_path / "distill", data[0]), steps=1, batch_size=1, lora_rank=4))
+    other = tmp_path / "other-unet"
+    shutil.copytree(Path(tiny_layout.base) / "unet", other)
+    file = other / "diffusion_pytorch_model.safetensors"
+    save_file({name: tensor + 1 for name, tensor in load_file(file).items()}, str(file))
+    settings = BundleStageSettings(
+        out=tmp_path / "bundle", base=tiny_layout.base, unet=str(other), lcm_lora=str(tmp_path / "distill"),
+        dtype="float32", cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    with pytest.raises(TrainingError, match=r"distilled against a teacher UNet with weights sha256 [0-9a-f]{16}, not"):
+        assemble(settings)
+    assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+    allowed = assemble(settings.model_copy(update={"allow_other_teacher": True}))
+    recorded = Bundle.load(allowed["outputs"]["bundle"], verify=True).manifest.provenance["other_teacher"]
+    assert recorded["allowed"] and recorded["teacher_sha256"] != recorded["unet_sha256"]
+
+
 def test_bundle_provenance_hashes_the_discriminator_head_that_is_loaded(tiny_layout, tmp_path):
     """The import prefers cls_pred_branch.safetensors to the authors' .pt: provenance hashes the file it loaded."""
     import hashlib
