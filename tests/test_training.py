@@ -603,6 +603,41 @@ def test_bundle_refuses_an_lcm_lora_distilled_against_another_unet_unless_allowe
     assert recorded["allowed"] and recorded["teacher_sha256"] != recorded["unet_sha256"]
 
 
+def test_bundle_samples_on_the_grid_and_scaling_the_lora_was_distilled_with(tiny_layout, data, tmp_path):
+    """The bundle's LCMScheduler kept LCM's defaults (50 steps, scaling 10) whatever distill trained with."""
+    from diffusers import DDPMScheduler
+
+    from engines.bundle import Bundle
+    from engines.lcm import LCMSchedule
+    from training.assemble import BundleStageSettings, assemble
+    from training.distill import DDIMSolver, DistillSettings, distill
+
+    distill_settings = DistillSettings(
+        **_common(tiny_layout.base, tmp_path / "distill", data[0]), steps=1, batch_size=1, lora_rank=4,
+        num_ddim_timesteps=25, timestep_scaling_factor=7.0,
+    )  # fmt: skip
+    distill(distill_settings)
+    summary = assemble(BundleStageSettings(
+        out=tmp_path / "bundle", base=tiny_layout.base, unet=str(Path(tiny_layout.base) / "unet"),
+        lcm_lora=str(tmp_path / "distill"), dtype="float32", cache_dir=tmp_path / "cache",
+    ))  # fmt: skip
+    scheduler = Bundle.load(summary["outputs"]["bundle"], verify=True).make_scheduler()
+    assert scheduler.config.original_inference_steps == 25 and scheduler.config.timestep_scaling == 7.0
+    ddpm = DDPMScheduler.from_pretrained(Path(tiny_layout.base) / "scheduler")
+    grid = set(DDIMSolver(ddpm.alphas_cumprod, ddpm.config.num_train_timesteps, 25).timesteps.tolist())
+    assert set(LCMSchedule.from_scheduler(scheduler, 4, 1.0).timesteps) <= grid
+
+
+def test_bundle_refuses_more_steps_than_the_grid_the_lora_was_distilled_on():
+    from training.assemble import _lcm_schedule
+    from training.common import TrainingError
+
+    run = {"run": "runs/distill", "config": {"num_ddim_timesteps": 4, "timestep_scaling_factor": 10.0}}
+    assert _lcm_schedule(run, 4) == {"original_inference_steps": 4, "timestep_scaling": 10.0}
+    with pytest.raises(TrainingError, match="distilled on 4 DDIM timesteps"):
+        _lcm_schedule(run, 5)
+
+
 def test_bundle_provenance_hashes_the_discriminator_head_that_is_loaded(tiny_layout, tmp_path):
     """The import prefers cls_pred_branch.safetensors to the authors' .pt: provenance hashes the file it loaded."""
     import hashlib

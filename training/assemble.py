@@ -12,7 +12,9 @@ holding summary.json): `--unet runs/finetune`, `--lcm-lora runs/distill`, `--dis
 
 An LCM LoRA given as its distill run is fused only into the UNet it was distilled against (the run's
 sha256 of its teacher UNet against the --unet weights'): `--allow-other-teacher` fuses it into another,
-and the bundle's provenance records both hashes.
+and the bundle's provenance records both hashes. The bundle's LCMScheduler samples on the grid the LoRA
+was distilled on: the run's --num-ddim-timesteps and --timestep-scaling-factor become its
+original_inference_steps and timestep_scaling.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def assemble(settings: BundleStageSettings) -> dict:
         dtype=settings.dtype,
         name=settings.name,
         sampling=SamplingDefaults(steps=settings.steps, strength=settings.strength),
+        lcm_schedule=_lcm_schedule(training["lcm_lora"], settings.steps),
         provenance={
             "training": training,
             "assembled_by": "python -m training bundle",
@@ -112,6 +115,24 @@ def _check_teacher(unet: Path, distill_run: dict[str, Any] | None, settings: Bun
             "(the bundle's provenance records it)."
         )
     return {"allowed": True, "teacher_sha256": teacher, "unet_sha256": fused_into}
+
+
+def _lcm_schedule(distill_run: dict[str, Any] | None, steps: int) -> dict[str, Any] | None:
+    """The student learned consistency at the DDIM timesteps of its run, with its boundary scaling: sampled on
+    LCMScheduler's default grid (50 steps) after distilling on another, it is asked at timesteps it never learned.
+    None (the defaults, the authors' 50 and 10) for a LoRA given as a bare file."""
+    if distill_run is None:
+        return None
+    config = distill_run["config"]
+    if steps > config["num_ddim_timesteps"]:
+        raise TrainingError(
+            f"--steps {steps}: the LCM LoRA of {distill_run['run']} was distilled on {config['num_ddim_timesteps']} "
+            "DDIM timesteps, and LCM samples a subset of them"
+        )
+    return {
+        "original_inference_steps": config["num_ddim_timesteps"],
+        "timestep_scaling": config["timestep_scaling_factor"],
+    }
 
 
 def _discriminator_unet(run: dict[str, Any] | None, base: Path) -> str:
