@@ -395,6 +395,37 @@ def test_distill_writes_a_lora_that_fuses_fully_and_equals_the_trained_adapter(d
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_guided_teacher_is_the_positive_prediction_plus_w_times_its_difference_from_the_negative():
+    """The authors' teacher is guided (train_RORem_lcm.py: p + w (p - n), w ~ U[3, 10]); distill's had no guidance."""
+    from training.distill import guided
+
+    positive, negative = (torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)), (torch.randn(2, 4, 8, 8),) * 2
+    w = torch.tensor([3.0, 10.0]).view(-1, 1, 1, 1)
+    for got, p, n in zip(guided(positive, negative, w), positive, negative):
+        torch.testing.assert_close(got, p + w * (p - n))
+    assert guided(positive, None, w) is positive
+
+
+def test_distill_teacher_is_guided_by_the_teacher_prompts(tiny_layout, data, tmp_path):
+    """w ~ U[w_min, w_max] weighs the teacher's prompt against its negative: equal prompts make w irrelevant (the
+    unguided teacher with prompt "", the stage's teacher before), the authors' prompts (the default) do not."""
+    from training.distill import AUTHORS_TEACHER_PROMPT, DistillSettings, distill
+
+    def losses(name, **teacher):
+        common = _common(tiny_layout.base, tmp_path / name, data[0])
+        summary = distill(DistillSettings(**common, steps=1, batch_size=2, lora_rank=4, **teacher))
+        return torch.tensor([entry["loss"] for entry in summary["losses"]])
+
+    unguided = losses("unguided", w_min=0, w_max=0, teacher_prompt="")
+    same_prompts = losses("same-prompts", w_min=3, w_max=10, teacher_prompt="", teacher_negative_prompt="")
+    torch.testing.assert_close(same_prompts, unguided, rtol=1e-4, atol=1e-7)
+    guided = losses("guided")
+    assert DistillSettings(base="tiny", data=data[0], out=tmp_path).teacher_prompt == AUTHORS_TEACHER_PROMPT
+    with pytest.raises(ValueError, match="w_min 5.0 is above w_max 3.0"):
+        DistillSettings(base="tiny", data=data[0], out=tmp_path, w_min=5, w_max=3)
+    assert (guided - unguided).abs().max() > 1e-2 * unguided.abs().max()
+
+
 @pytest.mark.parametrize("stage, weights", [("distill", "teacher UNet"), ("discriminator", "base UNet")])
 def test_resume_refuses_a_unet_trained_against_that_was_retrained_in_place(tiny_layout, data, tmp_path, stage, weights):
     """Only settings and data were compared: a teacher (or base) UNet retrained into the same folder

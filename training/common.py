@@ -91,6 +91,9 @@ class TrainSettings(StageSettings):
         }
     )
     """Settings a resumed run may have changed: see training.checkpoint.resume_changes."""
+    BEFORE_RECORDED: ClassVar[dict[str, Any]] = {}
+    """A setting added since, by what a checkpoint that does not record it trained with, where that is not its
+    default: see training.checkpoint.resume_changes."""
 
     @field_validator("resolution")
     @classmethod
