@@ -413,13 +413,16 @@ def import_authors_layout(
     name: str = "rorem-4s",
     sampling: SamplingDefaults | None = None,
     provenance: dict | None = None,
+    lcm_schedule: dict | None = None,
     require_pinned: bool = False,
     file_sha256: Callable[[Path], str] = sha256_of,
 ) -> Bundle:
     """The bundle samples RORem-4S: 4 LCM steps, which only the LCM LoRA fused into the UNet makes right. The
     engine has no other sampler, so a layout without the LoRA is refused before anything is read or downloaded.
     The bundle's provenance names each hub piece at the commit read (require_pinned: every one must name it) and
-    the sha256 of each local file read (file_sha256: how to get it, e.g. remembered by open_bundle)."""
+    the sha256 of each local file read (file_sha256: how to get it, e.g. remembered by open_bundle).
+    lcm_schedule: LCMScheduler settings the LoRA was distilled with (original_inference_steps, timestep_scaling),
+    over LCMScheduler's defaults (50 and 10, the authors')."""
     if require_pinned:
         refuse_unpinned(layout)
     if not layout.lcm_lora:
@@ -443,7 +446,7 @@ def import_authors_layout(
     lora_info = fuse_lora_file(unet, found.lcm_lora).as_dict()
     base = found.base
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32)
-    scheduler = LCMScheduler.from_pretrained(base / "scheduler")
+    scheduler = LCMScheduler.from_pretrained(base / "scheduler", **(lcm_schedule or {}))
     prompt_embeds, pooled = encode_constant_prompt(base, prompt)
     if discriminator is not None:
         discriminator_embeds = (prompt_embeds, pooled) if prompt == "" else encode_constant_prompt(base, "")

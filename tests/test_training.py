@@ -395,6 +395,37 @@ def test_distill_writes_a_lora_that_fuses_fully_and_equals_the_trained_adapter(d
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_guided_teacher_is_the_positive_prediction_plus_w_times_its_difference_from_the_negative():
+    """The authors' teacher is guided (train_RORem_lcm.py: p + w (p - n), w ~ U[3, 10]); distill's had no guidance."""
+    from training.distill import guided
+
+    positive, negative = (torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)), (torch.randn(2, 4, 8, 8),) * 2
+    w = torch.tensor([3.0, 10.0]).view(-1, 1, 1, 1)
+    for got, p, n in zip(guided(positive, negative, w), positive, negative):
+        torch.testing.assert_close(got, p + w * (p - n))
+    assert guided(positive, None, w) is positive
+
+
+def test_distill_teacher_is_guided_by_the_teacher_prompts(tiny_layout, data, tmp_path):
+    """w ~ U[w_min, w_max] weighs the teacher's prompt against its negative: equal prompts make w irrelevant (the
+    unguided teacher with prompt "", the stage's teacher before), the authors' prompts (the default) do not."""
+    from training.distill import AUTHORS_TEACHER_PROMPT, DistillSettings, distill
+
+    def losses(name, **teacher):
+        common = _common(tiny_layout.base, tmp_path / name, data[0])
+        summary = distill(DistillSettings(**common, steps=1, batch_size=2, lora_rank=4, **teacher))
+        return torch.tensor([entry["loss"] for entry in summary["losses"]])
+
+    unguided = losses("unguided", w_min=0, w_max=0, teacher_prompt="")
+    same_prompts = losses("same-prompts", w_min=3, w_max=10, teacher_prompt="", teacher_negative_prompt="")
+    torch.testing.assert_close(same_prompts, unguided, rtol=1e-4, atol=1e-7)
+    guided = losses("guided")
+    assert DistillSettings(base="tiny", data=data[0], out=tmp_path).teacher_prompt == AUTHORS_TEACHER_PROMPT
+    with pytest.raises(ValueError, match="w_min 5.0 is above w_max 3.0"):
+        DistillSettings(base="tiny", data=data[0], out=tmp_path, w_min=5, w_max=3)
+    assert (guided - unguided).abs().max() > 1e-2 * unguided.abs().max()
+
+
 @pytest.mark.parametrize("stage, weights", [("distill", "teacher UNet"), ("discriminator", "base UNet")])
 def test_resume_refuses_a_unet_trained_against_that_was_retrained_in_place(tiny_layout, data, tmp_path, stage, weights):
     """Only settings and data were compared: a teacher (or base) UNet retrained into the same folder
@@ -630,6 +661,68 @@ def test_bundle_stage_output_verifies_and_serves(trained_bundle, data):
     assert result.shape == image.shape and result.dtype == np.uint8
     [score] = ScoringEngine.from_bundle(bundle).score([ScoreJob(source=image, mask=mask, edited=result)])
     assert np.isfinite(score) and score >= 0
+
+
+def test_bundle_refuses_an_lcm_lora_distilled_against_another_unet_unless_allowed(tiny_layout, data, tmp_path):
+    """A LoRA distilled against one UNet was fused into any other --unet without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from engines.bundle import Bundle
+    from training.assemble import BundleStageSettings, assemble
+    from training.common import TrainingError
+    from training.distill import DistillSettings, distill
+
+    distill(DistillSettings(**_common(tiny_layout.base, tmp_path / "distill", data[0]), steps=1, batch_size=1, lora_rank=4))
+    other = tmp_path / "other-unet"
+    shutil.copytree(Path(tiny_layout.base) / "unet", other)
+    file = other / "diffusion_pytorch_model.safetensors"
+    save_file({name: tensor + 1 for name, tensor in load_file(file).items()}, str(file))
+    settings = BundleStageSettings(
+        out=tmp_path / "bundle", base=tiny_layout.base, unet=str(other), lcm_lora=str(tmp_path / "distill"),
+        dtype="float32", cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    with pytest.raises(TrainingError, match=r"distilled against a teacher UNet with weights sha256 [0-9a-f]{16}, not"):
+        assemble(settings)
+    assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+    allowed = assemble(settings.model_copy(update={"allow_other_teacher": True}))
+    recorded = Bundle.load(allowed["outputs"]["bundle"], verify=True).manifest.provenance["other_teacher"]
+    assert recorded["allowed"] and recorded["teacher_sha256"] != recorded["unet_sha256"]
+
+
+def test_bundle_samples_on_the_grid_and_scaling_the_lora_was_distilled_with(tiny_layout, data, tmp_path):
+    """The bundle's LCMScheduler kept LCM's defaults (50 steps, scaling 10) whatever distill trained with."""
+    from diffusers import DDPMScheduler
+
+    from engines.bundle import Bundle
+    from engines.lcm import LCMSchedule
+    from training.assemble import BundleStageSettings, assemble
+    from training.distill import DDIMSolver, DistillSettings, distill
+
+    distill_settings = DistillSettings(
+        **_common(tiny_layout.base, tmp_path / "distill", data[0]), steps=1, batch_size=1, lora_rank=4,
+        num_ddim_timesteps=25, timestep_scaling_factor=7.0,
+    )  # fmt: skip
+    distill(distill_settings)
+    summary = assemble(BundleStageSettings(
+        out=tmp_path / "bundle", base=tiny_layout.base, unet=str(Path(tiny_layout.base) / "unet"),
+        lcm_lora=str(tmp_path / "distill"), dtype="float32", cache_dir=tmp_path / "cache",
+    ))  # fmt: skip
+    scheduler = Bundle.load(summary["outputs"]["bundle"], verify=True).make_scheduler()
+    assert scheduler.config.original_inference_steps == 25 and scheduler.config.timestep_scaling == 7.0
+    ddpm = DDPMScheduler.from_pretrained(Path(tiny_layout.base) / "scheduler")
+    grid = set(DDIMSolver(ddpm.alphas_cumprod, ddpm.config.num_train_timesteps, 25).timesteps.tolist())
+    assert set(LCMSchedule.from_scheduler(scheduler, 4, 1.0).timesteps) <= grid
+
+
+def test_bundle_refuses_more_steps_than_the_grid_the_lora_was_distilled_on():
+    from training.assemble import _lcm_schedule
+    from training.common import TrainingError
+
+    run = {"run": "runs/distill", "config": {"num_ddim_timesteps": 4, "timestep_scaling_factor": 10.0}}
+    assert _lcm_schedule(run, 4) == {"original_inference_steps": 4, "timestep_scaling": 10.0}
+    with pytest.raises(TrainingError, match="distilled on 4 DDIM timesteps"):
+        _lcm_schedule(run, 5)
 
 
 def test_bundle_provenance_hashes_the_discriminator_head_that_is_loaded(tiny_layout, tmp_path):

@@ -290,6 +290,23 @@ def test_resume_changes_of_each_stage(data_file, tmp_path):
         assert resume_changes(recorded, model(**common, lora_rank=8), facts)[0].endswith("-> 8")
 
 
+def test_a_distill_checkpoint_from_before_the_guided_teacher_resumes_only_unguided(data_file, tmp_path):
+    """Its settings do not name the teacher's prompts or guidance: it trained unguided with prompt "", so it is no
+    run with the defaults (the authors' guided teacher), which compared as unchanged."""
+    from training.checkpoint import resume_changes
+    from training.distill import DistillSettings
+
+    common = {"base": "tiny", "data": data_file, "out": tmp_path / "run"}
+    facts = {"data_sha256": "0" * 64, "inputs_sha256": {"teacher UNet": "1" * 64}, "processes": 1}
+    recorded = {"settings": json.loads(DistillSettings(**common).model_dump_json()), **facts}
+    for name in ("teacher_prompt", "teacher_negative_prompt", "w_min", "w_max"):
+        del recorded["settings"][name]
+    found = resume_changes(recorded, DistillSettings(**common), facts)
+    assert [line.split(":")[0] for line in found] == ["teacher_negative_prompt", "teacher_prompt", "w_max", "w_min"]
+    unguided = DistillSettings(**common, teacher_prompt="", teacher_negative_prompt="", w_min=0, w_max=0)
+    assert resume_changes(recorded, unguided, facts) == []
+
+
 def test_ema_follows_the_model_onto_its_device_after_a_resume(data_file, tmp_path, monkeypatch):
     """extra.pt is read onto the CPU: an EMA moved to the device before loading it kept CPU shadow
     weights, and its first step next to CUDA weights failed. No GPU here: the meta device stands in."""

@@ -9,6 +9,12 @@ final loss, finish time, config and metrics of each run (the import adds the sha
 
 Each part may be given as the file/folder itself or as the training run's output folder (the one
 holding summary.json): `--unet runs/finetune`, `--lcm-lora runs/distill`, `--discriminator runs/disc`.
+
+An LCM LoRA given as its distill run is fused only into the UNet it was distilled against (the run's
+sha256 of its teacher UNet against the --unet weights'): `--allow-other-teacher` fuses it into another,
+and the bundle's provenance records both hashes. The bundle's LCMScheduler samples on the grid the LoRA
+was distilled on: the run's --num-ddim-timesteps and --timestep-scaling-factor become its
+original_inference_steps and timestep_scaling.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.common import DEFAULT_CACHE, RunSummary, StageSettings, resolve_base, resolve_part
+from training.checkpoint import weights_sha256
+from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, resolve_base, resolve_part
 
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
 
@@ -33,6 +40,9 @@ class BundleStageSettings(StageSettings):
     prompt: str = Field("", description="prompt whose embeddings are baked in (training used '')")
     steps: int = Field(4, ge=1, le=50, description="default sampling steps (4 for an LCM-distilled UNet)")
     strength: float = Field(1.0, gt=0, le=1)
+    allow_other_teacher: bool = Field(
+        False, description="fuse the LCM LoRA into a UNet other than the teacher its distill run was trained against"
+    )
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where base 'tiny' is generated")
 
 
@@ -45,6 +55,7 @@ def assemble(settings: BundleStageSettings) -> dict:
     unet_dir, unet_run = resolve_part(settings.unet, "finetune", "unet")
     training: dict[str, Any] = {"unet": unet_run}
     lora, training["lcm_lora"] = resolve_part(settings.lcm_lora, "distill", "lora", inner=LORA_FILENAME)
+    other_teacher = _check_teacher(unet_dir, training["lcm_lora"], settings)
     disc = None
     if settings.discriminator:
         disc, training["discriminator"] = resolve_part(settings.discriminator, "discriminator", "discriminator")
@@ -63,7 +74,12 @@ def assemble(settings: BundleStageSettings) -> dict:
         dtype=settings.dtype,
         name=settings.name,
         sampling=SamplingDefaults(steps=settings.steps, strength=settings.strength),
-        provenance={"training": training, "assembled_by": "python -m training bundle"},
+        lcm_schedule=_lcm_schedule(training["lcm_lora"], settings.steps),
+        provenance={
+            "training": training,
+            "assembled_by": "python -m training bundle",
+            **({"other_teacher": other_teacher} if other_teacher else {}),
+        },
     )
     summary.data["outputs"] = {"bundle": str(bundle.path)}
     summary.data["metrics"] = {
@@ -75,6 +91,48 @@ def assemble(settings: BundleStageSettings) -> dict:
     }
     summary.write("completed")  # out/summary.json sits beside the manifest; the bundle does not list it
     return summary.data
+
+
+def _check_teacher(unet: Path, distill_run: dict[str, Any] | None, settings: BundleStageSettings) -> dict | None:
+    """An LCM LoRA is a correction of its teacher's sampling: fused into other weights it samples them wrongly, with
+    nothing to show for it. None when the LoRA was not given as a distill run (nothing recorded to compare) or the
+    UNet is its teacher; else, with allow_other_teacher, the two sha256 for the provenance."""
+    if distill_run is None:
+        return None
+    teacher = (distill_run.get("inputs_sha256") or {}).get("teacher UNet")
+    fused_into = weights_sha256(unet, settings.cache_dir)
+    if teacher == fused_into:
+        return None
+    found = (
+        f"was distilled against a teacher UNet with weights sha256 {teacher[:16]}, not {unet} ({fused_into[:16]})"
+        if teacher
+        else "does not record the sha256 of its teacher UNet (a run from before it was recorded)"
+    )
+    if not settings.allow_other_teacher:
+        raise TrainingError(
+            f"the LCM LoRA of the distill run {distill_run['run']} {found}: fused into other weights, it samples them "
+            "wrongly. Distill against this UNet (distill --unet), or pass --allow-other-teacher to fuse it anyway "
+            "(the bundle's provenance records it)."
+        )
+    return {"allowed": True, "teacher_sha256": teacher, "unet_sha256": fused_into}
+
+
+def _lcm_schedule(distill_run: dict[str, Any] | None, steps: int) -> dict[str, Any] | None:
+    """The student learned consistency at the DDIM timesteps of its run, with its boundary scaling: sampled on
+    LCMScheduler's default grid (50 steps) after distilling on another, it is asked at timesteps it never learned.
+    None (the defaults, the authors' 50 and 10) for a LoRA given as a bare file."""
+    if distill_run is None:
+        return None
+    config = distill_run["config"]
+    if steps > config["num_ddim_timesteps"]:
+        raise TrainingError(
+            f"--steps {steps}: the LCM LoRA of {distill_run['run']} was distilled on {config['num_ddim_timesteps']} "
+            "DDIM timesteps, and LCM samples a subset of them"
+        )
+    return {
+        "original_inference_steps": config["num_ddim_timesteps"],
+        "timestep_scaling": config["timestep_scaling_factor"],
+    }
 
 
 def _discriminator_unet(run: dict[str, Any] | None, base: Path) -> str:

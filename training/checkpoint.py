@@ -151,7 +151,8 @@ def resume_changes(state: dict[str, Any], settings: TrainSettings, facts: dict[s
     checkpoint and the tiny base live (a checkpoint may be copied to another folder), and how the
     same computation is carried out (DataLoader workers, CPU or GPU, gradient checkpointing),
     which a preempted job coming back on other hardware may need to change. A setting the
-    checkpoint does not record (added since) compares as its default.
+    checkpoint does not record (added since) compares as its default, or as what runs did before it
+    existed (`settings.BEFORE_RECORDED`).
     """
     recorded = state.get("settings") or {}
     current = json.loads(settings.model_dump_json())
@@ -166,6 +167,8 @@ def resume_changes(state: dict[str, Any], settings: TrainSettings, facts: dict[s
         new = current.get(name, "(no such setting)")
         if name in recorded:
             old = recorded[name]
+        elif name in settings.BEFORE_RECORDED:
+            old = settings.BEFORE_RECORDED[name]
         elif name in fields and not fields[name].is_required():
             old = to_jsonable_python(fields[name].get_default(call_default_factory=True))
         else:

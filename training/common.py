@@ -91,6 +91,9 @@ class TrainSettings(StageSettings):
         }
     )
     """Settings a resumed run may have changed: see training.checkpoint.resume_changes."""
+    BEFORE_RECORDED: ClassVar[dict[str, Any]] = {}
+    """A setting added since, by what a checkpoint that does not record it trained with, where that is not its
+    default: see training.checkpoint.resume_changes."""
 
     @field_validator("resolution")
     @classmethod
@@ -187,7 +190,8 @@ class RunSummary:
 
     Fields: stage, status (running | completed), config, versions, device, processes, started_at,
     finished_at, resumed_from, steps_done, losses [{step, loss, lr, seconds}], step_time_s
-    (first, mean, median of the rest), final_loss, outputs, metrics (stage specific).
+    (first, mean, median of the rest), final_loss, outputs, metrics (stage specific), inputs_sha256
+    (the frozen weights trained against, by what they are: training.loop.run_facts).
     """
 
     def __init__(self, stage: str, settings: StageSettings, accelerator=None):
@@ -273,6 +277,7 @@ def resolve_part(ref: str, stage: str, output: str, inner: str | None = None) ->
             "config": summary.get("config"),
             "metrics": _compact(summary.get("metrics") or {}),
             "versions": summary.get("versions"),
+            "inputs_sha256": summary.get("inputs_sha256"),
         }
     else:
         record = None

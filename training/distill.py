@@ -1,21 +1,26 @@
 """`distill`: LCM-LoRA distillation of a RORem UNet into a 4-step model (RORem-4S).
 
-As in RORem (rank 64, DDIM teacher with 50 steps and skip k = 20, L2 loss, prompt "") and in the
-structure of diffusers' examples/consistency_distillation/train_lcm_distill_lora_sdxl.py:
+As in RORem's train_RORem_lcm.py (rank 64, DDIM teacher with 50 steps and skip k = 20, a guided teacher,
+L2 loss, student and target with prompt "") and in the structure of diffusers'
+examples/consistency_distillation/train_lcm_distill_lora_sdxl.py:
 
     x0 = VAE(GT); noise; n ~ U{0..49}; s = DDIM timestep n (19, 39, ..., 999); t = max(s - k, 0), k = 1000 / 50
     x_s   = add_noise(x0, noise, s);   cond = (mask at latent size, VAE(source * (1 - mask)))
-    student: f(x_s, s)  = c_skip(s) x_s + c_out(s) x0_pred(UNet+LoRA(x_s, s))         (with grad)
-    teacher: x_t        = one DDIM step from s to t with the frozen UNet's eps and x0_pred
-    target:  f(x_t, t)  = c_skip(t) x_t + c_out(t) x0_pred(UNet+LoRA(x_t, t))          (no grad)
+    w ~ U[w_min, w_max] per sample (the authors': 3, 10)
+    student: f(x_s, s)  = c_skip(s) x_s + c_out(s) x0_pred(UNet+LoRA(x_s, s, ""))                  (with grad)
+    teacher: x0, eps    = p + w (p - n), p / n: the frozen UNet's x0_pred and eps with the teacher prompt /
+                          the teacher negative prompt (the LCM paper's form of classifier-free guidance)
+             x_t        = one DDIM step from s to t with that x0 and eps
+    target:  f(x_t, t)  = c_skip(t) x_t + c_out(t) x0_pred(UNet+LoRA(x_t, t, ""))                  (no grad)
     loss = MSE(student, target)          ("huber" available, as in the diffusers example)
 
+The teacher prompts default to the authors' quality prompt and its negative. With w_max = 0 the teacher is
+one unguided pass with the teacher prompt (no negative pass); `--w-min 0 --w-max 0 --teacher-prompt ""` is
+the unguided teacher with prompt "" this stage had before it followed the authors.
 c_skip / c_out are LCM's boundary conditions (sigma_data 0.5, timestep scaling 10, what diffusers'
-LCMScheduler uses at inference). Guidance scale 1 (the prompt is "", so the conditional and
-unconditional teacher are the same): one teacher pass. The teacher is the student's own UNet with
-its LoRA switched off: its base weights are frozen, so this is the frozen teacher without a second
-copy of the UNet in memory. The target uses the student without gradient, as the LoRA example does
-(no EMA target).
+LCMScheduler uses at inference). The teacher is the student's own UNet with its LoRA switched off: its
+base weights are frozen, so this is the frozen teacher without a second copy of the UNet in memory. The
+target uses the student without gradient, as the LoRA example does (no EMA target).
 
 Output: out/lora/pytorch_lora_weights.safetensors, saved as the authors do
 (convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)) + save_lora_weights: attention
@@ -27,11 +32,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from training.common import (
     WEIGHT_DTYPES,
@@ -43,7 +48,6 @@ from training.common import (
     latent_mask,
     load_frozen_vae,
     make_accelerator,
-    null_prompt_embeds,
     resolve_base,
     resolve_unet,
     sdxl_time_ids,
@@ -52,6 +56,12 @@ from training.data import TripletDataset, load_metadata
 from training.loop import train
 
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
+AUTHORS_TEACHER_PROMPT = (
+    "4K, high quality, masterpiece, Highly detailed, Sharp focus, Professional, photorealistic, realistic"
+)
+AUTHORS_TEACHER_NEGATIVE_PROMPT = (
+    "low quality, worst, bad proportions, blurry, extra finger, Deformed, disfigured, unclear background"
+)
 
 
 class DistillSettings(TrainSettings):
@@ -63,6 +73,22 @@ class DistillSettings(TrainSettings):
     timestep_scaling_factor: float = Field(10.0, gt=0, description="LCM boundary-condition scaling")
     loss_type: Literal["l2", "huber"] = "l2"
     huber_c: float = Field(0.001, gt=0)
+    teacher_prompt: str = Field(AUTHORS_TEACHER_PROMPT, description="the guided teacher's prompt (the authors')")
+    teacher_negative_prompt: str = Field(
+        AUTHORS_TEACHER_NEGATIVE_PROMPT, description="the guided teacher's negative prompt (the authors')"
+    )
+    w_min: float = Field(3.0, ge=0, description="teacher guidance w ~ U[w_min, w_max] per sample (the authors': 3)")
+    w_max: float = Field(10.0, ge=0, description="(the authors': 10); 0: an unguided teacher, one pass")
+
+    BEFORE_RECORDED: ClassVar[dict[str, Any]] = {
+        "teacher_prompt": "", "teacher_negative_prompt": "", "w_min": 0.0, "w_max": 0.0,
+    }  # fmt: skip
+
+    @model_validator(mode="after")
+    def _w_range(self) -> DistillSettings:
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min {self.w_min} is above w_max {self.w_max}")
+        return self
 
 
 class DDIMSolver:
@@ -102,6 +128,14 @@ def predicted_x0_and_noise(output, timesteps, sample, alphas_cumprod, prediction
     raise TrainingError(f"prediction_type {prediction_type!r} is not supported")
 
 
+def guided(positive: tuple[torch.Tensor, ...], negative: tuple[torch.Tensor, ...] | None, w: torch.Tensor):
+    """The LCM paper's classifier-free guidance, which the authors' teacher uses: p + w (p - n) for each of
+    (x0, eps); no negative prediction (w = 0 throughout) is p itself."""
+    if negative is None:
+        return positive
+    return tuple(p + w * (p - n) for p, n in zip(positive, negative))
+
+
 @contextmanager
 def adapters_disabled(unet):
     unet.disable_adapters()
@@ -116,6 +150,7 @@ def distill(settings: DistillSettings) -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
+    from engines.authors_layout import encode_constant_prompt
     from engines.tiny import LCM_LORA_TARGETS
 
     accelerator = make_accelerator(settings)
@@ -135,7 +170,13 @@ def distill(settings: DistillSettings) -> dict:
         noise_scheduler.alphas_cumprod, noise_scheduler.config.num_train_timesteps, settings.num_ddim_timesteps
     )
     solver.to(device)
-    prompt_embeds, pooled = (t.to(device) for t in null_prompt_embeds(base))
+
+    def embeds(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(device) for t in encode_constant_prompt(base, prompt))
+
+    student_embeds = embeds("")
+    teacher_embeds = embeds(settings.teacher_prompt)
+    negative_embeds = embeds(settings.teacher_negative_prompt) if settings.w_max > 0 else None
 
     # the frozen base in the mixed dtype; the LoRA in fp32
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=weight_dtype)
@@ -151,8 +192,8 @@ def distill(settings: DistillSettings) -> dict:
         unet.enable_gradient_checkpointing()
     unet.to(device)
 
-    def run_unet(model, sample, cond, timesteps):
-        bsz = sample.shape[0]
+    def run_unet(model, sample, cond, timesteps, prompt=student_embeds):
+        bsz, (prompt_embeds, pooled) = sample.shape[0], prompt
         return model(
             torch.cat([sample, *cond], dim=1),
             timesteps,
@@ -163,6 +204,10 @@ def distill(settings: DistillSettings) -> dict:
             },
         ).sample.float()
 
+    def teacher(model, noisy, cond, start, prompt):
+        return predicted_x0_and_noise(run_unet(model, noisy, cond, start, prompt), start, noisy, alphas_cumprod,
+                                      prediction_type)  # fmt: skip
+
     def compute_loss(model, batch, generator):
         gt, source, mask = batch["gt"], batch["source"], batch["mask"]
         bsz = gt.shape[0]
@@ -171,6 +216,8 @@ def distill(settings: DistillSettings) -> dict:
         cond = (latent_mask(mask, latents), masked_latents)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         index = torch.randint(0, settings.num_ddim_timesteps, (bsz,), generator=generator).to(device)
+        w = settings.w_min + (settings.w_max - settings.w_min) * torch.rand((bsz,), generator=generator)
+        w = w.view(-1, 1, 1, 1).to(device)
         start = solver.timesteps[index]
         end = (start - solver.skip).clamp(min=0)
         c_skip_start, c_out_start = boundary_scalings(start, timestep_scaling=settings.timestep_scaling_factor)
@@ -184,12 +231,11 @@ def distill(settings: DistillSettings) -> dict:
 
         with torch.no_grad():
             plain = accelerator.unwrap_model(model)
-            # teacher: one DDIM step s -> t with the frozen UNet (the LoRA off)
+            # teacher: one DDIM step s -> t with the frozen UNet (the LoRA off), guided
             with adapters_disabled(plain):
-                teacher_output = run_unet(plain, noisy, cond, start)
-            teacher_x0, teacher_noise = predicted_x0_and_noise(
-                teacher_output, start, noisy, alphas_cumprod, prediction_type
-            )
+                positive = teacher(plain, noisy, cond, start, teacher_embeds)
+                negative = teacher(plain, noisy, cond, start, negative_embeds) if negative_embeds is not None else None
+            teacher_x0, teacher_noise = guided(positive, negative, w)
             x_prev = solver.step(teacher_x0, teacher_noise, index)
             # target: the consistency function at t, the student without gradient
             target_output = run_unet(plain, x_prev, cond, end)
@@ -228,6 +274,7 @@ def distill(settings: DistillSettings) -> dict:
         "lora_alpha": alpha,
         "lora_tensors": tensors,
         "ddim_timesteps": settings.num_ddim_timesteps,
+        "teacher_guidance": [settings.w_min, settings.w_max],
         "skip": solver.skip,
         "prediction_type": prediction_type,
     }

@@ -67,6 +67,7 @@ def train(
 
     start = 0
     facts = run_facts(settings, accelerator, inputs or {})
+    summary.data["inputs_sha256"] = facts["inputs_sha256"]
     checkpoint = find_checkpoint(settings.out, settings.resume)
     if checkpoint is not None:
         check_resumable(checkpoint, settings, summary, accelerator, facts)
