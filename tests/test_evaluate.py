@@ -404,6 +404,12 @@ def test_a_measure_taken_by_another_model_is_not_compared(baseline, work, embedd
         deltas = json.loads((work / f"cmp-{name}" / "summary.json").read_text())["metrics"]["deltas"]
         assert "skipped" in deltas["clip"] and ("skipped" not in deltas["dino"]) == dino_compared, name
         assert deltas["psnr_masked"]["delta"] == 0.0
+    moved = _altered_copy(base, work / "models-moved")  # the same CLIP in another folder (another machine)
+    summary = json.loads((moved / "summary.json").read_text())
+    summary["measuring_models"] = {**models, "clip": {"path": str(copy), "sha256": folder_sha256(copy)}}
+    (moved / "summary.json").write_text(json.dumps(summary))
+    args = ["compare", "--a", str(base), "--b", str(moved), "--out", str(work / "cmp-models-moved")]
+    assert main([*args, "--thresholds", str(clip_gate)]) == 0, capsys.readouterr().err
 
 
 def test_identical_pixels_compare_equal_and_losing_them_is_a_regression(tiny_bundle, triplets, work, capsys, tmp_path):

@@ -307,6 +307,30 @@ def test_a_distill_checkpoint_from_before_the_guided_teacher_resumes_only_unguid
     assert resume_changes(recorded, unguided, facts) == []
 
 
+def test_a_discriminator_checkpoint_from_before_the_service_s_windows_is_no_silent_resume(data_file, tmp_path):
+    """It trained on each image's centre square; its settings name no window, which compared as the defaults, so it
+    resumed onto the service's windows without a word."""
+    from training.checkpoint import resume_changes
+    from training.discriminator import DiscriminatorSettings
+
+    settings = DiscriminatorSettings(base="tiny", data=data_file, out=tmp_path / "run", resolution=512)
+    facts = {"data_sha256": "0" * 64, "inputs_sha256": {}, "processes": 1}
+    recorded = {"settings": json.loads(settings.model_dump_json()), **facts}
+    assert resume_changes(recorded, settings, facts) == []
+    for name in ("buckets", "crop_margin", "dilate"):
+        del recorded["settings"][name]
+    assert [line.split(":")[0] for line in resume_changes(recorded, settings, facts)] == ["dilate"]
+
+
+def test_teacher_guidance_is_a_finite_range():
+    from pydantic import ValidationError
+
+    from training.distill import DistillSettings
+
+    with pytest.raises(ValidationError, match="finite"):
+        DistillSettings(base="tiny", data="d.json", out="o", w_max=float("inf"))
+
+
 def test_ema_follows_the_model_onto_its_device_after_a_resume(data_file, tmp_path, monkeypatch):
     """extra.pt is read onto the CPU: an EMA moved to the device before loading it kept CPU shadow
     weights, and its first step next to CUDA weights failed. No GPU here: the meta device stands in."""

@@ -302,10 +302,16 @@ def _other_models(name: str, a: EvaluationRun, b: EvaluationRun) -> str | None:
     if None in recorded:
         missing = " and ".join(label for label, found in zip("AB", recorded) if found is None)
         return f"not comparable: {missing} does not record which model measured it (evaluate it again)"
-    if models[0] != models[1]:
+    if _model_identity(models[0]) != _model_identity(models[1]):
         shown = [m.get("sha256", "")[:12] or m for m in models]
         return f"not comparable: another model measured it (A {shown[0]}, B {shown[1]})"
     return None
+
+
+def _model_identity(model: dict | None):
+    """A measuring model as compared: an embedder by its weights' sha256 (a copy in another folder is the same
+    model), LPIPS by its net."""
+    return model.get("sha256", model) if model else model
 
 
 def _why_unpaired(name: str, a: EvaluationRun, b: EvaluationRun) -> str:

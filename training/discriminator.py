@@ -23,6 +23,7 @@ Output: out/discriminator/ in the authors' published format, `pytorch_lora_weigh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,8 @@ class DiscriminatorSettings(TrainSettings):
     dilate: int = _IMAGING["dilate"]
 
     RESUME_MAY_CHANGE = TrainSettings.RESUME_MAY_CHANGE | {"eval_batch_size"}
+    # a checkpoint from before the windows was trained on each image's centre square, not the service's cut
+    BEFORE_RECORDED: ClassVar[dict[str, Any]] = {"dilate": "(none: the centre square, before the service's windows)"}
 
 
 def split_by_source(records: Sequence[Triplet], fraction: float, seed: int) -> tuple[list[Triplet], list[Triplet]]:

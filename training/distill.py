@@ -15,8 +15,8 @@ examples/consistency_distillation/train_lcm_distill_lora_sdxl.py:
     loss = MSE(student, target)          ("huber" available, as in the diffusers example)
 
 The teacher prompts default to the authors' quality prompt and its negative. With w_max = 0 the teacher is
-one unguided pass with the teacher prompt (no negative pass); `--w-min 0 --w-max 0 --teacher-prompt ""` is
-the unguided teacher with prompt "" this stage had before it followed the authors.
+one unguided pass with the teacher prompt (no negative pass); `--w-min 0 --w-max 0 --teacher-prompt ""
+--teacher-negative-prompt ""` is the unguided teacher with prompt "" this stage had before it followed the authors.
 c_skip / c_out are LCM's boundary conditions (sigma_data 0.5, timestep scaling 10, what diffusers'
 LCMScheduler uses at inference). The teacher is the student's own UNet with its LoRA switched off: its
 base weights are frozen, so this is the frozen teacher without a second copy of the UNet in memory. The
@@ -77,8 +77,12 @@ class DistillSettings(TrainSettings):
     teacher_negative_prompt: str = Field(
         AUTHORS_TEACHER_NEGATIVE_PROMPT, description="the guided teacher's negative prompt (the authors')"
     )
-    w_min: float = Field(3.0, ge=0, description="teacher guidance w ~ U[w_min, w_max] per sample (the authors': 3)")
-    w_max: float = Field(10.0, ge=0, description="(the authors': 10); 0: an unguided teacher, one pass")
+    w_min: float = Field(
+        3.0, ge=0, allow_inf_nan=False, description="teacher guidance w ~ U[w_min, w_max] per sample (the authors': 3)"
+    )
+    w_max: float = Field(
+        10.0, ge=0, allow_inf_nan=False, description="(the authors': 10); 0: an unguided teacher, one pass"
+    )
 
     BEFORE_RECORDED: ClassVar[dict[str, Any]] = {
         "teacher_prompt": "", "teacher_negative_prompt": "", "w_min": 0.0, "w_max": 0.0,
