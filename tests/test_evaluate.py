@@ -118,10 +118,12 @@ def test_evaluate_writes_every_artifact_through_the_service_path(baseline, tiny_
         assert np.array_equal(output[outside], source[outside])  # pasted back inside the dilated mask only
         assert not np.array_equal(output, source)
 
-    from engines.bundle import DISCRIMINATOR_WEIGHTS
+    from engines.bundle import DISCRIMINATOR_WEIGHTS, VAE_WEIGHTS
 
-    judge = summary["discriminator"]["files"][DISCRIMINATOR_WEIGHTS]
-    assert judge == tiny_bundle.manifest.files[DISCRIMINATOR_WEIGHTS].sha256  # what `compare` tells judges apart by
+    judge = summary["discriminator"]  # what `compare` tells judges apart by: what the Scorer reads and runs at
+    for name in (DISCRIMINATOR_WEIGHTS, VAE_WEIGHTS):
+        assert judge["files"][name] == tiny_bundle.manifest.files[name].sha256, name
+    assert judge["dtype"] == "float32"  # on the CPU; bf16 on CUDA scores otherwise
     metrics = summary["metrics"]
     assert metrics["evaluated"] == metrics["with_gt"] == 4
     for name in ("success_rate", "score", "psnr", "ssim", "psnr_masked", "ssim_masked", "psnr_outside", "dino", "clip"):

@@ -146,8 +146,8 @@ def evaluate(settings: EvaluateSettings) -> dict:
     bundle = open_bundle(
         path=None if tiny else settings.bundle, authors=None, cache_dir=settings.cache_dir, tiny_seed=settings.tiny_seed
     )
-    summary.data["discriminator"] = discriminator_identity(bundle)
     scorer, skipped = _open_scorer(bundle, device)
+    summary.data["discriminator"] = discriminator_identity(bundle, scorer)
     learned, learned_skipped, summary.data["measuring_models"] = _open_learned_measures(settings, device)
     skipped.update(learned_skipped)
     engines = _Engines(_open_remover(settings, bundle, device), scorer, learned, settings)
@@ -275,19 +275,21 @@ def _open_scorer(bundle, device: torch.device):
     return ScoringEngine.from_bundle(bundle, device=device), {}
 
 
-def discriminator_identity(bundle) -> dict | None:
-    """What the scores depend on besides the result: the discriminator's files (their sha256 from the bundle's
-    manifest, which `Bundle.read` checks) and its score size; None without one. `compare` gates only runs
-    scored by the same discriminator."""
-    from engines.bundle import DISCRIMINATOR_PROMPT_EMBEDS, DISCRIMINATOR_WEIGHTS
+def discriminator_identity(bundle, scorer) -> dict | None:
+    """What the scores depend on besides the result: the files the Scorer reads (the discriminator's and the VAE
+    it encodes with: their sha256 from the bundle's manifest, which `Bundle.read` checks), its score size and
+    the precision it runs at (bf16 on CUDA, fp32 on CPU); None without one. `compare` gates only runs scored
+    alike."""
+    from engines.bundle import DISCRIMINATOR_PROMPT_EMBEDS, DISCRIMINATOR_WEIGHTS, VAE_WEIGHTS
 
     manifest = bundle.manifest
-    if manifest.discriminator is None:
+    if manifest.discriminator is None or scorer is None:
         return None
-    names = (DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS)
+    names = (DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS, VAE_WEIGHTS)
     return {
         "files": {name: manifest.files[name].sha256 for name in names},
         "score_size": manifest.discriminator.score_size,
+        "dtype": str(scorer.dtype).removeprefix("torch."),
     }
 
 
