@@ -762,22 +762,21 @@ def plan_crop(mask: np.ndarray, buckets: Sequence[int], margin: int) -> CropPlan
     height, width = mask.shape
     side, bucket = map(int, window_sizes(max(bottom - top, right - left), margin, max(height, width), buckets))
     return CropPlan(
-        top=_place_window(top, bottom, side, height),
-        left=_place_window(left, right, side, width),
+        top=int(window_start(top, bottom, side, height)),
+        left=int(window_start(left, right, side, width)),
         side=side,
         bucket=bucket,
     )
 
 
-def _place_window(lo: int, hi: int, side: int, extent: int) -> int:
-    """Start of a `side` window covering [lo, hi) along one axis of length `extent`.
+def window_start(lo, hi, side, extent: int) -> np.ndarray:
+    """Start of a `side` window covering [lo, hi) along one axis of length `extent` (numbers or arrays).
 
     Centred on the span and pushed inside the image when it fits; centred on the image when it cannot.
     """
-    if side > extent:
-        return (extent - side) // 2
-    start = lo + (hi - lo - side) // 2
-    return min(max(start, 0), extent - side)
+    lo, hi, side = (np.asarray(value, np.int64) for value in (lo, hi, side))
+    inside = np.clip(lo + (hi - lo - side) // 2, 0, np.maximum(extent - side, 0))
+    return np.where(side > extent, (extent - side) // 2, inside)
 
 
 def _window_inside_image(plan: CropPlan, height: int, width: int) -> tuple[slice, slice, slice, slice]:

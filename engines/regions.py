@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from engines.imaging import EIGHT_CONNECTED, CropPlan, paste_back, plan_crop, window_sizes
+from engines.imaging import EIGHT_CONNECTED, CropPlan, paste_back, plan_crop, window_sizes, window_start
 
 # Beyond this many connected regions, or this many crops after merging, a request is planned as one box, as
 # before: planning stays cheap and a speckled mask cannot turn one request into hundreds of model calls.
@@ -179,13 +179,7 @@ def _windows(
     height, width = shape
     top, bottom, left, right = boxes.T
     side, bucket = window_sizes(np.maximum(bottom - top, right - left), margin, max(height, width), buckets)
-    return _place(top, bottom, side, height), _place(left, right, side, width), side, bucket
-
-
-def _place(lo: np.ndarray, hi: np.ndarray, side: np.ndarray, extent: int) -> np.ndarray:
-    """`imaging._place_window` over arrays."""
-    inside = np.clip(lo + (hi - lo - side) // 2, 0, np.maximum(extent - side, 0))
-    return np.where(side > extent, (extent - side) // 2, inside)
+    return window_start(top, bottom, side, height), window_start(left, right, side, width), side, bucket
 
 
 def _check_disjoint(plans: Sequence[CropPlan]) -> None:
