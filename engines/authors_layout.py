@@ -32,7 +32,14 @@ from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 
 from engines.bundle import Bundle, DTypeName, SamplingDefaults, sha256_of
 from engines.errors import BundleError
-from engines.hub_refs import COMMIT, HUB_PREFIX, SDXL_INPAINTING_UNET, HubRef, discriminator_trunk_problem
+from engines.hub_refs import (
+    COMMIT,
+    HUB_PREFIX,
+    SDXL_INPAINTING_UNET,
+    HubRef,
+    discriminator_trunk_problem,
+    local_path,
+)
 from engines.lora import fuse_lora_file
 
 if TYPE_CHECKING:
@@ -101,7 +108,7 @@ def _check_local_pieces(layout: AuthorsLayout) -> _Finder:
     problem = discriminator_trunk_problem(layout.base, layout.discriminator, layout.discriminator_unet)
     if problem:
         raise BundleError(problem)
-    local = {field: Path(ref).expanduser() for field, ref in _pieces(layout).items() if not ref.startswith(HUB_PREFIX)}
+    local = {field: path for field, ref in _pieces(layout).items() if (path := local_path(ref))}
     finder = _Finder(layout, local)
     finder.raise_if_missing("nothing was downloaded")
     return finder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from engines.errors import BundleError
 
@@ -18,6 +19,13 @@ COMMIT = re.compile(r"[0-9a-f]{40}")  # how the hub names a commit, and its cach
 ROREM_PIPELINE = "hf:LetsThink/RORem"
 SDXL_INPAINTING_PIPELINE = "hf:diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
 SDXL_INPAINTING_UNET = f"{SDXL_INPAINTING_PIPELINE}/unet"
+
+
+def local_path(ref: object) -> Path | None:
+    """The file or folder a piece reference names on this machine; None for a hub reference or none."""
+    if not isinstance(ref, str) or not ref or ref.startswith(HUB_PREFIX):
+        return None
+    return Path(ref).expanduser()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from engines.hub_refs import HUB_PREFIX
+from engines.hub_refs import local_path
 from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
 from serve.config import app_name, route_prefix
 from serve.ports import busy_ports, url_host
@@ -101,9 +101,9 @@ def fit_to_machine(
             for key in keys[:-1]:
                 holder = holder.get(key) if isinstance(holder, dict) else None
             value = holder.get(keys[-1]) if isinstance(holder, dict) else None
-            local = isinstance(value, str) and value and not value.startswith(HUB_PREFIX)
-            if local and not Path(value).expanduser().is_absolute():
-                holder[keys[-1]] = str(Path(value).expanduser().resolve())
+            local = local_path(value)
+            if local and not local.is_absolute():
+                holder[keys[-1]] = str(local.resolve())
         retention = args.get("retention")
         if isinstance(retention, dict) and isinstance(retention.get("database_url"), str):
             retention["database_url"] = local_sqlite_url(retention["database_url"])
@@ -380,7 +380,7 @@ def missing_model_files(args: dict) -> str | None:
     authors = (args.get("bundle") or {}).get("authors") or {}
     absent = [
         f"bundle.authors.{piece} {ref}" for piece, ref in authors.items()
-        if isinstance(ref, str) and ref and not ref.startswith(HUB_PREFIX) and not Path(ref).expanduser().exists()
+        if (local := local_path(ref)) and not local.exists()
     ]  # fmt: skip
     if absent:
         return (
