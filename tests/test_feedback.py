@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 from serve import rorem_pb2 as pb
@@ -218,8 +220,6 @@ def test_annotation_page_passes_over_results_whose_images_are_gone_and_stops(ser
 @pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
 def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
     """Offline (the test answers the page's requests): a wrong key, then the right one typed into the box."""
-    from serve.retention.keeper import annotation_page
-
     good = "rk_the_right_key"
     item = {
         "id": "a" * 32, "score": 0.4, "uncertainty": 0.1, "threshold": 0.5,
@@ -239,9 +239,7 @@ def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
             route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
 
     with chromium() as browser:
-        page = browser.new_page()
-        answer_offline(page, {"/annotate": annotation_page()}, api)
-        page.goto(PAGE_ORIGIN + "/annotate")
+        page = _annotation_page_offline(browser, api)
         page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
         assert "API key" in page.inner_text("#status")
 
@@ -262,13 +260,136 @@ def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
         assert page.inner_text("#status") == "Saved: yes.", "words that are not an error stay"
 
 
+def _annotation_page_offline(browser, api, *, count_pending_work: bool = False, until: str | None = None):
+    """The annotation page, its requests answered by `api` (no Serve); opened, or once it asked for `until`."""
+    from serve.retention.keeper import annotation_page
+
+    page = browser.new_page()
+    if count_pending_work:
+        page.add_init_script(_COUNT_PENDING_WORK)
+    answer_offline(page, {"/annotate": annotation_page()}, api)
+    if until is None:
+        page.goto(PAGE_ORIGIN + "/annotate")
+    else:
+        with page.expect_request(lambda request: request.url.endswith(until)):
+            page.goto(PAGE_ORIGIN + "/annotate")
+    return page
+
+
+def _queued(result_id: str) -> dict:
+    """A queue item as GET /annotation/queue lists it."""
+    links = {kind: f"/results/{result_id}/{kind}" for kind in ("source", "mask", "result")}
+    return {"id": result_id, "score": 0.4, "uncertainty": 0.1, "threshold": 0.5, "links": links}
+
+
+# The page's work in flight (requests, bodies read, images decoded): a test waits until none is left
+_COUNT_PENDING_WORK = """(() => {
+  let pending = 0;
+  const track = (promise) => {
+    pending += 1;
+    return promise.finally(() => { pending -= 1; });
+  };
+  const [fetch, decode] = [window.fetch, window.createImageBitmap];
+  const [blob, json] = [Response.prototype.blob, Response.prototype.json];
+  window.fetch = (...args) => track(fetch.apply(window, args));
+  window.createImageBitmap = (...args) => track(decode.apply(window, args));
+  Response.prototype.blob = function () { return track(blob.call(this)); };
+  Response.prototype.json = function () { return track(json.call(this)); };
+  window.pendingWork = () => pending;
+})();"""
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_records_the_verdict_for_the_result_it_shows_when_the_key_changes_while_loading():
+    """Offline. A key typed while the first result's images were loading started the queue again; when those images
+    came, the page showed that result, and Yes labelled the new queue's first, a result the labeller never saw."""
+    first, second = "1" * 32, "2" * 32  # the queue without a key, and with it
+    colours = {first: (255, 0, 0), second: (0, 0, 255)}
+    held, verdicts = [], []
+
+    def image(route, result_id: str, kind: str) -> None:
+        picture = np.zeros((64, 80, 3), np.uint8)  # the mask: nothing tinted over the source
+        if kind != "mask":
+            picture[:] = colours[result_id]
+        route.fulfill(status=200, content_type="image/png", body=png_bytes(picture))
+
+    def api(route, path):
+        if path == "/annotation/queue":
+            keyed = route.request.headers.get("x-api-key")
+            items = [] if verdicts else [_queued(second if keyed else first)]
+            body = {"items": items, "unlabelled": len(items)}
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+        elif path == "/feedback":
+            verdicts.append(json.loads(route.request.post_data)["result_id"])
+            route.fulfill(status=201, content_type="application/json", body="{}")
+        elif path.startswith(f"/results/{first}/"):
+            held.append(route)  # the first result's images come late
+        else:
+            image(route, *path.split("/")[2:4])
+
+    with chromium() as browser:
+        page = _annotation_page_offline(browser, api, count_pending_work=True, until=f"/results/{first}/result")
+        page.fill("#api-key", "rk_labeller")
+        page.locator("#api-key").blur()  # a typed key is taken on change
+        page.wait_for_selector(f"#item[data-result-id='{second}']:not([hidden])")
+        assert len(held) == 3
+        for route in held:
+            image(route, *urlsplit(route.request.url).path.split("/")[2:4])
+        page.wait_for_function("() => window.pendingWork() === 0")  # the late images read and handled
+
+        seen = page.locator("#overlay").evaluate(
+            "c => Array.from(c.getContext('2d').getImageData(c.width >> 1, c.height >> 1, 1, 1).data.slice(0, 3))"
+        )
+        shown = next(result_id for result_id, colour in colours.items() if list(colour) == seen)
+        page.click("#yes")
+        page.wait_for_selector("body[data-state=done]")
+        assert verdicts == [shown] == [second], "the verdict is for the result on screen, the new key's"
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_that_cannot_load_its_queue_says_why_and_tries_again():
+    """Offline. A queue that did not load (the service out of reach, the result store down) left the page blank and
+    busy for good: no words of what to do, no way to try again, a Retry-After unheeded."""
+    answers = ["unreachable", "unavailable", "queue"]
+    asked = []
+
+    def api(route, path):
+        if path == "/annotation/queue":
+            asked.append(answers[len(asked)])
+            if asked[-1] == "unreachable":
+                route.abort("connectionrefused")
+            elif asked[-1] == "unavailable":
+                problem = Problem("retention-unavailable", "the result store is down", headers={"Retry-After": "1"})
+                fulfill_problem(route, problem)
+            else:
+                body = {"items": [_queued("a" * 32)], "unlabelled": 1}
+                route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+        else:  # the item's images
+            route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
+
+    with chromium() as browser:
+        page = _annotation_page_offline(browser, api)
+        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+        assert page.is_visible("#retry") and page.is_enabled("#retry"), "a way to try again"
+        said = page.inner_text("#status")
+        assert said.startswith("Cannot load the queue: the service cannot be reached"), said
+        assert asked == ["unreachable"], "no Retry-After: it waits for the labeller"
+
+        page.click("#retry")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('503 the result store is down')"
+        )
+        assert page.inner_text("#status").endswith("Trying again in 1 s."), page.inner_text("#status")
+        page.wait_for_selector("#item[data-result-id='" + "a" * 32 + "']:not([hidden])", timeout=10_000)
+        assert asked == answers, "tried again after the Retry-After, by itself"
+        assert page.inner_text("#status") == "" and page.is_hidden("#retry")
+
+
 @pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
 def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_unlabelled():
     """Offline. Skipping every result the queue offers (the 200 least certain at most) ended on "All done: nothing
     left to label" while the service counted them unlabelled; "Look for new results" offers the skipped again."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from serve.retention.keeper import annotation_page
+    from urllib.parse import parse_qs
 
     items = [
         {
@@ -287,9 +408,7 @@ def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_un
             route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
 
     with chromium() as browser:
-        page = browser.new_page()
-        answer_offline(page, {"/annotate": annotation_page()}, api)
-        page.goto(PAGE_ORIGIN + "/annotate")
+        page = _annotation_page_offline(browser, api)
         for item in items:
             page.wait_for_selector(f"#item[data-result-id='{item['id']}']:not([hidden])")
             page.click("#skip")

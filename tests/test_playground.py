@@ -353,6 +353,63 @@ def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     assert stored == [None, "rk_another"], "the key lives in this tab only, not in the origin's lasting storage"
 
 
+@needs_chromium
+def test_remove_pressed_while_another_photo_opens_sends_nothing_of_the_photo_shown_before(browser):
+    """Remove pressed after choosing a photo, before the page had opened it, sent the photo shown before; its answer
+    was then drawn over the new photo, to download as "<new>-removed.png". Here both happen in one task: the new
+    photo cannot have opened in between."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _open_and_paint(page, "first.png")
+    stand_in.hold = True
+    page.evaluate(
+        """data => {
+            const chosen = new DataTransfer();
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            chosen.items.add(new File([bytes], "second.png", { type: "image/png" }));
+            const input = document.querySelector("#file");
+            input.files = chosen.files;
+            input.dispatchEvent(new Event("change"));
+            document.querySelector("#remove").click();
+        }""",
+        base64.b64encode(png_bytes(_big_photo(160, 120))).decode(),
+    )
+    page.wait_for_function("() => document.querySelector('#photo-info').textContent.startsWith('second.png')")
+    assert page.get_attribute("body", "data-busy") == "no", "no removal of first.png under way, to land on second.png"
+    assert page.get_attribute("body", "data-state") == "editing" and page.get_attribute("#download", "href") is None
+    assert page.get_attribute("#outcome", "data-count") == "0", "no answer shown"
+
+    stand_in.hold = False
+    _stroke(page, page.locator("#mask").bounding_box(), [(0.3, 0.3), (0.6, 0.6)])
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    assert stand_in.held == [] and len(stand_in.masks) == 1, "one removal sent"
+    assert stand_in.masks[0].shape == (120, 160), "of second.png"
+    assert page.get_attribute("#download", "download") == "second-removed.png"
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_result_this_browser_cannot_show_keeps_the_words_that_say_so(browser):
+    """The page said "Done. Drag across the picture..." over its own warning that it cannot show the result."""
+
+    def api(route, path):
+        if path == "/remove":  # an image this browser cannot decode (JPEG XL's signature)
+            headers = {"Content-Type": "image/jxl", "X-Seed": "7", "X-Removal-Score": "0.900", "X-Gate": "passed"}
+            route.fulfill(status=200, headers=headers, body=b"\xff\x0a" + bytes(64))
+        else:
+            fulfill_problem(route, Problem("not-found", f"no route {path}"))
+
+    page, problems = _open_offline(browser, api)
+    _open_and_paint(page, "photo.png")
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    assert page.inner_text("#status") == "This browser cannot show the result's format; use Download."
+    assert "error" in page.get_attribute("#status", "class").split()
+    assert page.get_attribute("#download", "href"), "the download is offered"
+    assert problems == [], problems
+
+
 # ---- in the browser, against the service ---------------------------------------------------------
 
 
