@@ -39,7 +39,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from engines import imaging
-from serve import auth, quotas
+from serve import auth, negotiation, quotas
 from serve.problems import EXTENSIONS, MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
 from serve.protocol import Seed
 from serve.proxy_middleware import REQUEST_ID_PATTERN
@@ -240,7 +240,7 @@ def _problem_responses(slugs: list[str]) -> dict[str, dict]:
 def _remove_ok(response: dict) -> None:
     """/remove's 200: the image types as binary, and JSON without a schema (see the module docstring)."""
     response["description"] = (
-        "the edited image (output_format, else Accept, else the input's format); with `Accept: application/json`"
+        f"the edited image (output_format, else Accept, else {negotiation.DEFAULT}); with `Accept: application/json`"
         " a RemoveReply object (components/schemas/RemoveReply) with the image in base64"
     )
     response["content"] = {

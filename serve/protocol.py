@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.gate import GateMode
+from serve import negotiation
 from serve.config import Attempts, Dilation, GateThreshold, NotABool, Quality
 from serve.problems import MAX_LISTED, Problem, invalid_request
 
@@ -28,7 +29,7 @@ class RemoveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: Seed | None = Field(None, description="noise seed; random when absent")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
-        None, description="png, jpeg (drops alpha) or webp; else from Accept, else the input's format"
+        None, description=f"png, jpeg (drops alpha) or webp; else from Accept, else {negotiation.DEFAULT}"
     )
     quality: Quality | None = Field(None, description="JPEG / WebP quality")
     dilate: Dilation | None = Field(None, description="mask dilation in pixels; default from config")
