@@ -231,6 +231,8 @@ def test_the_cli_client_refuses_an_output_file_named_for_another_format(cli, out
 def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_answer_before_its_deadline(cli, capsys):
     """An empty mask's reply has no seed: the client printed "seed 0", a valid seed. And a slow removal ended in the
     channel's bare DEADLINE_EXCEEDED: the call now asks the service to answer first (its timeout problem)."""
+    from serve.grpc_client import SERVICE_SHARE
+
     args = ["--timeout", "30", "remove", "photo.png", "mask.png", "-o", "o.png"]
     assert cli(args) == 0 and cli([*args, "--seed", "0"]) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -238,3 +240,5 @@ def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_
     (first, timeout), (second, _) = FakeStub.calls
     assert not first.HasField("seed") and second.HasField("seed") and second.seed == 0
     assert first.HasField("timeout_s") and 0 < first.timeout_s < timeout == 30
+    assert first.timeout_s == pytest.approx(30 * SERVICE_SHARE)
+    assert f"`serve.grpc_client` sends {SERVICE_SHARE:.0%} of" in " ".join((REPO / "docs" / "api.md").read_text().split())
