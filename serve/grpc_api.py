@@ -89,7 +89,6 @@ def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:
     message = pb.RemoveReply(
         image=reply.body,
         media_type=reply.media_type,
-        seed=reply.seed or 0,
         bucket=reply.bucket or 0,
         batch_size=reply.batch_size,
         attempts=reply.attempts,
@@ -98,6 +97,8 @@ def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:
         result_id=reply.result_id or "",
         buckets=reply.buckets,
     )
+    if reply.seed is not None:
+        message.seed = reply.seed
     if reply.score is not None:
         message.score = reply.score
     return message

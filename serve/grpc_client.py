@@ -1,7 +1,8 @@
 """A small gRPC client for the service, and the example docs/api.md "gRPC" shows.
 
-    python -m serve.grpc_client remove photo.jpg mask.png -o out.png [--target 127.0.0.1:9000] [--gate retry]
-        (the output format follows -o's suffix: .png, .jpg / .jpeg, .webp; else --output-format, else the photo's)
+    python -m serve.grpc_client [--target 127.0.0.1:9000] remove photo.jpg mask.png -o out.png [--gate retry]
+        (the output format: --output-format, else -o's suffix (.png, .jpg / .jpeg, .webp; another image format's,
+        .gif say, is refused), else the photo's if it is PNG, JPEG or WebP, else PNG)
     python -m serve.grpc_client score photo.jpg mask.png out.png
     ROREM_API_KEY=rk_... python -m serve.grpc_client remove ...   # or --api-key: a service with API keys on
     python -m serve.grpc_client --application NAME remove ...  # one of several applications on one cluster
@@ -21,13 +22,20 @@ import sys
 from pathlib import Path
 
 import grpc
+from PIL import Image
+from pydantic import TypeAdapter
 
+from engines import imaging
 from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
+from serve.protocol import Seed, TimeoutS
 
-# RemoveOptions.output_format's values (serve.protocol, not imported: this client stays light; a test keeps them equal)
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+OUTPUT_FORMATS = imaging.OUTPUT_FORMATS
+IMAGE_SUFFIXES = {suffix: name.lower() for suffix, name in Image.registered_extensions().items()}
+SUFFIX_FORMATS = {suffix: fmt for suffix, fmt in IMAGE_SUFFIXES.items() if fmt in OUTPUT_FORMATS}
+SERVICE_SHARE = 0.95  # of the call's deadline, sent as timeout_s (`service_timeout_s`)
+_SEED = TypeAdapter(Seed)
+_MAX_TIMEOUT_S = TypeAdapter(TimeoutS).json_schema()["maximum"]
 API_KEY_ENV = "ROREM_API_KEY"
 APPLICATION_METADATA = "application"  # Ray's gRPC proxy routes a call to the Serve application it names
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -80,10 +88,46 @@ def problem_of(error: grpc.RpcError) -> dict:
         return {"detail": details}
 
 
-def main(argv: list[str] | None = None) -> int:
+def seed(text: str) -> int:
+    """--seed: a seed the service takes (serve.protocol.Seed), else refused as argparse refuses a bad value (a
+    negative one, which the request's uint64 cannot hold, was a traceback)."""
+    try:
+        return _SEED.validate_python(int(text))
+    except ValueError:  # pydantic's ValidationError is one
+        bounds = _SEED.json_schema()
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no seed: an integer from {bounds['minimum']} to {bounds['maximum']}"
+        ) from None
+
+
+def output_format(output: Path, requested: str | None) -> str | None:
+    """The format to ask for: `requested`, else the one -o's suffix names (None: neither names one, the service
+    chooses). A suffix naming a format the service does not write (.gif), or not the one `requested`, is a
+    ValueError: the file would hold another format than its name says."""
+    named = IMAGE_SUFFIXES.get(output.suffix.lower())
+    if named is not None and named not in OUTPUT_FORMATS:
+        suffixes = ", ".join(SUFFIX_FORMATS)
+        raise ValueError(f"-o {output.name}: the service writes no {named.upper()}; name the file {suffixes}")
+    if requested and named and requested != named:
+        raise ValueError(f"-o {output.name} names {named}, --output-format {requested}")
+    return requested or named
+
+
+def service_timeout_s(deadline_s: float) -> float:
+    """The timeout_s sent with a call of this deadline: a little less, so a slow removal ends in the service's
+    timeout problem (DEADLINE_EXCEEDED with its document) before the channel's bare DEADLINE_EXCEEDED."""
+    return min(deadline_s * SERVICE_SHARE, _MAX_TIMEOUT_S)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a removal's `output_format` is the one to ask for (`output_format`). Mistakes exit 2 with
+    the usage, as argparse answers them."""
     parser = argparse.ArgumentParser(prog="python -m serve.grpc_client")
     parser.add_argument("--target", default="127.0.0.1:9000")
-    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--timeout", type=float, default=120.0,
+        help=f"the call's deadline in seconds; a removal asks the service to answer within {SERVICE_SHARE:.0%}% of it",
+    )  # fmt: skip
     parser.add_argument(
         "--application", default=None, help="the Serve application to call, where one cluster serves several"
     )
@@ -95,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     remove.add_argument("image", type=Path)
     remove.add_argument("mask", type=Path)
     remove.add_argument("-o", "--output", type=Path, required=True)
-    remove.add_argument("--seed", type=int)
+    remove.add_argument("--seed", type=seed)
     remove.add_argument("--gate", choices=["off", "annotate", "retry", "reject"])
     remove.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: from -o's suffix, else the photo's")
     score = sub.add_parser("score", help="score a (source, mask, edited) triple")
@@ -103,24 +147,35 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("mask", type=Path)
     score.add_argument("edited", type=Path)
     options = parser.parse_args(argv)
+    if options.command == "remove":
+        try:
+            options.output_format = output_format(options.output, options.output_format)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse(argv)
     metadata = [("authorization", f"Bearer {options.api_key}")] if options.api_key else None
 
     with open_channel(options.target, options.application) as channel:
         client = stub(channel)
         try:
             if options.command == "remove":
-                request = pb.RemoveRequest(image=options.image.read_bytes(), mask=options.mask.read_bytes())
-                if options.seed is not None:
-                    request.seed = options.seed
-                if options.gate:
-                    request.gate = options.gate
-                output_format = options.output_format or SUFFIX_FORMATS.get(options.output.suffix.lower())
-                if output_format:
-                    request.output_format = output_format
+                request = pb.RemoveRequest(
+                    image=options.image.read_bytes(),
+                    mask=options.mask.read_bytes(),
+                    seed=options.seed,
+                    gate=options.gate,
+                    output_format=options.output_format,
+                    timeout_s=service_timeout_s(options.timeout),
+                )
                 reply = client.Remove(request, timeout=options.timeout, metadata=metadata)
                 options.output.write_bytes(reply.image)
+                used = reply.seed if reply.HasField("seed") else "-"
                 score = f"{reply.score:.3f}" if reply.HasField("score") else "-"
-                print(f"{options.output}: seed {reply.seed}, score {score}, gate {reply.gate}, attempts {reply.attempts}")
+                print(f"{options.output}: seed {used}, score {score}, gate {reply.gate}, attempts {reply.attempts}")
             else:
                 reply = client.Score(
                     pb.ScoreRequest(

@@ -3,8 +3,8 @@
 Media types are case-insensitive; a q of 0 refuses a type; the most specific range naming a type gives its q
 (`image/png` over `image/*` over `*/*`). The output format is the image type the client prefers among those that
 can hold the image (WebP stops at 16383 px a side; JPEG has no alpha channel), ties going to a type named outright,
-then to the upload's own format; an Accept that names no image type, or refuses every one, leaves the upload's
-format (RFC 9110 lets a server answer what it can rather than 406). `output_format` in the request overrides all
+then to the upload's own format; an Accept that names no image type, or refuses every one, leaves DEFAULT (RFC
+9110 lets a server answer what it can rather than 406). `output_format` in the request overrides all
 of this.
 """
 
@@ -14,6 +14,8 @@ import math
 
 from engines import imaging
 
+DEFAULT = "the input's format if it is PNG, JPEG or WebP, else PNG"
+"""What `output_format` answers without a request's format or an Accept that names one, in words (the docs')."""
 MAX_RANGES = 64  # an Accept header is bounded by the proxy's header limit; this bounds the work on one
 JSON = "application/json"
 

@@ -36,11 +36,12 @@ from typing import Any, Literal
 import fastapi.routing
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from engines import imaging
-from serve import auth, quotas
-from serve.problems import MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
+from serve import auth, negotiation, quotas
+from serve.problems import EXTENSIONS, MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
+from serve.protocol import Seed
 from serve.proxy_middleware import REQUEST_ID_PATTERN
 
 REQUEST_ID = "X-Request-Id"
@@ -52,7 +53,7 @@ _STR = {"type": "string"}
 HEADERS: dict[str, tuple[dict, str]] = {
     REQUEST_ID: (_STR, "the request's id: yours if you sent one, else a new one"),
     "X-Seed": (
-        _INT,
+        TypeAdapter(Seed).json_schema(),
         "seed of the kept attempt (gate=off&seed=<X-Seed> reproduces the image); absent when nothing was removed",
     ),
     "X-Bucket": (
@@ -142,11 +143,12 @@ class Problem(BaseModel):
     status: int = Field(description="the HTTP status code")
     detail: str = Field(description="what went wrong with this request")
     instance: str | None = Field(None, description="urn:request:<X-Request-Id>")
-    errors: list[FieldError] | None = Field(None, description="invalid-request: every invalid field")
-    score: float | None = Field(None, description="removal-failed: the best attempt's score")
-    threshold: float | None = Field(None, description="removal-failed: the passing score")
-    attempts: int | None = Field(None, description="removal-failed: attempts that finished")
-    seed: int | None = Field(None, description="removal-failed: the best attempt's seed")
+    errors: list[FieldError] | None = Field(None, description=EXTENSIONS["errors"])
+    score: float | None = Field(None, description=EXTENSIONS["score"])
+    threshold: float | None = Field(None, description=EXTENSIONS["threshold"])
+    attempts: int | None = Field(None, description=EXTENSIONS["attempts"])
+    seed: Seed | None = Field(None, description=EXTENSIONS["seed"])
+    quota: str | None = Field(None, description=EXTENSIONS["quota"])
 
 
 class RemoveReply(BaseModel):
@@ -154,7 +156,7 @@ class RemoveReply(BaseModel):
 
     image: str = Field(description="the edited image, base64")
     media_type: str = Field(description="its media type: " + ", ".join(imaging.MEDIA_TYPES.values()))
-    seed: int | None = Field(description="as X-Seed")
+    seed: Seed | None = Field(description="as X-Seed")
     bucket: int | None = Field(description="the largest crop's bucket (null: nothing was removed)")
     buckets: list[int] = Field(description="as X-Bucket: every crop's bucket, one crop per far-apart mask region")
     batch_size: int = Field(description="as X-Batch-Size")
@@ -238,7 +240,7 @@ def _problem_responses(slugs: list[str]) -> dict[str, dict]:
 def _remove_ok(response: dict) -> None:
     """/remove's 200: the image types as binary, and JSON without a schema (see the module docstring)."""
     response["description"] = (
-        "the edited image (output_format, else Accept, else the input's format); with `Accept: application/json`"
+        f"the edited image (output_format, else Accept, else {negotiation.DEFAULT}); with `Accept: application/json`"
         " a RemoveReply object (components/schemas/RemoveReply) with the image in base64"
     )
     response["content"] = {

@@ -63,6 +63,19 @@ KINDS = (
     Kind("proxy-timeout", 408, "No answer within the proxy's request timeout", "DEADLINE_EXCEEDED"),
     Kind("internal-error", 500, "Internal error", "INTERNAL"),
 )
+# The members a problem document carries besides RFC 9457's (the `extra` of Problem below), and what each means:
+# the OpenAPI Problem component (serve/openapi.py) describes each of them from here.
+EXTENSIONS = MappingProxyType(
+    {
+        "errors": "invalid-request: every invalid field",
+        "score": "removal-failed: the best attempt's score",
+        "threshold": "removal-failed: the passing score",
+        "attempts": "removal-failed: attempts that finished",
+        "seed": "removal-failed: the best attempt's seed",
+        "quota": "too-many-requests from a key's quota: the one it is past, named as in RateLimit-Policy (`minute`, "
+        "or `<window>s` at another window than 60 s; `concurrency`)",
+    }
+)
 KIND_BY_SLUG = MappingProxyType({kind.slug: kind for kind in KINDS})
 STATUS_BY_PROBLEM = MappingProxyType({kind.slug: kind.status for kind in KINDS})
 TITLES = MappingProxyType({kind.slug: kind.title for kind in KINDS})
@@ -105,6 +118,15 @@ class Problem(Exception):
         """A problem quotes the input it refuses: never to be sniffed as a page."""
         headers = {"X-Content-Type-Options": "nosniff", **self.headers}
         return JSONResponse(self.body(request_id), status_code=self.status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def invalid_request(errors: list[dict]) -> Problem:
+    """422 invalid-request from pydantic's validation errors (`loc`, `msg`), a body's or a query's: each field in
+    `errors` and in the detail."""
+    fields = [{"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]} for error in errors]
+    detail = "; ".join(f"{field['field']}: {field['message']}" for field in fields[:MAX_LISTED])
+    more = f"; and {len(fields) - MAX_LISTED} more" if len(fields) > MAX_LISTED else ""
+    return Problem("invalid-request", detail + more, errors=fields)
 
 
 def _clip(text: str, limit: int) -> str:

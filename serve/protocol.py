@@ -12,12 +12,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.gate import GateMode
+from serve import negotiation
 from serve.config import Attempts, Dilation, GateThreshold, NotABool, Quality
-from serve.problems import MAX_LISTED, Problem
+from serve.problems import MAX_LISTED, Problem, invalid_request
 
 # Bounds on the inner type, not on the `X | None` union: there pydantic publishes its own "ge" / "le" keys, which
 # JSON Schema (and so OpenAPI) does not know, instead of minimum / maximum.
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1), NotABool]
+# int64: generators (Java, Go, C#) make an int32 of a bare integer. The OpenAPI description's seeds are all this one.
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, json_schema_extra={"format": "int64"}), NotABool]
 TimeoutS = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False), NotABool]
 
 
@@ -27,7 +29,7 @@ class RemoveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: Seed | None = Field(None, description="noise seed; random when absent")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
-        None, description="png, jpeg (drops alpha) or webp; else from Accept, else the input's format"
+        None, description=f"png, jpeg (drops alpha) or webp; else from Accept, else {negotiation.DEFAULT}"
     )
     quality: Quality | None = Field(None, description="JPEG / WebP quality")
     dilate: Dilation | None = Field(None, description="mask dilation in pixels; default from config")
@@ -83,7 +85,7 @@ def openapi_request_body(options_model: type[BaseModel], json_model: type[BaseMo
         "type": "object",
         "properties": {
             **{name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()},
-            **options_model.model_json_schema()["properties"],
+            **{name: _form_field(schema) for name, schema in options_model.model_json_schema()["properties"].items()},
         },
         "required": [name for name in files if name in json_schema.get("required", [])],
     }
@@ -91,6 +93,22 @@ def openapi_request_body(options_model: type[BaseModel], json_model: type[BaseMo
         "required": True,
         "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_schema}},
     }
+
+
+def _form_field(schema: dict) -> dict:
+    """An option as a form field: a form has no null, so the `X | None` union loses its null branch and its null
+    default (absent is the default). Left as it was, generators send None as the text "None" (a 422)."""
+    branches = [branch for branch in schema.get("anyOf", ()) if branch != {"type": "null"}]
+    field = {key: value for key, value in schema.items() if key != "anyOf" and not (key == "default" and value is None)}
+    if len(branches) == 1:
+        return {**branches[0], **field}
+    return {**({"anyOf": branches} if branches else {}), **field}
+
+
+def form_options(model: type[BaseModel], fields: dict[str, str]):
+    """A multipart body's option fields, validated: an empty one is absent, as an HTML form sends a field left
+    blank (its schema above has no null)."""
+    return validate(model, {name: value for name, value in fields.items() if value != ""})
 
 
 def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
@@ -112,9 +130,4 @@ def validate(model: type[BaseModel], data: dict):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        raise Problem("invalid-request", detail, errors=errors) from exc
+        raise invalid_request(exc.errors(include_url=False, include_input=False)) from exc

@@ -18,7 +18,7 @@ from serve import quotas
 from serve.metrics import CLIENT_CLOSED, ingress_metrics
 from serve.openapi import install as install_openapi
 from serve.page_headers import sha256_source
-from serve.problems import MAX_LISTED, Problem
+from serve.problems import Problem, invalid_request
 from serve.request_ids import serve_request_id, valid_request_id
 from serve.uploads import b64encode_pieces
 
@@ -57,10 +57,7 @@ async def _problem(request: Request, exc: Problem) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:MAX_LISTED])
-    more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-    return Problem("invalid-request", detail + more).response(request_id_of(request))
+    return invalid_request(exc.errors()).response(request_id_of(request))
 
 
 @api.exception_handler(StarletteHTTPException)

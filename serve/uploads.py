@@ -39,6 +39,7 @@ from serve.protocol import (
     ScoreOptions,
     ScoreRequest,
     check_upload_size,
+    form_options,
     validate,
 )
 from serve.worker_threads import worker_pool
@@ -339,7 +340,7 @@ def _from_multipart(content_type: str, body: bytes | list[bytes], names, require
     for name in required:
         if name not in files:
             raise Problem("invalid-request", f"the multipart body has no {name!r} file")
-    return files, validate(options_model, fields)
+    return files, form_options(options_model, fields)
 
 
 def _from_json(body: bytes | list[bytes], names, options_model, json_model):

@@ -108,3 +108,13 @@ def test_the_bad_input_case_count_the_readme_and_api_doc_give_is_the_corpus_tabl
     for doc in (REPO / "README.md", REPO / "docs" / "api.md"):
         said = re.findall(r"(\d+) (?:bad-input )?cases", (doc).read_text())
         assert said and all(int(n) == cases for n in said), f"{doc.name} says {said}; the corpus has {cases}"
+
+
+def test_the_docs_say_the_default_output_format_as_negotiation_applies_it():
+    """They said "the input's format", and a GIF, BMP or TIFF upload came back as PNG."""
+    from serve import negotiation
+
+    for name in ("README.md", "docs/api.md", "serve/rorem.proto"):
+        text = " ".join((REPO / name).read_text().replace("//", " ").split())
+        assert negotiation.DEFAULT in text, name
+        assert not re.search(r"else the input's format(?! if)|empty: the input's format(?! if)", text), name

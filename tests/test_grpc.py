@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import numpy as np
@@ -139,3 +140,105 @@ def test_the_cli_client_asks_for_the_format_its_output_file_names(monkeypatch, t
         args = ["--target", "127.0.0.1:1", "remove", str(tmp_path / "photo.jpg"), str(tmp_path / "mask.png")]
         assert grpc_client.main([*args, "-o", str(tmp_path / output), *extra]) == 0
     assert asked == ["png", "jpeg", "", "webp"]
+
+
+class FakeStub:
+    """In place of the client's stub: records each call; a Remove's reply has no seed (an empty mask's)."""
+
+    calls: ClassVar[list] = []
+
+    def __init__(self, channel):
+        pass
+
+    def Remove(self, request, timeout, metadata=None):
+        FakeStub.calls.append((request, timeout))
+        reply = pb.RemoveReply(image=b"x", gate="nothing-to-remove")
+        if request.HasField("seed"):
+            reply.seed = request.seed
+        return reply
+
+    def Score(self, request, timeout, metadata=None):
+        FakeStub.calls.append((request, timeout))
+        return pb.ScoreReply(score=0.5, threshold=0.5, passed=True)
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    """serve.grpc_client.main over FakeStub, run in a folder holding the files the docs' examples name."""
+    from serve import grpc_client
+
+    monkeypatch.setattr(grpc_client, "stub", FakeStub)
+    monkeypatch.setattr(FakeStub, "calls", [])
+    monkeypatch.chdir(tmp_path)
+    for name in ("photo.jpg", "photo.png", "mask.png", "out.png"):
+        (tmp_path / name).write_bytes(b"x")
+    return grpc_client.main
+
+
+def _usage_lines() -> list[list[str]]:
+    """Every command line of the client that the docs and its own docstring show, as argv (one ending in ... is
+    an outline); the docstring's optional [...] given."""
+    import shlex
+
+    from serve import grpc_client
+
+    docs = ("README.md", "docs/api.md", "docs/configuration.md")
+    texts = [grpc_client.__doc__, *((REPO / name).read_text() for name in docs)]
+    lines = []
+    for text in texts:
+        for line in text.replace("`", "\n").splitlines():
+            if "-m serve.grpc_client " in line:
+                words = [word.strip("[]") for word in shlex.split(line.split("#")[0])]
+                if words[-1] != "...":
+                    lines.append(words[words.index("serve.grpc_client") + 1 :])
+    return lines
+
+
+def test_the_documented_command_lines_run(cli):
+    """The docstring put --target after the subcommand, which argparse refuses."""
+    lines = _usage_lines()
+    assert len(lines) >= 5, lines
+    for argv in lines:
+        assert cli(argv) == 0, argv
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63), "7.5", "x"])
+def test_the_cli_client_refuses_a_seed_the_service_would_not_take_as_argparse_does(cli, seed, capsys):
+    """--seed -1 ended in a traceback (a uint64 field cannot hold it)."""
+    with pytest.raises(SystemExit) as exited:
+        cli(["remove", "photo.png", "mask.png", "-o", "out.png", "--seed", seed])
+    assert exited.value.code == 2 and FakeStub.calls == []
+    assert f"argument --seed: {seed!r} is no seed: an integer from 0 to {2**63 - 1}" in capsys.readouterr().err
+    assert cli(["remove", "photo.png", "mask.png", "-o", "out.png", "--seed", str(2**63 - 1)]) == 0
+    assert FakeStub.calls[0][0].seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("output", "extra"),
+    [("out.gif", []), ("out.TIFF", []), ("out.bmp", ["--output-format", "png"]), ("out.png", ["--output-format", "webp"])],
+)  # fmt: skip
+def test_the_cli_client_refuses_an_output_file_named_for_another_format(cli, output, extra, capsys, tmp_path):
+    """-o out.gif wrote PNG bytes into out.gif."""
+    before = (tmp_path / "out.png").read_bytes()
+    with pytest.raises(SystemExit) as exited:
+        cli(["remove", "photo.png", "mask.png", "-o", output, *extra])
+    assert exited.value.code == 2 and FakeStub.calls == []
+    err = capsys.readouterr().err
+    assert (".png" in err and ".webp" in err) or "--output-format webp" in err, err
+    assert not (tmp_path / output).exists() or (tmp_path / output).read_bytes() == before
+
+
+def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_answer_before_its_deadline(cli, capsys):
+    """An empty mask's reply has no seed: the client printed "seed 0", a valid seed. And a slow removal ended in the
+    channel's bare DEADLINE_EXCEEDED: the call now asks the service to answer first (its timeout problem)."""
+    from serve.grpc_client import SERVICE_SHARE
+
+    args = ["--timeout", "30", "remove", "photo.png", "mask.png", "-o", "o.png"]
+    assert cli(args) == 0 and cli([*args, "--seed", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert ": seed -, score -," in printed[0] and ": seed 0, score -," in printed[1], printed
+    (first, timeout), (second, _) = FakeStub.calls
+    assert not first.HasField("seed") and second.HasField("seed") and second.seed == 0
+    assert first.HasField("timeout_s") and 0 < first.timeout_s < timeout == 30
+    assert first.timeout_s == pytest.approx(30 * SERVICE_SHARE)
+    assert f"`serve.grpc_client` sends {SERVICE_SHARE:.0%} of" in " ".join((REPO / "docs" / "api.md").read_text().split())

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
 from serve import rorem_pb2 as pb
-from serve.grpc_api import removal_request, score_request
+from serve.grpc_api import removal_request, remove_reply, score_request
 from serve.problems import Problem
 from serve.protocol import (
     JSONRemoveBody,
@@ -18,6 +18,7 @@ from serve.protocol import (
     ScoreOptions,
     ScoreRequest,
 )
+from serve.service import RemovalReply
 
 LIMIT = 1 << 20
 PAIRS = [
@@ -93,3 +94,11 @@ def test_options_are_validated_by_the_model():
         removal_request(pb.RemoveRequest(image=b"i", gate="sometimes", quality=0), LIMIT)
     assert caught.value.problem == "invalid-request"
     assert {error["field"] for error in caught.value.extra["errors"]} == {"gate", "quality"}
+
+
+def test_the_reply_has_a_seed_only_when_something_was_removed():
+    """An empty mask's reply said seed 0, a valid seed, where REST answers no X-Seed and a null `seed`."""
+    nothing = remove_reply(RemovalReply(b"i", "png", None, [], 0, None, 0, "nothing-to-remove"), "r1")
+    assert not nothing.HasField("seed") and nothing.bucket == 0
+    zero = remove_reply(RemovalReply(b"i", "png", 0, [512], 1, None, 1, "off"), "r2")
+    assert zero.HasField("seed") and zero.seed == 0

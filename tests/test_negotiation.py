@@ -1,9 +1,13 @@
 """The reply's format from Accept: q-values, case, wildcards, and a format that cannot hold the image."""
 
+import io
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from engines import imaging
 from serve.negotiation import MAX_RANGES, media_ranges, output_format, wants_json
 
 BROWSER = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
@@ -81,3 +85,14 @@ def test_a_huge_accept_header_costs_a_bounded_parse():
     assert len(media_ranges(header)) == MAX_RANGES
     assert output_format(None, header, "jpeg", 10, 10) == "png"
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize("pil_format", imaging.ACCEPTED_FORMATS)
+def test_without_a_format_asked_for_an_upload_comes_back_in_its_own_if_it_can_else_png(pil_format):
+    """negotiation.DEFAULT, which the docs quote: they said "the input's format" while a GIF came back as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(buffer, format=pil_format)
+    decoded = imaging.decode_image(buffer.getvalue(), imaging.DecodeLimits())
+    expected = pil_format.lower() if pil_format in ("PNG", "JPEG", "WEBP") else "png"
+    for accept in ("", "*/*", "text/html"):
+        assert output_format(None, accept, decoded.format, 48, 64) == expected, accept

@@ -125,9 +125,108 @@ def test_bounds_are_json_schema_keywords_not_pydantics(schema):
     content = schema["paths"]["/remove"]["post"]["requestBody"]["content"]
     for media_type in ("multipart/form-data", "application/json"):
         properties = content[media_type]["schema"]["properties"]
-        seed, timeout = (properties[name]["anyOf"][0] for name in ("seed", "timeout_s"))
+        seed, timeout = (properties[name].get("anyOf", [properties[name]])[0] for name in ("seed", "timeout_s"))
         assert (seed["minimum"], seed["maximum"]) == (0, 2**63 - 1), media_type
         assert (timeout["exclusiveMinimum"], timeout["maximum"]) == (0, 3600), media_type
+
+
+def test_form_fields_offer_no_null_and_a_blank_one_is_absent(schema):
+    """A form has no null. Documented as `anyOf [integer, null], default null`, openapi-python-client sent None as
+    the text "None": 422 for seed, gate, retain. Absent is the default, and so is a field an HTML form left blank
+    (it was a 422)."""
+    from serve import uploads
+    from serve.protocol import RemoveOptions
+
+    for path in ("/remove", "/score"):
+        form = schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+        for name, field in form.items():
+            assert "null" not in json.dumps({k: v for k, v in field.items() if k != "description"}), (path, name)
+            assert "default" not in field and ("type" in field or "anyOf" in field), (path, name)
+        if path == "/remove":
+            assert {key: form["seed"][key] for key in ("type", "minimum", "maximum", "format")} == {
+                "type": "integer", "minimum": 0, "maximum": 2**63 - 1, "format": "int64"
+            }  # fmt: skip
+
+    def parsed(fields: dict[str, str]):
+        parts = ['name="image"; filename="i.png"\r\n\r\npng', *(f'name="{k}"\r\n\r\n{v}' for k, v in fields.items())]
+        body = "".join(f"--b0undary\r\nContent-Disposition: form-data; {part}\r\n" for part in parts)
+        body += "--b0undary--\r\n"
+        content_type = "multipart/form-data; boundary=b0undary"
+        return uploads._from_multipart(content_type, body.encode(), ("image", "mask"), ("image",), RemoveOptions)
+
+    blank = parsed(dict.fromkeys(RemoveOptions.model_fields, ""))[1]
+    assert blank.model_dump() == dict.fromkeys(RemoveOptions.model_fields)
+    assert parsed({"seed": "7", "gate": "", "retain": "false"})[1].model_dump(include={"seed", "gate", "retain"}) == {
+        "seed": 7, "gate": None, "retain": False
+    }  # fmt: skip
+    with pytest.raises(Problem) as refused:
+        parsed({"seed": "None"})
+    assert [error["field"] for error in refused.value.extra["errors"]] == ["seed"]
+
+
+def _integers(node, path=()):
+    """(path, schema) of every integer schema in an OpenAPI document; a path holds the keys down to it."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            yield path, node
+        for key, value in node.items():
+            yield from _integers(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _integers(value, (*path, index))
+
+
+def test_every_seed_is_an_int64(schema):
+    """Seeds run to 2^63 - 1, and a bare `integer` is an int32 to generators (Java, Go, C#): X-Seed, the reply's,
+    the problem's and the requests' seeds said nothing more."""
+    seeds = [(path, node) for path, node in _integers(schema) if any("seed" in str(key).lower() for key in path)]
+    found = {"/".join(map(str, path)) for path, _ in seeds}
+    assert len(seeds) >= 5, found  # X-Seed, RemoveReply, Problem, /remove's form and JSON body
+    for path, node in seeds:
+        assert node.get("format") == "int64", "/".join(map(str, path))
+    for path, node in _integers(schema):
+        assert node.get("maximum", 0) < 2**31 or node.get("format") == "int64", "/".join(map(str, path))
+    assert any("X-Seed" in path for path in found) and any("RemoveReply" in path for path in found)
+
+
+def test_problem_component_documents_every_member_a_problem_carries(schema):
+    """A quota's 429 carries `quota`, which the component did not list: a generated Problem had no field for it."""
+    from serve.problems import EXTENSIONS
+
+    problem = schema["components"]["schemas"]["Problem"]
+    assert set(problem["properties"]) == {"type", "title", "status", "detail", "instance", *EXTENSIONS}
+    for name, text in EXTENSIONS.items():
+        assert problem["properties"][name]["description"] == text, name
+    limits = Limits(5, None, 60.0)
+    with pytest.raises(Problem) as refused:
+        Decision("k", limits, allowed=False, remaining=0, reset_s=30.0, refused_by="minute").check()
+    body = refused.value.body("req-1")
+    assert body["quota"] == "minute" and set(body) <= set(problem["properties"])
+    assert openapi.Problem.model_validate(body).quota == "minute"
+
+
+def test_a_bad_query_parameter_answers_the_errors_list_the_schema_promises(monkeypatch):
+    """GET /annotation/queue?limit=abc answered invalid-request with a detail but no `errors`. The query is read
+    after the route's dependencies, the Ingress object among them: outside a replica, a stand-in."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+    from ray import serve as ray_serve
+
+    import serve.app  # noqa: F401  (binds the routes to the app)
+    from serve.rest_api import api
+
+    monkeypatch.setattr(ray_serve, "get_replica_context", lambda: SimpleNamespace(servable_object=None))
+    client = TestClient(api, base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+    try:
+        answer = client.get("/annotation/queue", params={"limit": "abc", "threshold": "high"})
+    finally:
+        api.middleware_stack = None  # built by the first request: other tests add their own middleware to `api`
+    assert answer.status_code == 422 and answer.headers["content-type"] == MEDIA_TYPE, answer.text
+    problem = openapi.Problem.model_validate(answer.json())
+    assert problem.type.endswith("/invalid-request")
+    assert [error.field for error in problem.errors] == ["query.limit", "query.threshold"]
+    assert all(error.message for error in problem.errors) and "query.limit: " in problem.detail
 
 
 def _generate(schema: dict, work: Path, name: str = "rorem_client"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+
 import grpc
 import pytest
 
 from serve.grpc_api import status_code
-from serve.problems import KIND_BY_SLUG, KINDS, STATUS_BY_PROBLEM, TITLES, TYPE_BASE, Problem
+from serve.problems import EXTENSIONS, KIND_BY_SLUG, KINDS, STATUS_BY_PROBLEM, TITLES, TYPE_BASE, Problem
 from tests.helpers import REPO
 
 
@@ -71,3 +73,13 @@ def test_a_problem_answer_is_never_sniffed_as_a_page():
     answer = Problem("not-found", "<script>alert(1)</script>", headers={"Retry-After": "2"}).response()
     assert answer.headers["x-content-type-options"] == "nosniff" and answer.headers["retry-after"] == "2"
     assert answer.headers["content-type"] == "application/problem+json"
+
+
+def test_every_member_a_problem_is_raised_with_is_declared():
+    """The OpenAPI Problem component lists EXTENSIONS: a 429's `quota` was raised but never declared there."""
+    used = set()
+    for path in sorted((REPO / "serve").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Problem":
+                used |= {keyword.arg for keyword in node.keywords if keyword.arg not in (None, "headers")}
+    assert "quota" in used and used <= set(EXTENSIONS), used - set(EXTENSIONS)
