@@ -16,26 +16,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 
 import grpc
-from PIL import Image
-from pydantic import TypeAdapter
 
-from engines import imaging
 from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
-from serve.protocol import Seed, TimeoutS
 
-OUTPUT_FORMATS = imaging.OUTPUT_FORMATS
-IMAGE_SUFFIXES = {suffix: name.lower() for suffix, name in Image.registered_extensions().items()}
-SUFFIX_FORMATS = {suffix: fmt for suffix, fmt in IMAGE_SUFFIXES.items() if fmt in OUTPUT_FORMATS}
 SERVICE_SHARE = 0.95  # of the call's deadline, sent as timeout_s (`service_timeout_s`)
-_SEED = TypeAdapter(Seed)
-_MAX_TIMEOUT_S = TypeAdapter(TimeoutS).json_schema()["maximum"]
 API_KEY_ENV = "ROREM_API_KEY"
 APPLICATION_METADATA = "application"  # Ray's gRPC proxy routes a call to the Serve application it names
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -88,13 +80,34 @@ def problem_of(error: grpc.RpcError) -> dict:
         return {"detail": details}
 
 
+@functools.cache
+def _request_types():
+    """The request's Seed and timeout_s bounds and the formats the service writes, from their one home (serve.protocol,
+    engines.imaging), imported only when the command line needs them: a program that only opens a channel (locust's
+    gRPC user, an app) stays light (grpc and the stubs)."""
+    from PIL import Image
+    from pydantic import TypeAdapter
+
+    from engines.imaging import OUTPUT_FORMATS
+    from serve.protocol import Seed, TimeoutS
+
+    suffixes = {suffix: name.lower() for suffix, name in Image.registered_extensions().items()}
+    return TypeAdapter(Seed), TypeAdapter(TimeoutS).json_schema()["maximum"], OUTPUT_FORMATS, suffixes
+
+
+def output_formats() -> tuple[str, ...]:
+    """The formats the service writes (engines.imaging.OUTPUT_FORMATS)."""
+    return _request_types()[2]
+
+
 def seed(text: str) -> int:
     """--seed: a seed the service takes (serve.protocol.Seed), else refused as argparse refuses a bad value (a
     negative one, which the request's uint64 cannot hold, was a traceback)."""
+    seed_type = _request_types()[0]
     try:
-        return _SEED.validate_python(int(text))
+        return seed_type.validate_python(int(text))
     except ValueError:  # pydantic's ValidationError is one
-        bounds = _SEED.json_schema()
+        bounds = seed_type.json_schema()
         raise argparse.ArgumentTypeError(
             f"{text!r} is no seed: an integer from {bounds['minimum']} to {bounds['maximum']}"
         ) from None
@@ -104,9 +117,10 @@ def output_format(output: Path, requested: str | None) -> str | None:
     """The format to ask for: `requested`, else the one -o's suffix names (None: neither names one, the service
     chooses). A suffix naming a format the service does not write (.gif), or not the one `requested`, is a
     ValueError: the file would hold another format than its name says."""
-    named = IMAGE_SUFFIXES.get(output.suffix.lower())
-    if named is not None and named not in OUTPUT_FORMATS:
-        suffixes = ", ".join(SUFFIX_FORMATS)
+    _, _, formats, image_suffixes = _request_types()
+    named = image_suffixes.get(output.suffix.lower())
+    if named is not None and named not in formats:
+        suffixes = ", ".join(suffix for suffix, fmt in image_suffixes.items() if fmt in formats)
         raise ValueError(f"-o {output.name}: the service writes no {named.upper()}; name the file {suffixes}")
     if requested and named and requested != named:
         raise ValueError(f"-o {output.name} names {named}, --output-format {requested}")
@@ -116,7 +130,7 @@ def output_format(output: Path, requested: str | None) -> str | None:
 def service_timeout_s(deadline_s: float) -> float:
     """The timeout_s sent with a call of this deadline: a little less, so a slow removal ends in the service's
     timeout problem (DEADLINE_EXCEEDED with its document) before the channel's bare DEADLINE_EXCEEDED."""
-    return min(deadline_s * SERVICE_SHARE, _MAX_TIMEOUT_S)
+    return min(deadline_s * SERVICE_SHARE, _request_types()[1])
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,7 +155,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     remove.add_argument("-o", "--output", type=Path, required=True)
     remove.add_argument("--seed", type=seed)
     remove.add_argument("--gate", choices=["off", "annotate", "retry", "reject"])
-    remove.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: from -o's suffix, else the photo's")
+    remove.add_argument("--output-format", choices=output_formats(), help="default: from -o's suffix, else the photo's")
     score = sub.add_parser("score", help="score a (source, mask, edited) triple")
     score.add_argument("source", type=Path)
     score.add_argument("mask", type=Path)

@@ -122,7 +122,7 @@ def test_the_cli_client_asks_for_the_format_its_output_file_names(monkeypatch, t
     from serve import grpc_client
     from serve.protocol import RemoveOptions
 
-    assert grpc_client.OUTPUT_FORMATS == typing.get_args(typing.get_args(RemoveOptions.model_fields["output_format"].annotation)[0])
+    assert grpc_client.output_formats() == typing.get_args(typing.get_args(RemoveOptions.model_fields["output_format"].annotation)[0])
     asked = []
 
     class Stub:
