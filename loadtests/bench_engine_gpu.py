@@ -184,10 +184,8 @@ def _jobs(side: int, batch: int):
 
 
 def _bench_case(engine, mode: str, side: int, batch: int, iters: int, device, smoke: bool) -> dict:
-    import statistics
-
     import torch
-    from benchlib import summarize
+    from benchlib import summarize, timed_runs
 
     jobs = _jobs(side, batch)
     _reset_memory(device)
@@ -195,15 +193,9 @@ def _bench_case(engine, mode: str, side: int, batch: int, iters: int, device, sm
     engine.remove(jobs)
     first_s = time.perf_counter() - t0
     engine.remove(jobs)
-    samples, stages = [], []
-    for _ in range(iters):
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        engine.remove(jobs, timings)
-        samples.append((time.perf_counter() - t0) * 1000)
-        stages.append(timings)
+    samples, stages = timed_runs(lambda timings: engine.remove(jobs, timings), iters)
     summary = summarize(samples)
-    stage_ms = {k: round(statistics.median(s[k] for s in stages) * 1000, 2) for k in stages[0]}
+    stage_ms = {k: round(v, 2) for k, v in stages.items()}
     row = {
         "mode": mode,
         "side": side,

@@ -68,6 +68,20 @@ def summarize(samples_ms: list[float]) -> dict:
     }
 
 
+def timed_runs(run: Callable[[dict[str, float]], object], runs: int) -> tuple[list[float], dict[str, float]]:
+    """The wall time (ms) of each of `runs` calls of `run(timings)`, and each stage's median over them (ms). Every
+    call gets its own timings dict: the engines' StageClock adds to a stage already there, so one dict shared by
+    the runs summed them (bench_scorer printed --runs times the stage times)."""
+    samples, per_run = [], []
+    for _ in range(runs):
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        run(timings)
+        samples.append((time.perf_counter() - started) * 1000)
+        per_run.append(timings)
+    return samples, {stage: statistics.median(t.get(stage, 0.0) for t in per_run) * 1000 for stage in per_run[0]}
+
+
 def encode(array: np.ndarray, fmt: str = "png") -> bytes:
     """PNG, or JPEG at quality 95 (how phones save photos)."""
     buffer = io.BytesIO()

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -87,6 +88,21 @@ def test_a_missing_before_report_fails_before_any_measuring(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0 and "missing.json" in result.stderr
     assert "ratio" not in result.stdout, "nothing was measured"
+
+
+def test_stage_times_are_each_stages_median_not_the_sum_over_the_runs():
+    """One timings dict served every run and the engine's stage clock adds to a stage already there, so
+    "stages (last run)" was the sum over --runs (a review saw VAE 3764 ms at 4 runs of ~1100 ms each)."""
+    benchlib = load_script("loadtests/benchlib.py")
+
+    def score(jobs, timings):  # adds to the stages as engines.timing.StageClock does
+        for stage, seconds in (("prepare", 0.002), ("vae_encode", 0.1), ("discriminator", 0.02)):
+            timings[stage] = timings.get(stage, 0.0) + seconds
+
+    samples, stages = benchlib.timed_runs(partial(score, [None]), 4)
+    assert len(samples) == 4
+    assert {k: round(v, 6) for k, v in stages.items()} == {"prepare": 2.0, "vae_encode": 100.0, "discriminator": 20.0}
+    assert "timed_runs(partial(engine.score, jobs), args.runs)" in (REPO / "loadtests" / "bench_scorer.py").read_text()
 
 
 def test_latency_report_counts_only_the_removals_completed_inside_the_window():
