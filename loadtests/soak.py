@@ -86,7 +86,8 @@ def service_identity(url: str, headers: dict | None = None) -> tuple[str, str]:
     return answer["instance"], answer["application"]
 
 
-def _valid_image(body: bytes, size: tuple[int, int]) -> bool:
+def valid_image(body: bytes, size: tuple[int, int]) -> bool:
+    """Whether `body` opens as an image of `size` (the header only: cheap enough inside a load generator)."""
     try:
         with Image.open(io.BytesIO(body)) as image:
             return image.size == size
@@ -133,7 +134,7 @@ def run_soak(
                         report.ok += 1
                         report.ok_in_window += answered_at <= deadline
                         latencies.append(elapsed_ms)
-                        report.bad_result += not _valid_image(response.content, (side, side))
+                        report.bad_result += not valid_image(response.content, (side, side))
                     else:
                         key = str(response.status_code)
                         report.errored[key] = report.errored.get(key, 0) + 1

@@ -2,10 +2,12 @@
 and the other benchmark scripts' arithmetic (percentiles, rates, stage times), against stubs, without a Serve."""
 
 import json
+import random
 import subprocess
 import sys
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,3 +127,67 @@ def test_latency_report_counts_only_the_removals_completed_inside_the_window():
     assert (report.ok, report.ok_in_window, report.bad_result) == (2, 1, 0)
     row = latency_report.level_row(report)
     assert row["ok_per_s"] == 1.0 and row["ok_after_window"] == 1
+
+
+def test_open_loop_percentiles_are_benchlibs():
+    """bench_open_loop had its own percentile (the rank int(q * n)): the p99 of up to 100 answers was the
+    slowest, the p50 of an even count the upper median; every other benchmark interpolates (benchlib)."""
+    bench_open_loop = load_script("loadtests/bench_open_loop.py")
+    benchlib = load_script("loadtests/benchlib.py")
+    seconds = [float(n) for n in range(1, 101)]
+    row = bench_open_loop.level_row(4.0, 100, [("200", s) for s in seconds], 0, 10.0, {})
+    expected = benchlib.summarize([s * 1000 for s in seconds])
+    assert (row["p50_ms"], row["p95_ms"], row["p99_ms"]) == (expected["p50_ms"], expected["p95_ms"], expected["p99_ms"])
+    assert row["p99_ms"] < 100_000.0
+    assert bench_open_loop.level_row(1.0, 2, [("200", 1.0), ("200", 2.0)], 0, 2.0, {})["p50_ms"] == 1500.0
+
+
+class _Answers32(CannedAnswers):
+    """POST /remove answered at once with a 32 x 32 PNG (the open-loop bench's photo at --side 32)."""
+
+    side = 32
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.reply(200, png_bytes(np.zeros((self.side, self.side, 3), np.uint8)), {"X-Batch-Size": "1"})
+
+
+def test_open_loop_latency_counts_from_the_scheduled_arrival(monkeypatch):
+    """bench_open_loop timed each request from when its task first ran: a generator behind its schedule (its
+    loop busy or starved) dropped that lag from every latency. A fake clock jumps 10 s once the first arrival
+    is scheduled and before its task runs: every answer is now ~10 s late, as its user would see it."""
+    import asyncio
+
+    bench_open_loop = load_script("loadtests/bench_open_loop.py")
+    offset = [0.0]
+    monkeypatch.setattr(bench_open_loop, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+
+    class FallsBehindAfterTheFirstArrival(random.Random):
+        draws = 0
+
+        def expovariate(self, rate):
+            self.draws += 1
+            if self.draws == 2:
+                offset[0] += 10.0
+            return super().expovariate(rate)
+
+    with loopback_server(_Answers32) as url:
+        row = asyncio.run(bench_open_loop.offer(url, 20.0, 0.5, "small", 32, FallsBehindAfterTheFirstArrival(0)))
+    assert row["sent"] >= 2 and row["bad_result"] == 0 and row["lost"] == 0, row
+    assert row["p50_ms"] >= 9_000, row
+
+
+def test_open_loop_counts_a_200_without_the_image_apart(monkeypatch):
+    """The docs said "every answer checked", but offer recorded the status code only: a 200 with a wrong-sized
+    image (or none) counted as a completed removal. It now counts as bad_result (soak.py's check)."""
+    import asyncio
+
+    bench_open_loop = load_script("loadtests/bench_open_loop.py")
+
+    class WrongSize(_Answers32):
+        side = 16
+
+    with loopback_server(WrongSize) as url:
+        row = asyncio.run(bench_open_loop.offer(url, 20.0, 0.5, "small", 32, random.Random(0)))
+    assert row["sent"] >= 1 and row["bad_result"] == row["sent"], row
+    assert row["completed_per_s"] == 0 and row["p50_ms"] is None and row["other_errors"] == 0, row
