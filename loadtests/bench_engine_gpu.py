@@ -37,6 +37,8 @@ GOALS = {"512x1_ms": 40.0, "1024x1_ms": 120.0, "512_images_per_s": 50.0}  # issu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from benchlib import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.environ.get("OUT") or "out/bench_engine_gpu")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, eager only: a check of this script")
@@ -44,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--modes", default="eager,graph", help="eager, graph (CUDA graphs), compile (torch.compile'd UNet inside the graphs)"
     )
-    p.add_argument("--iters", type=int, default=6, help="timed runs per case (after 2 warm-up runs)")
+    p.add_argument("--iters", type=positive_int, default=6, help="timed runs per case (after 2 warm-up runs)")
     p.add_argument("--budget-s", type=float, default=420, help="start no new case after this many seconds")
     p.add_argument("--parity-side", type=int, default=256, help="crop side of the bf16 vs fp32 agreement check")
     p.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-from benchlib import center_mask, photo, summarize, timed_runs
+from benchlib import center_mask, photo, positive_int, summarize, timed_runs
 
 from engines.jobs import ScoreJob
 from engines.scorer import ScoringEngine
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--bundle-cache", default="~/.cache/rorem")
     parser.add_argument("--side", type=int, default=512, help="crop side (scored on a 512 view)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=positive_int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("out/bench_scorer.json"))

@@ -3,6 +3,7 @@ loadtests/ on sys.path: this imports as `benchlib`)."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -54,6 +55,15 @@ def center_mask(side: int) -> np.ndarray:
     mask = np.zeros((side, side), bool)
     mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = True
     return mask
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for --runs / --iters: with 0 runs there is nothing to summarize, and the script would
+    do its setup (load a model, start a service) only to fail at the end."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def summarize(samples_ms: list[float]) -> dict:

@@ -92,6 +92,32 @@ def test_a_missing_before_report_fails_before_any_measuring(tmp_path):
     assert "ratio" not in result.stdout, "nothing was measured"
 
 
+@pytest.mark.parametrize(
+    "script, flag",
+    [("bench_scorer.py", "--runs"), ("bench_one_removal.py", "--runs"), ("bench_crop_vs_resize.py", "--runs"),
+     ("bench_region_crops.py", "--runs"), ("bench_ingress.py", "--runs"), ("bench_engine_gpu.py", "--iters"),
+     ("bench_unet_gpu.py", "--iters"), ("bench_unet_gpu.py", "--image-iters")],
+)  # fmt: skip
+def test_zero_runs_are_refused_before_any_work(script, flag):
+    """`--runs 0` / `--iters 0` loaded the model (or started on the GPU) and then died in summarize with an
+    IndexError over no samples; argparse now refuses it in a line."""
+    result = subprocess.run(
+        [sys.executable, f"loadtests/{script}", flag, "0"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and f"{flag}: must be at least 1, not 0" in result.stderr, result.stderr[-2000:]
+
+
+def test_bench_vs_naive_takes_locusts_na_as_a_missing_figure(tmp_path, monkeypatch):
+    """Locust writes N/A for the percentiles of a run in which no request completed (every one failed, say);
+    float("N/A") ended the comparison with a ValueError after both services had run."""
+    bench_vs_naive = load_script("loadtests/bench_vs_naive.py")
+    header = "Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%\n"
+    (tmp_path / "run_stats.csv").write_text(header + ",Aggregated,0,0,0.0,N/A,N/A,N/A\n")
+    monkeypatch.setattr(bench_vs_naive, "subprocess", SimpleNamespace(run=lambda *args, **kwargs: None))
+    run = bench_vs_naive.run_locust("http://127.0.0.1:1", 1, 1, "512:1", tmp_path / "run")
+    assert run == {"requests": 0, "failures": 0, "requests_per_s": 0.0, "p50_ms": None, "p95_ms": None, "p99_ms": None}
+
+
 def test_stage_times_are_each_stages_median_not_the_sum_over_the_runs():
     """One timings dict served every run and the engine's stage clock adds to a stage already there, so
     "stages (last run)" was the sum over --runs (a review saw VAE 3764 ms at 4 runs of ~1100 ms each)."""
