@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import photo, summarize
+from benchlib import photo, positive_int, summarize
 from PIL import Image
 
 from engines import imaging
@@ -63,7 +63,7 @@ def remove_by_resize(engine: RemovalEngine, image: np.ndarray, mask: np.ndarray)
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle-cache", default="~/.cache/rorem")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=positive_int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mask-side", type=int, default=120, help="side of the square mask, in 12 MP pixels")
     parser.add_argument("--dilate", type=int, default=20)

@@ -37,6 +37,8 @@ GOALS = {"512x1_ms": 40.0, "1024x1_ms": 120.0, "512_images_per_s": 50.0}  # issu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from benchlib import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.environ.get("OUT") or "out/bench_engine_gpu")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, eager only: a check of this script")
@@ -44,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--modes", default="eager,graph", help="eager, graph (CUDA graphs), compile (torch.compile'd UNet inside the graphs)"
     )
-    p.add_argument("--iters", type=int, default=6, help="timed runs per case (after 2 warm-up runs)")
+    p.add_argument("--iters", type=positive_int, default=6, help="timed runs per case (after 2 warm-up runs)")
     p.add_argument("--budget-s", type=float, default=420, help="start no new case after this many seconds")
     p.add_argument("--parity-side", type=int, default=256, help="crop side of the bf16 vs fp32 agreement check")
     p.add_argument("--seed", type=int, default=0)
@@ -184,10 +186,8 @@ def _jobs(side: int, batch: int):
 
 
 def _bench_case(engine, mode: str, side: int, batch: int, iters: int, device, smoke: bool) -> dict:
-    import statistics
-
     import torch
-    from benchlib import summarize
+    from benchlib import summarize, timed_runs
 
     jobs = _jobs(side, batch)
     _reset_memory(device)
@@ -195,15 +195,9 @@ def _bench_case(engine, mode: str, side: int, batch: int, iters: int, device, sm
     engine.remove(jobs)
     first_s = time.perf_counter() - t0
     engine.remove(jobs)
-    samples, stages = [], []
-    for _ in range(iters):
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        engine.remove(jobs, timings)
-        samples.append((time.perf_counter() - t0) * 1000)
-        stages.append(timings)
+    samples, stages = timed_runs(lambda timings: engine.remove(jobs, timings), iters)
     summary = summarize(samples)
-    stage_ms = {k: round(statistics.median(s[k] for s in stages) * 1000, 2) for k in stages[0]}
+    stage_ms = {k: round(v, 2) for k, v in stages.items()}
     row = {
         "mode": mode,
         "side": side,

@@ -9,7 +9,8 @@ Starts the local service (`python -m serve run`, tiny bundle, Remover only: gate
 loopback ports, unless --url names a running one. --clients threads then send 12 MP uploads in a loop
 for --seconds: scikit-image's astronaut resized to 4000x3000 (plus a little grain) as JPEG and as PNG,
 each as multipart and as JSON (base64, answered as JSON with Accept: application/json). Meanwhile a
-probe in its own process sends GET /healthz every 50 ms (an idle probe first, for reference). Prints and
+probe in its own process sends GET /healthz every 50 ms (an idle probe first, for reference), each latency
+counted from the probe's scheduled time (a stall delays every probe due during it). Prints and
 saves (JSON, --out) /healthz p50/p95/p99/max under load and idle, and the uploads' throughput and statuses.
 Beside each latency it keeps the replica's own event-loop lag that /healthz reports (`loop_lag_ms`, the
 worst since the previous probe): a slow probe with a small loop lag waited elsewhere (the proxy, a core),
@@ -108,20 +109,22 @@ def request_bodies(
 
 
 def probe(url: str, seconds: float, queue) -> None:
-    """GET /healthz every PROBE_PERIOD_S for `seconds` (its own process: the clients' GIL cannot delay it)."""
+    """GET /healthz every PROBE_PERIOD_S for `seconds` (its own process: the clients' GIL cannot delay it).
+    Each latency counts from the probe's scheduled time, not its send: after a slow answer the probes that fell
+    due meanwhile go out back to back and each is fast, so timing from the send hid the stall from every one
+    of them but the first (coordinated omission)."""
     samples, lags, errors = [], [], 0
     with httpx.Client(base_url=url, timeout=10) as client:
         client.get("/healthz")  # connect first (and start the replica's lag ticker)
         deadline = time.monotonic() + seconds
         tick = time.monotonic()
         while tick < deadline:
-            started = time.perf_counter()
             try:
                 response = client.get("/healthz")
                 ok = response.status_code == 200
             except httpx.HTTPError:
                 ok = False
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            elapsed_ms = (time.monotonic() - tick) * 1000
             if ok:
                 samples.append(elapsed_ms)
                 lags.append(response.json().get("loop_lag_ms", 0.0))

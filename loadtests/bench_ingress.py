@@ -35,6 +35,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from benchlib import positive_int  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from engines import imaging  # noqa: E402
@@ -290,7 +291,7 @@ def markdown(report: dict, before: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=Path("out/bench_ingress.json"))
     parser.add_argument("--before", type=Path, help="an earlier JSON report, shown beside this one")
     parser.add_argument("--smoke", action="store_true", help="tiny images, one run")

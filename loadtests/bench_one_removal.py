@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import center_mask, encode, photo, png, summarize
+from benchlib import center_mask, encode, photo, png, positive_int, summarize
 
 from engines.jobs import RemovalJob
 from engines.remover import RemovalEngine
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--url", default=None)
     parser.add_argument("--grpc", default=None, help="gRPC host:port of a running service")
     parser.add_argument("--side", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=positive_int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the in-process engine")
     parser.add_argument("--format", choices=["png", "jpeg"], default="png", help="the photo's format in and out")
     parser.add_argument("--out", type=Path, default=Path("out/bench_one_removal.json"))

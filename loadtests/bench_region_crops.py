@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import photo
+from benchlib import photo, positive_int
 from PIL import Image
 from scipy import ndimage
 
@@ -114,7 +114,7 @@ def describe(plans: list[imaging.CropPlan], output: np.ndarray, image: np.ndarra
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=positive_int, default=7)
     parser.add_argument("--object", type=int, default=120, help="side of each square object, in 12 MP pixels")
     parser.add_argument("--dilate", type=int, default=20, help="mask dilation (the service default)")
     parser.add_argument("--out", type=Path, default=Path("out/bench_region_crops.json"))

@@ -46,6 +46,8 @@ RUNNERS = ("eager", "compile", "tensorrt", "tensorrt_graph")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from benchlib import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "docs"), "bench_unet_gpu.json"),
                    help="default: $OUT/bench_unet_gpu.json where $OUT is set (the GPU machine), else docs/")
@@ -53,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sides", "--only", dest="sides", default="512,1024", help="image sides (512 and/or 1024)")
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--runners", default="eager,compile,tensorrt", help=f"comma-separated of {', '.join(RUNNERS)}")
-    p.add_argument("--iters", type=int, default=20, help="timed UNet steps per case")
-    p.add_argument("--image-iters", type=int, default=5, help="timed whole-image batches per case")
+    p.add_argument("--iters", type=positive_int, default=20, help="timed UNet steps per case")
+    p.add_argument("--image-iters", type=positive_int, default=5, help="timed whole-image batches per case")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-mode", help="default: engines.runners.COMPILE_MODE, the service's; 'default' is faster")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")

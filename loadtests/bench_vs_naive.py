@@ -40,11 +40,20 @@ def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> di
     return {
         "requests": int(total["Request Count"]),
         "failures": int(total["Failure Count"]),
-        "requests_per_s": round(float(total["Requests/s"]), 3),
-        "p50_ms": float(total["50%"]),
-        "p95_ms": float(total["95%"]),
-        "p99_ms": float(total["99%"]),
+        "requests_per_s": round(_number(total["Requests/s"]) or 0.0, 3),
+        "p50_ms": _number(total["50%"]),
+        "p95_ms": _number(total["95%"]),
+        "p99_ms": _number(total["99%"]),
     }
+
+
+def _number(text: str) -> float | None:
+    """Locust writes N/A where it has no sample (a run in which no request completed): a missing figure."""
+    return None if text.strip() in ("", "N/A") else float(text)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def start_naive(work: Path, layout, side: int) -> tuple[subprocess.Popen, str]:
@@ -107,7 +116,8 @@ def main() -> None:
     print(f"{'server':>18} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'requests':>9} {'failures':>9}")
     for name, run in result["runs"].items():
         print(
-            f"{name:>18} {run['requests_per_s']:>7} {run['p50_ms']:>8.0f} {run['p95_ms']:>8.0f} {run['p99_ms']:>8.0f}"
+            f"{name:>18} {run['requests_per_s']:>7} {_ms(run['p50_ms']):>8} {_ms(run['p95_ms']):>8}"
+            f" {_ms(run['p99_ms']):>8}"
             f" {run['requests']:>9} {run['failures']:>9}"
         )
     print(f"throughput rorem-serve / fastapi+diffusers: {result['throughput_ratio']}x; saved {args.out}")

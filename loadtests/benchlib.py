@@ -3,6 +3,7 @@ loadtests/ on sys.path: this imports as `benchlib`)."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -56,6 +57,15 @@ def center_mask(side: int) -> np.ndarray:
     return mask
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for --runs / --iters: with 0 runs there is nothing to summarize, and the script would
+    do its setup (load a model, start a service) only to fail at the end."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def summarize(samples_ms: list[float]) -> dict:
     """Percentiles interpolated between the closest ranks (numpy's default), so p50 is the median and never
     exceeds p90."""
@@ -66,6 +76,20 @@ def summarize(samples_ms: list[float]) -> dict:
         **{f"p{q}_ms": round(cuts[q - 1], 1) for q in (50, 90, 95, 99)},
         "mean_ms": round(statistics.fmean(ordered), 1),
     }
+
+
+def timed_runs(run: Callable[[dict[str, float]], object], runs: int) -> tuple[list[float], dict[str, float]]:
+    """The wall time (ms) of each of `runs` calls of `run(timings)`, and each stage's median over them (ms). Every
+    call gets its own timings dict: the engines' StageClock adds to a stage already there, so one dict shared by
+    the runs summed them (bench_scorer printed --runs times the stage times)."""
+    samples, per_run = [], []
+    for _ in range(runs):
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        run(timings)
+        samples.append((time.perf_counter() - started) * 1000)
+        per_run.append(timings)
+    return samples, {stage: statistics.median(t.get(stage, 0.0) for t in per_run) * 1000 for stage in per_run[0]}
 
 
 def encode(array: np.ndarray, fmt: str = "png") -> bytes:

@@ -3,6 +3,11 @@
 # has torch, transformers, safetensors, numpy, pillow, opencv but no diffusers or pydantic and no
 # network. They land in .whl/ (git-ignored) and travel with the working tree; docs/benchmarks.md has
 # the one command that installs them there and runs loadtests/bench_engine_gpu.py.
+# Not carried, though bench_engine_gpu.py imports them: scikit-image (benchlib.photo; with scipy and
+# lazy_loader), PyYAML (benchlib), filelock (torch, huggingface_hub). They are the machine's own: the
+# 2026-11-30 run there (79e6807, docs/bench_engine_gpu_rerun.json) ran every case through benchlib.photo
+# with only diffusers, pydantic and their small dependencies carried (this script then), and the
+# script's --smoke path imports the same packages now as then (compared on the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

@@ -6,10 +6,11 @@ of what happened to every request.
         --chaos-deployments Remover,Scorer --out out/soak.json
 
 Counts: sent (requests started), answered (an HTTP answer came back: a valid image, or a problem+json
-error), errored (answered with an error, by status), lost (no answer: connection dropped or the
-client deadline passed). lost must be 0: a request may fail, but it must be told so. A 200 without a
-decodable image of the input's size counts as `bad_result`, an error without problem+json as
-`bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero.
+error), ok and ok_in_window (the 200s, and those of them that came back before --seconds had passed: each
+client's last request ends after it), errored (answered with an error, by status), lost (no answer:
+connection dropped or the client deadline passed). lost must be 0: a request may fail, but it must be
+told so. A 200 without a decodable image of the input's size counts as `bad_result`, an error without
+problem+json as `bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero.
 
 Chaos kills replica processes of a local Serve (`ray::ServeReplica:<app>:<deployment>`) with SIGKILL,
 round-robin over --chaos-deployments, only those of the service --url answers for (the instance id its
@@ -45,6 +46,7 @@ class SoakReport:
     sent: int = 0
     answered: int = 0
     ok: int = 0
+    ok_in_window: int = 0  # the 200s that came back before `seconds` had passed (a rate's numerator)
     errored: dict[str, int] = field(default_factory=dict)
     lost: int = 0
     lost_reasons: dict[str, int] = field(default_factory=dict)
@@ -84,7 +86,8 @@ def service_identity(url: str, headers: dict | None = None) -> tuple[str, str]:
     return answer["instance"], answer["application"]
 
 
-def _valid_image(body: bytes, size: tuple[int, int]) -> bool:
+def valid_image(body: bytes, size: tuple[int, int]) -> bool:
+    """Whether `body` opens as an image of `size` (the header only: cheap enough inside a load generator)."""
     try:
         with Image.open(io.BytesIO(body)) as image:
             return image.size == size
@@ -123,13 +126,15 @@ def run_soak(
                         report.lost += 1
                         report.lost_reasons[type(exc).__name__] = report.lost_reasons.get(type(exc).__name__, 0) + 1
                     continue
-                elapsed_ms = (time.monotonic() - started) * 1000
+                answered_at = time.monotonic()
+                elapsed_ms = (answered_at - started) * 1000
                 with lock:
                     report.answered += 1
                     if response.status_code == 200:
                         report.ok += 1
+                        report.ok_in_window += answered_at <= deadline
                         latencies.append(elapsed_ms)
-                        report.bad_result += not _valid_image(response.content, (side, side))
+                        report.bad_result += not valid_image(response.content, (side, side))
                     else:
                         key = str(response.status_code)
                         report.errored[key] = report.errored.get(key, 0) + 1

@@ -26,7 +26,7 @@ from serve import uploads as req
 from serve.loop_lag import LoopLag
 from serve.problems import Problem
 from serve.worker_threads import worker_pool
-from tests.helpers import REPO, box_mask, photo, png_bytes, post_remove
+from tests.helpers import REPO, CannedAnswers, box_mask, load_script, loopback_server, photo, png_bytes, post_remove
 
 NAMES = ("image", "mask")
 
@@ -207,6 +207,30 @@ def test_loop_lag_reports_each_windows_worst_whoever_reads_healthz():
     asyncio.run(scenario())
     assert len(reported) >= 3, reported
     assert max(reported) >= 0.11 and sorted(reported)[0] < 0.05, reported
+
+
+def test_the_healthz_probe_counts_a_stall_in_every_probe_it_delayed():
+    """bench_healthz_under_load's probe timed each GET from its send: after one slow answer the probes that had
+    fallen due went out back to back, each fast, so a 600 ms stall showed as one slow sample where the probes
+    due every 50 ms during it waited 600, 550, 500, ... ms (a review's repro: p95 18 ms against 297 ms from the
+    schedule). Latency now counts from each probe's scheduled time."""
+    import queue
+
+    bench = load_script("loadtests/bench_healthz_under_load.py")
+    calls = []
+
+    class StallsOnce(CannedAnswers):
+        def do_GET(self):
+            calls.append(None)
+            if len(calls) == 2:  # the first timed probe (the first GET only connects)
+                time.sleep(0.6)
+            self.reply(200, b'{"loop_lag_ms": 0.0}', {"Content-Type": "application/json"})
+
+    results = queue.Queue()
+    with loopback_server(StallsOnce) as url:
+        bench.probe(url, 1.0, results)
+    samples = results.get_nowait()["samples_ms"]
+    assert sum(ms >= 200 for ms in samples) >= 5, samples
 
 
 def test_json_of_many_keys_is_parsed_member_by_member(monkeypatch):

@@ -86,3 +86,30 @@ def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
         for host in ("http://127.0.0.1:8700", "https://api.example", "http://api.example")
     ], "a URL without a port is on its scheme's: 443 or 80, not 8000"
     assert waits == "3.0 5.0 1.0 0.0 1.0 60.0 1.0", "seconds; an HTTP date, from now; neither: 1 s; at most 60 s"
+
+
+def test_grpc_users_time_the_answer_not_the_check_of_its_image():
+    """A gRPC user's response_time was taken after image_problem had decoded the returned image (a 12 MP PNG:
+    ~200 ms on this machine), which REST users' times do not include (locust times them when the body has
+    arrived). A fake clock: the call takes 5 ms, the check 1 s; the user must report 5 ms and still the check."""
+    code = (
+        "import sys, types; sys.path.insert(0, 'loadtests'); import locustfile as l\n"
+        "clock, fired = [0.0], []\n"
+        "l.time = types.SimpleNamespace(perf_counter=lambda: clock[0])\n"
+        "l.events = types.SimpleNamespace(request=types.SimpleNamespace(fire=lambda **kw: fired.append(kw)))\n"
+        "def remove(request, timeout):\n"
+        "    clock[0] += 0.005\n"
+        "    return types.SimpleNamespace(image=b'not an image')\n"
+        "def check(content, size):\n"
+        "    clock[0] += 1.0\n"
+        "    return 'not a valid image'\n"
+        "l.image_problem = check\n"
+        "user = object.__new__(l.GrpcUser)\n"
+        "user.stub = types.SimpleNamespace(Remove=remove)\n"
+        "user.remove()\n"
+        "print(round(fired[0]['response_time'], 3), fired[0]['exception'], fired[0]['response_length'])\n"
+    )
+    env = {**os.environ, "ROREM_MIX": "512:1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["5.0", "not", "a", "valid", "image", "12"]
