@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,11 +195,14 @@ class RemovalEngine:
         runner: RunnerKind = "torch",
         runner_path: str | Path | None = None,
         cuda_graph: bool = False,
+        buckets: Sequence[int] = (),
     ) -> "RemovalEngine":
         """runner "torch" loads the bundle's UNet weights; "onnx" / "tensorrt" run an exported UNet
         (`runner_path`, unchecked; else the bundle's current export, see engines.runners.current_export)
         and do not load the UNet weights into torch. Exported graphs are float32 or float16:
         dtype None picks float32 on CPU, float16 on CUDA (or the file's own with a runner_path).
+        `buckets`: the image sides it will run, at each of which the bundle's ONNX export must have passed its
+        parity check.
 
         cuda_graph: the torch runner captures encode / denoise / decode per warmed shape
         (engines.graphs); the TensorRT runner replays a graph per UNet input shape; the ONNX
@@ -215,11 +219,11 @@ class RemovalEngine:
                 raise ValueError("the ONNX runner cannot replay CUDA graphs: ONNX Runtime synchronises on every run")
             if dtype is not None and dtype not in EXPORT_DTYPES.values():
                 raise ValueError(f"the {runner} runner runs float32 or float16 exports, not {dtype}")
-            sha256 = rebuild = None
+            sha256 = data_sha256 = rebuild = None
             if runner_path is None:
                 dtype = dtype or default_export_dtype(device)
-                export = current_export(bundle, runner, dtype)
-                runner_path, sha256 = export.path, export.sha256
+                export = current_export(bundle, runner, dtype, buckets=buckets)
+                runner_path, sha256, data_sha256 = export.path, export.sha256, export.data_sha256
                 rebuild = export_command(bundle, runner, dtype)
             unet_runner = make_unet_runner(
                 runner,
@@ -229,6 +233,7 @@ class RemovalEngine:
                 compile=compile,
                 cuda_graph=cuda_graph,
                 sha256=sha256,
+                data_sha256=data_sha256,
                 rebuild=rebuild,
             )
         prompt_embeds, pooled = bundle.load_prompt_embeds()

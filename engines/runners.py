@@ -12,13 +12,15 @@ another upsampling path in the SDXL UNet, which the exported graph does not hold
 Exports live in the bundle folder under exports/ and are recorded in the manifest's
 provenance["exports"] (see export/manifest.py); `current_export` is the one way serving finds them:
 only a recorded, hash-listed file inside the bundle, made from the bundle's UNet weights (an ONNX graph:
-with a passed parity check; a plan: from the bundle's current ONNX export), is served.
+with a passed parity check at each bucket side served; a plan: from the bundle's current ONNX export), is
+served, and the runners load it from the bytes checked against the manifest's sha256 (`read_checked`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -26,12 +28,15 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 from diffusers import UNet2DConditionModel
 
+from engines.errors import BundleError
+
 if TYPE_CHECKING:
     from engines.bundle import Bundle
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
 UNET_OUTPUT = "noise_pred"
 LATENT_MULTIPLE = 4
+VAE_FACTOR = 8  # image side / latent side
 EXPORTS_DIR = "exports"
 RunnerKind = Literal["torch", "onnx", "tensorrt"]
 ExportKind = Literal["onnx", "tensorrt"]
@@ -130,6 +135,20 @@ def flat_inputs(
     return {name: tensors[name].to(device=device, dtype=dtypes[name]).contiguous() for name in UNET_INPUTS}
 
 
+def read_checked(path: Path, sha256: str | None) -> bytes:
+    """The file's bytes, checked against `sha256` (the bundle manifest's) when given: a runner builds on the bytes
+    that were hashed, so a file replaced after `Bundle.verify`, or never verified (`bundle.verify: false`), is
+    refused, not run."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise _changed(path)
+    return data
+
+
+def _changed(path: Path) -> BundleError:
+    return BundleError(f"{path}: sha256 differs from the bundle manifest's (the file changed since it was recorded)")
+
+
 # ----------------------------------------------------------------------------------------------
 # ONNX Runtime
 
@@ -183,7 +202,15 @@ class OnnxUNetRunner:
         dtype: torch.dtype | None = None,
         providers: list | None = None,
         threads: int | None = None,
+        sha256: str | None = None,
+        data_sha256: str | None = None,
     ):
+        """`sha256`: what the graph's bytes must hash to (the bundle manifest's); the session is built from those
+        very bytes. `data_sha256`: the same for its external data file (<graph>.data, over ~2 GB of weights),
+        which ONNX Runtime reads by name when the session is built: it is hashed just before, so one swapped in
+        between that hash and the session's read is the window left. Given `sha256`, a .data file beside the
+        graph without `data_sha256` (not recorded with it) is refused. The graph's bytes are held until the
+        session is built: with inline weights (under ~2 GB), that much memory more at start."""
         ort = _import_onnxruntime()
         self.path = Path(onnx_path)
         if not self.path.is_file():
@@ -204,7 +231,8 @@ class OnnxUNetRunner:
                 (p, {"device_id": self.device.index}) if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else p
                 for p in providers
             ]
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        model = str(self.path) if sha256 is None else self._checked_model(options, sha256, data_sha256)
+        self.session = ort.InferenceSession(model, options, providers=providers)
         require_ort_gpu_provider(self.device, self.session.get_providers(), ort.get_available_providers())
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
@@ -225,6 +253,20 @@ class OnnxUNetRunner:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.providers = self.session.get_providers()
         self.iobinding = self.device.type == "cuda" and self.providers[0] != "CPUExecutionProvider"
+
+    def _checked_model(self, options, sha256: str, data_sha256: str | None) -> bytes:
+        """The graph's bytes checked against `sha256`, its external data file's against `data_sha256`, and
+        `options` pointed at the graph's folder for that file (a session built from bytes has no path)."""
+        from engines.bundle import sha256_of
+
+        model = read_checked(self.path, sha256)
+        data = self.path.with_name(self.path.name + ".data")
+        if data_sha256 is not None and sha256_of(data) != data_sha256:
+            raise _changed(data)
+        if data_sha256 is None and data.exists():
+            raise BundleError(f"{data}: beside the recorded graph {self.path.name} but not recorded with it")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
+        return model
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: UNetConditioning) -> torch.Tensor:
         if self.iobinding:
@@ -302,9 +344,7 @@ class TensorRTUNetRunner:
         if not self.path.is_file():
             raise FileNotFoundError(f"no TensorRT plan at {self.path} (build one: python -m export tensorrt --help)")
         self.info = self._check_sidecar()
-        plan = self.path.read_bytes()
-        if sha256 is not None and hashlib.sha256(plan).hexdigest() != sha256:
-            raise RuntimeError(f"{self.path}: sha256 differs from the bundle manifest's (changed since verified)")
+        plan = read_checked(self.path, sha256)
         self.cuda_graph = cuda_graph
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -504,10 +544,12 @@ def default_export_dtype(device: str | torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ExportFile:
-    """A bundle's export file and the sha256 its manifest lists for it."""
+    """A bundle's export file and the sha256 its manifest lists for it (and for an ONNX graph's external data
+    file, <graph>.data, when the record lists one)."""
 
     path: Path
     sha256: str
+    data_sha256: str | None = None
 
 
 def export_command(bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str) -> str:
@@ -524,8 +566,6 @@ def recorded_export(
     """The bundle's record of this export and its file, whether current or not; refused when there is none,
     or when the file it names is not one of its files, all of them listed (with sha256) in manifest.files,
     present, plain files inside the bundle folder."""
-    from engines.bundle import BundleError
-
     key = export_key(kind, dtype, compute_capability)
     record = bundle.manifest.provenance.get("exports", {}).get(key)
     fix = f"run `{export_command(bundle, kind, dtype)}`"
@@ -545,17 +585,37 @@ def recorded_export(
         raise BundleError(f"{bundle.path}: the {key} export: {exc}: {fix}") from exc
     if missing:
         raise BundleError(f"{bundle.path}: the {key} export's files {missing} are missing: {fix}")
-    return record, ExportFile(bundle.file(record["path"]), bundle.manifest.files[record["path"]].sha256)
+    data = record["path"] + ".data"
+    data_sha256 = bundle.manifest.files[data].sha256 if data in files else None
+    return record, ExportFile(bundle.file(record["path"]), bundle.manifest.files[record["path"]].sha256, data_sha256)
+
+
+def verified_sides(record: dict) -> set[int]:
+    """The image sides at which an ONNX export's recorded parity check ran (its report's square latent cases);
+    none for a record that lists no cases (an older exporter's)."""
+    verified = record.get("verify") if isinstance(record.get("verify"), dict) else {}
+    sides = set()
+    for case in verified.get("cases") if isinstance(verified.get("cases"), list) else []:
+        latent = case.get("latent") if isinstance(case, dict) else None
+        if isinstance(latent, list) and len(latent) == 2 and latent[0] == latent[1]:
+            sides.add(VAE_FACTOR * latent[0])
+    return sides
 
 
 def current_export(
-    bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str, *, compute_capability: str | None = None
+    bundle: Bundle,
+    kind: ExportKind,
+    dtype: torch.dtype | str,
+    *,
+    compute_capability: str | None = None,
+    buckets: Sequence[int] = (),
 ) -> ExportFile:
     """The bundle's export to serve (`recorded_export`), refused when it was made from other UNet weights
     than the bundle's, for an ONNX graph when its record has no passed parity check (exported with
-    --no-verify, or by an older exporter that did not check by default), or, for a TensorRT plan, when
+    --no-verify, or by an older exporter that did not check by default) or one that did not run at each of
+    `buckets` (the image sides to serve: the graph takes another path at each), or, for a TensorRT plan, when
     built from another ONNX than the bundle's current export. `engine.runner_path` serves a file unchecked."""
-    from engines.bundle import UNET_WEIGHTS, BundleError
+    from engines.bundle import UNET_WEIGHTS
 
     record, export = recorded_export(bundle, kind, dtype, compute_capability=compute_capability)
     key = export_key(kind, dtype, compute_capability)
@@ -575,9 +635,19 @@ def current_export(
             f"`python -m export verify --bundle {bundle.path} --dtype {_dtype_name(dtype)}` (records it once it "
             f"passes), or {fix}"
         )
+    checked = verified_sides(record) if kind == "onnx" else set(buckets)
+    if set(buckets) - checked:
+        sides = ",".join(str(side) for side in sorted(set(buckets)))
+        ran = f"ran at {sorted(checked)} px only" if checked else "does not say at which sizes it ran (an older record)"
+        raise BundleError(
+            f"{bundle.path}: the {key} export's parity check {ran}, not at the served bucket sides "
+            f"{sorted(set(buckets) - checked)}: run `python -m export verify --bundle {bundle.path} --dtype "
+            f"{_dtype_name(dtype)} --buckets {sides}` (records it once it passes), or "
+            f"`{export_command(bundle, kind, dtype)} --buckets {sides}`"
+        )
     if kind == "tensorrt":
         try:
-            onnx = current_export(bundle, "onnx", dtype)
+            onnx = current_export(bundle, "onnx", dtype, buckets=buckets)
         except BundleError as exc:
             raise BundleError(f"{exc}; then build the {key} plan again: {fix}") from exc
         built_from = record.get("plan", {}).get("onnx_sha256")
@@ -600,10 +670,12 @@ def make_unet_runner(
     cuda_graph: bool = False,
     providers: list | None = None,
     sha256: str | None = None,
+    data_sha256: str | None = None,
     rebuild: str | None = None,
 ) -> UNetRunner:
-    """torch: `unet` (already in its dtype); onnx / tensorrt: the exported file at `path` (a plan's bytes
-    checked against `sha256` when given, and `rebuild` named when its profiles do not fit the service)."""
+    """torch: `unet` (already in its dtype); onnx / tensorrt: the exported file at `path`, loaded from bytes
+    checked against `sha256` when given (an ONNX graph's external data file against `data_sha256`: see
+    OnnxUNetRunner), and for a plan, `rebuild` named when its profiles do not fit the service."""
     device = torch.device(device)
     if kind == "torch":
         if unet is None:
@@ -614,7 +686,7 @@ def make_unet_runner(
     if path is None:
         raise ValueError(f"the {kind} runner needs the exported file's path")
     if kind == "onnx":
-        return OnnxUNetRunner(path, device, dtype=dtype, providers=providers)
+        return OnnxUNetRunner(path, device, dtype=dtype, providers=providers, sha256=sha256, data_sha256=data_sha256)
     if kind == "tensorrt":
         runner = TensorRTUNetRunner(path, device, cuda_graph=cuda_graph, sha256=sha256, rebuild=rebuild)
         if dtype is not None and dtype != runner.dtype:

@@ -9,7 +9,8 @@
     python -m export bench --tiny --runners torch,onnx --side 512  # one removal per runner, ms per stage
 Every ONNX export is checked against the torch UNet on ONNX Runtime before it replaces the bundle's
 current one (--no-verify records it unchecked, and serving refuses it); with a Serve config or
---buckets the check includes one image at each bucket side.
+--buckets the check includes one image at each bucket side, and serving refuses a graph not checked at
+each bucket it runs.
 The bundle is --bundle PATH, or --tiny (generated in --cache-dir, as Serve does), or the one the
 Serve config names (--config). Files go to <bundle>/exports/ and are recorded in its manifest.
 """
@@ -161,8 +162,11 @@ def _cmd_onnx(args, progress: Progress) -> int:
 
 def _cmd_verify(args, progress: Progress) -> int:
     """Checks the bundle's export of --dtype (or --onnx) against its UNet; the bundle's own export is
-    recorded as current only when it passes at the default tolerances, so a stale export that fails,
-    or passes only a loosened check, stays refused by serving."""
+    recorded as current (made from the UNet it was checked against, whatever weights it was exported from)
+    only when it passes at the default tolerances, so a stale export that fails, or passes only a loosened
+    check, stays refused by serving. The record's report lists the sizes checked: serving refuses the graph
+    for a bucket side not among them."""
+    from engines.bundle import UNET_WEIGHTS
     from engines.runners import export_key, recorded_export
     from export.manifest import record_export
     from export.onnx_export import onnx_files
@@ -186,7 +190,9 @@ def _cmd_verify(args, progress: Progress) -> int:
     loosened = args.max_abs is not None or args.mean_abs is not None
     narrowed = not set(served_cases) <= set(cases)  # --cases that leave out a shape the service runs
     if record is not None and report["passed"] and not loosened and not narrowed:
-        record_export(bundle, export_key("onnx", args.dtype), onnx_files(path), {**record, "verify": report})
+        checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
+        key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
+        record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against)
         progress.say(f"recorded {record['path']} as matching the bundle's UNet")
     elif record is not None:
         why = "failed" if not report["passed"] else "tolerances overridden" if loosened else "--cases leave out buckets"
@@ -342,7 +348,7 @@ def _cmd_bench(args, progress: Progress) -> int:
     results, outputs = {}, {}
     for kind in args.runners.split(","):
         with progress.stage(f"{kind} runner: warm-up + {args.runs} runs of {args.batch} x {side} px"):
-            engine = RemovalEngine.from_bundle(bundle, device=args.device, runner=kind)
+            engine = RemovalEngine.from_bundle(bundle, device=args.device, runner=kind, buckets=[side])
             engine.remove(jobs)
             totals, stages = [], []
             for _ in range(args.runs):

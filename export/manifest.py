@@ -4,8 +4,10 @@ Files go under <bundle>/exports/ and are listed in manifest.files with sha256 an
 weights, so `Bundle.load(verify=True)` covers them. Each export has a record in
 manifest.provenance["exports"] (Manifest forbids unknown top-level keys; provenance is free-form);
 serving takes only what `engines.runners.current_export` accepts: a record whose path is one of its
-files, listed in manifest.files, made from the bundle's UNet weights, and for a plan, built from the
-bundle's current ONNX export of its dtype (the plan's onnx_sha256 is that record's graph sha256):
+files, listed in manifest.files, made from the bundle's UNet weights, for an ONNX graph verified at each
+bucket side served (its report's "cases"), and for a plan, built from the bundle's current ONNX export of
+its dtype (the plan's onnx_sha256 is that record's graph sha256); the runners load those files from bytes
+checked against their sha256:
 
     "exports": {
       "onnx.float32": {"kind": "onnx", "dtype": "float32", "path": "exports/unet.fp32.onnx",
@@ -19,7 +21,8 @@ bundle's current ONNX export of its dtype (the plan's onnx_sha256 is that record
 A record is written by an export that passed its parity check (or, with `verify: {"passed": false,
 "skipped": true}`, by one asked not to run it: serving refuses that one), by `python -m export verify`
 only when the check passed at the default tolerances, and for a plan only when it was built from the
-bundle's current ONNX export.
+bundle's current ONNX export. Its unet_sha256 is the UNet the files were made from (or, by `verify`,
+checked against), refused under the manifest lock when the bundle's UNet is no longer that one.
 
 An export is made in a staging folder inside exports/ and verified there; only then are its files
 renamed over the current ones and the record written, so a failed or interrupted export leaves the
@@ -63,11 +66,21 @@ def staging_folder(final_folder: Path) -> Iterator[Path]:
 
 
 def record_export(
-    bundle: Bundle | str | Path, key: str, files: list[Path], record: dict[str, Any], *, staged: Path | None = None
+    bundle: Bundle | str | Path,
+    key: str,
+    files: list[Path],
+    record: dict[str, Any],
+    *,
+    made_from: str | None,
+    staged: Path | None = None,
 ) -> Bundle:
-    """List `files` (inside the bundle folder) with their sha256 and store `record` (plus "files"
-    and the bundle's UNet sha256) as provenance["exports"][key]; returns the reloaded bundle.
+    """List `files` (inside the bundle folder) with their sha256 and store `record` (plus "files" and
+    "unet_sha256") as provenance["exports"][key]; returns the reloaded bundle.
     Files listed by an earlier record under the same key and not reused are unlisted.
+
+    `made_from`: the sha256 of the UNet weights the files were made from (or checked against): refused
+    (BundleError) unless it is the bundle's UNet as its manifest lists it under the lock, so an export that
+    raced a bundle replacement is not recorded as current.
 
     `staged`: a folder holding the new content of each file under its name; they are hashed there, then
     renamed over the files just before the manifest is written (under its lock), and the earlier record's
@@ -81,6 +94,12 @@ def record_export(
         relative.append(file.relative_to(path).as_posix())
     with manifest_lock(path):
         manifest = Manifest.model_validate_json((path / MANIFEST).read_text())  # re-read under the lock
+        unet_sha256 = manifest.files[UNET_WEIGHTS].sha256
+        if made_from != unet_sha256:
+            raise BundleError(
+                f"{path}: the {key} export was made from UNet weights {(made_from or 'unrecorded')[:12]}, the "
+                f"bundle's are now {unet_sha256[:12]} (replaced meanwhile): not recorded; export it again"
+            )
         provenance = copy.deepcopy(manifest.provenance)
         exports = provenance.setdefault("exports", {})
         previous = exports.get(key, {}).get("files", [])
@@ -91,7 +110,7 @@ def record_export(
         for name in relative:
             content = staged / Path(name).name if staged else path / name
             files_table[name] = FileEntry(sha256=sha256_of(content), bytes=content.stat().st_size)
-        exports[key] = {**record, "files": relative, "unet_sha256": manifest.files[UNET_WEIGHTS].sha256}
+        exports[key] = {**record, "files": relative, "unet_sha256": unet_sha256}
         updated = manifest.model_copy(update={"files": files_table, "provenance": provenance})
         tmp = path / (MANIFEST + ".partial")
         tmp.write_text(Manifest.model_validate(updated.model_dump()).model_dump_json(indent=2))
@@ -114,14 +133,15 @@ def ensure_unet_onnx(
 ) -> Path:
     """The bundle's current ONNX export of this dtype, exported, verified (on the default cases and
     each of `buckets`, image sides) and recorded first if serving would refuse it (missing, unrecorded,
-    unverified, made from other weights). Safe to call from several processes at once."""
+    unverified or not at each of `buckets`, made from other weights). Safe to call from several processes
+    at once."""
     with FileLock(str(bundle.path.with_name(bundle.path.name + f".export-onnx-{dtype}.lock"))):
         try:
-            return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype).path
+            return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
         except BundleError as exc:
             progress.say(f"exporting again: {exc}")
         export_and_record_onnx(Bundle.load(bundle.path, verify=False), dtype, buckets=buckets, progress=progress)
-        return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype).path
+        return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
 
 
 def export_and_record_onnx(
@@ -160,7 +180,8 @@ def export_and_record_onnx(
         final_files = [out_path.parent / file.name for file in onnx_files(staged)]
         if out_path.resolve().is_relative_to(bundle.path.resolve()):
             record["path"] = out_path.resolve().relative_to(bundle.path.resolve()).as_posix()
-            record_export(bundle, export_key("onnx", dtype), final_files, record, staged=staging)
+            made_from = record["metadata"].get("unet_sha256")
+            record_export(bundle, export_key("onnx", dtype), final_files, record, made_from=made_from, staged=staging)
             progress.say(f"recorded {record['path']} in {bundle.path / MANIFEST}")
         else:
             for file in final_files:
@@ -191,7 +212,8 @@ def record_plan(
     only once it is recorded (see record_export)."""
     from engines.runners import plan_sidecar
 
-    check_plan_source(Bundle.load(bundle.path, verify=False), info["onnx_sha256"], dtype)
+    current = Bundle.load(bundle.path, verify=False)
+    check_plan_source(current, info["onnx_sha256"], dtype)
     key = export_key("tensorrt", dtype, info["compute_capability"])
     record = {
         "kind": "tensorrt",
@@ -199,4 +221,5 @@ def record_plan(
         "path": Path(plan_path).resolve().relative_to(bundle.path.resolve()).as_posix(),
         "plan": info,
     }
-    return record_export(bundle, key, [Path(plan_path), plan_sidecar(plan_path)], record, staged=staged)
+    files, made_from = [Path(plan_path), plan_sidecar(plan_path)], current.manifest.files[UNET_WEIGHTS].sha256
+    return record_export(bundle, key, files, record, made_from=made_from, staged=staged)

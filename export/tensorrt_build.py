@@ -24,10 +24,9 @@ from typing import Any
 import yaml
 
 from engines.bundle import sha256_of
-from engines.runners import LATENT_MULTIPLE, UNET_INPUTS, import_tensorrt, plan_sidecar
+from engines.runners import LATENT_MULTIPLE, UNET_INPUTS, VAE_FACTOR, import_tensorrt, plan_sidecar
 from export.progress import QUIET, Progress
 
-VAE_FACTOR = 8
 Shape = tuple[int, ...]
 
 

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from engines.runners import UNET_INPUTS, UNET_OUTPUT
+from engines.runners import UNET_INPUTS, UNET_OUTPUT, VAE_FACTOR
 from export.onnx_export import FlatUNet, example_inputs, read_onnx_metadata
 from export.progress import QUIET, Progress
-from export.tensorrt_build import VAE_FACTOR
 
 TOLERANCES = {
     "float32": {"max_abs": 1e-4, "mean_abs": 1e-5},

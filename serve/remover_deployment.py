@@ -67,6 +67,7 @@ class Remover(LiveSettings):
             runner=engine_cfg.runner,
             runner_path=engine_cfg.runner_path,
             cuda_graph=use_graphs,
+            buckets=self.settings.imaging.buckets,
         )
         self.engine_turn = asyncio.Lock()  # the engine runs one batch at a time, whatever its bucket
         self.queues = {side: self._bucket_queue(side) for side in self.settings.imaging.buckets}

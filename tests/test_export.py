@@ -395,7 +395,12 @@ def onnx_opened(monkeypatch) -> list[Path]:
 
 
 PASSED_REPORT = {"passed": True, "dtype": "float32", "max_abs": 3e-6, "mean_abs": 1e-7,
-                 "tolerance": {"max_abs": 1e-4, "mean_abs": 1e-5}}  # fmt: skip
+                 "tolerance": {"max_abs": 1e-4, "mean_abs": 1e-5},
+                 "cases": [{"batch": 1, "latent": [32, 32]}, {"batch": 3, "latent": [64, 64]}]}  # fmt: skip
+
+
+def _unet_sha256(bundle_path: Path) -> str:
+    return Bundle.load(bundle_path, verify=False).manifest.files[UNET_WEIGHTS].sha256
 
 
 def _record_dummy_onnx(bundle_path: Path, dtype: str = "float32", verify: dict | None = PASSED_REPORT) -> Path:
@@ -412,7 +417,7 @@ def _record_dummy_onnx(bundle_path: Path, dtype: str = "float32", verify: dict |
     record = {"kind": "onnx", "dtype": dtype, "path": path.relative_to(bundle_path).as_posix()}
     if verify is not None:
         record["verify"] = verify
-    record_export(bundle_path, f"onnx.{dtype}", [path], record)
+    record_export(bundle_path, f"onnx.{dtype}", [path], record, made_from=_unet_sha256(bundle_path))
     return path
 
 
@@ -521,13 +526,14 @@ def test_a_plan_is_recorded_and_served_only_with_the_onnx_it_was_built_from(tiny
 
 
 @pytest.fixture
-def stub_export(monkeypatch) -> SimpleNamespace:
-    """export_unet_onnx writes new bytes where it is told; verify_onnx returns `report` (or raises it),
-    noting the path and cases it was given."""
+def stub_export(monkeypatch, tiny_bundle) -> SimpleNamespace:
+    """export_unet_onnx writes new bytes where it is told, made from `made_from` (its metadata's unet_sha256:
+    the tiny bundle's UNet); verify_onnx returns `report` with the cases it was given (or raises it), noting
+    the path and cases."""
     import export.onnx_export
     import export.verify
 
-    seen = SimpleNamespace(report=PASSED_REPORT, verified=[], cases=[])
+    seen = SimpleNamespace(report=PASSED_REPORT, verified=[], cases=[], made_from=_unet_sha256(tiny_bundle.path))
 
     def export_unet_onnx(bundle, out_path, **_):
         Path(out_path).write_bytes(b"a new graph")
@@ -538,10 +544,12 @@ def stub_export(monkeypatch) -> SimpleNamespace:
         seen.cases.append(cases)
         if isinstance(seen.report, BaseException):
             raise seen.report
-        return seen.report
+        return {**seen.report, "cases": [{"batch": b, "latent": [h, w]} for b, h, w in cases]}
 
     monkeypatch.setattr(export.onnx_export, "export_unet_onnx", export_unet_onnx)
-    monkeypatch.setattr(export.onnx_export, "read_onnx_metadata", lambda path: {"dtype": "float32"})
+    monkeypatch.setattr(
+        export.onnx_export, "read_onnx_metadata", lambda path: {"dtype": "float32", "unet_sha256": seen.made_from}
+    )
     monkeypatch.setattr(export.verify, "verify_onnx", verify_onnx)
     return seen
 
@@ -575,8 +583,9 @@ def test_an_export_that_passes_replaces_the_current_one_and_its_record(tiny_bund
     assert sorted(p.name for p in onnx.parent.iterdir()) == [onnx.name]
     assert (1, 128, 128) in stub_export.cases[0], "the 1024 px bucket was not checked"
     bundle = Bundle.load(copy, verify=True)
-    assert bundle.manifest.provenance["exports"]["onnx.float32"]["verify"] == PASSED_REPORT
-    RemovalEngine.from_bundle(bundle, runner="onnx")
+    recorded = bundle.manifest.provenance["exports"]["onnx.float32"]["verify"]
+    assert recorded["passed"] and {"batch": 1, "latent": [128, 128]} in recorded["cases"]
+    RemovalEngine.from_bundle(bundle, runner="onnx", buckets=[512, 1024])
     assert onnx_opened == [onnx.resolve()]
 
 
@@ -623,6 +632,97 @@ def test_serving_refuses_an_onnx_export_not_verified(tiny_bundle, tmp_path, onnx
     with pytest.raises(BundleError, match=f"{refusal}.*python -m export verify --bundle .* --dtype float32"):
         RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
     assert onnx_opened == []
+
+
+def test_serving_refuses_an_onnx_export_not_verified_at_a_served_bucket(tiny_bundle, tmp_path, onnx_opened):
+    """A graph checked at the default 256 and 512 px cases only (`python -m export verify` without --buckets) is
+    not served at 1024 px; a record that does not list its cases (an older exporter's) is checked at nothing."""
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    RemovalEngine.from_bundle(Bundle.load(copy), runner="onnx", buckets=[256, 512])
+    assert onnx_opened == [onnx.resolve()]
+    refusal = r"ran at \[256, 512\] px only, not at the served bucket sides \[1024\]: run `python -m export verify "
+    with pytest.raises(BundleError, match=refusal + r"--bundle \S+ --dtype float32 --buckets 512,1024`"):
+        RemovalEngine.from_bundle(Bundle.load(copy), runner="onnx", buckets=[512, 1024])
+    _record_dummy_onnx(copy, verify={k: v for k, v in PASSED_REPORT.items() if k != "cases"})
+    with pytest.raises(BundleError, match="does not say at which sizes it ran.*--buckets 512`"):
+        RemovalEngine.from_bundle(Bundle.load(copy), runner="onnx", buckets=[512])
+    assert onnx_opened == [onnx.resolve()]
+
+
+def test_ensure_unet_onnx_exports_again_for_a_bucket_its_graph_was_not_checked_at(
+    tiny_bundle, tmp_path, onnx_opened, stub_export
+):
+    from export.manifest import ensure_unet_onnx
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512]) == onnx and not stub_export.verified
+    assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512, 1024]) == onnx
+    assert (1, 128, 128) in stub_export.cases[-1] and onnx.read_bytes() == b"a new graph"
+
+
+def test_an_export_made_from_other_weights_than_the_bundles_is_not_recorded(tiny_bundle, tmp_path, stub_export):
+    """The bundle's UNet was replaced while the graph was exported (its metadata names the weights it was made
+    from): recorded, serving would take it as made from the new ones."""
+    from export.manifest import export_and_record_onnx
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    manifest = (copy / MANIFEST).read_text()
+    stub_export.made_from = "0" * 64
+    with pytest.raises(BundleError, match="made from UNet weights 000000000000, the bundle's are now .*not recorded"):
+        export_and_record_onnx(Bundle.load(copy), "float32")
+    assert (copy / MANIFEST).read_text() == manifest and not list((copy / "exports").iterdir())
+
+
+def _stand_in_graph(path: Path, offset: float, external: bool) -> None:
+    """A graph with the exported UNet's signature, noise_pred = sample[:, :4] + mean(weights), weights all
+    `offset` (`external`: the weights in <graph>.data, as an SDXL export keeps its own)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def value(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    inputs = [value("sample", ["B", "C", "h", "w"]), value("timestep", ["B"]),
+              value("encoder_hidden_states", ["B", "S", "D"]), value("text_embeds", ["B", "P"]),
+              value("time_ids", ["B", 6])]  # fmt: skip
+    values = {"start": [0], "end": [4], "axis": [1], "weights": np.full(512, offset, np.float32)}
+    constants = [numpy_helper.from_array(np.asarray(array), name) for name, array in values.items()]
+    nodes = [helper.make_node("Slice", ["sample", "start", "end", "axis"], ["sliced"]),
+             helper.make_node("ReduceMean", ["weights"], ["offset"], keepdims=0),
+             helper.make_node("Add", ["sliced", "offset"], ["noise_pred"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "stand-in", inputs, [value("noise_pred", ["B", 4, "h", "w"])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    external_data = {"save_as_external_data": True, "location": path.name + ".data"}  # the weights: over 1 kB
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx.save appends to an existing one
+    onnx.save(model, str(path), **(external_data if external else {}))
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["graph", "external data"])
+def test_the_onnx_runner_runs_only_the_bytes_the_manifest_lists(tiny_bundle, tmp_path, external):
+    """A file swapped after the bundle was verified, or in a bundle served with `bundle.verify: false`, is refused
+    by name, not served: the session is built from the graph bytes that were hashed (its .data hashed first)."""
+    from engines.runners import export_filename
+    from export.manifest import record_export
+    from export.onnx_export import onnx_files
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    graph = copy / export_filename("onnx", "float32")
+    graph.parent.mkdir()
+    _stand_in_graph(graph, 0.0, external)
+    record = {"kind": "onnx", "dtype": "float32", "path": export_filename("onnx", "float32"), "verify": PASSED_REPORT}
+    record_export(copy, "onnx.float32", onnx_files(graph), record, made_from=_unet_sha256(copy))
+    assert len(onnx_files(graph)) == (2 if external else 1)
+    job = [RemovalJob(np.full((64, 64, 3), 128, np.uint8), np.pad(np.ones((32, 32), bool), 16), seed=0)]
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx").remove(job)
+
+    recorded = graph.read_bytes()
+    _stand_in_graph(graph, 5.0, external)
+    assert (graph.read_bytes() == recorded) == external, "with external data, only the .data file changes"
+    changed = onnx_files(graph)[-1]
+    with pytest.raises(BundleError, match=f"{changed.name}: sha256 differs from the bundle manifest"):
+        RemovalEngine.from_bundle(Bundle.load(copy, verify=False), runner="onnx")
 
 
 def test_export_all_with_tensorrt_asks_for_the_serve_buckets_before_any_work(tiny_bundle, monkeypatch, capsys):

@@ -260,6 +260,7 @@ def _open_remover(settings: EvaluateSettings, bundle, device: torch.device):
             runner=settings.runner,
             runner_path=settings.runner_path,
             cuda_graph=settings.cuda_graph,
+            buckets=settings.buckets,
         )
     except ValueError as exc:  # a runner, dtype and device that do not go together
         raise TrainingError(f"cannot build the {settings.runner} engine: {exc}") from exc
