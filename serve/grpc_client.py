@@ -28,6 +28,7 @@ from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
 
 SERVICE_SHARE = 0.95  # of the call's deadline, sent as timeout_s (`service_timeout_s`)
+OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}  # for engines.imaging.OUTPUT_FORMATS
 API_KEY_ENV = "ROREM_API_KEY"
 APPLICATION_METADATA = "application"  # Ray's gRPC proxy routes a call to the Serve application it names
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -91,7 +92,10 @@ def _request_types():
     from engines.imaging import OUTPUT_FORMATS
     from serve.protocol import Seed, TimeoutS
 
+    # Pillow's table names other image formats' suffixes (to refuse them); the service's own are fixed here, so a
+    # Pillow built without one (WebP) does not leave -o out.webp to be written in the photo's format
     suffixes = {suffix: name.lower() for suffix, name in Image.registered_extensions().items()}
+    suffixes |= OUTPUT_SUFFIXES
     return TypeAdapter(Seed), TypeAdapter(TimeoutS).json_schema()["maximum"], OUTPUT_FORMATS, suffixes
 
 
@@ -127,6 +131,17 @@ def output_format(output: Path, requested: str | None) -> str | None:
     return requested or named
 
 
+def deadline(text: str) -> float:
+    """--timeout: a positive number of seconds (0 or less ended every call at once in a bare DEADLINE_EXCEEDED)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is no deadline: a number of seconds above 0")
+    return value
+
+
 def service_timeout_s(deadline_s: float) -> float:
     """The timeout_s sent with a call of this deadline: a little less, so a slow removal ends in the service's
     timeout problem (DEADLINE_EXCEEDED with its document) before the channel's bare DEADLINE_EXCEEDED."""
@@ -139,7 +154,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve.grpc_client")
     parser.add_argument("--target", default="127.0.0.1:9000")
     parser.add_argument(
-        "--timeout", type=float, default=120.0,
+        "--timeout", type=deadline, default=120.0,
         help=f"the call's deadline in seconds; a removal asks the service to answer within {SERVICE_SHARE:.0%}% of it",
     )  # fmt: skip
     parser.add_argument(

@@ -106,9 +106,11 @@ def _form_field(schema: dict) -> dict:
 
 
 def form_options(model: type[BaseModel], fields: dict[str, str]):
-    """A multipart body's option fields, validated: an empty one is absent, as an HTML form sends a field left
-    blank (its schema above has no null)."""
-    return validate(model, {name: value for name, value in fields.items() if value != ""})
+    """A multipart body's option fields, validated: an empty option is absent, as an HTML form sends a field left
+    blank (its schema above has no null); an unknown field is refused, blank or not (a misspelt one left blank)."""
+    return validate(
+        model, {name: value for name, value in fields.items() if value != "" or name not in model.model_fields}
+    )
 
 
 def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:

@@ -386,6 +386,26 @@ def test_annotation_page_that_cannot_load_its_queue_says_why_and_tries_again():
 
 
 @pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_leaves_a_far_retry_after_to_the_labeller():
+    """Offline. A Retry-After date weeks ahead overflowed setTimeout, which then fired at once: every 503 asked
+    again at once, a hot loop against the service. Beyond a few minutes the page waits for "Try again"."""
+    asked = []
+
+    def api(route, path):
+        if path == "/annotation/queue":
+            asked.append(path)
+            headers = {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}
+            fulfill_problem(route, Problem("retention-unavailable", "the result store is down", headers=headers))
+
+    with chromium() as browser:
+        page = _annotation_page_offline(browser, api)
+        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+        page.wait_for_timeout(1500)  # a loop asks many times in this time; the fixed page not once more
+        assert asked == ["/annotation/queue"], len(asked)
+        assert "Trying again" not in page.inner_text("#status") and page.is_enabled("#retry")
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
 def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_unlabelled():
     """Offline. Skipping every result the queue offers (the 200 least certain at most) ended on "All done: nothing
     left to label" while the service counted them unlabelled; "Look for new results" offers the skipped again."""

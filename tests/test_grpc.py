@@ -228,6 +228,33 @@ def test_the_cli_client_refuses_an_output_file_named_for_another_format(cli, out
     assert not (tmp_path / output).exists() or (tmp_path / output).read_bytes() == before
 
 
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon"])
+def test_the_cli_client_refuses_a_deadline_that_is_not_a_positive_number(cli, timeout, capsys):
+    """--timeout 0 sent timeout_s 0.0 and ended the call at once; -5 sent -4.75."""
+    with pytest.raises(SystemExit) as exited:
+        cli(["--timeout", timeout, "remove", "photo.png", "mask.png", "-o", "out.png"])
+    assert exited.value.code == 2 and FakeStub.calls == []
+    assert f"argument --timeout: {timeout!r} is no deadline" in capsys.readouterr().err
+
+
+def test_the_cli_client_names_the_services_formats_by_suffix_whatever_pillow_registers(cli, monkeypatch):
+    """The suffixes came from Pillow's table alone: a Pillow built without WebP left -o out.webp naming no
+    format, and the service answered in the photo's (JPEG bytes in out.webp)."""
+    from PIL import Image
+
+    from serve import grpc_client
+
+    without_webp = {k: v for k, v in Image.registered_extensions().items() if v != "WEBP"}
+    monkeypatch.setattr(Image, "registered_extensions", lambda: without_webp)
+    grpc_client._request_types.cache_clear()
+    try:
+        assert cli(["remove", "photo.png", "mask.png", "-o", "out.webp"]) == 0
+    finally:
+        grpc_client._request_types.cache_clear()
+    assert FakeStub.calls[0][0].output_format == "webp"
+    assert set(grpc_client.OUTPUT_SUFFIXES.values()) == set(grpc_client.output_formats())
+
+
 def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_answer_before_its_deadline(cli, capsys):
     """An empty mask's reply has no seed: the client printed "seed 0", a valid seed. And a slow removal ended in the
     channel's bare DEADLINE_EXCEEDED: the call now asks the service to answer first (its timeout problem)."""

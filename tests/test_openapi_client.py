@@ -162,6 +162,8 @@ def test_form_fields_offer_no_null_and_a_blank_one_is_absent(schema):
     with pytest.raises(Problem) as refused:
         parsed({"seed": "None"})
     assert [error["field"] for error in refused.value.extra["errors"]] == ["seed"]
+    with pytest.raises(Problem, match="unknown fields: 'sead'"):  # a misspelt field left blank is still named
+        parsed({"sead": ""})
 
 
 def _integers(node, path=()):
