@@ -671,32 +671,46 @@ RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deploymen
 
 def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
     """What the app settings need of the Ray-owned deployment knobs: no Scorer entry without a Scorer (Ray
-    fails the deploy: "Deployment 'Scorer' does not exist"), and the Remover must accept every bucket's full
-    batch at once, the Scorer one full batch, or their batches never fill (Ray only warns)."""
+    fails the deploy: "Deployment 'Scorer' does not exist"); the Remover must accept every bucket's full
+    batch at once, the Scorer one full batch, or their batches never fill (Ray only warns); and the Ingress
+    must hold more requests than `overload.max_in_flight`, or removals in progress can take every slot and the
+    probes and the requests its admission refuses at once wait in Ray's queue in front of it."""
     if not settings.scorer.enabled and any(d.get("name") == "Scorer" for d in deployments):
         raise ValueError("deployments lists the Scorer, but scorer.enabled is false: remove its entry")
     batch_sizes = settings.batch_sizes()
-    needs = {  # deployment: (the calls a full batch takes, what says so, the knob that sets it)
+    never_fill = "its batches never fill"
+    needs = {  # deployment: (the requests it must hold at once, what says so, what happens below, the knob)
         "Remover": (
             sum(batch_sizes.values()),
             f"the buckets' batch sizes together ({sum(batch_sizes.values())}: {batch_sizes})",
+            never_fill,
             "batching.max_batch_size / per_bucket",
         ),
         "Scorer": (
             settings.scorer.max_batch_size,
             f"scorer.max_batch_size ({settings.scorer.max_batch_size})",
+            never_fill,
             "scorer.max_batch_size",
+        ),
+        "Ingress": (
+            settings.overload.max_in_flight + 1,
+            f"overload.max_in_flight + 1 ({settings.overload.max_in_flight + 1})",
+            (
+                "removals in progress can hold every slot, and /readyz, /healthz and the requests its admission "
+                "would refuse at once then wait in Ray's queue in front of it (a 503 once that is full)"
+            ),
+            "overload.max_in_flight",
         ),
     }
     for deployment in deployments:
         if deployment.get("name") not in needs:
             continue
-        needed, what, knob = needs[deployment["name"]]
+        needed, what, below, knob = needs[deployment["name"]]
         have = deployment.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
         if have < needed:
             raise ValueError(
-                f"the {deployment['name']}'s max_ongoing_requests is {have}, below {what}: its batches never "
-                f"fill; raise max_ongoing_requests or lower {knob}"
+                f"the {deployment['name']}'s max_ongoing_requests is {have}, below {what}: {below}; raise "
+                f"max_ongoing_requests or lower {knob}"
             )
 
 

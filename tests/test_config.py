@@ -360,16 +360,35 @@ def test_the_remover_must_accept_every_buckets_full_batch_at_once(tmp_path):
         load_serve_config(path)
 
 
-def test_the_scorer_must_accept_a_full_batch_at_once(tmp_path):
+def _narrowed(tmp_path, deployment: str, max_ongoing_requests: int, args: dict, refused: str) -> None:
+    """The shipped config with one deployment's max_ongoing_requests lowered is refused (`refused`), and passes
+    once `args` lower what it must hold."""
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    _deployments(config)["Scorer"]["max_ongoing_requests"] = 5
+    _deployments(config)[deployment]["max_ongoing_requests"] = max_ongoing_requests
     path = tmp_path / "narrow.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=r"Scorer's max_ongoing_requests is 5, below scorer.max_batch_size \(8\)"):
+    with pytest.raises(ValueError, match=refused):
         load_serve_config(path)
-    config["applications"][0]["args"]["scorer"] = {"max_batch_size": 4}
+    config["applications"][0]["args"].update(args)
     path.write_text(yaml.safe_dump(config))
     load_serve_config(path)
+
+
+def test_the_scorer_must_accept_a_full_batch_at_once(tmp_path):
+    _narrowed(
+        tmp_path, "Scorer", 5, {"scorer": {"max_batch_size": 4}},
+        r"Scorer's max_ongoing_requests is 5, below scorer.max_batch_size \(8\)",
+    )  # fmt: skip
+
+
+def test_the_ingress_holds_more_requests_than_the_removals_it_admits(tmp_path):
+    """With max_in_flight removals in progress the Ingress still has a slot: the probes and the requests its
+    admission refuses are answered, not queued in Ray's queue in front of it (docs/reliability.md measured
+    /healthz waiting 3.5 s there, and a 503 once that queue was full)."""
+    _narrowed(
+        tmp_path, "Ingress", 48, {"overload": {"max_in_flight": 47}},
+        r"Ingress's max_ongoing_requests is 48, below overload.max_in_flight \+ 1 \(49\)",
+    )  # fmt: skip
 
 
 def _two_applications_keeping_results(tmp_path, first: dict, second: dict) -> Path:
