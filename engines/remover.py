@@ -224,7 +224,7 @@ class RemovalEngine:
                 dtype = dtype or default_export_dtype(device)
                 export = current_export(bundle, runner, dtype, buckets=buckets)
                 runner_path, sha256, data_sha256 = export.path, export.sha256, export.data_sha256
-                rebuild = export_command(bundle, runner, dtype)
+                rebuild = export_command(bundle, runner, dtype, buckets)
             unet_runner = make_unet_runner(
                 runner,
                 path=runner_path,

@@ -552,23 +552,41 @@ class ExportFile:
     data_sha256: str | None = None
 
 
-def export_command(bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str) -> str:
-    """What to run to (re)make the bundle's export of this kind and dtype."""
+def export_command(
+    bundle: Bundle,
+    command: Literal["onnx", "verify", "tensorrt"],
+    dtype: torch.dtype | str,
+    buckets: Sequence[int] = (),
+) -> str:
+    """What to run to (re)make, or for `verify` re-check, the bundle's export of this dtype; with `buckets` (the
+    served image sides) the command checks or builds for them, so what it records serves them."""
     args = f"--bundle {bundle.path} --dtype {_dtype_name(dtype)}"
-    if kind == "onnx":
-        return f"python -m export onnx {args}"
-    return f"python -m export tensorrt {args} --config SERVE_CONFIG"
+    if command == "tensorrt":
+        args += " --config SERVE_CONFIG"
+    if buckets:
+        args += " --buckets " + ",".join(str(side) for side in sorted(set(buckets)))
+    return f"python -m export {command} {args}"
+
+
+class UncheckedExport(BundleError):
+    """An ONNX export refused for its parity check alone: `python -m export verify` can make it current without
+    changing its bytes, so a plan built from it stays valid."""
 
 
 def recorded_export(
-    bundle: Bundle, kind: ExportKind, dtype: torch.dtype | str, *, compute_capability: str | None = None
+    bundle: Bundle,
+    kind: ExportKind,
+    dtype: torch.dtype | str,
+    *,
+    compute_capability: str | None = None,
+    buckets: Sequence[int] = (),
 ) -> tuple[dict, ExportFile]:
     """The bundle's record of this export and its file, whether current or not; refused when there is none,
     or when the file it names is not one of its files, all of them listed (with sha256) in manifest.files,
-    present, plain files inside the bundle folder."""
+    present, plain files inside the bundle folder (naming the command that remakes it for `buckets`)."""
     key = export_key(kind, dtype, compute_capability)
     record = bundle.manifest.provenance.get("exports", {}).get(key)
-    fix = f"run `{export_command(bundle, kind, dtype)}`"
+    fix = f"run `{export_command(bundle, kind, dtype, buckets)}`"
     if not record:
         raise BundleError(f"{bundle.path}: no {key} export recorded in its manifest: {fix}")
     files = record.get("files") if isinstance(record.get("files"), list) else []
@@ -617,9 +635,9 @@ def current_export(
     built from another ONNX than the bundle's current export. `engine.runner_path` serves a file unchecked."""
     from engines.bundle import UNET_WEIGHTS
 
-    record, export = recorded_export(bundle, kind, dtype, compute_capability=compute_capability)
+    record, export = recorded_export(bundle, kind, dtype, compute_capability=compute_capability, buckets=buckets)
     key = export_key(kind, dtype, compute_capability)
-    fix = f"run `{export_command(bundle, kind, dtype)}`"
+    fix = f"run `{export_command(bundle, kind, dtype, buckets)}`"
     unet_sha = bundle.manifest.files[UNET_WEIGHTS].sha256
     if record.get("unet_sha256") != unet_sha:
         made_from = (record.get("unet_sha256") or "unrecorded")[:12]
@@ -628,26 +646,23 @@ def current_export(
             f"bundle {unet_sha[:12]}): {fix}"
         )
     verified = record.get("verify") if isinstance(record.get("verify"), dict) else {}
+    reverify = f"run `{export_command(bundle, 'verify', dtype, buckets)}` (records it once it passes), or {fix}"
     if kind == "onnx" and verified.get("passed") is not True:
         why = "was exported without its parity check" if verified.get("skipped") or not verified else "failed its parity check"
-        raise BundleError(
-            f"{bundle.path}: the {key} export {why} against the bundle's UNet: run "
-            f"`python -m export verify --bundle {bundle.path} --dtype {_dtype_name(dtype)}` (records it once it "
-            f"passes), or {fix}"
-        )
+        raise UncheckedExport(f"{bundle.path}: the {key} export {why} against the bundle's UNet: {reverify}")
     checked = verified_sides(record) if kind == "onnx" else set(buckets)
     if set(buckets) - checked:
-        sides = ",".join(str(side) for side in sorted(set(buckets)))
         ran = f"ran at {sorted(checked)} px only" if checked else "does not say at which sizes it ran (an older record)"
-        raise BundleError(
+        raise UncheckedExport(
             f"{bundle.path}: the {key} export's parity check {ran}, not at the served bucket sides "
-            f"{sorted(set(buckets) - checked)}: run `python -m export verify --bundle {bundle.path} --dtype "
-            f"{_dtype_name(dtype)} --buckets {sides}` (records it once it passes), or "
-            f"`{export_command(bundle, kind, dtype)} --buckets {sides}`"
+            f"{sorted(set(buckets) - checked)}: {reverify}"
         )
     if kind == "tensorrt":
         try:
             onnx = current_export(bundle, "onnx", dtype, buckets=buckets)
+        except UncheckedExport as exc:
+            raise BundleError(f"{exc}; once verified, the {key} plan built from it serves as it is (exported again, "
+                              f"build the plan again: {fix})") from exc  # fmt: skip
         except BundleError as exc:
             raise BundleError(f"{exc}; then build the {key} plan again: {fix}") from exc
         built_from = record.get("plan", {}).get("onnx_sha256")

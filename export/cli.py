@@ -2,7 +2,8 @@
 
     python -m export onnx --tiny --dtype float32                  # ~/.cache/rorem/tiny-0/exports/unet.fp32.onnx
     python -m export onnx --bundle PATH --dtype float16 --config serve/configs/local.yaml   # + its buckets checked
-    python -m export verify --bundle PATH --dtype float32         # ONNX Runtime (CPU) vs torch
+    python -m export verify --bundle PATH --dtype float32         # ONNX Runtime (CPU) vs torch, at the sides
+                                                                   # its record lists + --buckets
     python -m export tensorrt --bundle PATH --config serve/configs/local.yaml   # from the fp16 ONNX; GPU + tensorrt
     python -m export all --config serve/configs/local.yaml       # the bundle Serve would load: fp32 ONNX
                                                                    # + verify; fp16 ONNX + plan on a GPU
@@ -67,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--onnx", help="another .onnx to check, not recorded (default: the bundle's export of --dtype)")
     verify.add_argument(
         "--cases", help="BATCHxLATENT_HxLATENT_W, comma-separated (default 1x32x32,3x64x64 and 1 image at each "
-        "of --buckets or the Serve config's buckets; cases that leave one of those out are checked, not recorded)",
+        "side of --buckets or the Serve config's buckets and at each side the bundle's record was checked at, so "
+        "a record never loses a side; cases that leave one of those out are checked, not recorded)",
     )  # fmt: skip
-    verify.add_argument("--buckets", help="image sides, e.g. 512,1024 (default: the Serve config's)")
+    verify.add_argument(
+        "--buckets",
+        help="image sides, e.g. 512,1024, checked besides those the record lists (default: the Serve config's)",
+    )
     verify.add_argument("--max-abs", type=float, default=None, help="tolerance override")
     verify.add_argument("--mean-abs", type=float, default=None, help="tolerance override")
 
@@ -165,30 +170,31 @@ def _cmd_verify(args, progress: Progress) -> int:
     recorded as current (made from the UNet it was checked against, whatever weights it was exported from)
     only when it passes at the default tolerances, so a stale export that fails, or passes only a loosened
     check, stays refused by serving. The record's report lists the sizes checked: serving refuses the graph
-    for a bucket side not among them."""
+    for a bucket side not among them, so the check runs at each side the record it replaces lists as well as
+    the served ones, and a record never loses one."""
     from engines.bundle import UNET_WEIGHTS
-    from engines.runners import export_key, recorded_export
+    from engines.runners import export_key, recorded_export, verified_sides
     from export.manifest import record_export
     from export.onnx_export import onnx_files
     from export.verify import cases_for_buckets, verify_onnx
 
-    bundle = _open_bundle(args, progress)
+    bundle, served = _open_bundle(args, progress), _serve_buckets(args)
     if args.onnx:
         record, path = None, Path(args.onnx)
     else:
-        record, export = recorded_export(bundle, "onnx", args.dtype)
+        record, export = recorded_export(bundle, "onnx", args.dtype, buckets=served)
         path = export.path
-    served_cases = cases_for_buckets(_serve_buckets(args))
+    required = cases_for_buckets(sorted(set(served) | (verified_sides(record) if record is not None else set())))
     if args.cases:
         cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
     else:
-        cases = served_cases
+        cases = required
     report = verify_onnx(
         path, bundle.load_unet(), cases=cases, max_abs=args.max_abs, mean_abs=args.mean_abs, progress=progress,
         sequence_length=bundle.manifest.architecture.prompt.sequence_length,
     )  # fmt: skip
     loosened = args.max_abs is not None or args.mean_abs is not None
-    narrowed = not set(served_cases) <= set(cases)  # --cases that leave out a shape the service runs
+    narrowed = not set(required) <= set(cases)  # --cases that leave out a shape served or recorded as checked
     if record is not None and report["passed"] and not loosened and not narrowed:
         checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
         key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
@@ -202,14 +208,14 @@ def _cmd_verify(args, progress: Progress) -> int:
 
 
 def _cmd_tensorrt(args, progress: Progress) -> int:
-    _plan_shape(args)
+    buckets = list(_plan_shape(args))
     bundle = _open_bundle(args, progress) if (args.bundle or args.tiny or args.config) else None
     if args.onnx:
         onnx_path = Path(args.onnx)
     elif bundle is not None:
         from engines.runners import current_export
 
-        onnx_path = current_export(bundle, "onnx", args.dtype).path
+        onnx_path = current_export(bundle, "onnx", args.dtype, buckets=buckets).path
     else:
         raise ValueError("name the ONNX (--onnx) or a bundle (--bundle / --tiny / --config)")
     if not onnx_path.is_file():
@@ -291,7 +297,8 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
 
     if dtype != "float16":
         progress.say("note: a float32 graph builds a float32 plan (strongly typed): float16 is the fast one")
-    profiles = profiles_from_serve_config(_plan_shape(args), spanning=args.spanning, **onnx_static_dims(onnx_path))
+    shape = _plan_shape(args)
+    profiles = profiles_from_serve_config(shape, spanning=args.spanning, **onnx_static_dims(onnx_path))
     for profile in profiles:
         progress.say(f"profile {profile.name}: sample {profile.shapes['sample']}")
     if not torch.cuda.is_available():
@@ -306,10 +313,10 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
     cache = Path(args.timing_cache) if args.timing_cache else plan_path.with_name(f"timing.sm{cc.replace('.', '')}.cache")
     options = {"timing_cache_path": cache, "workspace_gb": args.workspace_gb, "optimization_level": args.opt_level}
     if bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve()):
-        check_plan_source(bundle, sha256_of(onnx_path), dtype)  # before minutes of building, not after
+        check_plan_source(bundle, sha256_of(onnx_path), dtype, list(shape))  # before minutes of building, not after
         with staging_folder(plan_path.parent) as staging:
             info = build_plan(onnx_path, staging / plan_path.name, profiles, progress=progress, **options)
-            record_plan(bundle, plan_path, info.to_json(), dtype, staged=staging)
+            record_plan(bundle, plan_path, info.to_json(), dtype, buckets=list(shape), staged=staging)
         progress.say(f"recorded {plan_path.name} in the bundle manifest")
     else:
         info = build_plan(onnx_path, plan_path, profiles, progress=progress, **options)

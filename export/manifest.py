@@ -192,28 +192,34 @@ def export_and_record_onnx(
     return out_path, record
 
 
-def check_plan_source(bundle: Bundle, onnx_sha256: str, dtype: str) -> None:
-    """Refuse a plan built from another ONNX than the bundle's current export of its dtype: serving
-    would refuse it (engines.runners.current_export)."""
-    onnx = current_export(bundle, "onnx", dtype)
+def check_plan_source(bundle: Bundle, onnx_sha256: str, dtype: str, buckets: Sequence[int] = ()) -> None:
+    """Refuse a plan for `buckets` (image sides) that serving would refuse (engines.runners.current_export):
+    built from another ONNX than the bundle's current export of its dtype, or from one not verified at each."""
+    onnx = current_export(bundle, "onnx", dtype, buckets=buckets)
     if onnx_sha256 != onnx.sha256:
         raise BundleError(
             f"{bundle.path}: the plan is built from an ONNX ({onnx_sha256[:12]}) other than the bundle's current "
             f"{export_key('onnx', dtype)} export ({onnx.sha256[:12]}): run "
-            f"`{export_command(bundle, 'tensorrt', dtype)}` (without --onnx)"
+            f"`{export_command(bundle, 'tensorrt', dtype, buckets)}` (without --onnx)"
         )
 
 
 def record_plan(
-    bundle: Bundle, plan_path: Path, info: dict[str, Any], dtype: str = "float16", *, staged: Path | None = None
+    bundle: Bundle,
+    plan_path: Path,
+    info: dict[str, Any],
+    dtype: str = "float16",
+    *,
+    buckets: Sequence[int] = (),
+    staged: Path | None = None,
 ) -> Bundle:
-    """Record a TensorRT plan (and its .json build record) built inside the bundle folder from the
-    bundle's current ONNX export of `dtype`; `staged`: the folder it was built in, moved to `plan_path`
-    only once it is recorded (see record_export)."""
+    """Record a TensorRT plan (and its .json build record) built inside the bundle folder for `buckets` from the
+    bundle's current ONNX export of `dtype` (check_plan_source); `staged`: the folder it was built in, moved to
+    `plan_path` only once it is recorded (see record_export)."""
     from engines.runners import plan_sidecar
 
     current = Bundle.load(bundle.path, verify=False)
-    check_plan_source(current, info["onnx_sha256"], dtype)
+    check_plan_source(current, info["onnx_sha256"], dtype, buckets)
     key = export_key("tensorrt", dtype, info["compute_capability"])
     record = {
         "kind": "tensorrt",

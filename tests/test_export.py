@@ -660,6 +660,57 @@ def test_ensure_unet_onnx_exports_again_for_a_bucket_its_graph_was_not_checked_a
     assert (1, 128, 128) in stub_export.cases[-1] and onnx.read_bytes() == b"a new graph"
 
 
+@pytest.mark.parametrize("cases", [[], ["--cases", "1x32x32,3x64x64"]], ids=["default cases", "cases without 1024"])
+def test_verify_without_buckets_keeps_a_record_checked_at_1024_serving_it(
+    tiny_bundle, tmp_path, onnx_opened, stub_export, cases
+):
+    """`python -m export verify` with no --buckets checks the sides the record it replaces lists too: a record
+    checked at 1024 px is not narrowed to 256/512 (the next start refused, or exported again for minutes)."""
+    import export.cli
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    report = {**PASSED_REPORT, "cases": [*PASSED_REPORT["cases"], {"batch": 1, "latent": [128, 128]}]}
+    onnx = _record_dummy_onnx(copy, verify=report)
+    assert export.cli.main(["verify", "--bundle", str(copy), "--quiet", *cases]) == 0
+    if not cases:
+        assert (1, 128, 128) in stub_export.cases[-1]
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx", buckets=[512, 1024])
+    assert onnx_opened == [onnx.resolve()]
+
+
+REFUSED_RECORDS = {  # how the onnx.float32 record is spoiled, and the commands its refusal must name
+    "exported with --no-verify": (lambda m: m["provenance"]["exports"]["onnx.float32"].update(
+        verify={"passed": False, "skipped": True}), ["verify", "onnx"]),
+    "checked at 256/512 only": (lambda m: None, ["verify", "onnx"]),
+    "made from other weights": (lambda m: m["provenance"]["exports"]["onnx.float32"].update(unet_sha256="0" * 64),
+                                ["onnx"]),
+    "missing": (lambda m: m["provenance"].pop("exports"), ["onnx"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("spoil, commands", REFUSED_RECORDS.values(), ids=REFUSED_RECORDS.keys())
+def test_each_command_a_refusal_names_run_as_printed_makes_a_record_that_serves(
+    tiny_bundle, tmp_path, onnx_opened, stub_export, spoil, commands
+):
+    """The refusal knows the served sides: each command it prints carries them, so following it is enough."""
+    import re
+    import shlex
+
+    import export.cli
+
+    for n, command in enumerate(commands):
+        copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path / str(n))
+        _edit_manifest(copy, spoil)
+        with pytest.raises(BundleError) as refused:
+            RemovalEngine.from_bundle(Bundle.load(copy), runner="onnx", buckets=[512, 1024])
+        printed = re.findall(r"`(python -m export [^`]*)`", str(refused.value))
+        assert [shlex.split(line)[3] for line in printed] == commands
+        assert export.cli.main([*shlex.split(printed[n])[3:], "--quiet"]) == 0
+        RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx", buckets=[512, 1024])
+        assert onnx_opened[-1] == onnx.resolve()
+
+
 def test_an_export_made_from_other_weights_than_the_bundles_is_not_recorded(tiny_bundle, tmp_path, stub_export):
     """The bundle's UNet was replaced while the graph was exported (its metadata names the weights it was made
     from): recorded, serving would take it as made from the new ones."""
@@ -806,3 +857,45 @@ def test_a_built_plan_replaces_the_recorded_one(plan_build):
     assert runners.current_export(bundle, "tensorrt", "float16", compute_capability="9.0").path == plan_build.plan
     assert plan_build.plan.read_bytes() == b"a new plan"
     assert not [p for p in plan_build.plan.parent.iterdir() if p.name.startswith(".staging")]
+
+
+def test_tensorrt_refuses_before_building_a_plan_from_an_onnx_not_checked_at_its_buckets(plan_build, capsys):
+    """The bundle's fp16 graph is verified at 256/512 px: a plan for 1024 built from it would be refused by serving,
+    so it is not built (tens of minutes for SDXL), whether the ONNX is the bundle's default or named by --onnx."""
+    import export.cli
+    from export.progress import QUIET
+
+    plan_build.during = lambda: pytest.fail("the plan was built")
+    args = ["tensorrt", "--bundle", str(plan_build.bundle), "--buckets", "512,1024", "--max-batch-size", "2", "--quiet"]
+    assert export.cli.main(args) == 1
+    assert "not at the served bucket sides [1024]" in capsys.readouterr().err
+    with pytest.raises(BundleError, match=r"not at the served bucket sides \[1024\].*--buckets 512,1024"):
+        export.cli._build_and_record(
+            _build_args(buckets="512,1024"), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET
+        )
+    assert plan_build.plan.read_bytes() == b"the first plan"
+
+
+def test_a_plan_whose_onnx_lacks_only_a_bucket_check_serves_once_verified_without_a_rebuild(plan_build, stub_export):
+    """`verify` does not change the graph's bytes, so the plan built from them stays valid: the refusal asks for
+    the check, not for a new plan (tens of minutes); an ONNX that must be exported again also needs a new plan."""
+    import re
+    import shlex
+
+    import export.cli
+    from engines import runners
+
+    def serve():
+        bundle = Bundle.load(plan_build.bundle, verify=True)
+        return runners.current_export(bundle, "tensorrt", "float16", compute_capability="9.0", buckets=[512, 1024])
+
+    with pytest.raises(BundleError) as refused:
+        serve()
+    assert "plan again" not in str(refused.value).split("exported again")[0]
+    verify = re.search(r"`(python -m export verify [^`]*)`", str(refused.value)).group(1)
+    assert export.cli.main([*shlex.split(verify)[3:], "--quiet"]) == 0
+    assert serve().path == plan_build.plan
+
+    _edit_manifest(plan_build.bundle, lambda m: m["provenance"]["exports"]["onnx.float16"].update(unet_sha256="0" * 64))
+    with pytest.raises(BundleError, match="other UNet weights.*then build the tensorrt.float16.sm90 plan again"):
+        serve()
