@@ -145,16 +145,21 @@ def _open_bundle(args, progress: Progress):
 
 
 def _cmd_onnx(args, progress: Progress) -> int:
+    """Exports and checks the graph at the served sides and at each side the record it replaces was checked at:
+    a bundle served at 1024 px stays served after `export onnx` without --buckets, as after `export verify`."""
+    from engines.runners import export_key, verified_sides
     from export.manifest import export_and_record_onnx
     from export.onnx_export import DEFAULT_OPSET, MAX_BATCH
 
     bundle = _open_bundle(args, progress)
+    replaced = bundle.manifest.provenance.get("exports", {}).get(export_key("onnx", args.dtype))
+    kept = verified_sides(replaced) if isinstance(replaced, dict) else set()
     path, record = export_and_record_onnx(
         bundle,
         args.dtype,
         out_path=Path(args.out) if args.out else None,
         verify=args.verify,
-        buckets=_serve_buckets(args),
+        buckets=sorted(set(_serve_buckets(args)) | kept),
         progress=progress,
         opset=args.opset or DEFAULT_OPSET,
         dynamic=not args.static,

@@ -679,6 +679,21 @@ def test_verify_without_buckets_keeps_a_record_checked_at_1024_serving_it(
     assert onnx_opened == [onnx.resolve()]
 
 
+def test_export_onnx_without_buckets_keeps_checking_the_sides_the_replaced_record_was_checked_at(
+    tiny_bundle, tmp_path, onnx_opened, stub_export
+):
+    """A new graph replacing one checked at 1024 px was checked at 256/512 only, and the next start refused it."""
+    import export.cli
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    at_1024 = {**PASSED_REPORT, "cases": [*PASSED_REPORT["cases"], {"batch": 1, "latent": [128, 128]}]}
+    _record_dummy_onnx(copy, verify=at_1024)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 0
+    assert (1, 128, 128) in stub_export.cases[-1]
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx", buckets=[512, 1024])
+
+
 REFUSED_RECORDS = {  # how the onnx.float32 record is spoiled, and the commands its refusal must name
     "exported with --no-verify": (lambda m: m["provenance"]["exports"]["onnx.float32"].update(
         verify={"passed": False, "skipped": True}), ["verify", "onnx"]),
