@@ -650,8 +650,8 @@ def current_export(
     if kind == "onnx" and verified.get("passed") is not True:
         why = "was exported without its parity check" if verified.get("skipped") or not verified else "failed its parity check"
         raise UncheckedExport(f"{bundle.path}: the {key} export {why} against the bundle's UNet: {reverify}")
-    checked = verified_sides(record) if kind == "onnx" else set(buckets)
-    if set(buckets) - checked:
+    checked = verified_sides(record)
+    if kind == "onnx" and set(buckets) - checked:
         ran = f"ran at {sorted(checked)} px only" if checked else "does not say at which sizes it ran (an older record)"
         raise UncheckedExport(
             f"{bundle.path}: the {key} export's parity check {ran}, not at the served bucket sides "

@@ -145,21 +145,16 @@ def _open_bundle(args, progress: Progress):
 
 
 def _cmd_onnx(args, progress: Progress) -> int:
-    """Exports and checks the graph at the served sides and at each side the record it replaces was checked at:
-    a bundle served at 1024 px stays served after `export onnx` without --buckets, as after `export verify`."""
-    from engines.runners import export_key, verified_sides
     from export.manifest import export_and_record_onnx
     from export.onnx_export import DEFAULT_OPSET, MAX_BATCH
 
     bundle = _open_bundle(args, progress)
-    replaced = bundle.manifest.provenance.get("exports", {}).get(export_key("onnx", args.dtype))
-    kept = verified_sides(replaced) if isinstance(replaced, dict) else set()
     path, record = export_and_record_onnx(
         bundle,
         args.dtype,
         out_path=Path(args.out) if args.out else None,
         verify=args.verify,
-        buckets=sorted(set(_serve_buckets(args)) | kept),
+        buckets=_serve_buckets(args),
         progress=progress,
         opset=args.opset or DEFAULT_OPSET,
         dynamic=not args.static,
@@ -178,8 +173,8 @@ def _cmd_verify(args, progress: Progress) -> int:
     for a bucket side not among them, so the check runs at each side the record it replaces lists as well as
     the served ones, and a record never loses one."""
     from engines.bundle import UNET_WEIGHTS
-    from engines.runners import export_key, recorded_export, verified_sides
-    from export.manifest import record_export
+    from engines.runners import export_key, recorded_export
+    from export.manifest import record_export, sides_to_check
     from export.onnx_export import onnx_files
     from export.verify import cases_for_buckets, verify_onnx
 
@@ -189,7 +184,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     else:
         record, export = recorded_export(bundle, "onnx", args.dtype, buckets=served)
         path = export.path
-    required = cases_for_buckets(sorted(set(served) | (verified_sides(record) if record is not None else set())))
+    required = cases_for_buckets(served if record is None else sides_to_check(bundle, args.dtype, served))
     if args.cases:
         cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
     else:

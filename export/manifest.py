@@ -45,7 +45,7 @@ from typing import Any
 from filelock import FileLock
 
 from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError, FileEntry, Manifest, sha256_of
-from engines.runners import current_export, export_command, export_key
+from engines.runners import current_export, export_command, export_key, verified_sides
 from export.progress import QUIET, Progress
 
 
@@ -144,6 +144,14 @@ def ensure_unet_onnx(
         return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
 
 
+def sides_to_check(bundle: Bundle, dtype: str, buckets: Sequence[int]) -> list[int]:
+    """`buckets` and each side the bundle's current ONNX record of `dtype` was checked at: an export or a
+    verify that replaces the record checks them all, so a record never loses a side (a bundle served at 1024
+    px stays served after `export onnx` / `verify` without --buckets, or a re-export at start)."""
+    record = bundle.manifest.provenance.get("exports", {}).get(export_key("onnx", dtype))
+    return sorted(set(buckets) | (verified_sides(record) if isinstance(record, dict) else set()))
+
+
 def export_and_record_onnx(
     bundle: Bundle,
     dtype: str = "float32",
@@ -155,14 +163,15 @@ def export_and_record_onnx(
     **export_options,
 ) -> tuple[Path, dict[str, Any]]:
     """Export the bundle's UNet into a staging folder beside `out_path`, verify it there on ONNX Runtime
-    (CPU; the default cases plus each of `buckets`, image sides), then move it to `out_path` and record
-    it in the manifest when that is inside the bundle folder. A failed check raises and leaves the
-    previous export (and its record) in place. Without `verify` the record says the check was skipped,
-    and serving refuses it. Returns (path, record)."""
+    (CPU; the default cases plus each of `buckets` and each side the record it replaces was checked at
+    (`sides_to_check`), image sides), then move it to `out_path` and record it in the manifest when that is
+    inside the bundle folder. A failed check raises and leaves the previous export (and its record) in place.
+    Without `verify` the record says the check was skipped, and serving refuses it. Returns (path, record)."""
     from engines.runners import export_filename
     from export.onnx_export import export_unet_onnx, onnx_files, read_onnx_metadata
     from export.verify import cases_for_buckets, verify_onnx
 
+    buckets = sides_to_check(bundle, dtype, buckets)
     out_path = Path(out_path) if out_path else bundle.path / export_filename("onnx", dtype)
     with staging_folder(out_path.parent) as staging:
         staged = export_unet_onnx(bundle, staging / out_path.name, dtype=dtype, progress=progress, **export_options)
