@@ -126,7 +126,7 @@ def invalid_request(errors: list[dict]) -> Problem:
     fields = [{"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]} for error in errors]
     detail = "; ".join(f"{field['field']}: {field['message']}" for field in fields[:MAX_LISTED])
     more = f"; and {len(fields) - MAX_LISTED} more" if len(fields) > MAX_LISTED else ""
-    return Problem("invalid-request", detail + more, errors=fields)
+    return Problem("invalid-request", detail + more, errors=fields[:MAX_LISTED])
 
 
 def _clip(text: str, limit: int) -> str:
@@ -136,13 +136,16 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _bounded(value):
-    """An extra field of a problem document with every text clipped and every list cut to MAX_LISTED items
-    (a last item counts the rest)."""
+    """An extra field of a problem document with every text clipped and every list cut to MAX_LISTED items. A list
+    of texts ends with one that counts the rest; a list of objects only is cut, so that each item keeps the shape
+    the OpenAPI document gives it (invalid_request counts the rest in its detail)."""
     if isinstance(value, str):
         return _clip(value, MAX_TEXT_CHARS)
     if isinstance(value, dict):
         return {_clip(str(key), MAX_TEXT_CHARS): _bounded(item) for key, item in list(value.items())[:MAX_LISTED]}
     if isinstance(value, (list, tuple)):
         kept = [_bounded(item) for item in value[:MAX_LISTED]]
-        return kept + ([f"... and {len(value) - MAX_LISTED} more"] if len(value) > MAX_LISTED else [])
+        if len(value) <= MAX_LISTED or not all(isinstance(item, str) for item in kept):
+            return kept
+        return [*kept, f"... and {len(value) - MAX_LISTED} more"]
     return value

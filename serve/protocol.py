@@ -128,7 +128,8 @@ def validate(model: type[BaseModel], data: dict):
     if unknown and model.model_config.get("extra") == "forbid":
         named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
         more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
-        raise Problem("invalid-request", f"unknown fields: {named}{more}")
+        listed = [{"field": key, "message": "unknown field"} for key in unknown[:MAX_LISTED]]
+        raise Problem("invalid-request", f"unknown fields: {named}{more}", errors=listed)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -23,9 +23,10 @@ from PIL import Image
 
 from engines.errors import ImageTooLarge, InvalidImage
 from engines.imaging import DecodeLimits, decode_image
+from serve import openapi
 from serve import rorem_pb2 as pb
 from serve.grpc_client import problem_of, stub
-from serve.problems import Problem
+from serve.problems import Problem, invalid_request
 from serve.protocol import JSONRemoveBody, validate
 from tests.helpers import PROBLEM, png_bytes
 
@@ -294,9 +295,25 @@ def test_a_validation_error_of_a_million_unknown_keys_is_a_few_kb():
 
 
 def test_every_problem_document_is_bounded():
-    body = Problem("invalid-request", "x" * 10**6, errors=[{"field": "k" * 10**4, "message": "m"}] * 10**4).body()
-    assert len(json.dumps(body)) < 10_000
-    assert body["errors"][-1] == f"... and {10**4 - 20} more"
+    fields = [{"field": "k" * 10**4, "message": "m"}] * 10**4
+    body = Problem("invalid-request", "x" * 10**6, errors=fields).body()
+    assert len(json.dumps(body)) < 10_000 and len(body["errors"]) == 20
+    body = Problem("invalid-request", "x" * 10**6, notes=["n" * 10**4] * 10**4).body()
+    assert len(json.dumps(body)) < 10_000 and body["notes"][-1] == f"... and {10**4 - 20} more"
+
+
+def test_a_cut_errors_list_keeps_the_shape_the_openapi_document_promises():
+    """Unknown fields are listed in `errors` as every invalid field is; past 20, it holds the first 20 as {field,
+    message} objects, as a client generated from /openapi.json parses them, and the detail counts the rest (a
+    text item among them broke that parse)."""
+    with pytest.raises(Problem) as caught:
+        validate(JSONRemoveBody, {"image": "AAAA", **{f"key{i}": i for i in range(25)}})
+    body = caught.value.body("request-id")
+    document = openapi.Problem.model_validate(body)
+    assert len(document.errors) == 20 and document.errors[0].field == "key0"
+    assert body["detail"].endswith(" and 5 more")
+    body = invalid_request([{"loc": ("body", f"f{i}"), "msg": "bad"} for i in range(25)]).body()
+    assert len(openapi.Problem.model_validate(body).errors) == 20 and body["detail"].endswith("; and 5 more")
 
 
 # --- over the wire ------------------------------------------------------------------------------
