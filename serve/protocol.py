@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engines import imaging
 from engines.gate import GateMode
 from serve import negotiation
 from serve.config import Attempts, Dilation, GateThreshold, NotABool, Quality
@@ -28,7 +29,7 @@ class RemoveOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: Seed | None = Field(None, description="noise seed; random when absent")
-    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+    output_format: Literal[imaging.OUTPUT_FORMATS] | None = Field(  # type: ignore[valid-type]
         None, description=f"png, jpeg (drops alpha) or webp; else from Accept, else {negotiation.DEFAULT}"
     )
     quality: Quality | None = Field(None, description="JPEG / WebP quality")
