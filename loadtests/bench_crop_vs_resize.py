@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from benchlib import photo, positive_int, summarize
@@ -26,9 +27,10 @@ from engines import imaging
 from engines.gate import GatePolicy
 from engines.jobs import RemovalJob
 from engines.pipeline import CropSettings, LocalModels, RemovalPipeline
-from engines.remover import RemovalEngine
-from engines.sources import open_bundle
 from serve.config import ImagingSettings
+
+if TYPE_CHECKING:
+    from engines.remover import RemovalEngine
 
 WIDTH, HEIGHT = 4000, 3000
 
@@ -69,7 +71,10 @@ def main() -> None:
     parser.add_argument("--dilate", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("out/bench_crop_vs_resize.json"))
     args = parser.parse_args()
-    import torch
+    import torch  # the model libraries load after the arguments are checked: a bad flag is refused at once
+
+    from engines.remover import RemovalEngine
+    from engines.sources import open_bundle
 
     if args.threads:
         torch.set_num_threads(args.threads)

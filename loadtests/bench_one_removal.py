@@ -21,12 +21,13 @@ import numpy as np
 from benchlib import center_mask, encode, photo, png, positive_int, summarize
 
 from engines.jobs import RemovalJob
-from engines.remover import RemovalEngine
-from engines.sources import open_bundle
 
 
 def bench_engine(cache: str, side: int, runs: int, threads: int | None) -> dict:
-    import torch
+    import torch  # the model libraries load after the arguments are checked: a bad flag is refused at once
+
+    from engines.remover import RemovalEngine
+    from engines.sources import open_bundle
 
     if threads:
         torch.set_num_threads(threads)

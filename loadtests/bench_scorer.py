@@ -16,8 +16,6 @@ from pathlib import Path
 from benchlib import center_mask, photo, positive_int, summarize, timed_runs
 
 from engines.jobs import ScoreJob
-from engines.scorer import ScoringEngine
-from engines.sources import open_bundle
 
 
 def main() -> None:
@@ -31,7 +29,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("out/bench_scorer.json"))
     args = parser.parse_args()
-    import torch
+    import torch  # the model libraries load after the arguments are checked: a bad flag is refused at once
+
+    from engines.scorer import ScoringEngine
+    from engines.sources import open_bundle
 
     if args.threads:
         torch.set_num_threads(args.threads)
