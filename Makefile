@@ -23,8 +23,17 @@ serve: venv
 # and engines/ (docs/benchmarks.md "Test suite").
 TEST_ENV := PYTHONDONTWRITEBYTECODE=
 
+# Two runs, both whatever the first one's outcome: the tests without Ray on every core (pytest-xdist: they share
+# nothing), then the e2e tests one at a time (they share one Serve, and a second stream beside them slows them more
+# than it gains: docs/benchmarks.md "Test suite"). MARKS selects by marker in both (pytest's -m would pick the same
+# tests for both runs); a run that selects no test (exit 5) is not a failure unless both select none.
+MARKS ?= e2e or not e2e
 test: venv
-	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(TEST_ENV) $(PY) -m pytest -q -n auto -m "not e2e and ($(MARKS))" $(PYTEST_ARGS); without_ray=$$?; \
+	$(TEST_ENV) $(PY) -m pytest -q -m "e2e and ($(MARKS))" $(PYTEST_ARGS); with_ray=$$?; \
+	echo "make test: tests without Ray exit $$without_ray, e2e tests exit $$with_ray"; \
+	for rc in $$without_ray $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; done; \
+	[ $$without_ray = 0 ] || [ $$with_ray = 0 ] || exit 5
 
 # no Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training;
 # on every core (pytest-xdist): these tests share no service, where `make test`'s e2e tests share one Serve

