@@ -704,7 +704,7 @@ def test_services_and_the_pdb_select_the_serving_workers():
         pdb = find(objects, "PodDisruptionBudget", "rorem-workers")
         assert labels_match(pdb["spec"]["selector"], worker_labels)
         assert not labels_match(pdb["spec"]["selector"], head_labels)
-        assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 
@@ -1305,6 +1305,26 @@ def test_every_container_declares_ephemeral_storage_covering_its_pods_scratch_vo
         )
 
 
+def test_every_pdb_is_one_kubernetes_can_sync_for_pods_a_raycluster_owns():
+    """KubeRay's RayCluster has no scale subresource, so the disruption controller can compute a budget for its
+    pods only from an integer minAvailable: a maxUnavailable or a percentage fails to sync and allows no eviction
+    at all, which hung every drain of a GPU node (ray-project/kuberay#2662)."""
+    for overlay in OVERLAYS:
+        for pdb in (o for o in built(overlay) if o["kind"] == "PodDisruptionBudget"):
+            spec = pdb["spec"]
+            assert "maxUnavailable" not in spec and isinstance(spec.get("minAvailable"), int), f"{overlay}: {spec}"
+
+
+def test_the_ingress_body_size_the_docs_suggest_takes_the_largest_body_the_proxy_takes():
+    """A JSON request carries the upload in base64: an ingress limit at the upload size answers its own 413 to
+    uploads the service would take."""
+    from serve.config import AppSettings
+    from serve.uploads import largest_json_body
+
+    (size,) = re.findall(r"proxy-body-size: (\d+)m", (REPO / "docs" / "kubernetes.md").read_text())
+    assert int(size) * 2**20 >= largest_json_body(AppSettings().imaging.max_upload_bytes)
+
+
 def test_a_pdb_holds_the_head_in_place():
     """Without GCS fault tolerance a new head kills the workers (Serve redeploys, GPU models reload): a voluntary
     eviction of the head must wait for a planned move (docs/kubernetes.md, "Node maintenance")."""
@@ -1320,7 +1340,7 @@ def test_a_pdb_holds_the_head_in_place():
         (pdb,) = on_head
         assert labels_match(pdb["spec"]["selector"], template), f"{overlay}: selects on labels KubeRay sets"
         assert not labels_match(pdb["spec"]["selector"], worker), f"{overlay}: the head PDB selects workers"
-        assert pdb["spec"]["maxUnavailable"] == 0 and "minAvailable" not in pdb["spec"], pdb["spec"]
+        assert pdb["spec"]["minAvailable"] == 1, pdb["spec"]
         assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "a head that is not ready never blocks a drain"
 
 
