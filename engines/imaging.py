@@ -190,7 +190,10 @@ def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.
 def _mask_size_mismatch(shape: tuple[int, int], size: tuple[int, int]) -> MaskSizeMismatch:
     (mask_h, mask_w), (image_h, image_w) = shape, size
     turned = tuple(shape) == tuple(size)[::-1]
-    hint = "; the image is read upright (its EXIF orientation applied): draw the mask on the upright image"
+    hint = (
+        "; it is the image's size turned a quarter: both are read upright (each one's EXIF orientation applied), "
+        "so draw the mask on the image as it is shown upright"
+    )
     return MaskSizeMismatch(f"mask is {mask_w}x{mask_h} but image is {image_w}x{image_h}{hint if turned else ''}")
 
 
@@ -1013,7 +1016,12 @@ def encode_image(
     else:
         pixels = np.ascontiguousarray(rgb, dtype=np.uint8)
     if imagecodecs is not None and fmt == "png":
-        return _with_png_profile(bytes(imagecodecs.png_encode(pixels, level=1, filter=_PNG_FILTER_UP)), icc_profile)
+        try:
+            png = imagecodecs.png_encode(pixels, level=1, filter=_PNG_FILTER_UP)
+        except imagecodecs.PngError:  # its output estimate is too small for some (a noisy 1 px wide RGB strip)
+            png = None
+        if png is not None:
+            return _with_png_profile(bytes(png), icc_profile)
     if imagecodecs is not None and fmt == "jpeg":
         return _with_jpeg_profile(bytes(imagecodecs.jpeg8_encode(pixels, level=quality, subsampling=(2, 2))), icc_profile)
     image = Image.fromarray(pixels)
