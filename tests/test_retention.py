@@ -1479,6 +1479,37 @@ def test_the_principal_migration_keeps_older_verdicts_with_no_principal(tmp_path
     assert [tuple(row) for row in rows] == [("r1", "yes", "qa-staff", None)]
 
 
+def test_a_migration_stopped_midway_leaves_the_schema_as_it_was_and_the_next_start_migrates(tmp_path, monkeypatch):
+    """SQLite: a start stopped after 0002 added its column, before its index, once left the column committed with
+    alembic_version at 0001, and every later start failed on "duplicate column name: owner"."""
+    from alembic import command, op
+    from sqlalchemy import inspect, text
+
+    from serve.retention.db import alembic_config, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old' / 'results.db'}")
+    config = alembic_config(str(engine.url))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    create_index = op.create_index
+
+    def stopped(name, *args, **kwargs):
+        if name == "ix_results_owner":
+            raise KeyboardInterrupt("stopped mid-migration")
+        return create_index(name, *args, **kwargs)
+
+    monkeypatch.setattr(op, "create_index", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        migrate(engine)
+    monkeypatch.setattr(op, "create_index", create_index)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+    assert "owner" not in {column["name"] for column in inspect(engine).get_columns("results")}
+    migrate(engine)
+    assert "owner" in {column["name"] for column in inspect(engine).get_columns("results")}
+
+
 def _keyed_ingress(tmp_path, monkeypatch, **retention_settings):
     """The service's own REST routes (serve/app.py's Ingress over serve/rest_api.py's api) with keys on and
     retention in this process (`retention_settings` besides its folder), without Ray: the routes find their
