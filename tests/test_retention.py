@@ -710,6 +710,30 @@ def test_ingress_replicas_sharing_one_store_client_migrate_once_and_run_one_swee
     own.store.close()
 
 
+def test_a_save_whose_limit_enforcement_fails_after_its_insert_is_stored_and_answered_with_its_id(tmp_path):
+    """The row is in before the limits are enforced: their failing (an object delete the bucket refuses) once
+    answered the removal without X-Result-Id and counted it failed, while its result stayed stored."""
+    from serve.config import RetentionSettings
+    from serve.retention.keeper import LocalStoreClient, Retention
+
+    class RefusedDeletes(LocalObjectStore):
+        def delete(self, key):
+            raise OSError("bucket: 503 SlowDown")
+
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'results.db'}", RefusedDeletes(tmp_path / "objects"), max_results=1
+    )
+    client = LocalStoreClient(lambda: store)
+    metrics = _Metrics()
+    retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), metrics, client)
+    try:
+        kept = [asyncio.run(_keep(retention, result)) for result in (b"one", b"two")]
+    finally:
+        client.close()
+    assert None not in kept and [tags["outcome"] for tags in metrics.retained.tags] == ["stored", "stored"]
+    assert store.get(kept[1]).id == kept[1]
+
+
 class _Response:
     def __init__(self, method, args, kwargs):
         self.method, self.args, self.kwargs = method, args, kwargs

@@ -187,7 +187,8 @@ class RetentionStore:
         written first, so a reader never sees a result whose images are not there yet, and without the lock,
         so a slow object store holds up no other save or delete. `given_up`: set when the caller stops waiting;
         a save given up before its insert stores nothing (SaveGivenUp). A failed save deletes the objects it
-        created, without the database (which may be what failed)."""
+        created, without the database (which may be what failed). Once the row is in, the result is stored: the
+        limits enforced after it failing is logged and left to the next save or sweep, and the id is returned."""
         result_id = uuid.uuid4().hex
         blobs = (new.source, new.mask, new.result)
         keys = [object_key(data) for data in blobs]
@@ -226,6 +227,8 @@ class RetentionStore:
             self._unclaim(keys)
         try:
             self.enforce_limits(keep=result_id, owner=new.owner)
+        except Exception:
+            logger.exception("retention: enforcing the limits after a save failed; the next save or sweep will")
         finally:
             with self._lock:
                 self._saving.discard(result_id)
