@@ -256,6 +256,33 @@ def test_a_save_landing_during_another_saves_limits_is_never_the_one_they_delete
     assert len(saved_a) == 1 and store.get(saved_a[0]).id == saved_a[0], "A went while its save was in progress"
     assert store.count() == 2  # B itself may go after its save returned: A is newer, both unlabelled
 
+
+def test_a_verdict_landing_after_the_limit_picked_its_result_as_unlabelled_keeps_it(tmp_path, clock):
+    """The count limit picks the oldest unlabelled result, then deletes it: a verdict committed in between (201
+    answered) once had its result deleted right after; now the delete re-checks, and the next save meets the limit."""
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'results.db'}", LocalObjectStore(tmp_path / "objects"), max_results=2, clock=clock
+    )
+    judged = store.save(_new(b"judged"))
+    clock.advance(seconds=1)
+    unjudged = store.save(_new(b"unjudged"))
+    clock.advance(seconds=1)
+    select = store._select
+
+    def verdict_after_the_picks(*args):
+        picks = select(*args)
+        store.add_feedback(judged, "yes", "a human verdict")
+        return picks
+
+    store._select = verdict_after_the_picks
+    newest = store.save(_new(b"newest"))
+    store._select = select
+    assert _rows(store) == [judged, unjudged, newest] and store.get(judged).label == "yes"
+    clock.advance(seconds=1)
+    latest = store.save(_new(b"next"))
+    assert _rows(store) == [judged, latest], "the next save meets the limit with the unlabelled ones"
+
+
 def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp_path, clock):
     from serve.retention.keeper import LocalStoreClient
 
