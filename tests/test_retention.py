@@ -1090,6 +1090,47 @@ def test_export_labels_exports_same_content_once_and_drops_conflicting_verdicts(
     assert exported[kept]["same_content"] == [other for other in twice_yes if other != kept] and single in exported
 
 
+def test_export_labels_treats_the_same_pixels_in_other_bytes_as_one_example_and_one_photo(tmp_path):
+    """A photo re-saved at another PNG compression level is other bytes, the same pixels: its results once wrote
+    the same window files twice, with opposite scores when judged both ways, and under two groups (one photo on
+    both sides of the held-out split). Now they are one example (a conflict when judged both ways) of one group."""
+    from tests.helpers import encoded
+    from training.export_labels import ExportLabelsSettings, export_labels
+
+    upright = photo(64, 96)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:40, 30:60] = 255
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")
+    )
+
+    def judged(fill: int, level: int, verdict: str) -> str:
+        edited = upright.copy()
+        edited[20:40, 30:60] = fill
+        source = encoded(Image.fromarray(upright), compress_level=level)
+        new = NewResult(
+            source, png_bytes(mask), png_bytes(edited), "image/png", "image/png", 96, 64, 0.5, 0.5, "passed", 1, 256
+        )
+        result_id = store.save(new)
+        store.add_feedback(result_id, verdict)
+        return result_id
+
+    both = [judged(128, 6, "yes"), judged(128, 1, "no")]
+    twice = [judged(60, 6, "yes"), judged(60, 1, "yes")]
+    other = judged(200, 1, "no")
+    result = export_labels(ExportLabelsSettings(objects=tmp_path / "kept", out=tmp_path / "labels"))
+    metrics = result["metrics"]
+    assert len({store.get(result_id).keys["source"] for result_id in both + twice}) == 2, "two stored photos"
+    assert metrics["conflicting"] == [{"result_ids": both, "verdicts": ["yes", "no"]}]
+    assert metrics["exported"] == 2 and metrics["duplicates"] == 1
+    items = {item["result_id"]: item["same_content"] for item in metrics["items"]}
+    assert items == {twice[1]: [twice[0]], other: []}
+    entries = json.loads((tmp_path / "labels" / "metadata.json").read_text())
+    assert sorted(entry["score"] for entry in entries) == [0.0, 1.0]
+    assert len({entry["group"] for entry in entries}) == 1, "one photo, one group, whatever bytes stored it"
+    assert len(list((tmp_path / "labels" / "edited").iterdir())) == 2, "the conflicting example's files are pruned"
+
+
 def _one_labelled_result(tmp_path, source: np.ndarray, mask: np.ndarray, edited: np.ndarray, verdict: str):
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")
