@@ -1131,6 +1131,23 @@ def test_export_labels_treats_the_same_pixels_in_other_bytes_as_one_example_and_
     assert len(list((tmp_path / "labels" / "edited").iterdir())) == 2, "the conflicting example's files are pruned"
 
 
+def test_export_labels_keeps_the_windows_of_user_photos_owner_only(tmp_path):
+    """The store keeps the photos 0700 / 0600; their export was written with the umask's modes (world-readable)."""
+    from training.cli import main
+
+    _labelled_store(tmp_path)
+    out = tmp_path / "labels"
+    umask = os.umask(0o022)
+    try:
+        assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out)]) == 0
+    finally:
+        os.umask(umask)
+    folders = [out, *(out / folder for folder in ("source", "mask", "edited"))]
+    assert {folder.stat().st_mode & 0o777 for folder in folders} == {0o700}
+    images = [path for folder in folders[1:] for path in folder.iterdir()]
+    assert images and {path.stat().st_mode & 0o777 for path in images} == {0o600}
+
+
 def _one_labelled_result(tmp_path, source: np.ndarray, mask: np.ndarray, edited: np.ndarray, verdict: str):
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")

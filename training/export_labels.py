@@ -18,7 +18,9 @@ and measures on the pixels it will score; a resized whole photo could hold none 
     summary.json            counts, filters, the principals whose verdicts were exported, and each exported
                             result with its verdict, reason, labeller and principal
 
-Files are named by the sha256 of their bytes; `group` is the photo's (the sha256 of its pixels as the service
+The windows are of user photos: out/ and its image folders are made owner-only (0700) where missing and
+the images are written 0600, as the retention store keeps the photos (a folder an earlier export made keeps
+its mode). Files are named by the sha256 of their bytes; `group` is the photo's (the sha256 of its pixels as the service
 decoded them, so one photo stored in other bytes is one group), and the discriminator's held-out split keeps
 every result of one photo on one side. A "no" on a result of several windows
 is left out (`ambiguous_negatives`): the service scores the worst window, and which window failed
@@ -134,6 +136,7 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
             f"{settings.min_count}"
         )
     out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     groups, conflicting = same_content_groups(labelled)
     cut, skipped = [], []
     for group in groups:
@@ -287,15 +290,14 @@ def _save(pixels, folder: Path) -> Path:
     import numpy as np
     from PIL import Image
 
+    from serve.retention.objects import write_owner_only
+
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8) * 255 if pixels.dtype == bool else pixels).save(buffer, "PNG")
     data = buffer.getvalue()
     path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        partial.replace(path)
+        write_owner_only(path, data)
     return path
 
 
