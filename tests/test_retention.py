@@ -1148,6 +1148,22 @@ def test_export_labels_keeps_the_windows_of_user_photos_owner_only(tmp_path):
     assert images and {path.stat().st_mode & 0o777 for path in images} == {0o600}
 
 
+def test_export_labels_removes_the_partial_writes_a_stopped_export_left(tmp_path):
+    """An export killed mid-write leaves a partial file (a window of a user photo): no later export removed it."""
+    from serve.retention.objects import PARTIAL
+    from training.cli import main
+
+    _labelled_store(tmp_path)
+    out = tmp_path / "labels"
+    left = [out / "source" / f"{PARTIAL}k3x9", out / "edited" / f"{'ab' * 32}.png.partial"]  # now's and before's
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a window")
+    assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out)]) == 0
+    assert not [path for path in left if path.exists()]
+    assert json.loads((out / "summary.json").read_text())["metrics"]["pruned_files"] == 2
+
+
 def _one_labelled_result(tmp_path, source: np.ndarray, mask: np.ndarray, edited: np.ndarray, verdict: str):
     store = RetentionStore.open(
         f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")

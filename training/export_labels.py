@@ -27,7 +27,8 @@ is left out (`ambiguous_negatives`): the service scores the worst window, and wh
 is unknown; a "yes" labels each window. A window whose mask is empty at the Scorer's 512 view (a
 stroke thinner than the downscale) is left out and counted (`empty_mask_views`). Only a result's
 newest verdict counts. Files of earlier exports that are no longer labelled (deleted, expired,
-filtered out) are removed from these three folders, so the export mirrors the store.
+filtered out) are removed from these three folders, so the export mirrors the store, and so are the partial
+writes of an export stopped mid-write.
 
 Each verdict records its principal: the name of the API key that sent it (POST /feedback), set by the
 service; `labeller` is the client's own free text. --labelled-by ops,reviewer exports only those keys'
@@ -58,7 +59,8 @@ from training.common import RunSummary, StageSettings, TrainingError
 from training.data import Triplet, write_metadata
 
 FOLDERS = ("source", "mask", "edited")
-_EXPORTED_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z]+$")
+# an exported image; `.partial`: one an earlier version was writing when it was stopped
+_EXPORTED_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.partial)?$")
 _MAX_MEGAPIXELS = 1000.0  # the service already refused larger images; this only guards the decoder
 
 
@@ -302,11 +304,15 @@ def _save(pixels, folder: Path) -> Path:
 
 
 def _prune(out: Path, keep: set[Path]) -> int:
-    """Remove exported image files (content-named) that this export does not list."""
+    """Remove exported image files (content-named) that this export does not list, and the partial writes an
+    export stopped mid-write left (this one's are all done by now)."""
+    from serve.retention.objects import PARTIAL
+
     pruned = 0
     for folder in FOLDERS:
         for path in (out / folder).glob("*") if (out / folder).is_dir() else ():
-            if _EXPORTED_NAME.match(path.name) and path not in keep:
+            exported = _EXPORTED_NAME.match(path.name) or path.name.startswith(PARTIAL)
+            if exported and path not in keep:
                 path.unlink()
                 pruned += 1
     return pruned
