@@ -256,6 +256,33 @@ def test_a_save_landing_during_another_saves_limits_is_never_the_one_they_delete
     assert len(saved_a) == 1 and store.get(saved_a[0]).id == saved_a[0], "A went while its save was in progress"
     assert store.count() == 2  # B itself may go after its save returned: A is newer, both unlabelled
 
+
+def test_a_verdict_landing_after_the_limit_picked_its_result_as_unlabelled_keeps_it(tmp_path, clock):
+    """The count limit picks the oldest unlabelled result, then deletes it: a verdict committed in between (201
+    answered) once had its result deleted right after; now the delete re-checks, and the next save meets the limit."""
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'results.db'}", LocalObjectStore(tmp_path / "objects"), max_results=2, clock=clock
+    )
+    judged = store.save(_new(b"judged"))
+    clock.advance(seconds=1)
+    unjudged = store.save(_new(b"unjudged"))
+    clock.advance(seconds=1)
+    select = store._select
+
+    def verdict_after_the_picks(*args):
+        picks = select(*args)
+        store.add_feedback(judged, "yes", "a human verdict")
+        return picks
+
+    store._select = verdict_after_the_picks
+    newest = store.save(_new(b"newest"))
+    store._select = select
+    assert _rows(store) == [judged, unjudged, newest] and store.get(judged).label == "yes"
+    clock.advance(seconds=1)
+    latest = store.save(_new(b"next"))
+    assert _rows(store) == [judged, latest], "the next save meets the limit with the unlabelled ones"
+
+
 def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp_path, clock):
     from serve.retention.keeper import LocalStoreClient
 
@@ -710,6 +737,30 @@ def test_ingress_replicas_sharing_one_store_client_migrate_once_and_run_one_swee
     own.store.close()
 
 
+def test_a_save_whose_limit_enforcement_fails_after_its_insert_is_stored_and_answered_with_its_id(tmp_path):
+    """The row is in before the limits are enforced: their failing (an object delete the bucket refuses) once
+    answered the removal without X-Result-Id and counted it failed, while its result stayed stored."""
+    from serve.config import RetentionSettings
+    from serve.retention.keeper import LocalStoreClient, Retention
+
+    class RefusedDeletes(LocalObjectStore):
+        def delete(self, key):
+            raise OSError("bucket: 503 SlowDown")
+
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'results.db'}", RefusedDeletes(tmp_path / "objects"), max_results=1
+    )
+    client = LocalStoreClient(lambda: store)
+    metrics = _Metrics()
+    retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), metrics, client)
+    try:
+        kept = [asyncio.run(_keep(retention, result)) for result in (b"one", b"two")]
+    finally:
+        client.close()
+    assert None not in kept and [tags["outcome"] for tags in metrics.retained.tags] == ["stored", "stored"]
+    assert store.get(kept[1]).id == kept[1]
+
+
 class _Response:
     def __init__(self, method, args, kwargs):
         self.method, self.args, self.kwargs = method, args, kwargs
@@ -1037,6 +1088,80 @@ def test_export_labels_exports_same_content_once_and_drops_conflicting_verdicts(
     exported = {item["result_id"]: item for item in metrics["items"]}
     kept = next(result_id for result_id in twice_yes if result_id in exported)
     assert exported[kept]["same_content"] == [other for other in twice_yes if other != kept] and single in exported
+
+
+def test_export_labels_treats_the_same_pixels_in_other_bytes_as_one_example_and_one_photo(tmp_path):
+    """A photo re-saved at another PNG compression level is other bytes, the same pixels: its results once wrote
+    the same window files twice, with opposite scores when judged both ways, and under two groups (one photo on
+    both sides of the held-out split). Now they are one example (a conflict when judged both ways) of one group."""
+    from tests.helpers import encoded
+    from training.export_labels import ExportLabelsSettings, export_labels
+
+    upright = photo(64, 96)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:40, 30:60] = 255
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'kept' / 'results.db'}", LocalObjectStore(tmp_path / "kept" / "objects")
+    )
+
+    def judged(fill: int, level: int, verdict: str) -> str:
+        edited = upright.copy()
+        edited[20:40, 30:60] = fill
+        source = encoded(Image.fromarray(upright), compress_level=level)
+        new = NewResult(
+            source, png_bytes(mask), png_bytes(edited), "image/png", "image/png", 96, 64, 0.5, 0.5, "passed", 1, 256
+        )
+        result_id = store.save(new)
+        store.add_feedback(result_id, verdict)
+        return result_id
+
+    both = [judged(128, 6, "yes"), judged(128, 1, "no")]
+    twice = [judged(60, 6, "yes"), judged(60, 1, "yes")]
+    other = judged(200, 1, "no")
+    result = export_labels(ExportLabelsSettings(objects=tmp_path / "kept", out=tmp_path / "labels"))
+    metrics = result["metrics"]
+    assert len({store.get(result_id).keys["source"] for result_id in both + twice}) == 2, "two stored photos"
+    assert metrics["conflicting"] == [{"result_ids": both, "verdicts": ["yes", "no"]}]
+    assert metrics["exported"] == 2 and metrics["duplicates"] == 1
+    items = {item["result_id"]: item["same_content"] for item in metrics["items"]}
+    assert items == {twice[1]: [twice[0]], other: []}
+    entries = json.loads((tmp_path / "labels" / "metadata.json").read_text())
+    assert sorted(entry["score"] for entry in entries) == [0.0, 1.0]
+    assert len({entry["group"] for entry in entries}) == 1, "one photo, one group, whatever bytes stored it"
+    assert len(list((tmp_path / "labels" / "edited").iterdir())) == 2, "the conflicting example's files are pruned"
+
+
+def test_export_labels_keeps_the_windows_of_user_photos_owner_only(tmp_path):
+    """The store keeps the photos 0700 / 0600; their export was written with the umask's modes (world-readable)."""
+    from training.cli import main
+
+    _labelled_store(tmp_path)
+    out = tmp_path / "labels"
+    umask = os.umask(0o022)
+    try:
+        assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out)]) == 0
+    finally:
+        os.umask(umask)
+    folders = [out, *(out / folder for folder in ("source", "mask", "edited"))]
+    assert {folder.stat().st_mode & 0o777 for folder in folders} == {0o700}
+    images = [path for folder in folders[1:] for path in folder.iterdir()]
+    assert images and {path.stat().st_mode & 0o777 for path in images} == {0o600}
+
+
+def test_export_labels_removes_the_partial_writes_a_stopped_export_left(tmp_path):
+    """An export killed mid-write leaves a partial file (a window of a user photo): no later export removed it."""
+    from serve.retention.objects import PARTIAL
+    from training.cli import main
+
+    _labelled_store(tmp_path)
+    out = tmp_path / "labels"
+    left = [out / "source" / f"{PARTIAL}k3x9", out / "edited" / f"{'ab' * 32}.png.partial"]  # now's and before's
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a window")
+    assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(out)]) == 0
+    assert not [path for path in left if path.exists()]
+    assert json.loads((out / "summary.json").read_text())["metrics"]["pruned_files"] == 2
 
 
 def _one_labelled_result(tmp_path, source: np.ndarray, mask: np.ndarray, edited: np.ndarray, verdict: str):
@@ -1477,6 +1602,37 @@ def test_the_principal_migration_keeps_older_verdicts_with_no_principal(tmp_path
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT result_id, verdict, labeller, principal FROM feedback")).all()
     assert [tuple(row) for row in rows] == [("r1", "yes", "qa-staff", None)]
+
+
+def test_a_migration_stopped_midway_leaves_the_schema_as_it_was_and_the_next_start_migrates(tmp_path, monkeypatch):
+    """SQLite: a start stopped after 0002 added its column, before its index, once left the column committed with
+    alembic_version at 0001, and every later start failed on "duplicate column name: owner"."""
+    from alembic import command, op
+    from sqlalchemy import inspect, text
+
+    from serve.retention.db import alembic_config, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old' / 'results.db'}")
+    config = alembic_config(str(engine.url))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    create_index = op.create_index
+
+    def stopped(name, *args, **kwargs):
+        if name == "ix_results_owner":
+            raise KeyboardInterrupt("stopped mid-migration")
+        return create_index(name, *args, **kwargs)
+
+    monkeypatch.setattr(op, "create_index", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        migrate(engine)
+    monkeypatch.setattr(op, "create_index", create_index)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+    assert "owner" not in {column["name"] for column in inspect(engine).get_columns("results")}
+    migrate(engine)
+    assert "owner" in {column["name"] for column in inspect(engine).get_columns("results")}
 
 
 def _keyed_ingress(tmp_path, monkeypatch, **retention_settings):

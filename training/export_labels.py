@@ -18,13 +18,17 @@ and measures on the pixels it will score; a resized whole photo could hold none 
     summary.json            counts, filters, the principals whose verdicts were exported, and each exported
                             result with its verdict, reason, labeller and principal
 
-Files are named by the sha256 of their bytes; `group` is the photo's, so the discriminator's
-held-out split keeps every result of one photo on one side. A "no" on a result of several windows
+The windows are of user photos: out/ and its image folders are made owner-only (0700) where missing and
+the images are written 0600, as the retention store keeps the photos (a folder an earlier export made keeps
+its mode). Files are named by the sha256 of their bytes; `group` is the photo's (the sha256 of its pixels as the service
+decoded them, so one photo stored in other bytes is one group), and the discriminator's held-out split keeps
+every result of one photo on one side. A "no" on a result of several windows
 is left out (`ambiguous_negatives`): the service scores the worst window, and which window failed
 is unknown; a "yes" labels each window. A window whose mask is empty at the Scorer's 512 view (a
 stroke thinner than the downscale) is left out and counted (`empty_mask_views`). Only a result's
 newest verdict counts. Files of earlier exports that are no longer labelled (deleted, expired,
-filtered out) are removed from these three folders, so the export mirrors the store.
+filtered out) are removed from these three folders, so the export mirrors the store, and so are the partial
+writes of an export stopped mid-write.
 
 Each verdict records its principal: the name of the API key that sent it (POST /feedback), set by the
 service; `labeller` is the client's own free text. --labelled-by ops,reviewer exports only those keys'
@@ -36,7 +40,9 @@ exported, as before; summary.json's `principals` counts the exported labels by k
 Results with the same content (source, mask and result: the service is deterministic and the store
 keeps one object per content) are one example, exported once: a verdict given several times counts
 once, and a group whose results were judged differently (one "yes", one "no") is left out and
-listed under `conflicting` in summary.json, since its label is unknown.
+listed under `conflicting` in summary.json, since its label is unknown. The same holds for results whose
+windows are the same files, though stored in other bytes (a PNG saved at another compression level): the
+same pixels are one example.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from training.common import RunSummary, StageSettings, TrainingError
 from training.data import Triplet, write_metadata
 
 FOLDERS = ("source", "mask", "edited")
-_EXPORTED_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z]+$")
+# an exported image; `.partial`: one an earlier version was writing when it was stopped
+_EXPORTED_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.partial)?$")
 _MAX_MEGAPIXELS = 1000.0  # the service already refused larger images; this only guards the decoder
 
 
@@ -131,15 +138,19 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
             f"{settings.min_count}"
         )
     out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     groups, conflicting = same_content_groups(labelled)
-    records, items, skipped, ambiguous, empty_views = [], [], [], [], 0
+    cut, skipped = [], []
     for group in groups:
-        result = group[-1]
         try:
-            views, empty = _write_views(store, result, out, crops, most_crops)
+            cut.append((group, *_write_views(store, group[-1], out, crops, most_crops)))
         except (ObjectMissing, ValueError) as exc:
-            skipped.append({"result_id": result.id, "why": f"{type(exc).__name__}: {exc}"})
-            continue
+            skipped.append({"result_id": group[-1].id, "why": f"{type(exc).__name__}: {exc}"})
+    examples, clashing = same_window_groups(cut)
+    conflicting += clashing
+    records, items, ambiguous, empty_views = [], [], [], 0
+    for group, views, empty, photo in examples:
+        result = group[-1]
         empty_views += empty
         if result.label == "no" and len(views) + empty > 1:
             ambiguous.append(result.id)
@@ -148,7 +159,7 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
             skipped.append({"result_id": result.id, "why": "every window's mask is empty at the Scorer's view"})
             continue
         score = 1.0 if result.label == "yes" else 0.0
-        records += [Triplet(*files, score=score, group=result.keys["source"]) for files in views]
+        records += [Triplet(*files, score=score, group=photo) for files in views]
         last = result.feedback[-1]
         items.append(
             {
@@ -182,7 +193,7 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
         "ambiguous_negatives": ambiguous,
         "empty_mask_views": empty_views,
         "conflicting": conflicting,
-        "duplicates": sum(len(group) - 1 for group in groups),
+        "duplicates": sum(len(group) - 1 for group, *_ in examples),
         "pruned_files": pruned,
         "store": store.describe(),
         "labelled_by": settings.labelled_by,
@@ -210,20 +221,43 @@ def same_content_groups(labelled) -> tuple[list[list], list[dict]]:
     groups: dict[tuple[str, str, str], list] = {}
     for result in labelled:
         groups.setdefault((result.keys["source"], result.keys["mask"], result.keys["result"]), []).append(result)
+    agreed, conflicting = _agreeing(groups)
+    return [groups[key] for key in agreed], conflicting
+
+
+def same_window_groups(cut: list[tuple]) -> tuple[list[tuple], list[dict]]:
+    """`same_content_groups`' rule over the written files: (group, views, empty, photo) whose windows are the same
+    files (the same pixels stored in other bytes) are one example, their results merged; those judged differently
+    are returned apart. A group with no window is its own."""
+    results: dict[object, list] = {}
+    windows: dict[object, tuple] = {}
+    for group, *written in cut:
+        key = tuple(written[0]) or group[-1].id
+        results.setdefault(key, []).extend(group)
+        windows.setdefault(key, written)
+    agreed, conflicting = _agreeing(results)
+    return [(results[key], *windows[key]) for key in agreed], conflicting
+
+
+def _agreeing(groups: dict) -> tuple[list, list[dict]]:
+    """The keys of the groups whose results all have one label (each group sorted newest verdict last, in place),
+    and the others as {"result_ids", "verdicts"}: their label is unknown."""
     agreed, conflicting = [], []
-    for group in groups.values():
+    for key, group in groups.items():
         group.sort(key=lambda result: (result.labelled_at, result.id))
         if len({result.label for result in group}) == 1:
-            agreed.append(group)
+            agreed.append(key)
         else:
-            ids = [result.id for result in group]
-            conflicting.append({"result_ids": ids, "verdicts": [result.label for result in group]})
+            conflicting.append({"result_ids": [r.id for r in group], "verdicts": [r.label for r in group]})
     return agreed, conflicting
 
 
-def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list[tuple[Path, Path, Path]], int]:
+def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list[tuple[Path, Path, Path]], int, str]:
     """(source, mask, edited) files of each window the Scorer sees, cut as POST /score cuts them (the stored mask
-    is already dilated: no second dilation), and how many windows were left out for an empty mask at its view."""
+    is already dilated: no second dilation), how many windows were left out for an empty mask at its view, and
+    the photo's group: the sha256 of its decoded pixels, whatever bytes stored them."""
+    import hashlib
+
     import torch
 
     from engines import imaging
@@ -237,6 +271,8 @@ def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list
         jobs = RemovalPipeline(None, crops, limits).prepare_score(*data, dilate=0, max_crops=most_crops)
     except InputError as exc:
         raise ValueError(f"the images cannot be cut as the service cuts them: {exc}") from exc
+    pixels = imaging.decode_image(data[0], limits).rgb
+    photo = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
     views, empty = [], 0
     for job in jobs:
         files = tuple(
@@ -246,7 +282,7 @@ def _write_views(store, result, out: Path, crops, most_crops: int) -> tuple[list
             views.append(files)
         else:
             empty += 1
-    return views, empty
+    return views, empty, photo
 
 
 def _save(pixels, folder: Path) -> Path:
@@ -256,24 +292,27 @@ def _save(pixels, folder: Path) -> Path:
     import numpy as np
     from PIL import Image
 
+    from serve.retention.objects import write_owner_only
+
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8) * 255 if pixels.dtype == bool else pixels).save(buffer, "PNG")
     data = buffer.getvalue()
     path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        partial.replace(path)
+        write_owner_only(path, data)
     return path
 
 
 def _prune(out: Path, keep: set[Path]) -> int:
-    """Remove exported image files (content-named) that this export does not list."""
+    """Remove exported image files (content-named) that this export does not list, and the partial writes an
+    export stopped mid-write left (this one's are all done by now)."""
+    from serve.retention.objects import PARTIAL
+
     pruned = 0
     for folder in FOLDERS:
         for path in (out / folder).glob("*") if (out / folder).is_dir() else ():
-            if _EXPORTED_NAME.match(path.name) and path not in keep:
+            exported = _EXPORTED_NAME.match(path.name) or path.name.startswith(PARTIAL)
+            if exported and path not in keep:
                 path.unlink()
                 pruned += 1
     return pruned

@@ -121,7 +121,12 @@ def migrate(engine: Engine) -> None:
 
 
 def _upgrade(command, config, engine: Engine) -> None:
+    """The whole upgrade is one transaction, so a start stopped mid-migration leaves the schema as it was. Python's
+    sqlite3 opens none before DDL (each statement would commit alone: a revision half applied, its next run failing
+    on what the first half made), hence the explicit BEGIN on SQLite, whose DDL is transactional."""
     with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
         config.attributes["connection"] = connection

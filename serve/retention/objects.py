@@ -22,6 +22,20 @@ class ObjectMissing(KeyError):
     """The key names no stored object (deleted, or never written)."""
 
 
+def write_owner_only(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all, readable by its owner alone: its folder made 0700 where missing (the one
+    above must exist), the bytes written to a 0600 file beside it named PARTIAL..., then renamed over it."""
+    path.parent.mkdir(exist_ok=True, mode=0o700)
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
 def object_key(data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     return f"{digest[:2]}/{digest[2:]}"
@@ -74,17 +88,8 @@ class LocalObjectStore:
     def put(self, data: bytes) -> str:
         key = object_key(data)
         path = self.path(key)
-        if path.is_file():
-            return key
-        path.parent.mkdir(exist_ok=True, mode=0o700)
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-            os.replace(partial, path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+        if not path.is_file():
+            write_owner_only(path, data)
         return key
 
     def get(self, key: str) -> bytes:

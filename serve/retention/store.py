@@ -187,7 +187,8 @@ class RetentionStore:
         written first, so a reader never sees a result whose images are not there yet, and without the lock,
         so a slow object store holds up no other save or delete. `given_up`: set when the caller stops waiting;
         a save given up before its insert stores nothing (SaveGivenUp). A failed save deletes the objects it
-        created, without the database (which may be what failed)."""
+        created, without the database (which may be what failed). Once the row is in, the result is stored: the
+        limits enforced after it failing is logged and left to the next save or sweep, and the id is returned."""
         result_id = uuid.uuid4().hex
         blobs = (new.source, new.mask, new.result)
         keys = [object_key(data) for data in blobs]
@@ -226,6 +227,8 @@ class RetentionStore:
             self._unclaim(keys)
         try:
             self.enforce_limits(keep=result_id, owner=new.owner)
+        except Exception:
+            logger.exception("retention: enforcing the limits after a save failed; the next save or sweep will")
         finally:
             with self._lock:
                 self._saving.discard(result_id)
@@ -354,23 +357,27 @@ class RetentionStore:
         unlabelled result is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes
         out only its own. `keep` (the result save() just stored, whose id the caller is about to get) and any
         other result whose save has not returned are never the ones that go. `ages_only` (the sweeper): only
-        saves add results, so counting is theirs. Returns how many were deleted."""
+        saves add results, so counting is theirs. A result picked for having no verdict is deleted only while it
+        still has none: a verdict committed in between keeps it (the limit is then met by the next save).
+        Returns how many were deleted."""
         with self._limits_lock:
             # held through the selection: no save inserts between the snapshot of saves in progress and the picks
             with self._lock:
-                doomed = self._select(keep, ages_only, owner)
-            if not doomed:
+                doomed, unjudged = self._select(keep, ages_only, owner)
+            if not doomed and not unjudged:
                 return 0
-            deleted = self._delete_ids(doomed)
+            deleted = self._delete_ids(doomed) + self._delete_ids(unjudged, unjudged=True)
         logger.info("retention limits: deleted %d result(s)", deleted)
         return deleted
 
-    def _select(self, keep: str | None, ages_only: bool, owner: str | None) -> list[str]:
-        """The results `enforce_limits` deletes; with `_lock` held."""
+    def _select(self, keep: str | None, ages_only: bool, owner: str | None) -> tuple[list[str], list[str]]:
+        """The results `enforce_limits` deletes, as (those deleted as they are, those picked for having no
+        verdict); with `_lock` held."""
         saving = list(self._saving | ({keep} if keep is not None else set()))
         with Session(self.engine) as session:
             eligible = []
-            doomed = []
+            doomed: list[str] = []
+            unjudged: list[str] = []
             if self.max_age_days is not None:
                 eligible = list(self._unexpired())
                 doomed = list(session.scalars(select(ResultRow.id).where(~eligible[0])).all())
@@ -381,14 +388,18 @@ class RetentionStore:
                 owned = session.scalar(
                     select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))
                 ) or 0
-                mine = self._oldest(session, owned + (keep is not None) - self.max_results_per_owner, eligible, owner)
-                doomed += mine
-                if mine:
-                    eligible.append(ResultRow.id.not_in(mine))
+                unlabelled, labelled = self._oldest(
+                    session, owned + (keep is not None) - self.max_results_per_owner, eligible, owner
+                )
+                unjudged += unlabelled
+                doomed += labelled
+                if unlabelled or labelled:
+                    eligible.append(ResultRow.id.not_in(unlabelled + labelled))
             total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
-            over = total - len(doomed) - self.max_results if self.max_results is not None and counted else 0
-            doomed += self._oldest(session, over, eligible)
-        return doomed
+            picked = len(doomed) + len(unjudged)
+            over = total - picked - self.max_results if self.max_results is not None and counted else 0
+            unlabelled, labelled = self._oldest(session, over, eligible)
+        return doomed + labelled, unjudged + unlabelled
 
     # ------------------------------------------------------------ internals
 
@@ -447,31 +458,34 @@ class RetentionStore:
         return (ResultRow.created_at >= self.clock() - dt.timedelta(days=self.max_age_days),)
 
     @staticmethod
-    def _oldest(session: Session, count: int, eligible: list, owner: str | None = None) -> list[str]:
+    def _oldest(session: Session, count: int, eligible: list, owner: str | None = None) -> tuple[list[str], list[str]]:
         """Up to `count` eligible results (of `owner`, or anyone's), the oldest unlabelled first, then the oldest
-        labelled: each an indexed walk from the oldest, stopped at `count`."""
-        found: list[str] = []
+        labelled, as (unlabelled, labelled): each an indexed walk from the oldest, stopped at `count`."""
+        found: tuple[list[str], list[str]] = ([], [])
         for labelled in (False, True):
-            if count - len(found) <= 0:
+            left = count - len(found[0]) - len(found[1])
+            if left <= 0:
                 break
             feedback = _has_feedback() if labelled else ~_has_feedback()
             statement = select(ResultRow.id).where(*eligible, *_owned_by(owner), feedback)
-            found += session.scalars(statement.order_by(ResultRow.created_at, ResultRow.id).limit(count - len(found))).all()
+            found[labelled].extend(session.scalars(statement.order_by(ResultRow.created_at, ResultRow.id).limit(left)))
         return found
 
-    def _delete_ids(self, ids: Sequence[str]) -> int:
+    def _delete_ids(self, ids: Sequence[str], unjudged: bool = False) -> int:
         """The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
         db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
-        then the verdicts), so a verdict and a delete of its result never deadlock."""
+        then the verdicts), so a verdict and a delete of its result never deadlock. `unjudged`: only those still
+        without a verdict (the DELETE checks it: a verdict committed first keeps its result)."""
+        still = (~_has_feedback(),) if unjudged else ()
         deleted = 0
         with self._lock:
             for start in range(0, len(ids), _CHUNK):
                 chunk = list(ids[start : start + _CHUNK])
                 with Session(self.engine) as session, session.begin():
-                    rows = session.scalars(select(ResultRow).where(ResultRow.id.in_(chunk))).all()
+                    rows = session.scalars(select(ResultRow).where(ResultRow.id.in_(chunk), *still)).all()
                     keys = {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
-                    session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk)))
-                deleted += len(rows)
+                    gone = session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk), *still))
+                deleted += gone.rowcount
                 self._drop_unreferenced(keys)
         return deleted
 
