@@ -666,11 +666,31 @@ def live_serve_config(config: dict) -> dict:
     return {**config, "applications": [live_serve_app(app) for app in config["applications"]]}
 
 
-RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deployment
+def built_deployments(settings: AppSettings) -> dict[str, dict]:
+    """Each deployment serve.app.build_app builds for these settings, by name, with the options its
+    @serve.deployment decorator gives it: what Ray runs it with where the config's `deployments` does not say
+    (Ray's defaults, 5 requests at once and an unbounded queue, unless the decorator says otherwise). Read from
+    the bound application itself, so a deployment added there, or an option given in a decorator, is checked."""
+    from ray.serve.deployment import Application
+
+    from serve.app import build_app
+
+    built = {}
+    pending = [build_app(settings.model_dump(mode="json"))]
+    while pending:
+        deployment = pending.pop()._bound_deployment
+        built[deployment.name] = {
+            "max_ongoing_requests": deployment.max_ongoing_requests,
+            "max_queued_requests": deployment.max_queued_requests,
+        }
+        bound = (*deployment.init_args, *deployment.init_kwargs.values())
+        pending += [arg for arg in bound if isinstance(arg, Application)]
+    return built
 
 
 def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
-    """What the app settings need of the Ray-owned deployment knobs: no Scorer entry without a Scorer (Ray
+    """What the app settings need of the Ray-owned deployment knobs, of every deployment the application builds
+    (built_deployments), listed under `deployments` or not: no Scorer entry without a Scorer (Ray
     fails the deploy: "Deployment 'Scorer' does not exist"); the Remover must accept every bucket's full
     batch at once, the Scorer one full batch, or their batches never fill (Ray only warns); and the Ingress
     must hold more requests than `overload.max_in_flight`, or removals in progress can take every slot and the
@@ -702,15 +722,21 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
             "overload.max_in_flight",
         ),
     }
-    for deployment in deployments:
-        if deployment.get("name") not in needs:
+    listed = {d.get("name"): d for d in deployments}
+    for name, options in built_deployments(settings).items():
+        if name not in needs:
             continue
-        needed, what, below, knob = needs[deployment["name"]]
-        have = deployment.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
+        needed, what, below, knob = needs[name]
+        have = listed.get(name, {}).get("max_ongoing_requests", options["max_ongoing_requests"])
         if have < needed:
+            fix = (
+                "max_ongoing_requests"
+                if name in listed
+                else f"it: list {name} under the application's deployments with a max_ongoing_requests (unlisted, "
+                "it runs with its @serve.deployment decorator's, Ray's default)"
+            )
             raise ValueError(
-                f"the {deployment['name']}'s max_ongoing_requests is {have}, below {what}: {below}; raise "
-                f"max_ongoing_requests or lower {knob}"
+                f"the {name}'s max_ongoing_requests is {have}, below {what}: {below}; raise {fix} or lower {knob}"
             )
 
 

@@ -639,3 +639,26 @@ def test_the_documented_config_of_two_applications_is_valid_and_gives_each_its_p
     assert routes["/v2"]["keys_file"] == str(tmp_path / "keys.yaml") and "keys_file" not in routes["/"]
     assert routes["/v2"]["limit"] == http_max_body_bytes(ImagingSettings(max_upload_bytes=8388608)) < routes["/"]["limit"]
     assert "--application keyed" in text and "/v2/remove" in text
+
+
+def test_a_deployment_the_config_does_not_list_is_checked_with_the_options_it_runs_with():
+    """An unlisted deployment runs with its decorator's options (Ray's defaults: 5 requests at once); the check
+    skipped it, and docs/configuration.md's two applications ran an Ingress of 5 slots under max_in_flight 48."""
+    from serve.config import validate_serve_config
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    del config["applications"][0]["deployments"]
+    with pytest.raises(ValueError, match=r"the Ingress's max_ongoing_requests is 5, below overload.max_in_flight \+ "
+                       r"1 \(49\).*list Ingress under the application's deployments"):  # fmt: skip
+        validate_serve_config(config)
+    config["applications"][0]["deployments"] = [
+        {"name": "Ingress", "max_ongoing_requests": 64}, {"name": "Scorer", "max_ongoing_requests": 16}
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"the Remover's max_ongoing_requests is 5, below the buckets' batch sizes"):
+        validate_serve_config(config)
+    from serve.config import built_deployments
+    from serve.remover_deployment import Remover
+
+    built = built_deployments(AppSettings(scorer={"enabled": False}, gate={"mode": "off"}))
+    assert set(built) == {"Ingress", "Remover"}
+    assert built["Remover"]["max_ongoing_requests"] == Remover.max_ongoing_requests
