@@ -826,6 +826,7 @@ def validate_serve_config(config: dict) -> None:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
     settings = {app_name(app): AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]}
     check_retention_stores_apart(settings)
+    check_proxy_timeout(config, settings)
     for app in config["applications"]:
         check_deployments(settings[app_name(app)], app.get("deployments", []))
         for deployment in app.get("deployments", []):
@@ -835,6 +836,21 @@ def validate_serve_config(config: dict) -> None:
                 unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
                 if unknown:
                     raise ValueError(f"unknown autoscaling_config keys: {unknown}")
+
+
+def check_proxy_timeout(config: dict, applications: dict[str, AppSettings]) -> None:
+    """Ray's proxies give up at their own `request_timeout_s` (HTTP: 408 proxy-timeout) while the model work goes
+    on; the app's deadline (`request_timeout_s`, which cuts that work and answers 504) must come first, for every
+    application behind them. `applications`: their settings by name."""
+    name, longest = max(applications.items(), key=lambda item: item[1].request_timeout_s)
+    for section in ("http_options", "grpc_options"):
+        proxy_s = (config.get(section) or {}).get("request_timeout_s")
+        if proxy_s and proxy_s > 0 and proxy_s <= longest.request_timeout_s:
+            raise ValueError(
+                f"{section}.request_timeout_s ({proxy_s:g} s) is not above application {name}'s request_timeout_s "
+                f"({longest.request_timeout_s:g} s): Ray's proxy would give up on a request while its model work "
+                f"goes on; raise {section}.request_timeout_s (local.yaml: 180 over 120) or lower request_timeout_s"
+            )
 
 
 def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:

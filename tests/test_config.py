@@ -662,3 +662,19 @@ def test_a_deployment_the_config_does_not_list_is_checked_with_the_options_it_ru
     built = built_deployments(AppSettings(scorer={"enabled": False}, gate={"mode": "off"}))
     assert set(built) == {"Ingress", "Remover"}
     assert built["Remover"]["max_ongoing_requests"] == Remover.max_ongoing_requests
+
+
+@pytest.mark.parametrize("section", ["http_options", "grpc_options"])
+@pytest.mark.parametrize("proxy_s", [30, 120])
+def test_the_proxy_s_timeout_must_come_after_every_application_s_deadline(section, proxy_s):
+    """At or below the app's request_timeout_s, Ray's proxy answered 408 proxy-timeout first while the model work
+    went on."""
+    from serve.config import validate_serve_config
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config[section]["request_timeout_s"] = proxy_s
+    with pytest.raises(ValueError, match=rf"{section}.request_timeout_s \({proxy_s} s\) is not above application "
+                       r"rorem's request_timeout_s \(120 s\)"):  # fmt: skip
+        validate_serve_config(config)
+    config["applications"][0]["args"]["request_timeout_s"] = proxy_s - 1
+    validate_serve_config(config)
