@@ -818,6 +818,8 @@ def validate_serve_config(config: dict) -> None:
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
+    from serve.proxy_limits import proxy_routes
+
     ServeDeploySchema.model_validate(config)
     if not config.get("applications"):
         raise ValueError("the config has no applications: list at least one under `applications`")
@@ -827,6 +829,7 @@ def validate_serve_config(config: dict) -> None:
     settings = {app_name(app): AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]}
     check_retention_stores_apart(settings)
     check_proxy_timeout(config, settings)
+    proxy_routes(config)  # what the proxies get (serve.proxy_limits.proxy_env) is checked there
     for app in config["applications"]:
         check_deployments(settings[app_name(app)], app.get("deployments", []))
         for deployment in app.get("deployments", []):

@@ -678,3 +678,13 @@ def test_the_proxy_s_timeout_must_come_after_every_application_s_deadline(sectio
         validate_serve_config(config)
     config["applications"][0]["args"]["request_timeout_s"] = proxy_s - 1
     validate_serve_config(config)
+
+
+def test_a_proxy_buffer_below_the_largest_body_is_refused_by_the_validator():
+    """It passed, and the CLI's proxy_env raised later, outside its "cannot start": a traceback and exit 1."""
+    from serve.config import validate_serve_config
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["applications"][0]["args"]["overload"] = {"proxy_buffer_bytes": 1_000_000}
+    with pytest.raises(ValueError, match=r"application 'rorem': overload.proxy_buffer_bytes \(1000000\) is below"):
+        validate_serve_config(config)

@@ -352,8 +352,10 @@ def no_launch(monkeypatch):
         (_local_yaml(lambda c: c["applications"][0]["args"].update(batching={"max_batch_sz": 8})),
          "batching.max_batch_sz: Extra inputs are not permitted"),
         (_local_yaml(lambda c: c["http_options"].update(port="eighty")), "http_options.port: Input should be a valid integer"),
+        (_local_yaml(lambda c: c["applications"][0]["args"].update(overload={"proxy_buffer_bytes": 1_000_000})),
+         "overload.proxy_buffer_bytes (1000000) is below the largest body the app accepts"),
     ],
-    ids=["missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number"],
+    ids=["missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body"],
 )  # fmt: skip
 def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(tmp_path, capsys, no_launch, text, said):
     """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError)."""
