@@ -5,7 +5,7 @@ Two limits, both answered at once with a problem+json 429 and a Retry-After, bef
   (`ServiceRate`), in work units (`work_units`: a request counts one unit until it is decoded and planned,
   then its crops, each by its bucket's area); a request that would wait longer than `max_queue_wait_s`
   behind the work already admitted is refused, with Retry-After = how long until the queue is back under
-  that wait. A request whose own deadline is shorter than the expected wait is refused too
+  that wait (at most MAX_RETRY_AFTER_S). A request whose own deadline is shorter than the expected wait is refused too
   (`check_deadline`): admitting it would only spend model time on an answer nobody waits for. Once a
   request is planned (`Place.planned`) both are checked again with its real work.
 - by count: at most `limit` requests in progress (a backstop while the rate is still unknown).
@@ -20,6 +20,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from serve.config import MAX_RETRY_AFTER_S
 from serve.problems import Problem
 
 RATE_WINDOW = 64  # instants with results (a batch's are one) the service rate is measured over
@@ -224,7 +225,9 @@ class Admission:
             raise self._too_long(ahead, deadline_s, "its deadline (timeout_s, at most request_timeout_s)")
 
     def _too_long(self, wait: float, allowed: float, which: str) -> Problem:
-        retry_after = max(1, math.ceil(wait - allowed))
+        """The 429, its Retry-After at most MAX_RETRY_AFTER_S: a rate measured low (an early stall) can make the
+        wait look like an hour, and clients that wait that long take the service for gone."""
+        retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait - allowed)))
         return Problem(
             "too-many-requests",
             f"the expected wait on this replica is {wait:.1f} s, longer than {which} ({allowed:g} s)",

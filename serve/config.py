@@ -46,6 +46,7 @@ BUNDLE_ENV = "ROREM_BUNDLE"
 INSTANCE_ENV = "ROREM_INSTANCE_ID"  # set by `python -m serve run` on its Ray processes; /healthz returns it
 _HOST_NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")  # a DNS name or IPv4, or [IPv6]
 DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
+MAX_RETRY_AFTER_S = 600  # the longest Retry-After the service sends, configured or measured
 
 
 def _not_a_bool(value):
@@ -414,7 +415,7 @@ class OverloadSettings(_Strict):
     retry_after_s: int = Field(
         2,
         ge=1,
-        le=600,
+        le=MAX_RETRY_AFTER_S,
         description="the Retry-After of a 429 past max_in_flight and of a 503 from a full queue, the Ingress's (Ray's "
         "backpressure_config, set from it) or a model's (a 429 past max_queue_wait_s says when the wait is back "
         "under it; a quota's, when its window resets)",

@@ -297,3 +297,20 @@ def test_removals_and_scorings_share_the_replicas_count_while_measuring_their_ra
         pass
     assert removals.everywhere is scorings.everywhere and removals.everywhere.count == 0
     assert removals.rate is not scorings.rate, "scores would be measured into the removals' rate"
+
+
+def test_a_retry_after_from_the_wait_is_at_most_the_configured_ceiling():
+    """A rate measured low (a stall early on) made the wait look long: Retry-Afters of 435 s and ~3500 s."""
+    from serve.config import MAX_RETRY_AFTER_S
+
+    clock = Clock()
+    admission = Admission(1000, 2, max_queue_wait_s=math.inf, clock=clock)
+    _serve(admission, clock, 10, 10.0)  # 0.1 units per second
+    held = _in_progress(admission, 400)  # 4000 s of work ahead
+    admission.max_queue_wait_s = 5.0
+    with pytest.raises(Problem) as refused:
+        admission.check()
+    assert refused.value.headers["Retry-After"] == str(MAX_RETRY_AFTER_S) == "600"
+    assert "expected wait on this replica is 4000.0 s" in refused.value.detail
+    for slot in held:
+        slot.__exit__(None, None, None)
