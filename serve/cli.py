@@ -116,8 +116,30 @@ def fit_to_machine(
         for d in app.get("deployments", [])
     ]
     notes += fit_gpus(deployments, gpus)
+    for app in applications:
+        check_cuda_has_a_gpu(app, gpus, f"application {app_name(app)}: " if several else "")
     notes += host_names_note(config)
     return notes
+
+
+def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
+    """A model deployment set to device cuda that Ray gives no GPU (none here, or num_gpus 0 or unlisted) sees
+    none (HIDE_GPUS_FROM_CPU_REPLICAS_ENV) and fails inside Ray once started: refused now; `device: auto` runs on
+    the CPU instead. `app`: fitted (fit_gpus); args that do not validate are left to validate_serve_config."""
+    from serve.config import AppSettings
+
+    try:
+        settings = AppSettings.model_validate(app.get("args") or {})
+    except ValidationError:
+        return
+    listed = {d["name"]: d for d in app.get("deployments", [])}
+    for name, (key, device) in settings.model_devices().items():
+        if device == "cuda" and not (listed.get(name, {}).get("ray_actor_options") or {}).get("num_gpus"):
+            why = "this machine has no CUDA GPU" if gpus <= 0 else "its ray_actor_options.num_gpus is 0 or unset"
+            raise PlacementError(
+                f"{which}{name} is set to {key}: cuda and gets no GPU ({why}): set {key} to auto (the CPU without "
+                "a GPU) or cpu, or give it ray_actor_options.num_gpus on a machine with a GPU"
+            )
 
 
 SQLITE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)")  # SQLAlchemy: three slashes, then the file's path

@@ -551,6 +551,13 @@ class AppSettings(ScorerArgs, RemoverArgs):
             )
         return self
 
+    def model_devices(self) -> dict[str, tuple[str, str]]:
+        """Each model deployment built: (the key of its device, that device), by deployment name."""
+        devices = {"Remover": ("engine.device", self.engine.device)}
+        if self.scorer.enabled:
+            devices["Scorer"] = ("scorer.device", self.scorer.device)
+        return devices
+
     def args_for(self, model: type[BaseModel]) -> dict:
         """A deployment's slice of these settings (RemoverArgs, ScorerArgs), as its constructor argument."""
         return self.model_dump(mode="json", include=set(model.model_fields))

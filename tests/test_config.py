@@ -1,5 +1,6 @@
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -688,3 +689,32 @@ def test_a_proxy_buffer_below_the_largest_body_is_refused_by_the_validator():
     config["applications"][0]["args"]["overload"] = {"proxy_buffer_bytes": 1_000_000}
     with pytest.raises(ValueError, match=r"application 'rorem': overload.proxy_buffer_bytes \(1000000\) is below"):
         validate_serve_config(config)
+
+
+def test_a_model_deployment_set_to_cuda_that_would_get_no_gpu_is_refused_at_start(tmp_path, capsys, monkeypatch):
+    """It got num_gpus 0 and a note that it runs on the CPU, then failed inside Ray; `device: auto` does run there."""
+    from serve import cli
+    from serve.cli import PlacementError
+
+    from serve.ports import free_port
+
+    def launch(*args, **kwargs):
+        raise AssertionError("the CLI launched Ray")
+
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=launch))
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["applications"][0]["args"]["scorer"] = {"device": "cuda"}
+    path = tmp_path / "cuda.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert cli.run(["run", "--config", str(path), "--gpus", "0", *ports]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start: Scorer is set to scorer.device: cuda and gets no GPU (this machine has no CUDA GPU)" in err
+    assert "set scorer.device to auto" in err and "Traceback" not in err
+    config["applications"][0]["args"]["scorer"] = {"device": "auto"}
+    config["applications"][0]["args"]["engine"] = {"device": "cuda"}
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 0
+    with pytest.raises(PlacementError, match=r"Remover is set to engine.device: cuda and gets no GPU \(its "):
+        fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 1
+    assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)  # shared with the Scorer
