@@ -47,7 +47,10 @@ def _listen(host: str = "127.0.0.1") -> socket.socket:
 def test_a_busy_port_is_named_with_its_holder(name):
     holder = _listen()
     port = holder.getsockname()[1]
-    config = {"http_options": {"host": "127.0.0.1", "port": free_port()}, "grpc_options": {"port": free_port()}}
+    from serve.grpc_servicer import SERVICER_FUNCTION
+
+    grpc = {"port": free_port(), "grpc_servicer_functions": [SERVICER_FUNCTION]}  # without: no gRPC proxy, no port
+    config = {"http_options": {"host": "127.0.0.1", "port": free_port()}, "grpc_options": grpc}
     if name == "HTTP":
         config["http_options"]["port"] = port
     elif name == "gRPC":
@@ -806,3 +809,25 @@ def _argv(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
+
+
+def test_a_config_without_grpc_neither_checks_nor_shows_a_grpc_port_and_refuses_one(tmp_path, capsys, no_launch):
+    """Ray starts no gRPC proxy without servicer functions: its port was checked (a start refused for a port
+    nothing would bind), printed in READY, and --grpc-port taken for it."""
+    from serve.cli import ready_line
+
+    config = yaml.safe_load(_local_yaml())
+    del config["grpc_options"]
+    assert set(listen_addresses(config, 9464)) == {"HTTP", "metrics"}
+    ready = {"model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4,
+             "buckets": [512]}, "gate": {"mode": "annotate"}}  # fmt: skip
+    app = config["applications"][0]
+    assert "gRPC" not in ready_line(app, "http://127.0.0.1:8000", ready, None, 9464, "x", 1)
+    assert "| gRPC 127.0.0.1:9000 |" in ready_line(app, "http://127.0.0.1:8000", ready, "127.0.0.1:9000", 9464, "x", 1)
+    config["grpc_options"] = {"port": 9000, "grpc_servicer_functions": []}
+    assert "gRPC" not in listen_addresses(config, 9464)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run(["run", "--config", str(path), "--grpc-port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start: --grpc-port: this config serves no gRPC (grpc_options.grpc_servicer_functions" in err
