@@ -4,9 +4,9 @@ It resolves the bundle (flag, ROREM_BUNDLE, the config file; else the tiny bundl
 fits the config to this machine (no GPU: no deployment asks for one; fewer GPUs than GPU replicas:
 they share; a placement that cannot fit is refused, saying what to change), writes the effective config,
 starts Ray with a known metrics port and hands the config to Ray's own `serve run` (serve.launcher),
-and prints what it loaded and where it listens (HTTP, gRPC where the config serves it, metrics) once ready. A config may hold several
-applications (each its own name, route prefix and args: one Ray, one proxy for them all, the proxy's body
-settings per route prefix, serve.proxy_limits); READY comes once every one is, a line each.
+and prints what it loaded and where it listens (HTTP, gRPC where the config serves it, metrics) once ready.
+A config may hold several applications (each its own name, route prefix and args: one Ray, one proxy for them
+all, the proxy's body settings per route prefix, serve.proxy_limits); READY comes once every one is, a line each.
 
 Start and stop as people expect: a busy HTTP, gRPC or metrics port fails the start at once, naming
 the port and its holder; READY is printed only once *this* instance answers (/healthz returns the
