@@ -695,7 +695,6 @@ def test_a_model_deployment_set_to_cuda_that_would_get_no_gpu_is_refused_at_star
     """It got num_gpus 0 and a note that it runs on the CPU, then failed inside Ray; `device: auto` does run there."""
     from serve import cli
     from serve.cli import PlacementError
-
     from serve.ports import free_port
 
     def launch(*args, **kwargs):
