@@ -716,6 +716,8 @@ def _whole_number(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (`python -m serve ...`); the Dockerfile's CMD is checked against it."""
+    from serve.grpc_client import deadline  # seconds above 0: a --ready-timeout of 0, less or NaN never waited
+
     parser = argparse.ArgumentParser(prog="python -m serve")
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="start a local Ray Serve and block")
@@ -730,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METRICS_PORT,
         help="Ray's Prometheus export port (GET /metrics)",
     )
-    run_cmd.add_argument("--ready-timeout", type=float, default=600.0)
+    run_cmd.add_argument("--ready-timeout", type=deadline, default=600.0, help="seconds to wait for READY")
     run_cmd.add_argument(
         "--gpus",
         type=gpu_count,

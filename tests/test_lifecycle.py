@@ -569,9 +569,13 @@ def test_the_ready_line_says_whether_api_keys_are_on():
 
 @pytest.mark.parametrize(
     ("flags", "said"),
-    [(["--port", "99999"], "99999 is not a port (1-65535)"), (["--gpus", "-1"], "-1: a GPU count is 0 or more")],
+    [
+        (["--port", "99999"], "99999 is not a port (1-65535)"),
+        (["--gpus", "-1"], "-1: a GPU count is 0 or more"),
+        *((["--ready-timeout", t], f"{t!r} is no deadline: a number of seconds above 0") for t in ("0", "-5", "nan")),
+    ],
 )
-def test_a_bad_flag_is_refused_by_the_command_line(capsys, flags, said):
+def test_a_bad_flag_is_refused_by_the_command_line(capsys, no_launch, flags, said):
     with pytest.raises(SystemExit) as exit:
         run(["run", *flags])
     assert exit.value.code == 2 and said in capsys.readouterr().err
