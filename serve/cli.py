@@ -4,9 +4,9 @@ It resolves the bundle (flag, ROREM_BUNDLE, the config file; else the tiny bundl
 fits the config to this machine (no GPU: no deployment asks for one; fewer GPUs than GPU replicas:
 they share; a placement that cannot fit is refused, saying what to change), writes the effective config,
 starts Ray with a known metrics port and hands the config to Ray's own `serve run` (serve.launcher),
-and prints what it loaded and where it listens (HTTP, gRPC, metrics) once ready. A config may hold several
-applications (each its own name, route prefix and args: one Ray, one proxy for them all, the proxy's body
-settings per route prefix, serve.proxy_limits); READY comes once every one is, a line each.
+and prints what it loaded and where it listens (HTTP, gRPC where the config serves it, metrics) once ready.
+A config may hold several applications (each its own name, route prefix and args: one Ray, one proxy for them
+all, the proxy's body settings per route prefix, serve.proxy_limits); READY comes once every one is, a line each.
 
 Start and stop as people expect: a busy HTTP, gRPC or metrics port fails the start at once, naming
 the port and its holder; READY is printed only once *this* instance answers (/healthz returns the
@@ -116,8 +116,30 @@ def fit_to_machine(
         for d in app.get("deployments", [])
     ]
     notes += fit_gpus(deployments, gpus)
+    for app in applications:
+        check_cuda_has_a_gpu(app, gpus, f"application {app_name(app)}: " if several else "")
     notes += host_names_note(config)
     return notes
+
+
+def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
+    """A model deployment set to device cuda that Ray gives no GPU (none here, or num_gpus 0 or unlisted) sees
+    none (HIDE_GPUS_FROM_CPU_REPLICAS_ENV) and fails inside Ray once started: refused now; `device: auto` runs on
+    the CPU instead. `app`: fitted (fit_gpus); args that do not validate are left to validate_serve_config."""
+    from serve.config import AppSettings
+
+    try:
+        settings = AppSettings.model_validate(app.get("args") or {})
+    except ValidationError:
+        return
+    listed = {d["name"]: d for d in app.get("deployments", [])}
+    for name, (key, device) in settings.model_devices().items():
+        if device == "cuda" and not (listed.get(name, {}).get("ray_actor_options") or {}).get("num_gpus"):
+            why = "this machine has no CUDA GPU" if gpus <= 0 else "its ray_actor_options.num_gpus is 0 or unset"
+            raise PlacementError(
+                f"{which}{name} is set to {key}: cuda and gets no GPU ({why}): set {key} to auto (the CPU without "
+                "a GPU) or cpu, or give it ray_actor_options.num_gpus on a machine with a GPU"
+            )
 
 
 SQLITE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)")  # SQLAlchemy: three slashes, then the file's path
@@ -202,25 +224,38 @@ def visible_gpus() -> int:
     return count if visible is None else min(count, len(visible))
 
 
+def serves_grpc(config: dict) -> bool:
+    """Whether Ray starts a gRPC proxy for this config: only with servicer functions to add to it."""
+    return bool((config.get("grpc_options") or {}).get("grpc_servicer_functions"))
+
+
 def choose_ports(config: dict, host: str | None, port: int | None, grpc_port: int | None) -> None:
-    """The command line's listen address and ports over the config's."""
+    """The command line's listen address and ports over the config's; a gRPC port for a config without gRPC is
+    an error (ValueError), not a port nothing listens on."""
     http = config.setdefault("http_options", {})
     if host:
         http["host"] = host
     if port:
         http["port"] = port
     if grpc_port:
+        if not serves_grpc(config):
+            from serve.grpc_servicer import SERVICER_FUNCTION
+
+            raise ValueError(
+                "--grpc-port: this config serves no gRPC (grpc_options.grpc_servicer_functions is empty; "
+                f"serve/configs/local.yaml lists {SERVICER_FUNCTION}): add it, or leave out --grpc-port"
+            )
         config.setdefault("grpc_options", {})["port"] = grpc_port
 
 
 def listen_addresses(config: dict, metrics_port: int) -> dict[str, tuple[str, int]]:
-    """Where the service will listen: HTTP on the config's host, gRPC on all interfaces ([::], as Ray's
-    gRPC proxy binds), Ray's metrics export on loopback (the launcher's node IP)."""
+    """Where the service will listen: HTTP on the config's host, gRPC (where it serves it) on all interfaces
+    ([::], as Ray's gRPC proxy binds), Ray's metrics export on loopback (the launcher's node IP)."""
     http = config.get("http_options") or {}
     grpc = config.get("grpc_options") or {}
     return {
         "HTTP": (http.get("host", "127.0.0.1"), http.get("port", 8000)),
-        "gRPC": ("::", grpc.get("port", DEFAULT_GRPC_PORT)),
+        **({"gRPC": ("::", grpc.get("port", DEFAULT_GRPC_PORT))} if serves_grpc(config) else {}),
         "metrics": ("127.0.0.1", metrics_port),
     }
 
@@ -681,6 +716,8 @@ def _whole_number(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (`python -m serve ...`); the Dockerfile's CMD is checked against it."""
+    from serve.grpc_client import deadline  # seconds above 0: a --ready-timeout of 0, less or NaN never waited
+
     parser = argparse.ArgumentParser(prog="python -m serve")
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="start a local Ray Serve and block")
@@ -695,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METRICS_PORT,
         help="Ray's Prometheus export port (GET /metrics)",
     )
-    run_cmd.add_argument("--ready-timeout", type=float, default=600.0)
+    run_cmd.add_argument("--ready-timeout", type=deadline, default=600.0, help="seconds to wait for READY")
     run_cmd.add_argument(
         "--gpus",
         type=gpu_count,
@@ -726,16 +763,18 @@ def app_url(root_url: str, app: dict) -> str:
 
 
 def ready_line(
-    app: dict, root_url: str, ready: dict, grpc: str, metrics_port: int, instance: str, applications: int
+    app: dict, root_url: str, ready: dict, grpc: str | None, metrics_port: int, instance: str, applications: int
 ) -> str:
-    """What an application serves, from its /readyz answer; with several applications, each gRPC call names its
-    own in the `application` metadata (Ray's gRPC proxy routes by it)."""
+    """What an application serves, from its /readyz answer (`grpc`: the gRPC address, None without gRPC); with
+    several applications, each gRPC call names its own in the `application` metadata (Ray's gRPC proxy routes by
+    it)."""
     url = app_url(root_url, app)
     model = ready["model"]
     name = app_name(app)
     grpc_note = f" (metadata application={name})" if applications > 1 else ""
+    grpc_part = f" | gRPC {grpc}{grpc_note}" if grpc else ""
     return (
-        f"[rorem] READY on {url} : POST {url}/remove | gRPC {grpc}{grpc_note}"
+        f"[rorem] READY on {url} : POST {url}/remove{grpc_part}"
         f" | metrics http://127.0.0.1:{metrics_port}/metrics | bundle {model['bundle']['name']}"
         f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
         f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']}"
@@ -762,7 +801,10 @@ def run(argv: list[str] | None = None) -> int:
     except (OSError, yaml.YAMLError, ValueError) as exc:
         return _cannot_start(f"{options.config}: {invalid_because(exc)}")
     # the ports before anything else: a busy port fails the start in a second, before the model libraries load
-    choose_ports(config, options.host, options.port, options.grpc_port)
+    try:
+        choose_ports(config, options.host, options.port, options.grpc_port)
+    except ValueError as exc:
+        return _cannot_start(str(exc))
     busy = busy_ports(listen_addresses(config, options.metrics_port))
     for line in busy:
         _cannot_start(line)
@@ -860,7 +902,7 @@ def run(argv: list[str] | None = None) -> int:
                     print("[rorem] the service did not become ready; stopping", file=sys.stderr, flush=True)
                 code = stop_service(child, root_url, drain_flag, stop)
                 return code if stop.requested.is_set() else 1
-            grpc = f"{url_host(host)}:{addresses['gRPC'][1]}"
+            grpc = f"{url_host(host)}:{addresses['gRPC'][1]}" if "gRPC" in addresses else None
             for app, answer in zip(applications, answers):
                 line = ready_line(app, root_url, answer, grpc, options.metrics_port, instance, len(applications))
                 print(line, flush=True)

@@ -46,6 +46,7 @@ BUNDLE_ENV = "ROREM_BUNDLE"
 INSTANCE_ENV = "ROREM_INSTANCE_ID"  # set by `python -m serve run` on its Ray processes; /healthz returns it
 _HOST_NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")  # a DNS name or IPv4, or [IPv6]
 DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
+MAX_RETRY_AFTER_S = 600  # the longest Retry-After the service sends, configured or measured
 
 
 def _not_a_bool(value):
@@ -414,7 +415,7 @@ class OverloadSettings(_Strict):
     retry_after_s: int = Field(
         2,
         ge=1,
-        le=600,
+        le=MAX_RETRY_AFTER_S,
         description="the Retry-After of a 429 past max_in_flight and of a 503 from a full queue, the Ingress's (Ray's "
         "backpressure_config, set from it) or a model's (a 429 past max_queue_wait_s says when the wait is back "
         "under it; a quota's, when its window resets)",
@@ -550,6 +551,13 @@ class AppSettings(ScorerArgs, RemoverArgs):
             )
         return self
 
+    def model_devices(self) -> dict[str, tuple[str, str]]:
+        """Each model deployment built: (the key of its device, that device), by deployment name."""
+        devices = {"Remover": ("engine.device", self.engine.device)}
+        if self.scorer.enabled:
+            devices["Scorer"] = ("scorer.device", self.scorer.device)
+        return devices
+
     def args_for(self, model: type[BaseModel]) -> dict:
         """A deployment's slice of these settings (RemoverArgs, ScorerArgs), as its constructor argument."""
         return self.model_dump(mode="json", include=set(model.model_fields))
@@ -666,11 +674,31 @@ def live_serve_config(config: dict) -> dict:
     return {**config, "applications": [live_serve_app(app) for app in config["applications"]]}
 
 
-RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve 2.60's default for a deployment
+def built_deployments(settings: AppSettings) -> dict[str, dict]:
+    """Each deployment serve.app.build_app builds for these settings, by name, with the options its
+    @serve.deployment decorator gives it: what Ray runs it with where the config's `deployments` does not say
+    (Ray's defaults, 5 requests at once and an unbounded queue, unless the decorator says otherwise). Read from
+    the bound application itself, so a deployment added there, or an option given in a decorator, is checked."""
+    from ray.serve.deployment import Application
+
+    from serve.app import build_app
+
+    built = {}
+    pending = [build_app(settings.model_dump(mode="json"))]
+    while pending:
+        deployment = pending.pop()._bound_deployment
+        built[deployment.name] = {
+            "max_ongoing_requests": deployment.max_ongoing_requests,
+            "max_queued_requests": deployment.max_queued_requests,
+        }
+        bound = (*deployment.init_args, *deployment.init_kwargs.values())
+        pending += [arg for arg in bound if isinstance(arg, Application)]
+    return built
 
 
 def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
-    """What the app settings need of the Ray-owned deployment knobs: no Scorer entry without a Scorer (Ray
+    """What the app settings need of the Ray-owned deployment knobs, of every deployment the application builds
+    (built_deployments), listed under `deployments` or not: no Scorer entry without a Scorer (Ray
     fails the deploy: "Deployment 'Scorer' does not exist"); the Remover must accept every bucket's full
     batch at once, the Scorer one full batch, or their batches never fill (Ray only warns); and the Ingress
     must hold more requests than `overload.max_in_flight`, or removals in progress can take every slot and the
@@ -702,15 +730,21 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
             "overload.max_in_flight",
         ),
     }
-    for deployment in deployments:
-        if deployment.get("name") not in needs:
+    listed = {d.get("name"): d for d in deployments}
+    for name, options in built_deployments(settings).items():
+        if name not in needs:
             continue
-        needed, what, below, knob = needs[deployment["name"]]
-        have = deployment.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
+        needed, what, below, knob = needs[name]
+        have = listed.get(name, {}).get("max_ongoing_requests", options["max_ongoing_requests"])
         if have < needed:
+            fix = (
+                "max_ongoing_requests"
+                if name in listed
+                else f"it: list {name} under the application's deployments with a max_ongoing_requests (unlisted, "
+                "it runs with its @serve.deployment decorator's, Ray's default)"
+            )
             raise ValueError(
-                f"the {deployment['name']}'s max_ongoing_requests is {have}, below {what}: {below}; raise "
-                f"max_ongoing_requests or lower {knob}"
+                f"the {name}'s max_ongoing_requests is {have}, below {what}: {below}; raise {fix} or lower {knob}"
             )
 
 
@@ -792,6 +826,8 @@ def validate_serve_config(config: dict) -> None:
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
+    from serve.proxy_limits import proxy_routes
+
     ServeDeploySchema.model_validate(config)
     if not config.get("applications"):
         raise ValueError("the config has no applications: list at least one under `applications`")
@@ -800,6 +836,8 @@ def validate_serve_config(config: dict) -> None:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
     settings = {app_name(app): AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]}
     check_retention_stores_apart(settings)
+    check_proxy_timeout(config, settings)
+    proxy_routes(config)  # what the proxies get (serve.proxy_limits.proxy_env) is checked there
     for app in config["applications"]:
         check_deployments(settings[app_name(app)], app.get("deployments", []))
         for deployment in app.get("deployments", []):
@@ -809,6 +847,21 @@ def validate_serve_config(config: dict) -> None:
                 unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
                 if unknown:
                     raise ValueError(f"unknown autoscaling_config keys: {unknown}")
+
+
+def check_proxy_timeout(config: dict, applications: dict[str, AppSettings]) -> None:
+    """Ray's proxies give up at their own `request_timeout_s` (HTTP: 408 proxy-timeout) while the model work goes
+    on; the app's deadline (`request_timeout_s`, which cuts that work and answers 504) must come first, for every
+    application behind them. `applications`: their settings by name."""
+    name, longest = max(applications.items(), key=lambda item: item[1].request_timeout_s)
+    for section in ("http_options", "grpc_options"):
+        proxy_s = (config.get(section) or {}).get("request_timeout_s")
+        if proxy_s and proxy_s > 0 and proxy_s <= longest.request_timeout_s:
+            raise ValueError(
+                f"{section}.request_timeout_s ({proxy_s:g} s) is not above application {name}'s request_timeout_s "
+                f"({longest.request_timeout_s:g} s): Ray's proxy would give up on a request while its model work "
+                f"goes on; raise {section}.request_timeout_s (local.yaml: 180 over 120) or lower request_timeout_s"
+            )
 
 
 def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:

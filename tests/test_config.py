@@ -1,5 +1,6 @@
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -639,3 +640,80 @@ def test_the_documented_config_of_two_applications_is_valid_and_gives_each_its_p
     assert routes["/v2"]["keys_file"] == str(tmp_path / "keys.yaml") and "keys_file" not in routes["/"]
     assert routes["/v2"]["limit"] == http_max_body_bytes(ImagingSettings(max_upload_bytes=8388608)) < routes["/"]["limit"]
     assert "--application keyed" in text and "/v2/remove" in text
+
+
+def test_a_deployment_the_config_does_not_list_is_checked_with_the_options_it_runs_with():
+    """An unlisted deployment runs with its decorator's options (Ray's defaults: 5 requests at once); the check
+    skipped it, and docs/configuration.md's two applications ran an Ingress of 5 slots under max_in_flight 48."""
+    from serve.config import validate_serve_config
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    del config["applications"][0]["deployments"]
+    with pytest.raises(ValueError, match=r"the Ingress's max_ongoing_requests is 5, below overload.max_in_flight \+ "
+                       r"1 \(49\).*list Ingress under the application's deployments"):  # fmt: skip
+        validate_serve_config(config)
+    config["applications"][0]["deployments"] = [
+        {"name": "Ingress", "max_ongoing_requests": 64}, {"name": "Scorer", "max_ongoing_requests": 16}
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"the Remover's max_ongoing_requests is 5, below the buckets' batch sizes"):
+        validate_serve_config(config)
+    from serve.config import built_deployments
+    from serve.remover_deployment import Remover
+
+    built = built_deployments(AppSettings(scorer={"enabled": False}, gate={"mode": "off"}))
+    assert set(built) == {"Ingress", "Remover"}
+    assert built["Remover"]["max_ongoing_requests"] == Remover.max_ongoing_requests
+
+
+@pytest.mark.parametrize("section", ["http_options", "grpc_options"])
+@pytest.mark.parametrize("proxy_s", [30, 120])
+def test_the_proxy_s_timeout_must_come_after_every_application_s_deadline(section, proxy_s):
+    """At or below the app's request_timeout_s, Ray's proxy answered 408 proxy-timeout first while the model work
+    went on."""
+    from serve.config import validate_serve_config
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config[section]["request_timeout_s"] = proxy_s
+    with pytest.raises(ValueError, match=rf"{section}.request_timeout_s \({proxy_s} s\) is not above application "
+                       r"rorem's request_timeout_s \(120 s\)"):  # fmt: skip
+        validate_serve_config(config)
+    config["applications"][0]["args"]["request_timeout_s"] = proxy_s - 1
+    validate_serve_config(config)
+
+
+def test_a_proxy_buffer_below_the_largest_body_is_refused_by_the_validator():
+    """It passed, and the CLI's proxy_env raised later, outside its "cannot start": a traceback and exit 1."""
+    from serve.config import validate_serve_config
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["applications"][0]["args"]["overload"] = {"proxy_buffer_bytes": 1_000_000}
+    with pytest.raises(ValueError, match=r"application 'rorem': overload.proxy_buffer_bytes \(1000000\) is below"):
+        validate_serve_config(config)
+
+
+def test_a_model_deployment_set_to_cuda_that_would_get_no_gpu_is_refused_at_start(tmp_path, capsys, monkeypatch):
+    """It got num_gpus 0 and a note that it runs on the CPU, then failed inside Ray; `device: auto` does run there."""
+    from serve import cli
+    from serve.cli import PlacementError
+    from serve.ports import free_port
+
+    def launch(*args, **kwargs):
+        raise AssertionError("the CLI launched Ray")
+
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=launch))
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["applications"][0]["args"]["scorer"] = {"device": "cuda"}
+    path = tmp_path / "cuda.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert cli.run(["run", "--config", str(path), "--gpus", "0", *ports]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start: Scorer is set to scorer.device: cuda and gets no GPU (this machine has no CUDA GPU)" in err
+    assert "set scorer.device to auto" in err and "Traceback" not in err
+    config["applications"][0]["args"]["scorer"] = {"device": "auto"}
+    config["applications"][0]["args"]["engine"] = {"device": "cuda"}
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 0
+    with pytest.raises(PlacementError, match=r"Remover is set to engine.device: cuda and gets no GPU \(its "):
+        fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 1
+    assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)  # shared with the Scorer

@@ -47,7 +47,10 @@ def _listen(host: str = "127.0.0.1") -> socket.socket:
 def test_a_busy_port_is_named_with_its_holder(name):
     holder = _listen()
     port = holder.getsockname()[1]
-    config = {"http_options": {"host": "127.0.0.1", "port": free_port()}, "grpc_options": {"port": free_port()}}
+    from serve.grpc_servicer import SERVICER_FUNCTION
+
+    grpc = {"port": free_port(), "grpc_servicer_functions": [SERVICER_FUNCTION]}  # without: no gRPC proxy, no port
+    config = {"http_options": {"host": "127.0.0.1", "port": free_port()}, "grpc_options": grpc}
     if name == "HTTP":
         config["http_options"]["port"] = port
     elif name == "gRPC":
@@ -352,8 +355,10 @@ def no_launch(monkeypatch):
         (_local_yaml(lambda c: c["applications"][0]["args"].update(batching={"max_batch_sz": 8})),
          "batching.max_batch_sz: Extra inputs are not permitted"),
         (_local_yaml(lambda c: c["http_options"].update(port="eighty")), "http_options.port: Input should be a valid integer"),
+        (_local_yaml(lambda c: c["applications"][0]["args"].update(overload={"proxy_buffer_bytes": 1_000_000})),
+         "overload.proxy_buffer_bytes (1000000) is below the largest body the app accepts"),
     ],
-    ids=["missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number"],
+    ids=["missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body"],
 )  # fmt: skip
 def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(tmp_path, capsys, no_launch, text, said):
     """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError)."""
@@ -502,6 +507,10 @@ def test_deployments_the_config_does_not_list_are_given_cpus_too(tmp_path, monke
 
     config = yaml.safe_load(_local_yaml())
     del config["applications"][0]["deployments"]
+    # within Ray's default of 5 requests at once, which the unlisted deployments run with (check_deployments)
+    config["applications"][0]["args"].update(
+        overload={"max_in_flight": 4}, batching={"max_batch_size": 2}, scorer={"max_batch_size": 4}
+    )
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     launched = []
@@ -560,9 +569,13 @@ def test_the_ready_line_says_whether_api_keys_are_on():
 
 @pytest.mark.parametrize(
     ("flags", "said"),
-    [(["--port", "99999"], "99999 is not a port (1-65535)"), (["--gpus", "-1"], "-1: a GPU count is 0 or more")],
+    [
+        (["--port", "99999"], "99999 is not a port (1-65535)"),
+        (["--gpus", "-1"], "-1: a GPU count is 0 or more"),
+        *((["--ready-timeout", t], f"{t!r} is no deadline: a number of seconds above 0") for t in ("0", "-5", "nan")),
+    ],
 )
-def test_a_bad_flag_is_refused_by_the_command_line(capsys, flags, said):
+def test_a_bad_flag_is_refused_by_the_command_line(capsys, no_launch, flags, said):
     with pytest.raises(SystemExit) as exit:
         run(["run", *flags])
     assert exit.value.code == 2 and said in capsys.readouterr().err
@@ -800,3 +813,25 @@ def _argv(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
+
+
+def test_a_config_without_grpc_neither_checks_nor_shows_a_grpc_port_and_refuses_one(tmp_path, capsys, no_launch):
+    """Ray starts no gRPC proxy without servicer functions: its port was checked (a start refused for a port
+    nothing would bind), printed in READY, and --grpc-port taken for it."""
+    from serve.cli import ready_line
+
+    config = yaml.safe_load(_local_yaml())
+    del config["grpc_options"]
+    assert set(listen_addresses(config, 9464)) == {"HTTP", "metrics"}
+    ready = {"model": {"bundle": {"name": "tiny"}, "tiny": True, "device": "cpu", "dtype": "float32", "steps": 4,
+             "buckets": [512]}, "gate": {"mode": "annotate"}}  # fmt: skip
+    app = config["applications"][0]
+    assert "gRPC" not in ready_line(app, "http://127.0.0.1:8000", ready, None, 9464, "x", 1)
+    assert "| gRPC 127.0.0.1:9000 |" in ready_line(app, "http://127.0.0.1:8000", ready, "127.0.0.1:9000", 9464, "x", 1)
+    config["grpc_options"] = {"port": 9000, "grpc_servicer_functions": []}
+    assert "gRPC" not in listen_addresses(config, 9464)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run(["run", "--config", str(path), "--grpc-port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start: --grpc-port: this config serves no gRPC (grpc_options.grpc_servicer_functions" in err
