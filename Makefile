@@ -26,10 +26,13 @@ TEST_ENV := PYTHONDONTWRITEBYTECODE=
 # Two runs, both whatever the first one's outcome: the tests without Ray on every core (pytest-xdist: they share
 # nothing), then the e2e tests one at a time (they share one Serve, and a second stream beside them slows them more
 # than it gains: docs/benchmarks.md "Test suite"). MARKS selects by marker in both (pytest's -m would pick the same
-# tests for both runs); a run that selects no test (exit 5) is not a failure unless both select none.
+# tests for both runs, so -m in PYTEST_ARGS is refused); a run that selects no test (exit 5) is not a failure unless
+# both select none. WORKERS=0 runs the first part in one process (for --pdb, which xdist refuses).
 MARKS ?= e2e or not e2e
+WORKERS ?= auto
 test: venv
-	@$(TEST_ENV) $(PY) -m pytest -q -n auto -m "not e2e and ($(MARKS))" $(PYTEST_ARGS); without_ray=$$?; \
+	$(if $(filter -m -m%,$(PYTEST_ARGS)),$(error make test: pick tests by marker with MARKS='...', not -m in PYTEST_ARGS))
+	@$(TEST_ENV) $(PY) -m pytest -q -n $(WORKERS) -m "not e2e and ($(MARKS))" $(PYTEST_ARGS); without_ray=$$?; \
 	$(TEST_ENV) $(PY) -m pytest -q -m "e2e and ($(MARKS))" $(PYTEST_ARGS); with_ray=$$?; \
 	echo "make test: tests without Ray exit $$without_ray, e2e tests exit $$with_ray"; \
 	for rc in $$without_ray $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; done; \

@@ -67,7 +67,7 @@ KINDS = (
 # the OpenAPI Problem component (serve/openapi.py) describes each of them from here.
 EXTENSIONS = MappingProxyType(
     {
-        "errors": "invalid-request: every invalid field",
+        "errors": "invalid-request: the invalid and unknown fields (the first 20; the detail counts them all)",
         "score": "removal-failed: the best attempt's score",
         "threshold": "removal-failed: the passing score",
         "attempts": "removal-failed: attempts that finished",
@@ -125,8 +125,9 @@ def invalid_request(errors: list[dict]) -> Problem:
     `errors` and in the detail."""
     fields = [{"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]} for error in errors]
     detail = "; ".join(f"{field['field']}: {field['message']}" for field in fields[:MAX_LISTED])
-    more = f"; and {len(fields) - MAX_LISTED} more" if len(fields) > MAX_LISTED else ""
-    return Problem("invalid-request", detail + more, errors=fields[:MAX_LISTED])
+    if len(fields) > MAX_LISTED:  # the count first: a detail is clipped, and the fields quoted are the client's
+        detail = f"{len(fields)} invalid fields, the first {MAX_LISTED}: {detail}"
+    return Problem("invalid-request", detail, errors=fields[:MAX_LISTED])
 
 
 def _clip(text: str, limit: int) -> str:

@@ -128,9 +128,11 @@ def validate(model: type[BaseModel], data: dict):
     unknown = [key for key in data if key not in model.model_fields]
     if unknown and model.model_config.get("extra") == "forbid":
         named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
-        more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
+        detail = f"unknown fields: {named}"
+        if len(unknown) > MAX_LISTED:  # the count first: a detail is clipped, and the keys quoted are the client's
+            detail = f"{len(unknown)} unknown fields, the first {MAX_LISTED}: {named}"
         listed = [{"field": key, "message": "unknown field"} for key in unknown[:MAX_LISTED]]
-        raise Problem("invalid-request", f"unknown fields: {named}{more}", errors=listed)
+        raise Problem("invalid-request", detail, errors=listed)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -1118,10 +1118,15 @@ def test_export_labels_treats_the_same_pixels_in_other_bytes_as_one_example_and_
     both = [judged(128, 6, "yes"), judged(128, 1, "no")]
     twice = [judged(60, 6, "yes"), judged(60, 1, "yes")]
     other = judged(200, 1, "no")
+    # one stored content judged both ways, and the same pixels in other bytes judged yes: one example, unknown label
+    mixed = [judged(90, 6, "yes"), judged(90, 6, "no"), judged(90, 1, "yes")]
     result = export_labels(ExportLabelsSettings(objects=tmp_path / "kept", out=tmp_path / "labels"))
     metrics = result["metrics"]
     assert len({store.get(result_id).keys["source"] for result_id in both + twice}) == 2, "two stored photos"
-    assert metrics["conflicting"] == [{"result_ids": both, "verdicts": ["yes", "no"]}]
+    assert metrics["conflicting"] == [
+        {"result_ids": both, "verdicts": ["yes", "no"]},
+        {"result_ids": mixed, "verdicts": ["yes", "no", "yes"]},
+    ]
     assert metrics["exported"] == 2 and metrics["duplicates"] == 1
     items = {item["result_id"]: item["same_content"] for item in metrics["items"]}
     assert items == {twice[1]: [twice[0]], other: []}

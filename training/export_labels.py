@@ -139,15 +139,13 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
         )
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    groups, conflicting = same_content_groups(labelled)
     cut, skipped = [], []
-    for group in groups:
+    for group in same_content_groups(labelled):
         try:
             cut.append((group, *_write_views(store, group[-1], out, crops, most_crops)))
         except (ObjectMissing, ValueError) as exc:
             skipped.append({"result_id": group[-1].id, "why": f"{type(exc).__name__}: {exc}"})
-    examples, clashing = same_window_groups(cut)
-    conflicting += clashing
+    examples, conflicting = same_window_groups(cut)
     records, items, ambiguous, empty_views = [], [], [], 0
     for group, views, empty, photo in examples:
         result = group[-1]
@@ -215,38 +213,31 @@ def _principals(items: list[dict]) -> dict[str, int]:
     return dict(sorted(Counter(item["principal"] or "" for item in items).items()))
 
 
-def same_content_groups(labelled) -> tuple[list[list], list[dict]]:
-    """Results grouped by (source, mask, result) content, each group newest verdict last; the groups whose
-    results disagree are returned apart, as {"result_ids", "verdicts"}, and not labelled."""
+def same_content_groups(labelled) -> list[list]:
+    """Results grouped by (source, mask, result) content; whether a group's verdicts agree is decided once its
+    windows are written (same_window_groups), where other bytes of the same pixels join it."""
     groups: dict[tuple[str, str, str], list] = {}
     for result in labelled:
         groups.setdefault((result.keys["source"], result.keys["mask"], result.keys["result"]), []).append(result)
-    agreed, conflicting = _agreeing(groups)
-    return [groups[key] for key in agreed], conflicting
+    return list(groups.values())
 
 
 def same_window_groups(cut: list[tuple]) -> tuple[list[tuple], list[dict]]:
-    """`same_content_groups`' rule over the written files: (group, views, empty, photo) whose windows are the same
-    files (the same pixels stored in other bytes) are one example, their results merged; those judged differently
-    are returned apart. A group with no window is its own."""
+    """Content groups (group, views, empty, photo) whose windows are the same files (the same pixels stored in
+    other bytes) are one example, their results merged, newest verdict last; the examples whose results were
+    judged differently are returned apart, as {"result_ids", "verdicts"}, and not labelled. A group with no
+    window is its own."""
     results: dict[object, list] = {}
     windows: dict[object, tuple] = {}
     for group, *written in cut:
         key = tuple(written[0]) or group[-1].id
         results.setdefault(key, []).extend(group)
         windows.setdefault(key, written)
-    agreed, conflicting = _agreeing(results)
-    return [(results[key], *windows[key]) for key in agreed], conflicting
-
-
-def _agreeing(groups: dict) -> tuple[list, list[dict]]:
-    """The keys of the groups whose results all have one label (each group sorted newest verdict last, in place),
-    and the others as {"result_ids", "verdicts"}: their label is unknown."""
     agreed, conflicting = [], []
-    for key, group in groups.items():
+    for key, group in results.items():
         group.sort(key=lambda result: (result.labelled_at, result.id))
         if len({result.label for result in group}) == 1:
-            agreed.append(key)
+            agreed.append((group, *windows[key]))
         else:
             conflicting.append({"result_ids": [r.id for r in group], "verdicts": [r.label for r in group]})
     return agreed, conflicting

@@ -475,14 +475,17 @@ class RetentionStore:
         """The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
         db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
         then the verdicts), so a verdict and a delete of its result never deadlock. `unjudged`: only those still
-        without a verdict (the DELETE checks it: a verdict committed first keeps its result)."""
+        without a verdict (the DELETE checks it: a verdict committed first keeps its result). The rows are locked
+        first (FOR UPDATE; SQLite's writers take turns anyway): on PostgreSQL a DELETE that waited on a verdict's
+        open transaction would otherwise delete by the snapshot it started from, verdict and all."""
         still = (~_has_feedback(),) if unjudged else ()
         deleted = 0
         with self._lock:
             for start in range(0, len(ids), _CHUNK):
                 chunk = list(ids[start : start + _CHUNK])
                 with Session(self.engine) as session, session.begin():
-                    rows = session.scalars(select(ResultRow).where(ResultRow.id.in_(chunk), *still)).all()
+                    chosen = select(ResultRow).where(ResultRow.id.in_(chunk), *still).with_for_update()
+                    rows = session.scalars(chosen).all()
                     keys = {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
                     gone = session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk), *still))
                 deleted += gone.rowcount
