@@ -5,9 +5,9 @@ Two limits, both answered at once with a problem+json 429 and a Retry-After, bef
   (`ServiceRate`), in work units (`work_units`: a request counts one unit until it is decoded and planned,
   then its crops, each by its bucket's area); a request that would wait longer than `max_queue_wait_s`
   behind the work already admitted is refused, with Retry-After = how long until the queue is back under
-  that wait (at most MAX_RETRY_AFTER_S). A request whose own deadline is shorter than the expected wait plus
-  its own work is refused too (`check_deadline`): admitting it would only spend model time on an answer nobody
-  waits for. Once a request is planned (`Place.planned`) both are checked again with its real work.
+  that wait (at most MAX_RETRY_AFTER_S). A request whose own deadline is shorter than the expected wait is refused too
+  (`check_deadline`): admitting it would only spend model time on an answer nobody waits for. Once a
+  request is planned (`Place.planned`) both are checked again with its real work.
 - by count: at most `limit` requests in progress (a backstop while the rate is still unknown).
 Past these, the model deployments' own bounded queues answer 503 (serve.service).
 """
@@ -125,14 +125,14 @@ class Place:
 
     def check_deadline(self, deadline_s: float) -> None:
         """Refuse the request if its deadline (serve.service.removal_deadline_s) is shorter than the wait ahead
-        of it and its own work (one unit until it is planned)."""
+        of it."""
         self.admission._check_wait_ahead(self, deadline_s, None)
 
     def planned(self, units: float, deadline_s: float) -> None:
         """The request is decoded and planned, its model work begins: from now on it counts its real work
         (`work_units`) and the service rate's busy time runs. It is refused first (the 429 of `Admission.slot`)
-        if the work ahead of it no longer fits in max_queue_wait_s, or that and its own work in `deadline_s`,
-        what is left of its deadline."""
+        if the work ahead of it no longer fits in max_queue_wait_s or in `deadline_s`, what is left of its
+        deadline."""
         self.units = units
         self.admission._check_wait_ahead(self, deadline_s, self.admission.max_queue_wait_s)
         self.working = True
@@ -213,31 +213,24 @@ class Admission:
             self.rate.finished(place.working, place.units if counted else 0.0)
 
     def _check_wait_ahead(self, place: Place, deadline_s: float, max_wait_s: float | None) -> None:
-        """Refuse `place` if the work in progress other than its own would take longer than `max_wait_s` (the
-        queueing), or that and its own work longer than its deadline: it would end in a 504 after spending model
-        time."""
+        """Refuse `place` if the work in progress other than its own would take longer than its deadline or
+        `max_wait_s`."""
         rate = self.rate.per_second()
         if rate is None or self.max_queue_wait_s is None:  # None: admission by count only
             return
         ahead = (self.work() - place.units) / rate
         if max_wait_s is not None and ahead > max_wait_s:
             raise self._too_long(ahead, max_wait_s, "overload.max_queue_wait_s")
-        done = ahead + place.units / rate
-        if done > deadline_s:
-            what = (
-                f"the expected wait and its own model work on this replica take {done:.1f} s "
-                f"({place.units / rate:.1f} s its own)"
-            )
-            raise self._too_long(done, deadline_s, "its deadline (timeout_s, at most request_timeout_s)", what)
+        if ahead > deadline_s:
+            raise self._too_long(ahead, deadline_s, "its deadline (timeout_s, at most request_timeout_s)")
 
-    def _too_long(self, wait: float, allowed: float, which: str, what: str | None = None) -> Problem:
+    def _too_long(self, wait: float, allowed: float, which: str) -> Problem:
         """The 429, its Retry-After at most MAX_RETRY_AFTER_S: a rate measured low (an early stall) can make the
         wait look like an hour, and clients that wait that long take the service for gone."""
         retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait - allowed)))
-        what = what or f"the expected wait on this replica is {wait:.1f} s"
         return Problem(
             "too-many-requests",
-            f"{what}, longer than {which} ({allowed:g} s)",
+            f"the expected wait on this replica is {wait:.1f} s, longer than {which} ({allowed:g} s)",
             headers={"Retry-After": str(retry_after)},
         )
 

@@ -92,20 +92,21 @@ def test_a_request_that_would_wait_too_long_is_refused_at_once_with_a_retry_afte
         pass
 
 
-def test_a_deadline_shorter_than_the_wait_ahead_and_its_own_work_is_refused():
+def test_a_deadline_shorter_than_the_wait_ahead_is_refused():
     clock = Clock()
     admission = Admission(1000, 2, max_queue_wait_s=60.0, clock=clock)
     _serve(admission, clock, 10, 1.0)  # 1 result per second
     held = [admission.slot() for _ in range(4)]
-    places = [slot.__enter__() for slot in held]  # the 4th is "this" request: 3 ahead of it, 3 s, and its own 1 s
-    places[-1].check_deadline(4.5)
+    places = [slot.__enter__() for slot in held]  # the 4th is "this" request: 3 ahead of it, 3 s
+    places[-1].check_deadline(3.5)
     with pytest.raises(Problem) as refused:
-        places[-1].check_deadline(3.5)
+        places[-1].check_deadline(2.0)
     assert "timeout_s" in refused.value.detail and refused.value.headers["Retry-After"] == "1"
     by_count_only = Admission(1000, 2, max_queue_wait_s=None, clock=clock)
     by_count_only.rate = admission.rate
     by_count_only_places = [by_count_only.slot().__enter__() for _ in range(4)]
     by_count_only_places[-1].check_deadline(0.001)  # admission by time is off: never refused for its deadline
+
 
 
 def test_refusals_errors_and_answers_without_model_work_do_not_make_a_loaded_replica_look_fast():
@@ -311,29 +312,5 @@ def test_a_retry_after_from_the_wait_is_at_most_the_configured_ceiling():
         admission.check()
     assert refused.value.headers["Retry-After"] == str(MAX_RETRY_AFTER_S) == "600"
     assert "expected wait on this replica is 4000.0 s" in refused.value.detail
-    for slot in held:
-        slot.__exit__(None, None, None)
-
-
-def test_a_request_whose_own_model_work_cannot_end_before_its_deadline_is_refused_before_any_model_call():
-    """Only the work ahead was compared with the deadline: 16 s of its own work against 0.5 s left was admitted,
-    spent GPU time and ended in a 504. max_queue_wait_s still bounds the wait ahead alone."""
-    clock = Clock()
-    admission = Admission(1000, 2, max_queue_wait_s=5.0, clock=clock)
-    _serve(admission, clock, 4, 1.0)  # 1 unit per second
-    with pytest.raises(Problem) as refused, admission.slot() as place:
-        place.check_deadline(1.5)  # one unit until planned: 1 s
-        place.planned(16, 0.5)  # four 1024 crops: 16 s
-    assert not place.working
-    assert "its own model work on this replica take 16.0 s (16.0 s its own)" in refused.value.detail
-    assert "timeout_s" in refused.value.detail and refused.value.headers["Retry-After"] == "16"
-    held = _in_progress(admission, 4)  # 4 s ahead: under max_queue_wait_s 5
-    with (
-        pytest.raises(Problem, match=r"take 20.0 s \(16.0 s its own\), longer than its deadline"),
-        admission.slot() as place,
-    ):
-        place.planned(16, 5.0)
-    with admission.slot() as place:
-        place.planned(16, 30.0)  # 4 s ahead + 16 s: within its deadline, and the wait ahead within 5 s
     for slot in held:
         slot.__exit__(None, None, None)
