@@ -225,8 +225,10 @@ def visible_gpus() -> int:
 
 
 def serves_grpc(config: dict) -> bool:
-    """Whether Ray starts a gRPC proxy for this config: only with servicer functions to add to it."""
-    return bool((config.get("grpc_options") or {}).get("grpc_servicer_functions"))
+    """Whether Ray starts a gRPC proxy for this config: only on a port above 0 with servicer functions to add to
+    it (ray.serve._private.utils' own test)."""
+    grpc = config.get("grpc_options") or {}
+    return grpc.get("port", DEFAULT_GRPC_PORT) > 0 and bool(grpc.get("grpc_servicer_functions"))
 
 
 def choose_ports(config: dict, host: str | None, port: int | None, grpc_port: int | None) -> None:

@@ -684,7 +684,7 @@ def built_deployments(settings: AppSettings) -> dict[str, dict]:
     from serve.app import build_app
 
     built = {}
-    pending = [build_app(settings.model_dump(mode="json"))]
+    pending = [build_app(settings.model_dump(mode="json", exclude_unset=True))]  # as the args build it (live form)
     while pending:
         deployment = pending.pop()._bound_deployment
         built[deployment.name] = {

@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
-from serve.config import AppSettings, ImagingSettings, live_serve_app
+from serve.config import AppSettings, ImagingSettings, live_serve_app, live_serve_config, validate_serve_config
 from serve.grpc_servicer import SERVICER_FUNCTION
 from tests.helpers import REPO, load_script
 
@@ -717,3 +717,15 @@ def test_a_model_deployment_set_to_cuda_that_would_get_no_gpu_is_refused_at_star
         fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)
     _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 1
     assert fit_to_machine(config, bundle=None, host=None, port=None, gpus=1)  # shared with the Scorer
+
+
+def test_a_scorer_off_config_in_its_live_form_is_valid():
+    """In the live form (what k8s/render.py writes and the CLI runs) the gate is the Ingress's user_config, not an
+    arg: the check of the deployments the app builds once built it from every default, the gate's annotate among
+    them, and refused a valid scorer-off config as "gate.mode 'annotate' needs the Scorer"."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    app = config["applications"][0]
+    app["args"].update(scorer={"enabled": False}, gate={"mode": "off"})
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "Scorer"]
+    validate_serve_config(copy.deepcopy(config))
+    validate_serve_config(live_serve_config(config))

@@ -819,6 +819,7 @@ def test_a_config_without_grpc_neither_checks_nor_shows_a_grpc_port_and_refuses_
     """Ray starts no gRPC proxy without servicer functions: its port was checked (a start refused for a port
     nothing would bind), printed in READY, and --grpc-port taken for it."""
     from serve.cli import ready_line
+    from serve.grpc_servicer import SERVICER_FUNCTION
 
     config = yaml.safe_load(_local_yaml())
     del config["grpc_options"]
@@ -830,6 +831,9 @@ def test_a_config_without_grpc_neither_checks_nor_shows_a_grpc_port_and_refuses_
     assert "| gRPC 127.0.0.1:9000 |" in ready_line(app, "http://127.0.0.1:8000", ready, "127.0.0.1:9000", 9464, "x", 1)
     config["grpc_options"] = {"port": 9000, "grpc_servicer_functions": []}
     assert "gRPC" not in listen_addresses(config, 9464)
+    config["grpc_options"] = {"port": 0, "grpc_servicer_functions": [SERVICER_FUNCTION]}  # Ray: no proxy on port 0
+    assert "gRPC" not in listen_addresses(config, 9464)
+    config["grpc_options"] = {"port": 9000, "grpc_servicer_functions": []}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     assert run(["run", "--config", str(path), "--grpc-port", str(free_port())]) == 2
