@@ -437,7 +437,8 @@ def _loads_lifted(body: bytes, keep: tuple[str, ...] = ()) -> tuple[Any, dict[st
 
     Top-level keys named in `keep` whose string is one run (+ '=' padding), or a data URL of one, keep their
     placeholder; the second value maps each such key to the (start, end) of its base64 text in `body`."""
-    if len(body) < STEP or body[:1] != b"{" or b"~" in body or b"\\" in body:
+    # body[1:2] == b"\x00": UTF-16 / UTF-32 (json.detect_encoding), where a byte run is not a run of characters
+    if len(body) < STEP or body[:1] != b"{" or body[1:2] == b"\x00" or b"~" in body or b"\\" in body:
         return _loads_stepwise(body), {}
     runs = _long_runs(body)
     if not runs:
