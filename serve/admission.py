@@ -5,8 +5,8 @@ Two limits, both answered at once with a problem+json 429 and a Retry-After, bef
   (`ServiceRate`), in work units (`work_units`: a request counts one unit until it is decoded and planned,
   then its crops, each by its bucket's area); a request that would wait longer than `max_queue_wait_s`
   behind the work already admitted is refused, with Retry-After = how long until the queue is back under
-  that wait (at most MAX_RETRY_AFTER_S). A request whose own deadline is shorter than the expected wait is refused too
-  (`check_deadline`): admitting it would only spend model time on an answer nobody waits for. Once a
+  that wait (at most MAX_RETRY_AFTER_S). A request whose own deadline is shorter than the expected wait is
+  refused too (`check_deadline`): admitting it would only spend model time on an answer nobody waits for. Once a
   request is planned (`Place.planned`) both are checked again with its real work.
 - by count: at most `limit` requests in progress (a backstop while the rate is still unknown).
 Past these, the model deployments' own bounded queues answer 503 (serve.service).

@@ -674,10 +674,10 @@ def live_serve_config(config: dict) -> dict:
     return {**config, "applications": [live_serve_app(app) for app in config["applications"]]}
 
 
-def built_deployments(settings: AppSettings) -> dict[str, dict]:
-    """Each deployment serve.app.build_app builds for these settings, by name, with the options its
+def built_deployments(settings: AppSettings) -> dict[str, int]:
+    """Each deployment serve.app.build_app builds for these settings, by name, with the max_ongoing_requests its
     @serve.deployment decorator gives it: what Ray runs it with where the config's `deployments` does not say
-    (Ray's defaults, 5 requests at once and an unbounded queue, unless the decorator says otherwise). Read from
+    (Ray's default, 5 requests at once, unless the decorator says otherwise). Read from
     the bound application itself, so a deployment added there, or an option given in a decorator, is checked."""
     from ray.serve.deployment import Application
 
@@ -687,10 +687,7 @@ def built_deployments(settings: AppSettings) -> dict[str, dict]:
     pending = [build_app(settings.model_dump(mode="json", exclude_unset=True))]  # as the args build it (live form)
     while pending:
         deployment = pending.pop()._bound_deployment
-        built[deployment.name] = {
-            "max_ongoing_requests": deployment.max_ongoing_requests,
-            "max_queued_requests": deployment.max_queued_requests,
-        }
+        built[deployment.name] = deployment.max_ongoing_requests
         bound = (*deployment.init_args, *deployment.init_kwargs.values())
         pending += [arg for arg in bound if isinstance(arg, Application)]
     return built
@@ -731,11 +728,11 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
         ),
     }
     listed = {d.get("name"): d for d in deployments}
-    for name, options in built_deployments(settings).items():
+    for name, decorated in built_deployments(settings).items():
         if name not in needs:
             continue
         needed, what, below, knob = needs[name]
-        have = listed.get(name, {}).get("max_ongoing_requests", options["max_ongoing_requests"])
+        have = listed.get(name, {}).get("max_ongoing_requests", decorated)
         if have < needed:
             fix = (
                 "max_ongoing_requests"

@@ -662,7 +662,7 @@ def test_a_deployment_the_config_does_not_list_is_checked_with_the_options_it_ru
 
     built = built_deployments(AppSettings(scorer={"enabled": False}, gate={"mode": "off"}))
     assert set(built) == {"Ingress", "Remover"}
-    assert built["Remover"]["max_ongoing_requests"] == Remover.max_ongoing_requests
+    assert built["Remover"] == Remover.max_ongoing_requests
 
 
 @pytest.mark.parametrize("section", ["http_options", "grpc_options"])
