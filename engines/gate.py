@@ -124,7 +124,8 @@ async def run_gated(
     """Attempt removals with derived seeds until one scores >= threshold or attempts run out.
 
     A ScorerUnavailable from the first attempt's `score`: fail-open keeps its result unscored, fail-closed
-    re-raises (the entry point answers 503). From a later attempt's, the attempts before it answer, scored.
+    re-raises (the entry point answers 503). From a later attempt's, the attempts before it answer, scored. A
+    scoring still running at `deadline` counts as one: a removal done in time is not lost to a slow Scorer.
 
     An attempt after the first that is lost to the moment does not cost the ones before it: the gate answers with
     what those earned, as if attempts had run out, rather than start one with less time left before `deadline`
@@ -138,11 +139,18 @@ async def run_gated(
     async def scored(attempt_s: int, first: bool) -> tuple[Result, float | None]:
         result = await remove(attempt_s)
         try:
-            return result, await score(result)
-        except ScorerUnavailable:
-            if first and (policy.fail_open or policy.mode == "annotate"):
-                return result, None
-            raise
+            async with asyncio.timeout_at(deadline) as scoring:
+                return result, await score(result)
+        except TimeoutError as exc:
+            if not scoring.expired():
+                raise
+            outage = ScorerUnavailable("no score before the request's deadline")
+            outage.__cause__ = exc
+        except ScorerUnavailable as exc:
+            outage = exc
+        if first and (policy.fail_open or policy.mode == "annotate"):
+            return result, None
+        raise outage
 
     loop = asyncio.get_running_loop()
     best: GateOutcome[Result] | None = None

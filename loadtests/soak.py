@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, retry_after_s, summarize
+from benchlib import center_mask, photo, png, positive_int, retry_after_s, summarize
 from PIL import Image
 
 from serve.config import INSTANCE_ENV
@@ -111,10 +111,21 @@ def run_soak(
     report = SoakReport(seconds=seconds, clients=clients)
     latencies: list[float] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+    window_open = threading.Event()
+    deadline = 0.0
+
+    def open_window() -> None:
+        """The window starts once every client is set up: on a loaded machine making the clients alone has taken
+        over a second, and a short window then closed before any request was sent."""
+        nonlocal deadline
+        deadline = time.monotonic() + seconds
+        window_open.set()
+
+    everyone_ready = threading.Barrier(clients, action=open_window)
 
     def client() -> None:
         with httpx.Client(base_url=url, timeout=client_timeout_s, headers=headers or {}) as http:
+            everyone_ready.wait()
             while time.monotonic() < deadline:
                 with lock:
                     report.sent += 1
@@ -144,6 +155,7 @@ def run_soak(
 
     def chaos() -> None:
         turn = 0
+        window_open.wait()
         while time.monotonic() + chaos_every_s < deadline:
             time.sleep(chaos_every_s)
             deployment = chaos_deployments[turn % len(chaos_deployments)]
@@ -171,7 +183,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--seconds", type=float, default=120)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=positive_int, default=4)
     parser.add_argument("--side", type=int, default=512, help="square photo side sent with every request")
     parser.add_argument("--api-key", default=os.environ.get("ROREM_API_KEY"))
     parser.add_argument("--gate", default=None, help="gate mode sent with every request")

@@ -10,10 +10,11 @@ without bound; a batch formed when the engine is free takes the backlog at once 
 A batch takes up to `max_batch_size` queued calls, waiting at most `wait_s` after its oldest call was queued
 (not after the engine became free: a backlog goes at once). Queues of one engine share its `turn`: a batch
 closed while another queue's batch runs takes the calls queued meanwhile, up to `max_batch_size`, once it
-gets the turn. A caller that is cancelled before its batch runs is left out, and takes no place in it; one
-cancelled during it is not answered. A batch of several calls whose function raises is run again one call at a
-time, still holding the turn: one call the engine cannot take (or a batch too large for the device's memory)
-fails only its own caller, not its companions. A call that fails alone gets the exception.
+gets the turn. A caller that is cancelled before its batch runs is left out, and takes no place in it; its
+arguments (an image crop) are let go at once, not when the engine is next free. One cancelled during its batch is
+not answered. A batch of several calls whose function raises is run again one call at a time, still holding the
+turn: one call the engine cannot take (or a batch too large for the device's memory) fails only its own caller,
+not its companions, even where they all left but one while it ran. A call that fails alone gets the exception.
 """
 
 from __future__ import annotations
@@ -22,9 +23,20 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("ray.serve")
+
+
+@dataclass(slots=True)
+class _Call:
+    queued_at: float
+    args: tuple | None  # None once its caller has gone: a queued call whose caller left holds no image
+    answer: asyncio.Future
+
+    def forget_args(self, _: asyncio.Future) -> None:
+        self.args = None
 
 
 class Batcher:
@@ -43,7 +55,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.turn = turn or asyncio.Lock()
-        self._queue: asyncio.Queue[tuple[float, tuple, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[_Call] | None = None
         self._worker: asyncio.Task | None = None
 
     def set_batch_wait_timeout_s(self, wait_s: float) -> None:
@@ -59,65 +71,68 @@ class Batcher:
         if self._worker is None or self._worker.done():
             # a context of its own: it serves every caller, so it must not carry the first one's (Serve's request id)
             self._worker = loop.create_task(self._serve(), context=contextvars.Context())
-        answer = loop.create_future()
-        self._queue.put_nowait((loop.time(), args, answer))
-        return await answer
+        call = _Call(loop.time(), args, loop.create_future())
+        call.answer.add_done_callback(call.forget_args)
+        self._queue.put_nowait(call)
+        return await call.answer
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch(loop)
             async with self.turn:
-                batch = [(args, answer) for args, answer in batch if not answer.done()]
+                batch = [call for call in batch if not call.answer.done()]
                 while len(batch) < self.max_batch_size and not self._queue.empty():
-                    _, args, answer = self._queue.get_nowait()
-                    if not answer.done():
-                        batch.append((args, answer))
+                    call = self._queue.get_nowait()
+                    if not call.answer.done():
+                        batch.append(call)
                 if batch:
                     await self._run(batch)
 
-    async def _next_batch(self, loop) -> list[tuple[tuple, asyncio.Future]]:
-        queued_at, args, answer = await self._queue.get()
-        while answer.done():  # a caller already gone does not start the batch wait
-            queued_at, args, answer = await self._queue.get()
-        items = [(args, answer)]
-        deadline = queued_at + self.wait_s
-        while len(items) < self.max_batch_size:
+    async def _next_batch(self, loop) -> list[_Call]:
+        call = await self._queue.get()
+        while call.answer.done():  # a caller already gone does not start the batch wait
+            call = await self._queue.get()
+        batch = [call]
+        deadline = call.queued_at + self.wait_s
+        while len(batch) < self.max_batch_size:
             if self._queue.empty():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 try:
                     async with asyncio.timeout(remaining):
-                        _, args, answer = await self._queue.get()  # Queue.get keeps its item if cancelled
+                        call = await self._queue.get()  # Queue.get keeps its item if cancelled
                 except TimeoutError:
                     break
             else:
-                _, args, answer = self._queue.get_nowait()
-            if not answer.done():
-                items.append((args, answer))
-        return items
+                call = self._queue.get_nowait()
+            if not call.answer.done():
+                batch.append(call)
+        return batch
 
-    async def _run(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+    async def _run(self, batch: list[_Call]) -> None:
         try:
             results = await self._call(batch)
         except Exception as exc:
-            batch = [(args, answer) for args, answer in batch if not answer.done()]
-            if len(batch) == 1:
-                batch[0][1].set_exception(exc)
-            elif batch:
-                logger.warning("a batch of %d failed (%s: %s); running it one call at a time", len(batch),
-                               type(exc).__name__, exc)  # fmt: skip
-                for item in batch:
-                    if not item[1].done():  # its caller may have gone while another one ran
-                        await self._run([item])
+            if len(batch) == 1:  # as it ran: a call that ran with others is run alone before it is failed
+                if not batch[0].answer.done():
+                    batch[0].answer.set_exception(exc)
+                return
+            waiting = [call for call in batch if not call.answer.done()]
+            if waiting:
+                logger.warning("a batch of %d failed (%s: %s); running its %d waiting calls one at a time",
+                               len(batch), type(exc).__name__, exc, len(waiting))  # fmt: skip
+            for call in waiting:
+                if not call.answer.done():  # its caller may have gone while another one ran
+                    await self._run([call])
             return
-        for (_, answer), result in zip(batch, results):
-            if not answer.done():
-                answer.set_result(result)
+        for call, result in zip(batch, results):
+            if not call.answer.done():
+                call.answer.set_result(result)
 
-    async def _call(self, batch: list[tuple[tuple, asyncio.Future]]) -> list[Any]:
-        columns = [list(column) for column in zip(*(args for args, _ in batch))]
+    async def _call(self, batch: list[_Call]) -> list[Any]:
+        columns = [list(column) for column in zip(*(call.args for call in batch))]
         results = await self.run(*columns)
         if len(results) != len(batch):
             raise RuntimeError(f"the batch function answered {len(results)} results for {len(batch)} calls")

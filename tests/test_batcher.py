@@ -170,16 +170,23 @@ def test_a_batch_too_large_for_the_device_completes_one_call_at_a_time_and_a_bro
     asyncio.run(asyncio.wait_for(main(), 10))
 
 
-def test_a_caller_gone_while_its_failed_batch_is_rerun_one_by_one_is_not_run():
-    """The one-by-one re-run checked its callers only before it began: one that hung up meanwhile still ran."""
-    calls = []
+def _slow_and_out_of_memory_above_one(calls: list):
+    """A batch function that takes 0.1 s and runs out of device memory on any batch over one call."""
 
-    async def out_of_memory_above_one(values):
+    async def run(values):
         calls.append(list(values))
         await asyncio.sleep(0.1)
         if len(values) > 1:
             raise RuntimeError("CUDA out of memory")
         return [v * 2 for v in values]
+
+    return run
+
+
+def test_a_caller_gone_while_its_failed_batch_is_rerun_one_by_one_is_not_run():
+    """The one-by-one re-run checked its callers only before it began: one that hung up meanwhile still ran."""
+    calls = []
+    out_of_memory_above_one = _slow_and_out_of_memory_above_one(calls)
 
     async def main():
         batcher = Batcher(out_of_memory_above_one, max_batch_size=4, wait_s=0.05)
@@ -301,3 +308,64 @@ def test_the_batch_worker_does_not_carry_the_first_callers_context():
 
     asyncio.run(main())
     assert seen == [None]
+
+
+def test_the_one_caller_left_of_a_failed_batch_is_run_alone_before_it_is_failed():
+    """A batch of four ran out of device memory while three of its callers hit their deadlines: the fourth got
+    the batch's error (a 500) where alone it succeeds; it is run alone first."""
+    calls = []
+    out_of_memory_above_one = _slow_and_out_of_memory_above_one(calls)
+
+    async def main():
+        batcher = Batcher(out_of_memory_above_one, max_batch_size=4, wait_s=0.05)
+        callers = [asyncio.create_task(batcher(v)) for v in range(4)]
+        while not calls:
+            await asyncio.sleep(0.005)
+        for caller in callers[:3]:
+            caller.cancel()
+        return await callers[3]
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == 6
+    assert calls == [[0, 1, 2, 3], [3]]
+
+
+def test_callers_gone_from_the_queue_while_the_engine_is_busy_hold_no_arguments():
+    """While one engine call ran, the crops of callers that had left stayed queued until the engine was free:
+    under a stalled engine, as many images as arrived. They are let go when the caller leaves."""
+    import gc
+    import weakref
+
+    class Crop:
+        pass
+
+    release = None
+
+    async def stalled(values):
+        await release.wait()
+        return values
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        batcher = Batcher(stalled, max_batch_size=1, wait_s=0.0)
+        running = asyncio.create_task(batcher(Crop()))
+        await asyncio.sleep(0.02)  # the engine is busy with the first call
+        crops = [Crop() for _ in range(5)]
+        refs = [weakref.ref(crop) for crop in crops]
+
+        async def leave_early(crop):
+            try:
+                await asyncio.wait_for(batcher(crop), 0.02)
+            except TimeoutError:
+                pass
+
+        await asyncio.gather(*(leave_early(crop) for crop in crops))
+        del crops
+        gc.collect()
+        held = sum(ref() is not None for ref in refs)
+        release.set()
+        await running
+        return held
+
+    held = asyncio.run(asyncio.wait_for(main(), 10))
+    assert held == 0, f"{held} of 5 crops of callers that left are still held while the engine is busy"

@@ -156,3 +156,31 @@ def test_an_error_of_the_moment_in_a_later_attempt_leaves_the_best_and_any_other
         run("retry", 0, _QueueFull())
     with pytest.raises(KeyError):
         run("retry", 1, KeyError("a bug"))
+
+
+@pytest.mark.parametrize("mode, fail_open", [("annotate", False), ("retry", True), ("retry", False)])
+def test_a_scoring_still_running_at_the_deadline_counts_as_the_scorer_down(mode, fail_open):
+    """The scoring waited scorer.timeout_s (10 s) whatever was left of the request: a removal done in 0.1 s of a
+    3 s deadline became a 504 under a Scorer still loading, where fail-open promises the unscored result."""
+
+    async def remove(s):
+        return s
+
+    async def hung_score(result):
+        await asyncio.sleep(3600)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            outcome = await run_gated(_policy(mode, fail_open=fail_open), 7, remove, hung_score, loop.time() + 0.2)
+        except ScorerUnavailable as exc:
+            outcome = exc
+        return outcome, loop.time() - began
+
+    outcome, took = asyncio.run(asyncio.wait_for(main(), 10))
+    assert took < 1.0
+    if mode == "annotate" or fail_open:
+        assert (outcome.verdict, outcome.score, outcome.result) == ("unscored", None, 7)
+    else:
+        assert isinstance(outcome, ScorerUnavailable) and "deadline" in str(outcome)
