@@ -9,7 +9,11 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 def valid_request_id(given: str | None) -> str:
-    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    """`given` where valid; for an invalid one, always the same stand-in (a gRPC client's request_id metadata
+    reaches Serve's context unchecked, and the reply and the stored result must name one id); none: a fresh one."""
+    if not given:
+        return uuid.uuid4().hex
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid5(uuid.NAMESPACE_OID, given).hex
 
 
 def serve_request_id() -> str | None:

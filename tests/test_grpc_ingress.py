@@ -283,3 +283,17 @@ def test_a_removal_without_timeout_s_is_refused_when_request_timeout_s_is_shorte
         problem = json.loads(context.details)
         assert problem["type"].endswith("/too-many-requests") and "request_timeout_s" in problem["detail"]
     ingress.service.remove.assert_not_called()
+
+
+@pytest.mark.parametrize("given", ["has spaces", "x" * 200, "naïve"])
+def test_a_grpc_request_id_that_is_not_a_valid_one_is_replaced_by_the_same_id_each_time_it_is_read(monkeypatch, given):
+    """A gRPC client's request_id metadata reaches Serve's context unchecked; an invalid one got a fresh id at
+    each read, so the reply named one id and the retained result another."""
+    from ray.serve import context
+
+    from serve.request_ids import serve_request_id, valid_request_id
+
+    monkeypatch.setattr(context, "_get_serve_request_context", lambda: Mock(request_id=given))
+    first, second = serve_request_id(), serve_request_id()
+    assert first == second != given and valid_request_id(first) == first
+    assert serve_request_id() != valid_request_id("another invalid id")
