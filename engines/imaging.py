@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from scipy import ndimage
 
 try:
@@ -214,13 +214,23 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
     width, height = img.size
     if img.format == "TIFF":  # Pillow gives a TIFF's size upright already, and turns its pixels as it loads them
         return width, height
-    return (height, width) if _header_exif(img).get(_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if exif_orientation(img) in (5, 6, 7, 8) else (width, height)
 
 
-def _header_exif(img: Image.Image) -> Image.Exif:
-    """The EXIF found before the pixels. PngImageFile.getexif would decode the whole image to look for an eXIf
-    chunk after them: the fast path has no such chunk (_png_is_plain), and a size check must not decode."""
-    return Image.Image.getexif(img) if img.format == "PNG" else img.getexif()
+def exif_orientation(img: Image.Image) -> int:
+    """The orientation in the image's EXIF block (a JPEG's APP1, a PNG's eXIf, a WebP's EXIF chunk), as browsers and
+    photo viewers read it: the one a mask drawn on the photo as shown was drawn in. Pillow's getexif also takes one
+    from XMP or a PNG text chunk, which no browser reads (a mask painted in the playground then missed the photo).
+    Before the pixels are loaded, a PNG's eXIf after them is not seen yet (PngImageFile.getexif would decode the
+    whole image to look for one: the fast path has no such chunk, _png_is_plain, and a size check must not decode).
+    A TIFF's is applied by Pillow as it opens the file."""
+    block = img.info.get("exif") if img.format != "TIFF" else None
+    if not block:
+        return 1
+    exif = Image.Exif()
+    exif.load(block)
+    orientation = exif.get(_ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
 
 
 def mask_from_alpha(image: DecodedImage) -> np.ndarray:
@@ -255,8 +265,11 @@ def _decode(
                 planes = _fast_decode(img, data, complete)
                 if planes is None:
                     img.load()
-                    ImageOps.exif_transpose(img, in_place=True)
-                    planes = _split_pixels_alpha(img, what, invalid)
+                    orientation = exif_orientation(img)
+                    planes = tuple(
+                        None if plane is None else np.ascontiguousarray(_orient(plane, orientation))
+                        for plane in _split_pixels_alpha(img, what, invalid)
+                    )
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -395,7 +408,7 @@ def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndar
     width, height = img.size
     if pixels.dtype != np.uint8 or pixels.shape != ((height, width) if channels == 1 else (height, width, channels)):
         return None
-    pixels = _orient(pixels, _header_exif(img).get(_ORIENTATION, 1))
+    pixels = _orient(pixels, exif_orientation(img))
     if channels in (1, 3):
         return np.ascontiguousarray(pixels), None
     alpha = pixels[..., -1]

@@ -888,6 +888,60 @@ def test_exif_orientation_matches_pillows_exif_transpose(monkeypatch, orientatio
     np.testing.assert_array_equal(slow.rgb, expected)
 
 
+_XMP_TURNED = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def _png_with_text(key: str, text: str, international: bool = False) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    (info.add_itxt if international else info.add_text)(key, text)
+    return encoded(Image.fromarray(photo_like(20, 36)), pnginfo=info)
+
+
+def _exif_as_png_text(orientation: int) -> str:
+    """ImageMagick's way of keeping EXIF in a PNG: "Raw profile type exif", hex, 72 characters a line."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = exif.tobytes()
+    return f"\nexif\n{len(raw):8d}\n" + "\n".join(raw.hex()[i : i + 72] for i in range(0, len(raw.hex()), 72)) + "\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(lambda: encoded(Image.fromarray(photo_like(20, 36)), "JPEG", xmp=_XMP_TURNED.encode()), id="JPEG XMP"),
+        pytest.param(lambda: _png_with_text("XML:com.adobe.xmp", _XMP_TURNED, international=True), id="PNG XMP"),
+        pytest.param(lambda: _png_with_text("Raw profile type exif", _exif_as_png_text(6)), id="PNG EXIF as text"),
+    ],
+)
+def test_an_orientation_only_in_xmp_or_png_text_is_not_applied_as_no_browser_applies_it(monkeypatch, data):
+    """Pillow's exif_transpose turns such a photo; browsers show it as stored, so the playground's mask (drawn on
+    the photo as shown) was refused as "turned a quarter", or, on a square photo, removed the wrong region."""
+    data = data()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.getexif().get(0x0112) == 6, "Pillow reads an orientation there"
+    for decoded in decoded_both_ways(data, monkeypatch):
+        assert decoded.rgb.shape == (20, 36, 3)
+    assert decode_mask(encoded(Image.new("L", (36, 20), 255)), (20, 36), LIMITS).all()
+
+
+def test_the_alpha_of_a_photo_turned_by_its_exif_turns_with_it():
+    stored = np.zeros((20, 36, 4), np.uint8)
+    stored[..., :3] = photo_like(20, 36)
+    stored[..., 3] = 255
+    stored[:5, :5, 3] = 0  # the top left corner, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: that corner is then at the top right
+    decoded = decode_image(encoded(Image.fromarray(stored), "WEBP", lossless=True, exact=True, exif=exif.tobytes()), LIMITS)
+    assert decoded.rgb.shape == (36, 20, 3) and decoded.alpha.shape == (36, 20)
+    assert (decoded.alpha[:5, -5:] == 0).all() and decoded.alpha.sum() == 255 * (36 * 20 - 25)
+    np.testing.assert_array_equal(decoded.rgb, np.rot90(stored[..., :3], -1))
+
+
 @needs_imagecodecs
 @pytest.mark.parametrize("channels", [3, 4])
 def test_16bit_color_png_reads_as_pillow_does(monkeypatch, channels):
