@@ -977,15 +977,17 @@ def _png_from_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + body
 
 
-def test_png_orientation_written_after_the_pixels_is_still_applied():
-    """An eXIf chunk may follow the image data; Pillow reads it only while decoding, so such files go to Pillow."""
+def test_png_orientation_written_after_the_pixels_is_not_applied_as_browsers_do_not_apply_it(monkeypatch):
+    """The PNG specification puts eXIf before the image data; Pillow also applies one after it (while decoding),
+    browsers do not: a mask drawn on such a photo as a browser shows it was refused as "turned a quarter"."""
     exif = Image.Exif()
     exif[0x0112] = 6
     chunks = _png_chunks(encoded(Image.fromarray(photo_like(20, 36)), exif=exif.tobytes()))
     late = [c for c in chunks if c[0] != b"eXIf"]
     late.insert(-1, next(c for c in chunks if c[0] == b"eXIf"))  # just before IEND
-    decoded = decode_image(_png_from_chunks(late), LIMITS)
-    assert decoded.rgb.shape == (36, 20, 3)
+    for decoded in decoded_both_ways(_png_from_chunks(late), monkeypatch):
+        assert decoded.rgb.shape == (20, 36, 3)
+    assert decode_image(_png_from_chunks(chunks), LIMITS).rgb.shape == (36, 20, 3), "one before the pixels is"
 
 
 @pytest.mark.parametrize("cut", [1, 2, 13, 100])
