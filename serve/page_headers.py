@@ -2,9 +2,10 @@
 that hold a user's data (retained results, their images, the annotation queue).
 
 Each page is self-contained under a strict Content-Security-Policy: its one inline script and one inline
-style are allowed by their SHA-256 hashes, computed from the file, so an edit to a page can neither break nor
-loosen the policy (no 'unsafe-inline'): one HTML-injection bug could not become script that reads the API
-key the pages keep in the browser's storage.
+style are allowed by their SHA-256 hashes, computed from the page as served, so an edit to a page can neither
+break nor loosen the policy (no 'unsafe-inline'): one HTML-injection bug could not become script that reads the
+API key the pages keep in the browser's storage. Code both pages need (static/shared.js) is written into each
+page's script where it is served (page_html), not loaded from a URL: one copy, and no script-src but the hash.
 """
 
 from __future__ import annotations
@@ -12,10 +13,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from pathlib import Path
 
 # A key travels in X-API-Key as often as in Authorization, and a shared cache need not keep apart answers that
 # differ by X-API-Key: answers holding a user's data are never stored; a stored image is never sniffed as HTML.
 PRIVATE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+SHARED_SCRIPT = Path(__file__).parent / "static" / "shared.js"
+_SHARED_MARK = "/* shared.js */"
+
+
+def page_html(page: Path) -> str:
+    """The page's file with static/shared.js written into its script at the line /* shared.js */."""
+    html = page.read_text(encoding="utf-8")
+    if html.count(_SHARED_MARK) != 1:
+        raise ValueError(f"{page.name} must carry {_SHARED_MARK} once")
+    return html.replace(_SHARED_MARK, SHARED_SCRIPT.read_text(encoding="utf-8").strip())
 
 
 def strict_page_headers(html: str, page: str, img_src: str) -> dict[str, str]:

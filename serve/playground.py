@@ -12,7 +12,7 @@ from typing import Literal
 
 from engines.imaging import ACCEPTED_FORMATS
 from serve.config import ImagingSettings, RetentionSettings
-from serve.page_headers import strict_page_headers
+from serve.page_headers import page_html, strict_page_headers
 
 PLAYGROUND_PAGE = Path(__file__).parent / "static" / "playground.html"
 # The page reads the service's settings from its body: whether (and by default) results are kept, and which
@@ -29,7 +29,7 @@ RetentionMode = Literal["off", "ask", "always"]
 
 @lru_cache(maxsize=1)
 def _template() -> tuple[str, dict[str, str]]:
-    html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
+    html = page_html(PLAYGROUND_PAGE)
     for mark in (_RETENTION_MARK, _FORMATS_MARK, _MEGAPIXELS_MARK, _BYTES_MARK, _TINY_MARK):
         if html.count(mark) != 1:
             raise ValueError(f"{PLAYGROUND_PAGE.name} must carry {mark} once")

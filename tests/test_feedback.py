@@ -113,7 +113,6 @@ def test_feedback_through_the_api_keeps_the_history_and_the_newest_verdict(servi
     _assert_problem(service.client.get(f"/results/{result_id}/thumbnail"), 404, "not-found")
 
 
-
 def test_answers_holding_a_users_data_are_never_cached_or_sniffed(service):
     # keys often travel in X-API-Key, which a shared cache need not tell apart: such answers must not be stored
     result_id = _retain(service, seed=7).headers["x-result-id"]
@@ -127,6 +126,7 @@ def test_answers_holding_a_users_data_are_never_cached_or_sniffed(service):
         assert answer.status_code in (200, 201), answer.text
         assert answer.headers["cache-control"] == "no-store", answer.request.url
         assert answer.headers["x-content-type-options"] == "nosniff", answer.request.url
+
 
 def test_delete_forgets_the_result_and_its_images(service):
     response = _retain(service, seed=6)
@@ -178,7 +178,6 @@ def test_annotation_page_shows_the_least_certain_first_and_labels_by_key_and_cli
     assert labelled["label"] == "no" and labelled["feedback"][0]["reason"] == "the fill is blurry"
     remaining = [item["id"] for item in _queue(service)]
     assert first not in remaining and second not in remaining
-
 
 
 @pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
@@ -437,6 +436,185 @@ def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_un
         assert "All done" not in done and "3 unlabelled, all skipped" in done, done
         page.click("#again")
         page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_takes_one_verdict_for_a_key_held_down():
+    """Offline. A Y held a moment too long: the keyboard's repeats (keydown with repeat set) judged each next result as
+    soon as it showed, results the labeller never saw."""
+    items = [_queued(c * 32) for c in "abcd"]
+    verdicts = []
+    with chromium() as browser:
+        page = _annotation_page_offline(browser, _labelling(items, verdicts))
+        page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
+        page.keyboard.down("y")
+        page.wait_for_selector(f"#item[data-result-id='{items[1]['id']}']:not([hidden])")
+        for _ in range(5):
+            page.keyboard.down("y")  # a key already down: playwright sends it with repeat set, as a held key repeats
+            page.wait_for_timeout(50)
+        page.keyboard.up("y")
+        page.wait_for_timeout(300)
+        assert verdicts == [items[0]["id"]], "one press, one verdict"
+        assert page.get_attribute("#item", "data-result-id") == items[1]["id"]
+
+
+def _labelling(items: list[dict], verdicts: list[str], height=lambda path: 64):
+    """The API of a page labelling `items`: the queue leaves out those with a verdict (the ids in `verdicts`); each
+    item's images a box mask of 80 px wide, height(path) high."""
+
+    def api(route, path):
+        if path == "/annotation/queue":
+            left = [item for item in items if item["id"] not in verdicts]
+            body = {"items": left, "unlabelled": len(left)}
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+        elif path == "/feedback":
+            verdicts.append(json.loads(route.request.post_data)["result_id"])
+            route.fulfill(status=201, content_type="application/json", body="{}")
+        else:
+            route.fulfill(
+                status=200, content_type="image/png", body=png_bytes(_mask(height(path), 80, (10, 10, 40, 40)))
+            )
+
+    return api
+
+
+def _quadrants(width: int, height: int):
+    """A picture a colour a quadrant: a turned or stretched one shows them elsewhere."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (width, height))
+    colours = ["red", "lime", "blue", "yellow"]
+    for (x, y), colour in zip([(0, 0), (width // 2, 0), (0, height // 2), (width // 2, height // 2)], colours):
+        picture.paste(colour, (x, y, x + width // 2, y + height // 2))
+    return picture
+
+
+_AT_QUARTERS = """(element) => {
+  const canvas = document.createElement("canvas");
+  canvas.width = element.naturalWidth || element.width;
+  canvas.height = element.naturalHeight || element.height;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(element, 0, 0);
+  return [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]].map(([fx, fy]) => Array.from(
+    ctx.getImageData(Math.floor(fx * canvas.width), Math.floor(fy * canvas.height), 1, 1).data).slice(0, 3));
+}"""
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_shows_a_turned_webp_source_upright_and_never_stretches_a_source_over_its_mask():
+    """Offline. A retained WebP source with an EXIF orientation (the service read it upright) was shown as stored, and
+    stretched under the upright mask: the red region lay over other things. A source of another size than its mask
+    was stretched to it too; now the page says so and draws the mask alone."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from engines import imaging
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    _quadrants(240, 120).save(buffer, "WEBP", lossless=True, exif=exif.tobytes())
+    webp = buffer.getvalue()
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(webp)))
+    assert upright.size == (120, 240) and imaging.decode_image(webp, imaging.DecodeLimits()).rgb.shape[:2] == (240, 120)
+    sources = {"a" * 32: (webp, "image/webp"), "b" * 32: (png_bytes(np.asarray(_quadrants(100, 240))), "image/png")}
+    items = [_queued(result_id) for result_id in sources]
+
+    def api(route, path):
+        if path == "/annotation/queue":
+            route.fulfill(
+                status=200, content_type="application/json", body=json.dumps({"items": items, "unlabelled": 2})
+            )
+        elif path.endswith("/source"):
+            body, kind = sources[path.split("/")[2]]
+            route.fulfill(status=200, content_type=kind, body=body)
+        elif path.endswith("/mask"):  # nothing removed: the overlay is the source alone
+            route.fulfill(status=200, content_type="image/png", body=png_bytes(np.zeros((240, 120), np.uint8)))
+        else:
+            route.fulfill(status=200, content_type="image/png", body=png_bytes(np.asarray(upright)))
+
+    expected = [
+        list(upright.getpixel((int(fx * 120), int(fy * 240))))
+        for fx, fy in [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
+    ]
+    with chromium() as browser:
+        page = _annotation_page_offline(browser, api)
+        page.wait_for_selector(f"#item[data-result-id='{'a' * 32}']:not([hidden])")
+        assert page.locator("#overlay").evaluate(_AT_QUARTERS) == expected, "the overlay is the source upright"
+        assert page.locator("#source").evaluate(_AT_QUARTERS) == expected, "so is the Source panel"
+        assert page.get_by_role("img", name="the photo before removal").count() == 1
+        assert page.inner_text("#status") == ""
+
+        page.click("#skip")
+        page.wait_for_selector(f"#item[data-result-id='{'b' * 32}']:not([hidden])")
+        assert page.inner_text("#status") == (
+            "The source is 100 × 240 px and its mask 120 × 240 px; the mask is drawn alone, not stretched over it."
+        )
+        assert page.locator("#overlay").evaluate(_AT_QUARTERS) == [[0, 0, 0]] * 4, "nothing under the mask"
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_closes_each_results_bitmaps_and_says_when_it_cannot_draw_the_mask():
+    """Offline. The page kept every result's source and mask ImageBitmaps open (never close()d): a labeller's session
+    of 12 MP results grew by about 100 MB a result until collected. A mask larger than a canvas this browser makes
+    (getContext() null, as iOS over 16.7 megapixels) was a TypeError."""
+    items = [_queued(c * 32) for c in "abc"]
+    api = _labelling(items, [], height=lambda path: 96 if path.startswith(f"/results/{'c' * 32}/") else 64)
+    record = """(() => {
+      const made = window.bitmaps = [];
+      const create = window.createImageBitmap;
+      window.createImageBitmap = async (...args) => { const bitmap = await create(...args); made.push(bitmap); return bitmap; };
+      const getContext = HTMLCanvasElement.prototype.getContext;
+      HTMLCanvasElement.prototype.getContext = function (...args) {
+        return this.height === 96 ? null : getContext.apply(this, args);
+      };
+    })();"""
+    with chromium() as browser:
+        page = browser.new_page()
+        page.add_init_script(record)
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        from serve.retention.keeper import annotation_page
+
+        answer_offline(page, {"/annotate": annotation_page()}, api)
+        page.goto(PAGE_ORIGIN + "/annotate")
+        for item in items[:2]:
+            page.wait_for_selector(f"#item[data-result-id='{item['id']}']:not([hidden])")
+            page.keyboard.press("y")
+        page.wait_for_selector(f"#item[data-result-id='{'c' * 32}']:not([hidden])")
+        assert page.inner_text("#status") == (
+            "The mask cannot be shown: this browser cannot draw a picture of 80 × 96 px "
+            "(Safari on iPhone and iPad draws 16.7 megapixels at most)."
+        )
+        bitmaps = page.evaluate("() => window.bitmaps.map((bitmap) => [bitmap.width, bitmap.height])")
+        assert len(bitmaps) >= 3 and set(map(tuple, bitmaps)) == {(0, 0)}, f"every bitmap closed: {bitmaps}"
+        assert errors == [], errors
+
+
+@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
+def test_annotation_page_says_a_key_has_a_character_no_key_has():
+    """Offline. A key pasted with curly quotes made fetch() throw building the header: "the service cannot be
+    reached"."""
+    asked = []
+
+    def api(route, path):
+        asked.append(path)
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"items": [], "unlabelled": 0}))
+
+    with chromium() as browser:
+        page = browser.new_page()
+        page.add_init_script("sessionStorage.setItem('rorem.apiKey', '\u201crk_abc\u201d')")
+        from serve.retention.keeper import annotation_page
+
+        answer_offline(page, {"/annotate": annotation_page()}, api)
+        page.goto(PAGE_ORIGIN + "/annotate")
+        page.wait_for_selector("body[data-state=error]")
+        assert page.inner_text("#status") == (
+            "Cannot load the queue: the API key has a character no key has (U+201C, character 1 of 8): type or paste it "
+            "again without it."
+        )
+        assert asked == []
 
 
 def test_labels_export_and_the_discriminator_trains_on_them(service, tiny_layout, tmp_path):

@@ -21,6 +21,7 @@ from scipy import ndimage
 from engines import imaging
 from engines.errors import InputError
 from serve.config import ImagingSettings, RetentionSettings
+from serve.page_headers import page_html
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
 from serve.problems import Problem
 from serve.quotas import CONCURRENCY, RATE
@@ -62,7 +63,7 @@ def _annotation_page_headers() -> dict[str, str]:
 def test_the_page_allows_only_its_own_script_and_style_and_names_no_other_origin(page, headers):
     # both pages read the API key from the browser's storage: no inline script but their own may ever run
     policy = _policy(headers())
-    html = page.read_text(encoding="utf-8")
+    html = page_html(page)  # with static/shared.js written in
     assert headers()["X-Content-Type-Options"] == "nosniff" and headers()["Cache-Control"] == "no-store"
     assert policy["default-src"] == ["'none'"] and policy["connect-src"] == ["'self'"]
     assert policy["script-src"] == [_hash(_inline("script", html))], "only the page's own script, by its hash"
@@ -77,7 +78,7 @@ def test_the_page_allows_only_its_own_script_and_style_and_names_no_other_origin
 
 
 def test_the_playground_keeps_its_hashed_script_in_every_retention_mode():
-    html = PLAYGROUND_PAGE.read_text(encoding="utf-8")
+    html = page_html(PLAYGROUND_PAGE)
     modes = {
         "off": RetentionSettings(),
         "ask": RetentionSettings(enabled=True),
@@ -410,6 +411,151 @@ def test_a_result_this_browser_cannot_show_keeps_the_words_that_say_so(browser):
     assert problems == [], problems
 
 
+@needs_chromium
+def test_a_403_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_rating_away(browser):
+    """Every 403 was hinted "ask for a key with the needed scope", a host name or a request taken for another site's
+    too; and any 403 to a verdict took Yes / No away for the key."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _open_and_paint(page, "photo.png")
+    hints = {
+        "host-not-allowed": "Open the page at a host name the service answers",
+        "cross-site-request": "The service took this for another site's request",
+        "forbidden": "Ask for a key with the needed scope",
+    }
+    for slug, hint in hints.items():
+        stand_in.remove_problem = Problem(slug, "refused")
+        page.click("#remove")
+        said = _error_says(page, f"The removal failed (403): {Problem(slug, '').kind.title}: refused. {hint}")
+        assert ("Ask for a key" in said) == (slug == "forbidden"), said
+
+    stand_in.remove_problem = None
+    page.check("#retain")
+    page.click("#remove")
+    page.wait_for_selector("#rate:not([hidden])", timeout=10_000)
+    stand_in.feedback_problem = Problem("host-not-allowed", "the Host 'gpu-box:8000' is not one this service answers")
+    page.click("#yes")
+    _error_says(page, "Your verdict was not saved (403): This host name is not served here")
+    assert page.is_visible("#rate"), "a host name refused, not the key: Yes / No stay"
+    stand_in.feedback_problem = Problem("forbidden", "the API key lacks the 'feedback' scope")
+    page.click("#yes")
+    _error_says(page, "This API key cannot rate results")
+    assert page.is_hidden("#rate")
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_key_with_a_character_no_key_has_is_told_so_and_nothing_is_sent(browser):
+    """A key pasted with a zero-width space made fetch() throw building the header: "the service cannot be
+    reached ... is it running?"."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    sent = []
+    page.on("request", lambda request: sent.append(request.url) if request.url.endswith("/remove") else None)
+    page.fill("#api-key", "rk_abc123\u200b")
+    _open_and_paint(page, "photo.png")
+    page.click("#remove")
+    said = _error_says(page, "The removal failed: the API key has a character no key has (U+200B, character 10 of 10)")
+    assert "reached" not in said and sent == [] and stand_in.masks == []
+    assert page.is_enabled("#remove")
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_the_editor_is_in_the_accessibility_tree_and_says_painting_needs_a_pointer(browser):
+    page, problems = _open_offline(browser, StandIn())
+    _open_and_paint(page, "photo.png")
+    editor = page.get_by_role("img", name=re.compile("painting the region to remove needs a mouse, pen or touch"))
+    assert editor.count() == 1 and editor.get_attribute("id") == "editor"
+    page.focus("#size")
+    page.keyboard.press("Shift+Tab")  # the editor comes before the tools in the tab order
+    for _ in range(12):
+        if page.evaluate("document.activeElement.id") == "editor":
+            break
+        page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "editor", "the editor can be reached with the keyboard"
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_webp_is_not_turned_again_where_the_browser_turns_it_itself(browser):
+    """The page took a WebP's shown size against its stored size for whether the browser had turned it: equal for
+    orientations 2-4 and for a square photo, so a browser that turns WebPs itself got them turned twice. It asks
+    once, of a tiny built-in WebP."""
+    from PIL import ImageOps
+
+    page, problems = _open_offline(browser, StandIn())
+    assert page.evaluate("() => browserTurnsWebp()") is False, "Chromium shows a WebP as stored"
+    turned = Image.open(io.BytesIO(base64.b64decode(page.evaluate("() => TURNED_WEBP"))))
+    assert turned.size == (2, 1) and ImageOps.exif_transpose(turned).size == (1, 2), "the probe a quarter turned"
+    orientations = (
+        "async (data) => { const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));"
+        " return webpOrientation(new Blob([bytes])); }"
+    )
+    for size, orientation in [((240, 120), 3), ((200, 200), 6), ((240, 120), 6)]:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = base64.b64encode(encoded(Image.new("RGB", size, "teal"), "WEBP", exif=exif.tobytes())).decode()
+        assert page.evaluate(orientations, data) == orientation, "this browser leaves it to the page"
+        page.evaluate("() => { browserTurnsWebp.answer = Promise.resolve(true); }")  # as a browser that turns it
+        assert page.evaluate(orientations, data) == 1, f"{size}, orientation {orientation}: not turned again"
+        page.evaluate("() => { browserTurnsWebp.answer = Promise.resolve(false); }")
+    assert problems == [], problems
+
+
+# A canvas of the given size gets no context, as iOS Safari answers one over 16.7 megapixels
+_NO_CONTEXT_AT = """(size) => {
+  const getContext = HTMLCanvasElement.prototype.getContext;
+  HTMLCanvasElement.prototype.getContext = function (...args) {
+    return this.width === size[0] && this.height === size[1] ? null : getContext.apply(this, args);
+  };
+}"""
+
+
+@needs_chromium
+def test_a_photo_larger_than_a_canvas_this_browser_makes_is_refused_in_words(browser):
+    """getContext() answers null for a canvas larger than the browser holds (iOS: 16.7 megapixels): a TypeError."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    page.evaluate(_NO_CONTEXT_AT, [120, 240])  # the upright size of a 240 x 120 WebP turned a quarter
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _choose(
+        page, "turned.webp", encoded(Image.new("RGB", (240, 120), "teal"), "WEBP", exif=exif.tobytes()), "image/webp"
+    )
+    _error_says(page, '"turned.webp" cannot be opened here: this browser cannot draw a picture of 120 × 240 px')
+    assert page.get_attribute("body", "data-state") == "empty" and page.get_attribute("body", "data-busy") == "no"
+
+    page.evaluate(_NO_CONTEXT_AT, [320, 240])  # the mask, made at the photo's size
+    _open_and_paint(page, "photo.png")
+    page.click("#remove")
+    _error_says(page, "The removal failed: this browser cannot draw a picture of 320 × 240 px")
+    assert stand_in.masks == [] and page.is_enabled("#remove")
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_the_results_bitmap_is_closed_when_another_replaces_it(browser):
+    """state.after (the result at the view's size) was replaced without close(): its pixels stayed until collected."""
+    page, problems = _open_offline(browser, StandIn())
+    page.evaluate(
+        "() => { const made = window.bitmaps = []; const create = window.createImageBitmap;"
+        " window.createImageBitmap = async (...args) => { const b = await create(...args); made.push(b); return b; }; }"
+    )
+    _open_and_paint(page, "photo.png")
+    for count, button in [(1, "#remove"), (2, "#another"), (3, "#another")]:
+        page.click(button)
+        page.wait_for_selector(f"#outcome[data-count='{count}']", timeout=10_000)
+    page.set_viewport_size({"width": 1000, "height": 800})  # drawn again at the new size
+    page.wait_for_function("() => window.bitmaps.length === 4")
+    open_ = "() => window.bitmaps.map((b) => b.width > 0)"
+    assert page.evaluate(open_) == [False, False, False, True], "only the bitmap shown is open"
+    _choose(page, "other.png", png_bytes(_big_photo(160, 120)), "image/png")
+    page.wait_for_function("() => document.querySelector('#photo-info').textContent.startsWith('other.png')")
+    assert page.evaluate(open_) == [False] * 4, "closed with its result"
+    assert problems == [], problems
+
+
 # ---- in the browser, against the service ---------------------------------------------------------
 
 
@@ -644,7 +790,9 @@ def test_a_photo_can_be_chosen_with_the_keyboard_alone(service, browser):
     assert page.evaluate("getComputedStyle(document.querySelector('#drop')).outlineStyle") == "solid", "and shows it"
     with page.expect_file_chooser(timeout=5000) as chooser:
         page.keyboard.press("Enter")
-    chooser.value.set_files(files=[{"name": "photo.png", "mimeType": "image/png", "buffer": png_bytes(_big_photo(320, 240))}])
+    chooser.value.set_files(
+        files=[{"name": "photo.png", "mimeType": "image/png", "buffer": png_bytes(_big_photo(320, 240))}]
+    )
     page.wait_for_selector("body[data-state=editing]")
     assert problems == []
     page.close()

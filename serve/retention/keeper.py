@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.config import RetentionSettings
 from serve.handles import within
-from serve.page_headers import strict_page_headers
+from serve.page_headers import page_html, strict_page_headers
 from serve.problems import Problem
 from serve.request_ids import serve_request_id
 from serve.retention.objects import ObjectMissing
@@ -428,7 +428,7 @@ def result_document(stored: StoredResult, base: str, threshold: float | None = N
 @lru_cache(maxsize=1)
 def annotation_page() -> tuple[str, dict[str, str]]:
     """The page and its response headers (a hash-based CSP: serve/page_headers.py)."""
-    html = ANNOTATION_PAGE.read_text(encoding="utf-8")
+    html = page_html(ANNOTATION_PAGE)
     return html, strict_page_headers(html, ANNOTATION_PAGE.name, img_src="blob:")  # images fetched with the key
 
 
