@@ -151,7 +151,8 @@ class Ingress(GrpcMethods, LiveSettings):
             headers["X-Removal-Score"] = f"{reply.score:.4f}"
         if reply.result_id is not None:
             headers["X-Result-Id"] = reply.result_id
-        if wants_json(accept):  # as JSONResponse({"image": base64, ...}) would answer, encoded off the loop
+        # as JSONResponse({"image": base64, ...}) would answer, encoded off the loop
+        if wants_json(accept, reply.media_type):
             body = await self.offload.run(
                 json_reply_body,
                 {
