@@ -64,7 +64,8 @@ HEADERS: dict[str, tuple[dict, str]] = {
     "X-Batch-Size": (_INT, "how many crops ran in the same model batch; absent when nothing was removed"),
     "X-Removal-Score": (
         {"type": "number"},
-        "the discriminator's score of the result (>= gate_threshold passes); absent when not scored",
+        "the discriminator's score of the result (>= gate_threshold passes), unrounded (the JSON `score`'s digits); "
+        "absent when not scored",
     ),
     "X-Attempts": (_INT, "removal attempts that finished (retry / reject run several)"),
     "X-Gate": (_STR, "the gate's verdict: passed, failed, off, unscored or nothing-to-remove"),
