@@ -251,6 +251,13 @@ def _ray_problem(messages: list[dict]) -> Problem:
 # Ray's own plain-text answers (ray/serve/_private/http_util.py) and the app's kind of the same status
 _RAY_KINDS = {404: "not-found", 408: "proxy-timeout", 429: "too-many-requests", 503: "not-ready"}
 _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the proxy)"
+ROUTE_ANSWERS = (
+    *(kind for kind in _RAY_KINDS.values() if kind != "not-found"),
+    "overloaded", "replica-failed", "payload-too-large", "body-timeout",
+)  # fmt: skip
+"""The problems these middlewares answer on a path an application serves, which serve/openapi.py lists for the
+routes taking a body (not-found is for a path none serves; a refused key is the route's own 401). Every kind
+named in this module is here or there (tests/test_openapi_client.py)."""
 
 
 class ArrivingBytes:
