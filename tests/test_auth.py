@@ -591,6 +591,20 @@ def test_new_key_rewriting_in_place_on_a_full_disk_leaves_the_keys_file_as_it_wa
     assert "No space left" in capsys.readouterr().err
 
 
+def test_new_key_creates_a_keys_file_only_its_owner_can_read(tmp_path):
+    """A new keys file got 0666 less the umask (0644 under the usual 022): anyone on the machine could read the
+    digests (and try keys against them offline). An existing file keeps its mode (below)."""
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    umask = os.umask(0o002)
+    try:
+        assert run(["new-key", "--name", "first", "--keys-file", str(path)]) == 0
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_new_key_replaces_the_keys_file_whole_and_keeps_its_permissions(tmp_path):
     """A reader sees the old file or the new one, never a part (a temporary file renamed over it)."""
     from serve.cli import run
