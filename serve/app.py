@@ -148,10 +148,11 @@ class Ingress(GrpcMethods, LiveSettings):
         if reply.bucket is not None:
             headers.update({"X-Seed": str(reply.seed), "X-Batch-Size": str(reply.batch_size)})
         if reply.score is not None:
-            headers["X-Removal-Score"] = f"{reply.score:.4f}"
+            headers["X-Removal-Score"] = repr(reply.score)  # as JSON `score`: 0.49996 was 0.5000 with X-Gate: failed
         if reply.result_id is not None:
             headers["X-Result-Id"] = reply.result_id
-        if wants_json(accept):  # as JSONResponse({"image": base64, ...}) would answer, encoded off the loop
+        # as JSONResponse({"image": base64, ...}) would answer, encoded off the loop
+        if wants_json(accept, reply.media_type):
             body = await self.offload.run(
                 json_reply_body,
                 {

@@ -466,7 +466,7 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
 
 def replace_file(path: Path, text: str) -> None:
     """Write `path` whole: a temporary file in its folder, renamed over it, with its permissions and owner (a new
-    file gets the umask's). A running service re-reads its keys file at any moment: it sees the old file or the
+    file is the owner's only, 0600: it got 0666 less the umask, world-readable). A running service re-reads its keys file at any moment: it sees the old file or the
     new one. Where this user cannot give the new file the old one's owner and group (not root), or cannot
     create files in its folder, the file is rewritten in place instead, as the service can still read it; its
     reader retries a read that caught the file half-written (serve.auth)."""
@@ -488,9 +488,7 @@ def replace_file(path: Path, text: str) -> None:
             file.flush()
             os.fsync(file.fileno())
         if old is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, 0o600)  # mkstemp's already; said here, as it is the keys' digests
         else:
             with contextlib.suppress(OSError):
                 os.chown(tmp, old.st_uid, old.st_gid)

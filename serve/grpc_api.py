@@ -17,6 +17,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from pydantic import BaseModel
 from ray.serve.grpc_util import RayServegRPCContext
 
@@ -33,6 +34,8 @@ SERVICE = "rorem.v1.ObjectRemoval"
 logger = logging.getLogger("ray.serve")
 
 Options = TypeVar("Options", bound=BaseModel)
+Answer = tuple[Message, list[tuple[str, str]]]  # a handler's reply and its trailing metadata
+SERVER_TIMING = "server-timing"  # trailing metadata: a removal's stage timings, as REST's Server-Timing header
 
 
 def status_code(problem: Problem) -> grpc.StatusCode:
@@ -123,22 +126,23 @@ class GrpcMethods:
     ) -> pb.ScoreReply:
         return await self._grpc("/score", "score", grpc_context, pb.ScoreReply, self._grpc_score, message)
 
-    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> pb.RemoveReply:
+    async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> Answer:
         upload = removal_request(message, self.settings.imaging.max_upload_bytes)
         place.check_deadline(removal_deadline_s(upload.options, self.settings))
         reply = await self.service.remove(upload, owner=auth.result_owner(principal), admitted=place)
         place.counted = reply.bucket is not None
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
-        return remove_reply(reply, request_id)
+        return remove_reply(reply, request_id), [(SERVER_TIMING, reply.timings.server_timing())]
 
-    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal, place) -> pb.ScoreReply:
+    async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal, place) -> Answer:
         reply = await self.service.score(score_request(message, self.settings.imaging.max_upload_bytes), place)
-        return score_reply(reply, request_id)
+        return score_reply(reply, request_id), []
 
     async def _grpc(self, route, scope, context, empty_reply, handler, message):
         """Run a gRPC call needing `scope` (declared with the method, as a REST route declares its own); a Problem
         becomes a status code + problem+json details, counted like REST under the REST route's name. A message
-        that did not parse (serve/grpc_servicer.py) is the problem malformed-body, after the key and quota checks."""
+        that did not parse (serve/grpc_servicer.py) is the problem malformed-body, after the key and quota checks.
+        `handler` answers (reply, trailing metadata): an answer's metadata is set once, with the quota's."""
         started = time.perf_counter()
         request_id = serve_request_id() or valid_request_id(context.request_id())
         quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
@@ -150,7 +154,7 @@ class GrpcMethods:
             if isinstance(message, MalformedMessage):
                 raise Problem("malformed-body", f"cannot parse the request message: {message.error}")
             with self.admissions[route].slot() as place:
-                reply = await handler(message, request_id, principal, place)
+                reply, trailing = await handler(message, request_id, principal, place)
             status = "OK"
         except Problem as problem:
             status_problem = problem
@@ -162,7 +166,9 @@ class GrpcMethods:
             status_problem = Problem("internal-error", f"{type(exc).__name__}; see the server log")
         else:
             if quota is not None:
-                context.set_trailing_metadata(quota.metadata())
+                trailing = [*quota.metadata(), *trailing]
+            if trailing:  # one call: Ray's context keeps the last one's metadata only
+                context.set_trailing_metadata(trailing)
             self.metrics.answered(route, "grpc", status, time.perf_counter() - started, 200)
             return reply
         finally:

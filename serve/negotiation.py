@@ -71,13 +71,16 @@ def output_format(
     return max(ranked)[-1] if ranked else default
 
 
-def wants_json(accept: str) -> bool:
+def wants_json(accept: str, media_type: str) -> bool:
     """The JSON reply (the image in base64) when the header names application/json outright with a higher q than
-    any image type gets, or the same q where the image types get it only from a wildcard (`application/json,
-    */*`); a tie with an image type named outright keeps the image bytes."""
+    `media_type` (the image type the reply is in, from output_format) gets, or the same q where that type gets it
+    only from a wildcard (`application/json, */*`); a tie with the type named outright keeps the image bytes. Set
+    against the type chosen, not the best image type: `image/jpeg, application/json;q=0.5` for an image with alpha
+    answered image/png, which the client never accepted. Where neither is acceptable the image bytes go (no 406,
+    as output_format)."""
     ranges = media_ranges(accept)
     json_q, specificity = quality(ranges, JSON)
-    image_q, image_specificity = max(quality(ranges, media_type) for media_type in imaging.MEDIA_TYPES.values())
+    image_q, image_specificity = quality(ranges, media_type)
     if specificity != 2 or json_q == 0:
         return False
     return json_q > image_q or (json_q == image_q and image_specificity < 2)

@@ -42,7 +42,7 @@ from engines import imaging
 from serve import auth, negotiation, quotas
 from serve.problems import EXTENSIONS, MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
 from serve.protocol import Seed
-from serve.proxy_middleware import REQUEST_ID_PATTERN
+from serve.proxy_middleware import REQUEST_ID_PATTERN, ROUTE_ANSWERS
 
 REQUEST_ID = "X-Request-Id"
 RETRY_AFTER = "Retry-After"
@@ -64,7 +64,8 @@ HEADERS: dict[str, tuple[dict, str]] = {
     "X-Batch-Size": (_INT, "how many crops ran in the same model batch; absent when nothing was removed"),
     "X-Removal-Score": (
         {"type": "number"},
-        "the discriminator's score of the result (>= gate_threshold passes); absent when not scored",
+        "the discriminator's score of the result (>= gate_threshold passes), unrounded (the JSON `score`'s digits); "
+        "absent when not scored",
     ),
     "X-Attempts": (_INT, "removal attempts that finished (retry / reject run several)"),
     "X-Gate": (_STR, "the gate's verdict: passed, failed, off, unscored or nothing-to-remove"),
@@ -103,15 +104,18 @@ _UPLOAD = ("invalid-request", "malformed-body", "unsupported-media-type", "paylo
 _DECODE = ("invalid-image", "image-too-large", "invalid-mask", "mask-size-mismatch")
 _MODEL = ("too-many-requests", "overloaded", "replica-failed", "timeout")
 _STORE = ("not-found", "retention-unavailable")
+_PROXY = ROUTE_ANSWERS  # what Ray's proxy and our middlewares there answer before the route runs
 ROUTE_PROBLEMS: dict[str, tuple[str, ...]] = {
     "GET /healthz": (),
     "GET /readyz": ("not-ready",),
     "POST /remove": (
-        *_UPLOAD, *_DECODE, *_MODEL, "unsupported-output-format", "removal-failed", "gate-unavailable",
+        *_UPLOAD, *_DECODE, *_MODEL, *_PROXY, "unsupported-output-format", "removal-failed", "gate-unavailable",
         "scorer-unavailable", "retention-disabled",
     ),
-    "POST /score": (*_UPLOAD, *_DECODE, *_MODEL, "image-size-mismatch", "gate-unavailable", "scorer-unavailable"),
-    "POST /feedback": (*_UPLOAD, *_STORE),
+    "POST /score": (
+        *_UPLOAD, *_DECODE, *_MODEL, *_PROXY, "image-size-mismatch", "gate-unavailable", "scorer-unavailable",
+    ),
+    "POST /feedback": (*_UPLOAD, *_PROXY, *_STORE),
     "GET /results/{id}": _STORE,
     "GET /results/{id}/{kind}": _STORE,
     "DELETE /results/{id}": _STORE,

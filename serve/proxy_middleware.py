@@ -31,7 +31,9 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
   whole). A request with a body whose path no application serves is answered 404 before any of it is read
   (Ray would answer it 404 too, after the proxy had read the body). The table is the one the proxy started
   with: an application added or moved to another route prefix by a later `serve deploy` needs the service
-  restarted (its requests would meet another application's settings, or a 404).
+  restarted (its requests would meet another application's settings, or a 404). With API keys on (any
+  application's), Ray's own `GET /-/routes`, which needs no key and lists every route prefix and application
+  name, is answered the 404 of a path no application serves (Ray's `/-/healthz` stays: probes need it).
 - HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
   request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
   per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
@@ -70,6 +72,7 @@ DRAIN_FLAG_ENV = "ROREM_DRAIN_FLAG"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # ray/serve/_private/constants.py
 CALLBACK_PATH = "serve.proxy_middleware:middlewares"
 DRAIN_PATH = "/-/rorem-drain"  # while draining: {"in_flight": n}, for the stopping CLI
+RAY_ROUTES_PATH = "/-/routes"  # Ray's proxy answers it, keyless (ray/serve/_private/proxy_request_response.py)
 DRAIN_GRACE_S = 4.0
 RETRY_AFTER_S = 2
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -116,6 +119,7 @@ def route_matches(prefix: str, path: str) -> bool:
 class ByRoutePrefix:
     def __init__(self, app, routes: dict[str, dict]):
         self.app = app
+        self.keyed = any("keys_file" in limits for limits in routes.values())
         self.buffers = []  # (prefix, BodyBuffer), longest prefix first, as Ray matches them
         arriving = ArrivingBytes()  # one count for the proxy: each application's max_held bounds it
         for prefix in sorted(routes, key=len, reverse=True):
@@ -128,12 +132,18 @@ class ByRoutePrefix:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = route_path(scope)
+        if self.keyed and path == RAY_ROUTES_PATH:
+            return await _problem(send, _not_served(path))
         buffer = next((buffer for prefix, buffer in self.buffers if route_matches(prefix, path)), None)
         if buffer is not None:
             return await buffer(scope, receive, send)
         if _declared_size(_first_headers(scope)) != 0:
-            return await _problem(send, Problem("not-found", f"no application serves {path[:200]!r} (at the proxy)"))
+            return await _problem(send, _not_served(path))
         await self.app(scope, receive, send)  # Ray's own 404 (RayAnswers words it)
+
+
+def _not_served(path: str) -> Problem:
+    return Problem("not-found", f"no application serves {path[:200]!r} (at the proxy)")
 
 
 def _first_headers(scope) -> dict[bytes, bytes]:
@@ -251,6 +261,13 @@ def _ray_problem(messages: list[dict]) -> Problem:
 # Ray's own plain-text answers (ray/serve/_private/http_util.py) and the app's kind of the same status
 _RAY_KINDS = {404: "not-found", 408: "proxy-timeout", 429: "too-many-requests", 503: "not-ready"}
 _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the proxy)"
+ROUTE_ANSWERS = (
+    *(kind for kind in _RAY_KINDS.values() if kind != "not-found"),
+    "overloaded", "replica-failed", "payload-too-large", "body-timeout",
+)  # fmt: skip
+"""The problems these middlewares answer on a path an application serves, which serve/openapi.py lists for the
+routes taking a body (not-found is for a path none serves; a refused key is the route's own 401). Every kind
+named in this module is here or there (tests/test_openapi_client.py)."""
 
 
 class ArrivingBytes:

@@ -22,7 +22,9 @@ external service. Being detached, it outlives a redeploy (the counts too) and st
 key past its rate: each ingress replica remembers a rate refusal until the window's reset and answers the 429
 itself (its fields counting down; the concurrency's `r` as the ledger last said), so a tenant flooding the
 service cannot queue the shared, serial ledger into failing open for everyone. A concurrency refusal is not
-remembered: a lease may come back any moment.
+remembered (a lease may come back any moment), but a replica that itself holds a key's max_concurrent leases
+refuses the key's next request without asking (exact: the leases are its own; only for a key without a rate,
+whose refusal needs no window fields from the ledger).
 
 Unreachable ledger (dead for good, or slower than CALL_TIMEOUT_S): the request is admitted without
 quota fields (fail open): a quota protects the service's fairness, and refusing every paying caller
@@ -285,6 +287,7 @@ class Quotas:
         self.clock = clock
         self._logged = -math.inf
         self._refused: dict[str, tuple[Decision, float]] = {}  # key -> its rate refusal, until the window's reset
+        self._held: dict[str, dict[str, float]] = {}  # key -> the leases this replica holds -> their expiry
 
     @classmethod
     def from_settings(cls, settings, app_name: str, on_error: Callable[[], None] | None = None) -> Quotas:
@@ -311,7 +314,7 @@ class Quotas:
         limits = self.limits(key)
         if limits is None or self.ledger is None:
             return None
-        refused = self._still_refused(key.name, limits)
+        refused = self._still_refused(key.name, limits) or self._full_here(key.name, limits)
         if refused is not None:
             return refused
         lease = uuid.uuid4().hex if limits.concurrent is not None else None
@@ -333,7 +336,23 @@ class Quotas:
             return None
         if decision.refused_by == RATE:  # from when it was asked: never refused here past the ledger's reset
             self._refused[key.name] = (decision, asked + decision.reset_s)
+        if decision.lease is not None:
+            self._held.setdefault(key.name, {})[decision.lease] = asked + self.lease_s
         return decision
+
+    def _full_here(self, name: str, limits: Limits) -> Decision | None:
+        """The concurrency refusal of a key without a rate whose max_concurrent leases this replica holds itself:
+        exact without the ledger (they are its own), which a key's flood of refused requests asked every time.
+        A key with a rate asks the ledger: a refusal carries the window's fields, which only it knows."""
+        held = self._held.get(name)
+        if limits.requests is not None or limits.concurrent is None or not held:
+            return None
+        now = self.clock()
+        for lease in [lease for lease, expiry in held.items() if expiry <= now]:  # as the ledger lets them expire
+            del held[lease]
+        if len(held) < limits.concurrent:
+            return None
+        return Decision(name, limits, allowed=False, in_flight=len(held), refused_by=CONCURRENCY)
 
     def _still_refused(self, name: str, limits: Limits) -> Decision | None:
         """The key's remembered rate refusal, its reset counted down; None once the window reset (or the key's
@@ -351,6 +370,10 @@ class Quotas:
     def release(self, decision: Decision | None) -> None:
         if decision is None or decision.lease is None:
             return
+        held = self._held.get(decision.key, {})
+        held.pop(decision.lease, None)
+        if not held:
+            self._held.pop(decision.key, None)
         try:
             self.ledger.release(decision.key, decision.lease)
         except Exception:  # the lease expires by itself

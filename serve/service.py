@@ -286,7 +286,7 @@ class RemovalService:
         if not gated.accepted:
             raise Problem(
                 "removal-failed",
-                f"{gated.attempts} attempt(s) scored below {policy.threshold}; the best scored {gated.score:.3f}",
+                f"{gated.attempts} attempt(s) scored below {policy.threshold}; the best scored {gated.score!r}",
                 score=gated.score,
                 threshold=policy.threshold,
                 attempts=gated.attempts,

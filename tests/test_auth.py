@@ -115,6 +115,27 @@ def test_a_rotated_keys_file_takes_effect_without_restart(tmp_path):
 
 
 
+def test_a_key_is_found_by_its_digest_not_by_comparing_with_every_stored_one(tmp_path):
+    """identify compared the presented key's digest with each stored one: 3-4 ms per refused check at 10,000 keys,
+    on the event loop (the proxy's, for every application). Now one lookup: 500 refused checks at 10,000 keys take
+    what a few took (the old loop: about 1.7 s)."""
+    import hashlib
+
+    from serve import auth
+
+    key, entry = new_key_entry("app", ["remove"])
+    keys = ApiKeys(str(_keys_file(tmp_path, entry)), reload_interval_s=1e9)
+    many = [auth.StoredKey.model_construct(name=f"k{i}", sha256=hashlib.sha256(b"%d" % i).hexdigest(), scopes=["remove"])
+            for i in range(10_000)]  # fmt: skip
+    keys._loaded = auth._Loaded([*many, keys.identify(key)], keys._loaded.fingerprint)
+    assert keys.identify(key).name == "app" and keys.identify("7").name == "k7"
+    assert keys.identify("rk_made_up") is None and keys.identify(auth.digest(key)) is None, "the key, not its digest"
+    started = time.perf_counter()
+    for _ in range(500):
+        assert keys.identify("rk_made_up") is None
+    assert time.perf_counter() - started < 0.25
+
+
 def test_settings_refuse_auth_without_keys_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="keys_file"):
         AppSettings.model_validate({"auth": {"enabled": True}})
@@ -568,6 +589,20 @@ def test_new_key_rewriting_in_place_on_a_full_disk_leaves_the_keys_file_as_it_wa
     assert run(["new-key", "--name", "second", "--keys-file", str(path)]) == 2
     assert path.read_bytes() == before
     assert "No space left" in capsys.readouterr().err
+
+
+def test_new_key_creates_a_keys_file_only_its_owner_can_read(tmp_path):
+    """A new keys file got 0666 less the umask (0644 under the usual 022): anyone on the machine could read the
+    digests (and try keys against them offline). An existing file keeps its mode (below)."""
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    umask = os.umask(0o002)
+    try:
+        assert run(["new-key", "--name", "first", "--keys-file", str(path)]) == 0
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_new_key_replaces_the_keys_file_whole_and_keeps_its_permissions(tmp_path):

@@ -269,3 +269,23 @@ def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_
     assert first.HasField("timeout_s") and 0 < first.timeout_s < timeout == 30
     assert first.timeout_s == pytest.approx(30 * SERVICE_SHARE)
     assert f"`serve.grpc_client` sends {SERVICE_SHARE:.0%} of" in " ".join((REPO / "docs" / "api.md").read_text().split())
+
+
+@pytest.mark.parametrize(("deadline", "sent"), [(120, 114.0), (10, 9.5), (2, 1.5), (1, 0.5), (0.3, 0.15), (5000, 3600)])
+def test_the_cli_client_leaves_its_answer_time_to_come_back(cli, deadline, sent):
+    """95% of --timeout 2 left the service's answer 0.1 s before the channel's bare DEADLINE_EXCEEDED."""
+    assert cli(["--timeout", str(deadline), "remove", "photo.png", "mask.png", "-o", "o.png"]) == 0
+    [(request, timeout)] = FakeStub.calls
+    assert timeout == deadline and request.timeout_s == pytest.approx(sent)
+
+
+def test_the_cli_clients_score_outlasts_the_services_deadline(cli):
+    """ScoreRequest has no timeout_s: the service answers a slow score at request_timeout_s (120 s), when the
+    client's default deadline (120 s) had already ended it in a bare DEADLINE_EXCEEDED."""
+    from serve.config import AppSettings
+
+    assert cli(["score", "photo.png", "mask.png", "out.png"]) == 0
+    assert cli(["remove", "photo.png", "mask.png", "-o", "o.png"]) == 0
+    (_, score_deadline), (removal, remove_deadline) = FakeStub.calls
+    assert score_deadline > AppSettings().request_timeout_s + 1
+    assert removal.timeout_s < remove_deadline == 120 and removal.timeout_s <= AppSettings().request_timeout_s

@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import json
 import pickle
+from types import SimpleNamespace
 from unittest.mock import Mock
 
 import grpc
@@ -141,7 +142,7 @@ class Context:
         self.details = details
 
     def set_trailing_metadata(self, trailing):
-        self.trailing += list(trailing)
+        self.trailing = list(trailing)  # as Ray's: the last call's metadata is sent, not all of them
 
 
 class Access:
@@ -297,3 +298,39 @@ def test_a_grpc_request_id_that_is_not_a_valid_one_is_replaced_by_the_same_id_ea
     first, second = serve_request_id(), serve_request_id()
     assert first == second != given and valid_request_id(first) == first
     assert serve_request_id() != valid_request_id("another invalid id")
+
+
+def test_a_removal_sends_its_stage_timings_as_rests_server_timing_does():
+    """gRPC had no Server-Timing (the README says it has REST's fields): the stage timings now come back as
+    `server-timing` trailing metadata, in the header's format, beside the quota's fields."""
+    from serve.admission import Admission as RealAdmission
+    from serve.config import AppSettings
+    from engines.pipeline import Timings
+    from serve.service import RemovalReply
+
+    timings = Timings()
+    timings.add("decode", 0.0123)
+    timings.add("unet", 0.2)
+    reply = RemovalReply(b"png", "png", 3, [512], 1, 0.9, 1, "passed", timings)
+
+    async def remove(upload, owner, admitted):
+        return reply
+
+    class Metered(Quotas):
+        async def acquire(self, principal):
+            return SimpleNamespace(check=lambda: None, metadata=lambda: [("ratelimit", '"minute";r=59;t=60')])
+
+    ingress = _ingress()
+    ingress.settings, ingress.quotas = AppSettings(), Metered()
+    ingress.service = SimpleNamespace(remove=remove)
+    ingress.metrics.stages = SimpleNamespace(observe=lambda stages: None)
+    ingress.admissions["/remove"] = RealAdmission(48, 1)
+    context = Context()
+    message = pb.RemoveRequest(image=b"photo")
+    answer = asyncio.run(ingress._grpc("/remove", "remove", context, pb.RemoveReply, ingress._grpc_remove, message))
+    assert answer.score == pytest.approx(0.9) and ingress.metrics.answers == [("/remove", "grpc", "OK")]
+    trailing = dict(context.trailing)
+    assert trailing["ratelimit"] == '"minute";r=59;t=60', "the quota's fields stay"
+    assert trailing["server-timing"].startswith("decode;dur=12.3, unet;dur=200.0, total;dur=")
+    sent, rest = (text.rpartition(", total;dur=")[0] for text in (trailing["server-timing"], timings.server_timing()))
+    assert sent == rest, "REST's header, by the same function"

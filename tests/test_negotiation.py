@@ -76,7 +76,25 @@ def test_jpeg_is_passed_over_for_an_image_with_alpha_unless_asked_for(accept, so
     ],
 )
 def test_the_json_reply_is_given_where_json_is_preferred(accept, json):
-    assert wants_json(accept) is json
+    chosen = imaging.MEDIA_TYPES[output_format(None, accept, "png", 480, 640)]
+    assert wants_json(accept, chosen) is json
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("image/jpeg, application/json;q=0.5", "json"),  # was image/png, which the client never accepted
+        ("image/jpeg;q=1, image/png;q=0, application/json;q=0.5", "json"),  # was image/png, refused outright
+        ("image/jpeg, image/png;q=0.4, application/json;q=0.5", "json"),
+        ("image/jpeg, image/png;q=0.6, application/json;q=0.5", "png"),
+        ("image/jpeg, application/json;q=0", "png"),  # nothing acceptable: the image, no 406 (as output_format)
+        ("image/jpeg", "png"),
+    ],
+)
+def test_json_is_set_against_the_format_chosen_not_one_that_cannot_hold_the_image(accept, expected):
+    chosen = output_format(None, accept, "png", 480, 640, alpha=True)
+    answer = "json" if wants_json(accept, imaging.MEDIA_TYPES[chosen]) else chosen
+    assert answer == expected
 
 
 def test_a_huge_accept_header_costs_a_bounded_parse():

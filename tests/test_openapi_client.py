@@ -65,6 +65,30 @@ def test_every_route_documents_its_problems(schema):
     assert "HTTPValidationError" not in schema["components"]["schemas"]  # errors are problems, not FastAPI's 422
 
 
+def test_the_routes_taking_a_body_list_every_problem_the_proxy_middlewares_answer(schema):
+    """/remove and /score left out proxy-timeout (408) and not-ready (503), which Ray's proxy answers (through
+    serve/proxy_middleware.py). Every kind that module names counts: a new one missing from ROUTE_ANSWERS fails here."""
+    import ast
+
+    from serve import proxy_middleware
+
+    tree = ast.parse(Path(proxy_middleware.__file__).read_text())
+    named = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in STATUS_BY_PROBLEM}
+    assert {"proxy-timeout", "not-ready", "overloaded", "body-timeout"} <= named, "the scan finds the kinds"
+    public_path_only = {"not-found"}  # a path no application serves
+    from_the_access_rule = {"unauthorized", "forbidden"}  # the key check: problems_of adds them by the route's rule
+    assert named - public_path_only - from_the_access_rule <= set(proxy_middleware.ROUTE_ANSWERS)
+    operations = dict(_operations(schema))
+    for name in ("POST /remove", "POST /score", "POST /feedback"):
+        documented = {
+            type_uri.removeprefix(TYPE_BASE)
+            for status, response in operations[name]["responses"].items()
+            if status.startswith(("4", "5"))
+            for type_uri in _problem_types(response)
+        }
+        assert documented >= named - public_path_only, name
+
+
 def test_problem_component_lists_every_type_and_matches_what_the_service_writes(schema):
     problem = schema["components"]["schemas"]["Problem"]
     assert problem["properties"]["type"]["enum"] == [TYPE_BASE + slug for slug in STATUS_BY_PROBLEM]

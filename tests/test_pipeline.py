@@ -327,6 +327,14 @@ def test_service_reject_gate_answers_removal_failed_with_the_best_attempt():
     assert problem.extra["attempts"] == 2 and problem.extra["score"] == 0.2
 
 
+def test_a_rejected_removals_detail_never_shows_the_threshold_it_missed():
+    """The detail rounded to 3 places: "scored below 0.5; the best scored 0.500" for 0.49996."""
+    service = _service(FakeModels(scores=[0.49996] * 4))
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.remove(_upload(seed=3, gate="reject", max_attempts=1)))
+    assert caught.value.detail.endswith("below 0.5; the best scored 0.49996")
+
+
 class _TimedRemovals(FakeModels):
     """FakeModels whose removal calls go by a script, one step a call: seconds it takes, or the problem it raises."""
 

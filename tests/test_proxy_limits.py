@@ -30,6 +30,7 @@ from serve.proxy_limits import (
 )
 from serve.proxy_middleware import (
     DRAIN_PATH,
+    RAY_ROUTES_PATH,
     ROUTES_ENV,
     BodyBuffer,
     ByRoutePrefix,
@@ -334,6 +335,32 @@ def test_a_request_meets_the_body_limit_of_the_application_its_path_belongs_to()
     assert reached == ["/elsewhere"]
     assert [route_matches("/", p) for p in ("/", "/x", "")] == [True, True, False]
     assert [route_matches("/a", p) for p in ("/a", "/a/", "/a/b", "/ab", "/")] == [True, True, True, False, False]
+
+
+def test_with_keys_on_rays_route_list_is_not_found_at_the_proxy(tmp_path):
+    """Ray's proxy answers GET /-/routes itself, with no key: every route prefix and application name. With keys
+    on (any application's) it is the 404 of a path no application serves; behind root_path too. Without keys,
+    and for /-/healthz (the probes'), Ray answers."""
+    keyed = {"/": {"limit": 1000}, "/app1": {"limit": 1000, "keys_file": str(tmp_path / "keys.yaml")}}
+
+    def get(routes: dict, path: str, root_path: str = "") -> tuple[int | None, list[str]]:
+        reached = []
+
+        async def ray_proxy(scope, receive, send):
+            reached.append(scope["path"])
+
+        exchange = Exchange([b""], {}, path=root_path + path)  # a GET: an empty body at once
+        exchange.scope.update(method="GET", root_path=root_path)
+        asyncio.run(ByRoutePrefix(ray_proxy, routes)(exchange.scope, exchange.receive, exchange.send))
+        return exchange, reached
+
+    refused, reached = get(keyed, RAY_ROUTES_PATH)
+    assert refused.status == 404 and refused.body["type"].endswith("/not-found") and reached == []
+    assert refused.body["detail"] == "no application serves '/-/routes' (at the proxy)"
+    assert get(keyed, RAY_ROUTES_PATH, root_path="/rorem")[0].status == 404
+    assert get(keyed, "/-/healthz")[1] == ["/-/healthz"]
+    assert get({"/": {"limit": 1000}}, RAY_ROUTES_PATH)[1] == [RAY_ROUTES_PATH], "no keys: Ray's list, as before"
+    assert get(keyed, "/-/routes/x")[1] == ["/-/routes/x"], "Ray answers the exact path only"
 
 
 def test_the_app_gets_the_body_in_few_chunks_and_then_the_client_s_own_receive():

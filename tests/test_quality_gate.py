@@ -4,6 +4,7 @@ Thresholds are forced per request (gate_threshold 0 or 10) so retry and reject r
 """
 
 import base64
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -121,3 +122,28 @@ def test_score_errors(service, inputs):
 def test_unknown_gate_mode_is_a_clear_422(service, inputs):
     _assert_problem(_remove(service, *inputs, gate="sometimes"), 422, "invalid-request")
     _assert_problem(_remove(service, *inputs, gate="retry", max_attempts=99), 422, "invalid-request")
+
+
+def test_the_score_header_never_contradicts_the_gate():
+    """X-Removal-Score was rounded to 4 places: 0.49996 showed as 0.5000 next to X-Gate: failed (threshold 0.5).
+    It carries the JSON reply's digits (the shortest repr of the float). No Ray: the Ingress's reply alone."""
+    import asyncio
+    import json
+
+    from serve.app import Ingress
+    from serve.service import RemovalReply
+    from serve.uploads import Offload
+
+    class Stages:
+        def observe(self, stages):
+            pass
+
+    ingress = object.__new__(Ingress.func_or_class.__bases__[0])  # not @serve.ingress's wrapper: its __del__ is async
+    ingress.metrics, ingress.offload = SimpleNamespace(stages=Stages()), Offload(1, 4)
+    for score in (0.49996, 0.4999999999, 1e-05, 0.5):
+        reply = RemovalReply(b"png", "png", 3, [512], 1, score, 1, "passed" if score >= 0.5 else "failed")
+        image = asyncio.run(ingress._removal_response(reply, 0.0, "image/png"))
+        as_json = asyncio.run(ingress._removal_response(reply, 0.0, "application/json"))
+        header = image.headers["x-removal-score"]
+        assert float(header) == score == json.loads(as_json.body)["score"], header
+        assert (float(header) >= 0.5) == (image.headers["x-gate"] == "passed")

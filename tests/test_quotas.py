@@ -281,7 +281,43 @@ def test_a_key_past_its_rate_is_refused_without_a_ledger_call_until_the_window_r
         held = await quotas_.acquire(single)
         assert (await quotas_.acquire(single)).refused_by == CONCURRENCY
         quotas_.release(held)
-        assert (await quotas_.acquire(single)).allowed and ledger.calls[-3:] == ["single"] * 3
+        assert (await quotas_.acquire(single)).allowed and ledger.calls[-2:] == ["single"] * 2, "not remembered"
+
+    asyncio.run(main())
+
+
+def test_a_key_whose_concurrency_this_replica_holds_is_refused_without_a_ledger_call():
+    """A key at max_concurrent asked the shared, serial ledger on every refused request (1000 refused: 1000 calls).
+    Where this replica holds the key's leases itself the refusal is exact without it; once one comes back, or
+    expires as the ledger's do, the ledger is asked again. A key with a rate still asks (its window's fields)."""
+    clock = FakeClock()
+    ledger = CountingLedger(QuotaBook(clock))
+    quotas_ = Quotas(ledger, 60.0, 300.0, clock=clock)
+    single, rated = _key("single", max_concurrent=1), _key("rated", requests_per_minute=100, max_concurrent=1)
+
+    async def main():
+        held = await quotas_.acquire(single)
+        for _ in range(1000):
+            refused = await quotas_.acquire(single)
+            with pytest.raises(Problem) as caught:
+                refused.check()
+            assert caught.value.headers["Retry-After"] == "1" and caught.value.extra["quota"] == CONCURRENCY
+        assert refused.headers() == {
+            "RateLimit-Policy": '"concurrency";q=1;qu="concurrent-requests"',
+            "RateLimit": '"concurrency";r=0',
+        }
+        assert ledger.calls == ["single"], "refused here: the one lease is this replica's"
+        quotas_.release(held)
+        again = await quotas_.acquire(single)
+        assert again.allowed and ledger.calls == ["single"] * 2
+        clock.now += 301  # the lease expired (its request never ended here): the ledger's has too
+        assert (await quotas_.acquire(single)).allowed and ledger.calls == ["single"] * 3
+
+        other_replica = Quotas(ledger, 60.0, 300.0, clock=clock)  # leases held elsewhere: only the ledger knows
+        assert (await other_replica.acquire(single)).refused_by == CONCURRENCY and len(ledger.calls) == 4
+
+        await quotas_.acquire(rated)
+        assert (await quotas_.acquire(rated)).refused_by == CONCURRENCY and ledger.calls[-2:] == ["rated"] * 2
 
     asyncio.run(main())
 
