@@ -219,11 +219,15 @@ class Bundle:
         the caller loads is what was hashed, whatever happened to the file since `verify`."""
         path = self.file(name)
         entry = self.manifest.files[name]
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry.bytes:
-                raise BundleError(f"{name}: {size} bytes, manifest says {entry.bytes}")
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != entry.bytes:
+                    raise BundleError(f"{name}: {size} bytes, manifest says {entry.bytes}")
+                data = f.read()
+        except OSError as exc:  # with verify off, a missing file is first met here
+            missing = "missing" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror})"
+            raise BundleError(f"{name}: {missing} from bundle {self.path}") from exc
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise BundleError(f"{name}: sha256 differs from the manifest (the file changed after it was verified)")
         return data

@@ -299,3 +299,12 @@ def test_a_bundle_path_that_is_a_symbolic_link_is_refused_before_anything_is_wri
         _rewrite(tiny_bundle, link, "new")
     assert link.is_symlink() and Bundle.load(link, verify=True).manifest.name != "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([real.name, "current"]), "nothing left behind"
+
+
+def test_a_missing_weight_file_with_verify_off_is_a_bundle_error_naming_it(tiny_bundle, tmp_path):
+    """bundle.verify: false met a missing file only in `read`, as a bare FileNotFoundError."""
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    (copy / VAE_WEIGHTS).unlink()
+    bundle = Bundle.load(copy, verify=False)
+    with pytest.raises(BundleError, match=f"{VAE_WEIGHTS}: missing from bundle {copy}"):
+        bundle.load_vae()
