@@ -164,8 +164,8 @@ class BundleSettings(_Strict):
     tiny_seed: int = Field(0, description="seed of the tiny bundle's random weights")
     verify: bool = Field(
         True,
-        description="check every bundle file at start: inside the folder, its size and (exports) its sha256; the "
-        "weights' sha256 is checked as they are read either way",
+        description="check every bundle file at start: inside the folder, its size; the sha256 of the weights and "
+        "exports is checked as a replica reads them either way (only the files it loads)",
     )
 
     @model_validator(mode="after")

@@ -443,6 +443,40 @@ TAMPERED_RECORDS = {  # changes to the onnx.float32 record, given the path of a 
 }
 
 
+def test_a_tampered_export_stops_only_the_replica_that_loads_it(tiny_bundle, tmp_path):
+    """Every replica hashed every export at open: the Scorer and a torch Remover too, which never load one (~20 GB
+    on SDXL), and a corrupt unused export stopped them all. The runner that loads it still refuses it."""
+    from engines.scorer import ScoringEngine
+    from engines.sources import open_bundle
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    onnx.write_bytes(bytes(b ^ 1 for b in onnx.read_bytes()))  # same size, other bytes
+
+    def opened():
+        return open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache", verify=True)
+
+    ScoringEngine.from_bundle(opened())
+    RemovalEngine.from_bundle(opened(), runner="torch")
+    with pytest.raises(BundleError, match="unet.fp32.onnx: sha256 differs from the bundle manifest"):
+        RemovalEngine.from_bundle(opened(), runner="onnx")
+
+
+def test_a_plan_s_build_record_is_hashed_as_the_runner_reads_it(plan_build):
+    """The plan's sidecar (its build record) was hashed only at open; now its reader hashes it."""
+    from engines import runners
+
+    bundle = Bundle.load(plan_build.bundle, verify=True)
+    export = runners.current_export(bundle, "tensorrt", "float16", compute_capability="9.0")
+    sidecar = runners.plan_sidecar(plan_build.plan)
+    assert export.sidecar_sha256 == bundle.manifest.files[f"exports/{sidecar.name}"].sha256
+    assert export.data_sha256 is None
+    sidecar.write_text("[]")  # same size, other bytes
+    runner = object.__new__(runners.TensorRTUNetRunner)
+    runner.path = plan_build.plan
+    with pytest.raises(BundleError, match=f"{sidecar.name}: sha256 differs"):
+        runner._check_sidecar(export.sidecar_sha256)
+
+
 def test_serving_opens_the_recorded_onnx_export(tiny_bundle, tmp_path, onnx_opened):
     copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
     RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
