@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -588,6 +589,48 @@ def stub_export(monkeypatch, tiny_bundle) -> SimpleNamespace:
     return seen
 
 
+_HOLD_STAGING = """
+import os, signal, sys, time
+from pathlib import Path
+from export.staging import staging_folder
+with staging_folder(Path(sys.argv[1])) as folder:
+    (folder / "unet.fp32.onnx").write_bytes(b"half a graph")
+    print(folder, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tiny_bundle, tmp_path, onnx_opened, stub_export):
+    """A SIGKILL (the OOM killer, a crash-looping replica exporting at start) skipped the cleanup, and each retry
+    left another staging folder holding a whole graph (~10 GB on SDXL); a live export's folder is kept."""
+    from export.manifest import export_and_record_onnx
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    exports = onnx.parent
+
+    def staged_by(how: str) -> tuple[subprocess.Popen, Path]:
+        child = subprocess.Popen([sys.executable, "-c", _HOLD_STAGING, str(exports), how], cwd=REPO,
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        return child, Path(child.stdout.readline().strip())
+
+    live, live_folder = staged_by("hold")
+    try:
+        first, first_folder = staged_by("kill")
+        assert first.wait() == -signal.SIGKILL and (first_folder / "unet.fp32.onnx").is_file()
+        second, second_folder = staged_by("kill")
+        assert second.wait() == -signal.SIGKILL and not first_folder.exists() and second_folder.is_dir()
+        (exports / ".staging-abc123").mkdir()  # made before owners were recorded
+        export_and_record_onnx(Bundle.load(copy), "float32")
+        left = sorted(p.name for p in exports.iterdir() if p.name.startswith("."))
+        assert left == [live_folder.name], "the killed exports' folders are gone, the live one's is kept"
+        assert (live_folder / "unet.fp32.onnx").is_file()
+    finally:
+        live.kill()
+        live.communicate()
+
+
 @pytest.mark.parametrize(
     "outcome", [{**PASSED_REPORT, "passed": False, "max_abs": 3.2}, KeyboardInterrupt()], ids=["fails", "interrupted"]
 )
@@ -948,3 +991,41 @@ def test_a_plan_whose_onnx_lacks_only_a_bucket_check_serves_once_verified_withou
     _edit_manifest(plan_build.bundle, lambda m: m["provenance"]["exports"]["onnx.float16"].update(unet_sha256="0" * 64))
     with pytest.raises(BundleError, match="other UNet weights.*then build the tensorrt.float16.sm90 plan again"):
         serve()
+
+
+@pytest.mark.slow  # a real export: ~30 s of CPU
+def test_a_static_export_is_checked_at_its_own_shape(tiny_bundle, tmp_path, capsys):
+    """`export onnx --static` always crashed: its check ran the default cases, which a static graph cannot run."""
+    import export.cli
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--static", "--quiet"]) == 0, capsys.readouterr().err
+    record = Bundle.load(copy, verify=True).manifest.provenance["exports"]["onnx.float32"]
+    cases = [(case["batch"], case["latent"]) for case in record["verify"]["cases"]]
+    assert record["verify"]["passed"] and cases == [(2, [64, 64])]
+
+
+def test_a_static_export_at_another_bucket_side_is_refused_before_exporting(tiny_bundle, tmp_path, capsys, monkeypatch):
+    import export.cli
+    import export.onnx_export
+
+    monkeypatch.setattr(export.onnx_export, "export_unet_onnx", lambda *a, **k: pytest.fail("exported"))
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--static", "--buckets", "1024", "--quiet"]) == 1
+    assert "is a static graph (batch 2, latent 64x64: 512 px images only)" in capsys.readouterr().err
+
+
+def test_an_onnx_runtime_error_is_a_message_and_an_exit_code_not_a_traceback(tiny_bundle, tmp_path, capsys, monkeypatch):
+    import export.cli
+    import export.verify
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    def verify_onnx(*args, **kwargs):
+        raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: sample")
+
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path)
+    monkeypatch.setattr(export.verify, "verify_onnx", verify_onnx)
+    assert export.cli.main(["verify", "--bundle", str(copy), "--quiet"]) == 1
+    assert "error: ONNX Runtime: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT" in capsys.readouterr().err
