@@ -1018,9 +1018,10 @@ def test_a_static_export_at_another_bucket_side_is_refused_before_exporting(tiny
 
 
 def test_an_onnx_runtime_error_is_a_message_and_an_exit_code_not_a_traceback(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
     import export.cli
     import export.verify
-    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
     def verify_onnx(*args, **kwargs):
         raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: sample")
