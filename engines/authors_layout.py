@@ -136,16 +136,45 @@ def pin(layout: AuthorsLayout) -> AuthorsLayout:
     return replace(layout, **pinned)
 
 
+def pin_hub_pieces(layout: AuthorsLayout) -> AuthorsLayout:
+    """The layout with each hub piece at the commit it is at now, asked of the hub without downloading anything
+    (offline: of its local cache); local pieces as they are, unchecked. For where a service is built, once: its
+    replicas, each resolving a branch at its own start, served other weights once the branch moved."""
+    hub_pieces = {field: ref for field, ref in _pieces(layout).items() if ref.startswith(HUB_PREFIX)}
+    return replace(layout, **{field: _pin(ref, ()) for field, ref in hub_pieces.items()})
+
+
 def _pin(ref: str, reads: tuple[str, ...]) -> str:
+    """`ref` at a commit: the one its branch is at, downloading what `reads` names (nothing: only the commit)."""
     hub = HubRef.parse(ref)
     if hub.pinned:
         return ref
-    commit = _snapshot(hub, reads).name
+    commit = _snapshot(hub, reads).name if reads else _head_commit(hub)
     logger.warning(
         "%s is not pinned to a commit: it follows %s, now at %s; write %s to keep importing these weights",
         ref, hub.revision or "the default branch", commit, hub.at(commit),
     )  # fmt: skip
     return hub.at(commit)
+
+
+def _head_commit(hub: HubRef) -> str:
+    """The commit hub.revision is at: the hub's answer, else (offline) the local cache's."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        commit = HfApi().repo_info(hub.repo_id, revision=hub.revision).sha
+    except Exception:  # huggingface_hub raises many types for "offline"; the cache may know the branch
+        try:
+            commit = Path(snapshot_download(hub.repo_id, revision=hub.revision, local_files_only=True)).name
+        except Exception as exc:
+            at = hub.revision or "the default branch"
+            raise BundleError(
+                f"cannot resolve {hub.repo_id} at {at} to a commit: the Hugging Face hub does not answer and its "
+                f"local cache does not know it ({type(exc).__name__}); name the commit: {hub.at('COMMIT')}"
+            ) from exc
+    if not commit or not COMMIT.fullmatch(commit):
+        raise BundleError(f"{hub.repo_id} at {hub.revision or 'the default branch'}: gave {commit!r}, not a commit")
+    return commit
 
 
 def local_inputs_sha256(layout: AuthorsLayout, sha256: Callable[[Path], str] = sha256_of) -> dict[str, str]:

@@ -48,6 +48,8 @@ DISCRIMINATOR_WEIGHTS = "discriminator/model.safetensors"
 DISCRIMINATOR_PROMPT_EMBEDS = "discriminator/prompt_embeds.safetensors"
 # loaded only through `Bundle.read`, which hashes the bytes it hands over
 HASHED_AS_READ = frozenset({UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS, DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS})
+# exported UNets (engines.runners): each file is loaded only by the runner that serves it, from bytes it hashes
+EXPORTS_DIR = "exports"
 
 DTypeName = Literal["float32", "float16", "bfloat16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -146,6 +148,13 @@ def _aside(final: Path) -> Path:
     return final.with_name(f".{final.name}.old")
 
 
+def hashed_as_read(name: str) -> bool:
+    """Whether listed file `name` is only ever loaded from bytes hashed as they are read: the weights through
+    `Bundle.read`, the exports through `engines.runners.read_checked`. Each is then hashed once, by its reader,
+    and only where it is loaded: an export no replica loads is not hashed at all."""
+    return name in HASHED_AS_READ or PurePosixPath(name).parts[0] == EXPORTS_DIR
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -163,8 +172,9 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, *, hash_weights: bool = True) -> "Bundle":
-        """`hash_weights=False` is for a process that loads the weights it uses through `read`, which hashes
-        them then: hashing them in `verify` too costs a second pass (about 25 s of an SDXL replica's start)."""
+        """`hash_weights=False` is for a process that loads the files it uses through a reader that hashes them
+        (`hashed_as_read`): hashing them in `verify` too costs a second pass (about 25 s of an SDXL replica's
+        start), and hashing the exports it never loads (the Scorer, a torch Remover) about 20 GB more."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -180,7 +190,7 @@ class Bundle:
 
     def verify(self, *, hash_weights: bool = True) -> None:
         """Check every listed file: inside the folder, not a symlink, with the recorded size and sha256
-        (with `hash_weights=False`, the HASHED_AS_READ files' sha256 is left to `read`)."""
+        (with `hash_weights=False`, the sha256 of the files `hashed_as_read` is left to the code that reads them)."""
         problems = []
         for name, entry in self.manifest.files.items():
             try:
@@ -192,7 +202,7 @@ class Bundle:
                 problems.append(f"{name}: missing")
             elif file.stat().st_size != entry.bytes:
                 problems.append(f"{name}: {file.stat().st_size} bytes, manifest says {entry.bytes}")
-            elif (hash_weights or name not in HASHED_AS_READ) and sha256_of(file) != entry.sha256:
+            elif (hash_weights or not hashed_as_read(name)) and sha256_of(file) != entry.sha256:
                 problems.append(f"{name}: sha256 differs from the manifest")
         required_files = [UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS]
         if self.has_discriminator:
@@ -219,11 +229,15 @@ class Bundle:
         the caller loads is what was hashed, whatever happened to the file since `verify`."""
         path = self.file(name)
         entry = self.manifest.files[name]
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry.bytes:
-                raise BundleError(f"{name}: {size} bytes, manifest says {entry.bytes}")
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != entry.bytes:
+                    raise BundleError(f"{name}: {size} bytes, manifest says {entry.bytes}")
+                data = f.read()
+        except OSError as exc:  # with verify off, a missing file is first met here
+            missing = "missing" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror})"
+            raise BundleError(f"{name}: {missing} from bundle {self.path}") from exc
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise BundleError(f"{name}: sha256 differs from the manifest (the file changed after it was verified)")
         return data

@@ -219,11 +219,12 @@ class RemovalEngine:
                 raise ValueError("the ONNX runner cannot replay CUDA graphs: ONNX Runtime synchronises on every run")
             if dtype is not None and dtype not in EXPORT_DTYPES.values():
                 raise ValueError(f"the {runner} runner runs float32 or float16 exports, not {dtype}")
-            sha256 = data_sha256 = rebuild = None
+            sha256 = data_sha256 = sidecar_sha256 = rebuild = None
             if runner_path is None:
                 dtype = dtype or default_export_dtype(device)
                 export = current_export(bundle, runner, dtype, buckets=buckets)
                 runner_path, sha256, data_sha256 = export.path, export.sha256, export.data_sha256
+                sidecar_sha256 = export.sidecar_sha256
                 rebuild = export_command(bundle, runner, dtype, buckets)
             unet_runner = make_unet_runner(
                 runner,
@@ -234,6 +235,7 @@ class RemovalEngine:
                 cuda_graph=cuda_graph,
                 sha256=sha256,
                 data_sha256=data_sha256,
+                sidecar_sha256=sidecar_sha256,
                 rebuild=rebuild,
             )
         prompt_embeds, pooled = bundle.load_prompt_embeds()

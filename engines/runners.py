@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 from diffusers import UNet2DConditionModel
 
+from engines.bundle import EXPORTS_DIR
 from engines.errors import BundleError
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "ti
 UNET_OUTPUT = "noise_pred"
 LATENT_MULTIPLE = 4
 VAE_FACTOR = 8  # image side / latent side
-EXPORTS_DIR = "exports"
 RunnerKind = Literal["torch", "onnx", "tensorrt"]
 ExportKind = Literal["onnx", "tensorrt"]
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -329,8 +329,10 @@ class TensorRTUNetRunner:
         cuda_graph: bool = False,
         sha256: str | None = None,
         rebuild: str | None = None,
+        sidecar_sha256: str | None = None,
     ):
         """`sha256`: what the plan's bytes must hash to (the bundle manifest's), checked on the bytes deserialized;
+        `sidecar_sha256`: the same for its build record (plan_sidecar), checked on the bytes parsed;
         `rebuild`: the command that builds it again, named when its profiles do not hold the service's shapes."""
         trt = import_tensorrt()
         self.trt = trt
@@ -343,7 +345,7 @@ class TensorRTUNetRunner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if not self.path.is_file():
             raise FileNotFoundError(f"no TensorRT plan at {self.path} (build one: python -m export tensorrt --help)")
-        self.info = self._check_sidecar()
+        self.info = self._check_sidecar(sidecar_sha256)
         plan = read_checked(self.path, sha256)
         self.cuda_graph = cuda_graph
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -368,11 +370,11 @@ class TensorRTUNetRunner:
         self.scratch = torch.empty(max(1, _device_memory_size(self.engine)), dtype=torch.uint8, device=self.device)
         self._slots: dict[tuple, _Slot] = {}
 
-    def _check_sidecar(self) -> dict | None:
+    def _check_sidecar(self, sha256: str | None) -> dict | None:
         sidecar = plan_sidecar(self.path)
-        if not sidecar.is_file():
+        if sha256 is None and not sidecar.is_file():
             return None
-        info = json.loads(sidecar.read_text())
+        info = json.loads(read_checked(sidecar, sha256))
         have_cc = "%d.%d" % torch.cuda.get_device_capability(self.device)
         problems = []
         if info.get("tensorrt_version") and info["tensorrt_version"] != self.trt.__version__:
@@ -545,11 +547,12 @@ def default_export_dtype(device: str | torch.device) -> torch.dtype:
 @dataclass(frozen=True)
 class ExportFile:
     """A bundle's export file and the sha256 its manifest lists for it (and for an ONNX graph's external data
-    file, <graph>.data, when the record lists one)."""
+    file, <graph>.data, or a plan's build record, plan_sidecar, when the record lists one)."""
 
     path: Path
     sha256: str
     data_sha256: str | None = None
+    sidecar_sha256: str | None = None
 
 
 def export_command(
@@ -603,9 +606,9 @@ def recorded_export(
         raise BundleError(f"{bundle.path}: the {key} export: {exc}: {fix}") from exc
     if missing:
         raise BundleError(f"{bundle.path}: the {key} export's files {missing} are missing: {fix}")
-    data = record["path"] + ".data"
-    data_sha256 = bundle.manifest.files[data].sha256 if data in files else None
-    return record, ExportFile(bundle.file(record["path"]), bundle.manifest.files[record["path"]].sha256, data_sha256)
+    listed, name = {file: bundle.manifest.files[file].sha256 for file in files}, record["path"]
+    data, sidecar = name + ".data", plan_sidecar(name).as_posix()
+    return record, ExportFile(bundle.file(name), listed[name], listed.get(data), listed.get(sidecar))
 
 
 def verified_sides(record: dict) -> set[int]:
@@ -687,10 +690,12 @@ def make_unet_runner(
     sha256: str | None = None,
     data_sha256: str | None = None,
     rebuild: str | None = None,
+    sidecar_sha256: str | None = None,
 ) -> UNetRunner:
     """torch: `unet` (already in its dtype); onnx / tensorrt: the exported file at `path`, loaded from bytes
     checked against `sha256` when given (an ONNX graph's external data file against `data_sha256`: see
-    OnnxUNetRunner), and for a plan, `rebuild` named when its profiles do not fit the service."""
+    OnnxUNetRunner; a plan's build record against `sidecar_sha256`), and for a plan, `rebuild` named when its
+    profiles do not fit the service."""
     device = torch.device(device)
     if kind == "torch":
         if unet is None:
@@ -703,7 +708,9 @@ def make_unet_runner(
     if kind == "onnx":
         return OnnxUNetRunner(path, device, dtype=dtype, providers=providers, sha256=sha256, data_sha256=data_sha256)
     if kind == "tensorrt":
-        runner = TensorRTUNetRunner(path, device, cuda_graph=cuda_graph, sha256=sha256, rebuild=rebuild)
+        runner = TensorRTUNetRunner(
+            path, device, cuda_graph=cuda_graph, sha256=sha256, rebuild=rebuild, sidecar_sha256=sidecar_sha256
+        )
         if dtype is not None and dtype != runner.dtype:
             raise ValueError(f"{path} is a {_dtype_name(runner.dtype)} plan, {_dtype_name(dtype)} was requested")
         return runner

@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # ONNX Runtime's errors (InvalidArgument, Fail, ...) subclass Exception only
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        print(f"error: ONNX Runtime: {exc}", file=sys.stderr)
+        return 1
 
 
 def _open_bundle(args, progress: Progress):
@@ -176,7 +181,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     from engines.runners import export_key, recorded_export
     from export.manifest import record_export, sides_to_check
     from export.onnx_export import onnx_files
-    from export.verify import cases_for_buckets, verify_onnx
+    from export.verify import cases_for_graph, verify_onnx
 
     bundle, served = _open_bundle(args, progress), _serve_buckets(args)
     if args.onnx:
@@ -184,7 +189,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     else:
         record, export = recorded_export(bundle, "onnx", args.dtype, buckets=served)
         path = export.path
-    required = cases_for_buckets(served if record is None else sides_to_check(bundle, args.dtype, served))
+    required = cases_for_graph(path, served if record is None else sides_to_check(bundle, args.dtype, served))
     if args.cases:
         cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
     else:
@@ -292,7 +297,8 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
 
     from engines.bundle import sha256_of
     from engines.runners import export_filename
-    from export.manifest import check_plan_source, record_plan, staging_folder
+    from export.manifest import check_plan_source, record_plan
+    from export.staging import staging_folder
     from export.tensorrt_build import build_plan, onnx_static_dims, profiles_from_serve_config
 
     if dtype != "float16":

@@ -26,7 +26,8 @@ checked against), refused under the manifest lock when the bundle's UNet is no l
 
 An export is made in a staging folder inside exports/ and verified there; only then are its files
 renamed over the current ones and the record written, so a failed or interrupted export leaves the
-previous export and its record as they were.
+previous export and its record as they were; the staging folder of one killed outright (SIGKILL) is
+removed by the next export beside it (export.staging).
 
 The manifest is rewritten atomically (temp file + rename) under a lock next to the bundle folder.
 """
@@ -35,10 +36,7 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +45,11 @@ from filelock import FileLock
 from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError, FileEntry, Manifest, sha256_of
 from engines.runners import current_export, export_command, export_key, verified_sides
 from export.progress import QUIET, Progress
+from export.staging import staging_folder
 
 
 def manifest_lock(bundle_path: Path) -> FileLock:
     return FileLock(str(bundle_path.with_name(bundle_path.name + ".manifest.lock")))
-
-
-@contextmanager
-def staging_folder(final_folder: Path) -> Iterator[Path]:
-    """A hidden folder beside the final files (same filesystem: the renames are atomic), removed on the
-    way out, whatever happened."""
-    final_folder.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".staging-", dir=final_folder))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def record_export(
@@ -168,17 +155,19 @@ def export_and_record_onnx(
     inside the bundle folder. A failed check raises and leaves the previous export (and its record) in place.
     Without `verify` the record says the check was skipped, and serving refuses it. Returns (path, record)."""
     from engines.runners import export_filename
-    from export.onnx_export import export_unet_onnx, onnx_files, read_onnx_metadata
-    from export.verify import cases_for_buckets, verify_onnx
+    from export.onnx_export import EXAMPLE_SHAPE, export_unet_onnx, onnx_files, read_onnx_metadata
+    from export.verify import cases_for_graph, static_cases, verify_onnx
 
     buckets = sides_to_check(bundle, dtype, buckets)
     out_path = Path(out_path) if out_path else bundle.path / export_filename("onnx", dtype)
+    if verify and not export_options.get("dynamic", True):
+        static_cases(out_path, EXAMPLE_SHAPE, buckets)  # before minutes of exporting, not after
     with staging_folder(out_path.parent) as staging:
         staged = export_unet_onnx(bundle, staging / out_path.name, dtype=dtype, progress=progress, **export_options)
         record: dict[str, Any] = {"kind": "onnx", "dtype": dtype, "metadata": read_onnx_metadata(staged)}
         if verify:
             report = verify_onnx(
-                staged, bundle.load_unet(), cases=cases_for_buckets(buckets), progress=progress,
+                staged, bundle.load_unet(), cases=cases_for_graph(staged, buckets), progress=progress,
                 sequence_length=bundle.manifest.architecture.prompt.sequence_length,
             )  # fmt: skip
             record["verify"] = report

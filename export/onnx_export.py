@@ -15,8 +15,6 @@ UNet). ONNX itself cannot hold a "multiple of 4" constraint: the runners check i
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +26,7 @@ from diffusers import UNet2DConditionModel
 from engines.bundle import UNET_WEIGHTS, Bundle
 from engines.runners import EXPORT_DTYPES, LATENT_MULTIPLE, UNET_INPUTS, UNET_OUTPUT
 from export.progress import QUIET, Progress
+from export.staging import staging_folder
 
 # torchlib implements opset 18 natively (no version conversion). At 20, GELU becomes the opset-20
 # `Gelu` op; at 18 it is Erf arithmetic, which every TensorRT 10/11 parser reads (and fuses).
@@ -36,6 +35,7 @@ MAX_BATCH = 32  # torch.export proves batch <= 63 for this UNet; 32 covers Serve
 MAX_LATENT = 256  # latent side 256 = 2048 px images
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB for the whole file: go external well before
 METADATA_PREFIX = "rorem."
+EXAMPLE_SHAPE = (2, 64, 64)  # (batch, latent h, latent w) the export traces with: a --static graph's only shape
 
 
 class FlatUNet(torch.nn.Module):
@@ -151,13 +151,12 @@ def export_unet_onnx(
     if unet.dtype != torch_dtype:
         unet = unet.to(torch_dtype)  # in place: a module passed in is cast
     model = FlatUNet(unet.eval()).eval()
-    args = example_inputs(unet.config, 2, 64, 64, torch_dtype, device, sequence_length=sequence_length)
+    args = example_inputs(unet.config, *EXAMPLE_SHAPE, torch_dtype, device, sequence_length=sequence_length)
     shapes = dynamic_shapes(max_batch, max_latent) if dynamic else None
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = parameter_bytes > EXTERNAL_DATA_BYTES
 
-    staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=_existing_parent(out_path)))
-    try:
+    with staging_folder(out_path.parent, prefix=".onnx-") as staging:
         staged = staging / out_path.name
         used = exporter
         if exporter in ("dynamo", "auto"):
@@ -194,12 +193,10 @@ def export_unet_onnx(
         }
         _write_metadata(staged, metadata)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        for produced in sorted(staging.iterdir()):  # the graph and its .data keep their relative names
+        for produced in sorted(onnx_files(staged)):  # the graph and its .data keep their relative names
             produced.replace(out_path.parent / produced.name)
         if not external and (out_path.parent / (out_path.name + ".data")).exists():
             (out_path.parent / (out_path.name + ".data")).unlink()  # a stale one from an earlier export
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_path
 
 
@@ -296,11 +293,6 @@ def onnx_files(path: str | Path) -> list[Path]:
     path = Path(path)
     data = path.with_name(path.name + ".data")
     return [path, data] if data.is_file() else [path]
-
-
-def _existing_parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
 
 
 def _version(package: str) -> str | None:

@@ -38,6 +38,38 @@ def cases_for_buckets(buckets: Sequence[int] = ()) -> tuple[tuple[int, int, int]
     return DEFAULT_CASES + tuple((1, latent, latent) for latent in extra)
 
 
+def cases_for_graph(onnx_path: str | Path, buckets: Sequence[int] = ()) -> tuple[tuple[int, int, int], ...]:
+    """`cases_for_buckets`, or for a static graph (`--static`: one batch and latent size) that one shape, which
+    it cannot be run at another: a bucket side other than its own is refused, not checked."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        metadata = read_onnx_metadata(onnx_path)
+    except (OSError, DecodeError):
+        metadata = {}  # not readable as ONNX: the check itself says so
+    if (metadata.get("dynamic") or {}).get("batch") is not None:
+        return cases_for_buckets(buckets)
+    shape = (metadata.get("inputs") or {}).get("sample", {}).get("shape", [])
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+        return cases_for_buckets(buckets)  # no metadata (a graph made elsewhere): ONNX Runtime says what misfits
+    return static_cases(onnx_path, (shape[0], shape[2], shape[3]), buckets)
+
+
+def static_cases(
+    onnx_path: str | Path, shape: tuple[int, int, int], buckets: Sequence[int] = ()
+) -> tuple[tuple[int, int, int], ...]:
+    """The one case of a static graph of `shape` (batch, latent h, latent w); refused (ValueError) when a bucket
+    side is not its own: the check cannot run there, and serving would refuse the graph there."""
+    batch, h, w = shape
+    refused_sides = sorted(side for side in buckets if side != VAE_FACTOR * h or h != w)
+    if refused_sides:
+        raise ValueError(
+            f"{onnx_path} is a static graph (batch {batch}, latent {h}x{w}: {VAE_FACTOR * h} px images only): it "
+            f"cannot be checked, or served, at image sides {refused_sides}; export it without --static"
+        )
+    return (shape,)
+
+
 def verify_onnx(
     onnx_path: str | Path,
     unet: UNet2DConditionModel,

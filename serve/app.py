@@ -282,7 +282,7 @@ class Ingress(GrpcMethods, LiveSettings):
 def build_app(args: dict) -> serve.Application:
     """Application builder named by the Serve config: validates args strictly, then binds each deployment
     with its own slice of them (the live knobs come through each deployment's user_config)."""
-    settings = AppSettings.model_validate(args or {})
+    settings = AppSettings.model_validate(args or {}).with_hub_pinned()  # one commit for every replica
     auth.check_routes(api)
     scorer = Scorer.bind(settings.args_for(ScorerArgs)) if settings.scorer.enabled else None
     retention = settings.retention

@@ -164,8 +164,8 @@ class BundleSettings(_Strict):
     tiny_seed: int = Field(0, description="seed of the tiny bundle's random weights")
     verify: bool = Field(
         True,
-        description="check every bundle file at start: inside the folder, its size and (exports) its sha256; the "
-        "weights' sha256 is checked as they are read either way",
+        description="check every bundle file at start: inside the folder, its size; the sha256 of the weights and "
+        "exports is checked as a replica reads them either way (only the files it loads)",
     )
 
     @model_validator(mode="after")
@@ -558,6 +558,20 @@ class AppSettings(ScorerArgs, RemoverArgs):
             devices["Scorer"] = ("scorer.device", self.scorer.device)
         return devices
 
+    def with_hub_pinned(self) -> "AppSettings":
+        """These settings with each hub piece of bundle.authors at the commit it is at now (a warning names each):
+        resolved once where the application is built (serve.app.build_app), so every replica, one restarted
+        later too, imports the same weights; each resolving a branch at its own start served other weights once
+        the branch moved."""
+        if self.bundle.authors is None:
+            return self
+        from dataclasses import asdict
+
+        from engines.authors_layout import pin_hub_pieces
+
+        authors = AuthorsSource.model_validate(asdict(pin_hub_pieces(self.bundle.authors.layout())))
+        return self.model_copy(update={"bundle": self.bundle.model_copy(update={"authors": authors})})
+
     def args_for(self, model: type[BaseModel]) -> dict:
         """A deployment's slice of these settings (RemoverArgs, ScorerArgs), as its constructor argument."""
         return self.model_dump(mode="json", include=set(model.model_fields))
@@ -684,7 +698,8 @@ def built_deployments(settings: AppSettings) -> dict[str, int]:
     from serve.app import build_app
 
     built = {}
-    pending = [build_app(settings.model_dump(mode="json", exclude_unset=True))]  # as the args build it (live form)
+    # as the args build it (live form), but the bundle: naming none, the build asks the hub for no commit
+    pending = [build_app(settings.model_dump(mode="json", exclude_unset=True, exclude={"bundle"}))]
     while pending:
         deployment = pending.pop()._bound_deployment
         built[deployment.name] = deployment.max_ongoing_requests

@@ -224,8 +224,10 @@ def test_a_manifest_naming_a_file_outside_the_bundle_folder_is_refused(tiny_bund
             Bundle.load(copy, verify=verify)
 
 
-def test_a_serving_start_hashes_the_weights_once_as_read_and_every_other_file_at_open(tiny_bundle, tmp_path, monkeypatch):
-    """Hashing the weights in `verify` and again in `read` cost an SDXL replica a second pass over ~10 GB."""
+def test_a_serving_start_hashes_the_weights_once_as_read_and_no_export_at_open(tiny_bundle, tmp_path, monkeypatch):
+    """Hashing the weights in `verify` and again in `read` cost an SDXL replica a second pass over ~10 GB; hashing
+    every export at open cost each replica (the Scorer too) ~20 GB it never loads, and the ONNX runner's graph
+    was hashed twice (at open and by read_checked)."""
     import engines.bundle
     from engines.sources import open_bundle
 
@@ -246,15 +248,20 @@ def test_a_serving_start_hashes_the_weights_once_as_read_and_every_other_file_at
         Bundle.load(copy)  # a full verify (the weights Job, `bundle verify`) hashes every file
 
     weights.write_bytes((tiny_bundle.path / UNET_WEIGHTS).read_bytes())
-    export = copy / "exports" / "unet.onnx"  # a file loaded by path: hashed at open
+    export = copy / "exports" / "unet.onnx"  # loaded only by a runner, through read_checked: not hashed at open
     export.parent.mkdir()
     export.write_bytes(b"graph")
     entry = {"sha256": real_sha256_of(export), "bytes": 5}
     _edit_manifest(copy, lambda m: m["files"].update({"exports/unet.onnx": entry}))
+    export.write_bytes(b"GRAPH")  # same size, other bytes
+    hashed_at_open.clear()
     assert open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache").load_unet() is not None
-    export.write_bytes(b"GRAPH")
+    assert hashed_at_open == [], "nothing is hashed at open: each file by the code that loads it"
     with pytest.raises(BundleError, match="exports/unet.onnx: sha256 differs"):
-        open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache")
+        Bundle.load(copy)  # a full verify hashes every file
+    export.write_bytes(b"GRAPHS")
+    with pytest.raises(BundleError, match="exports/unet.onnx: 6 bytes, manifest says 5"):
+        open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache")  # place and size still checked
 
 
 def _rewrite(bundle: Bundle, path: Path, name: str) -> Bundle:
@@ -299,3 +306,12 @@ def test_a_bundle_path_that_is_a_symbolic_link_is_refused_before_anything_is_wri
         _rewrite(tiny_bundle, link, "new")
     assert link.is_symlink() and Bundle.load(link, verify=True).manifest.name != "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([real.name, "current"]), "nothing left behind"
+
+
+def test_a_missing_weight_file_with_verify_off_is_a_bundle_error_naming_it(tiny_bundle, tmp_path):
+    """bundle.verify: false met a missing file only in `read`, as a bare FileNotFoundError."""
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    (copy / VAE_WEIGHTS).unlink()
+    bundle = Bundle.load(copy, verify=False)
+    with pytest.raises(BundleError, match=f"{VAE_WEIGHTS}: missing from bundle {copy}"):
+        bundle.load_vae()

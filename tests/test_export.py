@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -443,6 +444,40 @@ TAMPERED_RECORDS = {  # changes to the onnx.float32 record, given the path of a 
 }
 
 
+def test_a_tampered_export_stops_only_the_replica_that_loads_it(tiny_bundle, tmp_path):
+    """Every replica hashed every export at open: the Scorer and a torch Remover too, which never load one (~20 GB
+    on SDXL), and a corrupt unused export stopped them all. The runner that loads it still refuses it."""
+    from engines.scorer import ScoringEngine
+    from engines.sources import open_bundle
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    onnx.write_bytes(bytes(b ^ 1 for b in onnx.read_bytes()))  # same size, other bytes
+
+    def opened():
+        return open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache", verify=True)
+
+    ScoringEngine.from_bundle(opened())
+    RemovalEngine.from_bundle(opened(), runner="torch")
+    with pytest.raises(BundleError, match="unet.fp32.onnx: sha256 differs from the bundle manifest"):
+        RemovalEngine.from_bundle(opened(), runner="onnx")
+
+
+def test_a_plan_s_build_record_is_hashed_as_the_runner_reads_it(plan_build):
+    """The plan's sidecar (its build record) was hashed only at open; now its reader hashes it."""
+    from engines import runners
+
+    bundle = Bundle.load(plan_build.bundle, verify=True)
+    export = runners.current_export(bundle, "tensorrt", "float16", compute_capability="9.0")
+    sidecar = runners.plan_sidecar(plan_build.plan)
+    assert export.sidecar_sha256 == bundle.manifest.files[f"exports/{sidecar.name}"].sha256
+    assert export.data_sha256 is None
+    sidecar.write_text("[]")  # same size, other bytes
+    runner = object.__new__(runners.TensorRTUNetRunner)
+    runner.path = plan_build.plan
+    with pytest.raises(BundleError, match=f"{sidecar.name}: sha256 differs"):
+        runner._check_sidecar(export.sidecar_sha256)
+
+
 def test_serving_opens_the_recorded_onnx_export(tiny_bundle, tmp_path, onnx_opened):
     copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
     RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
@@ -552,6 +587,48 @@ def stub_export(monkeypatch, tiny_bundle) -> SimpleNamespace:
     )
     monkeypatch.setattr(export.verify, "verify_onnx", verify_onnx)
     return seen
+
+
+_HOLD_STAGING = """
+import os, signal, sys, time
+from pathlib import Path
+from export.staging import staging_folder
+with staging_folder(Path(sys.argv[1])) as folder:
+    (folder / "unet.fp32.onnx").write_bytes(b"half a graph")
+    print(folder, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tiny_bundle, tmp_path, onnx_opened, stub_export):
+    """A SIGKILL (the OOM killer, a crash-looping replica exporting at start) skipped the cleanup, and each retry
+    left another staging folder holding a whole graph (~10 GB on SDXL); a live export's folder is kept."""
+    from export.manifest import export_and_record_onnx
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    exports = onnx.parent
+
+    def staged_by(how: str) -> tuple[subprocess.Popen, Path]:
+        child = subprocess.Popen([sys.executable, "-c", _HOLD_STAGING, str(exports), how], cwd=REPO,
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        return child, Path(child.stdout.readline().strip())
+
+    live, live_folder = staged_by("hold")
+    try:
+        first, first_folder = staged_by("kill")
+        assert first.wait() == -signal.SIGKILL and (first_folder / "unet.fp32.onnx").is_file()
+        second, second_folder = staged_by("kill")
+        assert second.wait() == -signal.SIGKILL and not first_folder.exists() and second_folder.is_dir()
+        (exports / ".staging-abc123").mkdir()  # made before owners were recorded
+        export_and_record_onnx(Bundle.load(copy), "float32")
+        left = sorted(p.name for p in exports.iterdir() if p.name.startswith("."))
+        assert left == [live_folder.name], "the killed exports' folders are gone, the live one's is kept"
+        assert (live_folder / "unet.fp32.onnx").is_file()
+    finally:
+        live.kill()
+        live.communicate()
 
 
 @pytest.mark.parametrize(
@@ -914,3 +991,42 @@ def test_a_plan_whose_onnx_lacks_only_a_bucket_check_serves_once_verified_withou
     _edit_manifest(plan_build.bundle, lambda m: m["provenance"]["exports"]["onnx.float16"].update(unet_sha256="0" * 64))
     with pytest.raises(BundleError, match="other UNet weights.*then build the tensorrt.float16.sm90 plan again"):
         serve()
+
+
+@pytest.mark.slow  # a real export: ~30 s of CPU
+def test_a_static_export_is_checked_at_its_own_shape(tiny_bundle, tmp_path, capsys):
+    """`export onnx --static` always crashed: its check ran the default cases, which a static graph cannot run."""
+    import export.cli
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--static", "--quiet"]) == 0, capsys.readouterr().err
+    record = Bundle.load(copy, verify=True).manifest.provenance["exports"]["onnx.float32"]
+    cases = [(case["batch"], case["latent"]) for case in record["verify"]["cases"]]
+    assert record["verify"]["passed"] and cases == [(2, [64, 64])]
+
+
+def test_a_static_export_at_another_bucket_side_is_refused_before_exporting(tiny_bundle, tmp_path, capsys, monkeypatch):
+    import export.cli
+    import export.onnx_export
+
+    monkeypatch.setattr(export.onnx_export, "export_unet_onnx", lambda *a, **k: pytest.fail("exported"))
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--static", "--buckets", "1024", "--quiet"]) == 1
+    assert "is a static graph (batch 2, latent 64x64: 512 px images only)" in capsys.readouterr().err
+
+
+def test_an_onnx_runtime_error_is_a_message_and_an_exit_code_not_a_traceback(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    import export.cli
+    import export.verify
+
+    def verify_onnx(*args, **kwargs):
+        raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: sample")
+
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path)
+    monkeypatch.setattr(export.verify, "verify_onnx", verify_onnx)
+    assert export.cli.main(["verify", "--bundle", str(copy), "--quiet"]) == 1
+    assert "error: ONNX Runtime: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT" in capsys.readouterr().err

@@ -434,3 +434,34 @@ def test_a_bundle_imported_by_another_importer_version_is_imported_again(tiny_la
     newer = open_bundle(path=None, authors=layout, cache_dir=tmp_path, import_dtype="float32")
     assert newer.path != older.path
     assert newer.manifest.provenance["importer_version"] == authors_layout.IMPORTER_VERSION
+
+
+def test_an_unpinned_hub_piece_is_pinned_once_where_the_app_is_built_for_every_replica(monkeypatch, caplog):
+    """Each replica pinned the branch at its own start: one started (or restarted by Serve) after the branch moved
+    served other weights than its siblings, and the Remover and the Scorer could differ."""
+    from ray.serve.deployment import Application
+
+    from engines import authors_layout
+    from serve.app import build_app
+
+    head, asked = {"main": COMMIT_A}, []
+    monkeypatch.setattr(authors_layout, "_head_commit", lambda hub: asked.append(hub.repo_id) or head["main"], raising=False)
+    monkeypatch.setattr(authors_layout, "_snapshot", lambda *a: pytest.fail("downloaded where the app is built"))
+    authors = {"base": "hf:LetsThink/RORem", "lcm_lora": "/models/RORem-LCM", "discriminator": "/models/RORem-D",
+               "discriminator_unet": f"{SDXL_INPAINTING_UNET}"}  # fmt: skip
+    app = build_app({"bundle": {"authors": authors}, "scorer": {"enabled": True}})
+    head["main"] = COMMIT_B  # the branch moves after the build: the replicas' args are fixed
+    bundles, pending = {}, [app]
+    while pending:
+        deployment = pending.pop()._bound_deployment
+        bound = (*deployment.init_args, *deployment.init_kwargs.values())
+        bundles.update({deployment.name: arg["bundle"] for arg in bound if isinstance(arg, dict) and "bundle" in arg})
+        pending += [arg for arg in bound if isinstance(arg, Application)]
+    assert set(bundles) == {"Ingress", "Remover", "Scorer"}
+    sdxl = HubRef.parse(SDXL_INPAINTING_UNET)
+    for name, bundle in bundles.items():
+        assert bundle["authors"]["base"] == f"hf:LetsThink/RORem@{COMMIT_A}", name
+        assert bundle["authors"]["discriminator_unet"] == sdxl.at(COMMIT_A), name
+        assert bundle["authors"]["lcm_lora"] == "/models/RORem-LCM", name
+    assert sorted(asked) == sorted(["LetsThink/RORem", sdxl.repo_id]), "each piece asked once, nothing downloaded"
+    assert "hf:LetsThink/RORem is not pinned to a commit" in caplog.text

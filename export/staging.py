@@ -1,0 +1,69 @@
+"""Staging folders that a killed export does not leave behind for good.
+
+An export writes its files (GBs on SDXL) into a hidden folder beside the final ones and removes it on the way
+out; a SIGKILL (the OOM killer, a crash-looping replica exporting at start) skips that, and each retry left
+another. Each folder now holds `.owner`, locked (flock) by the process that made it for as long as it lives: the
+next staging folder made beside it removes every one whose lock it can take, i.e. whose process is gone. A lock
+rather than a PID: it holds across PID namespaces and hosts sharing the volume, and a reused PID cannot hold it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+OWNER = ".owner"
+
+
+@contextmanager
+def staging_folder(final_folder: Path, prefix: str = ".staging-") -> Iterator[Path]:
+    """A hidden folder beside the final files (same filesystem: the renames are atomic), removed on the way
+    out, whatever happened; the leftovers of killed processes beside it (same `prefix`) are removed first."""
+    final_folder.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(final_folder, prefix)
+    # made under another name and renamed once locked: a sweep never sees a live folder without its lock
+    made = Path(tempfile.mkdtemp(prefix=".new" + prefix, dir=final_folder))
+    owner = os.open(made / OWNER, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        folder = final_folder / f"{prefix}{os.getpid()}-{made.name.removeprefix('.new' + prefix)}"
+        made.rename(folder)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        shutil.rmtree(made, ignore_errors=True)  # only when the rename did not happen
+        os.close(owner)
+
+
+def sweep_leftovers(final_folder: Path, prefix: str = ".staging-") -> list[Path]:
+    """Remove the staging folders beside the final files whose process is gone (their `.owner` unlocked, or none:
+    one made before owners were recorded); returns them."""
+    removed = []
+    for folder in sorted(final_folder.glob(prefix + "*")):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            owner = os.open(folder / OWNER, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            owner = None
+        except OSError:
+            continue
+        try:
+            if owner is not None:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live export's
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            if owner is not None:
+                os.close(owner)
+    return removed
