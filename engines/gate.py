@@ -124,8 +124,10 @@ async def run_gated(
     """Attempt removals with derived seeds until one scores >= threshold or attempts run out.
 
     A ScorerUnavailable from the first attempt's `score`: fail-open keeps its result unscored, fail-closed
-    re-raises (the entry point answers 503). From a later attempt's, the attempts before it answer, scored. A
-    scoring still running at `deadline` counts as one: a removal done in time is not lost to a slow Scorer.
+    re-raises (the entry point answers 503). From a later attempt's, the attempts before it answer, scored. Where
+    the first attempt's result would be kept unscored, a scoring still running at `deadline` counts as one: a
+    removal done in time is not lost to a slow Scorer (fail-closed, the caller's deadline answers: not the Scorer's
+    fault, as far as anyone knows).
 
     An attempt after the first that is lost to the moment does not cost the ones before it: the gate answers with
     what those earned, as if attempts had run out, rather than start one with less time left before `deadline`
@@ -138,8 +140,9 @@ async def run_gated(
 
     async def scored(attempt_s: int, first: bool) -> tuple[Result, float | None]:
         result = await remove(attempt_s)
-        try:
-            async with asyncio.timeout_at(deadline) as scoring:
+        kept_unscored = first and (policy.fail_open or policy.mode == "annotate")
+        try:  # where an unscored result is kept, it is kept by `deadline`; fail-closed, the request's own bounds it
+            async with asyncio.timeout_at(deadline if kept_unscored else None) as scoring:
                 return result, await score(result)
         except TimeoutError as exc:
             if not scoring.expired():
@@ -148,7 +151,7 @@ async def run_gated(
             outage.__cause__ = exc
         except ScorerUnavailable as exc:
             outage = exc
-        if first and (policy.fail_open or policy.mode == "annotate"):
+        if kept_unscored:
             return result, None
         raise outage
 
