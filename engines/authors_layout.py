@@ -160,14 +160,17 @@ def _pin(ref: str, reads: tuple[str, ...]) -> str:
 def _head_commit(hub: HubRef) -> str:
     """The commit hub.revision is at: the hub's answer, else (offline) the local cache's."""
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    at = hub.revision or "the default branch"
     try:
         commit = HfApi().repo_info(hub.repo_id, revision=hub.revision).sha
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:  # gated too: the hub's answer, not a cache's
+        raise BundleError(f"the Hugging Face hub has no {hub.repo_id} at {at} for us: {type(exc).__name__}") from exc
     except Exception:  # huggingface_hub raises many types for "offline"; the cache may know the branch
         try:
             commit = Path(snapshot_download(hub.repo_id, revision=hub.revision, local_files_only=True)).name
         except Exception as exc:
-            at = hub.revision or "the default branch"
             raise BundleError(
                 f"cannot resolve {hub.repo_id} at {at} to a commit: the Hugging Face hub does not answer and its "
                 f"local cache does not know it ({type(exc).__name__}); name the commit: {hub.at('COMMIT')}"

@@ -648,6 +648,12 @@ def current_export(
             f"{bundle.path}: the {key} export was made from other UNet weights ({made_from}, "
             f"bundle {unet_sha[:12]}): {fix}"
         )
+    dynamic = (record.get("metadata") or {}).get("dynamic") if isinstance(record.get("metadata"), dict) else None
+    if kind == "onnx" and isinstance(dynamic, dict) and dynamic.get("batch") is None:
+        raise BundleError(
+            f"{bundle.path}: the {key} export is a static graph (--static: one batch size, one image side), and "
+            f"serving runs batches of several sizes: {fix} (without --static)"
+        )
     verified = record.get("verify") if isinstance(record.get("verify"), dict) else {}
     reverify = f"run `{export_command(bundle, 'verify', dtype, buckets)}` (records it once it passes), or {fix}"
     if kind == "onnx" and verified.get("passed") is not True:

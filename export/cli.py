@@ -145,6 +145,8 @@ def _open_bundle(args, progress: Progress):
 
         with progress.stage(f"bundle named by {args.config}"):
             bundle = load_serve_settings(args.config).bundle.open()
+        with progress.stage("checking every file's sha256"):  # serving leaves the exports to their readers; these
+            bundle.verify()  # commands read some by path (TensorRT's parser, the parity check) and record them
     progress.say(f"bundle {bundle.manifest.name} at {bundle.path}")
     return bundle
 

@@ -4,7 +4,8 @@ An export writes its files (GBs on SDXL) into a hidden folder beside the final o
 out; a SIGKILL (the OOM killer, a crash-looping replica exporting at start) skips that, and each retry left
 another. Each folder now holds `.owner`, locked (flock) by the process that made it for as long as it lives: the
 next staging folder made beside it removes every one whose lock it can take, i.e. whose process is gone. A lock
-rather than a PID: it holds across PID namespaces and hosts sharing the volume, and a reused PID cannot hold it.
+rather than a PID: it holds across PID namespaces (and across hosts sharing the volume where flock does: not on
+NFS mounted with `nolock` or `local_lock=flock`), and a reused PID cannot hold it.
 """
 
 from __future__ import annotations
@@ -43,27 +44,24 @@ def staging_folder(final_folder: Path, prefix: str = ".staging-") -> Iterator[Pa
 
 
 def sweep_leftovers(final_folder: Path, prefix: str = ".staging-") -> list[Path]:
-    """Remove the staging folders beside the final files whose process is gone (their `.owner` unlocked, or none:
-    one made before owners were recorded); returns them."""
+    """Remove the staging folders beside the final files whose process is gone (their `.owner` unlocked); returns
+    them. A folder without `.owner` is not one of ours (an export's --out may be any folder, another tool's
+    `.staging-*` beside it; an older export still running during an upgrade): it is left alone."""
     removed = []
     for folder in sorted(final_folder.glob(prefix + "*")):
         if not folder.is_dir() or folder.is_symlink():
             continue
         try:
-            owner = os.open(folder / OWNER, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            owner = None
+            owner = os.open(folder / OWNER, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
             continue
         try:
-            if owner is not None:
-                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             continue  # a live export's
         else:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
         finally:
-            if owner is not None:
-                os.close(owner)
+            os.close(owner)
     return removed

@@ -621,10 +621,10 @@ def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tiny_bun
         assert first.wait() == -signal.SIGKILL and (first_folder / "unet.fp32.onnx").is_file()
         second, second_folder = staged_by("kill")
         assert second.wait() == -signal.SIGKILL and not first_folder.exists() and second_folder.is_dir()
-        (exports / ".staging-abc123").mkdir()  # made before owners were recorded
+        (exports / ".staging-abc123").mkdir()  # not ours (no .owner): another tool's, or an older export's
         export_and_record_onnx(Bundle.load(copy), "float32")
         left = sorted(p.name for p in exports.iterdir() if p.name.startswith("."))
-        assert left == [live_folder.name], "the killed exports' folders are gone, the live one's is kept"
+        assert left == sorted([live_folder.name, ".staging-abc123"]), "the killed exports' folders are gone"
         assert (live_folder / "unet.fp32.onnx").is_file()
     finally:
         live.kill()
@@ -1030,3 +1030,36 @@ def test_an_onnx_runtime_error_is_a_message_and_an_exit_code_not_a_traceback(tin
     monkeypatch.setattr(export.verify, "verify_onnx", verify_onnx)
     assert export.cli.main(["verify", "--bundle", str(copy), "--quiet"]) == 1
     assert "error: ONNX Runtime: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["verify", "tensorrt"])
+def test_a_bundle_named_by_a_config_is_hashed_whole_before_an_export_command_reads_its_files(
+    tiny_bundle, tmp_path, capsys, command
+):
+    """Serving leaves each export's hash to the runner that loads it; `export verify` and `export tensorrt` read
+    the graph and its data by path (the parity check, TensorRT's parser) and record what they read. With the bundle
+    named by --config they opened it as a replica does, and so checked and recorded a swapped graph as trusted."""
+    import yaml
+
+    import export.cli
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # another graph, its recorded size kept: only its sha256 tells
+    _edit_manifest(copy, lambda m: m["files"]["exports/unet.fp32.onnx"].update(bytes=onnx.stat().st_size))
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "rorem", "import_path": "serve.app:build_app",
+                                                        "route_prefix": "/", "args": {"bundle": {"path": str(copy)}}}]}))
+    assert export.cli.main([command, "--config", str(config), "--quiet"]) == 1
+    assert "exports/unet.fp32.onnx: sha256 differs from the manifest" in capsys.readouterr().err
+
+
+def test_a_static_export_is_refused_for_serving_with_the_command_that_makes_a_servable_one(tiny_bundle, tmp_path):
+    """`export onnx --static` records a graph of one batch size (2) and one side: served, a batch of 1 failed
+    inside ONNX Runtime at the first warm-up, where it is refused by name at start."""
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path)
+    static = {"dynamic": {"batch": None, "latent_side": None, "latent_multiple": 4}}
+    _edit_manifest(copy, lambda m: m["provenance"]["exports"]["onnx.float32"].update(metadata=static))
+    with pytest.raises(BundleError, match=r"static graph.*python -m export onnx.*without --static"):
+        current_export(Bundle.load(copy), "onnx", "float32")
+    _edit_manifest(copy, lambda m: m["provenance"]["exports"]["onnx.float32"].update(metadata={}))
+    current_export(Bundle.load(copy), "onnx", "float32")

@@ -465,3 +465,33 @@ def test_an_unpinned_hub_piece_is_pinned_once_where_the_app_is_built_for_every_r
         assert bundle["authors"]["lcm_lora"] == "/models/RORem-LCM", name
     assert sorted(asked) == sorted(["LetsThink/RORem", sdxl.repo_id]), "each piece asked once, nothing downloaded"
     assert "hf:LetsThink/RORem is not pinned to a commit" in caplog.text
+
+
+def test_a_branch_the_hub_says_it_has_not_is_refused_and_only_an_unreachable_hub_falls_back_to_the_cache(monkeypatch):
+    """Every hub error counted as "offline": a revision or repository the hub answered it has not (gated too) was
+    then pinned to whatever commit a stale local cache still knew."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RevisionNotFoundError
+
+    from engines import authors_layout
+    from engines.hub_refs import HubRef
+
+    cached = "c" * 40
+    looked_in_cache = []
+
+    def cache(repo_id, revision=None, local_files_only=False):
+        looked_in_cache.append(revision)
+        return f"/cache/{repo_id}/snapshots/{cached}"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache)
+    answer = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/o/n"))
+    hub = HubRef.parse("hf:owner/name@main")
+    for refusal in (RevisionNotFoundError("no main", response=answer), GatedRepoError("gated", response=answer)):
+        monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, *a, refusal=refusal, **k: (_ for _ in ()).throw(refusal))
+        with pytest.raises(BundleError, match="hub has no owner/name at main"):
+            authors_layout._head_commit(hub)
+    assert looked_in_cache == []
+    offline = httpx2.ConnectError("no route to host")
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, *a, **k: (_ for _ in ()).throw(offline))
+    assert authors_layout._head_commit(hub) == cached and looked_in_cache == ["main"]
