@@ -205,7 +205,8 @@ def _cmd_verify(args, progress: Progress) -> int:
     if record is not None and report["passed"] and not loosened and not narrowed:
         checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
         key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
-        record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against)
+        hashed_at_open = {name: entry.sha256 for name, entry in bundle.manifest.files.items()}  # _open_bundle's
+        record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against, checked=hashed_at_open)
         progress.say(f"recorded {record['path']} as matching the bundle's UNet")
     elif record is not None:
         why = "failed" if not report["passed"] else "tolerances overridden" if loosened else "--cases leave out buckets"

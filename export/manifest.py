@@ -60,6 +60,7 @@ def record_export(
     *,
     made_from: str | None,
     staged: Path | None = None,
+    checked: dict[str, str] | None = None,
 ) -> Bundle:
     """List `files` (inside the bundle folder) with their sha256 and store `record` (plus "files" and
     "unet_sha256") as provenance["exports"][key]; returns the reloaded bundle.
@@ -71,7 +72,10 @@ def record_export(
 
     `staged`: a folder holding the new content of each file under its name; they are hashed there, then
     renamed over the files just before the manifest is written (under its lock), and the earlier record's
-    files the new one does not list are deleted."""
+    files the new one does not list are deleted.
+
+    `checked`: the sha256 of a file (by its name in the bundle) as it was when it was checked: one that differs
+    under the lock (replaced during a minutes-long check) is refused, not recorded as the bytes that passed."""
     path = Path(bundle.path if isinstance(bundle, Bundle) else bundle).resolve()
     relative = []
     for file in files:
@@ -96,7 +100,13 @@ def record_export(
             files_table.pop(name, None)
         for name in relative:
             content = staged / Path(name).name if staged else path / name
-            files_table[name] = FileEntry(sha256=sha256_of(content), bytes=content.stat().st_size)
+            sha256 = sha256_of(content)
+            if checked and checked.get(name, sha256) != sha256:
+                raise BundleError(
+                    f"{path}: {name} changed while it was checked ({checked[name][:12]} checked, {sha256[:12]} "
+                    f"now): not recorded; check it again"
+                )
+            files_table[name] = FileEntry(sha256=sha256, bytes=content.stat().st_size)
         exports[key] = {**record, "files": relative, "unet_sha256": unet_sha256}
         updated = manifest.model_copy(update={"files": files_table, "provenance": provenance})
         tmp = path / (MANIFEST + ".partial")

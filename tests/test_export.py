@@ -1063,3 +1063,26 @@ def test_a_static_export_is_refused_for_serving_with_the_command_that_makes_a_se
         current_export(Bundle.load(copy), "onnx", "float32")
     _edit_manifest(copy, lambda m: m["provenance"]["exports"]["onnx.float32"].update(metadata={}))
     current_export(Bundle.load(copy), "onnx", "float32")
+
+
+def test_a_graph_replaced_while_it_is_checked_is_not_recorded_as_the_one_that_passed(
+    tiny_bundle, tmp_path, stub_export, monkeypatch, capsys
+):
+    """`export verify` checked the graph by its path, then recorded the sha256 of whatever was there once the
+    check (minutes on SDXL) was done: a graph copied in meanwhile was recorded as verified."""
+    import export.cli
+    import export.verify
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    manifest = (copy / MANIFEST).read_text()
+    checking = export.verify.verify_onnx
+
+    def replaced_during_the_check(path, unet, **kwargs):
+        report = checking(path, unet, **kwargs)
+        onnx.write_bytes(b"another graph, copied in meanwhile")
+        return report
+
+    monkeypatch.setattr(export.verify, "verify_onnx", replaced_during_the_check)
+    assert export.cli.main(["verify", "--bundle", str(copy), "--quiet"]) == 1
+    assert "unet.fp32.onnx changed while it was checked" in capsys.readouterr().err
+    assert (copy / MANIFEST).read_text() == manifest
