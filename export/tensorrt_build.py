@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,12 @@ def _build_monitor(trt, progress: Progress):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Through a temporary file of its own: two builds for one architecture share the timing cache's path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # open(): the umask's mode, as before
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1086,3 +1086,28 @@ def test_a_graph_replaced_while_it_is_checked_is_not_recorded_as_the_one_that_pa
     assert export.cli.main(["verify", "--bundle", str(copy), "--quiet"]) == 1
     assert "unet.fp32.onnx changed while it was checked" in capsys.readouterr().err
     assert (copy / MANIFEST).read_text() == manifest
+
+
+def test_two_builds_writing_one_timing_cache_at_once_both_finish(tmp_path):
+    """Plan builds for one architecture share the timing cache's path; each wrote it through the same
+    `.partial` name, and the second's rename found the file gone (FileNotFoundError after a finished build)."""
+    import threading
+
+    from export.tensorrt_build import _atomic_write
+
+    path, errors = tmp_path / "timing.sm90.cache", []
+
+    def build(n: int) -> None:
+        try:
+            for _ in range(200):
+                _atomic_write(path, bytes([n]) * 4096)
+        except Exception as exc:
+            errors.append(exc)
+
+    builds = [threading.Thread(target=build, args=(n,)) for n in range(4)]
+    for thread in builds:
+        thread.start()
+    for thread in builds:
+        thread.join()
+    assert errors == [] and len(set(path.read_bytes())) == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left"
