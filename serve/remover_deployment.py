@@ -134,7 +134,7 @@ class Remover(LiveSettings):
         stages: dict[str, float] = {}
         queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
         started = time.perf_counter()
-        with self.watch.running():
+        with self.watch.running(len(jobs)):
             images = await asyncio.to_thread(self.engine.remove, jobs, stages)
         model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))

@@ -88,7 +88,7 @@ class Scorer(LiveSettings):
     async def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoreOutcome]:
         """Score a batch of crops; each is scored on a score_size view."""
         started = time.perf_counter()
-        with self.watch.running():
+        with self.watch.running(len(jobs)):
             scores = await asyncio.to_thread(self.engine.score, jobs)
         model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))

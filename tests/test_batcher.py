@@ -369,3 +369,32 @@ def test_callers_gone_from_the_queue_while_the_engine_is_busy_hold_no_arguments(
 
     held = asyncio.run(asyncio.wait_for(main(), 10))
     assert held == 0, f"{held} of 5 crops of callers that left are still held while the engine is busy"
+
+
+def test_one_request_whose_crops_each_fail_does_not_make_the_remover_unhealthy():
+    """A batch of 4 crops that each fail alone counted 5 failures in a row (the batch, then each rerun): one
+    request reached FAILED_CALLS_UNHEALTHY, and Serve restarted the GPU replica (minutes of reload). A device
+    left broken, failing every call, still is caught."""
+    from serve.health import FAILED_CALLS_UNHEALTHY
+
+    class FailingEngine:
+        calls = 0
+
+        def remove(self, jobs, stages):
+            FailingEngine.calls += 1
+            raise RuntimeError("the engine cannot take this crop")
+
+    remover = _remover(FailingEngine(), wait_s=0.05)
+
+    async def crops(n: int):
+        return await asyncio.gather(*(remover.remove(_job(), time.time()) for _ in range(n)), return_exceptions=True)
+
+    async def main():
+        outcomes = await crops(FAILED_CALLS_UNHEALTHY - 1)  # one request's crops, one batch, each failing alone
+        assert all(isinstance(o, RuntimeError) for o in outcomes) and FailingEngine.calls == FAILED_CALLS_UNHEALTHY
+        remover.watch.check()
+        await crops(1)
+        with pytest.raises(RuntimeError, match=f"last {FAILED_CALLS_UNHEALTHY} engine calls failed"):
+            remover.watch.check()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
