@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("ray.serve")
+_RERUN = contextvars.ContextVar("batcher_rerun", default=False)
+
+
+def rerunning() -> bool:
+    """Whether the batch function runs one call of a batch that failed (for a health count: the batch counted)."""
+    return _RERUN.get()
 
 
 @dataclass(slots=True)
@@ -123,9 +129,13 @@ class Batcher:
             if waiting:
                 logger.warning("a batch of %d failed (%s: %s); running its %d waiting calls one at a time",
                                len(batch), type(exc).__name__, exc, len(waiting))  # fmt: skip
-            for call in waiting:
-                if not call.answer.done():  # its caller may have gone while another one ran
-                    await self._run([call])
+            rerun = _RERUN.set(True)
+            try:
+                for call in waiting:
+                    if not call.answer.done():  # its caller may have gone while another one ran
+                        await self._run([call])
+            finally:
+                _RERUN.reset(rerun)
             return
         for call, result in zip(batch, results):
             if not call.answer.done():

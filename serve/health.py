@@ -31,9 +31,9 @@ class EngineWatch:
     """When the engine call in progress started, and how many calls in a row have failed; `check` raises once
     one has run past `hung_after_s`, or once FAILED_CALLS_UNHEALTHY have failed in a row. A device left broken
     (a sticky CUDA error: an illegal address, a device-side assert) fails every later call while the replica
-    looks alive; one bad batch does not count so: a call of several is not counted (the batcher reruns its calls
-    one by one, each counted, and those that succeed reset the count), so a batch of 4 crops that each fail alone
-    counts 4, not 5, and one request cannot restart a GPU replica."""
+    looks alive; one bad batch does not count so: it counts once, however many calls it held, and the batcher's
+    one-by-one reruns of its calls count nothing more (those that succeed reset the count). Before, a batch of 4
+    crops that each failed alone counted 5, and one request restarted a GPU replica."""
 
     def __init__(self, hung_after_s: float | None, clock: Callable[[], float] = time.monotonic):
         self.hung_after_s = hung_after_s
@@ -45,15 +45,15 @@ class EngineWatch:
         self._last_failure = ""
 
     @contextmanager
-    def running(self, calls: int = 1):
-        """One engine call of `calls` jobs; its failure counts only for a single job (see the class)."""
+    def running(self, counted: bool = True):
+        """One engine call; `counted`: whether its failure counts (not a rerun of a failed batch's call)."""
         with self._lock:
             call, self._next = self._next, self._next + 1
             self._started[call] = self.clock()
         try:
             yield
         except Exception as exc:
-            if calls == 1:
+            if counted:
                 with self._lock:
                     self.failed_in_a_row += 1
                     self._last_failure = f"{type(exc).__name__}: {str(exc)[:200]}"

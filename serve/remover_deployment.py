@@ -11,7 +11,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from engines.jobs import RemovalJob
-from serve.batcher import Batcher
+from serve.batcher import Batcher, rerunning
 from serve.config import RemoverArgs, RemoverLive
 from serve.health import EngineWatch
 from serve.live import LiveSettings
@@ -134,7 +134,7 @@ class Remover(LiveSettings):
         stages: dict[str, float] = {}
         queue_waits = [max(time.time() - t, 0.0) for t in submitted_at]
         started = time.perf_counter()
-        with self.watch.running(len(jobs)):
+        with self.watch.running(counted=not rerunning()):
             images = await asyncio.to_thread(self.engine.remove, jobs, stages)
         model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))

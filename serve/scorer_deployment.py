@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from engines.jobs import ScoreJob
-from serve.batcher import Batcher
+from serve.batcher import Batcher, rerunning
 from serve.config import ScorerArgs, ScorerLive
 from serve.health import EngineWatch
 from serve.live import LiveSettings
@@ -88,7 +88,7 @@ class Scorer(LiveSettings):
     async def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoreOutcome]:
         """Score a batch of crops; each is scored on a score_size view."""
         started = time.perf_counter()
-        with self.watch.running(len(jobs)):
+        with self.watch.running(counted=not rerunning()):
             scores = await asyncio.to_thread(self.engine.score, jobs)
         model_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch(len(jobs))

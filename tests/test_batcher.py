@@ -373,15 +373,16 @@ def test_callers_gone_from_the_queue_while_the_engine_is_busy_hold_no_arguments(
 
 def test_one_request_whose_crops_each_fail_does_not_make_the_remover_unhealthy():
     """A batch of 4 crops that each fail alone counted 5 failures in a row (the batch, then each rerun): one
-    request reached FAILED_CALLS_UNHEALTHY, and Serve restarted the GPU replica (minutes of reload). A device
-    left broken, failing every call, still is caught."""
+    request reached FAILED_CALLS_UNHEALTHY, and Serve restarted the GPU replica (minutes of reload). A failed
+    batch now counts once; a device left broken, failing every batch, still is caught."""
+    from engines.regions import MAX_CROPS
     from serve.health import FAILED_CALLS_UNHEALTHY
 
     class FailingEngine:
-        calls = 0
+        batches: list[int] = []
 
         def remove(self, jobs, stages):
-            FailingEngine.calls += 1
+            FailingEngine.batches.append(len(jobs))
             raise RuntimeError("the engine cannot take this crop")
 
     remover = _remover(FailingEngine(), wait_s=0.05)
@@ -390,10 +391,12 @@ def test_one_request_whose_crops_each_fail_does_not_make_the_remover_unhealthy()
         return await asyncio.gather(*(remover.remove(_job(), time.time()) for _ in range(n)), return_exceptions=True)
 
     async def main():
-        outcomes = await crops(FAILED_CALLS_UNHEALTHY - 1)  # one request's crops, one batch, each failing alone
-        assert all(isinstance(o, RuntimeError) for o in outcomes) and FailingEngine.calls == FAILED_CALLS_UNHEALTHY
+        outcomes = await crops(MAX_CROPS)  # the most crops one request cuts: two batches of 8, each failing alone
+        assert all(isinstance(o, RuntimeError) for o in outcomes)
+        assert FailingEngine.batches == [8] + [1] * 8 + [8] + [1] * 8
         remover.watch.check()
-        await crops(1)
+        for _ in range(FAILED_CALLS_UNHEALTHY - 2):  # then every request fails: a broken device
+            await crops(1)
         with pytest.raises(RuntimeError, match=f"last {FAILED_CALLS_UNHEALTHY} engine calls failed"):
             remover.watch.check()
 
