@@ -39,6 +39,9 @@ from PIL import Image
 from serve.config import INSTANCE_ENV
 
 
+LOST_PAUSE_S = 0.1  # after a lost request (a refused connection answers at once: no tight loop on a dead port)
+
+
 @dataclass
 class SoakReport:
     seconds: float
@@ -136,6 +139,7 @@ def run_soak(
                     with lock:
                         report.lost += 1
                         report.lost_reasons[type(exc).__name__] = report.lost_reasons.get(type(exc).__name__, 0) + 1
+                    time.sleep(LOST_PAUSE_S)
                     continue
                 answered_at = time.monotonic()
                 elapsed_ms = (answered_at - started) * 1000
@@ -150,8 +154,8 @@ def run_soak(
                         key = str(response.status_code)
                         report.errored[key] = report.errored.get(key, 0) + 1
                         report.bad_error += response.headers.get("content-type") != "application/problem+json"
-                    if response.status_code in (429, 503):
-                        time.sleep(min(retry_after_s(response.headers.get("retry-after")), 2.0))
+                if response.status_code in (429, 503):  # each client waits on its own, not holding the others' lock
+                    time.sleep(min(retry_after_s(response.headers.get("retry-after")), 2.0))
 
     def chaos() -> None:
         turn = 0

@@ -217,3 +217,23 @@ def test_open_loop_counts_a_200_without_the_image_apart(monkeypatch):
         row = asyncio.run(bench_open_loop.offer(url, 20.0, 0.5, "small", 32, random.Random(0)))
     assert row["sent"] >= 1 and row["bad_result"] == row["sent"], row
     assert row["completed_per_s"] == 0 and row["p50_ms"] is None and row["other_errors"] == 0, row
+
+
+def test_a_soak_client_waiting_out_a_retry_after_does_not_hold_up_the_others():
+    """Each client slept out a 429's Retry-After holding the lock every client needs to count its next request:
+    one refusal stopped the whole load, and the published 16- and 32-client rows measured that, not the service."""
+    soak = load_script("loadtests/soak.py")
+
+    class AlwaysRefuses(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"type": "too-many-requests", "status": 429}).encode()
+            self.reply(429, body, {"Content-Type": "application/problem+json", "Retry-After": "1"})
+
+    with loopback_server(AlwaysRefuses) as url:
+        started = time.monotonic()
+        report = soak.run_soak(url, seconds=2.0, clients=4, side=32)
+        took = time.monotonic() - started
+    assert report.errored == {"429": report.sent} and report.lost == 0
+    assert report.sent >= 8, f"4 clients waiting 1 s each sent {report.sent} requests in 2 s"
+    assert took < 3.5
