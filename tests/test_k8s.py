@@ -598,14 +598,20 @@ def test_every_container_has_a_pinned_image_requests_limits_and_probes():
         assert {"cpu", "memory"} <= set(autoscaler["requests"]) and {"cpu", "memory"} <= set(autoscaler["limits"])
 
 
-def test_readiness_of_serving_pods_is_the_applications_readyz():
+def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_readyz():
+    """/readyz alone kept a worker ready while Ray drained its proxy (no replica left on it after a scale-down):
+    a draining proxy answers 503 only on /-/healthz, serves /readyz to the end, then goes, and the pod stayed in
+    the Services, its port refusing connections, until three probes failed (KubeRay's own probe asks /-/healthz)."""
     for overlay in OVERLAYS:
         rayservice = find(built(overlay), "RayService")
         container = workers(rayservice)["template"]["spec"]["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        probe = container["readinessProbe"]["httpGet"]
-        assert probe["path"] == "/readyz" and ports.get(probe["port"], probe["port"]) == HTTP_PORT
-        assert container["readinessProbe"]["timeoutSeconds"] > 5, "/readyz waits up to 5 s for the model replicas"
+        assert ports["serve"] == HTTP_PORT
+        command = container["readinessProbe"]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"]
+        asked = re.findall(r"open\('http://127\.0\.0\.1:(\d+)(/[^']*)', timeout=(\d+)\)", command[2])
+        assert asked == [(str(HTTP_PORT), "/-/healthz", "2"), (str(HTTP_PORT), "/readyz", "6")], command[2]
+        assert container["readinessProbe"]["timeoutSeconds"] > 2 + 6 > 5, "/readyz waits up to 5 s for the replicas"
         for name, template in pod_templates(rayservice).items():
             live = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
             assert (live["path"], live["port"]) == ("/api/healthz", 52365), f"{name}: Ray's node health"
