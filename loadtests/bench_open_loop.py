@@ -32,8 +32,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, remover_only, start_service, stop_service, summarize
-from soak import valid_image
+from benchlib import center_mask, photo, png, remover_only, start_service, stop_service, summarize, valid_image
 
 from serve.worker_threads import lower_this_thread
 

@@ -51,6 +51,15 @@ def photo(side: int) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB").resize((side, side)))
 
 
+def valid_image(body: bytes, size: tuple[int, int]) -> bool:
+    """Whether `body` opens as an image of `size` (the header only: cheap enough inside a load generator)."""
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            return image.size == size
+    except Exception:
+        return False
+
+
 def center_mask(side: int) -> np.ndarray:
     mask = np.zeros((side, side), bool)
     mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = True

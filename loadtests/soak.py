@@ -22,7 +22,6 @@ On Kubernetes, delete a worker pod instead (docs/reliability.md).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -33,8 +32,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, positive_int, retry_after_s, summarize
-from PIL import Image
+from benchlib import center_mask, photo, png, positive_int, retry_after_s, summarize, valid_image
 
 from serve.config import INSTANCE_ENV
 
@@ -87,15 +85,6 @@ def service_identity(url: str, headers: dict | None = None) -> tuple[str, str]:
     if not answer.get("instance"):
         raise SystemExit(f"{url}/healthz names no instance: chaos kills replicas of a `python -m serve run` only")
     return answer["instance"], answer["application"]
-
-
-def valid_image(body: bytes, size: tuple[int, int]) -> bool:
-    """Whether `body` opens as an image of `size` (the header only: cheap enough inside a load generator)."""
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            return image.size == size
-    except Exception:
-        return False
 
 
 def run_soak(
