@@ -32,7 +32,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, remover_only, start_service, stop_service, summarize, valid_image
+from benchlib import (
+    center_mask, exit_if_unreachable, photo, png, remover_only, start_service, stop_service, summarize, valid_image,
+)  # fmt: skip
 
 from serve.worker_threads import lower_this_thread
 
@@ -152,13 +154,14 @@ def main(argv=None) -> int:
         child, url = start_service(work, "open-loop", service_config(args))
     client_niced = lower_this_thread(args.client_nice)  # after the start: the service's processes keep their own
     levels = []
-    model = httpx.get(f"{url}/readyz", timeout=30).json().get("model")  # which code and knobs answered
     try:
-        rng = random.Random(args.seed)
-        asyncio.run(offer(url, 1.0, 3.0, args.workload, args.side, rng))  # warm the path
-        for rate in args.rates:
-            levels.append(asyncio.run(offer(url, rate, args.seconds, args.workload, args.side, rng)))
-            print(levels[-1], flush=True)
+        with exit_if_unreachable(url):
+            model = httpx.get(f"{url}/readyz", timeout=30).json().get("model")  # which code and knobs answered
+            rng = random.Random(args.seed)
+            asyncio.run(offer(url, 1.0, 3.0, args.workload, args.side, rng))  # warm the path
+            for rate in args.rates:
+                levels.append(asyncio.run(offer(url, rate, args.seconds, args.workload, args.side, rng)))
+                print(levels[-1], flush=True)
     finally:
         if child is not None:
             stop_service(child)

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, positive_int, retry_after_s, summarize, valid_image
+from benchlib import (
+    center_mask, exit_if_unreachable, photo, png, positive_int, retry_after_s, summarize, valid_image,
+)  # fmt: skip
 
 from serve.config import INSTANCE_ENV
 
@@ -185,12 +187,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     options = parser.parse_args()
 
-    report = run_soak(
-        options.url, options.seconds, options.clients, side=options.side,
-        headers={"x-api-key": options.api_key} if options.api_key else None,
-        fields={"gate": options.gate} if options.gate else None,
-        chaos_every_s=options.chaos_every, chaos_deployments=tuple(options.chaos_deployments.split(",")),
-    )  # fmt: skip
+    with exit_if_unreachable(options.url):
+        report = run_soak(
+            options.url, options.seconds, options.clients, side=options.side,
+            headers={"x-api-key": options.api_key} if options.api_key else None,
+            fields={"gate": options.gate} if options.gate else None,
+            chaos_every_s=options.chaos_every, chaos_deployments=tuple(options.chaos_deployments.split(",")),
+        )  # fmt: skip
     summary = {**asdict(report), "passed": report.passed}
     print(f"{'sent':>8} {'answered':>9} {'ok':>6} {'errored':>18} {'lost':>5} {'kills':>6}  p50/p95/p99 ms")
     print(

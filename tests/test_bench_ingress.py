@@ -273,3 +273,25 @@ def test_a_soak_client_waiting_out_a_retry_after_does_not_hold_up_the_others():
     assert report.errored == {"429": report.sent} and report.lost == 0
     assert report.sent >= 8, f"4 clients waiting 1 s each sent {report.sent} requests in 2 s"
     assert took < 3.5
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("bench_open_loop.py", ["--rates", "1", "--seconds", "1"]),
+        ("soak.py", ["--seconds", "1", "--clients", "1", "--chaos-every", "1"]),
+        ("bench_healthz_under_load.py", ["--smoke"]),
+    ],
+)
+def test_a_wrong_url_ends_the_script_in_one_line_not_a_traceback(script, args, tmp_path):
+    """A --url where nothing listens ended bench_open_loop, soak --chaos-every and bench_healthz_under_load in an
+    httpx.ConnectError traceback; benchlib.exit_if_unreachable turns it into one line and exit code 1."""
+    from serve.ports import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, f"loadtests/{script}", "--url", url, *args, "--out", str(tmp_path / "out.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"{url}: ConnectError: [Errno 111] Connection refused"], result.stderr
