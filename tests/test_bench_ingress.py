@@ -197,11 +197,11 @@ def test_open_loop_percentiles_are_benchlibs():
     bench_open_loop = load_script("loadtests/bench_open_loop.py")
     benchlib = load_script("loadtests/benchlib.py")
     seconds = [float(n) for n in range(1, 101)]
-    row = bench_open_loop.level_row(4.0, 100, [("200", s) for s in seconds], 0, 10.0, {})
+    row = bench_open_loop.level_row(4.0, 25.0, 100, [("200", s) for s in seconds], 0, 10.0, {})
     expected = benchlib.summarize([s * 1000 for s in seconds])
     assert (row["p50_ms"], row["p95_ms"], row["p99_ms"]) == (expected["p50_ms"], expected["p95_ms"], expected["p99_ms"])
     assert row["p99_ms"] < 100_000.0
-    assert bench_open_loop.level_row(1.0, 2, [("200", 1.0), ("200", 2.0)], 0, 2.0, {})["p50_ms"] == 1500.0
+    assert bench_open_loop.level_row(1.0, 2.0, 2, [("200", 1.0), ("200", 2.0)], 0, 2.0, {})["p50_ms"] == 1500.0
 
 
 class _Answers32(CannedAnswers):
@@ -237,6 +237,18 @@ def test_open_loop_latency_counts_from_the_scheduled_arrival(monkeypatch):
         row = asyncio.run(bench_open_loop.offer(url, 20.0, 0.5, "small", 32, FallsBehindAfterTheFirstArrival(0)))
     assert row["sent"] >= 2 and row["bad_result"] == 0 and row["lost"] == 0, row
     assert row["p50_ms"] >= 9_000, row
+
+
+def test_open_loop_rows_show_the_rate_realized_and_the_time_completed_per_s_divides_by():
+    """The table showed the nominal offered rate only (Poisson arrivals over 20 s at 1/s sent 14: 0.7/s offered,
+    read as a service completing 70%) and completed/s divides by elapsed, drain included, which it did not show."""
+    import asyncio
+
+    bench_open_loop = load_script("loadtests/bench_open_loop.py")
+    with loopback_server(_Answers32) as url:
+        row = asyncio.run(bench_open_loop.offer(url, 20.0, 0.5, "small", 32, random.Random(0)))
+    assert row["sent"] >= 2 and row["realized_per_s"] == round(row["sent"] / 0.5, 3), row
+    assert 0 < row["elapsed_s"] < 5 and abs(row["completed_per_s"] * row["elapsed_s"] / row["sent"] - 1) < 0.05, row
 
 
 def test_open_loop_counts_a_200_without_the_image_apart(monkeypatch):
