@@ -46,7 +46,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import remover_only, start_service, stop_service, summarize
+from benchlib import exit_if_unreachable, remover_only, start_service, stop_service, summarize
 from PIL import Image
 
 from serve.worker_threads import lower_this_thread
@@ -266,7 +266,8 @@ def main() -> None:
 
         child, url = start_service(Path(tempfile.mkdtemp(prefix="rorem-bench-healthz-")), "healthz", adjust)
     try:
-        result = {"smoke": args.smoke, **bench(url, args)}
+        with exit_if_unreachable(url):
+            result = {"smoke": args.smoke, **bench(url, args)}
     finally:
         if child is not None:
             stop_service(child)

@@ -8,7 +8,9 @@ and hide queueing (and fall into step with the batcher: the "convoy" in docs/ben
 requests arrive at exponential intervals at a fixed mean rate, whatever the service does, as users
 do. Starts the local service once (tiny bundle, the Remover alone, gate off, buckets --side and
 2 x --side); for each offered rate sends --seconds of arrivals, waits for every answer, and reports
-completed removals per second, p50/p95/p99 of the admitted (200) answers (each from its scheduled
+the rate actually offered (realized_per_s: sent / --seconds; Poisson arrivals over a short window miss the
+nominal rate: 14 in 20 s at 1/s), elapsed_s (the arrivals and the drain of the last answers), completed
+removals per second (the 200s / elapsed_s, drain included), p50/p95/p99 of the admitted (200) answers (each from its scheduled
 arrival), the shares of 429 / 503 / 504, other errors, bad_result (a 200 without an image of the photo's
 size: every answer is checked, as loadtests/soak.py does) and lost (no answer). `small`: every photo is
 --side; `mixed`: two in three are --side, one in three 2 x --side (a larger bucket). Saves JSON (--out)
@@ -32,8 +34,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, remover_only, start_service, stop_service, summarize
-from soak import valid_image
+from benchlib import (
+    center_mask, exit_if_unreachable, photo, png, remover_only, start_service, stop_service, summarize, valid_image,
+)  # fmt: skip
 
 from serve.worker_threads import lower_this_thread
 
@@ -118,11 +121,12 @@ async def offer(url: str, rate: float, seconds: float, workload: str, side: int,
             task.cancel()
         lost += len(pending)
         elapsed = time.perf_counter() - start
-    return level_row(rate, sent, results, lost, elapsed, batch_sizes)
+    return level_row(rate, seconds, sent, results, lost, elapsed, batch_sizes)
 
 
 def level_row(
-    rate: float, sent: int, results: list[tuple[str, float]], lost: int, elapsed: float, batch_sizes: dict
+    rate: float, seconds: float, sent: int, results: list[tuple[str, float]], lost: int, elapsed: float,
+    batch_sizes: dict,
 ) -> dict:
     """One offered rate's row from its (status, seconds) answers; percentiles of the 200s are benchlib's, as in
     every other benchmark (interpolated: the p99 of 100 answers is not simply the slowest)."""
@@ -132,6 +136,8 @@ def level_row(
     return {
         "offered_per_s": rate,
         "sent": sent,
+        "realized_per_s": round(sent / seconds, 3),  # what was offered: the Poisson draws, not the nominal rate
+        "elapsed_s": round(elapsed, 2),  # arrivals and drain: completed_per_s's denominator
         "completed_per_s": round(len(ok_ms) / elapsed, 3),
         **{f"p{q}_ms": percentiles.get(f"p{q}_ms") for q in (50, 95, 99)},
         "share_429": round(counts["429"] / max(sent, 1), 3),
@@ -153,13 +159,14 @@ def main(argv=None) -> int:
         child, url = start_service(work, "open-loop", service_config(args))
     client_niced = lower_this_thread(args.client_nice)  # after the start: the service's processes keep their own
     levels = []
-    model = httpx.get(f"{url}/readyz", timeout=30).json().get("model")  # which code and knobs answered
     try:
-        rng = random.Random(args.seed)
-        asyncio.run(offer(url, 1.0, 3.0, args.workload, args.side, rng))  # warm the path
-        for rate in args.rates:
-            levels.append(asyncio.run(offer(url, rate, args.seconds, args.workload, args.side, rng)))
-            print(levels[-1], flush=True)
+        with exit_if_unreachable(url):
+            model = httpx.get(f"{url}/readyz", timeout=30).json().get("model")  # which code and knobs answered
+            rng = random.Random(args.seed)
+            asyncio.run(offer(url, 1.0, 3.0, args.workload, args.side, rng))  # warm the path
+            for rate in args.rates:
+                levels.append(asyncio.run(offer(url, rate, args.seconds, args.workload, args.side, rng)))
+                print(levels[-1], flush=True)
     finally:
         if child is not None:
             stop_service(child)
@@ -170,7 +177,7 @@ def main(argv=None) -> int:
               "client_nice_applied": client_niced}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    columns = ("offered_per_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms", "share_429", "share_503", "share_504",
+    columns = ("offered_per_s", "realized_per_s", "elapsed_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms", "share_429", "share_503", "share_504",
                "bad_result", "lost")  # fmt: skip
     print(f"\n{args.label} workload={args.workload} side={args.side}: saturation at {saturation}/s (best {best}/s)")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))

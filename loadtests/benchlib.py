@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import yaml
 from PIL import Image
@@ -49,6 +51,25 @@ def photo(side: int) -> np.ndarray:
 
     path = Path(skimage.__file__).parent / "data" / "astronaut.png"
     return np.asarray(Image.open(path).convert("RGB").resize((side, side)))
+
+
+@contextmanager
+def exit_if_unreachable(url: str):
+    """A request of the script's own that fails (a wrong --url: httpx.ConnectError) ends it with one line and
+    exit code 1, not a traceback; the load's requests count their errors themselves."""
+    try:
+        yield
+    except httpx.HTTPError as error:
+        raise SystemExit(f"{url}: {type(error).__name__}: {error}") from None
+
+
+def valid_image(body: bytes, size: tuple[int, int]) -> bool:
+    """Whether `body` opens as an image of `size` (the header only: cheap enough inside a load generator)."""
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            return image.size == size
+    except Exception:
+        return False
 
 
 def center_mask(side: int) -> np.ndarray:

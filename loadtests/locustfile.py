@@ -12,9 +12,13 @@ Knobs (environment variables):
                  which a cluster of one application takes)
   ROREM_GATE     gate mode sent with every request (default: the service's)
   ROREM_USERS    "rest:3,grpc:1" user-class weights (default); "rest:1,grpc:0" for REST only
+  ROREM_TIMEOUT_S  seconds a REST or gRPC request may take before it counts as failed (default 120)
 
-Every answer is checked: a 200 must carry a decodable image of the input's size, else the request
-is counted as failed (so a smoke run fails on any error or any response without a valid image).
+Every answer is checked: a 200 must carry an image of the input's size (its header: decoding a 12 MP
+answer would block every user of this gevent process and add to the next ones' times), else the request
+is counted as failed (so a smoke run fails on any error, any stall past ROREM_TIMEOUT_S or any response
+without a valid image). The inputs of ROREM_MIX are built when locust starts, before any user runs (the
+12 MP photo takes seconds, which the first request of each size otherwise paid and every user waited).
 A refusal that says when to come back (429 / 503 with Retry-After; gRPC RESOURCE_EXHAUSTED / UNAVAILABLE
 with retry-after) is what the service does under overload, not an error: it is reported under its own
 name ("/remove 512 refused 429") so the removals' latencies are the removals', and the user waits the
@@ -31,8 +35,9 @@ from functools import cache
 
 import gevent
 import numpy as np
-from benchlib import retry_after_s  # locust puts loadtests/ on sys.path
+from benchlib import retry_after_s, valid_image  # locust puts loadtests/ on sys.path
 from locust import HttpUser, User, between, events, task
+from locust.runners import MasterRunner
 from PIL import Image
 
 from serve.ports import url_host
@@ -52,6 +57,7 @@ def _weights(text: str) -> dict[str, int]:
 MIX = _weights(os.environ.get("ROREM_MIX", "512:6,1024:3,12mp:1"))
 USER_WEIGHTS = _weights(os.environ.get("ROREM_USERS", "rest:3,grpc:1"))
 GATE = os.environ.get("ROREM_GATE", "")
+REQUEST_TIMEOUT_S = float(os.environ.get("ROREM_TIMEOUT_S", "120"))  # locust's HttpSession has none: a hang is a failure
 
 
 @cache
@@ -88,16 +94,21 @@ def pick_input() -> tuple[str, bytes, bytes]:
     return size, photo_png(size), mask_png(size, random.choice(MASK_FRACTIONS))
 
 
+@events.init.add_listener
+def build_inputs(environment, **_kwargs) -> None:
+    """Every input of MIX, before any user runs: built inside a task, the 12 MP photo (seconds) blocked every
+    gevent user and counted in the response times of the requests waiting behind it."""
+    if isinstance(environment.runner, MasterRunner):
+        return  # the workers send
+    for size in MIX:
+        photo_png(size)
+        for fraction in MASK_FRACTIONS:
+            mask_png(size, fraction)
+
+
 def image_problem(content: bytes, size: str) -> str | None:
-    """None if `content` decodes to an image of the input's size, else what is wrong."""
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            if image.size != SIZES[size]:
-                return f"image is {image.size}, sent {SIZES[size]}"
-            image.load()
-    except Exception as exc:  # any decode failure is a failed request
-        return f"not a valid image: {exc}"
-    return None
+    """None if `content` is an image of the input's size (benchlib.valid_image: the header only), else what."""
+    return None if valid_image(content, SIZES[size]) else f"not a valid image of {SIZES[size]}"
 
 
 class RestUser(HttpUser):
@@ -114,13 +125,15 @@ class RestUser(HttpUser):
             data["gate"] = GATE
         files = {"image": ("image.png", image, "image/png"), "mask": ("mask.png", mask, "image/png")}
         name = f"/remove {size}"
-        with self.client.post("/remove", files=files, data=data, name=name, catch_response=True) as response:
+        with self.client.post(
+            "/remove", files=files, data=data, name=name, catch_response=True, timeout=REQUEST_TIMEOUT_S
+        ) as response:
             retry_after = response.headers.get("retry-after")
             if response.status_code in REFUSALS and retry_after:
                 response.request_meta["name"] = f"{name} refused {response.status_code}"
                 response.success()
             elif response.status_code != 200:
-                response.failure(f"{response.status_code}: {response.text[:200]}")
+                response.failure(f"{response.status_code}: {(response.text or str(response.error))[:200]}")
             elif problem := image_problem(response.content, size):
                 response.failure(problem)
         if response.status_code in REFUSALS and retry_after:
@@ -158,7 +171,7 @@ class GrpcUser(User):
         started = time.perf_counter()
         exception, length, name, retry_after, reply = None, 0, f"Remove {size}", None, None
         try:
-            reply = self.stub.Remove(request, timeout=120)
+            reply = self.stub.Remove(request, timeout=REQUEST_TIMEOUT_S)
         except grpc.RpcError as error:
             retry_after = dict(error.trailing_metadata() or ()).get("retry-after")
             if error.code().name in GRPC_REFUSALS and retry_after:

@@ -22,7 +22,6 @@ On Kubernetes, delete a worker pod instead (docs/reliability.md).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -33,8 +32,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from benchlib import center_mask, photo, png, positive_int, retry_after_s, summarize
-from PIL import Image
+from benchlib import (
+    center_mask, exit_if_unreachable, photo, png, positive_int, retry_after_s, summarize, valid_image,
+)  # fmt: skip
 
 from serve.config import INSTANCE_ENV
 
@@ -87,15 +87,6 @@ def service_identity(url: str, headers: dict | None = None) -> tuple[str, str]:
     if not answer.get("instance"):
         raise SystemExit(f"{url}/healthz names no instance: chaos kills replicas of a `python -m serve run` only")
     return answer["instance"], answer["application"]
-
-
-def valid_image(body: bytes, size: tuple[int, int]) -> bool:
-    """Whether `body` opens as an image of `size` (the header only: cheap enough inside a load generator)."""
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            return image.size == size
-    except Exception:
-        return False
 
 
 def run_soak(
@@ -196,12 +187,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     options = parser.parse_args()
 
-    report = run_soak(
-        options.url, options.seconds, options.clients, side=options.side,
-        headers={"x-api-key": options.api_key} if options.api_key else None,
-        fields={"gate": options.gate} if options.gate else None,
-        chaos_every_s=options.chaos_every, chaos_deployments=tuple(options.chaos_deployments.split(",")),
-    )  # fmt: skip
+    with exit_if_unreachable(options.url):
+        report = run_soak(
+            options.url, options.seconds, options.clients, side=options.side,
+            headers={"x-api-key": options.api_key} if options.api_key else None,
+            fields={"gate": options.gate} if options.gate else None,
+            chaos_every_s=options.chaos_every, chaos_deployments=tuple(options.chaos_deployments.split(",")),
+        )  # fmt: skip
     summary = {**asdict(report), "passed": report.passed}
     print(f"{'sent':>8} {'answered':>9} {'ok':>6} {'errored':>18} {'lost':>5} {'kills':>6}  p50/p95/p99 ms")
     print(

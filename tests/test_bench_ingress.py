@@ -113,9 +113,45 @@ def test_bench_vs_naive_takes_locusts_na_as_a_missing_figure(tmp_path, monkeypat
     bench_vs_naive = load_script("loadtests/bench_vs_naive.py")
     header = "Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%\n"
     (tmp_path / "run_stats.csv").write_text(header + ",Aggregated,0,0,0.0,N/A,N/A,N/A\n")
-    monkeypatch.setattr(bench_vs_naive, "subprocess", SimpleNamespace(run=lambda *args, **kwargs: None))
+    locust_ran = SimpleNamespace(returncode=0, stderr="")
+    monkeypatch.setattr(bench_vs_naive, "subprocess", SimpleNamespace(run=lambda *args, **kwargs: locust_ran))
     run = bench_vs_naive.run_locust("http://127.0.0.1:1", 1, 1, "512:1", tmp_path / "run")
-    assert run == {"requests": 0, "failures": 0, "requests_per_s": 0.0, "p50_ms": None, "p95_ms": None, "p99_ms": None}
+    assert run == {
+        "requests": 0, "failures": 0, "refused": 0, "requests_per_s": 0.0, "p50_ms": None, "p95_ms": None,
+        "p99_ms": None,
+    }  # fmt: skip
+
+
+def test_bench_vs_naive_counts_refusals_apart_not_as_throughput(tmp_path, monkeypatch):
+    """bench_vs_naive read locust's Aggregated row, which holds the locustfile's "... refused 429" rows (successes
+    to locust): a service refusing most requests at once showed their rate as its throughput and their
+    milliseconds as its latency. Only the removal rows count (half of these 20 took at most 3.6 s: the p50); the
+    refusals are a column of their own."""
+    bench_vs_naive = load_script("loadtests/bench_vs_naive.py")
+    header = "Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%,100%\n"
+    (tmp_path / "run_stats.csv").write_text(
+        header + "POST,/remove 512,10,1,0.5,2000,3000,3500,3600\n"
+        "POST,/remove 1024,10,0,0.25,4000,5000,5200,5300\n"
+        "POST,/remove 512 refused 429,300,0,15.0,3,5,6,7\n"
+        ",Aggregated,320,1,15.75,3,2000,5000,5300\n"
+    )
+    locust_ran = SimpleNamespace(returncode=1, stderr="")  # locust's code for a run with failures
+    monkeypatch.setattr(bench_vs_naive, "subprocess", SimpleNamespace(run=lambda *args, **kwargs: locust_ran))
+    run = bench_vs_naive.run_locust("http://127.0.0.1:1", 1, 1, "512:1", tmp_path / "run")
+    assert run == {
+        "requests": 20, "failures": 1, "refused": 300, "requests_per_s": 0.75, "p50_ms": 3600.0, "p95_ms": 5000.0,
+        "p99_ms": 5200.0,
+    }  # fmt: skip
+
+
+def test_bench_vs_naive_says_why_when_locust_does_not_run(tmp_path, monkeypatch):
+    """locust's return code and stderr were ignored: a locust that did not start ended the comparison in a bare
+    FileNotFoundError on its missing stats file."""
+    bench_vs_naive = load_script("loadtests/bench_vs_naive.py")
+    failed = SimpleNamespace(returncode=1, stderr="ImportError: no module named locustfile")
+    monkeypatch.setattr(bench_vs_naive, "subprocess", SimpleNamespace(run=lambda *args, **kwargs: failed))
+    with pytest.raises(SystemExit, match="locust against http://127.0.0.1:1 exited 1 without its stats:\nImportError"):
+        bench_vs_naive.run_locust("http://127.0.0.1:1", 1, 1, "512:1", tmp_path / "run")
 
 
 def test_stage_times_are_each_stages_median_not_the_sum_over_the_runs():
@@ -161,11 +197,11 @@ def test_open_loop_percentiles_are_benchlibs():
     bench_open_loop = load_script("loadtests/bench_open_loop.py")
     benchlib = load_script("loadtests/benchlib.py")
     seconds = [float(n) for n in range(1, 101)]
-    row = bench_open_loop.level_row(4.0, 100, [("200", s) for s in seconds], 0, 10.0, {})
+    row = bench_open_loop.level_row(4.0, 25.0, 100, [("200", s) for s in seconds], 0, 10.0, {})
     expected = benchlib.summarize([s * 1000 for s in seconds])
     assert (row["p50_ms"], row["p95_ms"], row["p99_ms"]) == (expected["p50_ms"], expected["p95_ms"], expected["p99_ms"])
     assert row["p99_ms"] < 100_000.0
-    assert bench_open_loop.level_row(1.0, 2, [("200", 1.0), ("200", 2.0)], 0, 2.0, {})["p50_ms"] == 1500.0
+    assert bench_open_loop.level_row(1.0, 2.0, 2, [("200", 1.0), ("200", 2.0)], 0, 2.0, {})["p50_ms"] == 1500.0
 
 
 class _Answers32(CannedAnswers):
@@ -203,6 +239,18 @@ def test_open_loop_latency_counts_from_the_scheduled_arrival(monkeypatch):
     assert row["p50_ms"] >= 9_000, row
 
 
+def test_open_loop_rows_show_the_rate_realized_and_the_time_completed_per_s_divides_by():
+    """The table showed the nominal offered rate only (Poisson arrivals over 20 s at 1/s sent 14: 0.7/s offered,
+    read as a service completing 70%) and completed/s divides by elapsed, drain included, which it did not show."""
+    import asyncio
+
+    bench_open_loop = load_script("loadtests/bench_open_loop.py")
+    with loopback_server(_Answers32) as url:
+        row = asyncio.run(bench_open_loop.offer(url, 20.0, 0.5, "small", 32, random.Random(0)))
+    assert row["sent"] >= 2 and row["realized_per_s"] == round(row["sent"] / 0.5, 3), row
+    assert 0 < row["elapsed_s"] < 5 and abs(row["completed_per_s"] * row["elapsed_s"] / row["sent"] - 1) < 0.05, row
+
+
 def test_open_loop_counts_a_200_without_the_image_apart(monkeypatch):
     """The docs said "every answer checked", but offer recorded the status code only: a 200 with a wrong-sized
     image (or none) counted as a completed removal. It now counts as bad_result (soak.py's check)."""
@@ -237,3 +285,25 @@ def test_a_soak_client_waiting_out_a_retry_after_does_not_hold_up_the_others():
     assert report.errored == {"429": report.sent} and report.lost == 0
     assert report.sent >= 8, f"4 clients waiting 1 s each sent {report.sent} requests in 2 s"
     assert took < 3.5
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("bench_open_loop.py", ["--rates", "1", "--seconds", "1"]),
+        ("soak.py", ["--seconds", "1", "--clients", "1", "--chaos-every", "1"]),
+        ("bench_healthz_under_load.py", ["--smoke"]),
+    ],
+)
+def test_a_wrong_url_ends_the_script_in_one_line_not_a_traceback(script, args, tmp_path):
+    """A --url where nothing listens ended bench_open_loop, soak --chaos-every and bench_healthz_under_load in an
+    httpx.ConnectError traceback; benchlib.exit_if_unreachable turns it into one line and exit code 1."""
+    from serve.ports import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, f"loadtests/{script}", "--url", url, *args, "--out", str(tmp_path / "out.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"{url}: ConnectError: [Errno 111] Connection refused"], result.stderr

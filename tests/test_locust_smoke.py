@@ -4,11 +4,13 @@ import csv
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.helpers import REPO, CannedAnswers, loopback_server
+from tests.helpers import REPO, CannedAnswers, loopback_server, png_bytes
 
 
 def test_locust_smoke_profile_has_no_errors(service, tmp_path):
@@ -44,6 +46,15 @@ def _locust(tmp_path, host: str, env: dict, seconds: str = "4s") -> tuple[subpro
     stats = tmp_path / "run_stats.csv"
     rows = {row["Name"]: row for row in csv.DictReader(open(stats))} if stats.exists() else {}
     return result, rows
+
+
+def _python(code: str, env: dict) -> str:
+    """The stdout of `code` run by this venv's Python at the repository root (a locustfile imports at once)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
 
 
 def test_a_refusal_with_retry_after_is_reported_apart_and_waited_out_not_counted_as_a_failure(tmp_path):
@@ -89,7 +100,7 @@ def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
 
 
 def test_grpc_users_time_the_answer_not_the_check_of_its_image():
-    """A gRPC user's response_time was taken after image_problem had decoded the returned image (a 12 MP PNG:
+    """A gRPC user's response_time was taken after the check had decoded the returned image (a 12 MP PNG:
     ~200 ms on this machine), which REST users' times do not include (locust times them when the body has
     arrived). A fake clock: the call takes 5 ms, the check 1 s; the user must report 5 ms and still the check."""
     code = (
@@ -102,14 +113,63 @@ def test_grpc_users_time_the_answer_not_the_check_of_its_image():
         "    return types.SimpleNamespace(image=b'not an image')\n"
         "def check(content, size):\n"
         "    clock[0] += 1.0\n"
-        "    return 'not a valid image'\n"
-        "l.image_problem = check\n"
+        "    return False\n"
+        "l.valid_image = check\n"
         "user = object.__new__(l.GrpcUser)\n"
         "user.stub = types.SimpleNamespace(Remove=remove)\n"
         "user.remove()\n"
         "print(round(fired[0]['response_time'], 3), fired[0]['exception'], fired[0]['response_length'])\n"
     )
-    env = {**os.environ, "ROREM_MIX": "512:1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert _python(code, {"ROREM_MIX": "512:1"}).split() == ["5.0", "not", "a", "valid", "image", "of", "(512,", "512)", "12"]
+
+
+def test_a_rest_request_that_hangs_counts_as_failed(tmp_path):
+    """REST users posted without a timeout (locust's HttpSession has none): a service that never answered showed
+    0 failures and exit 0. They now give up after ROREM_TIMEOUT_S (120 s by default, as gRPC users), a failure."""
+    answered = threading.Event()
+
+    class Hangs(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            answered.wait(30)
+
+    with loopback_server(Hangs) as host:
+        try:
+            env = {"ROREM_MIX": "512:1", "ROREM_USERS": "rest:1,grpc:0", "ROREM_TIMEOUT_S": "0.5"}
+            result, rows = _locust(tmp_path, host, env, "2s")
+        finally:
+            answered.set()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert int(rows["/remove 512"]["Failure Count"]) >= 2 and int(rows["/remove 512"]["Request Count"]) == int(
+        rows["/remove 512"]["Failure Count"]
+    )
+
+
+def test_an_answer_is_checked_by_its_header_and_size_not_decoded(tmp_path):
+    """Every answer was fully decoded (a 12 MP PNG: ~200 ms, blocking every gevent user); the check is now
+    benchlib.valid_image's, as the soak's: an answer whose header says the input's size passes, one of
+    another size fails."""
+    whole = png_bytes(np.zeros((512, 512, 3), np.uint8))
+
+    class HeaderOnly(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.reply(200, whole[:100], {"Content-Type": "image/png"})  # the header of a 512 x 512 PNG, no pixels
+
+    with loopback_server(HeaderOnly) as host:
+        result, rows = _locust(tmp_path, host, {"ROREM_MIX": "512:1", "ROREM_USERS": "rest:1,grpc:0"}, "2s")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["5.0", "not", "a", "valid", "image", "12"]
+    assert int(rows["/remove 512"]["Request Count"]) >= 2 and int(rows["Aggregated"]["Failure Count"]) == 0
+
+
+def test_every_input_of_the_mix_is_built_when_locust_starts():
+    """The inputs were built inside the first task of each size (the 12 MP photo: 4.5 s on a busy machine),
+    blocking every gevent user and counting in the waiting requests' times; locust's init event builds them."""
+    code = (
+        "import sys, types; sys.path.insert(0, 'loadtests'); import locustfile as l\n"
+        "from locust import events\n"
+        "assert l.photo_png.cache_info().currsize == 0\n"
+        "events.init.fire(environment=types.SimpleNamespace(runner=None), runner=None, web_ui=None)\n"
+        "print(l.photo_png.cache_info().currsize, l.mask_png.cache_info().currsize)\n"
+    )
+    assert _python(code, {"ROREM_MIX": "512:2,1024:1"}).split() == ["2", "6"]
