@@ -239,7 +239,8 @@ class RunSummary:
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(SUMMARY + ".partial")
-            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            # allow_nan=False: a bare NaN is no JSON (bundle and compare would read it as a number)
+            tmp.write_text(json.dumps(self.data, indent=2, default=str, allow_nan=False))
             os.replace(tmp, self.path)
         return self.path
 
