@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar
+from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar, training_device
 from training.data import Triplet, load_mask, load_metadata, load_rgb, save_image, write_metadata
 
 SCORE_LOG = "scores.jsonl"
@@ -64,9 +63,7 @@ def annotate(settings: AnnotateSettings) -> dict:
     if settings.resolution <= 0 or settings.resolution % 64:
         raise TrainingError(f"resolution must be a positive multiple of 64, got {settings.resolution}")
     summary = RunSummary("annotate", settings)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
-    )
+    device = training_device(settings.device)
     summary.data["device"] = str(device)
     records = load_metadata(settings.data, require=("source", "mask"))
     tiny = settings.bundle == "tiny"
