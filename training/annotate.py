@@ -18,6 +18,7 @@ Output (under out/):
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def annotate(settings: AnnotateSettings) -> dict:
                 [ScoreJob(image, score_mask(mask), result) for (_, image, mask), result in zip(prepared, results)]
             )
             for (index, image, mask), result, score in zip(prepared, results, scores):
+                if not math.isfinite(float(score)):  # counted, never logged (a resume tries it again) nor put in JSON
+                    done.setdefault(index, {})[(str(records[index].source), str(records[index].mask))] = math.nan
+                    continue
                 name = f"{index:05d}.png"
                 save_image(image, out / "source" / name)
                 save_image(mask, out / "mask" / name)
@@ -125,11 +129,14 @@ def annotate(settings: AnnotateSettings) -> dict:
         bar.update(len(chunk))
     bar.close()
 
-    items, kept, skipped = [], [], 0
+    items, kept, skipped, non_finite = [], [], 0, 0
     for index, record in enumerate(records):
         score = done[index][(str(record.source), str(record.mask))]
         if score is None:
             skipped += 1
+            continue
+        if math.isnan(score):
+            non_finite += 1
             continue
         items.append({"index": index, "source": str(record.source), "score": score})
         if score >= settings.threshold:
@@ -145,6 +152,7 @@ def annotate(settings: AnnotateSettings) -> dict:
         "total": len(records),
         "scored": len(items),
         "skipped_empty_mask": skipped,
+        "skipped_non_finite_score": non_finite,
         "kept": len(kept),
         "kept_fraction": len(kept) / len(items) if items else 0.0,
         "threshold": settings.threshold,
