@@ -770,6 +770,15 @@ def test_annotate_keeps_only_results_at_or_above_the_threshold(trained_bundle, d
         assert Image.open(record.gt).size == Image.open(record.source).size == (SIDE, SIDE)
 
 
+def test_annotate_dilates_masks_as_the_service_does_by_default(tmp_path):
+    """--dilate defaulted to 0 while the service dilates every mask by imaging.dilate (20)."""
+    from serve.config import ImagingSettings
+    from training.annotate import AnnotateSettings
+
+    settings = AnnotateSettings(out=tmp_path, bundle="tiny", data=tmp_path / "pairs.json")
+    assert settings.dilate == ImagingSettings().dilate == 20
+
+
 def test_annotate_counts_a_non_finite_score_and_writes_no_nan(tiny_bundle, tmp_path, monkeypatch):
     """A NaN score went into summary.json as a bare NaN (no JSON) and into the histogram and mean."""
     from engines.remover import RemovalEngine
@@ -828,7 +837,7 @@ def test_annotate_gives_the_models_each_mask_as_the_service_does(tiny_bundle, tm
     monkeypatch.setattr(RemovalEngine, "from_bundle", classmethod(lambda cls, *a, **k: Remover()))
     monkeypatch.setattr(ScoringEngine, "from_bundle", classmethod(lambda cls, *a, **k: Scorer()))
     annotate(AnnotateSettings(out=tmp_path / "round", bundle=str(tiny_bundle.path), data=tmp_path / "pairs.json",
-                              resolution=SIDE))  # fmt: skip
+                              resolution=SIDE, dilate=0))  # fmt: skip
     (removed,) = given
     assert removed[16:40, 8:16].all() and removed.sum() == 24 * 8, "the stroke's latent cells, whole"
 

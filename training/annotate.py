@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from serve.config import ImagingSettings
+
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar, training_device
 from training.data import Triplet, load_mask, load_metadata, load_rgb, save_image, write_metadata
 
@@ -41,7 +43,8 @@ class AnnotateSettings(StageSettings):
     threshold: float = Field(0.9, ge=0, description="admit results scoring >= this (0.9 in RORem)")
     resolution: int = Field(512, description="side the pairs are processed at, a multiple of 64")
     batch_size: int = Field(4, ge=1)
-    dilate: int = Field(0, ge=0, description="grow masks by this many pixels before removal")
+    # the service's default and bounds (serve.config.ImagingSettings): a round at 0 scored masks the service never sends
+    dilate: int = ImagingSettings.model_fields["dilate"]
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where bundle 'tiny' is generated")
     tiny_seed: int = 0
