@@ -306,6 +306,29 @@ def _altered_copy(run: Path, to: Path, keep_rows: int | None = None, drop: tuple
     return to
 
 
+def test_the_same_limit_on_both_sides_is_a_subset_not_a_pass(baseline, work, capsys):
+    """Two runs with the same --limit pair every image they have, and passed the gate on a subset."""
+    from training.cli import main
+
+    base = work / "baseline"
+    a, b = (_altered_copy(base, work / f"same-limit-{side}", keep_rows=2, limit=2) for side in "ab")
+    args = ["compare", "--thresholds", str(THRESHOLDS), "--a", str(a), "--b", str(b)]
+    assert main([*args, "--out", str(work / "cmp-same-limit")]) == 1
+    assert "both runs evaluated only the first 2 entries of the test set (--limit)" in capsys.readouterr().err
+    assert main([*args, "--out", str(work / "cmp-same-limit-partial"), "--allow-partial"]) == 0
+
+
+def test_a_baseline_spoiled_with_degrade_never_gates(baseline, degraded, work, capsys):
+    """It made any candidate look better and passed it."""
+    from training.cli import main
+
+    base = work / "baseline"
+    spoiled = ["--a", str(work / "degraded"), "--b", str(base), "--out", str(work / "cmp-degraded-baseline")]
+    assert main(["compare", "--thresholds", str(THRESHOLDS), *spoiled]) == 1
+    assert "A (the baseline) was evaluated with --degrade noise" in capsys.readouterr().err
+    assert main(["compare", "--thresholds", str(THRESHOLDS), *spoiled, "--allow-partial"]) == 1
+
+
 def test_the_gate_fails_on_a_subset_or_other_settings_unless_partial_is_allowed(baseline, work, capsys):
     from training.cli import main
 

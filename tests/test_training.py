@@ -770,6 +770,47 @@ def test_annotate_keeps_only_results_at_or_above_the_threshold(trained_bundle, d
         assert Image.open(record.gt).size == Image.open(record.source).size == (SIDE, SIDE)
 
 
+def test_annotate_dilates_masks_as_the_service_does_by_default(tmp_path):
+    """--dilate defaulted to 0 while the service dilates every mask by imaging.dilate (20)."""
+    from serve.config import ImagingSettings
+    from training.annotate import AnnotateSettings
+
+    settings = AnnotateSettings(out=tmp_path, bundle="tiny", data=tmp_path / "pairs.json")
+    assert settings.dilate == ImagingSettings().dilate == 20
+
+
+def test_annotate_counts_a_non_finite_score_and_writes_no_nan(tiny_bundle, tmp_path, monkeypatch):
+    """A NaN score went into summary.json as a bare NaN (no JSON) and into the histogram and mean."""
+    from engines.remover import RemovalEngine
+    from engines.scorer import ScoringEngine
+    from training.annotate import SCORE_LOG, AnnotateSettings, annotate
+
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(np.full((SIDE, SIDE, 3), 128, np.uint8)).save(tmp_path / "source.png")
+    (tmp_path / "pairs.json").write_text(json.dumps([{"source": "source.png", "mask": "mask.png"}] * 2))
+
+    class Remover:
+        def remove(self, jobs):
+            return [job.image for job in jobs]
+
+    class Scorer:
+        def score(self, jobs):
+            return [float("nan"), 0.5][: len(jobs)]
+
+    monkeypatch.setattr(RemovalEngine, "from_bundle", classmethod(lambda cls, *a, **k: Remover()))
+    monkeypatch.setattr(ScoringEngine, "from_bundle", classmethod(lambda cls, *a, **k: Scorer()))
+    out = tmp_path / "round"
+    summary = annotate(AnnotateSettings(out=out, bundle=str(tiny_bundle.path), data=tmp_path / "pairs.json",
+                                        resolution=SIDE, threshold=0.4))  # fmt: skip
+    metrics = summary["metrics"]
+    assert metrics["skipped_non_finite_score"] == 1 and metrics["scored"] == 1 and metrics["kept"] == 1
+    assert metrics["mean_score"] == 0.5 and sum(metrics["histogram"].values()) == 1
+    for text in ((out / "summary.json").read_text(), (out / SCORE_LOG).read_text()):
+        assert "NaN" not in text
+
+
 def test_annotate_gives_the_models_each_mask_as_the_service_does(tiny_bundle, tmp_path, monkeypatch):
     """A thin stroke off the latent grid was blacked out in the remover's input with no latent cell to fill: the
     data round now grows it to whole cells as the service's pipeline does (engines.pipeline.removal_mask)."""
@@ -796,7 +837,7 @@ def test_annotate_gives_the_models_each_mask_as_the_service_does(tiny_bundle, tm
     monkeypatch.setattr(RemovalEngine, "from_bundle", classmethod(lambda cls, *a, **k: Remover()))
     monkeypatch.setattr(ScoringEngine, "from_bundle", classmethod(lambda cls, *a, **k: Scorer()))
     annotate(AnnotateSettings(out=tmp_path / "round", bundle=str(tiny_bundle.path), data=tmp_path / "pairs.json",
-                              resolution=SIDE))  # fmt: skip
+                              resolution=SIDE, dilate=0))  # fmt: skip
     (removed,) = given
     assert removed[16:40, 8:16].all() and removed.sum() == 24 * 8, "the stroke's latent cells, whole"
 

@@ -388,3 +388,61 @@ def test_a_checkpoint_of_other_tensor_shapes_is_refused_with_a_reason_not_a_torc
     with pytest.raises(TrainingError, match=r"another shape.*weight \(2, 3\) -> \(1, 3\).*lora_rank"):
         load_trainable_state(model, wider)
     assert torch.equal(model.bias, before), "nothing is copied from a checkpoint that does not fit"
+
+
+def _names(out):
+    from training.checkpoint import checkpoints
+
+    return [p.name for p in checkpoints(Path(out) / "checkpoints")]
+
+
+def test_a_fresh_run_into_a_used_out_sets_aside_the_earlier_run_s_checkpoints(data_file, tmp_path):
+    """Pruning by step number deleted the fresh run's own checkpoints, and `resume: latest` then took the
+    earlier run's: they are moved into checkpoints/set-aside-*/ when the fresh run starts."""
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=8, resume=None, ema=False))
+    assert _names(out) == ["step-0000006", "step-0000008"]
+    second, _, _ = _run(_settings(data_file, out, steps=4, resume=None, ema=False, seed=1))
+    assert _names(out) == ["step-0000002", "step-0000004"]
+    aside = Path(second["checkpoints_set_aside"]["folder"])
+    assert aside.parent == out / "checkpoints" and sorted(p.name for p in aside.iterdir()) == [
+        "step-0000006",
+        "step-0000008",
+    ]
+    resumed, _, _ = _run(_settings(data_file, out, steps=8, resume="latest", ema=False, seed=1))
+    assert resumed["resumed_from"].endswith("step-0000004")
+
+
+def test_a_rollback_sets_aside_the_abandoned_later_checkpoints(data_file, tmp_path):
+    """--resume PATH of an earlier step: the later checkpoints are another future; `resume: latest`
+    continues the rollback, not them."""
+    out = tmp_path / "run"
+    _run(_settings(data_file, out, steps=8, resume=None, ema=False, keep_checkpoints=4))
+    back = out / "checkpoints" / "step-0000004"
+    _run(_settings(data_file, out, steps=6, resume=str(back), ema=False, keep_checkpoints=4))
+    assert _names(out) == ["step-0000002", "step-0000004", "step-0000006"]
+    resumed, _, _ = _run(_settings(data_file, out, steps=8, resume="latest", ema=False, keep_checkpoints=4))
+    assert resumed["resumed_from"].endswith("step-0000006")
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(data_file, tmp_path, monkeypatch):
+    """A NaN loss once ran on to the end, pruned the good checkpoints and wrote NaN into summary.json."""
+    calls, loss_of = [], _loss
+
+    def diverging(model, batch, generator):
+        calls.append(1)
+        loss = loss_of(model, batch, generator)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setitem(globals(), "_loss", diverging)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="step 3: the loss is nan"):
+        _run(_settings(data_file, out, resume=None, ema=False))
+    assert _names(out) == ["step-0000002"]
+
+
+def test_a_summary_refuses_to_write_a_bare_nan(data_file, tmp_path):
+    summary = RunSummary("finetune", _settings(data_file, tmp_path / "run"))
+    summary.log_step(1, float("nan"), 1e-3, 0.1)
+    with pytest.raises(ValueError, match="JSON"):
+        summary.write()

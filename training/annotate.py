@@ -18,14 +18,16 @@ Output (under out/):
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar
+from serve.config import ImagingSettings
+
+from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar, training_device
 from training.data import Triplet, load_mask, load_metadata, load_rgb, save_image, write_metadata
 
 SCORE_LOG = "scores.jsonl"
@@ -41,7 +43,8 @@ class AnnotateSettings(StageSettings):
     threshold: float = Field(0.9, ge=0, description="admit results scoring >= this (0.9 in RORem)")
     resolution: int = Field(512, description="side the pairs are processed at, a multiple of 64")
     batch_size: int = Field(4, ge=1)
-    dilate: int = Field(0, ge=0, description="grow masks by this many pixels before removal")
+    # the service's default and bounds (serve.config.ImagingSettings): a round at 0 scored masks the service never sends
+    dilate: int = ImagingSettings.model_fields["dilate"]
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where bundle 'tiny' is generated")
     tiny_seed: int = 0
@@ -64,9 +67,7 @@ def annotate(settings: AnnotateSettings) -> dict:
     if settings.resolution <= 0 or settings.resolution % 64:
         raise TrainingError(f"resolution must be a positive multiple of 64, got {settings.resolution}")
     summary = RunSummary("annotate", settings)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
-    )
+    device = training_device(settings.device)
     summary.data["device"] = str(device)
     records = load_metadata(settings.data, require=("source", "mask"))
     tiny = settings.bundle == "tiny"
@@ -115,6 +116,9 @@ def annotate(settings: AnnotateSettings) -> dict:
                 [ScoreJob(image, score_mask(mask), result) for (_, image, mask), result in zip(prepared, results)]
             )
             for (index, image, mask), result, score in zip(prepared, results, scores):
+                if not math.isfinite(float(score)):  # counted, never logged (a resume tries it again) nor put in JSON
+                    done.setdefault(index, {})[(str(records[index].source), str(records[index].mask))] = math.nan
+                    continue
                 name = f"{index:05d}.png"
                 save_image(image, out / "source" / name)
                 save_image(mask, out / "mask" / name)
@@ -128,11 +132,14 @@ def annotate(settings: AnnotateSettings) -> dict:
         bar.update(len(chunk))
     bar.close()
 
-    items, kept, skipped = [], [], 0
+    items, kept, skipped, non_finite = [], [], 0, 0
     for index, record in enumerate(records):
         score = done[index][(str(record.source), str(record.mask))]
         if score is None:
             skipped += 1
+            continue
+        if math.isnan(score):
+            non_finite += 1
             continue
         items.append({"index": index, "source": str(record.source), "score": score})
         if score >= settings.threshold:
@@ -148,6 +155,7 @@ def annotate(settings: AnnotateSettings) -> dict:
         "total": len(records),
         "scored": len(items),
         "skipped_empty_mask": skipped,
+        "skipped_non_finite_score": non_finite,
         "kept": len(kept),
         "kept_fraction": len(kept) / len(items) if items else 0.0,
         "threshold": settings.threshold,

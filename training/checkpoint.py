@@ -29,6 +29,8 @@ import json
 import pickle
 import random
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from engines.bundle import replace_folder
 from training.common import TrainingError, TrainSettings
 
 PREFIX = "step-"
+SET_ASIDE = "set-aside-"
 SCHEDULES_OVER_STEPS = frozenset({"linear", "cosine"})
 
 
@@ -108,6 +111,25 @@ def checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def set_aside_other_runs(out: Path, start: int, resumed: Path | None) -> tuple[Path, list[str]] | None:
+    """A run that starts at step `start` (0: fresh) keeps out/checkpoints to its own history: checkpoints past
+    `start` (an earlier run in this --out, or the steps a rollback `--resume PATH` abandons), and all of them
+    when the run resumed from outside out/checkpoints, are moved into out/checkpoints/set-aside-<UTC time>-*/.
+    Left in place, pruning by step number would delete the run's own newer checkpoints and a later
+    `resume: latest` would silently continue the other run. Nothing is deleted: the folder is the user's to remove.
+    Returns (the folder, the names moved), or None when nothing was in the way."""
+    root = Path(out) / "checkpoints"
+    own = resumed is not None and Path(resumed).resolve().parent == root.resolve()
+    others = [p for p in checkpoints(root) if not own or int(p.name[len(PREFIX) :]) > start]
+    if not others:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = Path(tempfile.mkdtemp(prefix=f"{SET_ASIDE}{stamp}-", dir=root))
+    for path in others:
+        path.rename(aside / path.name)
+    return aside, [p.name for p in others]
 
 
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:

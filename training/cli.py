@@ -17,12 +17,16 @@ train the served bundle, and measure it before it ships.
 
 Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank: 8); flags win.
 Training stages take --resume [PATH] (no PATH: the newest checkpoint in OUT/checkpoints, if any).
-Each stage writes OUT/summary.json (config, versions, losses, step times, metrics, outputs).
+Each stage writes OUT/summary.json (config, versions, losses, step times, metrics, outputs): status "running"
+from its start, "completed" at its end, "failed" (with the error) when it fails.
+Exit codes: 0 done (a gate passed); 1 a failed run or gate; 2 invalid settings (also fp16 or a CUDA device
+this machine cannot run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -121,7 +125,7 @@ def _is_bundle_error(exc: Exception) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.common import TrainingError
+    from training.common import SettingsError, TrainingError, mark_run
     from training.data import DatasetError
 
     stages = _stages()
@@ -136,12 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
         return 2
+    main_process = _is_main_process()
     try:
+        if main_process:
+            mark_run(settings.out, args.stage, settings)
         summary = run(settings)
-    except DatasetError as exc:
-        print(f"python -m training {args.stage}: bad data: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
+    except BaseException as exc:
+        if main_process:  # a previous run's "completed" summary must not stand for this one
+            with contextlib.suppress(OSError):  # (the error itself is what to report)
+                mark_run(settings.out, args.stage, settings, error=exc)
+        if isinstance(exc, SettingsError):
+            print(f"python -m training {args.stage}: invalid settings: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, DatasetError):
+            print(f"python -m training {args.stage}: bad data: {exc}", file=sys.stderr)
+            return 1
         if not isinstance(exc, (TrainingError, FileNotFoundError)) and not _is_bundle_error(exc):
             raise
         print(f"python -m training {args.stage}: {exc}", file=sys.stderr)

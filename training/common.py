@@ -31,6 +31,11 @@ class TrainingError(ValueError):
     """A run cannot go on as configured (wrong part, incompatible checkpoint, too small a resolution...)."""
 
 
+class SettingsError(TrainingError):
+    """Settings this machine cannot run (fp16 or a CUDA device without a GPU): exit 2, as for invalid
+    settings, not 1, which `compare` uses for a failed gate."""
+
+
 class StageSettings(BaseModel):
     """Settings every stage has. Unknown keys are refused (a typo in a config is an error)."""
 
@@ -114,7 +119,26 @@ def make_accelerator(settings: TrainSettings):
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = settings.cpu or (launched and not torch.cuda.is_available())
+    if settings.mixed_precision == "fp16" and (settings.cpu or not torch.cuda.is_available()):
+        # accelerate would fail deep in a stage (a dtype traceback) or quietly train fp32
+        raise SettingsError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
     return Accelerator(mixed_precision=settings.mixed_precision, cpu=cpu, project_dir=str(settings.out))
+
+
+def training_device(name: str) -> torch.device:
+    """The device of evaluate / annotate ("auto" | "cpu" | "cuda[:N]"), checked before anything is loaded:
+    a CUDA device on a machine without it fails later with a bare AssertionError."""
+    from serve.placement import pick_device
+
+    try:
+        device = pick_device(name)
+    except RuntimeError as exc:  # torch.device("gpu"): not a device name
+        raise SettingsError(f"--device {name}: {exc}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or not count:
+            raise SettingsError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu or auto")
+    return device
 
 
 def resolve_base(ref: str, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
@@ -188,7 +212,7 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
 class RunSummary:
     """Collects what a run did and writes it to out/summary.json (at checkpoints and at the end).
 
-    Fields: stage, status (running | completed), config, versions, device, processes, started_at,
+    Fields: stage, status (running | completed | failed, with error), config, versions, device, processes, started_at,
     finished_at, resumed_from, steps_done, losses [{step, loss, lr, seconds}], step_time_s
     (first, mean, median of the rest), final_loss, outputs, metrics (stage specific), inputs_sha256
     (the frozen weights trained against, by what they are: training.loop.run_facts).
@@ -239,9 +263,34 @@ class RunSummary:
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(SUMMARY + ".partial")
-            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            # allow_nan=False: a bare NaN is no JSON (bundle and compare would read it as a number)
+            tmp.write_text(json.dumps(self.data, indent=2, default=str, allow_nan=False))
             os.replace(tmp, self.path)
         return self.path
+
+
+def mark_run(out: str | Path, stage: str, settings: StageSettings, error: BaseException | None = None) -> None:
+    """out/summary.json of a stage that starts (status running: config, started_at) or failed (status failed,
+    with the error, over what the stage wrote). A previous run's "completed" summary never outlives a rerun
+    that failed: bundle, compare and resolve_part take only completed runs. A folder that is not there is not
+    made (a stage makes its own, as export-labels does, owner-only)."""
+    path = Path(out) / SUMMARY
+    if not path.parent.is_dir():
+        return
+    if error is None:
+        data = {"stage": stage, "status": "running", "config": json.loads(settings.model_dump_json()),
+                "started_at": _now()}  # fmt: skip
+    else:
+        try:
+            data = read_summary(out) or {}
+        except ValueError:  # a summary.json cut short
+            data = {}
+        if data.get("status") != "running" or data.get("stage") != stage:  # not this run's: failed before it
+            data = {"stage": stage, "config": json.loads(settings.model_dump_json())}
+        data.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now())
+    tmp = path.with_name(SUMMARY + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def _now() -> str:

@@ -264,7 +264,8 @@ def _pair(a: EvaluationRun, b: EvaluationRun) -> tuple[list[tuple[dict, dict]], 
 
 def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) -> dict[str, list[str]]:
     """{"settings": [...], "coverage": [...]}: why the runs are not a like-for-like comparison. Settings
-    differences always fail the gate; coverage ones (images not evaluated in both) unless allow_partial."""
+    differences (and a baseline spoiled with --degrade) always fail the gate; coverage ones (images not evaluated
+    in both, or a --limit on either side that cut the test set) unless allow_partial."""
     found: dict[str, list[str]] = {"settings": [], "coverage": []}
     for label, run in (("A", a), ("B", b)):
         if run.rows and "source_sha256" not in run.rows[0]:
@@ -280,6 +281,13 @@ def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) 
         for name in names:
             if config_a.get(name) != config_b.get(name):
                 found[kind].append(f"{name} differs: A {config_a.get(name)}, B {config_b.get(name)}")
+    limit = config_a.get("limit")
+    if limit is not None and limit == config_b.get("limit") and max(len(a.rows), len(b.rows)) >= limit:
+        # the same --limit pairs every image and differs in nothing, yet gates a subset of the test set
+        found["coverage"].append(f"both runs evaluated only the first {limit} entries of the test set (--limit)")
+    if config_a.get("degrade", "none") != "none":
+        # B degraded is the gate's self-check (it must fail); a spoiled baseline lets a worse candidate pass
+        found["settings"].append(f"A (the baseline) was evaluated with --degrade {config_a['degrade']}")
     left_out = {where: count for where, count in unpaired.items() if count}
     if left_out:
         described = ", ".join(f"{count} {where.replace('_', ' ')}" for where, count in left_out.items())

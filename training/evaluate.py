@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from serve.config import GateSettings, GateThreshold, ImagingSettings
-from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar
+from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar, training_device
 from training.data import Triplet
 from training.quality import LpipsNet, load_embedder, load_lpips, psnr, ssim
 from training.synthetic import degrade
@@ -128,14 +128,13 @@ class EvaluateSettings(StageSettings):
 def evaluate(settings: EvaluateSettings) -> dict:
     from engines.pipeline import PIPELINE_VERSION
     from engines.sources import open_bundle
-    from serve.placement import pick_device
     from training.data import load_metadata
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
     summary = RunSummary("evaluate", settings)
-    device = pick_device(settings.device)
+    device = training_device(settings.device)
     summary.data["device"] = str(device)
     from engines.bundle import sha256_of
 

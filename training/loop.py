@@ -15,6 +15,7 @@ from a checkpoint reproduces exactly the losses an uninterrupted run would have 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from training.checkpoint import (
     load_checkpoint,
     resume_changes,
     save_checkpoint,
+    set_aside_other_runs,
     weights_sha256,
 )
 from training.common import RunSummary, TrainingError, TrainSettings, progress_bar, step_generator
@@ -85,6 +87,15 @@ def train(
         elif ema is not None:  # EMA turned on at this resume (listed in resume_changes): it starts here
             ema.shadow_params = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
         accelerator.print(f"[{summary.stage}] resumed from {checkpoint} at step {start}")
+    if accelerator.is_main_process:
+        moved = set_aside_other_runs(settings.out, start, checkpoint)
+        if moved is not None:
+            summary.data["checkpoints_set_aside"] = {"folder": str(moved[0]), "checkpoints": moved[1]}
+            accelerator.print(
+                f"[{summary.stage}] moved checkpoints of another run (or past step {start}) out of the way: "
+                f"{', '.join(moved[1])} -> {moved[0]}"
+            )
+    accelerator.wait_for_everyone()
     if ema is not None:
         ema.to(accelerator.device)  # after loading: extra.pt is read onto the CPU
 
@@ -127,6 +138,11 @@ def train(
         if ema is not None:
             ema.step(params)
         loss_value = accelerator.reduce(step_loss, reduction="mean").item()
+        if not math.isfinite(loss_value):  # every process sees the same mean: all stop here, before a checkpoint
+            raise TrainingError(
+                f"step {step}: the loss is {loss_value}: the run diverged (a lower --lr, or --mixed-precision bf16 "
+                "or no instead of fp16?); no checkpoint of this step is written, the newest one is still good"
+            )
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         summary.log_step(step, loss_value, lr, time.perf_counter() - began)
