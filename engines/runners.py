@@ -648,7 +648,8 @@ def current_export(
             f"{bundle.path}: the {key} export was made from other UNet weights ({made_from}, "
             f"bundle {unet_sha[:12]}): {fix}"
         )
-    dynamic = (record.get("metadata") or {}).get("dynamic") if isinstance(record.get("metadata"), dict) else None
+    metadata = record.get("metadata")
+    dynamic = metadata.get("dynamic") if isinstance(metadata, dict) else None
     if kind == "onnx" and isinstance(dynamic, dict) and dynamic.get("batch") is None:
         raise BundleError(
             f"{bundle.path}: the {key} export is a static graph (--static: one batch size, one image side), and "

@@ -136,7 +136,7 @@ def training_device(name: str) -> torch.device:
         raise SettingsError(f"--device {name}: {exc}") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.index is not None and device.index >= count or not count:
+        if not count or (device.index or 0) >= count:
             raise SettingsError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu or auto")
     return device
 
@@ -262,10 +262,7 @@ class RunSummary:
             self.data["finished_at"] = _now()
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(SUMMARY + ".partial")
-            # allow_nan=False: a bare NaN is no JSON (bundle and compare would read it as a number)
-            tmp.write_text(json.dumps(self.data, indent=2, default=str, allow_nan=False))
-            os.replace(tmp, self.path)
+            _write_summary(self.path, self.data)
         return self.path
 
 
@@ -288,8 +285,13 @@ def mark_run(out: str | Path, stage: str, settings: StageSettings, error: BaseEx
         if data.get("status") != "running" or data.get("stage") != stage:  # not this run's: failed before it
             data = {"stage": stage, "config": json.loads(settings.model_dump_json())}
         data.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now())
+    _write_summary(path, data)
+
+
+def _write_summary(path: Path, data: dict) -> None:
+    """Whole or not at all; allow_nan=False: a bare NaN is no JSON (bundle and compare would read it as a number)."""
     tmp = path.with_name(SUMMARY + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=False))
     os.replace(tmp, path)
 
 
