@@ -124,7 +124,7 @@ class Place:
     counted: bool | None = None  # None: by how the request ends (see Admission.slot)
 
     def check_deadline(self, deadline_s: float) -> None:
-        """Refuse the request if its deadline (serve.service.removal_deadline_s) is shorter than the wait ahead
+        """Refuse the request if its deadline (serve.service.request_deadline_s) is shorter than the wait ahead
         of it."""
         self.admission._check_wait_ahead(self, deadline_s, None)
 

@@ -32,7 +32,7 @@ from serve.rest_api import api, docs_page, json_reply_body, request_id_of, root_
 from serve.retention.keeper import FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
-from serve.service import RemovalReply, RemovalService, removal_deadline_s
+from serve.service import RemovalReply, RemovalService, request_deadline_s
 from serve.uploads import Offload, read_json, read_removal_request, read_score_request
 from serve.worker_threads import default_workers, worker_pool
 
@@ -131,7 +131,7 @@ class Ingress(GrpcMethods, LiveSettings):
         # taken once the body is in (a slow upload holds no slot), held until the reply is encoded: a large
         # JSON reply is counted in flight while it is built
         with admission.slot() as place:
-            place.check_deadline(removal_deadline_s(upload.options, self.settings))
+            place.check_deadline(request_deadline_s(upload.options, self.settings))
             reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal), place)
             place.counted = reply.bucket is not None
             return await self._removal_response(reply, read_s, accept)
@@ -191,6 +191,7 @@ class Ingress(GrpcMethods, LiveSettings):
             request, self.settings.imaging.max_upload_bytes, self.offload.run, self.settings.overload.body_timeout_s
         )
         with admission.slot() as place:
+            place.check_deadline(request_deadline_s(upload.options, self.settings))
             reply = await self.service.score(upload, place)
         return JSONResponse(
             {"score": reply.score, "threshold": reply.threshold, "passed": reply.passed, "bucket": reply.bucket}

@@ -28,7 +28,7 @@ from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
 from serve.request_ids import serve_request_id, valid_request_id
-from serve.service import RemovalReply, ScoreReply, removal_deadline_s
+from serve.service import RemovalReply, ScoreReply, request_deadline_s
 
 SERVICE = "rorem.v1.ObjectRemoval"
 logger = logging.getLogger("ray.serve")
@@ -128,14 +128,16 @@ class GrpcMethods:
 
     async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> Answer:
         upload = removal_request(message, self.settings.imaging.max_upload_bytes)
-        place.check_deadline(removal_deadline_s(upload.options, self.settings))
+        place.check_deadline(request_deadline_s(upload.options, self.settings))
         reply = await self.service.remove(upload, owner=auth.result_owner(principal), admitted=place)
         place.counted = reply.bucket is not None
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
         return remove_reply(reply, request_id), [(SERVER_TIMING, reply.timings.server_timing())]
 
     async def _grpc_score(self, message: pb.ScoreRequest, request_id: str, principal, place) -> Answer:
-        reply = await self.service.score(score_request(message, self.settings.imaging.max_upload_bytes), place)
+        upload = score_request(message, self.settings.imaging.max_upload_bytes)
+        place.check_deadline(request_deadline_s(upload.options, self.settings))
+        reply = await self.service.score(upload, place)
         return score_reply(reply, request_id), []
 
     async def _grpc(self, route, scope, context, empty_reply, handler, message):

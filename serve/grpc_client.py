@@ -29,7 +29,7 @@ from serve import rorem_pb2_grpc as pb_grpc
 
 SERVICE_SHARE = 0.95  # of the call's deadline, sent as timeout_s (`service_timeout_s`)
 SERVICE_SLACK_S = 0.5  # the least a call's deadline keeps past its timeout_s, for the answer's way back
-REMOVE_DEADLINE_S = 120.0  # --timeout's default for a removal (it sends its own timeout_s)
+DEFAULT_DEADLINE_S = 120.0  # --timeout's default (a call sends its own timeout_s, `service_timeout_s`)
 OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}  # for engines.imaging.OUTPUT_FORMATS
 API_KEY_ENV = "ROREM_API_KEY"
 APPLICATION_METADATA = "application"  # Ray's gRPC proxy routes a call to the Serve application it names
@@ -152,24 +152,15 @@ def service_timeout_s(deadline_s: float) -> float:
     return min(max(share, deadline_s / 2), _request_types()[1])
 
 
-def score_deadline_s() -> float:
-    """--timeout's default for a score: ScoreRequest has no timeout_s, so the service's deadline is its
-    request_timeout_s (the default's); the call's outlasts it as a removal's outlasts its timeout_s, so a slow
-    score ends in the service's timeout problem rather than a bare DEADLINE_EXCEEDED (120 s did not)."""
-    from serve.config import AppSettings
-
-    return AppSettings.model_fields["request_timeout_s"].default / SERVICE_SHARE
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; a removal's `output_format` is the one to ask for (`output_format`). Mistakes exit 2 with
     the usage, as argparse answers them."""
     parser = argparse.ArgumentParser(prog="python -m serve.grpc_client")
     parser.add_argument("--target", default="127.0.0.1:9000")
     parser.add_argument(
-        "--timeout", type=deadline, default=None,
-        help=f"the call's deadline in seconds (remove: {REMOVE_DEADLINE_S:g}; score: above the service's default "
-        f"request_timeout_s); a removal asks the service to answer within {SERVICE_SHARE:.0%}% of it",
+        "--timeout", type=deadline, default=DEFAULT_DEADLINE_S,
+        help=f"the call's deadline in seconds (default {DEFAULT_DEADLINE_S:g}); the call asks the service to answer "
+        f"within {SERVICE_SHARE:.0%}% of it",
     )  # fmt: skip
     parser.add_argument(
         "--application", default=None, help="the Serve application to call, where one cluster serves several"
@@ -190,8 +181,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     score.add_argument("mask", type=Path)
     score.add_argument("edited", type=Path)
     options = parser.parse_args(argv)
-    if options.timeout is None:
-        options.timeout = REMOVE_DEADLINE_S if options.command == "remove" else score_deadline_s()
     if options.command == "remove":
         try:
             options.output_format = output_format(options.output, options.output_format)
@@ -227,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         source=options.source.read_bytes(),
                         mask=options.mask.read_bytes(),
                         edited=options.edited.read_bytes(),
+                        timeout_s=service_timeout_s(options.timeout),
                     ),
                     timeout=options.timeout,
                     metadata=metadata,

@@ -22,6 +22,10 @@ from serve.problems import MAX_LISTED, Problem, invalid_request
 # int64: generators (Java, Go, C#) make an int32 of a bare integer. The OpenAPI description's seeds are all this one.
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1, json_schema_extra={"format": "int64"}), NotABool]
 TimeoutS = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False), NotABool]
+RequestTimeoutS = Annotated[
+    TimeoutS | None,
+    Field(description="answer 504 after this many seconds (at most the configured request_timeout_s)"),
+]
 
 
 class RemoveOptions(BaseModel):
@@ -40,15 +44,14 @@ class RemoveOptions(BaseModel):
     retain: bool | None = Field(
         None, description="keep this result for feedback (true) or never (false); default from config (retention)"
     )
-    timeout_s: TimeoutS | None = Field(
-        None, description="answer 504 after this many seconds (at most the configured request_timeout_s)"
-    )
+    timeout_s: RequestTimeoutS = None
 
 
 class ScoreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dilate: Dilation | None = Field(None, description="mask dilation used for the removal; default from config")
     gate_threshold: GateThreshold | None = Field(None, description="passing score; default from config")
+    timeout_s: RequestTimeoutS = None
 
 
 class JSONRemoveBody(RemoveOptions):

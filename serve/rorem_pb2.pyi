@@ -59,18 +59,20 @@ class RemoveReply(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., media_type: _Optional[str] = ..., seed: _Optional[int] = ..., bucket: _Optional[int] = ..., batch_size: _Optional[int] = ..., score: _Optional[float] = ..., attempts: _Optional[int] = ..., gate: _Optional[str] = ..., request_id: _Optional[str] = ..., result_id: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("source", "mask", "edited", "dilate", "gate_threshold")
+    __slots__ = ("source", "mask", "edited", "dilate", "gate_threshold", "timeout_s")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     EDITED_FIELD_NUMBER: _ClassVar[int]
     DILATE_FIELD_NUMBER: _ClassVar[int]
     GATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     source: bytes
     mask: bytes
     edited: bytes
     dilate: int
     gate_threshold: float
-    def __init__(self, source: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., edited: _Optional[bytes] = ..., dilate: _Optional[int] = ..., gate_threshold: _Optional[float] = ...) -> None: ...
+    timeout_s: float
+    def __init__(self, source: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., edited: _Optional[bytes] = ..., dilate: _Optional[int] = ..., gate_threshold: _Optional[float] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class ScoreReply(_message.Message):
     __slots__ = ("score", "threshold", "passed", "bucket", "request_id")

@@ -34,7 +34,7 @@ from serve.health import Readiness
 from serve.metrics import IngressMetrics
 from serve.negotiation import output_format
 from serve.problems import Problem
-from serve.protocol import RemovalRequest, RemoveOptions, ScoreRequest
+from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
 from serve.retention.keeper import Retention
 from serve.retention_deployment import HandleStoreClient
 from serve.uploads import Offload
@@ -214,7 +214,7 @@ class RemovalService:
         loop = asyncio.get_running_loop()
         options = upload.options
         retain = self.retention.wanted(options.retain)
-        deadline_s = removal_deadline_s(options, self.settings)
+        deadline_s = request_deadline_s(options, self.settings)
         deadline = loop.time() + deadline_s
         timings = Timings()
         gate = self.settings.gate  # one request, one gate: a reconfigure during its awaits does not mix two
@@ -308,12 +308,12 @@ class RemovalService:
         """`admitted`: the request's admission place (of /score's own Admission, where a request is one unit),
         told when its model work begins.
 
-        The request's deadline (request_timeout_s: a score request has no timeout_s) counts from here, as a
-        removal's does: the wait for an image-work thread, the decode and the scoring all count against it."""
+        The request's deadline (its timeout_s, at most request_timeout_s) counts from here, as a removal's does:
+        the wait for an image-work thread, the decode and the scoring all count against it."""
         if not self.has_scorer:
             raise Problem("gate-unavailable", "this deployment runs without a Scorer")
         loop = asyncio.get_running_loop()
-        deadline_s = self.settings.request_timeout_s
+        deadline_s = request_deadline_s(upload.options, self.settings)
         deadline = loop.time() + deadline_s
         threshold = upload.options.gate_threshold
         if threshold is None or not self.settings.gate.allow_request_override:
@@ -424,6 +424,6 @@ def _encode_kind(fmt: str, webp_lossless: bool) -> str:
     return f"{fmt}-lossless" if fmt == "webp" and webp_lossless else fmt
 
 
-def removal_deadline_s(options: RemoveOptions, settings: AppSettings) -> float:
-    """The deadline a removal runs under: its timeout_s, at most request_timeout_s (the default)."""
+def request_deadline_s(options: RemoveOptions | ScoreOptions, settings: AppSettings) -> float:
+    """The deadline a removal or a score runs under: its timeout_s, at most request_timeout_s (the default)."""
     return min(options.timeout_s or settings.request_timeout_s, settings.request_timeout_s)

@@ -279,13 +279,16 @@ def test_the_cli_client_leaves_its_answer_time_to_come_back(cli, deadline, sent)
     assert timeout == deadline and request.timeout_s == pytest.approx(sent)
 
 
-def test_the_cli_clients_score_outlasts_the_services_deadline(cli):
-    """ScoreRequest has no timeout_s: the service answers a slow score at request_timeout_s (120 s), when the
-    client's default deadline (120 s) had already ended it in a bare DEADLINE_EXCEEDED."""
+def test_the_cli_clients_score_asks_for_an_answer_before_its_deadline_as_a_removal_does(cli):
+    """ScoreRequest had no timeout_s: a slow score ended in the channel's bare DEADLINE_EXCEEDED, or the client's
+    deadline had to outlast the service's request_timeout_s."""
     from serve.config import AppSettings
 
     assert cli(["score", "photo.png", "mask.png", "out.png"]) == 0
     assert cli(["remove", "photo.png", "mask.png", "-o", "o.png"]) == 0
-    (_, score_deadline), (removal, remove_deadline) = FakeStub.calls
-    assert score_deadline > AppSettings().request_timeout_s + 1
-    assert removal.timeout_s < remove_deadline == 120 and removal.timeout_s <= AppSettings().request_timeout_s
+    assert cli(["--timeout", "10", "score", "photo.png", "mask.png", "out.png"]) == 0
+    (score, score_deadline), (removal, remove_deadline), (short, short_deadline) = FakeStub.calls
+    assert score_deadline == remove_deadline == 120 and score.timeout_s == removal.timeout_s
+    assert removal.timeout_s < remove_deadline and removal.timeout_s <= AppSettings().request_timeout_s
+    assert short_deadline == 10 and short.timeout_s == pytest.approx(9.5)
+

@@ -286,6 +286,32 @@ def test_a_removal_without_timeout_s_is_refused_when_request_timeout_s_is_shorte
     ingress.service.remove.assert_not_called()
 
 
+def test_a_score_is_refused_before_its_decode_when_its_timeout_s_is_shorter_than_the_wait_ahead():
+    """A score request runs under its own timeout_s too, and is checked against the wait ahead as a removal is."""
+    from serve.admission import Admission as RealAdmission
+    from serve.config import AppSettings
+
+    now = [0.0]
+    ingress = _ingress()
+    ingress.settings = AppSettings()
+    ingress.service = Mock()
+    admission = ingress.admissions["/score"] = RealAdmission(48, 1, max_queue_wait_s=600.0, clock=lambda: now[0])
+    for _ in range(20):  # 1 result per second
+        with admission.slot() as place:
+            place.planned(1, 60.0)
+            now[0] += 1.0
+    ahead = [admission.slot() for _ in range(4)]  # held: a slot dropped unreferenced closes
+    for slot in ahead:
+        slot.__enter__()
+    context = Context()
+    message = pb.ScoreRequest(source=b"photo", mask=b"mask", edited=b"photo", timeout_s=2)
+    asyncio.run(ingress._grpc("/score", "score", context, pb.ScoreReply, ingress._grpc_score, message))
+    problem = json.loads(context.details)
+    assert problem["type"].endswith("/too-many-requests") and "timeout_s" in problem["detail"], problem
+    assert "(2 s)" in problem["detail"]
+    ingress.service.score.assert_not_called()
+
+
 @pytest.mark.parametrize("given", ["has spaces", "x" * 200, "naïve"])
 def test_a_grpc_request_id_that_is_not_a_valid_one_is_replaced_by_the_same_id_each_time_it_is_read(monkeypatch, given):
     """A gRPC client's request_id metadata reaches Serve's context unchecked; an invalid one got a fresh id at

@@ -81,7 +81,7 @@ def test_unset_remove_options_are_none():
 
 
 def test_every_score_option_arrives():
-    given = {"dilate": 0, "gate_threshold": 1.25}
+    given = {"dilate": 0, "gate_threshold": 1.25, "timeout_s": 2.5}
     assert set(given) == set(ScoreOptions.model_fields)
     request = score_request(pb.ScoreRequest(**FILES, **given), LIMIT)
     assert (request.source, request.mask, request.edited) == tuple(FILES.values())

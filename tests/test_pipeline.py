@@ -761,9 +761,9 @@ def _score_service(models: FakeModels) -> RemovalService:
     return service
 
 
-def _score_upload() -> ScoreRequest:
+def _score_upload(**options) -> ScoreRequest:
     photo, mask = _photo_and_objects(1)
-    return ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions())
+    return ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions(**options))
 
 
 class _SlowScorer(FakeModels):
@@ -797,6 +797,19 @@ def test_post_score_answers_its_504_at_the_request_deadline_counting_the_time_be
     problem, took = asyncio.run(main())
     assert (problem.problem, problem.detail) == ("timeout", "no result within 1 s")
     assert 0.9 <= took < 1.4, took
+
+
+def test_post_score_answers_its_504_at_its_own_timeout_s_and_never_past_request_timeout_s():
+    """A score request had no timeout_s: a client that wanted its answer within 0.3 s waited request_timeout_s."""
+    service = _score_service(_SlowScorer(scores=[0.9]))  # 0.9 s a scoring
+    service.settings = service.settings.model_copy(update={"request_timeout_s": 0.6})
+    for asked, answered in ((0.3, "0.3"), (60, "0.6")):
+        started = time.perf_counter()
+        with pytest.raises(Problem) as caught:
+            asyncio.run(service.score(_score_upload(timeout_s=asked)))
+        took = time.perf_counter() - started
+        assert (caught.value.problem, caught.value.detail) == ("timeout", f"no result within {answered} s")
+        assert took < float(answered) + 0.4, took
 
 
 def test_post_score_within_its_deadline_answers_200():
