@@ -259,24 +259,31 @@ def test_scores_and_removals_are_admitted_each_by_their_own_rate_and_count():
     assert asyncio.run(main()) == {"/remove": 0, "/score": 1}
 
 
-def test_a_removal_without_timeout_s_is_refused_when_request_timeout_s_is_shorter_than_the_wait_ahead():
-    """The request runs under request_timeout_s when it gives no timeout_s (or a longer one): the check before its
-    decode skipped a missing timeout_s and admitted it with more work ahead than it could wait for."""
+def _ingress_with_4_s_of_work_ahead(route: str, settings: dict) -> tuple[GrpcMethods, list]:
+    """An ingress whose `route` has served 1 result a second and holds 4 requests in progress; the held slots are
+    returned (a slot dropped unreferenced closes)."""
     from serve.admission import Admission as RealAdmission
     from serve.config import AppSettings
 
     now = [0.0]
     ingress = _ingress()
-    ingress.settings = AppSettings.model_validate({"request_timeout_s": 3})
+    ingress.settings = AppSettings.model_validate(settings)
     ingress.service = Mock()
-    admission = ingress.admissions["/remove"] = RealAdmission(48, 1, max_queue_wait_s=5.0, clock=lambda: now[0])
-    for _ in range(20):  # 1 result per second
+    admission = ingress.admissions[route] = RealAdmission(48, 1, max_queue_wait_s=5.0, clock=lambda: now[0])
+    for _ in range(20):
         with admission.slot() as place:
             place.planned(1, 60.0)
             now[0] += 1.0
     ahead = [admission.slot() for _ in range(4)]
     for slot in ahead:
         slot.__enter__()
+    return ingress, ahead
+
+
+def test_a_removal_without_timeout_s_is_refused_when_request_timeout_s_is_shorter_than_the_wait_ahead():
+    """The request runs under request_timeout_s when it gives no timeout_s (or a longer one): the check before its
+    decode skipped a missing timeout_s and admitted it with more work ahead than it could wait for."""
+    ingress, _ahead = _ingress_with_4_s_of_work_ahead("/remove", {"request_timeout_s": 3})
     for timeout_s in (None, 60):
         context = Context()
         message = pb.RemoveRequest(image=b"photo", timeout_s=timeout_s)
@@ -288,27 +295,12 @@ def test_a_removal_without_timeout_s_is_refused_when_request_timeout_s_is_shorte
 
 def test_a_score_is_refused_before_its_decode_when_its_timeout_s_is_shorter_than_the_wait_ahead():
     """A score request runs under its own timeout_s too, and is checked against the wait ahead as a removal is."""
-    from serve.admission import Admission as RealAdmission
-    from serve.config import AppSettings
-
-    now = [0.0]
-    ingress = _ingress()
-    ingress.settings = AppSettings()
-    ingress.service = Mock()
-    admission = ingress.admissions["/score"] = RealAdmission(48, 1, max_queue_wait_s=600.0, clock=lambda: now[0])
-    for _ in range(20):  # 1 result per second
-        with admission.slot() as place:
-            place.planned(1, 60.0)
-            now[0] += 1.0
-    ahead = [admission.slot() for _ in range(4)]  # held: a slot dropped unreferenced closes
-    for slot in ahead:
-        slot.__enter__()
+    ingress, _ahead = _ingress_with_4_s_of_work_ahead("/score", {})
     context = Context()
     message = pb.ScoreRequest(source=b"photo", mask=b"mask", edited=b"photo", timeout_s=2)
     asyncio.run(ingress._grpc("/score", "score", context, pb.ScoreReply, ingress._grpc_score, message))
     problem = json.loads(context.details)
-    assert problem["type"].endswith("/too-many-requests") and "timeout_s" in problem["detail"], problem
-    assert "(2 s)" in problem["detail"]
+    assert problem["type"].endswith("/too-many-requests") and "(2 s)" in problem["detail"], problem
     ingress.service.score.assert_not_called()
 
 
