@@ -252,12 +252,15 @@ def _from_ray(start: dict) -> bool:
 def _ray_problem(messages: list[dict]) -> Problem:
     start = messages[0]
     text = b"".join(m.get("body", b"") for m in messages[1:]).decode("utf-8", "replace").strip()
+    # Ray's 404 points at GET /-/routes, which is itself a 404 with keys on (ByRoutePrefix)
+    text = _RAY_ROUTES_HINT.sub("", text)
     kind = "overloaded" if start["status"] == 503 and "backpressure" in text else _RAY_KINDS[start["status"]]
     retry_after = (_header(start, b"retry-after") or str(RETRY_AFTER_S).encode()).decode()
     headers = {"Retry-After": retry_after} if start["status"] in (429, 503) else {}
     return Problem(kind, f"{text[:300]} (at the proxy)", headers)
 
 
+_RAY_ROUTES_HINT = re.compile(r"\s*Ping \S+ for available routes\.")
 # Ray's own plain-text answers (ray/serve/_private/http_util.py) and the app's kind of the same status
 _RAY_KINDS = {404: "not-found", 408: "proxy-timeout", 429: "too-many-requests", 503: "not-ready"}
 _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the proxy)"

@@ -666,6 +666,7 @@ def test_what_ray_s_proxy_answers_in_plain_text_reaches_the_client_as_problem_js
     sent_headers = dict(start["headers"])
     assert exchange.status == status and sent_headers[b"content-type"] == b"application/problem+json"
     assert exchange.body["type"].endswith("/" + kind) and exchange.body["status"] == status and text[:20] in exchange.body["detail"]
+    assert "/-/routes" not in exchange.body["detail"], "a route that is a 404 itself with keys on"
     assert sent_headers.get(b"retry-after") == (retry_after.encode() if retry_after else None)
 
     problem = json.dumps({"type": "x/overloaded", "status": 503}).encode()
