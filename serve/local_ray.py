@@ -16,6 +16,10 @@ from __future__ import annotations
 
 # ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0" makes a node's address loopback, as on a laptop
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray's token authentication (Ray >= 2.52): every Ray process, and every client of its ports, needs the token, which
+# ray.init writes to ~/.ray/auth_token of the user it runs as, for a new local instance. Ray 2.60 turns it on by
+# default only while RAY_AUTH_MODE is unset: a Ray listening beyond loopback must not depend on that.
+RAY_TOKEN_AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 _RAY_ANY_INTERFACE = "[::]:0"  # ray/serve/_private/replica.py, the inter-deployment gRPC server's address
 
 
