@@ -163,14 +163,17 @@ def rgb_icc_profile(profile: object) -> bytes | None:
     return profile if len(profile) >= 128 and profile[16:20] == b"RGB " else None
 
 
+ALMOST_OPAQUE = 0.99  # the opaque share past which a mask is black-and-white, not strokes (decode_mask)
+
+
 def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.ndarray:
     """Decode a mask image into a bool (H, W) array, True where the model should remove content.
 
     White (luminance > 127) means remove. A mask with transparency is strokes drawn on a transparent layer, read
-    from alpha (> 127), unless most of it is opaque and its opaque pixels are both dark and light: then it is a
-    black-and-white mask with some transparent pixels (one transparent corner flipped such a mask to 59999 of
-    60000 pixels removed), and only its opaque light pixels mean remove. Strokes, of one colour or several,
-    cover less than half a transparent layer.
+    from alpha (> 127), unless most of it is opaque and its opaque pixels are both dark and light, or nearly all of
+    it is opaque (ALMOST_OPAQUE): then it is a black-and-white mask with some transparent pixels (one transparent
+    corner flipped such a mask to 59999 of 60000 pixels removed, an all-black one to all of them), and only its
+    opaque light pixels mean remove. Strokes, of one colour or several, cover less than half a transparent layer.
     """
     pixels, alpha, _, _ = _decode(data, limits, what="mask", invalid=InvalidMask, size=size)
     light = _above_127(pixels) if pixels.ndim == 2 else _luminance_above_127(pixels)  # gray: its own luminance
@@ -180,7 +183,8 @@ def decode_mask(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np.
         mask = _above_127(alpha)
         opaque_light = np.logical_and(mask, light)
         opaque = np.count_nonzero(mask)
-        if 0 < np.count_nonzero(opaque_light) < opaque and opaque > mask.size / 2:
+        mixed = 0 < np.count_nonzero(opaque_light) < opaque
+        if opaque > mask.size / 2 and (mixed or opaque >= ALMOST_OPAQUE * mask.size):
             mask = opaque_light
     if mask.shape != tuple(size):
         raise _mask_size_mismatch(mask.shape, size)
@@ -819,8 +823,9 @@ def crop_for_model(rgb: np.ndarray, mask: np.ndarray, plan: CropPlan) -> tuple[n
         size = (window_cols.stop - window_cols.start, window_rows.stop - window_rows.start)
         resized = Image.fromarray(np.ascontiguousarray(rgb_window)).resize(size, Image.Resampling.LANCZOS)
         rgb_window = np.asarray(resized)
-        # Bilinear coverage > 0 keeps strokes thinner than the downscale factor instead of dropping them.
-        coverage = Image.fromarray(mask_window.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
+        # Bilinear coverage > 0 keeps strokes thinner than the downscale factor instead of dropping them; in float,
+        # as 8-bit coverage rounds a 1-pixel dot to 0 past a downscale of ~22 (the model then left the object).
+        coverage = Image.fromarray(mask_window.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
         mask_window = np.asarray(coverage) > 0
     padding = (
         (window_rows.start, plan.bucket - window_rows.stop),
@@ -828,10 +833,13 @@ def crop_for_model(rgb: np.ndarray, mask: np.ndarray, plan: CropPlan) -> tuple[n
     )
     if any(any(pair) for pair in padding):
         visible_h, visible_w = rgb_window.shape[:2]
-        # Reflection looks natural to the model but needs the pad to be shorter than the visible part.
+        # Reflection looks natural to the model but needs the pad to be shorter than the visible part. The mask is
+        # padded alike: a masked object at the edge is mirrored into the pad, and left unmasked there the model
+        # would see a copy of what it is to remove beside the hole.
         fits = max(padding[0]) < visible_h and max(padding[1]) < visible_w
-        rgb_window = np.pad(rgb_window, (*padding, (0, 0)), mode="reflect" if fits else "edge")
-        mask_window = np.pad(mask_window, padding, mode="constant", constant_values=False)
+        mode = "reflect" if fits else "edge"
+        rgb_window = np.pad(rgb_window, (*padding, (0, 0)), mode=mode)
+        mask_window = np.pad(mask_window, padding, mode=mode)
     return np.ascontiguousarray(rgb_window), mask_window.copy()
 
 

@@ -354,6 +354,21 @@ def test_a_black_and_white_mask_with_a_transparent_pixel_keeps_its_white(mode):
     np.testing.assert_array_equal(decode_mask(encoded(image), (40, 50), LIMITS), mask)
 
 
+@pytest.mark.parametrize("transparent", [1, 20])  # of 2000 pixels: up to 1% (ALMOST_OPAQUE)
+def test_an_all_black_mask_with_a_few_transparent_pixels_removes_nothing(transparent):
+    """One transparent corner (an anti-aliased canvas border) switched an all-black mask to its alpha: all of it."""
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[0, :transparent, 3] = 0
+    assert not decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS).any()
+
+
+def test_black_strokes_over_most_of_a_transparent_layer_are_still_strokes():
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[:30, :, 3] = 255  # 75% painted, black
+    np.testing.assert_array_equal(decode_mask(encoded(Image.fromarray(rgba)), (40, 50), LIMITS), rgba[..., 3] > 0)
+
+
 @pytest.mark.parametrize("colour", [(0, 0, 0), (255, 255, 255), (255, 0, 0), (255, 255, 0)])
 def test_strokes_of_one_colour_on_a_transparent_layer_use_alpha(colour):
     mask = rectangle_mask()
@@ -678,8 +693,31 @@ def test_overhanging_crop_pads_outside_the_image():
     crop, crop_mask = crop_for_model(rgb, mask, plan)
     np.testing.assert_array_equal(crop[106:406], rgb)
     np.testing.assert_array_equal(crop[105], crop[107])  # reflected
-    assert not crop_mask[:106].any() and not crop_mask[406:].any()
+    np.testing.assert_array_equal(crop_mask[:106], crop_mask[212:106:-1])  # the mask with it
+    np.testing.assert_array_equal(crop_mask[406:], crop_mask[404:298:-1])
     np.testing.assert_array_equal(crop_mask[106:406], mask)
+
+
+def test_the_model_never_sees_an_unmasked_mirror_of_the_masked_object():
+    """The image was padded by reflection and the mask with False: an object at the image's edge (a person standing
+    on a photo's bottom edge, a short landscape's top) was mirrored into the pad as context beside the hole."""
+    for height, padding in ((400, "reflect"), (120, "edge")):
+        rgb, mask = np.full((height, 1024, 3), 128, np.uint8), np.zeros((height, 1024), bool)
+        rgb[:60, 400:560], mask[:60, 400:560] = (255, 0, 0), True
+        plan = plan_crop(mask, (512, 1024), 128)
+        assert plan.top < 0 and (-plan.top < height) == (padding == "reflect")
+        crop, crop_mask = crop_for_model(rgb, mask, plan)
+        red = (crop == (255, 0, 0)).all(-1)
+        assert red[: -plan.top].any() and not (red & ~crop_mask).any(), padding
+
+
+def test_a_downscaled_crop_keeps_every_masked_pixel_in_its_model_mask():
+    """8-bit coverage rounded a 1-pixel dot to nothing past a downscale of ~22: the model got an empty mask."""
+    mask = np.zeros((30_000, 1300), bool)
+    mask[100, 100] = mask[29_800, 1200] = True
+    plan = CropPlan(top=0, left=-14_350, side=30_000, bucket=1024)
+    _, crop_mask = crop_for_model(np.zeros((30_000, 1300, 3), np.uint8), mask, plan)
+    assert crop_mask.sum() >= 2 and crop_mask[:512].any() and crop_mask[512:].any()
 
 
 def test_thin_image_overhang_falls_back_to_edge_padding():
