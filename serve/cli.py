@@ -370,9 +370,18 @@ def _packs(requests: list[float], gpus: int) -> bool:
     return True
 
 
+def ray_cpus() -> int:
+    """The logical CPUs Ray gives this node by its own detection: a container's CPU quota (docker run --cpus 2 on
+    a 16-core host: 2), else the cores; not os.cpu_count(), which counts the host's cores in a container."""
+    from ray._private.utils import get_num_cpus
+
+    return get_num_cpus(override_docker_cpu_warning=True)
+
+
 def logical_cpus_needed(config: dict) -> int | None:
-    """Ray schedules by logical CPUs: if the deployments ask for more than this machine's cores (a
-    2-core laptop or CI runner), start Ray with enough so every replica is placed (they share cores).
+    """Ray schedules by logical CPUs: if the deployments ask for more than Ray would see here (ray_cpus: a 2-core
+    laptop or CI runner, a container's CPU quota), start Ray with enough so every replica is placed (they share
+    cores).
     `config`: the effective one (serve.config.live_serve_config), which lists every deployment an application
     builds but the ResultStore, whose options live in code; Ray gives a replica 1 CPU unless told otherwise (a
     config that listed no deployments was counted 0 and its replicas waited for CPUs forever)."""
@@ -385,8 +394,7 @@ def logical_cpus_needed(config: dict) -> int | None:
             wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * _replica_range(deployment)[1]
         if AppSettings.model_validate(app.get("args") or {}).retention.enabled:
             wanted += ResultStore.ray_actor_options.get("num_cpus", 1) * ResultStore.num_replicas
-    cores = os.cpu_count() or 1
-    return math.ceil(wanted) if wanted > cores else None
+    return math.ceil(wanted) if wanted > ray_cpus() else None
 
 
 def describe_bundle(args: dict) -> str:
@@ -863,7 +871,7 @@ def run(argv: list[str] | None = None) -> int:
         num_cpus = logical_cpus_needed(live)
         if num_cpus:
             print(
-                f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores",
+                f"[rorem] the deployments ask for {num_cpus} CPUs, Ray sees {ray_cpus()} here: they share cores",
                 flush=True,
             )
             command += ["--num-cpus", str(num_cpus)]

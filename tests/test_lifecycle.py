@@ -503,26 +503,47 @@ def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(t
 def test_deployments_the_config_does_not_list_are_given_cpus_too(tmp_path, monkeypatch):
     """Ray gives a replica 1 CPU unless told otherwise: a config without `deployments` (the docs' example of two
     applications) was counted 0 CPUs, Ray started with the machine's 2, and the replicas waited forever."""
-    from serve import cli
-
     config = yaml.safe_load(_local_yaml())
     del config["applications"][0]["deployments"]
     # within Ray's default of 5 requests at once, which the unlisted deployments run with (check_deployments)
     config["applications"][0]["args"].update(
         overload={"max_in_flight": 4}, batching={"max_batch_size": 2}, scorer={"max_batch_size": 4}
     )
+    command, _ = _launched(tmp_path, monkeypatch, yaml.safe_dump(config), cores=2, quota=None)
+    assert command[command.index("--num-cpus") + 1] == "3", command  # Ingress, Remover, Scorer at 1 each
+
+
+def test_a_container_s_cpu_quota_is_counted_as_ray_counts_it(tmp_path, monkeypatch, capsys):
+    """`docker run --cpus 2` on a 16-core host: the CLI compared the replicas' 3 CPUs with the host's 16 cores and
+    passed no --num-cpus, Ray started with the quota's 2, and a replica waited for a CPU until --ready-timeout."""
+    command, _ = _launched(tmp_path, monkeypatch, _local_yaml(), cores=16, quota=2.0)
+    assert command[command.index("--num-cpus") + 1] == "3", command
+    assert "the deployments ask for 3 CPUs, Ray sees 2 here: they share cores" in capsys.readouterr().out
+    command, _ = _launched(tmp_path, monkeypatch, _local_yaml(), cores=16, quota=4.0)
+    assert "--num-cpus" not in command
+
+
+def _launched(tmp_path, monkeypatch, config_text: str, cores: int = 16, quota: float | None = None):
+    """(the launcher's command, its environment) of a start of this config on a machine of `cores` cores in a
+    container of `quota` CPUs (None: no quota), Ray not started."""
+    import ray._private.utils
+    from serve import cli
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(ray._private.utils, "_get_docker_cpus", lambda *args, **kwargs: quota)
+    monkeypatch.delenv("RAY_USE_MULTIPROCESSING_CPU_COUNT", raising=False)
     path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(config_text)
     launched = []
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
     launcher = SimpleNamespace(poll=lambda: 1, returncode=1)
-    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda command, **kwargs: launched.append(command) or launcher))
+    popen = lambda command, env, **kwargs: launched.append((command, env)) or launcher  # noqa: E731
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=popen))
     monkeypatch.setattr(cli, "wait_until_ready", lambda *args: None)
     monkeypatch.setattr(cli, "stop_service", lambda *args: 1)
     ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
     run(["run", "--config", str(path), *ports])
-    (command,) = launched
-    assert command[command.index("--num-cpus") + 1] == "3", command  # Ingress, Remover, Scorer at 1 each
+    (started,) = launched
+    return started
 
 
 def test_several_applications_share_the_gpus_and_a_single_bundle_flag_is_refused(tmp_path, capsys, no_launch):
