@@ -262,6 +262,14 @@ def listen_addresses(config: dict, metrics_port: int) -> dict[str, tuple[str, in
     }
 
 
+def without_ray_address(environ: dict[str, str]) -> dict[str, str]:
+    """The environment less $RAY_ADDRESS: the launcher starts a Ray of its own (serve.launcher), and Ray's `serve
+    run` and its processes would otherwise reach the cluster it names."""
+    from ray._private.ray_constants import RAY_ADDRESS_ENVIRONMENT_VARIABLE
+
+    return {name: value for name, value in environ.items() if name != RAY_ADDRESS_ENVIRONMENT_VARIABLE}
+
+
 # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica given no GPU (ray-project/ray#54868), so a deployment
 # at num_gpus 0 with device "auto" would still find the GPU and load there, outside Ray's accounting (and
 # `--gpus 0` would say "runs on the CPU" and not mean it); this restores Ray's hiding of the GPUs from it
@@ -881,7 +889,7 @@ def run(argv: list[str] | None = None) -> int:
         drain_flag = work / "draining"
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
         env = {
-            **os.environ, **proxy_env(config), **grpc_access_env(config), **ray_network_env(config),
+            **without_ray_address(os.environ), **proxy_env(config), **grpc_access_env(config), **ray_network_env(config),
             **HIDE_GPUS_FROM_CPU_REPLICAS_ENV,
             INSTANCE_ENV: instance,
             DRAIN_FLAG_ENV: str(drain_flag),

@@ -316,6 +316,31 @@ def test_the_launcher_hides_the_gpus_from_replicas_given_none(tmp_path, monkeypa
     assert env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "1"
 
 
+def test_a_start_starts_a_ray_of_its_own_whatever_ray_address_names(tmp_path, monkeypatch):
+    """With $RAY_ADDRESS set (or a `ray start` cluster running) the launcher's ray.init() joined that cluster and
+    `serve run` replaced its Serve applications."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    _, env = _launched(tmp_path, monkeypatch, _local_yaml())
+    assert "RAY_ADDRESS" not in env and env["PATH"] == os.environ["PATH"]
+
+    class Stop(Exception):
+        pass
+
+    def serve_run(*args, **kwargs):
+        raise Stop
+
+    initialized = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: initialized.append(kwargs))
+    monkeypatch.setattr(launcher.signal, "signal", lambda *args: None)
+    monkeypatch.setattr("ray.serve.scripts.run.main", serve_run)
+    with pytest.raises(Stop):
+        launcher.main([str(tmp_path / "serve.yaml"), "--metrics-port", "9464", "--num-cpus", "3"])
+    (kwargs,) = initialized
+    assert kwargs["address"] == "local" and kwargs["num_cpus"] == 3
+
+
 def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     config = serve_test_config(tmp_path)
     path = tmp_path / "serve.yaml"
