@@ -54,13 +54,14 @@ STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace b
 
 def load_serve_config(path: Path) -> dict:
     """Read a Serve config and validate it with Ray's schema and ours, unknown keys rejected
-    (serve.config.validate_serve_config)."""
-    from serve.config import validate_serve_config
+    (serve.config.validate_serve_config), and as its live form is rendered (serve.config.live_serve_config)."""
+    from serve.config import live_serve_config, validate_serve_config
 
     config = yaml.safe_load(path.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"not a Serve config (a mapping: applications, http_options, ...) but {type(config).__name__}")
     validate_serve_config(config)
+    live_serve_config(config)  # refuses a user_config or backpressure_config, which the args are the source of
     return config
 
 
@@ -843,12 +844,12 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     applications = config["applications"]
+    over_http = "python -m serve run checks readiness and drains over HTTP"
+    if config.get("proxy_location") == "Disabled":
+        return _cannot_start(f"proxy_location is Disabled (no HTTP proxy): {over_http}; set EveryNode or HeadOnly")
     for app in applications:
         if route_prefix(app) is None:
-            return _cannot_start(
-                f"application {app_name(app)} has no route_prefix: python -m serve run checks readiness and "
-                "drains over HTTP; give it one"
-            )
+            return _cannot_start(f"application {app_name(app)} has no route_prefix: {over_http}; give it one")
     for app in applications:
         missing = missing_model_files(app.get("args") or {})
         if missing:

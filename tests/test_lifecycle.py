@@ -361,6 +361,10 @@ def _local_yaml(edit=None) -> str:
     return yaml.safe_dump(config)
 
 
+def _deployment(config: dict, name: str) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
 @pytest.fixture
 def no_launch(monkeypatch):
     """These starts must fail before Ray: a launch is a failure of the test, not a service."""
@@ -382,17 +386,35 @@ def no_launch(monkeypatch):
         (_local_yaml(lambda c: c["http_options"].update(port="eighty")), "http_options.port: Input should be a valid integer"),
         (_local_yaml(lambda c: c["applications"][0]["args"].update(overload={"proxy_buffer_bytes": 1_000_000})),
          "overload.proxy_buffer_bytes (1000000) is below the largest body the app accepts"),
+        (_local_yaml(lambda c: _deployment(c, "Remover").update(user_config={"batch_wait_timeout_s": {512: 0.02}})),
+         "Remover: set its live settings in the application args, not in user_config"),
+        (_local_yaml(lambda c: _deployment(c, "Ingress").update(backpressure_config={"status_code": 503})),
+         "Ingress: set overload.retry_after_s in the application args, not in backpressure_config"),
     ],
-    ids=["missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body"],
+    ids=[
+        "missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body",
+        "user-config", "backpressure-config",
+    ],
 )  # fmt: skip
 def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(tmp_path, capsys, no_launch, text, said):
-    """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError)."""
+    """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError; a
+    deployment's user_config or backpressure_config, which the rendering of the live settings refuses)."""
     path = tmp_path / "serve.yaml"
     if text is not None:
         path.write_text(text)
     assert run(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"[rorem] cannot start: {path}: ") and said in err and "Traceback" not in err
+
+
+def test_a_config_without_an_http_proxy_fails_the_start_saying_why(tmp_path, capsys, no_launch):
+    """`proxy_location: Disabled` was taken, then the start waited out --ready-timeout (600 s) for an HTTP answer."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(_local_yaml(lambda c: c.update(proxy_location="Disabled")))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert run(["run", "--config", str(path), *ports]) == 2
+    assert "cannot start: proxy_location is Disabled (no HTTP proxy): python -m serve run checks readiness and " \
+        "drains over HTTP; set EveryNode or HeadOnly" in capsys.readouterr().err
 
 
 def test_a_bundle_flag_over_the_authors_layout_fails_the_start(tmp_path, capsys, no_launch):
