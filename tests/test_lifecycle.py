@@ -5,6 +5,7 @@ Also the gRPC proxy's message limit (serve.proxy_limits), on the same running se
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -63,6 +64,30 @@ def test_a_busy_port_is_named_with_its_holder(name):
         ]
         assert listeners(port)[0].startswith(f"pid {os.getpid()} (")
     assert not port_in_use("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("refusal", [errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL])
+def test_the_grpc_port_is_checked_on_ipv4_on_a_machine_without_ipv6(monkeypatch, refusal):
+    """A kernel booted with ipv6.disable=1 refuses an IPv6 socket (socket.has_ipv6 stays True): the check of the
+    gRPC port on "::" refused every start with "cannot listen on the gRPC port", while gRPC listens on IPv4."""
+    real = socket.socket
+
+    class NoIPv6(real):
+        def __init__(self, family=socket.AF_INET, *args, **kwargs):
+            if family == socket.AF_INET6:
+                raise OSError(refusal, os.strerror(refusal))
+            super().__init__(family, *args, **kwargs)
+
+    port = free_port()
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    assert busy_ports({"gRPC": ("::", port)}) == []
+    with _listen("0.0.0.0") as holder:
+        held = holder.getsockname()[1]
+        (said,) = busy_ports({"gRPC": ("::", held)})
+    assert said.startswith(f"the gRPC port {held} (::) is already in use, held by pid {os.getpid()}")
+    assert busy_ports({"HTTP": ("::1", port)}) == [
+        f"cannot listen on the HTTP port {port} (::1): {os.strerror(refusal)}"
+    ], "an IPv6 address itself has no IPv4 stand-in"
 
 
 def test_test_and_benchmark_ports_stay_clear_of_the_ranges_ray_binds_on_its_own():
