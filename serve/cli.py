@@ -160,11 +160,11 @@ def local_sqlite_url(url: str) -> str:
 
 
 def _listener(config: dict) -> tuple[str, bool]:
-    """(the HTTP host, whether that host is loopback) of this config."""
-    from serve.auth import LOOPBACK_HOSTS
+    """(the HTTP host, whether that host is loopback: serve.auth.is_loopback_host) of this config."""
+    from serve.auth import is_loopback_host
 
     host = config.get("http_options", {}).get("host", "127.0.0.1")
-    return host, host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # Ray's config names IPv6 bare
+    return host, is_loopback_host(host)
 
 
 def _auth(app: dict) -> dict:
@@ -190,26 +190,30 @@ def ray_network_env(config: dict) -> dict[str, str]:
 
 
 def host_names_note(config: dict) -> list[str]:
-    """Listening beyond loopback without keys: the keyed routes still answer only loopback Host names (serve.auth,
-    DNS rebinding), which a client on another machine does not send; say so at the start, not as a 403 later."""
+    """Listening without keys beyond loopback, or on a loopback address a client names otherwise (127.0.0.2): the
+    keyed routes still answer only loopback Host names (serve.auth, DNS rebinding), which that client does not
+    send; beyond loopback gRPC answers every machine. Said at the start, not as a 403 later."""
     from serve.auth import LOOPBACK_HOSTS
 
     host, loopback = _listener(config)
+    named = url_host(host).lower().rstrip(".") in LOOPBACK_HOSTS
     notes = []
-    for app in [] if loopback else config["applications"]:
+    for app in config["applications"]:
         auth = _auth(app)
         if auth.get("enabled"):
             continue
-        which = f" (application {app_name(app)})" if len(config["applications"]) > 1 else ""
-        grpc = "gRPC answers every machine that reaches its port (turn keys on to choose who may call)"
-        if auth.get("allowed_hosts") is not None:
-            notes.append(f"listening on {host} without API keys{which}: {grpc}")
-            continue
-        notes.append(
-            f"listening on {host} without API keys{which}: /remove and the other API routes answer only the Host "
-            f"names {', '.join(LOOPBACK_HOSTS)}; set auth.allowed_hosts in the config to the names clients use "
-            f"(or turn keys on: docs/api.md, Access control); {grpc}"
-        )
+        said = []
+        if auth.get("allowed_hosts") is None and not named:
+            said.append(
+                f"/remove and the other API routes answer only the Host names {', '.join(LOOPBACK_HOSTS)}; set "
+                "auth.allowed_hosts in the config to the names clients use (or turn keys on: docs/api.md, Access "
+                "control)"
+            )
+        if not loopback:
+            said.append("gRPC answers every machine that reaches its port (turn keys on to choose who may call)")
+        if said:
+            which = f" (application {app_name(app)})" if len(config["applications"]) > 1 else ""
+            notes.append(f"listening on {host} without API keys{which}: {'; '.join(said)}")
     return notes
 
 
