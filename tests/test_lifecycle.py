@@ -599,6 +599,7 @@ def _launched(tmp_path, monkeypatch, config_text: str, cores: int = 16, quota: f
     """(the launcher's command, its environment) of a start of this config on a machine of `cores` cores in a
     container of `quota` CPUs (None: no quota), Ray not started."""
     import ray._private.utils
+
     from serve import cli
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
@@ -607,8 +608,8 @@ def _launched(tmp_path, monkeypatch, config_text: str, cores: int = 16, quota: f
     path = tmp_path / "serve.yaml"
     path.write_text(config_text)
     launched = []
-    launcher = SimpleNamespace(poll=lambda: 1, returncode=1)
-    popen = lambda command, env, **kwargs: launched.append((command, env)) or launcher  # noqa: E731
+    child = SimpleNamespace(poll=lambda: 1, returncode=1)
+    popen = lambda command, env, **kwargs: launched.append((command, env)) or child
     monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=popen))
     monkeypatch.setattr(cli, "wait_until_ready", lambda *args: None)
     monkeypatch.setattr(cli, "stop_service", lambda *args: 1)
