@@ -894,8 +894,8 @@ def run(argv: list[str] | None = None) -> int:
         drain_flag = work / "draining"
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
         env = {
-            **without_ray_address(os.environ), **proxy_env(config), **grpc_access_env(config), **ray_network_env(config),
-            **HIDE_GPUS_FROM_CPU_REPLICAS_ENV,
+            **without_ray_address(os.environ), **proxy_env(config), **grpc_access_env(config),
+            **ray_network_env(config), **HIDE_GPUS_FROM_CPU_REPLICAS_ENV,
             INSTANCE_ENV: instance,
             DRAIN_FLAG_ENV: str(drain_flag),
         }  # fmt: skip
