@@ -283,6 +283,20 @@ def is_loopback_peer(peer: str) -> bool:
         address = address.rpartition(":")[0]
     else:
         return False
+    return _loopback_ip(address)
+
+
+def is_loopback_host(host: str) -> bool:
+    """A listen address that only this machine reaches: localhost (any case, with the DNS root's dot or not) or a
+    loopback IP (127.0.0.0/8, ::1; IPv6 bracketed or bare, as Ray's config names it). Not the Host header check,
+    which takes the names a browser sends (LOOPBACK_HOSTS)."""
+    name = host.strip().lower().removesuffix(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    return name == "localhost" or _loopback_ip(name)
+
+
+def _loopback_ip(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -54,13 +54,14 @@ STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace b
 
 def load_serve_config(path: Path) -> dict:
     """Read a Serve config and validate it with Ray's schema and ours, unknown keys rejected
-    (serve.config.validate_serve_config)."""
-    from serve.config import validate_serve_config
+    (serve.config.validate_serve_config), and as its live form is rendered (serve.config.live_serve_config)."""
+    from serve.config import live_serve_config, validate_serve_config
 
     config = yaml.safe_load(path.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"not a Serve config (a mapping: applications, http_options, ...) but {type(config).__name__}")
     validate_serve_config(config)
+    live_serve_config(config)  # refuses a user_config or backpressure_config, which the args are the source of
     return config
 
 
@@ -159,11 +160,11 @@ def local_sqlite_url(url: str) -> str:
 
 
 def _listener(config: dict) -> tuple[str, bool]:
-    """(the HTTP host, whether that host is loopback) of this config."""
-    from serve.auth import LOOPBACK_HOSTS
+    """(the HTTP host, whether that host is loopback: serve.auth.is_loopback_host) of this config."""
+    from serve.auth import is_loopback_host
 
     host = config.get("http_options", {}).get("host", "127.0.0.1")
-    return host, host.lower() in LOOPBACK_HOSTS or f"[{host}]" in LOOPBACK_HOSTS  # Ray's config names IPv6 bare
+    return host, is_loopback_host(host)
 
 
 def _auth(app: dict) -> dict:
@@ -189,26 +190,30 @@ def ray_network_env(config: dict) -> dict[str, str]:
 
 
 def host_names_note(config: dict) -> list[str]:
-    """Listening beyond loopback without keys: the keyed routes still answer only loopback Host names (serve.auth,
-    DNS rebinding), which a client on another machine does not send; say so at the start, not as a 403 later."""
+    """Listening without keys beyond loopback, or on a loopback address a client names otherwise (127.0.0.2): the
+    keyed routes still answer only loopback Host names (serve.auth, DNS rebinding), which that client does not
+    send; beyond loopback gRPC answers every machine. Said at the start, not as a 403 later."""
     from serve.auth import LOOPBACK_HOSTS
 
     host, loopback = _listener(config)
+    named = url_host(host).lower().rstrip(".") in LOOPBACK_HOSTS
     notes = []
-    for app in [] if loopback else config["applications"]:
+    for app in config["applications"]:
         auth = _auth(app)
         if auth.get("enabled"):
             continue
-        which = f" (application {app_name(app)})" if len(config["applications"]) > 1 else ""
-        grpc = "gRPC answers every machine that reaches its port (turn keys on to choose who may call)"
-        if auth.get("allowed_hosts") is not None:
-            notes.append(f"listening on {host} without API keys{which}: {grpc}")
-            continue
-        notes.append(
-            f"listening on {host} without API keys{which}: /remove and the other API routes answer only the Host "
-            f"names {', '.join(LOOPBACK_HOSTS)}; set auth.allowed_hosts in the config to the names clients use "
-            f"(or turn keys on: docs/api.md, Access control); {grpc}"
-        )
+        said = []
+        if auth.get("allowed_hosts") is None and not named:
+            said.append(
+                f"/remove and the other API routes answer only the Host names {', '.join(LOOPBACK_HOSTS)}; set "
+                "auth.allowed_hosts in the config to the names clients use (or turn keys on: docs/api.md, Access "
+                "control)"
+            )
+        if not loopback:
+            said.append("gRPC answers every machine that reaches its port (turn keys on to choose who may call)")
+        if said:
+            which = f" (application {app_name(app)})" if len(config["applications"]) > 1 else ""
+            notes.append(f"listening on {host} without API keys{which}: {'; '.join(said)}")
     return notes
 
 
@@ -260,6 +265,14 @@ def listen_addresses(config: dict, metrics_port: int) -> dict[str, tuple[str, in
         **({"gRPC": ("::", grpc.get("port", DEFAULT_GRPC_PORT))} if serves_grpc(config) else {}),
         "metrics": ("127.0.0.1", metrics_port),
     }
+
+
+def without_ray_address(environ: dict[str, str]) -> dict[str, str]:
+    """The environment less $RAY_ADDRESS: the launcher starts a Ray of its own (serve.launcher), and Ray's `serve
+    run` and its processes would otherwise reach the cluster it names."""
+    from ray._private.ray_constants import RAY_ADDRESS_ENVIRONMENT_VARIABLE
+
+    return {name: value for name, value in environ.items() if name != RAY_ADDRESS_ENVIRONMENT_VARIABLE}
 
 
 # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica given no GPU (ray-project/ray#54868), so a deployment
@@ -370,9 +383,18 @@ def _packs(requests: list[float], gpus: int) -> bool:
     return True
 
 
+def ray_cpus() -> int:
+    """The logical CPUs Ray gives this node by its own detection: a container's CPU quota (docker run --cpus 2 on
+    a 16-core host: 2), else the cores; not os.cpu_count(), which counts the host's cores in a container."""
+    from ray._private.utils import get_num_cpus
+
+    return get_num_cpus(override_docker_cpu_warning=True)
+
+
 def logical_cpus_needed(config: dict) -> int | None:
-    """Ray schedules by logical CPUs: if the deployments ask for more than this machine's cores (a
-    2-core laptop or CI runner), start Ray with enough so every replica is placed (they share cores).
+    """Ray schedules by logical CPUs: if the deployments ask for more than Ray would see here (ray_cpus: a 2-core
+    laptop or CI runner, a container's CPU quota), start Ray with enough so every replica is placed (they share
+    cores).
     `config`: the effective one (serve.config.live_serve_config), which lists every deployment an application
     builds but the ResultStore, whose options live in code; Ray gives a replica 1 CPU unless told otherwise (a
     config that listed no deployments was counted 0 and its replicas waited for CPUs forever)."""
@@ -385,8 +407,7 @@ def logical_cpus_needed(config: dict) -> int | None:
             wanted += (deployment.get("ray_actor_options") or {}).get("num_cpus", 1) * _replica_range(deployment)[1]
         if AppSettings.model_validate(app.get("args") or {}).retention.enabled:
             wanted += ResultStore.ray_actor_options.get("num_cpus", 1) * ResultStore.num_replicas
-    cores = os.cpu_count() or 1
-    return math.ceil(wanted) if wanted > cores else None
+    return math.ceil(wanted) if wanted > ray_cpus() else None
 
 
 def describe_bundle(args: dict) -> str:
@@ -827,12 +848,12 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     applications = config["applications"]
+    over_http = "python -m serve run checks readiness and drains over HTTP"
+    if config.get("proxy_location") == "Disabled":
+        return _cannot_start(f"proxy_location is Disabled (no HTTP proxy): {over_http}; set EveryNode or HeadOnly")
     for app in applications:
         if route_prefix(app) is None:
-            return _cannot_start(
-                f"application {app_name(app)} has no route_prefix: python -m serve run checks readiness and "
-                "drains over HTTP; give it one"
-            )
+            return _cannot_start(f"application {app_name(app)} has no route_prefix: {over_http}; give it one")
     for app in applications:
         missing = missing_model_files(app.get("args") or {})
         if missing:
@@ -863,7 +884,7 @@ def run(argv: list[str] | None = None) -> int:
         num_cpus = logical_cpus_needed(live)
         if num_cpus:
             print(
-                f"[rorem] the deployments ask for {num_cpus} CPUs, this machine has {os.cpu_count()}: they share cores",
+                f"[rorem] the deployments ask for {num_cpus} CPUs, Ray sees {ray_cpus()} here: they share cores",
                 flush=True,
             )
             command += ["--num-cpus", str(num_cpus)]
@@ -873,8 +894,8 @@ def run(argv: list[str] | None = None) -> int:
         drain_flag = work / "draining"
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
         env = {
-            **os.environ, **proxy_env(config), **grpc_access_env(config), **ray_network_env(config),
-            **HIDE_GPUS_FROM_CPU_REPLICAS_ENV,
+            **without_ray_address(os.environ), **proxy_env(config), **grpc_access_env(config),
+            **ray_network_env(config), **HIDE_GPUS_FROM_CPU_REPLICAS_ENV,
             INSTANCE_ENV: instance,
             DRAIN_FLAG_ENV: str(drain_flag),
         }  # fmt: skip

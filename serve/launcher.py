@@ -2,7 +2,8 @@
 own `serve run` on the effective config.
 
 `serve run` starts Ray itself when none is running, but then the Prometheus export port is random;
-starting Ray here first fixes it (`--metrics-port`), and `serve run` reuses this Ray.
+starting Ray here first fixes it (`--metrics-port`), and `serve run` reuses this Ray. It is always a Ray of its
+own, whatever $RAY_ADDRESS or a running `ray start` cluster says.
 
 Until the applications run, it watches Serve's status: a deploy that failed for good (DEPLOY_FAILED: a
 missing bundle, a deployment the config names and the app lacks) ends it at once with Ray's message and
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray.serve.scripts import run
 
     ray.init(
+        address="local",
         namespace=SERVE_NAMESPACE,
         _node_ip_address=options.node_ip,
         _metrics_export_port=options.metrics_port,

@@ -24,18 +24,22 @@ def url_host(host: str) -> str:
 def port_in_use(host: str, port: int) -> bool:
     """Whether binding `host:port` fails because something listens there (or on all interfaces).
 
-    SO_REUSEADDR, as servers set it, so a closed connection lingering in TIME_WAIT does not count."""
+    SO_REUSEADDR, as servers set it, so a closed connection lingering in TIME_WAIT does not count. "::" (all
+    interfaces) on a machine without IPv6 (a Python built without it, a kernel booted with ipv6.disable=1): all its
+    IPv4 interfaces, where gRPC listens there."""
     if ":" in host and not socket.has_ipv6:
-        host = "0.0.0.0"  # "::" (all interfaces) on a machine without IPv6
+        host = "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return True
+        if host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            return port_in_use("0.0.0.0", port)
+        raise
     return False
 
 

@@ -187,6 +187,25 @@ def test_listening_beyond_loopback_without_keys_says_which_host_names_are_answer
     assert fit_to_machine(config, bundle=None, host="0.0.0.0", port=None, gpus=2) == []
 
 
+@pytest.mark.parametrize("host", ["127.0.0.2", "127.255.0.1", "LOCALHOST.", "localhost", "::1", "[::1]"])
+def test_any_loopback_address_keeps_ray_and_grpc_on_loopback(host):
+    """Loopback was a list of names: --host 127.0.0.2 (or 'localhost.') put Ray's ports on the network and had
+    keyless gRPC answer every peer, for an HTTP API only this machine reaches."""
+    from serve.auth import GRPC_LOOPBACK_ONLY_ENV
+    from serve.cli import grpc_access_env, host_names_note, ray_network_env
+    from serve.local_ray import RAY_LOOPBACK_ENV
+
+    config = {"http_options": {"host": host}, "applications": [{"name": "rorem", "args": {}}]}
+    assert ray_network_env(config) == RAY_LOOPBACK_ENV
+    assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "1"}
+    notes = host_names_note(config)
+    assert not any("gRPC answers every machine" in note for note in notes), notes
+    assert bool(notes) == (host in ("127.0.0.2", "127.255.0.1")), "not a Host name the API routes answer: said"
+    for outside in ("0.0.0.0", "::", "192.0.2.1", "localhost.example"):
+        config["http_options"]["host"] = outside
+        assert ray_network_env(config) == {} and grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "0"}, outside
+
+
 def test_grpc_answers_loopback_peers_only_where_http_listens_on_loopback_without_keys(monkeypatch, tmp_path):
     """Ray's gRPC proxy binds every interface: `make serve` (HTTP on 127.0.0.1, no keys) must not hand the
     network a keyless gRPC port (two reviews reached Remove from another address)."""

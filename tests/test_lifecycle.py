@@ -5,6 +5,7 @@ Also the gRPC proxy's message limit (serve.proxy_limits), on the same running se
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -63,6 +64,30 @@ def test_a_busy_port_is_named_with_its_holder(name):
         ]
         assert listeners(port)[0].startswith(f"pid {os.getpid()} (")
     assert not port_in_use("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("refusal", [errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL])
+def test_the_grpc_port_is_checked_on_ipv4_on_a_machine_without_ipv6(monkeypatch, refusal):
+    """A kernel booted with ipv6.disable=1 refuses an IPv6 socket (socket.has_ipv6 stays True): the check of the
+    gRPC port on "::" refused every start with "cannot listen on the gRPC port", while gRPC listens on IPv4."""
+    real = socket.socket
+
+    class NoIPv6(real):
+        def __init__(self, family=socket.AF_INET, *args, **kwargs):
+            if family == socket.AF_INET6:
+                raise OSError(refusal, os.strerror(refusal))
+            super().__init__(family, *args, **kwargs)
+
+    port = free_port()
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    assert busy_ports({"gRPC": ("::", port)}) == []
+    with _listen("0.0.0.0") as holder:
+        held = holder.getsockname()[1]
+        (said,) = busy_ports({"gRPC": ("::", held)})
+    assert said.startswith(f"the gRPC port {held} (::) is already in use, held by pid {os.getpid()}")
+    assert busy_ports({"HTTP": ("::1", port)}) == [
+        f"cannot listen on the HTTP port {port} (::1): {os.strerror(refusal)}"
+    ], "an IPv6 address itself has no IPv4 stand-in"
 
 
 def test_test_and_benchmark_ports_stay_clear_of_the_ranges_ray_binds_on_its_own():
@@ -316,6 +341,31 @@ def test_the_launcher_hides_the_gpus_from_replicas_given_none(tmp_path, monkeypa
     assert env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "1"
 
 
+def test_a_start_starts_a_ray_of_its_own_whatever_ray_address_names(tmp_path, monkeypatch):
+    """With $RAY_ADDRESS set (or a `ray start` cluster running) the launcher's ray.init() joined that cluster and
+    `serve run` replaced its Serve applications."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    _, env = _launched(tmp_path, monkeypatch, _local_yaml())
+    assert "RAY_ADDRESS" not in env and env["PATH"] == os.environ["PATH"]
+
+    class Stop(Exception):
+        pass
+
+    def serve_run(*args, **kwargs):
+        raise Stop
+
+    initialized = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: initialized.append(kwargs))
+    monkeypatch.setattr(launcher.signal, "signal", lambda *args: None)
+    monkeypatch.setattr("ray.serve.scripts.run.main", serve_run)
+    with pytest.raises(Stop):
+        launcher.main([str(tmp_path / "serve.yaml"), "--metrics-port", "9464", "--num-cpus", "3"])
+    (kwargs,) = initialized
+    assert kwargs["address"] == "local" and kwargs["num_cpus"] == 3
+
+
 def test_a_start_on_a_busy_port_fails_at_once_naming_it(tmp_path, capsys):
     config = serve_test_config(tmp_path)
     path = tmp_path / "serve.yaml"
@@ -334,6 +384,10 @@ def _local_yaml(edit=None) -> str:
     if edit:
         edit(config)
     return yaml.safe_dump(config)
+
+
+def _deployment(config: dict, name: str) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
 
 
 @pytest.fixture
@@ -357,17 +411,35 @@ def no_launch(monkeypatch):
         (_local_yaml(lambda c: c["http_options"].update(port="eighty")), "http_options.port: Input should be a valid integer"),
         (_local_yaml(lambda c: c["applications"][0]["args"].update(overload={"proxy_buffer_bytes": 1_000_000})),
          "overload.proxy_buffer_bytes (1000000) is below the largest body the app accepts"),
+        (_local_yaml(lambda c: _deployment(c, "Remover").update(user_config={"batch_wait_timeout_s": {512: 0.02}})),
+         "Remover: set its live settings in the application args, not in user_config"),
+        (_local_yaml(lambda c: _deployment(c, "Ingress").update(backpressure_config={"status_code": 503})),
+         "Ingress: set overload.retry_after_s in the application args, not in backpressure_config"),
     ],
-    ids=["missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body"],
+    ids=[
+        "missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body",
+        "user-config", "backpressure-config",
+    ],
 )  # fmt: skip
 def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(tmp_path, capsys, no_launch, text, said):
-    """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError)."""
+    """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError; a
+    deployment's user_config or backpressure_config, which the rendering of the live settings refuses)."""
     path = tmp_path / "serve.yaml"
     if text is not None:
         path.write_text(text)
     assert run(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"[rorem] cannot start: {path}: ") and said in err and "Traceback" not in err
+
+
+def test_a_config_without_an_http_proxy_fails_the_start_saying_why(tmp_path, capsys, no_launch):
+    """`proxy_location: Disabled` was taken, then the start waited out --ready-timeout (600 s) for an HTTP answer."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(_local_yaml(lambda c: c.update(proxy_location="Disabled")))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert run(["run", "--config", str(path), *ports]) == 2
+    assert "cannot start: proxy_location is Disabled (no HTTP proxy): python -m serve run checks readiness and " \
+        "drains over HTTP; set EveryNode or HeadOnly" in capsys.readouterr().err
 
 
 def test_a_bundle_flag_over_the_authors_layout_fails_the_start(tmp_path, capsys, no_launch):
@@ -503,26 +575,48 @@ def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(t
 def test_deployments_the_config_does_not_list_are_given_cpus_too(tmp_path, monkeypatch):
     """Ray gives a replica 1 CPU unless told otherwise: a config without `deployments` (the docs' example of two
     applications) was counted 0 CPUs, Ray started with the machine's 2, and the replicas waited forever."""
-    from serve import cli
-
     config = yaml.safe_load(_local_yaml())
     del config["applications"][0]["deployments"]
     # within Ray's default of 5 requests at once, which the unlisted deployments run with (check_deployments)
     config["applications"][0]["args"].update(
         overload={"max_in_flight": 4}, batching={"max_batch_size": 2}, scorer={"max_batch_size": 4}
     )
+    command, _ = _launched(tmp_path, monkeypatch, yaml.safe_dump(config), cores=2, quota=None)
+    assert command[command.index("--num-cpus") + 1] == "3", command  # Ingress, Remover, Scorer at 1 each
+
+
+def test_a_container_s_cpu_quota_is_counted_as_ray_counts_it(tmp_path, monkeypatch, capsys):
+    """`docker run --cpus 2` on a 16-core host: the CLI compared the replicas' 3 CPUs with the host's 16 cores and
+    passed no --num-cpus, Ray started with the quota's 2, and a replica waited for a CPU until --ready-timeout."""
+    command, _ = _launched(tmp_path, monkeypatch, _local_yaml(), cores=16, quota=2.0)
+    assert command[command.index("--num-cpus") + 1] == "3", command
+    assert "the deployments ask for 3 CPUs, Ray sees 2 here: they share cores" in capsys.readouterr().out
+    command, _ = _launched(tmp_path, monkeypatch, _local_yaml(), cores=16, quota=4.0)
+    assert "--num-cpus" not in command
+
+
+def _launched(tmp_path, monkeypatch, config_text: str, cores: int = 16, quota: float | None = None):
+    """(the launcher's command, its environment) of a start of this config on a machine of `cores` cores in a
+    container of `quota` CPUs (None: no quota), Ray not started."""
+    import ray._private.utils
+
+    from serve import cli
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(ray._private.utils, "_get_docker_cpus", lambda *args, **kwargs: quota)
+    monkeypatch.delenv("RAY_USE_MULTIPROCESSING_CPU_COUNT", raising=False)
     path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(config_text)
     launched = []
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
-    launcher = SimpleNamespace(poll=lambda: 1, returncode=1)
-    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda command, **kwargs: launched.append(command) or launcher))
+    child = SimpleNamespace(poll=lambda: 1, returncode=1)
+    popen = lambda command, env, **kwargs: launched.append((command, env)) or child
+    monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=popen))
     monkeypatch.setattr(cli, "wait_until_ready", lambda *args: None)
     monkeypatch.setattr(cli, "stop_service", lambda *args: 1)
     ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
     run(["run", "--config", str(path), *ports])
-    (command,) = launched
-    assert command[command.index("--num-cpus") + 1] == "3", command  # Ingress, Remover, Scorer at 1 each
+    (started,) = launched
+    return started
 
 
 def test_several_applications_share_the_gpus_and_a_single_bundle_flag_is_refused(tmp_path, capsys, no_launch):
