@@ -193,7 +193,7 @@ def test_any_loopback_address_keeps_ray_and_grpc_on_loopback(host):
     keyless gRPC answer every peer, for an HTTP API only this machine reaches."""
     from serve.auth import GRPC_LOOPBACK_ONLY_ENV
     from serve.cli import grpc_access_env, host_names_note, ray_network_env
-    from serve.local_ray import RAY_LOOPBACK_ENV
+    from serve.local_ray import RAY_LOOPBACK_ENV, RAY_TOKEN_AUTH_ENV
 
     config = {"http_options": {"host": host}, "applications": [{"name": "rorem", "args": {}}]}
     assert ray_network_env(config) == RAY_LOOPBACK_ENV
@@ -203,7 +203,8 @@ def test_any_loopback_address_keeps_ray_and_grpc_on_loopback(host):
     assert bool(notes) == (host in ("127.0.0.2", "127.255.0.1")), "not a Host name the API routes answer: said"
     for outside in ("0.0.0.0", "::", "192.0.2.1", "localhost.example"):
         config["http_options"]["host"] = outside
-        assert ray_network_env(config) == {} and grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "0"}, outside
+        assert ray_network_env(config) == RAY_TOKEN_AUTH_ENV, outside
+        assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "0"}, outside
 
 
 def test_grpc_answers_loopback_peers_only_where_http_listens_on_loopback_without_keys(monkeypatch, tmp_path):
