@@ -2,6 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# PyPI's Linux torch 2.13.0 is the CUDA build (gigabytes of nvidia-* packages): PyTorch's CPU index is added where it
+# answers (its 2.13.0+cpu then wins); where it does not (an offline mirror that holds the CPU wheel), the configured
+# index alone. TORCH_CPU_INDEX= (empty) skips it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_PROBE := import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5); print('--extra-index-url $(TORCH_CPU_INDEX)')
 PYTEST_ARGS ?=
 
 .PHONY: venv serve test test-fast proto clean
@@ -11,7 +16,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $$($(PY) -c "$(TORCH_CPU_PROBE)" 2>/dev/null)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

@@ -48,6 +48,7 @@ from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 DEFAULT_METRICS_PORT = 9464
+READY_TIMEOUT_S = 600.0
 DEFAULT_GRPC_PORT = 9000
 STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace before SIGKILL
 
@@ -742,18 +743,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve")
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="start a local Ray Serve and block")
-    run_cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    run_cmd.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"Serve config (default: {DEFAULT_CONFIG.relative_to(Path(__file__).parents[1])})"
+    )
     run_cmd.add_argument("--bundle", default=None, help="bundle folder (default: $ROREM_BUNDLE)")
     run_cmd.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
-    run_cmd.add_argument("--port", type=port_number, default=None)
+    run_cmd.add_argument("--port", type=port_number, default=None, help="HTTP port (config default 8000)")
     run_cmd.add_argument("--grpc-port", type=port_number, default=None, help="gRPC port (config default 9000)")
     run_cmd.add_argument(
         "--metrics-port",
         type=port_number,
         default=DEFAULT_METRICS_PORT,
-        help="Ray's Prometheus export port (GET /metrics)",
+        help=f"Ray's Prometheus export port (GET /metrics; default {DEFAULT_METRICS_PORT})",
     )
-    run_cmd.add_argument("--ready-timeout", type=deadline, default=600.0, help="seconds to wait for READY")
+    run_cmd.add_argument(
+        "--ready-timeout", type=deadline, default=READY_TIMEOUT_S,
+        help=f"seconds to wait for READY (default {READY_TIMEOUT_S:g})",
+    )  # fmt: skip
     run_cmd.add_argument(
         "--gpus",
         type=gpu_count,

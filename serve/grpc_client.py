@@ -156,7 +156,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; a removal's `output_format` is the one to ask for (`output_format`). Mistakes exit 2 with
     the usage, as argparse answers them."""
     parser = argparse.ArgumentParser(prog="python -m serve.grpc_client")
-    parser.add_argument("--target", default="127.0.0.1:9000")
+    parser.add_argument("--target", default="127.0.0.1:9000", help="host:port of the gRPC proxy (default %(default)s)")
     parser.add_argument(
         "--timeout", type=deadline, default=DEFAULT_DEADLINE_S,
         help=f"the call's deadline in seconds (default {DEFAULT_DEADLINE_S:g}); the call asks the service to answer "
