@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from serve.retention import LocalObjectStore, ObjectMissing, RetentionStore, S3ObjectStore, object_key
+from serve.retention.objects import MARKER
 from serve.retention.store import MAX_VERDICTS, NewResult, ResultNotFound
 from tests.helpers import photo, png_bytes
 
@@ -57,8 +58,9 @@ def _new(result: bytes, score: float | None = 0.5, threshold: float = 0.5, sourc
 
 
 def _files(root: Path) -> set[str]:
-    """The objects' keys (the files under the key folders, which stay when emptied)."""
-    return {Path(folder, name).relative_to(root).as_posix() for folder, _, names in os.walk(root) for name in names}
+    """The objects' keys (the files under the key folders, which stay when emptied), not the store's marker."""
+    files = {Path(folder, name).relative_to(root).as_posix() for folder, _, names in os.walk(root) for name in names}
+    return files - {MARKER}
 
 
 @pytest.fixture
@@ -547,7 +549,9 @@ class FakeS3:
         self.modified: dict[str, float] = {}
         self.heads = 0
 
-    def put_object(self, Bucket, Key, Body):
+    def put_object(self, Bucket, Key, Body, IfNoneMatch=None):
+        if IfNoneMatch == "*" and (Bucket, Key) in self.objects:
+            raise _PreconditionFailed()
         self.objects[Bucket, Key] = Body
         self.modified[Key] = time.time()
 
@@ -582,6 +586,10 @@ class _NotFound(Exception):
     response: ClassVar[dict] = {"Error": {"Code": "404"}}
 
 
+class _PreconditionFailed(Exception):
+    response: ClassVar[dict] = {"Error": {"Code": "PreconditionFailed"}}
+
+
 def test_s3_store_uses_the_content_address_under_its_prefix():
     client = FakeS3()
     objects = S3ObjectStore("bucket", prefix="/rorem/results/", client=client)
@@ -603,7 +611,7 @@ def test_a_save_on_s3_asks_once_whether_each_object_is_there(tmp_path):
     client = FakeS3()
     store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", S3ObjectStore("bucket", prefix="r", client=client))
     kept = store.save(_new(b"first"))
-    assert client.heads == 3 and len(client.objects) == 3
+    assert client.heads == 3 and len(client.objects) == 3 + 1, "3 objects, and the store's marker"
     assert store.read(kept, "result") == (b"first", "image/png")
 
 
@@ -1333,6 +1341,66 @@ def test_the_sweeper_deletes_old_objects_no_result_refers_to(tmp_path):
     s3.put(b"new")
     bucket.modified[s3.name(old)] = long_ago
     assert list(s3.written_before(time.time() - 3600)) == [old]
+
+
+def _age(objects: LocalObjectStore) -> None:
+    """Every object as old as a kept result's, past ORPHAN_GRACE_S."""
+    long_ago = time.time() - 2 * 3600
+    for key in objects.written_before(time.time() + 1):
+        os.utime(objects.path(key), (long_ago, long_ago))
+
+
+def test_an_orphan_sweep_on_another_database_leaves_the_stores_objects(tmp_path, caplog):
+    """A pod whose database URL did not load fell back to a fresh results.db over the real object store: its
+    start-up sweep found no result referring to any object and deleted them all, labelled results' too."""
+    objects = LocalObjectStore(tmp_path / "objects")
+    real = RetentionStore.open(f"sqlite:///{tmp_path / 'real.db'}", objects)
+    kept = [real.save(_new(b"result %d" % i)) for i in range(5)]
+    real.add_feedback(kept[0], "no", "shadow left")
+    orphan = objects.put(b"left by a crash")
+    _age(objects)
+    before = _files(tmp_path / "objects")
+
+    for database in ("fallback.db", "real-copy-without-rows.db"):
+        other = RetentionStore.open(f"sqlite:///{tmp_path / database}", objects)
+        other.save(_new(b"saved meanwhile"))
+        assert other.drop_orphans() == 0
+    assert before <= _files(tmp_path / "objects")
+    assert "are not each other's" in caplog.text and str(tmp_path / "fallback.db") in caplog.text
+    assert real.read(kept[0], "source") == (b"the photo", "image/png")
+
+    assert real.drop_orphans() == 1, "the store's own database still collects its orphans"
+    assert not objects.exists(orphan) and real.read(kept[4], "result") == (b"result 4", "image/png")
+
+
+def test_a_store_kept_before_markers_is_adopted_by_its_own_database_only(tmp_path):
+    """Upgrading: a database and store of an earlier version have no store id; migration 0004 marks the database
+    (it holds results) legacy, and it adopts the store its results are found in. A database made since never
+    adopts a populated store, even once saves gave it results there."""
+    from alembic import command
+
+    from serve.retention.db import alembic_config, make_engine, migrate
+
+    objects = LocalObjectStore(tmp_path / "objects")
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    config = alembic_config(str(engine.url))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0003")
+    kept = RetentionStore(objects, engine).save(_new(b"kept before markers"))
+    orphan = objects.put(b"left by a crash")
+    _age(objects)
+
+    fresh = RetentionStore.open(f"sqlite:///{tmp_path / 'fresh.db'}", objects)
+    fresh.save(_new(b"saved by the fresh database"))
+    assert fresh.drop_orphans() == 0 and objects.exists(orphan)
+    assert objects.marker() is None
+
+    migrate(engine)
+    upgraded = RetentionStore(objects, engine)
+    assert upgraded.drop_orphans() == 1, "the crash's orphan"
+    assert not objects.exists(orphan) and upgraded.read(kept, "result") == (b"kept before markers", "image/png")
+    assert fresh.drop_orphans() == 0
 
 
 def test_the_sweeper_deletes_old_partial_writes_a_killed_process_left_never_a_fresh_one(tmp_path):

@@ -1,6 +1,7 @@
 """The retention metadata: tables, the engine, and migrations applied at startup.
 
-SQLite by default (a file next to the objects), PostgreSQL or any SQLAlchemy database by URL. The
+SQLite by default (a file next to the objects) or PostgreSQL by URL (others are untried: the verdict trim's
+NOT IN a LIMITed subquery of its own table fails on MySQL, and migrations take a lock on these two alone). The
 schema is owned by the Alembic revisions in migrations/ (applied with `migrate`, no alembic.ini);
 the models below must describe the same tables (a test compares them).
 Times are naive UTC.
@@ -12,7 +13,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -67,6 +68,17 @@ class FeedbackRow(Base):
     # the name of the API key that submitted the verdict, set by the service; None: auth off, or before 0003
     principal: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+
+
+class StoreIdRow(Base):
+    """The one row (id 1) naming the object store this database's results are in: its MARKER holds the same id.
+    `legacy`: made by migration 0004 over results an earlier version kept, before stores had markers."""
+
+    __tablename__ = "store_id"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    store_id: Mapped[str] = mapped_column(String(32))
+    legacy: Mapped[bool] = mapped_column(Boolean)
 
 
 def make_engine(url: str) -> Engine:

@@ -6,13 +6,15 @@ Deleting a result removes its metadata, its verdicts and every object no other r
 keys before it writes them, and a delete never removes a claimed object, so a save's object writes hold no
 lock (a save still waits for the lock a delete holds through its own deletes). A failed save deletes the objects it created; what it cannot (the object store
 failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a crash
-cut short once it is as old.
+cut short once it is as old. It does so only while the database and the object store are each other's
+(owns_its_objects): over another database's objects every one of them would look orphaned.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import threading
 import time
 import uuid
@@ -27,8 +29,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from serve.retention.db import FeedbackRow, ResultRow, make_engine, migrate, utcnow
-from serve.retention.objects import LocalObjectStore, ObjectStore, S3ObjectStore, object_key
+from serve.retention.db import FeedbackRow, ResultRow, StoreIdRow, make_engine, migrate, utcnow
+from serve.retention.objects import MARKER, LocalObjectStore, ObjectStore, S3ObjectStore, object_key
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ MAX_VERDICTS = 20
 # An object no result refers to is deleted by the sweeper once it is this old: far longer than any save takes
 # between writing an object and inserting the row that refers to it.
 ORPHAN_GRACE_S = 3600.0
+# A legacy database (results kept before stores had markers) adopts a store without a marker only if this many
+# of its newest results (or all it has, if fewer) have every object there.
+ADOPT_SAMPLE = 10
 _SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket", "owner")
 
 
@@ -154,7 +159,12 @@ class RetentionStore:
         """Connect and bring the schema up to date (migrations run here, once per process)."""
         engine = make_engine(database_url)
         migrate(engine)
-        return cls(objects, engine, **limits_and_clock)
+        store = cls(objects, engine, **limits_and_clock)
+        try:
+            store.owns_its_objects()
+        except Exception:
+            logger.exception("retention: cannot check that the database and the object store are each other's")
+        return store
 
     @classmethod
     def from_settings(cls, settings) -> RetentionStore:
@@ -407,6 +417,8 @@ class RetentionStore:
         """Delete the objects written more than `grace_s` ago that no result refers to: what failed saves
         could not delete themselves; and the partial writes as old, what a process killed mid-write left.
         Returns how many were deleted."""
+        if not self.owns_its_objects():
+            return 0
         before = time.time() - grace_s
         cut_short = self.objects.drop_partial_writes(before)
         if cut_short:
@@ -425,6 +437,55 @@ class RetentionStore:
         if dropped:
             logger.info("retention: deleted %d object(s) no result refers to", dropped)
         return cut_short + dropped
+
+    def owns_its_objects(self) -> bool:
+        """Whether the database and the object store are each other's: the database's store id is the one in the
+        store's MARKER. Written to both where both are new; a legacy database (one with results kept before
+        markers) writes its id into a store without a marker once its newest results are all found there. On any
+        doubt (a new database over a store with objects or another's marker, a marker where the database has
+        none): False, logged as an ERROR naming both, and no orphan is collected; saves and reads go on."""
+        with Session(self.engine) as session:
+            row = session.get(StoreIdRow, 1)
+            ours = None if row is None else row.store_id
+            has_results = session.scalar(select(ResultRow.id).limit(1)) is not None
+        marker = self.objects.marker()
+        if marker is None:
+            if row is None and not has_results and not _has_objects(self.objects):
+                ours = self._record_store_id(uuid.uuid4().hex)
+                marker = self.objects.claim_marker(ours)
+            elif row is not None and (self._adoptable() if row.legacy else not _has_objects(self.objects)):
+                marker = self.objects.claim_marker(ours)
+        if marker is not None and marker == ours:
+            return True
+        logger.error(
+            "retention: the database %s (store id %s) and the object store %s (marker %s: %s) are not each other's:"
+            " objects no result of this database refers to are NOT deleted. Point retention.database_url at the"
+            " store's own database; if this database is the store's own, write its store id into the marker",
+            self.engine.url.render_as_string(hide_password=True),
+            ours or "none",
+            self.objects.describe(),
+            MARKER,
+            marker or "none",
+        )
+        return False
+
+    def _record_store_id(self, store_id: str) -> str:
+        """The database's store id: `store_id`, unless another process recorded one first."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                session.add(StoreIdRow(id=1, store_id=store_id, legacy=False))
+        except IntegrityError:
+            pass
+        with Session(self.engine) as session:
+            return session.get(StoreIdRow, 1).store_id
+
+    def _adoptable(self) -> bool:
+        """The newest ADOPT_SAMPLE results all have their objects in the store."""
+        columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
+        newest = select(*columns).order_by(ResultRow.created_at.desc()).limit(ADOPT_SAMPLE)
+        with Session(self.engine) as session:
+            keys = {key for row in session.execute(newest) for key in row}
+        return bool(keys) and all(self.objects.exists(key) for key in keys)
 
     def _claim(self, keys: Iterable[str]) -> None:
         """With _lock held: no delete removes these objects until they are unclaimed."""
@@ -537,6 +598,10 @@ class RetentionStore:
             )
             for row in rows
         ]
+
+
+def _has_objects(objects: ObjectStore) -> bool:
+    return next(iter(objects.written_before(math.inf)), None) is not None
 
 
 def _owned_by(owner: str | None) -> tuple:
