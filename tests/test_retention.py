@@ -1446,6 +1446,34 @@ def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path
     assert len(list(store.objects.written_before(time.time() - 3600))) == 0
 
 
+def test_a_sweep_expiring_many_results_on_a_slow_object_store_lets_saves_in_between(tmp_path, clock):
+    """Deleting results held the store's lock through every chunk, each object delete included: while the sweeper
+    expired 100 results on S3 every save waited at its claim, past save_timeout_s (answered without an id)."""
+
+    class SlowDeletes(LocalObjectStore):
+        delay = 0.0
+
+        def delete(self, key):
+            time.sleep(self.delay)
+            super().delete(key)
+
+    objects = SlowDeletes(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects, max_age_days=30, clock=clock)
+    for i in range(100):
+        store.save(_new(b"expiring %d" % i, source=b"photo %d" % i))
+    objects.delay = 0.01  # 300 objects: 3 s of deletes
+    clock.advance(days=31)
+    sweep = threading.Thread(target=store.enforce_limits, kwargs={"ages_only": True})
+    sweep.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    saved = store.save(_new(b"during the sweep", source=b"another photo"))
+    waited = time.monotonic() - started
+    sweep.join()
+    assert waited < 1.0, f"the save waited {waited:.2f} s for the sweep (3 s of deletes)"
+    assert _rows(store) == [saved] and len(_files(tmp_path / "objects")) == 3
+
+
 def test_a_save_racing_the_delete_of_the_last_object_in_its_folder_is_stored(tmp_path, monkeypatch):
     """An object is written into its key's folder (`ab/`); deleting the last object of a folder removed the
     folder, so a save whose new object fell in that folder while another result was deleted (DELETE /results,

@@ -4,7 +4,7 @@ and the retention limits. Blocking IO: callers on an event loop run it in a thre
 Deleting a result removes its metadata, its verdicts and every object no other result refers to
 (a photo sent twice is stored once and stays while one of its results does). A save claims its objects'
 keys before it writes them, and a delete never removes a claimed object, so a save's object writes hold no
-lock (a save still waits for the lock a delete holds through its own deletes). A failed save deletes the objects it created; what it cannot (the object store
+lock, and a delete takes the lock one object at a time (a save waits for one object delete at most). A failed save deletes the objects it created; what it cannot (the object store
 failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a crash
 cut short once it is as old. It does so only while the database and the object store are each other's
 (owns_its_objects): over another database's objects every one of them would look orphaned.
@@ -231,7 +231,9 @@ class RetentionStore:
         except BaseException:
             with self._lock:
                 self._saving.discard(result_id)
-                self._unclaim(keys, created)
+            self._drop_created(created)
+            with self._lock:
+                self._unclaim(keys)
             raise
         with self._lock:
             self._unclaim(keys)
@@ -262,7 +264,9 @@ class RetentionStore:
         with Session(self.engine) as session:
             if session.scalar(self._found(result_id)) is None:
                 return False
-        return self._delete_ids([result_id]) == 1
+        deleted, keys = self._delete_rows([result_id])
+        self._drop_one_by_one(keys)
+        return deleted == 1
 
     # ------------------------------------------------------------ feedback
 
@@ -376,7 +380,10 @@ class RetentionStore:
                 doomed, unjudged = self._select(keep, ages_only, owner)
             if not doomed and not unjudged:
                 return 0
-            deleted = self._delete_ids(doomed) + self._delete_ids(unjudged, unjudged=True)
+            deleted, keys = self._delete_rows(doomed)
+            deleted_unjudged, keys_unjudged = self._delete_rows(unjudged, unjudged=True)
+            deleted += deleted_unjudged
+        self._drop_one_by_one(keys | keys_unjudged)  # another enforcement (a save's) need not wait for the objects
         logger.info("retention limits: deleted %d result(s)", deleted)
         return deleted
 
@@ -429,11 +436,7 @@ class RetentionStore:
         columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
         with Session(self.engine) as session:
             referenced = {key for row in session.execute(select(*columns)) for key in row}
-        dropped = 0
-        for key in sorted(stale - referenced):  # the lock a key at a time: saves claim theirs in between
-            with self._lock:
-                dropped += self._drop_unreferenced([key])
-            time.sleep(0.001)  # Python's locks are not fair: without a pause this thread would take it straight back
+        dropped = self._drop_one_by_one(stale - referenced)
         if dropped:
             logger.info("retention: deleted %d object(s) no result refers to", dropped)
         return cut_short + dropped
@@ -494,14 +497,31 @@ class RetentionStore:
                 self._shared.add(key)
             self._claims[key] += 1
 
-    def _unclaim(self, keys: Iterable[str], created: Iterable[str] = ()) -> None:
-        """With _lock held. `created`: the objects a failed save wrote, deleted unless another save claimed
-        them meanwhile (its row may refer to them: left to drop_orphans)."""
-        for key in set(created) - self._shared:
-            try:
-                self.objects.delete(key)
-            except Exception:
-                logger.exception("retention: cannot delete the object of a failed save; the sweeper will")
+    def _drop_created(self, created: Iterable[str]) -> None:
+        """The objects a failed save wrote, still claimed by it, deleted unless another save claimed them meanwhile
+        (its row may refer to them: left to drop_orphans), without the database (which may be what failed); the
+        lock a key at a time, as _drop_one_by_one."""
+        for key in created:
+            with self._lock:
+                if key in self._shared:
+                    continue
+                try:
+                    self.objects.delete(key)
+                except Exception:
+                    logger.exception("retention: cannot delete the object of a failed save; the sweeper will")
+
+    def _drop_one_by_one(self, keys: Iterable[str]) -> int:
+        """Delete the objects no result refers to and no save claims, holding the lock for one key at a time:
+        saves claim theirs in between, so a long delete on a slow object store holds up none; how many."""
+        dropped = 0
+        for key in sorted(keys):
+            with self._lock:
+                dropped += self._drop_unreferenced([key])
+            time.sleep(0.001)  # Python's locks are not fair: without a pause this thread would take it straight back
+        return dropped
+
+    def _unclaim(self, keys: Iterable[str]) -> None:
+        """With _lock held."""
         for key in set(keys):
             self._claims[key] -= 1
             if not self._claims[key]:
@@ -532,26 +552,26 @@ class RetentionStore:
             found[labelled].extend(session.scalars(statement.order_by(ResultRow.created_at, ResultRow.id).limit(left)))
         return found
 
-    def _delete_ids(self, ids: Sequence[str], unjudged: bool = False) -> int:
-        """The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
-        db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
+    def _delete_rows(self, ids: Sequence[str], unjudged: bool = False) -> tuple[int, set[str]]:
+        """Delete the results' rows; returns how many and the keys of their objects, for _drop_one_by_one: the
+        lock is held for a chunk of rows, then for an object, at a time, never through all, so a save's claim waits
+        for one at most. The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign
+        keys are on, db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
         then the verdicts), so a verdict and a delete of its result never deadlock. `unjudged`: only those still
         without a verdict (the DELETE checks it: a verdict committed first keeps its result). The rows are locked
         first (FOR UPDATE; SQLite's writers take turns anyway): on PostgreSQL a DELETE that waited on a verdict's
         open transaction would otherwise delete by the snapshot it started from, verdict and all."""
         still = (~_has_feedback(),) if unjudged else ()
-        deleted = 0
-        with self._lock:
-            for start in range(0, len(ids), _CHUNK):
-                chunk = list(ids[start : start + _CHUNK])
-                with Session(self.engine) as session, session.begin():
-                    chosen = select(ResultRow).where(ResultRow.id.in_(chunk), *still).with_for_update()
-                    rows = session.scalars(chosen).all()
-                    keys = {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
-                    gone = session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk), *still))
-                deleted += gone.rowcount
-                self._drop_unreferenced(keys)
-        return deleted
+        deleted, keys = 0, set()
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start : start + _CHUNK])
+            with self._lock, Session(self.engine) as session, session.begin():
+                chosen = select(ResultRow).where(ResultRow.id.in_(chunk), *still).with_for_update()
+                rows = session.scalars(chosen).all()
+                keys |= {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
+                gone = session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk), *still))
+            deleted += gone.rowcount
+        return deleted, keys
 
     def _drop_unreferenced(self, keys: Iterable[str]) -> int:
         """With _lock held: delete the objects no result refers to and no save claims; returns how many."""
