@@ -307,6 +307,34 @@ def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp
         client.close()
 
 
+def test_the_sweeper_enforces_max_results_a_failed_save_left_exceeded(tmp_path, clock, monkeypatch):
+    """Each save's limits failing after its insert (a locked database) is logged, 'the next save or sweep enforces
+    them': the sweeper enforced the age limit alone, and the store stayed past max_results."""
+    from serve.retention.keeper import LocalStoreClient
+
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=2, clock=clock
+    )
+    enforce = store.enforce_limits
+
+    def locked(**_):
+        raise OSError("database is locked")
+
+    monkeypatch.setattr(store, "enforce_limits", locked)
+    saved = []
+    for n in range(5):
+        saved.append(store.save(_new(b"result %d" % n)))
+        clock.advance(seconds=1)
+    monkeypatch.setattr(store, "enforce_limits", enforce)
+    assert store.count() == 5
+    client = LocalStoreClient(lambda: store)
+    try:
+        client.sweep()
+    finally:
+        client.close()
+    assert _rows(store) == saved[-2:], "the newest two are kept"
+
+
 def _rows(store: RetentionStore) -> list[str]:
     """Every row's id, expired or not (what the readers see hides the expired ones)."""
     from sqlalchemy import select
@@ -1463,7 +1491,7 @@ def test_a_sweep_expiring_many_results_on_a_slow_object_store_lets_saves_in_betw
         store.save(_new(b"expiring %d" % i, source=b"photo %d" % i))
     objects.delay = 0.01  # 300 objects: 3 s of deletes
     clock.advance(days=31)
-    sweep = threading.Thread(target=store.enforce_limits, kwargs={"ages_only": True})
+    sweep = threading.Thread(target=store.enforce_limits)
     sweep.start()
     time.sleep(0.2)
     started = time.monotonic()

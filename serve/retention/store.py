@@ -364,20 +364,20 @@ class RetentionStore:
 
     # ------------------------------------------------------------ limits
 
-    def enforce_limits(self, keep: str | None = None, ages_only: bool = False, owner: str | None = None) -> int:
+    def enforce_limits(self, keep: str | None = None, owner: str | None = None) -> int:
         """Delete results past max_age_days (labelled or not); then, beyond max_results_per_owner, `owner`'s
         oldest (unlabelled first); then, beyond max_results, everyone's oldest unlabelled ones first: a flood of
         new results (anyone with the remove scope may retain) never pushes out the human verdicts while an older
         unlabelled result is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes
         out only its own. `keep` (the result save() just stored, whose id the caller is about to get) and any
-        other result whose save has not returned are never the ones that go. `ages_only` (the sweeper): only
-        saves add results, so counting is theirs. A result picked for having no verdict is deleted only while it
-        still has none: a verdict committed in between keeps it (the limit is then met by the next save).
+        other result whose save has not returned are never the ones that go. Without `owner` (the sweeper) no
+        owner's bound is enforced: a save enforces its owner's. A result picked for having no verdict is deleted only while it
+        still has none: a verdict committed in between keeps it (the limit is then met by the next save or sweep).
         Returns how many were deleted."""
         with self._limits_lock:
             # held through the selection: no save inserts between the snapshot of saves in progress and the picks
             with self._lock:
-                doomed, unjudged = self._select(keep, ages_only, owner)
+                doomed, unjudged = self._select(keep, owner)
             if not doomed and not unjudged:
                 return 0
             deleted, keys = self._delete_rows(doomed)
@@ -387,7 +387,7 @@ class RetentionStore:
         logger.info("retention limits: deleted %d result(s)", deleted)
         return deleted
 
-    def _select(self, keep: str | None, ages_only: bool, owner: str | None) -> tuple[list[str], list[str]]:
+    def _select(self, keep: str | None, owner: str | None) -> tuple[list[str], list[str]]:
         """The results `enforce_limits` deletes, as (those deleted as they are, those picked for having no
         verdict); with `_lock` held."""
         saving = list(self._saving | ({keep} if keep is not None else set()))
@@ -400,8 +400,7 @@ class RetentionStore:
                 doomed = list(session.scalars(select(ResultRow.id).where(~eligible[0])).all())
             if saving:
                 eligible.append(ResultRow.id.not_in(saving))
-            counted = not ages_only
-            if counted and owner is not None and self.max_results_per_owner is not None:
+            if owner is not None and self.max_results_per_owner is not None:
                 owned = session.scalar(
                     select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))
                 ) or 0
@@ -414,7 +413,7 @@ class RetentionStore:
                     eligible.append(ResultRow.id.not_in(unlabelled + labelled))
             total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
             picked = len(doomed) + len(unjudged)
-            over = total - picked - self.max_results if self.max_results is not None and counted else 0
+            over = total - picked - self.max_results if self.max_results is not None else 0
             unlabelled, labelled = self._oldest(session, over, eligible)
         return doomed + labelled, unjudged + unlabelled
 
