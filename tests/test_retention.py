@@ -1037,6 +1037,40 @@ def test_export_labels_labelled_by_keeps_only_the_named_keys_verdicts_and_says_w
     assert "labelled_by: List should have at least 1 item" in capsys.readouterr().err, "not read as no filter"
 
 
+def test_export_labels_refuses_a_store_that_is_not_there_and_creates_none(tmp_path, capsys):
+    """A mistyped --objects path was made into a new, empty store (folders, results.db, migrations), and the
+    export said "0 labelled results"."""
+    from training.cli import main
+
+    typo = tmp_path / "reslts"
+    assert main(["export-labels", "--objects", str(typo), "--out", str(tmp_path / "labels")]) == 1
+    assert f"no retention objects folder {typo / 'objects'}" in capsys.readouterr().err
+    assert not typo.exists()
+
+    (typo / "objects").mkdir(parents=True)
+    assert main(["export-labels", "--objects", str(typo), "--out", str(tmp_path / "labels")]) == 1
+    assert f"no retention database {typo / 'results.db'}" in capsys.readouterr().err
+    assert sorted(typo.rglob("*")) == [typo / "objects"]
+
+
+def test_export_labels_never_migrates_the_services_database(tmp_path, capsys):
+    """An export from a newer checkout upgraded the production schema under the running service."""
+    from sqlalchemy import text
+
+    from serve.retention.db import make_engine
+    from training.cli import main
+
+    _labelled_store(tmp_path)
+    engine = make_engine(f"sqlite:///{tmp_path / 'kept' / 'results.db'}")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0003'"))
+        connection.execute(text("DROP TABLE store_id"))
+    assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(tmp_path / "labels")]) == 1
+    assert "is at schema revision 0003" in capsys.readouterr().err
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+
+
 def test_export_labels_refuses_too_few_labels(tmp_path, capsys):
     from training.cli import main
 

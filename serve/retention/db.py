@@ -132,6 +132,27 @@ def migrate(engine: Engine) -> None:
         _upgrade(command, config, engine)
 
 
+class SchemaNotCurrent(RuntimeError):
+    """The database's schema is not this checkout's newest revision, and the reader must not migrate it."""
+
+
+def check_schema_current(engine: Engine) -> None:
+    """SchemaNotCurrent unless the schema is at this checkout's newest revision: for readers that must not migrate
+    a database the service owns (only the service's own start does)."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise SchemaNotCurrent(
+            f"the retention database {engine.url.render_as_string(hide_password=True)} is at schema revision "
+            f"{current or 'none'}, this checkout's newest is {head}: read it with the service's own version, or "
+            "let the service of this version start on it first (its start migrates it)"
+        )
+
+
 def _upgrade(command, config, engine: Engine) -> None:
     """The whole upgrade is one transaction, so a start stopped mid-migration leaves the schema as it was. Python's
     sqlite3 opens none before DDL (each statement would commit alone: a revision half applied, its next run failing

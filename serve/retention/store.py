@@ -25,11 +25,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, or_, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from serve.retention.db import FeedbackRow, ResultRow, StoreIdRow, make_engine, migrate, utcnow
+from serve.retention.db import (
+    FeedbackRow,
+    ResultRow,
+    StoreIdRow,
+    check_schema_current,
+    make_engine,
+    migrate,
+    utcnow,
+)
 from serve.retention.objects import MARKER, LocalObjectStore, ObjectStore, S3ObjectStore, object_key
 
 logger = logging.getLogger(__name__)
@@ -168,22 +176,25 @@ class RetentionStore:
 
     @classmethod
     def from_settings(cls, settings) -> RetentionStore:
-        """From serve.config.RetentionSettings (the service's config, or a config file read by training)."""
-        s3 = settings.object_store.s3
-        if s3 is None:  # owner-only: LocalObjectStore's mkdir gives the folders it makes above objects/ the umask's
+        """From serve.config.RetentionSettings (the service's config)."""
+        if settings.object_store.s3 is None:  # owner-only: LocalObjectStore's mkdir gives folders above it the umask's
             Path(settings.object_store.path).expanduser().mkdir(parents=True, exist_ok=True, mode=0o700)
-        objects = (
-            S3ObjectStore(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
-            if s3 is not None
-            else LocalObjectStore(settings.objects_folder())
-        )
-        return cls.open(
-            settings.resolved_database_url(),
-            objects,
-            max_results=settings.max_results,
-            max_age_days=settings.max_age_days,
-            max_results_per_owner=settings.max_results_per_owner,
-        )
+        return cls.open(settings.resolved_database_url(), _objects_of(settings), **_limits_of(settings))
+
+    @classmethod
+    def open_existing(cls, settings) -> RetentionStore:
+        """A store the service keeps, to read (export-labels): nothing is made, migrated or tied, so a mistyped path
+        is refused, not made an empty store, and a newer checkout never migrates the service's schema under it.
+        FileNotFoundError naming a missing objects folder or SQLite file; SchemaNotCurrent."""
+        if settings.object_store.s3 is None and not settings.objects_folder().is_dir():
+            raise FileNotFoundError(f"no retention objects folder {settings.objects_folder()}")
+        url = settings.resolved_database_url()
+        database = make_url(url).database if make_url(url).get_backend_name() == "sqlite" else None
+        if database and not database.startswith("file:") and not Path(database).expanduser().is_file():
+            raise FileNotFoundError(f"no retention database {Path(database).expanduser()}")
+        engine = make_engine(url)
+        check_schema_current(engine)
+        return cls(_objects_of(settings), engine, **_limits_of(settings))
 
     def describe(self) -> str:
         return (
@@ -617,6 +628,21 @@ class RetentionStore:
             )
             for row in rows
         ]
+
+
+def _objects_of(settings) -> ObjectStore:
+    s3 = settings.object_store.s3
+    if s3 is None:
+        return LocalObjectStore(settings.objects_folder())
+    return S3ObjectStore(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
+
+
+def _limits_of(settings) -> dict[str, Any]:
+    return {
+        "max_results": settings.max_results,
+        "max_age_days": settings.max_age_days,
+        "max_results_per_owner": settings.max_results_per_owner,
+    }
 
 
 def _has_objects(objects: ObjectStore) -> bool:
