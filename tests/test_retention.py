@@ -1427,6 +1427,7 @@ def test_an_orphan_sweep_on_another_database_leaves_the_stores_objects(tmp_path,
         other = RetentionStore.open(f"sqlite:///{tmp_path / database}", objects)
         other.save(_new(b"saved meanwhile"))
         assert other.drop_orphans() == 0
+        assert other.delete(other.save(_new(b"result 1"))), "a result of the same images as one of the store's"
     assert before <= _files(tmp_path / "objects")
     assert "are not each other's" in caplog.text and str(tmp_path / "fallback.db") in caplog.text
     assert real.read(kept[0], "source") == (b"the photo", "image/png")

@@ -161,6 +161,7 @@ class RetentionStore:
         # With _lock held: how many saves in progress claim each object key, and the keys two of them claimed at once.
         self._claims: Counter[str] = Counter()
         self._shared: set[str] = set()
+        self._tied = False  # owns_its_objects's last answer: a delete drops objects only while it was yes
 
     @classmethod
     def open(cls, database_url: str, objects: ObjectStore, **limits_and_clock) -> RetentionStore:
@@ -453,10 +454,11 @@ class RetentionStore:
 
     def owns_its_objects(self) -> bool:
         """Whether the database and the object store are each other's: the database's store id is the one in the
-        store's MARKER. Written to both where both are new; a legacy database (one with results kept before
-        markers) writes its id into a store without a marker once its newest results are all found there. On any
-        doubt (a new database over a store with objects or another's marker, a marker where the database has
-        none): False, logged as an ERROR naming both, and no orphan is collected; saves and reads go on."""
+        store's MARKER; asked at open and by each orphan sweep, and until it says yes no delete drops an object.
+        Written to both where both are new; a legacy database (one with results kept before markers) writes its
+        id into a store without a marker once its newest results are all found there. On any doubt (a new
+        database over a store with objects or another's marker, a marker where the database has none): False,
+        logged as an ERROR naming both, and no object is deleted; saves and reads go on."""
         with Session(self.engine) as session:
             row = session.get(StoreIdRow, 1)
             ours = None if row is None else row.store_id
@@ -468,7 +470,8 @@ class RetentionStore:
                 marker = self.objects.claim_marker(ours)
             elif row is not None and (self._adoptable() if row.legacy else not _has_objects(self.objects)):
                 marker = self.objects.claim_marker(ours)
-        if marker is not None and marker == ours:
+        self._tied = marker is not None and marker == ours
+        if self._tied:
             return True
         logger.error(
             "retention: the database %s (store id %s) and the object store %s (marker %s: %s) are not each other's:"
@@ -522,7 +525,11 @@ class RetentionStore:
 
     def _drop_one_by_one(self, keys: Iterable[str]) -> int:
         """Delete the objects no result refers to and no save claims, holding the lock for one key at a time:
-        saves claim theirs in between, so a long delete on a slow object store holds up none; how many."""
+        saves claim theirs in between, so a long delete on a slow object store holds up none; how many. None
+        unless the database and the store were last found each other's: another database's results may refer
+        to them (the orphan sweep of the store's own database deletes them)."""
+        if not self._tied:
+            return 0
         dropped = 0
         for key in sorted(keys):
             with self._lock:
