@@ -413,9 +413,9 @@ class RetentionStore:
             if saving:
                 eligible.append(ResultRow.id.not_in(saving))
             if owner is not None and self.max_results_per_owner is not None:
-                owned = session.scalar(
-                    select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))
-                ) or 0
+                owned = (
+                    session.scalar(select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))) or 0
+                )
                 unlabelled, labelled = self._oldest(
                     session, owned + (keep is not None) - self.max_results_per_owner, eligible, owner
                 )
