@@ -1,12 +1,12 @@
 """RetentionStore: retained results (objects + metadata), the verdicts on them, the annotation queue
 and the retention limits. Blocking IO: callers on an event loop run it in a thread.
 
-Deleting a result removes its metadata, its verdicts and every object no other result refers to
-(a photo sent twice is stored once and stays while one of its results does). A save claims its objects'
-keys before it writes them, and a delete never removes a claimed object, so a save's object writes hold no
-lock, and a delete takes the lock one object at a time (a save waits for one object delete at most). A failed save deletes the objects it created; what it cannot (the object store
-failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a crash
-cut short once it is as old. It does so only while the database and the object store are each other's
+Deleting a result removes its metadata, its verdicts and every object no other result refers to (a photo sent twice is
+stored once and stays while one of its results does). A save claims its objects' keys before it writes them, and a
+delete never removes a claimed object, so a save's object writes hold no lock, and a delete takes the lock one object at
+a time (a save waits for one object delete at most). A failed save deletes the objects it created; what it cannot (the
+object store failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a
+crash cut short once it is as old. It does so only while the database and the object store are each other's
 (owns_its_objects): over another database's objects every one of them would look orphaned.
 """
 
@@ -377,15 +377,14 @@ class RetentionStore:
     # ------------------------------------------------------------ limits
 
     def enforce_limits(self, keep: str | None = None, owner: str | None = None) -> int:
-        """Delete results past max_age_days (labelled or not); then, beyond max_results_per_owner, `owner`'s
-        oldest (unlabelled first); then, beyond max_results, everyone's oldest unlabelled ones first: a flood of
-        new results (anyone with the remove scope may retain) never pushes out the human verdicts while an older
-        unlabelled result is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes
-        out only its own. `keep` (the result save() just stored, whose id the caller is about to get) and any
-        other result whose save has not returned are never the ones that go. Without `owner` (the sweeper) no
-        owner's bound is enforced: a save enforces its owner's. A result picked for having no verdict is deleted only while it
-        still has none: a verdict committed in between keeps it (the limit is then met by the next save or sweep).
-        Returns how many were deleted."""
+        """Delete results past max_age_days (labelled or not); then, beyond max_results_per_owner, `owner`'s oldest
+        (unlabelled first); then, beyond max_results, everyone's oldest unlabelled ones first: a flood of new results
+        (anyone with the remove scope may retain) never pushes out the human verdicts while an older unlabelled result
+        is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes out only its own. `keep`
+        (the result save() just stored, whose id the caller is about to get) and any other result whose save has not
+        returned are never the ones that go. Without `owner` (the sweeper) no owner's bound is enforced: a save enforces
+        its owner's. A result picked for having no verdict is deleted only while it still has none: a verdict committed
+        in between keeps it (the limit is then met by the next save or sweep). Returns how many were deleted."""
         with self._limits_lock:
             # held through the selection: no save inserts between the snapshot of saves in progress and the picks
             with self._lock:
@@ -570,14 +569,14 @@ class RetentionStore:
         return found
 
     def _delete_rows(self, ids: Sequence[str], unjudged: bool = False) -> tuple[int, set[str]]:
-        """Delete the results' rows; returns how many and the keys of their objects, for _drop_one_by_one: the
-        lock is held for a chunk of rows, then for an object, at a time, never through all, so a save's claim waits
-        for one at most. The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign
-        keys are on, db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
-        then the verdicts), so a verdict and a delete of its result never deadlock. `unjudged`: only those still
-        without a verdict (the DELETE checks it: a verdict committed first keeps its result). The rows are locked
-        first (FOR UPDATE; SQLite's writers take turns anyway): on PostgreSQL a DELETE that waited on a verdict's
-        open transaction would otherwise delete by the snapshot it started from, verdict and all."""
+        """Delete the results' rows; returns how many and the keys of their objects, for _drop_one_by_one: the lock is
+        held for a chunk of rows, then for an object, at a time, never through all, so a save's claim waits for one.
+        The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
+        db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim then
+        the verdicts), so a verdict and a delete of its result never deadlock. `unjudged`: only those still without a
+        verdict (the DELETE checks it: a verdict committed first keeps its result). The rows are locked first (FOR
+        UPDATE; SQLite's writers take turns anyway): on PostgreSQL a DELETE that waited on a verdict's open transaction
+        would otherwise delete by the snapshot it started from, verdict and all."""
         still = (~_has_feedback(),) if unjudged else ()
         deleted, keys = 0, set()
         for start in range(0, len(ids), _CHUNK):
