@@ -46,6 +46,7 @@ BUNDLE_ENV = "ROREM_BUNDLE"
 INSTANCE_ENV = "ROREM_INSTANCE_ID"  # set by `python -m serve run` on its Ray processes; /healthz returns it
 _HOST_NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")  # a DNS name or IPv4, or [IPv6]
 DATABASE_URL_ENV = "ROREM_RETENTION_DATABASE_URL"
+MAX_AGE_DAYS = 36_500  # 100 years: retention.max_age_days's bound, far within a datetime's range
 MAX_RETRY_AFTER_S = 600  # the longest Retry-After the service sends, configured or measured
 
 
@@ -469,7 +470,14 @@ class RetentionSettings(_Strict):
     max_results: int | None = Field(
         10_000, ge=1, description="keep at most this many results; the oldest unlabelled go first"
     )
-    max_age_days: float | None = Field(30.0, gt=0, description="delete results older than this many days")
+    max_age_days: float | None = Field(
+        30.0,
+        gt=0,
+        le=MAX_AGE_DAYS,
+        allow_inf_nan=False,
+        description=f"delete results older than this many days (at most {MAX_AGE_DAYS}: a date further back is "
+        "out of range; null: kept until max_results pushes them out)",
+    )
     max_results_per_owner: int | None = Field(
         None,
         ge=1,

@@ -749,3 +749,15 @@ def test_a_scorer_off_config_in_its_live_form_is_valid():
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "Scorer"]
     validate_serve_config(copy.deepcopy(config))
     validate_serve_config(live_serve_config(config))
+
+
+@pytest.mark.parametrize("days", [1e6, float("inf"), float("nan")])
+def test_a_retention_age_past_any_date_is_refused_at_startup(days):
+    """max_age_days 1e6 ("keep for ever") passed validation, then every read, the queue, the sweeper and each save's
+    limits raised OverflowError (date out of range): results that could never be read back."""
+    from serve.config import MAX_AGE_DAYS, RetentionSettings
+
+    with pytest.raises(ValidationError, match="max_age_days") as raised:
+        RetentionSettings(enabled=True, max_age_days=days)
+    assert f"less than or equal to {MAX_AGE_DAYS}" in str(raised.value) or "finite number" in str(raised.value)
+    assert RetentionSettings(max_age_days=MAX_AGE_DAYS).max_age_days == MAX_AGE_DAYS

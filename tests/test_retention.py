@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from serve.retention import LocalObjectStore, ObjectMissing, RetentionStore, S3ObjectStore, object_key
+from serve.retention.objects import MARKER
 from serve.retention.store import MAX_VERDICTS, NewResult, ResultNotFound
 from tests.helpers import photo, png_bytes
 
@@ -57,8 +58,9 @@ def _new(result: bytes, score: float | None = 0.5, threshold: float = 0.5, sourc
 
 
 def _files(root: Path) -> set[str]:
-    """The objects' keys (the files under the key folders, which stay when emptied)."""
-    return {Path(folder, name).relative_to(root).as_posix() for folder, _, names in os.walk(root) for name in names}
+    """The objects' keys (the files under the key folders, which stay when emptied), not the store's marker."""
+    files = {Path(folder, name).relative_to(root).as_posix() for folder, _, names in os.walk(root) for name in names}
+    return files - {MARKER}
 
 
 @pytest.fixture
@@ -305,6 +307,34 @@ def test_the_sweeper_deletes_results_past_max_age_even_when_nothing_is_saved(tmp
         client.close()
 
 
+def test_the_sweeper_enforces_max_results_a_failed_save_left_exceeded(tmp_path, clock, monkeypatch):
+    """Each save's limits failing after its insert (a locked database) is logged, 'the next save or sweep enforces
+    them': the sweeper enforced the age limit alone, and the store stayed past max_results."""
+    from serve.retention.keeper import LocalStoreClient
+
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=2, clock=clock
+    )
+    enforce = store.enforce_limits
+
+    def locked(**_):
+        raise OSError("database is locked")
+
+    monkeypatch.setattr(store, "enforce_limits", locked)
+    saved = []
+    for n in range(5):
+        saved.append(store.save(_new(b"result %d" % n)))
+        clock.advance(seconds=1)
+    monkeypatch.setattr(store, "enforce_limits", enforce)
+    assert store.count() == 5
+    client = LocalStoreClient(lambda: store)
+    try:
+        client.sweep()
+    finally:
+        client.close()
+    assert _rows(store) == saved[-2:], "the newest two are kept"
+
+
 def _rows(store: RetentionStore) -> list[str]:
     """Every row's id, expired or not (what the readers see hides the expired ones)."""
     from sqlalchemy import select
@@ -547,7 +577,9 @@ class FakeS3:
         self.modified: dict[str, float] = {}
         self.heads = 0
 
-    def put_object(self, Bucket, Key, Body):
+    def put_object(self, Bucket, Key, Body, IfNoneMatch=None):
+        if IfNoneMatch == "*" and (Bucket, Key) in self.objects:
+            raise _PreconditionFailed()
         self.objects[Bucket, Key] = Body
         self.modified[Key] = time.time()
 
@@ -582,6 +614,10 @@ class _NotFound(Exception):
     response: ClassVar[dict] = {"Error": {"Code": "404"}}
 
 
+class _PreconditionFailed(Exception):
+    response: ClassVar[dict] = {"Error": {"Code": "PreconditionFailed"}}
+
+
 def test_s3_store_uses_the_content_address_under_its_prefix():
     client = FakeS3()
     objects = S3ObjectStore("bucket", prefix="/rorem/results/", client=client)
@@ -603,7 +639,7 @@ def test_a_save_on_s3_asks_once_whether_each_object_is_there(tmp_path):
     client = FakeS3()
     store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", S3ObjectStore("bucket", prefix="r", client=client))
     kept = store.save(_new(b"first"))
-    assert client.heads == 3 and len(client.objects) == 3
+    assert client.heads == 3 and len(client.objects) == 3 + 1, "3 objects, and the store's marker"
     assert store.read(kept, "result") == (b"first", "image/png")
 
 
@@ -1001,6 +1037,40 @@ def test_export_labels_labelled_by_keeps_only_the_named_keys_verdicts_and_says_w
     assert "labelled_by: List should have at least 1 item" in capsys.readouterr().err, "not read as no filter"
 
 
+def test_export_labels_refuses_a_store_that_is_not_there_and_creates_none(tmp_path, capsys):
+    """A mistyped --objects path was made into a new, empty store (folders, results.db, migrations), and the
+    export said "0 labelled results"."""
+    from training.cli import main
+
+    typo = tmp_path / "reslts"
+    assert main(["export-labels", "--objects", str(typo), "--out", str(tmp_path / "labels")]) == 1
+    assert f"no retention objects folder {typo / 'objects'}" in capsys.readouterr().err
+    assert not typo.exists()
+
+    (typo / "objects").mkdir(parents=True)
+    assert main(["export-labels", "--objects", str(typo), "--out", str(tmp_path / "labels")]) == 1
+    assert f"no retention database {typo / 'results.db'}" in capsys.readouterr().err
+    assert sorted(typo.rglob("*")) == [typo / "objects"]
+
+
+def test_export_labels_never_migrates_the_services_database(tmp_path, capsys):
+    """An export from a newer checkout upgraded the production schema under the running service."""
+    from sqlalchemy import text
+
+    from serve.retention.db import make_engine
+    from training.cli import main
+
+    _labelled_store(tmp_path)
+    engine = make_engine(f"sqlite:///{tmp_path / 'kept' / 'results.db'}")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0003'"))
+        connection.execute(text("DROP TABLE store_id"))
+    assert main(["export-labels", "--objects", str(tmp_path / "kept"), "--out", str(tmp_path / "labels")]) == 1
+    assert "is at schema revision 0003" in capsys.readouterr().err
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+
+
 def test_export_labels_refuses_too_few_labels(tmp_path, capsys):
     from training.cli import main
 
@@ -1335,6 +1405,67 @@ def test_the_sweeper_deletes_old_objects_no_result_refers_to(tmp_path):
     assert list(s3.written_before(time.time() - 3600)) == [old]
 
 
+def _age(objects: LocalObjectStore) -> None:
+    """Every object as old as a kept result's, past ORPHAN_GRACE_S."""
+    long_ago = time.time() - 2 * 3600
+    for key in objects.written_before(time.time() + 1):
+        os.utime(objects.path(key), (long_ago, long_ago))
+
+
+def test_an_orphan_sweep_on_another_database_leaves_the_stores_objects(tmp_path, caplog):
+    """A pod whose database URL did not load fell back to a fresh results.db over the real object store: its
+    start-up sweep found no result referring to any object and deleted them all, labelled results' too."""
+    objects = LocalObjectStore(tmp_path / "objects")
+    real = RetentionStore.open(f"sqlite:///{tmp_path / 'real.db'}", objects)
+    kept = [real.save(_new(b"result %d" % i)) for i in range(5)]
+    real.add_feedback(kept[0], "no", "shadow left")
+    orphan = objects.put(b"left by a crash")
+    _age(objects)
+    before = _files(tmp_path / "objects")
+
+    for database in ("fallback.db", "real-copy-without-rows.db"):
+        other = RetentionStore.open(f"sqlite:///{tmp_path / database}", objects)
+        other.save(_new(b"saved meanwhile"))
+        assert other.drop_orphans() == 0
+        assert other.delete(other.save(_new(b"result 1"))), "a result of the same images as one of the store's"
+    assert before <= _files(tmp_path / "objects")
+    assert "are not each other's" in caplog.text and str(tmp_path / "fallback.db") in caplog.text
+    assert real.read(kept[0], "source") == (b"the photo", "image/png")
+
+    assert real.drop_orphans() == 1, "the store's own database still collects its orphans"
+    assert not objects.exists(orphan) and real.read(kept[4], "result") == (b"result 4", "image/png")
+
+
+def test_a_store_kept_before_markers_is_adopted_by_its_own_database_only(tmp_path):
+    """Upgrading: a database and store of an earlier version have no store id; migration 0004 marks the database
+    (it holds results) legacy, and it adopts the store its results are found in. A database made since never
+    adopts a populated store, even once saves gave it results there."""
+    from alembic import command
+
+    from serve.retention.db import alembic_config, make_engine, migrate
+
+    objects = LocalObjectStore(tmp_path / "objects")
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    config = alembic_config(str(engine.url))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0003")
+    kept = RetentionStore(objects, engine).save(_new(b"kept before markers"))
+    orphan = objects.put(b"left by a crash")
+    _age(objects)
+
+    fresh = RetentionStore.open(f"sqlite:///{tmp_path / 'fresh.db'}", objects)
+    fresh.save(_new(b"saved by the fresh database"))
+    assert fresh.drop_orphans() == 0 and objects.exists(orphan)
+    assert objects.marker() is None
+
+    migrate(engine)
+    upgraded = RetentionStore(objects, engine)
+    assert upgraded.drop_orphans() == 1, "the crash's orphan"
+    assert not objects.exists(orphan) and upgraded.read(kept, "result") == (b"kept before markers", "image/png")
+    assert fresh.drop_orphans() == 0
+
+
 def test_the_sweeper_deletes_old_partial_writes_a_killed_process_left_never_a_fresh_one(tmp_path):
     """An object is written to `.partial-...` in its folder and then renamed: a ResultStore killed mid-write (OOM,
     SIGKILL, a node lost) left that file, which the sweeper never deleted, however old and large. A fresh one may
@@ -1376,6 +1507,34 @@ def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path
     sweep.join()
     assert waited < 1.0, f"the save waited {waited:.2f} s for the sweep (2 s of deletes)"
     assert len(list(store.objects.written_before(time.time() - 3600))) == 0
+
+
+def test_a_sweep_expiring_many_results_on_a_slow_object_store_lets_saves_in_between(tmp_path, clock):
+    """Deleting results held the store's lock through every chunk, each object delete included: while the sweeper
+    expired 100 results on S3 every save waited at its claim, past save_timeout_s (answered without an id)."""
+
+    class SlowDeletes(LocalObjectStore):
+        delay = 0.0
+
+        def delete(self, key):
+            time.sleep(self.delay)
+            super().delete(key)
+
+    objects = SlowDeletes(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects, max_age_days=30, clock=clock)
+    for i in range(100):
+        store.save(_new(b"expiring %d" % i, source=b"photo %d" % i))
+    objects.delay = 0.01  # 300 objects: 3 s of deletes
+    clock.advance(days=31)
+    sweep = threading.Thread(target=store.enforce_limits)
+    sweep.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    saved = store.save(_new(b"during the sweep", source=b"another photo"))
+    waited = time.monotonic() - started
+    sweep.join()
+    assert waited < 1.0, f"the save waited {waited:.2f} s for the sweep (3 s of deletes)"
+    assert _rows(store) == [saved] and len(_files(tmp_path / "objects")) == 3
 
 
 def test_a_save_racing_the_delete_of_the_last_object_in_its_folder_is_stored(tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
 """`export-labels`: the verdicts people gave on the service's retained results, as a labelled set
 for the `discriminator` stage (the paper's human-annotation round, on real user images).
 
-Reads the retention store (serve/retention) named by a Serve config's `retention` section, or by
-the objects folder (+ database URL), and writes into out/ the labelled metadata format that
-`discriminator` reads (training/data.py): `GT` is the judged result, `score` is 1 for yes, 0 for no.
+Reads the retention store (serve/retention) named by a Serve config's `retention` section, or by the objects folder (+
+database URL), as it is: a folder or SQLite file that is not there, or a schema not at this checkout's newest revision,
+is refused (nothing is created or migrated), and writes into out/ the labelled metadata format that `discriminator`
+reads (training/data.py): `GT` is the judged result, `score` is 1 for yes, 0 for no.
 
 What is written is what the service's Scorer sees, not the whole photo: the windows POST /score
 cuts (engines.pipeline.RemovalPipeline.prepare_score: a square crop per mask region at its bucket,
@@ -128,7 +129,7 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
     crops = CropSettings.from_imaging(service.imaging)
     most_crops = max_crops(service.gate.max_model_calls, scored=True)  # what the Scorer is given
     try:
-        store = RetentionStore.from_settings(retention)
+        store = RetentionStore.open_existing(retention)
         labelled = store.labelled(settings.since, settings.until, settings.labelled_by)
     except Exception as exc:
         raise TrainingError(f"cannot read the retention store ({type(exc).__name__}: {exc})") from exc

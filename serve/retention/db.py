@@ -1,6 +1,7 @@
 """The retention metadata: tables, the engine, and migrations applied at startup.
 
-SQLite by default (a file next to the objects), PostgreSQL or any SQLAlchemy database by URL. The
+SQLite by default (a file next to the objects) or PostgreSQL by URL (others are untried: the verdict trim's
+NOT IN a LIMITed subquery of its own table fails on MySQL, and migrations take a lock on these two alone). The
 schema is owned by the Alembic revisions in migrations/ (applied with `migrate`, no alembic.ini);
 the models below must describe the same tables (a test compares them).
 Times are naive UTC.
@@ -12,7 +13,20 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -69,6 +83,17 @@ class FeedbackRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
 
 
+class StoreIdRow(Base):
+    """The one row (id 1) naming the object store this database's results are in: its MARKER holds the same id.
+    `legacy`: made by migration 0004 over results an earlier version kept, before stores had markers."""
+
+    __tablename__ = "store_id"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    store_id: Mapped[str] = mapped_column(String(32))
+    legacy: Mapped[bool] = mapped_column(Boolean)
+
+
 def make_engine(url: str) -> Engine:
     """An engine; for SQLite: its folder and file made owner-only where missing (SQLite gives the -wal and -shm
     files the file's mode), WAL (readers never block the writer), foreign keys on, and a busy timeout so several
@@ -118,6 +143,27 @@ def migrate(engine: Engine) -> None:
             _upgrade(command, config, engine)
     else:
         _upgrade(command, config, engine)
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database's schema is not this checkout's newest revision, and the reader must not migrate it."""
+
+
+def check_schema_current(engine: Engine) -> None:
+    """SchemaNotCurrent unless the schema is at this checkout's newest revision: for readers that must not migrate
+    a database the service owns (only the service's own start does)."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise SchemaNotCurrent(
+            f"the retention database {engine.url.render_as_string(hide_password=True)} is at schema revision "
+            f"{current or 'none'}, this checkout's newest is {head}: read it with the service's own version, or "
+            "let the service of this version start on it first (its start migrates it)"
+        )
 
 
 def _upgrade(command, config, engine: Engine) -> None:

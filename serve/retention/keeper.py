@@ -219,10 +219,10 @@ class LocalStoreClient:
             return self._store
 
     def sweep(self) -> int:
-        """What the sweeper does every SWEEP_EVERY_S: the age limit (each save enforces max_results), then the
-        objects failed saves left; returns how many results it deleted."""
+        """What the sweeper does every SWEEP_EVERY_S: the age limit and max_results (each save enforces them too,
+        and its owner's bound), then the objects failed saves left; returns how many results it deleted."""
         store = self.opened()
-        deleted = store.enforce_limits(ages_only=True)
+        deleted = store.enforce_limits()
         store.drop_orphans()
         return deleted
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 PARTIAL = ".partial-"  # a local object's name while it is written, beside its key, before the rename
+# Beside the objects (never a key): the id of the database whose results the objects are, RetentionStore's tie
+MARKER = "store-id"
 
 
 class ObjectMissing(KeyError):
@@ -71,6 +73,12 @@ class ObjectStore(Protocol):
     def drop_partial_writes(self, moment: float) -> int:
         """Delete what writes cut short (a process killed mid-put) left, last written before `moment`; how many."""
 
+    def marker(self) -> str | None:
+        """The store id in the MARKER object; None if there is none."""
+
+    def claim_marker(self, store_id: str) -> str:
+        """Write `store_id` into the MARKER unless there is one already; returns the one there now."""
+
     def describe(self) -> str:
         """Where the objects are, for logs (no credentials)."""
 
@@ -119,6 +127,25 @@ class LocalObjectStore:
                 path.unlink(missing_ok=True)
                 dropped += 1
         return dropped
+
+    def marker(self) -> str | None:
+        try:
+            return (self.root / MARKER).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def claim_marker(self, store_id: str) -> str:
+        """Written whole beside it, then linked into place: a link fails where the marker is, unlike a rename."""
+        fd, partial = tempfile.mkstemp(dir=self.root, prefix=PARTIAL)
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(store_id)
+            os.link(partial, self.root / MARKER)
+        except FileExistsError:
+            pass
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        return self.marker()
 
     def _written_before(self, moment: float) -> Iterator[Path]:
         """The files in the key folders last written before `moment`; files deleted while this walks them (a delete
@@ -206,6 +233,28 @@ class S3ObjectStore:
     def drop_partial_writes(self, moment: float) -> int:
         """A PUT stores the whole object or nothing: no partial writes to delete."""
         return 0
+
+    def marker(self) -> str | None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._marker_name())
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        return answer["Body"].read().decode().strip()
+
+    def claim_marker(self, store_id: str) -> str:
+        """A conditional PUT (If-None-Match: *), which S3 refuses where the marker is."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._marker_name(), Body=store_id.encode(), IfNoneMatch="*")
+        except Exception as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code not in ("412", "PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+        return self.marker()
+
+    def _marker_name(self) -> str:
+        return f"{self.prefix}/{MARKER}" if self.prefix else MARKER
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""

@@ -1,18 +1,20 @@
 """RetentionStore: retained results (objects + metadata), the verdicts on them, the annotation queue
 and the retention limits. Blocking IO: callers on an event loop run it in a thread.
 
-Deleting a result removes its metadata, its verdicts and every object no other result refers to
-(a photo sent twice is stored once and stays while one of its results does). A save claims its objects'
-keys before it writes them, and a delete never removes a claimed object, so a save's object writes hold no
-lock (a save still waits for the lock a delete holds through its own deletes). A failed save deletes the objects it created; what it cannot (the object store
-failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a crash
-cut short once it is as old.
+Deleting a result removes its metadata, its verdicts and every object no other result refers to (a photo sent twice is
+stored once and stays while one of its results does). A save claims its objects' keys before it writes them, and a
+delete never removes a claimed object, so a save's object writes hold no lock, and a delete takes the lock one object at
+a time (a save waits for one object delete at most). A failed save deletes the objects it created; what it cannot (the
+object store failing too, a crash) the sweeper deletes once no result refers to it for ORPHAN_GRACE_S, and a write a
+crash cut short once it is as old. It does so only while the database and the object store are each other's
+(owns_its_objects): over another database's objects every one of them would look orphaned.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import threading
 import time
 import uuid
@@ -23,12 +25,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, or_, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from serve.retention.db import FeedbackRow, ResultRow, make_engine, migrate, utcnow
-from serve.retention.objects import LocalObjectStore, ObjectStore, S3ObjectStore, object_key
+from serve.retention.db import (
+    FeedbackRow,
+    ResultRow,
+    StoreIdRow,
+    check_schema_current,
+    make_engine,
+    migrate,
+    utcnow,
+)
+from serve.retention.objects import MARKER, LocalObjectStore, ObjectStore, S3ObjectStore, object_key
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,9 @@ MAX_VERDICTS = 20
 # An object no result refers to is deleted by the sweeper once it is this old: far longer than any save takes
 # between writing an object and inserting the row that refers to it.
 ORPHAN_GRACE_S = 3600.0
+# A legacy database (results kept before stores had markers) adopts a store without a marker only if this many
+# of its newest results (or all it has, if fewer) have every object there.
+ADOPT_SAMPLE = 10
 _SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket", "owner")
 
 
@@ -148,32 +161,41 @@ class RetentionStore:
         # With _lock held: how many saves in progress claim each object key, and the keys two of them claimed at once.
         self._claims: Counter[str] = Counter()
         self._shared: set[str] = set()
+        self._tied = False  # owns_its_objects's last answer: a delete drops objects only while it was yes
 
     @classmethod
     def open(cls, database_url: str, objects: ObjectStore, **limits_and_clock) -> RetentionStore:
         """Connect and bring the schema up to date (migrations run here, once per process)."""
         engine = make_engine(database_url)
         migrate(engine)
-        return cls(objects, engine, **limits_and_clock)
+        store = cls(objects, engine, **limits_and_clock)
+        try:
+            store.owns_its_objects()
+        except Exception:
+            logger.exception("retention: cannot check that the database and the object store are each other's")
+        return store
 
     @classmethod
     def from_settings(cls, settings) -> RetentionStore:
-        """From serve.config.RetentionSettings (the service's config, or a config file read by training)."""
-        s3 = settings.object_store.s3
-        if s3 is None:  # owner-only: LocalObjectStore's mkdir gives the folders it makes above objects/ the umask's
+        """From serve.config.RetentionSettings (the service's config)."""
+        if settings.object_store.s3 is None:  # owner-only: LocalObjectStore's mkdir gives folders above it the umask's
             Path(settings.object_store.path).expanduser().mkdir(parents=True, exist_ok=True, mode=0o700)
-        objects = (
-            S3ObjectStore(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
-            if s3 is not None
-            else LocalObjectStore(settings.objects_folder())
-        )
-        return cls.open(
-            settings.resolved_database_url(),
-            objects,
-            max_results=settings.max_results,
-            max_age_days=settings.max_age_days,
-            max_results_per_owner=settings.max_results_per_owner,
-        )
+        return cls.open(settings.resolved_database_url(), _objects_of(settings), **_limits_of(settings))
+
+    @classmethod
+    def open_existing(cls, settings) -> RetentionStore:
+        """A store the service keeps, to read (export-labels): nothing is made, migrated or tied, so a mistyped path
+        is refused, not made an empty store, and a newer checkout never migrates the service's schema under it.
+        FileNotFoundError naming a missing objects folder or SQLite file; SchemaNotCurrent."""
+        if settings.object_store.s3 is None and not settings.objects_folder().is_dir():
+            raise FileNotFoundError(f"no retention objects folder {settings.objects_folder()}")
+        url = settings.resolved_database_url()
+        database = make_url(url).database if make_url(url).get_backend_name() == "sqlite" else None
+        if database and not database.startswith("file:") and not Path(database).expanduser().is_file():
+            raise FileNotFoundError(f"no retention database {Path(database).expanduser()}")
+        engine = make_engine(url)
+        check_schema_current(engine)
+        return cls(_objects_of(settings), engine, **_limits_of(settings))
 
     def describe(self) -> str:
         return (
@@ -221,7 +243,9 @@ class RetentionStore:
         except BaseException:
             with self._lock:
                 self._saving.discard(result_id)
-                self._unclaim(keys, created)
+            self._drop_created(created)
+            with self._lock:
+                self._unclaim(keys)
             raise
         with self._lock:
             self._unclaim(keys)
@@ -252,7 +276,9 @@ class RetentionStore:
         with Session(self.engine) as session:
             if session.scalar(self._found(result_id)) is None:
                 return False
-        return self._delete_ids([result_id]) == 1
+        deleted, keys = self._delete_rows([result_id])
+        self._drop_one_by_one(keys)
+        return deleted == 1
 
     # ------------------------------------------------------------ feedback
 
@@ -350,27 +376,29 @@ class RetentionStore:
 
     # ------------------------------------------------------------ limits
 
-    def enforce_limits(self, keep: str | None = None, ages_only: bool = False, owner: str | None = None) -> int:
-        """Delete results past max_age_days (labelled or not); then, beyond max_results_per_owner, `owner`'s
-        oldest (unlabelled first); then, beyond max_results, everyone's oldest unlabelled ones first: a flood of
-        new results (anyone with the remove scope may retain) never pushes out the human verdicts while an older
-        unlabelled result is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes
-        out only its own. `keep` (the result save() just stored, whose id the caller is about to get) and any
-        other result whose save has not returned are never the ones that go. `ages_only` (the sweeper): only
-        saves add results, so counting is theirs. A result picked for having no verdict is deleted only while it
-        still has none: a verdict committed in between keeps it (the limit is then met by the next save).
-        Returns how many were deleted."""
+    def enforce_limits(self, keep: str | None = None, owner: str | None = None) -> int:
+        """Delete results past max_age_days (labelled or not); then, beyond max_results_per_owner, `owner`'s oldest
+        (unlabelled first); then, beyond max_results, everyone's oldest unlabelled ones first: a flood of new results
+        (anyone with the remove scope may retain) never pushes out the human verdicts while an older unlabelled result
+        is left to go, and with the per-owner bound one owner's flood, labelled or not, pushes out only its own. `keep`
+        (the result save() just stored, whose id the caller is about to get) and any other result whose save has not
+        returned are never the ones that go. Without `owner` (the sweeper) no owner's bound is enforced: a save enforces
+        its owner's. A result picked for having no verdict is deleted only while it still has none: a verdict committed
+        in between keeps it (the limit is then met by the next save or sweep). Returns how many were deleted."""
         with self._limits_lock:
             # held through the selection: no save inserts between the snapshot of saves in progress and the picks
             with self._lock:
-                doomed, unjudged = self._select(keep, ages_only, owner)
+                doomed, unjudged = self._select(keep, owner)
             if not doomed and not unjudged:
                 return 0
-            deleted = self._delete_ids(doomed) + self._delete_ids(unjudged, unjudged=True)
+            deleted, keys = self._delete_rows(doomed)
+            deleted_unjudged, keys_unjudged = self._delete_rows(unjudged, unjudged=True)
+            deleted += deleted_unjudged
+        self._drop_one_by_one(keys | keys_unjudged)  # another enforcement (a save's) need not wait for the objects
         logger.info("retention limits: deleted %d result(s)", deleted)
         return deleted
 
-    def _select(self, keep: str | None, ages_only: bool, owner: str | None) -> tuple[list[str], list[str]]:
+    def _select(self, keep: str | None, owner: str | None) -> tuple[list[str], list[str]]:
         """The results `enforce_limits` deletes, as (those deleted as they are, those picked for having no
         verdict); with `_lock` held."""
         saving = list(self._saving | ({keep} if keep is not None else set()))
@@ -383,11 +411,10 @@ class RetentionStore:
                 doomed = list(session.scalars(select(ResultRow.id).where(~eligible[0])).all())
             if saving:
                 eligible.append(ResultRow.id.not_in(saving))
-            counted = not ages_only
-            if counted and owner is not None and self.max_results_per_owner is not None:
-                owned = session.scalar(
-                    select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))
-                ) or 0
+            if owner is not None and self.max_results_per_owner is not None:
+                owned = (
+                    session.scalar(select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))) or 0
+                )
                 unlabelled, labelled = self._oldest(
                     session, owned + (keep is not None) - self.max_results_per_owner, eligible, owner
                 )
@@ -397,7 +424,7 @@ class RetentionStore:
                     eligible.append(ResultRow.id.not_in(unlabelled + labelled))
             total = session.scalar(select(func.count()).select_from(ResultRow)) or 0
             picked = len(doomed) + len(unjudged)
-            over = total - picked - self.max_results if self.max_results is not None and counted else 0
+            over = total - picked - self.max_results if self.max_results is not None else 0
             unlabelled, labelled = self._oldest(session, over, eligible)
         return doomed + labelled, unjudged + unlabelled
 
@@ -407,6 +434,8 @@ class RetentionStore:
         """Delete the objects written more than `grace_s` ago that no result refers to: what failed saves
         could not delete themselves; and the partial writes as old, what a process killed mid-write left.
         Returns how many were deleted."""
+        if not self.owns_its_objects():
+            return 0
         before = time.time() - grace_s
         cut_short = self.objects.drop_partial_writes(before)
         if cut_short:
@@ -417,14 +446,61 @@ class RetentionStore:
         columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
         with Session(self.engine) as session:
             referenced = {key for row in session.execute(select(*columns)) for key in row}
-        dropped = 0
-        for key in sorted(stale - referenced):  # the lock a key at a time: saves claim theirs in between
-            with self._lock:
-                dropped += self._drop_unreferenced([key])
-            time.sleep(0.001)  # Python's locks are not fair: without a pause this thread would take it straight back
+        dropped = self._drop_one_by_one(stale - referenced)
         if dropped:
             logger.info("retention: deleted %d object(s) no result refers to", dropped)
         return cut_short + dropped
+
+    def owns_its_objects(self) -> bool:
+        """Whether the database and the object store are each other's: the database's store id is the one in the
+        store's MARKER; asked at open and by each orphan sweep, and until it says yes no delete drops an object.
+        Written to both where both are new; a legacy database (one with results kept before markers) writes its
+        id into a store without a marker once its newest results are all found there. On any doubt (a new
+        database over a store with objects or another's marker, a marker where the database has none): False,
+        logged as an ERROR naming both, and no object is deleted; saves and reads go on."""
+        with Session(self.engine) as session:
+            row = session.get(StoreIdRow, 1)
+            ours = None if row is None else row.store_id
+            has_results = session.scalar(select(ResultRow.id).limit(1)) is not None
+        marker = self.objects.marker()
+        if marker is None:
+            if row is None and not has_results and not _has_objects(self.objects):
+                ours = self._record_store_id(uuid.uuid4().hex)
+                marker = self.objects.claim_marker(ours)
+            elif row is not None and (self._adoptable() if row.legacy else not _has_objects(self.objects)):
+                marker = self.objects.claim_marker(ours)
+        self._tied = marker is not None and marker == ours
+        if self._tied:
+            return True
+        logger.error(
+            "retention: the database %s (store id %s) and the object store %s (marker %s: %s) are not each other's:"
+            " objects no result of this database refers to are NOT deleted. Point retention.database_url at the"
+            " store's own database; if this database is the store's own, write its store id into the marker",
+            self.engine.url.render_as_string(hide_password=True),
+            ours or "none",
+            self.objects.describe(),
+            MARKER,
+            marker or "none",
+        )
+        return False
+
+    def _record_store_id(self, store_id: str) -> str:
+        """The database's store id: `store_id`, unless another process recorded one first."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                session.add(StoreIdRow(id=1, store_id=store_id, legacy=False))
+        except IntegrityError:
+            pass
+        with Session(self.engine) as session:
+            return session.get(StoreIdRow, 1).store_id
+
+    def _adoptable(self) -> bool:
+        """The newest ADOPT_SAMPLE results all have their objects in the store."""
+        columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
+        newest = select(*columns).order_by(ResultRow.created_at.desc()).limit(ADOPT_SAMPLE)
+        with Session(self.engine) as session:
+            keys = {key for row in session.execute(newest) for key in row}
+        return bool(keys) and all(self.objects.exists(key) for key in keys)
 
     def _claim(self, keys: Iterable[str]) -> None:
         """With _lock held: no delete removes these objects until they are unclaimed."""
@@ -433,14 +509,35 @@ class RetentionStore:
                 self._shared.add(key)
             self._claims[key] += 1
 
-    def _unclaim(self, keys: Iterable[str], created: Iterable[str] = ()) -> None:
-        """With _lock held. `created`: the objects a failed save wrote, deleted unless another save claimed
-        them meanwhile (its row may refer to them: left to drop_orphans)."""
-        for key in set(created) - self._shared:
-            try:
-                self.objects.delete(key)
-            except Exception:
-                logger.exception("retention: cannot delete the object of a failed save; the sweeper will")
+    def _drop_created(self, created: Iterable[str]) -> None:
+        """The objects a failed save wrote, still claimed by it, deleted unless another save claimed them meanwhile
+        (its row may refer to them: left to drop_orphans), without the database (which may be what failed); the
+        lock a key at a time, as _drop_one_by_one."""
+        for key in created:
+            with self._lock:
+                if key in self._shared:
+                    continue
+                try:
+                    self.objects.delete(key)
+                except Exception:
+                    logger.exception("retention: cannot delete the object of a failed save; the sweeper will")
+
+    def _drop_one_by_one(self, keys: Iterable[str]) -> int:
+        """Delete the objects no result refers to and no save claims, holding the lock for one key at a time:
+        saves claim theirs in between, so a long delete on a slow object store holds up none; how many. None
+        unless the database and the store were last found each other's: another database's results may refer
+        to them (the orphan sweep of the store's own database deletes them)."""
+        if not self._tied:
+            return 0
+        dropped = 0
+        for key in sorted(keys):
+            with self._lock:
+                dropped += self._drop_unreferenced([key])
+            time.sleep(0.001)  # Python's locks are not fair: without a pause this thread would take it straight back
+        return dropped
+
+    def _unclaim(self, keys: Iterable[str]) -> None:
+        """With _lock held."""
         for key in set(keys):
             self._claims[key] -= 1
             if not self._claims[key]:
@@ -471,26 +568,26 @@ class RetentionStore:
             found[labelled].extend(session.scalars(statement.order_by(ResultRow.created_at, ResultRow.id).limit(left)))
         return found
 
-    def _delete_ids(self, ids: Sequence[str], unjudged: bool = False) -> int:
-        """The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
-        db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim
-        then the verdicts), so a verdict and a delete of its result never deadlock. `unjudged`: only those still
-        without a verdict (the DELETE checks it: a verdict committed first keeps its result). The rows are locked
-        first (FOR UPDATE; SQLite's writers take turns anyway): on PostgreSQL a DELETE that waited on a verdict's
-        open transaction would otherwise delete by the snapshot it started from, verdict and all."""
+    def _delete_rows(self, ids: Sequence[str], unjudged: bool = False) -> tuple[int, set[str]]:
+        """Delete the results' rows; returns how many and the keys of their objects, for _drop_one_by_one: the lock is
+        held for a chunk of rows, then for an object, at a time, never through all, so a save's claim waits for one.
+        The results go first and their verdicts with them (ON DELETE CASCADE; SQLite's foreign keys are on,
+        db.make_engine): the order add_feedback locks them in on PostgreSQL (its insert locks the result, its trim then
+        the verdicts), so a verdict and a delete of its result never deadlock. `unjudged`: only those still without a
+        verdict (the DELETE checks it: a verdict committed first keeps its result). The rows are locked first (FOR
+        UPDATE; SQLite's writers take turns anyway): on PostgreSQL a DELETE that waited on a verdict's open transaction
+        would otherwise delete by the snapshot it started from, verdict and all."""
         still = (~_has_feedback(),) if unjudged else ()
-        deleted = 0
-        with self._lock:
-            for start in range(0, len(ids), _CHUNK):
-                chunk = list(ids[start : start + _CHUNK])
-                with Session(self.engine) as session, session.begin():
-                    chosen = select(ResultRow).where(ResultRow.id.in_(chunk), *still).with_for_update()
-                    rows = session.scalars(chosen).all()
-                    keys = {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
-                    gone = session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk), *still))
-                deleted += gone.rowcount
-                self._drop_unreferenced(keys)
-        return deleted
+        deleted, keys = 0, set()
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start : start + _CHUNK])
+            with self._lock, Session(self.engine) as session, session.begin():
+                chosen = select(ResultRow).where(ResultRow.id.in_(chunk), *still).with_for_update()
+                rows = session.scalars(chosen).all()
+                keys |= {key for row in rows for key in (row.source_key, row.mask_key, row.result_key)}
+                gone = session.execute(delete(ResultRow).where(ResultRow.id.in_(chunk), *still))
+            deleted += gone.rowcount
+        return deleted, keys
 
     def _drop_unreferenced(self, keys: Iterable[str]) -> int:
         """With _lock held: delete the objects no result refers to and no save claims; returns how many."""
@@ -537,6 +634,25 @@ class RetentionStore:
             )
             for row in rows
         ]
+
+
+def _objects_of(settings) -> ObjectStore:
+    s3 = settings.object_store.s3
+    if s3 is None:
+        return LocalObjectStore(settings.objects_folder())
+    return S3ObjectStore(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
+
+
+def _limits_of(settings) -> dict[str, Any]:
+    return {
+        "max_results": settings.max_results,
+        "max_age_days": settings.max_age_days,
+        "max_results_per_owner": settings.max_results_per_owner,
+    }
+
+
+def _has_objects(objects: ObjectStore) -> bool:
+    return next(iter(objects.written_before(math.inf)), None) is not None
 
 
 def _owned_by(owner: str | None) -> tuple:
