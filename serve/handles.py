@@ -27,6 +27,7 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
         done, _ = await asyncio.wait({inner}, timeout=timeout_s)
     except asyncio.CancelledError:
         inner.cancel()
+        inner.add_done_callback(_retrieve)  # a Serve call cancelled ends in RequestCancelledError: nobody's answer
         raise
     if not done:
         inner.cancel()

@@ -583,6 +583,50 @@ def test_the_request_deadline_counts_from_the_upload_and_cuts_model_work_and_enc
         assert took < 1.0
 
 
+@pytest.mark.parametrize("ends", ["caller cancelled", "deadline"])
+def test_a_call_given_up_on_leaves_no_never_retrieved_error_in_the_log(ends):
+    """A Serve call whose caller left ends in RequestCancelledError, not CancelledError: each client timeout put
+    "Task exception was never retrieved" and a traceback in the service's log."""
+    import gc
+
+    from serve.handles import answer_or_cancel
+
+    class Response:  # a Serve handle call's response: cancelled, its awaiting raises an error of its own
+        def __init__(self):
+            self.cancelled = asyncio.Event()
+
+        def cancel(self):
+            self.cancelled.set()
+
+        def __await__(self):
+            return self._answer().__await__()
+
+        async def _answer(self):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                raise RuntimeError("RequestCancelledError") from None
+
+    reported = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context["message"]))
+        response = Response()
+        waiting = asyncio.ensure_future(answer_or_cancel(response, 0.05 if ends == "deadline" else 10))
+        await asyncio.sleep(0.01)
+        if ends == "caller cancelled":
+            waiting.cancel()
+        with pytest.raises((asyncio.CancelledError, asyncio.TimeoutError)):
+            await waiting
+        await asyncio.sleep(0.01)
+        gc.collect()
+        assert response.cancelled.is_set()
+
+    asyncio.run(main())
+    gc.collect()
+    assert reported == []
+
+
 def test_a_deadline_that_cuts_work_as_it_ends_is_never_lost():
     """asyncio.wait_for (Python < 3.12) hands back the inner result when it is done as the caller is cancelled:
     the cancellation is lost, and a request cut at its deadline ran on through the model and answered 200 late
