@@ -272,9 +272,12 @@ def _decode(
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # PIL's own guard fires inside Image.open, before our check, for sizes past its limit: name ours too
-        limit = f"the limit is {limits.max_megapixels:g} megapixels"
-        raise ImageTooLarge(f"the {what} has too many pixels; {limit} ({exc})") from exc
+        # PIL's own guard fires inside Image.open, before our check, for sizes past its limit (MAX_IMAGE_PIXELS): its
+        # words (another limit, "could be decompression bomb DOS attack") are not the client's to read
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"is {int(found[1]) / 1e6:.1f} megapixels" if found else "has too many pixels"
+        limit = min(limits.max_megapixels, Image.MAX_IMAGE_PIXELS / 1e6)
+        raise ImageTooLarge(f"the {what} {size}; the limit is {limit:g} megapixels") from exc
     except UnidentifiedImageError as exc:
         accepted = ", ".join(f.lower() for f in ACCEPTED_FORMATS)
         raise invalid(f"the {what} is not a recognised image (accepted formats: {accepted})") from exc

@@ -286,9 +286,14 @@ def test_too_many_pixels_names_the_size_and_limit():
 
 @pytest.mark.parametrize("side", [10_000, 20_000], ids=["pil-warning", "pil-error"])
 def test_pil_decompression_bomb_guard_becomes_image_too_large(side):
+    """Past PIL's own guard (89.5 MP), the detail quoted PIL's words too: another limit and "could be decompression
+    bomb DOS attack", to someone who sent a large photo."""
     max_pixels_before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(ImageTooLarge):
-        decode_image(png_declaring_size(side, side), DecodeLimits(max_megapixels=1000))
+    for configured, limit in ((40, "40"), (1000, "89.4785")):
+        with pytest.raises(ImageTooLarge) as caught:
+            decode_image(png_declaring_size(side, side), DecodeLimits(max_megapixels=configured))
+        detail = str(caught.value)
+        assert detail == f"the image is {side * side / 1e6:.1f} megapixels; the limit is {limit} megapixels", detail
     assert Image.MAX_IMAGE_PIXELS == max_pixels_before
 
 
