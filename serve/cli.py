@@ -184,10 +184,11 @@ def grpc_access_env(config: dict) -> dict[str, str]:
 def ray_network_env(config: dict) -> dict[str, str]:
     """On a loopback host, Ray itself on loopback too (serve.local_ray: its ports take work from whoever reaches
     them); beyond it (a container's --host 0.0.0.0: Prometheus scrapes the metrics port from outside), Ray's own
-    choice, the machine's network address, with Ray's token authentication on whatever the environment says."""
+    choice, the machine's network address. Either way with Ray's token authentication on whatever the environment
+    says (Ray's own default, while RAY_AUTH_MODE is unset, logs an invitation to turn it off)."""
     from serve.local_ray import RAY_LOOPBACK_ENV, RAY_TOKEN_AUTH_ENV
 
-    return dict(RAY_LOOPBACK_ENV if _listener(config)[1] else RAY_TOKEN_AUTH_ENV)
+    return {**(RAY_LOOPBACK_ENV if _listener(config)[1] else {}), **RAY_TOKEN_AUTH_ENV}
 
 
 def host_names_note(config: dict) -> list[str]:

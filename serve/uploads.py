@@ -148,8 +148,12 @@ async def read_json(
     """A small JSON document (POST /feedback): bounded read, then the same problems as /remove's JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
-        raise Problem("unsupported-media-type", f"send application/json, not {content_type or 'no content type'}")
+        raise Problem("unsupported-media-type", f"send application/json, not {_sent_type(content_type)}")
     return validate(model, _json_object(await _read_body(request, limit, body_timeout_s))[0])
+
+
+def _sent_type(content_type: str) -> str:
+    return content_type or "a body without a Content-Type"
 
 
 def largest_json_body(max_upload_bytes: int) -> int:
@@ -162,16 +166,18 @@ async def _read_upload(request, max_upload_bytes, names, required, options_model
     header = request.headers.get("content-type", "")
     content_type = header.split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        chunks = await _read_chunks(request, max_upload_bytes + _JSON_OVERHEAD, timeout_s)
+        why = f"imaging.max_upload_bytes {max_upload_bytes} for the files, plus {_JSON_OVERHEAD} for the form"
+        chunks = await _read_chunks(request, max_upload_bytes + _JSON_OVERHEAD, timeout_s, why)
         files, options = await run(_from_multipart, header, chunks, names, required, options_model)
     elif content_type == "application/json":
-        chunks = await _read_chunks(request, largest_json_body(max_upload_bytes), timeout_s)
+        why = f"imaging.max_upload_bytes {max_upload_bytes} for the files, as base64, plus {_JSON_OVERHEAD} for the JSON"
+        chunks = await _read_chunks(request, largest_json_body(max_upload_bytes), timeout_s, why)
         files, options = await run(_from_json, chunks, names, options_model, json_model)
     else:
         raise Problem(
             "unsupported-media-type",
             f"send multipart/form-data (file fields {', '.join(names)}) or application/json, "
-            f"not {content_type or 'no content type'}",
+            f"not {_sent_type(content_type)}",
         )
     check_upload_size(sum(len(f) for f in files.values()), max_upload_bytes)
     return files, options
@@ -181,13 +187,15 @@ async def _read_body(request: Request, limit: int, timeout_s: float | None = Non
     return b"".join(await _read_chunks(request, limit, timeout_s))
 
 
-async def _read_chunks(request: Request, limit: int, timeout_s: float | None = None) -> list[bytes]:
+async def _read_chunks(request: Request, limit: int, timeout_s: float | None = None, why: str = "") -> list[bytes]:
     """Refuse by Content-Length before reading, stop reading once past the limit, and give up (408) on a body
     still arriving `timeout_s` after the read began. The chunks as they came: joining them (a copy of the
-    whole body) is left to the worker thread."""
+    whole body) is left to the worker thread. `why`: where the limit comes from, for the 413's detail (a number no
+    setting holds told the client nothing)."""
+    why = f" ({why})" if why else ""
     declared = request.headers.get("content-length")
     if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:  # not '²'
-        raise Problem("payload-too-large", f"request body is {declared} bytes; the limit is {limit}")
+        raise Problem("payload-too-large", f"request body is {declared} bytes; the limit is {limit}{why}")
     chunks, size = [], 0
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
@@ -206,7 +214,7 @@ async def _read_chunks(request: Request, limit: int, timeout_s: float | None = N
             ) from exc
         size += len(chunk)
         if size > limit:
-            raise Problem("payload-too-large", f"request body exceeds the limit of {limit} bytes")
+            raise Problem("payload-too-large", f"request body exceeds the limit of {limit} bytes{why}")
         chunks.append(chunk)
     if size == 0:
         raise Problem("invalid-request", "the request body is empty")

@@ -196,7 +196,7 @@ def test_any_loopback_address_keeps_ray_and_grpc_on_loopback(host):
     from serve.local_ray import RAY_LOOPBACK_ENV, RAY_TOKEN_AUTH_ENV
 
     config = {"http_options": {"host": host}, "applications": [{"name": "rorem", "args": {}}]}
-    assert ray_network_env(config) == RAY_LOOPBACK_ENV
+    assert ray_network_env(config) == {**RAY_LOOPBACK_ENV, **RAY_TOKEN_AUTH_ENV}
     assert grpc_access_env(config) == {GRPC_LOOPBACK_ONLY_ENV: "1"}
     notes = host_names_note(config)
     assert not any("gRPC answers every machine" in note for note in notes), notes

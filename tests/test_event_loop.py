@@ -101,6 +101,21 @@ def test_body_parsing_runs_in_a_worker_thread(kind, monkeypatch):
     assert len(threads) == 1 and threads[0] != loop_thread
 
 
+@pytest.mark.parametrize("kind", ["multipart", "json"])
+def test_a_body_over_the_limit_is_told_where_the_limit_comes_from(kind):
+    """The 413 named a limit no setting holds (max_upload_bytes plus the form's or JSON's framing)."""
+    body = b"x" * (3 * 2**20)
+    content_type = "multipart/form-data; boundary=b0undary" if kind == "multipart" else "application/json"
+    offload = req.Offload(workers=1, limit=1)
+    try:
+        with pytest.raises(Problem) as caught:
+            asyncio.run(req.read_removal_request(starlette_request(body, content_type), 2**20, offload.run))
+    finally:
+        offload.close()
+    assert caught.value.problem == "payload-too-large"
+    assert f"imaging.max_upload_bytes {2**20} for the files" in caught.value.detail, caught.value.detail
+
+
 def test_no_long_c_call_over_a_large_body(monkeypatch):
     """Each C call holds the GIL (and so the loop) for its whole length: json.loads, the base64 decoder and
     the multipart parser's writes must each see at most STEP bytes of a 12 MB upload."""
@@ -526,7 +541,7 @@ def test_the_fullest_valid_json_bodies_pass_the_structure_bound():
     body = body[:-1] + b', "seed": "4"}'  # a repeated key: the last one counts, as in json.loads
     files, options = req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)
     assert set(files) == {"image", "mask"} and options.gate == "retry" and options.seed == 4
-    score = {name: url for name in ("source", "mask", "edited")} | {"dilate": "4", "gate_threshold": "0.5"}
+    score = {name: url for name in ("source", "mask", "edited")} | {"dilate": "4", "gate_threshold": "0.5", "timeout_s": "30"}
     assert set(score) == set(req.JSONScoreBody.model_fields)
     req.check_scalar_fields(json.dumps(score, indent=1).encode(), req.JSONScoreBody)
 

@@ -719,7 +719,9 @@ def test_ray_goes_on_loopback_with_a_loopback_host_and_its_replica_grpc_servers_
     from serve.cli import ray_network_env
     from serve.local_ray import RAY_LOOPBACK_ENV, RAY_TOKEN_AUTH_ENV, keep_replica_grpc_on_loopback
 
-    assert ray_network_env({"http_options": {"host": "127.0.0.1"}, "applications": [{}]}) == RAY_LOOPBACK_ENV
+    assert ray_network_env({"http_options": {"host": "127.0.0.1"}, "applications": [{}]}) == {
+        **RAY_LOOPBACK_ENV, **RAY_TOKEN_AUTH_ENV
+    }
     assert ray_network_env({"http_options": {"host": "0.0.0.0"}, "applications": [{}]}) == RAY_TOKEN_AUTH_ENV
     bound = []
     monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 1)
