@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from engines import imaging
 from engines.gate import GateMode
@@ -28,14 +28,33 @@ RequestTimeoutS = Annotated[
 ]
 
 
+FORMAT_ALIASES = {"jpg": "jpeg"}
+
+
+def _format_name(value):
+    """A format as people name it: any case, and jpg for jpeg (the suffix a client names its output by)."""
+    if not isinstance(value, str):
+        return value
+    return FORMAT_ALIASES.get(value.lower(), value.lower())
+
+
+# The Literal (the OpenAPI enum) stays the formats' own names; the validator before it reads the other spellings.
+OutputFormat = Annotated[
+    Literal[imaging.OUTPUT_FORMATS] | None,  # type: ignore[valid-type]
+    BeforeValidator(_format_name),
+    Field(
+        description=f"png, jpeg (drops alpha) or webp, in any case (jpg: jpeg); else from Accept, else "
+        f"{negotiation.DEFAULT}"
+    ),
+]
+
+
 class RemoveOptions(BaseModel):
     """Per-request options: multipart form fields or JSON keys of the same names."""
 
     model_config = ConfigDict(extra="forbid")
     seed: Seed | None = Field(None, description="noise seed; random when absent")
-    output_format: Literal[imaging.OUTPUT_FORMATS] | None = Field(  # type: ignore[valid-type]
-        None, description=f"png, jpeg (drops alpha) or webp; else from Accept, else {negotiation.DEFAULT}"
-    )
+    output_format: OutputFormat = None
     quality: Quality | None = Field(None, description="JPEG / WebP quality")
     dilate: Dilation | None = Field(None, description="mask dilation in pixels; default from config")
     gate: GateMode | None = Field(None, description="off, annotate, retry or reject; default from config")

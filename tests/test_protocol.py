@@ -36,6 +36,26 @@ def _grpc(fields: dict) -> RemoveOptions:
 PROTOCOLS = {"multipart": _multipart, "json": _json, "grpc": _grpc}
 
 
+@pytest.mark.parametrize("read", PROTOCOLS.values(), ids=PROTOCOLS)
+@pytest.mark.parametrize(("given", "meant"), [("JPG", "jpeg"), ("jpg", "jpeg"), ("Png", "png"), ("WEBP", "webp")])
+def test_an_output_format_is_read_in_any_case_and_jpg_is_jpeg(read, given, meant):
+    """`jpg` and `PNG` were 422, where the gRPC client names a .jpg output JPEG."""
+    assert read({"output_format": given}).output_format == meant
+
+
+@pytest.mark.parametrize("read", PROTOCOLS.values(), ids=PROTOCOLS)
+def test_an_output_format_the_service_does_not_write_is_still_refused(read):
+    with pytest.raises(Problem) as refused:
+        read({"output_format": "gif"})
+    assert refused.value.problem == "invalid-request"
+    assert [error["field"] for error in refused.value.extra["errors"]] == ["output_format"]
+
+
+def test_the_openapi_enum_keeps_the_formats_own_names():
+    field = RemoveOptions.model_json_schema()["properties"]["output_format"]
+    assert field["anyOf"][0]["enum"] == ["png", "jpeg", "webp"] and "jpg" in field["description"]
+
+
 @pytest.mark.parametrize("read", [_multipart, _json], ids=["multipart", "json"])
 def test_an_unknown_field_does_not_hide_the_invalid_ones(read):
     """`quality=0, timeout_s=5000, prompt=remove` answered only "unknown fields: 'prompt'"."""
