@@ -3,7 +3,11 @@
     python -m serve.grpc_client [--target 127.0.0.1:9000] remove photo.jpg mask.png -o out.png [--gate retry]
         (the output format: --output-format, else -o's suffix (.png, .jpg / .jpeg, .webp; another image format's,
         .gif say, is refused), else the photo's if it is PNG, JPEG or WebP, else PNG)
-    python -m serve.grpc_client score photo.jpg mask.png out.png
+    python -m serve.grpc_client remove photo.png -o out.png   # no mask: the photo's alpha is the mask
+    python -m serve.grpc_client remove photo.jpg mask.png -o out.png --dilate 8 --quality 90 --retain false
+    python -m serve.grpc_client score photo.jpg mask.png out.png [--gate-threshold 0.6]
+        (every option of serve.protocol's RemoveOptions / ScoreOptions, as --dilate, --max-attempts...; timeout_s
+        is --timeout's share, `service_timeout_s`)
     ROREM_API_KEY=rk_... python -m serve.grpc_client remove ...   # or --api-key: a service with API keys on
     python -m serve.grpc_client --application NAME remove ...  # one of several applications on one cluster
 
@@ -31,6 +35,7 @@ SERVICE_SHARE = 0.95  # of the call's deadline, sent as timeout_s (`service_time
 SERVICE_SLACK_S = 0.5  # the least a call's deadline keeps past its timeout_s, for the answer's way back
 DEFAULT_DEADLINE_S = 120.0  # --timeout's default (a call sends its own timeout_s, `service_timeout_s`)
 OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}  # for engines.imaging.OUTPUT_FORMATS
+DERIVED_OPTION = "timeout_s"  # sent as --timeout's share (`service_timeout_s`), never a flag of its own
 API_KEY_ENV = "ROREM_API_KEY"
 APPLICATION_METADATA = "application"  # Ray's gRPC proxy routes a call to the Serve application it names
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -85,20 +90,21 @@ def problem_of(error: grpc.RpcError) -> dict:
 
 @functools.cache
 def _request_types():
-    """The request's Seed and timeout_s bounds and the formats the service writes, from their one home (serve.protocol,
-    engines.imaging), imported only when the command line needs them: a program that only opens a channel (locust's
-    gRPC user, an app) stays light (grpc and the stubs)."""
+    """The request's Seed and timeout_s bounds, the formats the service writes and the option models, from their one
+    home (serve.protocol, engines.imaging), imported only when the command line needs them: a program that only
+    opens a channel (locust's gRPC user, an app) stays light (grpc and the stubs)."""
     from PIL import Image
     from pydantic import TypeAdapter
 
     from engines.imaging import OUTPUT_FORMATS
-    from serve.protocol import Seed, TimeoutS
+    from serve.protocol import RemoveOptions, ScoreOptions, Seed, TimeoutS
 
     # Pillow's table names other image formats' suffixes (to refuse them); the service's own are fixed here, so a
     # Pillow built without one (WebP) does not leave -o out.webp to be written in the photo's format
     suffixes = {suffix: name.lower() for suffix, name in Image.registered_extensions().items()}
     suffixes |= OUTPUT_SUFFIXES
-    return TypeAdapter(Seed), TypeAdapter(TimeoutS).json_schema()["maximum"], OUTPUT_FORMATS, suffixes
+    timeout_bound = TypeAdapter(TimeoutS).json_schema()["maximum"]
+    return TypeAdapter(Seed), timeout_bound, OUTPUT_FORMATS, suffixes, RemoveOptions, ScoreOptions
 
 
 def output_formats() -> tuple[str, ...]:
@@ -123,7 +129,7 @@ def output_format(output: Path, requested: str | None) -> str | None:
     """The format to ask for: `requested`, else the one -o's suffix names (None: neither names one, the service
     chooses). A suffix naming a format the service does not write (.gif), or not the one `requested`, is a
     ValueError: the file would hold another format than its name says."""
-    _, _, formats, image_suffixes = _request_types()
+    _, _, formats, image_suffixes, *_ = _request_types()
     named = image_suffixes.get(output.suffix.lower())
     if named is not None and named not in formats:
         suffixes = ", ".join(suffix for suffix, fmt in image_suffixes.items() if fmt in formats)
@@ -131,6 +137,50 @@ def output_format(output: Path, requested: str | None) -> str | None:
     if requested and named and requested != named:
         raise ValueError(f"-o {output.name} names {named}, --output-format {requested}")
     return requested or named
+
+
+def input_file(text: str) -> Path:
+    """An input image: a readable regular file, else refused as argparse refuses a bad value (a missing one was a
+    FileNotFoundError traceback, an empty name an IsADirectoryError)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is no file")
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be read: {exc.strerror}") from None
+    return path
+
+
+class RequestOption:
+    """An argparse type: the text read as the service reads the form field `name` of `model` (serve.protocol), so a
+    value the service would refuse is refused before any call, in the service's words."""
+
+    def __init__(self, model, name: str):
+        self.model = model
+        self.name = name
+
+    def __call__(self, text: str):
+        from pydantic import ValidationError
+
+        try:
+            return getattr(self.model.model_validate({self.name: text}), self.name)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc.errors()[0]['msg']}") from None
+
+
+def add_request_options(parser: argparse.ArgumentParser, model, **own: dict) -> None:
+    """A flag per option of the service's `model` (--max-attempts for max_attempts), but timeout_s, which is
+    --timeout's (`service_timeout_s`); `own`: a flag's own add_argument settings."""
+    for name, field in model.model_fields.items():
+        if name != DERIVED_OPTION:
+            settings = {"type": RequestOption(model, name), "help": field.description, **own.get(name, {})}
+            parser.add_argument(f"--{name.replace('_', '-')}", **settings)
+
+
+def request_options(options: argparse.Namespace) -> dict:
+    """The request's option fields from the parsed flags (None: not sent, the service's default)."""
+    return {name: getattr(options, name) for name in options.options_model.model_fields if name != DERIVED_OPTION}
 
 
 def deadline(text: str) -> float:
@@ -169,17 +219,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"sent as authorization: Bearer (default: ${API_KEY_ENV})"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    remove_options, score_options = _request_types()[4:]
     remove = sub.add_parser("remove", help="remove the masked object")
-    remove.add_argument("image", type=Path)
-    remove.add_argument("mask", type=Path)
+    remove.add_argument("image", type=input_file)
+    remove.add_argument("mask", type=input_file, nargs="?", help="absent: the image's alpha is the mask")
     remove.add_argument("-o", "--output", type=Path, required=True)
-    remove.add_argument("--seed", type=seed)
-    remove.add_argument("--gate", choices=["off", "annotate", "retry", "reject"])
-    remove.add_argument("--output-format", choices=output_formats(), help="default: from -o's suffix, else the photo's")
+    add_request_options(
+        remove, remove_options, seed={"type": seed},
+        output_format={"help": f"{', '.join(output_formats())}, any case (jpg: jpeg); default: from -o's suffix, "
+                       "else the photo's"},
+    )  # fmt: skip
+    remove.set_defaults(options_model=remove_options)
     score = sub.add_parser("score", help="score a (source, mask, edited) triple")
-    score.add_argument("source", type=Path)
-    score.add_argument("mask", type=Path)
-    score.add_argument("edited", type=Path)
+    score.add_argument("source", type=input_file)
+    score.add_argument("mask", type=input_file)
+    score.add_argument("edited", type=input_file)
+    add_request_options(score, score_options)
+    score.set_defaults(options_model=score_options)
     options = parser.parse_args(argv)
     if options.command == "remove":
         try:
@@ -199,11 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             if options.command == "remove":
                 request = pb.RemoveRequest(
                     image=options.image.read_bytes(),
-                    mask=options.mask.read_bytes(),
-                    seed=options.seed,
-                    gate=options.gate,
-                    output_format=options.output_format,
+                    mask=options.mask.read_bytes() if options.mask else None,
                     timeout_s=service_timeout_s(options.timeout),
+                    **request_options(options),
                 )
                 reply = client.Remove(request, timeout=options.timeout, metadata=metadata)
                 options.output.write_bytes(reply.image)
@@ -217,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         mask=options.mask.read_bytes(),
                         edited=options.edited.read_bytes(),
                         timeout_s=service_timeout_s(options.timeout),
+                        **request_options(options),
                     ),
                     timeout=options.timeout,
                     metadata=metadata,

@@ -120,14 +120,27 @@ class Problem(Exception):
         return JSONResponse(self.body(request_id), status_code=self.status, media_type=MEDIA_TYPE, headers=headers)
 
 
-def invalid_request(errors: list[dict]) -> Problem:
-    """422 invalid-request from pydantic's validation errors (`loc`, `msg`), a body's or a query's: each field in
-    `errors` and in the detail."""
+def invalid_request(errors: list[dict], unknown: list[str] = ()) -> Problem:
+    """422 invalid-request from pydantic's validation errors (`loc`, `msg`), a body's or a query's, and the keys no
+    field has (`unknown`, counted by serve.protocol.validate, not pydantic): each field in `errors` and in the
+    detail. The invalid fields come first: they are the model's few, where the unknown keys are the client's many
+    and the detail is clipped."""
     fields = [{"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]} for error in errors]
-    detail = "; ".join(f"{field['field']}: {field['message']}" for field in fields[:MAX_LISTED])
-    if len(fields) > MAX_LISTED:  # the count first: a detail is clipped, and the fields quoted are the client's
-        detail = f"{len(fields)} invalid fields, the first {MAX_LISTED}: {detail}"
-    return Problem("invalid-request", detail, errors=fields[:MAX_LISTED])
+    details = []
+    if fields:
+        detail = "; ".join(f"{field['field']}: {field['message']}" for field in fields[:MAX_LISTED])
+        if len(fields) > MAX_LISTED:  # the count first: a detail is clipped, and the fields quoted are the client's
+            detail = f"{len(fields)} invalid fields, the first {MAX_LISTED}: {detail}"
+        details.append(detail)
+    if unknown:
+        named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
+        details.append(
+            f"{len(unknown)} unknown fields, the first {MAX_LISTED}: {named}"
+            if len(unknown) > MAX_LISTED
+            else f"unknown fields: {named}"
+        )
+        fields += [{"field": key, "message": "unknown field"} for key in unknown[:MAX_LISTED]]
+    return Problem("invalid-request", "; ".join(details), errors=fields[:MAX_LISTED])
 
 
 def _clip(text: str, limit: int) -> str:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from engines import imaging
 from engines.gate import GateMode
 from serve import negotiation
 from serve.config import Attempts, Dilation, GateThreshold, NotABool, Quality
-from serve.problems import MAX_LISTED, Problem, invalid_request
+from serve.problems import Problem, invalid_request
 
 # Bounds on the inner type, not on the `X | None` union: there pydantic publishes its own "ge" / "le" keys, which
 # JSON Schema (and so OpenAPI) does not know, instead of minimum / maximum.
@@ -28,14 +28,33 @@ RequestTimeoutS = Annotated[
 ]
 
 
+FORMAT_ALIASES = {"jpg": "jpeg"}
+
+
+def _format_name(value):
+    """A format as people name it: any case, and jpg for jpeg (the suffix a client names its output by)."""
+    if not isinstance(value, str):
+        return value
+    return FORMAT_ALIASES.get(value.lower(), value.lower())
+
+
+# The Literal (the OpenAPI enum) stays the formats' own names; the validator before it reads the other spellings.
+OutputFormat = Annotated[
+    Literal[imaging.OUTPUT_FORMATS] | None,  # type: ignore[valid-type]
+    BeforeValidator(_format_name),
+    Field(
+        description=f"png, jpeg (drops alpha) or webp, in any case (jpg: jpeg); else from Accept, else "
+        f"{negotiation.DEFAULT}"
+    ),
+]
+
+
 class RemoveOptions(BaseModel):
     """Per-request options: multipart form fields or JSON keys of the same names."""
 
     model_config = ConfigDict(extra="forbid")
     seed: Seed | None = Field(None, description="noise seed; random when absent")
-    output_format: Literal[imaging.OUTPUT_FORMATS] | None = Field(  # type: ignore[valid-type]
-        None, description=f"png, jpeg (drops alpha) or webp; else from Accept, else {negotiation.DEFAULT}"
-    )
+    output_format: OutputFormat = None
     quality: Quality | None = Field(None, description="JPEG / WebP quality")
     dilate: Dilation | None = Field(None, description="mask dilation in pixels; default from config")
     gate: GateMode | None = Field(None, description="off, annotate, retry or reject; default from config")
@@ -124,19 +143,19 @@ def check_upload_size(total_bytes: int, max_upload_bytes: int) -> None:
 
 
 def validate(model: type[BaseModel], data: dict):
-    """Validate options against their model; a failure is a 422 invalid-request listing every field.
+    """Validate options against their model; a failure is one 422 invalid-request listing every invalid field and
+    every unknown one.
 
     Unknown keys are counted here, not by pydantic: its error list for 200000 of them takes 5 s to build in
-    one call that holds the GIL (the event loop stalls with it)."""
-    unknown = [key for key in data if key not in model.model_fields]
-    if unknown and model.model_config.get("extra") == "forbid":
-        named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
-        detail = f"unknown fields: {named}"
-        if len(unknown) > MAX_LISTED:  # the count first: a detail is clipped, and the keys quoted are the client's
-            detail = f"{len(unknown)} unknown fields, the first {MAX_LISTED}: {named}"
-        listed = [{"field": key, "message": "unknown field"} for key in unknown[:MAX_LISTED]]
-        raise Problem("invalid-request", detail, errors=listed)
+    one call that holds the GIL (the event loop stalls with it). The known keys are then validated alone, a
+    model's few fields whatever the body holds."""
+    forbidden = model.model_config.get("extra") == "forbid"
+    unknown = [key for key in data if key not in model.model_fields] if forbidden else []
+    known = {name: data[name] for name in model.model_fields if name in data} if unknown else data
     try:
-        return model.model_validate(data)
+        options = model.model_validate(known)
     except ValidationError as exc:
-        raise invalid_request(exc.errors(include_url=False, include_input=False)) from exc
+        raise invalid_request(exc.errors(include_url=False, include_input=False), unknown) from exc
+    if unknown:
+        raise invalid_request([], unknown)
+    return options

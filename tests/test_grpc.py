@@ -292,3 +292,64 @@ def test_the_cli_clients_score_asks_for_an_answer_before_its_deadline_as_a_remov
     assert removal.timeout_s < remove_deadline and removal.timeout_s <= AppSettings().request_timeout_s
     assert short_deadline == 10 and short.timeout_s == pytest.approx(9.5)
 
+
+@pytest.mark.parametrize(
+    "argv",
+    [["remove", "missing.png", "mask.png", "-o", "o.png"], ["remove", "", "mask.png", "-o", "o.png"],
+     ["remove", "photo.png", "folder", "-o", "o.png"], ["score", "photo.png", "mask.png", "missing.png"]],
+)  # fmt: skip
+def test_the_cli_client_refuses_an_input_that_is_no_readable_file_as_argparse_does(cli, argv, capsys, tmp_path):
+    """A missing file ended in a FileNotFoundError traceback, an empty name in IsADirectoryError."""
+    (tmp_path / "folder").mkdir()
+    named = next(word for word in argv[1:] if word in ("missing.png", "", "folder"))
+    with pytest.raises(SystemExit) as exited:
+        cli(argv)
+    assert exited.value.code == 2 and FakeStub.calls == []
+    assert f"{named!r} is no file" in capsys.readouterr().err
+
+
+def test_the_cli_client_sends_no_mask_without_one_so_the_photos_alpha_is_the_mask(cli):
+    """The mask was a required argument: the client could not use the image's alpha, which the API offers."""
+    assert cli(["remove", "photo.png", "-o", "o.png"]) == 0
+    assert cli(["remove", "photo.png", "mask.png", "-o", "o.png"]) == 0
+    (without, _), (with_mask, _) = FakeStub.calls
+    assert without.mask == b"" and with_mask.mask == b"x"
+
+
+def test_the_cli_client_sends_every_option_of_the_request_models(cli):
+    """It offered --seed, --gate and --output-format only: dilate, quality, gate_threshold, max_attempts and retain
+    (and a score's dilate and gate_threshold) could not be sent."""
+    from serve.protocol import RemoveOptions, ScoreOptions
+
+    remove = {"seed": "7", "output_format": "JPG", "quality": "90", "dilate": "8", "gate": "retry",
+              "gate_threshold": "0.6", "max_attempts": "2", "retain": "false"}  # fmt: skip
+    score = {"dilate": "4", "gate_threshold": "0.7"}
+    assert set(remove) == set(RemoveOptions.model_fields) - {"timeout_s"}
+    assert set(score) == set(ScoreOptions.model_fields) - {"timeout_s"}
+
+    def flags(options: dict) -> list[str]:
+        return [word for name, value in options.items() for word in (f"--{name.replace('_', '-')}", value)]
+
+    assert cli(["remove", "photo.png", "mask.png", "-o", "o.jpg", *flags(remove)]) == 0
+    assert cli(["score", "photo.png", "mask.png", "out.png", *flags(score)]) == 0
+    (removal, _), (scored, _) = FakeStub.calls
+    assert (removal.seed, removal.output_format, removal.quality) == (7, "jpeg", 90)
+    assert (removal.dilate, removal.gate) == (8, "retry")
+    assert removal.gate_threshold == pytest.approx(0.6) and removal.max_attempts == 2
+    assert removal.HasField("retain") and removal.retain is False
+    assert scored.dilate == 4 and scored.gate_threshold == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [("remove", "--quality", "0"), ("remove", "--dilate", "-1"), ("remove", "--max-attempts", "9"),
+     ("remove", "--gate-threshold", "nan"), ("remove", "--retain", "maybe"), ("remove", "--gate", "sometimes"),
+     ("remove", "--output-format", "gif"), ("score", "--dilate", "257"), ("score", "--gate-threshold", "11")],
+)  # fmt: skip
+def test_the_cli_client_refuses_an_option_the_service_would_refuse_before_any_call(cli, command, flag, value, capsys):
+    """Each option is read as the service reads its form field: a bad one is a usage error, not a round trip."""
+    files = ["photo.png", "mask.png", "-o", "o.png"] if command == "remove" else ["photo.png", "mask.png", "out.png"]
+    with pytest.raises(SystemExit) as exited:
+        cli([command, *files, flag, value])
+    assert exited.value.code == 2 and FakeStub.calls == []
+    assert f"argument {flag}: {value!r}: Input should be" in capsys.readouterr().err
