@@ -1436,34 +1436,110 @@ def test_an_orphan_sweep_on_another_database_leaves_the_stores_objects(tmp_path,
     assert not objects.exists(orphan) and real.read(kept[4], "result") == (b"result 4", "image/png")
 
 
-def test_a_store_kept_before_markers_is_adopted_by_its_own_database_only(tmp_path):
-    """Upgrading: a database and store of an earlier version have no store id; migration 0004 marks the database
-    (it holds results) legacy, and it adopts the store its results are found in. A database made since never
-    adopts a populated store, even once saves gave it results there."""
+def _at_0003(path):
+    """A database of the version before store ids (revision 0003)."""
     from alembic import command
 
-    from serve.retention.db import alembic_config, make_engine, migrate
+    from serve.retention.db import alembic_config, make_engine
 
-    objects = LocalObjectStore(tmp_path / "objects")
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    engine = make_engine(f"sqlite:///{path}")
     config = alembic_config(str(engine.url))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "0003")
-    kept = RetentionStore(objects, engine).save(_new(b"kept before markers"))
-    orphan = objects.put(b"left by a crash")
-    _age(objects)
+    return engine
 
+
+def test_a_store_kept_before_markers_is_adopted_by_its_own_database_only(tmp_path):
+    """Upgrading: a database and store of an earlier version have no store id; the upgrade gives the database one
+    as legacy, and it adopts the store whose objects are its results'. A database made since never adopts a
+    populated store, even once saves gave it results there; nor does an earlier version's database over a store
+    of another's images (a fallback results.db that saved one result of its own there)."""
+    from serve.retention.db import migrate
+
+    objects = LocalObjectStore(tmp_path / "objects")
+    engine = _at_0003(tmp_path / "old.db")
+    kept = RetentionStore(objects, engine).save(_new(b"kept before markers"))
+    stranger = _at_0003(tmp_path / "fallback.db")
+    RetentionStore(objects, stranger).save(_new(b"the fallback's"))
+    migrate(stranger)
+    assert not RetentionStore(objects, stranger).owns_its_objects()
     fresh = RetentionStore.open(f"sqlite:///{tmp_path / 'fresh.db'}", objects)
     fresh.save(_new(b"saved by the fresh database"))
-    assert fresh.drop_orphans() == 0 and objects.exists(orphan)
-    assert objects.marker() is None
+    assert fresh.drop_orphans() == 0 and objects.marker() is None
 
+    own = LocalObjectStore(tmp_path / "own")  # the old database's own store, which no other database wrote to
+    mine = RetentionStore(own, engine)
+    for key in RetentionStore(objects, engine).get(kept).keys.values():
+        own.put(objects.get(key))
     migrate(engine)
-    upgraded = RetentionStore(objects, engine)
-    assert upgraded.drop_orphans() == 1, "the crash's orphan"
-    assert not objects.exists(orphan) and upgraded.read(kept, "result") == (b"kept before markers", "image/png")
-    assert fresh.drop_orphans() == 0
+    assert not RetentionStore(objects, engine).owns_its_objects(), "the other databases' images are there too"
+    assert mine.owns_its_objects() and own.marker() is not None
+    orphan = own.put(b"left by a crash")
+    _age(own)
+    assert mine.drop_orphans() == 1 and not own.exists(orphan)
+    assert mine.read(kept, "result") == (b"kept before markers", "image/png")
+
+
+def test_an_earlier_versions_database_without_results_gets_its_store_id_too(tmp_path):
+    """The legacy id was given only to a database holding results: one whose results had all gone, over a store
+    holding an orphan, was never tied, and the documented way to tie them by hand (its store id) had no id."""
+    from sqlalchemy.orm import Session
+
+    from serve.retention.db import StoreIdRow, migrate
+
+    engine = _at_0003(tmp_path / "old.db")
+    migrate(engine)
+    with Session(engine) as session:
+        row = session.get(StoreIdRow, 1)
+    assert row is not None and row.legacy
+    store = RetentionStore(LocalObjectStore(tmp_path / "objects"), engine)
+    assert store.owns_its_objects(), "an empty store is adopted"
+
+
+def test_a_marker_claim_that_failed_once_is_made_at_the_next_sweep(tmp_path, monkeypatch):
+    """The database recorded its id, the marker write failed (an object store error): once saves had put objects
+    there, the store was never tied, and no delete or expiry removed an image again."""
+    objects = LocalObjectStore(tmp_path / "objects")
+    claim = objects.claim_marker
+    failures = iter([OSError("the disk is busy")])
+
+    def failing_once(store_id):
+        for error in failures:
+            raise error
+        return claim(store_id)
+
+    monkeypatch.setattr(objects, "claim_marker", failing_once)
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    assert objects.marker() is None
+    kept = [store.save(_new(b"result %d" % i)) for i in range(3)]
+    assert store.drop_orphans() == 0 and objects.marker() is not None
+    for result in kept:
+        assert store.delete(result)
+    assert _files(tmp_path / "objects") == set(), "every image of the deleted results"
+
+
+def test_a_marker_is_claimed_without_hard_links_or_a_conditional_put(tmp_path, monkeypatch):
+    """A filesystem without hard links (CIFS, some FUSE mounts) and an S3 client or store without If-None-Match
+    refused every claim: the store was never tied."""
+    import errno
+
+    def no_links(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    local = LocalObjectStore(tmp_path / "objects")
+    assert local.claim_marker("a" * 32) == "a" * 32 and local.claim_marker("b" * 32) == "a" * 32
+    assert not list((tmp_path / "objects").glob(".partial-*"))
+
+    class OldClient(FakeS3):
+        def put_object(self, **kwargs):
+            if "IfNoneMatch" in kwargs:
+                raise type("ParamValidationError", (Exception,), {})("Unknown parameter in input: IfNoneMatch")
+            return super().put_object(**kwargs)
+
+    s3 = S3ObjectStore("bucket", prefix="rorem", client=OldClient())
+    assert s3.claim_marker("c" * 32) == "c" * 32 and s3.claim_marker("d" * 32) == "c" * 32
 
 
 def test_the_sweeper_deletes_old_partial_writes_a_killed_process_left_never_a_fresh_one(tmp_path):

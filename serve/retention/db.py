@@ -10,6 +10,7 @@ Times are naive UTC.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    insert,
     text,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -166,14 +168,26 @@ def check_schema_current(engine: Engine) -> None:
         )
 
 
+# the revisions before the store id (0004): a database upgraded from one of them is an earlier version's
+_BEFORE_STORE_ID = ("0001", "0002", "0003")
+
+
 def _upgrade(command, config, engine: Engine) -> None:
     """The whole upgrade is one transaction, so a start stopped mid-migration leaves the schema as it was. Python's
     sqlite3 opens none before DDL (each statement would commit alone: a revision half applied, its next run failing
-    on what the first half made), hence the explicit BEGIN on SQLite, whose DDL is transactional."""
+    on what the first half made), hence the explicit BEGIN on SQLite, whose DDL is transactional.
+
+    A database upgraded from before 0004 gets its store id as legacy, whether it holds results or not: its store
+    may hold images, and the operator's way to tie the two (docs/operations.md) needs the id."""
+    from alembic.migration import MigrationContext
+
     with engine.begin() as connection:
         if engine.dialect.name == "sqlite":
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
         config.attributes["connection"] = connection
+        started_at = MigrationContext.configure(connection).get_current_revision()
         command.upgrade(config, "head")
+        if started_at in _BEFORE_STORE_ID:
+            connection.execute(insert(StoreIdRow), {"id": 1, "store_id": uuid.uuid4().hex, "legacy": True})

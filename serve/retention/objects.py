@@ -8,6 +8,7 @@ needs boto3, imported only when such a store is made.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -143,6 +144,9 @@ class LocalObjectStore:
             os.link(partial, self.root / MARKER)
         except FileExistsError:
             pass
+        except OSError:  # a filesystem without hard links (CIFS, some FUSE mounts): an exclusive create instead
+            with contextlib.suppress(FileExistsError), open(self.root / MARKER, "x") as marker:
+                marker.write(store_id)
         finally:
             Path(partial).unlink(missing_ok=True)
         return self.marker()
@@ -244,13 +248,19 @@ class S3ObjectStore:
         return answer["Body"].read().decode().strip()
 
     def claim_marker(self, store_id: str) -> str:
-        """A conditional PUT (If-None-Match: *), which S3 refuses where the marker is."""
+        """A conditional PUT (If-None-Match: *), which S3 refuses where the marker is. Where the conditional PUT is
+        not known (an older botocore; an S3-compatible store answering 501), a read, then a plain PUT where there is
+        none: only two processes making a new store at the same moment could then both write one."""
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._marker_name(), Body=store_id.encode(), IfNoneMatch="*")
         except Exception as exc:
             code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-            if code not in ("412", "PreconditionFailed", "ConditionalRequestConflict"):
+            if code in ("412", "PreconditionFailed", "ConditionalRequestConflict"):
+                return self.marker()
+            if code not in ("501", "NotImplemented") and type(exc).__name__ != "ParamValidationError":
                 raise
+            if self.marker() is None:
+                self.client.put_object(Bucket=self.bucket, Key=self._marker_name(), Body=store_id.encode())
         return self.marker()
 
     def _marker_name(self) -> str:

@@ -56,9 +56,9 @@ MAX_VERDICTS = 20
 # An object no result refers to is deleted by the sweeper once it is this old: far longer than any save takes
 # between writing an object and inserting the row that refers to it.
 ORPHAN_GRACE_S = 3600.0
-# A legacy database (results kept before stores had markers) adopts a store without a marker only if this many
-# of its newest results (or all it has, if fewer) have every object there.
-ADOPT_SAMPLE = 10
+# A database with a store id writes it into a store without a marker only where at most this share of the store's
+# objects are ones it does not refer to (the orphans of failed saves): never over another database's images.
+ADOPT_UNREFERENCED = 0.01
 _SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket", "owner")
 
 
@@ -443,10 +443,7 @@ class RetentionStore:
         stale = set(self.objects.written_before(before))
         if not stale:
             return cut_short
-        columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
-        with Session(self.engine) as session:
-            referenced = {key for row in session.execute(select(*columns)) for key in row}
-        dropped = self._drop_one_by_one(stale - referenced)
+        dropped = self._drop_one_by_one(stale - self._referenced())
         if dropped:
             logger.info("retention: deleted %d object(s) no result refers to", dropped)
         return cut_short + dropped
@@ -454,20 +451,23 @@ class RetentionStore:
     def owns_its_objects(self) -> bool:
         """Whether the database and the object store are each other's: the database's store id is the one in the
         store's MARKER; asked at open and by each orphan sweep, and until it says yes no delete drops an object.
-        Written to both where both are new; a legacy database (one with results kept before markers) writes its
-        id into a store without a marker once its newest results are all found there. On any doubt (a new
-        database over a store with objects or another's marker, a marker where the database has none): False,
-        logged as an ERROR naming both, and no object is deleted; saves and reads go on."""
+        Written to both where both are new. A database with an id (an earlier version's, given one as legacy when
+        it was upgraded; or one whose claim failed between the two writes) writes it into a store without a marker
+        where the store holds hardly anything it does not refer to (ADOPT_UNREFERENCED). On any doubt (a database
+        without an id over a store with objects, another's marker, a store mostly of objects this database does
+        not know): False, logged as an ERROR naming both, and no object is deleted; saves and reads go on. The
+        marker is read before the row: a process records an id before it claims the marker, so one starting beside
+        it never sees the marker without the row."""
+        marker = self.objects.marker()
         with Session(self.engine) as session:
             row = session.get(StoreIdRow, 1)
             ours = None if row is None else row.store_id
             has_results = session.scalar(select(ResultRow.id).limit(1)) is not None
-        marker = self.objects.marker()
         if marker is None:
             if row is None and not has_results and not _has_objects(self.objects):
                 ours = self._record_store_id(uuid.uuid4().hex)
                 marker = self.objects.claim_marker(ours)
-            elif row is not None and (self._adoptable() if row.legacy else not _has_objects(self.objects)):
+            elif row is not None and self._adoptable():
                 marker = self.objects.claim_marker(ours)
         self._tied = marker is not None and marker == ours
         if self._tied:
@@ -494,13 +494,22 @@ class RetentionStore:
         with Session(self.engine) as session:
             return session.get(StoreIdRow, 1).store_id
 
-    def _adoptable(self) -> bool:
-        """The newest ADOPT_SAMPLE results all have their objects in the store."""
+    def _referenced(self) -> set[str]:
+        """The keys of every object a result of this database refers to."""
         columns = (ResultRow.source_key, ResultRow.mask_key, ResultRow.result_key)
-        newest = select(*columns).order_by(ResultRow.created_at.desc()).limit(ADOPT_SAMPLE)
         with Session(self.engine) as session:
-            keys = {key for row in session.execute(newest) for key in row}
-        return bool(keys) and all(self.objects.exists(key) for key in keys)
+            return {key for row in session.execute(select(*columns)) for key in row}
+
+    def _adoptable(self) -> bool:
+        """The store holds at most ADOPT_UNREFERENCED of objects this database does not refer to (an empty store
+        qualifies): a database over another's images (a fallback results.db that saved a few of its own there)
+        refers to a few of them at most. Lists the store: asked only while the two are not yet tied."""
+        referenced = self._referenced()
+        held = unknown = 0
+        for key in self.objects.written_before(math.inf):
+            held += 1
+            unknown += key not in referenced
+        return unknown <= ADOPT_UNREFERENCED * held
 
     def _claim(self, keys: Iterable[str]) -> None:
         """With _lock held: no delete removes these objects until they are unclaimed."""

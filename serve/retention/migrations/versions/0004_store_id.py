@@ -1,13 +1,12 @@
 """the database names its object store: a random id, also in the store's marker object, so an orphan sweep never
-runs against another store's objects (RetentionStore.owns_its_objects); a database that already holds results
-gets its id here, as legacy: its store, without a marker yet, is adopted once its results are found there
+runs against another store's objects (RetentionStore.owns_its_objects); a database upgraded from an earlier
+revision gets its id as legacy (serve.retention.db._upgrade, which knows where the upgrade started): its store,
+without a marker yet, is adopted when it is empty or holds the database's newest results
 
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-02
 """
-
-import uuid
 
 import sqlalchemy as sa
 from alembic import op
@@ -25,10 +24,7 @@ def upgrade() -> None:
         sa.Column("store_id", sa.String(32), nullable=False),
         sa.Column("legacy", sa.Boolean(), nullable=False),
     )
-    if op.get_context().as_sql:
-        return
-    if op.get_bind().execute(sa.text("SELECT 1 FROM results LIMIT 1")).first() is not None:
-        op.bulk_insert(table, [{"id": 1, "store_id": uuid.uuid4().hex, "legacy": True}])
+    del table
 
 
 def downgrade() -> None:
