@@ -116,6 +116,13 @@ async def _count_requests(request: Request, call_next):
     except asyncio.CancelledError:
         status = str(CLIENT_CLOSED)  # the client hung up: not a server error
         raise
+    except RuntimeError as exc:
+        # Serve cancels the work of a request whose client hung up; Starlette's http middleware turns a cancellation
+        # inside the app into this, which the catch-all handler would log and answer as a 500
+        if str(exc) != "No response returned." or not await request.is_disconnected():
+            raise
+        status = str(CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
     finally:
         route = _route_label(request.scope)
         ingress_metrics().answered(route, "http", status, time.perf_counter() - started, int(status))

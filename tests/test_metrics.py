@@ -183,6 +183,60 @@ def test_a_client_that_hangs_up_during_its_upload_is_counted_499_and_logged_as_n
     assert "unhandled error" not in caplog.text
 
 
+@pytest.mark.parametrize("client", ["gone", "still there"])
+def test_work_cancelled_when_its_client_hangs_up_is_counted_499_and_logged_as_no_error(monkeypatch, caplog, client):
+    """Serve cancels the work of a request whose client hung up (a load test's clients stopping at its time limit);
+    Starlette's http middleware turned that cancellation into RuntimeError("No response returned."): an ERROR with
+    a traceback, counted as a 500, a server error to every 5xx alert. With the client still there it is a bug, and
+    stays a 500."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+
+    from serve import rest_api
+
+    answered = []
+    recorder = SimpleNamespace(
+        answered=lambda route, protocol, status, seconds, http_status: answered.append((status, http_status))
+    )
+    monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
+    app = FastAPI()
+    for error, handler in rest_api.api.exception_handlers.items():
+        app.add_exception_handler(error, handler)
+    app.middleware("http")(rest_api._count_requests)
+
+    @app.get("/remove")
+    async def remove():
+        raise asyncio.CancelledError  # its Serve call cancelled under it
+
+    async def receive():
+        if client == "gone":
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(60)
+
+    async def send(message):
+        pass
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": "/remove", "raw_path": b"/remove", "query_string": b"", "root_path": "", "headers": [],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+
+    async def main():
+        try:
+            await app(scope, receive, send)
+        except RuntimeError:
+            pass
+
+    asyncio.run(main())
+    if client == "gone":
+        assert answered == [("499", 499)] and "unhandled error" not in caplog.text, answered
+    else:
+        assert answered == [("500", 500)], answered
+
+
 def test_a_request_to_the_bare_route_prefix_is_counted_under_the_route_that_answered_it(monkeypatch):
     """GET /api/v1 (the address the READY line prints) is answered by the "/" route, and was counted as
     route="other": the dashboards lost it among unmatched paths."""
