@@ -7,7 +7,8 @@
     python -m export tensorrt --bundle PATH --config serve/configs/local.yaml   # from the fp16 ONNX; GPU + tensorrt
     python -m export all --config serve/configs/local.yaml       # the bundle Serve would load: fp32 ONNX
                                                                    # + verify; fp16 ONNX + plan on a GPU
-    python -m export bench --tiny --runners torch,onnx --side 512  # one removal per runner, ms per stage
+    python -m export bench --tiny --runners torch,onnx --side 512  # one removal per runner, ms per stage (each
+                                                                   # runner's export made first: export all --tiny)
 Every ONNX export is checked against the torch UNet on ONNX Runtime before it replaces the bundle's
 current one (--no-verify records it unchecked, and serving refuses it); with a Serve config or
 --buckets the check includes one image at each bucket side, and serving refuses a graph not checked at
@@ -221,9 +222,16 @@ def _cmd_tensorrt(args, progress: Progress) -> int:
     if args.onnx:
         onnx_path = Path(args.onnx)
     elif bundle is not None:
+        from engines.bundle import BundleError
         from engines.runners import current_export
 
-        onnx_path = current_export(bundle, "onnx", args.dtype, buckets=buckets).path
+        try:
+            onnx_path = current_export(bundle, "onnx", args.dtype, buckets=buckets).path
+        except BundleError as exc:  # its advice (export an ONNX first) does not help alone on a machine without one
+            unavailable = _tensorrt_unavailable()
+            if unavailable:
+                raise BundleError(f"{exc}; and the plan is built on the GPU that runs it: {unavailable} here") from exc
+            raise
     else:
         raise ValueError("name the ONNX (--onnx) or a bundle (--bundle / --tiny / --config)")
     if not onnx_path.is_file():

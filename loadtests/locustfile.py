@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import sys
 import time
 from functools import cache
 
@@ -104,6 +105,18 @@ def build_inputs(environment, **_kwargs) -> None:
         photo_png(size)
         for fraction in MASK_FRACTIONS:
             mask_png(size, fraction)
+
+
+@events.init.add_listener
+def check_grpc_target(environment, **_kwargs) -> None:
+    """With gRPC users, a --host off the default HTTP port needs ROREM_GRPC: refused here, at the start, where each
+    gRPC user failed to start instead and the run sent nothing until its -t ran out."""
+    if not USER_WEIGHTS.get("grpc", 1):
+        return
+    try:
+        grpc_target(environment.host, os.environ.get("ROREM_GRPC"))
+    except ValueError as exc:
+        sys.exit(f"locustfile: {exc} (or ROREM_USERS=rest:1,grpc:0 for REST users only)")
 
 
 def image_problem(content: bytes, size: str) -> str | None:

@@ -188,6 +188,7 @@ def main() -> int:
     options = parser.parse_args()
 
     with exit_if_unreachable(options.url):
+        httpx.get(options.url + "/healthz", timeout=10)  # a wrong --url: one line, not a run of lost requests
         report = run_soak(
             options.url, options.seconds, options.clients, side=options.side,
             headers={"x-api-key": options.api_key} if options.api_key else None,

@@ -292,12 +292,14 @@ def test_a_soak_client_waiting_out_a_retry_after_does_not_hold_up_the_others():
     [
         ("bench_open_loop.py", ["--rates", "1", "--seconds", "1"]),
         ("soak.py", ["--seconds", "1", "--clients", "1", "--chaos-every", "1"]),
+        ("soak.py", ["--seconds", "1", "--clients", "1"]),
         ("bench_healthz_under_load.py", ["--smoke"]),
     ],
 )
 def test_a_wrong_url_ends_the_script_in_one_line_not_a_traceback(script, args, tmp_path):
     """A --url where nothing listens ended bench_open_loop, soak --chaos-every and bench_healthz_under_load in an
-    httpx.ConnectError traceback; benchlib.exit_if_unreachable turns it into one line and exit code 1."""
+    httpx.ConnectError traceback; benchlib.exit_if_unreachable turns it into one line and exit code 1. soak without
+    --chaos-every ran its whole window, counting every request lost."""
     from serve.ports import free_port
 
     url = f"http://127.0.0.1:{free_port()}"

@@ -259,6 +259,18 @@ def test_tensorrt_is_refused_clearly_without_it():
         TensorRTUNetRunner("missing.plan", "cuda")
 
 
+def test_a_plan_asked_for_without_an_onnx_on_a_machine_without_a_gpu_says_both(tiny_bundle, capsys):
+    """Without a GPU, `export tensorrt` advised only to export an fp16 ONNX first, which would not have helped."""
+    import export.cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU here: the plan could be built")
+    args = ["tensorrt", "--bundle", str(tiny_bundle.path), "--buckets", "512", "--max-batch-size", "2", "--quiet"]
+    assert export.cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "python -m export onnx" in err and "built on the GPU that runs it: no CUDA GPU here" in err, err
+
+
 def test_the_tensorrt_runner_refuses_a_plan_whose_bytes_are_not_the_recorded_ones(tmp_path, monkeypatch):
     """The plan is hashed as it is read: one replaced after the bundle was verified never reaches TensorRT."""
     import hashlib

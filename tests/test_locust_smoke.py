@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 import threading
 from pathlib import Path
 
@@ -97,6 +98,15 @@ def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
         for host in ("http://127.0.0.1:8700", "https://api.example", "http://api.example")
     ], "a URL without a port is on its scheme's: 443 or 80, not 8000"
     assert waits == "3.0 5.0 1.0 0.0 1.0 60.0 1.0", "seconds; an HTTP date, from now; neither: 1 s; at most 60 s"
+
+
+def test_a_run_whose_grpc_users_have_no_target_is_refused_at_the_start(tmp_path):
+    """Each gRPC user failed to start on a --host off port 8000 without ROREM_GRPC, the REST users with them: the run
+    sent nothing until its -t ran out, and locust's exit code was all that said so."""
+    started = time.monotonic()
+    result, rows = _locust(tmp_path, "http://127.0.0.1:9", {}, seconds="60s")
+    assert result.returncode != 0 and time.monotonic() - started < 30
+    assert "set ROREM_GRPC=host:port for gRPC users" in result.stderr and not rows
 
 
 def test_grpc_users_time_the_answer_not_the_check_of_its_image():
