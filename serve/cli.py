@@ -805,6 +805,7 @@ def ready_line(
         f"[rorem] READY on {url} : POST {url}/remove{grpc_part}"
         f" | metrics http://127.0.0.1:{metrics_port}/metrics | bundle {model['bundle']['name']}"
         f" ({'tiny' if model['tiny'] else 'real'}) on {model['device']} {model['dtype']},"
+        f"{' ' + model['runner'] + ' runner,' if model.get('runner') else ''}"
         f" {model['steps']} steps, buckets {model['buckets']}, gate {ready['gate']['mode']}"
         f" | {keys_state(app.get('args') or {})} | instance {instance}"
     )

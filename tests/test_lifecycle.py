@@ -925,6 +925,8 @@ def test_a_config_without_grpc_neither_checks_nor_shows_a_grpc_port_and_refuses_
     app = config["applications"][0]
     assert "gRPC" not in ready_line(app, "http://127.0.0.1:8000", ready, None, 9464, "x", 1)
     assert "| gRPC 127.0.0.1:9000 |" in ready_line(app, "http://127.0.0.1:8000", ready, "127.0.0.1:9000", 9464, "x", 1)
+    ready["model"]["runner"] = "onnx"  # the UNet's runner, which only /readyz said
+    assert "on cpu float32, onnx runner, 4 steps" in ready_line(app, "http://127.0.0.1:8000", ready, None, 9464, "x", 1)
     config["grpc_options"] = {"port": 9000, "grpc_servicer_functions": []}
     assert "gRPC" not in listen_addresses(config, 9464)
     config["grpc_options"] = {"port": 0, "grpc_servicer_functions": [SERVICER_FUNCTION]}  # Ray: no proxy on port 0
