@@ -104,6 +104,26 @@ api.add_middleware(BarePrefix)
 api.add_middleware(quotas.QuotaFields, internal_error=_internal)
 
 
+class CancellationMark:
+    """Marks the request whose work was cancelled inside the app (Serve cancels a request whose client hung up),
+    for _count_requests, outside it, where Starlette's http middleware turns that cancellation into a RuntimeError.
+    The mark, not the client's disconnect: Ray delivers the disconnect and the cancellation apart, in no set order."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            scope.setdefault("state", {})[WORK_CANCELLED] = True
+            raise
+
+
+WORK_CANCELLED = "rorem_work_cancelled"
+api.add_middleware(CancellationMark)  # added before _count_requests: inside it
+
+
 @api.middleware("http")
 async def _count_requests(request: Request, call_next):
     """Requests by route and status, and end-to-end latency, for every REST answer (errors included)."""
@@ -119,7 +139,7 @@ async def _count_requests(request: Request, call_next):
     except RuntimeError as exc:
         # Serve cancels the work of a request whose client hung up; Starlette's http middleware turns a cancellation
         # inside the app into this, which the catch-all handler would log and answer as a 500
-        if str(exc) != "No response returned." or not await request.is_disconnected():
+        if str(exc) != "No response returned." or not (request.scope.get("state") or {}).get(WORK_CANCELLED):
             raise
         status = str(CLIENT_CLOSED)
         return Response(status_code=CLIENT_CLOSED)

@@ -183,12 +183,13 @@ def test_a_client_that_hangs_up_during_its_upload_is_counted_499_and_logged_as_n
     assert "unhandled error" not in caplog.text
 
 
-@pytest.mark.parametrize("client", ["gone", "still there"])
-def test_work_cancelled_when_its_client_hangs_up_is_counted_499_and_logged_as_no_error(monkeypatch, caplog, client):
+@pytest.mark.parametrize("ends", ["work cancelled", "no answer"])
+def test_work_cancelled_when_its_client_hangs_up_is_counted_499_and_logged_as_no_error(monkeypatch, caplog, ends):
     """Serve cancels the work of a request whose client hung up (a load test's clients stopping at its time limit);
     Starlette's http middleware turned that cancellation into RuntimeError("No response returned."): an ERROR with
-    a traceback, counted as a 500, a server error to every 5xx alert. With the client still there it is a bug, and
-    stays a 500."""
+    a traceback, counted as a 500, a server error to every 5xx alert. The client's disconnect may reach the replica
+    after the cancellation (Ray sends them apart): it is not waited for here. An app that answers nothing without
+    being cancelled is a bug, and stays a 500."""
     import asyncio
     from types import SimpleNamespace
 
@@ -204,23 +205,28 @@ def test_work_cancelled_when_its_client_hangs_up_is_counted_499_and_logged_as_no
     app = FastAPI()
     for error, handler in rest_api.api.exception_handlers.items():
         app.add_exception_handler(error, handler)
+    app.add_middleware(rest_api.CancellationMark)
     app.middleware("http")(rest_api._count_requests)
 
     @app.get("/remove")
     async def remove():
         raise asyncio.CancelledError  # its Serve call cancelled under it
 
+    async def silent(scope, receive, send):
+        return None
+
+    app.mount("/silent", silent)
+
     async def receive():
-        if client == "gone":
-            return {"type": "http.disconnect"}
-        await asyncio.sleep(60)
+        await asyncio.sleep(60)  # the disconnect not there yet
 
     async def send(message):
         pass
 
+    path = "/remove" if ends == "work cancelled" else "/silent/"
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": "/remove", "raw_path": b"/remove", "query_string": b"", "root_path": "", "headers": [],
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
         "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
     }  # fmt: skip
 
@@ -231,7 +237,7 @@ def test_work_cancelled_when_its_client_hangs_up_is_counted_499_and_logged_as_no
             pass
 
     asyncio.run(main())
-    if client == "gone":
+    if ends == "work cancelled":
         assert answered == [("499", 499)] and "unhandled error" not in caplog.text, answered
     else:
         assert answered == [("500", 500)], answered

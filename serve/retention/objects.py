@@ -130,8 +130,9 @@ class LocalObjectStore:
         return dropped
 
     def marker(self) -> str | None:
+        """None also while an exclusive create (a filesystem without hard links) has not written the id yet."""
         try:
-            return (self.root / MARKER).read_text().strip()
+            return (self.root / MARKER).read_text().strip() or None
         except FileNotFoundError:
             return None
 

@@ -162,6 +162,7 @@ class RetentionStore:
         self._claims: Counter[str] = Counter()
         self._shared: set[str] = set()
         self._tied = False  # owns_its_objects's last answer: a delete drops objects only while it was yes
+        self._left_untied: set[str] = set()  # with _lock held: the objects deletes left while it was no
 
     @classmethod
     def open(cls, database_url: str, objects: ObjectStore, **limits_and_clock) -> RetentionStore:
@@ -450,27 +451,26 @@ class RetentionStore:
 
     def owns_its_objects(self) -> bool:
         """Whether the database and the object store are each other's: the database's store id is the one in the
-        store's MARKER; asked at open and by each orphan sweep, and until it says yes no delete drops an object.
-        Written to both where both are new. A database with an id (an earlier version's, given one as legacy when
-        it was upgraded; or one whose claim failed between the two writes) writes it into a store without a marker
-        where the store holds hardly anything it does not refer to (ADOPT_UNREFERENCED). On any doubt (a database
-        without an id over a store with objects, another's marker, a store mostly of objects this database does
-        not know): False, logged as an ERROR naming both, and no object is deleted; saves and reads go on. The
-        marker is read before the row: a process records an id before it claims the marker, so one starting beside
-        it never sees the marker without the row."""
+        store's MARKER; asked at open and by each orphan sweep, and until it says yes no delete drops an object (the
+        objects a delete leaves meanwhile are remembered, and dropped once it says yes). A store without a marker
+        is claimed where it holds hardly anything this database does not know (ADOPT_UNREFERENCED; an empty store
+        qualifies), the database's id recorded first if it has none (a new pair; an earlier version's pair, whose
+        database got its id when it was upgraded; a claim that failed once, made at the next sweep). On any doubt (a
+        store mostly of images the database does not know, another's marker): False, logged as an ERROR naming both,
+        and no object is deleted; saves and reads go on. The marker is read before the row: a process records an
+        id before it claims the marker, so one starting beside it never sees the marker without the row."""
         marker = self.objects.marker()
         with Session(self.engine) as session:
             row = session.get(StoreIdRow, 1)
-            ours = None if row is None else row.store_id
-            has_results = session.scalar(select(ResultRow.id).limit(1)) is not None
-        if marker is None:
-            if row is None and not has_results and not _has_objects(self.objects):
-                ours = self._record_store_id(uuid.uuid4().hex)
-                marker = self.objects.claim_marker(ours)
-            elif row is not None and self._adoptable():
-                marker = self.objects.claim_marker(ours)
+        ours = None if row is None else row.store_id
+        if marker is None and self._adoptable():
+            ours = ours or self._record_store_id(uuid.uuid4().hex)
+            marker = self.objects.claim_marker(ours)
         self._tied = marker is not None and marker == ours
         if self._tied:
+            with self._lock:
+                left, self._left_untied = self._left_untied, set()
+            self._drop_one_by_one(left)
             return True
         logger.error(
             "retention: the database %s (store id %s) and the object store %s (marker %s: %s) are not each other's:"
@@ -501,14 +501,20 @@ class RetentionStore:
             return {key for row in session.execute(select(*columns)) for key in row}
 
     def _adoptable(self) -> bool:
-        """The store holds at most ADOPT_UNREFERENCED of objects this database does not refer to (an empty store
-        qualifies): a database over another's images (a fallback results.db that saved a few of its own there)
-        refers to a few of them at most. Lists the store: asked only while the two are not yet tied."""
-        referenced = self._referenced()
+        """The store holds at most ADOPT_UNREFERENCED of objects this database does not know (neither referred to nor
+        left by its own deletes while untied; an empty store qualifies): a database over another's images (a
+        fallback results.db that saved a few of its own there) knows a few of them at most. Lists the store, and
+        stops as soon as the unknown ones are too many for the known ones to outweigh (a foreign store costs a few
+        pages; the store's own, once, all of them)."""
+        with self._lock:
+            left = set(self._left_untied)
+        known = self._referenced() | left
         held = unknown = 0
         for key in self.objects.written_before(math.inf):
             held += 1
-            unknown += key not in referenced
+            unknown += key not in known
+            if unknown > ADOPT_UNREFERENCED * (unknown + len(known)):
+                return False
         return unknown <= ADOPT_UNREFERENCED * held
 
     def _claim(self, keys: Iterable[str]) -> None:
@@ -537,6 +543,8 @@ class RetentionStore:
         unless the database and the store were last found each other's: another database's results may refer
         to them (the orphan sweep of the store's own database deletes them)."""
         if not self._tied:
+            with self._lock:
+                self._left_untied.update(keys)
             return 0
         dropped = 0
         for key in sorted(keys):
@@ -658,10 +666,6 @@ def _limits_of(settings) -> dict[str, Any]:
         "max_age_days": settings.max_age_days,
         "max_results_per_owner": settings.max_results_per_owner,
     }
-
-
-def _has_objects(objects: ObjectStore) -> bool:
-    return next(iter(objects.written_before(math.inf)), None) is not None
 
 
 def _owned_by(owner: str | None) -> tuple:
