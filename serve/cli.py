@@ -744,9 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve")
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="start a local Ray Serve and block")
-    run_cmd.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help=f"Serve config (default: {DEFAULT_CONFIG.relative_to(Path(__file__).parents[1])})"
-    )
+    shown = DEFAULT_CONFIG.relative_to(Path(__file__).parents[1])
+    run_cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"Serve config (default: {shown})")
     run_cmd.add_argument("--bundle", default=None, help="bundle folder (default: $ROREM_BUNDLE)")
     run_cmd.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
     run_cmd.add_argument("--port", type=port_number, default=None, help="HTTP port (config default 8000)")

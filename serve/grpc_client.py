@@ -25,6 +25,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 
@@ -89,7 +90,7 @@ def problem_of(error: grpc.RpcError) -> dict:
 
 
 @functools.cache
-def _request_types():
+def _request_types() -> SimpleNamespace:
     """The request's Seed and timeout_s bounds, the formats the service writes and the option models, from their one
     home (serve.protocol, engines.imaging), imported only when the command line needs them: a program that only
     opens a channel (locust's gRPC user, an app) stays light (grpc and the stubs)."""
@@ -103,19 +104,21 @@ def _request_types():
     # Pillow built without one (WebP) does not leave -o out.webp to be written in the photo's format
     suffixes = {suffix: name.lower() for suffix, name in Image.registered_extensions().items()}
     suffixes |= OUTPUT_SUFFIXES
-    timeout_bound = TypeAdapter(TimeoutS).json_schema()["maximum"]
-    return TypeAdapter(Seed), timeout_bound, OUTPUT_FORMATS, suffixes, RemoveOptions, ScoreOptions
+    return SimpleNamespace(
+        seed=TypeAdapter(Seed), timeout_max=TypeAdapter(TimeoutS).json_schema()["maximum"], formats=OUTPUT_FORMATS,
+        suffixes=suffixes, remove_options=RemoveOptions, score_options=ScoreOptions,
+    )  # fmt: skip
 
 
 def output_formats() -> tuple[str, ...]:
     """The formats the service writes (engines.imaging.OUTPUT_FORMATS)."""
-    return _request_types()[2]
+    return _request_types().formats
 
 
 def seed(text: str) -> int:
     """--seed: a seed the service takes (serve.protocol.Seed), else refused as argparse refuses a bad value (a
     negative one, which the request's uint64 cannot hold, was a traceback)."""
-    seed_type = _request_types()[0]
+    seed_type = _request_types().seed
     try:
         return seed_type.validate_python(int(text))
     except ValueError:  # pydantic's ValidationError is one
@@ -129,7 +132,7 @@ def output_format(output: Path, requested: str | None) -> str | None:
     """The format to ask for: `requested`, else the one -o's suffix names (None: neither names one, the service
     chooses). A suffix naming a format the service does not write (.gif), or not the one `requested`, is a
     ValueError: the file would hold another format than its name says."""
-    _, _, formats, image_suffixes, *_ = _request_types()
+    formats, image_suffixes = _request_types().formats, _request_types().suffixes
     named = image_suffixes.get(output.suffix.lower())
     if named is not None and named not in formats:
         suffixes = ", ".join(suffix for suffix, fmt in image_suffixes.items() if fmt in formats)
@@ -199,7 +202,7 @@ def service_timeout_s(deadline_s: float) -> float:
     timeout problem (DEADLINE_EXCEEDED with its document) before the channel's bare DEADLINE_EXCEEDED. At least
     SERVICE_SLACK_S less (95% of 2 s left the answer 0.1 s), but never under half the deadline."""
     share = min(deadline_s * SERVICE_SHARE, deadline_s - SERVICE_SLACK_S)
-    return min(max(share, deadline_s / 2), _request_types()[1])
+    return min(max(share, deadline_s / 2), _request_types().timeout_max)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,7 +222,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"sent as authorization: Bearer (default: ${API_KEY_ENV})"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    remove_options, score_options = _request_types()[4:]
+    remove_options, score_options = _request_types().remove_options, _request_types().score_options
     remove = sub.add_parser("remove", help="remove the masked object")
     remove.add_argument("image", type=input_file)
     remove.add_argument("mask", type=input_file, nargs="?", help="absent: the image's alpha is the mask")

@@ -128,19 +128,18 @@ def invalid_request(errors: list[dict], unknown: list[str] = ()) -> Problem:
     fields = [{"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]} for error in errors]
     details = []
     if fields:
-        detail = "; ".join(f"{field['field']}: {field['message']}" for field in fields[:MAX_LISTED])
-        if len(fields) > MAX_LISTED:  # the count first: a detail is clipped, and the fields quoted are the client's
-            detail = f"{len(fields)} invalid fields, the first {MAX_LISTED}: {detail}"
-        details.append(detail)
+        details.append(_listed([f"{field['field']}: {field['message']}" for field in fields], "invalid fields", "; "))
     if unknown:
-        named = ", ".join(repr(key) for key in unknown[:MAX_LISTED])
-        details.append(
-            f"{len(unknown)} unknown fields, the first {MAX_LISTED}: {named}"
-            if len(unknown) > MAX_LISTED
-            else f"unknown fields: {named}"
-        )
+        details.append(_listed([repr(key) for key in unknown], "unknown fields", ", ", "unknown fields: "))
         fields += [{"field": key, "message": "unknown field"} for key in unknown[:MAX_LISTED]]
     return Problem("invalid-request", "; ".join(details), errors=fields[:MAX_LISTED])
+
+
+def _listed(items: list[str], what: str, separator: str, prefix: str = "") -> str:
+    """The first MAX_LISTED `items`, the count first where there are more: a detail is clipped, and the items quoted
+    are the client's."""
+    joined = separator.join(items[:MAX_LISTED])
+    return f"{len(items)} {what}, the first {MAX_LISTED}: {joined}" if len(items) > MAX_LISTED else prefix + joined
 
 
 def _clip(text: str, limit: int) -> str:

@@ -104,6 +104,9 @@ api.add_middleware(BarePrefix)
 api.add_middleware(quotas.QuotaFields, internal_error=_internal)
 
 
+WORK_CANCELLED = "rorem_work_cancelled"  # CancellationMark's key in the scope's state
+
+
 class CancellationMark:
     """Marks the request whose work was cancelled inside the app (Serve cancels a request whose client hung up),
     for _count_requests, outside it, where Starlette's http middleware turns that cancellation into a RuntimeError.
@@ -120,7 +123,6 @@ class CancellationMark:
             raise
 
 
-WORK_CANCELLED = "rorem_work_cancelled"
 api.add_middleware(CancellationMark)  # added before _count_requests: inside it
 
 

@@ -1436,8 +1436,8 @@ def test_an_orphan_sweep_on_another_database_leaves_the_stores_objects(tmp_path,
     assert not objects.exists(orphan) and real.read(kept[4], "result") == (b"result 4", "image/png")
 
 
-def _at_0003(path):
-    """A database of the version before store ids (revision 0003)."""
+def _at_revision(path, revision: str):
+    """A SQLite database at `path` of an earlier version: its schema at `revision` (0003: before store ids)."""
     from alembic import command
 
     from serve.retention.db import alembic_config, make_engine
@@ -1446,7 +1446,7 @@ def _at_0003(path):
     config = alembic_config(str(engine.url))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "0003")
+        command.upgrade(config, revision)
     return engine
 
 
@@ -1458,9 +1458,9 @@ def test_a_store_kept_before_markers_is_adopted_by_its_own_database_only(tmp_pat
     from serve.retention.db import migrate
 
     objects = LocalObjectStore(tmp_path / "objects")
-    engine = _at_0003(tmp_path / "old.db")
+    engine = _at_revision(tmp_path / "old.db", "0003")
     kept = RetentionStore(objects, engine).save(_new(b"kept before markers"))
-    stranger = _at_0003(tmp_path / "fallback.db")
+    stranger = _at_revision(tmp_path / "fallback.db", "0003")
     RetentionStore(objects, stranger).save(_new(b"the fallback's"))
     migrate(stranger)
     assert not RetentionStore(objects, stranger).owns_its_objects()
@@ -1488,7 +1488,7 @@ def test_an_earlier_versions_database_without_results_gets_its_store_id_too(tmp_
 
     from serve.retention.db import StoreIdRow, migrate
 
-    engine = _at_0003(tmp_path / "old.db")
+    engine = _at_revision(tmp_path / "old.db", "0003")
     migrate(engine)
     with Session(engine) as session:
         row = session.get(StoreIdRow, 1)
@@ -1815,16 +1815,11 @@ def test_a_removal_waits_for_a_stalled_store_at_most_save_timeout_s_or_its_deadl
 
 def test_the_principal_migration_keeps_older_verdicts_with_no_principal(tmp_path):
     """0003 on a database the earlier revisions made, holding a verdict: the verdict stays, its principal NULL."""
-    from alembic import command
     from sqlalchemy import inspect, text
 
-    from serve.retention.db import alembic_config, make_engine, migrate
+    from serve.retention.db import migrate
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'old' / 'results.db'}")
-    config = alembic_config(str(engine.url))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0002")
+    engine = _at_revision(tmp_path / "old" / "results.db", "0002")
     assert "principal" not in {column["name"] for column in inspect(engine).get_columns("feedback")}
     with engine.begin() as connection:
         connection.execute(
@@ -1850,16 +1845,12 @@ def test_the_principal_migration_keeps_older_verdicts_with_no_principal(tmp_path
 def test_a_migration_stopped_midway_leaves_the_schema_as_it_was_and_the_next_start_migrates(tmp_path, monkeypatch):
     """SQLite: a start stopped after 0002 added its column, before its index, once left the column committed with
     alembic_version at 0001, and every later start failed on "duplicate column name: owner"."""
-    from alembic import command, op
+    from alembic import op
     from sqlalchemy import inspect, text
 
-    from serve.retention.db import alembic_config, make_engine, migrate
+    from serve.retention.db import migrate
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'old' / 'results.db'}")
-    config = alembic_config(str(engine.url))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+    engine = _at_revision(tmp_path / "old" / "results.db", "0001")
     create_index = op.create_index
 
     def stopped(name, *args, **kwargs):

@@ -87,7 +87,8 @@ class FeedbackRow(Base):
 
 class StoreIdRow(Base):
     """The one row (id 1) naming the object store this database's results are in: its MARKER holds the same id.
-    `legacy`: made by migration 0004 over results an earlier version kept, before stores had markers."""
+    `legacy`: given when an earlier version's database was upgraded (serve.retention.db._upgrade), not when a new
+    pair was tied: for the operator reading the row."""
 
     __tablename__ = "store_id"
 

@@ -255,7 +255,7 @@ class S3ObjectStore:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._marker_name(), Body=store_id.encode(), IfNoneMatch="*")
         except Exception as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            code = _error_code(exc)
             if code in ("412", "PreconditionFailed", "ConditionalRequestConflict"):
                 return self.marker()
             if code not in ("501", "NotImplemented") and type(exc).__name__ != "ParamValidationError":
@@ -272,7 +272,10 @@ class S3ObjectStore:
         return f"s3://{self.bucket}/{self.prefix}{where}"
 
 
+def _error_code(exc: Exception) -> str:
+    """The S3 error code botocore's ClientError carries in `response` ("" for another error)."""
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
 def _is_not_found(exc: Exception) -> bool:
-    """botocore's ClientError carries the S3 error code in `response`."""
-    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-    return code in ("404", "NoSuchKey", "NotFound")
+    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")

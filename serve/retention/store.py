@@ -56,8 +56,8 @@ MAX_VERDICTS = 20
 # An object no result refers to is deleted by the sweeper once it is this old: far longer than any save takes
 # between writing an object and inserting the row that refers to it.
 ORPHAN_GRACE_S = 3600.0
-# A database with a store id writes it into a store without a marker only where at most this share of the store's
-# objects are ones it does not refer to (the orphans of failed saves): never over another database's images.
+# A database writes its store id into a store without a marker only where at most this share of the store's objects
+# are ones it does not know (the orphans of failed saves): never over another database's images.
 ADOPT_UNREFERENCED = 0.01
 _SAME_IN_ROW = ("request_id", "width", "height", "score", "threshold", "gate", "seed", "bucket", "owner")
 
