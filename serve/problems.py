@@ -44,6 +44,7 @@ KINDS = (
     Kind("malformed-body", 400, "The request body cannot be parsed"),
     Kind("payload-too-large", 413, "The request body is too large", "RESOURCE_EXHAUSTED"),
     Kind("body-timeout", 408, "The request body did not arrive in time"),
+    Kind("headers-too-large", 431, "The request's headers are too large", "RESOURCE_EXHAUSTED"),
     Kind("unsupported-media-type", 415, "Unsupported content type"),
     Kind("not-found", 404, "Not found", "NOT_FOUND"),
     Kind("method-not-allowed", 405, "Method not allowed", "UNIMPLEMENTED"),

@@ -80,8 +80,13 @@ _REQUEST_ID_HEADER = b"x-request-id"
 
 
 def middlewares() -> list:
-    """The callback Ray's proxy calls: Starlette Middleware objects, outermost last."""
+    """The callback Ray's proxy calls: Starlette Middleware objects, outermost last. Ray calls it before it builds
+    its uvicorn server, so the request heads are bounded from here too (serve.proxy_connections)."""
     from starlette.middleware import Middleware
+
+    from serve import proxy_connections
+
+    proxy_connections.install()
 
     stack = [Middleware(RayAnswers), Middleware(HeaderGuard)]
     routes = os.environ.get(ROUTES_ENV)

@@ -246,6 +246,15 @@ def test_a_request_id_is_echoed_only_when_it_is_a_valid_one(hardened):
     assert "y" * 300 not in problem.text
 
 
+def test_ray_s_proxy_bounds_a_request_s_headers_keys_on_or_off(hardened):
+    """Before any key is read: one endless header grew the proxy's memory (serve.proxy_connections)."""
+    from serve.proxy_connections import MAX_HEAD_BYTES
+
+    too_large = httpx.get(hardened.url + "/healthz", headers={"x-padding": "p" * MAX_HEAD_BYTES})
+    _assert_problem(too_large, 431, "headers-too-large")
+    assert httpx.get(hardened.url + "/healthz", headers={"x-padding": "p" * 8192}).status_code == 200
+
+
 def test_keys_never_reach_the_logs(hardened, upload):
     _remove(hardened, upload, key=hardened.app_key, gate="off")
     _remove(hardened, upload, key=hardened.app_key + "x", gate="off")

@@ -1,0 +1,120 @@
+"""A bound on what a client may send Ray Serve's HTTP proxy before its request exists: the request's head.
+
+Ray's proxy runs uvicorn with httptools, which caps neither the size of a request line and its headers nor the
+time they take; uvicorn starts no timer on a new connection. Every guard of serve.proxy_middleware runs once
+the headers are in, so without this one a client could hold the proxy's memory with one endless header (a
+200 MiB header: +270 MiB) or hold connections open forever by sending a byte now and then (slowloris), keys on
+or off. BoundedHttpProtocol is uvicorn's httptools protocol with two bounds on each request's head:
+
+- at most MAX_HEAD_BYTES: read before its headers are complete, or (a head that comes whole in one read) its
+  target and header lines as parsed; past that, 431 problem+json, and the connection is closed without
+  parsing or running anything more (a head never costs the proxy more than this plus one read);
+- at most HEAD_TIMEOUT_S from the request's first byte (a new connection's: from its opening) to its last
+  header: past that, the connection is closed without an answer, as uvicorn closes an idle keep-alive one.
+
+The time a request runs and the time between requests (Ray's keep_alive_timeout_s) are not the head's: a
+removal may take longer than HEAD_TIMEOUT_S on a connection that then carries another request.
+
+`install()` makes it uvicorn's "auto" protocol in the process that calls it: serve.proxy_middleware's callback,
+which Ray's proxy calls before it builds its uvicorn server.
+"""
+
+from __future__ import annotations
+
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from serve.problems import MEDIA_TYPE, Problem
+
+# nginx's default allows 4 x 8 KiB of header lines; this API's own headers (a key, a request id) take < 1 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT_S = 15.0
+PROTOCOL_PATH = "serve.proxy_connections:BoundedHttpProtocol"
+
+
+def install() -> None:
+    from uvicorn import config
+
+    config.HTTP_PROTOCOLS["auto"] = PROTOCOL_PATH
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    _head_timer = None
+    _head_bytes = 0
+    _in_head = False
+    _refused = False
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._start_head()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_head()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        if not self._in_head:
+            self._start_head()
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        """A head that came whole in one read is measured here: its target and header lines, as parsed."""
+        self._stop_head()
+        if self._refused:
+            return
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEAD_BYTES:
+            self._refuse_head()
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def _start_head(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
+
+    def _stop_head(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse_head(self) -> None:
+        """431, then nothing more is parsed or run on this connection."""
+        self._stop_head()
+        self._refused = True
+        if self.transport.is_closing():
+            return
+        problem = Problem("headers-too-large", f"a request's target and header lines may take {MAX_HEAD_BYTES} bytes")
+        body = json.dumps(problem.body()).encode()
+        head = (
+            f"HTTP/1.1 {problem.status} Request Header Fields Too Large\r\n"
+            f"content-type: {MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
+            "x-content-type-options: nosniff\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
