@@ -25,6 +25,11 @@ GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/const
 # ongoing only once BodyBuffer hands it on, so the proxy must not go while a body may still be arriving.
 PROXY_DRAINING_ENV = "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S"  # same file
 RAY_PROXY_DRAINING_S = 30.0  # Ray's default
+# How long a node that gets SIGTERM (a deleted or evicted pod: `ray start --block` is its PID 1) drains before Ray
+# kills its processes; the drain ends as soon as the node is idle. Ray's 30 s default cut requests still in
+# flight on the pod: it must outlast the longest one (its body's time, then the proxy's request timeout).
+# `python -m serve run` stops Ray its own way (serve.launcher), so locally Ray never reads it.
+NODE_DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # ray/_private/ray_constants.py
 GRPC_MESSAGE_CEILING = 2**31 - 1  # Ray's default and gRPC's own maximum (a signed 32-bit length)
 
 # Protobuf framing of the request's fields (a tag and a varint length each) and its options: a few
@@ -60,7 +65,7 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
     return largest_json_body(imaging.max_upload_bytes)
 
 
-PROXY_ENV_NAMES = (GRPC_MESSAGE_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, CALLBACK_ENV)
+PROXY_ENV_NAMES = (GRPC_MESSAGE_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV, CALLBACK_ENV)
 """Every name proxy_env may set (k8s/render.py replaces these in a manifest and keeps any other)."""
 
 
@@ -99,5 +104,13 @@ def proxy_env(config: dict) -> dict[str, str]:
         GRPC_MESSAGE_ENV: str(max(grpc_max_message_bytes(settings.imaging) for settings in apps)),
         ROUTES_ENV: json.dumps(routes, sort_keys=True),
         PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, body_timeout_s)),
+        NODE_DRAIN_ENV: str(body_timeout_s + longest_request_s(config, apps)),
         CALLBACK_ENV: CALLBACK_PATH,
     }
+
+
+def longest_request_s(config: dict, apps: list[AppSettings]) -> float:
+    """The longest a request may run once its body is in: the proxies' `request_timeout_s` (HTTP or gRPC), where
+    set, which come after the applications' own deadline (serve.config.check_proxy_timeout), else that deadline."""
+    proxies = [(config.get(section) or {}).get("request_timeout_s") for section in ("http_options", "grpc_options")]
+    return max([float(s) for s in proxies if s and s > 0] + [app.request_timeout_s for app in apps])

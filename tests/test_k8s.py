@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.config import unknown_keys, validate_serve_config
+from serve.config import AppSettings, unknown_keys, validate_serve_config
 from tests.helpers import REPO, load_script
 
 try:
@@ -391,7 +391,6 @@ def test_serve_config_v2_passes_rays_schema_strictly_and_our_settings():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.config import AppSettings
 
     for overlay in OVERLAYS:
         config = serve_config(find(built(overlay), "RayService"))
@@ -654,6 +653,32 @@ def test_gpu_workers_and_a_cpu_head():
     assert not any(m["mountPath"].startswith("/models") for m in dev_spec["containers"][0].get("volumeMounts", []))
     assert not dev_spec.get("initContainers"), "the dev workers wait for no weights"
     assert not any("gpu" in k for kind in ("requests", "limits") for k in dev_spec["containers"][0]["resources"][kind])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_stopped_worker_drains_its_longest_request_within_its_grace_period(overlay):
+    """Ray drained a pod that got SIGTERM for its default 30 s, then killed it: the 120 s grace period went
+    unused and requests still in flight (a 60 s body, then up to the proxy's 180 s) died with the pod."""
+    from serve.proxy_limits import NODE_DRAIN_ENV, PROXY_DRAINING_ENV
+
+    rayservice = find(built(overlay), "RayService")
+    config = serve_config(rayservice)
+    body_s = max(AppSettings.model_validate(app.get("args") or {}).overload.body_timeout_s for app in config["applications"])
+    request_s = config["http_options"]["request_timeout_s"]
+    spec = workers(rayservice)["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    drain_s = float(env[NODE_DRAIN_ENV])
+    assert drain_s >= body_s + request_s and drain_s >= float(env[PROXY_DRAINING_ENV])
+    assert spec.get("terminationGracePeriodSeconds", 30) >= drain_s + 20, "Ray stops its processes after the drain"
+
+
+def test_the_gpu_workers_are_guaranteed_qos():
+    """Kubernetes counts init containers: one with limits above its requests made the GPU pods Burstable."""
+    spec = workers(find(built("prod"), "RayService"))["template"]["spec"]
+    for container in spec["containers"] + spec.get("initContainers", []):
+        resources = container["resources"]
+        for name in ("cpu", "memory"):
+            assert resources["requests"][name] == resources["limits"][name], (container["name"], name)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -20,6 +20,7 @@ from serve.auth import AccessPolicy, ApiKeys, new_key_entry
 from serve.config import ImagingSettings
 from serve.proxy_limits import (
     GRPC_MESSAGE_ENV,
+    NODE_DRAIN_ENV,
     PROXY_DRAINING_ENV,
     RAY_PROXY_DRAINING_S,
     REPLY_BYTES_PER_PIXEL,
@@ -292,7 +293,11 @@ def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(
     assert [("keys_file" in routes[p]) for p in ("/", "/app1", "/app2")] == [False, False, True]
     assert int(env[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings()), "the default app's, the largest"
     assert float(env[PROXY_DRAINING_ENV]) == 90 > RAY_PROXY_DRAINING_S
-    assert proxy_env(_config({})) == {**env, ROUTES_ENV: json.dumps({"/": routes["/"]}), PROXY_DRAINING_ENV: "60.0"}
+    assert float(env[NODE_DRAIN_ENV]) == 90 + 120, "the longest body, then the applications' deadline"
+    alone = {ROUTES_ENV: json.dumps({"/": routes["/"]}), PROXY_DRAINING_ENV: "60.0", NODE_DRAIN_ENV: "180.0"}
+    assert proxy_env(_config({})) == {**env, **alone}
+    behind_proxy_timeouts = _config({}, small, keyed) | {"http_options": {"request_timeout_s": 180}}
+    assert float(proxy_env(behind_proxy_timeouts)[NODE_DRAIN_ENV]) == 90 + 180, "the proxy's timeout, past the app's"
     grpc_only = _config({}, small)
     grpc_only["applications"][1]["route_prefix"] = None  # no HTTP route reaches it
     assert set(json.loads(proxy_env(grpc_only)[ROUTES_ENV])) == {"/"}
