@@ -21,10 +21,12 @@ external service. Being detached, it outlives a redeploy (the counts too) and st
 `max_concurrent`, one call not awaited when it ends. A key without limits costs nothing, and neither does a
 key past its rate: each ingress replica remembers a rate refusal until the window's reset and answers the 429
 itself (its fields counting down; the concurrency's `r` as the ledger last said), so a tenant flooding the
-service cannot queue the shared, serial ledger into failing open for everyone. A concurrency refusal is not
-remembered (a lease may come back any moment), but a replica that itself holds a key's max_concurrent leases
-refuses the key's next request without asking (exact: the leases are its own; only for a key without a rate,
-whose refusal needs no window fields from the ledger).
+service cannot queue the shared, serial ledger into failing open for everyone. A concurrency refusal is
+remembered the same way for CONCURRENCY_REFUSAL_HOLD_S only (a lease may come back any moment; a client told
+Retry-After 1 s loses nothing), or until the replica gives back a lease of that key; and a replica that itself
+holds a key's max_concurrent leases refuses the key's next request without asking (exact: the leases are its
+own; only for a key without a rate, whose refusal needs no window fields from the ledger). A flood of refused
+requests thus costs the ledger a few calls a second per replica, whatever its size.
 
 Unreachable ledger (dead for good, or slower than CALL_TIMEOUT_S): the request is admitted without
 quota fields (fail open): a quota protects the service's fairness, and refusing every paying caller
@@ -63,6 +65,10 @@ LEASE_MARGIN_S = 60.0
 LOG_EVERY_S = 60.0
 RESOLVE_EVERY_S = 5.0  # after a failure, how often the ingress looks the ledger up again
 CONCURRENCY_RETRY_AFTER_S = 1
+# How long an ingress replica answers a key's concurrency refusal itself before it asks the ledger again (sooner
+# once it gives back a lease of that key). Refused requests cost nothing and count against no rate, so without
+# it a key at its max_concurrent made one ledger call per request it sent: 300 empty POSTs, 300 calls.
+CONCURRENCY_REFUSAL_HOLD_S = 0.25
 RATE, CONCURRENCY = "minute", "concurrency"  # the policies' names in the RateLimit fields (RATE: a 60 s window)
 RATELIMIT_POLICY, RATELIMIT = "RateLimit-Policy", "RateLimit"
 logger = logging.getLogger("ray.serve")
@@ -286,7 +292,9 @@ class Quotas:
         self.on_error = on_error or (lambda: None)
         self.clock = clock
         self._logged = -math.inf
-        self._refused: dict[str, tuple[Decision, float]] = {}  # key -> its rate refusal, until the window's reset
+        # key -> its last refusal, when it was asked, and until when it holds (the window's reset; a moment for
+        # a concurrency refusal)
+        self._refused: dict[str, tuple[Decision, float, float]] = {}
         self._held: dict[str, dict[str, float]] = {}  # key -> the leases this replica holds -> their expiry
 
     @classmethod
@@ -335,7 +343,9 @@ class Quotas:
                 )
             return None
         if decision.refused_by == RATE:  # from when it was asked: never refused here past the ledger's reset
-            self._refused[key.name] = (decision, asked + decision.reset_s)
+            self._refused[key.name] = (decision, asked, asked + decision.reset_s)
+        elif decision.refused_by == CONCURRENCY:
+            self._refused[key.name] = (decision, asked, asked + min(CONCURRENCY_REFUSAL_HOLD_S, decision.reset_s))
         if decision.lease is not None:
             self._held.setdefault(key.name, {})[decision.lease] = asked + self.lease_s
         return decision
@@ -355,17 +365,17 @@ class Quotas:
         return Decision(name, limits, allowed=False, in_flight=len(held), refused_by=CONCURRENCY)
 
     def _still_refused(self, name: str, limits: Limits) -> Decision | None:
-        """The key's remembered rate refusal, its reset counted down; None once the window reset (or the key's
-        limits changed: the keys file was rotated)."""
+        """The key's remembered refusal, its window's reset counted down; None once it no longer holds (or the
+        key's limits changed: the keys file was rotated)."""
         refused = self._refused.get(name)
         if refused is None:
             return None
-        decision, until = refused
-        left = until - self.clock()
-        if left <= 0 or decision.limits != limits:
+        decision, asked, until = refused
+        now = self.clock()
+        if now >= until or decision.limits != limits:
             del self._refused[name]
             return None
-        return dataclasses.replace(decision, reset_s=left)
+        return dataclasses.replace(decision, reset_s=decision.reset_s - (now - asked))
 
     def release(self, decision: Decision | None) -> None:
         if decision is None or decision.lease is None:
@@ -374,6 +384,9 @@ class Quotas:
         held.pop(decision.lease, None)
         if not held:
             self._held.pop(decision.key, None)
+        refused = self._refused.get(decision.key)
+        if refused is not None and refused[0].refused_by == CONCURRENCY:  # a slot is free: ask again
+            del self._refused[decision.key]
         try:
             self.ledger.release(decision.key, decision.lease)
         except Exception:  # the lease expires by itself

@@ -250,7 +250,7 @@ class CountingLedger(BookLedger):
 
 def test_a_key_past_its_rate_is_refused_without_a_ledger_call_until_the_window_resets():
     """The ledger is one serial actor every replica shares: a flooding key must not queue it into failing open
-    (CALL_TIMEOUT_S) for every key. A concurrency refusal is asked again: a lease may come back any moment."""
+    (CALL_TIMEOUT_S) for every key. A concurrency refusal is remembered a moment only (the test below)."""
     clock = FakeClock()
     ledger = CountingLedger(QuotaBook(clock))
     quotas_ = Quotas(ledger, 60.0, 300.0, clock=clock)
@@ -318,6 +318,36 @@ def test_a_key_whose_concurrency_this_replica_holds_is_refused_without_a_ledger_
 
         await quotas_.acquire(rated)
         assert (await quotas_.acquire(rated)).refused_by == CONCURRENCY and ledger.calls[-2:] == ["rated"] * 2
+
+    asyncio.run(main())
+
+
+def test_a_flood_of_concurrency_refusals_costs_the_ledger_a_few_calls_a_second():
+    """Refused requests count against no rate, so a key at its max_concurrent with a rate, or one whose leases
+    another replica holds, asked the shared ledger once per request (300 empty POSTs: 300 calls), until its queue
+    passed CALL_TIMEOUT_S and every tenant was admitted unmetered. The refusal is remembered for a moment, its
+    window's fields counting down, and forgotten as soon as this replica gives back a lease of the key."""
+    clock = FakeClock()
+    ledger = CountingLedger(QuotaBook(clock))
+    here, elsewhere = Quotas(ledger, 60.0, 300.0, clock=clock), Quotas(ledger, 60.0, 300.0, clock=clock)
+    rated, single = _key("rated", requests_per_minute=10000, max_concurrent=1), _key("single", max_concurrent=1)
+
+    async def main():
+        held = await here.acquire(rated)
+        await elsewhere.acquire(single)
+        calls = len(ledger.calls)
+        for _ in range(1000):
+            for key in (rated, single):
+                refused = await here.acquire(key)
+                assert refused.refused_by == CONCURRENCY and not refused.allowed
+        assert len(ledger.calls) == calls + 2, "one call each, then refused from memory"
+        clock.now += quotas.CONCURRENCY_REFUSAL_HOLD_S / 2
+        assert (await here.acquire(rated)).headers()["RateLimit"] == '"minute";r=9999;t=60, "concurrency";r=0'
+        clock.now += quotas.CONCURRENCY_REFUSAL_HOLD_S
+        assert (await here.acquire(rated)).refused_by == CONCURRENCY and len(ledger.calls) == calls + 3, "asked again"
+        assert ledger.book.acquire("rated", here.limits(rated), 300.0).remaining == 9999, "refusals spent no rate"
+        here.release(held)
+        assert (await here.acquire(rated)).allowed, "a lease given back here: asked at once"
 
     asyncio.run(main())
 
