@@ -439,6 +439,15 @@ def api_routes(router) -> Iterable[APIRoute]:
             yield from api_routes(route.original_router)
 
 
+def _other_routes(router) -> Iterable:
+    """What api_routes leaves out: Starlette routes and mounts (static files, a sub-app), served with no rule."""
+    for route in router.routes:
+        if hasattr(route, "original_router"):
+            yield from _other_routes(route.original_router)
+        elif not isinstance(route, APIRoute):
+            yield route
+
+
 BODILESS_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -447,6 +456,10 @@ def check_routes(app: FastAPI) -> None:
 
     A public route takes no body: with keys on, the proxy refuses a body without a valid key before reading
     it (serve.proxy_middleware.BodyBuffer), whatever the route."""
+    fastapi_own = {app.openapi_url, app.docs_url, app.redoc_url, app.docs_url and app.swagger_ui_oauth2_redirect_url}
+    unruled = [getattr(r, "path", repr(r)) for r in _other_routes(app) if getattr(r, "path", None) not in fastapi_own]
+    if unruled:
+        raise RuntimeError(f"routes or mounts that cannot declare an access rule (not FastAPI routes): {unruled}")
     missing = [f"{sorted(r.methods)} {r.path}" for r in api_routes(app) if declared_rule(r) is None]
     if missing:
         raise RuntimeError(f"routes without a declared access rule (auth.requires / auth.PUBLIC): {missing}")

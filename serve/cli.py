@@ -473,6 +473,7 @@ def add_api_key(keys_file: Path, name: str, scopes: list[str], team: str | None 
         return refuse(f"the folder {keys_file.parent} does not exist")
     try:
         data = (yaml.safe_load(keys_file.read_text()) if keys_file.exists() else None) or {"keys": []}
+        KeysFile.model_validate(data)  # its shape before it is added to (`keys: null` was a traceback)
         key, entry = new_key_entry(name, scopes, team, **quotas)  # quotas: requests_per_minute, max_concurrent
         data["keys"].append(entry)
         KeysFile.model_validate(data)

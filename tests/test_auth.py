@@ -218,6 +218,19 @@ def test_new_key_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, caps
     assert not path.exists()
 
 
+@pytest.mark.parametrize("text", ["keys: null\n", "keys: {}\n", "- a\n", "other: 1\n"])
+def test_new_key_refuses_a_file_that_is_not_a_keys_file_in_one_line_and_leaves_it(tmp_path, capsys, text):
+    """These gave an AttributeError, TypeError or KeyError traceback."""
+    from serve.cli import run
+
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    assert run(["new-key", "--name", "x", "--keys-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cannot add key 'x'") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert path.read_text() == text
+
+
 def test_credential_parsing():
     assert presented_key({"authorization": "bearer  abc "}) == "abc"
     assert presented_key({"x-api-key": "k"}) == "k"
@@ -400,6 +413,22 @@ def test_an_app_with_an_undeclared_route_does_not_start():
 
     with pytest.raises(RuntimeError, match="/secret"):
         check_routes(app)
+
+
+def test_an_app_with_a_mount_or_a_starlette_route_does_not_start(tmp_path):
+    """Neither can declare an access rule: a static folder mounted later would have been served to anyone."""
+    from fastapi import FastAPI
+    from starlette.staticfiles import StaticFiles
+
+    mounted = FastAPI()
+    mounted.mount("/static", StaticFiles(directory=tmp_path))
+    with pytest.raises(RuntimeError, match="/static"):
+        check_routes(mounted)
+    plain = FastAPI()
+    plain.add_route("/plain", lambda request: None)
+    with pytest.raises(RuntimeError, match="/plain"):
+        check_routes(plain)
+    check_routes(FastAPI())  # FastAPI's own /openapi.json, /docs and its OAuth2 redirect pass
 
 
 def test_a_public_route_that_takes_a_body_does_not_start():
