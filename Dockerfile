@@ -16,10 +16,12 @@
 # `bash -lc 'ray start ...'`, and a login shell resets PATH, so `ray` must be in /usr/local/bin.
 
 ARG TORCH_VERSION=2.13.0
+ARG EXTRAS=serve,export
 
 # ---------------------------------------------------------------------------------------------------
 FROM python:3.11.13-slim-bookworm AS cpu
 ARG TORCH_VERSION
+ARG EXTRAS
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -31,11 +33,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The CPU wheel first, so the project's torch pin is already satisfied (no CUDA packages pulled).
 RUN python3 -m pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
 
+# The dependencies from pyproject.toml alone, then the sources without them: an edit of the code rebuilds
+# only the last layer, not ray, diffusers and the rest.
+COPY pyproject.toml /tmp/deps/
+RUN python3 -c "import os, tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']; \
+extras = os.environ['EXTRAS'].split(','); \
+print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
+        > /tmp/deps/requirements.txt \
+    && python3 -m pip install -r /tmp/deps/requirements.txt \
+    && rm -rf /tmp/deps
 COPY pyproject.toml README.md /tmp/src/
 COPY engines /tmp/src/engines
 COPY serve /tmp/src/serve
 COPY export /tmp/src/export
-RUN python3 -m pip install "/tmp/src[serve,export]" \
+RUN python3 -m pip install --no-deps "/tmp/src[${EXTRAS}]" \
     && rm -rf /tmp/src \
     && python3 -c "import ray, torch, serve.app; print('ray', ray.__version__, 'torch', torch.__version__)"
 
@@ -54,6 +65,7 @@ CMD ["python3", "-m", "serve", "run", "--host", "0.0.0.0"]
 # ---------------------------------------------------------------------------------------------------
 FROM nvcr.io/nvidia/tensorrt:25.06-py3 AS gpu
 ARG TORCH_VERSION
+ARG EXTRAS
 # A CUDA 12.x wheel index of PyTorch that has torch ${TORCH_VERSION} (cu126 / cu128 / cu129). Not PyPI:
 # its Linux torch 2.13.0 wheel is built for CUDA 13 (it requires cuda-toolkit 13.0.3).
 ARG TORCH_CUDA=cu128
@@ -69,11 +81,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The CUDA build of the pinned torch first, so `pip install .` sees torch==2.13.0 satisfied.
 RUN python3 -m pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
 
+# The dependencies from pyproject.toml alone, then the sources without them: an edit of the code rebuilds
+# only the last layer, not ray, diffusers and the rest.
+COPY pyproject.toml /tmp/deps/
+RUN python3 -c "import os, tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']; \
+extras = os.environ['EXTRAS'].split(','); \
+print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
+        > /tmp/deps/requirements.txt \
+    && python3 -m pip install -r /tmp/deps/requirements.txt \
+    && rm -rf /tmp/deps
 COPY pyproject.toml README.md /tmp/src/
 COPY engines /tmp/src/engines
 COPY serve /tmp/src/serve
 COPY export /tmp/src/export
-RUN python3 -m pip install "/tmp/src[serve,export]" \
+RUN python3 -m pip install --no-deps "/tmp/src[${EXTRAS}]" \
     && rm -rf /tmp/src \
     && python3 -c "import ray, tensorrt, torch, serve.app; print('ray', ray.__version__, 'torch', torch.__version__, 'tensorrt', tensorrt.__version__)"
 

@@ -314,6 +314,27 @@ def test_pip_installs_existing_extras_and_the_pinned_torch():
     assert "import ray, tensorrt, torch" in gpu_runs, "the GPU image checks its TensorRT bindings import"
 
 
+def test_the_dependencies_are_installed_before_the_sources_are_copied_exactly_those_of_the_project():
+    """Any code edit reinstalled ray, diffusers and the rest: the sources came before every dependency. The
+    dependency layer installs what pip would for the project and its extras, and the project then adds none."""
+    for stage in stages():
+        runs = [stage.expand(run) for run in stage.values("RUN")]
+        listing = next(run for run in runs if "tomllib" in run)
+        project = next(run for run in runs if "/tmp/src[" in run)
+        order = [name if "/tmp/src" not in value else "COPY src" for name, value in stage.instructions]
+        listing_at = stage.instructions.index(("RUN", next(r for r in stage.values("RUN") if "tomllib" in r)))
+        assert listing_at < order.index("COPY src"), f"{stage.name}: the dependencies come before the sources"
+        assert "--no-deps" in project and "-r /tmp/deps/requirements.txt" in listing
+        extras = re.search(r'"/tmp/src\[([\w,-]+)\]"', project)[1]
+        script = re.search(r'python3 -c "(.*?)"\s*>', listing, re.S)[1].replace("\\\n", "")
+        script = script.replace("/tmp/deps/pyproject.toml", str(REPO / "pyproject.toml"))
+        env = {**os.environ, "EXTRAS": extras}
+        listed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        listed = listed.stdout.split()
+        optional = PYPROJECT["project"]["optional-dependencies"]
+        assert listed == PYPROJECT["project"]["dependencies"] + [d for e in extras.split(",") for d in optional[e]]
+
+
 def test_no_weights_are_baked_in():
     for stage in stages():
         for name, value in stage.instructions:

@@ -663,7 +663,8 @@ def test_a_stopped_worker_drains_its_longest_request_within_its_grace_period(ove
 
     rayservice = find(built(overlay), "RayService")
     config = serve_config(rayservice)
-    body_s = max(AppSettings.model_validate(app.get("args") or {}).overload.body_timeout_s for app in config["applications"])
+    apps = [AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]]
+    body_s = max(app.overload.body_timeout_s for app in apps)
     request_s = config["http_options"]["request_timeout_s"]
     spec = workers(rayservice)["template"]["spec"]
     env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}

@@ -143,7 +143,8 @@ def test_a_whole_head_past_the_limit_in_one_write_gets_431_and_nothing_after_it_
     [(status, body)] = _responses(answer)
     assert status == 431 and json.loads(body)["type"].endswith("/headers-too-large")
     with _connect(proxy_port) as client:
-        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + padding[: MAX_HEAD_BYTES // 2] + b"\r\n\r\n")
+        half = padding[: MAX_HEAD_BYTES // 2]
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + half + b"\r\n\r\n")
         assert _responses(_read_all(client)) == [(200, b"0")]
 
 
