@@ -3,6 +3,7 @@
 #   docker build --target gpu -t rorem-serve:0.1.0-cuda12.9 .   (the default target: the last stage)
 #   docker build --target cpu -t rorem-serve:0.1.0-cpu .        (no GPU; serves the tiny bundle)
 #
+# requirements (not a target): the dependencies of the project and its EXTRAS, listed from pyproject.toml.
 # gpu: NVIDIA's TensorRT image 25.06 (Ubuntu 24.04, CUDA 12.9.1, Python 3.12, TensorRT 10 with its
 #      Python bindings), plus the CUDA build of torch 2.13.0 from PyTorch's wheel index (its own
 #      CUDA 12.8 runtime; both need an NVIDIA driver >= 575 on the node).
@@ -19,6 +20,16 @@ ARG TORCH_VERSION=2.13.0
 ARG EXTRAS=serve,export
 
 # ---------------------------------------------------------------------------------------------------
+# Not a target: the project's dependencies with the EXTRAS, read from pyproject.toml, for both targets.
+FROM python:3.11.13-slim-bookworm AS requirements
+ARG EXTRAS
+COPY pyproject.toml /tmp/
+RUN python3 -c "import os, tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
+extras = os.environ['EXTRAS'].split(','); \
+print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
+        > /requirements.txt
+
+# ---------------------------------------------------------------------------------------------------
 FROM python:3.11.13-slim-bookworm AS cpu
 ARG TORCH_VERSION
 ARG EXTRAS
@@ -33,15 +44,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The CPU wheel first, so the project's torch pin is already satisfied (no CUDA packages pulled).
 RUN python3 -m pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
 
-# The dependencies from pyproject.toml alone, then the sources without them: an edit of the code rebuilds
-# only the last layer, not ray, diffusers and the rest.
-COPY pyproject.toml /tmp/deps/
-RUN python3 -c "import os, tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']; \
-extras = os.environ['EXTRAS'].split(','); \
-print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
-        > /tmp/deps/requirements.txt \
-    && python3 -m pip install -r /tmp/deps/requirements.txt \
-    && rm -rf /tmp/deps
+# The dependencies alone (the requirements stage), then the sources without them: an edit of the code
+# rebuilds only the last layer, not ray, diffusers and the rest.
+COPY --from=requirements /requirements.txt /tmp/deps/
+RUN python3 -m pip install -r /tmp/deps/requirements.txt && rm -rf /tmp/deps
 COPY pyproject.toml README.md /tmp/src/
 COPY engines /tmp/src/engines
 COPY serve /tmp/src/serve
@@ -81,15 +87,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The CUDA build of the pinned torch first, so `pip install .` sees torch==2.13.0 satisfied.
 RUN python3 -m pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
 
-# The dependencies from pyproject.toml alone, then the sources without them: an edit of the code rebuilds
-# only the last layer, not ray, diffusers and the rest.
-COPY pyproject.toml /tmp/deps/
-RUN python3 -c "import os, tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']; \
-extras = os.environ['EXTRAS'].split(','); \
-print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
-        > /tmp/deps/requirements.txt \
-    && python3 -m pip install -r /tmp/deps/requirements.txt \
-    && rm -rf /tmp/deps
+# The dependencies alone (the requirements stage), then the sources without them: an edit of the code
+# rebuilds only the last layer, not ray, diffusers and the rest.
+COPY --from=requirements /requirements.txt /tmp/deps/
+RUN python3 -m pip install -r /tmp/deps/requirements.txt && rm -rf /tmp/deps
 COPY pyproject.toml README.md /tmp/src/
 COPY engines /tmp/src/engines
 COPY serve /tmp/src/serve

@@ -48,6 +48,11 @@ class Stage:
 
 
 def stages() -> list[Stage]:
+    """The targets: the stages that run the service (a helper stage, such as `requirements`, has no CMD)."""
+    return [stage for stage in all_stages() if stage.values("CMD")]
+
+
+def all_stages() -> list[Stage]:
     dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse (dev extra) is not installed")
     parsed = dockerfile_parse.DockerfileParser(path=str(DOCKERFILE), cache_content=True)
     global_args: dict[str, str] = {}
@@ -258,11 +263,14 @@ def test_exposes_the_http_and_grpc_ports_of_the_serve_config():
 def test_copy_sources_exist_and_reach_the_build_context():
     rules = dockerignore_rules()
     copied: set[str] = set()
-    for stage in stages():
+    names = [stage.name for stage in all_stages()]
+    for stage in all_stages():
         assert not stage.values("ADD"), "use COPY (ADD fetches URLs and unpacks archives)"
         for value in stage.values("COPY"):
             words = [w for w in shlex.split(value) if not w.startswith("--")]
-            assert not value.startswith("--from"), "single-context build: no COPY --from"
+            if value.startswith("--from="):
+                assert value.split()[0].removeprefix("--from=") in names, f"single-context build: {value}"
+                continue
             for source in words[:-1]:
                 path = REPO / source
                 assert path.exists(), f"COPY source {source} does not exist"
@@ -316,23 +324,27 @@ def test_pip_installs_existing_extras_and_the_pinned_torch():
 
 def test_the_dependencies_are_installed_before_the_sources_are_copied_exactly_those_of_the_project():
     """Any code edit reinstalled ray, diffusers and the rest: the sources came before every dependency. The
-    dependency layer installs what pip would for the project and its extras, and the project then adds none."""
+    requirements stage lists what pip would install for the project and its extras; each target installs that
+    list before it copies the sources, and the project then adds no dependency."""
+    [requirements] = [stage for stage in all_stages() if stage.name == "requirements"]
+    listing = next(run for run in requirements.values("RUN") if "tomllib" in run)
+    script = re.search(r'python3 -c "(.*?)"\s*>', listing, re.S)[1].replace("\\\n", "")
+    script = script.replace("/tmp/pyproject.toml", str(REPO / "pyproject.toml"))
+    extras = requirements.args["EXTRAS"]
+    env = {**os.environ, "EXTRAS": extras}
+    listed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    optional = PYPROJECT["project"]["optional-dependencies"]
+    wanted = PYPROJECT["project"]["dependencies"] + [d for e in extras.split(",") for d in optional[e]]
+    assert listed.stdout.split() == wanted
     for stage in stages():
-        runs = [stage.expand(run) for run in stage.values("RUN")]
-        listing = next(run for run in runs if "tomllib" in run)
-        project = next(run for run in runs if "/tmp/src[" in run)
-        order = [name if "/tmp/src" not in value else "COPY src" for name, value in stage.instructions]
-        listing_at = stage.instructions.index(("RUN", next(r for r in stage.values("RUN") if "tomllib" in r)))
-        assert listing_at < order.index("COPY src"), f"{stage.name}: the dependencies come before the sources"
-        assert "--no-deps" in project and "-r /tmp/deps/requirements.txt" in listing
-        extras = re.search(r'"/tmp/src\[([\w,-]+)\]"', project)[1]
-        script = re.search(r'python3 -c "(.*?)"\s*>', listing, re.S)[1].replace("\\\n", "")
-        script = script.replace("/tmp/deps/pyproject.toml", str(REPO / "pyproject.toml"))
-        env = {**os.environ, "EXTRAS": extras}
-        listed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        listed = listed.stdout.split()
-        optional = PYPROJECT["project"]["optional-dependencies"]
-        assert listed == PYPROJECT["project"]["dependencies"] + [d for e in extras.split(",") for d in optional[e]]
+        steps = [value for name, value in stage.instructions if name in ("COPY", "RUN")]
+
+        def first(text: str) -> int:
+            return next(i for i, value in enumerate(steps) if text in value)
+
+        assert first("--from=requirements") < first("-r /tmp/deps/requirements.txt") < first("/tmp/src"), stage.name
+        project = stage.expand(steps[first("/tmp/src[")])
+        assert "--no-deps" in project and f"/tmp/src[{extras}]" in project, project
 
 
 def test_no_weights_are_baked_in():
