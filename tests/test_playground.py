@@ -24,6 +24,7 @@ from serve.config import ImagingSettings, RetentionSettings
 from serve.page_headers import page_html
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
 from serve.problems import Problem
+from serve.protocol import MAX_SEED
 from serve.quotas import CONCURRENCY, RATE
 from serve.retention.keeper import ANNOTATION_PAGE
 from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, encoded, fulfill_problem, png_bytes
@@ -89,7 +90,8 @@ def test_the_playground_keeps_its_hashed_script_in_every_retention_mode():
         assert f'<body data-state="empty" data-retention="{mode}" ' in page
         assert (
             'data-accepted-formats="png jpeg webp gif bmp tiff" data-max-megapixels="12.5"'
-            f' data-max-upload-bytes="{ImagingSettings().max_upload_bytes}" data-tiny="false">'
+            f' data-max-upload-bytes="{ImagingSettings().max_upload_bytes}" data-max-seed="{MAX_SEED}"'
+            ' data-tiny="false">'
         ) in page
         assert _inline("script", page) == _inline("script", html), "the served page keeps the hashed script"
 
@@ -105,6 +107,7 @@ class StandIn:
     def __init__(self):
         self.masks: list[np.ndarray] = []  # each removal's mask, as the service reads it
         self.mask_files: list[bytes] = []  # and as the page sent it
+        self.seeds: list[bytes | None] = []  # each removal's seed field
         self.remove_problem: Problem | None = None
         self.feedback_problem: Problem | None = None
         self.held: list = []  # removals left unanswered while `hold` is set
@@ -137,6 +140,7 @@ class StandIn:
             return
         self.masks.append(mask)
         self.mask_files.append(fields["mask"])
+        self.seeds.append(fields.get("seed"))
         result = photo.rgb.copy()
         result[mask] = 0
         headers = {"X-Seed": "7", "X-Removal-Score": "0.900", "X-Gate": "passed"}
@@ -305,6 +309,24 @@ def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
         page.click("#remove")
         said = _error_says(page, f"The removal failed (429): Too many requests; retry later: refused. {hint}")
         assert said.endswith(hint), said
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_seed_past_the_services_largest_is_refused_naming_the_range_and_the_largest_is_sent(browser):
+    """The page took any 19 digits: 9999999999999999999 was sent, for a 422, and its words named no largest seed."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _open_and_paint(page, "photo.png")
+    for refused in (str(MAX_SEED + 1), "9" * 19, "twelve", "-1"):
+        page.fill("#seed", refused)
+        page.click("#remove")
+        _error_says(page, f"The seed must be a whole number from 0 to {MAX_SEED}, or blank for a random one.")
+    assert stand_in.seeds == [], "nothing sent"
+    page.fill("#seed", str(MAX_SEED))
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    assert stand_in.seeds == [str(MAX_SEED).encode()]
     assert problems == [], problems
 
 
