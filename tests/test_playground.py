@@ -25,7 +25,7 @@ from serve.page_headers import page_html
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
 from serve.problems import Problem
 from serve.protocol import MAX_SEED
-from serve.quotas import CONCURRENCY, RATE
+from serve.quotas import CONCURRENCY, RATE, Decision, Limits
 from serve.retention.keeper import ANNOTATION_PAGE
 from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, encoded, fulfill_problem, png_bytes
 from tests.helpers import chromium_missing as _chromium_missing
@@ -297,18 +297,27 @@ def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
     _open_and_paint(page, "photo.png")
-    refusals = [
-        (RATE, "42", "This key's quota is used up; back in 42 s."),
-        (CONCURRENCY, "1", "This key has as many requests in progress as it may; try again in 1 s."),
-        (None, "3", "The service is busy; try again in 3 s."),  # the replica's admission names no quota
+    refusals = [  # the service's own refusals, and what the page says after their detail
+        (Decision("app", Limits(100, None, 60), False, remaining=0, reset_s=41.2, refused_by=RATE), ""),
+        (Decision("app", Limits(100, None, 5), False, remaining=0, reset_s=4.5, refused_by=RATE), ""),
+        (
+            Decision("app", Limits(None, 2, 60), False, in_flight=2, refused_by=CONCURRENCY),
+            ". This key has as many requests in progress as it may; try again in 1 s.",
+        ),
     ]
-    for quota, retry_after, hint in refusals:
-        fields = {"quota": quota} if quota else {}
-        headers = {"Retry-After": retry_after}
-        stand_in.remove_problem = Problem("too-many-requests", "refused", headers=headers, **fields)
+    for decision, hint in refusals:
+        with pytest.raises(Problem) as refused:
+            decision.check()
+        stand_in.remove_problem = refused.value
         page.click("#remove")
-        said = _error_says(page, f"The removal failed (429): Too many requests; retry later: refused. {hint}")
-        assert said.endswith(hint), said
+        said = _error_says(page, f"The removal failed (429): Too many requests; retry later: {refused.value.detail}")
+        assert said.endswith(refused.value.detail + hint), said
+        assert sum(said.count(words) for words in ("back in", "try again")) == 1, f"the wait is said once: {said}"
+
+    stand_in.remove_problem = Problem("too-many-requests", "refused", headers={"Retry-After": "3"})
+    page.click("#remove")
+    said = _error_says(page, "The removal failed (429): Too many requests; retry later: refused.")
+    assert said.endswith(". The service is busy; try again in 3 s."), "the replica's admission names no quota"
     assert problems == [], problems
 
 
