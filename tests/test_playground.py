@@ -213,8 +213,8 @@ def test_a_photo_over_the_byte_limit_is_refused_when_opened_and_with_its_mask_be
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in, ImagingSettings(max_upload_bytes=len(photo) - 1))
     _choose(page, "heavy.png", photo, "image/png")
-    said = _error_says(page, '"heavy.png" is 0.')
-    assert f"MiB; the service takes uploads of up to {(len(photo) - 1) / 1048576:.1f} MiB" in said
+    said = _error_says(page, f'"heavy.png" is {round(len(photo) / 1024)} KiB; the service takes uploads of up to ')
+    assert f"up to {round((len(photo) - 1) / 1024)} KiB (the photo and the mask together)" in said, "one unit for both"
     assert page.get_attribute("body", "data-state") == "empty"
 
     page, problems = _open_offline(browser, stand_in, ImagingSettings(max_upload_bytes=len(photo) + 64))
@@ -249,7 +249,8 @@ def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_ser
             "name => document.querySelector('#photo-info').textContent.startsWith(name)",
             arg=f"turned{orientation}.webp",
         )
-        assert page.inner_text("#photo-info").endswith(f"{upright.width} × {upright.height} px, 1 KB"), "not 0.0 MB"
+        info = page.inner_text("#photo-info")
+        assert info.endswith(f"{upright.width} × {upright.height} px, 1 KiB"), "not 0.0 MiB, nor KB"
         shown = page.locator("#photo").evaluate(
             "(c, quarters) => quarters.map(([fx, fy]) => Array.from(c.getContext('2d')"
             ".getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data).slice(0, 3))",
