@@ -377,6 +377,10 @@ def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     page.wait_for_selector("#outcome[data-count='2']", timeout=10_000)
     assert page.is_hidden("#rate"), "nor for the key's next result"
     page.fill("#api-key", "rk_another")
+    page.wait_for_selector("#rate:not([hidden])", timeout=2_000)  # another key may rate the result shown
+    page.fill("#api-key", "rk_remove_only")
+    assert page.is_hidden("#rate")
+    page.fill("#api-key", "rk_another")
     page.click("#another")
     page.wait_for_selector("#outcome[data-count='3']", timeout=10_000)
     assert page.is_visible("#rate"), "another key may rate"
