@@ -448,9 +448,10 @@ def test_a_result_this_browser_cannot_show_keeps_the_words_that_say_so(browser):
 
 
 @needs_chromium
-def test_a_403_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_rating_away(browser):
+def test_a_403_or_503_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_rating_away(browser):
     """Every 403 was hinted "ask for a key with the needed scope", a host name or a request taken for another site's
-    too; and any 403 to a verdict took Yes / No away for the key."""
+    too; any 403 to a verdict took Yes / No away for the key; a request cut by a draining instance was hinted "The
+    service is busy or starting"."""
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
     _open_and_paint(page, "photo.png")
@@ -458,12 +459,16 @@ def test_a_403_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_
         "host-not-allowed": "Open the page at a host name the service answers",
         "cross-site-request": "The service took this for another site's request",
         "forbidden": "Ask for a key with the needed scope",
+        "stopping": "The service is being stopped or restarted; try again in 2 s.",
+        "overloaded": "The service is busy or starting; try again in 2 s.",
     }
     for slug, hint in hints.items():
-        stand_in.remove_problem = Problem(slug, "refused")
+        kind = Problem(slug, "").kind
+        stand_in.remove_problem = Problem(slug, "refused", headers={"Retry-After": "2"} if kind.status == 503 else None)
         page.click("#remove")
-        said = _error_says(page, f"The removal failed (403): {Problem(slug, '').kind.title}: refused. {hint}")
+        said = _error_says(page, f"The removal failed ({kind.status}): {kind.title}: refused. {hint}")
         assert ("Ask for a key" in said) == (slug == "forbidden"), said
+        assert ("busy" in said) == (slug == "overloaded"), said
 
     stand_in.remove_problem = None
     page.check("#retain")
