@@ -28,7 +28,7 @@ from serve.page_headers import PRIVATE_HEADERS
 from serve.playground import playground_headers, playground_page
 from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.remover_deployment import Remover
-from serve.rest_api import api, docs_page, json_reply_body, request_id_of, root_path
+from serve.rest_api import api, docs_page, json_reply_body, public_get, request_id_of, root_path
 from serve.retention.keeper import FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
@@ -84,7 +84,7 @@ class Ingress(GrpcMethods, LiveSettings):
         self.settings = settings
         self.service.settings = settings
 
-    @api.get("/healthz", dependencies=[auth.PUBLIC])
+    @public_get("/healthz")
     async def healthz(self) -> dict:
         """The ingress process is alive (says nothing about the models); instance and application: which start of
         `python -m serve run` and which of its Serve applications answer; loop_lag_ms: the longest its event
@@ -96,7 +96,7 @@ class Ingress(GrpcMethods, LiveSettings):
             "loop_lag_ms": loop_lag().take_worst_ms(),
         }
 
-    @api.get("/readyz", dependencies=[auth.PUBLIC])
+    @public_get("/readyz")
     async def readyz(self) -> JSONResponse:
         """Ready when a Remover replica (and a Scorer replica, where deployed) has loaded and warmed up.
         refused_live: live settings this replica refused as invalid, serving with its previous ones (serve.live)."""
@@ -237,23 +237,23 @@ class Ingress(GrpcMethods, LiveSettings):
         await self.service.retention.delete(result_id)
         return Response(status_code=204)
 
-    @api.get("/", include_in_schema=False, dependencies=[auth.PUBLIC])
+    @public_get("/", include_in_schema=False)
     async def home(self, request: Request) -> Response:
         """The service's front page is the playground."""
         return Response(status_code=307, headers={"Location": f"{root_path(request)}/playground"})
 
-    @api.get("/docs", response_class=HTMLResponse, include_in_schema=False, dependencies=[auth.PUBLIC])
+    @public_get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs(self, request: Request) -> HTMLResponse:
         """Swagger UI over the OpenAPI, its scripts pinned with Subresource Integrity (serve.rest_api.docs_page)."""
         return docs_page(request)
 
-    @api.get("/playground", response_class=HTMLResponse, include_in_schema=False, dependencies=[auth.PUBLIC])
+    @public_get("/playground", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:
         """Try a removal by hand: drop a photo, paint the mask, compare before / after (serve/playground.py)."""
         html = playground_page(self.settings.retention, self.settings.imaging, tiny=self.settings.bundle.is_tiny())
         return HTMLResponse(html, headers=playground_headers())
 
-    @api.get("/annotate", response_class=HTMLResponse, dependencies=[auth.PUBLIC])
+    @public_get("/annotate", response_class=HTMLResponse)
     async def annotate(self) -> HTMLResponse:
         """The annotation page: label retained results yes / no, least certain first."""
         self.service.retention.require_enabled()

@@ -13,16 +13,18 @@ from typing import Literal
 from engines.imaging import ACCEPTED_FORMATS
 from serve.config import ImagingSettings, RetentionSettings
 from serve.page_headers import page_html, strict_page_headers
+from serve.protocol import MAX_SEED
 
 PLAYGROUND_PAGE = Path(__file__).parent / "static" / "playground.html"
 # The page reads the service's settings from its body: whether (and by default) results are kept, and which
 # photos the service takes (formats, megapixels, bytes), so it refuses others when they are opened rather than
-# after an upload. The file says "off" and leaves the others empty (unchecked); and whether the model is the tiny
-# bundle's.
+# after an upload, and the largest seed. The file says "off" and leaves the others empty (unchecked); and whether
+# the model is the tiny bundle's.
 _RETENTION_MARK = 'data-retention="off"'
 _FORMATS_MARK = 'data-accepted-formats=""'
 _MEGAPIXELS_MARK = 'data-max-megapixels=""'
 _BYTES_MARK = 'data-max-upload-bytes=""'
+_SEED_MARK = 'data-max-seed=""'
 _TINY_MARK = 'data-tiny="false"'
 RetentionMode = Literal["off", "ask", "always"]
 
@@ -30,7 +32,7 @@ RetentionMode = Literal["off", "ask", "always"]
 @lru_cache(maxsize=1)
 def _template() -> tuple[str, dict[str, str]]:
     html = page_html(PLAYGROUND_PAGE)
-    for mark in (_RETENTION_MARK, _FORMATS_MARK, _MEGAPIXELS_MARK, _BYTES_MARK, _TINY_MARK):
+    for mark in (_RETENTION_MARK, _FORMATS_MARK, _MEGAPIXELS_MARK, _BYTES_MARK, _SEED_MARK, _TINY_MARK):
         if html.count(mark) != 1:
             raise ValueError(f"{PLAYGROUND_PAGE.name} must carry {mark} once")
     return html, strict_page_headers(html, PLAYGROUND_PAGE.name, img_src="blob:")  # the photo, shown before it is sent
@@ -50,6 +52,7 @@ def _page(mode: RetentionMode, max_megapixels: float, max_upload_bytes: int, tin
     html = html.replace(_FORMATS_MARK, f'data-accepted-formats="{formats}"')
     html = html.replace(_TINY_MARK, f'data-tiny="{str(tiny).lower()}"')
     html = html.replace(_BYTES_MARK, f'data-max-upload-bytes="{max_upload_bytes}"')
+    html = html.replace(_SEED_MARK, f'data-max-seed="{MAX_SEED}"')
     return html.replace(_MEGAPIXELS_MARK, f'data-max-megapixels="{max_megapixels:g}"')
 
 

@@ -55,6 +55,8 @@ KINDS = (
     # a busy replica's refusal, or a key's quota (its problem names the quota)
     Kind("too-many-requests", 429, "Too many requests; retry later", "RESOURCE_EXHAUSTED"),
     Kind("overloaded", 503, "The service is overloaded; retry later", "UNAVAILABLE"),
+    # a draining instance (serve.proxy_middleware.Drain): another instance can answer at once
+    Kind("stopping", 503, "This instance is stopping; retry", "UNAVAILABLE"),
     Kind("replica-failed", 503, "A model replica failed while answering; retry later", "UNAVAILABLE"),
     Kind("not-ready", 503, "The model is not loaded yet", "UNAVAILABLE"),
     Kind("scorer-unavailable", 503, "The quality scorer is unavailable; retry later", "UNAVAILABLE"),

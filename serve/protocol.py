@@ -20,7 +20,8 @@ from serve.problems import Problem, invalid_request
 # Bounds on the inner type, not on the `X | None` union: there pydantic publishes its own "ge" / "le" keys, which
 # JSON Schema (and so OpenAPI) does not know, instead of minimum / maximum.
 # int64: generators (Java, Go, C#) make an int32 of a bare integer. The OpenAPI description's seeds are all this one.
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1, json_schema_extra={"format": "int64"}), NotABool]
+MAX_SEED = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, json_schema_extra={"format": "int64"}), NotABool]
 TimeoutS = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False), NotABool]
 RequestTimeoutS = Annotated[
     TimeoutS | None,

@@ -50,7 +50,7 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
   the answer that tells the client to retry; one cancelled meanwhile is left to whoever cancelled it (Drain).
   A client that hung up gets the same answer too, which uvicorn drops (nobody is there to read it).
 - Drain: `python -m serve run` stops by creating the drain flag file: from then on new HTTP requests
-  are answered 503 at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
+  are answered 503 `stopping` at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
   a response then are answered 503 too, so the service can stop without cutting a connection. Such a
   request's task is cancelled; Ray's proxy catches that and returns without answering, so the 503 comes
   once the inner app has returned or raised the cancellation.
@@ -271,7 +271,7 @@ _RAY_KINDS = {404: "not-found", 408: "proxy-timeout", 429: "too-many-requests", 
 _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the proxy)"
 ROUTE_ANSWERS = (
     *(kind for kind in _RAY_KINDS.values() if kind != "not-found"),
-    "overloaded", "replica-failed", "payload-too-large", "body-timeout",
+    "overloaded", "stopping", "replica-failed", "payload-too-large", "body-timeout",
 )  # fmt: skip
 """The problems these middlewares answer on a path an application serves, which serve/openapi.py lists for the
 routes taking a body (not-found is for a path none serves; a refused key is the route's own 401). Every kind
@@ -316,7 +316,8 @@ class BodyBuffer:
             except Problem as refusal:
                 return await _problem(send, refusal)
         if self.max_held is not None and self.held + needs > self.max_held:
-            return await _problem(send, _overloaded(_BUSY))  # before reading; nothing is reserved, so the check below stays
+            # before reading; nothing is reserved, so the check below stays
+            return await _problem(send, _retry_later("overloaded", _BUSY))
         chunks, received, refusal = [], 0, None
         pending = bytearray()
         try:
@@ -332,7 +333,7 @@ class BodyBuffer:
                         refusal = _too_large(f"request body exceeds the limit of {self.limit} bytes")
                         break
                     if self.max_held is not None and self.held > self.max_held:
-                        refusal = _overloaded(_BUSY)
+                        refusal = _retry_later("overloaded", _BUSY)
                         break
                     pending += body
                     if len(pending) >= _CHUNK or not message.get("more_body", False):
@@ -368,8 +369,8 @@ def _too_large(detail: str) -> Problem:
     return Problem("payload-too-large", f"{detail} (at the proxy)")
 
 
-def _overloaded(detail: str) -> Problem:
-    return Problem("overloaded", detail, {"Retry-After": str(RETRY_AFTER_S)})
+def _retry_later(kind: str, detail: str) -> Problem:
+    return Problem(kind, detail, {"Retry-After": str(RETRY_AFTER_S)})
 
 
 _BUSY = "this proxy holds as many arriving request bodies as it may (overload.proxy_buffer_bytes); retry"
@@ -433,4 +434,4 @@ class Drain:
 
     async def _unavailable(self, send) -> None:
         detail = "this instance is stopping; retry (another instance)"
-        await _problem(send, _overloaded(detail))
+        await _problem(send, _retry_later("stopping", detail))

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from serve import quotas
+from serve import auth, quotas
 from serve.metrics import CLIENT_CLOSED, ingress_metrics
 from serve.openapi import install as install_openapi
 from serve.page_headers import sha256_source
@@ -35,6 +35,18 @@ api = FastAPI(
     redirect_slashes=False,
 )
 install_openapi(api)  # serve/openapi.py: problem responses, headers, media types
+
+
+def public_get(path: str, **route):
+    """A public GET route (a page, a probe) that answers HEAD too, as its GET without the body (the server drops
+    it): uptime checks and `curl -I` send HEAD. The HEAD route stays out of the OpenAPI: one operation a path."""
+
+    def declare(endpoint):
+        declared = {**route, "dependencies": [auth.PUBLIC]}
+        api.head(path, **{**declared, "include_in_schema": False})(endpoint)
+        return api.get(path, **declared)(endpoint)
+
+    return declare
 
 
 def _route_label(scope: dict) -> str:

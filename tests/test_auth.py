@@ -340,6 +340,36 @@ def test_a_trailing_slash_is_not_redirected_to_the_host_the_client_named():
         api.middleware_stack = None  # built by the first request: other tests add their own middleware to `api`
 
 
+def test_head_on_the_public_pages_and_probes_answers_as_their_get_and_adds_no_operation(monkeypatch):
+    """Uptime checks and `curl -I` send HEAD: every public page and probe answered 405. Outside a replica, the
+    Ingress is a stand-in."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+    from ray import serve as ray_serve
+
+    import serve.app  # noqa: F401  (binds the routes to the app)
+    from serve.rest_api import api
+
+    async def ready() -> dict:
+        return {"ready": True}
+
+    service = SimpleNamespace(ready=ready, retention=SimpleNamespace(require_enabled=lambda: None))
+    ingress = SimpleNamespace(settings=AppSettings(), refused_live=None, service=service)
+    monkeypatch.setattr(ray_serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress, app_name="a"))
+    client = TestClient(api, base_url="http://127.0.0.1:8000")
+    try:
+        for path, status in [("/", 307), ("/playground", 200), ("/annotate", 200), ("/docs", 200), ("/healthz", 200),
+                             ("/readyz", 200)]:  # fmt: skip
+            got, head = client.get(path, follow_redirects=False), client.head(path, follow_redirects=False)
+            assert (got.status_code, head.status_code) == (status, status), path
+            assert dict(head.headers) == dict(got.headers) and head.content == b"", path
+        assert client.head("/annotation/queue").status_code == 405, "a route that needs a key stays GET only"
+    finally:
+        api.middleware_stack = None  # built by the first request: other tests add their own middleware to `api`
+    assert not [path for path, operations in api.openapi()["paths"].items() if "head" in operations]
+
+
 def test_the_docs_page_runs_only_the_pinned_swagger_ui_and_its_own_line_whatever_the_route_prefix():
     """Its policy named no script-src: any script injected into /docs could read the key the other pages keep
     in the browser's storage. Now exactly the pinned bundle and the page's inline line (one hash under every

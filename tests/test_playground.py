@@ -24,7 +24,8 @@ from serve.config import ImagingSettings, RetentionSettings
 from serve.page_headers import page_html
 from serve.playground import PLAYGROUND_PAGE, playground_headers, playground_page
 from serve.problems import Problem
-from serve.quotas import CONCURRENCY, RATE
+from serve.protocol import MAX_SEED
+from serve.quotas import CONCURRENCY, RATE, Decision, Limits
 from serve.retention.keeper import ANNOTATION_PAGE
 from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, encoded, fulfill_problem, png_bytes
 from tests.helpers import chromium_missing as _chromium_missing
@@ -89,7 +90,8 @@ def test_the_playground_keeps_its_hashed_script_in_every_retention_mode():
         assert f'<body data-state="empty" data-retention="{mode}" ' in page
         assert (
             'data-accepted-formats="png jpeg webp gif bmp tiff" data-max-megapixels="12.5"'
-            f' data-max-upload-bytes="{ImagingSettings().max_upload_bytes}" data-tiny="false">'
+            f' data-max-upload-bytes="{ImagingSettings().max_upload_bytes}" data-max-seed="{MAX_SEED}"'
+            ' data-tiny="false">'
         ) in page
         assert _inline("script", page) == _inline("script", html), "the served page keeps the hashed script"
 
@@ -105,6 +107,7 @@ class StandIn:
     def __init__(self):
         self.masks: list[np.ndarray] = []  # each removal's mask, as the service reads it
         self.mask_files: list[bytes] = []  # and as the page sent it
+        self.seeds: list[bytes | None] = []  # each removal's seed field
         self.remove_problem: Problem | None = None
         self.feedback_problem: Problem | None = None
         self.held: list = []  # removals left unanswered while `hold` is set
@@ -137,6 +140,7 @@ class StandIn:
             return
         self.masks.append(mask)
         self.mask_files.append(fields["mask"])
+        self.seeds.append(fields.get("seed"))
         result = photo.rgb.copy()
         result[mask] = 0
         headers = {"X-Seed": "7", "X-Removal-Score": "0.900", "X-Gate": "passed"}
@@ -209,8 +213,8 @@ def test_a_photo_over_the_byte_limit_is_refused_when_opened_and_with_its_mask_be
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in, ImagingSettings(max_upload_bytes=len(photo) - 1))
     _choose(page, "heavy.png", photo, "image/png")
-    said = _error_says(page, '"heavy.png" is 0.')
-    assert f"MiB; the service takes uploads of up to {(len(photo) - 1) / 1048576:.1f} MiB" in said
+    said = _error_says(page, f'"heavy.png" is {round(len(photo) / 1024)} KiB; the service takes uploads of up to ')
+    assert f"up to {round((len(photo) - 1) / 1024)} KiB (the photo and the mask together)" in said, "one unit for both"
     assert page.get_attribute("body", "data-state") == "empty"
 
     page, problems = _open_offline(browser, stand_in, ImagingSettings(max_upload_bytes=len(photo) + 64))
@@ -245,7 +249,8 @@ def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_ser
             "name => document.querySelector('#photo-info').textContent.startsWith(name)",
             arg=f"turned{orientation}.webp",
         )
-        assert page.inner_text("#photo-info").endswith(f"{upright.width} × {upright.height} px, 1 KB"), "not 0.0 MB"
+        info = page.inner_text("#photo-info")
+        assert info.endswith(f"{upright.width} × {upright.height} px, 1 KiB"), "not 0.0 MiB, nor KB"
         shown = page.locator("#photo").evaluate(
             "(c, quarters) => quarters.map(([fx, fy]) => Array.from(c.getContext('2d')"
             ".getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data).slice(0, 3))",
@@ -293,18 +298,45 @@ def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
     _open_and_paint(page, "photo.png")
-    refusals = [
-        (RATE, "42", "This key's quota is used up; back in 42 s."),
-        (CONCURRENCY, "1", "This key has as many requests in progress as it may; try again in 1 s."),
-        (None, "3", "The service is busy; try again in 3 s."),  # the replica's admission names no quota
+    refusals = [  # the service's own refusals, and what the page says after their detail
+        (Decision("app", Limits(100, None, 60), False, remaining=0, reset_s=41.2, refused_by=RATE), ""),
+        (Decision("app", Limits(100, None, 5), False, remaining=0, reset_s=4.5, refused_by=RATE), ""),
+        (
+            Decision("app", Limits(None, 2, 60), False, in_flight=2, refused_by=CONCURRENCY),
+            ". This key has as many requests in progress as it may; try again in 1 s.",
+        ),
     ]
-    for quota, retry_after, hint in refusals:
-        fields = {"quota": quota} if quota else {}
-        headers = {"Retry-After": retry_after}
-        stand_in.remove_problem = Problem("too-many-requests", "refused", headers=headers, **fields)
+    for decision, hint in refusals:
+        with pytest.raises(Problem) as refused:
+            decision.check()
+        stand_in.remove_problem = refused.value
         page.click("#remove")
-        said = _error_says(page, f"The removal failed (429): Too many requests; retry later: refused. {hint}")
-        assert said.endswith(hint), said
+        said = _error_says(page, f"The removal failed (429): Too many requests; retry later: {refused.value.detail}")
+        assert said.endswith(refused.value.detail + hint), said
+        assert sum(said.count(words) for words in ("back in", "try again")) == 1, f"the wait is said once: {said}"
+
+    stand_in.remove_problem = Problem("too-many-requests", "refused", headers={"Retry-After": "3"})
+    page.click("#remove")
+    said = _error_says(page, "The removal failed (429): Too many requests; retry later: refused.")
+    assert said.endswith(". The service is busy; try again in 3 s."), "the replica's admission names no quota"
+    assert problems == [], problems
+
+
+@needs_chromium
+def test_a_seed_past_the_services_largest_is_refused_naming_the_range_and_the_largest_is_sent(browser):
+    """The page took any 19 digits: 9999999999999999999 was sent, for a 422, and its words named no largest seed."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _open_and_paint(page, "photo.png")
+    for refused in (str(MAX_SEED + 1), "9" * 19, "twelve", "-1"):
+        page.fill("#seed", refused)
+        page.click("#remove")
+        _error_says(page, f"The seed must be a whole number from 0 to {MAX_SEED}, or blank for a random one.")
+    assert stand_in.seeds == [], "nothing sent"
+    page.fill("#seed", str(MAX_SEED))
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    assert stand_in.seeds == [str(MAX_SEED).encode()]
     assert problems == [], problems
 
 
@@ -344,6 +376,10 @@ def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     page.click("#another")
     page.wait_for_selector("#outcome[data-count='2']", timeout=10_000)
     assert page.is_hidden("#rate"), "nor for the key's next result"
+    page.fill("#api-key", "rk_another")
+    page.wait_for_selector("#rate:not([hidden])", timeout=2_000)  # another key may rate the result shown
+    page.fill("#api-key", "rk_remove_only")
+    assert page.is_hidden("#rate")
     page.fill("#api-key", "rk_another")
     page.click("#another")
     page.wait_for_selector("#outcome[data-count='3']", timeout=10_000)
@@ -412,9 +448,10 @@ def test_a_result_this_browser_cannot_show_keeps_the_words_that_say_so(browser):
 
 
 @needs_chromium
-def test_a_403_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_rating_away(browser):
+def test_a_403_or_503_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_rating_away(browser):
     """Every 403 was hinted "ask for a key with the needed scope", a host name or a request taken for another site's
-    too; and any 403 to a verdict took Yes / No away for the key."""
+    too; any 403 to a verdict took Yes / No away for the key; a request cut by a draining instance was hinted "The
+    service is busy or starting"."""
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
     _open_and_paint(page, "photo.png")
@@ -422,12 +459,16 @@ def test_a_403_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_
         "host-not-allowed": "Open the page at a host name the service answers",
         "cross-site-request": "The service took this for another site's request",
         "forbidden": "Ask for a key with the needed scope",
+        "stopping": "The service is being stopped or restarted; try again in 2 s.",
+        "overloaded": "The service is busy or starting; try again in 2 s.",
     }
     for slug, hint in hints.items():
-        stand_in.remove_problem = Problem(slug, "refused")
+        kind = Problem(slug, "").kind
+        stand_in.remove_problem = Problem(slug, "refused", headers={"Retry-After": "2"} if kind.status == 503 else None)
         page.click("#remove")
-        said = _error_says(page, f"The removal failed (403): {Problem(slug, '').kind.title}: refused. {hint}")
+        said = _error_says(page, f"The removal failed ({kind.status}): {kind.title}: refused. {hint}")
         assert ("Ask for a key" in said) == (slug == "forbidden"), said
+        assert ("busy" in said) == (slug == "overloaded"), said
 
     stand_in.remove_problem = None
     page.check("#retain")

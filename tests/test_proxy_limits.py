@@ -549,9 +549,10 @@ def test_draining_answers_new_requests_503_and_in_flight_ones_finish_or_get_503(
 
     quick, slow, new = asyncio.run(main())
     assert quick.status == 200
-    assert slow.status == 503 and slow.body["type"].endswith("/overloaded") and len(slow.sent) == 2
+    assert slow.status == 503 and slow.body["type"].endswith("/stopping") and len(slow.sent) == 2
     assert "stopping" in slow.body["detail"]
     assert new.status == 503 and (b"retry-after", b"2") in new.sent[0]["headers"]
+    assert new.body["type"].endswith("/stopping"), "not a busy service: another instance can answer now"
 
 
 def test_the_proxy_drops_a_request_id_it_must_not_echo_or_log():
