@@ -86,3 +86,16 @@ def test_device_cuda_without_cuda_is_a_settings_error():
     with pytest.raises(SettingsError, match="0 CUDA device"):
         training_device("cuda")
     assert training_device("auto") == torch.device("cpu")
+
+
+def test_bundle_out_naming_a_folder_that_is_not_a_bundle_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """The bundle replaced the folder at --out whole: a training run's folder given as --out was deleted."""
+    out = tmp_path / "runs"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "precious.txt").write_text("weeks of training")
+    argv = ["bundle", "--base", "tiny", "--unet", str(tmp_path / "unet"), "--lcm-lora", str(tmp_path / "lora"),
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is a folder that holds files and is not a bundle" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["finetune", "finetune/precious.txt"]
