@@ -307,8 +307,8 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
     import torch
 
     from engines.bundle import sha256_of
-    from engines.runners import export_filename
-    from export.manifest import check_plan_source, record_plan
+    from engines.runners import export_filename, export_key, plan_sidecar
+    from export.manifest import check_output_paths, check_plan_source, record_plan
     from export.staging import staging_folder
     from export.tensorrt_build import build_plan, onnx_static_dims, profiles_from_serve_config
 
@@ -329,6 +329,9 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
         plan_path = onnx_path.with_name(onnx_path.stem + f".sm{cc.replace('.', '')}.plan")
     cache = Path(args.timing_cache) if args.timing_cache else plan_path.with_name(f"timing.sm{cc.replace('.', '')}.cache")
     options = {"timing_cache_path": cache, "workspace_gb": args.workspace_gb, "optimization_level": args.opt_level}
+    if bundle is not None:
+        key = export_key("tensorrt", dtype, cc)
+        check_output_paths(bundle.path, key, [plan_path, plan_sidecar(plan_path), cache])  # before the build
     if bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve()):
         check_plan_source(bundle, sha256_of(onnx_path), dtype, list(shape))  # before minutes of building, not after
         with staging_folder(plan_path.parent) as staging:

@@ -1123,3 +1123,45 @@ def test_two_builds_writing_one_timing_cache_at_once_both_finish(tmp_path):
         thread.join()
     assert errors == [] and len(set(path.read_bytes())) == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left"
+
+
+@pytest.mark.parametrize("out", [UNET_WEIGHTS, MANIFEST, "exports/unet.fp16.onnx"], ids=["weights", "manifest", "fp16"])
+def test_an_onnx_out_over_the_bundles_own_files_is_refused_before_exporting(
+    tiny_bundle, tmp_path, capsys, monkeypatch, out
+):
+    """--out only had to be inside the bundle folder: the graph replaced the UNet weights or manifest.json."""
+    import export.cli
+    import export.onnx_export
+
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path, "float16")
+    before = (copy / out).read_bytes()
+    monkeypatch.setattr(export.onnx_export, "export_unet_onnx", lambda *a, **k: pytest.fail("exported"))
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(copy / out), "--no-verify", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {copy / out}") and len(err.strip().splitlines()) == 1
+    assert (copy / out).read_bytes() == before
+    Bundle.load(copy, verify=True).load_unet()
+    assert current_export(Bundle.load(copy), "onnx", "float16").path == copy / "exports/unet.fp16.onnx"
+
+
+@pytest.mark.parametrize("flag, out", [("plan", UNET_WEIGHTS), ("plan", MANIFEST), ("timing_cache", MANIFEST)])
+def test_a_plan_or_timing_cache_over_the_bundles_own_files_is_refused_before_building(plan_build, flag, out):
+    from export.cli import _build_and_record
+    from export.progress import QUIET
+
+    plan_build.during = lambda: pytest.fail("the plan was built")
+    before = (plan_build.bundle / out).read_bytes()
+    args = _build_args(**{flag: str(plan_build.bundle / out)})
+    with pytest.raises(ValueError, match="never over the bundle's own files"):
+        _build_and_record(args, Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET)
+    assert (plan_build.bundle / out).read_bytes() == before
+    Bundle.load(plan_build.bundle, verify=True).load_unet()
+
+
+def test_a_file_of_another_export_is_not_recorded_over_by_record_export(tiny_bundle, tmp_path):
+    from export.manifest import record_export
+
+    copy, fp16 = _bundle_with_onnx(tiny_bundle, tmp_path, "float16")
+    with pytest.raises(ValueError, match="is a file of the bundle's onnx.float16 export"):
+        record_export(copy, "onnx.float32", [fp16], {"kind": "onnx"}, made_from=_unet_sha256(copy))
+    assert current_export(Bundle.load(copy, verify=True), "onnx", "float16").path == fp16
