@@ -1165,3 +1165,74 @@ def test_a_file_of_another_export_is_not_recorded_over_by_record_export(tiny_bun
     with pytest.raises(ValueError, match="is a file of the bundle's onnx.float16 export"):
         record_export(copy, "onnx.float32", [fp16], {"kind": "onnx"}, made_from=_unet_sha256(copy))
     assert current_export(Bundle.load(copy, verify=True), "onnx", "float16").path == fp16
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch) -> SimpleNamespace:
+    """A `tensorrt` module and a GPU stubbed, enough for build_plan: the parser notes the sha256 of the file it
+    reads; `during` runs inside the build."""
+    import hashlib
+    import types
+
+    seen = SimpleNamespace(parsed=None, during=lambda: None)
+
+    class Parser:
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            seen.parsed = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return SimpleNamespace(num_layers=1)
+
+        def create_builder_config(self):
+            cache = SimpleNamespace(serialize=lambda: b"cache")
+            return SimpleNamespace(create_timing_cache=lambda data: cache, set_timing_cache=lambda *a, **k: None,
+                                   add_optimization_profile=lambda p: None, get_timing_cache=lambda: cache)  # fmt: skip
+
+        def create_optimization_profile(self):
+            return SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_serialized_network(self, network, config):
+            seen.during()
+            return b"a plan"
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "stub"
+    trt.Logger = type("Logger", (), {"WARNING": 0, "__init__": lambda self, *a: None})
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    return seen
+
+
+@pytest.mark.parametrize("changed", ["unet.onnx", "unet.onnx.data"])
+def test_a_graph_changed_while_its_plan_builds_is_refused_not_recorded_as_the_plans_source(
+    fake_tensorrt, tmp_path, changed
+):
+    """The ONNX was hashed after the build: a graph exported again meanwhile was recorded as the plan's source,
+    and serving took the plan built from the old one as built from the new one."""
+    from engines.bundle import sha256_of
+    from export.tensorrt_build import build_plan
+
+    onnx, plan = tmp_path / "unet.onnx", tmp_path / "unet.plan"
+    onnx.write_bytes(b"the graph")
+    (tmp_path / "unet.onnx.data").write_bytes(b"its weights")
+    info = build_plan(onnx, plan, [])
+    assert info.onnx_sha256 == sha256_of(onnx) == fake_tensorrt.parsed
+    plan.unlink()
+
+    fake_tensorrt.during = lambda: (tmp_path / changed).write_bytes(b"exported again")
+    with pytest.raises(RuntimeError, match="unet.onnx \\(or its external data\\) changed while the plan was built"):
+        build_plan(onnx, plan, [])
+    assert not plan.exists()
