@@ -28,6 +28,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
+import safetensors
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
@@ -260,7 +261,12 @@ class Bundle:
         return data
 
     def _tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return safetensors.torch.load(self.read(name))
+        """Bytes that match their manifest entry may still not parse (a bundle written with them): a BundleError
+        naming the file, as for any other broken bundle file."""
+        try:
+            return safetensors.torch.load(self.read(name))
+        except safetensors.SafetensorError as exc:
+            raise BundleError(f"{name}: not a readable safetensors file in bundle {self.path} ({exc})") from None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -99,3 +99,21 @@ def test_bundle_out_naming_a_folder_that_is_not_a_bundle_is_refused_and_left_as_
     err = capsys.readouterr().err
     assert f"{out} is a folder that holds files and is not a bundle" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["finetune", "finetune/precious.txt"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "engines.lora:LoRAError:LoRA file lora.safetensors: not a readable safetensors file",
+        "engines.scorer:DiscriminatorError:discriminator head cls_pred_branch.pt: not a plain tensor dict",
+        "engines.errors:BundleError:unet/diffusion_pytorch_model.safetensors: not a readable safetensors file",
+    ],
+)
+def test_an_engine_s_error_about_its_input_files_is_one_line_exit_1(tmp_path, monkeypatch, capsys, error):
+    """A cut LoRA file or a refused pickled discriminator head came out of `training bundle` as a traceback."""
+    import importlib
+
+    module, name, message = error.split(":", 2)
+    _stage(monkeypatch, getattr(importlib.import_module(module), name)(message))
+    assert cli.main(["toy", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == f"python -m training toy: {message}\n"
