@@ -930,7 +930,7 @@ def plan_build(monkeypatch, tiny_bundle, tmp_path) -> SimpleNamespace:
 
 
 def _build_args(**overrides) -> SimpleNamespace:
-    return SimpleNamespace(**{"command": "tensorrt", "config": None, "buckets": "512", "max_batch_size": 2,
+    return SimpleNamespace(**{"command": "tensorrt", "config": None, "buckets": [512], "max_batch_size": 2,
                               "spanning": False, "plan": None, "timing_cache": None, "workspace_gb": None,
                               "opt_level": 3, **overrides})  # fmt: skip
 
@@ -975,7 +975,7 @@ def test_tensorrt_refuses_before_building_a_plan_from_an_onnx_not_checked_at_its
     assert "not at the served bucket sides [1024]" in capsys.readouterr().err
     with pytest.raises(BundleError, match=r"not at the served bucket sides \[1024\].*--buckets 512,1024"):
         export.cli._build_and_record(
-            _build_args(buckets="512,1024"), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET
+            _build_args(buckets=[512, 1024]), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET
         )
     assert plan_build.plan.read_bytes() == b"the first plan"
 
@@ -1236,3 +1236,63 @@ def test_a_graph_changed_while_its_plan_builds_is_refused_not_recorded_as_the_pl
     with pytest.raises(RuntimeError, match="unet.onnx \\(or its external data\\) changed while the plan was built"):
         build_plan(onnx, plan, [])
     assert not plan.exists()
+
+
+def test_a_file_that_is_not_onnx_is_a_one_line_error_naming_it(tiny_bundle, tmp_path, capsys):
+    """protobuf's DecodeError came out as a traceback naming no file."""
+    import export.cli
+
+    graph = tmp_path / "notonnx.onnx"
+    graph.write_text("not a graph")
+    assert export.cli.main(["verify", "--bundle", str(tiny_bundle.path), "--onnx", str(graph), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {graph} is not an ONNX model (") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["verify", "--tiny", "--cases", "1x32"], "argument --cases: '1x32': BATCHxLATENT_HxLATENT_W, comma-separated"),
+        (["onnx", "--tiny", "--buckets", "abc"], "argument --buckets: 'abc': image sides in pixels, comma-separated"),
+        (["tensorrt", "--tiny", "--buckets", "512,"], "argument --buckets: '512,': image sides in pixels"),
+        (["onnx", "--tiny", "--max-batch", "0"], "argument --max-batch: '0': an integer from 1 to 63"),
+        (["onnx", "--tiny", "--max-batch", "64"], "argument --max-batch: '64': an integer from 1 to 63"),
+        (["onnx", "--tiny", "--opset", "0"], "argument --opset: '0': an integer from 18 to 23"),
+        (["tensorrt", "--tiny", "--max-batch-size", "0"], "argument --max-batch-size: '0': an integer from 1 to 63"),
+    ],
+)
+def test_malformed_or_out_of_range_numbers_are_refused_by_the_parser(capsys, argv, message):
+    """--max-batch 0 and --opset 0 were replaced by the defaults unsaid; --cases 1x32 said "not enough values to
+    unpack" and --buckets abc "invalid literal for int()"."""
+    import export.cli
+
+    with pytest.raises(SystemExit) as exited:
+        export.cli.main([*argv, "--quiet"])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_onnx_command_passes_the_opset_and_max_batch_it_is_given(tiny_bundle, tmp_path, monkeypatch, stub_export):
+    import export.cli
+    import export.onnx_export
+
+    asked = {}
+    exporter = export.onnx_export.export_unet_onnx
+    monkeypatch.setattr(
+        export.onnx_export, "export_unet_onnx", lambda bundle, out, **kw: asked.update(kw) or exporter(bundle, out)
+    )
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--opset", "20", "--max-batch", "63", "--quiet"]) == 0
+    assert asked["opset"] == 20 and asked["max_batch"] == 63
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 0
+    assert asked["opset"] == 18 and asked["max_batch"] == 32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_on_a_cuda_device_the_machine_lacks_says_so_before_opening_the_bundle(tmp_path, capsys):
+    """torch's AssertionError "Torch not compiled with CUDA enabled" came out as a traceback at the first runner."""
+    import export.cli
+
+    assert export.cli.main(["bench", "--bundle", str(tmp_path / "missing"), "--device", "cuda", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: --device cuda: this machine has 0 CUDA device(s); use --device cpu or auto\n"
