@@ -28,6 +28,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
+import safetensors
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
@@ -50,6 +51,7 @@ DISCRIMINATOR_PROMPT_EMBEDS = "discriminator/prompt_embeds.safetensors"
 HASHED_AS_READ = frozenset({UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS, DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS})
 # exported UNets (engines.runners): each file is loaded only by the runner that serves it, from bytes it hashes
 EXPORTS_DIR = "exports"
+RUN_SUMMARY = "summary.json"  # `python -m training bundle` writes its run's record beside the manifest, unlisted
 
 DTypeName = Literal["float32", "float16", "bfloat16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -142,6 +144,22 @@ def recover_folder(final: Path) -> None:
             shutil.rmtree(aside)
         else:
             aside.rename(final)
+
+
+def check_replaceable(path: Path) -> None:
+    """`Bundle.write` replaces the folder at `path` whole, so only a bundle (its manifest.json) or an empty folder
+    (but for a training run's summary.json) is replaced: an --out naming any other folder deleted what it held."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a folder: a bundle is written as a folder")
+    if (path / MANIFEST).is_file():
+        return
+    if any(entry.name != RUN_SUMMARY for entry in path.iterdir()):
+        raise BundleError(
+            f"{path} is a folder that holds files and is not a bundle (no {MANIFEST}): not replaced; "
+            "write the bundle to a new or empty folder"
+        )
 
 
 def _aside(final: Path) -> Path:
@@ -243,7 +261,12 @@ class Bundle:
         return data
 
     def _tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return safetensors.torch.load(self.read(name))
+        """Bytes that match their manifest entry may still not parse (a bundle written with them): a BundleError
+        naming the file, as for any other broken bundle file."""
+        try:
+            return safetensors.torch.load(self.read(name))
+        except safetensors.SafetensorError as exc:
+            raise BundleError(f"{name}: not a readable safetensors file in bundle {self.path} ({exc})") from None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -332,7 +355,8 @@ class Bundle:
     ) -> "Bundle":
         """Save components and a manifest with hashes; the folder is written atomically.
 
-        The new folder is written as NAME.partial and put in place by `replace_folder`.
+        The new folder is written as NAME.partial and put in place by `replace_folder`; a folder already at
+        `path` is replaced only when it is a bundle or empty (`check_replaceable`), else refused before writing.
 
         `discriminator` (LoRA fused) goes with `discriminator_prompt_embeds` = (prompt_embeds,
         pooled_prompt_embeds) of the prompt "" it was trained with.
@@ -344,6 +368,7 @@ class Bundle:
         if staging.exists():
             shutil.rmtree(staging)
         recover_folder(path)
+        check_replaceable(path)
         torch_dtype = DTYPES[dtype]
         tensors = {
             UNET_WEIGHTS: {k: v.to(torch_dtype).contiguous() for k, v in unet.state_dict().items()},
@@ -407,6 +432,11 @@ class Bundle:
             },
         )
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        try:
+            check_replaceable(path)  # again: something may have been put there while the files were written
+        except BundleError:
+            shutil.rmtree(staging)
+            raise
         replace_folder(staging, path)
         return cls(path, manifest)
 

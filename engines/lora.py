@@ -11,11 +11,13 @@ tensors is checked against the file's own keys.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 _KEY_SUFFIXES = {
@@ -49,11 +51,21 @@ class FusedLoRA:
         return dict(self.__dict__)
 
 
+@contextmanager
+def open_lora(path: str | Path) -> Iterator:
+    """`safe_open`, with a file safetensors cannot read (cut short, not safetensors) a LoRAError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise LoRAError(f"LoRA file {path}: not a readable safetensors file ({exc})") from None
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """Group a LoRA file's tensors by target module: {module: {"down", "up", "alpha"?}}."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     source_keys: dict[tuple[str, str], str] = {}
-    with safe_open(str(path), framework="pt") as f:
+    with open_lora(path) as f:
         metadata = f.metadata() or {}
         for key in f.keys():
             module, role = _split_key(key)
@@ -99,7 +111,7 @@ def fuse_lora_file(model: nn.Module, path: str | Path, alpha: float | None = Non
     metadata, else equals the rank (scale 1), which is how the RORem authors trained (alpha = rank).
     """
     groups, metadata = read_lora_file(path)
-    with safe_open(str(path), framework="pt") as f:
+    with open_lora(path) as f:
         tensors_in_file = len(f.keys())
     if not groups:
         raise LoRAError(f"LoRA file {path} holds no tensors")

@@ -41,7 +41,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from engines.jobs import SCORE_SIZE, ScoreJob
-from engines.lora import LoRAError, fuse_lora_file, read_lora_file
+from engines.lora import LoRAError, fuse_lora_file, open_lora, read_lora_file
 from engines.timing import StageClock
 
 if TYPE_CHECKING:
@@ -241,10 +241,11 @@ def check_discriminator_lora(path: str | Path) -> int:
     It must hold one adapter (keys without adapter names), one rank, and target only the attention
     projections (to_q, to_k, to_v, to_out.0) of the down and mid blocks.
     """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+    try:
+        with open_lora(path) as f:
+            keys = list(f.keys())
+    except LoRAError as exc:
+        raise DiscriminatorError(f"discriminator {exc}") from None
     named = sorted({m.group(1) or m.group(2) for k in keys if (m := _ADAPTER_NAMED_KEY.search(k))})
     if named:
         raise DiscriminatorError(

@@ -40,11 +40,50 @@ def _bundle_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _int_in(low: int, high: int):
+    """An argparse type: an integer from low to high."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{value!r}: an integer from {low} to {high}")
+        return number
+
+    return parse
+
+
+def _sides(value: str) -> list[int]:
+    """--buckets: image sides in pixels."""
+    try:
+        sides = [int(side) for side in value.split(",")]
+    except ValueError:
+        sides = []
+    if not sides or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: image sides in pixels, comma-separated, e.g. 512,1024")
+    return sides
+
+
+def _cases(value: str) -> tuple[tuple[int, int, int], ...]:
+    """--cases: BATCHxLATENT_HxLATENT_W, comma-separated."""
+    try:
+        cases = tuple(tuple(int(v) for v in case.split("x")) for case in value.split(","))
+    except ValueError:
+        cases = ()
+    if not cases or any(len(case) != 3 or min(case) < 1 for case in cases):
+        raise argparse.ArgumentTypeError(f"{value!r}: BATCHxLATENT_HxLATENT_W, comma-separated, e.g. 1x32x32,3x64x64")
+    return cases
+
+
 def _dtype_arg(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16"], default=default)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from export.onnx_export import BATCH_LIMIT, DEFAULT_OPSET, MAX_BATCH, OPSETS
+
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -52,28 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     _bundle_args(onnx)
     _dtype_arg(onnx, "float32")
     onnx.add_argument("--out", help="output .onnx (default <bundle>/exports/unet.fp32.onnx / unet.fp16.onnx)")
-    onnx.add_argument("--opset", type=int, default=None)
+    onnx.add_argument("--opset", type=_int_in(OPSETS[0], OPSETS[-1]), default=DEFAULT_OPSET, help="default %(default)s")
     onnx.add_argument("--static", action="store_true", help="fixed shapes (batch 2, latent 64x64)")
-    onnx.add_argument("--max-batch", type=int, default=None)
+    onnx.add_argument(
+        "--max-batch", type=_int_in(1, BATCH_LIMIT), default=MAX_BATCH, help="the graph's largest batch (%(default)s)"
+    )
     onnx.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     onnx.add_argument(
         "--verify", action=argparse.BooleanOptionalAction, default=True,
         help="the ONNX Runtime parity check before the export replaces the current one (--no-verify: recorded "
         "unchecked, which serving refuses until `python -m export verify` passes)",
     )  # fmt: skip
-    onnx.add_argument("--buckets", help="image sides also checked, e.g. 512,1024 (default: the Serve config's)")
+    onnx.add_argument(
+        "--buckets", type=_sides, help="image sides also checked, e.g. 512,1024 (default: the Serve config's)"
+    )
 
     verify = sub.add_parser("verify", help="ONNX Runtime vs torch on the same inputs")
     _bundle_args(verify)
     _dtype_arg(verify, "float32")
     verify.add_argument("--onnx", help="another .onnx to check, not recorded (default: the bundle's export of --dtype)")
     verify.add_argument(
-        "--cases", help="BATCHxLATENT_HxLATENT_W, comma-separated (default 1x32x32,3x64x64 and 1 image at each "
+        "--cases", type=_cases,
+        help="BATCHxLATENT_HxLATENT_W, comma-separated (default 1x32x32,3x64x64 and 1 image at each "
         "side of --buckets or the Serve config's buckets and at each side the bundle's record was checked at, so "
         "a record never loses a side; cases that leave one of those out are checked, not recorded)",
     )  # fmt: skip
     verify.add_argument(
-        "--buckets",
+        "--buckets", type=_sides,
         help="image sides, e.g. 512,1024, checked besides those the record lists (default: the Serve config's)",
     )
     verify.add_argument("--max-abs", type=float, default=None, help="tolerance override")
@@ -100,9 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _trt_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--buckets", help="image sides, e.g. 512,1024 (default: the Serve config's)")
+    from export.onnx_export import BATCH_LIMIT
+
+    parser.add_argument("--buckets", type=_sides, help="image sides, e.g. 512,1024 (default: the Serve config's)")
     parser.add_argument(
-        "--max-batch-size", type=int, help="every bucket's (default: the Serve config's, batching.per_bucket included)"
+        "--max-batch-size", type=_int_in(1, BATCH_LIMIT),
+        help="every bucket's (default: the Serve config's, batching.per_bucket included)",
     )
     parser.add_argument("--spanning", action="store_true", help="one profile over all buckets instead of one each")
     parser.add_argument("--plan", help="output plan (default <bundle>/exports/unet.fp16.smXY.plan)")
@@ -154,7 +201,6 @@ def _open_bundle(args, progress: Progress):
 
 def _cmd_onnx(args, progress: Progress) -> int:
     from export.manifest import export_and_record_onnx
-    from export.onnx_export import DEFAULT_OPSET, MAX_BATCH
 
     bundle = _open_bundle(args, progress)
     path, record = export_and_record_onnx(
@@ -164,9 +210,9 @@ def _cmd_onnx(args, progress: Progress) -> int:
         verify=args.verify,
         buckets=_serve_buckets(args),
         progress=progress,
-        opset=args.opset or DEFAULT_OPSET,
+        opset=args.opset,
         dynamic=not args.static,
-        max_batch=args.max_batch or MAX_BATCH,
+        max_batch=args.max_batch,
         exporter=args.exporter,
     )
     _summary(progress, path, record)
@@ -193,10 +239,7 @@ def _cmd_verify(args, progress: Progress) -> int:
         record, export = recorded_export(bundle, "onnx", args.dtype, buckets=served)
         path = export.path
     required = cases_for_graph(path, served if record is None else sides_to_check(bundle, args.dtype, served))
-    if args.cases:
-        cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
-    else:
-        cases = required
+    cases = args.cases or required
     report = verify_onnx(
         path, bundle.load_unet(), cases=cases, max_abs=args.max_abs, mean_abs=args.mean_abs, progress=progress,
         sequence_length=bundle.manifest.architecture.prompt.sequence_length,
@@ -264,7 +307,7 @@ def _cmd_all(args, progress: Progress) -> int:
 def _serve_buckets(args) -> list[int]:
     """The image sides the service runs: --buckets, else the Serve config's, else none known."""
     if getattr(args, "buckets", None):
-        return [int(side) for side in args.buckets.split(",")]
+        return list(args.buckets)
     if args.config:
         from export.tensorrt_build import load_serve_settings
 
@@ -307,8 +350,8 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
     import torch
 
     from engines.bundle import sha256_of
-    from engines.runners import export_filename
-    from export.manifest import check_plan_source, record_plan
+    from engines.runners import export_filename, export_key, plan_sidecar
+    from export.manifest import check_output_paths, check_plan_source, record_plan
     from export.staging import staging_folder
     from export.tensorrt_build import build_plan, onnx_static_dims, profiles_from_serve_config
 
@@ -329,6 +372,9 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
         plan_path = onnx_path.with_name(onnx_path.stem + f".sm{cc.replace('.', '')}.plan")
     cache = Path(args.timing_cache) if args.timing_cache else plan_path.with_name(f"timing.sm{cc.replace('.', '')}.cache")
     options = {"timing_cache_path": cache, "workspace_gb": args.workspace_gb, "optimization_level": args.opt_level}
+    if bundle is not None:
+        key = export_key("tensorrt", dtype, cc)
+        check_output_paths(bundle.path, key, [plan_path, plan_sidecar(plan_path), cache])  # before the build
     if bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve()):
         check_plan_source(bundle, sha256_of(onnx_path), dtype, list(shape))  # before minutes of building, not after
         with staging_folder(plan_path.parent) as staging:
@@ -362,7 +408,9 @@ def _cmd_bench(args, progress: Progress) -> int:
 
     from engines.jobs import RemovalJob
     from engines.remover import RemovalEngine
+    from serve.placement import available_device
 
+    device = available_device(args.device)  # before the bundle is opened, not at the first runner
     bundle = _open_bundle(args, progress)
     side = args.side
     image = _photo(side)
@@ -372,7 +420,7 @@ def _cmd_bench(args, progress: Progress) -> int:
     results, outputs = {}, {}
     for kind in args.runners.split(","):
         with progress.stage(f"{kind} runner: warm-up + {args.runs} runs of {args.batch} x {side} px"):
-            engine = RemovalEngine.from_bundle(bundle, device=args.device, runner=kind, buckets=[side])
+            engine = RemovalEngine.from_bundle(bundle, device=device, runner=kind, buckets=[side])
             engine.remove(jobs)
             totals, stages = [], []
             for _ in range(args.runs):
@@ -390,7 +438,7 @@ def _cmd_bench(args, progress: Progress) -> int:
     for kind in outputs:
         diff = np.abs(np.stack(outputs[kind]).astype(int) - np.stack(outputs[first]))
         results[kind][f"vs_{first}_max_diff"] = int(diff.max())
-    progress.say(f"torch threads {torch.get_num_threads()}, device {args.device}")
+    progress.say(f"torch threads {torch.get_num_threads()}, device {device}")
     columns = list(next(iter(results.values())))
     print("runner    " + "  ".join(f"{c:>18}" for c in columns))
     for kind, row in results.items():

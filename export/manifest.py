@@ -37,12 +37,12 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from filelock import FileLock
 
-from engines.bundle import MANIFEST, UNET_WEIGHTS, Bundle, BundleError, FileEntry, Manifest, sha256_of
+from engines.bundle import EXPORTS_DIR, MANIFEST, UNET_WEIGHTS, Bundle, BundleError, FileEntry, Manifest, sha256_of
 from engines.runners import current_export, export_command, export_key, verified_sides
 from export.progress import QUIET, Progress
 from export.staging import staging_folder
@@ -50,6 +50,32 @@ from export.staging import staging_folder
 
 def manifest_lock(bundle_path: Path) -> FileLock:
     return FileLock(str(bundle_path.with_name(bundle_path.name + ".manifest.lock")))
+
+
+def check_output_paths(
+    bundle_path: str | Path, key: str, paths: Sequence[Path], manifest: Manifest | None = None
+) -> None:
+    """Refuse an output of the `key` export inside the bundle folder but outside exports/ (over the weights or the
+    manifest), or over a file of another export's record: `--out` or `--plan` naming one replaced the bundle's
+    own files. Outputs outside the bundle folder are not its business."""
+    root = Path(bundle_path).resolve()
+    manifest = manifest or Manifest.model_validate_json((root / MANIFEST).read_text())
+    records = manifest.provenance.get("exports", {})
+    owners = {name: k for k, r in records.items() if isinstance(r, dict) for name in r.get("files", [])}
+    for path in map(Path, paths):
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            continue
+        name = resolved.relative_to(root).as_posix()
+        parts = PurePosixPath(name).parts
+        if len(parts) < 2 or parts[0] != EXPORTS_DIR:
+            raise ValueError(
+                f"{path}: inside the bundle folder {root} exports are written under {EXPORTS_DIR}/, "
+                "never over the bundle's own files"
+            )
+        owner = owners.get(name, key)  # a listed export no record owns (its record lost) is this one's to replace
+        if owner != key:
+            raise ValueError(f"{path} is a file of the bundle's {owner} export: not overwritten by the {key} export")
 
 
 def record_export(
@@ -85,6 +111,7 @@ def record_export(
         relative.append(file.relative_to(path).as_posix())
     with manifest_lock(path):
         manifest = Manifest.model_validate_json((path / MANIFEST).read_text())  # re-read under the lock
+        check_output_paths(path, key, [path / name for name in relative], manifest)
         unet_sha256 = manifest.files[UNET_WEIGHTS].sha256
         if made_from != unet_sha256:
             raise BundleError(
@@ -170,6 +197,7 @@ def export_and_record_onnx(
 
     buckets = sides_to_check(bundle, dtype, buckets)
     out_path = Path(out_path) if out_path else bundle.path / export_filename("onnx", dtype)
+    check_output_paths(bundle.path, export_key("onnx", dtype), [out_path, out_path.with_name(out_path.name + ".data")])
     if verify and not export_options.get("dynamic", True):
         static_cases(out_path, EXAMPLE_SHAPE, buckets)  # before minutes of exporting, not after
     with staging_folder(out_path.parent) as staging:

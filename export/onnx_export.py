@@ -31,7 +31,9 @@ from export.staging import staging_folder
 # torchlib implements opset 18 natively (no version conversion). At 20, GELU becomes the opset-20
 # `Gelu` op; at 18 it is Erf arithmetic, which every TensorRT 10/11 parser reads (and fuses).
 DEFAULT_OPSET = 18
+OPSETS = range(18, 24)  # below 18 torch converts versions, which may keep 18 unsaid; 23 is its exporter's latest
 MAX_BATCH = 32  # torch.export proves batch <= 63 for this UNet; 32 covers Serve's max_batch_size defaults
+BATCH_LIMIT = 63
 MAX_LATENT = 256  # latent side 256 = 2048 px images
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB for the whole file: go external well before
 METADATA_PREFIX = "rorem."
@@ -276,11 +278,21 @@ def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
     onnx.save(proto, str(path))  # external tensors stay where they are (not loaded, not rewritten)
 
 
+def read_graph(path: str | Path):
+    """The ONNX model at `path` without its external weights; a file that is not one is a ValueError naming it
+    (protobuf's DecodeError names neither)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except DecodeError as exc:
+        raise ValueError(f"{path} is not an ONNX model ({exc})") from None
+
+
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The export metadata written by export_unet_onnx (without loading the weights)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = read_graph(path)
     return {
         p.key.removeprefix(METADATA_PREFIX): json.loads(p.value)
         for p in proto.metadata_props

@@ -97,9 +97,9 @@ def load_serve_settings(config_path: str | Path, app: str | None = None):
 
 def onnx_static_dims(onnx_path: str | Path) -> dict[str, int]:
     """in_channels, sequence_length, embed_dim, pooled_dim as the exported graph fixes them."""
-    import onnx
+    from export.onnx_export import read_graph
 
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = read_graph(onnx_path)
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     return {
         "in_channels": shapes["sample"][1],
@@ -156,6 +156,7 @@ def build_plan(
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: always strongly typed
     network = builder.create_network(0 if flag is None else 1 << int(flag))
     parser = trt.OnnxParser(network, logger)
+    graph = _graph_sha256(onnx_path)  # before the parser reads it: the plan is recorded as built from these bytes
     with progress.stage(f"parse {onnx_path.name}") as stage:
         if not parser.parse_from_file(str(onnx_path)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -185,6 +186,11 @@ def build_plan(
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build a plan from {onnx_path} (see the log above)")
     build_seconds = time.perf_counter() - started
+    if _graph_sha256(onnx_path) != graph:
+        raise RuntimeError(
+            f"{onnx_path} (or its external data) changed while the plan was built from it (exported again?): "
+            "the plan is not written; build it again"
+        )
     data = bytes(serialized)
     _atomic_write(plan_path, data)
     if timing_cache_path:
@@ -198,7 +204,7 @@ def build_plan(
         compute_capability="%d.%d" % torch.cuda.get_device_capability(device),
         profiles=[p.to_json() for p in profiles],
         onnx=onnx_path.name,
-        onnx_sha256=sha256_of(onnx_path),
+        onnx_sha256=graph[onnx_path.name],
         strongly_typed=True,
         builder_optimization_level=optimization_level,
         workspace_gb=workspace_gb,
@@ -209,6 +215,13 @@ def build_plan(
     )
     _atomic_write(plan_sidecar(plan_path), json.dumps(info.to_json(), indent=2).encode())
     return info
+
+
+def _graph_sha256(onnx_path: Path) -> dict[str, str]:
+    """The sha256 of the graph and of its external data, by file name."""
+    from export.onnx_export import onnx_files
+
+    return {file.name: sha256_of(file) for file in onnx_files(onnx_path)}
 
 
 def _build_monitor(trt, progress: Progress):

@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from engines.runners import UNET_INPUTS, UNET_OUTPUT, VAE_FACTOR
-from export.onnx_export import FlatUNet, example_inputs, read_onnx_metadata
+from export.onnx_export import FlatUNet, example_inputs, read_graph, read_onnx_metadata
 from export.progress import QUIET, Progress
 
 TOLERANCES = {
@@ -41,11 +41,9 @@ def cases_for_buckets(buckets: Sequence[int] = ()) -> tuple[tuple[int, int, int]
 def cases_for_graph(onnx_path: str | Path, buckets: Sequence[int] = ()) -> tuple[tuple[int, int, int], ...]:
     """`cases_for_buckets`, or for a static graph (`--static`: one batch and latent size) that one shape, which
     it cannot be run at another: a bucket side other than its own is refused, not checked."""
-    from google.protobuf.message import DecodeError
-
     try:
         metadata = read_onnx_metadata(onnx_path)
-    except (OSError, DecodeError):
+    except (OSError, ValueError):
         metadata = {}  # not readable as ONNX: the check itself says so
     if (metadata.get("dynamic") or {}).get("batch") is not None:
         return cases_for_buckets(buckets)
@@ -160,9 +158,7 @@ def _reference_unet(unet: UNet2DConditionModel, graph_dtype: torch.dtype) -> UNe
 
 
 def _graph_dtype(path: Path) -> str:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = read_graph(path)
     sample = next(i for i in proto.graph.input if i.name == "sample")
     return "float16" if sample.type.tensor_type.elem_type == 10 else "float32"
 

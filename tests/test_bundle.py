@@ -315,3 +315,30 @@ def test_a_missing_weight_file_with_verify_off_is_a_bundle_error_naming_it(tiny_
     bundle = Bundle.load(copy, verify=False)
     with pytest.raises(BundleError, match=f"{VAE_WEIGHTS}: missing from bundle {copy}"):
         bundle.load_vae()
+
+
+def test_a_write_over_a_folder_that_is_not_a_bundle_is_refused_and_leaves_it(tiny_bundle, tmp_path):
+    """Bundle.write replaced whatever folder was at its path: `training bundle --out runs` deleted the runs."""
+    runs = tmp_path / "runs"
+    (runs / "finetune").mkdir(parents=True)
+    (runs / "finetune" / "weights.bin").write_text("weeks of training")
+    with pytest.raises(BundleError, match=f"{runs} is a folder that holds files and is not a bundle"):
+        _rewrite(tiny_bundle, runs, "new")
+    assert (runs / "finetune" / "weights.bin").read_text() == "weeks of training"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"], "nothing left behind"
+    (tmp_path / "empty").mkdir()
+    assert Bundle.load(_rewrite(tiny_bundle, tmp_path / "empty", "new").path).manifest.name == "new"
+    assert Bundle.load(_rewrite(tiny_bundle, tmp_path / "empty", "newer").path).manifest.name == "newer"
+
+
+def test_a_listed_file_that_does_not_parse_is_a_bundle_error_naming_it(tiny_bundle, tmp_path):
+    """Bytes that match their manifest entry but are no safetensors file (a bundle written with them) raised
+    safetensors' own error: a traceback from the export CLI, and not a BundleError in a serving replica."""
+    from engines.bundle import sha256_of
+
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    (copy / PROMPT_EMBEDS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    entry = {"sha256": sha256_of(copy / PROMPT_EMBEDS), "bytes": (copy / PROMPT_EMBEDS).stat().st_size}
+    _edit_manifest(copy, lambda m: m["files"].update({PROMPT_EMBEDS: entry}))
+    with pytest.raises(BundleError, match=f"{PROMPT_EMBEDS}: not a readable safetensors file in bundle {copy}"):
+        Bundle.load(copy, verify=True).load_prompt_embeds()

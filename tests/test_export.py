@@ -930,7 +930,7 @@ def plan_build(monkeypatch, tiny_bundle, tmp_path) -> SimpleNamespace:
 
 
 def _build_args(**overrides) -> SimpleNamespace:
-    return SimpleNamespace(**{"command": "tensorrt", "config": None, "buckets": "512", "max_batch_size": 2,
+    return SimpleNamespace(**{"command": "tensorrt", "config": None, "buckets": [512], "max_batch_size": 2,
                               "spanning": False, "plan": None, "timing_cache": None, "workspace_gb": None,
                               "opt_level": 3, **overrides})  # fmt: skip
 
@@ -975,7 +975,7 @@ def test_tensorrt_refuses_before_building_a_plan_from_an_onnx_not_checked_at_its
     assert "not at the served bucket sides [1024]" in capsys.readouterr().err
     with pytest.raises(BundleError, match=r"not at the served bucket sides \[1024\].*--buckets 512,1024"):
         export.cli._build_and_record(
-            _build_args(buckets="512,1024"), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET
+            _build_args(buckets=[512, 1024]), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET
         )
     assert plan_build.plan.read_bytes() == b"the first plan"
 
@@ -1123,3 +1123,176 @@ def test_two_builds_writing_one_timing_cache_at_once_both_finish(tmp_path):
         thread.join()
     assert errors == [] and len(set(path.read_bytes())) == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left"
+
+
+@pytest.mark.parametrize("out", [UNET_WEIGHTS, MANIFEST, "exports/unet.fp16.onnx"], ids=["weights", "manifest", "fp16"])
+def test_an_onnx_out_over_the_bundles_own_files_is_refused_before_exporting(
+    tiny_bundle, tmp_path, capsys, monkeypatch, out
+):
+    """--out only had to be inside the bundle folder: the graph replaced the UNet weights or manifest.json."""
+    import export.cli
+    import export.onnx_export
+
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path, "float16")
+    before = (copy / out).read_bytes()
+    monkeypatch.setattr(export.onnx_export, "export_unet_onnx", lambda *a, **k: pytest.fail("exported"))
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(copy / out), "--no-verify", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {copy / out}") and len(err.strip().splitlines()) == 1
+    assert (copy / out).read_bytes() == before
+    Bundle.load(copy, verify=True).load_unet()
+    assert current_export(Bundle.load(copy), "onnx", "float16").path == copy / "exports/unet.fp16.onnx"
+
+
+@pytest.mark.parametrize("flag, out", [("plan", UNET_WEIGHTS), ("plan", MANIFEST), ("timing_cache", MANIFEST)])
+def test_a_plan_or_timing_cache_over_the_bundles_own_files_is_refused_before_building(plan_build, flag, out):
+    from export.cli import _build_and_record
+    from export.progress import QUIET
+
+    plan_build.during = lambda: pytest.fail("the plan was built")
+    before = (plan_build.bundle / out).read_bytes()
+    args = _build_args(**{flag: str(plan_build.bundle / out)})
+    with pytest.raises(ValueError, match="never over the bundle's own files"):
+        _build_and_record(args, Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET)
+    assert (plan_build.bundle / out).read_bytes() == before
+    Bundle.load(plan_build.bundle, verify=True).load_unet()
+
+
+def test_a_file_of_another_export_is_not_recorded_over_by_record_export(tiny_bundle, tmp_path):
+    from export.manifest import record_export
+
+    copy, fp16 = _bundle_with_onnx(tiny_bundle, tmp_path, "float16")
+    with pytest.raises(ValueError, match="is a file of the bundle's onnx.float16 export"):
+        record_export(copy, "onnx.float32", [fp16], {"kind": "onnx"}, made_from=_unet_sha256(copy))
+    assert current_export(Bundle.load(copy, verify=True), "onnx", "float16").path == fp16
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch) -> SimpleNamespace:
+    """A `tensorrt` module and a GPU stubbed, enough for build_plan: the parser notes the sha256 of the file it
+    reads; `during` runs inside the build."""
+    import hashlib
+    import types
+
+    seen = SimpleNamespace(parsed=None, during=lambda: None)
+
+    class Parser:
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            seen.parsed = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return SimpleNamespace(num_layers=1)
+
+        def create_builder_config(self):
+            cache = SimpleNamespace(serialize=lambda: b"cache")
+            return SimpleNamespace(create_timing_cache=lambda data: cache, set_timing_cache=lambda *a, **k: None,
+                                   add_optimization_profile=lambda p: None, get_timing_cache=lambda: cache)  # fmt: skip
+
+        def create_optimization_profile(self):
+            return SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_serialized_network(self, network, config):
+            seen.during()
+            return b"a plan"
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "stub"
+    trt.Logger = type("Logger", (), {"WARNING": 0, "__init__": lambda self, *a: None})
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    return seen
+
+
+@pytest.mark.parametrize("changed", ["unet.onnx", "unet.onnx.data"])
+def test_a_graph_changed_while_its_plan_builds_is_refused_not_recorded_as_the_plans_source(
+    fake_tensorrt, tmp_path, changed
+):
+    """The ONNX was hashed after the build: a graph exported again meanwhile was recorded as the plan's source,
+    and serving took the plan built from the old one as built from the new one."""
+    from engines.bundle import sha256_of
+    from export.tensorrt_build import build_plan
+
+    onnx, plan = tmp_path / "unet.onnx", tmp_path / "unet.plan"
+    onnx.write_bytes(b"the graph")
+    (tmp_path / "unet.onnx.data").write_bytes(b"its weights")
+    info = build_plan(onnx, plan, [])
+    assert info.onnx_sha256 == sha256_of(onnx) == fake_tensorrt.parsed
+    plan.unlink()
+
+    fake_tensorrt.during = lambda: (tmp_path / changed).write_bytes(b"exported again")
+    with pytest.raises(RuntimeError, match="unet.onnx \\(or its external data\\) changed while the plan was built"):
+        build_plan(onnx, plan, [])
+    assert not plan.exists()
+
+
+def test_a_file_that_is_not_onnx_is_a_one_line_error_naming_it(tiny_bundle, tmp_path, capsys):
+    """protobuf's DecodeError came out as a traceback naming no file."""
+    import export.cli
+
+    graph = tmp_path / "notonnx.onnx"
+    graph.write_text("not a graph")
+    assert export.cli.main(["verify", "--bundle", str(tiny_bundle.path), "--onnx", str(graph), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {graph} is not an ONNX model (") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["verify", "--tiny", "--cases", "1x32"], "argument --cases: '1x32': BATCHxLATENT_HxLATENT_W, comma-separated"),
+        (["onnx", "--tiny", "--buckets", "abc"], "argument --buckets: 'abc': image sides in pixels, comma-separated"),
+        (["tensorrt", "--tiny", "--buckets", "512,"], "argument --buckets: '512,': image sides in pixels"),
+        (["onnx", "--tiny", "--max-batch", "0"], "argument --max-batch: '0': an integer from 1 to 63"),
+        (["onnx", "--tiny", "--max-batch", "64"], "argument --max-batch: '64': an integer from 1 to 63"),
+        (["onnx", "--tiny", "--opset", "0"], "argument --opset: '0': an integer from 18 to 23"),
+        (["tensorrt", "--tiny", "--max-batch-size", "0"], "argument --max-batch-size: '0': an integer from 1 to 63"),
+    ],
+)
+def test_malformed_or_out_of_range_numbers_are_refused_by_the_parser(capsys, argv, message):
+    """--max-batch 0 and --opset 0 were replaced by the defaults unsaid; --cases 1x32 said "not enough values to
+    unpack" and --buckets abc "invalid literal for int()"."""
+    import export.cli
+
+    with pytest.raises(SystemExit) as exited:
+        export.cli.main([*argv, "--quiet"])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_onnx_command_passes_the_opset_and_max_batch_it_is_given(tiny_bundle, tmp_path, monkeypatch, stub_export):
+    import export.cli
+    import export.onnx_export
+
+    asked = {}
+    exporter = export.onnx_export.export_unet_onnx
+    monkeypatch.setattr(
+        export.onnx_export, "export_unet_onnx", lambda bundle, out, **kw: asked.update(kw) or exporter(bundle, out)
+    )
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--opset", "20", "--max-batch", "63", "--quiet"]) == 0
+    assert asked["opset"] == 20 and asked["max_batch"] == 63
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 0
+    assert asked["opset"] == 18 and asked["max_batch"] == 32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_on_a_cuda_device_the_machine_lacks_says_so_before_opening_the_bundle(tmp_path, capsys):
+    """torch's AssertionError "Torch not compiled with CUDA enabled" came out as a traceback at the first runner."""
+    import export.cli
+
+    assert export.cli.main(["bench", "--bundle", str(tmp_path / "missing"), "--device", "cuda", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: --device cuda: this machine has 0 CUDA device(s); use --device cpu or auto\n"

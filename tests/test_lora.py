@@ -82,3 +82,16 @@ def test_two_keys_for_the_same_tensor_are_refused_not_one_dropped(tmp_path):
     with pytest.raises(LoRAError, match=collision):
         fuse_lora_file(model, path)
     assert torch.count_nonzero(model.lin.weight) == 0, "nothing is fused from a refused file"
+
+
+@pytest.mark.parametrize("size", [0, 7, 500])
+def test_a_lora_file_cut_short_is_a_lora_error_naming_it(tiny_layout, tmp_path, size):
+    """safetensors' own error names no file, and `training bundle` printed it as a traceback."""
+    from engines.scorer import DiscriminatorError, check_discriminator_lora
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(tiny_layout.lcm_lora, "rb").read()[:size])
+    with pytest.raises(LoRAError, match=f"LoRA file {cut}: not a readable safetensors file"):
+        fuse_lora_file(UNet2DConditionModel.from_pretrained(tiny_layout.unet), cut)
+    with pytest.raises(DiscriminatorError, match=f"discriminator LoRA file {cut}: not a readable safetensors file"):
+        check_discriminator_lora(cut)

@@ -86,3 +86,34 @@ def test_device_cuda_without_cuda_is_a_settings_error():
     with pytest.raises(SettingsError, match="0 CUDA device"):
         training_device("cuda")
     assert training_device("auto") == torch.device("cpu")
+
+
+def test_bundle_out_naming_a_folder_that_is_not_a_bundle_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """The bundle replaced the folder at --out whole: a training run's folder given as --out was deleted."""
+    out = tmp_path / "runs"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "precious.txt").write_text("weeks of training")
+    argv = ["bundle", "--base", "tiny", "--unet", str(tmp_path / "unet"), "--lcm-lora", str(tmp_path / "lora"),
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is a folder that holds files and is not a bundle" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["finetune", "finetune/precious.txt"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "engines.lora:LoRAError:LoRA file lora.safetensors: not a readable safetensors file",
+        "engines.scorer:DiscriminatorError:discriminator head cls_pred_branch.pt: not a plain tensor dict",
+        "engines.errors:BundleError:unet/diffusion_pytorch_model.safetensors: not a readable safetensors file",
+    ],
+)
+def test_an_engine_s_error_about_its_input_files_is_one_line_exit_1(tmp_path, monkeypatch, capsys, error):
+    """A cut LoRA file or a refused pickled discriminator head came out of `training bundle` as a traceback."""
+    import importlib
+
+    module, name, message = error.split(":", 2)
+    _stage(monkeypatch, getattr(importlib.import_module(module), name)(message))
+    assert cli.main(["toy", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == f"python -m training toy: {message}\n"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from training.checkpoint import weights_sha256
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, resolve_base, resolve_part
@@ -44,6 +44,19 @@ class BundleStageSettings(StageSettings):
         False, description="fuse the LCM LoRA into a UNet other than the teacher its distill run was trained against"
     )
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where base 'tiny' is generated")
+
+    @field_validator("out")
+    @classmethod
+    def _out_is_replaceable(cls, out: Path) -> Path:
+        """Refused before the run marks it (summary.json) and before minutes of fusing: the bundle replaces the
+        folder whole, so it must be new, empty or a bundle."""
+        from engines.bundle import BundleError, check_replaceable
+
+        try:
+            check_replaceable(Path(out).expanduser())
+        except BundleError as exc:
+            raise ValueError(str(exc)) from None
+        return out
 
 
 def assemble(settings: BundleStageSettings) -> dict:

@@ -118,10 +118,13 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
-def _is_bundle_error(exc: Exception) -> bool:
-    """engines.bundle (and with it diffusers) is imported only by the stages that need it."""
-    module = sys.modules.get("engines.bundle")
-    return module is not None and isinstance(exc, module.BundleError)
+# the engines' errors about their inputs (a broken bundle, LoRA or discriminator file), by module and name
+INPUT_ERRORS = {"engines.errors": "BundleError", "engines.lora": "LoRAError", "engines.scorer": "DiscriminatorError"}
+
+
+def _is_input_error(exc: BaseException) -> bool:
+    """The engines (and with them diffusers) are imported only by the stages that need them."""
+    return any(isinstance(exc, getattr(sys.modules[m], name)) for m, name in INPUT_ERRORS.items() if m in sys.modules)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, DatasetError):
             print(f"python -m training {args.stage}: bad data: {exc}", file=sys.stderr)
             return 1
-        if not isinstance(exc, (TrainingError, FileNotFoundError)) and not _is_bundle_error(exc):
+        if not isinstance(exc, (TrainingError, FileNotFoundError)) and not _is_input_error(exc):
             raise
         print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
         return 1

@@ -128,17 +128,12 @@ def make_accelerator(settings: TrainSettings):
 def training_device(name: str) -> torch.device:
     """The device of evaluate / annotate ("auto" | "cpu" | "cuda[:N]"), checked before anything is loaded:
     a CUDA device on a machine without it fails later with a bare AssertionError."""
-    from serve.placement import pick_device
+    from serve.placement import available_device
 
     try:
-        device = pick_device(name)
-    except RuntimeError as exc:  # torch.device("gpu"): not a device name
-        raise SettingsError(f"--device {name}: {exc}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count or (device.index or 0) >= count:
-            raise SettingsError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu or auto")
-    return device
+        return available_device(name)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def resolve_base(ref: str, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
