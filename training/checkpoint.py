@@ -37,11 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic_core import to_jsonable_python
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engines.bundle import replace_folder
-from training.common import TrainingError, TrainSettings
+from training.common import TrainingError, TrainSettings, readable_as_any_file
 
 PREFIX = "step-"
 SET_ASIDE = "set-aside-"
@@ -225,25 +226,34 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write step-NNNNNNN (every process writes its RNG state; the main process the rest)."""
+    """Write step-NNNNNNN (every process writes its RNG state; the main process the rest). A write that fails (a full
+    disk) removes the staging folder, which would fill the disk further, and raises a TrainingError."""
     root = Path(out) / "checkpoints"
     final = root / f"{PREFIX}{step:07d}"
     staging = root / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), staging / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), str(staging / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
-        extra = dict(extra or {})
-        if accelerator.scaler is not None:
-            extra["grad_scaler"] = accelerator.scaler.state_dict()
-        torch.save(extra, staging / "extra.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+    try:
+        if accelerator.is_main_process:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file(trainable_state(accelerator.unwrap_model(model)), str(staging / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
+            extra = dict(extra or {})
+            if accelerator.scaler is not None:
+                extra["grad_scaler"] = accelerator.scaler.state_dict()
+            torch.save(extra, staging / "extra.pt")
+            (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+            readable_as_any_file(staging)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingError(
+            f"checkpoint write failed: {exc} (writing {final}; the newest complete checkpoint is still good)"
+        ) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_folder(staging, final)

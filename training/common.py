@@ -284,15 +284,35 @@ def mark_run(out: str | Path, stage: str, settings: StageSettings, error: BaseEx
             data = {}
         if data.get("status") != "running" or data.get("stage") != stage:  # not this run's: failed before it
             data = {"stage": stage, "config": json.loads(settings.model_dump_json())}
-        data.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now())
+        data.update(status="failed", error=describe_error(error), finished_at=_now())
     _write_summary(path, data)
+
+
+def describe_error(error: BaseException) -> str:
+    """The summary's `error`: a Ctrl-C (KeyboardInterrupt) says where it stopped the run, not "KeyboardInterrupt: "."""
+    if isinstance(error, KeyboardInterrupt):
+        return str(error) or "interrupted"
+    return f"{type(error).__name__}: {error}"
 
 
 def _write_summary(path: Path, data: dict) -> None:
     """Whole or not at all; allow_nan=False: a bare NaN is no JSON (bundle and compare would read it as a number)."""
     tmp = path.with_name(SUMMARY + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=False))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk left an empty summary.json.partial
+        raise
+
+
+def readable_as_any_file(folder: str | Path) -> None:
+    """safetensors' save_file writes 0600, where torch.save and config.json get 0666 less the umask: weights trained
+    by one uid could not be read by the serving one. Every .safetensors under folder gets the mode of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(folder).rglob("*.safetensors"):
+        file.chmod(0o666 & ~umask)
 
 
 def _now() -> str:
