@@ -5,9 +5,11 @@ CUDA device without a GPU) exit 2, "invalid settings", not 1, which `compare` us
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+from filelock import FileLock
 
 from training import cli
 from training.common import SettingsError, StageSettings, TrainingError, read_summary, resolve_part
@@ -23,6 +25,18 @@ def _stage(monkeypatch, fails):
 
     monkeypatch.setattr(cli, "_stages", lambda: {"toy": (StageSettings, run, "a stage that fails")})
     return seen
+
+
+def _runs(monkeypatch):
+    """A stage named "toy" that records that it ran and completes."""
+    ran = []
+
+    def run(settings):
+        ran.append(settings.out)
+        return {}
+
+    monkeypatch.setattr(cli, "_stages", lambda: {"toy": (StageSettings, run, "a stage")})
+    return ran
 
 
 def _completed_before(out, stage="toy"):
@@ -56,7 +70,7 @@ def test_a_settings_error_exits_2(tmp_path, monkeypatch, capsys):
     _stage(monkeypatch, SettingsError("no GPU here"))
     assert cli.main(["toy", "--out", str(tmp_path / "run")]) == 2
     assert "invalid settings: no GPU here" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()  # an --out not there is left to the stage to make
+    assert read_summary(tmp_path / "run")["status"] == "failed"  # --out is made before the stage runs
 
 
 @pytest.mark.parametrize("stage", ["finetune", "distill", "discriminator"])
@@ -86,3 +100,62 @@ def test_device_cuda_without_cuda_is_a_settings_error():
     with pytest.raises(SettingsError, match="0 CUDA device"):
         training_device("cuda")
     assert training_device("auto") == torch.device("cpu")
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_stage_runs(tmp_path, monkeypatch, capsys):
+    """It was noticed at the first checkpoint, after the training ran (a traceback). A folder under a file cannot
+    be made even by root, whom a read-only mode does not stop."""
+    ran = _runs(monkeypatch)
+    (tmp_path / "file").write_text("")
+    assert cli.main(["toy", "--out", str(tmp_path / "file" / "run")]) == 2
+    assert f"--out {tmp_path / 'file' / 'run'}: cannot write there" in capsys.readouterr().err
+    assert not ran
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_out_is_refused_before_the_stage_runs(tmp_path, monkeypatch, capsys):
+    ran = _runs(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir(mode=0o500)
+    assert cli.main(["toy", "--out", str(out)]) == 2
+    assert f"--out {out}: cannot write there (Permission denied)" in capsys.readouterr().err
+    assert not ran
+
+
+def test_a_second_run_into_an_out_in_use_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Both ran, and the second moved the first's checkpoints aside and overwrote its outputs."""
+    ran = _runs(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    with FileLock(str(out / ".lock")):
+        assert cli.main(["toy", "--out", str(out)]) == 2
+        assert f"--out {out} is in use by another run" in capsys.readouterr().err
+        assert not ran and sorted(path.name for path in out.iterdir()) == [".lock"]
+    assert cli.main(["toy", "--out", str(out)]) == 0  # the lock is the run's only while it runs
+    assert cli.main(["toy", "--out", str(out)]) == 0 and ran == [out, out]
+
+
+def test_an_out_holding_another_stage_s_run_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    """A mistyped --out rewrote that run's summary as this stage's failed one: resolve_part then refused it."""
+    ran = _runs(monkeypatch)
+    out = tmp_path / "disc"
+    _completed_before(out, "discriminator")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert cli.main(["toy", "--out", str(out)]) == 2
+    assert f"--out {out} holds a discriminator run" in capsys.readouterr().err
+    assert not ran and {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert resolve_part(str(out), "discriminator", "x")[1]["stage"] == "discriminator"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--adam-beta1", "1.5"), ("--adam-beta1", "-0.1"), ("--adam-beta2", "1"), ("--adam-epsilon", "0"),
+     ("--adam-weight-decay", "-0.01")],
+)  # fmt: skip
+def test_adam_settings_out_of_range_are_refused_before_anything_loads(tmp_path, capsys, flag, value):
+    """--adam-beta1 1.5 loaded the models, then torch raised a traceback."""
+    argv = ["finetune", "--base", "tiny", "--data", str(tmp_path / "metadata.json"), "--out", str(tmp_path / "run"),
+            flag, value]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert f"invalid settings: {flag[2:].replace('-', '_')}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
