@@ -159,3 +159,28 @@ def test_adam_settings_out_of_range_are_refused_before_anything_loads(tmp_path, 
     assert cli.main(argv) == 2
     assert f"invalid settings: {flag[2:].replace('-', '_')}:" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _finetune(tmp_path, data):
+    return ["finetune", "--base", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--resolution", "64",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+
+
+def test_a_truncated_image_is_refused_before_training_naming_entry_field_and_file(tmp_path, capsys):
+    """Its header is intact: the header-only check passed it, and the run died at its first batch."""
+    from training.synthetic import make_synthetic_triplets
+
+    metadata = make_synthetic_triplets(tmp_path / "data", n=3, size=64)
+    gt = sorted((tmp_path / "data" / "gt").iterdir())[1]
+    gt.write_bytes(gt.read_bytes()[: gt.stat().st_size // 2])
+    assert cli.main(_finetune(tmp_path, metadata)) == 1
+    err = capsys.readouterr().err
+    assert f"bad data: {metadata}: entry 1: field 'GT': {gt}:" in err and "truncated" in err
+    assert not (tmp_path / "cache").exists()  # no model was made or loaded
+
+
+def test_a_data_folder_is_named_a_folder_with_the_metadata_file_to_give(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    assert cli.main(_finetune(tmp_path, folder)) == 1
+    assert f"{folder} is a folder, not a metadata file (--data {folder / 'metadata.json'}?)" in capsys.readouterr().err
