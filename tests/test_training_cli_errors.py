@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,16 @@ def test_a_data_folder_is_named_a_folder_with_the_metadata_file_to_give(tmp_path
     folder.mkdir()
     assert cli.main(_finetune(tmp_path, folder)) == 1
     assert f"{folder} is a folder, not a metadata file (--data {folder / 'metadata.json'}?)" in capsys.readouterr().err
+
+
+def test_bundle_names_its_own_flags_when_the_unet_is_the_discriminator_s_trunk(tmp_path, capsys, tiny_layout):
+    """It said "set discriminator_unet to hf:...", a setting the bundle command does not have."""
+    base_unet = str(Path(tiny_layout.base) / "unet")
+    argv = ["bundle", "--base", tiny_layout.base, "--unet", base_unet, "--lcm-lora", tiny_layout.lcm_lora,
+            "--discriminator", tiny_layout.discriminator, "--out", str(tmp_path / "bundle"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"--unet {base_unet} has the weights of the UNet the discriminator was trained on" in err
+    assert "give --unet a finetune run" in err and "leave out --discriminator" in err
+    assert "discriminator_unet" not in err

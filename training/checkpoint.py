@@ -147,8 +147,13 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
 
 
 def weights_sha256(path: Path, cache_dir: Path) -> str:
-    """One sha256 for a weights folder (or file), of its files' sha256 by name. A file's sha256 is
-    remembered by its size, mtime, ctime and inode, as for imports: gigabytes are read once, not at each start."""
+    """One sha256 for a weights folder (or file), of its files' sha256 by name (files_sha256)."""
+    return hashlib.sha256(json.dumps(files_sha256(path, cache_dir)).encode()).hexdigest()
+
+
+def files_sha256(path: Path, cache_dir: Path) -> dict[str, str]:
+    """The sha256 of each file of a folder (or of the file), by name. A file's sha256 is remembered by its size, mtime,
+    ctime and inode, as for imports: gigabytes are read once, not at each start."""
     from engines.authors_layout import folder_files
     from engines.sources import INPUT_HASHES, RememberedSha256
 
@@ -157,7 +162,7 @@ def weights_sha256(path: Path, cache_dir: Path) -> str:
     hashes = RememberedSha256(cache / INPUT_HASHES)
     named = {str(file.relative_to(path)): hashes.of(file) for file in sorted(folder_files(path))}
     hashes.save()
-    return hashlib.sha256(json.dumps(named).encode()).hexdigest()
+    return named
 
 
 def resume_changes(state: dict[str, Any], settings: TrainSettings, facts: dict[str, Any]) -> list[str]:
