@@ -254,10 +254,14 @@ def save_checkpoint(
             (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
             readable_as_any_file(staging)
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
+        free = _free_mib(root)
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
+        done = checkpoints(root)
+        newest = f"the newest complete checkpoint, {done[-1].name}, is still good" if done else "none was complete yet"
         raise TrainingError(
-            f"checkpoint write failed: {exc} (writing {final}; the newest complete checkpoint is still good)"
+            f"checkpoint write failed: {exc} (writing {final}, {free} MiB free there before the partial checkpoint "
+            f"was removed; {newest})"
         ) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -266,6 +270,14 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _free_mib(folder: Path) -> int | str:
+    """Free space on folder's disk: torch.save reports a full disk only as "unexpected pos 3419712 vs 3419604"."""
+    try:
+        return shutil.disk_usage(folder).free // 2**20
+    except OSError:
+        return "?"
 
 
 def load_tensors_and_values(path: Path) -> Any:
