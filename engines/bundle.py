@@ -52,6 +52,7 @@ HASHED_AS_READ = frozenset({UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS, DISCRIMINA
 # exported UNets (engines.runners): each file is loaded only by the runner that serves it, from bytes it hashes
 EXPORTS_DIR = "exports"
 RUN_SUMMARY = "summary.json"  # `python -m training bundle` writes its run's record beside the manifest, unlisted
+RUN_LOCK = ".lock"  # and holds the folder with this lock file while it runs (training.common.claim_out)
 
 DTypeName = Literal["float32", "float16", "bfloat16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -148,14 +149,15 @@ def recover_folder(final: Path) -> None:
 
 def check_replaceable(path: Path) -> None:
     """`Bundle.write` replaces the folder at `path` whole, so only a bundle (its manifest.json) or an empty folder
-    (but for a training run's summary.json) is replaced: an --out naming any other folder deleted what it held."""
+    (but for a training run's summary.json and lock) is replaced: an --out naming any other folder deleted what it
+    held."""
     if not path.exists():
         return
     if not path.is_dir():
         raise BundleError(f"{path} is not a folder: a bundle is written as a folder")
     if (path / MANIFEST).is_file():
         return
-    if any(entry.name != RUN_SUMMARY for entry in path.iterdir()):
+    if any(entry.name not in (RUN_SUMMARY, RUN_LOCK) for entry in path.iterdir()):
         raise BundleError(
             f"{path} is a folder that holds files and is not a bundle (no {MANIFEST}): not replaced; "
             "write the bundle to a new or empty folder"

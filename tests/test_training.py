@@ -202,6 +202,22 @@ def test_finetune_writes_a_diffusers_unet_and_checkpoints(finetune_run):
 
 
 @pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
+def test_trained_weights_get_the_mode_of_any_new_file(finetune_run, distill_run, disc_run):
+    """safetensors writes 0600 where config.json gets 0644: a bundle trained by one uid could not be loaded by the
+    serving uid."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    outputs = (
+        finetune_run[1]["outputs"]["unet"],
+        distill_run[1]["outputs"]["lora"],
+        disc_run[1]["outputs"]["discriminator"],
+    )
+    files = [file for output in outputs for file in Path(output).parent.rglob("*.safetensors")]
+    assert len(files) >= 3 and {file.stat().st_mode & 0o777 for file in files} == {0o666 & ~umask}
+
+
 def test_resume_repeats_the_uninterrupted_losses(finetune_run, work):
     """Restart from the step-2 checkpoint: steps 3 and 4 give the same losses and the same weights."""
     from safetensors.torch import load_file

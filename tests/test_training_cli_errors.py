@@ -5,9 +5,12 @@ CUDA device without a GPU) exit 2, "invalid settings", not 1, which `compare` us
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from training import cli
 from training.common import SettingsError, StageSettings, TrainingError, read_summary, resolve_part
@@ -23,6 +26,18 @@ def _stage(monkeypatch, fails):
 
     monkeypatch.setattr(cli, "_stages", lambda: {"toy": (StageSettings, run, "a stage that fails")})
     return seen
+
+
+def _runs(monkeypatch):
+    """A stage named "toy" that records that it ran and completes."""
+    ran = []
+
+    def run(settings):
+        ran.append(settings.out)
+        return {}
+
+    monkeypatch.setattr(cli, "_stages", lambda: {"toy": (StageSettings, run, "a stage")})
+    return ran
 
 
 def _completed_before(out, stage="toy"):
@@ -56,7 +71,7 @@ def test_a_settings_error_exits_2(tmp_path, monkeypatch, capsys):
     _stage(monkeypatch, SettingsError("no GPU here"))
     assert cli.main(["toy", "--out", str(tmp_path / "run")]) == 2
     assert "invalid settings: no GPU here" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()  # an --out not there is left to the stage to make
+    assert read_summary(tmp_path / "run")["status"] == "failed"  # --out is made before the stage runs
 
 
 @pytest.mark.parametrize("stage", ["finetune", "distill", "discriminator"])
@@ -101,6 +116,17 @@ def test_bundle_out_naming_a_folder_that_is_not_a_bundle_is_refused_and_left_as_
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["finetune", "finetune/precious.txt"]
 
 
+def test_bundle_writes_into_a_new_folder_and_over_its_own_earlier_bundle(tmp_path, tiny_layout):
+    """The stage holds its --out with a lock file and writes its summary there first: the bundle writer, which
+    refuses a folder holding other files, took them for another folder's and refused every new --out."""
+    out = tmp_path / "bundle"
+    argv = ["bundle", "--base", tiny_layout.base, "--unet", tiny_layout.unet or str(Path(tiny_layout.base) / "unet"),
+            "--lcm-lora", tiny_layout.lcm_lora, "--dtype", "float32", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli.main(argv) == 0 and (out / "manifest.json").is_file()
+    assert cli.main(argv) == 0 and (out / "manifest.json").is_file()
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -117,3 +143,100 @@ def test_an_engine_s_error_about_its_input_files_is_one_line_exit_1(tmp_path, mo
     _stage(monkeypatch, getattr(importlib.import_module(module), name)(message))
     assert cli.main(["toy", "--out", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err == f"python -m training toy: {message}\n"
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_stage_runs(tmp_path, monkeypatch, capsys):
+    """It was noticed at the first checkpoint, after the training ran (a traceback). A folder under a file cannot
+    be made even by root, whom a read-only mode does not stop."""
+    ran = _runs(monkeypatch)
+    (tmp_path / "file").write_text("")
+    assert cli.main(["toy", "--out", str(tmp_path / "file" / "run")]) == 2
+    assert f"--out {tmp_path / 'file' / 'run'}: cannot write there" in capsys.readouterr().err
+    assert not ran
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_out_is_refused_before_the_stage_runs(tmp_path, monkeypatch, capsys):
+    ran = _runs(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir(mode=0o500)
+    assert cli.main(["toy", "--out", str(out)]) == 2
+    assert f"--out {out}: cannot write there (Permission denied)" in capsys.readouterr().err
+    assert not ran
+
+
+def test_a_second_run_into_an_out_in_use_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Both ran, and the second moved the first's checkpoints aside and overwrote its outputs."""
+    ran = _runs(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    with FileLock(str(out / ".lock")):
+        assert cli.main(["toy", "--out", str(out)]) == 2
+        assert f"--out {out} is in use by another run" in capsys.readouterr().err
+        assert not ran and sorted(path.name for path in out.iterdir()) == [".lock"]
+    assert cli.main(["toy", "--out", str(out)]) == 0  # the lock is the run's only while it runs
+    assert cli.main(["toy", "--out", str(out)]) == 0 and ran == [out, out]
+
+
+def test_an_out_holding_another_stage_s_run_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    """A mistyped --out rewrote that run's summary as this stage's failed one: resolve_part then refused it."""
+    ran = _runs(monkeypatch)
+    out = tmp_path / "disc"
+    _completed_before(out, "discriminator")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert cli.main(["toy", "--out", str(out)]) == 2
+    assert f"--out {out} holds a discriminator run" in capsys.readouterr().err
+    assert not ran and {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert resolve_part(str(out), "discriminator", "x")[1]["stage"] == "discriminator"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--adam-beta1", "1.5"), ("--adam-beta1", "-0.1"), ("--adam-beta2", "1"), ("--adam-epsilon", "0"),
+     ("--adam-weight-decay", "-0.01")],
+)  # fmt: skip
+def test_adam_settings_out_of_range_are_refused_before_anything_loads(tmp_path, capsys, flag, value):
+    """--adam-beta1 1.5 loaded the models, then torch raised a traceback."""
+    argv = ["finetune", "--base", "tiny", "--data", str(tmp_path / "metadata.json"), "--out", str(tmp_path / "run"),
+            flag, value]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert f"invalid settings: {flag[2:].replace('-', '_')}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def _finetune(tmp_path, data):
+    return ["finetune", "--base", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--resolution", "64",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+
+
+def test_a_truncated_image_is_refused_before_training_naming_entry_field_and_file(tmp_path, capsys):
+    """Its header is intact: the header-only check passed it, and the run died at its first batch."""
+    from training.synthetic import make_synthetic_triplets
+
+    metadata = make_synthetic_triplets(tmp_path / "data", n=3, size=64)
+    gt = sorted((tmp_path / "data" / "gt").iterdir())[1]
+    gt.write_bytes(gt.read_bytes()[: gt.stat().st_size // 2])
+    assert cli.main(_finetune(tmp_path, metadata)) == 1
+    err = capsys.readouterr().err
+    assert f"bad data: {metadata}: entry 1: field 'GT': {gt}:" in err and "truncated" in err
+    assert not (tmp_path / "cache").exists()  # no model was made or loaded
+
+
+def test_a_data_folder_is_named_a_folder_with_the_metadata_file_to_give(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    assert cli.main(_finetune(tmp_path, folder)) == 1
+    assert f"{folder} is a folder, not a metadata file (--data {folder / 'metadata.json'}?)" in capsys.readouterr().err
+
+
+def test_bundle_names_its_own_flags_when_the_unet_is_the_discriminator_s_trunk(tmp_path, capsys, tiny_layout):
+    """It said "set discriminator_unet to hf:...", a setting the bundle command does not have."""
+    base_unet = str(Path(tiny_layout.base) / "unet")
+    argv = ["bundle", "--base", tiny_layout.base, "--unet", base_unet, "--lcm-lora", tiny_layout.lcm_lora,
+            "--discriminator", tiny_layout.discriminator, "--out", str(tmp_path / "bundle"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"--unet {base_unet} has the weights of the UNet the discriminator was trained on" in err
+    assert "give --unet a finetune run" in err and "leave out --discriminator" in err
+    assert "discriminator_unet" not in err

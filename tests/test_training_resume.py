@@ -446,3 +446,77 @@ def test_a_summary_refuses_to_write_a_bare_nan(data_file, tmp_path):
     summary.log_step(1, float("nan"), 1e-3, 0.1)
     with pytest.raises(ValueError, match="JSON"):
         summary.write()
+
+
+def _cli_toy_finetune(monkeypatch, data_file, out, *flags):
+    """`python -m training finetune` with the toy model's loop as the stage."""
+    from training import cli
+    from training.finetune import FinetuneSettings
+
+    stage = (FinetuneSettings, lambda settings: _run(settings)[0], "the toy loop")
+    monkeypatch.setattr(cli, "_stages", lambda: {"finetune": stage})
+    argv = ["finetune", "--base", "tiny", "--data", str(data_file), "--out", str(out), "--steps", str(STEPS),
+            "--checkpoint-every", "2", "--cache-dir", str(out.parent / "cache"), *flags]  # fmt: skip
+    return cli.main(argv)
+
+
+def test_a_checkpoint_write_that_fails_leaves_no_staging_folder_and_a_failed_summary(
+    data_file, tmp_path, monkeypatch, capsys
+):
+    """A full disk: a RuntimeError traceback, a .step-N.partial left filling the disk, no summary of the failure."""
+    import errno
+    import os
+
+    import training.checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(training.checkpoint, "save_file", disk_full)
+    out = tmp_path / "run"
+    assert _cli_toy_finetune(monkeypatch, data_file, out) == 1
+    assert "checkpoint write failed: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert list((out / "checkpoints").iterdir()) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "checkpoint write failed" in summary["error"]
+
+
+def test_an_interrupted_run_records_the_step_it_stopped_at(data_file, tmp_path, monkeypatch):
+    """Ctrl-C recorded `error: "KeyboardInterrupt: "`."""
+    calls, loss_of = [], _loss
+
+    def interrupted(model, batch, generator):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss_of(model, batch, generator)
+
+    monkeypatch.setitem(globals(), "_loss", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _cli_toy_finetune(monkeypatch, data_file, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "interrupted at step 3"
+
+
+def test_a_batch_larger_than_the_data_set_is_warned_of_on_stderr_and_in_the_summary(data_file, tmp_path, capsys):
+    """It was silently filled with repeats of the samples."""
+    summary, _, _ = _run(_settings(data_file, tmp_path / "big", batch_size=10, resume=None))
+    warning = "batch size 10 x 1 process(es) = 10 is more than the 8 samples of"
+    assert f"[finetune] warning: {warning}" in capsys.readouterr().err
+    assert len(summary["warnings"]) == 1 and warning in summary["warnings"][0]
+    summary, _, _ = _run(_settings(data_file, tmp_path / "fits", batch_size=8, resume=None))
+    assert "warnings" not in summary and "warning" not in capsys.readouterr().err
+
+
+def test_checkpoint_weights_get_the_mode_of_any_new_file(data_file, tmp_path):
+    """safetensors writes 0600: weights trained by one uid could not be read by another (the serving uid)."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        _run(_settings(data_file, tmp_path / "run", resume=None))
+    finally:
+        os.umask(umask)
+    files = sorted((tmp_path / "run" / "checkpoints").rglob("*.safetensors"))
+    assert files and {file.stat().st_mode & 0o777 for file in files} == {0o644}

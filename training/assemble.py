@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from training.checkpoint import weights_sha256
+from training.checkpoint import files_sha256, weights_sha256
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, resolve_base, resolve_part
 
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
@@ -73,12 +73,15 @@ def assemble(settings: BundleStageSettings) -> dict:
     if settings.discriminator:
         disc, training["discriminator"] = resolve_part(settings.discriminator, "discriminator", "discriminator")
 
+    trunk = _discriminator_unet(training.get("discriminator"), base) if disc else None
+    if trunk:
+        _check_trunk(unet_dir, Path(trunk), settings)
     layout = AuthorsLayout(
         base=str(base),
         unet=str(unet_dir),
         lcm_lora=str(lora),
         discriminator=str(disc) if disc else None,
-        discriminator_unet=_discriminator_unet(training.get("discriminator"), base) if disc else None,
+        discriminator_unet=trunk,
     )
     bundle = import_authors_layout(
         layout,
@@ -128,6 +131,28 @@ def _check_teacher(unet: Path, distill_run: dict[str, Any] | None, settings: Bun
             "(the bundle's provenance records it)."
         )
     return {"allowed": True, "teacher_sha256": teacher, "unet_sha256": fused_into}
+
+
+def _check_trunk(unet: Path, trunk: Path, settings: BundleStageSettings) -> None:
+    """The import refuses a discriminator trunk that shares weights with the removal UNet (the authors' discriminator
+    was trained on the SDXL-inpainting UNet, not RORem's) and names its discriminator_unet setting, which this
+    command has no flag for: it takes the UNet the discriminator run trained on. Refused here in this command's
+    terms."""
+    from engines.authors_layout import WEIGHT_SUFFIXES
+
+    if (trunk / "unet").is_dir():
+        trunk = trunk / "unet"
+
+    def weights(folder: Path) -> set[str]:
+        return {sha for name, sha in files_sha256(folder, settings.cache_dir).items() if name.endswith(WEIGHT_SUFFIXES)}
+
+    if weights(unet) & weights(trunk):
+        raise TrainingError(
+            f"--unet {settings.unet} has the weights of the UNet the discriminator was trained on ({trunk}), and a "
+            "bundle's discriminator must sit on other weights than its removal UNet: give --unet a finetune run "
+            "(the fine-tuned UNet), or train the discriminator on the base's UNet (discriminator without --unet), "
+            "or leave out --discriminator"
+        )
 
 
 def _lcm_schedule(distill_run: dict[str, Any] | None, steps: int) -> dict[str, Any] | None:

@@ -37,11 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic_core import to_jsonable_python
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engines.bundle import replace_folder
-from training.common import TrainingError, TrainSettings
+from training.common import TrainingError, TrainSettings, readable_as_any_file
 
 PREFIX = "step-"
 SET_ASIDE = "set-aside-"
@@ -146,8 +147,13 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
 
 
 def weights_sha256(path: Path, cache_dir: Path) -> str:
-    """One sha256 for a weights folder (or file), of its files' sha256 by name. A file's sha256 is
-    remembered by its size, mtime, ctime and inode, as for imports: gigabytes are read once, not at each start."""
+    """One sha256 for a weights folder (or file), of its files' sha256 by name (files_sha256)."""
+    return hashlib.sha256(json.dumps(files_sha256(path, cache_dir)).encode()).hexdigest()
+
+
+def files_sha256(path: Path, cache_dir: Path) -> dict[str, str]:
+    """The sha256 of each file of a folder (or of the file), by name. A file's sha256 is remembered by its size, mtime,
+    ctime and inode, as for imports: gigabytes are read once, not at each start."""
     from engines.authors_layout import folder_files
     from engines.sources import INPUT_HASHES, RememberedSha256
 
@@ -156,7 +162,7 @@ def weights_sha256(path: Path, cache_dir: Path) -> str:
     hashes = RememberedSha256(cache / INPUT_HASHES)
     named = {str(file.relative_to(path)): hashes.of(file) for file in sorted(folder_files(path))}
     hashes.save()
-    return hashlib.sha256(json.dumps(named).encode()).hexdigest()
+    return named
 
 
 def resume_changes(state: dict[str, Any], settings: TrainSettings, facts: dict[str, Any]) -> list[str]:
@@ -225,25 +231,38 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write step-NNNNNNN (every process writes its RNG state; the main process the rest)."""
+    """Write step-NNNNNNN (every process writes its RNG state; the main process the rest). A write that fails (a full
+    disk) removes the staging folder, which would fill the disk further, and raises a TrainingError."""
     root = Path(out) / "checkpoints"
     final = root / f"{PREFIX}{step:07d}"
     staging = root / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), staging / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), str(staging / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
-        extra = dict(extra or {})
-        if accelerator.scaler is not None:
-            extra["grad_scaler"] = accelerator.scaler.state_dict()
-        torch.save(extra, staging / "extra.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+    try:
+        if accelerator.is_main_process:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file(trainable_state(accelerator.unwrap_model(model)), str(staging / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
+            extra = dict(extra or {})
+            if accelerator.scaler is not None:
+                extra["grad_scaler"] = accelerator.scaler.state_dict()
+            torch.save(extra, staging / "extra.pt")
+            (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+            readable_as_any_file(staging)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
+        free = _free_mib(root)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        done = checkpoints(root)
+        newest = f"the newest complete checkpoint, {done[-1].name}, is still good" if done else "none was complete yet"
+        raise TrainingError(
+            f"checkpoint write failed: {exc} (writing {final}, {free} MiB free there before the partial checkpoint "
+            f"was removed; {newest})"
+        ) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_folder(staging, final)
@@ -251,6 +270,14 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _free_mib(folder: Path) -> int | str:
+    """Free space on folder's disk: torch.save reports a full disk only as "unexpected pos 3419712 vs 3419604"."""
+    try:
+        return shutil.disk_usage(folder).free // 2**20
+    except OSError:
+        return "?"
 
 
 def load_tensors_and_values(path: Path) -> Any:

@@ -17,10 +17,12 @@ train the served bundle, and measure it before it ships.
 
 Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank: 8); flags win.
 Training stages take --resume [PATH] (no PATH: the newest checkpoint in OUT/checkpoints, if any).
-Each stage writes OUT/summary.json (config, versions, losses, step times, metrics, outputs): status "running"
-from its start, "completed" at its end, "failed" (with the error) when it fails.
+OUT is made, checked writable and locked (OUT/.lock: one run at a time) before anything loads; an OUT
+holding another stage's run is refused (exit 2). Each stage writes OUT/summary.json (config, versions, losses,
+step times, metrics, outputs): status "running" from its start, "completed" at its end, "failed" (with the
+error) when it fails.
 Exit codes: 0 done (a gate passed); 1 a failed run or gate; 2 invalid settings (also fp16 or a CUDA device
-this machine cannot run).
+this machine cannot run, an OUT that cannot be written or that another run holds).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def _is_input_error(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.common import SettingsError, TrainingError, mark_run
+    from training.common import SettingsError, TrainingError, claim_out, mark_run
     from training.data import DatasetError
 
     stages = _stages()
@@ -144,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
         return 2
     main_process = _is_main_process()
+    held = contextlib.ExitStack()
+    if main_process:
+        try:
+            held.callback(claim_out(settings.out, args.stage, type(settings).OUT_MODE).release)
+        except SettingsError as exc:
+            print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
+            return 2
     try:
         if main_process:
             mark_run(settings.out, args.stage, settings)
@@ -162,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        held.close()
     if _is_main_process():
         path = Path(settings.out) / "summary.json"
         final = summary.get("final_loss")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engines.bundle import RUN_LOCK
+
 MixedPrecision = Literal["no", "fp16", "bf16"]
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SUMMARY = "summary.json"
@@ -43,6 +45,9 @@ class StageSettings(BaseModel):
     out: Path = Field(description="output folder: results, checkpoints/, summary.json")
     seed: int = Field(0, description="seed of every random draw of the run")
 
+    OUT_MODE: ClassVar[int] = 0o777
+    """The mode `claim_out` makes a missing out/ with (less the umask)."""
+
 
 class TrainSettings(StageSettings):
     """Settings of the three training stages (finetune, discriminator, distill)."""
@@ -59,10 +64,10 @@ class TrainSettings(StageSettings):
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1, in [0, 1)")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2, in [0, 1)")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     mixed_precision: MixedPrecision = Field("no", description="no | fp16 | bf16 (frozen parts are cast to it)")
     gradient_checkpointing: bool = False
@@ -261,11 +266,39 @@ class RunSummary:
         return self.path
 
 
+def claim_out(out: str | Path, stage: str, mode: int = 0o777):
+    """Make out/ (with `mode` where missing), prove it writable and lock it (out/.lock) for this run; returns the
+    held FileLock. Raises SettingsError, having written nothing, for out/ holding another stage's run (a mistyped
+    --out would overwrite it), a folder that cannot be written (noticed otherwise at the first checkpoint, after
+    the training) or one another run holds (it would move this run's checkpoints aside and overwrite its outputs)."""
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    try:
+        other = (read_summary(out) or {}).get("stage", stage)
+    except (OSError, ValueError):
+        other = stage
+    if other != stage:
+        raise SettingsError(f"--out {out} holds a {other} run (its summary.json): choose another --out for {stage}")
+    try:
+        out.mkdir(parents=True, exist_ok=True, mode=mode)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    lock = FileLock(str(out / RUN_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SettingsError(f"--out {out} is in use by another run (it holds {out / RUN_LOCK})") from None
+    return lock
+
+
 def mark_run(out: str | Path, stage: str, settings: StageSettings, error: BaseException | None = None) -> None:
     """out/summary.json of a stage that starts (status running: config, started_at) or failed (status failed,
     with the error, over what the stage wrote). A previous run's "completed" summary never outlives a rerun
     that failed: bundle, compare and resolve_part take only completed runs. A folder that is not there is not
-    made (a stage makes its own, as export-labels does, owner-only)."""
+    made (`claim_out` makes it, with the stage's mode)."""
     path = Path(out) / SUMMARY
     if not path.parent.is_dir():
         return
@@ -279,15 +312,35 @@ def mark_run(out: str | Path, stage: str, settings: StageSettings, error: BaseEx
             data = {}
         if data.get("status") != "running" or data.get("stage") != stage:  # not this run's: failed before it
             data = {"stage": stage, "config": json.loads(settings.model_dump_json())}
-        data.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now())
+        data.update(status="failed", error=describe_error(error), finished_at=_now())
     _write_summary(path, data)
+
+
+def describe_error(error: BaseException) -> str:
+    """The summary's `error`: a Ctrl-C (KeyboardInterrupt) says where it stopped the run, not "KeyboardInterrupt: "."""
+    if isinstance(error, KeyboardInterrupt):
+        return str(error) or "interrupted"
+    return f"{type(error).__name__}: {error}"
 
 
 def _write_summary(path: Path, data: dict) -> None:
     """Whole or not at all; allow_nan=False: a bare NaN is no JSON (bundle and compare would read it as a number)."""
     tmp = path.with_name(SUMMARY + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=False))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk left an empty summary.json.partial
+        raise
+
+
+def readable_as_any_file(folder: str | Path) -> None:
+    """safetensors' save_file writes 0600, where torch.save and config.json get 0666 less the umask: weights trained
+    by one uid could not be read by the serving one. Every .safetensors under folder gets the mode of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(folder).rglob("*.safetensors"):
+        file.chmod(0o666 & ~umask)
 
 
 def _now() -> str:

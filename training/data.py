@@ -20,6 +20,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,15 +58,18 @@ def load_metadata(
     require: Sequence[str] = FIELDS,
     check_sizes: bool = True,
 ) -> list[Triplet]:
-    """Read and validate a metadata file: JSON array, required fields, files exist, same sizes.
+    """Read and validate a metadata file: JSON array, required fields, files exist, decode, same sizes.
 
     `require` names the fields every entry must have, among "source", "mask", "GT", "score".
-    `check_sizes` opens each image's header (not its pixels) to check source, mask and GT agree.
+    `check_sizes` decodes every image as training reads it (read_rgb, read_mask), in threads, to check it decodes
+    whole (a truncated file's header is intact) and that source, mask and GT agree in size.
     """
     path = Path(path)
     unknown = set(require) - {*FIELDS, "score"}
     if unknown:
         raise ValueError(f"unknown required fields {sorted(unknown)}; fields are {[*FIELDS, 'score']}")
+    if path.is_dir():
+        raise DatasetError(f"{path} is a folder, not a metadata file (--data {path / 'metadata.json'}?)")
     if not path.is_file():
         raise DatasetError(f"{path}: metadata file not found")
     try:
@@ -79,7 +83,7 @@ def load_metadata(
     if not entries:
         raise DatasetError(f"{path}: the array is empty")
     root = path.parent
-    records = []
+    records, checks = [], []
     for index, entry in enumerate(entries):
         where = f"{path}: entry {index}"
         if not isinstance(entry, dict):
@@ -109,22 +113,37 @@ def load_metadata(
             raise DatasetError(f"{where}: field 'group' must be a non-empty string, got {group!r}")
         if files["source"] is None or files["mask"] is None:
             raise DatasetError(f"{where}: 'source' and 'mask' are needed in every entry")
-        if check_sizes:
-            _check_sizes(where, files)
         records.append(Triplet(files["source"], files["mask"], files["GT"], score, group))
+        checks.append((where, files))
+    if check_sizes:
+        _check_files(checks)
     return records
 
 
-def _check_sizes(where: str, files: dict[str, Path | None]) -> None:
+def _check_files(checks: list[tuple[str, dict[str, Path | None]]]) -> None:
+    """Each entry's files decoded in a thread pool (the decoders release the GIL); the first bad entry, in file
+    order, is raised and the work not started is dropped."""
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        try:
+            for _ in pool.map(lambda check: _check_entry(*check), checks):
+                pass
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _check_entry(where: str, files: dict[str, Path | None]) -> None:
     sizes = {}
     for field, file in files.items():
         if file is None:
             continue
         try:
-            with Image.open(file) as img:
-                sizes[field] = imaging.upright_size(img)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DatasetError(f"{where}: field {field!r}: {file} is not a readable image ({exc})") from exc
+            pixels = read_mask(file) if field == "mask" else read_rgb(file)
+        except DatasetError as exc:
+            raise DatasetError(f"{where}: field {field!r}: {exc}") from exc
+        except OSError as exc:
+            raise DatasetError(f"{where}: field {field!r}: cannot read {file} ({exc.strerror or exc})") from exc
+        sizes[field] = pixels.shape[1], pixels.shape[0]
     if len(set(sizes.values())) > 1:
         described = ", ".join(f"{field} {w}x{h}" for field, (w, h) in sizes.items())
         raise DatasetError(f"{where}: image sizes differ ({described}); source, mask and GT must have one size")

@@ -45,6 +45,7 @@ from training.common import (
     load_frozen_vae,
     make_accelerator,
     null_prompt_embeds,
+    readable_as_any_file,
     resolve_base,
     resolve_unet,
     sdxl_time_ids,
@@ -229,6 +230,7 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
             for k, v in trained.cls_pred_branch.state_dict().items()
         }
         torch.save(head, out_dir / HEAD_FILENAME)
+        readable_as_any_file(out_dir)
     accelerator.wait_for_everyone()
     summary.data["outputs"] = {"discriminator": str(out_dir)}
     summary.data["metrics"] = metrics

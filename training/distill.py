@@ -48,6 +48,7 @@ from training.common import (
     latent_mask,
     load_frozen_vae,
     make_accelerator,
+    readable_as_any_file,
     resolve_base,
     resolve_unet,
     sdxl_time_ids,
@@ -269,6 +270,7 @@ def distill(settings: DistillSettings) -> dict:
             scale = alpha / settings.lora_rank
             layers = {k: v * scale if _is_up(k) else v for k, v in layers.items()}
         StableDiffusionXLInpaintPipeline.save_lora_weights(out_dir, unet_lora_layers=layers)
+        readable_as_any_file(out_dir)
         tensors = len(layers)
     accelerator.wait_for_everyone()
     summary.data["outputs"] = {"lora": str(out_dir / LORA_FILENAME)}

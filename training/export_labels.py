@@ -52,6 +52,7 @@ import datetime as dt
 import re
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -66,6 +67,8 @@ _MAX_MEGAPIXELS = 1000.0  # the service already refused larger images; this only
 
 
 class ExportLabelsSettings(StageSettings):
+    OUT_MODE: ClassVar[int] = 0o700  # the windows are of user photos
+
     serve_config: Path | None = Field(None, description="Serve config YAML whose application args hold `retention`")
     objects: Path | None = Field(None, description="or: the retention object_store.path folder")
     database_url: str | None = Field(None, description="with --objects: the metadata URL (default: results.db there)")
@@ -139,7 +142,7 @@ def export_labels(settings: ExportLabelsSettings) -> dict:
             f"{settings.min_count}"
         )
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out.mkdir(parents=True, exist_ok=True, mode=settings.OUT_MODE)
     cut, skipped = [], []
     for group in same_content_groups(labelled):
         try:

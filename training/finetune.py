@@ -33,6 +33,7 @@ from training.common import (
     load_frozen_vae,
     make_accelerator,
     null_prompt_embeds,
+    readable_as_any_file,
     resolve_base,
     resolve_unet,
     sdxl_time_ids,
@@ -110,6 +111,7 @@ def finetune(settings: FinetuneSettings) -> dict:
             ema.store(trained.parameters())
             ema.copy_to(trained.parameters())
         trained.save_pretrained(out_unet)
+        readable_as_any_file(out_unet)
         if ema is not None:
             ema.restore(trained.parameters())
     accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -99,6 +100,7 @@ def train(
     if ema is not None:
         ema.to(accelerator.device)  # after loading: extra.pt is read onto the CPU
 
+    warn_of_repeats(settings, accelerator, summary, len(dataset))
     sampler = StepBatchSampler(
         len(dataset),
         settings.batch_size,
@@ -118,52 +120,71 @@ def train(
     batches = iter(loader)
     bar = progress_bar(settings.steps, start, summary.stage, accelerator.is_local_main_process)
     model.train()
-    for step in range(start + 1, settings.steps + 1):
-        began = time.perf_counter()
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(settings.grad_accum):
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
-            draw = 0 if settings.overfit_one_batch else step  # overfit: the same draws every step
-            generator = step_generator(settings.seed, draw, micro, accelerator.process_index)
-            last = micro == settings.grad_accum - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                loss = compute_loss(model, batch, generator)
-                accelerator.backward(loss / settings.grad_accum)
-            step_loss += loss.detach().float() / settings.grad_accum
-        accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        lr = lr_scheduler.get_last_lr()[0]
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(params)
-        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
-        if not math.isfinite(loss_value):  # every process sees the same mean: all stop here, before a checkpoint
-            raise TrainingError(
-                f"step {step}: the loss is {loss_value}: the run diverged (a lower --lr, or --mixed-precision bf16 "
-                "or no instead of fp16?); no checkpoint of this step is written, the newest one is still good"
-            )
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        summary.log_step(step, loss_value, lr, time.perf_counter() - began)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if step == settings.steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
-            save_checkpoint(
-                accelerator,
-                settings.out,
-                step,
-                model=model,
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                state=_checkpoint_state(summary, facts),
-                extra={"ema": ema.state_dict()} if ema is not None else None,
-                keep=settings.keep_checkpoints,
-            )
-            summary.write()
+    step = start + 1
+    try:
+        for step in range(start + 1, settings.steps + 1):
+            began = time.perf_counter()
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(settings.grad_accum):
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+                draw = 0 if settings.overfit_one_batch else step  # overfit: the same draws every step
+                generator = step_generator(settings.seed, draw, micro, accelerator.process_index)
+                last = micro == settings.grad_accum - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    loss = compute_loss(model, batch, generator)
+                    accelerator.backward(loss / settings.grad_accum)
+                step_loss += loss.detach().float() / settings.grad_accum
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            lr = lr_scheduler.get_last_lr()[0]
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
+            loss_value = accelerator.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(loss_value):  # every process sees the same mean: all stop here, before a checkpoint
+                raise TrainingError(
+                    f"step {step}: the loss is {loss_value}: the run diverged (a lower --lr, or --mixed-precision bf16 "
+                    "or no instead of fp16?); no checkpoint of this step is written, the newest one is still good"
+                )
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            summary.log_step(step, loss_value, lr, time.perf_counter() - began)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if step == settings.steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+                save_checkpoint(
+                    accelerator,
+                    settings.out,
+                    step,
+                    model=model,
+                    optimizer=optimizer,
+                    lr_scheduler=lr_scheduler,
+                    state=_checkpoint_state(summary, facts),
+                    extra={"ema": ema.state_dict()} if ema is not None else None,
+                    keep=settings.keep_checkpoints,
+                )
+                summary.write()
+    except KeyboardInterrupt:  # the summary's error then says where the run stopped
+        raise KeyboardInterrupt(f"interrupted at step {step}") from None
     bar.close()
     model.eval()
     return accelerator.unwrap_model(model)
+
+
+def warn_of_repeats(settings: TrainSettings, accelerator, summary: RunSummary, samples: int) -> None:
+    """A batch larger than the data set is filled with repeats of its samples (StepBatchSampler): allowed, as a tiny
+    set is a fair debug run, but said on stderr and in the summary's `warnings`, as a careful run would want to know."""
+    per_step = settings.batch_size * accelerator.num_processes
+    if per_step <= samples:
+        return
+    message = (
+        f"batch size {settings.batch_size} x {accelerator.num_processes} process(es) = {per_step} is more than the "
+        f"{samples} samples of {settings.data}: each batch repeats samples"
+    )
+    summary.data.setdefault("warnings", []).append(message)
+    if accelerator.is_main_process:
+        print(f"[{summary.stage}] warning: {message}", file=sys.stderr)
 
 
 def adamw_settings(settings: TrainSettings) -> dict[str, Any]:
