@@ -147,6 +147,15 @@ def recover_folder(final: Path) -> None:
             aside.rename(final)
 
 
+def readable_as_any_file(folder: str | Path) -> None:
+    """safetensors' save_file writes 0600, where torch.save and config.json get 0666 less the umask: weights trained
+    by one uid could not be read by the serving one. Every .safetensors under folder gets the mode of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(folder).rglob("*.safetensors"):
+        file.chmod(0o666 & ~umask)
+
+
 def check_replaceable(path: Path) -> None:
     """`Bundle.write` replaces the folder at `path` whole, so only a bundle (its manifest.json) or an empty folder
     (but for a training run's summary.json and lock) is replaced: an --out naming any other folder deleted what it
@@ -405,6 +414,7 @@ class Bundle:
             target.parent.mkdir(parents=True, exist_ok=True)
             save_file(state, str(target))
             files[name_] = FileEntry(sha256=sha256_of(target), bytes=target.stat().st_size)
+        readable_as_any_file(staging)
         manifest = Manifest(
             name=name,
             dtype=dtype,

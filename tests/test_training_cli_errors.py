@@ -116,7 +116,7 @@ def test_bundle_out_naming_a_folder_that_is_not_a_bundle_is_refused_and_left_as_
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["finetune", "finetune/precious.txt"]
 
 
-def test_bundle_writes_into_a_new_folder_and_over_its_own_earlier_bundle(tmp_path, tiny_layout):
+def test_bundle_writes_into_a_new_folder_and_over_its_own_earlier_bundle_readable_by_any_uid(tmp_path, tiny_layout):
     """The stage holds its --out with a lock file and writes its summary there first: the bundle writer, which
     refuses a folder holding other files, took them for another folder's and refused every new --out."""
     out = tmp_path / "bundle"
@@ -125,6 +125,10 @@ def test_bundle_writes_into_a_new_folder_and_over_its_own_earlier_bundle(tmp_pat
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     assert cli.main(argv) == 0 and (out / "manifest.json").is_file()
     assert cli.main(argv) == 0 and (out / "manifest.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = list(out.rglob("*.safetensors"))
+    assert weights and {f.stat().st_mode & 0o777 for f in weights} == {0o666 & ~umask}, "the serving uid reads them"
 
 
 @pytest.mark.parametrize(

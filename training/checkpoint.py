@@ -41,8 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engines.bundle import replace_folder
-from training.common import TrainingError, TrainSettings, readable_as_any_file
+from engines.bundle import readable_as_any_file, replace_folder
+from training.common import TrainingError, TrainSettings
 
 PREFIX = "step-"
 SET_ASIDE = "set-aside-"

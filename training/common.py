@@ -334,15 +334,6 @@ def _write_summary(path: Path, data: dict) -> None:
         raise
 
 
-def readable_as_any_file(folder: str | Path) -> None:
-    """safetensors' save_file writes 0600, where torch.save and config.json get 0666 less the umask: weights trained
-    by one uid could not be read by the serving one. Every .safetensors under folder gets the mode of any new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in Path(folder).rglob("*.safetensors"):
-        file.chmod(0o666 & ~umask)
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

@@ -23,14 +23,15 @@ Output: out/discriminator/ in the authors' published format, `pytorch_lora_weigh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from engines.bundle import readable_as_any_file
 from engines.jobs import SCORE_SIZE
 from engines.pipeline import CropSettings
 from serve.config import ImagingSettings
@@ -45,7 +46,6 @@ from training.common import (
     load_frozen_vae,
     make_accelerator,
     null_prompt_embeds,
-    readable_as_any_file,
     resolve_base,
     resolve_unet,
     sdxl_time_ids,

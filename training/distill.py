@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from engines.bundle import readable_as_any_file
 from training.common import (
     WEIGHT_DTYPES,
     RunSummary,
@@ -48,7 +49,6 @@ from training.common import (
     latent_mask,
     load_frozen_vae,
     make_accelerator,
-    readable_as_any_file,
     resolve_base,
     resolve_unet,
     sdxl_time_ids,

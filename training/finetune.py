@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from engines.bundle import readable_as_any_file
 from training.common import (
     WEIGHT_DTYPES,
     RunSummary,
@@ -33,7 +34,6 @@ from training.common import (
     load_frozen_vae,
     make_accelerator,
     null_prompt_embeds,
-    readable_as_any_file,
     resolve_base,
     resolve_unet,
     sdxl_time_ids,
