@@ -130,7 +130,7 @@ def _is_input_error(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.common import SettingsError, TrainingError, claim_out, mark_run
+    from training.common import SUMMARY, SettingsError, TrainingError, claim_out, mark_run
     from training.data import DatasetError
 
     stages = _stages()
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         held.close()
     if _is_main_process():
-        path = Path(settings.out) / "summary.json"
+        path = Path(settings.out) / SUMMARY
         final = summary.get("final_loss")
         loss = f", final loss {final:.6g}" if isinstance(final, float) else ""
         print(f"[{args.stage}] done{loss}; outputs: {json.dumps(summary.get('outputs', {}))}")

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engines.bundle import RUN_LOCK
+from engines.bundle import RUN_LOCK, RUN_SUMMARY
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUMMARY = "summary.json"
+SUMMARY = RUN_SUMMARY  # a run's record; the bundle writer leaves it beside the manifest
 DEFAULT_CACHE = "~/.cache/rorem"
 
 
