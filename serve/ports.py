@@ -55,18 +55,24 @@ def ephemeral_ports(proc: Path = Path("/proc")) -> range:
         return range(32768, 61000)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1", tries: int = 200) -> int:
-    """A free port outside the kernel's ephemeral range and Ray's worker ports.
+    """A free port outside the kernel's ephemeral range and Ray's worker ports, not handed out before by this process.
 
     A port from a port-0 bind is free now but may be handed to one of Ray's own gRPC servers (raylet,
     agents) between this call and Serve's bind: the HTTP proxy then fails and the port answers in HTTP/2.
+    Ports asked for together are only bound later, so a port is never handed out twice (two random picks
+    among ~17,000 ports met in a CI run: "the HTTP and metrics ports are both 20581").
     """
     taken = ephemeral_ports()
     candidates = [p for p in range(20000, 65536) if p not in taken and p not in RAY_WORKER_PORTS]
     if not candidates:
         candidates = list(range(1024, 10000))
     for port in random.sample(candidates, min(tries, len(candidates))):
-        if not port_in_use(host, port):
+        if port not in _HANDED_OUT and not port_in_use(host, port):
+            _HANDED_OUT.add(port)
             return port
     raise OSError(errno.EADDRINUSE, f"no free port outside {taken} after {tries} tries")
 

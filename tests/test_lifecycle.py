@@ -96,6 +96,15 @@ def test_test_and_benchmark_ports_stay_clear_of_the_ranges_ray_binds_on_its_own(
     assert all(not port_in_use("127.0.0.1", port) for port in ports)
 
 
+def test_ports_asked_for_together_are_never_the_same_even_when_the_random_picks_are(monkeypatch):
+    """What CI once met: "the HTTP and metrics ports are both 20581" from two calls before either was bound."""
+    from serve import ports
+
+    monkeypatch.setattr(ports, "_HANDED_OUT", set())
+    monkeypatch.setattr(ports.random, "sample", lambda candidates, k: [20581, 20582, 20583])
+    assert [free_port() for _ in range(3)] == [20581, 20582, 20583]
+
+
 def test_a_port_answered_in_http2_is_reported_as_someone_else_not_retried_until_the_timeout():
     """What CI once met: one of Ray's own gRPC servers held the HTTP port and answered /readyz in HTTP/2."""
     with _listen() as holder:
