@@ -656,6 +656,23 @@ def test_gpu_workers_and_a_cpu_head():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_spread_over_nodes_and_the_head_keeps_off_gpu_nodes(overlay):
+    """Two GPU workers on one node fail together; a head on an untainted GPU node takes a worker's CPU and memory."""
+    rayservice = find(built(overlay), "RayService")
+    spec = workers(rayservice)["template"]["spec"]
+    (spread,) = spec["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["maxSkew"] == 1
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway", "a single-node pool must still schedule every worker"
+    worker_labels = workers(rayservice)["template"]["metadata"]["labels"]
+    assert spread["labelSelector"]["matchLabels"].items() <= worker_labels.items()
+    assert spread["matchLabelKeys"] == ["ray.io/cluster"]
+    head_spec = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    (preference,) = head_spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    (gpu_label,) = workers(find(built("prod"), "RayService"))["template"]["spec"]["nodeSelector"]
+    assert preference["preference"]["matchExpressions"] == [{"key": gpu_label, "operator": "DoesNotExist"}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_a_stopped_worker_drains_its_longest_request_within_its_grace_period(overlay):
     """Ray drained a pod that got SIGTERM for its default 30 s, then killed it: the 120 s grace period went
     unused and requests still in flight (a 60 s body, then up to the proxy's 180 s) died with the pod."""
