@@ -396,7 +396,7 @@ class Drain:
                     {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
                 )
                 return await send({"type": "http.response.body", "body": body})
-            return await self._unavailable(send)
+            return await self._unavailable(send, "it arrived after the stop began and was not run")
         task = asyncio.current_task()
         started = [False]
         self.in_flight[task] = started
@@ -415,7 +415,7 @@ class Drain:
             if task in self.given_up:
                 task.uncancel()
                 if not started[0]:
-                    await self._unavailable(send)
+                    await self._unavailable(send, f"it was still without an answer {self.grace_s:g} s into the stop")
         finally:
             self.in_flight.pop(task, None)
             self.given_up.discard(task)
@@ -432,6 +432,6 @@ class Drain:
                 self.given_up.add(task)
                 task.cancel()
 
-    async def _unavailable(self, send) -> None:
-        detail = "this instance is stopping; retry (another instance)"
+    async def _unavailable(self, send, what_happened: str) -> None:
+        detail = f"{what_happened}; sent again, it reaches another instance"
         await _problem(send, _retry_later("stopping", detail))

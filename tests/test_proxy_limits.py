@@ -550,7 +550,8 @@ def test_draining_answers_new_requests_503_and_in_flight_ones_finish_or_get_503(
     quick, slow, new = asyncio.run(main())
     assert quick.status == 200
     assert slow.status == 503 and slow.body["type"].endswith("/stopping") and len(slow.sent) == 2
-    assert "stopping" in slow.body["detail"]
+    assert "0.3 s into the stop" in slow.body["detail"] and "not run" in new.body["detail"]
+    assert all(r.body["title"].lower() not in r.body["detail"].lower() for r in (slow, new)), "the detail adds to it"
     assert new.status == 503 and (b"retry-after", b"2") in new.sent[0]["headers"]
     assert new.body["type"].endswith("/stopping"), "not a busy service: another instance can answer now"
 
