@@ -23,9 +23,10 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serve import auth
 from serve import rorem_pb2 as pb
-from serve.grpc_servicer import MalformedMessage
+from serve.grpc_servicer import MalformedMessage, OversizedMessage, Parsed
 from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
+from serve.proxy_middleware import draining, stopping
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
 from serve.request_ids import serve_request_id, valid_request_id
 from serve.service import RemovalReply, ScoreReply, request_deadline_s
@@ -56,15 +57,17 @@ def status_for(problem: Problem, context, request_id: str | None, metadata: Iter
 def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> RemovalRequest:
     """proto3 has no absent bytes field, only an empty one: no image is REST's empty image (invalid-image, from
     the decoder), and no mask means the image's alpha, where REST's empty mask part is invalid-mask."""
-    check_upload_size(len(message.image) + len(message.mask), max_upload_bytes)
-    return RemovalRequest(image=message.image, mask=message.mask or None, options=_options(message, RemoveOptions))
+    image, mask = message.image, message.mask  # each read copies the bytes
+    check_upload_size(len(image) + len(mask), max_upload_bytes)
+    return RemovalRequest(image=image, mask=mask or None, options=_options(message, RemoveOptions))
 
 
 def score_request(message: pb.ScoreRequest, max_upload_bytes: int) -> ScoreRequest:
     """As for Remove, a field not sent is an empty one: the decoders answer what REST answers to an empty part
     (invalid-image "the image is empty" for `source` / `edited`, invalid-mask "the mask is empty")."""
-    check_upload_size(len(message.source) + len(message.mask) + len(message.edited), max_upload_bytes)
-    return ScoreRequest(message.source, message.mask, message.edited, _options(message, ScoreOptions))
+    source, mask, edited = message.source, message.mask, message.edited  # each read copies the bytes
+    check_upload_size(len(source) + len(mask) + len(edited), max_upload_bytes)
+    return ScoreRequest(source, mask, edited, _options(message, ScoreOptions))
 
 
 def _options(message, model: type[Options]) -> Options:
@@ -117,12 +120,12 @@ class GrpcMethods:
     """The gRPC methods of the Ingress (serve.app): `Remove` / `Score` are the RPC names in serve/rorem.proto."""
 
     async def Remove(
-        self, message: pb.RemoveRequest | MalformedMessage, grpc_context: RayServegRPCContext
+        self, message: pb.RemoveRequest | Parsed, grpc_context: RayServegRPCContext
     ) -> pb.RemoveReply:
         return await self._grpc("/remove", "remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
 
     async def Score(
-        self, message: pb.ScoreRequest | MalformedMessage, grpc_context: RayServegRPCContext
+        self, message: pb.ScoreRequest | Parsed, grpc_context: RayServegRPCContext
     ) -> pb.ScoreReply:
         return await self._grpc("/score", "score", grpc_context, pb.ScoreReply, self._grpc_score, message)
 
@@ -144,17 +147,22 @@ class GrpcMethods:
         """Run a gRPC call needing `scope` (declared with the method, as a REST route declares its own); a Problem
         becomes a status code + problem+json details, counted like REST under the REST route's name. A message
         that did not parse (serve/grpc_servicer.py) is the problem malformed-body, after the key and quota checks.
-        `handler` answers (reply, trailing metadata): an answer's metadata is set once, with the quota's."""
+        `handler` answers (reply, trailing metadata): an answer's metadata is set once, with the quota's. While
+        `python -m serve run` stops, a new call is answered `stopping`, as its HTTP proxy answers a new request."""
         started = time.perf_counter()
         request_id = serve_request_id() or valid_request_id(context.request_id())
         quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
         try:
+            if draining():
+                raise stopping("it arrived after the stop began and was not run")
             principal = await self.access.check_grpc(scope, context.invocation_metadata(), context.peer())
             quota = await self.quotas.acquire(principal)
             if quota is not None:
                 quota.check()
             if isinstance(message, MalformedMessage):
                 raise Problem("malformed-body", f"cannot parse the request message: {message.error}")
+            if isinstance(message, OversizedMessage):
+                raise Problem("payload-too-large", f"the message is {message.size} bytes; the limit is {message.limit}")
             with self.admissions[route].slot() as place:
                 reply, trailing = await handler(message, request_id, principal, place)
             status = "OK"

@@ -4,11 +4,15 @@ Ray's proxy keeps each method's request deserializer and pickles the parsed mess
 The generated add_ObjectRemovalServicer_to_server parses with FromString, which raises on bytes that are not a
 valid message (corrupt wire format, a string field that is not UTF-8) inside grpcio: status UNKNOWN, no problem
 document, no request id, not counted. Here such bytes become a MalformedMessage, which the Ingress answers as
-the problem `malformed-body` (serve/grpc_api.py). Only grpc and the stubs are imported: the proxy loads this.
+the problem `malformed-body` (serve/grpc_api.py). Unknown fields are dropped and a message larger than the
+largest request an application takes becomes an OversizedMessage (`payload-too-large`): otherwise bytes that no
+field holds would pass the app's size check (it adds up the files) and be pickled to the replica and held there.
+Only grpc, os and the stubs are imported: the proxy loads this.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +23,7 @@ from serve import rorem_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ObjectRemoval"]
 SERVICER_FUNCTION = "serve.grpc_servicer.add_servicer"  # what every Serve config's grpc_servicer_functions names
+MAX_REQUEST_ENV = "ROREM_GRPC_MAX_REQUEST_BYTES"  # set for the proxies by serve.proxy_limits.proxy_env
 
 
 @dataclass(frozen=True)
@@ -29,17 +34,37 @@ class MalformedMessage:
     error: str
 
 
-def lenient_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedMessage]:
-    def parse(data: bytes) -> Message | MalformedMessage:
+@dataclass(frozen=True)
+class OversizedMessage:
+    """Stands for a request message larger than any application takes, in place of its bytes."""
+
+    size: int
+    limit: int
+
+
+Parsed = Message | MalformedMessage | OversizedMessage
+
+
+def lenient_parser(message_class: type[Message], max_bytes: int | None = None) -> Callable[[bytes], Parsed]:
+    def parse(data: bytes) -> Parsed:
+        if max_bytes is not None and len(data) > max_bytes:
+            return OversizedMessage(len(data), max_bytes)
         try:
-            return message_class.FromString(data)
+            message = message_class.FromString(data)
         except DecodeError as error:
             return MalformedMessage(message_class.DESCRIPTOR.full_name, str(error))
+        message.DiscardUnknownFields()
+        return message
 
     return parse
 
 
-def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
+def max_request_bytes() -> int | None:
+    value = os.environ.get(MAX_REQUEST_ENV)
+    return int(value) if value else None
+
+
+def method_handlers(servicer, max_bytes: int | None = None) -> dict[str, grpc.RpcMethodHandler]:
     """The generated stubs' handlers for every RPC of the service, parsing with lenient_parser."""
     handlers = {}
     for method in SERVICE.methods:
@@ -47,7 +72,7 @@ def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
             raise ValueError(f"{method.full_name}: only unary RPCs are registered here")
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
-            request_deserializer=lenient_parser(getattr(pb, method.input_type.name)),
+            request_deserializer=lenient_parser(getattr(pb, method.input_type.name), max_bytes),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     return handlers
@@ -55,6 +80,6 @@ def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
 
 def add_servicer(servicer, server) -> None:
     """What add_ObjectRemovalServicer_to_server does, with method_handlers."""
-    handlers = method_handlers(servicer)
+    handlers = method_handlers(servicer, max_request_bytes())
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 
 from serve.config import AppSettings, ImagingSettings, app_name, route_prefix
+from serve.grpc_servicer import MAX_REQUEST_ENV
 from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, ROUTES_ENV
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
@@ -50,12 +51,18 @@ def grpc_max_message_bytes(imaging: ImagingSettings) -> int:
     - a reply: the encoded result, which can be larger than the upload (a JPEG in, a PNG out), bounded
       by `max_megapixels`.
     A request over this limit is refused by the proxy with RESOURCE_EXHAUSTED before it is buffered
-    whole; one between `max_upload_bytes` and this limit reaches the app, which answers
-    RESOURCE_EXHAUSTED `payload-too-large`.
+    whole; one between `max_upload_bytes` and this limit reaches the app (over grpc_max_request_bytes, as a
+    stand-in without its bytes), which answers RESOURCE_EXHAUSTED `payload-too-large`.
     """
-    request = imaging.max_upload_bytes + GRPC_REQUEST_SLACK
+    request = grpc_max_request_bytes(imaging)
     reply = int(imaging.max_megapixels * 1e6) * REPLY_BYTES_PER_PIXEL + REPLY_SLACK
     return min(max(request, reply), GRPC_MESSAGE_CEILING)
+
+
+def grpc_max_request_bytes(imaging: ImagingSettings) -> int:
+    """The largest request message: the files of one request together (serve.protocol.check_upload_size) and the
+    framing. One over it is not pickled to a replica (serve.grpc_servicer.OversizedMessage)."""
+    return imaging.max_upload_bytes + GRPC_REQUEST_SLACK
 
 
 def http_max_body_bytes(imaging: ImagingSettings) -> int:
@@ -65,7 +72,7 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
     return largest_json_body(imaging.max_upload_bytes)
 
 
-PROXY_ENV_NAMES = (GRPC_MESSAGE_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV, CALLBACK_ENV)
+PROXY_ENV_NAMES = (GRPC_MESSAGE_ENV, MAX_REQUEST_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV, CALLBACK_ENV)
 """Every name proxy_env may set (k8s/render.py replaces these in a manifest and keeps any other)."""
 
 
@@ -102,6 +109,7 @@ def proxy_env(config: dict) -> dict[str, str]:
     body_timeout_s = max(settings.overload.body_timeout_s for settings in apps)
     return {
         GRPC_MESSAGE_ENV: str(max(grpc_max_message_bytes(settings.imaging) for settings in apps)),
+        MAX_REQUEST_ENV: str(max(grpc_max_request_bytes(settings.imaging) for settings in apps)),
         ROUTES_ENV: json.dumps(routes, sort_keys=True),
         PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, body_timeout_s)),
         NODE_DRAIN_ENV: str(body_timeout_s + longest_request_s(config, apps)),

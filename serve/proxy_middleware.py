@@ -373,6 +373,17 @@ def _retry_later(kind: str, detail: str) -> Problem:
     return Problem(kind, detail, {"Retry-After": str(RETRY_AFTER_S)})
 
 
+def stopping(what_happened: str) -> Problem:
+    """503 `stopping`: what became of the request, for HTTP (Drain) and gRPC (serve.grpc_api)."""
+    return _retry_later("stopping", f"{what_happened}; sent again, it reaches another instance")
+
+
+def draining() -> bool:
+    """Whether `python -m serve run` has begun to stop: the drain flag it names to the Ray processes exists."""
+    flag = os.environ.get(DRAIN_FLAG_ENV)
+    return bool(flag) and os.path.exists(flag)
+
+
 _BUSY = "this proxy holds as many arriving request bodies as it may (overload.proxy_buffer_bytes); retry"
 
 
@@ -433,5 +444,4 @@ class Drain:
                 task.cancel()
 
     async def _unavailable(self, send, what_happened: str) -> None:
-        detail = f"{what_happened}; sent again, it reaches another instance"
-        await _problem(send, _retry_later("stopping", detail))
+        await _problem(send, stopping(what_happened))

@@ -23,6 +23,7 @@ from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
 from serve.grpc_api import GrpcMethods
 from serve.grpc_client import problem_of
+from serve.problems import Problem
 from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
 from tests.helpers import REPO
 
@@ -190,6 +191,64 @@ def test_the_ingress_answers_the_marker_as_malformed_body(method, raw, route):
     assert "cannot parse the request message" in problem["detail"] and f"rorem.v1.{method}Request" in problem["detail"]
     assert ("problem-type", MALFORMED_BODY) in context.trailing
     assert ingress.metrics.answers == [(route, "grpc", "INVALID_ARGUMENT")]
+
+
+def test_unknown_fields_are_dropped_so_their_bytes_are_not_carried_past_the_size_check():
+    """The app's size check adds up the files: 100 MiB in a field the proto does not define passed it, and the
+    whole message was pickled to the replica and held there for the call."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    padding = b"\xa2\x06" + _VarintBytes(1 << 20) + bytes(1 << 20)  # field 100, length-delimited, 1 MiB
+    message = _parser("Remove")(pb.RemoveRequest(image=b"photo").SerializeToString() + padding)
+    assert message == pb.RemoveRequest(image=b"photo") and message.ByteSize() < 100
+    assert len(pickle.dumps(message)) < 1000
+
+
+@pytest.mark.parametrize("method, route", [("Remove", "/remove"), ("Score", "/score")])
+def test_a_message_over_the_largest_request_reaches_the_ingress_without_its_bytes_and_is_payload_too_large(
+    monkeypatch, method, route
+):
+    """Up to Ray's message limit (sized for replies: 201 MB) a request was parsed and pickled to a replica whole,
+    before the Ingress's key check; now only its size travels, and the key is still checked first."""
+    from serve.grpc_servicer import MAX_REQUEST_ENV, OversizedMessage
+
+    monkeypatch.setenv(MAX_REQUEST_ENV, "1000")
+    server = Server()
+    add_servicer(Mock(), server)
+    parse = server.registered[SERVICE.full_name][method].request_deserializer
+    assert isinstance(parse(bytes(1000)), MalformedMessage), "at the limit the message is parsed"
+    marker = parse(b"\x0a\x80\x08" + bytes(1024))
+    assert marker == OversizedMessage(1027, 1000) and len(pickle.dumps(marker)) < 200
+    ingress, context = _ingress(), Context()
+    asyncio.run(getattr(ingress, method)(marker, context))
+    problem = json.loads(context.details)
+    assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED and problem["type"].endswith("/payload-too-large")
+    assert problem["detail"] == "the message is 1027 bytes; the limit is 1000"
+    assert ingress.metrics.answers == [(route, "grpc", "RESOURCE_EXHAUSTED")]
+
+    class Refused(Access):
+        async def check_grpc(self, scope, metadata, peer):
+            raise Problem("unauthorized", "no key")
+
+    ingress.access, context = Refused(), Context()
+    asyncio.run(getattr(ingress, method)(marker, context))
+    assert context.code == grpc.StatusCode.UNAUTHENTICATED, "the key is checked before the size"
+
+
+def test_a_call_during_the_stop_is_answered_stopping_as_rest_is(monkeypatch, tmp_path):
+    """The HTTP proxy answered 503 `stopping` once `python -m serve run` began to stop; gRPC calls were admitted and
+    started model work, then cut by Ray's shutdown with a bare UNAVAILABLE."""
+    from serve.proxy_middleware import DRAIN_FLAG_ENV
+
+    flag = tmp_path / "draining"
+    monkeypatch.setenv(DRAIN_FLAG_ENV, str(flag))
+    ingress, context = _ingress(), Context()
+    flag.touch()
+    asyncio.run(ingress.Remove(pb.RemoveRequest(image=b"photo"), context))
+    problem = json.loads(context.details)
+    assert context.code == grpc.StatusCode.UNAVAILABLE and problem["type"].endswith("/stopping")
+    assert "was not run" in problem["detail"] and ("retry-after", "2") in context.trailing
+    assert ingress.metrics.answers == [("/remove", "grpc", "UNAVAILABLE")]
 
 
 # --- through Ray Serve's gRPC proxy ---------------------------------------------------------------------------------

@@ -283,6 +283,9 @@ def test_a_proxy_buffer_smaller_than_the_largest_body_is_refused_at_start():
 def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(tmp_path):
     """One proxy serves every application of a cluster: its HTTP settings are each application's, by route prefix;
     gRPC's message limit and the draining period, one number for the process, are the largest any needs."""
+    from serve.grpc_servicer import MAX_REQUEST_ENV
+    from serve.proxy_limits import GRPC_REQUEST_SLACK
+
     small = {"imaging": {"max_upload_bytes": 1024, "max_megapixels": 0.1}, "overload": {"body_timeout_s": 5}}
     keyed = {"auth": {"enabled": True, "keys_file": str(tmp_path / "keys.yaml")}, "overload": {"body_timeout_s": 90}}
     env = proxy_env(_config({}, small, keyed))
@@ -292,6 +295,7 @@ def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(
     assert (routes["/"]["timeout_s"], routes["/app1"]["timeout_s"], routes["/app2"]["timeout_s"]) == (60, 5, 90)
     assert [("keys_file" in routes[p]) for p in ("/", "/app1", "/app2")] == [False, False, True]
     assert int(env[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings()), "the default app's, the largest"
+    assert int(env[MAX_REQUEST_ENV]) == ImagingSettings().max_upload_bytes + GRPC_REQUEST_SLACK < int(env[GRPC_MESSAGE_ENV])
     assert float(env[PROXY_DRAINING_ENV]) == 90 > RAY_PROXY_DRAINING_S
     assert float(env[NODE_DRAIN_ENV]) == 90 + 120, "the longest body, then the applications' deadline"
     alone = {ROUTES_ENV: json.dumps({"/": routes["/"]}), PROXY_DRAINING_ENV: "60.0", NODE_DRAIN_ENV: "180.0"}
