@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -1545,6 +1546,83 @@ def test_a_marker_is_claimed_without_hard_links_or_a_conditional_put(tmp_path, m
     assert s3.claim_marker("c" * 32) == "c" * 32 and s3.claim_marker("d" * 32) == "c" * 32
 
 
+def _disk_full(monkeypatch, partial_writes: bool = True) -> None:
+    """The object store's files are created and their writes fail with ENOSPC (a full disk, a quota): those of
+    its exclusive creates, and of its partial writes unless `partial_writes` is False."""
+    import types
+
+    from serve.retention import objects
+
+    def mkstemp(**where):
+        fd, path = tempfile.mkstemp(**where)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), path
+
+    def full(path, mode="r", *args, **kwargs):
+        if "x" not in mode:
+            return open(path, mode, *args, **kwargs)
+        open(path, mode).close()
+        return open("/dev/full", "w")
+
+    if partial_writes:
+        monkeypatch.setattr(objects, "tempfile", types.SimpleNamespace(mkstemp=mkstemp))
+    monkeypatch.setattr(objects, "open", full, raising=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_marker_write_a_full_disk_failed_leaves_no_marker_and_the_store_ties_itself_once_there_is_room(
+    tmp_path, monkeypatch, links
+):
+    """The failed write of the marker took the no-hard-links fallback, whose write failed too: an empty marker
+    stayed, no claim could replace it, and no image of a deleted or expired result was removed again. Without
+    hard links the fallback's own write is the one that fails."""
+    import errno
+
+    def no_links(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    objects = LocalObjectStore(tmp_path / "objects")
+    with monkeypatch.context() as full:
+        _disk_full(full, partial_writes=links)
+        if not links:
+            full.setattr(os, "link", no_links)
+        store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    assert os.listdir(tmp_path / "objects") == [], "neither a marker nor a partial write"
+    result = store.save(_new(b"saved once there is room"))
+    assert store.owns_its_objects() and objects.marker() is not None
+    assert store.delete(result) and _files(tmp_path / "objects") == set()
+
+
+def test_a_stale_marker_without_an_id_is_replaced_a_fresh_one_is_left_to_its_claim(tmp_path, monkeypatch):
+    """An empty marker (an earlier version's claim cut short) kept the store untied for good. A fresh one may be a
+    claim without hard links whose id is being written; one that another claim put in place of the stale one
+    just before this claim's move is put back."""
+    from serve.retention.objects import STALE_MARKER_S
+
+    objects = LocalObjectStore(tmp_path / "objects")
+    marker = tmp_path / "objects" / MARKER
+    marker.write_bytes(b"")
+    assert objects.claim_marker("a" * 32) is None and marker.read_bytes() == b"", "fresh: left alone"
+    long_ago = time.time() - STALE_MARKER_S - 1
+    os.utime(marker, (long_ago, long_ago))
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects)
+    assert store.owns_its_objects() and objects.marker() is not None
+
+    marker.write_bytes(b"\xff\xfe")
+    os.utime(marker, (long_ago, long_ago))
+    rename = os.rename
+
+    def another_claim_first(source, target):
+        rename(source, tmp_path / "moved by another claim")
+        marker.write_text("b" * 32)
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", another_claim_first)
+    assert objects.claim_marker("a" * 32) == "b" * 32
+    assert os.listdir(tmp_path / "objects") == [MARKER], "what this claim moved aside is gone"
+
+
 def test_the_sweeper_deletes_old_partial_writes_a_killed_process_left_never_a_fresh_one(tmp_path):
     """An object is written to `.partial-...` in its folder and then renamed: a ResultStore killed mid-write (OOM,
     SIGKILL, a node lost) left that file, which the sweeper never deleted, however old and large. A fresh one may
@@ -1994,8 +2072,9 @@ def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_q
         client.retention.store.close()
 
 
-def test_a_result_past_max_age_is_not_found_by_delete_either_and_the_sweeper_removes_it(tmp_path, monkeypatch):
-    """Past max_age_days and not swept yet, a result answered 404 to GET and POST /feedback but 204 to DELETE."""
+def test_a_result_past_max_age_is_not_found_by_delete_either_but_deleted_at_once(tmp_path, monkeypatch):
+    """Past max_age_days and not swept yet, a result answered 404 to GET and POST /feedback but 204 to DELETE; then
+    DELETE answered 404 and deleted nothing, so the photo stayed until a sweep (for good while sweeps failed)."""
     from tests.helpers import assert_problem
 
     client, keys = _keyed_ingress(tmp_path, monkeypatch, max_age_days=1)
@@ -2007,9 +2086,8 @@ def test_a_result_past_max_age_is_not_found_by_delete_either_and_the_sweeper_rem
         monkeypatch.setattr(store, "clock", lambda: now() + dt.timedelta(days=1, seconds=1))
         assert_problem(client.get(f"/results/{result_id}", headers=as_admin), 404, "not-found")
         assert_problem(client.delete(f"/results/{result_id}", headers=as_admin), 404, "not-found")
-        assert _rows(store) == [result_id], "not swept yet"
-        assert client.retention.store.sweep() == 1 and _rows(store) == []
-        assert _files(tmp_path / "kept" / "objects") == set()
+        assert _rows(store) == [] and _files(tmp_path / "kept" / "objects") == set(), "not left to the sweeper"
+        assert_problem(client.delete(f"/results/{result_id}", headers=as_admin), 404, "not-found")
     finally:
         client.retention.store.close()
 

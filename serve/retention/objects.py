@@ -8,10 +8,11 @@ needs boto3, imported only when such a store is made.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,11 @@ from typing import Protocol
 PARTIAL = ".partial-"  # a local object's name while it is written, beside its key, before the rename
 # Beside the objects (never a key): the id of the database whose results the objects are, RetentionStore's tie
 MARKER = "store-id"
+# A marker without an id this old is a claim a crash or a full disk cut short, never one being written (a write of
+# 32 bytes), with room for the clocks of the hosts sharing a folder to differ
+STALE_MARKER_S = 300.0
+# os.link's errors on a filesystem without hard links, where claim_marker falls back to an exclusive create
+LINKS_UNSUPPORTED = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
 
 
 class ObjectMissing(KeyError):
@@ -130,27 +136,65 @@ class LocalObjectStore:
         return dropped
 
     def marker(self) -> str | None:
-        """None also while an exclusive create (a filesystem without hard links) has not written the id yet."""
-        try:
-            return (self.root / MARKER).read_text().strip() or None
-        except FileNotFoundError:
-            return None
+        """None also while an exclusive create (a filesystem without hard links) has not written the id yet, and
+        for an empty or undecodable marker (a claim a crash or a full disk cut short, before this version)."""
+        return _id_in(self.root / MARKER)
 
     def claim_marker(self, store_id: str) -> str:
-        """Written whole beside it, then linked into place: a link fails where the marker is, unlike a rename."""
+        """Written whole beside it, then linked into place: a link fails where the marker is, unlike a rename. A
+        write that fails (a full disk) raises and leaves no marker, so the next sweep claims it again. A marker
+        without an id (marker() None) older than STALE_MARKER_S is moved aside first; one that is another
+        claim's, made just after such a move, is put back in place of ours."""
+        moved = self._move_stale_marker()
+        self._place_marker(moved or store_id)
+        return self.marker()
+
+    def _place_marker(self, store_id: str) -> None:
         fd, partial = tempfile.mkstemp(dir=self.root, prefix=PARTIAL)
         try:
             with os.fdopen(fd, "w") as file:
                 file.write(store_id)
-            os.link(partial, self.root / MARKER)
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links (CIFS, some FUSE mounts): an exclusive create instead
-            with contextlib.suppress(FileExistsError), open(self.root / MARKER, "x") as marker:
-                marker.write(store_id)
+            try:
+                os.link(partial, self.root / MARKER)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                if exc.errno not in LINKS_UNSUPPORTED:
+                    raise
+                self._create_marker(store_id)
         finally:
             Path(partial).unlink(missing_ok=True)
-        return self.marker()
+
+    def _create_marker(self, store_id: str) -> None:
+        """Without hard links (CIFS, some FUSE mounts): an exclusive create, removed again if its write fails, so
+        that no empty marker stays to be taken for a claim under way."""
+        created = False
+        try:
+            with open(self.root / MARKER, "x") as marker:
+                created = True
+                marker.write(store_id)
+        except FileExistsError:
+            pass
+        except BaseException:
+            if created:
+                (self.root / MARKER).unlink(missing_ok=True)
+            raise
+
+    def _move_stale_marker(self) -> str | None:
+        """Move a stale marker without an id aside (a rename: of two claims, one moves it); returns the id in what
+        was moved where that was another claim's fresh marker instead (it moved the stale one first)."""
+        path = self.root / MARKER
+        try:
+            if self.marker() is not None or time.time() - path.stat().st_mtime < STALE_MARKER_S:
+                return None
+            aside = self.root / f"{PARTIAL}{MARKER}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        try:
+            return _id_in(aside)
+        finally:
+            aside.unlink(missing_ok=True)
 
     def _written_before(self, moment: float) -> Iterator[Path]:
         """The files in the key folders last written before `moment`; files deleted while this walks them (a delete
@@ -270,6 +314,13 @@ class S3ObjectStore:
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"s3://{self.bucket}/{self.prefix}{where}"
+
+
+def _id_in(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
 
 
 def _error_code(exc: Exception) -> str:

@@ -272,14 +272,14 @@ class RetentionStore:
         return self.objects.get(stored.keys[kind]), stored.media_types[kind]
 
     def delete(self, result_id: str) -> bool:
-        """Remove a result, its verdicts and its no longer referenced objects; False if there was none, as for a
-        result past max_age_days, which no reader finds any more (the sweeper removes it)."""
+        """Remove a result, its verdicts and its no longer referenced objects; whether a reader found it (False if
+        there was none). One past max_age_days, which no reader finds, is removed all the same: False, as for the
+        readers, but its photo is gone now, not at a sweep that may be minutes away or failing."""
         with Session(self.engine) as session:
-            if session.scalar(self._found(result_id)) is None:
-                return False
+            found = session.scalar(self._found(result_id)) is not None
         deleted, keys = self._delete_rows([result_id])
         self._drop_one_by_one(keys)
-        return deleted == 1
+        return found and deleted == 1
 
     # ------------------------------------------------------------ feedback
 

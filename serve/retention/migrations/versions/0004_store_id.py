@@ -1,7 +1,8 @@
 """the database names its object store: a random id, also in the store's marker object, so an orphan sweep never
 runs against another store's objects (RetentionStore.owns_its_objects); a database upgraded from an earlier
 revision gets its id as legacy (serve.retention.db._upgrade, which knows where the upgrade started): its store,
-without a marker yet, is adopted when it is empty or holds the database's newest results
+without a marker yet, is adopted (as any store without a marker) when at most 1% of its objects are ones the
+database does not know (serve.retention.store.ADOPT_UNREFERENCED; an empty store qualifies)
 
 Revision ID: 0004
 Revises: 0003
