@@ -8,8 +8,8 @@ baseline (loadtests/naive_app.py: FastAPI + diffusers' SDXL inpainting pipeline,
 time, the whole image resized to the model side) loads it with diffusers. Each runs alone on the
 machine, in turn, under `locust --headless` with REST users only (loadtests/locustfile.py, every
 answer checked for a valid image of the input's size). Prints and saves (out/bench_vs_naive.json)
-requests/s, p50/p95/p99 and failures of the removals, and the refusals (429/503 with Retry-After, which
-locust counts as successes) apart.
+requests/s, p50/p95/p99 and failures of the removals, and the refusals (a busy service's 429 / 503 with
+Retry-After, too-many-requests or overloaded, which locust counts as successes) apart.
 """
 
 from __future__ import annotations

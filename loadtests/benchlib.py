@@ -25,6 +25,13 @@ from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_RETRY_AFTER_S = 60.0  # a client that is told to come back later still comes back within a load test
+API_KEY_ENV = "ROREM_API_KEY"  # as serve.grpc_client's, which imports grpc
+
+
+def api_key_headers(key: str | None) -> dict[str, str]:
+    """The credentials of a service with API keys on: serve/auth.py takes `x-api-key` as a REST header and as gRPC
+    metadata alike."""
+    return {"x-api-key": key} if key else {}
 
 
 def retry_after_s(value: str | None, now: float | None = None) -> float:

@@ -5,11 +5,12 @@
 Starts the local service once (tiny bundle, the shipped config with `overload.max_in_flight` set so
 shedding shows on this machine), then for each level runs that many closed-loop clients for
 --seconds (loadtests/soak.py's client: a 512 photo, a centred mask, every answer checked). A client
-told 429/503 waits Retry-After (at most 2 s), as a polite client does. Per level: removals completed
-inside the window per second (each client's request in flight when the window closes is awaited but not
-counted: with N closed-loop clients counting it overstated the rate by ~N / (rate x seconds)),
-p50/p95/p99 of the successful ones, the share of 429 and 503 answers, other 5xx, lost.
-The saturation point is the lowest level reaching 95% of the best throughput. Saves
+told to come back waits Retry-After, as a polite client does. Per level: removals completed (a valid
+image) inside the window per second (each client's request in flight when the window closes is awaited but
+not counted: with N closed-loop clients counting it overstated the rate by ~N / (rate x seconds)),
+p50/p95/p99 of the successful ones, the share of 429 and 503 answers, other 4xx, other 5xx, bad answers (a
+200 without the image, an error without problem+json), lost. The saturation point is the lowest level
+reaching 95% of the best throughput; there is none when no level completed a removal. Saves
 out/latency_report.json.
 """
 
@@ -36,9 +37,20 @@ def level_row(report: SoakReport) -> dict:
         "sent": report.sent,
         "share_429": round(report.errored.get("429", 0) / answered, 3),
         "share_503": round(report.errored.get("503", 0) / answered, 3),
+        "other_4xx": sum(n for s, n in report.errored.items() if s.startswith("4") and s != "429"),
         "other_5xx": sum(n for s, n in report.errored.items() if s.startswith("5") and s != "503"),
+        "bad_answers": report.bad_result + report.bad_error,
         "lost": report.lost,
     }
+
+
+def saturation_point(levels: list[dict]) -> int | None:
+    """The fewest clients reaching 95% of the best ok/s; None when no level completed a removal (every level
+    reaches 95% of 0: a run of 401s named its first level the saturation point)."""
+    best = max((level["ok_per_s"] for level in levels), default=0)
+    if not best:
+        return None
+    return next(level["clients"] for level in levels if level["ok_per_s"] >= 0.95 * best)
 
 
 def main() -> None:
@@ -66,20 +78,27 @@ def main() -> None:
     finally:
         stop_service(child)
     best = max(level["ok_per_s"] for level in levels)
-    saturation = next(level["clients"] for level in levels if level["ok_per_s"] >= 0.95 * best)
+    saturation = saturation_point(levels)
     result = {"seconds": args.seconds, "side": args.side, "max_in_flight": args.max_in_flight, "gate": args.gate,
               "levels": levels, "saturation_clients": saturation, "best_ok_per_s": best}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'clients':>7} {'ok/s':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'429':>6} {'503':>6} {'5xx':>4} {'lost':>4}")
+    print(
+        f"{'clients':>7} {'ok/s':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'429':>6} {'503':>6} {'4xx':>4}"
+        f" {'5xx':>4} {'bad':>4} {'lost':>4}"
+    )
     for level in levels:
         print(
             f"{level['clients']:>7} {level['ok_per_s']:>6} {level.get('p50_ms', '-'):>7} {level.get('p95_ms', '-'):>7}"
             f" {level.get('p99_ms', '-'):>7} {level['share_429']:>6.1%} {level['share_503']:>6.1%}"
-            f" {level['other_5xx']:>4} {level['lost']:>4}"
+            f" {level['other_4xx']:>4} {level['other_5xx']:>4} {level['bad_answers']:>4} {level['lost']:>4}"
         )
-    print(f"ok/s: removals completed inside each {args.seconds:g} s window, per second")
-    print(f"saturation at {saturation} clients ({best} removals/s); saved {args.out}")
+    print(f"ok/s: removals completed inside each {args.seconds:g} s window, per second; bad: a 200 without the image,"
+          " an error without problem+json")  # fmt: skip
+    if saturation is None:
+        print(f"no level completed a removal: no saturation point; saved {args.out}")
+    else:
+        print(f"saturation at {saturation} clients ({best} removals/s); saved {args.out}")
 
 
 if __name__ == "__main__":

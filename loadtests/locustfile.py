@@ -13,21 +13,25 @@ Knobs (environment variables):
   ROREM_GATE     gate mode sent with every request (default: the service's)
   ROREM_USERS    "rest:3,grpc:1" user-class weights (default); "rest:1,grpc:0" for REST only
   ROREM_TIMEOUT_S  seconds a REST or gRPC request may take before it counts as failed (default 120)
+  ROREM_API_KEY  the API key of a service with keys on, sent as `x-api-key` (REST header, gRPC metadata)
 
 Every answer is checked: a 200 must carry an image of the input's size (its header: decoding a 12 MP
 answer would block every user of this gevent process and add to the next ones' times), else the request
 is counted as failed (so a smoke run fails on any error, any stall past ROREM_TIMEOUT_S or any response
 without a valid image). The inputs of ROREM_MIX are built when locust starts, before any user runs (the
 12 MP photo takes seconds, which the first request of each size otherwise paid and every user waited).
-A refusal that says when to come back (429 / 503 with Retry-After; gRPC RESOURCE_EXHAUSTED / UNAVAILABLE
-with retry-after) is what the service does under overload, not an error: it is reported under its own
-name ("/remove 512 refused 429") so the removals' latencies are the removals', and the user waits the
-Retry-After before its next request, as a well-behaved client does.
+A refusal because the service is busy (a problem of serve.problems.LOAD_REFUSALS, too-many-requests or
+overloaded, with Retry-After; over gRPC its `problem-type` and `retry-after` metadata, or Ray's proxy's
+RESOURCE_EXHAUSTED for backpressure) is what the service does under overload, not an error: it is reported
+under its own name ("/remove 512 refused 429") so the removals' latencies are the removals', and the user
+waits the Retry-After before its next request, as a well-behaved client does. Every other error is a
+failure, Retry-After or not: a 503 replica-failed, not-ready or stopping says something broke.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import sys
@@ -36,16 +40,15 @@ from functools import cache
 
 import gevent
 import numpy as np
-from benchlib import retry_after_s, valid_image  # locust puts loadtests/ on sys.path
+from benchlib import API_KEY_ENV, api_key_headers, retry_after_s, valid_image  # locust puts loadtests/ on sys.path
 from locust import HttpUser, User, between, events, task
 from locust.runners import MasterRunner
 from PIL import Image
 
 from serve.ports import url_host
+from serve.problems import LOAD_REFUSALS
 
 SIZES = {"512": (512, 512), "1024": (1024, 1024), "12mp": (4000, 3000)}
-REFUSALS = (429, 503)
-GRPC_REFUSALS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8000, 9000
 MASK_FRACTIONS = (0.05, 0.15, 0.3)
 
@@ -58,7 +61,8 @@ def _weights(text: str) -> dict[str, int]:
 MIX = _weights(os.environ.get("ROREM_MIX", "512:6,1024:3,12mp:1"))
 USER_WEIGHTS = _weights(os.environ.get("ROREM_USERS", "rest:3,grpc:1"))
 GATE = os.environ.get("ROREM_GATE", "")
-REQUEST_TIMEOUT_S = float(os.environ.get("ROREM_TIMEOUT_S", "120"))  # locust's HttpSession has none: a hang is a failure
+REQUEST_TIMEOUT_S = float(os.environ.get("ROREM_TIMEOUT_S", "120"))  # HttpSession has none: a hang is a failure
+CREDENTIALS = api_key_headers(os.environ.get(API_KEY_ENV))
 
 
 @cache
@@ -124,11 +128,39 @@ def image_problem(content: bytes, size: str) -> str | None:
     return None if valid_image(content, SIZES[size]) else f"not a valid image of {SIZES[size]}"
 
 
+def problem_slug(type_uri: object) -> str | None:
+    """The kind a problem's `type` names (serve.problems.TYPE_BASE + slug), None if it names none."""
+    return type_uri.rsplit("/", 1)[-1] if isinstance(type_uri, str) and type_uri else None
+
+
+def rest_refusal(headers, body: bytes) -> bool:
+    """Whether an answer is a load refusal (LOAD_REFUSALS, with Retry-After): a 503 replica-failed or not-ready
+    also has a Retry-After, and a crashing Remover counted as refused showed no failure."""
+    if not headers.get("retry-after"):
+        return False
+    try:
+        problem = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(problem, dict) and problem_slug(problem.get("type")) in LOAD_REFUSALS
+
+
+def grpc_refusal(code: str, details: str | None, trailing: dict) -> bool:
+    """Whether a gRPC error is a load refusal: a problem-type of LOAD_REFUSALS with retry-after, or Ray's gRPC
+    proxy's backpressure, a RESOURCE_EXHAUSTED with neither (docs/reliability.md)."""
+    if "problem-type" not in trailing:
+        return code == "RESOURCE_EXHAUSTED" and "backpressure" in (details or "")
+    return problem_slug(trailing["problem-type"]) in LOAD_REFUSALS and bool(trailing.get("retry-after"))
+
+
 class RestUser(HttpUser):
     """POST /remove with multipart uploads, PNG out."""
 
     weight = USER_WEIGHTS.get("rest", 3)
     wait_time = between(0.0, 0.5)
+
+    def on_start(self):
+        self.client.headers.update(CREDENTIALS)
 
     @task
     def remove(self):
@@ -141,16 +173,16 @@ class RestUser(HttpUser):
         with self.client.post(
             "/remove", files=files, data=data, name=name, catch_response=True, timeout=REQUEST_TIMEOUT_S
         ) as response:
-            retry_after = response.headers.get("retry-after")
-            if response.status_code in REFUSALS and retry_after:
+            refused = rest_refusal(response.headers, response.content or b"")
+            if refused:
                 response.request_meta["name"] = f"{name} refused {response.status_code}"
                 response.success()
             elif response.status_code != 200:
                 response.failure(f"{response.status_code}: {(response.text or str(response.error))[:200]}")
             elif problem := image_problem(response.content, size):
                 response.failure(problem)
-        if response.status_code in REFUSALS and retry_after:
-            gevent.sleep(retry_after_s(retry_after))
+        if refused:
+            gevent.sleep(retry_after_s(response.headers.get("retry-after")))
 
 
 class GrpcUser(User):
@@ -182,13 +214,14 @@ class GrpcUser(User):
         size, image, mask = pick_input()
         request = pb.RemoveRequest(image=image, mask=mask, output_format="png", seed=random.getrandbits(31), gate=GATE)
         started = time.perf_counter()
-        exception, length, name, retry_after, reply = None, 0, f"Remove {size}", None, None
+        exception, length, name, refused, retry_after, reply = None, 0, f"Remove {size}", False, None, None
         try:
-            reply = self.stub.Remove(request, timeout=REQUEST_TIMEOUT_S)
+            reply = self.stub.Remove(request, timeout=REQUEST_TIMEOUT_S, metadata=tuple(CREDENTIALS.items()))
         except grpc.RpcError as error:
-            retry_after = dict(error.trailing_metadata() or ()).get("retry-after")
-            if error.code().name in GRPC_REFUSALS and retry_after:
-                name = f"Remove {size} refused {error.code().name}"
+            trailing = dict(error.trailing_metadata() or ())
+            if grpc_refusal(error.code().name, error.details(), trailing):
+                name, refused = f"Remove {size} refused {error.code().name}", True
+                retry_after = trailing.get("retry-after")
             else:
                 exception = RuntimeError(f"{error.code().name}: {(error.details() or '')[:200]}")
         response_time = (time.perf_counter() - started) * 1000  # the answer's arrival, as locust times REST users
@@ -204,7 +237,7 @@ class GrpcUser(User):
             exception=exception,
             context={},
         )
-        if retry_after and exception is None:
+        if refused:
             gevent.sleep(retry_after_s(retry_after))
 
 

@@ -6,11 +6,14 @@ of what happened to every request.
         --chaos-deployments Remover,Scorer --out out/soak.json
 
 Counts: sent (requests started), answered (an HTTP answer came back: a valid image, or a problem+json
-error), ok and ok_in_window (the 200s, and those of them that came back before --seconds had passed: each
-client's last request ends after it), errored (answered with an error, by status), lost (no answer:
-connection dropped or the client deadline passed). lost must be 0: a request may fail, but it must be
-told so. A 200 without a decodable image of the input's size counts as `bad_result`, an error without
-problem+json as `bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero.
+error), ok and ok_in_window (the 200s with a valid image, and those of them that came back before --seconds
+had passed: each client's last request ends after it), errored (answered with an error, by status), lost (no
+answer: connection dropped or the client deadline passed). lost must be 0: a request may fail, but it must be
+told so. A 200 without a decodable image of the input's size counts as `bad_result` (not ok), an error without
+problem+json as `bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero, when
+no request succeeded, or on any 4xx but a loaded service's (429, 408: UNDER_LOAD): a run whose every request
+got 401 (no --api-key) removed nothing. A client waits out an error's Retry-After (at most
+benchlib.MAX_RETRY_AFTER_S, and not past the window), or ERROR_PAUSE_S without one.
 
 Chaos kills replica processes of a local Serve (`ray::ServeReplica:<app>:<deployment>`) with SIGKILL,
 round-robin over --chaos-deployments, only those of the service --url answers for (the instance id its
@@ -33,13 +36,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import (
-    center_mask, exit_if_unreachable, photo, png, positive_int, retry_after_s, summarize, valid_image,
+    API_KEY_ENV, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int, retry_after_s,
+    summarize, valid_image,
 )  # fmt: skip
 
 from serve.config import INSTANCE_ENV
+from serve.problems import KIND_BY_SLUG, LOAD_REFUSALS
 
-
-LOST_PAUSE_S = 0.1  # after a lost request (a refused connection answers at once: no tight loop on a dead port)
+# after a lost request or an error without Retry-After (a refused connection or a 401 answers at once: no tight loop)
+ERROR_PAUSE_S = 0.1
+# the statuses a loaded service answers a well-formed request with: its refusals, and Ray's proxy's request timeout
+UNDER_LOAD = frozenset(str(KIND_BY_SLUG[slug].status) for slug in (*LOAD_REFUSALS, "proxy-timeout"))
 
 
 @dataclass
@@ -60,7 +67,11 @@ class SoakReport:
 
     @property
     def passed(self) -> bool:
-        return self.lost == 0 and self.bad_result == 0 and self.bad_error == 0 and "500" not in self.errored
+        """Whether the service answered every request well; a 4xx but UNDER_LOAD's says the run's requests were
+        refused (a missing key, a bad input), and a run without one ok removal measured nothing."""
+        refused = [status for status in self.errored if status.startswith("4") and status not in UNDER_LOAD]
+        well_formed = self.lost == 0 and self.bad_result == 0 and self.bad_error == 0
+        return well_formed and "500" not in self.errored and not refused and self.ok > 0
 
 
 def replica_pids(deployment: str, instance: str, app: str, proc: Path = Path("/proc")) -> list[int]:
@@ -130,23 +141,27 @@ def run_soak(
                     with lock:
                         report.lost += 1
                         report.lost_reasons[type(exc).__name__] = report.lost_reasons.get(type(exc).__name__, 0) + 1
-                    time.sleep(LOST_PAUSE_S)
+                    time.sleep(ERROR_PAUSE_S)
                     continue
                 answered_at = time.monotonic()
                 elapsed_ms = (answered_at - started) * 1000
+                good = response.status_code == 200 and valid_image(response.content, (side, side))
                 with lock:
                     report.answered += 1
-                    if response.status_code == 200:
+                    if good:
                         report.ok += 1
                         report.ok_in_window += answered_at <= deadline
                         latencies.append(elapsed_ms)
-                        report.bad_result += not valid_image(response.content, (side, side))
+                    elif response.status_code == 200:
+                        report.bad_result += 1
                     else:
                         key = str(response.status_code)
                         report.errored[key] = report.errored.get(key, 0) + 1
                         report.bad_error += response.headers.get("content-type") != "application/problem+json"
-                if response.status_code in (429, 503):  # each client waits on its own, not holding the others' lock
-                    time.sleep(min(retry_after_s(response.headers.get("retry-after")), 2.0))
+                if not good:  # each client waits on its own, not holding the others' lock
+                    retry_after = response.headers.get("retry-after")
+                    pause = retry_after_s(retry_after) if retry_after else ERROR_PAUSE_S
+                    time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
 
     def chaos() -> None:
         turn = 0
@@ -157,7 +172,8 @@ def run_soak(
             turn += 1
             for pid in replica_pids(deployment, instance, application)[:1]:
                 os.kill(pid, signal.SIGKILL)
-                report.kills.append({"at_s": round(seconds - (deadline - time.monotonic()), 1), "deployment": deployment, "pid": pid})
+                at_s = round(seconds - (deadline - time.monotonic()), 1)
+                report.kills.append({"at_s": at_s, "deployment": deployment, "pid": pid})
 
     if chaos_every_s:
         instance, application = service_identity(url, headers)
@@ -180,7 +196,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--clients", type=positive_int, default=4)
     parser.add_argument("--side", type=int, default=512, help="square photo side sent with every request")
-    parser.add_argument("--api-key", default=os.environ.get("ROREM_API_KEY"))
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV))
     parser.add_argument("--gate", default=None, help="gate mode sent with every request")
     parser.add_argument("--chaos-every", type=float, default=None, help="kill a replica every N seconds")
     parser.add_argument("--chaos-deployments", default="Remover")
@@ -191,7 +207,7 @@ def main() -> int:
         httpx.get(options.url + "/healthz", timeout=10)  # a wrong --url: one line, not a run of lost requests
         report = run_soak(
             options.url, options.seconds, options.clients, side=options.side,
-            headers={"x-api-key": options.api_key} if options.api_key else None,
+            headers=api_key_headers(options.api_key),
             fields={"gate": options.gate} if options.gate else None,
             chaos_every_s=options.chaos_every, chaos_deployments=tuple(options.chaos_deployments.split(",")),
         )  # fmt: skip
@@ -199,7 +215,7 @@ def main() -> int:
     print(f"{'sent':>8} {'answered':>9} {'ok':>6} {'errored':>18} {'lost':>5} {'kills':>6}  p50/p95/p99 ms")
     print(
         f"{report.sent:>8} {report.answered:>9} {report.ok:>6} {json.dumps(report.errored):>18} {report.lost:>5}"
-        f" {len(report.kills):>6}  {report.latency_ms.get('p50')}/{report.latency_ms.get('p95')}/{report.latency_ms.get('p99')}"
+        f" {len(report.kills):>6}  {'/'.join(str(report.latency_ms.get(q)) for q in ('p50', 'p95', 'p99'))}"
     )
     print("PASSED" if report.passed else f"FAILED: {json.dumps(summary)}")
     if options.out:

@@ -80,6 +80,10 @@ EXTENSIONS = MappingProxyType(
     }
 )
 KIND_BY_SLUG = MappingProxyType({kind.slug: kind for kind in KINDS})
+# Refusals because the service is busy (a replica's or a proxy's queue, a key's quota), which a retry after
+# Retry-After may pass; every other 503 (replica-failed, not-ready, stopping...) says something failed. The load
+# tests count these apart from failures (loadtests/)
+LOAD_REFUSALS = frozenset({"too-many-requests", "overloaded"})
 STATUS_BY_PROBLEM = MappingProxyType({kind.slug: kind.status for kind in KINDS})
 TITLES = MappingProxyType({kind.slug: kind.title for kind in KINDS})
 

@@ -267,24 +267,87 @@ def test_open_loop_counts_a_200_without_the_image_apart(monkeypatch):
     assert row["completed_per_s"] == 0 and row["p50_ms"] is None and row["other_errors"] == 0, row
 
 
+def _always_answers(status: int, slug: str, retry_after: str | None = None) -> type[CannedAnswers]:
+    """A service answering every POST /remove with the problem `slug`, and this Retry-After if given."""
+
+    class Answers(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"type": slug, "status": status}).encode()
+            headers = {"Content-Type": "application/problem+json"}
+            if retry_after:
+                headers["Retry-After"] = retry_after
+            self.reply(status, body, headers)
+
+    return Answers
+
+
 def test_a_soak_client_waiting_out_a_retry_after_does_not_hold_up_the_others():
     """Each client slept out a 429's Retry-After holding the lock every client needs to count its next request:
     one refusal stopped the whole load, and the published 16- and 32-client rows measured that, not the service."""
     soak = load_script("loadtests/soak.py")
 
-    class AlwaysRefuses(CannedAnswers):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["content-length"]))
-            body = json.dumps({"type": "too-many-requests", "status": 429}).encode()
-            self.reply(429, body, {"Content-Type": "application/problem+json", "Retry-After": "1"})
-
-    with loopback_server(AlwaysRefuses) as url:
+    with loopback_server(_always_answers(429, "too-many-requests", "1")) as url:
         started = time.monotonic()
         report = soak.run_soak(url, seconds=2.0, clients=4, side=32)
         took = time.monotonic() - started
     assert report.errored == {"429": report.sent} and report.lost == 0
     assert report.sent >= 8, f"4 clients waiting 1 s each sent {report.sent} requests in 2 s"
     assert took < 3.5
+
+
+@pytest.mark.parametrize("status, slug, retry_after", [(401, "unauthorized", None), (503, "replica-failed", "1")])
+def test_a_soak_run_without_one_removal_fails_and_pauses_between_errors(status, slug, retry_after):
+    """A run whose every request got 401 (no --api-key) or a failed replica's 503 reported PASSED (only lost, bad
+    answers and 500 counted), and a client answered 401 at once sent again at once: a tight loop."""
+    soak = load_script("loadtests/soak.py")
+    with loopback_server(_always_answers(status, slug, retry_after)) as url:
+        report = soak.run_soak(url, seconds=1.0, clients=1, side=32)
+    assert report.errored == {str(status): report.sent} and not report.passed, report
+    assert report.sent <= 1.0 / soak.ERROR_PAUSE_S + 2, f"{report.sent} requests in 1 s: no pause between errors"
+
+
+def test_a_soak_run_fails_on_a_4xx_other_than_a_loaded_services():
+    """429 and 408 are what a loaded service answers a good request; a 401 or 422 among them is the run's fault."""
+    soak = load_script("loadtests/soak.py")
+    report = soak.SoakReport(seconds=1.0, clients=1, sent=4, answered=4, ok=2, errored={"429": 1, "503": 1})
+    assert report.passed
+    assert soak.SoakReport(**{**report.__dict__, "errored": {"408": 1, "504": 1}}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"429": 1, "401": 1}}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"422": 2}}).passed
+
+
+def test_a_soak_client_honours_a_retry_after_longer_than_2_s_within_the_window():
+    """Clients waited at most 2 s, coming back before a key's quota (Retry-After up to 60 s) had reset; they now
+    wait the whole Retry-After, but not past the window's end."""
+    soak = load_script("loadtests/soak.py")
+    with loopback_server(_always_answers(429, "too-many-requests", "3")) as url:
+        started = time.monotonic()
+        report = soak.run_soak(url, seconds=2.5, clients=2, side=32)
+        took = time.monotonic() - started
+    assert report.sent == 2 and report.errored == {"429": 2}, f"one request per client: {report}"
+    assert took < 4.0
+
+
+def test_a_200_without_the_image_is_not_an_ok_removal_nor_a_saturation_point():
+    """soak counted a 200 with a wrong-sized image as ok (and in ok_per_s); latency_report's rows left out bad
+    answers and other 4xx, and named its first level the saturation point when no level removed anything."""
+    latency_report = load_script("loadtests/latency_report.py")
+
+    class WrongSize(_Answers32):
+        side = 16
+
+    with loopback_server(WrongSize) as url:
+        report = latency_report.run_soak(url, seconds=0.5, clients=1, side=32)
+    assert report.ok == report.ok_in_window == 0 and report.bad_result == report.answered >= 1, report
+    assert not report.passed and not report.latency_ms
+    row = latency_report.level_row(report)
+    assert row["ok_per_s"] == 0 and row["bad_answers"] == report.bad_result and row["other_4xx"] == 0
+    assert latency_report.saturation_point([row, {**row, "clients": 2}]) is None
+    rising = [{"clients": 1, "ok_per_s": 1.0}, {"clients": 2, "ok_per_s": 2.0}, {"clients": 4, "ok_per_s": 1.95}]
+    assert latency_report.saturation_point(rising) == 2
+    unauthorized = latency_report.SoakReport(seconds=1.0, clients=1, answered=3, errored={"401": 2, "429": 1})
+    assert latency_report.level_row(unauthorized)["other_4xx"] == 2
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,13 @@ def test_the_docs_say_the_default_output_format_as_negotiation_applies_it():
         text = " ".join((REPO / name).read_text().replace("//", " ").split())
         assert negotiation.DEFAULT in text, name
         assert not re.search(r"else the input's format(?! if)|empty: the input's format(?! if)", text), name
+
+
+def test_loadtests_readme_names_every_knob_the_locustfile_reads():
+    """loadtests/README.md's list of locust knobs left out ROREM_GRPC_APPLICATION, which a cluster of several
+    applications needs, though the locustfile's docstring and docs/operations.md named it."""
+    locustfile = (REPO / "loadtests" / "locustfile.py").read_text()
+    knobs = set(re.findall(r"\bROREM_[A-Z_]+\b", locustfile.split('"""')[1]))
+    assert {"ROREM_GRPC_APPLICATION", "ROREM_API_KEY"} <= knobs
+    locust_section = (REPO / "loadtests" / "README.md").read_text().split("## Locust", 1)[1]
+    assert knobs - set(re.findall(r"\bROREM_[A-Z_]+\b", locust_section)) == set()

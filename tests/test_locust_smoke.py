@@ -1,16 +1,18 @@
 """The locust smoke profile against the local Serve: REST and gRPC users, bounded in time; any error fails."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
-import time
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from serve.problems import TYPE_BASE
 from tests.helpers import REPO, CannedAnswers, loopback_server, png_bytes
 
 
@@ -58,21 +60,104 @@ def _python(code: str, env: dict) -> str:
     return result.stdout
 
 
+def _answers_problem(status: int, slug: str) -> type[CannedAnswers]:
+    """A service answering every POST with the problem `slug` and a Retry-After of 1 s."""
+
+    class Answers(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"type": TYPE_BASE + slug, "status": status}).encode()
+            self.reply(status, body, {"Retry-After": "1", "Content-Type": "application/problem+json"})
+
+    return Answers
+
+
 def test_a_refusal_with_retry_after_is_reported_apart_and_waited_out_not_counted_as_a_failure(tmp_path):
     """The documented profile on a CPU box reported 94% failures, every one a 429 the users ignored (retrying at
     once): the median it printed was the time of a refusal."""
-    class Refuses(CannedAnswers):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["content-length"]))
-            body = b'{"type": "x/too-many-requests", "status": 429}'
-            self.reply(429, body, {"Retry-After": "1", "Content-Type": "application/problem+json"})
-
-    with loopback_server(Refuses) as host:
+    with loopback_server(_answers_problem(429, "too-many-requests")) as host:
         result, rows = _locust(tmp_path, host, {"ROREM_MIX": "512:1", "ROREM_USERS": "rest:1,grpc:0"}, "2s")
     assert result.returncode == 0, result.stderr[-2000:]
     refused = rows["/remove 512 refused 429"]
     assert int(rows["Aggregated"]["Failure Count"]) == 0 and "/remove 512" not in rows
     assert 2 <= int(refused["Request Count"]) <= 2 * 3, "two users, each waiting the 1 s Retry-After: not a flood"
+
+
+def test_a_503_with_retry_after_that_is_not_a_load_refusal_is_a_failure(tmp_path):
+    """Every 503 carries Retry-After, replica-failed and not-ready too: users counted them all as refusals, so a
+    crashing Remover showed 0 failures and exit 0. Only serve.problems.LOAD_REFUSALS are refusals."""
+    with loopback_server(_answers_problem(503, "replica-failed")) as host:
+        result, rows = _locust(tmp_path, host, {"ROREM_MIX": "512:1", "ROREM_USERS": "rest:1,grpc:0"}, "2s")
+    assert result.returncode == 1, result.stderr[-2000:]
+    failed = rows["/remove 512"]
+    assert int(failed["Failure Count"]) == int(failed["Request Count"]) >= 1
+    assert not any("refused" in name for name in rows), rows
+
+
+def test_rest_users_send_the_api_key_of_rorem_api_key(tmp_path):
+    """REST users posted without credentials: against a service with API keys on, every request was a 401."""
+    seen = []
+
+    class RecordsKeys(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            seen.append(self.headers.get("x-api-key"))
+            self.reply(200, png_bytes(np.zeros((512, 512, 3), np.uint8)), {"Content-Type": "image/png"})
+
+    env = {"ROREM_MIX": "512:1", "ROREM_USERS": "rest:1,grpc:0", "ROREM_API_KEY": "rk_load"}
+    with loopback_server(RecordsKeys) as host:
+        result, _rows = _locust(tmp_path, host, env, "2s")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert seen and set(seen) == {"rk_load"}, seen
+
+
+_GRPC_ERRORS = (
+    "import sys, types, grpc; sys.path.insert(0, 'loadtests'); import locustfile as l\n"
+    "fired, slept, sent = [], [], []\n"
+    "l.events = types.SimpleNamespace(request=types.SimpleNamespace(fire=lambda **kw: fired.append(kw)))\n"
+    "l.gevent = types.SimpleNamespace(sleep=slept.append)\n"
+    "class Error(grpc.RpcError):\n"
+    "    def __init__(self, code, details, trailing): self.args = (code, details, trailing)\n"
+    "    def code(self): return getattr(grpc.StatusCode, self.args[0])\n"
+    "    def details(self): return self.args[1]\n"
+    "    def trailing_metadata(self): return self.args[2]\n"
+    "base = 'https://github.com/rorem-serve/problems/'\n"
+    "cases = [\n"
+    "    ('UNAVAILABLE', '{}', (('problem-type', base + 'replica-failed'), ('retry-after', '2'))),\n"
+    "    ('UNAVAILABLE', '{}', (('problem-type', base + 'not-ready'), ('retry-after', '2'))),\n"
+    "    ('UNAVAILABLE', '{}', (('problem-type', base + 'overloaded'), ('retry-after', '2'))),\n"
+    "    ('RESOURCE_EXHAUSTED', '{}', (('problem-type', base + 'too-many-requests'), ('retry-after', '3'))),\n"
+    "    ('RESOURCE_EXHAUSTED', '{}', (('problem-type', base + 'payload-too-large'),)),\n"
+    "    ('RESOURCE_EXHAUSTED', 'Request dropped due to backpressure (num_queued_requests=9)', ()),\n"
+    "    ('RESOURCE_EXHAUSTED', 'Received message larger than max', ()),\n"
+    "]\n"
+    "for case in cases:\n"
+    "    def remove(request, timeout, metadata=(), case=case):\n"
+    "        sent.append(metadata)\n"
+    "        raise Error(*case)\n"
+    "    user = object.__new__(l.GrpcUser)\n"
+    "    user.stub = types.SimpleNamespace(Remove=remove)\n"
+    "    user.remove()\n"
+    "    passed = fired[-1]['exception'] is None\n"
+    "    print(fired[-1]['name'], passed, slept[-1] if passed else '-')\n"
+    "print(sorted({tuple(m) for m in sent}))\n"
+)
+
+
+def test_grpc_users_count_only_load_refusals_as_refused_and_send_the_api_key():
+    """gRPC users took any RESOURCE_EXHAUSTED / UNAVAILABLE with retry-after for a refusal (a failed replica's
+    too), and sent no API key; Ray's proxy's backpressure (no problem-type, no retry-after) is a refusal."""
+    lines = _python(_GRPC_ERRORS, {"ROREM_MIX": "512:1", "ROREM_API_KEY": "rk_load"}).strip().splitlines()
+    assert lines == [
+        "Remove 512 False -",
+        "Remove 512 False -",
+        "Remove 512 refused UNAVAILABLE True 2.0",
+        "Remove 512 refused RESOURCE_EXHAUSTED True 3.0",
+        "Remove 512 False -",
+        "Remove 512 refused RESOURCE_EXHAUSTED True 1.0",
+        "Remove 512 False -",
+        "[(('x-api-key', 'rk_load'),)]",
+    ], lines
 
 
 def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
@@ -118,7 +203,7 @@ def test_grpc_users_time_the_answer_not_the_check_of_its_image():
         "clock, fired = [0.0], []\n"
         "l.time = types.SimpleNamespace(perf_counter=lambda: clock[0])\n"
         "l.events = types.SimpleNamespace(request=types.SimpleNamespace(fire=lambda **kw: fired.append(kw)))\n"
-        "def remove(request, timeout):\n"
+        "def remove(request, timeout, metadata=()):\n"
         "    clock[0] += 0.005\n"
         "    return types.SimpleNamespace(image=b'not an image')\n"
         "def check(content, size):\n"
@@ -130,7 +215,7 @@ def test_grpc_users_time_the_answer_not_the_check_of_its_image():
         "user.remove()\n"
         "print(round(fired[0]['response_time'], 3), fired[0]['exception'], fired[0]['response_length'])\n"
     )
-    assert _python(code, {"ROREM_MIX": "512:1"}).split() == ["5.0", "not", "a", "valid", "image", "of", "(512,", "512)", "12"]
+    assert _python(code, {"ROREM_MIX": "512:1"}).split() == ["5.0", *"not a valid image of (512, 512)".split(), "12"]
 
 
 def test_a_rest_request_that_hangs_counts_as_failed(tmp_path):

@@ -8,13 +8,30 @@ import grpc
 import pytest
 
 from serve.grpc_api import status_code
-from serve.problems import EXTENSIONS, KIND_BY_SLUG, KINDS, STATUS_BY_PROBLEM, TITLES, TYPE_BASE, Problem
+from serve.problems import (
+    EXTENSIONS,
+    KIND_BY_SLUG,
+    KINDS,
+    LOAD_REFUSALS,
+    STATUS_BY_PROBLEM,
+    TITLES,
+    TYPE_BASE,
+    Problem,
+)
 from tests.helpers import REPO
 
 
 def test_every_slug_is_listed_once():
     slugs = [kind.slug for kind in KINDS]
     assert len(slugs) == len(set(slugs)), sorted(slug for slug in slugs if slugs.count(slug) > 1)
+
+
+def test_the_load_refusals_are_kinds_that_tell_a_client_to_come_back():
+    """The load tests count LOAD_REFUSALS apart from failures: a kind named there that is not a 429 / 503 (or not a
+    kind) would pass a failure off as the service being busy."""
+    assert LOAD_REFUSALS <= set(KIND_BY_SLUG)
+    assert {KIND_BY_SLUG[slug].status for slug in LOAD_REFUSALS} <= {429, 503}
+    assert {"replica-failed", "not-ready", "stopping", "scorer-unavailable"}.isdisjoint(LOAD_REFUSALS)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.slug)
