@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 
@@ -77,6 +78,7 @@ DRAIN_GRACE_S = 4.0
 RETRY_AFTER_S = 2
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
+logger = logging.getLogger("ray.serve")  # the proxy's log (its file under the Ray session's logs/serve/)
 
 
 def middlewares() -> list:
@@ -438,6 +440,11 @@ class Drain:
     def _begin(self) -> None:
         if not self.draining:
             self.draining = True
+            logger.info(
+                "draining: new HTTP requests get 503 stopping; %d in flight may finish within %g s",
+                len(self.in_flight),
+                self.grace_s,
+            )
             asyncio.get_running_loop().call_later(self.grace_s, self._give_up)
 
     def _give_up(self) -> None:
@@ -446,6 +453,12 @@ class Drain:
             if not started[0]:
                 self.given_up.add(task)
                 task.cancel()
+        logger.log(
+            logging.WARNING if self.given_up else logging.INFO,
+            "draining: 503 stopping to the %d requests still without an answer %g s into the stop",
+            len(self.given_up),
+            self.grace_s,
+        )
 
     async def _unavailable(self, send, what_happened: str) -> None:
         detail = f"{what_happened}; sent again, it reaches another instance"

@@ -786,3 +786,38 @@ def test_a_broken_keys_file_at_the_proxy_is_counted_where_rest_traffic_alone_rea
     assert status() == 200
     keys_file.write_text("keys: [not a key]")
     assert status() == 401 and len(recorded.keys_file_errors.tags) == 2
+
+
+def test_a_drain_logs_when_it_begins_and_how_many_in_flight_requests_it_cut_short(tmp_path, monkeypatch):
+    """A stop's 503s were in no log: an operator could not tell a clean stop from one that cut requests off."""
+    from types import SimpleNamespace
+
+    from serve import proxy_middleware
+
+    logged = []
+
+    def record(*args):  # info(message, *values) or log(level, message, *values)
+        message, *values = args[1:] if isinstance(args[0], int) else args
+        logged.append(message % tuple(values))
+
+    monkeypatch.setattr(proxy_middleware, "logger", SimpleNamespace(info=record, log=record))
+    flag = tmp_path / "draining"
+
+    async def stuck(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    async def main():
+        drain = Drain(stuck, flag=str(flag), grace_s=0.1)
+        in_flight, new = Exchange([b""]), Exchange([b""])
+        task = asyncio.create_task(drain(in_flight.scope, in_flight.receive, in_flight.send))
+        await asyncio.sleep(0.05)
+        flag.touch()
+        await drain(new.scope, new.receive, new.send)
+        await asyncio.wait_for(task, timeout=5)
+        return in_flight.status, new.status
+
+    assert asyncio.run(main()) == (503, 503)
+    assert logged == [
+        "draining: new HTTP requests get 503 stopping; 1 in flight may finish within 0.1 s",
+        "draining: 503 stopping to the 1 requests still without an answer 0.1 s into the stop",
+    ]
