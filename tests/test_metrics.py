@@ -2,6 +2,7 @@
 
 import json
 import re
+import socket
 import time
 
 import grpc
@@ -46,6 +47,10 @@ def test_metrics_after_traffic(service):
         stub(channel).Remove(pb.RemoveRequest(image=image, mask=mask, seed=1), timeout=120)
         with pytest.raises(grpc.RpcError):
             stub(channel).Remove(pb.RemoveRequest(image=b"junk", mask=mask), timeout=120)
+    with socket.create_connection(("127.0.0.1", service.ports["http"]), timeout=30) as client:  # 413 at the proxy
+        client.sendall(b"POST /remove HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999999\r\n\r\n")
+        assert client.recv(64).startswith(b"HTTP/1.1 413")
+    refusals = metrics.PROXY_REFUSALS[: -len("_total")]
 
     proxy_counters = _dashboard_ray_counters()
     deadline, families = time.monotonic() + 90, {}
@@ -54,6 +59,7 @@ def test_metrics_after_traffic(service):
         if (
             _total(families, metrics.REQUESTS[: -len("_total")], "_total", route="/remove", protocol="grpc") >= 1
             and _total(families, metrics.GATE_OUTCOMES[: -len("_total")], "_total", mode="retry") >= 1
+            and _total(families, refusals, "_total", problem="payload-too-large") >= 1
             and all(
                 _total(families, name, "_total", application=service.app_name) >= 1
                 for name in proxy_counters - NO_APP_ERRORS
@@ -68,9 +74,11 @@ def test_metrics_after_traffic(service):
     assert _total(families, "serve_num_grpc_requests", "_total", application=service.app_name, status_code="OK") >= 2
     assert {name.replace("grpc", "http") for name in NO_APP_ERRORS} <= proxy_counters
     requests = metrics.REQUESTS[: -len("_total")]
-    assert _total(families, requests, "_total", route="/remove", protocol="http", status="200") >= 4
+    assert _total(families, requests, "_total", route="/remove", protocol="http", status="200", problem="none") >= 4
     assert _total(families, requests, "_total", route="/remove", protocol="http", status="422") >= 1
     assert _total(families, requests, "_total", route="/remove", protocol="grpc", status="OK") >= 1
+    assert _total(families, requests, "_total", protocol="grpc", problem="invalid-image") >= 1, "the junk call's kind"
+    assert _total(families, refusals, "_total", problem="payload-too-large") >= 1, "the proxy's own refusals"
 
     # Ray 2.60 exports a histogram's _sum approximated from bucket midpoints: check counts and buckets.
     count = _total(families, metrics.REQUEST_LATENCY, "_count", route="/remove")
