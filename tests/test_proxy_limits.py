@@ -733,7 +733,7 @@ def test_what_the_proxy_refuses_itself_is_counted_by_problem_and_ray_s_own_answe
     from serve.proxy_middleware import RayAnswers
 
     recorded = record_proxy_metrics(monkeypatch)
-    key, entry = new_key_entry("app", ["remove"])
+    _, entry = new_key_entry("app", ["remove"])
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(yaml.safe_dump({"keys": [entry]}))
     (tmp_path / "draining").touch()
