@@ -1,8 +1,9 @@
 """The service's Prometheus metrics, through `ray.serve.metrics` (Ray aggregates every replica's
 values and exports them with a `ray_` prefix on each node's metrics port).
 
-Metric objects are created inside the replica that records them (`ServiceMetrics()` in a
-deployment's constructor); the names here are the one list docs/api.md "Metrics" and the dashboard use.
+Metric objects are created inside the process that records them (a deployment's constructor, or on first use:
+`ingress_metrics()`, `proxy_metrics()` in Ray's HTTP proxy); the names here are the one list docs/api.md
+"Metrics" and the dashboard use.
 """
 
 from __future__ import annotations
