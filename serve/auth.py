@@ -188,7 +188,7 @@ class ApiKeys:
 
     A file that cannot be read at start stops the start (with `must_exist`; else it leaves no valid key
     until the file can be read); one that becomes unreadable or invalid later leaves no valid key (fail
-    closed), with one log line and one `on_error` call per failure seen (per fingerprint)."""
+    closed). Each failure seen (per fingerprint), at start or later, gets one log line and one `on_error` call."""
 
     def __init__(
         self,
@@ -208,6 +208,7 @@ class ApiKeys:
             if must_exist:
                 raise
             logger.error("API keys: %s; every key is refused until the file can be read", exc)
+            self.on_error()
             self._loaded, self._failed = _Loaded([], None), _fingerprint(self.path)
         self._checked = time.monotonic()
 

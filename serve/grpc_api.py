@@ -184,7 +184,7 @@ class GrpcMethods:
         finally:
             self.quotas.release(quota)
         status_for(status_problem, context, request_id, quota.metadata() if quota is not None else ())
-        self.metrics.answered(
-            route, "grpc", status_code(status_problem).name, time.perf_counter() - started, status_problem.status
-        )
+        seconds = time.perf_counter() - started
+        code = status_code(status_problem).name
+        self.metrics.answered(route, "grpc", code, seconds, status_problem.status, status_problem.problem)
         return empty_reply()

@@ -1,13 +1,16 @@
 """The service's Prometheus metrics, through `ray.serve.metrics` (Ray aggregates every replica's
 values and exports them with a `ray_` prefix on each node's metrics port).
 
-Metric objects are created inside the replica that records them (`ServiceMetrics()` in a
-deployment's constructor); the names here are the one list docs/api.md "Metrics" and the dashboard use.
+Metric objects are created inside the process that records them (a deployment's constructor, or on first use:
+`ingress_metrics()`, `proxy_metrics()` in Ray's HTTP proxy); the names here are the one list docs/api.md
+"Metrics" and the dashboard use.
 """
 
 from __future__ import annotations
 
 from ray.serve.metrics import Counter, Histogram
+
+from serve.problems import KIND_BY_SLUG
 
 # fine enough between 1 and 10 s to read a p99 goal like "within 2x of the p99 at saturation", up to Serve's
 # request_timeout_s (180 s in the shipped config)
@@ -15,7 +18,10 @@ LATENCY_BUCKETS_S = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
     120.0, 180.0,
 ]  # fmt: skip
-# what an answer was, for the latency histogram: instant refusals must not hide how long removals take
+# a stage can take well under 5 ms (a small crop's paste or decode, a queue wait with an idle Remover)
+STAGE_BUCKETS_S = [0.0005, 0.001, 0.0025, *LATENCY_BUCKETS_S]
+# what an answer was, for the latency histogram: instant refusals must not hide how long removals take, and a
+# failing replica's 503 must not read as load shedding (serve.problems.Kind.refusal decides which a 503 is)
 OUTCOMES = ("ok", "client_error", "refused", "timeout", "server_error", "client_gone")
 CLIENT_CLOSED = 499  # the status of a request whose client hung up before its answer (nginx's code)
 # the ingress event loop's worst lateness in a second: a few ms is idle, 100 ms is docs/reliability.md's goal
@@ -36,6 +42,8 @@ KEYS_FILE_ERRORS = "rorem_auth_keys_file_errors_total"
 QUOTA_LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
 LIVE_REFUSALS = "rorem_live_settings_refused_total"
 LOOP_LAG = "rorem_loop_lag_seconds"
+PROXY_REFUSALS = "rorem_proxy_refusals_total"
+NO_PROBLEM = "none"  # the `problem` label of an answer that is no problem
 
 STAGES = (
     "read", "cpu_wait", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score",
@@ -50,7 +58,9 @@ class IngressMetrics:
 
     def __init__(self):
         self.requests = Counter(
-            REQUESTS, description="Requests answered, by route, protocol and status.", tag_keys=("route", "protocol", "status")
+            REQUESTS,
+            description=f"Requests answered, by route, protocol, status and problem (its slug, or {NO_PROBLEM}).",
+            tag_keys=("route", "protocol", "status", "problem"),
         )
         self.latency = Histogram(
             REQUEST_LATENCY,
@@ -84,28 +94,32 @@ class IngressMetrics:
             "(serve.loop_lag): the longest any request on that replica waited for the loop in that second.",
             boundaries=LOOP_LAG_BUCKETS_S,
         )
-        self.keys_file_errors = Counter(
-            KEYS_FILE_ERRORS, description="Times the API keys file became unreadable or invalid (every key refused)."
-        )
+        self.keys_file_errors = _keys_file_errors()
         self.quota_ledger_errors = Counter(
             QUOTA_LEDGER_ERRORS,
             description="Quota ledger calls that failed: a grant (the request was admitted unmetered) or a release.",
         )
 
-    def answered(self, route: str, protocol: str, status: str, seconds: float, http_status: int) -> None:
+    def answered(
+        self, route: str, protocol: str, status: str, seconds: float, http_status: int, problem: str | None = None
+    ) -> None:
         """`status`: the protocol's own (an HTTP code or a gRPC code name); `http_status`: the HTTP status the
-        answer has or would have over REST (a problem's), which decides its outcome."""
-        self.requests.inc(tags={"route": route, "protocol": protocol, "status": status})
-        self.latency.observe(seconds, tags={"route": route, "protocol": protocol, "outcome": outcome_of(http_status)})
+        answer has or would have over REST (a problem's); `problem`: the answer's problem slug, if any. The last
+        two decide its outcome."""
+        tags = {"route": route, "protocol": protocol}
+        self.requests.inc(tags={**tags, "status": status, "problem": problem or NO_PROBLEM})
+        self.latency.observe(seconds, tags={**tags, "outcome": outcome_of(http_status, problem)})
 
 
-def outcome_of(http_status: int) -> str:
-    """One of OUTCOMES for an answer's HTTP status (CLIENT_CLOSED: the client hung up first)."""
+def outcome_of(http_status: int, problem: str | None = None) -> str:
+    """One of OUTCOMES for an answer's HTTP status and problem slug (CLIENT_CLOSED: the client hung up first). A
+    503 is `refused` only for a refusal kind (overloaded, stopping, not-ready): replica-failed and the unavailable
+    scorer or store are server errors, which a dying replica must show as."""
     if http_status < 400:
         return "ok"
     if http_status == CLIENT_CLOSED:
         return "client_gone"
-    if http_status in (429, 503):
+    if KIND_BY_SLUG[problem].refusal if problem in KIND_BY_SLUG else http_status == 429:
         return "refused"
     if http_status == 504:
         return "timeout"
@@ -117,7 +131,7 @@ class StageMetrics:
         self.histogram = Histogram(
             STAGE_LATENCY,
             description=f"Time per pipeline stage, in seconds; stage is one of {', '.join(STAGES)}.",
-            boundaries=LATENCY_BUCKETS_S,
+            boundaries=STAGE_BUCKETS_S,
             tag_keys=("stage",),
         )
 
@@ -167,3 +181,37 @@ def live_refusals() -> Counter:
             description="Live settings (a user_config) a replica refused as invalid, keeping its previous ones.",
         )
     return _live_refusals
+
+
+def _keys_file_errors() -> Counter:
+    return Counter(
+        KEYS_FILE_ERRORS, description="Times the API keys file became unreadable or invalid (every key refused)."
+    )
+
+
+class ProxyMetrics:
+    """Recorded in Ray's HTTP proxy by serve.proxy_middleware and serve.proxy_connections: what they answer
+    themselves is outside Ray's request counts and never reaches the Ingress's."""
+
+    def __init__(self):
+        self.refusals = Counter(
+            PROXY_REFUSALS,
+            description="Requests the HTTP proxy refused itself before any replica saw them, by problem slug.",
+            tag_keys=("problem",),
+        )
+        self.keys_file_errors = _keys_file_errors()
+
+    def refused(self, problem: str) -> None:
+        self.refusals.inc(tags={"problem": problem})
+
+
+_proxy_metrics: ProxyMetrics | None = None
+
+
+def proxy_metrics() -> ProxyMetrics:
+    """The proxy process's one ProxyMetrics, created on first use (Ray's metrics take no Ray to create or record:
+    the middlewares run as they are in unit tests)."""
+    global _proxy_metrics
+    if _proxy_metrics is None:
+        _proxy_metrics = ProxyMetrics()
+    return _proxy_metrics

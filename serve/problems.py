@@ -27,6 +27,9 @@ class Kind:
     status: int
     title: str
     grpc_code: str = "INVALID_ARGUMENT"  # the caller's input
+    # the service declined to take the request on now (load, a stop, a model still loading), rather than failing it:
+    # the latency outcome `refused` (serve.metrics), which an operator reads as shedding, not as a fault
+    refusal: bool = False
 
 
 KINDS = (
@@ -53,12 +56,12 @@ KINDS = (
     Kind("host-not-allowed", 403, "This host name is not served here", "PERMISSION_DENIED"),
     Kind("cross-site-request", 403, "Requests from other sites are refused", "PERMISSION_DENIED"),
     # a busy replica's refusal, or a key's quota (its problem names the quota)
-    Kind("too-many-requests", 429, "Too many requests; retry later", "RESOURCE_EXHAUSTED"),
-    Kind("overloaded", 503, "The service is overloaded; retry later", "UNAVAILABLE"),
+    Kind("too-many-requests", 429, "Too many requests; retry later", "RESOURCE_EXHAUSTED", refusal=True),
+    Kind("overloaded", 503, "The service is overloaded; retry later", "UNAVAILABLE", refusal=True),
     # a draining instance (serve.proxy_middleware.Drain): another instance can answer at once
-    Kind("stopping", 503, "This instance is stopping; retry", "UNAVAILABLE"),
+    Kind("stopping", 503, "This instance is stopping; retry", "UNAVAILABLE", refusal=True),
     Kind("replica-failed", 503, "A model replica failed while answering; retry later", "UNAVAILABLE"),
-    Kind("not-ready", 503, "The model is not loaded yet", "UNAVAILABLE"),
+    Kind("not-ready", 503, "The model is not loaded yet", "UNAVAILABLE", refusal=True),
     Kind("scorer-unavailable", 503, "The quality scorer is unavailable; retry later", "UNAVAILABLE"),
     Kind("retention-unavailable", 503, "The result store is unavailable; retry later", "UNAVAILABLE"),
     Kind("timeout", 504, "The request took too long", "DEADLINE_EXCEEDED"),

@@ -25,6 +25,7 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from serve.metrics import proxy_metrics
 from serve.problems import MEDIA_TYPE, Problem
 
 # nginx's default allows 4 x 8 KiB of header lines; this API's own headers (a key, a request id) take < 1 KiB.
@@ -110,6 +111,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         problem = Problem("headers-too-large", f"a request's target and header lines may take {MAX_HEAD_BYTES} bytes")
+        proxy_metrics().refused(problem.problem)  # before any ASGI app: no count of Ray's sees it
         body = json.dumps(problem.body()).encode()
         head = (
             f"HTTP/1.1 {problem.status} Request Header Fields Too Large\r\n"

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 
@@ -77,6 +78,7 @@ DRAIN_GRACE_S = 4.0
 RETRY_AFTER_S = 2
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
+logger = logging.getLogger("ray.serve")  # the proxy's log (its file under the Ray session's logs/serve/)
 
 
 def middlewares() -> list:
@@ -100,11 +102,18 @@ def middlewares() -> list:
 
 def _proxy_keys(path: str, reload_s: float | None):
     """An application's keys file, as its Ingress reads it; a proxy that cannot read it (a node without the
-    mounted Secret) refuses every body until it can, rather than not starting."""
+    mounted Secret) refuses every body until it can, rather than not starting. Its failures count as the
+    Ingress's do: with REST traffic only, the proxy may be the one that reads a broken file."""
     from serve.auth import AccessPolicy, ApiKeys
 
     reload = {"reload_interval_s": reload_s} if reload_s is not None else {}
-    return AccessPolicy(ApiKeys(path, must_exist=False, **reload))
+    return AccessPolicy(ApiKeys(path, must_exist=False, on_error=_keys_file_error, **reload))
+
+
+def _keys_file_error() -> None:
+    from serve.metrics import proxy_metrics  # Ray's metrics: not for the CLI, which imports this module
+
+    proxy_metrics().keys_file_errors.inc()
 
 
 def route_path(scope) -> str:
@@ -169,6 +178,14 @@ def _declared_size(headers: dict[bytes, bytes]) -> int | None:
 
 
 async def _problem(send, problem: Problem) -> None:
+    """A refusal of these middlewares' own, counted: Ray counts only what its proxy answers inside them."""
+    from serve.metrics import proxy_metrics
+
+    proxy_metrics().refused(problem.problem)
+    await _answer(send, problem)
+
+
+async def _answer(send, problem: Problem) -> None:
     """The problem+json answer the app would give, closing the connection."""
     body = json.dumps(problem.body()).encode()
     headers = [
@@ -239,11 +256,11 @@ class RayAnswers:
                 return await send(message)
             held.append(message)
             if not message.get("more_body", False):
-                await _problem(send, _ray_problem(held))
+                await _answer(send, _ray_problem(held))  # Ray counted its own answer
 
         await self.app(scope, receive, rewriting_send)
-        if not started and not asyncio.current_task().cancelling():
-            await _problem(send, Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)}))
+        if not started and not asyncio.current_task().cancelling():  # Ray counted the failure
+            await _answer(send, Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)}))
 
 
 def _header(start: dict, name: bytes) -> bytes | None:
@@ -434,6 +451,11 @@ class Drain:
     def _begin(self) -> None:
         if not self.draining:
             self.draining = True
+            logger.info(
+                "draining: new HTTP requests get 503 stopping; %d in flight may finish within %g s",
+                len(self.in_flight),
+                self.grace_s,
+            )
             asyncio.get_running_loop().call_later(self.grace_s, self._give_up)
 
     def _give_up(self) -> None:
@@ -442,6 +464,12 @@ class Drain:
             if not started[0]:
                 self.given_up.add(task)
                 task.cancel()
+        logger.log(
+            logging.WARNING if self.given_up else logging.INFO,
+            "draining: 503 stopping to the %d requests still without an answer %g s into the stop",
+            len(self.given_up),
+            self.grace_s,
+        )
 
     async def _unavailable(self, send, what_happened: str) -> None:
         await _problem(send, stopping(what_happened))

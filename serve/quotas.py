@@ -31,7 +31,7 @@ requests thus costs the ledger a few calls a second per replica, whatever its si
 Unreachable ledger (dead for good, or slower than CALL_TIMEOUT_S): the request is admitted without
 quota fields (fail open): a quota protects the service's fairness, and refusing every paying caller
 because the bookkeeping is down is worse than a few minutes unmetered. Each failure counts in
-`ray_rorem_quota_ledger_errors_total`, with at most one log line per LOG_EVERY_S.
+`ray_rorem_quota_ledger_errors_total`, with at most one log line a minute (serve.log_throttle).
 
 Answers (IETF draft-ietf-httpapi-ratelimit-headers-09 form), on every answer of a metered request of a key
 with a quota, successes and errors alike; gRPC sends the same fields as trailing metadata (lower case):
@@ -56,13 +56,13 @@ from fastapi import Depends, Request, Response
 from starlette.datastructures import MutableHeaders
 
 from serve.handles import within
+from serve.log_throttle import LogThrottle
 from serve.problems import Problem
 
 LEDGER_NAME = "rorem-quota-ledger-v2"  # per application: LEDGER_NAME:<app>; bump the version with the actor's API
 CALL_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 60.0
 LEASE_MARGIN_S = 60.0
-LOG_EVERY_S = 60.0
 RESOLVE_EVERY_S = 5.0  # after a failure, how often the ingress looks the ledger up again
 CONCURRENCY_RETRY_AFTER_S = 1
 # How long an ingress replica answers a key's concurrency refusal itself before it asks the ledger again (sooner
@@ -291,7 +291,7 @@ class Quotas:
         self.lease_s = lease_s
         self.on_error = on_error or (lambda: None)
         self.clock = clock
-        self._logged = -math.inf
+        self._unreachable = LogThrottle()
         # key -> its last refusal, when it was asked, and until when it holds (the window's reset; a moment for
         # a concurrency refusal)
         self._refused: dict[str, tuple[Decision, float, float]] = {}
@@ -335,9 +335,7 @@ class Quotas:
             if not isinstance(exc, Exception):
                 raise
             self.on_error()
-            now = time.monotonic()
-            if now - self._logged >= LOG_EVERY_S:
-                self._logged = now
+            if self._unreachable.due():
                 logger.warning(
                     "quota ledger unreachable (%s: %s): admitting requests unmetered", type(exc).__name__, exc
                 )

@@ -62,20 +62,26 @@ def request_id_of(request: Request) -> str:
     return serve_request_id() or valid_request_id(request.headers.get("x-request-id", ""))
 
 
+def _answer(request: Request, problem: Problem) -> JSONResponse:
+    """The problem's answer, its kind noted for _count_requests: a 503's kind tells shedding from a fault."""
+    request.state.problem = problem.problem
+    return problem.response(getattr(request.state, "request_id", None) or request_id_of(request))
+
+
 @api.exception_handler(Problem)
 async def _problem(request: Request, exc: Problem) -> JSONResponse:
-    return exc.response(getattr(request.state, "request_id", None) or request_id_of(request))
+    return _answer(request, exc)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return invalid_request(exc.errors()).response(request_id_of(request))
+    return _answer(request, invalid_request(exc.errors()))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     problem = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "invalid-request")
-    return Problem(problem, str(exc.detail), headers=dict(exc.headers or {})).response(request_id_of(request))
+    return _answer(request, Problem(problem, str(exc.detail), headers=dict(exc.headers or {})))
 
 
 @api.exception_handler(ClientDisconnect)
@@ -91,7 +97,7 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     if getattr(request.state, "internal_error", None) is not exc:
         request.state.internal_error = exc
         logger.exception("unhandled error in %s %r", request.method, request.url.path)  # %r: no control characters
-    return Problem("internal-error", f"{type(exc).__name__}; see the server log").response(request_id_of(request))
+    return _answer(request, Problem("internal-error", f"{type(exc).__name__}; see the server log"))
 
 
 class BarePrefix:
@@ -159,7 +165,8 @@ async def _count_requests(request: Request, call_next):
         return Response(status_code=CLIENT_CLOSED)
     finally:
         route = _route_label(request.scope)
-        ingress_metrics().answered(route, "http", status, time.perf_counter() - started, int(status))
+        problem = (request.scope.get("state") or {}).get("problem")
+        ingress_metrics().answered(route, "http", status, time.perf_counter() - started, int(status), problem)
 
 
 # Swagger UI for /docs, pinned, with Subresource Integrity: the pages of this origin keep a user's API key in

@@ -20,6 +20,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import httpx
@@ -540,3 +541,25 @@ def stop_cli(child: subprocess.Popen) -> None:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+class RecordedMetric:
+    """A Ray metric's stand-in for tests without Ray: the tags of each observation."""
+
+    def __init__(self):
+        self.tags = []
+
+    def inc(self, value=1.0, tags=None):
+        self.tags.append(tags or {})
+
+    observe = inc
+
+
+def record_proxy_metrics(monkeypatch) -> SimpleNamespace:
+    """serve.metrics.proxy_metrics() recording in lists: `refusals` (problem slugs) and `keys_file_errors`."""
+    from serve import metrics
+
+    recorded = SimpleNamespace(refusals=[], keys_file_errors=RecordedMetric())
+    recorded.refused = recorded.refusals.append
+    monkeypatch.setattr(metrics, "_proxy_metrics", recorded)
+    return recorded

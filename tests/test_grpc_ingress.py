@@ -8,6 +8,7 @@ deserializer (serve/grpc_servicer.py); the generated one raised inside grpcio (U
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import pickle
@@ -25,7 +26,8 @@ from serve.grpc_api import GrpcMethods
 from serve.grpc_client import problem_of
 from serve.problems import Problem
 from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
-from tests.helpers import REPO
+from serve.problems import Problem
+from tests.helpers import REPO, RecordedMetric
 
 GARBAGE = b"\xff\xff\xff\xff"
 BAD_UTF8_GATE = bytes([0x3A, 2, 0xC3, 0x28])  # field 7 (gate), 2 bytes that are not UTF-8
@@ -168,7 +170,7 @@ class Metrics:
     def __init__(self):
         self.answers = []
 
-    def answered(self, route, protocol, status, seconds, http_status):
+    def answered(self, route, protocol, status, seconds, http_status, problem=None):
         self.answers.append((route, protocol, status))
 
 
@@ -411,3 +413,22 @@ def test_a_removal_sends_its_stage_timings_as_rests_server_timing_does():
     assert trailing["server-timing"].startswith("decode;dur=12.3, unet;dur=200.0, total;dur=")
     sent, rest = (text.rpartition(", total;dur=")[0] for text in (trailing["server-timing"], timings.server_timing()))
     assert sent == rest, "REST's header, by the same function"
+
+
+@pytest.mark.parametrize(("problem", "outcome"), [("overloaded", "refused"), ("replica-failed", "server_error")])
+def test_a_grpc_answers_outcome_and_problem_label_come_from_its_problem_kind(problem, outcome):
+    """UNAVAILABLE is one code for a shed call and a failed replica: the latency outcome and the request counter's
+    `problem` tell them apart (a failing model read as a busy one)."""
+    from serve.metrics import IngressMetrics
+
+    ingress = _ingress()
+    ingress.metrics = IngressMetrics()
+    ingress.metrics.requests, ingress.metrics.latency = RecordedMetric(), RecordedMetric()
+
+    async def model_work(message, request_id, principal, place):
+        raise Problem(problem, "for the test")
+
+    ingress.admissions["/remove"] = SimpleNamespace(slot=contextlib.nullcontext)
+    asyncio.run(ingress._grpc("/remove", "remove", Context(), pb.RemoveReply, model_work, None))
+    assert [tags["outcome"] for tags in ingress.metrics.latency.tags] == [outcome]
+    assert [(tags["status"], tags["problem"]) for tags in ingress.metrics.requests.tags] == [("UNAVAILABLE", problem)]

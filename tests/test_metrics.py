@@ -2,6 +2,7 @@
 
 import json
 import re
+import socket
 import time
 
 import grpc
@@ -10,7 +11,7 @@ import pytest
 from serve import metrics
 from serve import rorem_pb2 as pb
 from serve.grpc_client import stub
-from tests.helpers import METRICS_EXPORT_S, REPO
+from tests.helpers import METRICS_EXPORT_S, REPO, RecordedMetric
 from tests.helpers import box_mask as _mask
 from tests.helpers import metric_samples as _samples
 from tests.helpers import metric_total as _total
@@ -46,6 +47,10 @@ def test_metrics_after_traffic(service):
         stub(channel).Remove(pb.RemoveRequest(image=image, mask=mask, seed=1), timeout=120)
         with pytest.raises(grpc.RpcError):
             stub(channel).Remove(pb.RemoveRequest(image=b"junk", mask=mask), timeout=120)
+    with socket.create_connection(("127.0.0.1", service.ports["http"]), timeout=30) as client:  # 413 at the proxy
+        client.sendall(b"POST /remove HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999999\r\n\r\n")
+        assert client.recv(64).startswith(b"HTTP/1.1 413")
+    refusals = metrics.PROXY_REFUSALS[: -len("_total")]
 
     proxy_counters = _dashboard_ray_counters()
     deadline, families = time.monotonic() + 90, {}
@@ -54,6 +59,7 @@ def test_metrics_after_traffic(service):
         if (
             _total(families, metrics.REQUESTS[: -len("_total")], "_total", route="/remove", protocol="grpc") >= 1
             and _total(families, metrics.GATE_OUTCOMES[: -len("_total")], "_total", mode="retry") >= 1
+            and _total(families, refusals, "_total", problem="payload-too-large") >= 1
             and all(
                 _total(families, name, "_total", application=service.app_name) >= 1
                 for name in proxy_counters - NO_APP_ERRORS
@@ -68,9 +74,11 @@ def test_metrics_after_traffic(service):
     assert _total(families, "serve_num_grpc_requests", "_total", application=service.app_name, status_code="OK") >= 2
     assert {name.replace("grpc", "http") for name in NO_APP_ERRORS} <= proxy_counters
     requests = metrics.REQUESTS[: -len("_total")]
-    assert _total(families, requests, "_total", route="/remove", protocol="http", status="200") >= 4
+    assert _total(families, requests, "_total", route="/remove", protocol="http", status="200", problem="none") >= 4
     assert _total(families, requests, "_total", route="/remove", protocol="http", status="422") >= 1
     assert _total(families, requests, "_total", route="/remove", protocol="grpc", status="OK") >= 1
+    assert _total(families, requests, "_total", protocol="grpc", problem="invalid-image") >= 1, "the junk call's kind"
+    assert _total(families, refusals, "_total", problem="payload-too-large") >= 1, "the proxy's own refusals"
 
     # Ray 2.60 exports a histogram's _sum approximated from bucket midpoints: check counts and buckets.
     count = _total(families, metrics.REQUEST_LATENCY, "_count", route="/remove")
@@ -111,7 +119,9 @@ def test_a_rest_request_the_client_hung_up_on_is_counted_499_not_as_a_server_err
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status: answered.append((route, protocol, status))
+        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+            (route, protocol, status)
+        )
     )
     monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
 
@@ -128,17 +138,54 @@ def test_a_rest_request_the_client_hung_up_on_is_counted_499_not_as_a_server_err
     assert answered == [("other", "http", "499"), ("other", "http", "500")]
 
 
-def test_latency_outcomes_follow_the_answers_status():
-    """Each outcome is what an operator filters on: ok removals apart from refusals (429 / 503), client errors,
-    timeouts, server faults and hang-ups; and every outcome the service can give is one of them."""
+def test_latency_outcomes_follow_the_answers_status_and_problem():
+    """Each outcome is what an operator filters on: ok removals apart from refusals (429, and the 503s that shed
+    load), client errors, timeouts, server faults and hang-ups; and every outcome the service can give is one of
+    them. A 503 from a failed replica or an unavailable scorer or store is a fault, not load shedding."""
     from serve.problems import KINDS
 
-    assert [metrics.outcome_of(s) for s in (200, 201, 204, 400, 404, 413, 422, 429, 503, 504, 500, 499)] == [
-        "ok", "ok", "ok", "client_error", "client_error", "client_error", "client_error", "refused", "refused",
-        "timeout", "server_error", "client_gone",
+    assert [metrics.outcome_of(s) for s in (200, 201, 204, 400, 404, 413, 422, 429, 504, 500, 499)] == [
+        "ok", "ok", "ok", "client_error", "client_error", "client_error", "client_error", "refused", "timeout",
+        "server_error", "client_gone",
     ]  # fmt: skip
-    assert {metrics.outcome_of(kind.status) for kind in KINDS} <= set(metrics.OUTCOMES)
+    shed = ("overloaded", "stopping", "not-ready")
+    failed = ("replica-failed", "scorer-unavailable", "retention-unavailable")
+    assert [metrics.outcome_of(503, problem) for problem in shed + failed] == ["refused"] * 3 + ["server_error"] * 3
+    assert metrics.outcome_of(429, "too-many-requests") == "refused"
+    assert {metrics.outcome_of(kind.status, kind.slug) for kind in KINDS} <= set(metrics.OUTCOMES)
     assert metrics.LATENCY_BUCKETS_S[-1] >= 180, "up to Serve's request_timeout_s"
+    assert metrics.STAGE_BUCKETS_S[0] <= 0.0005, "a stage of under a millisecond is told from one of 5 ms"
+
+
+@pytest.mark.parametrize(
+    ("problem", "outcome"),
+    [("overloaded", "refused"), ("replica-failed", "server_error"), ("not-found", "client_error")],
+)
+def test_a_rest_answers_outcome_and_problem_label_come_from_its_problem_kind(monkeypatch, problem, outcome):
+    """A dying GPU replica's 503 replica-failed was counted `refused`, like load shedding: the dashboards read a
+    failing model as a busy one. The request counter names the problem, so an operator sees which 503 it was."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve import rest_api
+    from serve.problems import STATUS_BY_PROBLEM, Problem
+
+    recorded = metrics.IngressMetrics()
+    recorded.requests, recorded.latency = RecordedMetric(), RecordedMetric()
+    monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorded)
+    app = FastAPI()
+    for error, handler in rest_api.api.exception_handlers.items():
+        app.add_exception_handler(error, handler)
+    app.middleware("http")(rest_api._count_requests)
+
+    @app.post("/remove")
+    async def remove():
+        raise Problem(problem, "for the test")
+
+    path = "/nowhere" if problem == "not-found" else "/remove"
+    assert TestClient(app).post(path).status_code == STATUS_BY_PROBLEM[problem]
+    assert [tags["outcome"] for tags in recorded.latency.tags] == [outcome]
+    assert [tags["problem"] for tags in recorded.requests.tags] == [problem]
 
 
 def test_a_client_that_hangs_up_during_its_upload_is_counted_499_and_logged_as_no_error(monkeypatch, caplog):
@@ -150,7 +197,9 @@ def test_a_client_that_hangs_up_during_its_upload_is_counted_499_and_logged_as_n
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status: answered.append((status, http_status))
+        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+            (status, http_status)
+        )
     )
     monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
     sent = []
@@ -199,7 +248,9 @@ def test_work_cancelled_when_its_client_hangs_up_is_counted_499_and_logged_as_no
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status: answered.append((status, http_status))
+        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+            (status, http_status)
+        )
     )
     monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
     app = FastAPI()
@@ -256,7 +307,9 @@ def test_a_request_to_the_bare_route_prefix_is_counted_under_the_route_that_answ
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status: answered.append((route, status))
+        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+            (route, status)
+        )
     )
     monkeypatch.setattr(rest_api, "ingress_metrics", lambda: recorder)
     monkeypatch.setattr(ray_serve, "get_replica_context", lambda: SimpleNamespace(servable_object=object()))

@@ -14,6 +14,7 @@ import uvicorn
 
 from serve import proxy_connections, proxy_middleware
 from serve.proxy_connections import MAX_HEAD_BYTES, BoundedHttpProtocol
+from tests.helpers import record_proxy_metrics
 
 
 async def _echo(scope, receive, send):
@@ -146,6 +147,15 @@ def test_a_whole_head_past_the_limit_in_one_write_gets_431_and_nothing_after_it_
         half = padding[: MAX_HEAD_BYTES // 2]
         client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + half + b"\r\n\r\n")
         assert _responses(_read_all(client)) == [(200, b"0")]
+
+
+def test_a_431_is_counted_as_a_proxy_refusal(proxy_port, monkeypatch):
+    """The 431 is answered before any ASGI app runs: no count of Ray's or the Ingress's sees it."""
+    recorded = record_proxy_metrics(monkeypatch)
+    with _connect(proxy_port) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Padding: " + b"p" * MAX_HEAD_BYTES + b"\r\n\r\n")
+        [(status, _)] = _responses(_read_all(client))
+    assert status == 431 and recorded.refusals == ["headers-too-large"]
 
 
 def test_a_head_trickled_past_the_timeout_closes_the_connection_unanswered(proxy_port, short_head_timeout):

@@ -39,6 +39,7 @@ from serve.proxy_middleware import (
     middlewares,
     route_matches,
 )
+from tests.helpers import record_proxy_metrics
 
 IMAGING = ImagingSettings(max_upload_bytes=6 * 1024 * 1024, max_megapixels=0.5)
 
@@ -728,3 +729,99 @@ def test_a_request_ray_gives_up_without_an_answer_gets_a_problem_json_503_to_ret
         return exchange
 
     assert asyncio.run(cancelled_meanwhile()).sent == []
+
+
+def test_what_the_proxy_refuses_itself_is_counted_by_problem_and_ray_s_own_answers_are_not(tmp_path, monkeypatch):
+    """The proxy's own 401, 404, 408, 413 and 503s are answered outside Ray's request counts and never reach the
+    Ingress's: an operator saw no trace of them. Ray's answers that RayAnswers rewords Ray counts itself."""
+    from serve.proxy_middleware import RayAnswers
+
+    recorded = record_proxy_metrics(monkeypatch)
+    _, entry = new_key_entry("app", ["remove"])
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [entry]}))
+    (tmp_path / "draining").touch()
+    stack = ByRoutePrefix(reading_app, {"/app": {"limit": 100, "timeout_s": 0.2, "max_held": 50}})
+    keyed = BodyBuffer(reading_app, limit=100, keys=AccessPolicy(ApiKeys(str(keys_file))))
+
+    async def ray_503(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure"})
+
+    slow = Trickle([b"x" * 10] * 10, every_s=0.1)
+    slow.scope["path"] = "/app/remove"
+    refused = [
+        (stack, Exchange([b"x" * 200], {"content-length": "200"}, path="/app/remove")),
+        (stack, Exchange([b"x" * 60], {"content-length": "60"}, path="/app/remove")),
+        (stack, slow),
+        (stack, Exchange([b"x" * 10], {"content-length": "10"}, path="/elsewhere")),
+        (keyed, Exchange([b"x" * 10], {"content-length": "10"})),
+        (Drain(reading_app, flag=str(tmp_path / "draining")), Exchange([b""])),
+    ]
+    ray_s = [(RayAnswers(ray_503), Exchange([b""])), (RayAnswers(ray_s_proxy(RuntimeError("died"))), Exchange([b""]))]
+
+    async def main():
+        for middleware, exchange in refused + ray_s:
+            await middleware(exchange.scope, exchange.receive, exchange.send)
+
+    asyncio.run(main())
+    assert [exchange.status for _, exchange in refused + ray_s] == [413, 503, 408, 404, 401, 503, 503, 503]
+    assert recorded.refusals == [
+        "payload-too-large", "overloaded", "body-timeout", "not-found", "unauthorized", "stopping"
+    ]  # fmt: skip
+
+
+def test_a_broken_keys_file_at_the_proxy_is_counted_where_rest_traffic_alone_reads_it(tmp_path, monkeypatch):
+    """With REST traffic only the proxy may be the one reading a broken keys Secret: its failures count in
+    ray_rorem_auth_keys_file_errors_total as the Ingress's do, a file missing at the proxy's start included."""
+    recorded = record_proxy_metrics(monkeypatch)
+    keys_file = tmp_path / "keys.yaml"
+    routes = {"/": {"limit": 1000, "keys_file": str(keys_file), "keys_reload_s": 0}}
+    ((_, buffer),) = ByRoutePrefix(reading_app, routes).buffers
+    assert len(recorded.keys_file_errors.tags) == 1, "missing at the proxy's start"
+    key, entry = new_key_entry("app", ["remove"])
+    keys_file.write_text(yaml.safe_dump({"keys": [entry]}))
+
+    def status() -> int:
+        exchange = Exchange([b"x" * 10], {"content-length": "10", "x-api-key": key})
+        asyncio.run(buffer(exchange.scope, exchange.receive, exchange.send))
+        return exchange.status
+
+    assert status() == 200
+    keys_file.write_text("keys: [not a key]")
+    assert status() == 401 and len(recorded.keys_file_errors.tags) == 2
+
+
+def test_a_drain_logs_when_it_begins_and_how_many_in_flight_requests_it_cut_short(tmp_path, monkeypatch):
+    """A stop's 503s were in no log: an operator could not tell a clean stop from one that cut requests off."""
+    from types import SimpleNamespace
+
+    from serve import proxy_middleware
+
+    logged = []
+
+    def record(*args):  # info(message, *values) or log(level, message, *values)
+        message, *values = args[1:] if isinstance(args[0], int) else args
+        logged.append(message % tuple(values))
+
+    monkeypatch.setattr(proxy_middleware, "logger", SimpleNamespace(info=record, log=record))
+    flag = tmp_path / "draining"
+
+    async def stuck(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    async def main():
+        drain = Drain(stuck, flag=str(flag), grace_s=0.1)
+        in_flight, new = Exchange([b""]), Exchange([b""])
+        task = asyncio.create_task(drain(in_flight.scope, in_flight.receive, in_flight.send))
+        await asyncio.sleep(0.05)
+        flag.touch()
+        await drain(new.scope, new.receive, new.send)
+        await asyncio.wait_for(task, timeout=5)
+        return in_flight.status, new.status
+
+    assert asyncio.run(main()) == (503, 503)
+    assert logged == [
+        "draining: new HTTP requests get 503 stopping; 1 in flight may finish within 0.1 s",
+        "draining: 503 stopping to the 1 requests still without an answer 0.1 s into the stop",
+    ]

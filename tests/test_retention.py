@@ -887,6 +887,25 @@ def test_retention_through_the_result_store_deployment_answers_as_in_process(tmp
     replica.close()
 
 
+def test_a_store_failing_every_save_is_logged_once_a_while_and_counted_each_time(tmp_path, monkeypatch):
+    """A store that is down fails every removal's save: a traceback per request buried the log."""
+    from types import SimpleNamespace
+
+    from serve.config import RetentionSettings
+    from serve.retention import keeper
+
+    async def save(new):
+        raise OSError("the disk is gone")
+
+    logged = []
+    monkeypatch.setattr(keeper, "logger", SimpleNamespace(exception=lambda *args: logged.append(args[0] % args[1:])))
+    settings = RetentionSettings(enabled=True, object_store={"path": str(tmp_path)})
+    retention = keeper.Retention(settings, metrics := _Metrics(), SimpleNamespace(save=save))
+    assert [asyncio.run(_keep(retention)) for _ in range(3)] == [None] * 3
+    assert metrics.retained.tags == [{"outcome": "failed"}] * 3
+    assert len(logged) == 1 and "could not be stored" in logged[0]
+
+
 def test_a_result_store_that_cannot_open_stays_healthy_and_removals_go_on(tmp_path, monkeypatch):
     from serve.config import RetentionSettings
     from serve.problems import Problem

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.config import RetentionSettings
 from serve.handles import within
+from serve.log_throttle import LOG_EVERY_S, LogThrottle
 from serve.page_headers import page_html, strict_page_headers
 from serve.problems import Problem
 from serve.request_ids import serve_request_id
@@ -237,6 +238,12 @@ class LocalStoreClient:
                 return
 
 
+_EACH = (
+    f' (failed saves are logged at most once per {LOG_EVERY_S:g} s; ray_rorem_retained_total{{outcome="failed"}} '
+    "counts each)"
+)
+
+
 class Retention:
     """The ingress's view of the result store. While retention is disabled there is no store: retain=true
     is refused and the result routes answer 404; while the store cannot be opened, removals go on unretained.
@@ -250,6 +257,7 @@ class Retention:
         self.settings = settings
         self.metrics = metrics
         self.store: LocalStoreClient | None = None
+        self._failed_saves = LogThrottle()  # a store that is down fails every save; the metric counts each
         self._mask_encodes = ThreadPoolExecutor(MASK_ENCODE_THREADS, thread_name_prefix="retention-mask")
         if settings.enabled:
             self.store = store or LocalStoreClient.from_settings(settings)
@@ -314,11 +322,13 @@ class Retention:
         try:
             result_id = await within(encode_and_save(), timeout_s)
         except asyncio.TimeoutError:
-            logger.warning("retention: not stored within %.3g s; answering without X-Result-Id", timeout_s)
+            if self._failed_saves.due():
+                logger.warning("retention: not stored within %.3g s; answering without X-Result-Id%s", timeout_s, _EACH)
             self.metrics.retained.inc(tags={"outcome": "failed"})
             return None
         except Exception:
-            logger.exception("retention: the result could not be stored; answering without X-Result-Id")
+            if self._failed_saves.due():
+                logger.exception("retention: the result could not be stored; answering without X-Result-Id%s", _EACH)
             self.metrics.retained.inc(tags={"outcome": "failed"})
             return None
         self.metrics.retained.inc(tags={"outcome": "stored"})
