@@ -27,9 +27,11 @@ class Kind:
     status: int
     title: str
     grpc_code: str = "INVALID_ARGUMENT"  # the caller's input
-    # the service declined to take the request on now (load, a stop, a model still loading), rather than failing it:
-    # the latency outcome `refused` (serve.metrics), which an operator reads as shedding, not as a fault
-    refusal: bool = False
+    # The service declined to take the request on now rather than failing it: "load" (busy: a replica's or a proxy's
+    # queue, a key's quota; a retry after Retry-After may pass), "pause" (this instance is stopping, or its model is
+    # still loading). Either is the latency outcome `refused` (serve.metrics), read as shedding, not as a fault; a
+    # load test counts only "load" apart from failures (loadtests/).
+    refusal: str = ""
 
 
 KINDS = (
@@ -56,12 +58,12 @@ KINDS = (
     Kind("host-not-allowed", 403, "This host name is not served here", "PERMISSION_DENIED"),
     Kind("cross-site-request", 403, "Requests from other sites are refused", "PERMISSION_DENIED"),
     # a busy replica's refusal, or a key's quota (its problem names the quota)
-    Kind("too-many-requests", 429, "Too many requests; retry later", "RESOURCE_EXHAUSTED", refusal=True),
-    Kind("overloaded", 503, "The service is overloaded; retry later", "UNAVAILABLE", refusal=True),
+    Kind("too-many-requests", 429, "Too many requests; retry later", "RESOURCE_EXHAUSTED", refusal="load"),
+    Kind("overloaded", 503, "The service is overloaded; retry later", "UNAVAILABLE", refusal="load"),
     # a draining instance (serve.proxy_middleware.Drain): another instance can answer at once
-    Kind("stopping", 503, "This instance is stopping; retry", "UNAVAILABLE", refusal=True),
+    Kind("stopping", 503, "This instance is stopping; retry", "UNAVAILABLE", refusal="pause"),
     Kind("replica-failed", 503, "A model replica failed while answering; retry later", "UNAVAILABLE"),
-    Kind("not-ready", 503, "The model is not loaded yet", "UNAVAILABLE", refusal=True),
+    Kind("not-ready", 503, "The model is not loaded yet", "UNAVAILABLE", refusal="pause"),
     Kind("scorer-unavailable", 503, "The quality scorer is unavailable; retry later", "UNAVAILABLE"),
     Kind("retention-unavailable", 503, "The result store is unavailable; retry later", "UNAVAILABLE"),
     Kind("timeout", 504, "The request took too long", "DEADLINE_EXCEEDED"),
@@ -83,10 +85,7 @@ EXTENSIONS = MappingProxyType(
     }
 )
 KIND_BY_SLUG = MappingProxyType({kind.slug: kind for kind in KINDS})
-# Refusals because the service is busy (a replica's or a proxy's queue, a key's quota), which a retry after
-# Retry-After may pass; every other 503 (replica-failed, not-ready, stopping...) says something failed. The load
-# tests count these apart from failures (loadtests/)
-LOAD_REFUSALS = frozenset({"too-many-requests", "overloaded"})
+LOAD_REFUSALS = frozenset(kind.slug for kind in KINDS if kind.refusal == "load")
 STATUS_BY_PROBLEM = MappingProxyType({kind.slug: kind.status for kind in KINDS})
 TITLES = MappingProxyType({kind.slug: kind.title for kind in KINDS})
 

@@ -31,7 +31,8 @@ def test_the_load_refusals_are_kinds_that_tell_a_client_to_come_back():
     kind) would pass a failure off as the service being busy."""
     assert LOAD_REFUSALS <= set(KIND_BY_SLUG)
     assert {KIND_BY_SLUG[slug].status for slug in LOAD_REFUSALS} <= {429, 503}
-    assert {"replica-failed", "not-ready", "stopping", "scorer-unavailable"}.isdisjoint(LOAD_REFUSALS)
+    assert LOAD_REFUSALS == {"too-many-requests", "overloaded"}
+    assert {kind.refusal for kind in KINDS} == {"", "load", "pause"}
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.slug)
