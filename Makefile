@@ -14,6 +14,7 @@ PYTEST_ARGS ?=
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "make: installing the environment in $(VENV) (torch CPU, Ray, diffusers: a few minutes, quietly)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $$($(PY) -c "$(TORCH_CPU_PROBE)" 2>/dev/null)
@@ -25,12 +26,12 @@ serve: venv
 
 # Bytecode is written even where the environment says not to (PYTHONDONTWRITEBYTECODE): otherwise every pytest
 # run re-rewrites ~250 plugin modules (schemathesis, hypothesis, anyio) and every Ray worker recompiles serve/
-# and engines/ (docs/benchmarks.md "Test suite").
+# and engines/ (docs/benchmarks.md "The test suite's time").
 TEST_ENV := PYTHONDONTWRITEBYTECODE=
 
 # Two runs, both whatever the first one's outcome: the tests without Ray on every core (pytest-xdist: they share
 # nothing), then the e2e tests one at a time (they share one Serve, and a second stream beside them slows them more
-# than it gains: docs/benchmarks.md "Test suite"). MARKS selects by marker in both (pytest's -m would pick the same
+# than it gains: docs/benchmarks.md "The test suite's time"). MARKS selects by marker in both (pytest's -m would pick the same
 # tests for both runs, so -m in PYTEST_ARGS is refused); a run that selects no test (exit 5) is not a failure unless
 # both select none. WORKERS=0 runs the first part in one process (for --pdb, which xdist refuses).
 MARKS ?= e2e or not e2e

@@ -30,7 +30,7 @@ from starlette.datastructures import Headers
 from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, parse_options_header
 from starlette.formparsers import multipart as _multipart  # python-multipart, as starlette imports it
 
-from serve.problems import Problem
+from serve.problems import MAX_LISTED, Problem
 from serve.protocol import (
     JSONRemoveBody,
     JSONScoreBody,
@@ -342,17 +342,26 @@ def _from_multipart(content_type: str, body: bytes | list[bytes], names, require
             files[key] = value.data
         else:
             fields[key] = value
-    unknown = set(files) - set(names)
+    unknown = sorted(set(files) - set(names))
     if unknown:
-        raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}; the files are {', '.join(names)}")
+        raise Problem(
+            "invalid-request",
+            f"unknown file fields: {unknown}; the files are {', '.join(names)}",
+            errors=[{"field": key, "message": "unknown file field"} for key in unknown[:MAX_LISTED]],
+        )
     for name in required:
         if name not in files:
-            raise Problem("invalid-request", f"the multipart body has no {name!r} file")
+            raise Problem(
+                "invalid-request",
+                f"the multipart body has no {name!r} file",
+                errors=[{"field": name, "message": "Field required"}],
+            )
     return files, form_options(options_model, fields)
 
 
 def _from_json(body: bytes | list[bytes], names, options_model, json_model):
     body = body if isinstance(body, bytes) else b"".join(body)
+    check_json_start(body)
     check_scalar_fields(body, json_model)
     data, lifted = _json_object(body, names)
     parsed = validate(json_model, data)  # a lifted file field holds its placeholder: any str validates alike
@@ -364,6 +373,18 @@ def _from_json(body: bytes | list[bytes], names, options_model, json_model):
         elif getattr(parsed, name) is not None:
             files[name] = _b64decode(getattr(parsed, name), name)
     return files, options
+
+
+_JSON_SPACE = re.compile(rb"[ \t\n\r]*")
+_JSON_VALUE_STARTS = frozenset(b'{["-0123456789tfn')
+
+
+def check_json_start(body: bytes) -> None:
+    """A body whose first byte begins no JSON value is not JSON: 400 malformed-body, where the field count below
+    would call a large binary body an object with too many quotes."""
+    at = _JSON_SPACE.match(body, 3 if body.startswith(b"\xef\xbb\xbf") else 0).end()  # a BOM, as json.loads allows
+    if at < len(body) and body[at] not in _JSON_VALUE_STARTS:
+        raise Problem("malformed-body", f"the body is not JSON: it begins with byte {body[at]:#04x}, not '{{'")
 
 
 def check_scalar_fields(body: bytes, json_model: type[BaseModel]) -> None:

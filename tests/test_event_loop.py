@@ -336,11 +336,19 @@ def starlette_answer(content_type: str, body: bytes):
         for name in NAMES:
             if name in fields:
                 raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
-        unknown = set(files) - set(NAMES)
+        unknown = sorted(set(files) - set(NAMES))
         if unknown:
-            raise Problem("invalid-request", f"unknown file fields: {sorted(unknown)}; the files are {', '.join(NAMES)}")
+            raise Problem(
+                "invalid-request",
+                f"unknown file fields: {unknown}; the files are {', '.join(NAMES)}",
+                errors=[{"field": key, "message": "unknown file field"} for key in unknown],
+            )
         if "image" not in files:
-            raise Problem("invalid-request", "the multipart body has no 'image' file")
+            raise Problem(
+                "invalid-request",
+                "the multipart body has no 'image' file",
+                errors=[{"field": "image", "message": "Field required"}],
+            )
         return files, req.validate(req.RemoveOptions, fields)
 
     return outcome(lambda: asyncio.run(read()))
@@ -390,6 +398,33 @@ def test_multipart_mistakes_are_told_as_the_mistake_whatever_their_size_or_count
     strays = multipart([("image", "a.png", photo[:5000]), ("x", "x.png", b"x"), ("y", "y.png", b"y"), ("z", "z", b"z")])
     refused = outcome(lambda: req._from_multipart(content_type, strays, NAMES, ("image",), req.RemoveOptions))
     assert refused[:3] == ("problem", "invalid-request", "more file parts than the route's: the files are image, mask")
+
+
+def test_a_multipart_body_names_its_wrong_and_missing_files_in_errors_as_a_json_body_does():
+    """`-F img=@photo.jpg` told the mistake in the detail only, where the same mistake in JSON listed each field in
+    `errors` (docs/api.md: an invalid-request carries `errors` for each invalid or unknown field)."""
+    content_type = "multipart/form-data; boundary=b0undary"
+    stray = multipart([("img", "a.png", b"x"), ("mask", "m.png", b"m")])
+    with pytest.raises(Problem) as caught:
+        req._from_multipart(content_type, stray, NAMES, ("image",), req.RemoveOptions)
+    assert caught.value.extra["errors"] == [{"field": "img", "message": "unknown file field"}]
+    with pytest.raises(Problem) as caught:
+        req._from_multipart(content_type, multipart([("mask", "m.png", b"m")]), NAMES, ("image",), req.RemoveOptions)
+    assert caught.value.extra["errors"] == [{"field": "image", "message": "Field required"}]
+
+
+@pytest.mark.parametrize("start", [b"\xff", b"\x89PNG", b"  <html>", b"\xef\xbb\xbf\x00"])
+def test_a_body_sent_as_json_that_begins_no_json_value_is_malformed_not_an_object_with_too_many_quotes(start):
+    """5 MB of binary sent as application/json was 422 "this one has more than 60 quotes" (the field count ran
+    first), where 300 bytes of it were 400 malformed-body."""
+    body = start + random.Random(2).randbytes(5_000_000)
+    with pytest.raises(Problem) as caught:
+        req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)
+    assert caught.value.problem == "malformed-body" and "the body is not JSON" in caught.value.detail
+    for valid_start in (b'{"image": "', b' \n{"image": "', b"[1, ", b'\xef\xbb\xbf{"image": "'):
+        with pytest.raises(Problem) as caught:
+            req._from_json(valid_start + b'"' * 200, NAMES, req.RemoveOptions, req.JSONRemoveBody)
+        assert "the body is not JSON" not in caught.value.detail, "what begins as JSON is parsed as before"
 
 
 @pytest.mark.parametrize("cut", ["inside the mask", "inside the seed", "before the closing boundary's dashes"])
@@ -467,6 +502,7 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
     monkeypatch.setattr(req, "_LIFT_MIN", 16)
 
     def reference(body: bytes):
+        req.check_json_start(body)
         req.check_scalar_fields(body, req.JSONRemoveBody)
         try:
             data = json.loads(body)
