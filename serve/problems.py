@@ -152,9 +152,15 @@ def _listed(items: list[str], what: str, separator: str, prefix: str = "") -> st
 
 
 def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+    """At most `limit` characters, and encodable: a client's lone surrogate (a JSON key "\\udc80", a multipart
+    field name in a charset that decodes to one) made the answer's UTF-8 encoding fail, a 500 in place of the 422."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text
 
 
 def _bounded(value):

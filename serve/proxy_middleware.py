@@ -63,6 +63,7 @@ import json
 import logging
 import os
 import re
+import uuid
 
 from serve.problems import MEDIA_TYPE, Problem
 
@@ -147,12 +148,12 @@ class ByRoutePrefix:
             return await self.app(scope, receive, send)
         path = route_path(scope)
         if self.keyed and path == RAY_ROUTES_PATH:
-            return await _problem(send, _not_served(path))
+            return await _problem(send, _not_served(path), scope)
         buffer = next((buffer for prefix, buffer in self.buffers if route_matches(prefix, path)), None)
         if buffer is not None:
             return await buffer(scope, receive, send)
         if _declared_size(_first_headers(scope)) != 0:
-            return await _problem(send, _not_served(path))
+            return await _problem(send, _not_served(path), scope)
         await self.app(scope, receive, send)  # Ray's own 404 (RayAnswers words it)
 
 
@@ -177,22 +178,26 @@ def _declared_size(headers: dict[bytes, bytes]) -> int | None:
     return int(declared) if declared.isdigit() else 0
 
 
-async def _problem(send, problem: Problem) -> None:
-    """A refusal of these middlewares' own, counted: Ray counts only what its proxy answers inside them."""
+async def _problem(send, problem: Problem, scope) -> None:
+    """A refusal of these middlewares' own, counted (Ray counts only what its proxy answers inside them), naming the
+    request as the app does: the client's X-Request-Id (HeaderGuard dropped an invalid one), else a fresh id."""
     from serve.metrics import proxy_metrics
 
     proxy_metrics().refused(problem.problem)
-    await _answer(send, problem)
+    given = dict(scope["headers"]).get(_REQUEST_ID_HEADER)
+    await _answer(send, problem, given.decode("latin-1") if given else uuid.uuid4().hex)
 
 
-async def _answer(send, problem: Problem) -> None:
+async def _answer(send, problem: Problem, request_id: str | None = None) -> None:
     """The problem+json answer the app would give, closing the connection."""
-    body = json.dumps(problem.body()).encode()
+    body = json.dumps(problem.body(request_id)).encode()
     headers = [
         (b"content-type", MEDIA_TYPE.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
     ]
+    if request_id:
+        headers.append((_REQUEST_ID_HEADER, request_id.encode()))
     headers += [(name.lower().encode(), value.encode()) for name, value in problem.headers.items()]
     await send({"type": "http.response.start", "status": problem.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -325,16 +330,16 @@ class BodyBuffer:
         declared = _declared_size(headers)
         needs = self.limit if declared is None else declared
         if needs > self.limit:
-            return await _problem(send, _too_large(f"request body is {needs} bytes; the limit is {self.limit}"))
+            return await _problem(send, _too_large(f"request body is {needs} bytes; the limit is {self.limit}"), scope)
         if needs and self.keys is not None:
             credentials = {name.decode("latin-1"): headers.get(name, b"").decode("latin-1") for name in _KEY_HEADERS}
             try:
                 await self.keys.check_async(credentials, None)
             except Problem as refusal:
-                return await _problem(send, refusal)
+                return await _problem(send, refusal, scope)
         if self.max_held is not None and self.held + needs > self.max_held:
             # before reading; nothing is reserved, so the check below stays
-            return await _problem(send, _retry_later("overloaded", _BUSY))
+            return await _problem(send, _retry_later("overloaded", _BUSY), scope)
         chunks, received, refusal = [], 0, None
         pending = bytearray()
         try:
@@ -365,7 +370,7 @@ class BodyBuffer:
         finally:
             self.arriving.count -= received
         if refusal is not None:  # answered outside the timeout: a timer firing mid-send cannot answer twice
-            return await _problem(send, refusal)
+            return await _problem(send, refusal, scope)
         messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
         messages[-1]["more_body"] = False
         messages.reverse()
@@ -424,7 +429,7 @@ class Drain:
                     {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
                 )
                 return await send({"type": "http.response.body", "body": body})
-            return await self._unavailable(send, "it arrived after the stop began and was not run")
+            return await self._unavailable(scope, send, "it arrived after the stop began and was not run")
         task = asyncio.current_task()
         started = [False]
         self.in_flight[task] = started
@@ -443,7 +448,8 @@ class Drain:
             if task in self.given_up:
                 task.uncancel()
                 if not started[0]:
-                    await self._unavailable(send, f"it was still without an answer {self.grace_s:g} s into the stop")
+                    late = f"it was still without an answer {self.grace_s:g} s into the stop"
+                    await self._unavailable(scope, send, late)
         finally:
             self.in_flight.pop(task, None)
             self.given_up.discard(task)
@@ -471,5 +477,5 @@ class Drain:
             self.grace_s,
         )
 
-    async def _unavailable(self, send, what_happened: str) -> None:
-        await _problem(send, stopping(what_happened))
+    async def _unavailable(self, scope, send, what_happened: str) -> None:
+        await _problem(send, stopping(what_happened), scope)

@@ -328,6 +328,8 @@ CASES: list[Case] = [
          detail="not valid JSON"),
     Case("JSON that is not UTF-8", 400, "malformed-body", rest=raw(b'{"image": "\xff\xfe"}', "application/json"),
          grpc=False),
+    Case("JSON: a field name with a lone surrogate", 422, "invalid-request",
+         rest=raw(b'{"image": "QUJD", "\\udc80": 1}', "application/json"), grpc=False, detail="unknown field"),
     Case("JSON: an array", 422, "invalid-request", rest=as_json(lambda sent: [1, 2]), grpc=False),
     Case("JSON: image null", 422, "invalid-request", rest=as_json(lambda sent: {"image": None}), grpc=False),
     Case("JSON: image is a number", 422, "invalid-request", rest=as_json(lambda sent: {"image": 5}), grpc=False),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from serve.problems import (
     TITLES,
     TYPE_BASE,
     Problem,
+    invalid_request,
 )
 from tests.helpers import REPO
 
@@ -101,3 +103,14 @@ def test_every_member_a_problem_is_raised_with_is_declared():
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Problem":
                 used |= {keyword.arg for keyword in node.keywords if keyword.arg not in (None, "headers")}
     assert "quota" in used and used <= set(EXTENSIONS), used - set(EXTENSIONS)
+
+
+def test_a_field_name_with_a_lone_surrogate_is_named_in_a_422_not_a_500():
+    """`{"image": "QUJD", "\\udc80": 1}` was a 500 internal-error (with a traceback logged each time): the 422's
+    `errors` held the key as it came, which UTF-8 cannot encode."""
+    problem = invalid_request([], ["\udc80"])
+    response = problem.response("rid")
+    body = json.loads(response.body)
+    assert response.status_code == 422 and body["errors"] == [{"field": "\\udc80", "message": "unknown field"}]
+    assert "\\udc80" in body["detail"]
+    assert Problem("invalid-request", "plain", errors=[{"field": "é", "message": "x"}]).body()["errors"][0]["field"] == "é"

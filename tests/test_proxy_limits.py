@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from serve.proxy_limits import (
     proxy_env,
 )
 from serve.proxy_middleware import (
+    REQUEST_ID_PATTERN,
     DRAIN_PATH,
     RAY_ROUTES_PATH,
     ROUTES_ENV,
@@ -769,6 +771,29 @@ def test_what_the_proxy_refuses_itself_is_counted_by_problem_and_ray_s_own_answe
     assert recorded.refusals == [
         "payload-too-large", "overloaded", "body-timeout", "not-found", "unauthorized", "stopping"
     ]  # fmt: skip
+
+
+def test_the_proxy_s_own_refusals_name_the_request_as_the_app_s_answers_do(tmp_path):
+    """A 413 at the proxy had no X-Request-Id and no `instance`, where the app's own 413 had both: a client quoting
+    its id to support had nothing to quote."""
+    (tmp_path / "draining").touch()
+    stack = ByRoutePrefix(reading_app, {"/": {"limit": 100, "timeout_s": 5, "max_held": 1000}})
+    drain = Drain(reading_app, flag=str(tmp_path / "draining"))
+    given = Exchange([b"x" * 200], {"content-length": "200", "x-request-id": "client-id-1"})
+    fresh = Exchange([b"x" * 200], {"content-length": "200"})
+    stopped = Exchange([b""], {"x-request-id": "client-id-2"})
+
+    async def main():
+        for middleware, exchange in ((stack, given), (stack, fresh), (drain, stopped)):
+            await middleware(exchange.scope, exchange.receive, exchange.send)
+
+    asyncio.run(main())
+    for exchange, request_id in ((given, "client-id-1"), (stopped, "client-id-2"), (fresh, None)):
+        headers = dict(exchange.sent[0]["headers"])
+        request_id = request_id or headers[b"x-request-id"].decode()
+        assert re.fullmatch(REQUEST_ID_PATTERN, request_id)
+        assert headers[b"x-request-id"] == request_id.encode()
+        assert exchange.body["instance"] == f"urn:request:{request_id}"
 
 
 def test_a_broken_keys_file_at_the_proxy_is_counted_where_rest_traffic_alone_reads_it(tmp_path, monkeypatch):
