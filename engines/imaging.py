@@ -253,7 +253,8 @@ def _decode(
     data: bytes, limits: DecodeLimits, what: str, invalid: type[InputError], size: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, str | None, bytes | None]:
     """Upright uint8 pixels, (H, W) for gray sources or (H, W, 3) RGB; the alpha plane (perhaps fully opaque) or
-    None; the format; the embedded colour profile or None. With `size` (a mask's), a file of another size is refused unread."""
+    None; the format; the embedded colour profile or None. With `size` (a mask's), a file of another size is
+    refused unread."""
     if len(data) == 0:
         raise invalid(f"the {what} is empty")
     if len(data) > limits.max_bytes:
@@ -496,8 +497,8 @@ def _check_tiff(data: bytes, limits: DecodeLimits, what: str, invalid: type[Inpu
     compression = _tiff_values(data, entries, (_TIFF_COMPRESSION,)).get(_TIFF_COMPRESSION)
     if compression in _TIFF_JPEG_COMPRESSIONS:
         raise invalid(
-            f"the {what} is a TIFF of {_TIFF_JPEG_COMPRESSIONS[compression]} (compression {compression}), which is "
-            "not accepted: send the JPEG itself, or a TIFF of another compression"
+            f"the {what} is a TIFF with {_TIFF_JPEG_COMPRESSIONS[compression]} compression (TIFF compression"
+            f" {compression}), which is not accepted: send the JPEG itself, or a TIFF of another compression"
         )
     exif = _tiff_exif_bytes(data, entries, limits.max_exif_bytes)
     if exif > limits.max_exif_bytes:
@@ -528,9 +529,9 @@ def _tiff_values(data: bytes, entries: Sequence[tuple[int, int, int, int]], tags
 
 def _tiff_exif_bytes(data: bytes, entries: Sequence[tuple[int, int, int, int]], most: int) -> int:
     """The size of the EXIF, GPS and Interop directories as an EXIF block would hold them (12 bytes a tag plus its
-    values), each counted every time Pillow reads it: all three may name one directory. A fixed
-    walk (the first directory names EXIF and GPS, EXIF names Interop), so a loop of offsets is read no further.
-    Counted no further than past `most`."""
+    values), each counted every time Pillow reads it: all three may name one directory. The walk is fixed (the
+    first directory names EXIF and GPS, EXIF names Interop), so a loop of offsets goes no further. Counted no
+    further than past `most`."""
     pointers = _tiff_values(data, entries, (_TIFF_EXIF_IFD, _TIFF_GPS_IFD))
     directories = list(pointers.values())
     if _TIFF_EXIF_IFD in pointers:
@@ -543,6 +544,8 @@ def _tiff_exif_bytes(data: bytes, entries: Sequence[tuple[int, int, int, int]], 
             if total > most:
                 return total
     return total
+
+
 def _jpeg_header_steps(data: bytes):
     """The positions of a JPEG's marker segments (and fill bytes) before its first scan; last, the scan's
     own position, or -1 where the structure breaks off first."""
