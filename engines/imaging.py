@@ -77,6 +77,11 @@ _FAST_DECODE = {
 _PNG_LATE_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
 _TIFF_OPAQUE_TYPES = frozenset({1, 2, 7})  # BYTE, ASCII, UNDEFINED
 _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
+_TIFF_COMPRESSION = 259
+_TIFF_JPEG_COMPRESSIONS = {6: "old-style JPEG", 7: "JPEG"}
+_TIFF_EXIF_IFD, _TIFF_GPS_IFD, _TIFF_INTEROP_IFD = 0x8769, 0x8825, 0xA005
+_TIFF_UNIT_BYTES = {kind: size for kind, (size, _) in TiffImagePlugin.ImageFileDirectory_v2._load_dispatch.items()}
+_TIFF_FLOAT_TYPES = frozenset({11, 12})
 # Arithmetic coding (SOF9-11, SOF13-15, and its conditioning table DAC): a progressive refinement scan then
 # costs a few bytes to send and a full pass to decode (100 scans of 6320^2: 35 s). Rare in the wild.
 _JPEG_ARITHMETIC_MARKERS = frozenset({0xC9, 0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF})
@@ -115,6 +120,7 @@ class DecodedImage:
     format: str | None
     icc_profile: bytes | None = None  # an RGB colour profile, given back with the result (rgb_icc_profile)
     webp_lossless: bool = False  # a lossless WebP source: its WebP result is written lossless too
+    has_alpha: bool = False  # the source has an alpha channel, perhaps fully opaque (`alpha` is then None)
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,9 @@ def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     pixels, alpha, source_format, profile = _decode(data, limits, what="image", invalid=InvalidImage)
     rgb = _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
     return DecodedImage(
-        rgb=rgb, alpha=alpha, format=source_format, icc_profile=rgb_icc_profile(profile),
-        webp_lossless=source_format == "webp" and _webp_is_lossless(data),
+        rgb=rgb, alpha=alpha if alpha is not None and alpha.min() < 255 else None, format=source_format,
+        icc_profile=rgb_icc_profile(profile), webp_lossless=source_format == "webp" and _webp_is_lossless(data),
+        has_alpha=alpha is not None,
     )  # fmt: skip
 
 
@@ -233,22 +240,26 @@ def exif_orientation(img: Image.Image) -> int:
 
 
 def mask_from_alpha(image: DecodedImage) -> np.ndarray:
-    """Use the image's own transparency as the mask: erased (alpha < 128) pixels are to be removed."""
-    if image.alpha is None:
-        raise InvalidMask("no mask given and the image has no alpha channel")
-    return image.alpha < 128
+    """Use the image's own transparency as the mask: erased (alpha < 128) pixels are to be removed. A fully opaque
+    alpha channel erases nothing: an empty mask (nothing to remove), not a missing one."""
+    if image.alpha is not None:
+        return image.alpha < 128
+    if image.has_alpha:
+        return np.zeros(image.rgb.shape[:2], bool)
+    raise InvalidMask("no mask given and the image has no alpha channel")
 
 
 def _decode(
     data: bytes, limits: DecodeLimits, what: str, invalid: type[InputError], size: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, str | None, bytes | None]:
-    """Upright uint8 pixels, (H, W) for gray sources or (H, W, 3) RGB; the alpha plane or None; the format;
-    the embedded colour profile or None. With `size` (a mask's), a file of another size is refused unread."""
+    """Upright uint8 pixels, (H, W) for gray sources or (H, W, 3) RGB; the alpha plane (perhaps fully opaque) or
+    None; the format; the embedded colour profile or None. With `size` (a mask's), a file of another size is
+    refused unread."""
     if len(data) == 0:
         raise invalid(f"the {what} is empty")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the {what} is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
-    complete = _check_structure(data, limits, what)  # Pillow's own header parsing of these is Python-paced
+    complete = _check_structure(data, limits, what, invalid)  # Pillow's own header parsing of these is Python-paced
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL's notes on corrupt metadata: client-made log noise
@@ -307,7 +318,7 @@ def _too_costly(what: str, found: str, limit: str) -> ImageTooLarge:
     return ImageTooLarge(f"the {what} {found}; the limit is {limit}")
 
 
-def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> bool:
+def _check_structure(data: bytes, limits: DecodeLimits, what: str, invalid: type[InputError] = InvalidImage) -> bool:
     """Bound what Pillow walks in Python while opening a file, and the work a JPEG's scans cause.
 
     Returns whether a PNG or JPEG is complete and plain enough for the fast decoder (_fast_decode): its
@@ -341,9 +352,7 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str) -> bool:
         if _count_at_least(_gif_blocks(data), limits.max_chunks + 1):
             raise _too_costly(what, f"has over {limits.max_chunks} GIF blocks before its first frame", f"{limits.max_chunks}")
     elif data[:4] in (b"II*\x00", b"MM\x00*"):
-        longest = max(_tiff_first_ifd_counts(data), default=0)
-        if longest > limits.max_chunks:
-            raise _too_costly(what, f"has a TIFF tag of {longest} values", f"{limits.max_chunks} values")
+        _check_tiff(data, limits, what, invalid)
     elif data[:4] in (b"II+\x00", b"MM\x00+"):  # BigTIFF: for files past 4 GB, far past any upload limit
         raise _too_costly(what, "is a BigTIFF", "classic TIFF (BigTIFF is for files over 4 GB)")
     return False
@@ -413,9 +422,7 @@ def _fast_decode(img: Image.Image, data: bytes, complete: bool) -> tuple[np.ndar
     pixels = _orient(pixels, exif_orientation(img))
     if channels in (1, 3):
         return np.ascontiguousarray(pixels), None
-    alpha = pixels[..., -1]
-    color = np.ascontiguousarray(pixels[..., :3])
-    return color, (np.ascontiguousarray(alpha) if alpha.min() < 255 else None)
+    return np.ascontiguousarray(pixels[..., :3]), np.ascontiguousarray(pixels[..., -1])
 
 
 def _png_chunks(data: bytes, positions: bool = False):
@@ -477,15 +484,66 @@ def _gif_blocks(data: bytes):
         position += 1
 
 
-def _tiff_first_ifd_counts(data: bytes):
-    """The value count of every numeric tag of a TIFF's first directory: Pillow unpacks those it reads into
-    tuples (strip offsets, orientation...); bytes, text and opaque tags (ICC, XMP) it keeps as they are."""
-    order = "little" if data[:2] == b"II" else "big"
-    at = int.from_bytes(data[4:8], order)
-    entries = int.from_bytes(data[at : at + 2], order)
-    for entry in range(at + 2, min(at + 2 + 12 * entries, len(data) - 11), 12):
-        if int.from_bytes(data[entry + 2 : entry + 4], order) not in _TIFF_OPAQUE_TYPES:
-            yield int.from_bytes(data[entry + 4 : entry + 8], order)
+def _check_tiff(data: bytes, limits: DecodeLimits, what: str, invalid: type[InputError]) -> None:
+    """Bound the tags Pillow unpacks into Python objects: those of the first directory one by one (strip offsets,
+    orientation...), and after decoding every tag of the EXIF, GPS and Interop directories (load_end), as the
+    EXIF block of a JPEG is bounded. JPEG-compressed strips are refused: libtiff decodes them with none of the
+    checks a JPEG file gets (arithmetic coding, scans)."""
+    ifd0 = _tiff_int(data, 4, 4)
+    entries = list(_tiff_entries(data, ifd0))
+    longest = max((count for _, kind, count, _ in entries if kind not in _TIFF_OPAQUE_TYPES), default=0)
+    if longest > limits.max_chunks:
+        raise _too_costly(what, f"has a TIFF tag of {longest} values", f"{limits.max_chunks} values")
+    compression = _tiff_values(data, entries, (_TIFF_COMPRESSION,)).get(_TIFF_COMPRESSION)
+    if compression in _TIFF_JPEG_COMPRESSIONS:
+        raise invalid(
+            f"the {what} is a TIFF with {_TIFF_JPEG_COMPRESSIONS[compression]} compression (TIFF compression"
+            f" {compression}), which is not accepted: send the JPEG itself, or a TIFF of another compression"
+        )
+    exif = _tiff_exif_bytes(data, entries, limits.max_exif_bytes)
+    if exif > limits.max_exif_bytes:
+        raise _too_costly(what, f"has over {limits.max_exif_bytes} bytes of EXIF", f"{limits.max_exif_bytes} bytes")
+
+
+def _tiff_int(data: bytes, at: int, size: int) -> int:
+    return int.from_bytes(data[at : at + size], "little" if data[:2] == b"II" else "big")
+
+
+def _tiff_entries(data: bytes, at: int) -> Iterator[tuple[int, int, int, int]]:
+    """(tag, type, value count, where its value field is) of each entry of the TIFF directory at `at`."""
+    count = _tiff_int(data, at, 2)
+    for entry in range(at + 2, min(at + 2 + 12 * count, len(data) - 11), 12):
+        yield _tiff_int(data, entry, 2), _tiff_int(data, entry + 2, 2), _tiff_int(data, entry + 4, 4), entry + 8
+
+
+def _tiff_values(data: bytes, entries: Sequence[tuple[int, int, int, int]], tags: Sequence[int]) -> dict[int, int]:
+    """The single integer values of those of `tags` that hold one, read as Pillow reads them (offsets to
+    directories, the compression): signed types are taken unsigned, which puts a negative offset out of the file."""
+    found = {}
+    for tag, kind, count, field in entries:
+        size = _TIFF_UNIT_BYTES.get(kind, 0)
+        if tag in tags and count == 1 and size in (2, 4) and kind not in _TIFF_FLOAT_TYPES:
+            found.setdefault(tag, _tiff_int(data, field, size))
+    return found
+
+
+def _tiff_exif_bytes(data: bytes, entries: Sequence[tuple[int, int, int, int]], most: int) -> int:
+    """The size of the EXIF, GPS and Interop directories as an EXIF block would hold them (12 bytes a tag plus its
+    values), each counted every time Pillow reads it: all three may name one directory. The walk is fixed (the
+    first directory names EXIF and GPS, EXIF names Interop), so a loop of offsets goes no further. Counted no
+    further than past `most`."""
+    pointers = _tiff_values(data, entries, (_TIFF_EXIF_IFD, _TIFF_GPS_IFD))
+    directories = list(pointers.values())
+    if _TIFF_EXIF_IFD in pointers:
+        exif_entries = list(_tiff_entries(data, pointers[_TIFF_EXIF_IFD]))
+        directories += _tiff_values(data, exif_entries, (_TIFF_INTEROP_IFD,)).values()
+    total = 0
+    for at in directories:
+        for _, kind, count, _ in _tiff_entries(data, at):
+            total += 12 + count * _TIFF_UNIT_BYTES.get(kind, 0)
+            if total > most:
+                return total
+    return total
 
 
 def _jpeg_header_steps(data: bytes):
@@ -566,8 +624,8 @@ def _orient(pixels: np.ndarray, orientation: object) -> np.ndarray:
 def _split_pixels_alpha(
     img: Image.Image, what: str, invalid: type[InputError]
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Normalise any PIL mode to uint8 gray (H, W) or RGB (H, W, 3) plus an alpha plane, None when it carries
-    nothing. Gray stays gray: an RGB copy of it is only made for decode_image."""
+    """Normalise any PIL mode to uint8 gray (H, W) or RGB (H, W, 3) plus an alpha plane (perhaps fully opaque),
+    None when the mode has none. Gray stays gray: an RGB copy of it is only made for decode_image."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(img)
@@ -587,18 +645,15 @@ def _split_pixels_alpha(
     pixels = np.asarray(converted)
     if not has_alpha:
         return np.ascontiguousarray(pixels), None
-    alpha = pixels[..., 3]
-    return np.ascontiguousarray(pixels[..., :3]), (alpha.copy() if alpha.min() < 255 else None)
+    return np.ascontiguousarray(pixels[..., :3]), pixels[..., 3].copy()
 
 
 def _key_alpha(values: np.ndarray, key: object) -> np.ndarray | None:
-    """The alpha of a 16-bit gray PNG's tRNS key: 0 where a sample equals it, compared at 16 bits; None when
-    nothing is transparent. Pillow keeps the key for these modes but gives no alpha (8-bit gray gets one)."""
+    """The alpha of a 16-bit gray PNG's tRNS key: 0 where a sample equals it, compared at 16 bits; None without
+    a key. Pillow keeps the key for these modes but gives no alpha (8-bit gray gets one)."""
     if not isinstance(key, int):
         return None
     opaque = values != key
-    if opaque.all():
-        return None
     alpha = opaque.view(np.uint8)
     alpha *= 255
     return alpha

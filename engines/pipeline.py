@@ -235,9 +235,10 @@ class RemovalPipeline:
         decoded = imaging.decode_image(image, self.limits)
         if mask is None:
             mask_pixels = imaging.mask_from_alpha(decoded)
-            # the removed pixels are filled in, so opaque; the alpha outside the mask (soft edges) is the photo's
-            opaque_inside = np.where(mask_pixels, np.uint8(255), decoded.alpha)
-            decoded.alpha = opaque_inside if opaque_inside.min() < 255 else None
+            if decoded.alpha is not None:
+                # the removed pixels are filled in, so opaque; the alpha outside the mask (soft edges) is the photo's
+                opaque_inside = np.where(mask_pixels, np.uint8(255), decoded.alpha)
+                decoded.alpha = opaque_inside if opaque_inside.min() < 255 else None
         else:
             mask_pixels = imaging.decode_mask(mask, decoded.rgb.shape[:2], self.limits)
         return self.prepare_pixels(decoded, mask_pixels, dilate, max_crops)

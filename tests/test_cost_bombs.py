@@ -19,7 +19,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from engines.errors import ImageTooLarge, InvalidImage
 from engines.imaging import DecodeLimits, decode_image
@@ -93,20 +93,52 @@ def gif_comment_blocks(count: int) -> bytes:
     return data[:start] + b"\x21\xfe" + b"\x01A" * count + b"\x00" + data[start:]
 
 
-def tiff_with_orientation_values(count: int) -> bytes:
-    """A 1x1 gray TIFF whose Orientation tag holds `count` SHORTs (Pillow unpacks them all into a tuple)."""
-    tags = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-            (273, 4, 1, 8), (274, 3, count, 0), (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, 1)]  # fmt: skip
-    ifd_at = 9
-    values_at = ifd_at + 2 + 12 * len(tags) + 4
+def _ifd(tags: list[tuple[int, int, int, int]]) -> bytes:
+    """A little-endian TIFF directory of (tag, type, count, value) entries: one SHORT is stored in its entry, any
+    other value is an offset (or a LONG)."""
+    inline = struct.Struct("<HHIHH")
     entries = b"".join(
-        struct.pack("<HHII", tag, kind, n, values_at if tag == 274 else value)
-        if kind == 4 or tag == 274
-        else struct.pack("<HHIHH", tag, kind, n, value, 0)
+        inline.pack(tag, kind, n, value, 0) if (kind, n) == (3, 1) else struct.pack("<HHII", tag, kind, n, value)
         for tag, kind, n, value in tags
     )
-    return b"II*\x00" + struct.pack("<I", ifd_at) + b"\x00" + struct.pack("<H", len(tags)) + entries + bytes(4) + b"\x01\x00" * count
+    return struct.pack("<H", len(tags)) + entries + bytes(4)
 
+
+def gray_tiff_1x1(extra: list[tuple[int, int, int, int]], tail: bytes = b"", compression: int = 1) -> bytes:
+    """A 1x1 8-bit gray TIFF: its first directory at 9, the pixel at 8, `tail` after the directory (at
+    tiff_tail_at(len(extra)): `extra`'s offsets point into it)."""
+    tags = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, compression), (262, 3, 1, 1),
+            (273, 4, 1, 8), (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, 1)]  # fmt: skip
+    return b"II*\x00" + struct.pack("<I", 9) + b"\x00" + _ifd(sorted(tags + extra)) + tail
+
+
+def tiff_tail_at(extra: int) -> int:
+    return 9 + 2 + 12 * (9 + extra) + 4
+
+
+def tiff_with_orientation_values(count: int) -> bytes:
+    """A 1x1 gray TIFF whose Orientation tag holds `count` SHORTs (Pillow unpacks them all into a tuple)."""
+    return gray_tiff_1x1([(274, 3, count, tiff_tail_at(1))], b"\x01\x00" * count)
+
+
+def tiff_with_shared_exif(count: int) -> bytes:
+    """A 1x1 gray TIFF whose EXIF, GPS and Interop pointers all name one directory of `count` RATIONALs: after
+    decoding, Pillow unpacks it once for each (3 x `count` IFDRational objects)."""
+    directory_at = tiff_tail_at(3)
+    pointers = [(0x8769, 4, 1, directory_at), (0x8825, 4, 1, directory_at), (0xA005, 4, 1, directory_at)]
+    directory = _ifd([(0x0005, 5, count, directory_at + 2 + 12 * 2 + 4), (0xA005, 4, 1, directory_at)])
+    return gray_tiff_1x1(pointers, directory + struct.pack("<II", 1, 3) * count)
+
+
+def tiff_with_camera_exif() -> bytes:
+    """An RGB TIFF with EXIF, GPS and Interop directories as a camera's (Pillow writes them as it would a JPEG's)."""
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[0x010F] = "Camera maker"
+    ifd[0x8769] = {0x9003: "2024:01:01 12:00:00", 0x829A: 0.004, 0x920A: 50.0, 0xA005: {1: "R98"}}
+    ifd[0x8825] = {1: "N", 2: (52.0, 31.0, 12.0)}
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "gray").save(buffer, "TIFF", tiffinfo=ifd)
+    return buffer.getvalue()
 
 def rle_bmp(width: int, height: int) -> bytes:
     """An RLE8 BMP of 1-pixel runs: Pillow's decoder for it is Python, 2 bytes per step."""
@@ -132,11 +164,7 @@ def tiled_tiff(width: int, height: int, tile_width: int, tile_length: int, data:
         tags += [(324, 4, 1, pixels_at), (325, 4, 1, len(stream))]
     else:
         tags += [(324, 4, tiles, arrays_at), (325, 4, tiles, arrays_at + 4 * tiles)]
-    entries = b"".join(
-        struct.pack("<HHII", tag, kind, n, value) if kind == 4 else struct.pack("<HHIHH", tag, kind, n, value, 0)
-        for tag, kind, n, value in tags
-    )
-    header = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + bytes(4) + offsets + counts
+    header = b"II*\x00" + struct.pack("<I", 8) + _ifd(tags) + offsets + counts
     return header + stream * (tiles if data else 1)
 
 
@@ -170,6 +198,9 @@ BOMBS = {
     "JPEG with 400000 fill bytes": (lambda: small_jpeg()[:2] + b"\xff" * 400_000 + small_jpeg()[2:], "JPEG segments"),
     "GIF with 100000 comment sub-blocks": (lambda: gif_comment_blocks(100_000), "GIF blocks"),
     "TIFF orientation of 100000 values": (lambda: tiff_with_orientation_values(100_000), "TIFF tag"),
+    "TIFF whose EXIF, GPS and Interop name one directory of 30000 RATIONALs": (
+        lambda: tiff_with_shared_exif(30_000), "bytes of EXIF"
+    ),
     "BMP RLE8 of 1-pixel runs (2 MB)": (lambda: rle_bmp(1000, 1000), "RLE BMP"),
     "BMP RLE8 declaring 9 MP in a few bytes": (lambda: rle_bmp(3000, 3000)[:1100], "RLE BMP of 9000000 pixels"),
     "TIFF 16x16 in one 16384x16384 tile": (lambda: tiled_tiff(16, 16, 16384, 16384, data=False), "TIFF tiles"),
@@ -225,15 +256,37 @@ def test_each_bomb_is_refused_from_its_structure_quickly(name):
         tiled_tiff(20000, 100, 512, 512),
         png_with_exif_text(5000),
         png_with_exif_text(5000, b"iTXt"),
+        tiff_with_camera_exif(),
+        tiff_with_shared_exif(2000),
     ],
     ids=["65535x1", "1000 chunks", "90 scans", "1000 GIF blocks", "TIFF", "small RLE BMP", "60 KB EXIF",
          "100x100 in a 256 tile", "1000x700 in 256 tiles", "4 MB of XMP (a bloated Photoshop file)",
          "6000x200 in GDAL's 512 tiles", "16x16 in one 2048 tile", "20000x100 in 512 tiles",
-         "60 KB EXIF as zTXt hex", "60 KB EXIF as iTXt hex"],  # fmt: skip
+         "60 KB EXIF as zTXt hex", "60 KB EXIF as iTXt hex", "TIFF with a camera's EXIF, GPS, Interop",
+         "TIFF with 48 KB of EXIF read three times"],  # fmt: skip
 )
 def test_just_under_each_limit_decodes(data):
     assert decode_image(data, LIMITS).rgb.size > 0
 
+
+def test_a_tiff_exif_directory_named_three_times_is_refused_before_decoding():
+    """29 MB of RATIONALs that EXIF, GPS and Interop all name: 22 s and 1.2 GB to unpack thrice after decoding."""
+    data = tiff_with_shared_exif(3_700_000)
+    started = time.process_time()
+    with pytest.raises(ImageTooLarge, match="bytes of EXIF"):
+        decode_image(data, DecodeLimits())
+    assert time.process_time() - started < 0.5
+
+
+@pytest.mark.parametrize("compression", [6, 7])
+def test_a_jpeg_compressed_tiff_is_refused(compression):
+    """libtiff decodes its JPEG strips with none of a JPEG file's checks (arithmetic coding, scan count)."""
+    with pytest.raises(InvalidImage, match=f"compression {compression}"):
+        decode_image(gray_tiff_1x1([], compression=compression), LIMITS)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "gray").save(buffer, "TIFF", compression="jpeg")
+    with pytest.raises(InvalidImage, match="send the JPEG itself"):
+        decode_image(buffer.getvalue(), LIMITS)
 
 def png_with_deflated_tail(width: int, height: int, tail_mb: int) -> bytes:
     """An all-black gray PNG whose zlib stream goes on past the last row with `tail_mb` MB more of zeros

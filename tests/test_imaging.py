@@ -461,6 +461,18 @@ def test_undecodable_mask_is_an_invalid_mask():
         decode_mask(png_declaring_size(20000, 20000), (20000, 20000), LIMITS)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])  # libwebp writes no alpha channel for a fully opaque one
+def test_a_fully_opaque_alpha_channel_is_an_empty_mask_not_a_missing_one(fmt):
+    """Its alpha plane is dropped at decoding (nothing to keep in the result), but the image had one: without a mask,
+    nothing is erased, so nothing is to be removed. An image without one still has no mask to give."""
+    rgba = np.dstack([noise(10, 12), np.full((10, 12), 255, np.uint8)])
+    decoded = decode_image(encoded(Image.fromarray(rgba), fmt), LIMITS)
+    assert decoded.alpha is None and decoded.has_alpha
+    assert not mask_from_alpha(decoded).any() and mask_from_alpha(decoded).shape == (10, 12)
+    with pytest.raises(InvalidMask, match="no alpha channel"):
+        mask_from_alpha(decode_image(encoded(Image.fromarray(rgba[..., :3]), fmt), LIMITS))
+
+
 def test_mask_from_alpha_marks_transparent_pixels():
     rgba = np.dstack([noise(10, 10), np.full((10, 10), 255, np.uint8)])
     rgba[2:5, 3:7, 3] = 0

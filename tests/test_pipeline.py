@@ -472,6 +472,23 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     assert models.removals == []
 
 
+def test_without_a_mask_a_fully_opaque_alpha_channel_is_nothing_to_remove():
+    """An RGBA image with nothing erased was refused as having no alpha channel (its opaque alpha plane is dropped
+    at decoding), while one pixel at alpha 200 made it nothing-to-remove (a review)."""
+    models = FakeModels()
+    photo, _ = _photo_and_two_objects()
+    for alpha in (255, 200):
+        rgba = np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])
+        rgba[0, 0, 3] = alpha
+        upload = RemovalRequest(png_bytes(rgba), None, RemoveOptions())
+        reply = asyncio.run(_service(models).remove(upload))
+        assert (reply.body, reply.buckets, reply.gate) == (upload.image, [], "nothing-to-remove"), alpha
+    assert models.removals == []
+    with pytest.raises(Problem) as caught:
+        asyncio.run(_service(models).remove(RemovalRequest(png_bytes(photo), None, RemoveOptions())))
+    assert caught.value.problem == "invalid-mask" and "no alpha channel" in caught.value.detail
+
+
 
 def test_a_removal_tells_its_admission_place_its_work_once_planned_and_a_refusal_then_costs_no_model_call():
     class Place:
