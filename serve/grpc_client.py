@@ -9,6 +9,7 @@
         (every option of serve.protocol's RemoveOptions / ScoreOptions, as --dilate, --max-attempts...; timeout_s
         is --timeout's share, `service_timeout_s`)
     ROREM_API_KEY=rk_... python -m serve.grpc_client remove ...   # or --api-key: a service with API keys on
+    python -m serve.grpc_client --target rorem.example.com:443 --tls [--ca-cert ca.pem] remove ...  # TLS in front
     python -m serve.grpc_client --application NAME remove ...  # one of several applications on one cluster
 
 gRPC clients refuse messages over 4 MiB by default; `open_channel` raises both limits so a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import ipaddress
 import json
 import os
 import sys
@@ -39,18 +41,24 @@ OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "web
 DERIVED_OPTION = "timeout_s"  # sent as --timeout's share (`service_timeout_s`), never a flag of its own
 API_KEY_ENV = "ROREM_API_KEY"
 APPLICATION_METADATA = "application"  # Ray's gRPC proxy routes a call to the Serve application it names
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's own ceiling: the service's limit follows max_megapixels (serve.proxy_limits)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
-def open_channel(target: str = "127.0.0.1:9000", application: str | None = None) -> grpc.Channel:
+def open_channel(
+    target: str = "127.0.0.1:9000", application: str | None = None, tls: bool = False, ca_cert: bytes | None = None
+) -> grpc.Channel:
     """A channel to the service; `application`: the Serve application each unary call names in its metadata (in
     place of any `application` the call gives), which Ray's gRPC proxy needs where one cluster serves several (a
-    cluster of one takes any call). The service's RPCs are unary."""
-    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    cluster of one takes any call). `tls`: to a TLS front (the service itself speaks plaintext: docs/kubernetes.md
+    "TLS in front"), trusting `ca_cert` (PEM) or the system's roots. The service's RPCs are unary."""
+    if tls:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_cert), options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     if application is None:
         return channel
     return grpc.intercept_channel(channel, _NamesApplication(application))
@@ -221,6 +229,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"sent as authorization: Bearer (default: ${API_KEY_ENV})"
     )
+    parser.add_argument("--tls", action="store_true", help="call a TLS front (the service itself speaks plaintext)")
+    parser.add_argument(
+        "--ca-cert", type=input_file, default=None, help="the CA (PEM) to trust with --tls (default: the system's)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     remove_options, score_options = _request_types().remove_options, _request_types().score_options
     remove = sub.add_parser("remove", help="remove the masked object")
@@ -240,6 +252,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add_request_options(score, score_options)
     score.set_defaults(options_model=score_options)
     options = parser.parse_args(argv)
+    if options.ca_cert is not None and not options.tls:
+        parser.error("--ca-cert is for --tls")
     if options.command == "remove":
         try:
             options.output_format = output_format(options.output, options.output_format)
@@ -248,11 +262,30 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return options
 
 
+def _is_loopback(target: str) -> bool:
+    """Whether a gRPC target ("host:port", "[v6]:port", a bare address, "unix:path") stays on this machine."""
+    if target.startswith("unix:"):
+        return True
+    host = target.removeprefix("dns:///")
+    if host.startswith("["):
+        host = host[1:].split("]")[0]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
     metadata = [("authorization", f"Bearer {options.api_key}")] if options.api_key else None
-
-    with open_channel(options.target, options.application) as channel:
+    if metadata and not options.tls and not _is_loopback(options.target):
+        print(f"warning: the API key goes to {options.target} in clear text; --tls for a TLS front", file=sys.stderr)
+    ca_cert = options.ca_cert.read_bytes() if options.ca_cert else None
+    with open_channel(options.target, options.application, options.tls, ca_cert) as channel:
         client = stub(channel)
         try:
             if options.command == "remove":

@@ -353,3 +353,76 @@ def test_the_cli_client_refuses_an_option_the_service_would_refuse_before_any_ca
         cli([command, *files, flag, value])
     assert exited.value.code == 2 and FakeStub.calls == []
     assert f"argument {flag}: {value!r}: Input should be" in capsys.readouterr().err
+
+
+def _self_signed() -> tuple[bytes, bytes]:
+    """A key and certificate for 127.0.0.1 and localhost, PEM."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1)).add_extension(names, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    key_pem = key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_the_cli_client_calls_a_tls_front_trusting_the_ca_it_is_given(tmp_path, capsys, monkeypatch):
+    """kubernetes.md puts TLS in front of the service, and the client could only open plaintext channels: it could
+    not call that front at all."""
+    from concurrent import futures
+
+    from serve import grpc_client
+    from serve import rorem_pb2_grpc as pb_grpc
+
+    key_pem, cert_pem = _self_signed()
+    (tmp_path / "ca.pem").write_bytes(cert_pem)
+    (tmp_path / "photo.png").write_bytes(b"x")
+    seen = []
+
+    class Servicer(pb_grpc.ObjectRemovalServicer):
+        def Remove(self, request, context):
+            seen.append(dict(context.invocation_metadata()).get("authorization"))
+            return pb.RemoveReply(image=b"result", gate="nothing-to-remove")
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    pb_grpc.add_ObjectRemovalServicer_to_server(Servicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    server.start()
+    monkeypatch.chdir(tmp_path)
+    try:
+        argv = ["--target", f"127.0.0.1:{port}", "--tls", "--ca-cert", "ca.pem", "--api-key", "rk_x", "--timeout", "10"]
+        assert grpc_client.main([*argv, "remove", "photo.png", "-o", "out.png"]) == 0
+        assert (tmp_path / "out.png").read_bytes() == b"result" and seen == ["Bearer rk_x"]
+        plaintext = ["--target", f"127.0.0.1:{port}", "--timeout", "5", "remove", "photo.png", "-o", "again.png"]
+        assert grpc_client.main(plaintext) == 1, "a plaintext call to a TLS port fails"
+    finally:
+        server.stop(None)
+
+
+def test_the_cli_client_warns_before_it_sends_a_key_in_clear_text_off_this_machine(cli, capsys):
+    assert cli(["--target", "10.0.0.7:9000", "--api-key", "rk_x", "remove", "photo.jpg", "-o", "out.png"]) == 0
+    assert "the API key goes to 10.0.0.7:9000 in clear text" in capsys.readouterr().err
+    assert cli(["--target", "[::1]:9000", "--api-key", "rk_x", "remove", "photo.jpg", "-o", "out.png"]) == 0
+    assert cli(["--target", "10.0.0.7:9000", "remove", "photo.jpg", "-o", "out.png"]) == 0
+    assert "clear text" not in capsys.readouterr().err, "loopback, or no key: nothing to warn of"
+
+
+def test_the_cli_client_takes_a_ca_cert_only_for_tls(cli, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli(["--ca-cert", "mask.png", "remove", "photo.jpg", "-o", "out.png"])
+    assert caught.value.code == 2 and "--ca-cert is for --tls" in capsys.readouterr().err
