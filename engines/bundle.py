@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
 from engines.errors import BundleError
+from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
 
 if TYPE_CHECKING:
     from engines.scorer import Discriminator
@@ -80,8 +81,8 @@ class Architecture(BaseModel):
 
 class SamplingDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(4, ge=1, le=50)
-    strength: float = Field(1.0, gt=0.0, le=1.0)
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=50)
+    strength: float = Field(DEFAULT_STRENGTH, gt=0.0, le=1.0)
 
 
 class DiscriminatorInfo(BaseModel):

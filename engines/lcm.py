@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import LCMScheduler
 
+from engines.sampling import steps_run
+
 
 @dataclass(frozen=True)
 class LCMStep:
@@ -48,7 +50,7 @@ class LCMSchedule:
         scheduler = LCMScheduler.from_config(config)
         scheduler.set_timesteps(num_steps, device="cpu")
         timesteps = scheduler.timesteps
-        skipped = num_steps - min(int(num_steps * strength), num_steps)
+        skipped = num_steps - steps_run(num_steps, strength)
         if skipped >= len(timesteps):
             raise ValueError(f"strength {strength} leaves no step of {num_steps}")
         alphas = scheduler.alphas_cumprod.to(torch.float32)

@@ -44,6 +44,7 @@ from engines.runners import (
     flat_inputs,
     make_unet_runner,
 )
+from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
 from engines.timing import StageClock
 
 
@@ -52,8 +53,8 @@ class SamplingSettings:
     """steps=4 at strength 1.0 runs t = 999, 759, 499, 259. The authors' reference passes
     strength 0.99, which drops the first step and runs only 3 UNet passes (759, 499, 259)."""
 
-    steps: int = 4
-    strength: float = 1.0
+    steps: int = DEFAULT_STEPS
+    strength: float = DEFAULT_STRENGTH
 
 
 @dataclass

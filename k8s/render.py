@@ -222,7 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help="update the manifests in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if a committed manifest is stale")
     options = parser.parse_args(argv)
+    from serve.config import invalid_because
 
+    try:
+        return _render(options)
+    except (ValueError, yaml.YAMLError) as exc:
+        print(f"cannot render {SOURCE.name} with {OVERRIDES.name}: {invalid_because(exc)}", file=sys.stderr)
+        return 2
+
+
+def _render(options: argparse.Namespace) -> int:
     if not (options.write or options.check):
         for target in TARGETS:
             print(f"--- {target}\n{render_text(target)}")

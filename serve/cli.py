@@ -41,7 +41,7 @@ import yaml
 from pydantic import ValidationError
 
 from engines.hub_refs import local_path
-from serve.auth import DEFAULT_SCOPES, SCOPES, KeysFile, new_key_entry
+from serve.auth import DEFAULT_SCOPES, SCOPES, ApiKeys, KeysFile, new_key_entry
 from serve.config import app_name, route_prefix
 from serve.ports import busy_ports, url_host
 from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
@@ -125,23 +125,19 @@ def fit_to_machine(
 
 
 def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
-    """A model deployment set to device cuda that Ray gives no GPU (none here, or num_gpus 0 or unlisted) sees
-    none (HIDE_GPUS_FROM_CPU_REPLICAS_ENV) and fails inside Ray once started: refused now; `device: auto` runs on
-    the CPU instead. `app`: fitted (fit_gpus); args that do not validate are left to validate_serve_config."""
-    from serve.config import AppSettings
+    """A model deployment set to device cuda that gets no GPU (serve.config.cuda_without_a_gpu), named for this
+    machine: without a GPU here fit_gpus gave it num_gpus 0. `app`: fitted (fit_gpus); args that do not validate
+    are left to validate_serve_config."""
+    from serve.config import AppSettings, cuda_without_a_gpu
 
     try:
         settings = AppSettings.model_validate(app.get("args") or {})
     except ValidationError:
         return
-    listed = {d["name"]: d for d in app.get("deployments", [])}
-    for name, (key, device) in settings.model_devices().items():
-        if device == "cuda" and not (listed.get(name, {}).get("ray_actor_options") or {}).get("num_gpus"):
-            why = "this machine has no CUDA GPU" if gpus <= 0 else "its ray_actor_options.num_gpus is 0 or unset"
-            raise PlacementError(
-                f"{which}{name} is set to {key}: cuda and gets no GPU ({why}): set {key} to auto (the CPU without "
-                "a GPU) or cpu, or give it ray_actor_options.num_gpus on a machine with a GPU"
-            )
+    why = "this machine has no CUDA GPU" if gpus <= 0 else "its ray_actor_options.num_gpus is 0 or unset"
+    problem = cuda_without_a_gpu(settings, app.get("deployments", []), why)
+    if problem:
+        raise PlacementError(which + problem)
 
 
 SQLITE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)")  # SQLAlchemy: three slashes, then the file's path
@@ -450,6 +446,19 @@ def missing_model_files(args: dict) -> str | None:
     runner_path = ((args.get("engine") or {}).get("runner_path")) or None
     if runner_path and not Path(runner_path).expanduser().is_file():
         return f"engine.runner_path {runner_path}: no such file"
+    return None
+
+
+def unreadable_keys(args: dict) -> str | None:
+    """Why the keys file of an application with auth on cannot be read, on this machine, before Ray starts (the
+    Ingress would fail its start on it inside Ray); None where it reads."""
+    auth = args.get("auth") or {}
+    if not auth.get("enabled"):
+        return None
+    try:
+        ApiKeys(auth["keys_file"])
+    except ValueError as exc:
+        return f"auth.keys_file: {exc}; `python -m serve new-key` writes one"
     return None
 
 
@@ -863,7 +872,7 @@ def run(argv: list[str] | None = None) -> int:
         if route_prefix(app) is None:
             return _cannot_start(f"application {app_name(app)} has no route_prefix: {over_http}; give it one")
     for app in applications:
-        missing = missing_model_files(app.get("args") or {})
+        missing = missing_model_files(app.get("args") or {}) or unreadable_keys(app.get("args") or {})
         if missing:
             return _cannot_start(missing if len(applications) == 1 else f"application {app_name(app)}: {missing}")
     addresses = listen_addresses(config, options.metrics_port)

@@ -35,6 +35,7 @@ from engines.hub_refs import (
     is_sdxl_inpainting_pipeline,
 )
 from engines.imaging import DecodeLimits
+from engines.sampling import DEFAULT_STEPS, steps_run
 
 _DECODE = DecodeLimits()
 
@@ -64,7 +65,7 @@ GateThreshold = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False), No
 Attempts = Annotated[int, Field(ge=1, le=8), NotABool]
 Quality = Annotated[int, Field(ge=1, le=100), NotABool]
 BatchSize = Annotated[int, Field(ge=1, le=64)]
-BatchWait = Annotated[float, Field(ge=0.0, le=1.0)]
+BatchWait = Annotated[float, Field(ge=0.0, le=1.0), NotABool]
 
 
 def _bucket_sides(buckets: list[int]) -> list[int]:
@@ -95,7 +96,10 @@ def invalid_because(exc: Exception, root: str = "value") -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys refused; no float setting is infinite or NaN (an infinite timeout or size overflowed where it
+    was turned into an int or a deadline, outside any check)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AuthorsSource(_Strict):
@@ -202,7 +206,7 @@ class EngineSettings(_Strict):
         "auto", description="auto: bf16 on cuda, fp32 on cpu"
     )
     compile: bool = Field(False, description="torch.compile the UNet")
-    steps: int | None = Field(None, ge=1, le=50, description="None: the bundle's default (4)")
+    steps: int | None = Field(None, ge=1, le=50, description=f"None: the bundle's default ({DEFAULT_STEPS})")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's default (1.0)")
     torch_threads: int | None = Field(None, ge=1, description="torch's intra-op threads; None: torch's default")
     runner: Literal["torch", "onnx", "tensorrt"] = Field(
@@ -229,6 +233,18 @@ class EngineSettings(_Strict):
         description="an engine call running longer than this fails the replica's health check, so Serve restarts "
         "it (None: never); above the slowest batch the device can take",
     )
+
+    @model_validator(mode="after")
+    def _a_step_to_run(self) -> "EngineSettings":
+        """Refused before Ray starts: every Remover replica would fail on it (engines.lcm) after loading the bundle."""
+        steps = self.steps or DEFAULT_STEPS
+        if self.strength is not None and steps_run(steps, self.strength) < 1:
+            raise ValueError(
+                f"engine.strength {self.strength:g} leaves no step of engine.steps {steps}"
+                f"{'' if self.steps else ' (the default)'} (steps x strength must reach 1): raise engine.strength or "
+                "engine.steps"
+            )
+        return self
 
 
 class BucketBatching(_Strict):
@@ -353,9 +369,12 @@ class AuthSettings(_Strict):
         None, description="YAML of hashed keys (`python -m serve new-key`); in Kubernetes a mounted Secret"
     )
     reload_interval_s: float = Field(10.0, ge=0.0, description="how often a changed keys file is re-read")
-    quota_window_s: float = Field(
-        60.0, gt=0, le=3600, description="the window a key's requests_per_minute counts over (serve/quotas.py; other than 60: "
-        "the RateLimit fields name the rate after it, e.g. \"3600s\")"
+    quota_window_s: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="the window a key's requests_per_minute counts over, in whole seconds (serve/quotas.py; other "
+        'than 60: the RateLimit fields name the rate after it, e.g. "3600s")',
     )
     allowed_hosts: list[str] | None = Field(
         None,
@@ -413,7 +432,7 @@ class OverloadSettings(_Strict):
         le=0.005,
         description="the ingress's GIL switch interval (CPython's: 5 ms): the loop answers sooner",
     )
-    retry_after_s: int = Field(
+    retry_after_s: Annotated[int, NotABool] = Field(
         2,
         ge=1,
         le=MAX_RETRY_AFTER_S,
@@ -474,7 +493,6 @@ class RetentionSettings(_Strict):
         30.0,
         gt=0,
         le=MAX_AGE_DAYS,
-        allow_inf_nan=False,
         description=f"delete results older than this many days (at most {MAX_AGE_DAYS}: a date further back is "
         "out of range; null: kept until max_results pushes them out)",
     )
@@ -545,7 +563,7 @@ class AppSettings(ScorerArgs, RemoverArgs):
     auth: AuthSettings = AuthSettings()
     overload: OverloadSettings = OverloadSettings()
     retention: RetentionSettings = RetentionSettings()
-    request_timeout_s: float = Field(
+    request_timeout_s: Annotated[float, NotABool] = Field(
         120.0, gt=0, description="a request still unanswered after this answers 504 (clients may ask for less)"
     )
 
@@ -603,6 +621,18 @@ class RemoverLive(_Strict):
 
     batch_wait_timeout_s: dict[int, BatchWait]
 
+    def waits_for(self, buckets: list[int]) -> dict[int, float]:
+        """The waits of exactly these buckets: a user_config replaces the live settings whole (as the Ingress's and
+        the Scorer's do), so a side left out would keep a wait the config no longer says."""
+        sides = set(self.batch_wait_timeout_s)
+        wrong = {"no wait for": sorted(set(buckets) - sides), "waits for": sorted(sides - set(buckets))}
+        if any(wrong.values()):
+            said = ", ".join(f"{what} sides {found}" for what, found in wrong.items() if found)
+            raise ValueError(
+                f"batch_wait_timeout_s: {said}: give a wait for each of imaging.buckets {buckets} and no other"
+            )
+        return self.batch_wait_timeout_s
+
 
 class ScorerLive(_Strict):
     """The Scorer's user_config: its batch wait."""
@@ -635,7 +665,7 @@ def with_live(settings: AppSettings, deployment: str, user_config: dict) -> AppS
     if deployment == "Ingress":
         data["gate"] = IngressLive.model_validate(user_config).gate.model_dump()
     elif deployment == "Remover":
-        for side, wait in RemoverLive.model_validate(user_config).batch_wait_timeout_s.items():
+        for side, wait in RemoverLive.model_validate(user_config).waits_for(settings.imaging.buckets).items():
             data["batching"]["per_bucket"].setdefault(side, {})["batch_wait_timeout_s"] = wait
     elif deployment == "Scorer":
         data["scorer"]["batch_wait_timeout_s"] = ScorerLive.model_validate(user_config).batch_wait_timeout_s
@@ -725,6 +755,17 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
     probes and the requests its admission refuses at once wait in Ray's queue in front of it."""
     if not settings.scorer.enabled and any(d.get("name") == "Scorer" for d in deployments):
         raise ValueError("deployments lists the Scorer, but scorer.enabled is false: remove its entry")
+    built = built_deployments(settings)
+    names = [d.get("name") for d in deployments]
+    unknown = [name for name in names if name not in built]
+    if unknown:
+        raise ValueError(
+            f"deployments names {unknown}, which the application does not build (Ray fails the deploy): use the "
+            f"names it builds, {sorted(built)}"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"deployments lists {repeated} more than once: give each deployment one entry")
     batch_sizes = settings.batch_sizes()
     never_fill = "its batches never fill"
     needs = {  # deployment: (the requests it must hold at once, what says so, what happens below, the knob)
@@ -751,7 +792,7 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
         ),
     }
     listed = {d.get("name"): d for d in deployments}
-    for name, decorated in built_deployments(settings).items():
+    for name, decorated in built.items():
         if name not in needs:
             continue
         needed, what, below, knob = needs[name]
@@ -766,6 +807,45 @@ def check_deployments(settings: AppSettings, deployments: list[dict]) -> None:
             raise ValueError(
                 f"the {name}'s max_ongoing_requests is {have}, below {what}: {below}; raise {fix} or lower {knob}"
             )
+
+
+def cuda_without_a_gpu(settings: AppSettings, deployments: list[dict], why: str) -> str | None:
+    """Why a model deployment set to device cuda gets no GPU from Ray (num_gpus 0 or unlisted), `why` naming the
+    cause: it sees none (serve.cli.HIDE_GPUS_FROM_CPU_REPLICAS_ENV) and fails inside Ray once started, where
+    `device: auto` runs on the CPU. None where each gets one."""
+    listed = {d.get("name"): d for d in deployments}
+    for name, (key, device) in settings.model_devices().items():
+        if device == "cuda" and not (listed.get(name, {}).get("ray_actor_options") or {}).get("num_gpus"):
+            return (
+                f"{name} is set to {key}: cuda and gets no GPU ({why}): set {key} to auto (the CPU without a GPU) "
+                "or cpu, or give it ray_actor_options.num_gpus on a machine with a GPU"
+            )
+    return None
+
+
+def check_gpus(settings: AppSettings, deployments: list[dict]) -> None:
+    """The GPU requests, whatever machine runs them: none for a deployment on cuda fails in its replicas, a
+    fraction above one GPU is refused by Ray at the deploy."""
+    problem = cuda_without_a_gpu(settings, deployments, "its ray_actor_options.num_gpus is 0 or unset")
+    if problem:
+        raise ValueError(problem)
+    for deployment in deployments:
+        gpus = (deployment.get("ray_actor_options") or {}).get("num_gpus") or 0
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(
+                f"{deployment.get('name')}: ray_actor_options.num_gpus {gpus:g}: Ray takes a fraction of one GPU or "
+                "whole GPUs; give at most 1 or a whole number"
+            )
+
+
+def check_ports(config: dict) -> None:
+    """The config's ports (the command line's are checked as flags): one past 65535 ended in a traceback."""
+    http = (config.get("http_options") or {}).get("port")
+    if http is not None and not 1 <= http <= 65535:
+        raise ValueError(f"http_options.port {http} is not a TCP port: give one from 1 to 65535")
+    grpc = (config.get("grpc_options") or {}).get("port")
+    if grpc is not None and grpc > 65535:
+        raise ValueError(f"grpc_options.port {grpc} is not a TCP port: give one up to 65535 (0 or below: no gRPC)")
 
 
 def check_retention_stores_apart(applications: dict[str, AppSettings]) -> None:
@@ -855,11 +935,13 @@ def validate_serve_config(config: dict) -> None:
     if unknown:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
     settings = {app_name(app): AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]}
+    check_ports(config)
     check_retention_stores_apart(settings)
     check_proxy_timeout(config, settings)
     proxy_routes(config)  # what the proxies get (serve.proxy_limits.proxy_env) is checked there
     for app in config["applications"]:
         check_deployments(settings[app_name(app)], app.get("deployments", []))
+        check_gpus(settings[app_name(app)], app.get("deployments", []))
         for deployment in app.get("deployments", []):
             autoscaling = deployment.get("autoscaling_config")
             if isinstance(autoscaling, dict):

@@ -90,11 +90,7 @@ class Remover(LiveSettings):
 
     def parse_live(self, user_config: dict) -> dict[int, float]:
         """serve.config.RemoverLive: each bucket's batch wait, without a restart."""
-        waits = RemoverLive.model_validate(user_config).batch_wait_timeout_s
-        unknown = sorted(set(waits) - set(self.settings.imaging.buckets))
-        if unknown:
-            raise ValueError(f"batch waits for sides {unknown} that are not buckets {self.settings.imaging.buckets}")
-        return waits
+        return RemoverLive.model_validate(user_config).waits_for(self.settings.imaging.buckets)
 
     def apply_live(self, waits: dict[int, float]) -> None:
         for side, wait in waits.items():

@@ -761,3 +761,115 @@ def test_a_retention_age_past_any_date_is_refused_at_startup(days):
         RetentionSettings(enabled=True, max_age_days=days)
     assert f"less than or equal to {MAX_AGE_DAYS}" in str(raised.value) or "finite number" in str(raised.value)
     assert RetentionSettings(max_age_days=MAX_AGE_DAYS).max_age_days == MAX_AGE_DAYS
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(1, 0.99), (4, 0.2), (2, 0.4), (None, 0.2)])
+def test_a_strength_that_leaves_no_step_is_refused_before_ray(steps, strength):
+    """It was taken, then every Remover replica failed after loading the bundle (engines.lcm: "leaves no step") and
+    Serve retried it until DEPLOY_FAILED."""
+    from engines.sampling import DEFAULT_STEPS, steps_run
+
+    with pytest.raises(ValidationError, match=f"engine.strength {strength:g} leaves no step of engine.steps"):
+        AppSettings.model_validate({"engine": {"steps": steps, "strength": strength}})
+    assert steps_run(steps or DEFAULT_STEPS, strength) == 0
+    AppSettings.model_validate({"engine": {"steps": steps, "strength": 1.0}})
+    AppSettings.model_validate({"engine": {"steps": 4, "strength": 0.25}})
+
+
+def test_a_deployment_on_cuda_given_no_gpu_is_refused_by_the_validator_on_any_machine():
+    """The CLI refused it on its machine; k8s/render.py, which validates with validate_serve_config alone, rendered
+    it, and the replicas failed in the cluster."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["applications"][0]["args"]["engine"] = {"device": "cuda"}
+    validate_serve_config(copy.deepcopy(config))
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 0
+    with pytest.raises(ValueError, match=r"Remover is set to engine.device: cuda and gets no GPU \(its ray_actor"):
+        validate_serve_config(config)
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda deps: deps.__setitem__(1, {**deps[1], "name": "Removr"}),
+         r"deployments names \['Removr'\], which the application does not build .*\['Ingress', 'Remover', 'Scorer'\]"),
+        (lambda deps: deps.append(copy.deepcopy(deps[1])), r"deployments lists \['Remover'\] more than once"),
+    ],
+    ids=["misspelt", "twice"],
+)  # fmt: skip
+def test_a_deployment_entry_must_name_a_built_deployment_once(edit, said):
+    """A misspelt name passed, then Ray failed the deploy; a repeated entry passed, and fit_gpus counted its GPU
+    twice."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    edit(config["applications"][0]["deployments"])
+    with pytest.raises(ValueError, match=said):
+        validate_serve_config(config)
+
+
+@pytest.mark.parametrize(
+    ("section", "port", "refused"),
+    [("http_options", 70000, True), ("http_options", 0, True), ("http_options", -1, True),
+     ("grpc_options", 70000, True), ("grpc_options", 0, False), ("grpc_options", -1, False),
+     ("http_options", 65535, False), ("grpc_options", 65535, False)],
+)  # fmt: skip
+def test_a_config_port_outside_tcp_s_range_is_refused(section, port, refused):
+    """Only the --port flag was bounded: a config's 70000 ended in a traceback where the CLI checked the port. A gRPC
+    port of 0 or below serves no gRPC (serve.cli.serves_grpc), as Ray takes it."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config[section]["port"] = port
+    if not refused:
+        validate_serve_config(config)
+        return
+    with pytest.raises(ValueError, match=rf"^{section}.port {port} is not a TCP port: give one "):
+        validate_serve_config(config)
+
+
+def _floats(annotation) -> bool:
+    import typing
+
+    return annotation is float or any(_floats(arg) for arg in typing.get_args(annotation))
+
+
+def test_no_float_setting_takes_infinity_or_nan():
+    """An infinite imaging.max_megapixels passed, then the CLI's proxy_env raised OverflowError outside any check
+    (and k8s/render.py with it); infinite timeouts passed alike."""
+    from serve.config import _leaves
+
+    keys = [key for key, field in _leaves(AppSettings) if _floats(field.annotation)]
+    assert {"imaging.max_megapixels", "request_timeout_s", "engine.hung_after_s", "scorer.timeout_s",
+            "overload.max_queue_wait_s", "retention.save_timeout_s", "auth.reload_interval_s"} <= set(keys)  # fmt: skip
+    for key in keys:
+        for value in (float("inf"), float("nan")):
+            args = value
+            for part in reversed(key.replace("<side>", "512").split(".")):
+                args = {part: args}
+            with pytest.raises(ValidationError, match="finite number"):
+                AppSettings.model_validate(args)
+
+
+def test_a_fraction_of_gpus_above_one_is_refused():
+    """1.5 fitted the machine (fit_gpus rounds it up), then Ray refused the deploy: above 1 it takes whole GPUs."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    for gpus in (0.5, 2):
+        _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = gpus
+        validate_serve_config(config)
+    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 1.5
+    with pytest.raises(ValueError, match=r"^Remover: ray_actor_options.num_gpus 1.5: Ray takes a fraction of one GPU"):
+        validate_serve_config(config)
+
+
+def test_the_quota_window_is_whole_seconds():
+    """The RateLimit fields name it in whole seconds (serve.quotas): 1.5 was advertised as 2."""
+    assert AppSettings.model_validate({"auth": {"quota_window_s": 5.0}}).auth.quota_window_s == 5
+    with pytest.raises(ValidationError, match="auth.quota_window_s"):
+        AppSettings.model_validate({"auth": {"quota_window_s": 1.5}})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{"batching": {"batch_wait_timeout_s": True}}, {"batching": {"per_bucket": {512: {"batch_wait_timeout_s": True}}}},
+     {"scorer": {"batch_wait_timeout_s": True}}, {"overload": {"retry_after_s": True}}, {"request_timeout_s": True}],
+)  # fmt: skip
+def test_a_true_is_not_taken_for_a_wait_or_a_timeout(args):
+    """`true` was 1: a batch wait of 1 s, a Retry-After of 1 s, a request deadline of 1 s."""
+    with pytest.raises(ValidationError, match="a number, not true / false"):
+        AppSettings.model_validate(args)

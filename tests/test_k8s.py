@@ -433,6 +433,35 @@ def test_the_strict_serve_check_finds_unknown_keys_at_every_level():
         validate_serve_config(bad_args)
 
 
+def _edited_local_yaml(edit) -> str:
+    config = yaml.safe_load(render.SOURCE.read_text())
+    edit(config["applications"][0])
+    return yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (_edited_local_yaml(lambda app: app["deployments"][1]["ray_actor_options"].update(num_gpus=0)),
+         "Remover is set to engine.device: cuda and gets no GPU (its ray_actor_options.num_gpus is 0 or unset)"),
+        (_edited_local_yaml(lambda app: app["args"].update(batching={"max_batch_sz": 8})),
+         "batching.max_batch_sz: Extra inputs are not permitted"),
+        ("applications: [\n", "line 2, column 1: "),
+    ],
+    ids=["cuda-without-a-gpu", "unknown-arg", "broken-yaml"],
+)  # fmt: skip
+def test_an_invalid_local_config_fails_the_rendering_in_one_line(tmp_path, monkeypatch, capsys, text, said):
+    """A Remover on cuda given no GPU rendered (the CLI's check was its own), and failed in the cluster; an invalid
+    local.yaml printed a pydantic traceback."""
+    source = tmp_path / "local.yaml"
+    source.write_text(text)
+    monkeypatch.setattr(render, "SOURCE", source)
+    assert render.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("cannot render local.yaml with serve-overrides.yaml: ") and said in err
+    assert len(err.splitlines()) == 1
+
+
 def test_the_override_merge_rules():
     base = {"a": {"b": 1, "c": 2}, "items": [{"name": "x", "n": 1}, {"name": "y", "n": 2}], "keep": [1, 2]}
     merged = render.merge(base, {"a": {"b": None, "d": 4}, "items": [{"name": "y", "n": 3}], "keep": [3]})

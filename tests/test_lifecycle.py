@@ -424,15 +424,24 @@ def no_launch(monkeypatch):
          "Remover: set its live settings in the application args, not in user_config"),
         (_local_yaml(lambda c: _deployment(c, "Ingress").update(backpressure_config={"status_code": 503})),
          "Ingress: set overload.retry_after_s in the application args, not in backpressure_config"),
+        (_local_yaml(lambda c: c["http_options"].update(port=70000)), "http_options.port 70000 is not a TCP port"),
+        (_local_yaml(lambda c: c["grpc_options"].update(port=70000)), "grpc_options.port 70000 is not a TCP port"),
+        (_local_yaml(lambda c: c["http_options"].update(port=-1)), "http_options.port -1 is not a TCP port"),
+        (_local_yaml(lambda c: c["applications"][0]["args"].update(imaging={"max_megapixels": float("inf")})),
+         "imaging.max_megapixels: Input should be a finite number"),
+        (_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"steps": 1, "strength": 0.99})),
+         "engine.strength 0.99 leaves no step of engine.steps 1"),
     ],
     ids=[
         "missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body",
-        "user-config", "backpressure-config",
+        "user-config", "backpressure-config", "http-port-70000", "grpc-port-70000", "http-port-negative",
+        "infinite-megapixels", "no-step-to-run",
     ],
 )  # fmt: skip
 def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(tmp_path, capsys, no_launch, text, said):
     """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError; a
-    deployment's user_config or backpressure_config, which the rendering of the live settings refuses)."""
+    deployment's user_config or backpressure_config, which the rendering of the live settings refuses; a port past
+    65535, an infinite size); a strength that leaves no step started Ray, and every Remover replica failed."""
     path = tmp_path / "serve.yaml"
     if text is not None:
         path.write_text(text)
@@ -495,6 +504,22 @@ def test_a_local_piece_of_the_authors_layout_that_is_not_there_fails_the_start_b
     named = f"bundle.authors.discriminator {authors['discriminator']}, bundle.authors.discriminator_unet "
     assert f"cannot start: {named}{authors['discriminator_unet']}: no such file or folder" in err
     assert "lcm_lora" not in err and "base" not in err and "Model bundles" in err
+
+
+@pytest.mark.parametrize(("keys", "said"), [(None, "No such file or directory"), ("keys: [{name: a}]\n", "keys.0")])
+def test_an_api_keys_file_that_cannot_be_read_fails_the_start_before_ray(tmp_path, capsys, no_launch, keys, said):
+    """With auth on, a missing or invalid keys file started Ray, and the Ingress then failed its start inside it."""
+    keys_file = tmp_path / "keys.yaml"
+    if keys is not None:
+        keys_file.write_text(keys)
+    path = tmp_path / "serve.yaml"
+    auth = {"enabled": True, "keys_file": str(keys_file)}
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(auth=auth)))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert run(["run", "--config", str(path), *ports]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"[rorem] cannot start: auth.keys_file: cannot read API keys from {keys_file}: ")
+    assert said in err and "new-key" in err and len(err.splitlines()) == 1
 
 
 # a /readyz answer for the tests that start the CLI with a faked launcher

@@ -211,7 +211,10 @@ def test_an_invalid_live_value_keeps_the_removers_waits_and_is_reported(refusals
     assert len(refusals) == 2
     assert "batch_wait_timeout_s.512: Input should be less than or equal to 1" in _errors(caplog)[0]
 
-    remover.reconfigure({"batch_wait_timeout_s": {"512": 0.3}})
+    for partial in ({"512": 0.3}, {}):  # a review's {} was taken and changed nothing
+        remover.reconfigure({"batch_wait_timeout_s": partial})
+        assert "no wait for sides [256" in remover.live()["refused_live"]["error"]
+    remover.reconfigure({"batch_wait_timeout_s": {"256": 0.1, "512": 0.3}})
     assert remover.live()["batch_wait_timeout_s"] == {256: 0.1, 512: 0.3} and remover.live()["refused_live"] is None
 
 
