@@ -21,11 +21,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from serve.grpc_client import API_KEY_ENV  # noqa: F401 (one name for the key's variable: the client's)
 from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_RETRY_AFTER_S = 60.0  # a client that is told to come back later still comes back within a load test
-API_KEY_ENV = "ROREM_API_KEY"  # as serve.grpc_client's, which imports grpc
 
 
 def api_key_headers(key: str | None) -> dict[str, str]:

@@ -35,7 +35,7 @@ from engines.hub_refs import (
     is_sdxl_inpainting_pipeline,
 )
 from engines.imaging import DecodeLimits
-from engines.sampling import DEFAULT_STEPS, steps_run
+from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH, steps_run
 
 _DECODE = DecodeLimits()
 
@@ -207,7 +207,9 @@ class EngineSettings(_Strict):
     )
     compile: bool = Field(False, description="torch.compile the UNet")
     steps: int | None = Field(None, ge=1, le=50, description=f"None: the bundle's default ({DEFAULT_STEPS})")
-    strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's default (1.0)")
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description=f"None: the bundle's default ({DEFAULT_STRENGTH:g})"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch's intra-op threads; None: torch's default")
     runner: Literal["torch", "onnx", "tensorrt"] = Field(
         "torch", description="how the UNet runs: PyTorch, an exported ONNX graph (ONNX Runtime), a TensorRT plan"
@@ -236,13 +238,12 @@ class EngineSettings(_Strict):
 
     @model_validator(mode="after")
     def _a_step_to_run(self) -> "EngineSettings":
-        """Refused before Ray starts: every Remover replica would fail on it (engines.lcm) after loading the bundle."""
-        steps = self.steps or DEFAULT_STEPS
-        if self.strength is not None and steps_run(steps, self.strength) < 1:
+        """Refused before Ray starts: every Remover replica would fail on it (engines.lcm) after loading the bundle.
+        Only where both are set: either left to the bundle is the bundle's (any of 1-50 steps), unknown here."""
+        if self.steps is not None and self.strength is not None and steps_run(self.steps, self.strength) < 1:
             raise ValueError(
-                f"engine.strength {self.strength:g} leaves no step of engine.steps {steps}"
-                f"{'' if self.steps else ' (the default)'} (steps x strength must reach 1): raise engine.strength or "
-                "engine.steps"
+                f"engine.strength {self.strength:g} leaves no step of engine.steps {self.steps} (steps x strength must "
+                "reach 1): raise engine.strength or engine.steps"
             )
         return self
 
@@ -369,7 +370,7 @@ class AuthSettings(_Strict):
         None, description="YAML of hashed keys (`python -m serve new-key`); in Kubernetes a mounted Secret"
     )
     reload_interval_s: float = Field(10.0, ge=0.0, description="how often a changed keys file is re-read")
-    quota_window_s: int = Field(
+    quota_window_s: Annotated[int, NotABool] = Field(
         60,
         ge=1,
         le=3600,
@@ -830,7 +831,7 @@ def check_gpus(settings: AppSettings, deployments: list[dict]) -> None:
     if problem:
         raise ValueError(problem)
     for deployment in deployments:
-        gpus = (deployment.get("ray_actor_options") or {}).get("num_gpus") or 0
+        gpus = float((deployment.get("ray_actor_options") or {}).get("num_gpus") or 0)  # Ray's schema takes "1.5"
         if gpus > 1 and gpus != int(gpus):
             raise ValueError(
                 f"{deployment.get('name')}: ray_actor_options.num_gpus {gpus:g}: Ray takes a fraction of one GPU or "
@@ -841,10 +842,10 @@ def check_gpus(settings: AppSettings, deployments: list[dict]) -> None:
 def check_ports(config: dict) -> None:
     """The config's ports (the command line's are checked as flags): one past 65535 ended in a traceback."""
     http = (config.get("http_options") or {}).get("port")
-    if http is not None and not 1 <= http <= 65535:
+    if http is not None and not 1 <= int(http) <= 65535:  # Ray's schema takes "8000"
         raise ValueError(f"http_options.port {http} is not a TCP port: give one from 1 to 65535")
     grpc = (config.get("grpc_options") or {}).get("port")
-    if grpc is not None and grpc > 65535:
+    if grpc is not None and int(grpc) > 65535:
         raise ValueError(f"grpc_options.port {grpc} is not a TCP port: give one up to 65535 (0 or below: no gRPC)")
 
 

@@ -26,8 +26,8 @@ from serve import rorem_pb2 as pb
 from serve.grpc_servicer import MalformedMessage, OversizedMessage, Parsed
 from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
-from serve.proxy_middleware import draining, stopping
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
+from serve.proxy_middleware import draining, stopping
 from serve.request_ids import serve_request_id, valid_request_id
 from serve.service import RemovalReply, ScoreReply, request_deadline_s
 

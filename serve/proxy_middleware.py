@@ -79,6 +79,7 @@ DRAIN_GRACE_S = 4.0
 RETRY_AFTER_S = 2
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
+_VALID_REQUEST_ID = re.compile(REQUEST_ID_PATTERN.encode())
 logger = logging.getLogger("ray.serve")  # the proxy's log (its file under the Ray session's logs/serve/)
 
 
@@ -180,12 +181,20 @@ def _declared_size(headers: dict[bytes, bytes]) -> int | None:
 
 async def _problem(send, problem: Problem, scope) -> None:
     """A refusal of these middlewares' own, counted (Ray counts only what its proxy answers inside them), naming the
-    request as the app does: the client's X-Request-Id (HeaderGuard dropped an invalid one), else a fresh id."""
+    request as the app does."""
     from serve.metrics import proxy_metrics
 
     proxy_metrics().refused(problem.problem)
-    given = dict(scope["headers"]).get(_REQUEST_ID_HEADER)
-    await _answer(send, problem, given.decode("latin-1") if given else uuid.uuid4().hex)
+    await _answer(send, problem, _request_id(dict(scope["headers"]).get(_REQUEST_ID_HEADER)))
+
+
+def _request_id(*given: bytes | None) -> str:
+    """The first valid X-Request-Id of `given`, else a fresh id. Checked here: the middlewares that answer run
+    outside HeaderGuard (Ray applies the list's last middleware outermost), so they see the client's raw header."""
+    for value in given:
+        if value and _VALID_REQUEST_ID.fullmatch(value):
+            return value.decode("ascii")
+    return uuid.uuid4().hex
 
 
 async def _answer(send, problem: Problem, request_id: str | None = None) -> None:
@@ -220,7 +229,7 @@ def ray_control_headers() -> frozenset[bytes]:
 class HeaderGuard:
     def __init__(self, app):
         self.app = app
-        self.valid = re.compile(REQUEST_ID_PATTERN.encode())
+        self.valid = _VALID_REQUEST_ID
         self.dropped = ray_control_headers()
 
     def _keep(self, name: bytes, value: bytes) -> bool:
@@ -260,12 +269,14 @@ class RayAnswers:
             if not held:
                 return await send(message)
             held.append(message)
-            if not message.get("more_body", False):
-                await _answer(send, _ray_problem(held))  # Ray counted its own answer
+            if not message.get("more_body", False):  # Ray counted its own answer, and named it
+                given = _header(held[0], _REQUEST_ID_HEADER), dict(scope["headers"]).get(_REQUEST_ID_HEADER)
+                await _answer(send, _ray_problem(held), _request_id(*given))
 
         await self.app(scope, receive, rewriting_send)
         if not started and not asyncio.current_task().cancelling():  # Ray counted the failure
-            await _answer(send, Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)}))
+            failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)})
+            await _answer(send, failed, _request_id(dict(scope["headers"]).get(_REQUEST_ID_HEADER)))
 
 
 def _header(start: dict, name: bytes) -> bytes | None:

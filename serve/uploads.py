@@ -316,8 +316,8 @@ def _check_delimiters(body: bytes | list[bytes], boundary: bytes, max_files: int
     most = max_files + max_fields + 1
     if _more_than(body, b"\r\n--" + boundary, most):
         raise MultiPartException(
-            f"Too many fields or files: more than {most} boundary delimiters, where at most {max_files} files and"
-            f" {max_fields} fields are taken (and a part's data may not hold its boundary: RFC 2046)"
+            f"Too many fields or files: more than {most} boundary delimiters, for at most {most - 1} parts (and a"
+            " part's data may not hold its boundary: RFC 2046)"
         )
 
 

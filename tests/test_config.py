@@ -763,17 +763,18 @@ def test_a_retention_age_past_any_date_is_refused_at_startup(days):
     assert RetentionSettings(max_age_days=MAX_AGE_DAYS).max_age_days == MAX_AGE_DAYS
 
 
-@pytest.mark.parametrize(("steps", "strength"), [(1, 0.99), (4, 0.2), (2, 0.4), (None, 0.2)])
+@pytest.mark.parametrize(("steps", "strength"), [(1, 0.99), (4, 0.2), (2, 0.4)])
 def test_a_strength_that_leaves_no_step_is_refused_before_ray(steps, strength):
     """It was taken, then every Remover replica failed after loading the bundle (engines.lcm: "leaves no step") and
-    Serve retried it until DEPLOY_FAILED."""
-    from engines.sampling import DEFAULT_STEPS, steps_run
+    Serve retried it until DEPLOY_FAILED. Either one left to the bundle is the bundle's (any of 1-50 steps): taken."""
+    from engines.sampling import steps_run
 
     with pytest.raises(ValidationError, match=f"engine.strength {strength:g} leaves no step of engine.steps"):
         AppSettings.model_validate({"engine": {"steps": steps, "strength": strength}})
-    assert steps_run(steps or DEFAULT_STEPS, strength) == 0
+    assert steps_run(steps, strength) == 0
     AppSettings.model_validate({"engine": {"steps": steps, "strength": 1.0}})
     AppSettings.model_validate({"engine": {"steps": 4, "strength": 0.25}})
+    AppSettings.model_validate({"engine": {"strength": strength}})  # an 8-step bundle runs 1 at 0.2
 
 
 def test_a_deployment_on_cuda_given_no_gpu_is_refused_by_the_validator_on_any_machine():
@@ -809,7 +810,8 @@ def test_a_deployment_entry_must_name_a_built_deployment_once(edit, said):
     ("section", "port", "refused"),
     [("http_options", 70000, True), ("http_options", 0, True), ("http_options", -1, True),
      ("grpc_options", 70000, True), ("grpc_options", 0, False), ("grpc_options", -1, False),
-     ("http_options", 65535, False), ("grpc_options", 65535, False)],
+     ("http_options", 65535, False), ("grpc_options", 65535, False),
+     ("http_options", "70000", True), ("grpc_options", "9000", False)],  # Ray's schema takes a number as a string
 )  # fmt: skip
 def test_a_config_port_outside_tcp_s_range_is_refused(section, port, refused):
     """Only the --port flag was bounded: a config's 70000 ended in a traceback where the CLI checked the port. A gRPC
@@ -852,14 +854,17 @@ def test_a_fraction_of_gpus_above_one_is_refused():
     for gpus in (0.5, 2):
         _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = gpus
         validate_serve_config(config)
-    _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = 1.5
-    with pytest.raises(ValueError, match=r"^Remover: ray_actor_options.num_gpus 1.5: Ray takes a fraction of one GPU"):
-        validate_serve_config(config)
+    for gpus in (1.5, "1.5"):  # Ray's schema takes the string as its number
+        _deployments(config)["Remover"]["ray_actor_options"]["num_gpus"] = gpus
+        with pytest.raises(ValueError, match=r"^Remover: ray_actor_options.num_gpus 1.5: Ray takes a fraction of one"):
+            validate_serve_config(config)
 
 
 def test_the_quota_window_is_whole_seconds():
     """The RateLimit fields name it in whole seconds (serve.quotas): 1.5 was advertised as 2."""
     assert AppSettings.model_validate({"auth": {"quota_window_s": 5.0}}).auth.quota_window_s == 5
+    with pytest.raises(ValidationError, match="auth.quota_window_s"):
+        AppSettings.model_validate({"auth": {"quota_window_s": True}})
     with pytest.raises(ValidationError, match="auth.quota_window_s"):
         AppSettings.model_validate({"auth": {"quota_window_s": 1.5}})
 

@@ -24,7 +24,6 @@ from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
 from serve.grpc_api import GrpcMethods
 from serve.grpc_client import problem_of
-from serve.problems import Problem
 from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
 from serve.problems import Problem
 from tests.helpers import REPO, RecordedMetric

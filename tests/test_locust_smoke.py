@@ -121,7 +121,7 @@ _GRPC_ERRORS = (
     "    def code(self): return getattr(grpc.StatusCode, self.args[0])\n"
     "    def details(self): return self.args[1]\n"
     "    def trailing_metadata(self): return self.args[2]\n"
-    "base = 'https://github.com/rorem-serve/problems/'\n"
+    "from serve.problems import TYPE_BASE as base\n"
     "cases = [\n"
     "    ('UNAVAILABLE', '{}', (('problem-type', base + 'replica-failed'), ('retry-after', '2'))),\n"
     "    ('UNAVAILABLE', '{}', (('problem-type', base + 'not-ready'), ('retry-after', '2'))),\n"

@@ -113,4 +113,5 @@ def test_a_field_name_with_a_lone_surrogate_is_named_in_a_422_not_a_500():
     body = json.loads(response.body)
     assert response.status_code == 422 and body["errors"] == [{"field": "\\udc80", "message": "unknown field"}]
     assert "\\udc80" in body["detail"]
-    assert Problem("invalid-request", "plain", errors=[{"field": "é", "message": "x"}]).body()["errors"][0]["field"] == "é"
+    accented = Problem("invalid-request", "plain", errors=[{"field": "é", "message": "x"}])
+    assert accented.body()["errors"][0]["field"] == "é"

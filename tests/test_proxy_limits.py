@@ -31,9 +31,9 @@ from serve.proxy_limits import (
     proxy_env,
 )
 from serve.proxy_middleware import (
-    REQUEST_ID_PATTERN,
     DRAIN_PATH,
     RAY_ROUTES_PATH,
+    REQUEST_ID_PATTERN,
     ROUTES_ENV,
     BodyBuffer,
     ByRoutePrefix,
@@ -298,7 +298,8 @@ def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(
     assert (routes["/"]["timeout_s"], routes["/app1"]["timeout_s"], routes["/app2"]["timeout_s"]) == (60, 5, 90)
     assert [("keys_file" in routes[p]) for p in ("/", "/app1", "/app2")] == [False, False, True]
     assert int(env[GRPC_MESSAGE_ENV]) == grpc_max_message_bytes(ImagingSettings()), "the default app's, the largest"
-    assert int(env[MAX_REQUEST_ENV]) == ImagingSettings().max_upload_bytes + GRPC_REQUEST_SLACK < int(env[GRPC_MESSAGE_ENV])
+    request_limit = int(env[MAX_REQUEST_ENV])
+    assert request_limit == ImagingSettings().max_upload_bytes + GRPC_REQUEST_SLACK < int(env[GRPC_MESSAGE_ENV])
     assert float(env[PROXY_DRAINING_ENV]) == 90 > RAY_PROXY_DRAINING_S
     assert float(env[NODE_DRAIN_ENV]) == 90 + 120, "the longest body, then the applications' deadline"
     alone = {ROUTES_ENV: json.dumps({"/": routes["/"]}), PROXY_DRAINING_ENV: "60.0", NODE_DRAIN_ENV: "180.0"}
@@ -779,16 +780,28 @@ def test_the_proxy_s_own_refusals_name_the_request_as_the_app_s_answers_do(tmp_p
     (tmp_path / "draining").touch()
     stack = ByRoutePrefix(reading_app, {"/": {"limit": 100, "timeout_s": 5, "max_held": 1000}})
     drain = Drain(reading_app, flag=str(tmp_path / "draining"))
+    from serve.proxy_middleware import RayAnswers
+
+    async def ray_503(scope, receive, send):
+        headers = [(b"content-type", b"text/plain"), (b"x-request-id", b"ray-named-3")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure"})
+
     given = Exchange([b"x" * 200], {"content-length": "200", "x-request-id": "client-id-1"})
     fresh = Exchange([b"x" * 200], {"content-length": "200"})
     stopped = Exchange([b""], {"x-request-id": "client-id-2"})
+    invalid = Exchange([b"x" * 200], {"content-length": "200", "x-request-id": "not valid <x>"})
+    by_ray = Exchange([b""])
+    exchanges = [(stack, given), (stack, fresh), (drain, stopped), (stack, invalid), (RayAnswers(ray_503), by_ray)]
 
     async def main():
-        for middleware, exchange in ((stack, given), (stack, fresh), (drain, stopped)):
+        for middleware, exchange in exchanges:
             await middleware(exchange.scope, exchange.receive, exchange.send)
 
     asyncio.run(main())
-    for exchange, request_id in ((given, "client-id-1"), (stopped, "client-id-2"), (fresh, None)):
+    assert "not valid" not in json.dumps(invalid.body), "these middlewares run outside HeaderGuard: checked here too"
+    named = ((given, "client-id-1"), (stopped, "client-id-2"), (by_ray, "ray-named-3"), (fresh, None), (invalid, None))
+    for exchange, request_id in named:
         headers = dict(exchange.sent[0]["headers"])
         request_id = request_id or headers[b"x-request-id"].decode()
         assert re.fullmatch(REQUEST_ID_PATTERN, request_id)

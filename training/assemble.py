@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
 from training.checkpoint import files_sha256, weights_sha256
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, resolve_base, resolve_part
 
@@ -38,8 +39,10 @@ class BundleStageSettings(StageSettings):
     name: str = "rorem-4s-trained"
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="weights dtype in the bundle")
     prompt: str = Field("", description="prompt whose embeddings are baked in (training used '')")
-    steps: int = Field(4, ge=1, le=50, description="default sampling steps (4 for an LCM-distilled UNet)")
-    strength: float = Field(1.0, gt=0, le=1)
+    steps: int = Field(
+        DEFAULT_STEPS, ge=1, le=50, description=f"default sampling steps ({DEFAULT_STEPS} for an LCM-distilled UNet)"
+    )
+    strength: float = Field(DEFAULT_STRENGTH, gt=0, le=1)
     allow_other_teacher: bool = Field(
         False, description="fuse the LCM LoRA into a UNet other than the teacher its distill run was trained against"
     )

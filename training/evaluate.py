@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
 from serve.config import GateSettings, GateThreshold, ImagingSettings
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar, training_device
 from training.data import Triplet
@@ -100,8 +101,8 @@ class EvaluateSettings(StageSettings):
         False, description="CUDA graphs (torch runner: captured by RemovalEngine.warm_up; TensorRT: per UNet shape)"
     )
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (engine.torch_threads)")
-    steps: int | None = Field(None, ge=1, le=50, description="LCM steps; None: the bundle's (4)")
-    strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the bundle's (1.0)")
+    steps: int | None = Field(None, ge=1, le=50, description=f"LCM steps; None: the bundle's ({DEFAULT_STEPS})")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=f"None: the bundle's ({DEFAULT_STRENGTH:g})")
     # the service's crop settings, with their defaults and bounds (serve.config.ImagingSettings)
     buckets: list[int] = _IMAGING["buckets"]  # with its validator (serve.config.Buckets)
     crop_margin: int = _IMAGING["crop_margin"]
