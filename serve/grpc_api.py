@@ -8,13 +8,10 @@ status details (a JSON string), so a gRPC client gets the same `type`, `detail` 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Iterable
 from typing import TypeVar
 
-import grpc
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -23,7 +20,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serve import auth
 from serve import rorem_pb2 as pb
-from serve.grpc_servicer import MalformedMessage, OversizedMessage, Parsed
+from serve.grpc_servicer import MalformedMessage, OversizedMessage, Parsed, status_code, status_for
 from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
@@ -37,21 +34,6 @@ logger = logging.getLogger("ray.serve")
 Options = TypeVar("Options", bound=BaseModel)
 Answer = tuple[Message, list[tuple[str, str]]]  # a handler's reply and its trailing metadata
 SERVER_TIMING = "server-timing"  # trailing metadata: a removal's stage timings, as REST's Server-Timing header
-
-
-def status_code(problem: Problem) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, problem.kind.grpc_code)
-
-
-def status_for(problem: Problem, context, request_id: str | None, metadata: Iterable[tuple[str, str]] = ()) -> None:
-    """Set code, details (the problem+json document) and trailing metadata on a Serve gRPC context;
-    `metadata`: more trailing metadata (the quota fields, serve/quotas.py)."""
-    context.set_code(status_code(problem))
-    context.set_details(json.dumps(problem.body(request_id)))
-    trailing = [("problem-type", problem.body()["type"])]
-    if "Retry-After" in problem.headers:
-        trailing.append(("retry-after", problem.headers["Retry-After"]))
-    context.set_trailing_metadata(trailing + list(metadata))
 
 
 def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> RemovalRequest:

@@ -7,19 +7,22 @@ document, no request id, not counted. Here such bytes become a MalformedMessage,
 the problem `malformed-body` (serve/grpc_api.py). Unknown fields are dropped and a message larger than the
 largest request an application takes becomes an OversizedMessage (`payload-too-large`): otherwise bytes that no
 field holds would pass the app's size check (it adds up the files) and be pickled to the replica and held there.
-Only grpc, os and the stubs are imported: the proxy loads this.
+With API keys on, a call is checked at the proxy before it is routed (serve/grpc_gate.py). The proxy loads
+this: it imports grpc, the stubs and serve.problems only (the gate what it needs, where keys are on).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from serve import rorem_pb2 as pb
+from serve.problems import Problem
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ObjectRemoval"]
 SERVICER_FUNCTION = "serve.grpc_servicer.add_servicer"  # what every Serve config's grpc_servicer_functions names
@@ -78,8 +81,26 @@ def method_handlers(servicer, max_bytes: int | None = None) -> dict[str, grpc.Rp
     return handlers
 
 
+def status_code(problem: Problem) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, problem.kind.grpc_code)
+
+
+def status_for(problem: Problem, context, request_id: str | None, metadata: Iterable[tuple[str, str]] = ()) -> None:
+    """Set code, details (the problem+json document) and trailing metadata on a gRPC context (the Ingress's or the
+    proxy's); `metadata`: more trailing metadata (the quota fields, serve/quotas.py)."""
+    context.set_code(status_code(problem))
+    context.set_details(json.dumps(problem.body(request_id)))
+    trailing = [("problem-type", problem.body()["type"])]
+    if "Retry-After" in problem.headers:
+        trailing.append(("retry-after", problem.headers["Retry-After"]))
+    context.set_trailing_metadata(trailing + list(metadata))
+
+
 def add_servicer(servicer, server) -> None:
-    """What add_ObjectRemovalServicer_to_server does, with method_handlers."""
+    """What add_ObjectRemovalServicer_to_server does, with method_handlers; on Ray's proxy, behind the key gate."""
+    from serve import grpc_gate
+
+    grpc_gate.install(server, f"/{SERVICE.full_name}/")
     handlers = method_handlers(servicer, max_request_bytes())
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 
 from serve.config import AppSettings, ImagingSettings, app_name, route_prefix
+from serve.grpc_gate import KEYS_ENV as GRPC_KEYS_ENV
 from serve.grpc_servicer import MAX_REQUEST_ENV
 from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, ROUTES_ENV
 
@@ -72,7 +73,9 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
     return largest_json_body(imaging.max_upload_bytes)
 
 
-PROXY_ENV_NAMES = (GRPC_MESSAGE_ENV, MAX_REQUEST_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV, CALLBACK_ENV)
+PROXY_ENV_NAMES = (
+    GRPC_MESSAGE_ENV, MAX_REQUEST_ENV, GRPC_KEYS_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV, CALLBACK_ENV
+)
 """Every name proxy_env may set (k8s/render.py replaces these in a manifest and keeps any other)."""
 
 
@@ -101,6 +104,18 @@ def proxy_routes(config: dict) -> dict[str, dict]:
     return routes
 
 
+def grpc_keys(config: dict) -> dict[str, dict | None]:
+    """The keys file of each application, by name, for the gRPC proxy's key check (serve.grpc_gate); None where keys
+    are off. Every application is named: a call without the `application` metadata goes to the only one."""
+    keys = {}
+    for app in config["applications"]:
+        auth = AppSettings.model_validate(app.get("args") or {}).auth
+        keys[app_name(app)] = (
+            {"keys_file": auth.keys_file, "keys_reload_s": auth.reload_interval_s} if auth.enabled else None
+        )
+    return keys
+
+
 def proxy_env(config: dict) -> dict[str, str]:
     """The environment the Ray processes need for these limits (the proxies read it when they start), for a
     whole Serve config (every application)."""
@@ -110,6 +125,7 @@ def proxy_env(config: dict) -> dict[str, str]:
     return {
         GRPC_MESSAGE_ENV: str(max(grpc_max_message_bytes(settings.imaging) for settings in apps)),
         MAX_REQUEST_ENV: str(max(grpc_max_request_bytes(settings.imaging) for settings in apps)),
+        GRPC_KEYS_ENV: json.dumps(grpc_keys(config), sort_keys=True),
         ROUTES_ENV: json.dumps(routes, sort_keys=True),
         PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, body_timeout_s)),
         NODE_DRAIN_ENV: str(body_timeout_s + longest_request_s(config, apps)),

@@ -102,7 +102,7 @@ def middlewares() -> list:
     return stack
 
 
-def _proxy_keys(path: str, reload_s: float | None):
+def proxy_keys(path: str, reload_s: float | None):
     """An application's keys file, as its Ingress reads it; a proxy that cannot read it (a node without the
     mounted Secret) refuses every body until it can, rather than not starting. Its failures count as the
     Ingress's do: with REST traffic only, the proxy may be the one that reads a broken file."""
@@ -141,7 +141,7 @@ class ByRoutePrefix:
         for prefix in sorted(routes, key=len, reverse=True):
             limits = dict(routes[prefix])
             keys_file, reload_s = limits.pop("keys_file", None), limits.pop("keys_reload_s", None)
-            keys = _proxy_keys(keys_file, reload_s) if keys_file else None
+            keys = proxy_keys(keys_file, reload_s) if keys_file else None
             self.buffers.append((prefix, BodyBuffer(app, keys=keys, arriving=arriving, **limits)))
 
     async def __call__(self, scope, receive, send):

@@ -26,7 +26,7 @@ from serve.grpc_api import GrpcMethods
 from serve.grpc_client import problem_of
 from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
 from serve.problems import Problem
-from tests.helpers import REPO, RecordedMetric
+from tests.helpers import REPO, RecordedMetric, record_proxy_metrics
 
 GARBAGE = b"\xff\xff\xff\xff"
 BAD_UTF8_GATE = bytes([0x3A, 2, 0xC3, 0x28])  # field 7 (gate), 2 bytes that are not UTF-8
@@ -107,6 +107,69 @@ def test_rays_proxy_keeps_our_deserializer():
     assert set(handlers) == {f"/{SERVICE.full_name}/{m.name}" for m in SERVICE.methods}
     for handler in handlers.values():
         assert isinstance(handler.request_deserializer(GARBAGE), MalformedMessage)
+
+
+def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_routing_it(tmp_path, monkeypatch):
+    """A keyless call (up to max_upload_bytes) was parsed, pickled and queued to an Ingress replica, which only then
+    refused it, where the HTTP proxy refuses a keyless body before reading it. Checked through a real server of
+    Ray's class, by the generated stub (grpcio's registered-method path) and by a raw call (the generic path)."""
+    import json as json_module
+
+    from ray.serve._private.grpc_util import gRPCGenericServer
+    from ray.serve.generated import serve_pb2
+    from ray.serve.generated.serve_pb2_grpc import RayServeAPIServiceStub, add_RayServeAPIServiceServicer_to_server
+
+    from serve.auth import new_key_entry
+    from serve.grpc_gate import KEYS_ENV
+
+    key, entry = new_key_entry("app", ["score"])
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry]}))
+    keyed = {"keys_file": str(tmp_path / "keys.yaml"), "keys_reload_s": 10.0}
+    monkeypatch.setenv(KEYS_ENV, json_module.dumps({"keyed": keyed, "open": None}))
+    routed = []
+
+    def factory(service_method, streaming_type):
+        async def unary_unary(request, context):
+            routed.append((service_method, dict(context.invocation_metadata()).get("application")))
+            return pb.RemoveReply(gate="off").SerializeToString()
+
+        return unary_unary
+
+    async def main():
+        server = gRPCGenericServer(factory)
+        port = server.add_insecure_port("127.0.0.1:0")
+        add_RayServeAPIServiceServicer_to_server(Mock(), server)
+        add_servicer(Mock(), server)
+        await server.start()
+        answers = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ObjectRemovalStub(channel)
+            raw = channel.unary_unary(f"/{SERVICE.full_name}/Remove")
+            calls = [
+                lambda: stub.Remove(pb.RemoveRequest(), metadata=[("application", "keyed"), ("request_id", "r-1")]),
+                lambda: raw(b"", metadata=[("application", "keyed"), ("x-api-key", "rk_wrong")]),
+                lambda: stub.Remove(pb.RemoveRequest(), metadata=[("application", "keyed"), ("x-api-key", key)]),
+                lambda: stub.Remove(pb.RemoveRequest(), metadata=[("application", "open")]),
+                lambda: RayServeAPIServiceStub(channel).Healthz(serve_pb2.HealthzRequest()),
+            ]
+            for call in calls:
+                try:
+                    await call()
+                    answers.append("OK")
+                except grpc.aio.AioRpcError as error:
+                    answers.append((error.code(), json_module.loads(error.details()), dict(error.trailing_metadata())))
+        await server.stop(None)
+        return answers
+
+    recorded = record_proxy_metrics(monkeypatch)
+    answers = asyncio.run(main())
+    for code, problem, trailing in answers[:2]:
+        assert code == grpc.StatusCode.UNAUTHENTICATED and problem["type"].endswith("/unauthorized")
+        assert trailing["problem-type"] == problem["type"]
+    assert answers[0][1]["instance"] == "urn:request:r-1"
+    assert answers[2:4] == ["OK", "OK"], "a valid key of any scope passes here (the Ingress checks the scope)"
+    assert [who for _, who in routed if who] == ["keyed", "open"], "the refused calls never reached Ray's router"
+    assert recorded.refusals == ["unauthorized", "unauthorized"]
 
 
 def test_every_serve_config_names_this_servicer_function():
