@@ -143,6 +143,15 @@ def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
 SQLITE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)")  # SQLAlchemy: three slashes, then the file's path
 
 
+def database_url_env() -> dict[str, str]:
+    """$ROREM_RETENTION_DATABASE_URL for Ray's processes, a relative SQLite file made absolute from the folder the
+    CLI starts in as retention.database_url is: they run in the repository, where it named another file."""
+    from serve.config import DATABASE_URL_ENV
+
+    url = os.environ.get(DATABASE_URL_ENV)
+    return {DATABASE_URL_ENV: local_sqlite_url(url)} if url else {}
+
+
 def local_sqlite_url(url: str) -> str:
     """A SQLite URL's file as an absolute path: a relative one taken from the folder the CLI starts in, as the other
     local paths are (Ray's processes run in the repository), `~` expanded (SQLite does not). An in-memory database,
@@ -912,7 +921,7 @@ def run(argv: list[str] | None = None) -> int:
         # Ray's processes inherit the launcher's environment: the proxies' limits and drain flag, the instance id
         env = {
             **without_ray_address(os.environ), **proxy_env(config), **grpc_access_env(config),
-            **ray_network_env(config), **HIDE_GPUS_FROM_CPU_REPLICAS_ENV,
+            **ray_network_env(config), **HIDE_GPUS_FROM_CPU_REPLICAS_ENV, **database_url_env(),
             INSTANCE_ENV: instance,
             DRAIN_FLAG_ENV: str(drain_flag),
         }  # fmt: skip

@@ -550,6 +550,7 @@ def test_a_config_of_several_applications_is_started_as_one_and_ready_once_each_
     path.write_text(_local_yaml(_two_applications))
     (tmp_path / "keys.yaml").write_text("keys: []\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROREM_RETENTION_DATABASE_URL", "sqlite:///store/results.db")
     launched, waited, stopped = [], [], []
     ready = _READY
 
@@ -573,6 +574,10 @@ def test_a_config_of_several_applications_is_started_as_one_and_ready_once_each_
     assert "(metadata application=keyed)" in lines[1] and f"| API keys on ({tmp_path / 'keys.yaml'}) |" in lines[1]
     routes = json.loads(launched[0][ROUTES_ENV])
     assert set(routes) == {"/", "/api/v1"} and routes["/api/v1"]["keys_file"] == str(tmp_path / "keys.yaml")
+    grpc_keys = json.loads(launched[0]["ROREM_GRPC_KEYS"])
+    assert grpc_keys["rorem"] is None and grpc_keys["keyed"]["keys_file"] == str(tmp_path / "keys.yaml")
+    # Ray's processes run in the repository: a relative SQLite file from the environment named another file there
+    assert launched[0]["ROREM_RETENTION_DATABASE_URL"] == f"sqlite:///{tmp_path / 'store' / 'results.db'}"
 
 
 def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(tmp_path, monkeypatch, capsys):
