@@ -98,22 +98,22 @@ def proxy_routes(config: dict) -> dict[str, dict]:
             "timeout_s": settings.overload.body_timeout_s,
             "max_held": settings.overload.proxy_buffer_bytes,
         }
-        if settings.auth.enabled:  # a body without a valid key is refused before it is read
-            route |= {"keys_file": settings.auth.keys_file, "keys_reload_s": settings.auth.reload_interval_s}
+        route |= keys_at_the_proxy(settings) or {}  # a body without a valid key is refused before it is read
         routes[route_prefix(app)] = route
     return routes
 
 
+def keys_at_the_proxy(settings: AppSettings) -> dict | None:
+    """Where the proxies read an application's API keys (serve.proxy_middleware.proxy_keys); None where keys are off."""
+    auth = settings.auth
+    return {"keys_file": auth.keys_file, "keys_reload_s": auth.reload_interval_s} if auth.enabled else None
+
+
 def grpc_keys(config: dict) -> dict[str, dict | None]:
-    """The keys file of each application, by name, for the gRPC proxy's key check (serve.grpc_gate); None where keys
-    are off. Every application is named: a call without the `application` metadata goes to the only one."""
-    keys = {}
-    for app in config["applications"]:
-        auth = AppSettings.model_validate(app.get("args") or {}).auth
-        keys[app_name(app)] = (
-            {"keys_file": auth.keys_file, "keys_reload_s": auth.reload_interval_s} if auth.enabled else None
-        )
-    return keys
+    """keys_at_the_proxy for each application, by name, for the gRPC proxy's key check (serve.grpc_gate). Every
+    application is named: a call without the `application` metadata goes to the only one."""
+    apps = config["applications"]
+    return {app_name(app): keys_at_the_proxy(AppSettings.model_validate(app.get("args") or {})) for app in apps}
 
 
 def proxy_env(config: dict) -> dict[str, str]:

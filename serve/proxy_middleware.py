@@ -59,6 +59,7 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -102,10 +103,12 @@ def middlewares() -> list:
     return stack
 
 
+@functools.cache
 def proxy_keys(path: str, reload_s: float | None):
     """An application's keys file, as its Ingress reads it; a proxy that cannot read it (a node without the
     mounted Secret) refuses every body until it can, rather than not starting. Its failures count as the
-    Ingress's do: with REST traffic only, the proxy may be the one that reads a broken file."""
+    Ingress's do: with REST traffic only, the proxy may be the one that reads a broken file. One reader per file
+    in the process: the HTTP route's check and the gRPC gate's (serve.grpc_gate) share it, as its failures."""
     from serve.auth import AccessPolicy, ApiKeys
 
     reload = {"reload_interval_s": reload_s} if reload_s is not None else {}
@@ -185,7 +188,11 @@ async def _problem(send, problem: Problem, scope) -> None:
     from serve.metrics import proxy_metrics
 
     proxy_metrics().refused(problem.problem)
-    await _answer(send, problem, _request_id(dict(scope["headers"]).get(_REQUEST_ID_HEADER)))
+    await _answer(send, problem, _request_id(_given_id(scope)))
+
+
+def _given_id(scope) -> bytes | None:
+    return dict(scope["headers"]).get(_REQUEST_ID_HEADER)
 
 
 def _request_id(*given: bytes | None) -> str:
@@ -270,13 +277,13 @@ class RayAnswers:
                 return await send(message)
             held.append(message)
             if not message.get("more_body", False):  # Ray counted its own answer, and named it
-                given = _header(held[0], _REQUEST_ID_HEADER), dict(scope["headers"]).get(_REQUEST_ID_HEADER)
-                await _answer(send, _ray_problem(held), _request_id(*given))
+                named = _request_id(_header(held[0], _REQUEST_ID_HEADER), _given_id(scope))
+                await _answer(send, _ray_problem(held), named)
 
         await self.app(scope, receive, rewriting_send)
         if not started and not asyncio.current_task().cancelling():  # Ray counted the failure
             failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)})
-            await _answer(send, failed, _request_id(dict(scope["headers"]).get(_REQUEST_ID_HEADER)))
+            await _answer(send, failed, _request_id(_given_id(scope)))
 
 
 def _header(start: dict, name: bytes) -> bytes | None:
