@@ -11,8 +11,8 @@ all, the proxy's body settings per route prefix, serve.proxy_limits); READY come
 Start and stop as people expect: a busy HTTP, gRPC or metrics port fails the start at once, naming
 the port and its holder; READY is printed only once *this* instance answers (/healthz returns the
 instance id this start generated); SIGTERM or SIGINT stops the service and every Ray process it
-started within STOP_BUDGET_S (Docker gives 10 s): new HTTP requests get 503, those in flight finish
-or get 503 (serve.proxy_middleware.Drain), then Serve shuts down, and whatever is left of the
+started within STOP_BUDGET_S (Docker gives 10 s): new HTTP requests and gRPC calls get `stopping`, those in
+flight finish or get it too (serve.proxy_middleware.Drain, serve.grpc_gate), then Serve shuts down, and whatever is left of the
 launcher's session is killed. A second signal skips the drain.
 """
 
@@ -660,12 +660,14 @@ def _off_the_hung_up_terminal() -> None:
 
 
 def stop_service(child: subprocess.Popen, root_url: str, drain_flag: Path, stop: StopRequest) -> int:
-    """Drain (new HTTP requests 503, in-flight ones answered), stop Serve and Ray, then kill what is left
-    of the launcher's session, all within STOP_BUDGET_S. Returns the launcher's exit status."""
+    """Drain (new requests and gRPC calls refused `stopping`, those in flight answered), stop Serve and Ray, then
+    kill what is left of the launcher's session, all within STOP_BUDGET_S. Returns the launcher's exit status."""
     started = time.monotonic()
     deadline = started + STOP_BUDGET_S
     print(
-        "[rorem] stopping: new HTTP requests get 503, those in flight are answered first", file=sys.stderr, flush=True
+        "[rorem] stopping: new requests and gRPC calls get `stopping`, those in flight are answered first",
+        file=sys.stderr,
+        flush=True,
     )
     if child.poll() is None and not stop.hurry:
         drain_flag.touch()

@@ -24,7 +24,6 @@ from serve.grpc_servicer import MalformedMessage, OversizedMessage, Parsed, stat
 from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
-from serve.proxy_middleware import draining, stopping
 from serve.request_ids import serve_request_id, valid_request_id
 from serve.service import RemovalReply, ScoreReply, request_deadline_s
 
@@ -129,14 +128,12 @@ class GrpcMethods:
         """Run a gRPC call needing `scope` (declared with the method, as a REST route declares its own); a Problem
         becomes a status code + problem+json details, counted like REST under the REST route's name. A message
         that did not parse (serve/grpc_servicer.py) is the problem malformed-body, after the key and quota checks.
-        `handler` answers (reply, trailing metadata): an answer's metadata is set once, with the quota's. While
-        `python -m serve run` stops, a new call is answered `stopping`, as its HTTP proxy answers a new request."""
+        `handler` answers (reply, trailing metadata): an answer's metadata is set once, with the quota's. The local
+        stop's `stopping` is answered at the proxy (serve/grpc_gate.py), as HTTP's is."""
         started = time.perf_counter()
         request_id = serve_request_id() or valid_request_id(context.request_id())
         quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
         try:
-            if draining():
-                raise stopping("it arrived after the stop began and was not run")
             principal = await self.access.check_grpc(scope, context.invocation_metadata(), context.peer())
             quota = await self.quotas.acquire(principal)
             if quota is not None:

@@ -1,4 +1,5 @@
-"""API keys checked at Ray's gRPC proxy, before a call is routed to an Ingress replica.
+"""Ray's gRPC proxy, gated: API keys checked before a call is routed to an Ingress replica, and the calls in flight
+counted for the local stop.
 
 The HTTP proxy refuses a body without a valid key before reading it (serve.proxy_middleware.BodyBuffer). Ray's
 gRPC proxy has no middleware hook, so a keyless call (up to max_upload_bytes) was parsed, pickled and queued to an
@@ -7,6 +8,10 @@ Ingress replica, which only then refused it. Ray's server (gRPCGenericServer) ma
 service registers puts this gate in front of both. Any valid key of the called application passes here; the
 Ingress still checks the key's scope and quotas. Applications are told apart by the `application` metadata Ray
 routes by (a cluster of one application takes calls without it).
+
+While `python -m serve run` stops (serve.proxy_middleware.Drain), a new call is answered `stopping` here, and the
+calls in flight are counted with the HTTP requests the stop waits for (serve.proxy_middleware.GrpcCalls): the
+stop ended at once on a service with only gRPC traffic, and Ray's shutdown cut those calls with a bare UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -15,20 +20,21 @@ import json
 import os
 
 from serve.problems import Problem
+from serve.proxy_middleware import DRAIN_FLAG_ENV, GRPC_CALLS, draining, proxy_keys, stopping
 
 KEYS_ENV = "ROREM_GRPC_KEYS"  # {application: {"keys_file", "keys_reload_s"} or null}, set by serve.proxy_limits
 APPLICATION_METADATA = "application"  # the metadata Ray's gRPC proxy routes a call by
 
 
 def install(server, service_prefix: str) -> None:
-    """Gate the unary methods under `service_prefix` ("/package.Service/") of a Ray gRPC server, where an
-    application has keys on; a server that is not Ray's (tests, the generated stubs) is left as it is."""
-    spec = os.environ.get(KEYS_ENV)
+    """Gate the unary methods under `service_prefix` ("/package.Service/") of a Ray gRPC server where an
+    application has keys on or the local stop's drain flag is named; a server that is not Ray's (tests, the
+    generated stubs) is left as it is."""
     factory = getattr(server, "service_handler_factory", None)
-    if not spec or factory is None:
+    if factory is None:
         return
-    gate = KeyGate(json.loads(spec))
-    if not gate.policies:
+    gate = ProxyGate(json.loads(os.environ.get(KEYS_ENV) or "{}"))
+    if not gate.policies and not os.environ.get(DRAIN_FLAG_ENV):
         return
 
     def gated_factory(service_method: str, streaming_type):
@@ -40,10 +46,8 @@ def install(server, service_prefix: str) -> None:
     server.service_handler_factory = gated_factory
 
 
-class KeyGate:
+class ProxyGate:
     def __init__(self, applications: dict[str, dict | None]):
-        from serve.proxy_middleware import proxy_keys
-
         self.names = list(applications)
         self.policies = {
             name: proxy_keys(spec["keys_file"], spec.get("keys_reload_s"))
@@ -61,13 +65,19 @@ class KeyGate:
     def wrap(self, handler):
         async def unary_unary(request, context):
             metadata = tuple(context.invocation_metadata() or ())
+
+            def refuse(problem: Problem) -> bytes:
+                return self._refuse(problem, context, metadata)
+
+            if draining():
+                return refuse(stopping("it arrived after the stop began and was not run"))
             policy = self.policy(metadata)
             if policy is not None:
                 try:
                     await policy.check_grpc(None, metadata, context.peer())
                 except Problem as refusal:
-                    return self._refuse(refusal, context, metadata)
-            return await handler(request, context)
+                    return refuse(refusal)
+            return await GRPC_CALLS.answer(handler(request, context), refuse)
 
         return unary_unary
 

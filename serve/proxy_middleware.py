@@ -53,7 +53,8 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
   are answered 503 `stopping` at once, requests in flight may finish for DRAIN_GRACE_S, and those still without
   a response then are answered 503 too, so the service can stop without cutting a connection. Such a
   request's task is cancelled; Ray's proxy catches that and returns without answering, so the 503 comes
-  once the inner app has returned or raised the cancellation.
+  once the inner app has returned or raised the cancellation. gRPC calls are refused, counted and given up on
+  alike at Ray's gRPC proxy (serve.grpc_gate, GrpcCalls).
 """
 
 from __future__ import annotations
@@ -427,13 +428,58 @@ def draining() -> bool:
 _BUSY = "this proxy holds as many arriving request bodies as it may (overload.proxy_buffer_bytes); retry"
 
 
+class GrpcCalls:
+    """The gRPC calls in flight at this proxy process (serve.grpc_gate wraps Ray's gRPC handlers, on the HTTP
+    proxy's event loop): the local stop waits for them as for HTTP requests, and Drain gives up on them after its
+    grace as on those. A unary call has no answer until its handler returns, so every one running is given up."""
+
+    def __init__(self):
+        self.running: set[asyncio.Task] = set()
+        self.given_up: set[asyncio.Task] = set()
+        self.grace_s = DRAIN_GRACE_S
+
+    async def answer(self, call, refuse):
+        """`call`'s reply, or `refuse(stopping(...))`'s where Drain gave up on it. Ray's proxy catches the
+        cancellation (its status becomes CANCELLED), so the refusal must not depend on it coming back."""
+        task = asyncio.current_task()
+        self.running.add(task)
+        try:
+            try:
+                reply = await call
+            except asyncio.CancelledError:
+                if task not in self.given_up:
+                    raise
+            if task in self.given_up:
+                task.uncancel()
+                return refuse(stopping(_still_without_an_answer(self.grace_s)))
+            return reply
+        finally:
+            self.running.discard(task)
+            self.given_up.discard(task)
+
+    def give_up(self, grace_s: float) -> int:
+        self.grace_s = grace_s
+        for task in self.running:
+            self.given_up.add(task)
+            task.cancel()
+        return len(self.given_up)
+
+
+GRPC_CALLS = GrpcCalls()
+
+
+def _still_without_an_answer(grace_s: float) -> str:
+    return f"it was still without an answer {grace_s:g} s into the stop"
+
+
 class Drain:
-    def __init__(self, app, flag: str, grace_s: float = DRAIN_GRACE_S):
+    def __init__(self, app, flag: str, grace_s: float = DRAIN_GRACE_S, grpc_calls: GrpcCalls = GRPC_CALLS):
         self.app = app
         self.flag = flag
         self.grace_s = grace_s
         self.in_flight: dict[asyncio.Task, list[bool]] = {}  # request task -> [response started]
         self.given_up: set[asyncio.Task] = set()
+        self.grpc_calls = grpc_calls
         self.draining = False
 
     async def __call__(self, scope, receive, send):
@@ -442,7 +488,7 @@ class Drain:
         if self.draining or os.path.exists(self.flag):
             self._begin()
             if route_path(scope) == DRAIN_PATH:
-                body = json.dumps({"in_flight": len(self.in_flight)}).encode()
+                body = json.dumps({"in_flight": len(self.in_flight) + len(self.grpc_calls.running)}).encode()
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
                 )
@@ -466,8 +512,7 @@ class Drain:
             if task in self.given_up:
                 task.uncancel()
                 if not started[0]:
-                    late = f"it was still without an answer {self.grace_s:g} s into the stop"
-                    await self._unavailable(scope, send, late)
+                    await self._unavailable(scope, send, _still_without_an_answer(self.grace_s))
         finally:
             self.in_flight.pop(task, None)
             self.given_up.discard(task)
@@ -476,8 +521,10 @@ class Drain:
         if not self.draining:
             self.draining = True
             logger.info(
-                "draining: new HTTP requests get 503 stopping; %d in flight may finish within %g s",
+                "draining: new requests and gRPC calls get stopping; "
+                "%d requests and %d calls in flight may finish within %g s",
                 len(self.in_flight),
+                len(self.grpc_calls.running),
                 self.grace_s,
             )
             asyncio.get_running_loop().call_later(self.grace_s, self._give_up)
@@ -488,10 +535,12 @@ class Drain:
             if not started[0]:
                 self.given_up.add(task)
                 task.cancel()
+        calls = self.grpc_calls.give_up(self.grace_s)
         logger.log(
-            logging.WARNING if self.given_up else logging.INFO,
-            "draining: 503 stopping to the %d requests still without an answer %g s into the stop",
+            logging.WARNING if self.given_up or calls else logging.INFO,
+            "draining: 503 stopping to the %d requests and %d gRPC calls still without an answer %g s into the stop",
             len(self.given_up),
+            calls,
             self.grace_s,
         )
 

@@ -299,20 +299,87 @@ def test_a_message_over_the_largest_request_reaches_the_ingress_without_its_byte
     assert context.code == grpc.StatusCode.UNAUTHENTICATED, "the key is checked before the size"
 
 
-def test_a_call_during_the_stop_is_answered_stopping_as_rest_is(monkeypatch, tmp_path):
-    """The HTTP proxy answered 503 `stopping` once `python -m serve run` began to stop; gRPC calls were admitted and
-    started model work, then cut by Ray's shutdown with a bare UNAVAILABLE."""
-    from serve.proxy_middleware import DRAIN_FLAG_ENV
+@pytest.mark.parametrize("cancellation", ["raised", "caught as Ray's proxy does"])
+def test_the_local_stop_waits_for_grpc_calls_refuses_new_ones_and_answers_the_late_ones_stopping(
+    tmp_path, monkeypatch, cancellation
+):
+    """The stop's drain counted HTTP requests only: on a service with gRPC traffic alone it ended at once, and Ray's
+    shutdown cut the calls in flight with a bare UNAVAILABLE; new calls were parsed and routed to an Ingress first.
+    Through a real server of Ray's class: new calls are refused at the proxy, calls in flight are counted in the
+    drain's `in_flight` and finish, and one still running after the grace gets `stopping` with its problem."""
+    from ray.serve._private.grpc_util import gRPCGenericServer
+
+    from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_PATH, Drain
 
     flag = tmp_path / "draining"
     monkeypatch.setenv(DRAIN_FLAG_ENV, str(flag))
-    ingress, context = _ingress(), Context()
-    flag.touch()
-    asyncio.run(ingress.Remove(pb.RemoveRequest(image=b"photo"), context))
-    problem = json.loads(context.details)
-    assert context.code == grpc.StatusCode.UNAVAILABLE and problem["type"].endswith("/stopping")
-    assert "was not run" in problem["detail"] and ("retry-after", "2") in context.trailing
-    assert ingress.metrics.answers == [("/remove", "grpc", "UNAVAILABLE")]
+    recorded = record_proxy_metrics(monkeypatch)
+    routed = []
+
+    async def main():
+        release_quick = asyncio.Event()
+
+        def factory(service_method, streaming_type):
+            async def unary_unary(request, context):
+                who = dict(context.invocation_metadata())["request_id"]
+                routed.append(who)
+                if who == "quick":
+                    await release_quick.wait()
+                    return pb.RemoveReply(gate="off").SerializeToString()
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if cancellation == "raised":
+                        raise
+                    context.set_code(grpc.StatusCode.CANCELLED)  # Ray's proxy: "Client ... disconnected."
+                    return b""
+
+            return unary_unary
+
+        async def drained(drain) -> int:
+            sent = []
+            scope = {"type": "http", "method": "GET", "path": DRAIN_PATH, "headers": []}
+            await drain(scope, None, lambda message: asyncio.sleep(0, sent.append(message)))
+            return json.loads(sent[-1]["body"])["in_flight"]
+
+        server = gRPCGenericServer(factory)
+        port = server.add_insecure_port("127.0.0.1:0")
+        add_servicer(Mock(), server)
+        await server.start()
+        drain = Drain(None, flag=str(flag), grace_s=0.3)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ObjectRemovalStub(channel)
+
+                async def call(who):
+                    try:
+                        metadata = [("request_id", who)]
+                        return "OK", await stub.Remove(pb.RemoveRequest(), metadata=metadata, timeout=5)
+                    except grpc.aio.AioRpcError as error:
+                        return error.code(), json.loads(error.details() or "null")
+
+                in_flight = [asyncio.create_task(call(who)) for who in ("quick", "slow")]
+                while len(routed) < 2:
+                    await asyncio.sleep(0.01)
+                flag.touch()
+                counted = await drained(drain)
+                new = await call("new")
+                release_quick.set()
+                quick, slow = await asyncio.gather(*in_flight)
+                left = await drained(drain)
+        finally:
+            await server.stop(None)
+        return counted, new, quick, slow, left
+
+    counted, new, quick, slow, left = asyncio.run(main())
+    assert counted == 2, "the stop waits for the gRPC calls in flight"
+    assert quick[0] == "OK", "a call in flight when the stop began finishes"
+    assert new[0] == grpc.StatusCode.UNAVAILABLE and new[1]["type"].endswith("/stopping")
+    assert "was not run" in new[1]["detail"] and new[1]["instance"] == "urn:request:new"
+    assert slow[0] == grpc.StatusCode.UNAVAILABLE and slow[1]["type"].endswith("/stopping")
+    assert "0.3 s into the stop" in slow[1]["detail"]
+    assert routed == ["quick", "slow"] or routed == ["slow", "quick"], "the new call never reached Ray's router"
+    assert left == 0 and recorded.refusals == ["stopping", "stopping"]
 
 
 # --- through Ray Serve's gRPC proxy ---------------------------------------------------------------------------------
