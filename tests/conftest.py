@@ -24,10 +24,12 @@ _NEEDED = pytest.StashKey[list]()
 
 def pytest_collection_modifyitems(items):
     """Every test that (through any fixture) starts a local Ray Serve or the CLI is marked e2e, so
-    `-m "not e2e"` runs without Ray and a new test cannot forget the marker."""
+    `-m "not e2e"` runs without Ray and a new test cannot forget the marker; one that drives Chromium, browser."""
     for item in items:
         if "starts_serve" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
+        if "browser" in item.fixturenames:
+            item.add_marker(pytest.mark.browser)
 
 
 def pytest_collection_finish(session):
@@ -152,3 +154,28 @@ def metered(serve_started):
 def trained_onnx_service(serve_started):
     """The trained bundle served through ONNX Runtime (helpers.Trained)."""
     return serve_started[helpers.Trained.NAME].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def _chromium_of_this_process():
+    """One headless Chromium per test process (a launch costs ~0.5-1 s); tests get it through `browser`."""
+    if helpers.chromium_missing():
+        pytest.skip(f"the page test needs playwright and Chromium at {helpers.CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        held = [helpers.launch_chromium(playwright)]
+        yield playwright, held
+        held[0].close()
+
+
+@pytest.fixture
+def browser(_chromium_of_this_process):
+    """Headless Chromium for one test: pages it opens get their own context (nothing shared between tests), and
+    whatever it leaves open is closed after it; a browser that a test crashed is launched again."""
+    playwright, held = _chromium_of_this_process
+    if not held[0].is_connected():
+        held[0] = helpers.launch_chromium(playwright)
+    yield held[0]
+    for context in held[0].contexts:
+        context.close()

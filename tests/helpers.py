@@ -194,16 +194,9 @@ def chromium_missing() -> bool:
 PAGE_ORIGIN = "http://rorem.test"
 
 
-@contextmanager
-def chromium():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+def launch_chromium(playwright):
+    """Debian's Chromium, headless (the `browser` fixture of tests/conftest.py holds one per test process)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
 def answer_offline(page, pages: dict[str, tuple[str, dict[str, str]]], api) -> None:

@@ -14,7 +14,7 @@ from serve.auth import (
 )
 from serve.config import AppSettings
 from serve.problems import Problem
-from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, chromium_missing
+from tests.helpers import PAGE_ORIGIN, answer_offline
 
 
 def _keys_file(tmp_path, *entries):
@@ -391,25 +391,23 @@ def test_the_docs_page_runs_only_the_pinned_swagger_ui_and_its_own_line_whatever
     assert len(policies) == 1
 
 
-@pytest.mark.skipif(chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_the_docs_page_without_the_cdn_says_where_the_api_is_described():
+def test_the_docs_page_without_the_cdn_says_where_the_api_is_described(browser):
     from starlette.requests import Request
 
     from serve.rest_api import DOCS_PAGE_HEADERS, SWAGGER_UI, docs_page
 
     answer = docs_page(Request({"type": "http", "root_path": "/api/v1", "headers": []}))
-    with chromium() as browser:
-        page = browser.new_page()
-        page.route(SWAGGER_UI + "/**", lambda route: route.abort("internetdisconnected"))
-        html = (answer.body.decode(), DOCS_PAGE_HEADERS)
-        answer_offline(page, {"/api/v1/docs": html}, lambda route, path: route.abort())
-        refused = []
-        page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
-        page.goto(PAGE_ORIGIN + "/api/v1/docs")
-        said = page.inner_text("#swagger-ui")
-        assert "loads from cdn.jsdelivr.net" in said and "docs/api.md" in said, said
-        assert page.get_attribute("#swagger-ui a", "href") == "/api/v1/openapi.json"
-        assert refused == [], "the page's own inline script runs under its policy"
+    page = browser.new_page()
+    page.route(SWAGGER_UI + "/**", lambda route: route.abort("internetdisconnected"))
+    html = (answer.body.decode(), DOCS_PAGE_HEADERS)
+    answer_offline(page, {"/api/v1/docs": html}, lambda route, path: route.abort())
+    refused = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    page.goto(PAGE_ORIGIN + "/api/v1/docs")
+    said = page.inner_text("#swagger-ui")
+    assert "loads from cdn.jsdelivr.net" in said and "docs/api.md" in said, said
+    assert page.get_attribute("#swagger-ui a", "href") == "/api/v1/openapi.json"
+    assert refused == [], "the page's own inline script runs under its policy"
 
 
 def test_the_docs_page_can_send_a_key_to_every_route_that_needs_one():

@@ -17,18 +17,14 @@ from serve import rorem_pb2 as pb
 from serve.grpc_client import stub
 from serve.problems import Problem
 from tests.helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     PAGE_ORIGIN,
     answer_offline,
-    chromium,
     fulfill_problem,
     photo,
     png_bytes,
 )
 from tests.helpers import assert_problem as _assert_problem
 from tests.helpers import box_mask as _mask
-from tests.helpers import chromium_missing as _chromium_missing
 from tests.helpers import decode_png as _decode
 from tests.helpers import post_remove as _remove
 
@@ -140,38 +136,30 @@ def test_delete_forgets_the_result_and_its_images(service):
     assert result_id not in [item["id"] for item in _queue(service)]
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_shows_the_least_certain_first_and_labels_by_key_and_click(service):
-    from playwright.sync_api import sync_playwright
-
+def test_annotation_page_shows_the_least_certain_first_and_labels_by_key_and_click(service, browser):
     for seed, threshold in [(20, 0.0), (21, 0.3), (22, 0.6)]:
         _retain(service, seed=seed, threshold=threshold)
     expected = _queue(service)
     uncertainties = [item["uncertainty"] for item in expected]
     assert len(expected) >= 3 and uncertainties == sorted(uncertainties)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(service.url + "/annotate")
-            page.wait_for_selector("body[data-state=item]")
-            shown = page.eval_on_selector_all("#queue li", "items => items.map(li => li.dataset.resultId)")
-            assert shown == [item["id"] for item in expected][: len(shown)] and len(shown) >= 3
-            first, second = shown[0], shown[1]
-            assert page.get_attribute("#item", "data-result-id") == first
-            page.wait_for_function("() => document.querySelector('#source').naturalWidth > 0")
-            assert page.eval_on_selector("#source", "img => img.naturalWidth") == 320
-            assert page.inner_text("#score") == f"{expected[0]['score']:.3f}"
+    page = browser.new_page()
+    page.goto(service.url + "/annotate")
+    page.wait_for_selector("body[data-state=item]")
+    shown = page.eval_on_selector_all("#queue li", "items => items.map(li => li.dataset.resultId)")
+    assert shown == [item["id"] for item in expected][: len(shown)] and len(shown) >= 3
+    first, second = shown[0], shown[1]
+    assert page.get_attribute("#item", "data-result-id") == first
+    page.wait_for_function("() => document.querySelector('#source').naturalWidth > 0")
+    assert page.eval_on_selector("#source", "img => img.naturalWidth") == 320
+    assert page.inner_text("#score") == f"{expected[0]['score']:.3f}"
 
-            page.keyboard.press("y")
-            page.wait_for_selector(f"#item[data-result-id='{second}']")
-            page.fill("#reason", "the fill is blurry")
-            page.click("#no")
-            page.wait_for_function(f"() => document.querySelector('#item').dataset.resultId !== '{second}'")
-            assert page.locator("#status").inner_text().startswith("Saved")
-        finally:
-            browser.close()
+    page.keyboard.press("y")
+    page.wait_for_selector(f"#item[data-result-id='{second}']")
+    page.fill("#reason", "the fill is blurry")
+    page.click("#no")
+    page.wait_for_function(f"() => document.querySelector('#item').dataset.resultId !== '{second}'")
+    assert page.locator("#status").inner_text().startswith("Saved")
 
     assert service.client.get(f"/results/{first}").json()["label"] == "yes"
     labelled = service.client.get(f"/results/{second}").json()
@@ -180,44 +168,35 @@ def test_annotation_page_shows_the_least_certain_first_and_labels_by_key_and_cli
     assert first not in remaining and second not in remaining
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_passes_over_results_whose_images_are_gone_and_stops(service):
+def test_annotation_page_passes_over_results_whose_images_are_gone_and_stops(service, browser):
     """A queued result whose images were deleted answers 404: the page shows the next one, and once only such
     results are left it says so and stops (it used to ask for the same queue again without end)."""
-    from playwright.sync_api import sync_playwright
-
     for seed in (40, 41):
         _retain(service, seed=seed)
     queue = [item["id"] for item in _queue(service)]
     gone = {queue[0]}  # "*": every result's
     asked = {"queue": 0}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
+    page = browser.new_page()
 
-            def images(route):
-                if "*" in gone or any(f"/results/{result_id}/" in route.request.url for result_id in gone):
-                    route.fulfill(status=404, content_type="application/problem+json", body='{"status": 404}')
-                else:
-                    route.continue_()
+    def images(route):
+        if "*" in gone or any(f"/results/{result_id}/" in route.request.url for result_id in gone):
+            route.fulfill(status=404, content_type="application/problem+json", body='{"status": 404}')
+        else:
+            route.continue_()
 
-            page.route("**/results/*/*", images)
-            page.on("request", lambda r: asked.__setitem__("queue", asked["queue"] + ("annotation/queue" in r.url)))
-            page.goto(service.url + "/annotate")
-            page.wait_for_selector(f"#item[data-result-id='{queue[1]}']")
-            gone.add("*")
-            page.click("#skip")
-            page.wait_for_selector("body[data-state=done]", timeout=10_000)
-            page.wait_for_timeout(500)
-            assert "could not be shown" in page.locator("#status").inner_text()
-            assert asked["queue"] <= 3, f"asked for the queue {asked['queue']} times"
-        finally:
-            browser.close()
+    page.route("**/results/*/*", images)
+    page.on("request", lambda r: asked.__setitem__("queue", asked["queue"] + ("annotation/queue" in r.url)))
+    page.goto(service.url + "/annotate")
+    page.wait_for_selector(f"#item[data-result-id='{queue[1]}']")
+    gone.add("*")
+    page.click("#skip")
+    page.wait_for_selector("body[data-state=done]", timeout=10_000)
+    page.wait_for_timeout(500)
+    assert "could not be shown" in page.locator("#status").inner_text()
+    assert asked["queue"] <= 3, f"asked for the queue {asked['queue']} times"
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
+def test_annotation_page_forgets_a_key_error_once_the_queue_answers(browser):
     """Offline (the test answers the page's requests): a wrong key, then the right one typed into the box."""
     good = "rk_the_right_key"
     item = {
@@ -237,26 +216,25 @@ def test_annotation_page_forgets_a_key_error_once_the_queue_answers():
         else:  # the item's images
             route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
 
-    with chromium() as browser:
-        page = _annotation_page_offline(browser, api)
-        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
-        assert "API key" in page.inner_text("#status")
+    page = _annotation_page_offline(browser, api)
+    page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+    assert "API key" in page.inner_text("#status")
 
-        page.fill("#api-key", good)
-        page.locator("#api-key").blur()  # a typed key is taken on change
-        page.wait_for_selector("body[data-state=item]")
-        assert page.inner_text("#status") == "", "the wrong key's error is gone once an item shows"
-        assert page.inner_text("#progress") == "1 not yet judged by this key", "a key's queue is its own view"
+    page.fill("#api-key", good)
+    page.locator("#api-key").blur()  # a typed key is taken on change
+    page.wait_for_selector("body[data-state=item]")
+    assert page.inner_text("#status") == "", "the wrong key's error is gone once an item shows"
+    assert page.inner_text("#progress") == "1 not yet judged by this key", "a key's queue is its own view"
 
-        page.fill("#api-key", "rk_wrong")
-        page.locator("#api-key").blur()  # a typed key is taken on change
-        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
-        page.fill("#api-key", good)
-        page.locator("#api-key").blur()  # a typed key is taken on change
-        page.wait_for_function("() => !document.querySelector('#status').classList.contains('error')")
-        page.click("#yes")
-        page.wait_for_selector("body[data-state=done]")
-        assert page.inner_text("#status") == "Saved: yes.", "words that are not an error stay"
+    page.fill("#api-key", "rk_wrong")
+    page.locator("#api-key").blur()  # a typed key is taken on change
+    page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+    page.fill("#api-key", good)
+    page.locator("#api-key").blur()  # a typed key is taken on change
+    page.wait_for_function("() => !document.querySelector('#status').classList.contains('error')")
+    page.click("#yes")
+    page.wait_for_selector("body[data-state=done]")
+    assert page.inner_text("#status") == "Saved: yes.", "words that are not an error stay"
 
 
 def _annotation_page_offline(browser, api, *, count_pending_work: bool = False, until: str | None = None):
@@ -298,8 +276,7 @@ _COUNT_PENDING_WORK = """(() => {
 })();"""
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_records_the_verdict_for_the_result_it_shows_when_the_key_changes_while_loading():
+def test_annotation_page_records_the_verdict_for_the_result_it_shows_when_the_key_changes_while_loading(browser):
     """Offline. A key typed while the first result's images were loading started the queue again; when those images
     came, the page showed that result, and Yes labelled the new queue's first, a result the labeller never saw."""
     first, second = "1" * 32, "2" * 32  # the queue without a key, and with it
@@ -326,27 +303,25 @@ def test_annotation_page_records_the_verdict_for_the_result_it_shows_when_the_ke
         else:
             image(route, *path.split("/")[2:4])
 
-    with chromium() as browser:
-        page = _annotation_page_offline(browser, api, count_pending_work=True, until=f"/results/{first}/result")
-        page.fill("#api-key", "rk_labeller")
-        page.locator("#api-key").blur()  # a typed key is taken on change
-        page.wait_for_selector(f"#item[data-result-id='{second}']:not([hidden])")
-        assert len(held) == 3
-        for route in held:
-            image(route, *urlsplit(route.request.url).path.split("/")[2:4])
-        page.wait_for_function("() => window.pendingWork() === 0")  # the late images read and handled
+    page = _annotation_page_offline(browser, api, count_pending_work=True, until=f"/results/{first}/result")
+    page.fill("#api-key", "rk_labeller")
+    page.locator("#api-key").blur()  # a typed key is taken on change
+    page.wait_for_selector(f"#item[data-result-id='{second}']:not([hidden])")
+    assert len(held) == 3
+    for route in held:
+        image(route, *urlsplit(route.request.url).path.split("/")[2:4])
+    page.wait_for_function("() => window.pendingWork() === 0")  # the late images read and handled
 
-        seen = page.locator("#overlay").evaluate(
-            "c => Array.from(c.getContext('2d').getImageData(c.width >> 1, c.height >> 1, 1, 1).data.slice(0, 3))"
-        )
-        shown = next(result_id for result_id, colour in colours.items() if list(colour) == seen)
-        page.click("#yes")
-        page.wait_for_selector("body[data-state=done]")
-        assert verdicts == [shown] == [second], "the verdict is for the result on screen, the new key's"
+    seen = page.locator("#overlay").evaluate(
+        "c => Array.from(c.getContext('2d').getImageData(c.width >> 1, c.height >> 1, 1, 1).data.slice(0, 3))"
+    )
+    shown = next(result_id for result_id, colour in colours.items() if list(colour) == seen)
+    page.click("#yes")
+    page.wait_for_selector("body[data-state=done]")
+    assert verdicts == [shown] == [second], "the verdict is for the result on screen, the new key's"
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_that_cannot_load_its_queue_says_why_and_tries_again():
+def test_annotation_page_that_cannot_load_its_queue_says_why_and_tries_again(browser):
     """Offline. A queue that did not load (the service out of reach, the result store down) left the page blank and
     busy for good: no words of what to do, no way to try again, a Retry-After unheeded."""
     answers = ["unreachable", "unavailable", "queue"]
@@ -366,26 +341,24 @@ def test_annotation_page_that_cannot_load_its_queue_says_why_and_tries_again():
         else:  # the item's images
             route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
 
-    with chromium() as browser:
-        page = _annotation_page_offline(browser, api)
-        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
-        assert page.is_visible("#retry") and page.is_enabled("#retry"), "a way to try again"
-        said = page.inner_text("#status")
-        assert said.startswith("Cannot load the queue: the service cannot be reached"), said
-        assert asked == ["unreachable"], "no Retry-After: it waits for the labeller"
+    page = _annotation_page_offline(browser, api)
+    page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+    assert page.is_visible("#retry") and page.is_enabled("#retry"), "a way to try again"
+    said = page.inner_text("#status")
+    assert said.startswith("Cannot load the queue: the service cannot be reached"), said
+    assert asked == ["unreachable"], "no Retry-After: it waits for the labeller"
 
-        page.click("#retry")
-        page.wait_for_function(
-            "() => document.querySelector('#status').textContent.includes('503 the result store is down')"
-        )
-        assert page.inner_text("#status").endswith("Trying again in 1 s."), page.inner_text("#status")
-        page.wait_for_selector("#item[data-result-id='" + "a" * 32 + "']:not([hidden])", timeout=10_000)
-        assert asked == answers, "tried again after the Retry-After, by itself"
-        assert page.inner_text("#status") == "" and page.is_hidden("#retry")
+    page.click("#retry")
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent.includes('503 the result store is down')"
+    )
+    assert page.inner_text("#status").endswith("Trying again in 1 s."), page.inner_text("#status")
+    page.wait_for_selector("#item[data-result-id='" + "a" * 32 + "']:not([hidden])", timeout=10_000)
+    assert asked == answers, "tried again after the Retry-After, by itself"
+    assert page.inner_text("#status") == "" and page.is_hidden("#retry")
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_leaves_a_far_retry_after_to_the_labeller():
+def test_annotation_page_leaves_a_far_retry_after_to_the_labeller(browser):
     """Offline. A Retry-After date weeks ahead overflowed setTimeout, which then fired at once: every 503 asked
     again at once, a hot loop against the service. Beyond a few minutes the page waits for "Try again"."""
     asked = []
@@ -396,16 +369,14 @@ def test_annotation_page_leaves_a_far_retry_after_to_the_labeller():
             headers = {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}
             fulfill_problem(route, Problem("retention-unavailable", "the result store is down", headers=headers))
 
-    with chromium() as browser:
-        page = _annotation_page_offline(browser, api)
-        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
-        page.wait_for_timeout(1500)  # a loop asks many times in this time; the fixed page not once more
-        assert asked == ["/annotation/queue"], len(asked)
-        assert "Trying again" not in page.inner_text("#status") and page.is_enabled("#retry")
+    page = _annotation_page_offline(browser, api)
+    page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+    page.wait_for_timeout(1500)  # a loop asks many times in this time; the fixed page not once more
+    assert asked == ["/annotation/queue"], len(asked)
+    assert "Trying again" not in page.inner_text("#status") and page.is_enabled("#retry")
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_unlabelled():
+def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_unlabelled(browser):
     """Offline. Skipping every result the queue offers (the 200 least certain at most) ended on "All done: nothing
     left to label" while the service counted them unlabelled; "Look for new results" offers the skipped again."""
     from urllib.parse import parse_qs
@@ -426,36 +397,33 @@ def test_annotation_page_never_says_all_done_while_the_results_it_skipped_are_un
         else:  # the items' images
             route.fulfill(status=200, content_type="image/png", body=png_bytes(_mask(64, 80, (10, 10, 40, 40))))
 
-    with chromium() as browser:
-        page = _annotation_page_offline(browser, api)
-        for item in items:
-            page.wait_for_selector(f"#item[data-result-id='{item['id']}']:not([hidden])")
-            page.click("#skip")
-        page.wait_for_selector("body[data-state=done]")
-        done = page.inner_text("#done")
-        assert "All done" not in done and "3 unlabelled, all skipped" in done, done
-        page.click("#again")
-        page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
+    page = _annotation_page_offline(browser, api)
+    for item in items:
+        page.wait_for_selector(f"#item[data-result-id='{item['id']}']:not([hidden])")
+        page.click("#skip")
+    page.wait_for_selector("body[data-state=done]")
+    done = page.inner_text("#done")
+    assert "All done" not in done and "3 unlabelled, all skipped" in done, done
+    page.click("#again")
+    page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_takes_one_verdict_for_a_key_held_down():
+def test_annotation_page_takes_one_verdict_for_a_key_held_down(browser):
     """Offline. A Y held a moment too long: the keyboard's repeats (keydown with repeat set) judged each next result as
     soon as it showed, results the labeller never saw."""
     items = [_queued(c * 32) for c in "abcd"]
     verdicts = []
-    with chromium() as browser:
-        page = _annotation_page_offline(browser, _labelling(items, verdicts))
-        page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
-        page.keyboard.down("y")
-        page.wait_for_selector(f"#item[data-result-id='{items[1]['id']}']:not([hidden])")
-        for _ in range(5):
-            page.keyboard.down("y")  # a key already down: playwright sends it with repeat set, as a held key repeats
-            page.wait_for_timeout(50)
-        page.keyboard.up("y")
-        page.wait_for_timeout(300)
-        assert verdicts == [items[0]["id"]], "one press, one verdict"
-        assert page.get_attribute("#item", "data-result-id") == items[1]["id"]
+    page = _annotation_page_offline(browser, _labelling(items, verdicts))
+    page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
+    page.keyboard.down("y")
+    page.wait_for_selector(f"#item[data-result-id='{items[1]['id']}']:not([hidden])")
+    for _ in range(5):
+        page.keyboard.down("y")  # a key already down: playwright sends it with repeat set, as a held key repeats
+        page.wait_for_timeout(50)
+    page.keyboard.up("y")
+    page.wait_for_timeout(300)
+    assert verdicts == [items[0]["id"]], "one press, one verdict"
+    assert page.get_attribute("#item", "data-result-id") == items[1]["id"]
 
 
 def _labelling(items: list[dict], verdicts: list[str], height=lambda path: 64):
@@ -500,8 +468,7 @@ _AT_QUARTERS = """(element) => {
 }"""
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_shows_a_turned_webp_source_upright_and_never_stretches_a_source_over_its_mask():
+def test_annotation_page_shows_a_turned_webp_source_upright_and_never_stretches_a_source_over_its_mask(browser):
     """Offline. A retained WebP source with an EXIF orientation (the service read it upright) was shown as stored, and
     stretched under the upright mask: the red region lay over other things. A source of another size than its mask
     was stretched to it too; now the page says so and draws the mask alone."""
@@ -538,24 +505,22 @@ def test_annotation_page_shows_a_turned_webp_source_upright_and_never_stretches_
         list(upright.getpixel((int(fx * 120), int(fy * 240))))
         for fx, fy in [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
     ]
-    with chromium() as browser:
-        page = _annotation_page_offline(browser, api)
-        page.wait_for_selector(f"#item[data-result-id='{'a' * 32}']:not([hidden])")
-        assert page.locator("#overlay").evaluate(_AT_QUARTERS) == expected, "the overlay is the source upright"
-        assert page.locator("#source").evaluate(_AT_QUARTERS) == expected, "so is the Source panel"
-        assert page.get_by_role("img", name="the photo before removal").count() == 1
-        assert page.inner_text("#status") == ""
+    page = _annotation_page_offline(browser, api)
+    page.wait_for_selector(f"#item[data-result-id='{'a' * 32}']:not([hidden])")
+    assert page.locator("#overlay").evaluate(_AT_QUARTERS) == expected, "the overlay is the source upright"
+    assert page.locator("#source").evaluate(_AT_QUARTERS) == expected, "so is the Source panel"
+    assert page.get_by_role("img", name="the photo before removal").count() == 1
+    assert page.inner_text("#status") == ""
 
-        page.click("#skip")
-        page.wait_for_selector(f"#item[data-result-id='{'b' * 32}']:not([hidden])")
-        assert page.inner_text("#status") == (
-            "The source is 100 × 240 px and its mask 120 × 240 px; the mask is drawn alone, not stretched over it."
-        )
-        assert page.locator("#overlay").evaluate(_AT_QUARTERS) == [[0, 0, 0]] * 4, "nothing under the mask"
+    page.click("#skip")
+    page.wait_for_selector(f"#item[data-result-id='{'b' * 32}']:not([hidden])")
+    assert page.inner_text("#status") == (
+        "The source is 100 × 240 px and its mask 120 × 240 px; the mask is drawn alone, not stretched over it."
+    )
+    assert page.locator("#overlay").evaluate(_AT_QUARTERS) == [[0, 0, 0]] * 4, "nothing under the mask"
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_closes_each_results_bitmaps_and_says_when_it_cannot_draw_the_mask():
+def test_annotation_page_closes_each_results_bitmaps_and_says_when_it_cannot_draw_the_mask(browser):
     """Offline. The page kept every result's source and mask ImageBitmaps open (never close()d): a labeller's session
     of 12 MP results grew by about 100 MB a result until collected. A mask larger than a canvas this browser makes
     (getContext() null, as iOS over 16.7 megapixels) was a TypeError."""
@@ -570,30 +535,28 @@ def test_annotation_page_closes_each_results_bitmaps_and_says_when_it_cannot_dra
         return this.height === 96 ? null : getContext.apply(this, args);
       };
     })();"""
-    with chromium() as browser:
-        page = browser.new_page()
-        page.add_init_script(record)
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        from serve.retention.keeper import annotation_page
+    page = browser.new_page()
+    page.add_init_script(record)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    from serve.retention.keeper import annotation_page
 
-        answer_offline(page, {"/annotate": annotation_page()}, api)
-        page.goto(PAGE_ORIGIN + "/annotate")
-        for item in items[:2]:
-            page.wait_for_selector(f"#item[data-result-id='{item['id']}']:not([hidden])")
-            page.keyboard.press("y")
-        page.wait_for_selector(f"#item[data-result-id='{'c' * 32}']:not([hidden])")
-        assert page.inner_text("#status") == (
-            "The mask cannot be shown: this browser cannot draw a picture of 80 × 96 px "
-            "(Safari on iPhone and iPad draws 16.7 megapixels at most)."
-        )
-        bitmaps = page.evaluate("() => window.bitmaps.map((bitmap) => [bitmap.width, bitmap.height])")
-        assert len(bitmaps) >= 3 and set(map(tuple, bitmaps)) == {(0, 0)}, f"every bitmap closed: {bitmaps}"
-        assert errors == [], errors
+    answer_offline(page, {"/annotate": annotation_page()}, api)
+    page.goto(PAGE_ORIGIN + "/annotate")
+    for item in items[:2]:
+        page.wait_for_selector(f"#item[data-result-id='{item['id']}']:not([hidden])")
+        page.keyboard.press("y")
+    page.wait_for_selector(f"#item[data-result-id='{'c' * 32}']:not([hidden])")
+    assert page.inner_text("#status") == (
+        "The mask cannot be shown: this browser cannot draw a picture of 80 × 96 px "
+        "(Safari on iPhone and iPad draws 16.7 megapixels at most)."
+    )
+    bitmaps = page.evaluate("() => window.bitmaps.map((bitmap) => [bitmap.width, bitmap.height])")
+    assert len(bitmaps) >= 3 and set(map(tuple, bitmaps)) == {(0, 0)}, f"every bitmap closed: {bitmaps}"
+    assert errors == [], errors
 
 
-@pytest.mark.skipif(_chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}")
-def test_annotation_page_says_a_key_has_a_character_no_key_has():
+def test_annotation_page_says_a_key_has_a_character_no_key_has(browser):
     """Offline. A key pasted with curly quotes made fetch() throw building the header: "the service cannot be
     reached"."""
     asked = []
@@ -602,19 +565,18 @@ def test_annotation_page_says_a_key_has_a_character_no_key_has():
         asked.append(path)
         route.fulfill(status=200, content_type="application/json", body=json.dumps({"items": [], "unlabelled": 0}))
 
-    with chromium() as browser:
-        page = browser.new_page()
-        page.add_init_script("sessionStorage.setItem('rorem.apiKey', '\u201crk_abc\u201d')")
-        from serve.retention.keeper import annotation_page
+    page = browser.new_page()
+    page.add_init_script("sessionStorage.setItem('rorem.apiKey', '\u201crk_abc\u201d')")
+    from serve.retention.keeper import annotation_page
 
-        answer_offline(page, {"/annotate": annotation_page()}, api)
-        page.goto(PAGE_ORIGIN + "/annotate")
-        page.wait_for_selector("body[data-state=error]")
-        assert page.inner_text("#status") == (
-            "Cannot load the queue: the API key has a character no key has (U+201C, character 1 of 8): type or paste it "
-            "again without it."
-        )
-        assert asked == []
+    answer_offline(page, {"/annotate": annotation_page()}, api)
+    page.goto(PAGE_ORIGIN + "/annotate")
+    page.wait_for_selector("body[data-state=error]")
+    assert page.inner_text("#status") == (
+        "Cannot load the queue: the API key has a character no key has (U+201C, character 1 of 8): type or paste it "
+        "again without it."
+    )
+    assert asked == []
 
 
 def test_labels_export_and_the_discriminator_trains_on_them(service, tiny_layout, tmp_path):

@@ -27,12 +27,8 @@ from serve.problems import Problem
 from serve.protocol import MAX_SEED
 from serve.quotas import CONCURRENCY, RATE, Decision, Limits
 from serve.retention.keeper import ANNOTATION_PAGE
-from tests.helpers import CHROMIUM, PAGE_ORIGIN, answer_offline, chromium, encoded, fulfill_problem, png_bytes
-from tests.helpers import chromium_missing as _chromium_missing
+from tests.helpers import PAGE_ORIGIN, answer_offline, encoded, fulfill_problem, png_bytes
 
-needs_chromium = pytest.mark.skipif(
-    _chromium_missing(), reason=f"the page test needs playwright and Chromium at {CHROMIUM}"
-)
 BRUSH_CSS = 40  # the page's default brush size, in CSS pixels
 SLACK = 20 + 3  # imaging.dilate's default (the service grows the mask by it) plus antialiasing
 
@@ -185,7 +181,6 @@ def _error_says(page, expected: str) -> str:
     return page.inner_text("#status")
 
 
-@needs_chromium
 def test_a_photo_the_service_would_refuse_is_refused_when_opened(browser):
     # the page's limits are the service's settings, written into the page by the server
     page, problems = _open_offline(browser, StandIn(), ImagingSettings(max_megapixels=0.05))
@@ -206,7 +201,6 @@ def test_a_photo_the_service_would_refuse_is_refused_when_opened(browser):
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_photo_over_the_byte_limit_is_refused_when_opened_and_with_its_mask_before_it_is_sent(browser):
     """The page sent a photo over the service's byte limit whole, for a 413 after the upload."""
     photo = png_bytes(_big_photo(320, 240))
@@ -227,7 +221,6 @@ def test_a_photo_over_the_byte_limit_is_refused_when_opened_and_with_its_mask_be
     assert page.is_enabled("#remove"), "the page is not left busy"
 
 
-@needs_chromium
 def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_service_reads_it(browser):
     """The service turns every photo upright by its EXIF orientation; Chromium shows a WebP as stored. The page
     turns it: the mask it sends must be the upright size, painted where the person painted on the upright view."""
@@ -272,7 +265,6 @@ def test_a_webp_with_an_exif_orientation_is_shown_and_painted_upright_as_the_ser
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_visible_stroke_on_a_tiny_photo_is_painted_in_the_mask_the_service_reads(browser):
     """An 8 x 8 photo is shown about 75 times enlarged: the default brush (40 CSS px) is half an image pixel, its
     stroke anti-aliased to alpha the service reads as unpainted (> 127 is painted)."""
@@ -293,7 +285,6 @@ def test_a_visible_stroke_on_a_tiny_photo_is_painted_in_the_mask_the_service_rea
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
@@ -322,7 +313,6 @@ def test_a_refusal_by_the_keys_quota_is_told_apart_from_a_busy_service(browser):
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_seed_past_the_services_largest_is_refused_naming_the_range_and_the_largest_is_sent(browser):
     """The page took any 19 digits: 9999999999999999999 was sent, for a 422, and its words named no largest seed."""
     stand_in = StandIn()
@@ -340,7 +330,6 @@ def test_a_seed_past_the_services_largest_is_refused_naming_the_range_and_the_la
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_photo_opened_during_a_removal_is_told_to_wait(browser):
     stand_in = StandIn()
     page, problems = _open_offline(browser, stand_in)
@@ -360,7 +349,6 @@ def test_a_photo_opened_during_a_removal_is_told_to_wait(browser):
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     stand_in = StandIn()
     stand_in.feedback_problem = Problem("forbidden", "the API key lacks the 'feedback' scope")
@@ -390,7 +378,6 @@ def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     assert stored == [None, "rk_another"], "the key lives in this tab only, not in the origin's lasting storage"
 
 
-@needs_chromium
 def test_remove_pressed_while_another_photo_opens_sends_nothing_of_the_photo_shown_before(browser):
     """Remove pressed after choosing a photo, before the page had opened it, sent the photo shown before; its answer
     was then drawn over the new photo, to download as "<new>-removed.png". Here both happen in one task: the new
@@ -426,7 +413,6 @@ def test_remove_pressed_while_another_photo_opens_sends_nothing_of_the_photo_sho
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_result_this_browser_cannot_show_keeps_the_words_that_say_so(browser):
     """The page said "Done. Drag across the picture..." over its own warning that it cannot show the result."""
 
@@ -447,7 +433,6 @@ def test_a_result_this_browser_cannot_show_keeps_the_words_that_say_so(browser):
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_403_or_503_is_hinted_by_its_problem_type_and_only_a_scope_refusal_takes_the_rating_away(browser):
     """Every 403 was hinted "ask for a key with the needed scope", a host name or a request taken for another site's
     too; any 403 to a verdict took Yes / No away for the key; a request cut by a draining instance was hinted "The
@@ -485,7 +470,6 @@ def test_a_403_or_503_is_hinted_by_its_problem_type_and_only_a_scope_refusal_tak
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_key_with_a_character_no_key_has_is_told_so_and_nothing_is_sent(browser):
     """A key pasted with a zero-width space made fetch() throw building the header: "the service cannot be
     reached ... is it running?"."""
@@ -502,7 +486,6 @@ def test_a_key_with_a_character_no_key_has_is_told_so_and_nothing_is_sent(browse
     assert problems == [], problems
 
 
-@needs_chromium
 def test_the_editor_is_in_the_accessibility_tree_and_says_painting_needs_a_pointer(browser):
     page, problems = _open_offline(browser, StandIn())
     _open_and_paint(page, "photo.png")
@@ -518,7 +501,6 @@ def test_the_editor_is_in_the_accessibility_tree_and_says_painting_needs_a_point
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_webp_is_not_turned_again_where_the_browser_turns_it_itself(browser):
     """The page took a WebP's shown size against its stored size for whether the browser had turned it: equal for
     orientations 2-4 and for a square photo, so a browser that turns WebPs itself got them turned twice. It asks
@@ -553,7 +535,6 @@ _NO_CONTEXT_AT = """(size) => {
 }"""
 
 
-@needs_chromium
 def test_a_photo_larger_than_a_canvas_this_browser_makes_is_refused_in_words(browser):
     """getContext() answers null for a canvas larger than the browser holds (iOS: 16.7 megapixels): a TypeError."""
     stand_in = StandIn()
@@ -575,7 +556,6 @@ def test_a_photo_larger_than_a_canvas_this_browser_makes_is_refused_in_words(bro
     assert problems == [], problems
 
 
-@needs_chromium
 def test_the_results_bitmap_is_closed_when_another_replaces_it(browser):
     """state.after (the result at the view's size) was replaced without close(): its pixels stayed until collected."""
     page, problems = _open_offline(browser, StandIn())
@@ -668,12 +648,6 @@ def _choose(page, name: str, data: bytes, mime: str) -> None:
     page.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
 
 
-@pytest.fixture
-def browser():
-    with chromium() as launched:
-        yield launched
-
-
 def test_the_front_page_is_the_public_playground_with_its_policy(service):
     front = service.client.get("/")
     assert front.status_code == 307 and front.headers["location"] == "/playground"
@@ -684,7 +658,6 @@ def test_the_front_page_is_the_public_playground_with_its_policy(service):
     assert 'data-retention="ask"' in page.text, "the test service keeps results only when asked"
 
 
-@needs_chromium
 def test_paint_remove_compare_download_try_another_and_rate(service, browser):
     photo = _big_photo()
     height, width = photo.shape[:2]
@@ -765,7 +738,6 @@ def test_paint_remove_compare_download_try_another_and_rate(service, browser):
     assert problems == [], problems
 
 
-@needs_chromium
 def test_mistakes_and_refusals_are_told_in_words(service, browser):
     page, problems = _open_page(browser, service.url + "/playground")
 
@@ -820,7 +792,6 @@ def test_mistakes_and_refusals_are_told_in_words(service, browser):
     assert problems == [], problems
 
 
-@needs_chromium
 def test_a_photo_can_be_chosen_with_the_keyboard_alone(service, browser):
     page, problems = _open_page(browser, service.url + "/playground", intercept_file_choosers=True)
     for _ in range(6):
