@@ -68,7 +68,8 @@ def test_grpc_metadata_carries_the_key(keys):
     policy = AccessPolicy(ApiKeys(str(path)))
     asyncio.run(policy.check_grpc("remove", [("authorization", f"Bearer {app_key}")]))
     asyncio.run(policy.check_grpc("score", [("x-api-key", app_key)]))
-    asyncio.run(policy.check_grpc("score", [("x-api-key", app_key), ("X-Api-Key", "rk_bogus")])), "the first counts"
+    first = asyncio.run(policy.check_grpc("score", [("x-api-key", app_key), ("X-Api-Key", "rk_bogus")]))
+    assert first is not None and first.name == "app-team", "the first counts"
     with pytest.raises(Problem):
         asyncio.run(policy.check_grpc("score", [("x-api-key", "rk_bogus"), ("x-api-key", app_key)]))
     with pytest.raises(Problem) as caught:

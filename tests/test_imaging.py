@@ -175,7 +175,7 @@ def test_deep_samples_are_scaled_a_block_at_a_time(monkeypatch, mode, most_bytes
         small /= 65535.0
         small[0, :4] = [np.nan, np.inf, -np.inf, 0.25]
     whole = decode_image(encoded(Image.fromarray(small), "PNG" if mode == "I;16" else "TIFF"), LIMITS).rgb
-    monkeypatch.setattr(imaging, "_SCALE_BLOCK_PIXELS", 100, raising=False)  # a block is ~2 rows: many blocks, a ragged last one
+    monkeypatch.setattr(imaging, "_SCALE_BLOCK_PIXELS", 100)  # a block is ~2 rows: many blocks, a ragged last one
     blocked = decode_image(encoded(Image.fromarray(small), "PNG" if mode == "I;16" else "TIFF"), LIMITS).rgb
     np.testing.assert_array_equal(blocked, whole)
     monkeypatch.undo()
@@ -742,6 +742,9 @@ def test_thin_image_overhang_falls_back_to_edge_padding():
     plan = plan_crop(mask, (512,), 8)
     crop, crop_mask = crop_for_model(rgb, mask, plan)
     assert crop.shape == (512, 512, 3) and crop_mask.shape == (512, 512)
+    pad = -plan.top  # reflecting 20 rows 246 times over would mirror them; the edge rows are repeated instead
+    assert pad > 20 and (crop[:pad] == crop[pad]).all() and (crop[pad + 20 :] == crop[pad + 19]).all()
+    assert (crop_mask[:pad] == crop_mask[pad]).all() and (crop_mask[pad + 20 :] == crop_mask[pad + 19]).all()
 
 
 def test_a_strip_is_cropped_and_pasted_without_a_window_sized_buffer():
