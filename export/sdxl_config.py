@@ -41,10 +41,6 @@ SDXL_VAE = dict(
     force_upcast=True,  # the SDXL VAE overflows in fp16: next to an fp16 UNet it runs in bf16 on CUDA, fp32 elsewhere
 )
 
-PROMPT_SEQUENCE = 77
-PROMPT_EMBED_DIM = 2048  # both CLIP text encoders' penultimate hidden states, concatenated
-POOLED_EMBED_DIM = 1280
-
 # REFERENCE.md (torch FlopCounterMode on the real shapes), per image (batch 1), in TFLOP.
 UNET_TFLOP = {512: 1.59, 1024: 6.76}
 VAE_ENCODE_TFLOP = {512: 1.12, 1024: 4.88}

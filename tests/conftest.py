@@ -3,6 +3,7 @@ imported bundle), one local Serve per session serving every application the test
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -48,6 +49,16 @@ def pytest_collection_finish(session):
             items.remove(item)
         at = items.index(users[-1]) + 1
         items[at:at] = stoppers
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A `gpu` test skips without CUDA, here only (before its fixtures build anything for the device)."""
+    if item.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (marked gpu)")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -158,24 +169,37 @@ def trained_onnx_service(serve_started):
 
 @pytest.fixture(scope="session")
 def _chromium_of_this_process():
-    """One headless Chromium per test process (a launch costs ~0.5-1 s); tests get it through `browser`."""
+    """One headless Chromium per test process (a launch costs ~0.5-1 s); tests get it through `browser`.
+
+    Playwright's sync API runs its event loop in a greenlet of this thread, which leaves that loop marked as the
+    thread's running loop between its calls: every later `asyncio.run` in the process would refuse to start. The
+    mark is set only while a test holds the browser (asyncio's own _set_running_loop, as Playwright uses it)."""
     if helpers.chromium_missing():
         pytest.skip(f"the page test needs playwright and Chromium at {helpers.CHROMIUM}")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
-        held = [helpers.launch_chromium(playwright)]
-        yield playwright, held
-        held[0].close()
+    manager = sync_playwright()
+    playwright = manager.__enter__()
+    loop = asyncio._get_running_loop()
+    held = [helpers.launch_chromium(playwright)]
+    asyncio._set_running_loop(None)
+    yield playwright, held, loop
+    asyncio._set_running_loop(loop)
+    held[0].close()
+    manager.__exit__(None, None, None)
 
 
 @pytest.fixture
 def browser(_chromium_of_this_process):
     """Headless Chromium for one test: pages it opens get their own context (nothing shared between tests), and
     whatever it leaves open is closed after it; a browser that a test crashed is launched again."""
-    playwright, held = _chromium_of_this_process
-    if not held[0].is_connected():
-        held[0] = helpers.launch_chromium(playwright)
-    yield held[0]
-    for context in held[0].contexts:
-        context.close()
+    playwright, held, loop = _chromium_of_this_process
+    asyncio._set_running_loop(loop)
+    try:
+        if not held[0].is_connected():
+            held[0] = helpers.launch_chromium(playwright)
+        yield held[0]
+        for context in held[0].contexts:
+            context.close()
+    finally:
+        asyncio._set_running_loop(None)

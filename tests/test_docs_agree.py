@@ -44,6 +44,13 @@ def test_the_layout_names_every_module_of_engines_and_serve_and_none_that_is_gon
         assert listed - present == set(), f"README Layout: {folder}/ names what is not there: {sorted(listed - present)}"
 
 
+def test_the_layout_names_every_loadtests_script():
+    """Six scripts (bench_region_crops, bench_ingress, bench_open_loop, ...) were missing from it."""
+    words, _ = _layout_entry("loadtests")
+    present = _modules(REPO / "loadtests")
+    assert present - words == set(), f"README Layout: loadtests/ leaves out {sorted(present - words)}"
+
+
 _UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "s": 1, "": 1}
 
 

@@ -18,8 +18,6 @@ from engines.lcm import LCMSchedule
 from engines.remover import RemovalEngine, SamplingNoise, padded_batch_sizes
 from engines.runners import UNET_INPUTS, UNET_OUTPUT, TensorRTUNetRunner, _Slot
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 # ops that make the host wait for the device (or draw random numbers on the host): none may run
 # between the upload of a batch and the copy of its result back
 HOST_SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.equal"}
@@ -182,7 +180,6 @@ def test_cuda_graphs_are_refused_off_cuda_and_for_the_onnx_runner(tiny_bundle):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_the_loop_runs_with_cuda_sync_debug_set_to_error(tiny_bundle):
     """torch raises on any synchronising CUDA call inside the stages."""
     engine = RemovalEngine.from_bundle(tiny_bundle, device="cuda")
@@ -207,7 +204,6 @@ def test_the_loop_runs_with_cuda_sync_debug_set_to_error(tiny_bundle):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_graphs_give_the_eager_result_and_capture_only_at_start(tiny_bundle):
     eager = RemovalEngine.from_bundle(tiny_bundle, device="cuda")
     graphed = RemovalEngine.from_bundle(tiny_bundle, device="cuda", cuda_graph=True)

@@ -87,7 +87,6 @@ def test_mixed_crop_sizes_in_one_engine_batch_are_refused(tiny_bundle):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_precision_stays_close_to_cpu_fp32(tiny_bundle, dtype):
     images, masks = _inputs(batch=2)

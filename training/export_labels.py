@@ -117,10 +117,6 @@ def service_settings(settings: ExportLabelsSettings):
     raise TrainingError(f"{settings.serve_config}: no application imports {SERVE_APP}")
 
 
-def retention_settings(settings: ExportLabelsSettings):
-    return service_settings(settings).retention
-
-
 def export_labels(settings: ExportLabelsSettings) -> dict:
     from engines.gate import max_crops
     from engines.pipeline import CropSettings
