@@ -212,6 +212,57 @@ def test_the_release_gate_starts_its_engine_as_the_remover_does(tiny_bundle, tri
     assert summary["metrics"]["evaluated"] == 1
 
 
+def test_the_release_gate_gives_the_pixels_the_service_answers_for_the_same_upload_and_seed(
+    baseline, tiny_bundle, triplets, work, monkeypatch
+):
+    """The service's request path in this process (RemovalService over ServeModels, whose handle calls the Remover
+    deployment's own object: its batch queues and engine, no Ray) answers each test image with evaluate's
+    output, bit for bit. One crop per engine call, as evaluate runs (batching another size may move a pixel by 1,
+    engines.remover says)."""
+    import asyncio
+    import io
+    from types import SimpleNamespace
+
+    import serve.remover_deployment as deployment
+    from serve.config import AppSettings
+    from serve.protocol import RemovalRequest, RemoveOptions
+    from serve.service import RemovalService
+
+    monkeypatch.setattr(deployment, "keep_replica_grpc_on_loopback", lambda: True)  # no Ray here
+    remover_args = {
+        "bundle": {"path": str(tiny_bundle.path)},
+        "engine": {"device": "cpu"},
+        "imaging": IMAGING,
+        "batching": {"max_batch_size": 1},
+    }
+    remover = deployment.Remover.func_or_class(remover_args)
+
+    class RemoverHandle:  # what ServeModels calls: handle.remove.remote(job, submitted_at)
+        def __init__(self):
+            self.remove = self
+
+        def remote(self, job, submitted_at):
+            return asyncio.ensure_future(remover.remove(job, submitted_at))
+
+    settings = AppSettings.model_validate({**remover_args, "scorer": {"enabled": False}, "gate": {"mode": "off"}})
+    ignored = SimpleNamespace(inc=lambda *a, **k: None, observe=lambda *a, **k: None)
+    metrics = SimpleNamespace(gate_outcomes=ignored, gate_attempts=ignored, scores=ignored)
+    service = RemovalService(settings, remover=RemoverHandle(), scorer=None, metrics=metrics)
+
+    rows, records = _rows(work / "baseline"), load_metadata(triplets)
+
+    async def answers() -> list[bytes]:  # one event loop, as in a replica: the Remover's queues live in it
+        options = [RemoveOptions(seed=int(row["seed"]), output_format="png") for row in rows]
+        uploads = [RemovalRequest(r.source.read_bytes(), r.mask.read_bytes(), o) for r, o in zip(records, options)]
+        return [(await service.remove(upload)).body for upload in uploads]
+
+    served = asyncio.run(answers())
+    assert len(served) == len(rows) == 4
+    for row, body in zip(rows, served):
+        evaluated = np.asarray(Image.open(work / "baseline" / row["output"]).convert("RGB"))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")), evaluated), row["id"]
+
+
 def test_the_release_gate_decodes_within_the_configured_limits_as_the_service_does(tiny_bundle, triplets, work):
     """evaluate decoded with engines.imaging's defaults whatever the service's imaging limits: an image the
     service refuses (413 image-too-large) was evaluated and gated."""
