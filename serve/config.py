@@ -291,8 +291,8 @@ class ImagingSettings(_Strict):
         description="blend ramp inside the dilated mask, in pixels (at most dilate + 1: every pixel of the mask as "
         "given is the model's)",
     )
-    max_upload_bytes: int = Field(30 * 1024 * 1024, ge=1024, description="the files of one request together")
-    max_megapixels: float = Field(40.0, gt=0, description="decoded size of one image")
+    max_upload_bytes: int = Field(_DECODE.max_bytes, ge=1024, description="the files of one request together")
+    max_megapixels: float = Field(_DECODE.max_megapixels, gt=0, description="decoded size of one image")
     # cost bounds checked from a file's structure before its pixels are decoded (engines.imaging.DecodeLimits)
     max_side: int = Field(_DECODE.max_side, ge=1, description="pixels on the longer side")
     max_chunks: int = Field(
@@ -303,6 +303,14 @@ class ImagingSettings(_Strict):
     max_rle_bytes: int = Field(_DECODE.max_rle_bytes, ge=0, description="size of an RLE-compressed BMP")
     decode_timeout_s: float = Field(20.0, gt=0, description="decoding an upload past this answers 413")
     jpeg_quality: Quality = Field(95, description="JPEG / WebP quality of replies, unless a request asks")
+
+    def decode_limits(self) -> DecodeLimits:
+        """What an upload may cost to decode, in the service and in the release gate (training.evaluate) alike."""
+        return DecodeLimits(
+            max_bytes=self.max_upload_bytes, max_megapixels=self.max_megapixels, max_side=self.max_side,
+            max_chunks=self.max_chunks, max_jpeg_scans=self.max_jpeg_scans, max_exif_bytes=self.max_exif_bytes,
+            max_rle_bytes=self.max_rle_bytes,
+        )  # fmt: skip
 
 
 class ScorerSettings(_Strict):

@@ -37,42 +37,22 @@ class Remover(LiveSettings):
         keep_replica_grpc_on_loopback()
         import torch
 
-        from engines.remover import RemovalEngine, SamplingSettings
-        from engines.runners import default_export_dtype
+        from engines.remover_start import start_removal_engine
         from serve.placement import pick_device, pick_dtype
 
         self.settings = RemoverArgs.model_validate(settings)
         engine_cfg, bundle_cfg = self.settings.engine, self.settings.bundle
         if engine_cfg.torch_threads:
             torch.set_num_threads(engine_cfg.torch_threads)
-        bundle = bundle_cfg.open()
         device = pick_device(engine_cfg.device)
-        defaults = bundle.manifest.sampling
-        dtype = pick_dtype(engine_cfg.dtype)
-        if engine_cfg.runner == "onnx" and engine_cfg.export_missing and not engine_cfg.runner_path:
-            from export.manifest import ensure_unet_onnx
-
-            export_dtype = dtype or default_export_dtype(device)
-            ensure_unet_onnx(bundle, str(export_dtype).removeprefix("torch."), buckets=self.settings.imaging.buckets)
-            bundle = type(bundle).load(bundle.path, verify=False)
-        use_graphs = engine_cfg.cuda_graph and device.type == "cuda" and engine_cfg.runner != "onnx"
-        self.engine = RemovalEngine.from_bundle(
-            bundle,
-            device=device,
-            dtype=dtype,
-            compile=engine_cfg.compile,
-            sampling=SamplingSettings(
-                steps=engine_cfg.steps or defaults.steps, strength=engine_cfg.strength or defaults.strength
-            ),
-            runner=engine_cfg.runner,
-            runner_path=engine_cfg.runner_path,
-            cuda_graph=use_graphs,
-            buckets=self.settings.imaging.buckets,
+        started = start_removal_engine(
+            bundle_cfg.open(), engine_cfg, device, pick_dtype(engine_cfg.dtype), self.settings.batch_sizes()
         )
+        self.engine = started.engine
         self.engine_turn = asyncio.Lock()  # the engine runs one batch at a time, whatever its bucket
         self.queues = {side: self._bucket_queue(side) for side in self.settings.imaging.buckets}
         self.description = {
-            "bundle": bundle.summary(locations=False),  # /readyz is public: no folder names
+            "bundle": started.bundle.summary(locations=False),  # /readyz is public: no folder names
             "tiny": bundle_cfg.is_tiny(),
             "device": str(device),
             "dtype": str(self.engine.dtype).removeprefix("torch."),
@@ -81,10 +61,9 @@ class Remover(LiveSettings):
             "strength": self.engine.sampling.strength,
             "buckets": self.settings.imaging.buckets,
             "max_batch_size": self.settings.batch_sizes(),
-            "cuda_graphs": use_graphs,
+            "cuda_graphs": started.cuda_graphs,
+            "warm_up": started.warm_up,  # every shape a request can take was run (with CUDA graphs captured)
         }
-        # every shape a request can take is run (and with CUDA graphs captured) now, never in a request
-        self.description["warm_up"] = self.engine.warm_up(self.settings.batch_sizes())
         self.metrics = BatchMetrics("remover")
         self.watch = EngineWatch(engine_cfg.hung_after_s)
 

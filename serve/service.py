@@ -159,11 +159,7 @@ class RemovalService:
         self.models = models or ServeModels(remover, scorer, settings, self._retry_after)
         self.has_scorer = scorer is not None
         cfg = settings.imaging
-        limits = imaging.DecodeLimits(
-            max_bytes=cfg.max_upload_bytes, max_megapixels=cfg.max_megapixels, max_side=cfg.max_side,
-            max_chunks=cfg.max_chunks, max_jpeg_scans=cfg.max_jpeg_scans, max_exif_bytes=cfg.max_exif_bytes,
-            max_rle_bytes=cfg.max_rle_bytes,
-        )  # fmt: skip
+        limits = cfg.decode_limits()
         # Decode, paste and encode: as many jobs at once as requests are admitted, each slot held until its job
         # ends. A request whose client left is cancelled and frees its admission slot and key lease, but its
         # thread runs on: counted here, the next requests wait for it rather than add to it.

@@ -878,3 +878,18 @@ def test_a_true_is_not_taken_for_a_wait_or_a_timeout(args):
     """`true` was 1: a batch wait of 1 s, a Retry-After of 1 s, a request deadline of 1 s."""
     with pytest.raises(ValidationError, match="a number, not true / false"):
         AppSettings.model_validate(args)
+
+
+def test_the_imaging_limits_default_to_the_decoders_and_map_field_by_field():
+    """Their defaults live once, in engines.imaging.DecodeLimits; serve.config restated 30 MiB and 40 megapixels.
+    Each setting reaches its own bound (the service and the release gate read them through decode_limits)."""
+    import dataclasses
+
+    from engines.imaging import DecodeLimits
+
+    assert ImagingSettings().decode_limits() == DecodeLimits()
+    names = {"max_bytes": "max_upload_bytes"}
+    for bound in dataclasses.fields(DecodeLimits):
+        setting = names.get(bound.name, bound.name)
+        changed = ImagingSettings(**{setting: getattr(DecodeLimits(), bound.name) + 1}).decode_limits()
+        assert changed == dataclasses.replace(DecodeLimits(), **{bound.name: getattr(DecodeLimits(), bound.name) + 1})

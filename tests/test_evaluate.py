@@ -183,6 +183,104 @@ def test_a_discriminator_that_fails_stops_the_run_instead_of_leaving_rows_unscor
         _evaluate(tiny_bundle, triplets, work / "broken-scorer", lpips_net="off", limit=1)
 
 
+def test_the_release_gate_starts_its_engine_as_the_remover_does(tiny_bundle, triplets, work, monkeypatch):
+    """evaluate built its engine its own way: it never warmed it up (so --cuda-graph captured no graph: every call
+    ran eager) and refused --cuda-graph on the CPU, where the Remover runs (engine.cuda_graph: no effect there)."""
+    import serve.remover_deployment as deployment
+    from engines.remover import RemovalEngine
+
+    warmed = []
+    warm_up = RemovalEngine.warm_up
+
+    def recorded(self, max_batch_sizes):
+        warmed.append(dict(max_batch_sizes))
+        return warm_up(self, max_batch_sizes)
+
+    monkeypatch.setattr(RemovalEngine, "warm_up", recorded)
+    monkeypatch.setattr(deployment, "keep_replica_grpc_on_loopback", lambda: True)  # no Ray here
+    remover = deployment.Remover.func_or_class(
+        {
+            "bundle": {"path": str(tiny_bundle.path)},
+            "engine": {"device": "cpu", "cuda_graph": True},
+            "imaging": {"buckets": [128]},
+            "batching": {"max_batch_size": 2},
+        }
+    )
+    summary = _evaluate(tiny_bundle, triplets, work / "cuda-graph-on-cpu", cuda_graph=True, lpips_net="off", limit=1)
+    assert warmed == [{128: 2}, {128: 1}]  # the Remover's buckets at their batch sizes; evaluate's at batch 1
+    assert remover.describe()["cuda_graphs"] is False and summary["engine"]["cuda_graphs"] is False
+    assert summary["metrics"]["evaluated"] == 1
+
+
+def test_the_release_gate_gives_the_pixels_the_service_answers_for_the_same_upload_and_seed(
+    baseline, tiny_bundle, triplets, work, monkeypatch
+):
+    """The service's request path in this process (RemovalService over ServeModels, whose handle calls the Remover
+    deployment's own object: its batch queues and engine, no Ray) answers each test image with evaluate's
+    output, bit for bit. One crop per engine call, as evaluate runs (batching another size may move a pixel by 1,
+    engines.remover says)."""
+    import asyncio
+    import io
+    from types import SimpleNamespace
+
+    import serve.remover_deployment as deployment
+    from serve.config import AppSettings
+    from serve.protocol import RemovalRequest, RemoveOptions
+    from serve.service import RemovalService
+
+    monkeypatch.setattr(deployment, "keep_replica_grpc_on_loopback", lambda: True)  # no Ray here
+    remover_args = {
+        "bundle": {"path": str(tiny_bundle.path)},
+        "engine": {"device": "cpu"},
+        "imaging": IMAGING,
+        "batching": {"max_batch_size": 1},
+    }
+    remover = deployment.Remover.func_or_class(remover_args)
+
+    class RemoverHandle:  # what ServeModels calls: handle.remove.remote(job, submitted_at)
+        def __init__(self):
+            self.remove = self
+
+        def remote(self, job, submitted_at):
+            return asyncio.ensure_future(remover.remove(job, submitted_at))
+
+    settings = AppSettings.model_validate({**remover_args, "scorer": {"enabled": False}, "gate": {"mode": "off"}})
+    ignored = SimpleNamespace(inc=lambda *a, **k: None, observe=lambda *a, **k: None)
+    metrics = SimpleNamespace(gate_outcomes=ignored, gate_attempts=ignored, scores=ignored)
+    service = RemovalService(settings, remover=RemoverHandle(), scorer=None, metrics=metrics)
+
+    rows, records = _rows(work / "baseline"), load_metadata(triplets)
+
+    async def answers() -> list[bytes]:  # one event loop, as in a replica: the Remover's queues live in it
+        options = [RemoveOptions(seed=int(row["seed"]), output_format="png") for row in rows]
+        uploads = [RemovalRequest(r.source.read_bytes(), r.mask.read_bytes(), o) for r, o in zip(records, options)]
+        return [(await service.remove(upload)).body for upload in uploads]
+
+    served = asyncio.run(answers())
+    assert len(served) == len(rows) == 4
+    for row, body in zip(rows, served):
+        evaluated = np.asarray(Image.open(work / "baseline" / row["output"]).convert("RGB"))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")), evaluated), row["id"]
+
+
+def test_the_release_gate_decodes_within_the_configured_limits_as_the_service_does(tiny_bundle, triplets, work):
+    """evaluate decoded with engines.imaging's defaults whatever the service's imaging limits: an image the
+    service refuses (413 image-too-large) was evaluated and gated."""
+    from engines.errors import InputError
+    from engines.pipeline import CropSettings, RemovalPipeline
+    from serve.config import ImagingSettings
+
+    imaging = ImagingSettings(max_megapixels=0.01, **IMAGING)  # below the 128 x 128 test images
+    record = load_metadata(triplets)[0]
+    service = RemovalPipeline(None, CropSettings.from_imaging(imaging), imaging.decode_limits())
+    with pytest.raises(InputError) as refused:
+        service.prepare(record.source.read_bytes(), record.mask.read_bytes(), max_crops=1)
+    summary = _evaluate(tiny_bundle, triplets, work / "small-limit", max_megapixels=0.01, lpips_net="off", limit=1)
+    assert summary["metrics"]["invalid_input"] == 1 and summary["metrics"]["evaluated"] == 0
+    [row] = _rows(work / "small-limit")
+    assert (row["status"], row["error"]) == ("invalid-input", str(refused.value))
+
+
 def test_imaging_defaults_are_the_services_and_degrade_kinds_the_negatives():
     from typing import get_args
 
@@ -192,8 +290,11 @@ def test_imaging_defaults_are_the_services_and_degrade_kinds_the_negatives():
 
     service = ImagingSettings()
     fields = EvaluateSettings.model_fields
-    for name in ("buckets", "crop_margin", "dilate", "feather"):
+    decode = ("max_upload_bytes", "max_megapixels", "max_side", "max_chunks", "max_jpeg_scans", "max_exif_bytes")
+    for name in ("buckets", "crop_margin", "dilate", "feather", *decode, "max_rle_bytes"):
         assert fields[name].default == getattr(service, name), name
+    settings = EvaluateSettings(bundle="tiny", data=Path("d"), out=Path("o"))
+    assert settings.imaging() == service and settings.imaging().decode_limits() == service.decode_limits()
     with pytest.raises(ValueError, match="multiples of 64"):  # the service's bucket validator too
         EvaluateSettings(bundle="tiny", data=Path("d"), out=Path("o"), buckets=[100])
     assert get_args(DegradeKind) == ("none", *NEGATIVE_KINDS)

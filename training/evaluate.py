@@ -8,6 +8,7 @@ Every entry of the metadata file (RORem's format: source and mask, and GT when t
 through engines.pipeline's RemovalPipeline, the class the service runs: decode, dilate the mask, a crop per
 region at its bucket, one RemovalEngine call per crop (batch 1, seed = seed + index), paste back inside the
 dilated mask, and the discriminator's score of the pasted result cut like each crop (the worst region's).
+The engine is started (built and warmed up) by the Remover deployment's own code (engines.remover_start).
 Only the engine call is timed, after `warmup` untimed calls per bucket.
 
 Outputs (under out/):
@@ -33,7 +34,7 @@ import torch
 from pydantic import Field
 
 from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
-from serve.config import GateSettings, GateThreshold, ImagingSettings
+from serve.config import EngineSettings, GateSettings, GateThreshold, ImagingSettings
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar, training_device
 from training.data import Triplet
 from training.quality import LpipsNet, load_embedder, load_lpips, psnr, ssim
@@ -85,6 +86,7 @@ DegradeKind = Literal["none", "blur", "noise", "downsample", "mixed", "no-change
 
 
 _IMAGING = ImagingSettings.model_fields
+_ENGINE = EngineSettings.model_fields
 
 
 class EvaluateSettings(StageSettings):
@@ -98,8 +100,11 @@ class EvaluateSettings(StageSettings):
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     compile: bool = Field(False, description="torch.compile the UNet (torch runner)")
     cuda_graph: bool = Field(
-        False, description="CUDA graphs (torch runner: captured by RemovalEngine.warm_up; TensorRT: per UNet shape)"
+        False,
+        description="CUDA graphs (torch runner: captured by RemovalEngine.warm_up; TensorRT: per UNet shape); no "
+        "effect on the CPU or with the onnx runner, as in the service",
     )
+    export_missing: bool = _ENGINE["export_missing"]
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (engine.torch_threads)")
     steps: int | None = Field(None, ge=1, le=50, description=f"LCM steps; None: the bundle's ({DEFAULT_STEPS})")
     strength: float | None = Field(None, gt=0.0, le=1.0, description=f"None: the bundle's ({DEFAULT_STRENGTH:g})")
@@ -108,6 +113,14 @@ class EvaluateSettings(StageSettings):
     crop_margin: int = _IMAGING["crop_margin"]
     dilate: int = _IMAGING["dilate"]
     feather: int = _IMAGING["feather"]
+    # the service's decode limits: an image the service refuses is recorded invalid-input, never evaluated
+    max_upload_bytes: int = _IMAGING["max_upload_bytes"]  # each file here, where the service bounds a request's
+    max_megapixels: float = _IMAGING["max_megapixels"]
+    max_side: int = _IMAGING["max_side"]
+    max_chunks: int = _IMAGING["max_chunks"]
+    max_jpeg_scans: int = _IMAGING["max_jpeg_scans"]
+    max_exif_bytes: int = _IMAGING["max_exif_bytes"]
+    max_rle_bytes: int = _IMAGING["max_rle_bytes"]
     threshold: GateThreshold = Field(
         GateSettings().threshold, description="a removal succeeds when the discriminator scores >= this (gate.threshold)"
     )
@@ -124,6 +137,11 @@ class EvaluateSettings(StageSettings):
     )
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where bundle 'tiny' is generated")
     tiny_seed: int = 0
+
+    def imaging(self) -> ImagingSettings:
+        """The service's imaging section with this run's crop settings and decode limits (the rest its defaults)."""
+        shared = ImagingSettings.model_fields.keys() & type(self).model_fields.keys()
+        return ImagingSettings(**{name: getattr(self, name) for name in shared})
 
 
 def evaluate(settings: EvaluateSettings) -> dict:
@@ -150,7 +168,9 @@ def evaluate(settings: EvaluateSettings) -> dict:
     summary.data["discriminator"] = discriminator_identity(bundle, scorer)
     learned, learned_skipped, summary.data["measuring_models"] = _open_learned_measures(settings, device)
     skipped.update(learned_skipped)
-    engines = _Engines(_open_remover(settings, bundle, device), scorer, learned, settings)
+    remover = _start_remover(settings, bundle, device)
+    bundle = remover.bundle
+    engines = _Engines(remover.engine, scorer, learned, settings)
 
     out = Path(settings.out)
     (out / OUTPUTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -169,6 +189,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         "runner_path": str(settings.runner_path) if settings.runner_path else None,
         "dtype": str(engines.remover.dtype).removeprefix("torch."),
         "device": str(device),
+        "cuda_graphs": remover.cuda_graphs,
         "steps": engines.remover.sampling.steps,
         "strength": engines.remover.sampling.strength,
         "degrade": settings.degrade,
@@ -183,13 +204,12 @@ class _Engines:
     """The engines, and the service's pipeline over them (in this process, one crop at a time)."""
 
     def __init__(self, remover: RemovalEngine, scorer: ScoringEngine | None, learned: dict, settings: EvaluateSettings):
-        from engines import imaging
         from engines.pipeline import CropSettings, LocalModels, RemovalPipeline
 
         self.remover, self.scorer, self.learned = remover, scorer, learned
         self.models = LocalModels(remover, scorer, warmup=settings.warmup)
-        crops = CropSettings.from_imaging(settings)  # the same crop fields as serve.config.ImagingSettings
-        self.pipeline = RemovalPipeline(self.models, crops, imaging.DecodeLimits())
+        imaging = settings.imaging()
+        self.pipeline = RemovalPipeline(self.models, CropSettings.from_imaging(imaging), imaging.decode_limits())
 
 
 def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, engines: _Engines, out: Path) -> dict:
@@ -243,24 +263,15 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
     return row
 
 
-def _open_remover(settings: EvaluateSettings, bundle, device: torch.device):
-    """The engine as serve/remover_deployment.py builds it from the same settings."""
-    from engines.remover import RemovalEngine, SamplingSettings
+def _start_remover(settings: EvaluateSettings, bundle, device: torch.device):
+    """The engine as the Remover deployment starts it (engines.remover_start), warmed at batch 1 per bucket:
+    evaluate runs one crop at a time."""
+    from engines.remover_start import start_removal_engine
     from serve.placement import pick_dtype
 
-    defaults = bundle.manifest.sampling
-    sampling = SamplingSettings(steps=settings.steps or defaults.steps, strength=settings.strength or defaults.strength)
     try:
-        return RemovalEngine.from_bundle(
-            bundle,
-            device=device,
-            dtype=pick_dtype(settings.dtype),
-            compile=settings.compile,
-            sampling=sampling,
-            runner=settings.runner,
-            runner_path=settings.runner_path,
-            cuda_graph=settings.cuda_graph,
-            buckets=settings.buckets,
+        return start_removal_engine(
+            bundle, settings, device, pick_dtype(settings.dtype), dict.fromkeys(settings.buckets, 1)
         )
     except ValueError as exc:  # a runner, dtype and device that do not go together
         raise TrainingError(f"cannot build the {settings.runner} engine: {exc}") from exc
