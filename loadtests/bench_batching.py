@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 from benchlib import center_mask, photo, png, remover_only, start_service, stop_service, summarize
 
+from serve.config import ImagingSettings
+
 
 def start_batching_service(work: Path, max_batch_size: int, wait_s: float, buckets: list[int], threads: int | None):
     def adjust(config: dict) -> None:
@@ -65,7 +67,9 @@ def main() -> None:
     parser.add_argument("--wait-s", type=float, default=0.05, help="batch_wait_timeout_s")
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--torch-threads", type=int, default=None, help="engine.torch_threads (default: Ray's 1 per CPU)")
-    parser.add_argument("--buckets", type=int, nargs="+", default=[512, 1024], help="imaging.buckets (model input sides)")
+    parser.add_argument(
+        "--buckets", type=int, nargs="+", default=ImagingSettings().buckets, help="imaging.buckets (model input sides)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench_batching.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rorem-bench-batching-"))

@@ -68,7 +68,9 @@ def main() -> None:
     parser.add_argument("--runs", type=positive_int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mask-side", type=int, default=120, help="side of the square mask, in 12 MP pixels")
-    parser.add_argument("--dilate", type=int, default=20)
+    parser.add_argument(
+        "--dilate", type=int, default=ImagingSettings().dilate, help="mask dilation (the service default)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench_crop_vs_resize.json"))
     args = parser.parse_args()
     import torch  # the model libraries load after the arguments are checked: a bad flag is refused at once

@@ -3,10 +3,12 @@
     python loadtests/bench_ingress.py [--runs 5] [--out out/bench_ingress.json] [--before docs/bench_ingress_before.json]
     python loadtests/bench_ingress.py --smoke        # tiny sizes, one run: checks that the script works
 
-For each photo size (512x512, 1024x1024, 4000x3000 = 12 MP) and format (png, jpeg) a request is replayed the
-way serve/service.py composes it (`_prepare_removal`, then `remove`): decode the photo; decode the mask and
-dilate it; plan the crop and cut it; paste a stand-in model output back; encode the result in the photo's
-format. The model itself is not run (its output is the inverted crop).
+For each photo size (512x512, 1024x1024, 4000x3000 = 12 MP) and format (png, jpeg) a request is replayed by
+the service's own steps (engines.pipeline.RemovalPipeline, as serve/service.py drives it: `prepare`, then an
+attempt, then the reply's encode): decode the photo (decode); decode the mask (mask); dilate it, plan a crop per
+region, cut them and grow their masks to latent cells (plan+crop: `prepare_pixels`); paste the stand-in model
+outputs back with the pipeline's feather (paste: the attempt's paste stage); encode the result in the photo's
+format (encode). The model itself is not run: its output is the inverted crop (`InvertingModels`).
 
 The floor is what no ingress can avoid: one decode of the photo, one of the mask and one encode of the output,
 each with the fastest codec library importable here (Pillow always; imagecodecs, OpenCV, simplejpeg, pyspng when
@@ -26,6 +28,7 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", 
     os.environ.setdefault(_variable, "1")
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -39,10 +42,11 @@ from benchlib import positive_int  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from engines import imaging  # noqa: E402
+from engines.jobs import RemovalJob, ScoreJob  # noqa: E402
+from engines.pipeline import CropSettings, LocalOutcome, Prepared, RemovalPipeline, Timings  # noqa: E402
+from serve.config import ImagingSettings  # noqa: E402
 
-# serve.config.ImagingSettings' defaults (tests/test_bench_ingress.py keeps them equal); importing serve.config
-# here would pull in diffusers: seconds, for five numbers.
-SETTINGS = {"buckets": [512, 1024], "crop_margin": 128, "dilate": 20, "feather": 6, "jpeg_quality": 95}
+SETTINGS = ImagingSettings().model_dump(include={"buckets", "crop_margin", "dilate", "feather", "jpeg_quality"})
 LIMITS = imaging.DecodeLimits()  # 30 MiB, 40 megapixels: the service's defaults too
 
 SIZES = [(512, 512), (1024, 1024), (4000, 3000)]
@@ -167,11 +171,49 @@ def _timed(fn: Callable, *args) -> tuple[float, object]:
     return (time.perf_counter() - started) * 1000, value
 
 
+# --- the request, by the pipeline's steps ---------------------------------------------------------
+
+
+class InvertingModels:
+    """The model's stand-in: each crop comes back inverted (a changed crop of the bucket's size), at once."""
+
+    async def remove(self, job: RemovalJob) -> LocalOutcome:
+        return LocalOutcome(255 - job.image)
+
+    async def score(self, job: ScoreJob) -> float:
+        raise NotImplementedError("the ingress bench does not score")
+
+
+async def _inline(fn: Callable, *args):
+    """The pipeline's CPU steps on this thread: the bench times one thread."""
+    return fn(*args)
+
+
+def ingress_pipeline(settings: dict) -> RemovalPipeline:
+    return RemovalPipeline(InvertingModels(), CropSettings.from_imaging(ImagingSettings(**settings)), LIMITS, _inline)
+
+
+def one_request(
+    pipeline: RemovalPipeline, photo_bytes: bytes, mask_bytes: bytes, fmt: str, quality: int
+) -> tuple[dict[str, float], Prepared, np.ndarray, bytes]:
+    """ms per stage, the prepared request, the edited image and the reply's body."""
+    laps = {}
+    laps["decode"], image = _timed(imaging.decode_image, photo_bytes, pipeline.limits)
+    laps["mask"], mask = _timed(imaging.decode_mask, mask_bytes, image.rgb.shape[:2], pipeline.limits)
+    laps["plan+crop"], prepared = _timed(pipeline.prepare_pixels, image, mask)
+    timings = Timings()
+    edited = asyncio.run(pipeline.attempt(prepared, 0, timings)).edited
+    laps["paste"] = timings.stages["paste"] * 1000
+    laps["encode"], body = _timed(
+        imaging.encode_image, edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
+    )
+    return laps, prepared, edited, body
+
+
 # --- one case -------------------------------------------------------------------------------------
 
 
 def bench_case(width: int, height: int, fmt: str, runs: int, settings: dict) -> dict:
-    limits = LIMITS
     rgb = photo(width, height)
     photo_bytes = encode_input(rgb, fmt)
     mask_bytes = encode_input(blob_mask(width, height).astype(np.uint8) * 255, "png")
@@ -180,26 +222,9 @@ def bench_case(width: int, height: int, fmt: str, runs: int, settings: dict) -> 
 
     stage_samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     candidate_samples: dict[str, list[float]] = {}
-    output_bytes = 0
-    plan = None
+    pipeline = ingress_pipeline(settings)
     for run in range(runs + 1):  # run 0 warms up (imports, allocator) and is not counted
-        laps = {}
-        laps["decode"], image = _timed(imaging.decode_image, photo_bytes, limits)
-
-        def mask_stage():
-            mask = imaging.decode_mask(mask_bytes, image.rgb.shape[:2], limits)
-            return imaging.dilate_mask(mask, settings["dilate"])
-
-        laps["mask"], mask = _timed(mask_stage)
-
-        def plan_stage():
-            plan = imaging.plan_crop(mask, settings["buckets"], settings["crop_margin"])
-            return plan, imaging.crop_for_model(image.rgb, mask, plan)
-
-        laps["plan+crop"], (plan, (crop, _)) = _timed(plan_stage)
-        result = 255 - crop  # the model's stand-in: a changed crop of the bucket's size
-        laps["paste"], edited = _timed(imaging.paste_back, image.rgb, mask, result, plan, settings["feather"])
-        laps["encode"], body = _timed(imaging.encode_image, edited, image.alpha, fmt, quality, image.icc_profile)
+        laps, prepared, edited, body = one_request(pipeline, photo_bytes, mask_bytes, fmt, quality)
         output_bytes = len(body)
 
         floor_laps = {}
@@ -240,7 +265,8 @@ def bench_case(width: int, height: int, fmt: str, runs: int, settings: dict) -> 
         "photo_bytes": len(photo_bytes),
         "mask_bytes": len(mask_bytes),
         "output_bytes": output_bytes,
-        "plan": {"side": plan.side, "bucket": plan.bucket},
+        "plan": {"side": prepared.plans[0].side, "bucket": prepared.plans[0].bucket},
+        "crops": len(prepared.plans),
         "stages_ms": stages,
         "floor_ms": floor,
         "floor_libraries": floor_libraries,

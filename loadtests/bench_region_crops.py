@@ -1,15 +1,20 @@
 """One box vs one crop per region, for a 12 MP photo with two small objects in opposite corners (CPU, no model).
 
     python loadtests/bench_region_crops.py [--runs 7] [--object 120] [--dilate 20]
+    python loadtests/bench_region_crops.py --smoke      # a 1600x1200 photo, one run: checks that the script works
 
-one-box:    imaging.plan_crop: one window around both objects, downscaled into the largest bucket.
-per-region: regions.plan_region_crops: a window per object, each at the smallest bucket that holds it.
+one-box:    imaging.plan_crop: one window around both objects, downscaled into the largest bucket (before).
+per-region: the service's planning (engines.pipeline.RemovalPipeline.plan and .cut, then the pipeline's paste,
+            regions.paste_back_regions with its feather): a window per object, each at the smallest bucket
+            that holds it.
 For each: the crop side(s), bucket(s), the scale the objects are processed at (bucket / side), their side at that
-scale, the pixels the model would process, and the wall time on the CPU of plan + crop + paste. The model call
-is excluded: each crop is pasted back as its own "result". The mask is dilated first, as the service does;
-dilation is common to both and not timed. Also times labelling the whole 12 MP mask with scipy.ndimage.label
-and, when cv2 can be imported, cv2.connectedComponentsWithStats (plan_region_crops labels only the blocks
-around the objects). Prints a table, writes out/bench_region_crops.json (docs/ holds the committed figures).
+scale, the pixels the model would process, and the wall time on the CPU of plan (the mask's dilation included,
+the same for both) + crop + paste. The model call is excluded: each crop comes back inverted (`stand_in`), so
+every pixel the paste writes shows, and "outside_mask_pixels_changed" checks that none lies outside the mask.
+Buckets, margin, feather and the default dilation are the service's (serve.config.ImagingSettings). Also times
+labelling the whole 12 MP mask with scipy.ndimage.label and, when cv2 can be imported,
+cv2.connectedComponentsWithStats (plan_region_crops labels only the blocks around the objects). Prints a table,
+writes out/bench_region_crops.json (docs/ holds the committed figures).
 """
 
 from __future__ import annotations
@@ -28,51 +33,66 @@ from PIL import Image
 from scipy import ndimage
 
 from engines import imaging, regions
+from engines.pipeline import CropSettings, RemovalPipeline
+from serve.config import ImagingSettings
 
-WIDTH, HEIGHT = 4000, 3000
-BUCKETS = [512, 1024]
-MARGIN = 128
-FEATHER = 6
+SIZE = (4000, 3000)
+SMOKE_SIZE = (1600, 1200)  # still wider than the largest bucket: one box must downscale
 INSET = 200  # distance of each object from its corner
 
 
-def photo_12mp() -> np.ndarray:
-    return np.asarray(Image.fromarray(photo(1024)).resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC))
+def photo_of(width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(photo(1024)).resize((width, height), Image.Resampling.BICUBIC))
 
 
-def two_corner_objects(side: int) -> np.ndarray:
-    mask = np.zeros((HEIGHT, WIDTH), bool)
+def two_corner_objects(width: int, height: int, side: int) -> np.ndarray:
+    mask = np.zeros((height, width), bool)
     mask[INSET : INSET + side, INSET : INSET + side] = True
-    mask[HEIGHT - INSET - side : HEIGHT - INSET, WIDTH - INSET - side : WIDTH - INSET] = True
+    mask[height - INSET - side : height - INSET, width - INSET - side : width - INSET] = True
     return mask
 
 
-def one_box(image: np.ndarray, mask: np.ndarray) -> tuple[list[imaging.CropPlan], np.ndarray, dict]:
-    laps = {}
+def stand_in(crop: np.ndarray) -> np.ndarray:
+    """The model's stand-in (untimed): the crop inverted."""
+    return 255 - crop
+
+
+def _timed(fn, *args):
     started = time.perf_counter()
-    plan = imaging.plan_crop(mask, BUCKETS, MARGIN)
-    laps["plan"] = time.perf_counter() - started
-    crop, _ = imaging.crop_for_model(image, mask, plan)
-    laps["crop"] = time.perf_counter() - started - laps["plan"]
-    output = imaging.paste_back(image, mask, crop, plan, FEATHER)
-    laps["paste"] = time.perf_counter() - started - laps["plan"] - laps["crop"]
+    value = fn(*args)
+    return time.perf_counter() - started, value
+
+
+def one_box(pipeline: RemovalPipeline, image: np.ndarray, objects: np.ndarray) -> tuple[list, np.ndarray, dict]:
+    settings = pipeline.crops
+    laps = {}
+
+    def dilate_and_plan():
+        mask = imaging.dilate_mask(objects, settings.dilate)
+        return mask, imaging.plan_crop(mask, settings.buckets, settings.crop_margin)
+
+    laps["plan"], (mask, plan) = _timed(dilate_and_plan)
+    laps["crop"], (crop, _) = _timed(imaging.crop_for_model, image, mask, plan)
+    result = stand_in(crop)
+    feather = settings.feather_for(settings.dilate)
+    laps["paste"], output = _timed(imaging.paste_back, image, mask, result, plan, feather)
     return [plan], output, laps
 
 
-def per_region(image: np.ndarray, mask: np.ndarray) -> tuple[list[imaging.CropPlan], np.ndarray, dict]:
+def per_region(pipeline: RemovalPipeline, image: np.ndarray, objects: np.ndarray) -> tuple[list, np.ndarray, dict]:
+    """As RemovalPipeline.prepare_pixels and .attempt run it, with the stand-in for the model."""
+    settings = pipeline.crops
     laps = {}
-    started = time.perf_counter()
-    plans = regions.plan_region_crops(mask, BUCKETS, MARGIN)
-    laps["plan"] = time.perf_counter() - started
-    crops = [imaging.crop_for_model(image, mask, plan)[0] for plan in plans]
-    laps["crop"] = time.perf_counter() - started - laps["plan"]
-    output = regions.paste_back_regions(image, mask, crops, plans, FEATHER)
-    laps["paste"] = time.perf_counter() - started - laps["plan"] - laps["crop"]
+    laps["plan"], (mask, plans) = _timed(pipeline.plan, objects)
+    laps["crop"], cut = _timed(pipeline.cut, image, mask, plans)
+    results = [stand_in(crop) for crop, _ in cut]
+    feather = settings.feather_for(settings.dilate)
+    laps["paste"], output = _timed(regions.paste_back_regions, image, mask, results, plans, feather)
     return plans, output, laps
 
 
-def timed(run, image: np.ndarray, mask: np.ndarray, runs: int) -> dict:
-    samples = [run(image, mask)[2] for _ in range(runs)]
+def timed(run, pipeline: RemovalPipeline, image: np.ndarray, objects: np.ndarray, runs: int) -> dict:
+    samples = [run(pipeline, image, objects)[2] for _ in range(runs)]
     return {stage: round(statistics.median(s[stage] for s in samples) * 1000, 1) for stage in samples[0]}
 
 
@@ -113,36 +133,46 @@ def describe(plans: list[imaging.CropPlan], output: np.ndarray, image: np.ndarra
 
 
 def main() -> None:
+    defaults = ImagingSettings()
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=positive_int, default=7)
-    parser.add_argument("--object", type=int, default=120, help="side of each square object, in 12 MP pixels")
-    parser.add_argument("--dilate", type=int, default=20, help="mask dilation (the service default)")
+    parser.add_argument("--object", type=int, default=120, help="side of each square object, in photo pixels")
+    parser.add_argument("--dilate", type=int, default=defaults.dilate, help="mask dilation (the service default)")
+    parser.add_argument("--smoke", action="store_true", help=f"a {SMOKE_SIZE[0]}x{SMOKE_SIZE[1]} photo, one run")
     parser.add_argument("--out", type=Path, default=Path("out/bench_region_crops.json"))
     args = parser.parse_args()
-    image = photo_12mp()
-    mask = imaging.dilate_mask(two_corner_objects(args.object), args.dilate)
+    (width, height), runs = (SMOKE_SIZE, 1) if args.smoke else (SIZE, args.runs)
+    settings = CropSettings.from_imaging(ImagingSettings(dilate=args.dilate))
+    pipeline = RemovalPipeline(None, settings, imaging.DecodeLimits())  # planning, cutting and pasting only
+    image = photo_of(width, height)
+    objects = two_corner_objects(width, height, args.object)
+    mask = imaging.dilate_mask(objects, args.dilate)
     result = {
-        "image": f"{WIDTH}x{HEIGHT}",
+        "image": f"{width}x{height}",
         "objects": f"two {args.object}x{args.object}, {INSET} px in from opposite corners, dilated {args.dilate} px",
-        "buckets": BUCKETS,
-        "margin": MARGIN,
-        "feather": FEATHER,
-        "timed": "wall time on the CPU of plan + crop + paste, median of runs; model call excluded (identity result)",
-        "runs": args.runs,
+        "buckets": list(settings.buckets),
+        "margin": settings.crop_margin,
+        "feather": settings.feather_for(settings.dilate),
+        "timed": "wall time on the CPU of plan (dilation included) + crop + paste, median of runs; model call "
+        "excluded (each crop comes back inverted)",
+        "runs": runs,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     for name, run in (("one_box", one_box), ("per_region", per_region)):
-        plans, output, _ = run(image, mask)
-        times = timed(run, image, mask, args.runs)
+        plans, output, _ = run(pipeline, image, objects)
+        times = timed(run, pipeline, image, objects, runs)
         result[name] = {
             **describe(plans, output, image, mask, args.object),
             "ms": {**times, "total": round(sum(times.values()), 1)},
         }
-    result["labelling_ms"] = labelling(mask, args.runs)
+    result["labelling_ms"] = labelling(mask, runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{result['image']} photo, {result['objects']}; buckets {BUCKETS}, margin {MARGIN}; model call excluded")
+    print(
+        f"{result['image']} photo, {result['objects']}; buckets {result['buckets']}, margin {result['margin']}; "
+        "model call excluded"
+    )
     header = f"{'path':<11} {'crop side(s)':>13} {'bucket(s)':>10} {'scale':>12} {'object px':>10} {'model px':>9}"
     print(header + f" {'plan ms':>8} {'crop ms':>8} {'paste ms':>9} {'total ms':>9} {'outside changed':>16}")
     for name in ("one_box", "per_region"):
@@ -157,7 +187,7 @@ def main() -> None:
             f" {ms['plan']:>8} {ms['crop']:>8} {ms['paste']:>9} {ms['total']:>9} {r['outside_mask_pixels_changed']:>16}"
         )
     for name, ms in result["labelling_ms"].items():
-        print(f"labelling the 12 MP mask: {name}: {ms} ms")
+        print(f"labelling the {result['image']} mask: {name}: {ms} ms")
     print(f"saved {args.out}")
 
 

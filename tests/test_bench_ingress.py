@@ -49,11 +49,107 @@ def test_smoke_run_writes_the_table_with_positive_costs_and_ratios(tmp_path):
 def test_the_bench_uses_the_services_imaging_defaults():
     bench_ingress = load_script("loadtests/bench_ingress.py")
     from engines.imaging import DecodeLimits
+    from engines.pipeline import CropSettings
     from serve.config import ImagingSettings
 
     defaults = ImagingSettings()
     assert bench_ingress.SETTINGS == defaults.model_dump(include=set(bench_ingress.SETTINGS))
     assert bench_ingress.LIMITS == DecodeLimits(defaults.max_upload_bytes, defaults.max_megapixels)
+    assert bench_ingress.ingress_pipeline(bench_ingress.SETTINGS).crops == CropSettings.from_imaging(defaults)
+
+
+def test_the_bench_replays_the_services_removal_pixel_for_pixel():
+    """The bench did dilate, one-box plan_crop, cut and paste itself, with the raw feather where the pipeline uses
+    feather_for (at most dilate + 1) and one box where it plans a crop per region: it timed a removal the service
+    never runs. Here two objects far apart at dilate 2: the reply is the one RemovalPipeline makes, as the
+    service drives it (prepare, then the gate off), from the same stand-in model output."""
+    import asyncio
+
+    from engines.gate import GatePolicy
+    from engines.pipeline import LocalOutcome, RemovalPipeline
+
+    bench_ingress = load_script("loadtests/bench_ingress.py")
+    width, height = 1200, 400
+    mask = np.zeros((height, width), bool)
+    mask[40:70, 40:70] = mask[330:360, 1130:1160] = True
+    photo_bytes = bench_ingress.encode_input(bench_ingress.photo(width, height), "png")
+    mask_bytes = bench_ingress.encode_input(mask.astype(np.uint8) * 255, "png")
+    settings = {**bench_ingress.SETTINGS, "dilate": 2}
+    bench_pipeline = bench_ingress.ingress_pipeline(settings)
+    laps, prepared, edited, body = bench_ingress.one_request(bench_pipeline, photo_bytes, mask_bytes, "png", 95)
+
+    class Inverting:
+        async def remove(self, job):
+            return LocalOutcome(255 - job.image)
+
+    service = RemovalPipeline(Inverting(), bench_pipeline.crops, bench_pipeline.limits)
+    assert service.crops.feather_for(2) == 3 < service.crops.feather
+    expected = service.prepare(photo_bytes, mask_bytes)
+    assert expected.buckets == prepared.buckets == [512, 512], "a crop per object, each at its own resolution"
+    outcome = asyncio.run(service(expected, 0, GatePolicy("off", 0.0, 1, True)))
+    assert np.array_equal(edited, outcome.result.edited)
+    assert not np.array_equal(edited, bench_ingress.photo(width, height)), "the stand-in's crops were pasted"
+    assert np.array_equal(_decoded(body), outcome.result.edited)
+    assert set(laps) == set(STAGES) and all(ms >= 0 for ms in laps.values())
+
+
+def _decoded(png: bytes) -> np.ndarray:
+    from engines.imaging import DecodeLimits, decode_image
+
+    return decode_image(png, DecodeLimits()).rgb
+
+
+def test_region_crops_smoke_run_shows_per_region_at_a_higher_resolution_than_one_box(tmp_path):
+    """bench_region_crops had no run in the tests, and restated the service's buckets, margin and feather."""
+    from serve.config import ImagingSettings
+
+    out = tmp_path / "regions.json"
+    result = subprocess.run(
+        [sys.executable, "loadtests/bench_region_crops.py", "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    defaults = ImagingSettings()
+    settings = (report["buckets"], report["margin"], report["feather"])
+    assert settings == (defaults.buckets, defaults.crop_margin, defaults.feather)
+    assert report["image"] == "1600x1200" and report["runs"] == 1
+    one_box, per_region = report["one_box"], report["per_region"]
+    assert [c["bucket"] for c in one_box["crops"]] == [max(defaults.buckets)] and one_box["object_scale"][0] < 1
+    assert [c["bucket"] for c in per_region["crops"]] == [min(defaults.buckets)] * 2
+    assert per_region["object_scale"] == [1.0, 1.0] and per_region["object_side_at_model_px"] == [120, 120]
+    assert per_region["model_pixels"] < one_box["model_pixels"]
+    for path in (one_box, per_region):
+        assert path["outside_mask_pixels_changed"] == 0
+        assert set(path["ms"]) == {"plan", "crop", "paste", "total"} and path["ms"]["total"] > 0
+    assert report["labelling_ms"] and "per_region" in result.stdout
+
+
+def test_region_crops_per_region_path_is_the_pipelines():
+    """Its per-region path called the region functions itself with the raw feather; the pipeline pastes with
+    feather_for (at most dilate + 1). At dilate 2 its result is the one RemovalPipeline makes from the same
+    stand-in model output."""
+    import asyncio
+
+    from engines.gate import GatePolicy
+    from engines.imaging import DecodedImage, DecodeLimits
+    from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline
+    from serve.config import ImagingSettings
+
+    bench_regions = load_script("loadtests/bench_region_crops.py")
+
+    class StandIn:
+        async def remove(self, job):
+            return LocalOutcome(bench_regions.stand_in(job.image))
+
+    pipeline = RemovalPipeline(StandIn(), CropSettings.from_imaging(ImagingSettings(dilate=2)), DecodeLimits())
+    image = bench_regions.photo_of(1200, 900)
+    objects = bench_regions.two_corner_objects(1200, 900, 40)
+    plans, output, _ = bench_regions.per_region(pipeline, image, objects)
+    prepared = pipeline.prepare_pixels(DecodedImage(image, None, "png"), objects)
+    expected = asyncio.run(pipeline(prepared, 0, GatePolicy("off", 0.0, 1, True))).result.edited
+    assert plans == prepared.plans and len(plans) == 2
+    assert np.array_equal(output, expected) and not np.array_equal(output, image)
 
 
 def test_before_report_adds_its_totals_and_ratios(tmp_path):
