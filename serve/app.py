@@ -32,7 +32,7 @@ from serve.rest_api import api, docs_page, json_reply_body, public_get, request_
 from serve.retention.keeper import FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
-from serve.service import RemovalReply, RemovalService, request_deadline_s
+from serve.service import RemovalResult, RemovalService, request_deadline_s
 from serve.uploads import Offload, read_json, read_removal_request, read_score_request
 from serve.worker_threads import default_workers, worker_pool
 
@@ -136,7 +136,7 @@ class Ingress(GrpcMethods, LiveSettings):
             place.counted = reply.bucket is not None
             return await self._removal_response(reply, read_s, accept)
 
-    async def _removal_response(self, reply: RemovalReply, read_s: float, accept: str) -> Response:
+    async def _removal_response(self, reply: RemovalResult, read_s: float, accept: str) -> Response:
         reply.timings.took_before("read", read_s)
         self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
         headers = {

@@ -25,7 +25,7 @@ from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
 from serve.request_ids import serve_request_id, valid_request_id
-from serve.service import RemovalReply, ScoreReply, request_deadline_s
+from serve.service import RemovalResult, ScoreResult, request_deadline_s
 
 SERVICE = "rorem.v1.ObjectRemoval"
 logger = logging.getLogger("ray.serve")
@@ -72,7 +72,7 @@ def _float32_decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:
+def remove_reply(reply: RemovalResult, request_id: str) -> pb.RemoveReply:
     message = pb.RemoveReply(
         image=reply.body,
         media_type=reply.media_type,
@@ -91,7 +91,7 @@ def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:
     return message
 
 
-def score_reply(reply: ScoreReply, request_id: str) -> pb.ScoreReply:
+def score_reply(reply: ScoreResult, request_id: str) -> pb.ScoreReply:
     return pb.ScoreReply(
         score=reply.score, threshold=reply.threshold, passed=reply.passed, bucket=reply.bucket, request_id=request_id
     )

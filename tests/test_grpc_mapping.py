@@ -18,7 +18,7 @@ from serve.protocol import (
     ScoreOptions,
     ScoreRequest,
 )
-from serve.service import RemovalReply
+from serve.service import RemovalResult
 
 LIMIT = 1 << 20
 PAIRS = [
@@ -98,7 +98,7 @@ def test_options_are_validated_by_the_model():
 
 def test_the_reply_has_a_seed_only_when_something_was_removed():
     """An empty mask's reply said seed 0, a valid seed, where REST answers no X-Seed and a null `seed`."""
-    nothing = remove_reply(RemovalReply(b"i", "png", None, [], 0, None, 0, "nothing-to-remove"), "r1")
+    nothing = remove_reply(RemovalResult(b"i", "png", None, [], 0, None, 0, "nothing-to-remove"), "r1")
     assert not nothing.HasField("seed") and nothing.bucket == 0
-    zero = remove_reply(RemovalReply(b"i", "png", 0, [512], 1, None, 1, "off"), "r2")
+    zero = remove_reply(RemovalResult(b"i", "png", 0, [512], 1, None, 1, "off"), "r2")
     assert zero.HasField("seed") and zero.seed == 0
