@@ -28,11 +28,20 @@ from serve.page_headers import PRIVATE_HEADERS
 from serve.playground import playground_headers, playground_page
 from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.remover_deployment import Remover
-from serve.rest_api import api, docs_page, json_reply_body, public_get, request_id_of, root_path
+from serve.rest_api import (
+    api,
+    docs_page,
+    json_reply_body,
+    public_get,
+    remove_reply_json,
+    request_id_of,
+    root_path,
+    score_reply_json,
+)
 from serve.retention.keeper import FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
-from serve.service import RemovalReply, RemovalService, request_deadline_s
+from serve.service import RemovalResult, RemovalService, request_deadline_s
 from serve.uploads import Offload, read_json, read_removal_request, read_score_request
 from serve.worker_threads import default_workers, worker_pool
 
@@ -132,44 +141,30 @@ class Ingress(GrpcMethods, LiveSettings):
         # JSON reply is counted in flight while it is built
         with admission.slot() as place:
             place.check_deadline(request_deadline_s(upload.options, self.settings))
-            reply = await self.service.remove(upload, accept, auth.result_owner(request.state.principal), place)
-            place.counted = reply.bucket is not None
-            return await self._removal_response(reply, read_s, accept)
+            result = await self.service.remove(upload, accept, auth.result_owner(request.state.principal), place)
+            place.counted = result.bucket is not None
+            return await self._removal_response(result, read_s, accept)
 
-    async def _removal_response(self, reply: RemovalReply, read_s: float, accept: str) -> Response:
-        reply.timings.took_before("read", read_s)
-        self.metrics.stages.observe({k: v for k, v in reply.timings.stages.items() if k in INGRESS_STAGES})
+    async def _removal_response(self, result: RemovalResult, read_s: float, accept: str) -> Response:
+        result.timings.took_before("read", read_s)
+        self.metrics.stages.observe({k: v for k, v in result.timings.stages.items() if k in INGRESS_STAGES})
         headers = {
-            "X-Bucket": "none" if reply.bucket is None else ", ".join(map(str, reply.buckets)),
-            "X-Attempts": str(reply.attempts),
-            "X-Gate": reply.gate,
-            "Server-Timing": reply.timings.server_timing(),
+            "X-Bucket": "none" if result.bucket is None else ", ".join(map(str, result.buckets)),
+            "X-Attempts": str(result.attempts),
+            "X-Gate": result.gate,
+            "Server-Timing": result.timings.server_timing(),
         }
-        if reply.bucket is not None:
-            headers.update({"X-Seed": str(reply.seed), "X-Batch-Size": str(reply.batch_size)})
-        if reply.score is not None:
-            headers["X-Removal-Score"] = repr(reply.score)  # as JSON `score`: 0.49996 was 0.5000 with X-Gate: failed
-        if reply.result_id is not None:
-            headers["X-Result-Id"] = reply.result_id
+        if result.bucket is not None:
+            headers.update({"X-Seed": str(result.seed), "X-Batch-Size": str(result.batch_size)})
+        if result.score is not None:
+            headers["X-Removal-Score"] = repr(result.score)  # as JSON `score`: 0.49996 was 0.5000 with X-Gate: failed
+        if result.result_id is not None:
+            headers["X-Result-Id"] = result.result_id
         # as JSONResponse({"image": base64, ...}) would answer, encoded off the loop
-        if wants_json(accept, reply.media_type):
-            body = await self.offload.run(
-                json_reply_body,
-                {
-                    "image": reply.body,
-                    "media_type": reply.media_type,
-                    "seed": reply.seed,
-                    "bucket": reply.bucket,
-                    "buckets": reply.buckets,
-                    "batch_size": reply.batch_size,
-                    "score": reply.score,
-                    "attempts": reply.attempts,
-                    "gate": reply.gate,
-                    "result_id": reply.result_id,
-                },
-            )
+        if wants_json(accept, result.media_type):
+            body = await self.offload.run(json_reply_body, remove_reply_json(result))
             return Response(body, media_type="application/json", headers=headers)
-        return Response(reply.body, media_type=reply.media_type, headers=headers)
+        return Response(result.body, media_type=result.media_type, headers=headers)
 
     @api.post(
         "/score",
@@ -192,10 +187,8 @@ class Ingress(GrpcMethods, LiveSettings):
         )
         with admission.slot() as place:
             place.check_deadline(request_deadline_s(upload.options, self.settings))
-            reply = await self.service.score(upload, place)
-        return JSONResponse(
-            {"score": reply.score, "threshold": reply.threshold, "passed": reply.passed, "bucket": reply.bucket}
-        )
+            result = await self.service.score(upload, place)
+        return JSONResponse(score_reply_json(result))
 
     @api.post(
         "/feedback",

@@ -25,7 +25,7 @@ from serve.metrics import CLIENT_CLOSED, INGRESS_STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest, check_upload_size, validate
 from serve.request_ids import serve_request_id, valid_request_id
-from serve.service import RemovalReply, ScoreReply, request_deadline_s
+from serve.service import RemovalResult, ScoreResult, request_deadline_s
 
 SERVICE = "rorem.v1.ObjectRemoval"
 logger = logging.getLogger("ray.serve")
@@ -72,28 +72,32 @@ def _float32_decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def remove_reply(reply: RemovalReply, request_id: str) -> pb.RemoveReply:
+def remove_reply(result: RemovalResult, request_id: str) -> pb.RemoveReply:
     message = pb.RemoveReply(
-        image=reply.body,
-        media_type=reply.media_type,
-        bucket=reply.bucket or 0,
-        batch_size=reply.batch_size,
-        attempts=reply.attempts,
-        gate=reply.gate,
+        image=result.body,
+        media_type=result.media_type,
+        bucket=result.bucket or 0,
+        batch_size=result.batch_size,
+        attempts=result.attempts,
+        gate=result.gate,
         request_id=request_id,
-        result_id=reply.result_id or "",
-        buckets=reply.buckets,
+        result_id=result.result_id or "",
+        buckets=result.buckets,
     )
-    if reply.seed is not None:
-        message.seed = reply.seed
-    if reply.score is not None:
-        message.score = reply.score
+    if result.seed is not None:
+        message.seed = result.seed
+    if result.score is not None:
+        message.score = result.score
     return message
 
 
-def score_reply(reply: ScoreReply, request_id: str) -> pb.ScoreReply:
+def score_reply(result: ScoreResult, request_id: str) -> pb.ScoreReply:
     return pb.ScoreReply(
-        score=reply.score, threshold=reply.threshold, passed=reply.passed, bucket=reply.bucket, request_id=request_id
+        score=result.score,
+        threshold=result.threshold,
+        passed=result.passed,
+        bucket=result.bucket,
+        request_id=request_id,
     )
 
 

@@ -156,7 +156,9 @@ class Problem(BaseModel):
 
 
 class RemoveReply(BaseModel):
-    """POST /remove's answer with `Accept: application/json` (the headers' facts, and the image in base64)."""
+    """POST /remove's answer with `Accept: application/json` (the headers' facts, and the image in base64). The
+    route builds its answer with this model (serve.rest_api.remove_reply_json); gRPC's RemoveReply carries the
+    same fields (tests/test_grpc_mapping.py)."""
 
     image: str = Field(description="the edited image, base64")
     media_type: str = Field(description="its media type: " + ", ".join(imaging.MEDIA_TYPES.values()))
@@ -171,12 +173,13 @@ class RemoveReply(BaseModel):
 
 
 class ScoreReply(BaseModel):
-    """POST /score's answer."""
+    """POST /score's answer, built with this model (serve.rest_api.score_reply_json); gRPC's ScoreReply carries
+    the same fields."""
 
-    score: float = Field(description="the discriminator's score")
+    score: float = Field(description="the discriminator's score: the lowest crop's (a crop per far-apart mask region)")
     threshold: float = Field(description="the passing score applied")
     passed: bool = Field(description="score >= threshold")
-    bucket: int = Field(description="the model bucket the crop was scored in")
+    bucket: int = Field(description="the largest crop's bucket (model input side in pixels), as /remove's `bucket`")
 
 
 COMPONENTS = (Problem, RemoveReply, ScoreReply)

@@ -7,6 +7,7 @@ import asyncio
 import html
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,11 +17,15 @@ from starlette.requests import ClientDisconnect
 
 from serve import auth, quotas
 from serve.metrics import CLIENT_CLOSED, ingress_metrics
+from serve.openapi import RemoveReply, ScoreReply
 from serve.openapi import install as install_openapi
 from serve.page_headers import sha256_source
 from serve.problems import Problem, invalid_request
 from serve.request_ids import serve_request_id, valid_request_id
 from serve.uploads import b64encode_pieces
+
+if TYPE_CHECKING:
+    from serve.service import RemovalResult, ScoreResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -236,6 +241,25 @@ DOCS_PAGE_HEADERS = {
 def root_path(request: Request) -> str:
     """The app's mount point (Serve's route_prefix), for links in answers."""
     return request.scope.get("root_path", "").rstrip("/")
+
+
+def remove_reply_json(result: "RemovalResult") -> dict:
+    """/remove's JSON reply, for json_reply_body: made by the model the OpenAPI document describes (RemoveReply),
+    which checks every field but the image; that stays bytes, put in after (json_reply_body writes its base64)."""
+    content = RemoveReply(
+        image="", media_type=result.media_type, seed=result.seed, bucket=result.bucket, buckets=result.buckets,
+        batch_size=result.batch_size, score=result.score, attempts=result.attempts, gate=result.gate,
+        result_id=result.result_id,
+    ).model_dump()  # fmt: skip
+    content["image"] = result.body
+    return content
+
+
+def score_reply_json(result: "ScoreResult") -> dict:
+    """/score's JSON reply, made by the model the OpenAPI document describes (ScoreReply)."""
+    return ScoreReply(
+        score=result.score, threshold=result.threshold, passed=result.passed, bucket=result.bucket
+    ).model_dump()
 
 
 _JSON_IMAGE_HEAD = b'{"image":"'

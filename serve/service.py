@@ -2,7 +2,7 @@
 
 REST (serve/app.py's routes over serve/rest_api.py) and gRPC (serve/grpc_api.py) are thin adapters around
 `RemovalService`: they
-turn their wire format into a `RemovalRequest` / `ScoreRequest` and a `RemovalReply` / `ScoreReply`
+turn their wire format into a `RemovalRequest` / `ScoreRequest` and a `RemovalResult` / `ScoreResult`
 back, and map a raised `Problem` to their own error form. The removal itself is engines.pipeline's
 `RemovalPipeline`, its model calls sent to the Remover and Scorer deployments (`ServeModels`); what is
 left here is the service's part: deadlines, the output format, retention and metrics.
@@ -45,7 +45,10 @@ MIN_ENCODE_RESERVE_S = 0.1  # the least a gate attempt after the first leaves of
 
 
 @dataclass
-class RemovalReply:
+class RemovalResult:
+    """What a removal answers, before a protocol writes it: REST as the image and headers or as the JSON
+    serve.openapi.RemoveReply, gRPC as rorem.proto's RemoveReply."""
+
     body: bytes
     format: str
     seed: int | None
@@ -68,7 +71,9 @@ class RemovalReply:
 
 
 @dataclass
-class ScoreReply:
+class ScoreResult:
+    """What a score answers: REST writes it as serve.openapi.ScoreReply, gRPC as rorem.proto's ScoreReply."""
+
     score: float
     threshold: float
     passed: bool
@@ -198,7 +203,7 @@ class RemovalService:
 
     async def remove(
         self, upload: RemovalRequest, accept: str = "", owner: str | None = None, admitted: Place | None = None
-    ) -> RemovalReply:
+    ) -> RemovalResult:
         """`owner`: whose the retained result is (serve.auth.result_owner of the caller's key). `admitted`: the
         request's admission place, told its work once the request is planned (it may refuse it then).
 
@@ -245,7 +250,7 @@ class RemovalService:
     async def _remove(
         self, upload: RemovalRequest, prepared: Prepared, fmt: str, gate: GateSettings, policy: GatePolicy,
         timings: Timings, deadline: float,
-    ) -> RemovalReply:  # fmt: skip
+    ) -> RemovalResult:  # fmt: skip
         """Model work, paste and encode of a decoded request. A gate attempt after the first gives way to the
         ones before it at the deadline less `encode_reserve_s`, so that the answer it leaves is encoded in time."""
         options, image = upload.options, prepared.image
@@ -257,7 +262,7 @@ class RemovalService:
                     imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
                 )
                 timings.lap("encode")
-            return RemovalReply(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
+            return RemovalResult(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
 
         seed = options.seed if options.seed is not None else random.randint(0, MAX_SAFE_SEED)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))
@@ -295,12 +300,12 @@ class RemovalService:
             imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless,
         )  # fmt: skip
         timings.lap("encode")
-        return RemovalReply(
+        return RemovalResult(
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,
             gated.verdict, timings,
         )  # fmt: skip
 
-    async def score(self, upload: ScoreRequest, admitted: Place | None = None) -> ScoreReply:
+    async def score(self, upload: ScoreRequest, admitted: Place | None = None) -> ScoreResult:
         """`admitted`: the request's admission place (of /score's own Admission, where a request is one unit),
         told when its model work begins.
 
@@ -335,7 +340,7 @@ class RemovalService:
             raise Problem("scorer-unavailable", outage_detail(exc), headers=self._retry_after) from exc
         self.metrics.scores.observe(score, tags={"route": "/score"})
         bucket = max(job.source.shape[0] for job in jobs)
-        return ScoreReply(score, threshold, score >= threshold, bucket)
+        return ScoreResult(score, threshold, score >= threshold, bucket)
 
     def _gate_policy(self, gate: GateSettings, options: RemoveOptions) -> GatePolicy:
         policy = GatePolicy.resolve(gate, options.gate, options.gate_threshold, options.max_attempts)

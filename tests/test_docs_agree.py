@@ -1,8 +1,10 @@
 """The docs agree with the code they describe: the README's Layout names the modules there are, and the defaults
-the README and docs/reliability.md restate by hand are the settings' own."""
+the README and docs/reliability.md restate by hand are the settings' own, the reply fields docs/api.md lists the
+reply models'."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -125,6 +127,17 @@ def test_the_docs_say_the_default_output_format_as_negotiation_applies_it():
         text = " ".join((REPO / name).read_text().replace("//", " ").split())
         assert negotiation.DEFAULT in text, name
         assert not re.search(r"else the input's format(?! if)|empty: the input's format(?! if)", text), name
+
+
+def test_the_api_doc_lists_the_json_replies_fields_as_the_models_have_them():
+    """docs/api.md restates /remove's JSON reply and shows /score's; the routes build both with the OpenAPI models."""
+    from serve.openapi import RemoveReply, ScoreReply
+
+    text = (REPO / "docs" / "api.md").read_text()
+    remove = re.search(r'`\{"image": "<base64>"[^`]*\}`', text)[0]
+    assert re.findall(r'"([a-z_]+)"', remove) == list(RemoveReply.model_fields)
+    score = re.search(r"curl [^\n]*/score\n# (\{.*\})", text)[1]
+    assert list(json.loads(score)) == list(ScoreReply.model_fields)
 
 
 def test_loadtests_readme_names_every_knob_the_locustfile_reads():

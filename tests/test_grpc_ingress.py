@@ -514,12 +514,12 @@ def test_a_removal_sends_its_stage_timings_as_rests_server_timing_does():
     from serve.admission import Admission as RealAdmission
     from serve.config import AppSettings
     from engines.pipeline import Timings
-    from serve.service import RemovalReply
+    from serve.service import RemovalResult
 
     timings = Timings()
     timings.add("decode", 0.0123)
     timings.add("unet", 0.2)
-    reply = RemovalReply(b"png", "png", 3, [512], 1, 0.9, 1, "passed", timings)
+    reply = RemovalResult(b"png", "png", 3, [512], 1, 0.9, 1, "passed", timings)
 
     async def remove(upload, owner, admitted):
         return reply

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
+from serve import openapi
 from serve import rorem_pb2 as pb
-from serve.grpc_api import removal_request, remove_reply, score_request
+from serve.grpc_api import removal_request, remove_reply, score_reply, score_request
 from serve.problems import Problem
 from serve.protocol import (
     JSONRemoveBody,
@@ -18,7 +22,8 @@ from serve.protocol import (
     ScoreOptions,
     ScoreRequest,
 )
-from serve.service import RemovalReply
+from serve.rest_api import json_reply_body, remove_reply_json, score_reply_json
+from serve.service import RemovalResult, ScoreResult
 
 LIMIT = 1 << 20
 PAIRS = [
@@ -98,7 +103,83 @@ def test_options_are_validated_by_the_model():
 
 def test_the_reply_has_a_seed_only_when_something_was_removed():
     """An empty mask's reply said seed 0, a valid seed, where REST answers no X-Seed and a null `seed`."""
-    nothing = remove_reply(RemovalReply(b"i", "png", None, [], 0, None, 0, "nothing-to-remove"), "r1")
+    nothing = remove_reply(RemovalResult(b"i", "png", None, [], 0, None, 0, "nothing-to-remove"), "r1")
     assert not nothing.HasField("seed") and nothing.bucket == 0
-    zero = remove_reply(RemovalReply(b"i", "png", 0, [512], 1, None, 1, "off"), "r2")
+    zero = remove_reply(RemovalResult(b"i", "png", 0, [512], 1, None, 1, "off"), "r2")
     assert zero.HasField("seed") and zero.seed == 0
+
+
+# --- replies: gRPC's messages and the JSON replies (serve.openapi's models, which the OpenAPI document describes) ---
+
+REPLIES = [(pb.RemoveReply, openapi.RemoveReply), (pb.ScoreReply, openapi.ScoreReply)]
+GRPC_ONLY = {"request_id"}  # REST sends it as the X-Request-Id header, on every answer
+NULL_AS_EMPTY = {"bucket": 0, "result_id": ""}  # JSON null; proto3 fields without presence: their empty value
+JSON_TYPES = {
+    FieldDescriptor.TYPE_BYTES: "string",  # the image: bytes in gRPC, base64 text in JSON
+    FieldDescriptor.TYPE_STRING: "string",
+    FieldDescriptor.TYPE_BOOL: "boolean",
+    FieldDescriptor.TYPE_FLOAT: "number",
+    FieldDescriptor.TYPE_INT32: "integer",
+    FieldDescriptor.TYPE_UINT64: "integer",
+}
+
+
+def _json_schema_of(field) -> dict:
+    kind = {"type": JSON_TYPES[field.type]}
+    return {"type": "array", "items": kind} if field.is_repeated else kind
+
+
+@pytest.mark.parametrize(("message", "model"), REPLIES, ids=lambda x: x.__name__)
+def test_the_proto_replies_carry_the_json_replies_fields(message, model):
+    """Field for field, of the same kind. The differences are by design: request_id is gRPC's alone (REST's is the
+    X-Request-Id header), the image travels as bytes in gRPC and as base64 text in JSON, and JSON's null is an
+    unset `optional` field or, for a field without presence, its empty value (NULL_AS_EMPTY)."""
+    fields = message.DESCRIPTOR.fields_by_name
+    assert set(fields) == set(model.model_fields) | GRPC_ONLY
+    for name, schema in model.model_json_schema()["properties"].items():
+        kinds = schema.get("anyOf", [schema])
+        nullable = {"type": "null"} in kinds
+        given = [{key: kind[key] for key in ("type", "items") if key in kind} for kind in kinds]
+        assert [kind for kind in given if kind != {"type": "null"}] == [_json_schema_of(fields[name])], name
+        assert fields[name].has_presence == (nullable and name not in NULL_AS_EMPTY), name
+
+
+REMOVALS = {
+    "two regions, scored, kept": RemovalResult(b"\x89PNG", "png", 7, [512, 256], 2, 0.75, 2, "passed", result_id="r1"),
+    "seed 0, not scored": RemovalResult(b"RIFF", "webp", 0, [512], 1, None, 1, "off"),
+    "nothing to remove": RemovalResult(b"\xff\xd8", "jpeg", None, [], 0, None, 0, "nothing-to-remove"),
+}
+
+
+def _say_the_same(message, content: dict) -> None:
+    """Every JSON field has its gRPC twin's value (a proto `float` is 32-bit)."""
+    for name, value in content.items():
+        field = message.DESCRIPTOR.fields_by_name[name]
+        if value is None and field.has_presence:
+            assert not message.HasField(name), name
+        elif value is None:
+            assert getattr(message, name) == NULL_AS_EMPTY[name], name
+        elif field.type == FieldDescriptor.TYPE_FLOAT:
+            assert getattr(message, name) == float(np.float32(value)), name
+        else:
+            assert getattr(message, name) == value, name
+
+
+@pytest.mark.parametrize("result", REMOVALS.values(), ids=REMOVALS.keys())
+def test_the_grpc_and_json_removal_replies_say_the_same(result):
+    content = remove_reply_json(result)
+    assert list(content) == list(openapi.RemoveReply.model_fields)
+    assert content["image"] is result.body  # bytes, not copied: json_reply_body writes the base64
+    _say_the_same(remove_reply(result, "r1"), content)
+    sent = json.loads(json_reply_body(content))
+    assert list(sent) == list(openapi.RemoveReply.model_fields)
+    assert base64.b64decode(sent["image"]) == result.body
+    assert openapi.RemoveReply.model_validate(sent).model_dump() == {**content, "image": sent["image"]}
+
+
+@pytest.mark.parametrize("result", [ScoreResult(0.25, 0.5, False, 1024), ScoreResult(1.75, 0.5, True, 256)])
+def test_the_grpc_and_json_score_replies_say_the_same(result):
+    content = score_reply_json(result)
+    assert list(content) == list(openapi.ScoreReply.model_fields)
+    assert content == dataclasses.asdict(result)
+    _say_the_same(score_reply(result, "r1"), content)

@@ -131,7 +131,7 @@ def test_the_score_header_never_contradicts_the_gate():
     import json
 
     from serve.app import Ingress
-    from serve.service import RemovalReply
+    from serve.service import RemovalResult
     from serve.uploads import Offload
 
     class Stages:
@@ -141,7 +141,7 @@ def test_the_score_header_never_contradicts_the_gate():
     ingress = object.__new__(Ingress.func_or_class.__bases__[0])  # not @serve.ingress's wrapper: its __del__ is async
     ingress.metrics, ingress.offload = SimpleNamespace(stages=Stages()), Offload(1, 4)
     for score in (0.49996, 0.4999999999, 1e-05, 0.5):
-        reply = RemovalReply(b"png", "png", 3, [512], 1, score, 1, "passed" if score >= 0.5 else "failed")
+        reply = RemovalResult(b"png", "png", 3, [512], 1, score, 1, "passed" if score >= 0.5 else "failed")
         image = asyncio.run(ingress._removal_response(reply, 0.0, "image/png"))
         as_json = asyncio.run(ingress._removal_response(reply, 0.0, "application/json"))
         header = image.headers["x-removal-score"]

@@ -691,7 +691,7 @@ def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):
     from serve.config import RetentionSettings
     from serve.protocol import RemoveOptions
     from serve.retention.keeper import Retention
-    from serve.service import RemovalReply
+    from serve.service import RemovalResult
 
     class Counted:
         def __init__(self):
@@ -702,7 +702,7 @@ def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):
 
     metrics = type("Metrics", (), {"retained": Counted()})()
     retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), metrics)
-    reply = RemovalReply(b"png bytes", "png", 3, [256], 1, 0.4, 1, "failed")
+    reply = RemovalResult(b"png bytes", "png", 3, [256], 1, 0.4, 1, "failed")
     mask = np.zeros((3, 4), bool)
     policy = GatePolicy("annotate", 0.5, 1, True)
     kept = asyncio.run(retention.keep(b"photo", "png", mask, reply, policy, RemoveOptions(), 20))
@@ -732,9 +732,9 @@ class _Metrics:
 def _keep(retention, result: bytes = b"png bytes", owner: str | None = None, deadline_s: float | None = None):
     from engines.gate import GatePolicy
     from serve.protocol import RemoveOptions
-    from serve.service import RemovalReply
+    from serve.service import RemovalResult
 
-    reply = RemovalReply(result, "png", 3, [256], 1, 0.4, 1, "failed")
+    reply = RemovalResult(result, "png", 3, [256], 1, 0.4, 1, "failed")
     policy = GatePolicy("annotate", 0.5, 1, True)
     return retention.keep(b"photo", "png", np.zeros((3, 4), bool), reply, policy, RemoveOptions(), 20, owner, deadline_s)
 
@@ -2156,13 +2156,13 @@ def test_mask_encodes_given_up_at_their_deadline_hold_none_of_their_masks(tmp_pa
     from serve.protocol import RemoveOptions
     from serve.retention import keeper
     from serve.retention.keeper import MASK_ENCODE_THREADS, Retention
-    from serve.service import RemovalReply
+    from serve.service import RemovalResult
 
     go = threading.Event()
     encode = keeper.mask_png
     monkeypatch.setattr(keeper, "mask_png", lambda mask: go.wait(10) and encode(mask))
     retention = Retention(RetentionSettings(enabled=True, object_store={"path": str(tmp_path)}), _Metrics())
-    reply = RemovalReply(b"png bytes", "png", 3, [256], 1, 0.4, 1, "failed")
+    reply = RemovalResult(b"png bytes", "png", 3, [256], 1, 0.4, 1, "failed")
     policy = GatePolicy("annotate", 0.5, 1, True)
     given_up = []
 

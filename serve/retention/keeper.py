@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from engines.gate import GatePolicy
     from serve.metrics import IngressMetrics
     from serve.protocol import RemoveOptions
-    from serve.service import RemovalReply
+    from serve.service import RemovalResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -277,7 +277,7 @@ class Retention:
         source: bytes,
         source_format: str | None,
         mask: np.ndarray,
-        reply: RemovalReply,
+        reply: RemovalResult,
         policy: GatePolicy,
         options: RemoveOptions,
         dilate: int,
