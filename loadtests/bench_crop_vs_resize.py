@@ -47,8 +47,8 @@ def small_mask(side: int) -> np.ndarray:
 
 
 def remove_by_crop(engine: RemovalEngine, image: np.ndarray, mask: np.ndarray, dilate: int) -> np.ndarray:
-    crops = CropSettings.from_imaging(ImagingSettings(dilate=dilate))
-    pipeline = RemovalPipeline(LocalModels(engine), crops, imaging.DecodeLimits())
+    settings = ImagingSettings(dilate=dilate)
+    pipeline = RemovalPipeline(LocalModels(engine), CropSettings.from_imaging(settings), settings.decode_limits())
     prepared = pipeline.prepare_pixels(imaging.DecodedImage(image, None, "png"), mask)
     return asyncio.run(pipeline(prepared, 0, GatePolicy("off", 0.0, 1, True))).result.edited
 

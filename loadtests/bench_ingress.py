@@ -47,7 +47,7 @@ from engines.pipeline import CropSettings, LocalOutcome, Prepared, RemovalPipeli
 from serve.config import ImagingSettings  # noqa: E402
 
 SETTINGS = ImagingSettings().model_dump(include={"buckets", "crop_margin", "dilate", "feather", "jpeg_quality"})
-LIMITS = imaging.DecodeLimits()  # 30 MiB, 40 megapixels: the service's defaults too
+LIMITS = ImagingSettings().decode_limits()  # the service's defaults
 
 SIZES = [(512, 512), (1024, 1024), (4000, 3000)]
 SMOKE_SIZES = [(64, 64), (96, 128)]

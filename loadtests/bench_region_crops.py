@@ -142,8 +142,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench_region_crops.json"))
     args = parser.parse_args()
     (width, height), runs = (SMOKE_SIZE, 1) if args.smoke else (SIZE, args.runs)
-    settings = CropSettings.from_imaging(ImagingSettings(dilate=args.dilate))
-    pipeline = RemovalPipeline(None, settings, imaging.DecodeLimits())  # planning, cutting and pasting only
+    imaging_settings = ImagingSettings(dilate=args.dilate)
+    settings = CropSettings.from_imaging(imaging_settings)
+    pipeline = RemovalPipeline(None, settings, imaging_settings.decode_limits())  # planning, cutting and pasting only
     image = photo_of(width, height)
     objects = two_corner_objects(width, height, args.object)
     mask = imaging.dilate_mask(objects, args.dilate)
