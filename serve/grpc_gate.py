@@ -20,7 +20,7 @@ import json
 import os
 
 from serve.problems import Problem
-from serve.proxy_middleware import DRAIN_FLAG_ENV, GRPC_CALLS, draining, proxy_keys, stopping
+from serve.proxy_middleware import DRAIN_FLAG_ENV, GRPC_CALLS, NOT_RUN, draining, proxy_keys, stopping
 
 KEYS_ENV = "ROREM_GRPC_KEYS"  # {application: {"keys_file", "keys_reload_s"} or null}, set by serve.proxy_limits
 APPLICATION_METADATA = "application"  # the metadata Ray's gRPC proxy routes a call by
@@ -70,14 +70,19 @@ class ProxyGate:
                 return self._refuse(problem, context, metadata)
 
             if draining():
-                return refuse(stopping("it arrived after the stop began and was not run"))
-            policy = self.policy(metadata)
-            if policy is not None:
-                try:
-                    await policy.check_grpc(None, metadata, context.peer())
-                except Problem as refusal:
-                    return refuse(refusal)
-            return await GRPC_CALLS.answer(handler(request, context), refuse)
+                return refuse(stopping(NOT_RUN))
+
+            async def checked_call() -> bytes:
+                policy = self.policy(metadata)
+                if policy is not None:
+                    try:
+                        await policy.check_grpc(None, metadata, context.peer())
+                    except Problem as refusal:
+                        return refuse(refusal)
+                return await handler(request, context)
+
+            # counted from here: a key check that waits for a keys-file reload is in flight for the stop too
+            return await GRPC_CALLS.answer(checked_call(), refuse)
 
         return unary_unary
 

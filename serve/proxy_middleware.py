@@ -468,6 +468,9 @@ class GrpcCalls:
 GRPC_CALLS = GrpcCalls()
 
 
+NOT_RUN = "it arrived after the stop began and was not run"
+
+
 def _still_without_an_answer(grace_s: float) -> str:
     return f"it was still without an answer {grace_s:g} s into the stop"
 
@@ -493,7 +496,7 @@ class Drain:
                     {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
                 )
                 return await send({"type": "http.response.body", "body": body})
-            return await self._unavailable(scope, send, "it arrived after the stop began and was not run")
+            return await self._unavailable(scope, send, NOT_RUN)
         task = asyncio.current_task()
         started = [False]
         self.in_flight[task] = started
@@ -538,7 +541,7 @@ class Drain:
         calls = self.grpc_calls.give_up(self.grace_s)
         logger.log(
             logging.WARNING if self.given_up or calls else logging.INFO,
-            "draining: 503 stopping to the %d requests and %d gRPC calls still without an answer %g s into the stop",
+            "draining: answered stopping to the %d requests and %d gRPC calls still without an answer %g s into the stop",
             len(self.given_up),
             calls,
             self.grace_s,

@@ -237,15 +237,15 @@ class RemovalService:
             admitted.planned(work_units(prepared.buckets, min(self.pipeline.crops.buckets)), deadline - loop.time())
         try:
             removal = self._remove(upload, prepared, fmt, gate, policy, timings, deadline)
-            reply = await within(removal, deadline - loop.time())
+            result = await within(removal, deadline - loop.time())
         except asyncio.TimeoutError as exc:
             raise late(deadline_s) from exc
-        if retain and reply.bucket is not None:
-            reply.result_id = await self.retention.keep(
-                upload.image, prepared.image.format, prepared.mask, reply, policy, upload.options, prepared.dilate,
+        if retain and result.bucket is not None:
+            result.result_id = await self.retention.keep(
+                upload.image, prepared.image.format, prepared.mask, result, policy, upload.options, prepared.dilate,
                 owner, deadline - loop.time(),
             )  # fmt: skip
-        return reply
+        return result
 
     async def _remove(
         self, upload: RemovalRequest, prepared: Prepared, fmt: str, gate: GateSettings, policy: GatePolicy,

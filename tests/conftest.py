@@ -181,8 +181,13 @@ def _chromium_of_this_process():
     manager = sync_playwright()
     playwright = manager.__enter__()
     loop = asyncio._get_running_loop()
-    held = [helpers.launch_chromium(playwright)]
-    asyncio._set_running_loop(None)
+    try:
+        held = [helpers.launch_chromium(playwright)]  # a Chromium that crashes at launch: the page tests fail
+    except BaseException:
+        manager.__exit__(None, None, None)
+        raise
+    finally:
+        asyncio._set_running_loop(None)
     yield playwright, held, loop
     asyncio._set_running_loop(loop)
     held[0].close()

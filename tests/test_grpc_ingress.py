@@ -382,6 +382,38 @@ def test_the_local_stop_waits_for_grpc_calls_refuses_new_ones_and_answers_the_la
     assert left == 0 and recorded.refusals == ["stopping", "stopping"]
 
 
+def test_a_call_whose_key_check_waits_is_already_in_flight_for_the_stop(monkeypatch, tmp_path):
+    """A key check that waits (a keys-file reload runs in a thread) was counted nowhere: a stop beginning then
+    saw no call in flight and stopped Ray under it (a bare UNAVAILABLE)."""
+    from serve.grpc_gate import ProxyGate
+    from serve.proxy_middleware import DRAIN_FLAG_ENV, GRPC_CALLS
+
+    monkeypatch.setenv(DRAIN_FLAG_ENV, str(tmp_path / "draining"))
+    checking, go_on = asyncio.Event(), asyncio.Event()
+
+    class SlowKeys:
+        async def check_grpc(self, scope, metadata, peer):
+            checking.set()
+            await go_on.wait()
+
+    async def handler(request, context):
+        return b"answered"
+
+    gate = ProxyGate({})
+    gate.names, gate.policies = ["keyed"], {"keyed": SlowKeys()}
+    context = SimpleNamespace(invocation_metadata=lambda: (), peer=lambda: "ipv4:127.0.0.1:1")
+
+    async def main():
+        call = asyncio.create_task(gate.wrap(handler)(b"", context))
+        await checking.wait()
+        counted = len(GRPC_CALLS.running)
+        go_on.set()
+        return counted, await call
+
+    assert asyncio.run(main()) == (1, b"answered")
+    assert not GRPC_CALLS.running
+
+
 # --- through Ray Serve's gRPC proxy ---------------------------------------------------------------------------------
 
 

@@ -922,11 +922,16 @@ def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(ru
         except httpx.HTTPError as exc:
             answer["error"] = repr(exc)
 
+    big_mask = np.zeros((960, 960), np.uint8)
+    big_mask[100:860, 100:860] = 255  # a 1024 crop: it outlasts the HTTP removal, so the drain must wait for it
+    big_photo = np.resize(photo(512, 412), (960, 960, 3))  # the astronaut is 512 px: repeated to 960 x 960
+    big = {"image": png_bytes(big_photo), "mask": png_bytes(big_mask)}
+
     def grpc_in_flight():  # the stop cut such a call with a bare UNAVAILABLE: the drain did not see gRPC
         metadata = [("x-api-key", running.app_key), ("application", running.app_name)]
         with grpc.insecure_channel(f"127.0.0.1:{running.ports['grpc']}") as channel:
             try:
-                message = pb.RemoveRequest(image=upload["image"], mask=upload["mask"])
+                message = pb.RemoveRequest(image=big["image"], mask=big["mask"])
                 ObjectRemovalStub(channel).Remove(message, timeout=30, metadata=metadata)
                 answer["grpc"] = "OK"
             except grpc.RpcError as error:
@@ -945,8 +950,8 @@ def test_sigterm_stops_everything_within_10_s_answering_the_request_in_flight(ru
     assert stopped_s < STOP_LIMIT_S, f"{stopped_s:.1f} s"
     assert answer.get("status") in (200, 503), answer
     assert answer.get("grpc") == "OK" or (
-        answer["grpc"][0] == grpc.StatusCode.UNAVAILABLE and "/stopping" in answer["grpc"][1]
-    ), answer
+        answer["grpc"][0] == grpc.StatusCode.UNAVAILABLE and "s into the stop" in answer["grpc"][1]
+    ), answer  # answered, or given up after the drain's grace: never cut, never "not run" (it came first)
     assert session_members(launcher) == [], "a process of the service outlived it"
     leftovers = [pid for pid in _pids() if any(d in " ".join(_argv(pid)) for d in session_dirs)]
     assert leftovers == [], f"Ray processes of {session_dirs} still run: {leftovers}"

@@ -864,5 +864,5 @@ def test_a_drain_logs_when_it_begins_and_how_many_in_flight_requests_it_cut_shor
     assert asyncio.run(main()) == (503, 503)
     assert logged == [
         "draining: new requests and gRPC calls get stopping; 1 requests and 0 calls in flight may finish within 0.1 s",
-        "draining: 503 stopping to the 1 requests and 0 gRPC calls still without an answer 0.1 s into the stop",
+        "draining: answered stopping to the 1 requests and 0 gRPC calls still without an answer 0.1 s into the stop",
     ]

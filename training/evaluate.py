@@ -114,7 +114,11 @@ class EvaluateSettings(StageSettings):
     dilate: int = _IMAGING["dilate"]
     feather: int = _IMAGING["feather"]
     # the service's decode limits: an image the service refuses is recorded invalid-input, never evaluated
-    max_upload_bytes: int = _IMAGING["max_upload_bytes"]  # each file here, where the service bounds a request's
+    max_upload_bytes: int = Field(
+        _IMAGING["max_upload_bytes"].default,
+        ge=1024,
+        description="each file's bytes (the service bounds the files of one request together)",
+    )
     max_megapixels: float = _IMAGING["max_megapixels"]
     max_side: int = _IMAGING["max_side"]
     max_chunks: int = _IMAGING["max_chunks"]
@@ -273,7 +277,7 @@ def _start_remover(settings: EvaluateSettings, bundle, device: torch.device):
         return start_removal_engine(
             bundle, settings, device, pick_dtype(settings.dtype), dict.fromkeys(settings.buckets, 1)
         )
-    except ValueError as exc:  # a runner, dtype and device that do not go together
+    except ValueError as exc:  # a runner, dtype and device that do not go together, or an export that cannot serve
         raise TrainingError(f"cannot build the {settings.runner} engine: {exc}") from exc
 
 
