@@ -80,7 +80,9 @@ def one_box(pipeline: RemovalPipeline, image: np.ndarray, objects: np.ndarray) -
 
 
 def per_region(pipeline: RemovalPipeline, image: np.ndarray, objects: np.ndarray) -> tuple[list, np.ndarray, dict]:
-    """As RemovalPipeline.prepare_pixels and .attempt run it, with the stand-in for the model."""
+    """The pipeline's own planning and cutting (RemovalPipeline.plan / .cut) and the paste its .attempt calls
+    (regions.paste_back_regions, feather_for), each timed apart, with the stand-in for the model; a test keeps
+    the output equal to the pipeline's (tests/test_bench_ingress.py)."""
     settings = pipeline.crops
     laps = {}
     laps["plan"], (mask, plans) = _timed(pipeline.plan, objects)
