@@ -10,7 +10,7 @@ Ingress still checks the key's scope and quotas. Applications are told apart by 
 routes by (a cluster of one application takes calls without it).
 
 While `python -m serve run` stops (serve.proxy_middleware.Drain), a new call is answered `stopping` here, and the
-calls in flight are counted with the HTTP requests the stop waits for (serve.proxy_middleware.GrpcCalls): the
+calls in flight are counted with the HTTP requests the stop waits for (serve.proxy_middleware.InFlight): the
 stop ended at once on a service with only gRPC traffic, and Ray's shutdown cut those calls with a bare UNAVAILABLE.
 """
 
@@ -20,7 +20,15 @@ import json
 import os
 
 from serve.problems import Problem
-from serve.proxy_middleware import DRAIN_FLAG_ENV, GRPC_CALLS, NOT_RUN, draining, proxy_keys, stopping
+from serve.proxy_middleware import (
+    DRAIN_FLAG_ENV,
+    GRPC_CALLS,
+    NOT_RUN,
+    draining,
+    proxy_keys,
+    still_without_an_answer,
+    stopping,
+)
 
 KEYS_ENV = "ROREM_GRPC_KEYS"  # {application: {"keys_file", "keys_reload_s"} or null}, set by serve.proxy_limits
 APPLICATION_METADATA = "application"  # the metadata Ray's gRPC proxy routes a call by
@@ -82,7 +90,8 @@ class ProxyGate:
                 return await handler(request, context)
 
             # counted from here: a key check that waits for a keys-file reload is in flight for the stop too
-            return await GRPC_CALLS.answer(checked_call(), refuse)
+            given_up, reply = await GRPC_CALLS.run(checked_call())
+            return refuse(stopping(still_without_an_answer(GRPC_CALLS.grace_s))) if given_up else reply
 
         return unary_unary
 

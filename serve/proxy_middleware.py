@@ -54,7 +54,7 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
   a response then are answered 503 too, so the service can stop without cutting a connection. Such a
   request's task is cancelled; Ray's proxy catches that and returns without answering, so the 503 comes
   once the inner app has returned or raised the cancellation. gRPC calls are refused, counted and given up on
-  alike at Ray's gRPC proxy (serve.grpc_gate, GrpcCalls).
+  alike at Ray's gRPC proxy (serve.grpc_gate; InFlight for both).
 """
 
 from __future__ import annotations
@@ -428,60 +428,66 @@ def draining() -> bool:
 _BUSY = "this proxy holds as many arriving request bodies as it may (overload.proxy_buffer_bytes); retry"
 
 
-class GrpcCalls:
-    """The gRPC calls in flight at this proxy process (serve.grpc_gate wraps Ray's gRPC handlers, on the HTTP
-    proxy's event loop): the local stop waits for them as for HTTP requests, and Drain gives up on them after its
-    grace as on those. A unary call has no answer until its handler returns, so every one running is given up."""
+class InFlight:
+    """Requests (HTTP, Drain) or calls (gRPC, serve.grpc_gate) in flight at this proxy process: what the local stop
+    waits for and, after its grace, gives up on: each one without an answer started is cancelled, and its caller
+    answers `stopping`. Ray's proxy catches that cancellation (HTTP: it returns without answering; gRPC: its status
+    becomes CANCELLED), so the answer must not depend on the cancellation coming back. Both proxies run on one
+    event loop, so Drain's timer gives up on the gRPC calls too."""
 
     def __init__(self):
-        self.running: set[asyncio.Task] = set()
+        self.running: dict[asyncio.Task, list[bool]] = {}  # task -> [its answer started]
         self.given_up: set[asyncio.Task] = set()
-        self.grace_s = DRAIN_GRACE_S
+        self.grace_s = DRAIN_GRACE_S  # the grace they were given, for the answer's words
 
-    async def answer(self, call, refuse):
-        """`call`'s reply, or `refuse(stopping(...))`'s where Drain gave up on it. Ray's proxy catches the
-        cancellation (its status becomes CANCELLED), so the refusal must not depend on it coming back."""
+    def __len__(self) -> int:
+        return len(self.running)
+
+    async def run(self, call, started: list[bool] | None = None):
+        """(given up, `call`'s result: None where given up); `started[0]` is set by the caller once its answer
+        starts (a unary gRPC call has none before its handler returns)."""
         task = asyncio.current_task()
-        self.running.add(task)
+        self.running[task] = started or [False]
         try:
             try:
-                reply = await call
+                result = await call
             except asyncio.CancelledError:
                 if task not in self.given_up:
                     raise
+                result = None
             if task in self.given_up:
                 task.uncancel()
-                return refuse(stopping(_still_without_an_answer(self.grace_s)))
-            return reply
+                return True, result
+            return False, result
         finally:
-            self.running.discard(task)
+            self.running.pop(task, None)
             self.given_up.discard(task)
 
     def give_up(self, grace_s: float) -> int:
         self.grace_s = grace_s
-        for task in self.running:
-            self.given_up.add(task)
-            task.cancel()
+        for task, started in list(self.running.items()):
+            if not started[0]:
+                self.given_up.add(task)
+                task.cancel()
         return len(self.given_up)
 
 
-GRPC_CALLS = GrpcCalls()
+GRPC_CALLS = InFlight()
 
 
 NOT_RUN = "it arrived after the stop began and was not run"
 
 
-def _still_without_an_answer(grace_s: float) -> str:
+def still_without_an_answer(grace_s: float) -> str:
     return f"it was still without an answer {grace_s:g} s into the stop"
 
 
 class Drain:
-    def __init__(self, app, flag: str, grace_s: float = DRAIN_GRACE_S, grpc_calls: GrpcCalls = GRPC_CALLS):
+    def __init__(self, app, flag: str, grace_s: float = DRAIN_GRACE_S, grpc_calls: InFlight = GRPC_CALLS):
         self.app = app
         self.flag = flag
         self.grace_s = grace_s
-        self.in_flight: dict[asyncio.Task, list[bool]] = {}  # request task -> [response started]
-        self.given_up: set[asyncio.Task] = set()
+        self.requests = InFlight()
         self.grpc_calls = grpc_calls
         self.draining = False
 
@@ -491,34 +497,22 @@ class Drain:
         if self.draining or os.path.exists(self.flag):
             self._begin()
             if route_path(scope) == DRAIN_PATH:
-                body = json.dumps({"in_flight": len(self.in_flight) + len(self.grpc_calls.running)}).encode()
+                body = json.dumps({"in_flight": len(self.requests) + len(self.grpc_calls)}).encode()
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
                 )
                 return await send({"type": "http.response.body", "body": body})
             return await self._unavailable(scope, send, NOT_RUN)
-        task = asyncio.current_task()
         started = [False]
-        self.in_flight[task] = started
 
         async def tracking_send(message):
             if message["type"] == "http.response.start":
                 started[0] = True
             await send(message)
 
-        try:
-            try:
-                await self.app(scope, receive, tracking_send)
-            except asyncio.CancelledError:
-                if task not in self.given_up:
-                    raise
-            if task in self.given_up:
-                task.uncancel()
-                if not started[0]:
-                    await self._unavailable(scope, send, _still_without_an_answer(self.grace_s))
-        finally:
-            self.in_flight.pop(task, None)
-            self.given_up.discard(task)
+        given_up, _ = await self.requests.run(self.app(scope, receive, tracking_send), started)
+        if given_up and not started[0]:
+            await self._unavailable(scope, send, still_without_an_answer(self.grace_s))
 
     def _begin(self) -> None:
         if not self.draining:
@@ -526,23 +520,20 @@ class Drain:
             logger.info(
                 "draining: new requests and gRPC calls get stopping; "
                 "%d requests and %d calls in flight may finish within %g s",
-                len(self.in_flight),
-                len(self.grpc_calls.running),
+                len(self.requests),
+                len(self.grpc_calls),
                 self.grace_s,
             )
             asyncio.get_running_loop().call_later(self.grace_s, self._give_up)
 
     def _give_up(self) -> None:
-        """Past the grace period: answer 503 to every request that has no response yet."""
-        for task, started in list(self.in_flight.items()):
-            if not started[0]:
-                self.given_up.add(task)
-                task.cancel()
-        calls = self.grpc_calls.give_up(self.grace_s)
+        """Past the grace period: answer `stopping` to every request and call that has no answer yet."""
+        requests, calls = self.requests.give_up(self.grace_s), self.grpc_calls.give_up(self.grace_s)
         logger.log(
-            logging.WARNING if self.given_up or calls else logging.INFO,
-            "draining: answered stopping to the %d requests and %d gRPC calls still without an answer %g s into the stop",
-            len(self.given_up),
+            logging.WARNING if requests or calls else logging.INFO,
+            "draining: answered stopping to the %d requests and %d gRPC calls still without an answer "
+            "%g s into the stop",
+            requests,
             calls,
             self.grace_s,
         )
