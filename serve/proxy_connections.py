@@ -15,12 +15,20 @@ or off. BoundedHttpProtocol is uvicorn's httptools protocol with two bounds on e
 The time a request runs and the time between requests (Ray's keep_alive_timeout_s) are not the head's: a
 removal may take longer than HEAD_TIMEOUT_S on a connection that then carries another request.
 
+And a refusal reaches a client that is still sending. uvicorn closes the connection as soon as it has answered a
+request whose body it has not read (the proxy's 413 or 401, a 431 above): closed with the client's bytes unread,
+the kernel resets the connection, and a client still sending (most send the whole request before they read)
+gets ECONNRESET instead of the answer: a body 1 MiB over a 413's limit got it in 0 tries of 10, a 512 KiB head
+its 431 in 0 of 20. So such a close ends our side after the answer (FIN), drops what the client still sends
+unparsed, and closes when the client closes its side or after LINGER_S (nginx's lingering close).
+
 `install()` makes it uvicorn's "auto" protocol in the process that calls it: serve.proxy_middleware's callback,
 which Ray's proxy calls before it builds its uvicorn server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -31,6 +39,7 @@ from serve.problems import MEDIA_TYPE, Problem
 # nginx's default allows 4 x 8 KiB of header lines; this API's own headers (a key, a request id) take < 1 KiB.
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 15.0
+LINGER_S = 5.0  # nginx's lingering_timeout
 PROTOCOL_PATH = "serve.proxy_connections:BoundedHttpProtocol"
 
 
@@ -48,14 +57,20 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.transport = LingeringClose(transport, self)  # what this protocol and its request cycles close
         self._start_head()
 
     def connection_lost(self, exc) -> None:
         self._stop_head()
+        self.transport.stop_lingering()
         super().connection_lost(exc)
 
+    def client_still_sending(self) -> bool:
+        """A refused head, or a request whose body is not all in."""
+        return self._refused or (self.cycle is not None and self.cycle.more_body)
+
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self.transport.lingering:
             return
         if self._in_head:
             self._head_bytes += len(data)
@@ -120,3 +135,38 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         )
         self.transport.write(head.encode() + body)
         self.transport.close()
+
+
+class LingeringClose:
+    """A connection's transport as uvicorn's protocol and request cycles see it: `close()` while the client is
+    still sending lingers (the module's docstring says why); a second `close()` (a server shutdown) closes."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: BoundedHttpProtocol):
+        self._transport = transport
+        self._protocol = protocol
+        self._timer = None
+        self.lingering = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing() or not self._transport.can_write_eof():
+            self.stop_lingering()
+            self._transport.close()
+            return
+        if not self._protocol.client_still_sending():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()
+        self._protocol.flow.resume_reading()  # a request body's reads may be paused (uvicorn's high water mark)
+        self._timer = self._protocol.loop.call_later(LINGER_S, self._transport.close)
+
+    def stop_lingering(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -11,9 +11,12 @@ import time
 
 import pytest
 import uvicorn
+import uvloop
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serve import proxy_connections, proxy_middleware
 from serve.proxy_connections import MAX_HEAD_BYTES, BoundedHttpProtocol
+from serve.proxy_middleware import BodyBuffer
 from tests.helpers import record_proxy_metrics
 
 
@@ -31,20 +34,20 @@ async def _echo(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 
-def _config(**http) -> uvicorn.Config:
+def _config(app=_echo, **http) -> uvicorn.Config:
     """The arguments Ray's proxy gives uvicorn (ray/serve/_private/http_util.py, start_asgi_http_server)."""
     return uvicorn.Config(
-        lambda: _echo, factory=True, timeout_keep_alive=5, lifespan="off", access_log=False, log_level=None,
+        lambda: app, factory=True, timeout_keep_alive=5, lifespan="off", access_log=False, log_level=None,
         log_config=None, **http,
     )  # fmt: skip
 
 
-@pytest.fixture
-def proxy_port():
+def _serve(app):
+    """The protocol on a loopback socket, on uvloop as in Ray's proxy (ray._private.async_compat); yields its port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(_config(http=BoundedHttpProtocol))
-    loop = asyncio.new_event_loop()
+    server = uvicorn.Server(_config(app, http=BoundedHttpProtocol))
+    loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(sockets=[sock]),), daemon=True)
     thread.start()
     while not server.started:
@@ -55,9 +58,23 @@ def proxy_port():
 
 
 @pytest.fixture
+def proxy_port():
+    yield from _serve(_echo)
+
+
+@pytest.fixture
+def body_limit_port():
+    """The proxy's body limit (serve.proxy_middleware.BodyBuffer) at 1000 bytes, in front of the echo."""
+    yield from _serve(BodyBuffer(_echo, limit=1000))
+
+
+@pytest.fixture
 def short_head_timeout(monkeypatch):
     monkeypatch.setattr(proxy_connections, "HEAD_TIMEOUT_S", 0.5)
     return 0.5
+
+
+ONE_READ = 256 * 1024  # the largest read of a socket: asyncio (selector_events.max_size), uvloop (256,000 bytes)
 
 
 def _connect(port: int) -> socket.socket:
@@ -104,10 +121,22 @@ def test_a_request_whose_headers_and_large_body_come_in_one_write_is_served(prox
         assert _responses(_read_all(client)) == [(200, str(len(body)).encode())]
 
 
+@pytest.fixture
+def parsed(monkeypatch) -> list[int]:
+    """The size of each read handed to uvicorn's parser (httptools)."""
+    sizes = []
+    parse = HttpToolsProtocol.data_received
+    monkeypatch.setattr(
+        HttpToolsProtocol, "data_received", lambda self, data: sizes.append(len(data)) or parse(self, data)
+    )
+    return sizes
+
+
 @pytest.mark.parametrize("shape", ["one endless header", "many small headers", "an endless request line"])
-def test_a_head_past_the_limit_gets_431_problem_json_and_the_connection_closes(proxy_port, shape):
+def test_a_head_past_the_limit_gets_431_problem_json_and_the_connection_closes(proxy_port, parsed, shape):
     """uvicorn's httptools protocol read on (a 200 MiB header: +270 MiB in the proxy); here the answer comes
-    once the head passes MAX_HEAD_BYTES, and the rest is never read."""
+    once the head passes MAX_HEAD_BYTES, and the rest is never parsed (read and dropped while the client still
+    sends: the lingering close)."""
     start, piece = {
         "one endless header": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ", b"y" * 4096),
         "many small headers": (b"GET / HTTP/1.1\r\nHost: a\r\n", b"".join(b"X-%d: v\r\n" % i for i in range(400))),
@@ -126,7 +155,7 @@ def test_a_head_past_the_limit_gets_431_problem_json_and_the_connection_closes(p
             answer = _read_all(client)
         except ConnectionResetError:
             pytest.fail(f"the connection was reset without the 431 after {sent} bytes")
-    assert sent < 64 * MAX_HEAD_BYTES, "the server read a head of 4 MiB"
+    assert sum(parsed) <= MAX_HEAD_BYTES + ONE_READ, f"{sum(parsed)} bytes of a head parsed"
     [(status, body)] = _responses(answer)
     assert status == 431 and b"content-type: application/problem+json" in answer.lower()
     problem = json.loads(body)
@@ -147,6 +176,64 @@ def test_a_whole_head_past_the_limit_in_one_write_gets_431_and_nothing_after_it_
         half = padding[: MAX_HEAD_BYTES // 2]
         client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + half + b"\r\n\r\n")
         assert _responses(_read_all(client)) == [(200, b"0")]
+
+
+def test_a_client_still_sending_its_head_reads_the_431_and_is_cut_off_after_the_linger(proxy_port, monkeypatch):
+    """Closed at once with the client's bytes unread, the kernel reset the connection: a client sending a 512 KiB
+    head got ECONNRESET in 20 tries of 20, not the 431. What it still sends is dropped for at most LINGER_S."""
+    padding = b"X-Padding: " + b"p" * (8 * MAX_HEAD_BYTES) + b"\r\n\r\n"
+    for _ in range(3):
+        with _connect(proxy_port) as client:
+            sender = threading.Thread(target=_send_quietly, args=(client, b"GET / HTTP/1.1\r\nHost: a\r\n" + padding))
+            sender.start()
+            answer = _read_all(client)
+            sender.join(10)
+        [(status, body)] = _responses(answer)
+        assert status == 431 and json.loads(body)["type"].endswith("/headers-too-large")
+    monkeypatch.setattr(proxy_connections, "LINGER_S", 0.5)
+    with _connect(proxy_port) as client:
+        stopped = []
+        sender = threading.Thread(target=_send_quietly, args=(client, b"X-More: x\r\n" * 4096, stopped, 10**6))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        began = time.monotonic()
+        sender.start()
+        [(status, _)] = _responses(_read_all(client))
+        sender.join(10)
+    assert status == 431 and stopped and stopped[0] - began < 3.0, "an endless head held the connection"
+
+
+def _send_quietly(client: socket.socket, data: bytes, stopped: list | None = None, times: int = 1) -> None:
+    """Sends `data` `times` times, or until refused; `stopped` gets the time it stopped."""
+    try:
+        for _ in range(times):
+            client.sendall(data)
+    except OSError:
+        pass
+    if stopped is not None:
+        stopped.append(time.monotonic())
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_still_sending_a_body_over_the_limit_reads_the_413(body_limit_port, framing):
+    """uvicorn closed the connection right after the 413 with the body unread: a client sending 1 MiB against the
+    limit got ECONNRESET in 10 tries of 10. The next request on a connection that sent its whole body is served."""
+    body = b"x" * (1024 * 1024)
+    if framing == "chunked":
+        head, body = b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    else:
+        head = b"Content-Length: %d\r\n" % len(body)
+    for _ in range(3):
+        with _connect(body_limit_port) as client:
+            request = b"POST /remove HTTP/1.1\r\nHost: a\r\n" + head + b"\r\n" + body
+            sender = threading.Thread(target=_send_quietly, args=(client, request))
+            sender.start()
+            answer = _read_all(client)
+            sender.join(10)
+        [(status, problem)] = _responses(answer)
+        assert status == 413 and json.loads(problem)["type"].endswith("/payload-too-large")
+    with _connect(body_limit_port) as client:
+        client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\n" + b"y" * 10)
+        assert _responses(_read_all(client)) == [(200, b"10")]
 
 
 def test_a_431_is_counted_as_a_proxy_refusal(proxy_port, monkeypatch):
