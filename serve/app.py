@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from engines import imaging
 from serve import auth, quotas
 from serve.admission import route_admissions
-from serve.config import INSTANCE_ENV, AppSettings, RemoverArgs, ScorerArgs, with_live
+from serve.config import INSTANCE_ENV, AppSettings, IngressArgs, RemoverArgs, ScorerArgs, with_live
 from serve.grpc_api import GrpcMethods
 from serve.live import LiveSettings
 from serve.local_ray import keep_replica_grpc_on_loopback
@@ -61,10 +61,10 @@ class Ingress(GrpcMethods, LiveSettings):
         settings: dict,
         result_store: DeploymentHandle | None = None,
     ):
-        """`settings`: the whole AppSettings (RemovalService reads them all); the gate comes live (`reconfigure`).
-        `result_store`: the ResultStore deployment, where retention is enabled."""
+        """`settings`: serve.config.IngressArgs (RemovalService reads them all); the gate comes live
+        (`reconfigure`). `result_store`: the ResultStore deployment, where retention is enabled."""
         keep_replica_grpc_on_loopback()
-        self.settings = AppSettings.model_validate(settings)
+        self.settings = IngressArgs.model_validate(settings)
         self.metrics = ingress_metrics()
         self.service = RemovalService(self.settings, remover, scorer, self.metrics, result_store=result_store)
         overload = self.settings.overload
@@ -84,11 +84,11 @@ class Ingress(GrpcMethods, LiveSettings):
         sys.setswitchinterval(min(sys.getswitchinterval(), overload.switch_interval_s))
         loop_lag().report = self.metrics.loop_lag.observe  # ticking from the start, not from the first /healthz
 
-    def parse_live(self, user_config: dict) -> AppSettings:
+    def parse_live(self, user_config: dict) -> IngressArgs:
         """serve.config.IngressLive: the gate."""
         return with_live(self.settings, "Ingress", user_config)
 
-    def apply_live(self, settings: AppSettings) -> None:
+    def apply_live(self, settings: IngressArgs) -> None:
         """RemovalService reads the gate on every request."""
         self.settings = settings
         self.service.settings = settings
@@ -281,6 +281,7 @@ def build_app(args: dict) -> serve.Application:
     scorer = Scorer.bind(settings.args_for(ScorerArgs)) if settings.scorer.enabled else None
     retention = settings.retention
     result_store = ResultStore.bind(retention.model_dump(mode="json")) if retention.enabled else None
-    # the gate only where the args give it: deployed by the CLI or k8s it is the Ingress's user_config
-    ingress_args = settings.model_dump(mode="json", exclude=None if "gate" in settings.model_fields_set else {"gate"})
+    ingress_args = settings.args_for(IngressArgs)
+    if "gate" not in settings.model_fields_set:
+        del ingress_args["gate"]  # deployed by the CLI or k8s, the gate is the Ingress's user_config
     return Ingress.bind(Remover.bind(settings.args_for(RemoverArgs)), scorer, ingress_args, result_store)

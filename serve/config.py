@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -200,6 +200,17 @@ class BundleSettings(_Strict):
         )
 
 
+def runner_path_refused(runner: str, runner_path) -> str | None:
+    """Why this runner_path cannot go with this runner: the torch runner loads the bundle's UNet and would
+    serve it while the file named was meant to be served (the service's and the release gate's rule)."""
+    if runner_path and runner == "torch":
+        return (
+            f"runner_path {runner_path} is an exported UNet, which only the onnx and tensorrt runners run, and the "
+            "runner is torch: set the runner to the file's (onnx or tensorrt) or leave runner_path out"
+        )
+    return None
+
+
 class EngineSettings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -215,7 +226,9 @@ class EngineSettings(_Strict):
         "torch", description="how the UNet runs: PyTorch, an exported ONNX graph (ONNX Runtime), a TensorRT plan"
     )
     runner_path: str | None = Field(
-        None, description="an exported file, used unchecked; None: the bundle's current recorded export (checked)"
+        None,
+        description="an exported file for the onnx or tensorrt runner, used unchecked; None: the bundle's current "
+        "recorded export (checked)",
     )
     cuda_graph: bool = Field(
         True,
@@ -235,6 +248,13 @@ class EngineSettings(_Strict):
         description="an engine call running longer than this fails the replica's health check, so Serve restarts "
         "it (None: never); above the slowest batch the device can take",
     )
+
+    @model_validator(mode="after")
+    def _runner_path_for_an_exported_runner(self) -> "EngineSettings":
+        refused = runner_path_refused(self.runner, self.runner_path)
+        if refused:
+            raise ValueError(f"engine.{refused}")
+        return self
 
     @model_validator(mode="after")
     def _a_step_to_run(self) -> "EngineSettings":
@@ -565,9 +585,11 @@ class ScorerArgs(_BundleArgs):
     scorer: ScorerSettings = ScorerSettings()
 
 
-class AppSettings(ScorerArgs, RemoverArgs):
-    """The application's `args`: every section; the Ingress (RemovalService) reads them all."""
+class IngressArgs(ScorerArgs):
+    """The Ingress's constructor arguments (RemovalService reads them all): every section but the Remover's
+    engine and batching; the gate comes live too (IngressLive)."""
 
+    imaging: ImagingSettings = ImagingSettings()
     gate: GateSettings = GateSettings()
     auth: AuthSettings = AuthSettings()
     overload: OverloadSettings = OverloadSettings()
@@ -577,7 +599,7 @@ class AppSettings(ScorerArgs, RemoverArgs):
     )
 
     @model_validator(mode="after")
-    def _gate_needs_scorer(self) -> "AppSettings":
+    def _gate_needs_scorer(self) -> "IngressArgs":
         """Checked where the gate is given: the deployed args hold no gate (it is the Ingress's user_config,
         checked when it is applied: serve.config.with_live)."""
         if "gate" in self.model_fields_set and not self.scorer.enabled and self.gate.mode != "off":
@@ -585,6 +607,10 @@ class AppSettings(ScorerArgs, RemoverArgs):
                 f"gate.mode {self.gate.mode!r} needs the Scorer: set scorer.enabled: true or gate.mode: off"
             )
         return self
+
+
+class AppSettings(IngressArgs, RemoverArgs):
+    """The application's `args`: every section; each deployment gets its slice (args_for)."""
 
     def model_devices(self) -> dict[str, tuple[str, str]]:
         """Each model deployment built: (the key of its device, that device), by deployment name."""
@@ -608,7 +634,8 @@ class AppSettings(ScorerArgs, RemoverArgs):
         return self.model_copy(update={"bundle": self.bundle.model_copy(update={"authors": authors})})
 
     def args_for(self, model: type[BaseModel]) -> dict:
-        """A deployment's slice of these settings (RemoverArgs, ScorerArgs), as its constructor argument."""
+        """A deployment's slice of these settings (RemoverArgs, ScorerArgs, IngressArgs), as its constructor
+        argument."""
         return self.model_dump(mode="json", include=set(model.model_fields))
 
 
@@ -668,8 +695,12 @@ def live_configs(settings: AppSettings) -> dict[str, dict]:
     return {name: live.model_dump(mode="json") for name, live in configs.items()}
 
 
-def with_live(settings: AppSettings, deployment: str, user_config: dict) -> AppSettings:
-    """`settings` with one deployment's user_config applied (validated again as a whole)."""
+SettingsSlice = TypeVar("SettingsSlice", bound=_BundleArgs)
+
+
+def with_live(settings: SettingsSlice, deployment: str, user_config: dict) -> SettingsSlice:
+    """`settings` (AppSettings, or the deployment's slice of them) with one deployment's user_config applied
+    (validated again as a whole, as the same type)."""
     data = settings.model_dump()
     if deployment == "Ingress":
         data["gate"] = IngressLive.model_validate(user_config).gate.model_dump()
@@ -680,7 +711,7 @@ def with_live(settings: AppSettings, deployment: str, user_config: dict) -> AppS
         data["scorer"]["batch_wait_timeout_s"] = ScorerLive.model_validate(user_config).batch_wait_timeout_s
     else:
         raise ValueError(f"{deployment!r} has no live settings (known: {sorted(LIVE_KNOBS)})")
-    return AppSettings.model_validate(data)
+    return type(settings).model_validate(data)
 
 
 def _drop(data: dict, path: list[str]) -> None:

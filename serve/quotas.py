@@ -299,7 +299,7 @@ class Quotas:
 
     @classmethod
     def from_settings(cls, settings, app_name: str, on_error: Callable[[], None] | None = None) -> Quotas:
-        """`settings`: serve.config.AppSettings. No ledger while auth is off: there are no keys to meter."""
+        """`settings`: serve.config.IngressArgs. No ledger while auth is off: there are no keys to meter."""
         ledger = RayLedger(f"{LEDGER_NAME}:{app_name}") if settings.auth.enabled else None
         lease_s = settings.request_timeout_s + settings.overload.body_timeout_s + LEASE_MARGIN_S
         return cls(ledger, settings.auth.quota_window_s, lease_s, on_error)

@@ -28,7 +28,7 @@ from engines.gate import MAX_SAFE_SEED, GatePolicy, ScorerUnavailable, max_crops
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, Prepared, RemovalPipeline, Timings, outage_detail
 from serve.admission import Place, work_units
-from serve.config import AppSettings, GateSettings
+from serve.config import GateSettings, IngressArgs
 from serve.handles import answer_or_cancel, within
 from serve.health import Readiness
 from serve.metrics import IngressMetrics
@@ -98,7 +98,7 @@ class ServeModels:
         self,
         remover: DeploymentHandle,
         scorer: DeploymentHandle | None,
-        settings: AppSettings,
+        settings: IngressArgs,
         retry_after: dict,
         score_timeout_s: float | None = None,
     ):
@@ -147,7 +147,7 @@ def is_transient(error: Exception) -> bool:
 class RemovalService:
     def __init__(
         self,
-        settings: AppSettings,
+        settings: IngressArgs,
         remover: DeploymentHandle,
         scorer: DeploymentHandle | None,
         metrics: IngressMetrics,
@@ -425,6 +425,6 @@ def _encode_kind(fmt: str, webp_lossless: bool) -> str:
     return f"{fmt}-lossless" if fmt == "webp" and webp_lossless else fmt
 
 
-def request_deadline_s(options: RemoveOptions | ScoreOptions, settings: AppSettings) -> float:
+def request_deadline_s(options: RemoveOptions | ScoreOptions, settings: IngressArgs) -> float:
     """The deadline a removal or a score runs under: its timeout_s, at most request_timeout_s (the default)."""
     return min(options.timeout_s or settings.request_timeout_s, settings.request_timeout_s)

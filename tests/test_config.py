@@ -513,19 +513,50 @@ def test_the_committed_settings_table_is_the_generated_one_and_every_key_has_a_m
     assert "| `batching.max_batch_size` | `8` |  |" in settings_table(), "batch sizes are not live"
 
 
-def test_each_model_deployment_is_bound_with_its_own_slice():
-    """The slices are the AppSettings' own fields: a gate or ingress knob is in neither model deployment's."""
-    from serve.config import RemoverArgs, ScorerArgs
+def test_each_deployment_is_bound_with_its_own_slice():
+    """The slices are the AppSettings' own fields: a gate or ingress knob is in neither model deployment's, the
+    Remover's engine and batching are not in the Ingress's."""
+    from serve.config import IngressArgs, RemoverArgs, ScorerArgs
 
     settings = AppSettings.model_validate({"gate": {"threshold": 0.9}, "overload": {"max_in_flight": 7}})
     remover, scorer = settings.args_for(RemoverArgs), settings.args_for(ScorerArgs)
+    ingress = settings.args_for(IngressArgs)
     assert set(remover) == {"bundle", "engine", "batching", "imaging"} and set(scorer) == {"bundle", "scorer"}
+    assert set(ingress) == set(AppSettings.model_fields) - {"engine", "batching"}
     assert remover == AppSettings().args_for(RemoverArgs) and scorer == AppSettings().args_for(ScorerArgs)
-    for model, sliced in ((RemoverArgs, remover), (ScorerArgs, scorer)):
+    assert ingress["overload"]["max_in_flight"] == 7 and ingress["gate"]["threshold"] == 0.9
+    for model, sliced in ((RemoverArgs, remover), (ScorerArgs, scorer), (IngressArgs, ingress)):
         assert model.model_validate(sliced).model_dump(mode="json") == sliced
         assert all(
             AppSettings.model_fields[name].annotation is field.annotation for name, field in model.model_fields.items()
         )
+
+
+def test_the_built_application_binds_each_deployment_with_its_slice_and_the_gate_only_where_the_args_give_it():
+    """The Ingress got the whole settings: an engine or batching change altered its constructor arguments."""
+    from ray.serve.deployment import Application
+
+    from serve.app import build_app
+
+    def bound_args(args: dict) -> dict[str, dict]:
+        found, pending = {}, [build_app(args)]
+        while pending:
+            deployment = pending.pop()._bound_deployment
+            bound = (*deployment.init_args, *deployment.init_kwargs.values())
+            found.update({deployment.name: arg for arg in bound if isinstance(arg, dict)})
+            pending += [arg for arg in bound if isinstance(arg, Application)]
+        return found
+
+    plain = bound_args({"scorer": {"enabled": True}})
+    assert set(plain["Ingress"]) == set(AppSettings.model_fields) - {"engine", "batching", "gate"}
+    assert set(plain["Remover"]) == {"bundle", "engine", "batching", "imaging"}
+    assert set(plain["Scorer"]) == {"bundle", "scorer"}
+    engine_changed = bound_args(
+        {"scorer": {"enabled": True}, "engine": {"steps": 2}, "batching": {"max_batch_size": 2}}
+    )
+    assert engine_changed["Ingress"] == plain["Ingress"] and engine_changed["Remover"] != plain["Remover"]
+    gated = bound_args({"scorer": {"enabled": True}, "gate": {"mode": "retry"}})
+    assert gated["Ingress"]["gate"]["mode"] == "retry"
 
 
 def test_live_knobs_move_from_the_args_into_the_user_config_and_back():

@@ -300,6 +300,22 @@ def test_imaging_defaults_are_the_services_and_degrade_kinds_the_negatives():
     assert get_args(DegradeKind) == ("none", *NEGATIVE_KINDS)
 
 
+def test_engine_defaults_are_the_services():
+    """evaluate's cuda_graph defaulted to false where the Remover's is true: the release gate timed eager calls on
+    CUDA while the service replays graphs."""
+    from serve.config import EngineSettings
+    from training.evaluate import EvaluateSettings
+
+    fields = EvaluateSettings.model_fields
+    for name in ("runner", "dtype", "compile", "cuda_graph", "export_missing", "torch_threads", "steps", "strength"):
+        assert fields[name].default == EngineSettings.model_fields[name].default, name
+    for name in ("steps", "strength", "torch_threads"):
+        assert fields[name].metadata == EngineSettings.model_fields[name].metadata, name
+    with pytest.raises(ValueError, match="the runner is torch"):  # it would have gated the bundle's own UNet
+        EvaluateSettings(bundle="tiny", data=Path("d"), out=Path("o"), runner_path=Path("unet.onnx"))
+    assert EvaluateSettings(bundle="tiny", data=Path("d"), out=Path("o"), runner="onnx", runner_path=Path("u.onnx"))
+
+
 def test_masked_measures_use_only_the_region():
     from training.quality import psnr, ssim
 

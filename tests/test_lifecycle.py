@@ -482,9 +482,15 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
         err = capsys.readouterr().err
         assert f"cannot start: bundle.path {bundle} is not a bundle {said}" in err and "Model bundles" in err
     path = tmp_path / "serve.yaml"
-    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"runner_path": "unet.plan"})))
+    engine = {"runner": "onnx", "runner_path": "unet.onnx"}
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine=engine)))
     assert run(["run", "--config", str(path), *ports]) == 2
-    assert f"engine.runner_path {Path.cwd() / 'unet.plan'}: no such file" in capsys.readouterr().err
+    assert f"engine.runner_path {Path.cwd() / 'unet.onnx'}: no such file" in capsys.readouterr().err
+    (tmp_path / "unet.onnx").write_bytes(b"onnx")
+    torch_runner = {"runner_path": str(tmp_path / "unet.onnx")}
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine=torch_runner)))
+    assert run(["run", "--config", str(path), *ports]) == 2
+    assert "the runner is torch: set the runner to the file's (onnx or tensorrt)" in capsys.readouterr().err
 
 
 def test_a_local_piece_of_the_authors_layout_that_is_not_there_fails_the_start_before_ray(tmp_path, capsys, no_launch):

@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
-from serve.config import EngineSettings, GateSettings, GateThreshold, ImagingSettings
+from serve.config import EngineSettings, GateSettings, GateThreshold, ImagingSettings, runner_path_refused
 from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, progress_bar, training_device
 from training.data import Triplet
 from training.quality import LpipsNet, load_embedder, load_lpips, psnr, ssim
@@ -92,22 +91,22 @@ _ENGINE = EngineSettings.model_fields
 class EvaluateSettings(StageSettings):
     bundle: str = Field(description="project bundle folder, or 'tiny'")
     data: Path = Field(description="metadata JSON: source + mask, and GT when the set has one (RORem format)")
-    runner: Literal["torch", "onnx", "tensorrt"] = Field("torch", description="how the UNet runs (engine.runner)")
+    runner: Literal["torch", "onnx", "tensorrt"] = _ENGINE["runner"]
     runner_path: Path | None = Field(None, description="the exported UNet file; None: the bundle's recorded export")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="engine precision; auto: bf16 on cuda, fp32 on cpu (exports: fp16 on cuda)"
     )
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
-    compile: bool = Field(False, description="torch.compile the UNet (torch runner)")
+    compile: bool = _ENGINE["compile"]
     cuda_graph: bool = Field(
-        False,
+        _ENGINE["cuda_graph"].default,
         description="CUDA graphs (torch runner: captured by RemovalEngine.warm_up; TensorRT: per UNet shape); no "
         "effect on the CPU or with the onnx runner, as in the service",
     )
     export_missing: bool = _ENGINE["export_missing"]
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (engine.torch_threads)")
-    steps: int | None = Field(None, ge=1, le=50, description=f"LCM steps; None: the bundle's ({DEFAULT_STEPS})")
-    strength: float | None = Field(None, gt=0.0, le=1.0, description=f"None: the bundle's ({DEFAULT_STRENGTH:g})")
+    torch_threads: int | None = _ENGINE["torch_threads"]
+    steps: int | None = _ENGINE["steps"]
+    strength: float | None = _ENGINE["strength"]
     # the service's crop settings, with their defaults and bounds (serve.config.ImagingSettings)
     buckets: list[int] = _IMAGING["buckets"]  # with its validator (serve.config.Buckets)
     crop_margin: int = _IMAGING["crop_margin"]
@@ -141,6 +140,13 @@ class EvaluateSettings(StageSettings):
     )
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where bundle 'tiny' is generated")
     tiny_seed: int = 0
+
+    @model_validator(mode="after")
+    def _runner_path_for_an_exported_runner(self) -> "EvaluateSettings":
+        refused = runner_path_refused(self.runner, self.runner_path)
+        if refused:
+            raise ValueError(refused)
+        return self
 
     def imaging(self) -> ImagingSettings:
         """The service's imaging section with this run's crop settings and decode limits (the rest its defaults)."""
