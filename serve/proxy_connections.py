@@ -15,12 +15,14 @@ or off. BoundedHttpProtocol is uvicorn's httptools protocol with two bounds on e
 The time a request runs and the time between requests (Ray's keep_alive_timeout_s) are not the head's: a
 removal may take longer than HEAD_TIMEOUT_S on a connection that then carries another request.
 
-And a refusal reaches a client that is still sending. uvicorn closes the connection as soon as it has answered a
-request whose body it has not read (the proxy's 413 or 401, a 431 above): closed with the client's bytes unread,
-the kernel resets the connection, and a client still sending (most send the whole request before they read)
-gets ECONNRESET instead of the answer: a body 1 MiB over a 413's limit got it in 0 tries of 10, a 512 KiB head
-its 431 in 0 of 20. So such a close ends our side after the answer (FIN), drops what the client still sends
-unparsed, and closes when the client closes its side or after LINGER_S (nginx's lingering close).
+And a refusal ends the connection cleanly for a client that is still sending. uvicorn closes the connection as
+soon as it has answered a request whose body it has not read (the proxy's 413 or 401, a 431 above): closed with
+the client's bytes unread, the kernel ends it with a reset (RST) after the answer, not a FIN. On Linux a client
+still reads the answer first (10 of 10 here, a 512 KiB head or a body 1 MiB over the limit), but one that reads
+to the end gets ECONNRESET, a stack that drops what it holds on a reset loses the answer, and a proxy in front
+that is still forwarding the body may answer its own client with an error instead. So such a close ends our
+side after the answer (FIN), drops what the client still sends unparsed, and closes when the client closes its
+side or after LINGER_S (nginx's lingering close).
 
 `install()` makes it uvicorn's "auto" protocol in the process that calls it: serve.proxy_middleware's callback,
 which Ray's proxy calls before it builds its uvicorn server.

@@ -179,8 +179,9 @@ def test_a_whole_head_past_the_limit_in_one_write_gets_431_and_nothing_after_it_
 
 
 def test_a_client_still_sending_its_head_reads_the_431_and_is_cut_off_after_the_linger(proxy_port, monkeypatch):
-    """Closed at once with the client's bytes unread, the kernel reset the connection: a client sending a 512 KiB
-    head got ECONNRESET in 20 tries of 20, not the 431. What it still sends is dropped for at most LINGER_S."""
+    """Closed at once with the client's bytes unread, the kernel reset the connection after the 431: a client
+    sending a 512 KiB head and reading to the end got ECONNRESET in 20 tries of 20. Now the answer, then a FIN;
+    what it still sends is dropped for at most LINGER_S."""
     padding = b"X-Padding: " + b"p" * (8 * MAX_HEAD_BYTES) + b"\r\n\r\n"
     for _ in range(3):
         with _connect(proxy_port) as client:
@@ -215,8 +216,9 @@ def _send_quietly(client: socket.socket, data: bytes, stopped: list | None = Non
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_client_still_sending_a_body_over_the_limit_reads_the_413(body_limit_port, framing):
-    """uvicorn closed the connection right after the 413 with the body unread: a client sending 1 MiB against the
-    limit got ECONNRESET in 10 tries of 10. The next request on a connection that sent its whole body is served."""
+    """uvicorn closed the connection right after the 413 with the body unread: the kernel reset it, and a client
+    sending 1 MiB against the limit and reading to the end got ECONNRESET in 10 tries of 10 (after the 413). Now
+    the answer, then a FIN. The next request on a connection that sent its whole body is served."""
     body = b"x" * (1024 * 1024)
     if framing == "chunked":
         head, body = b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
