@@ -41,7 +41,10 @@ from serve.problems import MEDIA_TYPE, Problem
 # nginx's default allows 4 x 8 KiB of header lines; this API's own headers (a key, a request id) take < 1 KiB.
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 15.0
-LINGER_S = 5.0  # nginx's lingering_timeout
+# a lingering close (below) ends after this long in all (nginx: lingering_time 30 s, with lingering_timeout 5 s
+# between reads), or once this much more has come: a client still sending that much has had the answer already
+LINGER_S = 5.0
+LINGER_MAX_BYTES = 8 * 1024 * 1024
 PROTOCOL_PATH = "serve.proxy_connections:BoundedHttpProtocol"
 
 
@@ -56,6 +59,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _in_head = False
     _refused = False
+    _body_pending = False  # a request's head is in and its body is not all in (uvicorn's more_body can stay set)
+    _shutting_down = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -68,11 +73,21 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def client_still_sending(self) -> bool:
-        """A refused head, or a request whose body is not all in."""
-        return self._refused or (self.cycle is not None and self.cycle.more_body)
+        """A refused head, or a request whose body is not all in; nothing during a server shutdown (it closes at
+        once)."""
+        return not self._shutting_down and (self._refused or self._body_pending)
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        if self.transport.lingering:
+            self.transport.close()
+        super().shutdown()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused or self.transport.lingering:
+        if self.transport.lingering:
+            self.transport.dropped(len(data))
+            return
+        if self._refused:
             return
         if self._in_head:
             self._head_bytes += len(data)
@@ -95,6 +110,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEAD_BYTES:
             self._refuse_head()
             return
+        self._body_pending = True
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -102,6 +118,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
         if not self._refused:
             super().on_message_complete()
 
@@ -141,12 +158,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
 class LingeringClose:
     """A connection's transport as uvicorn's protocol and request cycles see it: `close()` while the client is
-    still sending lingers (the module's docstring says why); a second `close()` (a server shutdown) closes."""
+    still sending lingers (the module's docstring says why); a second `close()` (a server shutdown) closes. While
+    it lingers the connection is over for the app: a request still running on it (one pipelined before a refused
+    head) is told its client left, and what it writes is dropped, as on a closed connection."""
 
     def __init__(self, transport: asyncio.Transport, protocol: BoundedHttpProtocol):
         self._transport = transport
         self._protocol = protocol
         self._timer = None
+        self._dropped = 0
         self.lingering = False
 
     def __getattr__(self, name: str):
@@ -154,6 +174,10 @@ class LingeringClose:
 
     def is_closing(self) -> bool:
         return self.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self.lingering:
+            self._transport.write(data)
 
     def close(self) -> None:
         if self.lingering or self._transport.is_closing() or not self._transport.can_write_eof():
@@ -165,8 +189,17 @@ class LingeringClose:
             return
         self.lingering = True
         self._transport.write_eof()
+        cycle = self._protocol.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
         self._protocol.flow.resume_reading()  # a request body's reads may be paused (uvicorn's high water mark)
         self._timer = self._protocol.loop.call_later(LINGER_S, self._transport.close)
+
+    def dropped(self, size: int) -> None:
+        self._dropped += size
+        if self._dropped > LINGER_MAX_BYTES:
+            self.close()
 
     def stop_lingering(self) -> None:
         if self._timer is not None:

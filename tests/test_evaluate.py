@@ -354,6 +354,7 @@ def test_compare_of_a_run_with_itself_shows_zero_deltas_and_passes(baseline, wor
         assert delta["n"] == 4
     assert summary["metrics"]["identical_outputs"] == 4 and summary["metrics"]["output_mean_abs_diff"] == 0.0
     assert summary["gate"]["passed"] and summary["gate"]["failures"] == []
+    assert summary["a"]["cuda_graphs"] is False and summary["a"]["runner"] == "torch", "what its timings ran with"
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 4 * 192 + 5 * 4 and sheet.height > 4 * 192
     with open(out / "paired.csv", newline="") as f:

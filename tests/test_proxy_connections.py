@@ -42,19 +42,33 @@ def _config(app=_echo, **http) -> uvicorn.Config:
     )  # fmt: skip
 
 
+class _Server:
+    """The protocol on a loopback socket, on uvloop as in Ray's proxy (ray._private.async_compat)."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.server = uvicorn.Server(_config(app, http=BoundedHttpProtocol))
+        loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=loop.run_until_complete, args=(self.server.serve(sockets=[sock]),))
+        self.thread.daemon = True
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.port = sock.getsockname()[1]
+
+    def stop(self) -> float:
+        """Seconds uvicorn's graceful shutdown took."""
+        began = time.monotonic()
+        self.server.should_exit = True
+        self.thread.join(10)
+        return time.monotonic() - began
+
+
 def _serve(app):
-    """The protocol on a loopback socket, on uvloop as in Ray's proxy (ray._private.async_compat); yields its port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(_config(app, http=BoundedHttpProtocol))
-    loop = uvloop.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(sockets=[sock]),), daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(10)
+    server = _Server(app)
+    yield server.port
+    server.stop()
 
 
 @pytest.fixture
@@ -192,7 +206,13 @@ def test_a_client_still_sending_its_head_reads_the_431_and_is_cut_off_after_the_
         [(status, body)] = _responses(answer)
         assert status == 431 and json.loads(body)["type"].endswith("/headers-too-large")
     monkeypatch.setattr(proxy_connections, "LINGER_S", 0.5)
-    with _connect(proxy_port) as client:
+    status, held_s = _an_endless_head(proxy_port)
+    assert status == 431 and held_s < 3.0, "an endless head held the connection"
+
+
+def _an_endless_head(port: int) -> tuple[int, float]:
+    """A head sent on and on: the answer's status, and the seconds until the proxy stopped taking it."""
+    with _connect(port) as client:
         stopped = []
         sender = threading.Thread(target=_send_quietly, args=(client, b"X-More: x\r\n" * 4096, stopped, 10**6))
         client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
@@ -200,7 +220,8 @@ def test_a_client_still_sending_its_head_reads_the_431_and_is_cut_off_after_the_
         sender.start()
         [(status, _)] = _responses(_read_all(client))
         sender.join(10)
-    assert status == 431 and stopped and stopped[0] - began < 3.0, "an endless head held the connection"
+    assert stopped, "the proxy never stopped taking it"
+    return status, stopped[0] - began
 
 
 def _send_quietly(client: socket.socket, data: bytes, stopped: list | None = None, times: int = 1) -> None:
@@ -218,7 +239,7 @@ def _send_quietly(client: socket.socket, data: bytes, stopped: list | None = Non
 def test_a_client_still_sending_a_body_over_the_limit_reads_the_413(body_limit_port, framing):
     """uvicorn closed the connection right after the 413 with the body unread: the kernel reset it, and a client
     sending 1 MiB against the limit and reading to the end got ECONNRESET in 10 tries of 10 (after the 413). Now
-    the answer, then a FIN. The next request on a connection that sent its whole body is served."""
+    the answer, then a FIN. A request within the limit is served as before."""
     body = b"x" * (1024 * 1024)
     if framing == "chunked":
         head, body = b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
@@ -236,6 +257,59 @@ def test_a_client_still_sending_a_body_over_the_limit_reads_the_413(body_limit_p
     with _connect(body_limit_port) as client:
         client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\n" + b"y" * 10)
         assert _responses(_read_all(client)) == [(200, b"10")]
+
+
+def test_a_request_running_when_a_pipelined_head_is_refused_ends_quietly(monkeypatch):
+    """Lingering ended our side (write_eof) while a request pipelined before the refused head still ran: its
+    answer raised `Cannot call write() after write_eof()` in the app. It is told its client left instead."""
+    raised = []
+
+    async def slow(scope, receive, send):
+        await receive()
+        await asyncio.sleep(0.5)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+        except Exception as exc:
+            raised.append(exc)
+
+    server = _Server(slow)
+    try:
+        with _connect(server.port) as client:
+            client.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n")
+            time.sleep(0.1)
+            client.sendall(b"X-Big: " + b"y" * (2 * MAX_HEAD_BYTES) + b"\r\n")
+            [(status, _)] = _responses(_read_all(client))
+            time.sleep(0.8)
+    finally:
+        server.stop()
+    assert status == 431 and raised == []
+
+
+def test_a_server_shutdown_closes_an_idle_connection_at_once(monkeypatch):
+    """uvicorn leaves a request's more_body set when it answered before the body was all in: its idle keep-alive
+    connection lingered at the shutdown's close, and the shutdown waited LINGER_S for it."""
+    monkeypatch.setattr(proxy_connections, "LINGER_S", 30.0)
+
+    async def answers_first(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = _Server(answers_first)
+    with _connect(server.port) as client:
+        client.sendall(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        assert client.recv(65536).endswith(b"ok")
+        client.sendall(b"0123456789")
+        time.sleep(0.1)
+        assert server.stop() < 2.0
+
+
+def test_a_linger_ends_once_the_client_has_sent_its_byte_cap(proxy_port, monkeypatch):
+    """A fast client could make the proxy read and drop ~5 GB a connection in LINGER_S."""
+    monkeypatch.setattr(proxy_connections, "LINGER_S", 30.0)
+    monkeypatch.setattr(proxy_connections, "LINGER_MAX_BYTES", 1024 * 1024)
+    status, held_s = _an_endless_head(proxy_port)
+    assert status == 431 and held_s < 3.0, "the linger ran to LINGER_S"
 
 
 def test_a_431_is_counted_as_a_proxy_refusal(proxy_port, monkeypatch):

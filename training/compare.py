@@ -332,7 +332,8 @@ def _why_unpaired(name: str, a: EvaluationRun, b: EvaluationRun) -> str:
 
 def _describe_run(run: EvaluationRun) -> dict:
     engine = run.summary.get("engine", {})
-    return {"folder": str(run.folder), **{k: engine.get(k) for k in ("runner", "dtype", "device", "steps", "strength")}}
+    shown = ("runner", "dtype", "device", "cuda_graphs", "steps", "strength")  # cuda_graphs: seconds_per_image
+    return {"folder": str(run.folder), **{k: engine.get(k) for k in shown}}
 
 
 # ---------------------------------------------------------------- disagreements and the contact sheet
