@@ -136,7 +136,7 @@ class Ingress(GrpcMethods, LiveSettings):
             request, self.settings.imaging.max_upload_bytes, self.offload.run, self.settings.overload.body_timeout_s
         )
         read_s = time.perf_counter() - started
-        accept = request.headers.get("accept", "")
+        accept = ", ".join(request.headers.getlist("accept"))  # repeated lines are one list (RFC 9110 5.3)
         # taken once the body is in (a slow upload holds no slot), held until the reply is encoded: a large
         # JSON reply is counted in flight while it is built
         with admission.slot() as place:
@@ -153,6 +153,7 @@ class Ingress(GrpcMethods, LiveSettings):
             "X-Attempts": str(result.attempts),
             "X-Gate": result.gate,
             "Server-Timing": result.timings.server_timing(),
+            "Vary": "Accept",  # the image type or the JSON reply: a cache must not give one client's to another
         }
         if result.bucket is not None:
             headers.update({"X-Seed": str(result.seed), "X-Batch-Size": str(result.batch_size)})

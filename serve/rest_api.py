@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from serve import auth, quotas
 from serve.metrics import CLIENT_CLOSED, ingress_metrics
@@ -86,7 +87,21 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 @api.exception_handler(StarletteHTTPException)
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     problem = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "invalid-request")
-    return _answer(request, Problem(problem, str(exc.detail), headers=dict(exc.headers or {})))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request, headers.get("Allow", "")))
+    return _answer(request, Problem(problem, str(exc.detail), headers=headers))
+
+
+def allowed_methods(request: Request, said: str) -> list[str]:
+    """Every method a route of this path answers. Starlette's 405 (`said`) names the first route whose path
+    matched only: `Allow: HEAD` for a public page (its HEAD route comes first), `Allow: GET` for /results/{id},
+    which DELETE has too."""
+    methods = {method.strip() for method in said.split(",") if method.strip()}
+    for route in auth.api_routes(request.app.router):
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 @api.exception_handler(ClientDisconnect)

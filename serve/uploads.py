@@ -50,7 +50,20 @@ _LIFT_MIN = 64 * 1024  # base64-alphabet runs at least this long are kept out of
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _PLACEHOLDER = re.compile(r"~(\d+)~")
 _LIFTED_VALUE = re.compile(r"(?:data:[^,~]*,)?~(?P<index>\d+)~(?P<padding>={0,2})")
-_DECODER = json.JSONDecoder()
+class RepeatedKey(ValueError):
+    """A JSON object naming a key twice: json.loads keeps the last one; a multipart form's repeated field is
+    refused (`{"seed": 1, "seed": 2}` removed with seed 2), and so is this."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        raise RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return found
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 _PARSER_STATES = sys.modules[_multipart.MultipartParser.__module__].MultipartState  # python-multipart's
 
 Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) off the event loop
@@ -163,6 +176,14 @@ def largest_json_body(max_upload_bytes: int) -> int:
 
 
 async def _read_upload(request, max_upload_bytes, names, required, options_model, json_model, run: Run, timeout_s):
+    if request.query_params:  # refused before the body is read: a `?seed=7` went unread and the answer said nothing
+        queried = list(dict.fromkeys(request.query_params))[:MAX_LISTED]
+        raise Problem(
+            "invalid-request",
+            f"query parameters are not read: {', '.join(map(repr, queried))}; send the options as form fields or "
+            "JSON keys",
+            errors=[{"field": f"query.{key}", "message": "unknown field"} for key in queried],
+        )
     header = request.headers.get("content-type", "")
     content_type = header.split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
@@ -444,6 +465,8 @@ def _more_than(body: bytes | list[bytes], needle: bytes, most: int) -> bool:
 def _json_object(body: bytes, keep: tuple[str, ...] = ()) -> tuple[dict, dict[str, tuple[int, int]]]:
     try:
         data, lifted = _loads_lifted(body, keep)
+    except RepeatedKey as exc:
+        raise Problem("invalid-request", f"field {exc.args[0]!r} is given more than once") from exc
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
         raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -464,7 +487,7 @@ def _loads_stepwise(body: bytes) -> Any:
     scanner for the values: json.loads's parse, member by member. Left whole: one huge value (a long string,
     a nested container), and the body's decoding to str (memcpy speed for ASCII)."""
     if len(body) < STEP or body[:1] != b"{":
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique_keys)
     text = str(body, json.detect_encoding(body), "surrogatepass")
     decoder = _DECODER
     value, end = decoder.parse_object(
@@ -525,7 +548,7 @@ def _loads_lifted(body: bytes, keep: tuple[str, ...] = ()) -> tuple[Any, dict[st
         out, lifted = {}, {}
         for key, item in value.items():
             key = restore(key)
-            lifted.pop(key, None)  # a repeated key: the last one counts, as in json.loads
+            lifted.pop(key, None)  # two long placeholders of one text as keys: the last one counts
             match = _LIFTED_VALUE.fullmatch(item) if key in keep and isinstance(item, str) else None
             if match:
                 out[key] = item

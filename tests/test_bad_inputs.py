@@ -209,9 +209,18 @@ def as_json(document: Callable[[Sent], object]):
     return send
 
 
-def multipart(files: Callable[[Sent], list], fields: dict[str, str | list[str]]):
+def multipart(files: Callable[[Sent], list], fields: dict[str, str | list[str]], query: dict | None = None):
     def send(service, case, sent):
-        return service.client.post(case.route, files=files(sent), data=fields)
+        return service.client.post(case.route, files=files(sent), data=fields, params=query)
+
+    return send
+
+
+def json_text(document: Callable[[Sent], str]):
+    """A JSON body as written (as_json cannot repeat a key)."""
+
+    def send(service, case, sent):
+        return service.client.post(case.route, content=document(sent), headers={"content-type": "application/json"})
 
     return send
 
@@ -309,6 +318,9 @@ CASES: list[Case] = [
          rest=multipart(image_and(), {"mask": "white"}), grpc=False, detail="file part"),
     Case("multipart: an option given twice", 422, "invalid-request", valid_pair,
          rest=multipart(image_and(), {"seed": ["1", "2"]}), grpc=False, detail="more than once"),
+    Case("multipart: options in the query string (?seed=7&gate=off)", 422, "invalid-request", valid_pair,
+         rest=multipart(image_and(), {}, query={"seed": "7", "gate": "off"}), grpc=False,
+         detail="query parameters are not read: 'seed', 'gate'"),
     Case("multipart: the image file given twice", 422, "invalid-request", valid_pair,
          rest=multipart(image_and(("image", ("again.png", photo_png()))), {}), grpc=False, detail="more than once"),
     Case("multipart: three files for two fields", 422, "invalid-request", valid_pair,
@@ -335,6 +347,9 @@ CASES: list[Case] = [
     Case("JSON: image is a number", 422, "invalid-request", rest=as_json(lambda sent: {"image": 5}), grpc=False),
     Case("JSON: invalid base64", 422, "invalid-request", rest=as_json(lambda sent: {"image": "%%not base64%%"}),
          grpc=False, detail="base64"),
+    Case("JSON: an option given twice", 422, "invalid-request", valid_pair,
+         rest=json_text(lambda sent: '{"image": "%s", "seed": 1, "seed": 2}' % b64(sent.files["image"])), grpc=False,
+         detail="field 'seed' is given more than once"),
     Case("JSON: unknown option", 422, "invalid-request", valid_pair,
          rest=as_json(lambda sent: {**b64_files(sent), "strength": 0.5}), grpc=False, detail="strength"),
     Case("JSON: gate_threshold NaN (a literal)", 422, "invalid-request",

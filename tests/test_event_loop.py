@@ -31,7 +31,7 @@ from tests.helpers import REPO, CannedAnswers, box_mask, load_script, loopback_s
 NAMES = ("image", "mask")
 
 
-def starlette_request(body: bytes, content_type: str) -> Request:
+def starlette_request(body: bytes, content_type: str, query: bytes = b"") -> Request:
     """A Starlette request as the ingress sees one: "app" in the scope, the body in one message."""
     sent = False
 
@@ -42,7 +42,8 @@ def starlette_request(body: bytes, content_type: str) -> Request:
         return message
 
     headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
-    return Request({"type": "http", "method": "POST", "path": "/remove", "headers": headers, "app": object()}, receive)
+    scope = {"type": "http", "method": "POST", "path": "/remove", "query_string": query, "headers": headers}
+    return Request({**scope, "app": object()}, receive)
 
 
 def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary") -> bytes:
@@ -114,6 +115,19 @@ def test_a_body_over_the_limit_is_told_where_the_limit_comes_from(kind):
         offload.close()
     assert caught.value.problem == "payload-too-large"
     assert f"imaging.max_upload_bytes {2**20} for the files" in caught.value.detail, caught.value.detail
+
+
+def test_options_in_the_query_string_are_refused_before_the_body_is_read():
+    """`POST /remove?seed=7&gate=off` removed with a random seed and the default gate, and said nothing."""
+    received = []
+    request = starlette_request(b"{}", "application/json", query=b"seed=7&gate=off&seed=8")
+    request._receive = lambda: received.append(1)
+    with pytest.raises(Problem) as caught:
+        asyncio.run(req.read_removal_request(request, 2**20))
+    assert caught.value.problem == "invalid-request" and received == []
+    assert caught.value.extra["errors"] == [
+        {"field": "query.seed", "message": "unknown field"}, {"field": "query.gate", "message": "unknown field"}
+    ]
 
 
 def test_no_long_c_call_over_a_large_body(monkeypatch):
@@ -531,13 +545,27 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
     monkeypatch.setattr(req, "STEP", 64)
     monkeypatch.setattr(req, "_LIFT_MIN", 16)
 
+    def loads_refusing_repeats(body: bytes):
+        """json.loads, but a key repeated in one object is refused (as a multipart form's repeated field is)."""
+
+        def unique(pairs):
+            keys = [key for key, _ in pairs]
+            repeated = [key for at, key in enumerate(keys) if key in keys[:at]]
+            if repeated:
+                raise req.RepeatedKey(repeated[0])
+            return dict(pairs)
+
+        return json.loads(body, object_pairs_hook=unique)
+
     def reference(body: bytes):
         start = body.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\n\r")[:1]
         if start and start not in b'{["-0123456789tfn':
             raise Problem("malformed-body", f"the body is not JSON: it begins with byte {start[0]:#04x}, not '{{'")
         req.check_scalar_fields(body, req.JSONRemoveBody)
         try:
-            data = json.loads(body)
+            data = loads_refusing_repeats(body)
+        except req.RepeatedKey as exc:
+            raise Problem("invalid-request", f"field {exc.args[0]!r} is given more than once") from exc
         except (ValueError, RecursionError) as exc:
             raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
@@ -561,14 +589,16 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
     decode = req._b64decode_payload
     monkeypatch.setattr(req, "_b64decode_payload", lambda text, name: from_body.append(1) or decode(text, name)
                         if isinstance(text, memoryview) else decode(text, name))  # fmt: skip
-    lifted = 0
+    lifted = repeats = 0
     for body in json_bodies():
         lifted += bool(req._long_runs(body)) and body[:1] == b"{"
         assert outcome(lambda: req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)) == outcome(
             lambda: reference(body)
         ), body[:200]
-        assert outcome(lambda: req._loads(body)) == outcome(lambda: json.loads(body)), body[:200]
+        assert outcome(lambda: req._loads(body)) == outcome(lambda: loads_refusing_repeats(body)), body[:200]
+        repeats += "RepeatedKey" in str(outcome(lambda: req._loads(body)))
     assert lifted > 500 and len(from_body) > 300  # the placeholder paths were taken
+    assert repeats, "a body with a repeated key was among them"
 
 
 def test_a_utf16_body_is_parsed_as_json_loads_parses_it():
@@ -598,7 +628,8 @@ def test_a_json_body_that_cannot_be_a_request_is_refused_before_it_is_parsed(mon
 
 def test_the_fullest_valid_json_bodies_pass_the_structure_bound():
     """Every field set and sent as a string (pydantic's lax mode takes "3" for 3), files as data URLs with a
-    quoted parameter (RFC 2397), a repeated key: inside the bound, and answered as before."""
+    quoted parameter (RFC 2397): inside the bound, and answered as before. A repeated key passes the bound and is
+    then refused (json.loads kept the last one, where a multipart form's repeated field was refused)."""
     b64 = base64.b64encode(png_bytes(photo(64, 64))).decode()
     url = f'data:image/png;name="a.png";base64,{b64}'
     remove = {"image": url, "mask": url, "seed": "3", "output_format": "webp", "quality": "90", "dilate": "4",
@@ -606,9 +637,10 @@ def test_the_fullest_valid_json_bodies_pass_the_structure_bound():
               "timeout_s": "30"}  # fmt: skip
     assert set(remove) == set(req.JSONRemoveBody.model_fields)
     body = json.dumps(remove).encode()
-    body = body[:-1] + b', "seed": "4"}'  # a repeated key: the last one counts, as in json.loads
     files, options = req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody)
-    assert set(files) == {"image", "mask"} and options.gate == "retry" and options.seed == 4
+    assert set(files) == {"image", "mask"} and options.gate == "retry" and options.seed == 3
+    with pytest.raises(Problem, match="field 'seed' is given more than once"):
+        req._from_json(body[:-1] + b', "seed": "4"}', NAMES, req.RemoveOptions, req.JSONRemoveBody)
     score = {name: url for name in ("source", "mask", "edited")} | {"dilate": "4", "gate_threshold": "0.5", "timeout_s": "30"}
     assert set(score) == set(req.JSONScoreBody.model_fields)
     req.check_scalar_fields(json.dumps(score, indent=1).encode(), req.JSONScoreBody)

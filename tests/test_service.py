@@ -82,6 +82,10 @@ def test_jpeg_in_jpeg_out_and_accept_header_picks_the_format(service):
     files = {"image": ("i.png", png_bytes(photo())), "mask": ("m.png", png_bytes(_mask()))}
     response = service.client.post("/remove", files=files, headers={"Accept": "image/webp"})
     assert response.headers["content-type"] == "image/webp"
+    assert response.headers["vary"] == "Accept", "a cache must not give one client's format to another"
+    # two Accept lines are one list (RFC 9110 5.3): only the first was read, and PNG came back
+    two_lines = [("accept", "image/png;q=0.1"), ("accept", "application/json")]
+    assert service.client.post("/remove", files=files, headers=two_lines).headers["content-type"] == "application/json"
 
 
 def test_alpha_is_kept(service):
@@ -180,3 +184,4 @@ def test_unknown_route_is_problem_json(service):
     not_allowed = service.client.get("/remove")
     _assert_problem(not_allowed, 405, "method-not-allowed")
     assert not_allowed.headers["allow"] == "POST", "RFC 9110: a 405 says what is allowed"
+    assert service.client.delete("/healthz").headers["allow"] == "GET, HEAD", "every method, not the first route's"
