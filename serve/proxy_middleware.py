@@ -189,11 +189,17 @@ async def _problem(send, problem: Problem, scope) -> None:
     from serve.metrics import proxy_metrics
 
     proxy_metrics().refused(problem.problem)
-    await _answer(send, problem, _request_id(_given_id(scope)))
+    await _answer(send, problem, refusal_request_id(scope["headers"]))
 
 
-def _given_id(scope) -> bytes | None:
-    return dict(scope["headers"]).get(_REQUEST_ID_HEADER)
+def refusal_request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The id a refusal of the proxy's own names its request by: the client's valid X-Request-Id, else a fresh one
+    (serve.proxy_connections too)."""
+    return _request_id(_given_id(headers))
+
+
+def _given_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    return dict(headers).get(_REQUEST_ID_HEADER)
 
 
 def _request_id(*given: bytes | None) -> str:
@@ -278,13 +284,13 @@ class RayAnswers:
                 return await send(message)
             held.append(message)
             if not message.get("more_body", False):  # Ray counted its own answer, and named it
-                named = _request_id(_header(held[0], _REQUEST_ID_HEADER), _given_id(scope))
+                named = _request_id(_header(held[0], _REQUEST_ID_HEADER), _given_id(scope["headers"]))
                 await _answer(send, _ray_problem(held), named)
 
         await self.app(scope, receive, rewriting_send)
         if not started and not asyncio.current_task().cancelling():  # Ray counted the failure
             failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)})
-            await _answer(send, failed, _request_id(_given_id(scope)))
+            await _answer(send, failed, refusal_request_id(scope["headers"]))
 
 
 def _header(start: dict, name: bytes) -> bytes | None:
