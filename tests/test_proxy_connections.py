@@ -17,7 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serve import proxy_connections, proxy_middleware
 from serve.proxy_connections import MAX_HEAD_BYTES, BoundedHttpProtocol
-from serve.proxy_middleware import REQUEST_ID_PATTERN, BodyBuffer
+from serve.proxy_middleware import REQUEST_ID_PATTERN, BodyBuffer, HeaderGuard
 from tests.helpers import record_proxy_metrics
 
 
@@ -396,6 +396,28 @@ def test_a_chunked_body_the_parser_refuses_gets_a_named_400_problem_json(proxy_p
         status, headers, problem = _answer_of(_read_all(client))
     assert status == 400 and problem["type"].endswith("/malformed-request") and "chunked" in problem["detail"]
     assert _named(headers, problem) == "given-2" and recorded.refusals == ["malformed-request"]
+
+
+def test_a_head_that_says_two_things_or_names_no_host_is_refused_as_uvicorn_parses_it(monkeypatch):
+    """uvicorn hands repeated header lines on as they came and an HTTP/1.0 request as such: HeaderGuard refuses a
+    second Host or Content-Type line and an HTTP/1.1 request without a Host, and lets HTTP/1.0 leave it out."""
+    record_proxy_metrics(monkeypatch)
+    server = _Server(HeaderGuard(_echo))
+    heads = {
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n": 400,
+        b"GET / HTTP/1.1\r\n": 400,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: a/b\r\nContent-Type: c/d\r\nContent-Length: 0\r\n": 400,
+        b"GET / HTTP/1.0\r\n": 200,
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Type: a/b\r\n": 200,
+    }
+    try:
+        for head, expected in heads.items():
+            with _connect(server.port) as client:
+                client.sendall(head + b"Connection: close\r\n\r\n")
+                [(status, _)] = _responses(_read_all(client))
+            assert status == expected, head
+    finally:
+        server.stop()
 
 
 def test_a_head_trickled_past_the_timeout_closes_the_connection_unanswered(proxy_port, short_head_timeout):
