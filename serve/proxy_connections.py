@@ -24,6 +24,13 @@ that is still forwarding the body may answer its own client with an error instea
 side after the answer (FIN), drops what the client still sends unparsed, and closes when the client closes its
 side or after LINGER_S (nginx's lingering close).
 
+A request whose line or headers httptools cannot parse (a repeated Content-Length, Content-Length with chunked
+framing, an unknown method or version, a folded header line), or whose chunked framing it cannot parse, gets 400
+`malformed-request` problem+json in place of uvicorn's plain-text 400, and the same close as a 431: nothing more
+is parsed, and a client still sending meets the lingering close, not a reset. Every answer of this module names
+the request as serve.proxy_middleware's do (X-Request-Id, `instance`: the client's id if it came before the
+refusal, else a fresh one) and is counted as a proxy refusal.
+
 `install()` makes it uvicorn's "auto" protocol in the process that calls it: serve.proxy_middleware's callback,
 which Ray's proxy calls before it builds its uvicorn server.
 """
@@ -31,12 +38,15 @@ which Ray's proxy calls before it builds its uvicorn server.
 from __future__ import annotations
 
 import asyncio
+import http
 import json
+import sys
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serve.metrics import proxy_metrics
 from serve.problems import MEDIA_TYPE, Problem
+from serve.proxy_middleware import refusal_request_id
 
 # nginx's default allows 4 x 8 KiB of header lines; this API's own headers (a key, a request id) take < 1 KiB.
 MAX_HEAD_BYTES = 64 * 1024
@@ -139,17 +149,29 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse_head(self) -> None:
-        """431, then nothing more is parsed or run on this connection."""
+        limit = f"a request's target and header lines may take {MAX_HEAD_BYTES} bytes"
+        self._refuse(Problem("headers-too-large", limit))
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what httptools cannot parse (it calls this in its `except HttpParserError`: the
+        exception handled is the parser's reason), as problem+json."""
+        reason = sys.exc_info()[1] or msg
+        framing = "the request's chunked body framing" if self._body_pending else "the request's line and headers"
+        self._refuse(Problem("malformed-request", f"{framing} cannot be parsed: {reason} (at the proxy)"))
+
+    def _refuse(self, problem: Problem) -> None:
+        """The answer, then nothing more is parsed or run on this connection."""
         self._stop_head()
         self._refused = True
         if self.transport.is_closing():
             return
-        problem = Problem("headers-too-large", f"a request's target and header lines may take {MAX_HEAD_BYTES} bytes")
         proxy_metrics().refused(problem.problem)  # before any ASGI app: no count of Ray's sees it
-        body = json.dumps(problem.body()).encode()
+        request_id = refusal_request_id(self.headers or [])  # the refused request's, as far as they were parsed
+        body = json.dumps(problem.body(request_id)).encode()
         head = (
-            f"HTTP/1.1 {problem.status} Request Header Fields Too Large\r\n"
+            f"HTTP/1.1 {problem.status} {http.HTTPStatus(problem.status).phrase}\r\n"
             f"content-type: {MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
+            f"x-request-id: {request_id}\r\n"
             "x-content-type-options: nosniff\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode() + body)

@@ -34,11 +34,15 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
   restarted (its requests would meet another application's settings, or a 404). With API keys on (any
   application's), Ray's own `GET /-/routes`, which needs no key and lists every route prefix and application
   name, is answered the 404 of a path no application serves (Ray's `/-/healthz` stays: probes need it).
-- HeaderGuard: a client's X-Request-Id is echoed by Serve and written to every log line of the
-  request; one that is not 1-128 characters of [A-Za-z0-9._-] is dropped, so Serve makes its own. Ray's
-  per-request hints for a trusted front proxy (X-Request-Timeout-Seconds: 0 lifts http_options'
-  request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the client has gone,
-  X-Session-Id and serve_multiplexed_model_id steer routing) are dropped: no client of this API may set them.
+- HeaderGuard, outermost: a request whose headers are ambiguous is answered 400 `malformed-request` before
+  anything else runs: more than one Host or Content-Type header line (the first decided the app's host check
+  and its body parser, where another server in the path may have read the other), or HTTP/1.1 without a Host
+  (RFC 9112 3.2: a server must answer 400; HTTP/1.0 may leave it out). A client's X-Request-Id is echoed by
+  Serve and written to every log line of the request; one that is not 1-128 characters of [A-Za-z0-9._-] is
+  dropped, so Serve makes its own. Ray's per-request hints for a trusted front proxy (X-Request-Timeout-Seconds:
+  0 lifts http_options' request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the
+  client has gone, X-Session-Id and serve_multiplexed_model_id steer routing) are dropped: no client of this API
+  may set them.
   A WebSocket handshake is refused (close 1008 before accepting: uvicorn answers it 403): Ray's proxy
   reads the same hints from it, and the app has no WebSocket route.
 - RayAnswers: what Ray's proxy answers on its own, in plain text (a full Ingress queue: 503 "Request
@@ -94,13 +98,14 @@ def middlewares() -> list:
 
     proxy_connections.install()
 
-    stack = [Middleware(RayAnswers), Middleware(HeaderGuard)]
+    stack = [Middleware(RayAnswers)]
     routes = os.environ.get(ROUTES_ENV)
     if routes:
         stack.append(Middleware(ByRoutePrefix, routes=json.loads(routes)))
     flag = os.environ.get(DRAIN_FLAG_ENV)
     if flag:
         stack.append(Middleware(Drain, flag=flag))
+    stack.append(Middleware(HeaderGuard))  # outermost: an ambiguous head is refused before any other runs
     return stack
 
 
@@ -189,16 +194,22 @@ async def _problem(send, problem: Problem, scope) -> None:
     from serve.metrics import proxy_metrics
 
     proxy_metrics().refused(problem.problem)
-    await _answer(send, problem, _request_id(_given_id(scope)))
+    await _answer(send, problem, refusal_request_id(scope["headers"]))
 
 
-def _given_id(scope) -> bytes | None:
-    return dict(scope["headers"]).get(_REQUEST_ID_HEADER)
+def refusal_request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The id a refusal of the proxy's own names its request by: the client's valid X-Request-Id, else a fresh one
+    (serve.proxy_connections too)."""
+    return _request_id(_given_id(headers))
+
+
+def _given_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    return dict(headers).get(_REQUEST_ID_HEADER)
 
 
 def _request_id(*given: bytes | None) -> str:
-    """The first valid X-Request-Id of `given`, else a fresh id. Checked here: the middlewares that answer run
-    outside HeaderGuard (Ray applies the list's last middleware outermost), so they see the client's raw header."""
+    """The first valid X-Request-Id of `given`, else a fresh id. Checked here too: HeaderGuard drops an invalid
+    client id, but an id may come from Ray's answer, or from the client where HeaderGuard is not in front."""
     for value in given:
         if value and _VALID_REQUEST_ID.fullmatch(value):
             return value.decode("ascii")
@@ -251,10 +262,26 @@ class HeaderGuard:
             return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] == "http":
             headers = scope["headers"]
+            ambiguous = _ambiguous_head(scope)
+            if ambiguous:
+                return await _problem(send, Problem("malformed-request", f"{ambiguous} (at the proxy)"), scope)
             kept = [(k, v) for k, v in headers if self._keep(k, v)]
             if len(kept) != len(headers):
                 scope = {**scope, "headers": kept}
         await self.app(scope, receive, send)
+
+
+def _ambiguous_head(scope) -> str:
+    """Why the request's headers say two things, or leave out the host an HTTP/1.1 request must name (RFC 9112
+    3.2: a server must answer 400); "" if they do not. Otherwise the first line decides, in the app's host check
+    and body parser alike, where another server in the path may have read the other."""
+    names = [name.lower() for name, _ in scope["headers"]]
+    for repeated in (b"host", b"content-type"):
+        if names.count(repeated) > 1:
+            return f"more than one {repeated.decode().title()} header line"
+    if b"host" not in names and scope["http_version"] != "1.0":
+        return f"an HTTP/{scope['http_version']} request must have a Host header"
+    return ""
 
 
 class RayAnswers:
@@ -278,13 +305,13 @@ class RayAnswers:
                 return await send(message)
             held.append(message)
             if not message.get("more_body", False):  # Ray counted its own answer, and named it
-                named = _request_id(_header(held[0], _REQUEST_ID_HEADER), _given_id(scope))
+                named = _request_id(_header(held[0], _REQUEST_ID_HEADER), _given_id(scope["headers"]))
                 await _answer(send, _ray_problem(held), named)
 
         await self.app(scope, receive, rewriting_send)
         if not started and not asyncio.current_task().cancelling():  # Ray counted the failure
             failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)})
-            await _answer(send, failed, _request_id(_given_id(scope)))
+            await _answer(send, failed, refusal_request_id(scope["headers"]))
 
 
 def _header(start: dict, name: bytes) -> bytes | None:
@@ -312,7 +339,7 @@ _RAY_KINDS = {404: "not-found", 408: "proxy-timeout", 429: "too-many-requests", 
 _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the proxy)"
 ROUTE_ANSWERS = (
     *(kind for kind in _RAY_KINDS.values() if kind != "not-found"),
-    "overloaded", "stopping", "replica-failed", "payload-too-large", "body-timeout",
+    "overloaded", "stopping", "replica-failed", "payload-too-large", "body-timeout", "malformed-request",
 )  # fmt: skip
 """The problems these middlewares answer on a path an application serves, which serve/openapi.py lists for the
 routes taking a body (not-found is for a path none serves; a refused key is the route's own 401). Every kind

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serve import proxy_connections, proxy_middleware
 from serve.proxy_connections import MAX_HEAD_BYTES, BoundedHttpProtocol
-from serve.proxy_middleware import BodyBuffer
+from serve.proxy_middleware import REQUEST_ID_PATTERN, BodyBuffer, HeaderGuard
 from tests.helpers import record_proxy_metrics
 
 
@@ -319,6 +320,104 @@ def test_a_431_is_counted_as_a_proxy_refusal(proxy_port, monkeypatch):
         client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Padding: " + b"p" * MAX_HEAD_BYTES + b"\r\n\r\n")
         [(status, _)] = _responses(_read_all(client))
     assert status == 431 and recorded.refusals == ["headers-too-large"]
+
+
+def _answer_of(answer: bytes) -> tuple[int, dict[str, str], dict]:
+    """The one response in `answer`: its status, headers (lower-case names) and problem document."""
+    [(status, body)] = _responses(answer)
+    lines = answer.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")[1:]
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    return status, headers, json.loads(body)
+
+
+def _named(headers: dict[str, str], problem: dict) -> str:
+    """The id the answer names its request by, in its X-Request-Id and its `instance` alike."""
+    request_id = headers["x-request-id"]
+    assert re.fullmatch(REQUEST_ID_PATTERN, request_id) and problem["instance"] == f"urn:request:{request_id}"
+    return request_id
+
+
+def test_a_431_names_the_request(proxy_port):
+    """The 431 carried no X-Request-Id and no `instance`, where every other problem of the service does."""
+    with _connect(proxy_port) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Padding: " + b"p" * MAX_HEAD_BYTES + b"\r\n\r\n")
+        status, headers, problem = _answer_of(_read_all(client))
+    assert status == 431 and problem["type"].endswith("/headers-too-large") and _named(headers, problem)
+
+
+BODY = b"x" * (1024 * 1024)
+# a head httptools refuses: (its request line, its header lines after Host and X-Request-Id, whether the id is parsed
+# before the fault); %d: the body's size
+UNPARSABLE_HEADS = {
+    "two content-lengths": (b"POST /up HTTP/1.1", b"Content-Length: %d\r\nContent-Length: %d", True),
+    "content-length and chunked": (b"POST /up HTTP/1.1", b"Content-Length: %d\r\nTransfer-Encoding: chunked", True),
+    "an unknown method": (b"FOO /up HTTP/1.1", b"Content-Length: %d", False),
+    "a lower-case method": (b"post /up HTTP/1.1", b"Content-Length: %d", False),
+    "HTTP/1.2": (b"POST /up HTTP/1.2", b"Content-Length: %d", False),
+    "a folded header line": (b"POST /up HTTP/1.1", b"X-A: b\r\n c\r\nContent-Length: %d", True),
+    "a space before the colon": (b"POST /up HTTP/1.1", b"Content-Length : %d", True),
+}
+
+
+@pytest.mark.parametrize("shape", UNPARSABLE_HEADS)
+def test_a_head_the_parser_refuses_gets_a_named_400_problem_json_that_a_client_still_sending_reads(
+    proxy_port, monkeypatch, shape
+):
+    """uvicorn answered a text/plain 400 "Invalid HTTP request received." with no X-Request-Id and closed at once:
+    a client still sending its body got ECONNRESET (5 of 5, live). Now the service's problem+json, named, counted
+    as the proxy's refusal, and the lingering close of a refused head: the rest is dropped unparsed."""
+    recorded = record_proxy_metrics(monkeypatch)
+    line, header_lines, id_parsed = UNPARSABLE_HEADS[shape]
+    header_lines = header_lines.replace(b"%d", str(len(BODY)).encode())
+    request = line + b"\r\nHost: a\r\nX-Request-Id: given-1\r\n" + header_lines + b"\r\n\r\n" + BODY
+    with _connect(proxy_port) as client:
+        sender = threading.Thread(target=_send_quietly, args=(client, request))
+        sender.start()
+        try:
+            answer = _read_all(client)
+        except ConnectionResetError:
+            pytest.fail("the connection was reset")
+        sender.join(10)
+    status, headers, problem = _answer_of(answer)
+    assert status == 400 and headers["content-type"] == "application/problem+json"
+    assert problem["type"].endswith("/malformed-request") and problem["status"] == 400
+    assert "cannot be parsed" in problem["detail"] and "(at the proxy)" in problem["detail"]
+    assert (_named(headers, problem) == "given-1") == id_parsed
+    assert recorded.refusals == ["malformed-request"]
+
+
+def test_a_chunked_body_the_parser_refuses_gets_a_named_400_problem_json(proxy_port, monkeypatch):
+    """A bad chunk size, once the request runs: 400 problem+json too, named by the request's own id."""
+    recorded = record_proxy_metrics(monkeypatch)
+    with _connect(proxy_port) as client:
+        client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nX-Request-Id: given-2\r\nTransfer-Encoding: chunked\r\n\r\n")
+        time.sleep(0.1)
+        client.sendall(b"5\r\nhello\r\nzz\r\n" + b"y" * 1000)
+        status, headers, problem = _answer_of(_read_all(client))
+    assert status == 400 and problem["type"].endswith("/malformed-request") and "chunked" in problem["detail"]
+    assert _named(headers, problem) == "given-2" and recorded.refusals == ["malformed-request"]
+
+
+def test_a_head_that_says_two_things_or_names_no_host_is_refused_as_uvicorn_parses_it(monkeypatch):
+    """uvicorn hands repeated header lines on as they came and an HTTP/1.0 request as such: HeaderGuard refuses a
+    second Host or Content-Type line and an HTTP/1.1 request without a Host, and lets HTTP/1.0 leave it out."""
+    record_proxy_metrics(monkeypatch)
+    server = _Server(HeaderGuard(_echo))
+    heads = {
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n": 400,
+        b"GET / HTTP/1.1\r\n": 400,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: a/b\r\nContent-Type: c/d\r\nContent-Length: 0\r\n": 400,
+        b"GET / HTTP/1.0\r\n": 200,
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Type: a/b\r\n": 200,
+    }
+    try:
+        for head, expected in heads.items():
+            with _connect(server.port) as client:
+                client.sendall(head + b"Connection: close\r\n\r\n")
+                [(status, _)] = _responses(_read_all(client))
+            assert status == expected, head
+    finally:
+        server.stop()
 
 
 def test_a_head_trickled_past_the_timeout_closes_the_connection_unanswered(proxy_port, short_head_timeout):

@@ -654,6 +654,41 @@ def test_a_websocket_handshake_reaches_neither_the_app_nor_ray_s_routing(tmp_pat
 
 
 @pytest.mark.parametrize(
+    ("headers", "http_version", "detail"),
+    [
+        ([(b"host", b"a"), (b"Host", b"b")], "1.1", "more than one Host header line"),
+        ([], "1.1", "an HTTP/1.1 request must have a Host header"),
+        ([(b"host", b"a"), (b"content-type", b"multipart/form-data; boundary=x"), (b"content-type", b"text/plain")],
+         "1.1", "more than one Content-Type header line"),
+        ([], "1.0", None),
+        ([(b"host", b"a"), (b"content-type", b"text/plain")], "1.1", None),
+    ],
+)  # fmt: skip
+def test_a_head_that_says_two_things_or_names_no_host_is_refused_before_anything_else_runs(
+    monkeypatch, headers, http_version, detail
+):
+    """Two Host lines let the first decide the app's host check, two Content-Type lines its parser (multipart then
+    text/plain: 200, the reverse 415), and HTTP/1.1 without a Host passed (RFC 9112 3.2: a server must answer 400).
+    Refused 400 malformed-request, named and counted, before the body limit or anything else of the proxy's runs;
+    HTTP/1.0 may leave the Host out."""
+    from ray.serve._private.http_util import _apply_middlewares
+
+    recorded = record_proxy_metrics(monkeypatch)
+    monkeypatch.setenv(ROUTES_ENV, json.dumps({"/": {"limit": 100}}))
+    over_the_limit = [(b"content-length", b"200"), (b"x-request-id", b"given-9")]
+    exchange = Exchange([b"x" * 200])
+    exchange.scope.update(headers=headers + over_the_limit, http_version=http_version, root_path="")
+    asyncio.run(_apply_middlewares(reading_app, middlewares())(exchange.scope, exchange.receive, exchange.send))
+    if detail is None:
+        assert exchange.status == 413 and recorded.refusals == ["payload-too-large"]
+        return
+    assert exchange.status == 400 and exchange.body["type"].endswith("/malformed-request")
+    assert exchange.body["detail"] == f"{detail} (at the proxy)" and exchange.body["instance"] == "urn:request:given-9"
+    assert len(exchange.chunks) == 1, "no byte of the body was read"
+    assert recorded.refusals == ["malformed-request"]
+
+
+@pytest.mark.parametrize(
     ("status", "text", "headers", "kind", "retry_after"),
     [
         (503, "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).", [(b"retry-after", b"2")], "overloaded", "2"),
@@ -802,7 +837,7 @@ def test_the_proxy_s_own_refusals_name_the_request_as_the_app_s_answers_do(tmp_p
             await middleware(exchange.scope, exchange.receive, exchange.send)
 
     asyncio.run(main())
-    assert "not valid" not in json.dumps(invalid.body), "these middlewares run outside HeaderGuard: checked here too"
+    assert "not valid" not in json.dumps(invalid.body), "without HeaderGuard in front: checked here too"
     named = ((given, "client-id-1"), (stopped, "client-id-2"), (by_ray, "ray-named-3"), (fresh, None), (invalid, None))
     for exchange, request_id in named:
         headers = dict(exchange.sent[0]["headers"])
