@@ -193,10 +193,23 @@ def _open_bundle(args, progress: Progress):
 
         with progress.stage(f"bundle named by {args.config}"):
             bundle = load_serve_settings(args.config).bundle.open()
-        with progress.stage("checking every file's sha256"):  # serving leaves the exports to their readers; these
-            bundle.verify()  # commands read some by path (TensorRT's parser, the parity check) and record them
+        with progress.stage("checking every file's sha256"):  # serving leaves the weights to their readers
+            bundle.verify()
     progress.say(f"bundle {bundle.manifest.name} at {bundle.path}")
     return bundle
+
+
+def _check_onnx_files(bundle, dtype: str, buckets: list[int]) -> None:
+    """The files of the bundle's ONNX export of `dtype`, hashed before a command reads them by path (the parity
+    check, TensorRT's parser) and records what it read: the bundle's own verify leaves the exports out."""
+    from engines.bundle import BundleError
+    from engines.runners import export_command, recorded_export
+
+    record, _ = recorded_export(bundle, "onnx", dtype, buckets=buckets)
+    try:
+        bundle.check_files(record["files"])
+    except BundleError as exc:
+        raise BundleError(f"{exc}: run `{export_command(bundle, 'onnx', dtype, buckets)}`") from None
 
 
 def _cmd_onnx(args, progress: Progress) -> int:
@@ -238,6 +251,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     else:
         record, export = recorded_export(bundle, "onnx", args.dtype, buckets=served)
         path = export.path
+        _check_onnx_files(bundle, args.dtype, served)
     required = cases_for_graph(path, served if record is None else sides_to_check(bundle, args.dtype, served))
     cases = args.cases or required
     report = verify_onnx(
@@ -249,8 +263,8 @@ def _cmd_verify(args, progress: Progress) -> int:
     if record is not None and report["passed"] and not loosened and not narrowed:
         checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
         key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
-        hashed_at_open = {name: entry.sha256 for name, entry in bundle.manifest.files.items()}  # _open_bundle's
-        record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against, checked=hashed_at_open)
+        hashed = {name: entry.sha256 for name, entry in bundle.manifest.files.items()}  # as _check_onnx_files found
+        record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against, checked=hashed)
         progress.say(f"recorded {record['path']} as matching the bundle's UNet")
     elif record is not None:
         why = "failed" if not report["passed"] else "tolerances overridden" if loosened else "--cases leave out buckets"
@@ -270,6 +284,7 @@ def _cmd_tensorrt(args, progress: Progress) -> int:
 
         try:
             onnx_path = current_export(bundle, "onnx", args.dtype, buckets=buckets).path
+            _check_onnx_files(bundle, args.dtype, buckets)
         except BundleError as exc:  # its advice (export an ONNX first) does not help alone on a machine without one
             unavailable = _tensorrt_unavailable()
             if unavailable:

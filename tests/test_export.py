@@ -94,8 +94,8 @@ def test_manifest_records_the_export_and_the_bundle_still_verifies(exported, tmp
     shutil.copytree(exported.bundle.path, copy)
     with open(copy / "exports" / "unet.fp32.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(BundleError, match="exports/unet.fp32.onnx"):
-        Bundle.load(copy, verify=True)
+    with pytest.raises(BundleError, match="unet.fp32.onnx: sha256 differs.*run `python -m export onnx --bundle"):
+        RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
 
 
 @pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
@@ -470,6 +470,45 @@ def test_a_tampered_export_stops_only_the_replica_that_loads_it(tiny_bundle, tmp
         RemovalEngine.from_bundle(opened(), runner="onnx")
 
 
+BROKEN_EXPORTS = {
+    "other bytes": lambda graph: graph.write_bytes(bytes(b ^ 1 for b in graph.read_bytes())),
+    "truncated": lambda graph: graph.write_bytes(graph.read_bytes()[:5]),
+    "deleted": Path.unlink,
+}
+
+
+@pytest.mark.parametrize("breaks", BROKEN_EXPORTS.values(), ids=BROKEN_EXPORTS.keys())
+def test_a_broken_export_stops_only_the_onnx_runner_and_the_command_it_names_replaces_it(
+    tiny_bundle, tmp_path, stub_export, breaks
+):
+    """The bundle's own verify covered the exports: one deleted or truncated export stopped every replica (the
+    Scorer and a torch Remover too, which never read it) and every `python -m export --bundle` command, the one
+    that remakes it included."""
+    import re
+    import shlex
+
+    import export.cli
+    from engines.scorer import ScoringEngine
+    from engines.sources import open_bundle
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    breaks(onnx)
+
+    def opened():
+        return open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache", verify=True)
+
+    ScoringEngine.from_bundle(opened())
+    RemovalEngine.from_bundle(opened(), runner="torch")
+    with pytest.raises(BundleError) as refused:
+        RemovalEngine.from_bundle(opened(), runner="onnx", buckets=[512])
+    (command,) = re.findall(r"`(python -m export [^`]*)`", str(refused.value))
+    assert shlex.split(command)[3] == "onnx" and "--bundle" in command
+    assert export.cli.main([*shlex.split(command)[3:], "--quiet"]) == 0
+    bundle = Bundle.load(copy, verify=True)
+    assert current_export(bundle, "onnx", "float32", buckets=[512]).path == onnx
+    bundle.check_files(["exports/unet.fp32.onnx"])
+
+
 def test_a_plan_s_build_record_is_hashed_as_the_runner_reads_it(plan_build):
     """The plan's sidecar (its build record) was hashed only at open; now its reader hashes it."""
     from engines import runners
@@ -481,8 +520,8 @@ def test_a_plan_s_build_record_is_hashed_as_the_runner_reads_it(plan_build):
     assert export.data_sha256 is None
     sidecar.write_text("[]")  # same size, other bytes
     runner = object.__new__(runners.TensorRTUNetRunner)
-    runner.path = plan_build.plan
-    with pytest.raises(BundleError, match=f"{sidecar.name}: sha256 differs"):
+    runner.path, runner.rebuild = plan_build.plan, "python -m export tensorrt --bundle B"
+    with pytest.raises(BundleError, match=f"{sidecar.name}: sha256 differs.*`python -m export tensorrt --bundle B`"):
         runner._check_sidecar(export.sidecar_sha256)
 
 
@@ -743,6 +782,35 @@ def test_ensure_unet_onnx_exports_again_for_a_bucket_its_graph_was_not_checked_a
     assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512]) == onnx and not stub_export.verified
     assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512, 1024]) == onnx
     assert (1, 128, 128) in stub_export.cases[-1] and onnx.read_bytes() == b"a new graph"
+
+
+def test_export_missing_on_a_read_only_bundle_serves_a_current_export_and_says_where_to_make_one(
+    tiny_bundle, tmp_path, monkeypatch, stub_export
+):
+    """Kubernetes mounts the models read-only: the export lock beside the bundle was taken before checking, so a
+    start with a current export failed with a bare OSError (Read-only file system: '<bundle>.export-onnx-...lock')."""
+    import errno
+
+    import export.manifest
+    from export.manifest import ensure_unet_onnx
+
+    class ReadOnlyLock:
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            raise OSError(errno.EROFS, "Read-only file system", self.path)
+
+        def __exit__(self, *exc):
+            return False
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    monkeypatch.setattr(export.manifest, "FileLock", ReadOnlyLock)
+    assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512]) == onnx
+    refusal = r"cannot export the UNet into the bundle \(.*Read-only file system.*export_missing: false.*export onnx"
+    with pytest.raises(BundleError, match=refusal):
+        ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512, 1024])
+    assert not stub_export.verified
 
 
 @pytest.mark.parametrize("cases", [[], ["--cases", "1x32x32,3x64x64"]], ids=["default cases", "cases without 1024"])
@@ -1041,12 +1109,14 @@ def test_an_onnx_runtime_error_is_a_message_and_an_exit_code_not_a_traceback(tin
 
 
 @pytest.mark.parametrize("command", ["verify", "tensorrt"])
-def test_a_bundle_named_by_a_config_is_hashed_whole_before_an_export_command_reads_its_files(
-    tiny_bundle, tmp_path, capsys, command
+@pytest.mark.parametrize("named_by", ["--config", "--bundle"])
+def test_the_export_an_export_command_reads_is_hashed_before_it_reads_it(
+    tiny_bundle, tmp_path, capsys, command, named_by
 ):
     """Serving leaves each export's hash to the runner that loads it; `export verify` and `export tensorrt` read
     the graph and its data by path (the parity check, TensorRT's parser) and record what they read. With the bundle
-    named by --config they opened it as a replica does, and so checked and recorded a swapped graph as trusted."""
+    named by --config they opened it as a replica does, and so checked and recorded a swapped graph as trusted.
+    The bundle's own verify leaves the exports out: each command hashes the one it reads."""
     import yaml
 
     import export.cli
@@ -1055,10 +1125,14 @@ def test_a_bundle_named_by_a_config_is_hashed_whole_before_an_export_command_rea
     onnx.write_bytes(onnx.read_bytes() + b"\0")  # another graph, its recorded size kept: only its sha256 tells
     _edit_manifest(copy, lambda m: m["files"]["exports/unet.fp32.onnx"].update(bytes=onnx.stat().st_size))
     config = tmp_path / "serve.yaml"
+    args = {"bundle": {"path": str(copy)}, "imaging": {"buckets": [512]}}
     config.write_text(yaml.safe_dump({"applications": [{"name": "rorem", "import_path": "serve.app:build_app",
-                                                        "route_prefix": "/", "args": {"bundle": {"path": str(copy)}}}]}))
-    assert export.cli.main([command, "--config", str(config), "--quiet"]) == 1
-    assert "exports/unet.fp32.onnx: sha256 differs from the manifest" in capsys.readouterr().err
+                                                        "route_prefix": "/", "args": args}]}))
+    bundle_args = ["--config", str(config)] + (["--bundle", str(copy)] if named_by == "--bundle" else [])
+    assert export.cli.main([command, *bundle_args, "--dtype", "float32", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "exports/unet.fp32.onnx: sha256 differs from the manifest" in err
+    assert "run `python -m export onnx --bundle" in err
 
 
 def test_a_static_export_is_refused_for_serving_with_the_command_that_makes_a_servable_one(tiny_bundle, tmp_path):
