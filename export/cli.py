@@ -56,14 +56,27 @@ def _int_in(low: int, high: int):
 
 
 def _sides(value: str) -> list[int]:
-    """--buckets: image sides in pixels."""
+    """--buckets: image sides in pixels, by the rule of the Serve config's buckets (serve.config.Buckets)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from serve.config import Buckets
+
     try:
         sides = [int(side) for side in value.split(",")]
     except ValueError:
-        sides = []
-    if not sides or min(sides) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: image sides in pixels, comma-separated, e.g. 512,1024")
-    return sides
+        raise argparse.ArgumentTypeError(f"{value!r}: image sides in pixels, comma-separated, e.g. 512,1024") from None
+    try:
+        return TypeAdapter(Buckets).validate_python(sides)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise argparse.ArgumentTypeError(f"{value!r}: {reason}") from None
+
+
+def _side(value: str) -> int:
+    """--side: one image side, by the same rule as --buckets."""
+    if "," in value:
+        raise argparse.ArgumentTypeError(f"{value!r}: one image side in pixels, e.g. 512")
+    return _sides(value)[0]
 
 
 def _cases(value: str) -> tuple[tuple[int, int, int], ...]:
@@ -136,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="one removal with each runner (torch, onnx, tensorrt): median ms per stage")
     _bundle_args(bench)
     bench.add_argument("--runners", default="torch,onnx", help="comma-separated: torch, onnx, tensorrt")
-    bench.add_argument("--side", type=int, default=512)
+    bench.add_argument("--side", type=_side, default=512)
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--device", default="cpu")

@@ -1325,6 +1325,11 @@ def test_a_file_that_is_not_onnx_is_a_one_line_error_naming_it(tiny_bundle, tmp_
         (["verify", "--tiny", "--cases", "1x32"], "argument --cases: '1x32': BATCHxLATENT_HxLATENT_W, comma-separated"),
         (["onnx", "--tiny", "--buckets", "abc"], "argument --buckets: 'abc': image sides in pixels, comma-separated"),
         (["tensorrt", "--tiny", "--buckets", "512,"], "argument --buckets: '512,': image sides in pixels"),
+        (["onnx", "--tiny", "--buckets", "500"], "argument --buckets: '500': bucket sides must be positive multiples"),
+        (["verify", "--tiny", "--buckets", "512,100"], "argument --buckets: '512,100': bucket sides must be positive"),
+        (["tensorrt", "--tiny", "--buckets", "0"], "argument --buckets: '0': bucket sides must be positive multiples"),
+        (["bench", "--tiny", "--side", "500"], "argument --side: '500': bucket sides must be positive multiples of 64"),
+        (["bench", "--tiny", "--side", "512,1024"], "argument --side: '512,1024': one image side in pixels"),
         (["onnx", "--tiny", "--max-batch", "0"], "argument --max-batch: '0': an integer from 1 to 63"),
         (["onnx", "--tiny", "--max-batch", "64"], "argument --max-batch: '64': an integer from 1 to 63"),
         (["onnx", "--tiny", "--opset", "0"], "argument --opset: '0': an integer from 18 to 23"),
@@ -1333,7 +1338,8 @@ def test_a_file_that_is_not_onnx_is_a_one_line_error_naming_it(tiny_bundle, tmp_
 )
 def test_malformed_or_out_of_range_numbers_are_refused_by_the_parser(capsys, argv, message):
     """--max-batch 0 and --opset 0 were replaced by the defaults unsaid; --cases 1x32 said "not enough values to
-    unpack" and --buckets abc "invalid literal for int()"."""
+    unpack" and --buckets abc "invalid literal for int()"; --buckets 500 ran the whole export, then failed inside
+    ONNX Runtime, and verify --buckets 100 recorded a check at 96 px (sides: serve.config's bucket rule)."""
     import export.cli
 
     with pytest.raises(SystemExit) as exited:
