@@ -20,6 +20,7 @@ Serve config names (--config). Files go to <bundle>/exports/ and are recorded in
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -184,11 +185,30 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a read-only mount, a folder where a file was named
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # ONNX Runtime's errors (InvalidArgument, Fail, ...) subclass Exception only
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
         print(f"error: ONNX Runtime: {exc}", file=sys.stderr)
         return 1
+
+
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free space there, or write the export elsewhere (a copy of the bundle, --out / --plan)",
+    errno.EDQUOT: "free space within the quota, or write the export elsewhere (a copy of the bundle, --out / --plan)",
+    errno.EROFS: "a read-only mount: run the command where the bundle is writable, or on a writable copy of it",
+    errno.EACCES: "not writable by this user: run as the bundle's owner, or on a copy of the bundle",
+    errno.EPERM: "not writable by this user: run as the bundle's owner, or on a copy of the bundle",
+}
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line naming the file, with what to do where that is known."""
+    where = f": {exc.filename}" if exc.filename else ""
+    advice = _OS_ERROR_ADVICE.get(exc.errno)
+    return f"{exc.strerror or exc}{where}" + (f" ({advice})" if advice else "")
 
 
 def _open_bundle(args, progress: Progress):

@@ -8,6 +8,7 @@ in a subprocess that overlaps with the in-process fp16 export.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import signal
@@ -1317,6 +1318,46 @@ def test_a_file_that_is_not_onnx_is_a_one_line_error_naming_it(tiny_bundle, tmp_
     assert export.cli.main(["verify", "--bundle", str(tiny_bundle.path), "--onnx", str(graph), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {graph} is not an ONNX model (") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["verify", "tensorrt"])
+@pytest.mark.parametrize("content", [b"", b"\x08\x07"], ids=["empty", "another protobuf"])
+def test_an_onnx_that_is_no_exported_unet_is_a_one_line_error_naming_it(
+    tiny_bundle, tmp_path, capsys, command, content
+):
+    """An empty file (or any message protobuf parses) ended in a bare StopIteration or KeyError traceback."""
+    import export.cli
+
+    graph = tmp_path / "empty.onnx"
+    graph.write_bytes(content)
+    plan_args = ["--buckets", "512", "--max-batch-size", "1"]
+    bundle_args = ["--bundle", str(tiny_bundle.path)] if command == "verify" else plan_args
+    assert export.cli.main([command, *bundle_args, "--onnx", str(graph), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {graph} is not an exported UNet: inputs []") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "code, advice", [(errno.ENOSPC, "free space there"), (errno.EROFS, "where the bundle is writable")],
+    ids=["full", "read-only"],
+)
+def test_an_os_error_is_a_one_line_error_saying_what_to_do(tiny_bundle, tmp_path, capsys, monkeypatch, code, advice):
+    """A full disk or a read-only mount ended the export in a traceback."""
+    import os
+
+    import export.cli
+    import export.onnx_export
+
+    def export_unet_onnx(bundle, out_path, **_):
+        raise OSError(code, os.strerror(code), str(out_path))
+
+    monkeypatch.setattr(export.onnx_export, "export_unet_onnx", export_unet_onnx)
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {os.strerror(code)}: {copy}/exports/") and advice in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
