@@ -272,7 +272,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     check, stays refused by serving. The record's report lists the sizes checked: serving refuses the graph
     for a bucket side not among them, so the check runs at each side the record it replaces lists as well as
     the served ones, and a record never loses one."""
-    from engines.bundle import UNET_WEIGHTS
+    from engines.bundle import UNET_WEIGHTS, BundleError, sha256_of
     from engines.runners import export_key, recorded_export
     from export.manifest import record_export, sides_to_check
     from export.onnx_export import onnx_files
@@ -293,17 +293,44 @@ def _cmd_verify(args, progress: Progress) -> int:
     )  # fmt: skip
     loosened = args.max_abs is not None or args.mean_abs is not None
     narrowed = not set(required) <= set(cases)  # --cases that leave out a shape served or recorded as checked
+    checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
     if record is not None and report["passed"] and not loosened and not narrowed:
-        checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
-        key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
-        hashed = {name: entry.sha256 for name, entry in bundle.manifest.files.items()}  # as _check_onnx_files found
-        record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against, checked=hashed)
-        progress.say(f"recorded {record['path']} as matching the bundle's UNet")
+        if _record_covers(bundle, record, path, report, checked_against):
+            listed = bundle.manifest.files
+            changed = [name for name in record["files"] if sha256_of(bundle.file(name)) != listed[name].sha256]
+            if changed:
+                raise BundleError(f"{bundle.path}: {', '.join(changed)} changed while it was checked; check it again")
+            progress.say(f"{record['path']}: its record already says so (not rewritten)")
+        else:
+            key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
+            hashed = {name: entry.sha256 for name, entry in bundle.manifest.files.items()}  # as _check_onnx_files found
+            try:
+                record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against, checked=hashed)
+            except OSError as exc:
+                print(f"passed; not recorded (bundle not writable: {_os_error(exc)})", file=sys.stderr)
+            else:
+                progress.say(f"recorded {record['path']} as matching the bundle's UNet")
     elif record is not None:
         why = "failed" if not report["passed"] else "tolerances overridden" if loosened else "--cases leave out buckets"
         progress.say(f"not recorded: {why}")
     _summary(progress, path, {"verify": report})
     return 0 if report["passed"] else 1
+
+
+def _record_covers(bundle, record: dict, path: Path, report: dict, checked_against: str) -> bool:
+    """Whether the bundle's record of the graph at `path` already says what a passed `report` would write: passed,
+    against the UNet `checked_against`, at each side checked, for the same files. Then `verify` does not rewrite
+    the manifest, so it passes on a read-only bundle (serving's mount)."""
+    from engines.runners import verified_sides
+    from export.onnx_export import onnx_files
+
+    files = [file.resolve().relative_to(bundle.path.resolve()).as_posix() for file in onnx_files(path)]
+    return (
+        isinstance(record.get("verify"), dict) and record["verify"].get("passed") is True
+        and record.get("unet_sha256") == checked_against
+        and verified_sides({"verify": report}) <= verified_sides(record)
+        and record.get("files") == files
+    )  # fmt: skip
 
 
 def _cmd_tensorrt(args, progress: Progress) -> int:

@@ -785,28 +785,29 @@ def test_ensure_unet_onnx_exports_again_for_a_bucket_its_graph_was_not_checked_a
     assert (1, 128, 128) in stub_export.cases[-1] and onnx.read_bytes() == b"a new graph"
 
 
+class _ReadOnlyLock:
+    """A FileLock on a read-only mount (Kubernetes mounts the models so)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        raise OSError(errno.EROFS, "Read-only file system", self.path)
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_export_missing_on_a_read_only_bundle_serves_a_current_export_and_says_where_to_make_one(
     tiny_bundle, tmp_path, monkeypatch, stub_export
 ):
     """Kubernetes mounts the models read-only: the export lock beside the bundle was taken before checking, so a
     start with a current export failed with a bare OSError (Read-only file system: '<bundle>.export-onnx-...lock')."""
-    import errno
-
     import export.manifest
     from export.manifest import ensure_unet_onnx
 
-    class ReadOnlyLock:
-        def __init__(self, path):
-            self.path = path
-
-        def __enter__(self):
-            raise OSError(errno.EROFS, "Read-only file system", self.path)
-
-        def __exit__(self, *exc):
-            return False
-
     copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
-    monkeypatch.setattr(export.manifest, "FileLock", ReadOnlyLock)
+    monkeypatch.setattr(export.manifest, "FileLock", _ReadOnlyLock)
     assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512]) == onnx
     refusal = r"cannot export the UNet into the bundle \(.*Read-only file system.*export_missing: false.*export onnx"
     with pytest.raises(BundleError, match=refusal):
@@ -1134,6 +1135,24 @@ def test_the_export_an_export_command_reads_is_hashed_before_it_reads_it(
     err = capsys.readouterr().err
     assert "exports/unet.fp32.onnx: sha256 differs from the manifest" in err
     assert "run `python -m export onnx --bundle" in err
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["record covers the check", "record to update"])
+def test_a_passing_verify_on_a_read_only_bundle_exits_0(tiny_bundle, tmp_path, monkeypatch, capsys, stub_export, stale):
+    """`export verify` always rewrote the manifest: on a read-only mount (serving's) a passing check exited 1 with a
+    traceback. A record that already says what the check found is left as it is; one to update is reported."""
+    import export.cli
+    import export.manifest
+
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path)
+    if stale:
+        _edit_manifest(copy, lambda m: m["provenance"]["exports"]["onnx.float32"].update(unet_sha256="0" * 64))
+    manifest = (copy / MANIFEST).read_text()
+    monkeypatch.setattr(export.manifest, "FileLock", _ReadOnlyLock)
+    assert export.cli.main(["verify", "--bundle", str(copy), "--buckets", "512", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("passed; not recorded (bundle not writable: Read-only file system" in err) == stale, err
+    assert (copy / MANIFEST).read_text() == manifest and stub_export.verified
 
 
 def test_a_static_export_is_refused_for_serving_with_the_command_that_makes_a_servable_one(tiny_bundle, tmp_path):
