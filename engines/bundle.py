@@ -50,7 +50,8 @@ DISCRIMINATOR_WEIGHTS = "discriminator/model.safetensors"
 DISCRIMINATOR_PROMPT_EMBEDS = "discriminator/prompt_embeds.safetensors"
 # loaded only through `Bundle.read`, which hashes the bytes it hands over
 HASHED_AS_READ = frozenset({UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS, DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS})
-# exported UNets (engines.runners): each file is loaded only by the runner that serves it, from bytes it hashes
+# exported UNets (engines.runners): each file is loaded only by the runner that serves it, from bytes it hashes;
+# not part of `Bundle.verify` (is_export)
 EXPORTS_DIR = "exports"
 RUN_SUMMARY = "summary.json"  # `python -m training bundle` writes its run's record beside the manifest, unlisted
 RUN_LOCK = ".lock"  # and holds the folder with this lock file while it runs (training.common.claim_out)
@@ -178,11 +179,11 @@ def _aside(final: Path) -> Path:
     return final.with_name(f".{final.name}.old")
 
 
-def hashed_as_read(name: str) -> bool:
-    """Whether listed file `name` is only ever loaded from bytes hashed as they are read: the weights through
-    `Bundle.read`, the exports through `engines.runners.read_checked`. Each is then hashed once, by its reader,
-    and only where it is loaded: an export no replica loads is not hashed at all."""
-    return name in HASHED_AS_READ or PurePosixPath(name).parts[0] == EXPORTS_DIR
+def is_export(name: str) -> bool:
+    """Whether listed file `name` is an exported UNet's (under exports/): not part of the bundle's own `verify`, so a
+    broken export stops only what loads it (its runner hashes it as it reads it, `engines.runners.read_checked`),
+    and the export commands, which open the bundle verified, can still replace it."""
+    return PurePosixPath(name).parts[0] == EXPORTS_DIR
 
 
 def sha256_of(path: Path) -> str:
@@ -203,8 +204,8 @@ class Bundle:
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, *, hash_weights: bool = True) -> "Bundle":
         """`hash_weights=False` is for a process that loads the files it uses through a reader that hashes them
-        (`hashed_as_read`): hashing them in `verify` too costs a second pass (about 25 s of an SDXL replica's
-        start), and hashing the exports it never loads (the Scorer, a torch Remover) about 20 GB more."""
+        (`HASHED_AS_READ`): hashing them in `verify` too costs a second pass (about 25 s of an SDXL replica's
+        start)."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -219,10 +220,30 @@ class Bundle:
         return bundle
 
     def verify(self, *, hash_weights: bool = True) -> None:
-        """Check every listed file: inside the folder, not a symlink, with the recorded size and sha256
-        (with `hash_weights=False`, the sha256 of the files `hashed_as_read` is left to the code that reads them)."""
+        """Check every listed file but the exports (`is_export`): inside the folder, not a symlink, with the recorded
+        size and sha256 (with `hash_weights=False`, the sha256 of the files `HASHED_AS_READ` is left to `read`)."""
+        own = [name for name in self.manifest.files if not is_export(name)]
+        problems = self._file_problems(own, hash_weights=hash_weights)
+        required_files = [UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS]
+        if self.has_discriminator:
+            required_files += [DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS]
+        for required in required_files:
+            if required not in self.manifest.files:
+                problems.append(f"{required}: not listed in the manifest")
+        if problems:
+            raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(problems))
+
+    def check_files(self, names: list[str]) -> None:
+        """Check listed files `names` as `verify` checks the bundle's own, sha256 included: for the export files a
+        command reads by path (the parity check, TensorRT's parser) before it records what it read."""
+        problems = self._file_problems(names, hash_weights=True)
+        if problems:
+            raise BundleError(f"bundle {self.path}: " + "; ".join(problems))
+
+    def _file_problems(self, names: list[str], *, hash_weights: bool) -> list[str]:
         problems = []
-        for name, entry in self.manifest.files.items():
+        for name in names:
+            entry = self.manifest.files[name]
             try:
                 file = self.file(name)
             except BundleError as exc:
@@ -232,16 +253,9 @@ class Bundle:
                 problems.append(f"{name}: missing")
             elif file.stat().st_size != entry.bytes:
                 problems.append(f"{name}: {file.stat().st_size} bytes, manifest says {entry.bytes}")
-            elif (hash_weights or not hashed_as_read(name)) and sha256_of(file) != entry.sha256:
+            elif (hash_weights or name not in HASHED_AS_READ) and sha256_of(file) != entry.sha256:
                 problems.append(f"{name}: sha256 differs from the manifest")
-        required_files = [UNET_WEIGHTS, VAE_WEIGHTS, PROMPT_EMBEDS]
-        if self.has_discriminator:
-            required_files += [DISCRIMINATOR_WEIGHTS, DISCRIMINATOR_PROMPT_EMBEDS]
-        for required in required_files:
-            if required not in self.manifest.files:
-                problems.append(f"{required}: not listed in the manifest")
-        if problems:
-            raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(problems))
+        return problems
 
     def file(self, name: str) -> Path:
         """The path of listed file `name`, refused when it is a symlink or resolves outside the bundle folder."""

@@ -135,18 +135,21 @@ def flat_inputs(
     return {name: tensors[name].to(device=device, dtype=dtypes[name]).contiguous() for name in UNET_INPUTS}
 
 
-def read_checked(path: Path, sha256: str | None) -> bytes:
+def read_checked(path: Path, sha256: str | None, rebuild: str | None = None) -> bytes:
     """The file's bytes, checked against `sha256` (the bundle manifest's) when given: a runner builds on the bytes
-    that were hashed, so a file replaced after `Bundle.verify`, or never verified (`bundle.verify: false`), is
-    refused, not run."""
+    that were hashed (`Bundle.verify` leaves the exports to their readers), so a changed or truncated file is
+    refused, not run, naming `rebuild`, the command that makes it again."""
     data = path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise _changed(path)
+        raise _changed(path, rebuild)
     return data
 
 
-def _changed(path: Path) -> BundleError:
-    return BundleError(f"{path}: sha256 differs from the bundle manifest's (the file changed since it was recorded)")
+def _changed(path: Path, rebuild: str | None) -> BundleError:
+    fix = f": run `{rebuild}`" if rebuild else ""
+    return BundleError(
+        f"{path}: sha256 differs from the bundle manifest's (the file changed since it was recorded){fix}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +207,10 @@ class OnnxUNetRunner:
         threads: int | None = None,
         sha256: str | None = None,
         data_sha256: str | None = None,
+        rebuild: str | None = None,
     ):
-        """`sha256`: what the graph's bytes must hash to (the bundle manifest's); the session is built from those
+        """`rebuild`: the command that exports it again, named when its bytes are not the recorded ones.
+        `sha256`: what the graph's bytes must hash to (the bundle manifest's); the session is built from those
         very bytes. `data_sha256`: the same for its external data file (<graph>.data, over ~2 GB of weights),
         which ONNX Runtime reads by name when the session is built: it is hashed just before, so one swapped in
         between that hash and the session's read is the window left. Given `sha256`, a .data file beside the
@@ -231,6 +236,7 @@ class OnnxUNetRunner:
                 (p, {"device_id": self.device.index}) if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else p
                 for p in providers
             ]
+        self.rebuild = rebuild
         model = str(self.path) if sha256 is None else self._checked_model(options, sha256, data_sha256)
         self.session = ort.InferenceSession(model, options, providers=providers)
         require_ort_gpu_provider(self.device, self.session.get_providers(), ort.get_available_providers())
@@ -259,10 +265,10 @@ class OnnxUNetRunner:
         `options` pointed at the graph's folder for that file (a session built from bytes has no path)."""
         from engines.bundle import sha256_of
 
-        model = read_checked(self.path, sha256)
+        model = read_checked(self.path, sha256, self.rebuild)
         data = self.path.with_name(self.path.name + ".data")
         if data_sha256 is not None and sha256_of(data) != data_sha256:
-            raise _changed(data)
+            raise _changed(data, self.rebuild)
         if data_sha256 is None and data.exists():
             raise BundleError(f"{data}: beside the recorded graph {self.path.name} but not recorded with it")
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
@@ -346,7 +352,7 @@ class TensorRTUNetRunner:
         if not self.path.is_file():
             raise FileNotFoundError(f"no TensorRT plan at {self.path} (build one: python -m export tensorrt --help)")
         self.info = self._check_sidecar(sidecar_sha256)
-        plan = read_checked(self.path, sha256)
+        plan = read_checked(self.path, sha256, self.rebuild)
         self.cuda_graph = cuda_graph
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -374,7 +380,7 @@ class TensorRTUNetRunner:
         sidecar = plan_sidecar(self.path)
         if sha256 is None and not sidecar.is_file():
             return None
-        info = json.loads(read_checked(sidecar, sha256))
+        info = json.loads(read_checked(sidecar, sha256, self.rebuild))
         have_cc = "%d.%d" % torch.cuda.get_device_capability(self.device)
         problems = []
         if info.get("tensorrt_version") and info["tensorrt_version"] != self.trt.__version__:
@@ -701,8 +707,8 @@ def make_unet_runner(
 ) -> UNetRunner:
     """torch: `unet` (already in its dtype); onnx / tensorrt: the exported file at `path`, loaded from bytes
     checked against `sha256` when given (an ONNX graph's external data file against `data_sha256`: see
-    OnnxUNetRunner; a plan's build record against `sidecar_sha256`), and for a plan, `rebuild` named when its
-    profiles do not fit the service."""
+    OnnxUNetRunner; a plan's build record against `sidecar_sha256`), `rebuild` named when those bytes differ or,
+    for a plan, when its profiles do not fit the service."""
     device = torch.device(device)
     if kind == "torch":
         if unet is None:
@@ -713,7 +719,9 @@ def make_unet_runner(
     if path is None:
         raise ValueError(f"the {kind} runner needs the exported file's path")
     if kind == "onnx":
-        return OnnxUNetRunner(path, device, dtype=dtype, providers=providers, sha256=sha256, data_sha256=data_sha256)
+        return OnnxUNetRunner(
+            path, device, dtype=dtype, providers=providers, sha256=sha256, data_sha256=data_sha256, rebuild=rebuild
+        )
     if kind == "tensorrt":
         runner = TensorRTUNetRunner(
             path, device, cuda_graph=cuda_graph, sha256=sha256, rebuild=rebuild, sidecar_sha256=sidecar_sha256

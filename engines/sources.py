@@ -29,7 +29,7 @@ def open_bundle(
     """Exactly one of `path` / `authors` names a real bundle; neither means the tiny bundle (always float32).
     `prompt` and `import_dtype` (None: "" and float16) are baked in when a bundle is written; a bundle folder
     has them already, and one asked for must be its own. `verify` hashes every file but the weights, which
-    the caller loads through `Bundle.read` and so hashes as they are read."""
+    the caller loads through `Bundle.read` and so hashes as they are read, and the exports (`Bundle.verify`)."""
     if path and authors:
         raise ValueError("configure either a bundle path or the authors' layout, not both")
     if path:

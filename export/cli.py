@@ -20,6 +20,7 @@ Serve config names (--config). Files go to <bundle>/exports/ and are recorded in
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -56,14 +57,27 @@ def _int_in(low: int, high: int):
 
 
 def _sides(value: str) -> list[int]:
-    """--buckets: image sides in pixels."""
+    """--buckets: image sides in pixels, by the rule of the Serve config's buckets (serve.config.Buckets)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from serve.config import Buckets
+
     try:
         sides = [int(side) for side in value.split(",")]
     except ValueError:
-        sides = []
-    if not sides or min(sides) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: image sides in pixels, comma-separated, e.g. 512,1024")
-    return sides
+        raise argparse.ArgumentTypeError(f"{value!r}: image sides in pixels, comma-separated, e.g. 512,1024") from None
+    try:
+        return TypeAdapter(Buckets).validate_python(sides)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise argparse.ArgumentTypeError(f"{value!r}: {reason}") from None
+
+
+def _side(value: str) -> int:
+    """--side: one image side, by the same rule as --buckets."""
+    if "," in value:
+        raise argparse.ArgumentTypeError(f"{value!r}: one image side in pixels, e.g. 512")
+    return _sides(value)[0]
 
 
 def _cases(value: str) -> tuple[tuple[int, int, int], ...]:
@@ -136,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="one removal with each runner (torch, onnx, tensorrt): median ms per stage")
     _bundle_args(bench)
     bench.add_argument("--runners", default="torch,onnx", help="comma-separated: torch, onnx, tensorrt")
-    bench.add_argument("--side", type=int, default=512)
+    bench.add_argument("--side", type=_side, default=512)
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--device", default="cpu")
@@ -171,11 +185,30 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a read-only mount, a folder where a file was named
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # ONNX Runtime's errors (InvalidArgument, Fail, ...) subclass Exception only
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
         print(f"error: ONNX Runtime: {exc}", file=sys.stderr)
         return 1
+
+
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free space there, or write the export elsewhere (a copy of the bundle, --out / --plan)",
+    errno.EDQUOT: "free space within the quota, or write the export elsewhere (a copy of the bundle, --out / --plan)",
+    errno.EROFS: "a read-only mount: run the command where the bundle is writable, or on a writable copy of it",
+    errno.EACCES: "not writable by this user: run as the bundle's owner, or on a copy of the bundle",
+    errno.EPERM: "not writable by this user: run as the bundle's owner, or on a copy of the bundle",
+}
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line naming the file, with what to do where that is known."""
+    where = f": {exc.filename}" if exc.filename else ""
+    advice = _OS_ERROR_ADVICE.get(exc.errno)
+    return f"{exc.strerror or exc}{where}" + (f" ({advice})" if advice else "")
 
 
 def _open_bundle(args, progress: Progress):
@@ -193,10 +226,23 @@ def _open_bundle(args, progress: Progress):
 
         with progress.stage(f"bundle named by {args.config}"):
             bundle = load_serve_settings(args.config).bundle.open()
-        with progress.stage("checking every file's sha256"):  # serving leaves the exports to their readers; these
-            bundle.verify()  # commands read some by path (TensorRT's parser, the parity check) and record them
+        with progress.stage("checking every file's sha256"):  # serving leaves the weights to their readers
+            bundle.verify()
     progress.say(f"bundle {bundle.manifest.name} at {bundle.path}")
     return bundle
+
+
+def _check_onnx_files(bundle, dtype: str, buckets: list[int]) -> None:
+    """The files of the bundle's ONNX export of `dtype`, hashed before a command reads them by path (the parity
+    check, TensorRT's parser) and records what it read: the bundle's own verify leaves the exports out."""
+    from engines.bundle import BundleError
+    from engines.runners import export_command, recorded_export
+
+    record, _ = recorded_export(bundle, "onnx", dtype, buckets=buckets)
+    try:
+        bundle.check_files(record["files"])
+    except BundleError as exc:
+        raise BundleError(f"{exc}: run `{export_command(bundle, 'onnx', dtype, buckets)}`") from None
 
 
 def _cmd_onnx(args, progress: Progress) -> int:
@@ -226,7 +272,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     check, stays refused by serving. The record's report lists the sizes checked: serving refuses the graph
     for a bucket side not among them, so the check runs at each side the record it replaces lists as well as
     the served ones, and a record never loses one."""
-    from engines.bundle import UNET_WEIGHTS
+    from engines.bundle import UNET_WEIGHTS, BundleError, sha256_of
     from engines.runners import export_key, recorded_export
     from export.manifest import record_export, sides_to_check
     from export.onnx_export import onnx_files
@@ -238,6 +284,7 @@ def _cmd_verify(args, progress: Progress) -> int:
     else:
         record, export = recorded_export(bundle, "onnx", args.dtype, buckets=served)
         path = export.path
+        _check_onnx_files(bundle, args.dtype, served)
     required = cases_for_graph(path, served if record is None else sides_to_check(bundle, args.dtype, served))
     cases = args.cases or required
     report = verify_onnx(
@@ -246,17 +293,44 @@ def _cmd_verify(args, progress: Progress) -> int:
     )  # fmt: skip
     loosened = args.max_abs is not None or args.mean_abs is not None
     narrowed = not set(required) <= set(cases)  # --cases that leave out a shape served or recorded as checked
+    checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
     if record is not None and report["passed"] and not loosened and not narrowed:
-        checked_against = bundle.manifest.files[UNET_WEIGHTS].sha256  # what bundle.load_unet hashed
-        key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
-        hashed_at_open = {name: entry.sha256 for name, entry in bundle.manifest.files.items()}  # _open_bundle's
-        record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against, checked=hashed_at_open)
-        progress.say(f"recorded {record['path']} as matching the bundle's UNet")
+        if _record_covers(bundle, record, path, report, checked_against):
+            listed = bundle.manifest.files
+            changed = [name for name in record["files"] if sha256_of(bundle.file(name)) != listed[name].sha256]
+            if changed:
+                raise BundleError(f"{bundle.path}: {', '.join(changed)} changed while it was checked; check it again")
+            progress.say(f"{record['path']}: its record already says so (not rewritten)")
+        else:
+            key, recorded = export_key("onnx", args.dtype), {**record, "verify": report}
+            hashed = {name: entry.sha256 for name, entry in bundle.manifest.files.items()}  # as _check_onnx_files found
+            try:
+                record_export(bundle, key, onnx_files(path), recorded, made_from=checked_against, checked=hashed)
+            except OSError as exc:
+                print(f"passed; not recorded (bundle not writable: {_os_error(exc)})", file=sys.stderr)
+            else:
+                progress.say(f"recorded {record['path']} as matching the bundle's UNet")
     elif record is not None:
         why = "failed" if not report["passed"] else "tolerances overridden" if loosened else "--cases leave out buckets"
         progress.say(f"not recorded: {why}")
     _summary(progress, path, {"verify": report})
     return 0 if report["passed"] else 1
+
+
+def _record_covers(bundle, record: dict, path: Path, report: dict, checked_against: str) -> bool:
+    """Whether the bundle's record of the graph at `path` already says what a passed `report` would write: passed,
+    against the UNet `checked_against`, at each side checked, for the same files. Then `verify` does not rewrite
+    the manifest, so it passes on a read-only bundle (serving's mount)."""
+    from engines.runners import verified_sides
+    from export.onnx_export import onnx_files
+
+    files = [file.resolve().relative_to(bundle.path.resolve()).as_posix() for file in onnx_files(path)]
+    return (
+        isinstance(record.get("verify"), dict) and record["verify"].get("passed") is True
+        and record.get("unet_sha256") == checked_against
+        and verified_sides({"verify": report}) <= verified_sides(record)
+        and record.get("files") == files
+    )  # fmt: skip
 
 
 def _cmd_tensorrt(args, progress: Progress) -> int:
@@ -270,6 +344,7 @@ def _cmd_tensorrt(args, progress: Progress) -> int:
 
         try:
             onnx_path = current_export(bundle, "onnx", args.dtype, buckets=buckets).path
+            _check_onnx_files(bundle, args.dtype, buckets)
         except BundleError as exc:  # its advice (export an ONNX first) does not help alone on a machine without one
             unavailable = _tensorrt_unavailable()
             if unavailable:

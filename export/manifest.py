@@ -1,7 +1,7 @@
 """Exports recorded in the bundle manifest.
 
 Files go under <bundle>/exports/ and are listed in manifest.files with sha256 and size, like the
-weights, so `Bundle.load(verify=True)` covers them. Each export has a record in
+weights; `Bundle.verify` leaves them to what reads them (engines.bundle.is_export). Each export has a record in
 manifest.provenance["exports"] (Manifest forbids unknown top-level keys; provenance is free-form);
 serving takes only what `engines.runners.current_export` accepts: a record whose path is one of its
 files, listed in manifest.files, made from the bundle's UNet weights, for an ONNX graph verified at each
@@ -158,14 +158,25 @@ def ensure_unet_onnx(
     """The bundle's current ONNX export of this dtype, exported, verified (on the default cases and
     each of `buckets`, image sides) and recorded first if serving would refuse it (missing, unrecorded,
     unverified or not at each of `buckets`, made from other weights). Safe to call from several processes
-    at once."""
-    with FileLock(str(bundle.path.with_name(bundle.path.name + f".export-onnx-{dtype}.lock"))):
-        try:
-            return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
-        except BundleError as exc:
-            progress.say(f"exporting again: {exc}")
-        export_and_record_onnx(Bundle.load(bundle.path, verify=False), dtype, buckets=buckets, progress=progress)
+    at once. The lock (a file beside the bundle) is taken only to export: a current export is served from a
+    read-only mount; a bundle there that needs one is a BundleError saying where to export it."""
+    try:
         return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
+    except BundleError as exc:
+        needed = exc
+    try:
+        with FileLock(str(bundle.path.with_name(bundle.path.name + f".export-onnx-{dtype}.lock"))):
+            try:  # again: another process may have exported it meanwhile
+                return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
+            except BundleError as exc:
+                progress.say(f"exporting again: {exc}")
+            export_and_record_onnx(Bundle.load(bundle.path, verify=False), dtype, buckets=buckets, progress=progress)
+    except OSError as exc:
+        raise BundleError(
+            f"engine.export_missing cannot export the UNet into the bundle ({exc}): run the command below where the "
+            f"bundle is writable (not on a read-only mount), or set engine.export_missing: false. {needed}"
+        ) from exc
+    return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
 
 
 def sides_to_check(bundle: Bundle, dtype: str, buckets: Sequence[int]) -> list[int]:

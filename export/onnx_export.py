@@ -290,6 +290,16 @@ def read_graph(path: str | Path):
         raise ValueError(f"{path} is not an ONNX model ({exc})") from None
 
 
+def read_unet_graph(path: str | Path):
+    """`read_graph`, refused (a ValueError naming it) unless it takes the inputs of an exported UNet (UNET_INPUTS):
+    an empty file parses as an empty model, and any other graph stopped in a bare KeyError or StopIteration."""
+    proto = read_graph(path)
+    inputs = [i.name for i in proto.graph.input]
+    if not set(UNET_INPUTS) <= set(inputs):
+        raise ValueError(f"{path} is not an exported UNet: inputs {inputs}, expected {list(UNET_INPUTS)}")
+    return proto
+
+
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The export metadata written by export_unet_onnx (without loading the weights)."""
     proto = read_graph(path)

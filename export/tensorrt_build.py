@@ -97,9 +97,9 @@ def load_serve_settings(config_path: str | Path, app: str | None = None):
 
 def onnx_static_dims(onnx_path: str | Path) -> dict[str, int]:
     """in_channels, sequence_length, embed_dim, pooled_dim as the exported graph fixes them."""
-    from export.onnx_export import read_graph
+    from export.onnx_export import read_unet_graph
 
-    proto = read_graph(onnx_path)
+    proto = read_unet_graph(onnx_path)
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     return {
         "in_channels": shapes["sample"][1],

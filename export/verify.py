@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from engines.runners import UNET_INPUTS, UNET_OUTPUT, VAE_FACTOR
-from export.onnx_export import FlatUNet, example_inputs, read_graph, read_onnx_metadata
+from export.onnx_export import FlatUNet, example_inputs, read_onnx_metadata, read_unet_graph
 from export.progress import QUIET, Progress
 
 TOLERANCES = {
@@ -158,7 +158,7 @@ def _reference_unet(unet: UNet2DConditionModel, graph_dtype: torch.dtype) -> UNe
 
 
 def _graph_dtype(path: Path) -> str:
-    proto = read_graph(path)
+    proto = read_unet_graph(path)
     sample = next(i for i in proto.graph.input if i.name == "sample")
     return "float16" if sample.type.tensor_type.elem_type == 10 else "float32"
 

@@ -257,11 +257,17 @@ def test_a_serving_start_hashes_the_weights_once_as_read_and_no_export_at_open(t
     hashed_at_open.clear()
     assert open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache").load_unet() is not None
     assert hashed_at_open == [], "nothing is hashed at open: each file by the code that loads it"
+    Bundle.load(copy)  # a full verify leaves the exports to what reads them: a broken one stops only its runner
     with pytest.raises(BundleError, match="exports/unet.onnx: sha256 differs"):
-        Bundle.load(copy)  # a full verify hashes every file
+        Bundle.load(copy).check_files(["exports/unet.onnx"])  # what an export command reads, it hashes
     export.write_bytes(b"GRAPHS")
+    open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache")
     with pytest.raises(BundleError, match="exports/unet.onnx: 6 bytes, manifest says 5"):
-        open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache")  # place and size still checked
+        Bundle.load(copy).check_files(["exports/unet.onnx"])
+    export.unlink()
+    Bundle.load(copy)
+    with pytest.raises(BundleError, match="exports/unet.onnx: missing"):
+        Bundle.load(copy).check_files(["exports/unet.onnx"])
 
 
 def _rewrite(bundle: Bundle, path: Path, name: str) -> Bundle:

@@ -8,6 +8,7 @@ in a subprocess that overlaps with the in-process fp16 export.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import signal
@@ -94,8 +95,8 @@ def test_manifest_records_the_export_and_the_bundle_still_verifies(exported, tmp
     shutil.copytree(exported.bundle.path, copy)
     with open(copy / "exports" / "unet.fp32.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(BundleError, match="exports/unet.fp32.onnx"):
-        Bundle.load(copy, verify=True)
+    with pytest.raises(BundleError, match="unet.fp32.onnx: sha256 differs.*run `python -m export onnx --bundle"):
+        RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
 
 
 @pytest.mark.slow  # minutes of CPU without Ray: `make test-fast` skips it
@@ -470,6 +471,45 @@ def test_a_tampered_export_stops_only_the_replica_that_loads_it(tiny_bundle, tmp
         RemovalEngine.from_bundle(opened(), runner="onnx")
 
 
+BROKEN_EXPORTS = {
+    "other bytes": lambda graph: graph.write_bytes(bytes(b ^ 1 for b in graph.read_bytes())),
+    "truncated": lambda graph: graph.write_bytes(graph.read_bytes()[:5]),
+    "deleted": Path.unlink,
+}
+
+
+@pytest.mark.parametrize("breaks", BROKEN_EXPORTS.values(), ids=BROKEN_EXPORTS.keys())
+def test_a_broken_export_stops_only_the_onnx_runner_and_the_command_it_names_replaces_it(
+    tiny_bundle, tmp_path, stub_export, breaks
+):
+    """The bundle's own verify covered the exports: one deleted or truncated export stopped every replica (the
+    Scorer and a torch Remover too, which never read it) and every `python -m export --bundle` command, the one
+    that remakes it included."""
+    import re
+    import shlex
+
+    import export.cli
+    from engines.scorer import ScoringEngine
+    from engines.sources import open_bundle
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    breaks(onnx)
+
+    def opened():
+        return open_bundle(path=str(copy), authors=None, cache_dir=tmp_path / "cache", verify=True)
+
+    ScoringEngine.from_bundle(opened())
+    RemovalEngine.from_bundle(opened(), runner="torch")
+    with pytest.raises(BundleError) as refused:
+        RemovalEngine.from_bundle(opened(), runner="onnx", buckets=[512])
+    (command,) = re.findall(r"`(python -m export [^`]*)`", str(refused.value))
+    assert shlex.split(command)[3] == "onnx" and "--bundle" in command
+    assert export.cli.main([*shlex.split(command)[3:], "--quiet"]) == 0
+    bundle = Bundle.load(copy, verify=True)
+    assert current_export(bundle, "onnx", "float32", buckets=[512]).path == onnx
+    bundle.check_files(["exports/unet.fp32.onnx"])
+
+
 def test_a_plan_s_build_record_is_hashed_as_the_runner_reads_it(plan_build):
     """The plan's sidecar (its build record) was hashed only at open; now its reader hashes it."""
     from engines import runners
@@ -481,8 +521,8 @@ def test_a_plan_s_build_record_is_hashed_as_the_runner_reads_it(plan_build):
     assert export.data_sha256 is None
     sidecar.write_text("[]")  # same size, other bytes
     runner = object.__new__(runners.TensorRTUNetRunner)
-    runner.path = plan_build.plan
-    with pytest.raises(BundleError, match=f"{sidecar.name}: sha256 differs"):
+    runner.path, runner.rebuild = plan_build.plan, "python -m export tensorrt --bundle B"
+    with pytest.raises(BundleError, match=f"{sidecar.name}: sha256 differs.*`python -m export tensorrt --bundle B`"):
         runner._check_sidecar(export.sidecar_sha256)
 
 
@@ -743,6 +783,36 @@ def test_ensure_unet_onnx_exports_again_for_a_bucket_its_graph_was_not_checked_a
     assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512]) == onnx and not stub_export.verified
     assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512, 1024]) == onnx
     assert (1, 128, 128) in stub_export.cases[-1] and onnx.read_bytes() == b"a new graph"
+
+
+class _ReadOnlyLock:
+    """A FileLock on a read-only mount (Kubernetes mounts the models so)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        raise OSError(errno.EROFS, "Read-only file system", self.path)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_export_missing_on_a_read_only_bundle_serves_a_current_export_and_says_where_to_make_one(
+    tiny_bundle, tmp_path, monkeypatch, stub_export
+):
+    """Kubernetes mounts the models read-only: the export lock beside the bundle was taken before checking, so a
+    start with a current export failed with a bare OSError (Read-only file system: '<bundle>.export-onnx-...lock')."""
+    import export.manifest
+    from export.manifest import ensure_unet_onnx
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    monkeypatch.setattr(export.manifest, "FileLock", _ReadOnlyLock)
+    assert ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512]) == onnx
+    refusal = r"cannot export the UNet into the bundle \(.*Read-only file system.*export_missing: false.*export onnx"
+    with pytest.raises(BundleError, match=refusal):
+        ensure_unet_onnx(Bundle.load(copy), "float32", buckets=[512, 1024])
+    assert not stub_export.verified
 
 
 @pytest.mark.parametrize("cases", [[], ["--cases", "1x32x32,3x64x64"]], ids=["default cases", "cases without 1024"])
@@ -1041,12 +1111,14 @@ def test_an_onnx_runtime_error_is_a_message_and_an_exit_code_not_a_traceback(tin
 
 
 @pytest.mark.parametrize("command", ["verify", "tensorrt"])
-def test_a_bundle_named_by_a_config_is_hashed_whole_before_an_export_command_reads_its_files(
-    tiny_bundle, tmp_path, capsys, command
+@pytest.mark.parametrize("named_by", ["--config", "--bundle"])
+def test_the_export_an_export_command_reads_is_hashed_before_it_reads_it(
+    tiny_bundle, tmp_path, capsys, command, named_by
 ):
     """Serving leaves each export's hash to the runner that loads it; `export verify` and `export tensorrt` read
     the graph and its data by path (the parity check, TensorRT's parser) and record what they read. With the bundle
-    named by --config they opened it as a replica does, and so checked and recorded a swapped graph as trusted."""
+    named by --config they opened it as a replica does, and so checked and recorded a swapped graph as trusted.
+    The bundle's own verify leaves the exports out: each command hashes the one it reads."""
     import yaml
 
     import export.cli
@@ -1055,10 +1127,32 @@ def test_a_bundle_named_by_a_config_is_hashed_whole_before_an_export_command_rea
     onnx.write_bytes(onnx.read_bytes() + b"\0")  # another graph, its recorded size kept: only its sha256 tells
     _edit_manifest(copy, lambda m: m["files"]["exports/unet.fp32.onnx"].update(bytes=onnx.stat().st_size))
     config = tmp_path / "serve.yaml"
+    args = {"bundle": {"path": str(copy)}, "imaging": {"buckets": [512]}}
     config.write_text(yaml.safe_dump({"applications": [{"name": "rorem", "import_path": "serve.app:build_app",
-                                                        "route_prefix": "/", "args": {"bundle": {"path": str(copy)}}}]}))
-    assert export.cli.main([command, "--config", str(config), "--quiet"]) == 1
-    assert "exports/unet.fp32.onnx: sha256 differs from the manifest" in capsys.readouterr().err
+                                                        "route_prefix": "/", "args": args}]}))
+    bundle_args = ["--config", str(config)] + (["--bundle", str(copy)] if named_by == "--bundle" else [])
+    assert export.cli.main([command, *bundle_args, "--dtype", "float32", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "exports/unet.fp32.onnx: sha256 differs from the manifest" in err
+    assert "run `python -m export onnx --bundle" in err
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["record covers the check", "record to update"])
+def test_a_passing_verify_on_a_read_only_bundle_exits_0(tiny_bundle, tmp_path, monkeypatch, capsys, stub_export, stale):
+    """`export verify` always rewrote the manifest: on a read-only mount (serving's) a passing check exited 1 with a
+    traceback. A record that already says what the check found is left as it is; one to update is reported."""
+    import export.cli
+    import export.manifest
+
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path)
+    if stale:
+        _edit_manifest(copy, lambda m: m["provenance"]["exports"]["onnx.float32"].update(unet_sha256="0" * 64))
+    manifest = (copy / MANIFEST).read_text()
+    monkeypatch.setattr(export.manifest, "FileLock", _ReadOnlyLock)
+    assert export.cli.main(["verify", "--bundle", str(copy), "--buckets", "512", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("passed; not recorded (bundle not writable: Read-only file system" in err) == stale, err
+    assert (copy / MANIFEST).read_text() == manifest and stub_export.verified
 
 
 def test_a_static_export_is_refused_for_serving_with_the_command_that_makes_a_servable_one(tiny_bundle, tmp_path):
@@ -1245,12 +1339,57 @@ def test_a_file_that_is_not_onnx_is_a_one_line_error_naming_it(tiny_bundle, tmp_
     assert err.startswith(f"error: {graph} is not an ONNX model (") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["verify", "tensorrt"])
+@pytest.mark.parametrize("content", [b"", b"\x08\x07"], ids=["empty", "another protobuf"])
+def test_an_onnx_that_is_no_exported_unet_is_a_one_line_error_naming_it(
+    tiny_bundle, tmp_path, capsys, command, content
+):
+    """An empty file (or any message protobuf parses) ended in a bare StopIteration or KeyError traceback."""
+    import export.cli
+
+    graph = tmp_path / "empty.onnx"
+    graph.write_bytes(content)
+    plan_args = ["--buckets", "512", "--max-batch-size", "1"]
+    bundle_args = ["--bundle", str(tiny_bundle.path)] if command == "verify" else plan_args
+    assert export.cli.main([command, *bundle_args, "--onnx", str(graph), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {graph} is not an exported UNet: inputs []") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "code, advice", [(errno.ENOSPC, "free space there"), (errno.EROFS, "where the bundle is writable")],
+    ids=["full", "read-only"],
+)
+def test_an_os_error_is_a_one_line_error_saying_what_to_do(tiny_bundle, tmp_path, capsys, monkeypatch, code, advice):
+    """A full disk or a read-only mount ended the export in a traceback."""
+    import os
+
+    import export.cli
+    import export.onnx_export
+
+    def export_unet_onnx(bundle, out_path, **_):
+        raise OSError(code, os.strerror(code), str(out_path))
+
+    monkeypatch.setattr(export.onnx_export, "export_unet_onnx", export_unet_onnx)
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {os.strerror(code)}: {copy}/exports/") and advice in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["verify", "--tiny", "--cases", "1x32"], "argument --cases: '1x32': BATCHxLATENT_HxLATENT_W, comma-separated"),
         (["onnx", "--tiny", "--buckets", "abc"], "argument --buckets: 'abc': image sides in pixels, comma-separated"),
         (["tensorrt", "--tiny", "--buckets", "512,"], "argument --buckets: '512,': image sides in pixels"),
+        (["onnx", "--tiny", "--buckets", "500"], "argument --buckets: '500': bucket sides must be positive multiples"),
+        (["verify", "--tiny", "--buckets", "512,100"], "argument --buckets: '512,100': bucket sides must be positive"),
+        (["tensorrt", "--tiny", "--buckets", "0"], "argument --buckets: '0': bucket sides must be positive multiples"),
+        (["bench", "--tiny", "--side", "500"], "argument --side: '500': bucket sides must be positive multiples of 64"),
+        (["bench", "--tiny", "--side", "512,1024"], "argument --side: '512,1024': one image side in pixels"),
         (["onnx", "--tiny", "--max-batch", "0"], "argument --max-batch: '0': an integer from 1 to 63"),
         (["onnx", "--tiny", "--max-batch", "64"], "argument --max-batch: '64': an integer from 1 to 63"),
         (["onnx", "--tiny", "--opset", "0"], "argument --opset: '0': an integer from 18 to 23"),
@@ -1259,7 +1398,8 @@ def test_a_file_that_is_not_onnx_is_a_one_line_error_naming_it(tiny_bundle, tmp_
 )
 def test_malformed_or_out_of_range_numbers_are_refused_by_the_parser(capsys, argv, message):
     """--max-batch 0 and --opset 0 were replaced by the defaults unsaid; --cases 1x32 said "not enough values to
-    unpack" and --buckets abc "invalid literal for int()"."""
+    unpack" and --buckets abc "invalid literal for int()"; --buckets 500 ran the whole export, then failed inside
+    ONNX Runtime, and verify --buckets 100 recorded a check at 96 px (sides: serve.config's bucket rule)."""
     import export.cli
 
     with pytest.raises(SystemExit) as exited:
