@@ -272,13 +272,21 @@ def _cmd_verify(args, progress: Progress) -> int:
     check, stays refused by serving. The record's report lists the sizes checked: serving refuses the graph
     for a bucket side not among them, so the check runs at each side the record it replaces lists as well as
     the served ones, and a record never loses one."""
-    from engines.bundle import UNET_WEIGHTS, BundleError, sha256_of
+    from export.manifest import export_lock
+
+    bundle = _open_bundle(args, progress)
+    with export_lock(bundle.path, args.dtype, required=False):  # not while an export replaces the record
+        return _verify_locked(args, bundle.path, progress)
+
+
+def _verify_locked(args, bundle_path: Path, progress: Progress) -> int:
+    from engines.bundle import UNET_WEIGHTS, Bundle, BundleError, sha256_of
     from engines.runners import export_key, recorded_export
     from export.manifest import record_export, sides_to_check
     from export.onnx_export import onnx_files
     from export.verify import cases_for_graph, verify_onnx
 
-    bundle, served = _open_bundle(args, progress), _serve_buckets(args)
+    bundle, served = Bundle.load(bundle_path, verify=False), _serve_buckets(args)  # the record as it is now
     if args.onnx:
         record, path = None, Path(args.onnx)
     else:
@@ -426,7 +434,7 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
 
     from engines.bundle import sha256_of
     from engines.runners import export_filename, export_key, plan_sidecar
-    from export.manifest import check_output_paths, check_plan_source, record_plan
+    from export.manifest import check_inside_bundle, check_output_paths, check_plan_source, record_plan
     from export.staging import staging_folder
     from export.tensorrt_build import build_plan, onnx_static_dims, profiles_from_serve_config
 
@@ -443,6 +451,7 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
         plan_path = Path(args.plan)
     elif bundle is not None:
         plan_path = bundle.path / export_filename("tensorrt", dtype, cc)
+        check_inside_bundle(bundle.path, plan_path)
     else:
         plan_path = onnx_path.with_name(onnx_path.stem + f".sm{cc.replace('.', '')}.plan")
     cache = Path(args.timing_cache) if args.timing_cache else plan_path.with_name(f"timing.sm{cc.replace('.', '')}.cache")
@@ -458,6 +467,8 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
         progress.say(f"recorded {plan_path.name} in the bundle manifest")
     else:
         info = build_plan(onnx_path, plan_path, profiles, progress=progress, **options)
+        if bundle is not None:
+            progress.say(f"{plan_path}: written, not recorded: outside the bundle folder {bundle.path}")
     _summary(progress, plan_path, {"plan": info.to_json()})
 
 

@@ -29,14 +29,18 @@ renamed over the current ones and the record written, so a failed or interrupted
 previous export and its record as they were; the staging folder of one killed outright (SIGKILL) is
 removed by the next export beside it (export.staging).
 
-The manifest is rewritten atomically (temp file + rename) under a lock next to the bundle folder.
+The manifest is rewritten atomically (temp file + rename) under a lock next to the bundle folder; it and the
+export files are flushed (fsync) before their renames and the folders after, so a crash leaves no empty file
+under a final name. One ONNX export or verify per dtype runs at a time (`export_lock`), and a record never loses
+a side the record it replaces was checked at (`check_keeps_sides`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -45,7 +49,7 @@ from filelock import FileLock
 from engines.bundle import EXPORTS_DIR, MANIFEST, UNET_WEIGHTS, Bundle, BundleError, FileEntry, Manifest, sha256_of
 from engines.runners import current_export, export_command, export_key, verified_sides
 from export.progress import QUIET, Progress
-from export.staging import staging_folder
+from export.staging import staging_folder, sync_file, sync_folder
 
 
 def manifest_lock(bundle_path: Path) -> FileLock:
@@ -76,6 +80,40 @@ def check_output_paths(
         owner = owners.get(name, key)  # a listed export no record owns (its record lost) is this one's to replace
         if owner != key:
             raise ValueError(f"{path} is a file of the bundle's {owner} export: not overwritten by the {key} export")
+
+
+def check_keeps_sides(bundle_path: Path, key: str, replaced: Any, record: dict[str, Any]) -> None:
+    """Refuse a passed ONNX check that leaves out a side the record it replaces was checked at: the export or verify
+    read that record before minutes of work (`sides_to_check`), and another one recorded more sides meanwhile
+    (serving refuses the graph at a side its record lacks). A check recorded as skipped (--no-verify) is asked for;
+    a report without its cases (an older exporter's) says no sides to compare."""
+    report = record.get("verify")
+    checked = isinstance(report, dict) and report.get("passed") is True and "cases" in report
+    if not isinstance(replaced, dict) or not checked:
+        return
+    lost = verified_sides(replaced) - verified_sides(record)
+    if lost:
+        covering = ",".join(str(side) for side in sorted(verified_sides(replaced) | verified_sides(record)))
+        raise BundleError(
+            f"{bundle_path}: the {key} record was checked at {sorted(verified_sides(replaced))} px (recorded "
+            f"meanwhile by another export or verify); this check, without {sorted(lost)} px, would drop them: not "
+            f"recorded; run it again with --buckets {covering}"
+        )
+
+
+def check_inside_bundle(bundle_path: Path, default_path: Path) -> None:
+    """Refuse a default output path (under exports/) that resolves outside the bundle folder: exports/ (or the file)
+    a symlink out of it, the export was written there, reported as passing and never recorded, so never served."""
+    root = Path(bundle_path).resolve()
+    if default_path.resolve().is_relative_to(root):
+        return
+    below = [part for part in (*reversed(default_path.parents), default_path) if part.is_relative_to(bundle_path) and part != bundle_path]
+    link = next((part for part in below if part.is_symlink()), default_path)
+    raise BundleError(
+        f"{link} is a symlink to {link.resolve()}, outside the bundle folder {root}: an export written there is not "
+        f"recorded, and serving reads only recorded exports; make {EXPORTS_DIR}/ a folder of the bundle (or name an "
+        "output outside it: written, not recorded)"
+    )
 
 
 def record_export(
@@ -120,6 +158,7 @@ def record_export(
             )
         provenance = copy.deepcopy(manifest.provenance)
         exports = provenance.setdefault("exports", {})
+        check_keeps_sides(path, key, exports.get(key), record)
         previous = exports.get(key, {}).get("files", [])
         dropped = [name for name in previous if name not in relative and name.startswith("exports/")]
         files_table = dict(manifest.files)
@@ -128,6 +167,8 @@ def record_export(
         for name in relative:
             content = staged / Path(name).name if staged else path / name
             sha256 = sha256_of(content)
+            if staged:
+                sync_file(content)
             if checked and checked.get(name, sha256) != sha256:
                 raise BundleError(
                     f"{path}: {name} changed while it was checked ({checked[name][:12]} checked, {sha256[:12]} "
@@ -138,14 +179,33 @@ def record_export(
         updated = manifest.model_copy(update={"files": files_table, "provenance": provenance})
         tmp = path / (MANIFEST + ".partial")
         tmp.write_text(Manifest.model_validate(updated.model_dump()).model_dump_json(indent=2))
+        sync_file(tmp)
         if staged:
             for name in relative:
                 os.replace(staged / Path(name).name, path / name)
+            for folder in {(path / name).parent for name in relative}:
+                sync_folder(folder)  # the files' renames are on disk before the manifest that lists them
         os.replace(tmp, path / MANIFEST)
+        sync_folder(path)
         if staged:
             for name in dropped:
                 (path / name).unlink(missing_ok=True)
     return Bundle.load(path, verify=False)
+
+
+@contextmanager
+def export_lock(bundle_path: Path, dtype: str, *, required: bool = True) -> Iterator[None]:
+    """One ONNX export or verify of `dtype` at a time on a bundle (the CLI's, a replica's export_missing), each reading
+    the record it replaces once it holds the lock: a second one waits, then checks the sides the first recorded.
+    Not `required` (nothing to record, or a check a read-only mount cannot record anyway), it goes on without the lock
+    where the lock file cannot be made."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(FileLock(str(bundle_path.with_name(bundle_path.name + f".export-onnx-{dtype}.lock"))))
+        except OSError:
+            if required:
+                raise
+        yield
 
 
 def ensure_unet_onnx(
@@ -165,12 +225,12 @@ def ensure_unet_onnx(
     except BundleError as exc:
         needed = exc
     try:
-        with FileLock(str(bundle.path.with_name(bundle.path.name + f".export-onnx-{dtype}.lock"))):
+        with export_lock(bundle.path, dtype):
             try:  # again: another process may have exported it meanwhile
                 return current_export(Bundle.load(bundle.path, verify=False), "onnx", dtype, buckets=buckets).path
             except BundleError as exc:
                 progress.say(f"exporting again: {exc}")
-            export_and_record_onnx(Bundle.load(bundle.path, verify=False), dtype, buckets=buckets, progress=progress)
+            _export_and_record_onnx(bundle.path, dtype, buckets=buckets, progress=progress)
     except OSError as exc:
         raise BundleError(
             f"engine.export_missing cannot export the UNet into the bundle ({exc}): run the command below where the "
@@ -201,13 +261,38 @@ def export_and_record_onnx(
     (CPU; the default cases plus each of `buckets` and each side the record it replaces was checked at
     (`sides_to_check`), image sides), then move it to `out_path` and record it in the manifest when that is
     inside the bundle folder. A failed check raises and leaves the previous export (and its record) in place.
-    Without `verify` the record says the check was skipped, and serving refuses it. Returns (path, record)."""
+    Without `verify` the record says the check was skipped, and serving refuses it. Returns (path, record).
+    Under `export_lock`; the default `out_path` resolving outside the bundle folder is refused (check_inside_bundle).
+    """
+    from engines.runners import export_filename
+
+    target = Path(out_path) if out_path else bundle.path / export_filename("onnx", dtype)
+    with export_lock(bundle.path, dtype, required=target.resolve().is_relative_to(bundle.path.resolve())):
+        return _export_and_record_onnx(bundle.path, dtype, out_path=out_path, verify=verify, buckets=buckets,
+                                       progress=progress, **export_options)  # fmt: skip
+
+
+def _export_and_record_onnx(
+    bundle_path: Path,
+    dtype: str,
+    *,
+    out_path: Path | None = None,
+    verify: bool = True,
+    buckets: Sequence[int] = (),
+    progress: Progress = QUIET,
+    **export_options,
+) -> tuple[Path, dict[str, Any]]:
+    """export_and_record_onnx under the export lock: the bundle's manifest as it is now."""
     from engines.runners import export_filename
     from export.onnx_export import EXAMPLE_SHAPE, export_unet_onnx, onnx_files, read_onnx_metadata
     from export.verify import cases_for_graph, static_cases, verify_onnx
 
+    bundle = Bundle.load(bundle_path, verify=False)
     buckets = sides_to_check(bundle, dtype, buckets)
-    out_path = Path(out_path) if out_path else bundle.path / export_filename("onnx", dtype)
+    if out_path is None:
+        out_path = bundle.path / export_filename("onnx", dtype)
+        check_inside_bundle(bundle.path, out_path)
+    out_path = Path(out_path)
     check_output_paths(bundle.path, export_key("onnx", dtype), [out_path, out_path.with_name(out_path.name + ".data")])
     if verify and not export_options.get("dynamic", True):
         static_cases(out_path, EXAMPLE_SHAPE, buckets)  # before minutes of exporting, not after
@@ -232,7 +317,9 @@ def export_and_record_onnx(
             progress.say(f"recorded {record['path']} in {bundle.path / MANIFEST}")
         else:
             for file in final_files:
+                sync_file(staging / file.name)
                 os.replace(staging / file.name, file)
+            progress.say(f"{out_path}: written, not recorded: outside the bundle folder {bundle.path}")
         stale_data = out_path.with_name(out_path.name + ".data")
         if stale_data not in final_files:
             stale_data.unlink(missing_ok=True)

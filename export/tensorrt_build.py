@@ -27,6 +27,7 @@ import yaml
 from engines.bundle import sha256_of
 from engines.runners import LATENT_MULTIPLE, UNET_INPUTS, VAE_FACTOR, import_tensorrt, plan_sidecar
 from export.progress import QUIET, Progress
+from export.staging import sync_file, sync_folder
 
 Shape = tuple[int, ...]
 
@@ -256,7 +257,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # open(): the umask's mode, as before
     try:
         tmp.write_bytes(data)
+        sync_file(tmp)
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

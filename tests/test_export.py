@@ -1432,3 +1432,124 @@ def test_bench_on_a_cuda_device_the_machine_lacks_says_so_before_opening_the_bun
     assert export.cli.main(["bench", "--bundle", str(tmp_path / "missing"), "--device", "cuda", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err == "error: --device cuda: this machine has 0 CUDA device(s); use --device cpu or auto\n"
+
+
+# -------------------------------------------------------------------------------------------
+# Two exports of one bundle at once, an exports/ outside it, a crash after an export (the export stubbed)
+
+AT_768 = {**PASSED_REPORT, "cases": [*PASSED_REPORT["cases"], {"batch": 1, "latent": [96, 96]}]}
+
+
+def test_an_export_that_would_drop_a_side_recorded_while_it_ran_is_refused(
+    tiny_bundle, tmp_path, onnx_opened, stub_export, monkeypatch, capsys
+):
+    """`export onnx --buckets 768` recorded, then a plain `export onnx` started before it recorded its own record
+    checked at 256/512 only over it, and a service with bucket 768 was refused at its next start."""
+    import export.cli
+    import export.verify
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    checking = export.verify.verify_onnx
+
+    def another_export_records_768_meanwhile(path, unet, **kwargs):
+        if not stub_export.verified:
+            _record_dummy_onnx(copy, verify=AT_768)
+        return checking(path, unet, **kwargs)
+
+    monkeypatch.setattr(export.verify, "verify_onnx", another_export_records_768_meanwhile)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 1
+    assert "run it again with --buckets 256,512,768" in capsys.readouterr().err
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx", buckets=[768])
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 0
+    assert (1, 96, 96) in stub_export.cases[-1] and onnx.read_bytes() == b"a new graph"
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx", buckets=[768])
+
+
+@pytest.mark.parametrize("command", ["onnx", "verify"])
+def test_export_and_verify_wait_for_an_export_of_their_dtype_and_check_what_it_recorded(
+    tiny_bundle, tmp_path, onnx_opened, stub_export, command
+):
+    """The CLI took no export lock: a plain `export onnx` or `verify` started during another export read the record
+    before that one replaced it, and checked (and recorded) too few sides."""
+    import threading
+    import time
+
+    import export.cli
+    from filelock import FileLock
+
+    copy, _ = _bundle_with_onnx(tiny_bundle, tmp_path)
+    exit_codes = []
+    with FileLock(str(copy.with_name(copy.name + ".export-onnx-float32.lock"))):  # an export of float32 running
+        waiting = threading.Thread(target=lambda: exit_codes.append(export.cli.main([command, "--bundle", str(copy)])))
+        waiting.start()
+        time.sleep(1.0)
+        assert not stub_export.verified, f"`{command}` ran during the other export"
+        _record_dummy_onnx(copy, verify=AT_768)  # what the other export recorded
+    waiting.join(timeout=60)
+    assert exit_codes == [0] and (1, 96, 96) in stub_export.cases[-1]
+    RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx", buckets=[512, 768])
+
+
+def test_an_exports_folder_linked_out_of_the_bundle_is_refused_and_an_out_outside_it_says_not_recorded(
+    tiny_bundle, tmp_path, stub_export, capsys
+):
+    """With exports/ a symlink out of the bundle, `export onnx` printed a passing result, exited 0 and recorded
+    nothing (serving then refused the bundle); an --out outside the bundle did not say it was not recorded."""
+    import export.cli
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    manifest, elsewhere = (copy / MANIFEST).read_text(), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (copy / "exports").symlink_to(elsewhere)
+    assert export.cli.main(["onnx", "--bundle", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert f"{copy / 'exports'} is a symlink to {elsewhere}, outside the bundle folder" in err, err
+    assert (copy / MANIFEST).read_text() == manifest and not stub_export.verified and not any(elsewhere.iterdir())
+
+    (copy / "exports").unlink()
+    out = tmp_path / "mine" / "unet.onnx"
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(out)]) == 0
+    assert f"{out}: written, not recorded: outside the bundle folder" in capsys.readouterr().out
+    assert out.read_bytes() == b"a new graph" and (copy / MANIFEST).read_text() == manifest
+
+
+def test_an_export_is_on_disk_before_the_manifest_that_records_it(tiny_bundle, tmp_path, stub_export, monkeypatch):
+    """Nothing was fsynced: on XFS, or ext4 without auto_da_alloc, a node crash soon after an export could leave an
+    empty manifest.json (or graph, or plan) under the final name; each is flushed before its rename, and the folder
+    after it."""
+    import os
+
+    from export.manifest import export_and_record_onnx
+    from export.tensorrt_build import _atomic_write
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def noted_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def noted_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", noted_fsync)
+    monkeypatch.setattr(os, "replace", noted_replace)
+
+    export_and_record_onnx(Bundle.load(copy), "float32")
+    exports, graph = str(copy / "exports"), str(copy / "exports" / "unet.fp32.onnx")
+    renamed = {dst: (i, src) for i, (what, *paths) in enumerate(events) if what == "replace" for src, dst in [paths]}
+    synced = {path: i for i, (what, *paths) in enumerate(events) if what == "fsync" for path in paths}
+    for final in (graph, str(copy / MANIFEST)):
+        at, source = renamed[final]
+        assert synced.get(source, len(events)) < at, f"{final} renamed into place before its bytes were flushed"
+    manifest_renamed = renamed[str(copy / MANIFEST)][0]
+    assert renamed[graph][0] < synced.get(exports, -1) < manifest_renamed, "the graph's rename not flushed first"
+    assert synced.get(str(copy), -1) > manifest_renamed, "the manifest's rename not flushed"
+
+    events.clear()
+    _atomic_write(tmp_path / "unet.sm90.plan", b"plan")
+    (_, tmp), (_, src, dst), (_, folder) = events
+    assert tmp == src and dst == str(tmp_path / "unet.sm90.plan") and folder == str(tmp_path)
