@@ -226,7 +226,7 @@ def _open_bundle(args, progress: Progress):
 
         with progress.stage(f"bundle named by {args.config}"):
             bundle = load_serve_settings(args.config).bundle.open()
-        with progress.stage("checking every file's sha256"):  # serving leaves the weights to their readers
+        with progress.stage("checking the bundle's own files' sha256 (an export: where it is read)"):  # serving leaves the weights to their readers
             bundle.verify()
     progress.say(f"bundle {bundle.manifest.name} at {bundle.path}")
     return bundle

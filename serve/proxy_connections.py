@@ -15,9 +15,9 @@ or off. BoundedHttpProtocol is uvicorn's httptools protocol with two bounds on e
 The time a request runs and the time between requests (Ray's keep_alive_timeout_s) are not the head's: a
 removal may take longer than HEAD_TIMEOUT_S on a connection that then carries another request.
 
-And a refusal ends the connection cleanly for a client that is still sending. uvicorn closes the connection as
-soon as it has answered a request whose body it has not read (the proxy's 413 or 401, a 431 above): closed with
-the client's bytes unread, the kernel ends it with a reset (RST) after the answer, not a FIN. On Linux a client
+And a refusal ends the connection cleanly for a client that is still sending. The proxy's own refusals before a
+body is all in (its 413 or 401, the 431 and 400 here) say `connection: close`, and uvicorn closes the connection
+as soon as such an answer is sent: closed with the client's bytes unread, the kernel ends it with a reset (RST) after the answer, not a FIN. On Linux a client
 still reads the answer first (10 of 10 here, a 512 KiB head or a body 1 MiB over the limit), but one that reads
 to the end gets ECONNRESET, a stack that drops what it holds on a reset loses the answer, and a proxy in front
 that is still forwarding the body may answer its own client with an error instead. So such a close ends our

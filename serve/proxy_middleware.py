@@ -204,7 +204,8 @@ def refusal_request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 def _given_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    return dict(headers).get(_REQUEST_ID_HEADER)
+    """The first X-Request-Id line, as Starlette reads a header (dict() kept the last)."""
+    return next((value for name, value in headers if name.lower() == _REQUEST_ID_HEADER), None)
 
 
 def _request_id(*given: bytes | None) -> str:

@@ -30,7 +30,7 @@ from starlette.datastructures import Headers
 from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, parse_options_header
 from starlette.formparsers import multipart as _multipart  # python-multipart, as starlette imports it
 
-from serve.problems import MAX_LISTED, Problem
+from serve.problems import MAX_LISTED, Problem, invalid_request
 from serve.protocol import (
     JSONRemoveBody,
     JSONScoreBody,
@@ -50,8 +50,10 @@ _LIFT_MIN = 64 * 1024  # base64-alphabet runs at least this long are kept out of
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _PLACEHOLDER = re.compile(r"~(\d+)~")
 _LIFTED_VALUE = re.compile(r"(?:data:[^,~]*,)?~(?P<index>\d+)~(?P<padding>={0,2})")
+
+
 class RepeatedKey(ValueError):
-    """A JSON object naming a key twice: json.loads keeps the last one; a multipart form's repeated field is
+    """A JSON body naming a top-level key twice: json.loads keeps the last one; a multipart form's repeated field is
     refused (`{"seed": 1, "seed": 2}` removed with seed 2), and so is this."""
 
 
@@ -63,7 +65,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return found
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_DECODER = json.JSONDecoder()
 _PARSER_STATES = sys.modules[_multipart.MultipartParser.__module__].MultipartState  # python-multipart's
 
 Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) off the event loop
@@ -177,13 +179,9 @@ def largest_json_body(max_upload_bytes: int) -> int:
 
 async def _read_upload(request, max_upload_bytes, names, required, options_model, json_model, run: Run, timeout_s):
     if request.query_params:  # refused before the body is read: a `?seed=7` went unread and the answer said nothing
-        queried = list(dict.fromkeys(request.query_params))[:MAX_LISTED]
-        raise Problem(
-            "invalid-request",
-            f"query parameters are not read: {', '.join(map(repr, queried))}; send the options as form fields or "
-            "JSON keys",
-            errors=[{"field": f"query.{key}", "message": "unknown field"} for key in queried],
-        )
+        problem = invalid_request([], [f"query.{key}" for key in dict.fromkeys(request.query_params)])
+        problem.detail += "; no query parameter is read: send the options as form fields or JSON keys"
+        raise problem
     header = request.headers.get("content-type", "")
     content_type = header.split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
@@ -475,23 +473,27 @@ def _json_object(body: bytes, keep: tuple[str, ...] = ()) -> tuple[dict, dict[st
 
 
 def _loads(body: bytes) -> Any:
-    """json.loads(body): the same value, or the same exception (see _loads_lifted)."""
+    """json.loads(body), a top-level key given twice refused: else the same value, or the same exception (see
+    _loads_lifted)."""
     return _loads_lifted(body)[0]
 
 
 def _loads_stepwise(body: bytes) -> Any:
-    """json.loads(body), with one C call per key and per value of a top-level object, not one over the whole
-    body: the same value or the same exception. 100000 small keys (1.4 MB) in one call held the GIL 50-260 ms (by load).
+    """json.loads(body), a top-level key given twice refused (RepeatedKey), with one C call per key and per value of
+    a top-level object, not one over the whole body. 100000 small keys (1.4 MB) in one call held the GIL 50-260 ms
+    (by load).
 
     The object goes through the json module's own Python object parser (JSONDecoder.parse_object), given its C
     scanner for the values: json.loads's parse, member by member. Left whole: one huge value (a long string,
-    a nested container), and the body's decoding to str (memcpy speed for ASCII)."""
-    if len(body) < STEP or body[:1] != b"{":
-        return json.loads(body, object_pairs_hook=_unique_keys)
-    text = str(body, json.detect_encoding(body), "surrogatepass")
+    a nested container, whose own repeated keys keep json.loads's last-one-counts), and the body's decoding to str
+    (memcpy speed for ASCII)."""
+    text = str(body, json.detect_encoding(body), "surrogatepass")  # as json.loads decodes bytes
     decoder = _DECODER
+    start = json.decoder.WHITESPACE.match(text).end()
+    if text[start : start + 1] != "{":
+        return decoder.decode(text)
     value, end = decoder.parse_object(
-        (text, 1), decoder.strict, decoder.scan_once, decoder.object_hook, decoder.object_pairs_hook, {}
+        (text, start + 1), decoder.strict, decoder.scan_once, decoder.object_hook, _unique_keys, {}
     )
     end = json.decoder.WHITESPACE.match(text, end).end()
     if end != len(text):
@@ -500,7 +502,8 @@ def _loads_stepwise(body: bytes) -> Any:
 
 
 def _loads_lifted(body: bytes, keep: tuple[str, ...] = ()) -> tuple[Any, dict[str, tuple[int, int]]]:
-    """json.loads(body), without one C call over the base64 strings: the same value or the same exception.
+    """json.loads(body) as _loads_stepwise takes it, without one C call over the base64 strings: the same value or
+    the same exception.
 
     Long runs of the base64 alphabet in string literals are cut out (see _long_runs) and replaced by
     placeholders `~i~`; json.loads parses the small rest, and the runs go back into the strings
@@ -560,6 +563,8 @@ def _loads_lifted(body: bytes, keep: tuple[str, ...] = ()) -> tuple[Any, dict[st
 
     try:
         return restore_top(_loads_stepwise(b"".join(pieces)))
+    except RepeatedKey:  # placeholders are numbered apart: the body itself repeats the key
+        raise
     except Exception:  # not the common shape (or nested past the stack): the reference answer
         return _loads_stepwise(body), {}
 

@@ -109,6 +109,21 @@ def test_the_defaults_the_readme_and_the_limits_table_restate_are_the_settings_d
     assert checked >= 29, f"only {checked} restated defaults found: has a table's format changed?"
 
 
+def test_the_proxy_connection_limits_docs_reliability_states_are_the_modules():
+    """The head's size and time and the lingering close's time and bytes are module constants, restated by hand in
+    the limits table."""
+    from serve import proxy_connections as limits
+
+    rows = (REPO / "docs" / "reliability.md").read_text().splitlines()
+    head = next(row for row in rows if row.startswith("| a request's line and headers"))
+    linger = next(row for row in rows if row.startswith("| what a client still sends after the proxy has answered"))
+    said = head.split(" | ")[1]
+    assert f"{limits.MAX_HEAD_BYTES // 1024} KiB, within {limits.HEAD_TIMEOUT_S:g} s" in said, said
+    said = linger.split(" | ")[1]
+    assert said.startswith(f"{limits.LINGER_S:g} s in all (`LINGER_S`") and "(`LINGER_MAX_BYTES`)" in said, said
+    assert f"{limits.LINGER_MAX_BYTES // 2**20} MiB more (`LINGER_MAX_BYTES`)" in said, said
+
+
 def test_the_bad_input_case_count_the_readme_and_api_doc_give_is_the_corpus_table_s():
     """The README said 93 cases, docs/api.md 92; the table in docs/reliability.md is the corpus (a test keeps it so)."""
     text = (REPO / "docs" / "reliability.md").read_text()

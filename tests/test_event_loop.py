@@ -131,7 +131,7 @@ def test_options_in_the_query_string_are_refused_before_the_body_is_read():
 
 
 def test_no_long_c_call_over_a_large_body(monkeypatch):
-    """Each C call holds the GIL (and so the loop) for its whole length: json.loads, the base64 decoder and
+    """Each C call holds the GIL (and so the loop) for its whole length: the JSON scanner, the base64 decoder and
     the multipart parser's writes must each see at most STEP bytes of a 12 MB upload."""
     step = 256 * 1024
     monkeypatch.setattr(req, "STEP", step)
@@ -147,6 +147,14 @@ def test_no_long_c_call_over_a_large_body(monkeypatch):
 
         return call
 
+    scan = req._DECODER.scan_once
+
+    def scan_once(text, at):  # the json module's C scanner, one call per value: the span it consumed
+        value, end = scan(text, at)
+        seen["scan_once"] = max(seen.get("scan_once", 0), end - at)
+        return value, end
+
+    monkeypatch.setattr(req._DECODER, "scan_once", scan_once)
     monkeypatch.setattr(json, "loads", spy("json.loads", json.loads))
     monkeypatch.setattr(binascii, "a2b_base64", spy("a2b_base64", binascii.a2b_base64))
     monkeypatch.setattr(binascii, "b2a_base64", spy("b2a_base64", binascii.b2a_base64))
@@ -163,7 +171,7 @@ def test_no_long_c_call_over_a_large_body(monkeypatch):
     files, _ = req._from_multipart(content_type, body, NAMES, ("image",), req.RemoveOptions)
     assert files == {"image": raw}
     assert b"".join(req.b64encode_pieces(raw)) == encoded
-    assert set(seen) == {"json.loads", "a2b_base64", "b2a_base64", "multipart"}
+    assert set(seen) == {"scan_once", "a2b_base64", "b2a_base64", "multipart"}
     assert max(seen.values()) <= step, seen
 
 
@@ -546,16 +554,16 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
     monkeypatch.setattr(req, "_LIFT_MIN", 16)
 
     def loads_refusing_repeats(body: bytes):
-        """json.loads, but a key repeated in one object is refused (as a multipart form's repeated field is)."""
-
-        def unique(pairs):
-            keys = [key for key, _ in pairs]
+        """json.loads, but a key repeated in the top-level object is refused (as a multipart form's repeated field
+        is); nested objects as json.loads takes them."""
+        value, objects = json.loads(body), []
+        json.loads(body, object_pairs_hook=lambda pairs: objects.append([key for key, _ in pairs]) or dict(pairs))
+        if isinstance(value, dict):  # the top-level object's keys are the last object parsed
+            keys = objects[-1]
             repeated = [key for at, key in enumerate(keys) if key in keys[:at]]
             if repeated:
                 raise req.RepeatedKey(repeated[0])
-            return dict(pairs)
-
-        return json.loads(body, object_pairs_hook=unique)
+        return value
 
     def reference(body: bytes):
         start = body.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\n\r")[:1]

@@ -93,9 +93,7 @@ class EvaluateSettings(StageSettings):
     data: Path = Field(description="metadata JSON: source + mask, and GT when the set has one (RORem format)")
     runner: Literal["torch", "onnx", "tensorrt"] = _ENGINE["runner"]
     runner_path: Path | None = Field(None, description="the exported UNet file; None: the bundle's recorded export")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="engine precision; auto: bf16 on cuda, fp32 on cpu (exports: fp16 on cuda)"
-    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = _ENGINE["dtype"]
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     compile: bool = _ENGINE["compile"]
     cuda_graph: bool = Field(
