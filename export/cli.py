@@ -226,7 +226,8 @@ def _open_bundle(args, progress: Progress):
 
         with progress.stage(f"bundle named by {args.config}"):
             bundle = load_serve_settings(args.config).bundle.open()
-        with progress.stage("checking the bundle's own files' sha256 (an export: where it is read)"):  # serving leaves the weights to their readers
+        # serving leaves the weights to their readers; an export is hashed where a command reads it
+        with progress.stage("checking the bundle's own files' sha256"):
             bundle.verify()
     progress.say(f"bundle {bundle.manifest.name} at {bundle.path}")
     return bundle
