@@ -53,7 +53,14 @@ from export.staging import staging_folder, sync_file, sync_folder
 
 
 def manifest_lock(bundle_path: Path) -> FileLock:
-    return FileLock(str(bundle_path.with_name(bundle_path.name + ".manifest.lock")))
+    return FileLock(str(_beside(bundle_path, ".manifest.lock")))
+
+
+def _beside(bundle_path: Path, suffix: str) -> Path:
+    """A lock file next to the bundle folder as it resolves: one bundle reached by two paths (/models/current, a
+    symlink, and the folder it names) is one lock."""
+    folder = Path(bundle_path).resolve()
+    return folder.with_name(folder.name + suffix)
 
 
 def check_output_paths(
@@ -201,7 +208,7 @@ def export_lock(bundle_path: Path, dtype: str, *, required: bool = True) -> Iter
     where the lock file cannot be made."""
     with ExitStack() as held:
         try:
-            held.enter_context(FileLock(str(bundle_path.with_name(bundle_path.name + f".export-onnx-{dtype}.lock"))))
+            held.enter_context(FileLock(str(_beside(bundle_path, f".export-onnx-{dtype}.lock"))))
         except OSError:
             if required:
                 raise

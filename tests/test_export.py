@@ -1553,3 +1553,21 @@ def test_an_export_is_on_disk_before_the_manifest_that_records_it(tiny_bundle, t
     _atomic_write(tmp_path / "unet.sm90.plan", b"plan")
     (_, tmp), (_, src, dst), (_, folder) = events
     assert tmp == src and dst == str(tmp_path / "unet.sm90.plan") and folder == str(tmp_path)
+
+
+def test_a_bundle_reached_through_a_symlink_takes_the_same_locks_as_its_folder(tmp_path):
+    """The locks sat beside the path as given: /models/current (a symlink) and the folder it names were two
+    bundles to them, so an export through each could record at once."""
+    from filelock import Timeout
+
+    from export.manifest import export_lock, manifest_lock
+
+    folder = tmp_path / "releases" / "b1"
+    folder.mkdir(parents=True)
+    (tmp_path / "current").symlink_to(folder)
+    with manifest_lock(tmp_path / "current"):
+        with pytest.raises(Timeout):
+            manifest_lock(folder).acquire(timeout=0.1)
+    with export_lock(tmp_path / "current", "float32"):
+        assert (tmp_path / "releases" / "b1.export-onnx-float32.lock").exists()
+        assert not (tmp_path / "current.export-onnx-float32.lock").exists()
