@@ -114,8 +114,8 @@ def check_inside_bundle(bundle_path: Path, default_path: Path) -> None:
     root = Path(bundle_path).resolve()
     if default_path.resolve().is_relative_to(root):
         return
-    below = [part for part in (*reversed(default_path.parents), default_path) if part.is_relative_to(bundle_path) and part != bundle_path]
-    link = next((part for part in below if part.is_symlink()), default_path)
+    below = [part for part in (*reversed(default_path.parents), default_path) if part.is_relative_to(bundle_path)]
+    link = next((part for part in below if part != bundle_path and part.is_symlink()), default_path)
     raise BundleError(
         f"{link} is a symlink to {link.resolve()}, outside the bundle folder {root}: an export written there is not "
         f"recorded, and serving reads only recorded exports; make {EXPORTS_DIR}/ a folder of the bundle (or name an "

@@ -70,16 +70,16 @@ def sweep_leftovers(final_folder: Path, prefix: str = ".staging-") -> list[Path]
 def sync_file(path: Path) -> None:
     """Flush a written file's bytes to disk before it is renamed into place: XFS, and ext4 without auto_da_alloc, can
     make the rename durable before the data, and a crash then leaves an empty file under the final name."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    _fsync(path, os.O_RDONLY)
 
 
 def sync_folder(path: Path) -> None:
     """Make the renames into a folder durable (its entries are written by the fsync of the folder itself)."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags | os.O_CLOEXEC)
     try:
         os.fsync(descriptor)
     finally:

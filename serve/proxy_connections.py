@@ -19,10 +19,10 @@ And a refusal ends the connection cleanly for a client that is still sending. Th
 body is all in (its 413 or 401, the 431 and 400 here) say `connection: close`, and uvicorn closes the connection
 as soon as such an answer is sent: closed with the client's bytes unread, the kernel ends it with a reset (RST)
 after the answer, not a FIN. On Linux a client still reads the answer first (10 of 10 here, a 512 KiB head or a
-body 1 MiB over the limit), but one that reads to the end gets ECONNRESET, a stack that drops what it holds on a reset loses the answer, and a proxy in front
-that is still forwarding the body may answer its own client with an error instead. So such a close ends our
-side after the answer (FIN), drops what the client still sends unparsed, and closes when the client closes its
-side or after LINGER_S (nginx's lingering close).
+body 1 MiB over the limit), but one that reads to the end gets ECONNRESET, a stack that drops what it holds on a
+reset loses the answer, and a proxy in front that is still forwarding the body may answer its own client with an
+error instead. So such a close ends our side after the answer (FIN), drops what the client still sends unparsed,
+and closes when the client closes its side or after LINGER_S (nginx's lingering close).
 
 A request whose line or headers httptools cannot parse (a repeated Content-Length, Content-Length with chunked
 framing, an unknown method or version, a folded header line), or whose chunked framing it cannot parse, gets 400
