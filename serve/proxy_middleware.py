@@ -37,7 +37,9 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
 - HeaderGuard, outermost: a request whose headers are ambiguous is answered 400 `malformed-request` before
   anything else runs: more than one Host or Content-Type header line (the first decided the app's host check
   and its body parser, where another server in the path may have read the other), or HTTP/1.1 without a Host
-  (RFC 9112 3.2: a server must answer 400; HTTP/1.0 may leave it out). A client's X-Request-Id is echoed by
+  (RFC 9112 3.2: a server must answer 400; HTTP/1.0 may leave it out), or HTTP/1.0 with a Transfer-Encoding
+  (RFC 9112 6.1); one whose Transfer-Encoding is not chunked alone (`gzip, chunked`) is answered 501
+  `transfer-coding-not-implemented`: the proxy decodes no other coding. A client's X-Request-Id is echoed by
   Serve and written to every log line of the request; one that is not 1-128 characters of [A-Za-z0-9._-] is
   dropped, so Serve makes its own. Ray's per-request hints for a trusted front proxy (X-Request-Timeout-Seconds:
   0 lifts http_options' request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the
@@ -266,6 +268,10 @@ class HeaderGuard:
             ambiguous = _ambiguous_head(scope)
             if ambiguous:
                 return await _problem(send, Problem("malformed-request", f"{ambiguous} (at the proxy)"), scope)
+            codings = _transfer_codings(headers)
+            if codings not in ([], ["chunked"]):
+                detail = f"Transfer-Encoding {', '.join(codings)!r}: only chunked is decoded here (at the proxy)"
+                return await _problem(send, Problem("transfer-coding-not-implemented", detail), scope)
             kept = [(k, v) for k, v in headers if self._keep(k, v)]
             if len(kept) != len(headers):
                 scope = {**scope, "headers": kept}
@@ -282,7 +288,21 @@ def _ambiguous_head(scope) -> str:
             return f"more than one {repeated.decode().title()} header line"
     if b"host" not in names and scope["http_version"] != "1.0":
         return f"an HTTP/{scope['http_version']} request must have a Host header"
+    if b"transfer-encoding" in names and scope["http_version"] == "1.0":
+        return "an HTTP/1.0 request cannot have a Transfer-Encoding (RFC 9112 6.1: its framing is faulty)"
     return ""
+
+
+def _transfer_codings(headers) -> list[str]:
+    """The codings every Transfer-Encoding line names, in order. httptools frames a body as chunked when chunked
+    comes last and hands on what it decoded, so `gzip, chunked` would reach the app as gzip bytes read as plain."""
+    return [
+        coding.strip().lower()
+        for name, value in headers
+        if name.lower() == b"transfer-encoding"
+        for coding in value.decode("latin-1").split(",")
+        if coding.strip()
+    ]
 
 
 class RayAnswers:
@@ -341,6 +361,7 @@ _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the 
 ROUTE_ANSWERS = (
     *(kind for kind in _RAY_KINDS.values() if kind != "not-found"),
     "overloaded", "stopping", "replica-failed", "payload-too-large", "body-timeout", "malformed-request",
+    "transfer-coding-not-implemented",
 )  # fmt: skip
 """The problems these middlewares answer on a path an application serves, which serve/openapi.py lists for the
 routes taking a body (not-found is for a path none serves; a refused key is the route's own 401). Every kind
