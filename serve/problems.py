@@ -47,10 +47,9 @@ KINDS = (
     Kind("invalid-input", 422, "Invalid input"),
     Kind("invalid-request", 422, "The request is invalid"),
     Kind("malformed-body", 400, "The request body cannot be parsed"),
-    # HTTP's own framing: what the proxy's parser refuses, a repeated Host or Content-Type, no Host in HTTP/1.1
+    # HTTP's own framing: what the proxy's parser refuses, a repeated Host or Content-Type, no Host in HTTP/1.1, a
+    # transfer coding other than chunked alone
     Kind("malformed-request", 400, "The request cannot be parsed"),
-    # a Transfer-Encoding other than chunked alone (gzip, chunked): the proxy decodes chunked only (RFC 9112 6.1)
-    Kind("transfer-coding-not-implemented", 501, "The request's transfer coding is not implemented", "UNIMPLEMENTED"),
     Kind("payload-too-large", 413, "The request body is too large", "RESOURCE_EXHAUSTED"),
     Kind("body-timeout", 408, "The request body did not arrive in time"),
     Kind("headers-too-large", 431, "The request's headers are too large", "RESOURCE_EXHAUSTED"),

@@ -38,8 +38,9 @@ ByRoutePrefix hands each request to the BodyBuffer of the application Ray will r
   anything else runs: more than one Host or Content-Type header line (the first decided the app's host check
   and its body parser, where another server in the path may have read the other), or HTTP/1.1 without a Host
   (RFC 9112 3.2: a server must answer 400; HTTP/1.0 may leave it out), or HTTP/1.0 with a Transfer-Encoding
-  (RFC 9112 6.1); one whose Transfer-Encoding is not chunked alone (`gzip, chunked`) is answered 501
-  `transfer-coding-not-implemented`: the proxy decodes no other coding. A client's X-Request-Id is echoed by
+  (RFC 9112 6.1), or a Transfer-Encoding other than chunked alone (`gzip, chunked`); a body with a
+  Content-Encoding (gzip) is answered 415 `unsupported-media-type`: nothing here decodes another coding, and it
+  reached the app as the coded bytes. A client's X-Request-Id is echoed by
   Serve and written to every log line of the request; one that is not 1-128 characters of [A-Za-z0-9._-] is
   dropped, so Serve makes its own. Ray's per-request hints for a trusted front proxy (X-Request-Timeout-Seconds:
   0 lifts http_options' request_timeout_s, X-Request-Disconnect-Disabled: ?1 keeps the work running after the
@@ -268,10 +269,9 @@ class HeaderGuard:
             ambiguous = _ambiguous_head(scope)
             if ambiguous:
                 return await _problem(send, Problem("malformed-request", f"{ambiguous} (at the proxy)"), scope)
-            codings = _transfer_codings(headers)
-            if codings not in ([], ["chunked"]):
-                detail = f"Transfer-Encoding {', '.join(codings)!r}: only chunked is decoded here (at the proxy)"
-                return await _problem(send, Problem("transfer-coding-not-implemented", detail), scope)
+            coded = _coded_body(headers)
+            if coded:
+                return await _problem(send, Problem(*coded), scope)
             kept = [(k, v) for k, v in headers if self._keep(k, v)]
             if len(kept) != len(headers):
                 scope = {**scope, "headers": kept}
@@ -293,13 +293,29 @@ def _ambiguous_head(scope) -> str:
     return ""
 
 
-def _transfer_codings(headers) -> list[str]:
-    """The codings every Transfer-Encoding line names, in order. httptools frames a body as chunked when chunked
-    comes last and hands on what it decoded, so `gzip, chunked` would reach the app as gzip bytes read as plain."""
+def _coded_body(headers) -> tuple[str, str] | None:
+    """The refusal (kind, detail) of a body sent in a coding nobody here decodes, else None. httptools frames a body
+    as chunked when chunked comes last and hands on what it decoded, so `gzip, chunked` reached the app as gzip bytes
+    read as plain, as did a body with a Content-Encoding. RFC 9112 6.1 suggests 501 for the first; it is 400 here,
+    as every other request the service cannot read: what a client sends never gets a 5xx (clients retry those, and
+    they count against the service's error budget). RFC 9110 15.5.16: 415 for a content coding."""
+    transfer = _codings(headers, b"transfer-encoding")
+    if transfer not in ([], ["chunked"]):
+        detail = f"Transfer-Encoding {', '.join(transfer)!r}: only chunked, alone, is decoded here (at the proxy)"
+        return "malformed-request", detail
+    content = [coding for coding in _codings(headers, b"content-encoding") if coding != "identity"]
+    if content:
+        detail = f"Content-Encoding {', '.join(content)!r}: send the body uncoded (at the proxy)"
+        return "unsupported-media-type", detail
+    return None
+
+
+def _codings(headers, header: bytes) -> list[str]:
+    """The codings every `header` line names, in order."""
     return [
         coding.strip().lower()
         for name, value in headers
-        if name.lower() == b"transfer-encoding"
+        if name.lower() == header
         for coding in value.decode("latin-1").split(",")
         if coding.strip()
     ]
@@ -361,7 +377,7 @@ _NO_ANSWER = "Ray's proxy got no answer from the Ingress replica; retry (at the 
 ROUTE_ANSWERS = (
     *(kind for kind in _RAY_KINDS.values() if kind != "not-found"),
     "overloaded", "stopping", "replica-failed", "payload-too-large", "body-timeout", "malformed-request",
-    "transfer-coding-not-implemented",
+    "unsupported-media-type",
 )  # fmt: skip
 """The problems these middlewares answer on a path an application serves, which serve/openapi.py lists for the
 routes taking a body (not-found is for a path none serves; a refused key is the route's own 401). Every kind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 
 import grpc
 import pytest
@@ -86,6 +87,16 @@ def test_the_api_doc_shows_each_problems_grpc_code():
 
 if __name__ == "__main__":
     print(grpc_code_table(), end="")
+
+
+def test_the_readmes_error_statuses_are_the_tables_client_errors():
+    """The README's one-line summary of the error statuses lists every 4xx a problem has, and claims no 5xx for a
+    client's mistake: the 4xx statuses are read from the table, not restated."""
+    summary = (REPO / "README.md").read_text().split("Errors are RFC 9457", 1)[1].split("5xx.", 1)[0]
+    listed = {int(status) for status in re.findall(r"\b([45]\d\d)\b", summary)}
+    client_errors = {kind.status for kind in KINDS if kind.status < 500}
+    assert client_errors <= listed, f"add {sorted(client_errors - listed)} to the README's error statuses"
+    assert {kind.status for kind in KINDS} >= listed, f"{sorted(listed - {k.status for k in KINDS})} is no problem's"
 
 
 def test_a_problem_answer_is_never_sniffed_as_a_page():
