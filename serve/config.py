@@ -467,7 +467,9 @@ class OverloadSettings(_Strict):
         le=MAX_RETRY_AFTER_S,
         description="the Retry-After of a 429 past max_in_flight and of a 503 from a full queue, the Ingress's (Ray's "
         "backpressure_config, set from it) or a model's (a 429 past max_queue_wait_s says when the wait is back "
-        "under it; a quota's, when its window resets)",
+        "under it; a quota's, when its window resets), and of every 503 that asks the client to come back (not-ready, "
+        "scorer-unavailable, replica-failed; the HTTP and gRPC proxies' stopping, which say the longest of their "
+        "applications')",
     )
     body_timeout_s: float = Field(
         60.0,

@@ -97,6 +97,7 @@ def proxy_routes(config: dict) -> dict[str, dict]:
             "limit": body_limit,
             "timeout_s": settings.overload.body_timeout_s,
             "max_held": settings.overload.proxy_buffer_bytes,
+            "retry_after_s": settings.overload.retry_after_s,
         }
         route |= keys_at_the_proxy(settings) or {}  # a body without a valid key is refused before it is read
         routes[route_prefix(app)] = route

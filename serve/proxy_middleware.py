@@ -76,8 +76,8 @@ import uuid
 
 from serve.problems import MEDIA_TYPE, Problem
 
-# JSON: {route prefix: {limit, timeout_s, max_held, keys_file, keys_reload_s}} (BodyBuffer's settings; the keys
-# only while the application's auth is on), one entry per application
+# JSON: {route prefix: {limit, timeout_s, max_held, keys_file, keys_reload_s, retry_after_s}} (BodyBuffer's
+# settings; the keys only while the application's auth is on), one entry per application
 ROUTES_ENV = "ROREM_PROXY_ROUTES"
 DRAIN_FLAG_ENV = "ROREM_DRAIN_FLAG"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # ray/serve/_private/constants.py
@@ -85,7 +85,18 @@ CALLBACK_PATH = "serve.proxy_middleware:middlewares"
 DRAIN_PATH = "/-/rorem-drain"  # while draining: {"in_flight": n}, for the stopping CLI
 RAY_ROUTES_PATH = "/-/routes"  # Ray's proxy answers it, keyless (ray/serve/_private/proxy_request_response.py)
 DRAIN_GRACE_S = 4.0
-RETRY_AFTER_S = 2
+DEFAULT_RETRY_AFTER_S = 2  # overload.retry_after_s's default (tests/test_proxy_limits.py)
+
+
+def _proxy_retry_after_s() -> int:
+    """The Retry-After of the proxy's own refusals (stopping, replica-failed, Ray's 503 without one): the longest
+    of the applications' overload.retry_after_s, as their Ingresses say it; one value, as the proxy is shared."""
+    routes = json.loads(os.environ.get(ROUTES_ENV) or "{}")
+    said = [route.get("retry_after_s", DEFAULT_RETRY_AFTER_S) for route in routes.values()]
+    return max(said, default=DEFAULT_RETRY_AFTER_S)
+
+
+RETRY_AFTER_S = _proxy_retry_after_s()
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(REQUEST_ID_PATTERN.encode())
@@ -153,6 +164,7 @@ class ByRoutePrefix:
         for prefix in sorted(routes, key=len, reverse=True):
             limits = dict(routes[prefix])
             keys_file, reload_s = limits.pop("keys_file", None), limits.pop("keys_reload_s", None)
+            limits.pop("retry_after_s", None)  # RETRY_AFTER_S
             keys = proxy_keys(keys_file, reload_s) if keys_file else None
             self.buffers.append((prefix, BodyBuffer(app, keys=keys, arriving=arriving, **limits)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 
 import numpy as np
@@ -31,6 +32,7 @@ from serve.proxy_limits import (
     proxy_env,
 )
 from serve.proxy_middleware import (
+    DEFAULT_RETRY_AFTER_S,
     DRAIN_PATH,
     RAY_ROUTES_PATH,
     REQUEST_ID_PATTERN,
@@ -312,6 +314,30 @@ def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(
     grpc_only = _config({}, small)
     grpc_only["applications"][1]["route_prefix"] = None  # no HTTP route reaches it
     assert set(json.loads(proxy_env(grpc_only)[ROUTES_ENV])) == {"/"}
+
+
+def test_the_proxys_own_retry_after_is_the_longest_its_applications_configure():
+    """The proxy's stopping, replica-failed and Ray's 503 said Retry-After 2 (a constant) where the application's
+    own not-ready, replica-failed and overloaded said its overload.retry_after_s: an operator's 10 s reached only
+    some answers. The proxy, shared by every application, now says the longest of theirs; 2 without any."""
+    import subprocess
+    import sys
+
+    from serve.config import OverloadSettings
+    from tests.helpers import REPO
+
+    assert DEFAULT_RETRY_AFTER_S == OverloadSettings().retry_after_s
+    env = proxy_env(_config({}, {"overload": {"retry_after_s": 7}}, {"overload": {"retry_after_s": 3}}))
+    assert [route["retry_after_s"] for route in json.loads(env[ROUTES_ENV]).values()] == [2, 7, 3]
+    said = "from serve import proxy_middleware as p; print(p.RETRY_AFTER_S, p.stopping('now').headers['Retry-After'])"
+    for routes, expected in ((env[ROUTES_ENV], "7 7"), ("", "2 2")):
+        run = subprocess.run(
+            [sys.executable, "-c", said], cwd=REPO, env={**os.environ, ROUTES_ENV: routes}, capture_output=True,
+            text=True, check=True,
+        )  # fmt: skip
+        assert run.stdout.split() == expected.split()
+    ((_, buffer),) = ByRoutePrefix(lambda *a: None, {"/": json.loads(env[ROUTES_ENV])["/app1"]}).buffers
+    assert buffer.limit == json.loads(env[ROUTES_ENV])["/app1"]["limit"]  # the other settings still reach the buffer
 
 
 def test_a_request_meets_the_body_limit_of_the_application_its_path_belongs_to():
