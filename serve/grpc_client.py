@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     timeout=options.timeout,
                     metadata=metadata,
                 )
-                print(f"score {reply.score:.3f} (threshold {reply.threshold}, passed {reply.passed})")
+                # a float32 holds ~7 significant digits: 0.6 comes back as 0.6000000238418579
+                print(f"score {reply.score:.3f} (threshold {reply.threshold:.7g}, passed {reply.passed})")
         except grpc.RpcError as error:
             print(f"{error.code().name}: {json.dumps(problem_of(error), indent=2)}", file=sys.stderr)
             return 1

@@ -46,9 +46,11 @@ PROXY_REFUSALS = "rorem_proxy_refusals_total"
 NO_PROBLEM = "none"  # the `problem` label of an answer that is no problem
 
 STAGES = (
-    "read", "cpu_wait", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "score",
-    "paste", "encode",
+    "read", "cpu_wait", "decode", "queue_wait", "upload", "vae_encode", "unet", "vae_decode", "download", "paste",
+    "score", "encode",
 )  # fmt: skip
+"""In the order a request goes through them (a Server-Timing header lists them so): the gate scores the pasted
+image."""
 # the model deployments record the others
 INGRESS_STAGES = frozenset({"read", "cpu_wait", "decode", "score", "paste", "encode"})
 

@@ -159,7 +159,8 @@ class FakeStub:
 
     def Score(self, request, timeout, metadata=None):
         FakeStub.calls.append((request, timeout))
-        return pb.ScoreReply(score=0.5, threshold=0.5, passed=True)
+        threshold = request.gate_threshold if request.HasField("gate_threshold") else 0.5
+        return pb.ScoreReply(score=0.5, threshold=threshold, passed=True)
 
 
 @pytest.fixture
@@ -269,6 +270,14 @@ def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_
     assert first.HasField("timeout_s") and 0 < first.timeout_s < timeout == 30
     assert first.timeout_s == pytest.approx(30 * SERVICE_SHARE)
     assert f"`serve.grpc_client` sends {SERVICE_SHARE:.0%} of" in " ".join((REPO / "docs" / "api.md").read_text().split())
+
+
+def test_the_cli_client_prints_the_threshold_as_it_was_given(cli, capsys):
+    """A reply's threshold is a 32-bit float: `--gate-threshold 0.6` printed "threshold 0.6000000238418579"."""
+    assert cli(["score", "photo.jpg", "mask.png", "out.png", "--gate-threshold", "0.6"]) == 0
+    assert cli(["score", "photo.jpg", "mask.png", "out.png", "--gate-threshold", "9.3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "(threshold 0.6, passed True)" in printed[0] and "(threshold 9.3, passed True)" in printed[1], printed
 
 
 @pytest.mark.parametrize(("deadline", "sent"), [(120, 114.0), (10, 9.5), (2, 1.5), (1, 0.5), (0.3, 0.15), (5000, 3600)])

@@ -110,6 +110,17 @@ def test_metrics_after_traffic(service):
     assert _total(families, metrics.SCORES, "_count") >= 4
 
 
+def test_the_api_doc_lists_the_stages_in_their_order():
+    """The doc said `score, paste` where the header and the request say paste, then score."""
+    doc = " ".join((REPO / "docs" / "api.md").read_text().split())
+    header = doc.split("`Server-Timing` (", 1)[1].split("; ms)", 1)[0]
+    assert header.split(", ") == [*metrics.STAGES, "total"]
+    histogram = doc.split("`ray_rorem_stage_latency_seconds` | histogram | `stage`: ", 1)[1].split(". Counted", 1)[0]
+    assert [stage.split(" (")[0] for stage in histogram.split(", ")] == list(metrics.STAGES)
+    ingress = doc.split("Counted per request for the Ingress's stages (", 1)[1].split(")", 1)[0].split(", ")
+    assert ingress == [stage for stage in metrics.STAGES if stage in metrics.INGRESS_STAGES]
+
+
 def test_a_rest_request_the_client_hung_up_on_is_counted_499_not_as_a_server_error(monkeypatch):
     """A hang-up cancels the request's task: the counter said 500, so clients leaving looked like server faults."""
     import asyncio

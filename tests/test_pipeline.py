@@ -31,6 +31,7 @@ from serve import rorem_pb2 as pb
 from serve.admission import work_units
 from serve.config import AppSettings
 from serve.grpc_api import removal_request, score_request
+from serve.metrics import STAGES
 from serve.problems import Problem
 from serve.protocol import RemovalRequest, RemoveOptions, ScoreOptions, ScoreRequest
 from serve.service import RemovalService, ServeModels
@@ -256,6 +257,7 @@ def test_service_reply_lists_every_crop_and_the_kept_attempts_seed():
     photo, _ = _photo_and_two_objects()
     assert out.shape == photo.shape
     assert set(reply.timings.stages) >= {"decode", "paste", "score", "encode"}
+    assert list(reply.timings.stages) == sorted(reply.timings.stages, key=STAGES.index), "Server-Timing's order"
 
 
 def test_server_timing_tells_the_wait_for_an_image_thread_from_the_decode_and_its_total_counts_the_read():
