@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Generic, Literal, Protocol, TypeVar
+from typing import Awaitable, Callable, Generic, Literal, Protocol, TypeVar, get_args
 
 GateMode = Literal["off", "annotate", "retry", "reject"]
+KeptVerdict = Literal["passed", "failed", "off", "unscored"]
+"""A kept result's verdict: passed; failed (below the threshold, kept under annotate / retry); off (not scored);
+unscored (the scorer failed and the policy fails open)."""
+GateVerdict = Literal[KeptVerdict, "rejected"]
+"""A gate outcome's verdict: a kept one, or rejected (reject: no attempt passed; answered as a problem)."""
+ReplyVerdict = Literal[KeptVerdict, "nothing-to-remove"]
+"""What a removal's reply says in X-Gate / the gRPC reply's `gate`: a kept verdict, or nothing-to-remove (an empty
+mask: the image came back as sent, nothing scored)."""
+REPLY_VERDICTS: tuple[str, ...] = get_args(ReplyVerdict)
+NOTHING_TO_REMOVE: ReplyVerdict = "nothing-to-remove"
 
 
 class GateConfig(Protocol):
@@ -96,17 +106,13 @@ def max_crops(max_model_calls: int, scored: bool) -> int:
 
 @dataclass
 class GateOutcome(Generic[Result]):
-    """What the gate kept and why.
-
-    verdict: "off" (not scored), "passed", "failed" (below threshold; kept under annotate / retry),
-    "rejected" (reject: no attempt passed), "unscored" (the scorer failed and the policy fails open).
-    """
+    """What the gate kept and why (`verdict`: GateVerdict)."""
 
     result: Result
     seed: int
     score: float | None
     attempts: int
-    verdict: str
+    verdict: GateVerdict
 
     @property
     def accepted(self) -> bool:

@@ -18,7 +18,7 @@ from engines import imaging
 from serve import auth, quotas
 from serve.admission import route_admissions
 from serve.config import INSTANCE_ENV, AppSettings, IngressArgs, RemoverArgs, ScorerArgs, with_live
-from serve.grpc_api import GrpcMethods
+from serve.grpc_api import SHARED_ROUTE_SCOPES, GrpcMethods
 from serve.live import LiveSettings
 from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.loop_lag import loop_lag
@@ -114,7 +114,7 @@ class Ingress(GrpcMethods, LiveSettings):
 
     @api.post(
         "/remove",
-        dependencies=[auth.requires("remove"), quotas.METERED],
+        dependencies=[auth.requires(SHARED_ROUTE_SCOPES["/remove"]), quotas.METERED],
         openapi_extra={
             "requestBody": openapi_request_body(
                 RemoveOptions, JSONRemoveBody, {"image": "the photo", "mask": "white = remove; absent: the image's alpha"}
@@ -169,7 +169,7 @@ class Ingress(GrpcMethods, LiveSettings):
 
     @api.post(
         "/score",
-        dependencies=[auth.requires("score"), quotas.METERED],
+        dependencies=[auth.requires(SHARED_ROUTE_SCOPES["/score"]), quotas.METERED],
         openapi_extra={
             "requestBody": openapi_request_body(
                 ScoreOptions,

@@ -33,6 +33,9 @@ logger = logging.getLogger("ray.serve")
 Options = TypeVar("Options", bound=BaseModel)
 Answer = tuple[Message, list[tuple[str, str]]]  # a handler's reply and its trailing metadata
 SERVER_TIMING = "server-timing"  # trailing metadata: a removal's stage timings, as REST's Server-Timing header
+SHARED_ROUTE_SCOPES = {"/remove": "remove", "/score": "score"}
+"""The scope of each REST route that a gRPC method also serves: serve.app declares the routes with it, and the
+method needs its route's scope, so a key allowed one way is allowed the other."""
 
 
 def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> RemovalRequest:
@@ -107,12 +110,16 @@ class GrpcMethods:
     async def Remove(
         self, message: pb.RemoveRequest | Parsed, grpc_context: RayServegRPCContext
     ) -> pb.RemoveReply:
-        return await self._grpc("/remove", "remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
+        return await self._grpc(
+            "/remove", SHARED_ROUTE_SCOPES["/remove"], grpc_context, pb.RemoveReply, self._grpc_remove, message
+        )
 
     async def Score(
         self, message: pb.ScoreRequest | Parsed, grpc_context: RayServegRPCContext
     ) -> pb.ScoreReply:
-        return await self._grpc("/score", "score", grpc_context, pb.ScoreReply, self._grpc_score, message)
+        return await self._grpc(
+            "/score", SHARED_ROUTE_SCOPES["/score"], grpc_context, pb.ScoreReply, self._grpc_score, message
+        )
 
     async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> Answer:
         upload = removal_request(message, self.settings.imaging.max_upload_bytes)
@@ -129,7 +136,7 @@ class GrpcMethods:
         return score_reply(reply, request_id), []
 
     async def _grpc(self, route, scope, context, empty_reply, handler, message):
-        """Run a gRPC call needing `scope` (declared with the method, as a REST route declares its own); a Problem
+        """Run a gRPC call needing `scope` (its REST route's, SHARED_ROUTE_SCOPES); a Problem
         becomes a status code + problem+json details, counted like REST under the REST route's name. A message
         that did not parse (serve/grpc_servicer.py) is the problem malformed-body, after the key and quota checks.
         `handler` answers (reply, trailing metadata): an answer's metadata is set once, with the quota's. The local

@@ -39,6 +39,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from engines import imaging
+from engines.gate import REPLY_VERDICTS
 from serve import auth, negotiation, quotas
 from serve.problems import EXTENSIONS, MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
 from serve.protocol import Seed
@@ -68,7 +69,7 @@ HEADERS: dict[str, tuple[dict, str]] = {
         "absent when not scored",
     ),
     "X-Attempts": (_INT, "removal attempts that finished (retry / reject run several)"),
-    "X-Gate": (_STR, "the gate's verdict: passed, failed, off, unscored or nothing-to-remove"),
+    "X-Gate": (_STR, f"the gate's verdict: {', '.join(REPLY_VERDICTS[:-1])} or {REPLY_VERDICTS[-1]}"),
     "X-Result-Id": (_STR, "id of the retained result (GET /results/{id}, POST /feedback); only when it was kept"),
     "Server-Timing": (_STR, "stage durations in ms: read, cpu_wait, decode, queue_wait, ..., encode, total"),
     RETRY_AFTER: (_INT, "seconds to wait before retrying"),

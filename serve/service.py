@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from engines import imaging
 from engines.errors import InputError
-from engines.gate import MAX_SAFE_SEED, GatePolicy, ScorerUnavailable, max_crops
+from engines.gate import MAX_SAFE_SEED, NOTHING_TO_REMOVE, GatePolicy, ReplyVerdict, ScorerUnavailable, max_crops
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, Prepared, RemovalPipeline, Timings, outage_detail
 from serve.admission import Place, work_units
@@ -56,7 +56,7 @@ class RemovalResult:
     batch_size: int
     score: float | None
     attempts: int
-    gate: str  # the gate's verdict, see engines.gate.GateOutcome
+    gate: ReplyVerdict
     timings: Timings = field(default_factory=Timings)
     result_id: str | None = None  # set when the result was retained for feedback
 
@@ -262,7 +262,7 @@ class RemovalService:
                     imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
                 )
                 timings.lap("encode")
-            return RemovalResult(body, fmt, None, [], 0, None, 0, "nothing-to-remove", timings)
+            return RemovalResult(body, fmt, None, [], 0, None, 0, NOTHING_TO_REMOVE, timings)
 
         seed = options.seed if options.seed is not None else random.randint(0, MAX_SAFE_SEED)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))

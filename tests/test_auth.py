@@ -13,6 +13,7 @@ from serve.auth import (
     SCOPES, AccessPolicy, ApiKeys, api_routes, check_routes, declared_rule, new_key_entry, presented_key,
 )
 from serve.config import AppSettings
+from serve.grpc_api import SHARED_ROUTE_SCOPES
 from serve.problems import Problem
 from tests.helpers import PAGE_ORIGIN, answer_offline
 
@@ -290,13 +291,101 @@ def test_every_route_declares_its_access_and_the_scopes_are_the_documented_ones(
         for route in api_routes(api)
         for method in route.methods
     }
-    assert rules[("POST", "/remove")] == ("remove", False)
-    assert rules[("POST", "/score")] == ("score", False)
+    assert all(rules[("POST", route)] == (scope, False) for route, scope in SHARED_ROUTE_SCOPES.items())
     assert rules[("POST", "/feedback")] == ("feedback", False)
     assert rules[("GET", "/results/{id}/{kind}")] == ("feedback", False)
     assert rules[("DELETE", "/results/{id}")] == ("admin", False)
     assert rules[("GET", "/healthz")] == (None, True) and rules[("GET", "/readyz")] == (None, True)
     assert rules[("GET", "/docs")] == (None, True)
+
+
+class _RecordingIngress:
+    """The parts of an Ingress that a gRPC call refused at the key check uses: its scope and route are kept."""
+
+    def __init__(self):
+        self.scopes, self.routes = [], []
+
+    async def check_grpc(self, scope, metadata, peer):
+        self.scopes.append(scope)
+        raise Problem("unauthorized", "no key")
+
+    def release(self, decision):
+        pass
+
+    def answered(self, route, protocol, status, seconds, http_status, problem=None):
+        self.routes.append(route)
+
+
+def _grpc_route_and_scope(method: str) -> tuple[str, str | None]:
+    """The REST route a gRPC method is counted under, and the scope it asks the key for."""
+    from serve.grpc_api import GrpcMethods
+    from tests.test_grpc_ingress import Context
+
+    parts, ingress = _RecordingIngress(), GrpcMethods()
+    ingress.access = ingress.quotas = ingress.metrics = parts
+    asyncio.run(getattr(ingress, method)(None, Context()))
+    [route], [scope] = parts.routes, parts.scopes
+    return route, scope
+
+
+def test_each_grpc_method_needs_the_scope_its_rest_route_declares():
+    """A key allowed POST /remove is allowed Remove, and no more: a method asks for its REST route's scope."""
+    from serve import rorem_pb2 as pb
+    from serve.app import api
+
+    declared = {route.path: declared_rule(route) for route in api_routes(api) if "POST" in route.methods}
+    for method in pb.DESCRIPTOR.services_by_name["ObjectRemoval"].methods:
+        route, scope = _grpc_route_and_scope(method.name)
+        assert not declared[route].public and scope == declared[route].scope, method.name
+
+
+def _documented_routes() -> list[tuple[str, str]]:
+    """docs/api.md's Routes table: each row's route column and scope column."""
+    from tests.helpers import REPO
+
+    table = (REPO / "docs" / "api.md").read_text().split("## Routes\n\n", 1)[1].split("\n\n", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in table.splitlines()[2:]]
+    return [(routes.strip(), scope.strip()) for routes, _what, scope in rows]
+
+
+def _expand(path: str) -> list[str]:
+    """"/results/{id}/{source,mask,result}" -> a path per listed value; "{id}" (no comma) stays a parameter."""
+    choice = re.search(r"\{(\w+(?:,\w+)+)\}", path)
+    if not choice:
+        return [path]
+    return [p for value in choice[1].split(",") for p in _expand(path[: choice.start()] + value + path[choice.end() :])]
+
+
+def test_the_documented_scope_of_each_route_is_the_one_it_declares():
+    """docs/api.md's Routes table says who may call what: each row's scope column starts with the scope its routes
+    declare (a word in backquotes, or "public"), the gRPC row names its methods' scopes in order, and the table
+    lists every route (HEAD aside)."""
+    from starlette.routing import Match
+
+    from serve.app import api
+
+    routes = list(api_routes(api))
+    listed = set()
+    for route_column, scope_column in _documented_routes():
+        if route_column.startswith("gRPC"):
+            methods = re.findall(r"`[^`]*/(\w+)`", route_column)
+            assert re.findall(r"`(\w+)`", scope_column) == [_grpc_route_and_scope(m)[1] for m in methods]
+            continue
+        first = re.match(r"`(\w+)`|(public)", scope_column)
+        assert first and re.findall(r"`([A-Z]+ /[^`]*)`", route_column), route_column
+        documented = (first[1], first[2] is not None)
+        for method, path in re.findall(r"`([A-Z]+) (/[^`]*)`", route_column):
+            for concrete in _expand(path):
+                request = {"type": "http", "method": method, "path": concrete}
+                matched = [r for r in routes if r.matches(request)[0] == Match.FULL]
+                if not matched:
+                    assert (concrete, documented) == (api.openapi_url, (None, True)), f"{method} {concrete}"
+                    continue
+                [route] = matched
+                listed.add((method, route.path))
+                assert (declared_rule(route).scope, declared_rule(route).public) == documented, f"{method} {path}"
+    unlisted = {(method, r.path) for r in routes for method in r.methods - {"HEAD"}} - listed
+    assert not unlisted, f"routes missing from docs/api.md's Routes table: {sorted(unlisted)}"
 
 
 def test_the_docs_page_loads_a_pinned_swagger_ui_under_subresource_integrity():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ from serve.grpc_client import stub
 from serve.problems import Problem
 from tests.helpers import (
     PAGE_ORIGIN,
+    REPO,
     answer_offline,
     fulfill_problem,
     photo,
@@ -577,6 +579,50 @@ def test_annotation_page_says_a_key_has_a_character_no_key_has(browser):
         "again without it."
     )
     assert asked == []
+
+
+def _served_limits() -> dict[str, int]:
+    from serve.retention.keeper import annotation_page
+
+    body = re.search(r"<body [^>]*>", annotation_page()[0])[0]
+    return {name: int(value) for name, value in re.findall(r'(data-[a-z-]+)="(\d+)"', body)}
+
+
+def test_the_annotation_page_is_served_with_the_feedback_models_limits():
+    """The page's reason and labeller boxes take what POST /feedback takes, it asks the queue for no more than the
+    route answers, and docs/api.md gives the same figures."""
+    from pydantic import ValidationError
+
+    from serve.retention.keeper import MAX_QUEUE, FeedbackBody
+
+    limits = _served_limits()
+    assert limits["data-max-queue"] == MAX_QUEUE
+    for field, attribute in [("reason", "data-reason-max-length"), ("labeller", "data-labeller-max-length")]:
+        longest = "x" * limits[attribute]
+        FeedbackBody(result_id="a" * 32, verdict="yes", **{field: longest})
+        with pytest.raises(ValidationError):
+            FeedbackBody(result_id="a" * 32, verdict="yes", **{field: longest + "x"})
+    docs = " ".join((REPO / "docs" / "api.md").read_text().split())
+    assert f"`reason` (up to {limits['data-reason-max-length']} characters)" in docs
+    assert f"(it fetches the {limits['data-max-queue']} least certain at most)" in docs
+    minutes = int(re.search(r"by itself when it says, if that is within (\d+) minutes", docs)[1])
+    assert minutes * 60 == limits["data-max-auto-retry-s"]
+
+
+def test_annotation_page_uses_the_limits_it_is_served_with(browser):
+    """Offline."""
+
+    def api(route, path):
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"items": [], "unlabelled": 0}))
+
+    page = _annotation_page_offline(browser, api)
+    page.wait_for_selector("body[data-state=done]")
+    used = page.evaluate(
+        """() => ({"data-max-queue": MAX_QUEUE, "data-reason-max-length": document.getElementById('reason').maxLength,
+                   "data-labeller-max-length": document.getElementById('labeller').maxLength,
+                   "data-max-auto-retry-s": MAX_AUTO_RETRY_S})"""
+    )
+    assert used == _served_limits()
 
 
 def test_labels_export_and_the_discriminator_trains_on_them(service, tiny_layout, tmp_path):

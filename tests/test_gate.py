@@ -1,11 +1,13 @@
 """The gate policy as plain logic: which attempt is kept, how many run, what fails open or closed."""
 
 import asyncio
+import re
 
 import pytest
 
-from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed, max_crops, run_gated
+from engines.gate import REPLY_VERDICTS, GatePolicy, ScorerUnavailable, attempt_seed, max_crops, run_gated
 from serve.config import GateSettings
+from tests.helpers import REPO
 
 
 def _run(policy, scores, seed=7):
@@ -197,3 +199,27 @@ def test_fail_closed_a_first_scoring_past_the_gates_deadline_is_not_blamed_on_th
 
     outcome = asyncio.run(asyncio.wait_for(main(), 10))
     assert (outcome.verdict, outcome.score, outcome.attempts) == ("passed", 0.9, 1)
+
+
+
+def _named_verdicts(path: str) -> list[str]:
+    """The verdict words a file names for X-Gate / the gRPC reply's `gate` (the playground: its GATE_WORDS keys)."""
+    text = " ".join((REPO / path).read_text().split())
+    if path.endswith(".html"):
+        block = re.search(r"const GATE_WORDS = \{(.*?)\};", text)[1]
+        return sorted(re.findall(r"(?:^|\",) \"?([\w-]+)\"?: \"", block))
+    pattern = {
+        "serve/rorem.proto": r"string gate = \d+; // verdict: ((?:[\w-]+(?: \| )?)+)",
+        "README.md": r"`X-Gate` \(((?:`[\w-]+`(?:, )?)+)\)",
+        "docs/api.md": r"`X-Gate` \(the verdict: ((?:`[\w-]+`(?:, )?)+)\)",
+    }[path]
+    found = re.search(pattern, text)
+    assert found, f"{path} names no verdicts where {pattern}"
+    return sorted(re.findall(r"[\w-]+", found[1]))
+
+
+@pytest.mark.parametrize("path", ["serve/rorem.proto", "README.md", "docs/api.md", "serve/static/playground.html"])
+def test_the_proto_the_docs_and_the_playground_name_exactly_the_reply_verdicts(path):
+    """X-Gate / the gRPC reply's `gate` is one of engines.gate.REPLY_VERDICTS: the proto's comment, the README, the
+    API reference and the playground's words for each verdict name those, no fewer and no others."""
+    assert _named_verdicts(path) == sorted(REPLY_VERDICTS)

@@ -50,7 +50,17 @@ RESULT_ID = re.compile(r"[0-9a-f]{32}")
 ANNOTATION_PAGE = Path(__file__).parent.parent / "static" / "annotate.html"
 REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
-MAX_QUEUE = 200
+MAX_QUEUE = 200  # the most results GET /annotation/queue answers at once
+REASON_MAX_LENGTH = 1000  # characters of a verdict's reason
+LABELLER_MAX_LENGTH = 200  # characters of a verdict's labeller
+PAGE_MAX_AUTO_RETRY_S = 300  # the longest Retry-After the annotation page waits out by itself; a later one waits
+# The annotation page reads these limits from its body's attributes, which the file leaves empty.
+ANNOTATION_PAGE_LIMITS = {
+    "data-max-queue": MAX_QUEUE,
+    "data-reason-max-length": REASON_MAX_LENGTH,
+    "data-labeller-max-length": LABELLER_MAX_LENGTH,
+    "data-max-auto-retry-s": PAGE_MAX_AUTO_RETRY_S,
+}
 # Saves in progress at once per store client, in threads of their own: saves stalled on a slow store never
 # take the threads that reads (GET /results, images, the queue) run in.
 SAVE_THREADS = 4
@@ -91,10 +101,10 @@ class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     result_id: str = Field(description="the X-Result-Id of a retained removal")
     verdict: Literal["yes", "no"] = Field(description="yes: the object is removed well; no: it is not")
-    reason: str | None = Field(None, max_length=1000, description="why, in a few words (optional)")
+    reason: str | None = Field(None, max_length=REASON_MAX_LENGTH, description="why, in a few words (optional)")
     labeller: str | None = Field(
         None,
-        max_length=200,
+        max_length=LABELLER_MAX_LENGTH,
         description="who labelled (optional, free text, not checked); the service also records the API key that"
         " sent the verdict, as the verdict's `principal`",
     )
@@ -437,8 +447,13 @@ def result_document(stored: StoredResult, base: str, threshold: float | None = N
 
 @lru_cache(maxsize=1)
 def annotation_page() -> tuple[str, dict[str, str]]:
-    """The page and its response headers (a hash-based CSP: serve/page_headers.py)."""
+    """The page, with ANNOTATION_PAGE_LIMITS filled in, and its response headers (a hash-based CSP:
+    serve/page_headers.py)."""
     html = page_html(ANNOTATION_PAGE)
+    for attribute, value in ANNOTATION_PAGE_LIMITS.items():
+        if html.count(f'{attribute}=""') != 1:
+            raise ValueError(f'{ANNOTATION_PAGE.name} must carry {attribute}="" once')
+        html = html.replace(f'{attribute}=""', f'{attribute}="{value}"')
     return html, strict_page_headers(html, ANNOTATION_PAGE.name, img_src="blob:")  # images fetched with the key
 
 
