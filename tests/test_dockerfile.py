@@ -194,6 +194,10 @@ def test_every_stage_runs_as_a_non_root_user_in_a_workdir():
 
 
 def test_healthcheck_asks_readyz_on_the_served_port():
+    """The check's call must outlast /readyz's own wait for the replicas (serve.health.DESCRIBE_TIMEOUT_S), and
+    Docker's --timeout the call."""
+    from serve.health import DESCRIBE_TIMEOUT_S
+
     port = SERVE_CONFIG["http_options"]["port"]
     for stage in stages():
         checks = stage.values("HEALTHCHECK")
@@ -204,6 +208,10 @@ def test_healthcheck_asks_readyz_on_the_served_port():
         assert argv[:2] == ["python3", "-c"], argv
         assert f"http://127.0.0.1:{port}/readyz" in argv[2]
         compile(argv[2], "HEALTHCHECK", "exec")
+        call_s = float(re.search(rf"open\('http://127\.0\.0\.1:{port}/readyz', timeout=(\d+(?:\.\d+)?)\)", argv[2])[1])
+        assert call_s > DESCRIBE_TIMEOUT_S, f"{stage.name}: /readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the replicas"
+        check_s = float(re.search(r"--timeout=(\d+)s", options)[1])
+        assert check_s > call_s, f"{stage.name}: the HEALTHCHECK's --timeout outlasts its call"
 
 
 def test_healthcheck_passes_on_a_ready_answer_whatever_the_environment_s_http_proxy_says():

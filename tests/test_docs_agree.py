@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +55,7 @@ def test_the_layout_names_every_loadtests_script():
     assert present - words == set(), f"README Layout: loadtests/ leaves out {sorted(present - words)}"
 
 
-_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "s": 1, "": 1}
+_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "MB": 10**6, "s": 1, "": 1}
 
 
 def _default(path: str):
@@ -163,3 +165,84 @@ def test_loadtests_readme_names_every_knob_the_locustfile_reads():
     assert {"ROREM_GRPC_APPLICATION", "ROREM_API_KEY"} <= knobs
     locust_section = (REPO / "loadtests" / "README.md").read_text().split("## Locust", 1)[1]
     assert knobs - set(re.findall(r"\bROREM_[A-Z_]+\b", locust_section)) == set()
+
+
+LOCAL_YAML = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+_FIGURE = r"\d+(?:\.\d+)? ?(?:KiB|MiB|GiB|MB|s)(?: \+ \d+ ?(?:KiB|MiB))?"
+
+
+def _figure(text: str) -> tuple[float, float]:
+    """A figure as the docs write it, and how far from it the exact value may be: `40 MiB + 64 KiB` is exact,
+    `201 MB` is rounded to the MB."""
+    terms = [re.fullmatch(r"(\d+(?:\.\d+)?) ?(KiB|MiB|GiB|MB|s)", term) for term in text.split(" + ")]
+    return sum(float(t[1]) * _UNITS[t[2]] for t in terms), 0.5e6 if text.endswith("MB") else 0
+
+
+def _assert_says(said: str, value: float, where: str) -> None:
+    written, rounding = _figure(said)
+    assert abs(written - value) <= rounding, f"{where} says {said}; the value is {value:,}"
+
+
+def test_the_limits_at_the_proxies_table_gives_proxy_env_s_figures_for_local_yaml():
+    """It said the HTTP body limit was 40 MiB; proxy_env makes it 40 MiB + 64 KiB (42,008,576 bytes)."""
+    from serve import proxy_limits
+
+    env = proxy_limits.proxy_env(LOCAL_YAML)
+    (route,) = json.loads(env[proxy_limits.ROUTES_ENV]).values()
+    expected = {
+        f"`{proxy_limits.GRPC_MESSAGE_ENV}`": float(env[proxy_limits.GRPC_MESSAGE_ENV]),
+        f"`{proxy_limits.MAX_REQUEST_ENV}`": float(env[proxy_limits.MAX_REQUEST_ENV]),
+        f"`{proxy_limits.ROUTES_ENV}` `limit`": route["limit"],
+        f"`{proxy_limits.ROUTES_ENV}` `timeout_s`": route["timeout_s"],
+        f"`{proxy_limits.ROUTES_ENV}` `max_held`": route["max_held"],
+        f"`{proxy_limits.PROXY_DRAINING_ENV}`": float(env[proxy_limits.PROXY_DRAINING_ENV]),
+        f"`{proxy_limits.NODE_DRAIN_ENV}`": float(env[proxy_limits.NODE_DRAIN_ENV]),
+    }
+    text = (REPO / "docs" / "reliability.md").read_text()
+    table = text[text.index("| proxy | setting | value") :].split("\n\n", 1)[0]
+    checked = set()
+    for row in table.splitlines()[2:]:
+        setting, value = row.split(" | ")[1:3]
+        key = next((key for key in expected if setting.startswith(key)), None)
+        if key:
+            _assert_says(re.search(rf"= ({_FIGURE})", value)[1], expected[key], f"reliability.md {key}")
+            checked.add(key)
+    assert checked == set(expected), f"rows not found: {set(expected) - checked}"
+    assert f"max({proxy_limits.RAY_PROXY_DRAINING_S:g} s," in table
+    body_limit = " ".join(text.split()).split("per proxy) x ")[1]
+    _assert_says(re.match(_FIGURE, body_limit)[0], route["limit"], "reliability.md's bodies Ray's proxy keeps")
+    for doc in ("api.md", "reliability.md"):
+        said = re.findall(rf"({_FIGURE}) with the defaults", " ".join((REPO / "docs" / doc).read_text().split()))
+        assert said, doc
+        for figure in said:
+            _assert_says(figure, float(env[proxy_limits.GRPC_MESSAGE_ENV]), f"{doc}'s gRPC message limit")
+
+
+def test_the_proxies_request_timeout_the_docs_give_is_local_yaml_s():
+    """180 s (http_options / grpc_options `request_timeout_s`) was restated in three docs, by hand."""
+    proxy_s = LOCAL_YAML["http_options"]["request_timeout_s"]
+    assert LOCAL_YAML["grpc_options"]["request_timeout_s"] == proxy_s
+    api = " ".join((REPO / "docs" / "api.md").read_text().split())
+    assert f"Serve's own `request_timeout_s`, {proxy_s:g} s," in api
+    reliability = " ".join((REPO / "docs" / "reliability.md").read_text().split())
+    row = reliability.split("| Ray Serve `http_options.request_timeout_s`")[1].split(" |\n")[0]
+    assert f"`grpc_options.request_timeout_s`, also {proxy_s:g} s:" in row
+    assert row.split(" | ")[1] == f"{proxy_s:g} s", row
+
+
+def _queue(app: dict, deployment: str) -> str:
+    (settings,) = [d for d in app["deployments"] if d["name"] == deployment]
+    return f"{settings['max_ongoing_requests']} + {settings['max_queued_requests']}"
+
+
+def test_the_serve_queue_sizes_the_docs_give_are_local_yaml_s():
+    """Remover / Scorer 16 + 64 and Ingress 64 + 256 were restated by hand; the settings-table check skips them."""
+    (app,) = LOCAL_YAML["applications"]
+    text = (REPO / "docs" / "reliability.md").read_text()
+    models = next(r for r in text.splitlines() if r.startswith("| Remover / Scorer `max_ongoing_requests` + "))
+    assert _queue(app, "Remover") == _queue(app, "Scorer")
+    assert models.split(" | ")[1] == f"{_queue(app, 'Remover')} each", models
+    ingress = next(r for r in text.splitlines() if r.startswith("| Ingress `max_ongoing_requests` + "))
+    assert ingress.split(" | ")[1] == _queue(app, "Ingress"), ingress
+    prose = " ".join(text.split())
+    assert f"`max_queued_requests`, {_queue(app, 'Ingress')} per proxy in `local.yaml`" in prose

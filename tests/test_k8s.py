@@ -630,6 +630,10 @@ def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_r
     """/readyz alone kept a worker ready while Ray drained its proxy (no replica left on it after a scale-down):
     a draining proxy answers 503 only on /-/healthz, serves /readyz to the end, then goes, and the pod stayed in
     the Services, its port refusing connections, until three probes failed (KubeRay's own probe asks /-/healthz)."""
+    from serve.health import DESCRIBE_TIMEOUT_S
+
+    said = " ".join((K8S / "base" / "rayservice.yaml").read_text().split())
+    assert f"(/readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the model replicas)" in said
     for overlay in OVERLAYS:
         rayservice = find(built(overlay), "RayService")
         container = workers(rayservice)["template"]["spec"]["containers"][0]
@@ -638,8 +642,10 @@ def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_r
         command = container["readinessProbe"]["exec"]["command"]
         assert command[:2] == ["python3", "-c"]
         asked = re.findall(r"open\('http://127\.0\.0\.1:(\d+)(/[^']*)', timeout=(\d+)\)", command[2])
-        assert asked == [(str(HTTP_PORT), "/-/healthz", "2"), (str(HTTP_PORT), "/readyz", "6")], command[2]
-        assert container["readinessProbe"]["timeoutSeconds"] > 2 + 6 > 5, "/readyz waits up to 5 s for the replicas"
+        assert [(port, path) for port, path, _ in asked] == [(str(HTTP_PORT), "/-/healthz"), (str(HTTP_PORT), "/readyz")]
+        healthz_s, readyz_s = (float(timeout) for _, _, timeout in asked)
+        assert readyz_s > DESCRIBE_TIMEOUT_S, f"/readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the replicas"
+        assert container["readinessProbe"]["timeoutSeconds"] > healthz_s + readyz_s, "the probe outlasts its calls"
         for name, template in pod_templates(rayservice).items():
             live = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
             assert (live["path"], live["port"]) == ("/api/healthz", 52365), f"{name}: Ray's node health"
@@ -717,6 +723,10 @@ def test_a_stopped_worker_drains_its_longest_request_within_its_grace_period(ove
     drain_s = float(env[NODE_DRAIN_ENV])
     assert drain_s >= body_s + request_s and drain_s >= float(env[PROXY_DRAINING_ENV])
     assert spec.get("terminationGracePeriodSeconds", 30) >= drain_s + 20, "Ray stops its processes after the drain"
+    guide = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    assert f"`request_timeout_s` ({body_s:g} + {request_s:g} = {drain_s:g} s;" in guide, "kubernetes.md's drain time"
+    grace_s = spec["terminationGracePeriodSeconds"]
+    assert f"`terminationGracePeriodSeconds` ({grace_s} s)" in guide, "kubernetes.md's grace period"
 
 
 def test_the_gpu_workers_are_guaranteed_qos():
