@@ -246,3 +246,101 @@ def test_the_serve_queue_sizes_the_docs_give_are_local_yaml_s():
     assert ingress.split(" | ")[1] == _queue(app, "Ingress"), ingress
     prose = " ".join(text.split())
     assert f"`max_queued_requests`, {_queue(app, 'Ingress')} per proxy in `local.yaml`" in prose
+
+
+def _named_constants() -> dict[str, object]:
+    """The module constants the docs name beside their values (`NAME` (value) or value (`NAME`)), by the name the
+    docs write: bare, or with its module's where two modules use it."""
+    from engines import regions
+    from serve import admission, cli, config, grpc_client, health, problems, proxy_connections, proxy_middleware, quotas
+    from serve.retention import store
+
+    named = {
+        "quotas.CALL_TIMEOUT_S": quotas.CALL_TIMEOUT_S,
+        "STOP_BUDGET_S": cli.STOP_BUDGET_S,
+        "DRAIN_GRACE_S": proxy_middleware.DRAIN_GRACE_S,
+        **{name: getattr(admission, name) for name in ("STALL_FACTOR", "RATE_WINDOW", "SAME_BATCH_S")},
+        **{name: getattr(quotas, name) for name in ("LEASE_MARGIN_S", "CONCURRENCY_REFUSAL_HOLD_S")},
+        **{name: getattr(grpc_client, name) for name in ("SERVICE_SLACK_S", "DEFAULT_DEADLINE_S")},
+        "MAX_CROPS": regions.MAX_CROPS,
+        **{name: getattr(problems, name) for name in ("MAX_DETAIL_CHARS", "MAX_TEXT_CHARS", "MAX_LISTED")},
+        "MAX_VERDICTS": store.MAX_VERDICTS,
+        **{name: getattr(health, name) for name in ("FAILED_CALLS_UNHEALTHY", "DESCRIBE_TIMEOUT_S")},
+        **{name: getattr(proxy_connections, name) for name in ("LINGER_S", "LINGER_MAX_BYTES")},
+        "MAX_RETRY_AFTER_S": config.MAX_RETRY_AFTER_S,
+    }
+    return named
+
+
+_NAMED_FIGURE = (
+    r"(?:default |up to |at most )?(?P<number>\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
+    r" ?(?P<unit>KiB|MiB|GiB|MB|s|px|x|characters|items)?\b(?! ?[-+*/])"
+)
+_NAME = r"(?P<name>`[A-Za-z_][A-Za-z0-9_.]*`)"
+_NAMED_PATTERNS = tuple(
+    re.compile(pattern)
+    for pattern in (
+        rf"{_NAME} \({_NAMED_FIGURE}",
+        rf"(?<![\w.,]){_NAMED_FIGURE}(?: in all| more)? \({_NAME}",
+        rf"(?<!\w)\({_NAMED_FIGURE}, {_NAME}",
+        rf"(?<!\w)\({_NAME}, {_NAMED_FIGURE}",
+    )
+)
+
+
+def _named_values(text: str):
+    """(name as written, value as written, the passage) for each value the text writes beside a name: `NAME`
+    (value, value (`NAME` (or value in all / more (`NAME`), (value, `NAME` or (`NAME`, value."""
+    text = " ".join(text.split())
+    for pattern in _NAMED_PATTERNS:
+        for match in pattern.finditer(text):
+            value = float(match["number"].replace(",", "")) * _UNITS.get(match["unit"] or "", 1)
+            yield match["name"].strip("`"), value, match[0]
+
+
+def _value_of(name: str, constants: dict[str, object]) -> tuple[str, object]:
+    """(constant, its value) for a name as written (it may name the constant's modules too), else (the settings key,
+    its default) for a settings key, else (name, None)."""
+    parts = name.split(".")
+    for start in range(len(parts)):  # `serve.config.MAX_RETRY_AFTER_S` is MAX_RETRY_AFTER_S
+        if ".".join(parts[start:]) in constants:
+            return ".".join(parts[start:]), constants[".".join(parts[start:])]
+    try:
+        value = _default(name)
+    except AttributeError:
+        return name, None
+    return name, value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def test_every_value_the_docs_write_beside_a_constant_or_setting_is_its_own():
+    """The docs restated constants in prose (`STOP_BUDGET_S`'s 9 s, `DRAIN_GRACE_S`'s 4 s, the quota ledger's 2 s,
+    problems.py's caps) with nothing to say when the code changed; a value written beside its name is checked here.
+    docs/benchmarks.md is left out: it records what was measured then."""
+    constants = _named_constants()
+    named = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if doc.name == "benchmarks.md":
+            continue
+        for name, written, passage in _named_values(doc.read_text()):
+            key, value = _value_of(name, constants)
+            if value is not None:
+                assert written == value, f"{doc.name}: {key} is {value!r}: {passage!r}"
+                named.add(key)
+    assert set(constants) - named == set(), f"never written beside its value: {sorted(set(constants) - named)}"
+
+
+def _bounds(annotated) -> tuple[float, float]:
+    (field,) = [m for m in annotated.__metadata__ if hasattr(m, "metadata")]
+    bounds = {type(m).__name__: getattr(m, "ge", getattr(m, "le", None)) for m in field.metadata}
+    return bounds.get("Ge"), bounds["Le"]
+
+
+def test_the_request_option_ranges_api_md_gives_are_the_models():
+    """`max_attempts` 1-8 and `timeout_s` at most 3600 are the request model's bounds, restated in the options table."""
+    from serve.config import Attempts
+    from serve.protocol import TimeoutS
+
+    text = (REPO / "docs" / "api.md").read_text()
+    least, most = _bounds(Attempts)
+    assert f"| `max_attempts` | attempts for `retry` / `reject`, {least}-{most} (default" in text
+    assert f"one above {_bounds(TimeoutS)[1]:g} is refused (422)" in text
