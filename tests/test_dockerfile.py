@@ -261,8 +261,11 @@ def test_the_cmd_check_refuses_an_option_the_cli_lacks():
         cli_options(["run", "--hots", "0.0.0.0"])
 
 
-def test_exposes_the_http_and_grpc_ports_of_the_serve_config():
+def test_exposes_the_http_and_grpc_ports_of_the_serve_config_and_the_metrics_port():
+    from serve.cli import DEFAULT_METRICS_PORT
+
     wanted = {str(SERVE_CONFIG["http_options"]["port"]), str(SERVE_CONFIG["grpc_options"]["port"])}
+    wanted.add(str(DEFAULT_METRICS_PORT))
     for stage in stages():
         exposed = set(" ".join(stage.values("EXPOSE")).split())
         assert wanted <= exposed, f"{stage.name} exposes {exposed}"

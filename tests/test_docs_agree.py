@@ -344,3 +344,23 @@ def test_the_request_option_ranges_api_md_gives_are_the_models():
     least, most = _bounds(Attempts)
     assert f"| `max_attempts` | attempts for `retry` / `reject`, {least}-{most} (default" in text
     assert f"one above {_bounds(TimeoutS)[1]:g} is refused (422)" in text
+
+
+def test_the_loopback_ports_the_docs_give_are_the_served_ones():
+    """The docs name 127.0.0.1:8000, :9000 and :9464 by hand: the HTTP and gRPC ports of local.yaml, and the CLI's
+    metrics port (serve.cli.DEFAULT_METRICS_PORT), the one every `/metrics` URL and scrape target gives."""
+    from serve.cli import DEFAULT_METRICS_PORT
+    from serve.ports import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+
+    ports = (LOCAL_YAML["http_options"]["port"], LOCAL_YAML["grpc_options"]["port"])
+    assert ports == (DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT), "the clients' and load tests' defaults reach local.yaml"
+    served = {*ports, DEFAULT_METRICS_PORT}
+    said, metrics = set(), []
+    for doc in [REPO / "README.md", REPO / "loadtests" / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if doc.name == "benchmarks.md":
+            continue
+        text = doc.read_text()
+        said |= {int(port) for port in re.findall(r"(?:127\.0\.0\.1|localhost):(\d+)", text)}
+        metrics += [int(port) for port in re.findall(r'127\.0\.0\.1:(\d+)(?:/metrics|"\])', text)]
+    assert said == served, f"the docs give {sorted(said)}; served: {sorted(served)}"
+    assert len(metrics) >= 3 and set(metrics) == {DEFAULT_METRICS_PORT}, metrics
