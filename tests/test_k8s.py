@@ -642,7 +642,7 @@ def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_r
         command = container["readinessProbe"]["exec"]["command"]
         assert command[:2] == ["python3", "-c"]
         asked = re.findall(r"open\('http://127\.0\.0\.1:(\d+)(/[^']*)', timeout=(\d+)\)", command[2])
-        assert [(port, path) for port, path, _ in asked] == [(str(HTTP_PORT), "/-/healthz"), (str(HTTP_PORT), "/readyz")]
+        assert [(int(port), path) for port, path, _ in asked] == [(HTTP_PORT, "/-/healthz"), (HTTP_PORT, "/readyz")]
         healthz_s, readyz_s = (float(timeout) for _, _, timeout in asked)
         assert readyz_s > DESCRIBE_TIMEOUT_S, f"/readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the replicas"
         assert container["readinessProbe"]["timeoutSeconds"] > healthz_s + readyz_s, "the probe outlasts its calls"
