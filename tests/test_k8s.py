@@ -1357,7 +1357,7 @@ def test_storage_quantities_parse():
         _bytes("2 GB")
 
 
-EPHEMERAL_MARGIN = 2**30  # at least this much beyond a pod's emptyDirs: container logs and writable layers
+EPHEMERAL_MARGIN = 2 * 2**30  # at least this much beyond a pod's emptyDirs: container logs and writable layers
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1510,3 +1510,73 @@ def test_namespaces_enforce_the_restricted_pod_security_standard(kustomized):
     for overlay, objects in kustomized.items():
         labels = find(objects, "Namespace")["metadata"]["labels"]
         assert labels["pod-security.kubernetes.io/enforce"] == "restricted", overlay
+
+
+def _quantity(value) -> float:
+    """A CPU or memory quantity (`500m`, `2`, `512Mi`, `4Gi`) as a number: CPUs, or GiB."""
+    text = str(value)
+    if text.endswith("m"):
+        return int(text[:-1]) / 1000
+    return _bytes(text) / 2**30 if text[-2:] in _BINARY else float(text)
+
+
+def _pod_requests(spec: dict, name: str) -> float:
+    """A pod's request as the scheduler counts it: its containers' sum, or an init container's if larger."""
+    running = sum(_quantity(c["resources"]["requests"][name]) for c in spec["containers"])
+    return max([running] + [_quantity(c["resources"]["requests"][name]) for c in spec.get("initContainers", [])])
+
+
+def test_the_deploy_guide_gives_the_manifests_values():
+    """docs/kubernetes.md restated the worker group's bounds, the autoscaler's idle time, the upgrade's deletion
+    delay, the bundle wait, the dev overlay's requests and the ephemeral-storage margin by hand."""
+    from tests.test_docs_agree import _named_values
+
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    rayservice = find(built("prod"), "RayService")
+    group = workers(rayservice)
+    init = group["template"]["spec"]["initContainers"]
+    wait = next(e for c in init for e in c["env"] if e["name"] == "ROREM_BUNDLE_WAIT_S")
+    named = {
+        "minReplicas": group["minReplicas"],
+        "maxReplicas": group["maxReplicas"],
+        "idleTimeoutSeconds": rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]["idleTimeoutSeconds"],
+        "rayClusterDeletionDelaySeconds": rayservice["spec"]["rayClusterDeletionDelaySeconds"],
+        "ROREM_BUNDLE_WAIT_S": float(wait["value"]),
+    }
+    said = {}
+    for name, value, passage in _named_values(guide):
+        if name in named:
+            assert value == named[name], f"kubernetes.md: {name} is {named[name]} in prod: {passage!r}"
+            said[name] = value
+    assert set(said) == set(named), f"not found beside its value: {sorted(set(named) - set(said))}"
+    assert f"`ROREM_BUNDLE_WAIT_S` ({float(wait['value']):g} s: {float(wait['value']) / 3600:g} h)" in guide
+
+    dev = find(built("dev"), "RayService")
+    cluster, group = dev["spec"]["rayClusterConfig"], workers(dev)
+    head = {name: _pod_requests(cluster["headGroupSpec"]["template"]["spec"], name)
+            + _quantity(cluster["autoscalerOptions"]["resources"]["requests"][name]) for name in ("cpu", "memory")}
+    worker = {name: _pod_requests(group["template"]["spec"], name) for name in ("cpu", "memory")}
+    first, most = (
+        f"{head['cpu'] + n * worker['cpu']:g} CPUs and {head['memory'] + n * worker['memory']:g} GiB"
+        for n in (group["minReplicas"], group["maxReplicas"])
+    )  # fmt: skip
+    text = " ".join(guide.split())
+    assert f"the requests come to {first}, {most} when the autoscaler adds the second worker" in text
+    assert group["maxReplicas"] == group["minReplicas"] + 1, "'the second worker'"
+
+    margin = f"{EPHEMERAL_MARGIN // 2**30}Gi"
+    assert f"their sizeLimits plus {margin} for logs and writes" in text
+    assert text.count(f"sizeLimits plus {margin}") + text.count(f"emptyDirs plus {margin}") == 3
+    limits = {where: _bytes(c["resources"]["limits"]["ephemeral-storage"]) // 2**30
+              for overlay in OVERLAYS for where, c, _ in all_containers(built(overlay))}  # fmt: skip
+    written = {
+        "GPU worker": limits["RayService/gpu-workers/ray-worker"],
+        "head": limits["RayService/head/ray-head"],
+        "CPU worker": limits["RayService/cpu-workers/ray-worker"],
+        "weights Job": limits["Job/rorem-fetch-weights/fetch"],
+    }
+    for who, limit in written.items():
+        total, terms = re.search(rf"{who} (\d+)Gi \((\d+(?: \+ \d+)+)\)", text).groups()
+        terms = [int(term) for term in terms.split(" + ")]
+        assert int(total) == limit == sum(terms), f"kubernetes.md: the {who}'s limit is {limit}Gi: {total} {terms}"
+        assert terms[-1] == EPHEMERAL_MARGIN // 2**30, f"kubernetes.md: the {who}'s margin"
