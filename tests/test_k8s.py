@@ -1580,3 +1580,20 @@ def test_the_deploy_guide_gives_the_manifests_values():
         terms = [int(term) for term in terms.split(" + ")]
         assert int(total) == limit == sum(terms), f"kubernetes.md: the {who}'s limit is {limit}Gi: {total} {terms}"
         assert terms[-1] == EPHEMERAL_MARGIN // 2**30, f"kubernetes.md: the {who}'s margin"
+
+
+def test_the_deploy_guide_s_weights_table_names_every_source_the_job_reads_with_its_default():
+    """The table left out ROREM_PROMPT and ROREM_IMPORT_DTYPE, which k8s/weights/sources.yaml sets for the Job."""
+    objects = built("prod")
+    job = find(objects, "Job", "rorem-fetch-weights")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (source,) = container["envFrom"]
+    sources = find(objects, "ConfigMap", source["configMapRef"]["name"])["data"]
+    read = set(re.findall(r"os\.environ(?:\.get\(|\[)\"(ROREM_[A-Z_]+)\"", " ".join(container["args"])))
+    assert read and read <= set(sources), f"the Job reads {sorted(read - set(sources))} that no source sets"
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    table = guide[guide.index("| key | default | |") :].split("\n\n", 1)[0].splitlines()[2:]
+    rows = {m[1]: m[2] for m in (re.match(r"\| `(\w+)` \| ([^|]+?) \|", row) for row in table)}
+    assert set(rows) == set(sources), f"kubernetes.md's weights table: {sorted(set(rows) ^ set(sources))}"
+    for key, value in sources.items():
+        assert rows[key] == (f"`{value}`" if value else "empty"), f"kubernetes.md: {key} is {value!r} in the Job"
