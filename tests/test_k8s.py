@@ -1597,3 +1597,22 @@ def test_the_deploy_guide_s_weights_table_names_every_source_the_job_reads_with_
     assert set(rows) == set(sources), f"kubernetes.md's weights table: {sorted(set(rows) ^ set(sources))}"
     for key, value in sources.items():
         assert rows[key] == (f"`{value}`" if value else "empty"), f"kubernetes.md: {key} is {value!r} in the Job"
+
+
+def test_the_deploy_guide_gives_prod_s_worker_group_and_replica_bounds():
+    """"2 to 8 pods, each 8 CPUs, 48 GiB", "1 to 6" Removers, "1 to 2" Scorers and "2 to 24" Ingresses restated the
+    prod RayService and its Serve config by hand."""
+    rayservice = find(built("prod"), "RayService")
+    group = workers(rayservice)
+    requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+    text = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    cpus, memory = _quantity(requests["cpu"]), _quantity(requests["memory"])
+    pods = f"{group['minReplicas']} to {group['maxReplicas']} pods, each {cpus:g} CPUs, {memory:g} GiB"
+    assert f"The `{group['groupName']}` group ({pods}," in text
+    bounds = {
+        d["name"]: f"{d['autoscaling_config']['min_replicas']} to {d['autoscaling_config']['max_replicas']}"
+        for d in serve_config(rayservice)["applications"][0]["deployments"]
+    }
+    assert f"`Remover` (1 GPU, {bounds['Remover']} replicas), `Scorer` (1 GPU, {bounds['Scorer']})" in text
+    assert f"`Ingress` (1 CPU, {bounds['Ingress']})" in text
+    assert f"{bounds['Remover']} Remover, {bounds['Scorer']} Scorer, {bounds['Ingress']} Ingress replicas" in text
