@@ -45,11 +45,10 @@ from locust import HttpUser, User, between, events, task
 from locust.runners import MasterRunner
 from PIL import Image
 
-from serve.ports import url_host
+from serve.ports import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, url_host
 from serve.problems import LOAD_REFUSALS
 
 SIZES = {"512": (512, 512), "1024": (1024, 1024), "12mp": (4000, 3000)}
-DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8000, 9000
 MASK_FRACTIONS = (0.05, 0.15, 0.3)
 
 

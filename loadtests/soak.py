@@ -41,6 +41,7 @@ from benchlib import (
 )  # fmt: skip
 
 from serve.config import INSTANCE_ENV
+from serve.ports import DEFAULT_HTTP_PORT
 from serve.problems import KIND_BY_SLUG, LOAD_REFUSALS
 
 # after a lost request or an error without Retry-After (a refused connection or a 401 answers at once: no tight loop)
@@ -192,7 +193,7 @@ def run_soak(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_HTTP_PORT}")
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--clients", type=positive_int, default=4)
     parser.add_argument("--side", type=int, default=512, help="square photo side sent with every request")

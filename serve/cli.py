@@ -43,13 +43,12 @@ from pydantic import ValidationError
 from engines.hub_refs import local_path
 from serve.auth import DEFAULT_SCOPES, SCOPES, ApiKeys, KeysFile, new_key_entry
 from serve.config import app_name, route_prefix
-from serve.ports import busy_ports, url_host
+from serve.ports import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, busy_ports, url_host
 from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 DEFAULT_METRICS_PORT = 9464
 READY_TIMEOUT_S = 600.0
-DEFAULT_GRPC_PORT = 9000
 STOP_BUDGET_S = 9.0  # signal to every process gone, under Docker's 10 s grace before SIGKILL
 
 
@@ -268,7 +267,7 @@ def listen_addresses(config: dict, metrics_port: int) -> dict[str, tuple[str, in
     http = config.get("http_options") or {}
     grpc = config.get("grpc_options") or {}
     return {
-        "HTTP": (http.get("host", "127.0.0.1"), http.get("port", 8000)),
+        "HTTP": (http.get("host", "127.0.0.1"), http.get("port", DEFAULT_HTTP_PORT)),
         **({"gRPC": ("::", grpc.get("port", DEFAULT_GRPC_PORT))} if serves_grpc(config) else {}),
         "metrics": ("127.0.0.1", metrics_port),
     }
@@ -769,8 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"Serve config (default: {shown})")
     run_cmd.add_argument("--bundle", default=None, help="bundle folder (default: $ROREM_BUNDLE)")
     run_cmd.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
-    run_cmd.add_argument("--port", type=port_number, default=None, help="HTTP port (config default 8000)")
-    run_cmd.add_argument("--grpc-port", type=port_number, default=None, help="gRPC port (config default 9000)")
+    run_cmd.add_argument(
+        "--port", type=port_number, default=None, help=f"HTTP port (config default {DEFAULT_HTTP_PORT})"
+    )
+    run_cmd.add_argument(
+        "--grpc-port", type=port_number, default=None, help=f"gRPC port (config default {DEFAULT_GRPC_PORT})"
+    )
     run_cmd.add_argument(
         "--metrics-port",
         type=port_number,

@@ -1004,7 +1004,7 @@ def check_proxy_timeout(config: dict, applications: dict[str, AppSettings]) -> N
             raise ValueError(
                 f"{section}.request_timeout_s ({proxy_s:g} s) is not above application {name}'s request_timeout_s "
                 f"({longest.request_timeout_s:g} s): Ray's proxy would give up on a request while its model work "
-                f"goes on; raise {section}.request_timeout_s (local.yaml: 180 over 120) or lower request_timeout_s"
+                f"goes on; raise {section}.request_timeout_s above {longest.request_timeout_s:g} s or lower request_timeout_s"
             )
 
 

@@ -33,6 +33,7 @@ import grpc
 
 from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
+from serve.ports import DEFAULT_GRPC_PORT
 
 SERVICE_SHARE = 0.95  # of the call's deadline, sent as timeout_s (`service_timeout_s`)
 SERVICE_SLACK_S = 0.5  # the least a call's deadline keeps past its timeout_s, for the answer's way back
@@ -49,7 +50,10 @@ CHANNEL_OPTIONS = [
 
 
 def open_channel(
-    target: str = "127.0.0.1:9000", application: str | None = None, tls: bool = False, ca_cert: bytes | None = None
+    target: str = f"127.0.0.1:{DEFAULT_GRPC_PORT}",
+    application: str | None = None,
+    tls: bool = False,
+    ca_cert: bytes | None = None,
 ) -> grpc.Channel:
     """A channel to the service; `application`: the Serve application each unary call names in its metadata (in
     place of any `application` the call gives), which Ray's gRPC proxy needs where one cluster serves several (a
@@ -217,7 +221,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; a removal's `output_format` is the one to ask for (`output_format`). Mistakes exit 2 with
     the usage, as argparse answers them."""
     parser = argparse.ArgumentParser(prog="python -m serve.grpc_client")
-    parser.add_argument("--target", default="127.0.0.1:9000", help="host:port of the gRPC proxy (default %(default)s)")
+    parser.add_argument(
+        "--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}", help="host:port of the gRPC proxy (default %(default)s)"
+    )
     parser.add_argument(
         "--timeout", type=deadline, default=DEFAULT_DEADLINE_S,
         help=f"the call's deadline in seconds (default {DEFAULT_DEADLINE_S:g}); the call asks the service to answer "

@@ -14,6 +14,8 @@ import socket
 from pathlib import Path
 
 _LISTEN = "0A"  # TCP state LISTEN in /proc/net/tcp
+# Ray Serve's own defaults, for a Serve config that sets no port (the clients' and load tests' defaults too)
+DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8000, 9000
 
 
 def url_host(host: str) -> str:

@@ -194,6 +194,10 @@ def test_every_stage_runs_as_a_non_root_user_in_a_workdir():
 
 
 def test_healthcheck_asks_readyz_on_the_served_port():
+    """The check's call must outlast /readyz's own wait for the replicas (serve.health.DESCRIBE_TIMEOUT_S), and
+    Docker's --timeout the call."""
+    from serve.health import DESCRIBE_TIMEOUT_S
+
     port = SERVE_CONFIG["http_options"]["port"]
     for stage in stages():
         checks = stage.values("HEALTHCHECK")
@@ -204,6 +208,11 @@ def test_healthcheck_asks_readyz_on_the_served_port():
         assert argv[:2] == ["python3", "-c"], argv
         assert f"http://127.0.0.1:{port}/readyz" in argv[2]
         compile(argv[2], "HEALTHCHECK", "exec")
+        readyz = rf"open\('http://127\.0\.0\.1:{port}/readyz', timeout=(\d+(?:\.\d+)?)\)"
+        call_s = float(re.search(readyz, argv[2])[1])
+        assert call_s > DESCRIBE_TIMEOUT_S, f"{stage.name}: /readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for replicas"
+        check_s = float(re.search(r"--timeout=(\d+)s", options)[1])
+        assert check_s > call_s, f"{stage.name}: the HEALTHCHECK's --timeout outlasts its call"
 
 
 def test_healthcheck_passes_on_a_ready_answer_whatever_the_environment_s_http_proxy_says():
@@ -253,8 +262,11 @@ def test_the_cmd_check_refuses_an_option_the_cli_lacks():
         cli_options(["run", "--hots", "0.0.0.0"])
 
 
-def test_exposes_the_http_and_grpc_ports_of_the_serve_config():
+def test_exposes_the_http_and_grpc_ports_of_the_serve_config_and_the_metrics_port():
+    from serve.cli import DEFAULT_METRICS_PORT
+
     wanted = {str(SERVE_CONFIG["http_options"]["port"]), str(SERVE_CONFIG["grpc_options"]["port"])}
+    wanted.add(str(DEFAULT_METRICS_PORT))
     for stage in stages():
         exposed = set(" ".join(stage.values("EXPOSE")).split())
         assert wanted <= exposed, f"{stage.name} exposes {exposed}"
@@ -378,3 +390,29 @@ def test_dockerignore_sends_the_sources_and_nothing_else():
     for dropped in (".venv/bin/python", ".git/config", "tests/test_service.py", "out/result.json", "k8s/render.py",
                     "serve/__pycache__/app.cpython-311.pyc", "training/train.py", "Dockerfile"):  # fmt: skip
         assert not in_build_context(dropped, rules), dropped
+
+
+def test_the_makefile_and_the_gpu_wheel_script_install_the_versions_pyproject_pins():
+    """The Makefile's `pip install torch==2.13.0` and loadtests/gpu_wheels.sh's diffusers==0.42.1 copied
+    pyproject.toml's pins by hand; every other package the script fetches must meet pyproject's specifier."""
+    from packaging.requirements import Requirement
+
+    requirements = [
+        Requirement(d) for d in PYPROJECT["project"]["dependencies"]
+        + [d for extra in PYPROJECT["project"]["optional-dependencies"].values() for d in extra]
+    ]  # fmt: skip
+    pins = {r.name.lower(): str(r.specifier)[2:] for r in requirements if str(r.specifier).startswith("==")}
+    specifiers = {r.name.lower(): r.specifier for r in requirements}
+    wanted = {"Makefile": {"torch"}, "loadtests/gpu_wheels.sh": {"diffusers", "pydantic"}, "README.md": {"torch"}}
+    for path, must in wanted.items():
+        said = re.findall(r"\b([A-Za-z][\w-]*)(==| )(\d+\.\d+\.\d+)\b", (REPO / path).read_text())
+        checked = set()
+        for name, how, version in said:
+            name = name.lower()
+            if name in pins:
+                assert version == pins[name], f"{path}: {name} {version}; pyproject.toml pins {pins[name]}"
+                checked.add(name)
+            elif how == "==" and name in specifiers:
+                assert version in specifiers[name], f"{path}: {name}=={version}; pyproject.toml: {specifiers[name]}"
+                checked.add(name)
+        assert must <= checked, f"{path}: {sorted(must - checked)} not found"

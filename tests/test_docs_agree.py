@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +55,7 @@ def test_the_layout_names_every_loadtests_script():
     assert present - words == set(), f"README Layout: loadtests/ leaves out {sorted(present - words)}"
 
 
-_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "s": 1, "": 1}
+_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "MB": 10**6, "s": 1, "": 1}
 
 
 def _default(path: str):
@@ -163,3 +165,202 @@ def test_loadtests_readme_names_every_knob_the_locustfile_reads():
     assert {"ROREM_GRPC_APPLICATION", "ROREM_API_KEY"} <= knobs
     locust_section = (REPO / "loadtests" / "README.md").read_text().split("## Locust", 1)[1]
     assert knobs - set(re.findall(r"\bROREM_[A-Z_]+\b", locust_section)) == set()
+
+
+LOCAL_YAML = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+_FIGURE = r"\d+(?:\.\d+)? ?(?:KiB|MiB|GiB|MB|s)(?: \+ \d+ ?(?:KiB|MiB))?"
+
+
+def _figure(text: str) -> tuple[float, float]:
+    """A figure as the docs write it, and how far from it the exact value may be: `40 MiB + 64 KiB` is exact,
+    `201 MB` is rounded to the MB."""
+    terms = [re.fullmatch(r"(\d+(?:\.\d+)?) ?(KiB|MiB|GiB|MB|s)", term) for term in text.split(" + ")]
+    return sum(float(t[1]) * _UNITS[t[2]] for t in terms), 0.5e6 if text.endswith("MB") else 0
+
+
+def _assert_says(said: str, value: float, where: str) -> None:
+    written, rounding = _figure(said)
+    assert abs(written - value) <= rounding, f"{where} says {said}; the value is {value:,}"
+
+
+def test_the_limits_at_the_proxies_table_gives_proxy_env_s_figures_for_local_yaml():
+    """It said the HTTP body limit was 40 MiB; proxy_env makes it 40 MiB + 64 KiB (42,008,576 bytes)."""
+    from serve import proxy_limits
+
+    env = proxy_limits.proxy_env(LOCAL_YAML)
+    (route,) = json.loads(env[proxy_limits.ROUTES_ENV]).values()
+    expected = {
+        f"`{proxy_limits.GRPC_MESSAGE_ENV}`": float(env[proxy_limits.GRPC_MESSAGE_ENV]),
+        f"`{proxy_limits.MAX_REQUEST_ENV}`": float(env[proxy_limits.MAX_REQUEST_ENV]),
+        f"`{proxy_limits.ROUTES_ENV}` `limit`": route["limit"],
+        f"`{proxy_limits.ROUTES_ENV}` `timeout_s`": route["timeout_s"],
+        f"`{proxy_limits.ROUTES_ENV}` `max_held`": route["max_held"],
+        f"`{proxy_limits.PROXY_DRAINING_ENV}`": float(env[proxy_limits.PROXY_DRAINING_ENV]),
+        f"`{proxy_limits.NODE_DRAIN_ENV}`": float(env[proxy_limits.NODE_DRAIN_ENV]),
+    }
+    text = (REPO / "docs" / "reliability.md").read_text()
+    table = text[text.index("| proxy | setting | value") :].split("\n\n", 1)[0]
+    checked = set()
+    for row in table.splitlines()[2:]:
+        setting, value = row.split(" | ")[1:3]
+        key = next((key for key in expected if setting.startswith(key)), None)
+        if key:
+            _assert_says(re.search(rf"= ({_FIGURE})", value)[1], expected[key], f"reliability.md {key}")
+            checked.add(key)
+    assert checked == set(expected), f"rows not found: {set(expected) - checked}"
+    assert f"max({proxy_limits.RAY_PROXY_DRAINING_S:g} s," in table
+    body_limit = " ".join(text.split()).split("per proxy) x ")[1]
+    _assert_says(re.match(_FIGURE, body_limit)[0], route["limit"], "reliability.md's bodies Ray's proxy keeps")
+    for doc in ("api.md", "reliability.md"):
+        said = re.findall(rf"({_FIGURE}) with the defaults", " ".join((REPO / "docs" / doc).read_text().split()))
+        assert said, doc
+        for figure in said:
+            _assert_says(figure, float(env[proxy_limits.GRPC_MESSAGE_ENV]), f"{doc}'s gRPC message limit")
+
+
+def test_the_proxies_request_timeout_the_docs_give_is_local_yaml_s():
+    """180 s (http_options / grpc_options `request_timeout_s`) was restated in three docs, by hand."""
+    proxy_s = LOCAL_YAML["http_options"]["request_timeout_s"]
+    assert LOCAL_YAML["grpc_options"]["request_timeout_s"] == proxy_s
+    api = " ".join((REPO / "docs" / "api.md").read_text().split())
+    assert f"Serve's own `request_timeout_s`, {proxy_s:g} s," in api
+    reliability = " ".join((REPO / "docs" / "reliability.md").read_text().split())
+    row = reliability.split("| Ray Serve `http_options.request_timeout_s`")[1].split(" |\n")[0]
+    assert f"`grpc_options.request_timeout_s`, also {proxy_s:g} s:" in row
+    assert row.split(" | ")[1] == f"{proxy_s:g} s", row
+
+
+def _queue(app: dict, deployment: str) -> str:
+    (settings,) = [d for d in app["deployments"] if d["name"] == deployment]
+    return f"{settings['max_ongoing_requests']} + {settings['max_queued_requests']}"
+
+
+def test_the_serve_queue_sizes_the_docs_give_are_local_yaml_s():
+    """Remover / Scorer 16 + 64 and Ingress 64 + 256 were restated by hand; the settings-table check skips them."""
+    (app,) = LOCAL_YAML["applications"]
+    text = (REPO / "docs" / "reliability.md").read_text()
+    models = next(r for r in text.splitlines() if r.startswith("| Remover / Scorer `max_ongoing_requests` + "))
+    assert _queue(app, "Remover") == _queue(app, "Scorer")
+    assert models.split(" | ")[1] == f"{_queue(app, 'Remover')} each", models
+    ingress = next(r for r in text.splitlines() if r.startswith("| Ingress `max_ongoing_requests` + "))
+    assert ingress.split(" | ")[1] == _queue(app, "Ingress"), ingress
+    prose = " ".join(text.split())
+    assert f"`max_queued_requests`, {_queue(app, 'Ingress')} per proxy in `local.yaml`" in prose
+
+
+def _named_constants() -> dict[str, object]:
+    """The module constants the docs name beside their values (`NAME` (value) or value (`NAME`)), by the name the
+    docs write: bare, or with its module's where two modules use it."""
+    from engines import regions
+    from serve import admission, cli, config, grpc_client, health, problems, proxy_connections, proxy_middleware, quotas
+    from serve.retention import store
+
+    named = {
+        "quotas.CALL_TIMEOUT_S": quotas.CALL_TIMEOUT_S,
+        "STOP_BUDGET_S": cli.STOP_BUDGET_S,
+        "DRAIN_GRACE_S": proxy_middleware.DRAIN_GRACE_S,
+        **{name: getattr(admission, name) for name in ("STALL_FACTOR", "RATE_WINDOW", "SAME_BATCH_S")},
+        **{name: getattr(quotas, name) for name in ("LEASE_MARGIN_S", "CONCURRENCY_REFUSAL_HOLD_S")},
+        **{name: getattr(grpc_client, name) for name in ("SERVICE_SLACK_S", "DEFAULT_DEADLINE_S")},
+        "MAX_CROPS": regions.MAX_CROPS,
+        **{name: getattr(problems, name) for name in ("MAX_DETAIL_CHARS", "MAX_TEXT_CHARS", "MAX_LISTED")},
+        "MAX_VERDICTS": store.MAX_VERDICTS,
+        **{name: getattr(health, name) for name in ("FAILED_CALLS_UNHEALTHY", "DESCRIBE_TIMEOUT_S")},
+        **{name: getattr(proxy_connections, name) for name in ("LINGER_S", "LINGER_MAX_BYTES")},
+        "MAX_RETRY_AFTER_S": config.MAX_RETRY_AFTER_S,
+    }
+    return named
+
+
+_NAMED_FIGURE = (
+    r"(?:default |up to |at most )?(?P<number>\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
+    r" ?(?P<unit>KiB|MiB|GiB|MB|s|px|x|characters|items)?\b(?! ?[-+*/])"
+)
+_NAME = r"(?P<name>`[A-Za-z_][A-Za-z0-9_.]*`)"
+_NAMED_PATTERNS = tuple(
+    re.compile(pattern)
+    for pattern in (
+        rf"{_NAME} \({_NAMED_FIGURE}",
+        rf"(?<![\w.,]){_NAMED_FIGURE}(?: in all| more)? \({_NAME}",
+        rf"(?<!\w)\({_NAMED_FIGURE}, {_NAME}",
+        rf"(?<!\w)\({_NAME}, {_NAMED_FIGURE}",
+    )
+)
+
+
+def _named_values(text: str):
+    """(name as written, value as written, the passage) for each value the text writes beside a name: `NAME`
+    (value, value (`NAME` (or value in all / more (`NAME`), (value, `NAME` or (`NAME`, value."""
+    text = " ".join(text.split())
+    for pattern in _NAMED_PATTERNS:
+        for match in pattern.finditer(text):
+            value = float(match["number"].replace(",", "")) * _UNITS.get(match["unit"] or "", 1)
+            yield match["name"].strip("`"), value, match[0]
+
+
+def _value_of(name: str, constants: dict[str, object]) -> tuple[str, object]:
+    """(constant, its value) for a name as written (it may name the constant's modules too), else (the settings key,
+    its default) for a settings key, else (name, None)."""
+    parts = name.split(".")
+    for start in range(len(parts)):  # `serve.config.MAX_RETRY_AFTER_S` is MAX_RETRY_AFTER_S
+        if ".".join(parts[start:]) in constants:
+            return ".".join(parts[start:]), constants[".".join(parts[start:])]
+    try:
+        value = _default(name)
+    except AttributeError:
+        return name, None
+    return name, value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def test_every_value_the_docs_write_beside_a_constant_or_setting_is_its_own():
+    """The docs restated constants in prose (`STOP_BUDGET_S`'s 9 s, `DRAIN_GRACE_S`'s 4 s, the quota ledger's 2 s,
+    problems.py's caps) with nothing to say when the code changed; a value written beside its name is checked here.
+    docs/benchmarks.md is left out: it records what was measured then."""
+    constants = _named_constants()
+    named = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if doc.name == "benchmarks.md":
+            continue
+        for name, written, passage in _named_values(doc.read_text()):
+            key, value = _value_of(name, constants)
+            if value is not None:
+                assert written == value, f"{doc.name}: {key} is {value!r}: {passage!r}"
+                named.add(key)
+    assert set(constants) - named == set(), f"never written beside its value: {sorted(set(constants) - named)}"
+
+
+def _bounds(annotated) -> tuple[float, float]:
+    (field,) = [m for m in annotated.__metadata__ if hasattr(m, "metadata")]
+    bounds = {type(m).__name__: getattr(m, "ge", getattr(m, "le", None)) for m in field.metadata}
+    return bounds.get("Ge"), bounds["Le"]
+
+
+def test_the_request_option_ranges_api_md_gives_are_the_models():
+    """`max_attempts` 1-8 and `timeout_s` at most 3600 are the request model's bounds, restated in the options table."""
+    from serve.config import Attempts
+    from serve.protocol import TimeoutS
+
+    text = (REPO / "docs" / "api.md").read_text()
+    least, most = _bounds(Attempts)
+    assert f"| `max_attempts` | attempts for `retry` / `reject`, {least}-{most} (default" in text
+    assert f"one above {_bounds(TimeoutS)[1]:g} is refused (422)" in text
+
+
+def test_the_loopback_ports_the_docs_give_are_the_served_ones():
+    """The docs name 127.0.0.1:8000, :9000 and :9464 by hand: the HTTP and gRPC ports of local.yaml, and the CLI's
+    metrics port (serve.cli.DEFAULT_METRICS_PORT), the one every `/metrics` URL and scrape target gives."""
+    from serve.cli import DEFAULT_METRICS_PORT
+    from serve.ports import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+
+    ports = (LOCAL_YAML["http_options"]["port"], LOCAL_YAML["grpc_options"]["port"])
+    assert ports == (DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT), "the clients' and load tests' defaults reach local.yaml"
+    served = {*ports, DEFAULT_METRICS_PORT}
+    said, metrics = set(), []
+    for doc in [REPO / "README.md", REPO / "loadtests" / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if doc.name == "benchmarks.md":
+            continue
+        text = doc.read_text()
+        said |= {int(port) for port in re.findall(r"(?:127\.0\.0\.1|localhost):(\d+)", text)}
+        metrics += [int(port) for port in re.findall(r'127\.0\.0\.1:(\d+)(?:/metrics|"\])', text)]
+    assert said == served, f"the docs give {sorted(said)}; served: {sorted(served)}"
+    assert len(metrics) >= 3 and set(metrics) == {DEFAULT_METRICS_PORT}, metrics

@@ -630,6 +630,10 @@ def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_r
     """/readyz alone kept a worker ready while Ray drained its proxy (no replica left on it after a scale-down):
     a draining proxy answers 503 only on /-/healthz, serves /readyz to the end, then goes, and the pod stayed in
     the Services, its port refusing connections, until three probes failed (KubeRay's own probe asks /-/healthz)."""
+    from serve.health import DESCRIBE_TIMEOUT_S
+
+    said = " ".join((K8S / "base" / "rayservice.yaml").read_text().split())
+    assert f"(/readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the model replicas)" in said
     for overlay in OVERLAYS:
         rayservice = find(built(overlay), "RayService")
         container = workers(rayservice)["template"]["spec"]["containers"][0]
@@ -638,8 +642,10 @@ def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_r
         command = container["readinessProbe"]["exec"]["command"]
         assert command[:2] == ["python3", "-c"]
         asked = re.findall(r"open\('http://127\.0\.0\.1:(\d+)(/[^']*)', timeout=(\d+)\)", command[2])
-        assert asked == [(str(HTTP_PORT), "/-/healthz", "2"), (str(HTTP_PORT), "/readyz", "6")], command[2]
-        assert container["readinessProbe"]["timeoutSeconds"] > 2 + 6 > 5, "/readyz waits up to 5 s for the replicas"
+        assert [(int(port), path) for port, path, _ in asked] == [(HTTP_PORT, "/-/healthz"), (HTTP_PORT, "/readyz")]
+        healthz_s, readyz_s = (float(timeout) for _, _, timeout in asked)
+        assert readyz_s > DESCRIBE_TIMEOUT_S, f"/readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the replicas"
+        assert container["readinessProbe"]["timeoutSeconds"] > healthz_s + readyz_s, "the probe outlasts its calls"
         for name, template in pod_templates(rayservice).items():
             live = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
             assert (live["path"], live["port"]) == ("/api/healthz", 52365), f"{name}: Ray's node health"
@@ -717,6 +723,10 @@ def test_a_stopped_worker_drains_its_longest_request_within_its_grace_period(ove
     drain_s = float(env[NODE_DRAIN_ENV])
     assert drain_s >= body_s + request_s and drain_s >= float(env[PROXY_DRAINING_ENV])
     assert spec.get("terminationGracePeriodSeconds", 30) >= drain_s + 20, "Ray stops its processes after the drain"
+    guide = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    assert f"`request_timeout_s` ({body_s:g} + {request_s:g} = {drain_s:g} s;" in guide, "kubernetes.md's drain time"
+    grace_s = spec["terminationGracePeriodSeconds"]
+    assert f"`terminationGracePeriodSeconds` ({grace_s} s)" in guide, "kubernetes.md's grace period"
 
 
 def test_the_gpu_workers_are_guaranteed_qos():
@@ -1347,7 +1357,7 @@ def test_storage_quantities_parse():
         _bytes("2 GB")
 
 
-EPHEMERAL_MARGIN = 2**30  # at least this much beyond a pod's emptyDirs: container logs and writable layers
+EPHEMERAL_MARGIN = 2 * 2**30  # at least this much beyond a pod's emptyDirs: container logs and writable layers
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1500,3 +1510,109 @@ def test_namespaces_enforce_the_restricted_pod_security_standard(kustomized):
     for overlay, objects in kustomized.items():
         labels = find(objects, "Namespace")["metadata"]["labels"]
         assert labels["pod-security.kubernetes.io/enforce"] == "restricted", overlay
+
+
+def _quantity(value) -> float:
+    """A CPU or memory quantity (`500m`, `2`, `512Mi`, `4Gi`) as a number: CPUs, or GiB."""
+    text = str(value)
+    if text.endswith("m"):
+        return int(text[:-1]) / 1000
+    return _bytes(text) / 2**30 if text[-2:] in _BINARY else float(text)
+
+
+def _pod_requests(spec: dict, name: str) -> float:
+    """A pod's request as the scheduler counts it: its containers' sum, or an init container's if larger."""
+    running = sum(_quantity(c["resources"]["requests"][name]) for c in spec["containers"])
+    return max([running] + [_quantity(c["resources"]["requests"][name]) for c in spec.get("initContainers", [])])
+
+
+def test_the_deploy_guide_gives_the_manifests_values():
+    """docs/kubernetes.md restated the worker group's bounds, the autoscaler's idle time, the upgrade's deletion
+    delay, the bundle wait, the dev overlay's requests and the ephemeral-storage margin by hand."""
+    from tests.test_docs_agree import _named_values
+
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    rayservice = find(built("prod"), "RayService")
+    group = workers(rayservice)
+    init = group["template"]["spec"]["initContainers"]
+    wait = next(e for c in init for e in c["env"] if e["name"] == "ROREM_BUNDLE_WAIT_S")
+    named = {
+        "minReplicas": group["minReplicas"],
+        "maxReplicas": group["maxReplicas"],
+        "idleTimeoutSeconds": rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]["idleTimeoutSeconds"],
+        "rayClusterDeletionDelaySeconds": rayservice["spec"]["rayClusterDeletionDelaySeconds"],
+        "ROREM_BUNDLE_WAIT_S": float(wait["value"]),
+    }
+    said = {}
+    for name, value, passage in _named_values(guide):
+        if name in named:
+            assert value == named[name], f"kubernetes.md: {name} is {named[name]} in prod: {passage!r}"
+            said[name] = value
+    assert set(said) == set(named), f"not found beside its value: {sorted(set(named) - set(said))}"
+    assert f"`ROREM_BUNDLE_WAIT_S` ({float(wait['value']):g} s: {float(wait['value']) / 3600:g} h)" in guide
+
+    dev = find(built("dev"), "RayService")
+    cluster, group = dev["spec"]["rayClusterConfig"], workers(dev)
+    head = {name: _pod_requests(cluster["headGroupSpec"]["template"]["spec"], name)
+            + _quantity(cluster["autoscalerOptions"]["resources"]["requests"][name]) for name in ("cpu", "memory")}
+    worker = {name: _pod_requests(group["template"]["spec"], name) for name in ("cpu", "memory")}
+    first, most = (
+        f"{head['cpu'] + n * worker['cpu']:g} CPUs and {head['memory'] + n * worker['memory']:g} GiB"
+        for n in (group["minReplicas"], group["maxReplicas"])
+    )  # fmt: skip
+    text = " ".join(guide.split())
+    assert f"the requests come to {first}, {most} when the autoscaler adds the second worker" in text
+    assert group["maxReplicas"] == group["minReplicas"] + 1, "'the second worker'"
+
+    margin = f"{EPHEMERAL_MARGIN // 2**30}Gi"
+    assert f"their sizeLimits plus {margin} for logs and writes" in text
+    assert text.count(f"sizeLimits plus {margin}") + text.count(f"emptyDirs plus {margin}") == 3
+    limits = {where: _bytes(c["resources"]["limits"]["ephemeral-storage"]) // 2**30
+              for overlay in OVERLAYS for where, c, _ in all_containers(built(overlay))}  # fmt: skip
+    written = {
+        "GPU worker": limits["RayService/gpu-workers/ray-worker"],
+        "head": limits["RayService/head/ray-head"],
+        "CPU worker": limits["RayService/cpu-workers/ray-worker"],
+        "weights Job": limits["Job/rorem-fetch-weights/fetch"],
+    }
+    for who, limit in written.items():
+        total, terms = re.search(rf"{who} (\d+)Gi \((\d+(?: \+ \d+)+)\)", text).groups()
+        terms = [int(term) for term in terms.split(" + ")]
+        assert int(total) == limit == sum(terms), f"kubernetes.md: the {who}'s limit is {limit}Gi: {total} {terms}"
+        assert terms[-1] == EPHEMERAL_MARGIN // 2**30, f"kubernetes.md: the {who}'s margin"
+
+
+def test_the_deploy_guide_s_weights_table_names_every_source_the_job_reads_with_its_default():
+    """The table left out ROREM_PROMPT and ROREM_IMPORT_DTYPE, which k8s/weights/sources.yaml sets for the Job."""
+    objects = built("prod")
+    job = find(objects, "Job", "rorem-fetch-weights")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (source,) = container["envFrom"]
+    sources = find(objects, "ConfigMap", source["configMapRef"]["name"])["data"]
+    read = set(re.findall(r"os\.environ(?:\.get\(|\[)\"(ROREM_[A-Z_]+)\"", " ".join(container["args"])))
+    assert read and read <= set(sources), f"the Job reads {sorted(read - set(sources))} that no source sets"
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    table = guide[guide.index("| key | default | |") :].split("\n\n", 1)[0].splitlines()[2:]
+    rows = {m[1]: m[2] for m in (re.match(r"\| `(\w+)` \| ([^|]+?) \|", row) for row in table)}
+    assert set(rows) == set(sources), f"kubernetes.md's weights table: {sorted(set(rows) ^ set(sources))}"
+    for key, value in sources.items():
+        assert rows[key] == (f"`{value}`" if value else "empty"), f"kubernetes.md: {key} is {value!r} in the Job"
+
+
+def test_the_deploy_guide_gives_prod_s_worker_group_and_replica_bounds():
+    """"2 to 8 pods, each 8 CPUs, 48 GiB", "1 to 6" Removers, "1 to 2" Scorers and "2 to 24" Ingresses restated the
+    prod RayService and its Serve config by hand."""
+    rayservice = find(built("prod"), "RayService")
+    group = workers(rayservice)
+    requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+    text = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    cpus, memory = _quantity(requests["cpu"]), _quantity(requests["memory"])
+    pods = f"{group['minReplicas']} to {group['maxReplicas']} pods, each {cpus:g} CPUs, {memory:g} GiB"
+    assert f"The `{group['groupName']}` group ({pods}," in text
+    bounds = {
+        d["name"]: f"{d['autoscaling_config']['min_replicas']} to {d['autoscaling_config']['max_replicas']}"
+        for d in serve_config(rayservice)["applications"][0]["deployments"]
+    }
+    assert f"`Remover` (1 GPU, {bounds['Remover']} replicas), `Scorer` (1 GPU, {bounds['Scorer']})" in text
+    assert f"`Ingress` (1 CPU, {bounds['Ingress']})" in text
+    assert f"{bounds['Remover']} Remover, {bounds['Scorer']} Scorer, {bounds['Ingress']} Ingress replicas" in text
