@@ -36,7 +36,7 @@ class MaskSizeMismatch(InputError):
 
 
 class UnsupportedOutputFormat(InputError):
-    problem = "unsupported-output-format"
+    """An in-process caller's format (the API's requests name theirs from a closed list: invalid-request)."""
 
 
 class ImageSizeMismatch(InputError):

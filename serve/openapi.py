@@ -110,7 +110,7 @@ ROUTE_PROBLEMS: dict[str, tuple[str, ...]] = {
     "GET /healthz": (),
     "GET /readyz": ("not-ready",),
     "POST /remove": (
-        *_UPLOAD, *_DECODE, *_MODEL, *_PROXY, "unsupported-output-format", "removal-failed", "gate-unavailable",
+        *_UPLOAD, *_DECODE, *_MODEL, *_PROXY, "removal-failed", "gate-unavailable",
         "scorer-unavailable", "retention-disabled",
     ),
     "POST /score": (

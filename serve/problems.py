@@ -39,7 +39,6 @@ KINDS = (
     Kind("image-too-large", 413, "The image is too large", "RESOURCE_EXHAUSTED"),
     Kind("invalid-mask", 422, "The mask is not usable"),
     Kind("mask-size-mismatch", 422, "The mask and the image differ in size"),
-    Kind("unsupported-output-format", 422, "Unsupported output format"),
     Kind("image-size-mismatch", 422, "The source and edited images differ in size"),
     Kind("removal-failed", 422, "No removal attempt passed the quality gate", "FAILED_PRECONDITION"),
     Kind("gate-unavailable", 422, "This deployment has no quality scorer", "FAILED_PRECONDITION"),
