@@ -7,7 +7,9 @@ Ingress replica, which only then refused it. Ray's server (gRPCGenericServer) ma
 `service_handler_factory`, for the generic and the registered-method paths alike: wrapping that factory before the
 service registers puts this gate in front of both. Any valid key of the called application passes here; the
 Ingress still checks the key's scope and quotas. Applications are told apart by the `application` metadata Ray
-routes by (a cluster of one application takes calls without it).
+routes by (a cluster of one application takes calls without it); a call naming none of them, or two, is refused
+here with a problem (Ray's own NOT_FOUND had none), as is one naming an application deployed after the proxy
+started (the service must be restarted, as for the HTTP route table).
 
 While `python -m serve run` stops (serve.proxy_middleware.Drain), a new call is answered `stopping` here, and the
 calls in flight are counted with the HTTP requests the stop waits for (serve.proxy_middleware.InFlight): the
@@ -35,14 +37,14 @@ APPLICATION_METADATA = "application"  # the metadata Ray's gRPC proxy routes a c
 
 
 def install(server, service_prefix: str) -> None:
-    """Gate the unary methods under `service_prefix` ("/package.Service/") of a Ray gRPC server where an
-    application has keys on or the local stop's drain flag is named; a server that is not Ray's (tests, the
-    generated stubs) is left as it is."""
+    """Gate the unary methods under `service_prefix` ("/package.Service/") of a Ray gRPC server where the
+    applications are known (KEYS_ENV, which serve.proxy_limits always sets) or the local stop's drain flag is
+    named; a server that is not Ray's (tests, the generated stubs) is left as it is."""
     factory = getattr(server, "service_handler_factory", None)
     if factory is None:
         return
     gate = ProxyGate(json.loads(os.environ.get(KEYS_ENV) or "{}"))
-    if not gate.policies and not os.environ.get(DRAIN_FLAG_ENV):
+    if not gate.names and not os.environ.get(DRAIN_FLAG_ENV):
         return
 
     def gated_factory(service_method: str, streaming_type):
@@ -63,12 +65,24 @@ class ProxyGate:
             if spec
         }
 
-    def policy(self, metadata):
-        """The called application's access policy; None where it has no keys or is not known here (Ray answers)."""
-        named = next((value for key, value in metadata if key == APPLICATION_METADATA), None)
-        if named is None and len(self.names) == 1:
-            named = self.names[0]
-        return self.policies.get(named)
+    def application(self, metadata) -> str:
+        """The application a call names, as Ray's gRPC proxy routes it; a Problem where Ray would route it to none
+        or where the call names two (the gate read the first entry and Ray routes by the last: a keyless call naming
+        an application without keys, then a keyed one, passed the key check and reached the keyed Ingress with its
+        whole message). The applications are those the proxy started with, as the HTTP route table's."""
+        named = [value for key, value in metadata if key == APPLICATION_METADATA]
+        if len(named) > 1:
+            raise Problem("malformed-request", f"more than one {APPLICATION_METADATA!r} metadata entry (at the proxy)")
+        if not self.names:  # no table (KEYS_ENV unset): no keys either, Ray answers
+            return named[0] if named else ""
+        if not named and len(self.names) == 1:
+            return self.names[0]
+        if not named:
+            raise Problem("not-found", f"this service has several applications: name one in the "
+                          f"{APPLICATION_METADATA!r} metadata (at the proxy)")  # fmt: skip
+        if named[0] not in self.names:
+            raise Problem("not-found", f"no application named {named[0][:200]!r} (at the proxy)")
+        return named[0]
 
     def wrap(self, handler):
         async def unary_unary(request, context):
@@ -81,12 +95,12 @@ class ProxyGate:
                 return refuse(stopping(NOT_RUN))
 
             async def checked_call() -> bytes:
-                policy = self.policy(metadata)
-                if policy is not None:
-                    try:
+                try:
+                    policy = self.policies.get(self.application(metadata))
+                    if policy is not None:
                         await policy.check_grpc(None, metadata, context.peer())
-                    except Problem as refusal:
-                        return refuse(refusal)
+                except Problem as refusal:
+                    return refuse(refusal)
                 return await handler(request, context)
 
             # counted from here: a key check that waits for a keys-file reload is in flight for the stop too

@@ -151,6 +151,10 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
                 lambda: stub.Remove(pb.RemoveRequest(), metadata=[("application", "keyed"), ("x-api-key", key)]),
                 lambda: stub.Remove(pb.RemoveRequest(), metadata=[("application", "open")]),
                 lambda: RayServeAPIServiceStub(channel).Healthz(serve_pb2.HealthzRequest()),
+                # Ray routes by the last entry: the first (no keys) decided the key check and the call reached "keyed"
+                lambda: stub.Remove(pb.RemoveRequest(), metadata=[("application", "open"), ("application", "keyed")]),
+                lambda: stub.Remove(pb.RemoveRequest()),  # two applications, none named
+                lambda: stub.Remove(pb.RemoveRequest(), metadata=[("application", "nope"), ("x-api-key", key)]),
             ]
             for call in calls:
                 try:
@@ -167,9 +171,16 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
         assert code == grpc.StatusCode.UNAUTHENTICATED and problem["type"].endswith("/unauthorized")
         assert trailing["problem-type"] == problem["type"]
     assert answers[0][1]["instance"] == "urn:request:r-1"
-    assert answers[2:4] == ["OK", "OK"], "a valid key of any scope passes here (the Ingress checks the scope)"
+    assert answers[2:5] == ["OK", "OK", "OK"], "a valid key of any scope passes here (the Ingress checks the scope)"
+    assert "OK" not in answers[5:], "a call naming two applications, or none of them, was routed"
+    named = [(code, problem["type"].rsplit("/", 1)[1], trailing["problem-type"]) for code, problem, trailing in
+             answers[5:]]
+    assert [(code, slug) for code, slug, _ in named] == [
+        (grpc.StatusCode.INVALID_ARGUMENT, "malformed-request"), (grpc.StatusCode.NOT_FOUND, "not-found"),
+        (grpc.StatusCode.NOT_FOUND, "not-found"),
+    ] and all(trailing.endswith(f"/{slug}") for _, slug, trailing in named)
     assert [who for _, who in routed if who] == ["keyed", "open"], "the refused calls never reached Ray's router"
-    assert recorded.refusals == ["unauthorized", "unauthorized"]
+    assert recorded.refusals == ["unauthorized", "unauthorized", "malformed-request", "not-found", "not-found"]
 
 
 def test_every_serve_config_names_this_servicer_function():
