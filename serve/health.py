@@ -25,6 +25,9 @@ logger = logging.getLogger("ray.serve")
 
 FAILED_CALLS_UNHEALTHY = 5  # engine calls failing in a row with none succeeding between: a broken device
 DESCRIBE_TIMEOUT_S = 5.0  # a model's describe() not answered by then: not ready yet, the next probe asks again
+STALE_AFTER_S = 5.0  # a read of Serve's replica states this old is waited for (Readiness._current_counts)
+STALE_READ_WAIT_S = 1.0
+READYZ_MAX_WAIT_S = STALE_READ_WAIT_S + DESCRIBE_TIMEOUT_S  # what a probe's call must outlast
 
 
 class EngineWatch:
@@ -109,11 +112,18 @@ class Readiness:
 
     async def _current_counts(self) -> dict[str, int]:
         """The last read of Serve's replica states; a new read starts in the background once the last is
-        `refresh_s` old (only the very first probe waits for one), so a probe never waits on the controller."""
-        if self._reading is None and time.monotonic() - self._read_at >= self.refresh_s:
+        `refresh_s` old, so a busy controller does not hold up probes. The very first probe waits for its read, and
+        a probe after a quiet spell (a read over STALE_AFTER_S old) for at most STALE_READ_WAIT_S: it answered what
+        was true before the spell (a replica's start-up "no running replica yet" a minute after READY)."""
+        age = time.monotonic() - self._read_at
+        if self._reading is None and age >= self.refresh_s:
             self._reading = asyncio.ensure_future(self._read())
-        if self._read_at == float("-inf") and self._reading is not None:
-            await asyncio.shield(self._reading)
+        if self._reading is not None and age >= STALE_AFTER_S:
+            wait_s = None if self._read_at == float("-inf") else STALE_READ_WAIT_S
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reading), wait_s)
+            except asyncio.TimeoutError:
+                pass  # the controller is slow: the last read stands
         return self._counts
 
     async def _read(self) -> None:

@@ -265,7 +265,11 @@ def _named_constants() -> dict[str, object]:
         "MAX_CROPS": regions.MAX_CROPS,
         **{name: getattr(problems, name) for name in ("MAX_DETAIL_CHARS", "MAX_TEXT_CHARS", "MAX_LISTED")},
         "MAX_VERDICTS": store.MAX_VERDICTS,
-        **{name: getattr(health, name) for name in ("FAILED_CALLS_UNHEALTHY", "DESCRIBE_TIMEOUT_S")},
+        **{
+            name: getattr(health, name)
+            for name in ("FAILED_CALLS_UNHEALTHY", "DESCRIBE_TIMEOUT_S", "STALE_AFTER_S", "STALE_READ_WAIT_S",
+                         "READYZ_MAX_WAIT_S")  # fmt: skip
+        },
         **{name: getattr(proxy_connections, name) for name in ("LINGER_S", "LINGER_MAX_BYTES")},
         "MAX_RETRY_AFTER_S": config.MAX_RETRY_AFTER_S,
     }

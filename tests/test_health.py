@@ -146,6 +146,38 @@ def test_a_probe_never_waits_for_a_slow_controller_read_after_the_first():
     assert max(asyncio.run(probe_times())) < 0.1
 
 
+def test_a_probe_after_a_quiet_spell_answers_a_fresh_read_and_a_slow_one_no_longer_than_its_wait(monkeypatch):
+    """The first probe after a quiet minute answered the read its predecessor had started a minute before (an
+    Ingress replica said "no running replica yet" a minute after READY): a read older than STALE_AFTER_S is waited
+    for, at most STALE_READ_WAIT_S; a controller slower than that leaves the last read standing."""
+    from serve import health
+
+    states = {"Remover": 0}
+    slow = [0.0]
+
+    def replica_counts(app: str) -> dict[str, int]:
+        time.sleep(slow[0])
+        return dict(states)
+
+    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 1.0, replica_counts)
+    monkeypatch.setattr(health, "STALE_READ_WAIT_S", 0.3)
+
+    async def scenario():
+        assert list(await readiness.missing()) == ["Remover"]
+        states["Remover"] = 1
+        readiness._read_at -= health.STALE_AFTER_S  # a quiet spell since that read
+        fresh = list(await readiness.missing())
+        slow[0] = 1.0
+        states["Remover"] = 0
+        readiness._read_at -= health.STALE_AFTER_S
+        started = time.perf_counter()
+        stale = list(await readiness.missing())
+        return fresh, stale, time.perf_counter() - started
+
+    fresh, stale, waited = asyncio.run(scenario())
+    assert fresh == [] and stale == [] and 0.25 < waited < 0.9, (fresh, stale, waited)
+
+
 def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancelled():
     handle = FakeHandle("Remover", describe_s=10.0)
     readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)

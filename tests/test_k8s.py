@@ -630,10 +630,10 @@ def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_r
     """/readyz alone kept a worker ready while Ray drained its proxy (no replica left on it after a scale-down):
     a draining proxy answers 503 only on /-/healthz, serves /readyz to the end, then goes, and the pod stayed in
     the Services, its port refusing connections, until three probes failed (KubeRay's own probe asks /-/healthz)."""
-    from serve.health import DESCRIBE_TIMEOUT_S
+    from serve.health import READYZ_MAX_WAIT_S
 
     said = " ".join((K8S / "base" / "rayservice.yaml").read_text().split())
-    assert f"(/readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the model replicas)" in said
+    assert f"(/readyz waits up to {READYZ_MAX_WAIT_S:g} s for Serve's state and the model replicas)" in said
     for overlay in OVERLAYS:
         rayservice = find(built(overlay), "RayService")
         container = workers(rayservice)["template"]["spec"]["containers"][0]
@@ -644,7 +644,7 @@ def test_readiness_of_serving_pods_is_their_proxys_health_and_the_applications_r
         asked = re.findall(r"open\('http://127\.0\.0\.1:(\d+)(/[^']*)', timeout=(\d+)\)", command[2])
         assert [(int(port), path) for port, path, _ in asked] == [(HTTP_PORT, "/-/healthz"), (HTTP_PORT, "/readyz")]
         healthz_s, readyz_s = (float(timeout) for _, _, timeout in asked)
-        assert readyz_s > DESCRIBE_TIMEOUT_S, f"/readyz waits up to {DESCRIBE_TIMEOUT_S:g} s for the replicas"
+        assert readyz_s > READYZ_MAX_WAIT_S, f"/readyz waits up to {READYZ_MAX_WAIT_S:g} s"
         assert container["readinessProbe"]["timeoutSeconds"] > healthz_s + readyz_s, "the probe outlasts its calls"
         for name, template in pod_templates(rayservice).items():
             live = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
