@@ -305,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                 options.output.write_bytes(reply.image)
                 used = reply.seed if reply.HasField("seed") else "-"
                 score = f"{reply.score:.3f}" if reply.HasField("score") else "-"
-                print(f"{options.output}: seed {used}, score {score}, gate {reply.gate}, attempts {reply.attempts}")
+                kept = f", result {reply.result_id}" if reply.result_id else ""  # what /feedback and /results/ name
+                said = f"seed {used}, score {score}, gate {reply.gate}, attempts {reply.attempts}{kept}"
+                print(f"{options.output}: {said}")
             else:
                 reply = client.Score(
                     pb.ScoreRequest(

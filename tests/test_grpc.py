@@ -155,6 +155,8 @@ class FakeStub:
         reply = pb.RemoveReply(image=b"x", gate="nothing-to-remove")
         if request.HasField("seed"):
             reply.seed = request.seed
+        if request.retain:
+            reply.result_id = "r" * 32
         return reply
 
     def Score(self, request, timeout, metadata=None):
@@ -270,6 +272,14 @@ def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_
     assert first.HasField("timeout_s") and 0 < first.timeout_s < timeout == 30
     assert first.timeout_s == pytest.approx(30 * SERVICE_SHARE)
     assert f"`serve.grpc_client` sends {SERVICE_SHARE:.0%} of" in " ".join((REPO / "docs" / "api.md").read_text().split())
+
+
+def test_the_cli_client_prints_the_id_of_a_retained_result(cli, capsys):
+    """`--retain true` kept the result, but the client printed no id to label it or read it back by."""
+    assert cli(["remove", "photo.png", "mask.png", "-o", "o.png", "--retain", "true"]) == 0
+    assert cli(["remove", "photo.png", "mask.png", "-o", "o.png"]) == 0
+    kept, not_kept = capsys.readouterr().out.splitlines()
+    assert kept.endswith(f", result {'r' * 32}") and "result" not in not_kept
 
 
 def test_the_cli_client_prints_the_threshold_as_it_was_given(cli, capsys):
