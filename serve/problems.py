@@ -16,6 +16,10 @@ TYPE_BASE = "https://github.com/rorem-serve/problems/"
 MAX_DETAIL_CHARS = 2000
 MAX_TEXT_CHARS = 200
 MAX_LISTED = 20
+# On every problem answer, the app's and the proxies' own: a problem quotes the input it refuses (a field's value, a
+# result id), never to be sniffed as a page; and it answers one request at one moment, never to be cached (a cache
+# that kept a result's 404, or a 503, would answer it after the result exists or the service is back).
+ANSWER_HEADERS = MappingProxyType({"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,7 @@ class Problem(Exception):
         return body
 
     def response(self, request_id: str | None = None) -> JSONResponse:
-        """A problem quotes the input it refuses: never to be sniffed as a page."""
-        headers = {"X-Content-Type-Options": "nosniff", **self.headers}
+        headers = {**ANSWER_HEADERS, **self.headers}
         return JSONResponse(self.body(request_id), status_code=self.status, media_type=MEDIA_TYPE, headers=headers)
 
 

@@ -45,7 +45,7 @@ import sys
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serve.metrics import proxy_metrics
-from serve.problems import MEDIA_TYPE, Problem
+from serve.problems import ANSWER_HEADERS, MEDIA_TYPE, Problem
 from serve.proxy_middleware import refusal_request_id
 
 # nginx's default allows 4 x 8 KiB of header lines; this API's own headers (a key, a request id) take < 1 KiB.
@@ -172,7 +172,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             f"HTTP/1.1 {problem.status} {http.HTTPStatus(problem.status).phrase}\r\n"
             f"content-type: {MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
             f"x-request-id: {request_id}\r\n"
-            "x-content-type-options: nosniff\r\nconnection: close\r\n\r\n"
+            + "".join(f"{name.lower()}: {value}\r\n" for name, value in ANSWER_HEADERS.items())
+            + "connection: close\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
         self.transport.close()

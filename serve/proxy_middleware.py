@@ -74,7 +74,7 @@ import os
 import re
 import uuid
 
-from serve.problems import MEDIA_TYPE, Problem
+from serve.problems import ANSWER_HEADERS, MEDIA_TYPE, Problem
 
 # JSON: {route prefix: {limit, timeout_s, max_held, keys_file, keys_reload_s, retry_after_s}} (BodyBuffer's
 # settings; the keys only while the application's auth is on), one entry per application
@@ -242,7 +242,8 @@ async def _answer(send, problem: Problem, request_id: str | None = None) -> None
     ]
     if request_id:
         headers.append((_REQUEST_ID_HEADER, request_id.encode()))
-    headers += [(name.lower().encode(), value.encode()) for name, value in problem.headers.items()]
+    answer_headers = {**ANSWER_HEADERS, **problem.headers}
+    headers += [(name.lower().encode(), value.encode()) for name, value in answer_headers.items()]
     await send({"type": "http.response.start", "status": problem.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

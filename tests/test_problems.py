@@ -103,6 +103,7 @@ def test_a_problem_answer_is_never_sniffed_as_a_page():
     """A problem quotes what it refused (a result id, a field's value): a browser must read it as JSON."""
     answer = Problem("not-found", "<script>alert(1)</script>", headers={"Retry-After": "2"}).response()
     assert answer.headers["x-content-type-options"] == "nosniff" and answer.headers["retry-after"] == "2"
+    assert answer.headers["cache-control"] == "no-store", "one request's answer at one moment"
     assert answer.headers["content-type"] == "application/problem+json"
 
 

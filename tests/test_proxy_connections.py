@@ -428,6 +428,7 @@ def test_a_body_in_a_coding_nobody_decodes_is_refused_not_read_as_plain(monkeypa
             status, headers, problem = _answer_of(answer)
             assert status in (400, 415) and problem["status"] == status and problem["type"].endswith(f"/{kind}"), head
             assert _named(headers, problem) == "te-1" and "(at the proxy)" in problem["detail"]
+            assert (headers["x-content-type-options"], headers["cache-control"]) == ("nosniff", "no-store")
     finally:
         server.stop()
     assert recorded.refusals == [kind for kind in heads.values() if kind]
