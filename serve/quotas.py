@@ -128,7 +128,9 @@ class Decision:
             )
         else:
             retry_after = CONCURRENCY_RETRY_AFTER_S
-            detail = f"the key {self.key!r} has {self.in_flight} requests in progress (its limit is {self.limits.concurrent})"
+            requests = "request" if self.in_flight == 1 else "requests"
+            limit = self.limits.concurrent
+            detail = f"the key {self.key!r} has {self.in_flight} {requests} in progress (its limit is {limit})"
         quota = self.limits.rate_policy if self.refused_by == RATE else self.refused_by
         raise Problem("too-many-requests", detail, headers={"Retry-After": str(retry_after)}, quota=quota)
 

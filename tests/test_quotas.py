@@ -104,6 +104,12 @@ def test_concurrency_is_held_until_released_or_the_lease_expires():
     assert first.allowed and second.allowed and first.lease != second.lease and second.in_flight == 2
     third = book.acquire("app", limits, 30)
     assert not third.allowed and third.refused_by == CONCURRENCY and third.lease is None
+    with pytest.raises(Problem, match=r"'app' has 2 requests in progress \(its limit is 2\)"):
+        third.check()
+    alone = book.acquire("solo", Limits(None, 1, 60.0), 30)
+    with pytest.raises(Problem, match="has 1 request in progress"):  # "1 requests" before
+        book.acquire("solo", Limits(None, 1, 60.0), 30).check()
+    book.release("solo", alone.lease)
     book.release("app", first.lease)
     book.release("app", first.lease)  # twice, or after a restart: ignored
     again = book.acquire("app", limits, 30)
