@@ -467,9 +467,9 @@ class OverloadSettings(_Strict):
         le=MAX_RETRY_AFTER_S,
         description="the Retry-After of a 429 past max_in_flight and of a 503 from a full queue, the Ingress's (Ray's "
         "backpressure_config, set from it) or a model's (a 429 past max_queue_wait_s says when the wait is back "
-        "under it; a quota's, when its window resets), and of every 503 that asks the client to come back (not-ready, "
-        "scorer-unavailable, replica-failed; the HTTP and gRPC proxies' stopping, which say the longest of their "
-        "applications')",
+        "under it; a quota's, when its window resets), and of the 503s not-ready, scorer-unavailable and "
+        "replica-failed and the HTTP and gRPC proxies' stopping (the proxies say the longest of their applications'; "
+        "retention-unavailable says when the store is tried again)",
     )
     body_timeout_s: float = Field(
         60.0,
@@ -1004,7 +1004,8 @@ def check_proxy_timeout(config: dict, applications: dict[str, AppSettings]) -> N
             raise ValueError(
                 f"{section}.request_timeout_s ({proxy_s:g} s) is not above application {name}'s request_timeout_s "
                 f"({longest.request_timeout_s:g} s): Ray's proxy would give up on a request while its model work "
-                f"goes on; raise {section}.request_timeout_s above {longest.request_timeout_s:g} s or lower request_timeout_s"
+                f"goes on; raise {section}.request_timeout_s above {longest.request_timeout_s:g} s or lower "
+                "request_timeout_s"
             )
 
 

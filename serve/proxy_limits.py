@@ -20,7 +20,7 @@ import json
 from serve.config import AppSettings, ImagingSettings, app_name, route_prefix
 from serve.grpc_gate import KEYS_ENV as GRPC_KEYS_ENV
 from serve.grpc_servicer import MAX_REQUEST_ENV
-from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, ROUTES_ENV
+from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, RETRY_AFTER_ENV, ROUTES_ENV
 
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # ray/serve/_private/constants.py, read at import
 # How long a proxy being drained (its node scaled down) keeps taking requests at least. Ray counts a request as
@@ -74,8 +74,9 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
 
 
 PROXY_ENV_NAMES = (
-    GRPC_MESSAGE_ENV, MAX_REQUEST_ENV, GRPC_KEYS_ENV, ROUTES_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV, CALLBACK_ENV
-)
+    GRPC_MESSAGE_ENV, MAX_REQUEST_ENV, GRPC_KEYS_ENV, ROUTES_ENV, RETRY_AFTER_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV,
+    CALLBACK_ENV,
+)  # fmt: skip
 """Every name proxy_env may set (k8s/render.py replaces these in a manifest and keeps any other)."""
 
 
@@ -97,7 +98,6 @@ def proxy_routes(config: dict) -> dict[str, dict]:
             "limit": body_limit,
             "timeout_s": settings.overload.body_timeout_s,
             "max_held": settings.overload.proxy_buffer_bytes,
-            "retry_after_s": settings.overload.retry_after_s,
         }
         route |= keys_at_the_proxy(settings) or {}  # a body without a valid key is refused before it is read
         routes[route_prefix(app)] = route
@@ -128,6 +128,7 @@ def proxy_env(config: dict) -> dict[str, str]:
         MAX_REQUEST_ENV: str(max(grpc_max_request_bytes(settings.imaging) for settings in apps)),
         GRPC_KEYS_ENV: json.dumps(grpc_keys(config), sort_keys=True),
         ROUTES_ENV: json.dumps(routes, sort_keys=True),
+        RETRY_AFTER_ENV: str(max(settings.overload.retry_after_s for settings in apps)),
         PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, body_timeout_s)),
         NODE_DRAIN_ENV: str(body_timeout_s + longest_request_s(config, apps)),
         CALLBACK_ENV: CALLBACK_PATH,

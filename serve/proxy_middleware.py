@@ -76,9 +76,10 @@ import uuid
 
 from serve.problems import ANSWER_HEADERS, MEDIA_TYPE, Problem
 
-# JSON: {route prefix: {limit, timeout_s, max_held, keys_file, keys_reload_s, retry_after_s}} (BodyBuffer's
-# settings; the keys only while the application's auth is on), one entry per application
+# JSON: {route prefix: {limit, timeout_s, max_held, keys_file, keys_reload_s}} (BodyBuffer's settings; the keys
+# only while the application's auth is on), one entry per application
 ROUTES_ENV = "ROREM_PROXY_ROUTES"
+RETRY_AFTER_ENV = "ROREM_PROXY_RETRY_AFTER_S"  # the longest overload.retry_after_s of the applications (HTTP or gRPC)
 DRAIN_FLAG_ENV = "ROREM_DRAIN_FLAG"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # ray/serve/_private/constants.py
 CALLBACK_PATH = "serve.proxy_middleware:middlewares"
@@ -88,15 +89,13 @@ DRAIN_GRACE_S = 4.0
 DEFAULT_RETRY_AFTER_S = 2  # overload.retry_after_s's default (tests/test_proxy_limits.py)
 
 
-def _proxy_retry_after_s() -> int:
-    """The Retry-After of the proxy's own refusals (stopping, replica-failed, Ray's 503 without one): the longest
-    of the applications' overload.retry_after_s, as their Ingresses say it; one value, as the proxy is shared."""
-    routes = json.loads(os.environ.get(ROUTES_ENV) or "{}")
-    said = [route.get("retry_after_s", DEFAULT_RETRY_AFTER_S) for route in routes.values()]
-    return max(said, default=DEFAULT_RETRY_AFTER_S)
-
-
-RETRY_AFTER_S = _proxy_retry_after_s()
+@functools.cache
+def retry_after_s() -> int:
+    """The Retry-After of the proxies' own refusals (stopping, replica-failed, Ray's 503 without one), HTTP and gRPC
+    alike: the longest of the applications' overload.retry_after_s (RETRY_AFTER_ENV), as their Ingresses say it;
+    one value, as a proxy serves them all. The default where it is not set, or not a whole number of seconds."""
+    said = os.environ.get(RETRY_AFTER_ENV, "")
+    return int(said) if said.isdigit() and int(said) > 0 else DEFAULT_RETRY_AFTER_S
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(REQUEST_ID_PATTERN.encode())
@@ -164,7 +163,6 @@ class ByRoutePrefix:
         for prefix in sorted(routes, key=len, reverse=True):
             limits = dict(routes[prefix])
             keys_file, reload_s = limits.pop("keys_file", None), limits.pop("keys_reload_s", None)
-            limits.pop("retry_after_s", None)  # RETRY_AFTER_S
             keys = proxy_keys(keys_file, reload_s) if keys_file else None
             self.buffers.append((prefix, BodyBuffer(app, keys=keys, arriving=arriving, **limits)))
 
@@ -282,9 +280,9 @@ class HeaderGuard:
             ambiguous = _ambiguous_head(scope)
             if ambiguous:
                 return await _problem(send, Problem("malformed-request", f"{ambiguous} (at the proxy)"), scope)
-            coded = _coded_body(headers)
+            coded = _coded_body(scope)
             if coded:
-                return await _problem(send, Problem(*coded), scope)
+                return await _problem(send, coded, scope)
             kept = [(k, v) for k, v in headers if self._keep(k, v)]
             if len(kept) != len(headers):
                 scope = {**scope, "headers": kept}
@@ -306,20 +304,21 @@ def _ambiguous_head(scope) -> str:
     return ""
 
 
-def _coded_body(headers) -> tuple[str, str] | None:
-    """The refusal (kind, detail) of a body sent in a coding nobody here decodes, else None. httptools frames a body
+def _coded_body(scope) -> Problem | None:
+    """The refusal of a body sent in a coding nobody here decodes, else None. httptools frames a body
     as chunked when chunked comes last and hands on what it decoded, so `gzip, chunked` reached the app as gzip bytes
     read as plain, as did a body with a Content-Encoding. RFC 9112 6.1 suggests 501 for the first; it is 400 here,
     as every other request the service cannot read: what a client sends never gets a 5xx (clients retry those, and
     they count against the service's error budget). RFC 9110 15.5.16: 415 for a content coding."""
+    headers = scope["headers"]
     transfer = _codings(headers, b"transfer-encoding")
     if transfer not in ([], ["chunked"]):
         detail = f"Transfer-Encoding {', '.join(transfer)!r}: only chunked, alone, is decoded here (at the proxy)"
-        return "malformed-request", detail
+        return Problem("malformed-request", detail)
     content = [coding for coding in _codings(headers, b"content-encoding") if coding != "identity"]
-    if content:
+    if content and _declared_size(_first_headers(scope)) != 0:
         detail = f"Content-Encoding {', '.join(content)!r}: send the body uncoded (at the proxy)"
-        return "unsupported-media-type", detail
+        return Problem("unsupported-media-type", detail, {"Accept-Encoding": "identity"})
     return None
 
 
@@ -360,7 +359,7 @@ class RayAnswers:
 
         await self.app(scope, receive, rewriting_send)
         if not started and not asyncio.current_task().cancelling():  # Ray counted the failure
-            failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(RETRY_AFTER_S)})
+            failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(retry_after_s())})
             await _answer(send, failed, refusal_request_id(scope["headers"]))
 
 
@@ -378,7 +377,7 @@ def _ray_problem(messages: list[dict]) -> Problem:
     # Ray's 404 points at GET /-/routes, which is itself a 404 with keys on (ByRoutePrefix)
     text = _RAY_ROUTES_HINT.sub("", text)
     kind = "overloaded" if start["status"] == 503 and "backpressure" in text else _RAY_KINDS[start["status"]]
-    retry_after = (_header(start, b"retry-after") or str(RETRY_AFTER_S).encode()).decode()
+    retry_after = (_header(start, b"retry-after") or str(retry_after_s()).encode()).decode()
     headers = {"Retry-After": retry_after} if start["status"] in (429, 503) else {}
     return Problem(kind, f"{text[:300]} (at the proxy)", headers)
 
@@ -489,7 +488,7 @@ def _too_large(detail: str) -> Problem:
 
 
 def _retry_later(kind: str, detail: str) -> Problem:
-    return Problem(kind, detail, {"Retry-After": str(RETRY_AFTER_S)})
+    return Problem(kind, detail, {"Retry-After": str(retry_after_s())})
 
 
 def stopping(what_happened: str) -> Problem:

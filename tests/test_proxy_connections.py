@@ -415,6 +415,8 @@ def test_a_body_in_a_coding_nobody_decodes_is_refused_not_read_as_plain(monkeypa
         b"HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Encoding: identity, br": "unsupported-media-type",
         b"HTTP/1.1\r\nTransfer-Encoding: Chunked": None,
         b"HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Encoding: identity": None,
+        b"HTTP/1.1\r\nContent-Length: 17\r\nContent-Encoding: gzip": "unsupported-media-type",
+        b"HTTP/1.1\r\nContent-Length: 0\r\nContent-Encoding: gzip": "no body",  # nothing coded to refuse
     }
     try:
         for head, kind in heads.items():
@@ -422,16 +424,17 @@ def test_a_body_in_a_coding_nobody_decodes_is_refused_not_read_as_plain(monkeypa
             with _connect(server.port) as client:
                 client.sendall(request)
                 answer = _read_all(client)
-            if kind is None:
-                assert _responses(answer) == [(200, b"5")], head  # the 5 bytes of the chunked body, decoded
+            if kind in (None, "no body"):
+                assert _responses(answer) == [(200, b"5" if kind is None else b"0")], head
                 continue
             status, headers, problem = _answer_of(answer)
             assert status in (400, 415) and problem["status"] == status and problem["type"].endswith(f"/{kind}"), head
             assert _named(headers, problem) == "te-1" and "(at the proxy)" in problem["detail"]
             assert (headers["x-content-type-options"], headers["cache-control"]) == ("nosniff", "no-store")
+            assert headers.get("accept-encoding") == ("identity" if status == 415 else None), "RFC 9110 15.5.16"
     finally:
         server.stop()
-    assert recorded.refusals == [kind for kind in heads.values() if kind]
+    assert recorded.refusals == [kind for kind in heads.values() if kind not in (None, "no body")]
 
 
 def test_a_head_that_says_two_things_or_names_no_host_is_refused_as_uvicorn_parses_it(monkeypatch):

@@ -319,25 +319,27 @@ def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(
 def test_the_proxys_own_retry_after_is_the_longest_its_applications_configure():
     """The proxy's stopping, replica-failed and Ray's 503 said Retry-After 2 (a constant) where the application's
     own not-ready, replica-failed and overloaded said its overload.retry_after_s: an operator's 10 s reached only
-    some answers. The proxy, shared by every application, now says the longest of theirs; 2 without any."""
+    some answers. The proxies, shared by every application (one served over gRPC only too), now say the longest of
+    theirs; 2 without any, or with a value that is no whole number of seconds."""
     import subprocess
     import sys
 
     from serve.config import OverloadSettings
+    from serve.proxy_middleware import RETRY_AFTER_ENV
     from tests.helpers import REPO
 
     assert DEFAULT_RETRY_AFTER_S == OverloadSettings().retry_after_s
-    env = proxy_env(_config({}, {"overload": {"retry_after_s": 7}}, {"overload": {"retry_after_s": 3}}))
-    assert [route["retry_after_s"] for route in json.loads(env[ROUTES_ENV]).values()] == [2, 7, 3]
-    said = "from serve import proxy_middleware as p; print(p.RETRY_AFTER_S, p.stopping('now').headers['Retry-After'])"
-    for routes, expected in ((env[ROUTES_ENV], "7 7"), ("", "2 2")):
+    config = _config({}, {"overload": {"retry_after_s": 7}}, {"overload": {"retry_after_s": 30}})
+    config["applications"][2]["route_prefix"] = None  # gRPC only: no HTTP route, no entry in ROREM_PROXY_ROUTES
+    env = proxy_env(config)
+    assert env[RETRY_AFTER_ENV] == "30" and "retry_after_s" not in env[ROUTES_ENV]
+    said = "from serve import proxy_middleware as p; print(p.retry_after_s(), p.stopping('now').headers['Retry-After'])"
+    for given, expected in ((env[RETRY_AFTER_ENV], "30 30"), ("", "2 2"), ("x", "2 2"), ("0", "2 2")):
         run = subprocess.run(
-            [sys.executable, "-c", said], cwd=REPO, env={**os.environ, ROUTES_ENV: routes}, capture_output=True,
+            [sys.executable, "-c", said], cwd=REPO, env={**os.environ, RETRY_AFTER_ENV: given}, capture_output=True,
             text=True, check=True,
         )  # fmt: skip
-        assert run.stdout.split() == expected.split()
-    ((_, buffer),) = ByRoutePrefix(lambda *a: None, {"/": json.loads(env[ROUTES_ENV])["/app1"]}).buffers
-    assert buffer.limit == json.loads(env[ROUTES_ENV])["/app1"]["limit"]  # the other settings still reach the buffer
+        assert run.stdout.split() == expected.split(), given
 
 
 def test_a_request_meets_the_body_limit_of_the_application_its_path_belongs_to():
