@@ -24,10 +24,18 @@ _SHARED_MARK = "/* shared.js */"
 
 def page_html(page: Path) -> str:
     """The page's file with static/shared.js written into its script at the line /* shared.js */."""
-    html = page.read_text(encoding="utf-8")
-    if html.count(_SHARED_MARK) != 1:
-        raise ValueError(f"{page.name} must carry {_SHARED_MARK} once")
-    return html.replace(_SHARED_MARK, SHARED_SCRIPT.read_text(encoding="utf-8").strip())
+    shared = SHARED_SCRIPT.read_text(encoding="utf-8").strip()
+    return fill_marks(page.read_text(encoding="utf-8"), page.name, {_SHARED_MARK: shared})
+
+
+def fill_marks(html: str, page: str, filled: dict[str, str]) -> str:
+    """`html` with each mark replaced by its text; a page (named `page`, for the error) that does not carry a mark
+    exactly once is refused, so an edit to a page cannot leave a setting unfilled or fill it twice."""
+    for mark, text in filled.items():
+        if html.count(mark) != 1:
+            raise ValueError(f"{page} must carry {mark} once")
+        html = html.replace(mark, text)
+    return html
 
 
 def strict_page_headers(html: str, page: str, img_src: str) -> dict[str, str]:

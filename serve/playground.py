@@ -12,7 +12,7 @@ from typing import Literal
 
 from engines.imaging import ACCEPTED_FORMATS
 from serve.config import ImagingSettings, RetentionSettings
-from serve.page_headers import page_html, strict_page_headers
+from serve.page_headers import fill_marks, page_html, strict_page_headers
 from serve.protocol import MAX_SEED
 
 PLAYGROUND_PAGE = Path(__file__).parent / "static" / "playground.html"
@@ -32,9 +32,7 @@ RetentionMode = Literal["off", "ask", "always"]
 @lru_cache(maxsize=1)
 def _template() -> tuple[str, dict[str, str]]:
     html = page_html(PLAYGROUND_PAGE)
-    for mark in (_RETENTION_MARK, _FORMATS_MARK, _MEGAPIXELS_MARK, _BYTES_MARK, _SEED_MARK, _TINY_MARK):
-        if html.count(mark) != 1:
-            raise ValueError(f"{PLAYGROUND_PAGE.name} must carry {mark} once")
+    _filled(html, "off", 0.0, 0, False)  # a page without one of the marks is refused at once
     return html, strict_page_headers(html, PLAYGROUND_PAGE.name, img_src="blob:")  # the photo, shown before it is sent
 
 
@@ -47,13 +45,23 @@ def retention_mode(settings: RetentionSettings) -> RetentionMode:
 
 @lru_cache(maxsize=6)
 def _page(mode: RetentionMode, max_megapixels: float, max_upload_bytes: int, tiny: bool) -> str:
+    return _filled(_template()[0], mode, max_megapixels, max_upload_bytes, tiny)
+
+
+def _filled(html: str, mode: RetentionMode, max_megapixels: float, max_upload_bytes: int, tiny: bool) -> str:
     formats = " ".join(name.lower() for name in ACCEPTED_FORMATS)
-    html = _template()[0].replace(_RETENTION_MARK, f'data-retention="{mode}"')
-    html = html.replace(_FORMATS_MARK, f'data-accepted-formats="{formats}"')
-    html = html.replace(_TINY_MARK, f'data-tiny="{str(tiny).lower()}"')
-    html = html.replace(_BYTES_MARK, f'data-max-upload-bytes="{max_upload_bytes}"')
-    html = html.replace(_SEED_MARK, f'data-max-seed="{MAX_SEED}"')
-    return html.replace(_MEGAPIXELS_MARK, f'data-max-megapixels="{max_megapixels:g}"')
+    return fill_marks(
+        html,
+        PLAYGROUND_PAGE.name,
+        {
+            _RETENTION_MARK: f'data-retention="{mode}"',
+            _FORMATS_MARK: f'data-accepted-formats="{formats}"',
+            _TINY_MARK: f'data-tiny="{str(tiny).lower()}"',
+            _BYTES_MARK: f'data-max-upload-bytes="{max_upload_bytes}"',
+            _SEED_MARK: f'data-max-seed="{MAX_SEED}"',
+            _MEGAPIXELS_MARK: f'data-max-megapixels="{max_megapixels:g}"',
+        },
+    )
 
 
 def playground_page(retention: RetentionSettings, imaging: ImagingSettings, tiny: bool = False) -> str:

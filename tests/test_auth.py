@@ -291,6 +291,7 @@ def test_every_route_declares_its_access_and_the_scopes_are_the_documented_ones(
         for route in api_routes(api)
         for method in route.methods
     }
+    assert SHARED_ROUTE_SCOPES == {"/remove": "remove", "/score": "score"}  # a feedback key must not remove
     assert all(rules[("POST", route)] == (scope, False) for route, scope in SHARED_ROUTE_SCOPES.items())
     assert rules[("POST", "/feedback")] == ("feedback", False)
     assert rules[("GET", "/results/{id}/{kind}")] == ("feedback", False)

@@ -1563,10 +1563,16 @@ def test_the_deploy_guide_gives_the_manifests_values():
     text = " ".join(guide.split())
     assert f"the requests come to {first}, {most} when the autoscaler adds the second worker" in text
     assert group["maxReplicas"] == group["minReplicas"] + 1, "'the second worker'"
+    cpus, memory = (int(n) for n in re.search(r"minikube start --cpus (\d+) --memory (\d+)g", text).groups())
+    most_cpus, most_memory = (head[name] + group["maxReplicas"] * worker[name] for name in ("cpu", "memory"))
+    assert cpus >= most_cpus + 1 and memory >= most_memory, "the cluster it recommends holds the second worker"
+    operations = " ".join((REPO / "docs" / "operations.md").read_text().split())
+    assert f"kind / minikube with {cpus} CPUs, {memory} GiB" in operations, "one recommended size"
 
     margin = f"{EPHEMERAL_MARGIN // 2**30}Gi"
     assert f"their sizeLimits plus {margin} for logs and writes" in text
-    assert text.count(f"sizeLimits plus {margin}") + text.count(f"emptyDirs plus {margin}") == 3
+    margins = re.findall(r"(?:sizeLimits|emptyDirs) plus (\d+)Gi", text)
+    assert len(margins) >= 3 and set(margins) == {margin.removesuffix("Gi")}, margins
     limits = {where: _bytes(c["resources"]["limits"]["ephemeral-storage"]) // 2**30
               for overlay in OVERLAYS for where, c, _ in all_containers(built(overlay))}  # fmt: skip
     written = {

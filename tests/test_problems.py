@@ -97,6 +97,7 @@ def test_the_readmes_error_statuses_are_the_tables_client_errors():
     client_errors = {kind.status for kind in KINDS if kind.status < 500}
     assert client_errors <= listed, f"add {sorted(client_errors - listed)} to the README's error statuses"
     assert {kind.status for kind in KINDS} >= listed, f"{sorted(listed - {k.status for k in KINDS})} is no problem's"
+    assert {status for status in listed if status >= 500} <= {503, 504}, "a client's mistake is never a 500"
 
 
 def test_a_problem_answer_is_never_sniffed_as_a_page():

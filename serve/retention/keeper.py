@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve.config import RetentionSettings
 from serve.handles import within
 from serve.log_throttle import LOG_EVERY_S, LogThrottle
-from serve.page_headers import page_html, strict_page_headers
+from serve.page_headers import fill_marks, page_html, strict_page_headers
 from serve.problems import Problem
 from serve.request_ids import serve_request_id
 from serve.retention.objects import ObjectMissing
@@ -449,11 +449,8 @@ def result_document(stored: StoredResult, base: str, threshold: float | None = N
 def annotation_page() -> tuple[str, dict[str, str]]:
     """The page, with ANNOTATION_PAGE_LIMITS filled in, and its response headers (a hash-based CSP:
     serve/page_headers.py)."""
-    html = page_html(ANNOTATION_PAGE)
-    for attribute, value in ANNOTATION_PAGE_LIMITS.items():
-        if html.count(f'{attribute}=""') != 1:
-            raise ValueError(f'{ANNOTATION_PAGE.name} must carry {attribute}="" once')
-        html = html.replace(f'{attribute}=""', f'{attribute}="{value}"')
+    limits = {f'{attribute}=""': f'{attribute}="{value}"' for attribute, value in ANNOTATION_PAGE_LIMITS.items()}
+    html = fill_marks(page_html(ANNOTATION_PAGE), ANNOTATION_PAGE.name, limits)
     return html, strict_page_headers(html, ANNOTATION_PAGE.name, img_src="blob:")  # images fetched with the key
 
 
