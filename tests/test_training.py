@@ -706,6 +706,33 @@ def test_bundle_refuses_an_lcm_lora_distilled_against_another_unet_unless_allowe
     assert recorded["allowed"] and recorded["teacher_sha256"] != recorded["unet_sha256"]
 
 
+def test_bundle_refuses_a_base_other_than_the_one_its_runs_trained_on_unless_allowed(tiny_layout, data, tmp_path):
+    """`bundle --base tiny:1` over runs trained on tiny (seed 0) took the other base's VAE and prompt embeddings
+    beside the trained weights, silently."""
+    from engines.bundle import Bundle
+    from training.assemble import BundleStageSettings, assemble
+    from training.common import TrainingError
+    from training.distill import DistillSettings, distill
+
+    distill(DistillSettings(**_common(tiny_layout.base, tmp_path / "distill", data[0]), steps=1, batch_size=1, lora_rank=4))
+    settings = BundleStageSettings(
+        out=tmp_path / "bundle", base="tiny:1", unet=str(Path(tiny_layout.base) / "unet"),
+        lcm_lora=str(tmp_path / "distill"), dtype="float32", cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    run = str((tmp_path / "distill").resolve())
+    for part in ("base VAE", "base text encoder", "base text encoder 2"):
+        with pytest.raises(TrainingError, match=rf"the distill run {run} trained against a {part} with weights sha256"):
+            assemble(settings)
+    with pytest.raises(TrainingError, match="pass --allow-other-base"):
+        assemble(settings)
+    assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+    allowed = assemble(settings.model_copy(update={"allow_other_base": True}))
+    recorded = Bundle.load(allowed["outputs"]["bundle"], verify=True).manifest.provenance["other_base"]
+    assert {entry["part"] for entry in recorded} == {"base VAE", "base text encoder", "base text encoder 2"}
+    assert all(entry["allowed"] and entry["run_sha256"] != entry["base_sha256"] for entry in recorded)
+
+
 def test_bundle_samples_on_the_grid_and_scaling_the_lora_was_distilled_with(tiny_layout, data, tmp_path):
     """The bundle's LCMScheduler kept LCM's defaults (50 steps, scaling 10) whatever distill trained with."""
     from diffusers import DDPMScheduler
