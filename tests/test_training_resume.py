@@ -481,6 +481,26 @@ def test_a_checkpoint_write_that_fails_leaves_no_staging_folder_and_a_failed_sum
     assert summary["status"] == "failed" and "checkpoint write failed" in summary["error"]
 
 
+def test_a_rerun_its_checks_refuse_leaves_the_completed_run_exactly_as_it_was(data_file, tmp_path, monkeypatch, capsys):
+    """`--resume --lr 1e-3` over a completed run was refused, and the run's summary became a failed one without its
+    losses, outputs and inputs_sha256: bundle then refused the run. A rerun that starts still records its failure."""
+    out = tmp_path / "run"
+    assert _cli_toy_finetune(monkeypatch, data_file, out) == 0
+    before = (out / "summary.json").read_bytes()
+    assert _cli_toy_finetune(monkeypatch, data_file, out, "--resume", "--lr", "1e-3") == 1
+    assert "lr: 5e-05 -> 0.001" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+    assert _names(out) == ["step-0000002", f"step-{STEPS:07d}"]
+
+    def diverges(model, batch, generator):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setitem(globals(), "_loss", diverges)
+    assert _cli_toy_finetune(monkeypatch, data_file, out) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "the loss is nan" in summary["error"]
+
+
 def test_an_interrupted_run_records_the_step_it_stopped_at(data_file, tmp_path, monkeypatch):
     """Ctrl-C recorded `error: "KeyboardInterrupt: "`."""
     calls, loss_of = [], _loss

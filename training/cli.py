@@ -19,7 +19,8 @@ Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank
 Training stages take --resume [PATH] (no PATH: the newest checkpoint in OUT/checkpoints, if any).
 OUT is made, checked writable and locked (OUT/.lock: one run at a time) before anything loads; an OUT
 holding another stage's run is refused (exit 2). Each stage writes OUT/summary.json (config, versions, losses,
-step times, metrics, outputs): status "running" from its start, "completed" at its end, "failed" (with the
+step times, metrics, outputs): status "running" from its start (a training stage's: once its settings, data and
+resume checks passed; a rerun they refuse leaves OUT as it was), "completed" at its end, "failed" (with the
 error) when it fails.
 Exit codes: 0 done (a gate passed); 1 a failed run or gate; 2 invalid settings (also fp16 or a CUDA device
 this machine cannot run, an OUT that cannot be written or that another run holds).
@@ -154,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
             return 2
     try:
-        if main_process:
+        if main_process and not type(settings).MARKS_ITS_START:
             mark_run(settings.out, args.stage, settings)
         summary = run(settings)
     except BaseException as exc:
-        if main_process:  # a previous run's "completed" summary must not stand for this one
+        if main_process:  # a previous run's "completed" summary must not stand for this one, once it started
             with contextlib.suppress(OSError):  # (the error itself is what to report)
                 mark_run(settings.out, args.stage, settings, error=exc)
         if isinstance(exc, SettingsError):

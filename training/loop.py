@@ -88,6 +88,7 @@ def train(
         elif ema is not None:  # EMA turned on at this resume (listed in resume_changes): it starts here
             ema.shadow_params = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
         accelerator.print(f"[{summary.stage}] resumed from {checkpoint} at step {start}")
+    summary.write()  # the run starts: its checks passed, and from here on it changes out/ (a failure is recorded)
     if accelerator.is_main_process:
         moved = set_aside_other_runs(settings.out, start, checkpoint)
         if moved is not None:
