@@ -985,11 +985,27 @@ def test_training_reads_16_bit_photos_as_the_service_does_and_8_bit_ones_as_befo
 def test_the_discriminator_trains_only_at_the_side_the_service_scores(tiny_layout, data, tmp_path):
     """--resolution 1024 was accepted, and the bundle then served the discriminator on a 512 view it never saw."""
     from engines.jobs import SCORE_SIZE
-    from training.common import TrainingError
-    from training.discriminator import DiscriminatorSettings, train_discriminator
+    from training.discriminator import DiscriminatorSettings
 
     common = _common(tiny_layout.base, tmp_path / "disc", data[1], resolution=2 * SCORE_SIZE)
-    settings = DiscriminatorSettings(**common, steps=1, batch_size=1, holdout_fraction=0)
-    with pytest.raises(TrainingError, match=rf"resolution {2 * SCORE_SIZE}: the discriminator trains at {SCORE_SIZE}"):
-        train_discriminator(settings)
+    with pytest.raises(ValueError, match=rf"resolution {2 * SCORE_SIZE}: the discriminator trains at {SCORE_SIZE}"):
+        DiscriminatorSettings(**common, steps=1, batch_size=1, holdout_fraction=0)
     assert not (tmp_path / "disc").exists(), "refused before anything is written"
+
+
+def test_another_discriminator_resolution_exits_2_before_anything_is_loaded_or_written(data, tmp_path, capsys):
+    """--resolution 256 exited 1 after writing .lock and a failed summary.json over a completed run's: the docs say
+    invalid settings (exit 2), refused before anything is loaded or written (not even the tiny base is generated)."""
+    from training import cli
+
+    out = tmp_path / "disc"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"stage": "discriminator", "status": "completed", "outputs": {}}))
+    before = sorted(p.name for p in out.iterdir()), (out / "summary.json").read_bytes()
+    argv = ["discriminator", "--base", "tiny", "--cache-dir", str(tmp_path / "cache"), "--data", str(data[1]),
+            "--out", str(out), "--resolution", "256", "--steps", "50"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings: resolution: Value error, resolution 256: the discriminator trains at 512" in err
+    assert (sorted(p.name for p in out.iterdir()), (out / "summary.json").read_bytes()) == before
+    assert not (tmp_path / "cache").exists()
