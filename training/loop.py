@@ -14,6 +14,7 @@ from a checkpoint reproduces exactly the losses an uninterrupted run would have 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -166,8 +167,12 @@ def train(
                     keep=settings.keep_checkpoints,
                 )
                 summary.write()
-    except KeyboardInterrupt:  # the summary's error then says where the run stopped
-        raise KeyboardInterrupt(f"interrupted at step {step}") from None
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # the losses since the last checkpoint go in the failed summary
+            summary.write()
+        if isinstance(exc, KeyboardInterrupt):  # the summary's error then says where the run stopped
+            raise KeyboardInterrupt(f"interrupted at step {step}") from None
+        raise
     bar.close()
     model.eval()
     return accelerator.unwrap_model(model)
