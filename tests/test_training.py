@@ -706,6 +706,33 @@ def test_bundle_refuses_an_lcm_lora_distilled_against_another_unet_unless_allowe
     assert recorded["allowed"] and recorded["teacher_sha256"] != recorded["unet_sha256"]
 
 
+def test_bundle_refuses_a_base_other_than_the_one_its_runs_trained_on_unless_allowed(tiny_layout, data, tmp_path):
+    """`bundle --base tiny:1` over runs trained on tiny (seed 0) took the other base's VAE and prompt embeddings
+    beside the trained weights, silently."""
+    from engines.bundle import Bundle
+    from training.assemble import BundleStageSettings, assemble
+    from training.common import TrainingError
+    from training.distill import DistillSettings, distill
+
+    distill(DistillSettings(**_common(tiny_layout.base, tmp_path / "distill", data[0]), steps=1, batch_size=1, lora_rank=4))
+    settings = BundleStageSettings(
+        out=tmp_path / "bundle", base="tiny:1", unet=str(Path(tiny_layout.base) / "unet"),
+        lcm_lora=str(tmp_path / "distill"), dtype="float32", cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    run = str((tmp_path / "distill").resolve())
+    for part in ("base VAE", "base text encoder", "base text encoder 2"):
+        with pytest.raises(TrainingError, match=rf"the distill run {run} trained against a {part} with weights sha256"):
+            assemble(settings)
+    with pytest.raises(TrainingError, match="pass --allow-other-base"):
+        assemble(settings)
+    assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+    allowed = assemble(settings.model_copy(update={"allow_other_base": True}))
+    recorded = Bundle.load(allowed["outputs"]["bundle"], verify=True).manifest.provenance["other_base"]
+    assert {entry["part"] for entry in recorded} == {"base VAE", "base text encoder", "base text encoder 2"}
+    assert all(entry["allowed"] and entry["run_sha256"] != entry["base_sha256"] for entry in recorded)
+
+
 def test_bundle_samples_on_the_grid_and_scaling_the_lora_was_distilled_with(tiny_layout, data, tmp_path):
     """The bundle's LCMScheduler kept LCM's defaults (50 steps, scaling 10) whatever distill trained with."""
     from diffusers import DDPMScheduler
@@ -958,11 +985,27 @@ def test_training_reads_16_bit_photos_as_the_service_does_and_8_bit_ones_as_befo
 def test_the_discriminator_trains_only_at_the_side_the_service_scores(tiny_layout, data, tmp_path):
     """--resolution 1024 was accepted, and the bundle then served the discriminator on a 512 view it never saw."""
     from engines.jobs import SCORE_SIZE
-    from training.common import TrainingError
-    from training.discriminator import DiscriminatorSettings, train_discriminator
+    from training.discriminator import DiscriminatorSettings
 
     common = _common(tiny_layout.base, tmp_path / "disc", data[1], resolution=2 * SCORE_SIZE)
-    settings = DiscriminatorSettings(**common, steps=1, batch_size=1, holdout_fraction=0)
-    with pytest.raises(TrainingError, match=rf"resolution {2 * SCORE_SIZE}: the discriminator trains at {SCORE_SIZE}"):
-        train_discriminator(settings)
+    with pytest.raises(ValueError, match=rf"resolution {2 * SCORE_SIZE}: the discriminator trains at {SCORE_SIZE}"):
+        DiscriminatorSettings(**common, steps=1, batch_size=1, holdout_fraction=0)
     assert not (tmp_path / "disc").exists(), "refused before anything is written"
+
+
+def test_another_discriminator_resolution_exits_2_before_anything_is_loaded_or_written(data, tmp_path, capsys):
+    """--resolution 256 exited 1 after writing .lock and a failed summary.json over a completed run's: the docs say
+    invalid settings (exit 2), refused before anything is loaded or written (not even the tiny base is generated)."""
+    from training import cli
+
+    out = tmp_path / "disc"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"stage": "discriminator", "status": "completed", "outputs": {}}))
+    before = sorted(p.name for p in out.iterdir()), (out / "summary.json").read_bytes()
+    argv = ["discriminator", "--base", "tiny", "--cache-dir", str(tmp_path / "cache"), "--data", str(data[1]),
+            "--out", str(out), "--resolution", "256", "--steps", "50"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings: resolution: Value error, resolution 256: the discriminator trains at 512" in err
+    assert (sorted(p.name for p in out.iterdir()), (out / "summary.json").read_bytes()) == before
+    assert not (tmp_path / "cache").exists()

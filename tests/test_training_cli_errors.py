@@ -78,11 +78,13 @@ def test_a_settings_error_exits_2(tmp_path, monkeypatch, capsys):
 def test_fp16_on_cpu_is_refused_as_invalid_settings(tmp_path, capsys, stage):
     """finetune trained fp32 silently; distill and discriminator crashed with a dtype traceback."""
     _completed_before(tmp_path / "run", stage)
+    before = (tmp_path / "run" / "summary.json").read_bytes()
     argv = [stage, "--base", "tiny", "--data", str(tmp_path / "metadata.json"), "--out", str(tmp_path / "run"),
             "--mixed-precision", "fp16", "--cpu"]  # fmt: skip
     assert cli.main(argv) == 2
     assert "fp16 needs a GPU; on CPU use bf16 or no" in capsys.readouterr().err
-    assert read_summary(tmp_path / "run")["status"] == "failed"
+    # refused before the rerun started: the completed run's record stands, as it still describes the folder
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "annotate"])

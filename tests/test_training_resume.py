@@ -481,8 +481,36 @@ def test_a_checkpoint_write_that_fails_leaves_no_staging_folder_and_a_failed_sum
     assert summary["status"] == "failed" and "checkpoint write failed" in summary["error"]
 
 
-def test_an_interrupted_run_records_the_step_it_stopped_at(data_file, tmp_path, monkeypatch):
-    """Ctrl-C recorded `error: "KeyboardInterrupt: "`."""
+def test_a_rerun_its_checks_refuse_leaves_the_completed_run_exactly_as_it_was(data_file, tmp_path, monkeypatch, capsys):
+    """`--resume --lr 1e-3` over a completed run was refused, and the run's summary became a failed one without its
+    losses, outputs and inputs_sha256: bundle then refused the run. A rerun that starts still records its failure."""
+    out = tmp_path / "run"
+    assert _cli_toy_finetune(monkeypatch, data_file, out) == 0
+    before = (out / "summary.json").read_bytes()
+    assert _cli_toy_finetune(monkeypatch, data_file, out, "--resume", "--lr", "1e-3") == 1
+    assert "lr: 5e-05 -> 0.001" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+    assert _names(out) == ["step-0000002", f"step-{STEPS:07d}"]
+
+    def diverges(model, batch, generator):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setitem(globals(), "_loss", diverges)
+    assert _cli_toy_finetune(monkeypatch, data_file, out) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "the loss is nan" in summary["error"]
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_every", "continues"),
+    [("2", "rerun with --resume to continue from step 2"), ("0", "no checkpoint was written yet: a rerun starts")],
+)
+def test_an_interrupted_run_says_where_in_one_line_and_records_the_steps_done(
+    data_file, tmp_path, monkeypatch, capsys, checkpoint_every, continues
+):
+    """Ctrl-C recorded `error: "KeyboardInterrupt: "`; then it printed a whole traceback, exited with a code the docs
+    did not list, and the summary lost the steps done and their losses since the last checkpoint (all of them with
+    none yet: steps_done and losses null)."""
     calls, loss_of = [], _loss
 
     def interrupted(model, batch, generator):
@@ -493,10 +521,13 @@ def test_an_interrupted_run_records_the_step_it_stopped_at(data_file, tmp_path, 
 
     monkeypatch.setitem(globals(), "_loss", interrupted)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        _cli_toy_finetune(monkeypatch, data_file, out)
+    assert _cli_toy_finetune(monkeypatch, data_file, out, "--checkpoint-every", checkpoint_every) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m training finetune: interrupted at step 3; ") and continues in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "interrupted at step 3"
+    assert summary["steps_done"] == 2 and [entry["step"] for entry in summary["losses"]] == [1, 2]
 
 
 def test_a_batch_larger_than_the_data_set_is_warned_of_on_stderr_and_in_the_summary(data_file, tmp_path, capsys):

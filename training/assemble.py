@@ -15,6 +15,10 @@ sha256 of its teacher UNet against the --unet weights'): `--allow-other-teacher`
 and the bundle's provenance records both hashes. The bundle's LCMScheduler samples on the grid the LoRA
 was distilled on: the run's --num-ddim-timesteps and --timestep-scaling-factor become its
 original_inference_steps and timestep_scaling.
+
+Each run given as its folder trained against the base's VAE and text encoders (its inputs_sha256): the bundle takes
+those from --base, so a --base whose parts are other weights is refused (`--allow-other-base` assembles it anyway,
+and the provenance records the hashes).
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from pydantic import Field, field_validator
 
 from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
 from training.checkpoint import files_sha256, weights_sha256
-from training.common import DEFAULT_CACHE, RunSummary, StageSettings, TrainingError, resolve_base, resolve_part
+from training.common import (
+    DEFAULT_CACHE,
+    RunSummary,
+    StageSettings,
+    TrainingError,
+    frozen_base_parts,
+    resolve_base,
+    resolve_part,
+)
 
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
 
@@ -45,6 +57,9 @@ class BundleStageSettings(StageSettings):
     strength: float = Field(DEFAULT_STRENGTH, gt=0, le=1)
     allow_other_teacher: bool = Field(
         False, description="fuse the LCM LoRA into a UNet other than the teacher its distill run was trained against"
+    )
+    allow_other_base: bool = Field(
+        False, description="assemble with a --base whose VAE or text encoders are not the ones the runs trained against"
     )
     cache_dir: Path = Field(Path(DEFAULT_CACHE), description="where base 'tiny' is generated")
 
@@ -76,6 +91,7 @@ def assemble(settings: BundleStageSettings) -> dict:
     if settings.discriminator:
         disc, training["discriminator"] = resolve_part(settings.discriminator, "discriminator", "discriminator")
 
+    other_base = _check_base(base, training, settings)
     trunk = _discriminator_unet(training.get("discriminator"), base) if disc else None
     if trunk:
         _check_trunk(unet_dir, Path(trunk), settings)
@@ -98,6 +114,7 @@ def assemble(settings: BundleStageSettings) -> dict:
             "training": training,
             "assembled_by": "python -m training bundle",
             **({"other_teacher": other_teacher} if other_teacher else {}),
+            **({"other_base": other_base} if other_base else {}),
         },
     )
     summary.data["outputs"] = {"bundle": str(bundle.path)}
@@ -134,6 +151,42 @@ def _check_teacher(unet: Path, distill_run: dict[str, Any] | None, settings: Bun
             "(the bundle's provenance records it)."
         )
     return {"allowed": True, "teacher_sha256": teacher, "unet_sha256": fused_into}
+
+
+def _check_base(base: Path, runs: dict[str, dict[str, Any] | None], settings: BundleStageSettings) -> list | None:
+    """The bundle encodes images with --base's VAE and bakes its prompt embeddings: a UNet, LoRA or discriminator
+    trained against another base's latents and embeddings sees inputs it never learned, with nothing to show for it.
+    None when every run given as its folder recorded these very parts (a part a run does not record is not compared);
+    else, with allow_other_base, each difference (run, part, both sha256) for the provenance."""
+    base_sha256: dict[str, str] = {}
+    differences = []
+    for run in filter(None, runs.values()):
+        recorded = run.get("inputs_sha256") or {}
+        for part, folder in frozen_base_parts(base).items():
+            if part not in recorded:
+                continue
+            if part not in base_sha256:
+                base_sha256[part] = weights_sha256(folder, settings.cache_dir)
+            if recorded[part] != base_sha256[part]:
+                differences.append(
+                    {"run": run["run"], "stage": run["stage"], "part": part, "run_sha256": recorded[part],
+                     "base_sha256": base_sha256[part]}
+                )  # fmt: skip
+    if not differences:
+        return None
+    if not settings.allow_other_base:
+        listed = "; ".join(
+            f"the {d['stage']} run {d['run']} trained against a {d['part']} with weights sha256 "
+            f"{d['run_sha256'][:16]}, not --base's ({d['base_sha256'][:16]})"
+            for d in differences
+        )
+        raise TrainingError(
+            f"--base {settings.base} is not the base the runs trained on: {listed}. The bundle takes the VAE and the "
+            "prompt embeddings from --base, so the runs' weights would see latents and embeddings "
+            "they never learned. Give the --base the runs trained on, or pass --allow-other-base to assemble it anyway "
+            "(the bundle's provenance records it)."
+        )
+    return [{"allowed": True, **d} for d in differences]
 
 
 def _check_trunk(unet: Path, trunk: Path, settings: BundleStageSettings) -> None:

@@ -19,10 +19,12 @@ Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank
 Training stages take --resume [PATH] (no PATH: the newest checkpoint in OUT/checkpoints, if any).
 OUT is made, checked writable and locked (OUT/.lock: one run at a time) before anything loads; an OUT
 holding another stage's run is refused (exit 2). Each stage writes OUT/summary.json (config, versions, losses,
-step times, metrics, outputs): status "running" from its start, "completed" at its end, "failed" (with the
+step times, metrics, outputs): status "running" from its start (a training stage's: once its settings, data and
+resume checks passed; a rerun they refuse leaves OUT as it was), "completed" at its end, "failed" (with the
 error) when it fails.
 Exit codes: 0 done (a gate passed); 1 a failed run or gate; 2 invalid settings (also fp16 or a CUDA device
-this machine cannot run, an OUT that cannot be written or that another run holds).
+this machine cannot run, an OUT that cannot be written or that another run holds); 130 stopped by Ctrl-C (SIGINT:
+one line says at which step and what --resume continues from; the summary keeps the steps done and their losses).
 """
 
 from __future__ import annotations
@@ -129,6 +131,25 @@ def _is_input_error(exc: BaseException) -> bool:
     return any(isinstance(exc, getattr(sys.modules[m], name)) for m, name in INPUT_ERRORS.items() if m in sys.modules)
 
 
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 + 2)
+
+
+def interrupted(settings: BaseModel, exc: KeyboardInterrupt) -> str:
+    """The one line a Ctrl-C prints: where the stage stopped and, for a training stage, what --resume continues
+    from (the newest checkpoint, not the step it stopped at)."""
+    from training.checkpoint import PREFIX, checkpoints
+    from training.common import TrainSettings, describe_error
+
+    line = describe_error(exc)
+    if not isinstance(settings, TrainSettings):
+        return line
+    found = checkpoints(Path(settings.out) / "checkpoints")
+    if not found:
+        return f"{line}; no checkpoint was written yet: a rerun starts from step 0"
+    step = int(found[-1].name[len(PREFIX) :])
+    return f"{line}; rerun with --resume to continue from step {step} ({found[-1]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.common import SUMMARY, SettingsError, TrainingError, claim_out, mark_run
     from training.data import DatasetError
@@ -154,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
             return 2
     try:
-        if main_process:
+        if main_process and not type(settings).MARKS_ITS_START:
             mark_run(settings.out, args.stage, settings)
         summary = run(settings)
     except BaseException as exc:
-        if main_process:  # a previous run's "completed" summary must not stand for this one
+        if main_process:  # a previous run's "completed" summary must not stand for this one, once it started
             with contextlib.suppress(OSError):  # (the error itself is what to report)
                 mark_run(settings.out, args.stage, settings, error=exc)
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"python -m training {args.stage}: {interrupted(settings, exc)}", file=sys.stderr)
+            return INTERRUPTED
         if isinstance(exc, SettingsError):
             print(f"python -m training {args.stage}: invalid settings: {exc}", file=sys.stderr)
             return 2

@@ -47,10 +47,15 @@ class StageSettings(BaseModel):
 
     OUT_MODE: ClassVar[int] = 0o777
     """The mode `claim_out` makes a missing out/ with (less the umask)."""
+    MARKS_ITS_START: ClassVar[bool] = False
+    """The stage writes its own status-running summary once its checks passed (training.loop.train); otherwise the
+    CLI marks the run at its start (mark_run)."""
 
 
 class TrainSettings(StageSettings):
     """Settings of the three training stages (finetune, discriminator, distill)."""
+
+    MARKS_ITS_START: ClassVar[bool] = True  # a rerun refused by its checks leaves a finished run's record as it was
 
     base: str = Field(
         description="SDXL-inpainting pipeline folder (vae/, unet/, scheduler/, text encoders), "
@@ -297,8 +302,10 @@ def claim_out(out: str | Path, stage: str, mode: int = 0o777):
 def mark_run(out: str | Path, stage: str, settings: StageSettings, error: BaseException | None = None) -> None:
     """out/summary.json of a stage that starts (status running: config, started_at) or failed (status failed,
     with the error, over what the stage wrote). A previous run's "completed" summary never outlives a rerun
-    that failed: bundle, compare and resolve_part take only completed runs. A folder that is not there is not
-    made (`claim_out` makes it, with the stage's mode)."""
+    that failed once it started (marked running): bundle, compare and resolve_part take only completed runs. A rerun
+    refused before it started wrote nothing, so a previous run's summary stays as it is (it still describes the
+    folder); with none there, the failure is recorded. A folder that is not there is not made (`claim_out` makes
+    it, with the stage's mode)."""
     path = Path(out) / SUMMARY
     if not path.parent.is_dir():
         return
@@ -307,11 +314,12 @@ def mark_run(out: str | Path, stage: str, settings: StageSettings, error: BaseEx
                 "started_at": _now()}  # fmt: skip
     else:
         try:
-            data = read_summary(out) or {}
-        except ValueError:  # a summary.json cut short
-            data = {}
-        if data.get("status") != "running" or data.get("stage") != stage:  # not this run's: failed before it
-            data = {"stage": stage, "config": json.loads(settings.model_dump_json())}
+            data = read_summary(out)
+        except ValueError:  # a summary.json cut short: no record to keep
+            data = None
+        if data is not None and (data.get("status") != "running" or data.get("stage") != stage):
+            return  # not this run's: it was refused before it started
+        data = data or {"stage": stage, "config": json.loads(settings.model_dump_json())}
         data.update(status="failed", error=describe_error(error), finished_at=_now())
     _write_summary(path, data)
 

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engines.bundle import readable_as_any_file
 from engines.jobs import SCORE_SIZE
@@ -73,6 +73,18 @@ class DiscriminatorSettings(TrainSettings):
     RESUME_MAY_CHANGE = TrainSettings.RESUME_MAY_CHANGE | {"eval_batch_size"}
     # a checkpoint from before the windows was trained on each image's centre square, not the service's cut
     BEFORE_RECORDED: ClassVar[dict[str, Any]] = {"dilate": "(none: the centre square, before the service's windows)"}
+
+    @field_validator("resolution")
+    @classmethod
+    def _the_side_the_service_scores(cls, value: int) -> int:
+        """A setting, refused with the others (exit 2) before anything is loaded or written."""
+        if value != SCORE_SIZE:
+            raise ValueError(
+                f"resolution {value}: the discriminator trains at {SCORE_SIZE} only, the side of the view the service "
+                f"scores every crop on (engines.jobs.SCORE_SIZE); trained at another side it would be served on a "
+                "view it never saw"
+            )
+        return value
 
 
 def split_by_source(records: Sequence[Triplet], fraction: float, seed: int) -> tuple[list[Triplet], list[Triplet]]:
@@ -135,12 +147,6 @@ def train_discriminator(settings: DiscriminatorSettings) -> dict:
 
     from engines.scorer import HEAD_FILENAME, Discriminator
 
-    if settings.resolution != SCORE_SIZE:
-        raise TrainingError(
-            f"resolution {settings.resolution}: the discriminator trains at {SCORE_SIZE} only, the side of the view "
-            f"the service scores every crop on (engines.jobs.SCORE_SIZE); trained at another side it would be "
-            f"served on a view it never saw"
-        )
     accelerator = make_accelerator(settings)
     summary = RunSummary("discriminator", settings, accelerator)
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[settings.mixed_precision]

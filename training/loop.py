@@ -14,6 +14,7 @@ from a checkpoint reproduces exactly the losses an uninterrupted run would have 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -88,6 +89,7 @@ def train(
         elif ema is not None:  # EMA turned on at this resume (listed in resume_changes): it starts here
             ema.shadow_params = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
         accelerator.print(f"[{summary.stage}] resumed from {checkpoint} at step {start}")
+    summary.write()  # the run starts: its checks passed, and from here on it changes out/ (a failure is recorded)
     if accelerator.is_main_process:
         moved = set_aside_other_runs(settings.out, start, checkpoint)
         if moved is not None:
@@ -165,8 +167,12 @@ def train(
                     keep=settings.keep_checkpoints,
                 )
                 summary.write()
-    except KeyboardInterrupt:  # the summary's error then says where the run stopped
-        raise KeyboardInterrupt(f"interrupted at step {step}") from None
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # the losses since the last checkpoint go in the failed summary
+            summary.write()
+        if isinstance(exc, KeyboardInterrupt):  # the summary's error then says where the run stopped
+            raise KeyboardInterrupt(f"interrupted at step {step}") from None
+        raise
     bar.close()
     model.eval()
     return accelerator.unwrap_model(model)
