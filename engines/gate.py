@@ -16,6 +16,9 @@ KeptVerdict = Literal["passed", "failed", "off", "unscored"]
 unscored (the scorer failed and the policy fails open)."""
 GateVerdict = Literal[KeptVerdict, "rejected"]
 """A gate outcome's verdict: a kept one, or rejected (reject: no attempt passed; answered as a problem)."""
+OutcomeLabel = Literal[GateVerdict, "scorer-unavailable"]
+"""The `verdict` label of ray_rorem_gate_outcomes_total: a gate outcome's, or scorer-unavailable (the scorer failed
+and the policy fails closed: no outcome, a 503)."""
 ReplyVerdict = Literal[KeptVerdict, "nothing-to-remove"]
 """What a removal's reply says in X-Gate / the gRPC reply's `gate`: a kept verdict, or nothing-to-remove (an empty
 mask: the image came back as sent, nothing scored)."""
@@ -117,6 +120,13 @@ class GateOutcome(Generic[Result]):
     @property
     def accepted(self) -> bool:
         return self.verdict != "rejected"
+
+    @property
+    def kept_verdict(self) -> KeptVerdict:
+        """What the reply of a kept result says (X-Gate); a rejected outcome is answered as a problem instead."""
+        if self.verdict == "rejected":
+            raise ValueError("a rejected outcome keeps no result")
+        return self.verdict
 
 
 async def run_gated(

@@ -291,8 +291,9 @@ class HeaderGuard:
 
 def _ambiguous_head(scope) -> str:
     """Why the request's headers say two things, or leave out the host an HTTP/1.1 request must name (RFC 9112
-    3.2: a server must answer 400); "" if they do not. Otherwise the first line decides, in the app's host check
-    and body parser alike, where another server in the path may have read the other."""
+    3.2: a server must answer 400), or frame an HTTP/1.0 body with a Transfer-Encoding (RFC 9112 6.1); "" if they do
+    not. Otherwise the first line decides, in the app's host check and body parser alike, where another server in
+    the path may have read the other."""
     names = [name.lower() for name, _ in scope["headers"]]
     for repeated in (b"host", b"content-type"):
         if names.count(repeated) > 1:

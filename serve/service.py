@@ -24,7 +24,9 @@ from ray.serve.handle import DeploymentHandle
 
 from engines import imaging
 from engines.errors import InputError
-from engines.gate import MAX_SAFE_SEED, NOTHING_TO_REMOVE, GatePolicy, ReplyVerdict, ScorerUnavailable, max_crops
+from engines.gate import (
+    MAX_SAFE_SEED, NOTHING_TO_REMOVE, GatePolicy, OutcomeLabel, ReplyVerdict, ScorerUnavailable, max_crops,
+)
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, Models, Prepared, RemovalPipeline, Timings, outage_detail
 from serve.admission import Place, work_units
@@ -275,7 +277,8 @@ class RemovalService:
                 prepared, seed, policy, timings, deadline=gate_deadline, transient=is_transient
             )
         except ScorerUnavailable as exc:
-            self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": "scorer-unavailable"})
+            unscored: OutcomeLabel = "scorer-unavailable"
+            self.metrics.gate_outcomes.inc(tags={"mode": policy.mode, "verdict": unscored})
             raise Problem(
                 "scorer-unavailable", f"the quality gate ({policy.mode}) could not score the result: {exc}",
                 headers=self._retry_after,
@@ -302,7 +305,7 @@ class RemovalService:
         timings.lap("encode")
         return RemovalResult(
             body, fmt, gated.seed, prepared.buckets, gated.result.batch_size, gated.score, gated.attempts,
-            gated.verdict, timings,
+            gated.kept_verdict, timings,
         )  # fmt: skip
 
     async def score(self, upload: ScoreRequest, admitted: Place | None = None) -> ScoreResult:

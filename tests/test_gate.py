@@ -201,7 +201,6 @@ def test_fail_closed_a_first_scoring_past_the_gates_deadline_is_not_blamed_on_th
     assert (outcome.verdict, outcome.score, outcome.attempts) == ("passed", 0.9, 1)
 
 
-
 def _named_verdicts(path: str) -> list[str]:
     """The verdict words a file names for X-Gate / the gRPC reply's `gate` (the playground: its GATE_WORDS keys)."""
     text = " ".join((REPO / path).read_text().split())
@@ -223,3 +222,17 @@ def test_the_proto_the_docs_and_the_playground_name_exactly_the_reply_verdicts(p
     """X-Gate / the gRPC reply's `gate` is one of engines.gate.REPLY_VERDICTS: the proto's comment, the README, the
     API reference and the playground's words for each verdict name those, no fewer and no others."""
     assert _named_verdicts(path) == sorted(REPLY_VERDICTS)
+
+
+def test_the_gate_outcome_metrics_labels_are_documented():
+    """ray_rorem_gate_outcomes_total's verdict label: a gate outcome's words and scorer-unavailable (one Literal)."""
+    from typing import get_args
+
+    from engines.gate import OutcomeLabel
+
+    def words(literal) -> list[str]:
+        return [w for arg in get_args(literal) for w in (words(arg) if get_args(arg) else [arg])]
+
+    metric = "| `ray_rorem_gate_outcomes_total` | counter | `mode`, `verdict` ("
+    row = (REPO / "docs" / "api.md").read_text().split(metric)[1]
+    assert row.split(")", 1)[0].split(", ") == words(OutcomeLabel)

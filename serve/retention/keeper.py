@@ -53,7 +53,8 @@ SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is
 MAX_QUEUE = 200  # the most results GET /annotation/queue answers at once
 REASON_MAX_LENGTH = 1000  # characters of a verdict's reason
 LABELLER_MAX_LENGTH = 200  # characters of a verdict's labeller
-PAGE_MAX_AUTO_RETRY_S = 300  # the longest Retry-After the annotation page waits out by itself; a later one waits
+# the longest Retry-After the annotation page waits out by itself; a longer one waits for the labeller's button
+PAGE_MAX_AUTO_RETRY_S = 300
 # The annotation page reads these limits from its body's attributes, which the file leaves empty.
 ANNOTATION_PAGE_LIMITS = {
     "data-max-queue": MAX_QUEUE,
