@@ -135,6 +135,36 @@ def test_evaluate_writes_every_artifact_through_the_service_path(baseline, tiny_
     assert time["images_per_second"] > 0 and time["wall_seconds"] > sum(float(r["seconds"]) for r in rows)
 
 
+def test_a_rerun_into_the_same_out_holds_only_its_own_results(baseline, tiny_bundle, triplets, work, capsys):
+    """A rerun with --limit 2 left the first run's outputs/00002-00003.png beside its 2 rows, and a compare rerun
+    with --sheet-rows 0 the previous contact sheet beside its `contact_sheet: null`."""
+    import shutil
+
+    from training.cli import main
+    from training.evaluate import OUTPUT_NAME, entry_id
+
+    assert OUTPUT_NAME.fullmatch(f"{entry_id(0)}.png") and OUTPUT_NAME.fullmatch(f"{entry_id(123456)}.png")
+    rerun = work / "rerun"
+    shutil.copytree(work / "baseline", rerun)
+    (rerun / "notes.txt").write_text("mine")
+    (rerun / "outputs" / "keep.png").write_bytes(b"not evaluate's")
+    args = ["evaluate", "--bundle", str(tiny_bundle.path), "--data", str(triplets), "--out", str(rerun)]
+    imaging = ["--buckets", "128", "--crop-margin", "16", "--dilate", "4"]
+    assert main([*args, *imaging, "--limit", "2"]) == 0
+    assert [row["id"] for row in _rows(rerun)] == ["00000", "00001"]
+    assert sorted(p.name for p in (rerun / "outputs").iterdir()) == ["00000.png", "00001.png", "keep.png"]
+    assert (rerun / "notes.txt").read_text() == "mine"
+
+    out = work / "compare-rerun"
+    args = ["compare", "--a", str(work / "baseline"), "--b", str(work / "baseline"), "--out", str(out)]
+    assert main(args) == 0 and (out / "contact_sheet.png").is_file()
+    assert main([*args, "--sheet-rows", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"]["contact_sheet"] is None and not (out / "contact_sheet.png").exists()
+    assert (out / "paired.csv").is_file()
+    capsys.readouterr()
+
+
 def test_unavailable_measures_are_reported_as_skipped_never_faked(baseline, tiny_bundle, triplets, work):
     import importlib.util
 

@@ -167,6 +167,9 @@ def paired_delta(pairs: list[tuple[float, float]], confidence: float, higher_is_
 
 def compare(settings: CompareSettings) -> dict:
     summary = RunSummary("compare", settings)
+    out = Path(settings.out)
+    for name in (PAIRED_CSV, CONTACT_SHEET):  # a previous run's: this run may write no contact sheet
+        (out / name).unlink(missing_ok=True)
     thresholds = load_thresholds(settings.thresholds) if settings.thresholds else None
     a, b = load_run(settings.a), load_run(settings.b)
     threshold = a.summary["metrics"]["threshold"]
@@ -192,7 +195,6 @@ def compare(settings: CompareSettings) -> dict:
     if flips:
         flips["share"] = flips["flipped"] / flips["of"]
 
-    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_paired(out / PAIRED_CSV, pairs, disagreements)
     worst = sorted(disagreements, key=lambda d: d.rank_key, reverse=True)[: settings.sheet_rows]

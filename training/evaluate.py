@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 PER_IMAGE_CSV = "per_image.csv"
 OUTPUTS_DIR = "outputs"
+OUTPUT_NAME = re.compile(r"\d{5,}\.png")  # outputs/NNNNN.png: an entry's id (its index, 5 digits or more)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
     summary = RunSummary("evaluate", settings)
+    clear_previous_results(Path(settings.out))
     device = training_device(settings.device)
     summary.data["device"] = str(device)
     from engines.bundle import sha256_of
@@ -208,6 +211,22 @@ def evaluate(settings: EvaluateSettings) -> dict:
     return summary.data
 
 
+def entry_id(index: int) -> str:
+    return f"{index:05d}"
+
+
+def clear_previous_results(out: Path) -> None:
+    """A rerun into the same --out holds only its own results: a previous run's per_image.csv and
+    outputs/NNNNN.png would sit beside fewer new ones (--limit) or another bundle's. Only what evaluate writes
+    is removed; other files in the folder stay."""
+    (out / PER_IMAGE_CSV).unlink(missing_ok=True)
+    outputs = out / OUTPUTS_DIR
+    if outputs.is_dir():
+        for path in outputs.iterdir():
+            if OUTPUT_NAME.fullmatch(path.name) and path.is_file():
+                path.unlink()
+
+
 class _Engines:
     """The engines, and the service's pipeline over them (in this process, one crop at a time)."""
 
@@ -229,7 +248,7 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
     from engines.errors import InputError
     from engines.gate import GatePolicy, max_crops
 
-    row = {"id": f"{index:05d}", "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
+    row = {"id": entry_id(index), "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
     read = {kind: path.read_bytes() for kind in IMAGE_KINDS if (path := getattr(record, kind)) is not None}
     row.update({f"{kind}_sha256": hashlib.sha256(data).hexdigest() for kind, data in read.items()})
     pipeline, models = engines.pipeline, engines.models
