@@ -198,6 +198,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         "bundle": bundle.summary(),
         "runner": settings.runner,
         "runner_path": str(settings.runner_path) if settings.runner_path else None,
+        "unet_file": exported_unet_file(bundle, settings.runner, engines.remover.dtype, settings.runner_path),
         "dtype": str(engines.remover.dtype).removeprefix("torch."),
         "device": str(device),
         "cuda_graphs": remover.cuda_graphs,
@@ -302,6 +303,24 @@ def _start_remover(settings: EvaluateSettings, bundle, device: torch.device):
         )
     except ValueError as exc:  # a runner, dtype and device that do not go together, or an export that cannot serve
         raise TrainingError(f"cannot build the {settings.runner} engine: {exc}") from exc
+
+
+def exported_unet_file(bundle, runner: str, dtype: torch.dtype, runner_path: Path | None) -> dict | None:
+    """The exported UNet an onnx or tensorrt engine ran (None: the torch runner, the bundle's own weights) and
+    whether it is the bundle's recorded export for that runner and precision (told by its path, from the
+    manifest: a --runner-path is served unchecked, so a graph exported from another bundle's UNet runs too, and
+    `compare` must say which file each run ran)."""
+    from engines.errors import BundleError
+    from engines.runners import recorded_export
+
+    if runner == "torch":
+        return None
+    try:
+        recorded = recorded_export(bundle, runner, dtype)[1].path.resolve()
+    except (BundleError, ValueError):  # no export of this kind recorded, or not one for this precision
+        recorded = None
+    path = Path(runner_path).resolve() if runner_path else recorded
+    return {"path": str(path), "bundle_export": path == recorded}
 
 
 def _open_scorer(bundle, device: torch.device):
