@@ -537,6 +537,26 @@ def test_compare_names_the_unet_file_each_run_ran_and_says_when_they_differ(base
     assert "UNet: /x/OTHER.onnx (not recorded whether it is the bundle export)" in printed
 
 
+def test_compare_says_a_missing_run_does_not_exist_and_never_rounds_a_difference_to_zero(baseline, work, capsys):
+    """`--a /nonexistent` was "not an evaluate run (no summary.json ...)"; outputs one pixel apart were reported as
+    "mean |B - A| 0.000 (0-255), identical in 0 of 4"."""
+    from training.cli import main
+
+    missing = work / "no-such-run"
+    assert main(["compare", "--a", str(missing), "--b", str(work / "baseline"), "--out", str(work / "cmp-x")]) == 1
+    assert f"compare: {missing} does not exist" in capsys.readouterr().err
+
+    nudged = _altered_copy(work / "baseline", work / "one-pixel-apart")
+    for row in _rows(nudged):
+        image = np.asarray(Image.open(nudged / row["output"]).convert("RGB")).copy()
+        image[0, 0, 0] ^= 1
+        Image.fromarray(image).save(nudged / row["output"])
+    out = work / "cmp-one-pixel"
+    assert main(["compare", "--a", str(work / "baseline"), "--b", str(nudged), "--out", str(out)]) == 0
+    assert "outputs: mean |B - A| < 0.0005 (0-255), identical in 0 of 4" in capsys.readouterr().out
+    assert 0 < json.loads((out / "summary.json").read_text())["metrics"]["output_mean_abs_diff"] < 0.0005
+
+
 def test_a_baseline_spoiled_with_degrade_never_gates(baseline, degraded, work, capsys):
     """It made any candidate look better and passed it."""
     from training.cli import main

@@ -496,6 +496,8 @@ def load_run(folder: str | Path) -> EvaluationRun:
     from training.common import read_summary
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
     summary = read_summary(folder)
     if summary is None or summary.get("stage") != "evaluate":
         raise TrainingError(f"{folder} is not an evaluate run (no summary.json of stage evaluate)")
