@@ -557,6 +557,19 @@ def test_compare_says_a_missing_run_does_not_exist_and_never_rounds_a_difference
     assert 0 < json.loads((out / "summary.json").read_text())["metrics"]["output_mean_abs_diff"] < 0.0005
 
 
+def test_bundle_help_says_what_its_out_and_base_take(capsys):
+    """bundle --help said its --out held "results, checkpoints/, summary.json" (it writes no checkpoints and
+    replaces the folder whole) and its --base only 'tiny', not 'tiny:SEED'."""
+    from training.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bundle", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    out_help = printed.split("--out OUT ", 1)[1].split(" --seed SEED", 1)[0]
+    assert "checkpoints" not in out_help and "replaced whole" in out_help
+    assert "'tiny:SEED'" in printed.split("--base BASE ", 1)[1].split(" --unet UNET", 1)[0]
+
+
 def test_a_baseline_spoiled_with_degrade_never_gates(baseline, degraded, work, capsys):
     """It made any candidate look better and passed it."""
     from training.cli import main
