@@ -435,7 +435,7 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
 
     from engines.bundle import sha256_of
     from engines.runners import export_filename, export_key, plan_sidecar
-    from export.manifest import check_inside_bundle, check_output_paths, check_plan_source, record_plan
+    from export.manifest import check_inside_bundle, check_output_paths, check_plan_source, check_writable, record_plan
     from export.staging import staging_folder
     from export.tensorrt_build import build_plan, onnx_static_dims, profiles_from_serve_config
 
@@ -460,7 +460,9 @@ def _build_and_record(args, bundle, onnx_path: Path, dtype: str, progress: Progr
     if bundle is not None:
         key = export_key("tensorrt", dtype, cc)
         check_output_paths(bundle.path, key, [plan_path, plan_sidecar(plan_path), cache])  # before the build
-    if bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve()):
+    recorded = bundle is not None and plan_path.resolve().is_relative_to(bundle.path.resolve())
+    check_writable([plan_path, cache], record_in=bundle.path if recorded else None)  # before building too
+    if recorded:
         check_plan_source(bundle, sha256_of(onnx_path), dtype, list(shape))  # before minutes of building, not after
         with staging_folder(plan_path.parent) as staging:
             info = build_plan(onnx_path, staging / plan_path.name, profiles, progress=progress, **options)

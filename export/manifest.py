@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
@@ -87,6 +88,25 @@ def check_output_paths(
         owner = owners.get(name, key)  # a listed export no record owns (its record lost) is this one's to replace
         if owner != key:
             raise ValueError(f"{path} is a file of the bundle's {owner} export: not overwritten by the {key} export")
+
+
+def check_writable(paths: Sequence[Path], record_in: Path | None = None) -> None:
+    """Refuse, before minutes of exporting, checking or building, files that cannot be written where they go (a
+    read-only mount, another user's folder, one made immutable with chattr +i, which stops root too), and with
+    `record_in` (a bundle folder) its manifest: the OSError names the file, as the write at the end would have.
+    The folders are made where missing, as the export makes them."""
+    for path in [*map(Path, paths), *([_manifest_partial(record_in)] if record_in else [])]:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def _manifest_partial(bundle_path: Path) -> Path:
+    """Where the manifest is written before it is renamed over the current one."""
+    return bundle_path / (MANIFEST + ".partial")
 
 
 def check_keeps_sides(bundle_path: Path, key: str, replaced: Any, record: dict[str, Any]) -> None:
@@ -184,7 +204,7 @@ def record_export(
             files_table[name] = FileEntry(sha256=sha256, bytes=content.stat().st_size)
         exports[key] = {**record, "files": relative, "unet_sha256": unet_sha256}
         updated = manifest.model_copy(update={"files": files_table, "provenance": provenance})
-        tmp = path / (MANIFEST + ".partial")
+        tmp = _manifest_partial(path)
         tmp.write_text(Manifest.model_validate(updated.model_dump()).model_dump_json(indent=2))
         sync_file(tmp)
         if staged:
@@ -303,6 +323,8 @@ def _export_and_record_onnx(
     check_output_paths(bundle.path, export_key("onnx", dtype), [out_path, out_path.with_name(out_path.name + ".data")])
     if verify and not export_options.get("dynamic", True):
         static_cases(out_path, EXAMPLE_SHAPE, buckets)  # before minutes of exporting, not after
+    recorded = out_path.resolve().is_relative_to(bundle.path.resolve())
+    check_writable([out_path], record_in=bundle.path if recorded else None)  # before them too
     with staging_folder(out_path.parent) as staging:
         staged = export_unet_onnx(bundle, staging / out_path.name, dtype=dtype, progress=progress, **export_options)
         record: dict[str, Any] = {"kind": "onnx", "dtype": dtype, "metadata": read_onnx_metadata(staged)}
@@ -317,7 +339,7 @@ def _export_and_record_onnx(
         else:
             record["verify"] = {"passed": False, "skipped": True}
         final_files = [out_path.parent / file.name for file in onnx_files(staged)]
-        if out_path.resolve().is_relative_to(bundle.path.resolve()):
+        if recorded:
             record["path"] = out_path.resolve().relative_to(bundle.path.resolve()).as_posix()
             made_from = record["metadata"].get("unet_sha256")
             record_export(bundle, export_key("onnx", dtype), final_files, record, made_from=made_from, staged=staging)

@@ -103,6 +103,7 @@ def test_evaluate_writes_every_artifact_through_the_service_path(baseline, tiny_
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["stage"] == "evaluate" and summary["status"] == "completed"
     assert summary["engine"]["runner"] == "torch" and summary["engine"]["steps"] == 4
+    assert summary["engine"]["unet_file"] is None  # the bundle's own weights, no exported file
     rows = _rows(folder)
     records = load_metadata(triplets)
     assert [row["id"] for row in rows] == ["00000", "00001", "00002", "00003"]
@@ -133,6 +134,64 @@ def test_evaluate_writes_every_artifact_through_the_service_path(baseline, tiny_
     assert -1 <= metrics["clip"]["mean"] <= 1 and -1 <= metrics["dino"]["mean"] <= 1
     time = metrics["time"]
     assert time["images_per_second"] > 0 and time["wall_seconds"] > sum(float(r["seconds"]) for r in rows)
+
+
+def test_a_rerun_into_the_same_out_holds_only_its_own_results(baseline, tiny_bundle, triplets, work, capsys):
+    """A rerun with --limit 2 left the first run's outputs/00002-00003.png beside its 2 rows, and a compare rerun
+    with --sheet-rows 0 the previous contact sheet beside its `contact_sheet: null`."""
+    import shutil
+
+    from training.cli import main
+    from training.evaluate import OUTPUT_NAME, entry_id
+
+    assert OUTPUT_NAME.fullmatch(f"{entry_id(0)}.png") and OUTPUT_NAME.fullmatch(f"{entry_id(123456)}.png")
+    rerun = work / "rerun"
+    shutil.copytree(work / "baseline", rerun)
+    (rerun / "notes.txt").write_text("mine")
+    (rerun / "outputs" / "keep.png").write_bytes(b"not evaluate's")
+    args = ["evaluate", "--bundle", str(tiny_bundle.path), "--data", str(triplets), "--out", str(rerun)]
+    imaging = ["--buckets", "128", "--crop-margin", "16", "--dilate", "4"]
+    assert main([*args, *imaging, "--limit", "2"]) == 0
+    assert [row["id"] for row in _rows(rerun)] == ["00000", "00001"]
+    assert sorted(p.name for p in (rerun / "outputs").iterdir()) == ["00000.png", "00001.png", "keep.png"]
+    assert (rerun / "notes.txt").read_text() == "mine"
+
+    out = work / "compare-rerun"
+    args = ["compare", "--a", str(work / "baseline"), "--b", str(work / "baseline"), "--out", str(out)]
+    assert main(args) == 0 and (out / "contact_sheet.png").is_file()
+    assert main([*args, "--sheet-rows", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"]["contact_sheet"] is None and not (out / "contact_sheet.png").exists()
+    assert (out / "paired.csv").is_file()
+    capsys.readouterr()
+
+
+def test_evaluate_records_whether_the_exported_unet_it_ran_is_the_bundles(tiny_bundle, tmp_path):
+    """`--runner onnx --runner-path OTHER.onnx` (a graph exported from another bundle's UNet) ran unchecked, and
+    summary.json said only the path given."""
+    import shutil
+
+    import torch
+
+    from engines.bundle import UNET_WEIGHTS, Bundle
+    from engines.runners import export_filename
+    from export.manifest import record_export
+    from training.evaluate import exported_unet_file
+
+    shutil.copytree(tiny_bundle.path, tmp_path / "bundle")
+    graph = tmp_path / "bundle" / export_filename("onnx", "float32")
+    graph.parent.mkdir()
+    graph.write_bytes(b"a graph")
+    made_from = tiny_bundle.manifest.files[UNET_WEIGHTS].sha256
+    record = {"kind": "onnx", "dtype": "float32", "path": graph.relative_to(tmp_path / "bundle").as_posix()}
+    bundle = record_export(tmp_path / "bundle", "onnx.float32", [graph], record, made_from=made_from)
+    assert isinstance(bundle, Bundle)
+    other = tmp_path / "OTHER.onnx"
+    ran = {given: exported_unet_file(bundle, "onnx", torch.float32, given) for given in (None, graph, other)}
+    assert ran[None] == ran[graph] == {"path": str(graph.resolve()), "bundle_export": True}
+    assert ran[other] == {"path": str(other.resolve()), "bundle_export": False}
+    assert exported_unet_file(tiny_bundle, "onnx", torch.float32, other)["bundle_export"] is False  # none recorded
+    assert exported_unet_file(bundle, "torch", torch.float32, None) is None  # the bundle's own weights
 
 
 def test_unavailable_measures_are_reported_as_skipped_never_faked(baseline, tiny_bundle, triplets, work):
@@ -434,6 +493,81 @@ def test_the_same_limit_on_both_sides_is_a_subset_not_a_pass(baseline, work, cap
     assert main([*args, "--out", str(work / "cmp-same-limit")]) == 1
     assert "both runs evaluated only the first 2 entries of the test set (--limit)" in capsys.readouterr().err
     assert main([*args, "--out", str(work / "cmp-same-limit-partial"), "--allow-partial"]) == 0
+
+
+def test_compare_names_the_unet_file_each_run_ran_and_says_when_they_differ(baseline, work, capsys):
+    """A run of another bundle's graph (--runner-path) was labelled only "onnx float32 on cpu, 4 steps"."""
+    from training.cli import main
+
+    def exported(name: str, **engine) -> Path:
+        """The baseline as an onnx run; without unet_file: a run from before evaluate recorded it."""
+        run = _altered_copy(work / "baseline", work / name)
+        summary = json.loads((run / "summary.json").read_text())
+        summary["engine"].update(runner="onnx", **engine)
+        if "unet_file" not in engine:
+            del summary["engine"]["unet_file"]
+        (run / "summary.json").write_text(json.dumps(summary))
+        return run
+
+    own = exported("unet-own", unet_file={"path": "/b/exports/unet.fp32.onnx", "bundle_export": True})
+    elsewhere = {"path": "/x/OTHER.onnx", "bundle_export": False}
+    other = exported("unet-other", unet_file=elsewhere, runner_path="/x/OTHER.onnx")
+    older = exported("unet-older", runner_path="/x/OTHER.onnx")
+
+    def report(a: Path, b: Path, out: str) -> tuple[str, dict]:
+        args = ["compare", "--thresholds", str(THRESHOLDS), "--a", str(a), "--b", str(b), "--out", str(work / out)]
+        assert main(args) == 0, "reported, not gated"
+        return capsys.readouterr().out, json.loads((work / out / "summary.json").read_text())
+
+    printed, summary = report(work / "baseline", other, "cmp-unet-other")
+    assert "; UNet: the bundle's UNet weights)" in printed
+    assert "; UNet: /x/OTHER.onnx (not the bundle's recorded export))" in printed
+    assert summary["b"]["runner_path"] == "/x/OTHER.onnx"
+    assert summary["metrics"]["differences"]["engine"] == [
+        "the UNets differ: A ran the bundle's UNet weights, B /x/OTHER.onnx (not the bundle's recorded export)"
+    ]
+    assert "  the UNets differ: A ran the bundle's UNet weights, B /x/OTHER.onnx (not the bundle's recorded " \
+        "export) (reported, not gated)" in printed
+    printed, summary = report(own, other, "cmp-unet-own-other")
+    assert "UNet: /b/exports/unet.fp32.onnx (the bundle's recorded export)" in printed
+    assert len(summary["metrics"]["differences"]["engine"]) == 1
+    for a, b in ((work / "baseline", own), (other, older)):  # the bundle's UNet either way; the same file
+        printed, summary = report(a, b, f"cmp-unet-{a.name}-{b.name}")
+        assert summary["metrics"]["differences"]["engine"] == [] and "runs differ" not in printed
+    assert "UNet: /x/OTHER.onnx (not recorded whether it is the bundle export)" in printed
+
+
+def test_compare_says_a_missing_run_does_not_exist_and_never_rounds_a_difference_to_zero(baseline, work, capsys):
+    """`--a /nonexistent` was "not an evaluate run (no summary.json ...)"; outputs one pixel apart were reported as
+    "mean |B - A| 0.000 (0-255), identical in 0 of 4"."""
+    from training.cli import main
+
+    missing = work / "no-such-run"
+    assert main(["compare", "--a", str(missing), "--b", str(work / "baseline"), "--out", str(work / "cmp-x")]) == 1
+    assert f"compare: {missing} does not exist" in capsys.readouterr().err
+
+    nudged = _altered_copy(work / "baseline", work / "one-pixel-apart")
+    for row in _rows(nudged):
+        image = np.asarray(Image.open(nudged / row["output"]).convert("RGB")).copy()
+        image[0, 0, 0] ^= 1
+        Image.fromarray(image).save(nudged / row["output"])
+    out = work / "cmp-one-pixel"
+    assert main(["compare", "--a", str(work / "baseline"), "--b", str(nudged), "--out", str(out)]) == 0
+    assert "outputs: mean |B - A| < 0.0005 (0-255), identical in 0 of 4" in capsys.readouterr().out
+    assert 0 < json.loads((out / "summary.json").read_text())["metrics"]["output_mean_abs_diff"] < 0.0005
+
+
+def test_bundle_help_says_what_its_out_and_base_take(capsys):
+    """bundle --help said its --out held "results, checkpoints/, summary.json" (it writes no checkpoints and
+    replaces the folder whole) and its --base only 'tiny', not 'tiny:SEED'."""
+    from training.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bundle", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    out_help = printed.split("--out OUT ", 1)[1].split(" --seed SEED", 1)[0]
+    assert "checkpoints" not in out_help and "replaced whole" in out_help
+    assert "'tiny:SEED'" in printed.split("--base BASE ", 1)[1].split(" --unet UNET", 1)[0]
 
 
 def test_a_baseline_spoiled_with_degrade_never_gates(baseline, degraded, work, capsys):

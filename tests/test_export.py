@@ -1001,6 +1001,19 @@ def _build_args(**overrides) -> SimpleNamespace:
                               "opt_level": 3, **overrides})  # fmt: skip
 
 
+def test_a_plan_for_a_bundle_it_cannot_write_is_refused_before_building(plan_build, immutable):
+    """As for `export onnx`: the plan was built (minutes) before manifest.json.partial could not be written."""
+    from export.cli import _build_and_record
+    from export.progress import QUIET
+
+    built = []
+    plan_build.during = lambda: built.append(True)
+    immutable(plan_build.bundle)
+    with pytest.raises(PermissionError, match=f"Operation not permitted: '{plan_build.bundle / MANIFEST}.partial'"):
+        _build_and_record(_build_args(), Bundle.load(plan_build.bundle), plan_build.onnx, "float16", QUIET)
+    assert built == [] and plan_build.plan.read_bytes() == b"the first plan"
+
+
 def test_a_plan_refused_after_its_build_leaves_the_recorded_plan_in_place(plan_build):
     """The ONNX is exported again while the plan builds: the new plan is refused, the old one stays."""
     from engines import runners
@@ -1377,6 +1390,49 @@ def test_an_os_error_is_a_one_line_error_saying_what_to_do(tiny_bundle, tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"error: {os.strerror(code)}: {copy}/exports/") and advice in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def immutable():
+    """chattr +i on folders (a mode bit stops no write as root, this does), undone on the way out."""
+    import contextlib
+
+    made = []
+
+    def make(folder: Path) -> Path:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not allowed here")
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        with contextlib.suppress(OSError):
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_an_export_into_a_bundle_it_cannot_write_is_refused_before_exporting(
+    tiny_bundle, tmp_path, capsys, stub_export, immutable
+):
+    """A bundle folder that could not be written ran the whole export and its parity check (~40 s tiny, minutes on
+    SDXL) and failed only at the end, writing manifest.json.partial. An --out elsewhere needs only its own folder."""
+    import export.cli
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    graph = onnx.read_bytes()
+    immutable(copy)
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Operation not permitted: {copy / MANIFEST}.partial (") and len(err.splitlines()) == 1
+    assert stub_export.verified == [] and onnx.read_bytes() == graph, "refused before exporting"
+
+    elsewhere = tmp_path / "elsewhere" / "unet.onnx"
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(elsewhere), "--quiet"]) == 0
+    assert elsewhere.read_bytes() == b"a new graph" and onnx.read_bytes() == graph  # written, not recorded
+    locked = immutable(tmp_path / "elsewhere")
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(locked / "other.onnx"), "--quiet"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: Operation not permitted: {locked / 'other.onnx'} (")
+    assert len(stub_export.verified) == 1, "the export elsewhere only"
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,9 @@ def paired_delta(pairs: list[tuple[float, float]], confidence: float, higher_is_
 
 def compare(settings: CompareSettings) -> dict:
     summary = RunSummary("compare", settings)
+    out = Path(settings.out)
+    for name in (PAIRED_CSV, CONTACT_SHEET):  # a previous run's: this run may write no contact sheet
+        (out / name).unlink(missing_ok=True)
     thresholds = load_thresholds(settings.thresholds) if settings.thresholds else None
     a, b = load_run(settings.a), load_run(settings.b)
     threshold = a.summary["metrics"]["threshold"]
@@ -192,7 +195,6 @@ def compare(settings: CompareSettings) -> dict:
     if flips:
         flips["share"] = flips["flipped"] / flips["of"]
 
-    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_paired(out / PAIRED_CSV, pairs, disagreements)
     worst = sorted(disagreements, key=lambda d: d.rank_key, reverse=True)[: settings.sheet_rows]
@@ -263,10 +265,12 @@ def _pair(a: EvaluationRun, b: EvaluationRun) -> tuple[list[tuple[dict, dict]], 
 
 
 def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) -> dict[str, list[str]]:
-    """{"settings": [...], "coverage": [...]}: why the runs are not a like-for-like comparison. Settings
-    differences (and a baseline spoiled with --degrade) always fail the gate; coverage ones (images not evaluated
-    in both, or a --limit on either side that cut the test set) unless allow_partial."""
-    found: dict[str, list[str]] = {"settings": [], "coverage": []}
+    """{"settings": [...], "coverage": [...], "engine": [...]}: why the runs are not a like-for-like comparison.
+    Settings differences (and a baseline spoiled with --degrade) always fail the gate; coverage ones (images not
+    evaluated in both, or a --limit on either side that cut the test set) unless allow_partial; engine ones (a
+    UNet file that is not the bundle's, in one run or both) are reported, not gated: comparing engines is the
+    gate's purpose, and their pixels are what it measures."""
+    found: dict[str, list[str]] = {"settings": [], "coverage": [], "engine": []}
     for label, run in (("A", a), ("B", b)):
         if run.rows and "source_sha256" not in run.rows[0]:
             found["settings"].append(f"{label} does not record its images' sha256 (evaluate it again)")
@@ -288,6 +292,9 @@ def comparability(a: EvaluationRun, b: EvaluationRun, unpaired: dict[str, int]) 
     if config_a.get("degrade", "none") != "none":
         # B degraded is the gate's self-check (it must fail); a spoiled baseline lets a worse candidate pass
         found["settings"].append(f"A (the baseline) was evaluated with --degrade {config_a['degrade']}")
+    ran = [_unet_file(run.summary.get("engine", {})) for run in (a, b)]
+    if _from_elsewhere(ran[0]) != _from_elsewhere(ran[1]):
+        found["engine"].append(f"the UNets differ: A ran {_unet_shown(ran[0])}, B {_unet_shown(ran[1])}")
     left_out = {where: count for where, count in unpaired.items() if count}
     if left_out:
         described = ", ".join(f"{count} {where.replace('_', ' ')}" for where, count in left_out.items())
@@ -332,8 +339,33 @@ def _why_unpaired(name: str, a: EvaluationRun, b: EvaluationRun) -> str:
 
 def _describe_run(run: EvaluationRun) -> dict:
     engine = run.summary.get("engine", {})
-    shown = ("runner", "dtype", "device", "cuda_graphs", "steps", "strength")  # cuda_graphs: seconds_per_image
-    return {"folder": str(run.folder), **{k: engine.get(k) for k in shown}}
+    shown = ("runner", "dtype", "device", "cuda_graphs", "steps", "strength", "runner_path")  # cuda_graphs: timing
+    return {"folder": str(run.folder), **{k: engine.get(k) for k in shown}, "unet_file": _unet_file(engine)}
+
+
+def _unet_file(engine: dict) -> dict | None:
+    """evaluate's `unet_file` (None: the torch runner, the bundle's weights); for a run from before it was recorded,
+    what its runner_path tells (none given: the bundle's recorded export ran)."""
+    if "unet_file" in engine:
+        return engine["unet_file"]
+    if engine.get("runner", "torch") == "torch":
+        return None
+    path = engine.get("runner_path")
+    return {"path": path, "bundle_export": None if path else True}
+
+
+def _from_elsewhere(file: dict | None) -> str | None:
+    """The path of a UNet file that is not (or not known to be) the bundle's own; None for the bundle's."""
+    return None if file is None or file["bundle_export"] is True else file["path"]
+
+
+def _unet_shown(file: dict | None) -> str:
+    if file is None:
+        return "the bundle's UNet weights"
+    if file["path"] is None:
+        return "the bundle's recorded export"
+    where = {True: "the bundle's recorded export", False: "not the bundle's recorded export"}
+    return f"{file['path']} ({where.get(file['bundle_export'], 'not recorded whether it is the bundle export')})"
 
 
 # ---------------------------------------------------------------- disagreements and the contact sheet
@@ -423,6 +455,11 @@ def _number(value: float | None, sign: str) -> str:
     return f"{'-':>10}" if value is None else f"{value:>{sign}10.4g}"
 
 
+def _pixel_difference(value: float) -> str:
+    """Never 0.000 for outputs that differ: a pixel off by one in a 512 px image is a mean of 1e-6."""
+    return "< 0.0005" if 0 < value < 0.0005 else f"{value:.3f}"
+
+
 def _label(described: dict) -> str:
     return f"{described['runner']} {described['dtype']} on {described['device']}, {described['steps']} steps"
 
@@ -431,7 +468,7 @@ def _caption(row: Disagreement) -> str:
     text = f"{row.id}"
     if row.flipped is not None:
         text += f"  score A {row.row_a['score']:.3f}  B {row.row_b['score']:.3f}" + ("  FLIPPED" if row.flipped else "")
-    return text + f"  mean |B-A| {row.output_mad:.2f}"
+    return text + f"  mean |B-A| {_pixel_difference(row.output_mad)}"
 
 
 def _write_paired(path: Path, pairs, disagreements: list[Disagreement]) -> None:
@@ -517,8 +554,8 @@ def format_report(data: dict, thresholds: Thresholds | None) -> str:
     verdicts = gate["verdicts"] if gate else {}
     level = f"{metrics['confidence']:.0%} CI"
     lines = [
-        f"A: {data['a']['folder']} ({_label(data['a'])})",
-        f"B: {data['b']['folder']} ({_label(data['b'])})",
+        f"A: {data['a']['folder']} ({_label(data['a'])}; UNet: {_unet_shown(data['a']['unet_file'])})",
+        f"B: {data['b']['folder']} ({_label(data['b'])}; UNet: {_unet_shown(data['b']['unet_file'])})",
         f"{metrics['paired']} paired images; unpaired: {metrics['unpaired']}",
         f"{'measure':<18} {'A':>10} {'B':>10} {'B - A':>10} {level:>23} {'allowed':>9}  verdict",
     ]
@@ -552,12 +589,13 @@ def format_report(data: dict, thresholds: Thresholds | None) -> str:
             f"({flips['share']:.1%}){limit}"
         )
     lines.append(
-        f"outputs: mean |B - A| {metrics['output_mean_abs_diff']:.3f} (0-255), identical in "
+        f"outputs: mean |B - A| {_pixel_difference(metrics['output_mean_abs_diff'])} (0-255), identical in "
         f"{metrics['identical_outputs']} of {metrics['paired']}"
     )
     if skipped:
         lines += ["skipped:", *skipped]
-    differences = [*metrics["differences"]["settings"], *metrics["differences"]["coverage"]]
+    found = metrics["differences"]
+    differences = [*found["settings"], *found["coverage"], *(f"{why} (reported, not gated)" for why in found["engine"])]
     if differences:
         lines += ["runs differ:", *(f"  {why}" for why in differences)]
     if gate is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 PER_IMAGE_CSV = "per_image.csv"
 OUTPUTS_DIR = "outputs"
+OUTPUT_NAME = re.compile(r"\d{5,}\.png")  # outputs/NNNNN.png: an entry's id (its index, 5 digits or more)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
     summary = RunSummary("evaluate", settings)
+    clear_previous_results(Path(settings.out))
     device = training_device(settings.device)
     summary.data["device"] = str(device)
     from engines.bundle import sha256_of
@@ -195,6 +198,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         "bundle": bundle.summary(),
         "runner": settings.runner,
         "runner_path": str(settings.runner_path) if settings.runner_path else None,
+        "unet_file": exported_unet_file(bundle, settings.runner, engines.remover.dtype, settings.runner_path),
         "dtype": str(engines.remover.dtype).removeprefix("torch."),
         "device": str(device),
         "cuda_graphs": remover.cuda_graphs,
@@ -206,6 +210,22 @@ def evaluate(settings: EvaluateSettings) -> dict:
     summary.data["outputs"] = {"per_image": str(out / PER_IMAGE_CSV), "images": str(out / OUTPUTS_DIR)}
     summary.write("completed")
     return summary.data
+
+
+def entry_id(index: int) -> str:
+    return f"{index:05d}"
+
+
+def clear_previous_results(out: Path) -> None:
+    """A rerun into the same --out holds only its own results: a previous run's per_image.csv and
+    outputs/NNNNN.png would sit beside fewer new ones (--limit) or another bundle's. Only what evaluate writes
+    is removed; other files in the folder stay."""
+    (out / PER_IMAGE_CSV).unlink(missing_ok=True)
+    outputs = out / OUTPUTS_DIR
+    if outputs.is_dir():
+        for path in outputs.iterdir():
+            if OUTPUT_NAME.fullmatch(path.name) and path.is_file():
+                path.unlink()
 
 
 class _Engines:
@@ -229,7 +249,7 @@ def _evaluate_entry(index: int, record: Triplet, settings: EvaluateSettings, eng
     from engines.errors import InputError
     from engines.gate import GatePolicy, max_crops
 
-    row = {"id": f"{index:05d}", "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
+    row = {"id": entry_id(index), "index": index, "source": record.source, "mask": record.mask, "gt": record.gt}
     read = {kind: path.read_bytes() for kind in IMAGE_KINDS if (path := getattr(record, kind)) is not None}
     row.update({f"{kind}_sha256": hashlib.sha256(data).hexdigest() for kind, data in read.items()})
     pipeline, models = engines.pipeline, engines.models
@@ -283,6 +303,24 @@ def _start_remover(settings: EvaluateSettings, bundle, device: torch.device):
         )
     except ValueError as exc:  # a runner, dtype and device that do not go together, or an export that cannot serve
         raise TrainingError(f"cannot build the {settings.runner} engine: {exc}") from exc
+
+
+def exported_unet_file(bundle, runner: str, dtype: torch.dtype, runner_path: Path | None) -> dict | None:
+    """The exported UNet an onnx or tensorrt engine ran (None: the torch runner, the bundle's own weights) and
+    whether it is the bundle's recorded export for that runner and precision (told by its path, from the
+    manifest: a --runner-path is served unchecked, so a graph exported from another bundle's UNet runs too, and
+    `compare` must say which file each run ran)."""
+    from engines.errors import BundleError
+    from engines.runners import recorded_export
+
+    if runner == "torch":
+        return None
+    try:
+        recorded = recorded_export(bundle, runner, dtype)[1].path.resolve()
+    except (BundleError, ValueError):  # no export of this kind recorded, or not one for this precision
+        recorded = None
+    path = Path(runner_path).resolve() if runner_path else recorded
+    return {"path": str(path), "bundle_export": path == recorded}
 
 
 def _open_scorer(bundle, device: torch.device):
@@ -458,6 +496,8 @@ def load_run(folder: str | Path) -> EvaluationRun:
     from training.common import read_summary
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
     summary = read_summary(folder)
     if summary is None or summary.get("stage") != "evaluate":
         raise TrainingError(f"{folder} is not an evaluate run (no summary.json of stage evaluate)")
