@@ -246,3 +246,16 @@ def test_bundle_names_its_own_flags_when_the_unet_is_the_discriminator_s_trunk(t
     assert f"--unet {base_unet} has the weights of the UNet the discriminator was trained on" in err
     assert "give --unet a finetune run" in err and "leave out --discriminator" in err
     assert "discriminator_unet" not in err
+
+
+def test_an_out_refusal_reads_as_english_and_names_a_folder_that_cannot_be_made(tmp_path):
+    """"holds a evaluate run"; and --out /proc/x said only "No such file or directory", where /proc exists."""
+    from training.common import claim_out
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"stage": "evaluate", "status": "completed"}))
+    with pytest.raises(SettingsError, match="holds an evaluate run"):
+        claim_out(out, "finetune")
+    with pytest.raises(SettingsError, match=r"cannot write there \(.*\); the folder could not be made in /proc$"):
+        claim_out("/proc/rorem-out", "finetune")

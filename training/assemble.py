@@ -35,6 +35,7 @@ from training.common import (
     RunSummary,
     StageSettings,
     TrainingError,
+    TrainSettings,
     frozen_base_parts,
     resolve_base,
     resolve_part,
@@ -44,7 +45,11 @@ LORA_FILENAME = "pytorch_lora_weights.safetensors"
 
 
 class BundleStageSettings(StageSettings):
-    base: str = Field(description="SDXL-inpainting pipeline folder (VAE, scheduler, text encoders, unet/), or 'tiny'")
+    out: Path = Field(
+        description="the bundle folder, replaced whole (a previous bundle too; a folder of other files is refused), "
+        "with summary.json"
+    )
+    base: str = Field(description=TrainSettings.model_fields["base"].description)  # the runs' base, checked
     unet: str = Field(description="the fine-tuned UNet folder, or the finetune run folder")
     lcm_lora: str = Field(description="LCM LoRA file (or the distill run folder); fused into the UNet (4 LCM steps)")
     discriminator: str | None = Field(None, description="discriminator folder (or the discriminator run folder)")

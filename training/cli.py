@@ -79,32 +79,19 @@ def _is_list(annotation) -> bool:
     return typing.get_origin(annotation) in (list, tuple)
 
 
-def _stage_help() -> dict[tuple[str, str], str]:
-    """bundle's own meaning of shared settings' flags: it writes no checkpoints, and its base is the training
-    stages' (training.common.resolve_base: 'tiny:SEED' too)."""
-    from training.common import TrainSettings
-
-    return {
-        ("bundle", "out"): "the bundle folder, replaced whole (a previous bundle too; a folder of other files is "
-        "refused), with summary.json",
-        ("bundle", "base"): TrainSettings.model_fields["base"].description,
-    }
-
-
 def build_parser(stages=None) -> argparse.ArgumentParser:
     stages = stages or _stages()
     parser = argparse.ArgumentParser(
         prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    stage_help = _stage_help()
     for name, (model, _, help_text) in stages.items():
         stage = sub.add_parser(name, help=help_text, description=help_text, argument_default=argparse.SUPPRESS)
         stage.add_argument("--config", help="YAML or JSON file of settings (keys as below, with underscores)")
         for field_name, field in model.model_fields.items():
             flag = "--" + field_name.replace("_", "-")
             default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
-            help_text = stage_help.get((name, field_name), field.description or "") + default
+            help_text = (field.description or "") + default
             if _is_bool(field.annotation):
                 stage.add_argument(flag, nargs="?", const="true", metavar="BOOL", help=help_text)
             elif field_name == "resume":

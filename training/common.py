@@ -284,13 +284,17 @@ def claim_out(out: str | Path, stage: str, mode: int = 0o777):
     except (OSError, ValueError):
         other = stage
     if other != stage:
-        raise SettingsError(f"--out {out} holds a {other} run (its summary.json): choose another --out for {stage}")
+        article = "an" if other[:1] in "aeiou" else "a"
+        raise SettingsError(
+            f"--out {out} holds {article} {other} run (its summary.json): choose another --out for {stage}"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True, mode=mode)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
             pass
     except OSError as exc:
-        raise SettingsError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        made = "" if out.is_dir() else f"; the folder could not be made in {out.parent}"  # /proc/x: No such file
+        raise SettingsError(f"--out {out}: cannot write there ({exc.strerror or exc}){made}") from None
     lock = FileLock(str(out / RUN_LOCK), timeout=0)
     try:
         lock.acquire()
