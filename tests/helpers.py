@@ -10,6 +10,7 @@ import importlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -556,3 +557,56 @@ def record_proxy_metrics(monkeypatch) -> SimpleNamespace:
     recorded.refused = recorded.refusals.append
     monkeypatch.setattr(metrics, "_proxy_metrics", recorded)
     return recorded
+
+
+class FakeGrpcContext:
+    """The parts of Ray's RayServegRPCContext that GrpcMethods uses."""
+
+    def __init__(self):
+        self.trailing = []
+
+    def request_id(self):
+        return "rid-1"
+
+    def invocation_metadata(self):
+        return []
+
+    def peer(self):
+        return "ipv4:127.0.0.1:5000"
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+    def set_trailing_metadata(self, trailing):
+        self.trailing = list(trailing)  # as Ray's: the last call's metadata is sent, not all of them
+
+
+# Units the docs write figures in (tests/test_docs_agree.py, tests/test_k8s.py)
+DOC_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "MB": 10**6, "s": 1, "": 1}
+_NAMED_FIGURE = (
+    r"(?:default |up to |at most )?(?P<number>\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
+    r" ?(?P<unit>KiB|MiB|GiB|MB|s|px|x|characters|items)?\b(?! ?[-+*/])"
+)
+_NAME = r"(?P<name>`[A-Za-z_][A-Za-z0-9_.]*`)"
+_NAMED_PATTERNS = tuple(
+    re.compile(pattern)
+    for pattern in (
+        rf"{_NAME} \({_NAMED_FIGURE}",
+        rf"(?<![\w.,]){_NAMED_FIGURE}(?: in all| more)? \({_NAME}",
+        rf"(?<!\w)\({_NAMED_FIGURE}, {_NAME}",
+        rf"(?<!\w)\({_NAME}, {_NAMED_FIGURE}",
+    )
+)
+
+
+def named_values(text: str):
+    """(name as written, value as written, the passage) for each value the text writes beside a name: `NAME`
+    (value, value (`NAME` (or value in all / more (`NAME`), (value, `NAME` or (`NAME`, value."""
+    text = " ".join(text.split())
+    for pattern in _NAMED_PATTERNS:
+        for match in pattern.finditer(text):
+            value = float(match["number"].replace(",", "")) * DOC_UNITS.get(match["unit"] or "", 1)
+            yield match["name"].strip("`"), value, match[0]

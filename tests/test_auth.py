@@ -15,7 +15,7 @@ from serve.auth import (
 from serve.config import AppSettings
 from serve.grpc_api import SHARED_ROUTE_SCOPES
 from serve.problems import Problem
-from tests.helpers import PAGE_ORIGIN, answer_offline
+from tests.helpers import PAGE_ORIGIN, FakeGrpcContext, answer_offline
 
 
 def _keys_file(tmp_path, *entries):
@@ -320,11 +320,10 @@ class _RecordingIngress:
 def _grpc_route_and_scope(method: str) -> tuple[str, str | None]:
     """The REST route a gRPC method is counted under, and the scope it asks the key for."""
     from serve.grpc_api import GrpcMethods
-    from tests.test_grpc_ingress import Context
 
     parts, ingress = _RecordingIngress(), GrpcMethods()
     ingress.access = ingress.quotas = ingress.metrics = parts
-    asyncio.run(getattr(ingress, method)(None, Context()))
+    asyncio.run(getattr(ingress, method)(None, FakeGrpcContext()))
     [route], [scope] = parts.routes, parts.scopes
     return route, scope
 

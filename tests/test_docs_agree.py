@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.helpers import DOC_UNITS, named_values
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,7 +57,7 @@ def test_the_layout_names_every_loadtests_script():
     assert present - words == set(), f"README Layout: loadtests/ leaves out {sorted(present - words)}"
 
 
-_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "MB": 10**6, "s": 1, "": 1}
+_UNITS = DOC_UNITS
 
 
 def _default(path: str):
@@ -276,32 +278,6 @@ def _named_constants() -> dict[str, object]:
     return named
 
 
-_NAMED_FIGURE = (
-    r"(?:default |up to |at most )?(?P<number>\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
-    r" ?(?P<unit>KiB|MiB|GiB|MB|s|px|x|characters|items)?\b(?! ?[-+*/])"
-)
-_NAME = r"(?P<name>`[A-Za-z_][A-Za-z0-9_.]*`)"
-_NAMED_PATTERNS = tuple(
-    re.compile(pattern)
-    for pattern in (
-        rf"{_NAME} \({_NAMED_FIGURE}",
-        rf"(?<![\w.,]){_NAMED_FIGURE}(?: in all| more)? \({_NAME}",
-        rf"(?<!\w)\({_NAMED_FIGURE}, {_NAME}",
-        rf"(?<!\w)\({_NAME}, {_NAMED_FIGURE}",
-    )
-)
-
-
-def _named_values(text: str):
-    """(name as written, value as written, the passage) for each value the text writes beside a name: `NAME`
-    (value, value (`NAME` (or value in all / more (`NAME`), (value, `NAME` or (`NAME`, value."""
-    text = " ".join(text.split())
-    for pattern in _NAMED_PATTERNS:
-        for match in pattern.finditer(text):
-            value = float(match["number"].replace(",", "")) * _UNITS.get(match["unit"] or "", 1)
-            yield match["name"].strip("`"), value, match[0]
-
-
 def _value_of(name: str, constants: dict[str, object]) -> tuple[str, object]:
     """(constant, its value) for a name as written (it may name the constant's modules too), else (the settings key,
     its default) for a settings key, else (name, None)."""
@@ -325,7 +301,7 @@ def test_every_value_the_docs_write_beside_a_constant_or_setting_is_its_own():
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         if doc.name == "benchmarks.md":
             continue
-        for name, written, passage in _named_values(doc.read_text()):
+        for name, written, passage in named_values(doc.read_text()):
             key, value = _value_of(name, constants)
             if value is not None:
                 assert written == value, f"{doc.name}: {key} is {value!r}: {passage!r}"

@@ -27,6 +27,7 @@ from serve.grpc_client import problem_of
 from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
 from serve.problems import Problem
 from tests.helpers import REPO, RecordedMetric, record_proxy_metrics
+from tests.helpers import FakeGrpcContext as Context
 
 GARBAGE = b"\xff\xff\xff\xff"
 BAD_UTF8_GATE = bytes([0x3A, 2, 0xC3, 0x28])  # field 7 (gate), 2 bytes that are not UTF-8
@@ -194,31 +195,6 @@ def test_every_serve_config_names_this_servicer_function():
 
 
 # --- the Ingress's side ---------------------------------------------------------------------------------------------
-
-
-class Context:
-    """The parts of Ray's RayServegRPCContext that GrpcMethods uses."""
-
-    def __init__(self):
-        self.trailing = []
-
-    def request_id(self):
-        return "rid-1"
-
-    def invocation_metadata(self):
-        return []
-
-    def peer(self):
-        return "ipv4:127.0.0.1:5000"
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-    def set_trailing_metadata(self, trailing):
-        self.trailing = list(trailing)  # as Ray's: the last call's metadata is sent, not all of them
 
 
 class Access:

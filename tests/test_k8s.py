@@ -40,7 +40,7 @@ import pytest
 import yaml
 
 from serve.config import AppSettings, unknown_keys, validate_serve_config
-from tests.helpers import REPO, load_script
+from tests.helpers import REPO, load_script, named_values
 
 try:
     import tomllib
@@ -1529,7 +1529,6 @@ def _pod_requests(spec: dict, name: str) -> float:
 def test_the_deploy_guide_gives_the_manifests_values():
     """docs/kubernetes.md restated the worker group's bounds, the autoscaler's idle time, the upgrade's deletion
     delay, the bundle wait, the dev overlay's requests and the ephemeral-storage margin by hand."""
-    from tests.test_docs_agree import _named_values
 
     guide = (REPO / "docs" / "kubernetes.md").read_text()
     rayservice = find(built("prod"), "RayService")
@@ -1544,7 +1543,7 @@ def test_the_deploy_guide_gives_the_manifests_values():
         "ROREM_BUNDLE_WAIT_S": float(wait["value"]),
     }
     said = {}
-    for name, value, passage in _named_values(guide):
+    for name, value, passage in named_values(guide):
         if name in named:
             assert value == named[name], f"kubernetes.md: {name} is {named[name]} in prod: {passage!r}"
             said[name] = value
