@@ -106,6 +106,15 @@ def summarize(samples_ms: list[float]) -> dict:
     }
 
 
+def saturation_point(levels: list[dict], load: str, rate: str) -> float | None:
+    """The lowest `load` whose `rate` reaches 95% of the best; None when no level completed a removal (every level
+    reaches 95% of 0: a run of 401s named its first level the saturation point)."""
+    best = max((level[rate] for level in levels), default=0)
+    if not best:
+        return None
+    return next(level[load] for level in levels if level[rate] >= 0.95 * best)
+
+
 def timed_runs(run: Callable[[dict[str, float]], object], runs: int) -> tuple[list[float], dict[str, float]]:
     """The wall time (ms) of each of `runs` calls of `run(timings)`, and each stage's median over them (ms). Every
     call gets its own timings dict: the engines' StageClock adds to a stage already there, so one dict shared by

@@ -21,6 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import benchlib
 from benchlib import start_service, stop_service
 from soak import SoakReport, run_soak
 
@@ -45,12 +46,9 @@ def level_row(report: SoakReport) -> dict:
 
 
 def saturation_point(levels: list[dict]) -> int | None:
-    """The fewest clients reaching 95% of the best ok/s; None when no level completed a removal (every level
-    reaches 95% of 0: a run of 401s named its first level the saturation point)."""
-    best = max((level["ok_per_s"] for level in levels), default=0)
-    if not best:
-        return None
-    return next(level["clients"] for level in levels if level["ok_per_s"] >= 0.95 * best)
+    """The fewest clients reaching 95% of the best ok/s (benchlib.saturation_point); None when no level
+    completed a removal."""
+    return benchlib.saturation_point(levels, load="clients", rate="ok_per_s")
 
 
 def main() -> None:

@@ -414,6 +414,35 @@ def test_open_loop_counts_a_200_without_the_image_apart(monkeypatch):
     assert row["completed_per_s"] == 0 and row["p50_ms"] is None and row["other_errors"] == 0, row
 
 
+class _ReadyThenFails(CannedAnswers):
+    """A service ready on /readyz whose every POST /remove fails with a 500."""
+
+    def do_GET(self):
+        self.reply(200, json.dumps({"ready": True, "model": "stub"}).encode(), {"Content-Type": "application/json"})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.reply(500, b"boom", {"Content-Type": "text/plain"})
+
+
+def test_open_loop_run_without_one_removal_fails_and_names_no_saturation_point(tmp_path):
+    """Against a service failing every request, bench_open_loop printed "saturation at 1.0/s (best 0.0/s)" (every
+    rate reaches 95% of 0) and exited 0; its table left out the other_errors the JSON has (the 500s)."""
+    out = tmp_path / "open_loop.json"
+    with loopback_server(_ReadyThenFails) as url:
+        result = subprocess.run(
+            [sys.executable, "loadtests/bench_open_loop.py", "--url", url, "--rates", "4", "--seconds", "1",
+             "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "no rate completed a removal" in result.stderr and "saturation at" not in result.stdout, result.stdout
+    report = json.loads(out.read_text())
+    assert report["saturation_offered_per_s"] is None and report["levels"][0]["other_errors"] >= 1, report
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| offered_per_s"))
+    assert "| other_errors |" in header, header
+
+
 def _always_answers(status: int, slug: str, retry_after: str | None = None) -> type[CannedAnswers]:
     """A service answering every POST /remove with the problem `slug`, and this Retry-After if given."""
 
