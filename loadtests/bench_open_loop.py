@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import (
-    center_mask, exit_if_unreachable, photo, png, remover_only, saturation_point, start_service, stop_service, summarize,
-    valid_image,
+    center_mask, exit_if_unreachable, photo, png, remover_only, saturation_point, start_service, stop_service,
+    summarize, valid_image,
 )  # fmt: skip
 
 from serve.worker_threads import lower_this_thread
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
               "client_nice_applied": client_niced}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    columns = ("offered_per_s", "realized_per_s", "elapsed_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms", "share_429",
-               "share_503", "share_504", "other_errors", "bad_result", "lost")  # fmt: skip
+    columns = ("offered_per_s", "realized_per_s", "elapsed_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms",
+               "share_429", "share_503", "share_504", "other_errors", "bad_result", "lost")  # fmt: skip
     verdict = "no rate completed a removal" if saturation is None else f"saturation at {saturation}/s (best {best}/s)"
     print(f"\n{args.label} workload={args.workload} side={args.side}: {verdict}")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))

@@ -207,7 +207,8 @@ def _locust_entry(name: str, requests: int, failures: int, times: dict[int, int]
     """One entry of locust's --json-file (the fields bench_vs_naive reads); JSON makes the histogram's keys text."""
     return {
         "name": name, "method": "POST", "num_requests": requests, "num_failures": failures, "start_time": span[0],
-        "last_request_timestamp": span[1] if requests else None, "response_times": {str(k): v for k, v in times.items()},
+        "last_request_timestamp": span[1] if requests else None,
+        "response_times": {str(k): v for k, v in times.items()},
     }  # fmt: skip
 
 
