@@ -549,3 +549,83 @@ def test_a_wrong_url_ends_the_script_in_one_line_not_a_traceback(script, args, t
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [f"{url}: ConnectError: [Errno 111] Connection refused"], result.stderr
+
+
+def _warms_up_then(answer) -> type[CannedAnswers]:
+    """A service whose /healthz answers, whose first four POSTs (the warm-up, one per kind) get a 200, and whose
+    later POSTs get `answer`'s (status, body, headers)."""
+    posts = []
+
+    class Answers(CannedAnswers):
+        def do_GET(self):
+            self.reply(200, b'{"loop_lag_ms": 0.0}', {"Content-Type": "application/json"})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            posts.append(None)
+            self.reply(*((200, b"{}", {}) if len(posts) <= 4 else answer))
+
+    return Answers
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [(503, b'{"type": "replica-failed"}', {"Content-Type": "application/problem+json"}),
+     (200, b"not an image", {"Content-Type": "image/png"})],
+    ids=["503", "200-without-image"],
+)  # fmt: skip
+def test_healthz_bench_without_one_upload_served_fails_without_a_verdict(answer, tmp_path):
+    """--smoke against a service answering 503 after the warm-up printed "uploads: 0 ... statuses {'503': 148}", its
+    p99 goal verdict and exited 0; a 200 counted as an upload whatever its body held."""
+    out = tmp_path / "healthz.json"
+    with loopback_server(_warms_up_then(answer)) as url:
+        result = subprocess.run(
+            [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--url", url, "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().endswith(f"no upload was served: nothing was measured; saved {out}"), result.stderr
+    assert "goal" not in result.stdout, result.stdout
+    uploads = json.loads(out.read_text())["uploads"]
+    expected = "503" if answer[0] == 503 else "bad_result"
+    assert uploads["completed"] == 0 and set(uploads["statuses"]) == {expected}, uploads
+
+
+@pytest.mark.parametrize("tests_rc, bench_rc", [(0, 0), (1, 0), (0, 1), (124, 1)])
+def test_gpu_run_runs_the_benchmark_after_failed_tests_and_fails_if_either_did(tests_rc, bench_rc, tmp_path):
+    """gpu_run.sh ignored pytest's exit code (the pipe through tee passed on the benchmark's only): a device run whose
+    GPU tests failed passed. The benchmark still runs after failed tests (the only device run keeps both outputs)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho name\n")
+    (stubs / "python3").write_text(
+        '#!/bin/sh\ncase "$*" in\n  "-m pip"*) exit 0 ;;\n'
+        f'  "-m pytest"*) echo tests ran; exit {tests_rc} ;;\n'
+        f'  loadtests/bench_engine_gpu.py*) echo bench ran; exit {bench_rc} ;;\nesac\nexit 3\n'
+    )
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(out)}
+    result = subprocess.run(["bash", "loadtests/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert (out / "gpu_tests.log").read_text() == "tests ran\n" and (out / "bench.log").read_text() == "bench ran\n"
+    expected = [f"gpu_run.sh: gpu tests exited {tests_rc} (see {out}/gpu_tests.log)"] * bool(tests_rc) + [
+        f"gpu_run.sh: the benchmark exited {bench_rc} (see {out}/bench.log)"
+    ] * bool(bench_rc)
+    assert result.stderr.splitlines() == expected and result.returncode == (1 if expected else 0), result.stderr
+
+
+def test_latency_report_without_one_removal_exits_1(tmp_path, monkeypatch, capsys):
+    """main returned None (exit 0) when "no level completed a removal": a run of 401s passed. Its service is
+    started by benchlib.start_service: here a stub answering every removal with a 401 stands in."""
+    latency_report = load_script("loadtests/latency_report.py")
+    out = tmp_path / "latency.json"
+    with loopback_server(_always_answers(401, "unauthorized")) as url:
+        monkeypatch.setattr(latency_report, "start_service", lambda work, name, adjust: (None, url))
+        monkeypatch.setattr(latency_report, "stop_service", lambda child: None)
+        monkeypatch.setattr(sys, "argv", ["latency_report.py", "--levels", "1", "--seconds", "0.5", "--side", "32",
+                                          "--out", str(out)])  # fmt: skip
+        assert latency_report.main() == 1
+    reason = f"latency_report: no level completed a removal: no saturation point; saved {out}"
+    assert capsys.readouterr().err.strip() == reason
+    assert json.loads(out.read_text())["saturation_clients"] is None
