@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from serve.problems import TYPE_BASE
 from tests.helpers import REPO, CannedAnswers, load_script, loopback_server, png_bytes
 
 pytest.importorskip("skimage")  # the benchmark's photo is scikit-image's astronaut
@@ -484,14 +485,44 @@ def test_a_soak_run_without_one_removal_fails_and_pauses_between_errors(status, 
     assert report.sent <= 1.0 / soak.ERROR_PAUSE_S + 2, f"{report.sent} requests in 1 s: no pause between errors"
 
 
-def test_a_soak_run_fails_on_a_4xx_other_than_a_loaded_services():
-    """429 and 408 are what a loaded service answers a good request; a 401 or 422 among them is the run's fault."""
+def test_a_soak_run_fails_on_an_error_other_than_a_load_refusal():
+    """A 429 or 503 refusal (too-many-requests, overloaded) is what a loaded service answers a good request; a 401
+    or 422 among them is the run's fault, a 408 or 504 a request that failed."""
     soak = load_script("loadtests/soak.py")
-    report = soak.SoakReport(seconds=1.0, clients=1, sent=4, answered=4, ok=2, errored={"429": 1, "503": 1})
+    report = soak.SoakReport(seconds=1.0, clients=1, sent=4, answered=4, ok=2, errored={"429": 1, "503": 1}, refused=2)
     assert report.passed
-    assert soak.SoakReport(**{**report.__dict__, "errored": {"408": 1, "504": 1}}).passed
-    assert not soak.SoakReport(**{**report.__dict__, "errored": {"429": 1, "401": 1}}).passed
-    assert not soak.SoakReport(**{**report.__dict__, "errored": {"422": 2}}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"408": 1, "504": 1}, "refused": 0}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"429": 1, "401": 1}, "refused": 1}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"422": 2}, "refused": 0}).passed
+
+
+@pytest.mark.parametrize(
+    "status, slug, retry_after, passed",
+    [(429, "too-many-requests", "1", True), (503, "overloaded", "1", True), (503, "replica-failed", "1", False),
+     (503, "overloaded", None, False), (504, "timeout", None, False), (408, "proxy-timeout", None, False)],
+)  # fmt: skip
+def test_a_soak_run_passes_only_load_refusals_among_its_removals(status, slug, retry_after, passed):
+    """soak passed a run whose every other request got a 503 replica-failed (every 503 counted as "busy") or any
+    504: soak's UNDER_LOAD statuses, where the locustfile tells a load refusal by the problem's type
+    (serve.problems.LOAD_REFUSALS, with Retry-After). Here every other answer is a removal, the rest the error."""
+    soak = load_script("loadtests/soak.py")
+    posts = []
+
+    class EveryOtherFails(_Answers32):
+        def do_POST(self):
+            posts.append(None)
+            if len(posts) % 2:
+                return super().do_POST()
+            self.rfile.read(int(self.headers["content-length"]))
+            headers = {"Content-Type": "application/problem+json"}
+            if retry_after:
+                headers["Retry-After"] = retry_after
+            self.reply(status, json.dumps({"type": TYPE_BASE + slug, "status": status}).encode(), headers)
+
+    with loopback_server(EveryOtherFails) as url:
+        report = soak.run_soak(url, seconds=1.5, clients=1, side=32)
+    assert report.ok >= 1 and report.errored == {str(status): report.answered - report.ok} != {}, report
+    assert report.passed is passed, report
 
 
 def test_a_soak_client_honours_a_retry_after_longer_than_2_s_within_the_window():
