@@ -271,6 +271,8 @@ def main() -> int:
         args.seconds, args.clients, args.width, args.height = 4.0, 2, 640, 480
     if args.url and not args.url.startswith(("http://127.0.0.1:", "http://localhost:")):
         raise SystemExit("--url must be a loopback address")
+    if args.url and args.worker_nice is not None:
+        parser.error("--worker-nice: for the service this script starts, not one given by --url")
     child = None
     if args.url:
         url = args.url

@@ -45,6 +45,8 @@ from serve.worker_threads import lower_this_thread
 
 REQUEST_TIMEOUT_S = 180.0
 DRAIN_S = 240.0
+DEFAULT_MAX_BATCH_SIZE = 8
+SERVICE_OPTIONS = ("--max-batch-size", "--large-batch-size", "--overload")  # refused with --url
 
 
 def parse_args(argv=None):
@@ -52,16 +54,22 @@ def parse_args(argv=None):
     p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8], help="offered requests per second")
     p.add_argument("--seconds", type=float, default=30, help="arrivals per rate")
     p.add_argument("--workload", choices=["small", "mixed"], default="small")
-    p.add_argument("--side", type=int, default=128, help="the small photo side and bucket; the large is 2 x")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--side", type=int, default=128, help="the small photo side and (started service) bucket; large: 2 x")
+    p.add_argument("--max-batch-size", type=int, default=None, help=f"default {DEFAULT_MAX_BATCH_SIZE}")
     p.add_argument("--large-batch-size", type=int, default=None, help="batching.per_bucket for 2 x side (default: same)")
     p.add_argument("--overload", default=None, help="JSON for args.overload, e.g. '{\"max_queue_wait_s\": 5}'")
-    p.add_argument("--url", default=None, help="a running service instead of starting one")
+    p.add_argument("--url", default=None, help="a running service instead of starting one (its own config applies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before / after)")
     p.add_argument("--out", type=Path, default=Path("out/bench_open_loop.json"))
     p.add_argument("--client-nice", type=int, default=0, help="send this many nice steps lower (15: Ray's workers')")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    shaping = [flag for flag in SERVICE_OPTIONS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.url and shaping:
+        p.error(f"{', '.join(shaping)}: for the service this script starts, not one given by --url")
+    if args.max_batch_size is None and args.url is None:  # None in the JSON's args: not applied
+        args.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+    return args
 
 
 def service_config(args):
@@ -176,6 +184,7 @@ def main(argv=None) -> int:
     best = max(level["completed_per_s"] for level in levels)
     saturation = saturation_point(levels, load="offered_per_s", rate="completed_per_s")
     report = {"label": args.label, "args": {k: str(v) for k, v in vars(args).items()}, "model": model, "levels": levels,
+              "service_started": args.url is None,  # with --url, --side sized the photos only, not its buckets
               "saturation_offered_per_s": saturation, "best_completed_per_s": best,
               "client_nice_applied": client_niced}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

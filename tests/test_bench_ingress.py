@@ -660,3 +660,25 @@ def test_latency_report_without_one_removal_exits_1(tmp_path, monkeypatch, capsy
     reason = f"latency_report: no level completed a removal: no saturation point; saved {out}"
     assert capsys.readouterr().err.strip() == reason
     assert json.loads(out.read_text())["saturation_clients"] is None
+
+
+@pytest.mark.parametrize(
+    "script, given, refused",
+    [("bench_open_loop.py", ["--max-batch-size", "4", "--overload", "{}"], "--max-batch-size, --overload"),
+     ("bench_open_loop.py", ["--large-batch-size", "2"], "--large-batch-size"),
+     ("bench_healthz_under_load.py", ["--worker-nice", "0"], "--worker-nice")],
+)  # fmt: skip
+def test_options_that_shape_a_started_service_are_refused_with_url(script, given, refused, tmp_path):
+    """With --url they were ignored but still recorded in the JSON's args, as if the service had run with them."""
+    result = subprocess.run(
+        [sys.executable, f"loadtests/{script}", "--url", "http://127.0.0.1:9", *given, "--out", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "o").exists(), result.stderr[-2000:]
+    assert result.stderr.strip().endswith(f"{refused}: for the service this script starts, not one given by --url")
+
+
+def test_open_loop_args_record_no_batch_size_for_a_service_given_by_url():
+    bench_open_loop = load_script("loadtests/bench_open_loop.py")
+    assert bench_open_loop.parse_args(["--url", "http://127.0.0.1:9"]).max_batch_size is None
+    assert bench_open_loop.parse_args([]).max_batch_size == bench_open_loop.DEFAULT_MAX_BATCH_SIZE
