@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8], help="offered requests per second")
     p.add_argument("--seconds", type=float, default=30, help="arrivals per rate")
     p.add_argument("--workload", choices=["small", "mixed"], default="small")
-    p.add_argument("--side", type=int, default=128, help="the small photo side and (started service) bucket; large: 2 x")
+    p.add_argument("--side", type=int, default=128, help="the small photo side and (a started service) bucket; 2 x")
     p.add_argument("--max-batch-size", type=int, default=None, help=f"default {DEFAULT_MAX_BATCH_SIZE}")
     p.add_argument("--large-batch-size", type=int, default=None, help="batching.per_bucket for 2 x side (default: same)")
     p.add_argument("--overload", default=None, help="JSON for args.overload, e.g. '{\"max_queue_wait_s\": 5}'")
