@@ -69,9 +69,10 @@ def main() -> int:
     child, url = start_service(work, "latency", adjust)
     levels = []
     try:
-        run_soak(url, seconds=5, clients=1, side=args.side)  # warm the path
+        fields = {"gate": args.gate}
+        run_soak(url, seconds=5, clients=1, side=args.side, fields=fields)  # warm the path the levels take
         for clients in args.levels:
-            report = run_soak(url, seconds=args.seconds, clients=clients, side=args.side, fields={"gate": args.gate})
+            report = run_soak(url, seconds=args.seconds, clients=clients, side=args.side, fields=fields)
             levels.append(level_row(report))
             print(levels[-1], flush=True)
     finally:

@@ -682,3 +682,33 @@ def test_open_loop_args_record_no_batch_size_for_a_service_given_by_url():
     bench_open_loop = load_script("loadtests/bench_open_loop.py")
     assert bench_open_loop.parse_args(["--url", "http://127.0.0.1:9"]).max_batch_size is None
     assert bench_open_loop.parse_args([]).max_batch_size == bench_open_loop.DEFAULT_MAX_BATCH_SIZE
+
+
+def test_bench_proxy_head_writes_where_out_says(tmp_path):
+    """It always wrote out/bench_proxy_head.json under the working directory, with no --out."""
+    out = tmp_path / "figures" / "head.json"
+    subprocess.run(
+        [sys.executable, "loadtests/bench_proxy_head.py", "--requests", "20", "--rounds", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 1 and set(result["median"]) == {"httptools", "bounded"}, result
+
+
+def test_latency_report_warms_up_the_gate_path_its_levels_take(tmp_path, monkeypatch):
+    """The warm-up sent no gate field: with --gate other than the service's default it warmed another path."""
+    latency_report = load_script("loadtests/latency_report.py")
+    gates = []
+
+    class RecordsGate(_Answers32):
+        def do_POST(self):
+            gates.append(b'name="gate"\r\n\r\noff\r\n' in self.rfile.read(int(self.headers["content-length"])))
+            self.reply(200, png_bytes(np.zeros((32, 32, 3), np.uint8)), {"Content-Type": "image/png"})
+
+    with loopback_server(RecordsGate) as url:
+        monkeypatch.setattr(latency_report, "start_service", lambda work, name, adjust: (None, url))
+        monkeypatch.setattr(latency_report, "stop_service", lambda child: None)
+        monkeypatch.setattr(sys, "argv", ["latency_report.py", "--levels", "1", "--seconds", "0.3", "--side", "32",
+                                          "--gate", "off", "--out", str(tmp_path / "l.json")])  # fmt: skip
+        assert latency_report.main() == 0
+    assert len(gates) >= 2 and all(gates), gates
