@@ -10,6 +10,8 @@ with seeded random weights (timing does not depend on them), then measures
 with per-stage times (CUDA events), achieved TFLOP/s, peak memory and first-call (capture) cost.
 Also: bf16 vs fp32 pixel agreement on a small crop. `--modes compile` (inductor kernels inside the
 same graphs; minutes of compilation per shape) and `--vae-layout contiguous` are there for A/B runs. Writes bench_engine_gpu.json and bench_engine_gpu.md into --out-dir and prints the table.
+Exits 1, naming them, when a part failed (parity, a capture, a case: the others still run) or no case was
+measured.
 
 Runs on a bare GPU machine with torch but no diffusers or pydantic: carry the wheels that
 loadtests/gpu_wheels.sh downloads (see docs/benchmarks.md for the one command). TensorRT is not
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     modes = ["eager"] if args.smoke else [m for m in args.modes.split(",") if m]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"environment": _environment(device), "args": vars(args), "results": [], "notes": []}
+    report = {"environment": _environment(device), "args": vars(args), "results": [], "notes": [], "failed": []}
     print(json.dumps(report["environment"]), flush=True)
 
     from diffusers.utils import logging as diffusers_logging
@@ -121,6 +123,10 @@ def main(argv=None) -> int:
     report["seconds"] = round(time.monotonic() - started, 1)
     _save(out_dir, report)
     print(_table(report))
+    if report["failed"] or not report["results"]:
+        reason = f"failed: {', '.join(report['failed'])}" if report["failed"] else "no case was measured"
+        print(f"bench_engine_gpu: {reason} (notes in {out_dir / 'bench_engine_gpu.json'})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -267,7 +273,8 @@ def _goals(rows: list[dict]) -> dict:
 
 
 def _attempt(report: dict, what: str, fn):
-    """Run one part; a failure is recorded in the report (the other parts still run)."""
+    """Run one part; a failure is recorded in the report's notes and `failed` (the other parts still run, and
+    main exits 1 at the end)."""
     import traceback
 
     import torch
@@ -276,6 +283,7 @@ def _attempt(report: dict, what: str, fn):
         return fn()
     except Exception as exc:  # noqa: BLE001 - one lease, as many figures as can be had
         report["notes"].append(f"{what} failed: {exc!r}"[:2000])
+        report["failed"].append(what)
         print(f"{what} FAILED:\n{traceback.format_exc()}", flush=True)
         _free(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         return None

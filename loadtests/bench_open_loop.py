@@ -14,7 +14,8 @@ removals per second (the 200s / elapsed_s, drain included), p50/p95/p99 of the a
 arrival), the shares of 429 / 503 / 504, other errors, bad_result (a 200 without an image of the photo's
 size: every answer is checked, as loadtests/soak.py does) and lost (no answer). `small`: every photo is
 --side; `mixed`: two in three are --side, one in three 2 x --side (a larger bucket). Saves JSON (--out)
-and prints a table; the saturation point is the lowest rate reaching 95% of the best throughput.
+and prints a table; the saturation point is the lowest rate reaching 95% of the best throughput. Exits 1 when no
+rate completed a removal (no saturation point: nothing was measured).
 
 The load generator shares the machine's cores with the service; Ray runs the service's processes at nice 15,
 so at nice 0 the generator takes a core first (at 96 arrivals/s on 2 cores it used ~90% of one and starved the
@@ -28,6 +29,7 @@ import asyncio
 import collections
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,13 +37,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import (
-    center_mask, exit_if_unreachable, photo, png, remover_only, start_service, stop_service, summarize, valid_image,
+    center_mask, exit_if_unreachable, photo, png, remover_only, saturation_point, start_service, stop_service,
+    summarize, valid_image,
 )  # fmt: skip
 
 from serve.worker_threads import lower_this_thread
 
 REQUEST_TIMEOUT_S = 180.0
 DRAIN_S = 240.0
+DEFAULT_MAX_BATCH_SIZE = 8
+SERVICE_OPTIONS = ("--max-batch-size", "--large-batch-size", "--overload")  # refused with --url
 
 
 def parse_args(argv=None):
@@ -49,16 +54,22 @@ def parse_args(argv=None):
     p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8], help="offered requests per second")
     p.add_argument("--seconds", type=float, default=30, help="arrivals per rate")
     p.add_argument("--workload", choices=["small", "mixed"], default="small")
-    p.add_argument("--side", type=int, default=128, help="the small photo side and bucket; the large is 2 x")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--side", type=int, default=128, help="the small photo side and (a started service) bucket; 2 x")
+    p.add_argument("--max-batch-size", type=int, default=None, help=f"default {DEFAULT_MAX_BATCH_SIZE}")
     p.add_argument("--large-batch-size", type=int, default=None, help="batching.per_bucket for 2 x side (default: same)")
     p.add_argument("--overload", default=None, help="JSON for args.overload, e.g. '{\"max_queue_wait_s\": 5}'")
-    p.add_argument("--url", default=None, help="a running service instead of starting one")
+    p.add_argument("--url", default=None, help="a running service instead of starting one (its own config applies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before / after)")
     p.add_argument("--out", type=Path, default=Path("out/bench_open_loop.json"))
     p.add_argument("--client-nice", type=int, default=0, help="send this many nice steps lower (15: Ray's workers')")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    shaping = [flag for flag in SERVICE_OPTIONS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.url and shaping:
+        p.error(f"{', '.join(shaping)}: for the service this script starts, not one given by --url")
+    if args.max_batch_size is None and args.url is None:  # None in the JSON's args: not applied
+        args.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+    return args
 
 
 def service_config(args):
@@ -171,19 +182,24 @@ def main(argv=None) -> int:
         if child is not None:
             stop_service(child)
     best = max(level["completed_per_s"] for level in levels)
-    saturation = next(level["offered_per_s"] for level in levels if level["completed_per_s"] >= 0.95 * best)
+    saturation = saturation_point(levels, load="offered_per_s", rate="completed_per_s")
     report = {"label": args.label, "args": {k: str(v) for k, v in vars(args).items()}, "model": model, "levels": levels,
+              "service_started": args.url is None,  # with --url, --side sized the photos only, not its buckets
               "saturation_offered_per_s": saturation, "best_completed_per_s": best,
               "client_nice_applied": client_niced}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    columns = ("offered_per_s", "realized_per_s", "elapsed_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms", "share_429", "share_503", "share_504",
-               "bad_result", "lost")  # fmt: skip
-    print(f"\n{args.label} workload={args.workload} side={args.side}: saturation at {saturation}/s (best {best}/s)")
+    columns = ("offered_per_s", "realized_per_s", "elapsed_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms",
+               "share_429", "share_503", "share_504", "other_errors", "bad_result", "lost")  # fmt: skip
+    verdict = "no rate completed a removal" if saturation is None else f"saturation at {saturation}/s (best {best}/s)"
+    print(f"\n{args.label} workload={args.workload} side={args.side}: {verdict}")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for level in levels:
         print("| " + " | ".join("-" if level[c] is None else str(level[c]) for c in columns) + " |")
     print(f"wrote {args.out}")
+    if saturation is None:
+        print("bench_open_loop: no rate completed a removal: nothing was measured", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,12 +1,12 @@
 """What bounding a request's head costs Ray's HTTP proxy: uvicorn's httptools protocol against
 serve.proxy_connections.BoundedHttpProtocol, in one run, on loopback, with a trivial ASGI app.
 
-    python loadtests/bench_proxy_head.py [--requests 20000] [--rounds 5]
+    python loadtests/bench_proxy_head.py [--requests 20000] [--rounds 5] [--out out/bench_proxy_head.json]
 
 Each round sends --requests small GET requests over one keep-alive connection (one at a time: the per-request
 cost, not the throughput of many clients) to a uvicorn server of each protocol, configured as Ray's proxy
 configures it, alternating the protocols round by round. Prints requests per second of each and their ratio;
-writes out/bench_proxy_head.json (docs/benchmarks.md holds the committed figures). On this shared machine the
+writes --out (docs/benchmarks.md holds the committed figures). On this shared machine the
 ratio is the figure to read, not the absolute rates.
 """
 
@@ -70,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=positive_int, default=20000)
     parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_proxy_head.json"))
     args = parser.parse_args()
     servers = {"httptools": _serve(HttpToolsProtocol), "bounded": _serve(BoundedHttpProtocol)}
     rates: dict[str, list[float]] = {name: [] for name in servers}
@@ -86,13 +87,12 @@ def main() -> None:
     for name, values in rates.items():
         print(f"{name:<10} {medians[name]:>13.0f}  {' '.join(f'{v:.0f}' for v in values)}")
     print(f"bounded / httptools: {ratio:.3f}")
-    out = Path("out")
-    out.mkdir(exist_ok=True)
     result = {
         "requests_per_round": args.requests, "rounds": args.rounds, "rates": rates, "median": medians,
         "ratio": ratio, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }  # fmt: skip
-    (out / "bench_proxy_head.json").write_text(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,20 +8,21 @@ baseline (loadtests/naive_app.py: FastAPI + diffusers' SDXL inpainting pipeline,
 time, the whole image resized to the model side) loads it with diffusers. Each runs alone on the
 machine, in turn, under `locust --headless` with REST users only (loadtests/locustfile.py, every
 answer checked for a valid image of the input's size). Prints and saves (out/bench_vs_naive.json)
-requests/s, p50/p95/p99 and failures of the removals, and the refusals (a busy service's 429 / 503 with
-Retry-After, too-many-requests or overloaded, which locust counts as successes) apart.
+the removals that succeeded per second, p50/p95/p99 and failures of the removals, and the refusals (a busy
+service's 429 / 503 with Retry-After, too-many-requests or overloaded, which locust counts as successes) apart.
+Exits 1, saying which server, when a run had failures or no removal that succeeded: not a comparison.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -29,51 +30,65 @@ from benchlib import REPO, free_port, remover_only, start_service, stop_service
 
 
 def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> dict:
+    """The removals' figures from locust's --json-file, written at exit: its _stats.csv is rewritten every second
+    in the background and not at shutdown, so the last second of the stop-timeout drain was missing from it."""
     env = {**os.environ, "ROREM_MIX": mix, "ROREM_USERS": "rest:1,grpc:0"}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "locust"), "-f", "loadtests/locustfile.py", "--headless", "--host", url,
-         "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "120", "--csv", str(prefix),
+         "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "120", "--json-file", str(prefix),
          "--only-summary"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds + 600,
     )  # fmt: skip
-    stats = Path(f"{prefix}_stats.csv")
-    if result.returncode not in (0, 1) or not stats.exists():  # 1: the run had failures, which the table shows
+    stats = Path(f"{prefix}.json")  # locust adds the suffix
+    if result.returncode not in (0, 1) or not stats.exists():  # 1: the run had failures, which the figures show
         raise SystemExit(f"locust against {url} exited {result.returncode} without its stats:\n{result.stderr[-2000:]}")
-    return removal_figures(list(csv.DictReader(open(stats))))
+    return removal_figures(json.loads(stats.read_text()))
 
 
-def removal_figures(rows: list[dict]) -> dict:
-    """The removals' figures, without the locustfile's "... refused 429" rows (successes to locust, so its
-    Aggregated row counted refusals as throughput); the refusals are a column of their own. With several
-    removal rows (a mix of sizes) each percentile is read off the rows' percentile tables merged by count."""
-    removals = [row for row in rows if row["Name"] != "Aggregated" and " refused " not in row["Name"]]
-    requests = sum(int(row["Request Count"]) for row in removals)
+def removal_figures(entries: list[dict]) -> dict:
+    """The removals' figures, without the locustfile's "... refused 429" entries (successes to locust); the
+    refusals and the failures are columns of their own. requests_per_s counts the removals that succeeded, over
+    the span from the run's first answer to its last; the percentiles are over every removal answered (locust
+    does not time failures apart: a run with failures is refused by `run_problems`), from the entries'
+    response-time histograms merged."""
+    removals = [entry for entry in entries if " refused " not in entry["name"]]
+    requests = sum(entry["num_requests"] for entry in removals)
+    failures = sum(entry["num_failures"] for entry in removals)
+    stamps = [entry["last_request_timestamp"] for entry in entries if entry["last_request_timestamp"]]
+    span = max(stamps, default=0.0) - min((entry["start_time"] for entry in entries), default=0.0)
+    times = Counter()
+    for entry in removals:
+        times.update({float(ms): count for ms, count in entry["response_times"].items()})
     return {
         "requests": requests,
-        "failures": sum(int(row["Failure Count"]) for row in removals),
-        "refused": sum(int(row["Request Count"]) for row in rows if " refused " in row["Name"]),
-        "requests_per_s": round(sum(_number(row["Requests/s"]) or 0.0 for row in removals), 3),
-        **{f"p{q}_ms": _merged_percentile(removals, q, requests) for q in (50, 95, 99)},
+        "failures": failures,
+        "refused": sum(entry["num_requests"] for entry in entries if " refused " in entry["name"]),
+        "requests_per_s": round((requests - failures) / span, 3) if span > 0 else 0.0,
+        **{f"p{q}_ms": _percentile(times, q) if requests > failures else None for q in (50, 95, 99)},
     }
 
 
-def _merged_percentile(rows: list[dict], q: int, requests: int) -> float | None:
-    """The smallest of the rows' percentile values that at least q% of all their requests did not exceed."""
-    tables = [
-        (int(row["Request Count"]), [(float(k[:-1]), _number(v)) for k, v in row.items() if k.endswith("%")])
-        for row in rows if int(row["Request Count"])
-    ]  # fmt: skip
-    values = sorted({v for _, table in tables for _, v in table if v is not None})
-
-    def share_within(value: float) -> float:
-        return sum(n * max((p for p, v in table if v is not None and v <= value), default=0.0) for n, table in tables)
-
-    return next((value for value in values if share_within(value) >= q * requests), None)
+def _percentile(times: Counter, q: int) -> float | None:
+    """The smallest of locust's (rounded) response times that at least q% of the timed requests did not exceed;
+    not locust.stats' own: importing locust monkey-patches this process for gevent."""
+    total, within = sum(times.values()), 0
+    for value in sorted(times):
+        within += times[value]
+        if within * 100 >= q * total:
+            return value
+    return None
 
 
-def _number(text: str) -> float | None:
-    """Locust writes N/A where it has no sample (a run in which no request completed): a missing figure."""
-    return None if text.strip() in ("", "N/A") else float(text)
+def run_problems(runs: dict[str, dict]) -> list[str]:
+    """Why the comparison does not stand, one line per server: a run with failures (their times are in its
+    percentiles) or without one removal that succeeded."""
+    problems = []
+    for name, run in runs.items():
+        if run["requests"] == run["failures"]:
+            problems.append(f"{name}: no removal succeeded ({run['failures']} failed, {run['refused']} refused)")
+        elif run["failures"]:
+            problems.append(f"{name}: {run['failures']} of {run['requests']} removals failed")
+    return problems
 
 
 def _ms(value: float | None) -> str:
@@ -101,7 +116,7 @@ def start_naive(work: Path, layout, side: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the naive app did not start; see {work / 'naive.log'}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=60)
@@ -148,7 +163,10 @@ def main() -> None:
             f" {run['requests']:>9} {run['failures']:>9} {run['refused']:>8}"
         )
     print(f"throughput rorem-serve / fastapi+diffusers: {result['throughput_ratio']}x; saved {args.out}")
+    for problem in run_problems(result["runs"]):
+        print(f"not a comparison: {problem}", file=sys.stderr)
+    return 1 if run_problems(result["runs"]) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

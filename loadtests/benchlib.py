@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import os
 import signal
@@ -23,6 +24,7 @@ from PIL import Image
 
 from serve.grpc_client import API_KEY_ENV  # noqa: F401 (one name for the key's variable: the client's)
 from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it from here)
+from serve.problems import LOAD_REFUSALS
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_RETRY_AFTER_S = 60.0  # a client that is told to come back later still comes back within a load test
@@ -50,6 +52,24 @@ def retry_after_s(value: str | None, now: float | None = None) -> float:
     if math.isnan(seconds):
         seconds = 1.0
     return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def problem_slug(type_uri: object) -> str | None:
+    """The kind a problem's `type` names (serve.problems.TYPE_BASE + slug), None if it names none."""
+    return type_uri.rsplit("/", 1)[-1] if isinstance(type_uri, str) and type_uri else None
+
+
+def rest_refusal(headers, body: bytes) -> bool:
+    """Whether an answer is a load refusal (LOAD_REFUSALS, with Retry-After), which a busy service answers a good
+    request with: a 503 replica-failed or not-ready also has a Retry-After, and a crashing Remover counted as
+    refused showed no failure (the locustfile's rule and soak.py's)."""
+    if not headers.get("retry-after"):
+        return False
+    try:
+        problem = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(problem, dict) and problem_slug(problem.get("type")) in LOAD_REFUSALS
 
 
 def photo(side: int) -> np.ndarray:
@@ -104,6 +124,15 @@ def summarize(samples_ms: list[float]) -> dict:
         **{f"p{q}_ms": round(cuts[q - 1], 1) for q in (50, 90, 95, 99)},
         "mean_ms": round(statistics.fmean(ordered), 1),
     }
+
+
+def saturation_point(levels: list[dict], load: str, rate: str) -> float | None:
+    """The lowest `load` whose `rate` reaches 95% of the best; None when no level completed a removal (every level
+    reaches 95% of 0: a run of 401s named its first level the saturation point)."""
+    best = max((level[rate] for level in levels), default=0)
+    if not best:
+        return None
+    return next(level[load] for level in levels if level[rate] >= 0.95 * best)
 
 
 def timed_runs(run: Callable[[dict[str, float]], object], runs: int) -> tuple[list[float], dict[str, float]]:

@@ -10,17 +10,19 @@ image) inside the window per second (each client's request in flight when the wi
 not counted: with N closed-loop clients counting it overstated the rate by ~N / (rate x seconds)),
 p50/p95/p99 of the successful ones, the share of 429 and 503 answers, other 4xx, other 5xx, bad answers (a
 200 without the image, an error without problem+json), lost. The saturation point is the lowest level
-reaching 95% of the best throughput; there is none when no level completed a removal. Saves
-out/latency_report.json.
+reaching 95% of the best throughput; there is none when no level completed a removal, and the script then
+exits 1. Saves out/latency_report.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
+import benchlib
 from benchlib import start_service, stop_service
 from soak import SoakReport, run_soak
 
@@ -45,15 +47,12 @@ def level_row(report: SoakReport) -> dict:
 
 
 def saturation_point(levels: list[dict]) -> int | None:
-    """The fewest clients reaching 95% of the best ok/s; None when no level completed a removal (every level
-    reaches 95% of 0: a run of 401s named its first level the saturation point)."""
-    best = max((level["ok_per_s"] for level in levels), default=0)
-    if not best:
-        return None
-    return next(level["clients"] for level in levels if level["ok_per_s"] >= 0.95 * best)
+    """The fewest clients reaching 95% of the best ok/s (benchlib.saturation_point); None when no level
+    completed a removal."""
+    return benchlib.saturation_point(levels, load="clients", rate="ok_per_s")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--seconds", type=float, default=40)
@@ -70,9 +69,10 @@ def main() -> None:
     child, url = start_service(work, "latency", adjust)
     levels = []
     try:
-        run_soak(url, seconds=5, clients=1, side=args.side)  # warm the path
+        fields = {"gate": args.gate}
+        run_soak(url, seconds=5, clients=1, side=args.side, fields=fields)  # warm the path the levels take
         for clients in args.levels:
-            report = run_soak(url, seconds=args.seconds, clients=clients, side=args.side, fields={"gate": args.gate})
+            report = run_soak(url, seconds=args.seconds, clients=clients, side=args.side, fields=fields)
             levels.append(level_row(report))
             print(levels[-1], flush=True)
     finally:
@@ -96,10 +96,11 @@ def main() -> None:
     print(f"ok/s: removals completed inside each {args.seconds:g} s window, per second; bad: a 200 without the image,"
           " an error without problem+json")  # fmt: skip
     if saturation is None:
-        print(f"no level completed a removal: no saturation point; saved {args.out}")
-    else:
-        print(f"saturation at {saturation} clients ({best} removals/s); saved {args.out}")
+        print(f"latency_report: no level completed a removal: no saturation point; saved {args.out}", file=sys.stderr)
+        return 1
+    print(f"saturation at {saturation} clients ({best} removals/s); saved {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,7 +31,6 @@ failure, Retry-After or not: a 503 replica-failed, not-ready or stopping says so
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import sys
@@ -40,7 +39,9 @@ from functools import cache
 
 import gevent
 import numpy as np
-from benchlib import API_KEY_ENV, api_key_headers, retry_after_s, valid_image  # locust puts loadtests/ on sys.path
+from benchlib import (  # locust puts loadtests/ on sys.path
+    API_KEY_ENV, api_key_headers, problem_slug, rest_refusal, retry_after_s, valid_image,
+)  # fmt: skip
 from locust import HttpUser, User, between, events, task
 from locust.runners import MasterRunner
 from PIL import Image
@@ -128,23 +129,6 @@ def check_grpc_target(environment, **_kwargs) -> None:
 def image_problem(content: bytes, size: str) -> str | None:
     """None if `content` is an image of the input's size (benchlib.valid_image: the header only), else what."""
     return None if valid_image(content, SIZES[size]) else f"not a valid image of {SIZES[size]}"
-
-
-def problem_slug(type_uri: object) -> str | None:
-    """The kind a problem's `type` names (serve.problems.TYPE_BASE + slug), None if it names none."""
-    return type_uri.rsplit("/", 1)[-1] if isinstance(type_uri, str) and type_uri else None
-
-
-def rest_refusal(headers, body: bytes) -> bool:
-    """Whether an answer is a load refusal (LOAD_REFUSALS, with Retry-After): a 503 replica-failed or not-ready
-    also has a Retry-After, and a crashing Remover counted as refused showed no failure."""
-    if not headers.get("retry-after"):
-        return False
-    try:
-        problem = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(problem, dict) and problem_slug(problem.get("type")) in LOAD_REFUSALS
 
 
 def grpc_refusal(code: str, details: str | None, trailing: dict) -> bool:

@@ -10,9 +10,11 @@ error), ok and ok_in_window (the 200s with a valid image, and those of them that
 had passed: each client's last request ends after it), errored (answered with an error, by status), lost (no
 answer: connection dropped or the client deadline passed). lost must be 0: a request may fail, but it must be
 told so. A 200 without a decodable image of the input's size counts as `bad_result` (not ok), an error without
-problem+json as `bad_error`. The exit code is 1 when lost, bad_result, bad_error or any 500 is non-zero, when
-no request succeeded, or on any 4xx but a loaded service's (429, 408: UNDER_LOAD): a run whose every request
-got 401 (no --api-key) removed nothing. A client waits out an error's Retry-After (at most
+problem+json as `bad_error`. The exit code is 1 when lost, bad_result or bad_error is non-zero, when no request
+succeeded (a run whose every request got 401, no --api-key, removed nothing), or on any error but a load refusal
+(`refused`: a problem of serve.problems.LOAD_REFUSALS, too-many-requests or overloaded, with Retry-After; the
+locustfile's rule, benchlib.rest_refusal): a 503 replica-failed or not-ready, a 504 or a 408 is a failure.
+A client waits out an error's Retry-After (at most
 benchlib.MAX_RETRY_AFTER_S, and not past the window), or ERROR_PAUSE_S without one.
 
 Chaos kills replica processes of a local Serve (`ray::ServeReplica:<app>:<deployment>`) with SIGKILL,
@@ -36,18 +38,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import (
-    API_KEY_ENV, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int, retry_after_s,
-    summarize, valid_image,
+    API_KEY_ENV, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int, rest_refusal,
+    retry_after_s, summarize, valid_image,
 )  # fmt: skip
 
 from serve.config import INSTANCE_ENV
 from serve.ports import DEFAULT_HTTP_PORT
-from serve.problems import KIND_BY_SLUG, LOAD_REFUSALS
 
 # after a lost request or an error without Retry-After (a refused connection or a 401 answers at once: no tight loop)
 ERROR_PAUSE_S = 0.1
-# the statuses a loaded service answers a well-formed request with: its refusals, and Ray's proxy's request timeout
-UNDER_LOAD = frozenset(str(KIND_BY_SLUG[slug].status) for slug in (*LOAD_REFUSALS, "proxy-timeout"))
 
 
 @dataclass
@@ -59,6 +58,7 @@ class SoakReport:
     ok: int = 0
     ok_in_window: int = 0  # the 200s that came back before `seconds` had passed (a rate's numerator)
     errored: dict[str, int] = field(default_factory=dict)
+    refused: int = 0  # of the errored, the load refusals (benchlib.rest_refusal): what a busy service answers
     lost: int = 0
     lost_reasons: dict[str, int] = field(default_factory=dict)
     bad_result: int = 0
@@ -68,11 +68,11 @@ class SoakReport:
 
     @property
     def passed(self) -> bool:
-        """Whether the service answered every request well; a 4xx but UNDER_LOAD's says the run's requests were
-        refused (a missing key, a bad input), and a run without one ok removal measured nothing."""
-        refused = [status for status in self.errored if status.startswith("4") and status not in UNDER_LOAD]
+        """Whether the service answered every request well: each error a load refusal (benchlib.rest_refusal, the
+        locustfile's rule: a 503 replica-failed, a 504 or a 401 is a failure), and one ok removal at least (a
+        run without one measured nothing)."""
         well_formed = self.lost == 0 and self.bad_result == 0 and self.bad_error == 0
-        return well_formed and "500" not in self.errored and not refused and self.ok > 0
+        return well_formed and self.refused == sum(self.errored.values()) and self.ok > 0
 
 
 def replica_pids(deployment: str, instance: str, app: str, proc: Path = Path("/proc")) -> list[int]:
@@ -158,6 +158,7 @@ def run_soak(
                     else:
                         key = str(response.status_code)
                         report.errored[key] = report.errored.get(key, 0) + 1
+                        report.refused += rest_refusal(response.headers, response.content)
                         report.bad_error += response.headers.get("content-type") != "application/problem+json"
                 if not good:  # each client waits on its own, not holding the others' lock
                     retry_after = response.headers.get("retry-after")

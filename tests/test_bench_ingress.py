@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from serve.problems import TYPE_BASE
 from tests.helpers import REPO, CannedAnswers, load_script, loopback_server, png_bytes
 
 pytest.importorskip("skimage")  # the benchmark's photo is scikit-image's astronaut
@@ -202,15 +204,27 @@ def test_zero_runs_are_refused_before_any_work(script, flag):
     assert result.returncode == 2 and f"{flag}: must be at least 1, not 0" in result.stderr, result.stderr[-2000:]
 
 
-def test_bench_vs_naive_takes_locusts_na_as_a_missing_figure(tmp_path, monkeypatch):
-    """Locust writes N/A for the percentiles of a run in which no request completed (every one failed, say);
-    float("N/A") ended the comparison with a ValueError after both services had run."""
+def _locust_entry(name: str, requests: int, failures: int, times: dict[int, int], span: tuple = (100.0, 120.0)):
+    """One entry of locust's --json-file (the fields bench_vs_naive reads); JSON makes the histogram's keys text."""
+    return {
+        "name": name, "method": "POST", "num_requests": requests, "num_failures": failures, "start_time": span[0],
+        "last_request_timestamp": span[1] if requests else None,
+        "response_times": {str(k): v for k, v in times.items()},
+    }  # fmt: skip
+
+
+def _bench_vs_naive_reading(tmp_path, monkeypatch, entries: list[dict], returncode: int):
     bench_vs_naive = load_script("loadtests/bench_vs_naive.py")
-    header = "Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%\n"
-    (tmp_path / "run_stats.csv").write_text(header + ",Aggregated,0,0,0.0,N/A,N/A,N/A\n")
-    locust_ran = SimpleNamespace(returncode=0, stderr="")
+    (tmp_path / "run.json").write_text(json.dumps(entries))
+    locust_ran = SimpleNamespace(returncode=returncode, stderr="")
     monkeypatch.setattr(bench_vs_naive, "subprocess", SimpleNamespace(run=lambda *args, **kwargs: locust_ran))
-    run = bench_vs_naive.run_locust("http://127.0.0.1:1", 1, 1, "512:1", tmp_path / "run")
+    return bench_vs_naive, bench_vs_naive.run_locust("http://127.0.0.1:1", 1, 1, "512:1", tmp_path / "run")
+
+
+def test_bench_vs_naive_takes_a_run_without_answers_as_missing_figures(tmp_path, monkeypatch):
+    """Locust has no percentile for a run in which no request completed (its CSV wrote N/A; float("N/A") ended the
+    comparison with a ValueError after both services had run): the figures are missing, not zero."""
+    _, run = _bench_vs_naive_reading(tmp_path, monkeypatch, [], 0)
     assert run == {
         "requests": 0, "failures": 0, "refused": 0, "requests_per_s": 0.0, "p50_ms": None, "p95_ms": None,
         "p99_ms": None,
@@ -220,23 +234,63 @@ def test_bench_vs_naive_takes_locusts_na_as_a_missing_figure(tmp_path, monkeypat
 def test_bench_vs_naive_counts_refusals_apart_not_as_throughput(tmp_path, monkeypatch):
     """bench_vs_naive read locust's Aggregated row, which holds the locustfile's "... refused 429" rows (successes
     to locust): a service refusing most requests at once showed their rate as its throughput and their
-    milliseconds as its latency. Only the removal rows count (half of these 20 took at most 3.6 s: the p50); the
-    refusals are a column of their own."""
-    bench_vs_naive = load_script("loadtests/bench_vs_naive.py")
-    header = "Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%,100%\n"
-    (tmp_path / "run_stats.csv").write_text(
-        header + "POST,/remove 512,10,1,0.5,2000,3000,3500,3600\n"
-        "POST,/remove 1024,10,0,0.25,4000,5000,5200,5300\n"
-        "POST,/remove 512 refused 429,300,0,15.0,3,5,6,7\n"
-        ",Aggregated,320,1,15.75,3,2000,5000,5300\n"
-    )
-    locust_ran = SimpleNamespace(returncode=1, stderr="")  # locust's code for a run with failures
-    monkeypatch.setattr(bench_vs_naive, "subprocess", SimpleNamespace(run=lambda *args, **kwargs: locust_ran))
-    run = bench_vs_naive.run_locust("http://127.0.0.1:1", 1, 1, "512:1", tmp_path / "run")
+    milliseconds as its latency. Only the removal entries count (half of these 20 took at most 3.6 s: the p50);
+    the refusals are a column of their own, and the one failure is not throughput (19 successes in 20 s)."""
+    entries = [
+        _locust_entry("/remove 512", 10, 1, {2000: 5, 3000: 4, 3600: 1}),
+        _locust_entry("/remove 1024", 10, 0, {4000: 5, 5000: 4, 5200: 1}),
+        _locust_entry("/remove 512 refused 429", 300, 0, {3: 300}),
+    ]
+    bench_vs_naive, run = _bench_vs_naive_reading(tmp_path, monkeypatch, entries, 1)  # 1: a run with failures
     assert run == {
-        "requests": 20, "failures": 1, "refused": 300, "requests_per_s": 0.75, "p50_ms": 3600.0, "p95_ms": 5000.0,
+        "requests": 20, "failures": 1, "refused": 300, "requests_per_s": 0.95, "p50_ms": 3600.0, "p95_ms": 5000.0,
         "p99_ms": 5200.0,
     }  # fmt: skip
+    assert bench_vs_naive.run_problems({"ours": run}) == ["ours: 1 of 20 removals failed"]
+
+
+def _locust_bench_vs_naive():
+    if not (Path(sys.executable).parent / "locust").exists():
+        pytest.skip("locust is not installed (dev extra)")
+    return load_script("loadtests/bench_vs_naive.py")
+
+
+def test_bench_vs_naive_counts_no_failed_removal_as_throughput_and_refuses_the_run(tmp_path):
+    """Against a service answering 500 to every /remove, run_locust gave 19 requests, 19 failures, 4.85 requests/s
+    and a p50 of 200 ms (locust's Requests/s and percentiles count failures), and main exited 0."""
+    bench_vs_naive = _locust_bench_vs_naive()
+
+    class Fails(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.reply(500, b"boom", {"Content-Type": "text/plain"})
+
+    with loopback_server(Fails) as url:
+        run = bench_vs_naive.run_locust(url, 1, 2, "512:1", tmp_path / "run")
+    assert run["failures"] == run["requests"] >= 2, run
+    assert run["requests_per_s"] == 0.0 and run["p50_ms"] is None and run["p99_ms"] is None, run
+    problems = bench_vs_naive.run_problems({"rorem-serve": run, "fastapi+diffusers": {**run, "failures": 0}})
+    assert problems == [f"rorem-serve: no removal succeeded ({run['requests']} failed, 0 refused)"]
+
+
+def test_bench_vs_naive_counts_the_removals_answered_while_locust_drains(tmp_path):
+    """It read locust's _stats.csv, rewritten every second in the background and not at shutdown: the removals
+    answered in the stop-timeout drain's last second were missing (a summary of 12 requests, a CSV of 10). Every
+    answer here takes 0.8 s, so the last ones arrive during the drain; the figures count every answer given."""
+    bench_vs_naive = _locust_bench_vs_naive()
+    answered = []
+
+    class Slow(CannedAnswers):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            time.sleep(0.8)
+            answered.append(None)
+            self.reply(200, png_bytes(np.zeros((512, 512, 3), np.uint8)), {"Content-Type": "image/png"})
+
+    with loopback_server(Slow) as url:
+        run = bench_vs_naive.run_locust(url, 2, 2, "512:1", tmp_path / "run")
+    assert run["requests"] == len(answered) >= 2 and run["failures"] == 0, (run, len(answered))
+    assert run["p50_ms"] >= 800 and run["requests_per_s"] > 0, run
 
 
 def test_bench_vs_naive_says_why_when_locust_does_not_run(tmp_path, monkeypatch):
@@ -362,6 +416,35 @@ def test_open_loop_counts_a_200_without_the_image_apart(monkeypatch):
     assert row["completed_per_s"] == 0 and row["p50_ms"] is None and row["other_errors"] == 0, row
 
 
+class _ReadyThenFails(CannedAnswers):
+    """A service ready on /readyz whose every POST /remove fails with a 500."""
+
+    def do_GET(self):
+        self.reply(200, json.dumps({"ready": True, "model": "stub"}).encode(), {"Content-Type": "application/json"})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.reply(500, b"boom", {"Content-Type": "text/plain"})
+
+
+def test_open_loop_run_without_one_removal_fails_and_names_no_saturation_point(tmp_path):
+    """Against a service failing every request, bench_open_loop printed "saturation at 1.0/s (best 0.0/s)" (every
+    rate reaches 95% of 0) and exited 0; its table left out the other_errors the JSON has (the 500s)."""
+    out = tmp_path / "open_loop.json"
+    with loopback_server(_ReadyThenFails) as url:
+        result = subprocess.run(
+            [sys.executable, "loadtests/bench_open_loop.py", "--url", url, "--rates", "4", "--seconds", "1",
+             "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "no rate completed a removal" in result.stderr and "saturation at" not in result.stdout, result.stdout
+    report = json.loads(out.read_text())
+    assert report["saturation_offered_per_s"] is None and report["levels"][0]["other_errors"] >= 1, report
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| offered_per_s"))
+    assert "| other_errors |" in header, header
+
+
 def _always_answers(status: int, slug: str, retry_after: str | None = None) -> type[CannedAnswers]:
     """A service answering every POST /remove with the problem `slug`, and this Retry-After if given."""
 
@@ -402,14 +485,44 @@ def test_a_soak_run_without_one_removal_fails_and_pauses_between_errors(status, 
     assert report.sent <= 1.0 / soak.ERROR_PAUSE_S + 2, f"{report.sent} requests in 1 s: no pause between errors"
 
 
-def test_a_soak_run_fails_on_a_4xx_other_than_a_loaded_services():
-    """429 and 408 are what a loaded service answers a good request; a 401 or 422 among them is the run's fault."""
+def test_a_soak_run_fails_on_an_error_other_than_a_load_refusal():
+    """A 429 or 503 refusal (too-many-requests, overloaded) is what a loaded service answers a good request; a 401
+    or 422 among them is the run's fault, a 408 or 504 a request that failed."""
     soak = load_script("loadtests/soak.py")
-    report = soak.SoakReport(seconds=1.0, clients=1, sent=4, answered=4, ok=2, errored={"429": 1, "503": 1})
+    report = soak.SoakReport(seconds=1.0, clients=1, sent=4, answered=4, ok=2, errored={"429": 1, "503": 1}, refused=2)
     assert report.passed
-    assert soak.SoakReport(**{**report.__dict__, "errored": {"408": 1, "504": 1}}).passed
-    assert not soak.SoakReport(**{**report.__dict__, "errored": {"429": 1, "401": 1}}).passed
-    assert not soak.SoakReport(**{**report.__dict__, "errored": {"422": 2}}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"408": 1, "504": 1}, "refused": 0}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"429": 1, "401": 1}, "refused": 1}).passed
+    assert not soak.SoakReport(**{**report.__dict__, "errored": {"422": 2}, "refused": 0}).passed
+
+
+@pytest.mark.parametrize(
+    "status, slug, retry_after, passed",
+    [(429, "too-many-requests", "1", True), (503, "overloaded", "1", True), (503, "replica-failed", "1", False),
+     (503, "overloaded", None, False), (504, "timeout", None, False), (408, "proxy-timeout", None, False)],
+)  # fmt: skip
+def test_a_soak_run_passes_only_load_refusals_among_its_removals(status, slug, retry_after, passed):
+    """soak passed a run whose every other request got a 503 replica-failed (every 503 counted as "busy") or any
+    504: soak's UNDER_LOAD statuses, where the locustfile tells a load refusal by the problem's type
+    (serve.problems.LOAD_REFUSALS, with Retry-After). Here every other answer is a removal, the rest the error."""
+    soak = load_script("loadtests/soak.py")
+    posts = []
+
+    class EveryOtherFails(_Answers32):
+        def do_POST(self):
+            posts.append(None)
+            if len(posts) % 2:
+                return super().do_POST()
+            self.rfile.read(int(self.headers["content-length"]))
+            headers = {"Content-Type": "application/problem+json"}
+            if retry_after:
+                headers["Retry-After"] = retry_after
+            self.reply(status, json.dumps({"type": TYPE_BASE + slug, "status": status}).encode(), headers)
+
+    with loopback_server(EveryOtherFails) as url:
+        report = soak.run_soak(url, seconds=1.5, clients=1, side=32)
+    assert report.ok >= 1 and report.errored == {str(status): report.answered - report.ok} != {}, report
+    assert report.passed is passed, report
 
 
 def test_a_soak_client_honours_a_retry_after_longer_than_2_s_within_the_window():
@@ -467,3 +580,135 @@ def test_a_wrong_url_ends_the_script_in_one_line_not_a_traceback(script, args, t
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [f"{url}: ConnectError: [Errno 111] Connection refused"], result.stderr
+
+
+def _warms_up_then(answer) -> type[CannedAnswers]:
+    """A service whose /healthz answers, whose first four POSTs (the warm-up, one per kind) get a 200, and whose
+    later POSTs get `answer`'s (status, body, headers)."""
+    posts = []
+
+    class Answers(CannedAnswers):
+        def do_GET(self):
+            self.reply(200, b'{"loop_lag_ms": 0.0}', {"Content-Type": "application/json"})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            posts.append(None)
+            self.reply(*((200, b"{}", {}) if len(posts) <= 4 else answer))
+
+    return Answers
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [(503, b'{"type": "replica-failed"}', {"Content-Type": "application/problem+json"}),
+     (200, b"not an image", {"Content-Type": "image/png"})],
+    ids=["503", "200-without-image"],
+)  # fmt: skip
+def test_healthz_bench_without_one_upload_served_fails_without_a_verdict(answer, tmp_path):
+    """--smoke against a service answering 503 after the warm-up printed "uploads: 0 ... statuses {'503': 148}", its
+    p99 goal verdict and exited 0; a 200 counted as an upload whatever its body held."""
+    out = tmp_path / "healthz.json"
+    with loopback_server(_warms_up_then(answer)) as url:
+        result = subprocess.run(
+            [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--url", url, "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().endswith(f"no upload was served: nothing was measured; saved {out}"), result.stderr
+    assert "goal" not in result.stdout, result.stdout
+    uploads = json.loads(out.read_text())["uploads"]
+    expected = "503" if answer[0] == 503 else "bad_result"
+    assert uploads["completed"] == 0 and set(uploads["statuses"]) == {expected}, uploads
+
+
+@pytest.mark.parametrize("tests_rc, bench_rc", [(0, 0), (1, 0), (0, 1), (124, 1)])
+def test_gpu_run_runs_the_benchmark_after_failed_tests_and_fails_if_either_did(tests_rc, bench_rc, tmp_path):
+    """gpu_run.sh ignored pytest's exit code (the pipe through tee passed on the benchmark's only): a device run whose
+    GPU tests failed passed. The benchmark still runs after failed tests (the only device run keeps both outputs)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho name\n")
+    (stubs / "python3").write_text(
+        '#!/bin/sh\ncase "$*" in\n  "-m pip"*) exit 0 ;;\n'
+        f'  "-m pytest"*) echo tests ran; exit {tests_rc} ;;\n'
+        f'  loadtests/bench_engine_gpu.py*) echo bench ran; exit {bench_rc} ;;\nesac\nexit 3\n'
+    )
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(out)}
+    result = subprocess.run(["bash", "loadtests/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert (out / "gpu_tests.log").read_text() == "tests ran\n" and (out / "bench.log").read_text() == "bench ran\n"
+    expected = [f"gpu_run.sh: gpu tests exited {tests_rc} (see {out}/gpu_tests.log)"] * bool(tests_rc) + [
+        f"gpu_run.sh: the benchmark exited {bench_rc} (see {out}/bench.log)"
+    ] * bool(bench_rc)
+    assert result.stderr.splitlines() == expected and result.returncode == (1 if expected else 0), result.stderr
+
+
+def test_latency_report_without_one_removal_exits_1(tmp_path, monkeypatch, capsys):
+    """main returned None (exit 0) when "no level completed a removal": a run of 401s passed. Its service is
+    started by benchlib.start_service: here a stub answering every removal with a 401 stands in."""
+    latency_report = load_script("loadtests/latency_report.py")
+    out = tmp_path / "latency.json"
+    with loopback_server(_always_answers(401, "unauthorized")) as url:
+        monkeypatch.setattr(latency_report, "start_service", lambda work, name, adjust: (None, url))
+        monkeypatch.setattr(latency_report, "stop_service", lambda child: None)
+        monkeypatch.setattr(sys, "argv", ["latency_report.py", "--levels", "1", "--seconds", "0.5", "--side", "32",
+                                          "--out", str(out)])  # fmt: skip
+        assert latency_report.main() == 1
+    reason = f"latency_report: no level completed a removal: no saturation point; saved {out}"
+    assert capsys.readouterr().err.strip() == reason
+    assert json.loads(out.read_text())["saturation_clients"] is None
+
+
+@pytest.mark.parametrize(
+    "script, given, refused",
+    [("bench_open_loop.py", ["--max-batch-size", "4", "--overload", "{}"], "--max-batch-size, --overload"),
+     ("bench_open_loop.py", ["--large-batch-size", "2"], "--large-batch-size"),
+     ("bench_healthz_under_load.py", ["--worker-nice", "0"], "--worker-nice")],
+)  # fmt: skip
+def test_options_that_shape_a_started_service_are_refused_with_url(script, given, refused, tmp_path):
+    """With --url they were ignored but still recorded in the JSON's args, as if the service had run with them."""
+    result = subprocess.run(
+        [sys.executable, f"loadtests/{script}", "--url", "http://127.0.0.1:9", *given, "--out", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "o").exists(), result.stderr[-2000:]
+    assert result.stderr.strip().endswith(f"{refused}: for the service this script starts, not one given by --url")
+
+
+def test_open_loop_args_record_no_batch_size_for_a_service_given_by_url():
+    bench_open_loop = load_script("loadtests/bench_open_loop.py")
+    assert bench_open_loop.parse_args(["--url", "http://127.0.0.1:9"]).max_batch_size is None
+    assert bench_open_loop.parse_args([]).max_batch_size == bench_open_loop.DEFAULT_MAX_BATCH_SIZE
+
+
+def test_bench_proxy_head_writes_where_out_says(tmp_path):
+    """It always wrote out/bench_proxy_head.json under the working directory, with no --out."""
+    out = tmp_path / "figures" / "head.json"
+    subprocess.run(
+        [sys.executable, "loadtests/bench_proxy_head.py", "--requests", "20", "--rounds", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 1 and set(result["median"]) == {"httptools", "bounded"}, result
+
+
+def test_latency_report_warms_up_the_gate_path_its_levels_take(tmp_path, monkeypatch):
+    """The warm-up sent no gate field: with --gate other than the service's default it warmed another path."""
+    latency_report = load_script("loadtests/latency_report.py")
+    gates = []
+
+    class RecordsGate(_Answers32):
+        def do_POST(self):
+            gates.append(b'name="gate"\r\n\r\noff\r\n' in self.rfile.read(int(self.headers["content-length"])))
+            self.reply(200, png_bytes(np.zeros((32, 32, 3), np.uint8)), {"Content-Type": "image/png"})
+
+    with loopback_server(RecordsGate) as url:
+        monkeypatch.setattr(latency_report, "start_service", lambda work, name, adjust: (None, url))
+        monkeypatch.setattr(latency_report, "stop_service", lambda child: None)
+        monkeypatch.setattr(sys, "argv", ["latency_report.py", "--levels", "1", "--seconds", "0.3", "--side", "32",
+                                          "--gate", "off", "--out", str(tmp_path / "l.json")])  # fmt: skip
+        assert latency_report.main() == 0
+    assert len(gates) >= 2 and all(gates), gates

@@ -260,6 +260,29 @@ def test_the_gpu_benchmark_runs_in_its_smoke_mode(tmp_path):
     assert "| eager | 64 | 1 |" in (tmp_path / "bench_engine_gpu.md").read_text()
 
 
+@pytest.mark.slow  # loads the model libraries and builds the tiny model
+def test_the_gpu_benchmark_exits_1_naming_the_cases_that_failed(tmp_path, monkeypatch, capsys):
+    """Every failed case became a note and main returned 0: a run whose every case failed passed on the device."""
+    import json
+
+    from tests.helpers import load_script
+
+    load_script("loadtests/benchlib.py")  # main's parse_args imports it, as a run from loadtests/ finds it
+    bench = load_script("loadtests/bench_engine_gpu.py")
+    measured = bench._bench_case
+
+    def fails_at_batch_2(engine, mode, side, batch, *rest):
+        if batch == 2:
+            raise RuntimeError("CUDA out of memory")
+        return measured(engine, mode, side, batch, *rest)
+
+    monkeypatch.setattr(bench, "_bench_case", fails_at_batch_2)
+    assert bench.main(["--smoke", "--iters", "1", "--out-dir", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "bench_engine_gpu.json").read_text())
+    assert [(r["side"], r["batch"]) for r in report["results"]] == [(64, 1)] and report["failed"] == ["eager 64x2"]
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("bench_engine_gpu: failed: eager 64x2 (notes in")
+
+
 def test_warm_up_runs_each_bucket_at_its_own_batch_sizes_when_compiled(tiny_bundle):
     """A compiled UNet must see every shape at start: each side at 1, 2, 4 ... its own largest."""
     engine = RemovalEngine.from_bundle(tiny_bundle)

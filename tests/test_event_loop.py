@@ -751,3 +751,30 @@ def test_healthz_bench_smoke(cluster, service, tmp_path):
     assert uploads["completed"] >= 2 and uploads["per_s"] > 0
     assert set(uploads["statuses"]) == {"200"}
     assert "/healthz p99" in run.stdout
+
+
+def test_a_failed_healthz_probe_counts_at_its_timeout_and_fails_the_goal():
+    """Failed probes were left out of the percentiles: one that timed out (10 s) was missing from p99 and max, and
+    the p99 verdict could pass while probes failed. Here every fifth probe gets a 503."""
+    import queue
+    from types import SimpleNamespace
+
+    bench = load_script("loadtests/bench_healthz_under_load.py")
+    calls = []
+
+    class EveryFifthFails(CannedAnswers):
+        def do_GET(self):
+            calls.append(None)
+            status = 503 if len(calls) % 5 == 0 else 200
+            self.reply(status, b'{"loop_lag_ms": 0.0}', {"Content-Type": "application/json"})
+
+    results = queue.Queue()
+    with loopback_server(EveryFifthFails) as url:
+        bench.probe(url, 1.0, results)
+    done = SimpleNamespace(join=lambda timeout: None, is_alive=lambda: False)
+    healthz = bench.probe_result(done, results, 1)
+    assert healthz["errors"] >= 2 and healthz["runs"] >= 10, healthz
+    timeout_ms = bench.PROBE_TIMEOUT_S * 1000
+    assert healthz["max_ms"] >= timeout_ms and healthz["p99_ms"] >= timeout_ms > healthz["p50_ms"], healthz
+    assert not bench.meets_goal({**healthz, "p99_ms": 5.0}, 50), "a failed probe is no fast one"
+    assert bench.meets_goal({**healthz, "p99_ms": 5.0, "errors": 0}, 50)
