@@ -24,7 +24,6 @@ from PIL import Image
 
 from serve.grpc_client import API_KEY_ENV  # noqa: F401 (one name for the key's variable: the client's)
 from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it from here)
-from serve.problems import LOAD_REFUSALS
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_RETRY_AFTER_S = 60.0  # a client that is told to come back later still comes back within a load test
@@ -63,6 +62,8 @@ def rest_refusal(headers, body: bytes) -> bool:
     """Whether an answer is a load refusal (LOAD_REFUSALS, with Retry-After), which a busy service answers a good
     request with: a 503 replica-failed or not-ready also has a Retry-After, and a crashing Remover counted as
     refused showed no failure (the locustfile's rule and soak.py's)."""
+    from serve.problems import LOAD_REFUSALS  # here: serve.problems needs fastapi, which the GPU machine lacks
+
     if not headers.get("retry-after"):
         return False
     try:
