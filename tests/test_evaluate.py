@@ -156,6 +156,15 @@ def test_a_rerun_into_the_same_out_holds_only_its_own_results(baseline, tiny_bun
     assert sorted(p.name for p in (rerun / "outputs").iterdir()) == ["00000.png", "00001.png", "keep.png"]
     assert (rerun / "notes.txt").read_text() == "mine"
 
+    from training.evaluate import clear_previous_results
+
+    users = work / "users-folder"  # no per_image.csv: no evaluate ran there, whatever its files are called
+    (users / "outputs").mkdir(parents=True)
+    for name in ("20240101.png", "00042.png"):
+        (users / "outputs" / name).write_bytes(b"a photo of mine")
+    clear_previous_results(users)
+    assert sorted(p.name for p in (users / "outputs").iterdir()) == ["00042.png", "20240101.png"]
+
     out = work / "compare-rerun"
     args = ["compare", "--a", str(work / "baseline"), "--b", str(work / "baseline"), "--out", str(out)]
     assert main(args) == 0 and (out / "contact_sheet.png").is_file()
@@ -163,6 +172,12 @@ def test_a_rerun_into_the_same_out_holds_only_its_own_results(baseline, tiny_bun
     summary = json.loads((out / "summary.json").read_text())
     assert summary["outputs"]["contact_sheet"] is None and not (out / "contact_sheet.png").exists()
     assert (out / "paired.csv").is_file()
+    mine = work / "my-sheets"
+    mine.mkdir()
+    (mine / "contact_sheet.png").write_bytes(b"my own sheet")  # no paired.csv: no compare ran there
+    assert main(["compare", "--a", str(work / "baseline"), "--b", str(work / "baseline"), "--out", str(mine),
+                 "--sheet-rows", "0"]) == 0  # fmt: skip
+    assert (mine / "contact_sheet.png").read_bytes() == b"my own sheet"
     capsys.readouterr()
 
 

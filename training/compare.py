@@ -168,8 +168,9 @@ def paired_delta(pairs: list[tuple[float, float]], confidence: float, higher_is_
 def compare(settings: CompareSettings) -> dict:
     summary = RunSummary("compare", settings)
     out = Path(settings.out)
-    for name in (PAIRED_CSV, CONTACT_SHEET):  # a previous run's: this run may write no contact sheet
-        (out / name).unlink(missing_ok=True)
+    if (out / PAIRED_CSV).is_file():  # a previous compare's (it writes both): this run may write no contact sheet
+        for name in (PAIRED_CSV, CONTACT_SHEET):
+            (out / name).unlink(missing_ok=True)
     thresholds = load_thresholds(settings.thresholds) if settings.thresholds else None
     a, b = load_run(settings.a), load_run(settings.b)
     threshold = a.summary["metrics"]["threshold"]

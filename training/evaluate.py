@@ -218,14 +218,20 @@ def entry_id(index: int) -> str:
 
 def clear_previous_results(out: Path) -> None:
     """A rerun into the same --out holds only its own results: a previous run's per_image.csv and
-    outputs/NNNNN.png would sit beside fewer new ones (--limit) or another bundle's. Only what evaluate writes
-    is removed; other files in the folder stay."""
-    (out / PER_IMAGE_CSV).unlink(missing_ok=True)
-    outputs = out / OUTPUTS_DIR
-    if outputs.is_dir():
-        for path in outputs.iterdir():
-            if OUTPUT_NAME.fullmatch(path.name) and path.is_file():
-                path.unlink()
+    outputs/NNNNN.png would sit beside fewer new ones (--limit) or another bundle's. Only the images a previous
+    per_image.csv names (its `output` column) are removed, then that file: a folder without one (a user's
+    outputs/20240101.png) is left as it is, as is every other file."""
+    previous = out / PER_IMAGE_CSV
+    try:
+        with open(previous, newline="") as f:
+            written = [row.get("output") or "" for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return
+    for name in written:
+        path = out / name
+        if path.parent == out / OUTPUTS_DIR and OUTPUT_NAME.fullmatch(path.name) and path.is_file():
+            path.unlink()
+    previous.unlink(missing_ok=True)
 
 
 class _Engines:
