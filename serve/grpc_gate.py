@@ -66,8 +66,9 @@ class ProxyGate:
         }
 
     def application(self, metadata) -> str:
-        """The application a call names, as Ray's gRPC proxy routes it; a Problem where Ray would route it to none
-        or where the call names two (the gate read the first entry and Ray routes by the last: a keyless call naming
+        """The application a call names, as Ray's gRPC proxy reads it (the last entry); a Problem where it names one
+        the proxy did not start with (Ray routes any name to a lone application; refused here too), none of several,
+        or two (the gate read the first entry and Ray routes by the last: a keyless call naming
         an application without keys, then a keyed one, passed the key check and reached the keyed Ingress with its
         whole message). The applications are those the proxy started with, as the HTTP route table's."""
         named = [value for key, value in metadata if key == APPLICATION_METADATA]

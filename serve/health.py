@@ -27,7 +27,8 @@ FAILED_CALLS_UNHEALTHY = 5  # engine calls failing in a row with none succeeding
 DESCRIBE_TIMEOUT_S = 5.0  # a model's describe() not answered by then: not ready yet, the next probe asks again
 STALE_AFTER_S = 5.0  # a read of Serve's replica states this old is waited for (Readiness._current_counts)
 STALE_READ_WAIT_S = 1.0
-READYZ_MAX_WAIT_S = STALE_READ_WAIT_S + DESCRIBE_TIMEOUT_S  # what a probe's call must outlast
+# what a probe's call must outlast, once the replica has read Serve's state (its very first probe waits for that read)
+READYZ_MAX_WAIT_S = STALE_READ_WAIT_S + DESCRIBE_TIMEOUT_S
 
 
 class EngineWatch:

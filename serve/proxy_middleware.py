@@ -95,7 +95,9 @@ def retry_after_s() -> int:
     alike: the longest of the applications' overload.retry_after_s (RETRY_AFTER_ENV), as their Ingresses say it;
     one value, as a proxy serves them all. The default where it is not set, or not a whole number of seconds."""
     said = os.environ.get(RETRY_AFTER_ENV, "")
-    return int(said) if said.isdigit() and int(said) > 0 else DEFAULT_RETRY_AFTER_S
+    return int(said) if said.isascii() and said.isdigit() and int(said) > 0 else DEFAULT_RETRY_AFTER_S
+
+
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(REQUEST_ID_PATTERN.encode())

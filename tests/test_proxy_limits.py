@@ -334,7 +334,7 @@ def test_the_proxys_own_retry_after_is_the_longest_its_applications_configure():
     env = proxy_env(config)
     assert env[RETRY_AFTER_ENV] == "30" and "retry_after_s" not in env[ROUTES_ENV]
     said = "from serve import proxy_middleware as p; print(p.retry_after_s(), p.stopping('now').headers['Retry-After'])"
-    for given, expected in ((env[RETRY_AFTER_ENV], "30 30"), ("", "2 2"), ("x", "2 2"), ("0", "2 2")):
+    for given, expected in ((env[RETRY_AFTER_ENV], "30 30"), ("", "2 2"), ("x", "2 2"), ("0", "2 2"), ("²", "2 2")):
         run = subprocess.run(
             [sys.executable, "-c", said], cwd=REPO, env={**os.environ, RETRY_AFTER_ENV: given}, capture_output=True,
             text=True, check=True,

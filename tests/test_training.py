@@ -714,7 +714,8 @@ def test_bundle_refuses_a_base_other_than_the_one_its_runs_trained_on_unless_all
     from training.common import TrainingError
     from training.distill import DistillSettings, distill
 
-    distill(DistillSettings(**_common(tiny_layout.base, tmp_path / "distill", data[0]), steps=1, batch_size=1, lora_rank=4))
+    common = _common(tiny_layout.base, tmp_path / "distill", data[0])
+    distill(DistillSettings(**common, steps=1, batch_size=1, lora_rank=4))
     settings = BundleStageSettings(
         out=tmp_path / "bundle", base="tiny:1", unet=str(Path(tiny_layout.base) / "unet"),
         lcm_lora=str(tmp_path / "distill"), dtype="float32", cache_dir=tmp_path / "cache",
