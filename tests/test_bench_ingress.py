@@ -269,8 +269,12 @@ def test_bench_vs_naive_counts_no_failed_removal_as_throughput_and_refuses_the_r
         run = bench_vs_naive.run_locust(url, 1, 2, "512:1", tmp_path / "run")
     assert run["failures"] == run["requests"] >= 2, run
     assert run["requests_per_s"] == 0.0 and run["p50_ms"] is None and run["p99_ms"] is None, run
-    problems = bench_vs_naive.run_problems({"rorem-serve": run, "fastapi+diffusers": {**run, "failures": 0}})
+    naive = {**run, "requests": 20, "failures": 0}
+    problems = bench_vs_naive.run_problems({"rorem-serve": run, "fastapi+diffusers": naive})
     assert problems == [f"rorem-serve: no removal succeeded ({run['requests']} failed, 0 refused)"]
+    one = {"requests": 1, "failures": 0, "refused": 0}  # its span is one answer's instant: 50,000 removals/s
+    too_few = "naive: 1 removal(s) succeeded, too few for a rate (run longer)"
+    assert bench_vs_naive.run_problems({"naive": one}) == [too_few]
 
 
 def test_bench_vs_naive_counts_the_removals_answered_while_locust_drains(tmp_path):
