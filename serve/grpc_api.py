@@ -110,16 +110,12 @@ class GrpcMethods:
     async def Remove(
         self, message: pb.RemoveRequest | Parsed, grpc_context: RayServegRPCContext
     ) -> pb.RemoveReply:
-        return await self._grpc(
-            "/remove", SHARED_ROUTE_SCOPES["/remove"], grpc_context, pb.RemoveReply, self._grpc_remove, message
-        )
+        return await self._grpc("/remove", grpc_context, pb.RemoveReply, self._grpc_remove, message)
 
     async def Score(
         self, message: pb.ScoreRequest | Parsed, grpc_context: RayServegRPCContext
     ) -> pb.ScoreReply:
-        return await self._grpc(
-            "/score", SHARED_ROUTE_SCOPES["/score"], grpc_context, pb.ScoreReply, self._grpc_score, message
-        )
+        return await self._grpc("/score", grpc_context, pb.ScoreReply, self._grpc_score, message)
 
     async def _grpc_remove(self, message: pb.RemoveRequest, request_id: str, principal, place) -> Answer:
         upload = removal_request(message, self.settings.imaging.max_upload_bytes)
@@ -135,8 +131,8 @@ class GrpcMethods:
         reply = await self.service.score(upload, place)
         return score_reply(reply, request_id), []
 
-    async def _grpc(self, route, scope, context, empty_reply, handler, message):
-        """Run a gRPC call needing `scope` (its REST route's, SHARED_ROUTE_SCOPES); a Problem
+    async def _grpc(self, route, context, empty_reply, handler, message):
+        """Run a gRPC call needing its REST route's scope (SHARED_ROUTE_SCOPES); a Problem
         becomes a status code + problem+json details, counted like REST under the REST route's name. A message
         that did not parse (serve/grpc_servicer.py) is the problem malformed-body, after the key and quota checks.
         `handler` answers (reply, trailing metadata): an answer's metadata is set once, with the quota's. The local
@@ -145,7 +141,8 @@ class GrpcMethods:
         request_id = serve_request_id() or valid_request_id(context.request_id())
         quota = None  # the key's quota decision (serve/quotas.py): counted once the key is known
         try:
-            principal = await self.access.check_grpc(scope, context.invocation_metadata(), context.peer())
+            metadata = context.invocation_metadata()
+            principal = await self.access.check_grpc(SHARED_ROUTE_SCOPES[route], metadata, context.peer())
             quota = await self.quotas.acquire(principal)
             if quota is not None:
                 quota.check()

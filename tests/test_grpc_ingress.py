@@ -433,7 +433,7 @@ def test_a_call_the_client_cancels_is_counted_and_gives_back_its_slot_and_lease(
         await asyncio.sleep(60)
 
     async def main():
-        call = asyncio.ensure_future(ingress._grpc("/remove", "remove", Context(), pb.RemoveReply, model_work, None))
+        call = asyncio.ensure_future(ingress._grpc("/remove", Context(), pb.RemoveReply, model_work, None))
         await asyncio.sleep(0.1)
         assert ingress.admissions["/remove"].in_flight == 1
         call.cancel()
@@ -457,7 +457,7 @@ def test_scores_and_removals_are_admitted_each_by_their_own_rate_and_count():
         await asyncio.sleep(60)
 
     async def main():
-        call = asyncio.ensure_future(ingress._grpc("/score", "score", Context(), pb.ScoreReply, model_work, None))
+        call = asyncio.ensure_future(ingress._grpc("/score", Context(), pb.ScoreReply, model_work, None))
         await asyncio.sleep(0.1)
         in_flight = {route: admission.in_flight for route, admission in ingress.admissions.items()}
         call.cancel()
@@ -496,7 +496,7 @@ def test_a_removal_without_timeout_s_is_refused_when_request_timeout_s_is_shorte
     for timeout_s in (None, 60):
         context = Context()
         message = pb.RemoveRequest(image=b"photo", timeout_s=timeout_s)
-        asyncio.run(ingress._grpc("/remove", "remove", context, pb.RemoveReply, ingress._grpc_remove, message))
+        asyncio.run(ingress._grpc("/remove", context, pb.RemoveReply, ingress._grpc_remove, message))
         problem = json.loads(context.details)
         assert problem["type"].endswith("/too-many-requests") and "request_timeout_s" in problem["detail"]
     ingress.service.remove.assert_not_called()
@@ -507,7 +507,7 @@ def test_a_score_is_refused_before_its_decode_when_its_timeout_s_is_shorter_than
     ingress, _ahead = _ingress_with_4_s_of_work_ahead("/score", {})
     context = Context()
     message = pb.ScoreRequest(source=b"photo", mask=b"mask", edited=b"photo", timeout_s=2)
-    asyncio.run(ingress._grpc("/score", "score", context, pb.ScoreReply, ingress._grpc_score, message))
+    asyncio.run(ingress._grpc("/score", context, pb.ScoreReply, ingress._grpc_score, message))
     problem = json.loads(context.details)
     assert problem["type"].endswith("/too-many-requests") and "(2 s)" in problem["detail"], problem
     ingress.service.score.assert_not_called()
@@ -554,7 +554,7 @@ def test_a_removal_sends_its_stage_timings_as_rests_server_timing_does():
     ingress.admissions["/remove"] = RealAdmission(48, 1)
     context = Context()
     message = pb.RemoveRequest(image=b"photo")
-    answer = asyncio.run(ingress._grpc("/remove", "remove", context, pb.RemoveReply, ingress._grpc_remove, message))
+    answer = asyncio.run(ingress._grpc("/remove", context, pb.RemoveReply, ingress._grpc_remove, message))
     assert answer.score == pytest.approx(0.9) and ingress.metrics.answers == [("/remove", "grpc", "OK")]
     trailing = dict(context.trailing)
     assert trailing["ratelimit"] == '"minute";r=59;t=60', "the quota's fields stay"
@@ -577,6 +577,6 @@ def test_a_grpc_answers_outcome_and_problem_label_come_from_its_problem_kind(pro
         raise Problem(problem, "for the test")
 
     ingress.admissions["/remove"] = SimpleNamespace(slot=contextlib.nullcontext)
-    asyncio.run(ingress._grpc("/remove", "remove", Context(), pb.RemoveReply, model_work, None))
+    asyncio.run(ingress._grpc("/remove", Context(), pb.RemoveReply, model_work, None))
     assert [tags["outcome"] for tags in ingress.metrics.latency.tags] == [outcome]
     assert [(tags["status"], tags["problem"]) for tags in ingress.metrics.requests.tags] == [("UNAVAILABLE", problem)]
