@@ -27,8 +27,9 @@ FAILED_CALLS_UNHEALTHY = 5  # engine calls failing in a row with none succeeding
 DESCRIBE_TIMEOUT_S = 5.0  # a model's describe() not answered by then: not ready yet, the next probe asks again
 STALE_AFTER_S = 5.0  # a read of Serve's replica states this old is waited for (Readiness._current_counts)
 STALE_READ_WAIT_S = 1.0
-# what a probe's call must outlast, once the replica has read Serve's state (its very first probe waits for that read)
+# what a probe's call must outlast, the replica's very first probe included
 READYZ_MAX_WAIT_S = STALE_READ_WAIT_S + DESCRIBE_TIMEOUT_S
+NOT_READ_YET = f"Serve's replica states not read yet (the controller did not answer within {STALE_READ_WAIT_S:g} s)"
 
 
 class EngineWatch:
@@ -111,21 +112,21 @@ class Readiness:
         self.descriptions: dict[str, dict] = {}
         self._describing: dict[str, asyncio.Task] = {}
 
-    async def _current_counts(self) -> dict[str, int]:
+    async def _current_counts(self) -> dict[str, int] | None:
         """The last read of Serve's replica states; a new read starts in the background once the last is
-        `refresh_s` old, so a busy controller does not hold up probes. The very first probe waits for its read, and
-        a probe after a quiet spell (a read over STALE_AFTER_S old) for at most STALE_READ_WAIT_S: it answered what
-        was true before the spell (a replica's start-up "no running replica yet" a minute after READY)."""
+        `refresh_s` old, so a busy controller does not hold up probes. The very first probe, and a probe after a
+        quiet spell (a read over STALE_AFTER_S old), wait for the read at most STALE_READ_WAIT_S: the latter answered
+        what was true before the spell (a replica's start-up "no running replica yet" a minute after READY), the
+        former waited for as long as the controller took (a probe that never answered). None: nothing read yet."""
         age = time.monotonic() - self._read_at
         if self._reading is None and age >= self.refresh_s:
             self._reading = asyncio.ensure_future(self._read())
         if self._reading is not None and age >= STALE_AFTER_S:
-            wait_s = None if self._read_at == float("-inf") else STALE_READ_WAIT_S
             try:
-                await asyncio.wait_for(asyncio.shield(self._reading), wait_s)
+                await asyncio.wait_for(asyncio.shield(self._reading), STALE_READ_WAIT_S)
             except asyncio.TimeoutError:
                 pass  # the controller is slow: the last read stands
-        return self._counts
+        return None if self._read_at == float("-inf") else self._counts
 
     async def _read(self) -> None:
         try:
@@ -145,6 +146,8 @@ class Readiness:
         """Deployments the service lacks, each with why: no running replica yet, or its description not known yet
         (the describe calls of several deployments run side by side, so a probe waits one describe timeout)."""
         counts = await self._current_counts()
+        if counts is None:
+            return {key: NOT_READ_YET for key in self.handles}
         missing = {
             key: "no running replica yet"
             for key, handle in self.handles.items()

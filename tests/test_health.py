@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -176,6 +177,37 @@ def test_a_probe_after_a_quiet_spell_answers_a_fresh_read_and_a_slow_one_no_long
 
     fresh, stale, waited = asyncio.run(scenario())
     assert fresh == [] and stale == [] and 0.25 < waited < 0.9, (fresh, stale, waited)
+
+
+def test_the_very_first_probe_waits_for_a_slow_controller_no_longer_than_a_stale_read(monkeypatch):
+    """A replica's first probe waited for its first read of Serve's state for as long as the controller took: a
+    controller that did not answer left every probe hanging. It waits STALE_READ_WAIT_S, says why it is not ready,
+    and a later probe answers from the read once it has come."""
+    from serve import health
+
+    answer = threading.Event()
+
+    def replica_counts(app: str) -> dict[str, int]:
+        answer.wait(10)
+        return {"Remover": 1}
+
+    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 1.0, replica_counts)
+    monkeypatch.setattr(health, "STALE_READ_WAIT_S", 0.3)
+
+    async def scenario():
+        started = time.perf_counter()
+        first = await readiness.missing()
+        waited = time.perf_counter() - started
+        answer.set()
+        for _ in range(500):
+            if readiness._reading is None:
+                break
+            await asyncio.sleep(0.01)
+        return first, waited, await readiness.missing()
+
+    first, waited, later = asyncio.run(scenario())
+    assert first == {"Remover": health.NOT_READ_YET} and 0.25 < waited < 2.0, (first, waited)
+    assert later == {}
 
 
 def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancelled():
