@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -134,20 +135,26 @@ def _is_input_error(exc: BaseException) -> bool:
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 + 2)
 
 
-def interrupted(settings: BaseModel, exc: KeyboardInterrupt) -> str:
+def interrupted(settings: BaseModel, exc: KeyboardInterrupt, started_at: float) -> str:
     """The one line a Ctrl-C prints: where the stage stopped and, for a training stage, what --resume continues
-    from (the newest checkpoint, not the step it stopped at)."""
+    from (the newest checkpoint of this run, not the step it stopped at). Before the loop's first step the
+    checkpoints in out/ are an earlier run's (a fresh rerun sets them aside only then): not this run's to offer."""
     from training.checkpoint import PREFIX, checkpoints
-    from training.common import TrainSettings, describe_error
+    from training.common import InterruptedAtStep, TrainSettings, describe_error
 
     line = describe_error(exc)
     if not isinstance(settings, TrainSettings):
         return line
-    found = checkpoints(Path(settings.out) / "checkpoints")
-    if not found:
-        return f"{line}; no checkpoint was written yet: a rerun starts from step 0"
-    step = int(found[-1].name[len(PREFIX) :])
-    return f"{line}; rerun with --resume to continue from step {step} ({found[-1]})"
+    found = [
+        path for path in checkpoints(Path(settings.out) / "checkpoints")
+        if isinstance(exc, InterruptedAtStep) or (path / "state.json").stat().st_mtime >= started_at
+    ]  # fmt: skip
+    if found:
+        step = int(found[-1].name[len(PREFIX) :])
+        return f"{line}; rerun with --resume to continue from step {step} ({found[-1]})"
+    if settings.resume is not None:
+        return f"{line}; no checkpoint was written yet: rerun with the same --resume {settings.resume}"
+    return f"{line}; no checkpoint was written yet: a rerun starts from step 0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
         return 2
     main_process = _is_main_process()
+    started_at = time.time()
     held = contextlib.ExitStack()
     if main_process:
         try:
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):  # (the error itself is what to report)
                 mark_run(settings.out, args.stage, settings, error=exc)
         if isinstance(exc, KeyboardInterrupt):
-            print(f"python -m training {args.stage}: {interrupted(settings, exc)}", file=sys.stderr)
+            print(f"python -m training {args.stage}: {interrupted(settings, exc, started_at)}", file=sys.stderr)
             return INTERRUPTED
         if isinstance(exc, SettingsError):
             print(f"python -m training {args.stage}: invalid settings: {exc}", file=sys.stderr)

@@ -33,6 +33,15 @@ class TrainingError(ValueError):
     """A run cannot go on as configured (wrong part, incompatible checkpoint, too small a resolution...)."""
 
 
+class InterruptedAtStep(KeyboardInterrupt):
+    """A Ctrl-C inside the training loop: the checkpoints in out/ are then this run's own (other runs' were set
+    aside as it started), so the newest is what --resume continues."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
 class SettingsError(TrainingError):
     """Settings this machine cannot run (fp16 or a CUDA device without a GPU): exit 2, as for invalid
     settings, not 1, which `compare` uses for a failed gate."""

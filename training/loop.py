@@ -36,7 +36,9 @@ from training.checkpoint import (
     set_aside_other_runs,
     weights_sha256,
 )
-from training.common import RunSummary, TrainingError, TrainSettings, progress_bar, step_generator
+from training.common import (
+    InterruptedAtStep, RunSummary, TrainingError, TrainSettings, progress_bar, step_generator,
+)  # fmt: skip
 from training.data import StepBatchSampler
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], torch.Tensor]
@@ -171,7 +173,7 @@ def train(
         with contextlib.suppress(OSError):  # the losses since the last checkpoint go in the failed summary
             summary.write()
         if isinstance(exc, KeyboardInterrupt):  # the summary's error then says where the run stopped
-            raise KeyboardInterrupt(f"interrupted at step {step}") from None
+            raise InterruptedAtStep(step) from None
         raise
     bar.close()
     model.eval()
