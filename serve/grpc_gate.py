@@ -5,7 +5,12 @@ The HTTP proxy refuses a body without a valid key before reading it (serve.proxy
 gRPC proxy has no middleware hook, so a keyless call (up to max_upload_bytes) was parsed, pickled and queued to an
 Ingress replica, which only then refused it. Ray's server (gRPCGenericServer) makes each method's handler with its
 `service_handler_factory`, for the generic and the registered-method paths alike: wrapping that factory before the
-service registers puts this gate in front of both. Any valid key of the called application passes here; the
+service registers puts this gate in front of both. The gate's methods are registered as client-streaming
+(`add_servicer` does it where the gate is installed): grpcio reads a unary method's whole message before its handler
+runs, so a keyless call of up to the proxy's message limit (~200 MB) was received and parsed before its refusal
+(four at once held ~1 GB); a streaming one's message is read only when the handler asks for it, after the key check.
+Clients see no difference on the wire (a unary call is a stream of one message). Any valid key of the called
+application passes here; the
 Ingress still checks the key's scope and quotas. Applications are told apart by the `application` metadata Ray
 routes by (a cluster of one application takes calls without it); a call naming none of them, or two, is refused
 here with a problem (Ray's own NOT_FOUND had none), as is one naming an application deployed after the proxy
@@ -36,24 +41,45 @@ KEYS_ENV = "ROREM_GRPC_KEYS"  # {application: {"keys_file", "keys_reload_s"} or 
 APPLICATION_METADATA = "application"  # the metadata Ray's gRPC proxy routes a call by
 
 
-def install(server, service_prefix: str) -> None:
+def install(server, service_prefix: str) -> bool:
     """Gate the unary methods under `service_prefix` ("/package.Service/") of a Ray gRPC server where the
     applications are known (KEYS_ENV, which serve.proxy_limits always sets) or the local stop's drain flag is
-    named; a server that is not Ray's (tests, the generated stubs) is left as it is."""
+    named: those methods must then be registered as client-streaming (returns True), and Ray's STREAM_UNARY
+    handler for them is its UNARY_UNARY one behind the gate. A server that is not Ray's (tests, the generated
+    stubs) is left as it is (False)."""
     factory = getattr(server, "service_handler_factory", None)
     if factory is None:
-        return
+        return False
     gate = ProxyGate(json.loads(os.environ.get(KEYS_ENV) or "{}"))
     if not gate.names and not os.environ.get(DRAIN_FLAG_ENV):
-        return
+        return False
 
     def gated_factory(service_method: str, streaming_type):
-        handler = factory(service_method=service_method, streaming_type=streaming_type)
-        if service_method.startswith(service_prefix) and getattr(streaming_type, "name", "") == "UNARY_UNARY":
-            return gate.wrap(handler)
-        return handler
+        if service_method.startswith(service_prefix) and getattr(streaming_type, "name", "") == "STREAM_UNARY":
+            unary = type(streaming_type)["UNARY_UNARY"]
+            return gate.wrap(factory(service_method=service_method, streaming_type=unary))
+        return factory(service_method=service_method, streaming_type=streaming_type)
 
     server.service_handler_factory = gated_factory
+    return True
+
+
+COMPRESSION_OPTION = "grpc.compression_enabled_algorithms_bitset"
+IDENTITY_ONLY = 1  # bit 0: grpc's GRPC_COMPRESS_NONE
+
+
+def refuse_compressed_messages() -> None:
+    """Enable no message compression on the gRPC server Ray's proxy is about to build: grpcio inflated a gzip
+    message before any handler ran, up to the proxy's message limit (~190 KB sent became a 190 MB message; 24 such
+    calls at once took the proxy to 1.9 GB, and /healthz on the same loop to 32 s), keys or not. grpcio now refuses
+    a compressed message itself, UNIMPLEMENTED, without inflating it; images do not compress, so clients lose
+    nothing (they learn it from grpc-accept-encoding). Ray reads this list when it builds the server, which its
+    proxy does after calling serve.proxy_middleware.middlewares, where this is called."""
+    from ray.serve._private import grpc_util
+
+    options = grpc_util.DEFAULT_GRPC_SERVER_OPTIONS
+    options[:] = [option for option in options if option[0] != COMPRESSION_OPTION]
+    options.append((COMPRESSION_OPTION, IDENTITY_ONLY))
 
 
 class ProxyGate:
@@ -86,7 +112,9 @@ class ProxyGate:
         return named[0]
 
     def wrap(self, handler):
-        async def unary_unary(request, context):
+        """A client-streaming handler around Ray's unary one: the message is read once the call has passed."""
+
+        async def stream_unary(requests, context):
             metadata = tuple(context.invocation_metadata() or ())
 
             def refuse(problem: Problem) -> bytes:
@@ -102,13 +130,15 @@ class ProxyGate:
                         await policy.check_grpc(None, metadata, context.peer())
                 except Problem as refusal:
                     return refuse(refusal)
-                return await handler(request, context)
+                async for request in requests:
+                    return await handler(request, context)
+                return refuse(Problem("malformed-request", "the call sent no request message (at the proxy)"))
 
             # counted from here: a key check that waits for a keys-file reload is in flight for the stop too
             given_up, reply = await GRPC_CALLS.run(checked_call())
             return refuse(stopping(still_without_an_answer(GRPC_CALLS.grace_s))) if given_up else reply
 
-        return unary_unary
+        return stream_unary
 
     @staticmethod
     def _refuse(refusal: Problem, context, metadata) -> bytes:

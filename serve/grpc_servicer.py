@@ -67,13 +67,15 @@ def max_request_bytes() -> int | None:
     return int(value) if value else None
 
 
-def method_handlers(servicer, max_bytes: int | None = None) -> dict[str, grpc.RpcMethodHandler]:
-    """The generated stubs' handlers for every RPC of the service, parsing with lenient_parser."""
+def method_handlers(servicer, max_bytes: int | None = None, streamed: bool = False) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated stubs' handlers for every RPC of the service, parsing with lenient_parser; `streamed`: as
+    client-streaming handlers (the same calls on the wire), which Ray's proxy serves behind serve.grpc_gate."""
+    make = grpc.stream_unary_rpc_method_handler if streamed else grpc.unary_unary_rpc_method_handler
     handlers = {}
     for method in SERVICE.methods:
         if method.client_streaming or method.server_streaming:
             raise ValueError(f"{method.full_name}: only unary RPCs are registered here")
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=lenient_parser(getattr(pb, method.input_type.name), max_bytes),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
@@ -100,7 +102,7 @@ def add_servicer(servicer, server) -> None:
     """What add_ObjectRemovalServicer_to_server does, with method_handlers; on Ray's proxy, behind the key gate."""
     from serve import grpc_gate
 
-    grpc_gate.install(server, f"/{SERVICE.full_name}/")
-    handlers = method_handlers(servicer, max_request_bytes())
+    gated = grpc_gate.install(server, f"/{SERVICE.full_name}/")
+    handlers = method_handlers(servicer, max_request_bytes(), streamed=gated)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -184,6 +184,119 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
     assert recorded.refusals == ["unauthorized", "unauthorized", "malformed-request", "not-found", "not-found"]
 
 
+def test_rays_grpc_proxy_reads_no_message_of_a_call_it_refuses(tmp_path, monkeypatch):
+    """grpcio reads a unary method's whole message before the handler runs: a keyless call of up to the proxy's
+    message limit (~200 MB) was received and parsed before the gate refused it, and four at once held ~1 GB. The
+    gated methods are client-streaming at the proxy: the message is read once the key check has passed. Clients
+    are unchanged (the generated stub and a raw unary call); a stream with no message is malformed."""
+    from ray.serve._private.grpc_util import gRPCGenericServer
+
+    from serve import grpc_servicer
+    from serve.auth import new_key_entry
+    from serve.grpc_gate import KEYS_ENV
+
+    key, entry = new_key_entry("app", ["remove"])
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry]}))
+    monkeypatch.setenv(KEYS_ENV, json.dumps({"keyed": {"keys_file": str(tmp_path / "keys.yaml")}}))
+    parsed, lenient_parser = [], grpc_servicer.lenient_parser
+
+    def counting_parser(message_class, max_bytes=None):
+        parse = lenient_parser(message_class, max_bytes)
+        return lambda data: parsed.append(len(data)) or parse(data)
+
+    monkeypatch.setattr(grpc_servicer, "lenient_parser", counting_parser)
+
+    def factory(service_method, streaming_type):
+        async def unary_unary(request, context):
+            return pb.RemoveReply(gate="off", seed=len(request.image)).SerializeToString()
+
+        return unary_unary
+
+    big = pb.RemoveRequest(image=bytes(20 << 20), mask=b"m")
+
+    async def main():
+        server = gRPCGenericServer(factory)
+        port = server.add_insecure_port("127.0.0.1:0")
+        add_servicer(Mock(), server)
+        await server.start()
+        answers = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ObjectRemovalStub(channel)
+                raw = channel.unary_unary(f"/{SERVICE.full_name}/Remove")
+                empty_stream = channel.stream_unary(f"/{SERVICE.full_name}/Remove")
+                calls = [
+                    lambda: stub.Remove(big),
+                    lambda: raw(big.SerializeToString(), metadata=[("x-api-key", "rk_wrong")]),
+                    lambda: empty_stream(iter(()), metadata=[("x-api-key", key)]),
+                    lambda: stub.Remove(big, metadata=[("x-api-key", key)]),
+                ]
+                for call in calls:
+                    try:
+                        answers.append(("OK", (await asyncio.wait_for(call(), 30)).seed))
+                    except grpc.aio.AioRpcError as error:
+                        answers.append((error.code(), dict(error.trailing_metadata())["problem-type"].rsplit("/")[-1]))
+        finally:
+            await server.stop(None)
+        return answers
+
+    assert asyncio.run(main()) == [
+        (grpc.StatusCode.UNAUTHENTICATED, "unauthorized"), (grpc.StatusCode.UNAUTHENTICATED, "unauthorized"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "malformed-request"), ("OK", 20 << 20),
+    ]  # fmt: skip
+    assert parsed == [big.ByteSize()], "only the call that passed had its message read"
+
+
+def test_rays_grpc_proxy_refuses_a_compressed_message_without_inflating_it(monkeypatch):
+    """~190 KB of gzip was inflated to a 190 MB message by grpcio before any handler ran (24 such calls at once took
+    the proxy to 1.9 GB). The proxy's callback enables no compression on the gRPC server Ray builds after it."""
+    from ray.serve._private import grpc_util
+    from ray.serve._private.grpc_util import gRPCGenericServer
+
+    from serve import grpc_servicer, proxy_connections, proxy_middleware
+
+    monkeypatch.setattr(grpc_util, "DEFAULT_GRPC_SERVER_OPTIONS", list(grpc_util.DEFAULT_GRPC_SERVER_OPTIONS))
+    monkeypatch.setattr(proxy_connections, "install", lambda: None)
+    parsed, lenient_parser = [], grpc_servicer.lenient_parser
+
+    def counting_parser(message_class, max_bytes=None):
+        parse = lenient_parser(message_class, max_bytes)
+        return lambda data: parsed.append(len(data)) or parse(data)
+
+    monkeypatch.setattr(grpc_servicer, "lenient_parser", counting_parser)
+
+    def factory(service_method, streaming_type):
+        async def unary_unary(request, context):
+            return pb.RemoveReply(gate="off", seed=len(request.image)).SerializeToString()
+
+        return unary_unary
+
+    async def main():
+        proxy_middleware.middlewares()  # what Ray's proxy calls first
+        server = gRPCGenericServer(factory)
+        port = server.add_insecure_port("127.0.0.1:0")
+        add_servicer(Mock(), server)
+        await server.start()
+        answers = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ObjectRemovalStub(channel)
+                for compression in (grpc.Compression.Gzip, None):
+                    try:
+                        reply = await stub.Remove(pb.RemoveRequest(image=bytes(8 << 20)), compression=compression,
+                                                  timeout=30)  # fmt: skip
+                        answers.append(("OK", reply.seed))
+                    except grpc.aio.AioRpcError as error:
+                        answers.append((error.code(), error.details()))
+        finally:
+            await server.stop(None)
+        return answers
+
+    gzip, plain = asyncio.run(main())
+    assert gzip == (grpc.StatusCode.UNIMPLEMENTED, "Compression algorithm 'gzip' is disabled.")
+    assert plain == ("OK", 8 << 20) and parsed == [(8 << 20) + 5], "the compressed message was never inflated"
+
+
 def test_every_serve_config_names_this_servicer_function():
     from ray.serve.config import gRPCOptions
 
@@ -390,8 +503,11 @@ def test_a_call_whose_key_check_waits_is_already_in_flight_for_the_stop(monkeypa
     gate.names, gate.policies = ["keyed"], {"keyed": SlowKeys()}
     context = SimpleNamespace(invocation_metadata=lambda: (), peer=lambda: "ipv4:127.0.0.1:1")
 
+    async def one_message():
+        yield b""
+
     async def main():
-        call = asyncio.create_task(gate.wrap(handler)(b"", context))
+        call = asyncio.create_task(gate.wrap(handler)(one_message(), context))
         await checking.wait()
         counted = len(GRPC_CALLS.running)
         go_on.set()
@@ -417,6 +533,18 @@ def test_malformed_messages_are_invalid_argument_through_the_proxy(service, meth
     problem = problem_of(error)
     assert problem["type"] == MALFORMED_BODY and problem["status"] == 400
     assert problem["instance"] == f"urn:request:{trailing['request_id']}"
+
+
+def test_a_compressed_message_is_refused_by_the_proxy_and_a_plain_one_still_answers(service):
+    """The proxy's callback runs before Ray builds its gRPC server: compression is off there (serve.grpc_gate)."""
+    with service.channel() as channel:
+        rpc = channel.unary_unary(f"/{SERVICE.full_name}/Remove", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(bytes(MALFORMED["Remove"][0]), timeout=60, compression=grpc.Compression.Gzip)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED, caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(bytes(MALFORMED["Remove"][0]), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, "the same message, uncompressed, is parsed"
 
 
 def test_a_call_the_client_cancels_is_counted_and_gives_back_its_slot_and_lease():
