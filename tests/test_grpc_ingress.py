@@ -184,20 +184,10 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
     assert recorded.refusals == ["unauthorized", "unauthorized", "malformed-request", "not-found", "not-found"]
 
 
-def test_rays_grpc_proxy_reads_no_message_of_a_call_it_refuses(tmp_path, monkeypatch):
-    """grpcio reads a unary method's whole message before the handler runs: a keyless call of up to the proxy's
-    message limit (~200 MB) was received and parsed before the gate refused it, and four at once held ~1 GB. The
-    gated methods are client-streaming at the proxy: the message is read once the key check has passed. Clients
-    are unchanged (the generated stub and a raw unary call); a stream with no message is malformed."""
-    from ray.serve._private.grpc_util import gRPCGenericServer
-
+def _count_parsed_messages(monkeypatch) -> list[int]:
+    """The sizes of the request messages the proxy's parser reads from here on (serve.grpc_servicer)."""
     from serve import grpc_servicer
-    from serve.auth import new_key_entry
-    from serve.grpc_gate import KEYS_ENV
 
-    key, entry = new_key_entry("app", ["remove"])
-    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry]}))
-    monkeypatch.setenv(KEYS_ENV, json.dumps({"keyed": {"keys_file": str(tmp_path / "keys.yaml")}}))
     parsed, lenient_parser = [], grpc_servicer.lenient_parser
 
     def counting_parser(message_class, max_bytes=None):
@@ -205,17 +195,37 @@ def test_rays_grpc_proxy_reads_no_message_of_a_call_it_refuses(tmp_path, monkeyp
         return lambda data: parsed.append(len(data)) or parse(data)
 
     monkeypatch.setattr(grpc_servicer, "lenient_parser", counting_parser)
+    return parsed
 
-    def factory(service_method, streaming_type):
-        async def unary_unary(request, context):
-            return pb.RemoveReply(gate="off", seed=len(request.image)).SerializeToString()
 
-        return unary_unary
+def _image_size_factory(service_method, streaming_type):
+    """Ray's handler factory standing in for the route to the Ingress: replies with the image's size as the seed."""
+
+    async def unary_unary(request, context):
+        return pb.RemoveReply(gate="off", seed=len(request.image)).SerializeToString()
+
+    return unary_unary
+
+
+def test_rays_grpc_proxy_reads_no_message_of_a_call_it_refuses(tmp_path, monkeypatch):
+    """grpcio reads a unary method's whole message before the handler runs: a keyless call of up to the proxy's
+    message limit (~200 MB) was received and parsed before the gate refused it, and four at once held ~1 GB. The
+    gated methods are client-streaming at the proxy: the message is read once the key check has passed. Clients
+    are unchanged (the generated stub and a raw unary call); a stream with no message is malformed."""
+    from ray.serve._private.grpc_util import gRPCGenericServer
+
+    from serve.auth import new_key_entry
+    from serve.grpc_gate import KEYS_ENV
+
+    key, entry = new_key_entry("app", ["remove"])
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry]}))
+    monkeypatch.setenv(KEYS_ENV, json.dumps({"keyed": {"keys_file": str(tmp_path / "keys.yaml")}}))
+    parsed = _count_parsed_messages(monkeypatch)
 
     big = pb.RemoveRequest(image=bytes(20 << 20), mask=b"m")
 
     async def main():
-        server = gRPCGenericServer(factory)
+        server = gRPCGenericServer(_image_size_factory)
         port = server.add_insecure_port("127.0.0.1:0")
         add_servicer(Mock(), server)
         await server.start()
@@ -253,27 +263,15 @@ def test_rays_grpc_proxy_refuses_a_compressed_message_without_inflating_it(monke
     from ray.serve._private import grpc_util
     from ray.serve._private.grpc_util import gRPCGenericServer
 
-    from serve import grpc_servicer, proxy_connections, proxy_middleware
+    from serve import proxy_connections, proxy_middleware
 
     monkeypatch.setattr(grpc_util, "DEFAULT_GRPC_SERVER_OPTIONS", list(grpc_util.DEFAULT_GRPC_SERVER_OPTIONS))
     monkeypatch.setattr(proxy_connections, "install", lambda: None)
-    parsed, lenient_parser = [], grpc_servicer.lenient_parser
-
-    def counting_parser(message_class, max_bytes=None):
-        parse = lenient_parser(message_class, max_bytes)
-        return lambda data: parsed.append(len(data)) or parse(data)
-
-    monkeypatch.setattr(grpc_servicer, "lenient_parser", counting_parser)
-
-    def factory(service_method, streaming_type):
-        async def unary_unary(request, context):
-            return pb.RemoveReply(gate="off", seed=len(request.image)).SerializeToString()
-
-        return unary_unary
+    parsed = _count_parsed_messages(monkeypatch)
 
     async def main():
         proxy_middleware.middlewares()  # what Ray's proxy calls first
-        server = gRPCGenericServer(factory)
+        server = gRPCGenericServer(_image_size_factory)
         port = server.add_insecure_port("127.0.0.1:0")
         add_servicer(Mock(), server)
         await server.start()
