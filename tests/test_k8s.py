@@ -936,6 +936,27 @@ def test_the_weights_volume_job_and_bundle_path_agree():
             )
 
 
+def test_the_weights_job_checks_the_drive_pieces_sha256_sums_before_the_import():
+    """The pieces copied from Google Drive (no published checksum) were imported as found: with
+    ROREM_LCM_LORA_SHA256 / ROREM_DISCRIMINATOR_SHA256 set, the Job checks them first and fails on a mismatch."""
+    objects = built("prod")
+    (container,) = find(objects, "Job", "rorem-fetch-weights")["spec"]["template"]["spec"]["containers"]
+    sources = find(objects, "ConfigMap", container["envFrom"][0]["configMapRef"]["name"])["data"]
+    module = ast.parse((REPO / "engines" / "authors_layout.py").read_text())  # without torch and diffusers
+    (drive,) = [ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "DRIVE_FOLDERS" for t in n.targets)]  # fmt: skip
+    script = ast.parse(container["args"][0])
+    (guarded,) = [n for n in ast.walk(script) if isinstance(n, ast.Try)]
+    assert [ast.unparse(h.type) for h in guarded.handlers] == ["BundleError"], "a mismatch fails the Job, in one line"
+    calls = [n.value for n in guarded.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
+    assert [ast.unparse(c.func) for c in calls] == ["verify_sha256_lists", "import_authors_layout"], "checked first"
+    checked = {ast.literal_eval(k): ast.unparse(v) for k, v in zip(calls[0].args[1].keys, calls[0].args[1].values)}
+    assert set(checked) == set(drive), "every piece that is on Google Drive only"
+    for field, read in checked.items():
+        key = f"ROREM_{field.upper()}_SHA256"
+        assert read == f"os.environ.get('{key}', '')" and sources[key] == "", f"{key}: optional, empty by default"
+
+
 def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
     """Hub references name only what the authors publish there; the Drive-only pieces lie on the volume."""
     from engines.hub_refs import ROREM_PIPELINE, SDXL_INPAINTING_PIPELINE, discriminator_trunk_problem
