@@ -14,7 +14,8 @@
 # service generates the tiny bundle (random weights) at start and says so.
 #
 # Everything is installed into the image's system Python (no virtualenv): KubeRay starts Ray with
-# `bash -lc 'ray start ...'`, and a login shell resets PATH, so `ray` must be in /usr/local/bin.
+# `bash -c 'ray start ...'`, or `bash -lc` (an operator with ENABLE_LOGIN_SHELL=true; before v1.4 always),
+# and a login shell resets PATH, so `ray` must be in /usr/local/bin.
 
 ARG TORCH_VERSION=2.13.0
 ARG EXTRAS=serve,export

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -185,6 +186,43 @@ def local_inputs_sha256(layout: AuthorsLayout, sha256: Callable[[Path], str] = s
     what the imported bundle depends on besides prompt and dtype."""
     files = {file for path in _check_local_pieces(layout).reads for file in folder_files(path)}
     return {str(file): sha256(file) for file in sorted(files)}
+
+
+def verify_sha256_lists(
+    layout: AuthorsLayout, lists: dict[str, str], sha256: Callable[[Path], str] = sha256_of
+) -> None:
+    """Before the import, the local pieces copied by hand (Google Drive publishes no checksum) against the sha256
+    sums given for them: `lists` maps a field (lcm_lora, discriminator) to `sha256sum` output, "SHA256 FILE" pairs
+    with FILE relative to the piece's folder (an empty list: not checked). Every file the import reads of the
+    piece must be listed and match. One BundleError names every mismatch."""
+    problems = []
+    for field, listing in lists.items():
+        if not listing.strip():
+            continue
+        ref = getattr(layout, field)
+        path = local_path(ref) if ref else None
+        if path is None:
+            problems.append(f"{field}: sha256 sums are given, but {field} ({ref or 'not set'}) is no local piece")
+            continue
+        tokens = listing.split()
+        pairs = list(zip(tokens[::2], tokens[1::2]))
+        malformed = [digest for digest, _ in pairs if not re.fullmatch(r"[0-9a-fA-F]{64}", digest)]
+        if len(tokens) % 2 or malformed:
+            problems.append(f"{field}: the sha256 list is not `sha256sum` output (SHA256 FILE pairs): {listing!r}")
+            continue
+        expected = {name.lstrip("*"): digest.lower() for digest, name in pairs}  # `*`: sha256sum's binary mode
+        reads = [file for file in _Finder(layout, {field: path}).reads if file.is_file()]
+        read_names = {(file.relative_to(path).as_posix() if path.is_dir() else file.name): file for file in reads}
+        for name, file in sorted(read_names.items()):
+            if name not in expected:
+                problems.append(f"{field}: {file} has no sha256 in the list, and the import reads it")
+            elif (actual := sha256(file)) != expected[name]:
+                problems.append(f"{field}: {file} has sha256 {actual}, the list says {expected[name]}")
+        unread = [name for name in expected if name not in read_names]
+        problems += [f"{field}: {name} is listed, but {path} holds no such file the import reads" for name in unread]
+    if problems:
+        head = "the local pieces do not match their sha256 lists (a different or damaged copy: copy it again)"
+        raise BundleError("\n  - ".join([head, *problems]))
 
 
 def folder_files(path: Path) -> list[Path]:

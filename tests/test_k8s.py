@@ -15,9 +15,11 @@
   schema with unknown keys rejected at every level, and its args pass serve.config.AppSettings;
 - every container has a pinned image, requests and limits, and probes; readiness is /readyz;
 - names that cross objects agree: ports, selectors, the volume, the bundle path, the Ray version;
-- hardening (on the `kubectl kustomize` rendering): the NetworkPolicies allow exactly the documented
-  source -> port matrix and the serving workers egress only to Ray pods and DNS (evaluated here with
-  NetworkPolicy semantics), every container runs non-root
+- hardening (on the test's rendering, which the `kubectl kustomize` check pins to kubectl's): the
+  NetworkPolicies allow exactly the documented source -> port matrix, the serving workers egress only to
+  Ray pods and DNS, the head and the weights Job never to the metadata service (evaluated here with
+  NetworkPolicy semantics), the autoscaler (the Kubernetes token) shares no writable volume with the
+  application but /tmp/ray and reads no profile, every container runs non-root
   with a read-only root filesystem, no capabilities, RuntimeDefault seccomp and writable emptyDirs
   where Ray writes, no pod automounts a ServiceAccount token (the autoscaler alone gets one), no
   Service carries Ray's dashboard, GCS or client port, prod turns Ray's token auth on.
@@ -205,9 +207,10 @@ def test_overlays_hold_the_expected_objects():
         ("NetworkPolicy", "rorem-default-deny-ingress"), ("NetworkPolicy", "rorem-ray-internal"),
         ("NetworkPolicy", "rorem-from-kuberay-operator"), ("NetworkPolicy", "rorem-serving"),
         ("NetworkPolicy", "rorem-metrics"), ("NetworkPolicy", "rorem-worker-egress"),
+        ("NetworkPolicy", "rorem-head-egress"),
     }  # fmt: skip
     weights = {("PersistentVolumeClaim", "rorem-models"), ("ConfigMap", "rorem-weights-sources"),
-               ("Job", "rorem-fetch-weights")}  # fmt: skip
+               ("Job", "rorem-fetch-weights"), ("NetworkPolicy", "rorem-weights-egress")}  # fmt: skip
     monitoring = {("PodMonitor", "rorem")}
     for overlay, extra in (("dev", set()), ("prod", weights | monitoring)):
         objects = built(overlay)
@@ -729,6 +732,23 @@ def test_a_stopped_worker_drains_its_longest_request_within_its_grace_period(ove
     assert f"`terminationGracePeriodSeconds` ({grace_s} s)" in guide, "kubernetes.md's grace period"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_stopped_head_gets_the_grace_period_of_the_workers(overlay):
+    """The head drains as the workers do (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, 240 s, in its env too), but its pod
+    had Kubernetes' default 30 s: the kubelet killed the head's processes mid-drain (its Serve controller and proxy)."""
+    from serve.proxy_limits import NODE_DRAIN_ENV
+
+    rayservice = find(built(overlay), "RayService")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+    drain_s = float(env[NODE_DRAIN_ENV])
+    worker_grace_s = workers(rayservice)["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert head.get("terminationGracePeriodSeconds", 30) == worker_grace_s, "the head's grace is the workers'"
+    assert head["terminationGracePeriodSeconds"] >= drain_s + 20, "Ray stops its processes after the drain"
+    guide = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    assert f"the head's too ({worker_grace_s} s)" in guide, "kubernetes.md says the head has the same grace period"
+
+
 def test_the_gpu_workers_are_guaranteed_qos():
     """Kubernetes counts init containers: one with limits above its requests made the GPU pods Burstable."""
     spec = workers(find(built("prod"), "RayService"))["template"]["spec"]
@@ -916,6 +936,27 @@ def test_the_weights_volume_job_and_bundle_path_agree():
             )
 
 
+def test_the_weights_job_checks_the_drive_pieces_sha256_sums_before_the_import():
+    """The pieces copied from Google Drive (no published checksum) were imported as found: with
+    ROREM_LCM_LORA_SHA256 / ROREM_DISCRIMINATOR_SHA256 set, the Job checks them first and fails on a mismatch."""
+    objects = built("prod")
+    (container,) = find(objects, "Job", "rorem-fetch-weights")["spec"]["template"]["spec"]["containers"]
+    sources = find(objects, "ConfigMap", container["envFrom"][0]["configMapRef"]["name"])["data"]
+    module = ast.parse((REPO / "engines" / "authors_layout.py").read_text())  # without torch and diffusers
+    (drive,) = [ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "DRIVE_FOLDERS" for t in n.targets)]  # fmt: skip
+    script = ast.parse(container["args"][0])
+    (guarded,) = [n for n in ast.walk(script) if isinstance(n, ast.Try)]
+    assert [ast.unparse(h.type) for h in guarded.handlers] == ["BundleError"], "a mismatch fails the Job, in one line"
+    calls = [n.value for n in guarded.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
+    assert [ast.unparse(c.func) for c in calls] == ["verify_sha256_lists", "import_authors_layout"], "checked first"
+    checked = {ast.literal_eval(k): ast.unparse(v) for k, v in zip(calls[0].args[1].keys, calls[0].args[1].values)}
+    assert set(checked) == set(drive), "every piece that is on Google Drive only"
+    for field, read in checked.items():
+        key = f"ROREM_{field.upper()}_SHA256"
+        assert read == f"os.environ.get('{key}', '')" and sources[key] == "", f"{key}: optional, empty by default"
+
+
 def _assert_weight_sources_exist(environment: dict, volume: str) -> None:
     """Hub references name only what the authors publish there; the Drive-only pieces lie on the volume."""
     from engines.hub_refs import ROREM_PIPELINE, SDXL_INPAINTING_PIPELINE, discriminator_trunk_problem
@@ -993,6 +1034,13 @@ def kustomized() -> dict[str, list[dict]]:
     if KUBECTL is None:
         pytest.skip("kubectl is not on PATH: the overlays are not rendered by the real kustomize here")
     return {overlay: kubectl_kustomize(K8S / "overlays" / overlay) for overlay in OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    """Each overlay as build() renders it: what the hardening checks read, with or without kubectl
+    (test_kubectl_kustomize_renders_exactly_what_the_test_renders pins it to kubectl's rendering)."""
+    return all_objects()
 
 
 def _key(obj: dict) -> tuple:
@@ -1101,8 +1149,8 @@ def _source(namespace: str, labels: dict | None = None, namespace_labels: dict |
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_allow_exactly_the_documented_matrix(kustomized, overlay):
-    objects = kustomized[overlay]
+def test_network_policies_allow_exactly_the_documented_matrix(rendered, overlay):
+    objects = rendered[overlay]
     namespace = find(objects, "Namespace")["metadata"]["name"]
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     assert all(p["metadata"]["namespace"] == namespace for p in policies)
@@ -1169,9 +1217,9 @@ def test_network_policies_allow_exactly_the_documented_matrix(kustomized, overla
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_serving_workers_reach_only_ray_pods_and_the_cluster_dns(kustomized, overlay):
+def test_serving_workers_reach_only_ray_pods_and_the_cluster_dns(rendered, overlay):
     """A decoder exploit on a serving worker finds no way out: no internet, no Kubernetes API, no other pod."""
-    objects = kustomized[overlay]
+    objects = rendered[overlay]
     namespace = find(objects, "Namespace")["metadata"]["name"]
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     rayservice = find(objects, "RayService")
@@ -1201,9 +1249,6 @@ def test_serving_workers_reach_only_ray_pods_and_the_cluster_dns(kustomized, ove
         (worker, metadata, [80, 443, 8080, 8775], "TCP", False),  # the metadata service: credentials
         *[(worker, address, [53], protocol, True) for address in (metadata, node_local_dns) for protocol in ("UDP", "TCP")],
         (worker, node_local_dns, [80, 8080, 9253], "TCP", False),
-        # egress stays open where something outside is needed: the autoscaler (API), the Job (the hub)
-        (head, outside["api"], [443], "TCP", True),
-        (job, outside["hub"], [443], "TCP", True),
     ]
     for source, destination, ports, protocol, allowed in matrix:
         for port in ports:
@@ -1217,8 +1262,56 @@ def test_serving_workers_reach_only_ray_pods_and_the_cluster_dns(kustomized, ove
     )
 
 
-def test_the_serving_policy_selects_the_services_endpoints_and_the_ray_policies_every_ray_pod(kustomized):
-    for overlay, objects in kustomized.items():
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_head_and_the_weights_job_reach_what_they_need_and_not_the_metadata_service(rendered, overlay):
+    """The head's autoscaler calls the Kubernetes API and the Job downloads from the hub, so their egress was left
+    open: code on the head (any Ray task can run there) or in the Job could read the node's cloud credentials
+    from the metadata service at 169.254.169.254."""
+    objects = rendered[overlay]
+    namespace = find(objects, "Namespace")["metadata"]["name"]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    rayservice = find(objects, "RayService")
+    head, worker = _pod_labels(rayservice, "head"), _pod_labels(rayservice, "worker")
+    dns = _source("kube-system", {"k8s-app": "kube-dns"})
+    api_service, control_plane = {"ip": "10.96.0.1"}, {"ip": "172.18.0.2"}  # the `kubernetes` Service, its endpoint
+    hub, metadata, node_local_dns = {"ip": "18.239.50.1"}, {"ip": "169.254.169.254"}, {"ip": "169.254.20.10"}
+    matrix = [
+        # source labels, destination, ports, protocol, allowed
+        (head, _source(namespace, worker), [6379, 8076, 10002, 19999, HTTP_PORT, 45678], "TCP", True),
+        (head, _source(namespace, head), [6379, 8265, 52365], "TCP", True),
+        (head, dns, [53], "UDP", True),
+        (head, node_local_dns, [53], "UDP", True),
+        (head, api_service, [443], "TCP", True),
+        (head, control_plane, [443, 6443], "TCP", True),
+        (head, metadata, [80, 443, 6443, 8080], "TCP", False),  # the node's cloud credentials
+        (head, hub, [80, 22, 5432], "TCP", False),
+        (head, _source(namespace, {"app": "debug"}), [80, 5432, 8000], "TCP", False),
+    ]
+    job_pods = [o for o in objects if o["kind"] == "Job"]
+    if job_pods:  # the prod overlay includes k8s/weights
+        (job_pod,) = job_pods
+        job = {**job_pod["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": "x"}
+        matrix += [
+            (job, hub, [443], "TCP", True),
+            (job, dns, [53], "UDP", True),
+            (job, dns, [53], "TCP", True),
+            (job, metadata, [80, 443, 8080], "TCP", False),
+            (job, hub, [80, 22], "TCP", False),
+            (job, _source(namespace, head), [6379, 8265, 10001], "TCP", False),
+            (job, _source(namespace, worker), [HTTP_PORT, GRPC_PORT, 8080], "TCP", False),
+        ]
+    for source, destination, ports, protocol, allowed in matrix:
+        for port in ports:
+            to = destination.get("ip") or destination["labels"]
+            assert egress_allowed(policies, source, destination, port, protocol) is allowed, (
+                f"{overlay}: {source.get('app.kubernetes.io/component')} -> {to}:{port}/{protocol} should be "
+                f"{'allowed' if allowed else 'denied'}"
+            )
+    assert overlay == "dev" or job_pods, "prod runs the weights Job"
+
+
+def test_the_serving_policy_selects_the_services_endpoints_and_the_ray_policies_every_ray_pod(rendered):
+    for overlay, objects in rendered.items():
         rayservice = find(objects, "RayService")
         head, worker = _pod_labels(rayservice, "head"), _pod_labels(rayservice, "worker")
         serving = find(objects, "NetworkPolicy", "rorem-serving")["spec"]["podSelector"]
@@ -1284,10 +1377,10 @@ def all_containers(objects: list[dict]) -> list[tuple[str, dict, dict]]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_container_runs_locked_down(kustomized, overlay):
+def test_every_container_runs_locked_down(rendered, overlay):
     uid, user = _image_user()
     home = f"/home/{user}"
-    objects = kustomized[overlay]
+    objects = rendered[overlay]
     for where, spec in pod_specs(objects).items():
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] == uid and pod["runAsGroup"] == uid, where
@@ -1325,16 +1418,16 @@ def test_every_container_runs_locked_down(kustomized, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_scratch_volume_is_bounded(kustomized, overlay):
+def test_every_scratch_volume_is_bounded(rendered, overlay):
     """Logs and spilled objects grow with traffic: an emptyDir without a sizeLimit can fill the node's disk and
     get other tenants' pods evicted; with one, the kubelet evicts only the pod that outgrew it."""
     scratch = {
         f"{where}/{volume['name']}": volume["emptyDir"]
-        for where, spec in pod_specs(kustomized[overlay]).items()
+        for where, spec in pod_specs(rendered[overlay]).items()
         for volume in spec.get("volumes", [])
         if "emptyDir" in volume
     }
-    assert len(scratch) == {"dev": 6, "prod": 8}[overlay], sorted(scratch)
+    assert len(scratch) == {"dev": 8, "prod": 10}[overlay], sorted(scratch)
     unbounded = [name for name, volume in scratch.items() if "sizeLimit" not in volume]
     assert unbounded == [], f"{overlay}: emptyDirs without a sizeLimit"
 
@@ -1433,8 +1526,8 @@ def test_a_pdb_holds_the_head_in_place():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_no_pod_automounts_a_service_account_token_and_only_the_autoscaler_gets_one(kustomized, overlay):
-    objects = kustomized[overlay]
+def test_no_pod_automounts_a_service_account_token_and_only_the_autoscaler_gets_one(rendered, overlay):
+    objects = rendered[overlay]
     for where, spec in pod_specs(objects).items():
         assert spec.get("automountServiceAccountToken") is False, f"{overlay} {where}: a token is mounted"
     cluster = find(objects, "RayService")["spec"]["rayClusterConfig"]
@@ -1461,9 +1554,56 @@ def test_no_pod_automounts_a_service_account_token_and_only_the_autoscaler_gets_
         assert not token_volumes, "without the autoscaler no container needs the Kubernetes API"
 
 
+RAY_LOGS_MOUNT = {"name": "ray-logs", "mountPath": "/tmp/ray"}  # KubeRay mounts the head's /tmp/ray into the autoscaler
+READ_ONLY_SOURCES = ("secret", "configMap", "projected", "downwardAPI")  # Kubernetes mounts these read-only
+
+
+def _writable_volumes(container: dict, spec: dict) -> set[str]:
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    return {
+        m["name"] for m in container.get("volumeMounts", [])
+        if not m.get("readOnly") and not any(k in volumes[m["name"]] for k in READ_ONLY_SOURCES)
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_no_service_carries_rays_dashboard_gcs_or_client_port(kustomized, overlay):
-    objects = kustomized[overlay]
+def test_the_container_with_the_kubernetes_token_runs_nothing_another_container_can_write(rendered, overlay):
+    """The autoscaler (the Kubernetes token, a Role that patches pods) mounted ray-head's own HOME and /tmp: a
+    ~/.profile or a ~/.local/.../*.pth planted by code in the application ran in the autoscaler at its next start.
+    It shares only /tmp/ray, which KubeRay mounts into both (the autoscaler's logs and events for the dashboard)."""
+    cluster = find(rendered[overlay], "RayService")["spec"]["rayClusterConfig"]
+    by_pod: dict[str, list[tuple[str, dict, dict]]] = {}
+    for where, container, spec in all_containers(rendered[overlay]):
+        if where == "RayService/head/autoscaler":
+            container = {**container, "volumeMounts": [*container["volumeMounts"], RAY_LOGS_MOUNT]}
+        by_pod.setdefault(where.rsplit("/", 1)[0], []).append((where, container, spec))
+    holders = []
+    for pod, members in by_pod.items():
+        for where, container, spec in members:
+            tokens = {
+                v["name"] for v in spec.get("volumes", [])
+                if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
+            }  # fmt: skip
+            if not tokens & {m["name"] for m in container.get("volumeMounts", [])}:
+                continue
+            holders.append(where)
+            mine = _writable_volumes(container, spec)
+            for other, other_container, _ in members:
+                if other != where:
+                    shared = mine & _writable_volumes(other_container, spec)
+                    assert shared <= {"ray-logs"}, f"{overlay}: {where} and {other} both write {sorted(shared)}"
+    assert holders == ["RayService/head/autoscaler"], holders
+    options = cluster["autoscalerOptions"]
+    env = {e["name"]: e.get("value") for e in options.get("env", [])}
+    assert env.get("PYTHONNOUSERSITE") == "1", "no ~/.local site-packages (a planted .pth) in the autoscaler"
+    assert options.get("command") == ["/bin/bash", "-c", "--"], "KubeRay's command without -l: no ~/.profile read"
+    assert "args" not in options, "KubeRay's own args (ray kuberay-autoscaler ...) run unchanged"
+    assert "BASH_ENV" not in env and "ENV" not in env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_service_carries_rays_dashboard_gcs_or_client_port(rendered, overlay):
+    objects = rendered[overlay]
     rayservice = find(objects, "RayService")
     services = [o for o in objects if o["kind"] == "Service"]
     services.append({"kind": "Service", **rayservice["spec"]["serveService"]})
@@ -1486,28 +1626,84 @@ def test_no_service_carries_rays_dashboard_gcs_or_client_port(kustomized, overla
     assert "ray-client-server-port" not in start
 
 
-def test_prod_turns_rays_token_auth_on_from_a_secret(kustomized, rayservice_validator):
-    rayservice = find(kustomized["prod"], "RayService")
+def test_prod_turns_rays_token_auth_on_from_a_secret(rendered):
+    rayservice = find(rendered["prod"], "RayService")
     cluster = rayservice["spec"]["rayClusterConfig"]
     auth = cluster["authOptions"]
     assert auth == {"mode": "token", "secretName": "rorem-ray-auth-token"}
     assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0), "Ray token auth needs Ray 2.52+"
-    assert not any(o["kind"] == "Secret" for o in kustomized["prod"]), "no secret is committed"
-    guide = (REPO / "docs" / "kubernetes.md").read_text()
-    assert auth["secretName"] in guide and "auth_token" in guide, "the guide says how to create the Secret"
+    assert not any(o["kind"] == "Secret" for o in rendered["prod"]), "no secret is committed"
+    create = (
+        f"kubectl -n {find(rendered['prod'], 'Namespace')['metadata']['name']} create secret generic "
+        f'{auth["secretName"]} --from-literal=auth_token="$(openssl rand -hex 32)"'
+    )  # the key KubeRay reads (auth_token), a random value never typed into a shell's history
+    assert create in (REPO / "docs" / "kubernetes.md").read_text(), "the guide's Deploy creates the Secret"
+    assert create in (K8S / "overlays" / "prod" / "ray-auth.yaml").read_text()
     for name, template in pod_templates(rayservice).items():  # KubeRay injects these; none set by hand
         for container in template["spec"]["containers"]:
             assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, name
         # the probes stay on Ray's unauthenticated health endpoints or the Serve proxy
         probe = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
         assert probe["path"] == "/api/healthz"
-    mistyped = copy.deepcopy(rayservice)
-    mistyped["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "tokens"
-    assert _errors(rayservice_validator, mistyped), "the CRD check catches a wrong auth mode"
 
 
-def test_namespaces_enforce_the_restricted_pod_security_standard(kustomized):
-    for overlay, objects in kustomized.items():
+def test_the_crd_check_catches_a_wrong_auth_mode(rendered, rayservice_validator):
+    for overlay, objects in rendered.items():
+        rayservice = find(objects, "RayService")
+        assert not _errors(rayservice_validator, rayservice), overlay
+        mistyped = copy.deepcopy(rayservice)
+        mistyped["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "tokens"
+        assert _errors(rayservice_validator, mistyped), f"{overlay}: the CRD check catches a wrong auth mode"
+
+
+def test_dev_turns_rays_token_auth_on_with_a_token_kuberay_generates(rendered):
+    """Dev relied on its NetworkPolicies alone, on clusters (minikube, kind) whose default CNI ignores them: the
+    dashboard's job API was open to every pod. A generated token needs no Secret to create before the apply."""
+    rayservice = find(rendered["dev"], "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}, "no secretName: no manual step"
+    assert not any(o["kind"] == "Secret" for o in rendered["dev"]), "no secret is committed"
+    guide = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    namespace = find(rendered["dev"], "Namespace")["metadata"]["name"]
+    # the generated Secret is named after the RayCluster, which changes at each upgrade
+    cluster = f"kubectl -n {namespace} get rayservice rorem -o jsonpath='{{.status.activeServiceStatus.rayClusterName}}'"
+    read = f"""kubectl -n {namespace} get secret "$cluster" -o jsonpath='{{.data.auth_token}}' | base64 -d"""
+    assert f"cluster=$({cluster}) {read}" in guide, "the guide says how to read dev's token"
+
+
+def test_no_documented_secret_puts_its_value_on_the_command_line():
+    """`--from-literal=HF_TOKEN=hf_...` leaves the token in the shell's history (and in `ps` while it runs)."""
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted(K8S.rglob("*.yaml"))]:
+        for line in doc.read_text().splitlines():
+            for value in re.findall(r"--from-literal=\w+=(\S+)", line):
+                where = doc.relative_to(REPO)
+                assert value.startswith('"$('), f"{where}: a value typed on the command line: {line.strip()}"
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    assert "create secret generic rorem-hf-token --from-file=HF_TOKEN=" in guide
+
+
+def test_the_weights_job_has_a_deadline_the_guide_gives():
+    """A download that hangs (a stalled connection, a hub outage) kept the Job running, its retries included, with
+    no end: activeDeadlineSeconds fails it, and the workers' wait for the bundle says where to look."""
+    job = find(built("prod"), "Job", "rorem-fetch-weights")
+    deadline = job["spec"].get("activeDeadlineSeconds")
+    assert isinstance(deadline, int) and 3600 <= deadline <= 86400, deadline
+    assert deadline < job["spec"]["ttlSecondsAfterFinished"], "the failed Job stays for its logs"
+    guide = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
+    assert f"`activeDeadlineSeconds` ({deadline} s: {deadline / 3600:g} h)" in guide
+
+
+def test_the_operations_summary_names_the_budgets_and_policies():
+    """docs/operations.md said "a PodDisruptionBudget" where there are two, and named no NetworkPolicy."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    section = text[text.index("## Deploy on Kubernetes") :]
+    section = section[: section.find("\n## ", 1)]
+    for obj in built("prod"):
+        if obj["kind"] in ("PodDisruptionBudget", "NetworkPolicy"):
+            assert obj["metadata"]["name"] in section, f"operations.md: {obj['kind']} {obj['metadata']['name']}"
+
+
+def test_namespaces_enforce_the_restricted_pod_security_standard(rendered):
+    for overlay, objects in rendered.items():
         labels = find(objects, "Namespace")["metadata"]["labels"]
         assert labels["pod-security.kubernetes.io/enforce"] == "restricted", overlay
 

@@ -24,6 +24,7 @@ from engines.authors_layout import (
     import_authors_layout,
     locate,
     refuse_unpinned,
+    verify_sha256_lists,
 )
 from engines.bundle import DISCRIMINATOR_WEIGHTS, UNET_WEIGHTS, BundleError, sha256_of
 from engines.hub_refs import SDXL_INPAINTING_UNET, HubRef
@@ -179,6 +180,38 @@ def test_missing_local_pieces_are_all_named_before_any_download(tmp_path, monkey
     for field in ("lcm_lora", "discriminator"):
         assert DRIVE_FOLDERS[field][1] in message, f"where to download {field} is not said"
     assert len(message.splitlines()) == 1 + 3, "one line per missing file"
+
+
+def _sha256sum(folder: Path) -> str:
+    """What `cd folder && sha256sum *` prints."""
+    return "".join(f"{sha256_of(file)}  {file.name}\n" for file in sorted(folder.iterdir()) if file.is_file())
+
+
+def test_the_copied_pieces_are_checked_against_their_sha256_lists_before_the_import(rorem_pipeline, tmp_path):
+    """Google Drive publishes no checksum: a different or damaged copy of the LoRA or the discriminator was imported
+    as found. With the sums given (ROREM_*_SHA256 of the weights Job), each file read must be listed and match."""
+    lcm, disc = tmp_path / "RORem-LCM", tmp_path / "RORem-Discriminator"
+    shutil.copytree(rorem_pipeline / "RORem-LCM", lcm)
+    shutil.copytree(rorem_pipeline / "RORem-Discriminator", disc)
+    layout = AuthorsLayout(base="hf:LetsThink/RORem@" + COMMIT_A, lcm_lora=str(lcm), discriminator=str(disc))
+    sums = {"lcm_lora": _sha256sum(lcm), "discriminator": _sha256sum(disc).replace("  ", " *", 1)}
+    verify_sha256_lists(layout, sums)  # as `sha256sum` prints them (text or binary mode): no error, no download
+    verify_sha256_lists(layout, {"lcm_lora": "", "discriminator": "  "})  # not given: not checked
+    head = disc / "cls_pred_branch.safetensors"
+    head.write_bytes(head.read_bytes()[:-1] + b"x")  # a damaged copy
+    with pytest.raises(BundleError) as raised:
+        verify_sha256_lists(layout, sums)
+    message = str(raised.value)
+    assert f"discriminator: {head} has sha256 {sha256_of(head)}" in message and "lcm_lora" not in message
+    with pytest.raises(BundleError, match=f"{disc / LORA_FILENAME} has no sha256 in the list"):
+        head_line = next(line for line in _sha256sum(disc).splitlines() if line.endswith(head.name))
+        verify_sha256_lists(layout, {"discriminator": head_line})  # the LoRA not listed
+    with pytest.raises(BundleError, match="cls_pred_branch.pt is listed, but"):
+        verify_sha256_lists(layout, {"discriminator": _sha256sum(disc) + f"{'0' * 64}  cls_pred_branch.pt"})
+    with pytest.raises(BundleError, match="not `sha256sum` output"):
+        verify_sha256_lists(layout, {"lcm_lora": "deadbeef  " + LORA_FILENAME})
+    with pytest.raises(BundleError, match="is no local piece"):
+        verify_sha256_lists(AuthorsLayout(base="hf:LetsThink/RORem"), {"lcm_lora": _sha256sum(lcm)})
 
 
 def test_a_download_one_folder_too_deep_is_pointed_at(tiny_layout, tmp_path, monkeypatch):
