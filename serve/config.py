@@ -321,7 +321,7 @@ class ImagingSettings(_Strict):
     max_jpeg_scans: int = Field(_DECODE.max_jpeg_scans, ge=1, description="progressive scans in a JPEG")
     max_exif_bytes: int = Field(_DECODE.max_exif_bytes, ge=0, description="size of an image's EXIF block")
     max_rle_bytes: int = Field(_DECODE.max_rle_bytes, ge=0, description="size of an RLE-compressed BMP")
-    decode_timeout_s: float = Field(20.0, gt=0, description="decoding an upload past this answers 413")
+    decode_timeout_s: float = Field(20.0, gt=0, description="CPU seconds decoding an upload may take: past them, 413")
     jpeg_quality: Quality = Field(95, description="JPEG / WebP quality of replies, unless a request asks")
 
     def decode_limits(self) -> DecodeLimits:

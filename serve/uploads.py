@@ -19,6 +19,8 @@ import json
 import json.decoder
 import re
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,13 +73,44 @@ _PARSER_STATES = sys.modules[_multipart.MultipartParser.__module__].MultipartSta
 Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) off the event loop
 
 
+class ThreadCpu:
+    """The CPU time a thread has spent on one job: read from the event loop while the job runs, kept when it ends.
+    None where the platform has no per-thread CPU clock (not Linux, macOS)."""
+
+    def __init__(self):
+        self._clock: int | None = None
+        self._start = 0.0
+        self._spent: float | None = None
+
+    def begin(self) -> None:
+        """In the job's thread, before the job."""
+        if hasattr(time, "pthread_getcpuclockid"):
+            self._clock = time.pthread_getcpuclockid(threading.get_ident())
+            self._start = time.clock_gettime(self._clock)
+
+    def end(self) -> None:
+        """In the job's thread, after the job."""
+        self._spent = self.seconds()
+
+    def seconds(self) -> float | None:
+        if self._spent is not None:
+            return self._spent
+        if self._clock is None:
+            return None
+        try:
+            return time.clock_gettime(self._clock) - self._start
+        except OSError:  # the thread has gone (the pool shut down)
+            return None
+
+
 @dataclass(frozen=True)
 class Job:
     """A job submitted to an Offload: `started` once a thread runs it; `result` its outcome (cancelling it
-    before it starts takes it off the queue)."""
+    before it starts takes it off the queue); `cpu` the CPU time its thread has spent on it."""
 
     started: asyncio.Event
     result: asyncio.Future
+    cpu: ThreadCpu
 
 
 class Offload:
@@ -109,10 +142,15 @@ class Offload:
         await self._slots.acquire()
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
+        cpu = ThreadCpu()
 
         def call():
+            cpu.begin()
             loop.call_soon_threadsafe(started.set)
-            return fn(*args)
+            try:
+                return fn(*args)
+            finally:
+                cpu.end()
 
         try:
             job = self._pool.submit(call)
@@ -128,7 +166,7 @@ class Offload:
                 pass
 
         job.add_done_callback(free)
-        return Job(started, asyncio.wrap_future(job))
+        return Job(started, asyncio.wrap_future(job), cpu)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -751,6 +751,49 @@ def test_the_decode_deadline_counts_the_decode_not_the_wait_for_a_thread():
     assert [reply.buckets for reply in replies] == [[128, 128]] * 3, "each waited for the thread, then decoded"
 
 
+def _decode_timeout_service(decode_timeout_s: float) -> RemovalService:
+    settings = AppSettings.model_validate(
+        {"imaging": {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate,
+                     "decode_timeout_s": decode_timeout_s}}
+    )  # fmt: skip
+    metrics = SimpleNamespace(gate_outcomes=_Recorder(), gate_attempts=_Recorder(), scores=_Recorder())
+    return RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=FakeModels())
+
+
+@pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="needs a per-thread CPU clock")
+def test_a_decode_slowed_by_a_busy_machine_is_not_answered_image_too_large():
+    """imaging.decode_timeout_s counted wall time: six 40 MP 16-bit PNGs at once on 2 cores (each 3.3 s of CPU)
+    were answered 413 image-too-large at 20 s, which no client retries. It counts the decode thread's CPU time:
+    a decode that waits (here: sleeps, as a thread starved of a core does) passes its wall time and succeeds; one
+    that spends its CPU time is refused, as before; one the machine delays past the request's deadline is 504."""
+    service = _decode_timeout_service(0.3)
+    prepare = service.pipeline.prepare
+
+    def starved(*args):
+        threading.Event().wait(0.8)
+        return prepare(*args)
+
+    service.pipeline.prepare = starved
+    assert asyncio.run(service.remove(_upload(output_format="png"))).buckets == [128, 128]
+
+    def costly(*args):
+        began = time.thread_time()
+        while time.thread_time() - began < 2.0:
+            pass
+        return prepare(*args)
+
+    service.pipeline.prepare = costly
+    started = time.perf_counter()
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.remove(_upload(output_format="png")))
+    assert caught.value.problem == "image-too-large" and time.perf_counter() - started < 1.9, caught.value.detail
+
+    service.pipeline.prepare = lambda *args: threading.Event().wait(2.0) or prepare(*args)
+    with pytest.raises(Problem) as caught:
+        asyncio.run(service.remove(_upload(output_format="png", timeout_s=0.5)))
+    assert (caught.value.problem, caught.value.detail) == ("timeout", "no result within 0.5 s")
+
+
 def _photo_and_objects(count: int):
     """`count` 30 px objects, 200 px apart on a grid of three columns: each its own 128 crop if allowed (two
     together would need a 270 px window, past the 256 bucket)."""
