@@ -100,10 +100,10 @@ def _calls_per_crop(scored: bool) -> int:
 
 
 def max_crops(max_model_calls: int, scored: bool) -> int:
-    """The most crops (after merging) one attempt may cut within `max_model_calls`: a mask that needs more is
-    planned as one box (engines.regions), so that even the first attempt stays within the cap. `scored`: the
-    deployment has a Scorer. Not the request's gate mode: a mask's crops are the same whatever the gate, so
-    gate=off with a scored removal's seed gives its image, and POST /score cuts what a removal cut."""
+    """The most crops (after merging) one attempt may cut within `max_model_calls`: a mask that needs more has
+    regions share windows until it fits (engines.regions), so that even the first attempt stays within the cap.
+    `scored`: the deployment has a Scorer. Not the request's gate mode: a mask's crops are the same whatever the
+    gate, so gate=off with a scored removal's seed gives its image, and POST /score cuts what a removal cut."""
     return max(1, max_model_calls // _calls_per_crop(scored))
 
 

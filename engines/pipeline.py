@@ -259,7 +259,7 @@ class RemovalPipeline:
     def plan(
         self, mask: np.ndarray, dilate: int | None = None, max_crops: int = regions.MAX_CROPS
     ) -> tuple[np.ndarray, list[imaging.CropPlan]]:
-        """The dilated mask and a crop per region (engines.regions), at most `max_crops` (else one box)."""
+        """The dilated mask and a crop per region (engines.regions), at most `max_crops` (else regions share)."""
         dilated = imaging.dilate_mask(mask, self.crops.dilate if dilate is None else dilate)
         plans = regions.plan_region_crops(
             dilated, self.crops.buckets, self.crops.crop_margin, max_crops=min(max_crops, regions.MAX_CROPS)

@@ -8,6 +8,12 @@ the model then sees no fewer pixels per object and no more pixels in all, and th
 Two regions that would each take a 512 crop are not merged into one 1024 crop: that is twice the pixels of two
 512 crops, which batch together anyway.
 
+Windows start centred on their regions. Two that overlap are first slid apart, each within the range that
+still holds its regions' box plus the margin (cut at the image's edges) inside the image, and only merged where
+no such move separates them without overlapping a third. Past `max_crops` (what the request's model-call cap
+allows), the pair whose shared window is downscaled least (then the smallest) merges, again until `max_crops`
+remain: a fifth object costs one shared window, not one window around all five.
+
 `paste_back_regions` pastes each crop's result with `imaging.paste_back` inside its own window only. Windows never
 overlap and each group's mask pixels lie inside its window, so a window holds exactly its own group's pixels: no
 paste can touch another region, and every pixel outside the mask stays bit-identical.
@@ -22,8 +28,9 @@ from scipy import ndimage
 
 from engines.imaging import EIGHT_CONNECTED, CropPlan, paste_back, plan_crop, window_sizes, window_start
 
-# Beyond this many connected regions, or this many crops after merging, a request is planned as one box, as
-# before: planning stays cheap and a speckled mask cannot turn one request into hundreds of model calls.
+# Beyond this many connected regions a request is planned as one box, as before: planning stays cheap (it is
+# quadratic in the regions at worst) and a speckled mask cannot turn one request into hundreds of model calls.
+# Past this many crops, or the request's own max_crops, the cheapest pairs merge (see above).
 MAX_REGIONS = 256
 MAX_CROPS = 16
 
@@ -37,7 +44,8 @@ def plan_region_crops(
 ) -> list[CropPlan]:
     """Crop windows for the mask's regions, sorted by (top, left); [] when the mask is empty.
 
-    Regions are 8-connected. A single region, or regions that all end up merged, get exactly `plan_crop`'s plan.
+    Regions are 8-connected. A single region, regions that all end up merged, or more than `max_regions` regions
+    get exactly `plan_crop`'s plan. Each window has `plan_crop`'s side and bucket for the regions it holds.
     """
     whole = plan_crop(mask, buckets, margin)  # validates the arguments
     if whole is None:
@@ -45,10 +53,10 @@ def plan_region_crops(
     boxes = _region_boxes(mask, max_regions)
     if boxes is None or len(boxes) == 1:
         return [whole]
-    boxes = _merge(boxes, mask.shape, buckets, margin)
-    if len(boxes) > max_crops:
-        return [whole]
-    plans = [CropPlan(*map(int, window)) for window in zip(*_windows(boxes, mask.shape, buckets, margin))]
+    _, windows = _merge(boxes, mask.shape, buckets, margin, max(max_crops, 1))
+    if len(windows) == 1:
+        return [whole]  # the union of every region's box: the mask's box
+    plans = [CropPlan(*map(int, window)) for window in windows]
     plans.sort(key=lambda plan: (plan.top, plan.left))
     _check_disjoint(plans)
     return plans
@@ -133,43 +141,161 @@ def _runs(flags: np.ndarray, at_most: int) -> list[tuple[int, int]] | None:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def _merge(boxes: np.ndarray, shape: tuple[int, int], buckets: Sequence[int], margin: int) -> np.ndarray:
-    """Union boxes (top, bottom, left, right) whose windows overlap or merge for free, until none do.
+def _merge(
+    boxes: np.ndarray, shape: tuple[int, int], buckets: Sequence[int], margin: int, max_crops: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group boxes (top, bottom, left, right) until no two windows overlap, no merge is free and there are at
+    most `max_crops`: the groups' boxes and their windows (top, left, side, bucket).
 
-    Each merge removes a box, so there are fewer checks than twice the boxes; each check is one vectorised
-    comparison against all the other boxes.
+    Two windows that overlap are first slid apart (`_slide_apart`); merged only where no placement holding each
+    box plus its margin separates them. Past `max_crops`, the pair whose merged window is downscaled least (then
+    the smallest) is merged, and the grown window checked again. Each check is one vectorised comparison against
+    the other boxes; each merge removes a box and each slide one overlapping pair, so the loop ends.
     """
     boxes = boxes.copy()
     windows = np.stack(_windows(boxes, shape, buckets, margin), axis=1)
-    index = 0
-    while index < len(boxes):
-        top, left, side, bucket = windows[index]
-        overlap = (
-            (windows[:, 0] < top + side)
-            & (top < windows[:, 0] + windows[:, 2])
-            & (windows[:, 1] < left + side)
-            & (left < windows[:, 1] + windows[:, 2])
-        )
-        union = np.concatenate(
-            [np.minimum(boxes[:, [0]], boxes[index, 0]), np.maximum(boxes[:, [1]], boxes[index, 1]),
-             np.minimum(boxes[:, [2]], boxes[index, 2]), np.maximum(boxes[:, [3]], boxes[index, 3])],
-            axis=1,
-        )  # fmt: skip
-        _, _, union_side, union_bucket = _windows(union, shape, buckets, margin)
-        free = (union_side == union_bucket) & (union_bucket <= np.maximum(windows[:, 3], bucket))
-        partners = np.flatnonzero(overlap | free)
-        partners = partners[partners != index]
-        if partners.size == 0:
-            index += 1
-            continue
-        partner = partners[0]
-        boxes[index] = union[partner]
-        windows[index] = np.stack(_windows(union[[partner]], shape, buckets, margin), axis=1)[0]
-        boxes, windows = np.delete(boxes, partner, axis=0), np.delete(windows, partner, axis=0)
-        # Stay on the grown box: it is checked against every box, passed ones too. The pairs not involving
-        # it are unchanged, and were checked already.
-        index -= int(partner < index)
-    return boxes
+    limits = _slide_limits(boxes, windows, shape, margin)
+    alive = np.ones(len(boxes), bool)
+    costs = None  # (downscale, side) of merging each pair, once the count must come down
+
+    def grow(index: int, partner: int) -> None:
+        boxes[index] = _union(boxes[[index]], boxes[[partner]])[0]
+        windows[index] = np.stack(_windows(boxes[[index]], shape, buckets, margin), axis=1)[0]
+        limits[index] = _slide_limits(boxes[[index]], windows[[index]], shape, margin)[0]
+        alive[partner] = False
+        if costs is not None:
+            _update_costs(costs, boxes, alive, index, partner, shape, buckets, margin)
+
+    todo = list(range(len(boxes)))[::-1]  # popped in order; a grown box is pushed back to be checked again
+    while True:
+        while todo:
+            index = todo.pop()
+            if not alive[index]:
+                continue
+            top, left, side, bucket = windows[index]
+            overlap = (
+                (windows[:, 0] < top + side)
+                & (top < windows[:, 0] + windows[:, 2])
+                & (windows[:, 1] < left + side)
+                & (left < windows[:, 1] + windows[:, 2])
+            )
+            _, _, union_side, union_bucket = _windows(_union(boxes, boxes[[index]]), shape, buckets, margin)
+            free = (union_side == union_bucket) & (union_bucket <= np.maximum(windows[:, 3], bucket))
+            partners = np.flatnonzero((overlap | free) & alive)
+            partners = partners[partners != index]
+            if partners.size == 0:
+                continue
+            partner = partners[0]
+            if not free[partner] and _slide_apart(windows, limits, alive, index, partner):
+                todo.append(index)  # the pair no longer overlaps, and no other pair does: look for the next partner
+                continue
+            grow(index, partner)
+            todo.append(index)
+        if np.count_nonzero(alive) <= max_crops:
+            return boxes[alive], windows[alive]
+        if costs is None:
+            costs = _pair_costs(boxes, alive, shape, buckets, margin)
+        downscale, side = costs
+        best = np.where(downscale == downscale.min(), side, np.iinfo(np.int64).max)
+        index, partner = np.unravel_index(np.argmin(best), best.shape)  # row-major: the first such pair
+        grow(int(index), int(partner))
+        todo.append(int(index))
+
+
+def _union(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Each box (top, bottom, left, right) joined with `box` (one row)."""
+    return np.concatenate(
+        [np.minimum(boxes[:, [0]], box[0, 0]), np.maximum(boxes[:, [1]], box[0, 1]),
+         np.minimum(boxes[:, [2]], box[0, 2]), np.maximum(boxes[:, [3]], box[0, 3])],
+        axis=1,
+    )  # fmt: skip
+
+
+def _pair_costs(
+    boxes: np.ndarray, alive: np.ndarray, shape: tuple[int, int], buckets: Sequence[int], margin: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(downscale, side) matrices of the window that merging each pair (row < column, both alive) would take;
+    inf / int64 max elsewhere. Downscale: photo pixels per model pixel, 1 at native resolution."""
+    count = len(boxes)
+    downscale = np.full((count, count), np.inf)
+    side = np.full((count, count), np.iinfo(np.int64).max)
+    for index in np.flatnonzero(alive):
+        _fill_costs((downscale, side), boxes, alive, index, shape, buckets, margin)
+    return downscale, side
+
+
+def _fill_costs(
+    costs: tuple[np.ndarray, np.ndarray], boxes: np.ndarray, alive: np.ndarray, index: int,
+    shape: tuple[int, int], buckets: Sequence[int], margin: int,
+) -> None:  # fmt: skip
+    """Row and column `index` of the cost matrices: merging box `index` with each other live box."""
+    downscale, side = costs
+    _, _, union_side, union_bucket = _windows(_union(boxes, boxes[[index]]), shape, buckets, margin)
+    row_downscale = np.where(alive, union_side / np.minimum(union_side, union_bucket), np.inf)
+    row_side = np.where(alive, union_side, np.iinfo(np.int64).max)
+    row_downscale[index], row_side[index] = np.inf, np.iinfo(np.int64).max
+    later, earlier = np.arange(len(boxes)) > index, np.arange(len(boxes)) < index
+    downscale[index, later], side[index, later] = row_downscale[later], row_side[later]
+    downscale[earlier, index], side[earlier, index] = row_downscale[earlier], row_side[earlier]
+
+
+def _update_costs(
+    costs: tuple[np.ndarray, np.ndarray], boxes: np.ndarray, alive: np.ndarray, index: int, gone: int,
+    shape: tuple[int, int], buckets: Sequence[int], margin: int,
+) -> None:  # fmt: skip
+    for matrix, none in zip(costs, (np.inf, np.iinfo(np.int64).max)):
+        matrix[gone, :], matrix[:, gone] = none, none
+    _fill_costs(costs, boxes, alive, index, shape, buckets, margin)
+
+
+def _slide_limits(boxes: np.ndarray, windows: np.ndarray, shape: tuple[int, int], margin: int) -> np.ndarray:
+    """(first top, last top, first left, last left) of each window that still holds its box plus `margin` (cut
+    at the image's edges) inside the image; a window longer than the image along an axis stays where it is."""
+    limits = []
+    for axis, (lo, hi, start) in enumerate(((boxes[:, 0], boxes[:, 1], windows[:, 0]),
+                                            (boxes[:, 2], boxes[:, 3], windows[:, 1]))):  # fmt: skip
+        extent, side = shape[axis], windows[:, 2]
+        first = np.maximum(np.minimum(hi + margin, extent) - side, 0)
+        last = np.minimum(np.maximum(lo - margin, 0), extent - side)
+        fixed = side > extent
+        limits += [np.where(fixed, start, np.minimum(first, start)), np.where(fixed, start, np.maximum(last, start))]
+    return np.stack(limits, axis=1)
+
+
+def _slide_apart(windows: np.ndarray, limits: np.ndarray, alive: np.ndarray, a: int, b: int) -> bool:
+    """Move windows `a` and `b` within their limits so that they no longer overlap and overlap no other live
+    window, the least distance in all, split between the two as evenly as their limits allow; False (nothing
+    moved) when no such move along one axis exists. Candidates in a fixed order: deterministic."""
+    others = alive.copy()
+    others[[a, b]] = False
+    best = None
+    for axis in (0, 1):
+        for first, second in ((a, b), (b, a)):
+            overlap = windows[first, axis] + windows[first, 2] - windows[second, axis]
+            back = windows[first, axis] - limits[first, 2 * axis]  # how far `first` can move towards 0
+            ahead = limits[second, 2 * axis + 1] - windows[second, axis]  # and `second` away from it
+            if overlap > back + ahead or (best is not None and overlap >= best[0]):
+                continue
+            step = int(np.clip(overlap // 2, overlap - ahead, back))
+            moved = windows[[first, second]].copy()
+            moved[0, axis] -= step
+            moved[1, axis] += overlap - step
+            if not _overlaps_any(moved, windows[others]):
+                best = (overlap, first, second, moved)
+    if best is None:
+        return False
+    _, first, second, moved = best
+    windows[[first, second]] = moved
+    return True
+
+
+def _overlaps_any(windows: np.ndarray, others: np.ndarray) -> bool:
+    """Whether any of `windows` (top, left, side, ...) overlaps any of `others`."""
+    a, b = windows[:, None, :], others[None, :, :]
+    return bool(
+        ((a[..., 0] < b[..., 0] + b[..., 2]) & (b[..., 0] < a[..., 0] + a[..., 2])
+         & (a[..., 1] < b[..., 1] + b[..., 2]) & (b[..., 1] < a[..., 1] + a[..., 2])).any()
+    )  # fmt: skip
 
 
 def _windows(

@@ -375,7 +375,8 @@ class GateSettings(_Strict):
         le=16,
         description="model calls (removals + scorings) one request may cause: an attempt is a removal per crop, plus"
         " a scoring per crop when the gate scores; a mask that needs more crops (after merging) than"
-        " max_model_calls // 2 (without a Scorer: max_model_calls) is planned as one box; attempts are capped to fit",
+        " max_model_calls // 2 (without a Scorer: max_model_calls) has its regions share windows, the pair losing the"
+        " least resolution first, until it fits; attempts are capped to fit",
     )
     on_scorer_error: Literal["fail_open", "fail_closed"] = Field(
         "fail_open",

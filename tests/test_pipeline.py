@@ -808,14 +808,16 @@ def _photo_and_objects(count: int):
 
 @pytest.mark.parametrize(("objects", "gate", "crops", "calls"), [
     (4, "retry", 4, 8),  # 4 crops x (removal + scoring): one attempt fills the cap
-    (6, "retry", 1, 8),  # 6 crops would be 12 calls: one box, 4 attempts
-    (6, "annotate", 1, 2),
+    # 6 crops would be 12 calls: the cheapest pairs merge down to 4 windows, and the grown windows' overlaps to 3;
+    # 3 crops x 2 calls: one attempt
+    (6, "retry", 3, 6),
+    (6, "annotate", 3, 6),
     (4, "off", 4, 4),  # the same crops whatever the gate: gate=off with a scored removal's seed gives its image
-    (6, "off", 1, 1),
+    (6, "off", 3, 3),
 ])  # fmt: skip
 def test_no_mask_makes_a_request_cause_more_model_calls_than_the_cap(objects, gate, crops, calls):
     """gate.max_model_calls (8 here) bounds every model call one request causes, whatever its regions: a mask
-    that needs more crops than the cap allows is planned as one box."""
+    that needs more crops than the cap allows has regions share windows until it fits."""
     photo, mask = _photo_and_objects(objects)
     models = FakeModels(scores=[0.1] * 64)  # below the threshold: retry uses every attempt it may
     upload = RemovalRequest(png_bytes(photo), png_bytes(mask), RemoveOptions(seed=1, gate=gate, max_attempts=4))
@@ -824,7 +826,7 @@ def test_no_mask_makes_a_request_cause_more_model_calls_than_the_cap(objects, ga
     assert (len(reply.buckets), len(models.removals) + scorings) == (crops, calls)
 
 
-@pytest.mark.parametrize(("objects", "crops"), [(6, 6), (9, 1)])
+@pytest.mark.parametrize(("objects", "crops"), [(6, 6), (9, 6)])  # 9 > 8: pairs merge, then the overlaps
 def test_without_a_scorer_a_crop_is_one_call_so_twice_the_crops_fit(objects, crops):
     imaging = {"buckets": list(CROPS.buckets), "crop_margin": CROPS.crop_margin, "dilate": CROPS.dilate}
     settings = AppSettings.model_validate({"imaging": imaging, "gate": {"max_model_calls": 8}})
@@ -837,7 +839,7 @@ def test_without_a_scorer_a_crop_is_one_call_so_twice_the_crops_fit(objects, cro
 
 
 def test_post_score_cuts_the_crops_a_scored_removal_cut():
-    for count, jobs in [(4, 4), (6, 1)]:
+    for count, jobs in [(4, 4), (6, 3)]:
         photo, mask = _photo_and_objects(count)
         models = FakeModels(scores=[0.9] * 8)
         upload = ScoreRequest(png_bytes(photo), png_bytes(mask), png_bytes(photo), ScoreOptions())

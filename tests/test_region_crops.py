@@ -43,6 +43,42 @@ def overlap(a: CropPlan, b: CropPlan) -> bool:
     return a.top < b.top + b.side and b.top < a.top + a.side and a.left < b.left + b.side and b.left < a.left + a.side
 
 
+def window_of(plan: CropPlan, shape: tuple[int, int]) -> np.ndarray:
+    window = np.zeros(shape, bool)
+    window[max(plan.top, 0) : plan.top + plan.side, max(plan.left, 0) : plan.left + plan.side] = True
+    return window
+
+
+def assert_windows_hold_their_regions(mask: np.ndarray, plans: list[CropPlan], buckets, margin: int) -> None:
+    """No two windows overlap; each runs at plan_crop's resolution for the regions it holds, with their box plus
+    `margin` of context (cut at the image's edges) and, where it fits, inside the image; together they hold the
+    mask."""
+    assert all(not overlap(a, b) for i, a in enumerate(plans) for b in plans[i + 1 :])
+    height, width = mask.shape
+    covered = np.zeros_like(mask)
+    for plan in plans:
+        window = window_of(plan, mask.shape)
+        alone = plan_crop(mask & window, buckets, margin)
+        assert (plan.side, plan.bucket) == (alone.side, alone.bucket), "plan_crop's resolution for its regions"
+        rows, cols = np.nonzero(mask & window)
+        for start, lo, hi, extent in ((plan.top, rows.min(), rows.max() + 1, height),
+                                      (plan.left, cols.min(), cols.max() + 1, width)):  # fmt: skip
+            assert start <= max(lo - margin, 0) and min(hi + margin, extent) <= start + plan.side, "the margin"
+            assert plan.side > extent or 0 <= start <= extent - plan.side, "inside the image"
+        covered |= window
+    assert not (mask & ~covered).any()
+
+
+def scale_of(plan: CropPlan) -> float:
+    """Model pixels per photo pixel for what the plan's window holds (upscaling counts as 1)."""
+    return min(plan.bucket, plan.side) / plan.side
+
+
+def scales(mask: np.ndarray, plans: list[CropPlan], objects: list[tuple[int, int]]) -> list[float]:
+    """The scale each object (a top-left corner in the mask) is processed at."""
+    return [scale_of(next(p for p in plans if window_of(p, mask.shape)[corner])) for corner in objects]
+
+
 # --- plan_region_crops --------------------------------------------------------------------------
 
 
@@ -86,8 +122,9 @@ def test_regions_on_a_small_photo_share_a_slightly_downscaled_512_crop_not_an_up
 
 
 def test_merging_cascades_until_no_windows_overlap():
-    # a chain of regions, each 260 px from the next: neighbours' windows overlap, the ends' do not
-    mask = squares((3000, 4000), *[(1400, 200 + 380 * i) for i in range(6)])
+    # a chain of regions, each 180 px from the next: neighbours' windows overlap wherever they slide (each 512
+    # window holds its 120 px region plus 128 px a side: it can move 136 px), the ends' do not
+    mask = squares((3000, 4000), *[(1400, 200 + 300 * i) for i in range(6)])
     plans = plan_region_crops(mask, BUCKETS, MARGIN, max_crops=64)
     assert plans == [plan_crop(mask, BUCKETS, MARGIN)]
 
@@ -99,7 +136,56 @@ def test_a_grown_window_is_checked_again_against_regions_already_passed():
         (612, 628, 1709, 1728), (1471, 1491, 1301, 1371), (1884, 1975, 1115, 1164),
     ]:  # fmt: skip
         mask[top:bottom, left:right] = True
-    assert plan_region_crops(mask, BUCKETS, 64) == [plan_crop(mask, BUCKETS, 64)]
+    plans = plan_region_crops(mask, BUCKETS, 64)
+    assert_windows_hold_their_regions(mask, plans, BUCKETS, 64)
+
+
+def test_a_fifth_object_merges_two_objects_not_all_five_into_one_downscaled_window():
+    """A review: with a Scorer and the default max_model_calls 8, a request gets 4 crops; a fifth far-apart
+    60 px object on a 12 MP photo made the whole request one 3656 px window in the 1024 bucket (0.28 model px
+    per photo px for every object). Now the pair whose shared window is downscaled least shares one."""
+    from engines.gate import max_crops
+    from engines.pipeline import CropSettings, RemovalPipeline
+    from engines.imaging import DecodeLimits
+
+    pipeline = RemovalPipeline(None, CropSettings(BUCKETS, MARGIN, 20, 6), DecodeLimits())
+    spots = [(300, 300), (300, 3600), (2600, 300), (2600, 3600), (1500, 2000)]
+    four_ = squares((3000, 4000), *spots[:4], size=60)
+    five = squares((3000, 4000), *spots, size=60)
+    _, plans = pipeline.plan(four_, 20, max_crops(8, scored=True))
+    assert scales(four_, plans, spots[:4]) == [1.0] * 4
+    dilated, plans = pipeline.plan(five, 20, max_crops(8, scored=True))
+    assert len(plans) == 4
+    per_object = sorted(scales(five, plans, spots))
+    assert per_object[2:] == [1.0] * 3, "three objects keep native resolution"
+    assert per_object[:2] == pytest.approx([1024 / 1956] * 2), "the centre object and one corner share a window"
+    assert_windows_hold_their_regions(dilated, plans, BUCKETS, MARGIN)
+
+
+def test_overlapping_centred_windows_slide_apart_when_that_keeps_each_objects_margin():
+    """A review: two 400 px objects 300 px apart on a 3000 px photo went into one 1356 px window downscaled to
+    1024 (0.755 model px per photo px), although two disjoint 1024 windows each hold one object plus its 128 px
+    margin ([504, 1528) and [1528, 2552) along x, say)."""
+    objects = [(1000, 1000), (1000, 1700)]
+    mask = squares((3000, 3000), *objects, size=400)
+    plans = plan_region_crops(mask, BUCKETS, MARGIN)
+    assert scales(mask, plans, objects) == [1.0, 1.0]
+    assert [(plan.side, plan.bucket) for plan in plans] == [(1024, 1024)] * 2
+    assert_windows_hold_their_regions(mask, plans, BUCKETS, MARGIN)
+    assert plan_region_crops(mask, BUCKETS, MARGIN) == plans, "deterministic"
+    # 180 px apart: no placement holds both with their margin; one shared window
+    close = squares((3000, 3000), (1000, 1000), (1000, 1580), size=400)
+    assert plan_region_crops(close, BUCKETS, MARGIN) == [plan_crop(close, BUCKETS, MARGIN)]
+
+
+def test_a_chain_too_long_for_one_native_window_keeps_its_last_object_native():
+    # each 260 px from the next: neighbours' windows slide apart only at the chain's end
+    objects = [(1400, 200 + 380 * i) for i in range(6)]
+    mask = squares((3000, 4000), *objects)
+    plans = plan_region_crops(mask, BUCKETS, MARGIN, max_crops=64)
+    assert scale_of(plan_crop(mask, BUCKETS, MARGIN)) == pytest.approx(1024 / 2276)
+    assert scales(mask, plans, objects) == pytest.approx([1024 / 1896] * 5 + [1.0])
+    assert_windows_hold_their_regions(mask, plans, BUCKETS, MARGIN)
 
 
 def test_a_single_region_gets_exactly_plan_crops_plan():
@@ -120,15 +206,21 @@ def test_empty_mask_plans_nothing():
     assert plan_region_crops(np.zeros((100, 100), bool), BUCKETS, MARGIN) == []
 
 
-def test_too_many_regions_or_crops_fall_back_to_one_box():
+def test_too_many_regions_fall_back_to_one_box_too_many_crops_merge_the_cheapest_pair():
     mask = np.zeros((3000, 4000), bool)
     mask[::100, ::100] = True  # 1200 dots, 100 px apart
     whole = plan_crop(mask, BUCKETS, 8)
     assert plan_region_crops(mask, BUCKETS, 8) == [whole]
-    four = squares((3000, 4000), (100, 100), (100, 3700), (2700, 100), (2700, 3700), size=10)
+    corners = [(100, 100), (100, 3700), (2700, 100), (2700, 3700)]
+    four = squares((3000, 4000), *corners, size=10)
     assert len(plan_region_crops(four, BUCKETS, MARGIN)) == 4
-    assert plan_region_crops(four, BUCKETS, MARGIN, max_crops=3) == [plan_crop(four, BUCKETS, MARGIN)]
     assert plan_region_crops(four, BUCKETS, MARGIN, max_regions=3) == [plan_crop(four, BUCKETS, MARGIN)]
+    # one crop fewer: the two objects one above the other (2600 px apart, not 3600) share a window
+    three = plan_region_crops(four, BUCKETS, MARGIN, max_crops=3)
+    assert len(three) == 3
+    assert sorted(scales(four, three, corners)) == pytest.approx([1024 / 2866, 1024 / 2866, 1.0, 1.0])
+    assert scale_of(plan_crop(four, BUCKETS, MARGIN)) == pytest.approx(1024 / 3866)
+    assert plan_region_crops(four, BUCKETS, MARGIN, max_crops=1) == [plan_crop(four, BUCKETS, MARGIN)]
 
 
 def test_a_mask_of_scattered_dots_is_given_up_on_before_it_costs_memory():
@@ -228,25 +320,22 @@ def scattered_masks(draw) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None)
-@given(scattered_masks(), st.sampled_from([(64,), (64, 128), (128, 256, 512)]), st.integers(0, 64), st.integers(0, 8))
-def test_plans_cover_the_mask_never_overlap_and_pasting_touches_only_the_mask(mask, buckets, margin, feather):
-    plans = plan_region_crops(mask, buckets, margin)
+@given(
+    scattered_masks(), st.sampled_from([(64,), (64, 128), (128, 256, 512)]), st.integers(0, 64), st.integers(0, 8),
+    st.integers(1, 6),
+)
+def test_plans_cover_the_mask_never_overlap_and_pasting_touches_only_the_mask(mask, buckets, margin, feather, crops):
+    plans = plan_region_crops(mask, buckets, margin, max_crops=crops)
+    assert len(plans) <= crops
     whole = plan_crop(mask, buckets, margin)
     assert len(plans) >= 1 and (len(plans) > 1 or plans == [whole])
-    assert all(not overlap(a, b) for i, a in enumerate(plans) for b in plans[i + 1 :])
-    covered = np.zeros_like(mask)
+    assert_windows_hold_their_regions(mask, plans, buckets, margin)
     for plan in plans:
-        window = np.zeros_like(mask)
-        window[max(plan.top, 0) : plan.top + plan.side, max(plan.left, 0) : plan.left + plan.side] = True
-        alone = plan_crop(mask & window, buckets, margin)
-        assert plan == alone, "each window is plan_crop's window for the regions it holds"
-        covered |= window
         # resolution, not upsampling, counts; a window may go into the next smaller bucket where the one holding it
         # exceeds the image, at most MAX_BUCKET_DOWNSCALE (imaging.window_sizes): a region can, where one box is
         # just past that and runs native (a region of 257 px in 256 beside a box of 385 px in 512)
         native_share = min(plan.bucket, plan.side) * whole.side * MAX_BUCKET_DOWNSCALE
         assert native_share >= min(whole.bucket, whole.side) * plan.side, "no region runs at a lower scale than one box"
-    assert not (mask & ~covered).any()
     rgb = noise((*mask.shape, 3))
     out = paste_back_regions(rgb, mask, constant_results(plans), plans, feather)
     np.testing.assert_array_equal(out[~mask], rgb[~mask])
