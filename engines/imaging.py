@@ -1076,15 +1076,20 @@ def encode_image(
     quality: int = 95,
     icc_profile: bytes | None = None,
     webp_lossless: bool = False,
+    has_alpha: bool = False,
 ) -> bytes:
     """Encode the final image; alpha is kept where the format can store it (KEEPS_ALPHA) and dropped for jpeg,
     which then shows the colours stored under transparent pixels (Accept never picks it for an image with alpha).
+    `has_alpha`: the source had an alpha channel; with `alpha` None (it was fully opaque) an opaque one is
+    written where the format keeps alpha, so an RGBA PNG comes back RGBA (libwebp leaves an opaque one out).
 
     PNG is lossless at zlib level 1 with the Up filter; JPEG is baseline 4:2:0 at `quality`, as Pillow writes it.
     `icc_profile` (the source's RGB profile) is embedded, so a Display P3 or Adobe RGB photo looks as it did.
     """
     fmt = fmt.lower()
     check_output(fmt, *rgb.shape[:2])
+    if alpha is None and has_alpha and fmt in KEEPS_ALPHA:
+        alpha = np.full(rgb.shape[:2], 255, np.uint8)
     if alpha is not None and fmt in KEEPS_ALPHA:
         pixels = np.dstack([rgb, alpha]).astype(np.uint8)
     else:

@@ -205,7 +205,8 @@ def one_request(
     edited = asyncio.run(pipeline.attempt(prepared, 0, timings)).edited
     laps["paste"] = timings.stages["paste"] * 1000
     laps["encode"], body = _timed(
-        imaging.encode_image, edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
+        imaging.encode_image, edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless,
+        image.has_alpha,
     )
     return laps, prepared, edited, body
 

@@ -261,7 +261,8 @@ class RemovalService:
             body = upload.image
             if image.format != fmt:
                 body = await self.cpu.run(
-                    imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless
+                    imaging.encode_image, image.rgb, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless,
+                    image.has_alpha,
                 )
                 timings.lap("encode")
             return RemovalResult(body, fmt, None, [], 0, None, 0, NOTHING_TO_REMOVE, timings)
@@ -301,6 +302,7 @@ class RemovalService:
         body = await self.cpu.run(
             self.encodes.timed, encode, megapixels,
             imaging.encode_image, gated.result.edited, image.alpha, fmt, quality, image.icc_profile, image.webp_lossless,
+            image.has_alpha,
         )  # fmt: skip
         timings.lap("encode")
         return RemovalResult(

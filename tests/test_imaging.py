@@ -856,6 +856,22 @@ def test_alpha_is_kept_in_webp_and_dropped_in_jpeg():
     assert decode_image(encode_image(rgb, alpha, "jpeg"), LIMITS).alpha is None
 
 
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
+def test_a_source_with_a_fully_opaque_alpha_channel_keeps_it_in_a_png(fmt):
+    """A review: a fully opaque RGBA PNG came back RGB (the opaque plane is dropped at decoding). The channel comes
+    back, opaque, in a PNG; libwebp writes none for an opaque plane; JPEG holds none."""
+    rgba = np.dstack([noise(30, 50), np.full((30, 50), 255, np.uint8)])
+    decoded = decode_image(encoded(Image.fromarray(rgba), "PNG"), LIMITS)
+    assert decoded.alpha is None and decoded.has_alpha
+    body = encode_image(decoded.rgb, decoded.alpha, fmt, has_alpha=decoded.has_alpha)
+    with Image.open(io.BytesIO(body)) as result:
+        assert result.mode == ("RGBA" if fmt == "png" else "RGB")
+        if fmt == "png":
+            np.testing.assert_array_equal(np.asarray(result), rgba)
+    with Image.open(io.BytesIO(encode_image(decoded.rgb, None, "png"))) as result:
+        assert result.mode == "RGB", "a source without an alpha channel gets none"
+
+
 def test_unknown_output_format_is_refused_with_alternatives():
     with pytest.raises(UnsupportedOutputFormat, match="png, jpeg, webp"):
         encode_image(noise(4, 4), None, "bmp")

@@ -1101,7 +1101,25 @@ def test_where_the_alpha_channel_is_the_mask_the_alpha_outside_it_comes_back():
     opaque_outside = np.where(mask, 0, 255).astype(np.uint8)
     upload = RemovalRequest(png_bytes(np.dstack([photo, opaque_outside])), None, RemoveOptions(output_format="png"))
     with Image.open(io.BytesIO(asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(upload)).body)) as result:
-        assert result.mode == "RGB", "nothing transparent is left: no alpha channel"
+        assert result.mode == "RGBA", "nothing transparent is left: the alpha channel comes back opaque"
+        assert (np.asarray(result)[..., 3] == 255).all()
+
+
+@pytest.mark.parametrize("output", ["png", "jpeg"])
+def test_a_fully_opaque_rgba_photo_comes_back_rgba_in_a_png(output):
+    """A review: an RGBA PNG whose alpha is all 255 came back RGB (its alpha plane is dropped at decoding), while
+    the API says an alpha channel is kept. It comes back RGBA, opaque; a JPEG has none to keep."""
+    photo, mask = _photo_and_two_objects()
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])
+    mask_png = png_bytes(mask.astype(np.uint8) * 255)
+    upload = RemovalRequest(png_bytes(rgba), mask_png, RemoveOptions(output_format=output))
+    with Image.open(io.BytesIO(asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(upload)).body)) as result:
+        assert result.mode == ("RGBA" if output == "png" else "RGB")
+        returned = np.asarray(result)
+    if output == "png":
+        assert (returned[..., 3] == 255).all()
+        outside = ~mask_grown(mask)
+        np.testing.assert_array_equal(returned[..., :3][outside], photo[outside])
 
 
 @pytest.mark.parametrize("dilate", [0, 2])
