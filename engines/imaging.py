@@ -60,6 +60,10 @@ _FORMAT_ALIASES = {"mpo": "jpeg"}
 
 # The largest side each output codec can write (PNG: 2**31 - 1, beyond any decodable input).
 MAX_OUTPUT_SIDE = {"webp": 16383, "jpeg": 65500}
+# A lossless WebP reads `quality` as the effort spent compressing: above 50 it bought no smaller file (within 0.5%)
+# for 1.7-3.8x the CPU (95, the default quality: 2.4-2.9x; loadtests/bench_webp_effort.py, docs/benchmarks.md),
+# and a 46 KB upload of 40 MP asked at 100 took ~35 s of CPU to encode.
+LOSSLESS_WEBP_MAX_EFFORT = 50
 KEEPS_ALPHA = frozenset({"png", "webp"})  # the output formats that store an alpha channel (JPEG drops it)
 EIGHT_CONNECTED = np.ones((3, 3), bool)  # a mask's regions: pixels touching by a side or a corner
 _FEATHER_TILE = 256
@@ -1111,7 +1115,8 @@ def encode_image(
     elif fmt == "jpeg":
         image.save(buffer, format="JPEG", quality=quality, **profile)
     else:
-        image.save(buffer, format="WEBP", quality=quality, lossless=webp_lossless, exact=webp_lossless, **profile)
+        effort = min(quality, LOSSLESS_WEBP_MAX_EFFORT) if webp_lossless else quality
+        image.save(buffer, format="WEBP", quality=effort, lossless=webp_lossless, exact=webp_lossless, **profile)
     return buffer.getvalue()
 
 
