@@ -698,28 +698,37 @@ def test_where_a_rating_is_asked_a_link_leads_to_the_annotation_page_under_the_r
     assert page.locator("#annotate-more").evaluate("e => e.hidden"), "retention off: GET annotate is not found"
 
 
-def test_text_dropped_into_the_key_or_seed_box_is_the_browsers_to_drop_and_a_photo_opens_wherever_dropped(browser):
+def test_text_dropped_into_the_key_or_seed_box_goes_in_and_a_photo_opens_wherever_dropped(browser):
     """The page cancelled every drop, so text could not be dropped into the API key or Seed box."""
     page, problems = _open_offline(browser, StandIn())
     _open_and_paint(page, "photo.png")
-    drop = """([selector, kind]) => {
+    for box, text in [("#api-key", "rk_dragged"), ("#seed", "4242")]:
+        page.evaluate(  # words on the page, selected, dragged with the mouse into the box
+            """text => { const words = document.querySelector("#photo-info"); words.textContent = text;
+              getSelection().selectAllChildren(words); }""",
+            text,
+        )
+        start, end = page.locator("#photo-info").bounding_box(), page.locator(box).bounding_box()
+        page.mouse.move(start["x"] + 3, start["y"] + start["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(end["x"] + 10, end["y"] + end["height"] / 2, steps=10)
+        page.mouse.up()
+        page.wait_for_function(
+            "([box, text]) => document.querySelector(box).value === text", arg=[box, text], timeout=5_000
+        )
+
+    drop = """([selector, photo]) => {  // a file cannot be dragged in from the test: the events the browser sends
       const carried = new DataTransfer();
-      if (kind === "text") carried.setData("text/plain", "1234");
-      else carried.items.add(new File([Uint8Array.from(atob(kind), (c) => c.charCodeAt(0))], "dropped.png",
-                                      { type: "image/png" }));
+      carried.items.add(new File([Uint8Array.from(atob(photo), (c) => c.charCodeAt(0))], "dropped.png",
+                                 { type: "image/png" }));
+      const event = (type) => new DragEvent(type, { dataTransfer: carried, bubbles: true, cancelable: true });
       const target = document.querySelector(selector);
-      const over = target.dispatchEvent(new DragEvent("dragover", { dataTransfer: carried, bubbles: true,
-                                                                     cancelable: true }));
-      const dropped = target.dispatchEvent(new DragEvent("drop", { dataTransfer: carried, bubbles: true,
-                                                                   cancelable: true }));
-      return [over, dropped];  // true: not cancelled, the browser's default (inserting the text) goes ahead
+      return [target.dispatchEvent(event("dragover")), target.dispatchEvent(event("drop"))];
     }"""
-    for selector in ("#api-key", "#seed"):
-        assert page.evaluate(drop, [selector, "text"]) == [True, True], selector
-    assert page.evaluate(drop, ["#remove", "text"]) == [False, False], "text elsewhere: no navigation"
     photo = base64.b64encode(png_bytes(_big_photo(160, 120))).decode()
-    assert page.evaluate(drop, ["#api-key", photo]) == [False, False], "a photo dropped on the key box opens"
+    assert page.evaluate(drop, ["#api-key", photo]) == [False, False], "taken by the page, not the box"
     page.wait_for_function("() => document.querySelector('#photo-info').textContent.startsWith('dropped.png')")
+    assert page.input_value("#api-key") == "rk_dragged"
     assert problems == [], problems
 
 
