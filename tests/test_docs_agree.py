@@ -344,3 +344,16 @@ def test_the_loopback_ports_the_docs_give_are_the_served_ones():
         metrics += [int(port) for port in re.findall(r'127\.0\.0\.1:(\d+)(?:/metrics|"\])', text)]
     assert said == served, f"the docs give {sorted(said)}; served: {sorted(served)}"
     assert len(metrics) >= 3 and set(metrics) == {DEFAULT_METRICS_PORT}, metrics
+
+
+def test_the_commands_that_send_a_photo_with_its_mask_send_the_photo_the_readmes_snippet_writes():
+    """The README's snippet writes photo.jpg (and mask.png); docs/configuration.md's commands sent photo.png, a file
+    no step of the docs had written."""
+    written = re.search(r"photo\.save\('([^']+)'\)", (REPO / "README.md").read_text())[1]
+    sent = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            if "mask.png" in line and ("curl " in line or "serve.grpc_client " in line):
+                sent += [(doc.name, name) for name in re.findall(r"(?:=@|\s)(photo\.[a-z]+)\b", line)]
+    assert len(sent) >= 8, f"only {sent}: has the docs' wording changed?"
+    assert {name for _, name in sent} == {written}, [pair for pair in sent if pair[1] != written]

@@ -46,10 +46,15 @@ def _hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-def _annotation_page_headers() -> dict[str, str]:
+def _annotation_page() -> tuple[str, dict[str, str]]:
     from serve.retention.keeper import annotation_page
 
-    return annotation_page()[1]
+    html, headers = annotation_page()
+    return html, dict(headers)
+
+
+def _annotation_page_headers() -> dict[str, str]:
+    return _annotation_page()[1]
 
 
 @pytest.mark.parametrize(
@@ -153,13 +158,23 @@ def _form_fields(request) -> dict[str, bytes]:
     return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in parts}
 
 
-def _open_offline(browser, stand_in: StandIn, imaging_settings: ImagingSettings | None = None):
-    """The playground as the service serves it (results kept when asked), its API answered by `stand_in`."""
-    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    html = playground_page(RetentionSettings(enabled=True), imaging_settings or ImagingSettings())
-    answer_offline(page, {"/playground": (html, playground_headers())}, stand_in)
+def _open_offline(
+    browser,
+    stand_in: StandIn,
+    imaging_settings: ImagingSettings | None = None,
+    *,
+    viewport: tuple[int, int] = (1280, 900),
+    retention: RetentionSettings | None = None,
+    prefix: str = "",
+):
+    """The playground as the service serves it (results kept when asked, unless `retention` says otherwise), its API
+    answered by `stand_in` (paths without the route `prefix`); the annotation page is served next to it."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
+    html = playground_page(retention or RetentionSettings(enabled=True), imaging_settings or ImagingSettings())
+    pages = {prefix + "/playground": (html, playground_headers()), prefix + "/annotate": _annotation_page()}
+    answer_offline(page, pages, lambda route, path: stand_in(route, path.removeprefix(prefix)))
     problems = _problems_of(page)
-    page.goto(PAGE_ORIGIN + "/playground")
+    page.goto(PAGE_ORIGIN + prefix + "/playground")
     page.wait_for_selector("body[data-state=empty]")
     return page, problems
 
@@ -575,6 +590,163 @@ def test_the_results_bitmap_is_closed_when_another_replaces_it(browser):
     page.wait_for_function("() => document.querySelector('#photo-info').textContent.startsWith('other.png')")
     assert page.evaluate(open_) == [False] * 4, "closed with its result"
     assert problems == [], problems
+
+
+def test_a_mask_whose_paint_is_all_erased_is_nothing_painted_and_nothing_is_sent(browser):
+    """The page took "any brush stroke" for "something painted": painted then erased away, it sent the mask (the
+    stroke's edge pixels, a little alpha left by the eraser, sent as painted), for a 200 that removed nothing there
+    is to see."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _open_and_paint(page, "photo.png")  # from (0.3, 0.3) to (0.6, 0.6)
+    box = page.locator("#mask").bounding_box()
+    page.click("#eraser")
+    _stroke(page, box, [(0.3, 0.3), (0.45, 0.45)])  # the brush's size, over the brush's path
+    _stroke(page, box, [(0.45, 0.45), (0.6, 0.6)])
+    page.click("#remove")
+    said = _error_says(page, "Nothing is painted yet: paint over the object with the brush first.")
+    assert said == page.inner_text("#status") and stand_in.masks == [], "as for a mask never painted: nothing sent"
+    assert page.get_attribute("body", "data-busy") == "no" and page.is_enabled("#remove")
+    assert problems == [], problems
+
+
+def test_an_answer_that_removed_nothing_is_not_called_done(browser):
+    """The service's 200 `X-Gate: nothing-to-remove` (an empty mask, as the API may send one) was headed "Done. Drag
+    across the picture (or the slider) to compare before and after." over "Nothing was painted, so the photo came
+    back unchanged."."""
+
+    def nothing(route, path):  # as the service answers an empty mask (e.g. one the API sent): the photo unchanged
+        fields = _form_fields(route.request)
+        headers = {"Content-Type": "image/png", "X-Gate": "nothing-to-remove"}
+        route.fulfill(status=200, headers=headers, body=fields["image"])
+
+    page, problems = _open_offline(browser, nothing)
+    _open_and_paint(page, "photo.png")
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    status, words = page.inner_text("#status"), page.inner_text("#gate-words")
+    assert status == "Nothing was removed: the photo came back unchanged.", status
+    assert words == "The service found nothing painted in the mask, so the photo came back unchanged.", words
+    assert page.inner_text("#gate") == "nothing-to-remove" and page.inner_text("#score") == "none"
+    assert problems == [], problems
+
+
+def test_the_keyboard_focus_stays_on_the_button_pressed_once_its_request_is_answered(browser):
+    """Remove, Try another, Yes and No are disabled while their request runs: the focus fell to the page's body, and a
+    keyboard user started again from its top."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    _open_and_paint(page, "photo.png")
+    page.check("#retain")
+    focused = "() => document.activeElement.id"
+    for count, button in [(1, "#remove"), (2, "#another")]:
+        page.focus(button)
+        page.keyboard.press("Enter")
+        page.wait_for_selector(f"#outcome[data-count='{count}']", timeout=10_000)
+        page.wait_for_selector("body[data-busy=no]")
+        assert page.evaluate(focused) == button[1:], f"after {button}"
+    page.focus("#yes")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#rated').textContent.startsWith('Saved')")
+    assert page.evaluate(focused) == "yes"
+
+    stand_in.remove_problem = Problem("overloaded", "busy")
+    page.focus("#another")
+    page.keyboard.press("Enter")
+    _error_says(page, "The removal failed (503)")
+    assert page.evaluate(focused) == "another", "a refusal too"
+    stand_in.feedback_problem = Problem("forbidden", "the API key lacks the 'feedback' scope")
+    page.focus("#no")
+    page.keyboard.press("Enter")
+    _error_says(page, "This API key cannot rate results")
+    assert page.is_hidden("#no") and page.evaluate(focused) == "another", "Yes / No are gone: the next thing to do"
+    assert problems == [], problems
+
+
+def test_on_a_phone_the_result_is_brought_into_view_when_it_comes(browser):
+    """On a narrow screen the result (score, gate, Download, Yes / No) comes below every tool: after Remove it lay
+    below the screen, and nothing said that it had come."""
+    page, problems = _open_offline(browser, StandIn(), viewport=(375, 667))
+    _open_and_paint(page, "photo.png")
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    page.wait_for_timeout(100)  # any scroll done
+    box = page.evaluate("() => { const r = document.querySelector('#outcome').getBoundingClientRect();"
+                        " return [r.top, r.bottom, window.innerHeight]; }")
+    assert 0 <= box[0] and box[1] <= box[2], f"the result within the screen: {box}"
+    assert problems == [], problems
+
+
+def test_where_a_rating_is_asked_a_link_leads_to_the_annotation_page_under_the_route_prefix(browser):
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in, prefix="/v2")
+    page.fill("#api-key", "rk_typed_into_the_box")
+    page.locator("#api-key").blur()  # taken on change
+    _open_and_paint(page, "photo.png")
+    page.check("#retain")
+    page.click("#remove")
+    page.wait_for_selector("#rate:not([hidden])", timeout=10_000)
+    link = page.get_by_role("link", name="annotation page")
+    assert link.is_visible() and link.evaluate("a => a.href") == PAGE_ORIGIN + "/v2/annotate"
+    link.click()
+    page.wait_for_url(PAGE_ORIGIN + "/v2/annotate")
+    page.wait_for_selector("body[data-state=error]")  # the stand-in knows no queue
+    assert page.input_value("#api-key") == "rk_typed_into_the_box", "the key typed in the playground goes along"
+    assert problems == [], problems
+
+    page, problems = _open_offline(browser, stand_in, retention=RetentionSettings())
+    assert page.locator("#annotate-more").evaluate("e => e.hidden"), "retention off: GET annotate is not found"
+
+
+def test_text_dropped_into_the_key_or_seed_box_goes_in_and_a_photo_opens_wherever_dropped(browser):
+    """The page cancelled every drop, so text could not be dropped into the API key or Seed box."""
+    page, problems = _open_offline(browser, StandIn())
+    _open_and_paint(page, "photo.png")
+    for box, text in [("#api-key", "rk_dragged"), ("#seed", "4242")]:
+        page.evaluate(  # words on the page, selected, dragged with the mouse into the box
+            """text => { const words = document.querySelector("#photo-info"); words.textContent = text;
+              getSelection().selectAllChildren(words); }""",
+            text,
+        )
+        start, end = page.locator("#photo-info").bounding_box(), page.locator(box).bounding_box()
+        page.mouse.move(start["x"] + 3, start["y"] + start["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(end["x"] + 10, end["y"] + end["height"] / 2, steps=10)
+        page.mouse.up()
+        page.wait_for_function(
+            "([box, text]) => document.querySelector(box).value === text", arg=[box, text], timeout=5_000
+        )
+
+    drop = """([selector, photo]) => {  // a file cannot be dragged in from the test: the events the browser sends
+      const carried = new DataTransfer();
+      carried.items.add(new File([Uint8Array.from(atob(photo), (c) => c.charCodeAt(0))], "dropped.png",
+                                 { type: "image/png" }));
+      const event = (type) => new DragEvent(type, { dataTransfer: carried, bubbles: true, cancelable: true });
+      const target = document.querySelector(selector);
+      return [target.dispatchEvent(event("dragover")), target.dispatchEvent(event("drop"))];
+    }"""
+    photo = base64.b64encode(png_bytes(_big_photo(160, 120))).decode()
+    assert page.evaluate(drop, ["#api-key", photo]) == [False, False], "taken by the page, not the box"
+    page.wait_for_function("() => document.querySelector('#photo-info').textContent.startsWith('dropped.png')")
+    assert page.input_value("#api-key") == "rk_dragged"
+    assert problems == [], problems
+
+
+@pytest.mark.parametrize("path", ["/playground", "/annotate"])
+def test_the_key_box_is_in_a_form_that_enter_does_not_submit(browser, path):
+    """Chromium said "[DOM] Password field is not contained in a form" on each load of either page; a form, though,
+    is submitted by Enter in its one box (and the policy's form-action 'none' refuses that)."""
+    page, problems = _open_offline(browser, StandIn())
+    said: list[str] = []
+    page.on("console", lambda message: said.append(message.text) if "[DOM]" in message.text else None)
+    page.goto(PAGE_ORIGIN + path)
+    page.wait_for_load_state("load")
+    page.fill("#api-key", "rk_typed_into_the_box")
+    page.press("#api-key", "Enter")
+    page.wait_for_timeout(200)
+    assert page.url == PAGE_ORIGIN + path and page.input_value("#api-key") == "rk_typed_into_the_box", "not submitted"
+    assert said == [] and problems == [], (said, problems)
+    assert page.evaluate("() => sessionStorage.getItem('rorem.apiKey')") == "rk_typed_into_the_box"
 
 
 # ---- in the browser, against the service ---------------------------------------------------------
