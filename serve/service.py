@@ -382,22 +382,23 @@ class RemovalService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         wall_limit = max(deadline, started + deadline_s)
-        while True:
-            spent = job.cpu.seconds()
-            left = deadline_s - (loop.time() - started if spent is None else spent)
-            if left <= 0:
-                raise Problem(
-                    "image-too-large", f"decoding the uploads took over {deadline_s:g} s (imaging.decode_timeout_s)"
-                )
-            if loop.time() >= wall_limit:
-                raise late(request_deadline_s)
-            done, _ = await asyncio.wait({job.result}, timeout=min(left, wall_limit - loop.time()))
-            if done:
-                break
         try:
+            while not job.result.done():
+                spent = job.cpu.seconds()
+                left = deadline_s - (loop.time() - started if spent is None else spent)
+                if left <= 0:
+                    raise Problem(
+                        "image-too-large", f"decoding the uploads took over {deadline_s:g} s (imaging.decode_timeout_s)"
+                    )
+                if loop.time() >= wall_limit:
+                    raise late(request_deadline_s)
+                await asyncio.wait({job.result}, timeout=min(left, wall_limit - loop.time()))
             return job.result.result()
         except InputError as exc:
             raise Problem.from_input_error(exc) from exc
+        finally:
+            # a decode given up on ends unread: its error is nobody's answer (asyncio logged each as never retrieved)
+            job.result.cancel()
 
 
 def encode_reserve_s(timings: Timings, expected_encode_s: float = 0.0) -> float:

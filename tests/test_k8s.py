@@ -1282,8 +1282,8 @@ def test_the_head_and_the_weights_job_reach_what_they_need_and_not_the_metadata_
         (head, dns, [53], "UDP", True),
         (head, node_local_dns, [53], "UDP", True),
         (head, api_service, [443], "TCP", True),
-        (head, control_plane, [443, 6443], "TCP", True),
-        (head, metadata, [80, 443, 6443, 8080], "TCP", False),  # the node's cloud credentials
+        (head, control_plane, [443, 6443, 8443], "TCP", True),  # 8443: minikube's
+        (head, metadata, [80, 443, 6443, 8443, 8080], "TCP", False),  # the node's cloud credentials
         (head, hub, [80, 22, 5432], "TCP", False),
         (head, _source(namespace, {"app": "debug"}), [80, 5432, 8000], "TCP", False),
     ]

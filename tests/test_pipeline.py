@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import math
 import sys
 import threading
@@ -24,7 +25,7 @@ from ray.exceptions import ActorDiedError
 
 from engines import imaging
 from engines.gate import GatePolicy, ScorerUnavailable, attempt_seed
-from engines.imaging import DecodeLimits
+from engines.imaging import DecodeLimits, InvalidImage
 from engines.jobs import RemovalJob, ScoreJob
 from engines.pipeline import CropSettings, LocalOutcome, RemovalPipeline, all_or_none
 from serve import rorem_pb2 as pb
@@ -792,6 +793,36 @@ def test_a_decode_slowed_by_a_busy_machine_is_not_answered_image_too_large():
     with pytest.raises(Problem) as caught:
         asyncio.run(service.remove(_upload(output_format="png", timeout_s=0.5)))
     assert (caught.value.problem, caught.value.detail) == ("timeout", "no result within 0.5 s")
+
+
+def test_a_decode_given_up_on_leaves_no_error_in_the_log_when_it_fails_later(caplog):
+    """The decode thread runs on after its 413; when it then failed (an upload past a decode limit), asyncio logged
+    "Future exception was never retrieved" with a traceback: one per costly upload, for anyone who sends them."""
+    import gc
+
+    service = _decode_timeout_service(0.2)
+
+    def costly_then_refused(*args):
+        began = time.thread_time()
+        while time.thread_time() - began < 0.6:
+            pass
+        raise InvalidImage("past a decode limit")
+
+    service.pipeline.prepare = costly_then_refused
+
+    async def main():
+        try:
+            await service.remove(_upload(output_format="png"))
+        except Problem as refused:  # not kept: its traceback holds the decode's future
+            answer = refused.problem
+        await asyncio.sleep(1.0)  # the replica's loop lives on while the thread ends with its error
+        gc.collect()
+        await asyncio.sleep(0.1)
+        return answer
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert asyncio.run(main()) == "image-too-large"
+    assert not [record for record in caplog.records if record.name == "asyncio"], caplog.text
 
 
 def _photo_and_objects(count: int):
