@@ -10,6 +10,7 @@ the replica is unhealthy only when its sweeper has stopped.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -18,11 +19,33 @@ from serve.config import RetentionSettings
 from serve.handles import answer_or_cancel
 from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.retention.keeper import LocalStoreClient
-from serve.retention.store import RetentionStore
+from serve.retention.objects import ObjectMissing
+from serve.retention.store import ResultNotFound, RetentionStore
 
 # A store call unanswered this long is cancelled (503 retention-unavailable); a save is given up sooner, at
 # retention.save_timeout_s (serve.retention.keeper.Retention.keep).
 CALL_TIMEOUT_S = 60.0
+
+
+# the store's operations a handle may call (ResultStore.operation)
+STORE_OPERATIONS = frozenset(
+    name for name, method in inspect.getmembers(LocalStoreClient, inspect.iscoroutinefunction)
+    if not name.startswith("_")
+)  # fmt: skip
+MISSES = {error.__name__: error for error in (ResultNotFound, ObjectMissing)}
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A store operation that found no such result (or image), answered as a value: raised in the replica, every
+    404 of the result routes was a Ray ERROR with a traceback in its log and a count in Ray's
+    ray_serve_deployment_error_counter_total, as many as anyone with a feedback key cared to ask for."""
+
+    error: str  # a MISSES key
+    args: tuple
+
+    def raised(self) -> Exception:
+        return MISSES[self.error](*self.args)
 
 
 # one replica: the migrations run once and one sweeper enforces the age limit (not listed in the Serve config,
@@ -34,6 +57,15 @@ class ResultStore(LocalStoreClient):
         keep_replica_grpc_on_loopback()
         retention = RetentionSettings.model_validate(settings)
         super().__init__(lambda: RetentionStore.from_settings(retention))
+
+    async def operation(self, name: str, *args, **kwargs):
+        """A store operation by name, HandleStoreClient's one entry point; a miss is a Missing."""
+        if name not in STORE_OPERATIONS:
+            raise AttributeError(f"no store operation {name!r}")
+        try:
+            return await getattr(self, name)(*args, **kwargs)
+        except tuple(MISSES.values()) as miss:
+            return Missing(type(miss).__name__, miss.args)
 
     def check_health(self) -> None:
         if not self.sweeper.is_alive():
@@ -50,15 +82,18 @@ class HandleStoreClient:
     def __init__(self, handle: DeploymentHandle, timeout_s: float = CALL_TIMEOUT_S):
         self.handle = handle
         self.timeout_s = timeout_s
+        self._operation = handle.operation  # a handle method is a new handle: made once
 
     def __getattr__(self, name: str):
-        """Each store method's caller, made on first use and kept (a handle method is a new handle)."""
-        if name.startswith("_") or not inspect.iscoroutinefunction(getattr(LocalStoreClient, name, None)):
+        """Each store method's caller, made on first use and kept; a Missing answer is raised here as its error."""
+        if name not in STORE_OPERATIONS:
             raise AttributeError(name)
-        method = getattr(self.handle, name)
 
         async def call(*args, **kwargs):
-            return await answer_or_cancel(method.remote(*args, **kwargs), self.timeout_s)
+            answer = await answer_or_cancel(self._operation.remote(name, *args, **kwargs), self.timeout_s)
+            if isinstance(answer, Missing):
+                raise answer.raised()
+            return answer
 
         setattr(self, name, call)
         return call

@@ -881,10 +881,32 @@ def test_retention_through_the_result_store_deployment_answers_as_in_process(tmp
         assert gone.value.problem == "not-found"
 
     asyncio.run(through_the_handle())
-    assert {r.method.__name__ for r in handle.responses} == {"save", "get", "read", "add_feedback", "queue", "delete"}
+    assert {r.args[0] for r in handle.responses} == {"save", "get", "read", "add_feedback", "queue", "delete"}
+    assert {r.method.__name__ for r in handle.responses} == {"operation"}
     assert [t["outcome"] for t in metrics.retained.tags] == ["stored", "stored"]
     assert metrics.feedback.tags == [{"verdict": "yes"}]
     replica.close()
+
+
+def test_a_result_the_store_does_not_find_is_an_answer_of_the_replica_not_its_error(tmp_path):
+    """Raised in the ResultStore replica, every 404 of the result routes (an unknown, expired or another owner's id,
+    any key with the feedback scope may ask) was a Ray ERROR with a ~40-line traceback in the replica's log and a count
+    in ray_serve_deployment_error_counter_total. The replica answers a miss; the ingress raises it as before."""
+    from serve.config import RetentionSettings
+    from serve.retention_deployment import Missing
+
+    settings = RetentionSettings(enabled=True, object_store={"path": str(tmp_path)})
+    replica = _result_store(settings.model_dump(mode="json"))
+
+    async def misses():
+        unknown = "0" * 32
+        return [await replica.operation("get", unknown), await replica.operation("read", "nope", "source"),
+                await replica.operation("add_feedback", unknown, "yes", None, None)]  # fmt: skip
+
+    answers = asyncio.run(misses())
+    replica.close()
+    assert [type(answer) for answer in answers] == [Missing] * 3
+    assert isinstance(answers[0].raised(), ResultNotFound)
 
 
 def test_a_store_failing_every_save_is_logged_once_a_while_and_counted_each_time(tmp_path, monkeypatch):
