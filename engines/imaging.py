@@ -294,6 +294,10 @@ def _decode(
         limit = min(limits.max_megapixels, Image.MAX_IMAGE_PIXELS / 1e6)
         raise ImageTooLarge(f"the {what} {size}; the limit is {limit:g} megapixels") from exc
     except UnidentifiedImageError as exc:
+        kind = next((name for name, signatures in _SIGNATURES.items() if data.startswith(signatures)), None)
+        if kind is not None:  # a 12-bit JPEG was "not a recognised image (accepted formats: png, jpeg, ...)"
+            raise invalid(f"the {what} is a {kind} file of a kind this service cannot decode (a 12-bit JPEG, "
+                          f"say): send it as 8-bit PNG, JPEG or WebP") from exc  # fmt: skip
         accepted = ", ".join(f.lower() for f in ACCEPTED_FORMATS)
         raise invalid(f"the {what} is not a recognised image (accepted formats: {accepted})") from exc
     except Exception as exc:
@@ -301,6 +305,14 @@ def _decode(
         # EOFError, IndexError... depending on the format; all of them mean the bytes are bad.
         raise invalid(f"the {what} is corrupt or truncated: {exc}") from exc
     return (*planes, source_format, profile)
+
+
+# how the accepted formats' files begin (Pillow's own checks): a file that begins so but that Pillow cannot read is
+# a variant it does not decode, not an unknown format
+_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"),
+}  # fmt: skip
 
 
 def _check_declared_size(size: tuple[int, int], limits: DecodeLimits, what: str, invalid: type[InputError]) -> None:

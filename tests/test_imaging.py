@@ -1406,3 +1406,18 @@ def test_a_lossless_webp_result_is_encoded_at_most_at_effort_50_whatever_the_qua
     assert encode_image(rgb, None, "webp", quality=100, webp_lossless=True) == capped
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(capped)).convert("RGB")), rgb), "still lossless"
     assert encode_image(rgb, None, "webp", quality=100) != encode_image(rgb, None, "webp", quality=50), "lossy: as asked"
+
+
+def test_a_jpeg_of_a_kind_pillow_does_not_decode_is_not_called_an_unknown_format():
+    """A 12-bit JPEG was "not a recognised image (accepted formats: png, jpeg, ...)": a JPEG told it is no JPEG."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    frame = data.index(b"\xff\xc0")
+    twelve_bit = data[: frame + 4] + bytes([12]) + data[frame + 5 :]
+    with pytest.raises(InvalidImage, match="is a JPEG file of a kind this service cannot decode"):
+        decode_image(twelve_bit, DecodeLimits())
+    with pytest.raises(InvalidImage, match="is not a recognised image"):
+        decode_image(b"hello, not an image", DecodeLimits())
