@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 from scipy import ndimage
 
 try:
@@ -301,6 +301,11 @@ def _decode(
         accepted = ", ".join(f.lower() for f in ACCEPTED_FORMATS)
         raise invalid(f"the {what} is not a recognised image (accepted formats: {accepted})") from exc
     except Exception as exc:
+        if "MAX_TEXT_CHUNK" in str(exc) or "MAX_TEXT_MEMORY" in str(exc):  # Pillow's caps: its words named its
+            # internals and called the file corrupt
+            chunk_mib, all_mib = PngImagePlugin.MAX_TEXT_CHUNK // 2**20, PngImagePlugin.MAX_TEXT_MEMORY // 2**20
+            limit = f"{chunk_mib} MiB a chunk, {all_mib} MiB in all"
+            raise _too_costly(what, "has PNG text or colour-profile chunks that inflate past the limit", limit) from exc
         # Malformed files surface from PIL's plugins as OSError, SyntaxError, ValueError, struct.error,
         # EOFError, IndexError... depending on the format; all of them mean the bytes are bad.
         raise invalid(f"the {what} is corrupt or truncated: {exc}") from exc

@@ -498,3 +498,15 @@ def test_bombs_get_a_4xx_in_2_s_over_rest_and_grpc_while_healthz_answers(cluster
         f" max {latencies[-1] * 1000:.0f} ms",
         report,
     )
+
+
+def test_a_png_text_chunk_that_inflates_past_pillows_cap_is_refused_in_the_services_words():
+    """A zTXt of 2 MB inflated (a plain comment) answered "corrupt or truncated: Decompressed data too large for
+    PngImagePlugin.MAX_TEXT_CHUNK": Pillow's internals, and a file called corrupt for a limit it passed."""
+    data = flat_png(64, 48, _chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"a" * 2_000_000)))
+    with pytest.raises(ImageTooLarge) as refused:
+        decode_image(data, LIMITS)
+    assert str(refused.value) == (
+        "the image has PNG text or colour-profile chunks that inflate past the limit; "
+        "the limit is 1 MiB a chunk, 64 MiB in all"
+    )
