@@ -26,8 +26,11 @@ OUTCOMES = ("ok", "client_error", "refused", "timeout", "server_error", "client_
 CLIENT_CLOSED = 499  # the status of a request whose client hung up before its answer (nginx's code)
 # the ingress event loop's worst lateness in a second: a few ms is idle, 100 ms is docs/reliability.md's goal
 LOOP_LAG_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
-BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
-ATTEMPT_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]
+# Counts are whole numbers: bounds half-way between them, so Prometheus's histogram_quantile (which spreads a bucket's
+# counts over its width, the first bucket from 0) reads a batch of 1 as 1, not 0.5, and Ray's export at the bucket's
+# midpoint is the count itself where the buckets are one wide (every attempt count; batches up to 4)
+BATCH_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5]
+ATTEMPT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5]
 
 REQUESTS = "rorem_requests_total"
 REQUEST_LATENCY = "rorem_request_latency_seconds"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import logging
 import pickle
 from types import SimpleNamespace
 from unittest.mock import Mock
@@ -353,6 +354,15 @@ def test_the_ingress_answers_the_marker_as_malformed_body(method, raw, route):
     assert "cannot parse the request message" in problem["detail"] and f"rorem.v1.{method}Request" in problem["detail"]
     assert ("problem-type", MALFORMED_BODY) in context.trailing
     assert ingress.metrics.answers == [(route, "grpc", "INVALID_ARGUMENT")]
+
+
+def test_a_refused_call_leaves_a_log_line_with_its_code_and_problem(caplog):
+    """Ray's access lines said `CALL rorem OK` for an INVALID_ARGUMENT: no line told a refused call from an answer."""
+    ingress, context = _ingress(), Context()
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        asyncio.run(ingress.Remove(_parser("Remove")(GARBAGE), context))
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(line.startswith("gRPC /remove answered INVALID_ARGUMENT malformed-body") for line in lines), lines
 
 
 def test_unknown_fields_are_dropped_so_their_bytes_are_not_carried_past_the_size_check():

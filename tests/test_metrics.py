@@ -329,3 +329,25 @@ def test_a_request_to_the_bare_route_prefix_is_counted_under_the_route_that_answ
     for path in ("/api/v1/", "/api/v1"):
         assert client.get(path, follow_redirects=False).headers["location"] == "/api/v1/playground"
     assert answered == [("/", "307"), ("/", "307")]
+
+
+def _histogram_quantile(q: float, bounds: list[float], counts: list[int]) -> float:
+    """Prometheus's histogram_quantile over one histogram: linear within the bucket holding the rank, the first
+    bucket from 0."""
+    rank, seen, lower = q * sum(counts), 0, 0.0
+    for upper, count in zip(bounds, counts):
+        if seen + count >= rank and count:
+            return lower + (upper - lower) * (rank - seen) / count
+        seen, lower = seen + count, upper
+    return bounds[-1]
+
+
+@pytest.mark.parametrize("bounds", [metrics.BATCH_BUCKETS, metrics.ATTEMPT_BUCKETS], ids=["batch", "attempts"])
+def test_whole_number_histograms_read_back_their_whole_numbers(bounds):
+    """With bounds at 1, 2, 3...: every batch of 1 gave the dashboard's p50 0.5 and p95 0.95, and Ray exported each
+    at its bucket's midpoint (0.5). Bounds half-way between whole numbers read 1 as 1."""
+    for value in (1, 2, 3, 4):
+        counts = [int(lower < value <= upper) * 20 for lower, upper in zip([0.0, *bounds], bounds)]
+        assert _histogram_quantile(0.5, bounds, counts) == value
+        (lower, upper), = [(lower, upper) for lower, upper in zip([0.0, *bounds], bounds) if lower < value <= upper]
+        assert (lower + upper) / 2 == value, "Ray's export of the observation"
