@@ -146,7 +146,7 @@ class ProxyGate:
         from serve.metrics import proxy_metrics
         from serve.request_ids import valid_request_id
 
-        proxy_metrics().refused(refusal.problem)
+        proxy_metrics().refused(refusal.problem, protocol="grpc")
         given = next((value for key, value in metadata if key == "request_id"), None)
         status_for(refusal, context, valid_request_id(given))
         return b""

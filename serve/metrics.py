@@ -201,13 +201,15 @@ class ProxyMetrics:
     def __init__(self):
         self.refusals = Counter(
             PROXY_REFUSALS,
-            description="Requests the HTTP proxy refused itself before any replica saw them, by problem slug.",
-            tag_keys=("problem",),
+            description="Requests Ray's HTTP or gRPC proxy refused itself before any replica saw them, by protocol "
+            "and problem slug.",
+            tag_keys=("protocol", "problem"),
         )
         self.keys_file_errors = _keys_file_errors()
 
-    def refused(self, problem: str) -> None:
-        self.refusals.inc(tags={"problem": problem})
+    def refused(self, problem: str, protocol: str = "http") -> None:
+        """`protocol`: http, or grpc (serve.grpc_gate); counted apart, as the dashboard's error shares are."""
+        self.refusals.inc(tags={"protocol": protocol, "problem": problem})
 
 
 _proxy_metrics: ProxyMetrics | None = None

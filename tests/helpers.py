@@ -550,11 +550,17 @@ class RecordedMetric:
 
 
 def record_proxy_metrics(monkeypatch) -> SimpleNamespace:
-    """serve.metrics.proxy_metrics() recording in lists: `refusals` (problem slugs) and `keys_file_errors`."""
+    """serve.metrics.proxy_metrics() recording in lists: `refusals` (problem slugs), their `protocols`, and
+    `keys_file_errors`."""
     from serve import metrics
 
-    recorded = SimpleNamespace(refusals=[], keys_file_errors=RecordedMetric())
-    recorded.refused = recorded.refusals.append
+    recorded = SimpleNamespace(refusals=[], protocols=[], keys_file_errors=RecordedMetric())
+
+    def refused(problem: str, protocol: str = "http") -> None:
+        recorded.refusals.append(problem)
+        recorded.protocols.append(protocol)
+
+    recorded.refused = refused
     monkeypatch.setattr(metrics, "_proxy_metrics", recorded)
     return recorded
 

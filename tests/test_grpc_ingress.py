@@ -183,6 +183,7 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
     ] and all(trailing.endswith(f"/{slug}") for _, slug, trailing in named)
     assert [who for _, who in routed if who] == ["keyed", "open"], "the refused calls never reached Ray's router"
     assert recorded.refusals == ["unauthorized", "unauthorized", "malformed-request", "not-found", "not-found"]
+    assert set(recorded.protocols) == {"grpc"}, "counted apart from the HTTP proxy's refusals"
 
 
 def _count_parsed_messages(monkeypatch) -> list[int]:
