@@ -64,6 +64,12 @@ MAX_OUTPUT_SIDE = {"webp": 16383, "jpeg": 65500}
 # for 1.7-3.8x the CPU (95, the default quality: 2.4-2.9x; loadtests/bench_webp_effort.py, docs/benchmarks.md),
 # and a 46 KB upload of 40 MP asked at 100 took ~35 s of CPU to encode.
 LOSSLESS_WEBP_MAX_EFFORT = 50
+# How the accepted formats' files begin: what _check_structure walks by, and a file that begins so but that Pillow
+# cannot read is a variant it does not decode, not an unknown format
+_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8",), "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"),
+}  # fmt: skip
 KEEPS_ALPHA = frozenset({"png", "webp"})  # the output formats that store an alpha channel (JPEG drops it)
 EIGHT_CONNECTED = np.ones((3, 3), bool)  # a mask's regions: pixels touching by a side or a corner
 _FEATHER_TILE = 256
@@ -312,14 +318,6 @@ def _decode(
     return (*planes, source_format, profile)
 
 
-# how the accepted formats' files begin (Pillow's own checks): a file that begins so but that Pillow cannot read is
-# a variant it does not decode, not an unknown format
-_SIGNATURES = {
-    "PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "GIF": (b"GIF87a", b"GIF89a"),
-    "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"),
-}  # fmt: skip
-
-
 def _check_declared_size(size: tuple[int, int], limits: DecodeLimits, what: str, invalid: type[InputError]) -> None:
     """Refuse from the header alone, before any pixel buffer is allocated (decompression bombs)."""
     width, height = size
@@ -344,7 +342,7 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str, invalid: type
 
     Returns whether a PNG or JPEG is complete and plain enough for the fast decoder (_fast_decode): its
     structure reaches its end marker, and nothing Pillow reads for EXIF follows a PNG's pixels."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+    if data.startswith(_SIGNATURES["PNG"]):
         chunks = list(itertools.islice(_png_chunks(data, positions=True), limits.max_chunks + 1))
         if len(chunks) > limits.max_chunks:
             raise _too_costly(what, f"has over {limits.max_chunks} PNG chunks", f"{limits.max_chunks}")
@@ -359,7 +357,7 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str, invalid: type
         if exif_text > most_text:  # counted no further than that
             raise _too_costly(what, f"has over {most_text} bytes of EXIF as PNG text", f"{most_text} bytes")
         return _png_is_plain(kind for kind, _, _ in chunks)
-    if data.startswith(b"\xff\xd8"):
+    if data.startswith(_SIGNATURES["JPEG"]):
         steps = list(itertools.islice(_jpeg_header_steps(data), limits.max_chunks + 1))
         if len(steps) > limits.max_chunks:
             raise _too_costly(what, f"has over {limits.max_chunks} JPEG segments before its first scan", f"{limits.max_chunks}")
@@ -369,10 +367,10 @@ def _check_structure(data: bytes, limits: DecodeLimits, what: str, invalid: type
         if scans > limits.max_jpeg_scans:
             raise _too_costly(what, f"has {scans} JPEG scans", f"{limits.max_jpeg_scans} scans")
         return complete
-    if data[:6] in (b"GIF87a", b"GIF89a"):
+    if data.startswith(_SIGNATURES["GIF"]):
         if _count_at_least(_gif_blocks(data), limits.max_chunks + 1):
             raise _too_costly(what, f"has over {limits.max_chunks} GIF blocks before its first frame", f"{limits.max_chunks}")
-    elif data[:4] in (b"II*\x00", b"MM\x00*"):
+    elif data.startswith(_SIGNATURES["TIFF"]):
         _check_tiff(data, limits, what, invalid)
     elif data[:4] in (b"II+\x00", b"MM\x00+"):  # BigTIFF: for files past 4 GB, far past any upload limit
         raise _too_costly(what, "is a BigTIFF", "classic TIFF (BigTIFF is for files over 4 GB)")

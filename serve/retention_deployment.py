@@ -32,7 +32,8 @@ STORE_OPERATIONS = frozenset(
     name for name, method in inspect.getmembers(LocalStoreClient, inspect.iscoroutinefunction)
     if not name.startswith("_")
 )  # fmt: skip
-MISSES = {error.__name__: error for error in (ResultNotFound, ObjectMissing)}
+MISS_ERRORS = (ResultNotFound, ObjectMissing)  # what a store operation raises for no such result or image
+MISSES = {error.__name__: error for error in MISS_ERRORS}
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ResultStore(LocalStoreClient):
             raise AttributeError(f"no store operation {name!r}")
         try:
             return await getattr(self, name)(*args, **kwargs)
-        except tuple(MISSES.values()) as miss:
+        except MISS_ERRORS as miss:
             return Missing(type(miss).__name__, miss.args)
 
     def check_health(self) -> None:

@@ -212,8 +212,8 @@ class RemovalService:
         The request's deadline (its timeout_s, at most request_timeout_s) counts from here: the wait for an
         image-work slot and the decode count against it, and model work and encode are cut at it. The decode
         is cut only where the machine delayed it (_decode: its own limits and decode_timeout_s of CPU bound
-        it), so a bad upload is answered as such; a retained result's save comes after, within what is left of the deadline (at most
-        retention.save_timeout_s), or the removal is answered without a result id."""
+        it), so a bad upload is answered as such; a retained result's save comes after, within what is left of the
+        deadline (at most retention.save_timeout_s), or the removal is answered without a result id."""
         loop = asyncio.get_running_loop()
         options = upload.options
         retain = self.retention.wanted(options.retain)

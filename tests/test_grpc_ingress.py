@@ -186,6 +186,23 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
     assert set(recorded.protocols) == {"grpc"}, "counted apart from the HTTP proxy's refusals"
 
 
+@contextlib.asynccontextmanager
+async def _rays_grpc_server(factory):
+    """A server of Ray's gRPC proxy's class on a free loopback port, with this service registered as Ray's proxy
+    registers it (add_servicer) and `factory` standing in for the route to the Ingress: yields a channel to it."""
+    from ray.serve._private.grpc_util import gRPCGenericServer
+
+    server = gRPCGenericServer(factory)
+    port = server.add_insecure_port("127.0.0.1:0")
+    add_servicer(Mock(), server)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)
+
+
 def _count_parsed_messages(monkeypatch) -> list[int]:
     """The sizes of the request messages the proxy's parser reads from here on (serve.grpc_servicer)."""
     from serve import grpc_servicer
@@ -214,7 +231,6 @@ def test_rays_grpc_proxy_reads_no_message_of_a_call_it_refuses(tmp_path, monkeyp
     message limit (~200 MB) was received and parsed before the gate refused it, and four at once held ~1 GB. The
     gated methods are client-streaming at the proxy: the message is read once the key check has passed. Clients
     are unchanged (the generated stub and a raw unary call); a stream with no message is malformed."""
-    from ray.serve._private.grpc_util import gRPCGenericServer
 
     from serve.auth import new_key_entry
     from serve.grpc_gate import KEYS_ENV
@@ -227,29 +243,22 @@ def test_rays_grpc_proxy_reads_no_message_of_a_call_it_refuses(tmp_path, monkeyp
     big = pb.RemoveRequest(image=bytes(20 << 20), mask=b"m")
 
     async def main():
-        server = gRPCGenericServer(_image_size_factory)
-        port = server.add_insecure_port("127.0.0.1:0")
-        add_servicer(Mock(), server)
-        await server.start()
         answers = []
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.ObjectRemovalStub(channel)
-                raw = channel.unary_unary(f"/{SERVICE.full_name}/Remove")
-                empty_stream = channel.stream_unary(f"/{SERVICE.full_name}/Remove")
-                calls = [
-                    lambda: stub.Remove(big),
-                    lambda: raw(big.SerializeToString(), metadata=[("x-api-key", "rk_wrong")]),
-                    lambda: empty_stream(iter(()), metadata=[("x-api-key", key)]),
-                    lambda: stub.Remove(big, metadata=[("x-api-key", key)]),
-                ]
-                for call in calls:
-                    try:
-                        answers.append(("OK", (await asyncio.wait_for(call(), 30)).seed))
-                    except grpc.aio.AioRpcError as error:
-                        answers.append((error.code(), dict(error.trailing_metadata())["problem-type"].rsplit("/")[-1]))
-        finally:
-            await server.stop(None)
+        async with _rays_grpc_server(_image_size_factory) as channel:
+            stub = pb_grpc.ObjectRemovalStub(channel)
+            raw = channel.unary_unary(f"/{SERVICE.full_name}/Remove")
+            empty_stream = channel.stream_unary(f"/{SERVICE.full_name}/Remove")
+            calls = [
+                lambda: stub.Remove(big),
+                lambda: raw(big.SerializeToString(), metadata=[("x-api-key", "rk_wrong")]),
+                lambda: empty_stream(iter(()), metadata=[("x-api-key", key)]),
+                lambda: stub.Remove(big, metadata=[("x-api-key", key)]),
+            ]
+            for call in calls:
+                try:
+                    answers.append(("OK", (await asyncio.wait_for(call(), 30)).seed))
+                except grpc.aio.AioRpcError as error:
+                    answers.append((error.code(), dict(error.trailing_metadata())["problem-type"].rsplit("/")[-1]))
         return answers
 
     assert asyncio.run(main()) == [
@@ -263,7 +272,6 @@ def test_rays_grpc_proxy_refuses_a_compressed_message_without_inflating_it(monke
     """~190 KB of gzip was inflated to a 190 MB message by grpcio before any handler ran (24 such calls at once took
     the proxy to 1.9 GB). The proxy's callback enables no compression on the gRPC server Ray builds after it."""
     from ray.serve._private import grpc_util
-    from ray.serve._private.grpc_util import gRPCGenericServer
 
     from serve import proxy_connections, proxy_middleware
 
@@ -273,23 +281,16 @@ def test_rays_grpc_proxy_refuses_a_compressed_message_without_inflating_it(monke
 
     async def main():
         proxy_middleware.middlewares()  # what Ray's proxy calls first
-        server = gRPCGenericServer(_image_size_factory)
-        port = server.add_insecure_port("127.0.0.1:0")
-        add_servicer(Mock(), server)
-        await server.start()
         answers = []
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.ObjectRemovalStub(channel)
-                for compression in (grpc.Compression.Gzip, None):
-                    try:
-                        reply = await stub.Remove(pb.RemoveRequest(image=bytes(8 << 20)), compression=compression,
-                                                  timeout=30)  # fmt: skip
-                        answers.append(("OK", reply.seed))
-                    except grpc.aio.AioRpcError as error:
-                        answers.append((error.code(), error.details()))
-        finally:
-            await server.stop(None)
+        async with _rays_grpc_server(_image_size_factory) as channel:
+            stub = pb_grpc.ObjectRemovalStub(channel)
+            for compression in (grpc.Compression.Gzip, None):
+                try:
+                    reply = await stub.Remove(pb.RemoveRequest(image=bytes(8 << 20)), compression=compression,
+                                              timeout=30)  # fmt: skip
+                    answers.append(("OK", reply.seed))
+                except grpc.aio.AioRpcError as error:
+                    answers.append((error.code(), error.details()))
         return answers
 
     gzip, plain = asyncio.run(main())
@@ -416,7 +417,6 @@ def test_the_local_stop_waits_for_grpc_calls_refuses_new_ones_and_answers_the_la
     shutdown cut the calls in flight with a bare UNAVAILABLE; new calls were parsed and routed to an Ingress first.
     Through a real server of Ray's class: new calls are refused at the proxy, calls in flight are counted in the
     drain's `in_flight` and finish, and one still running after the grace gets `stopping` with its problem."""
-    from ray.serve._private.grpc_util import gRPCGenericServer
 
     from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_PATH, Drain
 
@@ -451,33 +451,26 @@ def test_the_local_stop_waits_for_grpc_calls_refuses_new_ones_and_answers_the_la
             await drain(scope, None, lambda message: asyncio.sleep(0, sent.append(message)))
             return json.loads(sent[-1]["body"])["in_flight"]
 
-        server = gRPCGenericServer(factory)
-        port = server.add_insecure_port("127.0.0.1:0")
-        add_servicer(Mock(), server)
-        await server.start()
         drain = Drain(None, flag=str(flag), grace_s=0.3)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.ObjectRemovalStub(channel)
+        async with _rays_grpc_server(factory) as channel:
+            stub = pb_grpc.ObjectRemovalStub(channel)
 
-                async def call(who):
-                    try:
-                        metadata = [("request_id", who)]
-                        return "OK", await stub.Remove(pb.RemoveRequest(), metadata=metadata, timeout=5)
-                    except grpc.aio.AioRpcError as error:
-                        return error.code(), json.loads(error.details() or "null")
+            async def call(who):
+                try:
+                    metadata = [("request_id", who)]
+                    return "OK", await stub.Remove(pb.RemoveRequest(), metadata=metadata, timeout=5)
+                except grpc.aio.AioRpcError as error:
+                    return error.code(), json.loads(error.details() or "null")
 
-                in_flight = [asyncio.create_task(call(who)) for who in ("quick", "slow")]
-                while len(routed) < 2:
-                    await asyncio.sleep(0.01)
-                flag.touch()
-                counted = await drained(drain)
-                new = await call("new")
-                release_quick.set()
-                quick, slow = await asyncio.gather(*in_flight)
-                left = await drained(drain)
-        finally:
-            await server.stop(None)
+            in_flight = [asyncio.create_task(call(who)) for who in ("quick", "slow")]
+            while len(routed) < 2:
+                await asyncio.sleep(0.01)
+            flag.touch()
+            counted = await drained(drain)
+            new = await call("new")
+            release_quick.set()
+            quick, slow = await asyncio.gather(*in_flight)
+            left = await drained(drain)
         return counted, new, quick, slow, left
 
     counted, new, quick, slow, left = asyncio.run(main())

@@ -1665,7 +1665,8 @@ def test_dev_turns_rays_token_auth_on_with_a_token_kuberay_generates(rendered):
     guide = " ".join((REPO / "docs" / "kubernetes.md").read_text().split())
     namespace = find(rendered["dev"], "Namespace")["metadata"]["name"]
     # the generated Secret is named after the RayCluster, which changes at each upgrade
-    cluster = f"kubectl -n {namespace} get rayservice rorem -o jsonpath='{{.status.activeServiceStatus.rayClusterName}}'"
+    active = "{.status.activeServiceStatus.rayClusterName}"
+    cluster = f"kubectl -n {namespace} get rayservice rorem -o jsonpath='{active}'"
     read = f"""kubectl -n {namespace} get secret "$cluster" -o jsonpath='{{.data.auth_token}}' | base64 -d"""
     assert f"cluster=$({cluster}) {read}" in guide, "the guide says how to read dev's token"
 

@@ -530,7 +530,9 @@ def test_an_interrupted_run_says_where_in_one_line_and_records_the_steps_done(
     assert summary["steps_done"] == 2 and [entry["step"] for entry in summary["losses"]] == [1, 2]
 
 
-def test_a_ctrl_c_before_a_reruns_first_step_offers_no_earlier_runs_checkpoint(data_file, tmp_path, monkeypatch, capsys):
+def test_a_ctrl_c_before_a_reruns_first_step_offers_no_earlier_runs_checkpoint(
+    data_file, tmp_path, monkeypatch, capsys
+):
     """A fresh rerun stopped before its first step (while it hashed its inputs) advised `--resume to continue from
     step 4` of the folder's earlier run, whose checkpoints it sets aside only as its loop starts."""
     import training.loop
@@ -548,7 +550,8 @@ def test_a_ctrl_c_before_a_reruns_first_step_offers_no_earlier_runs_checkpoint(d
         "python -m training finetune: interrupted; no checkpoint was written yet: a rerun starts from step 0"
     )
     assert _cli_toy_finetune(monkeypatch, data_file, out, "--resume", "latest") == 130
-    assert capsys.readouterr().err.strip().endswith("no checkpoint was written yet: rerun with the same --resume latest")
+    rerun = "no checkpoint was written yet: rerun with the same --resume latest"
+    assert capsys.readouterr().err.strip().endswith(rerun)
 
 
 def test_a_batch_larger_than_the_data_set_is_warned_of_on_stderr_and_in_the_summary(data_file, tmp_path, capsys):
