@@ -173,7 +173,9 @@ class GrpcMethods:
         status_for(status_problem, context, request_id, quota.metadata() if quota is not None else ())
         seconds = time.perf_counter() - started
         code = status_code(status_problem).name
-        self.metrics.answered(route, "grpc", code, seconds, status_problem.status, status_problem.problem)
+        self.metrics.answered(
+            route, "grpc", code, seconds, status_problem.status, status_problem.problem, status_problem.over_quota
+        )
         # Ray's access lines say OK for every call its handler returns from, the refused ones too
         logger.info("gRPC %s answered %s %s (%.1f ms)", route, code, status_problem.problem, seconds * 1000)
         return empty_reply()

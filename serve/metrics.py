@@ -21,8 +21,9 @@ LATENCY_BUCKETS_S = [
 # a stage can take well under 5 ms (a small crop's paste or decode, a queue wait with an idle Remover)
 STAGE_BUCKETS_S = [0.0005, 0.001, 0.0025, *LATENCY_BUCKETS_S]
 # what an answer was, for the latency histogram: instant refusals must not hide how long removals take, and a
-# failing replica's 503 must not read as load shedding (serve.problems.Kind.refusal decides which a 503 is)
-OUTCOMES = ("ok", "client_error", "refused", "timeout", "server_error", "client_gone")
+# failing replica's 503 must not read as load shedding (serve.problems.Kind.refusal decides which a 503 is), nor a
+# key past its quota (`over_quota`)
+OUTCOMES = ("ok", "client_error", "refused", "over_quota", "timeout", "server_error", "client_gone")
 CLIENT_CLOSED = 499  # the status of a request whose client hung up before its answer (nginx's code)
 # the ingress event loop's worst lateness in a second: a few ms is idle, 100 ms is docs/reliability.md's goal
 LOOP_LAG_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
@@ -106,24 +107,34 @@ class IngressMetrics:
         )
 
     def answered(
-        self, route: str, protocol: str, status: str, seconds: float, http_status: int, problem: str | None = None
+        self,
+        route: str,
+        protocol: str,
+        status: str,
+        seconds: float,
+        http_status: int,
+        problem: str | None = None,
+        over_quota: bool = False,
     ) -> None:
         """`status`: the protocol's own (an HTTP code or a gRPC code name); `http_status`: the HTTP status the
-        answer has or would have over REST (a problem's); `problem`: the answer's problem slug, if any. The last
-        two decide its outcome."""
+        answer has or would have over REST (a problem's); `problem`: the answer's problem slug, if any;
+        `over_quota`: the answer is a key's quota's refusal. The last three decide its outcome."""
         tags = {"route": route, "protocol": protocol}
         self.requests.inc(tags={**tags, "status": status, "problem": problem or NO_PROBLEM})
-        self.latency.observe(seconds, tags={**tags, "outcome": outcome_of(http_status, problem)})
+        self.latency.observe(seconds, tags={**tags, "outcome": outcome_of(http_status, problem, over_quota)})
 
 
-def outcome_of(http_status: int, problem: str | None = None) -> str:
+def outcome_of(http_status: int, problem: str | None = None, over_quota: bool = False) -> str:
     """One of OUTCOMES for an answer's HTTP status and problem slug (CLIENT_CLOSED: the client hung up first). A
     503 is `refused` only for a refusal kind (overloaded, stopping, not-ready): replica-failed and the unavailable
-    scorer or store are server errors, which a dying replica must show as."""
+    scorer or store are server errors, which a dying replica must show as. A 429 of a key's quota is `over_quota`:
+    the client's own limit, where `refused` is the service shedding load."""
     if http_status < 400:
         return "ok"
     if http_status == CLIENT_CLOSED:
         return "client_gone"
+    if over_quota:
+        return "over_quota"
     if KIND_BY_SLUG[problem].refusal if problem in KIND_BY_SLUG else http_status == 429:
         return "refused"
     if http_status == 504:

@@ -33,8 +33,9 @@ class Kind:
     grpc_code: str = "INVALID_ARGUMENT"  # the caller's input
     # The service declined to take the request on now rather than failing it: "load" (busy: a replica's or a proxy's
     # queue, a key's quota; a retry after Retry-After may pass), "pause" (this instance is stopping, or its model is
-    # still loading). Either is the latency outcome `refused` (serve.metrics), read as shedding, not as a fault; a
-    # load test counts only "load" apart from failures (loadtests/).
+    # still loading). Either is the latency outcome `refused` (serve.metrics), read as shedding, not as a fault (a
+    # key's quota is `over_quota` there: Problem.over_quota); a load test counts only "load" apart from failures
+    # (loadtests/).
     refusal: str = ""
 
 
@@ -115,6 +116,11 @@ class Problem(Exception):
     @property
     def status(self) -> int:
         return self.kind.status
+
+    @property
+    def over_quota(self) -> bool:
+        """A key's quota's refusal (serve.quotas names the quota), not a busy service's."""
+        return "quota" in self.extra
 
     def body(self, request_id: str | None = None) -> dict:
         """The problem+json document; the same fields travel in gRPC error details."""

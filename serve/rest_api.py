@@ -71,6 +71,7 @@ def request_id_of(request: Request) -> str:
 def _answer(request: Request, problem: Problem) -> JSONResponse:
     """The problem's answer, its kind noted for _count_requests: a 503's kind tells shedding from a fault."""
     request.state.problem = problem.problem
+    request.state.over_quota = problem.over_quota
     return problem.response(getattr(request.state, "request_id", None) or request_id_of(request))
 
 
@@ -185,8 +186,11 @@ async def _count_requests(request: Request, call_next):
         return Response(status_code=CLIENT_CLOSED)
     finally:
         route = _route_label(request.scope)
-        problem = (request.scope.get("state") or {}).get("problem")
-        ingress_metrics().answered(route, "http", status, time.perf_counter() - started, int(status), problem)
+        state = request.scope.get("state") or {}
+        seconds = time.perf_counter() - started
+        ingress_metrics().answered(
+            route, "http", status, seconds, int(status), state.get("problem"), state.get("over_quota", False)
+        )
 
 
 # Swagger UI for /docs, pinned, with Subresource Integrity: the pages of this origin keep a user's API key in

@@ -313,7 +313,7 @@ class _RecordingIngress:
     def release(self, decision):
         pass
 
-    def answered(self, route, protocol, status, seconds, http_status, problem=None):
+    def answered(self, route, protocol, status, seconds, http_status, problem=None, over_quota=False):
         self.routes.append(route)
 
 

@@ -25,7 +25,14 @@ from serve import rorem_pb2 as pb
 from serve import rorem_pb2_grpc as pb_grpc
 from serve.grpc_api import GrpcMethods
 from serve.grpc_client import problem_of
-from serve.grpc_servicer import SERVICE, SERVICER_FUNCTION, MalformedMessage, add_servicer, method_handlers
+from serve.grpc_servicer import (
+    SERVICE,
+    SERVICER_FUNCTION,
+    MalformedMessage,
+    add_servicer,
+    method_handlers,
+    status_code,
+)
 from serve.problems import Problem
 from tests.helpers import REPO, RecordedMetric, record_proxy_metrics
 from tests.helpers import FakeGrpcContext as Context
@@ -333,7 +340,7 @@ class Metrics:
     def __init__(self):
         self.answers = []
 
-    def answered(self, route, protocol, status, seconds, http_status, problem=None):
+    def answered(self, route, protocol, status, seconds, http_status, problem=None, over_quota=False):
         self.answers.append((route, protocol, status))
 
 
@@ -693,10 +700,19 @@ def test_a_removal_sends_its_stage_timings_as_rests_server_timing_does():
     assert sent == rest, "REST's header, by the same function"
 
 
-@pytest.mark.parametrize(("problem", "outcome"), [("overloaded", "refused"), ("replica-failed", "server_error")])
-def test_a_grpc_answers_outcome_and_problem_label_come_from_its_problem_kind(problem, outcome):
+@pytest.mark.parametrize(
+    ("problem", "extra", "outcome"),
+    [
+        ("overloaded", {}, "refused"),
+        ("replica-failed", {}, "server_error"),
+        ("too-many-requests", {}, "refused"),
+        ("too-many-requests", {"quota": "minute"}, "over_quota"),
+    ],
+)
+def test_a_grpc_answers_outcome_and_problem_label_come_from_its_problem_kind(problem, extra, outcome):
     """UNAVAILABLE is one code for a shed call and a failed replica: the latency outcome and the request counter's
-    `problem` tell them apart (a failing model read as a busy one)."""
+    `problem` tell them apart (a failing model read as a busy one). RESOURCE_EXHAUSTED too-many-requests is a busy
+    replica's or a key's quota: only the first is the service shedding load."""
     from serve.metrics import IngressMetrics
 
     ingress = _ingress()
@@ -704,9 +720,10 @@ def test_a_grpc_answers_outcome_and_problem_label_come_from_its_problem_kind(pro
     ingress.metrics.requests, ingress.metrics.latency = RecordedMetric(), RecordedMetric()
 
     async def model_work(message, request_id, principal, place):
-        raise Problem(problem, "for the test")
+        raise Problem(problem, "for the test", **extra)
 
     ingress.admissions["/remove"] = SimpleNamespace(slot=contextlib.nullcontext)
     asyncio.run(ingress._grpc("/remove", Context(), pb.RemoveReply, model_work, None))
     assert [tags["outcome"] for tags in ingress.metrics.latency.tags] == [outcome]
-    assert [(tags["status"], tags["problem"]) for tags in ingress.metrics.requests.tags] == [("UNAVAILABLE", problem)]
+    code = status_code(Problem(problem, "")).name
+    assert [(tags["status"], tags["problem"]) for tags in ingress.metrics.requests.tags] == [(code, problem)]

@@ -130,7 +130,7 @@ def test_a_rest_request_the_client_hung_up_on_is_counted_499_not_as_a_server_err
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+        answered=lambda route, protocol, status, seconds, http_status, problem=None, over_quota=False: answered.append(
             (route, protocol, status)
         )
     )
@@ -163,18 +163,26 @@ def test_latency_outcomes_follow_the_answers_status_and_problem():
     failed = ("replica-failed", "scorer-unavailable", "retention-unavailable")
     assert [metrics.outcome_of(503, problem) for problem in shed + failed] == ["refused"] * 3 + ["server_error"] * 3
     assert metrics.outcome_of(429, "too-many-requests") == "refused"
+    assert metrics.outcome_of(429, "too-many-requests", over_quota=True) == "over_quota", "a key's own limit: no load"
     assert {metrics.outcome_of(kind.status, kind.slug) for kind in KINDS} <= set(metrics.OUTCOMES)
     assert metrics.LATENCY_BUCKETS_S[-1] >= 180, "up to Serve's request_timeout_s"
     assert metrics.STAGE_BUCKETS_S[0] <= 0.0005, "a stage of under a millisecond is told from one of 5 ms"
 
 
 @pytest.mark.parametrize(
-    ("problem", "outcome"),
-    [("overloaded", "refused"), ("replica-failed", "server_error"), ("not-found", "client_error")],
+    ("problem", "extra", "outcome"),
+    [
+        ("overloaded", {}, "refused"),
+        ("replica-failed", {}, "server_error"),
+        ("not-found", {}, "client_error"),
+        ("too-many-requests", {}, "refused"),
+        ("too-many-requests", {"quota": "concurrency"}, "over_quota"),
+    ],
 )
-def test_a_rest_answers_outcome_and_problem_label_come_from_its_problem_kind(monkeypatch, problem, outcome):
+def test_a_rest_answers_outcome_and_problem_label_come_from_its_problem_kind(monkeypatch, problem, extra, outcome):
     """A dying GPU replica's 503 replica-failed was counted `refused`, like load shedding: the dashboards read a
-    failing model as a busy one. The request counter names the problem, so an operator sees which 503 it was."""
+    failing model as a busy one. The request counter names the problem, so an operator sees which 503 it was. A
+    key past its quota is counted apart from a busy replica's 429: the same problem, no load."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -191,7 +199,7 @@ def test_a_rest_answers_outcome_and_problem_label_come_from_its_problem_kind(mon
 
     @app.post("/remove")
     async def remove():
-        raise Problem(problem, "for the test")
+        raise Problem(problem, "for the test", **extra)
 
     path = "/nowhere" if problem == "not-found" else "/remove"
     assert TestClient(app).post(path).status_code == STATUS_BY_PROBLEM[problem]
@@ -208,7 +216,7 @@ def test_a_client_that_hangs_up_during_its_upload_is_counted_499_and_logged_as_n
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+        answered=lambda route, protocol, status, seconds, http_status, problem=None, over_quota=False: answered.append(
             (status, http_status)
         )
     )
@@ -259,7 +267,7 @@ def test_work_cancelled_when_its_client_hangs_up_is_counted_499_and_logged_as_no
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+        answered=lambda route, protocol, status, seconds, http_status, problem=None, over_quota=False: answered.append(
             (status, http_status)
         )
     )
@@ -318,7 +326,7 @@ def test_a_request_to_the_bare_route_prefix_is_counted_under_the_route_that_answ
 
     answered = []
     recorder = SimpleNamespace(
-        answered=lambda route, protocol, status, seconds, http_status, problem=None: answered.append(
+        answered=lambda route, protocol, status, seconds, http_status, problem=None, over_quota=False: answered.append(
             (route, status)
         )
     )
