@@ -32,6 +32,7 @@ from serve.proxy_middleware import (
     GRPC_CALLS,
     NOT_RUN,
     draining,
+    note_refusal,
     proxy_keys,
     still_without_an_answer,
     stopping,
@@ -57,7 +58,7 @@ def install(server, service_prefix: str) -> bool:
     def gated_factory(service_method: str, streaming_type):
         if service_method.startswith(service_prefix) and getattr(streaming_type, "name", "") == "STREAM_UNARY":
             unary = type(streaming_type)["UNARY_UNARY"]
-            return gate.wrap(factory(service_method=service_method, streaming_type=unary))
+            return gate.wrap(factory(service_method=service_method, streaming_type=unary), service_method)
         return factory(service_method=service_method, streaming_type=streaming_type)
 
     server.service_handler_factory = gated_factory
@@ -111,14 +112,15 @@ class ProxyGate:
             raise Problem("not-found", f"no application named {named[0][:200]!r} (at the proxy)")
         return named[0]
 
-    def wrap(self, handler):
-        """A client-streaming handler around Ray's unary one: the message is read once the call has passed."""
+    def wrap(self, handler, method: str):
+        """A client-streaming handler around Ray's unary one for `method` ("/package.Service/Method"): the message
+        is read once the call has passed."""
 
         async def stream_unary(requests, context):
             metadata = tuple(context.invocation_metadata() or ())
 
             def refuse(problem: Problem) -> bytes:
-                return self._refuse(problem, context, metadata)
+                return self._refuse(problem, context, metadata, method)
 
             if draining():
                 return refuse(stopping(NOT_RUN))
@@ -141,12 +143,11 @@ class ProxyGate:
         return stream_unary
 
     @staticmethod
-    def _refuse(refusal: Problem, context, metadata) -> bytes:
+    def _refuse(refusal: Problem, context, metadata, method: str) -> bytes:
         from serve.grpc_servicer import status_for
-        from serve.metrics import proxy_metrics
         from serve.request_ids import valid_request_id
 
-        proxy_metrics().refused(refusal.problem, protocol="grpc")
-        given = next((value for key, value in metadata if key == "request_id"), None)
-        status_for(refusal, context, valid_request_id(given))
+        request_id = valid_request_id(next((value for key, value in metadata if key == "request_id"), None))
+        note_refusal(refusal, "grpc", method, request_id)
+        status_for(refusal, context, request_id)
         return b""

@@ -44,9 +44,8 @@ import sys
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serve.metrics import proxy_metrics
 from serve.problems import ANSWER_HEADERS, MEDIA_TYPE, Problem
-from serve.proxy_middleware import refusal_request_id
+from serve.proxy_middleware import MAX_LOGGED_TARGET_CHARS, note_refusal, refusal_request_id
 
 # nginx's default allows 4 x 8 KiB of header lines; this API's own headers (a key, a request id) take < 1 KiB.
 MAX_HEAD_BYTES = 64 * 1024
@@ -165,8 +164,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._refused = True
         if self.transport.is_closing():
             return
-        proxy_metrics().refused(problem.problem)  # before any ASGI app: no count of Ray's sees it
         request_id = refusal_request_id(self.headers or [])  # the refused request's, as far as they were parsed
+        target = getattr(self, "url", b"")[:MAX_LOGGED_TARGET_CHARS].decode("latin-1")  # the target parsed so far
+        note_refusal(problem, "http", target, request_id)  # before any ASGI app: nothing of Ray's sees it
         body = json.dumps(problem.body(request_id)).encode()
         head = (
             f"HTTP/1.1 {problem.status} {http.HTTPStatus(problem.status).phrase}\r\n"

@@ -206,12 +206,31 @@ def _declared_size(headers: dict[bytes, bytes]) -> int | None:
 
 
 async def _problem(send, problem: Problem, scope) -> None:
-    """A refusal of these middlewares' own, counted (Ray counts only what its proxy answers inside them), naming the
-    request as the app does."""
-    from serve.metrics import proxy_metrics
+    """A refusal of these middlewares' own, naming the request as the app does."""
+    request_id = refusal_request_id(scope["headers"])
+    note_refusal(problem, "http", f"{scope['method']} {scope['path']}", request_id)
+    await _answer(send, problem, request_id)
 
-    proxy_metrics().refused(problem.problem)
-    await _answer(send, problem, refusal_request_id(scope["headers"]))
+
+MAX_LOGGED_TARGET_CHARS = 200
+
+
+def note_refusal(problem: Problem, protocol: str, target: str, request_id: str) -> None:
+    """Count and log a request the proxy refused itself (here, serve.proxy_connections, serve.grpc_gate): neither
+    Ray's access log nor its request counts see it. `target`: the method and path, or the gRPC method; the client's
+    text goes in repr'd or with its whitespace collapsed, and clipped: no line breaks of its own in the log."""
+    from serve.metrics import proxy_metrics  # Ray's metrics: not for the CLI, which imports this module
+
+    proxy_metrics().refused(problem.problem, protocol)
+    logger.info(
+        "%s proxy refused %r: %d %s (%s) request_id=%s",
+        "gRPC" if protocol == "grpc" else "HTTP",
+        target[:MAX_LOGGED_TARGET_CHARS],
+        problem.status,
+        problem.problem,
+        " ".join(problem.detail.split())[:MAX_LOGGED_TARGET_CHARS],
+        request_id,
+    )
 
 
 def refusal_request_id(headers: list[tuple[bytes, bytes]]) -> str:

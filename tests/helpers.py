@@ -9,6 +9,7 @@ import http.server
 import importlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -547,6 +548,24 @@ class RecordedMetric:
         self.tags.append(tags or {})
 
     observe = inc
+
+
+@contextmanager
+def logged_by_ray_serve(level: int = logging.INFO):
+    """The records the "ray.serve" logger takes at `level` and above, in a list: Ray turns its propagation off
+    (pytest's caplog sees nothing) once some of its modules are imported."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    logger = logging.getLogger("ray.serve")
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(saved or level, level))
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
 
 
 def record_proxy_metrics(monkeypatch) -> SimpleNamespace:

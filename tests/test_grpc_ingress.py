@@ -34,7 +34,7 @@ from serve.grpc_servicer import (
     status_code,
 )
 from serve.problems import Problem
-from tests.helpers import REPO, RecordedMetric, record_proxy_metrics
+from tests.helpers import REPO, RecordedMetric, logged_by_ray_serve, record_proxy_metrics
 from tests.helpers import FakeGrpcContext as Context
 
 GARBAGE = b"\xff\xff\xff\xff"
@@ -175,7 +175,8 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
         return answers
 
     recorded = record_proxy_metrics(monkeypatch)
-    answers = asyncio.run(main())
+    with logged_by_ray_serve() as records:
+        answers = asyncio.run(main())
     for code, problem, trailing in answers[:2]:
         assert code == grpc.StatusCode.UNAUTHENTICATED and problem["type"].endswith("/unauthorized")
         assert trailing["problem-type"] == problem["type"]
@@ -191,6 +192,11 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
     assert [who for _, who in routed if who] == ["keyed", "open"], "the refused calls never reached Ray's router"
     assert recorded.refusals == ["unauthorized", "unauthorized", "malformed-request", "not-found", "not-found"]
     assert set(recorded.protocols) == {"grpc"}, "counted apart from the HTTP proxy's refusals"
+    lines = [record.getMessage() for record in records if "proxy refused" in record.getMessage()]
+    assert len(lines) == 5 and lines[0] == (
+        f"gRPC proxy refused '/{SERVICE.full_name}/Remove': 401 unauthorized (send an API key: Authorization: Bearer "
+        "<key> or X-API-Key) request_id=r-1"
+    ), lines
 
 
 @contextlib.asynccontextmanager
@@ -516,7 +522,7 @@ def test_a_call_whose_key_check_waits_is_already_in_flight_for_the_stop(monkeypa
         yield b""
 
     async def main():
-        call = asyncio.create_task(gate.wrap(handler)(one_message(), context))
+        call = asyncio.create_task(gate.wrap(handler, f"/{SERVICE.full_name}/Remove")(one_message(), context))
         await checking.wait()
         counted = len(GRPC_CALLS.running)
         go_on.set()

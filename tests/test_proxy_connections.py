@@ -18,7 +18,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from serve import proxy_connections, proxy_middleware
 from serve.proxy_connections import MAX_HEAD_BYTES, BoundedHttpProtocol
 from serve.proxy_middleware import REQUEST_ID_PATTERN, BodyBuffer, HeaderGuard
-from tests.helpers import record_proxy_metrics
+from tests.helpers import logged_by_ray_serve, record_proxy_metrics
 
 
 async def _echo(scope, receive, send):
@@ -370,7 +370,7 @@ def test_a_head_the_parser_refuses_gets_a_named_400_problem_json_that_a_client_s
     line, header_lines, id_parsed = UNPARSABLE_HEADS[shape]
     header_lines = header_lines.replace(b"%d", str(len(BODY)).encode())
     request = line + b"\r\nHost: a\r\nX-Request-Id: given-1\r\n" + header_lines + b"\r\n\r\n" + BODY
-    with _connect(proxy_port) as client:
+    with _connect(proxy_port) as client, logged_by_ray_serve() as records:
         sender = threading.Thread(target=_send_quietly, args=(client, request))
         sender.start()
         try:
@@ -384,6 +384,10 @@ def test_a_head_the_parser_refuses_gets_a_named_400_problem_json_that_a_client_s
     assert "cannot be parsed" in problem["detail"] and "(at the proxy)" in problem["detail"]
     assert (_named(headers, problem) == "given-1") == id_parsed
     assert recorded.refusals == ["malformed-request"]
+    lines = [record.getMessage() for record in records if "proxy refused" in record.getMessage()]
+    assert len(lines) == 1 and ": 400 malformed-request (" in lines[0] and lines[0].endswith(
+        f"request_id={_named(headers, problem)}"
+    ), lines
 
 
 def test_a_chunked_body_the_parser_refuses_gets_a_named_400_problem_json(proxy_port, monkeypatch):
