@@ -568,6 +568,61 @@ def logged_by_ray_serve(level: int = logging.INFO):
         logger.setLevel(saved)
 
 
+def promql_selectors(expr: str) -> list[tuple[str, dict[str, tuple[str, str]]]]:
+    """Each series a PromQL expression reads: its metric name and label matchers ({label: (operator, value)}), by
+    promql-parser (a port of Prometheus's own parser): an expression Prometheus would refuse fails here."""
+    import promql_parser
+
+    found = []
+
+    def walk(node) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            matchers = {m.name: (str(m.op).rsplit(".", 1)[-1], m.value) for m in node.matchers.matchers}
+            found.append((node.name, matchers))
+            return
+        for child in ("lhs", "rhs", "expr", "args", "vector_selector", "param"):
+            value = getattr(node, child, None)
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None:
+                    walk(item)
+
+    walk(promql_parser.parse(expr))
+    return found
+
+
+# Ray's own metrics the dashboard and the alert rules read (tests/test_config.py checks Ray defines each)
+RAYS_OWN_METRICS = frozenset({
+    "ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
+    "ray_serve_num_grpc_requests_total", "ray_serve_num_grpc_error_requests_total",
+    "ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries",
+})  # fmt: skip
+
+
+def check_rorem_selectors(expr: str, others: frozenset[str] = frozenset()) -> None:
+    """The metrics `expr` reads are the service's (serve/metrics.py, as Ray exports them: `ray_` in front, a
+    histogram's `_bucket`, `_count`, `_sum`) or in `others`, and the values it matches `outcome` and `route` against
+    are ones the service gives: a misspelt metric or value makes a panel or an alert that never shows anything."""
+    from serve import metrics
+    from serve.app import api
+    from serve.auth import api_routes
+
+    suffixes = ("", "_bucket", "_count", "_sum")
+    names = {value for name, value in vars(metrics).items() if name.isupper() and isinstance(value, str)}
+    exported = {f"ray_{name}{suffix}": name for name in names for suffix in suffixes}
+    routes = {route.path for route in api_routes(api)} | {"other"}
+    values = {
+        (metrics.REQUEST_LATENCY, "outcome"): set(metrics.OUTCOMES),
+        (metrics.REQUEST_LATENCY, "route"): routes,
+        (metrics.REQUESTS, "route"): routes,
+    }
+    for name, matchers in promql_selectors(expr):
+        assert name in exported.keys() | others, f"{name} is not a metric the service exports: {expr}"
+        for label, (_, value) in matchers.items():
+            given = values.get((exported.get(name), label))
+            if given is not None and value not in ("", ".*"):
+                assert set(value.split("|")) <= given, f"{label}={value!r} matches nothing of {name}: {expr}"
+
+
 def record_proxy_metrics(monkeypatch) -> SimpleNamespace:
     """serve.metrics.proxy_metrics() recording in lists: `refusals` (problem slugs), their `protocols`, and
     `keys_file_errors`."""

@@ -42,7 +42,7 @@ import pytest
 import yaml
 
 from serve.config import AppSettings, unknown_keys, validate_serve_config
-from tests.helpers import REPO, load_script, named_values
+from tests.helpers import RAYS_OWN_METRICS, REPO, check_rorem_selectors, load_script, named_values
 
 try:
     import tomllib
@@ -211,7 +211,7 @@ def test_overlays_hold_the_expected_objects():
     }  # fmt: skip
     weights = {("PersistentVolumeClaim", "rorem-models"), ("ConfigMap", "rorem-weights-sources"),
                ("Job", "rorem-fetch-weights"), ("NetworkPolicy", "rorem-weights-egress")}  # fmt: skip
-    monitoring = {("PodMonitor", "rorem")}
+    monitoring = {("PodMonitor", "rorem"), ("PrometheusRule", "rorem")}
     for overlay, extra in (("dev", set()), ("prod", weights | monitoring)):
         objects = built(overlay)
         kinds = {(o["kind"], None if o["kind"] == "Namespace" else o["metadata"]["name"]) for o in objects}
@@ -366,6 +366,41 @@ def test_the_podmonitor_scrapes_rays_metrics_port_on_every_ray_pod():
         assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"]), "Ray exports on that port"
 
 
+# the counters whose series start at their first event (docs/api.md "Metrics"): `increase` alone never sees it
+RARE_EVENT_COUNTERS = ("rorem_retained_total", "rorem_auth_keys_file_errors_total", "rorem_quota_ledger_errors_total",
+                       "rorem_live_settings_refused_total", "rorem_feedback_total", "rorem_proxy_refusals_total")  # fmt: skip
+
+
+def test_the_alert_rules_parse_read_what_the_service_exports_and_say_what_to_do():
+    """An alert whose expression Prometheus refuses, or that reads a misspelt metric or outcome, never fires: each
+    parses (promql-parser), reads metrics the service or Ray exports with values they take, waits a valid `for`,
+    has a severity and says what happened and what to do; a rare event's alert also fires on its first event."""
+    import promql_parser
+
+    from serve import metrics
+
+    rule = find(built("prod"), "PrometheusRule", "rorem")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule["spec"]) == {"groups"}
+    rules = [entry for group in rule["spec"]["groups"] for entry in group["rules"]]
+    assert len({entry["alert"] for entry in rules}) == len(rules) >= 5
+    for entry in rules:
+        assert set(entry) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, entry["alert"]
+        assert entry["labels"]["severity"] in ("warning", "critical")
+        assert set(entry["annotations"]) == {"summary", "description"}
+        if "for" in entry:
+            promql_parser.parse_duration(entry["for"])
+        check_rorem_selectors(entry["expr"], others=RAYS_OWN_METRICS)
+        rare = [name for name in RARE_EVENT_COUNTERS if f"ray_{name}" in entry["expr"]]
+        if rare:
+            assert " unless " in entry["expr"] and " offset " in entry["expr"], f"{entry['alert']}: no first event"
+    documented = (REPO / "docs" / "kubernetes.md").read_text()
+    assert [entry["alert"] for entry in rules if f"| `{entry['alert']}` |" not in documented] == [], "in the Alerts table"
+    read = " ".join(entry["expr"] for entry in rules)
+    assert "over_quota" in metrics.OUTCOMES and "over_quota" not in read, "a key past its quota is no fault of ours"
+
+
+# --------------------------------------------------------------------------------------------------
+# serveConfigV2: one source of truth
 # --------------------------------------------------------------------------------------------------
 # serveConfigV2: one source of truth
 
