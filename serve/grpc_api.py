@@ -80,7 +80,7 @@ def remove_reply(result: RemovalResult, request_id: str) -> pb.RemoveReply:
         image=result.body,
         media_type=result.media_type,
         bucket=result.bucket or 0,
-        batch_size=result.batch_size,
+        batch_size=result.batch_size or 0,
         attempts=result.attempts,
         gate=result.gate,
         request_id=request_id,

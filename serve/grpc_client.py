@@ -154,6 +154,20 @@ def output_format(output: Path, requested: str | None) -> str | None:
     return requested or named
 
 
+def output_file(text: str) -> Path:
+    """-o: a file its folder lets us write, checked before the call spends model work and a quota's request (an
+    unwritable one was a traceback after the removal, its result id never printed)."""
+    path = Path(text)
+    folder = path.parent
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: no folder {str(folder)!r}")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: permission denied")
+    return path
+
+
 def input_file(text: str) -> Path:
     """An input image: a readable regular file, else refused as argparse refuses a bad value (a missing one was a
     FileNotFoundError traceback, an empty name an IsADirectoryError)."""
@@ -244,7 +258,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     remove = sub.add_parser("remove", help="remove the masked object")
     remove.add_argument("image", type=input_file)
     remove.add_argument("mask", type=input_file, nargs="?", help="absent: the image's alpha is the mask")
-    remove.add_argument("-o", "--output", type=Path, required=True)
+    remove.add_argument("-o", "--output", type=output_file, required=True)
     add_request_options(
         remove, remove_options, seed={"type": seed},
         output_format={"help": f"{', '.join(output_formats())}, any case (jpg: jpeg); default: from -o's suffix, "
@@ -302,11 +316,18 @@ def main(argv: list[str] | None = None) -> int:
                     **request_options(options),
                 )
                 reply = client.Remove(request, timeout=options.timeout, metadata=metadata)
-                options.output.write_bytes(reply.image)
                 used = reply.seed if reply.HasField("seed") else "-"
                 score = f"{reply.score:.3f}" if reply.HasField("score") else "-"
                 kept = f", result {reply.result_id}" if reply.result_id else ""  # what /feedback and /results/ name
-                said = f"seed {used}, score {score}, gate {reply.gate}, attempts {reply.attempts}{kept}"
+                said = (
+                    f"seed {used}, score {score}, gate {reply.gate}, attempts {reply.attempts}{kept}, "
+                    f"request {reply.request_id}"
+                )
+                try:
+                    options.output.write_bytes(reply.image)
+                except OSError as exc:  # checked before the call, so only what changed since
+                    print(f"cannot write {options.output}: {exc.strerror} (the removal: {said})", file=sys.stderr)
+                    return 1
                 print(f"{options.output}: {said}")
             else:
                 reply = client.Score(

@@ -149,5 +149,6 @@ class ProxyGate:
 
         request_id = valid_request_id(next((value for key, value in metadata if key == "request_id"), None))
         note_refusal(refusal, "grpc", method, request_id)
-        status_for(refusal, context, request_id)
+        # Ray's proxy sends request_id back with every call it routes; a client reads a refusal's by the same key
+        status_for(refusal, context, request_id, [("request_id", request_id)])
         return b""

@@ -166,7 +166,7 @@ class RemoveReply(BaseModel):
     seed: Seed | None = Field(description="as X-Seed")
     bucket: int | None = Field(description="the largest crop's bucket (null: nothing was removed)")
     buckets: list[int] = Field(description="as X-Bucket: every crop's bucket, one crop per far-apart mask region")
-    batch_size: int = Field(description="as X-Batch-Size")
+    batch_size: int | None = Field(description="as X-Batch-Size (null: nothing was removed)")
     score: float | None = Field(description="as X-Removal-Score")
     attempts: int = Field(description="as X-Attempts")
     gate: str = Field(description="as X-Gate")

@@ -55,7 +55,7 @@ class RemovalResult:
     format: str
     seed: int | None
     buckets: list[int]  # every crop's bucket, in the order of engines.regions' plans; []: the mask was empty
-    batch_size: int
+    batch_size: int | None  # None: no model ran (the mask was empty)
     score: float | None
     attempts: int
     gate: ReplyVerdict
@@ -265,7 +265,7 @@ class RemovalService:
                     image.has_alpha,
                 )
                 timings.lap("encode")
-            return RemovalResult(body, fmt, None, [], 0, None, 0, NOTHING_TO_REMOVE, timings)
+            return RemovalResult(body, fmt, None, [], None, None, 0, NOTHING_TO_REMOVE, timings)
 
         seed = options.seed if options.seed is not None else random.randint(0, MAX_SAFE_SEED)
         policy = policy.within_calls(gate.max_model_calls, len(prepared.plans))

@@ -317,13 +317,15 @@ def _bounds(annotated) -> tuple[float, float]:
 
 def test_the_request_option_ranges_api_md_gives_are_the_models():
     """`max_attempts` 1-8 and `timeout_s` at most 3600 are the request model's bounds, restated in the options table."""
-    from serve.config import Attempts
+    from serve.config import Attempts, Dilation, GateThreshold
     from serve.protocol import TimeoutS
 
     text = (REPO / "docs" / "api.md").read_text()
     least, most = _bounds(Attempts)
     assert f"| `max_attempts` | attempts for `retry` / `reject`, {least}-{most} (default" in text
     assert f"one above {_bounds(TimeoutS)[1]:g} is refused (422)" in text
+    assert "| `dilate` | mask dilation in pixels, {:g}-{:g} (default".format(*_bounds(Dilation)) in text
+    assert "| `gate_threshold` | passing discriminator score, {:g}-{:g} (default".format(*_bounds(GateThreshold)) in text
 
 
 def test_the_loopback_ports_the_docs_give_are_the_served_ones():

@@ -152,7 +152,7 @@ class FakeStub:
 
     def Remove(self, request, timeout, metadata=None):
         FakeStub.calls.append((request, timeout))
-        reply = pb.RemoveReply(image=b"x", gate="nothing-to-remove")
+        reply = pb.RemoveReply(image=b"x", gate="nothing-to-remove", request_id="req-1")
         if request.HasField("seed"):
             reply.seed = request.seed
         if request.retain:
@@ -267,6 +267,7 @@ def test_the_cli_client_prints_no_seed_when_nothing_was_removed_and_asks_for_an_
     assert cli(args) == 0 and cli([*args, "--seed", "0"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert ": seed -, score -," in printed[0] and ": seed 0, score -," in printed[1], printed
+    assert printed[0].endswith(", request req-1"), "the id to quote about this removal"
     (first, timeout), (second, _) = FakeStub.calls
     assert not first.HasField("seed") and second.HasField("seed") and second.seed == 0
     assert first.HasField("timeout_s") and 0 < first.timeout_s < timeout == 30
@@ -279,7 +280,7 @@ def test_the_cli_client_prints_the_id_of_a_retained_result(cli, capsys):
     assert cli(["remove", "photo.png", "mask.png", "-o", "o.png", "--retain", "true"]) == 0
     assert cli(["remove", "photo.png", "mask.png", "-o", "o.png"]) == 0
     kept, not_kept = capsys.readouterr().out.splitlines()
-    assert kept.endswith(f", result {'r' * 32}") and "result" not in not_kept
+    assert f", result {'r' * 32}, " in kept and "result" not in not_kept
 
 
 def test_the_cli_client_prints_the_threshold_as_it_was_given(cli, capsys):
@@ -325,6 +326,30 @@ def test_the_cli_client_refuses_an_input_that_is_no_readable_file_as_argparse_do
         cli(argv)
     assert exited.value.code == 2 and FakeStub.calls == []
     assert f"{named!r} is no file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output", ["missing-folder/o.png", "folder", ""])
+def test_the_cli_client_refuses_an_output_it_cannot_write_before_the_call(cli, output, capsys, tmp_path):
+    """-o in a folder that does not exist was a FileNotFoundError traceback after the removal had run: its model
+    work and a quota's request spent, a retained result's id never printed."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        cli(["remove", "photo.png", "mask.png", "-o", output])
+    assert exited.value.code == 2 and FakeStub.calls == []
+    assert f"{output!r} " in capsys.readouterr().err
+
+
+def test_the_cli_client_says_which_removal_it_could_not_write_without_a_traceback(cli, capsys, monkeypatch):
+    """A file that became unwritable after the check: exit 1, one line naming the removal (its seed, its result)."""
+    from serve import grpc_client
+
+    def refuse(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(grpc_client.Path, "write_bytes", refuse)
+    assert cli(["remove", "photo.png", "mask.png", "-o", "o.png"]) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("cannot write o.png: Permission denied (the removal: seed ") and "Traceback" not in said
 
 
 def test_the_cli_client_sends_no_mask_without_one_so_the_photos_alpha_is_the_mask(cli):

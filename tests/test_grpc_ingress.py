@@ -180,7 +180,8 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
     for code, problem, trailing in answers[:2]:
         assert code == grpc.StatusCode.UNAUTHENTICATED and problem["type"].endswith("/unauthorized")
         assert trailing["problem-type"] == problem["type"]
-    assert answers[0][1]["instance"] == "urn:request:r-1"
+    assert answers[0][1]["instance"] == "urn:request:r-1" and answers[0][2]["request_id"] == "r-1"
+    assert len(answers[1][2]["request_id"]) == 32, "a fresh id where the call sent none, as Ray's proxy gives"
     assert answers[2:5] == ["OK", "OK", "OK"], "a valid key of any scope passes here (the Ingress checks the scope)"
     assert "OK" not in answers[5:], "a call naming two applications, or none of them, was routed"
     named = [(code, problem["type"].rsplit("/", 1)[1], trailing["problem-type"]) for code, problem, trailing in

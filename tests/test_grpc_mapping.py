@@ -103,8 +103,8 @@ def test_options_are_validated_by_the_model():
 
 def test_the_reply_has_a_seed_only_when_something_was_removed():
     """An empty mask's reply said seed 0, a valid seed, where REST answers no X-Seed and a null `seed`."""
-    nothing = remove_reply(RemovalResult(b"i", "png", None, [], 0, None, 0, "nothing-to-remove"), "r1")
-    assert not nothing.HasField("seed") and nothing.bucket == 0
+    nothing = remove_reply(RemovalResult(b"i", "png", None, [], None, None, 0, "nothing-to-remove"), "r1")
+    assert not nothing.HasField("seed") and nothing.bucket == 0 and nothing.batch_size == 0
     zero = remove_reply(RemovalResult(b"i", "png", 0, [512], 1, None, 1, "off"), "r2")
     assert zero.HasField("seed") and zero.seed == 0
 
@@ -113,7 +113,7 @@ def test_the_reply_has_a_seed_only_when_something_was_removed():
 
 REPLIES = [(pb.RemoveReply, openapi.RemoveReply), (pb.ScoreReply, openapi.ScoreReply)]
 GRPC_ONLY = {"request_id"}  # REST sends it as the X-Request-Id header, on every answer
-NULL_AS_EMPTY = {"bucket": 0, "result_id": ""}  # JSON null; proto3 fields without presence: their empty value
+NULL_AS_EMPTY = {"bucket": 0, "batch_size": 0, "result_id": ""}  # JSON null; proto3 fields without presence: their empty value
 JSON_TYPES = {
     FieldDescriptor.TYPE_BYTES: "string",  # the image: bytes in gRPC, base64 text in JSON
     FieldDescriptor.TYPE_STRING: "string",
@@ -147,7 +147,7 @@ def test_the_proto_replies_carry_the_json_replies_fields(message, model):
 REMOVALS = {
     "two regions, scored, kept": RemovalResult(b"\x89PNG", "png", 7, [512, 256], 2, 0.75, 2, "passed", result_id="r1"),
     "seed 0, not scored": RemovalResult(b"RIFF", "webp", 0, [512], 1, None, 1, "off"),
-    "nothing to remove": RemovalResult(b"\xff\xd8", "jpeg", None, [], 0, None, 0, "nothing-to-remove"),
+    "nothing to remove": RemovalResult(b"\xff\xd8", "jpeg", None, [], None, None, 0, "nothing-to-remove"),
 }
 
 

@@ -473,6 +473,10 @@ def test_service_empty_mask_returns_the_upload_untouched_without_a_model_call():
     reply = asyncio.run(service.remove(upload))
     assert (reply.body, reply.buckets, reply.bucket, reply.gate) == (upload.image, [], None, "nothing-to-remove")
     assert models.removals == []
+    from serve.rest_api import remove_reply_json
+
+    said = remove_reply_json(reply)  # docs/api.md: no X-Seed, X-Batch-Size, X-Removal-Score; JSON null
+    assert (said["seed"], said["batch_size"], said["score"]) == (None, None, None), "batch_size was 0: no model ran"
 
 
 def test_without_a_mask_a_fully_opaque_alpha_channel_is_nothing_to_remove():

@@ -104,6 +104,10 @@ def test_empty_mask_returns_the_input_without_running_the_model(service):
     assert response.headers["x-bucket"] == "none"
     assert "x-batch-size" not in response.headers and "unet;dur" not in response.headers["server-timing"]
     assert response.headers["x-attempts"] == "0" and response.headers["x-gate"] == "nothing-to-remove"
+    files = {"image": ("i.png", source, "image/png"), "mask": ("m.png", png_bytes(np.zeros((256, 320), np.uint8)))}
+    reply = service.client.post("/remove", files=files, headers={"Accept": "application/json"})
+    facts = {name: reply.json()[name] for name in ("seed", "bucket", "buckets", "batch_size", "score", "attempts")}
+    assert facts == {"seed": None, "bucket": None, "buckets": [], "batch_size": None, "score": None, "attempts": 0}
 
 
 def test_concurrent_requests_are_batched(service):
