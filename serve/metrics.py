@@ -47,6 +47,7 @@ QUOTA_LEDGER_ERRORS = "rorem_quota_ledger_errors_total"
 LIVE_REFUSALS = "rorem_live_settings_refused_total"
 LOOP_LAG = "rorem_loop_lag_seconds"
 PROXY_REFUSALS = "rorem_proxy_refusals_total"
+PROXY_ANSWERS_FOR_RAY = "rorem_proxy_answers_for_ray_total"
 NO_PROBLEM = "none"  # the `problem` label of an answer that is no problem
 
 STAGES = (
@@ -206,8 +207,9 @@ def _keys_file_errors() -> Counter:
 
 
 class ProxyMetrics:
-    """Recorded in Ray's HTTP proxy by serve.proxy_middleware and serve.proxy_connections: what they answer
-    themselves is outside Ray's request counts and never reaches the Ingress's."""
+    """Recorded in Ray's HTTP proxy by serve.proxy_middleware and serve.proxy_connections: what they refuse
+    themselves is outside Ray's request counts, and neither that nor what they answer in place of Ray's own answers
+    reaches the Ingress's."""
 
     def __init__(self):
         self.refusals = Counter(
@@ -216,11 +218,21 @@ class ProxyMetrics:
             "and problem slug.",
             tag_keys=("protocol", "problem"),
         )
+        self.answers_for_ray = Counter(
+            PROXY_ANSWERS_FOR_RAY,
+            description="Answers Ray's HTTP proxy gave for a routed request that no replica answered (Ray's own "
+            "404, 408, 429 or 503, or an Ingress that died mid-request), by problem slug: Ray counts these "
+            "requests, by status only.",
+            tag_keys=("problem",),
+        )
         self.keys_file_errors = _keys_file_errors()
 
     def refused(self, problem: str, protocol: str = "http") -> None:
         """`protocol`: http, or grpc (serve.grpc_gate); counted apart, as the dashboard's error shares are."""
         self.refusals.inc(tags={"protocol": protocol, "problem": problem})
+
+    def answered_for_ray(self, problem: str) -> None:
+        self.answers_for_ray.inc(tags={"problem": problem})
 
 
 _proxy_metrics: ProxyMetrics | None = None

@@ -215,16 +215,23 @@ async def _problem(send, problem: Problem, scope) -> None:
 MAX_LOGGED_TARGET_CHARS = 200
 
 
-def note_refusal(problem: Problem, protocol: str, target: str, request_id: str) -> None:
+def note_refusal(problem: Problem, protocol: str, target: str, request_id: str, for_ray: bool = False) -> None:
     """Count and log a request the proxy refused itself (here, serve.proxy_connections, serve.grpc_gate): neither
-    Ray's access log nor its request counts see it. `target`: the method and path, or the gRPC method; the client's
-    text goes in repr'd or with its whitespace collapsed, and clipped: no line breaks of its own in the log."""
+    Ray's access log nor its request counts see it; `for_ray`: an answer RayAnswers gave in place of Ray's own or of
+    a dead Ingress's, which Ray counts by its status only (a 500 for the dead Ingress). `target`: the method and
+    path, or the gRPC method; the client's text goes in repr'd or with its whitespace collapsed, and clipped: no
+    line breaks of its own in the log. A fault (a 5xx no refusal) is a warning."""
     from serve.metrics import proxy_metrics  # Ray's metrics: not for the CLI, which imports this module
 
-    proxy_metrics().refused(problem.problem, protocol)
-    logger.info(
-        "%s proxy refused %r: %d %s (%s) request_id=%s",
+    if for_ray:
+        proxy_metrics().answered_for_ray(problem.problem)
+    else:
+        proxy_metrics().refused(problem.problem, protocol)
+    logger.log(
+        logging.WARNING if problem.status >= 500 and not problem.kind.refusal else logging.INFO,
+        "%s proxy %s %r: %d %s (%s) request_id=%s",
         "gRPC" if protocol == "grpc" else "HTTP",
+        "answered" if for_ray else "refused",
         target[:MAX_LOGGED_TARGET_CHARS],
         problem.status,
         problem.problem,
@@ -379,12 +386,16 @@ class RayAnswers:
             held.append(message)
             if not message.get("more_body", False):  # Ray counted its own answer, and named it
                 named = _request_id(_header(held[0], _REQUEST_ID_HEADER), _given_id(scope["headers"]))
-                await _answer(send, _ray_problem(held), named)
+                problem = _ray_problem(held)
+                note_refusal(problem, "http", f"{scope['method']} {scope['path']}", named, for_ray=True)
+                await _answer(send, problem, named)
 
         await self.app(scope, receive, rewriting_send)
-        if not started and not asyncio.current_task().cancelling():  # Ray counted the failure
+        if not started and not asyncio.current_task().cancelling():  # Ray counted the failure, as a 500
             failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(retry_after_s())})
-            await _answer(send, failed, refusal_request_id(scope["headers"]))
+            named = refusal_request_id(scope["headers"])
+            note_refusal(failed, "http", f"{scope['method']} {scope['path']}", named, for_ray=True)
+            await _answer(send, failed, named)
 
 
 def _header(start: dict, name: bytes) -> bytes | None:

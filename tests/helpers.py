@@ -605,15 +605,22 @@ def check_rorem_selectors(expr: str, others: frozenset[str] = frozenset()) -> No
     from serve import metrics
     from serve.app import api
     from serve.auth import api_routes
+    from serve.problems import KIND_BY_SLUG
 
     suffixes = ("", "_bucket", "_count", "_sum")
     names = {value for name, value in vars(metrics).items() if name.isupper() and isinstance(value, str)}
     exported = {f"ray_{name}{suffix}": name for name in names for suffix in suffixes}
     routes = {route.path for route in api_routes(api)} | {"other"}
+    problems = set(KIND_BY_SLUG) | {metrics.NO_PROBLEM}
     values = {
         (metrics.REQUEST_LATENCY, "outcome"): set(metrics.OUTCOMES),
         (metrics.REQUEST_LATENCY, "route"): routes,
         (metrics.REQUESTS, "route"): routes,
+        (metrics.REQUESTS, "problem"): problems,
+        (metrics.PROXY_REFUSALS, "problem"): problems,
+        (metrics.PROXY_ANSWERS_FOR_RAY, "problem"): problems,
+        (metrics.PROXY_REFUSALS, "protocol"): {"http", "grpc"},
+        (metrics.REQUESTS, "protocol"): {"http", "grpc"},
     }
     for name, matchers in promql_selectors(expr):
         assert name in exported.keys() | others, f"{name} is not a metric the service exports: {expr}"
@@ -624,17 +631,18 @@ def check_rorem_selectors(expr: str, others: frozenset[str] = frozenset()) -> No
 
 
 def record_proxy_metrics(monkeypatch) -> SimpleNamespace:
-    """serve.metrics.proxy_metrics() recording in lists: `refusals` (problem slugs), their `protocols`, and
-    `keys_file_errors`."""
+    """serve.metrics.proxy_metrics() recording in lists: `refusals` (problem slugs), their `protocols`,
+    `answers_for_ray` (problem slugs) and `keys_file_errors`."""
     from serve import metrics
 
-    recorded = SimpleNamespace(refusals=[], protocols=[], keys_file_errors=RecordedMetric())
+    recorded = SimpleNamespace(refusals=[], protocols=[], answers_for_ray=[], keys_file_errors=RecordedMetric())
 
     def refused(problem: str, protocol: str = "http") -> None:
         recorded.refusals.append(problem)
         recorded.protocols.append(protocol)
 
     recorded.refused = refused
+    recorded.answered_for_ray = recorded.answers_for_ray.append
     monkeypatch.setattr(metrics, "_proxy_metrics", recorded)
     return recorded
 

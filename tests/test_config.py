@@ -148,7 +148,8 @@ def test_grafana_dashboard_charts_every_metric_and_only_ours():
     used = set(re.findall(r"ray_(rorem_[a-z_]+?)(?:_bucket|_sum|_count)?\{", exprs))
     defined = {metrics.REQUESTS, metrics.REQUEST_LATENCY, metrics.STAGE_LATENCY, metrics.BATCH_SIZE,
                metrics.GATE_OUTCOMES, metrics.GATE_ATTEMPTS, metrics.SCORES,
-               metrics.RETAINED, metrics.FEEDBACK, metrics.LOOP_LAG, metrics.PROXY_REFUSALS}  # fmt: skip
+               metrics.RETAINED, metrics.FEEDBACK, metrics.LOOP_LAG, metrics.PROXY_REFUSALS,
+               metrics.PROXY_ANSWERS_FOR_RAY}  # fmt: skip
     assert used == defined
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 
@@ -795,18 +796,26 @@ def ray_s_proxy(raised: BaseException | None = None):
     return app
 
 
-def test_a_request_ray_gives_up_without_an_answer_gets_a_problem_json_503_to_retry_not_a_plain_500():
+def test_a_request_ray_gives_up_without_an_answer_gets_a_problem_json_503_to_retry_not_a_plain_500(monkeypatch):
     """Ray's proxy sends nothing when the Ingress replica fails (its 500), and uvicorn then answers a text/plain
     500. RayAnswers answers 503 replica-failed with Retry-After instead, and its request timeout 408 as problem+json;
     a request cancelled meanwhile (Drain gives it up) is left to whoever cancelled it."""
     from serve.proxy_middleware import RayAnswers
 
-    failed, timed_out = Exchange([b""]), Exchange([b""])
-    asyncio.run(RayAnswers(ray_s_proxy(RuntimeError("actor died")))(failed.scope, failed.receive, failed.send))
-    asyncio.run(RayAnswers(ray_s_proxy(TimeoutError()))(timed_out.scope, timed_out.receive, timed_out.send))
+    recorded = record_proxy_metrics(monkeypatch)
+    failed, timed_out = Exchange([b""], {"x-request-id": "given-5"}), Exchange([b""])
+    with logged_by_ray_serve() as records:
+        asyncio.run(RayAnswers(ray_s_proxy(RuntimeError("actor died")))(failed.scope, failed.receive, failed.send))
+        asyncio.run(RayAnswers(ray_s_proxy(TimeoutError()))(timed_out.scope, timed_out.receive, timed_out.send))
+    warned = [record.getMessage() for record in records if record.levelno == logging.WARNING]
+    assert warned == [
+        "HTTP proxy answered 'POST /remove': 503 replica-failed (Ray's proxy got no answer from the Ingress replica; "
+        "retry (at the proxy)) request_id=given-5"
+    ], "a dead Ingress's requests: Ray's access log says 500, the client got this"
     assert failed.status == 503 and failed.body["type"].endswith("/replica-failed") and failed.body["status"] == 503
     assert (b"retry-after", b"2") in failed.sent[0]["headers"]
     assert timed_out.status == 408 and timed_out.body["type"].endswith("/proxy-timeout")
+    assert recorded.answers_for_ray == ["replica-failed", "proxy-timeout"] and recorded.refusals == []
     assert dict(timed_out.sent[0]["headers"])[b"content-type"] == b"application/problem+json"
 
     async def cancelled_meanwhile():
@@ -858,6 +867,8 @@ def test_what_the_proxy_refuses_itself_is_counted_by_problem_and_ray_s_own_answe
     assert recorded.refusals == [
         "payload-too-large", "overloaded", "body-timeout", "not-found", "unauthorized", "stopping"
     ]  # fmt: skip
+    # Ray counts these by status (the dead Ingress as a 500): counted apart, by their kind
+    assert recorded.answers_for_ray == ["overloaded", "replica-failed"]
 
 
 def test_the_proxy_s_own_refusals_name_the_request_as_the_app_s_answers_do(tmp_path):
