@@ -387,15 +387,25 @@ class RayAnswers:
             if not message.get("more_body", False):  # Ray counted its own answer, and named it
                 named = _request_id(_header(held[0], _REQUEST_ID_HEADER), _given_id(scope["headers"]))
                 problem = _ray_problem(held)
-                note_refusal(problem, "http", f"{scope['method']} {scope['path']}", named, for_ray=True)
+                _note_answer_for_ray(problem, scope, named)
                 await _answer(send, problem, named)
 
         await self.app(scope, receive, rewriting_send)
         if not started and not asyncio.current_task().cancelling():  # Ray counted the failure, as a 500
             failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(retry_after_s())})
             named = refusal_request_id(scope["headers"])
-            note_refusal(failed, "http", f"{scope['method']} {scope['path']}", named, for_ray=True)
+            _note_answer_for_ray(failed, scope, named)
             await _answer(send, failed, named)
+
+
+PROBE_PATHS = ("/healthz", "/readyz")  # serve/app.py's probe routes, under any route prefix
+
+
+def _note_answer_for_ray(problem: Problem, scope, request_id: str) -> None:
+    """Count and log it, except for a probe: a starting service's routes and Ingress are not there yet (the CLI's
+    and Kubernetes' probes got a dozen 404s and 503s at every start), which the probe's own answer says."""
+    if not route_path(scope).endswith(PROBE_PATHS):
+        note_refusal(problem, "http", f"{scope['method']} {scope['path']}", request_id, for_ray=True)
 
 
 def _header(start: dict, name: bytes) -> bytes | None:

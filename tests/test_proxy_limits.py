@@ -871,6 +871,23 @@ def test_what_the_proxy_refuses_itself_is_counted_by_problem_and_ray_s_own_answe
     assert recorded.answers_for_ray == ["overloaded", "replica-failed"]
 
 
+def test_a_probe_ray_answers_while_the_service_starts_is_neither_counted_nor_logged(monkeypatch):
+    """Every start logged a dozen 404s and three 503 replica-failed warnings for the CLI's /readyz polls, before
+    the route and the Ingress were up, and counted them as faults; the probe's answer says so itself."""
+    from serve.app import api
+    from serve.auth import api_routes
+    from serve.proxy_middleware import PROBE_PATHS, RayAnswers
+
+    assert set(PROBE_PATHS) <= {route.path for route in api_routes(api)}
+    recorded = record_proxy_metrics(monkeypatch)
+    probes = [Exchange([b""], path=f"{prefix}{probe}") for prefix in ("", "/api/v1") for probe in PROBE_PATHS]
+    with logged_by_ray_serve() as records:
+        for probe in probes:
+            asyncio.run(RayAnswers(ray_s_proxy(RuntimeError("starting")))(probe.scope, probe.receive, probe.send))
+    assert [probe.status for probe in probes] == [503] * 4, "answered as before"
+    assert recorded.answers_for_ray == [] and [r for r in records if "proxy answered" in r.getMessage()] == []
+
+
 def test_the_proxy_s_own_refusals_name_the_request_as_the_app_s_answers_do(tmp_path):
     """A 413 at the proxy had no X-Request-Id and no `instance`, where the app's own 413 had both: a client quoting
     its id to support had nothing to quote."""
