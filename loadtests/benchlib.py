@@ -58,6 +58,15 @@ def problem_slug(type_uri: object) -> str | None:
     return type_uri.rsplit("/", 1)[-1] if isinstance(type_uri, str) and type_uri else None
 
 
+def answer_problem(response) -> str:
+    """An error answer's problem slug, or `(no problem)` for a body that is not problem+json."""
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = None
+    return (isinstance(problem, dict) and problem_slug(problem.get("type"))) or "(no problem)"
+
+
 def rest_refusal(headers, body: bytes) -> bool:
     """Whether an answer is a load refusal (LOAD_REFUSALS, with Retry-After), which a busy service answers a good
     request with: a 503 replica-failed or not-ready also has a Retry-After, and a crashing Remover counted as

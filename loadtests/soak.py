@@ -38,8 +38,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import (
-    API_KEY_ENV, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int, rest_refusal,
-    retry_after_s, summarize, valid_image,
+    API_KEY_ENV, answer_problem, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int,
+    rest_refusal, retry_after_s, summarize, valid_image,
 )  # fmt: skip
 
 from serve.config import INSTANCE_ENV
@@ -58,6 +58,8 @@ class SoakReport:
     ok: int = 0
     ok_in_window: int = 0  # the 200s that came back before `seconds` had passed (a rate's numerator)
     errored: dict[str, int] = field(default_factory=dict)
+    # the same errors by problem: a 503 is a replica-failed (a failure) or an overloaded (a refusal)
+    errored_problems: dict[str, int] = field(default_factory=dict)
     refused: int = 0  # of the errored, the load refusals (benchlib.rest_refusal): what a busy service answers
     lost: int = 0
     lost_reasons: dict[str, int] = field(default_factory=dict)
@@ -156,8 +158,9 @@ def run_soak(
                     elif response.status_code == 200:
                         report.bad_result += 1
                     else:
-                        key = str(response.status_code)
+                        key, kind = str(response.status_code), f"{response.status_code} {answer_problem(response)}"
                         report.errored[key] = report.errored.get(key, 0) + 1
+                        report.errored_problems[kind] = report.errored_problems.get(kind, 0) + 1
                         report.refused += rest_refusal(response.headers, response.content)
                         report.bad_error += response.headers.get("content-type") != "application/problem+json"
                 if not good:  # each client waits on its own, not holding the others' lock
@@ -219,6 +222,8 @@ def main() -> int:
         f"{report.sent:>8} {report.answered:>9} {report.ok:>6} {json.dumps(report.errored):>18} {report.lost:>5}"
         f" {len(report.kills):>6}  {'/'.join(str(report.latency_ms.get(q)) for q in ('p50', 'p95', 'p99'))}"
     )
+    if report.errored_problems:
+        print("errors by problem: " + ", ".join(f"{kind} x{n}" for kind, n in sorted(report.errored_problems.items())))
     print("PASSED" if report.passed else f"FAILED: {json.dumps(summary)}")
     if options.out:
         options.out.parent.mkdir(parents=True, exist_ok=True)

@@ -486,6 +486,7 @@ def test_a_soak_run_without_one_removal_fails_and_pauses_between_errors(status, 
     with loopback_server(_always_answers(status, slug, retry_after)) as url:
         report = soak.run_soak(url, seconds=1.0, clients=1, side=32)
     assert report.errored == {str(status): report.sent} and not report.passed, report
+    assert report.errored_problems == {f"{status} {slug}": report.sent}, "a 503 replica-failed told from a refusal"
     assert report.sent <= 1.0 / soak.ERROR_PAUSE_S + 2, f"{report.sent} requests in 1 s: no pause between errors"
 
 
