@@ -191,7 +191,10 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     columns = ("offered_per_s", "realized_per_s", "elapsed_s", "completed_per_s", "p50_ms", "p95_ms", "p99_ms",
                "share_429", "share_503", "share_504", "other_errors", "bad_result", "lost")  # fmt: skip
-    verdict = "no rate completed a removal" if saturation is None else f"saturation at {saturation}/s (best {best}/s)"
+    verdict = (
+        "no rate completed a removal" if saturation is None
+        else f"saturation at an offered {saturation}/s (the best completed: {best} removals/s)"
+    )  # fmt: skip
     print(f"\n{args.label} workload={args.workload} side={args.side}: {verdict}")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for level in levels:
