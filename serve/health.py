@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from ray import serve
 
@@ -25,7 +26,7 @@ logger = logging.getLogger("ray.serve")
 
 FAILED_CALLS_UNHEALTHY = 5  # engine calls failing in a row with none succeeding between: a broken device
 DESCRIBE_TIMEOUT_S = 5.0  # a model's describe() not answered by then: not ready yet, the next probe asks again
-STALE_AFTER_S = 5.0  # a read of Serve's replica states this old is waited for (Readiness._current_counts)
+STALE_AFTER_S = 5.0  # a read of Serve's replica states this old is waited for (Readiness._current_states)
 STALE_READ_WAIT_S = 1.0
 # what a probe's call must outlast, the replica's very first probe included
 READYZ_MAX_WAIT_S = STALE_READ_WAIT_S + DESCRIBE_TIMEOUT_S
@@ -82,12 +83,36 @@ class EngineWatch:
             raise RuntimeError(f"an engine call has run for {self.clock() - oldest:.0f} s (hung_after_s {self.hung_after_s:g})")
 
 
-def running_replicas(app_name: str) -> dict[str, int]:
-    """Replicas in the RUNNING state (constructed, warmed up, passing health checks) per deployment."""
+class DeploymentState(NamedTuple):
+    running: int  # replicas in the RUNNING state: constructed, warmed up, passing health checks
+    trouble: str = ""  # why Serve cannot start one, from its status message (start_trouble); "" for none
+
+
+MAX_TROUBLE_CHARS = 300
+
+
+def start_trouble(message: str) -> str:
+    """Serve's status message of a deployment whose replicas fail to start, as one line: its first sentence and
+    the error's last line ("A replica failed to start with exception: ValueError: ..."); "" for another message.
+    Without it /readyz said only "no running replica yet" while a replacement failed its start for minutes (a
+    refused live setting that every new replica is given first, serve/live.py)."""
+    if "failed to start" not in message:
+        return ""
+    head, _, error = message.partition("Error:")
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    first = head.split(". ")[0].strip().rstrip(".")
+    return (f"{first}: {lines[-1]}" if lines else first)[:MAX_TROUBLE_CHARS]
+
+
+def replica_states(app_name: str) -> dict[str, DeploymentState]:
+    """Each deployment's RUNNING replicas, and why Serve cannot start one where it says so."""
     app = serve.status().applications.get(app_name)
     if app is None:
         return {}
-    return {name: int(d.replica_states.get(RUNNING, 0)) for name, d in app.deployments.items()}
+    return {
+        name: DeploymentState(int(d.replica_states.get(RUNNING, 0)), start_trouble(d.message or ""))
+        for name, d in app.deployments.items()
+    }
 
 
 class Readiness:
@@ -98,21 +123,21 @@ class Readiness:
         handles: dict,
         app_name: str | None = None,
         refresh_s: float = 1.0,
-        replica_counts: Callable[[str], dict[str, int]] = running_replicas,
+        replica_states: Callable[[str], dict[str, DeploymentState]] = replica_states,
         describe_timeout_s: float = DESCRIBE_TIMEOUT_S,
     ):
         self.handles = {key: handle for key, handle in handles.items() if handle is not None}
         self.app_name = app_name
         self.refresh_s = refresh_s
-        self.replica_counts = replica_counts
+        self.replica_states = replica_states
         self.describe_timeout_s = describe_timeout_s
-        self._counts: dict[str, int] = {}
+        self._states: dict[str, DeploymentState] = {}
         self._read_at = float("-inf")
         self._reading: asyncio.Task | None = None
         self.descriptions: dict[str, dict] = {}
         self._describing: dict[str, asyncio.Task] = {}
 
-    async def _current_counts(self) -> dict[str, int] | None:
+    async def _current_states(self) -> dict[str, DeploymentState] | None:
         """The last read of Serve's replica states; a new read starts in the background once the last is
         `refresh_s` old, so a busy controller does not hold up probes. The very first probe, and a probe after a
         quiet spell (a read over STALE_AFTER_S old), wait for the read at most STALE_READ_WAIT_S: the latter answered
@@ -126,11 +151,11 @@ class Readiness:
                 await asyncio.wait_for(asyncio.shield(self._reading), STALE_READ_WAIT_S)
             except asyncio.TimeoutError:
                 pass  # the controller is slow: the last read stands
-        return None if self._read_at == float("-inf") else self._counts
+        return None if self._read_at == float("-inf") else self._states
 
     async def _read(self) -> None:
         try:
-            self._counts = await asyncio.to_thread(self.replica_counts, self._app())
+            self._states = await asyncio.to_thread(self.replica_states, self._app())
         except Exception as exc:  # the controller restarting: keep the last known states
             logger.warning("readiness: cannot read Serve's status: %s", exc)
         finally:
@@ -145,14 +170,14 @@ class Readiness:
     async def missing(self) -> dict[str, str]:
         """Deployments the service lacks, each with why: no running replica yet, or its description not known yet
         (the describe calls of several deployments run side by side, so a probe waits one describe timeout)."""
-        counts = await self._current_counts()
-        if counts is None:
+        states = await self._current_states()
+        if states is None:
             return {key: NOT_READ_YET for key in self.handles}
-        missing = {
-            key: "no running replica yet"
-            for key, handle in self.handles.items()
-            if counts.get(handle.deployment_name, 0) < 1
-        }
+        missing = {}
+        for key, handle in self.handles.items():
+            state = states.get(handle.deployment_name, DeploymentState(0))
+            if state.running < 1:
+                missing[key] = "no running replica yet" + (f" (Serve: {state.trouble})" if state.trouble else "")
         undescribed = [key for key in self.handles if key not in missing and key not in self.descriptions]
         for key in undescribed:
             if key not in self._describing:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serve.health import DESCRIBE_TIMEOUT_S, EngineWatch, Readiness
+from serve.health import DESCRIBE_TIMEOUT_S, DeploymentState, EngineWatch, Readiness, start_trouble
 from tests.helpers import REPO
 
 
@@ -100,12 +100,12 @@ def test_readiness_follows_the_published_replica_states_and_asks_each_descriptio
     states = {"Remover": 0, "Scorer": 1}
     reads = []
 
-    def replica_counts(app: str) -> dict[str, int]:
+    def replica_states(app: str) -> dict[str, DeploymentState]:
         reads.append(app)
-        return dict(states)
+        return {name: DeploymentState(running) for name, running in states.items()}
 
     remover, scorer = FakeHandle("Remover"), FakeHandle("Scorer")
-    readiness = Readiness({"Remover": remover, "Scorer": scorer, "none": None}, "rorem", 0.0, replica_counts)
+    readiness = Readiness({"Remover": remover, "Scorer": scorer, "none": None}, "rorem", 0.0, replica_states)
 
     async def scenario():
         assert list(await readiness.missing()) == ["Remover"]
@@ -124,16 +124,32 @@ def test_readiness_follows_the_published_replica_states_and_asks_each_descriptio
     assert set(reads) == {"rorem"}
 
 
+def test_readiness_says_why_serve_cannot_start_a_replica():
+    """A replacement Remover failing its start for minutes (a refused live setting every new replica gets first)
+    left /readyz saying only "no running replica yet": it names Serve's reason, one line."""
+    message = (
+        "A replica failed to start with exception. Retrying 2 more time(s). Error:\nTraceback (most recent call "
+        "last):\n  File \"x.py\", line 1, in f\nValueError: batch_wait_timeout_s: 5 is over 1.0\n"
+    )
+    trouble = start_trouble(message)
+    assert trouble == "A replica failed to start with exception: ValueError: batch_wait_timeout_s: 5 is over 1.0"
+    assert start_trouble("Upscaling from 1 to 2 replicas.") == "" and len(start_trouble(message * 50)) <= 300
+    readiness = Readiness(
+        {"Remover": FakeHandle("Remover")}, "rorem", 0.0, lambda app: {"Remover": DeploymentState(0, trouble)}
+    )
+    assert asyncio.run(readiness.missing()) == {"Remover": f"no running replica yet (Serve: {trouble})"}
+
+
 def test_a_probe_never_waits_for_a_slow_controller_read_after_the_first():
     calls = []
 
-    def slow_counts(app: str) -> dict[str, int]:
+    def slow_states(app: str) -> dict[str, DeploymentState]:
         calls.append(app)
         if len(calls) > 1:
             time.sleep(1.0)
-        return {"Remover": 1}
+        return {"Remover": DeploymentState(1)}
 
-    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 0.0, slow_counts)
+    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 0.0, slow_states)
 
     async def probe_times():
         await readiness.missing()
@@ -156,11 +172,11 @@ def test_a_probe_after_a_quiet_spell_answers_a_fresh_read_and_a_slow_one_no_long
     states = {"Remover": 0}
     slow = [0.0]
 
-    def replica_counts(app: str) -> dict[str, int]:
+    def replica_states(app: str) -> dict[str, DeploymentState]:
         time.sleep(slow[0])
-        return dict(states)
+        return {name: DeploymentState(running) for name, running in states.items()}
 
-    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 1.0, replica_counts)
+    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 1.0, replica_states)
     monkeypatch.setattr(health, "STALE_READ_WAIT_S", 0.3)
 
     async def scenario():
@@ -187,11 +203,11 @@ def test_the_very_first_probe_waits_for_a_slow_controller_no_longer_than_a_stale
 
     answer = threading.Event()
 
-    def replica_counts(app: str) -> dict[str, int]:
+    def replica_states(app: str) -> dict[str, DeploymentState]:
         answer.wait(10)
-        return {"Remover": 1}
+        return {"Remover": DeploymentState(1)}
 
-    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 1.0, replica_counts)
+    readiness = Readiness({"Remover": FakeHandle("Remover")}, "rorem", 1.0, replica_states)
     monkeypatch.setattr(health, "STALE_READ_WAIT_S", 0.3)
 
     async def scenario():
@@ -212,7 +228,8 @@ def test_the_very_first_probe_waits_for_a_slow_controller_no_longer_than_a_stale
 
 def test_a_description_that_does_not_come_means_not_ready_and_the_call_is_cancelled():
     handle = FakeHandle("Remover", describe_s=10.0)
-    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)
+    running = {"Remover": DeploymentState(1)}
+    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: running, describe_timeout_s=0.05)
     assert list(asyncio.run(readiness.missing())) == ["Remover"]
     assert handle.responses[-1].cancelled and "Remover" not in readiness.descriptions
 
@@ -221,7 +238,8 @@ def test_concurrent_probes_share_one_describe_call_and_one_that_timed_out_is_ask
     """A new Ingress replica (autoscaled while the Remover is saturated) sent a describe call into the Remover's
     queue per concurrent probe, each adding to the queue that kept them all from being answered."""
     handle = FakeHandle("Remover", describe_s=10.0)
-    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1}, describe_timeout_s=0.05)
+    running = {"Remover": DeploymentState(1)}
+    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: running, describe_timeout_s=0.05)
 
     async def probes(n: int) -> list[list[str]]:
         return [list(missing) for missing in await asyncio.gather(*(readiness.missing() for _ in range(n)))]
@@ -247,7 +265,7 @@ def test_a_describe_call_that_cannot_be_sent_is_sent_again_by_the_next_probe():
             return super().remote()
 
     handle = NotYet("Remover")
-    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": 1})
+    readiness = Readiness({"Remover": handle}, "rorem", 60.0, lambda app: {"Remover": DeploymentState(1)})
     assert list(asyncio.run(readiness.missing())) == ["Remover"]
     assert asyncio.run(readiness.missing()) == {} and handle.asked == 2
 
@@ -256,12 +274,12 @@ def test_a_probe_waits_one_describe_timeout_for_all_deployments_and_says_which_d
     """The describes were awaited one after another (a probe could wait 2 x 5 s), and a replica that Serve runs
     but whose describe timed out was reported as having no running replica."""
     remover, scorer = FakeHandle("Remover", describe_s=10.0), FakeHandle("Scorer", describe_s=10.0)
-    counts = {"Remover": 1, "Scorer": 0}
+    counts = {"Remover": DeploymentState(1), "Scorer": DeploymentState(0)}
     readiness = Readiness({"Remover": remover, "Scorer": scorer}, "rorem", 60.0, lambda app: counts, 0.3)
     missing = asyncio.run(readiness.missing())
     assert missing == {"Remover": "running, but its description was not answered within 0.3 s",
                        "Scorer": "no running replica yet"}  # fmt: skip
-    counts["Scorer"] = 1
+    counts["Scorer"] = DeploymentState(1)
     readiness = Readiness({"Remover": remover, "Scorer": scorer}, "rorem", 60.0, lambda app: counts, 0.5)
     started = time.perf_counter()
     assert set(asyncio.run(readiness.missing())) == {"Remover", "Scorer"}
