@@ -24,6 +24,7 @@ stop ended at once on a service with only gRPC traffic, and Ray's shutdown cut t
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from serve.problems import Problem
@@ -63,6 +64,24 @@ def install(server, service_prefix: str) -> bool:
 
     server.service_handler_factory = gated_factory
     return True
+
+
+class CancelledCallNoise(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for a RequestCancelledError: Ray's gRPC proxy leaves
+    the response task of every call its client cancels (or whose deadline passes) unretrieved, one traceback in the
+    proxy's log per call, while the replicas log the call as CANCELLED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        unretrieved = str(record.msg).startswith("Task exception was never retrieved")
+        return not (unretrieved and type(error).__name__ == "RequestCancelledError")
+
+
+def quiet_cancelled_calls() -> None:
+    """Install CancelledCallNoise on asyncio's logger, once, in the proxy's process."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(existing, CancelledCallNoise) for existing in asyncio_logger.filters):
+        asyncio_logger.addFilter(CancelledCallNoise())
 
 
 COMPRESSION_OPTION = "grpc.compression_enabled_algorithms_bitset"

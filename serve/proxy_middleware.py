@@ -107,13 +107,15 @@ logger = logging.getLogger("ray.serve")  # the proxy's log (its file under the R
 def middlewares() -> list:
     """The callback Ray's proxy calls: Starlette Middleware objects, outermost last. Ray calls it before it builds
     its uvicorn server and its gRPC server, so the request heads are bounded from here too
-    (serve.proxy_connections) and compressed gRPC messages refused (serve.grpc_gate)."""
+    (serve.proxy_connections), compressed gRPC messages refused and cancelled calls' tracebacks left out of the log
+    (serve.grpc_gate)."""
     from starlette.middleware import Middleware
 
     from serve import grpc_gate, proxy_connections
 
     proxy_connections.install()
     grpc_gate.refuse_compressed_messages()
+    grpc_gate.quiet_cancelled_calls()
 
     stack = [Middleware(RayAnswers)]
     routes = os.environ.get(ROUTES_ENV)
