@@ -147,13 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     _bundle_args(everything)
     everything.add_argument("--skip-tensorrt", action="store_true")
     _trt_args(everything)
-    bench = sub.add_parser("bench", help="one removal with each runner (torch, onnx, tensorrt): median ms per stage")
+    bench = sub.add_parser(
+        "bench",
+        help="one removal with each runner (torch, onnx, tensorrt): median ms per stage, and each runner's largest "
+        "output difference from the first runner's (vs_<runner>_max_diff, in 0-255 levels of any pixel channel)",
+    )
     _bundle_args(bench)
     bench.add_argument("--runners", default="torch,onnx", help="comma-separated: torch, onnx, tensorrt")
-    bench.add_argument("--side", type=_side, default=512)
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--runs", type=int, default=5)
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--side", type=_side, default=512, help="the photo's side in pixels, one bucket (default 512)")
+    bench.add_argument("--batch", type=_int_in(1, 64), default=1, help="removals per engine call (default 1)")
+    bench.add_argument("--runs", type=_int_in(1, 1000), default=5, help="timed runs after a warm-up (default 5)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     return parser
 
 
@@ -532,6 +536,7 @@ def _cmd_bench(args, progress: Progress) -> int:
     print("runner    " + "  ".join(f"{c:>18}" for c in columns))
     for kind, row in results.items():
         print(f"{kind:<10}" + "  ".join(f"{str(row[c]):>18}" for c in columns))
+    print(f"vs_{first}_max_diff: the largest difference of any pixel channel from the {first} runner's, 0-255 levels")
     return 0
 
 
