@@ -149,6 +149,7 @@ class Ingress(GrpcMethods, LiveSettings):
         result.timings.took_before("read", read_s)
         self.metrics.stages.observe({k: v for k, v in result.timings.stages.items() if k in INGRESS_STAGES})
         headers = {
+            **PRIVATE_HEADERS,  # the user's photo, edited: as a stored result's
             "X-Bucket": "none" if result.bucket is None else ", ".join(map(str, result.buckets)),
             "X-Attempts": str(result.attempts),
             "X-Gate": result.gate,

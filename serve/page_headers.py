@@ -16,8 +16,12 @@ import re
 from pathlib import Path
 
 # A key travels in X-API-Key as often as in Authorization, and a shared cache need not keep apart answers that
-# differ by X-API-Key: answers holding a user's data are never stored; a stored image is never sniffed as HTML.
-PRIVATE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+# differ by X-API-Key: answers holding a user's data are never stored; a stored image is never sniffed as HTML,
+# nor embedded by a page of another site (an <img> needs no key while keys are off).
+PRIVATE_HEADERS = {
+    "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}  # fmt: skip
 SHARED_SCRIPT = Path(__file__).parent / "static" / "shared.js"
 _SHARED_MARK = "/* shared.js */"
 

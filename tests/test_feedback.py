@@ -113,8 +113,10 @@ def test_feedback_through_the_api_keeps_the_history_and_the_newest_verdict(servi
 
 def test_answers_holding_a_users_data_are_never_cached_or_sniffed(service):
     # keys often travel in X-API-Key, which a shared cache need not tell apart: such answers must not be stored
-    result_id = _retain(service, seed=7).headers["x-result-id"]
+    removal = _retain(service, seed=7)  # the edited photo itself (the web security review: it had neither)
+    result_id = removal.headers["x-result-id"]
     answers = [
+        removal,
         service.client.get(f"/results/{result_id}"),
         service.client.get(f"/results/{result_id}/source"),
         service.client.get("/annotation/queue"),
@@ -124,6 +126,7 @@ def test_answers_holding_a_users_data_are_never_cached_or_sniffed(service):
         assert answer.status_code in (200, 201), answer.text
         assert answer.headers["cache-control"] == "no-store", answer.request.url
         assert answer.headers["x-content-type-options"] == "nosniff", answer.request.url
+        assert answer.headers["cross-origin-resource-policy"] == "same-origin", "no other site's <img> embeds it"
 
 
 def test_delete_forgets_the_result_and_its_images(service):

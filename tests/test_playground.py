@@ -749,6 +749,38 @@ def test_the_key_box_is_in_a_form_that_enter_does_not_submit(browser, path):
     assert page.evaluate("() => sessionStorage.getItem('rorem.apiKey')") == "rk_typed_into_the_box"
 
 
+def test_a_page_another_site_opens_in_a_popup_gets_no_key_where_one_this_site_opens_does(browser):
+    """Chromium copies a tab's sessionStorage into the popups it opens: a page of another site, visited next in the
+    tab where a reviewer typed the key, opened /annotate in a popup holding it, and the reviewer's next keystroke
+    (N) recorded a verdict under that key (the web security review)."""
+    page, problems = _open_offline(browser, StandIn())
+    pages = {"/annotate": _annotation_page()}
+    attacker = "<!doctype html><button id=open onclick=\"window.open('%s/annotate', 'x', 'popup')\">go</button>"
+    page.context.route(PAGE_ORIGIN + "/annotate", lambda route: route.fulfill(
+        status=200, headers={**pages["/annotate"][1], "Content-Type": "text/html; charset=utf-8"},
+        body=pages["/annotate"][0]))  # fmt: skip
+    page.context.route("http://other.test/**", lambda route: route.fulfill(
+        status=200, content_type="text/html", body=attacker % PAGE_ORIGIN))  # fmt: skip
+    page.fill("#api-key", "rk_reviewers_key")
+    page.dispatch_event("#api-key", "change")
+
+    with page.expect_popup() as opened:  # this site's own: the key goes with it, as the playground's link needs
+        page.evaluate("origin => window.open(origin + '/annotate', 'mine', 'popup')", PAGE_ORIGIN)
+    own = opened.value
+    own.wait_for_load_state("load")
+    assert own.input_value("#api-key") == "rk_reviewers_key"
+    own.close()
+
+    page.goto("http://other.test/")
+    with page.expect_popup() as opened:
+        page.click("#open")
+    foreign = opened.value
+    foreign.wait_for_load_state("load")
+    assert foreign.input_value("#api-key") == "", "no key in a window another site opened"
+    assert foreign.evaluate("() => sessionStorage.getItem('rorem.apiKey')") is None
+    assert problems == [], problems
+
+
 # ---- in the browser, against the service ---------------------------------------------------------
 
 

@@ -9,6 +9,26 @@ const SIGNATURES = [
 const TURNED_WEBP = "UklGRlIAAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TBEAAAAvAQAAAAfQ//73v/+BiOh/AABFWElGGgAAAE1NACoAAAAI" +
   "AAEBEgADAAAAAQAGAAAAAAAA";
 
+const KEY_STORAGE = "rorem.apiKey";  // this tab only (sessionStorage): shared with the annotation page opened in it, gone with the tab
+
+/**
+ * The API key this tab keeps; none in a window another site opened. A browser copies the opening tab's
+ * sessionStorage into a popup, so a page of any site visited next in the tab where the key was typed could open
+ * this page holding it, and the user's next keystroke would answer a rating under that key.
+ */
+function storedKey() {
+  let foreign = false;
+  if (window.opener) {
+    try {
+      foreign = window.opener.location.origin !== location.origin;
+    } catch (_) {
+      foreign = true;  // another origin's window: its location cannot be read
+    }
+  }
+  if (foreign) sessionStorage.removeItem(KEY_STORAGE);
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
 /** Why the key cannot be sent, or "". A key is printable ASCII (serve/auth.py); fetch() throws on others. */
 function keyProblem(key) {
   const chars = [...key];
