@@ -57,8 +57,8 @@ class StageSettings(BaseModel):
     OUT_MODE: ClassVar[int] = 0o777
     """The mode `claim_out` makes a missing out/ with (less the umask)."""
     MARKS_ITS_START: ClassVar[bool] = False
-    """The stage writes its own status-running summary once its checks passed (training.loop.train); otherwise the
-    CLI marks the run at its start (mark_run)."""
+    """The stage writes its own status-running summary once its checks passed (training.loop.train, evaluate);
+    otherwise the CLI marks the run at its start (mark_run)."""
 
 
 class TrainSettings(StageSettings):

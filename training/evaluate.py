@@ -28,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -91,6 +91,8 @@ _ENGINE = EngineSettings.model_fields
 
 
 class EvaluateSettings(StageSettings):
+    MARKS_ITS_START: ClassVar[bool] = True  # evaluate() marks it once its inputs are checked: see there
+
     bundle: str = Field(description="project bundle folder, or 'tiny'")
     data: Path = Field(description="metadata JSON: source + mask, and GT when the set has one (RORem format)")
     runner: Literal["torch", "onnx", "tensorrt"] = _ENGINE["runner"]
@@ -163,14 +165,13 @@ def evaluate(settings: EvaluateSettings) -> dict:
         torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
     summary = RunSummary("evaluate", settings)
-    clear_previous_results(Path(settings.out))
     device = training_device(settings.device)
     summary.data["device"] = str(device)
     from engines.bundle import sha256_of
 
+    records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]  # a folder, a typo: refused
     summary.data["data_sha256"] = sha256_of(Path(settings.data))  # the test set's identity, which `compare` checks
     summary.data["pipeline_version"] = PIPELINE_VERSION  # so is the removal path's
-    records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]
     tiny = settings.bundle == "tiny"
     bundle = open_bundle(
         path=None if tiny else settings.bundle, authors=None, cache_dir=settings.cache_dir, tiny_seed=settings.tiny_seed
@@ -183,7 +184,11 @@ def evaluate(settings: EvaluateSettings) -> dict:
     bundle = remover.bundle
     engines = _Engines(remover.engine, scorer, learned, settings)
 
+    # the checks passed (data, bundle, discriminator, measuring models, engine): from here on the run changes out/
+    # (a failure is recorded); a rerun refused above leaves a finished evaluation in out/ as it was
     out = Path(settings.out)
+    summary.write()
+    clear_previous_results(out)
     (out / OUTPUTS_DIR).mkdir(parents=True, exist_ok=True)
     rows = []
     bar = progress_bar(len(records), 0, "evaluate", True)
