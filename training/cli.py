@@ -105,7 +105,18 @@ def build_parser(stages=None) -> argparse.ArgumentParser:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """The settings of a --config file; a file that cannot be read, or is not a YAML mapping, raises ValueError in
+    one line naming it (PyYAML's own error was a traceback, and quotes the file's text)."""
+    from serve.config import invalid_because
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: {invalid_because(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -170,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"python -m training {args.stage}: invalid settings: {problems}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as exc:
-        print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # a --config file that cannot be read as settings (load_config)
+        print(f"python -m training {args.stage}: invalid settings: {exc}", file=sys.stderr)
         return 2
     main_process = _is_main_process()
     started_at = time.time()

@@ -120,10 +120,12 @@ class Thresholds(BaseModel):
 
 
 def load_thresholds(path: Path) -> Thresholds:
+    from serve.config import invalid_because
+
     try:
         thresholds = Thresholds.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-    except (ValidationError, yaml.YAMLError) as exc:
-        raise TrainingError(f"thresholds file {path}: {exc}") from exc
+    except (ValidationError, yaml.YAMLError) as exc:  # in one line (PyYAML's and pydantic's own take several)
+        raise TrainingError(f"thresholds file {path}: {invalid_because(exc, 'thresholds')}") from exc
     if not thresholds.allowed_deltas and thresholds.max_flip_share is None:
         raise TrainingError(f"thresholds file {path} sets no allowed_deltas and no max_flip_share: it checks nothing")
     return thresholds
