@@ -219,6 +219,24 @@ def test_a_rerun_refused_for_its_inputs_leaves_a_finished_evaluation_as_it_was(
     assert _contents(folder) == before
 
 
+def test_evaluate_prints_its_headline_numbers_from_its_summary(tiny_bundle, triplets, work, capsys):
+    """It printed only its output paths: the means had to be dug out of summary.json."""
+    from training.cli import main
+
+    out = work / "headline"
+    argv = ["evaluate", "--bundle", str(tiny_bundle.path), "--data", str(triplets), "--out", str(out), "--limit", "2",
+            "--buckets", "128", "--crop-margin", "16", "--dilate", "4", "--lpips-net", "off"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    for name in ("success_rate", "score", "psnr", "ssim_masked", "psnr_outside", "seconds_per_image"):
+        row = next(line.split() for line in printed if line.startswith(f"{name} "))
+        assert float(row[1]) == pytest.approx(metrics[name]["mean"], rel=1e-3) and row[3] == "2", row
+    assert "skipped (summary.json says why): lpips, dino, clip" in printed
+    assert any(line.startswith("2 of 2 entries evaluated (2 with GT;") for line in printed)
+    assert "report" not in metrics and "report" not in json.loads((out / "summary.json").read_text())
+
+
 def test_evaluate_records_whether_the_exported_unet_it_ran_is_the_bundles(tiny_bundle, tmp_path):
     """`--runner onnx --runner-path OTHER.onnx` (a graph exported from another bundle's UNet) ran unchecked, and
     summary.json said only the path given."""

@@ -214,7 +214,41 @@ def evaluate(settings: EvaluateSettings) -> dict:
     summary.data["metrics"] = _aggregate(rows, skipped, settings.threshold, time.perf_counter() - started)
     summary.data["outputs"] = {"per_image": str(out / PER_IMAGE_CSV), "images": str(out / OUTPUTS_DIR)}
     summary.write("completed")
-    return summary.data
+    return {**summary.data, "report": format_metrics(summary.data["metrics"])}  # printed by the CLI, not stored
+
+
+def number_cell(value: float | None, sign: str = "") -> str:
+    """A table cell of 10 characters: 4 significant digits, or '-' for no value."""
+    return f"{'-':>10}" if value is None else f"{value:>{sign}10.4g}"
+
+
+def format_metrics(metrics: dict) -> str:
+    """The headline numbers of a run, from its summary's metrics: each measure's mean, std and n, the skipped
+    measures by name (summary.json says why), the counts and the engine's speed."""
+    lines = [f"{'measure':<18} {'mean':>10} {'std':>10} {'n':>5}"]
+    skipped = []
+    for measure in MEASURES:
+        stats = metrics[measure.name]
+        if "skipped" in stats:
+            skipped.append(measure.name)
+            continue
+        infinite = f"  (and {stats['infinite']} infinite: identical pixels)" if stats.get("infinite") else ""
+        mean, std = number_cell(stats["mean"]), number_cell(stats["std"])
+        lines.append(f"{measure.name:<18} {mean} {std} {stats['n']:>5}{infinite}")
+    if skipped:
+        lines.append(f"skipped (summary.json says why): {', '.join(skipped)}")
+    lines.append(
+        f"{metrics['evaluated']} of {metrics['entries']} entries evaluated ({metrics['with_gt']} with GT; "
+        f"empty mask {metrics['empty_mask']}, invalid input {metrics['invalid_input']}); "
+        f"success: score >= {metrics['threshold']}"
+    )
+    time = metrics["time"]
+    if time["images_per_second"] is not None:
+        lines.append(
+            f"engine: {time['images_per_second']:.3g} images/s, median {time['seconds_per_image_median']:.3g} s, "
+            f"p95 {time['seconds_per_image_p95']:.3g} s per image; whole run {time['wall_seconds']:.1f} s"
+        )
+    return "\n".join(lines)
 
 
 def entry_id(index: int) -> str:
