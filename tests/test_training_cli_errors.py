@@ -266,6 +266,26 @@ def test_a_data_folder_is_named_a_folder_with_the_metadata_file_to_give(tmp_path
     assert f"{folder} is a folder, not a metadata file (--data {folder / 'metadata.json'}?)" in capsys.readouterr().err
 
 
+def test_a_part_that_does_not_exist_is_named_once(tmp_path, capsys, tiny_layout):
+    """`distill --unet runs/nonexist` said "runs/nonexist: runs/nonexist does not exist"."""
+    from training.synthetic import make_synthetic_triplets
+
+    metadata = make_synthetic_triplets(tmp_path / "data", n=1, size=64)
+    missing = tmp_path / "nonexist"
+    argv = ["distill", "--base", tiny_layout.base, "--unet", str(missing), "--data", str(metadata),
+            "--out", str(tmp_path / "run"), "--resolution", "64"]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == f"python -m training distill: {missing} does not exist\n"
+    run = tmp_path / "moved-run"  # a finetune run whose unet/ is gone: both the run and the part are named
+    run.mkdir()
+    summary = {"stage": "finetune", "status": "completed", "outputs": {"unet": str(run / "unet")},
+               "config": {"out": str(run)}}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(FileNotFoundError) as refused:
+        resolve_part(str(run), "finetune", "unet")
+    assert str(refused.value) == f"{run}: {run / 'unet'} does not exist"
+
+
 def test_bundle_names_its_own_flags_when_the_unet_is_the_discriminator_s_trunk(tmp_path, capsys, tiny_layout):
     """It said "set discriminator_unet to hf:...", a setting the bundle command does not have."""
     base_unet = str(Path(tiny_layout.base) / "unet")
