@@ -181,6 +181,62 @@ def test_a_rerun_into_the_same_out_holds_only_its_own_results(baseline, tiny_bun
     capsys.readouterr()
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every file under folder by its relative path (the run lock, which every run holds, left out)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            and p.name != ".lock"}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", ["data-typo", "data-folder", "bundle-typo", "runner-without-export"])
+def test_a_rerun_refused_for_its_inputs_leaves_a_finished_evaluation_as_it_was(
+    baseline, tiny_bundle, triplets, work, capsys, mistake
+):
+    """A rerun into a finished evaluation's folder (a release baseline) with a mistyped --data or --bundle deleted
+    its per_image.csv and outputs/*.png and marked its summary failed, then found the file missing; --data FOLDER
+    printed an IsADirectoryError traceback and a missing file a bare "[Errno 2]"."""
+    import shutil
+
+    from training.cli import main
+
+    folder = work / f"finished-{mistake}"
+    shutil.copytree(work / "baseline", folder)
+    before = _contents(folder)
+    given = {"--bundle": str(tiny_bundle.path), "--data": str(triplets)}
+    typo, data_folder = Path(triplets).with_name("metadat.json"), Path(triplets).parent
+    changed, expected = {
+        "data-typo": ({"--data": str(typo)}, f"bad data: {typo}: metadata file not found"),
+        "data-folder": (
+            {"--data": str(data_folder)},
+            f"bad data: {data_folder} is a folder, not a metadata file (--data {data_folder / 'metadata.json'}?)",
+        ),
+        "bundle-typo": ({"--bundle": str(work / "bundel")}, f"{work / 'bundel'} is not a bundle"),
+        "runner-without-export": ({"--runner": "onnx"}, "no onnx.float32 export recorded in its manifest"),
+    }[mistake]
+    argv = [x for flag, value in {**given, **changed}.items() for x in (flag, value)]
+    assert main(["evaluate", *argv, "--out", str(folder), "--buckets", "128", "--lpips-net", "off"]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert _contents(folder) == before
+
+
+def test_evaluate_prints_its_headline_numbers_from_its_summary(tiny_bundle, triplets, work, capsys):
+    """It printed only its output paths: the means had to be dug out of summary.json."""
+    from training.cli import main
+
+    out = work / "headline"
+    argv = ["evaluate", "--bundle", str(tiny_bundle.path), "--data", str(triplets), "--out", str(out), "--limit", "2",
+            "--buckets", "128", "--crop-margin", "16", "--dilate", "4", "--lpips-net", "off"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    for name in ("success_rate", "score", "psnr", "ssim_masked", "psnr_outside", "seconds_per_image"):
+        row = next(line.split() for line in printed if line.startswith(f"{name} "))
+        assert float(row[1]) == pytest.approx(metrics[name]["mean"], rel=1e-3) and row[3] == "2", row
+    assert "skipped (summary.json says why): lpips, dino, clip" in printed
+    assert any(line.startswith("2 of 2 entries evaluated (2 with GT;") for line in printed)
+    assert "report" not in metrics and "report" not in json.loads((out / "summary.json").read_text())
+
+
 def test_evaluate_records_whether_the_exported_unet_it_ran_is_the_bundles(tiny_bundle, tmp_path):
     """`--runner onnx --runner-path OTHER.onnx` (a graph exported from another bundle's UNet) ran unchecked, and
     summary.json said only the path given."""

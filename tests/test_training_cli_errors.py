@@ -210,6 +210,37 @@ def test_adam_settings_out_of_range_are_refused_before_anything_loads(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("max_flip_share: [\n", "line 2, column 1: expected the node content, but found '<stream end>'"),
+        ("steps: 10\n  lr: 1e-3: x\n", "line 2, column 5: mapping values are not allowed here"),
+        ("- steps\n", "expected a mapping of settings, got list"),
+    ],
+)
+@pytest.mark.parametrize("stage", ["finetune", "evaluate", "compare"])
+def test_a_config_that_is_no_yaml_mapping_is_one_line_of_invalid_settings(tmp_path, capsys, stage, text, problem):
+    """A malformed YAML printed some 45 lines of PyYAML traceback in every stage."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    assert cli.main([stage, "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m training {stage}: invalid settings: {config}: {problem}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_thresholds_file_that_is_no_yaml_is_named_in_one_line(tmp_path):
+    from training.compare import load_thresholds
+
+    bad = tmp_path / "thresholds.yaml"
+    bad.write_text("max_flip_share: [\n")
+    with pytest.raises(TrainingError) as refused:
+        load_thresholds(bad)
+    assert str(refused.value) == (
+        f"thresholds file {bad}: line 2, column 1: expected the node content, but found '<stream end>'"
+    )
+
+
 def _finetune(tmp_path, data):
     return ["finetune", "--base", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--resolution", "64",
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
@@ -233,6 +264,26 @@ def test_a_data_folder_is_named_a_folder_with_the_metadata_file_to_give(tmp_path
     folder.mkdir()
     assert cli.main(_finetune(tmp_path, folder)) == 1
     assert f"{folder} is a folder, not a metadata file (--data {folder / 'metadata.json'}?)" in capsys.readouterr().err
+
+
+def test_a_part_that_does_not_exist_is_named_once(tmp_path, capsys, tiny_layout):
+    """`distill --unet runs/nonexist` said "runs/nonexist: runs/nonexist does not exist"."""
+    from training.synthetic import make_synthetic_triplets
+
+    metadata = make_synthetic_triplets(tmp_path / "data", n=1, size=64)
+    missing = tmp_path / "nonexist"
+    argv = ["distill", "--base", tiny_layout.base, "--unet", str(missing), "--data", str(metadata),
+            "--out", str(tmp_path / "run"), "--resolution", "64"]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == f"python -m training distill: {missing} does not exist\n"
+    run = tmp_path / "moved-run"  # a finetune run whose unet/ is gone: both the run and the part are named
+    run.mkdir()
+    summary = {"stage": "finetune", "status": "completed", "outputs": {"unet": str(run / "unet")},
+               "config": {"out": str(run)}}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(FileNotFoundError) as refused:
+        resolve_part(str(run), "finetune", "unet")
+    assert str(refused.value) == f"{run}: {run / 'unet'} does not exist"
 
 
 def test_bundle_names_its_own_flags_when_the_unet_is_the_discriminator_s_trunk(tmp_path, capsys, tiny_layout):

@@ -441,6 +441,33 @@ def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(data_file, tmp_pa
     assert _names(out) == ["step-0000002"]
 
 
+@pytest.mark.parametrize(
+    ("first", "diverges_at", "kept"),
+    [
+        (None, 1, "no checkpoint was written yet"),  # nothing to resume from: it said "the newest one is still good"
+        (None, 3, "no checkpoint of this step is written, the newest one (step 2) is still good"),
+        (2, 3, "no checkpoint of this step is written, the newest one (step 2) is still good"),  # the resumed one
+    ],
+)
+def test_a_diverged_run_says_which_checkpoint_is_still_good_or_that_none_was_written(
+    data_file, tmp_path, monkeypatch, first, diverges_at, kept
+):
+    out, loss_of, calls = tmp_path / "run", _loss, []
+    if first:
+        _run(_settings(data_file, out, steps=first, resume=None, ema=False))
+
+    def diverging(model, batch, generator):  # one call a step (grad_accum 1), from the resumed step on
+        calls.append(1)
+        loss = loss_of(model, batch, generator)
+        return loss * float("nan") if (first or 0) + len(calls) >= diverges_at else loss
+
+    monkeypatch.setitem(globals(), "_loss", diverging)
+    with pytest.raises(TrainingError) as stopped:
+        _run(_settings(data_file, out, resume="latest" if first else None, ema=False))
+    assert str(stopped.value).startswith(f"step {diverges_at}: the loss is nan")
+    assert str(stopped.value).endswith(f"; {kept}")
+
+
 def test_a_summary_refuses_to_write_a_bare_nan(data_file, tmp_path):
     summary = RunSummary("finetune", _settings(data_file, tmp_path / "run"))
     summary.log_step(1, float("nan"), 1e-3, 0.1)
@@ -499,6 +526,28 @@ def test_a_rerun_its_checks_refuse_leaves_the_completed_run_exactly_as_it_was(da
     assert _cli_toy_finetune(monkeypatch, data_file, out) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and "the loss is nan" in summary["error"]
+
+
+def test_a_resume_from_past_the_step_total_is_refused_naming_both_and_the_way_out(
+    data_file, tmp_path, monkeypatch, capsys
+):
+    """`--steps 10 --resume <step 15>` reported "done" with steps_done 15 > steps 10 and no warning."""
+    out = tmp_path / "run"
+    assert _cli_toy_finetune(monkeypatch, data_file, out) == 0
+    capsys.readouterr()
+    before = (out / "summary.json").read_bytes()
+    last = out / "checkpoints" / f"step-{STEPS:07d}"
+    for resume in (["--resume"], ["--resume", str(last), "--resume-despite-changes"]):
+        assert _cli_toy_finetune(monkeypatch, data_file, out, *resume, "--steps", "2") == 2
+        assert capsys.readouterr().err == (
+            f"python -m training finetune: invalid settings: {last} is at step {STEPS}, past --steps 2: pass --steps "
+            f"{STEPS} or more to continue it, or --resume a checkpoint at step 2 or before (a new run: a new --out, "
+            "no --resume)\n"
+        )
+        assert (out / "summary.json").read_bytes() == before
+    assert _names(out) == ["step-0000002", f"step-{STEPS:07d}"]
+    back = str(out / "checkpoints" / "step-0000002")
+    assert _cli_toy_finetune(monkeypatch, data_file, out, "--resume", back, "--steps", "2") == 0  # at the total
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank
 Training stages take --resume [PATH] (no PATH: the newest checkpoint in OUT/checkpoints, if any).
 OUT is made, checked writable and locked (OUT/.lock: one run at a time) before anything loads; an OUT
 holding another stage's run is refused (exit 2). Each stage writes OUT/summary.json (config, versions, losses,
-step times, metrics, outputs): status "running" from its start (a training stage's: once its settings, data and
-resume checks passed; a rerun they refuse leaves OUT as it was), "completed" at its end, "failed" (with the
-error) when it fails.
+step times, metrics, outputs): status "running" from its start (a training stage's and evaluate's: once its
+settings, data, bundle or resume checks passed; a rerun they refuse leaves OUT as it was), "completed" at its end,
+"failed" (with the error) when it fails.
 Exit codes: 0 done (a gate passed); 1 a failed run or gate; 2 invalid settings (also fp16 or a CUDA device
 this machine cannot run, an OUT that cannot be written or that another run holds); 130 stopped by Ctrl-C (SIGINT:
 one line says at which step and what --resume continues from; the summary keeps the steps done and their losses).
@@ -105,7 +105,18 @@ def build_parser(stages=None) -> argparse.ArgumentParser:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """The settings of a --config file; a file that cannot be read, or is not a YAML mapping, raises ValueError in
+    one line naming it (PyYAML's own error was a traceback, and quotes the file's text)."""
+    from serve.config import invalid_because
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: {invalid_because(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -170,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"python -m training {args.stage}: invalid settings: {problems}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as exc:
-        print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # a --config file that cannot be read as settings (load_config)
+        print(f"python -m training {args.stage}: invalid settings: {exc}", file=sys.stderr)
         return 2
     main_process = _is_main_process()
     started_at = time.time()

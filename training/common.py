@@ -57,8 +57,8 @@ class StageSettings(BaseModel):
     OUT_MODE: ClassVar[int] = 0o777
     """The mode `claim_out` makes a missing out/ with (less the umask)."""
     MARKS_ITS_START: ClassVar[bool] = False
-    """The stage writes its own status-running summary once its checks passed (training.loop.train); otherwise the
-    CLI marks the run at its start (mark_run)."""
+    """The stage writes its own status-running summary once its checks passed (training.loop.train, evaluate);
+    otherwise the CLI marks the run at its start (mark_run)."""
 
 
 class TrainSettings(StageSettings):
@@ -394,8 +394,9 @@ def resolve_part(ref: str, stage: str, output: str, inner: str | None = None) ->
         record = None
     if inner and path.is_dir() and (path / inner).is_file():
         path = path / inner
-    if not path.exists():
-        raise FileNotFoundError(f"{ref}: {path} does not exist")
+    if not path.exists():  # the part a run folder names, or the path given (named once)
+        named = f"{ref}: {path}" if path != Path(ref).expanduser() else str(path)
+        raise FileNotFoundError(f"{named} does not exist")
     return path, record
 
 

@@ -46,7 +46,9 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from training.common import RunSummary, StageSettings, TrainingError
-from training.evaluate import IMAGE_KINDS, LEARNED_MEASURES, MEASURES, MEASURES_BY_NAME, EvaluationRun, load_run
+from training.evaluate import (
+    IMAGE_KINDS, LEARNED_MEASURES, MEASURES, MEASURES_BY_NAME, EvaluationRun, load_run, number_cell,
+)  # fmt: skip
 
 PAIRED_CSV = "paired.csv"
 CONTACT_SHEET = "contact_sheet.png"
@@ -120,10 +122,12 @@ class Thresholds(BaseModel):
 
 
 def load_thresholds(path: Path) -> Thresholds:
+    from serve.config import invalid_because
+
     try:
         thresholds = Thresholds.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-    except (ValidationError, yaml.YAMLError) as exc:
-        raise TrainingError(f"thresholds file {path}: {exc}") from exc
+    except (ValidationError, yaml.YAMLError) as exc:  # in one line (PyYAML's and pydantic's own take several)
+        raise TrainingError(f"thresholds file {path}: {invalid_because(exc, 'thresholds')}") from exc
     if not thresholds.allowed_deltas and thresholds.max_flip_share is None:
         raise TrainingError(f"thresholds file {path} sets no allowed_deltas and no max_flip_share: it checks nothing")
     return thresholds
@@ -452,10 +456,6 @@ def contact_sheet(rows: list[Disagreement], a: EvaluationRun, b: EvaluationRun, 
     return sheet
 
 
-def _number(value: float | None, sign: str) -> str:
-    return f"{'-':>10}" if value is None else f"{value:>{sign}10.4g}"
-
-
 def _pixel_difference(value: float) -> str:
     """Never 0.000 for outputs that differ: a pixel off by one in a 512 px image is a mean of 1e-6."""
     return "< 0.0005" if 0 < value < 0.0005 else f"{value:.3f}"
@@ -568,7 +568,7 @@ def format_report(data: dict, thresholds: Thresholds | None) -> str:
             columns = f"{'-':>10} {'-':>10} {'-':>10} {'skipped':>23}"
         else:
             interval = "" if delta["ci_low"] is None else f"[{delta['ci_low']:+.4g}, {delta['ci_high']:+.4g}]"
-            means = (_number(delta[key], sign) for key, sign in (("mean_a", ""), ("mean_b", ""), ("delta", "+")))
+            means = (number_cell(delta[key], sign) for key, sign in (("mean_a", ""), ("mean_b", ""), ("delta", "+")))
             columns = f"{next(means)} {next(means)} {next(means)} {interval:>23}"
             infinite = {kind: delta[f"infinite_{kind}"] for kind in ("equal", "worse", "better")}
             if any(infinite.values()):

@@ -28,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -91,6 +91,8 @@ _ENGINE = EngineSettings.model_fields
 
 
 class EvaluateSettings(StageSettings):
+    MARKS_ITS_START: ClassVar[bool] = True  # evaluate() marks it once its inputs are checked: see there
+
     bundle: str = Field(description="project bundle folder, or 'tiny'")
     data: Path = Field(description="metadata JSON: source + mask, and GT when the set has one (RORem format)")
     runner: Literal["torch", "onnx", "tensorrt"] = _ENGINE["runner"]
@@ -163,14 +165,13 @@ def evaluate(settings: EvaluateSettings) -> dict:
         torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
     summary = RunSummary("evaluate", settings)
-    clear_previous_results(Path(settings.out))
     device = training_device(settings.device)
     summary.data["device"] = str(device)
     from engines.bundle import sha256_of
 
+    records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]  # a folder, a typo: refused
     summary.data["data_sha256"] = sha256_of(Path(settings.data))  # the test set's identity, which `compare` checks
     summary.data["pipeline_version"] = PIPELINE_VERSION  # so is the removal path's
-    records = load_metadata(settings.data, require=("source", "mask"))[: settings.limit]
     tiny = settings.bundle == "tiny"
     bundle = open_bundle(
         path=None if tiny else settings.bundle, authors=None, cache_dir=settings.cache_dir, tiny_seed=settings.tiny_seed
@@ -183,7 +184,11 @@ def evaluate(settings: EvaluateSettings) -> dict:
     bundle = remover.bundle
     engines = _Engines(remover.engine, scorer, learned, settings)
 
+    # the checks passed (data, bundle, discriminator, measuring models, engine): from here on the run changes out/
+    # (a failure is recorded); a rerun refused above leaves a finished evaluation in out/ as it was
     out = Path(settings.out)
+    summary.write()
+    clear_previous_results(out)
     (out / OUTPUTS_DIR).mkdir(parents=True, exist_ok=True)
     rows = []
     bar = progress_bar(len(records), 0, "evaluate", True)
@@ -209,7 +214,41 @@ def evaluate(settings: EvaluateSettings) -> dict:
     summary.data["metrics"] = _aggregate(rows, skipped, settings.threshold, time.perf_counter() - started)
     summary.data["outputs"] = {"per_image": str(out / PER_IMAGE_CSV), "images": str(out / OUTPUTS_DIR)}
     summary.write("completed")
-    return summary.data
+    return {**summary.data, "report": format_metrics(summary.data["metrics"])}  # printed by the CLI, not stored
+
+
+def number_cell(value: float | None, sign: str = "") -> str:
+    """A table cell of 10 characters: 4 significant digits, or '-' for no value."""
+    return f"{'-':>10}" if value is None else f"{value:>{sign}10.4g}"
+
+
+def format_metrics(metrics: dict) -> str:
+    """The headline numbers of a run, from its summary's metrics: each measure's mean, std and n, the skipped
+    measures by name (summary.json says why), the counts and the engine's speed."""
+    lines = [f"{'measure':<18} {'mean':>10} {'std':>10} {'n':>5}"]
+    skipped = []
+    for measure in MEASURES:
+        stats = metrics[measure.name]
+        if "skipped" in stats:
+            skipped.append(measure.name)
+            continue
+        infinite = f"  (and {stats['infinite']} infinite: identical pixels)" if stats.get("infinite") else ""
+        mean, std = number_cell(stats["mean"]), number_cell(stats["std"])
+        lines.append(f"{measure.name:<18} {mean} {std} {stats['n']:>5}{infinite}")
+    if skipped:
+        lines.append(f"skipped (summary.json says why): {', '.join(skipped)}")
+    lines.append(
+        f"{metrics['evaluated']} of {metrics['entries']} entries evaluated ({metrics['with_gt']} with GT; "
+        f"empty mask {metrics['empty_mask']}, invalid input {metrics['invalid_input']}); "
+        f"success: score >= {metrics['threshold']}"
+    )
+    time = metrics["time"]
+    if time["images_per_second"] is not None:
+        lines.append(
+            f"engine: {time['images_per_second']:.3g} images/s, median {time['seconds_per_image_median']:.3g} s, "
+            f"p95 {time['seconds_per_image_p95']:.3g} s per image; whole run {time['wall_seconds']:.1f} s"
+        )
+    return "\n".join(lines)
 
 
 def entry_id(index: int) -> str:

@@ -37,7 +37,7 @@ from training.checkpoint import (
     weights_sha256,
 )
 from training.common import (
-    InterruptedAtStep, RunSummary, TrainingError, TrainSettings, progress_bar, step_generator,
+    InterruptedAtStep, RunSummary, SettingsError, TrainingError, TrainSettings, progress_bar, step_generator,
 )  # fmt: skip
 from training.data import StepBatchSampler
 
@@ -125,6 +125,7 @@ def train(
     bar = progress_bar(settings.steps, start, summary.stage, accelerator.is_local_main_process)
     model.train()
     step = start + 1
+    good = start if checkpoint is not None else None  # the newest checkpoint of this run: the resumed one, or written
     try:
         for step in range(start + 1, settings.steps + 1):
             began = time.perf_counter()
@@ -147,9 +148,13 @@ def train(
                 ema.step(params)
             loss_value = accelerator.reduce(step_loss, reduction="mean").item()
             if not math.isfinite(loss_value):  # every process sees the same mean: all stop here, before a checkpoint
+                kept = (
+                    "no checkpoint was written yet" if good is None
+                    else f"no checkpoint of this step is written, the newest one (step {good}) is still good"
+                )  # fmt: skip
                 raise TrainingError(
                     f"step {step}: the loss is {loss_value}: the run diverged (a lower --lr, or --mixed-precision bf16 "
-                    "or no instead of fp16?); no checkpoint of this step is written, the newest one is still good"
+                    f"or no instead of fp16?); {kept}"
                 )
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -168,6 +173,7 @@ def train(
                     extra={"ema": ema.state_dict()} if ema is not None else None,
                     keep=settings.keep_checkpoints,
                 )
+                good = step
                 summary.write()
     except BaseException as exc:
         with contextlib.suppress(OSError):  # the losses since the last checkpoint go in the failed summary
@@ -227,12 +233,18 @@ def run_facts(settings: TrainSettings, accelerator, inputs: dict[str, Path]) -> 
 
 
 def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, accelerator, facts: dict) -> None:
-    """Refuse, before anything is restored, a checkpoint of another stage, or of a run with other
-    settings, data, weights or process count (unless resume_despite_changes: then the differences go
+    """Refuse, before anything is restored, a checkpoint of another stage or past --steps, and one of a run with
+    other settings, data, weights or process count (unless resume_despite_changes: then the differences go
     in the summary)."""
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     if state.get("stage") != summary.stage:
         raise TrainingError(f"{checkpoint} is a {state.get('stage')} checkpoint, not {summary.stage}")
+    step = state.get("step")
+    if isinstance(step, int) and step > settings.steps:  # it trained nothing and reported its weights as done
+        raise SettingsError(
+            f"{checkpoint} is at step {step}, past --steps {settings.steps}: pass --steps {step} or more to continue "
+            f"it, or --resume a checkpoint at step {settings.steps} or before (a new run: a new --out, no --resume)"
+        )
     state.setdefault("processes", len(list(Path(checkpoint).glob("rng-*.pt"))))  # before it was recorded
     changes = resume_changes(state, settings, facts)
     if not changes:
