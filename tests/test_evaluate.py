@@ -219,6 +219,23 @@ def test_a_rerun_refused_for_its_inputs_leaves_a_finished_evaluation_as_it_was(
     assert _contents(folder) == before
 
 
+@pytest.mark.parametrize("mistake", ["a-typo", "thresholds-typo"])
+def test_a_rerun_refused_for_its_inputs_leaves_a_finished_comparison_as_it_was(baseline, work, capsys, mistake):
+    """compare deleted a finished comparison's paired.csv and contact sheet, and the CLI marked its summary failed,
+    before it found --a or --thresholds missing (as evaluate did, the training trial)."""
+    from training.cli import main
+
+    out = work / f"compared-{mistake}"
+    args = {"--a": str(work / "baseline"), "--b": str(work / "baseline"), "--out": str(out)}
+    assert main(["compare", *[x for pair in args.items() for x in pair]]) == 0
+    before = _contents(out)
+    assert {"paired.csv", "contact_sheet.png", "summary.json"} <= set(before)
+    wrong = {"a-typo": {"--a": str(work / "baselin")}, "thresholds-typo": {"--thresholds": str(work / "gate.yml")}}
+    assert main(["compare", *[x for pair in {**args, **wrong[mistake]}.items() for x in pair]]) != 0
+    capsys.readouterr()
+    assert _contents(out) == before
+
+
 def test_evaluate_prints_its_headline_numbers_from_its_summary(tiny_bundle, triplets, work, capsys):
     """It printed only its output paths: the means had to be dug out of summary.json."""
     from training.cli import main

@@ -310,3 +310,15 @@ def test_an_out_refusal_reads_as_english_and_names_a_folder_that_cannot_be_made(
         claim_out(out, "finetune")
     with pytest.raises(SettingsError, match=r"cannot write there \(.*\); the folder could not be made in /proc$"):
         claim_out("/proc/rorem-out", "finetune")
+
+
+def test_an_annotate_rerun_refused_for_its_data_leaves_a_finished_round_as_it_was(tmp_path, capsys):
+    """The CLI marked a rerun running before annotate checked its inputs, so a mistyped --data turned a finished
+    round's summary failed (as evaluate and compare did: the training trial)."""
+    out = tmp_path / "round1"
+    _completed_before(out, stage="annotate")
+    before = (out / "summary.json").read_bytes()
+    missing = tmp_path / "pairs.jsn"
+    assert cli.main(["annotate", "--bundle", "tiny", "--data", str(missing), "--out", str(out)]) == 1
+    assert f"bad data: {missing}: metadata file not found" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before

@@ -21,6 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -38,6 +39,8 @@ HISTOGRAM_EDGES = [round(0.1 * i, 1) for i in range(11)] + [float("inf")]
 
 
 class AnnotateSettings(StageSettings):
+    MARKS_ITS_START: ClassVar[bool] = True  # annotate() marks it once its data and bundle are checked
+
     bundle: str = Field(description="project bundle folder (with a discriminator), or 'tiny'")
     data: Path = Field(description="metadata JSON with source and mask (GT and score are ignored)")
     threshold: float = Field(0.9, ge=0, description="admit results scoring >= this (0.9 in RORem)")
@@ -76,6 +79,7 @@ def annotate(settings: AnnotateSettings) -> dict:
     )
     if not bundle.has_discriminator:
         raise TrainingError(f"bundle {bundle.path} has no discriminator: annotate needs one to score results")
+    summary.write()  # the round starts: its checks passed (a rerun they refuse leaves a finished round as it was)
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ Every setting is a flag (--lora-rank 8) or a key of the --config YAML (lora_rank
 Training stages take --resume [PATH] (no PATH: the newest checkpoint in OUT/checkpoints, if any).
 OUT is made, checked writable and locked (OUT/.lock: one run at a time) before anything loads; an OUT
 holding another stage's run is refused (exit 2). Each stage writes OUT/summary.json (config, versions, losses,
-step times, metrics, outputs): status "running" from its start (a training stage's and evaluate's: once its
-settings, data, bundle or resume checks passed; a rerun they refuse leaves OUT as it was), "completed" at its end,
+step times, metrics, outputs): status "running" from its start (a training stage's, evaluate's, annotate's and
+compare's: once its settings, data, bundle, runs or resume checks passed; a rerun they refuse leaves OUT as it
+was), "completed" at its end,
 "failed" (with the error) when it fails.
 Exit codes: 0 done (a gate passed); 1 a failed run or gate; 2 invalid settings (also fp16 or a CUDA device
 this machine cannot run, an OUT that cannot be written or that another run holds); 130 stopped by Ctrl-C (SIGINT:

@@ -38,7 +38,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
@@ -94,6 +94,8 @@ RECORDED = {
 
 
 class CompareSettings(StageSettings):
+    MARKS_ITS_START: ClassVar[bool] = True  # compare() marks it once both runs and the thresholds are read
+
     a: Path = Field(description="the baseline: an evaluate run folder")
     b: Path = Field(description="the candidate: an evaluate run folder over the same metadata file")
     thresholds: Path | None = Field(None, description="YAML of allowed deltas; without it: report only, exit 0")
@@ -172,9 +174,6 @@ def paired_delta(pairs: list[tuple[float, float]], confidence: float, higher_is_
 def compare(settings: CompareSettings) -> dict:
     summary = RunSummary("compare", settings)
     out = Path(settings.out)
-    if (out / PAIRED_CSV).is_file():  # a previous compare's (it writes both): this run may write no contact sheet
-        for name in (PAIRED_CSV, CONTACT_SHEET):
-            (out / name).unlink(missing_ok=True)
     thresholds = load_thresholds(settings.thresholds) if settings.thresholds else None
     a, b = load_run(settings.a), load_run(settings.b)
     threshold = a.summary["metrics"]["threshold"]
@@ -182,6 +181,10 @@ def compare(settings: CompareSettings) -> dict:
         raise TrainingError(
             f"A judges success at {threshold}, B at {b.summary['metrics']['threshold']}: evaluate both at one threshold"
         )
+    summary.write()  # the comparison starts: a rerun refused above leaves a finished one as it was
+    if (out / PAIRED_CSV).is_file():  # a previous compare's (it writes both): this run may write no contact sheet
+        for name in (PAIRED_CSV, CONTACT_SHEET):
+            (out / name).unlink(missing_ok=True)
     pairs, unpaired = _pair(a, b)
     differences = comparability(a, b, unpaired)
     deltas: dict[str, Delta | dict] = {}
