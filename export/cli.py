@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bundle_args(bench)
     bench.add_argument("--runners", default="torch,onnx", help="comma-separated: torch, onnx, tensorrt")
     bench.add_argument("--side", type=_side, default=512, help="the photo's side in pixels, one bucket (default 512)")
-    bench.add_argument("--batch", type=_int_in(1, 64), default=1, help="removals per engine call (default 1)")
+    bench.add_argument("--batch", type=_int_in(1, BATCH_LIMIT), default=1, help="removals per engine call (default 1)")
     bench.add_argument("--runs", type=_int_in(1, 1000), default=5, help="timed runs after a warm-up (default 5)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     return parser

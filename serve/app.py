@@ -24,7 +24,7 @@ from serve.local_ray import keep_replica_grpc_on_loopback
 from serve.loop_lag import loop_lag
 from serve.metrics import INGRESS_STAGES, ingress_metrics
 from serve.negotiation import wants_json
-from serve.page_headers import PRIVATE_HEADERS
+from serve.page_headers import PRIVATE_HEADERS, marked_for_its_opener
 from serve.playground import playground_headers, playground_page
 from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.remover_deployment import Remover
@@ -243,16 +243,18 @@ class Ingress(GrpcMethods, LiveSettings):
         return docs_page(request)
 
     @public_get("/playground", response_class=HTMLResponse, include_in_schema=False)
-    async def playground(self) -> HTMLResponse:
+    async def playground(self, request: Request) -> HTMLResponse:
         """Try a removal by hand: drop a photo, paint the mask, compare before / after (serve/playground.py)."""
         html = playground_page(self.settings.retention, self.settings.imaging, tiny=self.settings.bundle.is_tiny())
+        html = marked_for_its_opener(html, request.headers.get("sec-fetch-site"))
         return HTMLResponse(html, headers=playground_headers())
 
     @public_get("/annotate", response_class=HTMLResponse)
-    async def annotate(self) -> HTMLResponse:
+    async def annotate(self, request: Request) -> HTMLResponse:
         """The annotation page: label retained results yes / no, least certain first."""
         self.service.retention.require_enabled()
         html, headers = annotation_page()
+        html = marked_for_its_opener(html, request.headers.get("sec-fetch-site"))
         return HTMLResponse(html, headers=dict(headers))
 
     @api.get("/annotation/queue", dependencies=[auth.requires("feedback")])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -91,17 +92,28 @@ class DeploymentState(NamedTuple):
 MAX_TROUBLE_CHARS = 300
 
 
+# an exception's own line in a traceback: its (qualified) class name, then its message
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception))(?:\([\w.]+\))?: ?(.*)$")
+
+
 def start_trouble(message: str) -> str:
     """Serve's status message of a deployment whose replicas fail to start, as one line: its first sentence and
-    the error's last line ("A replica failed to start with exception: ValueError: ..."); "" for another message.
+    the error's own line with what follows it ("A replica failed to start with exception: ValidationError: 1
+    validation error for RemoverLive batch_wait_timeout_s.512 Input should be ..."); "" for another message.
     Without it /readyz said only "no running replica yet" while a replacement failed its start for minutes (a
     refused live setting that every new replica is given first, serve/live.py)."""
     if "failed to start" not in message:
         return ""
-    head, _, error = message.partition("Error:")
-    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    head, _, error = message.partition("Error:\n")
     first = head.split(". ")[0].strip().rstrip(".")
-    return (f"{first}: {lines[-1]}" if lines else first)[:MAX_TROUBLE_CHARS]
+    lines = error.splitlines()
+    found = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    if not found:
+        return first[:MAX_TROUBLE_CHARS]
+    name, said = _EXCEPTION_LINE.match(lines[found[-1]]).groups()
+    rest = [line.strip() for line in lines[found[-1] + 1 :] if not line.strip().startswith("For further information")]
+    reason = " ".join(" ".join([said, *rest]).split())
+    return f"{first}: {name}: {reason}"[:MAX_TROUBLE_CHARS]
 
 
 def replica_states(app_name: str) -> dict[str, DeploymentState]:

@@ -42,6 +42,19 @@ def fill_marks(html: str, page: str, filled: dict[str, str]) -> str:
     return html
 
 
+FOREIGN_FETCH_SITES = ("cross-site", "same-site")  # Sec-Fetch-Site of a navigation another site's page started
+
+
+def marked_for_its_opener(html: str, sec_fetch_site: str | None) -> str:
+    """The page marked `data-opened-by-another-site` where the browser says a page of another site led here: a
+    popup another site opens gets a copy of the tab's sessionStorage, the API key with it, and a check of
+    window.opener in the page alone can be got round (the opener disowned, or sent back to this site first).
+    static/shared.js storedKey() then drops the key. Browsers send Sec-Fetch-Site over HTTPS and to localhost."""
+    if sec_fetch_site not in FOREIGN_FETCH_SITES:
+        return html
+    return html.replace("<body ", '<body data-opened-by-another-site="true" ', 1)
+
+
 def strict_page_headers(html: str, page: str, img_src: str) -> dict[str, str]:
     """`page`: the file's name, for the error; `img_src`: where the page's images come from."""
     policy = "; ".join(

@@ -374,7 +374,13 @@ class RayAnswers:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held: list[dict] = []
-        started = False
+        started = gone = False
+
+        async def watching_receive():
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
 
         async def rewriting_send(message):
             nonlocal started
@@ -392,11 +398,12 @@ class RayAnswers:
                 _note_answer_for_ray(problem, scope, named)
                 await _answer(send, problem, named)
 
-        await self.app(scope, receive, rewriting_send)
+        await self.app(scope, watching_receive, rewriting_send)
         if not started and not asyncio.current_task().cancelling():  # Ray counted the failure, as a 500
             failed = Problem("replica-failed", _NO_ANSWER, {"Retry-After": str(retry_after_s())})
             named = refusal_request_id(scope["headers"])
-            _note_answer_for_ray(failed, scope, named)
+            if not gone:  # a client that hung up: Ray gives up its request the same way (a 499), no fault
+                _note_answer_for_ray(failed, scope, named)
             await _answer(send, failed, named)
 
 
@@ -423,7 +430,11 @@ def _ray_problem(messages: list[dict]) -> Problem:
     text = b"".join(m.get("body", b"") for m in messages[1:]).decode("utf-8", "replace").strip()
     # Ray's 404 points at GET /-/routes, which is itself a 404 with keys on (ByRoutePrefix)
     text = _RAY_ROUTES_HINT.sub("", text)
-    kind = "overloaded" if start["status"] == 503 and "backpressure" in text else _RAY_KINDS[start["status"]]
+    kind = _RAY_KINDS[start["status"]]
+    if start["status"] == 503 and "backpressure" in text:
+        kind = "overloaded"
+    elif start["status"] == 503 and "failed to deploy" in text:  # DeploymentUnavailableError: a fault, no pause
+        kind = "replica-failed"
     retry_after = (_header(start, b"retry-after") or str(retry_after_s()).encode()).decode()
     headers = {"Retry-After": retry_after} if start["status"] in (429, 503) else {}
     return Problem(kind, f"{text[:300]} (at the proxy)", headers)

@@ -594,7 +594,7 @@ def promql_selectors(expr: str) -> list[tuple[str, dict[str, tuple[str, str]]]]:
 RAYS_OWN_METRICS = frozenset({
     "ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
     "ray_serve_num_grpc_requests_total", "ray_serve_num_grpc_error_requests_total",
-    "ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries",
+    "ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries", "ray_serve_deployment_status",
 })  # fmt: skip
 
 

@@ -139,6 +139,8 @@ def test_grafana_dashboard_charts_every_metric_and_only_ours():
     from serve import metrics
 
     dashboard = json.loads((REPO / "docs" / "grafana" / "rorem-dashboard.json").read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(set(ids)) == len(ids), f"a panel id used twice opens the wrong panel from a link: {ids}"
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for panel in dashboard["panels"]:
         for target in panel["targets"]:

@@ -1447,7 +1447,7 @@ def test_an_export_into_a_bundle_it_cannot_write_is_refused_before_exporting(
         (["bench", "--tiny", "--side", "500"], "argument --side: '500': bucket sides must be positive multiples of 64"),
         (["bench", "--tiny", "--side", "512,1024"], "argument --side: '512,1024': one image side in pixels"),
         (["bench", "--tiny", "--runs", "0"], "argument --runs: '0': an integer from 1 to 1000"),
-        (["bench", "--tiny", "--batch", "0"], "argument --batch: '0': an integer from 1 to 64"),
+        (["bench", "--tiny", "--batch", "0"], "argument --batch: '0': an integer from 1 to 63"),
         (["onnx", "--tiny", "--max-batch", "0"], "argument --max-batch: '0': an integer from 1 to 63"),
         (["onnx", "--tiny", "--max-batch", "64"], "argument --max-batch: '64': an integer from 1 to 63"),
         (["onnx", "--tiny", "--opset", "0"], "argument --opset: '0': an integer from 18 to 23"),

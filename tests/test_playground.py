@@ -781,6 +781,32 @@ def test_a_page_another_site_opens_in_a_popup_gets_no_key_where_one_this_site_op
     assert problems == [], problems
 
 
+@pytest.mark.parametrize("path", ["/annotate", "/playground"])
+def test_a_page_another_sites_navigation_led_to_drops_the_key_whatever_its_opener_says(browser, path):
+    """The opener check alone was got round (the diff review): the attacker's popup disowns its opener
+    (window.opener = null) before it goes to the page, or the opener goes back to this site first. The service
+    marks a page another site's navigation led to (Sec-Fetch-Site), and the page drops the key there."""
+    from serve.page_headers import marked_for_its_opener
+
+    assert [marked_for_its_opener("<body x>", site) for site in ("cross-site", "same-site", "same-origin", "none",
+            None)] == ['<body data-opened-by-another-site="true" x>'] * 2 + ["<body x>"] * 3  # fmt: skip
+    page, problems = _open_offline(browser, StandIn())
+    page.fill("#api-key", "rk_reviewers_key")
+    page.dispatch_event("#api-key", "change")
+    if path == "/annotate":
+        html, headers = _annotation_page()
+    else:
+        html, headers = playground_page(RetentionSettings(enabled=True), ImagingSettings()), playground_headers()
+    page.route(PAGE_ORIGIN + path, lambda route: route.fulfill(
+        status=200, headers={**headers, "Content-Type": "text/html; charset=utf-8"},
+        body=marked_for_its_opener(html, "cross-site")))  # fmt: skip
+    page.goto(PAGE_ORIGIN + path)  # no opener at all: what a disowned popup looks like
+    page.wait_for_load_state("load")
+    assert page.input_value("#api-key") == ""
+    assert page.evaluate("() => sessionStorage.getItem('rorem.apiKey')") is None
+    assert problems == [], problems
+
+
 # ---- in the browser, against the service ---------------------------------------------------------
 
 

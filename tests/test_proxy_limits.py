@@ -742,6 +742,8 @@ def test_a_refusal_of_the_proxys_own_is_logged_on_one_line_naming_the_request(mo
     [
         (503, "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).", [(b"retry-after", b"2")], "overloaded", "2"),
         (503, "Deployment 'Ingress' in application 'rorem' is unavailable.", [], "not-ready", "2"),
+        (503, "Deployment(name='Ingress', app='rorem') is unavailable because it failed to deploy.", [],
+         "replica-failed", "2"),
         (404, "Path '/nowhere' not found. Ping http://.../-/routes for available routes.", [], "not-found", None),
         (408, "Request req-1 timed out after 180.0s.", [], "proxy-timeout", None),
     ],
@@ -869,6 +871,33 @@ def test_what_the_proxy_refuses_itself_is_counted_by_problem_and_ray_s_own_answe
     ]  # fmt: skip
     # Ray counts these by status (the dead Ingress as a 500): counted apart, by their kind
     assert recorded.answers_for_ray == ["overloaded", "replica-failed"]
+
+
+def test_a_request_whose_client_hung_up_is_not_counted_as_a_dead_ingress(monkeypatch):
+    """Ray 2.60 gives up a request whose client disconnected by raising CancelledError into its own handler, and
+    sends nothing, as for a dead Ingress: every hang-up was counted replica-failed (the fault alert's numerator)
+    with a WARNING (the diff review)."""
+    from serve.proxy_middleware import RayAnswers
+
+    def hanging_up(scope, receive, send):
+        async def app(scope_, receive_, send_):
+            assert (await receive_())["type"] == "http.request"
+            assert (await receive_())["type"] == "http.disconnect"
+            await ray_s_proxy(asyncio.CancelledError())(scope_, receive_, send_)
+
+        return app
+
+    recorded = record_proxy_metrics(monkeypatch)
+    gone = Exchange([b"x"])
+    gone.chunks.append({"type": "http.disconnect"})
+
+    async def receive():
+        chunk = gone.chunks.pop(0)
+        return chunk if isinstance(chunk, dict) else {"type": "http.request", "body": chunk, "more_body": False}
+
+    with logged_by_ray_serve() as records:
+        asyncio.run(RayAnswers(hanging_up(gone.scope, receive, gone.send))(gone.scope, receive, gone.send))
+    assert recorded.answers_for_ray == [] and [r for r in records if r.levelno >= logging.WARNING] == []
 
 
 def test_a_probe_ray_answers_while_the_service_starts_is_neither_counted_nor_logged(monkeypatch):

@@ -14,11 +14,13 @@ const KEY_STORAGE = "rorem.apiKey";  // this tab only (sessionStorage): shared w
 /**
  * The API key this tab keeps; none in a window another site opened. A browser copies the opening tab's
  * sessionStorage into a popup, so a page of any site visited next in the tab where the key was typed could open
- * this page holding it, and the user's next keystroke would answer a rating under that key.
+ * this page holding it, and the user's next keystroke would answer a rating under that key. The service marks a
+ * page another site's navigation led to (serve/page_headers.py, by Sec-Fetch-Site: what an opener that disowned
+ * this window, or went back to this site, cannot hide); where the browser sends no such header, the opener says.
  */
 function storedKey() {
-  let foreign = false;
-  if (window.opener) {
+  let foreign = document.body.dataset.openedByAnotherSite === "true";
+  if (!foreign && window.opener) {
     try {
       foreign = window.opener.location.origin !== location.origin;
     } catch (_) {
@@ -27,6 +29,10 @@ function storedKey() {
   }
   if (foreign) sessionStorage.removeItem(KEY_STORAGE);
   return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+function storeKey(key) {
+  sessionStorage.setItem(KEY_STORAGE, key);
 }
 
 /** Why the key cannot be sent, or "". A key is printable ASCII (serve/auth.py); fetch() throws on others. */
