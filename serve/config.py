@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -59,6 +60,33 @@ def _not_a_bool(value):
 
 
 NotABool = BeforeValidator(_not_a_bool)
+
+
+def _a_number(annotation) -> bool:
+    """Whether a field's type is a number (int or float, optional or in a union); a bool is not one."""
+    import types
+    import typing
+
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_a_number(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+class NumbersNotBools(BaseModel):
+    """Every number field of a subclass refuses true / false, which pydantic's lax mode reads as 1 / 0 (YAML's
+    `imaging.max_exif_bytes: false` was 0: every photo with EXIF got 413): one rule for every settings model and
+    the keys file, so a field added later cannot forget it."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, value, info: ValidationInfo):
+        if isinstance(value, bool) and info.field_name and _a_number(cls.model_fields[info.field_name].annotation):
+            return _not_a_bool(value)
+        return value
+
+
 # Bounds shared by the settings (the defaults) and the per-request options (serve/protocol.py), declared once.
 Dilation = Annotated[int, Field(ge=0, le=256), NotABool]
 GateThreshold = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False), NotABool]
@@ -95,9 +123,9 @@ def invalid_because(exc: Exception, root: str = "value") -> str:
     return str(exc)
 
 
-class _Strict(BaseModel):
+class _Strict(NumbersNotBools):
     """Unknown keys refused; no float setting is infinite or NaN (an infinite timeout or size overflowed where it
-    was turned into an int or a deadline, outside any check)."""
+    was turned into an int or a deadline, outside any check); no number is true / false (NumbersNotBools)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -399,7 +427,7 @@ class AuthSettings(_Strict):
         None, description="YAML of hashed keys (`python -m serve new-key`); in Kubernetes a mounted Secret"
     )
     reload_interval_s: float = Field(10.0, ge=0.0, description="how often a changed keys file is re-read")
-    quota_window_s: Annotated[int, NotABool] = Field(
+    quota_window_s: int = Field(
         60,
         ge=1,
         le=3600,
@@ -462,7 +490,7 @@ class OverloadSettings(_Strict):
         le=0.005,
         description="the ingress's GIL switch interval (CPython's: 5 ms): the loop answers sooner",
     )
-    retry_after_s: Annotated[int, NotABool] = Field(
+    retry_after_s: int = Field(
         2,
         ge=1,
         le=MAX_RETRY_AFTER_S,
@@ -597,7 +625,7 @@ class IngressArgs(ScorerArgs):
     auth: AuthSettings = AuthSettings()
     overload: OverloadSettings = OverloadSettings()
     retention: RetentionSettings = RetentionSettings()
-    request_timeout_s: Annotated[float, NotABool] = Field(
+    request_timeout_s: float = Field(
         120.0, gt=0, description="a request still unanswered after this answers 504 (clients may ask for less)"
     )
 

@@ -944,3 +944,34 @@ def test_the_imaging_limits_default_to_the_decoders_and_map_field_by_field():
         setting = names.get(bound.name, bound.name)
         changed = ImagingSettings(**{setting: getattr(DecodeLimits(), bound.name) + 1}).decode_limits()
         assert changed == dataclasses.replace(DecodeLimits(), **{bound.name: getattr(DecodeLimits(), bound.name) + 1})
+
+
+def _a_number_field(annotation) -> bool:
+    """int or float, alone or optional (not a mapping or list of them: their entries are checked by their own type)."""
+    import typing
+
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (list, dict, set, tuple):
+        return False
+    return any(_a_number_field(arg) for arg in typing.get_args(annotation))
+
+
+def test_every_number_setting_refuses_true_and_false():
+    """YAML's true / false was read as 1 / 0 by most number settings: `imaging.max_exif_bytes: false` answered every
+    photo with EXIF 413, `batching.max_batch_size: true` batched one at a time. Walks every field, so a new one is
+    checked too."""
+    from serve.config import _leaves
+
+    keys = [key for key, field in _leaves(AppSettings) if _a_number_field(field.annotation)]
+    assert len(keys) >= 35 and {"imaging.max_exif_bytes", "batching.max_batch_size", "scorer.max_batch_size",
+                                "retention.max_results", "bundle.tiny_seed", "overload.max_in_flight"} <= set(keys)
+    for key in keys:
+        for value in (True, False):
+            args = value
+            for part in reversed(key.replace("<side>", "512").split(".")):
+                args = {part: args}
+            with pytest.raises(ValidationError, match="a number, not true / false") as refused:
+                AppSettings.model_validate(args)
+            assert key.replace("<side>", "512") in str(refused.value), key
+    assert AppSettings.model_validate({"imaging": {"max_exif_bytes": 0}}).imaging.max_exif_bytes == 0
