@@ -118,15 +118,16 @@ def fit_to_machine(
     ]
     notes += fit_gpus(deployments, gpus)
     for app in applications:
-        check_cuda_has_a_gpu(app, gpus, f"application {app_name(app)}: " if several else "")
+        check_this_machine_runs_it(app, gpus, f"application {app_name(app)}: " if several else "")
     notes += host_names_note(config)
     return notes
 
 
-def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
-    """A model deployment set to device cuda that gets no GPU (serve.config.cuda_without_a_gpu), named for this
-    machine: without a GPU here fit_gpus gave it num_gpus 0. `app`: fitted (fit_gpus); args that do not validate
-    are left to validate_serve_config."""
+def check_this_machine_runs_it(app: dict, gpus: int, which: str = "") -> None:
+    """What an application needs of this machine, where Ray will run it: a GPU for a model deployment set to device
+    cuda (serve.config.cuda_without_a_gpu; without a GPU here fit_gpus gave it num_gpus 0), and the driver of its
+    result store's database (the service started without it, and answered every result route 503 for ever). `app`:
+    fitted (fit_gpus); args that do not validate are left to validate_serve_config."""
     from serve.config import AppSettings, cuda_without_a_gpu
 
     try:
@@ -137,6 +138,9 @@ def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
     problem = cuda_without_a_gpu(settings, app.get("deployments", []), why)
     if problem:
         raise PlacementError(which + problem)
+    refused = settings.retention.database_url_refused(driver=True)
+    if refused:
+        raise PlacementError(which + refused)
 
 
 SQLITE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)")  # SQLAlchemy: three slashes, then the file's path
@@ -243,15 +247,16 @@ def serves_grpc(config: dict) -> bool:
 
 
 def choose_ports(config: dict, host: str | None, port: int | None, grpc_port: int | None) -> None:
-    """The command line's listen address and ports over the config's; a gRPC port for a config without gRPC is
-    an error (ValueError), not a port nothing listens on."""
+    """The command line's listen address and ports over the config's (--grpc-port over a grpc_options.port of 0 or
+    below too, which alone serves no gRPC); a gRPC port for a config without servicer functions is an error
+    (ValueError), not a port nothing listens on."""
     http = config.setdefault("http_options", {})
     if host:
         http["host"] = host
     if port:
         http["port"] = port
     if grpc_port:
-        if not serves_grpc(config):
+        if not (config.get("grpc_options") or {}).get("grpc_servicer_functions"):
             from serve.grpc_servicer import SERVICER_FUNCTION
 
             raise ValueError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
@@ -106,13 +107,14 @@ def _bucket_sides(buckets: list[int]) -> list[int]:
 Buckets = Annotated[list[int], Field(min_length=1), AfterValidator(_bucket_sides)]
 
 
-def invalid_because(exc: Exception, root: str = "value") -> str:
+def invalid_because(exc: Exception, root: str = "") -> str:
     """One line for an invalid file or value, never quoting its text (a keys file holds secrets, and YAML's and
-    pydantic's own messages quote what they saw): each pydantic error as `field: message` (`root` names the
-    whole), a YAML error by its place in the file."""
+    pydantic's own messages quote what they saw): each pydantic error as `field: message` (one about the whole:
+    `root: message`, or the message alone without a root; its message names the keys), a YAML error by its place
+    in the file."""
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or root}: {e['msg'].removeprefix('Value error, ')}"
+            ": ".join(filter(None, ('.'.join(map(str, e['loc'])) or root, e['msg'].removeprefix('Value error, '))))
             for e in exc.errors(include_url=False, include_input=False)
         )
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
@@ -580,6 +582,45 @@ class RetentionSettings(_Strict):
             return os.environ[DATABASE_URL_ENV]
         return f"sqlite:///{Path(self.object_store.path).expanduser() / 'results.db'}"
 
+    def database_url_refused(self, driver: bool = True) -> str | None:
+        """Why the store's database URL cannot work (database_url_problem), as `<where it is set>: <why>`; None where
+        it can, or retention is off and the config names no URL. Checked before Ray starts: the service started, said
+        ready and answered every retained removal without X-Result-Id and the result routes 503 for ever."""
+        if not (self.enabled or self.database_url):
+            return None
+        problem = database_url_problem(self.resolved_database_url(), driver)
+        if problem is None:
+            return None
+        where = "retention.database_url" if self.database_url else f"${DATABASE_URL_ENV} (retention.database_url unset)"
+        return f"{where}: {problem}"
+
+
+def database_url_problem(url: str, driver: bool = True) -> str | None:
+    """Why SQLAlchemy cannot open this URL, found without connecting: it cannot be read, names a database SQLAlchemy
+    has no dialect for, or (`driver`) one whose driver this Python cannot import. The URL is never quoted: it may
+    hold a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = "e.g. sqlite:///results.db or postgresql+psycopg://user@host/database"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        return f"not a URL SQLAlchemy can read: give dialect[+driver]://user:password@host[:port]/database, {example}"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        return f"SQLAlchemy has no database {parsed.drivername!r}: {example}"
+    if driver:
+        try:
+            dialect.import_dbapi()
+        except ImportError as exc:
+            return (
+                f"{parsed.drivername}'s driver, the Python module {exc.name or 'it imports'}, is not installed here: "
+                f"install it or give a URL whose driver is ({example})"
+            )
+    return None
+
 
 class _BundleArgs(_Strict):
     bundle: BundleSettings = Field(BundleSettings(), description="which model weights every model deployment loads")
@@ -950,13 +991,9 @@ def _database_place(url: str) -> tuple[str, str]:
     """(the URL to compare, the URL to show: without its password, which $ROREM_RETENTION_DATABASE_URL keeps out
     of the config and so out of an error message)."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
 
-    try:
-        parsed = make_url(url)
-        return parsed.render_as_string(hide_password=False), parsed.set(query={}).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # a URL SQLAlchemy cannot read (a port that is not a number, say)
-        return url, "a URL SQLAlchemy cannot read"
+    parsed = make_url(url)  # one that cannot be read is refused before (RetentionSettings.database_url_refused)
+    return parsed.render_as_string(hide_password=False), parsed.set(query={}).render_as_string(hide_password=True)
 
 
 def _within(inner: tuple, outer: tuple) -> bool:
@@ -1005,21 +1042,59 @@ def validate_serve_config(config: dict) -> None:
     unknown = unknown_keys(ServeDeploySchema, config)
     if unknown:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
-    settings = {app_name(app): AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]}
+    applications = config["applications"]
+    settings = {}
+    for app in applications:
+        check_route_prefix(app)
+        with naming_the_application(app, len(applications)):
+            settings[app_name(app)] = AppSettings.model_validate(app.get("args") or {})
+            refused = settings[app_name(app)].retention.database_url_refused(driver=False)  # the driver: serve.cli
+            if refused:
+                raise ValueError(refused)
     check_ports(config)
     check_retention_stores_apart(settings)
     check_proxy_timeout(config, settings)
     proxy_routes(config)  # what the proxies get (serve.proxy_limits.proxy_env) is checked there
-    for app in config["applications"]:
-        check_deployments(settings[app_name(app)], app.get("deployments", []))
-        check_gpus(settings[app_name(app)], app.get("deployments", []))
-        for deployment in app.get("deployments", []):
-            autoscaling = deployment.get("autoscaling_config")
-            if isinstance(autoscaling, dict):
-                AutoscalingConfig.model_validate(autoscaling)
-                unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
-                if unknown:
-                    raise ValueError(f"unknown autoscaling_config keys: {unknown}")
+    for app in applications:
+        with naming_the_application(app, len(applications)):
+            check_deployments(settings[app_name(app)], app.get("deployments", []))
+            check_gpus(settings[app_name(app)], app.get("deployments", []))
+            for deployment in app.get("deployments", []):
+                autoscaling = deployment.get("autoscaling_config")
+                if isinstance(autoscaling, dict):
+                    AutoscalingConfig.model_validate(autoscaling)
+                    unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
+                    if unknown:
+                        raise ValueError(f"unknown autoscaling_config keys: {unknown}")
+
+
+@contextmanager
+def naming_the_application(app: dict, applications: int):
+    """An error in one application's part of a config of several, as `application <name>: <the error>` (a
+    ValidationError as invalid_because words it): `gate.thresold: Extra inputs are not permitted` said not which."""
+    try:
+        yield
+    except ValueError as exc:
+        if applications < 2:
+            raise
+        raise ValueError(f"application {app_name(app)}: {invalid_because(exc)}") from exc
+
+
+def check_route_prefix(app: dict) -> None:
+    """Ray's rule for an application's route_prefix (ray.serve._private.utils.validate_route_prefix), which its
+    schema does not apply: `v2` or `/v2/` passed, then Ray refused the deploy after starting."""
+    from ray.serve._private.utils import validate_route_prefix
+
+    prefix = route_prefix(app)
+    if not isinstance(prefix, str):  # None (gRPC only) or Ray's DEFAULT: its own check
+        return
+    try:
+        validate_route_prefix(prefix)
+    except ValueError as exc:
+        rule = str(exc).split(", ", 1)[-1].rstrip(".")
+        raise ValueError(
+            f"application {app_name(app)}: route_prefix {prefix!r} {rule} (Ray's rule: /, or a path such as /v2)"
+        ) from None
 
 
 def check_proxy_timeout(config: dict, applications: dict[str, AppSettings]) -> None:
