@@ -456,10 +456,31 @@ def missing_model_files(args: dict) -> str | None:
             f"{', '.join(absent)}: no such file or folder; docs/operations.md, Model bundles, says where the authors "
             "publish each piece"
         )
-    runner_path = ((args.get("engine") or {}).get("runner_path")) or None
+    engine = args.get("engine") or {}
+    runner_path = engine.get("runner_path") or None
     if runner_path and not Path(runner_path).expanduser().is_file():
         return f"engine.runner_path {runner_path}: no such file"
+    runner = engine.get("runner", "torch")
+    if path and runner != "torch" and not runner_path and not (runner == "onnx" and engine.get("export_missing")):
+        return _no_export_recorded(Path(path).expanduser(), runner)
     return None
+
+
+def _no_export_recorded(bundle: Path, runner: str) -> str | None:
+    """Why a bundle cannot serve the onnx or tensorrt runner: it records no export of that kind at all (every Remover
+    replica failed on it inside Ray). Whether the one it records is current, of the dtype and GPU the replica uses,
+    is the replica's check (engines.runners.current_export), which needs torch."""
+    try:
+        exports = json.loads((bundle / BUNDLE_MANIFEST).read_text()).get("provenance", {}).get("exports") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # the replica's Bundle.load says what is wrong with it
+    if any(str(key).startswith(f"{runner}.") for key in exports):  # engines.runners.export_key (a test: equal)
+        return None
+    fix = "set engine.export_missing: true (exported at start), " if runner == "onnx" else ""
+    return (
+        f"engine.runner {runner}: bundle.path {bundle} records no {runner} export: run `python -m export all --bundle "
+        f"{bundle}` (docs/operations.md, Exported UNet), {fix}or set engine.runner_path"
+    )
 
 
 def unreadable_keys(args: dict) -> str | None:

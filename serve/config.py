@@ -287,6 +287,13 @@ class EngineSettings(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _tensorrt_on_cuda(self) -> "EngineSettings":
+        """Refused before Ray starts: every Remover replica would fail on it (engines.remover) after loading."""
+        if self.runner == "tensorrt" and self.device == "cpu":
+            raise ValueError("engine.runner tensorrt runs on a CUDA GPU only: set engine.device to cuda or auto")
+        return self
+
+    @model_validator(mode="after")
     def _a_step_to_run(self) -> "EngineSettings":
         """Refused before Ray starts: every Remover replica would fail on it (engines.lcm) after loading the bundle.
         Only where both are set: either left to the bundle is the bundle's (any of 1-50 steps), unknown here."""
@@ -932,6 +939,13 @@ def cuda_without_a_gpu(settings: AppSettings, deployments: list[dict], why: str)
                 f"{name} is set to {key}: cuda and gets no GPU ({why}): set {key} to auto (the CPU without a GPU) "
                 "or cpu, or give it ray_actor_options.num_gpus on a machine with a GPU"
             )
+    if settings.engine.runner == "tensorrt" and not (listed.get("Remover", {}).get("ray_actor_options") or {}).get(
+        "num_gpus"
+    ):
+        return (
+            f"the Remover is set to engine.runner: tensorrt, which runs on a CUDA GPU only, and gets no GPU ({why}): "
+            "set engine.runner to torch or onnx, or give it ray_actor_options.num_gpus on a machine with a GPU"
+        )
     return None
 
 
