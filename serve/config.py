@@ -1044,7 +1044,9 @@ def route_prefix(app: dict) -> str | None:
 def validate_serve_config(config: dict) -> None:
     """A whole Serve config, as strictly as it can be checked before Ray starts (`python -m serve run` and
     k8s/render.py): Ray's Serve schema, unknown keys anywhere in it (Ray's schema silently drops them: a
-    typo'd max_queued_requests leaves the queue unbounded), each autoscaling_config, and our AppSettings."""
+    typo'd max_queued_requests leaves the queue unbounded), each autoscaling_config, each route_prefix by Ray's rule,
+    our AppSettings and the retention database URL each names (the driver is serve.cli's check, on the machine that
+    runs it); an error in one application of several names it."""
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
