@@ -51,7 +51,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve.config import invalid_because
+from serve.config import NumbersNotBools, invalid_because
 from serve.problems import Problem
 
 SCOPES = ("remove", "score", "feedback", "review", "admin")
@@ -61,7 +61,9 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="rorem"'}
 logger = logging.getLogger("ray.serve")
 
 
-class StoredKey(BaseModel):
+class StoredKey(NumbersNotBools):
+    """One key's entry; its quotas refuse true / false (NumbersNotBools: `requests_per_minute: true` was 1)."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128)
     team: str | None = Field(

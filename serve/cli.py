@@ -118,15 +118,16 @@ def fit_to_machine(
     ]
     notes += fit_gpus(deployments, gpus)
     for app in applications:
-        check_cuda_has_a_gpu(app, gpus, f"application {app_name(app)}: " if several else "")
+        check_this_machine_runs_it(app, gpus, f"application {app_name(app)}: " if several else "")
     notes += host_names_note(config)
     return notes
 
 
-def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
-    """A model deployment set to device cuda that gets no GPU (serve.config.cuda_without_a_gpu), named for this
-    machine: without a GPU here fit_gpus gave it num_gpus 0. `app`: fitted (fit_gpus); args that do not validate
-    are left to validate_serve_config."""
+def check_this_machine_runs_it(app: dict, gpus: int, which: str = "") -> None:
+    """What an application needs of this machine, where Ray will run it: a GPU for a model deployment set to device
+    cuda (serve.config.cuda_without_a_gpu; without a GPU here fit_gpus gave it num_gpus 0), and the driver of its
+    result store's database (the service started without it, and answered every result route 503 for ever). `app`:
+    fitted (fit_gpus); args that do not validate are left to validate_serve_config."""
     from serve.config import AppSettings, cuda_without_a_gpu
 
     try:
@@ -137,6 +138,9 @@ def check_cuda_has_a_gpu(app: dict, gpus: int, which: str = "") -> None:
     problem = cuda_without_a_gpu(settings, app.get("deployments", []), why)
     if problem:
         raise PlacementError(which + problem)
+    refused = settings.retention.database_url_refused(driver=True)
+    if refused:
+        raise PlacementError(which + refused)
 
 
 SQLITE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)")  # SQLAlchemy: three slashes, then the file's path
@@ -243,15 +247,16 @@ def serves_grpc(config: dict) -> bool:
 
 
 def choose_ports(config: dict, host: str | None, port: int | None, grpc_port: int | None) -> None:
-    """The command line's listen address and ports over the config's; a gRPC port for a config without gRPC is
-    an error (ValueError), not a port nothing listens on."""
+    """The command line's listen address and ports over the config's (--grpc-port over a grpc_options.port of 0 or
+    below too, which alone serves no gRPC); a gRPC port for a config without servicer functions is an error
+    (ValueError), not a port nothing listens on."""
     http = config.setdefault("http_options", {})
     if host:
         http["host"] = host
     if port:
         http["port"] = port
     if grpc_port:
-        if not serves_grpc(config):
+        if not (config.get("grpc_options") or {}).get("grpc_servicer_functions"):
             from serve.grpc_servicer import SERVICER_FUNCTION
 
             raise ValueError(
@@ -451,10 +456,31 @@ def missing_model_files(args: dict) -> str | None:
             f"{', '.join(absent)}: no such file or folder; docs/operations.md, Model bundles, says where the authors "
             "publish each piece"
         )
-    runner_path = ((args.get("engine") or {}).get("runner_path")) or None
+    engine = args.get("engine") or {}
+    runner_path = engine.get("runner_path") or None
     if runner_path and not Path(runner_path).expanduser().is_file():
         return f"engine.runner_path {runner_path}: no such file"
+    runner = engine.get("runner", "torch")
+    if path and runner != "torch" and not runner_path and not (runner == "onnx" and engine.get("export_missing")):
+        return _no_export_recorded(Path(path).expanduser(), runner)
     return None
+
+
+def _no_export_recorded(bundle: Path, runner: str) -> str | None:
+    """Why a bundle cannot serve the onnx or tensorrt runner: it records no export of that kind at all (every Remover
+    replica failed on it inside Ray). Whether the one it records is current, of the dtype and GPU the replica uses,
+    is the replica's check (engines.runners.current_export), which needs torch."""
+    try:
+        exports = json.loads((bundle / BUNDLE_MANIFEST).read_text()).get("provenance", {}).get("exports") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # the replica's Bundle.load says what is wrong with it
+    if any(str(key).startswith(f"{runner}.") for key in exports):  # engines.runners.export_key (a test: equal)
+        return None
+    fix = "set engine.export_missing: true (exported at start), " if runner == "onnx" else ""
+    return (
+        f"engine.runner {runner}: bundle.path {bundle} records no {runner} export: run `python -m export all --bundle "
+        f"{bundle}` (docs/operations.md, Exported UNet), {fix}or set engine.runner_path"
+    )
 
 
 def unreadable_keys(args: dict) -> str | None:

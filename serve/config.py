@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -59,6 +61,33 @@ def _not_a_bool(value):
 
 
 NotABool = BeforeValidator(_not_a_bool)
+
+
+def _a_number(annotation) -> bool:
+    """Whether a field's type is a number (int or float, optional or in a union); a bool is not one."""
+    import types
+    import typing
+
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_a_number(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+class NumbersNotBools(BaseModel):
+    """Every number field of a subclass refuses true / false, which pydantic's lax mode reads as 1 / 0 (YAML's
+    `imaging.max_exif_bytes: false` was 0: every photo with EXIF got 413): one rule for every settings model and
+    the keys file, so a field added later cannot forget it."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, value, info: ValidationInfo):
+        if isinstance(value, bool) and info.field_name and _a_number(cls.model_fields[info.field_name].annotation):
+            return _not_a_bool(value)
+        return value
+
+
 # Bounds shared by the settings (the defaults) and the per-request options (serve/protocol.py), declared once.
 Dilation = Annotated[int, Field(ge=0, le=256), NotABool]
 GateThreshold = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False), NotABool]
@@ -78,13 +107,14 @@ def _bucket_sides(buckets: list[int]) -> list[int]:
 Buckets = Annotated[list[int], Field(min_length=1), AfterValidator(_bucket_sides)]
 
 
-def invalid_because(exc: Exception, root: str = "value") -> str:
+def invalid_because(exc: Exception, root: str = "") -> str:
     """One line for an invalid file or value, never quoting its text (a keys file holds secrets, and YAML's and
-    pydantic's own messages quote what they saw): each pydantic error as `field: message` (`root` names the
-    whole), a YAML error by its place in the file."""
+    pydantic's own messages quote what they saw): each pydantic error as `field: message` (one about the whole:
+    `root: message`, or the message alone without a root; its message names the keys), a YAML error by its place
+    in the file."""
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or root}: {e['msg'].removeprefix('Value error, ')}"
+            ": ".join(filter(None, ('.'.join(map(str, e['loc'])) or root, e['msg'].removeprefix('Value error, '))))
             for e in exc.errors(include_url=False, include_input=False)
         )
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
@@ -95,9 +125,9 @@ def invalid_because(exc: Exception, root: str = "value") -> str:
     return str(exc)
 
 
-class _Strict(BaseModel):
+class _Strict(NumbersNotBools):
     """Unknown keys refused; no float setting is infinite or NaN (an infinite timeout or size overflowed where it
-    was turned into an int or a deadline, outside any check)."""
+    was turned into an int or a deadline, outside any check); no number is true / false (NumbersNotBools)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -257,6 +287,13 @@ class EngineSettings(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _tensorrt_on_cuda(self) -> "EngineSettings":
+        """Refused before Ray starts: every Remover replica would fail on it (engines.remover) after loading."""
+        if self.runner == "tensorrt" and self.device == "cpu":
+            raise ValueError("engine.runner tensorrt runs on a CUDA GPU only: set engine.device to cuda or auto")
+        return self
+
+    @model_validator(mode="after")
     def _a_step_to_run(self) -> "EngineSettings":
         """Refused before Ray starts: every Remover replica would fail on it (engines.lcm) after loading the bundle.
         Only where both are set: either left to the bundle is the bundle's (any of 1-50 steps), unknown here."""
@@ -399,7 +436,7 @@ class AuthSettings(_Strict):
         None, description="YAML of hashed keys (`python -m serve new-key`); in Kubernetes a mounted Secret"
     )
     reload_interval_s: float = Field(10.0, ge=0.0, description="how often a changed keys file is re-read")
-    quota_window_s: Annotated[int, NotABool] = Field(
+    quota_window_s: int = Field(
         60,
         ge=1,
         le=3600,
@@ -462,7 +499,7 @@ class OverloadSettings(_Strict):
         le=0.005,
         description="the ingress's GIL switch interval (CPython's: 5 ms): the loop answers sooner",
     )
-    retry_after_s: Annotated[int, NotABool] = Field(
+    retry_after_s: int = Field(
         2,
         ge=1,
         le=MAX_RETRY_AFTER_S,
@@ -552,6 +589,45 @@ class RetentionSettings(_Strict):
             return os.environ[DATABASE_URL_ENV]
         return f"sqlite:///{Path(self.object_store.path).expanduser() / 'results.db'}"
 
+    def database_url_refused(self, driver: bool = True) -> str | None:
+        """Why the store's database URL cannot work (database_url_problem), as `<where it is set>: <why>`; None where
+        it can, or retention is off and the config names no URL. Checked before Ray starts: the service started, said
+        ready and answered every retained removal without X-Result-Id and the result routes 503 for ever."""
+        if not (self.enabled or self.database_url):
+            return None
+        problem = database_url_problem(self.resolved_database_url(), driver)
+        if problem is None:
+            return None
+        where = "retention.database_url" if self.database_url else f"${DATABASE_URL_ENV} (retention.database_url unset)"
+        return f"{where}: {problem}"
+
+
+def database_url_problem(url: str, driver: bool = True) -> str | None:
+    """Why SQLAlchemy cannot open this URL, found without connecting: it cannot be read, names a database SQLAlchemy
+    has no dialect for, or (`driver`) one whose driver this Python cannot import. The URL is never quoted: it may
+    hold a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = "e.g. sqlite:///results.db or postgresql+psycopg://user@host/database"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        return f"not a URL SQLAlchemy can read: give dialect[+driver]://user:password@host[:port]/database, {example}"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        return f"SQLAlchemy has no database {parsed.drivername!r}: {example}"
+    if driver:
+        try:
+            dialect.import_dbapi()
+        except ImportError as exc:
+            return (
+                f"{parsed.drivername}'s driver, the Python module {exc.name or 'it imports'}, is not installed here: "
+                f"install it or give a URL whose driver is ({example})"
+            )
+    return None
+
 
 class _BundleArgs(_Strict):
     bundle: BundleSettings = Field(BundleSettings(), description="which model weights every model deployment loads")
@@ -597,7 +673,7 @@ class IngressArgs(ScorerArgs):
     auth: AuthSettings = AuthSettings()
     overload: OverloadSettings = OverloadSettings()
     retention: RetentionSettings = RetentionSettings()
-    request_timeout_s: Annotated[float, NotABool] = Field(
+    request_timeout_s: float = Field(
         120.0, gt=0, description="a request still unanswered after this answers 504 (clients may ask for less)"
     )
 
@@ -863,6 +939,13 @@ def cuda_without_a_gpu(settings: AppSettings, deployments: list[dict], why: str)
                 f"{name} is set to {key}: cuda and gets no GPU ({why}): set {key} to auto (the CPU without a GPU) "
                 "or cpu, or give it ray_actor_options.num_gpus on a machine with a GPU"
             )
+    if settings.engine.runner == "tensorrt" and not (listed.get("Remover", {}).get("ray_actor_options") or {}).get(
+        "num_gpus"
+    ):
+        return (
+            f"the Remover is set to engine.runner: tensorrt, which runs on a CUDA GPU only, and gets no GPU ({why}): "
+            "set engine.runner to torch or onnx, or give it ray_actor_options.num_gpus on a machine with a GPU"
+        )
     return None
 
 
@@ -922,13 +1005,9 @@ def _database_place(url: str) -> tuple[str, str]:
     """(the URL to compare, the URL to show: without its password, which $ROREM_RETENTION_DATABASE_URL keeps out
     of the config and so out of an error message)."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
 
-    try:
-        parsed = make_url(url)
-        return parsed.render_as_string(hide_password=False), parsed.set(query={}).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # a URL SQLAlchemy cannot read (a port that is not a number, say)
-        return url, "a URL SQLAlchemy cannot read"
+    parsed = make_url(url)  # one that cannot be read is refused before (RetentionSettings.database_url_refused)
+    return parsed.render_as_string(hide_password=False), parsed.set(query={}).render_as_string(hide_password=True)
 
 
 def _within(inner: tuple, outer: tuple) -> bool:
@@ -965,7 +1044,9 @@ def route_prefix(app: dict) -> str | None:
 def validate_serve_config(config: dict) -> None:
     """A whole Serve config, as strictly as it can be checked before Ray starts (`python -m serve run` and
     k8s/render.py): Ray's Serve schema, unknown keys anywhere in it (Ray's schema silently drops them: a
-    typo'd max_queued_requests leaves the queue unbounded), each autoscaling_config, and our AppSettings."""
+    typo'd max_queued_requests leaves the queue unbounded), each autoscaling_config, each route_prefix by Ray's rule,
+    our AppSettings and the retention database URL each names (the driver is serve.cli's check, on the machine that
+    runs it); an error in one application of several names it."""
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
@@ -977,21 +1058,59 @@ def validate_serve_config(config: dict) -> None:
     unknown = unknown_keys(ServeDeploySchema, config)
     if unknown:
         raise ValueError(f"keys Ray's Serve schema does not know (it would silently ignore them): {unknown}")
-    settings = {app_name(app): AppSettings.model_validate(app.get("args") or {}) for app in config["applications"]}
+    applications = config["applications"]
+    settings = {}
+    for app in applications:
+        check_route_prefix(app)
+        with naming_the_application(app, len(applications)):
+            settings[app_name(app)] = AppSettings.model_validate(app.get("args") or {})
+            refused = settings[app_name(app)].retention.database_url_refused(driver=False)  # the driver: serve.cli
+            if refused:
+                raise ValueError(refused)
     check_ports(config)
     check_retention_stores_apart(settings)
     check_proxy_timeout(config, settings)
     proxy_routes(config)  # what the proxies get (serve.proxy_limits.proxy_env) is checked there
-    for app in config["applications"]:
-        check_deployments(settings[app_name(app)], app.get("deployments", []))
-        check_gpus(settings[app_name(app)], app.get("deployments", []))
-        for deployment in app.get("deployments", []):
-            autoscaling = deployment.get("autoscaling_config")
-            if isinstance(autoscaling, dict):
-                AutoscalingConfig.model_validate(autoscaling)
-                unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
-                if unknown:
-                    raise ValueError(f"unknown autoscaling_config keys: {unknown}")
+    for app in applications:
+        with naming_the_application(app, len(applications)):
+            check_deployments(settings[app_name(app)], app.get("deployments", []))
+            check_gpus(settings[app_name(app)], app.get("deployments", []))
+            for deployment in app.get("deployments", []):
+                autoscaling = deployment.get("autoscaling_config")
+                if isinstance(autoscaling, dict):
+                    AutoscalingConfig.model_validate(autoscaling)
+                    unknown = unknown_keys(AutoscalingConfig, autoscaling, f"{deployment['name']}.autoscaling_config")
+                    if unknown:
+                        raise ValueError(f"unknown autoscaling_config keys: {unknown}")
+
+
+@contextmanager
+def naming_the_application(app: dict, applications: int):
+    """An error in one application's part of a config of several, as `application <name>: <the error>` (a
+    ValidationError as invalid_because words it): `gate.thresold: Extra inputs are not permitted` said not which."""
+    try:
+        yield
+    except ValueError as exc:
+        if applications < 2:
+            raise
+        raise ValueError(f"application {app_name(app)}: {invalid_because(exc)}") from exc
+
+
+def check_route_prefix(app: dict) -> None:
+    """Ray's rule for an application's route_prefix (ray.serve._private.utils.validate_route_prefix), which its
+    schema does not apply: `v2` or `/v2/` passed, then Ray refused the deploy after starting."""
+    from ray.serve._private.utils import validate_route_prefix
+
+    prefix = route_prefix(app)
+    if not isinstance(prefix, str):  # None (gRPC only) or Ray's DEFAULT: its own check
+        return
+    try:
+        validate_route_prefix(prefix)
+    except ValueError as exc:
+        rule = str(exc).split(", ", 1)[-1].rstrip(".")
+        raise ValueError(
+            f"application {app_name(app)}: route_prefix {prefix!r} {rule} (Ray's rule: /, or a path such as /v2)"
+        ) from None
 
 
 def check_proxy_timeout(config: dict, applications: dict[str, AppSettings]) -> None:

@@ -63,6 +63,14 @@ def load_script(relative: str):
     return module
 
 
+def database_driver(monkeypatch, module: str, installed: bool) -> None:
+    """Whatever this machine has: `import module` (a database driver, e.g. psycopg) finds an empty module, or fails
+    as a driver that is not installed does."""
+    import types
+
+    monkeypatch.setitem(sys.modules, module, types.ModuleType(module) if installed else None)
+
+
 def photo(height: int = 256, width: int = 320) -> np.ndarray:
     """A real photograph (scikit-image's bundled astronaut), cropped to the requested size."""
     import skimage

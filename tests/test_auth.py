@@ -771,3 +771,17 @@ def test_new_key_replaces_the_keys_file_whole_and_keeps_its_permissions(tmp_path
     assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
     assert os.listdir(tmp_path) == ["keys.yaml"], "no temporary file left"
     assert [entry["name"] for entry in yaml.safe_load(path.read_text())["keys"]] == ["first", "second"]
+
+
+def test_a_keys_file_quota_of_true_or_false_is_refused_not_taken_for_1_or_0(tmp_path):
+    """`requests_per_minute: true` was a quota of 1 request a minute. Walks every number field of an entry."""
+    from serve.auth import StoredKey
+
+    numbers = [name for name, field in StoredKey.model_fields.items() if "int" in str(field.annotation)]
+    assert {"requests_per_minute", "max_concurrent"} <= set(numbers)
+    _, entry = new_key_entry("app", ["remove"])
+    for name in numbers:
+        for value in (True, False):
+            with pytest.raises(ValueError, match=rf"{name}: a number, not true / false"):
+                ApiKeys(str(_keys_file(tmp_path, {**entry, name: value})))
+    assert ApiKeys(str(_keys_file(tmp_path, {**entry, "requests_per_minute": 5}))) is not None

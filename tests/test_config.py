@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
 from serve.config import AppSettings, ImagingSettings, live_serve_app, live_serve_config, validate_serve_config
 from serve.grpc_servicer import SERVICER_FUNCTION
-from tests.helpers import RAYS_OWN_METRICS, REPO, check_rorem_selectors, load_script
+from tests.helpers import RAYS_OWN_METRICS, REPO, check_rorem_selectors, database_driver, load_script
 
 
 def test_the_shipped_serve_config_validates_with_ray_and_with_our_settings():
@@ -85,6 +85,7 @@ def test_relative_paths_are_taken_from_the_folder_the_cli_starts_in(monkeypatch,
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     config["applications"][0]["args"]["auth"] = {"enabled": True, "keys_file": "keys.yaml"}
     config["applications"][0]["args"]["retention"] = {"enabled": True, "object_store": {"path": "results"}}
+    database_driver(monkeypatch, "psycopg", installed=True)  # whether this machine has it: another test's
     fit_to_machine(config, bundle="bundles/mine", host=None, port=None)
     args = config["applications"][0]["args"]
     assert args["auth"]["keys_file"] == str(tmp_path / "keys.yaml")
@@ -946,3 +947,161 @@ def test_the_imaging_limits_default_to_the_decoders_and_map_field_by_field():
         setting = names.get(bound.name, bound.name)
         changed = ImagingSettings(**{setting: getattr(DecodeLimits(), bound.name) + 1}).decode_limits()
         assert changed == dataclasses.replace(DecodeLimits(), **{bound.name: getattr(DecodeLimits(), bound.name) + 1})
+
+
+def _a_number_field(annotation) -> bool:
+    """int or float, alone or optional (not a mapping or list of them: their entries are checked by their own type)."""
+    import typing
+
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (list, dict, set, tuple):
+        return False
+    return any(_a_number_field(arg) for arg in typing.get_args(annotation))
+
+
+def test_every_number_setting_refuses_true_and_false():
+    """YAML's true / false was read as 1 / 0 by most number settings: `imaging.max_exif_bytes: false` answered every
+    photo with EXIF 413, `batching.max_batch_size: true` batched one at a time. Walks every field, so a new one is
+    checked too."""
+    from serve.config import _leaves
+
+    keys = [key for key, field in _leaves(AppSettings) if _a_number_field(field.annotation)]
+    assert len(keys) >= 35 and {"imaging.max_exif_bytes", "batching.max_batch_size", "scorer.max_batch_size",
+                                "retention.max_results", "bundle.tiny_seed", "overload.max_in_flight"} <= set(keys)
+    for key in keys:
+        for value in (True, False):
+            args = value
+            for part in reversed(key.replace("<side>", "512").split(".")):
+                args = {part: args}
+            with pytest.raises(ValidationError, match="a number, not true / false") as refused:
+                AppSettings.model_validate(args)
+            assert key.replace("<side>", "512") in str(refused.value), key
+    assert AppSettings.model_validate({"imaging": {"max_exif_bytes": 0}}).imaging.max_exif_bytes == 0
+
+
+def _start_refused(tmp_path, capsys, monkeypatch, config: dict) -> str:
+    """What `python -m serve run` says refusing this config before Ray starts (exit 2, one line, no traceback)."""
+    from serve.cli import run
+    from serve.ports import free_port
+
+    monkeypatch.setattr("serve.cli.subprocess", SimpleNamespace(Popen=_no_launch))
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run(["run", "--config", str(path), "--gpus", "0", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("[rorem] cannot start: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_database_url_that_cannot_work_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    """notaurl, mysql:// or postgresql+psycopg:// without their driver all started: the service said ready, answered
+    every retained removal without X-Result-Id and /results, /feedback and /annotation/queue 503 for ever (only an
+    ERROR in Ray's log said why). The URL is never quoted: it may hold a password."""
+    from serve.config import DATABASE_URL_ENV
+
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    database_driver(monkeypatch, "MySQLdb", installed=False)
+    database_driver(monkeypatch, "psycopg", installed=False)
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    retention = config["applications"][0]["args"]["retention"] = {"enabled": True}
+    for url, said in (
+        ("notaurl", "retention.database_url: not a URL SQLAlchemy can read: give dialect[+driver]://"),
+        ("postgresql://rorem:s3cret@db:port/results", "retention.database_url: not a URL SQLAlchemy can read"),
+        ("nosuchdb://rorem:s3cret@db/results", "retention.database_url: SQLAlchemy has no database 'nosuchdb'"),
+        ("mysql://rorem:s3cret@db/results", "retention.database_url: mysql's driver, the Python module MySQLdb, is "
+         "not installed here"),
+        ("postgresql+psycopg://rorem:s3cret@db/results", "retention.database_url: postgresql+psycopg's driver, the "
+         "Python module psycopg, is not installed here"),
+    ):  # fmt: skip
+        retention["database_url"] = url
+        err = _start_refused(tmp_path, capsys, monkeypatch, config)
+        assert said in err and "s3cret" not in err, err
+    del retention["database_url"]
+    monkeypatch.setenv(DATABASE_URL_ENV, "mysql://rorem:s3cret@db/results")
+    err = _start_refused(tmp_path, capsys, monkeypatch, config)
+    assert f"${DATABASE_URL_ENV} (retention.database_url unset): mysql's driver" in err and "s3cret" not in err
+    retention["enabled"] = False  # the variable, unused, is not refused; a URL in the config is
+    fit_to_machine(load_serve_config(_written(tmp_path, config)), bundle=None, host=None, port=None, gpus=0)
+    retention["database_url"] = "notaurl"
+    with pytest.raises(ValueError, match="^retention.database_url: not a URL"):
+        validate_serve_config(config)
+    database_driver(monkeypatch, "psycopg", installed=True)
+    retention.update(enabled=True, database_url="postgresql+psycopg://rorem:s3cret@db/results")
+    fit_to_machine(load_serve_config(_written(tmp_path, config)), bundle=None, host=None, port=None, gpus=0)
+
+
+def _no_launch(*args, **kwargs):
+    raise AssertionError("the CLI launched Ray")
+
+
+def _written(tmp_path, config: dict) -> Path:
+    path = tmp_path / "written.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("prefix", "said"),
+    [("v2", "must start with a forward slash ('/')"), ("/v2/", "may not end with a trailing '/'"),
+     ("/v2/{id}", "may not contain wildcards")],
+)  # fmt: skip
+def test_a_route_prefix_ray_would_refuse_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch, prefix, said):
+    """`v2` and `/v2/` passed the checks, then Ray refused them inside its deploy, after starting."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["applications"][0]["route_prefix"] = prefix
+    err = _start_refused(tmp_path, capsys, monkeypatch, config)
+    assert f"application rorem: route_prefix {prefix!r} {said} (Ray's rule: /, or a path such as /v2)" in err
+    for fine in ("/", "/v2", "/v2/remove"):
+        config["applications"][0]["route_prefix"] = fine
+        validate_serve_config(config)
+
+
+def _two_applications() -> dict:
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    keyed = copy.deepcopy(config["applications"][0])
+    keyed.update(name="keyed", route_prefix="/v2")
+    config["applications"].append(keyed)
+    return config
+
+
+def test_an_error_in_one_application_of_several_names_it_and_no_error_is_put_at_a_bare_value(
+    tmp_path, capsys, monkeypatch
+):
+    """`gate.thresold: Extra inputs are not permitted` said not which application; a check of the whole args
+    said `value: gate.mode 'retry' needs the Scorer...`."""
+    config = _two_applications()
+    keyed = config["applications"][1]["args"]
+    keyed["gate"] = {"thresold": 0.4}
+    assert ".yaml: application keyed: gate.thresold: Extra inputs are not permitted\n" in _start_refused(
+        tmp_path, capsys, monkeypatch, config
+    )
+    keyed.update(gate={"mode": "retry"}, scorer={"enabled": False})
+    err = _start_refused(tmp_path, capsys, monkeypatch, config)
+    assert "application keyed: gate.mode 'retry' needs the Scorer: set scorer.enabled" in err and "value:" not in err
+    one = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    one["applications"][0]["args"].update(gate={"mode": "retry"}, scorer={"enabled": False})
+    err = _start_refused(tmp_path, capsys, monkeypatch, one)
+    assert ".yaml: gate.mode 'retry' needs the Scorer" in err and "value:" not in err and "application" not in err
+    config = _two_applications()
+    _deployments({"applications": config["applications"][1:]})["Remover"]["max_ongoing_requests"] = 1
+    err = _start_refused(tmp_path, capsys, monkeypatch, config)
+    assert "application keyed: the Remover's max_ongoing_requests is 1" in err
+
+
+def test_a_grpc_port_flag_serves_grpc_where_the_config_s_port_alone_would_not(monkeypatch):
+    """`grpc_options.port: -5` (or 0) with servicer functions listed, plus `--grpc-port 29000`, was refused as "this
+    config serves no gRPC (grpc_options.grpc_servicer_functions is empty ...)" while they were listed: the flag's
+    port replaces the config's, as --port does."""
+    from serve.cli import choose_ports, listen_addresses, serves_grpc
+
+    for config_port in (-5, 0):
+        config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        config["grpc_options"]["port"] = config_port
+        assert not serves_grpc(config)
+        choose_ports(config, None, None, 29000)
+        assert serves_grpc(config) and listen_addresses(config, 9464)["gRPC"] == ("::", 29000)
+    config["grpc_options"]["grpc_servicer_functions"] = []
+    with pytest.raises(ValueError, match=r"^--grpc-port: this config serves no gRPC \(grpc_options.grpc_servicer_fun"):
+        choose_ports(config, None, None, 29001)

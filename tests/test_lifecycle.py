@@ -493,6 +493,45 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
     assert "the runner is torch: set the runner to the file's (onnx or tensorrt)" in capsys.readouterr().err
 
 
+def test_an_exported_runner_without_its_export_or_a_gpu_fails_the_start_before_ray(tmp_path, capsys, no_launch):
+    """`engine.runner: tensorrt` without CUDA and `engine.runner: onnx` with a bundle that records no export started
+    Ray, and every Remover replica failed on it (while `engine.device: cuda` without a GPU was refused)."""
+    from engines.runners import export_key
+    from serve.cli import missing_model_files
+
+    assert export_key("onnx", "float32").startswith("onnx.") and export_key("tensorrt", "float16", "9.0").startswith(
+        "tensorrt."
+    ), "serve.cli._no_export_recorded reads the records by these keys"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"name": "b", "provenance": {"exports": {}}}))
+    ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    path = tmp_path / "serve.yaml"
+    for runner in ("onnx", "tensorrt"):
+        args = {"bundle": {"path": str(bundle)}, "engine": {"runner": runner}}
+        path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(args)))
+        assert run(["run", "--config", str(path), "--gpus", "1", *ports]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot start: engine.runner {runner}: bundle.path {bundle} records no {runner} export: run " \
+            f"`python -m export all --bundle {bundle}`" in err, err
+        (tmp_path / "unet.bin").write_bytes(b"x")
+        unchecked = {"runner": runner, "runner_path": str(tmp_path / "unet.bin")}
+        assert missing_model_files({**args, "engine": unchecked}) is None, "a runner_path is served unchecked"
+    exported_at_start = {"runner": "onnx", "export_missing": True}
+    assert missing_model_files({"bundle": {"path": str(bundle)}, "engine": exported_at_start}) is None
+    (bundle / "manifest.json").write_text(json.dumps({"provenance": {"exports": {"onnx.float32": {}}}}))
+    assert missing_model_files({"bundle": {"path": str(bundle)}, "engine": {"runner": "onnx"}}) is None
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"runner": "tensorrt"})))
+    assert run(["run", "--config", str(path), "--gpus", "0", *ports]) == 2
+    assert "cannot start: the Remover is set to engine.runner: tensorrt, which runs on a CUDA GPU only, and gets no " \
+        "GPU (this machine has no CUDA GPU)" in capsys.readouterr().err
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"runner": "tensorrt",
+                                                                                       "device": "cpu"})))
+    assert run(["run", "--config", str(path), *ports]) == 2
+    err = capsys.readouterr().err
+    assert "engine.runner tensorrt runs on a CUDA GPU only: set engine.device to cuda or auto" in err
+
+
 def test_a_local_piece_of_the_authors_layout_that_is_not_there_fails_the_start_before_ray(tmp_path, capsys, no_launch):
     """A Drive folder not copied yet (lcm_lora, discriminator) was found missing only by the replicas, after Ray's start."""
     (tmp_path / "RORem-LCM").mkdir()

@@ -24,7 +24,7 @@ from PIL import Image
 from serve.retention import LocalObjectStore, ObjectMissing, RetentionStore, S3ObjectStore, object_key
 from serve.retention.objects import MARKER
 from serve.retention.store import MAX_VERDICTS, NewResult, ResultNotFound
-from tests.helpers import photo, png_bytes
+from tests.helpers import database_driver, photo, png_bytes
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0)
 
@@ -947,6 +947,10 @@ def test_a_result_store_that_cannot_open_stays_healthy_and_removals_go_on(tmp_pa
     with pytest.raises(Problem) as down:
         asyncio.run(retention.get("a" * 32))
     assert down.value.problem == "retention-unavailable" and down.value.headers == {"Retry-After": "30"}
+    assert down.value.detail == (
+        "the result store failed: it could not be opened (a file, folder or bucket could not be used (File exists)) "
+        "and is tried again within 30 s; the service's log says more"
+    ), "in words, not Ray's class name RayTaskError(StoreUnavailable)"
 
     (tmp_path / "db").unlink()
     monkeypatch.setattr(keeper, "REOPEN_AFTER_S", 0.0)
@@ -2208,3 +2212,26 @@ def test_mask_encodes_given_up_at_their_deadline_hold_none_of_their_masks(tmp_pa
     finally:
         go.set()
         retention.store.close()
+
+
+def test_a_store_whose_driver_is_missing_says_so_in_its_503_without_the_url(tmp_path, monkeypatch):
+    """Its 503 said "the result store failed: RayTaskError(StoreUnavailable)"; the reason is said in words, never
+    quoting the URL (its password) or an error's text."""
+    from serve.config import RetentionSettings
+    from serve.problems import Problem
+    from serve.retention.keeper import Retention
+    from serve.retention_deployment import HandleStoreClient
+
+    database_driver(monkeypatch, "psycopg", installed=False)
+    settings = RetentionSettings(
+        enabled=True, object_store={"path": str(tmp_path)}, database_url="postgresql+psycopg://rorem:s3cret@db/results"
+    )
+    replica = _result_store(settings.model_dump(mode="json"))
+    retention = Retention(settings, _Metrics(), HandleStoreClient(_Handle(replica)))
+    with pytest.raises(Problem) as down:
+        asyncio.run(retention.queue(10, None))
+    assert down.value.problem == "retention-unavailable"
+    assert down.value.detail.startswith(
+        "the result store failed: it could not be opened (the Python module psycopg is not installed where it runs)"
+    ) and "s3cret" not in down.value.detail and "db/results" not in down.value.detail
+    replica.close()

@@ -120,7 +120,32 @@ class FeedbackBody(BaseModel):
 
 
 class StoreUnavailable(RuntimeError):
-    """The result store is not open: opening it failed, and it is tried again after REOPEN_AFTER_S."""
+    """The result store is not open: opening it failed (`reason`, store_failure's words), and it is tried again
+    after REOPEN_AFTER_S."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def store_failure(exc: BaseException) -> str:
+    """Why the store failed, in words a client may read: never the exception's text, which may quote a database URL
+    with its password, a statement and its values, or a path. `exc` as raised here or come back from the ResultStore
+    replica (Ray's RayTaskError subclassing the original class: its class name is "RayTaskError(...)")."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+    exc = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+    if isinstance(exc, StoreUnavailable):
+        return f"it could not be opened ({exc.reason}) and is tried again within {REOPEN_AFTER_S:g} s"
+    if isinstance(exc, ImportError):
+        return f"the Python module {exc.name or 'its database needs'} is not installed where it runs"
+    if isinstance(exc, (ArgumentError, NoSuchModuleError)):
+        return "its database URL cannot be used (retention.database_url)"
+    if isinstance(exc, DBAPIError):
+        return "its database could not be reached or refused the operation"
+    if isinstance(exc, OSError):
+        return f"a file, folder or bucket could not be used ({exc.strerror or type(exc).__name__})"
+    return f"an unexpected {type(exc).__name__}"
 
 
 class LocalStoreClient:
@@ -136,6 +161,7 @@ class LocalStoreClient:
         self._open_store = open_store
         self._store: RetentionStore | None = None
         self._failed_at: float | None = None
+        self._open_failure = "not yet opened"
         self._opening = threading.Lock()
         self._stopped = threading.Event()
         self._saves = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="retention-save")
@@ -205,7 +231,7 @@ class LocalStoreClient:
     def opened(self) -> RetentionStore:
         store = self._store or self._open()
         if store is None:
-            raise StoreUnavailable("the result store could not be opened; see the log")
+            raise StoreUnavailable(self._open_failure)
         return store
 
     def close(self) -> None:
@@ -225,8 +251,9 @@ class LocalStoreClient:
             try:
                 self._store = self._open_store()
                 logger.info("retention: %s", self._store.describe())
-            except Exception:
+            except Exception as exc:
                 self._failed_at = time.monotonic()
+                self._open_failure = store_failure(exc)
                 logger.exception("retention: cannot open the result store; removals go on without retention")
             return self._store
 
@@ -408,7 +435,7 @@ class Retention:
             logger.exception("retention store failed")
             raise Problem(
                 "retention-unavailable",
-                f"the result store failed: {type(exc).__name__}",
+                f"the result store failed: {store_failure(exc)}; the service's log says more",
                 headers={"Retry-After": str(int(REOPEN_AFTER_S))},
             ) from exc
 
