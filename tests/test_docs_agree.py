@@ -359,3 +359,12 @@ def test_the_commands_that_send_a_photo_with_its_mask_send_the_photo_the_readmes
                 sent += [(doc.name, name) for name in re.findall(r"(?:=@|\s)(photo\.[a-z]+)\b", line)]
     assert len(sent) >= 8, f"only {sent}: has the docs' wording changed?"
     assert {name for _, name in sent} == {written}, [pair for pair in sent if pair[1] != written]
+
+
+def test_evaluation_md_names_every_measure_the_shipped_gate_sets():
+    """The snippet was called "the shipped gate" while it showed 3 of the file's 11 measures (the training trial)."""
+    gate = yaml.safe_load((REPO / "training" / "configs" / "eval_thresholds.yaml").read_text())
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    section = text[text.index("is the shipped gate") : text.index("The gate uses the mean delta")]
+    assert f"of its {len(gate['allowed_deltas'])} measures" in section
+    assert [name for name in gate["allowed_deltas"] if not re.search(rf"\b{name}\b", section)] == []
