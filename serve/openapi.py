@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from engines import imaging
 from engines.gate import REPLY_VERDICTS
 from serve import auth, negotiation, quotas
+from serve.page_headers import PRIVATE_HEADERS
 from serve.problems import EXTENSIONS, MEDIA_TYPE, STATUS_BY_PROBLEM, TITLES, TYPE_BASE
 from serve.protocol import Seed
 from serve.proxy_middleware import REQUEST_ID_PATTERN, ROUTE_ANSWERS
@@ -84,6 +85,7 @@ HEADERS: dict[str, tuple[dict, str]] = {
         'what the key has left of each quota, e.g. `"minute";r=59;t=60, "concurrency";r=1` (t: seconds until the '
         "window's quota is back); only for a key with a quota",
     ),
+    **{name: (_STR, f"`{value}`: the answer holds your photo") for name, value in PRIVATE_HEADERS.items()},
 }
 REMOVE_HEADERS = (
     "X-Seed",
@@ -94,6 +96,7 @@ REMOVE_HEADERS = (
     "X-Gate",
     "X-Result-Id",
     "Server-Timing",
+    *PRIVATE_HEADERS,
 )
 """The headers of a successful removal, besides X-Request-Id (which every answer carries)."""
 _HEADERS_BY_STATUS = {401: (WWW_AUTHENTICATE,), 429: (RETRY_AFTER,), 503: (RETRY_AFTER,)}
