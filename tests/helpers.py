@@ -380,7 +380,7 @@ class Metered:
     ROUTE_PREFIX = "/metered"
     WINDOW_S = 5.0
     BODY_TIMEOUT_S = 6.0  # well past the served request of test_rest_a_key_s_trickling_upload_holds_no_lease
-    SPREAD = 12  # requests, sent in pairs in flight at once, that reach both replicas (tests/test_quotas.py)
+    SPREAD = 12  # requests, all in flight at once, that reach both replicas (tests/test_quotas.py)
 
     @classmethod
     def app(cls, work: Path) -> tuple[dict, dict]:
