@@ -59,12 +59,14 @@ def problem_slug(type_uri: object) -> str | None:
 
 
 def answer_problem(response) -> str:
-    """An error answer's problem slug, or `(no problem)` for a body that is not problem+json."""
+    """An error answer's problem slug, with the quota it names (`too-many-requests (quota minute)`: a key's own
+    limit, not a busy service), or `(no problem)` for a body that is not problem+json."""
     try:
         problem = response.json()
     except ValueError:
         problem = None
-    return (isinstance(problem, dict) and problem_slug(problem.get("type"))) or "(no problem)"
+    slug = (isinstance(problem, dict) and problem_slug(problem.get("type"))) or "(no problem)"
+    return f"{slug} (quota {problem['quota']})" if isinstance(problem, dict) and problem.get("quota") else slug
 
 
 def rest_refusal(headers, body: bytes) -> bool:

@@ -154,9 +154,14 @@ def output_format(output: Path, requested: str | None) -> str | None:
     return requested or named
 
 
+STDOUT = "-"  # -o -: the image to standard output, the removal's line to standard error
+
+
 def output_file(text: str) -> Path:
     """-o: a file its folder lets us write, checked before the call spends model work and a quota's request (an
-    unwritable one was a traceback after the removal, its result id never printed)."""
+    unwritable one was a traceback after the removal, its result id never printed); `-`: standard output."""
+    if text == STDOUT:
+        return Path(STDOUT)
     path = Path(text)
     folder = path.parent
     if not text or path.is_dir():
@@ -258,7 +263,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     remove = sub.add_parser("remove", help="remove the masked object")
     remove.add_argument("image", type=input_file)
     remove.add_argument("mask", type=input_file, nargs="?", help="absent: the image's alpha is the mask")
-    remove.add_argument("-o", "--output", type=output_file, required=True)
+    remove.add_argument(
+        "-o", "--output", type=output_file, required=True, help="the file to write (its suffix picks the format); "
+        "- for standard output"
+    )
     add_request_options(
         remove, remove_options, seed={"type": seed},
         output_format={"help": f"{', '.join(output_formats())}, any case (jpg: jpeg); default: from -o's suffix, "
@@ -323,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"seed {used}, score {score}, gate {reply.gate}, attempts {reply.attempts}{kept}, "
                     f"request {reply.request_id}"
                 )
+                if str(options.output) == STDOUT:
+                    sys.stdout.buffer.write(reply.image)
+                    sys.stdout.flush()
+                    print(f"-: {said}", file=sys.stderr)
+                    return 0
                 try:
                     options.output.write_bytes(reply.image)
                 except OSError as exc:  # checked before the call, so only what changed since

@@ -449,13 +449,19 @@ def test_open_loop_run_without_one_removal_fails_and_names_no_saturation_point(t
     assert "| other_errors |" in header, header
 
 
-def _always_answers(status: int, slug: str, retry_after: str | None = None) -> type[CannedAnswers]:
-    """A service answering every POST /remove with the problem `slug`, and this Retry-After if given."""
+def _always_answers(
+    status: int, slug: str, retry_after: str | None = None, text: bytes | None = None, **members
+) -> type[CannedAnswers]:
+    """A service answering every POST /remove with the problem `slug` (with `members`), and this Retry-After if
+    given; `text`: that body instead, as text/plain."""
 
     class Answers(CannedAnswers):
         def do_POST(self):
             self.rfile.read(int(self.headers["content-length"]))
-            body = json.dumps({"type": slug, "status": status}).encode()
+            if text is not None:
+                self.reply(status, text, {"Content-Type": "text/plain"})
+                return
+            body = json.dumps({"type": slug, "status": status, **members}).encode()
             headers = {"Content-Type": "application/problem+json"}
             if retry_after:
                 headers["Retry-After"] = retry_after
@@ -487,6 +493,23 @@ def test_a_soak_run_without_one_removal_fails_and_pauses_between_errors(status, 
         report = soak.run_soak(url, seconds=1.0, clients=1, side=32)
     assert report.errored == {str(status): report.sent} and not report.passed, report
     assert report.errored_problems == {f"{status} {slug}": report.sent}, "a 503 replica-failed told from a refusal"
+
+
+@pytest.mark.parametrize(
+    "answers, kind",
+    [
+        (_always_answers(429, "too-many-requests", "1", quota="minute"), "429 too-many-requests (quota minute)"),
+        (_always_answers(429, "too-many-requests", "1"), "429 too-many-requests"),
+        (_always_answers(502, "", text=b"Bad Gateway"), "502 (no problem)"),
+    ],
+)
+def test_a_soak_run_tells_a_keys_quota_and_an_answer_without_a_problem_apart(answers, kind):
+    """A key's quota and a busy replica both answer 429 too-many-requests: soak's errors by problem could not tell
+    a load test held by its own key from a service shedding load (the diff review)."""
+    soak = load_script("loadtests/soak.py")
+    with loopback_server(answers) as url:
+        report = soak.run_soak(url, seconds=1.0, clients=1, side=32)
+    assert set(report.errored_problems) == {kind}, report.errored_problems
     assert report.sent <= 1.0 / soak.ERROR_PAUSE_S + 2, f"{report.sent} requests in 1 s: no pause between errors"
 
 

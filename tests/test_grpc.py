@@ -339,6 +339,14 @@ def test_the_cli_client_refuses_an_output_it_cannot_write_before_the_call(cli, o
     assert f"{output!r} " in capsys.readouterr().err
 
 
+def test_the_cli_client_writes_the_image_to_standard_output_for_a_dash(cli, capsysbinary):
+    """-o - wrote a file named "-" (the diff review); now the image goes to standard output, the line to stderr."""
+    assert cli(["remove", "photo.png", "mask.png", "-o", "-"]) == 0
+    captured = capsysbinary.readouterr()
+    assert captured.out == b"x" and captured.err.startswith(b"-: seed -, score -,")
+    assert not Path("-").exists()
+
+
 def test_the_cli_client_says_which_removal_it_could_not_write_without_a_traceback(cli, capsys, monkeypatch):
     """A file that became unwritable after the check: exit 1, one line naming the removal (its seed, its result)."""
     from serve import grpc_client
