@@ -557,12 +557,12 @@ def test_a_soak_client_honours_a_retry_after_longer_than_2_s_within_the_window()
     """Clients waited at most 2 s, coming back before a key's quota (Retry-After up to 60 s) had reset; they now
     wait the whole Retry-After, but not past the window's end."""
     soak = load_script("loadtests/soak.py")
-    with loopback_server(_always_answers(429, "too-many-requests", "3")) as url:
+    with loopback_server(_always_answers(429, "too-many-requests", "30")) as url:
         started = time.monotonic()
         report = soak.run_soak(url, seconds=2.5, clients=2, side=32)
         took = time.monotonic() - started
     assert report.sent == 2 and report.errored == {"429": 2}, f"one request per client: {report}"
-    assert took < 4.0
+    assert took < 15.0, "a client waited out the whole Retry-After past the window's end"
 
 
 def test_a_200_without_the_image_is_not_an_ok_removal_nor_a_saturation_point():
