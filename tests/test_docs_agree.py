@@ -368,3 +368,10 @@ def test_evaluation_md_names_every_measure_the_shipped_gate_sets():
     section = text[text.index("is the shipped gate") : text.index("The gate uses the mean delta")]
     assert f"of its {len(gate['allowed_deltas'])} measures" in section
     assert [name for name in gate["allowed_deltas"] if not re.search(rf"\b{name}\b", section)] == []
+
+
+def test_api_md_gives_the_multipart_padding_bound_the_parser_holds():
+    from serve.uploads import MAX_TRANSPORT_PADDING
+
+    api = (REPO / "docs" / "api.md").read_text()
+    assert f"followed by more than {MAX_TRANSPORT_PADDING} spaces or tabs" in api
