@@ -76,6 +76,7 @@ _FEATHER_TILE = 256
 # Up to this feather the blend weight comes from shifted minima (exact, cheap for a narrow band); wider ones
 # from scipy's distance transform, tile by tile.
 _SHIFTED_FEATHER_MAX = 16
+_BLEND_PIXELS = 1 << 20  # pixels of the mask's box blended at a time (engines.imaging.paste_back)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _ORIENTATION = 0x0112
 # Channels per pixel of the (format, mode) pairs imagecodecs decodes exactly as Pillow does.
@@ -934,17 +935,24 @@ def paste_back(rgb: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: Crop
     unmasked pixel stays bit-identical to the input. Only the mask's bounding box is written; only the band
     within `feather` of its edge is blended.
     """
+    out = rgb.copy()
+    paste_back_into(out, mask, result, plan, feather)
+    return out
+
+
+def paste_back_into(image: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: CropPlan, feather: int) -> None:
+    """paste_back in place: `image` (H, W, 3) uint8 is the input and receives the result (a 40 MP photo's
+    copy is 120 MB, and engines.regions pastes every region into one)."""
     if result.shape != (plan.bucket, plan.bucket, 3) or result.dtype != np.uint8:
         raise ValueError(f"result must be uint8 {(plan.bucket, plan.bucket, 3)}, got {result.dtype} {result.shape}")
     if feather < 0:
         raise ValueError(f"feather must be >= 0, got {feather}")
     height, width = mask.shape
     image_rows, image_cols, window_rows, window_cols = _window_inside_image(plan, height, width)
-    out = rgb.copy()
     window_mask = mask[image_rows, image_cols]
     box = _bounding_box(window_mask)
     if box is None:
-        return out
+        return
     if plan.side == plan.bucket:
         result = result[window_rows, window_cols]
     else:  # the inverse of crop_for_model: only the part of the crop that lies inside the image, back to its size
@@ -953,29 +961,43 @@ def paste_back(rgb: np.ndarray, mask: np.ndarray, result: np.ndarray, plan: Crop
         result = np.asarray(Image.fromarray(np.ascontiguousarray(visible)).resize(size, Image.Resampling.LANCZOS))
     rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
     inside = window_mask[rows, cols]
-    original = rgb[image_rows, image_cols][rows, cols]
     repainted = result[rows, cols]
-    target = out[image_rows, image_cols][rows, cols]
-    _copy_pixels(target, repainted, inside)
+    target = image[image_rows, image_cols][rows, cols]
     if feather == 0:
-        return out
-    if feather <= _SHIFTED_FEATHER_MAX:
-        band, band_weight = _feather_band(window_mask, feather, rows, cols)
-    else:
-        weight = _feather_weight(window_mask, feather, rows, cols)
-        band = np.flatnonzero((weight > 0) & (weight < 1))
-        band_weight = weight.ravel()[band]
-    band_rows, band_cols = np.divmod(band, inside.shape[1])
-    band_weight = band_weight[:, None]
-    blended = _take_pixels(original, band_rows, band_cols).astype(np.float32)
-    blended *= 1.0 - band_weight
-    repainted_part = _take_pixels(repainted, band_rows, band_cols).astype(np.float32)
-    repainted_part *= band_weight
+        _copy_pixels(target, repainted, inside)
+        return
+    # a block of rows at a time: a mask that is nearly all edge (thin stripes) made the band as large as the
+    # photo, and its index and weight arrays ~50 bytes a pixel (40 MP: 2 GB at once)
+    step = max(1, _BLEND_PIXELS // inside.shape[1])
+    for top in range(0, inside.shape[0], step):
+        block = slice(top, min(top + step, inside.shape[0]))
+        block_rows = slice(rows.start + block.start, rows.start + block.stop)
+        if feather <= _SHIFTED_FEATHER_MAX:
+            band, weight = _feather_band(window_mask, feather, block_rows, cols)
+        else:
+            weights = _feather_weight(window_mask, feather, block_rows, cols)
+            band = np.flatnonzero((weights > 0) & (weights < 1))
+            weight = weights.ravel()[band]
+        band_rows, band_cols = np.divmod(band, inside.shape[1])
+        original = _take_pixels(target[block], band_rows, band_cols)  # a copy, taken before the model's overwrite
+        _copy_pixels(target[block], repainted[block], inside[block])
+        _blend_band(target[block], original, repainted[block], band_rows, band_cols, weight)
+
+
+def _blend_band(
+    target: np.ndarray, original: np.ndarray, repainted: np.ndarray, rows: np.ndarray, cols: np.ndarray, weight
+) -> None:
+    """target = original * (1 - weight) + repainted * weight, rounded, at the band's pixels (rows, cols);
+    `original` holds those pixels' input values."""
+    weight = weight[:, None]
+    blended = original.astype(np.float32)
+    blended *= 1.0 - weight
+    repainted_part = _take_pixels(repainted, rows, cols).astype(np.float32)
+    repainted_part *= weight
     blended += repainted_part
     np.rint(blended, out=blended)
     np.clip(blended, 0, 255, out=blended)
-    _put_pixels(target, band_rows, band_cols, blended.astype(np.uint8))
-    return out
+    _put_pixels(target, rows, cols, blended.astype(np.uint8))
 
 
 def _as_pixels(array: np.ndarray) -> np.ndarray | None:

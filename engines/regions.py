@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from engines.imaging import EIGHT_CONNECTED, CropPlan, paste_back, plan_crop, window_sizes, window_start
+from engines.imaging import EIGHT_CONNECTED, CropPlan, paste_back_into, plan_crop, window_sizes, window_start
 
 # Beyond this many connected regions a request is planned as one box, as before: planning stays cheap (it is
 # quadratic in the regions at worst) and a speckled mask cannot turn one request into hundreds of model calls.
@@ -84,7 +84,7 @@ def paste_back_regions(
         local = CropPlan(top=plan.top - y0, left=plan.left - x0, side=plan.side, bucket=plan.bucket)
         window_mask = mask[y0:y1, x0:x1]
         covered += np.count_nonzero(window_mask)
-        out[y0:y1, x0:x1] = paste_back(out[y0:y1, x0:x1], window_mask, result, local, feather)
+        paste_back_into(out[y0:y1, x0:x1], window_mask, result, local, feather)
     if covered != np.count_nonzero(mask):
         raise ValueError("the plans leave part of the mask uncovered: plan them with plan_region_crops")
     return out

@@ -193,7 +193,8 @@ def test_a_missing_before_report_fails_before_any_measuring(tmp_path):
     "script, flag",
     [("bench_scorer.py", "--runs"), ("bench_one_removal.py", "--runs"), ("bench_crop_vs_resize.py", "--runs"),
      ("bench_region_crops.py", "--runs"), ("bench_ingress.py", "--runs"), ("bench_engine_gpu.py", "--iters"),
-     ("bench_unet_gpu.py", "--iters"), ("bench_unet_gpu.py", "--image-iters"), ("bench_proxy_head.py", "--rounds")],
+     ("bench_unet_gpu.py", "--iters"), ("bench_unet_gpu.py", "--image-iters"), ("bench_proxy_head.py", "--rounds"),
+     ("bench_paste_back.py", "--runs")],
 )  # fmt: skip
 def test_zero_runs_are_refused_before_any_work(script, flag):
     """`--runs 0` / `--iters 0` loaded the model (or started on the GPU) and then died in summarize with an
