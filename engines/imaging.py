@@ -151,21 +151,26 @@ def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     rgb = _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
     return DecodedImage(
         rgb=rgb, alpha=alpha if alpha is not None and alpha.min() < 255 else None, format=source_format,
-        icc_profile=rgb_icc_profile(profile), webp_lossless=source_format == "webp" and _webp_is_lossless(data),
+        icc_profile=rgb_icc_profile(profile),
+        webp_lossless=source_format == "webp" and _webp_is_lossless(data, limits.max_chunks),
         has_alpha=alpha is not None,
     )  # fmt: skip
 
 
-def _webp_is_lossless(data: bytes, most_chunks: int = 64) -> bool:
-    """A still WebP whose image chunk is VP8L (lossless), by a walk of its RIFF chunks: re-encoding it lossy
-    would change every pixel outside the mask."""
-    position = 12
+def _webp_is_lossless(data: bytes, most_chunks: int) -> bool:
+    """A WebP whose first frame, the one decoded, is VP8L (lossless), by a walk of its RIFF chunks (at most
+    `most_chunks`, the other formats' bound), into the first ANMF frame of an animation: re-encoding it lossy
+    would change every pixel outside the mask (gif2webp writes lossless frames by default)."""
+    position, end = 12, len(data)
     for _ in range(most_chunks):
-        if position + 8 > len(data):
+        if position + 8 > end:
             return False
         fourcc, size = data[position : position + 4], int.from_bytes(data[position + 4 : position + 8], "little")
-        if fourcc in (b"VP8L", b"VP8 ", b"ANMF"):
+        if fourcc in (b"VP8L", b"VP8 "):
             return fourcc == b"VP8L"
+        if fourcc == b"ANMF":  # a 16-byte frame header, then the frame's own chunks (ALPH, VP8 / VP8L)
+            position, end = position + 8 + 16, min(end, position + 8 + size)
+            continue
         position += 8 + size + (size & 1)
     return False
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import math
+import struct
 import sys
 import threading
 import time
@@ -1097,19 +1098,38 @@ def test_readiness_needs_the_scorer_only_where_the_gate_cannot_answer_without_it
     assert (answer["status"], answer["missing"]) == (expected, missing)
 
 
-@pytest.mark.parametrize("lossless", [True, False])
-def test_a_lossless_webp_photo_gets_a_lossless_webp_result(lossless):
-    """A lossless WebP upload came back re-encoded lossy at quality 95: 99% of the pixels outside the mask
-    changed (a review). Its result is now lossless too; a lossy WebP's stays lossy (and small)."""
-    photo, mask = _photo_and_two_objects()
+def _webp(photo: np.ndarray, lossless: bool, kind: str) -> bytes:
     buffer = io.BytesIO()
+    if kind == "animated":
+        frames = [Image.fromarray(photo[::-1].copy())]
+        Image.fromarray(photo).save(buffer, "WEBP", lossless=lossless, quality=90, save_all=True, append_images=frames)
+        return buffer.getvalue()
     Image.fromarray(photo).save(buffer, "WEBP", lossless=lossless, quality=90)
-    upload = RemovalRequest(buffer.getvalue(), png_bytes(mask.astype(np.uint8) * 255), RemoveOptions())
-    reply = asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(upload))
+    if kind == "still":
+        return buffer.getvalue()
+    # the extended format, its image chunk after 70 unknown chunks (RIFF lets a reader skip them)
+    height, width = photo.shape[:2]
+    canvas = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + canvas
+    body = b"WEBP" + vp8x + b"ZZZZ\x02\x00\x00\x00\x00\x00" * 70 + buffer.getvalue()[12:]
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("kind", ["still", "animated", "after unknown chunks"])
+@pytest.mark.parametrize("lossless", [True, False])
+def test_a_lossless_webp_photo_gets_a_lossless_webp_result(lossless, kind):
+    """A lossless WebP upload came back re-encoded lossy at quality 95: 99% of the pixels outside the mask
+    changed (a review). Its result is now lossless too; a lossy WebP's stays lossy (and small). An animation's
+    first frame (the one decoded) was taken for lossy whatever it was, as was an image chunk after 64 others
+    (an adversarial trial: gif2webp writes lossless frames by default)."""
+    photo, mask = _photo_and_two_objects()
+    upload = _webp(photo, lossless, kind)
+    request = RemovalRequest(upload, png_bytes(mask.astype(np.uint8) * 255), RemoveOptions())
+    reply = asyncio.run(_service(FakeModels(scores=[0.9, 0.9])).remove(request))
     with Image.open(io.BytesIO(reply.body)) as result:
         assert result.format == "WEBP"
         pixels = np.asarray(result.convert("RGB"))
-    with Image.open(io.BytesIO(buffer.getvalue())) as source:
+    with Image.open(io.BytesIO(upload)) as source:
         decoded = np.asarray(source.convert("RGB"))
     outside = ~mask_grown(mask)
     changed = (pixels != decoded).any(axis=2) & outside
