@@ -579,6 +579,36 @@ def test_an_interrupted_run_says_where_in_one_line_and_records_the_steps_done(
     assert summary["steps_done"] == 2 and [entry["step"] for entry in summary["losses"]] == [1, 2]
 
 
+def test_a_sigterm_stops_a_run_as_ctrl_c_does_and_its_summary_says_so(data_file, tmp_path, monkeypatch, capsys):
+    """A pod's eviction (SIGTERM) ended a stage at once: exit 143 with its summary left `running`, which the next
+    stage refused as a run not completed. It now stops as Ctrl-C does, and the handler before it is put back."""
+    import os
+    import signal
+
+    calls, loss_of = [], _loss
+
+    def terminated(model, batch, generator):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_of(model, batch, generator)
+
+    monkeypatch.setitem(globals(), "_loss", terminated)
+    ignored = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: ignored.append(signum))  # pytest's own process
+    try:
+        code = _cli_toy_finetune(monkeypatch, data_file, tmp_path / "run")
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM and not ignored
+    assert restored is not None and restored.__name__ == "<lambda>"
+    err = capsys.readouterr().err
+    assert err.startswith("python -m training finetune: interrupted by SIGTERM at step 3; rerun with --resume"), err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "interrupted at step 3"
+
+
 def test_a_ctrl_c_before_a_reruns_first_step_offers_no_earlier_runs_checkpoint(
     data_file, tmp_path, monkeypatch, capsys
 ):

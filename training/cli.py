@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import types
@@ -147,6 +148,24 @@ def _is_input_error(exc: BaseException) -> bool:
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 + 2)
 
 
+@contextlib.contextmanager
+def stopping_on_sigterm():
+    """SIGTERM (a pod's eviction, `kill`) stops a stage as Ctrl-C does, with its summary saying where: it ended the
+    process at once, its summary left `running`, which the next stage refused as a run never completed. Yields
+    what it caught: {"signal": 15} once SIGTERM came. The previous handler is put back."""
+    caught: dict[str, int] = {}
+
+    def terminate(signum, _frame):
+        caught["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def interrupted(settings: BaseModel, exc: KeyboardInterrupt, started_at: float) -> str:
     """The one line a Ctrl-C prints: where the stage stopped and, for a training stage, what --resume continues
     from (the newest checkpoint of this run, not the step it stopped at). Before the loop's first step the
@@ -194,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         except SettingsError as exc:
             print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
             return 2
+    caught = held.enter_context(stopping_on_sigterm())
     try:
         if main_process and not type(settings).MARKS_ITS_START:
             mark_run(settings.out, args.stage, settings)
@@ -203,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):  # (the error itself is what to report)
                 mark_run(settings.out, args.stage, settings, error=exc)
         if isinstance(exc, KeyboardInterrupt):
-            print(f"python -m training {args.stage}: {interrupted(settings, exc, started_at)}", file=sys.stderr)
-            return INTERRUPTED
+            line = interrupted(settings, exc, started_at)
+            if "signal" in caught:
+                line = line.replace("interrupted", "interrupted by SIGTERM", 1)
+            print(f"python -m training {args.stage}: {line}", file=sys.stderr)
+            return 128 + caught["signal"] if "signal" in caught else INTERRUPTED
         if isinstance(exc, SettingsError):
             print(f"python -m training {args.stage}: invalid settings: {exc}", file=sys.stderr)
             return 2
