@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray.serve.scripts import run
 
-    ray.init(
+    context = ray.init(
         address="local",
         namespace=SERVE_NAMESPACE,
         _node_ip_address=options.node_ip,
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         num_cpus=options.num_cpus,
         num_gpus=options.num_gpus,
     )
+
+    # where a driver joins this Ray (live settings, docs/configuration.md): address="auto" takes the newest Ray on
+    # the machine, which need not be this one
+    print(f"[rorem] Ray: {context.address_info['gcs_address']} (this service's, for a driver's ray.init)", flush=True)
 
     def stop(_signum, _frame):
         ray.shutdown()

@@ -108,6 +108,15 @@ def live_service(cluster, service):
         time.sleep(0.5)
 
 
+def test_the_start_prints_the_address_a_driver_joins_its_ray_at(live_service):
+    """docs/configuration.md's driver took address="auto", the newest Ray on the machine: a trial's live settings
+    went to another session's service. The start now prints its own Ray's address."""
+    printed = re.search(r"\[rorem\] Ray: (\S+) ", live_service.log_path.read_text())
+    assert printed, "no '[rorem] Ray: ADDRESS' line in the start's output"
+    address, _ = _cluster(live_service.client.get("/healthz").json()["instance"])
+    assert printed[1] == address
+
+
 def test_changing_live_settings_reconfigures_without_restarting_a_replica(live_service, tmp_path):
     instance = live_service.client.get("/healthz").json()["instance"]
     address = _cluster(instance)
