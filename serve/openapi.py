@@ -56,7 +56,8 @@ HEADERS: dict[str, tuple[dict, str]] = {
     REQUEST_ID: (_STR, "the request's id: yours if you sent one, else a new one"),
     "X-Seed": (
         TypeAdapter(Seed).json_schema(),
-        "seed of the kept attempt (gate=off&seed=<X-Seed> reproduces the image); absent when nothing was removed",
+        "seed of the kept attempt (the fields gate=off and seed=<X-Seed> reproduce the image); absent when nothing "
+        "was removed",
     ),
     "X-Bucket": (
         _STR,
