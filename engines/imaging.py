@@ -308,8 +308,9 @@ def _decode(
     except UnidentifiedImageError as exc:
         kind = next((name for name, signatures in _SIGNATURES.items() if data.startswith(signatures)), None)
         if kind is not None:  # a 12-bit JPEG was "not a recognised image (accepted formats: png, jpeg, ...)"
-            raise invalid(f"the {what} is a {kind} file of a kind this service cannot decode (a 12-bit JPEG, "
-                          f"say): send it as 8-bit PNG, JPEG or WebP") from exc  # fmt: skip
+            example = " (a 12-bit JPEG, say)" if kind == "JPEG" else ""
+            raise invalid(f"the {what} is a {kind} file this service cannot decode: damaged, or of a kind it does not "
+                          f"read{example}; send it as 8-bit PNG, JPEG or WebP") from exc  # fmt: skip
         accepted = ", ".join(f.lower() for f in ACCEPTED_FORMATS)
         raise invalid(f"the {what} is not a recognised image (accepted formats: {accepted})") from exc
     except Exception as exc:

@@ -204,6 +204,7 @@ class Ingress(GrpcMethods, LiveSettings):
         """A human verdict (yes / no) on a retained result. Verdicts are appended: the newest is the
         result's label, the earlier ones stay as its history. Answers the result with its feedback."""
         request.state.request_id = request_id_of(request)
+        self.service.retention.require_enabled()  # the documented 404 before the body's 422
         body = await read_json(request, FeedbackBody, body_timeout_s=self.settings.overload.body_timeout_s)
         principal = request.state.principal
         stored = await self.service.retention.feedback(

@@ -1418,7 +1418,12 @@ def test_a_jpeg_of_a_kind_pillow_does_not_decode_is_not_called_an_unknown_format
     data = buffer.getvalue()
     frame = data.index(b"\xff\xc0")
     twelve_bit = data[: frame + 4] + bytes([12]) + data[frame + 5 :]
-    with pytest.raises(InvalidImage, match="is a JPEG file of a kind this service cannot decode"):
+    with pytest.raises(InvalidImage, match=r"is a JPEG file this service cannot decode: damaged, or of a kind it does "
+                       r"not read \(a 12-bit JPEG, say\)"):  # fmt: skip
         decode_image(twelve_bit, DecodeLimits())
     with pytest.raises(InvalidImage, match="is not a recognised image"):
         decode_image(b"hello, not an image", DecodeLimits())
+    # a damaged PNG was told it might be "a 12-bit JPEG" (an adversarial trial)
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(b"\x89PNG\r\n\x1a\n" + bytes(40), DecodeLimits())
+    assert "is a PNG file this service cannot decode: damaged, or of a kind it does not read; send" in str(caught.value)

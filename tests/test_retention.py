@@ -663,12 +663,41 @@ def test_retain_is_refused_where_retention_is_off_and_defaults_follow_the_config
     with pytest.raises(Problem) as missing:
         off.require_enabled()
     assert missing.value.status == 404 and "retention.enabled" in missing.value.detail
+    # the documented 404 comes before a check of what was asked (a queue's limit, an image's kind): it was a 422
+    for asked in (off.queue(0, None), off.image("x", "thumbnail")):
+        with pytest.raises(Problem) as missing:
+            asyncio.run(asked)
+        assert missing.value.status == 404 and "retention.enabled" in missing.value.detail
 
     path = {"path": str(tmp_path / "kept")}
     opt_in = Retention(RetentionSettings(enabled=True, object_store=path), metrics=None)
     assert opt_in.wanted(None) is False and opt_in.wanted(True) is True
     every = Retention(RetentionSettings(enabled=True, default_retain=True, object_store=path), metrics=None)
     assert every.wanted(None) is True and every.wanted(False) is False
+
+
+def test_a_verdict_where_retention_is_off_is_the_documented_404_whatever_its_body():
+    """api.md: the feedback routes answer 404 unless retention is on; an invalid verdict got a 422 first."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from serve.app import Ingress
+    from serve.config import IngressArgs, RetentionSettings
+    from serve.problems import Problem
+    from serve.retention.keeper import Retention
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    request = Request({"type": "http", "method": "POST", "path": "/feedback", "headers": headers}, receive)
+    ingress = SimpleNamespace(
+        settings=IngressArgs(), service=SimpleNamespace(retention=Retention(RetentionSettings(), metrics=None))
+    )
+    with pytest.raises(Problem) as missing:
+        asyncio.run(Ingress.func_or_class.feedback(ingress, request))
+    assert missing.value.status == 404 and "retention.enabled" in missing.value.detail
 
 
 def test_a_verdict_with_a_nul_character_is_bad_input_not_a_store_failure():

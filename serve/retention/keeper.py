@@ -378,6 +378,7 @@ class Retention:
         return await self._call(result_id, lambda store: store.get(result_id, owner))
 
     async def image(self, result_id: str, kind: str, owner: str | None = None) -> tuple[bytes, str]:
+        self.require_enabled()
         if kind not in KINDS:
             raise Problem("not-found", f"a result has the images {', '.join(KINDS)}, not {kind!r}")
         return await self._call(result_id, lambda store: store.read(result_id, kind, owner))
@@ -405,6 +406,7 @@ class Retention:
         """The next `limit` unlabelled results, least certain first, and how many are unlabelled in all.
         `principal`: the asking key's name; judged neither by it nor without a key (None, auth off: without any
         verdict)."""
+        self.require_enabled()
         if not 1 <= limit <= MAX_QUEUE:
             raise Problem("invalid-request", f"limit must be 1 to {MAX_QUEUE}, got {limit}")
         if threshold is not None and not 0.0 <= threshold <= 10.0:
