@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import os
 import random
 import re
@@ -434,6 +435,16 @@ def test_a_delimiter_padded_past_a_few_bytes_is_refused_before_the_parse(padding
     for sent in (many, [many[: at + 3], many[at + 3 : at + 40], many[at + 40 :]], [many[: at + 100], many[at + 100 :]]):
         refused = outcome(lambda: req._from_multipart(content_type, sent, NAMES, ("image",), req.RemoveOptions))
         assert refused[:2] == ("problem", "malformed-body") and "transport padding" in refused[2], refused
+
+
+def test_a_malformed_multipart_body_is_answered_not_logged(caplog):
+    """python-multipart logged a WARNING into the replica's log for each malformed body a client sent."""
+    content_type = "multipart/form-data; boundary=b0undary"
+    with caplog.at_level(logging.DEBUG):
+        body = b"--b0undary\rX"
+        refused = outcome(lambda: req._from_multipart(content_type, body, NAMES, ("image",), req.RemoveOptions))
+    assert refused[:2] == ("problem", "malformed-body")
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("python_multipart")] == []
 
 
 def test_multipart_mistakes_are_told_as_the_mistake_whatever_their_size_or_count():
