@@ -14,9 +14,9 @@ no such move separates them without overlapping a third. Past `max_crops` (what 
 allows), the pair whose shared window is downscaled least (then the smallest) merges, again until `max_crops`
 remain: a fifth object costs one shared window, not one window around all five.
 
-`paste_back_regions` pastes each crop's result with `imaging.paste_back` inside its own window only. Windows never
-overlap and each group's mask pixels lie inside its window, so a window holds exactly its own group's pixels: no
-paste can touch another region, and every pixel outside the mask stays bit-identical.
+`paste_back_regions` pastes each crop's result with `imaging.paste_back_into` inside its own window only.
+Windows never overlap and each group's mask pixels lie inside its window, so a window holds exactly its own
+group's pixels: no paste can touch another region, and every pixel outside the mask stays bit-identical.
 """
 
 from __future__ import annotations

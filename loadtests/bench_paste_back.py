@@ -3,6 +3,7 @@
 9 s of CPU and 2 GB).
 
     python loadtests/bench_paste_back.py [--side 6324] [--runs 3]
+    python loadtests/bench_paste_back.py --side 610 --width 65535 --feather 64   # a panorama, the widest feather
     python loadtests/bench_paste_back.py --tree /tmp/old    # another checkout's engines/, for a before/after
     python loadtests/bench_paste_back.py --smoke            # a 1024 photo, one run: checks that the script works
 
@@ -36,16 +37,17 @@ MASKS = {  # name: (one row in `every` masked, or None for the box; the request'
 }
 
 
-def mask_of(side: int, every: int | None) -> np.ndarray:
-    mask = np.zeros((side, side), bool)
+def mask_of(height: int, width: int, every: int | None) -> np.ndarray:
+    mask = np.zeros((height, width), bool)
     if every is None:
-        mask[:, : side // 2] = True
+        mask[:, : width // 2] = True
     else:
         mask[::every] = True
     return mask
 
 
-def measure(side: int, runs: int) -> dict:
+def measure(height: int, width: int, runs: int, feather: int | None = None) -> dict:
+    """`feather`: the blend ramp, over the service's for the request's dilate (imaging.feather, at most dilate + 1)."""
     from engines import regions
     from engines.imaging import DecodedImage, DecodeLimits
     from engines.pipeline import CropSettings, RemovalPipeline
@@ -53,13 +55,13 @@ def measure(side: int, runs: int) -> dict:
 
     settings = ImagingSettings()
     pipeline = RemovalPipeline(None, CropSettings.from_imaging(settings), DecodeLimits())
-    rgb = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     rows = {}
     for name, (every, dilate) in MASKS.items():
-        prepared = pipeline.prepare_pixels(DecodedImage(rgb, None, "png"), mask_of(side, every), dilate, 4)
+        prepared = pipeline.prepare_pixels(DecodedImage(rgb, None, "png"), mask_of(height, width, every), dilate, 4)
         results = [np.full((plan.bucket, plan.bucket, 3), 128, np.uint8) for plan in prepared.plans]
-        feather = pipeline.crops.feather_for(dilate)
-        args = (rgb, prepared.mask, results, prepared.plans, feather)
+        ramp = pipeline.crops.feather_for(dilate) if feather is None else feather
+        args = (rgb, prepared.mask, results, prepared.plans, ramp)
         cpu = []
         for _ in range(runs):
             started = time.process_time()
@@ -73,11 +75,11 @@ def measure(side: int, runs: int) -> dict:
             tracemalloc.stop()
         rows[name] = {
             "dilated_share": round(float(prepared.mask.mean()), 3),
-            "feather": feather,
+            "feather": ramp,
             "first_cpu_s": round(cpu[0], 3),
             "best_cpu_s": round(min(cpu), 3),
             "peak_mib": round(peak / 2**20, 1),
-            "peak_bytes_per_pixel": round(peak / side**2, 1),
+            "peak_bytes_per_pixel": round(peak / (height * width), 1),
             "output_sha256": hashlib.sha256(edited.tobytes()).hexdigest()[:16],
         }
     return rows
@@ -88,16 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     from benchlib import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--side", type=positive_int, default=6324, help="photo side in pixels (6324: 40 MP)")
+    parser.add_argument("--side", type=positive_int, default=6324, help="photo height in pixels (6324: 40 MP)")
+    parser.add_argument("--width", type=positive_int, default=None, help="photo width (default: --side)")
+    parser.add_argument("--feather", type=int, default=None, help="blend ramp in pixels (default: the service's)")
     parser.add_argument("--runs", type=positive_int, default=3, help="timed pastes per mask (the best is kept)")
     parser.add_argument("--tree", type=Path, default=REPO, help="the checkout whose engines/ and serve/ are timed")
     parser.add_argument("--smoke", action="store_true", help="a 1024 photo, one run")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench_paste_back.json")
     args = parser.parse_args(argv)
-    side, runs = (1024, 1) if args.smoke else (args.side, args.runs)
+    height, runs = (1024, 1) if args.smoke else (args.side, args.runs)
+    width = height if args.smoke or args.width is None else args.width
     sys.path.insert(0, str(args.tree.resolve()))
-    rows = measure(side, runs)
-    print(f"photo {side}x{side} ({side * side / 1e6:.1f} MP), tree {args.tree.resolve()}, best of {runs}")
+    rows = measure(height, width, runs, args.feather)
+    print(f"photo {width}x{height} ({width * height / 1e6:.1f} MP), tree {args.tree.resolve()}, best of {runs}")
     print("| mask | dilated share | paste CPU s, first | best | peak MiB | peak bytes/pixel | output |")
     print("|---|---|---|---|---|---|---|")
     for name, row in rows.items():
@@ -106,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['peak_mib']:.0f} | {row['peak_bytes_per_pixel']:.1f} | {row['output_sha256']} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tree = str(args.tree.resolve())
-    report = {"side": side, "runs": runs, "tree": tree, "machine": platform.machine(), "masks": rows}
+    report = {"height": height, "width": width, "runs": runs, "tree": str(args.tree.resolve())}
+    report |= {"machine": platform.machine(), "masks": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
