@@ -156,6 +156,8 @@ def stopping_on_sigterm():
     caught: dict[str, int] = {}
 
     def terminate(signum, _frame):
+        if caught:  # a second one (a process group's kill and the launcher's forward) must not cut the summary's write
+            return
         caught["signal"] = signum
         raise KeyboardInterrupt
 
