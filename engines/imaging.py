@@ -119,7 +119,8 @@ class DecodeLimits:
     max_bytes: int = 30 * 1024 * 1024
     max_megapixels: float = 40.0
     max_side: int = 65535  # crop and paste-back of a 1 x 40M strip allocate gigabytes
-    max_chunks: int = 65536  # PNG chunks, JPEG segments before the first scan, GIF blocks, TIFF array lengths
+    max_chunks: int = 65536  # PNG chunks, JPEG segments before the first scan, GIF blocks, TIFF array lengths, WebP
+    # chunks walked to find a lossless image (_webp_is_lossless)
     max_jpeg_scans: int = 100  # each progressive scan passes over the whole image
     max_exif_bytes: int = 64 * 1024  # a JPEG's APP1 segment can hold no more
     max_rle_bytes: int = 1024 * 1024  # Pillow decodes RLE BMPs in Python, ~0.4 s per MB

@@ -353,7 +353,10 @@ class ImagingSettings(_Strict):
     # cost bounds checked from a file's structure before its pixels are decoded (engines.imaging.DecodeLimits)
     max_side: int = Field(_DECODE.max_side, ge=1, description="pixels on the longer side")
     max_chunks: int = Field(
-        _DECODE.max_chunks, ge=64, description="PNG chunks, JPEG header segments, GIF blocks, TIFF tag values"
+        _DECODE.max_chunks,
+        ge=64,
+        description="PNG chunks, JPEG header segments, GIF blocks, TIFF tag values; the WebP chunks read to tell a "
+        "lossless one (past them it is taken for lossy)",
     )
     max_jpeg_scans: int = Field(_DECODE.max_jpeg_scans, ge=1, description="progressive scans in a JPEG")
     max_exif_bytes: int = Field(_DECODE.max_exif_bytes, ge=0, description="size of an image's EXIF block")
