@@ -70,6 +70,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _refused = False
     _body_pending = False  # a request's head is in and its body is not all in (uvicorn's more_body can stay set)
     _shutting_down = False
+    _trailer_bytes = 0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -109,7 +110,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             return
         if not self._in_head:
             self._start_head()
+        self._trailer_bytes = 0
         super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """A header line, or past the head a chunked body's trailer field: uvicorn appended those to the request's
+        headers, uncounted (20 MiB of trailer lines grew the proxy by ~500 MiB and went on to the Ingress). They
+        are dropped (no route reads one), and bounded as a head is."""
+        if self._in_head:
+            super().on_header(name, value)
+            return
+        self._trailer_bytes += len(name) + len(value) + 4
+        if self._trailer_bytes <= MAX_HEAD_BYTES or self._refused:
+            return
+        if self.cycle is not None and self.cycle.response_started:  # answered before its body was read (a 401)
+            self._refused = True
+            self.transport.close()
+            return
+        self._refuse(Problem("headers-too-large", f"a chunked body's trailer fields may take {MAX_HEAD_BYTES} bytes"))
 
     def on_headers_complete(self) -> None:
         """A head that came whole in one read is measured here: its target and header lines, as parsed."""

@@ -402,6 +402,36 @@ def test_a_chunked_body_the_parser_refuses_gets_a_named_400_problem_json(proxy_p
     assert _named(headers, problem) == "given-2" and recorded.refusals == ["malformed-request"]
 
 
+async def _header_names(scope, receive, send):
+    """Answers the header names it sees once the whole body is in (where a trailer field would be)."""
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    body = b",".join(sorted(name for name, _ in scope["headers"]))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_chunked_bodys_trailer_fields_are_dropped_and_bounded_as_a_head():
+    """uvicorn appended a chunked body's trailer fields to the request's headers, counted by no bound: 20 MiB of
+    trailer lines grew Ray's proxy by ~500 MiB (an anonymous client's too, with keys on) and reached the app."""
+    server = _Server(_header_names)
+    try:
+        head = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1\r\n{\r\n0\r\n"
+        with _connect(server.port) as client:
+            client.sendall(head + b"X-Trailer: 1\r\n\r\n")
+            assert _responses(_read_all(client)) == [(200, b"connection,host,transfer-encoding")]
+        with _connect(server.port) as client:
+            sender = threading.Thread(target=_send_quietly, args=(client, head + b"A:b\r\n" * 40_000 + b"\r\n"))
+            sender.start()
+            [(status, problem)] = _responses(_read_all(client))
+            sender.join(10)
+        assert status == 431 and json.loads(problem)["type"].endswith("/headers-too-large")
+        assert f"trailer fields may take {MAX_HEAD_BYTES} bytes" in json.loads(problem)["detail"]
+    finally:
+        server.stop()
+
+
 def test_a_body_in_a_coding_nobody_decodes_is_refused_not_read_as_plain(monkeypatch):
     """httptools frames `gzip, chunked` (or a gzip line, then a chunked line) as chunked and handed the app the
     gzip bytes as the body, as it did a body with a Content-Encoding, and took a chunked HTTP/1.0 request: now 400 or
