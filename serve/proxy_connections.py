@@ -15,6 +15,12 @@ or off. BoundedHttpProtocol is uvicorn's httptools protocol with two bounds on e
 The time a request runs and the time between requests (Ray's keep_alive_timeout_s) are not the head's: a
 removal may take longer than HEAD_TIMEOUT_S on a connection that then carries another request.
 
+A chunked body's trailer fields are dropped (uvicorn added them to the request's headers, counted by nothing) and
+bounded as a head. And an answer is not kept waiting on a client that reads nothing: once the proxy's writes to
+a connection have waited SEND_TIMEOUT_S without the client taking any (nginx's send_timeout), the connection is
+aborted (one that takes some is given as long again); a client that never read its 12 MB result held its
+connection for good.
+
 And a refusal ends the connection cleanly for a client that is still sending. The proxy's own refusals before a
 body is all in (its 413 or 401, the 431 and 400 here) say `connection: close`, and uvicorn closes the connection
 as soon as such an answer is sent: closed with the client's bytes unread, the kernel ends it with a reset (RST)
@@ -54,6 +60,7 @@ HEAD_TIMEOUT_S = 15.0
 # between reads), or once this much more has come: a client still sending that much has had the answer already
 LINGER_S = 5.0
 LINGER_MAX_BYTES = 8 * 1024 * 1024
+SEND_TIMEOUT_S = 60.0  # nginx's send_timeout: the longest a client may leave the proxy's writes waiting
 PROTOCOL_PATH = "serve.proxy_connections:BoundedHttpProtocol"
 
 
@@ -71,6 +78,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _body_pending = False  # a request's head is in and its body is not all in (uvicorn's more_body can stay set)
     _shutting_down = False
     _trailer_bytes = 0
+    _send_timer = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -79,8 +87,37 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._stop_head()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
         self.transport.stop_lingering()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the client reads slower than the answer is written, or not at all."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(SEND_TIMEOUT_S, self._send_too_slow, self._unsent())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _unsent(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def _send_too_slow(self, unsent: int) -> None:
+        """SEND_TIMEOUT_S since the writes paused with `unsent` bytes waiting: a client that took some since is
+        given as long again (a write of an app can take a slow reader longer than that to drain); one that took
+        none is aborted, not closed: a close waits for the buffer to drain, which it never lets happen. The
+        request still running is told its client left (connection_lost)."""
+        now = self._unsent()
+        if now < unsent:
+            self._send_timer = self.loop.call_later(SEND_TIMEOUT_S, self._send_too_slow, now)
+            return
+        self._send_timer = None
+        self.transport.abort()
 
     def client_still_sending(self) -> bool:
         """A refused head, or a request whose body is not all in; nothing during a server shutdown (it closes at

@@ -114,8 +114,8 @@ def test_the_defaults_the_readme_and_the_limits_table_restate_are_the_settings_d
 
 
 def test_the_proxy_connection_limits_docs_reliability_states_are_the_modules():
-    """The head's size and time and the lingering close's time and bytes are module constants, restated by hand in
-    the limits table."""
+    """The head's size and time, the lingering close's time and bytes and the send timeout are module constants,
+    restated by hand in the limits table."""
     from serve import proxy_connections as limits
 
     rows = (REPO / "docs" / "reliability.md").read_text().splitlines()
@@ -126,6 +126,9 @@ def test_the_proxy_connection_limits_docs_reliability_states_are_the_modules():
     said = linger.split(" | ")[1]
     assert said.startswith(f"{limits.LINGER_S:g} s in all (`LINGER_S`") and "(`LINGER_MAX_BYTES`)" in said, said
     assert f"{limits.LINGER_MAX_BYTES // 2**20} MiB more (`LINGER_MAX_BYTES`)" in said, said
+    send = next(row for row in rows if row.startswith("| a client that does not read its answer"))
+    assert send.split(" | ")[1].startswith(f"{limits.SEND_TIMEOUT_S:g} s in which"), send
+    assert "trailer fields are dropped" in head and f"431 past {limits.MAX_HEAD_BYTES // 1024} KiB" in head
 
 
 def test_the_bad_input_case_count_the_readme_and_api_doc_give_is_the_corpus_table_s():

@@ -432,6 +432,56 @@ def test_a_chunked_bodys_trailer_fields_are_dropped_and_bounded_as_a_head():
         server.stop()
 
 
+BIG_ANSWER = 16 * 1024 * 1024
+
+
+async def _big_answer(scope, receive, send):
+    while (await receive()).get("more_body", False):
+        pass
+    headers = [(b"content-length", b"%d" % BIG_ANSWER)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for _ in range(16):
+        await send({"type": "http.response.body", "body": b"r" * (BIG_ANSWER // 16), "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_client_that_reads_nothing_of_its_answer_is_cut_off_after_the_send_timeout(monkeypatch):
+    """A client that never read its 12 MB result held its connection (and the answer's buffers) for as long as it
+    liked, past every bound; a client that reads, however slowly, is not cut off."""
+    monkeypatch.setattr(proxy_connections, "SEND_TIMEOUT_S", 1.0)
+    server = _Server(_big_answer)
+    try:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(10)
+        client.connect(("127.0.0.1", server.port))
+        with client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(3.0)
+            received = 0
+            try:
+                while chunk := client.recv(1 << 20):
+                    received += len(chunk)
+            except ConnectionResetError:
+                pass
+        assert received < BIG_ANSWER, "the whole answer waited for a client that read nothing"
+        with _connect(server.port) as reader:  # reads in bursts, with pauses shorter than the timeout
+            reader.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            reader.setblocking(False)
+            answer, closed = b"", False
+            while not closed:
+                time.sleep(0.6)
+                try:
+                    while chunk := reader.recv(1 << 20):
+                        answer += chunk
+                    closed = True
+                except BlockingIOError:
+                    pass
+        assert answer.endswith(b"r" * 1000) and len(answer.split(b"\r\n\r\n", 1)[1]) == BIG_ANSWER
+    finally:
+        server.stop()
+
+
 def test_a_body_in_a_coding_nobody_decodes_is_refused_not_read_as_plain(monkeypatch):
     """httptools frames `gzip, chunked` (or a gzip line, then a chunked line) as chunked and handed the app the
     gzip bytes as the body, as it did a body with a Content-Encoding, and took a chunked HTTP/1.0 request: now 400 or
