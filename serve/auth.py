@@ -37,6 +37,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -395,11 +396,14 @@ class _Rule:
         request.state.principal = await policy().check_async(request.headers, self.scope)
 
 
+_HOST_VALUE = re.compile(r"(\[[^\[\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # RFC 9110's host [ ":" port ]
+
+
 def _host_name(host: str) -> str:
-    """The name of a Host header's value, without its port or a trailing dot: "[::1]:8000" -> "[::1]"."""
-    host = host.strip().lower()
-    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
-    return name.rstrip(".")
+    """The name of a Host header's value, without its port or a trailing dot: "[::1]:8000" -> "[::1]"; "" (no
+    name allowed) for a value that is no host[:port] ("[::1]evil" and "localhost:junk" were read as allowed)."""
+    found = _HOST_VALUE.fullmatch(host.strip().lower())
+    return found[1].rstrip(".") if found else ""
 
 
 def _origin_host(origin: str) -> str:

@@ -175,7 +175,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._refuse_head()
             return
         self._body_pending = True
-        super().on_headers_complete()
+        try:
+            super().on_headers_complete()
+        except BaseException:  # a head httptools refuses at its end (CONNECT): no body was pending
+            self._body_pending = False
+            raise
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:

@@ -604,7 +604,9 @@ def test_without_keys_a_rebound_host_name_gets_nothing_and_probes_still_answer(m
     client = _browser_app(monkeypatch, {})
     for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000"):
         assert client.get("/results", headers={"host": host}).json() == {"private": True}
-    for host in ("attacker.example:8000", "127.0.0.1.attacker.example", "localhost.attacker.example:8000"):
+    # (the last three: an allowed name with junk after it, which no browser sends, was read as allowed)
+    for host in ("attacker.example:8000", "127.0.0.1.attacker.example", "localhost.attacker.example:8000",
+                 "[::1]evil", "localhost:junk", "[::1]:8000x"):  # fmt: skip
         refused = client.get("/results", headers={"host": host})
         assert refused.status_code == 403 and refused.json()["type"].endswith("host-not-allowed")
         assert client.get("/healthz", headers={"host": host}).status_code == 200, "a probe names the pod's IP"

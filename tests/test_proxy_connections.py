@@ -402,6 +402,15 @@ def test_a_chunked_body_the_parser_refuses_gets_a_named_400_problem_json(proxy_p
     assert _named(headers, problem) == "given-2" and recorded.refusals == ["malformed-request"]
 
 
+def test_a_connect_request_is_told_its_head_cannot_be_parsed_not_its_body(proxy_port):
+    """CONNECT (refused by httptools as its head ends) was told "the request's chunked body framing cannot be
+    parsed": it sent no body."""
+    with _connect(proxy_port) as client:
+        client.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        status, _, problem = _answer_of(_read_all(client))
+    assert status == 400 and problem["detail"].startswith("the request's line and headers cannot be parsed"), problem
+
+
 async def _header_names(scope, receive, send):
     """Answers the header names it sees once the whole body is in (where a trailer field would be)."""
     more = True
