@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -366,7 +367,8 @@ def test_a_start_starts_a_ray_of_its_own_whatever_ray_address_names(tmp_path, mo
         raise Stop
 
     initialized = []
-    monkeypatch.setattr(ray, "init", lambda **kwargs: initialized.append(kwargs))
+    context = types.SimpleNamespace(address_info={"gcs_address": "127.0.0.1:6379"})
+    monkeypatch.setattr(ray, "init", lambda **kwargs: initialized.append(kwargs) or context)
     monkeypatch.setattr(launcher.signal, "signal", lambda *args: None)
     monkeypatch.setattr("ray.serve.scripts.run.main", serve_run)
     with pytest.raises(Stop):
