@@ -148,17 +148,26 @@ def _is_input_error(exc: BaseException) -> bool:
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 + 2)
 
 
+class Sigterm:
+    """What stopping_on_sigterm caught: `signal` once SIGTERM came; `stopping` once main handles the stop."""
+
+    signal: int | None = None
+    stopping = False
+
+
 @contextlib.contextmanager
 def stopping_on_sigterm():
     """SIGTERM (a pod's eviction, `kill`) stops a stage as Ctrl-C does, with its summary saying where: it ended the
-    process at once, its summary left `running`, which the next stage refused as a run never completed. Yields
-    what it caught: {"signal": 15} once SIGTERM came. The previous handler is put back."""
-    caught: dict[str, int] = {}
+    process at once, its summary left `running`, which the next stage refused as a run never completed. Once main
+    handles the stop (`stopping`), more of them (a process group's kill and the launcher's forward) are ignored, so
+    as not to cut the summary's write; before that each one raises, as one raised where Python swallows exceptions
+    (a `__del__`) stops nothing. The previous handler is put back."""
+    caught = Sigterm()
 
     def terminate(signum, _frame):
-        if caught:  # a second one (a process group's kill and the launcher's forward) must not cut the summary's write
+        if caught.stopping:
             return
-        caught["signal"] = signum
+        caught.signal = signum
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -221,15 +230,16 @@ def main(argv: list[str] | None = None) -> int:
             mark_run(settings.out, args.stage, settings)
         summary = run(settings)
     except BaseException as exc:
+        caught.stopping = True
         if main_process:  # a previous run's "completed" summary must not stand for this one, once it started
             with contextlib.suppress(OSError):  # (the error itself is what to report)
                 mark_run(settings.out, args.stage, settings, error=exc)
         if isinstance(exc, KeyboardInterrupt):
             line = interrupted(settings, exc, started_at)
-            if "signal" in caught:
+            if caught.signal is not None:
                 line = line.replace("interrupted", "interrupted by SIGTERM", 1)
             print(f"python -m training {args.stage}: {line}", file=sys.stderr)
-            return 128 + caught["signal"] if "signal" in caught else INTERRUPTED
+            return INTERRUPTED if caught.signal is None else 128 + caught.signal
         if isinstance(exc, SettingsError):
             print(f"python -m training {args.stage}: invalid settings: {exc}", file=sys.stderr)
             return 2
