@@ -17,9 +17,10 @@ removal may take longer than HEAD_TIMEOUT_S on a connection that then carries an
 
 A chunked body's trailer fields are dropped (uvicorn added them to the request's headers, counted by nothing) and
 bounded as a head. And an answer is not kept waiting on a client that reads nothing: once the proxy's writes to
-a connection have waited SEND_TIMEOUT_S without the client taking any (nginx's send_timeout), the connection is
-aborted (one that takes some is given as long again); a client that never read its 12 MB result held its
-connection for good.
+a connection (a full buffer, or a closing connection's unsent tail) have waited SEND_TIMEOUT_S without the client
+taking any (nginx's send_timeout), the connection is aborted (one that takes some is given as long again); a
+client that never read its 12 MB result held its connection for good. Whenever a connection ends under a request,
+the request running and those pipelined behind it are told their client left (uvicorn tells the newest only).
 
 And a refusal ends the connection cleanly for a client that is still sending. The proxy's own refusals before a
 body is all in (its 413 or 401, the 431 and 400 here) say `connection: close`, and uvicorn closes the connection
@@ -78,7 +79,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _body_pending = False  # a request's head is in and its body is not all in (uvicorn's more_body can stay set)
     _shutting_down = False
     _trailer_bytes = 0
+    _after_chunk_size = False  # a chunk's size line is in and none of its data: the last chunk's trailer, maybe
+    _read_had_body = False
+    _trailer_read = 0
     _send_timer = None
+    _running_cycle = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -90,19 +95,38 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
         self.transport.stop_lingering()
+        self.tell_requests_client_left()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        self._running_cycle = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def tell_requests_client_left(self) -> None:
+        """The request running and those pipelined behind it: uvicorn tells only the newest, a queued one, so a
+        request running when its client left (or was refused a pipelined request) ran on, told nothing."""
+        queued = [cycle for cycle, _ in self.pipeline]
+        for cycle in [self._running_cycle, self.cycle, *queued]:
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
 
     def pause_writing(self) -> None:
         """The transport's buffer is full: the client reads slower than the answer is written, or not at all."""
         super().pause_writing()
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(SEND_TIMEOUT_S, self._send_too_slow, self._unsent())
+        self.watch_send()
 
     def resume_writing(self) -> None:
+        """A closing connection's tail below the buffer's low mark still waits on the client: watched till sent."""
         super().resume_writing()
-        if self._send_timer is not None:
+        if self._send_timer is not None and not self.transport.is_closing():
             self._send_timer.cancel()
             self._send_timer = None
+
+    def watch_send(self) -> None:
+        """Bytes wait on the client (a full buffer, or a connection closing with its answer's tail unsent)."""
+        if self._send_timer is None and self._unsent():
+            self._send_timer = self.loop.call_later(SEND_TIMEOUT_S, self._send_too_slow, self._unsent())
 
     def _unsent(self) -> int:
         return self.transport.get_write_buffer_size()
@@ -113,11 +137,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         none is aborted, not closed: a close waits for the buffer to drain, which it never lets happen. The
         request still running is told its client left (connection_lost)."""
         now = self._unsent()
-        if now < unsent:
+        if 0 < now < unsent:
             self._send_timer = self.loop.call_later(SEND_TIMEOUT_S, self._send_too_slow, now)
             return
         self._send_timer = None
-        self.transport.abort()
+        if now:
+            self.transport.abort()
 
     def client_still_sending(self) -> bool:
         """A refused head, or a request whose body is not all in; nothing during a server shutdown (it closes at
@@ -138,9 +163,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             return
         if self._in_head:
             self._head_bytes += len(data)
+        self._read_had_body = False
         super().data_received(data)
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
             self._refuse_head()
+        elif self._after_chunk_size and not self._read_had_body:
+            self._trailer_read += len(data)
+            if self._trailer_read > MAX_HEAD_BYTES:
+                self._refuse_trailer()
 
     def on_message_begin(self) -> None:
         if self._refused:
@@ -153,12 +183,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         """A header line, or past the head a chunked body's trailer field: uvicorn appended those to the request's
         headers, uncounted (20 MiB of trailer lines grew the proxy by ~500 MiB and went on to the Ingress). They
-        are dropped (no route reads one), and bounded as a head is."""
+        are dropped (no route reads one), and bounded as a head is: here as parsed (a trailer that came in one
+        read), and in data_received as read (httptools holds a field until it ends: one endless field is only
+        seen there)."""
         if self._in_head:
             super().on_header(name, value)
             return
         self._trailer_bytes += len(name) + len(value) + 4
-        if self._trailer_bytes <= MAX_HEAD_BYTES or self._refused:
+        if self._trailer_bytes > MAX_HEAD_BYTES:
+            self._refuse_trailer()
+
+    def on_chunk_header(self) -> None:
+        self._after_chunk_size = True
+
+    def on_chunk_complete(self) -> None:
+        """A chunk's data and its CRLF are in; or, for the last chunk (size 0), its trailer."""
+        self._after_chunk_size = False
+        self._trailer_read = 0
+
+    def _refuse_trailer(self) -> None:
+        if self._refused:
             return
         if self.cycle is not None and self.cycle.response_started:  # answered before its body was read (a 401)
             self._refused = True
@@ -182,6 +226,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             raise
 
     def on_body(self, body: bytes) -> None:
+        self._read_had_body = True
+        self._after_chunk_size = False
+        self._trailer_read = 0
         if not self._refused:
             super().on_body(body)
 
@@ -262,19 +309,20 @@ class LingeringClose:
             self._transport.write(data)
 
     def close(self) -> None:
+        """A close waits for the answer's unsent bytes: the protocol's send timeout watches them."""
         if self.lingering or self._transport.is_closing() or not self._transport.can_write_eof():
             self.stop_lingering()
             self._transport.close()
+            self._protocol.watch_send()
             return
         if not self._protocol.client_still_sending():
             self._transport.close()
+            self._protocol.watch_send()
             return
         self.lingering = True
         self._transport.write_eof()
-        cycle = self._protocol.cycle
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True
-            cycle.message_event.set()
+        self._protocol.watch_send()
+        self._protocol.tell_requests_client_left()
         self._protocol.flow.resume_reading()  # a request body's reads may be paused (uvicorn's high water mark)
         self._timer = self._protocol.loop.call_later(LINGER_S, self._transport.close)
 

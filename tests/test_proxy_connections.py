@@ -4,6 +4,7 @@ server on a loopback socket, with Ray's keep-alive), without Ray."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -46,8 +47,10 @@ def _config(app=_echo, **http) -> uvicorn.Config:
 class _Server:
     """The protocol on a loopback socket, on uvloop as in Ray's proxy (ray._private.async_compat)."""
 
-    def __init__(self, app):
+    def __init__(self, app, send_buffer: int | None = None):
         sock = socket.socket()
+        if send_buffer is not None:  # accepted connections take it from the listening socket (Linux)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         sock.bind(("127.0.0.1", 0))
         self.server = uvicorn.Server(_config(app, http=BoundedHttpProtocol))
         loop = uvloop.new_event_loop()
@@ -95,6 +98,22 @@ ONE_READ = 256 * 1024  # the largest read of a socket: asyncio (selector_events.
 def _connect(port: int) -> socket.socket:
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return client
+
+
+def _until_any(seen: list, seconds: float) -> None:
+    """Waits until an app running in the server's thread has noted something in `seen`, at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _reading_nothing(port: int) -> socket.socket:
+    """A client whose receive buffer is small (4 KiB): an answer it does not read waits in the server."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", port))
     return client
 
 
@@ -437,8 +456,81 @@ def test_a_chunked_bodys_trailer_fields_are_dropped_and_bounded_as_a_head():
             sender.join(10)
         assert status == 431 and json.loads(problem)["type"].endswith("/headers-too-large")
         assert f"trailer fields may take {MAX_HEAD_BYTES} bytes" in json.loads(problem)["detail"]
+        with _connect(server.port) as client:  # many chunks, their size lines and data in writes of their own
+            client.sendall(head.split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+            for _ in range(100):
+                client.sendall(b"%x\r\n" % 2048)
+                time.sleep(0.002)
+                client.sendall(b"c" * 2048 + b"\r\n")
+            client.sendall(b"0\r\n\r\n")
+            assert _responses(_read_all(client)) == [(200, b"connection,host,transfer-encoding")]
+        with _connect(server.port) as client:  # one field that never ends: httptools holds it, no on_header (a review)
+            client.settimeout(5)
+            sender = threading.Thread(target=_send_quietly, args=(client, head + b"X-T: " + b"a" * (1 << 20)))
+            sender.start()
+            [(status, problem)] = _responses(_read_all(client))
+            sender.join(10)
+        assert status == 431 and f"trailer fields may take {MAX_HEAD_BYTES} bytes" in json.loads(problem)["detail"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("refused", ["head", "trailer"])
+def test_a_request_running_is_told_its_client_left_when_one_pipelined_behind_it_is_refused(refused):
+    """uvicorn tells only the newest request of a connection that its client left: refused a request queued behind
+    the one running (pipelined) at its trailer, the running one was told nothing and ran on (a review)."""
+    told = []
+
+    async def waits_for_its_client(scope, receive, send):
+        while (await receive()).get("more_body", False):
+            pass
+        if scope["path"] == "/running":
+            with contextlib.suppress(TimeoutError):
+                told.append((await asyncio.wait_for(receive(), 3.0))["type"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = _Server(waits_for_its_client)
+    try:
+        with _connect(server.port) as client:
+            client.sendall(b"GET /running HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.1)
+            if refused == "head":
+                client.sendall(b"GET /next HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * (2 * MAX_HEAD_BYTES) + b"\r\n\r\n")
+            else:
+                chunked = b"POST /next HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\n"
+                client.sendall(chunked + b"A:b\r\n" * 20_000 + b"\r\n")
+            time.sleep(0.3)
+        _until_any(told, 2.5)
+    finally:
+        server.stop()
+    assert told == ["http.disconnect"]
+
+
+def test_a_request_cut_off_by_the_send_timeout_with_one_pipelined_behind_it_ends_quietly(monkeypatch):
+    """The send timeout's abort told only the queued request its client left: the running one went on writing its
+    answer to the aborted connection and failed (RuntimeError: the handler is closed) (a review)."""
+    monkeypatch.setattr(proxy_connections, "SEND_TIMEOUT_S", 1.0)
+    seen = []
+
+    async def big_answer_then_waits(scope, receive, send):
+        try:
+            await _big_answer(scope, receive, send)
+            seen.append((await asyncio.wait_for(receive(), 2.0))["type"])
+        except Exception as exc:
+            seen.append(exc)
+
+    server = _Server(big_answer_then_waits)
+    try:
+        client = _reading_nothing(server.port)
+        with client:
+            client.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.1)
+            client.sendall(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+            _until_any(seen, 5.0)
+    finally:
+        server.stop()
+    assert seen == ["http.disconnect"]
 
 
 BIG_ANSWER = 16 * 1024 * 1024
@@ -460,10 +552,7 @@ def test_a_client_that_reads_nothing_of_its_answer_is_cut_off_after_the_send_tim
     monkeypatch.setattr(proxy_connections, "SEND_TIMEOUT_S", 1.0)
     server = _Server(_big_answer)
     try:
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.settimeout(10)
-        client.connect(("127.0.0.1", server.port))
+        client = _reading_nothing(server.port)
         with client:
             client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
             time.sleep(3.0)
@@ -489,6 +578,32 @@ def test_a_client_that_reads_nothing_of_its_answer_is_cut_off_after_the_send_tim
         assert answer.endswith(b"r" * 1000) and len(answer.split(b"\r\n\r\n", 1)[1]) == BIG_ANSWER
     finally:
         server.stop()
+
+
+def test_a_client_that_reads_nothing_of_a_short_answer_is_cut_off_too(monkeypatch):
+    """The send timeout started only once the proxy's buffer was full (64 KiB): a client that read none of an answer
+    whose unsent tail was smaller held the closing connection for good, and a graceful shutdown waited on it (a
+    review)."""
+    monkeypatch.setattr(proxy_connections, "SEND_TIMEOUT_S", 1.0)
+
+    async def short_answer(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"49152")]})
+        await send({"type": "http.response.body", "body": b"r" * 49152})
+
+    server = _Server(short_answer, send_buffer=4096)
+    try:
+        client = _reading_nothing(server.port)
+        with client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            time.sleep(0.5)
+            [waiting] = server.server.server_state.connections
+            unsent = waiting.transport.get_write_buffer_size()
+            assert 0 < unsent < 64 * 1024, "the answer's tail must wait in the proxy, under its buffer's high mark"
+            time.sleep(2.0)
+            assert not server.server.server_state.connections
+    finally:
+        assert server.stop() < 2.0
 
 
 def test_a_body_in_a_coding_nobody_decodes_is_refused_not_read_as_plain(monkeypatch):
