@@ -395,14 +395,10 @@ MAX_TRANSPORT_PADDING = 64  # bytes of space or tab RFC 2046 lets follow a delim
 def _long_padding(body: bytes | list[bytes], delimiter: bytes) -> bool:
     """Whether a delimiter is followed by more than MAX_TRANSPORT_PADDING spaces or tabs: python-multipart steps
     through transport padding a byte at a time in Python (29 MB of spaces after one delimiter: 6.6 s of the
-    parsing thread, an ordinary 29 MB part 0.03 s). The last bytes before a chunk are searched with it."""
+    parsing thread, an ordinary 29 MB part 0.03 s)."""
     padded = re.compile(re.escape(delimiter) + rb"[ \t]{%d}" % (MAX_TRANSPORT_PADDING + 1))
-    reach, carry = len(delimiter) + MAX_TRANSPORT_PADDING, b""
-    for chunk in [body] if isinstance(body, bytes) else body:
-        if padded.search(carry + chunk[: reach + 1]) or padded.search(chunk):
-            return True
-        carry = (carry + chunk[-reach:])[-reach:]
-    return False
+    seams = _seams(body, len(delimiter) + MAX_TRANSPORT_PADDING + 1)
+    return any(padded.search(seam) or padded.search(chunk) for seam, chunk in seams)
 
 
 # The standard codecs whose decoding fails with a plain UnicodeError rather than a UnicodeDecodeError (found by
@@ -503,14 +499,23 @@ def check_scalar_fields(body: bytes, json_model: type[BaseModel]) -> None:
             )
 
 
+def _seams(body: bytes | list[bytes], match_length: int):
+    """Each chunk of `body` (bytes, or the chunks as read) with the seam before it: the last bytes of what came
+    before and the chunk's first, each one byte shorter than a match, so that a match across the seam is in it
+    and no match within one side is (b"" before the first chunk)."""
+    reach, carry = match_length - 1, b""
+    for chunk in [body] if isinstance(body, bytes) else body:
+        yield (carry + chunk[:reach] if carry else b""), chunk
+        carry = (carry + chunk[-reach:])[-reach:] if reach else b""
+
+
 def _more_than(body: bytes | list[bytes], needle: bytes, most: int) -> bool:
     """Whether `body` (bytes, or the chunks as read) holds more than `most` of `needle` (not overlapping), found
-    STEP bytes a call, stopping once past `most`. Each window is widened by the needle's length less one, and the
-    last bytes of what came before a chunk are searched with its first ones: one across an edge is found once."""
-    found, reach, carry = 0, len(needle) - 1, b""
-    for chunk in [body] if isinstance(body, bytes) else body:
-        if carry:  # a needle across the seam starts in `carry`, which is too short to hold one whole
-            found += (carry + chunk[:reach]).count(needle)
+    STEP bytes a call, stopping once past `most`. Each window is widened by the needle's length less one; one across
+    a chunk's seam is found once."""
+    found, reach = 0, len(needle) - 1
+    for seam, chunk in _seams(body, len(needle)):
+        found += seam.count(needle)
         at = 0
         while at < len(chunk) and found <= most:
             hit = chunk.find(needle, at, at + STEP + reach)
@@ -521,7 +526,6 @@ def _more_than(body: bytes | list[bytes], needle: bytes, most: int) -> bool:
             at = hit + len(needle)
         if found > most:
             return True
-        carry = (carry + chunk[-reach:])[-reach:] if reach else b""
     return False
 
 
