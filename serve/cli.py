@@ -790,31 +790,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve")
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="start a local Ray Serve and block")
+    check_cmd = sub.add_parser(
+        "check", help="check a config as `run` would start it here, without starting anything (exit 0: it would)"
+    )
     shown = DEFAULT_CONFIG.relative_to(Path(__file__).parents[1])
-    run_cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"Serve config (default: {shown})")
-    run_cmd.add_argument("--bundle", default=None, help="bundle folder (default: $ROREM_BUNDLE)")
-    run_cmd.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
-    run_cmd.add_argument(
-        "--port", type=port_number, default=None, help=f"HTTP port (config default {DEFAULT_HTTP_PORT})"
-    )
-    run_cmd.add_argument(
-        "--grpc-port", type=port_number, default=None, help=f"gRPC port (config default {DEFAULT_GRPC_PORT})"
-    )
-    run_cmd.add_argument(
-        "--metrics-port",
-        type=port_number,
-        default=DEFAULT_METRICS_PORT,
-        help=f"Ray's Prometheus export port (GET /metrics; default {DEFAULT_METRICS_PORT})",
-    )
+    for command in (run_cmd, check_cmd):
+        command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"Serve config (default: {shown})")
+        command.add_argument("--bundle", default=None, help="bundle folder (default: $ROREM_BUNDLE)")
+        command.add_argument("--host", default=None, help="HTTP host (config default 127.0.0.1)")
+        command.add_argument(
+            "--port", type=port_number, default=None, help=f"HTTP port (config default {DEFAULT_HTTP_PORT})"
+        )
+        command.add_argument(
+            "--grpc-port", type=port_number, default=None, help=f"gRPC port (config default {DEFAULT_GRPC_PORT})"
+        )
+        command.add_argument(
+            "--metrics-port",
+            type=port_number,
+            default=DEFAULT_METRICS_PORT,
+            help=f"Ray's Prometheus export port (GET /metrics; default {DEFAULT_METRICS_PORT})",
+        )
+        command.add_argument(
+            "--gpus",
+            type=gpu_count,
+            default=None,
+            help="GPUs Ray may schedule (default: the CUDA devices here; a count to simulate)",
+        )
     run_cmd.add_argument(
         "--ready-timeout", type=deadline, default=READY_TIMEOUT_S,
         help=f"seconds to wait for READY (default {READY_TIMEOUT_S:g})",
     )  # fmt: skip
-    run_cmd.add_argument(
-        "--gpus",
-        type=gpu_count,
-        default=None,
-        help="GPUs Ray may schedule (default: the CUDA devices here; a count to simulate)",
+    check_cmd.add_argument(
+        "--effective", type=Path, default=None, help="write the Serve config `run` would hand Ray to this file"
     )
     key_cmd = sub.add_parser("new-key", help="make an API key; print it once and store only its SHA-256")
     key_cmd.add_argument("--name", required=True, help="who holds the key (shown in 403 answers, never the key)")
@@ -860,6 +867,56 @@ def ready_line(
     )
 
 
+class CannotStart(Exception):
+    """Why a config cannot start here, a line each (`[rorem] cannot start: ...`), and what to do (`hint`)."""
+
+    def __init__(self, *lines: str, hint: str = ""):
+        super().__init__(*lines)
+        self.hint = hint
+
+
+def startable_config(options: argparse.Namespace, ports_free: bool) -> tuple[dict, list[str]]:
+    """The config as `run` starts it, with what it fitted to this machine (notes): validated with Ray's schema and
+    ours, the command line's choices applied, every model file and keys file there; with `ports_free`, its ports
+    free here too. Raises CannotStart."""
+    from serve.config import BUNDLE_ENV, invalid_because, validate_serve_config
+
+    try:
+        config = load_serve_config(options.config)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise CannotStart(f"{options.config}: {invalid_because(exc)}") from None
+    # the ports before anything else: a busy port fails the start in a second, before the model libraries load
+    try:
+        choose_ports(config, options.host, options.port, options.grpc_port)
+    except ValueError as exc:
+        raise CannotStart(str(exc)) from None
+    busy = busy_ports(listen_addresses(config, options.metrics_port)) if ports_free else []
+    if busy:
+        hint = "stop the process that holds a port, or choose others (--host, --port, --grpc-port, --metrics-port)"
+        raise CannotStart(*busy, hint=hint)
+
+    bundle = options.bundle or os.environ.get(BUNDLE_ENV)
+    try:
+        notes = fit_to_machine(config, bundle, options.host, options.port, options.grpc_port, options.gpus)
+        validate_serve_config(config)  # with the command line's choices: --bundle over bundle.authors
+    except PlacementError as exc:
+        raise CannotStart(str(exc)) from None
+    except ValueError as exc:
+        raise CannotStart(f"{options.config} with the command line: {invalid_because(exc)}") from None
+    applications = config["applications"]
+    over_http = "python -m serve run checks readiness and drains over HTTP"
+    if config.get("proxy_location") == "Disabled":
+        raise CannotStart(f"proxy_location is Disabled (no HTTP proxy): {over_http}; set EveryNode or HeadOnly")
+    for app in applications:
+        if route_prefix(app) is None:
+            raise CannotStart(f"application {app_name(app)} has no route_prefix: {over_http}; give it one")
+    for app in applications:
+        missing = missing_model_files(app.get("args") or {}) or unreadable_keys(app.get("args") or {})
+        if missing:
+            raise CannotStart(missing if len(applications) == 1 else f"application {app_name(app)}: {missing}")
+    return config, notes
+
+
 def _cannot_start(reason: str) -> int:
     print(f"[rorem] cannot start: {reason}", file=sys.stderr, flush=True)
     return 2
@@ -872,49 +929,17 @@ def run(argv: list[str] | None = None) -> int:
         limits = {"requests_per_minute": options.requests_per_minute, "max_concurrent": options.max_concurrent}
         return add_api_key(options.keys_file, options.name, scopes, options.team, **limits)
 
-    from serve.config import BUNDLE_ENV, INSTANCE_ENV, invalid_because, validate_serve_config
+    from serve.config import INSTANCE_ENV, live_serve_config
 
     try:
-        config = load_serve_config(options.config)
-    except (OSError, yaml.YAMLError, ValueError) as exc:
-        return _cannot_start(f"{options.config}: {invalid_because(exc)}")
-    # the ports before anything else: a busy port fails the start in a second, before the model libraries load
-    try:
-        choose_ports(config, options.host, options.port, options.grpc_port)
-    except ValueError as exc:
-        return _cannot_start(str(exc))
-    busy = busy_ports(listen_addresses(config, options.metrics_port))
-    for line in busy:
-        _cannot_start(line)
-    if busy:
-        print(
-            "[rorem] stop the process that holds a port, or choose others (--host, --port, --grpc-port, --metrics-port)",
-            file=sys.stderr,
-            flush=True,
-        )
+        config, notes = startable_config(options, ports_free=options.command == "run")
+    except CannotStart as exc:
+        for line in exc.args:
+            _cannot_start(line)
+        if exc.hint:
+            print(f"[rorem] {exc.hint}", file=sys.stderr, flush=True)
         return 2
-
-    from serve.proxy_limits import proxy_env
-
-    bundle = options.bundle or os.environ.get(BUNDLE_ENV)
-    try:
-        notes = fit_to_machine(config, bundle, options.host, options.port, options.grpc_port, options.gpus)
-        validate_serve_config(config)  # with the command line's choices: --bundle over bundle.authors
-    except PlacementError as exc:
-        return _cannot_start(str(exc))
-    except ValueError as exc:
-        return _cannot_start(f"{options.config} with the command line: {invalid_because(exc)}")
     applications = config["applications"]
-    over_http = "python -m serve run checks readiness and drains over HTTP"
-    if config.get("proxy_location") == "Disabled":
-        return _cannot_start(f"proxy_location is Disabled (no HTTP proxy): {over_http}; set EveryNode or HeadOnly")
-    for app in applications:
-        if route_prefix(app) is None:
-            return _cannot_start(f"application {app_name(app)} has no route_prefix: {over_http}; give it one")
-    for app in applications:
-        missing = missing_model_files(app.get("args") or {}) or unreadable_keys(app.get("args") or {})
-        if missing:
-            return _cannot_start(missing if len(applications) == 1 else f"application {app_name(app)}: {missing}")
     addresses = listen_addresses(config, options.metrics_port)
     host, port = addresses["HTTP"]
     root_url = f"http://{url_host(host)}:{port}"
@@ -923,15 +948,22 @@ def run(argv: list[str] | None = None) -> int:
         print(f"[rorem] model{named}: {describe_bundle(app.get('args') or {})}", flush=True)
     for note in notes:
         print(f"[rorem] {note}", flush=True)
+    # the live knobs go into the deployments' user_config: edited there, `serve deploy` reconfigures, not restarts
+    live = live_serve_config(config)
+    if options.command == "check":
+        listens = ", ".join(f"{kind} {url_host(where[0])}:{where[1]}" for kind, where in addresses.items())
+        if options.effective is not None:
+            options.effective.write_text(yaml.safe_dump(live, sort_keys=False))
+            print(f"[rorem] effective Serve config: {options.effective}", flush=True)
+        print(f"[rorem] {options.config}: would start {len(applications)} application(s); {listens}", flush=True)
+        return 0
+
+    from serve.proxy_limits import proxy_env
 
     # the effective config and the drain flag: kept while the service runs, removed when it stops
     with tempfile.TemporaryDirectory(prefix="rorem-serve-", ignore_cleanup_errors=True) as work_dir:
         work = Path(work_dir)
         effective = work / "serve-config.yaml"
-        from serve.config import live_serve_config
-
-        # the live knobs go into the deployments' user_config: edited there, `serve deploy` reconfigures, not restarts
-        live = live_serve_config(config)
         effective.write_text(yaml.safe_dump(live, sort_keys=False))
         print(f"[rorem] effective Serve config: {effective}", flush=True)
         command = [

@@ -440,16 +440,46 @@ def no_launch(monkeypatch):
         "infinite-megapixels", "no-step-to-run",
     ],
 )  # fmt: skip
-def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(tmp_path, capsys, no_launch, text, said):
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_a_bad_config_fails_the_start_naming_the_file_and_the_problem(
+    tmp_path, capsys, no_launch, text, said, command
+):
     """A review got Python tracebacks (FileNotFoundError, AttributeError, a YAML error, a ValidationError; a
     deployment's user_config or backpressure_config, which the rendering of the live settings refuses; a port past
-    65535, an infinite size); a strength that leaves no step started Ray, and every Remover replica failed."""
+    65535, an infinite size); a strength that leaves no step started Ray, and every Remover replica failed.
+    `check` says the same, without starting anything."""
     path = tmp_path / "serve.yaml"
     if text is not None:
         path.write_text(text)
-    assert run(["run", "--config", str(path)]) == 2
+    assert run([command, "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"[rorem] cannot start: {path}: ") and said in err and "Traceback" not in err
+
+
+def test_check_says_a_config_would_start_here_without_starting_it_even_beside_a_running_service(
+    tmp_path, capsys, no_launch
+):
+    """An operator could check a config (an edit, a CI step) only by starting Ray with it (a configuration trial):
+    `check` runs every check of `run` but whether the ports are free, and can write the Serve config `run` would
+    hand Ray."""
+    from serve.config import validate_serve_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(serve_test_config(tmp_path)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = ["--port", port, "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+        assert run(["run", "--config", str(path), *ports]) == 2
+        assert f"cannot start: the HTTP port {port} (127.0.0.1) is already in use" in capsys.readouterr().err
+        effective = tmp_path / "effective.yaml"
+        assert run(["check", "--config", str(path), *ports, "--effective", str(effective)]) == 0
+    out = capsys.readouterr().out
+    assert f"would start 1 application(s); HTTP 127.0.0.1:{port}" in out and "[rorem] model: TINY bundle" in out
+    handed = yaml.safe_load(effective.read_text())
+    validate_serve_config(handed)
+    assert handed["http_options"]["port"] == int(port)
 
 
 def test_a_config_without_an_http_proxy_fails_the_start_saying_why(tmp_path, capsys, no_launch):
