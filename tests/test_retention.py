@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import io
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -199,6 +200,25 @@ def test_the_sweeper_never_takes_a_result_whose_save_has_not_returned(tmp_path, 
 
 
 
+def _saved_at_once(store: RetentionStore, new: list[NewResult]) -> list[str]:
+    """Saves in threads of their own, each enforcing the limits once every one has inserted; the ids returned."""
+    all_inserted = threading.Barrier(len(new), timeout=10)
+    enforce = store.enforce_limits
+
+    def after_all_inserts(**kwargs):
+        all_inserted.wait()
+        return enforce(**kwargs)
+
+    store.enforce_limits = after_all_inserts
+    saved: list[str] = []
+    savers = [threading.Thread(target=lambda one=one: saved.append(store.save(one))) for one in new]
+    for saver in savers:
+        saver.start()
+    for saver in savers:
+        saver.join(10)
+    return saved
+
+
 def test_saves_in_parallel_never_evict_each_others_new_results(tmp_path, clock):
     """The ResultStore replica takes many saves at once: a save's limits landing after another save's insert
     must not delete that result, whose id its caller is about to get (they both return, and both are there)."""
@@ -207,24 +227,70 @@ def test_saves_in_parallel_never_evict_each_others_new_results(tmp_path, clock):
     )
     for n in range(2):
         store.add_feedback(store.save(_new(f"labelled {n}".encode())), "yes")
-    both_inserted = threading.Barrier(2, timeout=10)
-    enforce = store.enforce_limits
-
-    def after_both_inserts(**kwargs):
-        both_inserted.wait()
-        return enforce(**kwargs)
-
-    store.enforce_limits = after_both_inserts
-    saved: list[str] = []
-    savers = [threading.Thread(target=lambda n=n: saved.append(store.save(_new(f"new {n}".encode())))) for n in range(2)]
-    for saver in savers:
-        saver.start()
-    for saver in savers:
-        saver.join(10)
+    saved = _saved_at_once(store, [_new(f"new {n}".encode()) for n in range(2)])
     assert len(saved) == 2
     for result_id in saved:
         assert store.get(result_id).id == result_id
     assert store.count() == 3, "one labelled result made room for the two new ones"
+
+
+def test_saves_at_once_at_an_owners_bound_leave_it_at_its_bound(tmp_path, clock):
+    """Each save counted its owner's results without those whose saves were under way: two at once at the bound
+    each found room, and the owner stayed past it (8 at once: 6 of 5), which no sweep corrects (a trial)."""
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results_per_owner=2, clock=clock
+    )
+    for n in range(2):
+        store.save(replace(_new(f"old {n}".encode()), owner="team"))
+    saved = _saved_at_once(store, [replace(_new(f"new {n}".encode()), owner="team") for n in range(2)])
+    assert len(saved) == 2 and store.count(owner="team") == 2
+    assert {r.id for r in store.queue(10, owner="team")} == set(saved), "the two new ones stay"
+
+
+def test_a_save_given_up_while_its_insert_waits_on_a_locked_database_deletes_nothing_for_room(tmp_path):
+    """A save given up (save_timeout_s) while another writer held the database inserted once the lock went, made
+    room by deleting the owner's oldest result, a reviewed one here, then was deleted itself as nobody had its id:
+    every late save cost one stored result (a trial)."""
+    import sqlite3
+
+    from serve.retention.keeper import LocalStoreClient
+
+    database = tmp_path / "r.db"
+    store = RetentionStore.open(f"sqlite:///{database}", LocalObjectStore(tmp_path / "objects"), max_results_per_owner=2)
+    client = LocalStoreClient(lambda: store)
+    reviewed = [store.save(replace(_new(f"reviewed {n}".encode()), owner="team")) for n in range(2)]
+    for result_id in reviewed:
+        store.add_feedback(result_id, "yes", principal="reviewer")
+    writer = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+
+    async def given_up_while_locked():
+        writer.execute("BEGIN EXCLUSIVE")
+        threading.Timer(1.0, lambda: writer.execute("ROLLBACK")).start()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.save(replace(_new(b"late"), owner="team")), 0.3)
+        await asyncio.sleep(1.5)
+
+    try:
+        asyncio.run(given_up_while_locked())
+        deadline = time.monotonic() + 5
+        while len(_rows(store)) != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(_rows(store)) == sorted(reviewed)
+    finally:
+        client.close()
+        writer.close()
+
+
+def test_what_the_limits_delete_is_in_the_replica_log(tmp_path, clock, caplog):
+    """The store logged under its module's name, whose INFO lines never reached the ResultStore replica's log: an
+    operator could not see that results were pushed out (a trial)."""
+    store = RetentionStore.open(
+        f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), max_results=1, clock=clock
+    )
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        for n in range(2):
+            store.save(_new(f"result {n}".encode()))
+    assert [r.message for r in caplog.records if r.name == "ray.serve"] == ["retention limits: deleted 1 result(s)"]
 
 
 def test_a_save_landing_during_another_saves_limits_is_never_the_one_they_delete(tmp_path):

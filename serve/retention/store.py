@@ -40,7 +40,7 @@ from serve.retention.db import (
 )
 from serve.retention.objects import MARKER, LocalObjectStore, ObjectStore, S3ObjectStore, object_key
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # the ResultStore replica's log: a module logger's INFO never reached it
 
 Kind = Literal["source", "mask", "result"]
 KINDS: tuple[Kind, ...] = ("source", "mask", "result")
@@ -209,9 +209,11 @@ class RetentionStore:
         """Store objects (once per content) and metadata; returns the new result's id. The objects are
         written first, so a reader never sees a result whose images are not there yet, and without the lock,
         so a slow object store holds up no other save or delete. `given_up`: set when the caller stops waiting;
-        a save given up before its insert stores nothing (SaveGivenUp). A failed save deletes the objects it
-        created, without the database (which may be what failed). Once the row is in, the result is stored: the
-        limits enforced after it failing is logged and left to the next save or sweep, and the id is returned."""
+        a save given up before its insert, or during it (a locked database), stores nothing and deletes nothing
+        for room (SaveGivenUp): a late insert made room for a result nobody got the id of, pushing out an older
+        one, a reviewed one too. A failed save deletes the objects it created, without the database (which may
+        be what failed). Once the row is in, the result is stored: the limits enforced after it failing is logged
+        and left to the next save or sweep, and the id is returned."""
         result_id = uuid.uuid4().hex
         blobs = (new.source, new.mask, new.result)
         keys = [object_key(data) for data in blobs]
@@ -250,6 +252,13 @@ class RetentionStore:
             raise
         with self._lock:
             self._unclaim(keys)
+        if given_up is not None and given_up.is_set():
+            try:
+                self.delete(result_id)
+            finally:
+                with self._lock:
+                    self._saving.discard(result_id)
+            raise SaveGivenUp(result_id)
         try:
             self.enforce_limits(keep=result_id, owner=new.owner)
         except Exception:
@@ -410,15 +419,14 @@ class RetentionStore:
             if self.max_age_days is not None:
                 eligible = list(self._unexpired())
                 doomed = list(session.scalars(select(ResultRow.id).where(~eligible[0])).all())
+            if owner is not None and self.max_results_per_owner is not None:
+                # those whose saves are under way count (they are stored), though none of them is picked: counted
+                # apart, saves at once each found room and the owner stayed past its bound
+                owned = session.scalar(select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner)))
             if saving:
                 eligible.append(ResultRow.id.not_in(saving))
             if owner is not None and self.max_results_per_owner is not None:
-                owned = (
-                    session.scalar(select(func.count()).select_from(ResultRow).where(*eligible, *_owned_by(owner))) or 0
-                )
-                unlabelled, labelled = self._oldest(
-                    session, owned + (keep is not None) - self.max_results_per_owner, eligible, owner
-                )
+                unlabelled, labelled = self._oldest(session, (owned or 0) - self.max_results_per_owner, eligible, owner)
                 unjudged += unlabelled
                 doomed += labelled
                 if unlabelled or labelled:
