@@ -84,6 +84,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _trailer_read = 0
     _send_timer = None
     _running_cycle = None
+    _lost = False
+    _pending_refusal: bytes | None = None  # a refusal that waits for the answers of the requests before it
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -91,6 +93,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._start_head()
 
     def connection_lost(self, exc) -> None:
+        self._lost = True
         self._stop_head()
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -125,7 +128,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def watch_send(self) -> None:
         """Bytes wait on the client (a full buffer, or a connection closing with its answer's tail unsent)."""
-        if self._send_timer is None and self._unsent():
+        if self._send_timer is None and not self._lost and self._unsent():
             self._send_timer = self.loop.call_later(SEND_TIMEOUT_S, self._send_too_slow, self._unsent())
 
     def _unsent(self) -> int:
@@ -164,10 +167,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self._in_head:
             self._head_bytes += len(data)
         self._read_had_body = False
+        in_trailer = self._after_chunk_size  # a read that began after a size line: not a head's, not a chunk's data
         super().data_received(data)
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
             self._refuse_head()
-        elif self._after_chunk_size and not self._read_had_body:
+        elif in_trailer and self._after_chunk_size and not self._read_had_body:
             self._trailer_read += len(data)
             if self._trailer_read > MAX_HEAD_BYTES:
                 self._refuse_trailer()
@@ -178,6 +182,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if not self._in_head:
             self._start_head()
         self._trailer_bytes = 0
+        self._trailer_read = 0
         super().on_message_begin()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -265,11 +270,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._refuse(Problem("malformed-request", f"{framing} cannot be parsed: {reason} (at the proxy)"))
 
     def _refuse(self, problem: Problem) -> None:
-        """The answer, then nothing more is parsed or run on this connection."""
+        """The answer, then nothing more is parsed or run on this connection. Answers go out in the order of their
+        requests (RFC 9112): a request pipelined behind others still running or queued is answered after them
+        (on_response_complete); written at once, its 431 went out as the answer of the request before it, or
+        into the middle of that answer."""
         self._stop_head()
         self._refused = True
         if self.transport.is_closing():
             return
+        own = self.cycle if self._body_pending else None  # the refused request's, once its head was in
+        if own is not None:
+            own.disconnected = True
+            self.pipeline = type(self.pipeline)(entry for entry in self.pipeline if entry[0] is not own)
         request_id = refusal_request_id(self.headers or [])  # the refused request's, as far as they were parsed
         target = getattr(self, "url", b"")[:MAX_LOGGED_TARGET_CHARS].decode("latin-1")  # the target parsed so far
         note_refusal(problem, "http", target, request_id)  # before any ASGI app: nothing of Ray's sees it
@@ -281,8 +293,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             + "".join(f"{name.lower()}: {value}\r\n" for name, value in ANSWER_HEADERS.items())
             + "connection: close\r\n\r\n"
         )
-        self.transport.write(head.encode() + body)
+        self._pending_refusal = head.encode() + body
+        self._answer_refusal_in_turn(own)
+
+    def _answer_refusal_in_turn(self, own=None) -> None:
+        running = self._running_cycle
+        if (running is not None and running is not own and not running.response_complete) or self.pipeline:
+            return
+        answer, self._pending_refusal = self._pending_refusal, None
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        self.transport.write(answer)
         self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._pending_refusal is not None:
+            self._answer_refusal_in_turn()
 
 
 class LingeringClose:
