@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -569,7 +570,7 @@ def export_command(
 ) -> str:
     """What to run to (re)make, or for `verify` re-check, the bundle's export of this dtype; with `buckets` (the
     served image sides) the command checks or builds for them, so what it records serves them."""
-    args = f"--bundle {bundle.path} --dtype {_dtype_name(dtype)}"
+    args = f"--bundle {shlex.quote(str(bundle.path))} --dtype {_dtype_name(dtype)}"  # pasted as said
     if command == "tensorrt":
         args += " --config SERVE_CONFIG"
     if buckets:

@@ -12,6 +12,7 @@ from filelock import FileLock
 from engines import authors_layout
 from engines.authors_layout import AuthorsLayout, import_authors_layout, local_inputs_sha256, pin
 from engines.bundle import MANIFEST, Bundle, BundleError, DTypeName, sha256_of
+from engines.cache_layout import tiny_bundle_folder
 
 INPUT_HASHES = "input-sha256.json"
 
@@ -55,9 +56,7 @@ def open_bundle(
             return import_authors_layout(authors, target, prompt=prompt, dtype=dtype, file_sha256=hashes.of)
     from engines.tiny import tiny_bundle
 
-    # the prompt "" keeps the name tiny-SEED, which export's help and the benchmark records show
-    prompted = f"-prompt-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}" if prompt else ""
-    target = cache / f"tiny-{tiny_seed}{prompted}"
+    target = tiny_bundle_folder(cache, tiny_seed, prompt)
     with FileLock(str(target) + ".lock"):
         return tiny_bundle(target, seed=tiny_seed, prompt=prompt)
 

@@ -38,6 +38,7 @@ a side the record it replaces was checked at (`check_keeps_sides`).
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -94,8 +95,11 @@ def check_writable(paths: Sequence[Path], record_in: Path | None = None) -> None
     """Refuse, before minutes of exporting, checking or building, files that cannot be written where they go (a
     read-only mount, another user's folder, one made immutable with chattr +i, which stops root too), and with
     `record_in` (a bundle folder) its manifest: the OSError names the file, as the write at the end would have.
-    The folders are made where missing, as the export makes them."""
+    The folders are made where missing, as the export makes them; a path that is a folder is refused too (it failed
+    after the whole export, naming the staging folder)."""
     for path in [*map(Path, paths), *([_manifest_partial(record_in)] if record_in else [])]:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a folder, not a file to write (name the file in it)", str(path))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe-"):
@@ -325,6 +329,9 @@ def _export_and_record_onnx(
         static_cases(out_path, EXAMPLE_SHAPE, buckets)  # before minutes of exporting, not after
     recorded = out_path.resolve().is_relative_to(bundle.path.resolve())
     check_writable([out_path], record_in=bundle.path if recorded else None)  # before them too
+    # the weights file of the graph this export replaces (one it makes without one leaves it stale); outside the
+    # bundle, one beside no graph is not an export's: it was deleted all the same
+    replaces_data = recorded or out_path.is_file()
     with staging_folder(out_path.parent) as staging:
         staged = export_unet_onnx(bundle, staging / out_path.name, dtype=dtype, progress=progress, **export_options)
         record: dict[str, Any] = {"kind": "onnx", "dtype": dtype, "metadata": read_onnx_metadata(staged)}
@@ -350,7 +357,7 @@ def _export_and_record_onnx(
                 os.replace(staging / file.name, file)
             progress.say(f"{out_path}: written, not recorded: outside the bundle folder {bundle.path}")
         stale_data = out_path.with_name(out_path.name + ".data")
-        if stale_data not in final_files:
+        if stale_data not in final_files and replaces_data:
             stale_data.unlink(missing_ok=True)
     return out_path, record
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -438,10 +439,12 @@ def describe_bundle(args: dict) -> str:
 BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torch and diffusers (a test: equal)
 
 
-def missing_model_files(args: dict) -> str | None:
-    """Why bundle.path cannot be a bundle, a local piece of bundle.authors is not there, or engine.runner_path is
-    not a file, on this machine, before Ray starts (a replica would fail on it ~20 s later, after Ray's start);
-    None where they may be. The authors' pieces are checked for existence only: the import names each missing file."""
+def missing_model_files(args: dict, config: Path) -> str | None:
+    """Why bundle.path cannot be a bundle, a local piece of bundle.authors is not there, engine.runner_path is not a
+    file, or the bundle (a path's or the tiny one) records no export of the runner, on this machine, before Ray starts
+    (a replica would fail on it ~20 s later, after Ray's start); None where they may be. The authors' pieces are
+    checked for existence only: the import names each missing file. `config`: the Serve config's file, for the export
+    command said."""
     path = ((args.get("bundle") or {}).get("path")) or None
     if path and not (Path(path).expanduser() / BUNDLE_MANIFEST).is_file():
         where = "no such folder" if not Path(path).expanduser().exists() else f"no {BUNDLE_MANIFEST} in it"
@@ -461,25 +464,40 @@ def missing_model_files(args: dict) -> str | None:
     if runner_path and not Path(runner_path).expanduser().is_file():
         return f"engine.runner_path {runner_path}: no such file"
     runner = engine.get("runner", "torch")
-    if path and runner != "torch" and not runner_path and not (runner == "onnx" and engine.get("export_missing")):
-        return _no_export_recorded(Path(path).expanduser(), runner)
+    if runner != "torch" and not runner_path and not (runner == "onnx" and engine.get("export_missing")):
+        return _no_export_recorded(args, runner, config)
     return None
 
 
-def _no_export_recorded(bundle: Path, runner: str) -> str | None:
+def _no_export_recorded(args: dict, runner: str, config: Path) -> str | None:
     """Why a bundle cannot serve the onnx or tensorrt runner: it records no export of that kind at all (every Remover
     replica failed on it inside Ray). Whether the one it records is current, of the dtype and GPU the replica uses,
-    is the replica's check (engines.runners.current_export), which needs torch."""
+    is the replica's check (engines.runners.current_export), which needs torch. The command said takes the config,
+    so that what it records is checked at the buckets served (without it, 256 and 512 px only)."""
+    from serve.config import BundleSettings
+
+    settings = BundleSettings.model_validate(args.get("bundle") or {})
+    bundle = settings.folder()
+    if bundle is None:
+        return None  # the authors' layout, imported at start
     try:
         exports = json.loads((bundle / BUNDLE_MANIFEST).read_text()).get("provenance", {}).get("exports") or {}
+    except FileNotFoundError:
+        exports = {} if settings.is_tiny() else None  # the tiny bundle is made at the first start, with none
     except (OSError, ValueError, AttributeError):
+        exports = None
+    if exports is None:
         return None  # the replica's Bundle.load says what is wrong with it
     if any(str(key).startswith(f"{runner}.") for key in exports):  # engines.runners.export_key (a test: equal)
         return None
     fix = "set engine.export_missing: true (exported at start), " if runner == "onnx" else ""
+    named = "the tiny bundle" if settings.is_tiny() else "bundle.path"
+    command = f"python -m export all --config {shlex.quote(str(config))}"
+    if settings.path:
+        command += f" --bundle {shlex.quote(str(bundle))}"  # --bundle or ROREM_BUNDLE may be the config's no more
     return (
-        f"engine.runner {runner}: bundle.path {bundle} records no {runner} export: run `python -m export all --bundle "
-        f"{bundle}` (docs/operations.md, Exported UNet), {fix}or set engine.runner_path"
+        f"engine.runner {runner}: {named} {bundle} records no {runner} export: run `{command}` (docs/operations.md, "
+        f"Exported UNet), {fix}or set engine.runner_path"
     )
 
 
@@ -911,7 +929,8 @@ def startable_config(options: argparse.Namespace, ports_free: bool) -> tuple[dic
         if route_prefix(app) is None:
             raise CannotStart(f"application {app_name(app)} has no route_prefix: {over_http}; give it one")
     for app in applications:
-        missing = missing_model_files(app.get("args") or {}) or unreadable_keys(app.get("args") or {})
+        args = app.get("args") or {}
+        missing = missing_model_files(args, options.config) or unreadable_keys(args)
         if missing:
             raise CannotStart(missing if len(applications) == 1 else f"application {app_name(app)}: {missing}")
     return config, notes

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticUndefined
 
+from engines.cache_layout import tiny_bundle_folder
 from engines.errors import BundleError
 from engines.gate import GateMode
 from engines.hub_refs import (
@@ -214,6 +215,13 @@ class BundleSettings(_Strict):
 
     def is_tiny(self) -> bool:
         return not self.path and self.authors is None
+
+    def folder(self) -> Path | None:
+        """The bundle folder these settings name, where it is known without torch: the path, or the tiny bundle's
+        (made at the first start); None for the authors' layout (its import's name hashes its inputs)."""
+        if self.path:
+            return Path(self.path).expanduser()
+        return tiny_bundle_folder(self.cache_dir, self.tiny_seed, self.prompt) if self.is_tiny() else None
 
     def open(self) -> "Bundle":
         """Load (importing or generating first where needed) the bundle these settings name."""

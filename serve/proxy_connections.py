@@ -36,7 +36,8 @@ framing, an unknown method or version, a folded header line), or whose chunked f
 `malformed-request` problem+json in place of uvicorn's plain-text 400, and the same close as a 431: nothing more
 is parsed, and a client still sending meets the lingering close, not a reset. Every answer of this module names
 the request as serve.proxy_middleware's do (X-Request-Id, `instance`: the client's id if it came before the
-refusal, else a fresh one) and is counted as a proxy refusal.
+refusal, else a fresh one) and is counted as a proxy refusal. A refused request pipelined behind others is answered
+after them, as HTTP/1.1 orders answers: written at once, its refusal went out as the earlier request's answer.
 
 `install()` makes it uvicorn's "auto" protocol in the process that calls it: serve.proxy_middleware's callback,
 which Ray's proxy calls before it builds its uvicorn server.

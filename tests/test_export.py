@@ -751,10 +751,15 @@ def test_the_onnx_command_verifies_by_default_and_no_verify_is_served_only_once_
     ids=["no report", "failed"],
 )
 def test_serving_refuses_an_onnx_export_not_verified(tiny_bundle, tmp_path, onnx_opened, report, refusal):
-    copy = tmp_path / "bundle"
+    """The command said names the bundle so that it pastes as said, a space in its path too (an export trial)."""
+    import re
+    import shlex
+
+    copy = tmp_path / "my bundle"
     shutil.copytree(tiny_bundle.path, copy)
     _record_dummy_onnx(copy, verify=report)
-    with pytest.raises(BundleError, match=f"{refusal}.*python -m export verify --bundle .* --dtype float32"):
+    said = re.escape(f"python -m export verify --bundle {shlex.quote(str(copy))} --dtype float32")
+    with pytest.raises(BundleError, match=f"{refusal}.*{said}"):
         RemovalEngine.from_bundle(Bundle.load(copy, verify=True), runner="onnx")
     assert onnx_opened == []
 
@@ -1570,6 +1575,30 @@ def test_an_exports_folder_linked_out_of_the_bundle_is_refused_and_an_out_outsid
     assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(out)]) == 0
     assert f"{out}: written, not recorded: outside the bundle folder" in capsys.readouterr().out
     assert out.read_bytes() == b"a new graph" and (copy / MANIFEST).read_text() == manifest
+
+
+def test_an_out_outside_the_bundle_deletes_no_weights_file_but_its_own_graphs_and_a_folder_is_refused_at_once(
+    tiny_bundle, tmp_path, stub_export, capsys
+):
+    """`--out elsewhere/unet.onnx` deleted a `unet.onnx.data` there that no graph of its had written (a trial); one
+    beside the graph it replaces is that graph's stale weights and goes. An --out naming a folder ran the whole export
+    (minutes on SDXL), then failed naming the staging folder (a trial)."""
+    import export.cli
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "unet.onnx.data").write_bytes(b"someone's weights")
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(mine / "unet.onnx"), "--quiet"]) == 0
+    assert (mine / "unet.onnx.data").read_bytes() == b"someone's weights"
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(mine / "unet.onnx"), "--quiet"]) == 0
+    assert not (mine / "unet.onnx.data").exists(), "the replaced graph's weights, stale beside the new graph"
+    capsys.readouterr()
+    assert export.cli.main(["onnx", "--bundle", str(copy), "--out", str(mine), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Is a folder, not a file to write (name the file in it): {mine}"), err
+    assert len(stub_export.verified) == 2, "refused before exporting"
 
 
 def test_an_export_is_on_disk_before_the_manifest_that_records_it(tiny_bundle, tmp_path, stub_export, monkeypatch):

@@ -527,14 +527,18 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
 
 def test_an_exported_runner_without_its_export_or_a_gpu_fails_the_start_before_ray(tmp_path, capsys, no_launch):
     """`engine.runner: tensorrt` without CUDA and `engine.runner: onnx` with a bundle that records no export started
-    Ray, and every Remover replica failed on it (while `engine.device: cuda` without a GPU was refused)."""
+    Ray, and every Remover replica failed on it (while `engine.device: cuda` without a GPU was refused); the tiny
+    bundle was not checked, and the command said checked 256 and 512 px, not the config's buckets, and broke on a
+    path with a space (an export trial)."""
+    import shlex
+
     from engines.runners import export_key
     from serve.cli import missing_model_files
 
     assert export_key("onnx", "float32").startswith("onnx.") and export_key("tensorrt", "float16", "9.0").startswith(
         "tensorrt."
     ), "serve.cli._no_export_recorded reads the records by these keys"
-    bundle = tmp_path / "bundle"
+    bundle = tmp_path / "my bundle"
     bundle.mkdir()
     (bundle / "manifest.json").write_text(json.dumps({"name": "b", "provenance": {"exports": {}}}))
     ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
@@ -542,17 +546,29 @@ def test_an_exported_runner_without_its_export_or_a_gpu_fails_the_start_before_r
     for runner in ("onnx", "tensorrt"):
         args = {"bundle": {"path": str(bundle)}, "engine": {"runner": runner}}
         path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(args)))
-        assert run(["run", "--config", str(path), "--gpus", "1", *ports]) == 2
-        err = capsys.readouterr().err
-        assert f"cannot start: engine.runner {runner}: bundle.path {bundle} records no {runner} export: run " \
-            f"`python -m export all --bundle {bundle}`" in err, err
+        for command in ("run", "check"):
+            assert run([command, "--config", str(path), "--gpus", "1", *ports]) == 2
+            err = capsys.readouterr().err
+            assert f"cannot start: engine.runner {runner}: bundle.path {bundle} records no {runner} export: run " \
+                f"`python -m export all --config {path} --bundle {shlex.quote(str(bundle))}`" in err, err
         (tmp_path / "unet.bin").write_bytes(b"x")
         unchecked = {"runner": runner, "runner_path": str(tmp_path / "unet.bin")}
-        assert missing_model_files({**args, "engine": unchecked}) is None, "a runner_path is served unchecked"
+        assert missing_model_files({**args, "engine": unchecked}, path) is None, "a runner_path is served unchecked"
     exported_at_start = {"runner": "onnx", "export_missing": True}
-    assert missing_model_files({"bundle": {"path": str(bundle)}, "engine": exported_at_start}) is None
+    assert missing_model_files({"bundle": {"path": str(bundle)}, "engine": exported_at_start}, path) is None
     (bundle / "manifest.json").write_text(json.dumps({"provenance": {"exports": {"onnx.float32": {}}}}))
-    assert missing_model_files({"bundle": {"path": str(bundle)}, "engine": {"runner": "onnx"}}) is None
+    assert missing_model_files({"bundle": {"path": str(bundle)}, "engine": {"runner": "onnx"}}, path) is None
+
+    tiny = {"bundle": {"cache_dir": str(tmp_path / "cache")}, "engine": {"runner": "onnx"}}
+    path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(tiny)))
+    assert run(["check", "--config", str(path), *ports]) == 2
+    assert f"cannot start: engine.runner onnx: the tiny bundle {tmp_path / 'cache' / 'tiny-0'} records no onnx " \
+        f"export: run `python -m export all --config {path}`" in capsys.readouterr().err
+    (tmp_path / "cache" / "tiny-0").mkdir(parents=True)
+    (tmp_path / "cache" / "tiny-0" / "manifest.json").write_text(
+        json.dumps({"provenance": {"exports": {"onnx.float32": {}}}})
+    )
+    assert missing_model_files(tiny, path) is None
     path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"runner": "tensorrt"})))
     assert run(["run", "--config", str(path), "--gpus", "0", *ports]) == 2
     assert "cannot start: the Remover is set to engine.runner: tensorrt, which runs on a CUDA GPU only, and gets no " \
