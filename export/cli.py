@@ -26,6 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
+from engines.stopping import stopping_on_sigterm
 from export.progress import Progress
 
 
@@ -183,6 +184,21 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers_logging.set_verbosity_error()
     progress = Progress(enabled=not args.quiet)
+    with stopping_on_sigterm() as caught:
+        try:
+            return _run_command(args, progress)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the staging folder is gone, the manifest as it was
+            caught.stopping = True
+            by = "" if caught.signal is None else " by SIGTERM"
+            print(
+                f"python -m export {args.command}: interrupted{by}; the bundle records what was done before it (an"
+                " export cut short is not recorded: the previous one is kept)",
+                file=sys.stderr,
+            )
+            return 130 if caught.signal is None else 128 + caught.signal
+
+
+def _run_command(args: argparse.Namespace, progress: Progress) -> int:
     try:
         commands = {"onnx": _cmd_onnx, "verify": _cmd_verify, "tensorrt": _cmd_tensorrt, "all": _cmd_all, "bench": _cmd_bench}
         return commands[args.command](args, progress)

@@ -679,6 +679,41 @@ def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tiny_bun
         live.communicate()
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_an_export_stopped_by_ctrl_c_or_sigterm_says_so_in_a_line_and_leaves_no_staging_folder(
+    tiny_bundle, tmp_path, stub_export, monkeypatch, capsys, stop
+):
+    """Ctrl-C printed a 52-line traceback; SIGTERM (Kubernetes, `timeout`, systemd) ended the process at once,
+    leaving the staging folder (a whole graph, ~10 GB on SDXL) until the next export (an export trial)."""
+    import os
+
+    import export.cli
+    import export.verify
+
+    copy, onnx = _bundle_with_onnx(tiny_bundle, tmp_path)
+    graph, manifest = onnx.read_bytes(), (copy / MANIFEST).read_text()
+
+    def stopped(path, unet, **_):
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.verify, "verify_onnx", stopped)
+    ignored = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: ignored.append(signum))  # pytest's own process
+    try:
+        code = export.cli.main(["onnx", "--bundle", str(copy), "--quiet"])
+    finally:
+        restored = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+    assert code == (143 if stop == "sigterm" else 130) and not ignored and restored.__name__ == "<lambda>"
+    by = " by SIGTERM" if stop == "sigterm" else ""
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m export onnx: interrupted{by}; ") and len(err.splitlines()) == 1, err
+    assert onnx.read_bytes() == graph and (copy / MANIFEST).read_text() == manifest
+    assert sorted(p.name for p in onnx.parent.iterdir()) == [onnx.name], "staging left behind"
+
+
 @pytest.mark.parametrize(
     "outcome", [{**PASSED_REPORT, "passed": False, "max_abs": 3.2}, KeyboardInterrupt()], ids=["fails", "interrupted"]
 )

@@ -593,10 +593,10 @@ def test_a_sigterm_stops_a_run_as_ctrl_c_does_and_its_summary_says_so(
     import os
     import signal
 
+    import engines.stopping
     import training.common
-    from training import cli
 
-    monkeypatch.setattr(cli, "SIGTERM_REPEAT_S", 0.5)
+    monkeypatch.setattr(engines.stopping, "SIGTERM_REPEAT_S", 0.5)
 
     def signalled_again(write):
         def write_signalled(*args, **kwargs):

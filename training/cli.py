@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
-import signal
 import sys
 import time
 import types
@@ -149,42 +147,6 @@ def _is_input_error(exc: BaseException) -> bool:
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 + 2)
 
 
-# SIGTERMs this soon after the first are its repeats (a process group's kill and the launcher's forward come
-# milliseconds apart), ignored so as not to cut the stage's failed summary as it is written (by the loop, then main)
-SIGTERM_REPEAT_S = 5.0
-
-
-class Sigterm:
-    """What stopping_on_sigterm caught: `signal` once SIGTERM came (at `at`); `stopping` once main handles it."""
-
-    signal: int | None = None
-    at = -math.inf
-    stopping = False
-
-
-@contextlib.contextmanager
-def stopping_on_sigterm():
-    """SIGTERM (a pod's eviction, `kill`) stops a stage as Ctrl-C does, with its summary saying where: it ended the
-    process at once, its summary left `running`, which the next stage refused as a run never completed. Its repeats
-    (within SIGTERM_REPEAT_S) and any once main handles the stop (`stopping`) are ignored, so as not to cut the
-    summary's write; a later one raises again, as one raised where Python swallows exceptions (a `__del__`) stopped
-    nothing. The previous handler is put back."""
-    caught = Sigterm()
-
-    def terminate(signum, _frame):
-        now = time.monotonic()
-        if caught.stopping or now - caught.at < SIGTERM_REPEAT_S:
-            return
-        caught.signal, caught.at = signum, now
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def interrupted(settings: BaseModel, exc: KeyboardInterrupt, started_at: float) -> str:
     """The one line a Ctrl-C prints: where the stage stopped and, for a training stage, what --resume continues
     from (the newest checkpoint of this run, not the step it stopped at). Before the loop's first step the
@@ -232,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         except SettingsError as exc:
             print(f"python -m training {args.stage}: {exc}", file=sys.stderr)
             return 2
+    from engines.stopping import stopping_on_sigterm
+
     caught = held.enter_context(stopping_on_sigterm())
     try:
         if main_process and not type(settings).MARKS_ITS_START:
