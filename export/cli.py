@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from engines.stopping import stopping_on_sigterm
@@ -82,14 +83,33 @@ def _side(value: str) -> int:
 
 
 def _cases(value: str) -> tuple[tuple[int, int, int], ...]:
-    """--cases: BATCHxLATENT_HxLATENT_W, comma-separated."""
+    """--cases: BATCHxLATENT_HxLATENT_W, comma-separated; latent sides the runners take (ONNX Runtime's own error
+    for a 30 was a Resize shape mismatch)."""
+    from engines.runners import LATENT_MULTIPLE, VAE_FACTOR
+
     try:
         cases = tuple(tuple(int(v) for v in case.split("x")) for case in value.split(","))
     except ValueError:
         cases = ()
     if not cases or any(len(case) != 3 or min(case) < 1 for case in cases):
         raise argparse.ArgumentTypeError(f"{value!r}: BATCHxLATENT_HxLATENT_W, comma-separated, e.g. 1x32x32,3x64x64")
+    if any(side % LATENT_MULTIPLE for case in cases for side in case[1:]):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: latent sides must be multiples of {LATENT_MULTIPLE} (image sides multiples of "
+            f"{LATENT_MULTIPLE * VAE_FACTOR})"
+        )
     return cases
+
+
+def _runners(value: str) -> list[str]:
+    """--runners: checked before the first runner's minutes, not after."""
+    from engines.runners import RunnerKind
+
+    known = typing.get_args(RunnerKind)
+    kinds = [kind.strip() for kind in value.split(",")]
+    if any(kind not in known for kind in kinds):
+        raise argparse.ArgumentTypeError(f"{value!r}: comma-separated, of {', '.join(known)}")
+    return kinds
 
 
 def _dtype_arg(parser: argparse.ArgumentParser, default: str) -> None:
@@ -154,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "output difference from the first runner's (vs_<runner>_max_diff, in 0-255 levels of any pixel channel)",
     )
     _bundle_args(bench)
-    bench.add_argument("--runners", default="torch,onnx", help="comma-separated: torch, onnx, tensorrt")
+    bench.add_argument(
+        "--runners", type=_runners, default="torch,onnx", help="comma-separated: torch, onnx, tensorrt"
+    )
     bench.add_argument("--side", type=_side, default=512, help="the photo's side in pixels, one bucket (default 512)")
     bench.add_argument("--batch", type=_int_in(1, BATCH_LIMIT), default=1, help="removals per engine call (default 1)")
     bench.add_argument("--runs", type=_int_in(1, 1000), default=5, help="timed runs after a warm-up (default 5)")
@@ -343,6 +365,9 @@ def _verify_locked(args, bundle_path: Path, progress: Progress) -> int:
         why = "failed" if not report["passed"] else "tolerances overridden" if loosened else "--cases leave out buckets"
         progress.say(f"not recorded: {why}")
     _summary(progress, path, {"verify": report})
+    if not report["passed"]:  # said with --quiet too: the exit code alone did not say what failed
+        worst = f"max_abs {report.get('max_abs'):.3g}, mean_abs {report.get('mean_abs'):.3g}"
+        print(f"{path}: failed its parity check ({worst}; tolerance {report.get('tolerance')})", file=sys.stderr)
     return 0 if report["passed"] else 1
 
 
@@ -527,7 +552,7 @@ def _cmd_bench(args, progress: Progress) -> int:
     mask[side // 3 : 2 * side // 3, side // 3 : 2 * side // 3] = True
     jobs = [RemovalJob(image, mask, seed=i) for i in range(args.batch)]
     results, outputs = {}, {}
-    for kind in args.runners.split(","):
+    for kind in args.runners:
         with progress.stage(f"{kind} runner: warm-up + {args.runs} runs of {args.batch} x {side} px"):
             engine = RemovalEngine.from_bundle(bundle, device=device, runner=kind, buckets=[side])
             engine.remove(jobs)

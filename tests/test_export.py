@@ -561,8 +561,9 @@ def test_serving_refuses_an_onnx_file_without_a_record(tiny_bundle, tmp_path, on
     ids=["parity fails", "parity passes", "parity passes a loosened tolerance", "parity passes fewer cases"],
 )
 def test_verify_records_a_stale_export_as_current_only_when_parity_passes(
-    tiny_bundle, tmp_path, monkeypatch, onnx_opened, extra_args, passed, served
+    tiny_bundle, tmp_path, monkeypatch, onnx_opened, capsys, extra_args, passed, served
 ):
+    """A failed check says what failed, --quiet too (it exited 1 without a word: an export trial)."""
     import export.cli
     import export.verify
 
@@ -572,6 +573,8 @@ def test_verify_records_a_stale_export_as_current_only_when_parity_passes(
               "tolerance": {"max_abs": 1e-4, "mean_abs": 1e-5}}  # fmt: skip
     monkeypatch.setattr(export.verify, "verify_onnx", lambda *args, **kwargs: report)
     assert export.cli.main(["verify", "--bundle", str(copy), "--quiet", *extra_args]) == (0 if passed else 1)
+    err = capsys.readouterr().err
+    assert ("failed its parity check (max_abs 3.2, mean_abs 1e-06; tolerance" in err) == (not passed), err
     bundle = Bundle.load(copy, verify=True)
     if served:
         RemovalEngine.from_bundle(bundle, runner="onnx")
@@ -1492,12 +1495,16 @@ def test_an_export_into_a_bundle_it_cannot_write_is_refused_before_exporting(
         (["onnx", "--tiny", "--max-batch", "64"], "argument --max-batch: '64': an integer from 1 to 63"),
         (["onnx", "--tiny", "--opset", "0"], "argument --opset: '0': an integer from 18 to 23"),
         (["tensorrt", "--tiny", "--max-batch-size", "0"], "argument --max-batch-size: '0': an integer from 1 to 63"),
+        (["verify", "--tiny", "--cases", "1x30x30"], "'1x30x30': latent sides must be multiples of 4 (image sides"),
+        (["bench", "--tiny", "--runners", "torch,trt"], "'torch,trt': comma-separated, of torch, onnx, tensorrt"),
     ],
 )
 def test_malformed_or_out_of_range_numbers_are_refused_by_the_parser(capsys, argv, message):
     """--max-batch 0 and --opset 0 were replaced by the defaults unsaid; --cases 1x32 said "not enough values to
     unpack" and --buckets abc "invalid literal for int()"; --buckets 500 ran the whole export, then failed inside
-    ONNX Runtime, and verify --buckets 100 recorded a check at 96 px (sides: serve.config's bucket rule)."""
+    ONNX Runtime, and verify --buckets 100 recorded a check at 96 px (sides: serve.config's bucket rule); --cases
+    1x30x30 was ONNX Runtime's Resize error, and --runners torch,trt failed after the torch runner's bench (a
+    trial)."""
     import export.cli
 
     with pytest.raises(SystemExit) as exited:
