@@ -256,7 +256,8 @@ def test_a_save_given_up_while_its_insert_waits_on_a_locked_database_deletes_not
     from serve.retention.keeper import LocalStoreClient
 
     database = tmp_path / "r.db"
-    store = RetentionStore.open(f"sqlite:///{database}", LocalObjectStore(tmp_path / "objects"), max_results_per_owner=2)
+    objects = LocalObjectStore(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{database}", objects, max_results_per_owner=2)
     client = LocalStoreClient(lambda: store)
     reviewed = [store.save(replace(_new(f"reviewed {n}".encode()), owner="team")) for n in range(2)]
     for result_id in reviewed:
@@ -779,6 +780,28 @@ def test_a_verdict_with_a_nul_character_is_bad_input_not_a_store_failure():
             validate(FeedbackBody, {**fine, field: "shadow\x00left"})
         assert refused.value.status == 422 and refused.value.problem == "invalid-request"
         assert field in refused.value.detail and "NUL" in refused.value.detail
+
+
+def test_a_full_disk_is_told_as_one():
+    """A store on a full disk (SQLite's or PostgreSQL's error, or the image's write) was told as "could not be reached
+    or refused the operation" (a trial)."""
+    import errno
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from serve.retention.keeper import store_failure
+
+    database = sqlite3.connect(":memory:")
+    database.execute("CREATE TABLE t (x)")
+    database.execute("PRAGMA max_page_count = 2")
+    with pytest.raises(sqlite3.OperationalError) as full:
+        database.executemany("INSERT INTO t VALUES (?)", [("x" * 4096,)] * 10)
+    said = "its disk is full (an operator frees space there, or lowers retention.max_results)"
+    assert store_failure(OperationalError("INSERT", {}, full.value)) == said
+    assert store_failure(OSError(errno.ENOSPC, "No space left on device")) == said
+    locked = sqlite3.OperationalError("database is locked")
+    assert store_failure(OperationalError("INSERT", {}, locked)).startswith("its database could not be reached")
 
 
 def test_a_store_failure_answers_the_removal_without_a_result_id(tmp_path):

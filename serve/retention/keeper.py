@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import io
 import logging
 import math
@@ -128,6 +129,19 @@ class StoreUnavailable(RuntimeError):
         self.reason = reason
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+SQLITE_FULL = 13  # sqlite3.SQLITE_FULL: "database or disk is full"
+POSTGRES_DISK_FULL = "53100"  # disk_full (PostgreSQL's error codes, class 53)
+
+
+def _disk_full(driver_error: BaseException | None) -> bool:
+    """Whether the database driver's error says its disk is full (SQLite; psycopg and psycopg2)."""
+    if getattr(driver_error, "sqlite_errorcode", None) == SQLITE_FULL:
+        return True
+    code = getattr(driver_error, "sqlstate", None) or getattr(driver_error, "pgcode", None)
+    return code == POSTGRES_DISK_FULL
+
+
 def store_failure(exc: BaseException) -> str:
     """Why the store failed, in words a client may read: never the exception's text, which may quote a database URL
     with its password, a statement and its values, or a path. `exc` as raised here or come back from the ResultStore
@@ -141,6 +155,8 @@ def store_failure(exc: BaseException) -> str:
         return f"the Python module {exc.name or 'its database needs'} is not installed where it runs"
     if isinstance(exc, (ArgumentError, NoSuchModuleError)):
         return "its database URL cannot be used (retention.database_url)"
+    if isinstance(exc, DBAPIError) and _disk_full(exc.orig) or isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return "its disk is full (an operator frees space there, or lowers retention.max_results)"
     if isinstance(exc, DBAPIError):
         return "its database could not be reached or refused the operation"
     if isinstance(exc, OSError):
