@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import fastapi.routing
 from fastapi import FastAPI
@@ -127,10 +127,14 @@ ROUTE_PROBLEMS: dict[str, tuple[str, ...]] = {
     "GET /annotate": ("not-found",),
     "GET /annotation/queue": ("invalid-request", *_STORE),
 }  # fmt: skip
-"""Which problems each route answers besides internal-error (every route) and unauthorized / forbidden
-(derived from the route's access rule). Keys: "METHOD path" as FastAPI lists the route."""
+"""Which problems each route answers besides EVERY_ROUTE's and unauthorized / forbidden (derived from the route's
+access rule). Keys: "METHOD path" as FastAPI lists the route."""
+EVERY_ROUTE = ("internal-error", "stopping")  # stopping: the drain's answer (serve.proxy_middleware.Drain), probes too
 
-ProblemType = Literal[tuple(TYPE_BASE + slug for slug in STATUS_BY_PROBLEM)]  # type: ignore[valid-type]
+ProblemType = Annotated[
+    Literal[tuple(TYPE_BASE + slug for slug in STATUS_BY_PROBLEM)],  # type: ignore[valid-type]
+    Field(json_schema_extra={"x-enum-varnames": [slug.replace("-", "_").upper() for slug in STATUS_BY_PROBLEM]}),
+]  # the names generators give the enum's members (openapi-python-client: ProblemType.INVALID_IMAGE)
 
 
 class FieldError(BaseModel):
@@ -144,10 +148,10 @@ class Problem(BaseModel):
     """RFC 9457 problem details (application/problem+json), as serve.problems.Problem.body writes them."""
 
     model_config = ConfigDict(extra="allow", title="Problem")
-    type: ProblemType = Field(
-        description="stable URI of the kind of problem; its last segment is the slug",
-        json_schema_extra={"x-enum-varnames": [slug.replace("-", "_").upper() for slug in STATUS_BY_PROBLEM]},
-    )  # the names generators give the enum's members (openapi-python-client: ProblemType.INVALID_IMAGE)
+    type: ProblemType | str = Field(
+        description="stable URI of the kind of problem; its last segment is the slug. The kinds this version answers"
+        " are listed; the set is open (RFC 9457): a client takes one it does not know by its status"
+    )  # a closed enum made a client generated from it fail on the first kind added after it (a contract trial)
     title: str = Field(description="short summary of the kind of problem (the same for every problem of a type)")
     status: int = Field(description="the HTTP status code")
     detail: str = Field(description="what went wrong with this request")
@@ -219,7 +223,7 @@ def _api_routes(app: FastAPI) -> list[tuple[str, APIRoute]]:
 
 def problems_of(route: APIRoute, method: str, path: str) -> list[str]:
     """The problem slugs a route can answer, in STATUS_BY_PROBLEM's order."""
-    slugs = {"internal-error", *ROUTE_PROBLEMS.get(f"{method} {path}", ())}  # a missing row: tests/test_openapi_client.py
+    slugs = {*EVERY_ROUTE, *ROUTE_PROBLEMS.get(f"{method} {path}", ())}  # a missing row: tests/test_openapi_client.py
     rule = auth.declared_rule(route)
     if rule is None or not rule.public:
         slugs.update({"unauthorized", "host-not-allowed"})
@@ -268,6 +272,15 @@ def _stored_image_ok(response: dict) -> None:
     response["content"] = {"image/*": copy.deepcopy(binary), "application/octet-stream": copy.deepcopy(binary)}
 
 
+def _name_problem_types(schemas: dict[str, Any]) -> None:
+    """The kinds of problem this version answers as a component of their own (generators name it: openapi-python-
+    client's ProblemType.INVALID_IMAGE), one option of Problem.type beside any string."""
+    options = schemas["Problem"]["properties"]["type"]["anyOf"]
+    [known] = [option for option in options if "enum" in option]
+    schemas["ProblemType"] = {"title": "ProblemType", **known}
+    options[options.index(known)] = {"$ref": _REF.format(model="ProblemType")}
+
+
 def describe(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
     """Add problem responses, headers, component schemas and the X-Request-Id parameter to FastAPI's schema."""
     components = schema.setdefault("components", {})
@@ -276,6 +289,7 @@ def describe(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
         model_schema = model.model_json_schema(ref_template=_REF)
         schemas.update(model_schema.pop("$defs", {}))
         schemas[model.__name__] = model_schema
+    _name_problem_types(schemas)
     components.setdefault("parameters", {})["RequestId"] = {
         "name": REQUEST_ID,
         "in": "header",
