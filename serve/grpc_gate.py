@@ -23,10 +23,12 @@ stop ended at once on a service with only gRPC traffic, and Ray's shutdown cut t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 
+from serve.auth import GRPC_LOOPBACK_ONLY_ENV, AccessPolicy
 from serve.problems import Problem
 from serve.proxy_middleware import (
     DRAIN_FLAG_ENV,
@@ -39,20 +41,22 @@ from serve.proxy_middleware import (
     stopping,
 )
 
-KEYS_ENV = "ROREM_GRPC_KEYS"  # {application: {"keys_file", "keys_reload_s"} or null}, set by serve.proxy_limits
+# {application: {"keys": {"keys_file", "keys_reload_s"} or null, "max_request_bytes", "body_timeout_s"}}, set by
+# serve.proxy_limits
+APPS_ENV = "ROREM_GRPC_APPS"
 APPLICATION_METADATA = "application"  # the metadata Ray's gRPC proxy routes a call by
 
 
 def install(server, service_prefix: str) -> bool:
     """Gate the unary methods under `service_prefix` ("/package.Service/") of a Ray gRPC server where the
-    applications are known (KEYS_ENV, which serve.proxy_limits always sets) or the local stop's drain flag is
+    applications are known (APPS_ENV, which serve.proxy_limits always sets) or the local stop's drain flag is
     named: those methods must then be registered as client-streaming (returns True), and Ray's STREAM_UNARY
     handler for them is its UNARY_UNARY one behind the gate. A server that is not Ray's (tests, the generated
     stubs) is left as it is (False)."""
     factory = getattr(server, "service_handler_factory", None)
     if factory is None:
         return False
-    gate = ProxyGate(json.loads(os.environ.get(KEYS_ENV) or "{}"))
+    gate = ProxyGate(json.loads(os.environ.get(APPS_ENV) or "{}"), os.environ.get(GRPC_LOOPBACK_ONLY_ENV) == "1")
     if not gate.names and not os.environ.get(DRAIN_FLAG_ENV):
         return False
 
@@ -103,13 +107,20 @@ def refuse_compressed_messages() -> None:
 
 
 class ProxyGate:
-    def __init__(self, applications: dict[str, dict | None]):
+    """Each application's checks before its call's message is read (APPS_ENV): its keys, or where keys are off and
+    the service listens on loopback, the caller's address (`loopback_only`: refused at the Ingress only, a remote
+    caller's 30 MB message was read and sent there first); then how long the message may take to come (one never
+    sent held the call for good) and how large it may be (the proxy's parser takes the largest of any
+    application's: a smaller one's limit was checked only at its Ingress, after the message was pickled there)."""
+
+    def __init__(self, applications: dict[str, dict], loopback_only: bool = False):
         self.names = list(applications)
+        self.limits = applications
         self.policies = {
-            name: proxy_keys(spec["keys_file"], spec.get("keys_reload_s"))
+            name: proxy_keys(spec["keys"]["keys_file"], spec["keys"].get("keys_reload_s"))
+            if spec.get("keys") else AccessPolicy(None, grpc_loopback_only=loopback_only)
             for name, spec in applications.items()
-            if spec
-        }
+        }  # fmt: skip
 
     def application(self, metadata) -> str:
         """The application a call names, as Ray's gRPC proxy reads it (the last entry); a Problem where it names one
@@ -146,20 +157,38 @@ class ProxyGate:
 
             async def checked_call() -> bytes:
                 try:
-                    policy = self.policies.get(self.application(metadata))
+                    name = self.application(metadata)
+                    policy = self.policies.get(name)
                     if policy is not None:
                         await policy.check_grpc(None, metadata, context.peer())
+                    request = await self._message(requests, self.limits.get(name) or {})
                 except Problem as refusal:
                     return refuse(refusal)
-                async for request in requests:
-                    return await handler(request, context)
-                return refuse(Problem("malformed-request", "the call sent no request message (at the proxy)"))
+                return await handler(request, context)
 
             # counted from here: a key check that waits for a keys-file reload is in flight for the stop too
             given_up, reply = await GRPC_CALLS.run(checked_call())
             return refuse(stopping(still_without_an_answer(GRPC_CALLS.grace_s))) if given_up else reply
 
         return stream_unary
+
+    @staticmethod
+    async def _message(requests, limits: dict):
+        """The call's one message, within the application's body_timeout_s and max_request_bytes (its fields as
+        parsed: unknown ones are dropped); a Problem if not."""
+        from google.protobuf.message import Message
+
+        timeout_s = limits.get("body_timeout_s")
+        try:
+            request = await asyncio.wait_for(anext(requests, None), timeout_s)
+        except asyncio.TimeoutError:
+            raise Problem("body-timeout", f"the call sent no request message within {timeout_s:g} s (at the proxy)")
+        if request is None:
+            raise Problem("malformed-request", "the call sent no request message (at the proxy)")
+        most = limits.get("max_request_bytes")
+        if most is not None and isinstance(request, Message) and (size := request.ByteSize()) > most:
+            raise Problem("payload-too-large", f"the message is {size} bytes; the limit is {most} (at the proxy)")
+        return request
 
     @staticmethod
     def _refuse(refusal: Problem, context, metadata, method: str) -> bytes:

@@ -8,7 +8,7 @@ holds the request until its body is in. All of this is set per Ray process, from
 `python -m serve run` (serve.cli) and the Kubernetes manifests (k8s/render.py) put `proxy_env(config)`
 into the environment of the Ray processes they start. The HTTP settings are per application (by route
 prefix: one proxy serves them all); gRPC's message limit is one number for the process, the largest any
-application needs. The app's own checks (serve.protocol: 413 `payload-too-large`, 408 `body-timeout`)
+application needs, and the gate (serve.grpc_gate) holds each application's call to its own. The app's own checks (serve.protocol: 413 `payload-too-large`, 408 `body-timeout`)
 stay the exact ones; these bounds keep a larger or slower request out of the proxies' memory and off the
 replicas.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 from serve.config import AppSettings, ImagingSettings, app_name, route_prefix
-from serve.grpc_gate import KEYS_ENV as GRPC_KEYS_ENV
+from serve.grpc_gate import APPS_ENV as GRPC_APPS_ENV
 from serve.grpc_servicer import MAX_REQUEST_ENV
 from serve.proxy_middleware import CALLBACK_ENV, CALLBACK_PATH, RETRY_AFTER_ENV, ROUTES_ENV
 
@@ -74,7 +74,7 @@ def http_max_body_bytes(imaging: ImagingSettings) -> int:
 
 
 PROXY_ENV_NAMES = (
-    GRPC_MESSAGE_ENV, MAX_REQUEST_ENV, GRPC_KEYS_ENV, ROUTES_ENV, RETRY_AFTER_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV,
+    GRPC_MESSAGE_ENV, MAX_REQUEST_ENV, GRPC_APPS_ENV, ROUTES_ENV, RETRY_AFTER_ENV, PROXY_DRAINING_ENV, NODE_DRAIN_ENV,
     CALLBACK_ENV,
 )  # fmt: skip
 """Every name proxy_env may set (k8s/render.py replaces these in a manifest and keeps any other)."""
@@ -110,11 +110,19 @@ def keys_at_the_proxy(settings: AppSettings) -> dict | None:
     return {"keys_file": auth.keys_file, "keys_reload_s": auth.reload_interval_s} if auth.enabled else None
 
 
-def grpc_keys(config: dict) -> dict[str, dict | None]:
-    """keys_at_the_proxy for each application, by name, for the gRPC proxy's key check (serve.grpc_gate). Every
-    application is named: a call without the `application` metadata goes to the only one."""
-    apps = config["applications"]
-    return {app_name(app): keys_at_the_proxy(AppSettings.model_validate(app.get("args") or {})) for app in apps}
+def grpc_apps(config: dict) -> dict[str, dict]:
+    """What the gRPC proxy's gate (serve.grpc_gate) checks of each application's calls, by name: its keys
+    (keys_at_the_proxy), its largest request message and how long that may take to come. Every application is
+    named: a call without the `application` metadata goes to the only one."""
+    apps = {}
+    for app in config["applications"]:
+        settings = AppSettings.model_validate(app.get("args") or {})
+        apps[app_name(app)] = {
+            "keys": keys_at_the_proxy(settings),
+            "max_request_bytes": grpc_max_request_bytes(settings.imaging),
+            "body_timeout_s": settings.overload.body_timeout_s,
+        }
+    return apps
 
 
 def proxy_env(config: dict) -> dict[str, str]:
@@ -126,7 +134,7 @@ def proxy_env(config: dict) -> dict[str, str]:
     return {
         GRPC_MESSAGE_ENV: str(max(grpc_max_message_bytes(settings.imaging) for settings in apps)),
         MAX_REQUEST_ENV: str(max(grpc_max_request_bytes(settings.imaging) for settings in apps)),
-        GRPC_KEYS_ENV: json.dumps(grpc_keys(config), sort_keys=True),
+        GRPC_APPS_ENV: json.dumps(grpc_apps(config), sort_keys=True),
         ROUTES_ENV: json.dumps(routes, sort_keys=True),
         RETRY_AFTER_ENV: str(max(settings.overload.retry_after_s for settings in apps)),
         PROXY_DRAINING_ENV: str(max(RAY_PROXY_DRAINING_S, body_timeout_s)),

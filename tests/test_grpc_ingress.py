@@ -129,12 +129,12 @@ def test_with_keys_on_rays_grpc_proxy_refuses_a_call_without_a_valid_key_before_
     from ray.serve.generated.serve_pb2_grpc import RayServeAPIServiceStub, add_RayServeAPIServiceServicer_to_server
 
     from serve.auth import new_key_entry
-    from serve.grpc_gate import KEYS_ENV
+    from serve.grpc_gate import APPS_ENV
 
     key, entry = new_key_entry("app", ["score"])
     (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry]}))
     keyed = {"keys_file": str(tmp_path / "keys.yaml"), "keys_reload_s": 10.0}
-    monkeypatch.setenv(KEYS_ENV, json_module.dumps({"keyed": keyed, "open": None}))
+    monkeypatch.setenv(APPS_ENV, json_module.dumps({"keyed": {"keys": keyed}, "open": {"keys": None}}))
     routed = []
 
     def factory(service_method, streaming_type):
@@ -247,11 +247,11 @@ def test_rays_grpc_proxy_reads_no_message_of_a_call_it_refuses(tmp_path, monkeyp
     are unchanged (the generated stub and a raw unary call); a stream with no message is malformed."""
 
     from serve.auth import new_key_entry
-    from serve.grpc_gate import KEYS_ENV
+    from serve.grpc_gate import APPS_ENV
 
     key, entry = new_key_entry("app", ["remove"])
     (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [entry]}))
-    monkeypatch.setenv(KEYS_ENV, json.dumps({"keyed": {"keys_file": str(tmp_path / "keys.yaml")}}))
+    monkeypatch.setenv(APPS_ENV, json.dumps({"keyed": {"keys": {"keys_file": str(tmp_path / "keys.yaml")}}}))
     parsed = _count_parsed_messages(monkeypatch)
 
     big = pb.RemoveRequest(image=bytes(20 << 20), mask=b"m")
@@ -531,6 +531,63 @@ def test_a_call_whose_key_check_waits_is_already_in_flight_for_the_stop(monkeypa
 
     assert asyncio.run(main()) == (1, b"answered")
     assert not GRPC_CALLS.running
+
+
+class _GateContext:
+    """A gRPC call's context as the gate sees it: its peer, and the status a refusal sets."""
+
+    def __init__(self, peer: str = "ipv4:127.0.0.1:1"):
+        self.peer = lambda: peer
+        self.invocation_metadata = lambda: ()
+        self.code = self.details = None
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = json.loads(details)
+
+    def set_trailing_metadata(self, metadata):
+        pass
+
+
+@pytest.mark.parametrize("call", ["from another machine, keys off", "its message never sent", "a message too large"])
+def test_the_gate_holds_each_call_to_its_application_before_its_message_goes_on(call):
+    """A gRPC trial: with keys off on loopback, another machine's call was refused at the Ingress only, after its 30
+    MB message was read and sent there; a call that never sent its message was held for good; an application's
+    own message limit (8 MiB where another takes 30) was checked at its Ingress only, after the message went there."""
+    from serve.grpc_gate import ProxyGate
+
+    limits = {"keys": None, "max_request_bytes": 1000, "body_timeout_s": 0.2}
+    gate = ProxyGate({"rorem": limits}, loopback_only=True)
+    read, handled = [], []
+
+    async def handler(request, context):
+        handled.append(request)
+        return b"answered"
+
+    async def messages():
+        if call == "its message never sent":
+            await asyncio.sleep(30)
+        read.append(1)
+        yield pb.RemoveRequest(image=bytes(2000 if call == "a message too large" else 10))
+
+    context = _GateContext("ipv4:192.0.2.7:5" if call == "from another machine, keys off" else "ipv4:127.0.0.1:5")
+    answer = asyncio.run(asyncio.wait_for(gate.wrap(handler, f"/{SERVICE.full_name}/Remove")(messages(), context), 5))
+    expected = {
+        "from another machine, keys off": (grpc.StatusCode.PERMISSION_DENIED, "host-not-allowed", []),
+        "its message never sent": (grpc.StatusCode.INVALID_ARGUMENT, "body-timeout", []),
+        "a message too large": (grpc.StatusCode.RESOURCE_EXHAUSTED, "payload-too-large", [1]),
+    }[call]
+    assert (context.code, context.details["type"].rsplit("/", 1)[1], read) == expected and not handled
+    assert answer == b""
+    context = _GateContext()
+    small = asyncio.run(gate.wrap(handler, f"/{SERVICE.full_name}/Remove")(_one(pb.RemoveRequest(image=b"x")), context))
+    assert small == b"answered" and context.code is None
+
+
+async def _one(message):
+    yield message
 
 
 # --- through Ray Serve's gRPC proxy ---------------------------------------------------------------------------------

@@ -667,8 +667,8 @@ def test_a_config_of_several_applications_is_started_as_one_and_ready_once_each_
     assert "(metadata application=keyed)" in lines[1] and f"| API keys on ({tmp_path / 'keys.yaml'}) |" in lines[1]
     routes = json.loads(launched[0][ROUTES_ENV])
     assert set(routes) == {"/", "/api/v1"} and routes["/api/v1"]["keys_file"] == str(tmp_path / "keys.yaml")
-    grpc_keys = json.loads(launched[0]["ROREM_GRPC_KEYS"])
-    assert grpc_keys["rorem"] is None and grpc_keys["keyed"]["keys_file"] == str(tmp_path / "keys.yaml")
+    grpc_apps = json.loads(launched[0]["ROREM_GRPC_APPS"])
+    assert grpc_apps["rorem"]["keys"] is None and grpc_apps["keyed"]["keys"]["keys_file"] == str(tmp_path / "keys.yaml")
     # Ray's processes run in the repository: a relative SQLite file from the environment named another file there
     assert launched[0]["ROREM_RETENTION_DATABASE_URL"] == f"sqlite:///{tmp_path / 'store' / 'results.db'}"
 

@@ -289,7 +289,7 @@ def test_a_proxy_buffer_smaller_than_the_largest_body_is_refused_at_start():
 def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(tmp_path):
     """One proxy serves every application of a cluster: its HTTP settings are each application's, by route prefix;
     gRPC's message limit and the draining period, one number for the process, are the largest any needs."""
-    from serve.grpc_gate import KEYS_ENV as GRPC_KEYS_ENV
+    from serve.grpc_gate import APPS_ENV as GRPC_APPS_ENV
     from serve.grpc_servicer import MAX_REQUEST_ENV
     from serve.proxy_limits import GRPC_REQUEST_SLACK
 
@@ -307,9 +307,12 @@ def test_each_application_gets_its_own_body_settings_and_grpc_the_largest_limit(
     assert float(env[PROXY_DRAINING_ENV]) == 90 > RAY_PROXY_DRAINING_S
     assert float(env[NODE_DRAIN_ENV]) == 90 + 120, "the longest body, then the applications' deadline"
     keys_file = {"keys_file": str(tmp_path / "keys.yaml"), "keys_reload_s": 10.0}
-    assert json.loads(env[GRPC_KEYS_ENV]) == {"rorem": None, "app1": None, "app2": keys_file}, "the gRPC proxy's, by name"
+    grpc = json.loads(env[GRPC_APPS_ENV])  # the gRPC gate's, by name: each application's own limits (a gRPC trial)
+    assert {name: app["keys"] for name, app in grpc.items()} == {"rorem": None, "app1": None, "app2": keys_file}
+    assert grpc["app1"]["max_request_bytes"] == 1024 + GRPC_REQUEST_SLACK < grpc["rorem"]["max_request_bytes"]
+    assert [grpc[name]["body_timeout_s"] for name in ("rorem", "app1", "app2")] == [60, 5, 90]
     alone = {ROUTES_ENV: json.dumps({"/": routes["/"]}), PROXY_DRAINING_ENV: "60.0", NODE_DRAIN_ENV: "180.0"}
-    assert proxy_env(_config({})) == {**env, **alone, GRPC_KEYS_ENV: json.dumps({"rorem": None})}
+    assert proxy_env(_config({})) == {**env, **alone, GRPC_APPS_ENV: json.dumps({"rorem": grpc["rorem"]})}
     behind_proxy_timeouts = _config({}, small, keyed) | {"http_options": {"request_timeout_s": 180}}
     assert float(proxy_env(behind_proxy_timeouts)[NODE_DRAIN_ENV]) == 90 + 180, "the proxy's timeout, past the app's"
     grpc_only = _config({}, small)
