@@ -895,8 +895,8 @@ class CannotStart(Exception):
 
 def startable_config(options: argparse.Namespace, ports_free: bool) -> tuple[dict, list[str]]:
     """The config as `run` starts it, with what it fitted to this machine (notes): validated with Ray's schema and
-    ours, the command line's choices applied, every model file and keys file there; with `ports_free`, its ports
-    free here too. Raises CannotStart."""
+    ours, the command line's choices applied, every model file and keys file there, its addresses ones this machine
+    can listen on; with `ports_free`, its ports free here too. Raises CannotStart."""
     from serve.config import BUNDLE_ENV, invalid_because, validate_serve_config
 
     try:
@@ -908,7 +908,7 @@ def startable_config(options: argparse.Namespace, ports_free: bool) -> tuple[dic
         choose_ports(config, options.host, options.port, options.grpc_port)
     except ValueError as exc:
         raise CannotStart(str(exc)) from None
-    busy = busy_ports(listen_addresses(config, options.metrics_port)) if ports_free else []
+    busy = busy_ports(listen_addresses(config, options.metrics_port), in_use_too=ports_free)
     if busy:
         hint = "stop the process that holds a port, or choose others (--host, --port, --grpc-port, --metrics-port)"
         raise CannotStart(*busy, hint=hint)
@@ -972,7 +972,10 @@ def run(argv: list[str] | None = None) -> int:
     if options.command == "check":
         listens = ", ".join(f"{kind} {url_host(where[0])}:{where[1]}" for kind, where in addresses.items())
         if options.effective is not None:
-            options.effective.write_text(yaml.safe_dump(live, sort_keys=False))
+            try:
+                options.effective.write_text(yaml.safe_dump(live, sort_keys=False))
+            except OSError as exc:
+                return _cannot_start(f"--effective {options.effective}: {exc.strerror or exc}")
             print(f"[rorem] effective Serve config: {options.effective}", flush=True)
         print(f"[rorem] {options.config}: would start {len(applications)} application(s); {listens}", flush=True)
         return 0

@@ -147,10 +147,10 @@ def _command(pid_dir: Path) -> str:
     return command[:200] or "?"
 
 
-def busy_ports(wanted: dict[str, tuple[str, int]]) -> list[str]:
+def busy_ports(wanted: dict[str, tuple[str, int]], in_use_too: bool = True) -> list[str]:
     """For each `name: (host, port)` that cannot be listened on, a line saying why: the port given twice, in
-    use (naming its holder), or refused by the system (an address not on this machine, a host name that does
-    not resolve, a privileged port)."""
+    use (naming its holder; not with `in_use_too` False: a check beside a running service), or refused by the
+    system (an address not on this machine, a host name that does not resolve, a privileged port)."""
     problems = []
     names_by_port: dict[int, list[str]] = {}
     for name, (_, port) in wanted.items():
@@ -164,7 +164,7 @@ def busy_ports(wanted: dict[str, tuple[str, int]]) -> list[str]:
         except OSError as exc:
             problems.append(f"cannot listen on the {name} port {port} ({host}): {exc.strerror or exc}")
             continue
-        if in_use:
+        if in_use and in_use_too:
             held_by = "; ".join(listeners(port)) or "unknown (no listener found in /proc)"
             problems.append(f"the {name} port {port} ({host}) is already in use, held by {held_by}")
     return problems

@@ -480,6 +480,12 @@ def test_check_says_a_config_would_start_here_without_starting_it_even_beside_a_
     handed = yaml.safe_load(effective.read_text())
     validate_serve_config(handed)
     assert handed["http_options"]["port"] == int(port)
+    twice = ["--port", port, "--metrics-port", port]  # what run refuses before Ray but a port in use (a review)
+    assert run(["check", "--config", str(path), *twice]) == 2
+    assert f"the HTTP and metrics ports are both {port}: give each its own" in capsys.readouterr().err
+    nowhere = tmp_path / "missing" / "effective.yaml"
+    assert run(["check", "--config", str(path), *ports, "--effective", str(nowhere)]) == 2
+    assert f"cannot start: --effective {nowhere}: No such file or directory" in capsys.readouterr().err
 
 
 def test_a_config_without_an_http_proxy_fails_the_start_saying_why(tmp_path, capsys, no_launch):

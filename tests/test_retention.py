@@ -282,6 +282,30 @@ def test_a_save_given_up_while_its_insert_waits_on_a_locked_database_deletes_not
         writer.close()
 
 
+def test_a_save_given_up_as_its_insert_waited_is_rolled_back_never_seen_or_judged(tmp_path, clock):
+    """Deleted after its commit, a save given up during its insert was in the review queue meanwhile (a verdict there
+    went with it) and counted toward its owner's bound (another save then pushed out one result too many): a review.
+    It is rolled back before its commit now."""
+    from serve.retention.store import SaveGivenUp
+
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", LocalObjectStore(tmp_path / "objects"), clock=clock)
+
+    seen_by_a_reviewer = []
+
+    class GivenUpDuringTheInsert(threading.Event):
+        asked = 0
+
+        def is_set(self):
+            self.asked += 1
+            if self.asked > 1:  # not before the insert; by the time the database's lock was this save's
+                seen_by_a_reviewer.extend(result.id for result in store.queue(10))
+            return self.asked > 1
+
+    with pytest.raises(SaveGivenUp):
+        store.save(_new(b"late"), GivenUpDuringTheInsert())
+    assert seen_by_a_reviewer == [] and _rows(store) == [] and _files(tmp_path / "objects") == set()
+
+
 def test_what_the_limits_delete_is_in_the_replica_log(tmp_path, clock, caplog):
     """The store logged under its module's name, whose INFO lines never reached the ResultStore replica's log: an
     operator could not see that results were pushed out (a trial)."""

@@ -209,9 +209,9 @@ class RetentionStore:
         """Store objects (once per content) and metadata; returns the new result's id. The objects are
         written first, so a reader never sees a result whose images are not there yet, and without the lock,
         so a slow object store holds up no other save or delete. `given_up`: set when the caller stops waiting;
-        a save given up before its insert, or during it (a locked database), stores nothing and deletes nothing
-        for room (SaveGivenUp): a late insert made room for a result nobody got the id of, pushing out an older
-        one, a reviewed one too. A failed save deletes the objects it created, without the database (which may
+        a save given up before its insert commits, a locked database's wait included, stores nothing and deletes
+        nothing for room (SaveGivenUp): a late insert made room for a result nobody got the id of, pushing out an
+        older one, a reviewed one too. A failed save deletes the objects it created, without the database (which may
         be what failed). Once the row is in, the result is stored: the limits enforced after it failing is logged
         and left to the next save or sweep, and the id is returned."""
         result_id = uuid.uuid4().hex
@@ -243,6 +243,9 @@ class RetentionStore:
                 raise SaveGivenUp(result_id)
             with Session(self.engine) as session, session.begin():
                 session.add(row)
+                session.flush()  # the database's write lock is this save's now: a locked database waited here
+                if given_up is not None and given_up.is_set():
+                    raise SaveGivenUp(result_id)  # rolled back: never seen, counted, judged or made room for
         except BaseException:
             with self._lock:
                 self._saving.discard(result_id)
@@ -252,13 +255,6 @@ class RetentionStore:
             raise
         with self._lock:
             self._unclaim(keys)
-        if given_up is not None and given_up.is_set():
-            try:
-                self.delete(result_id)
-            finally:
-                with self._lock:
-                    self._saving.discard(result_id)
-            raise SaveGivenUp(result_id)
         try:
             self.enforce_limits(keep=result_id, owner=new.owner)
         except Exception:
