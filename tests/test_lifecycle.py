@@ -698,7 +698,7 @@ def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(t
     monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda *args, **kwargs: launcher))
     monkeypatch.setattr(cli, "wait_until_ready", lambda url, *args: waited.append((url, args[-1])) or ready)
     monkeypatch.setattr(cli, "stop_service", lambda *args: 0)
-    monkeypatch.setattr(cli, "busy_ports", lambda addresses: [])  # ::1 may not exist here: nothing listens
+    monkeypatch.setattr(cli, "busy_ports", lambda addresses, in_use_too=True: [])  # ::1 may not exist here: nothing listens
     port, grpc_port = free_port(), free_port()
     assert run(["run", "--config", str(path), "--host", "::1", "--port", str(port), "--grpc-port", str(grpc_port)]) == 0
     assert waited == [(f"http://[::1]:{port}", "default"), (f"http://[::1]:{port}/api/v1", "keyed")]
