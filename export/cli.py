@@ -40,6 +40,7 @@ def _bundle_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="Serve config YAML: its bundle (without --bundle/--tiny), buckets and batch sizes"
     )
+    parser.add_argument("--app", default=None, help="the application of --config to read (default: its first)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -267,7 +268,7 @@ def _open_bundle(args, progress: Progress):
         from export.tensorrt_build import load_serve_settings
 
         with progress.stage(f"bundle named by {args.config}"):
-            bundle = load_serve_settings(args.config).bundle.open()
+            bundle = load_serve_settings(args.config, args.app).bundle.open()
         # serving leaves the weights to their readers; an export is hashed where a command reads it
         with progress.stage("checking the bundle's own files' sha256"):
             bundle.verify()
@@ -440,7 +441,7 @@ def _serve_buckets(args) -> list[int]:
     if args.config:
         from export.tensorrt_build import load_serve_settings
 
-        return list(load_serve_settings(args.config).imaging.buckets)
+        return list(load_serve_settings(args.config, args.app).imaging.buckets)
     return []
 
 
@@ -459,7 +460,7 @@ def _plan_shape(args) -> dict[int, int]:
         return dict.fromkeys(buckets, args.max_batch_size)
     from export.tensorrt_build import load_serve_settings
 
-    batching = load_serve_settings(args.config).batching
+    batching = load_serve_settings(args.config, args.app).batching
     return {side: batching.for_bucket(side)[0] for side in buckets}
 
 

@@ -327,15 +327,16 @@ class AccessPolicy:
         return cls(ApiKeys(auth.keys_file, auth.reload_interval_s, on_error), auth.allowed_hosts)
 
     def check_browser(self, headers, method: str) -> None:
-        """Refuse what only a browser on another website would send (the module's docstring says why)."""
-        host = headers.get("host") or ""
-        if self.allowed_hosts is not None and _host_name(host) not in self.allowed_hosts:
+        """Refuse what only a browser on another website would send (the module's docstring says why). No Host at
+        all (HTTP/1.0 may leave it out; the proxy refuses an HTTP/1.1 request without one) is no browser's."""
+        host = headers.get("host")
+        if host is not None and self.allowed_hosts is not None and _host_name(host) not in self.allowed_hosts:
             raise Problem(
                 "host-not-allowed",
                 f"the Host {host[:100]!r} is not one this service answers (auth.allowed_hosts: "
                 f"{', '.join(sorted(self.allowed_hosts))})",
             )
-        if self.keys is None and method not in BODILESS_METHODS and not _same_origin(headers, host):
+        if self.keys is None and method not in BODILESS_METHODS and not _same_origin(headers, host or ""):
             raise Problem("cross-site-request", "a request with a body is taken from this service's own pages only")
 
     def check(self, headers, scope: str | None) -> StoredKey | None:

@@ -439,12 +439,12 @@ def describe_bundle(args: dict) -> str:
 BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torch and diffusers (a test: equal)
 
 
-def missing_model_files(args: dict, config: Path) -> str | None:
+def missing_model_files(args: dict, config: Path, app: str | None = None) -> str | None:
     """Why bundle.path cannot be a bundle, a local piece of bundle.authors is not there, engine.runner_path is not a
     file, or the bundle (a path's or the tiny one) records no export of the runner, on this machine, before Ray starts
     (a replica would fail on it ~20 s later, after Ray's start); None where they may be. The authors' pieces are
-    checked for existence only: the import names each missing file. `config`: the Serve config's file, for the export
-    command said."""
+    checked for existence only: the import names each missing file. `config`: the Serve config's file, and `app` the
+    application's name where it has several, for the export command said."""
     path = ((args.get("bundle") or {}).get("path")) or None
     if path and not (Path(path).expanduser() / BUNDLE_MANIFEST).is_file():
         where = "no such folder" if not Path(path).expanduser().exists() else f"no {BUNDLE_MANIFEST} in it"
@@ -465,11 +465,11 @@ def missing_model_files(args: dict, config: Path) -> str | None:
         return f"engine.runner_path {runner_path}: no such file"
     runner = engine.get("runner", "torch")
     if runner != "torch" and not runner_path and not (runner == "onnx" and engine.get("export_missing")):
-        return _no_export_recorded(args, runner, config)
+        return _no_export_recorded(args, runner, config, app)
     return None
 
 
-def _no_export_recorded(args: dict, runner: str, config: Path) -> str | None:
+def _no_export_recorded(args: dict, runner: str, config: Path, app: str | None) -> str | None:
     """Why a bundle cannot serve the onnx or tensorrt runner: it records no export of that kind at all (every Remover
     replica failed on it inside Ray). Whether the one it records is current, of the dtype and GPU the replica uses,
     is the replica's check (engines.runners.current_export), which needs torch. The command said takes the config,
@@ -493,6 +493,8 @@ def _no_export_recorded(args: dict, runner: str, config: Path) -> str | None:
     fix = "set engine.export_missing: true (exported at start), " if runner == "onnx" else ""
     named = "the tiny bundle" if settings.is_tiny() else "bundle.path"
     command = f"python -m export all --config {shlex.quote(str(config))}"
+    if app is not None:
+        command += f" --app {shlex.quote(app)}"  # export reads the first application otherwise
     if settings.path:
         command += f" --bundle {shlex.quote(str(bundle))}"  # --bundle or ROREM_BUNDLE may be the config's no more
     return (
@@ -930,7 +932,8 @@ def startable_config(options: argparse.Namespace, ports_free: bool) -> tuple[dic
             raise CannotStart(f"application {app_name(app)} has no route_prefix: {over_http}; give it one")
     for app in applications:
         args = app.get("args") or {}
-        missing = missing_model_files(args, options.config) or unreadable_keys(args)
+        several = app_name(app) if len(applications) > 1 else None
+        missing = missing_model_files(args, options.config, several) or unreadable_keys(args)
         if missing:
             raise CannotStart(missing if len(applications) == 1 else f"application {app_name(app)}: {missing}")
     return config, notes

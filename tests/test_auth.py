@@ -617,6 +617,12 @@ def test_without_keys_a_rebound_host_name_gets_nothing_and_probes_still_answer(m
     assert _browser_app(monkeypatch, {"allowed_hosts": ["Rorem.Internal."]}).get(
         "/results", headers={"host": "rorem.internal.:8000"}
     ).status_code == 200, "case and a trailing dot do not matter"
+    from serve.auth import AccessPolicy
+
+    policy = AccessPolicy(None, ["localhost", "127.0.0.1"])
+    policy.check_browser({}, "POST")  # HTTP/1.0 without a Host: no browser's (it was refused: a contract trial)
+    with pytest.raises(Problem, match="the Host '' is not one this service answers"):
+        policy.check_browser({"host": ""}, "POST")
 
 
 @pytest.mark.parametrize("hosts", [[], ["rorem.internal:8000"], ["::1"], ["http://rorem.internal"], ["a b"]])

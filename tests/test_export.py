@@ -228,7 +228,7 @@ def test_each_bucket_profile_spans_its_own_batch_size_from_the_serve_config(tmp_
     config["applications"][0]["args"]["batching"] = {"max_batch_size": 4, "per_bucket": {512: {"max_batch_size": 16}}}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    args = SimpleNamespace(command="tensorrt", config=str(path), buckets=None, max_batch_size=None)
+    args = SimpleNamespace(command="tensorrt", config=str(path), app=None, buckets=None, max_batch_size=None)
     assert _plan_shape(args) == {512: 16, 1024: 4} == load_serve_settings(path).batch_sizes()
     assert [p.name for p in profiles_from_serve_config(_plan_shape(args))] == ["512px_b1-16", "1024px_b1-4"]
     assert _plan_shape(SimpleNamespace(**{**vars(args), "max_batch_size": 2})) == {512: 2, 1024: 2}, "one for all"

@@ -575,6 +575,24 @@ def test_an_exported_runner_without_its_export_or_a_gpu_fails_the_start_before_r
         json.dumps({"provenance": {"exports": {"onnx.float32": {}}}})
     )
     assert missing_model_files(tiny, path) is None
+
+    def second_app(config: dict) -> None:  # export reads a config's first application unless told (a review)
+        second = copy.deepcopy(config["applications"][0])
+        second.update(name="second", route_prefix="/second")
+        second["args"].update(bundle={"cache_dir": str(tmp_path / "cache"), "tiny_seed": 1}, engine={"runner": "onnx"})
+        config["applications"].append(second)
+
+    path.write_text(_local_yaml(second_app))
+    assert run(["check", "--config", str(path), *ports]) == 2
+    assert f"application second: engine.runner onnx: the tiny bundle {tmp_path / 'cache' / 'tiny-1'} records no " \
+        f"onnx export: run `python -m export all --config {path} --app second`" in capsys.readouterr().err
+    import argparse
+
+    from export.cli import _serve_buckets
+
+    (tmp_path / "two.yaml").write_text(_local_yaml(lambda c: (second_app(c), c["applications"][1]["args"].update(
+        imaging={"buckets": [512, 768]}, batching={}))))
+    assert _serve_buckets(argparse.Namespace(config=str(tmp_path / "two.yaml"), app="second", buckets=None)) == [512, 768]
     path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"runner": "tensorrt"})))
     assert run(["run", "--config", str(path), "--gpus", "0", *ports]) == 2
     assert "cannot start: the Remover is set to engine.runner: tensorrt, which runs on a CUDA GPU only, and gets no " \
