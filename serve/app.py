@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from fastapi import Path, Request
+from fastapi import Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -26,6 +26,7 @@ from serve.metrics import INGRESS_STAGES, ingress_metrics
 from serve.negotiation import wants_json
 from serve.page_headers import PRIVATE_HEADERS, marked_for_its_opener
 from serve.playground import playground_headers, playground_page
+from serve.problems import invalid_request
 from serve.protocol import JSONRemoveBody, JSONScoreBody, RemoveOptions, ScoreOptions, openapi_request_body
 from serve.remover_deployment import Remover
 from serve.rest_api import (
@@ -38,12 +39,18 @@ from serve.rest_api import (
     root_path,
     score_reply_json,
 )
-from serve.retention.keeper import FeedbackBody, annotation_page, result_document
+from serve.retention.keeper import QUEUE_LIMITS, THRESHOLDS, FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
 from serve.service import RemovalResult, RemovalService, request_deadline_s
 from serve.uploads import Offload, read_json, read_removal_request, read_score_request
 from serve.worker_threads import default_workers, worker_pool
+
+
+def _bounds(low_high: tuple[float, float]) -> dict:
+    """A query parameter's range, documented in the OpenAPI but checked by the route: a retention that is off
+    answers its 404 first (FastAPI's own check would answer 422 before it)."""
+    return {"minimum": low_high[0], "maximum": low_high[1]}
 
 
 @serve.deployment(name="Ingress")
@@ -259,10 +266,26 @@ class Ingress(GrpcMethods, LiveSettings):
         return HTMLResponse(html, headers=dict(headers))
 
     @api.get("/annotation/queue", dependencies=[auth.requires("feedback")])
-    async def annotation_queue(self, request: Request, limit: int = 20, threshold: float | None = None) -> JSONResponse:
+    async def annotation_queue(
+        self,
+        request: Request,
+        limit: int = Query(20, description="how many results", json_schema_extra=_bounds(QUEUE_LIMITS)),
+        threshold: float | None = Query(
+            None, description="rank by |score - this| (default: each result's own)",
+            json_schema_extra=_bounds(THRESHOLDS),
+        ),  # fmt: skip
+    ) -> JSONResponse:
         """Results neither the caller's key nor a verdict without a key has judged (auth off: no verdict at all),
         the discriminator's least certain first (|score - threshold| ascending): another key's verdict never
-        hides one from a reviewer."""
+        hides one from a reviewer. Query parameters as /remove's fields: an unknown or repeated one is refused
+        (`offset=5` was ignored, a repeated `limit` read as its last)."""
+        self.service.retention.require_enabled()
+        query = request.query_params
+        unknown = [f"query.{name}" for name in dict.fromkeys(query) if name not in ("limit", "threshold")]
+        repeated = [{"loc": ("query", name), "msg": "given more than once"} for name in ("limit", "threshold")
+                    if len(query.getlist(name)) > 1]  # fmt: skip
+        if unknown or repeated:
+            raise invalid_request(repeated, unknown)
         principal = request.state.principal
         items, unlabelled = await self.service.retention.queue(
             limit, threshold, auth.visible_owner(principal), auth.verdict_principal(principal)

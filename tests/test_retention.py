@@ -2227,6 +2227,26 @@ def test_a_tenants_verdicts_on_its_own_result_never_delete_a_reviewers(tmp_path,
         client.retention.store.close()
 
 
+def test_the_annotation_queue_refuses_unknown_repeated_or_out_of_range_query_parameters_naming_each(
+    tmp_path, monkeypatch
+):
+    """`?offset=5` was ignored and `?limit=5&limit=6` read as 6, where /remove refuses a query parameter; a limit out of
+    range named no field in `errors` (a contract trial)."""
+    client, keys = _keyed_ingress(tmp_path, monkeypatch)
+    reviewer = {"x-api-key": keys["reviewer"]}
+    try:
+        for query, fields in [
+            ("offset=5", ["query.offset"]), ("limit=5&limit=6", ["query.limit"]), ("limit=0", ["query.limit"]),
+            ("threshold=11&limit=201", ["query.limit", "query.threshold"]),
+        ]:  # fmt: skip
+            refused = client.get(f"/annotation/queue?{query}", headers=reviewer)
+            assert refused.status_code == 422 and refused.json()["type"].endswith("/invalid-request"), query
+            assert sorted(error["field"] for error in refused.json()["errors"]) == fields, refused.json()
+        assert client.get("/annotation/queue?limit=5&threshold=0.5", headers=reviewer).status_code == 200
+    finally:
+        client.retention.store.close()
+
+
 def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_queue(tmp_path, monkeypatch):
     """A tenant's verdict on its own result leaves the result in a reviewer's queue, whose verdict export
     --labelled-by needs; the reviewer's own verdict takes it out of the reviewer's queue. A verdict without a key

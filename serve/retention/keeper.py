@@ -34,7 +34,7 @@ from serve.config import RetentionSettings
 from serve.handles import within
 from serve.log_throttle import LOG_EVERY_S, LogThrottle
 from serve.page_headers import fill_marks, page_html, strict_page_headers
-from serve.problems import Problem
+from serve.problems import Problem, invalid_request
 from serve.request_ids import serve_request_id
 from serve.retention.objects import ObjectMissing
 from serve.retention.store import KINDS, NewResult, ResultNotFound, RetentionStore, StoredResult
@@ -52,6 +52,8 @@ ANNOTATION_PAGE = Path(__file__).parent.parent / "static" / "annotate.html"
 REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
 MAX_QUEUE = 200  # the most results GET /annotation/queue answers at once
+QUEUE_LIMITS = (1, MAX_QUEUE)  # GET /annotation/queue's `limit`; its `threshold` (a gate threshold's range) below
+THRESHOLDS = (0.0, 10.0)
 REASON_MAX_LENGTH = 1000  # characters of a verdict's reason
 LABELLER_MAX_LENGTH = 200  # characters of a verdict's labeller
 # the longest Retry-After the annotation page waits out by itself; a longer one waits for the labeller's button
@@ -423,10 +425,13 @@ class Retention:
         `principal`: the asking key's name; judged neither by it nor without a key (None, auth off: without any
         verdict)."""
         self.require_enabled()
-        if not 1 <= limit <= MAX_QUEUE:
-            raise Problem("invalid-request", f"limit must be 1 to {MAX_QUEUE}, got {limit}")
-        if threshold is not None and not 0.0 <= threshold <= 10.0:
-            raise Problem("invalid-request", f"threshold must be 0 to 10, got {threshold}")
+        invalid = [
+            {"loc": ("query", name), "msg": f"must be {low:g} to {high:g}, got {value}"}
+            for name, value, (low, high) in (("limit", limit, QUEUE_LIMITS), ("threshold", threshold, THRESHOLDS))
+            if value is not None and not low <= value <= high
+        ]  # fmt: skip
+        if invalid:
+            raise invalid_request(invalid)
         return await self._call(None, lambda store: store.queue(limit, threshold, owner, principal))
 
     def require_enabled(self) -> None:
