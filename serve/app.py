@@ -32,6 +32,7 @@ from serve.remover_deployment import Remover
 from serve.rest_api import (
     api,
     docs_page,
+    get_route,
     json_reply_body,
     public_get,
     remove_reply_json,
@@ -219,15 +220,15 @@ class Ingress(GrpcMethods, LiveSettings):
         )
         return JSONResponse(result_document(stored, root_path(request)), status_code=201, headers=PRIVATE_HEADERS)
 
-    @api.get("/results/{id}", dependencies=[auth.requires("feedback")])
+    @get_route("/results/{id}", auth.requires("feedback"))
     async def result(self, request: Request, result_id: str = Path(alias="id")) -> JSONResponse:
         """A retained result: score, gate, parameters, verdicts, and links to its images."""
         stored = await self.service.retention.get(result_id, auth.visible_owner(request.state.principal))
         return JSONResponse(result_document(stored, root_path(request)), headers=PRIVATE_HEADERS)
 
-    @api.get(
+    @get_route(
         "/results/{id}/{kind}",
-        dependencies=[auth.requires("feedback")],
+        auth.requires("feedback"),
         responses={200: {"content": {"image/*": {}}, "description": "kind: source, mask (white = removed) or result"}},
     )
     async def result_image(self, request: Request, kind: str, result_id: str = Path(alias="id")) -> Response:
@@ -265,7 +266,7 @@ class Ingress(GrpcMethods, LiveSettings):
         html = marked_for_its_opener(html, request.headers.get("sec-fetch-site"))
         return HTMLResponse(html, headers=dict(headers))
 
-    @api.get("/annotation/queue", dependencies=[auth.requires("feedback")])
+    @get_route("/annotation/queue", auth.requires("feedback"))
     async def annotation_queue(
         self,
         request: Request,

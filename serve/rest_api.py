@@ -43,16 +43,20 @@ api = FastAPI(
 install_openapi(api)  # serve/openapi.py: problem responses, headers, media types
 
 
-def public_get(path: str, **route):
-    """A public GET route (a page, a probe) that answers HEAD too, as its GET without the body (the server drops
-    it): uptime checks and `curl -I` send HEAD. The HEAD route stays out of the OpenAPI: one operation a path."""
+def get_route(path: str, access=auth.PUBLIC, **route):
+    """A GET route that answers HEAD too, as its GET without the body (the server drops it; RFC 9110 9.1: a server
+    supports both): uptime checks and `curl -I` send HEAD, which a scoped route answered 405. `access`: the route's
+    rule (auth.PUBLIC, auth.requires(scope)). The HEAD route stays out of the OpenAPI: one operation a path."""
 
     def declare(endpoint):
-        declared = {**route, "dependencies": [auth.PUBLIC]}
+        declared = {**route, "dependencies": [access]}
         api.head(path, **{**declared, "include_in_schema": False})(endpoint)
         return api.get(path, **declared)(endpoint)
 
     return declare
+
+
+public_get = get_route  # a page or a probe
 
 
 def _route_label(scope: dict) -> str:

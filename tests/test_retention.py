@@ -2247,6 +2247,21 @@ def test_the_annotation_queue_refuses_unknown_repeated_or_out_of_range_query_par
         client.retention.store.close()
 
 
+def test_the_result_routes_answer_head_as_their_get_with_the_same_access(tmp_path, monkeypatch):
+    """`curl -I` on a stored result was 405 (a contract trial; RFC 9110 9.1: a server supports GET and HEAD)."""
+    client, keys = _keyed_ingress(tmp_path, monkeypatch)
+    reviewer = {"x-api-key": keys["reviewer"]}
+    try:
+        result_id = asyncio.run(_keep(client.retention, owner="acme"))
+        for path in (f"/results/{result_id}", f"/results/{result_id}/mask", "/annotation/queue"):
+            got, head = client.get(path, headers=reviewer), client.head(path, headers=reviewer)
+            assert (got.status_code, head.status_code, head.content) == (200, 200, b""), path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+        assert client.head(f"/results/{result_id}").status_code == 401, "HEAD is checked as GET is"
+    finally:
+        client.retention.store.close()
+
+
 def test_only_the_asking_keys_own_verdict_takes_a_result_out_of_its_annotation_queue(tmp_path, monkeypatch):
     """A tenant's verdict on its own result leaves the result in a reviewer's queue, whose verdict export
     --labelled-by needs; the reviewer's own verdict takes it out of the reviewer's queue. A verdict without a key
