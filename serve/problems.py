@@ -155,6 +155,12 @@ def invalid_request(errors: list[dict], unknown: list[str] = ()) -> Problem:
     return Problem("invalid-request", "; ".join(details), errors=fields[:MAX_LISTED])
 
 
+def invalid_field(field: str, detail: str) -> Problem:
+    """422 invalid-request about one field, named in `errors` as pydantic's are (a field given twice, a file sent as
+    text, bad base64 named none: a client mapping `errors` to its form showed nothing)."""
+    return Problem("invalid-request", detail, errors=[{"field": field, "message": detail}])
+
+
 def _listed(items: list[str], what: str, separator: str, prefix: str = "") -> str:
     """The first MAX_LISTED `items`, the count first where there are more: a detail is clipped, and the items quoted
     are the client's."""

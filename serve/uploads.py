@@ -33,7 +33,7 @@ from starlette.datastructures import Headers
 from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, parse_options_header
 from starlette.formparsers import multipart as _multipart  # python-multipart, as starlette imports it
 
-from serve.problems import MAX_LISTED, Problem, invalid_request
+from serve.problems import MAX_LISTED, Problem, invalid_field, invalid_request
 from serve.protocol import (
     JSONRemoveBody,
     JSONScoreBody,
@@ -311,7 +311,7 @@ class _BytesMultiPartParser(MultiPartParser):
         elif self._current_part.field_name in self._file_names:  # `curl -F image=<photo.jpg`: no filename
             # said before its data is read: past 1 MB a text field is "Part exceeded maximum size"
             name = self._current_part.field_name
-            raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
+            raise invalid_field(name, f"{name!r} must be sent as a file part, not a text field")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._current_part.file is None:
@@ -431,7 +431,7 @@ def _from_multipart(content_type: str, body: bytes | list[bytes], names, require
     fields: dict[str, str] = {}
     for key, value in items:
         if key in files or key in fields:
-            raise Problem("invalid-request", f"field {key!r} is given more than once")
+            raise invalid_field(key, f"field {key!r} is given more than once")
         if isinstance(value, _File):
             files[key] = value.data
         else:
@@ -533,7 +533,7 @@ def _json_object(body: bytes, keep: tuple[str, ...] = ()) -> tuple[dict, dict[st
     try:
         data, lifted = _loads_lifted(body, keep)
     except RepeatedKey as exc:
-        raise Problem("invalid-request", f"field {exc.args[0]!r} is given more than once") from exc
+        raise invalid_field(exc.args[0], f"field {exc.args[0]!r} is given more than once") from exc
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
         raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -675,7 +675,7 @@ def _b64decode_payload(text: str | memoryview, field: str) -> bytes:
     try:
         return b64decode_stepwise(text)
     except (binascii.Error, ValueError) as exc:
-        raise Problem("invalid-request", f"{field!r} is not valid base64: {exc}") from exc
+        raise invalid_field(field, f"{field!r} is not valid base64: {exc}") from exc
 
 
 def b64decode_stepwise(text: str | memoryview) -> bytes:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from serve import uploads as req
 from serve.loop_lag import LoopLag
-from serve.problems import Problem
+from serve.problems import Problem, invalid_field
 from serve.worker_threads import worker_pool
 from tests.helpers import REPO, CannedAnswers, box_mask, load_script, loopback_server, photo, png_bytes, post_remove
 
@@ -351,14 +351,14 @@ def starlette_answer(content_type: str, body: bytes):
         files, fields = {}, {}
         for key, value in form.multi_items():
             if key in files or key in fields:
-                raise Problem("invalid-request", f"field {key!r} is given more than once")
+                raise invalid_field(key, f"field {key!r} is given more than once")
             if isinstance(value, UploadFile):
                 files[key] = await value.read()
             else:
                 fields[key] = value
         for name in NAMES:
             if name in fields:
-                raise Problem("invalid-request", f"{name!r} must be sent as a file part, not a text field")
+                raise invalid_field(name, f"{name!r} must be sent as a file part, not a text field")
         unknown = sorted(set(files) - set(NAMES))
         if unknown:
             raise Problem(
@@ -445,6 +445,22 @@ def test_a_malformed_multipart_body_is_answered_not_logged(caplog):
         refused = outcome(lambda: req._from_multipart(content_type, body, NAMES, ("image",), req.RemoveOptions))
     assert refused[:2] == ("problem", "malformed-body")
     assert [record.getMessage() for record in caplog.records if record.name.startswith("python_multipart")] == []
+
+
+def test_a_mistake_about_one_field_names_it_in_errors():
+    """A field given twice, a file sent as text and bad base64 named no field in `errors` (documented as each invalid
+    or unknown field): a client mapping `errors` to its form showed nothing (a contract trial)."""
+    content_type = "multipart/form-data; boundary=b0undary"
+    sent = {
+        "image": multipart([("image", None, b"photo")]),
+        "seed": multipart([("image", "a.png", b"photo"), ("seed", None, b"1"), ("seed", None, b"2")]),
+    }
+    for field, body in sent.items():
+        refused = outcome(lambda: req._from_multipart(content_type, body, NAMES, ("image",), req.RemoveOptions))
+        assert [error["field"] for error in refused[3]["errors"]] == [field], refused
+    for field, body in {"seed": b'{"image": "QUJD", "seed": 1, "seed": 2}', "image": b'{"image": "%%no%%"}'}.items():
+        refused = outcome(lambda: req._from_json(body, NAMES, req.RemoveOptions, req.JSONRemoveBody))
+        assert [error["field"] for error in refused[3]["errors"]] == [field], refused
 
 
 def test_multipart_mistakes_are_told_as_the_mistake_whatever_their_size_or_count():
@@ -604,7 +620,7 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
         try:
             data = loads_refusing_repeats(body)
         except req.RepeatedKey as exc:
-            raise Problem("invalid-request", f"field {exc.args[0]!r} is given more than once") from exc
+            raise invalid_field(exc.args[0], f"field {exc.args[0]!r} is given more than once") from exc
         except (ValueError, RecursionError) as exc:
             raise Problem("malformed-body", f"the body is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
@@ -621,7 +637,7 @@ def test_json_answers_as_json_loads_and_b64decode(monkeypatch):
             try:
                 files[name] = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError) as exc:
-                raise Problem("invalid-request", f"{name!r} is not valid base64: {exc}") from exc
+                raise invalid_field(name, f"{name!r} is not valid base64: {exc}") from exc
         return files, options
 
     from_body = []
