@@ -147,9 +147,10 @@ class CropPlan:
 # --- decoding -----------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
-    """Decode client bytes into upright RGB pixels, keeping any meaningful alpha aside."""
-    pixels, alpha, source_format, profile = _decode(data, limits, what="image", invalid=InvalidImage)
+def decode_image(data: bytes, limits: DecodeLimits, what: str = "image") -> DecodedImage:
+    """Decode client bytes into upright RGB pixels, keeping any meaningful alpha aside; `what` names the image in
+    errors (a score's two: "the image is empty" did not say which)."""
+    pixels, alpha, source_format, profile = _decode(data, limits, what=what, invalid=InvalidImage)
     rgb = _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
     return DecodedImage(
         rgb=rgb, alpha=alpha if alpha is not None and alpha.min() < 255 else None, format=source_format,

@@ -310,8 +310,8 @@ class RemovalPipeline:
         max_crops: int = regions.MAX_CROPS,
     ) -> list[ScoreJob]:
         """The crops the removal used: decode all three, dilate the mask as a removal does, cut both images."""
-        source_image = imaging.decode_image(source, self.limits)
-        edited_image = imaging.decode_image(edited, self.limits)
+        source_image = imaging.decode_image(source, self.limits, "source image")
+        edited_image = imaging.decode_image(edited, self.limits, "edited image")
         if edited_image.rgb.shape != source_image.rgb.shape:
             (eh, ew), (sh, sw) = edited_image.rgb.shape[:2], source_image.rgb.shape[:2]
             raise ImageSizeMismatch(f"edited is {ew}x{eh}, source is {sw}x{sh}")

@@ -48,7 +48,7 @@ def removal_request(message: pb.RemoveRequest, max_upload_bytes: int) -> Removal
 
 def score_request(message: pb.ScoreRequest, max_upload_bytes: int) -> ScoreRequest:
     """As for Remove, a field not sent is an empty one: the decoders answer what REST answers to an empty part
-    (invalid-image "the image is empty" for `source` / `edited`, invalid-mask "the mask is empty")."""
+    (invalid-image "the source image is empty" or "the edited image is empty", invalid-mask "the mask is empty")."""
     source, mask, edited = message.source, message.mask, message.edited  # each read copies the bytes
     check_upload_size(len(source) + len(mask) + len(edited), max_upload_bytes)
     return ScoreRequest(source, mask, edited, _options(message, ScoreOptions))

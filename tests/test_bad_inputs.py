@@ -451,7 +451,7 @@ CASES: list[Case] = [
          lambda: Sent({"source": photo_png(), "mask": gray(box())}), route="/score",
          grpc=False),  # proto3: no edited is an empty one
     Case("score: empty edited image", 422, "invalid-image", score_triple(edited=lambda: b""), route="/score",
-         detail="the image is empty"),
+         detail="the edited image is empty"),  # "the image is empty" did not say which (a gRPC trial)
     Case("score: edited is not an image", 422, "invalid-image",
          score_triple(edited=lambda: b"%PDF-1.4\n"), route="/score"),
 ]

@@ -308,8 +308,8 @@ def test_a_grpc_message_without_an_image_is_refused_as_rest_refuses_an_empty_ima
 
 @pytest.mark.parametrize(
     "missing, expected",
-    [("source", ("invalid-image", "the image is empty")), ("mask", ("invalid-mask", "the mask is empty")),
-     ("edited", ("invalid-image", "the image is empty"))],
+    [("source", ("invalid-image", "the source image is empty")), ("mask", ("invalid-mask", "the mask is empty")),
+     ("edited", ("invalid-image", "the edited image is empty"))],
 )  # fmt: skip
 def test_a_grpc_score_without_a_part_is_refused_as_rest_refuses_that_empty_part(missing, expected):
     photo, mask = _photo_and_two_objects()
