@@ -86,11 +86,11 @@ def profiles_from_serve_config(
 
 def load_serve_settings(config_path: str | Path, app: str | None = None):
     """The application `args` of a Serve config, validated by serve.config.AppSettings (read-only)."""
-    from serve.config import AppSettings
+    from serve.config import AppSettings, app_name
 
     config = yaml.safe_load(Path(config_path).read_text())
     apps = config.get("applications", [])
-    chosen = [a for a in apps if app is None or a.get("name") == app]
+    chosen = [a for a in apps if app is None or app_name(a) == app]  # as serve names it: "default" when unnamed
     if not chosen:
         raise ValueError(f"{config_path}: no application{f' named {app!r}' if app else ''}")
     return AppSettings.model_validate(chosen[0].get("args", {}))

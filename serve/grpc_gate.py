@@ -131,7 +131,7 @@ class ProxyGate:
         named = [value for key, value in metadata if key == APPLICATION_METADATA]
         if len(named) > 1:
             raise Problem("malformed-request", f"more than one {APPLICATION_METADATA!r} metadata entry (at the proxy)")
-        if not self.names:  # no table (KEYS_ENV unset): no keys either, Ray answers
+        if not self.names:  # no table (APPS_ENV unset): no keys either, Ray answers
             return named[0] if named else ""
         if not named and len(self.names) == 1:
             return self.names[0]

@@ -87,6 +87,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _running_cycle = None
     _lost = False
     _pending_refusal: bytes | None = None  # a refusal that waits for the answers of the requests before it
+    _dropped_waiting = 0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -164,6 +165,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.transport.dropped(len(data))
             return
         if self._refused:
+            if self._pending_refusal is not None:
+                self._dropped_waiting += len(data)
+                if self._dropped_waiting > LINGER_MAX_BYTES:
+                    self.transport.abort()
             return
         if self._in_head:
             self._head_bytes += len(data)
@@ -274,8 +279,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         """The answer, then nothing more is parsed or run on this connection. Answers go out in the order of their
         requests (RFC 9112): a request pipelined behind others still running or queued is answered after them
         (on_response_complete); written at once, its 431 went out as the answer of the request before it, or
-        into the middle of that answer. Waiting, it reads nothing more (the client's bytes were read and dropped
-        for as long as the request before it ran: 7.5 GiB in 4 s), and one refusal is all a connection gets."""
+        into the middle of that answer. Waiting, what the client still sends is dropped up to LINGER_MAX_BYTES, past
+        which the connection is aborted (7.5 GiB were read and dropped in 4 s); reading goes on, so a client that
+        leaves is seen (the running request is told). One refusal is all a connection gets."""
         self._stop_head()
         self._refused = True
         if self.transport.is_closing() or self._pending_refusal is not None:
@@ -296,7 +302,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             + "connection: close\r\n\r\n"
         )
         self._pending_refusal = head.encode() + body
-        self.transport.pause_reading()  # the transport's own: uvicorn's flow control resumes only what it paused
         self._answer_refusal_in_turn(own)
 
     def _answer_refusal_in_turn(self, own=None) -> None:
@@ -304,7 +309,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if (running is not None and running is not own and not running.response_complete) or self.pipeline:
             return
         answer, self._pending_refusal = self._pending_refusal, None
-        self.transport.resume_reading()  # a client still sending meets the lingering close
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None

@@ -593,6 +593,10 @@ def test_an_exported_runner_without_its_export_or_a_gpu_fails_the_start_before_r
     (tmp_path / "two.yaml").write_text(_local_yaml(lambda c: (second_app(c), c["applications"][1]["args"].update(
         imaging={"buckets": [512, 768]}, batching={}))))
     assert _serve_buckets(argparse.Namespace(config=str(tmp_path / "two.yaml"), app="second", buckets=None)) == [512, 768]
+    from export.tensorrt_build import load_serve_settings
+
+    (tmp_path / "unnamed.yaml").write_text(_local_yaml(lambda c: (c["applications"][0].pop("name"), second_app(c))))
+    assert load_serve_settings(tmp_path / "unnamed.yaml", "default").bundle.is_tiny(), "Ray's name for an unnamed one"
     path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"runner": "tensorrt"})))
     assert run(["run", "--config", str(path), "--gpus", "0", *ports]) == 2
     assert "cannot start: the Remover is set to engine.runner: tensorrt, which runs on a CUDA GPU only, and gets no " \

@@ -1022,6 +1022,22 @@ def test_mistakes_and_refusals_are_told_in_words(service, browser):
     assert problems == [], problems
 
 
+def test_once_a_chosen_photo_opens_its_shortcuts_apply(browser):
+    """The focus stayed on the file input after a photo was chosen by clicking: E and ] did nothing and Space or
+    Enter opened the chooser again (a browser trial). It moves to the photo."""
+    page, problems = _open_offline(browser, StandIn())
+    page.focus("#file")
+    _choose(page, "photo.png", png_bytes(_big_photo(320, 240)), "image/png")
+    page.wait_for_selector("body[data-state=editing]")
+    assert page.evaluate("document.activeElement.id") == "editor"
+    size = int(page.input_value("#size"))
+    page.keyboard.press("e")
+    page.keyboard.press("]")
+    assert page.get_attribute("#eraser", "aria-pressed") == "true" and int(page.input_value("#size")) > size
+    assert problems == []
+    page.close()
+
+
 def test_a_photo_can_be_chosen_with_the_keyboard_alone(service, browser):
     page, problems = _open_page(browser, service.url + "/playground", intercept_file_choosers=True)
     for _ in range(6):

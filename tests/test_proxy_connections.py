@@ -4,6 +4,7 @@ server on a loopback socket, with Ray's keep-alive), without Ray."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -489,6 +490,64 @@ def test_a_pipelined_request_refused_is_answered_after_the_requests_before_it(re
         server.stop()
     assert [status for status, _ in answers] == [200, 431] and answers[0][1] == b"okok" and raised == []
     assert json.loads(answers[1][1])["type"].endswith("/headers-too-large")
+
+
+def test_a_connection_gets_one_refusal_while_one_waits(monkeypatch):
+    """A parse error after a refused pipelined head, in the same read, replaced the waiting 431 with a 400 and counted
+    both (a review)."""
+    recorded = record_proxy_metrics(monkeypatch)
+
+    async def slow(scope, receive, send):
+        await receive()
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = _Server(slow)
+    try:
+        with _connect(server.port) as client:
+            client.sendall(b"GET /running HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.1)
+            big = b"GET /next HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * (2 * MAX_HEAD_BYTES) + b"\r\n\r\n"
+            client.sendall(big + b"GARBAGE\r\n\r\n")
+            answers = _responses(_read_all(client))
+    finally:
+        server.stop()
+    assert [status for status, _ in answers] == [200, 431] and recorded.refusals == ["headers-too-large"]
+
+
+@pytest.mark.parametrize("client", ["leaves", "keeps sending"])
+def test_while_a_pipelined_refusal_waits_its_client_is_still_read(client):
+    """A refusal waiting for the request before it read and dropped all the client sent (7.5 GiB in 4 s); reading
+    paused instead, a client that left was not seen and the request ran on, told nothing (reviews). What the client
+    sends is dropped up to LINGER_MAX_BYTES, then the connection is aborted; one that leaves is seen."""
+    from serve.proxy_connections import LINGER_MAX_BYTES
+
+    told = []
+
+    async def waits_for_its_client(scope, receive, send):
+        while (await receive()).get("more_body", False):
+            pass
+        with contextlib.suppress(TimeoutError):
+            told.append((await asyncio.wait_for(receive(), 10.0))["type"])
+
+    server = _Server(waits_for_its_client)
+    sent = 0
+    try:
+        with _connect(server.port) as sender:
+            sender.sendall(b"GET /running HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.1)
+            sender.sendall(b"GET /next HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * (2 * MAX_HEAD_BYTES) + b"\r\n\r\n")
+            if client == "keeps sending":
+                with contextlib.suppress(OSError):
+                    for _ in range(64):
+                        sender.sendall(b"z" * (1 << 20))
+                        sent += 1 << 20
+        _until_any(told, 5.0)
+    finally:
+        server.stop()
+    assert told == ["http.disconnect"]
+    assert sent < 4 * LINGER_MAX_BYTES, "cut off past the bound, not read for as long as the request ran"
 
 
 def test_a_request_cut_off_by_the_send_timeout_with_one_pipelined_behind_it_ends_quietly(monkeypatch):

@@ -306,6 +306,28 @@ def test_a_save_given_up_as_its_insert_waited_is_rolled_back_never_seen_or_judge
     assert seen_by_a_reviewer == [] and _rows(store) == [] and _files(tmp_path / "objects") == set()
 
 
+
+def test_a_save_given_up_as_it_commits_makes_no_room_for_itself(tmp_path, clock):
+    """Given up during a slow commit (PostgreSQL's synchronous standby, fsync), the save made room by the owner's
+    bound, pushing out a reviewed result, and was deleted after by the keeper (a review)."""
+    from sqlalchemy import event
+
+    from serve.retention.store import SaveGivenUp
+
+    objects = LocalObjectStore(tmp_path / "objects")
+    store = RetentionStore.open(f"sqlite:///{tmp_path / 'r.db'}", objects, clock=clock, max_results_per_owner=2)
+    reviewed = []
+    for name in (b"one", b"two"):
+        reviewed.append(store.save(replace(_new(name), owner="acme")))
+        store.add_feedback(reviewed[-1], "yes", principal="reviewer")
+        clock.advance(seconds=1)
+    given_up = threading.Event()
+    event.listen(store.engine, "commit", lambda connection: given_up.set())
+    with pytest.raises(SaveGivenUp):
+        store.save(replace(_new(b"three"), owner="acme"), given_up)
+    assert sorted(_rows(store)) == sorted(reviewed)
+
+
 def test_what_the_limits_delete_is_in_the_replica_log(tmp_path, clock, caplog):
     """The store logged under its module's name, whose INFO lines never reached the ResultStore replica's log: an
     operator could not see that results were pushed out (a trial)."""

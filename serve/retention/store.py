@@ -211,7 +211,7 @@ class RetentionStore:
         so a slow object store holds up no other save or delete. `given_up`: set when the caller stops waiting;
         a save given up before its insert commits, a locked database's wait included, stores nothing and deletes
         nothing for room (SaveGivenUp): a late insert made room for a result nobody got the id of, pushing out an
-        older one, a reviewed one too. A failed save deletes the objects it created, without the database (which may
+        older one, a reviewed one too. One given up as it commits is deleted before any room is made. A failed save deletes the objects it created, without the database (which may
         be what failed). Once the row is in, the result is stored: the limits enforced after it failing is logged
         and left to the next save or sweep, and the id is returned."""
         result_id = uuid.uuid4().hex
@@ -255,6 +255,13 @@ class RetentionStore:
             raise
         with self._lock:
             self._unclaim(keys)
+        if given_up is not None and given_up.is_set():  # during the commit (a slow one: PostgreSQL's standby, fsync)
+            try:
+                self.delete(result_id)
+            finally:
+                with self._lock:
+                    self._saving.discard(result_id)
+            raise SaveGivenUp(result_id)
         try:
             self.enforce_limits(keep=result_id, owner=new.owner)
         except Exception:
