@@ -431,6 +431,28 @@ def test_annotation_page_takes_one_verdict_for_a_key_held_down(browser):
     assert page.get_attribute("#item", "data-result-id") == items[1]["id"]
 
 
+def test_annotation_page_keeps_the_keyboard_on_its_verdict_and_stacks_on_a_phone(browser):
+    """Offline. After a verdict by Tab and Enter the focus fell to the page, so the next Enter did nothing; on a phone
+    the three images were 52 px wide beside the queue, and the page scrolled sideways (a browser trial)."""
+    items = [_queued(c * 32) for c in "abc"]
+    verdicts = []
+    page = _annotation_page_offline(browser, _labelling(items, verdicts))
+    page.wait_for_selector(f"#item[data-result-id='{items[0]['id']}']:not([hidden])")
+    page.focus("#yes")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#item[data-result-id='{items[1]['id']}']:not([hidden])")
+    page.wait_for_function("!document.querySelector('#yes').disabled")
+    assert page.evaluate("document.activeElement.id") == "yes"
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#item[data-result-id='{items[2]['id']}']:not([hidden])")
+    assert verdicts == [items[0]["id"], items[1]["id"]]
+    page.set_viewport_size({"width": 390, "height": 844})
+    widths = page.eval_on_selector_all("#item figure", "figures => figures.map(f => f.getBoundingClientRect().width)")
+    assert min(widths) > 300, widths
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.close()
+
+
 def _labelling(items: list[dict], verdicts: list[str], height=lambda path: 64):
     """The API of a page labelling `items`: the queue leaves out those with a verdict (the ids in `verdicts`); each
     item's images a box mask of 80 px wide, height(path) high."""

@@ -1038,6 +1038,23 @@ def test_once_a_chosen_photo_opens_its_shortcuts_apply(browser):
     page.close()
 
 
+def test_a_200_that_is_no_image_is_told_as_a_failure_not_shown_as_a_result(browser):
+    """A proxy's sign-in page answered 200 was shown as the result ("this browser cannot show the result's format")
+    and downloaded as photo-removed.img (a browser trial)."""
+
+    class SignInPage(StandIn):
+        def remove(self, route) -> None:
+            route.fulfill(status=200, content_type="text/html", body="<html>sign in</html>")
+
+    page, problems = _open_offline(browser, SignInPage())
+    _open_and_paint(page, "photo.png")
+    page.click("#remove")
+    said = _error_says(page, "The removal failed")
+    assert "the service answered text/html, not an image" in said
+    assert page.get_attribute("body", "data-state") == "editing"
+    page.close()
+
+
 def test_a_photo_can_be_chosen_with_the_keyboard_alone(service, browser):
     page, problems = _open_page(browser, service.url + "/playground", intercept_file_choosers=True)
     for _ in range(6):
