@@ -7,10 +7,10 @@ before the body is in; the proxy middleware (serve.proxy_middleware.BodyBuffer) 
 holds the request until its body is in. All of this is set per Ray process, from the environment, so
 `python -m serve run` (serve.cli) and the Kubernetes manifests (k8s/render.py) put `proxy_env(config)`
 into the environment of the Ray processes they start. The HTTP settings are per application (by route
-prefix: one proxy serves them all); gRPC's message limit is one number for the process, the largest any
-application needs, and the gate (serve.grpc_gate) holds each application's call to its own. The app's own checks (serve.protocol: 413 `payload-too-large`, 408 `body-timeout`)
-stay the exact ones; these bounds keep a larger or slower request out of the proxies' memory and off the
-replicas.
+prefix: one proxy serves them all); gRPC's message limit is one number for the process, the largest any application
+needs, and the gate (serve.grpc_gate) holds each application's call to its own. The app's own checks
+(serve.protocol: 413 `payload-too-large`, 408 `body-timeout`) stay the exact ones; these bounds keep a larger or
+slower request out of the proxies' memory and off the replicas.
 """
 
 from __future__ import annotations

@@ -456,7 +456,8 @@ def test_head_on_the_public_pages_and_probes_answers_as_their_get_and_adds_no_op
             assert dict(head.headers) == dict(got.headers) and head.content == b"", path
         # a 405 names every method of the path: it named the first route's only (HEAD for a page, GET for a result)
         for method, path, allowed in [("DELETE", "/healthz", "GET, HEAD"), ("POST", "/playground", "GET, HEAD"),
-                                      ("PUT", "/results/abc", "DELETE, GET, HEAD"), ("GET", "/remove", "POST")]:  # fmt: skip
+                                      ("PUT", "/results/abc", "DELETE, GET, HEAD"),
+                                      ("GET", "/remove", "POST")]:  # fmt: skip
             refused = client.request(method, path)
             assert (refused.status_code, refused.headers["allow"]) == (405, allowed), (method, path)
     finally:

@@ -592,7 +592,8 @@ def test_an_exported_runner_without_its_export_or_a_gpu_fails_the_start_before_r
 
     (tmp_path / "two.yaml").write_text(_local_yaml(lambda c: (second_app(c), c["applications"][1]["args"].update(
         imaging={"buckets": [512, 768]}, batching={}))))
-    assert _serve_buckets(argparse.Namespace(config=str(tmp_path / "two.yaml"), app="second", buckets=None)) == [512, 768]
+    two = argparse.Namespace(config=str(tmp_path / "two.yaml"), app="second", buckets=None)
+    assert _serve_buckets(two) == [512, 768]
     from export.tensorrt_build import load_serve_settings
 
     (tmp_path / "unnamed.yaml").write_text(_local_yaml(lambda c: (c["applications"][0].pop("name"), second_app(c))))
@@ -720,7 +721,7 @@ def test_an_unnamed_application_is_ray_s_default_and_an_ipv6_host_is_bracketed(t
     monkeypatch.setattr(cli, "subprocess", SimpleNamespace(Popen=lambda *args, **kwargs: launcher))
     monkeypatch.setattr(cli, "wait_until_ready", lambda url, *args: waited.append((url, args[-1])) or ready)
     monkeypatch.setattr(cli, "stop_service", lambda *args: 0)
-    monkeypatch.setattr(cli, "busy_ports", lambda addresses, in_use_too=True: [])  # ::1 may not exist here: nothing listens
+    monkeypatch.setattr(cli, "busy_ports", lambda addresses, in_use_too=True: [])  # ::1 may not be here: none listens
     port, grpc_port = free_port(), free_port()
     assert run(["run", "--config", str(path), "--host", "::1", "--port", str(port), "--grpc-port", str(grpc_port)]) == 0
     assert waited == [(f"http://[::1]:{port}", "default"), (f"http://[::1]:{port}/api/v1", "keyed")]

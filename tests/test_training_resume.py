@@ -610,7 +610,8 @@ def test_a_sigterm_stops_a_run_as_ctrl_c_does_and_its_summary_says_so(
     again: list = []
     if second == "as main writes the summary":
         mark_run = training.common.mark_run
-        monkeypatch.setattr(training.common, "mark_run", lambda *a, error=None: signalled_again(mark_run)(*a, error=error))
+        signalled = signalled_again(mark_run)
+        monkeypatch.setattr(training.common, "mark_run", lambda *a, error=None: signalled(*a, error=error))
     if second == "as the loop writes it":
         monkeypatch.setattr(training.common.RunSummary, "write", signalled_again(training.common.RunSummary.write))
 

@@ -211,9 +211,10 @@ class RetentionStore:
         so a slow object store holds up no other save or delete. `given_up`: set when the caller stops waiting;
         a save given up before its insert commits, a locked database's wait included, stores nothing and deletes
         nothing for room (SaveGivenUp): a late insert made room for a result nobody got the id of, pushing out an
-        older one, a reviewed one too. One given up as it commits is deleted before any room is made. A failed save deletes the objects it created, without the database (which may
-        be what failed). Once the row is in, the result is stored: the limits enforced after it failing is logged
-        and left to the next save or sweep, and the id is returned."""
+        older one, a reviewed one too. One given up as it commits is deleted before any room is made. A failed
+        save deletes the objects it created, without the database (which may be what failed). Once the row is in,
+        the result is stored: the limits enforced after it failing is logged and left to the next save or sweep,
+        and the id is returned."""
         result_id = uuid.uuid4().hex
         blobs = (new.source, new.mask, new.result)
         keys = [object_key(data) for data in blobs]
