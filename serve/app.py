@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from engines import imaging
 from serve import auth, quotas
 from serve.admission import route_admissions
-from serve.config import INSTANCE_ENV, AppSettings, IngressArgs, RemoverArgs, ScorerArgs, with_live
+from serve.config import GATE_THRESHOLDS, INSTANCE_ENV, AppSettings, IngressArgs, RemoverArgs, ScorerArgs, with_live
 from serve.grpc_api import SHARED_ROUTE_SCOPES, GrpcMethods
 from serve.live import LiveSettings
 from serve.local_ray import keep_replica_grpc_on_loopback
@@ -40,7 +40,7 @@ from serve.rest_api import (
     root_path,
     score_reply_json,
 )
-from serve.retention.keeper import QUEUE_LIMITS, THRESHOLDS, FeedbackBody, annotation_page, result_document
+from serve.retention.keeper import QUEUE_LIMITS, FeedbackBody, annotation_page, result_document
 from serve.retention_deployment import ResultStore
 from serve.scorer_deployment import Scorer
 from serve.service import RemovalResult, RemovalService, request_deadline_s
@@ -273,7 +273,7 @@ class Ingress(GrpcMethods, LiveSettings):
         limit: int = Query(20, description="how many results", json_schema_extra=_bounds(QUEUE_LIMITS)),
         threshold: float | None = Query(
             None, description="rank by |score - this| (default: each result's own)",
-            json_schema_extra=_bounds(THRESHOLDS),
+            json_schema_extra=_bounds(GATE_THRESHOLDS),
         ),  # fmt: skip
     ) -> JSONResponse:
         """Results neither the caller's key nor a verdict without a key has judged (auth off: no verdict at all),

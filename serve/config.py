@@ -91,7 +91,10 @@ class NumbersNotBools(BaseModel):
 
 # Bounds shared by the settings (the defaults) and the per-request options (serve/protocol.py), declared once.
 Dilation = Annotated[int, Field(ge=0, le=256), NotABool]
-GateThreshold = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False), NotABool]
+GATE_THRESHOLDS = (0.0, 10.0)  # a gate threshold's range (also the annotation queue's `threshold`)
+GateThreshold = Annotated[
+    float, Field(ge=GATE_THRESHOLDS[0], le=GATE_THRESHOLDS[1], allow_inf_nan=False), NotABool
+]
 Attempts = Annotated[int, Field(ge=1, le=8), NotABool]
 Quality = Annotated[int, Field(ge=1, le=100), NotABool]
 BatchSize = Annotated[int, Field(ge=1, le=64)]

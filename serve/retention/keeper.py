@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.config import RetentionSettings
+from serve.config import GATE_THRESHOLDS, RetentionSettings
 from serve.handles import within
 from serve.log_throttle import LOG_EVERY_S, LogThrottle
 from serve.page_headers import fill_marks, page_html, strict_page_headers
@@ -52,8 +52,7 @@ ANNOTATION_PAGE = Path(__file__).parent.parent / "static" / "annotate.html"
 REOPEN_AFTER_S = 30.0  # a store that failed to open is tried again at most this often
 SWEEP_EVERY_S = 600.0  # age limits are enforced this often even when nothing is saved
 MAX_QUEUE = 200  # the most results GET /annotation/queue answers at once
-QUEUE_LIMITS = (1, MAX_QUEUE)  # GET /annotation/queue's `limit`; its `threshold` (a gate threshold's range) below
-THRESHOLDS = (0.0, 10.0)
+QUEUE_LIMITS = (1, MAX_QUEUE)  # GET /annotation/queue's `limit`; its `threshold` is a gate threshold
 REASON_MAX_LENGTH = 1000  # characters of a verdict's reason
 LABELLER_MAX_LENGTH = 200  # characters of a verdict's labeller
 # the longest Retry-After the annotation page waits out by itself; a longer one waits for the labeller's button
@@ -427,7 +426,7 @@ class Retention:
         self.require_enabled()
         invalid = [
             {"loc": ("query", name), "msg": f"must be {low:g} to {high:g}, got {value}"}
-            for name, value, (low, high) in (("limit", limit, QUEUE_LIMITS), ("threshold", threshold, THRESHOLDS))
+            for name, value, (low, high) in (("limit", limit, QUEUE_LIMITS), ("threshold", threshold, GATE_THRESHOLDS))
             if value is not None and not low <= value <= high
         ]  # fmt: skip
         if invalid:
