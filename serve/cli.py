@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from engines.hub_refs import local_path
 from serve.auth import DEFAULT_SCOPES, SCOPES, ApiKeys, KeysFile, new_key_entry
 from serve.config import app_name, route_prefix
-from serve.ports import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, busy_ports, url_host
+from serve.ports import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, REFUSED_BY_THE_SYSTEM, busy_ports, url_host
 from serve.proxy_middleware import DRAIN_FLAG_ENV, DRAIN_GRACE_S, DRAIN_PATH
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
@@ -439,16 +439,21 @@ def describe_bundle(args: dict) -> str:
 BUNDLE_MANIFEST = "manifest.json"  # engines.bundle.MANIFEST, not imported: torch and diffusers (a test: equal)
 
 
-def missing_model_files(args: dict, config: Path, app: str | None = None) -> str | None:
+def missing_model_files(args: dict, config: Path, app: str | None = None, path_from: str | None = None) -> str | None:
     """Why bundle.path cannot be a bundle, a local piece of bundle.authors is not there, engine.runner_path is not a
     file, or the bundle (a path's or the tiny one) records no export of the runner, on this machine, before Ray starts
     (a replica would fail on it ~20 s later, after Ray's start); None where they may be. The authors' pieces are
     checked for existence only: the import names each missing file. `config`: the Serve config's file, and `app` the
-    application's name where it has several, for the export command said."""
+    application's name where it has several, for the export command said. `path_from`: where bundle.path came from
+    when not the config (--bundle, the environment)."""
     path = ((args.get("bundle") or {}).get("path")) or None
     if path and not (Path(path).expanduser() / BUNDLE_MANIFEST).is_file():
         where = "no such folder" if not Path(path).expanduser().exists() else f"no {BUNDLE_MANIFEST} in it"
-        return f"bundle.path {path} is not a bundle ({where}); docs/operations.md, Model bundles, says how to make one"
+        given = f" (from {path_from})" if path_from else ""
+        return (
+            f"bundle.path {path}{given} is not a bundle ({where}); docs/operations.md, Model bundles, says how to make"
+            " one"
+        )
     authors = (args.get("bundle") or {}).get("authors") or {}
     absent = [
         f"bundle.authors.{piece} {ref}" for piece, ref in authors.items()
@@ -912,8 +917,12 @@ def startable_config(options: argparse.Namespace, ports_free: bool) -> tuple[dic
         raise CannotStart(str(exc)) from None
     busy = busy_ports(listen_addresses(config, options.metrics_port), in_use_too=ports_free)
     if busy:
-        hint = "stop the process that holds a port, or choose others (--host, --port, --grpc-port, --metrics-port)"
-        raise CannotStart(*busy, hint=hint)
+        hints = []
+        if any(not line.startswith(REFUSED_BY_THE_SYSTEM) for line in busy):
+            hints.append("stop the process that holds a port, or choose others (--port, --grpc-port, --metrics-port)")
+        if any(line.startswith(REFUSED_BY_THE_SYSTEM) for line in busy):
+            hints.append("listen on an address of this machine (--host 127.0.0.1, or 0.0.0.0 for all), ports over 1023")
+        raise CannotStart(*busy, hint="; ".join(hints))
 
     bundle = options.bundle or os.environ.get(BUNDLE_ENV)
     try:
@@ -933,7 +942,8 @@ def startable_config(options: argparse.Namespace, ports_free: bool) -> tuple[dic
     for app in applications:
         args = app.get("args") or {}
         several = app_name(app) if len(applications) > 1 else None
-        missing = missing_model_files(args, options.config, several) or unreadable_keys(args)
+        path_from = "--bundle" if options.bundle else BUNDLE_ENV if bundle else None
+        missing = missing_model_files(args, options.config, several, path_from) or unreadable_keys(args)
         if missing:
             raise CannotStart(missing if len(applications) == 1 else f"application {app_name(app)}: {missing}")
     return config, notes

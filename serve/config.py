@@ -438,7 +438,10 @@ class GateSettings(_Strict):
     @model_validator(mode="after")
     def _default_attempts_within_the_cap(self) -> "GateSettings":
         if 2 * self.max_attempts > self.max_model_calls:
-            raise ValueError(f"gate.max_attempts {self.max_attempts} needs max_model_calls >= {2 * self.max_attempts}")
+            raise ValueError(
+                f"max_attempts {self.max_attempts} needs max_model_calls >= {2 * self.max_attempts} (an attempt may"
+                " cost a removal and a scoring)"
+            )
         return self
 
 

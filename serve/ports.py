@@ -147,6 +147,9 @@ def _command(pid_dir: Path) -> str:
     return command[:200] or "?"
 
 
+REFUSED_BY_THE_SYSTEM = "cannot listen on the"
+
+
 def busy_ports(wanted: dict[str, tuple[str, int]], in_use_too: bool = True) -> list[str]:
     """For each `name: (host, port)` that cannot be listened on, a line saying why: the port given twice, in
     use (naming its holder; not with `in_use_too` False: a check beside a running service), or refused by the
@@ -162,7 +165,7 @@ def busy_ports(wanted: dict[str, tuple[str, int]], in_use_too: bool = True) -> l
         try:
             in_use = port_in_use(host, port)
         except OSError as exc:
-            problems.append(f"cannot listen on the {name} port {port} ({host}): {exc.strerror or exc}")
+            problems.append(f"{REFUSED_BY_THE_SYSTEM} {name} port {port} ({host}): {exc.strerror or exc}")
             continue
         if in_use and in_use_too:
             held_by = "; ".join(listeners(port)) or "unknown (no listener found in /proc)"

@@ -198,6 +198,7 @@ class RemovalService:
         return {
             "status": "degraded" if missing else "ready",
             "missing": list(missing),
+            "why": missing,
             "model": self.readiness.descriptions["Remover"],
             "scorer": self.readiness.descriptions.get("Scorer"),
             "gate": gate.model_dump(),

@@ -297,7 +297,7 @@ def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upl
     assert annotated.status_code == 200 and annotated.headers["x-gate"] == "unscored"
     # the default mode (annotate) answers without the Scorer: the pods stay ready, marked degraded
     degraded = _wait_status(hardened, "degraded")
-    assert degraded["missing"] == ["Scorer"], degraded
+    assert degraded["missing"] == ["Scorer"] and "no running replica" in degraded["why"]["Scorer"], degraded
     _wait_status(hardened, "ready", timeout_s=180.0)
     scored = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
     assert scored.headers["x-gate"] in ("passed", "failed") and "x-removal-score" in scored.headers

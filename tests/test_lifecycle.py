@@ -210,11 +210,13 @@ def test_a_port_given_twice_or_an_address_not_here_fails_the_start_saying_so(tmp
     answered the READY poll; an address not on this machine ended in a traceback."""
     port = free_port()
     assert _start_with_ports(tmp_path, "--port", str(port), "--metrics-port", str(port)) == 2
-    assert f"the HTTP and metrics ports are both {port}: give each its own" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"the HTTP and metrics ports are both {port}: give each its own" in err and "choose others" in err
     started = time.monotonic()
     assert _start_with_ports(tmp_path, "--host", "192.0.2.1", "--port", str(free_port())) == 2  # TEST-NET-1
     err = capsys.readouterr().err
     assert "cannot listen on the HTTP port" in err and "(192.0.2.1)" in err and "Traceback" not in err
+    assert "an address of this machine" in err and "holds a port" not in err, err  # no process to stop
     assert time.monotonic() - started < 5
 
 
@@ -433,11 +435,13 @@ def no_launch(monkeypatch):
          "imaging.max_megapixels: Input should be a finite number"),
         (_local_yaml(lambda c: c["applications"][0]["args"].update(engine={"steps": 1, "strength": 0.99})),
          "engine.strength 0.99 leaves no step of engine.steps 1"),
+        (_local_yaml(lambda c: c["applications"][0]["args"].update(gate={"max_attempts": 8})),
+         ": gate: max_attempts 8 needs max_model_calls >= 16 (an attempt"),
     ],
     ids=[
         "missing", "empty", "broken-yaml", "unknown-arg", "port-not-a-number", "proxy-buffer-below-a-body",
         "user-config", "backpressure-config", "http-port-70000", "grpc-port-70000", "http-port-negative",
-        "infinite-megapixels", "no-step-to-run",
+        "infinite-megapixels", "no-step-to-run", "attempts-past-the-calls",
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("command", ["run", "check"])
@@ -511,6 +515,7 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
     """A new user's --bundle /nonexistent started Ray and waited ~20 s for the replicas to fail on it."""
     from engines.bundle import MANIFEST
     from serve.cli import BUNDLE_MANIFEST
+    from serve.config import BUNDLE_ENV
 
     assert BUNDLE_MANIFEST == MANIFEST
     ports = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
@@ -518,7 +523,12 @@ def test_a_bundle_or_runner_path_that_is_not_there_fails_the_start_before_ray(tm
     for bundle, said in ((tmp_path / "none", "(no such folder)"), (tmp_path / "empty", "(no manifest.json in it)")):
         assert run(["run", "--bundle", str(bundle), *ports]) == 2
         err = capsys.readouterr().err
-        assert f"cannot start: bundle.path {bundle} is not a bundle {said}" in err and "Model bundles" in err
+        assert f"cannot start: bundle.path {bundle} (from --bundle) is not a bundle {said}" in err, err
+        assert "Model bundles" in err
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(BUNDLE_ENV, str(tmp_path / "none"))
+        assert run(["run", *ports]) == 2
+    assert f"bundle.path {tmp_path / 'none'} (from {BUNDLE_ENV}) is not a bundle" in capsys.readouterr().err
     path = tmp_path / "serve.yaml"
     engine = {"runner": "onnx", "runner_path": "unet.onnx"}
     path.write_text(_local_yaml(lambda c: c["applications"][0]["args"].update(engine=engine)))

@@ -1064,10 +1064,11 @@ class _PublishedStates:
 
     def __init__(self, missing: list[str]):
         self.missing_now = missing
+        self.trouble = "The deployment failed to start 4 times in a row"
         self.descriptions = {"Remover": {"name": "Remover"}, "Scorer": {"name": "Scorer"}}
 
     async def missing(self) -> dict[str, str]:
-        return {name: "no running replica yet" for name in self.missing_now}
+        return {name: f"no running replica yet (Serve: {self.trouble})" for name in self.missing_now}
 
 
 @pytest.mark.parametrize(
@@ -1096,6 +1097,7 @@ def test_readiness_needs_the_scorer_only_where_the_gate_cannot_answer_without_it
         assert problem.headers["Retry-After"] and f"{missing[0]}: no running replica yet" in problem.detail
         return
     assert (answer["status"], answer["missing"]) == (expected, missing)
+    assert all(service.readiness.trouble in answer["why"][name] for name in missing), answer  # not just its name
 
 
 def _webp(photo: np.ndarray, lossless: bool, kind: str) -> bytes:
