@@ -364,6 +364,38 @@ def test_a_photo_opened_during_a_removal_is_told_to_wait(browser):
     assert problems == [], problems
 
 
+@pytest.mark.parametrize("how", ["button", "escape"])
+def test_a_removal_can_be_stopped_which_closes_its_request_and_shows_nothing(browser, how):
+    """A removal that took long could only be waited out (or the tab closed): Stop and Esc call it off, the request is
+    closed (the service sees its client leave and drops the work) and a late answer shows nothing."""
+    stand_in = StandIn()
+    page, problems = _open_offline(browser, stand_in)
+    failed = []
+    page.on("requestfailed", lambda request: failed.append((request.url, request.failure)))
+    _open_and_paint(page, "photo.png")
+    assert page.is_hidden("#stop")
+    stand_in.hold = True
+    page.click("#remove")
+    page.wait_for_selector("#stop", state="visible")
+    if how == "button":
+        page.click("#stop")
+    else:
+        page.keyboard.press("Escape")
+    page.wait_for_selector("body[data-busy=no]")
+    assert page.inner_text("#status").startswith("Stopped: nothing was removed"), page.inner_text("#status")
+    assert "error" not in (page.get_attribute("#status", "class") or "")
+    assert [url for url, _ in failed] == [PAGE_ORIGIN + "/remove"] and "ABORTED" in failed[0][1], failed
+    assert page.is_hidden("#stop") and page.is_enabled("#remove")
+    page.wait_for_timeout(200)
+    assert page.get_attribute("#outcome", "data-count") == "0", "the late answer is not shown"
+
+    stand_in.hold = False
+    page.click("#remove")
+    page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
+    assert page.is_hidden("#stop") and len(stand_in.masks) == 1
+    assert problems == [], problems
+
+
 def test_a_key_that_cannot_rate_is_told_so_and_the_rating_buttons_go(browser):
     stand_in = StandIn()
     stand_in.feedback_problem = Problem("forbidden", "the API key lacks the 'feedback' scope")
