@@ -219,6 +219,30 @@ def test_a_rerun_refused_for_its_inputs_leaves_a_finished_evaluation_as_it_was(
     assert _contents(folder) == before
 
 
+def test_a_ctrl_c_line_starts_a_line_of_its_own_after_the_progress_bar(
+    tiny_bundle, triplets, tmp_path, monkeypatch, capsys
+):
+    """It was printed at the end of the progress bar's line, which was still open."""
+    import training.evaluate
+    from training.cli import main
+
+    entry, calls = training.evaluate._evaluate_entry, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return entry(*args, **kwargs)
+
+    monkeypatch.setattr(training.evaluate, "_evaluate_entry", interrupted)
+    argv = ["evaluate", "--bundle", str(tiny_bundle.path), "--data", str(triplets), "--out", str(tmp_path / "run"),
+            "--buckets", "128", "--crop-margin", "16", "--dilate", "4", "--lpips-net", "off"]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "evaluate:" in err.split("\n")[0]  # the bar
+    assert err.split("\n")[-2].startswith("python -m training evaluate: interrupted"), err
+
+
 @pytest.mark.parametrize("mistake", ["a-typo", "thresholds-typo"])
 def test_a_rerun_refused_for_its_inputs_leaves_a_finished_comparison_as_it_was(baseline, work, capsys, mistake):
     """compare deleted a finished comparison's paired.csv and contact sheet, and the CLI marked its summary failed,

@@ -286,6 +286,54 @@ def test_a_part_that_does_not_exist_is_named_once(tmp_path, capsys, tiny_layout)
     assert str(refused.value) == f"{run}: {run / 'unet'} does not exist"
 
 
+def _argv(command, run, tmp_path, tiny_layout):
+    """`command` given the run folder where it takes a finetune (bundle, distill) or evaluate (compare) run."""
+    if command == "bundle":
+        return ["bundle", "--base", tiny_layout.base, "--unet", str(run), "--lcm-lora", tiny_layout.lcm_lora,
+                "--out", str(tmp_path / "bundle"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    if command == "distill":
+        from training.synthetic import make_synthetic_triplets
+
+        metadata = make_synthetic_triplets(tmp_path / "data", n=1, size=64)
+        return ["distill", "--base", tiny_layout.base, "--unet", str(run), "--data", str(metadata),
+                "--out", str(tmp_path / "distill"), "--resolution", "64"]  # fmt: skip
+    return ["compare", "--a", str(run), "--b", str(run), "--out", str(tmp_path / "cmp")]
+
+
+@pytest.mark.parametrize(
+    ("command", "summary", "problem"),
+    [
+        *[(c, '{"stage": "finetune", "status": "comp', "summary.json: not valid JSON (")
+          for c in ("bundle", "distill", "compare")],
+        ("compare", "[]", "summary.json: not valid JSON (expected an object, got list)"),
+        *[(c, {"stage": "finetune", "status": "completed", "outputs": {}}, "summary.json records no unet output")
+          for c in ("bundle", "distill")],
+    ],
+)  # fmt: skip
+def test_a_run_whose_summary_is_broken_or_records_no_part_is_named_in_one_line(
+    tmp_path, capsys, tiny_layout, command, summary, problem
+):
+    """A summary.json cut short (or edited by hand) was a JSONDecodeError traceback, and one without the unet a
+    KeyError: 'unet' traceback."""
+    run = tmp_path / "parts" / "x"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    assert cli.main(_argv(command, run, tmp_path, tiny_layout)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m training {command}: {run}{os.sep}{problem}"), err
+    assert len(err.splitlines()) == 1
+
+
+def test_an_out_whose_summary_is_broken_is_still_claimed_by_a_run(tmp_path, monkeypatch):
+    """claim_out reads out/summary.json for the stage that wrote it: one cut short is no other stage's run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"stage": "dist')
+    ran = _runs(monkeypatch)
+    assert cli.main(["toy", "--out", str(out)]) == 0
+    assert ran == [out] and read_summary(out)["status"] == "running"
+
+
 def test_bundle_names_its_own_flags_when_the_unet_is_the_discriminator_s_trunk(tmp_path, capsys, tiny_layout):
     """It said "set discriminator_unet to hf:...", a setting the bundle command does not have."""
     base_unet = str(Path(tiny_layout.base) / "unet")

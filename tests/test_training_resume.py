@@ -551,6 +551,65 @@ def test_a_resume_from_past_the_step_total_is_refused_naming_both_and_the_way_ou
     assert _cli_toy_finetune(monkeypatch, data_file, out, "--resume", back, "--steps", "2") == 0  # at the total
 
 
+def _ctrl_c_at_the_third_loss(monkeypatch):
+    """Ctrl-C as step 3 computes its loss (one micro-batch a step)."""
+    calls, loss_of = [], _loss
+
+    def interrupted(model, batch, generator):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss_of(model, batch, generator)
+
+    monkeypatch.setitem(globals(), "_loss", interrupted)
+
+
+def _cut_short(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("name", "spoil", "problem"),
+    [
+        ("trainable.safetensors", lambda p: p.write_bytes(p.read_bytes()[:20]),
+         "not a readable checkpoint (invalid header length)"),
+        ("trainable.safetensors", lambda p: p.write_bytes(b"\xff" * 64),
+         "not a readable checkpoint (header too large)"),
+        ("optimizer.pt", _cut_short, "not a readable checkpoint (not the zip archive torch.save writes"),
+        ("extra.pt", lambda p: p.write_bytes(b"\x80\x02junk" * 8), "not a readable checkpoint (not the zip archive"),
+        ("rng-0.pt", lambda p: p.write_bytes(b""), "not a readable checkpoint (not the zip archive"),
+        ("state.json", _cut_short, "not valid JSON (Expecting"),
+    ],
+)  # fmt: skip
+def test_a_resume_from_a_corrupt_checkpoint_file_names_it_in_one_line(
+    data_file, tmp_path, monkeypatch, capsys, name, spoil, problem
+):
+    """A checkpoint file cut short (a full disk, a copy stopped) or overwritten was a SafetensorError, a
+    PytorchStreamReader RuntimeError or a JSONDecodeError traceback."""
+    out = tmp_path / "run"
+    assert _cli_toy_finetune(monkeypatch, data_file, out) == 0
+    capsys.readouterr()
+    before = (out / "summary.json").read_bytes()
+    checkpoint = out / "checkpoints" / "step-0000002"
+    spoil(checkpoint / name)
+    assert _cli_toy_finetune(monkeypatch, data_file, out, "--resume", str(checkpoint)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m training finetune: {checkpoint / name}: {problem}"), err
+    assert len(err.splitlines()) == 1
+    assert (out / "summary.json").read_bytes() == before  # refused before it started: the run is as it was
+
+
+def test_a_ctrl_c_line_starts_a_line_of_its_own_after_the_progress_bar(data_file, tmp_path, monkeypatch, capsys):
+    """It was printed at the end of the progress bar's line, which was still open."""
+    _ctrl_c_at_the_third_loss(monkeypatch)
+    monkeypatch.setattr(_Accelerator, "is_local_main_process", True)  # the bar is drawn
+    assert _cli_toy_finetune(monkeypatch, data_file, tmp_path / "run") == 130
+    err = capsys.readouterr().err
+    assert "finetune:" in err.split("\n")[0]  # the bar
+    assert err.split("\n")[-2].startswith("python -m training finetune: interrupted at step 3; "), err
+    assert err.endswith("\n")
+
+
 @pytest.mark.parametrize(
     ("checkpoint_every", "continues"),
     [("2", "rerun with --resume to continue from step 2"), ("0", "no checkpoint was written yet: a rerun starts")],
@@ -561,15 +620,7 @@ def test_an_interrupted_run_says_where_in_one_line_and_records_the_steps_done(
     """Ctrl-C recorded `error: "KeyboardInterrupt: "`; then it printed a whole traceback, exited with a code the docs
     did not list, and the summary lost the steps done and their losses since the last checkpoint (all of them with
     none yet: steps_done and losses null)."""
-    calls, loss_of = [], _loss
-
-    def interrupted(model, batch, generator):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return loss_of(model, batch, generator)
-
-    monkeypatch.setitem(globals(), "_loss", interrupted)
+    _ctrl_c_at_the_third_loss(monkeypatch)
     out = tmp_path / "run"
     assert _cli_toy_finetune(monkeypatch, data_file, out, "--checkpoint-every", checkpoint_every) == 130
     err = capsys.readouterr().err

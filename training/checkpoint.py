@@ -31,6 +31,7 @@ import random
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engines.bundle import readable_as_any_file, replace_folder
-from training.common import TrainingError, TrainSettings
+from training.common import TrainingError, TrainSettings, read_json_object
 
 PREFIX = "step-"
 SET_ASIDE = "set-aside-"
@@ -280,10 +281,31 @@ def _free_mib(folder: Path) -> int | str:
         return "?"
 
 
+def unreadable(path: Path, reason: str) -> TrainingError:
+    """A checkpoint file cut short or overwritten: one line naming it, not torch's or safetensors' traceback."""
+    return TrainingError(f"{path}: not a readable checkpoint ({reason})")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json (path: the checkpoint folder)."""
+    return read_json_object(Path(path) / "state.json")
+
+
+def load_trainable(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:  # "Error while deserializing header: invalid header length"
+        raise unreadable(path, str(exc).rpartition(": ")[2] or str(exc)) from None
+
+
 def load_tensors_and_values(path: Path) -> Any:
     """torch.load for files that may come from anyone: unpickling more than tensors and plain values can run code."""
+    if path.is_file() and not zipfile.is_zipfile(path):  # cut short (its index is at the end) or not torch.save's
+        raise unreadable(path, "not the zip archive torch.save writes: cut short or overwritten")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:  # "PytorchStreamReader failed reading zip archive"
+        raise unreadable(path, str(exc).split(". ")[0] or type(exc).__name__) from None
     except pickle.UnpicklingError:
         raise TrainingError(
             f"{path} holds more than tensors and plain values and is not loaded: unpickling it could run any code. "
@@ -295,13 +317,13 @@ def load_tensors_and_values(path: Path) -> Any:
 def load_checkpoint(accelerator, path: Path, *, model: nn.Module, optimizer, lr_scheduler) -> tuple[dict, dict]:
     """Restore into prepared model / optimizer; returns (state.json contents, extra.pt contents).
     Every file is read before anything is restored, so a refused checkpoint leaves the run untouched."""
-    trainable = load_file(str(path / "trainable.safetensors"))
+    trainable = load_trainable(path / "trainable.safetensors")
     optimizer_state = load_tensors_and_values(path / "optimizer.pt")
     lr_scheduler_state = load_tensors_and_values(path / "lr_scheduler.pt")
     extra = load_tensors_and_values(path / "extra.pt")
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     rng = load_tensors_and_values(rng_file) if rng_file.is_file() else None
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     load_trainable_state(accelerator.unwrap_model(model), trainable)
     optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(lr_scheduler_state)

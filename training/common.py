@@ -359,9 +359,22 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object this package wrote (summary.json, a checkpoint's state.json); one cut short or edited by hand
+    raises TrainingError (a ValueError) naming the file, not a JSONDecodeError traceback."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise TrainingError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise TrainingError(f"{path}: not valid JSON (expected an object, got {type(data).__name__})")
+    return data
+
+
 def read_summary(folder: str | Path) -> dict[str, Any] | None:
+    """folder's summary.json, None without one."""
     path = Path(folder) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path) if path.is_file() else None
 
 
 def resolve_part(ref: str, stage: str, output: str, inner: str | None = None) -> tuple[Path, dict[str, Any] | None]:
@@ -373,10 +386,15 @@ def resolve_part(ref: str, stage: str, output: str, inner: str | None = None) ->
             raise TrainingError(f"{path} is a {summary.get('stage')} run, expected a {stage} run")
         if summary.get("status") != "completed":
             raise TrainingError(f"the {stage} run in {path} has not completed (status {summary.get('status')})")
-        path = Path(summary["outputs"][output])
-        if not path.exists():  # the run folder was moved or copied: look inside it
+        outputs = summary.get("outputs")
+        if not isinstance(outputs, dict) or not isinstance(outputs.get(output), str):
+            raise TrainingError(f"{path / SUMMARY} records no {output} output")
+        path = Path(outputs[output])
+        config = summary.get("config")
+        out = config.get("out") if isinstance(config, dict) else None
+        if not path.exists() and isinstance(out, str):  # the run folder was moved or copied: look inside it
             try:
-                path = Path(ref).expanduser() / path.relative_to(Path(summary["config"]["out"]).resolve())
+                path = Path(ref).expanduser() / path.relative_to(Path(out).resolve())
             except ValueError:
                 pass
         record = {

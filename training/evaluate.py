@@ -191,11 +191,10 @@ def evaluate(settings: EvaluateSettings) -> dict:
     clear_previous_results(out)
     (out / OUTPUTS_DIR).mkdir(parents=True, exist_ok=True)
     rows = []
-    bar = progress_bar(len(records), 0, "evaluate", True)
-    for index, record in enumerate(records):
-        rows.append(_evaluate_entry(index, record, settings, engines, out))
-        bar.update(1)
-    bar.close()
+    with progress_bar(len(records), 0, "evaluate", True) as bar:  # closed before a Ctrl-C's line is printed
+        for index, record in enumerate(records):
+            rows.append(_evaluate_entry(index, record, settings, engines, out))
+            bar.update(1)
 
     _write_rows(out / PER_IMAGE_CSV, rows)
     skipped.update(_unmeasured_reasons(rows, skipped))

@@ -15,7 +15,6 @@ from a checkpoint reproduces exactly the losses an uninterrupted run would have 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -31,6 +30,7 @@ from engines.bundle import sha256_of
 from training.checkpoint import (
     find_checkpoint,
     load_checkpoint,
+    read_state,
     resume_changes,
     save_checkpoint,
     set_aside_other_runs,
@@ -181,7 +181,8 @@ def train(
         if isinstance(exc, KeyboardInterrupt):  # the summary's error then says where the run stopped
             raise InterruptedAtStep(step) from None
         raise
-    bar.close()
+    finally:  # the bar's line ends before the CLI prints where a Ctrl-C stopped the run
+        bar.close()
     model.eval()
     return accelerator.unwrap_model(model)
 
@@ -236,7 +237,7 @@ def check_resumable(checkpoint, settings: TrainSettings, summary: RunSummary, ac
     """Refuse, before anything is restored, a checkpoint of another stage or past --steps, and one of a run with
     other settings, data, weights or process count (unless resume_despite_changes: then the differences go
     in the summary)."""
-    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    state = read_state(Path(checkpoint))
     if state.get("stage") != summary.stage:
         raise TrainingError(f"{checkpoint} is a {state.get('stage')} checkpoint, not {summary.stage}")
     step = state.get("step")
