@@ -69,19 +69,38 @@ def answer_problem(response) -> str:
     return f"{slug} (quota {problem['quota']})" if isinstance(problem, dict) and problem.get("quota") else slug
 
 
+def parsed_problem(body: bytes | str | None) -> dict | None:
+    """A problem+json document (a REST answer's body, a gRPC error's details), None for anything else."""
+    try:
+        problem = json.loads(body or b"")
+    except ValueError:
+        return None
+    return problem if isinstance(problem, dict) else None
+
+
+def over_quota(problem: dict | None) -> bool:
+    """Whether a problem is a key's own quota's refusal (serve/quotas.py names the quota): what the client asked
+    past its limit, not a busy service (the service's metrics call it outcome="over_quota")."""
+    return bool(problem) and problem_slug(problem.get("type")) == "too-many-requests" and bool(problem.get("quota"))
+
+
 def rest_refusal(headers, body: bytes) -> bool:
     """Whether an answer is a load refusal (LOAD_REFUSALS, with Retry-After), which a busy service answers a good
     request with: a 503 replica-failed or not-ready also has a Retry-After, and a crashing Remover counted as
-    refused showed no failure (the locustfile's rule and soak.py's)."""
+    refused showed no failure (the locustfile's rule and soak.py's). A key's quota's 429 is not one (rest_over_quota):
+    counted as one, a run past its key's quota read as a service shedding load."""
     from serve.problems import LOAD_REFUSALS  # here: serve.problems needs fastapi, which the GPU machine lacks
 
     if not headers.get("retry-after"):
         return False
-    try:
-        problem = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(problem, dict) and problem_slug(problem.get("type")) in LOAD_REFUSALS
+    problem = parsed_problem(body)
+    return problem is not None and problem_slug(problem.get("type")) in LOAD_REFUSALS and not over_quota(problem)
+
+
+def rest_over_quota(headers, body: bytes) -> bool:
+    """Whether an answer is a key's quota's 429 (with Retry-After): neither a failure of the service nor load
+    shedding; load tests report it under its own name."""
+    return bool(headers.get("retry-after")) and over_quota(parsed_problem(body))
 
 
 def photo(side: int) -> np.ndarray:
