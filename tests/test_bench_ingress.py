@@ -227,8 +227,8 @@ def test_bench_vs_naive_takes_a_run_without_answers_as_missing_figures(tmp_path,
     comparison with a ValueError after both services had run): the figures are missing, not zero."""
     _, run = _bench_vs_naive_reading(tmp_path, monkeypatch, [], 0)
     assert run == {
-        "requests": 0, "failures": 0, "refused": 0, "requests_per_s": 0.0, "p50_ms": None, "p95_ms": None,
-        "p99_ms": None,
+        "requests": 0, "failures": 0, "refused": 0, "over_quota": 0, "requests_per_s": 0.0, "p50_ms": None,
+        "p95_ms": None, "p99_ms": None,
     }  # fmt: skip
 
 
@@ -236,16 +236,18 @@ def test_bench_vs_naive_counts_refusals_apart_not_as_throughput(tmp_path, monkey
     """bench_vs_naive read locust's Aggregated row, which holds the locustfile's "... refused 429" rows (successes
     to locust): a service refusing most requests at once showed their rate as its throughput and their
     milliseconds as its latency. Only the removal entries count (half of these 20 took at most 3.6 s: the p50);
-    the refusals are a column of their own, and the one failure is not throughput (19 successes in 20 s)."""
+    the refusals are a column of their own, and the one failure is not throughput (19 successes in 20 s). A key's
+    quota's 429s ("... over quota 429") are neither removals nor the service's refusals: a column of their own."""
     entries = [
         _locust_entry("/remove 512", 10, 1, {2000: 5, 3000: 4, 3600: 1}),
         _locust_entry("/remove 1024", 10, 0, {4000: 5, 5000: 4, 5200: 1}),
         _locust_entry("/remove 512 refused 429", 300, 0, {3: 300}),
+        _locust_entry("/remove 512 over quota 429", 40, 0, {2: 40}),
     ]
     bench_vs_naive, run = _bench_vs_naive_reading(tmp_path, monkeypatch, entries, 1)  # 1: a run with failures
     assert run == {
-        "requests": 20, "failures": 1, "refused": 300, "requests_per_s": 0.95, "p50_ms": 3600.0, "p95_ms": 5000.0,
-        "p99_ms": 5200.0,
+        "requests": 20, "failures": 1, "refused": 300, "over_quota": 40, "requests_per_s": 0.95, "p50_ms": 3600.0,
+        "p95_ms": 5000.0, "p99_ms": 5200.0,
     }  # fmt: skip
     assert bench_vs_naive.run_problems({"ours": run}) == ["ours: 1 of 20 removals failed"]
 
