@@ -47,10 +47,10 @@ def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> di
 
 def removal_figures(entries: list[dict]) -> dict:
     """The removals' figures, without the locustfile's "... refused 429" and "... over quota 429" entries (successes
-    to locust); the refusals, a key's quota's 429s and the failures are columns of their own. requests_per_s counts the removals that succeeded, over
-    the span from the run's first answer to its last; the percentiles are over every removal answered (locust
-    does not time failures apart: a run with failures is refused by `run_problems`), from the entries'
-    response-time histograms merged."""
+    to locust); the refusals, a key's quota's 429s and the failures are columns of their own. requests_per_s
+    counts the removals that succeeded, over the span from the run's first answer to its last; the percentiles are
+    over every removal answered (locust does not time failures apart: a run with failures is refused by
+    `run_problems`), from the entries' response-time histograms merged."""
     removals = [entry for entry in entries if not _kinds(entry)]
     requests = sum(entry["num_requests"] for entry in removals)
     failures = sum(entry["num_failures"] for entry in removals)
