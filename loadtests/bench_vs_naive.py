@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from benchlib import REPO, free_port, remover_only, start_service, stop_service
+from benchlib import REPO, free_port, locust_stop_timeout_s, remover_only, start_service, stop_service
 
 
 def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> dict:
@@ -35,8 +35,8 @@ def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> di
     env = {**os.environ, "ROREM_MIX": mix, "ROREM_USERS": "rest:1,grpc:0"}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "locust"), "-f", "loadtests/locustfile.py", "--headless", "--host", url,
-         "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "120", "--json-file", str(prefix),
-         "--only-summary"],
+         "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", str(locust_stop_timeout_s()),
+         "--json-file", str(prefix), "--only-summary"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds + 600,
     )  # fmt: skip
     stats = Path(f"{prefix}.json")  # locust adds the suffix

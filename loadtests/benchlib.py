@@ -27,6 +27,16 @@ from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_RETRY_AFTER_S = 60.0  # a client that is told to come back later still comes back within a load test
+TIMEOUT_ENV = "ROREM_TIMEOUT_S"  # seconds a locust user's request may take before it counts as failed
+DEFAULT_TIMEOUT_S = 120
+STOP_TIMEOUT_MARGIN_S = 30  # locust's --stop-timeout: the longest request's time and this
+
+
+def locust_stop_timeout_s() -> int:
+    """locust's --stop-timeout for a run: longer than a request may take (ROREM_TIMEOUT_S), so the requests still
+    running when -t ends are answered and counted; without it locust kills them and the slowest requests vanish
+    from the figures (percentiles biased low)."""
+    return math.ceil(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))) + STOP_TIMEOUT_MARGIN_S
 
 
 def api_key_headers(key: str | None) -> dict[str, str]:

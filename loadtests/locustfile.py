@@ -2,7 +2,11 @@
 
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000                        # web UI
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 8 -r 2 -t 2m \\
-        --csv out/locust --html out/locust.html                                           # headless
+        --stop-timeout 150 --csv out/locust --html out/locust.html                        # headless
+
+--stop-timeout, longer than ROREM_TIMEOUT_S (120 s) and a margin (benchlib.locust_stop_timeout_s), lets the
+requests still running when -t ends finish and count: without it locust kills them at once and the slowest
+requests vanish from the figures (the percentiles biased low).
 
 Knobs (environment variables):
   ROREM_MIX      sizes and weights of the inputs, e.g. "512:6,1024:3,12mp:1" (default)
@@ -44,8 +48,8 @@ from functools import cache
 import gevent
 import numpy as np
 from benchlib import (  # locust puts loadtests/ on sys.path
-    API_KEY_ENV, api_key_headers, over_quota, parsed_problem, problem_slug, rest_over_quota, rest_refusal,
-    retry_after_s, valid_image,
+    API_KEY_ENV, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, api_key_headers, over_quota, parsed_problem, problem_slug,
+    rest_over_quota, rest_refusal, retry_after_s, valid_image,
 )  # fmt: skip
 from locust import HttpUser, User, between, events, task
 from locust.runners import MasterRunner
@@ -66,7 +70,7 @@ def _weights(text: str) -> dict[str, int]:
 MIX = _weights(os.environ.get("ROREM_MIX", "512:6,1024:3,12mp:1"))
 USER_WEIGHTS = _weights(os.environ.get("ROREM_USERS", "rest:3,grpc:1"))
 GATE = os.environ.get("ROREM_GATE", "")
-REQUEST_TIMEOUT_S = float(os.environ.get("ROREM_TIMEOUT_S", "120"))  # HttpSession has none: a hang is a failure
+REQUEST_TIMEOUT_S = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))  # HttpSession has none: a hang fails
 CREDENTIALS = api_key_headers(os.environ.get(API_KEY_ENV))
 
 
