@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from benchlib import REPO, free_port, remover_only, start_service, stop_service
+from benchlib import REPO, free_port, locust_stop_timeout_s, remover_only, start_service, stop_service
 
 
 def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> dict:
@@ -35,8 +35,8 @@ def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> di
     env = {**os.environ, "ROREM_MIX": mix, "ROREM_USERS": "rest:1,grpc:0"}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "locust"), "-f", "loadtests/locustfile.py", "--headless", "--host", url,
-         "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "120", "--json-file", str(prefix),
-         "--only-summary"],
+         "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", str(locust_stop_timeout_s()),
+         "--json-file", str(prefix), "--only-summary"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds + 600,
     )  # fmt: skip
     stats = Path(f"{prefix}.json")  # locust adds the suffix
@@ -46,12 +46,12 @@ def run_locust(url: str, users: int, seconds: int, mix: str, prefix: Path) -> di
 
 
 def removal_figures(entries: list[dict]) -> dict:
-    """The removals' figures, without the locustfile's "... refused 429" entries (successes to locust); the
-    refusals and the failures are columns of their own. requests_per_s counts the removals that succeeded, over
-    the span from the run's first answer to its last; the percentiles are over every removal answered (locust
-    does not time failures apart: a run with failures is refused by `run_problems`), from the entries'
-    response-time histograms merged."""
-    removals = [entry for entry in entries if " refused " not in entry["name"]]
+    """The removals' figures, without the locustfile's "... refused 429" and "... over quota 429" entries (successes
+    to locust); the refusals, a key's quota's 429s and the failures are columns of their own. requests_per_s
+    counts the removals that succeeded, over the span from the run's first answer to its last; the percentiles are
+    over every removal answered (locust does not time failures apart: a run with failures is refused by
+    `run_problems`), from the entries' response-time histograms merged."""
+    removals = [entry for entry in entries if not _kinds(entry)]
     requests = sum(entry["num_requests"] for entry in removals)
     failures = sum(entry["num_failures"] for entry in removals)
     stamps = [entry["last_request_timestamp"] for entry in entries if entry["last_request_timestamp"]]
@@ -62,10 +62,16 @@ def removal_figures(entries: list[dict]) -> dict:
     return {
         "requests": requests,
         "failures": failures,
-        "refused": sum(entry["num_requests"] for entry in entries if " refused " in entry["name"]),
+        "refused": sum(entry["num_requests"] for entry in entries if " refused " in _kinds(entry)),
+        "over_quota": sum(entry["num_requests"] for entry in entries if " over quota " in _kinds(entry)),
         "requests_per_s": round((requests - failures) / span, 3) if span > 0 else 0.0,
         **{f"p{q}_ms": _percentile(times, q) if requests > failures else None for q in (50, 95, 99)},
     }
+
+
+def _kinds(entry: dict) -> list[str]:
+    """Which of the locustfile's answers apart an entry's name says it holds (" refused ", " over quota ")."""
+    return [kind for kind in (" refused ", " over quota ") if kind in entry["name"]]
 
 
 def _percentile(times: Counter, q: int) -> float | None:

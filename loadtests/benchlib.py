@@ -27,6 +27,16 @@ from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_RETRY_AFTER_S = 60.0  # a client that is told to come back later still comes back within a load test
+TIMEOUT_ENV = "ROREM_TIMEOUT_S"  # seconds a locust user's request may take before it counts as failed
+DEFAULT_TIMEOUT_S = 120
+STOP_TIMEOUT_MARGIN_S = 30  # locust's --stop-timeout: the longest request's time and this
+
+
+def locust_stop_timeout_s() -> int:
+    """locust's --stop-timeout for a run: longer than a request may take (ROREM_TIMEOUT_S), so the requests still
+    running when -t ends are answered and counted; without it locust kills them and the slowest requests vanish
+    from the figures (percentiles biased low)."""
+    return math.ceil(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))) + STOP_TIMEOUT_MARGIN_S
 
 
 def api_key_headers(key: str | None) -> dict[str, str]:
@@ -69,19 +79,38 @@ def answer_problem(response) -> str:
     return f"{slug} (quota {problem['quota']})" if isinstance(problem, dict) and problem.get("quota") else slug
 
 
+def parsed_problem(body: bytes | str | None) -> dict | None:
+    """A problem+json document (a REST answer's body, a gRPC error's details), None for anything else."""
+    try:
+        problem = json.loads(body or b"")
+    except ValueError:
+        return None
+    return problem if isinstance(problem, dict) else None
+
+
+def over_quota(problem: dict | None) -> bool:
+    """Whether a problem is a key's own quota's refusal (serve/quotas.py names the quota): what the client asked
+    past its limit, not a busy service (the service's metrics call it outcome="over_quota")."""
+    return bool(problem) and problem_slug(problem.get("type")) == "too-many-requests" and bool(problem.get("quota"))
+
+
 def rest_refusal(headers, body: bytes) -> bool:
     """Whether an answer is a load refusal (LOAD_REFUSALS, with Retry-After), which a busy service answers a good
     request with: a 503 replica-failed or not-ready also has a Retry-After, and a crashing Remover counted as
-    refused showed no failure (the locustfile's rule and soak.py's)."""
+    refused showed no failure (the locustfile's rule and soak.py's). A key's quota's 429 is not one (rest_over_quota):
+    counted as one, a run past its key's quota read as a service shedding load."""
     from serve.problems import LOAD_REFUSALS  # here: serve.problems needs fastapi, which the GPU machine lacks
 
     if not headers.get("retry-after"):
         return False
-    try:
-        problem = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(problem, dict) and problem_slug(problem.get("type")) in LOAD_REFUSALS
+    problem = parsed_problem(body)
+    return problem is not None and problem_slug(problem.get("type")) in LOAD_REFUSALS and not over_quota(problem)
+
+
+def rest_over_quota(headers, body: bytes) -> bool:
+    """Whether an answer is a key's quota's 429 (with Retry-After): neither a failure of the service nor load
+    shedding; load tests report it under its own name."""
+    return bool(headers.get("retry-after")) and over_quota(parsed_problem(body))
 
 
 def photo(side: int) -> np.ndarray:

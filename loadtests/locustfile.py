@@ -2,7 +2,11 @@
 
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000                        # web UI
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 8 -r 2 -t 2m \\
-        --csv out/locust --html out/locust.html                                           # headless
+        --stop-timeout 150 --csv out/locust --html out/locust.html                        # headless
+
+--stop-timeout, longer than ROREM_TIMEOUT_S (120 s) and a margin (benchlib.locust_stop_timeout_s), lets the
+requests still running when -t ends finish and count: without it locust kills them at once and the slowest
+requests vanish from the figures (the percentiles biased low).
 
 Knobs (environment variables):
   ROREM_MIX      sizes and weights of the inputs, e.g. "512:6,1024:3,12mp:1" (default)
@@ -26,6 +30,10 @@ RESOURCE_EXHAUSTED for backpressure) is what the service does under overload, no
 under its own name ("/remove 512 refused 429") so the removals' latencies are the removals', and the user
 waits the Retry-After before its next request, as a well-behaved client does. Every other error is a
 failure, Retry-After or not: a 503 replica-failed, not-ready or stopping says something broke.
+A key's own quota's 429 (its problem names the `quota`, serve/quotas.py; over gRPC in the error's details) is
+neither: the client asked past its limit, the service is not shedding load (its metrics call it
+outcome="over_quota"). It is reported under a name of its own ("/remove 512 over quota 429", "Remove 512 over
+quota RESOURCE_EXHAUSTED"), not as a failure nor as a refusal, and its Retry-After is waited out too.
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from functools import cache
 import gevent
 import numpy as np
 from benchlib import (  # locust puts loadtests/ on sys.path
-    API_KEY_ENV, api_key_headers, problem_slug, rest_refusal, retry_after_s, valid_image,
+    API_KEY_ENV, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, api_key_headers, over_quota, parsed_problem, problem_slug,
+    rest_over_quota, rest_refusal, retry_after_s, valid_image,
 )  # fmt: skip
 from locust import HttpUser, User, between, events, task
 from locust.runners import MasterRunner
@@ -61,7 +70,7 @@ def _weights(text: str) -> dict[str, int]:
 MIX = _weights(os.environ.get("ROREM_MIX", "512:6,1024:3,12mp:1"))
 USER_WEIGHTS = _weights(os.environ.get("ROREM_USERS", "rest:3,grpc:1"))
 GATE = os.environ.get("ROREM_GATE", "")
-REQUEST_TIMEOUT_S = float(os.environ.get("ROREM_TIMEOUT_S", "120"))  # HttpSession has none: a hang is a failure
+REQUEST_TIMEOUT_S = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))  # HttpSession has none: a hang fails
 CREDENTIALS = api_key_headers(os.environ.get(API_KEY_ENV))
 
 
@@ -136,7 +145,15 @@ def grpc_refusal(code: str, details: str | None, trailing: dict) -> bool:
     proxy's backpressure, a RESOURCE_EXHAUSTED with neither (docs/reliability.md)."""
     if "problem-type" not in trailing:
         return code == "RESOURCE_EXHAUSTED" and "backpressure" in (details or "")
+    if grpc_over_quota(details, trailing):
+        return False
     return problem_slug(trailing["problem-type"]) in LOAD_REFUSALS and bool(trailing.get("retry-after"))
+
+
+def grpc_over_quota(details: str | None, trailing: dict) -> bool:
+    """Whether a gRPC error is a key's quota's refusal: with retry-after, its details (the problem+json document)
+    naming the quota, as a REST answer's body does (benchlib.rest_over_quota)."""
+    return bool(trailing.get("retry-after")) and over_quota(parsed_problem(details))
 
 
 class RestUser(HttpUser):
@@ -160,14 +177,16 @@ class RestUser(HttpUser):
             "/remove", files=files, data=data, name=name, catch_response=True, timeout=REQUEST_TIMEOUT_S
         ) as response:
             refused = rest_refusal(response.headers, response.content or b"")
-            if refused:
-                response.request_meta["name"] = f"{name} refused {response.status_code}"
+            quota = rest_over_quota(response.headers, response.content or b"")
+            if refused or quota:
+                reason = "refused" if refused else "over quota"
+                response.request_meta["name"] = f"{name} {reason} {response.status_code}"
                 response.success()
             elif response.status_code != 200:
                 response.failure(f"{response.status_code}: {(response.text or str(response.error))[:200]}")
             elif problem := image_problem(response.content, size):
                 response.failure(problem)
-        if refused:
+        if refused or quota:
             gevent.sleep(retry_after_s(response.headers.get("retry-after")))
 
 
@@ -205,8 +224,10 @@ class GrpcUser(User):
             reply = self.stub.Remove(request, timeout=REQUEST_TIMEOUT_S, metadata=tuple(CREDENTIALS.items()))
         except grpc.RpcError as error:
             trailing = dict(error.trailing_metadata() or ())
-            if grpc_refusal(error.code().name, error.details(), trailing):
-                name, refused = f"Remove {size} refused {error.code().name}", True
+            quota = grpc_over_quota(error.details(), trailing)
+            if quota or grpc_refusal(error.code().name, error.details(), trailing):
+                reason = "over quota" if quota else "refused"
+                name, refused = f"Remove {size} {reason} {error.code().name}", True
                 retry_after = trailing.get("retry-after")
             else:
                 exception = RuntimeError(f"{error.code().name}: {(error.details() or '')[:200]}")

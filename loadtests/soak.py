@@ -14,6 +14,8 @@ problem+json as `bad_error`. The exit code is 1 when lost, bad_result or bad_err
 succeeded (a run whose every request got 401, no --api-key, removed nothing), or on any error but a load refusal
 (`refused`: a problem of serve.problems.LOAD_REFUSALS, too-many-requests or overloaded, with Retry-After; the
 locustfile's rule, benchlib.rest_refusal): a 503 replica-failed or not-ready, a 504 or a 408 is a failure.
+A key's own quota's 429 (its problem names the `quota`) is counted apart as `over_quota`, not as a refusal of a
+busy service, and does not fail the run either.
 A client waits out an error's Retry-After (at most
 benchlib.MAX_RETRY_AFTER_S, and not past the window), or ERROR_PAUSE_S without one.
 
@@ -39,7 +41,7 @@ import httpx
 import numpy as np
 from benchlib import (
     API_KEY_ENV, answer_problem, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int,
-    rest_refusal, retry_after_s, summarize, valid_image,
+    rest_over_quota, rest_refusal, retry_after_s, summarize, valid_image,
 )  # fmt: skip
 
 from serve.config import INSTANCE_ENV
@@ -61,6 +63,7 @@ class SoakReport:
     # the same errors by problem: a 503 is a replica-failed (a failure) or an overloaded (a refusal)
     errored_problems: dict[str, int] = field(default_factory=dict)
     refused: int = 0  # of the errored, the load refusals (benchlib.rest_refusal): what a busy service answers
+    over_quota: int = 0  # of the errored, the key's own quota's 429s (benchlib.rest_over_quota): not the service's
     lost: int = 0
     lost_reasons: dict[str, int] = field(default_factory=dict)
     bad_result: int = 0
@@ -74,7 +77,7 @@ class SoakReport:
         locustfile's rule: a 503 replica-failed, a 504 or a 401 is a failure), and one ok removal at least (a
         run without one measured nothing)."""
         well_formed = self.lost == 0 and self.bad_result == 0 and self.bad_error == 0
-        return well_formed and self.refused == sum(self.errored.values()) and self.ok > 0
+        return well_formed and self.refused + self.over_quota == sum(self.errored.values()) and self.ok > 0
 
 
 def replica_pids(deployment: str, instance: str, app: str, proc: Path = Path("/proc")) -> list[int]:
@@ -162,6 +165,7 @@ def run_soak(
                         report.errored[key] = report.errored.get(key, 0) + 1
                         report.errored_problems[kind] = report.errored_problems.get(kind, 0) + 1
                         report.refused += rest_refusal(response.headers, response.content)
+                        report.over_quota += rest_over_quota(response.headers, response.content)
                         report.bad_error += response.headers.get("content-type") != "application/problem+json"
                 if not good:  # each client waits on its own, not holding the others' lock
                     retry_after = response.headers.get("retry-after")

@@ -227,8 +227,8 @@ def test_bench_vs_naive_takes_a_run_without_answers_as_missing_figures(tmp_path,
     comparison with a ValueError after both services had run): the figures are missing, not zero."""
     _, run = _bench_vs_naive_reading(tmp_path, monkeypatch, [], 0)
     assert run == {
-        "requests": 0, "failures": 0, "refused": 0, "requests_per_s": 0.0, "p50_ms": None, "p95_ms": None,
-        "p99_ms": None,
+        "requests": 0, "failures": 0, "refused": 0, "over_quota": 0, "requests_per_s": 0.0, "p50_ms": None,
+        "p95_ms": None, "p99_ms": None,
     }  # fmt: skip
 
 
@@ -236,16 +236,18 @@ def test_bench_vs_naive_counts_refusals_apart_not_as_throughput(tmp_path, monkey
     """bench_vs_naive read locust's Aggregated row, which holds the locustfile's "... refused 429" rows (successes
     to locust): a service refusing most requests at once showed their rate as its throughput and their
     milliseconds as its latency. Only the removal entries count (half of these 20 took at most 3.6 s: the p50);
-    the refusals are a column of their own, and the one failure is not throughput (19 successes in 20 s)."""
+    the refusals are a column of their own, and the one failure is not throughput (19 successes in 20 s). A key's
+    quota's 429s ("... over quota 429") are neither removals nor the service's refusals: a column of their own."""
     entries = [
         _locust_entry("/remove 512", 10, 1, {2000: 5, 3000: 4, 3600: 1}),
         _locust_entry("/remove 1024", 10, 0, {4000: 5, 5000: 4, 5200: 1}),
         _locust_entry("/remove 512 refused 429", 300, 0, {3: 300}),
+        _locust_entry("/remove 512 over quota 429", 40, 0, {2: 40}),
     ]
     bench_vs_naive, run = _bench_vs_naive_reading(tmp_path, monkeypatch, entries, 1)  # 1: a run with failures
     assert run == {
-        "requests": 20, "failures": 1, "refused": 300, "requests_per_s": 0.95, "p50_ms": 3600.0, "p95_ms": 5000.0,
-        "p99_ms": 5200.0,
+        "requests": 20, "failures": 1, "refused": 300, "over_quota": 40, "requests_per_s": 0.95, "p50_ms": 3600.0,
+        "p95_ms": 5000.0, "p99_ms": 5200.0,
     }  # fmt: skip
     assert bench_vs_naive.run_problems({"ours": run}) == ["ours: 1 of 20 removals failed"]
 
@@ -525,16 +527,9 @@ def test_a_soak_run_fails_on_an_error_other_than_a_load_refusal():
     assert not soak.SoakReport(**{**report.__dict__, "errored": {"422": 2}, "refused": 0}).passed
 
 
-@pytest.mark.parametrize(
-    "status, slug, retry_after, passed",
-    [(429, "too-many-requests", "1", True), (503, "overloaded", "1", True), (503, "replica-failed", "1", False),
-     (503, "overloaded", None, False), (504, "timeout", None, False), (408, "proxy-timeout", None, False)],
-)  # fmt: skip
-def test_a_soak_run_passes_only_load_refusals_among_its_removals(status, slug, retry_after, passed):
-    """soak passed a run whose every other request got a 503 replica-failed (every 503 counted as "busy") or any
-    504: soak's UNDER_LOAD statuses, where the locustfile tells a load refusal by the problem's type
-    (serve.problems.LOAD_REFUSALS, with Retry-After). Here every other answer is a removal, the rest the error."""
-    soak = load_script("loadtests/soak.py")
+def _every_other_fails(status: int, slug: str, retry_after: str | None, **members) -> type[CannedAnswers]:
+    """A service answering every other POST with a removal (_Answers32), the others with the problem `slug` (with
+    `members`), and this Retry-After if given."""
     posts = []
 
     class EveryOtherFails(_Answers32):
@@ -546,12 +541,36 @@ def test_a_soak_run_passes_only_load_refusals_among_its_removals(status, slug, r
             headers = {"Content-Type": "application/problem+json"}
             if retry_after:
                 headers["Retry-After"] = retry_after
-            self.reply(status, json.dumps({"type": TYPE_BASE + slug, "status": status}).encode(), headers)
+            self.reply(status, json.dumps({"type": TYPE_BASE + slug, "status": status, **members}).encode(), headers)
 
-    with loopback_server(EveryOtherFails) as url:
+    return EveryOtherFails
+
+
+@pytest.mark.parametrize(
+    "status, slug, retry_after, passed",
+    [(429, "too-many-requests", "1", True), (503, "overloaded", "1", True), (503, "replica-failed", "1", False),
+     (503, "overloaded", None, False), (504, "timeout", None, False), (408, "proxy-timeout", None, False)],
+)  # fmt: skip
+def test_a_soak_run_passes_only_load_refusals_among_its_removals(status, slug, retry_after, passed):
+    """soak passed a run whose every other request got a 503 replica-failed (every 503 counted as "busy") or any
+    504: soak's UNDER_LOAD statuses, where the locustfile tells a load refusal by the problem's type
+    (serve.problems.LOAD_REFUSALS, with Retry-After). Here every other answer is a removal, the rest the error."""
+    soak = load_script("loadtests/soak.py")
+    with loopback_server(_every_other_fails(status, slug, retry_after)) as url:
         report = soak.run_soak(url, seconds=1.5, clients=1, side=32)
     assert report.ok >= 1 and report.errored == {str(status): report.answered - report.ok} != {}, report
     assert report.passed is passed, report
+
+
+def test_a_soak_run_counts_a_keys_quota_429_apart_from_the_services_refusals():
+    """A key's own quota's 429 (its problem names the `quota`) was counted among `refused`, a busy service's load
+    shedding; it is `over_quota`, and fails the run no more than a refusal does (it is not the service's fault)."""
+    soak = load_script("loadtests/soak.py")
+    with loopback_server(_every_other_fails(429, "too-many-requests", "0", quota="minute")) as url:
+        report = soak.run_soak(url, seconds=1.5, clients=1, side=32)
+    assert report.ok >= 1 and report.errored == {"429": report.answered - report.ok} != {}, report
+    assert report.refused == 0 and report.over_quota == report.errored["429"], report
+    assert report.passed, report
 
 
 def test_a_soak_client_honours_a_retry_after_longer_than_2_s_within_the_window():

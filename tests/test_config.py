@@ -9,7 +9,9 @@ from pydantic import ValidationError
 from serve.cli import DEFAULT_CONFIG, describe_bundle, fit_to_machine, load_serve_config, visible_gpus
 from serve.config import AppSettings, ImagingSettings, live_serve_app, live_serve_config, validate_serve_config
 from serve.grpc_servicer import SERVICER_FUNCTION
-from tests.helpers import RAYS_OWN_METRICS, REPO, check_rorem_selectors, database_driver, load_script
+from tests.helpers import (
+    RAYS_OWN_METRICS, REPO, check_rorem_selectors, database_driver, load_script, promql_selectors,
+)  # fmt: skip
 
 
 def test_the_shipped_serve_config_validates_with_ray_and_with_our_settings():
@@ -154,6 +156,41 @@ def test_grafana_dashboard_charts_every_metric_and_only_ours():
                metrics.RETAINED, metrics.FEEDBACK, metrics.LOOP_LAG, metrics.PROXY_REFUSALS,
                metrics.PROXY_ANSWERS_FOR_RAY}  # fmt: skip
     assert used == defined
+
+
+def _numerator(expr: str) -> str:
+    """What a ratio's top-level `/` divides (the whole expression when it has none)."""
+    depth, quoted = 0, False
+    for at, char in enumerate(expr):
+        quoted ^= char == '"'
+        depth += 0 if quoted else (char in "({[") - (char in ")}]")
+        if char == "/" and depth == 0 and not quoted:
+            return expr[:at]
+    return expr
+
+
+def test_the_dashboards_grpc_error_share_counts_the_ingress_errors_that_ray_records_as_ok():
+    """Ray's gRPC proxy records a call its Ingress answered with INVALID_ARGUMENT or RESOURCE_EXHAUSTED as
+    status_code="OK": the error share's gRPC line read ray_serve_num_grpc_error_requests_total alone (with the key
+    gate's refusals), so every call failing in the Ingress showed a gRPC error share of 0 (platform trial). A line
+    reading Ray's gRPC error count must count the Ingress's own non-OK gRPC answers in its numerator too."""
+    import json
+
+    dashboard = json.loads((REPO / "docs" / "grafana" / "rorem-dashboard.json").read_text())
+    grpc_lines = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            query = target["expr"].replace("$__rate_interval", "1m").replace("$application", ".*")
+            numerator = dict(promql_selectors(_numerator(query)))
+            if "ray_serve_num_grpc_error_requests_total" not in numerator:
+                continue
+            grpc_lines.append(panel["title"])
+            ingress = numerator.get("ray_rorem_requests_total", {})
+            assert ingress.get("protocol") == ("Equal", "grpc"), f"{panel['title']}: {target['expr']}"
+            assert ingress.get("status") == ("NotEqual", "OK"), f"{panel['title']}: {target['expr']}"
+            gate = numerator.get("ray_rorem_proxy_refusals_total", {})
+            assert gate.get("protocol") == ("Equal", "grpc"), f"the key gate's refusals: {target['expr']}"
+    assert any(title.startswith("Error share") for title in grpc_lines), grpc_lines
 
 
 def test_the_metrics_of_rays_that_the_dashboard_and_alerts_read_are_ones_ray_defines():

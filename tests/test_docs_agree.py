@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import DOC_UNITS, named_values
+from tests.helpers import DOC_UNITS, load_script, named_values
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,6 +170,23 @@ def test_loadtests_readme_names_every_knob_the_locustfile_reads():
     assert {"ROREM_GRPC_APPLICATION", "ROREM_API_KEY"} <= knobs
     locust_section = (REPO / "loadtests" / "README.md").read_text().split("## Locust", 1)[1]
     assert knobs - set(re.findall(r"\bROREM_[A-Z_]+\b", locust_section)) == set()
+
+
+def test_the_documented_headless_locust_commands_wait_out_the_requests_running_at_their_end():
+    """The documented `locust --headless -t 2m` commands had no --stop-timeout: the requests still running when -t
+    ended were killed and vanished from the figures, the slowest ones, so the percentiles read low. Each needs a
+    --stop-timeout longer than a request may take (ROREM_TIMEOUT_S's default), as bench_vs_naive's run has."""
+    benchlib = load_script("loadtests/benchlib.py")
+    sources = [REPO / "loadtests" / "README.md", REPO / "loadtests" / "locustfile.py", *(REPO / "docs").glob("*.md")]
+    commands = []
+    for source in sources:
+        text = re.sub(r"\\+\n", " ", source.read_text())  # a command's continued lines, in a docstring too
+        commands += [(source.name, line) for line in text.splitlines() if re.search(r"locust -f .* -t \d", line)]
+    assert {"README.md", "locustfile.py", "operations.md"} <= {name for name, _ in commands}, commands
+    for name, command in commands:
+        stop = re.search(r"--stop-timeout (\d+)", command)
+        assert stop and int(stop[1]) > benchlib.DEFAULT_TIMEOUT_S, f"{name}: {command}"
+    assert benchlib.locust_stop_timeout_s() > benchlib.DEFAULT_TIMEOUT_S
 
 
 LOCAL_YAML = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())

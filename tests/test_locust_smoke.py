@@ -61,13 +61,13 @@ def _python(code: str, env: dict) -> str:
     return result.stdout
 
 
-def _answers_problem(status: int, slug: str) -> type[CannedAnswers]:
-    """A service answering every POST with the problem `slug` and a Retry-After of 1 s."""
+def _answers_problem(status: int, slug: str, **members) -> type[CannedAnswers]:
+    """A service answering every POST with the problem `slug` (with `members`) and a Retry-After of 1 s."""
 
     class Answers(CannedAnswers):
         def do_POST(self):
             self.rfile.read(int(self.headers["content-length"]))
-            body = json.dumps({"type": TYPE_BASE + slug, "status": status}).encode()
+            body = json.dumps({"type": TYPE_BASE + slug, "status": status, **members}).encode()
             self.reply(status, body, {"Retry-After": "1", "Content-Type": "application/problem+json"})
 
     return Answers
@@ -82,6 +82,19 @@ def test_a_refusal_with_retry_after_is_reported_apart_and_waited_out_not_counted
     refused = rows["/remove 512 refused 429"]
     assert int(rows["Aggregated"]["Failure Count"]) == 0 and "/remove 512" not in rows
     assert 2 <= int(refused["Request Count"]) <= 2 * 3, "two users, each waiting the 1 s Retry-After: not a flood"
+
+
+def test_a_keys_quota_429_is_reported_as_over_quota_not_as_the_service_refusing_nor_as_a_failure(tmp_path):
+    """A key's own quota's 429 (its problem names the `quota`) was reported as "/remove 512 refused 429", which
+    reads as a busy service shedding load, where the service's metrics call it outcome="over_quota" and its
+    shedding alert leaves it out. It has a name of its own, is no failure, and its Retry-After is waited out."""
+    with loopback_server(_answers_problem(429, "too-many-requests", quota="minute")) as host:
+        result, rows = _locust(tmp_path, host, {"ROREM_MIX": "512:1", "ROREM_USERS": "rest:1,grpc:0"}, "2s")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not any("refused" in name for name in rows) and "/remove 512" not in rows, rows
+    quota = rows["/remove 512 over quota 429"]
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert 2 <= int(quota["Request Count"]) <= 2 * 3, "two users, each waiting the 1 s Retry-After: not a flood"
 
 
 def test_a_503_with_retry_after_that_is_not_a_load_refusal_is_a_failure(tmp_path):
@@ -128,6 +141,8 @@ _GRPC_ERRORS = (
     "    ('UNAVAILABLE', '{}', (('problem-type', base + 'not-ready'), ('retry-after', '2'))),\n"
     "    ('UNAVAILABLE', '{}', (('problem-type', base + 'overloaded'), ('retry-after', '2'))),\n"
     "    ('RESOURCE_EXHAUSTED', '{}', (('problem-type', base + 'too-many-requests'), ('retry-after', '3'))),\n"
+    "    ('RESOURCE_EXHAUSTED', '{\"type\": \"' + base + 'too-many-requests\", \"quota\": \"minute\"}',\n"
+    "     (('problem-type', base + 'too-many-requests'), ('retry-after', '5'), ('ratelimit', '\"minute\";r=0;t=5'))),\n"
     "    ('RESOURCE_EXHAUSTED', '{}', (('problem-type', base + 'payload-too-large'),)),\n"
     "    ('RESOURCE_EXHAUSTED', 'Request dropped due to backpressure (num_queued_requests=9)', ()),\n"
     "    ('RESOURCE_EXHAUSTED', 'Received message larger than max', ()),\n"
@@ -147,13 +162,16 @@ _GRPC_ERRORS = (
 
 def test_grpc_users_count_only_load_refusals_as_refused_and_send_the_api_key():
     """gRPC users took any RESOURCE_EXHAUSTED / UNAVAILABLE with retry-after for a refusal (a failed replica's
-    too), and sent no API key; Ray's proxy's backpressure (no problem-type, no retry-after) is a refusal."""
+    too), and sent no API key; Ray's proxy's backpressure (no problem-type, no retry-after) is a refusal. A key's
+    quota's RESOURCE_EXHAUSTED (its details name the `quota`) is reported as over quota, not as the service's
+    refusal, and waited out."""
     lines = _python(_GRPC_ERRORS, {"ROREM_MIX": "512:1", "ROREM_API_KEY": "rk_load"}).strip().splitlines()
     assert lines == [
         "Remove 512 False -",
         "Remove 512 False -",
         "Remove 512 refused UNAVAILABLE True 2.0",
         "Remove 512 refused RESOURCE_EXHAUSTED True 3.0",
+        "Remove 512 over quota RESOURCE_EXHAUSTED True 5.0",
         "Remove 512 False -",
         "Remove 512 refused RESOURCE_EXHAUSTED True 1.0",
         "Remove 512 False -",
