@@ -855,6 +855,42 @@ def test_annotate_counts_a_non_finite_score_and_writes_no_nan(tiny_bundle, tmp_p
         assert "NaN" not in text
 
 
+def test_an_annotate_stopped_by_ctrl_c_says_resume_keeps_its_scores_on_a_line_of_its_own(
+    tiny_bundle, tmp_path, monkeypatch, capsys
+):
+    """It said only "interrupted" (a resume reuses the logged scores), at the end of the progress bar's open line."""
+    from engines.remover import RemovalEngine
+    from engines.scorer import ScoringEngine
+    from training.cli import main
+
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(np.full((SIDE, SIDE, 3), 128, np.uint8)).save(tmp_path / "source.png")
+    (tmp_path / "pairs.json").write_text(json.dumps([{"source": "source.png", "mask": "mask.png"}] * 2))
+    calls = []
+
+    class Remover:
+        def remove(self, jobs):
+            calls.append(len(jobs))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return [job.image for job in jobs]
+
+    class Scorer:
+        def score(self, jobs):
+            return [0.5] * len(jobs)
+
+    monkeypatch.setattr(RemovalEngine, "from_bundle", classmethod(lambda cls, *a, **k: Remover()))
+    monkeypatch.setattr(ScoringEngine, "from_bundle", classmethod(lambda cls, *a, **k: Scorer()))
+    argv = ["annotate", "--bundle", str(tiny_bundle.path), "--data", str(tmp_path / "pairs.json"),
+            "--out", str(tmp_path / "round"), "--resolution", str(SIDE), "--batch-size", "1"]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.split("\n")[-2] == "python -m training annotate: interrupted; rerun with --resume to keep the " \
+        "scores logged so far", err
+
+
 def test_annotate_gives_the_models_each_mask_as_the_service_does(tiny_bundle, tmp_path, monkeypatch):
     """A thin stroke off the latent grid was blacked out in the remover's input with no latent cell to fill: the
     data round now grows it to whole cells as the service's pipeline does (engines.pipeline.removal_mask)."""

@@ -94,47 +94,46 @@ def annotate(settings: AnnotateSettings) -> dict:
     todo = [i for i, r in enumerate(records) if (str(r.source), str(r.mask)) not in done.get(i, {})]
     engines = None
     seconds = []
-    bar = progress_bar(len(records), len(records) - len(todo), "annotate", True)
-    for first in range(0, len(todo), settings.batch_size):
-        began = time.perf_counter()
-        chunk = todo[first : first + settings.batch_size]
-        prepared, logged = [], []
-        for index in chunk:
-            record = records[index]
-            image = load_rgb(record.source, settings.resolution)
-            mask = dilate_mask(load_mask(record.mask, settings.resolution), settings.dilate)
-            if mask.any():
-                prepared.append((index, image, mask))
-            else:
-                logged.append(_log_entry(key, index, record, None))
-        if prepared:
-            if engines is None:  # loaded only when something is left to do
-                engines = (
-                    RemovalEngine.from_bundle(bundle, device=device),
-                    ScoringEngine.from_bundle(bundle, device=device),
+    with progress_bar(len(records), len(records) - len(todo), "annotate", True) as bar:  # closed before a Ctrl-C line
+        for first in range(0, len(todo), settings.batch_size):
+            began = time.perf_counter()
+            chunk = todo[first : first + settings.batch_size]
+            prepared, logged = [], []
+            for index in chunk:
+                record = records[index]
+                image = load_rgb(record.source, settings.resolution)
+                mask = dilate_mask(load_mask(record.mask, settings.resolution), settings.dilate)
+                if mask.any():
+                    prepared.append((index, image, mask))
+                else:
+                    logged.append(_log_entry(key, index, record, None))
+            if prepared:
+                if engines is None:  # loaded only when something is left to do
+                    engines = (
+                        RemovalEngine.from_bundle(bundle, device=device),
+                        ScoringEngine.from_bundle(bundle, device=device),
+                    )
+                remover, scorer = engines
+                jobs = [RemovalJob(image, removal_mask(mask), settings.seed + index) for index, image, mask in prepared]
+                results = remover.remove(jobs)
+                scores = scorer.score(
+                    [ScoreJob(image, score_mask(mask), result) for (_, image, mask), result in zip(prepared, results)]
                 )
-            remover, scorer = engines
-            jobs = [RemovalJob(image, removal_mask(mask), settings.seed + index) for index, image, mask in prepared]
-            results = remover.remove(jobs)
-            scores = scorer.score(
-                [ScoreJob(image, score_mask(mask), result) for (_, image, mask), result in zip(prepared, results)]
-            )
-            for (index, image, mask), result, score in zip(prepared, results, scores):
-                if not math.isfinite(float(score)):  # counted, never logged (a resume tries it again) nor put in JSON
-                    done.setdefault(index, {})[(str(records[index].source), str(records[index].mask))] = math.nan
-                    continue
-                name = f"{index:05d}.png"
-                save_image(image, out / "source" / name)
-                save_image(mask, out / "mask" / name)
-                save_image(result, out / "result" / name)
-                logged.append(_log_entry(key, index, records[index], round(float(score), 6)))
-        with open(log_path, "a") as log:  # after the images: a logged entry always has its files
-            for entry in logged:
-                log.write(json.dumps(entry) + "\n")
-                done.setdefault(entry["index"], {})[(entry["source"], entry["mask"])] = entry["score"]
-        seconds.append(time.perf_counter() - began)
-        bar.update(len(chunk))
-    bar.close()
+                for (index, image, mask), result, score in zip(prepared, results, scores):
+                    if not math.isfinite(float(score)):  # counted, not logged (a resume tries it again) nor put in JSON
+                        done.setdefault(index, {})[(str(records[index].source), str(records[index].mask))] = math.nan
+                        continue
+                    name = f"{index:05d}.png"
+                    save_image(image, out / "source" / name)
+                    save_image(mask, out / "mask" / name)
+                    save_image(result, out / "result" / name)
+                    logged.append(_log_entry(key, index, records[index], round(float(score), 6)))
+            with open(log_path, "a") as log:  # after the images: a logged entry always has its files
+                for entry in logged:
+                    log.write(json.dumps(entry) + "\n")
+                    done.setdefault(entry["index"], {})[(entry["source"], entry["mask"])] = entry["score"]
+            seconds.append(time.perf_counter() - began)
+            bar.update(len(chunk))
 
     items, kept, skipped, non_finite = [], [], 0, 0
     for index, record in enumerate(records):

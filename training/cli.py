@@ -154,7 +154,11 @@ def interrupted(settings: BaseModel, exc: KeyboardInterrupt, started_at: float) 
     from training.checkpoint import PREFIX, checkpoints
     from training.common import InterruptedAtStep, TrainSettings, describe_error
 
+    from training.annotate import AnnotateSettings
+
     line = describe_error(exc)
+    if isinstance(settings, AnnotateSettings):
+        return f"{line}; rerun with --resume to keep the scores logged so far"
     if not isinstance(settings, TrainSettings):
         return line
     found = [
