@@ -32,7 +32,7 @@ import safetensors
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import save_file
 
 from engines.errors import BundleError
@@ -212,8 +212,14 @@ class Bundle:
             raise BundleError(f"{path} is not a bundle: {MANIFEST} not found")
         try:
             manifest = Manifest.model_validate_json(manifest_path.read_text())
-        except ValueError as exc:
-            raise BundleError(f"{manifest_path} is not a valid manifest: {exc}") from exc
+        except ValidationError as exc:  # one line (pydantic's message is several, with a URL and the text it read)
+            why = "; ".join(
+                ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"])))
+                for e in exc.errors(include_url=False, include_input=False)[:3]
+            )
+            raise BundleError(f"{manifest_path} is not a valid manifest: {why}") from None
+        except ValueError as exc:  # not UTF-8
+            raise BundleError(f"{manifest_path} is not a valid manifest: {exc}") from None
         bundle = cls(path, manifest)
         if verify:
             bundle.verify(hash_weights=hash_weights)

@@ -74,6 +74,22 @@ def test_a_folder_without_manifest_is_refused(tmp_path):
         Bundle.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "text, said",
+    [("{", "Invalid JSON: EOF while parsing an object"),
+     ('{"format": 1}', "name: Field required; dtype: Field required")],
+    ids=["cut-short", "fields-missing"],
+)
+def test_a_broken_manifest_is_refused_in_one_line_naming_what_is_wrong(tmp_path, text, said):
+    """pydantic's message was three lines, with a URL and the text it read: the CLIs' one-line refusals were not."""
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(BundleError) as refused:
+        Bundle.load(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'manifest.json'} is not a valid manifest: ") and said in message
+    assert "\n" not in message and "pydantic.dev" not in message, message
+
+
 def test_import_applies_every_lora_tensor_of_the_mixed_format_file(tiny_layout, tiny_bundle):
     groups, _ = read_lora_file(tiny_layout.lcm_lora)
     keys = load_file(tiny_layout.lcm_lora).keys()
