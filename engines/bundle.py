@@ -213,10 +213,9 @@ class Bundle:
         try:
             manifest = Manifest.model_validate_json(manifest_path.read_text())
         except ValidationError as exc:  # one line (pydantic's message is several, with a URL and the text it read)
-            why = "; ".join(
-                ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"])))
-                for e in exc.errors(include_url=False, include_input=False)[:3]
-            )
+            errors = exc.errors(include_url=False, include_input=False)
+            why = "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in errors[:3])
+            why += f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
             raise BundleError(f"{manifest_path} is not a valid manifest: {why}") from None
         except ValueError as exc:  # not UTF-8
             raise BundleError(f"{manifest_path} is not a valid manifest: {exc}") from None

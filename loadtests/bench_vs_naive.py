@@ -89,13 +89,22 @@ MIN_SUCCEEDED = 10  # removals a run's rate needs: it counts from the first answ
 
 
 def run_problems(runs: dict[str, dict]) -> list[str]:
-    """Why the comparison does not stand, one line per server: a run with failures (their times are in its
-    percentiles) or without one removal that succeeded."""
+    """Why the comparison does not stand, one line per problem: a run with failures (their times are in its
+    percentiles), without one removal that succeeded, or held back by its API key's quota (its rate is the quota's)."""
     problems = []
     for name, run in runs.items():
         succeeded = run["requests"] - run["failures"]
+        over_quota = run.get("over_quota", 0)
+        if over_quota:
+            problems.append(
+                f"{name}: {over_quota} requests were over the API key's quota, so the rate is the quota's, not the"
+                " service's (use a key without one)"
+            )
         if succeeded == 0:
-            problems.append(f"{name}: no removal succeeded ({run['failures']} failed, {run['refused']} refused)")
+            problems.append(
+                f"{name}: no removal succeeded ({run['failures']} failed, {run['refused']} refused, {over_quota} over"
+                " the key's quota)"
+            )
         elif run["failures"]:
             problems.append(f"{name}: {run['failures']} of {run['requests']} removals failed")
         elif succeeded < MIN_SUCCEEDED:  # the span starts at the first answer: one answer makes no rate at all
@@ -169,13 +178,13 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2))
     print(
         f"{'server':>18} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'requests':>9} {'failures':>9}"
-        f" {'refused':>8}"
+        f" {'refused':>8} {'over quota':>10}"
     )
     for name, run in result["runs"].items():
         print(
             f"{name:>18} {run['requests_per_s']:>7} {_ms(run['p50_ms']):>8} {_ms(run['p95_ms']):>8}"
             f" {_ms(run['p99_ms']):>8}"
-            f" {run['requests']:>9} {run['failures']:>9} {run['refused']:>8}"
+            f" {run['requests']:>9} {run['failures']:>9} {run['refused']:>8} {run['over_quota']:>10}"
         )
     if result["throughput_ratio"] is not None:
         print(f"throughput rorem-serve / fastapi+diffusers: {result['throughput_ratio']}x; saved {args.out}")

@@ -249,7 +249,15 @@ def test_bench_vs_naive_counts_refusals_apart_not_as_throughput(tmp_path, monkey
         "requests": 20, "failures": 1, "refused": 300, "over_quota": 40, "requests_per_s": 0.95, "p50_ms": 3600.0,
         "p95_ms": 5000.0, "p99_ms": 5200.0,
     }  # fmt: skip
-    assert bench_vs_naive.run_problems({"ours": run}) == ["ours: 1 of 20 removals failed"]
+    assert bench_vs_naive.run_problems({"ours": run}) == [
+        "ours: 40 requests were over the API key's quota, so the rate is the quota's, not the service's (use a key"
+        " without one)",
+        "ours: 1 of 20 removals failed",
+    ]
+    throttled = {**run, "requests": 0, "failures": 0, "refused": 0}  # said nothing of why before
+    assert bench_vs_naive.run_problems({"ours": throttled})[1] == (
+        "ours: no removal succeeded (0 failed, 0 refused, 40 over the key's quota)"
+    )
 
 
 def _locust_bench_vs_naive():
@@ -274,7 +282,8 @@ def test_bench_vs_naive_counts_no_failed_removal_as_throughput_and_refuses_the_r
     assert run["requests_per_s"] == 0.0 and run["p50_ms"] is None and run["p99_ms"] is None, run
     naive = {**run, "requests": 20, "failures": 0}
     problems = bench_vs_naive.run_problems({"rorem-serve": run, "fastapi+diffusers": naive})
-    assert problems == [f"rorem-serve: no removal succeeded ({run['requests']} failed, 0 refused)"]
+    said = f"rorem-serve: no removal succeeded ({run['requests']} failed, 0 refused, 0 over the key's quota)"
+    assert problems == [said]
     one = {"requests": 1, "failures": 0, "refused": 0}  # its span is one answer's instant: 50,000 removals/s
     too_few = "naive: 1 removal(s) succeeded, too few for a rate (run longer)"
     assert bench_vs_naive.run_problems({"naive": one}) == [too_few]

@@ -172,7 +172,7 @@ def test_loadtests_readme_names_every_knob_the_locustfile_reads():
     assert knobs - set(re.findall(r"\bROREM_[A-Z_]+\b", locust_section)) == set()
 
 
-def test_the_documented_headless_locust_commands_wait_out_the_requests_running_at_their_end():
+def test_the_documented_headless_locust_commands_wait_out_the_requests_running_at_their_end(monkeypatch):
     """The documented `locust --headless -t 2m` commands had no --stop-timeout: the requests still running when -t
     ended were killed and vanished from the figures, the slowest ones, so the percentiles read low. Each needs a
     --stop-timeout longer than a request may take (ROREM_TIMEOUT_S's default), as bench_vs_naive's run has."""
@@ -186,6 +186,7 @@ def test_the_documented_headless_locust_commands_wait_out_the_requests_running_a
     for name, command in commands:
         stop = re.search(r"--stop-timeout (\d+)", command)
         assert stop and int(stop[1]) > benchlib.DEFAULT_TIMEOUT_S, f"{name}: {command}"
+    monkeypatch.delenv(benchlib.TIMEOUT_ENV, raising=False)  # the default's, whatever the shell sets
     assert benchlib.locust_stop_timeout_s() > benchlib.DEFAULT_TIMEOUT_S
 
 

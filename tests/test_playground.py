@@ -396,6 +396,18 @@ def test_a_removal_can_be_stopped_which_closes_its_request_and_shows_nothing(bro
     page.click("#remove")
     page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
     assert page.is_hidden("#stop") and len(stand_in.masks) == 1
+
+    stand_in.hold = True  # Try another, stopped: the result before stays, and the words say so
+    page.click("#another")
+    page.wait_for_selector("#stop", state="visible")
+    for _ in range(500):
+        if len(stand_in.held) == 2:
+            break
+        page.wait_for_timeout(20)
+    page.click("#stop")
+    page.wait_for_selector("body[data-busy=no]")
+    assert page.inner_text("#status") == "Stopped: the result shown is still the one before."
+    assert page.get_attribute("#outcome", "data-count") == "1" and page.is_visible("#comparison")
     assert problems == [], problems
 
 

@@ -308,6 +308,10 @@ def _argv(command, run, tmp_path, tiny_layout):
         ("compare", "[]", "summary.json: not valid JSON (expected an object, got list)"),
         *[(c, {"stage": "finetune", "status": "completed", "outputs": {}}, "summary.json records no unet output")
           for c in ("bundle", "distill")],
+        ("bundle", {"stage": "finetune", "status": "completed", "outputs": {"unet": ""}},
+         "summary.json records no unet output"),  # "" was the current folder
+        ("bundle", {"stage": "finetune", "status": "completed", "outputs": {"unet": "/u"}, "config": "x"},
+         "summary.json records no config of its run"),
     ],
 )  # fmt: skip
 def test_a_run_whose_summary_is_broken_or_records_no_part_is_named_in_one_line(
@@ -321,6 +325,22 @@ def test_a_run_whose_summary_is_broken_or_records_no_part_is_named_in_one_line(
     assert cli.main(_argv(command, run, tmp_path, tiny_layout)) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"python -m training {command}: {run}{os.sep}{problem}"), err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_distill_run_whose_summary_lacks_its_timesteps_is_named_in_one_line(tmp_path, capsys, tiny_layout):
+    """bundle --lcm-lora RUN read the run's DDIM timesteps from its config: a summary without them (edited by hand)
+    was a KeyError or TypeError traceback (review)."""
+    run = tmp_path / "distill"
+    run.mkdir()
+    summary = {"stage": "distill", "status": "completed", "outputs": {"lora": str(tiny_layout.lcm_lora)}, "config": {}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    argv = ["bundle", "--base", tiny_layout.base, "--unet", tiny_layout.unet, "--lcm-lora", str(run),
+            "--out", str(tmp_path / "bundle"), "--cache-dir", str(tmp_path / "cache"),
+            "--allow-other-teacher"]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "records no num_ddim_timesteps or timestep_scaling_factor in its summary" in err, err
     assert len(err.splitlines()) == 1
 
 

@@ -6,6 +6,7 @@ and the EMA follows the model onto its device after a resume (the meta device st
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from contextlib import nullcontext
@@ -575,9 +576,11 @@ def _cut_short(path):
          "not a readable checkpoint (invalid header length)"),
         ("trainable.safetensors", lambda p: p.write_bytes(b"\xff" * 64),
          "not a readable checkpoint (header too large)"),
-        ("optimizer.pt", _cut_short, "not a readable checkpoint (not the zip archive torch.save writes"),
-        ("extra.pt", lambda p: p.write_bytes(b"\x80\x02junk" * 8), "not a readable checkpoint (not the zip archive"),
-        ("rng-0.pt", lambda p: p.write_bytes(b""), "not a readable checkpoint (not the zip archive"),
+        ("optimizer.pt", _cut_short, "not a readable checkpoint (PytorchStreamReader failed reading zip archive"),
+        ("extra.pt", lambda p: p.write_bytes(b"\x80\x02junk" * 8), "not a readable checkpoint ("),
+        ("extra.pt", lambda p: p.write_bytes(random.Random(1).randbytes(256)),
+         "not a readable checkpoint (not a file torch.save"),
+        ("rng-0.pt", lambda p: p.write_bytes(b""), "not a readable checkpoint ("),
         ("state.json", _cut_short, "not valid JSON (Expecting"),
     ],
 )  # fmt: skip
@@ -597,6 +600,15 @@ def test_a_resume_from_a_corrupt_checkpoint_file_names_it_in_one_line(
     assert err.startswith(f"python -m training finetune: {checkpoint / name}: {problem}"), err
     assert len(err.splitlines()) == 1
     assert (out / "summary.json").read_bytes() == before  # refused before it started: the run is as it was
+
+
+def test_a_checkpoint_file_in_torchs_older_non_zip_format_is_still_read(tmp_path):
+    """A zip check before torch.load refused it as "cut short or overwritten" (review)."""
+    from training.checkpoint import load_tensors_and_values
+
+    path = tmp_path / "extra.pt"
+    torch.save({"step": 3, "losses": [0.5]}, path, _use_new_zipfile_serialization=False)
+    assert load_tensors_and_values(path) == {"step": 3, "losses": [0.5]}
 
 
 def test_a_ctrl_c_line_starts_a_line_of_its_own_after_the_progress_bar(data_file, tmp_path, monkeypatch, capsys):

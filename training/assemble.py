@@ -222,7 +222,10 @@ def _lcm_schedule(distill_run: dict[str, Any] | None, steps: int) -> dict[str, A
     None (the defaults, the authors' 50 and 10) for a LoRA given as a bare file."""
     if distill_run is None:
         return None
-    config = distill_run["config"]
+    config = distill_run.get("config") or {}
+    missing = [key for key in ("num_ddim_timesteps", "timestep_scaling_factor") if key not in config]
+    if missing:
+        raise TrainingError(f"the distill run {distill_run['run']} records no {' or '.join(missing)} in its summary")
     if steps > config["num_ddim_timesteps"]:
         raise TrainingError(
             f"--steps {steps}: the LCM LoRA of {distill_run['run']} was distilled on {config['num_ddim_timesteps']} "

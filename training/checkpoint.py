@@ -300,18 +300,21 @@ def load_trainable(path: Path) -> dict[str, torch.Tensor]:
 
 def load_tensors_and_values(path: Path) -> Any:
     """torch.load for files that may come from anyone: unpickling more than tensors and plain values can run code."""
-    if path.is_file() and not zipfile.is_zipfile(path):  # cut short (its index is at the end) or not torch.save's
-        raise unreadable(path, "not the zip archive torch.save writes: cut short or overwritten")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:  # "PytorchStreamReader failed reading zip archive"
-        raise unreadable(path, str(exc).split(". ")[0] or type(exc).__name__) from None
+        return torch.load(path, map_location="cpu", weights_only=True)  # torch's older, non-zip format too
+    except OSError:
+        raise
     except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # bytes no torch.save wrote, as the refused unpickling says of them too
+            raise unreadable(path, "not a file torch.save writes: cut short or overwritten") from None
         raise TrainingError(
             f"{path} holds more than tensors and plain values and is not loaded: unpickling it could run any code. "
             "(An rng-*.pt written before RNG states were saved as plain values holds numpy's state as a numpy array: "
             "that checkpoint cannot be resumed; start the run again without --resume.)"
         ) from None
+    except Exception as exc:  # the zip reader's or the unpickler's on bytes torch.save did not write (any kind)
+        said = str(exc).split(". ")[0] if isinstance(exc, RuntimeError) or zipfile.is_zipfile(path) else ""
+        raise unreadable(path, said or "not a file torch.save writes: cut short or overwritten") from None
 
 
 def load_checkpoint(accelerator, path: Path, *, model: nn.Module, optimizer, lr_scheduler) -> tuple[dict, dict]:

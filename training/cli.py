@@ -151,10 +151,9 @@ def interrupted(settings: BaseModel, exc: KeyboardInterrupt, started_at: float) 
     """The one line a Ctrl-C prints: where the stage stopped and, for a training stage, what --resume continues
     from (the newest checkpoint of this run, not the step it stopped at). Before the loop's first step the
     checkpoints in out/ are an earlier run's (a fresh rerun sets them aside only then): not this run's to offer."""
+    from training.annotate import AnnotateSettings
     from training.checkpoint import PREFIX, checkpoints
     from training.common import InterruptedAtStep, TrainSettings, describe_error
-
-    from training.annotate import AnnotateSettings
 
     line = describe_error(exc)
     if isinstance(settings, AnnotateSettings):

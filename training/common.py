@@ -386,12 +386,13 @@ def resolve_part(ref: str, stage: str, output: str, inner: str | None = None) ->
             raise TrainingError(f"{path} is a {summary.get('stage')} run, expected a {stage} run")
         if summary.get("status") != "completed":
             raise TrainingError(f"the {stage} run in {path} has not completed (status {summary.get('status')})")
-        outputs = summary.get("outputs")
-        if not isinstance(outputs, dict) or not isinstance(outputs.get(output), str):
+        outputs, config = summary.get("outputs"), summary.get("config")
+        if not isinstance(outputs, dict) or not isinstance(outputs.get(output), str) or not outputs[output]:
             raise TrainingError(f"{path / SUMMARY} records no {output} output")
+        if config is not None and not isinstance(config, dict):
+            raise TrainingError(f"{path / SUMMARY} records no config of its run")
         path = Path(outputs[output])
-        config = summary.get("config")
-        out = config.get("out") if isinstance(config, dict) else None
+        out = (config or {}).get("out")
         if not path.exists() and isinstance(out, str):  # the run folder was moved or copied: look inside it
             try:
                 path = Path(ref).expanduser() / path.relative_to(Path(out).resolve())
