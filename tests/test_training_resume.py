@@ -12,6 +12,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -609,6 +610,9 @@ def test_a_checkpoint_file_in_torchs_older_non_zip_format_is_still_read(tmp_path
     path = tmp_path / "extra.pt"
     torch.save({"step": 3, "losses": [0.5]}, path, _use_new_zipfile_serialization=False)
     assert load_tensors_and_values(path) == {"step": 3, "losses": [0.5]}
+    torch.save({"numpy": np.random.get_state()}, path, _use_new_zipfile_serialization=False)  # not garbage either
+    with pytest.raises(TrainingError, match="holds more than tensors and plain values"):
+        load_tensors_and_values(path)
 
 
 def test_a_ctrl_c_line_starts_a_line_of_its_own_after_the_progress_bar(data_file, tmp_path, monkeypatch, capsys):

@@ -298,6 +298,17 @@ def load_trainable(path: Path) -> dict[str, torch.Tensor]:
         raise unreadable(path, str(exc).rpartition(": ")[2] or str(exc)) from None
 
 
+# how torch.save's older, non-zip format begins: its magic number, pickled (protocol 2)
+_LEGACY_TORCH_SAVE = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+
+
+def _written_by_torch_save(path: Path) -> bool:
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_TORCH_SAVE)) == _LEGACY_TORCH_SAVE
+
+
 def load_tensors_and_values(path: Path) -> Any:
     """torch.load for files that may come from anyone: unpickling more than tensors and plain values can run code."""
     try:
@@ -305,7 +316,7 @@ def load_tensors_and_values(path: Path) -> Any:
     except OSError:
         raise
     except pickle.UnpicklingError:
-        if not zipfile.is_zipfile(path):  # bytes no torch.save wrote, as the refused unpickling says of them too
+        if not _written_by_torch_save(path):  # garbage: refused by the same unpickler as code would be
             raise unreadable(path, "not a file torch.save writes: cut short or overwritten") from None
         raise TrainingError(
             f"{path} holds more than tensors and plain values and is not loaded: unpickling it could run any code. "
@@ -313,7 +324,7 @@ def load_tensors_and_values(path: Path) -> Any:
             "that checkpoint cannot be resumed; start the run again without --resume.)"
         ) from None
     except Exception as exc:  # the zip reader's or the unpickler's on bytes torch.save did not write (any kind)
-        said = str(exc).split(". ")[0] if isinstance(exc, RuntimeError) or zipfile.is_zipfile(path) else ""
+        said = str(exc).split(". ")[0] if isinstance(exc, RuntimeError) or _written_by_torch_save(path) else ""
         raise unreadable(path, said or "not a file torch.save writes: cut short or overwritten") from None
 
 
