@@ -69,13 +69,13 @@ def main(argv=None) -> int:
     modes = ["eager"] if args.smoke else [m for m in args.modes.split(",") if m]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"environment": _environment(device), "args": vars(args), "results": [], "notes": [], "failed": []}
+    report = {"environment": environment(device), "args": vars(args), "results": [], "notes": [], "failed": []}
     print(json.dumps(report["environment"]), flush=True)
 
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    unet, vae, scheduler, embeds = _models(args.smoke, device, args.seed)
+    unet, vae, scheduler, embeds = build_models(args.smoke, device, args.seed)
 
     report["parity"] = None if not args.parity_side else _attempt(
         report, "parity", lambda: _parity_bf16_vs_fp32(unet, vae, scheduler, embeds, device, 64 if args.smoke else args.parity_side)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     _save(out_dir, report)
 
     for mode in modes:
-        engine = _engine(unet, vae, scheduler, embeds, device, graphs=(mode in ("graph", "compile")))
+        engine = build_engine(unet, vae, scheduler, embeds, device, graphs=(mode in ("graph", "compile")))
         if mode == "compile":  # inductor's kernels, captured by the same stage graphs
             engine.runner.forward = torch.compile(unet.forward, mode="default", dynamic=False)
         if args.vae_layout == "contiguous":
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 # models and engines
 
 
-def _models(smoke: bool, device, seed: int):
+def build_models(smoke: bool, device, seed: int):
     """fp32 UNet and VAE with seeded random weights (the real SDXL configs unless smoke), the
     scheduler, and random prompt embeddings of the real shapes."""
     import torch
@@ -163,7 +163,7 @@ def _models(smoke: bool, device, seed: int):
     return unet, vae, LCMScheduler(**SDXL_SCHEDULER), embeds
 
 
-def _engine(unet, vae, scheduler, embeds, device, graphs: bool):
+def build_engine(unet, vae, scheduler, embeds, device, graphs: bool):
     from engines.remover import RemovalEngine, SamplingSettings
     from engines.runners import TorchUNetRunner
 
@@ -226,10 +226,10 @@ def _parity_bf16_vs_fp32(unet, vae, scheduler, embeds, device, side: int) -> dic
     import torch
 
     jobs = _jobs(side, 1)
-    fp32 = _engine(unet, vae, scheduler, embeds, device, graphs=False).remove(jobs)[0].astype(np.int32)
+    fp32 = build_engine(unet, vae, scheduler, embeds, device, graphs=False).remove(jobs)[0].astype(np.int32)
     unet.to(torch.bfloat16)  # in place: the benchmark runs bf16 from here on
     vae.to(torch.bfloat16)
-    bf16 = _engine(unet, vae, scheduler, embeds, device, graphs=False).remove(jobs)[0].astype(np.int32)
+    bf16 = build_engine(unet, vae, scheduler, embeds, device, graphs=False).remove(jobs)[0].astype(np.int32)
     diff = np.abs(fp32 - bf16)
     mse = float((diff.astype(np.float64) ** 2).mean())
     return {
@@ -319,7 +319,7 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _environment(device) -> dict:
+def environment(device) -> dict:
     import importlib.metadata as md
 
     import torch

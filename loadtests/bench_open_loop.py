@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import (
-    center_mask, exit_if_unreachable, photo, png, remover_only, saturation_point, start_service, stop_service,
-    summarize, valid_image,
+    center_mask, exit_if_unreachable, photo, png, poisson_arrivals, remover_only, saturation_point, start_service,
+    stop_service, summarize, valid_image,
 )  # fmt: skip
 
 from serve.worker_threads import lower_this_thread
@@ -118,14 +118,9 @@ async def offer(url: str, rate: float, seconds: float, workload: str, side: int,
 
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=httpx.Limits(max_connections=None)) as client:
         tasks, start = [], time.perf_counter()
-        at = rng.expovariate(rate)
-        while at < seconds:
-            delay = start + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        async for due in poisson_arrivals(rate, seconds, rng):
             files, photo_side = (large, 2 * side) if workload == "mixed" and rng.random() < 1 / 3 else (small, side)
-            tasks.append(asyncio.create_task(one(client, files, photo_side, start + at)))
-            at += rng.expovariate(rate)
+            tasks.append(asyncio.create_task(one(client, files, photo_side, due)))
         sent = len(tasks)
         done, pending = await asyncio.wait(tasks, timeout=DRAIN_S) if tasks else (set(), set())
         for task in pending:

@@ -4,6 +4,7 @@ loadtests/ on sys.path: this imports as `benchlib`)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import math
@@ -13,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,6 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from serve.grpc_client import API_KEY_ENV  # noqa: F401 (one name for the key's variable: the client's)
 from serve.ports import free_port  # noqa: F401 (the benchmark scripts import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,6 +153,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+async def poisson_arrivals(rate: float, seconds: float, rng) -> AsyncIterator[float]:
+    """Each arrival's scheduled time (time.perf_counter) for `seconds` of Poisson arrivals at `rate` per second,
+    yielded when it is due. Users do not wait for each other: a latency counts from this time, not from when its
+    task first ran (a generator that falls behind would drop its own lag from every latency)."""
+    start = time.perf_counter()
+    at = rng.expovariate(rate)
+    while at < seconds:
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield start + at
+        at += rng.expovariate(rate)
 
 
 def summarize(samples_ms: list[float]) -> dict:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for the bare benchmark machine (see docs/benchmarks.md):
 # install the carried wheels (loadtests/gpu_wheels.sh) into a temporary path, run the gpu-marked
-# tests, then the engine benchmark; logs and results go to $OUT (or out/gpu_run). The default limits
-# (90 + 240 s) leave room in the session's 900 s of device time for the machine's start and one rerun;
-# the benchmark saves each case as it ends, so a cut keeps the rows already done. The benchmark runs even
-# when the tests failed (this is the only device run: both outputs are kept); the exit code is non-zero,
-# with a line saying which, when either failed.
+# tests, then the open-loop load on the engine's batch queues and admission (bench_open_loop_gpu.py), then
+# the engine benchmark (bench_engine_gpu.py; BENCH_S=0 leaves it out); logs and results go to $OUT (or
+# out/gpu_run). Each part has its own limit (GPU_TESTS_S, OPEN_LOOP_S, BENCH_S): with BENCH_S=0 the run
+# (~420 s at most) leaves room in the session's 900 s of device time for the machine's start and a short
+# rerun. Each benchmark saves as it goes, so a cut keeps what was measured. The benchmarks run even when the
+# tests failed (this is the only device run: every output is kept); the exit code is non-zero, with a line
+# saying which, when any failed. Arguments go to the engine benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_run}"
@@ -16,9 +18,17 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memo
 timeout "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_engine_fast_path.py tests/test_remover.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout "${BENCH_S:-240}" python3 loadtests/bench_engine_gpu.py --out-dir "$OUT" --budget-s "${BUDGET_S:-210}" "$@" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
+timeout "${OPEN_LOOP_S:-300}" python3 loadtests/bench_open_loop_gpu.py --out-dir "$OUT" \
+  --budget-s "${OPEN_LOOP_BUDGET_S:-250}" 2>&1 | tee "$OUT/open_loop.log"
+open_loop_rc=${PIPESTATUS[0]}
+bench_rc=0
+if [ "${BENCH_S:-240}" -gt 0 ]; then
+  timeout "${BENCH_S:-240}" python3 loadtests/bench_engine_gpu.py --out-dir "$OUT" --budget-s "${BUDGET_S:-210}" "$@" \
+    2>&1 | tee "$OUT/bench.log"
+  bench_rc=${PIPESTATUS[0]}
+fi
 failed=()
 [ "$tests_rc" -eq 0 ] || failed+=("gpu tests exited $tests_rc (see $OUT/gpu_tests.log)")
+[ "$open_loop_rc" -eq 0 ] || failed+=("the open-loop benchmark exited $open_loop_rc (see $OUT/open_loop.log)")
 [ "$bench_rc" -eq 0 ] || failed+=("the benchmark exited $bench_rc (see $OUT/bench.log)")
 [ ${#failed[@]} -eq 0 ] || { printf 'gpu_run.sh: %s\n' "${failed[@]}" >&2; exit 1; }

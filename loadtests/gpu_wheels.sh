@@ -18,7 +18,10 @@ done
 # diffusers 0.42.1 needs huggingface_hub >= 1.32 (that machine has 1.33); pydantic's core is compiled per Python.
 # No importlib-metadata: diffusers reads the standard library's on Python >= 3.8, and the wheel's own
 # dependency (lazy-importer) is not on that machine.
+# fastapi, starlette and opentelemetry-api (fastapi imports it): loadtests/bench_open_loop_gpu.py imports
+# serve.admission, whose problems (serve.problems) are fastapi responses; annotated-doc and anyio are that machine's.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d .whl \
   diffusers==0.42.1 pydantic==2.14.0 pydantic-core==2.50.0 \
-  annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+  annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
+  fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2
 du -sh .whl

@@ -48,13 +48,14 @@ from functools import cache
 import gevent
 import numpy as np
 from benchlib import (  # locust puts loadtests/ on sys.path
-    API_KEY_ENV, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, api_key_headers, over_quota, parsed_problem, problem_slug,
-    rest_over_quota, rest_refusal, retry_after_s, valid_image,
+    DEFAULT_TIMEOUT_S, TIMEOUT_ENV, api_key_headers, over_quota, parsed_problem, problem_slug, rest_over_quota,
+    rest_refusal, retry_after_s, valid_image,
 )  # fmt: skip
 from locust import HttpUser, User, between, events, task
 from locust.runners import MasterRunner
 from PIL import Image
 
+from serve.grpc_client import API_KEY_ENV
 from serve.ports import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, url_host
 from serve.problems import LOAD_REFUSALS
 

@@ -40,11 +40,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 from benchlib import (
-    API_KEY_ENV, answer_problem, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int,
-    rest_over_quota, rest_refusal, retry_after_s, summarize, valid_image,
+    answer_problem, api_key_headers, center_mask, exit_if_unreachable, photo, png, positive_int, rest_over_quota,
+    rest_refusal, retry_after_s, summarize, valid_image,
 )  # fmt: skip
 
 from serve.config import INSTANCE_ENV
+from serve.grpc_client import API_KEY_ENV
 from serve.ports import DEFAULT_HTTP_PORT
 
 # after a lost request or an error without Retry-After (a refused connection or a 401 answers at once: no tight loop)

@@ -679,27 +679,38 @@ def test_healthz_bench_without_one_upload_served_fails_without_a_verdict(answer,
     assert uploads["completed"] == 0 and set(uploads["statuses"]) == {expected}, uploads
 
 
-@pytest.mark.parametrize("tests_rc, bench_rc", [(0, 0), (1, 0), (0, 1), (124, 1)])
-def test_gpu_run_runs_the_benchmark_after_failed_tests_and_fails_if_either_did(tests_rc, bench_rc, tmp_path):
+@pytest.mark.parametrize(
+    "tests_rc, open_loop_rc, bench_rc, bench_s",
+    [(0, 0, 0, "240"), (1, 0, 0, "240"), (0, 1, 1, "240"), (124, 1, 0, "0")],
+)
+def test_gpu_run_runs_the_benchmarks_after_failed_tests_and_fails_if_any_did(
+    tests_rc, open_loop_rc, bench_rc, bench_s, tmp_path
+):
     """gpu_run.sh ignored pytest's exit code (the pipe through tee passed on the benchmark's only): a device run whose
-    GPU tests failed passed. The benchmark still runs after failed tests (the only device run keeps both outputs)."""
+    GPU tests failed passed. The benchmarks still run after failed tests (the only device run keeps every output);
+    BENCH_S=0 leaves the engine benchmark out."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho name\n")
     (stubs / "python3").write_text(
         '#!/bin/sh\ncase "$*" in\n  "-m pip"*) exit 0 ;;\n'
         f'  "-m pytest"*) echo tests ran; exit {tests_rc} ;;\n'
+        f'  loadtests/bench_open_loop_gpu.py*) echo open loop ran; exit {open_loop_rc} ;;\n'
         f'  loadtests/bench_engine_gpu.py*) echo bench ran; exit {bench_rc} ;;\nesac\nexit 3\n'
     )
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     out = tmp_path / "out"
-    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(out)}
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(out), "BENCH_S": bench_s}
     result = subprocess.run(["bash", "loadtests/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert (out / "gpu_tests.log").read_text() == "tests ran\n" and (out / "bench.log").read_text() == "bench ran\n"
-    expected = [f"gpu_run.sh: gpu tests exited {tests_rc} (see {out}/gpu_tests.log)"] * bool(tests_rc) + [
-        f"gpu_run.sh: the benchmark exited {bench_rc} (see {out}/bench.log)"
-    ] * bool(bench_rc)
+    assert (out / "gpu_tests.log").read_text() == "tests ran\n"
+    assert (out / "open_loop.log").read_text() == "open loop ran\n"
+    assert (out / "bench.log").exists() == (bench_s != "0")
+    expected = (
+        [f"gpu_run.sh: gpu tests exited {tests_rc} (see {out}/gpu_tests.log)"] * bool(tests_rc)
+        + [f"gpu_run.sh: the open-loop benchmark exited {open_loop_rc} (see {out}/open_loop.log)"] * bool(open_loop_rc)
+        + [f"gpu_run.sh: the benchmark exited {bench_rc} (see {out}/bench.log)"] * bool(bench_rc)
+    )
     assert result.stderr.splitlines() == expected and result.returncode == (1 if expected else 0), result.stderr
 
 

@@ -242,7 +242,8 @@ def test_the_vae_runs_bf16_next_to_an_fp16_unet_on_cuda():
 def test_the_gpu_benchmark_runs_in_its_smoke_mode(tmp_path):
     """loadtests/bench_engine_gpu.py --smoke: the tiny model on the CPU, so the script cannot rot; run without the
     packages the GPU machine lacks (docs/benchmarks.md: no Ray, FastAPI or uvicorn there), as there: benchlib once
-    imported serve.problems, which needs FastAPI, and the device's one run would have died at its start."""
+    imported serve.problems, which needs FastAPI, and the device's one run would have died at its start. Its grpcio
+    (1.84) is older than the generated gRPC stubs ask for, so serve.grpc_client fails there: benchlib imported it."""
     import json
     import subprocess
     import sys
@@ -253,7 +254,7 @@ def test_the_gpu_benchmark_runs_in_its_smoke_mode(tmp_path):
         "import importlib.abc, runpy, sys\n"
         "class Absent(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in {'fastapi', 'starlette', 'ray', 'uvicorn'}:\n"
+        "        if name.split('.')[0] in {'fastapi', 'starlette', 'ray', 'uvicorn', 'grpc'}:\n"
         "            raise ImportError(f'{name} is not on the GPU machine')\n"
         "sys.meta_path.insert(0, Absent())\n"
         "sys.argv = sys.argv[1:]\n"

@@ -1,0 +1,70 @@
+"""loadtests/bench_open_loop_gpu.py: the GPU machine's open-loop load on the Remover's queues and the admission."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, load_script
+
+AS_ON_THE_DEVICE = (
+    "import importlib.abc, runpy, sys\n"
+    "class Absent(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in {'ray', 'uvicorn', 'python_multipart', 'multipart', 'grpc'}:\n"
+    "            raise ModuleNotFoundError(f'{name} is not on the GPU machine')\n"
+    "sys.meta_path.insert(0, Absent())\n"
+    "sys.argv = sys.argv[1:]\n"
+    "sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0])\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+@pytest.mark.slow  # a subprocess that loads the model libraries and sends ~40 removals to the tiny model
+def test_the_open_loop_gpu_benchmark_runs_in_its_smoke_mode_without_ray(tmp_path):
+    """Its one device run must not die at an import the GPU machine lacks (Ray, uvicorn: only the wheels of
+    loadtests/gpu_wheels.sh travel) or cannot use (its grpcio, 1.84, is older than the generated gRPC stubs ask for:
+    the first device run died importing benchlib, which imported serve.grpc_client), and every request of both
+    admissions is answered, none lost."""
+    done = subprocess.run(
+        [sys.executable, "-c", AS_ON_THE_DEVICE, str(REPO / "loadtests" / "bench_open_loop_gpu.py"), "--smoke",
+         "--seconds", "1", "--workloads", "small", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_open_loop_gpu.json").read_text())
+    assert [(r["admission"], r["offered_per_s"]) for r in report["levels"]] == [("time", 4), ("time", 16), ("count", 16)]
+    for row in report["levels"]:
+        assert row["sent"] > 0 and row["lost"] == 0 and row["bad_result"] == 0 and not row["errors"], row
+        assert sum(row["batch_sizes"].values()) + round(row["share_429"] * row["sent"]) == row["sent"], row
+    assert report["batching"]["max_batch_size"] == {"64": 8, "128": 4}
+    assert report["goal"]["small"]["saturation_offered_per_s"] in (4, 16)
+    assert "| small | count | 16 |" in (tmp_path / "bench_open_loop_gpu.md").read_text()
+
+
+def _row(rate: float, p99: float | None, completed: float, lost: int = 0) -> dict:
+    return {"offered_per_s": rate, "p99_ms": p99, "completed_per_s": completed, "lost": lost}
+
+
+@pytest.mark.parametrize(
+    "top, met",
+    [(_row(96, 900.0, 23.0), True), (_row(96, 1300.0, 23.0), False), (_row(96, 900.0, 23.0, lost=1), False)],
+)
+def test_the_goal_compares_the_p99_at_4x_saturation_with_the_p99_at_saturation(top, met):
+    """Issue 16's goal: at 4x the saturation load, the admitted p99 within 2x the p99 at saturation, none lost."""
+    load_script("loadtests/benchlib.py")  # goal imports it, as a run from loadtests/ finds it
+    bench = load_script("loadtests/bench_open_loop_gpu.py")
+    rows = [_row(6, 200.0, 6.0), _row(12, 300.0, 12.0), _row(24, 600.0, 23.0), _row(48, 800.0, 23.1), top]
+    found = bench.goal(rows)
+    assert found["saturation_offered_per_s"] == 24 and found["p99_at_saturation_ms"] == 600.0
+    assert found["met"] is met
+
+
+def test_the_goal_is_not_judged_below_4x_saturation():
+    load_script("loadtests/benchlib.py")  # goal imports it, as a run from loadtests/ finds it
+    bench = load_script("loadtests/bench_open_loop_gpu.py")
+    found = bench.goal([_row(6, 200.0, 6.0), _row(24, 600.0, 23.0), _row(48, 700.0, 23.0)])
+    assert found["met"] is None and "under 4x" in found["why"]
