@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import save_file
 
-from engines.errors import BundleError
+from engines.errors import BundleError, validation_line
 from engines.sampling import DEFAULT_STEPS, DEFAULT_STRENGTH
 
 if TYPE_CHECKING:
@@ -212,10 +212,8 @@ class Bundle:
             raise BundleError(f"{path} is not a bundle: {MANIFEST} not found")
         try:
             manifest = Manifest.model_validate_json(manifest_path.read_text())
-        except ValidationError as exc:  # one line (pydantic's message is several, with a URL and the text it read)
-            errors = exc.errors(include_url=False, include_input=False)
-            why = "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in errors[:3])
-            why += f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        except ValidationError as exc:
+            why = validation_line(exc.errors(include_url=False, include_input=False), most=3)
             raise BundleError(f"{manifest_path} is not a valid manifest: {why}") from None
         except ValueError as exc:  # not UTF-8
             raise BundleError(f"{manifest_path} is not a valid manifest: {exc}") from None

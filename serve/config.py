@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticUndefined
 
 from engines.cache_layout import tiny_bundle_folder
-from engines.errors import BundleError
+from engines.errors import BundleError, validation_line
 from engines.gate import GateMode
 from engines.hub_refs import (
     HUB_PREFIX,
@@ -117,10 +117,7 @@ def invalid_because(exc: Exception, root: str = "") -> str:
     `root: message`, or the message alone without a root; its message names the keys), a YAML error by its place
     in the file."""
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            ": ".join(filter(None, ('.'.join(map(str, e['loc'])) or root, e['msg'].removeprefix('Value error, '))))
-            for e in exc.errors(include_url=False, include_input=False)
-        )
+        return validation_line(exc.errors(include_url=False, include_input=False), root)
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc.context}"

@@ -68,3 +68,34 @@ def test_the_goal_is_not_judged_below_4x_saturation():
     bench = load_script("loadtests/bench_open_loop_gpu.py")
     found = bench.goal([_row(6, 200.0, 6.0), _row(24, 600.0, 23.0), _row(48, 700.0, 23.0)])
     assert found["met"] is None and "under 4x" in found["why"]
+
+
+def test_the_simulated_engine_takes_the_measured_h200_times_of_each_padded_batch(tmp_path):
+    """--simulate: an engine call sleeps for the graph row of its padded shape (a batch of 3 runs in the batch-4
+    graph), linear between the batch sizes measured (2: between 1 and 4)."""
+    load_script("loadtests/benchlib.py")
+    bench = load_script("loadtests/bench_open_loop_gpu.py")
+    measured = tmp_path / "engine.json"
+    rows = [(512, 1, 90.0), (512, 4, 240.0), (512, 8, 360.0), (1024, 1, 300.0), (1024, 4, 900.0)]
+    results = [{"mode": "graph", "side": s, "batch": b, "p50_ms": ms} for s, b, ms in rows]
+    measured.write_text(json.dumps({"results": results + [{"mode": "eager", "side": 512, "batch": 1, "p50_ms": 1.0}]}))
+    engine = bench.SimulatedEngine(measured, {512: 8, 1024: 4})
+    assert [engine.seconds(512, n) for n in (1, 2, 3, 4, 5, 8)] == pytest.approx([0.09, 0.14, 0.24, 0.24, 0.36, 0.36])
+    assert engine.seconds(1024, 3) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_kept_admission_knows_the_rate_from_the_second_level_on(keep, tmp_path):
+    """Each level starts a fresh Admission, whose first second of busy time admits by count only (the rate is
+    unknown), unless --keep-admission: a replica that has been serving knows its rate."""
+    for script in ("benchlib", "bench_engine_gpu", "bench_open_loop"):  # main imports them, as a run from loadtests/
+        load_script(f"loadtests/{script}.py")
+    bench = load_script("loadtests/bench_open_loop_gpu.py")
+    argv = ["--simulate", str(REPO / "docs" / "bench_engine_gpu.json"), "--rates", "small:20,20", "--seconds", "2",
+            "--out-dir", str(tmp_path)] + ["--keep-admission"] * keep  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench_open_loop_gpu.json").read_text())
+    first, second = [row for row in report["levels"] if row["admission"] == "time"]
+    assert report["simulated"] and first["lost"] == second["lost"] == 0
+    assert "before_the_rate" in first["answered"]
+    assert ("before_the_rate" in second["answered"]) is not keep

@@ -945,7 +945,7 @@ def test_cli_reports_bad_settings_bad_data_and_wrong_parts(tmp_path, capsys, tin
     from training.cli import main
 
     assert main(["finetune", "--base", "tiny", "--data", "x.json", "--out", str(tmp_path), "--resolution", "100"]) == 2
-    assert "resolution: Value error, resolution must be a positive multiple of 64" in capsys.readouterr().err
+    assert "resolution: resolution must be a positive multiple of 64" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
     assert main(["finetune", "--base", "tiny", "--data", str(bad), "--out", str(tmp_path / "o")]) == 1
@@ -1043,6 +1043,6 @@ def test_another_discriminator_resolution_exits_2_before_anything_is_loaded_or_w
             "--out", str(out), "--resolution", "256", "--steps", "50"]  # fmt: skip
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "invalid settings: resolution: Value error, resolution 256: the discriminator trains at 512" in err
+    assert "invalid settings: resolution: resolution 256: the discriminator trains at 512" in err
     assert (sorted(p.name for p in out.iterdir()), (out / "summary.json").read_bytes()) == before
     assert not (tmp_path / "cache").exists()

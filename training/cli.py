@@ -45,6 +45,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from engines.errors import validation_line
+
 
 def _stages() -> dict[str, tuple[type[BaseModel], Callable[[Any], dict], str]]:
     from training.annotate import AnnotateSettings, annotate
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(model, args)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        problems = validation_line(exc.errors(include_url=False, include_input=False), root="settings")
         print(f"python -m training {args.stage}: invalid settings: {problems}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:  # a --config file that cannot be read as settings (load_config)
