@@ -102,7 +102,9 @@ def main(argv=None) -> int:
                 capture = _attempt(report, f"capture {side}", lambda: engine.graphs.capture([side], batches))
                 if capture is None:
                     continue
-                report.setdefault("capture", {})[str(side)] = {**capture, "seconds": round(time.perf_counter() - t0, 2)}
+                report.setdefault("capture", {})[f"{mode} {side}"] = {
+                    **capture, "seconds": round(time.perf_counter() - t0, 2)
+                }
                 print(f"captured {side}: {capture}", flush=True)
             for batch in batches:
                 if _over(started, args):

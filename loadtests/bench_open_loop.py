@@ -152,7 +152,8 @@ def level_row(
         "other_errors": sum(n for s, n in counts.items() if s not in ("200", "429", "503", "504", "bad_result")),
         "bad_result": counts["bad_result"],
         "lost": lost,
-        "batch_sizes": dict(sorted(batch_sizes.items(), key=lambda kv: int(kv[0]))),  # jobs by the batch they ran in
+        # jobs by the batch they ran in: by its size ("8"), or by side and size ("512x8")
+        "batch_sizes": dict(sorted(batch_sizes.items(), key=lambda kv: [int(n) for n in kv[0].split("x")])),
     }
 
 

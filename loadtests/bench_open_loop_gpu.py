@@ -9,7 +9,9 @@ starts the service, cannot run there. This drives the parts that decide latency 
 full-size SDXL-inpainting UNet and VAE (seeded random weights: bench_engine_gpu's models) warmed and captured as the
 Remover does (`RemovalEngine.warm_up` with the shipped config's batch sizes, CUDA graphs); one
 `serve.batcher.Batcher` per bucket sharing the engine's turn, each batch's engine call in a thread (as
-serve.remover_deployment.Remover); in front, an `serve.admission.Admission` with the shipped overload settings,
+serve.remover_deployment.Remover), behind Serve's bounds on the Remover replica from the shipped config
+(`max_ongoing_requests` crops inside it, `max_queued_requests` more waiting, then 503); in front, an
+`serve.admission.Admission` with the shipped overload settings,
 each request going through it as serve.app and serve.service take it (`check`, `slot`, `check_deadline`, `planned`
 with its work units). Not in it: the proxies, the body's read, decode, crop, paste and encode (the Ingress's CPU work,
 docs/benchmarks.md "Sizing the ingress"), and the gate's scoring.
@@ -98,13 +100,14 @@ def parse_workloads(text: str) -> list[str]:
 
 
 def parse_rates(text: str) -> dict[str, list[float]]:
-    """--rates: `workload:rate,rate;workload:...`, each workload one of RATES' and each rate above 0."""
+    """--rates: `workload:rate,rate;workload:...`, each workload one of RATES' and each rate above 0; a workload's
+    rates run lowest first (the goal compares the highest with the saturation point found below it)."""
     rates = {}
     for part in text.split(";"):
         workload, _, values = part.partition(":")
         workload = workload.strip()
         try:
-            rates[workload] = [float(v) for v in values.split(",") if v.strip()]
+            rates[workload] = sorted({float(v) for v in values.split(",") if v.strip()})
         except ValueError:
             raise argparse.ArgumentTypeError(f"{workload}: the rates must be numbers, not {values!r}") from None
         if workload not in RATES or not rates[workload] or min(rates[workload]) <= 0:
@@ -121,9 +124,12 @@ def planned_rates(args) -> dict[str, list[float]]:
 
 
 class BucketQueues:
-    """The Remover's batching without Ray: a Batcher per bucket, one engine turn, the engine call in a thread."""
+    """The Remover without Ray: in front, Serve's bounds on the replica (`max_ongoing_requests` calls inside it, up to
+    `max_queued_requests` more waiting in the caller's handle, first come first served, past that a 503 `overloaded`,
+    as serve.service answers Ray's BackPressureError); inside, a Batcher per bucket, one engine turn, the engine call
+    in a thread."""
 
-    def __init__(self, engine, settings):
+    def __init__(self, engine, settings, max_ongoing: int, max_queued: int):
         from serve.batcher import Batcher
 
         turn = asyncio.Lock()
@@ -132,15 +138,38 @@ class BucketQueues:
         for side in settings.imaging.buckets:
             size, wait = settings.batching.for_bucket(side)
             self.queues[side] = Batcher(self._run_batch, size, wait, turn=turn)
-        self.batch_sizes: dict[str, int] = {}
+        self.ongoing = asyncio.Semaphore(max_ongoing)
+        self.max_queued = max_queued
+        self.waiting = 0
+        self.batch_sizes: dict[str, int] = {}  # jobs by the batch they ran in, "512x8"
 
     async def _run_batch(self, jobs: list) -> list:
         images = await asyncio.to_thread(self.engine.remove, jobs)
-        self.batch_sizes[str(len(jobs))] = self.batch_sizes.get(str(len(jobs)), 0) + len(jobs)
+        shape = f"{jobs[0].image.shape[0]}x{len(jobs)}"
+        self.batch_sizes[shape] = self.batch_sizes.get(shape, 0) + len(jobs)
         return images
 
     async def remove(self, job):
-        return await self.queues[job.image.shape[0]](job)
+        from serve.problems import Problem
+
+        if self.ongoing.locked() and self.waiting >= self.max_queued:
+            raise Problem("overloaded", f"the Remover's queue is full ({self.max_queued} waiting)")
+        self.waiting += 1
+        try:
+            await self.ongoing.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            return await self.queues[job.image.shape[0]](job)
+        finally:
+            self.ongoing.release()
+
+
+def remover_bounds() -> tuple[int, int]:
+    """The shipped Serve config's Remover `max_ongoing_requests` and `max_queued_requests`."""
+    deployments = yaml.safe_load(SHIPPED_CONFIG.read_text())["applications"][0]["deployments"]
+    remover = next(d for d in deployments if d["name"] == "Remover")
+    return remover["max_ongoing_requests"], remover["max_queued_requests"]
 
 
 class SimulatedEngine:
@@ -202,7 +231,7 @@ async def offer(queues: BucketQueues, admission, settings, rate: float, seconds:
             admission.check()
             with admission.slot() as place:
                 place.check_deadline(deadline_s)
-                place.planned(work_units([side], small), deadline_s)
+                place.planned(work_units([side], small), deadline_s - (time.perf_counter() - due))
                 image = await queues.remove(RemovalJob(*inputs[side], seed=seed))
         except Problem as problem:
             results.append((str(problem.status), time.perf_counter() - due))
@@ -261,7 +290,7 @@ async def run_levels(args, settings, engine, report: dict, out_dir: Path, starte
     from serve.admission import Admission
 
     rates = planned_rates(args)
-    queues = BucketQueues(engine, settings)
+    queues = BucketQueues(engine, settings, *remover_bounds())
     overload = settings.overload
     admissions = {}
     for workload in rates:
@@ -300,7 +329,9 @@ def main(argv=None) -> int:
               "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
               "simulated": args.simulate is not None,  # sleeps for measured engine times: no model ran
               "batching": {"max_batch_size": settings.batch_sizes(), "wait_s": settings.batch_waits()},
-              "overload": settings.overload.model_dump()}  # fmt: skip
+              "overload": settings.overload.model_dump(),
+              "remover_bounds": dict(zip(("max_ongoing_requests", "max_queued_requests"), remover_bounds())),
+              }  # fmt: skip
     print(json.dumps(report["environment"]), flush=True)
     if args.simulate:
         engine = SimulatedEngine(args.simulate, settings.batch_sizes())

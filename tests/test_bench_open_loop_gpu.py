@@ -91,7 +91,7 @@ def test_a_kept_admission_knows_the_rate_from_the_second_level_on(keep, tmp_path
     for script in ("benchlib", "bench_engine_gpu", "bench_open_loop"):  # main imports them, as a run from loadtests/
         load_script(f"loadtests/{script}.py")
     bench = load_script("loadtests/bench_open_loop_gpu.py")
-    argv = ["--simulate", str(REPO / "docs" / "bench_engine_gpu.json"), "--rates", "small:20,20", "--seconds", "2",
+    argv = ["--simulate", str(REPO / "docs" / "bench_engine_gpu.json"), "--rates", "small:10,20", "--seconds", "2",
             "--out-dir", str(tmp_path)] + ["--keep-admission"] * keep  # fmt: skip
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench_open_loop_gpu.json").read_text())
@@ -99,3 +99,41 @@ def test_a_kept_admission_knows_the_rate_from_the_second_level_on(keep, tmp_path
     assert report["simulated"] and first["lost"] == second["lost"] == 0
     assert "before_the_rate" in first["answered"]
     assert ("before_the_rate" in second["answered"]) is not keep
+
+
+def test_rates_run_lowest_first_so_the_goal_compares_the_highest_with_saturation_below_it():
+    bench = load_script("loadtests/bench_open_loop_gpu.py")
+    assert bench.parse_args(["--rates", "small:96,24,6;mixed:40,10"]).rates == {"small": [6, 24, 96], "mixed": [10, 40]}
+
+
+def test_the_remover_bounds_answer_503_past_the_queued_requests_as_serve_does():
+    """The shipped Remover takes max_ongoing_requests crops, max_queued_requests more wait in the handle; past that
+    Ray's BackPressureError, which the service answers 503 overloaded."""
+    import asyncio
+
+    import numpy as np
+
+    from engines.jobs import RemovalJob
+    from serve.config import AppSettings
+    from serve.problems import Problem
+
+    bench = load_script("loadtests/bench_open_loop_gpu.py")
+    assert bench.remover_bounds() == (16, 64)  # serve/configs/local.yaml
+
+    class SlowEngine:
+        def remove(self, jobs):
+            import time
+
+            time.sleep(0.2)
+            return [np.zeros((64, 64, 3), np.uint8) for _ in jobs]
+
+    settings = AppSettings.model_validate({"imaging": {"buckets": [64]}, "batching": {"max_batch_size": 1}})
+
+    async def three_at_once():
+        queues = bench.BucketQueues(SlowEngine(), settings, max_ongoing=1, max_queued=1)
+        job = RemovalJob(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8), seed=0)
+        return await asyncio.gather(*(queues.remove(job) for _ in range(3)), return_exceptions=True)
+
+    answers = asyncio.run(three_at_once())
+    assert [type(a).__name__ for a in answers] == ["ndarray", "ndarray", "Problem"]
+    assert isinstance(answers[2], Problem) and answers[2].problem == "overloaded" and answers[2].status == 503
