@@ -32,28 +32,11 @@ DEFAULT_TIMEOUT_S = 120
 STOP_TIMEOUT_MARGIN_S = 30  # locust's --stop-timeout: the longest request's time and this
 
 
-def request_timeout_s() -> float:
-    """ROREM_TIMEOUT_S: seconds, a finite number above 0 (default DEFAULT_TIMEOUT_S); anything else ends the run with
-    one line naming the variable (Python's own error, at locust's import, did not)."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    if raw is None:
-        return float(DEFAULT_TIMEOUT_S)
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (0 < seconds < math.inf):
-        raise SystemExit(
-            f"error: {TIMEOUT_ENV}={raw!r}: expected seconds, a number above 0 (unset: {DEFAULT_TIMEOUT_S})"
-        )
-    return seconds
-
-
 def locust_stop_timeout_s() -> int:
     """locust's --stop-timeout for a run: longer than a request may take (ROREM_TIMEOUT_S), so the requests still
     running when -t ends are answered and counted; without it locust kills them and the slowest requests vanish
     from the figures (percentiles biased low)."""
-    return math.ceil(request_timeout_s()) + STOP_TIMEOUT_MARGIN_S
+    return math.ceil(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))) + STOP_TIMEOUT_MARGIN_S
 
 
 def api_key_headers(key: str | None) -> dict[str, str]:

@@ -781,18 +781,3 @@ def test_latency_report_warms_up_the_gate_path_its_levels_take(tmp_path, monkeyp
                                           "--gate", "off", "--out", str(tmp_path / "l.json")])  # fmt: skip
         assert latency_report.main() == 0
     assert len(gates) >= 2 and all(gates), gates
-
-
-@pytest.mark.parametrize("raw", ["", "abc", "inf", "nan", "0", "-5"])
-def test_a_request_timeout_that_is_not_seconds_ends_the_run_with_one_line_naming_the_variable(raw, monkeypatch):
-    """ROREM_TIMEOUT_S="" or "inf" failed locust at import with Python's own ValueError (or an OverflowError in
-    --stop-timeout's arithmetic); "0" or "-5" gave every request a timeout it could never meet."""
-    benchlib = load_script("loadtests/benchlib.py")
-    monkeypatch.setenv(benchlib.TIMEOUT_ENV, raw)
-    for read in (benchlib.request_timeout_s, benchlib.locust_stop_timeout_s):
-        with pytest.raises(SystemExit) as stop:
-            read()
-        assert str(stop.value) == f"error: ROREM_TIMEOUT_S={raw!r}: expected seconds, a number above 0 (unset: 120)"
-    monkeypatch.setenv(benchlib.TIMEOUT_ENV, "2.5")
-    assert benchlib.request_timeout_s() == 2.5
-    assert benchlib.locust_stop_timeout_s() == 3 + benchlib.STOP_TIMEOUT_MARGIN_S
