@@ -32,11 +32,27 @@ DEFAULT_TIMEOUT_S = 120
 STOP_TIMEOUT_MARGIN_S = 30  # locust's --stop-timeout: the longest request's time and this
 
 
+def request_timeout_s() -> float:
+    """ROREM_TIMEOUT_S, the seconds a locust user's request may take (DEFAULT_TIMEOUT_S when unset). A value that is
+    no number of seconds above 0 ("", "abc", "inf", "nan", "0", "-5") ends the run in one line naming it, not with
+    float()'s ValueError at locust's import, nor as a timeout that never fires or fails every request."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SystemExit(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds above 0 (default {DEFAULT_TIMEOUT_S})")
+    return seconds
+
+
 def locust_stop_timeout_s() -> int:
     """locust's --stop-timeout for a run: longer than a request may take (ROREM_TIMEOUT_S), so the requests still
     running when -t ends are answered and counted; without it locust kills them and the slowest requests vanish
     from the figures (percentiles biased low)."""
-    return math.ceil(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))) + STOP_TIMEOUT_MARGIN_S
+    return math.ceil(request_timeout_s()) + STOP_TIMEOUT_MARGIN_S
 
 
 def api_key_headers(key: str | None) -> dict[str, str]:

@@ -48,8 +48,8 @@ from functools import cache
 import gevent
 import numpy as np
 from benchlib import (  # locust puts loadtests/ on sys.path
-    DEFAULT_TIMEOUT_S, TIMEOUT_ENV, api_key_headers, over_quota, parsed_problem, problem_slug, rest_over_quota,
-    rest_refusal, retry_after_s, valid_image,
+    api_key_headers, over_quota, parsed_problem, problem_slug, request_timeout_s, rest_over_quota, rest_refusal,
+    retry_after_s, valid_image,
 )  # fmt: skip
 from locust import HttpUser, User, between, events, task
 from locust.runners import MasterRunner
@@ -71,7 +71,7 @@ def _weights(text: str) -> dict[str, int]:
 MIX = _weights(os.environ.get("ROREM_MIX", "512:6,1024:3,12mp:1"))
 USER_WEIGHTS = _weights(os.environ.get("ROREM_USERS", "rest:3,grpc:1"))
 GATE = os.environ.get("ROREM_GATE", "")
-REQUEST_TIMEOUT_S = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))  # HttpSession has none: a hang fails
+REQUEST_TIMEOUT_S = request_timeout_s()  # HttpSession has none: a hang fails
 CREDENTIALS = api_key_headers(os.environ.get(API_KEY_ENV))
 
 

@@ -177,6 +177,29 @@ def test_benchmark_percentiles_never_put_p90_below_p50():
     assert benchlib.summarize(list(map(float, range(1, 101))))["p99_ms"] == 99.0
 
 
+@pytest.mark.parametrize("text", ["", "abc", "inf", "nan", "0", "-5"])
+def test_a_request_timeout_that_is_no_seconds_above_0_is_refused_in_one_line_naming_it(monkeypatch, text):
+    """ROREM_TIMEOUT_S="abc" was float()'s ValueError traceback at locust's import (and at locust_stop_timeout_s);
+    "inf" or "nan" a timeout that never fires, "0" or "-5" one that fails every request."""
+    benchlib = load_script("loadtests/benchlib.py")
+    monkeypatch.setenv(benchlib.TIMEOUT_ENV, text)
+    for read in (benchlib.request_timeout_s, benchlib.locust_stop_timeout_s):
+        with pytest.raises(SystemExit) as refused:
+            read()
+        message = str(refused.value.code)
+        assert message.startswith(f"ROREM_TIMEOUT_S={text!r}: expected a number of seconds above 0"), message
+        assert "\n" not in message
+
+
+def test_a_request_timeout_of_seconds_is_taken_and_the_stop_timeout_outlasts_it(monkeypatch):
+    benchlib = load_script("loadtests/benchlib.py")
+    monkeypatch.setenv(benchlib.TIMEOUT_ENV, "0.5")
+    assert benchlib.request_timeout_s() == 0.5
+    assert benchlib.locust_stop_timeout_s() == 1 + benchlib.STOP_TIMEOUT_MARGIN_S
+    monkeypatch.delenv(benchlib.TIMEOUT_ENV)
+    assert benchlib.request_timeout_s() == benchlib.DEFAULT_TIMEOUT_S
+
+
 def test_a_missing_before_report_fails_before_any_measuring(tmp_path):
     """The documented --before path did not exist on a fresh checkout: the script measured for minutes, then
     failed reading it and saved nothing."""

@@ -237,6 +237,19 @@ def test_grpc_users_time_the_answer_not_the_check_of_its_image():
     assert _python(code, {"ROREM_MIX": "512:1"}).split() == ["5.0", *"not a valid image of (512, 512)".split(), "12"]
 
 
+def test_a_locustfile_with_a_request_timeout_that_is_no_seconds_says_so_in_one_line():
+    """ROREM_TIMEOUT_S="abc" failed locust at import with float()'s ValueError traceback (benchlib.request_timeout_s
+    now reads it, as for --stop-timeout). Only imported: no locust run, no service."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, 'loadtests'); import locustfile"],
+        cwd=REPO, env={**os.environ, "ROREM_MIX": "512:1", "ROREM_TIMEOUT_S": "abc"}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("ROREM_TIMEOUT_S='abc': expected a number of seconds above 0"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
 def test_a_rest_request_that_hangs_counts_as_failed(tmp_path):
     """REST users posted without a timeout (locust's HttpSession has none): a service that never answered showed
     0 failures and exit 0. They now give up after ROREM_TIMEOUT_S (120 s by default, as gRPC users), a failure."""

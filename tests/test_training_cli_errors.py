@@ -229,6 +229,27 @@ def test_a_config_that_is_no_yaml_mapping_is_one_line_of_invalid_settings(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda path: None, "cannot read it (No such file or directory)"),
+        (lambda path: path.mkdir(), "cannot read it (Is a directory)"),
+        (lambda path: path.write_text("applications: [\n"), "line 2, column 1: expected the node content"),
+        (lambda path: path.write_text("- applications\n"), "expected a Serve config (a mapping: applications"),
+    ],
+)
+def test_a_serve_config_that_cannot_be_read_is_invalid_settings_as_a_config_is(tmp_path, capsys, make, problem):
+    """export-labels --serve-config nope.yaml exited 1 with Python's OSError line, after claiming and marking --out,
+    where --config nope.yaml is invalid settings, exit 2, with nothing written."""
+    config = tmp_path / "serve.yaml"
+    make(config)
+    assert cli.main(["export-labels", "--serve-config", str(config), "--out", str(tmp_path / "labels")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m training export-labels: invalid settings: serve_config: {config}: {problem}"), err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "labels").exists()
+
+
 def test_a_thresholds_file_that_is_no_yaml_is_named_in_one_line(tmp_path):
     from training.compare import load_thresholds
 

@@ -570,6 +570,27 @@ def _cut_short(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _a_folder(path):
+    """A copy gone wrong: a folder where the file was (an IsADirectoryError traceback)."""
+    path.unlink()
+    path.mkdir()
+
+
+def _state_edited(**fields):
+    """state.json as a JSON object without (None) or with another step / losses (a KeyError or TypeError traceback)."""
+
+    def edit(path):
+        state = json.loads(path.read_text())
+        for name, value in fields.items():
+            if value is None:
+                del state[name]
+            else:
+                state[name] = value
+        path.write_text(json.dumps(state))
+
+    return edit
+
+
 @pytest.mark.parametrize(
     ("name", "spoil", "problem"),
     [
@@ -583,13 +604,24 @@ def _cut_short(path):
          "not a readable checkpoint (not a file torch.save"),
         ("rng-0.pt", lambda p: p.write_bytes(b""), "not a readable checkpoint ("),
         ("state.json", _cut_short, "not valid JSON (Expecting"),
+        *[(name, _a_folder, "not a readable checkpoint (a folder, not a file)") for name in
+          ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "extra.pt", "rng-0.pt", "state.json")],
+        ("state.json", _state_edited(step=None), "not a readable checkpoint (step: expected a whole number"),
+        ("state.json", _state_edited(step="2"), "not a readable checkpoint (step: expected a whole number"),
+        ("state.json", _state_edited(losses=None), "not a readable checkpoint (losses: expected a list, got none)"),
+        ("state.json", _state_edited(losses={"step": 1}), "not a readable checkpoint (losses: expected a list"),
+        ("state.json", _state_edited(losses=[{"step": "1", "loss": 0.5, "seconds": 0.1}]),
+         "not a readable checkpoint (losses: expected entries of step, loss and seconds"),
+        ("state.json", _state_edited(losses=[0.5]), "not a readable checkpoint (losses: expected entries"),
     ],
 )  # fmt: skip
 def test_a_resume_from_a_corrupt_checkpoint_file_names_it_in_one_line(
     data_file, tmp_path, monkeypatch, capsys, name, spoil, problem
 ):
     """A checkpoint file cut short (a full disk, a copy stopped) or overwritten was a SafetensorError, a
-    PytorchStreamReader RuntimeError or a JSONDecodeError traceback."""
+    PytorchStreamReader RuntimeError or a JSONDecodeError traceback; a folder in a file's place an IsADirectoryError
+    (rng-0.pt: silently skipped, the resumed losses then differ); a state.json without its step or losses a
+    KeyError or TypeError."""
     out = tmp_path / "run"
     assert _cli_toy_finetune(monkeypatch, data_file, out) == 0
     capsys.readouterr()

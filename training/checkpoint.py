@@ -28,6 +28,7 @@ import hashlib
 import json
 import pickle
 import random
+import reprlib
 import shutil
 import tempfile
 import time
@@ -142,6 +143,7 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
         found = checkpoints(Path(out) / "checkpoints")
         return found[-1] if found else None
     path = Path(resume).expanduser()
+    _a_file(path / "state.json")
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json)")
     return path
@@ -286,12 +288,44 @@ def unreadable(path: Path, reason: str) -> TrainingError:
     return TrainingError(f"{path}: not a readable checkpoint ({reason})")
 
 
+def _a_file(path: Path) -> None:
+    """A folder where a checkpoint file belongs (a copy gone wrong) is refused naming it, not an IsADirectoryError."""
+    if Path(path).is_dir():
+        raise unreadable(path, "a folder, not a file")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(state: dict[str, Any], key: str) -> str:
+    return reprlib.repr(state[key]) if key in state else "none"
+
+
 def read_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's state.json (path: the checkpoint folder)."""
-    return read_json_object(Path(path) / "state.json")
+    """A checkpoint's state.json (path: the checkpoint folder). The step and the losses a resume continues from are
+    checked here: one edited by hand, or of another program, is refused naming the field, not a KeyError later."""
+    file = Path(path) / "state.json"
+    _a_file(file)
+    state = read_json_object(file)
+    if not _is_count(state.get("step")):
+        raise unreadable(file, f"step: expected a whole number of steps, got {_shown(state, 'step')}")
+    losses = state.get("losses")
+    if not isinstance(losses, list):
+        raise unreadable(file, f"losses: expected a list, got {_shown(state, 'losses')}")
+    for entry in losses:
+        if not (isinstance(entry, dict) and _is_count(entry.get("step"))
+                and all(_is_number(entry.get(key)) for key in ("loss", "seconds"))):  # fmt: skip
+            raise unreadable(file, f"losses: expected entries of step, loss and seconds, got {reprlib.repr(entry)}")
+    return state
 
 
 def load_trainable(path: Path) -> dict[str, torch.Tensor]:
+    _a_file(path)
     try:
         return load_file(str(path))
     except SafetensorError as exc:  # "Error while deserializing header: invalid header length"
@@ -311,6 +345,7 @@ def _written_by_torch_save(path: Path) -> bool:
 
 def load_tensors_and_values(path: Path) -> Any:
     """torch.load for files that may come from anyone: unpickling more than tensors and plain values can run code."""
+    _a_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # torch's older, non-zip format too
     except OSError:
@@ -336,7 +371,7 @@ def load_checkpoint(accelerator, path: Path, *, model: nn.Module, optimizer, lr_
     lr_scheduler_state = load_tensors_and_values(path / "lr_scheduler.pt")
     extra = load_tensors_and_values(path / "extra.pt")
     rng_file = path / f"rng-{accelerator.process_index}.pt"
-    rng = load_tensors_and_values(rng_file) if rng_file.is_file() else None
+    rng = load_tensors_and_values(rng_file) if rng_file.exists() else None  # a folder there is refused
     state = read_state(path)
     load_trainable_state(accelerator.unwrap_model(model), trainable)
     optimizer.load_state_dict(optimizer_state)

@@ -42,7 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from engines.errors import validation_line
@@ -108,21 +107,11 @@ def build_parser(stages=None) -> argparse.ArgumentParser:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """The settings of a --config file; a file that cannot be read, or is not a YAML mapping, raises ValueError in
-    one line naming it (PyYAML's own error was a traceback, and quotes the file's text)."""
-    from serve.config import invalid_because
+    """The settings of a --config file (keys with `-` or `_`); one that cannot be read, or is not a YAML mapping,
+    raises a ValueError in one line naming it (training.common.read_yaml_mapping)."""
+    from training.common import read_yaml_mapping
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: {invalid_because(exc)}") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in read_yaml_mapping(path).items()}
 
 
 def settings_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:

@@ -359,6 +359,27 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def read_yaml_mapping(path: str | Path, what: str = "a mapping of settings") -> dict[str, Any]:
+    """A YAML file of settings given on the command line (--config, export-labels' --serve-config); one that cannot be
+    read, or is not a YAML mapping, raises SettingsError (a ValueError: invalid settings, exit 2) in one line naming
+    it (PyYAML's own error was a traceback, and quotes the file's text)."""
+    import yaml
+
+    from serve.config import invalid_because
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: {invalid_because(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected {what}, got {type(data).__name__}")
+    return data
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON object this package wrote (summary.json, a checkpoint's state.json); one cut short or edited by hand
     raises TrainingError (a ValueError) naming the file, not a JSONDecodeError traceback."""

@@ -54,16 +54,19 @@ from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from training.common import RunSummary, StageSettings, TrainingError
+from training.common import RunSummary, StageSettings, TrainingError, read_yaml_mapping
 from training.data import Triplet, write_metadata
 
 FOLDERS = ("source", "mask", "edited")
 # an exported image; `.partial`: one an earlier version was writing when it was stopped
 _EXPORTED_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.partial)?$")
 _MAX_MEGAPIXELS = 1000.0  # the service already refused larger images; this only guards the decoder
+
+
+SERVE_APP = "serve.app:build_app"
+SERVE_CONFIG = "a Serve config (a mapping: applications, http_options, ...)"
 
 
 class ExportLabelsSettings(StageSettings):
@@ -82,6 +85,15 @@ class ExportLabelsSettings(StageSettings):
         " of theirs; a verdict without a principal (auth off, or older than principals) is left out; absent: all",
     )
 
+    @field_validator("serve_config")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        """Read as --config is: a file that is not there, not readable or no YAML mapping is invalid settings (exit 2,
+        before --out is touched), not an OSError once the run started (exit 1)."""
+        if path is not None:
+            read_yaml_mapping(path, SERVE_CONFIG)
+        return path
+
     @field_validator("since", "until")
     @classmethod
     def _naive_utc(cls, moment: dt.datetime | None) -> dt.datetime | None:
@@ -96,7 +108,6 @@ class ExportLabelsSettings(StageSettings):
         return self
 
 
-SERVE_APP = "serve.app:build_app"
 
 
 def service_settings(settings: ExportLabelsSettings):
@@ -106,7 +117,7 @@ def service_settings(settings: ExportLabelsSettings):
     if settings.objects is not None:
         retention = RetentionSettings(object_store={"path": str(settings.objects)}, database_url=settings.database_url)
         return AppSettings(retention=retention)
-    config = yaml.safe_load(Path(settings.serve_config).read_text()) or {}
+    config = read_yaml_mapping(settings.serve_config, SERVE_CONFIG)
     for app in config.get("applications", []):
         if app.get("import_path", SERVE_APP) == SERVE_APP:  # its args name only what differs from the defaults
             service = AppSettings.model_validate(app.get("args") or {})
