@@ -309,7 +309,8 @@ async def run_levels(args, settings, engine, report: dict, out_dir: Path, starte
             report["levels"].append(row)
             print(json.dumps(row), flush=True)
             save(out_dir, report)
-        report["goal"][workload] = goal([r for r in report["levels"] if r["workload"] == workload and r["admission"] == "time"])
+        by_wait = [r for r in report["levels"] if r["workload"] == workload and r["admission"] == "time"]
+        report["goal"][workload] = goal(by_wait)
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,8 @@ def test_the_open_loop_gpu_benchmark_runs_in_its_smoke_mode_without_ray(tmp_path
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench_open_loop_gpu.json").read_text())
-    assert [(r["admission"], r["offered_per_s"]) for r in report["levels"]] == [("time", 4), ("time", 16), ("count", 16)]
+    levels = [(r["admission"], r["offered_per_s"]) for r in report["levels"]]
+    assert levels == [("time", 4), ("time", 16), ("count", 16)]
     for row in report["levels"]:
         assert row["sent"] > 0 and row["lost"] == 0 and row["bad_result"] == 0 and not row["errors"], row
         assert sum(row["batch_sizes"].values()) + round(row["share_429"] * row["sent"]) == row["sent"], row

@@ -266,7 +266,7 @@ def _write_checkpoint(out):
     lr_scheduler.step()
     ema = EMAModel(model.parameters())
     ema.step(model.parameters())
-    state = {"stage": "finetune", "losses": [{"step": 1, "loss": 0.5}]}
+    state = {"stage": "finetune", "losses": [{"step": 1, "loss": 0.5, "lr": 1e-3, "seconds": 0.1}]}
     return save_checkpoint(
         _OneProcess(), out, 1, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, state=state,
         extra={"ema": ema.state_dict()},
