@@ -29,34 +29,38 @@ serve: venv
 # and engines/ (docs/benchmarks.md "The test suite's time").
 TEST_ENV := PYTHONDONTWRITEBYTECODE=
 
-# Two runs, both whatever the other's outcome, side by side: the e2e tests one at a time against their one Serve
-# (a second stream of them would share it), and the tests without Ray on every core (pytest-xdist: they share
-# nothing) at nice 19, one torch thread per worker. The e2e tests leave ~40% of the CPU idle (they wait on the
-# service); at nice 19 the other part takes that and little else, and Ray's workers run at the e2e tests'
-# priority (RAY_worker_niceness=0; Ray's default 15 would let the nice-19 part take ~30% of a core from a
-# replica). docs/benchmarks.md "The test suite's time" has the figures. The e2e tests print as they run; the other
-# part's report follows. MARKS selects by marker in both (pytest's -m would pick the same tests for both runs, so -m
-# in PYTEST_ARGS is refused); a run that selects no test (exit 5) is not a failure unless both select none.
+# Two runs, both whatever the other's outcome, side by side: in the foreground the e2e tests one at a time against
+# their one Serve (a second stream of them would share it), after the `timing` tests (wall-clock bounds without
+# Ray); in the background the other tests without Ray on every core (pytest-xdist: they share nothing) at nice 19,
+# one torch thread per worker, in their own session and cache folder. The e2e tests leave ~40% of the CPU idle (they
+# wait on the service); at nice 19 the background takes that and little else, and Ray's workers run at the tests'
+# priority (RAY_worker_niceness=0; at Ray's default 15 a nice-19 process takes ~30% of a core from a replica).
+# docs/benchmarks.md "The test suite's time" has the figures. The foreground prints as it runs; the background's
+# report follows. MARKS selects by marker in both (pytest's -m would pick the same tests for both runs, so -m in
+# PYTEST_ARGS is refused); a run that selects no test (exit 5) is not a failure unless both select none.
 # WORKERS=0 runs the tests without Ray first, in one process in the foreground (for --pdb, which xdist refuses),
-# then the e2e tests. Ctrl-C stops both.
+# then the e2e tests. Ctrl-C or a TERM stops both.
 MARKS ?= e2e or not e2e
 WORKERS ?= auto
-WITHOUT_RAY = $(TEST_ENV) $(PY) -m pytest -q -n $(WORKERS) -m "not e2e and ($(MARKS))" $(PYTEST_ARGS)
-WITH_RAY = $(TEST_ENV) RAY_worker_niceness=0 $(PY) -m pytest -q -m "e2e and ($(MARKS))" $(PYTEST_ARGS)
+WITHOUT_RAY_CACHE := -o cache_dir=.pytest_cache/without-ray
+WITH_RAY = $(TEST_ENV) RAY_worker_niceness=0 $(PY) -m pytest -q -m "$(1) and ($(MARKS))" $(PYTEST_ARGS)
 test: venv
 	$(if $(filter -m -m%,$(PYTEST_ARGS)),$(error make test: pick tests by marker with MARKS='...', not -m in PYTEST_ARGS))
 	@if [ "$(WORKERS)" = 0 ]; then \
-	  $(WITHOUT_RAY); without_ray=$$?; $(WITH_RAY); with_ray=$$?; \
+	  $(TEST_ENV) $(PY) -m pytest -q -m "not e2e and ($(MARKS))" $(WITHOUT_RAY_CACHE) $(PYTEST_ARGS); without_ray=$$?; \
+	  $(call WITH_RAY,e2e); with_ray=$$?; \
 	else \
 	  report=$$(mktemp); \
 	  echo "make test: the tests without Ray run beside the e2e tests at nice 19; their report follows the e2e tests'"; \
-	  nice -n 19 env OMP_NUM_THREADS=1 $(WITHOUT_RAY) > $$report 2>&1 & beside=$$!; \
-	  trap 'kill $$beside 2>/dev/null; rm -f $$report; exit 130' INT TERM; \
-	  $(WITH_RAY); with_ray=$$?; \
+	  setsid nice -n 19 env OMP_NUM_THREADS=1 $(TEST_ENV) $(PY) -m pytest -q -n $(WORKERS) \
+	    -m "not e2e and not timing and ($(MARKS))" $(WITHOUT_RAY_CACHE) $(PYTEST_ARGS) > $$report 2>&1 & beside=$$!; \
+	  trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 130' INT; \
+	  trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 143' TERM; \
+	  $(call WITH_RAY,(e2e or timing)); with_ray=$$?; \
 	  wait $$beside; without_ray=$$?; \
 	  echo "make test: the tests without Ray:"; cat $$report; rm -f $$report; \
 	fi; \
-	echo "make test: tests without Ray exit $$without_ray, e2e tests exit $$with_ray"; \
+	echo "make test: tests without Ray exit $$without_ray, e2e (and timing) tests exit $$with_ray"; \
 	for rc in $$without_ray $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; done; \
 	[ $$without_ray = 0 ] || [ $$with_ray = 0 ] || exit 5
 

@@ -75,8 +75,8 @@ class ScoreOptions(BaseModel):
 
 
 class JSONRemoveBody(RemoveOptions):
-    image: str = Field(description="base64 image bytes")
-    mask: str | None = Field(None, description="base64 mask bytes; absent: the image's alpha is the mask")
+    image: str = Field(description="base64 image bytes, or a data URL (data:image/png;base64,...)")
+    mask: str | None = Field(None, description="base64 mask bytes or a data URL; absent: the image's alpha is the mask")
 
 
 class JSONScoreBody(ScoreOptions):

@@ -25,12 +25,14 @@ _NEEDED = pytest.StashKey[list]()
 
 def pytest_collection_modifyitems(items):
     """Every test that (through any fixture) starts a local Ray Serve or the CLI is marked e2e, so
-    `-m "not e2e"` runs without Ray and a new test cannot forget the marker; one that drives Chromium, browser."""
+    `-m "not e2e"` runs without Ray and a new test cannot forget the marker; one that drives Chromium, browser.
+    The tests without Ray run first (in file order), so `make test`'s `timing` tests run before Ray starts."""
     for item in items:
         if "starts_serve" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
         if "browser" in item.fixturenames:
             item.add_marker(pytest.mark.browser)
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
 
 
 def pytest_collection_finish(session):

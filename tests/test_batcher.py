@@ -63,6 +63,7 @@ def _job(side: int = 256, seed: int = 0) -> RemovalJob:
     return RemovalJob(np.zeros((side, side, 3), np.uint8), np.zeros((side, side), bool), seed)
 
 
+@pytest.mark.timing
 def test_a_backlog_goes_out_in_full_batches_while_the_engine_is_busy():
     """What a review measured with Ray's @serve.batch: 20 arrivals/s, an engine call of 0.2 s, max batch 8 and
     the default wait of 0.01 s: every batch held 1 job, 60 jobs took 12.1 s and the queue grew without bound
@@ -92,6 +93,7 @@ def test_a_backlog_goes_out_in_full_batches_while_the_engine_is_busy():
     assert took < 5.0 and latencies[len(latencies) // 2] < 1.0, (took, latencies[len(latencies) // 2], dict(sizes))
 
 
+@pytest.mark.timing
 def test_a_batch_waits_for_companions_only_up_to_the_wait_after_its_oldest_call():
     calls = []
 

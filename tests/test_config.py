@@ -699,6 +699,10 @@ def test_a_json_true_or_false_is_not_taken_for_a_number():
             validate(JSONRemoveBody, {"image": "x", field: True})
     fields = {"seed": "7", "quality": "90", "dilate": "4", "gate_threshold": "0.5", "max_attempts": "2", "timeout_s": "5"}
     assert validate(JSONRemoveBody, {"image": "x", **fields}).quality == 90, "numbers as text, as multipart sends them"
+    documented = validate(JSONRemoveBody, {"image": "x", "seed": "7.0", "retain": "yes"})  # docs/api.md
+    assert (documented.seed, documented.retain) == (7, True)
+    with pytest.raises(Problem, match="seed: .*fractional part"):
+        validate(JSONRemoveBody, {"image": "x", "seed": 7.5})
 
 
 def test_request_options_and_settings_share_their_bounds():

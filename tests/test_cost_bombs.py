@@ -228,6 +228,7 @@ def bomb(name: str) -> bytes:
     return BOMBS[name][0]()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("name", BOMBS)
 def test_each_bomb_is_refused_from_its_structure_quickly(name):
     data = bomb(name)

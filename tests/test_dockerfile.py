@@ -215,6 +215,7 @@ def test_healthcheck_asks_readyz_on_the_served_port():
         assert check_s > call_s, f"{stage.name}: the HEALTHCHECK's --timeout outlasts its call"
 
 
+@pytest.mark.timing
 def test_healthcheck_passes_on_a_ready_answer_whatever_the_environment_s_http_proxy_says():
     """A container run with HTTP_PROXY (to reach the hub) sent its own health check to the proxy: unhealthy for ever."""
     from tests.helpers import CannedAnswers, loopback_server

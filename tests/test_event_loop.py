@@ -736,6 +736,7 @@ def _nice(tid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
 
+@pytest.mark.timing
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
 def test_worker_threads_run_below_the_thread_that_made_them():
     own = _nice(threading.get_native_id())
@@ -750,8 +751,8 @@ def test_worker_threads_run_below_the_thread_that_made_them():
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
 def test_the_ingress_decodes_and_encodes_below_its_loops_priority(service):
     """After a removal, the Ingress replica has threads overload.worker_nice steps below its Python threads'
-    priority (Ray starts a worker's Python threads at nice 15; 19 is the floor): the decode / encode threads
-    (RemovalService.cpu) and the parsing thread (Ingress.offload)."""
+    priority (Ray starts a worker's Python threads at nice 15, `RAY_worker_niceness`, which `make test` sets to 0;
+    19 is the floor): the decode / encode threads (RemovalService.cpu) and the parsing thread (Ingress.offload)."""
     response = post_remove(service, png_bytes(photo()), png_bytes(box_mask()), seed=1)
     assert response.status_code == 200, response.text
     pid = _replica_pid("ServeReplica:rorem:Ingress")

@@ -160,6 +160,7 @@ def test_an_error_of_the_moment_in_a_later_attempt_leaves_the_best_and_any_other
         run("retry", 1, KeyError("a bug"))
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("mode, fail_open", [("annotate", False), ("retry", True)])
 def test_a_scoring_still_running_at_the_deadline_counts_as_the_scorer_down_where_unscored_is_kept(mode, fail_open):
     """The scoring waited scorer.timeout_s (10 s) whatever was left of the request: a removal done in 0.1 s of a

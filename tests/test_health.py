@@ -171,6 +171,7 @@ def test_a_probe_never_waits_for_a_slow_controller_read_after_the_first():
     assert max(asyncio.run(probe_times())) < 0.1
 
 
+@pytest.mark.timing
 def test_a_probe_after_a_quiet_spell_answers_a_fresh_read_and_a_slow_one_no_longer_than_its_wait(monkeypatch):
     """The first probe after a quiet minute answered the read its predecessor had started a minute before (an
     Ingress replica said "no running replica yet" a minute after READY): a read older than STALE_AFTER_S is waited
@@ -203,6 +204,7 @@ def test_a_probe_after_a_quiet_spell_answers_a_fresh_read_and_a_slow_one_no_long
     assert fresh == [] and stale == [] and 0.25 < waited < 0.9, (fresh, stale, waited)
 
 
+@pytest.mark.timing
 def test_the_very_first_probe_waits_for_a_slow_controller_no_longer_than_a_stale_read(monkeypatch):
     """A replica's first probe waited for its first read of Serve's state for as long as the controller took: a
     controller that did not answer left every probe hanging. It waits STALE_READ_WAIT_S, says why it is not ready,
@@ -278,6 +280,7 @@ def test_a_describe_call_that_cannot_be_sent_is_sent_again_by_the_next_probe():
     assert asyncio.run(readiness.missing()) == {} and handle.asked == 2
 
 
+@pytest.mark.timing
 def test_a_probe_waits_one_describe_timeout_for_all_deployments_and_says_which_did_not_answer():
     """The describes were awaited one after another (a probe could wait 2 x 5 s), and a replica that Serve runs
     but whose describe timed out was reported as having no running replica."""

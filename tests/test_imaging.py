@@ -527,6 +527,7 @@ def test_dilation_matches_reference_and_keeps_empty_masks_empty():
     assert not dilate_mask(np.zeros((30, 30), bool), 4).any()
 
 
+@pytest.mark.timing
 def test_dilation_of_large_image_is_fast():
     mask = np.zeros((3000, 4000), bool)
     mask[1000:1400, 2000:2600] = True

@@ -204,6 +204,7 @@ def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
     assert waits == "3.0 5.0 1.0 0.0 1.0 60.0 1.0", "seconds; an HTTP date, from now; neither: 1 s; at most 60 s"
 
 
+@pytest.mark.timing
 def test_a_run_whose_grpc_users_have_no_target_is_refused_at_the_start(tmp_path):
     """Each gRPC user failed to start on a --host off port 8000 without ROREM_GRPC, the REST users with them: the run
     sent nothing until its -t ran out, and locust's exit code was all that said so."""

@@ -97,6 +97,7 @@ def test_json_is_set_against_the_format_chosen_not_one_that_cannot_hold_the_imag
     assert answer == expected
 
 
+@pytest.mark.timing
 def test_a_huge_accept_header_costs_a_bounded_parse():
     header = ",".join(["image/png;q=0.1"] * 100_000)
     started = time.perf_counter()

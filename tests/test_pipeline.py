@@ -390,6 +390,7 @@ _FULL_QUEUE = Problem("overloaded", "Remover queue full", headers={"Retry-After"
     ],
     ids=["deadline", "overloaded"],
 )
+@pytest.mark.timing
 def test_a_later_attempt_lost_to_the_deadline_or_a_full_queue_leaves_the_answer_to_the_attempts_before_it(
     gate, steps, kept
 ):
@@ -409,6 +410,7 @@ def test_a_later_attempt_lost_to_the_deadline_or_a_full_queue_leaves_the_answer_
         assert {key: answer.extra[key] for key in best} == best
 
 
+@pytest.mark.timing
 def test_retry_starts_no_attempt_that_cannot_end_before_the_deadline():
     """Two attempts of 1 s leave under 0.6 s of a 2.6 s deadline: a third would be cut (its GPU time spent for
     nothing), so it never starts and the best of two comes back at once."""
@@ -419,6 +421,7 @@ def test_retry_starts_no_attempt_that_cannot_end_before_the_deadline():
     assert models.started == 2 and took < 2.5, took
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("step, problem", [(10.0, "timeout"), (_FULL_QUEUE, "overloaded")])
 def test_a_first_attempt_lost_to_the_deadline_or_a_full_queue_is_still_a_504_or_503(step, problem):
     models = _TimedRemovals([step], scores=[0.9])
@@ -562,6 +565,7 @@ def test_a_cancelled_request_holds_its_image_work_slot_until_its_thread_ends():
 
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("slow_step", ["decode", "encode", "model"])
 @pytest.mark.parametrize("deadline", ["timeout_s", "request_timeout_s"])
 def test_the_request_deadline_counts_from_the_upload_and_cuts_model_work_and_encode(monkeypatch, slow_step, deadline):
@@ -673,6 +677,7 @@ def test_a_deadline_that_cuts_work_as_it_ends_is_never_lost():
     if sys.version_info < (3, 12):
         assert asyncio.run(main(asyncio.wait_for)) != "cancelled", "the stdlib's behaviour this guards against"
 
+@pytest.mark.timing
 @pytest.mark.parametrize("waits_for, threads, slots", [("a thread", 1, 8), ("a slot", 4, 1)])
 def test_a_request_whose_deadline_passes_while_it_waits_for_image_work_gets_its_504_then_and_no_decode(
     waits_for, threads, slots
@@ -766,6 +771,7 @@ def _decode_timeout_service(decode_timeout_s: float) -> RemovalService:
     return RemovalService(settings, remover=None, scorer=None, metrics=metrics, models=FakeModels())
 
 
+@pytest.mark.timing
 @pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="needs a per-thread CPU clock")
 def test_a_decode_slowed_by_a_busy_machine_is_not_answered_image_too_large():
     """imaging.decode_timeout_s counted wall time: six 40 MP 16-bit PNGs at once on 2 cores (each 3.3 s of CPU)
@@ -916,6 +922,7 @@ class _SlowScorer(FakeModels):
         return await super().score(job)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("slow_step", ["decode", "wait for a thread"])
 def test_post_score_answers_its_504_at_the_request_deadline_counting_the_time_before_the_scoring(slow_step):
     """/score had no deadline: a 0.6 s decode then a 0.7 s scoring answered 200 after 1.3 s where request_timeout_s
@@ -943,6 +950,7 @@ def test_post_score_answers_its_504_at_the_request_deadline_counting_the_time_be
     assert 0.9 <= took < 1.4, took
 
 
+@pytest.mark.timing
 def test_post_score_answers_its_504_at_its_own_timeout_s_and_never_past_request_timeout_s():
     """A score request had no timeout_s: a client that wanted its answer within 0.3 s waited request_timeout_s."""
     service = _score_service(_SlowScorer(scores=[0.9]))  # 0.9 s a scoring
@@ -1031,6 +1039,7 @@ def _serve_models() -> ServeModels:
     return ServeModels(None, None, AppSettings(), {"Retry-After": "1"})
 
 
+@pytest.mark.timing
 def test_a_retry_after_a_replica_failure_gets_what_is_left_of_the_timeout_not_a_fresh_one():
     method = _ReplicaDiesThenHangs(dies_after_s=1.0)
 

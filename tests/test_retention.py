@@ -1849,6 +1849,7 @@ def test_the_sweeper_deletes_old_partial_writes_a_killed_process_left_never_a_fr
     assert store.read(kept, "result") == (b"kept", "image/png")
 
 
+@pytest.mark.timing
 def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path):
     """drop_orphans deleted every orphan under the store's lock, which each save takes to claim its objects: on
     a slow object store one sweep held up every save for all its deletes."""
@@ -1875,6 +1876,7 @@ def test_an_orphan_sweep_over_a_slow_object_store_lets_saves_in_between(tmp_path
     assert len(list(store.objects.written_before(time.time() - 3600))) == 0
 
 
+@pytest.mark.timing
 def test_a_sweep_expiring_many_results_on_a_slow_object_store_lets_saves_in_between(tmp_path, clock):
     """Deleting results held the store's lock through every chunk, each object delete included: while the sweeper
     expired 100 results on S3 every save waited at its claim, past save_timeout_s (answered without an id)."""
@@ -2075,6 +2077,7 @@ def test_a_save_given_up_on_stores_nothing(tmp_path, monkeypatch, stalled):
         client.close()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize(("deadline_s", "waited_s"), [(None, 0.3), (0.1, 0.1)])
 def test_a_removal_waits_for_a_stalled_store_at_most_save_timeout_s_or_its_deadline(tmp_path, deadline_s, waited_s):
     from serve.config import RetentionSettings
@@ -2336,6 +2339,7 @@ def test_a_result_past_max_age_is_not_found_by_delete_either_but_deleted_at_once
         client.retention.store.close()
 
 
+@pytest.mark.timing
 def test_the_masks_png_encode_counts_within_the_saves_time_and_reads_back_as_the_mask(tmp_path, monkeypatch):
     """A 40 MP mask of noise takes ~4 s to encode as a PNG, and it ran before the save's timeout began: a
     removal's answer waited for it whatever its deadline. The encode now counts against that timeout; the PNG
