@@ -29,17 +29,35 @@ serve: venv
 # and engines/ (docs/benchmarks.md "The test suite's time").
 TEST_ENV := PYTHONDONTWRITEBYTECODE=
 
-# Two runs, both whatever the other's outcome, side by side: in the foreground the e2e tests one at a time against
-# their one Serve (a second stream of them would share it), after the `timing` tests (wall-clock bounds without
-# Ray); in the background the other tests without Ray on every core (pytest-xdist: they share nothing) at nice 19,
-# one torch thread per worker, in their own session and cache folder. The e2e tests leave ~40% of the CPU idle (they
-# wait on the service); at nice 19 the background takes that and little else, and Ray's workers run at the tests'
-# priority (RAY_worker_niceness=0; at Ray's default 15 a nice-19 process takes ~30% of a core from a replica).
-# docs/benchmarks.md "The test suite's time" has the figures. The foreground prints as it runs; the background's
-# report follows. MARKS selects by marker in both (pytest's -m would pick the same tests for both runs, so -m in
-# PYTEST_ARGS is refused); a run that selects no test (exit 5) is not a failure unless both select none.
-# WORKERS=0 runs the tests without Ray first, in one process in the foreground (for --pdb, which xdist refuses),
-# then the e2e tests. Ctrl-C or a TERM stops both.
+# Two runs side by side, each whatever the other's outcome: $(1) in the foreground, printing as it runs, and $(2)
+# in the background at nice 19, one torch thread per xdist worker, in its own session (Ctrl-C or a TERM stops
+# both), its report printed after; `front` and `back` hold their exit codes.
+define BESIDE
+report=$$(mktemp); \
+echo "make $@: $(3) run beside at nice 19; their report follows"; \
+setsid nice -n 19 env OMP_NUM_THREADS=1 $(2) > $$report 2>&1 & beside=$$!; \
+trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 130' INT; \
+trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 143' TERM; \
+$(1); front=$$?; \
+wait $$beside; back=$$?; \
+echo "make $@: $(3):"; cat $$report; rm -f $$report
+endef
+
+# Fails with the first failing run's code; a run that selects no test (exit 5) is not a failure unless both do.
+define BOTH_PASSED
+echo "make $@: $(1) exit $$front, $(2) exit $$back"; \
+for rc in $$front $$back; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; done; \
+[ $$front = 0 ] || [ $$back = 0 ] || exit 5
+endef
+
+# In the foreground the e2e tests one at a time against their one Serve (a second stream of them would share it),
+# after the `timing` tests (wall-clock bounds without Ray, never at nice 19); beside them the other tests without
+# Ray on every core (pytest-xdist: they share nothing), in their own pytest cache folder. The e2e tests leave ~40% of
+# the CPU idle (they wait on the service); at nice 19 the other tests take that and little else, and Ray's workers
+# run at the tests' priority (RAY_worker_niceness=0; at Ray's default 15 a nice-19 process takes ~30% of a core
+# from a replica). docs/benchmarks.md "The test suite's time" has the figures. MARKS selects by marker in both
+# (pytest's -m would pick the same tests for both runs, so -m in PYTEST_ARGS is refused). WORKERS=0 runs the tests
+# without Ray first, in one process in the foreground (for --pdb, which xdist refuses), then the e2e tests.
 MARKS ?= e2e or not e2e
 WORKERS ?= auto
 WITHOUT_RAY_CACHE := -o cache_dir=.pytest_cache/without-ray
@@ -47,27 +65,23 @@ WITH_RAY = $(TEST_ENV) RAY_worker_niceness=0 $(PY) -m pytest -q -m "$(1) and ($(
 test: venv
 	$(if $(filter -m -m%,$(PYTEST_ARGS)),$(error make test: pick tests by marker with MARKS='...', not -m in PYTEST_ARGS))
 	@if [ "$(WORKERS)" = 0 ]; then \
-	  $(TEST_ENV) $(PY) -m pytest -q -m "not e2e and ($(MARKS))" $(WITHOUT_RAY_CACHE) $(PYTEST_ARGS); without_ray=$$?; \
-	  $(call WITH_RAY,e2e); with_ray=$$?; \
+	  $(TEST_ENV) $(PY) -m pytest -q -m "not e2e and ($(MARKS))" $(WITHOUT_RAY_CACHE) $(PYTEST_ARGS); back=$$?; \
+	  $(call WITH_RAY,e2e); front=$$?; \
 	else \
-	  report=$$(mktemp); \
-	  echo "make test: the tests without Ray run beside the e2e tests at nice 19; their report follows the e2e tests'"; \
-	  setsid nice -n 19 env OMP_NUM_THREADS=1 $(TEST_ENV) $(PY) -m pytest -q -n $(WORKERS) \
-	    -m "not e2e and not timing and ($(MARKS))" $(WITHOUT_RAY_CACHE) $(PYTEST_ARGS) > $$report 2>&1 & beside=$$!; \
-	  trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 130' INT; \
-	  trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 143' TERM; \
-	  $(call WITH_RAY,(e2e or timing)); with_ray=$$?; \
-	  wait $$beside; without_ray=$$?; \
-	  echo "make test: the tests without Ray:"; cat $$report; rm -f $$report; \
+	  $(call BESIDE,$(call WITH_RAY,(e2e or timing)),$(TEST_ENV) $(PY) -m pytest -q -n $(WORKERS) \
+	    -m "not e2e and not timing and ($(MARKS))" $(WITHOUT_RAY_CACHE) $(PYTEST_ARGS),the tests without Ray); \
 	fi; \
-	echo "make test: tests without Ray exit $$without_ray, e2e (and timing) tests exit $$with_ray"; \
-	for rc in $$without_ray $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; done; \
-	[ $$without_ray = 0 ] || [ $$with_ray = 0 ] || exit 5
+	$(call BOTH_PASSED,e2e (and timing) tests,tests without Ray)
 
-# no Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training;
-# on every core (pytest-xdist): these tests share no service, where `make test`'s e2e tests share one Serve
+# No Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training:
+# the `timing` tests in the foreground, the others beside them on twice as many xdist workers as cores (they share
+# no service and mostly wait: docs/benchmarks.md "The test suite's time").
+FAST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 test-fast: venv
-	$(TEST_ENV) $(PY) -m pytest -q -n auto -m "not e2e and not slow" $(PYTEST_ARGS)
+	@$(call BESIDE,$(TEST_ENV) $(PY) -m pytest -q -m "timing and not e2e and not slow" $(PYTEST_ARGS),$(TEST_ENV) \
+	  $(PY) -m pytest -q -n $(FAST_WORKERS) -m "not e2e and not slow and not timing" $(WITHOUT_RAY_CACHE) \
+	  $(PYTEST_ARGS),the other tests); \
+	$(call BOTH_PASSED,timing tests,the other tests)
 
 # Regenerate the gRPC stubs from serve/rorem.proto (grpcio-tools is in the dev extra; the output is committed).
 proto: venv
