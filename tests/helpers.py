@@ -71,6 +71,19 @@ def database_driver(monkeypatch, module: str, installed: bool) -> None:
     monkeypatch.setitem(sys.modules, module, types.ModuleType(module) if installed else None)
 
 
+@contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op threads set to `threads` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def photo(height: int = 256, width: int = 320) -> np.ndarray:
     """A real photograph (scikit-image's bundled astronaut), cropped to the requested size."""
     import skimage

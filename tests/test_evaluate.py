@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from engines.pipeline import PIPELINE_VERSION
+from tests import helpers
 from training.data import Triplet, load_metadata, save_image, write_metadata
 from training.synthetic import make_synthetic_triplets
 
@@ -31,12 +32,8 @@ IMAGING = {"buckets": [128], "crop_margin": 16, "dilate": 4}  # one small bucket
 def one_torch_thread():
     """The tiny models gain nothing from a second thread, and on a shared 2-core machine a second
     thread waiting at every barrier made this file 12x slower (170 s against 14 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with helpers.torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from engines.scorer import (
     load_published_discriminator,
 )
 from engines.tiny import DISCRIMINATOR_LORA_RANK, DISCRIMINATOR_LORA_TARGETS
-from tests.helpers import photo
+from tests.helpers import photo, torch_threads
 
 SCORE_ATOL = 1e-5  # float32 CPU
 
@@ -383,13 +383,9 @@ BATCH_RTOL = 1e-4
 @pytest.mark.parametrize("threads", [1, 2])  # 1: a CPU Scorer replica's (Ray sets OMP_NUM_THREADS to its num_cpus)
 def test_a_score_does_not_depend_on_its_batch_and_is_deterministic(engine, threads):
     jobs = _jobs(sides=(512, 256, 1024, 384))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         batched = engine.score(jobs)
         alone = [engine.score([job])[0] for job in jobs]
-    finally:
-        torch.set_num_threads(before)
     np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=0)
     assert engine.score([jobs[2], jobs[0]]) == engine.score([jobs[2], jobs[0]]), "same batch, same scores, bit for bit"
     assert all(np.isfinite(batched)) and min(batched) >= 0.0

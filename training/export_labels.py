@@ -108,8 +108,6 @@ class ExportLabelsSettings(StageSettings):
         return self
 
 
-
-
 def service_settings(settings: ExportLabelsSettings):
     """The service's AppSettings: the config's (with the Ingress's live gate), or the defaults with --objects."""
     from serve.config import AppSettings, RetentionSettings, with_live
