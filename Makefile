@@ -28,14 +28,17 @@ serve: venv
 # run re-rewrites ~250 plugin modules (schemathesis, hypothesis, anyio) and every Ray worker recompiles serve/
 # and engines/ (docs/benchmarks.md "The test suite's time").
 TEST_ENV := PYTHONDONTWRITEBYTECODE=
+# glibc's malloc keeps freed blocks up to 256 MiB for reuse instead of unmapping each: the tests without Ray make
+# and drop photo-sized arrays by the thousand, and faulting their pages in again was ~10 s of the kernel's CPU.
+HEAP_REUSE := MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
 
 # Two runs side by side, each whatever the other's outcome: $(1) in the foreground, printing as it runs, and $(2)
-# in the background at nice 19, one torch thread per xdist worker, in its own session (Ctrl-C or a TERM stops
-# both), its report printed after; `front` and `back` hold their exit codes.
+# in the background at nice 19, one torch thread per xdist worker, reusing heap blocks (HEAP_REUSE), in its own
+# session (Ctrl-C or a TERM stops both), its report printed after; `front` and `back` hold their exit codes.
 define BESIDE
 report=$$(mktemp); \
 echo "make $@: $(3) run beside at nice 19; their report follows"; \
-setsid nice -n 19 env OMP_NUM_THREADS=1 $(2) > $$report 2>&1 & beside=$$!; \
+setsid nice -n 19 env OMP_NUM_THREADS=1 $(HEAP_REUSE) $(2) > $$report 2>&1 & beside=$$!; \
 trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 130' INT; \
 trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 143' TERM; \
 $(1); front=$$?; \
@@ -73,13 +76,16 @@ test: venv
 	fi; \
 	$(call BOTH_PASSED,e2e (and timing) tests,tests without Ray)
 
-# No Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no export or training:
-# the `timing` tests in the foreground, the others beside them on twice as many xdist workers as cores (they share
-# no service and mostly wait: docs/benchmarks.md "The test suite's time").
-FAST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
+# No Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no Chromium (`browser`),
+# nothing `slow` (export, training stages, locust and the load-test scripts' timed runs): the `timing` tests in the
+# foreground, collected from the files that mark any (the others import torch and diffusers: ~7 s of CPU), the
+# others beside them on one xdist worker more than there are cores (docs/benchmarks.md "The test suite's time").
+FAST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+TIMING_FILES := $(shell grep -l 'mark\.timing' tests/test_*.py)
 test-fast: venv
-	@$(call BESIDE,$(TEST_ENV) $(PY) -m pytest -q -m "timing and not e2e and not slow" $(PYTEST_ARGS),$(TEST_ENV) \
-	  $(PY) -m pytest -q -n $(FAST_WORKERS) -m "not e2e and not slow and not timing" $(WITHOUT_RAY_CACHE) \
+	@$(call BESIDE,$(TEST_ENV) $(PY) -m pytest -q -m "timing and not e2e and not slow and not browser" \
+	  $(or $(PYTEST_ARGS),$(TIMING_FILES)),$(TEST_ENV) \
+	  $(PY) -m pytest -q -n $(FAST_WORKERS) -m "not e2e and not slow and not browser and not timing" $(WITHOUT_RAY_CACHE) \
 	  $(PYTEST_ARGS),the other tests); \
 	$(call BOTH_PASSED,timing tests,the other tests)
 

@@ -243,6 +243,7 @@ def bench(url: str, args) -> dict:
     uploads = load(url, bodies, args.clients, args.seconds, (args.width, args.height), args.client_nice)
     healthz = probe_result(process, queue, args.seconds + 60)
     return {
+        "seconds": args.seconds,
         "width": args.width,
         "height": args.height,
         "grain": args.grain,
@@ -258,12 +259,15 @@ def bench(url: str, args) -> dict:
     }
 
 
+FULL_RUN = {"seconds": 30.0, "clients": 8, "width": 4000, "height": 3000}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--width", type=int, default=4000)
-    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument("--seconds", type=float, help="of load (default 30, --smoke 4)")
+    parser.add_argument("--clients", type=int, help="uploading at once (default 8, --smoke 2)")
+    parser.add_argument("--width", type=int, help="of the photo (default 4000, --smoke 640)")
+    parser.add_argument("--height", type=int, help="of the photo (default 3000, --smoke 480)")
     parser.add_argument("--grain", type=float, default=3.0, help="noise std added to the photo (3: an 18 MB PNG)")
     parser.add_argument("--mask", choices=["empty", "box"], default="empty", help="box: removals by the model too")
     parser.add_argument("--url", default=None, help="a running service on 127.0.0.1 (default: start one)")
@@ -273,11 +277,15 @@ def main() -> int:
     parser.add_argument(
         "--client-nice", type=int, default=0, help="upload threads this many nice steps lower (15: Ray's workers')"
     )
-    parser.add_argument("--smoke", action="store_true", help="4 s, 2 clients, 640x480: checks that it all works")
+    parser.add_argument(
+        "--smoke", action="store_true", help="4 s, 2 clients, 640x480 unless given: checks that it all works"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench_healthz.json"))
     args = parser.parse_args()
-    if args.smoke:
-        args.seconds, args.clients, args.width, args.height = 4.0, 2, 640, 480
+    presets = {"seconds": 4.0, "clients": 2, "width": 640, "height": 480} if args.smoke else FULL_RUN
+    for name, value in presets.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.url and not args.url.startswith(("http://127.0.0.1:", "http://localhost:")):
         raise SystemExit("--url must be a loopback address")
     if args.url and args.worker_nice is not None:

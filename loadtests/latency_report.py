@@ -1,6 +1,7 @@
 """Latency at rising offered load: where the service saturates and what it does beyond.
 
     python loadtests/latency_report.py [--levels 1 2 4 8 16 32] [--seconds 40] [--max-in-flight 8]
+                                       [--warmup-seconds 5]
 
 Starts the local service once (tiny bundle, the shipped config with `overload.max_in_flight` set so
 shedding shows on this machine), then for each level runs that many closed-loop clients for
@@ -56,6 +57,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--seconds", type=float, default=40)
+    parser.add_argument(
+        "--warmup-seconds", type=float, default=5, help="one client on the levels' path first (0: a warm service)"
+    )
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--max-in-flight", type=int, default=8, help="overload.max_in_flight of the ingress")
     parser.add_argument("--gate", default="annotate")
@@ -70,7 +74,8 @@ def main() -> int:
     levels = []
     try:
         fields = {"gate": args.gate}
-        run_soak(url, seconds=5, clients=1, side=args.side, fields=fields)  # warm the path the levels take
+        if args.warmup_seconds > 0:
+            run_soak(url, seconds=args.warmup_seconds, clients=1, side=args.side, fields=fields)
         for clients in args.levels:
             report = run_soak(url, seconds=args.seconds, clients=clients, side=args.side, fields=fields)
             levels.append(level_row(report))

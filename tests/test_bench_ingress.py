@@ -289,6 +289,7 @@ def _locust_bench_vs_naive():
     return load_script("loadtests/bench_vs_naive.py")
 
 
+@pytest.mark.slow  # a load-test script's timed run in a subprocess: seconds of waiting and of CPU
 def test_bench_vs_naive_counts_no_failed_removal_as_throughput_and_refuses_the_run(tmp_path):
     """Against a service answering 500 to every /remove, run_locust gave 19 requests, 19 failures, 4.85 requests/s
     and a p50 of 200 ms (locust's Requests/s and percentiles count failures), and main exited 0."""
@@ -312,6 +313,7 @@ def test_bench_vs_naive_counts_no_failed_removal_as_throughput_and_refuses_the_r
     assert bench_vs_naive.run_problems({"naive": one}) == [too_few]
 
 
+@pytest.mark.slow  # a load-test script's timed run in a subprocess: seconds of waiting and of CPU
 def test_bench_vs_naive_counts_the_removals_answered_while_locust_drains(tmp_path):
     """It read locust's _stats.csv, rewritten every second in the background and not at shutdown: the removals
     answered in the stop-timeout drain's last second were missing (a summary of 12 requests, a CSV of 10). Every
@@ -466,6 +468,7 @@ class _ReadyThenFails(CannedAnswers):
         self.reply(500, b"boom", {"Content-Type": "text/plain"})
 
 
+@pytest.mark.slow  # a load-test script's timed run in a subprocess: seconds of waiting and of CPU
 def test_open_loop_run_without_one_removal_fails_and_names_no_saturation_point(tmp_path):
     """Against a service failing every request, bench_open_loop printed "saturation at 1.0/s (best 0.0/s)" (every
     rate reaches 95% of 0) and exited 0; its table left out the other_errors the JSON has (the 500s)."""
@@ -685,21 +688,24 @@ def _warms_up_then(answer) -> type[CannedAnswers]:
      (200, b"not an image", {"Content-Type": "image/png"})],
     ids=["503", "200-without-image"],
 )  # fmt: skip
+@pytest.mark.slow  # a load-test script's timed run in a subprocess: seconds of waiting and of CPU
 def test_healthz_bench_without_one_upload_served_fails_without_a_verdict(answer, tmp_path):
     """--smoke against a service answering 503 after the warm-up printed "uploads: 0 ... statuses {'503': 148}", its
     p99 goal verdict and exited 0; a 200 counted as an upload whatever its body held."""
     out = tmp_path / "healthz.json"
     with loopback_server(_warms_up_then(answer)) as url:
         result = subprocess.run(
-            [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--url", url, "--out", str(out)],
+            [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--seconds", "1", "--url", url,
+             "--out", str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stderr.strip().endswith(f"no upload was served: nothing was measured; saved {out}"), result.stderr
     assert "goal" not in result.stdout, result.stdout
-    uploads = json.loads(out.read_text())["uploads"]
-    expected = "503" if answer[0] == 503 else "bad_result"
+    report = json.loads(out.read_text())
+    uploads, expected = report["uploads"], "503" if answer[0] == 503 else "bad_result"
     assert uploads["completed"] == 0 and set(uploads["statuses"]) == {expected}, uploads
+    assert (report["seconds"], report["width"], report["clients"]) == (1.0, 640, 2), "--smoke's, less --seconds"
 
 
 @pytest.mark.parametrize(
@@ -747,7 +753,7 @@ def test_latency_report_without_one_removal_exits_1(tmp_path, monkeypatch, capsy
         monkeypatch.setattr(latency_report, "start_service", lambda work, name, adjust: (None, url))
         monkeypatch.setattr(latency_report, "stop_service", lambda child: None)
         monkeypatch.setattr(sys, "argv", ["latency_report.py", "--levels", "1", "--seconds", "0.5", "--side", "32",
-                                          "--out", str(out)])  # fmt: skip
+                                          "--warmup-seconds", "0", "--out", str(out)])  # fmt: skip
         assert latency_report.main() == 1
     reason = f"latency_report: no level completed a removal: no saturation point; saved {out}"
     assert capsys.readouterr().err.strip() == reason
@@ -801,6 +807,7 @@ def test_latency_report_warms_up_the_gate_path_its_levels_take(tmp_path, monkeyp
         monkeypatch.setattr(latency_report, "start_service", lambda work, name, adjust: (None, url))
         monkeypatch.setattr(latency_report, "stop_service", lambda child: None)
         monkeypatch.setattr(sys, "argv", ["latency_report.py", "--levels", "1", "--seconds", "0.3", "--side", "32",
-                                          "--gate", "off", "--out", str(tmp_path / "l.json")])  # fmt: skip
+                                          "--warmup-seconds", "0.3", "--gate", "off",
+                                          "--out", str(tmp_path / "l.json")])  # fmt: skip
         assert latency_report.main() == 0
     assert len(gates) >= 2 and all(gates), gates

@@ -85,6 +85,7 @@ def test_the_simulated_engine_takes_the_measured_h200_times_of_each_padded_batch
     assert engine.seconds(1024, 3) == pytest.approx(0.9)
 
 
+@pytest.mark.slow  # two levels of 2 s each, twice
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_kept_admission_knows_the_rate_from_the_second_level_on(keep, tmp_path):
     """Each level starts a fresh Admission, whose first second of busy time admits by count only (the rate is

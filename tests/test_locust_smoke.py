@@ -16,6 +16,8 @@ import pytest
 from serve.problems import TYPE_BASE
 from tests.helpers import REPO, CannedAnswers, loopback_server, png_bytes
 
+pytestmark = pytest.mark.slow  # each test runs locust or imports its locustfile (gevent) in a subprocess
+
 
 def test_locust_smoke_profile_has_no_errors(service, tmp_path):
     locust = Path(sys.executable).parent / "locust"

@@ -116,3 +116,22 @@ def test_a_serve_started_for_a_test_not_marked_e2e_fails_it(request):
             pass
     request.node.add_marker(pytest.mark.e2e)
     helpers.check_e2e("starts a local Ray Serve")
+
+
+def test_the_cost_summary_ranks_modules_and_tests_by_cpu_subprocesses_included(tmp_path):
+    import json
+
+    from tests.costs import summarize
+
+    def row(test, wall, cpu, subprocess=0.0, descendants=0.0):
+        return {"test": test, "wall_s": wall, "cpu_s": cpu, "subprocess_cpu_s": subprocess,
+                "descendants_cpu_s": descendants}  # fmt: skip
+
+    first = [row("tests/test_a.py::one", 3.0, 0.5), row("tests/test_b.py::x", 1.0, 1.0)]
+    (tmp_path / "gw0.json").write_text(json.dumps(first))
+    (tmp_path / "gw1.json").write_text(json.dumps([row("tests/test_a.py::two", 2.0, 0.1, 1.9, descendants=0.5)]))
+    lines = summarize(tmp_path, top=2).splitlines()
+    assert lines[0] == "3 tests: 6 s of wall, 4 s of CPU"
+    assert [line.split()[-1] for line in lines[2:4]] == ["tests/test_a.py", "tests/test_b.py"]
+    assert lines[2].split()[:3] == ["5.0", "3.0", "2"]
+    assert [line.split()[-1] for line in lines[5:]] == ["tests/test_a.py::two", "tests/test_b.py::x"]

@@ -207,8 +207,10 @@ def compare(settings: CompareSettings) -> dict:
     _write_paired(out / PAIRED_CSV, pairs, disagreements)
     worst = sorted(disagreements, key=lambda d: d.rank_key, reverse=True)[: settings.sheet_rows]
     sheet = contact_sheet(worst, a, b, settings.sheet_side) if worst else None
-    if sheet is not None:
-        sheet.save(out / CONTACT_SHEET)
+    if sheet is not None:  # the service's PNG encoder: ~4x quicker than Pillow's default level for a sheet
+        from engines.imaging import encode_image
+
+        (out / CONTACT_SHEET).write_bytes(encode_image(np.asarray(sheet), None, "png"))
 
     gate = check_gate(thresholds, deltas, flips, a, b, differences, settings.allow_partial) if thresholds else None
     mads = [d.output_mad for d in disagreements]
