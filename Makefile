@@ -29,7 +29,8 @@ serve: venv
 # and engines/ (docs/benchmarks.md "The test suite's time").
 TEST_ENV := PYTHONDONTWRITEBYTECODE=
 # glibc's malloc keeps freed blocks up to 256 MiB for reuse instead of unmapping each: the tests without Ray make
-# and drop photo-sized arrays by the thousand, and faulting their pages in again was ~10 s of the kernel's CPU.
+# and drop photo-sized arrays by the thousand, and faulting their pages in again was ~10 s of the kernel's CPU. The
+# price: each worker holds on to what it freed (up to 1 GiB at the top of its heap).
 HEAP_REUSE := MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
 
 # Two runs side by side, each whatever the other's outcome: $(1) in the foreground, printing as it runs, and $(2)
@@ -78,13 +79,14 @@ test: venv
 
 # No Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no Chromium (`browser`),
 # nothing `slow` (export, training stages, locust and the load-test scripts' timed runs): the `timing` tests in the
-# foreground, collected from the files that mark any (the others import torch and diffusers: ~7 s of CPU), the
+# foreground, collected from the files that mark any unless PYTEST_ARGS names paths (the others import torch and
+# diffusers: ~7 s of CPU), the
 # others beside them on one xdist worker more than there are cores (docs/benchmarks.md "The test suite's time").
 FAST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 TIMING_FILES := $(shell grep -l 'mark\.timing' tests/test_*.py)
 test-fast: venv
 	@$(call BESIDE,$(TEST_ENV) $(PY) -m pytest -q -m "timing and not e2e and not slow and not browser" \
-	  $(or $(PYTEST_ARGS),$(TIMING_FILES)),$(TEST_ENV) \
+	  $(if $(filter tests% ./tests% /% %.py,$(PYTEST_ARGS)),,$(TIMING_FILES)) $(PYTEST_ARGS),$(TEST_ENV) \
 	  $(PY) -m pytest -q -n $(FAST_WORKERS) -m "not e2e and not slow and not browser and not timing" $(WITHOUT_RAY_CACHE) \
 	  $(PYTEST_ARGS),the other tests); \
 	$(call BOTH_PASSED,timing tests,the other tests)

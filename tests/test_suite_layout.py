@@ -123,15 +123,26 @@ def test_the_cost_summary_ranks_modules_and_tests_by_cpu_subprocesses_included(t
 
     from tests.costs import summarize
 
-    def row(test, wall, cpu, subprocess=0.0, descendants=0.0):
-        return {"test": test, "wall_s": wall, "cpu_s": cpu, "subprocess_cpu_s": subprocess,
-                "descendants_cpu_s": descendants}  # fmt: skip
+    def row(test, wall, cpu, subprocess=0.0):
+        return {"test": test, "wall_s": wall, "cpu_s": cpu, "subprocess_cpu_s": subprocess}
 
     first = [row("tests/test_a.py::one", 3.0, 0.5), row("tests/test_b.py::x", 1.0, 1.0)]
     (tmp_path / "gw0.json").write_text(json.dumps(first))
-    (tmp_path / "gw1.json").write_text(json.dumps([row("tests/test_a.py::two", 2.0, 0.1, 1.9, descendants=0.5)]))
+    (tmp_path / "gw1.json").write_text(json.dumps([row("tests/test_a.py::two", 2.0, 0.1, 2.4)]))
     lines = summarize(tmp_path, top=2).splitlines()
     assert lines[0] == "3 tests: 6 s of wall, 4 s of CPU"
     assert [line.split()[-1] for line in lines[2:4]] == ["tests/test_a.py", "tests/test_b.py"]
     assert lines[2].split()[:3] == ["5.0", "3.0", "2"]
     assert [line.split()[-1] for line in lines[5:]] == ["tests/test_a.py::two", "tests/test_b.py::x"]
+
+
+def test_a_descendants_cpu_counts_each_second_once_whoever_reaps_it():
+    """Chromium reaping a renderer took the renderer's CPU out of the living processes' sum (the test that ran it
+    got 0) and this process reaping a long-lived child charged its whole life to the test it ended in."""
+    from tests.costs import _descendants_cpu
+
+    before = {10: 5.0, 11: 2.0}  # 11: a renderer of 10
+    reaped_by_10 = {10: 5.0 + 0.5 + 3.0}  # 10 spent 0.5 more and reaped 11, which had spent 3.0 in all
+    assert _descendants_cpu(0.0, before, reaped_by_10) == pytest.approx(0.5 + 1.0)
+    assert _descendants_cpu(9.0, {12: 8.0}, {}) == pytest.approx(1.0), "reaped here after 8 s spent before the test"
+    assert _descendants_cpu(0.4, {}, {13: 0.2}) == pytest.approx(0.6), "a child waited for and one still living"
