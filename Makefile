@@ -35,14 +35,14 @@ HEAP_REUSE := MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
 
 # Two runs side by side, each whatever the other's outcome: $(1) in the foreground, printing as it runs, and $(2)
 # in the background at nice 19, one torch thread per xdist worker, reusing heap blocks (HEAP_REUSE), in its own
-# session (Ctrl-C or a TERM stops both), its report printed after; `front` and `back` hold their exit codes. A new
-# session is a new scheduler autogroup where the kernel has them (sched_autogroup_enabled): the CPU is shared
-# between groups first, so a nice-19 group would get as much as the tests' and Ray's; its autogroup is set to 19.
+# session (Ctrl-C or a TERM stops both), its report printed after; `front` and `back` hold their exit codes. Where
+# the kernel has autogroups a new session is a scheduler group of its own and nice 19 counts only inside it (the
+# part beside gets a third of the CPU beside the tests' and Ray's groups); an autogroup at 19 starved it for minutes
+# (docs/benchmarks.md "The test suite's time"), so it is left at 0.
 define BESIDE
 report=$$(mktemp); \
 echo "make $@: $(3) run beside at nice 19; their report follows"; \
-setsid sh -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec "$$@"' beside \
-  nice -n 19 env OMP_NUM_THREADS=1 $(HEAP_REUSE) $(2) > $$report 2>&1 & beside=$$!; \
+setsid nice -n 19 env OMP_NUM_THREADS=1 $(HEAP_REUSE) $(2) > $$report 2>&1 & beside=$$!; \
 trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 130' INT; \
 trap 'kill -TERM -$$beside 2>/dev/null; rm -f $$report; exit 143' TERM; \
 $(1); front=$$?; \
