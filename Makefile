@@ -83,8 +83,8 @@ test: venv
 # No Ray (every test that starts a local Serve or the CLI is marked e2e, tests/conftest.py), no Chromium (`browser`),
 # nothing `slow` (export, training stages, locust and the load-test scripts' timed runs): the `timing` tests in the
 # foreground, collected from the files that mark any unless PYTEST_ARGS names paths (the others import torch and
-# diffusers: ~7 s of CPU), the
-# others beside them on one xdist worker more than there are cores (docs/benchmarks.md "The test suite's time").
+# diffusers: ~7 s of CPU), the others beside them on one xdist worker more than there are cores (docs/benchmarks.md
+# "The test suite's time").
 FAST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 TIMING_FILES := $(shell grep -l 'mark\.timing' tests/test_*.py)
 test-fast: venv

@@ -260,6 +260,7 @@ def bench(url: str, args) -> dict:
 
 
 FULL_RUN = {"seconds": 30.0, "clients": 8, "width": 4000, "height": 3000}
+SMOKE_RUN = {"seconds": 4.0, "clients": 2, "width": 640, "height": 480}
 
 
 def main() -> int:
@@ -282,8 +283,7 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("out/bench_healthz.json"))
     args = parser.parse_args()
-    presets = {"seconds": 4.0, "clients": 2, "width": 640, "height": 480} if args.smoke else FULL_RUN
-    for name, value in presets.items():
+    for name, value in (SMOKE_RUN if args.smoke else FULL_RUN).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.url and not args.url.startswith(("http://127.0.0.1:", "http://localhost:")):
