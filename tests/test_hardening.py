@@ -286,6 +286,9 @@ def test_a_client_deadline_answers_504(hardened, upload):
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "/timeout" in caught.value.details()
 
 
+SCORING_BACK_WITHIN_S = 30.0
+
+
 @pytest.mark.chaos
 def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upload):
     (scorer,) = _replica_pids(hardened, "Scorer")
@@ -299,7 +302,14 @@ def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upl
     degraded = _wait_status(hardened, "degraded")
     assert degraded["missing"] == ["Scorer"] and "no running replica" in degraded["why"]["Scorer"], degraded
     _wait_status(hardened, "ready", timeout_s=180.0)
+    # Serve's published state can lead the Ingress's handle by a moment, and the new replica's first scoring on a
+    # busy runner can outlast this app's 2 s scorer timeout (a CI run's first removal after "ready" was unscored):
+    # scoring is back within seconds
+    started = time.monotonic()
     scored = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
+    while scored.headers["x-gate"] == "unscored" and time.monotonic() - started < SCORING_BACK_WITHIN_S:
+        time.sleep(0.5)
+        scored = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
     assert scored.headers["x-gate"] in ("passed", "failed") and "x-removal-score" in scored.headers
 
 

@@ -34,7 +34,9 @@ def test_locust_smoke_profile_has_no_errors(service, tmp_path):
     rows = {row["Name"]: row for row in csv.DictReader(open(tmp_path / "smoke_stats.csv"))}
     assert result.returncode == 0, f"locust failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     total = rows["Aggregated"]
-    assert int(total["Request Count"]) >= 3 and int(total["Failure Count"]) == 0
+    # each kind of user ran (a busy runner once completed 2 requests of 3 users in the 6 s: a count bound measured
+    # the machine), and nothing failed
+    assert int(total["Failure Count"]) == 0
     assert any(name.startswith("/remove") for name in rows), "REST users ran"
     assert any(name.startswith("Remove ") for name in rows), "gRPC users ran"
     assert (tmp_path / "smoke.html").stat().st_size > 0
