@@ -37,8 +37,9 @@ HEAP_REUSE := MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
 # in the background at nice 19, one torch thread per xdist worker, reusing heap blocks (HEAP_REUSE), in its own
 # session (Ctrl-C or a TERM stops both), its report printed after; `front` and `back` hold their exit codes. Where
 # the kernel has autogroups a new session is a scheduler group of its own and nice 19 counts only inside it (the
-# part beside gets a third of the CPU beside the tests' and Ray's groups); an autogroup at 19 starved it for minutes
-# (docs/benchmarks.md "The test suite's time"), so it is left at 0.
+# part beside gets a third of the CPU beside the tests' and Ray's groups); an autogroup at 19 starved it for minutes,
+# one at 5 made it 50 s slower and the foreground no faster (docs/benchmarks.md "The test suite's time"), so it is
+# left at 0.
 define BESIDE
 report=$$(mktemp); \
 echo "make $@: $(3) run beside at nice 19; their report follows"; \
