@@ -203,6 +203,7 @@ def test_a_caller_gone_while_its_failed_batch_is_rerun_one_by_one_is_not_run():
     assert calls == [[0, 1, 2], [0], [1]]
 
 
+@pytest.mark.timing
 def test_a_live_wait_change_applies_to_the_next_batch():
     async def run(values):
         return values
@@ -219,6 +220,7 @@ def test_a_live_wait_change_applies_to_the_next_batch():
         Batcher(run, max_batch_size=0, wait_s=0.0)
 
 
+@pytest.mark.timing
 def test_a_batch_waiting_for_another_bucket_is_not_counted_as_a_hung_engine_call():
     """Each bucket has its own queue and the engine runs one batch at a time: a 512 batch behind a 1024 one
     counted its wait as engine time, so hung_after_s (meant for one slow batch) restarted healthy replicas."""
@@ -241,6 +243,7 @@ def test_a_batch_waiting_for_another_bucket_is_not_counted_as_a_hung_engine_call
     assert failures == [] and max(model_ms) < 1000, (failures, model_ms)
 
 
+@pytest.mark.timing
 def test_a_batch_closed_while_another_bucket_runs_takes_the_crops_queued_meanwhile_and_leaves_out_callers_gone():
     """Each bucket's queue closed its batch, then waited for the engine: a caller cancelled during that wait
     still had its crop run, and the crops queued meanwhile waited for one more engine call."""

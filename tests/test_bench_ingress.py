@@ -359,7 +359,7 @@ def test_stage_times_are_each_stages_median_not_the_sum_over_the_runs():
     assert "timed_runs(partial(engine.score, jobs), args.runs)" in (REPO / "loadtests" / "bench_scorer.py").read_text()
 
 
-@pytest.mark.timing  # a window's wall clock: never at nice 19
+@pytest.mark.timing
 def test_latency_report_counts_only_the_removals_completed_inside_the_window():
     """run_soak waits for each closed-loop client's request in flight when the window closes; latency_report
     divided every 200 by --seconds, so N clients added ~N answers from after the window (+10-20% at 4-8 clients
@@ -509,7 +509,7 @@ def _always_answers(
     return Answers
 
 
-@pytest.mark.timing  # a window's wall clock: never at nice 19
+@pytest.mark.timing
 def test_a_soak_client_waiting_out_a_retry_after_does_not_hold_up_the_others():
     """Each client slept out a 429's Retry-After holding the lock every client needs to count its next request:
     one refusal stopped the whole load, and the published 16- and 32-client rows measured that, not the service."""

@@ -149,6 +149,7 @@ def test_readiness_says_why_serve_cannot_start_a_replica():
     assert asyncio.run(readiness.missing()) == {"Remover": f"no running replica yet (Serve: {trouble})"}
 
 
+@pytest.mark.timing
 def test_a_probe_never_waits_for_a_slow_controller_read_after_the_first():
     calls = []
 

@@ -262,6 +262,7 @@ def test_service_reply_lists_every_crop_and_the_kept_attempts_seed():
     assert list(reply.timings.stages) == sorted(reply.timings.stages, key=STAGES.index), "Server-Timing's order"
 
 
+@pytest.mark.timing
 def test_server_timing_tells_the_wait_for_an_image_thread_from_the_decode_and_its_total_counts_the_read():
     """`decode` held the wait for a busy image-work thread too, and the total left out the upload's read."""
     import time
@@ -964,6 +965,7 @@ def test_post_score_answers_its_504_at_its_own_timeout_s_and_never_past_request_
         assert took < float(answered) + 0.4, took
 
 
+@pytest.mark.timing
 def test_post_score_within_its_deadline_answers_200():
     reply = asyncio.run(_score_service(FakeModels(scores=[0.9])).score(_score_upload()))
     assert (reply.score, reply.passed, reply.bucket) == (0.9, True, 128)

@@ -67,6 +67,7 @@ def test_an_unknown_field_does_not_hide_the_invalid_ones(read):
     assert "quality: " in detail and "timeout_s: " in detail and "unknown fields: 'prompt'" in detail, detail
 
 
+@pytest.mark.timing
 def test_many_unknown_keys_leave_room_for_the_invalid_fields_and_stay_cheap():
     """The known fields' errors come first, in `errors` and in the clipped detail; 200000 unknown keys are counted,
     never handed to pydantic."""

@@ -279,6 +279,7 @@ def test_a_client_still_sending_a_body_over_the_limit_reads_the_413(body_limit_p
         assert _responses(_read_all(client)) == [(200, b"10")]
 
 
+@pytest.mark.timing
 def test_a_server_shutdown_closes_an_idle_connection_at_once(monkeypatch):
     """uvicorn leaves a request's more_body set when it answered before the body was all in: its idle keep-alive
     connection lingered at the shutdown's close, and the shutdown waited LINGER_S for it."""
@@ -629,6 +630,7 @@ def test_a_client_that_reads_nothing_of_its_answer_is_cut_off_after_the_send_tim
         server.stop()
 
 
+@pytest.mark.timing
 def test_a_client_that_reads_nothing_of_a_short_answer_is_cut_off_too(monkeypatch):
     """The send timeout started only once the proxy's buffer was full (64 KiB): a client that read none of an answer
     whose unsent tail was smaller held the closing connection for good, and a graceful shutdown waited on it (a
@@ -716,6 +718,7 @@ def test_a_head_that_says_two_things_or_names_no_host_is_refused_as_uvicorn_pars
         server.stop()
 
 
+@pytest.mark.timing
 def test_a_head_trickled_past_the_timeout_closes_the_connection_unanswered(proxy_port, short_head_timeout):
     """A byte now and then held a connection for good (uvicorn starts no timer before a first response)."""
     with _connect(proxy_port) as client:
