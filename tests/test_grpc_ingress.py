@@ -424,6 +424,7 @@ def test_a_message_over_the_largest_request_reaches_the_ingress_without_its_byte
 
 
 @pytest.mark.parametrize("cancellation", ["raised", "caught as Ray's proxy does"])
+@pytest.mark.timing
 def test_the_local_stop_waits_for_grpc_calls_refuses_new_ones_and_answers_the_late_ones_stopping(
     tmp_path, monkeypatch, cancellation
 ):

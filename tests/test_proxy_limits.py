@@ -180,6 +180,7 @@ class Trickle(Exchange):
         await asyncio.sleep(3600)
 
 
+@pytest.mark.timing
 def test_no_request_reaches_the_app_before_its_whole_body_is_in_at_the_proxy():
     """Ray's proxy gives a request to a replica as soon as its headers are in: a client trickling its body
     would hold one of the replica's max_ongoing_requests all the while. Behind BodyBuffer the app (Ray's

@@ -382,6 +382,7 @@ class _OrderedActor:
                 answer.set_result(result)
 
 
+@pytest.mark.timing
 def test_a_grant_the_request_stopped_waiting_for_is_given_back(monkeypatch):
     """A client that hangs up during the ledger call, or a ledger slower than CALL_TIMEOUT_S (admitted unmetered),
     must not leave a lease held until it expires (240 s by default): the key would be refused meanwhile."""
