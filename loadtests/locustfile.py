@@ -110,6 +110,19 @@ def pick_input() -> tuple[str, bytes, bytes]:
 
 
 @events.init.add_listener
+def check_grpc_target(environment, **_kwargs) -> None:
+    """With gRPC users, a --host off the default HTTP port needs ROREM_GRPC: refused here, at the start, where each
+    gRPC user failed to start instead and the run sent nothing until its -t ran out. Before build_inputs (listeners
+    run in the order they are added): a refusal came after seconds of building the 12 MP inputs."""
+    if not USER_WEIGHTS.get("grpc", 1):
+        return
+    try:
+        grpc_target(environment.host, os.environ.get("ROREM_GRPC"))
+    except ValueError as exc:
+        sys.exit(f"locustfile: {exc} (or ROREM_USERS=rest:1,grpc:0 for REST users only)")
+
+
+@events.init.add_listener
 def build_inputs(environment, **_kwargs) -> None:
     """Every input of MIX, before any user runs: built inside a task, the 12 MP photo (seconds) blocked every
     gevent user and counted in the response times of the requests waiting behind it."""
@@ -122,18 +135,6 @@ def build_inputs(environment, **_kwargs) -> None:
     # gevent's timers count from the loop's clock, which stood still while the inputs were built (seconds for the
     # 12 MP photo): locust's -t timer, set next, fired that much early (a 3 s run lasted 5 ms and sent nothing)
     gevent.get_hub().loop.update_now()
-
-
-@events.init.add_listener
-def check_grpc_target(environment, **_kwargs) -> None:
-    """With gRPC users, a --host off the default HTTP port needs ROREM_GRPC: refused here, at the start, where each
-    gRPC user failed to start instead and the run sent nothing until its -t ran out."""
-    if not USER_WEIGHTS.get("grpc", 1):
-        return
-    try:
-        grpc_target(environment.host, os.environ.get("ROREM_GRPC"))
-    except ValueError as exc:
-        sys.exit(f"locustfile: {exc} (or ROREM_USERS=rest:1,grpc:0 for REST users only)")
 
 
 def image_problem(content: bytes, size: str) -> str | None:

@@ -211,10 +211,11 @@ def test_grpc_users_need_rorem_grpc_when_the_host_is_not_on_the_default_port():
 @pytest.mark.timing
 def test_a_run_whose_grpc_users_have_no_target_is_refused_at_the_start(tmp_path):
     """Each gRPC user failed to start on a --host off port 8000 without ROREM_GRPC, the REST users with them: the run
-    sent nothing until its -t ran out, and locust's exit code was all that said so."""
+    sent nothing until its -t ran out, and locust's exit code was all that said so. Refused before the inputs are
+    built: after them it took 13 s (the default mix's 12 MP photo), before them 1.6 s."""
     started = time.monotonic()
     result, rows = _locust(tmp_path, "http://127.0.0.1:9", {}, seconds="60s")
-    assert result.returncode != 0 and time.monotonic() - started < 30
+    assert result.returncode != 0 and time.monotonic() - started < 8
     assert "set ROREM_GRPC=host:port for gRPC users" in result.stderr and not rows
 
 
