@@ -307,10 +307,14 @@ def test_scorer_down_fails_closed_for_retry_and_annotates_unscored(hardened, upl
     # scoring is back within seconds
     started = time.monotonic()
     scored = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
-    while scored.headers["x-gate"] == "unscored" and time.monotonic() - started < SCORING_BACK_WITHIN_S:
+    while scored.headers.get("x-gate") == "unscored" and time.monotonic() - started < SCORING_BACK_WITHIN_S:
         time.sleep(0.5)
         scored = _remove(hardened, upload, key=hardened.app_key, gate="annotate")
-    assert scored.headers["x-gate"] in ("passed", "failed") and "x-removal-score" in scored.headers
+    assert scored.headers.get("x-gate") in ("passed", "failed") and "x-removal-score" in scored.headers, (
+        scored.status_code,
+        scored.headers.get("x-gate"),
+        scored.text[:300],
+    )
 
 
 def _wait_status(service, status: str, timeout_s: float = 10.0) -> dict:
