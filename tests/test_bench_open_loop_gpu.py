@@ -85,15 +85,16 @@ def test_the_simulated_engine_takes_the_measured_h200_times_of_each_padded_batch
     assert engine.seconds(1024, 3) == pytest.approx(0.9)
 
 
-@pytest.mark.slow  # two levels of 2 s each, twice
+@pytest.mark.slow  # two levels of 3 s each, twice
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_kept_admission_knows_the_rate_from_the_second_level_on(keep, tmp_path):
     """Each level starts a fresh Admission, whose first second of busy time admits by count only (the rate is
-    unknown), unless --keep-admission: a replica that has been serving knows its rate."""
+    unknown), unless --keep-admission: a replica that has been serving knows its rate. 3 s levels: after a 2 s
+    first level on a busy runner the rate was still unknown (it needs MIN_BUSY_S of busy time between samples)."""
     for script in ("benchlib", "bench_engine_gpu", "bench_open_loop"):  # main imports them, as a run from loadtests/
         load_script(f"loadtests/{script}.py")
     bench = load_script("loadtests/bench_open_loop_gpu.py")
-    argv = ["--simulate", str(REPO / "docs" / "bench_engine_gpu.json"), "--rates", "small:10,20", "--seconds", "2",
+    argv = ["--simulate", str(REPO / "docs" / "bench_engine_gpu.json"), "--rates", "small:10,20", "--seconds", "3",
             "--out-dir", str(tmp_path)] + ["--keep-admission"] * keep  # fmt: skip
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench_open_loop_gpu.json").read_text())
