@@ -150,6 +150,16 @@ class StandIn:
         route.fulfill(status=200, headers={**headers, "Content-Type": "image/png"}, body=png_bytes(result))
 
 
+def _wait_until_held(page, stand_in: StandIn, count: int) -> None:
+    """Until `count` removals are held: the page sends one only once the mask's PNG is made, which a busy machine
+    can take a while to do after the click (and the stand-in sees it only while playwright is called)."""
+    for _ in range(500):
+        if len(stand_in.held) >= count:
+            return
+        page.wait_for_timeout(20)
+    raise AssertionError(f"{len(stand_in.held)} of {count} removals reached the service in 10 s")
+
+
 def _form_fields(request) -> dict[str, bytes]:
     """A multipart/form-data body by field name."""
     head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
@@ -357,6 +367,7 @@ def test_a_photo_opened_during_a_removal_is_told_to_wait(browser):
     assert page.inner_text("#photo-info").startswith("first.png")
     assert page.get_attribute("#other", "aria-disabled") == "true", "'Other photo' looks unavailable"
 
+    _wait_until_held(page, stand_in, 1)
     stand_in.hold = False
     stand_in.remove(stand_in.held.pop())
     page.wait_for_selector("#outcome[data-count='1']", timeout=10_000)
@@ -375,10 +386,7 @@ def test_a_removal_can_be_stopped_which_closes_its_request_and_shows_nothing(bro
     stand_in.hold = True
     page.click("#remove")
     page.wait_for_selector("#stop", state="visible")
-    for _ in range(500):  # the request is sent once the mask's PNG is made: stopped before, nothing goes out
-        if stand_in.held:
-            break
-        page.wait_for_timeout(20)
+    _wait_until_held(page, stand_in, 1)  # stopped before the request goes out, there would be nothing to close
     with page.expect_event("requestfailed") as failed:
         if how == "button":
             page.click("#stop")
@@ -400,10 +408,7 @@ def test_a_removal_can_be_stopped_which_closes_its_request_and_shows_nothing(bro
     stand_in.hold = True  # Try another, stopped: the result before stays, and the words say so
     page.click("#another")
     page.wait_for_selector("#stop", state="visible")
-    for _ in range(500):
-        if len(stand_in.held) == 2:
-            break
-        page.wait_for_timeout(20)
+    _wait_until_held(page, stand_in, 2)
     page.click("#stop")
     page.wait_for_selector("body[data-busy=no]")
     assert page.inner_text("#status") == "Stopped: the result shown is still the one before."
