@@ -59,7 +59,8 @@ for rc in $$front $$back; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; done; \
 endef
 
 # In the foreground the e2e tests one at a time against their one Serve (a second stream of them would share it),
-# after the `timing` tests (wall-clock bounds without Ray, never at nice 19); beside them the other tests without
+# after the `timing` tests (wall-clock bounds without Ray, never at nice 19; the Serve starts with the first of them,
+# which run ahead of it: tests/conftest.py); beside them the other tests without
 # Ray on every core (pytest-xdist: they share nothing), in their own pytest cache folder. The e2e tests leave ~40% of
 # the CPU idle (they wait on the service); at nice 19 the other tests take that and little else, and Ray's workers
 # run at the tests' priority (RAY_worker_niceness=0; at Ray's default 15 a nice-19 process takes ~30% of a core

@@ -21,12 +21,16 @@ APPLICATION_FIXTURES = {
     "trained_onnx_service": helpers.Trained.NAME,
 }
 _NEEDED = pytest.StashKey[list]()
+_USES_CLUSTER = pytest.StashKey[bool]()
+_NICE_BEFORE = pytest.StashKey[int]()  # this session's scheduler group's nice, while the tests before the e2e ones run
+# ahead of the cluster's start: at an equal share with it, 5 of the 41 `timing` tests failed their bounds
+AHEAD_OF_THE_START_NICE = -10
 
 
 def pytest_collection_modifyitems(items):
     """Every test that (through any fixture) starts a local Ray Serve or the CLI is marked e2e, so
     `-m "not e2e"` runs without Ray and a new test cannot forget the marker; one that drives Chromium, browser.
-    The tests without Ray run first (in file order), so `make test`'s `timing` tests run before Ray starts."""
+    The tests without Ray run first (in file order): `make test`'s `timing` tests run while the cluster starts."""
     for item in items:
         if "starts_serve" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
@@ -44,6 +48,7 @@ def pytest_collection_finish(session):
     session.config.stash[_NEEDED] = [
         name for fixture, name in APPLICATION_FIXTURES.items() if any(fixture in item.fixturenames for item in items)
     ] or ["rorem"]  # a test that asks for the cluster itself
+    session.config.stash[_USES_CLUSTER] = any("serve_started" in item.fixturenames for item in items)
     stoppers = [item for item in items if item.get_closest_marker("stops_cluster")]
     users = [item for item in items if "serve_started" in item.fixturenames and item not in stoppers]
     if stoppers and users:
@@ -55,12 +60,25 @@ def pytest_collection_finish(session):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """A `gpu` test skips without CUDA, here only (before its fixtures build anything for the device)."""
+    """A `gpu` test skips without CUDA, here only (before its fixtures build anything for the device). The first
+    e2e test runs at the session's own priority again."""
+    if item.get_closest_marker("e2e"):
+        _back_to_the_nice_before(item.config)
     if item.get_closest_marker("gpu"):
         import torch
 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU (marked gpu)")
+
+
+def pytest_sessionfinish(session):
+    _back_to_the_nice_before(session.config)
+
+
+def _back_to_the_nice_before(config) -> None:
+    if (nice := config.stash.get(_NICE_BEFORE, None)) is not None:
+        helpers.set_autogroup_nice(nice)
+        del config.stash[_NICE_BEFORE]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -125,6 +143,28 @@ def serve_started(starts_serve, request, tmp_path_factory):
             for attribute, value in extras[name].items():
                 setattr(service, attribute, value)
         yield services
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _serve_starts_with_the_session(request):
+    """Where tests without Ray run before the tests of the cluster (`make test`'s `timing` tests), the cluster starts
+    with the first of them: its minute of start goes on beside them, which run ahead of it (AHEAD_OF_THE_START_NICE)
+    until the first e2e test. Without the right to raise a priority (not root), the cluster starts with its first
+    test, as before."""
+    first = helpers.current_test
+    if not request.config.stash.get(_USES_CLUSTER, False) or first is None or first.get_closest_marker("e2e"):
+        return
+    before = helpers.autogroup_nice()
+    if before is None or not helpers.set_autogroup_nice(AHEAD_OF_THE_START_NICE):
+        return
+    request.config.stash[_NICE_BEFORE] = before
+    helpers.current_test = None  # started for the e2e tests, not for this one
+    try:
+        request.getfixturevalue("serve_started")
+    except (Exception, pytest.fail.Exception):
+        pass  # pytest keeps the error: each test of the cluster reports it, the others run
+    finally:
+        helpers.current_test = first
 
 
 @pytest.fixture(scope="session")

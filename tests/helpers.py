@@ -544,6 +544,23 @@ def every_application_ready(services: dict[str, Service]) -> dict[str, Service]:
     return services
 
 
+def autogroup_nice() -> int | None:
+    """This process's scheduler group's nice (the kernel groups a session's processes, where it has autogroups)."""
+    try:
+        return int(Path("/proc/self/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def set_autogroup_nice(nice: int) -> bool:
+    """Whether this process's scheduler group now has `nice` (a lower one than it had needs root)."""
+    try:
+        Path("/proc/self/autogroup").write_text(str(nice))
+    except OSError:
+        return False
+    return autogroup_nice() == nice
+
+
 def stop_cli(child: subprocess.Popen) -> None:
     """Stop the CLI and everything it started (Ray included): they share its process group."""
     try:

@@ -789,10 +789,13 @@ def test_a_decode_slowed_by_a_busy_machine_is_not_answered_image_too_large():
     service.pipeline.prepare = starved
     assert asyncio.run(service.remove(_upload(output_format="png"))).buckets == [128, 128]
 
+    spent = threading.Event()
+
     def costly(*args):
         began = time.thread_time()
         while time.thread_time() - began < 2.0:
             pass
+        spent.set()
         return prepare(*args)
 
     service.pipeline.prepare = costly
@@ -800,6 +803,7 @@ def test_a_decode_slowed_by_a_busy_machine_is_not_answered_image_too_large():
     with pytest.raises(Problem) as caught:
         asyncio.run(service.remove(_upload(output_format="png")))
     assert caught.value.problem == "image-too-large" and time.perf_counter() - started < 1.9, caught.value.detail
+    assert spent.wait(30), "the refused decode's thread runs on to the end of its work"  # before the next request
 
     service.pipeline.prepare = lambda *args: threading.Event().wait(2.0) or prepare(*args)
     with pytest.raises(Problem) as caught:
