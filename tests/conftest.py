@@ -22,8 +22,9 @@ APPLICATION_FIXTURES = {
 }
 _NEEDED = pytest.StashKey[list]()
 _USES_CLUSTER = pytest.StashKey[bool]()
-_NICE_BEFORE = pytest.StashKey[int]()  # this session's scheduler group's nice, while the tests before the e2e ones run
-# ahead of the cluster's start: at an equal share with it, 5 of the 41 `timing` tests failed their bounds
+_NICE_BEFORE = pytest.StashKey[int]()  # the session's autogroup nice, kept while the tests before the e2e ones run
+# their autogroup nice meanwhile, ahead of the cluster's start: at an equal share with it, 5 of the 41 `timing` tests
+# failed their bounds
 AHEAD_OF_THE_START_NICE = -10
 
 
